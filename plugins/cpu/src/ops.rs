@@ -1,0 +1,612 @@
+//! The scalar reference of every op: the semantics that `kiln_backend.h`
+//! documents, written for clarity, accumulating in f64. Every other
+//! backend (and every SIMD kernel that later slots in beside these) is
+//! checked against this file.
+//!
+//! Two halves: [`check`] validates types and shapes without touching memory
+//! (it answers `supports_op`), and [`run`] computes over resolved memory.
+
+use crate::quant::{can_quantize, dequantize_row, quantize_row};
+use half::{bf16, f16};
+use kiln_plugin_api::types::param_f32;
+use kiln_plugin_api::{DType, OpKind};
+
+/// A tensor's type, shape and byte strides (dimension 0 innermost).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desc {
+    pub dtype: DType,
+    pub ne: [usize; 4],
+    pub nb: [usize; 4],
+}
+
+impl Desc {
+    /// A densely packed tensor.
+    pub fn contiguous(dtype: DType, ne: [usize; 4]) -> Desc {
+        let row = dtype.row_bytes(ne[0]).unwrap_or(0);
+        let nb0 = dtype.block_bytes();
+        Desc {
+            dtype,
+            ne,
+            nb: [nb0, row, row * ne[1], row * ne[1] * ne[2]],
+        }
+    }
+
+    pub fn n_elements(&self) -> usize {
+        self.ne.iter().product()
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.ne[1] * self.ne[2] * self.ne[3]
+    }
+
+    /// Bytes from the first byte to one past the last, or `None` on
+    /// overflow or a malformed quantized row.
+    pub fn extent(&self) -> Option<usize> {
+        let row = if self.dtype.is_quantized() {
+            self.dtype.row_bytes(self.ne[0])?
+        } else {
+            (self.ne[0] - 1)
+                .checked_mul(self.nb[0])?
+                .checked_add(self.dtype.block_bytes())?
+        };
+        let mut end = row;
+        for d in 1..4 {
+            end = end.checked_add((self.ne[d] - 1).checked_mul(self.nb[d])?)?;
+        }
+        Some(end)
+    }
+
+    fn valid(&self) -> Result<(), String> {
+        if self.ne.contains(&0) {
+            return Err(format!("empty extent in {:?}", self.ne));
+        }
+        if self.dtype.is_quantized() {
+            if self.ne[0] % self.dtype.block_len() != 0 {
+                return Err(format!(
+                    "{} rows need a multiple of {} elements, got ne[0] = {}",
+                    self.dtype,
+                    self.dtype.block_len(),
+                    self.ne[0]
+                ));
+            }
+            if self.nb[0] != self.dtype.block_bytes() {
+                return Err(format!(
+                    "{} rows must be contiguous (nb[0] = {}, got {})",
+                    self.dtype,
+                    self.dtype.block_bytes(),
+                    self.nb[0]
+                ));
+            }
+        }
+        if self.extent().is_none() {
+            return Err("tensor extent overflows".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// A tensor resolved to memory.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    pub data: *mut u8,
+    pub desc: Desc,
+}
+
+fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(msg()) }
+}
+
+fn need_dtype(what: &str, d: &Desc, dtype: DType) -> Result<(), String> {
+    need(d.dtype == dtype, || {
+        format!("{what} must be {dtype}, got {}", d.dtype)
+    })
+}
+
+fn need_same_shape(a: &Desc, b: &Desc) -> Result<(), String> {
+    need(a.ne == b.ne, || {
+        format!("dst shape {:?} differs from src0 shape {:?}", b.ne, a.ne)
+    })
+}
+
+fn need_broadcast(what: &str, big: &Desc, small: &Desc, from_dim: usize) -> Result<(), String> {
+    for d in from_dim..4 {
+        if big.ne[d] % small.ne[d] != 0 {
+            return Err(format!(
+                "{what} extent {:?} does not divide {:?} in dimension {d}",
+                small.ne, big.ne
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `kind` over these tensors is well-formed; the error says why not.
+pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Result<(), String> {
+    let arity = match kind {
+        OpKind::MulMat | OpKind::Add | OpKind::Mul | OpKind::Rope | OpKind::GetRows => 2..=2,
+        OpKind::SoftMax => 1..=2,
+        _ => 1..=1,
+    };
+    need(arity.contains(&src.len()), || {
+        format!("{kind} takes {arity:?} sources, got {}", src.len())
+    })?;
+    for s in src {
+        s.valid()?;
+    }
+    dst.valid()?;
+    match kind {
+        OpKind::MulMat => {
+            let (w, x) = (&src[0], &src[1]);
+            need(w.dtype != DType::I32, || "mul_mat weights cannot be i32".into())?;
+            need_dtype("mul_mat src1", x, DType::F32)?;
+            need_dtype("mul_mat dst", dst, DType::F32)?;
+            need(w.ne[0] == x.ne[0], || {
+                format!("mul_mat inner dimensions differ: {} vs {}", w.ne[0], x.ne[0])
+            })?;
+            need_broadcast("mul_mat src0", x, w, 2)?;
+            let want = [w.ne[1], x.ne[1], x.ne[2], x.ne[3]];
+            need(dst.ne == want, || {
+                format!("mul_mat dst must be {want:?}, got {:?}", dst.ne)
+            })
+        }
+        OpKind::Add | OpKind::Mul => {
+            for (i, s) in src.iter().enumerate() {
+                need_dtype(&format!("{kind} src{i}"), s, DType::F32)?;
+            }
+            need_dtype(&format!("{kind} dst"), dst, DType::F32)?;
+            need_same_shape(&src[0], dst)?;
+            need_broadcast(&format!("{kind} src1"), &src[0], &src[1], 0)
+        }
+        OpKind::Scale | OpKind::Silu | OpKind::Gelu | OpKind::RmsNorm => {
+            need_dtype(&format!("{kind} src0"), &src[0], DType::F32)?;
+            need_dtype(&format!("{kind} dst"), dst, DType::F32)?;
+            need_same_shape(&src[0], dst)?;
+            if kind == OpKind::RmsNorm {
+                let eps = param_f32(params[0]);
+                need(eps.is_finite() && eps >= 0.0, || {
+                    format!("rms_norm eps must be finite and >= 0, got {eps}")
+                })?;
+            }
+            Ok(())
+        }
+        OpKind::Rope => {
+            let (x, pos) = (&src[0], &src[1]);
+            need_dtype("rope src0", x, DType::F32)?;
+            need_dtype("rope positions", pos, DType::I32)?;
+            need_dtype("rope dst", dst, DType::F32)?;
+            need_same_shape(x, dst)?;
+            need(x.ne[3] == 1, || "rope src0 must be [head_dim, n_head, n_tokens, 1]".into())?;
+            need(pos.ne == [x.ne[2], 1, 1, 1], || {
+                format!("rope positions must be [{}], got {:?}", x.ne[2], pos.ne)
+            })?;
+            let n_rot = params[0];
+            need(
+                n_rot > 0 && n_rot % 2 == 0 && n_rot as usize <= x.ne[0],
+                || format!("rope n_rot {n_rot} must be even and in 2..={}", x.ne[0]),
+            )?;
+            need(
+                params[1] == kiln_plugin_api::abi::KILN_ROPE_NORMAL
+                    || params[1] == kiln_plugin_api::abi::KILN_ROPE_NEOX,
+                || format!("unknown rope mode {}", params[1]),
+            )?;
+            let base = param_f32(params[2]);
+            need(base.is_finite() && base > 0.0, || {
+                format!("rope freq_base must be positive, got {base}")
+            })
+        }
+        OpKind::SoftMax => {
+            need_dtype("soft_max src0", &src[0], DType::F32)?;
+            need_dtype("soft_max dst", dst, DType::F32)?;
+            need_same_shape(&src[0], dst)?;
+            if let Some(mask) = src.get(1) {
+                need_dtype("soft_max mask", mask, DType::F32)?;
+                need(mask.ne[0] == src[0].ne[0], || {
+                    format!("soft_max mask rows have {} elements, need {}", mask.ne[0], src[0].ne[0])
+                })?;
+                need_broadcast("soft_max mask", &src[0], mask, 1)?;
+            }
+            Ok(())
+        }
+        OpKind::GetRows => {
+            let (table, idx) = (&src[0], &src[1]);
+            need(table.ne[2] == 1 && table.ne[3] == 1, || {
+                "get_rows table must be 2-D".into()
+            })?;
+            need_dtype("get_rows indices", idx, DType::I32)?;
+            need(idx.ne[1] == 1 && idx.ne[2] == 1 && idx.ne[3] == 1, || {
+                "get_rows indices must be 1-D".into()
+            })?;
+            need_dtype("get_rows dst", dst, DType::F32)?;
+            let want = [table.ne[0], idx.ne[0], 1, 1];
+            need(dst.ne == want, || {
+                format!("get_rows dst must be {want:?}, got {:?}", dst.ne)
+            })
+        }
+        OpKind::Cpy => {
+            need_same_shape(&src[0], dst)?;
+            need(can_quantize(dst.dtype), || {
+                format!("cpy cannot write {}", dst.dtype)
+            })
+        }
+    }
+}
+
+// ---- element and row access -------------------------------------------
+
+/// # Safety
+/// `v` is valid for its extent and `i` is inside its shape.
+unsafe fn ptr(v: &View, i: [usize; 4]) -> *mut u8 {
+    let off: usize = (0..4).map(|d| i[d] * v.desc.nb[d]).sum();
+    // SAFETY: inside the extent by the caller's contract.
+    unsafe { v.data.add(off) }
+}
+
+/// Reads row (i1, i2, i3) of any type as f32.
+///
+/// # Safety
+/// `v` is valid for its extent and the row index is inside its shape.
+unsafe fn read_row(v: &View, i1: usize, i2: usize, i3: usize, out: &mut [f32]) {
+    let d = &v.desc;
+    // SAFETY: the caller's contract; quantized rows are contiguous
+    // (checked by `Desc::valid`), plain rows are read element by element.
+    unsafe {
+        let p = ptr(v, [0, i1, i2, i3]);
+        if d.dtype.is_quantized() || d.nb[0] == d.dtype.block_bytes() {
+            let bytes = d.dtype.row_bytes(d.ne[0]).expect("valid desc");
+            dequantize_row(d.dtype, std::slice::from_raw_parts(p, bytes), out);
+            return;
+        }
+        for (i0, o) in out.iter_mut().enumerate() {
+            let q = p.add(i0 * d.nb[0]);
+            *o = match d.dtype {
+                DType::F32 => q.cast::<f32>().read_unaligned(),
+                DType::F16 => f16::from_bits(q.cast::<u16>().read_unaligned()).to_f32(),
+                DType::BF16 => bf16::from_bits(q.cast::<u16>().read_unaligned()).to_f32(),
+                DType::I32 => q.cast::<i32>().read_unaligned() as f32,
+                _ => unreachable!("quantized rows are contiguous"),
+            };
+        }
+    }
+}
+
+/// Writes row (i1, i2, i3) from f32, converting to the tensor's type.
+///
+/// # Safety
+/// As for [`read_row`]; the type is one [`can_quantize`] accepts.
+unsafe fn write_row(v: &View, i1: usize, i2: usize, i3: usize, src: &[f32]) {
+    let d = &v.desc;
+    // SAFETY: the caller's contract, as in `read_row`.
+    unsafe {
+        let p = ptr(v, [0, i1, i2, i3]);
+        if d.dtype.is_quantized() || d.nb[0] == d.dtype.block_bytes() {
+            let bytes = d.dtype.row_bytes(d.ne[0]).expect("valid desc");
+            quantize_row(d.dtype, src, std::slice::from_raw_parts_mut(p, bytes));
+            return;
+        }
+        for (i0, &x) in src.iter().enumerate() {
+            let q = p.add(i0 * d.nb[0]);
+            match d.dtype {
+                DType::F32 => q.cast::<f32>().write_unaligned(x),
+                DType::F16 => q.cast::<u16>().write_unaligned(f16::from_f32(x).to_bits()),
+                DType::BF16 => q.cast::<u16>().write_unaligned(bf16::from_f32(x).to_bits()),
+                _ => unreachable!("checked by `check`"),
+            }
+        }
+    }
+}
+
+/// Reads one i32 element.
+///
+/// # Safety
+/// As for [`read_row`].
+unsafe fn read_i32(v: &View, i: [usize; 4]) -> i32 {
+    // SAFETY: the caller's contract.
+    unsafe { ptr(v, i).cast::<i32>().read_unaligned() }
+}
+
+fn rows(ne: [usize; 4]) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..ne[3]).flat_map(move |i3| (0..ne[2]).flat_map(move |i2| (0..ne[1]).map(move |i1| (i1, i2, i3))))
+}
+
+/// Computes `kind` over resolved memory. Call [`check`] first.
+///
+/// # Safety
+/// Every view's data pointer is valid for reads (sources) or writes (dst)
+/// over its `Desc::extent`, and `dst` does not overlap a source except
+/// element for element (in-place elementwise ops).
+pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> Result<(), String> {
+    let n0 = dst.desc.ne[0];
+    let mut out = vec![0f32; n0];
+    let mut a = vec![0f32; src[0].desc.ne[0]];
+    // SAFETY (for every block below): the caller's contract, and `check`
+    // guarantees that every row index we form is inside its tensor.
+    unsafe {
+        match kind {
+            OpKind::MulMat => {
+                let (w, x) = (&src[0], &src[1]);
+                let (r2, r3) = (x.desc.ne[2] / w.desc.ne[2], x.desc.ne[3] / w.desc.ne[3]);
+                let mut xs = vec![0f32; x.desc.ne[0]];
+                let m_count = x.desc.ne[1];
+                let mut acc = vec![0f64; w.desc.ne[1] * m_count];
+                for i3 in 0..x.desc.ne[3] {
+                    for i2 in 0..x.desc.ne[2] {
+                        acc.iter_mut().for_each(|v| *v = 0.0);
+                        for n in 0..w.desc.ne[1] {
+                            read_row(w, n, i2 / r2, i3 / r3, &mut a);
+                            for m in 0..m_count {
+                                read_row(x, m, i2, i3, &mut xs);
+                                acc[m * w.desc.ne[1] + n] =
+                                    a.iter().zip(&xs).map(|(p, q)| *p as f64 * *q as f64).sum();
+                            }
+                        }
+                        for m in 0..m_count {
+                            for (o, v) in out.iter_mut().zip(&acc[m * n0..][..n0]) {
+                                *o = *v as f32;
+                            }
+                            write_row(dst, m, i2, i3, &out);
+                        }
+                    }
+                }
+            }
+            OpKind::Add | OpKind::Mul => {
+                let b = &src[1];
+                let mut bv = vec![0f32; b.desc.ne[0]];
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    read_row(b, i1 % b.desc.ne[1], i2 % b.desc.ne[2], i3 % b.desc.ne[3], &mut bv);
+                    for (i0, o) in out.iter_mut().enumerate() {
+                        let y = bv[i0 % bv.len()];
+                        *o = if kind == OpKind::Add { a[i0] + y } else { a[i0] * y };
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
+            OpKind::Scale | OpKind::Silu | OpKind::Gelu => {
+                let s = param_f32(params[0]);
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    for (o, &x) in out.iter_mut().zip(&a) {
+                        *o = match kind {
+                            OpKind::Scale => x * s,
+                            OpKind::Silu => x / (1.0 + (-x).exp()),
+                            _ => gelu(x),
+                        };
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
+            OpKind::RmsNorm => {
+                let eps = param_f32(params[0]) as f64;
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let mean = a.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / a.len() as f64;
+                    let scale = 1.0 / (mean + eps).sqrt();
+                    for (o, &x) in out.iter_mut().zip(&a) {
+                        *o = (x as f64 * scale) as f32;
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
+            OpKind::Rope => {
+                let n_rot = params[0] as usize;
+                let neox = params[1] == kiln_plugin_api::abi::KILN_ROPE_NEOX;
+                let base = param_f32(params[2]) as f64;
+                let freq_scale = param_f32(params[3]) as f64;
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let pos = read_i32(&src[1], [i2, 0, 0, 0]) as f64;
+                    out.copy_from_slice(&a);
+                    for i in 0..n_rot / 2 {
+                        let theta = pos * freq_scale * base.powf(-2.0 * i as f64 / n_rot as f64);
+                        let (sin, cos) = theta.sin_cos();
+                        let (j0, j1) = if neox { (i, i + n_rot / 2) } else { (2 * i, 2 * i + 1) };
+                        let (x0, x1) = (a[j0] as f64, a[j1] as f64);
+                        out[j0] = (x0 * cos - x1 * sin) as f32;
+                        out[j1] = (x0 * sin + x1 * cos) as f32;
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
+            OpKind::SoftMax => {
+                let scale = param_f32(params[0]);
+                let mut mask = vec![0f32; n0];
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    if let Some(m) = src.get(1) {
+                        let mne = m.desc.ne;
+                        read_row(m, i1 % mne[1], i2 % mne[2], i3 % mne[3], &mut mask);
+                    }
+                    for (v, &m) in a.iter_mut().zip(&mask) {
+                        *v = *v * scale + m;
+                    }
+                    let max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    if max == f32::NEG_INFINITY {
+                        out.iter_mut().for_each(|o| *o = 0.0);
+                    } else {
+                        let e: Vec<f64> = a.iter().map(|&v| ((v - max) as f64).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        for (o, v) in out.iter_mut().zip(&e) {
+                            *o = (v / sum) as f32;
+                        }
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
+            OpKind::GetRows => {
+                let (table, idx) = (&src[0], &src[1]);
+                for i in 0..idx.desc.ne[0] {
+                    let row = read_i32(idx, [i, 0, 0, 0]);
+                    if row < 0 || row as usize >= table.desc.ne[1] {
+                        return Err(format!(
+                            "get_rows index {row} (position {i}) is outside the table's {} rows",
+                            table.desc.ne[1]
+                        ));
+                    }
+                    read_row(table, row as usize, 0, 0, &mut out);
+                    write_row(dst, i, 0, 0, &out);
+                }
+            }
+            OpKind::Cpy => {
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    write_row(dst, i1, i2, i3, &a);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let x = x as f64;
+    (0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_plugin_api::types::f32_param;
+
+    fn view(desc: Desc, data: &mut [u8]) -> View {
+        assert!(desc.extent().unwrap() <= data.len());
+        View {
+            data: data.as_mut_ptr(),
+            desc,
+        }
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn to_f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn run1(kind: OpKind, srcs: Vec<(Desc, Vec<u8>)>, dst: Desc, params: [i32; 8]) -> Vec<f32> {
+        let descs: Vec<Desc> = srcs.iter().map(|s| s.0).collect();
+        check(kind, &descs, &dst, &params).unwrap();
+        let mut bufs: Vec<Vec<u8>> = srcs.into_iter().map(|s| s.1).collect();
+        let views: Vec<View> = descs.iter().zip(bufs.iter_mut()).map(|(d, b)| view(*d, b)).collect();
+        let mut out = vec![0u8; dst.extent().unwrap()];
+        let dv = view(dst, &mut out);
+        // SAFETY: every view covers its own Vec.
+        unsafe { run(kind, &views, &dv, &params) }.unwrap();
+        to_f32s(&out)
+    }
+
+    #[test]
+    fn mul_mat_small_by_hand() {
+        // W is [K=2, N=3]: rows (1,2), (3,4), (5,6); x is [K=2, M=1] = (1, -1).
+        let w = Desc::contiguous(DType::F32, [2, 3, 1, 1]);
+        let x = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
+        let dst = Desc::contiguous(DType::F32, [3, 1, 1, 1]);
+        let y = run1(
+            OpKind::MulMat,
+            vec![(w, f32s(&[1., 2., 3., 4., 5., 6.])), (x, f32s(&[1., -1.]))],
+            dst,
+            [0; 8],
+        );
+        assert_eq!(y, vec![-1., -1., -1.]);
+    }
+
+    #[test]
+    fn add_broadcasts_a_row() {
+        let a = Desc::contiguous(DType::F32, [3, 2, 1, 1]);
+        let b = Desc::contiguous(DType::F32, [3, 1, 1, 1]);
+        let y = run1(
+            OpKind::Add,
+            vec![(a, f32s(&[1., 2., 3., 4., 5., 6.])), (b, f32s(&[10., 20., 30.]))],
+            a,
+            [0; 8],
+        );
+        assert_eq!(y, vec![11., 22., 33., 14., 25., 36.]);
+    }
+
+    #[test]
+    fn rms_norm_of_constant_row_is_one() {
+        let d = Desc::contiguous(DType::F32, [4, 1, 1, 1]);
+        let mut p = [0; 8];
+        p[0] = f32_param(0.0);
+        let y = run1(OpKind::RmsNorm, vec![(d, f32s(&[3., 3., 3., 3.]))], d, p);
+        assert_eq!(y, vec![1., 1., 1., 1.]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        // head_dim 2, one head, two tokens at positions 0 and 1; base 1 so theta = pos.
+        let x = Desc::contiguous(DType::F32, [2, 1, 2, 1]);
+        let pos = Desc::contiguous(DType::I32, [2, 1, 1, 1]);
+        let mut p = [0; 8];
+        p[0] = 2;
+        p[2] = f32_param(1.0);
+        p[3] = f32_param(1.0);
+        let positions: Vec<u8> = [0i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let y = run1(OpKind::Rope, vec![(x, f32s(&[1., 0., 1., 0.])), (pos, positions)], x, p);
+        assert_eq!(&y[..2], &[1.0, 0.0]);
+        assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn soft_max_with_causal_mask() {
+        let x = Desc::contiguous(DType::F32, [2, 2, 1, 1]);
+        let mut p = [0; 8];
+        p[0] = f32_param(1.0);
+        let mask = f32s(&[0.0, f32::NEG_INFINITY, 0.0, 0.0]);
+        let y = run1(OpKind::SoftMax, vec![(x, f32s(&[5., 7., 1., 1.])), (x, mask)], x, p);
+        assert_eq!(y, vec![1.0, 0.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn get_rows_rejects_out_of_range_index() {
+        let table = Desc::contiguous(DType::F32, [2, 2, 1, 1]);
+        let idx = Desc::contiguous(DType::I32, [1, 1, 1, 1]);
+        let dst = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
+        let mut t = f32s(&[1., 2., 3., 4.]);
+        let mut i = 5i32.to_le_bytes().to_vec();
+        let mut o = vec![0u8; 8];
+        let (tv, iv, ov) = (view(table, &mut t), view(idx, &mut i), view(dst, &mut o));
+        check(OpKind::GetRows, &[table, idx], &dst, &[0; 8]).unwrap();
+        // SAFETY: views cover their Vecs.
+        let err = unsafe { run(OpKind::GetRows, &[tv, iv], &ov, &[0; 8]) }.unwrap_err();
+        assert!(err.contains("index 5"), "{err}");
+    }
+
+    #[test]
+    fn check_names_the_problem() {
+        let w = Desc::contiguous(DType::Q4_0, [64, 2, 1, 1]);
+        let x = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
+        let dst = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
+        let err = check(OpKind::MulMat, &[w, x], &dst, &[0; 8]).unwrap_err();
+        assert!(err.contains("inner dimensions differ"), "{err}");
+        let odd = Desc::contiguous(DType::Q4_0, [33, 1, 1, 1]);
+        let err = check(OpKind::Cpy, &[x], &odd, &[0; 8]).unwrap_err();
+        assert!(err.contains("multiple of 32"), "{err}");
+    }
+
+    #[test]
+    fn cpy_transposed_view_into_f16() {
+        // src is a 2x3 f32 matrix viewed transposed (strides swapped).
+        let data = f32s(&[1., 2., 3., 4., 5., 6.]);
+        let src = Desc {
+            dtype: DType::F32,
+            ne: [2, 3, 1, 1],
+            nb: [12, 4, 24, 24],
+        };
+        let dst = Desc::contiguous(DType::F16, [2, 3, 1, 1]);
+        check(OpKind::Cpy, &[src], &dst, &[0; 8]).unwrap();
+        let mut d = data.clone();
+        let mut o = vec![0u8; dst.extent().unwrap()];
+        let (sv, ov) = (view(src, &mut d), view(dst, &mut o));
+        // SAFETY: views cover their Vecs.
+        unsafe { run(OpKind::Cpy, &[sv], &ov, &[0; 8]) }.unwrap();
+        let got: Vec<f32> = o
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        assert_eq!(got, vec![1., 4., 2., 5., 3., 6.]);
+    }
+}

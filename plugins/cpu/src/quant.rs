@@ -1,0 +1,397 @@
+//! Block formats: scalar dequantization of every weight type and the
+//! reference quantizers that llama.cpp's `quantize_row_*_ref` define
+//! (F16, BF16, Q4_0, Q5_0, Q8_0), bit for bit.
+//!
+//! Layouts are ggml's. A row is a whole number of blocks.
+
+use half::{bf16, f16};
+use kiln_plugin_api::DType;
+
+const QK: usize = 32;
+const QK_K: usize = 256;
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Dequantizes one row: `src` holds exactly the blocks of `dst.len()` elements.
+///
+/// Panics if the lengths disagree (callers check shapes first).
+pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
+    let bytes = dtype
+        .row_bytes(dst.len())
+        .expect("row length is a whole number of blocks");
+    assert_eq!(src.len(), bytes, "{dtype} row of {} elements", dst.len());
+    match dtype {
+        DType::F32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        }
+        DType::F16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
+            }
+        }
+        DType::I32 => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = i32::from_le_bytes([s[0], s[1], s[2], s[3]]) as f32;
+            }
+        }
+        DType::Q4_0 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                let qs = &b[2..18];
+                for j in 0..16 {
+                    y[j] = ((qs[j] & 0x0f) as i32 - 8) as f32 * d;
+                    y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        DType::Q5_0 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(22)) {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = &b[6..22];
+                for j in 0..16 {
+                    let xh0 = ((qh >> j) << 4) & 0x10;
+                    let xh1 = (qh >> (j + 12)) & 0x10;
+                    y[j] = (((qs[j] & 0x0f) as u32 | xh0) as i32 - 16) as f32 * d;
+                    y[j + 16] = (((qs[j] >> 4) as u32 | xh1) as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        DType::Q8_0 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
+                let d = f16_at(b, 0);
+                for (v, &q) in y.iter_mut().zip(&b[2..34]) {
+                    *v = (q as i8) as f32 * d;
+                }
+            }
+        }
+        DType::Q4_K => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(144)) {
+                let d = f16_at(b, 0);
+                let min = f16_at(b, 2);
+                let scales = &b[4..16];
+                let q = &b[16..144];
+                for (j, (y64, q32)) in y.chunks_exact_mut(64).zip(q.chunks_exact(32)).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                    for l in 0..32 {
+                        y64[l] = d1 * (q32[l] & 0x0f) as f32 - m1;
+                        y64[l + 32] = d2 * (q32[l] >> 4) as f32 - m2;
+                    }
+                }
+            }
+        }
+        DType::Q5_K => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(176)) {
+                let d = f16_at(b, 0);
+                let min = f16_at(b, 2);
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let ql = &b[48..176];
+                let (mut u1, mut u2) = (1u8, 2u8);
+                for (j, (y64, q32)) in y.chunks_exact_mut(64).zip(ql.chunks_exact(32)).enumerate() {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                    for l in 0..32 {
+                        let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+                        let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+                        y64[l] = d1 * ((q32[l] & 0x0f) + h1) as f32 - m1;
+                        y64[l + 32] = d2 * ((q32[l] >> 4) + h2) as f32 - m2;
+                    }
+                    u1 <<= 2;
+                    u2 <<= 2;
+                }
+            }
+        }
+        DType::Q6_K => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(210)) {
+                let ql = &b[0..128];
+                let qh = &b[128..192];
+                let sc = &b[192..208];
+                let d = f16_at(b, 208);
+                for n in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                    let y = &mut y[128 * n..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Whether [`quantize_row`] can write this type.
+pub const fn can_quantize(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0
+    )
+}
+
+/// The signed value of largest magnitude (the first one on ties), as
+/// llama.cpp's Q4_0/Q5_0 reference picks it.
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+/// Quantizes one row with llama.cpp's reference algorithm. `dst` holds
+/// exactly the blocks of `src.len()` elements.
+///
+/// Panics for types [`can_quantize`] rejects or mismatched lengths.
+pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
+    let bytes = dtype
+        .row_bytes(src.len())
+        .expect("row length is a whole number of blocks");
+    assert_eq!(dst.len(), bytes, "{dtype} row of {} elements", src.len());
+    match dtype {
+        DType::F32 => {
+            for (d, s) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&f16::from_f32(*s).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&bf16::from_f32(*s).to_le_bytes());
+            }
+        }
+        DType::Q4_0 => {
+            for (b, x) in dst.chunks_exact_mut(18).zip(src.chunks_exact(QK)) {
+                let d = signed_absmax(x) / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                for j in 0..16 {
+                    let x0 = x[j] * id;
+                    let x1 = x[j + 16] * id;
+                    let q0 = ((x0 + 8.5) as i8).min(15) as u8;
+                    let q1 = ((x1 + 8.5) as i8).min(15) as u8;
+                    b[2 + j] = q0 | (q1 << 4);
+                }
+            }
+        }
+        DType::Q5_0 => {
+            for (b, x) in dst.chunks_exact_mut(22).zip(src.chunks_exact(QK)) {
+                let d = signed_absmax(x) / -16.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                let mut qh = 0u32;
+                for j in 0..16 {
+                    let x0 = x[j] * id;
+                    let x1 = x[j + 16] * id;
+                    let q0 = ((x0 + 16.5) as i8).min(31) as u8;
+                    let q1 = ((x1 + 16.5) as i8).min(31) as u8;
+                    b[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+                    qh |= (((q0 & 0x10) >> 4) as u32) << j;
+                    qh |= (((q1 & 0x10) >> 4) as u32) << (j + 16);
+                }
+                b[2..6].copy_from_slice(&qh.to_le_bytes());
+            }
+        }
+        DType::Q8_0 => {
+            for (b, x) in dst.chunks_exact_mut(34).zip(src.chunks_exact(QK)) {
+                let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                for (q, v) in b[2..34].iter_mut().zip(x) {
+                    *q = (v * id).round() as i8 as u8;
+                }
+            }
+        }
+        other => panic!("no reference quantizer for {other}"),
+    }
+}
+
+/// A random row of `n` elements of `dtype`, for conformance runs and
+/// benchmarks. Plain and reference-quantizable types quantize uniform
+/// values in [-1, 1); K-quant blocks get random codes with sane scales.
+pub fn random_row(dtype: DType, n: usize, rng: &mut fastrand::Rng) -> Vec<u8> {
+    let bytes = dtype.row_bytes(n).expect("whole blocks");
+    let mut out = vec![0u8; bytes];
+    if can_quantize(dtype) {
+        let values: Vec<f32> = (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect();
+        quantize_row(dtype, &values, &mut out);
+        return out;
+    }
+    if dtype == DType::I32 {
+        for c in out.chunks_exact_mut(4) {
+            c.copy_from_slice(&rng.i32(-1000..1000).to_le_bytes());
+        }
+        return out;
+    }
+    rng.fill(&mut out);
+    let scale = |rng: &mut fastrand::Rng, lo: f32, hi: f32| {
+        f16::from_f32(lo + rng.f32() * (hi - lo)).to_le_bytes()
+    };
+    for b in out.chunks_exact_mut(dtype.block_bytes()) {
+        match dtype {
+            DType::Q4_K | DType::Q5_K => {
+                b[0..2].copy_from_slice(&scale(rng, 0.001, 0.01));
+                b[2..4].copy_from_slice(&scale(rng, 0.001, 0.01));
+            }
+            DType::Q6_K => b[208..210].copy_from_slice(&scale(rng, 0.0005, 0.005)),
+            _ => unreachable!("{dtype} is handled above"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(dtype: DType, x: &[f32]) -> Vec<f32> {
+        let mut q = vec![0u8; dtype.row_bytes(x.len()).unwrap()];
+        quantize_row(dtype, x, &mut q);
+        let mut y = vec![0f32; x.len()];
+        dequantize_row(dtype, &q, &mut y);
+        y
+    }
+
+    #[test]
+    fn q8_0_matches_hand_computed_block() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
+        let mut q = [0u8; 34];
+        quantize_row(DType::Q8_0, &x, &mut q);
+        // amax 16 -> d = 16/127 (as f16), codes = round(x * 127/16).
+        assert_eq!(f16_at(&q, 0), f16::from_f32(16.0 / 127.0).to_f32());
+        assert_eq!(q[2] as i8, -127);
+        assert_eq!(q[2 + 8] as i8, (-8.0f32 * 127.0 / 16.0).round() as i8);
+        assert_eq!(q[2 + 16] as i8, 0);
+    }
+
+    #[test]
+    fn q4_0_uses_signed_max_and_clamps() {
+        let mut x = vec![0.5f32; 32];
+        x[3] = -2.0; // the signed max: d = -2 / -8 = 0.25
+        let mut q = [0u8; 18];
+        quantize_row(DType::Q4_0, &x, &mut q);
+        assert_eq!(f16_at(&q, 0), 0.25);
+        // x[3] * (1/d) = -8 -> -8 + 8.5 = 0.5 -> 0
+        assert_eq!(q[2 + 3] & 0x0f, 0);
+        // 0.5 * 4 = 2 -> 10.5 -> 10
+        assert_eq!(q[2] & 0x0f, 10);
+        let y = round_trip(DType::Q4_0, &x);
+        assert_eq!(y[3], -2.0);
+        assert_eq!(y[0], 0.5);
+    }
+
+    #[test]
+    fn round_trip_errors_stay_within_half_a_step() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::F16, DType::BF16] {
+            let x: Vec<f32> = (0..96).map(|_| rng.f32() * 2.0 - 1.0).collect();
+            let y = round_trip(dtype, &x);
+            for blk in 0..3 {
+                let xs = &x[blk * 32..][..32];
+                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = match dtype {
+                    DType::Q4_0 => amax / 8.0,
+                    DType::Q5_0 => amax / 16.0,
+                    DType::Q8_0 => amax / 127.0,
+                    DType::F16 => amax / 1024.0,
+                    _ => amax / 128.0,
+                };
+                // Q4_0/Q5_0 scale by the signed max, so the opposite
+                // extreme clamps to the last code: up to one whole step.
+                let slack = if matches!(dtype, DType::Q4_0 | DType::Q5_0) { 1.01 } else { 0.51 };
+                for i in 0..32 {
+                    let (a, b) = (xs[i], y[blk * 32 + i]);
+                    // Plus the f16 rounding of the scale.
+                    assert!((a - b).abs() <= step * slack + 1e-3 * amax, "{dtype} {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_high_bits_survive() {
+        // Values spanning the full 5-bit range exercise qh.
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 15.5) / 16.0).collect();
+        let y = round_trip(DType::Q5_0, &x);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 0.07, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn k_quant_blocks_dequantize_from_their_fields() {
+        // A Q4_K block with d = 1, dmin = 0, sub-block scales j+1, codes 0..15.
+        let mut b = vec![0u8; 144];
+        b[0..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        for j in 0..4 {
+            b[4 + j] = (j + 1) as u8; // scales 0..3
+            b[12 + j] = (j + 5) as u8 & 0x0f; // low nibbles of scales 4..7
+        }
+        for (i, q) in b[16..].iter_mut().enumerate() {
+            *q = (i % 16) as u8 | (((i + 1) % 16) as u8) << 4;
+        }
+        let mut y = vec![0f32; 256];
+        dequantize_row(DType::Q4_K, &b, &mut y);
+        assert_eq!(y[0], 0.0); // scale 1 * code 0
+        assert_eq!(y[1], 1.0); // scale 1 * code 1
+        // Sub-block 1 (elements 32..64) uses the high nibbles with scale 2.
+        assert_eq!(y[32], 2.0 * 1.0);
+        assert_eq!(y[33], 2.0 * 2.0);
+        // Sub-block 4 (elements 128..160) uses scale 5.
+        assert_eq!(y[128 + 2], 5.0 * ((64 + 2) % 16) as f32);
+    }
+
+    #[test]
+    fn random_rows_are_finite() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        for dtype in DType::WEIGHTS {
+            let n = 512;
+            let row = random_row(dtype, n, &mut rng);
+            let mut y = vec![0f32; n];
+            dequantize_row(dtype, &row, &mut y);
+            assert!(y.iter().all(|v| v.is_finite()), "{dtype}");
+            assert!(y.iter().any(|v| *v != 0.0), "{dtype}");
+        }
+    }
+}
