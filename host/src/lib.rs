@@ -1,0 +1,19 @@
+//! kiln: a local model-optimization host.
+//!
+//! This crate is the `kiln` binary's library. One module per capability:
+//! - [`config`]: `KILN_HOME`, `config.toml`, plugin directories;
+//! - [`cpu_features`]: what this CPU and OS can run;
+//! - [`plugin`]: manifests, preflight checks, discovery, the plugin store;
+//! - [`registry`]: the SQLite catalog, migrations, rollback, audit log;
+//! - [`backend`]: negotiated backends, execution with CPU fallback,
+//!   conformance, device scoring;
+//! - [`install`]: the `kiln plugins add` pipeline;
+//! - [`cli`]: the command line.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod cpu_features;
+pub mod install;
+pub mod plugin;
+pub mod registry;

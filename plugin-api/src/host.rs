@@ -138,11 +138,27 @@ unsafe extern "C" fn host_report_error(
     }));
 }
 
+/// The host's services table, leaked for the life of the process.
+#[derive(Clone, Copy)]
+pub struct HostApi(&'static KilnHostApi);
+
+// SAFETY: the table is immutable after construction, and its functions and
+// context (a `HostSink`, which is Send + Sync) may be used from any thread.
+unsafe impl Send for HostApi {}
+// SAFETY: as above.
+unsafe impl Sync for HostApi {}
+
+impl HostApi {
+    pub fn raw(&self) -> &'static KilnHostApi {
+        self.0
+    }
+}
+
 /// Builds the host's services table around `sink`. The table and the sink
 /// live for the rest of the process (plugins may keep the pointer).
-pub fn host_api(sink: Box<dyn HostSink>) -> &'static KilnHostApi {
+pub fn host_api(sink: Box<dyn HostSink>) -> HostApi {
     let ctx: &'static mut Box<dyn HostSink> = Box::leak(Box::new(sink));
-    Box::leak(Box::new(KilnHostApi {
+    HostApi(Box::leak(Box::new(KilnHostApi {
         struct_size: size_of::<KilnHostApi>() as u32,
         abi_major: KILN_ABI_VERSION_MAJOR,
         abi_minor: KILN_ABI_VERSION_MINOR,
@@ -150,7 +166,7 @@ pub fn host_api(sink: Box<dyn HostSink>) -> &'static KilnHostApi {
         host_ctx: (ctx as *mut Box<dyn HostSink>).cast(),
         log: Some(host_log),
         report_error: Some(host_report_error),
-    }))
+    })))
 }
 
 /// A device buffer owned by a plugin. Freed with [`BackendHandle::buffer_free`].
@@ -201,13 +217,13 @@ impl BackendHandle {
     /// plugin) and `host` a table from [`host_api`].
     pub unsafe fn negotiate(
         entry: KilnBackendInitFn,
-        host: &'static KilnHostApi,
+        host: HostApi,
     ) -> Result<BackendHandle, LoadError> {
         let mut table: *const KilnBackendApi = core::ptr::null();
         let mut ctx: *mut c_void = core::ptr::null_mut();
         let mut err = KilnError::default();
         // SAFETY: the entry point's contract; all out pointers are ours.
-        let status = unsafe { entry(host, &mut table, &mut ctx, &mut err) };
+        let status = unsafe { entry(host.raw(), &mut table, &mut ctx, &mut err) };
         if status != KILN_STATUS_OK {
             return Err(LoadError::Init(BackendError::from_raw(status, &err)));
         }

@@ -1,0 +1,331 @@
+//! Backends as the host uses them: the built-in CPU backend and loaded
+//! plugins, both negotiated through the same ABI; the set of usable
+//! backends; and the choice of device by measured score.
+//!
+//! - [`exec`] runs graphs on the chosen device, op by op falling back to
+//!   the CPU for ops the device does not support, and re-running on the CPU
+//!   any part that fails at run time.
+//! - [`conformance`] is the gate a plugin passes before it is enabled.
+//! - [`score`] is the microbenchmark that ranks devices.
+
+pub mod conformance;
+pub mod exec;
+pub mod score;
+
+use crate::plugin::{PreflightError, VerifiedPlugin};
+use crate::registry::Registry;
+use kiln_plugin_api::host::{BackendHandle, HostApi, HostSink, LoadError, host_api};
+use kiln_plugin_api::{BackendError, DeviceInfo, ErrorCode};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+/// Plugin log lines go to stderr at or above `KILN_LOG` (error, warn,
+/// info, debug; default warn). Out-of-band errors are always printed.
+struct StderrSink {
+    max_level: i32,
+}
+
+impl HostSink for StderrSink {
+    fn log(&self, level: i32, message: &str) {
+        if level <= self.max_level {
+            let name = ["error", "warn", "info", "debug"].get(level as usize).unwrap_or(&"debug");
+            eprintln!("kiln: plugin {name}: {message}");
+        }
+    }
+
+    fn report_error(&self, code: ErrorCode, message: &str) {
+        eprintln!("kiln: plugin reported {code}: {message}");
+    }
+}
+
+fn host_services() -> HostApi {
+    static API: OnceLock<HostApi> = OnceLock::new();
+    *API.get_or_init(|| {
+        let max_level = match std::env::var("KILN_LOG").as_deref() {
+            Ok("error") => 0,
+            Ok("info") => 2,
+            Ok("debug") => 3,
+            _ => 1,
+        };
+        host_api(Box::new(StderrSink { max_level }))
+    })
+}
+
+/// Where a backend came from.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BackendSource {
+    /// Linked into the kiln binary.
+    Builtin,
+    Plugin {
+        name: String,
+        version: String,
+        sha256: String,
+        library: PathBuf,
+    },
+}
+
+/// Counters of what ran where; read by `kiln backends` and, later, metrics.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Ops this backend executed.
+    pub ops_run: AtomicU64,
+    /// Ops sent to the CPU because this backend does not support them.
+    pub ops_unsupported_fallback: AtomicU64,
+    /// Graph segments that failed here at run time and were re-run on the CPU.
+    pub runtime_failures_rerun: AtomicU64,
+}
+
+/// A negotiated backend and its devices.
+pub struct Backend {
+    handle: BackendHandle,
+    pub source: BackendSource,
+    pub devices: Vec<DeviceInfo>,
+    /// `graph_compute`/`synchronize` are serialised per device (ABI contract).
+    device_locks: Vec<Mutex<()>>,
+    pub stats: BackendStats,
+}
+
+/// Why a backend could not be put to use.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendLoadError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("cannot enumerate devices: {0}")]
+    Devices(BackendError),
+}
+
+impl Backend {
+    fn from_handle(handle: BackendHandle, source: BackendSource) -> Result<Backend, BackendLoadError> {
+        let n = handle.device_count().map_err(BackendLoadError::Devices)?;
+        let devices = (0..n)
+            .map(|d| handle.device_info(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(BackendLoadError::Devices)?;
+        Ok(Backend {
+            handle,
+            source,
+            device_locks: devices.iter().map(|_| Mutex::new(())).collect(),
+            devices,
+            stats: BackendStats::default(),
+        })
+    }
+
+    /// The CPU backend linked into kiln, negotiated once per process
+    /// through the same entry point a plugin exports.
+    pub fn builtin_cpu() -> Arc<Backend> {
+        static CPU: OnceLock<Arc<Backend>> = OnceLock::new();
+        CPU.get_or_init(|| {
+            // SAFETY: `kiln_backend_init` is the CPU crate's entry point and
+            // the host table is ours.
+            let handle = unsafe { BackendHandle::negotiate(kiln_cpu::kiln_backend_init, host_services()) }
+                .expect("the built-in CPU backend negotiates with its own host");
+            Arc::new(
+                Backend::from_handle(handle, BackendSource::Builtin)
+                    .expect("the built-in CPU backend enumerates its device"),
+            )
+        })
+        .clone()
+    }
+
+    /// Opens and negotiates a plugin that passed preflight. A library is
+    /// initialised once per process; later loads return the same backend.
+    pub fn load_plugin(plugin: &VerifiedPlugin) -> Result<Arc<Backend>, BackendLoadError> {
+        static LOADED: OnceLock<Mutex<HashMap<(PathBuf, String), Arc<Backend>>>> = OnceLock::new();
+        let loaded = LOADED.get_or_init(Default::default);
+        let key = (
+            std::fs::canonicalize(&plugin.library_path).unwrap_or_else(|_| plugin.library_path.clone()),
+            plugin.sha256.clone(),
+        );
+        let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(&key) {
+            return Ok(b.clone());
+        }
+        // SAFETY: the plugin passed preflight (hash, ABI, CPU features, ELF
+        // sanity), which is all the vetting a native library can get short
+        // of running it in another process.
+        let entry = unsafe { kiln_plugin_api::host::open_library(&plugin.library_path) }?;
+        // SAFETY: `entry` is the library's `kiln_backend_init`.
+        let handle = unsafe { BackendHandle::negotiate(entry, host_services()) }?;
+        let backend = Arc::new(Backend::from_handle(
+            handle,
+            BackendSource::Plugin {
+                name: plugin.manifest.name.clone(),
+                version: plugin.manifest.version.to_string(),
+                sha256: plugin.sha256.clone(),
+                library: plugin.library_path.clone(),
+            },
+        )?);
+        map.insert(key, backend.clone());
+        Ok(backend)
+    }
+
+    pub fn handle(&self) -> &BackendHandle {
+        &self.handle
+    }
+
+    pub fn is_builtin(&self) -> bool {
+        matches!(self.source, BackendSource::Builtin)
+    }
+
+    /// The name users see: the plugin's registered name, or "cpu".
+    pub fn name(&self) -> String {
+        match &self.source {
+            BackendSource::Builtin => "cpu".to_string(),
+            BackendSource::Plugin { name, .. } => name.clone(),
+        }
+    }
+
+    pub fn version(&self) -> String {
+        match &self.source {
+            BackendSource::Builtin => env!("CARGO_PKG_VERSION").to_string(),
+            BackendSource::Plugin { version, .. } => version.clone(),
+        }
+    }
+
+    /// What a cached score is keyed by: the exact build of the backend.
+    pub fn score_key(&self) -> String {
+        match &self.source {
+            BackendSource::Builtin => format!("builtin-cpu-{}", env!("CARGO_PKG_VERSION")),
+            BackendSource::Plugin { sha256, .. } => sha256.clone(),
+        }
+    }
+
+    /// A stable key for device `d`: its UUID, or its name and index.
+    pub fn device_key(&self, d: u32) -> String {
+        let info = &self.devices[d as usize];
+        if info.uuid != [0; 16] {
+            info.uuid.iter().map(|b| format!("{b:02x}")).collect()
+        } else {
+            format!("{}#{d}", info.name)
+        }
+    }
+
+    /// Holds the device's submission lock (see the ABI's threading contract).
+    pub fn lock_device(&self, d: u32) -> MutexGuard<'_, ()> {
+        self.device_locks[d as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn count(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The backends kiln can use now: the built-in CPU first, then each active
+/// plugin that still passes preflight and loads. Problems are collected, not
+/// fatal: kiln always has the CPU.
+pub struct BackendSet {
+    pub backends: Vec<Arc<Backend>>,
+    pub problems: Vec<String>,
+}
+
+impl BackendSet {
+    pub fn load(registry: &Registry) -> BackendSet {
+        let mut backends = vec![Backend::builtin_cpu()];
+        let mut problems = Vec::new();
+        match registry.active_plugins() {
+            Ok(plugins) => {
+                for p in plugins {
+                    let loaded = crate::plugin::preflight(&p.manifest_path)
+                        .map_err(BackendLoadError::from)
+                        .and_then(|v| {
+                            if v.sha256 != p.sha256 {
+                                return Err(BackendLoadError::Preflight(PreflightError::Hash {
+                                    path: v.library_path,
+                                    expected: p.sha256.clone(),
+                                    actual: v.sha256,
+                                }));
+                            }
+                            Backend::load_plugin(&v)
+                        });
+                    match loaded {
+                        Ok(b) => backends.push(b),
+                        Err(e) => problems.push(format!(
+                            "plugin {} is active but unusable: {e}; run `kiln plugins disable {}` or re-add it",
+                            p.label(),
+                            p.name
+                        )),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("cannot list active plugins: {e}")),
+        }
+        BackendSet { backends, problems }
+    }
+}
+
+/// One device with its score.
+#[derive(Clone, Debug, Serialize)]
+pub struct RankedDevice {
+    pub backend: String,
+    pub device: u32,
+    pub score: f64,
+    pub cached: bool,
+    pub measurement: serde_json::Value,
+}
+
+/// Scores every device of every backend (from the registry's cache, or by
+/// measuring now and caching) and returns them best first. Ties keep the
+/// set's order, so the built-in CPU wins a tie.
+pub fn rank_devices(
+    set: &BackendSet,
+    registry: &mut Registry,
+    remeasure: bool,
+    mut progress: impl FnMut(&str),
+) -> (Vec<RankedDevice>, Vec<String>) {
+    let mut ranked = Vec::new();
+    let mut problems = Vec::new();
+    for b in &set.backends {
+        for d in 0..b.devices.len() as u32 {
+            let (key, dev_key) = (b.score_key(), b.device_key(d));
+            let cached = if remeasure {
+                None
+            } else {
+                registry.score(&key, &dev_key).ok().flatten()
+            };
+            let (score, measurement, was_cached) = match cached {
+                Some(s) => (s.score, s.details, true),
+                None => {
+                    progress(&format!(
+                        "measuring {} device {d} ({})…",
+                        b.name(),
+                        b.devices[d as usize].name
+                    ));
+                    match score::measure(b, d) {
+                        Ok(m) => {
+                            let details = serde_json::to_value(&m).unwrap_or_default();
+                            if let Err(e) = registry.store_score(&key, &dev_key, m.score(), &details) {
+                                problems.push(format!("cannot cache the score of {} device {d}: {e}", b.name()));
+                            }
+                            (m.score(), details, false)
+                        }
+                        Err(e) => {
+                            problems.push(format!(
+                                "benchmark failed on {} device {d}: {e}; it will not be chosen",
+                                b.name()
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            };
+            ranked.push(RankedDevice {
+                backend: b.name(),
+                device: d,
+                score,
+                cached: was_cached,
+                measurement,
+            });
+        }
+    }
+    // Stable sort: equal scores keep the set's order.
+    ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+    (ranked, problems)
+}

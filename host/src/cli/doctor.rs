@@ -1,0 +1,209 @@
+//! `kiln doctor`: everything kiln depends on, checked, with advice for each
+//! problem. Exit code 1 when it found a problem.
+
+use super::{CliResult, JSON_SCHEMA_VERSION, print_json};
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::cpu_features;
+use crate::plugin::{self, MANIFEST_FILE};
+use crate::registry::{PluginState, Registry};
+use kiln_plugin_api::{KILN_ABI_VERSION_MAJOR, KILN_ABI_VERSION_MINOR, KILN_LAYOUT_FINGERPRINT};
+use serde_json::{Value, json};
+use std::process::ExitCode;
+
+pub fn doctor(config: &Config, as_json: bool) -> CliResult {
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(e) = &config.config_error {
+        problems.push(e.clone());
+    }
+
+    let features = cpu_features::report();
+    let xcr0 = cpu_features::xcr0();
+    let cpu = Backend::builtin_cpu();
+    let cpu_name = cpu.devices.first().map(|d| d.name.clone()).unwrap_or_default();
+
+    let dirs: Vec<Value> = config
+        .plugin_dirs
+        .iter()
+        .map(|d| {
+            let exists = d.path.is_dir();
+            if !exists && d.origin != crate::config::DirOrigin::Home {
+                problems.push(format!(
+                    "plugin directory {} ({:?}) does not exist",
+                    d.path.display(),
+                    d.origin
+                ));
+            }
+            json!({"path": d.path, "origin": d.origin, "exists": exists})
+        })
+        .collect();
+
+    let registry = match Registry::open(&config.registry_path()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    let registry_json = match &registry {
+        Some(r) => registry_report(r, &mut problems),
+        None => json!({"path": config.registry_path(), "usable": false}),
+    };
+
+    let installed = registry.as_ref().and_then(|r| r.plugins().ok()).unwrap_or_default();
+    let discovered: Vec<Value> = plugin::discover(config)
+        .into_iter()
+        .map(|d| {
+            let status = match plugin::preflight(&d.manifest_path) {
+                Ok(v) => {
+                    let is_installed = installed
+                        .iter()
+                        .any(|p| p.name == v.manifest.name && p.sha256 == v.sha256);
+                    if is_installed { "installed" } else { "not installed" }.to_string()
+                }
+                Err(e) => {
+                    problems.push(format!("plugin {} would be refused: {e}", d.manifest_path.display()));
+                    format!("refused: {e}")
+                }
+            };
+            json!({"manifest": d.manifest_path, "status": status})
+        })
+        .collect();
+
+    let report = json!({
+        "schema_version": JSON_SCHEMA_VERSION,
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "abi": {
+            "version": format!("{KILN_ABI_VERSION_MAJOR}.{KILN_ABI_VERSION_MINOR}"),
+            "layout_fingerprint": format!("{KILN_LAYOUT_FINGERPRINT:#018x}"),
+        },
+        "platform": {"os": std::env::consts::OS, "arch": std::env::consts::ARCH},
+        "cpu": {
+            "name": cpu_name,
+            "features": features,
+            "xcr0": xcr0.map(|x| format!("{x:#x}")),
+            "xcr0_components": xcr0.map(cpu_features::xcr0_components),
+        },
+        "home": config.home,
+        "config_file": {
+            "path": config.config_file,
+            "exists": config.config_file.is_file(),
+            "error": config.config_error,
+        },
+        "plugin_dirs": dirs,
+        "registry": registry_json,
+        "discovered_plugins": discovered,
+        "problems": problems,
+    });
+
+    if as_json {
+        print_json(&report);
+    } else {
+        print_human(&report);
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
+    let integrity = r.integrity_check().unwrap_or_else(|e| e.to_string());
+    if integrity != "ok" {
+        problems.push(format!(
+            "registry {} fails its integrity check: {integrity}; restore a backup or move it away",
+            r.path().display()
+        ));
+    }
+    let plugins = r.plugins().unwrap_or_default();
+    let count = |s: PluginState| plugins.iter().filter(|p| p.state == s).count();
+    for p in plugins.iter().filter(|p| p.state == PluginState::Active) {
+        match plugin::preflight(&p.manifest_path) {
+            Ok(v) if v.sha256 == p.sha256 => {}
+            Ok(v) => problems.push(format!(
+                "active plugin {}: the stored library changed (sha256 {} expected {}); re-add it or `kiln plugins rollback {}`",
+                p.label(),
+                v.sha256,
+                p.sha256,
+                p.name
+            )),
+            Err(e) => problems.push(format!(
+                "active plugin {} no longer passes preflight: {e}; `kiln plugins disable {}` or re-add it",
+                p.label(),
+                p.name
+            )),
+        }
+    }
+    json!({
+        "path": r.path(),
+        "usable": true,
+        "schema_version": r.schema_version().ok(),
+        "integrity": integrity,
+        "plugins": {
+            "active": count(PluginState::Active),
+            "inactive": count(PluginState::Inactive),
+            "disabled": count(PluginState::Disabled),
+        },
+    })
+}
+
+fn print_human(r: &Value) {
+    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    println!("kiln {} (backend ABI {}, layout {})", s(&r["kiln_version"]), s(&r["abi"]["version"]), s(&r["abi"]["layout_fingerprint"]));
+    println!("platform     {} {}", s(&r["platform"]["os"]), s(&r["platform"]["arch"]));
+    println!("cpu          {}", s(&r["cpu"]["name"]));
+    let have: Vec<String> = r["cpu"]["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["available"] == true)
+        .map(|f| s(&f["name"]))
+        .collect();
+    println!("features     {}", have.join(" "));
+    if let Some(x) = r["cpu"]["xcr0"].as_str() {
+        let comps: Vec<String> = r["cpu"]["xcr0_components"].as_array().into_iter().flatten().map(s).collect();
+        println!("os state     XCR0 {x}: {}", comps.join(" "));
+    }
+    println!("home         {}", s(&r["home"]));
+    let cfg = &r["config_file"];
+    println!(
+        "config       {} ({})",
+        s(&cfg["path"]),
+        if cfg["exists"] == true { "present" } else { "absent: defaults" }
+    );
+    for d in r["plugin_dirs"].as_array().into_iter().flatten() {
+        println!(
+            "plugin dir   {} [{}]{}",
+            s(&d["path"]),
+            s(&d["origin"]),
+            if d["exists"] == true { "" } else { " (not present)" }
+        );
+    }
+    let reg = &r["registry"];
+    if reg["usable"] == true {
+        println!(
+            "registry     {} (schema {}, integrity {}; plugins: {} active, {} inactive, {} disabled)",
+            s(&reg["path"]),
+            s(&reg["schema_version"]),
+            s(&reg["integrity"]),
+            reg["plugins"]["active"],
+            reg["plugins"]["inactive"],
+            reg["plugins"]["disabled"]
+        );
+    } else {
+        println!("registry     {} (unusable)", s(&reg["path"]));
+    }
+    for d in r["discovered_plugins"].as_array().into_iter().flatten() {
+        println!("found        {} : {}", s(&d["manifest"]).trim_end_matches(MANIFEST_FILE), s(&d["status"]));
+    }
+    let problems = r["problems"].as_array().cloned().unwrap_or_default();
+    if problems.is_empty() {
+        println!("\nNo problems found.");
+    } else {
+        println!("\n{} problem(s):", problems.len());
+        for p in problems {
+            println!("  - {}", s(&p));
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The command line. Every command prints a table for people or, with
+//! `--json`, one JSON object whose shape is documented in `docs/cli.md`
+//! and versioned by its `schema_version` field. Errors go to stderr as
+//! `kiln: error: …`; the exit code is 0 on success, 1 on error (and, for
+//! `kiln doctor`, when it found problems), 2 on bad usage.
+
+mod backends;
+mod doctor;
+mod plugins;
+
+use crate::config::Config;
+use crate::registry::Registry;
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+/// The version of every `--json` document's shape.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A local model-optimization host for code completion")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this machine, kiln's directories, registry and plugins.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List compute devices with their measured scores and the one kiln uses.
+    Backends {
+        #[arg(long)]
+        json: bool,
+        /// Measure every device again instead of using cached scores.
+        #[arg(long)]
+        remeasure: bool,
+    },
+    /// Manage backend plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Installed plugin versions, and plugins found but not installed.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check, test and install a plugin: a directory with kiln-plugin.toml,
+    /// the manifest itself, or the name of a discovered plugin.
+    Add {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NAME (its newest version) or NAME@VERSION the active version.
+    Enable { plugin: String },
+    /// Stop using NAME's active version, or NAME@VERSION.
+    Disable { plugin: String },
+    /// Re-activate the version that was active before the current one.
+    Rollback { name: String },
+    /// The audit log of plugin changes, oldest first.
+    Log {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error for the user: what failed and what to do.
+pub struct CliError(pub String);
+
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+pub type CliResult = Result<ExitCode, CliError>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(CliError(message)) => {
+            eprintln!("kiln: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> CliResult {
+    let config = Config::from_env()?;
+    match command {
+        Command::Doctor { json } => doctor::doctor(&config, json),
+        Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
+        Command::Plugins(p) => match p {
+            PluginsCommand::List { json } => plugins::list(&config, json),
+            PluginsCommand::Add { path, json } => plugins::add(&config, &path, json),
+            PluginsCommand::Enable { plugin } => plugins::enable(&config, &plugin),
+            PluginsCommand::Disable { plugin } => plugins::disable(&config, &plugin),
+            PluginsCommand::Rollback { name } => plugins::rollback(&config, &name),
+            PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
+        },
+    }
+}
+
+/// Opens the registry after checking the config file.
+fn open_registry(config: &Config) -> Result<Registry, CliError> {
+    config.require_valid()?;
+    Ok(Registry::open(&config.registry_path())?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+}
+
+/// Progress on stderr: a line rewritten in place on a terminal, a single
+/// final line otherwise.
+struct Progress {
+    tty: bool,
+    label: String,
+}
+
+impl Progress {
+    fn new(label: &str) -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            label: label.to_string(),
+        }
+    }
+
+    fn update(&self, done: usize, total: usize) {
+        if self.tty {
+            eprint!("\r{}: {done}/{total}", self.label);
+            if done == total {
+                eprintln!();
+            }
+        } else if done == total {
+            eprintln!("{}: {done}/{total}", self.label);
+        }
+    }
+}
+
+/// Formats rows as a left-aligned table with a header.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+/// Splits `NAME[@VERSION]`.
+fn split_spec(spec: &str) -> (&str, Option<&str>) {
+    match spec.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    LONG\nxyz  1");
+    }
+
+    #[test]
+    fn specs_split_on_at() {
+        assert_eq!(split_spec("cpu@1.0.0"), ("cpu", Some("1.0.0")));
+        assert_eq!(split_spec("cpu"), ("cpu", None));
+    }
+
+    #[test]
+    fn bytes_read_like_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

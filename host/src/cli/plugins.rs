@@ -1,0 +1,156 @@
+//! `kiln plugins …`
+
+use super::{CliError, CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, split_spec, table};
+use crate::config::Config;
+use crate::install::add_plugin;
+use crate::registry::{Transition, actor};
+use serde_json::json;
+use std::process::ExitCode;
+
+pub fn list(config: &Config, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let installed = registry.plugins()?;
+    let discovered: Vec<serde_json::Value> = crate::plugin::discover(config)
+        .into_iter()
+        .filter_map(|d| {
+            let m = d.manifest.as_ref().ok();
+            let is_installed = m.is_some_and(|m| {
+                installed
+                    .iter()
+                    .any(|p| p.name == m.name && p.version == m.version.to_string() && p.sha256 == m.sha256)
+            });
+            (!is_installed).then(|| {
+                json!({
+                    "manifest": d.manifest_path,
+                    "origin": d.dir.origin,
+                    "name": m.map(|m| m.name.clone()),
+                    "version": m.map(|m| m.version.to_string()),
+                    "error": d.manifest.as_ref().err(),
+                })
+            })
+        })
+        .collect();
+    if as_json {
+        print_json(&json!({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "plugins": installed,
+            "discovered_not_installed": discovered,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if installed.is_empty() {
+        println!("No plugins installed (the built-in CPU backend is always there).");
+    } else {
+        let rows: Vec<Vec<String>> = installed
+            .iter()
+            .map(|p| {
+                let c = &p.conformance;
+                vec![
+                    p.name.clone(),
+                    p.version.clone(),
+                    format!("{:?}", p.state).to_lowercase(),
+                    p.abi.clone(),
+                    format!("{} passed, {} not claimed", c["passed"], c["not_claimed"]),
+                    p.sha256[..12].to_string(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["NAME", "VERSION", "STATE", "ABI", "CONFORMANCE", "SHA256"], &rows));
+    }
+    if !discovered.is_empty() {
+        println!("\nFound in plugin directories, not installed (`kiln plugins add PATH`):");
+        for d in &discovered {
+            match (&d["name"], &d["error"]) {
+                (serde_json::Value::String(n), _) => {
+                    println!("  {n} {}  {}", d["version"].as_str().unwrap_or(""), d["manifest"].as_str().unwrap_or(""))
+                }
+                (_, e) => println!("  {}  (unreadable: {})", d["manifest"].as_str().unwrap_or(""), e.as_str().unwrap_or("")),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
+    let manifest = crate::plugin::resolve_manifest(arg, config)?;
+    let mut registry = open_registry(config)?;
+    let progress = Progress::new("conformance");
+    let installed = add_plugin(config, &mut registry, &manifest, &actor(), |d, t| progress.update(d, t))?;
+    let summary = installed.conformance.summary();
+    if as_json {
+        print_json(&json!({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "name": installed.plugin.manifest.name,
+            "version": installed.plugin.manifest.version.to_string(),
+            "sha256": installed.plugin.sha256,
+            "previous_active": installed.transition.before,
+            "conformance": summary,
+        }));
+    } else {
+        let was = match &installed.transition.before {
+            Some(v) => format!(" (was {v})"),
+            None => String::new(),
+        };
+        println!(
+            "added {}: conformance {} passed, {} not claimed (those run on the CPU); now active{was}",
+            installed.plugin.label(),
+            summary["passed"],
+            summary["not_claimed"],
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(t: &Transition) {
+    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+    println!("{}: active version {} -> {}", t.name, show(&t.before), show(&t.after));
+}
+
+pub fn enable(config: &Config, spec: &str) -> CliResult {
+    let (name, version) = split_spec(spec);
+    let mut registry = open_registry(config)?;
+    report(&registry.enable(name, version, &actor())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn disable(config: &Config, spec: &str) -> CliResult {
+    let (name, version) = split_spec(spec);
+    let mut registry = open_registry(config)?;
+    report(&registry.disable(name, version, &actor())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(config: &Config, name: &str) -> CliResult {
+    if name.contains('@') {
+        return Err(CliError(format!(
+            "rollback takes a plugin name, not a version ({name}); to pick a version use `kiln plugins enable {name}`"
+        )));
+    }
+    let mut registry = open_registry(config)?;
+    report(&registry.rollback(name, &actor())?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn log(config: &Config, limit: usize, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let entries = registry.audit_log(limit)?;
+    if as_json {
+        print_json(&json!({ "schema_version": JSON_SCHEMA_VERSION, "entries": entries }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.clone(),
+                e.action.clone(),
+                e.subject.clone(),
+                e.before.clone().unwrap_or_default(),
+                e.after.clone().unwrap_or_default(),
+                e.actor.clone(),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["AT", "ACTION", "PLUGIN", "FROM", "TO", "BY"], &rows));
+    Ok(ExitCode::SUCCESS)
+}

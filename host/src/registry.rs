@@ -1,0 +1,717 @@
+//! The registry: one SQLite file (`$KILN_HOME/kiln.db`, WAL mode) holding
+//! installed plugin versions, which version of each is active, the history
+//! that rollback walks back, cached device scores, and an audit log of every
+//! change.
+//!
+//! Schema changes are forward-only migrations (`migrations/NNNN_name.sql`),
+//! embedded in the binary and applied in one transaction at open;
+//! `PRAGMA user_version` records how many have run. A database from a newer
+//! kiln (a higher `user_version`) is refused before anything is written.
+//! Every change is one transaction that also writes its audit row, so a
+//! process killed at any point leaves either the old state or the new one.
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The embedded migrations, in order. `tests` checks that every file in
+/// `migrations/` is listed here.
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_registry.sql",
+    include_str!("../../migrations/0001_registry.sql"),
+)];
+
+/// The schema version this kiln writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "{path} was written by a newer kiln (schema version {found}; this kiln knows up to {known}). Upgrade kiln, or set KILN_HOME to another directory; the file was left untouched"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error(
+        "{path} is not a usable kiln registry ({source}); move it away (kiln then creates a new one) or restore a backup"
+    )]
+    Unusable {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("registry error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The request does not fit the registry's state; the message says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    Active,
+    Inactive,
+    Disabled,
+}
+
+impl PluginState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Active => "active",
+            PluginState::Inactive => "inactive",
+            PluginState::Disabled => "disabled",
+        }
+    }
+
+    fn parse(s: &str) -> PluginState {
+        match s {
+            "active" => PluginState::Active,
+            "disabled" => PluginState::Disabled,
+            _ => PluginState::Inactive,
+        }
+    }
+}
+
+/// One installed plugin version.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginRecord {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: String,
+    pub manifest_path: PathBuf,
+    pub library_path: PathBuf,
+    pub abi: String,
+    pub state: PluginState,
+    pub conformance: serde_json::Value,
+    pub installed_at: String,
+    pub updated_at: String,
+}
+
+impl PluginRecord {
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// What `install` needs to know about a plugin that passed conformance.
+pub struct NewPlugin {
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: String,
+    pub manifest_path: PathBuf,
+    pub library_path: PathBuf,
+    pub abi: (u16, u16),
+    pub conformance: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditEntry {
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredScore {
+    pub score: f64,
+    pub details: serde_json::Value,
+    pub measured_at: String,
+}
+
+/// A change made: which version was active before and which is now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    pub name: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+pub struct Registry {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn plugin_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PluginRecord> {
+    let conformance: String = row.get("conformance")?;
+    let (major, minor): (u16, u16) = (row.get("abi_major")?, row.get("abi_minor")?);
+    Ok(PluginRecord {
+        id: row.get("id")?,
+        name: row.get("name")?,
+        version: row.get("version")?,
+        kind: row.get("kind")?,
+        sha256: row.get("sha256")?,
+        manifest_path: PathBuf::from(row.get::<_, String>("manifest_path")?),
+        library_path: PathBuf::from(row.get::<_, String>("library_path")?),
+        abi: format!("{major}.{minor}"),
+        state: PluginState::parse(&row.get::<_, String>("state")?),
+        conformance: serde_json::from_str(&conformance).unwrap_or(serde_json::Value::Null),
+        installed_at: row.get("installed_at")?,
+        updated_at: row.get("updated_at")?,
+    })
+}
+
+fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    before: Option<&str>,
+    after: Option<&str>,
+    detail: Option<&str>,
+) -> Result<()> {
+    tx.execute(
+        &format!(
+            "INSERT INTO audit_log (at, actor, action, subject, before, after, detail) VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
+        ),
+        params![actor, action, subject, before, after, detail],
+    )?;
+    Ok(())
+}
+
+fn active_in(tx: &Transaction<'_>, name: &str) -> Result<Option<PluginRecord>> {
+    Ok(tx
+        .query_row(
+            "SELECT * FROM plugins WHERE name = ?1 AND state = 'active'",
+            [name],
+            plugin_from_row,
+        )
+        .optional()?)
+}
+
+fn set_state(tx: &Transaction<'_>, id: i64, state: PluginState) -> Result<()> {
+    tx.execute(
+        &format!("UPDATE plugins SET state = ?1, updated_at = {NOW} WHERE id = ?2"),
+        params![state.as_str(), id],
+    )?;
+    Ok(())
+}
+
+/// Makes `target` the active version of its plugin, demoting the current
+/// one, and pushes the activation onto the rollback stack.
+fn activate_in(tx: &Transaction<'_>, target: &PluginRecord, actor: &str, action: &str) -> Result<Transition> {
+    let current = active_in(tx, &target.name)?;
+    if let Some(cur) = &current {
+        if cur.id == target.id {
+            return Ok(Transition {
+                name: target.name.clone(),
+                before: Some(cur.version.clone()),
+                after: Some(cur.version.clone()),
+            });
+        }
+        set_state(tx, cur.id, PluginState::Inactive)?;
+    }
+    set_state(tx, target.id, PluginState::Active)?;
+    tx.execute(
+        &format!("INSERT INTO plugin_activations (name, plugin_id, activated_at) VALUES (?1, ?2, {NOW})"),
+        params![target.name, target.id],
+    )?;
+    let before = current.map(|c| c.version);
+    audit(
+        tx,
+        actor,
+        action,
+        &target.name,
+        before.as_deref(),
+        Some(&target.version),
+        None,
+    )?;
+    Ok(Transition {
+        name: target.name.clone(),
+        before,
+        after: Some(target.version.clone()),
+    })
+}
+
+impl Registry {
+    /// Opens (creating if needed) the registry at `path` and brings its
+    /// schema up to date. A newer or unreadable database is refused and
+    /// left as it is.
+    pub fn open(path: &Path) -> Result<Registry> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| RegistryError::Create {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let unusable = |source| RegistryError::Unusable {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Look before writing anything: a read-only connection cannot
+        // change the file, not even its journal mode.
+        if path.exists() {
+            let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(unusable)?;
+            let found: u32 = ro
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(unusable)?;
+            if found > SCHEMA_VERSION {
+                return Err(RegistryError::NewerSchema {
+                    path: path.to_path_buf(),
+                    found,
+                    known: SCHEMA_VERSION,
+                });
+            }
+        }
+        let mut conn = Connection::open(path).map_err(unusable)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(unusable)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn).map_err(|e| match e {
+            RegistryError::Sqlite(source) => unusable(source),
+            other => other,
+        })?;
+        Ok(Registry {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// `PRAGMA integrity_check`: "ok", or SQLite's list of problems.
+    pub fn integrity_check(&self) -> Result<String> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows.join("; "))
+    }
+
+    pub fn plugins(&self) -> Result<Vec<PluginRecord>> {
+        let mut stmt = self.conn.prepare("SELECT * FROM plugins ORDER BY name, id")?;
+        let rows = stmt.query_map([], plugin_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn active_plugins(&self) -> Result<Vec<PluginRecord>> {
+        Ok(self
+            .plugins()?
+            .into_iter()
+            .filter(|p| p.state == PluginState::Active)
+            .collect())
+    }
+
+    /// `name@version`, or with no version the active one, else the newest.
+    fn find(tx: &Transaction<'_>, name: &str, version: Option<&str>) -> Result<PluginRecord> {
+        let mut stmt = tx.prepare("SELECT * FROM plugins WHERE name = ?1")?;
+        let all: Vec<PluginRecord> = stmt
+            .query_map([name], plugin_from_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        if all.is_empty() {
+            return Err(RegistryError::Refused(format!(
+                "no plugin named {name} is installed (see `kiln plugins list`)"
+            )));
+        }
+        if let Some(v) = version {
+            return all.into_iter().find(|p| p.version == v).ok_or_else(|| {
+                RegistryError::Refused(format!(
+                    "{name} has no installed version {v} (see `kiln plugins list`)"
+                ))
+            });
+        }
+        if let Some(active) = all.iter().find(|p| p.state == PluginState::Active) {
+            return Ok(active.clone());
+        }
+        let newest = all
+            .into_iter()
+            .max_by(|a, b| {
+                let parse = |v: &str| semver::Version::parse(v).ok();
+                parse(&a.version).cmp(&parse(&b.version))
+            })
+            .expect("not empty");
+        Ok(newest)
+    }
+
+    /// Records a new plugin version and makes it the active one.
+    pub fn install(&mut self, new: &NewPlugin, actor: &str) -> Result<Transition> {
+        let tx = self.conn.transaction()?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT sha256 FROM plugins WHERE name = ?1 AND version = ?2",
+                params![new.name, new.version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(sha) = existing {
+            return Err(RegistryError::Refused(if sha == new.sha256 {
+                format!(
+                    "{}@{} is already installed (same sha256); use `kiln plugins enable {}@{}` to make it active",
+                    new.name, new.version, new.name, new.version
+                )
+            } else {
+                format!(
+                    "{}@{} is already installed with a different library (sha256 {}…); give the new build a new version",
+                    new.name,
+                    new.version,
+                    &sha[..12]
+                )
+            }));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO plugins (name, version, kind, sha256, manifest_path, library_path, abi_major, abi_minor, state, conformance, installed_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'inactive', ?9, {NOW}, {NOW})"
+            ),
+            params![
+                new.name,
+                new.version,
+                new.kind,
+                new.sha256,
+                new.manifest_path.to_string_lossy(),
+                new.library_path.to_string_lossy(),
+                new.abi.0,
+                new.abi.1,
+                new.conformance.to_string(),
+            ],
+        )?;
+        let label = format!("{}@{}", new.name, new.version);
+        audit(&tx, actor, "install", &new.name, None, Some(&new.version), Some(&format!("{label} sha256 {}", new.sha256)))?;
+        let record = Registry::find(&tx, &new.name, Some(&new.version))?;
+        let t = activate_in(&tx, &record, actor, "activate")?;
+        tx.commit()?;
+        Ok(t)
+    }
+
+    /// `kiln plugins enable NAME[@VERSION]`: makes that version active.
+    pub fn enable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
+        let tx = self.conn.transaction()?;
+        let target = Registry::find(&tx, name, version)?;
+        let t = activate_in(&tx, &target, actor, "enable")?;
+        tx.commit()?;
+        Ok(t)
+    }
+
+    /// `kiln plugins disable NAME[@VERSION]`: the version (default: the
+    /// active one) stops being used.
+    pub fn disable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
+        let tx = self.conn.transaction()?;
+        let target = Registry::find(&tx, name, version)?;
+        if target.state == PluginState::Disabled {
+            return Err(RegistryError::Refused(format!("{} is already disabled", target.label())));
+        }
+        set_state(&tx, target.id, PluginState::Disabled)?;
+        let was_active = target.state == PluginState::Active;
+        audit(
+            &tx,
+            actor,
+            "disable",
+            name,
+            Some(&format!("{} {}", target.version, target.state.as_str())),
+            Some(&format!("{} disabled", target.version)),
+            None,
+        )?;
+        tx.commit()?;
+        Ok(Transition {
+            name: name.to_string(),
+            before: was_active.then(|| target.version.clone()),
+            after: if was_active { None } else { self.active_version(name)? },
+        })
+    }
+
+    fn active_version(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT version FROM plugins WHERE name = ?1 AND state = 'active'",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// `kiln plugins rollback NAME`: re-activates the version that was
+    /// active before the current one. Repeated rollbacks walk further back.
+    pub fn rollback(&mut self, name: &str, actor: &str) -> Result<Transition> {
+        let tx = self.conn.transaction()?;
+        let Some(current) = active_in(&tx, name)? else {
+            return Err(RegistryError::Refused(format!(
+                "{name} has no active version to roll back from; use `kiln plugins enable {name}@VERSION`"
+            )));
+        };
+        let top: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM plugin_activations WHERE name = ?1 AND rolled_back = 0 AND plugin_id = ?2 ORDER BY id DESC LIMIT 1",
+                params![name, current.id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let top = top.unwrap_or(i64::MAX);
+        let previous: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT id, plugin_id FROM plugin_activations
+                 WHERE name = ?1 AND rolled_back = 0 AND id < ?2 AND plugin_id != ?3
+                 ORDER BY id DESC LIMIT 1",
+                params![name, top, current.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((prev_activation, prev_plugin)) = previous else {
+            return Err(RegistryError::Refused(format!(
+                "{name} has no earlier active version to roll back to (active: {})",
+                current.version
+            )));
+        };
+        let target: PluginRecord =
+            tx.query_row("SELECT * FROM plugins WHERE id = ?1", [prev_plugin], plugin_from_row)?;
+        // Pop every activation after the one we return to.
+        tx.execute(
+            "UPDATE plugin_activations SET rolled_back = 1 WHERE name = ?1 AND id > ?2 AND rolled_back = 0",
+            params![name, prev_activation],
+        )?;
+        set_state(&tx, current.id, PluginState::Inactive)?;
+        set_state(&tx, target.id, PluginState::Active)?;
+        audit(&tx, actor, "rollback", name, Some(&current.version), Some(&target.version), None)?;
+        tx.commit()?;
+        Ok(Transition {
+            name: name.to_string(),
+            before: Some(current.version),
+            after: Some(target.version),
+        })
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT * FROM (SELECT * FROM audit_log ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(AuditEntry {
+                at: r.get("at")?,
+                actor: r.get("actor")?,
+                action: r.get("action")?,
+                subject: r.get("subject")?,
+                before: r.get("before")?,
+                after: r.get("after")?,
+                detail: r.get("detail")?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn score(&self, backend_key: &str, device_key: &str) -> Result<Option<StoredScore>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT score, details, measured_at FROM device_scores WHERE backend_key = ?1 AND device_key = ?2",
+                params![backend_key, device_key],
+                |r| {
+                    let details: String = r.get(1)?;
+                    Ok(StoredScore {
+                        score: r.get(0)?,
+                        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+                        measured_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    pub fn store_score(
+        &mut self,
+        backend_key: &str,
+        device_key: &str,
+        score: f64,
+        details: &serde_json::Value,
+    ) -> Result<()> {
+        self.conn.execute(
+            &format!(
+                "INSERT INTO device_scores (backend_key, device_key, score, details, measured_at)
+                 VALUES (?1, ?2, ?3, ?4, {NOW})
+                 ON CONFLICT (backend_key, device_key) DO UPDATE SET score = excluded.score, details = excluded.details, measured_at = excluded.measured_at"
+            ),
+            params![backend_key, device_key, score, details.to_string()],
+        )?;
+        Ok(())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction()?;
+    let current: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        // Another process upgraded the file between our check and now.
+        return Err(RegistryError::Refused(format!(
+            "the registry's schema version {current} is newer than this kiln's {SCHEMA_VERSION}"
+        )));
+    }
+    for (_, sql) in &MIGRATIONS[current as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Who is making a change, for the audit log.
+pub fn actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user} via kiln-cli (pid {})", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_plugin(name: &str, version: &str) -> NewPlugin {
+        NewPlugin {
+            name: name.into(),
+            version: version.into(),
+            kind: "backend".into(),
+            sha256: format!("{:0>64}", version.replace('.', "")),
+            manifest_path: PathBuf::from("/store/m.toml"),
+            library_path: PathBuf::from("/store/lib.so"),
+            abi: (1, 1),
+            conformance: serde_json::json!({"passed": 3}),
+        }
+    }
+
+    fn states(r: &Registry) -> Vec<(String, PluginState)> {
+        r.plugins().unwrap().into_iter().map(|p| (p.version, p.state)).collect()
+    }
+
+    #[test]
+    fn migrates_from_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        assert_eq!(r.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(r.integrity_check().unwrap(), "ok");
+        let mode: String = r.conn.query_row("PRAGMA journal_mode", [], |x| x.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        // Opening again applies nothing and keeps the data.
+        drop(r);
+        let r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        assert_eq!(r.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn install_enable_disable_rollback_walks_the_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        use PluginState::*;
+        r.install(&new_plugin("gpu", "1.0.0"), "t").unwrap();
+        r.install(&new_plugin("gpu", "1.1.0"), "t").unwrap();
+        let t = r.install(&new_plugin("gpu", "2.0.0"), "t").unwrap();
+        assert_eq!(t.before.as_deref(), Some("1.1.0"));
+        assert_eq!(
+            states(&r),
+            vec![("1.0.0".into(), Inactive), ("1.1.0".into(), Inactive), ("2.0.0".into(), Active)]
+        );
+        let t = r.rollback("gpu", "t").unwrap();
+        assert_eq!((t.before.as_deref(), t.after.as_deref()), (Some("2.0.0"), Some("1.1.0")));
+        let t = r.rollback("gpu", "t").unwrap();
+        assert_eq!(t.after.as_deref(), Some("1.0.0"));
+        let err = r.rollback("gpu", "t").unwrap_err().to_string();
+        assert!(err.contains("no earlier active version"), "{err}");
+        // Enabling pushes onto the stack again; rollback returns to 1.0.0.
+        r.enable("gpu", Some("2.0.0"), "t").unwrap();
+        assert_eq!(r.rollback("gpu", "t").unwrap().after.as_deref(), Some("1.0.0"));
+        r.disable("gpu", None, "t").unwrap();
+        assert!(r.active_plugins().unwrap().is_empty());
+        let err = r.rollback("gpu", "t").unwrap_err().to_string();
+        assert!(err.contains("no active version"), "{err}");
+        let actions: Vec<String> = r.audit_log(100).unwrap().into_iter().map(|a| a.action).collect();
+        assert_eq!(
+            actions,
+            [
+                "install", "activate", "install", "activate", "install", "activate", "rollback",
+                "rollback", "enable", "rollback", "disable"
+            ]
+        );
+    }
+
+    #[test]
+    fn reinstalling_a_version_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        r.install(&new_plugin("gpu", "1.0.0"), "t").unwrap();
+        let before = r.audit_log(100).unwrap().len();
+        let mut other = new_plugin("gpu", "1.0.0");
+        other.sha256 = "f".repeat(64);
+        let err = r.install(&other, "t").unwrap_err().to_string();
+        assert!(err.contains("different library"), "{err}");
+        assert_eq!(r.audit_log(100).unwrap().len(), before);
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;").unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let err = Registry::open(&path).err().unwrap();
+        assert!(matches!(err, RegistryError::NewerSchema { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains("newer kiln"));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("kiln.db-wal").exists());
+    }
+
+    #[test]
+    fn garbage_file_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        std::fs::write(&path, b"this is not sqlite, just some text that is long enough").unwrap();
+        let err = Registry::open(&path).err().unwrap().to_string();
+        assert!(err.contains("not a usable kiln registry") && err.contains("move it away"), "{err}");
+    }
+
+    #[test]
+    fn every_migration_file_is_embedded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<&str> = MIGRATIONS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(files, embedded);
+        for (i, name) in embedded.iter().enumerate() {
+            assert!(name.starts_with(&format!("{:04}_", i + 1)), "{name} out of sequence");
+        }
+    }
+
+    #[test]
+    fn scores_are_cached_per_backend_and_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        assert!(r.score("sha", "dev").unwrap().is_none());
+        r.store_score("sha", "dev", 1.5, &serde_json::json!({"a": 1})).unwrap();
+        r.store_score("sha", "dev", 2.5, &serde_json::json!({"a": 2})).unwrap();
+        let s = r.score("sha", "dev").unwrap().unwrap();
+        assert_eq!(s.score, 2.5);
+        assert_eq!(s.details["a"], 2);
+    }
+}
