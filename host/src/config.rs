@@ -127,7 +127,7 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, String> {
         format!(
             "{} is not a valid kiln config: {}; fix it or move it away",
             path.display(),
-            e.message()
+            crate::plugin::manifest::describe_toml_error(&text, &e)
         )
     })
 }

@@ -1,1 +1,229 @@
+//! Support for kiln's integration tests: building the real fixtures (C
+//! plugins with the system C compiler, Rust plugins and the `kiln` binary
+//! with cargo), writing manifests, and running `kiln` against a throwaway
+//! `KILN_HOME`.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The cargo target directory the tests were built into.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Where fixtures built by the tests go.
+pub fn fixture_dir() -> PathBuf {
+    let d = target_dir().join("kiln-fixtures");
+    std::fs::create_dir_all(&d).expect("create fixture dir");
+    d
+}
+
+fn cargo_build(args: &[&str]) {
+    // One build at a time: cargo serialises on its own lock, but
+    // parallel test threads would print interleaved progress.
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet"])
+        .args(args)
+        .current_dir(repo_root())
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
+/// The `kiln` binary, built (debug) if needed.
+pub fn kiln_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        cargo_build(&["-p", "kiln", "--bin", "kiln"]);
+        let p = target_dir().join("debug").join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
+        assert!(p.exists(), "{} missing after build", p.display());
+        p
+    })
+    .clone()
+}
+
+fn dylib_name(stem: &str) -> String {
+    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+/// A workspace cdylib crate, built (debug) if needed; returns the library.
+pub fn rust_cdylib(package: &str, lib_stem: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|p| p == package) {
+        cargo_build(&["-p", package, "--lib"]);
+        built.push(package.to_string());
+    }
+    let p = target_dir().join("debug").join(dylib_name(lib_stem));
+    assert!(p.exists(), "{} missing after build", p.display());
+    p
+}
+
+pub fn c_compiler() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+/// Compiles `source` into a shared library named `name` with extra flags
+/// (e.g. `-DFIXTURE_WRONG_MAJOR`), against the header in `include`.
+pub fn compile_c_plugin(name: &str, source: &Path, include: &Path, flags: &[&str]) -> PathBuf {
+    let out = fixture_dir().join(dylib_name(name));
+    let result = Command::new(c_compiler())
+        .args(["-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(include)
+        .args(flags)
+        .arg(source)
+        .arg("-lm")
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run the C compiler");
+    assert!(
+        result.status.success(),
+        "compiling {name} failed:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    out
+}
+
+/// The C fixture plugin, compiled with `flags`.
+pub fn c_fixture(name: &str, flags: &[&str]) -> PathBuf {
+    compile_c_plugin(
+        name,
+        &repo_root().join("tests/fixtures/c-plugin/plugin.c"),
+        &repo_root().join("plugin-api/include"),
+        flags,
+    )
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    kiln::plugin::sha256_hex(&std::fs::read(path).expect("read library"))
+}
+
+/// Manifest fields a test may change.
+#[derive(Clone, Debug)]
+pub struct ManifestSpec {
+    pub name: String,
+    pub version: String,
+    pub abi: String,
+    pub cpu_features: Vec<String>,
+    /// `None`: the library's real sha256.
+    pub sha256: Option<String>,
+}
+
+impl ManifestSpec {
+    pub fn new(name: &str, version: &str) -> ManifestSpec {
+        ManifestSpec {
+            name: name.into(),
+            version: version.into(),
+            abi: "1.1".into(),
+            cpu_features: Vec::new(),
+            sha256: None,
+        }
+    }
+}
+
+/// Lays out a plugin directory: the library (copied) and its manifest.
+pub fn plugin_dir(parent: &Path, library: &Path, spec: &ManifestSpec) -> PathBuf {
+    let dir = parent.join(format!("{}-{}", spec.name, spec.version));
+    std::fs::create_dir_all(&dir).expect("create plugin dir");
+    let lib_name = library.file_name().expect("library file name");
+    std::fs::copy(library, dir.join(lib_name)).expect("copy library");
+    let sha = spec.sha256.clone().unwrap_or_else(|| sha256_file(library));
+    let features: Vec<String> = spec.cpu_features.iter().map(|f| format!("{f:?}")).collect();
+    let manifest = format!(
+        "name = {:?}\nversion = {:?}\nkind = \"backend\"\nabi = {:?}\nlibrary = {:?}\nsha256 = {sha:?}\ncpu_features = [{}]\n",
+        spec.name,
+        spec.version,
+        spec.abi,
+        lib_name.to_string_lossy(),
+        features.join(", ")
+    );
+    std::fs::write(dir.join("kiln-plugin.toml"), manifest).expect("write manifest");
+    dir
+}
+
+/// A throwaway `KILN_HOME` and a way to run `kiln` in it.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Home {
+    fn default() -> Self {
+        Home {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+}
+
+impl Home {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(kiln_bin());
+        c.args(args)
+            .env("KILN_HOME", self.path())
+            .env_remove("KILN_PLUGIN_PATH")
+            .env_remove("KILN_LOG");
+        c
+    }
+
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kiln")
+    }
+
+    /// Runs kiln, asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kiln(args);
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs kiln, asserting a clean failure (exit 1, not a signal); returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.kiln(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "kiln {args:?} should fail cleanly:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).expect("utf-8 stderr")
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("valid JSON")
+    }
+
+    pub fn registry(&self) -> kiln::registry::Registry {
+        kiln::registry::Registry::open(&self.path().join("kiln.db")).expect("open registry")
+    }
+
+    /// Everything the registry holds that a change could touch.
+    pub fn registry_snapshot(&self) -> String {
+        let r = self.registry();
+        let plugins = serde_json::to_string(&r.plugins().expect("plugins")).expect("json");
+        let audit = serde_json::to_string(&r.audit_log(10_000).expect("audit")).expect("json");
+        format!("{plugins}\n{audit}")
+    }
+}

@@ -47,7 +47,7 @@ impl Manifest {
     }
 
     pub fn parse(text: &str) -> Result<Manifest, String> {
-        let m: Manifest = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        let m: Manifest = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
         m.validate()?;
         Ok(m)
     }
@@ -103,6 +103,19 @@ impl Manifest {
     }
 }
 
+/// "line 3 (`version = "one"`): <what toml says>", so the user sees which
+/// line of which file to fix.
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no} (`{line}`): {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,7 +142,7 @@ cpu_features = ["avx2"]
     fn each_bad_field_is_named() {
         let cases = [
             ("name = \"vendor-gpu\"", "name = \"Vendor GPU\"", "name"),
-            ("version = \"1.2.3\"", "version = \"one\"", "semver"),
+            ("version = \"1.2.3\"", "version = \"one\"", "line 3 (`version = \"one\"`)"),
             ("kind = \"backend\"", "kind = \"frontend\"", "frontend"),
             ("abi = \"1.1\"", "abi = \"1\"", "MAJOR.MINOR"),
             ("library = \"libvendor.so\"", "library = \"../evil.so\"", "no '..'"),
