@@ -63,7 +63,10 @@ impl Config {
                 .map(|d| d.join("kiln"))
                 .ok_or("cannot find a data directory for kiln; set KILN_HOME")?,
         };
-        Ok(Config::new(home, std::env::var_os("KILN_PLUGIN_PATH").as_deref()))
+        Ok(Config::new(
+            home,
+            std::env::var_os("KILN_PLUGIN_PATH").as_deref(),
+        ))
     }
 
     /// The configuration rooted at `home`, with `plugin_path` as `KILN_PLUGIN_PATH`.
@@ -146,8 +149,11 @@ mod tests {
         .unwrap();
         let env = std::env::join_paths(["/a", "/b"]).unwrap();
         let c = Config::new(home.path().to_path_buf(), Some(&env));
-        let got: Vec<(PathBuf, DirOrigin)> =
-            c.plugin_dirs.iter().map(|d| (d.path.clone(), d.origin)).collect();
+        let got: Vec<(PathBuf, DirOrigin)> = c
+            .plugin_dirs
+            .iter()
+            .map(|d| (d.path.clone(), d.origin))
+            .collect();
         assert_eq!(
             got,
             vec![

@@ -69,11 +69,9 @@ pub fn add_plugin(
     })?;
     let label = verified.label();
     // Refuse a duplicate before running anything of the plugin's.
-    if let Some(existing) = registry
-        .plugins()?
-        .into_iter()
-        .find(|p| p.name == verified.manifest.name && p.version == verified.manifest.version.to_string())
-    {
+    if let Some(existing) = registry.plugins()?.into_iter().find(|p| {
+        p.name == verified.manifest.name && p.version == verified.manifest.version.to_string()
+    }) {
         let same = existing.sha256 == verified.sha256;
         return Err(InstallError::Registry(RegistryError::Refused(if same {
             format!("{label} is already installed; `kiln plugins enable {label}` makes it active")
@@ -104,11 +102,12 @@ pub fn add_plugin(
         });
     }
     let store = config.plugin_store();
-    let stored_manifest = plugin::copy_into_store(&store, &verified).map_err(|source| InstallError::Store {
-        label: label.clone(),
-        store: store.display().to_string(),
-        source,
-    })?;
+    let stored_manifest =
+        plugin::copy_into_store(&store, &verified).map_err(|source| InstallError::Store {
+            label: label.clone(),
+            store: store.display().to_string(),
+            source,
+        })?;
     let stored_library = stored_manifest
         .parent()
         .expect("a manifest path has a parent")

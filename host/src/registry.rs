@@ -208,7 +208,12 @@ fn set_state(tx: &Transaction<'_>, id: i64, state: PluginState) -> Result<()> {
 
 /// Makes `target` the active version of its plugin, demoting the current
 /// one, and pushes the activation onto the rollback stack.
-fn activate_in(tx: &Transaction<'_>, target: &PluginRecord, actor: &str, action: &str) -> Result<Transition> {
+fn activate_in(
+    tx: &Transaction<'_>,
+    target: &PluginRecord,
+    actor: &str,
+    action: &str,
+) -> Result<Transition> {
     let current = active_in(tx, &target.name)?;
     if let Some(cur) = &current {
         if cur.id == target.id {
@@ -222,7 +227,9 @@ fn activate_in(tx: &Transaction<'_>, target: &PluginRecord, actor: &str, action:
     }
     set_state(tx, target.id, PluginState::Active)?;
     tx.execute(
-        &format!("INSERT INTO plugin_activations (name, plugin_id, activated_at) VALUES (?1, ?2, {NOW})"),
+        &format!(
+            "INSERT INTO plugin_activations (name, plugin_id, activated_at) VALUES (?1, ?2, {NOW})"
+        ),
         params![target.name, target.id],
     )?;
     let before = current.map(|c| c.version);
@@ -275,7 +282,8 @@ impl Registry {
         }
         let mut conn = Connection::open(path).map_err(unusable)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(unusable)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unusable)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn).map_err(|e| match e {
@@ -293,7 +301,9 @@ impl Registry {
     }
 
     pub fn schema_version(&self) -> Result<u32> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     /// `PRAGMA integrity_check`: "ok", or SQLite's list of problems.
@@ -306,7 +316,9 @@ impl Registry {
     }
 
     pub fn plugins(&self) -> Result<Vec<PluginRecord>> {
-        let mut stmt = self.conn.prepare("SELECT * FROM plugins ORDER BY name, id")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM plugins ORDER BY name, id")?;
         let rows = stmt.query_map([], plugin_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -393,7 +405,15 @@ impl Registry {
             ],
         )?;
         let label = format!("{}@{}", new.name, new.version);
-        audit(&tx, actor, "install", &new.name, None, Some(&new.version), Some(&format!("{label} sha256 {}", new.sha256)))?;
+        audit(
+            &tx,
+            actor,
+            "install",
+            &new.name,
+            None,
+            Some(&new.version),
+            Some(&format!("{label} sha256 {}", new.sha256)),
+        )?;
         let record = Registry::find(&tx, &new.name, Some(&new.version))?;
         let t = activate_in(&tx, &record, actor, "activate")?;
         tx.commit()?;
@@ -411,11 +431,19 @@ impl Registry {
 
     /// `kiln plugins disable NAME[@VERSION]`: the version (default: the
     /// active one) stops being used.
-    pub fn disable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
+    pub fn disable(
+        &mut self,
+        name: &str,
+        version: Option<&str>,
+        actor: &str,
+    ) -> Result<Transition> {
         let tx = self.conn.transaction()?;
         let target = Registry::find(&tx, name, version)?;
         if target.state == PluginState::Disabled {
-            return Err(RegistryError::Refused(format!("{} is already disabled", target.label())));
+            return Err(RegistryError::Refused(format!(
+                "{} is already disabled",
+                target.label()
+            )));
         }
         set_state(&tx, target.id, PluginState::Disabled)?;
         let was_active = target.state == PluginState::Active;
@@ -432,7 +460,11 @@ impl Registry {
         Ok(Transition {
             name: name.to_string(),
             before: was_active.then(|| target.version.clone()),
-            after: if was_active { None } else { self.active_version(name)? },
+            after: if was_active {
+                None
+            } else {
+                self.active_version(name)?
+            },
         })
     }
 
@@ -479,8 +511,11 @@ impl Registry {
                 current.version
             )));
         };
-        let target: PluginRecord =
-            tx.query_row("SELECT * FROM plugins WHERE id = ?1", [prev_plugin], plugin_from_row)?;
+        let target: PluginRecord = tx.query_row(
+            "SELECT * FROM plugins WHERE id = ?1",
+            [prev_plugin],
+            plugin_from_row,
+        )?;
         // Pop every activation after the one we return to.
         tx.execute(
             "UPDATE plugin_activations SET rolled_back = 1 WHERE name = ?1 AND id > ?2 AND rolled_back = 0",
@@ -488,7 +523,15 @@ impl Registry {
         )?;
         set_state(&tx, current.id, PluginState::Inactive)?;
         set_state(&tx, target.id, PluginState::Active)?;
-        audit(&tx, actor, "rollback", name, Some(&current.version), Some(&target.version), None)?;
+        audit(
+            &tx,
+            actor,
+            "rollback",
+            name,
+            Some(&current.version),
+            Some(&target.version),
+            None,
+        )?;
         tx.commit()?;
         Ok(Transition {
             name: name.to_string(),
@@ -596,7 +639,11 @@ mod tests {
     }
 
     fn states(r: &Registry) -> Vec<(String, PluginState)> {
-        r.plugins().unwrap().into_iter().map(|p| (p.version, p.state)).collect()
+        r.plugins()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.version, p.state))
+            .collect()
     }
 
     #[test]
@@ -605,7 +652,10 @@ mod tests {
         let r = Registry::open(&dir.path().join("kiln.db")).unwrap();
         assert_eq!(r.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(r.integrity_check().unwrap(), "ok");
-        let mode: String = r.conn.query_row("PRAGMA journal_mode", [], |x| x.get(0)).unwrap();
+        let mode: String = r
+            .conn
+            .query_row("PRAGMA journal_mode", [], |x| x.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         // Opening again applies nothing and keeps the data.
         drop(r);
@@ -624,22 +674,37 @@ mod tests {
         assert_eq!(t.before.as_deref(), Some("1.1.0"));
         assert_eq!(
             states(&r),
-            vec![("1.0.0".into(), Inactive), ("1.1.0".into(), Inactive), ("2.0.0".into(), Active)]
+            vec![
+                ("1.0.0".into(), Inactive),
+                ("1.1.0".into(), Inactive),
+                ("2.0.0".into(), Active)
+            ]
         );
         let t = r.rollback("gpu", "t").unwrap();
-        assert_eq!((t.before.as_deref(), t.after.as_deref()), (Some("2.0.0"), Some("1.1.0")));
+        assert_eq!(
+            (t.before.as_deref(), t.after.as_deref()),
+            (Some("2.0.0"), Some("1.1.0"))
+        );
         let t = r.rollback("gpu", "t").unwrap();
         assert_eq!(t.after.as_deref(), Some("1.0.0"));
         let err = r.rollback("gpu", "t").unwrap_err().to_string();
         assert!(err.contains("no earlier active version"), "{err}");
         // Enabling pushes onto the stack again; rollback returns to 1.0.0.
         r.enable("gpu", Some("2.0.0"), "t").unwrap();
-        assert_eq!(r.rollback("gpu", "t").unwrap().after.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            r.rollback("gpu", "t").unwrap().after.as_deref(),
+            Some("1.0.0")
+        );
         r.disable("gpu", None, "t").unwrap();
         assert!(r.active_plugins().unwrap().is_empty());
         let err = r.rollback("gpu", "t").unwrap_err().to_string();
         assert!(err.contains("no active version"), "{err}");
-        let actions: Vec<String> = r.audit_log(100).unwrap().into_iter().map(|a| a.action).collect();
+        let actions: Vec<String> = r
+            .audit_log(100)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.action)
+            .collect();
         assert_eq!(
             actions,
             [
@@ -668,11 +733,15 @@ mod tests {
         let path = dir.path().join("kiln.db");
         {
             let c = Connection::open(&path).unwrap();
-            c.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;").unwrap();
+            c.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+                .unwrap();
         }
         let before = std::fs::read(&path).unwrap();
         let err = Registry::open(&path).err().unwrap();
-        assert!(matches!(err, RegistryError::NewerSchema { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, RegistryError::NewerSchema { found: 99, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("newer kiln"));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(!dir.path().join("kiln.db-wal").exists());
@@ -682,9 +751,16 @@ mod tests {
     fn garbage_file_is_refused_with_advice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
-        std::fs::write(&path, b"this is not sqlite, just some text that is long enough").unwrap();
+        std::fs::write(
+            &path,
+            b"this is not sqlite, just some text that is long enough",
+        )
+        .unwrap();
         let err = Registry::open(&path).err().unwrap().to_string();
-        assert!(err.contains("not a usable kiln registry") && err.contains("move it away"), "{err}");
+        assert!(
+            err.contains("not a usable kiln registry") && err.contains("move it away"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -699,7 +775,10 @@ mod tests {
         let embedded: Vec<&str> = MIGRATIONS.iter().map(|(n, _)| *n).collect();
         assert_eq!(files, embedded);
         for (i, name) in embedded.iter().enumerate() {
-            assert!(name.starts_with(&format!("{:04}_", i + 1)), "{name} out of sequence");
+            assert!(
+                name.starts_with(&format!("{:04}_", i + 1)),
+                "{name} out of sequence"
+            );
         }
     }
 
@@ -708,8 +787,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
         assert!(r.score("sha", "dev").unwrap().is_none());
-        r.store_score("sha", "dev", 1.5, &serde_json::json!({"a": 1})).unwrap();
-        r.store_score("sha", "dev", 2.5, &serde_json::json!({"a": 2})).unwrap();
+        r.store_score("sha", "dev", 1.5, &serde_json::json!({"a": 1}))
+            .unwrap();
+        r.store_score("sha", "dev", 2.5, &serde_json::json!({"a": 2}))
+            .unwrap();
         let s = r.score("sha", "dev").unwrap().unwrap();
         assert_eq!(s.score, 2.5);
         assert_eq!(s.details["a"], 2);

@@ -78,7 +78,8 @@ pub unsafe fn open_library(path: &Path) -> Result<KilnBackendInitFn, LoadError> 
     };
     #[cfg(not(unix))]
     // SAFETY: the caller vetted the library (see above).
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| LoadError::Open(e.to_string()))?;
+    let lib =
+        unsafe { libloading::Library::new(path) }.map_err(|e| LoadError::Open(e.to_string()))?;
 
     // SAFETY: the symbol, if present, has the entry point's type by the
     // ABI's contract; we copy the function pointer out before leaking `lib`.
@@ -377,7 +378,10 @@ impl BackendHandle {
         let f = self.api.device_memory?;
         let (mut free, mut total) = (0u64, 0u64);
         // SAFETY: present in the negotiated table; our ctx and outputs.
-        Some(call(|err| unsafe { f(self.ctx, device, &mut free, &mut total, err) }).map(|()| (free, total)))
+        Some(
+            call(|err| unsafe { f(self.ctx, device, &mut free, &mut total, err) })
+                .map(|()| (free, total)),
+        )
     }
 
     pub fn buffer_alloc(&self, device: u32, size: u64) -> Result<RawBuffer, BackendError> {
@@ -405,7 +409,9 @@ impl BackendHandle {
         size: u64,
     ) -> Result<RawBuffer, BackendError> {
         let Some(f) = self.api.buffer_wrap_host else {
-            return Err(BackendError::unsupported("the plugin cannot wrap host memory"));
+            return Err(BackendError::unsupported(
+                "the plugin cannot wrap host memory",
+            ));
         };
         let mut out: KilnBuffer = core::ptr::null_mut();
         // SAFETY: present in the table; the caller keeps `ptr` alive.
@@ -426,19 +432,43 @@ impl BackendHandle {
         call(|err| unsafe { f(self.ctx, buffer.0, err) })
     }
 
-    pub fn buffer_write(&self, buffer: RawBuffer, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+    pub fn buffer_write(
+        &self,
+        buffer: RawBuffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
         let f = self.api.buffer_write.expect("checked in negotiate");
         // SAFETY: `data` is readable for its length for the whole call.
         call(|err| unsafe {
-            f(self.ctx, buffer.0, offset, data.as_ptr().cast(), data.len() as u64, err)
+            f(
+                self.ctx,
+                buffer.0,
+                offset,
+                data.as_ptr().cast(),
+                data.len() as u64,
+                err,
+            )
         })
     }
 
-    pub fn buffer_read(&self, buffer: RawBuffer, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+    pub fn buffer_read(
+        &self,
+        buffer: RawBuffer,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), BackendError> {
         let f = self.api.buffer_read.expect("checked in negotiate");
         // SAFETY: `out` is writable for its length for the whole call.
         call(|err| unsafe {
-            f(self.ctx, buffer.0, offset, out.as_mut_ptr().cast(), out.len() as u64, err)
+            f(
+                self.ctx,
+                buffer.0,
+                offset,
+                out.as_mut_ptr().cast(),
+                out.len() as u64,
+                err,
+            )
         })
     }
 
@@ -466,7 +496,15 @@ impl BackendHandle {
         let mut out = 0u32;
         // SAFETY: `op` and `tensors` are live for the call.
         call(|err| unsafe {
-            f(self.ctx, device, op, tensors.as_ptr(), tensors.len() as u32, &mut out, err)
+            f(
+                self.ctx,
+                device,
+                op,
+                tensors.as_ptr(),
+                tensors.len() as u32,
+                &mut out,
+                err,
+            )
         })?;
         Ok(out != 0)
     }

@@ -57,22 +57,52 @@ pub const LAYOUT: &[LayoutEntry] = &[
     e("KilnError.code", offset_of!(KilnError, code)),
     e("KilnError.op_index", offset_of!(KilnError, op_index)),
     e("KilnError.message", offset_of!(KilnError, message)),
-    e("KilnHostApi.struct_size", offset_of!(KilnHostApi, struct_size)),
+    e(
+        "KilnHostApi.struct_size",
+        offset_of!(KilnHostApi, struct_size),
+    ),
     e("KilnHostApi.abi_major", offset_of!(KilnHostApi, abi_major)),
     e("KilnHostApi.abi_minor", offset_of!(KilnHostApi, abi_minor)),
-    e("KilnHostApi.layout_fingerprint", offset_of!(KilnHostApi, layout_fingerprint)),
+    e(
+        "KilnHostApi.layout_fingerprint",
+        offset_of!(KilnHostApi, layout_fingerprint),
+    ),
     e("KilnHostApi.host_ctx", offset_of!(KilnHostApi, host_ctx)),
     e("KilnHostApi.log", offset_of!(KilnHostApi, log)),
-    e("KilnHostApi.report_error", offset_of!(KilnHostApi, report_error)),
-    e("KilnDeviceInfo.struct_size", offset_of!(KilnDeviceInfo, struct_size)),
+    e(
+        "KilnHostApi.report_error",
+        offset_of!(KilnHostApi, report_error),
+    ),
+    e(
+        "KilnDeviceInfo.struct_size",
+        offset_of!(KilnDeviceInfo, struct_size),
+    ),
     e("KilnDeviceInfo.kind", offset_of!(KilnDeviceInfo, kind)),
     e("KilnDeviceInfo.name", offset_of!(KilnDeviceInfo, name)),
-    e("KilnDeviceInfo.total_memory", offset_of!(KilnDeviceInfo, total_memory)),
-    e("KilnDeviceInfo.free_memory", offset_of!(KilnDeviceInfo, free_memory)),
-    e("KilnDeviceInfo.capabilities", offset_of!(KilnDeviceInfo, capabilities)),
-    e("KilnDeviceInfo.max_buffer_size", offset_of!(KilnDeviceInfo, max_buffer_size)),
-    e("KilnDeviceInfo.buffer_alignment", offset_of!(KilnDeviceInfo, buffer_alignment)),
-    e("KilnDeviceInfo.reserved0", offset_of!(KilnDeviceInfo, reserved0)),
+    e(
+        "KilnDeviceInfo.total_memory",
+        offset_of!(KilnDeviceInfo, total_memory),
+    ),
+    e(
+        "KilnDeviceInfo.free_memory",
+        offset_of!(KilnDeviceInfo, free_memory),
+    ),
+    e(
+        "KilnDeviceInfo.capabilities",
+        offset_of!(KilnDeviceInfo, capabilities),
+    ),
+    e(
+        "KilnDeviceInfo.max_buffer_size",
+        offset_of!(KilnDeviceInfo, max_buffer_size),
+    ),
+    e(
+        "KilnDeviceInfo.buffer_alignment",
+        offset_of!(KilnDeviceInfo, buffer_alignment),
+    ),
+    e(
+        "KilnDeviceInfo.reserved0",
+        offset_of!(KilnDeviceInfo, reserved0),
+    ),
     e("KilnTensor", size_of::<KilnTensor>()),
     e("KilnTensor.buffer", offset_of!(KilnTensor, buffer)),
     e("KilnTensor.offset", offset_of!(KilnTensor, offset)),
@@ -94,28 +124,86 @@ pub const LAYOUT: &[LayoutEntry] = &[
     e("KilnGraph.n_ops", offset_of!(KilnGraph, n_ops)),
     e("KilnGraph.reserved0", offset_of!(KilnGraph, reserved0)),
     e("KilnGraph.ops", offset_of!(KilnGraph, ops)),
-    e("KilnBackendApi.struct_size", offset_of!(KilnBackendApi, struct_size)),
-    e("KilnBackendApi.abi_major", offset_of!(KilnBackendApi, abi_major)),
-    e("KilnBackendApi.abi_minor", offset_of!(KilnBackendApi, abi_minor)),
-    e("KilnBackendApi.layout_fingerprint", offset_of!(KilnBackendApi, layout_fingerprint)),
-    e("KilnBackendApi.device_info_size", offset_of!(KilnBackendApi, device_info_size)),
-    e("KilnBackendApi.reserved0", offset_of!(KilnBackendApi, reserved0)),
+    e(
+        "KilnBackendApi.struct_size",
+        offset_of!(KilnBackendApi, struct_size),
+    ),
+    e(
+        "KilnBackendApi.abi_major",
+        offset_of!(KilnBackendApi, abi_major),
+    ),
+    e(
+        "KilnBackendApi.abi_minor",
+        offset_of!(KilnBackendApi, abi_minor),
+    ),
+    e(
+        "KilnBackendApi.layout_fingerprint",
+        offset_of!(KilnBackendApi, layout_fingerprint),
+    ),
+    e(
+        "KilnBackendApi.device_info_size",
+        offset_of!(KilnBackendApi, device_info_size),
+    ),
+    e(
+        "KilnBackendApi.reserved0",
+        offset_of!(KilnBackendApi, reserved0),
+    ),
     e("KilnBackendApi.name", offset_of!(KilnBackendApi, name)),
-    e("KilnBackendApi.version", offset_of!(KilnBackendApi, version)),
-    e("KilnBackendApi.device_count", offset_of!(KilnBackendApi, device_count)),
-    e("KilnBackendApi.device_info", offset_of!(KilnBackendApi, device_info)),
-    e("KilnBackendApi.buffer_alloc", offset_of!(KilnBackendApi, buffer_alloc)),
-    e("KilnBackendApi.buffer_wrap_host", offset_of!(KilnBackendApi, buffer_wrap_host)),
-    e("KilnBackendApi.buffer_free", offset_of!(KilnBackendApi, buffer_free)),
-    e("KilnBackendApi.buffer_write", offset_of!(KilnBackendApi, buffer_write)),
-    e("KilnBackendApi.buffer_read", offset_of!(KilnBackendApi, buffer_read)),
-    e("KilnBackendApi.buffer_copy", offset_of!(KilnBackendApi, buffer_copy)),
-    e("KilnBackendApi.supports_op", offset_of!(KilnBackendApi, supports_op)),
-    e("KilnBackendApi.graph_compute", offset_of!(KilnBackendApi, graph_compute)),
-    e("KilnBackendApi.synchronize", offset_of!(KilnBackendApi, synchronize)),
+    e(
+        "KilnBackendApi.version",
+        offset_of!(KilnBackendApi, version),
+    ),
+    e(
+        "KilnBackendApi.device_count",
+        offset_of!(KilnBackendApi, device_count),
+    ),
+    e(
+        "KilnBackendApi.device_info",
+        offset_of!(KilnBackendApi, device_info),
+    ),
+    e(
+        "KilnBackendApi.buffer_alloc",
+        offset_of!(KilnBackendApi, buffer_alloc),
+    ),
+    e(
+        "KilnBackendApi.buffer_wrap_host",
+        offset_of!(KilnBackendApi, buffer_wrap_host),
+    ),
+    e(
+        "KilnBackendApi.buffer_free",
+        offset_of!(KilnBackendApi, buffer_free),
+    ),
+    e(
+        "KilnBackendApi.buffer_write",
+        offset_of!(KilnBackendApi, buffer_write),
+    ),
+    e(
+        "KilnBackendApi.buffer_read",
+        offset_of!(KilnBackendApi, buffer_read),
+    ),
+    e(
+        "KilnBackendApi.buffer_copy",
+        offset_of!(KilnBackendApi, buffer_copy),
+    ),
+    e(
+        "KilnBackendApi.supports_op",
+        offset_of!(KilnBackendApi, supports_op),
+    ),
+    e(
+        "KilnBackendApi.graph_compute",
+        offset_of!(KilnBackendApi, graph_compute),
+    ),
+    e(
+        "KilnBackendApi.synchronize",
+        offset_of!(KilnBackendApi, synchronize),
+    ),
     // ---- appended in 1.1 ----
     since(1, "KilnDeviceInfo.uuid", offset_of!(KilnDeviceInfo, uuid)),
-    since(1, "KilnBackendApi.device_memory", offset_of!(KilnBackendApi, device_memory)),
+    since(
+        1,
+        "KilnBackendApi.device_memory",
+        offset_of!(KilnBackendApi, device_memory),
+    ),
     // ---- sizes of the growable structs ----
     e("KilnHostApi", size_of::<KilnHostApi>()),
     only(0, "KilnDeviceInfo", KILN_DEVICE_INFO_SIZE_1_0),

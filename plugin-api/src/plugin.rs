@@ -214,7 +214,11 @@ impl Op {
             )));
         }
         let srcs = &raw.src[..raw.n_src as usize];
-        if let Some(bad) = srcs.iter().chain([&raw.dst]).find(|&&i| i as usize >= n_tensors) {
+        if let Some(bad) = srcs
+            .iter()
+            .chain([&raw.dst])
+            .find(|&&i| i as usize >= n_tensors)
+        {
             return Err(BackendError::invalid(format!(
                 "{kind}: tensor index {bad} out of range ({n_tensors} tensors)"
             )));
@@ -245,9 +249,10 @@ impl<B> Graph<'_, B> {
     }
 
     pub fn op(&self, index: u32) -> Result<Op, BackendError> {
-        let raw = self.ops.get(index as usize).ok_or_else(|| {
-            BackendError::invalid(format!("op index {index} out of range"))
-        })?;
+        let raw = self
+            .ops
+            .get(index as usize)
+            .ok_or_else(|| BackendError::invalid(format!("op index {index} out of range")))?;
         Op::from_raw(raw, self.tensors.len()).map_err(|e| e.at_op(index))
     }
 }
@@ -294,8 +299,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
         ))
     }
 
-    fn buffer_write(&self, buffer: &Self::Buffer, offset: u64, data: &[u8])
-    -> Result<(), BackendError>;
+    fn buffer_write(
+        &self,
+        buffer: &Self::Buffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError>;
     fn buffer_read(
         &self,
         buffer: &Self::Buffer,
@@ -315,8 +324,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn supports_op(&self, device: u32, op: &Op, tensors: &Tensors<'_, Self::Buffer>) -> bool;
 
     /// Runs every op of the graph in order. Errors carry the op's index.
-    fn graph_compute(&self, device: u32, graph: &Graph<'_, Self::Buffer>)
-    -> Result<(), BackendError>;
+    fn graph_compute(
+        &self,
+        device: u32,
+        graph: &Graph<'_, Self::Buffer>,
+    ) -> Result<(), BackendError>;
 
     fn synchronize(&self, device: u32) -> Result<(), BackendError> {
         let _ = device;
@@ -404,7 +416,11 @@ unsafe extern "C" fn device_info<B: Backend>(
             let n = room.min(core::mem::size_of::<KilnDeviceInfo>());
             let src = (&info as *const KilnDeviceInfo).cast::<u8>();
             // Skip `struct_size` itself: it is the host's.
-            core::ptr::copy_nonoverlapping(src.add(4), out.cast::<u8>().add(4), n.saturating_sub(4));
+            core::ptr::copy_nonoverlapping(
+                src.add(4),
+                out.cast::<u8>().add(4),
+                n.saturating_sub(4),
+            );
         }
         Ok(())
     })

@@ -98,7 +98,7 @@ impl DType {
     /// Bytes of a row of `n` elements, or `None` when `n` is not a whole
     /// number of blocks.
     pub const fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return None;
         }
         Some(n / self.block_len() * self.block_bytes())
@@ -391,7 +391,11 @@ pub fn write_c_string(out: &mut [core::ffi::c_char], s: &str) {
 /// Reads a fixed C char buffer up to its first NUL (or its end), replacing
 /// invalid UTF-8.
 pub fn read_c_string(buf: &[core::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

@@ -9,7 +9,10 @@ use std::sync::{Mutex, OnceLock};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The cargo target directory the tests were built into.
@@ -46,7 +49,9 @@ pub fn kiln_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         cargo_build(&["-p", "kiln", "--bin", "kiln"]);
-        let p = target_dir().join("debug").join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
+        let p = target_dir()
+            .join("debug")
+            .join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
         assert!(p.exists(), "{} missing after build", p.display());
         p
     })
@@ -54,7 +59,11 @@ pub fn kiln_bin() -> PathBuf {
 }
 
 fn dylib_name(stem: &str) -> String {
-    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+    format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
 }
 
 /// A workspace cdylib crate, built (debug) if needed; returns the library.
@@ -79,7 +88,9 @@ pub fn c_compiler() -> String {
 pub fn compile_c_plugin(name: &str, source: &Path, include: &Path, flags: &[&str]) -> PathBuf {
     let out = fixture_dir().join(dylib_name(name));
     let result = Command::new(c_compiler())
-        .args(["-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .args([
+            "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror",
+        ])
         .arg("-I")
         .arg(include)
         .args(flags)

@@ -35,7 +35,11 @@ fn dump(compiler: &str, lang: &str, minor: u16) -> Vec<(String, u64)> {
         .arg(&exe)
         .output()
         .expect("run compiler");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = Command::new(&exe).output().unwrap();
     String::from_utf8(run.stdout)
         .unwrap()
@@ -60,7 +64,11 @@ fn expected(minor: u16) -> Vec<(String, u64)> {
 #[test]
 fn c_header_matches_rust_layout_for_every_minor() {
     for minor in 0..=KILN_ABI_VERSION_MINOR {
-        assert_eq!(dump(&c_compiler(), "c", minor), expected(minor), "ABI 1.{minor}");
+        assert_eq!(
+            dump(&c_compiler(), "c", minor),
+            expected(minor),
+            "ABI 1.{minor}"
+        );
     }
 }
 
@@ -71,7 +79,10 @@ fn header_compiles_as_cpp_with_the_same_layout() {
         eprintln!("no C++ compiler ({cxx}); skipping");
         return;
     }
-    assert_eq!(dump(&cxx, "cpp", KILN_ABI_VERSION_MINOR), expected(KILN_ABI_VERSION_MINOR));
+    assert_eq!(
+        dump(&cxx, "cpp", KILN_ABI_VERSION_MINOR),
+        expected(KILN_ABI_VERSION_MINOR)
+    );
 }
 
 struct Quiet;
@@ -92,7 +103,8 @@ fn negotiate(lib: &Path) -> Result<BackendHandle, LoadError> {
 fn a_plugin_built_against_an_edited_header_is_refused() {
     let edited = fixture_dir().join("edited-include");
     std::fs::create_dir_all(&edited).unwrap();
-    let header = std::fs::read_to_string(repo_root().join("plugin-api/include/kiln_backend.h")).unwrap();
+    let header =
+        std::fs::read_to_string(repo_root().join("plugin-api/include/kiln_backend.h")).unwrap();
     // A vendor adds a field to a frozen struct.
     let changed = header.replace(
         "    uint64_t nb[KILN_MAX_DIMS]; /* byte strides; nb[0] = block bytes */",
@@ -107,7 +119,9 @@ fn a_plugin_built_against_an_edited_header_is_refused() {
         &[],
     );
     match negotiate(&lib) {
-        Err(LoadError::Fingerprint { expected, actual, .. }) => {
+        Err(LoadError::Fingerprint {
+            expected, actual, ..
+        }) => {
             assert_eq!(expected, layout_fingerprint(KILN_ABI_VERSION_MINOR));
             assert_ne!(actual, expected);
         }

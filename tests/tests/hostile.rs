@@ -41,28 +41,63 @@ fn wrong_abi_major_in_the_manifest() {
     let mut spec = ManifestSpec::new("future", "1.0.0");
     spec.abi = "2.0".into();
     let dir = fixture(&home, "kiln_fixture_plain", &[], spec);
-    refused(&home, &dir, &["declares kiln ABI 2.0", "speaks ABI 1.1", "refused before loading"]);
+    refused(
+        &home,
+        &dir,
+        &[
+            "declares kiln ABI 2.0",
+            "speaks ABI 1.1",
+            "refused before loading",
+        ],
+    );
 }
 
 #[test]
 fn wrong_abi_major_in_the_table() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_wrong_major", &["-DFIXTURE_WRONG_MAJOR"], ManifestSpec::new("liar", "1.0.0"));
-    refused(&home, &dir, &["ABI major version mismatch", "built for kiln ABI 2.1", "host speaks ABI 1.1"]);
+    let dir = fixture(
+        &home,
+        "kiln_fixture_wrong_major",
+        &["-DFIXTURE_WRONG_MAJOR"],
+        ManifestSpec::new("liar", "1.0.0"),
+    );
+    refused(
+        &home,
+        &dir,
+        &[
+            "ABI major version mismatch",
+            "built for kiln ABI 2.1",
+            "host speaks ABI 1.1",
+        ],
+    );
 }
 
 #[test]
 fn missing_entry_symbol() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_no_entry", &["-DFIXTURE_NO_ENTRY"], ManifestSpec::new("no-entry", "1.0.0"));
+    let dir = fixture(
+        &home,
+        "kiln_fixture_no_entry",
+        &["-DFIXTURE_NO_ENTRY"],
+        ManifestSpec::new("no-entry", "1.0.0"),
+    );
     refused(&home, &dir, &["does not export `kiln_backend_init`"]);
 }
 
 #[test]
 fn init_returns_an_error() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_init_error", &["-DFIXTURE_INIT_ERROR"], ManifestSpec::new("no-device", "1.0.0"));
-    refused(&home, &dir, &["init failed", "device error", "deliberate init failure"]);
+    let dir = fixture(
+        &home,
+        "kiln_fixture_init_error",
+        &["-DFIXTURE_INIT_ERROR"],
+        ManifestSpec::new("no-device", "1.0.0"),
+    );
+    refused(
+        &home,
+        &dir,
+        &["init failed", "device error", "deliberate init failure"],
+    );
 }
 
 #[test]
@@ -70,7 +105,15 @@ fn init_panics_in_a_rust_plugin() {
     let home = home_with_a_plugin();
     let lib = rust_cdylib("kiln-fixture-rust-plugin", "kiln_fixture_rust_plugin");
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("panicky", "1.0.0"));
-    refused(&home, &dir, &["init failed", "panic", "deliberate panic in the fixture's init"]);
+    refused(
+        &home,
+        &dir,
+        &[
+            "init failed",
+            "panic",
+            "deliberate panic in the fixture's init",
+        ],
+    );
 }
 
 #[test]
@@ -80,9 +123,15 @@ fn init_panic_does_not_take_down_an_in_process_host() {
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("panicky", "1.0.0"));
     let config = kiln::config::Config::new(home.path().to_path_buf(), None);
     let mut registry = home.registry();
-    let err = add_plugin(&config, &mut registry, &dir.join("kiln-plugin.toml"), "test", |_, _| {})
-        .err()
-        .expect("refused");
+    let err = add_plugin(
+        &config,
+        &mut registry,
+        &dir.join("kiln-plugin.toml"),
+        "test",
+        |_, _| {},
+    )
+    .err()
+    .expect("refused");
     assert!(matches!(err, InstallError::Load { .. }), "{err}");
     // This process is the host: it is alive and its CPU backend still computes.
     let cpu = Backend::builtin_cpu();
@@ -95,7 +144,15 @@ fn manifest_hash_mismatch() {
     let mut spec = ManifestSpec::new("tampered", "1.0.0");
     spec.sha256 = Some("ab".repeat(32));
     let dir = fixture(&home, "kiln_fixture_plain", &[], spec);
-    refused(&home, &dir, &["sha256 mismatch", "the manifest says abab", "changed or corrupted"]);
+    refused(
+        &home,
+        &dir,
+        &[
+            "sha256 mismatch",
+            "the manifest says abab",
+            "changed or corrupted",
+        ],
+    );
 }
 
 #[test]
@@ -111,7 +168,10 @@ fn cpu_feature_the_machine_lacks() {
     spec.cpu_features = vec!["sse2".into(), missing.to_string()];
     let dir = fixture(&home, "kiln_fixture_plain", &[], spec);
     let stderr = refused(&home, &dir, &["requires CPU feature(s)", missing]);
-    assert!(!stderr.contains("sse2"), "only the missing feature is named: {stderr}");
+    assert!(
+        !stderr.contains("sse2"),
+        "only the missing feature is named: {stderr}"
+    );
 }
 
 #[test]
@@ -122,8 +182,16 @@ fn truncated_library() {
     let truncated = lib.with_file_name("libkiln_fixture_truncated.so");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     // The manifest's hash matches the truncated file: only the ELF check stands.
-    let dir = plugin_dir(home.path(), &truncated, &ManifestSpec::new("truncated", "1.0.0"));
-    refused(&home, &dir, &["is not a loadable library", "truncated ELF file"]);
+    let dir = plugin_dir(
+        home.path(),
+        &truncated,
+        &ManifestSpec::new("truncated", "1.0.0"),
+    );
+    refused(
+        &home,
+        &dir,
+        &["is not a loadable library", "truncated ELF file"],
+    );
 }
 
 #[test]
@@ -138,26 +206,65 @@ fn non_elf_library() {
 #[test]
 fn wrong_numbers_fail_conformance_naming_op_type_and_error() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_wrong_numbers", &["-DFIXTURE_WRONG_NUMBERS"], ManifestSpec::new("sloppy", "1.0.0"));
-    let stderr = refused(&home, &dir, &["failed conformance", "stays disabled", "NMSE"]);
+    let dir = fixture(
+        &home,
+        "kiln_fixture_wrong_numbers",
+        &["-DFIXTURE_WRONG_NUMBERS"],
+        ManifestSpec::new("sloppy", "1.0.0"),
+    );
+    let stderr = refused(
+        &home,
+        &dir,
+        &["failed conformance", "stays disabled", "NMSE"],
+    );
     // Each failing case is named with its op, types and shapes.
-    assert!(stderr.contains("mul(f32[37,5,3], f32[37,5,3]) -> f32[37,5,3]"), "{stderr}");
-    assert!(!stderr.contains("add("), "only the broken op is named: {stderr}");
+    assert!(
+        stderr.contains("mul(f32[37,5,3], f32[37,5,3]) -> f32[37,5,3]"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("add("),
+        "only the broken op is named: {stderr}"
+    );
 }
 
 #[test]
 fn struct_size_smaller_than_the_abi_needs() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_small_struct", &["-DFIXTURE_SMALL_STRUCT"], ManifestSpec::new("short", "1.0.0"));
-    refused(&home, &dir, &["KilnBackendApi is 64 bytes but ABI 1.1 needs at least 136"]);
+    let dir = fixture(
+        &home,
+        "kiln_fixture_small_struct",
+        &["-DFIXTURE_SMALL_STRUCT"],
+        ManifestSpec::new("short", "1.0.0"),
+    );
+    refused(
+        &home,
+        &dir,
+        &["KilnBackendApi is 64 bytes but ABI 1.1 needs at least 136"],
+    );
 }
 
 #[test]
 fn bad_manifests_are_refused_with_the_line() {
     let home = home_with_a_plugin();
-    let dir = fixture(&home, "kiln_fixture_plain", &[], ManifestSpec::new("typo", "1.0.0"));
+    let dir = fixture(
+        &home,
+        "kiln_fixture_plain",
+        &[],
+        ManifestSpec::new("typo", "1.0.0"),
+    );
     let m = dir.join("kiln-plugin.toml");
-    let text = std::fs::read_to_string(&m).unwrap().replace("cpu_features", "cpu_feature");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("cpu_features", "cpu_feature");
     std::fs::write(&m, text).unwrap();
-    refused(&home, &dir, &["bad manifest", "unknown field `cpu_feature`", "kiln-plugin.toml"]);
+    refused(
+        &home,
+        &dir,
+        &[
+            "bad manifest",
+            "unknown field `cpu_feature`",
+            "kiln-plugin.toml",
+        ],
+    );
 }

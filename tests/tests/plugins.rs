@@ -18,8 +18,14 @@ fn decoder_graph(width: usize, seed: u64) -> HostGraph {
     let mut rand = |n: usize| (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect::<Vec<f32>>();
     let tokens = 3;
     let mut g = HostGraph::default();
-    let w = g.add_tensor(HostTensor::from_f32([width, width, 1, 1], &rand(width * width)));
-    let x = g.add_tensor(HostTensor::from_f32([width, tokens, 1, 1], &rand(width * tokens)));
+    let w = g.add_tensor(HostTensor::from_f32(
+        [width, width, 1, 1],
+        &rand(width * width),
+    ));
+    let x = g.add_tensor(HostTensor::from_f32(
+        [width, tokens, 1, 1],
+        &rand(width * tokens),
+    ));
     let norm_w = g.add_tensor(HostTensor::from_f32([width, 1, 1, 1], &rand(width)));
     let pos = g.add_tensor(HostTensor::from_i32([tokens, 1, 1, 1], &[0, 1, 2]));
     let h = g.add_tensor(HostTensor::zeros(DType::F32, [width, tokens, 1, 1]));
@@ -31,30 +37,47 @@ fn decoder_graph(width: usize, seed: u64) -> HostGraph {
     let out = g.add_tensor(HostTensor::zeros(DType::F32, [width, tokens, 1, 1]));
     g.ops.push(HostOp::new(OpKind::MulMat, &[w, x], h));
     g.ops.push(HostOp::new(OpKind::Add, &[h, x], r));
-    g.ops.push(HostOp::new(OpKind::RmsNorm, &[r], n).with_params(&[f32_param(1e-5)]));
+    g.ops
+        .push(HostOp::new(OpKind::RmsNorm, &[r], n).with_params(&[f32_param(1e-5)]));
     g.ops.push(HostOp::new(OpKind::Mul, &[n, norm_w], nw));
     // rope views the hidden state as [head_dim, heads, tokens]: same bytes.
     g.tensors[roped].data = vec![0; g.tensors[nw].data.len()];
     g.ops.push(HostOp::new(OpKind::Cpy, &[nw], act));
     g.ops.push(HostOp::new(OpKind::Silu, &[act], out));
-    let rope_in = g.add_tensor(HostTensor::from_f32([width / 8, 8, tokens, 1], &rand(width * tokens)));
+    let rope_in = g.add_tensor(HostTensor::from_f32(
+        [width / 8, 8, tokens, 1],
+        &rand(width * tokens),
+    ));
     g.ops.push(
-        HostOp::new(OpKind::Rope, &[rope_in, pos], roped)
-            .with_params(&[(width / 8) as i32, 2, f32_param(10000.0), f32_param(1.0)]),
+        HostOp::new(OpKind::Rope, &[rope_in, pos], roped).with_params(&[
+            (width / 8) as i32,
+            2,
+            f32_param(10000.0),
+            f32_param(1.0),
+        ]),
     );
     g
 }
 
 fn cpu_result(mut g: HostGraph) -> Vec<Vec<f32>> {
     let cpu = Backend::builtin_cpu();
-    Executor { target: &cpu, device: 0, cpu: &cpu }.run(&mut g).unwrap();
+    Executor {
+        target: &cpu,
+        device: 0,
+        cpu: &cpu,
+    }
+    .run(&mut g)
+    .unwrap();
     g.tensors.iter().map(|t| t.to_f32()).collect()
 }
 
 fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
         for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "tensor {i}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "tensor {i}: {x} vs {y}"
+            );
         }
     }
 }
@@ -62,7 +85,10 @@ fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
 fn added_backend(home: &Home, name: &str) -> std::sync::Arc<Backend> {
     let set = BackendSet::load(&home.registry());
     assert!(set.problems.is_empty(), "{:?}", set.problems);
-    set.backends.into_iter().find(|b| b.name() == name).expect("plugin is active")
+    set.backends
+        .into_iter()
+        .find(|b| b.name() == name)
+        .expect("plugin is active")
 }
 
 #[test]
@@ -81,27 +107,50 @@ fn c_plugin_loads_passes_conformance_and_runs_ops_with_cpu_fallback() {
     let plugin = added_backend(&home, "c-fixture");
     assert_eq!(plugin.devices[0].name, "kiln C fixture device");
     assert_eq!(&plugin.devices[0].uuid, b"kiln-c-fixture!!");
-    assert_eq!(plugin.handle().device_memory(0).unwrap().unwrap(), (1 << 29, 1 << 30));
+    assert_eq!(
+        plugin.handle().device_memory(0).unwrap().unwrap(),
+        (1 << 29, 1 << 30)
+    );
 
     let cpu = Backend::builtin_cpu();
     let mut g = decoder_graph(64, 1);
     let want = cpu_result(g.clone());
-    let exec = Executor { target: &plugin, device: 0, cpu: &cpu };
-    assert_eq!(exec.plan(&g), vec![true, true, true, true, false, true, false]);
+    let exec = Executor {
+        target: &plugin,
+        device: 0,
+        cpu: &cpu,
+    };
+    assert_eq!(
+        exec.plan(&g),
+        vec![true, true, true, true, false, true, false]
+    );
     let report = exec.run(&mut g).unwrap();
     assert_eq!(report.ops_on_target, 5);
     assert_eq!(report.ops_unsupported_on_cpu, 2);
     assert!(report.reruns.is_empty());
     let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
     assert_close(&got, &want);
-    assert!(plugin.stats.ops_unsupported_fallback.load(Ordering::Relaxed) >= 2);
+    assert!(
+        plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed)
+            >= 2
+    );
 
     // The devices are scored and the best one chosen; scores are cached.
     let b = home.json(&["backends", "--json"]);
-    let devices: Vec<&serde_json::Value> =
-        b["backends"].as_array().unwrap().iter().flat_map(|x| x["devices"].as_array().unwrap()).collect();
+    let devices: Vec<&serde_json::Value> = b["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| x["devices"].as_array().unwrap())
+        .collect();
     assert_eq!(devices.len(), 2, "{b:#}");
-    let best = devices.iter().map(|d| d["score"].as_f64().unwrap()).fold(0.0, f64::max);
+    let best = devices
+        .iter()
+        .map(|d| d["score"].as_f64().unwrap())
+        .fold(0.0, f64::max);
     assert_eq!(b["chosen"]["score"].as_f64().unwrap(), best);
     let fixture = &b["backends"][1];
     assert_eq!(fixture["name"], "c-fixture");
@@ -125,15 +174,25 @@ fn an_op_that_fails_at_run_time_is_rerun_on_the_cpu_and_counted() {
     // ...but a 128-wide layer has a 16384-element weight: the matmul fails.
     let mut g = decoder_graph(128, 2);
     let want = cpu_result(g.clone());
-    let exec = Executor { target: &plugin, device: 0, cpu: &cpu };
+    let exec = Executor {
+        target: &plugin,
+        device: 0,
+        cpu: &cpu,
+    };
     let report = exec.run(&mut g).unwrap();
     assert_eq!(report.reruns.len(), 1, "{report:?}");
     assert_eq!(report.reruns[0].0, 0..4);
-    assert!(report.reruns[0].1.contains("scratch memory exhausted"), "{report:?}");
+    assert!(
+        report.reruns[0].1.contains("scratch memory exhausted"),
+        "{report:?}"
+    );
     assert!(report.reruns[0].1.contains("(op 0)"), "{report:?}");
     let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
     assert_close(&got, &want);
-    assert_eq!(plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed),
+        1
+    );
     // A small graph still runs on the plugin.
     let mut small = decoder_graph(32, 3);
     assert!(exec.run(&mut small).unwrap().reruns.is_empty());
@@ -158,7 +217,13 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
     let mut g = decoder_graph(32, 4);
     let want = cpu_result(g.clone());
     let cpu = Backend::builtin_cpu();
-    Executor { target: &plugin, device: 0, cpu: &cpu }.run(&mut g).unwrap();
+    Executor {
+        target: &plugin,
+        device: 0,
+        cpu: &cpu,
+    }
+    .run(&mut g)
+    .unwrap();
     let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
     assert_close(&got, &want);
 }
@@ -171,7 +236,10 @@ fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     let added = home.json(&["plugins", "add", dir.to_str().unwrap(), "--json"]);
     let c = &added["conformance"];
     assert_eq!(c["failed"], 0);
-    assert_eq!(c["not_claimed"], 0, "the reference claims every case: {added:#}");
+    assert_eq!(
+        c["not_claimed"], 0,
+        "the reference claims every case: {added:#}"
+    );
     let list = home.json(&["plugins", "list", "--json"]);
     let p = &list["plugins"][0];
     assert_eq!(p["name"], "cpu-plugin");
@@ -181,7 +249,12 @@ fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     let stored = std::path::PathBuf::from(p["library_path"].as_str().unwrap());
     assert!(stored.starts_with(home.path().join("store/plugins/cpu-plugin/0.1.0")));
     std::fs::write(dir.join("libkiln_cpu.so"), b"overwritten").unwrap();
-    assert!(home.json(&["backends", "--json"])["problems"].as_array().unwrap().is_empty());
+    assert!(
+        home.json(&["backends", "--json"])["problems"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -196,6 +269,11 @@ fn discovered_plugins_are_listed_and_added_by_name() {
     assert_eq!(doctor["discovered_plugins"][0]["status"], "not installed");
     home.ok(&["plugins", "add", "dropped-in"]);
     let list = home.json(&["plugins", "list", "--json"]);
-    assert!(list["discovered_not_installed"].as_array().unwrap().is_empty());
+    assert!(
+        list["discovered_not_installed"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(list["plugins"][0]["name"], "dropped-in");
 }

@@ -3,16 +3,25 @@
 //! agrees exactly, and the reference quantizers (F16, BF16, Q4_0, Q5_0,
 //! Q8_0) write the same bytes.
 //!
-//! Needs a Python with `gguf` and `numpy`: `KILN_PYTHON`, else `python3`.
-//! `.ci/run` installs them; without them this test fails and says so.
+//! Needs a Python with `gguf` and `numpy`: `KILN_PYTHON`, else the venv
+//! `.ci/run` makes (`target/python-venv`), else `python3`. Without them this
+//! test fails and says how to install them.
 
 use kiln_cpu::quant::{dequantize_row, quantize_row, random_row};
 use kiln_plugin_api::DType;
 use std::path::Path;
 use std::process::Command;
 
-fn python() -> String {
-    std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into())
+fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("KILN_PYTHON") {
+        return p.into();
+    }
+    let venv = kiln_tests::target_dir().join("python-venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
 }
 
 fn oracle(op: &str, dtype: DType, input: &[u8]) -> Vec<u8> {
@@ -28,14 +37,18 @@ fn oracle(op: &str, dtype: DType, input: &[u8]) -> Vec<u8> {
         .expect("run python");
     assert!(
         out.status.success(),
-        "the gguf oracle failed (install it: pip install gguf numpy, or set KILN_PYTHON):\n{}",
+        "the gguf oracle failed with {} (run .ci/run, or pip install gguf numpy, or set KILN_PYTHON):\n{}",
+        python().display(),
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::read(dst).unwrap()
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 #[test]
@@ -49,7 +62,10 @@ fn dequantization_matches_gguf_for_every_weight_type() {
         let theirs = f32s(&oracle("dequantize", dtype, &row));
         assert_eq!(theirs.len(), n, "{dtype}");
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            assert!(a.to_bits() == b.to_bits() || (a - b).abs() <= 1e-6 * b.abs(), "{dtype} element {i}: {a} vs {b}");
+            assert!(
+                a.to_bits() == b.to_bits() || (a - b).abs() <= 1e-6 * b.abs(),
+                "{dtype} element {i}: {a} vs {b}"
+            );
         }
     }
 }
@@ -57,10 +73,18 @@ fn dequantization_matches_gguf_for_every_weight_type() {
 #[test]
 fn reference_quantizers_write_gguf_bytes() {
     let mut rng = fastrand::Rng::with_seed(12);
-    for dtype in [DType::F16, DType::BF16, DType::Q8_0, DType::Q5_0, DType::Q4_0] {
+    for dtype in [
+        DType::F16,
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::Q4_0,
+    ] {
         // Mixed magnitudes, exact ties at block maxima, zeros and a zero block.
         let n = 32 * 40;
-        let mut values: Vec<f32> = (0..n).map(|_| (rng.f32() * 2.0 - 1.0) * 10f32.powi(rng.i32(-3..3))).collect();
+        let mut values: Vec<f32> = (0..n)
+            .map(|_| (rng.f32() * 2.0 - 1.0) * 10f32.powi(rng.i32(-3..3)))
+            .collect();
         values[..32].iter_mut().for_each(|v| *v = 0.0);
         values[40] = -values[41].abs().max(0.5);
         values[41] = -values[40];
@@ -70,7 +94,10 @@ fn reference_quantizers_write_gguf_bytes() {
         let theirs = oracle("quantize", dtype, &input);
         assert_eq!(ours.len(), theirs.len(), "{dtype}");
         if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
-            panic!("{dtype}: first differing byte {i} (block {})", i / dtype.block_bytes());
+            panic!(
+                "{dtype}: first differing byte {i} (block {})",
+                i / dtype.block_bytes()
+            );
         }
     }
 }

@@ -25,9 +25,15 @@ fn enable_disable_rollback_and_the_audit_log() {
             .collect()
     };
     assert_eq!(active(&home), ["2.0.0"]);
-    assert!(home.ok(&["plugins", "rollback", "vendor"]).contains("2.0.0 -> 1.1.0"));
+    assert!(
+        home.ok(&["plugins", "rollback", "vendor"])
+            .contains("2.0.0 -> 1.1.0")
+    );
     assert_eq!(active(&home), ["1.1.0"]);
-    assert!(home.ok(&["plugins", "rollback", "vendor"]).contains("1.1.0 -> 1.0.0"));
+    assert!(
+        home.ok(&["plugins", "rollback", "vendor"])
+            .contains("1.1.0 -> 1.0.0")
+    );
     let stderr = home.fails(&["plugins", "rollback", "vendor"]);
     assert!(stderr.contains("no earlier active version"), "{stderr}");
     home.ok(&["plugins", "enable", "vendor@2.0.0"]);
@@ -61,8 +67,10 @@ fn enable_disable_rollback_and_the_audit_log() {
         ("enable", "1.0.0", "2.0.0"),
         ("disable", "2.0.0 active", "2.0.0 disabled"),
     ];
-    let expect: Vec<(String, String, String)> =
-        expect.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    let expect: Vec<(String, String, String)> = expect
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
     assert_eq!(rows, expect);
     for e in log["entries"].as_array().unwrap() {
         assert!(e["actor"].as_str().unwrap().contains("kiln-cli"), "{e}");
@@ -80,15 +88,27 @@ fn a_database_from_a_newer_kiln_is_refused_and_untouched() {
         c.execute_batch("PRAGMA user_version = 42;").unwrap();
     }
     let before = std::fs::read(&db).unwrap();
-    for args in [&["plugins", "list"][..], &["backends"], &["plugins", "enable", "x"]] {
+    for args in [
+        &["plugins", "list"][..],
+        &["backends"],
+        &["plugins", "enable", "x"],
+    ] {
         let stderr = home.fails(args);
-        assert!(stderr.contains("written by a newer kiln (schema version 42"), "{stderr}");
+        assert!(
+            stderr.contains("written by a newer kiln (schema version 42"),
+            "{stderr}"
+        );
     }
     // doctor reports it as a problem (exit 1) rather than crashing.
     let out = home.kiln(&["doctor", "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["problems"][0].as_str().unwrap().contains("newer kiln"));
+    assert!(
+        report["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("newer kiln")
+    );
     assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
@@ -97,7 +117,10 @@ fn a_file_that_is_not_a_database_is_refused_with_advice() {
     let home = Home::default();
     std::fs::write(home.path().join("kiln.db"), vec![0x42u8; 8192]).unwrap();
     let stderr = home.fails(&["plugins", "list"]);
-    assert!(stderr.contains("not a usable kiln registry") && stderr.contains("move it away"), "{stderr}");
+    assert!(
+        stderr.contains("not a usable kiln registry") && stderr.contains("move it away"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -105,7 +128,10 @@ fn a_broken_config_file_is_named() {
     let home = Home::default();
     std::fs::write(home.path().join("config.toml"), "[plugins]\ndirs = 7\n").unwrap();
     let stderr = home.fails(&["plugins", "list"]);
-    assert!(stderr.contains("config.toml is not a valid kiln config") && stderr.contains("line 2"), "{stderr}");
+    assert!(
+        stderr.contains("config.toml is not a valid kiln config") && stderr.contains("line 2"),
+        "{stderr}"
+    );
 }
 
 /// The registry's invariants, checked straight in SQLite.
@@ -113,14 +139,35 @@ fn check_invariants(home: &Home) {
     let r = home.registry();
     assert_eq!(r.integrity_check().unwrap(), "ok");
     let plugins = r.plugins().unwrap();
-    let active = plugins.iter().filter(|p| p.state == kiln::registry::PluginState::Active).count();
+    let active = plugins
+        .iter()
+        .filter(|p| p.state == kiln::registry::PluginState::Active)
+        .count();
     assert!(active <= 1, "more than one active version: {plugins:?}");
     for p in &plugins {
-        assert!(p.library_path.is_file(), "{} points at a missing library", p.label());
-        assert_eq!(kiln_tests::sha256_file(&p.library_path), p.sha256, "{} store copy differs", p.label());
+        assert!(
+            p.library_path.is_file(),
+            "{} points at a missing library",
+            p.label()
+        );
+        assert_eq!(
+            kiln_tests::sha256_file(&p.library_path),
+            p.sha256,
+            "{} store copy differs",
+            p.label()
+        );
     }
-    let installs = r.audit_log(100_000).unwrap().iter().filter(|e| e.action == "install").count();
-    assert_eq!(installs, plugins.len(), "every row has exactly one install entry");
+    let installs = r
+        .audit_log(100_000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == "install")
+        .count();
+    assert_eq!(
+        installs,
+        plugins.len(),
+        "every row has exactly one install entry"
+    );
 }
 
 #[test]
@@ -131,7 +178,11 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     let started = std::time::Instant::now();
     let mut completed = 0;
     for i in 0..24 {
-        let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("cpu-plugin", &format!("0.1.{i}")));
+        let dir = plugin_dir(
+            home.path(),
+            &lib,
+            &ManifestSpec::new("cpu-plugin", &format!("0.1.{i}")),
+        );
         let mut child = home
             .command(&["plugins", "add", dir.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
@@ -150,7 +201,10 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     // Some runs died midway and some finished; both must have happened for
     // the test to mean anything.
     assert!(completed < 24, "no run was killed");
-    eprintln!("{completed}/24 adds completed before the kill ({:?})", started.elapsed());
+    eprintln!(
+        "{completed}/24 adds completed before the kill ({:?})",
+        started.elapsed()
+    );
     // The registry is still fully usable.
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("cpu-plugin", "9.0.0"));
     home.ok(&["plugins", "add", dir.to_str().unwrap()]);

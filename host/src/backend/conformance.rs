@@ -25,7 +25,12 @@ pub struct Case {
 }
 
 impl Case {
-    fn new(op: OpKind, inputs: &[(DType, [usize; 4])], output: (DType, [usize; 4]), max_nmse: f64) -> Case {
+    fn new(
+        op: OpKind,
+        inputs: &[(DType, [usize; 4])],
+        output: (DType, [usize; 4]),
+        max_nmse: f64,
+    ) -> Case {
         Case {
             op,
             inputs: inputs.to_vec(),
@@ -44,9 +49,17 @@ impl Case {
     pub fn label(&self) -> String {
         let shape = |ne: &[usize; 4]| {
             let dims = ne.iter().rposition(|&n| n != 1).map_or(1, |i| i + 1);
-            ne[..dims].iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+            ne[..dims]
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         };
-        let ins: Vec<String> = self.inputs.iter().map(|(t, ne)| format!("{t}[{}]", shape(ne))).collect();
+        let ins: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|(t, ne)| format!("{t}[{}]", shape(ne)))
+            .collect();
         format!(
             "{}({}) -> {}[{}]",
             self.op,
@@ -73,32 +86,106 @@ pub fn cases() -> Vec<Case> {
     for w in DType::WEIGHTS {
         let k = if w.block_len() == 256 { 512 } else { 96 };
         // A matrix-vector product and a small matmul with odd extents.
-        v.push(Case::new(OpKind::MulMat, &[(w, [k, 7, 1, 1]), (F32, [k, 1, 1, 1])], (F32, [7, 1, 1, 1]), mul_mat_bound(w)));
-        v.push(Case::new(OpKind::MulMat, &[(w, [k, 7, 1, 1]), (F32, [k, 5, 1, 1])], (F32, [7, 5, 1, 1]), mul_mat_bound(w)));
+        v.push(Case::new(
+            OpKind::MulMat,
+            &[(w, [k, 7, 1, 1]), (F32, [k, 1, 1, 1])],
+            (F32, [7, 1, 1, 1]),
+            mul_mat_bound(w),
+        ));
+        v.push(Case::new(
+            OpKind::MulMat,
+            &[(w, [k, 7, 1, 1]), (F32, [k, 5, 1, 1])],
+            (F32, [7, 5, 1, 1]),
+            mul_mat_bound(w),
+        ));
     }
     // Batched with broadcast (grouped-query attention shape).
-    v.push(Case::new(OpKind::MulMat, &[(F16, [64, 9, 2, 1]), (F32, [64, 3, 4, 1])], (F32, [9, 3, 4, 1]), 5e-4));
+    v.push(Case::new(
+        OpKind::MulMat,
+        &[(F16, [64, 9, 2, 1]), (F32, [64, 3, 4, 1])],
+        (F32, [9, 3, 4, 1]),
+        5e-4,
+    ));
     for op in [OpKind::Add, OpKind::Mul] {
-        v.push(Case::new(op, &[(F32, [37, 5, 3, 1]), (F32, [37, 5, 3, 1])], (F32, [37, 5, 3, 1]), 1e-7));
-        v.push(Case::new(op, &[(F32, [37, 5, 3, 1]), (F32, [37, 1, 1, 1])], (F32, [37, 5, 3, 1]), 1e-7));
+        v.push(Case::new(
+            op,
+            &[(F32, [37, 5, 3, 1]), (F32, [37, 5, 3, 1])],
+            (F32, [37, 5, 3, 1]),
+            1e-7,
+        ));
+        v.push(Case::new(
+            op,
+            &[(F32, [37, 5, 3, 1]), (F32, [37, 1, 1, 1])],
+            (F32, [37, 5, 3, 1]),
+            1e-7,
+        ));
     }
-    v.push(Case::new(OpKind::Scale, &[(F32, [33, 7, 1, 1])], (F32, [33, 7, 1, 1]), 1e-7).params(&[f32_param(0.37)]));
-    v.push(Case::new(OpKind::RmsNorm, &[(F32, [65, 3, 1, 1])], (F32, [65, 3, 1, 1]), 1e-6).params(&[f32_param(1e-5)]));
+    v.push(
+        Case::new(
+            OpKind::Scale,
+            &[(F32, [33, 7, 1, 1])],
+            (F32, [33, 7, 1, 1]),
+            1e-7,
+        )
+        .params(&[f32_param(0.37)]),
+    );
+    v.push(
+        Case::new(
+            OpKind::RmsNorm,
+            &[(F32, [65, 3, 1, 1])],
+            (F32, [65, 3, 1, 1]),
+            1e-6,
+        )
+        .params(&[f32_param(1e-5)]),
+    );
     for (mode, n_rot) in [(0, 64), (2, 64), (2, 32)] {
         v.push(
-            Case::new(OpKind::Rope, &[(F32, [64, 4, 5, 1]), (I32, [5, 1, 1, 1])], (F32, [64, 4, 5, 1]), 1e-6)
-                .params(&[n_rot, mode, f32_param(10000.0), f32_param(1.0)]),
+            Case::new(
+                OpKind::Rope,
+                &[(F32, [64, 4, 5, 1]), (I32, [5, 1, 1, 1])],
+                (F32, [64, 4, 5, 1]),
+                1e-6,
+            )
+            .params(&[n_rot, mode, f32_param(10000.0), f32_param(1.0)]),
         );
     }
-    v.push(Case::new(OpKind::SoftMax, &[(F32, [19, 6, 1, 1])], (F32, [19, 6, 1, 1]), 1e-6).params(&[f32_param(1.0)]));
     v.push(
-        Case::new(OpKind::SoftMax, &[(F32, [19, 6, 2, 1]), (F32, [19, 6, 1, 1])], (F32, [19, 6, 2, 1]), 1e-6)
-            .params(&[f32_param(0.125)]),
+        Case::new(
+            OpKind::SoftMax,
+            &[(F32, [19, 6, 1, 1])],
+            (F32, [19, 6, 1, 1]),
+            1e-6,
+        )
+        .params(&[f32_param(1.0)]),
     );
-    v.push(Case::new(OpKind::Silu, &[(F32, [45, 3, 1, 1])], (F32, [45, 3, 1, 1]), 1e-6));
-    v.push(Case::new(OpKind::Gelu, &[(F32, [45, 3, 1, 1])], (F32, [45, 3, 1, 1]), 1e-6));
+    v.push(
+        Case::new(
+            OpKind::SoftMax,
+            &[(F32, [19, 6, 2, 1]), (F32, [19, 6, 1, 1])],
+            (F32, [19, 6, 2, 1]),
+            1e-6,
+        )
+        .params(&[f32_param(0.125)]),
+    );
+    v.push(Case::new(
+        OpKind::Silu,
+        &[(F32, [45, 3, 1, 1])],
+        (F32, [45, 3, 1, 1]),
+        1e-6,
+    ));
+    v.push(Case::new(
+        OpKind::Gelu,
+        &[(F32, [45, 3, 1, 1])],
+        (F32, [45, 3, 1, 1]),
+        1e-6,
+    ));
     for t in [F32, F16, Q4_0, Q8_0, Q6_K] {
-        v.push(Case::new(OpKind::GetRows, &[(t, [256, 10, 1, 1]), (I32, [4, 1, 1, 1])], (F32, [256, 4, 1, 1]), 1e-7));
+        v.push(Case::new(
+            OpKind::GetRows,
+            &[(t, [256, 10, 1, 1]), (I32, [4, 1, 1, 1])],
+            (F32, [256, 4, 1, 1]),
+            1e-7,
+        ));
     }
     for (from, to, bound) in [
         (F32, F16, 1e-6),
@@ -108,7 +195,12 @@ pub fn cases() -> Vec<Case> {
         (F32, Q8_0, 1e-3),
         (F32, Q4_0, 5e-2),
     ] {
-        v.push(Case::new(OpKind::Cpy, &[(from, [64, 3, 1, 1])], (to, [64, 3, 1, 1]), bound));
+        v.push(Case::new(
+            OpKind::Cpy,
+            &[(from, [64, 3, 1, 1])],
+            (to, [64, 3, 1, 1]),
+            bound,
+        ));
     }
     v
 }
@@ -120,12 +212,16 @@ pub fn inputs(case: &Case, rng: &mut fastrand::Rng) -> Vec<HostTensor> {
         .iter()
         .enumerate()
         .map(|(i, &(dtype, ne))| match (case.op, i, dtype) {
-            (OpKind::Rope, 1, _) => {
-                HostTensor::from_i32(ne, &(0..ne[0]).map(|_| rng.i32(0..4096)).collect::<Vec<_>>())
-            }
+            (OpKind::Rope, 1, _) => HostTensor::from_i32(
+                ne,
+                &(0..ne[0]).map(|_| rng.i32(0..4096)).collect::<Vec<_>>(),
+            ),
             (OpKind::GetRows, 1, _) => {
                 let rows = case.inputs[0].1[1] as i32;
-                HostTensor::from_i32(ne, &(0..ne[0]).map(|_| rng.i32(0..rows)).collect::<Vec<_>>())
+                HostTensor::from_i32(
+                    ne,
+                    &(0..ne[0]).map(|_| rng.i32(0..rows)).collect::<Vec<_>>(),
+                )
             }
             (OpKind::SoftMax, 1, _) => {
                 let mut mask = vec![0f32; ne.iter().product()];
@@ -224,14 +320,17 @@ impl Report {
         self.devices
             .iter()
             .flat_map(|d| {
-                d.cases.iter().filter(|c| c.outcome == Outcome::Failed).map(move |c| {
-                    let why = match (&c.error, c.nmse) {
-                        (Some(e), _) => e.clone(),
-                        (None, Some(n)) => format!("NMSE {n:.3e} exceeds {:.0e}", c.max_nmse),
-                        (None, None) => "failed".to_string(),
-                    };
-                    format!("device {} ({}): {}: {why}", d.device, d.name, c.case)
-                })
+                d.cases
+                    .iter()
+                    .filter(|c| c.outcome == Outcome::Failed)
+                    .map(move |c| {
+                        let why = match (&c.error, c.nmse) {
+                            (Some(e), _) => e.clone(),
+                            (None, Some(n)) => format!("NMSE {n:.3e} exceeds {:.0e}", c.max_nmse),
+                            (None, None) => "failed".to_string(),
+                        };
+                        format!("device {} ({}): {}: {why}", d.device, d.name, c.case)
+                    })
             })
             .collect()
     }
@@ -252,7 +351,13 @@ impl Report {
 }
 
 /// Runs one case on `target`'s `device` and on the CPU reference.
-pub fn run_case(target: &Backend, device: u32, cpu: &Backend, case: &Case, seed: u64) -> CaseResult {
+pub fn run_case(
+    target: &Backend,
+    device: u32,
+    cpu: &Backend,
+    case: &Case,
+    seed: u64,
+) -> CaseResult {
     let mut rng = fastrand::Rng::with_seed(seed);
     let inputs = inputs(case, &mut rng);
     let mut reference = graph_for(case, inputs.clone());
@@ -274,13 +379,20 @@ pub fn run_case(target: &Backend, device: u32, cpu: &Backend, case: &Case, seed:
     }
     if let Err(e) = run_segment(cpu, 0, &mut reference, 0..1) {
         // The suite's own cases must run on the reference.
-        return result(Outcome::Failed, None, Some(format!("CPU reference failed: {e}")));
+        return result(
+            Outcome::Failed,
+            None,
+            Some(format!("CPU reference failed: {e}")),
+        );
     }
     if let Err(e) = run_segment(target, device, &mut on_target, 0..1) {
         return result(Outcome::Failed, None, Some(e.to_string()));
     }
     let dst = reference.ops[0].dst;
-    let err = nmse(&on_target.tensors[dst].to_f32(), &reference.tensors[dst].to_f32());
+    let err = nmse(
+        &on_target.tensors[dst].to_f32(),
+        &reference.tensors[dst].to_f32(),
+    );
     let outcome = if err <= case.max_nmse {
         Outcome::Passed
     } else {
@@ -333,7 +445,8 @@ mod tests {
         }
         for w in DType::WEIGHTS {
             assert!(
-                all.iter().any(|c| c.op == OpKind::MulMat && c.inputs[0].0 == w),
+                all.iter()
+                    .any(|c| c.op == OpKind::MulMat && c.inputs[0].0 == w),
                 "mul_mat {w} has no case"
             );
         }

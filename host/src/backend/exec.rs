@@ -56,7 +56,10 @@ impl HostTensor {
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.ne.iter().product()];
         let row = self.dtype.row_bytes(self.ne[0]).expect("whole blocks");
-        for (dst, src) in out.chunks_exact_mut(self.ne[0]).zip(self.data.chunks_exact(row)) {
+        for (dst, src) in out
+            .chunks_exact_mut(self.ne[0])
+            .zip(self.data.chunks_exact(row))
+        {
             kiln_cpu::quant::dequantize_row(self.dtype, src, dst);
         }
         out
@@ -131,13 +134,27 @@ impl HostGraph {
     fn validate(&self) -> Result<(), BackendError> {
         for (i, op) in self.ops.iter().enumerate() {
             if op.src.len() > 4 {
-                return Err(BackendError::invalid(format!("op {i} has more than 4 sources")).at_op(i as u32));
+                return Err(
+                    BackendError::invalid(format!("op {i} has more than 4 sources"))
+                        .at_op(i as u32),
+                );
             }
-            if op.src.iter().chain([&op.dst]).any(|&t| t >= self.tensors.len()) {
-                return Err(BackendError::invalid(format!("op {i} names a tensor that does not exist")).at_op(i as u32));
+            if op
+                .src
+                .iter()
+                .chain([&op.dst])
+                .any(|&t| t >= self.tensors.len())
+            {
+                return Err(BackendError::invalid(format!(
+                    "op {i} names a tensor that does not exist"
+                ))
+                .at_op(i as u32));
             }
             if op.src.contains(&op.dst) {
-                return Err(BackendError::invalid(format!("op {i} writes one of its own sources")).at_op(i as u32));
+                return Err(
+                    BackendError::invalid(format!("op {i} writes one of its own sources"))
+                        .at_op(i as u32),
+                );
             }
         }
         Ok(())
@@ -184,7 +201,10 @@ pub fn run_segment(
     let (inputs, outputs) = segment_io(graph, &ops);
     let touched: Vec<usize> = inputs.union(&outputs).copied().collect();
     let local = |t: usize| touched.binary_search(&t).expect("touched") as u32;
-    let raw_ops: Vec<KilnOp> = graph.ops[ops.clone()].iter().map(|op| op.raw(local)).collect();
+    let raw_ops: Vec<KilnOp> = graph.ops[ops.clone()]
+        .iter()
+        .map(|op| op.raw(local))
+        .collect();
     let handle = backend.handle();
     let mut buffers = Buffers {
         backend,
@@ -197,7 +217,8 @@ pub fn run_segment(
             let data = &mut graph.tensors[t].data;
             // SAFETY: the buffer wraps `data`, which is neither moved nor
             // resized until `buffers` is dropped at the end of this function.
-            let b = unsafe { handle.buffer_wrap_host(device, data.as_mut_ptr(), data.len() as u64)? };
+            let b =
+                unsafe { handle.buffer_wrap_host(device, data.as_mut_ptr(), data.len() as u64)? };
             buffers.list.push(b);
             raw_tensors.push(graph.tensors[t].raw(b.0));
         }
@@ -279,22 +300,28 @@ impl Executor<'_> {
         let mut start = 0;
         while start < plan.len() {
             let on_target = plan[start];
-            let end = (start..plan.len()).find(|&i| plan[i] != on_target).unwrap_or(plan.len());
+            let end = (start..plan.len())
+                .find(|&i| plan[i] != on_target)
+                .unwrap_or(plan.len());
             let ops = start..end;
             if on_target {
                 match run_segment(self.target, self.device, graph, ops.clone()) {
                     Ok(()) => report.ops_on_target += ops.len(),
                     Err(e) => {
-                        self.target.count(&self.target.stats.runtime_failures_rerun, 1);
+                        self.target
+                            .count(&self.target.stats.runtime_failures_rerun, 1);
                         run_segment(self.cpu, 0, graph, ops.clone())
                             .map_err(|cpu| offset_op(cpu, ops.start))?;
                         report.reruns.push((ops, e.to_string()));
                     }
                 }
             } else {
-                self.target
-                    .count(&self.target.stats.ops_unsupported_fallback, ops.len() as u64);
-                run_segment(self.cpu, 0, graph, ops.clone()).map_err(|e| offset_op(e, ops.start))?;
+                self.target.count(
+                    &self.target.stats.ops_unsupported_fallback,
+                    ops.len() as u64,
+                );
+                run_segment(self.cpu, 0, graph, ops.clone())
+                    .map_err(|e| offset_op(e, ops.start))?;
                 report.ops_unsupported_on_cpu += ops.len();
             }
             start = end;
@@ -323,7 +350,8 @@ mod tests {
         let s = g.add_tensor(HostTensor::zeros(DType::F32, [4, 1, 1, 1]));
         let y = g.add_tensor(HostTensor::zeros(DType::F32, [4, 1, 1, 1]));
         g.ops.push(HostOp::new(OpKind::Add, &[a, b], s));
-        g.ops.push(HostOp::new(OpKind::Scale, &[s], y).with_params(&[f32_param(0.5)]));
+        g.ops
+            .push(HostOp::new(OpKind::Scale, &[s], y).with_params(&[f32_param(0.5)]));
         let exec = Executor {
             target: &cpu,
             device: 0,
@@ -346,7 +374,10 @@ mod tests {
             cpu: &cpu,
         };
         let err = exec.run(&mut g).unwrap_err();
-        assert!(err.message.contains("writes one of its own sources"), "{err}");
+        assert!(
+            err.message.contains("writes one of its own sources"),
+            "{err}"
+        );
         g.ops[0] = HostOp::new(OpKind::Silu, &[a], 7);
         assert!(exec.run(&mut g).is_err());
     }

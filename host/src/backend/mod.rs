@@ -31,7 +31,9 @@ struct StderrSink {
 impl HostSink for StderrSink {
     fn log(&self, level: i32, message: &str) {
         if level <= self.max_level {
-            let name = ["error", "warn", "info", "debug"].get(level as usize).unwrap_or(&"debug");
+            let name = ["error", "warn", "info", "debug"]
+                .get(level as usize)
+                .unwrap_or(&"debug");
             eprintln!("kiln: plugin {name}: {message}");
         }
     }
@@ -101,7 +103,10 @@ pub enum BackendLoadError {
 }
 
 impl Backend {
-    fn from_handle(handle: BackendHandle, source: BackendSource) -> Result<Backend, BackendLoadError> {
+    fn from_handle(
+        handle: BackendHandle,
+        source: BackendSource,
+    ) -> Result<Backend, BackendLoadError> {
         let n = handle.device_count().map_err(BackendLoadError::Devices)?;
         let devices = (0..n)
             .map(|d| handle.device_info(d))
@@ -123,8 +128,9 @@ impl Backend {
         CPU.get_or_init(|| {
             // SAFETY: `kiln_backend_init` is the CPU crate's entry point and
             // the host table is ours.
-            let handle = unsafe { BackendHandle::negotiate(kiln_cpu::kiln_backend_init, host_services()) }
-                .expect("the built-in CPU backend negotiates with its own host");
+            let handle =
+                unsafe { BackendHandle::negotiate(kiln_cpu::kiln_backend_init, host_services()) }
+                    .expect("the built-in CPU backend negotiates with its own host");
             Arc::new(
                 Backend::from_handle(handle, BackendSource::Builtin)
                     .expect("the built-in CPU backend enumerates its device"),
@@ -139,7 +145,8 @@ impl Backend {
         static LOADED: OnceLock<Mutex<HashMap<(PathBuf, String), Arc<Backend>>>> = OnceLock::new();
         let loaded = LOADED.get_or_init(Default::default);
         let key = (
-            std::fs::canonicalize(&plugin.library_path).unwrap_or_else(|_| plugin.library_path.clone()),
+            std::fs::canonicalize(&plugin.library_path)
+                .unwrap_or_else(|_| plugin.library_path.clone()),
             plugin.sha256.clone(),
         );
         let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,8 +308,13 @@ pub fn rank_devices(
                     match score::measure(b, d) {
                         Ok(m) => {
                             let details = serde_json::to_value(&m).unwrap_or_default();
-                            if let Err(e) = registry.store_score(&key, &dev_key, m.score(), &details) {
-                                problems.push(format!("cannot cache the score of {} device {d}: {e}", b.name()));
+                            if let Err(e) =
+                                registry.store_score(&key, &dev_key, m.score(), &details)
+                            {
+                                problems.push(format!(
+                                    "cannot cache the score of {} device {d}: {e}",
+                                    b.name()
+                                ));
                             }
                             (m.score(), details, false)
                         }

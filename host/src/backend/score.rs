@@ -54,9 +54,14 @@ fn bench_mul_mat(
     let w = HostTensor {
         dtype: wtype,
         ne: [k, n, 1, 1],
-        data: (0..n).flat_map(|_| kiln_cpu::quant::random_row(wtype, k, rng)).collect(),
+        data: (0..n)
+            .flat_map(|_| kiln_cpu::quant::random_row(wtype, k, rng))
+            .collect(),
     };
-    let x = HostTensor::from_f32([k, m, 1, 1], &(0..k * m).map(|_| rng.f32() - 0.5).collect::<Vec<_>>());
+    let x = HostTensor::from_f32(
+        [k, m, 1, 1],
+        &(0..k * m).map(|_| rng.f32() - 0.5).collect::<Vec<_>>(),
+    );
     let y = HostTensor::zeros(DType::F32, [n, m, 1, 1]);
     let h = backend.handle();
     let op = KilnOp {

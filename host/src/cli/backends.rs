@@ -22,10 +22,20 @@ fn capability_names(caps: u64) -> Vec<&'static str> {
 pub fn backends(config: &Config, as_json: bool, remeasure: bool) -> CliResult {
     let mut registry = open_registry(config)?;
     let set = BackendSet::load(&registry);
-    let (ranked, score_problems) = rank_devices(&set, &mut registry, remeasure, |m| eprintln!("kiln: {m}"));
-    let problems: Vec<String> = set.problems.iter().chain(&score_problems).cloned().collect();
+    let (ranked, score_problems) =
+        rank_devices(&set, &mut registry, remeasure, |m| eprintln!("kiln: {m}"));
+    let problems: Vec<String> = set
+        .problems
+        .iter()
+        .chain(&score_problems)
+        .cloned()
+        .collect();
     let chosen = ranked.first();
-    let score_of = |backend: &str, d: u32| ranked.iter().find(|r| r.backend == backend && r.device == d);
+    let score_of = |backend: &str, d: u32| {
+        ranked
+            .iter()
+            .find(|r| r.backend == backend && r.device == d)
+    };
 
     if as_json {
         let backends: Vec<serde_json::Value> = set
@@ -82,16 +92,26 @@ pub fn backends(config: &Config, as_json: bool, remeasure: bool) -> CliResult {
                 info.kind.name().to_string(),
                 info.name.clone(),
                 human_bytes(info.total_memory),
-                r.map_or("-".into(), |r| format!("{:.2}{}", r.score, if r.cached { "" } else { " (new)" })),
+                r.map_or("-".into(), |r| {
+                    format!("{:.2}{}", r.score, if r.cached { "" } else { " (new)" })
+                }),
             ]);
         }
     }
     println!(
         "{}",
-        table(&["", "BACKEND", "VERSION", "DEV", "KIND", "NAME", "MEMORY", "SCORE"], &rows)
+        table(
+            &[
+                "", "BACKEND", "VERSION", "DEV", "KIND", "NAME", "MEMORY", "SCORE"
+            ],
+            &rows
+        )
     );
     if let Some(c) = chosen {
-        println!("\nkiln uses {} device {} (score {:.2}; higher is faster).", c.backend, c.device, c.score);
+        println!(
+            "\nkiln uses {} device {} (score {:.2}; higher is faster).",
+            c.backend, c.device, c.score
+        );
     }
     for p in &problems {
         eprintln!("kiln: warning: {p}");

@@ -20,7 +20,11 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
     let features = cpu_features::report();
     let xcr0 = cpu_features::xcr0();
     let cpu = Backend::builtin_cpu();
-    let cpu_name = cpu.devices.first().map(|d| d.name.clone()).unwrap_or_default();
+    let cpu_name = cpu
+        .devices
+        .first()
+        .map(|d| d.name.clone())
+        .unwrap_or_default();
 
     let dirs: Vec<Value> = config
         .plugin_dirs
@@ -50,7 +54,10 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         None => json!({"path": config.registry_path(), "usable": false}),
     };
 
-    let installed = registry.as_ref().and_then(|r| r.plugins().ok()).unwrap_or_default();
+    let installed = registry
+        .as_ref()
+        .and_then(|r| r.plugins().ok())
+        .unwrap_or_default();
     let discovered: Vec<Value> = plugin::discover(config)
         .into_iter()
         .map(|d| {
@@ -59,10 +66,18 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                     let is_installed = installed
                         .iter()
                         .any(|p| p.name == v.manifest.name && p.sha256 == v.sha256);
-                    if is_installed { "installed" } else { "not installed" }.to_string()
+                    if is_installed {
+                        "installed"
+                    } else {
+                        "not installed"
+                    }
+                    .to_string()
                 }
                 Err(e) => {
-                    problems.push(format!("plugin {} would be refused: {e}", d.manifest_path.display()));
+                    problems.push(format!(
+                        "plugin {} would be refused: {e}",
+                        d.manifest_path.display()
+                    ));
                     format!("refused: {e}")
                 }
             };
@@ -149,9 +164,22 @@ fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
 }
 
 fn print_human(r: &Value) {
-    let s = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    println!("kiln {} (backend ABI {}, layout {})", s(&r["kiln_version"]), s(&r["abi"]["version"]), s(&r["abi"]["layout_fingerprint"]));
-    println!("platform     {} {}", s(&r["platform"]["os"]), s(&r["platform"]["arch"]));
+    let s = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!(
+        "kiln {} (backend ABI {}, layout {})",
+        s(&r["kiln_version"]),
+        s(&r["abi"]["version"]),
+        s(&r["abi"]["layout_fingerprint"])
+    );
+    println!(
+        "platform     {} {}",
+        s(&r["platform"]["os"]),
+        s(&r["platform"]["arch"])
+    );
     println!("cpu          {}", s(&r["cpu"]["name"]));
     let have: Vec<String> = r["cpu"]["features"]
         .as_array()
@@ -162,7 +190,12 @@ fn print_human(r: &Value) {
         .collect();
     println!("features     {}", have.join(" "));
     if let Some(x) = r["cpu"]["xcr0"].as_str() {
-        let comps: Vec<String> = r["cpu"]["xcr0_components"].as_array().into_iter().flatten().map(s).collect();
+        let comps: Vec<String> = r["cpu"]["xcr0_components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
         println!("os state     XCR0 {x}: {}", comps.join(" "));
     }
     println!("home         {}", s(&r["home"]));
@@ -170,14 +203,22 @@ fn print_human(r: &Value) {
     println!(
         "config       {} ({})",
         s(&cfg["path"]),
-        if cfg["exists"] == true { "present" } else { "absent: defaults" }
+        if cfg["exists"] == true {
+            "present"
+        } else {
+            "absent: defaults"
+        }
     );
     for d in r["plugin_dirs"].as_array().into_iter().flatten() {
         println!(
             "plugin dir   {} [{}]{}",
             s(&d["path"]),
             s(&d["origin"]),
-            if d["exists"] == true { "" } else { " (not present)" }
+            if d["exists"] == true {
+                ""
+            } else {
+                " (not present)"
+            }
         );
     }
     let reg = &r["registry"];
@@ -195,7 +236,11 @@ fn print_human(r: &Value) {
         println!("registry     {} (unusable)", s(&reg["path"]));
     }
     for d in r["discovered_plugins"].as_array().into_iter().flatten() {
-        println!("found        {} : {}", s(&d["manifest"]).trim_end_matches(MANIFEST_FILE), s(&d["status"]));
+        println!(
+            "found        {} : {}",
+            s(&d["manifest"]).trim_end_matches(MANIFEST_FILE),
+            s(&d["status"])
+        );
     }
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

@@ -18,7 +18,11 @@ use std::process::ExitCode;
 pub const JSON_SCHEMA_VERSION: u32 = 1;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A local model-optimization host for code completion")]
+#[command(
+    name = "kiln",
+    version,
+    about = "A local model-optimization host for code completion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -118,7 +122,10 @@ fn open_registry(config: &Config) -> Result<Registry, CliError> {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
 }
 
 /// Progress on stderr: a line rewritten in place on a terminal, a single

@@ -1,6 +1,9 @@
 //! `kiln plugins …`
 
-use super::{CliError, CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, split_spec, table};
+use super::{
+    CliError, CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, split_spec,
+    table,
+};
 use crate::config::Config;
 use crate::install::add_plugin;
 use crate::registry::{Transition, actor};
@@ -15,9 +18,9 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
         .filter_map(|d| {
             let m = d.manifest.as_ref().ok();
             let is_installed = m.is_some_and(|m| {
-                installed
-                    .iter()
-                    .any(|p| p.name == m.name && p.version == m.version.to_string() && p.sha256 == m.sha256)
+                installed.iter().any(|p| {
+                    p.name == m.name && p.version == m.version.to_string() && p.sha256 == m.sha256
+                })
             });
             (!is_installed).then(|| {
                 json!({
@@ -55,16 +58,30 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
                 ]
             })
             .collect();
-        println!("{}", table(&["NAME", "VERSION", "STATE", "ABI", "CONFORMANCE", "SHA256"], &rows));
+        println!(
+            "{}",
+            table(
+                &["NAME", "VERSION", "STATE", "ABI", "CONFORMANCE", "SHA256"],
+                &rows
+            )
+        );
     }
     if !discovered.is_empty() {
         println!("\nFound in plugin directories, not installed (`kiln plugins add PATH`):");
         for d in &discovered {
             match (&d["name"], &d["error"]) {
                 (serde_json::Value::String(n), _) => {
-                    println!("  {n} {}  {}", d["version"].as_str().unwrap_or(""), d["manifest"].as_str().unwrap_or(""))
+                    println!(
+                        "  {n} {}  {}",
+                        d["version"].as_str().unwrap_or(""),
+                        d["manifest"].as_str().unwrap_or("")
+                    )
                 }
-                (_, e) => println!("  {}  (unreadable: {})", d["manifest"].as_str().unwrap_or(""), e.as_str().unwrap_or("")),
+                (_, e) => println!(
+                    "  {}  (unreadable: {})",
+                    d["manifest"].as_str().unwrap_or(""),
+                    e.as_str().unwrap_or("")
+                ),
             }
         }
     }
@@ -75,7 +92,9 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
     let manifest = crate::plugin::resolve_manifest(arg, config)?;
     let mut registry = open_registry(config)?;
     let progress = Progress::new("conformance");
-    let installed = add_plugin(config, &mut registry, &manifest, &actor(), |d, t| progress.update(d, t))?;
+    let installed = add_plugin(config, &mut registry, &manifest, &actor(), |d, t| {
+        progress.update(d, t)
+    })?;
     let summary = installed.conformance.summary();
     if as_json {
         print_json(&json!({
@@ -103,7 +122,12 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
 
 fn report(t: &Transition) {
     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
-    println!("{}: active version {} -> {}", t.name, show(&t.before), show(&t.after));
+    println!(
+        "{}: active version {} -> {}",
+        t.name,
+        show(&t.before),
+        show(&t.after)
+    );
 }
 
 pub fn enable(config: &Config, spec: &str) -> CliResult {
@@ -151,6 +175,9 @@ pub fn log(config: &Config, limit: usize, as_json: bool) -> CliResult {
             ]
         })
         .collect();
-    println!("{}", table(&["AT", "ACTION", "PLUGIN", "FROM", "TO", "BY"], &rows));
+    println!(
+        "{}",
+        table(&["AT", "ACTION", "PLUGIN", "FROM", "TO", "BY"], &rows)
+    );
     Ok(ExitCode::SUCCESS)
 }

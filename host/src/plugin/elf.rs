@@ -54,17 +54,23 @@ pub fn check_library(bytes: &[u8]) -> Result<(), String> {
 pub fn check_elf(bytes: &[u8]) -> Result<(), String> {
     let len = bytes.len() as u64;
     if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
-        return Err("not an ELF file (wrong magic bytes); is it a shared library for Linux?".into());
+        return Err(
+            "not an ELF file (wrong magic bytes); is it a shared library for Linux?".into(),
+        );
     }
     if bytes.len() < 64 {
-        return Err(format!("truncated ELF file: {len} bytes is shorter than the 64-byte header"));
+        return Err(format!(
+            "truncated ELF file: {len} bytes is shorter than the 64-byte header"
+        ));
     }
     if bytes[4] != 2 || bytes[5] != 1 {
         return Err("not a 64-bit little-endian ELF file".into());
     }
     let e_type = u16_at(bytes, 16);
     if e_type != ET_DYN {
-        return Err(format!("ELF type {e_type} is not a shared object (ET_DYN); build the plugin as a cdylib/-shared"));
+        return Err(format!(
+            "ELF type {e_type} is not a shared object (ET_DYN); build the plugin as a cdylib/-shared"
+        ));
     }
     let machine = u16_at(bytes, 18);
     if let Some((want, name)) = HOST_MACHINE
@@ -145,7 +151,11 @@ mod tests {
 
     #[test]
     fn refuses_text_and_executables() {
-        assert!(check_elf(b"#!/bin/sh\necho hi\n").unwrap_err().contains("not an ELF"));
+        assert!(
+            check_elf(b"#!/bin/sh\necho hi\n")
+                .unwrap_err()
+                .contains("not an ELF")
+        );
         let mut exe = some_shared_object();
         exe[16] = 2; // ET_EXEC
         assert!(check_elf(&exe).unwrap_err().contains("not a shared object"));

@@ -66,10 +66,18 @@ impl Manifest {
                 self.name
             ));
         }
+        if self.name == "cpu" {
+            return Err(
+                "name \"cpu\" is reserved for kiln's built-in CPU backend; choose another".into(),
+            );
+        }
         self.abi_version()?;
         let lib = Path::new(&self.library);
         let plain = lib.components().count() == 1
-            && matches!(lib.components().next(), Some(std::path::Component::Normal(_)));
+            && matches!(
+                lib.components().next(),
+                Some(std::path::Component::Normal(_))
+            );
         if !plain {
             return Err(format!(
                 "library {:?} must be a file name next to the manifest (no directories, no '..')",
@@ -142,12 +150,25 @@ cpu_features = ["avx2"]
     fn each_bad_field_is_named() {
         let cases = [
             ("name = \"vendor-gpu\"", "name = \"Vendor GPU\"", "name"),
-            ("version = \"1.2.3\"", "version = \"one\"", "line 3 (`version = \"one\"`)"),
+            ("name = \"vendor-gpu\"", "name = \"cpu\"", "reserved"),
+            (
+                "version = \"1.2.3\"",
+                "version = \"one\"",
+                "line 3 (`version = \"one\"`)",
+            ),
             ("kind = \"backend\"", "kind = \"frontend\"", "frontend"),
             ("abi = \"1.1\"", "abi = \"1\"", "MAJOR.MINOR"),
-            ("library = \"libvendor.so\"", "library = \"../evil.so\"", "no '..'"),
+            (
+                "library = \"libvendor.so\"",
+                "library = \"../evil.so\"",
+                "no '..'",
+            ),
             ("sha256 = \"0000", "sha256 = \"zz00", "64 hexadecimal"),
-            ("cpu_features = [\"avx2\"]", "cpu_features = [\"avx1024\"]", "unknown CPU feature"),
+            (
+                "cpu_features = [\"avx2\"]",
+                "cpu_features = [\"avx1024\"]",
+                "unknown CPU feature",
+            ),
             ("cpu_features", "cpu_feature", "unknown field"),
         ];
         for (from, to, expect) in cases {

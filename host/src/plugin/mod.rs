@@ -126,7 +126,10 @@ fn read_library(path: &Path) -> Result<Vec<u8>, PreflightError> {
         return Err(err("not a regular file".into()));
     }
     if meta.len() > MAX_LIBRARY_BYTES {
-        return Err(err(format!("{} bytes is larger than the {MAX_LIBRARY_BYTES}-byte limit", meta.len())));
+        return Err(err(format!(
+            "{} bytes is larger than the {MAX_LIBRARY_BYTES}-byte limit",
+            meta.len()
+        )));
     }
     std::fs::read(path).map_err(|e| err(e.to_string()))
 }
@@ -272,7 +275,11 @@ mod tests {
         let err = preflight(&m).unwrap_err();
         assert!(matches!(err, PreflightError::Elf { .. }), "{err}");
         // A foreign-architecture feature is known but never present.
-        let foreign = if cfg!(target_arch = "aarch64") { "\"avx2\"" } else { "\"neon\"" };
+        let foreign = if cfg!(target_arch = "aarch64") {
+            "\"avx2\""
+        } else {
+            "\"neon\""
+        };
         let m = write_plugin(dir.path(), &lib, &good_sha, foreign);
         let err = preflight(&m).unwrap_err();
         assert!(matches!(err, PreflightError::CpuFeatures { .. }), "{err}");

@@ -73,12 +73,24 @@ impl CpuBackend {
 }
 
 fn desc_of<B>(t: &Tensor<'_, B>) -> Result<Desc, BackendError> {
-    let usize_of = |v: i64| usize::try_from(v).map_err(|_| BackendError::invalid("extent overflows"));
-    let usize_nb = |v: u64| usize::try_from(v).map_err(|_| BackendError::invalid("stride overflows"));
+    let usize_of =
+        |v: i64| usize::try_from(v).map_err(|_| BackendError::invalid("extent overflows"));
+    let usize_nb =
+        |v: u64| usize::try_from(v).map_err(|_| BackendError::invalid("stride overflows"));
     Ok(Desc {
         dtype: t.dtype,
-        ne: [usize_of(t.ne[0])?, usize_of(t.ne[1])?, usize_of(t.ne[2])?, usize_of(t.ne[3])?],
-        nb: [usize_nb(t.nb[0])?, usize_nb(t.nb[1])?, usize_nb(t.nb[2])?, usize_nb(t.nb[3])?],
+        ne: [
+            usize_of(t.ne[0])?,
+            usize_of(t.ne[1])?,
+            usize_of(t.ne[2])?,
+            usize_of(t.ne[3])?,
+        ],
+        nb: [
+            usize_nb(t.nb[0])?,
+            usize_nb(t.nb[1])?,
+            usize_nb(t.nb[2])?,
+            usize_nb(t.nb[3])?,
+        ],
     })
 }
 
@@ -102,7 +114,10 @@ fn view(tensors: &Tensors<'_, CpuBuffer>, index: u32) -> Result<View, BackendErr
         .extent()
         .ok_or_else(|| BackendError::invalid(format!("tensor {index}: extent overflows")))?;
     let data = buffer.range(t.offset, extent as u64).map_err(|e| {
-        BackendError::invalid(format!("tensor {index} does not fit its buffer: {}", e.message))
+        BackendError::invalid(format!(
+            "tensor {index} does not fit its buffer: {}",
+            e.message
+        ))
     })?;
     Ok(View { data, desc })
 }
@@ -189,11 +204,19 @@ impl Backend for CpuBackend {
         let len = usize::try_from(size)
             .ok()
             .filter(|&n| n <= isize::MAX as usize - ALIGN)
-            .ok_or_else(|| BackendError::new(ErrorCode::OutOfMemory, format!("cannot allocate {size} bytes")))?;
+            .ok_or_else(|| {
+                BackendError::new(
+                    ErrorCode::OutOfMemory,
+                    format!("cannot allocate {size} bytes"),
+                )
+            })?;
         let layout = Layout::from_size_align(len.max(1), ALIGN).expect("size checked above");
         // SAFETY: the layout has a non-zero size.
         let ptr = NonNull::new(unsafe { alloc_zeroed(layout) }).ok_or_else(|| {
-            BackendError::new(ErrorCode::OutOfMemory, format!("cannot allocate {size} bytes"))
+            BackendError::new(
+                ErrorCode::OutOfMemory,
+                format!("cannot allocate {size} bytes"),
+            )
         })?;
         Ok(CpuBuffer {
             ptr,
@@ -202,7 +225,12 @@ impl Backend for CpuBackend {
         })
     }
 
-    unsafe fn buffer_wrap_host(&self, device: u32, ptr: *mut u8, size: u64) -> Result<CpuBuffer, BackendError> {
+    unsafe fn buffer_wrap_host(
+        &self,
+        device: u32,
+        ptr: *mut u8,
+        size: u64,
+    ) -> Result<CpuBuffer, BackendError> {
         self.check_device(device)?;
         let ptr = NonNull::new(ptr).ok_or_else(|| BackendError::invalid("host pointer is null"))?;
         let len = usize::try_from(size).map_err(|_| BackendError::invalid("size overflows"))?;
@@ -213,14 +241,24 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn buffer_write(&self, buffer: &CpuBuffer, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+    fn buffer_write(
+        &self,
+        buffer: &CpuBuffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
         let dst = buffer.range(offset, data.len() as u64)?;
         // SAFETY: `range` checked that the destination is inside the buffer.
         unsafe { std::ptr::copy(data.as_ptr(), dst, data.len()) };
         Ok(())
     }
 
-    fn buffer_read(&self, buffer: &CpuBuffer, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+    fn buffer_read(
+        &self,
+        buffer: &CpuBuffer,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), BackendError> {
         let src = buffer.range(offset, out.len() as u64)?;
         // SAFETY: `range` checked that the source is inside the buffer.
         unsafe { std::ptr::copy(src, out.as_mut_ptr(), out.len()) };

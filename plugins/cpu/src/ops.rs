@@ -96,9 +96,10 @@ fn need(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
     if cond { Ok(()) } else { Err(msg()) }
 }
 
-fn need_dtype(what: &str, d: &Desc, dtype: DType) -> Result<(), String> {
+/// `what` names the tensor ("src0", "dst", "mask", …); formatted only on failure.
+fn need_dtype(kind: OpKind, what: &str, d: &Desc, dtype: DType) -> Result<(), String> {
     need(d.dtype == dtype, || {
-        format!("{what} must be {dtype}, got {}", d.dtype)
+        format!("{kind} {what} must be {dtype}, got {}", d.dtype)
     })
 }
 
@@ -108,11 +109,17 @@ fn need_same_shape(a: &Desc, b: &Desc) -> Result<(), String> {
     })
 }
 
-fn need_broadcast(what: &str, big: &Desc, small: &Desc, from_dim: usize) -> Result<(), String> {
+fn need_broadcast(
+    kind: OpKind,
+    what: &str,
+    big: &Desc,
+    small: &Desc,
+    from_dim: usize,
+) -> Result<(), String> {
     for d in from_dim..4 {
         if big.ne[d] % small.ne[d] != 0 {
             return Err(format!(
-                "{what} extent {:?} does not divide {:?} in dimension {d}",
+                "{kind} {what} extent {:?} does not divide {:?} in dimension {d}",
                 small.ne, big.ne
             ));
         }
@@ -137,29 +144,33 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
     match kind {
         OpKind::MulMat => {
             let (w, x) = (&src[0], &src[1]);
-            need(w.dtype != DType::I32, || "mul_mat weights cannot be i32".into())?;
-            need_dtype("mul_mat src1", x, DType::F32)?;
-            need_dtype("mul_mat dst", dst, DType::F32)?;
-            need(w.ne[0] == x.ne[0], || {
-                format!("mul_mat inner dimensions differ: {} vs {}", w.ne[0], x.ne[0])
+            need(w.dtype != DType::I32, || {
+                "mul_mat weights cannot be i32".into()
             })?;
-            need_broadcast("mul_mat src0", x, w, 2)?;
+            need_dtype(kind, "src1", x, DType::F32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
+            need(w.ne[0] == x.ne[0], || {
+                format!(
+                    "mul_mat inner dimensions differ: {} vs {}",
+                    w.ne[0], x.ne[0]
+                )
+            })?;
+            need_broadcast(kind, "src0", x, w, 2)?;
             let want = [w.ne[1], x.ne[1], x.ne[2], x.ne[3]];
             need(dst.ne == want, || {
                 format!("mul_mat dst must be {want:?}, got {:?}", dst.ne)
             })
         }
         OpKind::Add | OpKind::Mul => {
-            for (i, s) in src.iter().enumerate() {
-                need_dtype(&format!("{kind} src{i}"), s, DType::F32)?;
-            }
-            need_dtype(&format!("{kind} dst"), dst, DType::F32)?;
+            need_dtype(kind, "src0", &src[0], DType::F32)?;
+            need_dtype(kind, "src1", &src[1], DType::F32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
             need_same_shape(&src[0], dst)?;
-            need_broadcast(&format!("{kind} src1"), &src[0], &src[1], 0)
+            need_broadcast(kind, "src1", &src[0], &src[1], 0)
         }
         OpKind::Scale | OpKind::Silu | OpKind::Gelu | OpKind::RmsNorm => {
-            need_dtype(&format!("{kind} src0"), &src[0], DType::F32)?;
-            need_dtype(&format!("{kind} dst"), dst, DType::F32)?;
+            need_dtype(kind, "src0", &src[0], DType::F32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
             need_same_shape(&src[0], dst)?;
             if kind == OpKind::RmsNorm {
                 let eps = param_f32(params[0]);
@@ -171,11 +182,13 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
         }
         OpKind::Rope => {
             let (x, pos) = (&src[0], &src[1]);
-            need_dtype("rope src0", x, DType::F32)?;
-            need_dtype("rope positions", pos, DType::I32)?;
-            need_dtype("rope dst", dst, DType::F32)?;
+            need_dtype(kind, "src0", x, DType::F32)?;
+            need_dtype(kind, "positions", pos, DType::I32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
             need_same_shape(x, dst)?;
-            need(x.ne[3] == 1, || "rope src0 must be [head_dim, n_head, n_tokens, 1]".into())?;
+            need(x.ne[3] == 1, || {
+                "rope src0 must be [head_dim, n_head, n_tokens, 1]".into()
+            })?;
             need(pos.ne == [x.ne[2], 1, 1, 1], || {
                 format!("rope positions must be [{}], got {:?}", x.ne[2], pos.ne)
             })?;
@@ -195,15 +208,18 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
             })
         }
         OpKind::SoftMax => {
-            need_dtype("soft_max src0", &src[0], DType::F32)?;
-            need_dtype("soft_max dst", dst, DType::F32)?;
+            need_dtype(kind, "src0", &src[0], DType::F32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
             need_same_shape(&src[0], dst)?;
             if let Some(mask) = src.get(1) {
-                need_dtype("soft_max mask", mask, DType::F32)?;
+                need_dtype(kind, "mask", mask, DType::F32)?;
                 need(mask.ne[0] == src[0].ne[0], || {
-                    format!("soft_max mask rows have {} elements, need {}", mask.ne[0], src[0].ne[0])
+                    format!(
+                        "soft_max mask rows have {} elements, need {}",
+                        mask.ne[0], src[0].ne[0]
+                    )
                 })?;
-                need_broadcast("soft_max mask", &src[0], mask, 1)?;
+                need_broadcast(kind, "mask", &src[0], mask, 1)?;
             }
             Ok(())
         }
@@ -212,11 +228,11 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
             need(table.ne[2] == 1 && table.ne[3] == 1, || {
                 "get_rows table must be 2-D".into()
             })?;
-            need_dtype("get_rows indices", idx, DType::I32)?;
+            need_dtype(kind, "indices", idx, DType::I32)?;
             need(idx.ne[1] == 1 && idx.ne[2] == 1 && idx.ne[3] == 1, || {
                 "get_rows indices must be 1-D".into()
             })?;
-            need_dtype("get_rows dst", dst, DType::F32)?;
+            need_dtype(kind, "dst", dst, DType::F32)?;
             let want = [table.ne[0], idx.ne[0], 1, 1];
             need(dst.ne == want, || {
                 format!("get_rows dst must be {want:?}, got {:?}", dst.ne)
@@ -305,7 +321,8 @@ unsafe fn read_i32(v: &View, i: [usize; 4]) -> i32 {
 }
 
 fn rows(ne: [usize; 4]) -> impl Iterator<Item = (usize, usize, usize)> {
-    (0..ne[3]).flat_map(move |i3| (0..ne[2]).flat_map(move |i2| (0..ne[1]).map(move |i1| (i1, i2, i3))))
+    (0..ne[3])
+        .flat_map(move |i3| (0..ne[2]).flat_map(move |i2| (0..ne[1]).map(move |i1| (i1, i2, i3))))
 }
 
 /// Computes `kind` over resolved memory. Call [`check`] first.
@@ -353,10 +370,20 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                 let mut bv = vec![0f32; b.desc.ne[0]];
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
-                    read_row(b, i1 % b.desc.ne[1], i2 % b.desc.ne[2], i3 % b.desc.ne[3], &mut bv);
+                    read_row(
+                        b,
+                        i1 % b.desc.ne[1],
+                        i2 % b.desc.ne[2],
+                        i3 % b.desc.ne[3],
+                        &mut bv,
+                    );
                     for (i0, o) in out.iter_mut().enumerate() {
                         let y = bv[i0 % bv.len()];
-                        *o = if kind == OpKind::Add { a[i0] + y } else { a[i0] * y };
+                        *o = if kind == OpKind::Add {
+                            a[i0] + y
+                        } else {
+                            a[i0] * y
+                        };
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }
@@ -399,7 +426,11 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                     for i in 0..n_rot / 2 {
                         let theta = pos * freq_scale * base.powf(-2.0 * i as f64 / n_rot as f64);
                         let (sin, cos) = theta.sin_cos();
-                        let (j0, j1) = if neox { (i, i + n_rot / 2) } else { (2 * i, 2 * i + 1) };
+                        let (j0, j1) = if neox {
+                            (i, i + n_rot / 2)
+                        } else {
+                            (2 * i, 2 * i + 1)
+                        };
                         let (x0, x1) = (a[j0] as f64, a[j1] as f64);
                         out[j0] = (x0 * cos - x1 * sin) as f32;
                         out[j1] = (x0 * sin + x1 * cos) as f32;
@@ -490,7 +521,11 @@ mod tests {
         let descs: Vec<Desc> = srcs.iter().map(|s| s.0).collect();
         check(kind, &descs, &dst, &params).unwrap();
         let mut bufs: Vec<Vec<u8>> = srcs.into_iter().map(|s| s.1).collect();
-        let views: Vec<View> = descs.iter().zip(bufs.iter_mut()).map(|(d, b)| view(*d, b)).collect();
+        let views: Vec<View> = descs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(d, b)| view(*d, b))
+            .collect();
         let mut out = vec![0u8; dst.extent().unwrap()];
         let dv = view(dst, &mut out);
         // SAFETY: every view covers its own Vec.
@@ -519,7 +554,10 @@ mod tests {
         let b = Desc::contiguous(DType::F32, [3, 1, 1, 1]);
         let y = run1(
             OpKind::Add,
-            vec![(a, f32s(&[1., 2., 3., 4., 5., 6.])), (b, f32s(&[10., 20., 30.]))],
+            vec![
+                (a, f32s(&[1., 2., 3., 4., 5., 6.])),
+                (b, f32s(&[10., 20., 30.])),
+            ],
             a,
             [0; 8],
         );
@@ -545,7 +583,12 @@ mod tests {
         p[2] = f32_param(1.0);
         p[3] = f32_param(1.0);
         let positions: Vec<u8> = [0i32, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let y = run1(OpKind::Rope, vec![(x, f32s(&[1., 0., 1., 0.])), (pos, positions)], x, p);
+        let y = run1(
+            OpKind::Rope,
+            vec![(x, f32s(&[1., 0., 1., 0.])), (pos, positions)],
+            x,
+            p,
+        );
         assert_eq!(&y[..2], &[1.0, 0.0]);
         assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6);
     }
@@ -556,7 +599,12 @@ mod tests {
         let mut p = [0; 8];
         p[0] = f32_param(1.0);
         let mask = f32s(&[0.0, f32::NEG_INFINITY, 0.0, 0.0]);
-        let y = run1(OpKind::SoftMax, vec![(x, f32s(&[5., 7., 1., 1.])), (x, mask)], x, p);
+        let y = run1(
+            OpKind::SoftMax,
+            vec![(x, f32s(&[5., 7., 1., 1.])), (x, mask)],
+            x,
+            p,
+        );
         assert_eq!(y, vec![1.0, 0.0, 0.5, 0.5]);
     }
 

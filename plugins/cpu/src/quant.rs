@@ -324,7 +324,13 @@ mod tests {
     #[test]
     fn round_trip_errors_stay_within_half_a_step() {
         let mut rng = fastrand::Rng::with_seed(7);
-        for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::F16, DType::BF16] {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::Q8_0,
+            DType::F16,
+            DType::BF16,
+        ] {
             let x: Vec<f32> = (0..96).map(|_| rng.f32() * 2.0 - 1.0).collect();
             let y = round_trip(dtype, &x);
             for blk in 0..3 {
@@ -339,11 +345,18 @@ mod tests {
                 };
                 // Q4_0/Q5_0 scale by the signed max, so the opposite
                 // extreme clamps to the last code: up to one whole step.
-                let slack = if matches!(dtype, DType::Q4_0 | DType::Q5_0) { 1.01 } else { 0.51 };
+                let slack = if matches!(dtype, DType::Q4_0 | DType::Q5_0) {
+                    1.01
+                } else {
+                    0.51
+                };
                 for i in 0..32 {
                     let (a, b) = (xs[i], y[blk * 32 + i]);
                     // Plus the f16 rounding of the scale.
-                    assert!((a - b).abs() <= step * slack + 1e-3 * amax, "{dtype} {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= step * slack + 1e-3 * amax,
+                        "{dtype} {a} vs {b}"
+                    );
                 }
             }
         }
