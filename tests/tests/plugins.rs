@@ -231,7 +231,7 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
 #[test]
 fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     let home = Home::default();
-    let lib = rust_cdylib("kiln-cpu", "kiln_cpu");
+    let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("cpu-plugin", "0.1.0"));
     let added = home.json(&["plugins", "add", dir.to_str().unwrap(), "--json"]);
     let c = &added["conformance"];
@@ -248,7 +248,7 @@ fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     // source directory cannot change what kiln loads.
     let stored = std::path::PathBuf::from(p["library_path"].as_str().unwrap());
     assert!(stored.starts_with(home.path().join("store/plugins/cpu-plugin/0.1.0")));
-    std::fs::write(dir.join("libkiln_cpu.so"), b"overwritten").unwrap();
+    std::fs::write(dir.join("libkiln_cpu_plugin.so"), b"overwritten").unwrap();
     assert!(
         home.json(&["backends", "--json"])["problems"]
             .as_array()

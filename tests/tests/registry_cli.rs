@@ -173,7 +173,7 @@ fn check_invariants(home: &Home) {
 #[test]
 fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     let home = Home::default();
-    let lib = rust_cdylib("kiln-cpu", "kiln_cpu");
+    let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");
     let mut rng = fastrand::Rng::with_seed(0xdead);
     let started = std::time::Instant::now();
     let mut completed = 0;

@@ -126,10 +126,10 @@ impl Backend {
     pub fn builtin_cpu() -> Arc<Backend> {
         static CPU: OnceLock<Arc<Backend>> = OnceLock::new();
         CPU.get_or_init(|| {
-            // SAFETY: `kiln_backend_init` is the CPU crate's entry point and
-            // the host table is ours.
+            // SAFETY: `backend_init` is the CPU crate's entry point and the
+            // host table is ours.
             let handle =
-                unsafe { BackendHandle::negotiate(kiln_cpu::kiln_backend_init, host_services()) }
+                unsafe { BackendHandle::negotiate(kiln_cpu::backend_init, host_services()) }
                     .expect("the built-in CPU backend negotiates with its own host");
             Arc::new(
                 Backend::from_handle(handle, BackendSource::Builtin)
@@ -142,7 +142,9 @@ impl Backend {
     /// Opens and negotiates a plugin that passed preflight. A library is
     /// initialised once per process; later loads return the same backend.
     pub fn load_plugin(plugin: &VerifiedPlugin) -> Result<Arc<Backend>, BackendLoadError> {
-        static LOADED: OnceLock<Mutex<HashMap<(PathBuf, String), Arc<Backend>>>> = OnceLock::new();
+        /// Loaded libraries by (canonical path, sha256).
+        type Loaded = Mutex<HashMap<(PathBuf, String), Arc<Backend>>>;
+        static LOADED: OnceLock<Loaded> = OnceLock::new();
         let loaded = LOADED.get_or_init(Default::default);
         let key = (
             std::fs::canonicalize(&plugin.library_path)

@@ -4,8 +4,8 @@
 //! to be read: [`quant`] holds the block formats, [`ops`] the op semantics
 //! (the oracle every other backend is checked against), and `backend` puts
 //! them behind the ABI. The same code is linked into the `kiln` binary (so
-//! kiln always has a backend) and built as a loadable plugin (`cdylib`)
-//! exporting `kiln_backend_init`.
+//! kiln always has a backend, entered through [`backend_init`]) and built
+//! as a loadable plugin by `cdylib/` (crate `kiln-cpu-plugin`).
 //!
 //! Per-ISA kernels (AVX2, AVX-512, NEON) will sit beside the scalar ones in
 //! their own modules with the same signatures, chosen at run time, each
@@ -17,4 +17,16 @@ pub mod quant;
 
 pub use backend::{CpuBackend, CpuBuffer};
 
-kiln_plugin_api::export_backend!(CpuBackend);
+/// The CPU backend's `kiln_backend_init`, for a host that links it in.
+///
+/// # Safety
+/// The contract of `kiln_backend_init` in `kiln_backend.h`.
+pub unsafe extern "C" fn backend_init(
+    host: *const kiln_plugin_api::abi::KilnHostApi,
+    out_api: *mut *const kiln_plugin_api::abi::KilnBackendApi,
+    out_ctx: *mut *mut core::ffi::c_void,
+    err: *mut kiln_plugin_api::abi::KilnError,
+) -> i32 {
+    // SAFETY: the caller upholds the entry point's contract, which is `init`'s.
+    unsafe { kiln_plugin_api::plugin::init::<CpuBackend>(host, out_api, out_ctx, err) }
+}

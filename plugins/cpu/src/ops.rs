@@ -61,7 +61,7 @@ impl Desc {
             return Err(format!("empty extent in {:?}", self.ne));
         }
         if self.dtype.is_quantized() {
-            if self.ne[0] % self.dtype.block_len() != 0 {
+            if !self.ne[0].is_multiple_of(self.dtype.block_len()) {
                 return Err(format!(
                     "{} rows need a multiple of {} elements, got ne[0] = {}",
                     self.dtype,
@@ -117,7 +117,7 @@ fn need_broadcast(
     from_dim: usize,
 ) -> Result<(), String> {
     for d in from_dim..4 {
-        if big.ne[d] % small.ne[d] != 0 {
+        if !big.ne[d].is_multiple_of(small.ne[d]) {
             return Err(format!(
                 "{kind} {what} extent {:?} does not divide {:?} in dimension {d}",
                 small.ne, big.ne
@@ -335,8 +335,8 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
     let n0 = dst.desc.ne[0];
     let mut out = vec![0f32; n0];
     let mut a = vec![0f32; src[0].desc.ne[0]];
-    // SAFETY (for every block below): the caller's contract, and `check`
-    // guarantees that every row index we form is inside its tensor.
+    // SAFETY: the caller's contract, and `check` guarantees that every row
+    // index formed below is inside its tensor.
     unsafe {
         match kind {
             OpKind::MulMat => {
