@@ -133,6 +133,7 @@ pub struct AuditEntry {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StoredScore {
+    pub device_key: String,
     pub score: f64,
     pub details: serde_json::Value,
     pub measured_at: String,
@@ -561,20 +562,26 @@ impl Registry {
 
     pub fn score(&self, backend_key: &str, device_key: &str) -> Result<Option<StoredScore>> {
         Ok(self
-            .conn
-            .query_row(
-                "SELECT score, details, measured_at FROM device_scores WHERE backend_key = ?1 AND device_key = ?2",
-                params![backend_key, device_key],
-                |r| {
-                    let details: String = r.get(1)?;
-                    Ok(StoredScore {
-                        score: r.get(0)?,
-                        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-                        measured_at: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?)
+            .scores(backend_key)?
+            .into_iter()
+            .find(|s| s.device_key == device_key))
+    }
+
+    /// Every cached score of one backend build (a plugin's sha256).
+    pub fn scores(&self, backend_key: &str) -> Result<Vec<StoredScore>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT device_key, score, details, measured_at FROM device_scores WHERE backend_key = ?1 ORDER BY device_key",
+        )?;
+        let rows = stmt.query_map([backend_key], |r| {
+            let details: String = r.get(2)?;
+            Ok(StoredScore {
+                device_key: r.get(0)?,
+                score: r.get(1)?,
+                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+                measured_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn store_score(

@@ -160,6 +160,12 @@ fn c_plugin_loads_passes_conformance_and_runs_ops_with_cpu_fallback() {
     let again = home.json(&["backends", "--json"]);
     assert_eq!(again["backends"][1]["devices"][0]["score_cached"], true);
     assert_eq!(again["chosen"], b["chosen"]);
+    // The plugin's row carries its benchmark results.
+    let list = home.json(&["plugins", "list", "--json"]);
+    assert_eq!(
+        list["plugins"][0]["scores"][0]["score"],
+        fixture["devices"][0]["score"]
+    );
 }
 
 #[test]

@@ -65,7 +65,8 @@ impl HostTensor {
         out
     }
 
-    fn raw(&self, buffer: KilnBuffer) -> KilnTensor {
+    /// This tensor as the ABI describes it, in `buffer` at offset 0.
+    pub fn raw(&self, buffer: KilnBuffer) -> KilnTensor {
         let desc = kiln_cpu::ops::Desc::contiguous(self.dtype, self.ne);
         KilnTensor {
             buffer,

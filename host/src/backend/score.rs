@@ -11,8 +11,7 @@
 
 use super::Backend;
 use super::exec::HostTensor;
-use kiln_plugin_api::abi::{KilnOp, KilnTensor};
-use kiln_plugin_api::host::RawBuffer;
+use kiln_plugin_api::abi::KilnOp;
 use kiln_plugin_api::{BackendError, DType, OpKind};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -72,19 +71,8 @@ fn bench_mul_mat(
         flags: 0,
         params: [0; 8],
     };
-    let describe = |t: &HostTensor, b: RawBuffer| -> KilnTensor {
-        let desc = kiln_cpu::ops::Desc::contiguous(t.dtype, t.ne);
-        KilnTensor {
-            buffer: b.0,
-            offset: 0,
-            dtype: t.dtype.raw(),
-            n_dims: 4,
-            ne: t.ne.map(|v| v as i64),
-            nb: desc.nb.map(|v| v as u64),
-        }
-    };
-    let null = RawBuffer(std::ptr::null_mut());
-    let query = [describe(&w, null), describe(&x, null), describe(&y, null)];
+    let null = std::ptr::null_mut();
+    let query = [w.raw(null), x.raw(null), y.raw(null)];
     if !h.supports_op(device, &op, &query)? {
         return Ok(None);
     }
@@ -95,7 +83,7 @@ fn bench_mul_mat(
             let b = h.buffer_alloc(device, t.data.len() as u64)?;
             buffers.push(b);
             h.buffer_write(b, 0, &t.data)?;
-            tensors.push(describe(t, b));
+            tensors.push(t.raw(b.0));
         }
         let _lock = backend.lock_device(device);
         let mut times = Vec::with_capacity(RUNS);

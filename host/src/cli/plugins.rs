@@ -34,9 +34,19 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
         })
         .collect();
     if as_json {
+        // Each version with the device scores measured for its build.
+        let plugins: Vec<serde_json::Value> = installed
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["scores"] = serde_json::to_value(registry.scores(&p.sha256).unwrap_or_default())
+                    .unwrap_or_default();
+                v
+            })
+            .collect();
         print_json(&json!({
             "schema_version": JSON_SCHEMA_VERSION,
-            "plugins": installed,
+            "plugins": plugins,
             "discovered_not_installed": discovered,
         }));
         return Ok(ExitCode::SUCCESS);
