@@ -94,13 +94,14 @@ fn desc_of<B>(t: &Tensor<'_, B>) -> Result<Desc, BackendError> {
     })
 }
 
-fn descs(op: &Op, tensors: &Tensors<'_, CpuBuffer>) -> Result<(Vec<Desc>, Desc), BackendError> {
-    let src = op
-        .srcs()
-        .iter()
-        .map(|&i| tensors.get(i).and_then(|t| desc_of(&t)))
-        .collect::<Result<Vec<_>, _>>()?;
+/// The descriptions of an op's sources (the first `op.srcs().len()` of the
+/// array; no allocation on this per-op path) and of its destination.
+fn descs(op: &Op, tensors: &Tensors<'_, CpuBuffer>) -> Result<([Desc; 4], Desc), BackendError> {
     let dst = desc_of(&tensors.get(op.dst)?)?;
+    let mut src = [dst; 4];
+    for (slot, &i) in src.iter_mut().zip(op.srcs()) {
+        *slot = desc_of(&tensors.get(i)?)?;
+    }
     Ok((src, dst))
 }
 
@@ -282,7 +283,9 @@ impl Backend for CpuBackend {
     fn supports_op(&self, device: u32, op: &Op, tensors: &Tensors<'_, CpuBuffer>) -> bool {
         device == 0
             && descs(op, tensors)
-                .map(|(src, dst)| ops::check(op.kind, &src, &dst, &op.params).is_ok())
+                .map(|(src, dst)| {
+                    ops::check(op.kind, &src[..op.srcs().len()], &dst, &op.params).is_ok()
+                })
                 .unwrap_or(false)
     }
 
@@ -290,19 +293,18 @@ impl Backend for CpuBackend {
         self.check_device(device)?;
         for i in 0..graph.n_ops() {
             let op = graph.op(i)?;
+            let n_src = op.srcs().len();
             let (src_descs, dst_desc) = descs(&op, &graph.tensors).map_err(|e| e.at_op(i))?;
-            ops::check(op.kind, &src_descs, &dst_desc, &op.params)
+            ops::check(op.kind, &src_descs[..n_src], &dst_desc, &op.params)
                 .map_err(|m| BackendError::unsupported(m).at_op(i))?;
-            let src = op
-                .srcs()
-                .iter()
-                .map(|&t| view(&graph.tensors, t))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.at_op(i))?;
             let dst = view(&graph.tensors, op.dst).map_err(|e| e.at_op(i))?;
+            let mut src = [dst; 4];
+            for (slot, &t) in src.iter_mut().zip(op.srcs()) {
+                *slot = view(&graph.tensors, t).map_err(|e| e.at_op(i))?;
+            }
             // SAFETY: every view was bounds-checked against its buffer above,
             // and `check` accepted the op's shapes.
-            unsafe { ops::run(op.kind, &src, &dst, &op.params) }
+            unsafe { ops::run(op.kind, &src[..n_src], &dst, &op.params) }
                 .map_err(|m| BackendError::invalid(m).at_op(i))?;
         }
         Ok(())
