@@ -3,6 +3,7 @@
 //! This crate is the `kiln` binary's library. One module per capability:
 //! - [`config`]: `KILN_HOME`, `config.toml`, plugin directories;
 //! - [`cpu_features`]: what this CPU and OS can run;
+//! - [`gguf`]: the GGUF model format, read over mmap and written atomically;
 //! - [`plugin`]: manifests, preflight checks, discovery, the plugin store;
 //! - [`registry`]: the SQLite catalog, migrations, rollback, audit log;
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod cpu_features;
+pub mod gguf;
 pub mod install;
 pub mod plugin;
 pub mod registry;

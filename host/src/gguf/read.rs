@@ -1,0 +1,406 @@
+//! The GGUF reader. The file is memory-mapped; metadata is parsed into
+//! owned values, tensor data stays in the map and is handed out as slices.
+
+use super::*;
+use kiln_plugin_api::DType;
+use memmap2::Mmap;
+use std::path::Path;
+
+/// One tensor's description and where its bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    /// Extents, innermost first (ggml order); unused dimensions are 1.
+    pub ne: [u64; MAX_DIMS],
+    pub n_dims: u32,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub size: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.ne.iter().product()
+    }
+}
+
+/// The file's bytes: mapped from disk, or owned (tests, small files).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// An open GGUF file.
+pub struct GgufFile {
+    path: PathBuf,
+    map: Storage,
+    pub version: u32,
+    pub alignment: u64,
+    /// Metadata in file order.
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+    /// Where the data section starts.
+    pub data_offset: u64,
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, at: usize, what: impl Into<String>) -> GgufError {
+        GgufError {
+            path: self.path.to_path_buf(),
+            offset: Some(at as u64),
+            what: what.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
+        let remaining = self.bytes.len() - self.pos;
+        if n > remaining {
+            return Err(self.err(
+                self.pos,
+                format!("truncated: {what} needs {n} bytes, only {remaining} remain"),
+            ));
+        }
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        self.array::<4>(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        self.array::<8>(what).map(u64::from_le_bytes)
+    }
+
+    /// A count of items that each take at least `min_item` bytes: refused
+    /// when the rest of the file could not hold them, so a hostile count
+    /// never turns into a huge allocation.
+    fn count(&mut self, what: &str, min_item: usize) -> Result<usize, GgufError> {
+        let at = self.pos;
+        let n = self.u64(what)?;
+        let remaining = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_item as u64) > remaining {
+            return Err(self.err(
+                at,
+                format!("{what} is {n}, more than the {remaining} remaining bytes can hold"),
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let len_at = self.pos;
+        let len = self.count(what, 1)?;
+        let at = self.pos;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| {
+            let _ = len_at;
+            self.err(
+                at + e.utf8_error().valid_up_to(),
+                format!("{what} is not valid UTF-8"),
+            )
+        })
+    }
+
+    fn value(&mut self, ty: ValueType, depth: u32) -> Result<Value, GgufError> {
+        Ok(match ty {
+            ValueType::U8 => Value::U8(self.array::<1>("a u8 value")?[0]),
+            ValueType::I8 => Value::I8(self.array::<1>("an i8 value")?[0] as i8),
+            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array("a u16 value")?)),
+            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array("an i16 value")?)),
+            ValueType::U32 => Value::U32(self.u32("a u32 value")?),
+            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array("an i32 value")?)),
+            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array("an f32 value")?)),
+            ValueType::U64 => Value::U64(self.u64("a u64 value")?),
+            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array("an i64 value")?)),
+            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array("an f64 value")?)),
+            ValueType::Bool => {
+                let at = self.pos;
+                match self.array::<1>("a bool value")?[0] {
+                    0 => Value::Bool(false),
+                    1 => Value::Bool(true),
+                    b => return Err(self.err(at, format!("bool value {b} is neither 0 nor 1"))),
+                }
+            }
+            ValueType::String => Value::String(self.string("a string value")?),
+            ValueType::Array => {
+                if depth >= 8 {
+                    return Err(self.err(self.pos, "arrays nested more than 8 deep"));
+                }
+                let at = self.pos;
+                let raw = self.u32("an array's element type")?;
+                let elem = ValueType::from_raw(raw)
+                    .ok_or_else(|| self.err(at, format!("unknown array element type {raw}")))?;
+                let min = elem.fixed_size().unwrap_or(8);
+                let n = self.count("an array's length", min)?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(elem, items)
+            }
+        })
+    }
+}
+
+fn dtype_from_ggml(raw: u32) -> Option<DType> {
+    DType::from_raw(raw)
+}
+
+/// Names of ggml types kiln does not load, for error messages.
+fn ggml_type_name(raw: u32) -> String {
+    let name = match raw {
+        3 => "Q4_1",
+        7 => "Q5_1",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        15 => "Q8_K",
+        16..=23 | 29 => "an IQ type",
+        24 => "I8",
+        25 => "I16",
+        27 => "I64",
+        28 => "F64",
+        34 | 35 => "a ternary (TQ) type",
+        _ => "unknown",
+    };
+    format!("ggml type {raw} ({name})")
+}
+
+impl GgufFile {
+    /// Opens and parses `path`. The data stays mapped.
+    pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        let file = std::fs::File::open(path).map_err(|e| GgufError {
+            path: path.to_path_buf(),
+            offset: None,
+            what: format!("cannot open: {e}"),
+        })?;
+        // SAFETY: the map is read-only and private to this process. A
+        // concurrent truncation of the file by another process could fault
+        // on access; model files are not written in place (kiln writes them
+        // to a temp file and renames).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| GgufError {
+            path: path.to_path_buf(),
+            offset: None,
+            what: format!("cannot map: {e}"),
+        })?;
+        GgufFile::parse(path, Storage::Mapped(map))
+    }
+
+    /// Parses bytes already in memory; `name` stands in for the path in errors.
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
+        GgufFile::parse(name, Storage::Owned(bytes))
+    }
+
+    fn parse(path: &Path, map: Storage) -> Result<GgufFile, GgufError> {
+        let mut c = Cursor {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
+        let magic = c
+            .array::<4>("the magic number")
+            .map_err(|_| c.err(0, "not a GGUF file: shorter than the 4-byte magic number"))?;
+        if &magic != MAGIC {
+            return Err(c.err(
+                0,
+                format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""),
+            ));
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(c.err(
+                4,
+                format!("GGUF version {version} is not supported (kiln reads 2 and 3)"),
+            ));
+        }
+        // Each tensor info takes at least 8+4+8+4+8 bytes; each kv 8+4+1.
+        let n_tensors = c.count("the tensor count", 32)?;
+        let n_kv = c.count("the metadata count", 13)?;
+        let mut metadata = Vec::with_capacity(n_kv);
+        for _ in 0..n_kv {
+            let key = c.string("a metadata key")?;
+            let at = c.pos;
+            let raw = c.u32("a metadata value type")?;
+            let ty = ValueType::from_raw(raw)
+                .ok_or_else(|| c.err(at, format!("metadata {key:?}: unknown value type {raw}")))?;
+            let value = c.value(ty, 0).map_err(|mut e| {
+                e.what = format!("metadata {key:?}: {}", e.what);
+                e
+            })?;
+            metadata.push((key, value));
+        }
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some((_, v)) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() => a,
+                _ => {
+                    return Err(c.err(
+                        24,
+                        format!("general.alignment {v:?} must be a power of two"),
+                    ));
+                }
+            },
+        };
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let at = c.pos;
+            let name = c.string("a tensor name")?;
+            let dims_at = c.pos;
+            let n_dims = c.u32("a tensor's dimension count")?;
+            if n_dims == 0 || n_dims as usize > MAX_DIMS {
+                return Err(c.err(
+                    dims_at,
+                    format!("tensor {name:?}: {n_dims} dimensions (1 to 4 allowed)"),
+                ));
+            }
+            let mut ne = [1u64; MAX_DIMS];
+            for d in ne.iter_mut().take(n_dims as usize) {
+                *d = c.u64("a tensor extent")?;
+            }
+            let type_at = c.pos;
+            let raw_type = c.u32("a tensor type")?;
+            let dtype = dtype_from_ggml(raw_type).ok_or_else(|| {
+                c.err(
+                    type_at,
+                    format!(
+                        "tensor {name:?} has {}, which kiln cannot load; requantize the model to F16, BF16, Q4_0, Q5_0, Q8_0 or a K-quant (Q4_K/Q5_K/Q6_K)",
+                        ggml_type_name(raw_type)
+                    ),
+                )
+            })?;
+            let offset = c.u64("a tensor offset")?;
+            if ne.contains(&0) {
+                return Err(c.err(
+                    dims_at,
+                    format!("tensor {name:?} has an empty dimension {ne:?}"),
+                ));
+            }
+            if ne[0] % dtype.block_len() as u64 != 0 {
+                return Err(c.err(
+                    dims_at,
+                    format!(
+                        "tensor {name:?}: {} rows need a multiple of {} elements, got {}",
+                        dtype,
+                        dtype.block_len(),
+                        ne[0]
+                    ),
+                ));
+            }
+            let size = ne[1..]
+                .iter()
+                .try_fold(
+                    ne[0] / dtype.block_len() as u64 * dtype.block_bytes() as u64,
+                    |acc, &n| acc.checked_mul(n),
+                )
+                .ok_or_else(|| c.err(dims_at, format!("tensor {name:?}: size overflows")))?;
+            if offset % alignment != 0 {
+                return Err(c.err(
+                    at,
+                    format!("tensor {name:?}: offset {offset} is not aligned to {alignment}"),
+                ));
+            }
+            infos.push(TensorInfo {
+                name,
+                dtype,
+                ne,
+                n_dims,
+                offset,
+                size,
+            });
+        }
+        let data_offset = align_up(c.pos as u64, alignment)
+            .ok_or_else(|| c.err(c.pos, "data offset overflows"))?;
+        let file_len = map.len() as u64;
+        for t in &infos {
+            let end = data_offset
+                .checked_add(t.offset)
+                .and_then(|s| s.checked_add(t.size));
+            if end.is_none_or(|e| e > file_len) {
+                return Err(GgufError {
+                    path: path.to_path_buf(),
+                    offset: Some(data_offset.saturating_add(t.offset)),
+                    what: format!(
+                        "truncated: tensor {:?} needs {} bytes here but the file ends at byte {file_len}",
+                        t.name, t.size
+                    ),
+                });
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = infos.iter().find(|t| !names.insert(t.name.as_str())) {
+            return Err(GgufError {
+                path: path.to_path_buf(),
+                offset: None,
+                what: format!("tensor {:?} appears twice", dup.name),
+            });
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            map,
+            version,
+            alignment,
+            metadata,
+            tensors: infos,
+            data_offset,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The bytes of a tensor (bounds were checked at open).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + t.offset) as usize;
+        &self.map[start..start + t.size as usize]
+    }
+
+    /// The whole mapping, for zero-copy use of tensor data.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// An error about this file, for callers that interpret its contents.
+    pub fn error(&self, what: impl Into<String>) -> GgufError {
+        GgufError {
+            path: self.path.clone(),
+            offset: None,
+            what: what.into(),
+        }
+    }
+}
