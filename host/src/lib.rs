@@ -5,6 +5,7 @@
 //! - [`cpu_features`]: what this CPU and OS can run;
 //! - [`gguf`]: the GGUF model format, read over mmap and written atomically;
 //! - [`plugin`]: manifests, preflight checks, discovery, the plugin store;
+//! - [`quantize`]: `kiln quantize`, llama.cpp's rules and bytes;
 //! - [`registry`]: the SQLite catalog, migrations, rollback, audit log;
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
 //!   conformance, device scoring;
@@ -18,4 +19,5 @@ pub mod cpu_features;
 pub mod gguf;
 pub mod install;
 pub mod plugin;
+pub mod quantize;
 pub mod registry;

@@ -238,3 +238,73 @@ impl Home {
         format!("{plugins}\n{audit}")
     }
 }
+
+/// The Python with the oracles: `KILN_PYTHON`, else the venv `.ci/run`
+/// makes (`target/python-venv`), else `python3`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_PYTHON") {
+        return p.into();
+    }
+    let venv = target_dir().join("python-venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+/// Runs `tests/oracle/<script>` with `args`; returns stdout, failing the
+/// test with the script's stderr when it fails.
+pub fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/oracle").join(script))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed with {} (run .ci/run, or pip install gguf numpy llama-cpp-python, or set KILN_PYTHON):\n{}",
+        python().display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Whether llama.cpp (llama-cpp-python) is importable. `.ci/run` installs
+/// it and sets `KILN_REQUIRE_LLAMA=1`, which turns its absence into a failure.
+pub fn llama_cpp_available() -> bool {
+    let ok = Command::new(python())
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var_os("KILN_REQUIRE_LLAMA").is_some() {
+        panic!(
+            "KILN_REQUIRE_LLAMA is set but {} cannot import llama_cpp",
+            python().display()
+        );
+    }
+    if !ok {
+        eprintln!(
+            "llama_cpp is not installed for {}; skipping the llama.cpp comparison",
+            python().display()
+        );
+    }
+    ok
+}
+
+/// A tiny random-weight model written by llama.cpp's `gguf` package
+/// (`tests/oracle/gen_tiny.py`), cached by its arguments.
+pub fn tiny_model(args: &[&str]) -> PathBuf {
+    let name = format!("tiny{}.gguf", args.join("").replace(['-', ' '], "_"));
+    let path = fixture_dir().join(name);
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.exists() {
+        let tmp = path.with_extension("tmp.gguf");
+        let mut all: Vec<&std::ffi::OsStr> = vec![tmp.as_os_str()];
+        all.extend(args.iter().map(std::ffi::OsStr::new));
+        oracle("gen_tiny.py", &all);
+        std::fs::rename(&tmp, &path).expect("rename model");
+    }
+    path
+}

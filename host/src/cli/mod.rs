@@ -7,6 +7,7 @@
 mod backends;
 mod doctor;
 mod plugins;
+mod quantize;
 
 use crate::config::Config;
 use crate::registry::Registry;
@@ -46,6 +47,22 @@ enum Command {
     /// Manage backend plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Quantize a GGUF model the way llama.cpp does (same bytes).
+    Quantize {
+        input: std::path::PathBuf,
+        output: std::path::PathBuf,
+        /// q4_0, q5_0, q8_0, f16 or bf16.
+        #[arg(long = "type")]
+        qtype: String,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print per-tensor RMSE and cosine similarity against the source.
+        #[arg(long)]
+        validate: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +129,14 @@ fn run(command: Command) -> CliResult {
             PluginsCommand::Rollback { name } => plugins::rollback(&config, &name),
             PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
         },
+        Command::Quantize {
+            input,
+            output,
+            qtype,
+            threads,
+            validate,
+            json,
+        } => quantize::run(&input, &output, &qtype, threads, validate, json),
     }
 }
 
@@ -140,6 +165,27 @@ impl Progress {
         Progress {
             tty: std::io::stderr().is_terminal(),
             label: label.to_string(),
+        }
+    }
+
+    /// Bytes done of a total, with the item being worked on.
+    fn bytes(&self, done: u64, total: u64, item: &str) {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        if self.tty {
+            eprint!(
+                "\r\x1b[2K{}: {pct:5.1}% of {} {item}",
+                self.label,
+                human_bytes(total)
+            );
+            if done == total {
+                eprintln!();
+            }
+        } else if done == total {
+            eprintln!("{}: done, {}", self.label, human_bytes(total));
         }
     }
 

@@ -158,8 +158,132 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 pub const fn can_quantize(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0
+        DType::F32
+            | DType::F16
+            | DType::BF16
+            | DType::Q4_0
+            | DType::Q5_0
+            | DType::Q8_0
+            | DType::Q6_K
     )
+}
+
+/// llama.cpp's `nearest_int`: round half to even through the float
+/// mantissa trick (valid for |v| <= 4194303).
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// llama.cpp's `make_qx_quants` with `rmse_type = 1` and no importance
+/// weights: a symmetric scale for `x` with codes in [-nmax, nmax), refined by
+/// trying 18 nearby scales and keeping the one with the best weighted error.
+/// The multiply-adds are fused where llama.cpp's build (clang,
+/// `-ffp-contract=on`, FMA hardware) fuses them, so the bytes match.
+fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        codes.iter_mut().for_each(|c| *c = 0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let clamp = |l: i32| l.clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+        for &v in x {
+            let l = clamp(nearest_int(iscale * v)) as f32;
+            let w = v * v;
+            sumlx = (w * v).mul_add(l, sumlx);
+            suml2 = (w * l).mul_add(l, suml2);
+        }
+        (sumlx, suml2)
+    };
+    let mut iscale = -nmaxf / max;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (clamp(nearest_int(iscale * v)) + nmax) as i8;
+    }
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(0.1f32.mul_add(is as f32, nmaxf)) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (c, &v) in codes.iter_mut().zip(x) {
+                *c = (clamp(nearest_int(iscale * v)) + nmax) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// llama.cpp's `quantize_row_q6_K_ref` for one 256-element block.
+fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
+    let mut codes = [0i8; QK_K];
+    let mut scales = [0f32; QK_K / 16];
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for (ib, (xs, cs)) in x
+        .chunks_exact(16)
+        .zip(codes.chunks_exact_mut(16))
+        .enumerate()
+    {
+        let scale = make_qx_quants(32, xs, cs);
+        scales[ib] = scale;
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = scale;
+        }
+    }
+    b.iter_mut().for_each(|v| *v = 0);
+    if max_abs_scale < GROUP_MAX_EPS {
+        return;
+    }
+    let iscale = -128.0f32 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
+    b[208..210].copy_from_slice(&d.to_le_bytes());
+    let sc = &mut b[192..208];
+    for (s, &scale) in sc.iter_mut().zip(&scales) {
+        *s = nearest_int(iscale * scale).min(127) as i8 as u8;
+    }
+    let d = d.to_f32();
+    let sc: [i8; 16] = std::array::from_fn(|j| b[192 + j] as i8);
+    for (j, (xs, cs)) in x
+        .chunks_exact(16)
+        .zip(codes.chunks_exact_mut(16))
+        .enumerate()
+    {
+        let dj = d * sc[j] as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        for (c, &v) in cs.iter_mut().zip(xs) {
+            *c = (nearest_int(v / dj).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    let codes: [u8; QK_K] = std::array::from_fn(|i| codes[i] as u8);
+    for half in 0..2 {
+        let (j, ql, qh) = (128 * half, 64 * half, 128 + 32 * half);
+        for l in 0..32 {
+            let q = |o: usize| codes[j + l + o];
+            b[ql + l] = (q(0) & 0x0f) | ((q(64) & 0x0f) << 4);
+            b[ql + l + 32] = (q(32) & 0x0f) | ((q(96) & 0x0f) << 4);
+            b[qh + l] =
+                (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+        }
+    }
 }
 
 /// The signed value of largest magnitude (the first one on ties), as
@@ -243,6 +367,11 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
                 }
             }
         }
+        DType::Q6_K => {
+            for (b, x) in dst.chunks_exact_mut(210).zip(src.chunks_exact(QK_K)) {
+                quantize_block_q6_k(x, b);
+            }
+        }
         other => panic!("no reference quantizer for {other}"),
     }
 }
@@ -274,7 +403,6 @@ pub fn random_row(dtype: DType, n: usize, rng: &mut fastrand::Rng) -> Vec<u8> {
                 b[0..2].copy_from_slice(&scale(rng, 0.001, 0.01));
                 b[2..4].copy_from_slice(&scale(rng, 0.001, 0.01));
             }
-            DType::Q6_K => b[208..210].copy_from_slice(&scale(rng, 0.0005, 0.005)),
             _ => unreachable!("{dtype} is handled above"),
         }
     }
@@ -393,6 +521,30 @@ mod tests {
         assert_eq!(y[33], 2.0 * 2.0);
         // Sub-block 4 (elements 128..160) uses scale 5.
         assert_eq!(y[128 + 2], 5.0 * ((64 + 2) % 16) as f32);
+    }
+
+    #[test]
+    fn q6_k_round_trip_is_close() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let x: Vec<f32> = (0..512).map(|_| rng.f32() * 2.0 - 1.0).collect();
+        let y = round_trip(DType::Q6_K, &x);
+        let err: f32 = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / 512.0;
+        // 6-bit codes with per-16 scales: RMS error well under 1% of the range.
+        assert!(err.sqrt() < 0.01, "rmse {}", err.sqrt());
+        assert_eq!(round_trip(DType::Q6_K, &[0.0; 256]), vec![0.0; 256]);
+    }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        assert_eq!(
+            [
+                nearest_int(0.5),
+                nearest_int(1.5),
+                nearest_int(-2.5),
+                nearest_int(2.6)
+            ],
+            [0, 2, -2, 3]
+        );
     }
 
     #[test]

@@ -1,0 +1,116 @@
+"""Writes a small random-weight llama or qwen2 GGUF with llama.cpp's own
+writer (the `gguf` package), for kiln's format, quantization and parity
+tests. The vocabulary is a synthetic SentencePiece one (byte tokens plus
+unique pieces), so llama.cpp loads the file.
+
+usage: gen_tiny.py OUT.gguf --arch llama|qwen2 --dtype f32|f16|bf16
+       [--embd 64] [--layers 2] [--heads 4] [--kv-heads 2] [--ff 160]
+       [--vocab 512] [--ctx 256] [--std 0.2] [--seed 1] [--tied]
+"""
+import argparse
+
+import numpy as np
+import gguf
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    p.add_argument("--embd", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ff", type=int, default=160)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--std", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tied", action="store_true")
+    a = p.parse_args()
+
+    E, L, H, HKV, FF, V = a.embd, a.layers, a.heads, a.kv_heads, a.ff, a.vocab
+    hd = E // H
+    rng = np.random.default_rng(a.seed)
+    w = gguf.GGUFWriter(a.out, a.arch)
+    w.add_name(f"tiny-{a.arch}")
+    w.add_context_length(a.ctx)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(FF)
+    w.add_head_count(H)
+    w.add_head_count_kv(HKV)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5 if a.arch == "llama" else 1e-6)
+    if a.arch == "llama":
+        w.add_rope_dimension_count(hd)
+    w.add_vocab_size(V)
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16}[a.dtype]
+    w.add_file_type(ftype)
+
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    i = 0
+    while len(toks) < V:
+        toks.append(f"\u2581t{i}")
+        types.append(gguf.TokenType.NORMAL)
+        i += 1
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * 259 + [-float(k) for k in range(V - 259)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def weight(*shape):  # numpy shape = reversed ggml ne
+        x = rng.standard_normal(shape, dtype=np.float32) * a.std
+        if a.dtype == "f16":
+            return x.astype(np.float16)
+        if a.dtype == "bf16":
+            # Round to bfloat16 (nearest even) and store the raw 16 bits.
+            u = x.view(np.uint32)
+            u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            return u
+        return x
+
+    def add(name, arr):
+        if a.dtype == "bf16" and arr.dtype == np.uint16:
+            w.add_tensor(name, arr, raw_shape=arr.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(name, arr)
+
+    norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    bias = lambda n: (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    add("token_embd.weight", weight(V, E))
+    for l in range(L):
+        b = f"blk.{l}."
+        add(b + "attn_norm.weight", norm(E))
+        add(b + "attn_q.weight", weight(E, E))
+        add(b + "attn_k.weight", weight(HKV * hd, E))
+        add(b + "attn_v.weight", weight(HKV * hd, E))
+        if a.arch == "qwen2":
+            add(b + "attn_q.bias", bias(E))
+            add(b + "attn_k.bias", bias(HKV * hd))
+            add(b + "attn_v.bias", bias(HKV * hd))
+        add(b + "attn_output.weight", weight(E, E))
+        add(b + "ffn_norm.weight", norm(E))
+        add(b + "ffn_gate.weight", weight(FF, E))
+        add(b + "ffn_up.weight", weight(FF, E))
+        add(b + "ffn_down.weight", weight(E, FF))
+    add("output_norm.weight", norm(E))
+    if not a.tied:
+        add("output.weight", weight(V, E))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+if __name__ == "__main__":
+    main()
