@@ -180,8 +180,8 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 /// llama.cpp's `make_qx_quants` with `rmse_type = 1` and no importance
 /// weights: a symmetric scale for `x` with codes in [-nmax, nmax), refined by
 /// trying 18 nearby scales and keeping the one with the best weighted error.
-/// The multiply-adds are fused where llama.cpp's build (clang,
-/// `-ffp-contract=on`, FMA hardware) fuses them, so the bytes match.
+/// Plain f32 multiplies and adds in llama.cpp's order: its `ggml-base`
+/// (where this lives) is built for baseline x86-64, so nothing is fused.
 fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
@@ -201,8 +201,8 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
         for &v in x {
             let l = clamp(nearest_int(iscale * v)) as f32;
             let w = v * v;
-            sumlx = (w * v).mul_add(l, sumlx);
-            suml2 = (w * l).mul_add(l, suml2);
+            sumlx += w * v * l;
+            suml2 += w * l * l;
         }
         (sumlx, suml2)
     };
@@ -217,7 +217,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
         if is == 0 {
             continue;
         }
-        iscale = -(0.1f32.mul_add(is as f32, nmaxf)) / max;
+        iscale = -(nmaxf + 0.1 * is as f32) / max;
         let (sumlx, suml2) = sums(iscale);
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
             for (c, &v) in codes.iter_mut().zip(x) {
