@@ -89,8 +89,7 @@ pub fn add_plugin(
     if backend.devices.is_empty() {
         return Err(InstallError::NoDevices { label });
     }
-    let cpu = Backend::builtin_cpu();
-    let report = conformance::run(&backend, &cpu, progress);
+    let report = conformance::run(&backend, progress);
     if !report.passed() {
         let failed: usize = report.devices.iter().map(|d| d.failed).sum();
         let claimed: usize = report.devices.iter().map(|d| d.passed + d.failed).sum();

@@ -60,14 +60,9 @@ fn decoder_graph(width: usize, seed: u64) -> HostGraph {
 }
 
 fn cpu_result(mut g: HostGraph) -> Vec<Vec<f32>> {
-    let cpu = Backend::builtin_cpu();
-    Executor {
-        target: &cpu,
-        device: 0,
-        cpu: &cpu,
-    }
-    .run(&mut g)
-    .unwrap();
+    Executor::new(Backend::builtin_cpu(), 0)
+        .run(&mut g.as_graph())
+        .unwrap();
     g.tensors.iter().map(|t| t.to_f32()).collect()
 }
 
@@ -111,20 +106,14 @@ fn c_plugin_loads_passes_conformance_and_runs_ops_with_cpu_fallback() {
         plugin.handle().device_memory(0).unwrap().unwrap(),
         (1 << 29, 1 << 30)
     );
-
-    let cpu = Backend::builtin_cpu();
     let mut g = decoder_graph(64, 1);
     let want = cpu_result(g.clone());
-    let exec = Executor {
-        target: &plugin,
-        device: 0,
-        cpu: &cpu,
-    };
+    let exec = Executor::new(plugin.clone(), 0);
     assert_eq!(
-        exec.plan(&g),
+        exec.plan(&g.as_graph()),
         vec![true, true, true, true, false, true, false]
     );
-    let report = exec.run(&mut g).unwrap();
+    let report = exec.run(&mut g.as_graph()).unwrap();
     assert_eq!(report.ops_on_target, 5);
     assert_eq!(report.ops_unsupported_on_cpu, 2);
     assert!(report.reruns.is_empty());
@@ -176,16 +165,11 @@ fn an_op_that_fails_at_run_time_is_rerun_on_the_cpu_and_counted() {
     // Conformance shapes are small, so it passes the gate...
     home.ok(&["plugins", "add", dir.to_str().unwrap()]);
     let plugin = added_backend(&home, "small-gpu");
-    let cpu = Backend::builtin_cpu();
     // ...but a 128-wide layer has a 16384-element weight: the matmul fails.
     let mut g = decoder_graph(128, 2);
     let want = cpu_result(g.clone());
-    let exec = Executor {
-        target: &plugin,
-        device: 0,
-        cpu: &cpu,
-    };
-    let report = exec.run(&mut g).unwrap();
+    let exec = Executor::new(plugin.clone(), 0);
+    let report = exec.run(&mut g.as_graph()).unwrap();
     assert_eq!(report.reruns.len(), 1, "{report:?}");
     assert_eq!(report.reruns[0].0, 0..4);
     assert!(
@@ -201,7 +185,7 @@ fn an_op_that_fails_at_run_time_is_rerun_on_the_cpu_and_counted() {
     );
     // A small graph still runs on the plugin.
     let mut small = decoder_graph(32, 3);
-    assert!(exec.run(&mut small).unwrap().reruns.is_empty());
+    assert!(exec.run(&mut small.as_graph()).unwrap().reruns.is_empty());
 }
 
 #[test]
@@ -222,14 +206,9 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
     assert_eq!(b["backends"][1]["abi"], "1.0");
     let mut g = decoder_graph(32, 4);
     let want = cpu_result(g.clone());
-    let cpu = Backend::builtin_cpu();
-    Executor {
-        target: &plugin,
-        device: 0,
-        cpu: &cpu,
-    }
-    .run(&mut g)
-    .unwrap();
+    Executor::new(plugin.clone(), 0)
+        .run(&mut g.as_graph())
+        .unwrap();
     let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
     assert_close(&got, &want);
 }

@@ -8,10 +8,11 @@
 //! seed so a failure reproduces.
 
 use super::Backend;
-use super::exec::{HostGraph, HostOp, HostTensor, run_segment};
+use super::exec::{Executor, HostGraph, HostOp, HostTensor};
 use kiln_plugin_api::types::f32_param;
 use kiln_plugin_api::{DType, OpKind};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// One op instance to check.
 #[derive(Clone, Debug)]
@@ -351,13 +352,7 @@ impl Report {
 }
 
 /// Runs one case on `target`'s `device` and on the CPU reference.
-pub fn run_case(
-    target: &Backend,
-    device: u32,
-    cpu: &Backend,
-    case: &Case,
-    seed: u64,
-) -> CaseResult {
+pub fn run_case(target: &Arc<Backend>, device: u32, case: &Case, seed: u64) -> CaseResult {
     let mut rng = fastrand::Rng::with_seed(seed);
     let inputs = inputs(case, &mut rng);
     let mut reference = graph_for(case, inputs.clone());
@@ -369,15 +364,12 @@ pub fn run_case(
         max_nmse: case.max_nmse,
         error,
     };
-    let exec = super::exec::Executor {
-        target,
-        device,
-        cpu,
-    };
-    if !exec.plan(&on_target)[0] {
+    let exec = Executor::new(target.clone(), device);
+    if !exec.plan(&on_target.as_graph())[0] {
         return result(Outcome::NotClaimed, None, None);
     }
-    if let Err(e) = run_segment(cpu, 0, &mut reference, 0..1) {
+    let reference_exec = Executor::new(Backend::builtin_cpu(), 0);
+    if let Err(e) = reference_exec.run_on_target(&mut reference.as_graph()) {
         // The suite's own cases must run on the reference.
         return result(
             Outcome::Failed,
@@ -385,7 +377,7 @@ pub fn run_case(
             Some(format!("CPU reference failed: {e}")),
         );
     }
-    if let Err(e) = run_segment(target, device, &mut on_target, 0..1) {
+    if let Err(e) = exec.run_on_target(&mut on_target.as_graph()) {
         return result(Outcome::Failed, None, Some(e.to_string()));
     }
     let dst = reference.ops[0].dst;
@@ -401,9 +393,9 @@ pub fn run_case(
     result(outcome, Some(err), None)
 }
 
-/// Runs the whole suite on every device of `target`. `progress` gets
-/// (cases done, cases total) after each case.
-pub fn run(target: &Backend, cpu: &Backend, mut progress: impl FnMut(usize, usize)) -> Report {
+/// Runs the whole suite on every device of `target` against the built-in
+/// CPU. `progress` gets (cases done, cases total) after each case.
+pub fn run(target: &Arc<Backend>, mut progress: impl FnMut(usize, usize)) -> Report {
     let all = cases();
     let total = all.len() * target.devices.len();
     let mut done = 0;
@@ -418,7 +410,7 @@ pub fn run(target: &Backend, cpu: &Backend, mut progress: impl FnMut(usize, usiz
             cases: Vec::new(),
         };
         for (i, case) in all.iter().enumerate() {
-            let r = run_case(target, d as u32, cpu, case, 0x6b69_6c6e + i as u64);
+            let r = run_case(target, d as u32, case, 0x6b69_6c6e + i as u64);
             match r.outcome {
                 Outcome::Passed => report.passed += 1,
                 Outcome::Failed => report.failed += 1,
@@ -454,8 +446,7 @@ mod tests {
 
     #[test]
     fn the_cpu_backend_passes_its_own_suite() {
-        let cpu = Backend::builtin_cpu();
-        let report = run(&cpu, &cpu, |_, _| {});
+        let report = run(&Backend::builtin_cpu(), |_, _| {});
         assert!(report.passed(), "{:?}", report.failures());
         assert_eq!(report.devices[0].not_claimed, 0);
         assert_eq!(report.devices[0].passed, cases().len());
