@@ -6,7 +6,7 @@
 //! Two halves: [`check`] validates types and shapes without touching memory
 //! (it answers `supports_op`), and [`run`] computes over resolved memory.
 
-use crate::quant::{can_quantize, dequantize_row, quantize_row};
+use crate::quant::{can_quantize, dequantize_row, quantize_row, round_activations};
 use half::{bf16, f16};
 use kiln_plugin_api::types::param_f32;
 use kiln_plugin_api::{DType, OpKind};
@@ -342,18 +342,23 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
             OpKind::MulMat => {
                 let (w, x) = (&src[0], &src[1]);
                 let (r2, r3) = (x.desc.ne[2] / w.desc.ne[2], x.desc.ne[3] / w.desc.ne[3]);
-                let mut xs = vec![0f32; x.desc.ne[0]];
+                let k = x.desc.ne[0];
                 let m_count = x.desc.ne[1];
+                let mut xs = vec![0f32; k * m_count];
                 let mut acc = vec![0f64; w.desc.ne[1] * m_count];
                 for i3 in 0..x.desc.ne[3] {
                     for i2 in 0..x.desc.ne[2] {
-                        acc.iter_mut().for_each(|v| *v = 0.0);
+                        // Activations as the dot product sees them (ggml's
+                        // vec_dot type for these weights).
+                        for (m, row) in xs.chunks_exact_mut(k).enumerate() {
+                            read_row(x, m, i2, i3, row);
+                            round_activations(w.desc.dtype, row);
+                        }
                         for n in 0..w.desc.ne[1] {
                             read_row(w, n, i2 / r2, i3 / r3, &mut a);
-                            for m in 0..m_count {
-                                read_row(x, m, i2, i3, &mut xs);
-                                acc[m * w.desc.ne[1] + n] =
-                                    a.iter().zip(&xs).map(|(p, q)| *p as f64 * *q as f64).sum();
+                            for (m, row) in xs.chunks_exact(k).enumerate() {
+                                acc[m * n0 + n] =
+                                    a.iter().zip(row).map(|(p, q)| *p as f64 * *q as f64).sum();
                             }
                         }
                         for m in 0..m_count {

@@ -376,6 +376,52 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Rounds activations the way llama.cpp's CPU backend does before a dot
+/// product with weights of type `weights` (its `vec_dot_type`): to F16 for
+/// F16 weights, BF16 for BF16, 8-bit blocks of 32 (Q8_0) for Q4_0/Q5_0/Q8_0,
+/// 8-bit blocks of 256 with an f32 scale (Q8_K) for the K-quants; F32
+/// weights see the activations as they are. Matching this is what makes
+/// kiln's logits agree with llama.cpp's.
+pub fn round_activations(weights: DType, x: &mut [f32]) {
+    match weights {
+        DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+            for block in x.chunks_mut(QK) {
+                // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
+                // half to even, the scale stored as f16.
+                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = f16::from_f32(amax / 127.0).to_f32();
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                for v in block.iter_mut() {
+                    *v = (*v * id).round_ties_even() * d;
+                }
+            }
+        }
+        DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            for block in x.chunks_mut(QK_K) {
+                // ggml's quantize_row_q8_K: signed max, iscale = -127/max.
+                let (mut amax, mut max) = (0.0f32, 0.0f32);
+                for &v in block.iter() {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                if amax == 0.0 {
+                    continue;
+                }
+                let iscale = -127.0 / max;
+                let d = 1.0 / iscale;
+                for v in block.iter_mut() {
+                    *v = nearest_int(iscale * *v).min(127) as f32 * d;
+                }
+            }
+        }
+        DType::F32 | DType::I32 => {}
+    }
+}
+
 /// A random row of `n` elements of `dtype`, for conformance runs and
 /// benchmarks. Plain and reference-quantizable types quantize uniform
 /// values in [-1, 1); K-quant blocks get random codes with sane scales.
@@ -532,6 +578,33 @@ mod tests {
         // 6-bit codes with per-16 scales: RMS error well under 1% of the range.
         assert!(err.sqrt() < 0.01, "rmse {}", err.sqrt());
         assert_eq!(round_trip(DType::Q6_K, &[0.0; 256]), vec![0.0; 256]);
+    }
+
+    #[test]
+    fn activations_round_to_the_dot_product_type() {
+        let mut x: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 100.0).collect();
+        let orig = x.clone();
+        round_activations(DType::F32, &mut x);
+        assert_eq!(x, orig);
+        round_activations(DType::Q8_0, &mut x);
+        // Each 32-block has at most 255 distinct levels and stays close.
+        for (a, b) in orig.iter().zip(&x) {
+            assert!((a - b).abs() <= 1.28 / 127.0, "{a} {b}");
+        }
+        let mut y = orig.clone();
+        round_activations(DType::F16, &mut y);
+        assert!(
+            y.iter()
+                .zip(&orig)
+                .all(|(a, b)| (a - b).abs() <= b.abs() / 1024.0)
+        );
+        let mut z = orig.clone();
+        round_activations(DType::Q6_K, &mut z);
+        assert!(
+            z.iter()
+                .zip(&orig)
+                .all(|(a, b)| (a - b).abs() <= 1.28 / 127.0 * 0.51 + 1e-6)
+        );
     }
 
     #[test]
