@@ -9,6 +9,7 @@
 //! - [`registry`]: the SQLite catalog, migrations, rollback, audit log;
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
 //!   conformance, device scoring;
+//! - [`model`]: llama/qwen2 inference on the backend ABI, KV cache, sampling;
 //! - [`install`]: the `kiln plugins add` pipeline;
 //! - [`cli`]: the command line.
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod cpu_features;
 pub mod gguf;
 pub mod install;
+pub mod model;
 pub mod plugin;
 pub mod quantize;
 pub mod registry;

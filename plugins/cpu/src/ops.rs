@@ -420,25 +420,32 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                 }
             }
             OpKind::Rope => {
+                // Computed as ggml computes it, in f32 step for step (the
+                // angle advanced by repeated multiplication, libm's
+                // cosf/sinf, fused multiply-adds where clang fuses them),
+                // because K is rounded to f16 right after: a last-bit
+                // difference here flips f16 roundings in the KV cache.
                 let n_rot = params[0] as usize;
                 let neox = params[1] == kiln_plugin_api::abi::KILN_ROPE_NEOX;
-                let base = param_f32(params[2]) as f64;
-                let freq_scale = param_f32(params[3]) as f64;
+                let base = param_f32(params[2]);
+                let freq_scale = param_f32(params[3]);
+                let theta_scale = base.powf(-2.0 / n_rot as f32);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
-                    let pos = read_i32(&src[1], [i2, 0, 0, 0]) as f64;
+                    let mut theta = read_i32(&src[1], [i2, 0, 0, 0]) as f32;
                     out.copy_from_slice(&a);
                     for i in 0..n_rot / 2 {
-                        let theta = pos * freq_scale * base.powf(-2.0 * i as f64 / n_rot as f64);
-                        let (sin, cos) = theta.sin_cos();
+                        let angle = freq_scale * theta;
+                        let (sin, cos) = (angle.sin(), angle.cos());
                         let (j0, j1) = if neox {
                             (i, i + n_rot / 2)
                         } else {
                             (2 * i, 2 * i + 1)
                         };
-                        let (x0, x1) = (a[j0] as f64, a[j1] as f64);
-                        out[j0] = (x0 * cos - x1 * sin) as f32;
-                        out[j1] = (x0 * sin + x1 * cos) as f32;
+                        let (x0, x1) = (a[j0], a[j1]);
+                        out[j0] = x0.mul_add(cos, -(x1 * sin));
+                        out[j1] = x0.mul_add(sin, x1 * cos);
+                        theta *= theta_scale;
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }

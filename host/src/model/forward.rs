@@ -1,0 +1,425 @@
+//! The llama/qwen2 forward pass as a graph of backend ops.
+//!
+//! One graph per batch of tokens. Its storages, by index:
+//! - [`WEIGHTS`]: the GGUF file's memory map (read-only);
+//! - [`KV`]: the KV cache, per layer K as `[head_dim, n_head_kv, n_ctx]` and
+//!   V transposed as `[n_ctx, head_dim, n_head_kv]`, both f16 (llama.cpp's
+//!   layout without flash attention, so V's rows are contiguous for the
+//!   attention-weighted sum);
+//! - [`INPUTS`]: token ids, positions and the causal mask;
+//! - [`SCRATCH`]: activations, placed by liveness so that a layer reuses the
+//!   space of the one before (see [`Builder::finish`]);
+//! - [`LOGITS`]: the output, f32 `[n_vocab, rows]`.
+
+use super::config::ModelConfig;
+use crate::backend::exec::{HostOp, TensorRef};
+use crate::gguf::GgufFile;
+use kiln_cpu::ops::Desc;
+use kiln_plugin_api::types::f32_param;
+use kiln_plugin_api::{DType, OpKind};
+
+pub const WEIGHTS: usize = 0;
+pub const KV: usize = 1;
+pub const INPUTS: usize = 2;
+pub const SCRATCH: usize = 3;
+pub const LOGITS: usize = 4;
+
+/// Scratch allocations are aligned to this.
+const ALIGN: usize = 64;
+
+/// Bytes of one K or V element in the cache.
+pub const KV_ELEMENT: usize = 2;
+
+/// Which tokens' logits a step produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    Last,
+    All,
+}
+
+/// Where the inputs of a step sit in the inputs storage.
+#[derive(Clone, Copy, Debug)]
+pub struct InputLayout {
+    pub tokens: usize,
+    pub positions: usize,
+    pub mask: usize,
+    pub bytes: usize,
+}
+
+impl InputLayout {
+    pub fn new(n_tokens: usize, n_kv: usize) -> InputLayout {
+        let align = |n: usize| n.div_ceil(ALIGN) * ALIGN;
+        let tokens = 0;
+        let positions = align(4 * n_tokens);
+        let mask = positions + align(4 * n_tokens);
+        InputLayout {
+            tokens,
+            positions,
+            mask,
+            bytes: mask + 4 * n_kv * n_tokens,
+        }
+    }
+}
+
+/// Byte offsets of layer `l`'s K and V caches.
+pub fn kv_offsets(cfg: &ModelConfig, n_ctx: usize, l: usize) -> (usize, usize) {
+    let layer = n_ctx * cfg.kv_dim() * KV_ELEMENT;
+    (2 * l * layer, 2 * l * layer + layer)
+}
+
+pub fn kv_bytes(cfg: &ModelConfig, n_ctx: usize) -> usize {
+    2 * cfg.n_layer * n_ctx * cfg.kv_dim() * KV_ELEMENT
+}
+
+struct Alloc {
+    size: usize,
+    first: usize,
+    last: usize,
+    offset: usize,
+}
+
+/// Collects tensors and ops; scratch tensors get offsets at the end.
+pub struct Builder<'f> {
+    file: &'f GgufFile,
+    pub tensors: Vec<TensorRef>,
+    pub ops: Vec<HostOp>,
+    allocs: Vec<Alloc>,
+    /// For each tensor: its scratch allocation and offset inside it.
+    alloc_of: Vec<Option<(usize, usize)>>,
+}
+
+fn dense_nb(dtype: DType, ne: [usize; 4]) -> [usize; 4] {
+    Desc::contiguous(dtype, ne).nb
+}
+
+impl<'f> Builder<'f> {
+    pub fn new(file: &'f GgufFile) -> Builder<'f> {
+        Builder {
+            file,
+            tensors: Vec::new(),
+            ops: Vec::new(),
+            allocs: Vec::new(),
+            alloc_of: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, t: TensorRef, alloc: Option<(usize, usize)>) -> usize {
+        self.tensors.push(t);
+        self.alloc_of.push(alloc);
+        self.tensors.len() - 1
+    }
+
+    /// A weight tensor, straight from the file (validated by the config).
+    pub fn weight(&mut self, name: &str) -> usize {
+        let info = self.file.tensor(name).expect("checked by ModelConfig");
+        let ne = info.ne.map(|n| n as usize);
+        let offset = (self.file.data_offset + info.offset) as usize;
+        self.push(TensorRef::dense(WEIGHTS, offset, info.dtype, ne), None)
+    }
+
+    /// A tensor at a fixed place in a storage other than scratch.
+    pub fn fixed(
+        &mut self,
+        storage: usize,
+        offset: usize,
+        dtype: DType,
+        ne: [usize; 4],
+        nb: [usize; 4],
+    ) -> usize {
+        let t = TensorRef {
+            storage,
+            offset,
+            desc: Desc { dtype, ne, nb },
+        };
+        self.push(t, None)
+    }
+
+    /// A new dense scratch tensor.
+    pub fn scratch(&mut self, dtype: DType, ne: [usize; 4]) -> usize {
+        let t = TensorRef::dense(SCRATCH, 0, dtype, ne);
+        let size = t.desc.extent().expect("small extents");
+        self.allocs.push(Alloc {
+            size,
+            first: usize::MAX,
+            last: 0,
+            offset: 0,
+        });
+        let id = self.allocs.len() - 1;
+        self.push(t, Some((id, 0)))
+    }
+
+    /// Another view of tensor `base`'s bytes.
+    pub fn view(
+        &mut self,
+        base: usize,
+        ne: [usize; 4],
+        nb: [usize; 4],
+        byte_offset: usize,
+    ) -> usize {
+        let t = self.tensors[base].view(ne, nb, byte_offset);
+        let alloc = self.alloc_of[base].map(|(id, o)| (id, o + byte_offset));
+        self.push(t, alloc)
+    }
+
+    /// `base` seen as dense with other extents (same number of elements).
+    pub fn reshape(&mut self, base: usize, ne: [usize; 4]) -> usize {
+        let dtype = self.tensors[base].desc.dtype;
+        self.view(base, ne, dense_nb(dtype, ne), 0)
+    }
+
+    pub fn op(&mut self, kind: OpKind, src: &[usize], dst: usize, params: &[i32]) -> usize {
+        let i = self.ops.len();
+        for &t in src.iter().chain([&dst]) {
+            if let Some((id, _)) = self.alloc_of[t] {
+                let a = &mut self.allocs[id];
+                a.first = a.first.min(i);
+                a.last = a.last.max(i);
+            }
+        }
+        self.ops
+            .push(HostOp::new(kind, src, dst).with_params(params));
+        dst
+    }
+
+    /// `kind(src)` into a new scratch tensor of `dtype` and `ne`.
+    pub fn new_op(
+        &mut self,
+        kind: OpKind,
+        src: &[usize],
+        dtype: DType,
+        ne: [usize; 4],
+        params: &[i32],
+    ) -> usize {
+        let dst = self.scratch(dtype, ne);
+        self.op(kind, src, dst, params)
+    }
+
+    fn ne(&self, t: usize) -> [usize; 4] {
+        self.tensors[t].desc.ne
+    }
+
+    /// Places every scratch allocation: first fit, in op order, reusing the
+    /// space of allocations whose last use is behind. Returns the scratch
+    /// size needed.
+    pub fn finish(&mut self) -> usize {
+        let mut order: Vec<usize> = (0..self.allocs.len())
+            .filter(|&i| self.allocs[i].first != usize::MAX)
+            .collect();
+        order.sort_by_key(|&i| self.allocs[i].first);
+        let mut live: Vec<usize> = Vec::new();
+        let mut peak = 0;
+        for id in order {
+            let now = self.allocs[id].first;
+            live.retain(|&l| self.allocs[l].last >= now);
+            live.sort_by_key(|&l| self.allocs[l].offset);
+            let size = self.allocs[id].size.div_ceil(ALIGN) * ALIGN;
+            let mut offset = 0;
+            for &l in &live {
+                let a = &self.allocs[l];
+                if a.offset >= offset + size {
+                    break;
+                }
+                offset = offset.max((a.offset + a.size).div_ceil(ALIGN) * ALIGN);
+            }
+            self.allocs[id].offset = offset;
+            peak = peak.max(offset + size);
+            live.push(id);
+        }
+        for (t, alloc) in self.tensors.iter_mut().zip(&self.alloc_of) {
+            if let Some((id, o)) = alloc {
+                t.offset = self.allocs[*id].offset + o;
+            }
+        }
+        peak
+    }
+}
+
+/// Builds the graph for `n_tokens` tokens at positions `n_past..`, with a
+/// KV cache of `n_ctx` positions. Returns the builder (tensors, ops,
+/// scratch placed), the scratch size, and the logits rows.
+pub fn build<'f>(
+    cfg: &ModelConfig,
+    file: &'f GgufFile,
+    n_ctx: usize,
+    n_past: usize,
+    n_tokens: usize,
+    logits: LogitsFor,
+) -> (Builder<'f>, usize, usize) {
+    use DType::{F16, F32, I32};
+    let (e, hd, h, hkv, ff) = (
+        cfg.n_embd,
+        cfg.head_dim,
+        cfg.n_head,
+        cfg.n_head_kv,
+        cfg.n_ff,
+    );
+    let kv = cfg.kv_dim();
+    let n = n_tokens;
+    let t_len = n_past + n;
+    let el = KV_ELEMENT;
+    let layout = InputLayout::new(n, t_len);
+    let mut b = Builder::new(file);
+
+    let tokens = b.fixed(
+        INPUTS,
+        layout.tokens,
+        I32,
+        [n, 1, 1, 1],
+        dense_nb(I32, [n, 1, 1, 1]),
+    );
+    let pos = b.fixed(
+        INPUTS,
+        layout.positions,
+        I32,
+        [n, 1, 1, 1],
+        dense_nb(I32, [n, 1, 1, 1]),
+    );
+    let mask = b.fixed(
+        INPUTS,
+        layout.mask,
+        F32,
+        [t_len, n, 1, 1],
+        dense_nb(F32, [t_len, n, 1, 1]),
+    );
+    let embd = b.weight("token_embd.weight");
+    let mut x = b.new_op(OpKind::GetRows, &[embd, tokens], F32, [e, n, 1, 1], &[]);
+    let eps = [f32_param(cfg.rms_eps)];
+    let rope = [
+        cfg.n_rot as i32,
+        cfg.rope_mode,
+        f32_param(cfg.rope_freq_base),
+        f32_param(cfg.rope_freq_scale),
+    ];
+    let kq_scale = [f32_param(1.0 / (hd as f32).sqrt())];
+
+    for l in 0..cfg.n_layer {
+        let name = |s: &str| format!("blk.{l}.{s}");
+        // Attention.
+        let norm = b.new_op(OpKind::RmsNorm, &[x], F32, [e, n, 1, 1], &eps);
+        let w = b.weight(&name("attn_norm.weight"));
+        let xa = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+        let proj = |b: &mut Builder<'f>, which: &str, rows: usize| {
+            let w = b.weight(&name(&format!("attn_{which}.weight")));
+            let mut y = b.new_op(OpKind::MulMat, &[w, xa], F32, [rows, n, 1, 1], &[]);
+            if cfg.qkv_bias {
+                let bias = b.weight(&name(&format!("attn_{which}.bias")));
+                y = b.new_op(OpKind::Add, &[y, bias], F32, [rows, n, 1, 1], &[]);
+            }
+            y
+        };
+        let q = proj(&mut b, "q", e);
+        let k = proj(&mut b, "k", kv);
+        let v = proj(&mut b, "v", kv);
+        let q3 = b.reshape(q, [hd, h, n, 1]);
+        let qr = b.new_op(OpKind::Rope, &[q3, pos], F32, [hd, h, n, 1], &rope);
+        let k3 = b.reshape(k, [hd, hkv, n, 1]);
+        let kr = b.new_op(OpKind::Rope, &[k3, pos], F32, [hd, hkv, n, 1], &rope);
+        let (k_off, v_off) = kv_offsets(cfg, n_ctx, l);
+        // Store this batch's K and V at positions n_past.. of the cache.
+        let k_dst = b.fixed(
+            KV,
+            k_off + n_past * kv * el,
+            F16,
+            [hd, hkv, n, 1],
+            [el, hd * el, kv * el, kv * el * n],
+        );
+        b.op(OpKind::Cpy, &[kr], k_dst, &[]);
+        let v3 = b.reshape(v, [hd, hkv, n, 1]);
+        let v_dst = b.fixed(
+            KV,
+            v_off + n_past * el,
+            F16,
+            [hd, hkv, n, 1],
+            [n_ctx * el, hd * n_ctx * el, el, el * n],
+        );
+        b.op(OpKind::Cpy, &[v3], v_dst, &[]);
+        // Scores: per head, K (all positions so far) against Q.
+        let k_all = b.fixed(
+            KV,
+            k_off,
+            F16,
+            [hd, t_len, hkv, 1],
+            [el, kv * el, hd * el, kv * el * t_len],
+        );
+        let q_heads = b.view(
+            qr,
+            [hd, n, h, 1],
+            [4, hd * h * 4, hd * 4, hd * h * n * 4],
+            0,
+        );
+        let kq = b.new_op(
+            OpKind::MulMat,
+            &[k_all, q_heads],
+            F32,
+            [t_len, n, h, 1],
+            &[],
+        );
+        let probs = b.new_op(
+            OpKind::SoftMax,
+            &[kq, mask],
+            F32,
+            [t_len, n, h, 1],
+            &kq_scale,
+        );
+        let v_all = b.fixed(
+            KV,
+            v_off,
+            F16,
+            [t_len, hd, hkv, 1],
+            [el, n_ctx * el, hd * n_ctx * el, hd * n_ctx * el * hkv],
+        );
+        let kqv = b.new_op(OpKind::MulMat, &[v_all, probs], F32, [hd, n, h, 1], &[]);
+        let kqv_tokens = b.view(
+            kqv,
+            [hd, h, n, 1],
+            [4, hd * n * 4, hd * 4, hd * h * n * 4],
+            0,
+        );
+        let merged = b.new_op(OpKind::Cpy, &[kqv_tokens], F32, [hd, h, n, 1], &[]);
+        let merged = b.reshape(merged, [e, n, 1, 1]);
+        let wo = b.weight(&name("attn_output.weight"));
+        let o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        let x1 = b.new_op(OpKind::Add, &[x, o], F32, [e, n, 1, 1], &[]);
+        // Feed-forward (SwiGLU).
+        let norm = b.new_op(OpKind::RmsNorm, &[x1], F32, [e, n, 1, 1], &eps);
+        let w = b.weight(&name("ffn_norm.weight"));
+        let xf = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+        let wg = b.weight(&name("ffn_gate.weight"));
+        let gate = b.new_op(OpKind::MulMat, &[wg, xf], F32, [ff, n, 1, 1], &[]);
+        let wu = b.weight(&name("ffn_up.weight"));
+        let up = b.new_op(OpKind::MulMat, &[wu, xf], F32, [ff, n, 1, 1], &[]);
+        let act = b.new_op(OpKind::Silu, &[gate], F32, [ff, n, 1, 1], &[]);
+        let hidden = b.new_op(OpKind::Mul, &[act, up], F32, [ff, n, 1, 1], &[]);
+        let wd = b.weight(&name("ffn_down.weight"));
+        let down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        x = b.new_op(OpKind::Add, &[x1, down], F32, [e, n, 1, 1], &[]);
+    }
+
+    let norm = b.new_op(OpKind::RmsNorm, &[x], F32, [e, n, 1, 1], &eps);
+    let w = b.weight("output_norm.weight");
+    let xo = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+    let (rows, src) = match logits {
+        LogitsFor::All => (n, xo),
+        LogitsFor::Last => (
+            1,
+            b.view(xo, [e, 1, 1, 1], [4, e * 4, e * 4, e * 4], (n - 1) * e * 4),
+        ),
+    };
+    let out = b.weight(if cfg.tied_output {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    });
+    let v = cfg.n_vocab;
+    let logits_t = b.fixed(
+        LOGITS,
+        0,
+        F32,
+        [v, rows, 1, 1],
+        dense_nb(F32, [v, rows, 1, 1]),
+    );
+    b.op(OpKind::MulMat, &[out, src], logits_t, &[]);
+    debug_assert_eq!(b.ne(logits_t), [v, rows, 1, 1]);
+    let scratch = b.finish();
+    (b, scratch, rows)
+}

@@ -1,0 +1,250 @@
+//! Choosing the next token from logits, as llama.cpp's default sampler
+//! chain does: repetition penalty, then top-k, top-p, min-p, temperature,
+//! and a seeded draw. Temperature 0 (or below) is greedy.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0.0 disables.
+    pub min_p: f32,
+    /// 1.0 disables.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Rejects values that make no sense, naming the parameter.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "temperature {} must be a finite number >= 0",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p {} must be in [0, 1]", self.min_p));
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return Err(format!(
+                "repeat_penalty {} must be > 0",
+                self.repeat_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: fastrand::Rng,
+}
+
+/// Index of the largest value (the first one on ties); NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        Sampler {
+            rng: fastrand::Rng::with_seed(params.seed),
+            params,
+        }
+    }
+
+    /// Picks a token. `history` is every token so far (prompt and output).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        let mut logits = logits.to_vec();
+        if p.repeat_penalty != 1.0 {
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            let mut seen = std::collections::HashSet::new();
+            for &t in &history[start..] {
+                if seen.insert(t)
+                    && let Some(l) = logits.get_mut(t as usize)
+                {
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(&logits);
+        }
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        if cand.is_empty() {
+            return argmax(&logits);
+        }
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let softmax = |c: &[(u32, f32)]| -> Vec<f64> {
+            let max = c[0].1 as f64;
+            let e: Vec<f64> = c.iter().map(|x| (x.1 as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / sum).collect()
+        };
+        if p.top_p < 1.0 {
+            let probs = softmax(&cand);
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&q| {
+                    acc += q;
+                    acc >= p.top_p as f64
+                })
+                .map_or(cand.len(), |i| i + 1);
+            cand.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let probs = softmax(&cand);
+            let floor = probs[0] * p.min_p as f64;
+            let keep = probs.iter().take_while(|&&q| q >= floor).count();
+            cand.truncate(keep.max(1));
+        }
+        for c in cand.iter_mut() {
+            c.1 /= p.temperature;
+        }
+        let probs = softmax(&cand);
+        let r = self.rng.f64();
+        let mut acc = 0.0;
+        for (c, q) in cand.iter().zip(&probs) {
+            acc += q;
+            if r < acc {
+                return c.0;
+            }
+        }
+        cand.last().expect("not empty").0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_with_first_on_ties() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 0.9, 0.9, -1.0], &[]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.0, 1.0]), 2);
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&[1.0, 0.8], &[0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seeds_reproduce() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            temperature: 1.0,
+            ..SamplingParams::default()
+        });
+        assert_eq!(s.sample(&logits, &[]), argmax(&logits));
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                ..SamplingParams::default()
+            });
+            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn min_p_and_top_p_cut_the_tail() {
+        // One dominant token: min_p 0.5 and top_p 0.5 leave only it.
+        let logits = [10.0, 0.0, 0.0, 0.0];
+        for params in [
+            SamplingParams {
+                min_p: 0.5,
+                top_p: 1.0,
+                top_k: 0,
+                temperature: 1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 0.0,
+                top_p: 0.5,
+                top_k: 0,
+                temperature: 1.0,
+                ..Default::default()
+            },
+        ] {
+            let mut s = Sampler::new(params);
+            assert!((0..50).all(|_| s.sample(&logits, &[]) == 0));
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("temperature"));
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("top_p"));
+    }
+}

@@ -1,0 +1,181 @@
+//! A model with a KV cache: evaluates batches of tokens and returns logits.
+//! The cache remembers which tokens it holds, so a new prompt that shares a
+//! prefix with the last one only evaluates the part after the prefix.
+
+use super::forward::{self, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH, WEIGHTS};
+use super::{Model, ModelError};
+use crate::backend::exec::{Executor, Graph, Storage};
+use std::sync::Arc;
+
+/// Tokens evaluated per graph; bounds the scratch memory of a long prompt.
+pub const DEFAULT_BATCH: usize = 256;
+
+pub struct Session {
+    pub model: Arc<Model>,
+    exec: Executor,
+    n_ctx: usize,
+    n_batch: usize,
+    kv: Vec<u8>,
+    /// The tokens whose K and V are in the cache, in order.
+    cached: Vec<u32>,
+    scratch: Vec<u8>,
+    inputs: Vec<u8>,
+    logits: Vec<u8>,
+}
+
+fn free_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+impl Session {
+    /// A session with a cache of `n_ctx` positions (default: the model's
+    /// training context, at most 4096), running on `exec`'s device.
+    pub fn new(
+        model: Arc<Model>,
+        exec: Executor,
+        n_ctx: Option<usize>,
+    ) -> Result<Session, ModelError> {
+        let cfg = &model.config;
+        let n_ctx = n_ctx.unwrap_or(cfg.n_ctx_train.min(4096)).max(1);
+        let kv_bytes = forward::kv_bytes(cfg, n_ctx) as u64;
+        if let Some(free) = free_memory_bytes() {
+            // Mapped weights not yet resident need memory too.
+            let need = model.weight_bytes() + kv_bytes;
+            if need > free {
+                let mib = |b: u64| b >> 20;
+                return Err(ModelError::Memory {
+                    need_mib: mib(need),
+                    weights_mib: mib(model.weight_bytes()),
+                    kv_mib: mib(kv_bytes),
+                    free_mib: mib(free),
+                });
+            }
+        }
+        Ok(Session {
+            kv: vec![0; kv_bytes as usize],
+            model,
+            exec,
+            n_ctx,
+            n_batch: DEFAULT_BATCH,
+            cached: Vec::new(),
+            scratch: Vec::new(),
+            inputs: Vec::new(),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Positions in use.
+    pub fn n_past(&self) -> usize {
+        self.cached.len()
+    }
+
+    pub fn executor(&self) -> &Executor {
+        &self.exec
+    }
+
+    /// Forgets everything after the first `n` cached tokens.
+    pub fn truncate(&mut self, n: usize) {
+        self.cached.truncate(n);
+    }
+
+    /// How many leading tokens of `tokens` the cache already holds.
+    pub fn common_prefix(&self, tokens: &[u32]) -> usize {
+        self.cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
+    /// Evaluates `tokens` after what is cached. Returns the logits of the
+    /// last token (`LogitsFor::Last`) or of every token (`All`), each row
+    /// `n_vocab` long.
+    pub fn eval(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        let n_vocab = self.model.config.n_vocab;
+        if tokens.is_empty() {
+            return Err(ModelError::Invalid("nothing to evaluate: no tokens".into()));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::Token { id, n_vocab });
+        }
+        if self.n_past() + tokens.len() > self.n_ctx {
+            return Err(ModelError::Context {
+                needed: tokens.len(),
+                used: self.n_past(),
+                n_ctx: self.n_ctx,
+            });
+        }
+        let mut out = Vec::new();
+        let batches: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
+        for (i, batch) in batches.iter().enumerate() {
+            let last = i + 1 == batches.len();
+            // With `Last`, earlier batches only fill the cache; their one
+            // row of logits is dropped.
+            let rows = self.eval_batch(batch, which)?;
+            if which == LogitsFor::All || last {
+                out.extend_from_slice(&rows);
+            }
+        }
+        Ok(out)
+    }
+
+    fn eval_batch(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        let model = self.model.clone();
+        let cfg = &model.config;
+        let (n_past, n) = (self.n_past(), tokens.len());
+        let t_len = n_past + n;
+        let (builder, scratch_bytes, rows) =
+            forward::build(cfg, &model.file, self.n_ctx, n_past, n, which);
+        if self.scratch.len() < scratch_bytes {
+            self.scratch.resize(scratch_bytes, 0);
+        }
+        let layout = InputLayout::new(n, t_len);
+        self.inputs.clear();
+        self.inputs.resize(layout.bytes, 0);
+        for (i, &t) in tokens.iter().enumerate() {
+            let at = layout.tokens + 4 * i;
+            self.inputs[at..at + 4].copy_from_slice(&(t as i32).to_le_bytes());
+            let at = layout.positions + 4 * i;
+            self.inputs[at..at + 4].copy_from_slice(&((n_past + i) as i32).to_le_bytes());
+        }
+        // Causal mask: token i (at position n_past + i) sees positions 0..=n_past + i.
+        for i in 0..n {
+            for t in 0..t_len {
+                let v = if t <= n_past + i {
+                    0.0f32
+                } else {
+                    f32::NEG_INFINITY
+                };
+                let at = layout.mask + 4 * (i * t_len + t);
+                self.inputs[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.logits.clear();
+        self.logits.resize(4 * rows * cfg.n_vocab, 0);
+        let mut graph = Graph {
+            storages: vec![
+                Storage::Read(model.file.bytes()),
+                Storage::Write(&mut self.kv),
+                Storage::Write(&mut self.inputs),
+                Storage::Write(&mut self.scratch),
+                Storage::Write(&mut self.logits),
+            ],
+            tensors: builder.tensors,
+            ops: builder.ops,
+        };
+        debug_assert_eq!((WEIGHTS, KV, INPUTS, SCRATCH, LOGITS), (0, 1, 2, 3, 4));
+        self.exec.run(&mut graph)?;
+        self.cached.extend_from_slice(tokens);
+        Ok(self
+            .logits
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
