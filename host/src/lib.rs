@@ -11,6 +11,8 @@
 //!   conformance, device scoring;
 //! - [`model`]: llama/qwen2 inference on the backend ABI, KV cache, sampling;
 //! - [`install`]: the `kiln plugins add` pipeline;
+//! - [`store`]: the content-addressed model store (`kiln models`);
+//! - [`tokenizer`]: tokenizers from GGUF vocabularies (SentencePiece, byte-level BPE);
 //! - [`cli`]: the command line.
 
 pub mod backend;
@@ -23,3 +25,5 @@ pub mod model;
 pub mod plugin;
 pub mod quantize;
 pub mod registry;
+pub mod store;
+pub mod tokenizer;

@@ -13,7 +13,9 @@
 //! - a tensor already in the target type is copied; a quantized source is
 //!   refused (requantizing loses precision twice; start from F16/BF16/F32);
 //! - metadata is copied with `general.file_type` set to llama.cpp's ftype
-//!   number and `general.quantization_version` = 2.
+//!   number and `general.quantization_version` = 2, plus kiln's
+//!   `kiln.quantized_from.sha256` (the input's hash, so `kiln models add`
+//!   records the new version's parent).
 //!
 //! The output streams tensor by tensor: memory beyond the mapped input is
 //! one tensor's result. Rows are split across threads. The file is written
@@ -178,6 +180,18 @@ pub fn quantize(
     let mut metadata = file.metadata.clone();
     set_u32(&mut metadata, "general.quantization_version", 2);
     set_u32(&mut metadata, "general.file_type", target.ftype());
+    // The source's identity, so the model store can link versions.
+    let source = crate::store::hash_file(input, |_| {}).map_err(|e| QuantizeError::Refused {
+        path: input.display().to_string(),
+        what: e.to_string(),
+    })?;
+    match metadata
+        .iter_mut()
+        .find(|(k, _)| k == crate::store::PARENT_KEY)
+    {
+        Some((_, v)) => *v = Value::String(source),
+        None => metadata.push((crate::store::PARENT_KEY.to_string(), Value::String(source))),
+    }
     let specs: Vec<TensorSpec> = file
         .tensors
         .iter()

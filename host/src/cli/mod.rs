@@ -6,8 +6,10 @@
 
 mod backends;
 mod doctor;
+mod models;
 mod plugins;
 mod quantize;
+mod run;
 
 use crate::config::Config;
 use crate::registry::Registry;
@@ -47,6 +49,42 @@ enum Command {
     /// Manage backend plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Generate text from a prompt with a model (a GGUF file or a registered name).
+    Run {
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0.05)]
+        min_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repeat_penalty: f32,
+        /// Default: a new seed each run.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop when this text appears (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// A backend by name (`kiln backends`); default: the best device.
+        #[arg(long)]
+        backend: Option<String>,
+        /// KV cache size in tokens (default: the model's, at most 4096).
+        #[arg(long)]
+        ctx: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The model store: add, list, activate, roll back, verify.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Quantize a GGUF model the way llama.cpp does (same bytes).
     Quantize {
         input: std::path::PathBuf,
@@ -60,6 +98,33 @@ enum Command {
         /// Print per-tensor RMSE and cosine similarity against the source.
         #[arg(long)]
         validate: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Copy a GGUF model into the store (hash-verified) as a new version.
+    Add {
+        file: std::path::PathBuf,
+        /// Default: the model's general.name, or the file name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every registered model version.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NAME@VERSION the active version of NAME.
+    Activate { model: String },
+    /// Re-activate the version of NAME that was active before.
+    Rollback { name: String },
+    /// Re-hash every blob in the store; report missing or corrupt ones.
+    Verify {
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +193,54 @@ fn run(command: Command) -> CliResult {
             PluginsCommand::Disable { plugin } => plugins::disable(&config, &plugin),
             PluginsCommand::Rollback { name } => plugins::rollback(&config, &name),
             PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
+        },
+        Command::Run {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            seed,
+            stop,
+            backend,
+            ctx,
+            json,
+        } => run::run(
+            &config,
+            run::RunArgs {
+                model,
+                prompt,
+                max_tokens,
+                sampling: crate::model::sample::SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty,
+                    repeat_last_n: 64,
+                    seed: seed.unwrap_or_else(|| {
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos() as u64)
+                    }),
+                },
+                stop,
+                backend,
+                ctx,
+                json,
+            },
+        ),
+        Command::Models(m) => match m {
+            ModelsCommand::Add { file, name, json } => {
+                models::add(&config, &file, name.as_deref(), json)
+            }
+            ModelsCommand::List { json } => models::list(&config, json),
+            ModelsCommand::Activate { model } => models::activate(&config, &model),
+            ModelsCommand::Rollback { name } => models::rollback(&config, &name),
+            ModelsCommand::Verify { json } => models::verify(&config, json),
         },
         Command::Quantize {
             input,

@@ -167,7 +167,11 @@ pub fn rollback(config: &Config, name: &str) -> CliResult {
 
 pub fn log(config: &Config, limit: usize, as_json: bool) -> CliResult {
     let registry = open_registry(config)?;
-    let entries = registry.audit_log(limit)?;
+    let entries: Vec<_> = registry
+        .audit_log(limit)?
+        .into_iter()
+        .filter(|e| e.kind == "plugin")
+        .collect();
     if as_json {
         print_json(&json!({ "schema_version": JSON_SCHEMA_VERSION, "entries": entries }));
         return Ok(ExitCode::SUCCESS);

@@ -5,14 +5,17 @@
 //! - [`config`]: hyperparameters and the shape check of every weight;
 //! - [`forward`]: the forward pass as a graph of backend ops;
 //! - [`session`]: a KV cache and the evaluation loop;
+//! - [`generate`]: prompt to streamed text, stop strings, timings;
 //! - [`sample`]: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
 pub mod config;
 pub mod forward;
+pub mod generate;
 pub mod sample;
 pub mod session;
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 pub use config::{Arch, ModelConfig};
 use kiln_plugin_api::BackendError;
 pub use session::Session;
@@ -45,6 +48,8 @@ pub enum ModelError {
         kv_mib: u64,
         free_mib: u64,
     },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -68,6 +73,20 @@ impl Model {
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
         }))
+    }
+
+    /// The model's tokenizer, checked against its embedding table.
+    pub fn tokenizer(&self) -> Result<Tokenizer, ModelError> {
+        let t = Tokenizer::from_gguf(&self.file)?;
+        if t.n_vocab() != self.config.n_vocab {
+            return Err(ModelError::Invalid(format!(
+                "{}: the tokenizer has {} tokens but token_embd.weight has {} rows; this vocabulary does not belong to these weights",
+                self.file.path().display(),
+                t.n_vocab(),
+                self.config.n_vocab
+            )));
+        }
+        Ok(t)
     }
 
     /// Bytes of the weights the forward pass reads.

@@ -10,6 +10,10 @@
 //! Every change is one transaction that also writes its audit row, so a
 //! process killed at any point leaves either the old state or the new one.
 
+mod models;
+mod stack;
+
+pub use models::{ModelRecord, NewModel};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -17,10 +21,16 @@ use std::time::Duration;
 
 /// The embedded migrations, in order. `tests` checks that every file in
 /// `migrations/` is listed here.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_registry.sql",
-    include_str!("../../migrations/0001_registry.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_registry.sql",
+        include_str!("../../../migrations/0001_registry.sql"),
+    ),
+    (
+        "0002_models.sql",
+        include_str!("../../../migrations/0002_models.sql"),
+    ),
+];
 
 /// The schema version this kiln writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -124,6 +134,8 @@ pub struct NewPlugin {
 pub struct AuditEntry {
     pub at: String,
     pub actor: String,
+    /// `plugin` or `model`.
+    pub kind: String,
     pub action: String,
     pub subject: String,
     pub before: Option<String>,
@@ -171,9 +183,11 @@ fn plugin_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PluginRecord> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn audit(
     tx: &Transaction<'_>,
     actor: &str,
+    kind: &str,
     action: &str,
     subject: &str,
     before: Option<&str>,
@@ -182,72 +196,11 @@ fn audit(
 ) -> Result<()> {
     tx.execute(
         &format!(
-            "INSERT INTO audit_log (at, actor, action, subject, before, after, detail) VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6)"
+            "INSERT INTO audit_log (at, actor, kind, action, subject, before, after, detail) VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6, ?7)"
         ),
-        params![actor, action, subject, before, after, detail],
+        params![actor, kind, action, subject, before, after, detail],
     )?;
     Ok(())
-}
-
-fn active_in(tx: &Transaction<'_>, name: &str) -> Result<Option<PluginRecord>> {
-    Ok(tx
-        .query_row(
-            "SELECT * FROM plugins WHERE name = ?1 AND state = 'active'",
-            [name],
-            plugin_from_row,
-        )
-        .optional()?)
-}
-
-fn set_state(tx: &Transaction<'_>, id: i64, state: PluginState) -> Result<()> {
-    tx.execute(
-        &format!("UPDATE plugins SET state = ?1, updated_at = {NOW} WHERE id = ?2"),
-        params![state.as_str(), id],
-    )?;
-    Ok(())
-}
-
-/// Makes `target` the active version of its plugin, demoting the current
-/// one, and pushes the activation onto the rollback stack.
-fn activate_in(
-    tx: &Transaction<'_>,
-    target: &PluginRecord,
-    actor: &str,
-    action: &str,
-) -> Result<Transition> {
-    let current = active_in(tx, &target.name)?;
-    if let Some(cur) = &current {
-        if cur.id == target.id {
-            return Ok(Transition {
-                name: target.name.clone(),
-                before: Some(cur.version.clone()),
-                after: Some(cur.version.clone()),
-            });
-        }
-        set_state(tx, cur.id, PluginState::Inactive)?;
-    }
-    set_state(tx, target.id, PluginState::Active)?;
-    tx.execute(
-        &format!(
-            "INSERT INTO plugin_activations (name, plugin_id, activated_at) VALUES (?1, ?2, {NOW})"
-        ),
-        params![target.name, target.id],
-    )?;
-    let before = current.map(|c| c.version);
-    audit(
-        tx,
-        actor,
-        action,
-        &target.name,
-        before.as_deref(),
-        Some(&target.version),
-        None,
-    )?;
-    Ok(Transition {
-        name: target.name.clone(),
-        before,
-        after: Some(target.version.clone()),
-    })
 }
 
 impl Registry {
@@ -409,6 +362,7 @@ impl Registry {
         audit(
             &tx,
             actor,
+            "plugin",
             "install",
             &new.name,
             None,
@@ -416,7 +370,14 @@ impl Registry {
             Some(&format!("{label} sha256 {}", new.sha256)),
         )?;
         let record = Registry::find(&tx, &new.name, Some(&new.version))?;
-        let t = activate_in(&tx, &record, actor, "activate")?;
+        let t = stack::activate(
+            &tx,
+            &stack::PLUGINS,
+            &record.name,
+            record.id,
+            actor,
+            "activate",
+        )?;
         tx.commit()?;
         Ok(t)
     }
@@ -425,7 +386,14 @@ impl Registry {
     pub fn enable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
         let tx = self.conn.transaction()?;
         let target = Registry::find(&tx, name, version)?;
-        let t = activate_in(&tx, &target, actor, "enable")?;
+        let t = stack::activate(
+            &tx,
+            &stack::PLUGINS,
+            &target.name,
+            target.id,
+            actor,
+            "enable",
+        )?;
         tx.commit()?;
         Ok(t)
     }
@@ -446,11 +414,12 @@ impl Registry {
                 target.label()
             )));
         }
-        set_state(&tx, target.id, PluginState::Disabled)?;
+        stack::set_state(&tx, &stack::PLUGINS, target.id, "disabled")?;
         let was_active = target.state == PluginState::Active;
         audit(
             &tx,
             actor,
+            "plugin",
             "disable",
             name,
             Some(&format!("{} {}", target.version, target.state.as_str())),
@@ -484,61 +453,9 @@ impl Registry {
     /// active before the current one. Repeated rollbacks walk further back.
     pub fn rollback(&mut self, name: &str, actor: &str) -> Result<Transition> {
         let tx = self.conn.transaction()?;
-        let Some(current) = active_in(&tx, name)? else {
-            return Err(RegistryError::Refused(format!(
-                "{name} has no active version to roll back from; use `kiln plugins enable {name}@VERSION`"
-            )));
-        };
-        let top: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM plugin_activations WHERE name = ?1 AND rolled_back = 0 AND plugin_id = ?2 ORDER BY id DESC LIMIT 1",
-                params![name, current.id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let top = top.unwrap_or(i64::MAX);
-        let previous: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT id, plugin_id FROM plugin_activations
-                 WHERE name = ?1 AND rolled_back = 0 AND id < ?2 AND plugin_id != ?3
-                 ORDER BY id DESC LIMIT 1",
-                params![name, top, current.id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((prev_activation, prev_plugin)) = previous else {
-            return Err(RegistryError::Refused(format!(
-                "{name} has no earlier active version to roll back to (active: {})",
-                current.version
-            )));
-        };
-        let target: PluginRecord = tx.query_row(
-            "SELECT * FROM plugins WHERE id = ?1",
-            [prev_plugin],
-            plugin_from_row,
-        )?;
-        // Pop every activation after the one we return to.
-        tx.execute(
-            "UPDATE plugin_activations SET rolled_back = 1 WHERE name = ?1 AND id > ?2 AND rolled_back = 0",
-            params![name, prev_activation],
-        )?;
-        set_state(&tx, current.id, PluginState::Inactive)?;
-        set_state(&tx, target.id, PluginState::Active)?;
-        audit(
-            &tx,
-            actor,
-            "rollback",
-            name,
-            Some(&current.version),
-            Some(&target.version),
-            None,
-        )?;
+        let t = stack::rollback(&tx, &stack::PLUGINS, name, actor)?;
         tx.commit()?;
-        Ok(Transition {
-            name: name.to_string(),
-            before: Some(current.version),
-            after: Some(target.version),
-        })
+        Ok(t)
     }
 
     /// The newest `limit` audit entries, oldest first.
@@ -550,6 +467,7 @@ impl Registry {
             Ok(AuditEntry {
                 at: r.get("at")?,
                 actor: r.get("actor")?,
+                kind: r.get("kind")?,
                 action: r.get("action")?,
                 subject: r.get("subject")?,
                 before: r.get("before")?,
@@ -773,6 +691,7 @@ mod tests {
     #[test]
     fn every_migration_file_is_embedded() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        assert!(dir.is_dir());
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -1,0 +1,135 @@
+//! `kiln models …`
+
+use super::{
+    CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json,
+    table,
+};
+use crate::config::Config;
+use crate::registry::actor;
+use crate::store::{self, BlobStatus};
+use std::path::Path;
+use std::process::ExitCode;
+
+pub fn add(config: &Config, file: &Path, name: Option<&str>, as_json: bool) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let progress = Progress::new("copying into the model store");
+    let (record, t) = store::add(config, &mut registry, file, name, &actor(), |d, total| {
+        progress.bytes(d, total, "")
+    })?;
+    if as_json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "model": record, "previous_active": t.before}),
+        );
+    } else {
+        println!(
+            "added {} ({}, {}, {}){}; now active",
+            record.label(),
+            record.architecture,
+            record.quant_type,
+            human_bytes(record.size_bytes),
+            record
+                .parent
+                .as_ref()
+                .map(|p| format!(", quantized from {p}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(config: &Config, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let models = registry.models()?;
+    if as_json {
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "models": models}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if models.is_empty() {
+        println!("No models registered (`kiln models add FILE`).");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.version.to_string(),
+                m.state.clone(),
+                m.architecture.clone(),
+                m.quant_type.clone(),
+                human_bytes(m.size_bytes),
+                m.parent.clone().unwrap_or_default(),
+                m.sha256[..12].to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "NAME", "VERSION", "STATE", "ARCH", "TYPE", "SIZE", "PARENT", "SHA256"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn activate(config: &Config, spec: &str) -> CliResult {
+    let (name, version) = spec
+        .split_once('@')
+        .and_then(|(n, v)| Some((n, v.parse::<u32>().ok()?)))
+        .ok_or_else(|| CliError(format!("{spec:?} must be NAME@VERSION, e.g. coder@2")))?;
+    let mut registry = open_registry(config)?;
+    let t = registry.activate_model(name, version, &actor())?;
+    println!(
+        "{name}: active version {} -> {}",
+        t.before.unwrap_or_else(|| "none".into()),
+        t.after.unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(config: &Config, name: &str) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let t = registry.rollback_model(name, &actor())?;
+    println!(
+        "{name}: active version {} -> {}",
+        t.before.unwrap_or_default(),
+        t.after.unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(config: &Config, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let results = store::verify(&registry, |m| eprintln!("kiln: hashing {m}…"))?;
+    let bad = results
+        .iter()
+        .filter(|r| !matches!(r.status, BlobStatus::Ok))
+        .count();
+    if as_json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "blobs": results, "problems": bad}),
+        );
+    } else {
+        for r in &results {
+            match &r.status {
+                BlobStatus::Ok => println!("ok       {}", r.model),
+                BlobStatus::Missing => println!("MISSING  {} ({})", r.model, r.blob_path.display()),
+                BlobStatus::Corrupt { actual_sha256 } => println!(
+                    "CORRUPT  {} ({}: sha256 is {actual_sha256}, expected {}); nothing was deleted: restore the file or `kiln models rollback`",
+                    r.model,
+                    r.blob_path.display(),
+                    r.sha256
+                ),
+            }
+        }
+        println!("{} blob(s) checked, {bad} problem(s)", results.len());
+    }
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,135 @@
+//! Generation: prompt in, tokens out, streamed as text, with stop strings
+//! and timings. The session's cache is reused for the prompt's longest
+//! cached prefix.
+
+use super::forward::LogitsFor;
+use super::sample::{Sampler, SamplingParams};
+use super::{ModelError, Session};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    MaxTokens,
+    EndOfGeneration,
+    StopString,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    /// Prompt tokens evaluated (after the cached prefix).
+    pub prompt_tokens: usize,
+    /// Prompt tokens found in the cache.
+    pub cached_tokens: usize,
+    pub time_to_first_token_ms: f64,
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub timings: Timings,
+}
+
+/// Runs `req`. `on_text` receives text as it becomes final (never a part of
+/// a stop string); returning `false` cancels.
+pub fn generate(
+    session: &mut Session,
+    tok: &Tokenizer,
+    req: &Request,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation, ModelError> {
+    req.sampling.validate().map_err(ModelError::Invalid)?;
+    if req.prompt.is_empty() {
+        return Err(ModelError::Invalid("the prompt is empty".into()));
+    }
+    let start = Instant::now();
+    // Reuse the cached prefix; always evaluate at least the last token to
+    // get fresh logits.
+    let cached = session.common_prefix(&req.prompt).min(req.prompt.len() - 1);
+    session.truncate(cached);
+    let logits = session.eval(&req.prompt[cached..], LogitsFor::Last)?;
+    let prompt_s = start.elapsed().as_secs_f64();
+    let mut timings = Timings {
+        prompt_tokens: req.prompt.len() - cached,
+        cached_tokens: cached,
+        time_to_first_token_ms: prompt_s * 1e3,
+        prompt_tokens_per_s: (req.prompt.len() - cached) as f64 / prompt_s.max(1e-9),
+        ..Timings::default()
+    };
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut history = req.prompt.clone();
+    let mut out_ids = Vec::new();
+    let mut text = String::new();
+    let mut sent = 0;
+    let mut decoder = StreamDecoder::default();
+    let hold = req
+        .stop
+        .iter()
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1);
+    let decode_start = Instant::now();
+    let mut logits = logits;
+    let mut reason = StopReason::MaxTokens;
+    while out_ids.len() < req.max_tokens {
+        let next = sampler.sample(&logits, &history);
+        if tok.is_end_of_generation(next) {
+            reason = StopReason::EndOfGeneration;
+            break;
+        }
+        out_ids.push(next);
+        history.push(next);
+        text.push_str(&decoder.push(tok, next));
+        if let Some(at) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            reason = StopReason::StopString;
+            break;
+        }
+        // Send what can no longer become part of a stop string.
+        let mut ready = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(ready) {
+            ready -= 1;
+        }
+        if ready > sent {
+            if !on_text(&text[sent..ready]) {
+                reason = StopReason::Cancelled;
+                sent = ready;
+                break;
+            }
+            sent = ready;
+        }
+        if out_ids.len() == req.max_tokens {
+            break;
+        }
+        logits = session.eval(&[next], LogitsFor::Last)?;
+    }
+    if sent < text.len() && reason != StopReason::Cancelled {
+        on_text(&text[sent..]);
+    }
+    let decode_s = decode_start.elapsed().as_secs_f64();
+    timings.decode_tokens = out_ids.len();
+    timings.decode_tokens_per_s = out_ids.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
+    Ok(Generation {
+        token_ids: out_ids,
+        text,
+        stop_reason: reason,
+        timings,
+    })
+}

@@ -1,0 +1,303 @@
+//! The offline model store: every model kiln manages is a blob named by its
+//! content, `$KILN_HOME/models/blobs/sha256-<hex>`, recorded in the
+//! registry as a version of a name.
+//!
+//! Adding copies the file while hashing it, fsyncs the copy, hashes the
+//! copy again from disk and only then renames it into place: a blob's name
+//! always matches its bytes, and an interrupted add leaves at most a
+//! temporary file. `verify` re-hashes every blob and reports, never deletes.
+
+use crate::config::Config;
+use crate::gguf::GgufFile;
+use crate::model::{Model, ModelError};
+use crate::registry::{ModelRecord, NewModel, Registry, RegistryError, Transition};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Metadata key `kiln quantize` writes: the sha256 of its input file.
+pub const PARENT_KEY: &str = "kiln.quantized_from.sha256";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: the copy's sha256 {copy} differs from the source's {source_hash}; the disk or the file changed during the copy. Nothing was recorded"
+    )]
+    CopyMismatch {
+        path: PathBuf,
+        copy: String,
+        source_hash: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn blobs_dir(config: &Config) -> PathBuf {
+    config.home.join("models").join("blobs")
+}
+
+/// sha256 of a file, streamed; `progress(bytes)` after each chunk.
+pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<String, StoreError> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 22];
+    let mut done = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+        progress(done);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// llama.cpp's names for `general.file_type`, or the weights' types.
+pub fn quant_type(f: &GgufFile) -> String {
+    let named = f
+        .get("general.file_type")
+        .and_then(|v| v.as_u64())
+        .and_then(|t| {
+            Some(match t {
+                0 => "f32",
+                1 => "f16",
+                2 => "q4_0",
+                7 => "q8_0",
+                8 => "q5_0",
+                10 => "q2_k",
+                12 => "q3_k_m",
+                14 => "q4_k_s",
+                15 => "q4_k_m",
+                16 => "q5_k_s",
+                17 => "q5_k_m",
+                18 => "q6_k",
+                32 => "bf16",
+                _ => return None,
+            })
+        });
+    if let Some(n) = named {
+        return n.to_string();
+    }
+    let mut types: Vec<String> = f
+        .tensors
+        .iter()
+        .filter(|t| t.n_dims >= 2)
+        .map(|t| t.dtype.to_string())
+        .collect();
+    types.sort();
+    types.dedup();
+    match types.len() {
+        1 => types.remove(0),
+        _ => format!("mixed ({})", types.join(", ")),
+    }
+}
+
+/// A name for a model: `general.name` or the file's stem, as
+/// [a-z0-9._-] (anything else becomes '-').
+pub fn default_name(f: &GgufFile, path: &Path) -> String {
+    let raw = f
+        .get("general.name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+    let name: String = raw
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "model".into()
+    } else {
+        name
+    }
+}
+
+pub fn check_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.contains('@')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "model name {name:?} must be 1-128 characters of a-z, A-Z, 0-9, '.', '_' and '-'"
+        )))
+    }
+}
+
+/// `kiln models add`: validates the model (format, architecture, shapes,
+/// tokenizer), copies it into the store and records a new version.
+pub fn add(
+    config: &Config,
+    registry: &mut Registry,
+    file: &Path,
+    name: Option<&str>,
+    actor: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(ModelRecord, Transition), StoreError> {
+    let model = Model::load(file)?;
+    model.tokenizer()?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => default_name(&model.file, file),
+    };
+    check_name(&name)?;
+    let total = std::fs::metadata(file).map_err(io(file))?.len();
+    let dir = blobs_dir(config);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tmp = dir.join(format!(".incoming-{}", std::process::id()));
+    let hash = copy_hashing(file, &tmp, |done| progress(done, total))?;
+    let blob = dir.join(format!("sha256-{hash}"));
+    let result = (|| {
+        let copy = hash_file(&tmp, |_| {})?;
+        if copy != hash {
+            return Err(StoreError::CopyMismatch {
+                path: file.to_path_buf(),
+                copy,
+                source_hash: hash.clone(),
+            });
+        }
+        std::fs::rename(&tmp, &blob).map_err(io(&blob))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    let parent = model
+        .file
+        .get(PARENT_KEY)
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let new = NewModel {
+        name,
+        sha256: hash,
+        blob_path: blob,
+        architecture: model.config.arch.name().to_string(),
+        quant_type: quant_type(&model.file),
+        size_bytes: total,
+        parent_sha256: parent,
+    };
+    Ok(registry.add_model(&new, actor)?)
+}
+
+fn copy_hashing(
+    from: &Path,
+    to: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<String, StoreError> {
+    let mut src = std::fs::File::open(from).map_err(io(from))?;
+    let mut dst = std::fs::File::create(to).map_err(io(to))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 22];
+    let mut done = 0u64;
+    let copied = (|| -> std::io::Result<()> {
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            dst.write_all(&buf[..n])?;
+            done += n as u64;
+            progress(done);
+        }
+        dst.sync_all()
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(to);
+        return Err(StoreError::Io {
+            path: to.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum BlobStatus {
+    Ok,
+    Missing,
+    Corrupt { actual_sha256: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Verified {
+    pub model: String,
+    pub sha256: String,
+    pub blob_path: PathBuf,
+    #[serde(flatten)]
+    pub status: BlobStatus,
+}
+
+/// `kiln models verify`: re-hashes every registered blob (each once).
+pub fn verify(
+    registry: &Registry,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Verified>, StoreError> {
+    let mut checked: std::collections::HashMap<PathBuf, BlobStatus> = Default::default();
+    let mut out = Vec::new();
+    for m in registry.models()? {
+        let status = match checked.get(&m.blob_path) {
+            Some(s) => s.clone(),
+            None => {
+                progress(&m.label());
+                let s = if !m.blob_path.is_file() {
+                    BlobStatus::Missing
+                } else {
+                    match hash_file(&m.blob_path, |_| {}) {
+                        Ok(h) if h == m.sha256 => BlobStatus::Ok,
+                        Ok(h) => BlobStatus::Corrupt { actual_sha256: h },
+                        Err(_) => BlobStatus::Missing,
+                    }
+                };
+                checked.insert(m.blob_path.clone(), s.clone());
+                s
+            }
+        };
+        out.push(Verified {
+            model: m.label(),
+            sha256: m.sha256,
+            blob_path: m.blob_path,
+            status,
+        });
+    }
+    Ok(out)
+}

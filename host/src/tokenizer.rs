@@ -1,0 +1,397 @@
+//! Tokenizers built from GGUF metadata, run by the `tokenizers` crate.
+//!
+//! A GGUF file carries its vocabulary the way llama.cpp reads it
+//! (`tokenizer.ggml.*`): tokens, token types, and either scores
+//! (SentencePiece, `model = "llama"`) or merges (byte-level BPE,
+//! `model = "gpt2"`, with a pre-tokenizer named by `tokenizer.ggml.pre`).
+//! kiln writes the equivalent Hugging Face `tokenizer.json` document and
+//! loads it, so tokenization is the `tokenizers` crate's:
+//! - SentencePiece vocabularies become BPE with byte fallback, with merges
+//!   derived from the scores exactly as Hugging Face's converter derives
+//!   them (every split of a piece into two pieces of the vocabulary, ordered
+//!   by the piece's score), and the `▁` normalizer of Llama's tokenizer;
+//! - byte-level BPE gets its merges and the pre-tokenizer regex of its
+//!   family (Llama 3, Qwen2, DeepSeek-Coder, GPT-2).
+//!
+//! Control, unknown and user-defined tokens are added tokens, so special
+//! tokens written in the text (`<|fim_prefix|>`, `<s>`) are matched as
+//! tokens, as llama.cpp does with special parsing on.
+
+use crate::gguf::{GgufFile, Value};
+use serde_json::{Value as Json, json};
+use std::collections::{HashMap, HashSet};
+
+// llama.cpp's token types.
+const NORMAL: i64 = 1;
+const UNKNOWN: i64 = 2;
+const CONTROL: i64 = 3;
+const USER_DEFINED: i64 = 4;
+const BYTE: i64 = 6;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: tokenizer: {what}")]
+pub struct TokenizerError {
+    pub path: String,
+    pub what: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VocabKind {
+    /// SentencePiece (Llama 2, TinyLlama, CodeLlama, Mistral).
+    SentencePiece,
+    /// Byte-level BPE (Llama 3, Qwen2/Qwen3, DeepSeek-Coder, GPT-2, StarCoder).
+    ByteLevelBpe,
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub kind: VocabKind,
+    /// The pre-tokenizer family (`tokenizer.ggml.pre`), for BPE.
+    pub pre: String,
+    pub tokens: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    end_of_generation: HashSet<u32>,
+}
+
+/// The pre-tokenizer regexes of each byte-level BPE family, as their
+/// `tokenizer.json` files spell them.
+fn pre_tokenizer(pre: &str) -> Option<Json> {
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+    let llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let seq = |items: Vec<Json>| json!({"type": "Sequence", "pretokenizers": items});
+    Some(match pre {
+        "llama3" | "llama-bpe" | "llama-v3" => seq(vec![split(llama3), byte_level]),
+        "qwen2" => seq(vec![split(qwen2), byte_level]),
+        "deepseek-coder" => seq(vec![
+            split(r"[\r\n]"),
+            split(r"\s?\p{L}+"),
+            split(r"\s?\p{P}+"),
+            split("[\u{4e00}-\u{9fa5}\u{0800}-\u{4e00}\u{ac00}-\u{d7ff}]+"),
+            split(r"\p{N}"),
+            byte_level,
+        ]),
+        "default" | "gpt-2" | "gpt2" => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true})
+        }
+        "starcoder" => seq(vec![
+            json!({"type": "Digits", "individual_digits": true}),
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
+        ]),
+        _ => return None,
+    })
+}
+
+/// Hugging Face's `SentencePieceExtractor`: for every piece, every split
+/// into two pieces that are both in the vocabulary, ordered by the piece's
+/// score (highest first), then by the ids of the two halves.
+pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(usize, usize, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (l, r) = piece.split_at(at);
+                Some((*ids.get(l)?, *ids.get(r)?, score))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend(local);
+    }
+    // Stable: equal scores keep the order above.
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l].clone(), tokens[r].clone()))
+        .collect()
+}
+
+fn strings(f: &GgufFile, key: &str) -> Option<Vec<String>> {
+    f.get(key)?
+        .as_array()?
+        .iter()
+        .map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+impl Tokenizer {
+    pub fn from_gguf(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
+        let err = |what: String| TokenizerError {
+            path: f.path().display().to_string(),
+            what,
+        };
+        let model = f
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                err("the file has no tokenizer (tokenizer.ggml.model is missing)".into())
+            })?;
+        let tokens = strings(f, "tokenizer.ggml.tokens").ok_or_else(|| {
+            err("tokenizer.ggml.tokens is missing or not a list of strings".into())
+        })?;
+        let n = tokens.len();
+        let types: Vec<i64> = match f.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+            Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(NORMAL)).collect(),
+            None => vec![NORMAL; n],
+        };
+        if types.len() != n {
+            return Err(err(format!("{} token types for {n} tokens", types.len())));
+        }
+        let id_key = |k: &str| -> Result<Option<u32>, TokenizerError> {
+            match f.get(k).and_then(Value::as_u64) {
+                Some(id) if id as usize >= n => Err(err(format!(
+                    "{k} = {id} is outside the vocabulary of {n} tokens"
+                ))),
+                other => Ok(other.map(|v| v as u32)),
+            }
+        };
+        let bos = id_key("tokenizer.ggml.bos_token_id")?;
+        let eos = id_key("tokenizer.ggml.eos_token_id")?;
+        let eot = id_key("tokenizer.ggml.eot_token_id")?;
+        let unk = id_key("tokenizer.ggml.unknown_token_id")?;
+
+        let mut vocab = serde_json::Map::new();
+        let mut seen = HashSet::new();
+        for (i, t) in tokens.iter().enumerate() {
+            // A repeated string keeps its first id, as llama.cpp's map does.
+            if seen.insert(t.as_str()) {
+                vocab.insert(t.clone(), json!(i));
+            }
+        }
+        let added: Vec<Json> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, ty))| matches!(**ty, CONTROL | UNKNOWN | USER_DEFINED))
+            .map(|(i, (t, ty))| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": *ty != USER_DEFINED})
+            })
+            .collect();
+        let (kind, pre, doc) = match model {
+            "llama" => {
+                let scores: Vec<f32> =
+                    match f.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+                        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+                        None => {
+                            return Err(err(
+                                "a SentencePiece vocabulary needs tokenizer.ggml.scores".into(),
+                            ));
+                        }
+                    };
+                if scores.len() != n {
+                    return Err(err(format!("{} scores for {n} tokens", scores.len())));
+                }
+                let has_bytes = types.iter().filter(|&&t| t == BYTE).count() == 256;
+                let merges: Vec<Json> = merges_from_scores(&tokens, &scores)
+                    .into_iter()
+                    .map(|(l, r)| json!([l, r]))
+                    .collect();
+                let add_space = f
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                let mut normalizers = Vec::new();
+                if add_space {
+                    normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                }
+                normalizers.push(
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+                );
+                let unk_token = unk.map(|u| tokens[u as usize].clone());
+                let doc = json!({
+                    "version": "1.0", "truncation": null, "padding": null,
+                    "added_tokens": added,
+                    "normalizer": {"type": "Sequence", "normalizers": normalizers},
+                    "pre_tokenizer": null, "post_processor": null,
+                    "decoder": {"type": "Sequence", "decoders": [
+                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                        {"type": "ByteFallback"}, {"type": "Fuse"},
+                        {"type": "Strip", "content": " ", "start": if add_space { 1 } else { 0 }, "stop": 0}]},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": unk_token,
+                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                              "fuse_unk": true, "byte_fallback": has_bytes, "ignore_merges": false,
+                              "vocab": vocab, "merges": merges},
+                });
+                (VocabKind::SentencePiece, String::new(), doc)
+            }
+            "gpt2" => {
+                let pre = f
+                    .get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default")
+                    .to_string();
+                let pre_tokenizer = pre_tokenizer(&pre).ok_or_else(|| {
+                    err(format!(
+                        "pre-tokenizer {pre:?} is not supported yet (kiln knows llama-bpe, qwen2, deepseek-coder, starcoder, gpt-2)"
+                    ))
+                })?;
+                let merges: Vec<Json> = strings(f, "tokenizer.ggml.merges")
+                    .ok_or_else(|| err("a BPE vocabulary needs tokenizer.ggml.merges".into()))?
+                    .iter()
+                    .map(|m| {
+                        // As llama.cpp: split at the first space after the first byte.
+                        match m.get(1..).and_then(|rest| rest.find(' ')).map(|p| p + 1) {
+                            Some(p) => Ok(json!([&m[..p], &m[p + 1..]])),
+                            None => Err(err(format!("merge {m:?} has no space"))),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                let doc = json!({
+                    "version": "1.0", "truncation": null, "padding": null,
+                    "added_tokens": added,
+                    "normalizer": if pre == "qwen2" { json!({"type": "NFC"}) } else { Json::Null },
+                    "pre_tokenizer": pre_tokenizer, "post_processor": null,
+                    "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+                    "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                              "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                              "fuse_unk": false, "byte_fallback": false,
+                              "ignore_merges": matches!(pre.as_str(), "llama3" | "llama-bpe" | "llama-v3"),
+                              "vocab": vocab, "merges": merges},
+                });
+                (VocabKind::ByteLevelBpe, pre, doc)
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer model {other:?} is not supported (kiln reads \"llama\" SentencePiece and \"gpt2\" BPE vocabularies)"
+                )));
+            }
+        };
+        let inner = tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes())
+            .map_err(|e| err(format!("cannot build the tokenizer: {e}")))?;
+        let add_bos = f
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(kind == VocabKind::SentencePiece);
+        let mut end_of_generation: HashSet<u32> = [eos, eot].into_iter().flatten().collect();
+        for name in [
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "<EOT>",
+            "<|EOT|>",
+            "<end_of_turn>",
+        ] {
+            if let Some(i) = tokens.iter().position(|t| t == name)
+                && types[i] == CONTROL
+            {
+                end_of_generation.insert(i as u32);
+            }
+        }
+        Ok(Tokenizer {
+            inner,
+            kind,
+            pre,
+            tokens,
+            bos,
+            eos,
+            add_bos,
+            end_of_generation,
+        })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Token ids of `text`; special tokens written in the text become their
+    /// ids. With `add_bos`, the BOS token comes first when the vocabulary
+    /// asks for it.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, String> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| format!("cannot tokenize: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
+        if add_bos
+            && self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, without control tokens.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.inner.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Whether generation should stop at this token (EOS, EOT, …).
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.contains(&id)
+    }
+
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.tokens.iter().position(|t| t == text).map(|i| i as u32)
+    }
+}
+
+/// Turns a growing list of token ids into text deltas, holding back bytes
+/// until they form whole characters.
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids);
+        if text.ends_with('\u{fffd}')
+            || text.len() < self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
+            return String::new();
+        }
+        let delta = text[self.emitted..].to_string();
+        self.emitted = text.len();
+        delta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_follow_scores_then_ids() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0];
+        let m = merges_from_scores(&tokens, &scores);
+        let as_str: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        // "bc" (score -1) before "ab" (-2) before the two ways to make "abc".
+        assert_eq!(
+            as_str,
+            vec![("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+        );
+    }
+
+    #[test]
+    fn every_supported_pre_tokenizer_builds() {
+        for pre in ["llama-bpe", "qwen2", "deepseek-coder", "gpt-2", "starcoder"] {
+            let p = pre_tokenizer(pre).unwrap();
+            let doc = json!({"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": p,
+                "post_processor": null, "decoder": null, "truncation": null, "padding": null,
+                "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}});
+            tokenizers::Tokenizer::from_bytes(doc.to_string().as_bytes()).unwrap();
+        }
+        assert!(pre_tokenizer("falcon").is_none());
+    }
+}
