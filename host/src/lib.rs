@@ -1,6 +1,7 @@
 //! kiln: a local model-optimization host.
 //!
 //! This crate is the `kiln` binary's library. One module per capability:
+//! - [`convert`]: Hugging Face checkpoints (safetensors) to GGUF;
 //! - [`config`]: `KILN_HOME`, `config.toml`, plugin directories;
 //! - [`cpu_features`]: what this CPU and OS can run;
 //! - [`gguf`]: the GGUF model format, read over mmap and written atomically;
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod cpu_features;
 pub mod gguf;
 pub mod install;

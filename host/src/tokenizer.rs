@@ -26,6 +26,7 @@ const NORMAL: i64 = 1;
 const UNKNOWN: i64 = 2;
 const CONTROL: i64 = 3;
 const USER_DEFINED: i64 = 4;
+const UNUSED: i64 = 5;
 const BYTE: i64 = 6;
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,14 @@ pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, Str
         .into_iter()
         .map(|(l, r, _)| (tokens[l].clone(), tokens[r].clone()))
         .collect()
+}
+
+/// Splits a merge "a b" at the first space after the first character, as
+/// llama.cpp does (so a token may itself start with a space).
+fn split_merge(m: &str) -> Option<(&str, &str)> {
+    let first = m.chars().next()?.len_utf8();
+    let at = first + m[first..].find(' ')?;
+    Some((&m[..at], &m[at + 1..]))
 }
 
 fn strings(f: &GgufFile, key: &str) -> Option<Vec<String>> {
@@ -239,12 +248,9 @@ impl Tokenizer {
                 let merges: Vec<Json> = strings(f, "tokenizer.ggml.merges")
                     .ok_or_else(|| err("a BPE vocabulary needs tokenizer.ggml.merges".into()))?
                     .iter()
-                    .map(|m| {
-                        // As llama.cpp: split at the first space after the first byte.
-                        match m.get(1..).and_then(|rest| rest.find(' ')).map(|p| p + 1) {
-                            Some(p) => Ok(json!([&m[..p], &m[p + 1..]])),
-                            None => Err(err(format!("merge {m:?} has no space"))),
-                        }
+                    .map(|m| match split_merge(m) {
+                        Some((a, b)) => Ok(json!([a, b])),
+                        None => Err(err(format!("merge {m:?} has no space"))),
                     })
                     .collect::<Result<_, _>>()?;
                 let doc = json!({
@@ -339,6 +345,200 @@ impl Tokenizer {
     }
 }
 
+/// The `tokenizer.ggml.*` metadata for a Hugging Face `tokenizer.json`
+/// (with its `tokenizer_config.json`, when there is one), as llama.cpp's
+/// converter writes it. `vocab_size` is the model's (its embedding rows):
+/// ids without a token are padded as unused `[PADn]` tokens.
+pub fn gguf_metadata(
+    tj: &Json,
+    config: Option<&Json>,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>, String> {
+    use crate::gguf::ValueType as VT;
+    let model = &tj["model"];
+    if model["type"] != "BPE" {
+        return Err(format!(
+            "tokenizer model {} is not supported (kiln converts BPE and SentencePiece-BPE tokenizers)",
+            model["type"]
+        ));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or("tokenizer.json has no model.vocab")?;
+    let mut by_id: HashMap<usize, String> = HashMap::new();
+    for (t, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| format!("vocab entry {t:?} has no integer id"))?
+            as usize;
+        by_id.insert(id, t.clone());
+    }
+    let mut special: HashMap<usize, bool> = HashMap::new();
+    for a in tj["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            continue;
+        };
+        by_id.insert(id as usize, content.to_string());
+        special.insert(id as usize, a["special"].as_bool().unwrap_or(false));
+    }
+    let max_id = by_id.keys().max().copied().unwrap_or(0);
+    if max_id >= vocab_size {
+        return Err(format!(
+            "the tokenizer has token id {max_id} but the model's vocabulary is {vocab_size}; the tokenizer does not belong to this model"
+        ));
+    }
+    let metaspace = |v: &Json| {
+        let text = v.to_string();
+        text.contains('\u{2581}') || text.contains("Metaspace")
+    };
+    let is_spm = model["byte_fallback"].as_bool().unwrap_or(false)
+        && (metaspace(&tj["normalizer"]) || metaspace(&tj["pre_tokenizer"]));
+    let unk = model["unk_token"].as_str();
+    let tokens: Vec<String> = (0..vocab_size)
+        .map(|i| {
+            by_id
+                .get(&i)
+                .cloned()
+                .unwrap_or_else(|| format!("[PAD{i}]"))
+        })
+        .collect();
+    let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+    let types: Vec<i64> = (0..vocab_size)
+        .map(|i| match (by_id.get(&i), special.get(&i)) {
+            (None, _) => UNUSED,
+            (Some(t), _) if Some(t.as_str()) == unk => UNKNOWN,
+            (Some(_), Some(true)) => CONTROL,
+            (Some(_), Some(false)) => USER_DEFINED,
+            (Some(t), None) if is_spm && is_byte(t) => BYTE,
+            _ => NORMAL,
+        })
+        .collect();
+    let merges: Vec<(String, String)> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Json::String(s) => split_merge(s)
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merge {s:?} has no space")),
+            Json::Array(pair) if pair.len() == 2 => Ok((
+                pair[0].as_str().unwrap_or_default().to_string(),
+                pair[1].as_str().unwrap_or_default().to_string(),
+            )),
+            other => Err(format!("merge {other} is neither \"a b\" nor [a, b]")),
+        })
+        .collect::<Result<_, _>>()?;
+    let strs =
+        |v: Vec<String>| Value::Array(VT::String, v.into_iter().map(Value::String).collect());
+    let type_values = Value::Array(
+        VT::I32,
+        types.iter().map(|&t| Value::I32(t as i32)).collect(),
+    );
+    let mut meta: Vec<(String, Value)> = Vec::new();
+    let mut put = |k: &str, v: Value| meta.push((format!("tokenizer.ggml.{k}"), v));
+    if is_spm {
+        // Scores that reproduce the merge order: a piece scores minus the
+        // rank of the first merge that makes it; pieces no merge makes rank last.
+        let mut first_rank: HashMap<String, usize> = HashMap::new();
+        for (rank, (a, b)) in merges.iter().enumerate() {
+            first_rank.entry(format!("{a}{b}")).or_insert(rank);
+        }
+        let scores: Vec<Value> = tokens
+            .iter()
+            .map(|t| Value::F32(first_rank.get(t).map_or(-1e9, |&r| -(r as f32))))
+            .collect();
+        let prepend = tj["normalizer"].to_string().contains("Prepend")
+            || tj["pre_tokenizer"]["prepend_scheme"]
+                .as_str()
+                .is_some_and(|s| s != "never");
+        put("model", Value::String("llama".into()));
+        put("tokens", strs(tokens.clone()));
+        put("scores", Value::Array(VT::F32, scores));
+        put("token_type", type_values);
+        put("add_space_prefix", Value::Bool(prepend));
+    } else {
+        let regexes: Vec<String> = tj["pre_tokenizer"]["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["pattern"]["Regex"].as_str().map(str::to_string))
+            .collect();
+        let pre_text = tj["pre_tokenizer"].to_string();
+        let pre = if regexes.iter().any(|r| r.contains(r"\p{N}{1,3}")) {
+            "llama-bpe"
+        } else if regexes.iter().any(|r| r.contains(r"\p{L}+|\p{N}| ?")) {
+            "qwen2"
+        } else if regexes.iter().any(|r| r == r"\s?\p{P}+") {
+            "deepseek-coder"
+        } else if pre_text.contains("Digits") {
+            "starcoder"
+        } else if pre_text.contains("ByteLevel") && pre_text.contains("\"use_regex\":true") {
+            "gpt-2"
+        } else {
+            return Err("unrecognised pre-tokenizer; kiln converts the Llama 3, Qwen2, DeepSeek-Coder, StarCoder and GPT-2 families".into());
+        };
+        put("model", Value::String("gpt2".into()));
+        put("pre", Value::String(pre.into()));
+        put("tokens", strs(tokens.clone()));
+        put("token_type", type_values);
+        put(
+            "merges",
+            strs(merges.iter().map(|(a, b)| format!("{a} {b}")).collect()),
+        );
+    }
+    let id_of = |t: &str| tokens.iter().position(|x| x == t);
+    let config_token = |key: &str| -> Option<String> {
+        let v = &config?[key];
+        v.as_str()
+            .map(str::to_string)
+            .or_else(|| v["content"].as_str().map(str::to_string))
+    };
+    let mut ids: Vec<(&str, usize)> = Vec::new();
+    for (key, gguf_key) in [
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ] {
+        if let Some(id) = config_token(key).and_then(|t| id_of(&t)) {
+            ids.push((gguf_key, id));
+        }
+    }
+    if is_spm
+        && !ids.iter().any(|(k, _)| *k == "unknown_token_id")
+        && let Some(u) = unk.and_then(id_of)
+    {
+        ids.push(("unknown_token_id", u));
+    }
+    for (name, gguf_key) in [
+        ("<|fim_prefix|>", "fim_pre_token_id"),
+        ("<|fim_suffix|>", "fim_suf_token_id"),
+        ("<|fim_middle|>", "fim_mid_token_id"),
+        ("<|fim_pad|>", "fim_pad_token_id"),
+        ("<|repo_name|>", "fim_rep_token_id"),
+        ("<|file_sep|>", "fim_sep_token_id"),
+    ] {
+        if let Some(id) = id_of(name) {
+            ids.push((gguf_key, id));
+        }
+    }
+    for (k, id) in ids {
+        put(k, Value::U32(id as u32));
+    }
+    let post = tj["post_processor"].to_string();
+    let add_bos = config
+        .and_then(|c| c["add_bos_token"].as_bool())
+        .unwrap_or_else(|| {
+            post.contains("TemplateProcessing") && post.contains("\"single\":[{\"SpecialToken\"")
+        });
+    let add_eos = config
+        .and_then(|c| c["add_eos_token"].as_bool())
+        .unwrap_or(false);
+    put("add_bos_token", Value::Bool(add_bos));
+    put("add_eos_token", Value::Bool(add_eos));
+    Ok(meta)
+}
+
 /// Turns a growing list of token ids into text deltas, holding back bytes
 /// until they form whole characters.
 #[derive(Default)]
@@ -381,6 +581,13 @@ mod tests {
             as_str,
             vec![("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
         );
+    }
+
+    #[test]
+    fn merges_split_after_the_first_character() {
+        assert_eq!(split_merge("\u{2581} t"), Some(("\u{2581}", "t")));
+        assert_eq!(split_merge("  a"), Some((" ", "a")));
+        assert_eq!(split_merge("ab"), None);
     }
 
     #[test]

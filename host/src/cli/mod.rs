@@ -85,6 +85,14 @@ enum Command {
     /// The model store: add, list, activate, roll back, verify.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Convert a Hugging Face checkpoint directory (llama, qwen2) to GGUF.
+    Convert {
+        dir: std::path::PathBuf,
+        output: std::path::PathBuf,
+        /// auto (keep each matrix's type), f32, f16 or bf16.
+        #[arg(long, default_value = "auto")]
+        outtype: String,
+    },
     /// Quantize a GGUF model the way llama.cpp does (same bytes).
     Quantize {
         input: std::path::PathBuf,
@@ -233,6 +241,22 @@ fn run(command: Command) -> CliResult {
                 json,
             },
         ),
+        Command::Convert {
+            dir,
+            output,
+            outtype,
+        } => {
+            let t = crate::convert::OutType::parse(&outtype).ok_or_else(|| {
+                CliError(format!(
+                    "unknown --outtype {outtype:?}; choose auto, f32, f16 or bf16"
+                ))
+            })?;
+            let progress = Progress::new("converting");
+            let n =
+                crate::convert::convert(&dir, &output, t, |d, total| progress.update(d, total))?;
+            println!("wrote {} ({n} tensors)", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Models(m) => match m {
             ModelsCommand::Add { file, name, json } => {
                 models::add(&config, &file, name.as_deref(), json)
