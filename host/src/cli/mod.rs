@@ -5,6 +5,7 @@
 //! `kiln doctor`, when it found problems), 2 on bad usage.
 
 mod backends;
+mod bench;
 mod doctor;
 mod models;
 mod plugins;
@@ -79,6 +80,18 @@ enum Command {
         /// KV cache size in tokens (default: the model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure load time, prompt and decode speed of a model (random tokens).
+    Bench {
+        model: String,
+        #[arg(long, default_value_t = 256)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+        #[arg(long)]
+        backend: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -240,6 +253,20 @@ fn run(command: Command) -> CliResult {
                 ctx,
                 json,
             },
+        ),
+        Command::Bench {
+            model,
+            prompt_tokens,
+            decode_tokens,
+            backend,
+            json,
+        } => bench::run(
+            &config,
+            &model,
+            prompt_tokens,
+            decode_tokens,
+            backend.as_deref(),
+            json,
         ),
         Command::Convert {
             dir,

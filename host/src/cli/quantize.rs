@@ -5,6 +5,37 @@ use crate::quantize::{Target, quantize};
 use std::path::Path;
 use std::process::ExitCode;
 
+/// A text sample for `--validate`: prose and code.
+const SAMPLE: &str = "The registry keeps every version of every plugin, so a bad update is one command away from being undone.\nfn sum(values: &[f64]) -> f64 {\n    values.iter().copied().sum()\n}\nQuantization trades a little accuracy for a lot of memory bandwidth; the perplexity shows how much.";
+
+/// Perplexity of the source and the quantized model on [`SAMPLE`] (or on
+/// fixed token ids when the model has no tokenizer), on the CPU.
+fn perplexity_change(input: &Path, output: &Path) -> Result<(f64, f64, usize), String> {
+    use crate::backend::{Backend, exec::Executor};
+    use crate::model::{Model, Session, generate::perplexity};
+    let ppl = |path: &Path| -> Result<(f64, usize), String> {
+        let model = Model::load(path).map_err(|e| e.to_string())?;
+        let tokens = match model.tokenizer() {
+            Ok(t) => t.encode(SAMPLE, true).map_err(|e| e.to_string())?,
+            Err(_) => (0..64)
+                .map(|i| (i * 7919 % model.config.n_vocab) as u32)
+                .collect(),
+        };
+        let n = tokens.len();
+        let exec = Executor::new(Backend::builtin_cpu(), 0);
+        let mut session =
+            Session::new(model, exec, Some(n.next_power_of_two())).map_err(|e| e.to_string())?;
+        Ok((
+            perplexity(&mut session, &tokens).map_err(|e| e.to_string())?,
+            n,
+        ))
+    };
+    eprintln!("kiln: measuring perplexity of the source and the result…");
+    let (before, n) = ppl(input)?;
+    let (after, _) = ppl(output)?;
+    Ok((before, after, n))
+}
+
 pub fn run(
     input: &Path,
     output: &Path,
@@ -52,6 +83,13 @@ pub fn run(
         summary.tensors.len()
     );
     if validate {
+        match perplexity_change(input, output) {
+            Ok((before, after, n)) => println!(
+                "perplexity on a {n}-token sample: {before:.4} -> {after:.4} ({:+.2}%)",
+                (after / before - 1.0) * 100.0
+            ),
+            Err(e) => eprintln!("kiln: warning: cannot measure perplexity: {e}"),
+        }
         let rows: Vec<Vec<String>> = summary
             .errors
             .iter()

@@ -7,7 +7,6 @@ use crate::config::Config;
 use crate::model::generate::{Request, generate};
 use crate::model::sample::SamplingParams;
 use crate::model::{Model, Session};
-use crate::tokenizer::Tokenizer;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,7 +79,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     args.sampling.validate().map_err(CliError)?;
     let path = resolve_model(config, &args.model)?;
     let model = Model::load(&path)?;
-    let tok = Tokenizer::from_gguf(&model.file)?;
+    let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
     let (exec, backend) = executor(config, args.backend.as_deref())?;
     let load_ms = model.load_ms;

@@ -133,3 +133,29 @@ pub fn generate(
         timings,
     })
 }
+
+/// Perplexity of `tokens` under the model: exp of the mean negative
+/// log-likelihood of each token given the ones before it. Starts from an
+/// empty cache.
+pub fn perplexity(session: &mut Session, tokens: &[u32]) -> Result<f64, ModelError> {
+    if tokens.len() < 2 {
+        return Err(ModelError::Invalid(
+            "perplexity needs at least 2 tokens".into(),
+        ));
+    }
+    session.truncate(0);
+    let n_vocab = session.model.config.n_vocab;
+    let logits = session.eval(&tokens[..tokens.len() - 1], LogitsFor::All)?;
+    let mut nll = 0.0f64;
+    for (row, &next) in logits.chunks_exact(n_vocab).zip(&tokens[1..]) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let log_sum = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        nll += log_sum - row[next as usize] as f64;
+    }
+    Ok((nll / (tokens.len() - 1) as f64).exp())
+}

@@ -1,0 +1,67 @@
+//! `kiln bench`: load time, prompt-processing and decode speed of a model
+//! on a device, measured the way llama.cpp's benchmarks measure them
+//! (random token ids, greedy decoding, the prompt in one batch).
+
+use super::{CliResult, JSON_SCHEMA_VERSION, print_json};
+use crate::config::Config;
+use crate::model::forward::LogitsFor;
+use crate::model::sample::argmax;
+use crate::model::{Model, Session};
+use std::process::ExitCode;
+use std::time::Instant;
+
+pub fn run(
+    config: &Config,
+    model_arg: &str,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    backend: Option<&str>,
+    as_json: bool,
+) -> CliResult {
+    let path = super::run::resolve_model(config, model_arg)?;
+    let start = Instant::now();
+    let model = Model::load(&path)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (exec, device) = super::run::executor(config, backend)?;
+    let n_vocab = model.config.n_vocab as u32;
+    let ctx = (prompt_tokens.max(16) + decode_tokens + 1).next_power_of_two();
+    let mut session = Session::new(model, exec, Some(ctx))?;
+    let mut rng = fastrand::Rng::with_seed(0);
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.u32(n_vocab.min(259)..n_vocab)).collect() };
+
+    // Decode: a 16-token prompt, then one token at a time.
+    let warm = tokens(16);
+    let first_start = Instant::now();
+    let mut next = argmax(&session.eval(&warm, LogitsFor::Last)?);
+    let first_token_ms = first_start.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        next = argmax(&session.eval(&[next], LogitsFor::Last)?);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    // Prompt processing: a fresh cache, one prompt.
+    session.truncate(0);
+    let prompt = tokens(prompt_tokens);
+    let t = Instant::now();
+    session.eval(&prompt, LogitsFor::Last)?;
+    let prompt_s = t.elapsed().as_secs_f64();
+
+    let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
+    let prompt_tps = prompt_tokens as f64 / prompt_s.max(1e-9);
+    if as_json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "model": path, "device": device,
+            "load_ms": load_ms, "first_token_ms": first_token_ms,
+            "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tps,
+            "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tps,
+        }));
+    } else {
+        println!(
+            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s ({device})",
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,336 @@
+//! Running models through the real binary, the model store, and bad input:
+//! each bad file or request gets an error that names the cause (and the
+//! file and byte offset where there is one), exit code 1, no panic.
+
+use kiln::gguf::{GgufFile, GgufWriter, TensorSpec, Value, ValueType};
+use kiln_tests::{Home, tiny_model};
+use std::path::{Path, PathBuf};
+
+const TINY: &[&str] = &[
+    "--arch",
+    "llama",
+    "--dtype",
+    "f16",
+    "--embd",
+    "64",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--ff",
+    "128",
+    "--vocab",
+    "300",
+];
+
+/// A copy of `src` with its metadata edited by `edit` (tensors unchanged).
+fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>)) {
+    let f = GgufFile::open(src).unwrap();
+    let mut meta = f.metadata.clone();
+    edit(&mut meta);
+    let specs: Vec<TensorSpec> = f
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            ne: t.ne,
+            n_dims: t.n_dims,
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &meta, &specs).unwrap();
+    for t in &f.tensors {
+        w.write_tensor(f.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn set(meta: &mut [(String, Value)], key: &str, v: Value) {
+    meta.iter_mut().find(|(k, _)| k == key).unwrap().1 = v;
+}
+
+fn run_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run",
+        model,
+        "--prompt",
+        "t1 t2",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+#[test]
+fn run_prints_text_and_json_with_timings() {
+    let home = Home::default();
+    let m = tiny_model(TINY);
+    let j = home.json(&run_args(m.to_str().unwrap(), &["--json"]));
+    let n = j["token_ids"].as_array().unwrap().len();
+    assert!(
+        n == 3 || (n < 3 && j["stop_reason"] == "end_of_generation"),
+        "{j}"
+    );
+    assert_eq!(j["prompt_token_ids"][0], 1, "BOS first");
+    assert!(j["backend"].as_str().unwrap().starts_with("cpu"));
+    for k in [
+        "load_ms",
+        "time_to_first_token_ms",
+        "prompt_tokens_per_s",
+        "decode_tokens_per_s",
+    ] {
+        assert!(j["timings"][k].as_f64().unwrap() >= 0.0, "{k}");
+    }
+    // Greedy is deterministic; the plain output is the same text.
+    let again = home.json(&run_args(m.to_str().unwrap(), &["--json"]));
+    assert_eq!(again["token_ids"], j["token_ids"]);
+    let plain = home.ok(&run_args(m.to_str().unwrap(), &[]));
+    assert_eq!(plain.trim_end_matches('\n'), j["text"].as_str().unwrap());
+    // Seeds reproduce sampled runs.
+    let sampled = |seed: &str| {
+        home.json(&[
+            "run",
+            m.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+            "--json",
+        ])["token_ids"]
+            .clone()
+    };
+    assert_eq!(sampled("5"), sampled("5"));
+}
+
+#[test]
+fn bad_model_files_are_named_with_the_cause() {
+    let home = Home::default();
+    let good = tiny_model(TINY);
+    let bytes = std::fs::read(&good).unwrap();
+    let p = |n: &str| home.path().join(n);
+
+    std::fs::write(p("truncated.gguf"), &bytes[..bytes.len() / 3]).unwrap();
+    let err = home.fails(&run_args(p("truncated.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("truncated.gguf: at byte") && err.contains("truncated"),
+        "{err}"
+    );
+
+    std::fs::write(p("notes.gguf"), "just some notes\n").unwrap();
+    let err = home.fails(&run_args(p("notes.gguf").to_str().unwrap(), &[]));
+    assert!(err.contains("not a GGUF file"), "{err}");
+
+    rewrite(&good, &p("falcon.gguf"), |m| {
+        set(m, "general.architecture", Value::String("falcon".into()))
+    });
+    let err = home.fails(&run_args(p("falcon.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("architecture \"falcon\" is not supported"),
+        "{err}"
+    );
+
+    rewrite(&good, &p("short-vocab.gguf"), |m| {
+        let tokens = m
+            .iter_mut()
+            .find(|(k, _)| k == "tokenizer.ggml.tokens")
+            .unwrap();
+        if let Value::Array(_, items) = &mut tokens.1 {
+            items.truncate(200);
+        }
+        for key in ["tokenizer.ggml.scores", "tokenizer.ggml.token_type"] {
+            if let Value::Array(_, items) = &mut m.iter_mut().find(|(k, _)| k == key).unwrap().1 {
+                items.truncate(200);
+            }
+        }
+    });
+    let err = home.fails(&run_args(p("short-vocab.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("the tokenizer has 200 tokens but token_embd.weight has 300 rows"),
+        "{err}"
+    );
+
+    // A tensor type kiln does not load (Q4_1 = ggml type 3), written raw.
+    let mut raw = Vec::new();
+    raw.extend_from_slice(b"GGUF");
+    raw.extend_from_slice(&3u32.to_le_bytes());
+    raw.extend_from_slice(&1u64.to_le_bytes());
+    raw.extend_from_slice(&0u64.to_le_bytes());
+    let name = b"blk.0.attn_q.weight";
+    raw.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    raw.extend_from_slice(name);
+    raw.extend_from_slice(&2u32.to_le_bytes());
+    raw.extend_from_slice(&32u64.to_le_bytes());
+    raw.extend_from_slice(&1u64.to_le_bytes());
+    raw.extend_from_slice(&3u32.to_le_bytes());
+    raw.extend_from_slice(&0u64.to_le_bytes());
+    raw.resize(raw.len().div_ceil(32) * 32 + 20, 0);
+    std::fs::write(p("q4_1.gguf"), raw).unwrap();
+    let err = home.fails(&run_args(p("q4_1.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("ggml type 3 (Q4_1), which kiln cannot load"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn bad_requests_are_named() {
+    let home = Home::default();
+    let m = tiny_model(TINY);
+    let m = m.to_str().unwrap();
+    let long: String = "t5 ".repeat(40);
+    let err = home.fails(&[
+        "run",
+        m,
+        "--prompt",
+        &long,
+        "--ctx",
+        "16",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(err.contains("do not fit the context of 16"), "{err}");
+    let err = home.fails(&["run", m, "--prompt", "x", "--ctx", "4000000000"]);
+    assert!(
+        err.contains("MiB of memory is free") && err.contains("smaller context"),
+        "{err}"
+    );
+    let err = home.fails(&["run", m, "--prompt", "x", "--temperature=-1"]);
+    assert!(err.contains("temperature -1 must be"), "{err}");
+    let err = home.fails(&["run", m, "--prompt", "x", "--top-p", "0"]);
+    assert!(err.contains("top_p 0 must be in (0, 1]"), "{err}");
+    let err = home.fails(&["run", "no-such-model", "--prompt", "x"]);
+    assert!(
+        err.contains("neither a model file nor a registered model"),
+        "{err}"
+    );
+    let err = home.fails(&["run", m, "--prompt", "x", "--backend", "cuda"]);
+    assert!(
+        err.contains("no usable backend named cuda; available: cpu"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_model_store_versions_verifies_and_rolls_back() {
+    let home = Home::default();
+    let f16 = tiny_model(TINY);
+    let q8 = home.path().join("q8.gguf");
+    home.ok(&[
+        "quantize",
+        f16.to_str().unwrap(),
+        q8.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    home.ok(&["models", "add", f16.to_str().unwrap(), "--name", "coder"]);
+    let added = home.json(&[
+        "models",
+        "add",
+        q8.to_str().unwrap(),
+        "--name",
+        "coder",
+        "--json",
+    ]);
+    assert_eq!(added["model"]["version"], 2);
+    assert_eq!(added["model"]["parent"], "coder@1");
+    assert_eq!(added["model"]["quant_type"], "q8_0");
+    let blob = PathBuf::from(added["model"]["blob_path"].as_str().unwrap());
+    let sha = added["model"]["sha256"].as_str().unwrap().to_string();
+    assert_eq!(blob, home.path().join(format!("models/blobs/sha256-{sha}")));
+    assert_eq!(kiln_tests::sha256_file(&blob), sha);
+    // Adding the same file again is refused and changes nothing.
+    let before = home.json(&["models", "list", "--json"]);
+    let err = home.fails(&["models", "add", q8.to_str().unwrap(), "--name", "coder"]);
+    assert!(err.contains("already coder@2"), "{err}");
+    assert_eq!(home.json(&["models", "list", "--json"]), before);
+    // A bad file is refused before anything is copied.
+    let bad = home.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\0\0\0").unwrap();
+    assert!(
+        home.fails(&["models", "add", bad.to_str().unwrap()])
+            .contains("bad.gguf: at byte 8")
+    );
+    assert_eq!(
+        std::fs::read_dir(home.path().join("models/blobs"))
+            .unwrap()
+            .count(),
+        2
+    );
+    // Run by name, roll back, run again.
+    home.ok(&run_args("coder", &[]));
+    assert!(home.ok(&["models", "rollback", "coder"]).contains("2 -> 1"));
+    let list = home.json(&["models", "list", "--json"]);
+    let active: Vec<u64> = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "active")
+        .map(|m| m["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(active, [1]);
+    home.ok(&run_args("coder@2", &[]));
+    // Verify finds a corrupted blob, reports it and deletes nothing.
+    assert!(home.ok(&["models", "verify"]).contains("0 problem(s)"));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let out = home.kiln(&["models", "verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["problems"], 1);
+    let corrupt: Vec<&serde_json::Value> = report["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "corrupt")
+        .collect();
+    assert_eq!(corrupt[0]["model"], "coder@2");
+    assert!(blob.exists(), "verify must never delete");
+    // The audit log records model changes.
+    let log = home.registry().audit_log(100).unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.kind == "model" && e.action == "rollback")
+    );
+}
+
+#[test]
+fn gguf_written_by_kiln_is_read_by_the_gguf_package() {
+    // The reverse direction of the format oracle: llama.cpp's Python reader
+    // reads every file kiln writes (here: a quantized model and a metadata rewrite).
+    let home = Home::default();
+    let src = tiny_model(TINY);
+    let q = home.path().join("q.gguf");
+    home.ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        q.to_str().unwrap(),
+        "--type",
+        "q4_0",
+    ]);
+    let r = home.path().join("r.gguf");
+    rewrite(&src, &r, |m| {
+        m.push((
+            "kiln.test.array".into(),
+            Value::Array(ValueType::U16, vec![Value::U16(1), Value::U16(2)]),
+        ))
+    });
+    for f in [&q, &r] {
+        let cmp: serde_json::Value = serde_json::from_str(&kiln_tests::oracle(
+            "compare_gguf.py",
+            &[f.as_os_str(), f.as_os_str()],
+        ))
+        .unwrap();
+        assert_eq!(cmp["tensor_differences"], serde_json::json!([]));
+        assert!(cmp["tensors"].as_u64().unwrap() > 10);
+    }
+}
