@@ -128,13 +128,17 @@ extern "C" {
  *           params[3] = freq_scale (f32). theta_i = pos * freq_scale * base^(-2i/n_rot).
  *           Dimensions past n_rot are copied.
  * SOFT_MAX  per row: dst = softmax(src0 * scale + mask), scale = params[0] (f32);
- *           optional src1 f32 mask [ne0, ne1] broadcast over dims 2 and 3.
+ *           optional src1 f32 mask with ne0 equal to src0's, broadcast like ADD.
  *           A row that is all -inf gives zeros.
  * SILU      dst = x / (1 + exp(-x)).
  * GELU      dst = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
  * GET_ROWS  src0 [ne0, rows] (any dtype), src1 i32 indices [n], dst f32 [ne0, n].
- * CPY       dst = convert(src0); same shape; any dtype to any dtype except
- *           I32 (quantized destinations need whole blocks per row).
+ * CPY       dst = convert(src0); same shape; any source type; destinations
+ *           F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q6_K (whole blocks per row).
+ *
+ * The reference (kiln's CPU backend) computes as llama.cpp's CPU backend
+ * does: MUL_MAT rounds src1 to the weights' dot-product type first (F16
+ * for F16, BF16 for BF16, 8-bit blocks for the quantized types).
  */
 #define KILN_OP_MUL_MAT 1
 #define KILN_OP_ADD 2
