@@ -262,3 +262,57 @@ fn discovered_plugins_are_listed_and_added_by_name() {
     );
     assert_eq!(list["plugins"][0]["name"], "dropped-in");
 }
+
+#[test]
+fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
+    use kiln::model::forward::LogitsFor;
+    use kiln::model::{Model, Session};
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture_model", &[]);
+    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let plugin = added_backend(&home, "accel");
+    // An F32 model: the fixture runs its f32 matmuls, adds, muls and norms;
+    // rope, softmax, get_rows and the f16 cache writes fall back to the CPU.
+    let model_path = kiln_tests::tiny_model(&[
+        "--arch",
+        "llama",
+        "--dtype",
+        "f32",
+        "--embd",
+        "64",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--ff",
+        "128",
+        "--vocab",
+        "300",
+    ]);
+    let prompt = [1u32, 40, 41, 42, 43, 44, 45];
+    let run = |exec: Executor| {
+        let mut s = Session::new(Model::load(&model_path).unwrap(), exec, Some(64)).unwrap();
+        let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
+        all.extend(s.eval(&[50], LogitsFor::Last).unwrap());
+        (all, s)
+    };
+    let (on_cpu, _) = run(Executor::new(Backend::builtin_cpu(), 0));
+    let (on_plugin, session) = run(Executor::new(plugin.clone(), 0));
+    let ran = plugin.stats.ops_run.load(Ordering::Relaxed);
+    let fell_back = plugin
+        .stats
+        .ops_unsupported_fallback
+        .load(Ordering::Relaxed);
+    assert!(
+        ran > 0 && fell_back > 0,
+        "plugin ran {ran} ops, {fell_back} fell back"
+    );
+    assert_eq!(session.executor().target.name(), "accel");
+    let max = on_cpu
+        .iter()
+        .zip(&on_plugin)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max < 1e-3, "logits differ by {max}");
+}
