@@ -341,7 +341,12 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
+        // KILN_FUZZ_CASES raises the count for a longer local fuzzing run.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("KILN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(400),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn truncations_never_panic_and_always_fail(cut in 0usize..10_000) {

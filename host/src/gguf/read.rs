@@ -313,12 +313,9 @@ impl GgufFile {
                     ),
                 ));
             }
-            let size = ne[1..]
-                .iter()
-                .try_fold(
-                    ne[0] / dtype.block_len() as u64 * dtype.block_bytes() as u64,
-                    |acc, &n| acc.checked_mul(n),
-                )
+            let size = (ne[0] / dtype.block_len() as u64)
+                .checked_mul(dtype.block_bytes() as u64)
+                .and_then(|row| ne[1..].iter().try_fold(row, |acc, &n| acc.checked_mul(n)))
                 .ok_or_else(|| c.err(dims_at, format!("tensor {name:?}: size overflows")))?;
             if offset % alignment != 0 {
                 return Err(c.err(
