@@ -95,9 +95,10 @@ pub struct Candidate {
 
 impl Candidate {
     pub fn flags(&self) -> u32 {
-        (self.same_file as u32) * SAME_FILE
-            | (self.import_related as u32) * IMPORT_RELATED
-            | (self.open_in_editor as u32) * OPEN_IN_EDITOR
+        let bit = |on: bool, b: u32| if on { b } else { 0 };
+        bit(self.same_file, SAME_FILE)
+            | bit(self.import_related, IMPORT_RELATED)
+            | bit(self.open_in_editor, OPEN_IN_EDITOR)
     }
 }
 
