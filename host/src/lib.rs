@@ -6,6 +6,7 @@
 //! - [`cpu_features`]: what this CPU and OS can run;
 //! - [`gguf`]: the GGUF model format, read over mmap and written atomically;
 //! - [`plugin`]: manifests, preflight checks, discovery, the plugin store;
+//! - [`policy`]: WebAssembly policies: store, quality gate, runs, replay;
 //! - [`quantize`]: `kiln quantize`, llama.cpp's rules and bytes;
 //! - [`registry`]: the SQLite catalog, migrations, rollback, audit log;
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
@@ -25,6 +26,7 @@ pub mod gguf;
 pub mod install;
 pub mod model;
 pub mod plugin;
+pub mod policy;
 pub mod quantize;
 pub mod registry;
 pub mod store;

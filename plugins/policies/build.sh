@@ -16,6 +16,11 @@ for p in bm25_recency jaccard tpe genetic; do
   "$rustc" "${flags[@]}" -C strip=symbols --crate-type cdylib --crate-name "$p" \
     --extern kiln_policy="$out/libkiln_policy.rlib" "$here/$p/lib.rs" -o "$out/$p.wasm"
 done
-"$clang" --target=wasm32 -O2 -nostdlib -fuse-ld=lld -Wl,--no-entry -Wl,--strip-all \
+"$clang" --target=wasm32 -O2 -nostdlib -fuse-ld=lld -Wl,--no-entry -Wl,--strip-debug \
   -I "$here/sdk/include" -o "$out/proximity.wasm" "$here/proximity/proximity.c"
+# The SDK examples (plugins/policies/README.md), built so the docs stay true.
+"$rustc" "${flags[@]}" -C strip=symbols --crate-type cdylib --crate-name fresh_first \
+  --extern kiln_policy="$out/libkiln_policy.rlib" "$here/examples/fresh_first.rs" -o "$out/fresh_first.wasm"
+"$clang" --target=wasm32 -O2 -nostdlib -fuse-ld=lld -Wl,--no-entry -Wl,--strip-debug \
+  -I "$here/sdk/include" -o "$out/fresh_first_c.wasm" "$here/examples/fresh_first.c"
 ls -l "$out"/*.wasm

@@ -15,6 +15,8 @@ use wasmtime::{Caller, Config, Engine, InstancePre, Linker, Module, ResourceLimi
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(1);
+/// Instances that may exist at once (calls in flight).
+const POOL_SLOTS: u32 = 16;
 /// Bytes of `kiln.log` output kept per call.
 const LOG_CAP: usize = 4096;
 
@@ -30,6 +32,16 @@ fn engine() -> &'static Engine {
             .cranelift_nan_canonicalization(true)
             .relaxed_simd_deterministic(true)
             .max_wasm_stack(STACK_BYTES);
+        // Instances come from a small pool of pre-reserved slots: a call
+        // reuses a slot (reset with madvise) instead of mapping fresh
+        // memory. 16 slots bound the policy calls in flight at once.
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .max_memory_size(crate::limits::CEILING.memory_bytes as usize)
+            .table_elements(crate::limits::CEILING.table_elements as usize);
+        c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&c).expect("a valid engine configuration");
         let ticker = engine.clone();
         std::thread::Builder::new()

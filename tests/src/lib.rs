@@ -308,3 +308,28 @@ pub fn tiny_model(args: &[&str]) -> PathBuf {
     }
     path
 }
+
+/// The shipped policies, built from source by `plugins/policies/build.sh`
+/// (once per test process). `None` (with a note) when the WebAssembly
+/// toolchains are missing, unless `KILN_REQUIRE_POLICIES` is set.
+pub fn policies_dir() -> Option<PathBuf> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = target_dir().join("policies");
+        let status = Command::new(repo_root().join("plugins/policies/build.sh"))
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(out),
+            _ if std::env::var_os("KILN_REQUIRE_POLICIES").is_some() => {
+                panic!("KILN_REQUIRE_POLICIES is set but plugins/policies/build.sh failed (apt-get install rustc libstd-rust-dev-wasm32 clang-16 lld-16)")
+            }
+            _ => {
+                eprintln!("cannot build the policies (rustc 1.63 wasm32, clang-16); skipping");
+                None
+            }
+        }
+    })
+    .clone()
+}

@@ -9,6 +9,7 @@ mod bench;
 mod doctor;
 mod models;
 mod plugins;
+mod policy;
 mod quantize;
 mod run;
 
@@ -106,6 +107,9 @@ enum Command {
         #[arg(long, default_value = "auto")]
         outtype: String,
     },
+    /// WebAssembly policies: ranking and tuning.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Quantize a GGUF model the way llama.cpp does (same bytes).
     Quantize {
         input: std::path::PathBuf,
@@ -146,6 +150,68 @@ enum ModelsCommand {
     Rollback { name: String },
     /// Re-hash every blob in the store; report missing or corrupt ones.
     Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check, gate and install a policy module; it becomes the active policy of its kind.
+    Add {
+        file: std::path::PathBuf,
+        /// A directory of recorded cases (*.json) the gate runs besides its own.
+        #[arg(long)]
+        cases: Option<std::path::PathBuf>,
+        /// Latency ceiling: the p99 of a call, instantiation included.
+        #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_P99_MS)]
+        max_p99_ms: f64,
+        /// Fuel per call (default 200M; ceiling 2G); overrides the module's metadata.
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Wall-clock deadline per call in ms (default 100; ceiling 2000).
+        #[arg(long)]
+        deadline_ms: Option<u64>,
+        /// Linear memory cap in MiB (default 64; ceiling 512).
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Installed policies.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NAME[@VERSION] the active policy of its kind (resets the breaker).
+    Enable { policy: String },
+    /// Stop using NAME[@VERSION].
+    Disable { policy: String },
+    /// Re-activate the previously active version of NAME.
+    Rollback { name: String },
+    /// Run a policy (file or installed name) over cases: latency, fuel, agreement.
+    Test {
+        policy: String,
+        /// A directory of recorded cases (*.json: input, expected top ids).
+        #[arg(long)]
+        cases: Option<std::path::PathBuf>,
+        /// Latency ceiling: the p99 of a call, instantiation included.
+        #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_P99_MS)]
+        max_p99_ms: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a policy once on a JSON input; the decision is logged for replay.
+    Run {
+        policy: String,
+        #[arg(long)]
+        input: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run a logged decision and check the output is bit-identical.
+    Replay {
+        decision: i64,
         #[arg(long)]
         json: bool,
     },
@@ -292,6 +358,47 @@ fn run(command: Command) -> CliResult {
             ModelsCommand::Activate { model } => models::activate(&config, &model),
             ModelsCommand::Rollback { name } => models::rollback(&config, &name),
             ModelsCommand::Verify { json } => models::verify(&config, json),
+        },
+        Command::Policy(p) => match p {
+            PolicyCommand::Add {
+                file,
+                cases,
+                max_p99_ms,
+                fuel,
+                deadline_ms,
+                memory_mib,
+                json,
+            } => policy::add(
+                &config,
+                policy::AddArgs {
+                    file: &file,
+                    cases: cases.as_deref(),
+                    max_p99_ms,
+                    overrides: kiln_sandbox::limits::LimitOverrides {
+                        fuel,
+                        deadline_ms,
+                        memory_mib,
+                        table_elements: None,
+                    },
+                    json,
+                },
+            ),
+            PolicyCommand::List { json } => policy::list(&config, json),
+            PolicyCommand::Enable { policy: p } => policy::enable(&config, &p),
+            PolicyCommand::Disable { policy: p } => policy::disable(&config, &p),
+            PolicyCommand::Rollback { name } => policy::rollback(&config, &name),
+            PolicyCommand::Test {
+                policy: p,
+                cases,
+                max_p99_ms,
+                json,
+            } => policy::test(&config, &p, cases.as_deref(), max_p99_ms, json),
+            PolicyCommand::Run {
+                policy: p,
+                input,
+                json,
+            } => policy::run(&config, &p, &input, json),
+            PolicyCommand::Replay { decision, json } => policy::replay(&config, decision, json),
         },
         Command::Quantize {
             input,

@@ -11,9 +11,11 @@
 //! process killed at any point leaves either the old state or the new one.
 
 mod models;
+mod policies;
 mod stack;
 
 pub use models::{ModelRecord, NewModel};
+pub use policies::{BREAKER_THRESHOLD, Decision, NewPolicy, PolicyRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_models.sql",
         include_str!("../../../migrations/0002_models.sql"),
+    ),
+    (
+        "0003_policies.sql",
+        include_str!("../../../migrations/0003_policies.sql"),
     ),
 ];
 

@@ -24,6 +24,14 @@ pub(super) const PLUGINS: Catalog = Catalog {
     command: "kiln plugins enable",
 };
 
+pub(super) const POLICIES: Catalog = Catalog {
+    table: "policies",
+    activations: "policy_activations",
+    fk: "policy_id",
+    kind: "policy",
+    command: "kiln policy enable",
+};
+
 pub(super) const MODELS: Catalog = Catalog {
     table: "models",
     activations: "model_activations",

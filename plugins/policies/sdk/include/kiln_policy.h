@@ -34,10 +34,12 @@
 
 #define KILN_EXPORT(name) __attribute__((export_name(#name)))
 
-/* The metadata custom section (JSON, without a trailing NUL). */
-#define KILN_POLICY_METADATA(json)                                           \
-    __attribute__((used, section(".custom_section.kiln_policy"))) static const \
-        char kiln_policy_metadata[sizeof(json) - 1] = json;
+/* The metadata custom section (JSON, without a trailing NUL). clang puts
+ * data in data segments whatever its section attribute says, so the bytes
+ * are emitted with the assembler: `#json` is the literal, escapes and all,
+ * which `.ascii` reads back to the JSON text. */
+#define KILN_POLICY_METADATA(json) \
+    __asm__(".section .custom_section.kiln_policy,\"\",@\n.ascii " #json "\n.text\n");
 
 /* A bump allocator over the memory after the data segment. */
 extern unsigned char __heap_base;
@@ -111,6 +113,11 @@ static inline float kiln_cand_edit_recency_s(const uint8_t *c) { return kiln_f32
 static inline float kiln_cand_open_recency_s(const uint8_t *c) { return kiln_f32(c + 20); }
 static inline int32_t kiln_cand_line_distance(const uint8_t *c) { return (int32_t)kiln_u32(c + 24); }
 static inline uint32_t kiln_cand_flags(const uint8_t *c) { return kiln_u32(c + 28); }
+/* ABI 1.1: share of the identifiers near the cursor that the snippet
+ * defines; 0 from a 1.0 host (whose records end before it). */
+static inline float kiln_cand_symbol_overlap(const kiln_rank_input *in, const uint8_t *c) {
+    return in->candidate_size >= 52 ? kiln_f32(c + 48) : 0.0f;
+}
 
 /* A string field (path, text): a pointer and a length in bytes. */
 static inline const char *kiln_string(const kiln_rank_input *in, const uint8_t *field, uint32_t *len) {

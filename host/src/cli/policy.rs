@@ -1,0 +1,272 @@
+//! `kiln policy …`
+
+use super::{CliError, CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
+use crate::config::Config;
+use crate::policy::{self, Input};
+use crate::registry::actor;
+use kiln_sandbox::limits::LimitOverrides;
+use std::path::Path;
+use std::process::ExitCode;
+
+pub struct AddArgs<'a> {
+    pub file: &'a Path,
+    pub cases: Option<&'a Path>,
+    pub max_p99_ms: f64,
+    pub overrides: LimitOverrides,
+    pub json: bool,
+}
+
+pub fn add(config: &Config, a: AddArgs<'_>) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let (rec, t, report) = policy::add(
+        config,
+        &mut registry,
+        a.file,
+        a.cases,
+        &a.overrides,
+        a.max_p99_ms,
+        &actor(),
+    )?;
+    if a.json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "policy": rec, "previous_active": t.before, "quality": report}),
+        );
+    } else {
+        println!(
+            "added {} ({} policy, ABI {}): {} calls, p50 {:.2} ms, p99 {:.2} ms, fuel ≤ {}{}; now the active {} policy",
+            rec.label(),
+            rec.kind,
+            rec.abi,
+            report.calls,
+            report.p50_ms,
+            report.p99_ms,
+            report.fuel_max,
+            report
+                .agreement_with_builtin
+                .map(|a| format!(
+                    ", top-5 agreement with the built-in ranker {:.0}%",
+                    a * 100.0
+                ))
+                .unwrap_or_default(),
+            rec.kind
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(config: &Config, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let all = registry.policies()?;
+    if as_json {
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "policies": all}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if all.is_empty() {
+        println!(
+            "No policies installed: kiln ranks context with its built-in BM25+recency ranker."
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.version.clone(),
+                p.kind.clone(),
+                p.state.clone(),
+                p.abi.clone(),
+                format!("{:.2} ms", p.quality["p99_ms"].as_f64().unwrap_or(0.0)),
+                p.failures.to_string(),
+                p.sha256[..12].to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "NAME", "VERSION", "KIND", "STATE", "ABI", "P99", "FAILURES", "SHA256"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn enable(config: &Config, spec: &str) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let t = registry.enable_policy(spec, &actor())?;
+    println!(
+        "{}: active version {} -> {}",
+        t.name,
+        t.before.unwrap_or_else(|| "none".into()),
+        t.after.unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn disable(config: &Config, spec: &str) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let t = registry.disable_policy(spec, &actor())?;
+    println!("{}: {} disabled", t.name, t.before.unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(config: &Config, name: &str) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let t = registry.rollback_policy(name, &actor())?;
+    println!(
+        "{name}: active version {} -> {}",
+        t.before.unwrap_or_default(),
+        t.after.unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(
+    config: &Config,
+    arg: &str,
+) -> Result<(kiln_sandbox::Policy, Option<crate::registry::PolicyRecord>), CliError> {
+    let registry = open_registry(config)?;
+    let (bytes, rec) = policy::resolve(config, &registry, arg).map_err(CliError)?;
+    let limits = policy::limits_of(rec.as_ref(), &bytes);
+    let p = policy::sandbox(config)
+        .load(&bytes, limits)
+        .map_err(|e| CliError(format!("{arg}: {e}")))?;
+    // Keep a copy so that `kiln policy replay` finds the exact module.
+    policy::store_blob(config, &bytes)
+        .map_err(|e| CliError(format!("cannot store the module: {e}")))?;
+    Ok((p, rec))
+}
+
+pub fn test(
+    config: &Config,
+    arg: &str,
+    cases: Option<&Path>,
+    max_p99_ms: f64,
+    as_json: bool,
+) -> CliResult {
+    let (p, _) = load(config, arg)?;
+    let mut all = policy::synthetic_cases(p.meta.kind);
+    if let Some(dir) = cases {
+        all.extend(policy::read_cases(dir, p.meta.kind).map_err(CliError)?);
+    }
+    let report = policy::quality_gate(&p, &all, max_p99_ms, 5);
+    if as_json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "policy": p.meta.label(), "report": report}),
+        );
+    } else {
+        println!(
+            "{}: {} cases, {} calls; latency p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms (ceiling {} ms); fuel mean {:.0}, max {}",
+            p.meta.label(),
+            report.cases,
+            report.calls,
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.max_p99_ms,
+            report.fuel_mean,
+            report.fuel_max
+        );
+        if let Some(a) = report.agreement_with_builtin {
+            println!(
+                "top-5 agreement with the built-in ranker: {:.1}%",
+                a * 100.0
+            );
+        }
+        for f in &report.failures {
+            println!("FAIL {f}");
+        }
+        println!("{}", if report.passed { "passed" } else { "FAILED" });
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn run(config: &Config, arg: &str, input: &Path, as_json: bool) -> CliResult {
+    let (p, rec) = load(config, arg)?;
+    if let Some(r) = &rec
+        && r.state == "disabled"
+        && r.failures >= crate::registry::BREAKER_THRESHOLD
+    {
+        return Err(CliError(format!(
+            "{} was disabled by the circuit breaker after {} consecutive failures; fix it and `kiln policy enable {}`",
+            r.label(),
+            r.failures,
+            r.name
+        )));
+    }
+    let text = std::fs::read_to_string(input)
+        .map_err(|e| CliError(format!("cannot read {}: {e}", input.display())))?;
+    let input = Input::parse(p.meta.kind, &text)
+        .map_err(|e| CliError(format!("{}: {e}", input_name(input))))?;
+    let mut registry = open_registry(config)?;
+    let report = policy::run_once(&mut registry, &p, &input).map_err(CliError)?;
+    if as_json {
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "run": report}));
+    } else {
+        match (&report.output, &report.error) {
+            (Some(out), _) => println!("{out}"),
+            (None, Some(e)) => {
+                eprintln!("kiln: {}: {e}", report.policy);
+                if let Some(f) = &report.fallback {
+                    eprintln!("kiln: the built-in ranker's scores stand in:");
+                    println!("{}", serde_json::to_string(f).unwrap_or_default());
+                }
+            }
+            _ => {}
+        }
+        eprintln!(
+            "kiln: decision {} ({}; fuel {}, {} µs){}",
+            report.decision_id,
+            report.policy,
+            report.fuel_used.map_or("-".into(), |f| f.to_string()),
+            report.elapsed_us.map_or("-".into(), |t| t.to_string()),
+            if report.tripped {
+                "; the circuit breaker disabled this policy"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(if report.error.is_none() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn input_name(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub fn replay(config: &Config, id: i64, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let r = policy::replay(config, &registry, id).map_err(CliError)?;
+    if as_json {
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "replay": r}));
+    } else if r.identical {
+        println!(
+            "decision {id} ({}): replayed bit for bit ({})",
+            r.policy,
+            r.replayed.clone().unwrap_or_default()
+        );
+    } else {
+        println!(
+            "decision {id} ({}): DIFFERENT\n  recorded: {}\n  replayed: {}",
+            r.policy,
+            r.original.clone().unwrap_or_default(),
+            r.replayed.clone().unwrap_or_default()
+        );
+    }
+    Ok(if r.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,638 @@
+//! WebAssembly policies end to end: the shipped policies, built from
+//! source (Rust with rustc 1.63, C with clang), pass the quality gate and
+//! install; the built-in ranker equals the BM25+recency policy bit for bit;
+//! decisions replay exactly; hostile policies are contained with a clear
+//! message while kiln keeps serving; the circuit breaker trips and resets;
+//! a policy built for an older ABI minor loads.
+
+use kiln::policy::{synthetic_rank, synthetic_tune};
+use kiln_sandbox::{Sandbox, builtin};
+use kiln_tests::{Home, policies_dir};
+use std::path::{Path, PathBuf};
+
+fn policy(name: &str) -> Option<PathBuf> {
+    policies_dir().map(|d| d.join(format!("{name}.wasm")))
+}
+
+/// A WAT ranking policy: `rank_body` returns the packed output; helpers
+/// from the sandbox's own tests are not reachable here, so this is small.
+fn wat_policy(
+    dir: &Path,
+    file: &str,
+    abi: &str,
+    name: &str,
+    alloc_body: &str,
+    rank_body: &str,
+    extra: &str,
+) -> PathBuf {
+    wat_policy_version(dir, file, abi, name, "1.0.0", alloc_body, rank_body, extra)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wat_policy_version(
+    dir: &Path,
+    file: &str,
+    abi: &str,
+    name: &str,
+    version: &str,
+    alloc_body: &str,
+    rank_body: &str,
+    extra: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"(module
+  (@custom "kiln_policy" "{{\"abi\":\"{abi}\",\"kind\":\"rank\",\"name\":\"{name}\",\"version\":\"{version}\"}}")
+  {extra}
+  (memory (export "memory") 2)
+  (global $top (mut i32) (i32.const 4096))
+  (func (export "kiln_alloc") (param $n i32) (result i32) (local $p i32)
+    {alloc_body}
+    global.get $top local.set $p
+    global.get $top local.get $n i32.add global.set $top
+    (if (i32.gt_u (global.get $top) (i32.mul (memory.size) (i32.const 65536)))
+      (then (drop (memory.grow (i32.add (i32.div_u (global.get $top) (i32.const 65536)) (i32.const 1))))))
+    local.get $p)
+  (func (export "kiln_rank") (param $ptr i32) (param $len i32) (result i64)
+    {rank_body}))"#
+    );
+    let path = dir.join(file);
+    std::fs::write(&path, wat::parse_str(text).unwrap()).unwrap();
+    path
+}
+
+/// Returns n scores (`bits`, an f32 expression) written at the top of the heap.
+fn scores(bits: &str, count_delta: i32) -> String {
+    scores_after("", bits, count_delta)
+}
+
+/// As [`scores`], running `prelude` first (after the locals).
+fn scores_after(prelude: &str, bits: &str, count_delta: i32) -> String {
+    format!(
+        r#"(local $n i32) (local $i i32) (local $out i32)
+    {prelude}
+    (local.set $n (i32.add (i32.load (i32.add (local.get $ptr) (i32.const 24))) (i32.const {count_delta})))
+    (local.set $out (call 0 (i32.add (i32.const 4) (i32.mul (local.get $n) (i32.const 4)))))
+    (i32.store (local.get $out) (local.get $n))
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+      (f32.store (i32.add (i32.add (local.get $out) (i32.const 4)) (i32.mul (local.get $i) (i32.const 4))) ({bits}))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32))
+            (i64.extend_i32_u (i32.add (i32.const 4) (i32.mul (local.get $n) (i32.const 4)))))"#
+    )
+}
+
+fn write_input(home: &Home, name: &str, value: &impl serde::Serialize) -> PathBuf {
+    let p = home.path().join(name);
+    std::fs::write(&p, serde_json::to_string(value).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn shipped_policies_pass_the_gate_run_and_replay() {
+    let Some(_) = policies_dir() else { return };
+    let home = Home::default();
+    for name in ["bm25_recency", "jaccard", "proximity", "tpe", "genetic"] {
+        let added = home.json(&[
+            "policy",
+            "add",
+            policy(name).unwrap().to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(added["quality"]["passed"], true, "{name}: {added}");
+        assert_eq!(added["quality"]["calls"], 15, "{name}");
+    }
+    let list = home.json(&["policy", "list", "--json"]);
+    let active: Vec<(String, String)> = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "active")
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // The last added of each kind is the active one.
+    assert_eq!(
+        active,
+        [
+            ("rank".to_string(), "proximity".to_string()),
+            ("tune".to_string(), "genetic".to_string())
+        ]
+    );
+
+    let rank_in = write_input(&home, "rank.json", &synthetic_rank(40, 9));
+    let tune_in = write_input(&home, "tune.json", &synthetic_tune(12, 4));
+    let mut decisions = Vec::new();
+    for (name, input) in [
+        ("bm25-recency", &rank_in),
+        ("jaccard-windows", &rank_in),
+        ("proximity", &rank_in),
+        ("tpe", &tune_in),
+        ("genetic", &tune_in),
+    ] {
+        let run = home.json(&[
+            "policy",
+            "run",
+            name,
+            "--input",
+            input.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(run["run"]["error"].is_null(), "{name}: {run}");
+        assert!(run["run"]["fuel_used"].as_u64().unwrap() > 0);
+        decisions.push(run["run"]["decision_id"].as_i64().unwrap());
+    }
+    for id in decisions {
+        let r = home.json(&["policy", "replay", &id.to_string(), "--json"]);
+        assert_eq!(r["replay"]["identical"], true, "{r}");
+    }
+    // Tuning proposals respect the bounds of the space.
+    let space = synthetic_tune(12, 4);
+    let run = home.json(&[
+        "policy",
+        "run",
+        "tpe",
+        "--input",
+        tune_in.to_str().unwrap(),
+        "--json",
+    ]);
+    for (v, p) in run["run"]["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&space.params)
+    {
+        let v = v.as_f64().unwrap();
+        assert!(v >= p.lo && v <= p.hi, "{} = {v}", p.name);
+    }
+    // Compiled modules are cached on disk.
+    assert!(
+        std::fs::read_dir(home.path().join("cache/policies"))
+            .unwrap()
+            .count()
+            >= 5 * 2
+    );
+}
+
+#[test]
+fn the_builtin_ranker_equals_the_bm25_recency_policy_bit_for_bit() {
+    let Some(path) = policy("bm25_recency") else {
+        return;
+    };
+    let p = Sandbox::new(None)
+        .load(&std::fs::read(path).unwrap(), None)
+        .unwrap();
+    for (n, seed) in [(1, 1), (50, 2), (1000, 3)] {
+        let input = synthetic_rank(n, seed);
+        let ours = builtin::rank(&input);
+        let theirs = p.rank(&input).unwrap().value;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&theirs), "{n} candidates");
+    }
+}
+
+#[test]
+fn hostile_policies_are_contained_and_kiln_keeps_serving() {
+    let Some(good) = policy("bm25_recency") else {
+        return;
+    };
+    let home = Home::default();
+    home.ok(&["policy", "add", good.to_str().unwrap()]);
+    let d = home.path();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            wat_policy(
+                d,
+                "loop.wasm",
+                "1.1",
+                "loop",
+                "",
+                "(loop $l (br $l)) (i64.const 0)",
+                "",
+            ),
+            "ran out of fuel",
+        ),
+        (
+            wat_policy(
+                d,
+                "grow.wasm",
+                "1.1",
+                "grow",
+                "",
+                "(loop $l (drop (memory.grow (i32.const 64))) (br $l)) (i64.const 0)",
+                "",
+            ),
+            "tried to grow its memory past",
+        ),
+        (
+            wat_policy(
+                d,
+                "deep.wasm",
+                "1.1",
+                "deep",
+                "",
+                "(call $deep (i32.const 0)) (i64.const 0)",
+                "(func $deep (param i32) (call $deep (i32.add (local.get 0) (i32.const 1))))",
+            ),
+            "overflowed its stack",
+        ),
+        (
+            wat_policy(
+                d,
+                "wasi.wasm",
+                "1.1",
+                "wasi",
+                "",
+                &scores("f32.const 1", 0),
+                r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#,
+            ),
+            "imports wasi_snapshot_preview1.fd_write",
+        ),
+        (
+            wat_policy(
+                d,
+                "host.wasm",
+                "1.1",
+                "host",
+                "",
+                &scores("f32.const 1", 0),
+                r#"(import "kiln" "read_file" (func (param i32) (result i32)))"#,
+            ),
+            "imports kiln.read_file",
+        ),
+        (
+            wat_policy(d, "v2.wasm", "2.0", "v2", "", &scores("f32.const 1", 0), ""),
+            "built for policy ABI 2.0",
+        ),
+        (
+            wat_policy(
+                d,
+                "wild.wasm",
+                "1.1",
+                "wild",
+                "",
+                "(i64.const 0x7fff000000000010)",
+                "",
+            ),
+            "outside the policy's",
+        ),
+        (
+            wat_policy(
+                d,
+                "nan.wasm",
+                "1.1",
+                "nan",
+                "",
+                &scores("f32.const nan", 0),
+                "",
+            ),
+            "not a finite number",
+        ),
+        (
+            wat_policy(
+                d,
+                "short.wasm",
+                "1.1",
+                "short",
+                "",
+                &scores("f32.const 1", -1),
+                "",
+            ),
+            "scores for",
+        ),
+        (
+            wat_policy(
+                d,
+                "badalloc.wasm",
+                "1.1",
+                "badalloc",
+                "unreachable",
+                &scores("f32.const 1", 0),
+                "",
+            ),
+            "in kiln_alloc",
+        ),
+    ];
+    // A 100 MB module, refused before it is parsed.
+    let huge = d.join("huge.wasm");
+    let mut bytes = b"\0asm\x01\0\0\0".to_vec();
+    bytes.resize(100 << 20, 0);
+    std::fs::write(&huge, bytes).unwrap();
+    let mut cases = cases;
+    cases.push((huge, "it was not parsed"));
+    let before = home.json(&["policy", "list", "--json"]);
+    let rank_in = write_input(&home, "rank.json", &synthetic_rank(10, 1));
+    for (file, want) in &cases {
+        let err = home.fails(&["policy", "add", file.to_str().unwrap()]);
+        assert!(
+            err.contains(want),
+            "{}: {want:?} not in {err}",
+            file.display()
+        );
+        assert!(!err.contains("panicked"));
+        // Nothing was installed, and kiln still serves the good policy.
+        assert_eq!(home.json(&["policy", "list", "--json"]), before);
+        let run = home.json(&[
+            "policy",
+            "run",
+            "bm25-recency",
+            "--input",
+            rank_in.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(run["run"]["error"].is_null());
+    }
+    // Run directly (not installed): contained too, and the built-in
+    // ranker's scores stand in.
+    let out = home.kiln(&[
+        "policy",
+        "run",
+        cases[0].0.to_str().unwrap(),
+        "--input",
+        rank_in.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        run["run"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("ran out of fuel")
+    );
+    assert_eq!(run["run"]["fallback"].as_array().unwrap().len(), 10);
+    // A failed decision replays to the same failure.
+    let id = run["run"]["decision_id"].as_i64().unwrap();
+    assert_eq!(
+        home.json(&["policy", "replay", &id.to_string(), "--json"])["replay"]["identical"],
+        true
+    );
+}
+
+#[test]
+fn the_circuit_breaker_trips_after_repeated_failures_and_resets_on_enable() {
+    if policies_dir().is_none() {
+        return;
+    }
+    let home = Home::default();
+    // Passes the gate (5, 50 and 1000 candidates) but rejects 7.
+    let reject_seven = r#"(if (i32.eq (i32.load (i32.add (local.get $ptr) (i32.const 24))) (i32.const 7)) (then (return (i64.const 0))))"#;
+    let flaky = wat_policy(
+        home.path(),
+        "flaky.wasm",
+        "1.1",
+        "flaky",
+        "",
+        &scores_after(reject_seven, "f32.const 0.5", 0),
+        "",
+    );
+    home.ok(&["policy", "add", flaky.to_str().unwrap()]);
+    let seven = write_input(&home, "seven.json", &synthetic_rank(7, 2));
+    for attempt in 1..=3 {
+        let out = home.kiln(&[
+            "policy",
+            "run",
+            "flaky",
+            "--input",
+            seven.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            run["run"]["tripped"],
+            attempt == 3,
+            "attempt {attempt}: {run}"
+        );
+    }
+    let err = home.fails(&["policy", "run", "flaky", "--input", seven.to_str().unwrap()]);
+    assert!(
+        err.contains("disabled by the circuit breaker after 3 consecutive failures"),
+        "{err}"
+    );
+    let log = home.registry().audit_log(100).unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.action == "trip" && e.actor == "circuit-breaker")
+    );
+    home.ok(&["policy", "enable", "flaky"]);
+    let ok_input = write_input(&home, "five.json", &synthetic_rank(5, 2));
+    home.ok(&[
+        "policy",
+        "run",
+        "flaky",
+        "--input",
+        ok_input.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn an_older_minor_loads_and_versions_roll_back() {
+    if policies_dir().is_none() {
+        return;
+    }
+    let home = Home::default();
+    let old = wat_policy(
+        home.path(),
+        "old.wasm",
+        "1.0",
+        "steady",
+        "",
+        &scores("f32.const 1", 0),
+        "",
+    );
+    let added = home.json(&["policy", "add", old.to_str().unwrap(), "--json"]);
+    assert_eq!(added["policy"]["abi"], "1.0");
+    // Version 1.1.0 of the same policy, built for ABI 1.1.
+    let v2 = wat_policy_version(
+        home.path(),
+        "v2.wasm",
+        "1.1",
+        "steady",
+        "1.1.0",
+        "",
+        &scores("f32.const 2", 0),
+        "",
+    );
+    home.ok(&["policy", "add", v2.to_str().unwrap()]);
+    let rank_in = write_input(&home, "rank.json", &synthetic_rank(3, 1));
+    let run = |home: &Home| {
+        home.json(&[
+            "policy",
+            "run",
+            "steady",
+            "--input",
+            rank_in.to_str().unwrap(),
+            "--json",
+        ])["run"]["output"]
+            .clone()
+    };
+    assert_eq!(run(&home), serde_json::json!([2.0, 2.0, 2.0]));
+    assert!(
+        home.ok(&["policy", "rollback", "steady"])
+            .contains("1.1.0 -> 1.0.0")
+    );
+    assert_eq!(run(&home), serde_json::json!([1.0, 1.0, 1.0]));
+    // A module that rejects every input fails the gate and installs nothing.
+    let rejecting = wat_policy(
+        home.path(),
+        "reject.wasm",
+        "1.1",
+        "reject",
+        "",
+        "(i64.const 0)",
+        "",
+    );
+    let err = home.fails(&["policy", "add", rejecting.to_str().unwrap()]);
+    assert!(err.contains("returned no output"), "{err}");
+    assert_eq!(
+        home.json(&["policy", "list", "--json"])["policies"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn the_quality_gate_reads_recorded_cases_and_refuses_what_fails_them() {
+    let Some(good) = policy("bm25_recency") else {
+        return;
+    };
+    let cases = kiln_tests::repo_root().join("plugins/policies/cases");
+    let rank_cases = cases.join("rank");
+    let home = Home::default();
+    // The shipped cases: 3 synthetic + 2 recorded, 5 repeats each.
+    let r = home.json(&[
+        "policy",
+        "test",
+        good.to_str().unwrap(),
+        "--cases",
+        rank_cases.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = &r["report"];
+    assert_eq!(report["passed"], true, "{r}");
+    assert_eq!(report["cases"], 5);
+    assert_eq!(report["calls"], 25);
+    assert_eq!(report["agreement_with_builtin"], 1.0);
+    assert!(report["fuel_max"].as_u64().unwrap() > 0);
+    let (p50, p99) = (
+        report["p50_ms"].as_f64().unwrap(),
+        report["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{report}");
+    let tune = home.json(&[
+        "policy",
+        "test",
+        policy("tpe").unwrap().to_str().unwrap(),
+        "--cases",
+        cases.join("tune").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(tune["report"]["passed"], true, "{tune}");
+    assert!(tune["report"]["agreement_with_builtin"].is_null());
+
+    // A ranker that puts the last candidate first misses the recorded top
+    // picks: `test` reports it, `add` refuses it and installs nothing.
+    let backwards = wat_policy(
+        home.path(),
+        "backwards.wasm",
+        "1.1",
+        "backwards",
+        "",
+        &scores("f32.convert_i32_u (local.get $i)", 0),
+        "",
+    );
+    let out = home.kiln(&[
+        "policy",
+        "test",
+        backwards.to_str().unwrap(),
+        "--cases",
+        rank_cases.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL rust-cache-eviction: expected top [1], got [5]"),
+        "{stdout}"
+    );
+    let err = home.fails(&[
+        "policy",
+        "add",
+        backwards.to_str().unwrap(),
+        "--cases",
+        rank_cases.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("backwards@1.0.0: failed the quality gate") && err.contains("expected top"),
+        "{err}"
+    );
+    // A latency ceiling no policy can meet refuses even a good policy.
+    let err = home.fails(&[
+        "policy",
+        "add",
+        good.to_str().unwrap(),
+        "--max-p99-ms",
+        "0.000001",
+    ]);
+    assert!(err.contains("exceeds the ceiling of 0.000001 ms"), "{err}");
+    let listed = home.json(&["policy", "list", "--json"]);
+    assert_eq!(listed["policies"].as_array().unwrap().len(), 0, "{listed}");
+    // A broken case file is named, with what is wrong.
+    let broken = home.path().join("broken-cases");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("half.json"), "{\"input\": {\"cursor\": ").unwrap();
+    let err = home.fails(&[
+        "policy",
+        "test",
+        good.to_str().unwrap(),
+        "--cases",
+        broken.to_str().unwrap(),
+    ]);
+    assert!(err.contains("half.json: not JSON"), "{err}");
+}
+
+#[test]
+fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
+    let Some(rust) = policy("fresh_first") else {
+        return;
+    };
+    let c = policy("fresh_first_c").unwrap();
+    let root = kiln_tests::repo_root().join("plugins/policies");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for file in ["examples/fresh_first.rs", "examples/fresh_first.c"] {
+        let source = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(
+            readme.contains(&source),
+            "plugins/policies/README.md must show {file} verbatim"
+        );
+    }
+    let home = Home::default();
+    for p in [&rust, &c] {
+        let r = home.json(&[
+            "policy",
+            "test",
+            p.to_str().unwrap(),
+            "--cases",
+            root.join("cases/rank").to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(r["report"]["passed"], true, "{r}");
+    }
+    let sandbox = Sandbox::new(None);
+    let rust = sandbox.load(&std::fs::read(rust).unwrap(), None).unwrap();
+    let c = sandbox.load(&std::fs::read(c).unwrap(), None).unwrap();
+    let input = synthetic_rank(500, 11);
+    let (a, b) = (
+        rust.rank(&input).unwrap().value,
+        c.rank(&input).unwrap().value,
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b));
+}
