@@ -145,10 +145,19 @@ fn refusals_before_compiling() {
     );
 }
 
+/// Loaded with little fuel and the longest deadline, so that fuel, not
+/// the clock, stops a spinning loop however loaded the machine is.
+fn spin_on_fuel(bytes: &[u8]) -> Policy {
+    let mut limits = load(bytes).unwrap().limits;
+    limits.fuel = 10_000_000;
+    limits.deadline_ms = limits::CEILING.deadline_ms;
+    Sandbox::new(None).load(bytes, Some(limits)).unwrap()
+}
+
 #[test]
 fn runaway_policies_are_stopped() {
     let spin = wat_ranker("1.1", "", "(loop $l (br $l)) (i64.const 0)", "");
-    let p = load(&spin).unwrap();
+    let p = spin_on_fuel(&spin);
     assert!(matches!(
         p.rank(&input(1)),
         Err(PolicyError::OutOfFuel { .. })
@@ -225,7 +234,7 @@ fn bad_outputs_are_named() {
 #[test]
 fn the_breaker_falls_back_then_trips() {
     let spin = wat_ranker("1.1", "", "(loop $l (br $l)) (i64.const 0)", "");
-    let r = breaker::Ranker::new(Some(std::sync::Arc::new(load(&spin).unwrap())), 3);
+    let r = breaker::Ranker::new(Some(std::sync::Arc::new(spin_on_fuel(&spin))), 3);
     let i = input(4);
     for n in 1..=3 {
         let out = r.rank(&i);

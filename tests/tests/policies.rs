@@ -25,7 +25,9 @@ fn wat_policy(
     rank_body: &str,
     extra: &str,
 ) -> PathBuf {
-    wat_policy_version(dir, file, abi, name, "1.0.0", alloc_body, rank_body, extra)
+    wat_policy_version(
+        dir, file, abi, name, "1.0.0", "", alloc_body, rank_body, extra,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -35,13 +37,14 @@ fn wat_policy_version(
     abi: &str,
     name: &str,
     version: &str,
+    limits: &str,
     alloc_body: &str,
     rank_body: &str,
     extra: &str,
 ) -> PathBuf {
     let text = format!(
         r#"(module
-  (@custom "kiln_policy" "{{\"abi\":\"{abi}\",\"kind\":\"rank\",\"name\":\"{name}\",\"version\":\"{version}\"}}")
+  (@custom "kiln_policy" "{{\"abi\":\"{abi}\",\"kind\":\"rank\",\"name\":\"{name}\",\"version\":\"{version}\"{limits}}}")
   {extra}
   (memory (export "memory") 2)
   (global $top (mut i32) (i32.const 4096))
@@ -206,11 +209,15 @@ fn hostile_policies_are_contained_and_kiln_keeps_serving() {
     let d = home.path();
     let cases: Vec<(PathBuf, &str)> = vec![
         (
-            wat_policy(
+            // Little fuel, the longest deadline: fuel, not the clock,
+            // stops it however loaded the machine is.
+            wat_policy_version(
                 d,
                 "loop.wasm",
                 "1.1",
                 "loop",
+                "1.0.0",
+                r#",\"limits\":{\"fuel\":10000000,\"deadline_ms\":2000}"#,
                 "",
                 "(loop $l (br $l)) (i64.const 0)",
                 "",
@@ -455,6 +462,7 @@ fn an_older_minor_loads_and_versions_roll_back() {
         "1.1",
         "steady",
         "1.1.0",
+        "",
         "",
         &scores("f32.const 2", 0),
         "",

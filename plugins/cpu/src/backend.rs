@@ -1,6 +1,7 @@
 //! The CPU backend behind the ABI: host-memory buffers and graph execution
 //! through the reference ops. One device: this machine's CPU.
 
+use crate::kernels;
 use crate::ops::{self, Desc, View};
 use kiln_plugin_api::abi::{KILN_CAP_HOST_MEMORY, KILN_CAP_UNIFIED_MEMORY};
 use kiln_plugin_api::plugin::Tensor;
@@ -57,6 +58,8 @@ impl CpuBuffer {
 /// The CPU reference backend.
 pub struct CpuBackend {
     info: DeviceInfo,
+    /// The kernel path ([`kernels::Isa::current`], fixed at creation).
+    isa: kernels::Isa,
     _host: HostServices,
 }
 
@@ -184,6 +187,7 @@ impl Backend for CpuBackend {
                 max_buffer_size: 0,
                 buffer_alignment: ALIGN as u32,
             },
+            isa: kernels::Isa::current(),
             _host: host,
         })
     }
@@ -304,8 +308,13 @@ impl Backend for CpuBackend {
             }
             // SAFETY: every view was bounds-checked against its buffer above,
             // and `check` accepted the op's shapes.
-            unsafe { ops::run(op.kind, &src[..n_src], &dst, &op.params) }
-                .map_err(|m| BackendError::invalid(m).at_op(i))?;
+            // SAFETY: as for the reference below.
+            let fast = unsafe { kernels::run(self.isa, op.kind, &src[..n_src], &dst) };
+            if fast.is_none() {
+                // SAFETY: as above.
+                unsafe { ops::run(op.kind, &src[..n_src], &dst, &op.params) }
+                    .map_err(|m| BackendError::invalid(m).at_op(i))?;
+            }
         }
         Ok(())
     }

@@ -7,11 +7,12 @@
 //! kiln always has a backend, entered through [`backend_init`]) and built
 //! as a loadable plugin by `cdylib/` (crate `kiln-cpu-plugin`).
 //!
-//! Per-ISA kernels (AVX2, AVX-512, NEON) will sit beside the scalar ones in
-//! their own modules with the same signatures, chosen at run time, each
-//! tested against its scalar twin.
+//! Per-ISA kernels sit beside the reference in [`kernels`], chosen at run
+//! time from the CPU's features, each path tested against the reference;
+//! an op without a fast kernel runs the reference.
 
 mod backend;
+pub mod kernels;
 pub mod ops;
 pub mod quant;
 

@@ -1,0 +1,190 @@
+//! Fast kernels beside the scalar reference in [`crate::ops`]: the same
+//! semantics, chosen per op at run time, each path tested against the
+//! reference on random inputs of odd sizes.
+//!
+//! The instruction set is picked once from the CPU's features
+//! ([`Isa::detect`]); `KILN_CPU_ISA=reference|scalar|avx2|avx512` forces
+//! a lower path (never one the CPU lacks), which is how the tests cover
+//! every path the machine has; `reference` turns the fast kernels off. An op with no fast path here runs the reference.
+//!
+//! Quantized matrix products follow ggml: activations are quantized on the
+//! fly to the weights' dot-product type (Q8_0 for Q4_0/Q8_0), and the inner
+//! products are integer, scaled per block. The reference rounds activations
+//! the same way and sums in f64, so the two differ only by the order of
+//! the f32 block sums.
+
+mod q8;
+mod threads;
+
+pub use q8::Q8Row;
+pub use threads::{set_threads, threads};
+
+use crate::ops::View;
+use kiln_plugin_api::{DType, OpKind};
+use std::sync::OnceLock;
+
+/// An instruction-set path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// No fast kernels: every op runs the scalar reference (`ops::run`).
+    Reference,
+    /// Portable integer kernels (any CPU).
+    Scalar,
+    /// AVX2 + FMA (+ F16C).
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI integer dot products.
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Reference => "reference",
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The best path this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            if avx512 {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every path this CPU runs, lowest first.
+    pub fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| *i <= best)
+            .collect()
+    }
+
+    /// The path in use: [`Isa::detect`], lowered by `KILN_CPU_ISA`.
+    pub fn current() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Isa::detect();
+            match std::env::var("KILN_CPU_ISA").ok().as_deref() {
+                Some("reference") => Isa::Reference,
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") => best.min(Isa::Avx2),
+                Some("avx512") | None | Some("") => best,
+                Some(other) => {
+                    eprintln!(
+                        "kiln: KILN_CPU_ISA={other} is not one of reference, scalar, avx2, avx512; using {}",
+                        best.name()
+                    );
+                    best
+                }
+            }
+        })
+    }
+}
+
+/// Runs `kind` with a fast kernel when one applies; `None` when the op
+/// (or these operand types and layouts) has none, and the caller runs the
+/// reference.
+///
+/// # Safety
+/// As for [`crate::ops::run`], after [`crate::ops::check`] accepted the op.
+pub unsafe fn run(isa: Isa, kind: OpKind, src: &[View], dst: &View) -> Option<()> {
+    match kind {
+        _ if isa == Isa::Reference => None,
+        // SAFETY: the caller's contract.
+        OpKind::MulMat => unsafe { mul_mat(isa, &src[0], &src[1], dst) },
+        _ => None,
+    }
+}
+
+/// Whether a quantized mat-mul kernel exists for weights of `dtype`.
+pub fn has_mul_mat(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q8_0)
+}
+
+/// `dst[m][n] = w[n] · x[m]` for quantized `w` and f32 `x`, broadcast over
+/// dimensions 2 and 3 as the reference does.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
+    let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
+    if !has_mul_mat(wd.dtype)
+        || xd.dtype != DType::F32
+        || xd.nb[0] != 4
+        || dd.dtype != DType::F32
+        || dd.nb[0] != 4
+    {
+        return None;
+    }
+    let k = xd.ne[0];
+    let (n_count, m_count) = (wd.ne[1], xd.ne[1]);
+    let (r2, r3) = (xd.ne[2] / wd.ne[2], xd.ne[3] / wd.ne[3]);
+    let row_bytes = wd.dtype.row_bytes(k)?;
+    let mut xq: Vec<Q8Row> = (0..m_count).map(|_| Q8Row::new(k)).collect();
+    for i3 in 0..xd.ne[3] {
+        for i2 in 0..xd.ne[2] {
+            for (m, q) in xq.iter_mut().enumerate() {
+                let off = m * xd.nb[1] + i2 * xd.nb[2] + i3 * xd.nb[3];
+                // SAFETY: row (m, i2, i3) is inside x (the caller's contract),
+                // and its k f32s are contiguous (nb[0] == 4).
+                let row = unsafe { std::slice::from_raw_parts(x.data.add(off).cast::<f32>(), k) };
+                q.quantize(row);
+            }
+            let w_base = (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3];
+            let d_base = i2 * dd.nb[2] + i3 * dd.nb[3];
+            let (wp, dp) = (SendPtr(w.data), SendPtr(dst.data));
+            let xq = &xq;
+            let work = n_count * m_count * k;
+            threads::parallel_for(n_count, work, &|range| {
+                let (wp, dp) = (&wp, &dp);
+                for n in range {
+                    // SAFETY: weight row n of this slice is inside w.
+                    let wrow = unsafe {
+                        std::slice::from_raw_parts(wp.0.add(w_base + n * wd.nb[1]), row_bytes)
+                    };
+                    for (m, q) in xq.iter().enumerate() {
+                        let v = q8::dot(isa, wd.dtype, wrow, q);
+                        // SAFETY: dst element (n, m, i2, i3) is inside dst;
+                        // each n belongs to one thread.
+                        unsafe {
+                            dp.0.add(d_base + m * dd.nb[1] + n * 4)
+                                .cast::<f32>()
+                                .write_unaligned(v)
+                        };
+                    }
+                }
+            });
+        }
+    }
+    Some(())
+}
+
+/// A raw pointer the worker threads share; the kernels give each thread
+/// disjoint outputs.
+struct SendPtr(*mut u8);
+// SAFETY: used only for disjoint writes and shared reads, within a scope
+// that outlives every thread using it.
+unsafe impl Sync for SendPtr {}
+// SAFETY: as above.
+unsafe impl Send for SendPtr {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! Every kernel path this CPU has against the scalar reference, on random
+//! inputs of odd sizes, broadcasts included, single- and multi-threaded.
+
+use super::*;
+use crate::ops::{self, Desc};
+use crate::quant::random_row;
+
+fn view(desc: Desc, data: &mut [u8]) -> View {
+    assert!(desc.extent().unwrap() <= data.len());
+    View {
+        data: data.as_mut_ptr(),
+        desc,
+    }
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The (reference, fast) outputs of one mat-mul.
+fn both(isa: Isa, dtype: DType, [k, n, m, w2, x2]: [usize; 5], seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let wd = Desc::contiguous(dtype, [k, n, w2, 1]);
+    let xd = Desc::contiguous(DType::F32, [k, m, x2, 1]);
+    let dd = Desc::contiguous(DType::F32, [n, m, x2, 1]);
+    ops::check(OpKind::MulMat, &[wd, xd], &dd, &[0; 8]).unwrap();
+    let mut w: Vec<u8> = (0..n * w2)
+        .flat_map(|_| random_row(dtype, k, &mut rng))
+        .collect();
+    let mut x: Vec<u8> = (0..k * m * x2)
+        .flat_map(|_| (rng.f32() * 4.0 - 2.0).to_le_bytes())
+        .collect();
+    let (wv, xv) = (view(wd, &mut w), view(xd, &mut x));
+    let mut reference = vec![0u8; dd.extent().unwrap()];
+    let mut fast = vec![0u8; dd.extent().unwrap()];
+    // SAFETY: every view covers its own Vec, and `check` accepted the shapes.
+    unsafe {
+        ops::run(
+            OpKind::MulMat,
+            &[wv, xv],
+            &view(dd, &mut reference),
+            &[0; 8],
+        )
+        .unwrap();
+        run(isa, OpKind::MulMat, &[wv, xv], &view(dd, &mut fast)).expect("a fast path");
+    }
+    (f32s(&reference), f32s(&fast))
+}
+
+fn assert_close(isa: Isa, dtype: DType, k: usize, reference: &[f32], fast: &[f32]) {
+    // Exact block sums, f64 accumulation: equal to the reference's
+    // rounding; one ulp allows for an f64 tie-break in the last place.
+    for (i, (a, b)) in reference.iter().zip(fast).enumerate() {
+        let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
+        assert!(
+            ulps <= 1 || (a - b).abs() < 1e-30,
+            "{} {dtype} k={k}: output {i}: reference {a}, kernel {b}",
+            isa.name()
+        );
+    }
+}
+
+#[test]
+fn quantized_mul_mat_matches_the_reference_on_every_path() {
+    let sizes = [
+        (32, 1, 1),
+        (96, 3, 2),
+        (160, 17, 1),
+        (2080, 67, 5),
+        (64, 129, 3),
+    ];
+    for isa in Isa::available() {
+        for dtype in [DType::Q4_0, DType::Q8_0] {
+            for (i, &(k, n, m)) in sizes.iter().enumerate() {
+                let (r, f) = both(isa, dtype, [k, n, m, 1, 1], i as u64);
+                assert_close(isa, dtype, k, &r, &f);
+            }
+            // Broadcast over dimension 2 (grouped-query attention's shape).
+            let (r, f) = both(isa, dtype, [64, 5, 3, 2, 4], 99);
+            assert_close(isa, dtype, 64, &r, &f);
+        }
+    }
+}
+
+#[test]
+fn every_path_gives_the_same_bits_single_or_multi_threaded() {
+    // Work large enough to wake the pool; outputs are per row, so the
+    // thread count must not change a bit.
+    let before = threads();
+    for isa in Isa::available() {
+        set_threads(1);
+        let (_, one) = both(isa, DType::Q4_0, [1024, 301, 2, 1, 1], 7);
+        set_threads(3);
+        let (_, three) = both(isa, DType::Q4_0, [1024, 301, 2, 1, 1], 7);
+        assert_eq!(
+            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            three.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{}",
+            isa.name()
+        );
+    }
+    set_threads(before);
+}
+
+#[test]
+fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
+    let before = threads();
+    set_threads(2);
+    let hit = std::panic::catch_unwind(|| {
+        threads::parallel_for(64, 1 << 20, &|r| {
+            if r.contains(&63) {
+                panic!("boom");
+            }
+        })
+    });
+    assert!(hit.is_err());
+    let sum = std::sync::atomic::AtomicUsize::new(0);
+    threads::parallel_for(1000, 1 << 20, &|r| {
+        sum.fetch_add(r.sum::<usize>(), std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(sum.into_inner(), 999 * 1000 / 2);
+    set_threads(before);
+}
+
+#[test]
+fn types_without_a_kernel_fall_back_to_the_reference() {
+    assert!(!has_mul_mat(DType::Q6_K));
+    let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
+    let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
+    let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
+    let (mut w, mut x, mut d) = (vec![0u8; 256], vec![0u8; 128], vec![0u8; 8]);
+    // SAFETY: the views cover their Vecs.
+    let r = unsafe {
+        run(
+            Isa::current(),
+            OpKind::MulMat,
+            &[view(wd, &mut w), view(xd, &mut x)],
+            &view(dd, &mut d),
+        )
+    };
+    assert!(r.is_none());
+}

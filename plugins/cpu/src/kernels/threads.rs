@@ -1,0 +1,184 @@
+//! A persistent pool of worker threads for the kernels: spawned once,
+//! woken per op, never a thread spawn per op. The calling thread works
+//! too, so `threads() == 2` means one worker.
+//!
+//! The count is `KILN_THREADS`, else the number of cores the process may
+//! use; [`set_threads`] changes it (before or between ops).
+
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+/// Below this many multiply-adds an op runs on the calling thread alone:
+/// waking the pool costs more than it saves.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+type Task = dyn Fn(Range<usize>) + Sync;
+
+struct Job {
+    /// Lifetime erased: the dispatcher waits for every worker to finish
+    /// before the closure it points to goes out of scope.
+    task: *const Task,
+    len: usize,
+    chunk: usize,
+    next: Arc<AtomicUsize>,
+}
+
+// SAFETY: `task` is `Sync` and outlives the job (see `Job::task`).
+unsafe impl Send for Job {}
+// SAFETY: as above.
+unsafe impl Sync for Job {}
+
+#[derive(Default)]
+struct State {
+    generation: u64,
+    job: Option<Arc<Job>>,
+    running: usize,
+    panicked: bool,
+    /// Worker threads spawned so far.
+    spawned: usize,
+    /// Workers taking part in the current job: indices below this.
+    active: usize,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    done: Condvar,
+}
+
+struct Pool {
+    shared: Arc<Shared>,
+    /// One dispatch at a time; a second concurrent caller runs inline.
+    dispatch: Mutex<()>,
+    threads: AtomicUsize,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let default = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = std::env::var("KILN_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n >= 1)
+            .unwrap_or(default);
+        Pool {
+            shared: Arc::default(),
+            dispatch: Mutex::new(()),
+            threads: AtomicUsize::new(n),
+        }
+    })
+}
+
+/// Threads an op may use (the caller included).
+pub fn threads() -> usize {
+    pool().threads.load(Ordering::Relaxed)
+}
+
+/// Sets the thread count (at least 1). Workers are spawned as needed and
+/// kept; extra ones idle.
+pub fn set_threads(n: usize) {
+    pool().threads.store(n.max(1), Ordering::Relaxed);
+}
+
+fn run_chunks(job: &Job) {
+    loop {
+        let start = job.next.fetch_add(job.chunk, Ordering::Relaxed);
+        if start >= job.len {
+            break;
+        }
+        // SAFETY: the dispatcher keeps the task alive until all workers
+        // report done (`Job::task`).
+        let task = unsafe { &*job.task };
+        task(start..(start + job.chunk).min(job.len));
+    }
+}
+
+fn worker(shared: Arc<Shared>, index: usize) {
+    let mut seen = 0u64;
+    loop {
+        let job = {
+            let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if st.generation != seen {
+                    seen = st.generation;
+                    if index < st.active
+                        && let Some(job) = st.job.clone()
+                    {
+                        break job;
+                    }
+                }
+                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let ok = catch_unwind(AssertUnwindSafe(|| run_chunks(&job))).is_ok();
+        drop(job);
+        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.panicked |= !ok;
+        st.running -= 1;
+        if st.running == 0 {
+            shared.done.notify_all();
+        }
+    }
+}
+
+/// Calls `task` over disjoint chunks covering `0..len`, on up to
+/// [`threads`] threads, and returns when all are done. `work` (roughly the
+/// multiply-adds) decides whether waking the pool pays.
+pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync + '_)) {
+    let pool = pool();
+    let n = pool.threads.load(Ordering::Relaxed).min(len);
+    if n <= 1 || work < MIN_PARALLEL_WORK {
+        task(0..len);
+        return;
+    }
+    let Ok(_guard) = pool.dispatch.try_lock() else {
+        task(0..len);
+        return;
+    };
+    let shared = &pool.shared;
+    let job = {
+        // SAFETY: only the lifetime is erased; see `Job::task`.
+        let task: *const Task = unsafe {
+            std::mem::transmute::<&(dyn Fn(Range<usize>) + Sync + '_), &'static Task>(task)
+        };
+        Arc::new(Job {
+            task,
+            len,
+            chunk: len.div_ceil(n * 4).max(1),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    };
+    {
+        let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.spawned < n - 1 {
+            let (s, i) = (shared.clone(), st.spawned);
+            std::thread::Builder::new()
+                .name(format!("kiln-cpu-{i}"))
+                .spawn(move || worker(s, i))
+                .expect("spawn a CPU worker thread");
+            st.spawned += 1;
+        }
+        st.active = n - 1;
+        st.generation += 1;
+        st.job = Some(job.clone());
+        st.running = n - 1;
+        st.panicked = false;
+        shared.wake.notify_all();
+    }
+    let mine = catch_unwind(AssertUnwindSafe(|| run_chunks(&job)));
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    while st.running > 0 {
+        st = shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.job = None;
+    let panicked = st.panicked;
+    drop(st);
+    if let Err(p) = mine {
+        std::panic::resume_unwind(p);
+    }
+    assert!(!panicked, "a CPU worker thread panicked in a kernel");
+}
