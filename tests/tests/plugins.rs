@@ -214,6 +214,35 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
 }
 
 #[test]
+fn every_cpu_kernel_path_passes_conformance_against_the_reference() {
+    // The CPU backend as a plugin, its kernels forced to each path this
+    // machine has, is checked case by case against the scalar reference.
+    let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");
+    for isa in kiln_cpu::kernels::Isa::available() {
+        let home = Home::default();
+        let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("cpu-plugin", "0.1.0"));
+        let out = home
+            .command(&["plugins", "add", dir.to_str().unwrap(), "--json"])
+            .env("KILN_CPU_ISA", isa.name())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            isa.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let added: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            added["conformance"]["failed"],
+            0,
+            "{}: {added:#}",
+            isa.name()
+        );
+    }
+}
+
+#[test]
 fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     let home = Home::default();
     let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");

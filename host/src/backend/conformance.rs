@@ -368,7 +368,7 @@ pub fn run_case(target: &Arc<Backend>, device: u32, case: &Case, seed: u64) -> C
     if !exec.plan(&on_target.as_graph())[0] {
         return result(Outcome::NotClaimed, None, None);
     }
-    let reference_exec = Executor::new(Backend::builtin_cpu(), 0);
+    let reference_exec = Executor::new(Backend::reference_cpu(), 0);
     if let Err(e) = reference_exec.run_on_target(&mut reference.as_graph()) {
         // The suite's own cases must run on the reference.
         return result(

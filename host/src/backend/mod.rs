@@ -139,6 +139,25 @@ impl Backend {
         .clone()
     }
 
+    /// The CPU backend with its fast kernels off: the scalar reference,
+    /// which conformance compares every backend (the CPU's own kernels
+    /// included) with.
+    pub fn reference_cpu() -> Arc<Backend> {
+        static CPU: OnceLock<Arc<Backend>> = OnceLock::new();
+        CPU.get_or_init(|| {
+            // SAFETY: as in `builtin_cpu`.
+            let handle = unsafe {
+                BackendHandle::negotiate(kiln_cpu::reference_backend_init, host_services())
+            }
+            .expect("the reference CPU backend negotiates with its own host");
+            Arc::new(
+                Backend::from_handle(handle, BackendSource::Builtin)
+                    .expect("the reference CPU backend enumerates its device"),
+            )
+        })
+        .clone()
+    }
+
     /// Opens and negotiates a plugin that passed preflight. A library is
     /// initialised once per process; later loads return the same backend.
     pub fn load_plugin(plugin: &VerifiedPlugin) -> Result<Arc<Backend>, BackendLoadError> {

@@ -58,7 +58,8 @@ impl CpuBuffer {
 /// The CPU reference backend.
 pub struct CpuBackend {
     info: DeviceInfo,
-    /// The kernel path ([`kernels::Isa::current`], fixed at creation).
+    /// The kernel path (`Isa::current`, or `Reference` for the oracle),
+    /// fixed at creation.
     isa: kernels::Isa,
     _host: HostServices,
 }
@@ -187,7 +188,7 @@ impl Backend for CpuBackend {
                 max_buffer_size: 0,
                 buffer_alignment: ALIGN as u32,
             },
-            isa: kernels::Isa::current(),
+            isa: crate::isa_for_new_backend(),
             _host: host,
         })
     }

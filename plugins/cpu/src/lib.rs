@@ -18,6 +18,38 @@ pub mod quant;
 
 pub use backend::{CpuBackend, CpuBuffer};
 
+std::thread_local! {
+    /// Set while [`reference_backend_init`] creates its backend.
+    static REFERENCE_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The kernel path a backend created now uses.
+pub(crate) fn isa_for_new_backend() -> kernels::Isa {
+    if REFERENCE_INIT.get() {
+        kernels::Isa::Reference
+    } else {
+        kernels::Isa::current()
+    }
+}
+
+/// As [`backend_init`], for a backend that runs only the scalar reference
+/// (no fast kernels): the oracle that conformance compares backends with.
+///
+/// # Safety
+/// The contract of `kiln_backend_init` in `kiln_backend.h`.
+pub unsafe extern "C" fn reference_backend_init(
+    host: *const kiln_plugin_api::abi::KilnHostApi,
+    out_api: *mut *const kiln_plugin_api::abi::KilnBackendApi,
+    out_ctx: *mut *mut core::ffi::c_void,
+    err: *mut kiln_plugin_api::abi::KilnError,
+) -> i32 {
+    REFERENCE_INIT.set(true);
+    // SAFETY: the caller upholds the entry point's contract.
+    let rc = unsafe { backend_init(host, out_api, out_ctx, err) };
+    REFERENCE_INIT.set(false);
+    rc
+}
+
 /// The CPU backend's `kiln_backend_init`, for a host that links it in.
 ///
 /// # Safety
