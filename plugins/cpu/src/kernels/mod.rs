@@ -13,6 +13,7 @@
 //! the same way and sums in f64, so the two differ only by the order of
 //! the f32 block sums.
 
+mod f16;
 mod q8;
 mod threads;
 
@@ -116,10 +117,41 @@ pub unsafe fn run(isa: Isa, kind: OpKind, src: &[View], dst: &View) -> Option<()
 
 /// Whether a quantized mat-mul kernel exists for weights of `dtype`.
 pub fn has_mul_mat(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q8_0)
+    matches!(dtype, DType::F16 | DType::Q4_0 | DType::Q8_0)
 }
 
-/// `dst[m][n] = w[n] · x[m]` for quantized `w` and f32 `x`, broadcast over
+/// One activation row, prepared for the weights' dot product.
+enum Prepared {
+    Q8(Q8Row),
+    /// Rounded to f16, kept as f32.
+    F16(Vec<f32>),
+}
+
+impl Prepared {
+    fn new(weights: DType, k: usize) -> Prepared {
+        match weights {
+            DType::F16 => Prepared::F16(vec![0.0; k]),
+            _ => Prepared::Q8(Q8Row::new(k)),
+        }
+    }
+
+    fn set(&mut self, x: &[f32]) {
+        match self {
+            Prepared::Q8(q) => q.quantize(x),
+            Prepared::F16(v) => f16::round_row(x, v),
+        }
+    }
+
+    fn dot(&self, isa: Isa, dtype: DType, w: &[u8]) -> f32 {
+        match self {
+            Prepared::Q8(q) => q8::dot(isa, dtype, w, q),
+            Prepared::F16(v) => f16::dot(isa, w, v),
+        }
+    }
+}
+
+/// `dst[m][n] = w[n] · x[m]` for F16 or quantized `w` (rows contiguous)
+/// and f32 `x`, broadcast over
 /// dimensions 2 and 3 as the reference does.
 ///
 /// # Safety
@@ -127,6 +159,7 @@ pub fn has_mul_mat(dtype: DType) -> bool {
 unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
     if !has_mul_mat(wd.dtype)
+        || wd.nb[0] != wd.dtype.block_bytes()
         || xd.dtype != DType::F32
         || xd.nb[0] != 4
         || dd.dtype != DType::F32
@@ -138,7 +171,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (n_count, m_count) = (wd.ne[1], xd.ne[1]);
     let (r2, r3) = (xd.ne[2] / wd.ne[2], xd.ne[3] / wd.ne[3]);
     let row_bytes = wd.dtype.row_bytes(k)?;
-    let mut xq: Vec<Q8Row> = (0..m_count).map(|_| Q8Row::new(k)).collect();
+    let mut xq: Vec<Prepared> = (0..m_count).map(|_| Prepared::new(wd.dtype, k)).collect();
     for i3 in 0..xd.ne[3] {
         for i2 in 0..xd.ne[2] {
             for (m, q) in xq.iter_mut().enumerate() {
@@ -146,7 +179,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 // SAFETY: row (m, i2, i3) is inside x (the caller's contract),
                 // and its k f32s are contiguous (nb[0] == 4).
                 let row = unsafe { std::slice::from_raw_parts(x.data.add(off).cast::<f32>(), k) };
-                q.quantize(row);
+                q.set(row);
             }
             let w_base = (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3];
             let d_base = i2 * dd.nb[2] + i3 * dd.nb[3];
@@ -161,7 +194,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                         std::slice::from_raw_parts(wp.0.add(w_base + n * wd.nb[1]), row_bytes)
                     };
                     for (m, q) in xq.iter().enumerate() {
-                        let v = q8::dot(isa, wd.dtype, wrow, q);
+                        let v = q.dot(isa, wd.dtype, wrow);
                         // SAFETY: dst element (n, m, i2, i3) is inside dst;
                         // each n belongs to one thread.
                         unsafe {
