@@ -20,7 +20,19 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 }
 
 /// The (reference, fast) outputs of one mat-mul.
-fn both(isa: Isa, dtype: DType, [k, n, m, w2, x2]: [usize; 5], seed: u64) -> (Vec<f32>, Vec<f32>) {
+fn both(isa: Isa, dtype: DType, shape: [usize; 5], seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let (r, f, _) = both_with_bound(isa, dtype, shape, seed);
+    (r, f)
+}
+
+/// As [`both`], with each output's sum of |w|·|x| (x as the reference
+/// rounds it): the scale of a rounding-order difference.
+fn both_with_bound(
+    isa: Isa,
+    dtype: DType,
+    [k, n, m, w2, x2]: [usize; 5],
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let wd = Desc::contiguous(dtype, [k, n, w2, 1]);
     let xd = Desc::contiguous(DType::F32, [k, m, x2, 1]);
@@ -46,7 +58,26 @@ fn both(isa: Isa, dtype: DType, [k, n, m, w2, x2]: [usize; 5], seed: u64) -> (Ve
         .unwrap();
         run(isa, OpKind::MulMat, &[wv, xv], &view(dd, &mut fast)).expect("a fast path");
     }
-    (f32s(&reference), f32s(&fast))
+    let wf: Vec<Vec<f32>> = w
+        .chunks_exact(dtype.row_bytes(k).unwrap())
+        .map(|r| {
+            let mut v = vec![0.0; k];
+            crate::quant::dequantize_row(dtype, r, &mut v);
+            v
+        })
+        .collect();
+    let mut bound = Vec::new();
+    for i2 in 0..x2 {
+        for mi in 0..m {
+            let mut xr = f32s(&x[(i2 * m + mi) * k * 4..][..k * 4]);
+            crate::quant::round_activations(dtype, &mut xr);
+            for ni in 0..n {
+                let wr = &wf[(i2 / (x2 / w2)) * n + ni];
+                bound.push(wr.iter().zip(&xr).map(|(a, b)| (a * b).abs() as f64).sum());
+            }
+        }
+    }
+    (f32s(&reference), f32s(&fast), bound)
 }
 
 fn assert_close(isa: Isa, dtype: DType, k: usize, reference: &[f32], fast: &[f32]) {
@@ -87,6 +118,24 @@ fn mul_mat_matches_the_reference_on_every_path() {
             // Broadcast over dimension 2 (grouped-query attention's shape).
             let (r, f) = both(isa, dtype, [64, 5, 3, 2, 4], 99);
             assert_close(isa, dtype, 64, &r, &f);
+        }
+    }
+}
+
+#[test]
+fn q6_k_mul_mat_matches_the_reference_within_activation_rounding() {
+    // The reference multiplies by fl(q·d), the kernel by q and d apart (as
+    // ggml does): at most an f32 rounding per term apart.
+    for isa in Isa::available() {
+        for (i, &(k, n, m)) in [(256, 1, 1), (768, 7, 3), (2304, 33, 2)].iter().enumerate() {
+            let (r, f, bound) = both_with_bound(isa, DType::Q6_K, [k, n, m, 1, 1], i as u64);
+            for (j, ((a, b), s)) in r.iter().zip(&f).zip(&bound).enumerate() {
+                assert!(
+                    ((a - b).abs() as f64) <= 2e-7 * s + 1e-6 * (a.abs() as f64) + 1e-30,
+                    "{} q6_k k={k}: output {j}: reference {a}, kernel {b} (sum |w·x| {s})",
+                    isa.name()
+                );
+            }
         }
     }
 }
@@ -133,7 +182,7 @@ fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
 
 #[test]
 fn types_without_a_kernel_fall_back_to_the_reference() {
-    assert!(!has_mul_mat(DType::Q6_K));
+    assert!(!has_mul_mat(DType::Q5_0));
     let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
     let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
     let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);

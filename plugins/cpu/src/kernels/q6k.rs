@@ -1,0 +1,172 @@
+//! Q6_K weight rows against activations quantized to Q8_K (ggml's
+//! `vec_dot_type` for the K-quants): portable and AVX2 (which the
+//! AVX-512 path uses too).
+//!
+//! Sums are integers per block, scaled in f64. The reference multiplies
+//! by the f32-rounded activation `q·d` where this uses `q` and `d` apart
+//! (as ggml does), so the two can differ in the last bits; tests bound it.
+
+use super::Isa;
+use crate::quant::nearest_int;
+use half::f16;
+
+const QK_K: usize = 256;
+const BLOCK: usize = 210;
+
+/// One activation row as ggml's `block_q8_K`s (without the sums).
+pub struct Q8KRow {
+    pub d: Vec<f32>,
+    pub qs: Vec<i8>,
+}
+
+impl Q8KRow {
+    pub fn new(k: usize) -> Q8KRow {
+        Q8KRow {
+            d: vec![0.0; k / QK_K],
+            qs: vec![0; k],
+        }
+    }
+
+    /// As the reference's `round_activations` for K-quant weights: `qs·d`
+    /// is its rounded value (before that product's own f32 rounding).
+    pub fn quantize(&mut self, x: &[f32]) {
+        for ((block, q), d) in x
+            .chunks_exact(QK_K)
+            .zip(self.qs.chunks_exact_mut(QK_K))
+            .zip(&mut self.d)
+        {
+            let (mut amax, mut max) = (0.0f32, 0.0f32);
+            for &v in block {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax == 0.0 {
+                *d = 0.0;
+                q.fill(0);
+                continue;
+            }
+            let iscale = -127.0 / max;
+            *d = 1.0 / iscale;
+            for (q, &v) in q.iter_mut().zip(block) {
+                *q = nearest_int(iscale * v).min(127) as i8;
+            }
+        }
+    }
+}
+
+/// `w · x` for one Q6_K row.
+pub fn dot(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
+    assert_eq!(w.len(), x.d.len() * BLOCK);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe { x86::dot_avx2(w, x) };
+    }
+    let _ = isa;
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        let mut total = 0i32;
+        for n in 0..2 {
+            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+            let xq = &xq[128 * n..];
+            let mut sums = [0i32; 8];
+            for l in 0..32 {
+                let is = l / 16;
+                let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+                let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                sums[is] += q1 * xq[l] as i32;
+                sums[is + 2] += q2 * xq[l + 32] as i32;
+                sums[is + 4] += q3 * xq[l + 64] as i32;
+                sums[is + 6] += q4 * xq[l + 96] as i32;
+            }
+            for (s, &c) in sums.iter().zip(sc) {
+                total += s * (c as i8) as i32;
+            }
+        }
+        let dw = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+        acc += dw as f64 * x.d[b] as f64 * total as f64;
+    }
+    acc as f32
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BLOCK, Q8KRow, QK_K};
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    /// # Safety
+    /// AVX2 is present; `w` holds `x.d.len()` blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(w: &[u8], x: &Q8KRow) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m30 = _mm256_set1_epi8(0x30);
+        let m32 = _mm256_set1_epi8(32);
+        let mut acc = 0.0f64;
+        for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            // SAFETY: the 16 scale bytes are inside the block.
+            let sc = unsafe { std::slice::from_raw_parts(p.add(192).cast::<i8>(), 16) };
+            let mut sum = _mm256_setzero_si256();
+            for n in 0..2 {
+                // SAFETY: ql (128 bytes at 0) and qh (64 at 128) are inside
+                // the block, and x's block b holds 256 codes.
+                let (ql0, ql1, qh, xq) = unsafe {
+                    (
+                        _mm256_loadu_si256(p.add(64 * n).cast()),
+                        _mm256_loadu_si256(p.add(64 * n + 32).cast()),
+                        _mm256_loadu_si256(p.add(128 + 32 * n).cast()),
+                        x.qs.as_ptr().add(b * QK_K + 128 * n),
+                    )
+                };
+                let codes = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_and_si256(qh, m30),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                    ),
+                ];
+                for (j, c) in codes.into_iter().enumerate() {
+                    let wv = _mm256_sub_epi8(c, m32);
+                    // SAFETY: codes 32j..32j+32 of this half are inside x.
+                    let xv = unsafe { _mm256_loadu_si256(xq.add(32 * j).cast()) };
+                    let p16 =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    let s = 8 * n + 2 * j;
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(sc[s + 1] as i16),
+                        _mm_set1_epi16(sc[s] as i16),
+                    );
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p16, scales));
+                }
+            }
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            let total = _mm_cvtsi128_si32(s);
+            let dw = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+            acc += dw as f64 * x.d[b] as f64 * total as f64;
+        }
+        acc as f32
+    }
+}
