@@ -14,7 +14,7 @@
 //! the f32 block sums.
 
 mod f16;
-mod q6k;
+mod kquant;
 mod q8;
 mod threads;
 
@@ -118,13 +118,16 @@ pub unsafe fn run(isa: Isa, kind: OpKind, src: &[View], dst: &View) -> Option<()
 
 /// Whether a quantized mat-mul kernel exists for weights of `dtype`.
 pub fn has_mul_mat(dtype: DType) -> bool {
-    matches!(dtype, DType::F16 | DType::Q4_0 | DType::Q8_0 | DType::Q6_K)
+    matches!(
+        dtype,
+        DType::F16 | DType::Q4_0 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+    )
 }
 
 /// One activation row, prepared for the weights' dot product.
 enum Prepared {
     Q8(Q8Row),
-    Q8K(q6k::Q8KRow),
+    Q8K(kquant::Q8KRow),
     /// Rounded to f16, kept as f32.
     F16(Vec<f32>),
 }
@@ -133,7 +136,7 @@ impl Prepared {
     fn new(weights: DType, k: usize) -> Prepared {
         match weights {
             DType::F16 => Prepared::F16(vec![0.0; k]),
-            DType::Q6_K => Prepared::Q8K(q6k::Q8KRow::new(k)),
+            DType::Q4_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
             _ => Prepared::Q8(Q8Row::new(k)),
         }
     }
@@ -149,7 +152,8 @@ impl Prepared {
     fn dot(&self, isa: Isa, dtype: DType, w: &[u8]) -> f32 {
         match self {
             Prepared::Q8(q) => q8::dot(isa, dtype, w, q),
-            Prepared::Q8K(q) => q6k::dot(isa, w, q),
+            Prepared::Q8K(q) if dtype == DType::Q4_K => kquant::dot_q4_k(isa, w, q),
+            Prepared::Q8K(q) => kquant::dot(isa, w, q),
             Prepared::F16(v) => f16::dot(isa, w, v),
         }
     }

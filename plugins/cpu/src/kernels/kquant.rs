@@ -1,5 +1,5 @@
-//! Q6_K weight rows against activations quantized to Q8_K (ggml's
-//! `vec_dot_type` for the K-quants): portable and AVX2 (which the
+//! Q4_K and Q6_K weight rows against activations quantized to Q8_K
+//! (ggml's `vec_dot_type` for the K-quants): portable and AVX2 (which the
 //! AVX-512 path uses too).
 //!
 //! Sums are integers per block, scaled in f64. The reference multiplies
@@ -12,11 +12,14 @@ use half::f16;
 
 const QK_K: usize = 256;
 const BLOCK: usize = 210;
+const Q4_K_BLOCK: usize = 144;
 
 /// One activation row as ggml's `block_q8_K`s (without the sums).
 pub struct Q8KRow {
     pub d: Vec<f32>,
     pub qs: Vec<i8>,
+    /// The sum of the codes of each 32, for the K-quants' minimums.
+    pub sums32: Vec<i32>,
 }
 
 impl Q8KRow {
@@ -24,6 +27,7 @@ impl Q8KRow {
         Q8KRow {
             d: vec![0.0; k / QK_K],
             qs: vec![0; k],
+            sums32: vec![0; k / 32],
         }
     }
 
@@ -53,7 +57,71 @@ impl Q8KRow {
                 *q = nearest_int(iscale * v).min(127) as i8;
             }
         }
+        for (s, q) in self.sums32.iter_mut().zip(self.qs.chunks_exact(32)) {
+            *s = q.iter().map(|&v| v as i32).sum();
+        }
     }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    let (s, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (s as i32, m as i32)
+}
+
+/// `w · x` for one Q4_K row: per block, `d·Σ sc_j (q·x)_j − dmin·Σ m_j Σx_j`.
+pub fn dot_q4_k(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
+    assert_eq!(w.len(), x.d.len() * Q4_K_BLOCK);
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+        let scales = &blk[4..16];
+        let mut sc = [0i32; 8];
+        let mut total_m = 0i32;
+        for (j, s) in sc.iter_mut().enumerate() {
+            let (scale, min) = scale_min_k4(j, scales);
+            *s = scale;
+            total_m += min * x.sums32[b * 8 + j];
+        }
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let q = &blk[16..144];
+        #[cfg(target_arch = "x86_64")]
+        let total = if isa >= Isa::Avx2 {
+            // SAFETY: AVX2 is present (`Isa`); both blocks are whole.
+            unsafe { x86::q4_k_block(q, xq, &sc) }
+        } else {
+            q4_k_block(q, xq, &sc)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let total = {
+            let _ = isa;
+            q4_k_block(q, xq, &sc)
+        };
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
+        acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+    }
+    acc as f32
+}
+
+/// `Σ_j sc_j Σ_{i in j} q_i x_i` over one Q4_K block's codes.
+fn q4_k_block(q: &[u8], xq: &[i8], sc: &[i32; 8]) -> i32 {
+    let mut total = 0;
+    for (j, q32) in q.chunks_exact(32).enumerate() {
+        let (mut lo, mut hi) = (0i32, 0i32);
+        for l in 0..32 {
+            lo += (q32[l] & 0x0f) as i32 * xq[64 * j + l] as i32;
+            hi += (q32[l] >> 4) as i32 * xq[64 * j + 32 + l] as i32;
+        }
+        total += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+    }
+    total
 }
 
 /// `w · x` for one Q6_K row.
@@ -100,6 +168,38 @@ mod x86 {
     use super::{BLOCK, Q8KRow, QK_K};
     use core::arch::x86_64::*;
     use half::f16;
+
+    /// As `super::q4_k_block`.
+    ///
+    /// # Safety
+    /// AVX2 is present; `q` holds 128 bytes and `xq` 256 codes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4_k_block(q: &[u8], xq: &[i8], sc: &[i32; 8]) -> i32 {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let mut sum = _mm256_setzero_si256();
+        for j in 0..4 {
+            // SAFETY: 32 code bytes at 32j and 64 activations at 64j exist.
+            let (qv, x0, x1) = unsafe {
+                (
+                    _mm256_loadu_si256(q.as_ptr().add(32 * j).cast()),
+                    _mm256_loadu_si256(xq.as_ptr().add(64 * j).cast()),
+                    _mm256_loadu_si256(xq.as_ptr().add(64 * j + 32).cast()),
+                )
+            };
+            let lo = _mm256_maddubs_epi16(_mm256_and_si256(qv, m4), x0);
+            let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qv, 4), m4), x1);
+            let lo = _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * j] as i16));
+            let hi = _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
+        }
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
 
     /// # Safety
     /// AVX2 is present; `w` holds `x.d.len()` blocks.
