@@ -22,6 +22,8 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     /// The codes, 32 per block.
     pub qs: Vec<i8>,
+    /// The sum of each block's codes (for unsigned weight codes' offset).
+    pub sums: Vec<i32>,
 }
 
 impl Q8Row {
@@ -29,6 +31,7 @@ impl Q8Row {
         Q8Row {
             d: vec![0.0; k / QK],
             qs: vec![0; k],
+            sums: vec![0; k / QK],
         }
     }
 
@@ -47,6 +50,9 @@ impl Q8Row {
             for (q, v) in q.iter_mut().zip(block) {
                 *q = (v * id).round_ties_even() as i8;
             }
+        }
+        for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {
+            *s = q.iter().map(|&v| v as i32).sum();
         }
     }
 }
@@ -111,14 +117,15 @@ mod x86 {
     use core::arch::x86_64::*;
     use kiln_plugin_api::DType;
 
-    /// The 32 weight codes of block `b` as signed bytes.
+    /// Block `b`'s 32 weight codes as unsigned bytes (Q4_0: the nibbles;
+    /// Q8_0: the code + 128) and its f16 scale's bits. The offset (8 or
+    /// 128) times the activations' code sum is subtracted later.
     ///
     /// # Safety
-    /// Block `b` is inside `w` (whose length the caller checked).
+    /// Block `b` is inside `w`; AVX2 is enabled by the caller.
     #[inline(always)]
-    unsafe fn codes(dtype: DType, w: &[u8], b: usize) -> (__m256i, f32) {
-        // SAFETY: the block is inside `w`; the loads are unaligned ones, and
-        // these intrinsics need only AVX2 + F16C, which every caller enables.
+    unsafe fn codes(dtype: DType, w: &[u8], b: usize) -> (__m256i, u16) {
+        // SAFETY: the block is inside `w`; the loads are unaligned ones.
         unsafe {
             if dtype == DType::Q4_0 {
                 let p = w.as_ptr().add(b * Q4_0_BYTES);
@@ -126,75 +133,110 @@ mod x86 {
                 let m4 = _mm_set1_epi8(0x0f);
                 let lo = _mm_and_si128(q, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-                let v = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-                (v, f16_to_f32(p.cast::<u16>().read_unaligned()))
+                (_mm256_set_m128i(hi, lo), p.cast::<u16>().read_unaligned())
             } else {
                 let p = w.as_ptr().add(b * Q8_0_BYTES);
+                let v = _mm256_loadu_si256(p.add(2).cast());
                 (
-                    _mm256_loadu_si256(p.add(2).cast()),
-                    f16_to_f32(p.cast::<u16>().read_unaligned()),
+                    _mm256_xor_si256(v, _mm256_set1_epi8(-128)),
+                    p.cast::<u16>().read_unaligned(),
                 )
             }
         }
     }
 
-    #[inline(always)]
-    fn f16_to_f32(bits: u16) -> f32 {
-        // SAFETY: callers enable F16C; register-only operations.
-        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    /// The shared loop: four blocks at a time, their integer sums reduced
+    /// to one lane each, offset-corrected, scaled and summed in f64.
+    macro_rules! dot_q8 {
+        ($name:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
+            /// # Safety
+            /// The CPU has the features named; `w` holds `x.d.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
+                let prod = $prod;
+                let q8 = dtype == DType::Q8_0;
+                let offset: i32 = if q8 { $q8_offset } else { 8 };
+                let nb = x.d.len();
+                let mut acc = _mm256_setzero_pd();
+                let mut b = 0;
+                while b + 4 <= nb {
+                    let mut p = [_mm256_setzero_si256(); 4];
+                    let mut bits = [0u16; 4];
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        let at = (b + j) * QK;
+                        // SAFETY: blocks b..b+4 are inside `w` and `x.qs`.
+                        let (u, d) = unsafe { codes(dtype, w, b + j) };
+                        // SAFETY: as above.
+                        let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(at).cast()) };
+                        *pj = prod(u, xv, q8);
+                        bits[j] = d;
+                    }
+                    let h = _mm256_hadd_epi32(
+                        _mm256_hadd_epi32(p[0], p[1]),
+                        _mm256_hadd_epi32(p[2], p[3]),
+                    );
+                    let s =
+                        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                    // SAFETY: four code sums and scales from b are inside x.
+                    let (sums, dx) = unsafe {
+                        (
+                            _mm_loadu_si128(x.sums.as_ptr().add(b).cast()),
+                            _mm_loadu_ps(x.d.as_ptr().add(b)),
+                        )
+                    };
+                    let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
+                    let dw = _mm_cvtph_ps(_mm_set_epi16(
+                        0,
+                        0,
+                        0,
+                        0,
+                        bits[3] as i16,
+                        bits[2] as i16,
+                        bits[1] as i16,
+                        bits[0] as i16,
+                    ));
+                    let scale = _mm256_mul_pd(_mm256_cvtps_pd(dw), _mm256_cvtps_pd(dx));
+                    acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), acc);
+                    b += 4;
+                }
+                let s = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+                let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+                while b < nb {
+                    // SAFETY: block b is inside `w` and `x.qs`.
+                    let (u, d) = unsafe { codes(dtype, w, b) };
+                    // SAFETY: as above.
+                    let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
+                    let p = prod(u, xv, q8);
+                    let s =
+                        _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                    let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+                    total += dw as f64 * x.d[b] as f64 * sumi as f64;
+                    b += 1;
+                }
+                total as f32
+            }
+        };
     }
 
-    #[inline(always)]
-    fn hsum_pd(v: __m256d) -> f64 {
-        // SAFETY: callers enable AVX; these are register-only operations.
-        unsafe {
-            let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
-        }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C are present; `w` holds `x.d.len()` blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_pd(); 2];
-        for b in 0..x.d.len() {
-            // SAFETY: the caller's contract.
-            let (wv, dw) = unsafe { codes(dtype, w, b) };
-            // SAFETY: block b of the codes is inside `x.qs`.
-            let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
-            // |w| · (y with w's sign): u8 × i8 pairs, then pairs of i16.
-            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-            let p = _mm256_madd_epi16(p, ones);
-            let s = _mm256_set1_pd(dw as f64 * x.d[b] as f64);
-            let lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(p));
-            let hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(p, 1));
-            acc[0] = _mm256_fmadd_pd(s, lo, acc[0]);
-            acc[1] = _mm256_fmadd_pd(s, hi, acc[1]);
-        }
-        hsum_pd(_mm256_add_pd(acc[0], acc[1])) as f32
-    }
-
-    /// # Safety
-    /// AVX-512 F/VL/VNNI, AVX2, FMA and F16C are present; `w` holds
-    /// `x.d.len()` blocks.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_vnni(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
-        let mut acc = _mm512_setzero_pd();
-        for b in 0..x.d.len() {
-            // SAFETY: the caller's contract.
-            let (wv, dw) = unsafe { codes(dtype, w, b) };
-            // SAFETY: block b of the codes is inside `x.qs`.
-            let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
-            let p = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_sign_epi8(wv, wv),
-                _mm256_sign_epi8(xv, wv),
-            );
-            let s = _mm512_set1_pd(dw as f64 * x.d[b] as f64);
-            acc = _mm512_fmadd_pd(s, _mm512_cvtepi32_pd(p), acc);
-        }
-        _mm512_reduce_add_pd(acc) as f32
-    }
+    // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's
+    // nibbles, not for Q8_0's code + 128, which takes the sign trick
+    // (|w| times x with w's sign) and so needs no offset.
+    dot_q8!(dot_avx2, "avx2,fma,f16c", 0, |u, xv, q8: bool| {
+        let (a, b) = if q8 {
+            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
+        } else {
+            (u, xv)
+        };
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    });
+    dot_q8!(
+        dot_vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
+        128,
+        |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
+    );
 }
