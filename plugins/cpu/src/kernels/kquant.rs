@@ -64,6 +64,7 @@ impl Q8KRow {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
     let (s, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -79,6 +80,24 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
 /// `w · x` for one Q4_K row: per block, `d·Σ sc_j (q·x)_j − dmin·Σ m_j Σx_j`.
 pub fn dot_q4_k(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
     assert_eq!(w.len(), x.d.len() * Q4_K_BLOCK);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe { x86::dot_q4_k_avx2(w, x) };
+    }
+    let _ = isa;
+    dot_q4_k_with(w, x, q4_k_block, |bits| f16::from_bits(bits).to_f32())
+}
+
+/// The Q4_K loop around a block kernel and an f16 conversion, inlined
+/// into each path so that both compile with that path's features.
+#[inline(always)]
+fn dot_q4_k_with(
+    w: &[u8],
+    x: &Q8KRow,
+    block: impl Fn(&[u8], &[i8], &[i32; 8]) -> i32,
+    to_f32: impl Fn(u16) -> f32,
+) -> f32 {
     let mut acc = 0.0f64;
     for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
         let scales = &blk[4..16];
@@ -89,22 +108,9 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
             *s = scale;
             total_m += min * x.sums32[b * 8 + j];
         }
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let q = &blk[16..144];
-        #[cfg(target_arch = "x86_64")]
-        let total = if isa >= Isa::Avx2 {
-            // SAFETY: AVX2 is present (`Isa`); both blocks are whole.
-            unsafe { x86::q4_k_block(q, xq, &sc) }
-        } else {
-            q4_k_block(q, xq, &sc)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let total = {
-            let _ = isa;
-            q4_k_block(q, xq, &sc)
-        };
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
-        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
+        let total = block(&blk[16..144], &x.qs[b * QK_K..][..QK_K], &sc);
+        let d = to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+        let dmin = to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
         acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
     }
     acc as f32
@@ -167,43 +173,63 @@ pub fn dot(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
 mod x86 {
     use super::{BLOCK, Q8KRow, QK_K};
     use core::arch::x86_64::*;
-    use half::f16;
+
+    /// F16C's conversion of one f16.
+    #[inline(always)]
+    fn f16_to_f32(bits: u16) -> f32 {
+        // SAFETY: inlined only into functions that enable F16C.
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` holds `x.d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_k_avx2(w: &[u8], x: &Q8KRow) -> f32 {
+        super::dot_q4_k_with(
+            w,
+            x,
+            // SAFETY: the loop passes whole blocks; AVX2 is enabled here.
+            |q, xq, sc| unsafe { q4_k_block(q, xq, sc) },
+            f16_to_f32,
+        )
+    }
 
     /// As `super::q4_k_block`.
     ///
     /// # Safety
-    /// AVX2 is present; `q` holds 128 bytes and `xq` 256 codes.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn q4_k_block(q: &[u8], xq: &[i8], sc: &[i32; 8]) -> i32 {
-        let m4 = _mm256_set1_epi8(0x0f);
-        let mut sum = _mm256_setzero_si256();
-        for j in 0..4 {
-            // SAFETY: 32 code bytes at 32j and 64 activations at 64j exist.
-            let (qv, x0, x1) = unsafe {
-                (
+    /// AVX2 is enabled by the caller; `q` holds 128 bytes and `xq` 256 codes.
+    #[inline(always)]
+    unsafe fn q4_k_block(q: &[u8], xq: &[i8], sc: &[i32; 8]) -> i32 {
+        // SAFETY: the caller enables AVX2 and passes whole blocks: the 32
+        // code bytes at 32j and the 64 activations at 64j exist.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut sum = _mm256_setzero_si256();
+            for j in 0..4 {
+                let (qv, x0, x1) = (
                     _mm256_loadu_si256(q.as_ptr().add(32 * j).cast()),
                     _mm256_loadu_si256(xq.as_ptr().add(64 * j).cast()),
                     _mm256_loadu_si256(xq.as_ptr().add(64 * j + 32).cast()),
-                )
-            };
-            let lo = _mm256_maddubs_epi16(_mm256_and_si256(qv, m4), x0);
-            let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qv, 4), m4), x1);
-            let lo = _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * j] as i16));
-            let hi = _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
-            sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
+                );
+                let lo = _mm256_maddubs_epi16(_mm256_and_si256(qv, m4), x0);
+                let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qv, 4), m4), x1);
+                let lo = _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * j] as i16));
+                let hi = _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
+            }
+            let s = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            _mm_cvtsi128_si32(s)
         }
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(sum),
-            _mm256_extracti128_si256(sum, 1),
-        );
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
     }
 
     /// # Safety
     /// AVX2 is present; `w` holds `x.d.len()` blocks.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_avx2(w: &[u8], x: &Q8KRow) -> f32 {
         let m4 = _mm256_set1_epi8(0x0f);
         let m30 = _mm256_set1_epi8(0x30);
@@ -264,7 +290,7 @@ mod x86 {
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
             let total = _mm_cvtsi128_si32(s);
-            let dw = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+            let dw = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]]));
             acc += dw as f64 * x.d[b] as f64 * total as f64;
         }
         acc as f32
