@@ -149,6 +149,24 @@ impl Prepared {
         }
     }
 
+    /// Dots `w` with the first rows of `xs` (up to four, as many as share
+    /// one pass over `w`), into `out`; returns how many.
+    fn dot_many(isa: Isa, dtype: DType, w: &[u8], xs: &[Prepared], out: &mut [f32; 4]) -> usize {
+        if let Prepared::Q8(first) = &xs[0] {
+            let mut rows = [first; 4];
+            let mut n = 1;
+            for p in xs.iter().take(4).skip(1) {
+                let Prepared::Q8(q) = p else { break };
+                rows[n] = q;
+                n += 1;
+            }
+            q8::dot_rows(isa, dtype, w, &rows[..n], &mut out[..n]);
+            return n;
+        }
+        out[0] = xs[0].dot(isa, dtype, w);
+        1
+    }
+
     fn dot(&self, isa: Isa, dtype: DType, w: &[u8]) -> f32 {
         match self {
             Prepared::Q8(q) => q8::dot(isa, dtype, w, q),
@@ -202,15 +220,20 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     let wrow = unsafe {
                         std::slice::from_raw_parts(wp.0.add(w_base + n * wd.nb[1]), row_bytes)
                     };
-                    for (m, q) in xq.iter().enumerate() {
-                        let v = q.dot(isa, wd.dtype, wrow);
-                        // SAFETY: dst element (n, m, i2, i3) is inside dst;
-                        // each n belongs to one thread.
-                        unsafe {
-                            dp.0.add(d_base + m * dd.nb[1] + n * 4)
-                                .cast::<f32>()
-                                .write_unaligned(v)
-                        };
+                    let mut m = 0;
+                    while m < xq.len() {
+                        let mut out = [0f32; 4];
+                        let got = Prepared::dot_many(isa, wd.dtype, wrow, &xq[m..], &mut out);
+                        for (r, v) in out[..got].iter().enumerate() {
+                            // SAFETY: dst element (n, m + r, i2, i3) is inside
+                            // dst; each n belongs to one thread.
+                            unsafe {
+                                dp.0.add(d_base + (m + r) * dd.nb[1] + n * 4)
+                                    .cast::<f32>()
+                                    .write_unaligned(*v)
+                            };
+                        }
+                        m += got;
                     }
                 }
             });

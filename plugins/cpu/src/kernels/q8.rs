@@ -48,7 +48,8 @@ impl Q8Row {
             *d = f16::from_f32(amax / 127.0).to_f32();
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             for (q, v) in q.iter_mut().zip(block) {
-                *q = (v * id).round_ties_even() as i8;
+                // Round half to even, as `round_ties_even` (inlined: |v·id| ≤ 127).
+                *q = crate::quant::nearest_int(v * id) as i8;
             }
         }
         for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {
@@ -63,7 +64,17 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 
 /// `w · x` for one weight row of `dtype` (Q4_0 or Q8_0).
 pub fn dot(isa: Isa, dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
-    let blocks = x.d.len();
+    let mut out = [0.0];
+    dot_rows(isa, dtype, w, &[x], &mut out);
+    out[0]
+}
+
+/// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
+/// unpacked once for all of them).
+pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+    assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
+    let blocks = xs[0].d.len();
+    assert!(xs.iter().all(|x| x.d.len() == blocks));
     match dtype {
         DType::Q4_0 => assert_eq!(w.len(), blocks * Q4_0_BYTES),
         DType::Q8_0 => assert_eq!(w.len(), blocks * Q8_0_BYTES),
@@ -73,13 +84,15 @@ pub fn dot(isa: Isa, dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
     match isa {
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
-        Isa::Avx512 => return unsafe { x86::dot_vnni(dtype, w, x) },
+        Isa::Avx512 => return unsafe { x86::dot_vnni(dtype, w, xs, out) },
         // SAFETY: as above.
-        Isa::Avx2 => return unsafe { x86::dot_avx2(dtype, w, x) },
+        Isa::Avx2 => return unsafe { x86::dot_avx2(dtype, w, xs, out) },
         Isa::Scalar | Isa::Reference => {}
     }
     let _ = isa;
-    dot_scalar(dtype, w, x)
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = dot_scalar(dtype, w, x);
+    }
 }
 
 fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
@@ -145,47 +158,33 @@ mod x86 {
         }
     }
 
-    /// The shared loop: four blocks at a time, their integer sums reduced
-    /// to one lane each, offset-corrected, scaled and summed in f64.
+    /// The shared loop over one weight row and up to four activation
+    /// rows (the weight codes unpacked once for all): four blocks at a
+    /// time, their integer sums reduced to one lane each, offset-corrected,
+    /// scaled and summed in f64.
     macro_rules! dot_q8 {
         ($name:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
             /// # Safety
-            /// The CPU has the features named; `w` holds `x.d.len()` blocks.
+            /// The CPU has the features named; `w` and every row of `xs`
+            /// hold the same number of blocks; `xs.len() <= 4 == out.len()`
+            /// at most.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
+            pub unsafe fn $name(dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
                 let prod = $prod;
                 let q8 = dtype == DType::Q8_0;
                 let offset: i32 = if q8 { $q8_offset } else { 8 };
-                let nb = x.d.len();
-                let mut acc = _mm256_setzero_pd();
+                let rows = xs.len().min(4).min(out.len());
+                let nb = xs[0].d.len();
+                let mut acc = [_mm256_setzero_pd(); 4];
                 let mut b = 0;
                 while b + 4 <= nb {
-                    let mut p = [_mm256_setzero_si256(); 4];
+                    let mut u = [_mm256_setzero_si256(); 4];
                     let mut bits = [0u16; 4];
-                    for (j, pj) in p.iter_mut().enumerate() {
-                        let at = (b + j) * QK;
-                        // SAFETY: blocks b..b+4 are inside `w` and `x.qs`.
-                        let (u, d) = unsafe { codes(dtype, w, b + j) };
-                        // SAFETY: as above.
-                        let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(at).cast()) };
-                        *pj = prod(u, xv, q8);
-                        bits[j] = d;
+                    for j in 0..4 {
+                        // SAFETY: blocks b..b+4 are inside `w`.
+                        (u[j], bits[j]) = unsafe { codes(dtype, w, b + j) };
                     }
-                    let h = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(p[0], p[1]),
-                        _mm256_hadd_epi32(p[2], p[3]),
-                    );
-                    let s =
-                        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-                    // SAFETY: four code sums and scales from b are inside x.
-                    let (sums, dx) = unsafe {
-                        (
-                            _mm_loadu_si128(x.sums.as_ptr().add(b).cast()),
-                            _mm_loadu_ps(x.d.as_ptr().add(b)),
-                        )
-                    };
-                    let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
-                    let dw = _mm_cvtph_ps(_mm_set_epi16(
+                    let dw = _mm256_cvtps_pd(_mm_cvtph_ps(_mm_set_epi16(
                         0,
                         0,
                         0,
@@ -194,29 +193,58 @@ mod x86 {
                         bits[2] as i16,
                         bits[1] as i16,
                         bits[0] as i16,
-                    ));
-                    let scale = _mm256_mul_pd(_mm256_cvtps_pd(dw), _mm256_cvtps_pd(dx));
-                    acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), acc);
+                    )));
+                    for (x, acc) in xs[..rows].iter().zip(&mut acc) {
+                        let mut p = [_mm256_setzero_si256(); 4];
+                        for (j, pj) in p.iter_mut().enumerate() {
+                            let at = (b + j) * QK;
+                            // SAFETY: blocks b..b+4 are inside `x.qs`.
+                            let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(at).cast()) };
+                            *pj = prod(u[j], xv, q8);
+                        }
+                        let h = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(p[0], p[1]),
+                            _mm256_hadd_epi32(p[2], p[3]),
+                        );
+                        let s = _mm_add_epi32(
+                            _mm256_castsi256_si128(h),
+                            _mm256_extracti128_si256(h, 1),
+                        );
+                        // SAFETY: four code sums and scales from b are inside x.
+                        let (sums, dx) = unsafe {
+                            (
+                                _mm_loadu_si128(x.sums.as_ptr().add(b).cast()),
+                                _mm_loadu_ps(x.d.as_ptr().add(b)),
+                            )
+                        };
+                        let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
+                        let scale = _mm256_mul_pd(dw, _mm256_cvtps_pd(dx));
+                        *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), *acc);
+                    }
                     b += 4;
                 }
-                let s = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
-                let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-                while b < nb {
-                    // SAFETY: block b is inside `w` and `x.qs`.
-                    let (u, d) = unsafe { codes(dtype, w, b) };
-                    // SAFETY: as above.
-                    let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
-                    let p = prod(u, xv, q8);
+                for ((x, acc), o) in xs[..rows].iter().zip(&acc).zip(out.iter_mut()) {
                     let s =
-                        _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-                    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-                    let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
-                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
-                    total += dw as f64 * x.d[b] as f64 * sumi as f64;
-                    b += 1;
+                        _mm_add_pd(_mm256_castpd256_pd128(*acc), _mm256_extractf128_pd(*acc, 1));
+                    let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+                    for b in b..nb {
+                        // SAFETY: block b is inside `w` and `x.qs`.
+                        let (u, d) = unsafe { codes(dtype, w, b) };
+                        // SAFETY: as above.
+                        let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
+                        let p = prod(u, xv, q8);
+                        let s = _mm_add_epi32(
+                            _mm256_castsi256_si128(p),
+                            _mm256_extracti128_si256(p, 1),
+                        );
+                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                        let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
+                        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+                        total += dw as f64 * x.d[b] as f64 * sumi as f64;
+                    }
+                    *o = total as f32;
                 }
-                total as f32
             }
         };
     }
