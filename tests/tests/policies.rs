@@ -455,6 +455,14 @@ fn an_older_minor_loads_and_versions_roll_back() {
     );
     let added = home.json(&["policy", "add", old.to_str().unwrap(), "--json"]);
     assert_eq!(added["policy"]["abi"], "1.0");
+    // The same version again is refused, with what to do instead.
+    let again = home.fails(&["policy", "add", old.to_str().unwrap()]);
+    assert!(
+        again.contains(
+            "steady@1.0.0 is already installed (same sha256); use `kiln policy enable steady@1.0.0`"
+        ),
+        "{again}"
+    );
     // Version 1.1.0 of the same policy, built for ABI 1.1.
     let v2 = wat_policy_version(
         home.path(),

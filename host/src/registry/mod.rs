@@ -325,28 +325,14 @@ impl Registry {
     /// Records a new plugin version and makes it the active one.
     pub fn install(&mut self, new: &NewPlugin, actor: &str) -> Result<Transition> {
         let tx = self.conn.transaction()?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT sha256 FROM plugins WHERE name = ?1 AND version = ?2",
-                params![new.name, new.version],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(sha) = existing {
-            return Err(RegistryError::Refused(if sha == new.sha256 {
-                format!(
-                    "{}@{} is already installed (same sha256); use `kiln plugins enable {}@{}` to make it active",
-                    new.name, new.version, new.name, new.version
-                )
-            } else {
-                format!(
-                    "{}@{} is already installed with a different library (sha256 {}…); give the new build a new version",
-                    new.name,
-                    new.version,
-                    &sha[..12]
-                )
-            }));
-        }
+        stack::refuse_reinstall(
+            &tx,
+            &stack::PLUGINS,
+            &new.name,
+            &new.version,
+            &new.sha256,
+            "library",
+        )?;
         tx.execute(
             &format!(
                 "INSERT INTO plugins (name, version, kind, sha256, manifest_path, library_path, abi_major, abi_minor, state, conformance, installed_at, updated_at)

@@ -122,26 +122,7 @@ fn activate_for_kind(
 impl Registry {
     pub fn add_policy(&mut self, p: &NewPolicy, actor: &str) -> Result<(PolicyRecord, Transition)> {
         let tx = self.conn.transaction()?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT sha256 FROM policies WHERE name = ?1 AND version = ?2",
-                params![p.name, p.version],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(sha) = existing {
-            return Err(RegistryError::Refused(if sha == p.sha256 {
-                format!(
-                    "{}@{} is already installed; `kiln policy enable {}` makes it active",
-                    p.name, p.version, p.name
-                )
-            } else {
-                format!(
-                    "{}@{} is already installed with a different module; give the new build a new version",
-                    p.name, p.version
-                )
-            }));
-        }
+        stack::refuse_reinstall(&tx, &POLICIES, &p.name, &p.version, &p.sha256, "module")?;
         tx.execute(
             &format!(
                 "INSERT INTO policies (name, version, kind, sha256, blob_path, abi_major, abi_minor, state, limits, quality, installed_at, updated_at)

@@ -48,6 +48,40 @@ fn version_text(v: rusqlite::types::Value) -> String {
     }
 }
 
+/// Refuses to record `name@version` again: the same bytes are already
+/// there (enable them instead), or different bytes would hide behind the
+/// same version. `what` names the artifact ("library", "module").
+pub(super) fn refuse_reinstall(
+    tx: &Transaction<'_>,
+    c: &Catalog,
+    name: &str,
+    version: &str,
+    sha256: &str,
+    what: &str,
+) -> Result<()> {
+    let existing: Option<String> = tx
+        .query_row(
+            &format!(
+                "SELECT sha256 FROM {} WHERE name = ?1 AND version = ?2",
+                c.table
+            ),
+            params![name, version],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match existing {
+        None => Ok(()),
+        Some(sha) if sha == sha256 => Err(RegistryError::Refused(format!(
+            "{name}@{version} is already installed (same sha256); use `{} {name}@{version}` to make it active",
+            c.command
+        ))),
+        Some(sha) => Err(RegistryError::Refused(format!(
+            "{name}@{version} is already installed with a different {what} (sha256 {}…); give the new build a new version",
+            &sha[..12.min(sha.len())]
+        ))),
+    }
+}
+
 /// The active row of `name`: (id, version).
 pub(super) fn active(
     tx: &Transaction<'_>,
