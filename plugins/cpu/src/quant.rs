@@ -127,10 +127,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
                     let y = &mut y[128 * n..];
                     for l in 0..32 {
                         let is = l / 16;
-                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let [q1, q2, q3, q4] = q6_k_codes(ql, qh, l);
                         y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
                         y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
                         y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
@@ -142,8 +139,21 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The codes of elements l, l+32, l+64 and l+96 of a Q6_K half-block
+/// (`ql` from byte 64n, `qh` from byte 32n), each in [-32, 31].
+#[inline(always)]
+pub(crate) fn q6_k_codes(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
+    [
+        ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
+        ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
+        ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
+    ]
+}
+
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -63,20 +63,6 @@ impl Q8KRow {
     }
 }
 
-/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
-    let (s, m) = if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    };
-    (s as i32, m as i32)
-}
-
 /// `w · x` for one Q4_K row: per block, `d·Σ sc_j (q·x)_j − dmin·Σ m_j Σx_j`.
 pub fn dot_q4_k(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
     assert_eq!(w.len(), x.d.len() * Q4_K_BLOCK);
@@ -104,9 +90,9 @@ fn dot_q4_k_with(
         let mut sc = [0i32; 8];
         let mut total_m = 0i32;
         for (j, s) in sc.iter_mut().enumerate() {
-            let (scale, min) = scale_min_k4(j, scales);
-            *s = scale;
-            total_m += min * x.sums32[b * 8 + j];
+            let (scale, min) = crate::quant::scale_min_k4(j, scales);
+            *s = scale as i32;
+            total_m += min as i32 * x.sums32[b * 8 + j];
         }
         let total = block(&blk[16..144], &x.qs[b * QK_K..][..QK_K], &sc);
         let d = to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
@@ -150,10 +136,7 @@ pub fn dot(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
             let mut sums = [0i32; 8];
             for l in 0..32 {
                 let is = l / 16;
-                let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-                let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                let [q1, q2, q3, q4] = crate::quant::q6_k_codes(ql, qh, l);
                 sums[is] += q1 * xq[l] as i32;
                 sums[is + 2] += q2 * xq[l + 32] as i32;
                 sums[is + 4] += q3 * xq[l + 64] as i32;
