@@ -239,6 +239,16 @@ fn every_cpu_kernel_path_passes_conformance_against_the_reference() {
             "{}: {added:#}",
             isa.name()
         );
+        // doctor says which path and how many threads kiln runs.
+        let out = home
+            .command(&["doctor", "--json"])
+            .env("KILN_CPU_ISA", isa.name())
+            .env("KILN_THREADS", "3")
+            .output()
+            .unwrap();
+        let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doctor["cpu"]["kernels"], isa.name());
+        assert_eq!(doctor["cpu"]["threads"], 3);
     }
 }
 

@@ -98,6 +98,8 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             "features": features,
             "xcr0": xcr0.map(|x| format!("{x:#x}")),
             "xcr0_components": xcr0.map(cpu_features::xcr0_components),
+            "kernels": kiln_cpu::kernels::Isa::current().name(),
+            "threads": kiln_cpu::kernels::threads(),
         },
         "home": config.home,
         "config_file": {
@@ -198,6 +200,11 @@ fn print_human(r: &Value) {
             .collect();
         println!("os state     XCR0 {x}: {}", comps.join(" "));
     }
+    println!(
+        "cpu kernels  {} ({} threads; KILN_CPU_ISA, KILN_THREADS)",
+        s(&r["cpu"]["kernels"]),
+        r["cpu"]["threads"]
+    );
     println!("home         {}", s(&r["home"]));
     let cfg = &r["config_file"];
     println!(
