@@ -117,12 +117,12 @@ fn q4_k_block(q: &[u8], xq: &[i8], sc: &[i32; 8]) -> i32 {
 }
 
 /// `w · x` for one Q6_K row.
-pub fn dot(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
+pub fn dot_q6_k(isa: Isa, w: &[u8], x: &Q8KRow) -> f32 {
     assert_eq!(w.len(), x.d.len() * BLOCK);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
-        return unsafe { x86::dot_avx2(w, x) };
+        return unsafe { x86::dot_q6_k_avx2(w, x) };
     }
     let _ = isa;
     let mut acc = 0.0f64;
@@ -213,7 +213,7 @@ mod x86 {
     /// # Safety
     /// AVX2 is present; `w` holds `x.d.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(w: &[u8], x: &Q8KRow) -> f32 {
+    pub unsafe fn dot_q6_k_avx2(w: &[u8], x: &Q8KRow) -> f32 {
         let m4 = _mm256_set1_epi8(0x0f);
         let m30 = _mm256_set1_epi8(0x30);
         let m32 = _mm256_set1_epi8(32);

@@ -149,30 +149,34 @@ impl Prepared {
         }
     }
 
-    /// Dots `w` with the first rows of `xs` (up to four, as many as share
-    /// one pass over `w`), into `out`; returns how many.
+    /// Dots `w` with the first rows of `xs` (all of one variant: one
+    /// weight type per op), into `out`; returns how many rows it did: up to
+    /// four Q8_0 rows share one pass over `w`, the others go one by one.
     fn dot_many(isa: Isa, dtype: DType, w: &[u8], xs: &[Prepared], out: &mut [f32; 4]) -> usize {
-        if let Prepared::Q8(first) = &xs[0] {
-            let mut rows = [first; 4];
-            let mut n = 1;
-            for p in xs.iter().take(4).skip(1) {
-                let Prepared::Q8(q) = p else { break };
-                rows[n] = q;
-                n += 1;
+        match &xs[0] {
+            Prepared::Q8(first) => {
+                let mut rows = [first; 4];
+                let mut n = 1;
+                for p in xs.iter().take(4).skip(1) {
+                    let Prepared::Q8(q) = p else { break };
+                    rows[n] = q;
+                    n += 1;
+                }
+                q8::dot_rows(isa, dtype, w, &rows[..n], &mut out[..n]);
+                n
             }
-            q8::dot_rows(isa, dtype, w, &rows[..n], &mut out[..n]);
-            return n;
-        }
-        out[0] = xs[0].dot(isa, dtype, w);
-        1
-    }
-
-    fn dot(&self, isa: Isa, dtype: DType, w: &[u8]) -> f32 {
-        match self {
-            Prepared::Q8(q) => q8::dot(isa, dtype, w, q),
-            Prepared::Q8K(q) if dtype == DType::Q4_K => kquant::dot_q4_k(isa, w, q),
-            Prepared::Q8K(q) => kquant::dot(isa, w, q),
-            Prepared::F16(v) => f16::dot(isa, w, v),
+            Prepared::Q8K(q) => {
+                out[0] = if dtype == DType::Q4_K {
+                    kquant::dot_q4_k(isa, w, q)
+                } else {
+                    kquant::dot_q6_k(isa, w, q)
+                };
+                1
+            }
+            Prepared::F16(v) => {
+                out[0] = f16::dot(isa, w, v);
+                1
+            }
         }
     }
 }

@@ -62,13 +62,6 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// `w · x` for one weight row of `dtype` (Q4_0 or Q8_0).
-pub fn dot(isa: Isa, dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
-    let mut out = [0.0];
-    dot_rows(isa, dtype, w, &[x], &mut out);
-    out[0]
-}
-
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
 /// unpacked once for all of them).
 pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
