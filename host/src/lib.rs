@@ -13,6 +13,7 @@
 //!   conformance, device scoring;
 //! - [`model`]: llama/qwen2 inference on the backend ABI, KV cache, sampling;
 //! - [`install`]: the `kiln plugins add` pipeline;
+//! - [`serve`]: `kiln serve`: the language server, the HTTP API, the engine;
 //! - [`store`]: the content-addressed model store (`kiln models`);
 //! - [`tokenizer`]: tokenizers from GGUF vocabularies (SentencePiece, byte-level BPE);
 //! - [`cli`]: the command line.
@@ -29,5 +30,6 @@ pub mod plugin;
 pub mod policy;
 pub mod quantize;
 pub mod registry;
+pub mod serve;
 pub mod store;
 pub mod tokenizer;

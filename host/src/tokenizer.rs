@@ -340,6 +340,11 @@ impl Tokenizer {
         self.end_of_generation.contains(&id)
     }
 
+    /// The vocabulary entry of `id` as written in the model file.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.tokens.iter().position(|t| t == text).map(|i| i as u32)
     }

@@ -6,12 +6,14 @@
 
 mod backends;
 mod bench;
+mod demo;
 mod doctor;
 mod models;
 mod plugins;
 mod policy;
 mod quantize;
-mod run;
+pub(crate) mod run;
+mod serve;
 
 use crate::config::Config;
 use crate::registry::Registry;
@@ -35,6 +37,56 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Try kiln: serve a generated demo model and drive a scripted editing
+    /// session through the language server, printing completions, latencies
+    /// and cache hit rates.
+    Demo {
+        /// A GGUF file or registered model instead of the generated one.
+        #[arg(long)]
+        model: Option<String>,
+        /// Characters to type (one completion request each).
+        #[arg(long, default_value_t = 80)]
+        keystrokes: usize,
+        /// Tokens per completion.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve completions to an IDE: a language server on stdio, or an
+    /// OpenAI-compatible HTTP API with --http.
+    Serve {
+        /// A GGUF file or registered model (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Serve HTTP on this address (e.g. 127.0.0.1:8080) instead of LSP on stdio.
+        #[arg(long)]
+        http: Option<String>,
+        /// Allow --http on an address other than loopback.
+        #[arg(long)]
+        allow_remote: bool,
+        #[arg(long)]
+        backend: Option<String>,
+        /// KV cache size in tokens (default: the model's, at most 4096).
+        #[arg(long)]
+        ctx: Option<usize>,
+        /// codellama, qwen, deepseek, starcoder or none (default: from the model).
+        #[arg(long)]
+        fim_template: Option<String>,
+        /// Tokens per completion.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Token budgets of the prompt: text before the cursor, after it, other files.
+        #[arg(long, default_value_t = 1024)]
+        prefix_tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        suffix_tokens: usize,
+        #[arg(long, default_value_t = 512)]
+        context_tokens: usize,
+        /// auto, line, block or none.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+    },
     /// Check this machine, kiln's directories, registry and plugins.
     Doctor {
         #[arg(long)]
@@ -271,6 +323,51 @@ pub fn main() -> ExitCode {
 fn run(command: Command) -> CliResult {
     let config = Config::from_env()?;
     match command {
+        Command::Demo {
+            model,
+            keystrokes,
+            max_tokens,
+            json,
+        } => demo::run(&config, model.as_deref(), keystrokes, max_tokens, json),
+        Command::Serve {
+            model,
+            http,
+            allow_remote,
+            backend,
+            ctx,
+            fim_template,
+            max_tokens,
+            prefix_tokens,
+            suffix_tokens,
+            context_tokens,
+            mode,
+        } => {
+            let mode: crate::serve::Mode = serde_json::from_value(serde_json::json!(mode))
+                .map_err(|_| {
+                    CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
+                })?;
+            let settings = crate::serve::Settings {
+                max_tokens,
+                prefix_tokens,
+                suffix_tokens,
+                context_tokens,
+                mode,
+                fim_template,
+                ..crate::serve::Settings::default()
+            };
+            settings.validate().map_err(CliError)?;
+            serve::run(
+                crate::serve::lsp::ServeSpec {
+                    config,
+                    model,
+                    backend,
+                    n_ctx: ctx,
+                    settings,
+                },
+                http.as_deref(),
+                allow_remote,
+            )
+        }
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
         Command::Plugins(p) => match p {
@@ -412,7 +509,7 @@ fn run(command: Command) -> CliResult {
 }
 
 /// Opens the registry after checking the config file.
-fn open_registry(config: &Config) -> Result<Registry, CliError> {
+pub(crate) fn open_registry(config: &Config) -> Result<Registry, CliError> {
     config.require_valid()?;
     Ok(Registry::open(&config.registry_path())?)
 }

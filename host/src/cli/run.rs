@@ -85,10 +85,8 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let load_ms = model.load_ms;
     let mut session = Session::new(model, exec, args.ctx)?;
     let req = Request {
-        prompt: prompt.clone(),
-        max_tokens: args.max_tokens,
-        sampling: args.sampling,
         stop: args.stop,
+        ..Request::new(prompt.clone(), args.max_tokens, args.sampling)
     };
     let stdout = std::io::stdout();
     let output = generate(&mut session, &tok, &req, |text| {

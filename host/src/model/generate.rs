@@ -7,6 +7,8 @@ use super::sample::{Sampler, SamplingParams};
 use super::{ModelError, Session};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -15,6 +17,121 @@ pub struct Request {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Where a code completion ends on its own (see [`Boundary`]).
+    pub boundary: Boundary,
+    /// Cancellation and progress, shared with whoever may cancel.
+    pub control: Option<Arc<Control>>,
+}
+
+/// Checked before every token: once cancelled, generation ends with
+/// [`StopReason::Cancelled`] after at most the token in flight.
+#[derive(Debug, Default)]
+pub struct Control {
+    cancelled: AtomicBool,
+    generated: AtomicUsize,
+    generated_at_cancel: AtomicUsize,
+}
+
+impl Control {
+    pub fn cancel(&self) {
+        if !self.cancelled.swap(true, Ordering::AcqRel) {
+            self.generated_at_cancel
+                .store(self.generated.load(Ordering::Acquire), Ordering::Release);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Tokens sampled so far.
+    pub fn generated(&self) -> usize {
+        self.generated.load(Ordering::Acquire)
+    }
+
+    /// Tokens sampled after [`Control::cancel`] was called (0 if it was not).
+    pub fn generated_after_cancel(&self) -> usize {
+        if !self.is_cancelled() {
+            return 0;
+        }
+        self.generated()
+            .saturating_sub(self.generated_at_cancel.load(Ordering::Acquire))
+    }
+}
+
+impl Request {
+    pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Request {
+        Request {
+            prompt,
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            boundary: Boundary::None,
+            control: None,
+        }
+    }
+}
+
+/// Where a code completion stops by itself, besides stop strings and the
+/// end-of-generation token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Boundary {
+    /// Only stop strings, end of generation and `max_tokens`.
+    #[default]
+    None,
+    /// The end of the line, once the line has some text.
+    Line,
+    /// A balanced block: stops before a bracket that closes more than the
+    /// completion opened, or at a blank line outside any bracket.
+    Block,
+}
+
+impl Boundary {
+    /// Where `text` (the completion so far) must be cut, if anywhere.
+    pub fn cut(self, text: &str) -> Option<usize> {
+        match self {
+            Boundary::None => None,
+            Boundary::Line => {
+                let start = text.find(|c: char| !c.is_whitespace())?;
+                text[start..].find('\n').map(|i| start + i)
+            }
+            Boundary::Block => {
+                let mut depth = 0i32;
+                let mut seen_text = false;
+                let mut prev_newline = false;
+                for (i, c) in text.char_indices() {
+                    match c {
+                        '(' | '[' | '{' => depth += 1,
+                        ')' | ']' | '}' => {
+                            depth -= 1;
+                            if depth < 0 {
+                                // Cut at the start of that line when the
+                                // closer is alone on it (the suffix has it).
+                                let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+                                return Some(if text[line_start..i].trim().is_empty() {
+                                    line_start.saturating_sub(1)
+                                } else {
+                                    i
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                    if c == '\n' {
+                        if prev_newline && seen_text && depth == 0 {
+                            return Some(i - 1);
+                        }
+                        prev_newline = true;
+                    } else if !c.is_whitespace() {
+                        seen_text = true;
+                        prev_newline = false;
+                    }
+                }
+                None
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -23,6 +140,8 @@ pub enum StopReason {
     MaxTokens,
     EndOfGeneration,
     StopString,
+    /// The completion reached its [`Boundary`].
+    Boundary,
     Cancelled,
 }
 
@@ -88,7 +207,12 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut logits = logits;
     let mut reason = StopReason::MaxTokens;
+    let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
     while out_ids.len() < req.max_tokens {
+        if cancelled() {
+            reason = StopReason::Cancelled;
+            break;
+        }
         let next = sampler.sample(&logits, &history);
         if tok.is_end_of_generation(next) {
             reason = StopReason::EndOfGeneration;
@@ -96,14 +220,26 @@ pub fn generate(
         }
         out_ids.push(next);
         history.push(next);
+        if let Some(c) = &req.control {
+            c.generated.fetch_add(1, Ordering::AcqRel);
+        }
         text.push_str(&decoder.push(tok, next));
         if let Some(at) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(at);
             reason = StopReason::StopString;
             break;
         }
+        if let Some(at) = req.boundary.cut(&text) {
+            text.truncate(at.max(sent));
+            reason = StopReason::Boundary;
+            break;
+        }
         // Send what can no longer become part of a stop string.
         let mut ready = text.len().saturating_sub(hold);
+        if req.boundary != Boundary::None {
+            // Trailing whitespace may still be cut at a boundary.
+            ready = ready.min(text.trim_end().len());
+        }
         while !text.is_char_boundary(ready) {
             ready -= 1;
         }
@@ -158,4 +294,36 @@ pub fn perplexity(session: &mut Session, tokens: &[u32]) -> Result<f64, ModelErr
         nll += log_sum - row[next as usize] as f64;
     }
     Ok((nll / (tokens.len() - 1) as f64).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Boundary;
+
+    #[test]
+    fn boundaries_cut_lines_and_blocks() {
+        assert_eq!(Boundary::None.cut("a\nb"), None);
+        assert_eq!(Boundary::Line.cut("x + 1;\nfoo"), Some(6));
+        assert_eq!(
+            Boundary::Line.cut("\n    y\n"),
+            Some(6),
+            "leading newlines are kept"
+        );
+        assert_eq!(Boundary::Line.cut("abc"), None);
+        // A block ends before a bracket it did not open …
+        let t = "if x {\n        y();\n    }\n}";
+        assert_eq!(
+            &t[..Boundary::Block.cut(t).unwrap()],
+            "if x {\n        y();\n    }"
+        );
+        // … or at a blank line outside brackets.
+        let t = "a = 1\nb = 2\n\nc = 3";
+        assert_eq!(&t[..Boundary::Block.cut(t).unwrap()], "a = 1\nb = 2");
+        assert_eq!(
+            Boundary::Block.cut("f(\n\n  x"),
+            None,
+            "blank lines inside brackets stay"
+        );
+        assert_eq!(Boundary::Block.cut("x)"), Some(1));
+    }
 }

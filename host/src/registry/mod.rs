@@ -229,6 +229,8 @@ impl Registry {
         if path.exists() {
             let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(unusable)?;
+            // Another kiln process (or thread) may be migrating it now.
+            ro.busy_timeout(Duration::from_secs(10))?;
             let found: u32 = ro
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .map_err(unusable)?;
@@ -514,7 +516,14 @@ impl Registry {
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction()?;
+    let current: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current == SCHEMA_VERSION {
+        return Ok(());
+    }
+    // Take the write lock up front: a deferred transaction that reads and
+    // then writes fails at once (not after the busy timeout) when another
+    // connection is migrating at the same moment.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let current: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > SCHEMA_VERSION {
         // Another process upgraded the file between our check and now.

@@ -1,0 +1,424 @@
+//! Context from the workspace: files walked with `.gitignore` respected,
+//! cut into chunks of lines, scored against the text around the cursor by
+//! the active ranking policy (or the built-in ranker) from the features the
+//! policy ABI defines, and packed into a token budget with the model's own
+//! tokenizer, each under a comment that names its file.
+
+use super::fim::comment_marker;
+use crate::tokenizer::Tokenizer;
+use kiln_sandbox::breaker::Ranker;
+use kiln_sandbox::{Candidate, Cursor, RankInput};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+/// Lines per chunk.
+pub const CHUNK_LINES: usize = 20;
+/// Files larger than this are skipped (generated code, data).
+pub const MAX_FILE_BYTES: u64 = 512 * 1024;
+/// At most this many files are indexed.
+pub const MAX_FILES: usize = 5000;
+/// Candidates handed to the ranker after the lexical prefilter.
+pub const MAX_CANDIDATES: usize = 64;
+
+const CODE_EXTENSIONS: &[&str] = &[
+    "rs", "py", "js", "ts", "tsx", "jsx", "go", "c", "h", "cc", "cpp", "hpp", "java", "kt", "cs",
+    "rb", "php", "swift", "scala", "lua", "sh", "sql", "zig", "hs", "ml", "ex", "exs", "erl", "jl",
+    "r", "m", "dart", "vue", "svelte", "toml", "yaml", "yml", "md",
+];
+
+#[derive(Clone, Debug)]
+pub struct Chunk {
+    /// Relative to the workspace root.
+    pub path: String,
+    pub start_line: u32,
+    pub text: String,
+    words: Vec<String>,
+    defines: HashSet<String>,
+    modified: Option<SystemTime>,
+}
+
+/// The indexed workspace.
+#[derive(Default)]
+pub struct Workspace {
+    pub root: Option<PathBuf>,
+    pub chunks: Vec<Chunk>,
+    pub files: usize,
+    doc_freq: HashMap<String, u32>,
+    avg_words: f32,
+}
+
+/// An open editor document, as a source of context.
+pub struct OpenDoc<'a> {
+    pub path: &'a str,
+    pub text: &'a str,
+    pub opened: Instant,
+    pub edited: Option<Instant>,
+}
+
+/// Identifiers of at least 2 characters.
+pub fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.len() >= 2 && !w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .map(str::to_string)
+        .collect()
+}
+
+const DEFINERS: &[&str] = &[
+    "fn",
+    "def",
+    "class",
+    "struct",
+    "enum",
+    "trait",
+    "type",
+    "function",
+    "const",
+    "let",
+    "var",
+    "interface",
+    "impl",
+    "mod",
+    "static",
+    "func",
+];
+
+/// Words that say nothing about what a snippet is about.
+const KEYWORDS: &[&str] = &[
+    "return", "if", "else", "elif", "for", "while", "in", "import", "from", "self", "None", "True",
+    "False", "null", "true", "false", "pub", "use", "as", "and", "or", "not", "is", "this", "new",
+    "public", "private", "void", "int", "str", "the", "to", "of", "match", "crate", "super",
+];
+
+/// Names the text defines: identifiers right after a definition keyword.
+fn defined_names(words: &[String]) -> HashSet<String> {
+    words
+        .windows(2)
+        .filter(|w| DEFINERS.contains(&w[0].as_str()))
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+fn chunk_file(path: &str, text: &str, modified: Option<SystemTime>) -> Vec<Chunk> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(CHUNK_LINES)
+        .enumerate()
+        .filter_map(|(i, ls)| {
+            let text = ls.join("\n");
+            if text.trim().is_empty() {
+                return None;
+            }
+            let words = words(&text);
+            Some(Chunk {
+                path: path.to_string(),
+                start_line: (i * CHUNK_LINES) as u32,
+                defines: defined_names(&words),
+                words,
+                text,
+                modified,
+            })
+        })
+        .collect()
+}
+
+impl Workspace {
+    /// Walks `root` (`.gitignore`, `.ignore` and hidden files respected),
+    /// reading source files up to the limits above.
+    pub fn index(root: &Path) -> Workspace {
+        let mut ws = Workspace {
+            root: Some(root.to_path_buf()),
+            ..Workspace::default()
+        };
+        let walk = ignore::WalkBuilder::new(root)
+            .require_git(false)
+            .follow_links(false)
+            .build();
+        for entry in walk.flatten() {
+            if ws.files >= MAX_FILES {
+                break;
+            }
+            let path = entry.path();
+            let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            if !CODE_EXTENSIONS.contains(&ext) || !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.len() > MAX_FILE_BYTES {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(path) else {
+                continue; // not UTF-8 text
+            };
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(path)
+                .to_string_lossy()
+                .into_owned();
+            ws.chunks
+                .extend(chunk_file(&rel, &text, meta.modified().ok()));
+            ws.files += 1;
+        }
+        ws.finish();
+        ws
+    }
+
+    fn finish(&mut self) {
+        self.doc_freq.clear();
+        let mut total = 0usize;
+        for c in &self.chunks {
+            total += c.words.len();
+            let uniq: HashSet<&String> = c.words.iter().collect();
+            for w in uniq {
+                *self.doc_freq.entry(w.clone()).or_default() += 1;
+            }
+        }
+        self.avg_words = total as f32 / self.chunks.len().max(1) as f32;
+    }
+
+    fn bm25(&self, query: &HashSet<String>, chunk: &Chunk) -> f32 {
+        let n = self.chunks.len().max(1) as f32;
+        let len = chunk.words.len() as f32;
+        let mut tf: HashMap<&str, u32> = HashMap::new();
+        for w in &chunk.words {
+            if query.contains(w) {
+                *tf.entry(w.as_str()).or_default() += 1;
+            }
+        }
+        let (k1, b) = (1.2f32, 0.75f32);
+        tf.iter()
+            .map(|(w, &f)| {
+                let df = self.doc_freq.get(*w).copied().unwrap_or(1) as f32;
+                let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
+                let f = f as f32;
+                idf * f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * len / self.avg_words.max(1.0)))
+            })
+            .sum()
+    }
+}
+
+/// What went into the prompt's context block.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Packed {
+    pub text: String,
+    pub snippets: Vec<(String, u32)>,
+    pub tokens: usize,
+    /// `policy` or `builtin` (with why, when a policy failed).
+    pub ranked_by: String,
+}
+
+/// Picks snippets for a completion in `cursor_path` and packs them into
+/// `budget` tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn select(
+    ws: &Workspace,
+    open: &[OpenDoc<'_>],
+    cursor_path: &str,
+    prefix: &str,
+    suffix: &str,
+    ranker: &Ranker,
+    tok: &Tokenizer,
+    budget: usize,
+) -> Packed {
+    if budget == 0 {
+        return Packed::default();
+    }
+    // The query: identifiers in the last lines before the cursor and the
+    // first lines after it.
+    let tail: Vec<&str> = prefix.lines().rev().take(30).collect();
+    let head: Vec<&str> = suffix.lines().take(10).collect();
+    let query: HashSet<String> = words(&tail.join("\n"))
+        .into_iter()
+        .chain(words(&head.join("\n")))
+        .filter(|w| !DEFINERS.contains(&w.as_str()) && !KEYWORDS.contains(&w.as_str()))
+        .collect();
+    if query.is_empty() {
+        return Packed::default();
+    }
+    let now = SystemTime::now();
+    let open_chunks: Vec<(Chunk, &OpenDoc<'_>)> = open
+        .iter()
+        .filter(|d| d.path != cursor_path)
+        .flat_map(|d| {
+            chunk_file(d.path, d.text, None)
+                .into_iter()
+                .map(move |c| (c, d))
+        })
+        .collect();
+    let open_paths: HashSet<&str> = open.iter().map(|d| d.path).collect();
+    // Prefilter by BM25.
+    let mut scored: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = ws
+        .chunks
+        .iter()
+        .filter(|c| c.path != cursor_path && !open_paths.contains(c.path.as_str()))
+        .map(|c| (ws.bm25(&query, c), c, None))
+        .chain(
+            open_chunks
+                .iter()
+                .map(|(c, d)| (ws.bm25(&query, c), c, Some(*d))),
+        )
+        .filter(|(s, _, _)| *s > 0.0)
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.truncate(MAX_CANDIDATES);
+    if scored.is_empty() {
+        return Packed::default();
+    }
+    let current = prefix.to_string() + suffix;
+    let current_words: HashSet<String> = words(&current).into_iter().collect();
+    let candidates: Vec<Candidate> = scored
+        .iter()
+        .enumerate()
+        .map(|(i, (bm25, c, doc))| {
+            let cw: HashSet<&String> = c.words.iter().collect();
+            let inter = query.iter().filter(|w| cw.contains(w)).count();
+            let union = query.len() + cw.len() - inter;
+            let stem = Path::new(&c.path)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("");
+            let age = |t: Option<SystemTime>| {
+                t.and_then(|t| now.duration_since(t).ok())
+                    .map_or(-1.0, |d| d.as_secs_f32())
+            };
+            Candidate {
+                id: i as u32,
+                path: c.path.clone(),
+                text: c.text.clone(),
+                token_count: (c.text.len() / 3) as u32,
+                bm25: *bm25,
+                jaccard: inter as f32 / union.max(1) as f32,
+                edit_recency_s: match doc {
+                    Some(d) => d.edited.map_or(-1.0, |t| t.elapsed().as_secs_f32()),
+                    None => age(c.modified),
+                },
+                open_recency_s: doc.map_or(-1.0, |d| d.opened.elapsed().as_secs_f32()),
+                line_distance: -1,
+                same_file: false,
+                import_related: stem.len() >= 2 && current_words.contains(stem),
+                open_in_editor: doc.is_some(),
+                symbol_overlap: query.iter().filter(|w| c.defines.contains(*w)).count() as f32
+                    / query.len() as f32,
+            }
+        })
+        .collect();
+    let input = RankInput {
+        cursor: Cursor {
+            language: Path::new(cursor_path)
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_string(),
+            path: cursor_path.to_string(),
+            prefix: tail.iter().rev().copied().collect::<Vec<_>>().join("\n"),
+            suffix: head.join("\n"),
+            line: prefix.lines().count() as u32,
+            column: 0,
+        },
+        candidates,
+    };
+    let ranked = ranker.rank(&input);
+    let ranked_by = match &ranked.source {
+        kiln_sandbox::breaker::Source::Policy => "policy".to_string(),
+        kiln_sandbox::breaker::Source::Builtin(None) => "builtin".to_string(),
+        kiln_sandbox::breaker::Source::Builtin(Some(why)) => format!("builtin ({why})"),
+    };
+    let mut order: Vec<usize> = (0..input.candidates.len()).collect();
+    order.sort_by(|&a, &b| ranked.scores[b].total_cmp(&ranked.scores[a]));
+    let marker = comment_marker(cursor_path);
+    let mut packed = Packed {
+        ranked_by,
+        ..Packed::default()
+    };
+    for i in order {
+        let c = &input.candidates[i];
+        let block = format!("{marker} {}\n{}\n", c.path, c.text);
+        let n = tok.encode(&block, false).map_or(usize::MAX, |t| t.len());
+        if packed.tokens + n > budget {
+            continue;
+        }
+        packed.tokens += n;
+        packed.text.push_str(&block);
+        packed
+            .snippets
+            .push((c.path.clone(), scored[i].1.start_line));
+    }
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_walk_respects_gitignore_and_chunks_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".gitignore"), "target/\n*.gen.rs\n").unwrap();
+        std::fs::create_dir(dir.path().join("target")).unwrap();
+        std::fs::write(dir.path().join("target/big.rs"), "fn hidden() {}\n").unwrap();
+        std::fs::write(dir.path().join("x.gen.rs"), "fn generated() {}\n").unwrap();
+        let body: String = (0..45).map(|i| format!("let v{i} = {i};\n")).collect();
+        std::fs::write(
+            dir.path().join("lib.rs"),
+            format!("fn visible() {{}}\n{body}"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("data.bin"), [0u8, 159, 146, 150]).unwrap();
+        let ws = Workspace::index(dir.path());
+        assert_eq!(ws.files, 1);
+        assert_eq!(ws.chunks.len(), 3, "46 lines in chunks of {CHUNK_LINES}");
+        assert!(ws.chunks.iter().all(|c| c.path == "lib.rs"));
+        assert!(ws.chunks[0].defines.contains("visible"));
+        assert_eq!(ws.chunks[2].start_line, 40);
+    }
+
+    #[test]
+    fn selection_prefers_what_the_cursor_needs_and_fits_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("m.gguf");
+        crate::serve::demo::write_demo_model(&model_path).unwrap();
+        let model = crate::model::Model::load(&model_path).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(
+            src.join("shapes.py"),
+            "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+        )
+        .unwrap();
+        std::fs::write(
+            src.join("net.py"),
+            "def fetch(url):\n    return urlopen(url).read()\n",
+        )
+        .unwrap();
+        let ws = Workspace::index(dir.path());
+        assert_eq!(ws.files, 2);
+        let ranker = Ranker::new(None, 3);
+        let open = [OpenDoc {
+            path: "notes.py",
+            text: "# radius of the wheel\nwheel_radius = 4\n",
+            opened: Instant::now(),
+            edited: None,
+        }];
+        let prefix = "from shapes import circle_area\n\ndef wheel():\n    return circle_area(";
+        let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &tok, 10_000);
+        assert_eq!(p.ranked_by, "builtin");
+        assert!(
+            p.text.starts_with("# src/shapes.py\ndef circle_area"),
+            "{}",
+            p.text
+        );
+        assert!(
+            !p.text.contains("urlopen"),
+            "unrelated files stay out: {}",
+            p.text
+        );
+        assert!(p.text.contains("# notes.py\n"), "open documents take part");
+        assert_eq!(p.tokens, tok.encode(&p.text, false).unwrap().len());
+        // A budget too small for any snippet leaves the block empty.
+        let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &tok, 5);
+        assert!(p.text.is_empty() && p.tokens == 0);
+    }
+}

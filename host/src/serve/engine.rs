@@ -1,0 +1,632 @@
+//! The engine: one thread that owns the model session (its KV cache) and
+//! runs completion jobs one at a time, taking them fairly from each
+//! client's queue. Front ends (LSP, HTTP) submit jobs and read events from
+//! a channel; they never wait on the engine for status or metrics.
+//!
+//! - Prefix reuse: consecutive prompts that share a prefix (typing) keep
+//!   the shared part of the KV cache ([`Session`] does the matching).
+//! - Exact repeats are answered from a cache of recent completions.
+//! - A job for a document cancels the document's previous job (debounce).
+
+use super::fim::FimTemplate;
+use super::metrics::{Metrics, labels};
+use crate::backend::Backend;
+use crate::backend::exec::Executor;
+use crate::model::generate::{Control, Generation, Request, StopReason, generate};
+use crate::model::{Model, Session};
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+/// A model ready to serve: weights, tokenizer and prompt format.
+pub struct Loaded {
+    /// The id clients use (`/v1/models`, `kiln/status`).
+    pub id: String,
+    pub path: PathBuf,
+    pub model: Arc<Model>,
+    pub tok: Tokenizer,
+    pub fim: FimTemplate,
+    /// The GGUF's `tokenizer.chat_template` (Jinja), if any.
+    pub chat_template: Option<String>,
+}
+
+impl Loaded {
+    pub fn load(id: String, path: PathBuf, fim: Option<FimTemplate>) -> Result<Loaded, String> {
+        let model = Model::load(&path).map_err(|e| e.to_string())?;
+        let tok = model.tokenizer().map_err(|e| e.to_string())?;
+        let name = model
+            .file
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let fim =
+            fim.unwrap_or_else(|| FimTemplate::detect(&tok, &format!("{name} {}", path.display())));
+        let chat_template = model
+            .file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok(Loaded {
+            id,
+            path,
+            model,
+            tok,
+            fim,
+            chat_template,
+        })
+    }
+}
+
+/// What a job sends back, in order: text as it becomes final, then `Done`.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Result<Finished, String>),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Finished {
+    pub generation: Generation,
+    /// Answered from the cache of recent completions.
+    pub completion_cache_hit: bool,
+    pub queue_ms: f64,
+    pub time_to_first_token_ms: f64,
+    pub total_ms: f64,
+    /// Tokens sampled after the job was cancelled (at most the one in flight).
+    pub tokens_after_cancel: usize,
+}
+
+struct Job {
+    doc: Option<String>,
+    loaded: Arc<Loaded>,
+    request: Request,
+    control: Arc<Control>,
+    events: UnboundedSender<Event>,
+    enqueued: Instant,
+}
+
+/// Per-client queues served round robin: the next job comes from the first
+/// client after the last one served that has work, so one busy client
+/// cannot starve the others.
+struct Fair<T> {
+    per_client: BTreeMap<u64, VecDeque<T>>,
+    last_client: u64,
+    len: usize,
+}
+
+impl<T> Default for Fair<T> {
+    fn default() -> Fair<T> {
+        Fair {
+            per_client: BTreeMap::new(),
+            last_client: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<T> Fair<T> {
+    fn push(&mut self, client: u64, item: T) {
+        self.per_client.entry(client).or_default().push_back(item);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        let next = self
+            .per_client
+            .range(self.last_client.saturating_add(1)..)
+            .chain(self.per_client.range(..=self.last_client))
+            .find(|(_, q)| !q.is_empty())
+            .map(|(&c, _)| c)?;
+        self.last_client = next;
+        let q = self.per_client.get_mut(&next)?;
+        let item = q.pop_front();
+        if q.is_empty() {
+            self.per_client.remove(&next);
+        }
+        self.len -= 1;
+        item
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Fair<Job>,
+    /// The newest job of each document, to cancel when the next arrives.
+    by_doc: HashMap<String, Arc<Control>>,
+    shutdown: bool,
+}
+
+/// Latencies of recent requests, for `kiln/status`.
+#[derive(Default)]
+struct Recent {
+    ttft_ms: VecDeque<f64>,
+    e2e_ms: VecDeque<f64>,
+    requests: u64,
+    cancelled: u64,
+    last_tokens_after_cancel: Option<usize>,
+    max_tokens_after_cancel: usize,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    completion_cache_queries: u64,
+    completion_cache_hits: u64,
+    last_error: Option<String>,
+}
+
+const RECENT: usize = 512;
+
+fn push_recent(q: &mut VecDeque<f64>, v: f64) {
+    if q.len() == RECENT {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+fn percentile(q: &VecDeque<f64>, p: f64) -> Option<f64> {
+    if q.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = q.iter().copied().collect();
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    Some(v[i])
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub model: String,
+    pub model_path: PathBuf,
+    pub architecture: String,
+    pub fim_template: FimTemplate,
+    pub backend: String,
+    pub n_ctx: usize,
+    pub requests: u64,
+    pub cancelled: u64,
+    pub waiting: usize,
+    /// Share of prompt tokens found in the KV cache.
+    pub prefix_cache_hit_rate: Option<f64>,
+    pub prefix_cache_hit_tokens: u64,
+    pub prompt_tokens: u64,
+    /// Share of requests answered from the cache of recent completions.
+    pub completion_cache_hit_rate: Option<f64>,
+    pub completion_cache_hits: u64,
+    pub ttft_ms_p50: Option<f64>,
+    pub ttft_ms_p99: Option<f64>,
+    pub e2e_ms_p50: Option<f64>,
+    pub e2e_ms_p99: Option<f64>,
+    pub last_tokens_after_cancel: Option<usize>,
+    pub max_tokens_after_cancel: usize,
+    pub last_error: Option<String>,
+    /// Resident memory of this process beyond file-backed pages (the
+    /// mmapped weights), in bytes; Linux only.
+    pub anonymous_memory_bytes: Option<u64>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    current: RwLock<Arc<Loaded>>,
+    cache: moka::sync::Cache<u64, Arc<Generation>>,
+    recent: Mutex<Recent>,
+    metrics: Metrics,
+    target: Arc<Backend>,
+    device: u32,
+    backend_label: String,
+    n_ctx: Option<usize>,
+}
+
+/// The handle front ends hold; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+pub struct EngineOptions {
+    pub target: Arc<Backend>,
+    pub device: u32,
+    /// How the backend is named in status and metrics.
+    pub backend_label: String,
+    /// KV cache size; default the model's training context, at most 4096.
+    pub n_ctx: Option<usize>,
+    /// Entries in the cache of recent completions.
+    pub completion_cache_entries: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Starts the engine thread serving `loaded`.
+    pub fn start(loaded: Loaded, opts: EngineOptions) -> Engine {
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            wake: Condvar::new(),
+            current: RwLock::new(Arc::new(loaded)),
+            cache: moka::sync::Cache::builder()
+                .max_capacity(opts.completion_cache_entries)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            recent: Mutex::default(),
+            metrics: Metrics::default(),
+            target: opts.target,
+            device: opts.device,
+            backend_label: opts.backend_label,
+            n_ctx: opts.n_ctx,
+        });
+        let worker = shared.clone();
+        std::thread::Builder::new()
+            .name("kiln-engine".into())
+            .spawn(move || worker_loop(&worker))
+            .expect("spawn the engine thread");
+        Engine { shared }
+    }
+
+    /// The model being served now.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.shared
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Serves `loaded` from now on; running jobs finish on the old model.
+    pub fn replace_model(&self, loaded: Loaded) {
+        *self
+            .shared
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
+        self.shared.cache.invalidate_all();
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        let loaded = self.loaded();
+        self.shared
+            .n_ctx
+            .unwrap_or(loaded.model.config.n_ctx_train.min(4096))
+            .max(1)
+    }
+
+    /// Queues `request` for `client`. A job for `doc` cancels that
+    /// document's previous job. The job may be cancelled through the
+    /// returned control; events arrive on the receiver.
+    pub fn submit(
+        &self,
+        client: u64,
+        doc: Option<String>,
+        loaded: Arc<Loaded>,
+        mut request: Request,
+    ) -> (Arc<Control>, UnboundedReceiver<Event>) {
+        let control = Arc::new(Control::default());
+        request.control = Some(control.clone());
+        let (events, rx) = unbounded_channel();
+        let mut q = lock(&self.shared.queue);
+        if let Some(d) = &doc
+            && let Some(old) = q.by_doc.insert(d.clone(), control.clone())
+        {
+            old.cancel();
+        }
+        q.jobs.push(
+            client,
+            Job {
+                doc,
+                loaded,
+                request,
+                control: control.clone(),
+                events,
+                enqueued: Instant::now(),
+            },
+        );
+        self.shared.metrics.waiting.set(q.jobs.len as i64);
+        drop(q);
+        self.shared.wake.notify_one();
+        (control, rx)
+    }
+
+    pub fn status(&self) -> Status {
+        let loaded = self.loaded();
+        let r = lock(&self.shared.recent);
+        let waiting = lock(&self.shared.queue).jobs.len;
+        let rate = |hit: u64, all: u64| (all > 0).then(|| hit as f64 / all as f64);
+        Status {
+            model: loaded.id.clone(),
+            model_path: loaded.path.clone(),
+            architecture: loaded.model.config.arch.name().to_string(),
+            fim_template: loaded.fim,
+            backend: self.shared.backend_label.clone(),
+            n_ctx: self.n_ctx(),
+            requests: r.requests,
+            cancelled: r.cancelled,
+            waiting,
+            prefix_cache_hit_rate: rate(r.cached_tokens, r.prompt_tokens),
+            prefix_cache_hit_tokens: r.cached_tokens,
+            prompt_tokens: r.prompt_tokens,
+            completion_cache_hit_rate: rate(r.completion_cache_hits, r.completion_cache_queries),
+            completion_cache_hits: r.completion_cache_hits,
+            ttft_ms_p50: percentile(&r.ttft_ms, 50.0),
+            ttft_ms_p99: percentile(&r.ttft_ms, 99.0),
+            e2e_ms_p50: percentile(&r.e2e_ms, 50.0),
+            e2e_ms_p99: percentile(&r.e2e_ms, 99.0),
+            last_tokens_after_cancel: r.last_tokens_after_cancel,
+            max_tokens_after_cancel: r.max_tokens_after_cancel,
+            last_error: r.last_error.clone(),
+            anonymous_memory_bytes: anonymous_memory_bytes(),
+        }
+    }
+
+    /// Stops the engine thread once the queue is empty.
+    pub fn shutdown(&self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+/// `RssAnon` from `/proc/self/status`: resident memory that is not a
+/// file's pages.
+pub fn anonymous_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("RssAnon:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
+    let mut h = DefaultHasher::new();
+    loaded.path.hash(&mut h);
+    r.prompt.hash(&mut h);
+    r.max_tokens.hash(&mut h);
+    r.stop.hash(&mut h);
+    format!("{:?}{:?}", r.boundary, r.sampling).hash(&mut h);
+    h.finish()
+}
+
+fn worker_loop(shared: &Shared) {
+    let mut session: Option<(Arc<Loaded>, Session)> = None;
+    let mut seen_stats = [0u64; 3];
+    loop {
+        let job = {
+            let mut q = lock(&shared.queue);
+            loop {
+                if let Some(job) = q.jobs.pop() {
+                    shared.metrics.waiting.set(q.jobs.len as i64);
+                    break job;
+                }
+                if q.shutdown {
+                    return;
+                }
+                q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        shared.metrics.running.set(1);
+        let doc = job.doc.clone();
+        let control = job.control.clone();
+        run_job(shared, &mut session, job);
+        shared.metrics.running.set(0);
+        if let Some(d) = doc {
+            let mut q = lock(&shared.queue);
+            if q.by_doc.get(&d).is_some_and(|c| Arc::ptr_eq(c, &control)) {
+                q.by_doc.remove(&d);
+            }
+        }
+        record_backend_stats(shared, &mut seen_stats);
+    }
+}
+
+fn record_backend_stats(shared: &Shared, seen: &mut [u64; 3]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &shared.target.stats;
+    let now = [
+        s.ops_run.load(Relaxed),
+        s.ops_unsupported_fallback.load(Relaxed),
+        s.runtime_failures_rerun.load(Relaxed),
+    ];
+    let name = shared.target.name();
+    let m = &shared.metrics;
+    m.backend_ops
+        .get_or_create(&labels(&[("backend", &name)]))
+        .inc_by(now[0].saturating_sub(seen[0]));
+    m.fallbacks
+        .get_or_create(&labels(&[("backend", &name), ("reason", "unsupported_op")]))
+        .inc_by(now[1].saturating_sub(seen[1]));
+    m.fallbacks
+        .get_or_create(&labels(&[
+            ("backend", &name),
+            ("reason", "runtime_failure"),
+        ]))
+        .inc_by(now[2].saturating_sub(seen[2]));
+    *seen = now;
+}
+
+fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: Job) {
+    let start = Instant::now();
+    let queue_s = start.duration_since(job.enqueued).as_secs_f64();
+    let m = &shared.metrics;
+    m.queue_time.observe(queue_s);
+    let finish = |result: Result<Finished, String>| {
+        let reason = match &result {
+            Ok(f) => serde_json::to_value(f.generation.stop_reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            Err(_) => "error".to_string(),
+        };
+        m.requests
+            .get_or_create(&labels(&[("finished_reason", &reason)]))
+            .inc();
+        let mut r = lock(&shared.recent);
+        r.requests += 1;
+        match &result {
+            Ok(f) => {
+                if f.generation.stop_reason == StopReason::Cancelled {
+                    r.cancelled += 1;
+                    r.last_tokens_after_cancel = Some(f.tokens_after_cancel);
+                    r.max_tokens_after_cancel =
+                        r.max_tokens_after_cancel.max(f.tokens_after_cancel);
+                } else {
+                    push_recent(&mut r.ttft_ms, f.time_to_first_token_ms);
+                    push_recent(&mut r.e2e_ms, f.total_ms);
+                }
+            }
+            Err(e) => r.last_error = Some(e.clone()),
+        }
+        drop(r);
+        let _ = job.events.send(Event::Done(result));
+    };
+    if job.control.is_cancelled() {
+        finish(Ok(Finished {
+            generation: Generation {
+                token_ids: Vec::new(),
+                text: String::new(),
+                stop_reason: StopReason::Cancelled,
+                timings: Default::default(),
+            },
+            completion_cache_hit: false,
+            queue_ms: queue_s * 1e3,
+            time_to_first_token_ms: 0.0,
+            total_ms: queue_s * 1e3,
+            tokens_after_cancel: 0,
+        }));
+        return;
+    }
+    let key = cache_key(&job.loaded, &job.request);
+    m.completion_cache_queries.inc();
+    lock(&shared.recent).completion_cache_queries += 1;
+    if let Some(hit) = shared.cache.get(&key) {
+        m.completion_cache_hits.inc();
+        lock(&shared.recent).completion_cache_hits += 1;
+        if !hit.text.is_empty() {
+            let _ = job.events.send(Event::Text(hit.text.clone()));
+        }
+        let ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
+        m.ttft.observe(ms / 1e3);
+        m.e2e.observe(ms / 1e3);
+        finish(Ok(Finished {
+            generation: (*hit).clone(),
+            completion_cache_hit: true,
+            queue_ms: queue_s * 1e3,
+            time_to_first_token_ms: ms,
+            total_ms: ms,
+            tokens_after_cancel: 0,
+        }));
+        return;
+    }
+    // The session for this job's model, made anew when the model changed.
+    if session
+        .as_ref()
+        .is_none_or(|(l, _)| !Arc::ptr_eq(l, &job.loaded))
+    {
+        *session = None;
+        let exec = Executor::new(shared.target.clone(), shared.device);
+        match Session::new(job.loaded.model.clone(), exec, shared.n_ctx) {
+            Ok(s) => *session = Some((job.loaded.clone(), s)),
+            Err(e) => {
+                finish(Err(e.to_string()));
+                return;
+            }
+        }
+    }
+    let (_, sess) = session.as_mut().expect("made above");
+    let mut request = job.request.clone();
+    let room = sess.n_ctx().saturating_sub(request.prompt.len());
+    if room == 0 {
+        finish(Err(format!(
+            "the prompt has {} tokens but the context holds {}; shorten it or raise --ctx",
+            request.prompt.len(),
+            sess.n_ctx()
+        )));
+        return;
+    }
+    request.max_tokens = request.max_tokens.min(room);
+    let events = job.events.clone();
+    let control = job.control.clone();
+    let result = generate(sess, &job.loaded.tok, &request, |text| {
+        if events.send(Event::Text(text.to_string())).is_err() {
+            // Nobody is listening any more (the client went away).
+            control.cancel();
+            return false;
+        }
+        !control.is_cancelled()
+    });
+    let total_s = job.enqueued.elapsed().as_secs_f64();
+    match result {
+        Ok(g) => {
+            let t = &g.timings;
+            let ttft_s = queue_s + t.time_to_first_token_ms / 1e3;
+            let n_prompt = (t.prompt_tokens + t.cached_tokens) as u64;
+            m.prompt_tokens.inc_by(n_prompt);
+            m.generation_tokens.inc_by(g.token_ids.len() as u64);
+            m.prefix_cache_queries.inc_by(n_prompt);
+            m.prefix_cache_hits.inc_by(t.cached_tokens as u64);
+            let compute_s = total_s - queue_s;
+            m.backend_seconds
+                .get_or_create(&labels(&[("backend", &shared.target.name())]))
+                .inc_by(compute_s);
+            if g.stop_reason != StopReason::Cancelled {
+                m.ttft.observe(ttft_s);
+                m.e2e.observe(total_s);
+                if t.decode_tokens > 1 && t.decode_tokens_per_s > 0.0 {
+                    let itl = 1.0 / t.decode_tokens_per_s;
+                    for _ in 1..t.decode_tokens {
+                        m.inter_token.observe(itl);
+                    }
+                }
+                shared.cache.insert(key, Arc::new(g.clone()));
+            }
+            {
+                let mut r = lock(&shared.recent);
+                r.prompt_tokens += n_prompt;
+                r.cached_tokens += t.cached_tokens as u64;
+            }
+            finish(Ok(Finished {
+                tokens_after_cancel: job.control.generated_after_cancel(),
+                completion_cache_hit: false,
+                queue_ms: queue_s * 1e3,
+                time_to_first_token_ms: ttft_s * 1e3,
+                total_ms: total_s * 1e3,
+                generation: g,
+            }));
+        }
+        Err(e) => {
+            // The cache may hold a half-written batch: start clean.
+            sess.truncate(0);
+            finish(Err(e.to_string()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fair;
+
+    #[test]
+    fn clients_take_turns() {
+        let mut q = Fair::default();
+        for i in 0..3 {
+            q.push(7, format!("a{i}"));
+        }
+        q.push(3, "b0".to_string());
+        q.push(9, "c0".to_string());
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(order, ["b0", "a0", "c0", "a1", "a2"]);
+        assert_eq!(q.len, 0);
+        q.push(u64::MAX, "z".to_string());
+        assert_eq!(q.pop().as_deref(), Some("z"));
+        q.push(1, "y".to_string());
+        assert_eq!(
+            q.pop().as_deref(),
+            Some("y"),
+            "wraps around after the largest id"
+        );
+    }
+}

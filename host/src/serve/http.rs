@@ -1,0 +1,589 @@
+//! The HTTP API (`kiln serve --http ADDR`): OpenAI-compatible completions
+//! and chat completions (streamed as server-sent events or not), model
+//! list, Prometheus metrics, health. Errors use OpenAI's error shape.
+//! Handlers wait on the engine's event channel, never on its lock, so
+//! `/metrics` and `/healthz` answer while a generation runs.
+
+use super::engine::{Engine, Event, Finished, Loaded};
+use crate::model::generate::{Request, StopReason};
+use crate::model::sample::SamplingParams;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Request bodies above this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+struct AppState {
+    engine: Engine,
+    next_id: AtomicU64,
+}
+
+type St = State<Arc<AppState>>;
+
+pub fn router(engine: Engine) -> Router {
+    let state = Arc::new(AppState {
+        engine,
+        next_id: AtomicU64::new(1),
+    });
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves until the process ends. `addr` should be a loopback address;
+/// the caller warns otherwise.
+pub async fn serve(engine: Engine, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(engine).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+    message: String,
+}
+
+impl ApiError {
+    fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            param: Some(param),
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            param: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: Some("not_found"),
+        param: None,
+        message: "no such endpoint; kiln serves /v1/completions, /v1/chat/completions, /v1/models, /metrics and /healthz".into(),
+    }
+}
+
+async fn healthz(State(s): St) -> Response {
+    axum::Json(json!({"status": "ok", "model": s.engine.loaded().id})).into_response()
+}
+
+async fn models(State(s): St) -> Response {
+    let l = s.engine.loaded();
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": l.id, "object": "model", "created": 0, "owned_by": "kiln"}],
+    }))
+    .into_response()
+}
+
+async fn metrics(State(s): St) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.engine.metrics().render(),
+    )
+        .into_response()
+}
+
+/// The fields kiln reads; others (`user`, penalties, …) are ignored.
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    stream: Option<bool>,
+    stop: Option<Value>,
+    seed: Option<i64>,
+    n: Option<i64>,
+    logprobs: Option<Value>,
+    echo: Option<bool>,
+    best_of: Option<i64>,
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| ApiError {
+        status: e.status(),
+        kind: "invalid_request_error",
+        code: None,
+        param: None,
+        message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes")
+        } else {
+            e.body_text()
+        },
+    })?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| ApiError::bad(format!("the request body is not valid UTF-8: {e}")))?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad(format!("the request body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("the request body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// Checks the shared parameters; returns the request (prompt unset), and
+/// whether to stream.
+fn common(
+    v: &Value,
+    loaded: &Loaded,
+    n_ctx: usize,
+    default_max: usize,
+) -> Result<(Request, bool), ApiError> {
+    let c: Common = serde_json::from_value(v.clone())
+        .map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
+    match c.model.as_deref() {
+        None => return Err(ApiError::invalid("model", "model is required")),
+        Some(m) if m != loaded.id => {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: Some("model_not_found"),
+                param: Some("model"),
+                message: format!(
+                    "the model {m:?} does not exist here; kiln serves {:?} (GET /v1/models)",
+                    loaded.id
+                ),
+            });
+        }
+        _ => {}
+    }
+    let max = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = match max {
+        None => default_max,
+        Some(n) if n >= 1 && (n as u64) < n_ctx as u64 => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be between 1 and {}, not {n}", n_ctx - 1),
+            ));
+        }
+    };
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, not {temperature}"),
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("top_p must be in (0, 1], not {top_p}"),
+        ));
+    }
+    if let Some(n) = c.n
+        && n != 1
+    {
+        return Err(ApiError::invalid("n", format!("n must be 1, not {n}")));
+    }
+    if c.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("best_of", "best_of must be 1"));
+    }
+    if c.logprobs
+        .as_ref()
+        .is_some_and(|l| !l.is_null() && l != &json!(false))
+    {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "kiln does not return logprobs",
+        ));
+    }
+    if c.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "kiln does not echo the prompt"));
+    }
+    let stop: Vec<String> = match &c.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop must be a string or an array of up to 4 strings",
+            ));
+        }
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+    }
+    let seed = match c.seed {
+        Some(s) if s < 0 => {
+            return Err(ApiError::invalid("seed", "seed must not be negative"));
+        }
+        Some(s) => s as u64,
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    };
+    let sampling = SamplingParams {
+        temperature: temperature as f32,
+        top_k: 0,
+        top_p: top_p as f32,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed,
+    };
+    sampling.validate().map_err(ApiError::bad)?;
+    let mut stop = stop;
+    stop.extend(loaded.fim.stop_strings().iter().map(|s| s.to_string()));
+    Ok((
+        Request {
+            stop,
+            ..Request::new(Vec::new(), max_tokens, sampling)
+        },
+        c.stream.unwrap_or(false),
+    ))
+}
+
+fn client_key(addr: &SocketAddr) -> u64 {
+    let mut h = DefaultHasher::new();
+    addr.hash(&mut h);
+    h.finish() | 1 // 0 is the language server's
+}
+
+fn encode(
+    loaded: &Loaded,
+    text: &str,
+    max_tokens: usize,
+    n_ctx: usize,
+) -> Result<Vec<u32>, ApiError> {
+    let prompt = loaded.tok.encode(text, true).map_err(ApiError::bad)?;
+    if prompt.len() + max_tokens > n_ctx {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            param: Some("prompt"),
+            message: format!(
+                "the prompt has {} tokens and max_tokens is {max_tokens}, more than the context of {n_ctx}; shorten the prompt or lower max_tokens",
+                prompt.len()
+            ),
+        });
+    }
+    Ok(prompt)
+}
+
+fn finish_reason(f: &Finished) -> &'static str {
+    match f.generation.stop_reason {
+        StopReason::MaxTokens => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(f: &Finished) -> Value {
+    let t = &f.generation.timings;
+    let prompt = t.prompt_tokens + t.cached_tokens;
+    let completion = f.generation.token_ids.len();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": t.cached_tokens},
+    })
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn completions(
+    State(s): St,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = parse_body(body)?;
+    let loaded = s.engine.loaded();
+    let n_ctx = s.engine.n_ctx();
+    let (mut req, stream) = common(&v, &loaded, n_ctx, 16)?;
+    let prompt = match &v["prompt"] {
+        Value::String(p) => p.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Value::Null => return Err(ApiError::invalid("prompt", "prompt is required")),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be a string (or an array of one string)",
+            ));
+        }
+    };
+    let text = match v.get("suffix") {
+        None | Some(Value::Null) => prompt,
+        Some(Value::String(suffix)) => {
+            if !loaded.fim.uses_suffix() {
+                return Err(ApiError::invalid(
+                    "suffix",
+                    format!(
+                        "{} has no fill-in-the-middle template, so suffix cannot be used",
+                        loaded.id
+                    ),
+                ));
+            }
+            loaded.fim.build("", &prompt, suffix)
+        }
+        Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
+    };
+    req.prompt = encode(&loaded, &text, req.max_tokens, n_ctx)?;
+    let (_control, rx) = s
+        .engine
+        .submit(client_key(&addr), None, loaded.clone(), req);
+    let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
+    let model = loaded.id.clone();
+    let created = now_s();
+    if stream {
+        let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
+            let mut v = json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            });
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            v
+        };
+        return Ok(sse(rx, chunk));
+    }
+    let f = collect(rx).await?;
+    Ok(axum::Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)}],
+        "usage": usage(&f),
+    }))
+    .into_response())
+}
+
+/// Renders the model's chat template (Jinja, as Hugging Face writes them).
+fn render_chat(loaded: &Loaded, messages: &Value) -> Result<String, ApiError> {
+    let Some(template) = &loaded.chat_template else {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "{} has no chat template (tokenizer.chat_template); use /v1/completions",
+                loaded.id
+            ),
+        ));
+    };
+    let Some(list) = messages.as_array().filter(|a| !a.is_empty()) else {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must be a non-empty array",
+        ));
+    };
+    for (i, m) in list.iter().enumerate() {
+        let role_ok = m["role"]
+            .as_str()
+            .is_some_and(|r| ["system", "user", "assistant", "developer"].contains(&r));
+        if !role_ok || !m["content"].is_string() {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "messages[{i}] must have a role (system, user, assistant) and string content"
+                ),
+            ));
+        }
+    }
+    let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(1_000_000));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    let tok = |key: &str| {
+        loaded
+            .model
+            .file
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .and_then(|id| loaded.tok.token_text(id as u32))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let tmpl = env.template_from_str(template).map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        kind: "server_error",
+        code: None,
+        param: None,
+        message: format!("the model's chat template does not parse: {e}"),
+    })?;
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => tok("tokenizer.ggml.bos_token_id"),
+        eos_token => tok("tokenizer.ggml.eos_token_id"),
+    })
+    .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))
+}
+
+async fn chat_completions(
+    State(s): St,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = parse_body(body)?;
+    let loaded = s.engine.loaded();
+    let n_ctx = s.engine.n_ctx();
+    let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
+    let text = render_chat(&loaded, &v["messages"])?;
+    // The rendered template carries its own BOS when it wants one.
+    let bos = loaded.tok.encode(&text, false).map_err(ApiError::bad)?;
+    let _ = encode(&loaded, &text, req.max_tokens, n_ctx)?;
+    req.prompt = bos;
+    let (_control, rx) = s
+        .engine
+        .submit(client_key(&addr), None, loaded.clone(), req);
+    let id = format!("chatcmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
+    let model = loaded.id.clone();
+    let created = now_s();
+    if stream {
+        let mut first = true;
+        let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
+            let delta = if first {
+                first = false;
+                json!({"role": "assistant", "content": text})
+            } else if finish.is_some() && text.is_empty() {
+                json!({})
+            } else {
+                json!({"content": text})
+            };
+            let mut v = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            });
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            v
+        };
+        return Ok(sse(rx, chunk));
+    }
+    let f = collect(rx).await?;
+    Ok(axum::Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f.generation.text},
+                     "logprobs": null, "finish_reason": finish_reason(&f)}],
+        "usage": usage(&f),
+    }))
+    .into_response())
+}
+
+fn engine_error(e: String) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        kind: "server_error",
+        code: None,
+        param: None,
+        message: e,
+    }
+}
+
+async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Finished, ApiError> {
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(_)) => {}
+            Some(Event::Done(d)) => return d.map_err(engine_error),
+            None => return Err(engine_error("the engine stopped".into())),
+        }
+    }
+}
+
+/// Server-sent events: one `data:` line per chunk, then `data: [DONE]`.
+/// Dropping the stream (the client left) drops the receiver, which cancels
+/// the generation at its next token.
+fn sse(
+    rx: UnboundedReceiver<Event>,
+    chunk: impl FnMut(&str, Option<&str>, Option<Value>) -> Value + Send + 'static,
+) -> Response {
+    let stream = futures_util::stream::unfold((Some(rx), chunk), |(rx, mut chunk)| async move {
+        let mut rx = rx?;
+        let data = match rx.recv().await {
+            Some(Event::Text(t)) => {
+                let data = format!("data: {}\n\n", chunk(&t, None, None));
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(data)),
+                    (Some(rx), chunk),
+                ));
+            }
+            Some(Event::Done(Ok(f))) => format!(
+                "data: {}\n\ndata: [DONE]\n\n",
+                chunk("", Some(finish_reason(&f)), Some(usage(&f)))
+            ),
+            Some(Event::Done(Err(e))) => format!(
+                "data: {}\n\ndata: [DONE]\n\n",
+                json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})
+            ),
+            None => "data: [DONE]\n\n".to_string(),
+        };
+        Some((Ok(Bytes::from(data)), (None, chunk)))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid")
+}

@@ -1,0 +1,1104 @@
+//! The language server: LSP over stdio (JSON-RPC 2.0 with Content-Length
+//! framing). The framing is written here rather than taken from a crate
+//! because a malformed or oversized message must be answered and skipped,
+//! never end the session; the message types come from `lsp-types`.
+//!
+//! One thread reads frames, one (this loop) dispatches; completions run on
+//! the engine and are answered from a short-lived thread per request, so
+//! `$/cancelRequest`, `kiln/status` and document changes are handled while
+//! a completion is generating.
+
+use super::context::{self, OpenDoc, Workspace};
+use super::engine::{Engine, EngineOptions, Event, Loaded};
+use super::fim::FimTemplate;
+use super::{Settings, boundary, head_within, tail_within};
+use crate::config::Config;
+use crate::model::generate::{Control, Request, StopReason};
+use crate::model::sample::SamplingParams;
+use kiln_sandbox::breaker::Ranker;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// Messages larger than this are read past and answered with an error.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+// JSON-RPC and LSP error codes.
+const PARSE_ERROR: i32 = -32700;
+const INVALID_REQUEST: i32 = -32600;
+const METHOD_NOT_FOUND: i32 = -32601;
+const INVALID_PARAMS: i32 = -32602;
+const SERVER_NOT_INITIALIZED: i32 = -32002;
+const REQUEST_FAILED: i32 = -32803;
+const REQUEST_CANCELLED: i32 = -32800;
+
+/// One framed message off the wire.
+#[derive(Debug)]
+pub enum Frame {
+    Json(Value),
+    /// Not JSON, or a broken header: answered with a parse error.
+    Malformed(String),
+    /// Content-Length above the limit: skipped unread, answered.
+    TooLarge(usize),
+}
+
+/// Reads one message; `None` at the end of input.
+pub fn read_frame(r: &mut impl BufRead) -> std::io::Result<Option<Frame>> {
+    let mut length: Option<usize> = None;
+    let mut bad_header = None;
+    let mut saw_header = false;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            if saw_header {
+                break;
+            }
+            continue; // stray blank line between messages
+        }
+        saw_header = true;
+        match l.split_once(':') {
+            Some((k, v)) if k.eq_ignore_ascii_case("content-length") => {
+                match v.trim().parse::<usize>() {
+                    Ok(n) => length = Some(n),
+                    Err(_) => bad_header = Some(format!("bad Content-Length {:?}", v.trim())),
+                }
+            }
+            Some(_) => {} // Content-Type and others
+            None => bad_header = Some(format!("malformed header line {l:?}")),
+        }
+    }
+    let Some(n) = length else {
+        return Ok(Some(Frame::Malformed(
+            bad_header.unwrap_or_else(|| "no Content-Length header".into()),
+        )));
+    };
+    if n > MAX_MESSAGE_BYTES {
+        std::io::copy(&mut r.take(n as u64), &mut std::io::sink())?;
+        return Ok(Some(Frame::TooLarge(n)));
+    }
+    let mut body = vec![0; n];
+    r.read_exact(&mut body)?;
+    if let Some(why) = bad_header {
+        return Ok(Some(Frame::Malformed(why)));
+    }
+    Ok(Some(match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => Frame::Json(v),
+        Err(e) => Frame::Malformed(format!("the message is not JSON: {e}")),
+    }))
+}
+
+/// Writes framed messages; shared by the threads that answer.
+#[derive(Clone)]
+pub struct Out(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Out {
+    pub fn new(w: Box<dyn Write + Send>) -> Out {
+        Out(Arc::new(Mutex::new(w)))
+    }
+
+    pub fn send(&self, msg: &Value) {
+        let body = serde_json::to_vec(msg).expect("JSON values serialise");
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A client that went away cannot be told anything; the read side
+        // sees the end of input and ends the session.
+        let _ = write!(w, "Content-Length: {}\r\n\r\n", body.len());
+        let _ = w.write_all(&body);
+        let _ = w.flush();
+    }
+
+    fn reply(&self, id: &Value, result: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "result": result}));
+    }
+
+    fn error(&self, id: &Value, code: i32, message: &str) {
+        self.send(
+            &json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
+        );
+    }
+
+    fn notify(&self, method: &str, params: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// `window/logMessage` (1 error, 2 warning, 3 info, 4 log).
+    pub fn log(&self, level: u8, message: &str) {
+        self.notify(
+            "window/logMessage",
+            json!({"type": level, "message": message}),
+        );
+    }
+}
+
+/// What `kiln serve` was asked to serve.
+pub struct ServeSpec {
+    pub config: Config,
+    /// A GGUF path or registered name; `None`: the registry's active model.
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub n_ctx: Option<usize>,
+    pub settings: Settings,
+}
+
+/// Resolves the model and backend and starts an engine.
+pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine, String> {
+    let (id, path) = resolve_served_model(&spec.config, spec.model.as_deref())?;
+    let loaded = Loaded::load(id, path, fim)?;
+    let (exec, label) =
+        crate::cli::run::executor(&spec.config, spec.backend.as_deref()).map_err(|e| e.0)?;
+    Ok(Engine::start(
+        loaded,
+        EngineOptions {
+            target: exec.target.clone(),
+            device: exec.device,
+            backend_label: label,
+            n_ctx: spec.n_ctx,
+            completion_cache_entries: 256,
+        },
+    ))
+}
+
+/// `(id, path)` of the model to serve: a file, a registered name, or the
+/// registry's active model (the most recently added active one).
+pub fn resolve_served_model(
+    config: &Config,
+    model: Option<&str>,
+) -> Result<(String, PathBuf), String> {
+    if let Some(m) = model {
+        let p = Path::new(m);
+        if p.is_file() {
+            let id = p
+                .file_stem()
+                .map_or_else(|| m.to_string(), |s| s.to_string_lossy().into_owned());
+            return Ok((id, p.to_path_buf()));
+        }
+        let path = crate::cli::run::resolve_model(config, m).map_err(|e| e.0)?;
+        let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
+        let rec = registry.model(m).map_err(|e| e.to_string())?;
+        return Ok((rec.map_or_else(|| m.to_string(), |r| r.label()), path));
+    }
+    let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
+    let models = registry.models().map_err(|e| e.to_string())?;
+    let active = models
+        .iter()
+        .filter(|m| m.state == "active")
+        .max_by(|a, b| a.added_at.cmp(&b.added_at))
+        .ok_or("no model to serve: pass --model FILE|NAME, or register one with `kiln models add FILE` (or try `kiln demo`)")?;
+    Ok((active.label(), active.blob_path.clone()))
+}
+
+/// The active ranking policy from the registry, in a breaker; the built-in
+/// ranker when there is none or it cannot be loaded (said on `log`).
+pub fn ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
+    let policy = (|| -> Result<Option<Arc<kiln_sandbox::Policy>>, String> {
+        let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
+        let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let (bytes, rec) = crate::policy::resolve(config, &registry, &rec.label())?;
+        let limits = crate::policy::limits_of(rec.as_ref(), &bytes);
+        let policy = crate::policy::sandbox(config)
+            .load(&bytes, limits)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(Arc::new(policy)))
+    })();
+    match policy {
+        Ok(p) => {
+            if let Some(p) = &p {
+                log(format!("ranking context with policy {}", p.meta.label()));
+            }
+            Ranker::new(p, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
+        }
+        Err(e) => {
+            log(format!(
+                "the ranking policy cannot be used ({e}); using the built-in ranker"
+            ));
+            Ranker::new(None, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
+        }
+    }
+}
+
+struct Doc {
+    text: String,
+    opened: Instant,
+    edited: Option<Instant>,
+}
+
+/// Positions are counted in UTF-16 code units unless the client agreed
+/// to UTF-8.
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    Utf16,
+    Utf8,
+}
+
+/// The byte offset of an LSP position (clamped to the text).
+fn offset(text: &str, line: u32, character: u32, enc: Encoding) -> usize {
+    let mut start = 0;
+    for _ in 0..line {
+        match text[start..].find('\n') {
+            Some(i) => start += i + 1,
+            None => return text.len(),
+        }
+    }
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let mut units = 0u32;
+    for (i, c) in text[start..end].char_indices() {
+        if units >= character {
+            return start + i;
+        }
+        units += match enc {
+            Encoding::Utf16 => c.len_utf16() as u32,
+            Encoding::Utf8 => c.len_utf8() as u32,
+        };
+    }
+    end
+}
+
+fn position(params: &Value) -> Option<(u32, u32)> {
+    let p = params.get("position")?;
+    Some((
+        p.get("line")?.as_u64()? as u32,
+        p.get("character")?.as_u64()? as u32,
+    ))
+}
+
+enum Input {
+    Frame(Frame),
+    ReadError(String),
+    Eof,
+    Loaded(Result<Engine, String>),
+    Indexed(Workspace),
+}
+
+struct Pending {
+    control: Arc<Control>,
+    /// Cancelled by `$/cancelRequest` (answered RequestCancelled) rather
+    /// than by a newer request for the same document (answered empty).
+    explicit: Arc<AtomicBool>,
+}
+
+struct Server {
+    spec: Arc<ServeSpec>,
+    out: Out,
+    tx: Sender<Input>,
+    settings: Settings,
+    initialized: bool,
+    shutdown: bool,
+    encoding: Encoding,
+    docs: HashMap<String, Doc>,
+    engine: Option<Engine>,
+    load_error: Option<String>,
+    /// Requests that came while the model was loading.
+    deferred: Vec<(Value, String, Value)>,
+    workspace: Arc<RwLock<Workspace>>,
+    root: Option<PathBuf>,
+    ranker: Arc<Ranker>,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+    progress: Option<ProgressState>,
+    /// The context block chosen for (document, line): kept while the user
+    /// types on that line so the prompt's start stays the same (KV reuse).
+    context_memo: Option<(String, u32, String)>,
+}
+
+struct ProgressState {
+    create_id: String,
+    ready: bool,
+    queued: Vec<Value>,
+}
+
+fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+/// Runs the language server on `input`/`output` until `exit` or the end of
+/// input. Returns the process exit code the spec asks for (0 after
+/// `shutdown`, 1 otherwise).
+pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write + Send>) -> i32 {
+    let (tx, rx) = channel();
+    let reader_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("kiln-lsp-read".into())
+        .spawn(move || {
+            let mut r = BufReader::with_capacity(1 << 16, input);
+            loop {
+                match read_frame(&mut r) {
+                    Ok(Some(f)) => {
+                        if reader_tx.send(Input::Frame(f)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = reader_tx.send(Input::Eof);
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = reader_tx.send(Input::ReadError(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawn the reader");
+    let out = Out::new(output);
+    let mut server = Server {
+        settings: spec.settings.clone(),
+        spec: Arc::new(spec),
+        out,
+        tx,
+        initialized: false,
+        shutdown: false,
+        encoding: Encoding::Utf16,
+        docs: HashMap::new(),
+        engine: None,
+        load_error: None,
+        deferred: Vec::new(),
+        workspace: Arc::default(),
+        root: None,
+        ranker: Arc::new(Ranker::new(None, kiln_sandbox::breaker::DEFAULT_THRESHOLD)),
+        pending: Arc::default(),
+        progress: None,
+        context_memo: None,
+    };
+    server.serve(&rx)
+}
+
+impl Server {
+    fn serve(&mut self, rx: &Receiver<Input>) -> i32 {
+        while let Ok(input) = rx.recv() {
+            match input {
+                Input::Frame(Frame::Json(v)) => {
+                    if let Some(code) = self.message(v) {
+                        return code;
+                    }
+                }
+                Input::Frame(Frame::Malformed(why)) => {
+                    self.out.error(&Value::Null, PARSE_ERROR, &why);
+                }
+                Input::Frame(Frame::TooLarge(n)) => self.out.error(
+                    &Value::Null,
+                    INVALID_REQUEST,
+                    &format!(
+                        "the message has {n} bytes, more than the {MAX_MESSAGE_BYTES} kiln accepts; it was skipped"
+                    ),
+                ),
+                Input::ReadError(e) => {
+                    eprintln!("kiln: the client's input failed: {e}");
+                    return 1;
+                }
+                Input::Eof => return if self.shutdown { 0 } else { 1 },
+                Input::Loaded(result) => self.loaded(result),
+                Input::Indexed(ws) => {
+                    let msg = format!(
+                        "indexed {} files ({} chunks) for context",
+                        ws.files,
+                        ws.chunks.len()
+                    );
+                    *self.workspace.write().unwrap_or_else(|p| p.into_inner()) = ws;
+                    self.out.log(4, &msg);
+                }
+            }
+        }
+        1
+    }
+
+    /// Handles one message; `Some(code)` ends the session.
+    fn message(&mut self, v: Value) -> Option<i32> {
+        let method = v.get("method").and_then(Value::as_str).map(str::to_string);
+        let id = v.get("id").cloned();
+        let params = v.get("params").cloned().unwrap_or(Value::Null);
+        if !v.is_object() || v.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            self.out.error(
+                &id.unwrap_or(Value::Null),
+                INVALID_REQUEST,
+                "not a JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\")",
+            );
+            return None;
+        }
+        let Some(method) = method else {
+            // A response to one of our requests.
+            if let (Some(id), Some(p)) = (&id, &mut self.progress)
+                && id.as_str() == Some(p.create_id.as_str())
+            {
+                p.ready = true;
+                for m in std::mem::take(&mut p.queued) {
+                    self.out.notify("$/progress", m);
+                }
+            }
+            return None;
+        };
+        match (id, method.as_str()) {
+            (_, "exit") => return Some(if self.shutdown { 0 } else { 1 }),
+            (Some(id), "initialize") => self.initialize(&id, &params),
+            (Some(id), _) if !self.initialized => self.out.error(
+                &id,
+                SERVER_NOT_INITIALIZED,
+                &format!("{method} before initialize"),
+            ),
+            (None, _) if !self.initialized => {} // notifications are dropped
+            (Some(id), "shutdown") => {
+                self.shutdown = true;
+                for p in self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                {
+                    p.control.cancel();
+                }
+                if let Some(e) = &self.engine {
+                    e.shutdown();
+                }
+                self.out.reply(&id, Value::Null);
+            }
+            (Some(id), _) if self.shutdown => {
+                self.out
+                    .error(&id, INVALID_REQUEST, "the server is shutting down")
+            }
+            (None, "initialized") => self.start_loading(),
+            (None, "$/cancelRequest") => {
+                if let Some(target) = params.get("id") {
+                    let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(p) = pending.get(&id_key(target)) {
+                        p.explicit.store(true, Ordering::Release);
+                        p.control.cancel();
+                    }
+                }
+            }
+            (None, "textDocument/didOpen") => {
+                let td = &params["textDocument"];
+                if let (Some(uri), Some(text)) = (td["uri"].as_str(), td["text"].as_str()) {
+                    self.docs.insert(
+                        uri.to_string(),
+                        Doc {
+                            text: text.to_string(),
+                            opened: Instant::now(),
+                            edited: None,
+                        },
+                    );
+                }
+            }
+            (None, "textDocument/didChange") => self.did_change(&params),
+            (None, "textDocument/didClose") => {
+                if let Some(uri) = params["textDocument"]["uri"].as_str() {
+                    self.docs.remove(uri);
+                }
+            }
+            (None, "textDocument/didSave") => {
+                if let (Some(uri), Some(text)) = (
+                    params["textDocument"]["uri"].as_str(),
+                    params.get("text").and_then(Value::as_str),
+                ) && let Some(d) = self.docs.get_mut(uri)
+                {
+                    d.text = text.to_string();
+                }
+            }
+            (None, "workspace/didChangeConfiguration") => {
+                if let Some(s) = params.get("settings").and_then(|s| s.get("kiln")) {
+                    self.apply_settings(s);
+                }
+            }
+            (None, _) => {} // unknown notifications are ignored (LSP spec)
+            (Some(id), m) => self.request(id, m.to_string(), params),
+        }
+        None
+    }
+
+    fn apply_settings(&mut self, v: &Value) {
+        match serde_json::from_value::<Settings>(v.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate().map(|()| s))
+        {
+            Ok(s) => {
+                if s.fim_template != self.settings.fim_template
+                    && let (Some(e), Some(t)) = (&self.engine, &s.fim_template)
+                    && let Ok(t) = FimTemplate::parse(t)
+                {
+                    let l = e.loaded();
+                    if let Ok(new) = Loaded::load(l.id.clone(), l.path.clone(), Some(t)) {
+                        e.replace_model(new);
+                    }
+                }
+                self.settings = s;
+            }
+            Err(e) => self.out.log(
+                1,
+                &format!("kiln: the settings were not applied, the previous ones stay: {e}"),
+            ),
+        }
+    }
+
+    fn initialize(&mut self, id: &Value, params: &Value) {
+        if self.initialized {
+            self.out
+                .error(id, INVALID_REQUEST, "initialize was already called");
+            return;
+        }
+        if let Some(opts) = params.get("initializationOptions")
+            && !opts.is_null()
+        {
+            let before = self.settings.clone();
+            self.apply_settings(opts);
+            if self.settings.validate().is_err() {
+                self.settings = before;
+            }
+        }
+        let encodings = &params["capabilities"]["general"]["positionEncodings"];
+        let utf8 = encodings
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e == "utf-8"));
+        self.encoding = if utf8 {
+            Encoding::Utf8
+        } else {
+            Encoding::Utf16
+        };
+        if params["capabilities"]["window"]["workDoneProgress"].as_bool() == Some(true) {
+            self.progress = Some(ProgressState {
+                create_id: "kiln-progress-1".into(),
+                ready: false,
+                queued: Vec::new(),
+            });
+        }
+        self.root = params["workspaceFolders"]
+            .as_array()
+            .and_then(|f| f.first())
+            .and_then(|f| f["uri"].as_str())
+            .or_else(|| params["rootUri"].as_str())
+            .and_then(uri_to_path)
+            .or_else(|| params["rootPath"].as_str().map(PathBuf::from));
+        self.initialized = true;
+        self.out.reply(
+            id,
+            json!({
+                "capabilities": {
+                    "positionEncoding": if utf8 { "utf-8" } else { "utf-16" },
+                    "textDocumentSync": {"openClose": true, "change": 2, "save": {"includeText": true}},
+                    "completionProvider": {"resolveProvider": false, "triggerCharacters": [".", "(", " "]},
+                    "inlineCompletionProvider": true,
+                },
+                "serverInfo": {"name": "kiln", "version": env!("CARGO_PKG_VERSION")},
+            }),
+        );
+    }
+
+    fn progress(&mut self, value: Value) {
+        if let Some(p) = &mut self.progress {
+            let msg = json!({"token": "kiln/load", "value": value});
+            if p.ready {
+                self.out.notify("$/progress", msg);
+            } else {
+                p.queued.push(msg);
+            }
+        }
+    }
+
+    fn start_loading(&mut self) {
+        if let Some(p) = &self.progress {
+            self.out.send(&json!({
+                "jsonrpc": "2.0", "id": p.create_id, "method": "window/workDoneProgress/create",
+                "params": {"token": "kiln/load"},
+            }));
+        }
+        self.progress(
+            json!({"kind": "begin", "title": "kiln: loading the model", "percentage": 0}),
+        );
+        let spec = self.spec.clone();
+        let tx = self.tx.clone();
+        let fim = self
+            .settings
+            .fim_template
+            .as_deref()
+            .and_then(|t| FimTemplate::parse(t).ok());
+        std::thread::spawn(move || {
+            let _ = tx.send(Input::Loaded(start_engine(&spec, fim)));
+        });
+        let mut logs = Vec::new();
+        self.ranker = Arc::new(ranker(&self.spec.config, &mut |m| logs.push(m)));
+        for m in logs {
+            self.out.log(3, &m);
+        }
+        if let (Some(root), true) = (self.root.clone(), self.settings.workspace_context) {
+            let tx = self.tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(Input::Indexed(Workspace::index(&root)));
+            });
+        }
+    }
+
+    fn loaded(&mut self, result: Result<Engine, String>) {
+        match result {
+            Ok(engine) => {
+                let l = engine.loaded();
+                let msg = format!(
+                    "kiln: serving {} ({}, FIM template {})",
+                    l.id,
+                    l.path.display(),
+                    l.fim.name()
+                );
+                self.progress(json!({"kind": "end", "message": msg}));
+                self.out.log(3, &msg);
+                self.engine = Some(engine);
+            }
+            Err(e) => {
+                self.progress(json!({"kind": "end", "message": "failed"}));
+                self.out
+                    .log(1, &format!("kiln: cannot load the model: {e}"));
+                self.load_error = Some(e);
+            }
+        }
+        for (id, method, params) in std::mem::take(&mut self.deferred) {
+            self.request(id, method, params);
+        }
+    }
+
+    fn did_change(&mut self, params: &Value) {
+        let Some(uri) = params["textDocument"]["uri"].as_str() else {
+            return;
+        };
+        let enc = self.encoding;
+        let Some(doc) = self.docs.get_mut(uri) else {
+            self.out.log(
+                2,
+                &format!("kiln: didChange for {uri}, which was not opened; ignored"),
+            );
+            return;
+        };
+        for change in params["contentChanges"].as_array().into_iter().flatten() {
+            let Some(text) = change["text"].as_str() else {
+                continue;
+            };
+            match change.get("range") {
+                Some(r) if !r.is_null() => {
+                    let at = |p: &Value| {
+                        offset(
+                            &doc.text,
+                            p["line"].as_u64().unwrap_or(0) as u32,
+                            p["character"].as_u64().unwrap_or(0) as u32,
+                            enc,
+                        )
+                    };
+                    let (a, b) = (at(&r["start"]), at(&r["end"]));
+                    let (a, b) = (a.min(b), a.max(b));
+                    doc.text.replace_range(a..b, text);
+                }
+                _ => doc.text = text.to_string(),
+            }
+        }
+        doc.edited = Some(Instant::now());
+    }
+
+    fn request(&mut self, id: Value, method: String, params: Value) {
+        let needs_model = matches!(
+            method.as_str(),
+            "textDocument/completion" | "textDocument/inlineCompletion" | "kiln/status"
+        );
+        if needs_model && self.engine.is_none() {
+            if let Some(e) = &self.load_error {
+                let e = e.clone();
+                self.out
+                    .error(&id, REQUEST_FAILED, &format!("no model is loaded: {e}"));
+            } else {
+                self.deferred.push((id, method, params));
+            }
+            return;
+        }
+        let result = match method.as_str() {
+            "textDocument/completion" | "textDocument/inlineCompletion" => {
+                return self.complete(id, &method, &params);
+            }
+            "kiln/status" => self.status(),
+            "kiln/models" => self
+                .with_registry(|r| Ok(json!({"models": r.models().map_err(|e| e.to_string())?}))),
+            "kiln/plugins" => self
+                .with_registry(|r| Ok(json!({"plugins": r.plugins().map_err(|e| e.to_string())?}))),
+            "kiln/backends" => self.backends(),
+            "kiln/activateModel" => self.activate(&params, false),
+            "kiln/rollbackModel" => self.activate(&params, true),
+            _ => {
+                self.out.error(
+                    &id,
+                    METHOD_NOT_FOUND,
+                    &format!("kiln does not implement {method}"),
+                );
+                return;
+            }
+        };
+        match result {
+            Ok(v) => self.out.reply(&id, v),
+            Err((code, msg)) => self.out.error(&id, code, &msg),
+        }
+    }
+
+    fn with_registry(
+        &self,
+        f: impl FnOnce(&mut crate::registry::Registry) -> Result<Value, String>,
+    ) -> Result<Value, (i32, String)> {
+        let mut r =
+            crate::cli::open_registry(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.0))?;
+        f(&mut r).map_err(|e| (REQUEST_FAILED, e))
+    }
+
+    fn status(&self) -> Result<Value, (i32, String)> {
+        let engine = self.engine.as_ref().expect("checked by the caller");
+        let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
+        let mut v = serde_json::to_value(engine.status()).expect("status serialises");
+        v["workspace"] = json!({
+            "root": ws.root,
+            "files": ws.files,
+            "chunks": ws.chunks.len(),
+        });
+        v["ranker"] = json!(if self.ranker.is_tripped() {
+            "builtin (the policy's circuit breaker tripped)"
+        } else {
+            "ready"
+        });
+        v["open_documents"] = json!(self.docs.len());
+        v["settings"] = serde_json::to_value(&self.settings).expect("settings serialise");
+        Ok(v)
+    }
+
+    fn backends(&self) -> Result<Value, (i32, String)> {
+        let mut registry =
+            crate::cli::open_registry(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.0))?;
+        let set = crate::backend::BackendSet::load(&registry);
+        let (ranked, problems) = crate::backend::rank_devices(&set, &mut registry, false, |_| {});
+        let devices: Vec<Value> = ranked
+            .iter()
+            .map(|r| {
+                let b = set.backends.iter().find(|b| b.name() == r.backend);
+                json!({
+                    "backend": r.backend,
+                    "device": r.device,
+                    "name": b.map(|b| b.devices[r.device as usize].name.clone()),
+                    "score": r.score,
+                })
+            })
+            .collect();
+        let serving = self.engine.as_ref().map(|e| e.status().backend);
+        let all_problems = [set.problems.clone(), problems].concat();
+        Ok(json!({"devices": devices, "serving": serving, "problems": all_problems}))
+    }
+
+    fn activate(&mut self, params: &Value, rollback: bool) -> Result<Value, (i32, String)> {
+        let actor = "kiln serve (LSP)";
+        let t = if rollback {
+            let name = params["name"].as_str().ok_or((
+                INVALID_PARAMS,
+                "kiln/rollbackModel takes {\"name\": NAME}".to_string(),
+            ))?;
+            let t = self.with_registry(|r| {
+                let t = r.rollback_model(name, actor).map_err(|e| e.to_string())?;
+                Ok(json!({"name": name, "before": t.before, "after": t.after}))
+            })?;
+            (name.to_string(), t)
+        } else {
+            let spec = params["model"].as_str().ok_or((
+                INVALID_PARAMS,
+                "kiln/activateModel takes {\"model\": \"NAME@VERSION\"}".to_string(),
+            ))?;
+            let (name, version) = spec
+                .split_once('@')
+                .and_then(|(n, v)| Some((n, v.parse::<u32>().ok()?)))
+                .ok_or((
+                    INVALID_PARAMS,
+                    format!("{spec:?} must be NAME@VERSION, e.g. coder@2"),
+                ))?;
+            let t = self.with_registry(|r| {
+                let t = r
+                    .activate_model(name, version, actor)
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"name": name, "before": t.before, "after": t.after}))
+            })?;
+            (name.to_string(), t)
+        };
+        let (name, mut result) = t;
+        // Serve the newly active version.
+        let (id, path) = resolve_served_model(&self.spec.config, Some(&name))
+            .map_err(|e| (REQUEST_FAILED, e))?;
+        let fim = self
+            .settings
+            .fim_template
+            .as_deref()
+            .and_then(|t| FimTemplate::parse(t).ok());
+        match Loaded::load(id.clone(), path, fim) {
+            Ok(l) => {
+                if let Some(e) = &self.engine {
+                    e.replace_model(l);
+                }
+                result["serving"] = json!(id);
+                self.out.log(3, &format!("kiln: now serving {id}"));
+            }
+            Err(e) => {
+                return Err((
+                    REQUEST_FAILED,
+                    format!(
+                        "the registry now points at {id}, but it cannot be loaded ({e}); the previous model is still served, and `kiln models rollback {name}` undoes the change"
+                    ),
+                ));
+            }
+        }
+        Ok(result)
+    }
+
+    fn complete(&mut self, id: Value, method: &str, params: &Value) {
+        let inline = method == "textDocument/inlineCompletion";
+        let Some(uri) = params["textDocument"]["uri"].as_str() else {
+            return self
+                .out
+                .error(&id, INVALID_PARAMS, "textDocument.uri is missing");
+        };
+        let Some((line, character)) = position(params) else {
+            return self.out.error(&id, INVALID_PARAMS, "position is missing");
+        };
+        let Some(doc) = self.docs.get(uri) else {
+            return self.out.error(
+                &id,
+                INVALID_PARAMS,
+                &format!("{uri} is not open (send textDocument/didOpen first)"),
+            );
+        };
+        let engine = self.engine.clone().expect("checked by the caller");
+        let loaded = engine.loaded();
+        let at = offset(&doc.text, line, character, self.encoding);
+        let (prefix_all, suffix_all) = doc.text.split_at(at);
+        let s = &self.settings;
+        let prefix = tail_within(&loaded.tok, prefix_all, s.prefix_tokens);
+        let suffix = if loaded.fim.uses_suffix() {
+            head_within(&loaded.tok, suffix_all, s.suffix_tokens)
+        } else {
+            ""
+        };
+        let rel = self.relative(uri);
+        let context_text = match &self.context_memo {
+            Some((u, l, text)) if u == uri && *l == line => text.clone(),
+            _ => {
+                let open: Vec<OpenDoc<'_>> = Vec::new();
+                let others: Vec<(String, &Doc)> = self
+                    .docs
+                    .iter()
+                    .filter(|(u, _)| u.as_str() != uri)
+                    .map(|(u, d)| (self.relative(u), d))
+                    .collect();
+                let mut open = open;
+                for (p, d) in &others {
+                    open.push(OpenDoc {
+                        path: p,
+                        text: &d.text,
+                        opened: d.opened,
+                        edited: d.edited,
+                    });
+                }
+                let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
+                let packed = context::select(
+                    &ws,
+                    &open,
+                    &rel,
+                    prefix,
+                    suffix,
+                    &self.ranker,
+                    &loaded.tok,
+                    s.context_tokens,
+                );
+                packed.text
+            }
+        };
+        self.context_memo = Some((uri.to_string(), line, context_text.clone()));
+        let prompt_text = loaded.fim.build(&context_text, prefix, suffix);
+        let prompt = match loaded.tok.encode(&prompt_text, true) {
+            Ok(p) => p,
+            Err(e) => return self.out.error(&id, REQUEST_FAILED, &e),
+        };
+        let mut sampling = SamplingParams::greedy();
+        sampling.temperature = s.temperature;
+        let request = Request {
+            stop: loaded
+                .fim
+                .stop_strings()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            boundary: boundary(s.mode, prefix, suffix),
+            ..Request::new(prompt, s.max_tokens, sampling)
+        };
+        let (control, mut rx) = engine.submit(0, Some(uri.to_string()), loaded, request);
+        let explicit = Arc::new(AtomicBool::new(false));
+        let key = id_key(&id);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key.clone(),
+                Pending {
+                    control,
+                    explicit: explicit.clone(),
+                },
+            );
+        let out = self.out.clone();
+        let pending = self.pending.clone();
+        let position = params["position"].clone();
+        std::thread::spawn(move || {
+            let done = loop {
+                match rx.blocking_recv() {
+                    Some(Event::Text(_)) => {}
+                    Some(Event::Done(d)) => break d,
+                    None => break Err("the engine stopped".to_string()),
+                }
+            };
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            match done {
+                Err(e) => out.error(&id, REQUEST_FAILED, &e),
+                Ok(f) if f.generation.stop_reason == StopReason::Cancelled => {
+                    if explicit.load(Ordering::Acquire) {
+                        out.error(&id, REQUEST_CANCELLED, "cancelled");
+                    } else if inline {
+                        out.reply(&id, json!({"items": []}));
+                    } else {
+                        out.reply(&id, json!({"isIncomplete": true, "items": []}));
+                    }
+                }
+                Ok(f) => {
+                    let text = f.generation.text;
+                    let range = json!({"start": position, "end": position});
+                    let meta = json!({
+                        "time_to_first_token_ms": f.time_to_first_token_ms,
+                        "total_ms": f.total_ms,
+                        "cached_tokens": f.generation.timings.cached_tokens,
+                        "prompt_tokens": f.generation.timings.prompt_tokens,
+                        "completion_cache_hit": f.completion_cache_hit,
+                        "stop_reason": f.generation.stop_reason,
+                    });
+                    if inline {
+                        let items = if text.is_empty() {
+                            vec![]
+                        } else {
+                            vec![json!({"insertText": text, "range": range})]
+                        };
+                        out.reply(&id, json!({"items": items, "kiln": meta}));
+                    } else {
+                        let items = if text.is_empty() {
+                            vec![]
+                        } else {
+                            let label: String = text
+                                .trim()
+                                .lines()
+                                .next()
+                                .unwrap_or("")
+                                .chars()
+                                .take(80)
+                                .collect();
+                            vec![json!({
+                                "label": if label.is_empty() { text.clone() } else { label },
+                                "kind": 1,
+                                "detail": "kiln",
+                                "insertTextFormat": 1,
+                                "textEdit": {"range": range, "newText": text},
+                                "data": meta,
+                            })]
+                        };
+                        out.reply(&id, json!({"isIncomplete": true, "items": items}));
+                    }
+                }
+            }
+        });
+    }
+
+    fn relative(&self, uri: &str) -> String {
+        let path = uri_to_path(uri).unwrap_or_else(|| PathBuf::from(uri));
+        match &self.root {
+            Some(r) => path
+                .strip_prefix(r)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned(),
+            None => path.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// `file:///a/b%20c` → `/a/b c`.
+fn uri_to_path(uri: &str) -> Option<PathBuf> {
+    let rest = uri.strip_prefix("file://")?;
+    let mut bytes = Vec::with_capacity(rest.len());
+    let b = rest.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).ok()?, 16)
+        {
+            bytes.push(v);
+            i += 3;
+            continue;
+        }
+        bytes.push(b[i]);
+        i += 1;
+    }
+    Some(PathBuf::from(String::from_utf8(bytes).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_read_skipped_and_reported() {
+        let big = MAX_MESSAGE_BYTES + 10;
+        let mut input = Vec::new();
+        input.extend_from_slice(b"Content-Length: 2\r\n\r\n{}");
+        input.extend_from_slice(b"Content-Length: 5\r\nContent-Type: x\r\n\r\n{bad}");
+        input.extend_from_slice(format!("Content-Length: {big}\r\n\r\n").as_bytes());
+        input.resize(input.len() + big, b' ');
+        input.extend_from_slice(b"X-Nothing: 1\r\n\r\n");
+        input.extend_from_slice(b"Content-Length: 4\r\n\r\nnull");
+        let mut r = std::io::Cursor::new(input);
+        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Json(v)) if v == json!({})));
+        assert!(
+            matches!(read_frame(&mut r).unwrap(), Some(Frame::Malformed(m)) if m.contains("not JSON"))
+        );
+        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::TooLarge(n)) if n == big));
+        assert!(
+            matches!(read_frame(&mut r).unwrap(), Some(Frame::Malformed(m)) if m.contains("Content-Length"))
+        );
+        assert!(matches!(
+            read_frame(&mut r).unwrap(),
+            Some(Frame::Json(Value::Null))
+        ));
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn positions_count_utf16_units_or_bytes() {
+        let text = "aé😀b\nxy";
+        assert_eq!(offset(text, 0, 1, Encoding::Utf16), 1);
+        assert_eq!(offset(text, 0, 2, Encoding::Utf16), 3);
+        assert_eq!(
+            offset(text, 0, 4, Encoding::Utf16),
+            7,
+            "the emoji is 2 units"
+        );
+        assert_eq!(offset(text, 0, 3, Encoding::Utf8), 3);
+        assert_eq!(
+            offset(text, 0, 99, Encoding::Utf16),
+            8,
+            "clamped to the line"
+        );
+        assert_eq!(offset(text, 1, 1, Encoding::Utf16), 10);
+        assert_eq!(offset(text, 7, 0, Encoding::Utf16), text.len());
+        assert_eq!(
+            uri_to_path("file:///tmp/a%20b.rs"),
+            Some(PathBuf::from("/tmp/a b.rs"))
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! `/metrics`: Prometheus text exposition with vLLM's metric names under a
+//! `kiln:` prefix. Updated by the engine as requests finish; reading it
+//! never waits for a generation.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub prefix_cache_queries: Counter,
+    pub prefix_cache_hits: Counter,
+    pub completion_cache_queries: Counter,
+    pub completion_cache_hits: Counter,
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+    pub backend_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    pub backend_ops: Family<Labels, Counter>,
+    pub fallbacks: Family<Labels, Counter>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // 1 ms … about 33 s.
+    exponential_buckets(0.001, 2.0, 16)
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            completion_cache_queries: Counter::default(),
+            completion_cache_hits: Counter::default(),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            ttft: Histogram::new(latency_buckets()),
+            inter_token: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            e2e: Histogram::new(latency_buckets()),
+            queue_time: Histogram::new(latency_buckets()),
+            backend_seconds: Family::default(),
+            backend_ops: Family::default(),
+            fallbacks: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kiln:request_success",
+            "Finished requests, by why they finished",
+            m.requests.clone(),
+        );
+        registry.register(
+            "kiln:prompt_tokens",
+            "Prompt tokens processed (cached ones included)",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "kiln:generation_tokens",
+            "Tokens generated",
+            m.generation_tokens.clone(),
+        );
+        registry.register(
+            "kiln:prefix_cache_queries",
+            "Prompt tokens looked up in the KV cache",
+            m.prefix_cache_queries.clone(),
+        );
+        registry.register(
+            "kiln:prefix_cache_hits",
+            "Prompt tokens found in the KV cache",
+            m.prefix_cache_hits.clone(),
+        );
+        registry.register(
+            "kiln:completion_cache_queries",
+            "Requests looked up in the cache of recent completions",
+            m.completion_cache_queries.clone(),
+        );
+        registry.register(
+            "kiln:completion_cache_hits",
+            "Requests answered from the cache of recent completions",
+            m.completion_cache_hits.clone(),
+        );
+        registry.register(
+            "kiln:num_requests_running",
+            "Requests generating now",
+            m.running.clone(),
+        );
+        registry.register(
+            "kiln:num_requests_waiting",
+            "Requests queued",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "kiln:time_to_first_token_seconds",
+            "From arrival to the first generated token",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "kiln:inter_token_latency_seconds",
+            "Between consecutive generated tokens",
+            m.inter_token.clone(),
+        );
+        registry.register(
+            "kiln:e2e_request_latency_seconds",
+            "From arrival to the last token",
+            m.e2e.clone(),
+        );
+        registry.register(
+            "kiln:request_queue_time_seconds",
+            "Time spent waiting for the engine",
+            m.queue_time.clone(),
+        );
+        registry.register(
+            "kiln:backend_compute_seconds",
+            "Time spent evaluating graphs, by backend",
+            m.backend_seconds.clone(),
+        );
+        registry.register(
+            "kiln:backend_ops",
+            "Ops a backend executed",
+            m.backend_ops.clone(),
+        );
+        registry.register(
+            "kiln:backend_fallbacks",
+            "Ops or failed segments run on the CPU instead, by backend and reason",
+            m.fallbacks.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The exposition text (`text/plain; version=0.0.4`).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// A label set.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

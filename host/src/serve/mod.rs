@@ -1,0 +1,176 @@
+//! `kiln serve`: kiln as an IDE service. A language server on stdio
+//! ([`lsp`]) or an OpenAI-compatible HTTP API ([`http`]), both in front of
+//! one [`engine`] that owns the model's KV cache.
+//!
+//! - [`engine`]: the job queue, prefix reuse, the completion cache, cancellation;
+//! - [`fim`]: fill-in-the-middle templates per model family;
+//! - [`context`]: workspace snippets, ranked and packed into a token budget;
+//! - [`metrics`]: Prometheus counters and histograms;
+//! - [`demo`]: the model `kiln demo` generates, and the scripted typing session.
+
+pub mod context;
+pub mod demo;
+pub mod engine;
+pub mod fim;
+pub mod http;
+pub mod lsp;
+pub mod metrics;
+
+use crate::model::generate::Boundary;
+use crate::tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+
+/// How long a completion may run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Single line inside a line, a block at an empty line or after an
+    /// opening bracket or colon.
+    #[default]
+    Auto,
+    Line,
+    Block,
+    /// No boundary: only stop tokens and `maxTokens` end a completion.
+    None,
+}
+
+/// Completion settings: `kiln serve` flags, or the LSP client's
+/// `initializationOptions` / `workspace/didChangeConfiguration` (camelCase
+/// keys, see docs/lsp.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    pub max_tokens: usize,
+    /// Token budget of the text before the cursor.
+    pub prefix_tokens: usize,
+    /// Token budget of the text after the cursor (FIM models only).
+    pub suffix_tokens: usize,
+    /// Token budget of snippets from other files.
+    pub context_tokens: usize,
+    pub mode: Mode,
+    /// Overrides the template detected from the model (`codellama`,
+    /// `qwen`, `deepseek`, `starcoder`, `none`).
+    pub fim_template: Option<String>,
+    pub temperature: f32,
+    /// Index the workspace for context snippets.
+    pub workspace_context: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            max_tokens: 64,
+            prefix_tokens: 1024,
+            suffix_tokens: 256,
+            context_tokens: 512,
+            mode: Mode::Auto,
+            fim_template: None,
+            temperature: 0.0,
+            workspace_context: true,
+        }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_tokens == 0 || self.max_tokens > 4096 {
+            return Err(format!(
+                "maxTokens must be between 1 and 4096, not {}",
+                self.max_tokens
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be between 0 and 2, not {}",
+                self.temperature
+            ));
+        }
+        if let Some(t) = &self.fim_template {
+            fim::FimTemplate::parse(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// The boundary for a completion at `prefix`|`suffix` in `mode`.
+pub fn boundary(mode: Mode, prefix: &str, suffix: &str) -> Boundary {
+    match mode {
+        Mode::Line => Boundary::Line,
+        Mode::Block => Boundary::Block,
+        Mode::None => Boundary::None,
+        Mode::Auto => {
+            let line_before = prefix.rsplit('\n').next().unwrap_or("");
+            let line_after = suffix.split('\n').next().unwrap_or("");
+            let before = line_before.trim_end();
+            if !line_after.trim().is_empty() {
+                Boundary::Line
+            } else if before.trim().is_empty() || before.ends_with(['{', '(', '[', ':']) {
+                Boundary::Block
+            } else {
+                Boundary::Line
+            }
+        }
+    }
+}
+
+fn count(tok: &Tokenizer, text: &str) -> usize {
+    tok.encode(text, false).map_or(text.len(), |t| t.len())
+}
+
+/// The longest tail of `text` that starts at a line and fits `budget`
+/// tokens (the cursor's own line is always kept).
+pub fn tail_within<'a>(tok: &Tokenizer, text: &'a str, budget: usize) -> &'a str {
+    let mut start = text.len();
+    let mut used = 0;
+    loop {
+        let line_start = text[..start.saturating_sub(1)]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        if start == 0 {
+            return text;
+        }
+        let n = count(tok, &text[line_start..start]);
+        if used + n > budget && start != text.len() {
+            return &text[start..];
+        }
+        used += n;
+        start = line_start;
+        if start == 0 {
+            return text;
+        }
+    }
+}
+
+/// The longest head of `text` that ends at a line and fits `budget` tokens.
+pub fn head_within<'a>(tok: &Tokenizer, text: &'a str, budget: usize) -> &'a str {
+    let mut end = 0;
+    let mut used = 0;
+    while end < text.len() {
+        let next = text[end..].find('\n').map_or(text.len(), |i| end + i + 1);
+        let n = count(tok, &text[end..next]);
+        if used + n > budget {
+            break;
+        }
+        used += n;
+        end = next;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_mode_picks_line_or_block() {
+        assert_eq!(boundary(Mode::Auto, "let x = ", ";\n"), Boundary::Line);
+        assert_eq!(boundary(Mode::Auto, "fn f() {", "\n}"), Boundary::Block);
+        assert_eq!(
+            boundary(Mode::Auto, "fn f() {\n    ", "\n}"),
+            Boundary::Block
+        );
+        assert_eq!(boundary(Mode::Auto, "    let y = f", "\n"), Boundary::Line);
+        assert_eq!(boundary(Mode::Auto, "def f():", ""), Boundary::Block);
+        assert_eq!(boundary(Mode::Line, "", ""), Boundary::Line);
+    }
+}

@@ -1,0 +1,713 @@
+//! `kiln serve` and `kiln demo` as a client sees them: the language server
+//! over stdio (our client, and Neovim's), the HTTP API over TCP (raw
+//! requests, and the `openai` Python package), hostile input of each kind.
+
+use kiln::serve::demo::{Client, write_demo_model};
+use kiln_tests::{Home, python, repo_root};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The generated demo model, written once per test process.
+fn demo_model() -> PathBuf {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("demo.gguf");
+        write_demo_model(&p).unwrap();
+        (dir, p)
+    })
+    .1
+    .clone()
+}
+
+fn serve(home: &Home, extra: &[&str]) -> Client {
+    let model = demo_model();
+    let mut args = vec!["serve", "--model", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut cmd = home.command(&args);
+    cmd.env("KILN_THREADS", "1");
+    Client::spawn(cmd).expect("spawn kiln serve")
+}
+
+fn initialize(c: &mut Client, root: &Path, options: Value) -> Value {
+    let r = c
+        .request(
+            "initialize",
+            json!({"processId": null, "rootUri": format!("file://{}", root.display()),
+                   "capabilities": {"window": {"workDoneProgress": true}},
+                   "initializationOptions": options}),
+        )
+        .unwrap();
+    c.notify("initialized", json!({})).unwrap();
+    r
+}
+
+fn open(c: &mut Client, uri: &str, text: &str) {
+    c.notify(
+        "textDocument/didOpen",
+        json!({"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}),
+    )
+    .unwrap();
+}
+
+fn at(uri: &str, line: u32, character: u32) -> Value {
+    json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character}})
+}
+
+fn error_code(r: &Value) -> i64 {
+    r["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("expected an error, got {r}"))
+}
+
+fn status(c: &mut Client) -> Value {
+    let r = c.request("kiln/status", Value::Null).unwrap();
+    r["result"].clone()
+}
+
+#[test]
+fn the_language_server_completes_and_survives_bad_input() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(ws.path().join(".gitignore"), "out/\n").unwrap();
+    std::fs::create_dir(ws.path().join("out")).unwrap();
+    std::fs::write(
+        ws.path().join("out/generated.py"),
+        "def generated():\n    pass\n",
+    )
+    .unwrap();
+    let mut c = serve(&home, &[]);
+
+    // Before initialize: requests are refused, the session goes on.
+    let r = c.request("kiln/status", Value::Null).unwrap();
+    assert_eq!(error_code(&r), -32002, "{r}");
+
+    let init = initialize(&mut c, ws.path(), json!({"maxTokens": 8}));
+    let caps = &init["result"]["capabilities"];
+    assert_eq!(caps["inlineCompletionProvider"], json!(true), "{init}");
+    assert_eq!(caps["textDocumentSync"]["change"], json!(2));
+    assert_eq!(init["result"]["serverInfo"]["name"], "kiln");
+
+    // Malformed JSON: a parse error with a null id.
+    c.send_raw(b"Content-Length: 9\r\n\r\n{\"jsonrpc").unwrap();
+    let r = c.next_response().unwrap();
+    assert_eq!(error_code(&r), -32700, "{r}");
+    assert_eq!(r["id"], Value::Null);
+    // Not JSON-RPC.
+    c.send_raw(b"Content-Length: 2\r\n\r\n[]").unwrap();
+    assert_eq!(error_code(&c.next_response().unwrap()), -32600);
+    // A header without Content-Length.
+    c.send_raw(b"Content-Type: x\r\n\r\n").unwrap();
+    assert_eq!(error_code(&c.next_response().unwrap()), -32700);
+    // Unknown method.
+    let r = c.request("textDocument/teleport", json!({})).unwrap();
+    assert_eq!(error_code(&r), -32601, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("teleport"));
+    // Unknown notifications are ignored; bad params are named.
+    c.notify("$/somethingNew", json!({})).unwrap();
+    let r = c
+        .request(
+            "textDocument/completion",
+            json!({"textDocument": {"uri": "file:///nope.py"}}),
+        )
+        .unwrap();
+    assert_eq!(error_code(&r), -32602, "{r}");
+    let r = c
+        .request(
+            "textDocument/inlineCompletion",
+            at("file:///never-opened.py", 0, 0),
+        )
+        .unwrap();
+    assert_eq!(error_code(&r), -32602);
+    assert!(r["error"]["message"].as_str().unwrap().contains("didOpen"));
+
+    // A 100 MB message is read past and answered; the server keeps serving.
+    let big = 100 * 1024 * 1024;
+    let mut msg = format!("Content-Length: {big}\r\n\r\n").into_bytes();
+    msg.resize(msg.len() + big, b' ');
+    c.send_raw(&msg).unwrap();
+    drop(msg);
+    let r = c.next_response().unwrap();
+    assert_eq!(error_code(&r), -32600, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("104857600")
+    );
+
+    // Completions, both kinds, on an edited document.
+    let uri = format!("file://{}/main.py", ws.path().display());
+    open(
+        &mut c,
+        &uri,
+        "from shapes import circle_area\n\n\ndef area(r):\n    return \n",
+    );
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
+            {"range": {"start": {"line": 4, "character": 11}, "end": {"line": 4, "character": 11}}, "text": "circle"},
+        ]}),
+    )
+    .unwrap();
+    let r = c
+        .request("textDocument/inlineCompletion", at(&uri, 4, 17))
+        .unwrap();
+    let items = r["result"]["items"].as_array().expect("items");
+    let meta = &r["result"]["kiln"];
+    assert!(meta["prompt_tokens"].as_u64().unwrap() > 0, "{r}");
+    if let Some(item) = items.first() {
+        assert!(item["insertText"].is_string());
+        assert_eq!(item["range"]["start"], json!({"line": 4, "character": 17}));
+    }
+    // The same place again: the completion cache answers.
+    let r2 = c
+        .request("textDocument/inlineCompletion", at(&uri, 4, 17))
+        .unwrap();
+    assert_eq!(r2["result"]["items"], r["result"]["items"]);
+    assert_eq!(
+        r2["result"]["kiln"]["completion_cache_hit"],
+        json!(true),
+        "{r2}"
+    );
+    // One more character: the KV cache keeps the shared prefix.
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": uri, "version": 3}, "contentChanges": [
+            {"range": {"start": {"line": 4, "character": 17}, "end": {"line": 4, "character": 17}}, "text": "_"},
+        ]}),
+    )
+    .unwrap();
+    let r = c
+        .request("textDocument/completion", at(&uri, 4, 18))
+        .unwrap();
+    assert!(r["result"]["items"].is_array(), "{r}");
+    if let Some(item) = r["result"]["items"].as_array().unwrap().first() {
+        assert_eq!(
+            item["textEdit"]["range"]["start"],
+            json!({"line": 4, "character": 18})
+        );
+        let cached = item["data"]["cached_tokens"].as_u64().unwrap();
+        let fresh = item["data"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            cached > fresh,
+            "typing one character reuses the prompt's prefix: {item}"
+        );
+    }
+
+    let s = status(&mut c);
+    assert_eq!(s["architecture"], "llama");
+    assert_eq!(
+        s["fim_template"], "qwen",
+        "the demo vocabulary has Qwen's FIM tokens"
+    );
+    assert!(s["prefix_cache_hit_rate"].as_f64().unwrap() > 0.0, "{s}");
+    assert_eq!(s["completion_cache_hits"], json!(1));
+    assert_eq!(s["open_documents"], json!(1));
+    // The workspace is indexed in the background (out/ is ignored).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&mut c)["workspace"]["files"] != json!(1) {
+        assert!(Instant::now() < deadline, "workspace never indexed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for m in ["kiln/models", "kiln/plugins", "kiln/backends"] {
+        let r = c.request(m, Value::Null).unwrap();
+        assert!(r.get("result").is_some(), "{m}: {r}");
+    }
+    let r = c
+        .request("kiln/activateModel", json!({"model": "nothing"}))
+        .unwrap();
+    assert_eq!(error_code(&r), -32602);
+    let r = c
+        .request("kiln/activateModel", json!({"model": "nothing@3"}))
+        .unwrap();
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not registered"),
+        "{r}"
+    );
+    // Progress for the model load was reported.
+    assert!(
+        c.notifications
+            .iter()
+            .any(|n| n["method"] == "$/progress" && n["params"]["value"]["kind"] == "end"),
+        "{:?}",
+        c.notifications
+    );
+    let code = c.close().unwrap();
+    assert!(code.success(), "{code}");
+}
+
+#[test]
+fn cancelling_stops_generation_and_newer_requests_supersede_older_ones() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let mut c = serve(&home, &[]);
+    initialize(
+        &mut c,
+        ws.path(),
+        json!({"maxTokens": 3000, "mode": "none"}),
+    );
+    let uri = format!("file://{}/a.py", ws.path().display());
+    // Greedy decoding of the demo model runs to maxTokens from these texts
+    // (checked with `kiln run --temperature 0`); others end early.
+    open(&mut c, &uri, "def total_area(shapes):\n    total = 0\n");
+
+    // $/cancelRequest: answered RequestCancelled, generation stops.
+    let id = c
+        .request_async("textDocument/inlineCompletion", at(&uri, 1, 13))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    c.notify("$/cancelRequest", json!({"id": id})).unwrap();
+    let r = c.wait(id).unwrap();
+    assert_eq!(error_code(&r), -32800, "{r}");
+    let s = status(&mut c);
+    assert_eq!(s["cancelled"], json!(1), "{s}");
+    assert!(
+        s["last_tokens_after_cancel"].as_u64().unwrap() <= 1,
+        "tokens generated after the cancel: {s}"
+    );
+
+    // A new request for the same document cancels the running one, which
+    // is answered with no items.
+    let first = c
+        .request_async("textDocument/inlineCompletion", at(&uri, 1, 13))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": uri, "version": 2}, "contentChanges": [{"text": "def total_area(shapes):\n    total = 10\n"}]}),
+    )
+    .unwrap();
+    let second = c
+        .request_async("textDocument/inlineCompletion", at(&uri, 1, 14))
+        .unwrap();
+    let r = c.wait(first).unwrap();
+    assert_eq!(r["result"]["items"], json!([]), "{r}");
+    // kiln/status answers while the second one generates.
+    let t0 = Instant::now();
+    let s = status(&mut c);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(s["cancelled"], json!(2), "{s}");
+    c.notify("$/cancelRequest", json!({"id": second})).unwrap();
+    assert_eq!(error_code(&c.wait(second).unwrap()), -32800);
+    assert!(status(&mut c)["max_tokens_after_cancel"].as_u64().unwrap() <= 1);
+
+    // A client that vanishes mid-request: the server ends, exit code 1
+    // (no shutdown), and does not hang.
+    c.request_async("textDocument/inlineCompletion", at(&uri, 1, 13))
+        .unwrap();
+    let t0 = Instant::now();
+    let code = c.hang_up().unwrap();
+    assert_eq!(code.code(), Some(1));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_model_that_cannot_load_is_reported_not_fatal() {
+    let home = Home::default();
+    let bad = home.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let mut c = Client::spawn({
+        let mut cmd = home.command(&["serve", "--model", bad.to_str().unwrap()]);
+        cmd.stderr(Stdio::null());
+        cmd
+    })
+    .unwrap();
+    initialize(&mut c, home.path(), Value::Null);
+    let r = c.request("kiln/status", Value::Null).unwrap();
+    assert_eq!(error_code(&r), -32803, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken.gguf"),
+        "{r}"
+    );
+    let logs: Vec<&Value> = c
+        .notifications
+        .iter()
+        .filter(|n| n["method"] == "window/logMessage")
+        .collect();
+    assert!(!logs.is_empty());
+    // Bad settings are refused with a message; the server stays up.
+    c.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"kiln": {"maxTokens": -4}}}),
+    )
+    .unwrap();
+    let r = c.request("kiln/models", Value::Null).unwrap();
+    assert!(r["result"]["models"].is_array(), "{r}");
+    assert!(c.close().unwrap().success());
+}
+
+// ---------------------------------------------------------------- HTTP
+
+struct HttpServer {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_server(home: &Home) -> HttpServer {
+    let model = demo_model();
+    let mut child = home
+        .command(&[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .env("KILN_THREADS", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "kiln serve --http ended"
+        );
+        if let Some(at) = line.find("http://") {
+            break line[at + 7..].trim().to_string();
+        }
+    };
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    HttpServer { child, addr }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
+    let (code, body) = http(addr, "POST", path, v.to_string().as_bytes());
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+#[test]
+fn the_http_api_answers_validates_and_keeps_serving() {
+    let home = Home::default();
+    let srv = http_server(&home);
+    let a = srv.addr.as_str();
+    let (code, body) = http(a, "GET", "/healthz", b"");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http(a, "GET", "/v1/models", b"");
+    assert_eq!(code, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let id = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(id, "demo");
+
+    let (code, v) = post(
+        a,
+        "/v1/completions",
+        &json!({"model": id, "prompt": "def add(a, b):", "suffix": "\n", "max_tokens": 5, "temperature": 0, "seed": 1}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["choices"][0]["text"].is_string());
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() <= 5,
+        "{v}"
+    );
+
+    let (code, v) = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"model": id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+
+    // Each bad request: 4xx in OpenAI's error shape, naming the problem.
+    let bad = |body: &[u8], path: &str, want: u16, words: &str| {
+        let (code, text) = http(a, "POST", path, body);
+        assert_eq!(code, want, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{msg:?} should mention {words:?}");
+        assert!(v["error"]["type"].is_string());
+    };
+    let big = vec![b' '; 5 * 1024 * 1024];
+    bad(&big, "/v1/completions", 413, "larger than");
+    bad(
+        b"{\"model\": \"\xff\xfe\"}",
+        "/v1/completions",
+        400,
+        "UTF-8",
+    );
+    bad(b"{\"model\": ", "/v1/completions", 400, "JSON");
+    let j = |v: Value| v.to_string().into_bytes();
+    bad(
+        &j(json!({"model": "gpt-9", "prompt": "x"})),
+        "/v1/completions",
+        404,
+        "gpt-9",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "max_tokens": -1})),
+        "/v1/completions",
+        400,
+        "max_tokens",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "max_tokens": 1_000_000})),
+        "/v1/completions",
+        400,
+        "max_tokens",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "temperature": 9})),
+        "/v1/completions",
+        400,
+        "temperature",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "top_p": 0})),
+        "/v1/completions",
+        400,
+        "top_p",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "n": 3})),
+        "/v1/completions",
+        400,
+        "n must be 1",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": 7})),
+        "/v1/completions",
+        400,
+        "prompt",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x", "stop": [1]})),
+        "/v1/completions",
+        400,
+        "stop",
+    );
+    bad(
+        &j(json!({"model": id, "messages": []})),
+        "/v1/chat/completions",
+        400,
+        "messages",
+    );
+    bad(
+        &j(json!({"model": id, "prompt": "x".repeat(20000)})),
+        "/v1/completions",
+        400,
+        "context",
+    );
+    let (code, _) = http(a, "GET", "/v2/nothing", b"");
+    assert_eq!(code, 404);
+
+    // Streaming, with a client that leaves mid-stream; the server goes on.
+    let mut s = TcpStream::connect(a).unwrap();
+    let body = json!({"model": id, "prompt": "x = ", "max_tokens": 3000, "stream": true, "temperature": 0}).to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    let mut data_lines = 0;
+    while data_lines < 3 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.starts_with("data: ") {
+            data_lines += 1;
+        }
+    }
+    // /metrics answers while that generation runs.
+    let t0 = Instant::now();
+    let (code, metrics) = http(a, "GET", "/metrics", b"");
+    assert_eq!(code, 200);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(metrics.contains("kiln:num_requests_running 1"), "{metrics}");
+    drop(r);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let (_, m) = http(a, "GET", "/metrics", b"");
+        if m.contains("finished_reason=\"cancelled\"") {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the vanished client's generation never stopped:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for name in [
+        "kiln:request_success_total",
+        "kiln:time_to_first_token_seconds_bucket",
+        "kiln:e2e_request_latency_seconds_bucket",
+        "kiln:inter_token_latency_seconds_bucket",
+        "kiln:prompt_tokens_total",
+        "kiln:generation_tokens_total",
+        "kiln:prefix_cache_hits_total",
+        "kiln:prefix_cache_queries_total",
+        "kiln:backend_ops_total",
+        "kiln:backend_fallbacks_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    let (code, _) = http(a, "GET", "/healthz", b"");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn http_refuses_non_loopback_addresses_unless_asked() {
+    let home = Home::default();
+    let model = demo_model();
+    let err = home.fails(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--http",
+        "0.0.0.0:0",
+    ]);
+    assert!(err.contains("--allow-remote"), "{err}");
+    let err = home.fails(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--http",
+        "localhost",
+    ]);
+    assert!(err.contains("127.0.0.1:8080"), "{err}");
+    let err = home.fails(&["serve", "--http", "127.0.0.1:0"]);
+    assert!(err.contains("kiln models add"), "{err}");
+}
+
+#[test]
+fn the_openai_python_client_talks_to_kiln() {
+    let ok = Command::new(python())
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_OPENAI").is_none(),
+            "KILN_REQUIRE_OPENAI is set but {} cannot import openai",
+            python().display()
+        );
+        eprintln!("the openai package is not installed; skipping");
+        return;
+    }
+    let home = Home::default();
+    let srv = http_server(&home);
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/oracle/openai_client.py"))
+        .arg(format!("http://{}/v1", srv.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["model"], "demo");
+    assert!(v["stream_chunks"].as_u64().unwrap() >= 2, "{v}");
+    assert_eq!(
+        v["stream_text"], v["text"],
+        "streamed and whole answers agree (greedy): {v}"
+    );
+    assert_eq!(v["not_found_status"], 404);
+}
+
+#[test]
+fn neovim_gets_completions_from_kiln() {
+    let nvim = Command::new("nvim").arg("--version").output();
+    if !nvim.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_NVIM").is_none(),
+            "KILN_REQUIRE_NVIM is set but nvim is not installed (apt-get install neovim)"
+        );
+        eprintln!("nvim is not installed; skipping");
+        return;
+    }
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let file = ws.path().join("main.py");
+    std::fs::write(&file, "def add(a, b):\n    return a\n").unwrap();
+    let out = ws.path().join("result.json");
+    let model = demo_model();
+    let status = Command::new("nvim")
+        .args(["--headless", "-n", "-i", "NONE", "-u", "NONE", "-c"])
+        .arg(format!(
+            "luafile {}",
+            repo_root().join("tests/fixtures/nvim_lsp.lua").display()
+        ))
+        .arg(&file)
+        .env("KILN_BIN", kiln_tests::kiln_bin())
+        .env("KILN_MODEL", &model)
+        .env("KILN_HOME", home.path())
+        .env("KILN_THREADS", "1")
+        .env("KILN_RESULT", &out)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&out).unwrap_or_else(|_| {
+        panic!(
+            "nvim wrote no result:\n{}\n{}",
+            String::from_utf8_lossy(&status.stdout),
+            String::from_utf8_lossy(&status.stderr)
+        )
+    });
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["server_name"], "kiln", "{v}");
+    let items = v["items"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert!(!items.is_empty(), "{v}");
+    assert_eq!(items[0]["detail"], "kiln");
+    assert!(items[0]["textEdit"]["newText"].is_string());
+}
