@@ -315,6 +315,91 @@ fn cancelling_stops_generation_and_newer_requests_supersede_older_ones() {
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
+/// The demo model with another `general.name` (so another sha256).
+fn renamed_demo_model(dst: &Path, name: &str) {
+    use kiln::gguf::{GgufFile, GgufWriter, TensorSpec, Value as GValue};
+    let f = GgufFile::open(&demo_model()).unwrap();
+    let mut meta = f.metadata.clone();
+    meta.iter_mut()
+        .find(|(k, _)| k == "general.name")
+        .unwrap()
+        .1 = GValue::String(name.into());
+    let specs: Vec<TensorSpec> = f
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            ne: t.ne,
+            n_dims: t.n_dims,
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &meta, &specs).unwrap();
+    for t in &f.tensors {
+        w.write_tensor(f.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn the_editor_switches_and_rolls_back_models_through_the_server() {
+    let home = Home::default();
+    let v2 = home.path().join("v2.gguf");
+    renamed_demo_model(&v2, "coder-second");
+    home.ok(&[
+        "models",
+        "add",
+        demo_model().to_str().unwrap(),
+        "--name",
+        "coder",
+    ]);
+    home.ok(&["models", "add", v2.to_str().unwrap(), "--name", "coder"]);
+    // No --model: the registry's active model (coder@2, the newest).
+    let mut c = Client::spawn({
+        let mut cmd = home.command(&["serve"]);
+        cmd.env("KILN_THREADS", "1");
+        cmd
+    })
+    .unwrap();
+    initialize(&mut c, home.path(), json!({"maxTokens": 4}));
+    assert_eq!(status(&mut c)["model"], "coder@2");
+    let models = c.request("kiln/models", Value::Null).unwrap();
+    assert_eq!(
+        models["result"]["models"].as_array().unwrap().len(),
+        2,
+        "{models}"
+    );
+    let r = c
+        .request("kiln/activateModel", json!({"model": "coder@1"}))
+        .unwrap();
+    assert_eq!(r["result"]["serving"], "coder@1", "{r}");
+    assert_eq!(status(&mut c)["model"], "coder@1");
+    // Completions go on with the new model.
+    let uri = format!("file://{}/x.py", home.path().display());
+    open(&mut c, &uri, "x = 1\n");
+    let r = c
+        .request("textDocument/inlineCompletion", at(&uri, 0, 5))
+        .unwrap();
+    assert!(r["result"]["items"].is_array(), "{r}");
+    let r = c
+        .request("kiln/rollbackModel", json!({"name": "coder"}))
+        .unwrap();
+    assert_eq!(r["result"]["serving"], "coder@2", "{r}");
+    assert_eq!(status(&mut c)["model"], "coder@2");
+    // The registry saw it all, with the server as the actor.
+    let log = home.ok(&["models", "list", "--json"]);
+    let v: Value = serde_json::from_str(&log).unwrap();
+    let active: Vec<&Value> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "active")
+        .collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0]["version"], 2);
+    assert!(c.close().unwrap().success());
+}
+
 #[test]
 fn a_model_that_cannot_load_is_reported_not_fatal() {
     let home = Home::default();
