@@ -6,6 +6,7 @@ Prints one JSON line.
 usage: llama_bench.py MODEL.gguf PROMPT DECODE
 """
 import json
+import resource
 import sys
 import time
 
@@ -48,4 +49,6 @@ prompt = rng.integers(259, nv, n_prompt).tolist()
 t = time.perf_counter()
 run(prompt, 0)
 pp = n_prompt / (time.perf_counter() - t)
-print(json.dumps({"load_ms": load_ms, "prompt_tokens_per_s": pp, "decode_tokens_per_s": decode}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"load_ms": load_ms, "prompt_tokens_per_s": pp, "decode_tokens_per_s": decode,
+                  "peak_rss_bytes": peak}))

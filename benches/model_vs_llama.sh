@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# kiln against llama.cpp on the same GGUF files, in the same run: load
-# time, prompt-processing and decode speed, one table with the ratios.
+# kiln against llama.cpp (and candle, when its bench is there) on the same
+# GGUF files, in the same run: load time, prompt-processing and decode
+# speed, and the share of the memory-bandwidth bound decode reaches, in one
+# table with the ratios.
 #
 # usage: benches/model_vs_llama.sh MODELS... [-- PROMPT DECODE]
-#   e.g. benches/model_vs_llama.sh big-f16.gguf big-q8_0.gguf big-q4_0.gguf big-q4_k_m.gguf -- 64 16
+#   e.g. benches/model_vs_llama.sh big-q4_0.gguf big-q5_0.gguf -- 256 32
 # TinyLlama-shaped files: ../shared/peers/gen_model.py OUT big, then
 # ../shared/peers/quantize.py. Needs llama-cpp-python (KILN_PYTHON, or the
-# venv .ci/run makes) and a release build of kiln (built here).
+# venv .ci/run makes) and a release build of kiln (built here). candle's
+# bench is built from ../shared/peers/candle_bench when that exists
+# (KILN_CANDLE=0 skips it; it is not run on Q5_0 or F16 files, which it
+# has no fast kernels for); the bandwidth from ../shared/peers/bw.c; the
+# bound is that bandwidth over the bytes of weights read per token (the
+# file minus the token embedding). Peak RSS: kiln's VmHWM; llama.cpp's
+# ru_maxrss (about 40 MiB of it is Python). 2 threads for every engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=()
@@ -15,22 +23,57 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
 prompt=${1:-64}
 decode=${2:-16}
 python=${KILN_PYTHON:-target/python-venv/bin/python}
+peers=../shared/peers
 cargo build --release -q -p kiln
 kiln=target/release/kiln
-export KILN_HOME=${KILN_HOME:-$(mktemp -d)}
+export KILN_HOME=${KILN_HOME:-$(mktemp -d)} KILN_THREADS=2
 
-printf '| file | MiB | load ms kiln / llama.cpp | prompt-%d tok/s kiln / llama.cpp (ratio) | decode tok/s kiln / llama.cpp (ratio) |\n' "$prompt"
-printf '|---|---|---|---|---|\n'
+candle=""
+if [ "${KILN_CANDLE:-1}" != 0 ] && [ -f "$peers/candle_bench/Cargo.toml" ]; then
+  cargo build --release -q --manifest-path "$peers/candle_bench/Cargo.toml" --target-dir target/candle_bench
+  candle=target/candle_bench/release/candle_bench
+fi
+bw_gbs=""
+if [ -f "$peers/bw.c" ] && gcc -O3 -march=native -ffast-math -fopenmp "$peers/bw.c" -o target/bw 2>/dev/null; then
+  bw_gbs=$(OMP_NUM_THREADS=2 target/bw 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p')
+  echo "memory read bandwidth, 2 threads: $bw_gbs GB/s"
+fi
+
+printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
   k=$("$kiln" bench "$m" --prompt-tokens "$prompt" --decode-tokens "$decode" --json 2>/dev/null)
   l=$("$python" benches/llama_bench.py "$m" "$prompt" "$decode")
-  "$python" - "$m" "$k" "$l" <<'PY'
+  c="{}"
+  # candle has no fast kernel for Q5_0 or F16 (one Q5_0 run takes minutes).
+  ftype=$("$python" -c 'import gguf, sys; f = gguf.GGUFReader(sys.argv[1]).fields["general.file_type"]; print(int(f.parts[-1][0]))' "$m")
+  if [ -n "$candle" ] && [ "$ftype" != 8 ] && [ "$ftype" != 1 ]; then
+    out=$(RAYON_NUM_THREADS=2 timeout 600 "$candle" "$m" "$decode" 2 "$prompt" 2>/dev/null || true)
+    c=$(printf '%s\n' "$out" | "$python" -c '
+import json, sys, statistics
+d, p = [], []
+for line in sys.stdin:
+    f = line.split()
+    if len(f) > 3 and f[2] == "decode_tok_s": d.append(float(f[3]))
+    if len(f) > 3 and f[2] == "prompt_tok_s": p.append(float(f[3]))
+print(json.dumps({"decode": max(d) if d else None, "prompt": max(p) if p else None}))')
+  fi
+  "$python" - "$m" "$k" "$l" "$c" "${bw_gbs:-0}" <<'PY'
 import json, os, sys
-m, k, l = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-mib = os.path.getsize(m) / 2**20
-r = lambda a, b: a / b if b else float("nan")
-print(f"| {os.path.basename(m)} | {mib:.0f} | {k['load_ms']:.0f} / {l['load_ms']:.0f} "
-      f"| {k['prompt_tokens_per_s']:.2f} / {l['prompt_tokens_per_s']:.1f} ({r(k['prompt_tokens_per_s'], l['prompt_tokens_per_s']):.3f}x) "
-      f"| {k['decode_tokens_per_s']:.2f} / {l['decode_tokens_per_s']:.1f} ({r(k['decode_tokens_per_s'], l['decode_tokens_per_s']):.3f}x) |")
+import gguf
+m, k, l, c, bw = sys.argv[1], *map(json.loads, sys.argv[2:5]), float(sys.argv[5])
+size = os.path.getsize(m)
+r = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
+f = lambda v, p=1: f"{v:.{p}f}" if v else "–"
+# Bytes read per decoded token: every weight but the token embedding (one row).
+embd = sum(int(t.n_bytes) for t in gguf.GGUFReader(m).tensors if t.name == "token_embd.weight")
+bound = bw * 1e9 / (size - embd) if bw else None
+pct = lambda v: f"{100 * v / bound:.0f}" if bound and v else "–"
+kd, ld, cd = k["decode_tokens_per_s"], l["decode_tokens_per_s"], c.get("decode")
+kp, lp, cp = k["prompt_tokens_per_s"], l["prompt_tokens_per_s"], c.get("prompt")
+mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
+print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(cd)} | {r(kd, ld)} | {r(kd, cd)} "
+      f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {pct(kd)} / {pct(ld)} "
+      f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} |")
 PY
 done

@@ -5,7 +5,7 @@
 //!
 //! The bounds (largest logit difference over the logits' standard
 //! deviation) follow from where the two engines can differ:
-//! - integer dot products (Q8_0, Q4_0 weights, activations quantized the
+//! - integer dot products (Q8_0, Q5_0, Q4_0 weights, activations quantized the
 //!   same way) are exact, so those logits agree to float rounding: 1e-4;
 //! - f32/f16 dot products are summed in a different order (ggml's SIMD
 //!   lanes against kiln's f64 reference); a last-bit difference can flip
@@ -210,6 +210,11 @@ fn llama_q8_0() {
 fn llama_q4_0_and_bf16() {
     check(&with_dtype(LLAMA, "f16"), Some("q4_0"), INTEGER, false);
     check(&with_dtype(LLAMA, "bf16"), None, 3e-2, false);
+}
+
+#[test]
+fn llama_q5_0() {
+    check(&with_dtype(LLAMA, "f16"), Some("q5_0"), INTEGER, false);
 }
 
 #[test]

@@ -47,6 +47,7 @@ pub fn run(
     session.eval(&prompt, LogitsFor::Last)?;
     let prompt_s = t.elapsed().as_secs_f64();
 
+    let peak_rss = peak_rss_bytes();
     let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
     let prompt_tps = prompt_tokens as f64 / prompt_s.max(1e-9);
     if as_json {
@@ -56,12 +57,21 @@ pub fn run(
             "load_ms": load_ms, "first_token_ms": first_token_ms,
             "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tps,
             "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tps,
+            "peak_rss_bytes": peak_rss,
         }));
     } else {
         println!(
-            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s ({device})",
-            path.display()
+            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s ({device}); peak RSS {}",
+            path.display(),
+            peak_rss.map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20))
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The process's peak resident memory (`VmHWM`), mapped weights included.
+fn peak_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

@@ -8,7 +8,7 @@
 //! every path the machine has; `reference` turns the fast kernels off. An op with no fast path here runs the reference.
 //!
 //! Quantized matrix products follow ggml: activations are quantized on the
-//! fly to the weights' dot-product type (Q8_0 for Q4_0/Q8_0), and the inner
+//! fly to the weights' dot-product type (Q8_0 for Q4_0/Q5_0/Q8_0), and the inner
 //! products are integer, scaled per block. The reference rounds activations
 //! the same way and sums in f64, so the two differ only by the order of
 //! the f32 block sums.
@@ -120,7 +120,7 @@ pub unsafe fn run(isa: Isa, kind: OpKind, src: &[View], dst: &View) -> Option<()
 pub fn has_mul_mat(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::F16 | DType::Q4_0 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+        DType::F16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
     )
 }
 
@@ -151,7 +151,7 @@ impl Prepared {
 
     /// Dots `w` with the first rows of `xs` (all of one variant: one
     /// weight type per op), into `out`; returns how many rows it did: up to
-    /// four Q8_0 rows share one pass over `w`, the others go one by one.
+    /// four Q8_0 or Q8_K rows share one pass over `w`, F16 rows go one by one.
     fn dot_many(isa: Isa, dtype: DType, w: &[u8], xs: &[Prepared], out: &mut [f32; 4]) -> usize {
         match &xs[0] {
             Prepared::Q8(first) => {
@@ -165,13 +165,20 @@ impl Prepared {
                 q8::dot_rows(isa, dtype, w, &rows[..n], &mut out[..n]);
                 n
             }
-            Prepared::Q8K(q) => {
-                out[0] = if dtype == DType::Q4_K {
-                    kquant::dot_q4_k(isa, w, q)
+            Prepared::Q8K(first) => {
+                let mut rows = [first; 4];
+                let mut n = 1;
+                for p in xs.iter().take(4).skip(1) {
+                    let Prepared::Q8K(q) = p else { break };
+                    rows[n] = q;
+                    n += 1;
+                }
+                if dtype == DType::Q4_K {
+                    kquant::dot_q4_k(isa, w, &rows[..n], &mut out[..n]);
                 } else {
-                    kquant::dot_q6_k(isa, w, q)
-                };
-                1
+                    kquant::dot_q6_k(isa, w, &rows[..n], &mut out[..n]);
+                }
+                n
             }
             Prepared::F16(v) => {
                 out[0] = f16::dot(isa, w, v);

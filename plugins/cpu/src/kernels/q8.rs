@@ -1,5 +1,6 @@
 //! Activations quantized to Q8_0 blocks, and the integer dot products of
-//! Q4_0 and Q8_0 weight rows with them: portable, AVX2 and AVX-512 VNNI.
+//! Q4_0, Q5_0 and Q8_0 weight rows with them: portable, AVX2 and AVX-512
+//! VNNI.
 //!
 //! Block sums are exact integers, and the scaled sums accumulate in f64
 //! lanes: every term `d_w·d_x·sum` is exact in f64, so a row's result is
@@ -14,6 +15,7 @@ use kiln_plugin_api::DType;
 
 const QK: usize = 32;
 const Q4_0_BYTES: usize = 18;
+const Q5_0_BYTES: usize = 22;
 const Q8_0_BYTES: usize = 34;
 
 /// One activation row as ggml's `block_q8_0`s, split into scales and codes.
@@ -70,6 +72,7 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     assert!(xs.iter().all(|x| x.d.len() == blocks));
     match dtype {
         DType::Q4_0 => assert_eq!(w.len(), blocks * Q4_0_BYTES),
+        DType::Q5_0 => assert_eq!(w.len(), blocks * Q5_0_BYTES),
         DType::Q8_0 => assert_eq!(w.len(), blocks * Q8_0_BYTES),
         _ => unreachable!("no Q8_0 dot product for {dtype}"),
     }
@@ -77,9 +80,23 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     match isa {
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
-        Isa::Avx512 => return unsafe { x86::dot_vnni(dtype, w, xs, out) },
+        Isa::Avx512 => unsafe {
+            return match xs.len() {
+                1 => x86::dot_vnni::<1>(dtype, w, xs, out),
+                2 => x86::dot_vnni::<2>(dtype, w, xs, out),
+                3 => x86::dot_vnni::<3>(dtype, w, xs, out),
+                _ => x86::dot_vnni::<4>(dtype, w, xs, out),
+            };
+        },
         // SAFETY: as above.
-        Isa::Avx2 => return unsafe { x86::dot_avx2(dtype, w, xs, out) },
+        Isa::Avx2 => unsafe {
+            return match xs.len() {
+                1 => x86::dot_avx2::<1>(dtype, w, xs, out),
+                2 => x86::dot_avx2::<2>(dtype, w, xs, out),
+                3 => x86::dot_avx2::<3>(dtype, w, xs, out),
+                _ => x86::dot_avx2::<4>(dtype, w, xs, out),
+            };
+        },
         Isa::Scalar | Isa::Reference => {}
     }
     let _ = isa;
@@ -102,6 +119,19 @@ fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
                 }
                 (f16_at(blk, 0), s)
             }
+            DType::Q5_0 => {
+                let blk = &w[b * Q5_0_BYTES..][..Q5_0_BYTES];
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let mut s = 0i32;
+                for j in 0..16 {
+                    let q = blk[6 + j];
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    s += (((q & 0x0f) as u32 | h0) as i32 - 16) * xq[j] as i32;
+                    s += (((q >> 4) as u32 | h1) as i32 - 16) * xq[j + 16] as i32;
+                }
+                (f16_at(blk, 0), s)
+            }
             _ => {
                 let blk = &w[b * Q8_0_BYTES..][..Q8_0_BYTES];
                 let s = blk[2..]
@@ -119,13 +149,14 @@ fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q4_0_BYTES, Q8_0_BYTES, Q8Row, QK};
+    use super::{Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK};
     use core::arch::x86_64::*;
     use kiln_plugin_api::DType;
 
     /// Block `b`'s 32 weight codes as unsigned bytes (Q4_0: the nibbles;
-    /// Q8_0: the code + 128) and its f16 scale's bits. The offset (8 or
-    /// 128) times the activations' code sum is subtracted later.
+    /// Q5_0: the nibbles with their fifth bits; Q8_0: the code + 128) and
+    /// its f16 scale's bits. The offset (8, 16 or 128) times the
+    /// activations' code sum is subtracted later.
     ///
     /// # Safety
     /// Block `b` is inside `w`; AVX2 is enabled by the caller.
@@ -140,6 +171,31 @@ mod x86 {
                 let lo = _mm_and_si128(q, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
                 (_mm256_set_m128i(hi, lo), p.cast::<u16>().read_unaligned())
+            } else if dtype == DType::Q5_0 {
+                let p = w.as_ptr().add(b * Q5_0_BYTES);
+                let q = _mm_loadu_si128(p.add(6).cast());
+                let m4 = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(q, m4);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+                // Bit i of qh becomes 0x10 in byte i: broadcast qh, give
+                // each byte its own qh byte, keep one bit per byte.
+                let qh = p.add(2).cast::<i32>().read_unaligned();
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh),
+                    _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0,
+                    ),
+                );
+                let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+                (
+                    _mm256_or_si256(_mm256_set_m128i(hi, lo), high),
+                    p.cast::<u16>().read_unaligned(),
+                )
             } else {
                 let p = w.as_ptr().add(b * Q8_0_BYTES);
                 let v = _mm256_loadu_si256(p.add(2).cast());
@@ -162,13 +218,23 @@ mod x86 {
             /// hold the same number of blocks; `xs.len() <= 4 == out.len()`
             /// at most.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name(dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+            pub unsafe fn $name<const R: usize>(
+                dtype: DType,
+                w: &[u8],
+                xs: &[&Q8Row],
+                out: &mut [f32],
+            ) {
+                // R is a constant so that the per-row sums stay in registers.
+                let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
                 let prod = $prod;
                 let q8 = dtype == DType::Q8_0;
-                let offset: i32 = if q8 { $q8_offset } else { 8 };
-                let rows = xs.len().min(4).min(out.len());
+                let offset: i32 = match dtype {
+                    DType::Q8_0 => $q8_offset,
+                    DType::Q5_0 => 16,
+                    _ => 8,
+                };
                 let nb = xs[0].d.len();
-                let mut acc = [_mm256_setzero_pd(); 4];
+                let mut acc = [_mm256_setzero_pd(); R];
                 let mut b = 0;
                 while b + 4 <= nb {
                     let mut u = [_mm256_setzero_si256(); 4];
@@ -187,7 +253,7 @@ mod x86 {
                         bits[1] as i16,
                         bits[0] as i16,
                     )));
-                    for (x, acc) in xs[..rows].iter().zip(&mut acc) {
+                    for (x, acc) in xs.iter().zip(&mut acc) {
                         let mut p = [_mm256_setzero_si256(); 4];
                         for (j, pj) in p.iter_mut().enumerate() {
                             let at = (b + j) * QK;
@@ -216,7 +282,7 @@ mod x86 {
                     }
                     b += 4;
                 }
-                for ((x, acc), o) in xs[..rows].iter().zip(&acc).zip(out.iter_mut()) {
+                for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
                     let s =
                         _mm_add_pd(_mm256_castpd256_pd128(*acc), _mm256_extractf128_pd(*acc, 1));
                     let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
@@ -243,7 +309,7 @@ mod x86 {
     }
 
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's
-    // nibbles, not for Q8_0's code + 128, which takes the sign trick
+    // and Q5_0's codes (at most 2·31·128), not for Q8_0's code + 128, which takes the sign trick
     // (|w| times x with w's sign) and so needs no offset.
     dot_q8!(dot_avx2, "avx2,fma,f16c", 0, |u, xv, q8: bool| {
         let (a, b) = if q8 {

@@ -108,7 +108,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
         (64, 129, 3),
     ];
     for isa in Isa::available() {
-        for dtype in [DType::F16, DType::Q4_0, DType::Q8_0] {
+        for dtype in [DType::F16, DType::Q4_0, DType::Q5_0, DType::Q8_0] {
             for (i, &(k, n, m)) in sizes.iter().enumerate() {
                 let (r, f) = both(isa, dtype, [k, n, m, 1, 1], i as u64);
                 assert_close(isa, dtype, k, &r, &f);
@@ -135,7 +135,7 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
         for (dtype, (i, &(k, n, m))) in [DType::Q4_K, DType::Q6_K].into_iter().flat_map(|t| {
-            [(256, 1, 1), (768, 7, 3), (2304, 33, 2)]
+            [(256, 1, 1), (768, 7, 3), (2304, 33, 2), (512, 5, 6)]
                 .iter()
                 .enumerate()
                 .map(move |c| (t, c))
@@ -194,7 +194,7 @@ fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
 
 #[test]
 fn types_without_a_kernel_fall_back_to_the_reference() {
-    assert!(!has_mul_mat(DType::Q5_0));
+    assert!(!has_mul_mat(DType::Q5_K));
     let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
     let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
     let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
