@@ -224,6 +224,44 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             let (wp, dp) = (SendPtr(w.data), SendPtr(dst.data));
             let xq = &xq;
             let work = n_count * m_count * k;
+            if m_count >= GEMM_MIN_ROWS
+                && let Some(q8_rows) = q8_rows(xq)
+                && isa == Isa::Avx512
+                && matches!(wd.dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0)
+            {
+                let groups = n_count.div_ceil(q8::GEMM_ROWS);
+                threads::parallel_for(groups, work, &|range| {
+                    let (wp, dp) = (&wp, &dp);
+                    let mut scratch = q8::GemmScratch::default();
+                    for g in range {
+                        let n0 = g * q8::GEMM_ROWS;
+                        let n1 = (n0 + q8::GEMM_ROWS).min(n_count);
+                        let rows: Vec<&[u8]> = (n0..n1)
+                            .map(|n| {
+                                // SAFETY: weight row n of this slice is inside w.
+                                unsafe {
+                                    std::slice::from_raw_parts(
+                                        wp.0.add(w_base + n * wd.nb[1]),
+                                        row_bytes,
+                                    )
+                                }
+                            })
+                            .collect();
+                        let done =
+                            q8::gemm16(isa, wd.dtype, &rows, &q8_rows, &mut scratch, |n, m, v| {
+                                // SAFETY: dst element (n0 + n, m, i2, i3) is inside
+                                // dst; each weight row belongs to one thread.
+                                unsafe {
+                                    dp.0.add(d_base + m * dd.nb[1] + (n0 + n) * 4)
+                                        .cast::<f32>()
+                                        .write_unaligned(v)
+                                };
+                            });
+                        debug_assert!(done);
+                    }
+                });
+                continue;
+            }
             threads::parallel_for(n_count, work, &|range| {
                 let (wp, dp) = (&wp, &dp);
                 for n in range {
@@ -251,6 +289,21 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// From this many activation rows on, Q4_0/Q5_0/Q8_0 products use the
+/// lane-wise GEMM ([`q8::gemm16`]) where the CPU has AVX-512 VNNI.
+const GEMM_MIN_ROWS: usize = 4;
+
+/// The rows as Q8_0 rows, if they are (one weight type per op makes that
+/// all or nothing).
+fn q8_rows(xs: &[Prepared]) -> Option<Vec<&Q8Row>> {
+    xs.iter()
+        .map(|p| match p {
+            Prepared::Q8(q) => Some(q),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A raw pointer the worker threads share; the kernels give each thread

@@ -105,6 +105,55 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     }
 }
 
+/// Weight rows per [`gemm16`] group.
+pub const GEMM_ROWS: usize = 16;
+
+/// Scratch for [`gemm16`], reused across calls on one thread.
+#[derive(Default)]
+pub struct GemmScratch {
+    codes: Vec<u8>,
+    dw: Vec<f64>,
+}
+
+/// `out(n, m) = w[n] · xs[m]` for up to 16 weight rows and any number of
+/// activation rows, on AVX-512 VNNI with the weights laid out lane-wise:
+/// lane `n` of a 512-bit register holds 4 codes of weight row `n`, so one
+/// `vpdpbusd` against 4 broadcast activation codes advances 16 dot
+/// products, and a block's integer sums land in 16 lanes with no
+/// horizontal reduction. The codes are unpacked into that layout once per
+/// call and reused for every activation row (worth it from about 4 rows).
+/// Sums are scaled and accumulated in f64 block by block, in the
+/// reference's order, so the results are the reference's bits.
+///
+/// Returns `false` (and does nothing) when the CPU lacks AVX-512 VNNI.
+pub fn gemm16(
+    isa: Isa,
+    dtype: DType,
+    ws: &[&[u8]],
+    xs: &[&Q8Row],
+    scratch: &mut GemmScratch,
+    mut out: impl FnMut(usize, usize, f32),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0) {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        let bytes = match dtype {
+            DType::Q4_0 => Q4_0_BYTES,
+            DType::Q5_0 => Q5_0_BYTES,
+            _ => Q8_0_BYTES,
+        };
+        assert!(ws.iter().all(|w| w.len() == nb * bytes));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        // SAFETY: the path is only chosen when the CPU has AVX-512 VNNI
+        // (`Isa::detect`); the lengths were checked above.
+        unsafe { x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out) };
+        return true;
+    }
+    let _ = (isa, dtype, ws, xs, scratch, &mut out);
+    false
+}
+
 fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f64;
     for (b, (&dx, xq)) in x.d.iter().zip(x.qs.chunks_exact(QK)).enumerate() {
@@ -149,7 +198,7 @@ fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK};
+    use super::{GEMM_ROWS, GemmScratch, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK};
     use core::arch::x86_64::*;
     use kiln_plugin_api::DType;
 
@@ -306,6 +355,133 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// See [`super::gemm16`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; every row of
+    /// `ws` holds as many blocks of `dtype` as every row of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn gemm16_vnni(
+        dtype: DType,
+        ws: &[&[u8]],
+        xs: &[&Q8Row],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let nb = xs[0].d.len();
+        let offset: i32 = match dtype {
+            DType::Q8_0 => 128,
+            DType::Q5_0 => 16,
+            _ => 8,
+        };
+        // Codes of block b: 8 groups of 4 codes; group j of row n at
+        // ((b * 8 + j) * 16 + n) * 4. Missing rows stay zero.
+        scratch.codes.clear();
+        scratch.codes.resize(nb * 8 * GEMM_ROWS * 4, 0);
+        scratch.dw.clear();
+        scratch.dw.resize(nb * GEMM_ROWS, 0.0);
+        let mut row = [0u8; QK];
+        for (n, w) in ws.iter().enumerate() {
+            for b in 0..nb {
+                // SAFETY: block b is inside `w` (checked by the caller).
+                let (u, bits) = unsafe { codes(dtype, w, b) };
+                // SAFETY: `row` holds 32 bytes.
+                unsafe { _mm256_storeu_si256(row.as_mut_ptr().cast(), u) };
+                for j in 0..8 {
+                    let at = ((b * 8 + j) * GEMM_ROWS + n) * 4;
+                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * j..4 * j + 4]);
+                }
+                scratch.dw[b * GEMM_ROWS + n] =
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) as f64;
+            }
+        }
+        let rows = ws.len();
+        let mut m0 = 0;
+        while m0 < xs.len() {
+            let left = xs.len() - m0;
+            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+            // contract covers the activation rows.
+            unsafe {
+                match left {
+                    1 => gemm_rows::<1>(scratch, &xs[m0..], nb, offset, rows, m0, out),
+                    2 => gemm_rows::<2>(scratch, &xs[m0..], nb, offset, rows, m0, out),
+                    3 => gemm_rows::<3>(scratch, &xs[m0..], nb, offset, rows, m0, out),
+                    _ => gemm_rows::<4>(scratch, &xs[m0..], nb, offset, rows, m0, out),
+                }
+            }
+            m0 += left.min(4);
+        }
+    }
+
+    /// `R` activation rows against the unpacked 16 weight rows. The rows'
+    /// dot products run as `R` independent chains (one `vpdpbusd` chain
+    /// alone would wait on its own latency).
+    ///
+    /// # Safety
+    /// As [`gemm16_vnni`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_rows<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8Row],
+        nb: usize,
+        offset: i32,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        let codes_p = scratch.codes.as_ptr();
+        let dw_p = scratch.dw.as_ptr();
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let mut sum = [_mm512_setzero_si512(); R];
+            for (r, x) in xs.iter().enumerate() {
+                sum[r] = _mm512_set1_epi32(-offset * x.sums[b]);
+            }
+            for j in 0..8 {
+                // SAFETY: group j of block b is inside the scratch.
+                let wj = unsafe { _mm512_loadu_si512(codes_p.add((b * 8 + j) * 64).cast()) };
+                for (r, x) in xs.iter().enumerate() {
+                    // SAFETY: codes 4j..4j+4 of block b are inside the row.
+                    let xv = unsafe {
+                        x.qs.as_ptr()
+                            .add(b * QK + 4 * j)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    sum[r] = _mm512_dpbusd_epi32(sum[r], wj, _mm512_set1_epi32(xv));
+                }
+            }
+            // SAFETY: the 16 scales of block b are inside the scratch.
+            let (dw_lo, dw_hi) = unsafe {
+                (
+                    _mm512_loadu_pd(dw_p.add(b * GEMM_ROWS)),
+                    _mm512_loadu_pd(dw_p.add(b * GEMM_ROWS + 8)),
+                )
+            };
+            for (r, x) in xs.iter().enumerate() {
+                let dx = _mm512_set1_pd(x.d[b] as f64);
+                let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum[r]));
+                let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sum[r], 1));
+                acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, acc[r][1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut v = [0f64; 16];
+            // SAFETY: `v` holds 16 f64s.
+            unsafe {
+                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
+                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
+            }
+            for (n, &value) in v.iter().enumerate().take(rows) {
+                out(n, m0 + r, value as f32);
+            }
+        }
     }
 
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's

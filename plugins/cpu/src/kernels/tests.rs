@@ -106,6 +106,11 @@ fn mul_mat_matches_the_reference_on_every_path() {
         (160, 17, 1),
         (2080, 67, 5),
         (64, 129, 3),
+        // Four rows and more take the lane-wise GEMM where there is one:
+        // whole and partial groups of 16 weight rows and of 4 activations.
+        (96, 16, 4),
+        (320, 33, 9),
+        (32, 1, 4),
     ];
     for isa in Isa::available() {
         for dtype in [DType::F16, DType::Q4_0, DType::Q5_0, DType::Q8_0] {
@@ -122,6 +127,8 @@ fn mul_mat_matches_the_reference_on_every_path() {
             }
             // Broadcast over dimension 2 (grouped-query attention's shape).
             let (r, f) = both(isa, dtype, [64, 5, 3, 2, 4], 99);
+            assert_close(isa, dtype, 64, &r, &f);
+            let (r, f) = both(isa, dtype, [64, 18, 6, 2, 4], 98);
             assert_close(isa, dtype, 64, &r, &f);
         }
     }
