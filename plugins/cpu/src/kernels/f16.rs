@@ -30,7 +30,7 @@ pub fn dot(isa: Isa, w: &[u8], x: &[f32]) -> f32 {
 
 /// Sums `w[from..] · x[from..]` onto `acc`.
 fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
-    for (c, v) in w.chunks_exact(2).zip(x).skip(from) {
+    for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
         acc += f16::from_le_bytes([c[0], c[1]]).to_f32() as f64 * *v as f64;
     }
     acc as f32

@@ -20,6 +20,9 @@ pub struct Q8KRow {
     pub qs: Vec<i8>,
     /// The sum of the codes of each 32, for the K-quants' minimums.
     pub sums32: Vec<i32>,
+    /// The sum of the codes of each 16 (Q6_K's sub-blocks, for the GEMM's
+    /// offset of its unsigned codes).
+    pub sums16: Vec<i32>,
 }
 
 impl Q8KRow {
@@ -28,6 +31,7 @@ impl Q8KRow {
             d: vec![0.0; k / QK_K],
             qs: vec![0; k],
             sums32: vec![0; k / 32],
+            sums16: vec![0; k / 16],
         }
     }
 
@@ -57,8 +61,11 @@ impl Q8KRow {
                 *q = nearest_int(iscale * v).min(127) as i8;
             }
         }
-        for (s, q) in self.sums32.iter_mut().zip(self.qs.chunks_exact(32)) {
+        for (s, q) in self.sums16.iter_mut().zip(self.qs.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i32).sum();
+        }
+        for (s, pair) in self.sums32.iter_mut().zip(self.sums16.chunks_exact(2)) {
+            *s = pair[0] + pair[1];
         }
     }
 }
@@ -138,6 +145,72 @@ fn q4_k_block(q: &[u8], xs: &[&Q8KRow; 1], b: usize, sc: &[i32; 8], totals: &mut
     }
 }
 
+/// Weight rows per [`gemm16_q4_k`] group.
+pub const GEMM_ROWS: usize = 16;
+
+/// Scratch for [`gemm16_q4_k`], reused across calls on one thread.
+#[derive(Default)]
+pub struct GemmScratch {
+    codes: Vec<u8>,
+    sc: Vec<i32>,
+    mins: Vec<i32>,
+    d: Vec<f64>,
+    dmin: Vec<f64>,
+}
+
+/// `out(n, m) = w[n] · xs[m]` for up to 16 Q4_K weight rows and any number
+/// of activation rows, on AVX-512 VNNI, lane-wise as `q8::gemm16`: the
+/// codes are unpacked once per call so that lane `n` of a register holds
+/// 4 codes of row `n`; each 32-code sub-block's sums are scaled per lane,
+/// the minimums' part comes from the activations' sums, and a block is
+/// scaled in f64 exactly as [`dot_q4_k`] does it (same results).
+///
+/// Returns `false` (and does nothing) without AVX-512 VNNI.
+pub fn gemm16_q4_k(
+    isa: Isa,
+    ws: &[&[u8]],
+    xs: &[&Q8KRow],
+    scratch: &mut GemmScratch,
+    mut out: impl FnMut(usize, usize, f32),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        assert!(ws.iter().all(|w| w.len() == nb * Q4_K_BLOCK));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
+        unsafe { x86::gemm16_q4_k_vnni(ws, xs, scratch, &mut out) };
+        return true;
+    }
+    let _ = (isa, ws, xs, scratch, &mut out);
+    false
+}
+
+/// As [`gemm16_q4_k`] for Q6_K weights: codes unpacked unsigned (the
+/// offset of 32 is taken off with the activations' sums of 16), one scale
+/// per 16 codes, the block scaled in f64 as [`dot_q6_k`] does.
+pub fn gemm16_q6_k(
+    isa: Isa,
+    ws: &[&[u8]],
+    xs: &[&Q8KRow],
+    scratch: &mut GemmScratch,
+    mut out: impl FnMut(usize, usize, f32),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        assert!(ws.iter().all(|w| w.len() == nb * BLOCK));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
+        unsafe { x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out) };
+        return true;
+    }
+    let _ = (isa, ws, xs, scratch, &mut out);
+    false
+}
+
 /// `out[r] = w · xs[r]` for one Q6_K row and up to four activation rows
 /// (each block's codes unpacked once for all).
 pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
@@ -191,7 +264,7 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, Q8KRow, QK_K};
+    use super::{BLOCK, GEMM_ROWS, GemmScratch, Q4_K_BLOCK, Q8KRow, QK_K};
     use core::arch::x86_64::*;
 
     /// F16C's conversion of one f16.
@@ -340,6 +413,317 @@ mod x86 {
         }
         for (o, a) in out.iter_mut().zip(acc) {
             *o = a as f32;
+        }
+    }
+
+    /// See [`super::gemm16_q4_k`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; every row of
+    /// `ws` holds as many Q4_K blocks as every row of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn gemm16_q4_k_vnni(
+        ws: &[&[u8]],
+        xs: &[&Q8KRow],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let nb = xs[0].d.len();
+        // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
+        // sub-block j's scale and minimum of row n at (b * 8 + j) * 16 + n.
+        scratch.codes.clear();
+        scratch.codes.resize(nb * 64 * GEMM_ROWS * 4, 0);
+        for v in [&mut scratch.sc, &mut scratch.mins] {
+            v.clear();
+            v.resize(nb * 8 * GEMM_ROWS, 0);
+        }
+        for v in [&mut scratch.d, &mut scratch.dmin] {
+            v.clear();
+            v.resize(nb * GEMM_ROWS, 0.0);
+        }
+        let m4 = _mm256_set1_epi8(0x0f);
+        let mut row = [0u8; QK_K];
+        for (n, w) in ws.iter().enumerate() {
+            for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+                for j in 0..8 {
+                    let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
+                    scratch.sc[(b * 8 + j) * GEMM_ROWS + n] = sc as i32;
+                    scratch.mins[(b * 8 + j) * GEMM_ROWS + n] = m as i32;
+                }
+                scratch.d[b * GEMM_ROWS + n] =
+                    f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+                scratch.dmin[b * GEMM_ROWS + n] =
+                    f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+                for j in 0..4 {
+                    // SAFETY: the 32 code bytes at 16 + 32j are inside the
+                    // block; `row` holds 256 bytes.
+                    unsafe {
+                        let qv = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * j).cast());
+                        _mm256_storeu_si256(
+                            row.as_mut_ptr().add(64 * j).cast(),
+                            _mm256_and_si256(qv, m4),
+                        );
+                        _mm256_storeu_si256(
+                            row.as_mut_ptr().add(64 * j + 32).cast(),
+                            _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
+                        );
+                    }
+                }
+                for g in 0..64 {
+                    let at = ((b * 64 + g) * GEMM_ROWS + n) * 4;
+                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
+                }
+            }
+        }
+        let rows = ws.len();
+        let mut m0 = 0;
+        while m0 < xs.len() {
+            let left = xs.len() - m0;
+            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+            // contract covers the activation rows.
+            unsafe {
+                match left {
+                    1 => q4_k_rows::<1>(scratch, &xs[m0..], nb, rows, m0, out),
+                    2 => q4_k_rows::<2>(scratch, &xs[m0..], nb, rows, m0, out),
+                    3 => q4_k_rows::<3>(scratch, &xs[m0..], nb, rows, m0, out),
+                    _ => q4_k_rows::<4>(scratch, &xs[m0..], nb, rows, m0, out),
+                }
+            }
+            m0 += left.min(4);
+        }
+    }
+
+    /// `R` activation rows against the unpacked 16 weight rows.
+    ///
+    /// # Safety
+    /// As [`gemm16_q4_k_vnni`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn q4_k_rows<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let codes = scratch.codes.as_ptr();
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let mut total = [_mm512_setzero_si512(); R];
+            let mut total_m = [_mm512_setzero_si512(); R];
+            for j in 0..8 {
+                let mut sum = [_mm512_setzero_si512(); R];
+                for g in 0..8 {
+                    // SAFETY: group 8j + g of block b is inside the scratch.
+                    let w = unsafe {
+                        _mm512_loadu_si512(codes.add(((b * 64 + 8 * j + g) * GEMM_ROWS) * 4).cast())
+                    };
+                    for (r, x) in xs.iter().enumerate() {
+                        // SAFETY: codes 32j + 4g.. of block b are inside the row.
+                        let xv = unsafe {
+                            x.qs.as_ptr()
+                                .add(b * QK_K + 32 * j + 4 * g)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        sum[r] = _mm512_dpbusd_epi32(sum[r], w, _mm512_set1_epi32(xv));
+                    }
+                }
+                let at = (b * 8 + j) * GEMM_ROWS;
+                // SAFETY: 16 scales and minimums of sub-block j are inside.
+                let (sc, mins) = unsafe {
+                    (
+                        _mm512_loadu_si512(scratch.sc.as_ptr().add(at).cast()),
+                        _mm512_loadu_si512(scratch.mins.as_ptr().add(at).cast()),
+                    )
+                };
+                for (r, x) in xs.iter().enumerate() {
+                    total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sum[r], sc));
+                    let xs32 = _mm512_set1_epi32(x.sums32[b * 8 + j]);
+                    total_m[r] = _mm512_add_epi32(total_m[r], _mm512_mullo_epi32(mins, xs32));
+                }
+            }
+            let at = b * GEMM_ROWS;
+            // SAFETY: the 16 scales of block b are inside the scratch.
+            let (d_lo, d_hi, m_lo, m_hi) = unsafe {
+                (
+                    _mm512_loadu_pd(scratch.d.as_ptr().add(at)),
+                    _mm512_loadu_pd(scratch.d.as_ptr().add(at + 8)),
+                    _mm512_loadu_pd(scratch.dmin.as_ptr().add(at)),
+                    _mm512_loadu_pd(scratch.dmin.as_ptr().add(at + 8)),
+                )
+            };
+            for (r, x) in xs.iter().enumerate() {
+                let dx = _mm512_set1_pd(x.d[b] as f64);
+                let half = |v: __m512i, hi: bool| {
+                    if hi {
+                        _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1))
+                    } else {
+                        _mm512_cvtepi32_pd(_mm512_castsi512_si256(v))
+                    }
+                };
+                // As dot_q4_k: x.d · (d · total − dmin · total_m), added on.
+                for (k, (d, dmin)) in [(d_lo, m_lo), (d_hi, m_hi)].into_iter().enumerate() {
+                    let hi = k == 1;
+                    let v = _mm512_sub_pd(
+                        _mm512_mul_pd(d, half(total[r], hi)),
+                        _mm512_mul_pd(dmin, half(total_m[r], hi)),
+                    );
+                    acc[r][k] = _mm512_add_pd(acc[r][k], _mm512_mul_pd(dx, v));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut v = [0f64; 16];
+            // SAFETY: `v` holds 16 f64s.
+            unsafe {
+                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
+                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
+            }
+            for (n, &value) in v.iter().enumerate().take(rows) {
+                out(n, m0 + r, value as f32);
+            }
+        }
+    }
+
+    /// See [`super::gemm16_q6_k`].
+    ///
+    /// # Safety
+    /// As [`gemm16_q4_k_vnni`], for Q6_K rows.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn gemm16_q6_k_vnni(
+        ws: &[&[u8]],
+        xs: &[&Q8KRow],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let nb = xs[0].d.len();
+        // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
+        // the scale of 16 codes j at (b * 16 + j) * 16 + n.
+        scratch.codes.clear();
+        scratch.codes.resize(nb * 64 * GEMM_ROWS * 4, 0);
+        scratch.sc.clear();
+        scratch.sc.resize(nb * 16 * GEMM_ROWS, 0);
+        scratch.d.clear();
+        scratch.d.resize(nb * GEMM_ROWS, 0.0);
+        let mut row = [0u8; QK_K];
+        for (n, w) in ws.iter().enumerate() {
+            for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
+                for half in 0..2 {
+                    let (ql, qh) = (&blk[64 * half..128], &blk[128 + 32 * half..192]);
+                    for l in 0..32 {
+                        let q = crate::quant::q6_k_codes(ql, qh, l);
+                        for (i, v) in q.into_iter().enumerate() {
+                            row[128 * half + 32 * i + l] = (v + 32) as u8;
+                        }
+                    }
+                }
+                for j in 0..16 {
+                    scratch.sc[(b * 16 + j) * GEMM_ROWS + n] = blk[192 + j] as i8 as i32;
+                }
+                scratch.d[b * GEMM_ROWS + n] =
+                    f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
+                for g in 0..64 {
+                    let at = ((b * 64 + g) * GEMM_ROWS + n) * 4;
+                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
+                }
+            }
+        }
+        let rows = ws.len();
+        let mut m0 = 0;
+        while m0 < xs.len() {
+            let left = xs.len() - m0;
+            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+            // contract covers the activation rows.
+            unsafe {
+                match left {
+                    1 => q6_k_rows::<1>(scratch, &xs[m0..], nb, rows, m0, out),
+                    2 => q6_k_rows::<2>(scratch, &xs[m0..], nb, rows, m0, out),
+                    3 => q6_k_rows::<3>(scratch, &xs[m0..], nb, rows, m0, out),
+                    _ => q6_k_rows::<4>(scratch, &xs[m0..], nb, rows, m0, out),
+                }
+            }
+            m0 += left.min(4);
+        }
+    }
+
+    /// `R` activation rows against the unpacked 16 Q6_K weight rows.
+    ///
+    /// # Safety
+    /// As [`gemm16_q6_k_vnni`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn q6_k_rows<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, f32),
+    ) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let codes = scratch.codes.as_ptr();
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let mut total = [_mm512_setzero_si512(); R];
+            for j in 0..16 {
+                let mut sum = [_mm512_setzero_si512(); R];
+                for (r, x) in xs.iter().enumerate() {
+                    sum[r] = _mm512_set1_epi32(-32 * x.sums16[b * 16 + j]);
+                }
+                for g in 0..4 {
+                    // SAFETY: group 4j + g of block b is inside the scratch.
+                    let w = unsafe {
+                        _mm512_loadu_si512(codes.add(((b * 64 + 4 * j + g) * GEMM_ROWS) * 4).cast())
+                    };
+                    for (r, x) in xs.iter().enumerate() {
+                        // SAFETY: codes 16j + 4g.. of block b are inside the row.
+                        let xv = unsafe {
+                            x.qs.as_ptr()
+                                .add(b * QK_K + 16 * j + 4 * g)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        sum[r] = _mm512_dpbusd_epi32(sum[r], w, _mm512_set1_epi32(xv));
+                    }
+                }
+                // SAFETY: the 16 scales of these 16 codes are inside.
+                let sc = unsafe {
+                    _mm512_loadu_si512(scratch.sc.as_ptr().add((b * 16 + j) * GEMM_ROWS).cast())
+                };
+                for r in 0..R {
+                    total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sum[r], sc));
+                }
+            }
+            let at = b * GEMM_ROWS;
+            // SAFETY: the 16 scales of block b are inside the scratch.
+            let (d_lo, d_hi) = unsafe {
+                (
+                    _mm512_loadu_pd(scratch.d.as_ptr().add(at)),
+                    _mm512_loadu_pd(scratch.d.as_ptr().add(at + 8)),
+                )
+            };
+            for (r, x) in xs.iter().enumerate() {
+                // As dot_q6_k: (d · x.d) · total, added on.
+                let dx = _mm512_set1_pd(x.d[b] as f64);
+                let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(total[r]));
+                let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(total[r], 1));
+                acc[r][0] = _mm512_add_pd(acc[r][0], _mm512_mul_pd(_mm512_mul_pd(d_lo, dx), lo));
+                acc[r][1] = _mm512_add_pd(acc[r][1], _mm512_mul_pd(_mm512_mul_pd(d_hi, dx), hi));
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let mut v = [0f64; 16];
+            // SAFETY: `v` holds 16 f64s.
+            unsafe {
+                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
+                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
+            }
+            for (n, &value) in v.iter().enumerate().take(rows) {
+                out(n, m0 + r, value as f32);
+            }
         }
     }
 }

@@ -262,6 +262,48 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 });
                 continue;
             }
+            if m_count >= GEMM_MIN_ROWS
+                && let Some(q8k_rows) = q8k_rows(xq)
+                && isa == Isa::Avx512
+                && matches!(wd.dtype, DType::Q4_K | DType::Q6_K)
+            {
+                let groups = n_count.div_ceil(kquant::GEMM_ROWS);
+                threads::parallel_for(groups, work, &|range| {
+                    let (wp, dp) = (&wp, &dp);
+                    let mut scratch = kquant::GemmScratch::default();
+                    for g in range {
+                        let n0 = g * kquant::GEMM_ROWS;
+                        let n1 = (n0 + kquant::GEMM_ROWS).min(n_count);
+                        let rows: Vec<&[u8]> = (n0..n1)
+                            .map(|n| {
+                                // SAFETY: weight row n of this slice is inside w.
+                                unsafe {
+                                    std::slice::from_raw_parts(
+                                        wp.0.add(w_base + n * wd.nb[1]),
+                                        row_bytes,
+                                    )
+                                }
+                            })
+                            .collect();
+                        let write = |n: usize, m: usize, v: f32| {
+                            // SAFETY: dst element (n0 + n, m, i2, i3) is inside
+                            // dst; each weight row belongs to one thread.
+                            unsafe {
+                                dp.0.add(d_base + m * dd.nb[1] + (n0 + n) * 4)
+                                    .cast::<f32>()
+                                    .write_unaligned(v)
+                            };
+                        };
+                        let done = if wd.dtype == DType::Q4_K {
+                            kquant::gemm16_q4_k(isa, &rows, &q8k_rows, &mut scratch, write)
+                        } else {
+                            kquant::gemm16_q6_k(isa, &rows, &q8k_rows, &mut scratch, write)
+                        };
+                        debug_assert!(done);
+                    }
+                });
+                continue;
+            }
             threads::parallel_for(n_count, work, &|range| {
                 let (wp, dp) = (&wp, &dp);
                 for n in range {
@@ -291,8 +333,10 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     Some(())
 }
 
-/// From this many activation rows on, Q4_0/Q5_0/Q8_0 products use the
-/// lane-wise GEMM ([`q8::gemm16`]) where the CPU has AVX-512 VNNI.
+/// From this many activation rows on, Q4_0/Q5_0/Q8_0, Q4_K and Q6_K
+/// products use the lane-wise GEMMs ([`q8::gemm16`],
+/// [`kquant::gemm16_q4_k`], [`kquant::gemm16_q6_k`]) where the CPU has
+/// AVX-512 VNNI.
 const GEMM_MIN_ROWS: usize = 4;
 
 /// The rows as Q8_0 rows, if they are (one weight type per op makes that
@@ -301,6 +345,16 @@ fn q8_rows(xs: &[Prepared]) -> Option<Vec<&Q8Row>> {
     xs.iter()
         .map(|p| match p {
             Prepared::Q8(q) => Some(q),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rows as Q8_K rows, if they are.
+fn q8k_rows(xs: &[Prepared]) -> Option<Vec<&kquant::Q8KRow>> {
+    xs.iter()
+        .map(|p| match p {
+            Prepared::Q8K(q) => Some(q),
             _ => None,
         })
         .collect()

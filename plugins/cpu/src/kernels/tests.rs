@@ -142,10 +142,16 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
         for (dtype, (i, &(k, n, m))) in [DType::Q4_K, DType::Q6_K].into_iter().flat_map(|t| {
-            [(256, 1, 1), (768, 7, 3), (2304, 33, 2), (512, 5, 6)]
-                .iter()
-                .enumerate()
-                .map(move |c| (t, c))
+            [
+                (256, 1, 1),
+                (768, 7, 3),
+                (2304, 33, 2),
+                (512, 5, 6),
+                (768, 35, 9),
+            ]
+            .iter()
+            .enumerate()
+            .map(move |c| (t, c))
         }) {
             let (r, f, bound) = both_with_bound(isa, dtype, [k, n, m, 1, 1], i as u64);
             for (j, ((a, b), s)) in r.iter().zip(&f).zip(&bound).enumerate() {
