@@ -7,12 +7,18 @@
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// Below this many multiply-adds an op runs on the calling thread alone:
 /// waking the pool costs more than it saves.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// How long a worker keeps looking for the next job, and the dispatcher
+/// for the workers' end, before sleeping: decoding runs a few hundred ops
+/// per token, tens of microseconds apart, and a sleep and wake-up through
+/// the kernel costs about as much as a small op.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 type Task = dyn Fn(Range<usize>) + Sync;
 
@@ -47,6 +53,23 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     done: Condvar,
+    /// `State::generation` and `State::running`, readable without the lock
+    /// (for spinning; the lock-protected fields decide).
+    generation: AtomicU64,
+    running: AtomicUsize,
+}
+
+/// Spins until `ready` or [`SPIN`] has passed.
+fn spin_until(ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    let mut i = 0u32;
+    while !ready() {
+        std::hint::spin_loop();
+        i = i.wrapping_add(1);
+        if i.is_multiple_of(64) && start.elapsed() > SPIN {
+            return;
+        }
+    }
 }
 
 struct Pool {
@@ -100,6 +123,7 @@ fn run_chunks(job: &Job) {
 fn worker(shared: Arc<Shared>, index: usize) {
     let mut seen = 0u64;
     loop {
+        spin_until(|| shared.generation.load(Ordering::Acquire) != seen);
         let job = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -119,6 +143,7 @@ fn worker(shared: Arc<Shared>, index: usize) {
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.panicked |= !ok;
         st.running -= 1;
+        shared.running.store(st.running, Ordering::Release);
         if st.running == 0 {
             shared.done.notify_all();
         }
@@ -167,9 +192,12 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         st.job = Some(job.clone());
         st.running = n - 1;
         st.panicked = false;
+        shared.running.store(st.running, Ordering::Release);
+        shared.generation.store(st.generation, Ordering::Release);
         shared.wake.notify_all();
     }
     let mine = catch_unwind(AssertUnwindSafe(|| run_chunks(&job)));
+    spin_until(|| shared.running.load(Ordering::Acquire) == 0);
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     while st.running > 0 {
         st = shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
