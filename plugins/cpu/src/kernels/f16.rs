@@ -6,8 +6,16 @@
 use super::Isa;
 use half::f16;
 
-/// Activations as the dot product sees them: each value rounded to f16.
-pub fn round_row(x: &[f32], out: &mut [f32]) {
+/// Activations as the dot product sees them: each value rounded to f16
+/// (to nearest, ties to even; F16C's conversion rounds the same way).
+pub fn round_row(isa: Isa, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: AVX2 paths imply F16C (`Isa::detect`); lengths checked.
+        return unsafe { x86::round_row_f16c(x, out) };
+    }
+    let _ = isa;
     for (o, v) in out.iter_mut().zip(x) {
         *o = f16::from_f32(*v).to_f32();
     }
@@ -28,6 +36,28 @@ pub fn dot(isa: Isa, w: &[u8], x: &[f32]) -> f32 {
     dot_scalar(w, x, 0, 0.0)
 }
 
+/// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
+/// converted once for all on AVX-512).
+pub fn dot_rows(isa: Isa, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
+    assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: the path exists on this CPU; lengths checked above.
+        return unsafe {
+            match xs.len() {
+                1 => x86::dot_rows_avx512::<1>(w, xs, out),
+                2 => x86::dot_rows_avx512::<2>(w, xs, out),
+                3 => x86::dot_rows_avx512::<3>(w, xs, out),
+                _ => x86::dot_rows_avx512::<4>(w, xs, out),
+            }
+        };
+    }
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot(isa, w, x);
+    }
+}
+
 /// Sums `w[from..] · x[from..]` onto `acc`.
 fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
     for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
@@ -39,6 +69,24 @@ fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 and F16C are present; `x.len() == out.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn round_row_f16c(x: &[f32], out: &mut [f32]) {
+        let full = x.len() / 8 * 8;
+        for i in (0..full).step_by(8) {
+            // SAFETY: elements i..i+8 are inside both.
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for i in full..x.len() {
+            out[i] = half::f16::from_f32(x[i]).to_f32();
+        }
+    }
 
     /// # Safety
     /// AVX2, FMA and F16C are present; `w.len() == 2 * x.len()`.
@@ -65,8 +113,43 @@ mod x86 {
     }
 
     /// # Safety
+    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; `w.len() == 2 *
+    /// x.len()` for each of the first `R` rows of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn dot_rows_avx512<const R: usize>(w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
+        let len = xs[0].len();
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        let mut i = 0;
+        while i < len {
+            let mask = if len - i >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << (len - i)) - 1) as u16
+            };
+            // SAFETY: the masked loads touch only elements i..len.
+            let wv = unsafe {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w.as_ptr().add(2 * i).cast()))
+            };
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                // SAFETY: as above.
+                let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i)) };
+                let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
+                let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
+                acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
+                acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
+            }
+            i += 16;
+        }
+        for (o, acc) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32;
+        }
+    }
+
+    /// # Safety
     /// AVX-512 F, AVX2, FMA and F16C are present; `w.len() == 2 * x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
     pub unsafe fn dot_avx512(w: &[u8], x: &[f32]) -> f32 {
         let mut acc = [_mm512_setzero_pd(); 2];
         let full = x.len() / 16 * 16;
@@ -84,7 +167,25 @@ mod x86 {
             acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
             acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
         }
-        let s = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
-        super::dot_scalar(w, x, full, s)
+        let tail = x.len() - full;
+        if tail > 0 {
+            let mask = (1u32 << tail) - 1;
+            // SAFETY: the masked loads touch only elements full..len.
+            let (wv, xv) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        mask as u16,
+                        w.as_ptr().add(2 * full).cast(),
+                    )),
+                    _mm512_maskz_loadu_ps(mask as u16, x.as_ptr().add(full)),
+                )
+            };
+            let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
+            let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
+            acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
+            acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
+        }
+        _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32
     }
 }

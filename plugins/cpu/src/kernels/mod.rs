@@ -141,17 +141,17 @@ impl Prepared {
         }
     }
 
-    fn set(&mut self, x: &[f32]) {
+    fn set(&mut self, isa: Isa, x: &[f32]) {
         match self {
             Prepared::Q8(q) => q.quantize(x),
             Prepared::Q8K(q) => q.quantize(x),
-            Prepared::F16(v) => f16::round_row(x, v),
+            Prepared::F16(v) => f16::round_row(isa, x, v),
         }
     }
 
     /// Dots `w` with the first rows of `xs` (all of one variant: one
     /// weight type per op), into `out`; returns how many rows it did: up to
-    /// four Q8_0 or Q8_K rows share one pass over `w`, F16 rows go one by one.
+    /// four rows share one pass over `w`.
     fn dot_many(isa: Isa, dtype: DType, w: &[u8], xs: &[Prepared], out: &mut [f32; 4]) -> usize {
         match &xs[0] {
             Prepared::Q8(first) => {
@@ -180,9 +180,16 @@ impl Prepared {
                 }
                 n
             }
-            Prepared::F16(v) => {
-                out[0] = f16::dot(isa, w, v);
-                1
+            Prepared::F16(first) => {
+                let mut rows: [&[f32]; 4] = [first; 4];
+                let mut n = 1;
+                for p in xs.iter().take(4).skip(1) {
+                    let Prepared::F16(v) = p else { break };
+                    rows[n] = v;
+                    n += 1;
+                }
+                f16::dot_rows(isa, w, &rows[..n], &mut out[..n]);
+                n
             }
         }
     }
@@ -217,7 +224,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 // SAFETY: row (m, i2, i3) is inside x (the caller's contract),
                 // and its k f32s are contiguous (nb[0] == 4).
                 let row = unsafe { std::slice::from_raw_parts(x.data.add(off).cast::<f32>(), k) };
-                q.set(row);
+                q.set(isa, row);
             }
             let w_base = (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3];
             let d_base = i2 * dd.nb[2] + i3 * dd.nb[3];

@@ -223,3 +223,38 @@ fn types_without_a_kernel_fall_back_to_the_reference() {
     };
     assert!(r.is_none());
 }
+
+#[test]
+fn f16_rounding_of_activations_is_the_same_on_every_path() {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut x: Vec<f32> = (0..1003)
+        .map(|i| match i % 5 {
+            0 => (rng.f32() - 0.5) * 1e-5, // f16 subnormals
+            1 => (rng.f32() - 0.5) * 1e6,  // beyond f16's range
+            _ => (rng.f32() - 0.5) * 8.0,
+        })
+        .collect();
+    // Exact ties between two f16 values, and the specials.
+    x.extend([
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        f32::INFINITY,
+        -0.0,
+        65520.0,
+    ]);
+    let mut want = vec![0.0; x.len()];
+    f16::round_row(Isa::Scalar, &x, &mut want);
+    for isa in Isa::available() {
+        let mut got = vec![0.0; x.len()];
+        f16::round_row(isa, &x, &mut got);
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{} element {i}: {}",
+                isa.name(),
+                x[i]
+            );
+        }
+    }
+}
