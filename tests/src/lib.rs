@@ -333,3 +333,31 @@ pub fn policies_dir() -> Option<PathBuf> {
     })
     .clone()
 }
+
+/// A copy of the GGUF `src` at `dst` with its metadata edited by `edit`
+/// (tensors unchanged).
+pub fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, kiln::gguf::Value)>),
+) {
+    use kiln::gguf::{GgufFile, GgufWriter, TensorSpec};
+    let f = GgufFile::open(src).unwrap();
+    let mut meta = f.metadata.clone();
+    edit(&mut meta);
+    let specs: Vec<TensorSpec> = f
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            ne: t.ne,
+            n_dims: t.n_dims,
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &meta, &specs).unwrap();
+    for t in &f.tensors {
+        w.write_tensor(f.tensor_data(t)).unwrap();
+    }
+    w.finish().unwrap();
+}

@@ -2,7 +2,7 @@
 //! each bad file or request gets an error that names the cause (and the
 //! file and byte offset where there is one), exit code 1, no panic.
 
-use kiln::gguf::{GgufFile, GgufWriter, TensorSpec, Value, ValueType};
+use kiln::gguf::{Value, ValueType};
 use kiln_tests::{Home, tiny_model};
 use std::path::{Path, PathBuf};
 
@@ -25,24 +25,7 @@ const TINY: &[&str] = &[
 
 /// A copy of `src` with its metadata edited by `edit` (tensors unchanged).
 fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>)) {
-    let f = GgufFile::open(src).unwrap();
-    let mut meta = f.metadata.clone();
-    edit(&mut meta);
-    let specs: Vec<TensorSpec> = f
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            ne: t.ne,
-            n_dims: t.n_dims,
-        })
-        .collect();
-    let mut w = GgufWriter::create(dst, &meta, &specs).unwrap();
-    for t in &f.tensors {
-        w.write_tensor(f.tensor_data(t)).unwrap();
-    }
-    w.finish().unwrap();
+    kiln_tests::rewrite_gguf(src, dst, edit);
 }
 
 fn set(meta: &mut [(String, Value)], key: &str, v: Value) {

@@ -317,28 +317,12 @@ fn cancelling_stops_generation_and_newer_requests_supersede_older_ones() {
 
 /// The demo model with another `general.name` (so another sha256).
 fn renamed_demo_model(dst: &Path, name: &str) {
-    use kiln::gguf::{GgufFile, GgufWriter, TensorSpec, Value as GValue};
-    let f = GgufFile::open(&demo_model()).unwrap();
-    let mut meta = f.metadata.clone();
-    meta.iter_mut()
-        .find(|(k, _)| k == "general.name")
-        .unwrap()
-        .1 = GValue::String(name.into());
-    let specs: Vec<TensorSpec> = f
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            ne: t.ne,
-            n_dims: t.n_dims,
-        })
-        .collect();
-    let mut w = GgufWriter::create(dst, &meta, &specs).unwrap();
-    for t in &f.tensors {
-        w.write_tensor(f.tensor_data(t)).unwrap();
-    }
-    w.finish().unwrap();
+    kiln_tests::rewrite_gguf(&demo_model(), dst, |meta| {
+        meta.iter_mut()
+            .find(|(k, _)| k == "general.name")
+            .unwrap()
+            .1 = kiln::gguf::Value::String(name.into());
+    });
 }
 
 #[test]

@@ -340,6 +340,25 @@ fn usage(f: &Finished) -> Value {
     })
 }
 
+/// An OpenAI response object around one choice.
+fn envelope(
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    choice: Value,
+    usage: Option<Value>,
+) -> Value {
+    let mut v = json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": [choice],
+    });
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
+    v
+}
+
 fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -393,23 +412,22 @@ async fn completions(
     let created = now_s();
     if stream {
         let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
-            let mut v = json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-            });
-            if let Some(u) = usage {
-                v["usage"] = u;
-            }
-            v
+            let choice =
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
+            envelope(&id, "text_completion", created, &model, choice, usage)
         };
         return Ok(sse(rx, chunk));
     }
     let f = collect(rx).await?;
-    Ok(axum::Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)}],
-        "usage": usage(&f),
-    }))
+    let choice = json!({"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)});
+    Ok(axum::Json(envelope(
+        &id,
+        "text_completion",
+        created,
+        &model,
+        choice,
+        Some(usage(&f)),
+    ))
     .into_response())
 }
 
@@ -511,24 +529,23 @@ async fn chat_completions(
             } else {
                 json!({"content": text})
             };
-            let mut v = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            });
-            if let Some(u) = usage {
-                v["usage"] = u;
-            }
-            v
+            let choice =
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
+            envelope(&id, "chat.completion.chunk", created, &model, choice, usage)
         };
         return Ok(sse(rx, chunk));
     }
     let f = collect(rx).await?;
-    Ok(axum::Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": f.generation.text},
-                     "logprobs": null, "finish_reason": finish_reason(&f)}],
-        "usage": usage(&f),
-    }))
+    let choice = json!({"index": 0, "message": {"role": "assistant", "content": f.generation.text},
+                        "logprobs": null, "finish_reason": finish_reason(&f)});
+    Ok(axum::Json(envelope(
+        &id,
+        "chat.completion",
+        created,
+        &model,
+        choice,
+        Some(usage(&f)),
+    ))
     .into_response())
 }
 

@@ -476,21 +476,11 @@ mod x86 {
             }
         }
         let rows = ws.len();
-        let mut m0 = 0;
-        while m0 < xs.len() {
-            let left = xs.len() - m0;
-            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
-            // contract covers the activation rows.
-            unsafe {
-                match left {
-                    1 => q4_k_rows::<1>(scratch, &xs[m0..], nb, rows, m0, out),
-                    2 => q4_k_rows::<2>(scratch, &xs[m0..], nb, rows, m0, out),
-                    3 => q4_k_rows::<3>(scratch, &xs[m0..], nb, rows, m0, out),
-                    _ => q4_k_rows::<4>(scratch, &xs[m0..], nb, rows, m0, out),
-                }
-            }
-            m0 += left.min(4);
-        }
+        // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, rows, m0, out))
+        };
     }
 
     /// `R` activation rows against the unpacked 16 weight rows.
@@ -575,17 +565,8 @@ mod x86 {
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let mut v = [0f64; 16];
-            // SAFETY: `v` holds 16 f64s.
-            unsafe {
-                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
-                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
-            }
-            for (n, &value) in v.iter().enumerate().take(rows) {
-                out(n, m0 + r, value as f32);
-            }
-        }
+        // SAFETY: AVX-512 F is enabled here.
+        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
     }
 
     /// See [`super::gemm16_q6_k`].
@@ -632,21 +613,11 @@ mod x86 {
             }
         }
         let rows = ws.len();
-        let mut m0 = 0;
-        while m0 < xs.len() {
-            let left = xs.len() - m0;
-            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
-            // contract covers the activation rows.
-            unsafe {
-                match left {
-                    1 => q6_k_rows::<1>(scratch, &xs[m0..], nb, rows, m0, out),
-                    2 => q6_k_rows::<2>(scratch, &xs[m0..], nb, rows, m0, out),
-                    3 => q6_k_rows::<3>(scratch, &xs[m0..], nb, rows, m0, out),
-                    _ => q6_k_rows::<4>(scratch, &xs[m0..], nb, rows, m0, out),
-                }
-            }
-            m0 += left.min(4);
-        }
+        // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => q6_k_rows(scratch, &xs[m0..], nb, rows, m0, out))
+        };
     }
 
     /// `R` activation rows against the unpacked 16 Q6_K weight rows.
@@ -714,16 +685,7 @@ mod x86 {
                 acc[r][1] = _mm512_add_pd(acc[r][1], _mm512_mul_pd(_mm512_mul_pd(d_hi, dx), hi));
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let mut v = [0f64; 16];
-            // SAFETY: `v` holds 16 f64s.
-            unsafe {
-                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
-                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
-            }
-            for (n, &value) in v.iter().enumerate().take(rows) {
-                out(n, m0 + r, value as f32);
-            }
-        }
+        // SAFETY: AVX-512 F is enabled here.
+        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
     }
 }

@@ -13,8 +13,30 @@
 //! the same way and sums in f64, so the two differ only by the order of
 //! the f32 block sums.
 
+/// Calls `$kernel::<R>(args…)` for the activation rows `m0..` in groups of
+/// four (`R` = 4, then the 1–3 left), `m0` bound for the arguments: the
+/// lane-wise GEMMs keep `R` rows' sums in registers, so `R` is a constant.
+macro_rules! in_groups_of_four {
+    ($len:expr, $m0:ident => $kernel:ident($($arg:expr),* $(,)?)) => {{
+        let len = $len;
+        let mut $m0 = 0;
+        while $m0 < len {
+            let left = len - $m0;
+            match left {
+                1 => $kernel::<1>($($arg),*),
+                2 => $kernel::<2>($($arg),*),
+                3 => $kernel::<3>($($arg),*),
+                _ => $kernel::<4>($($arg),*),
+            }
+            $m0 += left.min(4);
+        }
+    }};
+}
+
 mod f16;
 mod kquant;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod q8;
 mod threads;
 
@@ -231,82 +253,35 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             let (wp, dp) = (SendPtr(w.data), SendPtr(dst.data));
             let xq = &xq;
             let work = n_count * m_count * k;
+            let slice = Slice {
+                w: SendPtr(w.data),
+                w_base,
+                w_nb1: wd.nb[1],
+                row_bytes,
+                d: SendPtr(dst.data),
+                d_base,
+                d_nb1: dd.nb[1],
+            };
             if m_count >= GEMM_MIN_ROWS
-                && let Some(q8_rows) = q8_rows(xq)
                 && isa == Isa::Avx512
                 && matches!(wd.dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0)
+                && let Some(rows_x) = q8_rows(xq)
             {
-                let groups = n_count.div_ceil(q8::GEMM_ROWS);
-                threads::parallel_for(groups, work, &|range| {
-                    let (wp, dp) = (&wp, &dp);
-                    let mut scratch = q8::GemmScratch::default();
-                    for g in range {
-                        let n0 = g * q8::GEMM_ROWS;
-                        let n1 = (n0 + q8::GEMM_ROWS).min(n_count);
-                        let rows: Vec<&[u8]> = (n0..n1)
-                            .map(|n| {
-                                // SAFETY: weight row n of this slice is inside w.
-                                unsafe {
-                                    std::slice::from_raw_parts(
-                                        wp.0.add(w_base + n * wd.nb[1]),
-                                        row_bytes,
-                                    )
-                                }
-                            })
-                            .collect();
-                        let done =
-                            q8::gemm16(isa, wd.dtype, &rows, &q8_rows, &mut scratch, |n, m, v| {
-                                // SAFETY: dst element (n0 + n, m, i2, i3) is inside
-                                // dst; each weight row belongs to one thread.
-                                unsafe {
-                                    dp.0.add(d_base + m * dd.nb[1] + (n0 + n) * 4)
-                                        .cast::<f32>()
-                                        .write_unaligned(v)
-                                };
-                            });
-                        debug_assert!(done);
-                    }
+                gemm_groups::<q8::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
+                    q8::gemm16(isa, wd.dtype, ws, &rows_x, scratch, out)
                 });
                 continue;
             }
             if m_count >= GEMM_MIN_ROWS
-                && let Some(q8k_rows) = q8k_rows(xq)
                 && isa == Isa::Avx512
                 && matches!(wd.dtype, DType::Q4_K | DType::Q6_K)
+                && let Some(rows_x) = q8k_rows(xq)
             {
-                let groups = n_count.div_ceil(kquant::GEMM_ROWS);
-                threads::parallel_for(groups, work, &|range| {
-                    let (wp, dp) = (&wp, &dp);
-                    let mut scratch = kquant::GemmScratch::default();
-                    for g in range {
-                        let n0 = g * kquant::GEMM_ROWS;
-                        let n1 = (n0 + kquant::GEMM_ROWS).min(n_count);
-                        let rows: Vec<&[u8]> = (n0..n1)
-                            .map(|n| {
-                                // SAFETY: weight row n of this slice is inside w.
-                                unsafe {
-                                    std::slice::from_raw_parts(
-                                        wp.0.add(w_base + n * wd.nb[1]),
-                                        row_bytes,
-                                    )
-                                }
-                            })
-                            .collect();
-                        let write = |n: usize, m: usize, v: f32| {
-                            // SAFETY: dst element (n0 + n, m, i2, i3) is inside
-                            // dst; each weight row belongs to one thread.
-                            unsafe {
-                                dp.0.add(d_base + m * dd.nb[1] + (n0 + n) * 4)
-                                    .cast::<f32>()
-                                    .write_unaligned(v)
-                            };
-                        };
-                        let done = if wd.dtype == DType::Q4_K {
-                            kquant::gemm16_q4_k(isa, &rows, &q8k_rows, &mut scratch, write)
-                        } else {
-                            kquant::gemm16_q6_k(isa, &rows, &q8k_rows, &mut scratch, write)
-                        };
-                        debug_assert!(done);
+                gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
+                    if wd.dtype == DType::Q4_K {
+                        kquant::gemm16_q4_k(isa, ws, &rows_x, scratch, out)
+                    } else {
+                        kquant::gemm16_q6_k(isa, ws, &rows_x, scratch, out)
                     }
                 });
                 continue;
@@ -365,6 +340,58 @@ fn q8k_rows(xs: &[Prepared]) -> Option<Vec<&kquant::Q8KRow>> {
             _ => None,
         })
         .collect()
+}
+
+/// Where one (i2, i3) slice of a product lives.
+struct Slice {
+    w: SendPtr,
+    w_base: usize,
+    w_nb1: usize,
+    row_bytes: usize,
+    d: SendPtr,
+    d_base: usize,
+    d_nb1: usize,
+}
+
+/// A lane-wise GEMM kernel: 16 (or fewer) weight rows, a scratch, and
+/// where results go (`(row in the group, activation row, value)`).
+type GemmKernel<'a, S> =
+    dyn Fn(&[&[u8]], &mut S, &mut dyn FnMut(usize, usize, f32)) -> bool + Sync + 'a;
+
+/// Runs `kernel` over the slice's weight rows in groups of 16 on the pool,
+/// one scratch per thread.
+fn gemm_groups<S: Default>(sl: &Slice, n_count: usize, work: usize, kernel: &GemmKernel<'_, S>) {
+    const ROWS: usize = 16;
+    threads::parallel_for(n_count.div_ceil(ROWS), work, &|range| {
+        let mut scratch = S::default();
+        for g in range {
+            let n0 = g * ROWS;
+            let rows: Vec<&[u8]> = (n0..(n0 + ROWS).min(n_count))
+                .map(|n| {
+                    // SAFETY: weight row n of this slice is inside the
+                    // weights (the caller's contract).
+                    unsafe {
+                        std::slice::from_raw_parts(
+                            sl.w.0.add(sl.w_base + n * sl.w_nb1),
+                            sl.row_bytes,
+                        )
+                    }
+                })
+                .collect();
+            let mut write = |n: usize, m: usize, v: f32| {
+                // SAFETY: dst element (n0 + n, m) of this slice is inside
+                // dst; each weight row belongs to one thread.
+                unsafe {
+                    sl.d.0
+                        .add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4)
+                        .cast::<f32>()
+                        .write_unaligned(v)
+                };
+            };
+            let done = kernel(&rows, &mut scratch, &mut write);
+            debug_assert!(done, "a GEMM kernel was chosen where the CPU lacks it");
+        }
+    });
 }
 
 /// A raw pointer the worker threads share; the kernels give each thread

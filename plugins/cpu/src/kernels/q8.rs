@@ -398,21 +398,11 @@ mod x86 {
             }
         }
         let rows = ws.len();
-        let mut m0 = 0;
-        while m0 < xs.len() {
-            let left = xs.len() - m0;
-            // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
-            // contract covers the activation rows.
-            unsafe {
-                match left {
-                    1 => gemm_rows::<1>(scratch, &xs[m0..], nb, offset, rows, m0, out),
-                    2 => gemm_rows::<2>(scratch, &xs[m0..], nb, offset, rows, m0, out),
-                    3 => gemm_rows::<3>(scratch, &xs[m0..], nb, offset, rows, m0, out),
-                    _ => gemm_rows::<4>(scratch, &xs[m0..], nb, offset, rows, m0, out),
-                }
-            }
-            m0 += left.min(4);
-        }
+        // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, offset, rows, m0, out))
+        };
     }
 
     /// `R` activation rows against the unpacked 16 weight rows. The rows'
@@ -471,17 +461,8 @@ mod x86 {
                 acc[r][1] = _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, acc[r][1]);
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let mut v = [0f64; 16];
-            // SAFETY: `v` holds 16 f64s.
-            unsafe {
-                _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
-                _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
-            }
-            for (n, &value) in v.iter().enumerate().take(rows) {
-                out(n, m0 + r, value as f32);
-            }
-        }
+        // SAFETY: AVX-512 F is enabled here.
+        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
     }
 
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's
