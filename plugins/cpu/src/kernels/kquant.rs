@@ -469,10 +469,7 @@ mod x86 {
                         );
                     }
                 }
-                for g in 0..64 {
-                    let at = ((b * 64 + g) * GEMM_ROWS + n) * 4;
-                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
-                }
+                crate::kernels::lanes::scatter(&mut scratch.codes, &row, b, n);
             }
         }
         let rows = ws.len();
@@ -606,10 +603,7 @@ mod x86 {
                 }
                 scratch.d[b * GEMM_ROWS + n] =
                     f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
-                for g in 0..64 {
-                    let at = ((b * 64 + g) * GEMM_ROWS + n) * 4;
-                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
-                }
+                crate::kernels::lanes::scatter(&mut scratch.codes, &row, b, n);
             }
         }
         let rows = ws.len();

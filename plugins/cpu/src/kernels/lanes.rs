@@ -7,6 +7,17 @@ use core::arch::x86_64::*;
 /// Weight rows per lane-wise group.
 pub const ROWS: usize = 16;
 
+/// Writes weight row `n`'s unpacked codes of block `b` (`row`, a multiple
+/// of 4 bytes) into the lane-wise layout: group `g` of 4 codes lands at
+/// `((b · groups + g) · 16 + n) · 4`, `groups = row.len() / 4`.
+pub fn scatter(codes: &mut [u8], row: &[u8], b: usize, n: usize) {
+    let groups = row.len() / 4;
+    for (g, four) in row.chunks_exact(4).enumerate() {
+        let at = ((b * groups + g) * ROWS + n) * 4;
+        codes[at..at + 4].copy_from_slice(four);
+    }
+}
+
 /// Hands each row's 16 results (the first `rows` of them) to `out` as
 /// `(weight row, activation row m0 + r, value)`.
 ///

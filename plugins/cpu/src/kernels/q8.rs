@@ -389,10 +389,7 @@ mod x86 {
                 let (u, bits) = unsafe { codes(dtype, w, b) };
                 // SAFETY: `row` holds 32 bytes.
                 unsafe { _mm256_storeu_si256(row.as_mut_ptr().cast(), u) };
-                for j in 0..8 {
-                    let at = ((b * 8 + j) * GEMM_ROWS + n) * 4;
-                    scratch.codes[at..at + 4].copy_from_slice(&row[4 * j..4 * j + 4]);
-                }
+                crate::kernels::lanes::scatter(&mut scratch.codes, &row, b, n);
                 scratch.dw[b * GEMM_ROWS + n] =
                     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) as f64;
             }
