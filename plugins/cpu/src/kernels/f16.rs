@@ -127,13 +127,26 @@ mod x86 {
             } else {
                 ((1u32 << (len - i)) - 1) as u16
             };
-            // SAFETY: the masked loads touch only elements i..len.
+            // Whole steps load plainly (masked loads are much slower on
+            // some CPUs); only the tail is masked.
+            let whole = mask == u16::MAX;
+            // SAFETY: the loads touch only elements i..len.
             let wv = unsafe {
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w.as_ptr().add(2 * i).cast()))
+                _mm512_cvtph_ps(if whole {
+                    _mm256_loadu_si256(w.as_ptr().add(2 * i).cast())
+                } else {
+                    _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(2 * i).cast())
+                })
             };
             for (x, acc) in xs.iter().zip(&mut acc) {
                 // SAFETY: as above.
-                let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i)) };
+                let xv = unsafe {
+                    if whole {
+                        _mm512_loadu_ps(x.as_ptr().add(i))
+                    } else {
+                        _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i))
+                    }
+                };
                 let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
                 let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
