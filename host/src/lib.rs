@@ -12,6 +12,7 @@
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
 //!   conformance, device scoring;
 //! - [`model`]: llama/qwen2 inference on the backend ABI, KV cache, sampling;
+//! - [`measure`]: process memory from `/proc`, percentiles;
 //! - [`install`]: the `kiln plugins add` pipeline;
 //! - [`serve`]: `kiln serve`: the language server, the HTTP API, the engine;
 //! - [`store`]: the content-addressed model store (`kiln models`);
@@ -25,6 +26,7 @@ pub mod convert;
 pub mod cpu_features;
 pub mod gguf;
 pub mod install;
+pub mod measure;
 pub mod model;
 pub mod plugin;
 pub mod policy;

@@ -292,14 +292,6 @@ fn top_k(scores: &[f32], ids: &[u32], k: usize) -> Vec<u32> {
     order.into_iter().take(k).map(|i| ids[i]).collect()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Runs every case `repeats` times; fails on any error, any unmet
 /// expectation, or a p99 latency over `max_p99_ms`.
 pub fn quality_gate(
@@ -353,8 +345,7 @@ pub fn quality_gate(
             }
         }
     }
-    times.sort_by(f64::total_cmp);
-    let p99 = percentile(&times, 99.0);
+    let p99 = crate::measure::percentile(&times, 99.0);
     if p99 > max_p99_ms {
         failures.push(format!(
             "p99 latency {p99:.2} ms exceeds the ceiling of {max_p99_ms} ms"
@@ -363,8 +354,8 @@ pub fn quality_gate(
     GateReport {
         cases: cases.len(),
         calls: times.len(),
-        p50_ms: percentile(&times, 50.0),
-        p90_ms: percentile(&times, 90.0),
+        p50_ms: crate::measure::percentile(&times, 50.0),
+        p90_ms: crate::measure::percentile(&times, 90.0),
         p99_ms: p99,
         max_p99_ms,
         fuel_max: fuels.iter().copied().max().unwrap_or(0),

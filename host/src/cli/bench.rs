@@ -47,7 +47,8 @@ pub fn run(
     session.eval(&prompt, LogitsFor::Last)?;
     let prompt_s = t.elapsed().as_secs_f64();
 
-    let peak_rss = peak_rss_bytes();
+    // Peak resident memory, the mapped weights included.
+    let peak_rss = crate::measure::process_memory(None, "VmHWM");
     let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
     let prompt_tps = prompt_tokens as f64 / prompt_s.max(1e-9);
     if as_json {
@@ -67,11 +68,4 @@ pub fn run(
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The process's peak resident memory (`VmHWM`), mapped weights included.
-fn peak_rss_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

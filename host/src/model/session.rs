@@ -23,10 +23,10 @@ pub struct Session {
     logits: Vec<u8>,
 }
 
-fn free_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+/// The KV cache size a session gets: `requested`, else the model's
+/// training context, at most 4096.
+pub fn default_n_ctx(cfg: &super::ModelConfig, requested: Option<usize>) -> usize {
+    requested.unwrap_or(cfg.n_ctx_train.min(4096)).max(1)
 }
 
 impl Session {
@@ -38,9 +38,9 @@ impl Session {
         n_ctx: Option<usize>,
     ) -> Result<Session, ModelError> {
         let cfg = &model.config;
-        let n_ctx = n_ctx.unwrap_or(cfg.n_ctx_train.min(4096)).max(1);
+        let n_ctx = default_n_ctx(cfg, n_ctx);
         let kv_bytes = forward::kv_bytes(cfg, n_ctx) as u64;
-        if let Some(free) = free_memory_bytes() {
+        if let Some(free) = crate::measure::proc_kib_field("/proc/meminfo", "MemAvailable") {
             // Mapped weights not yet resident need memory too.
             let need = model.weight_bytes() + kv_bytes;
             if need > free {

@@ -376,19 +376,8 @@ impl Client {
     }
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
-}
-
 fn proc_status_mib(pid: u32, key: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+    crate::measure::process_memory(Some(pid), key).map(|b| b as f64 / 1048576.0)
 }
 
 /// Writes the demo project into `dir`, starts `serve` (a `kiln serve`
@@ -491,8 +480,8 @@ pub fn typing_session(
     }
     let status = c.request("kiln/status", Json::Null).map_err(io)?["result"].clone();
     let pid = c.pid();
-    let anon = proc_status_mib(pid, "RssAnon:");
-    let file = proc_status_mib(pid, "RssFile:");
+    let anon = proc_status_mib(pid, "RssAnon");
+    let file = proc_status_mib(pid, "RssFile");
     let code = c.close().map_err(io)?;
     if !code.success() {
         return Err(format!("kiln serve exited with {code} after shutdown"));
@@ -506,10 +495,10 @@ pub fn typing_session(
         model: status["model"].as_str().unwrap_or("").to_string(),
         backend: status["backend"].as_str().unwrap_or("").to_string(),
         requests: keys.len(),
-        e2e_ms_p50: percentile(&e2e, 50.0),
-        e2e_ms_p99: percentile(&e2e, 99.0),
-        ttft_ms_p50: percentile(&ttft, 50.0),
-        ttft_ms_p99: percentile(&ttft, 99.0),
+        e2e_ms_p50: crate::measure::percentile(&e2e, 50.0),
+        e2e_ms_p99: crate::measure::percentile(&e2e, 99.0),
+        ttft_ms_p50: crate::measure::percentile(&ttft, 50.0),
+        ttft_ms_p99: crate::measure::percentile(&ttft, 99.0),
         prefix_cache_hit_rate: cached as f64 / all.max(1) as f64,
         completion_cache_hit_rate: hits as f64 / keys.len().max(1) as f64,
         server_anonymous_memory_mib: anon,

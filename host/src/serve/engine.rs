@@ -169,13 +169,8 @@ fn push_recent(q: &mut VecDeque<f64>, v: f64) {
 }
 
 fn percentile(q: &VecDeque<f64>, p: f64) -> Option<f64> {
-    if q.is_empty() {
-        return None;
-    }
-    let mut v: Vec<f64> = q.iter().copied().collect();
-    v.sort_by(f64::total_cmp);
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    Some(v[i])
+    let v: Vec<f64> = q.iter().copied().collect();
+    (!v.is_empty()).then(|| crate::measure::percentile(&v, p))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -292,11 +287,7 @@ impl Engine {
     }
 
     pub fn n_ctx(&self) -> usize {
-        let loaded = self.loaded();
-        self.shared
-            .n_ctx
-            .unwrap_or(loaded.model.config.n_ctx_train.min(4096))
-            .max(1)
+        crate::model::session::default_n_ctx(&self.loaded().model.config, self.shared.n_ctx)
     }
 
     /// Queues `request` for `client`. A job for `doc` cancels that
@@ -362,7 +353,7 @@ impl Engine {
             last_tokens_after_cancel: r.last_tokens_after_cancel,
             max_tokens_after_cancel: r.max_tokens_after_cancel,
             last_error: r.last_error.clone(),
-            anonymous_memory_bytes: anonymous_memory_bytes(),
+            anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon"),
         }
     }
 
@@ -371,14 +362,6 @@ impl Engine {
         lock(&self.shared.queue).shutdown = true;
         self.shared.wake.notify_all();
     }
-}
-
-/// `RssAnon` from `/proc/self/status`: resident memory that is not a
-/// file's pages.
-pub fn anonymous_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("RssAnon:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 fn cache_key(loaded: &Loaded, r: &Request) -> u64 {

@@ -299,13 +299,16 @@ fn client_key(addr: &SocketAddr) -> u64 {
     h.finish() | 1 // 0 is the language server's
 }
 
+/// `text`'s tokens (with the vocabulary's BOS when `add_bos`), refused
+/// when they and `max_tokens` do not fit the context.
 fn encode(
     loaded: &Loaded,
     text: &str,
+    add_bos: bool,
     max_tokens: usize,
     n_ctx: usize,
 ) -> Result<Vec<u32>, ApiError> {
-    let prompt = loaded.tok.encode(text, true).map_err(ApiError::bad)?;
+    let prompt = loaded.tok.encode(text, add_bos).map_err(ApiError::bad)?;
     if prompt.len() + max_tokens > n_ctx {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -403,7 +406,7 @@ async fn completions(
         }
         Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
     };
-    req.prompt = encode(&loaded, &text, req.max_tokens, n_ctx)?;
+    req.prompt = encode(&loaded, &text, true, req.max_tokens, n_ctx)?;
     let (_control, rx) = s
         .engine
         .submit(client_key(&addr), None, loaded.clone(), req);
@@ -509,9 +512,7 @@ async fn chat_completions(
     let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
     let text = render_chat(&loaded, &v["messages"])?;
     // The rendered template carries its own BOS when it wants one.
-    let bos = loaded.tok.encode(&text, false).map_err(ApiError::bad)?;
-    let _ = encode(&loaded, &text, req.max_tokens, n_ctx)?;
-    req.prompt = bos;
+    req.prompt = encode(&loaded, &text, false, req.max_tokens, n_ctx)?;
     let (_control, rx) = s
         .engine
         .submit(client_key(&addr), None, loaded.clone(), req);

@@ -881,22 +881,21 @@ impl Server {
         let context_text = match &self.context_memo {
             Some((u, l, text)) if u == uri && *l == line => text.clone(),
             _ => {
-                let open: Vec<OpenDoc<'_>> = Vec::new();
                 let others: Vec<(String, &Doc)> = self
                     .docs
                     .iter()
                     .filter(|(u, _)| u.as_str() != uri)
                     .map(|(u, d)| (self.relative(u), d))
                     .collect();
-                let mut open = open;
-                for (p, d) in &others {
-                    open.push(OpenDoc {
+                let open: Vec<OpenDoc<'_>> = others
+                    .iter()
+                    .map(|(p, d)| OpenDoc {
                         path: p,
                         text: &d.text,
                         opened: d.opened,
                         edited: d.edited,
-                    });
-                }
+                    })
+                    .collect();
                 let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
                 let packed = context::select(
                     &ws,
