@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -120,7 +121,7 @@ impl<T> Fair<T> {
     fn pop(&mut self) -> Option<T> {
         let next = self
             .per_client
-            .range(self.last_client.saturating_add(1)..)
+            .range((Excluded(self.last_client), Unbounded))
             .chain(self.per_client.range(..=self.last_client))
             .find(|(_, q)| !q.is_empty())
             .map(|(&c, _)| c)?;
@@ -605,11 +606,15 @@ mod tests {
         assert_eq!(q.len, 0);
         q.push(u64::MAX, "z".to_string());
         assert_eq!(q.pop().as_deref(), Some("z"));
+        // The last client served was u64::MAX: another of its jobs waits
+        // for the others.
+        q.push(u64::MAX, "z2".to_string());
         q.push(1, "y".to_string());
         assert_eq!(
             q.pop().as_deref(),
             Some("y"),
             "wraps around after the largest id"
         );
+        assert_eq!(q.pop().as_deref(), Some("z2"));
     }
 }

@@ -183,8 +183,7 @@ fn common(
     n_ctx: usize,
     default_max: usize,
 ) -> Result<(Request, bool), ApiError> {
-    let c: Common = serde_json::from_value(v.clone())
-        .map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
+    let c = Common::deserialize(v).map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
     match c.model.as_deref() {
         None => return Err(ApiError::invalid("model", "model is required")),
         Some(m) if m != loaded.id => {
