@@ -251,3 +251,31 @@ fn llama_k_quant_mixes_made_by_llama_cpp() {
     check(LLAMA_256, Some("q4_k_m"), 2e-2, false);
     check(LLAMA_256, Some("q5_k_m"), 2e-2, false);
 }
+
+/// 512 wide: rows of 16 blocks and more, which decode on AVX-512 takes
+/// through the kernels that give each block of a row its own lane. (At
+/// this width some shapes, `--ff 1056` or `1088` among them, put one
+/// prompt position of llama.cpp's off by a rounding flip that sharp
+/// attention amplifies, with kiln's reference path as with its kernels.)
+const LLAMA_512: &[&str] = &[
+    "--arch",
+    "llama",
+    "--dtype",
+    "f16",
+    "--embd",
+    "512",
+    "--heads",
+    "8",
+    "--kv-heads",
+    "2",
+    "--ff",
+    "1536",
+    "--vocab",
+    "512",
+];
+
+#[test]
+fn llama_q4_0_and_q5_0_with_wide_rows() {
+    check(LLAMA_512, Some("q4_0"), INTEGER, false);
+    check(LLAMA_512, Some("q5_0"), INTEGER, false);
+}

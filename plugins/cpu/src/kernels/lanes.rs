@@ -1,7 +1,8 @@
-//! What the lane-wise GEMMs share: 16 weight rows, one per lane of a
-//! 512-bit register, each activation row's results in two registers of
-//! eight f64s.
+//! What the lane-wise kernels share: 16 weight rows (or, in decode, 16
+//! blocks of one row), one per lane of a 512-bit register, each activation
+//! row's results in two registers of eight f64s.
 
+#[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
 /// Weight rows per lane-wise group.
@@ -18,6 +19,7 @@ pub fn scatter(codes: &mut [u8], row: &[u8], b: usize, n: usize) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Hands each row's 16 results (the first `rows` of them) to `out` as
 /// `(weight row, activation row m0 + r, value)`.
 ///

@@ -35,7 +35,6 @@ macro_rules! in_groups_of_four {
 
 mod f16;
 mod kquant;
-#[cfg(target_arch = "x86_64")]
 mod lanes;
 mod q8;
 mod threads;
@@ -165,7 +164,12 @@ impl Prepared {
 
     fn set(&mut self, isa: Isa, x: &[f32]) {
         match self {
-            Prepared::Q8(q) => q.quantize(x),
+            Prepared::Q8(q) => {
+                q.quantize(x);
+                if isa == Isa::Avx512 {
+                    q.fill_lanes();
+                }
+            }
             Prepared::Q8K(q) => q.quantize(x),
             Prepared::F16(v) => f16::round_row(isa, x, v),
         }

@@ -26,6 +26,11 @@ pub struct Q8Row {
     pub qs: Vec<i8>,
     /// The sum of each block's codes (for unsigned weight codes' offset).
     pub sums: Vec<i32>,
+    /// The codes again, lane-major, for the decode kernels that give each
+    /// block of a weight row its own lane ([`Q8Row::fill_lanes`]): per
+    /// group of 16 blocks, 8 vectors of 64 bytes; lane `i` of vector `j`
+    /// holds codes `4j..4j+4` of the group's block `i`. Empty until filled.
+    pub lanes: Vec<u8>,
 }
 
 impl Q8Row {
@@ -34,6 +39,27 @@ impl Q8Row {
             d: vec![0.0; k / QK],
             qs: vec![0; k],
             sums: vec![0; k / QK],
+            lanes: Vec::new(),
+        }
+    }
+
+    /// Fills [`Q8Row::lanes`] from the codes (whole groups of 16 blocks).
+    pub fn fill_lanes(&mut self) {
+        let groups = self.d.len() / LANE_BLOCKS;
+        self.lanes.resize(groups * LANE_BLOCKS * QK, 0);
+        for (b, block) in self
+            .qs
+            .chunks_exact(QK)
+            .take(groups * LANE_BLOCKS)
+            .enumerate()
+        {
+            let codes: &[u8; QK] = bytemuck_i8(block);
+            crate::kernels::lanes::scatter(
+                &mut self.lanes,
+                codes,
+                b / LANE_BLOCKS,
+                b % LANE_BLOCKS,
+            );
         }
     }
 
@@ -60,6 +86,17 @@ impl Q8Row {
     }
 }
 
+/// Blocks per group in the lane-major decode kernels: one per lane.
+const LANE_BLOCKS: usize = 16;
+
+/// One block's codes as bytes.
+fn bytemuck_i8(block: &[i8]) -> &[u8; QK] {
+    let block: &[i8; QK] = block.try_into().expect("one block");
+    // SAFETY: i8 and u8 have the same size and alignment, every bit
+    // pattern is valid for both.
+    unsafe { &*(block as *const [i8; QK]).cast::<[u8; QK]>() }
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
@@ -81,6 +118,25 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
         Isa::Avx512 => unsafe {
+            let groups = blocks / LANE_BLOCKS;
+            if groups > 0
+                && matches!(dtype, DType::Q4_0 | DType::Q5_0)
+                && xs
+                    .iter()
+                    .all(|x| x.lanes.len() == groups * LANE_BLOCKS * QK)
+            {
+                let q5 = dtype == DType::Q5_0;
+                return match (xs.len(), q5) {
+                    (1, false) => x86::dot_lanes::<1, false>(w, xs, out),
+                    (2, false) => x86::dot_lanes::<2, false>(w, xs, out),
+                    (3, false) => x86::dot_lanes::<3, false>(w, xs, out),
+                    (_, false) => x86::dot_lanes::<4, false>(w, xs, out),
+                    (1, true) => x86::dot_lanes::<1, true>(w, xs, out),
+                    (2, true) => x86::dot_lanes::<2, true>(w, xs, out),
+                    (3, true) => x86::dot_lanes::<3, true>(w, xs, out),
+                    (_, true) => x86::dot_lanes::<4, true>(w, xs, out),
+                };
+            }
             return match xs.len() {
                 1 => x86::dot_vnni::<1>(dtype, w, xs, out),
                 2 => x86::dot_vnni::<2>(dtype, w, xs, out),
@@ -198,7 +254,9 @@ fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{GEMM_ROWS, GemmScratch, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK};
+    use super::{
+        GEMM_ROWS, GemmScratch, LANE_BLOCKS, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK,
+    };
     use core::arch::x86_64::*;
     use kiln_plugin_api::DType;
 
@@ -337,24 +395,289 @@ mod x86 {
                     let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
                     for b in b..nb {
                         // SAFETY: block b is inside `w` and `x.qs`.
-                        let (u, d) = unsafe { codes(dtype, w, b) };
-                        // SAFETY: as above.
-                        let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast()) };
-                        let p = prod(u, xv, q8);
-                        let s = _mm_add_epi32(
-                            _mm256_castsi256_si128(p),
-                            _mm256_extracti128_si256(p, 1),
-                        );
-                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-                        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-                        let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
-                        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
-                        total += dw as f64 * x.d[b] as f64 * sumi as f64;
+                        total += unsafe { block_sum(dtype, w, x, b, offset, prod) };
                     }
                     *o = total as f32;
                 }
             }
         };
+    }
+
+    /// Block `b` of `w` against block `b` of `x`, scaled: `d_w·d_x·sum`.
+    ///
+    /// # Safety
+    /// Block `b` is inside `w` and `x`; AVX2, F16C and whatever `prod`
+    /// uses are enabled by the caller.
+    #[inline(always)]
+    unsafe fn block_sum(
+        dtype: DType,
+        w: &[u8],
+        x: &Q8Row,
+        b: usize,
+        offset: i32,
+        prod: impl Fn(__m256i, __m256i, bool) -> __m256i,
+    ) -> f64 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let (u, d) = codes(dtype, w, b);
+            let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast());
+            let p = prod(u, xv, dtype == DType::Q8_0);
+            let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
+            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+            dw as f64 * x.d[b] as f64 * sumi as f64
+        }
+    }
+
+    /// Where one 4-byte field of each of 16 consecutive blocks lies in
+    /// the windows [`dot_lanes`] loads: window `w` is 128 bytes from
+    /// [`window_start`]; `idx[w]` picks lane `i`'s two 16-bit words from
+    /// it for the lanes `mask[w]` marks (two bits a lane).
+    pub struct Gather {
+        idx: [[u16; 32]; MAX_WINDOWS],
+        mask: [u32; MAX_WINDOWS],
+    }
+
+    /// Windows for the widest block (Q5_0, 22 bytes: five blocks each).
+    const MAX_WINDOWS: usize = 4;
+
+    /// Window `w`'s first byte for 16 blocks of `s` bytes: whole blocks,
+    /// `128 / s` a window, the last window ending at the last block's end
+    /// (so no load leaves the 16 blocks).
+    const fn window_start(s: usize, w: usize) -> usize {
+        let at = w * (128 / s) * s;
+        let last = LANE_BLOCKS * s - 128;
+        if at < last { at } else { last }
+    }
+
+    /// The gather of the 4 bytes at `off` in each of 16 blocks of `s` bytes.
+    const fn gather_table(s: usize, off: usize) -> Gather {
+        let mut t = Gather {
+            idx: [[0; 32]; MAX_WINDOWS],
+            mask: [0; MAX_WINDOWS],
+        };
+        let mut i = 0;
+        while i < LANE_BLOCKS {
+            let w = i / (128 / s);
+            let word = (s * i + off - window_start(s, w)) / 2;
+            assert!(off.is_multiple_of(2) && s.is_multiple_of(2) && word < 63 && w < MAX_WINDOWS);
+            t.idx[w][2 * i] = word as u16;
+            t.idx[w][2 * i + 1] = word as u16 + 1;
+            t.mask[w] |= 3 << (2 * i);
+            i += 1;
+        }
+        t
+    }
+
+    /// Q4_0: the scale, then the four steps of codes.
+    static Q4_0_FIELDS: [Gather; 5] = [
+        gather_table(Q4_0_BYTES, 0),
+        gather_table(Q4_0_BYTES, 2),
+        gather_table(Q4_0_BYTES, 6),
+        gather_table(Q4_0_BYTES, 10),
+        gather_table(Q4_0_BYTES, 14),
+    ];
+    /// Q5_0: the scale, the fifth bits, then the four steps of codes.
+    static Q5_0_FIELDS: [Gather; 6] = [
+        gather_table(Q5_0_BYTES, 0),
+        gather_table(Q5_0_BYTES, 2),
+        gather_table(Q5_0_BYTES, 6),
+        gather_table(Q5_0_BYTES, 10),
+        gather_table(Q5_0_BYTES, 14),
+        gather_table(Q5_0_BYTES, 18),
+    ];
+
+    /// Lane `i` of the result: the 4 bytes `t` locates in block `i`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW are enabled by the caller.
+    #[inline(always)]
+    unsafe fn gather<const W: usize>(win: &[[__m512i; 2]; W], t: &Gather) -> __m512i {
+        // SAFETY: each index row holds 32 u16s; AVX-512 BW (the caller's).
+        unsafe {
+            let mut v = _mm512_permutex2var_epi16(
+                win[0][0],
+                _mm512_loadu_si512(t.idx[0].as_ptr().cast()),
+                win[0][1],
+            );
+            // Indexed, not zipped: the zipped form was not unrolled (Q5_0
+            // decode lost a quarter of its speed).
+            #[allow(clippy::needless_range_loop)]
+            for w in 1..W {
+                let p = _mm512_permutex2var_epi16(
+                    win[w][0],
+                    _mm512_loadu_si512(t.idx[w].as_ptr().cast()),
+                    win[w][1],
+                );
+                v = _mm512_mask_mov_epi16(v, t.mask[w], p);
+            }
+            v
+        }
+    }
+
+    /// Q5_0's fifth bits for 4 codes a lane: byte `b` of lane `i` is 0x10
+    /// when bit `shift + b` of lane `i`'s `qh` is set.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW are enabled by the caller.
+    #[inline(always)]
+    unsafe fn fifth_bits(qh: __m512i, shift: i32) -> __m512i {
+        // SAFETY: register operations only (the caller's features).
+        unsafe {
+            let t = _mm512_srl_epi32(qh, _mm_cvtsi32_si128(shift));
+            // Each lane's low byte into all four of its bytes; byte b keeps bit b.
+            let t = _mm512_shuffle_epi8(
+                t,
+                _mm512_set4_epi32(0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0),
+            );
+            let set = _mm512_test_epi8_mask(t, _mm512_set1_epi32(0x0804_0201));
+            _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10))
+        }
+    }
+
+    /// Q4_0 or Q5_0 (`Q5`) weight row against `R` activation rows, for
+    /// decode: each of 16 consecutive blocks gets its own lane of a
+    /// 512-bit register (their fields gathered from the row with word
+    /// permutes, the activations already lane-major in [`Q8Row::lanes`]),
+    /// so 8 `vpdpbusd` finish 16 blocks' integer sums with no horizontal
+    /// reduction, and one conversion and FMA per 8 blocks scales them.
+    /// Each lane's f64 sum is exact term by term; only the order of the
+    /// f64 additions differs from the reference's.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C; `w` and every row
+    /// of `xs` hold the same number of blocks, at least 16, and the rows'
+    /// lanes are filled; `xs.len() >= R == out.len()`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_lanes<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8Row],
+        out: &mut [f32],
+    ) {
+        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        let (dtype, s, offset) = if Q5 {
+            (DType::Q5_0, Q5_0_BYTES, 16)
+        } else {
+            (DType::Q4_0, Q4_0_BYTES, 8)
+        };
+        let nb = xs[0].d.len();
+        let groups = nb / LANE_BLOCKS;
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        for g in 0..groups {
+            // SAFETY: group g's blocks are inside `w`; the lanes and sums
+            // of group g are inside every row (the caller's contract).
+            unsafe {
+                let p = w.as_ptr().add(g * LANE_BLOCKS * s);
+                let ahead = p.wrapping_add(PREFETCH_AHEAD);
+                for line in (0..LANE_BLOCKS * s).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
+                if Q5 {
+                    group::<R, 4, true>(p, &Q5_0_FIELDS, xs, g, &mut acc)
+                } else {
+                    group::<R, 3, false>(p, &Q4_0_FIELDS, xs, g, &mut acc)
+                }
+            }
+        }
+        let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
+        for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
+            let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+            for b in groups * LANE_BLOCKS..nb {
+                // SAFETY: block b is inside `w` and `x`.
+                total += unsafe { block_sum(dtype, w, x, b, offset, prod) };
+            }
+            *o = total as f32;
+        }
+    }
+
+    /// How far ahead of the group in hand [`dot_lanes`] asks for lines.
+    const PREFETCH_AHEAD: usize = 8192;
+
+    /// One group of 16 blocks for [`dot_lanes`], in `W` windows.
+    ///
+    /// # Safety
+    /// As [`dot_lanes`]; `p` is the group's first byte.
+    #[inline(always)]
+    unsafe fn group<const R: usize, const W: usize, const Q5: bool>(
+        p: *const u8,
+        fields: &[Gather],
+        xs: &[&Q8Row; R],
+        g: usize,
+        acc: &mut [[__m512d; 2]; R],
+    ) {
+        let s = if Q5 { Q5_0_BYTES } else { Q4_0_BYTES };
+        // SAFETY: every window lies inside the group's 16 blocks
+        // (`window_start`); the caller's contract covers the rest.
+        unsafe {
+            let mut win = [[_mm512_setzero_si512(); 2]; W];
+            for (w, pair) in win.iter_mut().enumerate() {
+                let at = p.add(window_start(s, w));
+                *pair = [
+                    _mm512_loadu_si512(at.cast()),
+                    _mm512_loadu_si512(at.add(64).cast()),
+                ];
+            }
+            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(&win, &fields[0])));
+            let dw = [
+                _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(dw),
+                ))),
+            ];
+            let (qh, first_code, shift) = if Q5 {
+                (gather(&win, &fields[1]), 2, 4)
+            } else {
+                (_mm512_setzero_si512(), 1, 3)
+            };
+            // Codes are unsigned (offset 8 or 16): start from −offset·Σx.
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for (lo, x) in lo.iter_mut().zip(xs) {
+                let sums = _mm512_loadu_si512(x.sums.as_ptr().add(g * LANE_BLOCKS).cast());
+                *lo = _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)),
+                );
+            }
+            let m4 = _mm512_set1_epi8(0x0f);
+            for k in 0..4 {
+                let v = gather(&win, &fields[first_code + k]);
+                let mut low = _mm512_and_si512(v, m4);
+                let mut high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                if Q5 {
+                    low = _mm512_or_si512(low, fifth_bits(qh, 4 * k as i32));
+                    high = _mm512_or_si512(high, fifth_bits(qh, 16 + 4 * k as i32));
+                }
+                for r in 0..R {
+                    let xl = xs[r].lanes.as_ptr().add((g * 8 + k) * 64);
+                    lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_loadu_si512(xl.cast()));
+                    hi[r] =
+                        _mm512_dpbusd_epi32(hi[r], high, _mm512_loadu_si512(xl.add(256).cast()));
+                }
+            }
+            for ((acc, x), (lo, hi)) in acc.iter_mut().zip(xs).zip(lo.iter().zip(&hi)) {
+                let sum = _mm512_add_epi32(*lo, *hi);
+                let dx = _mm512_loadu_ps(x.d.as_ptr().add(g * LANE_BLOCKS));
+                let dx = [
+                    _mm512_cvtps_pd(_mm512_castps512_ps256(dx)),
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(dx),
+                    ))),
+                ];
+                acc[0] = _mm512_fmadd_pd(
+                    _mm512_mul_pd(dw[0], dx[0]),
+                    _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum)),
+                    acc[0],
+                );
+                acc[1] = _mm512_fmadd_pd(
+                    _mm512_mul_pd(dw[1], dx[1]),
+                    _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(sum)),
+                    acc[1],
+                );
+            }
+        }
     }
 
     /// See [`super::gemm16`].

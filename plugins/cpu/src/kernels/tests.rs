@@ -111,6 +111,11 @@ fn mul_mat_matches_the_reference_on_every_path() {
         (96, 16, 4),
         (320, 33, 9),
         (32, 1, 4),
+        // Decode on AVX-512 gives each of 16 blocks a lane: one whole
+        // group, groups and a tail, for one to three activation rows.
+        (512, 3, 1),
+        (1056, 5, 3),
+        (2592, 2, 2),
     ];
     for isa in Isa::available() {
         for dtype in [DType::F16, DType::Q4_0, DType::Q5_0, DType::Q8_0] {
