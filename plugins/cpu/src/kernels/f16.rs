@@ -122,6 +122,7 @@ mod x86 {
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         let mut i = 0;
         while i < len {
+            crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 32);
             let mask = if len - i >= 16 {
                 u16::MAX
             } else {

@@ -108,6 +108,7 @@ fn dot_q4_k_with<const R: usize>(
     let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
     let mut acc = [0.0f64; R];
     for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+        super::prefetch(blk.as_ptr(), Q4_K_BLOCK);
         let scales = &blk[4..16];
         let mut sc = [0i32; 8];
         let mut mins = [0i32; 8];
@@ -354,6 +355,7 @@ mod x86 {
         let mut acc = [0.0f64; R];
         for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
             let p = blk.as_ptr();
+            crate::kernels::prefetch(p, BLOCK);
             // SAFETY: the 16 scale bytes are inside the block.
             let sc = unsafe { std::slice::from_raw_parts(p.add(192).cast::<i8>(), 16) };
             let mut sums = [_mm256_setzero_si256(); R];

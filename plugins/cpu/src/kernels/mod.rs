@@ -398,6 +398,35 @@ fn gemm_groups<S: Default>(sl: &Slice, n_count: usize, work: usize, kernel: &Gem
     });
 }
 
+/// How far ahead of the weight bytes in hand the row kernels ask for
+/// cache lines. Decode streams every weight once per token; the hardware
+/// prefetcher alone left Q4_0 decode at 75 % of the speed it reaches with
+/// this (measured from 1 to 32 KiB; 8 KiB was best).
+const PREFETCH_AHEAD: usize = 8192;
+
+/// Asks for the cache lines of `bytes` bytes starting [`PREFETCH_AHEAD`]
+/// past `p` (a hint: no access happens, so it may point anywhere).
+#[inline(always)]
+fn prefetch(p: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ahead = p.wrapping_add(PREFETCH_AHEAD);
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch never faults (SSE is baseline on x86-64).
+            #[allow(unused_unsafe)]
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    ahead.wrapping_add(at).cast(),
+                )
+            };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, bytes);
+}
+
 /// A raw pointer the worker threads share; the kernels give each thread
 /// disjoint outputs.
 struct SendPtr(*mut u8);

@@ -343,7 +343,9 @@ mod x86 {
                 let nb = xs[0].d.len();
                 let mut acc = [_mm256_setzero_pd(); R];
                 let mut b = 0;
+                let bytes = w.len() / nb.max(1);
                 while b + 4 <= nb {
+                    crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), 4 * bytes);
                     let mut u = [_mm256_setzero_si256(); 4];
                     let mut bits = [0u16; 4];
                     for j in 0..4 {
@@ -570,10 +572,7 @@ mod x86 {
             // of group g are inside every row (the caller's contract).
             unsafe {
                 let p = w.as_ptr().add(g * LANE_BLOCKS * s);
-                let ahead = p.wrapping_add(PREFETCH_AHEAD);
-                for line in (0..LANE_BLOCKS * s).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                }
+                crate::kernels::prefetch(p, LANE_BLOCKS * s);
                 if Q5 {
                     group::<R, 4, true>(p, &Q5_0_FIELDS, xs, g, &mut acc)
                 } else {
@@ -591,9 +590,6 @@ mod x86 {
             *o = total as f32;
         }
     }
-
-    /// How far ahead of the group in hand [`dot_lanes`] asks for lines.
-    const PREFETCH_AHEAD: usize = 8192;
 
     /// One group of 16 blocks for [`dot_lanes`], in `W` windows.
     ///
