@@ -77,6 +77,18 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == x.d.len() * Q4_K_BLOCK));
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe {
+            match xs.len() {
+                1 => x86::dot_q4_k_vnni::<1>(w, xs, out),
+                2 => x86::dot_q4_k_vnni::<2>(w, xs, out),
+                3 => x86::dot_q4_k_vnni::<3>(w, xs, out),
+                _ => x86::dot_q4_k_vnni::<4>(w, xs, out),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
@@ -218,6 +230,18 @@ pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == x.d.len() * BLOCK));
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe {
+            match xs.len() {
+                1 => x86::dot_q6_k_vnni::<1>(w, xs, out),
+                2 => x86::dot_q6_k_vnni::<2>(w, xs, out),
+                3 => x86::dot_q6_k_vnni::<3>(w, xs, out),
+                _ => x86::dot_q6_k_vnni::<4>(w, xs, out),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
@@ -287,6 +311,97 @@ mod x86 {
             |q, xs, b, sc, totals| unsafe { q4_k_block(q, xs, b, sc, totals) },
             f16_to_f32,
         )
+    }
+
+    /// Q4_K's 12 scale bytes unpacked as llama.cpp does: the 8 six-bit
+    /// scales as the bytes of the first value, the 8 minimums of the
+    /// second (`crate::quant::scale_min_k4`, 4 bytes at a time).
+    #[inline(always)]
+    fn q4_k_scales(s: &[u8]) -> (u64, u64) {
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const LOW2: u32 = 0x0303_0303;
+        let word =
+            |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+        let (u0, u1, u2) = (word(0), word(1), word(2));
+        let sc_hi = (u2 & LOW4) | (((u0 >> 6) & LOW2) << 4);
+        let m_hi = ((u2 >> 4) & LOW4) | (((u1 >> 6) & LOW2) << 4);
+        (
+            (u0 & LOW6) as u64 | (sc_hi as u64) << 32,
+            (u1 & LOW6) as u64 | (m_hi as u64) << 32,
+        )
+    }
+
+    /// One Q4_K row against `R` activation rows on AVX-512 VNNI: a
+    /// 512-bit `vpdpbusd` takes two 32-code sub-blocks (the low or the
+    /// high nibbles of 64 code bytes), its lanes are multiplied by their
+    /// sub-block's scale, and the minimums' part is one 8-lane product
+    /// with the activations' sums. The block is scaled in f64 as
+    /// [`super::dot_q4_k`]'s other paths do it (same results).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
+    /// blocks as each of the first `R` rows of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_q4_k_vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let m4 = _mm512_set1_epi8(0x0f);
+        // Which sub-blocks a product's halves hold: the low nibbles of
+        // code bytes 0..64 are sub-blocks 0 and 2, the high ones 1 and 3;
+        // of bytes 64..128, 4 and 6, then 5 and 7.
+        let halves =
+            |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
+        let pick = [halves(0, 2), halves(1, 3), halves(4, 6), halves(5, 7)];
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+            crate::kernels::prefetch(blk.as_ptr(), Q4_K_BLOCK);
+            let (sc8, m8) = q4_k_scales(&blk[4..16]);
+            let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc8 as i64)));
+            let mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m8 as i64));
+            let mut codes = [_mm512_setzero_si512(); 4];
+            for p in 0..2 {
+                // SAFETY: code bytes 64p..64p+64 are inside the block.
+                let v = unsafe { _mm512_loadu_si512(blk.as_ptr().add(16 + 64 * p).cast()) };
+                codes[2 * p] = _mm512_and_si512(v, m4);
+                codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            }
+            let scales = pick.map(|i| _mm512_permutexvar_epi32(i, sc));
+            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+            let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                let mut total = _mm512_setzero_si512();
+                for p in 0..2 {
+                    // SAFETY: activations 128p..128p+128 of block b are inside the row.
+                    let (lo, hi) = unsafe {
+                        let xq = x.qs.as_ptr().add(b * QK_K + 128 * p);
+                        let two = |at: usize| {
+                            _mm512_inserti64x4::<1>(
+                                _mm512_castsi256_si512(_mm256_loadu_si256(xq.add(at).cast())),
+                                _mm256_loadu_si256(xq.add(at + 64).cast()),
+                            )
+                        };
+                        (two(0), two(32))
+                    };
+                    let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p], lo);
+                    let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p + 1], hi);
+                    total = _mm512_add_epi32(
+                        total,
+                        _mm512_add_epi32(
+                            _mm512_mullo_epi32(lo, scales[2 * p]),
+                            _mm512_mullo_epi32(hi, scales[2 * p + 1]),
+                        ),
+                    );
+                }
+                let total = _mm512_reduce_add_epi32(total);
+                // SAFETY: the 8 sums of block b are inside the row.
+                let sums = unsafe { _mm256_loadu_si256(x.sums32.as_ptr().add(8 * b).cast()) };
+                let total_m = hsum(_mm256_mullo_epi32(mins, sums));
+                *acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
     }
 
     /// Horizontal sum of eight i32 lanes.
@@ -411,6 +526,98 @@ mod x86 {
             let dw = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
             for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
                 *acc += dw * x.d[b] as f64 * hsum(s) as f64;
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+
+    /// One Q6_K row against `R` activation rows on AVX-512 VNNI. The
+    /// codes of each half block (128) are built unsigned in two 512-bit
+    /// registers whose bytes follow the activations' order (ql's 64 bytes,
+    /// low then high nibbles, with qh's bits shifted into place), so each
+    /// `vpdpbusd` lane lies in one 16-code sub-block and is multiplied by
+    /// its scale; the offset of 32 comes off as 32·Σ scale·Σx per block.
+    /// Scaled in f64 as [`super::dot_q6_k`]'s other paths do it.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
+    /// blocks as each of the first `R` rows of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_q6_k_vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m30 = _mm512_set1_epi8(0x30);
+        // Sub-block `first + lane / 4` for each lane.
+        let quarter = |first: i32| {
+            let f = first;
+            _mm512_set_epi32(
+                f + 3,
+                f + 3,
+                f + 3,
+                f + 3,
+                f + 2,
+                f + 2,
+                f + 2,
+                f + 2,
+                f + 1,
+                f + 1,
+                f + 1,
+                f + 1,
+                f,
+                f,
+                f,
+                f,
+            )
+        };
+        let pick = [quarter(0), quarter(4), quarter(8), quarter(12)];
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            crate::kernels::prefetch(p, BLOCK);
+            // SAFETY: the block's 128 ql, 64 qh and 16 scale bytes.
+            let (sc, codes) = unsafe {
+                let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(192).cast()));
+                let mut codes = [_mm512_setzero_si512(); 4];
+                for n in 0..2 {
+                    let ql = _mm512_loadu_si512(p.add(64 * n).cast());
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+                    // qh's bit pairs 0, 1, 2, 3 belong to codes l, l + 32,
+                    // l + 64, l + 96: moved to bits 4 and 5.
+                    let h01 = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_slli_epi16::<4>(qh)),
+                        _mm256_slli_epi16::<2>(qh),
+                    );
+                    let h23 = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(qh),
+                        _mm256_srli_epi16::<2>(qh),
+                    );
+                    codes[2 * n] =
+                        _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(h01, m30));
+                    codes[2 * n + 1] = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                        _mm512_and_si512(h23, m30),
+                    );
+                }
+                (sc, codes)
+            };
+            let scales = pick.map(|i| _mm512_permutexvar_epi32(i, sc));
+            let dw = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                let mut total = _mm512_setzero_si512();
+                for (q, (c, s)) in codes.iter().zip(&scales).enumerate() {
+                    // SAFETY: activations 64q..64q+64 of block b are inside the row.
+                    let xv =
+                        unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(b * QK_K + 64 * q).cast()) };
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *c, xv);
+                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(dot, *s));
+                }
+                // SAFETY: the 16 sums of 16 of block b are inside the row.
+                let sums = unsafe { _mm512_loadu_si512(x.sums16.as_ptr().add(16 * b).cast()) };
+                let offset = _mm512_reduce_add_epi32(_mm512_mullo_epi32(sc, sums));
+                let total = _mm512_reduce_add_epi32(total) - 32 * offset;
+                *acc += dw * x.d[b] as f64 * total as f64;
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
