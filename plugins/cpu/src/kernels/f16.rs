@@ -58,6 +58,48 @@ pub fn dot_rows(isa: Isa, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     }
 }
 
+/// Weight rows per [`gemm16`] call.
+pub const GEMM_ROWS: usize = 16;
+
+/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 weight rows and any number
+/// of activation rows, on AVX-512, in tiles of 4 weight rows × 4
+/// activation rows: 16 accumulators of eight f64 lanes, each weight and
+/// activation vector converted once per tile step and used four times
+/// (products exact, as in [`dot_rows`]; each FMA rounds once, as the
+/// reference's addition does). Partial tiles repeat their last row and
+/// drop its results.
+///
+/// Returns `false` (and does nothing) without AVX-512.
+pub fn gemm16(
+    isa: Isa,
+    ws: &[&[u8]],
+    xs: &[&[f32]],
+    mut out: impl FnMut(usize, usize, f32),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let k = xs[0].len();
+        assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
+        for m0 in (0..xs.len()).step_by(4) {
+            let x: [&[f32]; 4] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
+            for n0 in (0..ws.len()).step_by(4) {
+                let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
+                // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
+                let tile = unsafe { x86::tile_avx512(&w, &x) };
+                for (n, row) in tile.iter().enumerate().take(ws.len() - n0) {
+                    for (m, &v) in row.iter().enumerate().take(xs.len() - m0) {
+                        out(n0 + n, m0 + m, v);
+                    }
+                }
+            }
+        }
+        return true;
+    }
+    let _ = (isa, ws, xs, &mut out);
+    false
+}
+
 /// Sums `w[from..] · x[from..]` onto `acc`.
 fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
     for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
@@ -159,6 +201,47 @@ mod x86 {
         for (o, acc) in out.iter_mut().zip(acc) {
             *o = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32;
         }
+    }
+
+    /// A 4 × 4 tile of [`super::gemm16`]: `out[n][m] = w[n] · x[m]`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `w` row
+    /// holds `2 * x[0].len()` bytes and every `x` row as many values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn tile_avx512(w: &[&[u8]; 4], x: &[&[f32]; 4]) -> [[f32; 4]; 4] {
+        let len = x[0].len();
+        let mut acc = [[_mm512_setzero_pd(); 4]; 4];
+        let mut i = 0;
+        while i < len {
+            let left = len - i;
+            // Whole steps load plainly; only the tail is masked.
+            let mask = if left >= 8 { 0xff } else { (1u8 << left) - 1 };
+            // SAFETY: the loads touch only elements i..len of each row.
+            unsafe {
+                let xv: [__m512d; 4] = std::array::from_fn(|m| {
+                    let p = x[m].as_ptr().add(i);
+                    _mm512_cvtps_pd(if left >= 8 {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        _mm256_maskz_loadu_ps(mask, p)
+                    })
+                });
+                for (row, acc) in w.iter().zip(&mut acc) {
+                    let p = row.as_ptr().add(2 * i);
+                    let wv = _mm512_cvtps_pd(_mm256_cvtph_ps(if left >= 8 {
+                        _mm_loadu_si128(p.cast())
+                    } else {
+                        _mm_maskz_loadu_epi16(mask, p.cast())
+                    }));
+                    for (acc, xv) in acc.iter_mut().zip(&xv) {
+                        *acc = _mm512_fmadd_pd(wv, *xv, *acc);
+                    }
+                }
+            }
+            i += 8;
+        }
+        acc.map(|row| row.map(|a| _mm512_reduce_add_pd(a) as f32))
     }
 
     /// # Safety

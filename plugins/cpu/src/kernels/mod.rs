@@ -290,6 +290,16 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 });
                 continue;
             }
+            if m_count >= GEMM_MIN_ROWS
+                && isa == Isa::Avx512
+                && wd.dtype == DType::F16
+                && let Some(rows_x) = f16_rows(xq)
+            {
+                gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
+                    f16::gemm16(isa, ws, &rows_x, out)
+                });
+                continue;
+            }
             threads::parallel_for(n_count, work, &|range| {
                 let (wp, dp) = (&wp, &dp);
                 for n in range {
@@ -322,7 +332,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 /// From this many activation rows on, Q4_0/Q5_0/Q8_0, Q4_K and Q6_K
 /// products use the lane-wise GEMMs ([`q8::gemm16`],
 /// [`kquant::gemm16_q4_k`], [`kquant::gemm16_q6_k`]) where the CPU has
-/// AVX-512 VNNI.
+/// AVX-512 VNNI, and F16 products the tiled [`f16::gemm16`].
 const GEMM_MIN_ROWS: usize = 4;
 
 /// The rows as Q8_0 rows, if they are (one weight type per op makes that
@@ -331,6 +341,16 @@ fn q8_rows(xs: &[Prepared]) -> Option<Vec<&Q8Row>> {
     xs.iter()
         .map(|p| match p {
             Prepared::Q8(q) => Some(q),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rows as f16-rounded rows, if they are.
+fn f16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
+    xs.iter()
+        .map(|p| match p {
+            Prepared::F16(v) => Some(v.as_slice()),
             _ => None,
         })
         .collect()
