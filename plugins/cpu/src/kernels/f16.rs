@@ -74,7 +74,7 @@ pub fn gemm16(
     isa: Isa,
     ws: &[&[u8]],
     xs: &[&[f32]],
-    mut out: impl FnMut(usize, usize, f32),
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
@@ -87,10 +87,10 @@ pub fn gemm16(
                 let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
                 // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
                 let tile = unsafe { x86::tile_avx512(&w, &x) };
-                for (n, row) in tile.iter().enumerate().take(ws.len() - n0) {
-                    for (m, &v) in row.iter().enumerate().take(xs.len() - m0) {
-                        out(n0 + n, m0 + m, v);
-                    }
+                let rows = (ws.len() - n0).min(4);
+                for m in 0..(xs.len() - m0).min(4) {
+                    let column: [f32; 4] = std::array::from_fn(|n| tile[n][m]);
+                    out(n0, m0 + m, &column[..rows]);
                 }
             }
         }

@@ -184,7 +184,7 @@ pub fn gemm16_q4_k(
     ws: &[&[u8]],
     xs: &[&Q8KRow],
     scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, f32),
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
@@ -208,7 +208,7 @@ pub fn gemm16_q6_k(
     ws: &[&[u8]],
     xs: &[&Q8KRow],
     scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, f32),
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
@@ -635,7 +635,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
@@ -701,7 +701,7 @@ mod x86 {
         nb: usize,
         rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
@@ -784,7 +784,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
@@ -835,7 +835,7 @@ mod x86 {
         nb: usize,
         rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();

@@ -21,7 +21,7 @@ pub fn scatter(codes: &mut [u8], row: &[u8], b: usize, n: usize) {
 
 #[cfg(target_arch = "x86_64")]
 /// Hands each row's 16 results (the first `rows` of them) to `out` as
-/// `(weight row, activation row m0 + r, value)`.
+/// `(first weight row, activation row m0 + r, values)`.
 ///
 /// # Safety
 /// AVX-512 F is present.
@@ -30,17 +30,15 @@ pub unsafe fn emit(
     acc: &[[__m512d; 2]],
     rows: usize,
     m0: usize,
-    out: &mut dyn FnMut(usize, usize, f32),
+    out: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     for (r, acc) in acc.iter().enumerate() {
-        let mut v = [0f64; ROWS];
-        // SAFETY: `v` holds 16 f64s.
+        let mut v = [0f32; ROWS];
+        // SAFETY: `v` holds 16 f32s.
         unsafe {
-            _mm512_storeu_pd(v.as_mut_ptr(), acc[0]);
-            _mm512_storeu_pd(v.as_mut_ptr().add(8), acc[1]);
+            _mm256_storeu_ps(v.as_mut_ptr(), _mm512_cvtpd_ps(acc[0]));
+            _mm256_storeu_ps(v.as_mut_ptr().add(8), _mm512_cvtpd_ps(acc[1]));
         }
-        for (n, &value) in v.iter().enumerate().take(rows) {
-            out(n, m0 + r, value as f32);
-        }
+        out(0, m0 + r, &v[..rows]);
     }
 }

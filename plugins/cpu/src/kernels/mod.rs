@@ -378,9 +378,10 @@ struct Slice {
 }
 
 /// A lane-wise GEMM kernel: 16 (or fewer) weight rows, a scratch, and
-/// where results go (`(row in the group, activation row, value)`).
+/// where results go (`(first row in the group, activation row, values for
+/// that row and the next)`).
 type GemmKernel<'a, S> =
-    dyn Fn(&[&[u8]], &mut S, &mut dyn FnMut(usize, usize, f32)) -> bool + Sync + 'a;
+    dyn Fn(&[&[u8]], &mut S, &mut dyn FnMut(usize, usize, &[f32])) -> bool + Sync + 'a;
 
 /// Runs `kernel` over the slice's weight rows in groups of 16 on the pool,
 /// one scratch per thread.
@@ -402,14 +403,19 @@ fn gemm_groups<S: Default>(sl: &Slice, n_count: usize, work: usize, kernel: &Gem
                     }
                 })
                 .collect();
-            let mut write = |n: usize, m: usize, v: f32| {
-                // SAFETY: dst element (n0 + n, m) of this slice is inside
-                // dst; each weight row belongs to one thread.
+            let mut write = |n: usize, m: usize, v: &[f32]| {
+                debug_assert!(n0 + n + v.len() <= n_count);
+                // SAFETY: dst elements (n0 + n.., m) of this slice are
+                // inside dst (f32s, contiguous along n: nb[0] == 4); each
+                // weight row belongs to one thread.
                 unsafe {
-                    sl.d.0
-                        .add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4)
-                        .cast::<f32>()
-                        .write_unaligned(v)
+                    std::ptr::copy_nonoverlapping(
+                        v.as_ptr(),
+                        sl.d.0
+                            .add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4)
+                            .cast::<f32>(),
+                        v.len(),
+                    )
                 };
             };
             let done = kernel(&rows, &mut scratch, &mut write);

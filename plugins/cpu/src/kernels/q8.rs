@@ -188,7 +188,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&Q8Row],
     scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, f32),
+    mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0) {
@@ -687,7 +687,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8Row],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
         let offset: i32 = match dtype {
@@ -737,7 +737,7 @@ mod x86 {
         offset: i32,
         rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, f32),
+        out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let codes_p = scratch.codes.as_ptr();
