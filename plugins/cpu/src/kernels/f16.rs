@@ -88,8 +88,8 @@ pub fn gemm16(
                 // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
                 let tile = unsafe { x86::tile_avx512(&w, &x) };
                 let rows = (ws.len() - n0).min(4);
-                for m in 0..(xs.len() - m0).min(4) {
-                    let column: [f32; 4] = std::array::from_fn(|n| tile[n][m]);
+                let columns: [[f32; 4]; 4] = std::array::from_fn(|m| tile.map(|row| row[m]));
+                for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
                     out(n0, m0 + m, &column[..rows]);
                 }
             }
