@@ -37,7 +37,15 @@ impl Q8KRow {
 
     /// As the reference's `round_activations` for K-quant weights: `qs·d`
     /// is its rounded value (before that product's own f32 rounding).
-    pub fn quantize(&mut self, x: &[f32]) {
+    pub fn quantize(&mut self, isa: Isa, x: &[f32]) {
+        assert_eq!(x.len(), self.qs.len());
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
+            unsafe { x86::quantize_q8_k(self, x) };
+            return;
+        }
+        let _ = isa;
         for ((block, q), d) in x
             .chunks_exact(QK_K)
             .zip(self.qs.chunks_exact_mut(QK_K))
@@ -311,6 +319,64 @@ mod x86 {
             |q, xs, b, sc, totals| unsafe { q4_k_block(q, xs, b, sc, totals) },
             f16_to_f32,
         )
+    }
+
+    /// [`Q8KRow::quantize`] on AVX-512, to the same bits: the first value
+    /// of largest magnitude sets the scale, codes round half to even
+    /// (`vcvtps2dq` in the default rounding mode, as `nearest_int`).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are present; `x.len() == row.qs.len()`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+    pub unsafe fn quantize_q8_k(row: &mut Q8KRow, x: &[f32]) {
+        for (b, block) in x.chunks_exact(QK_K).enumerate() {
+            let p = block.as_ptr();
+            let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+            // SAFETY: the block holds 256 values: 16 vectors.
+            let v: [__m512; 16] =
+                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(p.add(16 * i)) });
+            let abs =
+                v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask)));
+            let amax = _mm512_reduce_max_ps(
+                abs.iter()
+                    .fold(_mm512_setzero_ps(), |m, a| _mm512_max_ps(m, *a)),
+            );
+            let q = &mut row.qs[b * QK_K..][..QK_K];
+            if amax == 0.0 || amax.is_nan() {
+                row.d[b] = 0.0;
+                q.fill(0);
+            } else {
+                // The first value whose magnitude is the largest.
+                let i = abs
+                    .iter()
+                    .position(|a| _mm512_cmpeq_ps_mask(*a, _mm512_set1_ps(amax)) != 0)
+                    .expect("the maximum is in the block");
+                let lane =
+                    _mm512_cmpeq_ps_mask(abs[i], _mm512_set1_ps(amax)).trailing_zeros() as usize;
+                let max = block[16 * i + lane];
+                let iscale = -127.0 / max;
+                row.d[b] = 1.0 / iscale;
+                let scale = _mm512_set1_ps(iscale);
+                for (i, v) in v.iter().enumerate() {
+                    let c = _mm512_min_epi32(
+                        _mm512_cvtps_epi32(_mm512_mul_ps(scale, *v)),
+                        _mm512_set1_epi32(127),
+                    );
+                    // SAFETY: codes 16i..16i+16 are inside the block.
+                    unsafe {
+                        _mm_storeu_si128(q.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(c))
+                    };
+                }
+            }
+            for (i, s) in row.sums16[b * 16..][..16].iter_mut().enumerate() {
+                // SAFETY: codes 16i..16i+16 are inside the block.
+                let c = unsafe { _mm_loadu_si128(q.as_ptr().add(16 * i).cast()) };
+                *s = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(c));
+            }
+        }
+        for (s, pair) in row.sums32.iter_mut().zip(row.sums16.chunks_exact(2)) {
+            *s = pair[0] + pair[1];
+        }
     }
 
     /// Q4_K's 12 scale bytes unpacked as llama.cpp does: the 8 six-bit

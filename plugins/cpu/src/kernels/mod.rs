@@ -165,12 +165,12 @@ impl Prepared {
     fn set(&mut self, isa: Isa, x: &[f32]) {
         match self {
             Prepared::Q8(q) => {
-                q.quantize(x);
+                q.quantize(isa, x);
                 if isa == Isa::Avx512 {
                     q.fill_lanes();
                 }
             }
-            Prepared::Q8K(q) => q.quantize(x),
+            Prepared::Q8K(q) => q.quantize(isa, x),
             Prepared::F16(v) => f16::round_row(isa, x, v),
         }
     }

@@ -65,8 +65,15 @@ impl Q8Row {
 
     /// Quantizes `x` (a whole number of blocks) exactly as the reference's
     /// `round_activations` rounds it: `qs * d` is that rounded value.
-    pub fn quantize(&mut self, x: &[f32]) {
-        debug_assert_eq!(x.len(), self.qs.len());
+    pub fn quantize(&mut self, isa: Isa, x: &[f32]) {
+        assert_eq!(x.len(), self.qs.len());
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
+            unsafe { x86::quantize_q8_0(self, x) };
+            return;
+        }
+        let _ = isa;
         for ((block, q), d) in x
             .chunks_exact(QK)
             .zip(self.qs.chunks_exact_mut(QK))
@@ -258,7 +265,40 @@ mod x86 {
         GEMM_ROWS, GemmScratch, LANE_BLOCKS, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK,
     };
     use core::arch::x86_64::*;
+    use half::f16;
     use kiln_plugin_api::DType;
+
+    /// [`Q8Row::quantize`] on AVX-512, to the same bits (codes round half
+    /// to even: `vcvtps2dq` in the default rounding mode).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and F16C are present; `x.len() == row.qs.len()`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+    pub unsafe fn quantize_q8_0(row: &mut Q8Row, x: &[f32]) {
+        let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+        for (b, block) in x.chunks_exact(QK).enumerate() {
+            // SAFETY: the block holds 32 values.
+            let v = unsafe {
+                [
+                    _mm512_loadu_ps(block.as_ptr()),
+                    _mm512_loadu_ps(block.as_ptr().add(16)),
+                ]
+            };
+            let abs =
+                v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+            row.d[b] = f16::from_f32(amax / 127.0).to_f32();
+            let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let c = v.map(|v| _mm512_cvtps_epi32(_mm512_mul_ps(v, id)));
+            // SAFETY: codes 32b..32b+32 are inside the row.
+            unsafe {
+                let q = row.qs.as_mut_ptr().add(b * QK);
+                _mm_storeu_si128(q.cast(), _mm512_cvtepi32_epi8(c[0]));
+                _mm_storeu_si128(q.add(16).cast(), _mm512_cvtepi32_epi8(c[1]));
+            }
+            row.sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[0], c[1]));
+        }
+    }
 
     /// Block `b`'s 32 weight codes as unsigned bytes (Q4_0: the nibbles;
     /// Q5_0: the nibbles with their fifth bits; Q8_0: the code + 128) and

@@ -266,3 +266,45 @@ fn f16_rounding_of_activations_is_the_same_on_every_path() {
         }
     }
 }
+
+#[test]
+fn activation_quantization_is_the_same_on_every_path() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let k = 256 * 5;
+    let mut x: Vec<f32> = (0..k)
+        .map(|i| match i % 7 {
+            0 => (rng.f32() - 0.5) * 1e-6,
+            1 => ((rng.i32(-40..40)) as f32) * 0.25, // exact halves after scaling
+            _ => (rng.f32() - 0.5) * 8.0,
+        })
+        .collect();
+    // A block of zeros; blocks whose largest magnitude comes twice, with
+    // either sign first (the first one sets the K-quant scale's sign).
+    x[256..512].fill(0.0);
+    x[520] = -20.0;
+    x[700] = 20.0;
+    x[800] = 30.0;
+    x[1000] = -30.0;
+    let mut want8 = Q8Row::new(k);
+    let mut want_k = kquant::Q8KRow::new(k);
+    want8.quantize(Isa::Scalar, &x);
+    want_k.quantize(Isa::Scalar, &x);
+    for isa in Isa::available() {
+        let mut got8 = Q8Row::new(k);
+        let mut got_k = kquant::Q8KRow::new(k);
+        got8.quantize(isa, &x);
+        got_k.quantize(isa, &x);
+        let name = isa.name();
+        assert_eq!(got8.qs, want8.qs, "{name}");
+        assert_eq!(got8.sums, want8.sums, "{name}");
+        assert_eq!(bits(&got8.d), bits(&want8.d), "{name}");
+        assert_eq!(got_k.qs, want_k.qs, "{name}");
+        assert_eq!(got_k.sums16, want_k.sums16, "{name}");
+        assert_eq!(got_k.sums32, want_k.sums32, "{name}");
+        assert_eq!(bits(&got_k.d), bits(&want_k.d), "{name}");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
