@@ -158,7 +158,7 @@ impl Prepared {
         match weights {
             DType::F16 => Prepared::F16(vec![0.0; k]),
             DType::Q4_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
-            _ => Prepared::Q8(Q8Row::new(k)),
+            _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
     }
 

@@ -26,6 +26,12 @@ pub struct Q8Row {
     pub qs: Vec<i8>,
     /// The sum of each block's codes (for unsigned weight codes' offset).
     pub sums: Vec<i32>,
+    /// Per block: the scale widened to f64, and minus the weights' code
+    /// offset (8, 16 or 128, from [`Q8Row::new`]'s type) times the code
+    /// sum: what the GEMM starts each block's integer sum from.
+    pub d64: Vec<f64>,
+    pub offset_sums: Vec<i32>,
+    offset: i32,
     /// The codes again, lane-major, for the decode kernels that give each
     /// block of a weight row its own lane ([`Q8Row::fill_lanes`]): per
     /// group of 16 blocks, 8 vectors of 64 bytes; lane `i` of vector `j`
@@ -34,12 +40,26 @@ pub struct Q8Row {
 }
 
 impl Q8Row {
-    pub fn new(k: usize) -> Q8Row {
+    /// A row for products with `weights` (Q4_0, Q5_0 or Q8_0) of `k` columns.
+    pub fn new(k: usize, weights: DType) -> Q8Row {
         Q8Row {
             d: vec![0.0; k / QK],
             qs: vec![0; k],
             sums: vec![0; k / QK],
+            d64: vec![0.0; k / QK],
+            offset_sums: vec![0; k / QK],
+            offset: code_offset(weights),
             lanes: Vec::new(),
+        }
+    }
+
+    /// Fills [`Q8Row::d64`] and [`Q8Row::offset_sums`] from `d` and `sums`.
+    fn widen(&mut self) {
+        for (w, d) in self.d64.iter_mut().zip(&self.d) {
+            *w = *d as f64;
+        }
+        for (o, s) in self.offset_sums.iter_mut().zip(&self.sums) {
+            *o = -self.offset * s;
         }
     }
 
@@ -71,6 +91,7 @@ impl Q8Row {
         if isa == Isa::Avx512 {
             // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
             unsafe { x86::quantize_q8_0(self, x) };
+            self.widen();
             return;
         }
         let _ = isa;
@@ -90,6 +111,16 @@ impl Q8Row {
         for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {
             *s = q.iter().map(|&v| v as i32).sum();
         }
+        self.widen();
+    }
+}
+
+/// What the kernels add to a weight code to make it unsigned.
+fn code_offset(weights: DType) -> i32 {
+    match weights {
+        DType::Q8_0 => 128,
+        DType::Q5_0 => 16,
+        _ => 8,
     }
 }
 
@@ -208,6 +239,8 @@ pub fn gemm16(
         };
         assert!(ws.iter().all(|w| w.len() == nb * bytes));
         assert!(xs.iter().all(|x| x.d.len() == nb));
+        // The rows' offset sums are for these weights' codes.
+        assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
         // SAFETY: the path is only chosen when the CPU has AVX-512 VNNI
         // (`Isa::detect`); the lengths were checked above.
         unsafe { x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out) };
@@ -730,11 +763,6 @@ mod x86 {
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
-        let offset: i32 = match dtype {
-            DType::Q8_0 => 128,
-            DType::Q5_0 => 16,
-            _ => 8,
-        };
         // Codes of block b: 8 groups of 4 codes; group j of row n at
         // ((b * 8 + j) * 16 + n) * 4. Missing rows stay zero.
         scratch.codes.clear();
@@ -757,7 +785,7 @@ mod x86 {
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
         unsafe {
-            in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, offset, rows, m0, out))
+            in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, rows, m0, out))
         };
     }
 
@@ -774,7 +802,6 @@ mod x86 {
         scratch: &GemmScratch,
         xs: &[&Q8Row],
         nb: usize,
-        offset: i32,
         rows: usize,
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
@@ -786,7 +813,7 @@ mod x86 {
         for b in 0..nb {
             let mut sum = [_mm512_setzero_si512(); R];
             for (r, x) in xs.iter().enumerate() {
-                sum[r] = _mm512_set1_epi32(-offset * x.sums[b]);
+                sum[r] = _mm512_set1_epi32(x.offset_sums[b]);
             }
             for j in 0..8 {
                 // SAFETY: group j of block b is inside the scratch.
@@ -810,7 +837,7 @@ mod x86 {
                 )
             };
             for (r, x) in xs.iter().enumerate() {
-                let dx = _mm512_set1_pd(x.d[b] as f64);
+                let dx = _mm512_set1_pd(x.d64[b]);
                 let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum[r]));
                 let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sum[r], 1));
                 acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);

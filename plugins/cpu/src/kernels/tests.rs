@@ -285,18 +285,19 @@ fn activation_quantization_is_the_same_on_every_path() {
     x[700] = 20.0;
     x[800] = 30.0;
     x[1000] = -30.0;
-    let mut want8 = Q8Row::new(k);
+    let mut want8 = Q8Row::new(k, DType::Q4_0);
     let mut want_k = kquant::Q8KRow::new(k);
     want8.quantize(Isa::Scalar, &x);
     want_k.quantize(Isa::Scalar, &x);
     for isa in Isa::available() {
-        let mut got8 = Q8Row::new(k);
+        let mut got8 = Q8Row::new(k, DType::Q4_0);
         let mut got_k = kquant::Q8KRow::new(k);
         got8.quantize(isa, &x);
         got_k.quantize(isa, &x);
         let name = isa.name();
         assert_eq!(got8.qs, want8.qs, "{name}");
         assert_eq!(got8.sums, want8.sums, "{name}");
+        assert_eq!(got8.offset_sums, want8.offset_sums, "{name}");
         assert_eq!(bits(&got8.d), bits(&want8.d), "{name}");
         assert_eq!(got_k.qs, want_k.qs, "{name}");
         assert_eq!(got_k.sums16, want_k.sums16, "{name}");
