@@ -219,14 +219,17 @@ mod x86 {
             let mask = if left >= 8 { 0xff } else { (1u8 << left) - 1 };
             // SAFETY: the loads touch only elements i..len of each row.
             unsafe {
-                let xv: [__m512d; 4] = std::array::from_fn(|m| {
-                    let p = x[m].as_ptr().add(i);
-                    _mm512_cvtps_pd(if left >= 8 {
+                // A loop, not `from_fn`: a closure would be compiled
+                // without this function's target features, and not inlined.
+                let mut xv = [_mm512_setzero_pd(); 4];
+                for (xv, row) in xv.iter_mut().zip(x) {
+                    let p = row.as_ptr().add(i);
+                    *xv = _mm512_cvtps_pd(if left >= 8 {
                         _mm256_loadu_ps(p)
                     } else {
                         _mm256_maskz_loadu_ps(mask, p)
-                    })
-                });
+                    });
+                }
                 for (row, acc) in w.iter().zip(&mut acc) {
                     let p = row.as_ptr().add(2 * i);
                     let wv = _mm512_cvtps_pd(_mm256_cvtph_ps(if left >= 8 {
@@ -241,7 +244,13 @@ mod x86 {
             }
             i += 8;
         }
-        acc.map(|row| row.map(|a| _mm512_reduce_add_pd(a) as f32))
+        let mut out = [[0.0; 4]; 4];
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = _mm512_reduce_add_pd(*a) as f32;
+            }
+        }
+        out
     }
 
     /// # Safety

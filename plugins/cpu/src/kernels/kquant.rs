@@ -332,25 +332,29 @@ mod x86 {
         for (b, block) in x.chunks_exact(QK_K).enumerate() {
             let p = block.as_ptr();
             let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
-            // SAFETY: the block holds 256 values: 16 vectors.
-            let v: [__m512; 16] =
-                std::array::from_fn(|i| unsafe { _mm512_loadu_ps(p.add(16 * i)) });
-            let abs =
-                v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask)));
-            let amax = _mm512_reduce_max_ps(
-                abs.iter()
-                    .fold(_mm512_setzero_ps(), |m, a| _mm512_max_ps(m, *a)),
-            );
+            // Plain loops: a closure handed to `map` or `fold` would be
+            // compiled without this function's target features, and not
+            // inlined.
+            let mut v = [_mm512_setzero_ps(); 16];
+            let mut abs = [_mm512_setzero_ps(); 16];
+            let mut top = _mm512_setzero_ps();
+            for i in 0..16 {
+                // SAFETY: the block holds 256 values: 16 vectors.
+                v[i] = unsafe { _mm512_loadu_ps(p.add(16 * i)) };
+                abs[i] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[i]), abs_mask));
+                top = _mm512_max_ps(top, abs[i]);
+            }
+            let amax = _mm512_reduce_max_ps(top);
             let q = &mut row.qs[b * QK_K..][..QK_K];
             if amax == 0.0 || amax.is_nan() {
                 row.d[b] = 0.0;
                 q.fill(0);
             } else {
                 // The first value whose magnitude is the largest.
-                let i = abs
-                    .iter()
-                    .position(|a| _mm512_cmpeq_ps_mask(*a, _mm512_set1_ps(amax)) != 0)
-                    .expect("the maximum is in the block");
+                let mut i = 0;
+                while _mm512_cmpeq_ps_mask(abs[i], _mm512_set1_ps(amax)) == 0 {
+                    i += 1;
+                }
                 let lane =
                     _mm512_cmpeq_ps_mask(abs[i], _mm512_set1_ps(amax)).trailing_zeros() as usize;
                 let max = block[16 * i + lane];
@@ -431,7 +435,10 @@ mod x86 {
                 codes[2 * p] = _mm512_and_si512(v, m4);
                 codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
             }
-            let scales = pick.map(|i| _mm512_permutexvar_epi32(i, sc));
+            let mut scales = [_mm512_setzero_si512(); 4];
+            for (s, i) in scales.iter_mut().zip(&pick) {
+                *s = _mm512_permutexvar_epi32(*i, sc);
+            }
             let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
             let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
             for (x, acc) in xs.iter().zip(&mut acc) {
@@ -668,7 +675,10 @@ mod x86 {
                 }
                 (sc, codes)
             };
-            let scales = pick.map(|i| _mm512_permutexvar_epi32(i, sc));
+            let mut scales = [_mm512_setzero_si512(); 4];
+            for (s, i) in scales.iter_mut().zip(&pick) {
+                *s = _mm512_permutexvar_epi32(*i, sc);
+            }
             let dw = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
             for (x, acc) in xs.iter().zip(&mut acc) {
                 let mut total = _mm512_setzero_si512();

@@ -317,12 +317,20 @@ mod x86 {
                     _mm512_loadu_ps(block.as_ptr().add(16)),
                 ]
             };
-            let abs =
-                v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask)));
+            // No closures here: a closure handed to `map` would be
+            // compiled without this function's target features, and not
+            // inlined.
+            let abs = [
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[0]), abs_mask)),
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[1]), abs_mask)),
+            ];
             let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
             row.d[b] = f16::from_f32(amax / 127.0).to_f32();
             let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-            let c = v.map(|v| _mm512_cvtps_epi32(_mm512_mul_ps(v, id)));
+            let c = [
+                _mm512_cvtps_epi32(_mm512_mul_ps(v[0], id)),
+                _mm512_cvtps_epi32(_mm512_mul_ps(v[1], id)),
+            ];
             // SAFETY: codes 32b..32b+32 are inside the row.
             unsafe {
                 let q = row.qs.as_mut_ptr().add(b * QK);
