@@ -387,6 +387,18 @@ impl GgufFile {
         &self.map[start..start + t.size as usize]
     }
 
+    /// Reads the mapped file's pages in now (`MADV_POPULATE_READ`, or a
+    /// read-ahead hint on kernels before 5.14), as llama.cpp's
+    /// `MAP_POPULATE` does, so that the first evaluation does not stop at
+    /// every page. A hint: failures are ignored.
+    pub fn prefault(&self) {
+        if let Storage::Mapped(m) = &self.map
+            && m.advise(memmap2::Advice::PopulateRead).is_err()
+        {
+            let _ = m.advise(memmap2::Advice::WillNeed);
+        }
+    }
+
     /// The whole mapping, for zero-copy use of tensor data.
     pub fn bytes(&self) -> &[u8] {
         &self.map

@@ -62,12 +62,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Maps and validates a GGUF model. Nothing is copied: the weights are
-    /// paged in from the file as the first evaluation touches them.
+    /// Maps and validates a GGUF model, then reads its pages in
+    /// ([`GgufFile::prefault`]). Nothing is copied: the weights are the
+    /// file's pages (shared with the page cache).
     pub fn load(path: &Path) -> Result<Arc<Model>, ModelError> {
         let start = Instant::now();
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
+        file.prefault();
         Ok(Arc::new(Model {
             file,
             config,
