@@ -61,7 +61,30 @@ pub struct CpuBackend {
     /// The kernel path (`Isa::current`, or `Reference` for the oracle),
     /// fixed at creation.
     isa: kernels::Isa,
+    /// Per op kind, weight type and shape: calls and seconds, when
+    /// `KILN_CPU_PROFILE` is set ([`CpuBackend::report`]).
+    profile: Option<std::sync::Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
     _host: HostServices,
+}
+
+impl CpuBackend {
+    /// With `KILN_CPU_PROFILE` set: the time spent so far per op kind,
+    /// first source type and shape, to stderr after each graph (meant for
+    /// `kiln bench --decode-tokens 1`, whose last table covers the run).
+    fn report(&self) {
+        let Some(profile) = &self.profile else { return };
+        let p = profile.lock().unwrap_or_else(|e| e.into_inner());
+        let total: f64 = p.values().map(|v| v.1).sum();
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        eprintln!("kiln cpu profile: {total:.3} s in ops");
+        for (key, (calls, secs)) in rows {
+            eprintln!(
+                "  {:6.2} %  {secs:8.3} s  {calls:8} calls  {key}",
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+    }
 }
 
 impl CpuBackend {
@@ -189,6 +212,7 @@ impl Backend for CpuBackend {
                 buffer_alignment: ALIGN as u32,
             },
             isa: crate::isa_for_new_backend(),
+            profile: std::env::var_os("KILN_CPU_PROFILE").map(|_| Default::default()),
             _host: host,
         })
     }
@@ -307,16 +331,35 @@ impl Backend for CpuBackend {
             for (slot, &t) in src.iter_mut().zip(op.srcs()) {
                 *slot = view(&graph.tensors, t).map_err(|e| e.at_op(i))?;
             }
+            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             // SAFETY: every view was bounds-checked against its buffer above,
             // and `check` accepted the op's shapes.
-            // SAFETY: as for the reference below.
-            let fast = unsafe { kernels::run(self.isa, op.kind, &src[..n_src], &dst) };
+            let fast = unsafe { kernels::run(self.isa, op.kind, &src[..n_src], &dst, &op.params) };
             if fast.is_none() {
                 // SAFETY: as above.
                 unsafe { ops::run(op.kind, &src[..n_src], &dst, &op.params) }
                     .map_err(|m| BackendError::invalid(m).at_op(i))?;
             }
+            if let (Some(profile), Some(started)) = (&self.profile, started) {
+                let key = format!(
+                    "{:?} {} {}x{} ({})",
+                    op.kind,
+                    src_descs[0].dtype,
+                    src_descs[0].ne[0],
+                    src_descs[0].ne[1],
+                    if fast.is_some() {
+                        "kernel"
+                    } else {
+                        "reference"
+                    }
+                );
+                let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
+                let e = p.entry(key).or_default();
+                e.0 += 1;
+                e.1 += started.elapsed().as_secs_f64();
+            }
         }
+        self.report();
         Ok(())
     }
 }

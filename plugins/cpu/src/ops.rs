@@ -382,13 +382,20 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                         i3 % b.desc.ne[3],
                         &mut bv,
                     );
-                    for (i0, o) in out.iter_mut().enumerate() {
-                        let y = bv[i0 % bv.len()];
-                        *o = if kind == OpKind::Add {
-                            a[i0] + y
-                        } else {
-                            a[i0] * y
-                        };
+                    if bv.len() == out.len() {
+                        // The common case, without a division per element.
+                        for ((o, &x), &y) in out.iter_mut().zip(&a).zip(&bv) {
+                            *o = if kind == OpKind::Add { x + y } else { x * y };
+                        }
+                    } else {
+                        for (i0, o) in out.iter_mut().enumerate() {
+                            let y = bv[i0 % bv.len()];
+                            *o = if kind == OpKind::Add {
+                                a[i0] + y
+                            } else {
+                                a[i0] * y
+                            };
+                        }
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }
@@ -453,6 +460,7 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
             OpKind::SoftMax => {
                 let scale = param_f32(params[0]);
                 let mut mask = vec![0f32; n0];
+                let mut e = vec![0f64; n0];
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
                     if let Some(m) = src.get(1) {
@@ -466,7 +474,14 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                     if max == f32::NEG_INFINITY {
                         out.iter_mut().for_each(|o| *o = 0.0);
                     } else {
-                        let e: Vec<f64> = a.iter().map(|&v| ((v - max) as f64).exp()).collect();
+                        for (e, &v) in e.iter_mut().zip(&a) {
+                            // exp(−∞) is 0: masked positions skip the call.
+                            *e = if v == f32::NEG_INFINITY {
+                                0.0
+                            } else {
+                                ((v - max) as f64).exp()
+                            };
+                        }
                         let sum: f64 = e.iter().sum();
                         for (o, v) in out.iter_mut().zip(&e) {
                             *o = (v / sum) as f32;

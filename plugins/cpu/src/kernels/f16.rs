@@ -246,11 +246,40 @@ mod x86 {
         }
         let mut out = [[0.0; 4]; 4];
         for (out, acc) in out.iter_mut().zip(&acc) {
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = _mm512_reduce_add_pd(*a) as f32;
-            }
+            // SAFETY: AVX-512 F is enabled here.
+            *out = unsafe { reduce4(acc) };
         }
         out
+    }
+
+    /// The four sums of eight lanes each, in one tree (11 operations
+    /// instead of four reductions' 24).
+    ///
+    /// # Safety
+    /// AVX-512 F is present.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce4(a: &[__m512d; 4]) -> [f32; 4] {
+        // Neighbouring lanes: [a0 a1 a0 a1 …] and [a2 a3 a2 a3 …].
+        let s01 = _mm512_add_pd(
+            _mm512_unpacklo_pd(a[0], a[1]),
+            _mm512_unpackhi_pd(a[0], a[1]),
+        );
+        let s23 = _mm512_add_pd(
+            _mm512_unpacklo_pd(a[2], a[3]),
+            _mm512_unpackhi_pd(a[2], a[3]),
+        );
+        // 128-bit quarters 0+2 and 1+3: [s01 s01 s23 s23] as pairs.
+        let w = _mm512_add_pd(
+            _mm512_shuffle_f64x2::<0b01_00_01_00>(s01, s23),
+            _mm512_shuffle_f64x2::<0b11_10_11_10>(s01, s23),
+        );
+        // Quarters 0+1 and 2+3.
+        let y = _mm512_add_pd(w, _mm512_shuffle_f64x2::<0b10_11_00_01>(w, w));
+        let mut v = [0f64; 8];
+        // SAFETY: `v` holds 8 f64s.
+        unsafe { _mm512_storeu_pd(v.as_mut_ptr(), y) };
+        [v[0] as f32, v[1] as f32, v[4] as f32, v[5] as f32]
     }
 
     /// # Safety

@@ -135,14 +135,106 @@ impl Isa {
 ///
 /// # Safety
 /// As for [`crate::ops::run`], after [`crate::ops::check`] accepted the op.
-pub unsafe fn run(isa: Isa, kind: OpKind, src: &[View], dst: &View) -> Option<()> {
+pub unsafe fn run(
+    isa: Isa,
+    kind: OpKind,
+    src: &[View],
+    dst: &View,
+    params: &[i32; 8],
+) -> Option<()> {
     match kind {
         _ if isa == Isa::Reference => None,
         // SAFETY: the caller's contract.
         OpKind::MulMat => unsafe { mul_mat(isa, &src[0], &src[1], dst) },
+        OpKind::SoftMax
+        | OpKind::Silu
+        | OpKind::Scale
+        | OpKind::Gelu
+        | OpKind::RmsNorm
+        | OpKind::Rope
+        | OpKind::Add
+        | OpKind::Mul
+        | OpKind::Cpy => {
+            // SAFETY: the caller's contract.
+            unsafe { rows_in_parallel(kind, src, dst, params) }
+        }
         _ => None,
     }
 }
+
+/// Runs a row-wise op's reference on the pool: the rows of one dimension
+/// are split between the threads, each running [`crate::ops::run`] on
+/// its slice (narrowed views), so the results are the reference's bits.
+/// A source is narrowed with `dst` when it has that dimension's extent
+/// and left whole when it is broadcast along it (extent 1); a dimension
+/// with any other broadcast, or RoPE's token dimension (its positions
+/// are read by token index), is not split. `None` when no dimension
+/// qualifies or the op is too small to share.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn rows_in_parallel(
+    kind: OpKind,
+    src: &[View],
+    dst: &View,
+    params: &[i32; 8],
+) -> Option<()> {
+    let ne = dst.desc.ne;
+    let work: usize = ne.iter().product::<usize>() * if kind == OpKind::SoftMax { 8 } else { 1 };
+    if threads() < 2 || work < 1 << 16 {
+        return None;
+    }
+    let dims: &[usize] = if kind == OpKind::Rope {
+        &[1]
+    } else {
+        &[3, 2, 1]
+    };
+    let d = dims.iter().copied().find(|&d| {
+        ne[d] > 1
+            && src
+                .iter()
+                .all(|s| s.desc.ne[d] == ne[d] || s.desc.ne[d] == 1)
+    })?;
+    let (dst, src) = (
+        SendView(*dst),
+        src.iter().map(|v| SendView(*v)).collect::<Vec<_>>(),
+    );
+    threads::parallel_for(ne[d], work, &|range| {
+        let narrow = |v: &View| {
+            let mut v = *v;
+            if v.desc.ne[d] == ne[d] {
+                // SAFETY: rows range.start.. of dimension d are inside the
+                // view (range ⊆ 0..ne[d]).
+                v.data = unsafe { v.data.add(range.start * v.desc.nb[d]) };
+                v.desc.ne[d] = range.len();
+            }
+            v
+        };
+        let part: Vec<View> = src.iter().map(|v| narrow(&v.get())).collect();
+        // SAFETY: the narrowed views cover parts of the caller's views,
+        // each dst row written by one thread; `check` accepted the whole
+        // op, and a row slice keeps every index the reference forms
+        // inside its view (sources narrowed alike or broadcast).
+        unsafe { crate::ops::run(kind, &part, &narrow(&dst.get()), params) }
+            .expect("row-wise reference ops cannot fail after `check`");
+    });
+    Some(())
+}
+
+/// A view shared with the pool's threads (which write disjoint rows).
+#[derive(Clone, Copy)]
+struct SendView(View);
+
+impl SendView {
+    /// The view (a method, so that closures capture the wrapper).
+    fn get(&self) -> View {
+        self.0
+    }
+}
+// SAFETY: as for `SendPtr`.
+unsafe impl Sync for SendView {}
+// SAFETY: as above.
+unsafe impl Send for SendView {}
 
 /// Whether a quantized mat-mul kernel exists for weights of `dtype`.
 pub fn has_mul_mat(dtype: DType) -> bool {

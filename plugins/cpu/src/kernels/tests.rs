@@ -56,7 +56,14 @@ fn both_with_bound(
             &[0; 8],
         )
         .unwrap();
-        run(isa, OpKind::MulMat, &[wv, xv], &view(dd, &mut fast)).expect("a fast path");
+        run(
+            isa,
+            OpKind::MulMat,
+            &[wv, xv],
+            &view(dd, &mut fast),
+            &[0; 8],
+        )
+        .expect("a fast path");
     }
     let wf: Vec<Vec<f32>> = w
         .chunks_exact(dtype.row_bytes(k).unwrap())
@@ -227,6 +234,7 @@ fn types_without_a_kernel_fall_back_to_the_reference() {
             OpKind::MulMat,
             &[view(wd, &mut w), view(xd, &mut x)],
             &view(dd, &mut d),
+            &[0; 8],
         )
     };
     assert!(r.is_none());
@@ -308,4 +316,116 @@ fn activation_quantization_is_the_same_on_every_path() {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
+}
+
+#[test]
+fn row_wise_ops_shared_between_threads_give_the_reference_bits() {
+    let f = |v: f32| v.to_bits() as i32;
+    let neox = kiln_plugin_api::abi::KILN_ROPE_NEOX;
+    let f32s = |ne: [usize; 4]| Desc::contiguous(DType::F32, ne);
+    let big = [300, 250, 1, 1];
+    // (op, sources, dst, params); every dst has at least 2^16 elements.
+    let cases: Vec<(OpKind, Vec<Desc>, Desc, [i32; 8])> = vec![
+        (OpKind::Add, vec![f32s(big), f32s(big)], f32s(big), [0; 8]),
+        (
+            OpKind::Add,
+            vec![f32s(big), f32s([300, 1, 1, 1])],
+            f32s(big),
+            [0; 8],
+        ),
+        (
+            OpKind::Mul,
+            vec![f32s([300, 50, 5, 1]), f32s([300, 50, 1, 1])],
+            f32s([300, 50, 5, 1]),
+            [0; 8],
+        ),
+        (
+            OpKind::Scale,
+            vec![f32s(big)],
+            f32s(big),
+            [f(0.3), 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (OpKind::Silu, vec![f32s(big)], f32s(big), [0; 8]),
+        (OpKind::Gelu, vec![f32s(big)], f32s(big), [0; 8]),
+        (
+            OpKind::RmsNorm,
+            vec![f32s(big)],
+            f32s(big),
+            [f(1e-5), 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            OpKind::SoftMax,
+            vec![f32s([300, 40, 8, 1]), f32s([300, 40, 1, 1])],
+            f32s([300, 40, 8, 1]),
+            [f(0.125), 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            OpKind::Rope,
+            vec![
+                f32s([64, 32, 40, 1]),
+                Desc::contiguous(DType::I32, [40, 1, 1, 1]),
+            ],
+            f32s([64, 32, 40, 1]),
+            [64, neox, f(10000.0), f(1.0), 0, 0, 0, 0],
+        ),
+        (
+            OpKind::Rope,
+            vec![
+                f32s([64, 32, 40, 1]),
+                Desc::contiguous(DType::I32, [40, 1, 1, 1]),
+            ],
+            f32s([64, 32, 40, 1]),
+            [32, 0, f(500000.0), f(0.5), 0, 0, 0, 0],
+        ),
+        (
+            OpKind::Cpy,
+            vec![f32s(big)],
+            Desc::contiguous(DType::F16, big),
+            [0; 8],
+        ),
+    ];
+    let before = threads();
+    set_threads(3);
+    for (i, (kind, src, dst, params)) in cases.into_iter().enumerate() {
+        ops::check(kind, &src, &dst, &params).unwrap();
+        let mut rng = fastrand::Rng::with_seed(i as u64);
+        let mut data: Vec<Vec<u8>> = src
+            .iter()
+            .map(|d| {
+                (0..d.ne.iter().product::<usize>())
+                    .flat_map(|j| match d.dtype {
+                        DType::I32 => ((j * 7 % 100) as i32).to_le_bytes(),
+                        // A causal-looking mask: −∞ above the diagonal.
+                        _ if kind == OpKind::SoftMax && std::ptr::eq(d, &src[1]) => {
+                            (if j % 300 > j / 300 + 100 {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            })
+                            .to_le_bytes()
+                        }
+                        _ => (rng.f32() * 8.0 - 4.0).to_le_bytes(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let views: Vec<View> = src
+            .iter()
+            .zip(&mut data)
+            .map(|(d, b)| view(*d, b))
+            .collect();
+        let mut want = vec![0u8; dst.extent().unwrap()];
+        let mut got = vec![0u8; dst.extent().unwrap()];
+        // SAFETY: every view covers its own Vec, and `check` accepted the op.
+        unsafe {
+            ops::run(kind, &views, &view(dst, &mut want), &params).unwrap();
+            run(Isa::current(), kind, &views, &view(dst, &mut got), &params)
+                .unwrap_or_else(|| panic!("{kind}: no parallel path"));
+        }
+        assert!(
+            want == got,
+            "{kind} (case {i}): the threads' rows differ from the reference"
+        );
+    }
+    set_threads(before);
 }
