@@ -100,6 +100,84 @@ pub fn gemm16(
     false
 }
 
+/// Rows at most this long take [`gemm16_lanes`] (attention's rows: the
+/// head size, or the positions so far); longer ones [`gemm16`]'s tiles.
+pub const LANES_MAX_K: usize = 512;
+
+/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 weight rows of at most
+/// [`LANES_MAX_K`] values, lane-wise: the rows are widened once per call
+/// into `scratch` so that lane `n` of a register holds row `n`'s value at
+/// each position, and one FMA with a broadcast activation (`xs`, the
+/// f16-rounded activations widened to f64) advances 8 dot products, with
+/// no horizontal sums. Each dot product adds its exact products in the
+/// reference's order, so the results are its bits.
+///
+/// Returns `false` (and does nothing) without AVX-512.
+pub fn gemm16_lanes(
+    isa: Isa,
+    ws: &[&[u8]],
+    xs: &[&[f64]],
+    scratch: &mut Vec<f64>,
+    mut out: impl FnMut(usize, usize, &[f32]),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let k = xs[0].len();
+        assert!(k <= LANES_MAX_K);
+        assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
+        scratch.clear();
+        scratch.resize(k * GEMM_ROWS, 0.0);
+        // SAFETY: the CPU has AVX-512 (`Isa`); the scratch holds k × 16.
+        unsafe { x86::widen_lanes(ws, scratch) };
+        let rows = ws.len();
+        // SAFETY: the CPU has AVX-512 (`Isa`); the scratch holds k × 16
+        // values and every row of `xs` k.
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => lanes_rows(scratch, &xs[m0..], rows, m0, &mut out))
+        };
+        return true;
+    }
+    let _ = (isa, ws, xs, scratch, &mut out);
+    false
+}
+
+/// `R` activation rows of [`gemm16_lanes`].
+///
+/// # Safety
+/// AVX-512 F is present; `scratch` holds `16 · k` values, `xs` at least
+/// `R` rows of `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn lanes_rows<const R: usize>(
+    scratch: &[f64],
+    xs: &[&[f64]],
+    rows: usize,
+    m0: usize,
+    out: &mut dyn FnMut(usize, usize, &[f32]),
+) {
+    use core::arch::x86_64::*;
+    let xs: &[&[f64]; R] = xs[..R].try_into().expect("R rows");
+    let mut acc = [[_mm512_setzero_pd(); 2]; R];
+    let w = scratch.as_ptr();
+    for i in 0..xs[0].len() {
+        // SAFETY: position i's 16 values are inside the scratch.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_loadu_pd(w.add(i * GEMM_ROWS)),
+                _mm512_loadu_pd(w.add(i * GEMM_ROWS + 8)),
+            )
+        };
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            let xv = _mm512_set1_pd(x[i]);
+            acc[0] = _mm512_fmadd_pd(lo, xv, acc[0]);
+            acc[1] = _mm512_fmadd_pd(hi, xv, acc[1]);
+        }
+    }
+    // SAFETY: AVX-512 F is enabled here.
+    unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
+}
+
 /// Sums `w[from..] · x[from..]` onto `acc`.
 fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
     for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
@@ -200,6 +278,35 @@ mod x86 {
         }
         for (o, acc) in out.iter_mut().zip(acc) {
             *o = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32;
+        }
+    }
+
+    /// Row `n`'s value at position `i` to `scratch[16 i + n]`, as f64
+    /// (F16C's conversion, 16 values at a time).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW and F16C are present; `scratch` holds 16 values for
+    /// each position of the rows (all of one length).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    pub unsafe fn widen_lanes(ws: &[&[u8]], scratch: &mut [f64]) {
+        let k = ws[0].len() / 2;
+        let mut v = [0f32; 16];
+        for (n, w) in ws.iter().enumerate() {
+            for i in (0..k).step_by(16) {
+                let left = (k - i).min(16);
+                // SAFETY: the masked load touches values i..i+left of the
+                // row; `v` holds 16 f32s.
+                unsafe {
+                    let h = _mm256_maskz_loadu_epi16(
+                        ((1u32 << left) - 1) as u16,
+                        w.as_ptr().add(2 * i).cast(),
+                    );
+                    _mm512_storeu_ps(v.as_mut_ptr(), _mm512_cvtph_ps(h));
+                }
+                for (j, &x) in v.iter().enumerate().take(left) {
+                    scratch[(i + j) * super::GEMM_ROWS + n] = x as f64;
+                }
+            }
         }
     }
 

@@ -248,14 +248,15 @@ pub fn has_mul_mat(dtype: DType) -> bool {
 enum Prepared {
     Q8(Q8Row),
     Q8K(kquant::Q8KRow),
-    /// Rounded to f16, kept as f32.
-    F16(Vec<f32>),
+    /// Rounded to f16, kept as f32, and (for [`f16::gemm16_lanes`]'s
+    /// short rows on AVX-512) widened to f64 too.
+    F16(Vec<f32>, Vec<f64>),
 }
 
 impl Prepared {
     fn new(weights: DType, k: usize) -> Prepared {
         match weights {
-            DType::F16 => Prepared::F16(vec![0.0; k]),
+            DType::F16 => Prepared::F16(vec![0.0; k], Vec::new()),
             DType::Q4_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
             _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
@@ -270,7 +271,13 @@ impl Prepared {
                 }
             }
             Prepared::Q8K(q) => q.quantize(isa, x),
-            Prepared::F16(v) => f16::round_row(isa, x, v),
+            Prepared::F16(v, wide) => {
+                f16::round_row(isa, x, v);
+                if isa == Isa::Avx512 && v.len() <= f16::LANES_MAX_K {
+                    wide.clear();
+                    wide.extend(v.iter().map(|&r| r as f64));
+                }
+            }
         }
     }
 
@@ -305,11 +312,11 @@ impl Prepared {
                 }
                 n
             }
-            Prepared::F16(first) => {
+            Prepared::F16(first, _) => {
                 let mut rows: [&[f32]; 4] = [first; 4];
                 let mut n = 1;
                 for p in xs.iter().take(4).skip(1) {
-                    let Prepared::F16(v) = p else { break };
+                    let Prepared::F16(v, _) = p else { break };
                     rows[n] = v;
                     n += 1;
                 }
@@ -344,13 +351,22 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let mut xq: Vec<Prepared> = (0..m_count).map(|_| Prepared::new(wd.dtype, k)).collect();
     for i3 in 0..xd.ne[3] {
         for i2 in 0..xd.ne[2] {
-            for (m, q) in xq.iter_mut().enumerate() {
-                let off = m * xd.nb[1] + i2 * xd.nb[2] + i3 * xd.nb[3];
-                // SAFETY: row (m, i2, i3) is inside x (the caller's contract),
-                // and its k f32s are contiguous (nb[0] == 4).
-                let row = unsafe { std::slice::from_raw_parts(x.data.add(off).cast::<f32>(), k) };
-                q.set(isa, row);
-            }
+            // The activation rows are prepared on the pool too: with the
+            // products shared, a serial preparation became a tenth of an
+            // attention product's time.
+            let (xp, rows_p) = (SendPtr(x.data), SendPtr(xq.as_mut_ptr().cast()));
+            threads::parallel_for(m_count, m_count * k, &|range| {
+                for m in range {
+                    let off = m * xd.nb[1] + i2 * xd.nb[2] + i3 * xd.nb[3];
+                    // SAFETY: row (m, i2, i3) is inside x (the caller's
+                    // contract), and its k f32s are contiguous (nb[0] == 4);
+                    // each prepared row m belongs to one thread.
+                    unsafe {
+                        let row = std::slice::from_raw_parts(xp.get().add(off).cast::<f32>(), k);
+                        (*rows_p.get().cast::<Prepared>().add(m)).set(isa, row);
+                    }
+                }
+            });
             let w_base = (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3];
             let d_base = i2 * dd.nb[2] + i3 * dd.nb[3];
             let (wp, dp) = (SendPtr(w.data), SendPtr(dst.data));
@@ -394,9 +410,22 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 && wd.dtype == DType::F16
                 && let Some(rows_x) = f16_rows(xq)
             {
-                gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
-                    f16::gemm16(isa, ws, &rows_x, out)
-                });
+                if k <= f16::LANES_MAX_K {
+                    let wide: Vec<&[f64]> = xq
+                        .iter()
+                        .map(|p| match p {
+                            Prepared::F16(_, wide) => wide.as_slice(),
+                            _ => unreachable!("F16 weights take F16 rows"),
+                        })
+                        .collect();
+                    gemm_groups::<Vec<f64>>(&slice, n_count, work, &|ws, scratch, out| {
+                        f16::gemm16_lanes(isa, ws, &wide, scratch, out)
+                    });
+                } else {
+                    gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
+                        f16::gemm16(isa, ws, &rows_x, out)
+                    });
+                }
                 continue;
             }
             threads::parallel_for(n_count, work, &|range| {
@@ -449,7 +478,7 @@ fn q8_rows(xs: &[Prepared]) -> Option<Vec<&Q8Row>> {
 fn f16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
     xs.iter()
         .map(|p| match p {
-            Prepared::F16(v) => Some(v.as_slice()),
+            Prepared::F16(v, _) => Some(v.as_slice()),
             _ => None,
         })
         .collect()
@@ -555,6 +584,13 @@ fn prefetch(p: *const u8, bytes: usize) {
 /// A raw pointer the worker threads share; the kernels give each thread
 /// disjoint outputs.
 struct SendPtr(*mut u8);
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the wrapper).
+    fn get(&self) -> *mut u8 {
+        self.0
+    }
+}
 // SAFETY: used only for disjoint writes and shared reads, within a scope
 // that outlives every thread using it.
 unsafe impl Sync for SendPtr {}

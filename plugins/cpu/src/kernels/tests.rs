@@ -132,7 +132,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
             }
             // F16 rows need not be whole blocks: tails of every length.
             if dtype == DType::F16 {
-                for (i, k) in [1, 7, 15, 17, 45, 77].into_iter().enumerate() {
+                for (i, k) in [1, 7, 15, 17, 45, 77, 1003].into_iter().enumerate() {
                     // Two activation rows take the row kernels, five the tiles.
                     for m in [2, 5] {
                         let (r, f) = both(isa, dtype, [k, 9, m, 1, 1], 50 + i as u64);
