@@ -23,6 +23,9 @@ pub struct Q8KRow {
     /// The sum of the codes of each 16 (Q6_K's sub-blocks, for the GEMM's
     /// offset of its unsigned codes).
     pub sums16: Vec<i32>,
+    /// `sums32` in pairs of i16 (each sum is at most 32 · 128), for the
+    /// Q4_K GEMM's `vpdpwssd` against pairs of minimums.
+    pub sums_pairs: Vec<i32>,
 }
 
 impl Q8KRow {
@@ -32,6 +35,14 @@ impl Q8KRow {
             qs: vec![0; k],
             sums32: vec![0; k / 32],
             sums16: vec![0; k / 16],
+            sums_pairs: vec![0; k / 64],
+        }
+    }
+
+    /// Fills [`Q8KRow::sums_pairs`] from `sums32`.
+    fn pair_sums(&mut self) {
+        for (p, two) in self.sums_pairs.iter_mut().zip(self.sums32.chunks_exact(2)) {
+            *p = (two[0] as i16 as u16 as i32) | (two[1] << 16);
         }
     }
 
@@ -43,6 +54,7 @@ impl Q8KRow {
         if isa == Isa::Avx512 {
             // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
             unsafe { x86::quantize_q8_k(self, x) };
+            self.pair_sums();
             return;
         }
         let _ = isa;
@@ -75,6 +87,7 @@ impl Q8KRow {
         for (s, pair) in self.sums32.iter_mut().zip(self.sums16.chunks_exact(2)) {
             *s = pair[0] + pair[1];
         }
+        self.pair_sums();
     }
 }
 
@@ -718,10 +731,11 @@ mod x86 {
         // sub-block j's scale and minimum of row n at (b * 8 + j) * 16 + n.
         scratch.codes.clear();
         scratch.codes.resize(nb * 64 * GEMM_ROWS * 4, 0);
-        for v in [&mut scratch.sc, &mut scratch.mins] {
-            v.clear();
-            v.resize(nb * 8 * GEMM_ROWS, 0);
-        }
+        scratch.sc.clear();
+        scratch.sc.resize(nb * 8 * GEMM_ROWS, 0);
+        // Minimums in pairs of i16: pair p of block b, row n at (b * 4 + p) * 16 + n.
+        scratch.mins.clear();
+        scratch.mins.resize(nb * 4 * GEMM_ROWS, 0);
         for v in [&mut scratch.d, &mut scratch.dmin] {
             v.clear();
             v.resize(nb * GEMM_ROWS, 0.0);
@@ -733,7 +747,7 @@ mod x86 {
                 for j in 0..8 {
                     let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
                     scratch.sc[(b * 8 + j) * GEMM_ROWS + n] = sc as i32;
-                    scratch.mins[(b * 8 + j) * GEMM_ROWS + n] = m as i32;
+                    scratch.mins[(b * 4 + j / 2) * GEMM_ROWS + n] |= (m as i32) << (16 * (j % 2));
                 }
                 scratch.d[b * GEMM_ROWS + n] =
                     f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
@@ -784,7 +798,17 @@ mod x86 {
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
             let mut total = [_mm512_setzero_si512(); R];
+            // Σ_j m_j · Σx_j, two sub-blocks per `vpdpwssd`.
             let mut total_m = [_mm512_setzero_si512(); R];
+            for p in 0..4 {
+                // SAFETY: pair p of block b's minimums is inside the scratch.
+                let mins = unsafe {
+                    _mm512_loadu_si512(scratch.mins.as_ptr().add((b * 4 + p) * GEMM_ROWS).cast())
+                };
+                for (t, x) in total_m.iter_mut().zip(xs) {
+                    *t = _mm512_dpwssd_epi32(*t, mins, _mm512_set1_epi32(x.sums_pairs[b * 4 + p]));
+                }
+            }
             for j in 0..8 {
                 let mut sum = [_mm512_setzero_si512(); R];
                 for g in 0..8 {
@@ -804,17 +828,10 @@ mod x86 {
                     }
                 }
                 let at = (b * 8 + j) * GEMM_ROWS;
-                // SAFETY: 16 scales and minimums of sub-block j are inside.
-                let (sc, mins) = unsafe {
-                    (
-                        _mm512_loadu_si512(scratch.sc.as_ptr().add(at).cast()),
-                        _mm512_loadu_si512(scratch.mins.as_ptr().add(at).cast()),
-                    )
-                };
-                for (r, x) in xs.iter().enumerate() {
-                    total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sum[r], sc));
-                    let xs32 = _mm512_set1_epi32(x.sums32[b * 8 + j]);
-                    total_m[r] = _mm512_add_epi32(total_m[r], _mm512_mullo_epi32(mins, xs32));
+                // SAFETY: the 16 scales of sub-block j are inside.
+                let sc = unsafe { _mm512_loadu_si512(scratch.sc.as_ptr().add(at).cast()) };
+                for (t, s) in total.iter_mut().zip(&sum) {
+                    *t = _mm512_add_epi32(*t, _mm512_mullo_epi32(*s, sc));
                 }
             }
             let at = b * GEMM_ROWS;

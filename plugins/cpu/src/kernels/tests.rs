@@ -310,6 +310,7 @@ fn activation_quantization_is_the_same_on_every_path() {
         assert_eq!(got_k.qs, want_k.qs, "{name}");
         assert_eq!(got_k.sums16, want_k.sums16, "{name}");
         assert_eq!(got_k.sums32, want_k.sums32, "{name}");
+        assert_eq!(got_k.sums_pairs, want_k.sums_pairs, "{name}");
         assert_eq!(bits(&got_k.d), bits(&want_k.d), "{name}");
     }
 }
