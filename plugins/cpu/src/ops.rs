@@ -437,13 +437,25 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                 let base = param_f32(params[2]);
                 let freq_scale = param_f32(params[3]);
                 let theta_scale = base.powf(-2.0 / n_rot as f32);
+                // Each head of a token turns by the same angles: computed
+                // once per position (rows run through the heads first).
+                let mut angles: Option<(i32, Vec<(f32, f32)>)> = None;
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
-                    let mut theta = read_i32(&src[1], [i2, 0, 0, 0]) as f32;
+                    let pos = read_i32(&src[1], [i2, 0, 0, 0]);
+                    if angles.as_ref().is_none_or(|(p, _)| *p != pos) {
+                        let mut theta = pos as f32;
+                        let mut sc = Vec::with_capacity(n_rot / 2);
+                        for _ in 0..n_rot / 2 {
+                            let angle = freq_scale * theta;
+                            sc.push((angle.sin(), angle.cos()));
+                            theta *= theta_scale;
+                        }
+                        angles = Some((pos, sc));
+                    }
+                    let sc = &angles.as_ref().expect("filled above").1;
                     out.copy_from_slice(&a);
-                    for i in 0..n_rot / 2 {
-                        let angle = freq_scale * theta;
-                        let (sin, cos) = (angle.sin(), angle.cos());
+                    for (i, &(sin, cos)) in sc.iter().enumerate() {
                         let (j0, j1) = if neox {
                             (i, i + n_rot / 2)
                         } else {
@@ -452,7 +464,6 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                         let (x0, x1) = (a[j0], a[j1]);
                         out[j0] = x0.mul_add(cos, -(x1 * sin));
                         out[j1] = x0.mul_add(sin, x1 * cos);
-                        theta *= theta_scale;
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }
