@@ -741,11 +741,11 @@ mod x86 {
             v.resize(nb * GEMM_ROWS, 0.0);
         }
         let m4 = _mm256_set1_epi8(0x0f);
-        let mut row = [0u8; QK_K];
         for (n, w) in ws.iter().enumerate() {
             for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+                let (sc8, m8) = q4_k_scales(&blk[4..16]);
                 for j in 0..8 {
-                    let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
+                    let (sc, m) = ((sc8 >> (8 * j)) as u8, (m8 >> (8 * j)) as u8);
                     scratch.sc[(b * 8 + j) * GEMM_ROWS + n] = sc as i32;
                     scratch.mins[(b * 4 + j / 2) * GEMM_ROWS + n] |= (m as i32) << (16 * (j % 2));
                 }
@@ -753,22 +753,35 @@ mod x86 {
                     f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
                 scratch.dmin[b * GEMM_ROWS + n] =
                     f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
-                for j in 0..4 {
-                    // SAFETY: the 32 code bytes at 16 + 32j are inside the
-                    // block; `row` holds 256 bytes.
-                    unsafe {
-                        let qv = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * j).cast());
-                        _mm256_storeu_si256(
-                            row.as_mut_ptr().add(64 * j).cast(),
-                            _mm256_and_si256(qv, m4),
-                        );
-                        _mm256_storeu_si256(
-                            row.as_mut_ptr().add(64 * j + 32).cast(),
-                            _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
-                        );
+            }
+        }
+        // The codes: per block, 8 chunks of 32 (the low, then the high
+        // nibbles of each 32 code bytes), each transposed across the 16
+        // rows into groups 8c..8c+8 (missing rows: zero codes).
+        let codes_p = scratch.codes.as_mut_ptr();
+        for b in 0..nb {
+            for c in 0..8 {
+                let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
+                for (n, w) in ws.iter().enumerate() {
+                    // SAFETY: code bytes 32(c/2).. of block b are inside the row.
+                    let qv = unsafe {
+                        _mm256_loadu_si256(
+                            w.as_ptr().add(b * Q4_K_BLOCK + 16 + 32 * (c / 2)).cast(),
+                        )
+                    };
+                    u[n] = if c % 2 == 0 {
+                        _mm256_and_si256(qv, m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4)
+                    };
+                }
+                // SAFETY: groups 8c..8c+8 of block b are inside the scratch.
+                unsafe {
+                    let groups = crate::kernels::lanes::transpose_16x8(&u);
+                    for (j, g) in groups.iter().enumerate() {
+                        _mm512_storeu_si512(codes_p.add((b * 64 + 8 * c + j) * 64).cast(), *g);
                     }
                 }
-                crate::kernels::lanes::scatter(&mut scratch.codes, &row, b, n);
             }
         }
         let rows = ws.len();

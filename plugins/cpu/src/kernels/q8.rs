@@ -793,7 +793,7 @@ mod x86 {
             // SAFETY: `bits` holds 16 f16s; block b's 8 groups and 16
             // scales are inside the scratch.
             unsafe {
-                let groups = transpose_16x8(&u);
+                let groups = crate::kernels::lanes::transpose_16x8(&u);
                 for (j, g) in groups.iter().enumerate() {
                     _mm512_storeu_si512(codes_p.add((b * 8 + j) * 64).cast(), *g);
                 }
@@ -816,51 +816,6 @@ mod x86 {
         unsafe {
             in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, rows, m0, out))
         };
-    }
-
-    /// Sixteen rows of eight 32-bit groups to eight registers of sixteen
-    /// lanes: group `j` of row `n` to lane `n` of register `j`.
-    ///
-    /// # Safety
-    /// AVX-512 F is present.
-    #[inline]
-    #[target_feature(enable = "avx2,avx512f")]
-    unsafe fn transpose_16x8(u: &[__m256i; 16]) -> [__m512i; 8] {
-        // z[n]: row n in the low half, row n + 8 in the high half.
-        let mut z = [_mm512_setzero_si512(); 8];
-        for (n, z) in z.iter_mut().enumerate() {
-            *z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(u[n]), u[n + 8]);
-        }
-        let t = [
-            _mm512_unpacklo_epi32(z[0], z[1]),
-            _mm512_unpackhi_epi32(z[0], z[1]),
-            _mm512_unpacklo_epi32(z[2], z[3]),
-            _mm512_unpackhi_epi32(z[2], z[3]),
-            _mm512_unpacklo_epi32(z[4], z[5]),
-            _mm512_unpackhi_epi32(z[4], z[5]),
-            _mm512_unpacklo_epi32(z[6], z[7]),
-            _mm512_unpackhi_epi32(z[6], z[7]),
-        ];
-        // s[j] (j < 4): group j of rows 0–3 (group j + 4 in the odd
-        // quarters), rows 8–11 in the upper half; s[j + 4]: rows 4–7, 12–15.
-        let s = [
-            _mm512_unpacklo_epi64(t[0], t[2]),
-            _mm512_unpackhi_epi64(t[0], t[2]),
-            _mm512_unpacklo_epi64(t[1], t[3]),
-            _mm512_unpackhi_epi64(t[1], t[3]),
-            _mm512_unpacklo_epi64(t[4], t[6]),
-            _mm512_unpackhi_epi64(t[4], t[6]),
-            _mm512_unpacklo_epi64(t[5], t[7]),
-            _mm512_unpackhi_epi64(t[5], t[7]),
-        ];
-        let even = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
-        let odd = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
-        let mut out = [_mm512_setzero_si512(); 8];
-        for j in 0..4 {
-            out[j] = _mm512_permutex2var_epi64(s[j], even, s[j + 4]);
-            out[j + 4] = _mm512_permutex2var_epi64(s[j], odd, s[j + 4]);
-        }
-        out
     }
 
     /// `R` activation rows against the unpacked 16 weight rows. The rows'
