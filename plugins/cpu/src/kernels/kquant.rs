@@ -619,6 +619,41 @@ mod x86 {
         }
     }
 
+    /// A Q6_K block's 256 codes, unsigned (code + 32), in the
+    /// activations' order, 64 a register: ql's 64 bytes of each half, low
+    /// then high nibbles, with qh's bit pairs shifted into bits 4 and 5.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW are enabled by the caller; `p` points at a whole block.
+    #[inline(always)]
+    unsafe fn q6_k_codes_512(p: *const u8) -> [__m512i; 4] {
+        // SAFETY: the block's 128 ql and 64 qh bytes (the caller's contract).
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let m30 = _mm512_set1_epi8(0x30);
+            let mut codes = [_mm512_setzero_si512(); 4];
+            for n in 0..2 {
+                let ql = _mm512_loadu_si512(p.add(64 * n).cast());
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+                // qh's bit pairs 0, 1, 2, 3 belong to codes l, l + 32,
+                // l + 64, l + 96: moved to bits 4 and 5.
+                let h01 = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_slli_epi16::<4>(qh)),
+                    _mm256_slli_epi16::<2>(qh),
+                );
+                let h23 =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<2>(qh));
+                codes[2 * n] =
+                    _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(h01, m30));
+                codes[2 * n + 1] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                    _mm512_and_si512(h23, m30),
+                );
+            }
+            codes
+        }
+    }
+
     /// One Q6_K row against `R` activation rows on AVX-512 VNNI. The
     /// codes of each half block (128) are built unsigned in two 512-bit
     /// registers whose bytes follow the activations' order (ql's 64 bytes,
@@ -633,8 +668,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub unsafe fn dot_q6_k_vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-        let m4 = _mm512_set1_epi8(0x0f);
-        let m30 = _mm512_set1_epi8(0x30);
         // Sub-block `first + lane / 4` for each lane.
         let quarter = |first: i32| {
             let f = first;
@@ -664,29 +697,10 @@ mod x86 {
             crate::kernels::prefetch(p, BLOCK);
             // SAFETY: the block's 128 ql, 64 qh and 16 scale bytes.
             let (sc, codes) = unsafe {
-                let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(192).cast()));
-                let mut codes = [_mm512_setzero_si512(); 4];
-                for n in 0..2 {
-                    let ql = _mm512_loadu_si512(p.add(64 * n).cast());
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
-                    // qh's bit pairs 0, 1, 2, 3 belong to codes l, l + 32,
-                    // l + 64, l + 96: moved to bits 4 and 5.
-                    let h01 = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(_mm256_slli_epi16::<4>(qh)),
-                        _mm256_slli_epi16::<2>(qh),
-                    );
-                    let h23 = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(qh),
-                        _mm256_srli_epi16::<2>(qh),
-                    );
-                    codes[2 * n] =
-                        _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(h01, m30));
-                    codes[2 * n + 1] = _mm512_or_si512(
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                        _mm512_and_si512(h23, m30),
-                    );
-                }
-                (sc, codes)
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(192).cast())),
+                    q6_k_codes_512(p),
+                )
             };
             let mut scales = [_mm512_setzero_si512(); 4];
             for (s, i) in scales.iter_mut().zip(&pick) {
@@ -901,24 +915,41 @@ mod x86 {
         scratch.sc.resize(nb * 16 * GEMM_ROWS, 0);
         scratch.d.clear();
         scratch.d.resize(nb * GEMM_ROWS, 0.0);
-        let mut row = [0u8; QK_K];
         for (n, w) in ws.iter().enumerate() {
             for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
-                for half in 0..2 {
-                    let (ql, qh) = (&blk[64 * half..128], &blk[128 + 32 * half..192]);
-                    for l in 0..32 {
-                        let q = crate::quant::q6_k_codes(ql, qh, l);
-                        for (i, v) in q.into_iter().enumerate() {
-                            row[128 * half + 32 * i + l] = (v + 32) as u8;
-                        }
-                    }
-                }
                 for j in 0..16 {
                     scratch.sc[(b * 16 + j) * GEMM_ROWS + n] = blk[192 + j] as i8 as i32;
                 }
                 scratch.d[b * GEMM_ROWS + n] =
                     f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
-                crate::kernels::lanes::scatter(&mut scratch.codes, &row, b, n);
+            }
+        }
+        // The codes: each row's block built in registers, then per 32
+        // codes a transpose across the 16 rows (missing rows: zero codes).
+        let codes_p = scratch.codes.as_mut_ptr();
+        let mut rows_codes = [[_mm512_setzero_si512(); 4]; GEMM_ROWS];
+        for b in 0..nb {
+            for (n, w) in ws.iter().enumerate() {
+                // SAFETY: block b is inside the row.
+                rows_codes[n] = unsafe { q6_k_codes_512(w.as_ptr().add(b * BLOCK)) };
+            }
+            for c in 0..8 {
+                let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
+                for (u, codes) in u.iter_mut().zip(&rows_codes).take(ws.len()) {
+                    let z = codes[c / 2];
+                    *u = if c % 2 == 0 {
+                        _mm512_castsi512_si256(z)
+                    } else {
+                        _mm512_extracti64x4_epi64::<1>(z)
+                    };
+                }
+                // SAFETY: groups 8c..8c+8 of block b are inside the scratch.
+                unsafe {
+                    let groups = crate::kernels::lanes::transpose_16x8(&u);
+                    for (j, g) in groups.iter().enumerate() {
+                        _mm512_storeu_si512(codes_p.add((b * 64 + 8 * c + j) * 64).cast(), *g);
+                    }
+                }
             }
         }
         let rows = ws.len();
