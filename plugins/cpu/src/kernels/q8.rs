@@ -838,24 +838,28 @@ mod x86 {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let codes_p = scratch.codes.as_ptr();
         let dw_p = scratch.dw.as_ptr();
+        // The rows' arrays as plain pointers, read once (not per block).
+        let mut qs = [std::ptr::null::<i8>(); R];
+        let mut offs = [std::ptr::null::<i32>(); R];
+        let mut dxs = [std::ptr::null::<f64>(); R];
+        for (r, x) in xs.iter().enumerate() {
+            assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+            (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+        }
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
             let mut sum = [_mm512_setzero_si512(); R];
-            for (r, x) in xs.iter().enumerate() {
-                sum[r] = _mm512_set1_epi32(x.offset_sums[b]);
+            for (s, o) in sum.iter_mut().zip(&offs) {
+                // SAFETY: block b's offset sum is inside the row (asserted).
+                *s = _mm512_set1_epi32(unsafe { *o.add(b) });
             }
             for j in 0..8 {
                 // SAFETY: group j of block b is inside the scratch.
                 let wj = unsafe { _mm512_loadu_si512(codes_p.add((b * 8 + j) * 64).cast()) };
-                for (r, x) in xs.iter().enumerate() {
+                for (s, q) in sum.iter_mut().zip(&qs) {
                     // SAFETY: codes 4j..4j+4 of block b are inside the row.
-                    let xv = unsafe {
-                        x.qs.as_ptr()
-                            .add(b * QK + 4 * j)
-                            .cast::<i32>()
-                            .read_unaligned()
-                    };
-                    sum[r] = _mm512_dpbusd_epi32(sum[r], wj, _mm512_set1_epi32(xv));
+                    let xv = unsafe { q.add(b * QK + 4 * j).cast::<i32>().read_unaligned() };
+                    *s = _mm512_dpbusd_epi32(*s, wj, _mm512_set1_epi32(xv));
                 }
             }
             // SAFETY: the 16 scales of block b are inside the scratch.
@@ -865,8 +869,9 @@ mod x86 {
                     _mm512_loadu_pd(dw_p.add(b * GEMM_ROWS + 8)),
                 )
             };
-            for (r, x) in xs.iter().enumerate() {
-                let dx = _mm512_set1_pd(x.d64[b]);
+            for (r, dxp) in dxs.iter().enumerate() {
+                // SAFETY: block b's scale is inside the row (asserted).
+                let dx = _mm512_set1_pd(unsafe { *dxp.add(b) });
                 let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum[r]));
                 let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sum[r], 1));
                 acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);
