@@ -806,6 +806,23 @@ mod x86 {
         };
     }
 
+    /// Each row's codes and sums of 16 as plain pointers, their lengths
+    /// checked for `nb` blocks once (the GEMMs' inner loops then index
+    /// without bounds checks).
+    #[inline(always)]
+    fn row_pointers<const R: usize>(
+        xs: &[&Q8KRow; R],
+        nb: usize,
+    ) -> ([*const i8; R], [*const i32; R]) {
+        let mut qs = [std::ptr::null(); R];
+        let mut sums16 = [std::ptr::null(); R];
+        for (r, x) in xs.iter().enumerate() {
+            assert!(x.qs.len() >= nb * QK_K && x.sums16.len() >= nb * 16);
+            (qs[r], sums16[r]) = (x.qs.as_ptr(), x.sums16.as_ptr());
+        }
+        (qs, sums16)
+    }
+
     /// `R` activation rows against the unpacked 16 weight rows.
     ///
     /// # Safety
@@ -823,6 +840,8 @@ mod x86 {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        // The rows' arrays as plain pointers, read once (not per block).
+        let (qs, _) = row_pointers(xs, nb);
         for b in 0..nb {
             let mut total = [_mm512_setzero_si512(); R];
             // Σ_j m_j · Σx_j, two sub-blocks per `vpdpwssd`.
@@ -843,15 +862,14 @@ mod x86 {
                     let w = unsafe {
                         _mm512_loadu_si512(codes.add(((b * 64 + 8 * j + g) * GEMM_ROWS) * 4).cast())
                     };
-                    for (r, x) in xs.iter().enumerate() {
+                    for (s, q) in sum.iter_mut().zip(&qs) {
                         // SAFETY: codes 32j + 4g.. of block b are inside the row.
                         let xv = unsafe {
-                            x.qs.as_ptr()
-                                .add(b * QK_K + 32 * j + 4 * g)
+                            q.add(b * QK_K + 32 * j + 4 * g)
                                 .cast::<i32>()
                                 .read_unaligned()
                         };
-                        sum[r] = _mm512_dpbusd_epi32(sum[r], w, _mm512_set1_epi32(xv));
+                        *s = _mm512_dpbusd_epi32(*s, w, _mm512_set1_epi32(xv));
                     }
                 }
                 let at = (b * 8 + j) * GEMM_ROWS;
@@ -976,28 +994,30 @@ mod x86 {
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
+        // The rows' arrays as plain pointers, read once (not per block).
+        let (qs, sums16) = row_pointers(xs, nb);
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
             let mut total = [_mm512_setzero_si512(); R];
             for j in 0..16 {
                 let mut sum = [_mm512_setzero_si512(); R];
-                for (r, x) in xs.iter().enumerate() {
-                    sum[r] = _mm512_set1_epi32(-32 * x.sums16[b * 16 + j]);
+                for (s, p) in sum.iter_mut().zip(&sums16) {
+                    // SAFETY: sum j of block b is inside the row (asserted).
+                    *s = _mm512_set1_epi32(-32 * unsafe { *p.add(b * 16 + j) });
                 }
                 for g in 0..4 {
                     // SAFETY: group 4j + g of block b is inside the scratch.
                     let w = unsafe {
                         _mm512_loadu_si512(codes.add(((b * 64 + 4 * j + g) * GEMM_ROWS) * 4).cast())
                     };
-                    for (r, x) in xs.iter().enumerate() {
+                    for (s, q) in sum.iter_mut().zip(&qs) {
                         // SAFETY: codes 16j + 4g.. of block b are inside the row.
                         let xv = unsafe {
-                            x.qs.as_ptr()
-                                .add(b * QK_K + 16 * j + 4 * g)
+                            q.add(b * QK_K + 16 * j + 4 * g)
                                 .cast::<i32>()
                                 .read_unaligned()
                         };
-                        sum[r] = _mm512_dpbusd_epi32(sum[r], w, _mm512_set1_epi32(xv));
+                        *s = _mm512_dpbusd_epi32(*s, w, _mm512_set1_epi32(xv));
                     }
                 }
                 // SAFETY: the 16 scales of these 16 codes are inside.
