@@ -158,9 +158,17 @@ unsafe fn lanes_rows<const R: usize>(
 ) {
     use core::arch::x86_64::*;
     let xs: &[&[f64]; R] = xs[..R].try_into().expect("R rows");
+    let k = xs[0].len();
+    assert!(scratch.len() >= k * GEMM_ROWS);
+    // The rows as plain pointers (lengths asserted): no bounds check per value.
+    let mut xp = [std::ptr::null::<f64>(); R];
+    for (p, x) in xp.iter_mut().zip(xs) {
+        assert_eq!(x.len(), k);
+        *p = x.as_ptr();
+    }
     let mut acc = [[_mm512_setzero_pd(); 2]; R];
     let w = scratch.as_ptr();
-    for i in 0..xs[0].len() {
+    for i in 0..k {
         // SAFETY: position i's 16 values are inside the scratch.
         let (lo, hi) = unsafe {
             (
@@ -168,8 +176,9 @@ unsafe fn lanes_rows<const R: usize>(
                 _mm512_loadu_pd(w.add(i * GEMM_ROWS + 8)),
             )
         };
-        for (acc, x) in acc.iter_mut().zip(xs) {
-            let xv = _mm512_set1_pd(x[i]);
+        for (acc, x) in acc.iter_mut().zip(&xp) {
+            // SAFETY: i < k, each row's length.
+            let xv = _mm512_set1_pd(unsafe { *x.add(i) });
             acc[0] = _mm512_fmadd_pd(lo, xv, acc[0]);
             acc[1] = _mm512_fmadd_pd(hi, xv, acc[1]);
         }
