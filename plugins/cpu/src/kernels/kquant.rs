@@ -755,18 +755,74 @@ mod x86 {
             v.resize(nb * GEMM_ROWS, 0.0);
         }
         let m4 = _mm256_set1_epi8(0x0f);
-        for (n, w) in ws.iter().enumerate() {
-            for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
-                let (sc8, m8) = q4_k_scales(&blk[4..16]);
+        // Scales, minimums and block scales: per block, the 16 rows' values
+        // gathered, then spread lane-wise with vector shifts (missing
+        // rows: zeros).
+        let (sc_p, mins_p) = (scratch.sc.as_mut_ptr(), scratch.mins.as_mut_ptr());
+        let (d_p, dmin_p) = (scratch.d.as_mut_ptr(), scratch.dmin.as_mut_ptr());
+        let low8 = _mm512_set1_epi64(0xff);
+        for b in 0..nb {
+            let (mut sc8, mut m8) = ([0u64; GEMM_ROWS], [0u64; GEMM_ROWS]);
+            let (mut d, mut dmin) = ([0u16; GEMM_ROWS], [0u16; GEMM_ROWS]);
+            for (n, w) in ws.iter().enumerate() {
+                // Each row is its own stream: ask for its next lines early.
+                crate::kernels::prefetch(w.as_ptr().wrapping_add(b * Q4_K_BLOCK), Q4_K_BLOCK);
+                let blk = &w[b * Q4_K_BLOCK..][..16];
+                (sc8[n], m8[n]) = q4_k_scales(&blk[4..16]);
+                d[n] = u16::from_le_bytes([blk[0], blk[1]]);
+                dmin[n] = u16::from_le_bytes([blk[2], blk[3]]);
+            }
+            // SAFETY: the arrays hold 16 values; block b's 8 scale rows,
+            // 4 minimum rows and 16 + 16 block scales are inside the scratch.
+            unsafe {
+                let halves = |v: &[u64; GEMM_ROWS]| {
+                    [
+                        _mm512_loadu_si512(v.as_ptr().cast()),
+                        _mm512_loadu_si512(v.as_ptr().add(8).cast()),
+                    ]
+                };
+                let (sc8, m8) = (halves(&sc8), halves(&m8));
                 for j in 0..8 {
-                    let (sc, m) = ((sc8 >> (8 * j)) as u8, (m8 >> (8 * j)) as u8);
-                    scratch.sc[(b * 8 + j) * GEMM_ROWS + n] = sc as i32;
-                    scratch.mins[(b * 4 + j / 2) * GEMM_ROWS + n] |= (m as i32) << (16 * (j % 2));
+                    // Byte j of each row's 8 scales.
+                    let shift = _mm_cvtsi32_si128(8 * j as i32);
+                    let lo = _mm512_cvtepi64_epi8(_mm512_srl_epi64(sc8[0], shift));
+                    let hi = _mm512_cvtepi64_epi8(_mm512_srl_epi64(sc8[1], shift));
+                    let bytes = _mm_unpacklo_epi64(lo, hi);
+                    _mm512_storeu_si512(
+                        sc_p.add((b * 8 + j) * GEMM_ROWS).cast(),
+                        _mm512_cvtepu8_epi32(bytes),
+                    );
                 }
-                scratch.d[b * GEMM_ROWS + n] =
-                    f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-                scratch.dmin[b * GEMM_ROWS + n] =
-                    f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+                for p in 0..4 {
+                    // Minimums 2p and 2p + 1 as the two i16 of each lane.
+                    let shift = _mm_cvtsi32_si128(16 * p as i32);
+                    let mut pairs = [_mm256_setzero_si256(); 2];
+                    for (pair, m) in pairs.iter_mut().zip(&m8) {
+                        let v = _mm512_srl_epi64(*m, shift);
+                        let two = _mm512_or_si512(
+                            _mm512_and_si512(v, low8),
+                            _mm512_slli_epi64::<8>(_mm512_and_si512(v, _mm512_set1_epi64(0xff00))),
+                        );
+                        *pair = _mm512_cvtepi64_epi32(two);
+                    }
+                    _mm512_storeu_si512(
+                        mins_p.add((b * 4 + p) * GEMM_ROWS).cast(),
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(pairs[0]), pairs[1]),
+                    );
+                }
+                for (bits, to) in [(&d, d_p), (&dmin, dmin_p)] {
+                    let v = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
+                    _mm512_storeu_pd(
+                        to.add(b * GEMM_ROWS),
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                    );
+                    _mm512_storeu_pd(
+                        to.add(b * GEMM_ROWS + 8),
+                        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                            _mm512_castps_pd(v),
+                        ))),
+                    );
+                }
             }
         }
         // The codes: per block, 8 chunks of 32 (the low, then the high
@@ -948,6 +1004,7 @@ mod x86 {
         let mut rows_codes = [[_mm512_setzero_si512(); 4]; GEMM_ROWS];
         for b in 0..nb {
             for (n, w) in ws.iter().enumerate() {
+                crate::kernels::prefetch(w.as_ptr().wrapping_add(b * BLOCK), BLOCK);
                 // SAFETY: block b is inside the row.
                 rows_codes[n] = unsafe { q6_k_codes_512(w.as_ptr().add(b * BLOCK)) };
             }
