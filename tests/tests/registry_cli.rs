@@ -175,6 +175,14 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     let home = Home::default();
     let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");
     let mut rng = fastrand::Rng::with_seed(0xdead);
+    // One add run to the end: an earlier version for the final rollback,
+    // and the time an add takes here, so that the kills below land before
+    // and after it finishes whatever the machine's (and the build's) speed.
+    let first = plugin_dir(home.path(), &lib, &ManifestSpec::new("cpu-plugin", "0.0.1"));
+    kiln_tests::kiln_bin(); // built before the clock starts
+    let timed = std::time::Instant::now();
+    home.ok(&["plugins", "add", first.to_str().unwrap()]);
+    let full_ms = (timed.elapsed().as_millis() as u64).max(20);
     let started = std::time::Instant::now();
     let mut completed = 0;
     for i in 0..24 {
@@ -189,7 +197,7 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(0..250)));
+        std::thread::sleep(Duration::from_millis(rng.u64(0..2 * full_ms)));
         // `Child::kill` is SIGKILL on Unix: no destructor, no handler runs.
         let _ = child.kill();
         let status = child.wait().unwrap();
@@ -201,6 +209,10 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     // Some runs died midway and some finished; both must have happened for
     // the test to mean anything.
     assert!(completed < 24, "no run was killed");
+    assert!(
+        completed > 0,
+        "every run was killed (a full add took {full_ms} ms)"
+    );
     eprintln!(
         "{completed}/24 adds completed before the kill ({:?})",
         started.elapsed()
