@@ -13,6 +13,7 @@ use half::f16;
 const QK_K: usize = 256;
 const BLOCK: usize = 210;
 const Q4_K_BLOCK: usize = 144;
+const Q5_K_BLOCK: usize = 176;
 
 /// One activation row as ggml's `block_q8_K`s (without the sums).
 pub struct Q8KRow {
@@ -102,10 +103,10 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
             match xs.len() {
-                1 => x86::dot_q4_k_vnni::<1>(w, xs, out),
-                2 => x86::dot_q4_k_vnni::<2>(w, xs, out),
-                3 => x86::dot_q4_k_vnni::<3>(w, xs, out),
-                _ => x86::dot_q4_k_vnni::<4>(w, xs, out),
+                1 => x86::dot_q4_k_vnni::<1, false>(w, xs, out),
+                2 => x86::dot_q4_k_vnni::<2, false>(w, xs, out),
+                3 => x86::dot_q4_k_vnni::<3, false>(w, xs, out),
+                _ => x86::dot_q4_k_vnni::<4, false>(w, xs, out),
             }
         };
     }
@@ -125,6 +126,57 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     for (x, o) in xs.iter().zip(out.chunks_exact_mut(1)) {
         dot_q4_k_with::<1>(w, &[x], o, q4_k_block, |bits| f16::from_bits(bits).to_f32());
     }
+}
+
+/// `out[r] = w · xs[r]` for one Q5_K row and up to four activation rows:
+/// Q4_K's arithmetic with a fifth bit per code (from `qh`). AVX-512 VNNI
+/// has a kernel; other CPUs take the portable loop.
+pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
+    assert!(xs.iter().all(|x| w.len() == x.d.len() * Q5_K_BLOCK));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe {
+            match xs.len() {
+                1 => x86::dot_q4_k_vnni::<1, true>(w, xs, out),
+                2 => x86::dot_q4_k_vnni::<2, true>(w, xs, out),
+                3 => x86::dot_q4_k_vnni::<3, true>(w, xs, out),
+                _ => x86::dot_q4_k_vnni::<4, true>(w, xs, out),
+            }
+        };
+    }
+    let _ = isa;
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot_q5_k_one(w, x);
+    }
+}
+
+/// The portable Q5_K row: per block, `x.d · (d · Σ sc_j (q·x)_j − dmin ·
+/// Σ m_j Σx_j)` with 5-bit codes, as the other paths compute it.
+fn dot_q5_k_one(w: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(Q5_K_BLOCK).enumerate() {
+        let (qh, qs) = (&blk[16..48], &blk[48..176]);
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let (mut total, mut total_m) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
+            let mut sum = 0i32;
+            for l in 0..32 {
+                let byte = qs[32 * (j / 2) + l];
+                let nibble = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                let code = nibble as i32 | (((qh[l] >> j) & 1) as i32) << 4;
+                sum += code * xq[32 * j + l] as i32;
+            }
+            total += sc as i32 * sum;
+            total_m += m as i32 * x.sums32[b * 8 + j];
+        }
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
+        acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+    }
+    acc as f32
 }
 
 /// The Q4_K loop around a block kernel and an f16 conversion, inlined
@@ -214,7 +266,29 @@ pub fn gemm16_q4_k(
         assert!(ws.iter().all(|w| w.len() == nb * Q4_K_BLOCK));
         assert!(xs.iter().all(|x| x.d.len() == nb));
         // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
-        unsafe { x86::gemm16_q4_k_vnni(ws, xs, scratch, &mut out) };
+        unsafe { x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out) };
+        return true;
+    }
+    let _ = (isa, ws, xs, scratch, &mut out);
+    false
+}
+
+/// As [`gemm16_q4_k`] for Q5_K weights (codes with their fifth bit).
+pub fn gemm16_q5_k(
+    isa: Isa,
+    ws: &[&[u8]],
+    xs: &[&Q8KRow],
+    scratch: &mut GemmScratch,
+    mut out: impl FnMut(usize, usize, &[f32]),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        assert!(ws.iter().all(|w| w.len() == nb * Q5_K_BLOCK));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
+        unsafe { x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out) };
         return true;
     }
     let _ = (isa, ws, xs, scratch, &mut out);
@@ -310,7 +384,7 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, GEMM_ROWS, GemmScratch, Q4_K_BLOCK, Q8KRow, QK_K};
+    use super::{BLOCK, GEMM_ROWS, GemmScratch, Q4_K_BLOCK, Q5_K_BLOCK, Q8KRow, QK_K};
     use core::arch::x86_64::*;
 
     /// F16C's conversion of one f16.
@@ -426,7 +500,16 @@ mod x86 {
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
     /// blocks as each of the first `R` rows of `xs`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_q4_k_vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    pub unsafe fn dot_q4_k_vnni<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+    ) {
+        let (block, codes_at) = if Q5 {
+            (Q5_K_BLOCK, 48)
+        } else {
+            (Q4_K_BLOCK, 16)
+        };
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm512_set1_epi8(0x0f);
         // Which sub-blocks a product's halves hold: the low nibbles of
@@ -436,17 +519,38 @@ mod x86 {
             |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
         let pick = [halves(0, 2), halves(1, 3), halves(4, 6), halves(5, 7)];
         let mut acc = [0.0f64; R];
-        for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
-            crate::kernels::prefetch(blk.as_ptr(), Q4_K_BLOCK);
+        for (b, blk) in w.chunks_exact(block).enumerate() {
+            crate::kernels::prefetch(blk.as_ptr(), block);
             let (sc8, m8) = q4_k_scales(&blk[4..16]);
             let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc8 as i64)));
             let mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m8 as i64));
             let mut codes = [_mm512_setzero_si512(); 4];
             for p in 0..2 {
                 // SAFETY: code bytes 64p..64p+64 are inside the block.
-                let v = unsafe { _mm512_loadu_si512(blk.as_ptr().add(16 + 64 * p).cast()) };
+                let v = unsafe { _mm512_loadu_si512(blk.as_ptr().add(codes_at + 64 * p).cast()) };
                 codes[2 * p] = _mm512_and_si512(v, m4);
                 codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                if Q5 {
+                    // Bit s of qh[l] is code l's fifth bit in sub-block s;
+                    // the halves of codes[2p] are sub-blocks 4p and 4p + 2,
+                    // of codes[2p + 1] 4p + 1 and 4p + 3.
+                    // SAFETY: qh's 32 bytes at 16 are inside the block.
+                    let qh = unsafe {
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.as_ptr().add(16).cast()))
+                    };
+                    for k in 0..2 {
+                        let s = 4 * p + k;
+                        let bits = _mm512_inserti64x4::<1>(
+                            _mm512_set1_epi8(1 << s),
+                            _mm256_set1_epi8((1u32 << (s + 2)) as u8 as i8),
+                        );
+                        let set = _mm512_test_epi8_mask(qh, bits);
+                        codes[2 * p + k] = _mm512_or_si512(
+                            codes[2 * p + k],
+                            _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10)),
+                        );
+                    }
+                }
             }
             let mut scales = [_mm512_setzero_si512(); 4];
             for (s, i) in scales.iter_mut().zip(&pick) {
@@ -734,13 +838,18 @@ mod x86 {
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; every row of
     /// `ws` holds as many Q4_K blocks as every row of `xs`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn gemm16_q4_k_vnni(
+    pub unsafe fn gemm16_q4_k_vnni<const Q5: bool>(
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
+        let (block, codes_at) = if Q5 {
+            (Q5_K_BLOCK, 48)
+        } else {
+            (Q4_K_BLOCK, 16)
+        };
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
         // sub-block j's scale and minimum of row n at (b * 8 + j) * 16 + n.
         scratch.codes.clear();
@@ -766,8 +875,8 @@ mod x86 {
             let (mut d, mut dmin) = ([0u16; GEMM_ROWS], [0u16; GEMM_ROWS]);
             for (n, w) in ws.iter().enumerate() {
                 // Each row is its own stream: ask for its next lines early.
-                crate::kernels::prefetch(w.as_ptr().wrapping_add(b * Q4_K_BLOCK), Q4_K_BLOCK);
-                let blk = &w[b * Q4_K_BLOCK..][..16];
+                crate::kernels::prefetch(w.as_ptr().wrapping_add(b * block), block);
+                let blk = &w[b * block..][..16];
                 (sc8[n], m8[n]) = q4_k_scales(&blk[4..16]);
                 d[n] = u16::from_le_bytes([blk[0], blk[1]]);
                 dmin[n] = u16::from_le_bytes([blk[2], blk[3]]);
@@ -836,7 +945,7 @@ mod x86 {
                     // SAFETY: code bytes 32(c/2).. of block b are inside the row.
                     let qv = unsafe {
                         _mm256_loadu_si256(
-                            w.as_ptr().add(b * Q4_K_BLOCK + 16 + 32 * (c / 2)).cast(),
+                            w.as_ptr().add(b * block + codes_at + 32 * (c / 2)).cast(),
                         )
                     };
                     u[n] = if c % 2 == 0 {
@@ -844,6 +953,17 @@ mod x86 {
                     } else {
                         _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4)
                     };
+                    if Q5 {
+                        // Sub-block c's fifth bits: bit c of qh[l].
+                        // SAFETY: qh's 32 bytes at 16 are inside the block.
+                        let qh =
+                            unsafe { _mm256_loadu_si256(w.as_ptr().add(b * block + 16).cast()) };
+                        let set = _mm256_test_epi8_mask(qh, _mm256_set1_epi8(1 << c));
+                        u[n] = _mm256_or_si256(
+                            u[n],
+                            _mm256_maskz_mov_epi8(set, _mm256_set1_epi8(0x10)),
+                        );
+                    }
                 }
                 // SAFETY: groups 8c..8c+8 of block b are inside the scratch.
                 unsafe {

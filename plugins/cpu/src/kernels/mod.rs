@@ -240,7 +240,13 @@ unsafe impl Send for SendView {}
 pub fn has_mul_mat(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::F16 | DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q6_K
+        DType::F16
+            | DType::Q4_0
+            | DType::Q5_0
+            | DType::Q8_0
+            | DType::Q4_K
+            | DType::Q5_K
+            | DType::Q6_K
     )
 }
 
@@ -257,7 +263,7 @@ impl Prepared {
     fn new(weights: DType, k: usize) -> Prepared {
         match weights {
             DType::F16 => Prepared::F16(vec![0.0; k], Vec::new()),
-            DType::Q4_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
             _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
     }
@@ -305,10 +311,10 @@ impl Prepared {
                     rows[n] = q;
                     n += 1;
                 }
-                if dtype == DType::Q4_K {
-                    kquant::dot_q4_k(isa, w, &rows[..n], &mut out[..n]);
-                } else {
-                    kquant::dot_q6_k(isa, w, &rows[..n], &mut out[..n]);
+                match dtype {
+                    DType::Q4_K => kquant::dot_q4_k(isa, w, &rows[..n], &mut out[..n]),
+                    DType::Q5_K => kquant::dot_q5_k(isa, w, &rows[..n], &mut out[..n]),
+                    _ => kquant::dot_q6_k(isa, w, &rows[..n], &mut out[..n]),
                 }
                 n
             }
@@ -393,14 +399,14 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             }
             if m_count >= GEMM_MIN_ROWS
                 && isa == Isa::Avx512
-                && matches!(wd.dtype, DType::Q4_K | DType::Q6_K)
+                && matches!(wd.dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
                 && let Some(rows_x) = q8k_rows(xq)
             {
                 gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
-                    if wd.dtype == DType::Q4_K {
-                        kquant::gemm16_q4_k(isa, ws, &rows_x, scratch, out)
-                    } else {
-                        kquant::gemm16_q6_k(isa, ws, &rows_x, scratch, out)
+                    match wd.dtype {
+                        DType::Q4_K => kquant::gemm16_q4_k(isa, ws, &rows_x, scratch, out),
+                        DType::Q5_K => kquant::gemm16_q5_k(isa, ws, &rows_x, scratch, out),
+                        _ => kquant::gemm16_q6_k(isa, ws, &rows_x, scratch, out),
                     }
                 });
                 continue;

@@ -80,7 +80,7 @@ fn both_with_bound(
             crate::quant::round_activations(dtype, &mut xr);
             for ni in 0..n {
                 let wr = &wf[(i2 / (x2 / w2)) * n + ni];
-                bound.push(if dtype == DType::Q4_K {
+                bound.push(if matches!(dtype, DType::Q4_K | DType::Q5_K) {
                     let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
                     2.0 * wmax * xr.iter().map(|v| v.abs() as f64).sum::<f64>()
                 } else {
@@ -156,18 +156,21 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // reference, exact here: an f32 rounding per term apart, of the terms'
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
-        for (dtype, (i, &(k, n, m))) in [DType::Q4_K, DType::Q6_K].into_iter().flat_map(|t| {
-            [
-                (256, 1, 1),
-                (768, 7, 3),
-                (2304, 33, 2),
-                (512, 5, 6),
-                (768, 35, 9),
-            ]
-            .iter()
-            .enumerate()
-            .map(move |c| (t, c))
-        }) {
+        for (dtype, (i, &(k, n, m))) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
+            .into_iter()
+            .flat_map(|t| {
+                [
+                    (256, 1, 1),
+                    (768, 7, 3),
+                    (2304, 33, 2),
+                    (512, 5, 6),
+                    (768, 35, 9),
+                ]
+                .iter()
+                .enumerate()
+                .map(move |c| (t, c))
+            })
+        {
             let (r, f, bound) = both_with_bound(isa, dtype, [k, n, m, 1, 1], i as u64);
             for (j, ((a, b), s)) in r.iter().zip(&f).zip(&bound).enumerate() {
                 assert!(
@@ -222,7 +225,7 @@ fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
 
 #[test]
 fn types_without_a_kernel_fall_back_to_the_reference() {
-    assert!(!has_mul_mat(DType::Q5_K));
+    assert!(!has_mul_mat(DType::BF16));
     let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
     let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
     let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
