@@ -463,10 +463,11 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     Some(())
 }
 
-/// From this many activation rows on, Q4_0/Q5_0/Q8_0, Q4_K and Q6_K
+/// From this many activation rows on, Q4_0/Q5_0/Q8_0 and K-quant
 /// products use the lane-wise GEMMs ([`q8::gemm16`],
-/// [`kquant::gemm16_q4_k`], [`kquant::gemm16_q6_k`]) where the CPU has
-/// AVX-512 VNNI, and F16 products the tiled [`f16::gemm16`].
+/// [`kquant::gemm16_q4_k`], [`kquant::gemm16_q5_k`],
+/// [`kquant::gemm16_q6_k`]) where the CPU has AVX-512 VNNI, and F16
+/// products [`f16::gemm16_lanes`] (short rows) or [`f16::gemm16`]'s tiles.
 const GEMM_MIN_ROWS: usize = 4;
 
 /// The rows as Q8_0 rows, if they are (one weight type per op makes that
