@@ -37,22 +37,29 @@ pub fn dot(isa: Isa, w: &[u8], x: &[f32]) -> f32 {
 }
 
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
-/// converted once for all on AVX-512).
-pub fn dot_rows(isa: Isa, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+/// converted once for all on AVX-512). `bf16`: the weights are BF16 and
+/// the activations rounded to bf16 (AVX-512 only; a BF16 × BF16 product is
+/// exact in f32 too).
+pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         // SAFETY: the path exists on this CPU; lengths checked above.
         return unsafe {
-            match xs.len() {
-                1 => x86::dot_rows_avx512::<1>(w, xs, out),
-                2 => x86::dot_rows_avx512::<2>(w, xs, out),
-                3 => x86::dot_rows_avx512::<3>(w, xs, out),
-                _ => x86::dot_rows_avx512::<4>(w, xs, out),
+            match (xs.len(), bf16) {
+                (1, false) => x86::dot_rows_avx512::<1, false>(w, xs, out),
+                (2, false) => x86::dot_rows_avx512::<2, false>(w, xs, out),
+                (3, false) => x86::dot_rows_avx512::<3, false>(w, xs, out),
+                (_, false) => x86::dot_rows_avx512::<4, false>(w, xs, out),
+                (1, true) => x86::dot_rows_avx512::<1, true>(w, xs, out),
+                (2, true) => x86::dot_rows_avx512::<2, true>(w, xs, out),
+                (3, true) => x86::dot_rows_avx512::<3, true>(w, xs, out),
+                (_, true) => x86::dot_rows_avx512::<4, true>(w, xs, out),
             }
         };
     }
+    assert!(!bf16, "BF16 rows have a kernel on AVX-512 only");
     for (x, o) in xs.iter().zip(out) {
         *o = dot(isa, w, x);
     }
@@ -72,6 +79,7 @@ pub const GEMM_ROWS: usize = 16;
 /// Returns `false` (and does nothing) without AVX-512.
 pub fn gemm16(
     isa: Isa,
+    bf16: bool,
     ws: &[&[u8]],
     xs: &[&[f32]],
     mut out: impl FnMut(usize, usize, &[f32]),
@@ -86,7 +94,13 @@ pub fn gemm16(
             for n0 in (0..ws.len()).step_by(4) {
                 let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
                 // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
-                let tile = unsafe { x86::tile_avx512(&w, &x) };
+                let tile = unsafe {
+                    if bf16 {
+                        x86::tile_avx512::<true>(&w, &x)
+                    } else {
+                        x86::tile_avx512::<false>(&w, &x)
+                    }
+                };
                 let rows = (ws.len() - n0).min(4);
                 let columns: [[f32; 4]; 4] = std::array::from_fn(|m| tile.map(|row| row[m]));
                 for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
@@ -96,7 +110,7 @@ pub fn gemm16(
         }
         return true;
     }
-    let _ = (isa, ws, xs, &mut out);
+    let _ = (isa, bf16, ws, xs, &mut out);
     false
 }
 
@@ -245,7 +259,11 @@ mod x86 {
     /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; `w.len() == 2 *
     /// x.len()` for each of the first `R` rows of `xs`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn dot_rows_avx512<const R: usize>(w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dot_rows_avx512<const R: usize, const BF: bool>(
+        w: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
         let len = xs[0].len();
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
@@ -262,7 +280,7 @@ mod x86 {
             let whole = mask == u16::MAX;
             // SAFETY: the loads touch only elements i..len.
             let wv = unsafe {
-                _mm512_cvtph_ps(if whole {
+                widen16::<BF>(if whole {
                     _mm256_loadu_si256(w.as_ptr().add(2 * i).cast())
                 } else {
                     _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(2 * i).cast())
@@ -319,13 +337,45 @@ mod x86 {
         }
     }
 
+    /// Sixteen f16 (or, `BF`, bf16) values to f32 (exact either way).
+    ///
+    /// # Safety
+    /// AVX-512 F and F16C are enabled by the caller.
+    #[inline(always)]
+    unsafe fn widen16<const BF: bool>(h: __m256i) -> __m512 {
+        // SAFETY: register operations only (the caller's features).
+        unsafe {
+            if BF {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            } else {
+                _mm512_cvtph_ps(h)
+            }
+        }
+    }
+
+    /// Eight f16 (or bf16) values to f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C are enabled by the caller.
+    #[inline(always)]
+    unsafe fn widen8<const BF: bool>(h: __m128i) -> __m256 {
+        // SAFETY: register operations only (the caller's features).
+        unsafe {
+            if BF {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else {
+                _mm256_cvtph_ps(h)
+            }
+        }
+    }
+
     /// A 4 × 4 tile of [`super::gemm16`]: `out[n][m] = w[n] · x[m]`.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `w` row
     /// holds `2 * x[0].len()` bytes and every `x` row as many values.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile_avx512(w: &[&[u8]; 4], x: &[&[f32]; 4]) -> [[f32; 4]; 4] {
+    pub unsafe fn tile_avx512<const BF: bool>(w: &[&[u8]; 4], x: &[&[f32]; 4]) -> [[f32; 4]; 4] {
         let len = x[0].len();
         let mut acc = [[_mm512_setzero_pd(); 4]; 4];
         let mut i = 0;
@@ -348,7 +398,7 @@ mod x86 {
                 }
                 for (row, acc) in w.iter().zip(&mut acc) {
                     let p = row.as_ptr().add(2 * i);
-                    let wv = _mm512_cvtps_pd(_mm256_cvtph_ps(if left >= 8 {
+                    let wv = _mm512_cvtps_pd(widen8::<BF>(if left >= 8 {
                         _mm_loadu_si128(p.cast())
                     } else {
                         _mm_maskz_loadu_epi16(mask, p.cast())

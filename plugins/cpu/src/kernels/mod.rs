@@ -247,6 +247,7 @@ pub fn has_mul_mat(dtype: DType) -> bool {
             | DType::Q4_K
             | DType::Q5_K
             | DType::Q6_K
+            | DType::BF16
     )
 }
 
@@ -257,12 +258,15 @@ enum Prepared {
     /// Rounded to f16, kept as f32, and (for [`f16::gemm16_lanes`]'s
     /// short rows on AVX-512) widened to f64 too.
     F16(Vec<f32>, Vec<f64>),
+    /// Rounded to bf16, kept as f32.
+    Bf16(Vec<f32>),
 }
 
 impl Prepared {
     fn new(weights: DType, k: usize) -> Prepared {
         match weights {
             DType::F16 => Prepared::F16(vec![0.0; k], Vec::new()),
+            DType::BF16 => Prepared::Bf16(vec![0.0; k]),
             DType::Q4_K | DType::Q5_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
             _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
@@ -277,6 +281,12 @@ impl Prepared {
                 }
             }
             Prepared::Q8K(q) => q.quantize(isa, x),
+            Prepared::Bf16(v) => {
+                // As the reference's `round_activations` for BF16.
+                for (o, x) in v.iter_mut().zip(x) {
+                    *o = half::bf16::from_f32(*x).to_f32();
+                }
+            }
             Prepared::F16(v, wide) => {
                 f16::round_row(isa, x, v);
                 if isa == Isa::Avx512 && v.len() <= f16::LANES_MAX_K {
@@ -326,7 +336,18 @@ impl Prepared {
                     rows[n] = v;
                     n += 1;
                 }
-                f16::dot_rows(isa, w, &rows[..n], &mut out[..n]);
+                f16::dot_rows(isa, false, w, &rows[..n], &mut out[..n]);
+                n
+            }
+            Prepared::Bf16(first) => {
+                let mut rows: [&[f32]; 4] = [first; 4];
+                let mut n = 1;
+                for p in xs.iter().take(4).skip(1) {
+                    let Prepared::Bf16(v) = p else { break };
+                    rows[n] = v;
+                    n += 1;
+                }
+                f16::dot_rows(isa, true, w, &rows[..n], &mut out[..n]);
                 n
             }
         }
@@ -341,6 +362,10 @@ impl Prepared {
 /// As for [`run`].
 unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
+    // BF16 has AVX-512 kernels only; elsewhere the reference runs it.
+    if wd.dtype == DType::BF16 && isa != Isa::Avx512 {
+        return None;
+    }
     if !has_mul_mat(wd.dtype)
         || wd.nb[0] != wd.dtype.block_bytes()
         || xd.dtype != DType::F32
@@ -429,9 +454,19 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     });
                 } else {
                     gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
-                        f16::gemm16(isa, ws, &rows_x, out)
+                        f16::gemm16(isa, false, ws, &rows_x, out)
                     });
                 }
+                continue;
+            }
+            if m_count >= GEMM_MIN_ROWS
+                && isa == Isa::Avx512
+                && wd.dtype == DType::BF16
+                && let Some(rows_x) = bf16_rows(xq)
+            {
+                gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
+                    f16::gemm16(isa, true, ws, &rows_x, out)
+                });
                 continue;
             }
             threads::parallel_for(n_count, work, &|range| {
@@ -486,6 +521,16 @@ fn f16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
     xs.iter()
         .map(|p| match p {
             Prepared::F16(v, _) => Some(v.as_slice()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rows as bf16-rounded rows, if they are.
+fn bf16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
+    xs.iter()
+        .map(|p| match p {
+            Prepared::Bf16(v) => Some(v.as_slice()),
             _ => None,
         })
         .collect()

@@ -125,13 +125,22 @@ fn mul_mat_matches_the_reference_on_every_path() {
         (2592, 2, 2),
     ];
     for isa in Isa::available() {
-        for dtype in [DType::F16, DType::Q4_0, DType::Q5_0, DType::Q8_0] {
+        for dtype in [
+            DType::F16,
+            DType::BF16,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::Q8_0,
+        ] {
+            if dtype == DType::BF16 && isa != Isa::Avx512 {
+                continue; // the reference runs BF16 there
+            }
             for (i, &(k, n, m)) in sizes.iter().enumerate() {
                 let (r, f) = both(isa, dtype, [k, n, m, 1, 1], i as u64);
                 assert_close(isa, dtype, k, &r, &f);
             }
             // F16 rows need not be whole blocks: tails of every length.
-            if dtype == DType::F16 {
+            if matches!(dtype, DType::F16 | DType::BF16) {
                 for (i, k) in [1, 7, 15, 17, 45, 77, 1003].into_iter().enumerate() {
                     // Two activation rows take the row kernels, five the tiles.
                     for m in [2, 5] {
@@ -225,7 +234,7 @@ fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
 
 #[test]
 fn types_without_a_kernel_fall_back_to_the_reference() {
-    assert!(!has_mul_mat(DType::BF16));
+    assert!(!has_mul_mat(DType::F32));
     let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
     let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
     let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
