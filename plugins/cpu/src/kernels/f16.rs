@@ -1,7 +1,8 @@
 //! Dot products of F16 weight rows with activations rounded to f16 (the
 //! reference's `round_activations` for F16 weights): portable, AVX2 and
-//! AVX-512. An f16 × f16 product is exact in f32; products are summed in
-//! f64, so a row's result is the reference's, rounded the same way.
+//! AVX-512; and of BF16 rows with bf16-rounded activations (AVX-512). An
+//! f16 × f16 or bf16 × bf16 product is exact in f32; products are summed
+//! in f64, so a row's result is the reference's, rounded the same way.
 
 use super::Isa;
 use half::f16;
