@@ -9,6 +9,7 @@
 use super::Isa;
 use crate::quant::nearest_int;
 use half::f16;
+use kiln_plugin_api::DType;
 
 const QK_K: usize = 256;
 const BLOCK: usize = 210;
@@ -231,10 +232,10 @@ fn q4_k_block(q: &[u8], xs: &[&Q8KRow; 1], b: usize, sc: &[i32; 8], totals: &mut
     }
 }
 
-/// Weight rows per [`gemm16_q4_k`] group.
+/// Weight rows per [`gemm16`] group.
 pub const GEMM_ROWS: usize = 16;
 
-/// Scratch for [`gemm16_q4_k`], reused across calls on one thread.
+/// Scratch for [`gemm16`], reused across calls on one thread.
 #[derive(Default)]
 pub struct GemmScratch {
     codes: Vec<u8>,
@@ -244,16 +245,19 @@ pub struct GemmScratch {
     dmin: Vec<f64>,
 }
 
-/// `out(n, m) = w[n] · xs[m]` for up to 16 Q4_K weight rows and any number
-/// of activation rows, on AVX-512 VNNI, lane-wise as `q8::gemm16`: the
-/// codes are unpacked once per call so that lane `n` of a register holds
-/// 4 codes of row `n`; each 32-code sub-block's sums are scaled per lane,
-/// the minimums' part comes from the activations' sums, and a block is
-/// scaled in f64 exactly as [`dot_q4_k`] does it (same results).
+/// `out(n, m) = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
+/// and any number of activation rows, on AVX-512 VNNI, lane-wise as
+/// `q8::gemm16`: the codes are unpacked once per call so that lane `n` of
+/// a register holds 4 codes of row `n`; each sub-block's sums are scaled
+/// per lane and a block is scaled in f64 exactly as the row kernels do it
+/// (same results). Q4_K/Q5_K: the minimums' part comes from the
+/// activations' sums of 32. Q6_K: codes unsigned, the offset of 32 taken
+/// off with the activations' sums of 16, one scale per 16 codes.
 ///
 /// Returns `false` (and does nothing) without AVX-512 VNNI.
-pub fn gemm16_q4_k(
+pub fn gemm16(
     isa: Isa,
+    dtype: DType,
     ws: &[&[u8]],
     xs: &[&Q8KRow],
     scratch: &mut GemmScratch,
@@ -261,61 +265,27 @@ pub fn gemm16_q4_k(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
+        let block = match dtype {
+            DType::Q4_K => Q4_K_BLOCK,
+            DType::Q5_K => Q5_K_BLOCK,
+            DType::Q6_K => BLOCK,
+            _ => unreachable!("no K-quant GEMM for {dtype}"),
+        };
         assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
         let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * Q4_K_BLOCK));
+        assert!(ws.iter().all(|w| w.len() == nb * block));
         assert!(xs.iter().all(|x| x.d.len() == nb));
         // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
-        unsafe { x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out) };
+        unsafe {
+            match dtype {
+                DType::Q4_K => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
+                DType::Q5_K => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
+                _ => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
+            }
+        };
         return true;
     }
-    let _ = (isa, ws, xs, scratch, &mut out);
-    false
-}
-
-/// As [`gemm16_q4_k`] for Q5_K weights (codes with their fifth bit).
-pub fn gemm16_q5_k(
-    isa: Isa,
-    ws: &[&[u8]],
-    xs: &[&Q8KRow],
-    scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, &[f32]),
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * Q5_K_BLOCK));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
-        unsafe { x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out) };
-        return true;
-    }
-    let _ = (isa, ws, xs, scratch, &mut out);
-    false
-}
-
-/// As [`gemm16_q4_k`] for Q6_K weights: codes unpacked unsigned (the
-/// offset of 32 is taken off with the activations' sums of 16), one scale
-/// per 16 codes, the block scaled in f64 as [`dot_q6_k`] does.
-pub fn gemm16_q6_k(
-    isa: Isa,
-    ws: &[&[u8]],
-    xs: &[&Q8KRow],
-    scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, &[f32]),
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * BLOCK));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
-        unsafe { x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out) };
-        return true;
-    }
-    let _ = (isa, ws, xs, scratch, &mut out);
+    let _ = (isa, dtype, ws, xs, scratch, &mut out);
     false
 }
 
@@ -832,7 +802,7 @@ mod x86 {
         }
     }
 
-    /// See [`super::gemm16_q4_k`].
+    /// See [`super::gemm16`].
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; every row of
@@ -1089,7 +1059,7 @@ mod x86 {
         unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
     }
 
-    /// See [`super::gemm16_q6_k`].
+    /// See [`super::gemm16`].
     ///
     /// # Safety
     /// As [`gemm16_q4_k_vnni`], for Q6_K rows.

@@ -428,11 +428,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 && let Some(rows_x) = q8k_rows(xq)
             {
                 gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
-                    match wd.dtype {
-                        DType::Q4_K => kquant::gemm16_q4_k(isa, ws, &rows_x, scratch, out),
-                        DType::Q5_K => kquant::gemm16_q5_k(isa, ws, &rows_x, scratch, out),
-                        _ => kquant::gemm16_q6_k(isa, ws, &rows_x, scratch, out),
-                    }
+                    kquant::gemm16(isa, wd.dtype, ws, &rows_x, scratch, out)
                 });
                 continue;
             }
@@ -499,10 +495,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 }
 
 /// From this many activation rows on, Q4_0/Q5_0/Q8_0 and K-quant
-/// products use the lane-wise GEMMs ([`q8::gemm16`],
-/// [`kquant::gemm16_q4_k`], [`kquant::gemm16_q5_k`],
-/// [`kquant::gemm16_q6_k`]) where the CPU has AVX-512 VNNI, and F16
-/// products [`f16::gemm16_lanes`] (short rows) or [`f16::gemm16`]'s tiles.
+/// products use the lane-wise GEMMs ([`q8::gemm16`], [`kquant::gemm16`])
+/// where the CPU has AVX-512 VNNI, and F16/BF16 products
+/// [`f16::gemm16_lanes`] (short F16 rows) or [`f16::gemm16`]'s tiles.
 const GEMM_MIN_ROWS: usize = 4;
 
 /// The rows as Q8_0 rows, if they are (one weight type per op makes that
