@@ -936,12 +936,7 @@ mod x86 {
                     }
                 }
                 // SAFETY: groups 8c..8c+8 of block b are inside the scratch.
-                unsafe {
-                    let groups = crate::kernels::lanes::transpose_16x8(&u);
-                    for (j, g) in groups.iter().enumerate() {
-                        _mm512_storeu_si512(codes_p.add((b * 64 + 8 * c + j) * 64).cast(), *g);
-                    }
-                }
+                unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
         let rows = ws.len();
@@ -1109,12 +1104,7 @@ mod x86 {
                     };
                 }
                 // SAFETY: groups 8c..8c+8 of block b are inside the scratch.
-                unsafe {
-                    let groups = crate::kernels::lanes::transpose_16x8(&u);
-                    for (j, g) in groups.iter().enumerate() {
-                        _mm512_storeu_si512(codes_p.add((b * 64 + 8 * c + j) * 64).cast(), *g);
-                    }
-                }
+                unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
         let rows = ws.len();

@@ -88,3 +88,20 @@ pub unsafe fn transpose_16x8(u: &[__m256i; 16]) -> [__m512i; 8] {
     }
     out
 }
+
+#[cfg(target_arch = "x86_64")]
+/// [`transpose_16x8`] of `u`, stored as the lane-wise groups `first..first
+/// + 8` of `codes` (64 bytes each).
+///
+/// # Safety
+/// AVX-512 F is present; `codes` holds groups `first..first + 8`.
+#[inline]
+#[target_feature(enable = "avx2,avx512f")]
+pub unsafe fn store_transposed(codes: *mut u8, first: usize, u: &[__m256i; 16]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for (j, g) in transpose_16x8(u).iter().enumerate() {
+            _mm512_storeu_si512(codes.add((first + j) * 64).cast(), *g);
+        }
+    }
+}

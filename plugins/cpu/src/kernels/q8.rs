@@ -793,10 +793,7 @@ mod x86 {
             // SAFETY: `bits` holds 16 f16s; block b's 8 groups and 16
             // scales are inside the scratch.
             unsafe {
-                let groups = crate::kernels::lanes::transpose_16x8(&u);
-                for (j, g) in groups.iter().enumerate() {
-                    _mm512_storeu_si512(codes_p.add((b * 8 + j) * 64).cast(), *g);
-                }
+                crate::kernels::lanes::store_transposed(codes_p, b * 8, &u);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
                 _mm512_storeu_pd(
                     dw_p.add(b * GEMM_ROWS),
