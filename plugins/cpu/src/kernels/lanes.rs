@@ -51,7 +51,7 @@ pub unsafe fn emit(
 /// AVX-512 F is present.
 #[inline]
 #[target_feature(enable = "avx2,avx512f")]
-pub unsafe fn transpose_16x8(u: &[__m256i; 16]) -> [__m512i; 8] {
+unsafe fn transpose_16x8(u: &[__m256i; 16]) -> [__m512i; 8] {
     // z[n]: row n in the low half, row n + 8 in the high half.
     let mut z = [_mm512_setzero_si512(); 8];
     for (n, z) in z.iter_mut().enumerate() {

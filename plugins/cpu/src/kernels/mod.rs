@@ -251,6 +251,23 @@ pub fn has_mul_mat(dtype: DType) -> bool {
     )
 }
 
+/// The first (up to) four rows of `xs` that match `$pat` (`first`
+/// being the first's), on the stack: unused slots repeat the first. A
+/// macro rather than a generic function taking a picking closure: that
+/// version cost about 10 % of Q4_0 decode (it runs once per weight row).
+macro_rules! first_rows {
+    ($xs:expr, $first:expr, $pat:pat => $row:expr) => {{
+        let mut rows = [$first; 4];
+        let mut n = 1;
+        for p in $xs.iter().take(4).skip(1) {
+            let $pat = p else { break };
+            rows[n] = $row;
+            n += 1;
+        }
+        (rows, n)
+    }};
+}
+
 /// One activation row, prepared for the weights' dot product.
 enum Prepared {
     Q8(Q8Row),
@@ -272,11 +289,15 @@ impl Prepared {
         }
     }
 
-    fn set(&mut self, isa: Isa, x: &[f32]) {
+    /// Prepares `x`; `batched`: the product has [`GEMM_MIN_ROWS`] rows or
+    /// more, so on AVX-512 a GEMM takes it (which needs F16 rows widened,
+    /// where the decode kernels need Q8_0 rows lane-major).
+    fn set(&mut self, isa: Isa, x: &[f32], batched: bool) {
+        let avx512 = isa == Isa::Avx512;
         match self {
             Prepared::Q8(q) => {
                 q.quantize(isa, x);
-                if isa == Isa::Avx512 {
+                if avx512 && !batched {
                     q.fill_lanes();
                 }
             }
@@ -289,11 +310,45 @@ impl Prepared {
             }
             Prepared::F16(v, wide) => {
                 f16::round_row(isa, x, v);
-                if isa == Isa::Avx512 && v.len() <= f16::LANES_MAX_K {
+                if avx512 && batched && v.len() <= f16::LANES_MAX_K {
                     wide.clear();
                     wide.extend(v.iter().map(|&r| r as f64));
                 }
             }
+        }
+    }
+
+    #[inline(always)]
+    fn q8(&self) -> Option<&Q8Row> {
+        match self {
+            Prepared::Q8(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn q8k(&self) -> Option<&kquant::Q8KRow> {
+        match self {
+            Prepared::Q8K(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// F16 or BF16 rows, rounded, as f32.
+    #[inline(always)]
+    fn rounded(&self) -> Option<&[f32]> {
+        match self {
+            Prepared::F16(v, _) | Prepared::Bf16(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// F16 rows widened to f64 (filled for batches of short rows).
+    #[inline(always)]
+    fn wide(&self) -> Option<&[f64]> {
+        match self {
+            Prepared::F16(_, wide) => Some(wide),
+            _ => None,
         }
     }
 
@@ -303,24 +358,12 @@ impl Prepared {
     fn dot_many(isa: Isa, dtype: DType, w: &[u8], xs: &[Prepared], out: &mut [f32; 4]) -> usize {
         match &xs[0] {
             Prepared::Q8(first) => {
-                let mut rows = [first; 4];
-                let mut n = 1;
-                for p in xs.iter().take(4).skip(1) {
-                    let Prepared::Q8(q) = p else { break };
-                    rows[n] = q;
-                    n += 1;
-                }
+                let (rows, n) = first_rows!(xs, first, Prepared::Q8(q) => q);
                 q8::dot_rows(isa, dtype, w, &rows[..n], &mut out[..n]);
                 n
             }
             Prepared::Q8K(first) => {
-                let mut rows = [first; 4];
-                let mut n = 1;
-                for p in xs.iter().take(4).skip(1) {
-                    let Prepared::Q8K(q) = p else { break };
-                    rows[n] = q;
-                    n += 1;
-                }
+                let (rows, n) = first_rows!(xs, first, Prepared::Q8K(q) => q);
                 match dtype {
                     DType::Q4_K => kquant::dot_q4_k(isa, w, &rows[..n], &mut out[..n]),
                     DType::Q5_K => kquant::dot_q5_k(isa, w, &rows[..n], &mut out[..n]),
@@ -329,29 +372,30 @@ impl Prepared {
                 n
             }
             Prepared::F16(first, _) => {
-                let mut rows: [&[f32]; 4] = [first; 4];
-                let mut n = 1;
-                for p in xs.iter().take(4).skip(1) {
-                    let Prepared::F16(v, _) = p else { break };
-                    rows[n] = v;
-                    n += 1;
-                }
+                let (rows, n) =
+                    first_rows!(xs, first.as_slice(), Prepared::F16(v, _) => v.as_slice());
                 f16::dot_rows(isa, false, w, &rows[..n], &mut out[..n]);
                 n
             }
             Prepared::Bf16(first) => {
-                let mut rows: [&[f32]; 4] = [first; 4];
-                let mut n = 1;
-                for p in xs.iter().take(4).skip(1) {
-                    let Prepared::Bf16(v) = p else { break };
-                    rows[n] = v;
-                    n += 1;
-                }
+                let (rows, n) =
+                    first_rows!(xs, first.as_slice(), Prepared::Bf16(v) => v.as_slice());
                 f16::dot_rows(isa, true, w, &rows[..n], &mut out[..n]);
                 n
             }
         }
     }
+}
+
+/// Every prepared row is of the weights' variant ([`Prepared::new`]).
+const ONE_VARIANT: &str = "one weight type per product prepares every row alike";
+
+/// Every row as `pick` sees them, for the GEMMs.
+fn all_rows<'a, T: ?Sized>(
+    xs: &'a [Prepared],
+    pick: impl Fn(&'a Prepared) -> Option<&'a T>,
+) -> Vec<&'a T> {
+    xs.iter().map(|p| pick(p).expect(ONE_VARIANT)).collect()
 }
 
 /// `dst[m][n] = w[n] · x[m]` for F16 or quantized `w` (rows contiguous)
@@ -380,6 +424,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (r2, r3) = (xd.ne[2] / wd.ne[2], xd.ne[3] / wd.ne[3]);
     let row_bytes = wd.dtype.row_bytes(k)?;
     let mut xq: Vec<Prepared> = (0..m_count).map(|_| Prepared::new(wd.dtype, k)).collect();
+    let batched = m_count >= GEMM_MIN_ROWS;
     for i3 in 0..xd.ne[3] {
         for i2 in 0..xd.ne[2] {
             // The activation rows are prepared on the pool too: with the
@@ -394,7 +439,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     // each prepared row m belongs to one thread.
                     unsafe {
                         let row = std::slice::from_raw_parts(xp.get().add(off).cast::<f32>(), k);
-                        (*rows_p.get().cast::<Prepared>().add(m)).set(isa, row);
+                        (*rows_p.get().cast::<Prepared>().add(m)).set(isa, row, batched);
                     }
                 }
             });
@@ -412,57 +457,34 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 d_base,
                 d_nb1: dd.nb[1],
             };
-            if m_count >= GEMM_MIN_ROWS
-                && isa == Isa::Avx512
-                && matches!(wd.dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0)
-                && let Some(rows_x) = q8_rows(xq)
-            {
-                gemm_groups::<q8::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
-                    q8::gemm16(isa, wd.dtype, ws, &rows_x, scratch, out)
-                });
-                continue;
-            }
-            if m_count >= GEMM_MIN_ROWS
-                && isa == Isa::Avx512
-                && matches!(wd.dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
-                && let Some(rows_x) = q8k_rows(xq)
-            {
-                gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, scratch, out| {
-                    kquant::gemm16(isa, wd.dtype, ws, &rows_x, scratch, out)
-                });
-                continue;
-            }
-            if m_count >= GEMM_MIN_ROWS
-                && isa == Isa::Avx512
-                && wd.dtype == DType::F16
-                && let Some(rows_x) = f16_rows(xq)
-            {
-                if k <= f16::LANES_MAX_K {
-                    let wide: Vec<&[f64]> = xq
-                        .iter()
-                        .map(|p| match p {
-                            Prepared::F16(_, wide) => wide.as_slice(),
-                            _ => unreachable!("F16 weights take F16 rows"),
-                        })
-                        .collect();
-                    gemm_groups::<Vec<f64>>(&slice, n_count, work, &|ws, scratch, out| {
-                        f16::gemm16_lanes(isa, ws, &wide, scratch, out)
-                    });
-                } else {
-                    gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
-                        f16::gemm16(isa, false, ws, &rows_x, out)
-                    });
+            if batched && isa == Isa::Avx512 {
+                match wd.dtype {
+                    DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+                        let xs = all_rows(xq, Prepared::q8);
+                        gemm_groups::<q8::GemmScratch>(&slice, n_count, work, &|ws, s, out| {
+                            q8::gemm16(isa, wd.dtype, ws, &xs, s, out)
+                        });
+                    }
+                    DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+                        let xs = all_rows(xq, Prepared::q8k);
+                        gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, s, out| {
+                            kquant::gemm16(isa, wd.dtype, ws, &xs, s, out)
+                        });
+                    }
+                    DType::F16 if k <= f16::LANES_MAX_K => {
+                        let xs = all_rows(xq, Prepared::wide);
+                        gemm_groups::<Vec<f64>>(&slice, n_count, work, &|ws, s, out| {
+                            f16::gemm16_lanes(isa, ws, &xs, s, out)
+                        });
+                    }
+                    _ => {
+                        let xs = all_rows(xq, Prepared::rounded);
+                        let bf16 = wd.dtype == DType::BF16;
+                        gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
+                            f16::gemm16(isa, bf16, ws, &xs, out)
+                        });
+                    }
                 }
-                continue;
-            }
-            if m_count >= GEMM_MIN_ROWS
-                && isa == Isa::Avx512
-                && wd.dtype == DType::BF16
-                && let Some(rows_x) = bf16_rows(xq)
-            {
-                gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
-                    f16::gemm16(isa, true, ws, &rows_x, out)
-                });
                 continue;
             }
             threads::parallel_for(n_count, work, &|range| {
@@ -499,47 +521,6 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 /// where the CPU has AVX-512 VNNI, and F16/BF16 products
 /// [`f16::gemm16_lanes`] (short F16 rows) or [`f16::gemm16`]'s tiles.
 const GEMM_MIN_ROWS: usize = 4;
-
-/// The rows as Q8_0 rows, if they are (one weight type per op makes that
-/// all or nothing).
-fn q8_rows(xs: &[Prepared]) -> Option<Vec<&Q8Row>> {
-    xs.iter()
-        .map(|p| match p {
-            Prepared::Q8(q) => Some(q),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The rows as f16-rounded rows, if they are.
-fn f16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
-    xs.iter()
-        .map(|p| match p {
-            Prepared::F16(v, _) => Some(v.as_slice()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The rows as bf16-rounded rows, if they are.
-fn bf16_rows(xs: &[Prepared]) -> Option<Vec<&[f32]>> {
-    xs.iter()
-        .map(|p| match p {
-            Prepared::Bf16(v) => Some(v.as_slice()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The rows as Q8_K rows, if they are.
-fn q8k_rows(xs: &[Prepared]) -> Option<Vec<&kquant::Q8KRow>> {
-    xs.iter()
-        .map(|p| match p {
-            Prepared::Q8K(q) => Some(q),
-            _ => None,
-        })
-        .collect()
-}
 
 /// Where one (i2, i3) slice of a product lives.
 struct Slice {
