@@ -13,6 +13,7 @@
 
 mod backend;
 pub mod kernels;
+pub mod math;
 pub mod ops;
 pub mod quant;
 

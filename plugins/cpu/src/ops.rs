@@ -6,6 +6,7 @@
 //! Two halves: [`check`] validates types and shapes without touching memory
 //! (it answers `supports_op`), and [`run`] computes over resolved memory.
 
+use crate::math;
 use crate::quant::{can_quantize, dequantize_row, quantize_row, round_activations};
 use half::{bf16, f16};
 use kiln_plugin_api::types::param_f32;
@@ -325,6 +326,21 @@ fn rows(ne: [usize; 4]) -> impl Iterator<Item = (usize, usize, usize)> {
         .flat_map(move |i3| (0..ne[2]).flat_map(move |i2| (0..ne[1]).map(move |i1| (i1, i2, i3))))
 }
 
+/// The inner row loops that a SIMD kernel may take over, bit for bit
+/// (`kernels::activations`); [`REFERENCE_ROWS`] are [`crate::math`]'s.
+pub struct RowFns {
+    /// A softmax row after its scale and mask: [`crate::math::softmax_row`].
+    pub softmax: fn(&[f32], &mut [f64], &mut [f32]),
+    /// [`crate::math::silu_row`].
+    pub silu: fn(&[f32], &mut [f32]),
+}
+
+/// The reference's row loops.
+pub const REFERENCE_ROWS: RowFns = RowFns {
+    softmax: math::softmax_row,
+    silu: math::silu_row,
+};
+
 /// Computes `kind` over resolved memory. Call [`check`] first.
 ///
 /// # Safety
@@ -332,6 +348,21 @@ fn rows(ne: [usize; 4]) -> impl Iterator<Item = (usize, usize, usize)> {
 /// over its `Desc::extent`, and `dst` does not overlap a source except
 /// element for element (in-place elementwise ops).
 pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> Result<(), String> {
+    // SAFETY: the caller's contract.
+    unsafe { run_with(&REFERENCE_ROWS, kind, src, dst, params) }
+}
+
+/// [`run`], with `rows` for the loops that [`RowFns`] names.
+///
+/// # Safety
+/// As for [`run`].
+pub unsafe fn run_with(
+    row_fns: &RowFns,
+    kind: OpKind,
+    src: &[View],
+    dst: &View,
+    params: &[i32; 8],
+) -> Result<(), String> {
     let n0 = dst.desc.ne[0];
     let mut out = vec![0f32; n0];
     let mut a = vec![0f32; src[0].desc.ne[0]];
@@ -404,12 +435,16 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                 let s = param_f32(params[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
-                    for (o, &x) in out.iter_mut().zip(&a) {
-                        *o = match kind {
-                            OpKind::Scale => x * s,
-                            OpKind::Silu => x / (1.0 + (-x).exp()),
-                            _ => gelu(x),
-                        };
+                    if kind == OpKind::Silu {
+                        (row_fns.silu)(&a, &mut out);
+                    } else {
+                        for (o, &x) in out.iter_mut().zip(&a) {
+                            *o = if kind == OpKind::Scale {
+                                x * s
+                            } else {
+                                gelu(x)
+                            };
+                        }
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }
@@ -481,23 +516,7 @@ pub unsafe fn run(kind: OpKind, src: &[View], dst: &View, params: &[i32; 8]) -> 
                     for (v, &m) in a.iter_mut().zip(&mask) {
                         *v = *v * scale + m;
                     }
-                    let max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    if max == f32::NEG_INFINITY {
-                        out.iter_mut().for_each(|o| *o = 0.0);
-                    } else {
-                        for (e, &v) in e.iter_mut().zip(&a) {
-                            // exp(−∞) is 0: masked positions skip the call.
-                            *e = if v == f32::NEG_INFINITY {
-                                0.0
-                            } else {
-                                ((v - max) as f64).exp()
-                            };
-                        }
-                        let sum: f64 = e.iter().sum();
-                        for (o, v) in out.iter_mut().zip(&e) {
-                            *o = (v / sum) as f32;
-                        }
-                    }
+                    (row_fns.softmax)(&a, &mut e, &mut out);
                     write_row(dst, i1, i2, i3, &out);
                 }
             }

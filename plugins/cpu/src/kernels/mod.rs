@@ -40,12 +40,14 @@ macro_rules! in_groups_of_four {
     }};
 }
 
+mod activations;
 mod f16;
 mod kquant;
 mod lanes;
 mod q8;
 mod threads;
 
+pub use activations::row_fns;
 pub use q8::Q8Row;
 pub use threads::{set_threads, threads};
 
@@ -156,45 +158,59 @@ pub unsafe fn run(
         | OpKind::Mul
         | OpKind::Cpy => {
             // SAFETY: the caller's contract.
-            unsafe { rows_in_parallel(kind, src, dst, params) }
+            unsafe { rows_in_parallel(isa, kind, src, dst, params) }
         }
         _ => None,
     }
 }
 
 /// Runs a row-wise op's reference on the pool: the rows of one dimension
-/// are split between the threads, each running [`crate::ops::run`] on
-/// its slice (narrowed views), so the results are the reference's bits.
+/// are split between the threads, each running [`crate::ops::run_with`]
+/// on its slice (narrowed views) with `isa`'s row loops ([`row_fns`]),
+/// so the results are the reference's bits.
 /// A source is narrowed with `dst` when it has that dimension's extent
 /// and left whole when it is broadcast along it (extent 1); a dimension
 /// with any other broadcast, or RoPE's token dimension (its positions
-/// are read by token index), is not split. `None` when no dimension
-/// qualifies or the op is too small to share.
+/// are read by token index), is not split. An op too small to share, or
+/// with no dimension to split, runs on this thread: with its vector row
+/// loops where it has them (softmax, SiLU), else `None`.
 ///
 /// # Safety
 /// As for [`run`].
 unsafe fn rows_in_parallel(
+    isa: Isa,
     kind: OpKind,
     src: &[View],
     dst: &View,
     params: &[i32; 8],
 ) -> Option<()> {
+    let fns = row_fns(isa);
+    let has_row_fns = matches!(kind, OpKind::SoftMax | OpKind::Silu);
+    let on_this_thread = || {
+        has_row_fns.then(|| {
+            // SAFETY: the caller's contract.
+            unsafe { crate::ops::run_with(fns, kind, src, dst, params) }
+                .expect("row-wise reference ops cannot fail after `check`")
+        })
+    };
     let ne = dst.desc.ne;
     let work: usize = ne.iter().product::<usize>() * if kind == OpKind::SoftMax { 8 } else { 1 };
     if threads() < 2 || work < 1 << 16 {
-        return None;
+        return on_this_thread();
     }
     let dims: &[usize] = if kind == OpKind::Rope {
         &[1]
     } else {
         &[3, 2, 1]
     };
-    let d = dims.iter().copied().find(|&d| {
+    let Some(d) = dims.iter().copied().find(|&d| {
         ne[d] > 1
             && src
                 .iter()
                 .all(|s| s.desc.ne[d] == ne[d] || s.desc.ne[d] == 1)
-    })?;
+    }) else {
+        return on_this_thread();
+    };
     let (dst, src) = (
         SendView(*dst),
         src.iter().map(|v| SendView(*v)).collect::<Vec<_>>(),
@@ -215,7 +231,7 @@ unsafe fn rows_in_parallel(
         // each dst row written by one thread; `check` accepted the whole
         // op, and a row slice keeps every index the reference forms
         // inside its view (sources narrowed alike or broadcast).
-        unsafe { crate::ops::run(kind, &part, &narrow(&dst.get()), params) }
+        unsafe { crate::ops::run_with(fns, kind, &part, &narrow(&dst.get()), params) }
             .expect("row-wise reference ops cannot fail after `check`");
     });
     Some(())

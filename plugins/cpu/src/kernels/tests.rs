@@ -442,3 +442,61 @@ fn row_wise_ops_shared_between_threads_give_the_reference_bits() {
     }
     set_threads(before);
 }
+
+#[test]
+fn softmax_and_silu_rows_give_the_reference_bits_on_every_path() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let lens = (1..=40).chain([255, 256, 257, 1000]);
+    for isa in Isa::available() {
+        let fns = row_fns(isa);
+        for n in lens.clone() {
+            for case in 0..6 {
+                // Ordinary logits, wide ones (exponentials down to
+                // subnormals and 0), masked ones, a fully masked row, a
+                // NaN, and SiLU's extremes.
+                let x: Vec<f32> = (0..n)
+                    .map(|i| match case {
+                        0 => rng.f32() * 8.0 - 4.0,
+                        1 => rng.f32() * 1600.0 - 1500.0,
+                        2 if i % 3 == 1 => f32::NEG_INFINITY,
+                        3 => f32::NEG_INFINITY,
+                        4 if i == n / 2 => f32::NAN,
+                        5 => (rng.f32() - 0.5) * [1.0, 100.0, 1e30][i % 3],
+                        _ => rng.f32() * 20.0 - 10.0,
+                    })
+                    .collect();
+                let (mut e_want, mut e_got) = (vec![0f64; n], vec![0f64; n]);
+                let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+                crate::math::softmax_row(&x, &mut e_want, &mut want);
+                (fns.softmax)(&x, &mut e_got, &mut got);
+                // Same bits, or NaN both (a NaN's payload may differ).
+                let same = |op: &str, got: &[f32], want: &[f32]| {
+                    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{} {op}, n = {n}, case {case}, element {i}: {g} vs {w}",
+                            isa.name()
+                        );
+                    }
+                };
+                same("softmax", &got, &want);
+                // The exponentials themselves, which the f32 outputs
+                // would hide a last-bit slip in.
+                if !x.contains(&f32::NEG_INFINITY) || case == 2 {
+                    let f = |e: &[f64]| e.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    if case != 4 {
+                        assert_eq!(
+                            f(&e_got),
+                            f(&e_want),
+                            "{} exp, n = {n}, case {case}",
+                            isa.name()
+                        );
+                    }
+                }
+                crate::math::silu_row(&x, &mut want);
+                (fns.silu)(&x, &mut got);
+                same("silu", &got, &want);
+            }
+        }
+    }
+}
