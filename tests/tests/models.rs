@@ -317,3 +317,30 @@ fn gguf_written_by_kiln_is_read_by_the_gguf_package() {
         assert!(cmp["tensors"].as_u64().unwrap() > 10);
     }
 }
+
+/// Attention in blocks of queries (each block's scores stop at its last
+/// query) gives the very bits of attention in one block: a prompt of
+/// several blocks, the last one partial, then a batch that continues the
+/// cached prefix.
+#[test]
+fn attention_in_blocks_gives_the_bits_of_one_block() {
+    use kiln::backend::{Backend, exec::Executor};
+    use kiln::model::{Model, Session, forward::LogitsFor};
+    let model = tiny_model(TINY);
+    let prompt: Vec<u32> = (0..150).map(|i| 1 + (i * 37 % 290) as u32).collect();
+    let run = |block: usize| {
+        let m = Model::load(&model).unwrap();
+        let mut s = Session::new(m, Executor::new(Backend::builtin_cpu(), 0), Some(256)).unwrap();
+        s.set_attention_block(block);
+        let mut all = s.eval(&prompt[..100], LogitsFor::All).unwrap();
+        all.extend(s.eval(&prompt[100..], LogitsFor::All).unwrap());
+        all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let whole = run(usize::MAX);
+    for block in [kiln::model::forward::ATTENTION_BLOCK, 7] {
+        assert!(
+            run(block) == whole,
+            "attention in blocks of {block} queries changed the logits"
+        );
+    }
+}

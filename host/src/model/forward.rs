@@ -27,6 +27,10 @@ pub const LOGITS: usize = 4;
 /// Scratch allocations are aligned to this.
 const ALIGN: usize = 64;
 
+/// Queries per attention block by default: each block's scores cover the
+/// positions up to its last query only (see [`build`]).
+pub const ATTENTION_BLOCK: usize = 64;
+
 /// Bytes of one K or V element in the cache.
 pub const KV_ELEMENT: usize = 2;
 
@@ -235,8 +239,10 @@ impl<'f> Builder<'f> {
 }
 
 /// Builds the graph for `n_tokens` tokens at positions `n_past..`, with a
-/// KV cache of `n_ctx` positions. Returns the builder (tensors, ops,
-/// scratch placed), the scratch size, and the logits rows.
+/// KV cache of `n_ctx` positions. Attention runs `attention_block`
+/// queries at a time, each block against the positions up to its last
+/// query. Returns the builder (tensors, ops, scratch placed), the scratch
+/// size, and the logits rows.
 pub fn build<'f>(
     cfg: &ModelConfig,
     file: &'f GgufFile,
@@ -244,6 +250,7 @@ pub fn build<'f>(
     n_past: usize,
     n_tokens: usize,
     logits: LogitsFor,
+    attention_block: usize,
 ) -> (Builder<'f>, usize, usize) {
     use DType::{F16, F32, I32};
     let (e, hd, h, hkv, ff) = (
@@ -333,49 +340,63 @@ pub fn build<'f>(
             [n_ctx * el, hd * n_ctx * el, el, el * n],
         );
         b.op(OpKind::Cpy, &[v3], v_dst, &[]);
-        // Scores: per head, K (all positions so far) against Q.
-        let k_all = b.fixed(
-            KV,
-            k_off,
-            F16,
-            [hd, t_len, hkv, 1],
-            [el, kv * el, hd * el, kv * el * t_len],
-        );
-        let q_heads = b.view(
-            qr,
-            [hd, n, h, 1],
-            [4, hd * h * 4, hd * 4, hd * h * n * 4],
-            0,
-        );
-        let kq = b.new_op(
-            OpKind::MulMat,
-            &[k_all, q_heads],
-            F32,
-            [t_len, n, h, 1],
-            &[],
-        );
-        let probs = b.new_op(
-            OpKind::SoftMax,
-            &[kq, mask],
-            F32,
-            [t_len, n, h, 1],
-            &kq_scale,
-        );
-        let v_all = b.fixed(
-            KV,
-            v_off,
-            F16,
-            [t_len, hd, hkv, 1],
-            [el, n_ctx * el, hd * n_ctx * el, hd * n_ctx * el * hkv],
-        );
-        let kqv = b.new_op(OpKind::MulMat, &[v_all, probs], F32, [hd, n, h, 1], &[]);
-        let kqv_tokens = b.view(
-            kqv,
-            [hd, h, n, 1],
-            [4, hd * n * 4, hd * 4, hd * h * n * 4],
-            0,
-        );
-        let merged = b.new_op(OpKind::Cpy, &[kqv_tokens], F32, [hd, h, n, 1], &[]);
+        // Attention, in blocks of queries: a block's scores need only the
+        // positions up to its last query (the causal mask hides the rest),
+        // so a long prompt skips almost half of the products and softmax.
+        let merged = b.scratch(F32, [hd, h, n, 1]);
+        for q0 in (0..n).step_by(attention_block) {
+            let nq = attention_block.min(n - q0);
+            let t = n_past + q0 + nq;
+            // Scores: per head, K (positions 0..t) against Q.
+            let k_all = b.fixed(
+                KV,
+                k_off,
+                F16,
+                [hd, t, hkv, 1],
+                [el, kv * el, hd * el, kv * el * t],
+            );
+            let q_heads = b.view(
+                qr,
+                [hd, nq, h, 1],
+                [4, hd * h * 4, hd * 4, hd * h * nq * 4],
+                q0 * hd * h * 4,
+            );
+            let kq = b.new_op(OpKind::MulMat, &[k_all, q_heads], F32, [t, nq, h, 1], &[]);
+            let mask_rows = b.view(
+                mask,
+                [t, nq, 1, 1],
+                [4, t_len * 4, t_len * nq * 4, t_len * nq * 4],
+                q0 * t_len * 4,
+            );
+            let probs = b.new_op(
+                OpKind::SoftMax,
+                &[kq, mask_rows],
+                F32,
+                [t, nq, h, 1],
+                &kq_scale,
+            );
+            let v_all = b.fixed(
+                KV,
+                v_off,
+                F16,
+                [t, hd, hkv, 1],
+                [el, n_ctx * el, hd * n_ctx * el, hd * n_ctx * el * hkv],
+            );
+            let kqv = b.new_op(OpKind::MulMat, &[v_all, probs], F32, [hd, nq, h, 1], &[]);
+            let kqv_tokens = b.view(
+                kqv,
+                [hd, h, nq, 1],
+                [4, hd * nq * 4, hd * 4, hd * h * nq * 4],
+                0,
+            );
+            let dst = b.view(
+                merged,
+                [hd, h, nq, 1],
+                dense_nb(F32, [hd, h, nq, 1]),
+                q0 * hd * h * 4,
+            );
+            b.op(OpKind::Cpy, &[kqv_tokens], dst, &[]);
+        }
         let merged = b.reshape(merged, [e, n, 1, 1]);
         let wo = b.weight(&name("attn_output.weight"));
         let o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);

@@ -15,6 +15,8 @@ pub struct Session {
     exec: Executor,
     n_ctx: usize,
     n_batch: usize,
+    /// Queries per attention block ([`forward::ATTENTION_BLOCK`]).
+    attention_block: usize,
     kv: Vec<u8>,
     /// The tokens whose K and V are in the cache, in order.
     cached: Vec<u32>,
@@ -59,11 +61,19 @@ impl Session {
             exec,
             n_ctx,
             n_batch: DEFAULT_BATCH,
+            attention_block: forward::ATTENTION_BLOCK,
             cached: Vec::new(),
             scratch: Vec::new(),
             inputs: Vec::new(),
             logits: Vec::new(),
         })
+    }
+
+    /// Sets the queries per attention block (at least 1). The results do
+    /// not depend on it (a test holds kiln to that); it is a knob for
+    /// tests and measurements.
+    pub fn set_attention_block(&mut self, queries: usize) {
+        self.attention_block = queries.max(1);
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -130,8 +140,15 @@ impl Session {
         let cfg = &model.config;
         let (n_past, n) = (self.n_past(), tokens.len());
         let t_len = n_past + n;
-        let (builder, scratch_bytes, rows) =
-            forward::build(cfg, &model.file, self.n_ctx, n_past, n, which);
+        let (builder, scratch_bytes, rows) = forward::build(
+            cfg,
+            &model.file,
+            self.n_ctx,
+            n_past,
+            n,
+            which,
+            self.attention_block,
+        );
         if self.scratch.len() < scratch_bytes {
             self.scratch.resize(scratch_bytes, 0);
         }
