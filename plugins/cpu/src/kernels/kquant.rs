@@ -1039,15 +1039,19 @@ mod x86 {
                         _mm512_cvtepi32_pd(_mm512_castsi512_si256(v))
                     }
                 };
-                // As dot_q4_k: x.d · (d · total − dmin · total_m), added on.
-                for (k, (d, dmin)) in [(d_lo, m_lo), (d_hi, m_hi)].into_iter().enumerate() {
-                    let hi = k == 1;
-                    let v = _mm512_sub_pd(
-                        _mm512_mul_pd(d, half(total[r], hi)),
-                        _mm512_mul_pd(dmin, half(total_m[r], hi)),
-                    );
-                    acc[r][k] = _mm512_add_pd(acc[r][k], _mm512_mul_pd(dx, v));
-                }
+                // As dot_q4_k: x.d · (d · total − dmin · total_m), added
+                // on. (Written out twice: a loop over an array of the
+                // pairs became a 256-byte memcpy per block.)
+                let lo = _mm512_sub_pd(
+                    _mm512_mul_pd(d_lo, half(total[r], false)),
+                    _mm512_mul_pd(m_lo, half(total_m[r], false)),
+                );
+                let hi = _mm512_sub_pd(
+                    _mm512_mul_pd(d_hi, half(total[r], true)),
+                    _mm512_mul_pd(m_hi, half(total_m[r], true)),
+                );
+                acc[r][0] = _mm512_add_pd(acc[r][0], _mm512_mul_pd(dx, lo));
+                acc[r][1] = _mm512_add_pd(acc[r][1], _mm512_mul_pd(dx, hi));
             }
         }
         // SAFETY: AVX-512 F is enabled here.

@@ -284,53 +284,137 @@ macro_rules! first_rows {
     }};
 }
 
-/// One activation row, prepared for the weights' dot product.
-enum Prepared {
+/// One activation row, prepared for the weights' dot product. F16 and
+/// BF16 rows live in two buffers for the whole product ([`FloatRows`]):
+/// attention prepares thousands of short rows per product, and a pair of
+/// allocations for each cost more than the product itself.
+enum Prepared<'a> {
     Q8(Q8Row),
     Q8K(kquant::Q8KRow),
     /// Rounded to f16, kept as f32, and (for [`f16::gemm16_lanes`]'s
-    /// short rows on AVX-512) widened to f64 too.
-    F16(Vec<f32>, Vec<f64>),
+    /// short rows on AVX-512) widened to f64 too (else empty).
+    F16(&'a [f32], &'a [f64]),
     /// Rounded to bf16, kept as f32.
-    Bf16(Vec<f32>),
+    Bf16(&'a [f32]),
 }
 
-impl Prepared {
-    fn new(weights: DType, k: usize) -> Prepared {
+/// Every activation row of an F16 or BF16 product, rounded (and widened).
+struct FloatRows {
+    k: usize,
+    rounded: Vec<f32>,
+    /// Empty unless [`f16::gemm16_lanes`] takes the product.
+    wide: Vec<f64>,
+}
+
+impl FloatRows {
+    fn new(rows: usize, k: usize, widen: bool) -> FloatRows {
+        FloatRows {
+            k,
+            rounded: vec![0.0; rows * k],
+            wide: if widen {
+                vec![0.0; rows * k]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Where the pool's threads write the rows ([`FloatRowsWriter::set`]).
+    fn writer(&mut self) -> FloatRowsWriter {
+        let wide = if self.wide.is_empty() {
+            None
+        } else {
+            Some(SendPtr(self.wide.as_mut_ptr().cast()))
+        };
+        FloatRowsWriter {
+            k: self.k,
+            rows: self.rounded.len() / self.k.max(1),
+            rounded: SendPtr(self.rounded.as_mut_ptr().cast()),
+            wide,
+        }
+    }
+
+    /// The rows as [`Prepared`] values.
+    fn prepared(&self, weights: DType) -> Vec<Prepared<'_>> {
+        let k = self.k;
+        (0..self.rounded.len() / k)
+            .map(|i| {
+                let v = &self.rounded[i * k..][..k];
+                if weights == DType::BF16 {
+                    Prepared::Bf16(v)
+                } else {
+                    let wide = self.wide.get(i * k..(i + 1) * k).unwrap_or(&[]);
+                    Prepared::F16(v, wide)
+                }
+            })
+            .collect()
+    }
+}
+
+/// [`FloatRows`]' buffers, for disjoint rows written by the pool's
+/// threads (the buffers outlive it and are not touched otherwise).
+struct FloatRowsWriter {
+    k: usize,
+    rows: usize,
+    rounded: SendPtr,
+    wide: Option<SendPtr>,
+}
+
+impl FloatRowsWriter {
+    /// Row `i` of `x` rounded as the reference's `round_activations`
+    /// does for `weights` (and widened).
+    ///
+    /// # Safety
+    /// No other thread writes row `i` meanwhile, and the [`FloatRows`]
+    /// lives on, untouched.
+    unsafe fn set(&self, isa: Isa, weights: DType, i: usize, x: &[f32]) {
+        assert!(i < self.rows);
+        let k = self.k;
+        // SAFETY: row i is inside both buffers (checked above), and this
+        // thread alone uses it (the caller's contract).
+        let v = unsafe {
+            std::slice::from_raw_parts_mut(self.rounded.get().cast::<f32>().add(i * k), k)
+        };
+        if weights == DType::BF16 {
+            for (o, x) in v.iter_mut().zip(x) {
+                *o = half::bf16::from_f32(*x).to_f32();
+            }
+        } else {
+            f16::round_row(isa, x, v);
+        }
+        if let Some(wide) = &self.wide {
+            // SAFETY: as above.
+            let wide =
+                unsafe { std::slice::from_raw_parts_mut(wide.get().cast::<f64>().add(i * k), k) };
+            for (w, &r) in wide.iter_mut().zip(v.iter()) {
+                *w = r as f64;
+            }
+        }
+    }
+}
+
+impl Prepared<'_> {
+    /// A quantized row for `weights` (not F16 or BF16: [`FloatRows`]).
+    fn new(weights: DType, k: usize) -> Prepared<'static> {
         match weights {
-            DType::F16 => Prepared::F16(vec![0.0; k], Vec::new()),
-            DType::BF16 => Prepared::Bf16(vec![0.0; k]),
             DType::Q4_K | DType::Q5_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
             _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
     }
 
     /// Prepares `x`; `batched`: the product has [`GEMM_MIN_ROWS`] rows or
-    /// more, so on AVX-512 a GEMM takes it (which needs F16 rows widened,
-    /// where the decode kernels need Q8_0 rows lane-major).
+    /// more, so on AVX-512 a GEMM takes it (where the decode kernels need
+    /// Q8_0 rows lane-major).
     fn set(&mut self, isa: Isa, x: &[f32], batched: bool) {
-        let avx512 = isa == Isa::Avx512;
         match self {
             Prepared::Q8(q) => {
                 q.quantize(isa, x);
-                if avx512 && !batched {
+                if isa == Isa::Avx512 && !batched {
                     q.fill_lanes();
                 }
             }
             Prepared::Q8K(q) => q.quantize(isa, x),
-            Prepared::Bf16(v) => {
-                // As the reference's `round_activations` for BF16.
-                for (o, x) in v.iter_mut().zip(x) {
-                    *o = half::bf16::from_f32(*x).to_f32();
-                }
-            }
-            Prepared::F16(v, wide) => {
-                f16::round_row(isa, x, v);
-                if avx512 && batched && v.len() <= f16::LANES_MAX_K {
-                    wide.clear();
-                    wide.extend(v.iter().map(|&r| r as f64));
-                }
-            }
+            Prepared::F16(..) | Prepared::Bf16(_) => unreachable!("set through FloatRows"),
         }
     }
 
@@ -388,14 +472,12 @@ impl Prepared {
                 n
             }
             Prepared::F16(first, _) => {
-                let (rows, n) =
-                    first_rows!(xs, first.as_slice(), Prepared::F16(v, _) => v.as_slice());
+                let (rows, n) = first_rows!(xs, *first, Prepared::F16(v, _) => *v);
                 f16::dot_rows(isa, false, w, &rows[..n], &mut out[..n]);
                 n
             }
             Prepared::Bf16(first) => {
-                let (rows, n) =
-                    first_rows!(xs, first.as_slice(), Prepared::Bf16(v) => v.as_slice());
+                let (rows, n) = first_rows!(xs, *first, Prepared::Bf16(v) => *v);
                 f16::dot_rows(isa, true, w, &rows[..n], &mut out[..n]);
                 n
             }
@@ -406,12 +488,16 @@ impl Prepared {
 /// Every prepared row is of the weights' variant ([`Prepared::new`]).
 const ONE_VARIANT: &str = "one weight type per product prepares every row alike";
 
-/// Every row as `pick` sees them, for the GEMMs.
-fn all_rows<'a, T: ?Sized>(
-    xs: &'a [Prepared],
-    pick: impl Fn(&'a Prepared) -> Option<&'a T>,
-) -> Vec<&'a T> {
-    xs.iter().map(|p| pick(p).expect(ONE_VARIANT)).collect()
+/// Every row as `pick` sees them, for the GEMMs: one list per slice of
+/// `per_slice` rows.
+fn all_rows<'a, 'b, T: ?Sized>(
+    xs: &'a [Prepared<'b>],
+    per_slice: usize,
+    pick: impl Fn(&'a Prepared<'b>) -> Option<&'a T> + Copy,
+) -> Vec<Vec<&'a T>> {
+    xs.chunks(per_slice)
+        .map(|c| c.iter().map(|p| pick(p).expect(ONE_VARIANT)).collect())
+        .collect()
 }
 
 /// `dst[m][n] = w[n] · x[m]` for F16 or quantized `w` (rows contiguous)
@@ -439,96 +525,115 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (n_count, m_count) = (wd.ne[1], xd.ne[1]);
     let (r2, r3) = (xd.ne[2] / wd.ne[2], xd.ne[3] / wd.ne[3]);
     let row_bytes = wd.dtype.row_bytes(k)?;
-    let mut xq: Vec<Prepared> = (0..m_count).map(|_| Prepared::new(wd.dtype, k)).collect();
-    let batched = m_count >= GEMM_MIN_ROWS;
-    for i3 in 0..xd.ne[3] {
-        for i2 in 0..xd.ne[2] {
-            // The activation rows are prepared on the pool too: with the
-            // products shared, a serial preparation became a tenth of an
-            // attention product's time.
-            let (xp, rows_p) = (SendPtr(x.data), SendPtr(xq.as_mut_ptr().cast()));
-            threads::parallel_for(m_count, m_count * k, &|range| {
-                for m in range {
-                    let off = m * xd.nb[1] + i2 * xd.nb[2] + i3 * xd.nb[3];
-                    // SAFETY: row (m, i2, i3) is inside x (the caller's
-                    // contract), and its k f32s are contiguous (nb[0] == 4);
-                    // each prepared row m belongs to one thread.
-                    unsafe {
-                        let row = std::slice::from_raw_parts(xp.get().add(off).cast::<f32>(), k);
-                        (*rows_p.get().cast::<Prepared>().add(m)).set(isa, row, batched);
-                    }
-                }
-            });
-            let w_base = (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3];
-            let d_base = i2 * dd.nb[2] + i3 * dd.nb[3];
-            let (wp, dp) = (SendPtr(w.data), SendPtr(dst.data));
-            let xq = &xq;
-            let work = n_count * m_count * k;
-            let slice = Slice {
+    // Every (i2, i3) slice (attention: one per head) in one dispatch of
+    // the pool for the activations and one for the products: a dispatch
+    // per head cost attention half its time.
+    let ne2 = xd.ne[2];
+    let n_slices = ne2 * xd.ne[3];
+    let slices: Vec<Slice> = (0..n_slices)
+        .map(|s| {
+            let (i2, i3) = (s % ne2, s / ne2);
+            Slice {
                 w: SendPtr(w.data),
-                w_base,
+                w_base: (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3],
                 w_nb1: wd.nb[1],
                 row_bytes,
                 d: SendPtr(dst.data),
-                d_base,
+                d_base: i2 * dd.nb[2] + i3 * dd.nb[3],
                 d_nb1: dd.nb[1],
-            };
-            if batched && isa == Isa::Avx512 {
-                match wd.dtype {
-                    DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
-                        let xs = all_rows(xq, Prepared::q8);
-                        gemm_groups::<q8::GemmScratch>(&slice, n_count, work, &|ws, s, out| {
-                            q8::gemm16(isa, wd.dtype, ws, &xs, s, out)
-                        });
-                    }
-                    DType::Q4_K | DType::Q5_K | DType::Q6_K => {
-                        let xs = all_rows(xq, Prepared::q8k);
-                        gemm_groups::<kquant::GemmScratch>(&slice, n_count, work, &|ws, s, out| {
-                            kquant::gemm16(isa, wd.dtype, ws, &xs, s, out)
-                        });
-                    }
-                    DType::F16 if k <= f16::LANES_MAX_K => {
-                        let xs = all_rows(xq, Prepared::wide);
-                        gemm_groups::<Vec<f64>>(&slice, n_count, work, &|ws, s, out| {
-                            f16::gemm16_lanes(isa, ws, &xs, s, out)
-                        });
-                    }
-                    _ => {
-                        let xs = all_rows(xq, Prepared::rounded);
-                        let bf16 = wd.dtype == DType::BF16;
-                        gemm_groups::<()>(&slice, n_count, work, &|ws, _, out| {
-                            f16::gemm16(isa, bf16, ws, &xs, out)
-                        });
-                    }
-                }
-                continue;
             }
-            threads::parallel_for(n_count, work, &|range| {
-                let (wp, dp) = (&wp, &dp);
-                for n in range {
-                    // SAFETY: weight row n of this slice is inside w.
-                    let wrow = unsafe {
-                        std::slice::from_raw_parts(wp.0.add(w_base + n * wd.nb[1]), row_bytes)
-                    };
-                    let mut m = 0;
-                    while m < xq.len() {
-                        let mut out = [0f32; 4];
-                        let got = Prepared::dot_many(isa, wd.dtype, wrow, &xq[m..], &mut out);
-                        for (r, v) in out[..got].iter().enumerate() {
-                            // SAFETY: dst element (n, m + r, i2, i3) is inside
-                            // dst; each n belongs to one thread.
-                            unsafe {
-                                dp.0.add(d_base + (m + r) * dd.nb[1] + n * 4)
-                                    .cast::<f32>()
-                                    .write_unaligned(*v)
-                            };
-                        }
-                        m += got;
-                    }
+        })
+        .collect();
+    let batched = m_count >= GEMM_MIN_ROWS;
+    // Activation row m of slice s is `xq[s * m_count + m]`.
+    let n_rows = n_slices * m_count;
+    let float = matches!(wd.dtype, DType::F16 | DType::BF16);
+    let widen = wd.dtype == DType::F16 && isa == Isa::Avx512 && batched && k <= f16::LANES_MAX_K;
+    let mut floats = FloatRows::new(if float { n_rows } else { 0 }, k, widen);
+    let mut xq: Vec<Prepared> = if float {
+        Vec::new()
+    } else {
+        (0..n_rows).map(|_| Prepared::new(wd.dtype, k)).collect()
+    };
+    let (xp, rows_p) = (SendPtr(x.data), SendPtr(xq.as_mut_ptr().cast()));
+    let floats_w = floats.writer();
+    threads::parallel_for(n_rows, n_rows * k, &|range| {
+        for i in range {
+            let (s, m) = (i / m_count, i % m_count);
+            let off = m * xd.nb[1] + (s % ne2) * xd.nb[2] + (s / ne2) * xd.nb[3];
+            // SAFETY: row (m, i2, i3) is inside x (the caller's contract),
+            // and its k f32s are contiguous (nb[0] == 4); each prepared
+            // row belongs to one thread.
+            unsafe {
+                let row = std::slice::from_raw_parts(xp.get().add(off).cast::<f32>(), k);
+                if float {
+                    floats_w.set(isa, wd.dtype, i, row);
+                } else {
+                    (*rows_p.get().cast::<Prepared>().add(i)).set(isa, row, batched);
                 }
-            });
+            }
         }
+    });
+    if float {
+        xq = floats.prepared(wd.dtype);
     }
+    let work = n_slices * n_count * m_count * k;
+    if batched && isa == Isa::Avx512 {
+        match wd.dtype {
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+                let xs = all_rows(&xq, m_count, Prepared::q8);
+                gemm_groups::<q8::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
+                    q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
+                });
+            }
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+                let xs = all_rows(&xq, m_count, Prepared::q8k);
+                gemm_groups::<kquant::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
+                    kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
+                });
+            }
+            DType::F16 if k <= f16::LANES_MAX_K => {
+                let xs = all_rows(&xq, m_count, Prepared::wide);
+                gemm_groups::<Vec<f64>>(&slices, n_count, work, &|s, ws, sc, out| {
+                    f16::gemm16_lanes(isa, ws, &xs[s], sc, out)
+                });
+            }
+            _ => {
+                let xs = all_rows(&xq, m_count, Prepared::rounded);
+                let bf16 = wd.dtype == DType::BF16;
+                gemm_groups::<()>(&slices, n_count, work, &|s, ws, _, out| {
+                    f16::gemm16(isa, bf16, ws, &xs[s], out)
+                });
+            }
+        }
+        return Some(());
+    }
+    threads::parallel_for(n_slices * n_count, work, &|range| {
+        for i in range {
+            let (sl, n) = (&slices[i / n_count], i % n_count);
+            let xq = &xq[(i / n_count) * m_count..][..m_count];
+            // SAFETY: weight row n of this slice is inside w.
+            let wrow = unsafe {
+                std::slice::from_raw_parts(sl.w.0.add(sl.w_base + n * sl.w_nb1), row_bytes)
+            };
+            let mut m = 0;
+            while m < xq.len() {
+                let mut out = [0f32; 4];
+                let got = Prepared::dot_many(isa, wd.dtype, wrow, &xq[m..], &mut out);
+                for (r, v) in out[..got].iter().enumerate() {
+                    // SAFETY: dst element (n, m + r) of this slice is inside
+                    // dst; each (slice, n) belongs to one thread.
+                    unsafe {
+                        sl.d.0
+                            .add(sl.d_base + (m + r) * sl.d_nb1 + n * 4)
+                            .cast::<f32>()
+                            .write_unaligned(*v)
+                    };
+                }
+                m += got;
+            }
+        }
+    });
     Some(())
 }
 
@@ -549,20 +654,27 @@ struct Slice {
     d_nb1: usize,
 }
 
-/// A lane-wise GEMM kernel: 16 (or fewer) weight rows, a scratch, and
-/// where results go (`(first row in the group, activation row, values for
-/// that row and the next)`).
+/// A lane-wise GEMM kernel: the slice's index, 16 (or fewer) of its
+/// weight rows, a scratch, and where results go (`(first row in the
+/// group, activation row, values for that row and the next)`).
 type GemmKernel<'a, S> =
-    dyn Fn(&[&[u8]], &mut S, &mut dyn FnMut(usize, usize, &[f32])) -> bool + Sync + 'a;
+    dyn Fn(usize, &[&[u8]], &mut S, &mut dyn FnMut(usize, usize, &[f32])) -> bool + Sync + 'a;
 
-/// Runs `kernel` over the slice's weight rows in groups of 16 on the pool,
-/// one scratch per thread.
-fn gemm_groups<S: Default>(sl: &Slice, n_count: usize, work: usize, kernel: &GemmKernel<'_, S>) {
+/// Runs `kernel` over every slice's weight rows in groups of 16, all in
+/// one dispatch of the pool, one scratch per thread.
+fn gemm_groups<S: Default>(
+    slices: &[Slice],
+    n_count: usize,
+    work: usize,
+    kernel: &GemmKernel<'_, S>,
+) {
     const ROWS: usize = 16;
-    threads::parallel_for(n_count.div_ceil(ROWS), work, &|range| {
+    let groups = n_count.div_ceil(ROWS);
+    threads::parallel_for(slices.len() * groups, work, &|range| {
         let mut scratch = S::default();
-        for g in range {
-            let n0 = g * ROWS;
+        for i in range {
+            let (s, n0) = (i / groups, (i % groups) * ROWS);
+            let sl = &slices[s];
             let rows: Vec<&[u8]> = (n0..(n0 + ROWS).min(n_count))
                 .map(|n| {
                     // SAFETY: weight row n of this slice is inside the
@@ -590,7 +702,7 @@ fn gemm_groups<S: Default>(sl: &Slice, n_count: usize, work: usize, kernel: &Gem
                     )
                 };
             };
-            let done = kernel(&rows, &mut scratch, &mut write);
+            let done = kernel(s, &rows, &mut scratch, &mut write);
             debug_assert!(done, "a GEMM kernel was chosen where the CPU lacks it");
         }
     });
