@@ -3,7 +3,7 @@
 //! reference on random inputs of odd sizes.
 //!
 //! The instruction set is picked once from the CPU's features
-//! ([`Isa::detect`]); `KILN_CPU_ISA=reference|scalar|avx2|avx512` forces
+//! ([`Isa::detect`]); `KILN_CPU_ISA=reference|scalar|neon|avx2|avx512` forces
 //! a lower path (never one the CPU lacks), which is how the tests cover
 //! every path the machine has; `reference` turns the fast kernels off. An op with no fast path here runs the reference.
 //!
@@ -44,6 +44,8 @@ mod activations;
 mod f16;
 mod kquant;
 mod lanes;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod q8;
 mod threads;
 
@@ -55,6 +57,13 @@ use crate::ops::View;
 use kiln_plugin_api::{DType, OpKind};
 use std::sync::OnceLock;
 
+/// The best path a CPU of this architecture has without optional
+/// features: NEON is part of the aarch64 base instruction set.
+#[cfg(target_arch = "aarch64")]
+const BASE: Isa = Isa::Neon;
+#[cfg(not(target_arch = "aarch64"))]
+const BASE: Isa = Isa::Scalar;
+
 /// An instruction-set path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -62,6 +71,10 @@ pub enum Isa {
     Reference,
     /// Portable integer kernels (any CPU).
     Scalar,
+    /// aarch64: NEON block sums for Q4_0, Q5_0 and Q8_0 (`neon.rs`), the
+    /// portable kernels for the rest.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
     /// AVX2 + FMA (+ F16C).
     Avx2,
     /// AVX-512 F/BW/VL with VNNI integer dot products.
@@ -73,6 +86,8 @@ impl Isa {
         match self {
             Isa::Reference => "reference",
             Isa::Scalar => "scalar",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
         }
@@ -97,16 +112,19 @@ impl Isa {
                 return Isa::Avx2;
             }
         }
-        Isa::Scalar
+        BASE
     }
 
     /// Every path this CPU runs, lowest first.
     pub fn available() -> Vec<Isa> {
         let best = Isa::detect();
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|i| *i <= best)
-            .collect()
+        let mut all = vec![Isa::Scalar];
+        #[cfg(target_arch = "aarch64")]
+        all.push(Isa::Neon);
+        #[cfg(target_arch = "x86_64")]
+        all.extend([Isa::Avx2, Isa::Avx512]);
+        all.retain(|i| *i <= best);
+        all
     }
 
     /// The path in use: [`Isa::detect`], lowered by `KILN_CPU_ISA`.
@@ -117,11 +135,13 @@ impl Isa {
             match std::env::var("KILN_CPU_ISA").ok().as_deref() {
                 Some("reference") => Isa::Reference,
                 Some("scalar") => Isa::Scalar,
+                #[cfg(target_arch = "aarch64")]
+                Some("neon") => best.min(Isa::Neon),
                 Some("avx2") => best.min(Isa::Avx2),
                 Some("avx512") | None | Some("") => best,
                 Some(other) => {
                     eprintln!(
-                        "kiln: KILN_CPU_ISA={other} is not one of reference, scalar, avx2, avx512; using {}",
+                        "kiln: KILN_CPU_ISA={other} is not one of reference, scalar, neon, avx2, avx512; using {}",
                         best.name()
                     );
                     best

@@ -1,6 +1,6 @@
 //! Activations quantized to Q8_0 blocks, and the integer dot products of
-//! Q4_0, Q5_0 and Q8_0 weight rows with them: portable, AVX2 and AVX-512
-//! VNNI.
+//! Q4_0, Q5_0 and Q8_0 weight rows with them: portable, NEON (the block
+//! sums, `neon.rs`), AVX2 and AVX-512 VNNI.
 //!
 //! Block sums are exact integers, and the scaled sums accumulate in f64
 //! lanes: every term `d_w·d_x·sum` is exact in f64, so a row's result is
@@ -193,9 +193,9 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         },
         Isa::Scalar | Isa::Reference => {}
     }
-    let _ = isa;
+    let sums = block_sums(isa, dtype);
     for (o, x) in out.iter_mut().zip(xs) {
-        *o = dot_scalar(dtype, w, x);
+        *o = dot_blocks(dtype, w, x, sums);
     }
 }
 
@@ -250,44 +250,88 @@ pub fn gemm16(
     false
 }
 
-fn dot_scalar(dtype: DType, w: &[u8], x: &Q8Row) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, (&dx, xq)) in x.d.iter().zip(x.qs.chunks_exact(QK)).enumerate() {
-        let (dw, sumi) = match dtype {
-            DType::Q4_0 => {
-                let blk = &w[b * Q4_0_BYTES..][..Q4_0_BYTES];
-                let mut s = 0i32;
-                for j in 0..16 {
-                    let q = blk[2 + j];
-                    s += ((q & 0x0f) as i32 - 8) * xq[j] as i32;
-                    s += ((q >> 4) as i32 - 8) * xq[j + 16] as i32;
-                }
-                (f16_at(blk, 0), s)
-            }
-            DType::Q5_0 => {
-                let blk = &w[b * Q5_0_BYTES..][..Q5_0_BYTES];
-                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                let mut s = 0i32;
-                for j in 0..16 {
-                    let q = blk[6 + j];
-                    let h0 = ((qh >> j) << 4) & 0x10;
-                    let h1 = (qh >> (j + 12)) & 0x10;
-                    s += (((q & 0x0f) as u32 | h0) as i32 - 16) * xq[j] as i32;
-                    s += (((q >> 4) as u32 | h1) as i32 - 16) * xq[j + 16] as i32;
-                }
-                (f16_at(blk, 0), s)
-            }
-            _ => {
-                let blk = &w[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                let s = blk[2..]
-                    .iter()
-                    .zip(xq)
-                    .map(|(&q, &y)| q as i8 as i32 * y as i32)
-                    .sum();
-                (f16_at(blk, 0), s)
-            }
+/// `Σ q_w · q_x` per block of 32 codes (exact): weights of whole blocks,
+/// their activation codes, one sum per block.
+type BlockSums = fn(&[u8], &[i8], &mut [i32]);
+
+/// The block sums for `dtype` on `isa`: NEON's on aarch64, else the
+/// portable loops.
+fn block_sums(isa: Isa, dtype: DType) -> BlockSums {
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        return match dtype {
+            DType::Q4_0 => super::neon::block_sums_q4_0,
+            DType::Q5_0 => super::neon::block_sums_q5_0,
+            _ => super::neon::block_sums_q8_0,
         };
-        acc += dw as f64 * dx as f64 * sumi as f64;
+    }
+    let _ = isa;
+    match dtype {
+        DType::Q4_0 => sums_q4_0,
+        DType::Q5_0 => sums_q5_0,
+        _ => sums_q8_0,
+    }
+}
+
+fn sums_q4_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+    for ((blk, xq), o) in w.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        let mut s = 0i32;
+        for j in 0..16 {
+            let q = blk[2 + j];
+            s += ((q & 0x0f) as i32 - 8) * xq[j] as i32;
+            s += ((q >> 4) as i32 - 8) * xq[j + 16] as i32;
+        }
+        *o = s;
+    }
+}
+
+fn sums_q5_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+    for ((blk, xq), o) in w.chunks_exact(Q5_0_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let mut s = 0i32;
+        for j in 0..16 {
+            let q = blk[6 + j];
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            s += (((q & 0x0f) as u32 | h0) as i32 - 16) * xq[j] as i32;
+            s += (((q >> 4) as u32 | h1) as i32 - 16) * xq[j + 16] as i32;
+        }
+        *o = s;
+    }
+}
+
+fn sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+    for ((blk, xq), o) in w.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        *o = blk[2..]
+            .iter()
+            .zip(xq)
+            .map(|(&q, &y)| q as i8 as i32 * y as i32)
+            .sum();
+    }
+}
+
+/// `w · x` from the blocks' integer sums, each scaled as `d_w · d_x · sum`
+/// and added in f64 in block order (the reference's terms, exact).
+fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
+    const CHUNK: usize = 64;
+    let bytes = match dtype {
+        DType::Q4_0 => Q4_0_BYTES,
+        DType::Q5_0 => Q5_0_BYTES,
+        _ => Q8_0_BYTES,
+    };
+    let mut acc = 0.0f64;
+    let mut s = [0i32; CHUNK];
+    for (c, (wc, xc)) in w
+        .chunks(CHUNK * bytes)
+        .zip(x.qs.chunks(CHUNK * QK))
+        .enumerate()
+    {
+        let n = xc.len() / QK;
+        sums(wc, xc, &mut s[..n]);
+        for (i, &sumi) in s[..n].iter().enumerate() {
+            let b = c * CHUNK + i;
+            acc += f16_at(w, b * bytes) as f64 * x.d[b] as f64 * sumi as f64;
+        }
     }
     acc as f32
 }
