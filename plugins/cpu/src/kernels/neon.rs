@@ -27,6 +27,7 @@ pub const Q8_0_BYTES: usize = 34;
 /// Adds the products of two 16-code halves to `acc`'s four lanes.
 #[inline(always)]
 unsafe fn mul_add16(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    // SAFETY: register-only NEON operations (NEON is baseline on aarch64).
     unsafe {
         let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
         vpadalq_s16(acc, vmull_high_s8(w, x))
@@ -66,6 +67,7 @@ pub fn block_sums_q4_0(w: &[u8], x: &[i8], out: &mut [i32]) {
 #[inline(always)]
 unsafe fn fifth_bits(qh: u32, first: u32) -> uint8x16_t {
     const BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    // SAFETY: `BIT` holds the 16 bytes loaded; the rest is register-only.
     unsafe {
         let bits = qh >> first;
         let bytes = vcombine_u8(vdup_n_u8(bits as u8), vdup_n_u8((bits >> 8) as u8));
