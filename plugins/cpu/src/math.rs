@@ -1,5 +1,6 @@
 //! The exponential, softmax and SiLU rows of the reference, written so that
-//! a SIMD kernel computes the very same bits (`kernels::activations`).
+//! a SIMD kernel computes the very same bits (`kernels::activations`), and
+//! RoPE's row, compiled with FMA where the CPU has it.
 //!
 //! `exp` is kiln's own rather than the platform's: libm's `exp` differs
 //! between glibc, musl and macOS, and no vector version of it rounds as
@@ -125,6 +126,22 @@ pub(crate) fn lane_sum(l: [f64; LANES]) -> f64 {
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-(x as f64)) as f32)
+}
+
+/// One RoPE row: the pairs `(x0, x1)` (adjacent, or half a rotation
+/// apart with `neox`) turned by `sc`'s `(sin, cos)`, as ggml does it (one
+/// fused multiply-add each); the elements past the pairs are copied.
+pub fn rope_row(x: &[f32], sc: &[(f32, f32)], neox: bool, out: &mut [f32]) {
+    with_fma! {
+        out.copy_from_slice(x);
+        let half = sc.len();
+        for (i, &(sin, cos)) in sc.iter().enumerate() {
+            let (j0, j1) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (x[j0], x[j1]);
+            out[j0] = x0.mul_add(cos, -(x1 * sin));
+            out[j1] = x0.mul_add(sin, x1 * cos);
+        }
+    }
 }
 
 /// [`silu`] over a row.

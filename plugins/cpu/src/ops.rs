@@ -489,17 +489,7 @@ pub unsafe fn run_with(
                         angles = Some((pos, sc));
                     }
                     let sc = &angles.as_ref().expect("filled above").1;
-                    out.copy_from_slice(&a);
-                    for (i, &(sin, cos)) in sc.iter().enumerate() {
-                        let (j0, j1) = if neox {
-                            (i, i + n_rot / 2)
-                        } else {
-                            (2 * i, 2 * i + 1)
-                        };
-                        let (x0, x1) = (a[j0], a[j1]);
-                        out[j0] = x0.mul_add(cos, -(x1 * sin));
-                        out[j1] = x0.mul_add(sin, x1 * cos);
-                    }
+                    math::rope_row(&a, sc, neox, &mut out);
                     write_row(dst, i1, i2, i3, &out);
                 }
             }
