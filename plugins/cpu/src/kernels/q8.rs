@@ -199,6 +199,87 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     }
 }
 
+/// A one-row dot product kernel: `out[0] = w · xs[0]`.
+type RowKernel = fn(&[u8], &[&Q8Row], &mut [f32]);
+
+/// `out(n, w(n) · x)` for the weight rows `n` in `rows` against one
+/// activation row: decode's loop, with the checks and the kernel chosen
+/// once for all rows rather than per row (a row of 2048 Q4_0 weights
+/// takes about 50 ns, so per-row overhead showed in decode).
+pub fn dot_row_range<'w>(
+    isa: Isa,
+    dtype: DType,
+    x: &Q8Row,
+    rows: std::ops::Range<usize>,
+    w: impl Fn(usize) -> &'w [u8],
+    mut out: impl FnMut(usize, f32),
+) {
+    let blocks = x.d.len();
+    let bytes = blocks
+        * match dtype {
+            DType::Q4_0 => Q4_0_BYTES,
+            DType::Q5_0 => Q5_0_BYTES,
+            DType::Q8_0 => Q8_0_BYTES,
+            _ => unreachable!("no Q8_0 dot product for {dtype}"),
+        };
+    let kernel: Option<RowKernel> = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let groups = blocks / LANE_BLOCKS;
+            let lanes = groups > 0 && x.lanes.len() == groups * LANE_BLOCKS * QK;
+            // Each closure is safe to call: `Isa` only names paths the CPU has,
+            // `dot_row_range` checks every weight row's length below, and
+            // `lanes` that the row's lanes are filled.
+            match (isa, dtype) {
+                (Isa::Avx512, DType::Q4_0) if lanes => {
+                    Some(|w, xs, out| {
+                        // SAFETY: as above.
+                        unsafe { x86::dot_lanes::<1, false>(w, xs, out) }
+                    })
+                }
+                (Isa::Avx512, DType::Q5_0) if lanes => {
+                    Some(|w, xs, out| {
+                        // SAFETY: as above.
+                        unsafe { x86::dot_lanes::<1, true>(w, xs, out) }
+                    })
+                }
+                (Isa::Avx512, DType::Q4_0) => {
+                    Some(|w, xs, out| {
+                        // SAFETY: as above.
+                        unsafe { x86::dot_vnni::<1>(DType::Q4_0, w, xs, out) }
+                    })
+                }
+                (Isa::Avx512, DType::Q5_0) => {
+                    Some(|w, xs, out| {
+                        // SAFETY: as above.
+                        unsafe { x86::dot_vnni::<1>(DType::Q5_0, w, xs, out) }
+                    })
+                }
+                (Isa::Avx512, _) => {
+                    Some(|w, xs, out| {
+                        // SAFETY: as above.
+                        unsafe { x86::dot_vnni::<1>(DType::Q8_0, w, xs, out) }
+                    })
+                }
+                _ => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    };
+    let xs = [x];
+    let mut o = [0f32];
+    for n in rows {
+        let wr = w(n);
+        assert_eq!(wr.len(), bytes, "weight row {n} of {dtype}");
+        match kernel {
+            Some(k) => k(wr, &xs, &mut o),
+            None => dot_rows(isa, dtype, wr, &xs, &mut o),
+        }
+        out(n, o[0]);
+    }
+}
+
 /// Weight rows per [`gemm16`] group.
 pub const GEMM_ROWS: usize = 16;
 

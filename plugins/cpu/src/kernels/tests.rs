@@ -149,9 +149,14 @@ fn mul_mat_matches_the_reference_on_every_path() {
                     }
                 }
             }
-            // Broadcast over dimension 2 (grouped-query attention's shape).
+            // Broadcast over dimension 2 (grouped-query attention's shape),
+            // decode's one row per slice included (with and without lanes).
             let (r, f) = both(isa, dtype, [64, 5, 3, 2, 4], 99);
             assert_close(isa, dtype, 64, &r, &f);
+            for (k, seed) in [(64, 97), (544, 96)] {
+                let (r, f) = both(isa, dtype, [k, 7, 1, 2, 4], seed);
+                assert_close(isa, dtype, k, &r, &f);
+            }
             let (r, f) = both(isa, dtype, [64, 18, 6, 2, 4], 98);
             assert_close(isa, dtype, 64, &r, &f);
         }
@@ -165,22 +170,24 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // reference, exact here: an f32 rounding per term apart, of the terms'
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
-        for (dtype, (i, &(k, n, m))) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
+        for (dtype, (i, &(k, n, m, w2, x2))) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
             .into_iter()
             .flat_map(|t| {
                 [
-                    (256, 1, 1),
-                    (768, 7, 3),
-                    (2304, 33, 2),
-                    (512, 5, 6),
-                    (768, 35, 9),
+                    (256, 1, 1, 1, 1),
+                    (768, 7, 3, 1, 1),
+                    (2304, 33, 2, 1, 1),
+                    (512, 5, 6, 1, 1),
+                    (768, 35, 9, 1, 1),
+                    // Decode over slices: one activation row, broadcast.
+                    (512, 9, 1, 2, 4),
                 ]
                 .iter()
                 .enumerate()
                 .map(move |c| (t, c))
             })
         {
-            let (r, f, bound) = both_with_bound(isa, dtype, [k, n, m, 1, 1], i as u64);
+            let (r, f, bound) = both_with_bound(isa, dtype, [k, n, m, w2, x2], i as u64);
             for (j, ((a, b), s)) in r.iter().zip(&f).zip(&bound).enumerate() {
                 assert!(
                     ((a - b).abs() as f64) <= 2e-7 * s + 1e-6 * (a.abs() as f64) + 1e-30,
@@ -196,18 +203,23 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
 fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // Work large enough to wake the pool; outputs are per row, so the
     // thread count must not change a bit.
+    // Decode's shape (one activation row) over several slices too, where
+    // a thread's rows cross from one slice to the next.
     let before = threads();
     for isa in Isa::available() {
-        set_threads(1);
-        let (_, one) = both(isa, DType::Q4_0, [1024, 301, 2, 1, 1], 7);
-        set_threads(3);
-        let (_, three) = both(isa, DType::Q4_0, [1024, 301, 2, 1, 1], 7);
-        assert_eq!(
-            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            three.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            "{}",
-            isa.name()
-        );
+        for shape in [[1024, 301, 2, 1, 1], [1024, 301, 1, 2, 4]] {
+            set_threads(1);
+            let (_, one) = both(isa, DType::Q4_0, shape, 7);
+            set_threads(3);
+            let (reference, three) = both(isa, DType::Q4_0, shape, 7);
+            assert_eq!(
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                three.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} {shape:?}",
+                isa.name()
+            );
+            assert_close(isa, DType::Q4_0, 1024, &reference, &three);
+        }
     }
     set_threads(before);
 }
