@@ -22,32 +22,27 @@ mod x86 {
     use crate::ops::RowFns;
     use std::arch::x86_64::*;
 
-    pub static AVX512_ROWS: RowFns = RowFns {
-        softmax: |x, e, out| {
-            assert!(Isa::detect() >= Isa::Avx512);
-            // SAFETY: the CPU has AVX-512 (checked above; `row_fns` hands
-            // these out only then).
-            unsafe { softmax_row_avx512(x, e, out) }
-        },
-        silu: |x, out| {
-            assert!(Isa::detect() >= Isa::Avx512);
-            // SAFETY: as above.
-            unsafe { silu_row_avx512(x, out) }
-        },
-    };
+    /// The row loops of one instruction set, each checking that the CPU
+    /// has it (`row_fns` hands them out only then).
+    macro_rules! rows_for {
+        ($isa:expr, $softmax:ident, $silu:ident) => {
+            RowFns {
+                softmax: |x, e, out| {
+                    assert!(Isa::detect() >= $isa);
+                    // SAFETY: the CPU has the instruction set (checked above).
+                    unsafe { $softmax(x, e, out) }
+                },
+                silu: |x, out| {
+                    assert!(Isa::detect() >= $isa);
+                    // SAFETY: as above.
+                    unsafe { $silu(x, out) }
+                },
+            }
+        };
+    }
 
-    pub static AVX2_ROWS: RowFns = RowFns {
-        softmax: |x, e, out| {
-            assert!(Isa::detect() >= Isa::Avx2);
-            // SAFETY: the CPU has AVX2 (checked above).
-            unsafe { softmax_row_avx2(x, e, out) }
-        },
-        silu: |x, out| {
-            assert!(Isa::detect() >= Isa::Avx2);
-            // SAFETY: as above.
-            unsafe { silu_row_avx2(x, out) }
-        },
-    };
+    pub static AVX512_ROWS: RowFns = rows_for!(Isa::Avx512, softmax_row_avx512, silu_row_avx512);
+    pub static AVX2_ROWS: RowFns = rows_for!(Isa::Avx2, softmax_row_avx2, silu_row_avx2);
 
     /// 2^k for four integer-valued lanes, as two factors (`math::exp`).
     #[inline]
