@@ -628,7 +628,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         }
         return Some(());
     }
-    if m_count == 1 && wd.dtype.is_quantized() {
+    if m_count == 1 {
         // Decode: each thread's rows of a slice in one loop, the kernel
         // chosen once (per-row dispatch had cost 7–10 % of decode).
         threads::parallel_for(n_slices * n_count, work, &|range| {
@@ -668,7 +668,14 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                             out(n, o[0]);
                         }
                     }
-                    _ => unreachable!("{ONE_VARIANT}"),
+                    Prepared::F16(x, _) | Prepared::Bf16(x) => {
+                        let bf16 = wd.dtype == DType::BF16;
+                        let mut o = [0f32];
+                        for n in rows {
+                            f16::dot_rows(isa, bf16, w(n), &[*x], &mut o);
+                            out(n, o[0]);
+                        }
+                    }
                 }
                 i = end;
             }
