@@ -93,6 +93,16 @@ impl Q8KRow {
     }
 }
 
+/// The row kernel for `dtype`'s weights (Q4_K, Q5_K or Q6_K).
+pub fn row_dot(dtype: DType) -> fn(Isa, &[u8], &[&Q8KRow], &mut [f32]) {
+    match dtype {
+        DType::Q4_K => dot_q4_k,
+        DType::Q5_K => dot_q5_k,
+        DType::Q6_K => dot_q6_k,
+        _ => unreachable!("no Q8_K dot product for {dtype}"),
+    }
+}
+
 /// `out[r] = w · xs[r]` for one Q4_K row and up to four activation rows
 /// (each block's scales decoded once for all): per block,
 /// `d·Σ sc_j (q·x)_j − dmin·Σ m_j Σx_j`.

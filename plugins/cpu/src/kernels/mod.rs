@@ -93,8 +93,14 @@ impl Isa {
         }
     }
 
-    /// The best path this CPU runs.
+    /// The best path this CPU runs (detected once: the row loops of
+    /// `activations.rs` ask for every row).
     pub fn detect() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(Isa::detect_now)
+    }
+
+    fn detect_now() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2")
@@ -484,11 +490,7 @@ impl Prepared<'_> {
             }
             Prepared::Q8K(first) => {
                 let (rows, n) = first_rows!(xs, first, Prepared::Q8K(q) => q);
-                match dtype {
-                    DType::Q4_K => kquant::dot_q4_k(isa, w, &rows[..n], &mut out[..n]),
-                    DType::Q5_K => kquant::dot_q5_k(isa, w, &rows[..n], &mut out[..n]),
-                    _ => kquant::dot_q6_k(isa, w, &rows[..n], &mut out[..n]),
-                }
+                kquant::row_dot(dtype)(isa, w, &rows[..n], &mut out[..n]);
                 n
             }
             Prepared::F16(first, _) => {
@@ -657,11 +659,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 match &xq[s] {
                     Prepared::Q8(x) => q8::dot_row_range(isa, wd.dtype, x, rows, w, out),
                     Prepared::Q8K(x) => {
-                        let dot = match wd.dtype {
-                            DType::Q4_K => kquant::dot_q4_k,
-                            DType::Q5_K => kquant::dot_q5_k,
-                            _ => kquant::dot_q6_k,
-                        };
+                        let dot = kquant::row_dot(wd.dtype);
                         let mut o = [0f32];
                         for n in rows {
                             dot(isa, w(n), &[x], &mut o);

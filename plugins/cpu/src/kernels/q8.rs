@@ -156,13 +156,7 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
         Isa::Avx512 => unsafe {
-            let groups = blocks / LANE_BLOCKS;
-            if groups > 0
-                && matches!(dtype, DType::Q4_0 | DType::Q5_0)
-                && xs
-                    .iter()
-                    .all(|x| x.lanes.len() == groups * LANE_BLOCKS * QK)
-            {
+            if xs.iter().all(|x| takes_lanes(dtype, x)) {
                 let q5 = dtype == DType::Q5_0;
                 return match (xs.len(), q5) {
                     (1, false) => x86::dot_lanes::<1, false>(w, xs, out),
@@ -199,8 +193,19 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     }
 }
 
-/// A one-row dot product kernel: `out[0] = w · xs[0]`.
-type RowKernel = fn(&[u8], &[&Q8Row], &mut [f32]);
+/// A one-row dot product kernel: `out[0] = w · xs[0]` for weights of
+/// the given type.
+type RowKernel = fn(DType, &[u8], &[&Q8Row], &mut [f32]);
+
+/// Whether the lane-wise decode kernels ([`x86::dot_lanes`]) take `x`
+/// against `dtype` weights: Q4_0 or Q5_0, a group of 16 blocks or more,
+/// and the row's lanes filled.
+fn takes_lanes(dtype: DType, x: &Q8Row) -> bool {
+    let groups = x.d.len() / LANE_BLOCKS;
+    groups > 0
+        && matches!(dtype, DType::Q4_0 | DType::Q5_0)
+        && x.lanes.len() == groups * LANE_BLOCKS * QK
+}
 
 /// `out(n, w(n) · x)` for the weight rows `n` in `rows` against one
 /// activation row: decode's loop, with the checks and the kernel chosen
@@ -214,66 +219,47 @@ pub fn dot_row_range<'w>(
     w: impl Fn(usize) -> &'w [u8],
     mut out: impl FnMut(usize, f32),
 ) {
-    let blocks = x.d.len();
-    let bytes = blocks
+    let bytes = x.d.len()
         * match dtype {
             DType::Q4_0 => Q4_0_BYTES,
             DType::Q5_0 => Q5_0_BYTES,
             DType::Q8_0 => Q8_0_BYTES,
             _ => unreachable!("no Q8_0 dot product for {dtype}"),
         };
-    let kernel: Option<RowKernel> = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let groups = blocks / LANE_BLOCKS;
-            let lanes = groups > 0 && x.lanes.len() == groups * LANE_BLOCKS * QK;
-            // Each closure is safe to call: `Isa` only names paths the CPU has,
-            // `dot_row_range` checks every weight row's length below, and
-            // `lanes` that the row's lanes are filled.
-            match (isa, dtype) {
-                (Isa::Avx512, DType::Q4_0) if lanes => {
-                    Some(|w, xs, out| {
-                        // SAFETY: as above.
-                        unsafe { x86::dot_lanes::<1, false>(w, xs, out) }
-                    })
+    // Each closure is safe to call: `Isa` only names paths the CPU has,
+    // every weight row's length is checked below, and `takes_lanes` that
+    // the lanes are filled.
+    #[cfg(target_arch = "x86_64")]
+    let kernel: Option<RowKernel> = match isa {
+        Isa::Avx512 if takes_lanes(dtype, x) => Some(|d, w, xs, out| {
+            // SAFETY: as above.
+            unsafe {
+                if d == DType::Q5_0 {
+                    x86::dot_lanes::<1, true>(w, xs, out)
+                } else {
+                    x86::dot_lanes::<1, false>(w, xs, out)
                 }
-                (Isa::Avx512, DType::Q5_0) if lanes => {
-                    Some(|w, xs, out| {
-                        // SAFETY: as above.
-                        unsafe { x86::dot_lanes::<1, true>(w, xs, out) }
-                    })
-                }
-                (Isa::Avx512, DType::Q4_0) => {
-                    Some(|w, xs, out| {
-                        // SAFETY: as above.
-                        unsafe { x86::dot_vnni::<1>(DType::Q4_0, w, xs, out) }
-                    })
-                }
-                (Isa::Avx512, DType::Q5_0) => {
-                    Some(|w, xs, out| {
-                        // SAFETY: as above.
-                        unsafe { x86::dot_vnni::<1>(DType::Q5_0, w, xs, out) }
-                    })
-                }
-                (Isa::Avx512, _) => {
-                    Some(|w, xs, out| {
-                        // SAFETY: as above.
-                        unsafe { x86::dot_vnni::<1>(DType::Q8_0, w, xs, out) }
-                    })
-                }
-                _ => None,
             }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        None
+        }),
+        Isa::Avx512 => Some(|d, w, xs, out| {
+            // SAFETY: as above.
+            unsafe { x86::dot_vnni::<1>(d, w, xs, out) }
+        }),
+        Isa::Avx2 => Some(|d, w, xs, out| {
+            // SAFETY: as above.
+            unsafe { x86::dot_avx2::<1>(d, w, xs, out) }
+        }),
+        _ => None,
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel: Option<RowKernel> = None;
     let xs = [x];
     let mut o = [0f32];
     for n in rows {
         let wr = w(n);
         assert_eq!(wr.len(), bytes, "weight row {n} of {dtype}");
         match kernel {
-            Some(k) => k(wr, &xs, &mut o),
+            Some(k) => k(dtype, wr, &xs, &mut o),
             None => dot_rows(isa, dtype, wr, &xs, &mut o),
         }
         out(n, o[0]);
