@@ -69,7 +69,7 @@ fn neon_kernels_build_for_aarch64_and_pass_their_tests_under_qemu() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(
-        out.contains("test result: ok. 2 passed"),
+        out.contains("test result: ok.") && !out.contains("ok. 0 passed"),
         "expected the NEON tests to run:\n{out}"
     );
 }
