@@ -108,6 +108,15 @@ extern "C" {
 #define KILN_DTYPE_Q6_K 14
 #define KILN_DTYPE_I32 26
 #define KILN_DTYPE_BF16 30
+/* kiln's own layouts, from 256 (the low byte names the ggml type they
+ * rearrange). Q5_0_X16: a row of Q5_0 blocks where each whole group of 16
+ * blocks (352 bytes) is stored as 16 f16 scales (32 bytes), 8 fifth-bit
+ * masks (u64 j: bit 4i+b = bit 16(j%2)+4(j/2)+b of block i's qh), then 4
+ * code vectors of 64 bytes (vector k, bytes 4i..4i+3 = block i's
+ * qs[4k..4k+3]); the row's last (blocks % 16) blocks stay plain Q5_0.
+ * Rows are packed whole: views keep ne[0]. The host hands this type only
+ * to a backend that asks for it (today the built-in CPU backend). */
+#define KILN_DTYPE_Q5_0_X16 262
 
 /*
  * Operations. Shapes are in ggml order: ne[0] is the innermost dimension.

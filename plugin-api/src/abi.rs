@@ -69,6 +69,10 @@ pub const KILN_DTYPE_Q5_K: u32 = 13;
 pub const KILN_DTYPE_Q6_K: u32 = 14;
 pub const KILN_DTYPE_I32: u32 = 26;
 pub const KILN_DTYPE_BF16: u32 = 30;
+/// kiln's own layouts start at 256 (the low byte names the ggml type they
+/// rearrange): Q5_0 rows with every 16 blocks interleaved lane-wise
+/// ([`crate::interleave`]).
+pub const KILN_DTYPE_Q5_0_X16: u32 = 0x106;
 
 // Operation kinds; the semantics of each (shapes, params) are in the header.
 pub const KILN_OP_MUL_MAT: u32 = 1;

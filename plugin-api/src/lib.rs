@@ -12,6 +12,7 @@
 pub mod abi;
 #[cfg(feature = "host")]
 pub mod host;
+pub mod interleave;
 pub mod layout;
 pub mod plugin;
 pub mod types;

@@ -19,15 +19,19 @@ pub enum DType {
     Q6_K = KILN_DTYPE_Q6_K,
     I32 = KILN_DTYPE_I32,
     BF16 = KILN_DTYPE_BF16,
+    /// Q5_0 with every 16 blocks of a row interleaved lane-wise: kiln's own
+    /// layout, repacked at load time ([`crate::interleave`]).
+    Q5_0X16 = KILN_DTYPE_Q5_0_X16,
 }
 
 impl DType {
-    pub const ALL: [DType; 10] = [
+    pub const ALL: [DType; 11] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q4_0,
         DType::Q5_0,
+        DType::Q5_0X16,
         DType::Q8_0,
         DType::Q4_K,
         DType::Q5_K,
@@ -60,6 +64,7 @@ impl DType {
             KILN_DTYPE_Q6_K => DType::Q6_K,
             KILN_DTYPE_I32 => DType::I32,
             KILN_DTYPE_BF16 => DType::BF16,
+            KILN_DTYPE_Q5_0_X16 => DType::Q5_0X16,
             _ => return None,
         })
     }
@@ -72,7 +77,7 @@ impl DType {
     pub const fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 => 1,
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => 32,
+            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => 32,
             DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
         }
     }
@@ -83,7 +88,7 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::Q4_0 => 18,
-            DType::Q5_0 => 22,
+            DType::Q5_0 | DType::Q5_0X16 => 22,
             DType::Q8_0 => 34,
             DType::Q4_K => 144,
             DType::Q5_K => 176,
@@ -111,6 +116,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::Q4_0 => "q4_0",
             DType::Q5_0 => "q5_0",
+            DType::Q5_0X16 => "q5_0x16",
             DType::Q8_0 => "q8_0",
             DType::Q4_K => "q4_k",
             DType::Q5_K => "q5_k",

@@ -66,6 +66,11 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         }
+        DType::Q5_0X16 => {
+            let mut plain = vec![0u8; src.len()];
+            kiln_plugin_api::interleave::unpack_q5_0_x16(src, &mut plain);
+            dequantize_row(DType::Q5_0, &plain, dst);
+        }
         DType::Q8_0 => {
             for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
                 let d = f16_at(b, 0);
@@ -396,7 +401,7 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
     match weights {
         DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+        DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => {
             for block in x.chunks_mut(QK) {
                 // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
                 // half to even, the scale stored as f16.
@@ -442,6 +447,11 @@ pub fn random_row(dtype: DType, n: usize, rng: &mut fastrand::Rng) -> Vec<u8> {
         let values: Vec<f32> = (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect();
         quantize_row(dtype, &values, &mut out);
         return out;
+    }
+    if dtype == DType::Q5_0X16 {
+        let mut row = random_row(DType::Q5_0, n, rng);
+        kiln_plugin_api::interleave::pack_q5_0_x16(&mut row);
+        return row;
     }
     if dtype == DType::I32 {
         for c in out.chunks_exact_mut(4) {

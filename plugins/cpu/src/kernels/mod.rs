@@ -157,6 +157,21 @@ impl Isa {
     }
 }
 
+/// The layout the kernels want weights of `dtype` in for matrix
+/// products, which a host may repack them into at load time: Q5_0 rows
+/// interleaved (Q5_0X16, [`kiln_plugin_api::interleave`]) where AVX-512
+/// VNNI runs them, whose decode kernel loads each field whole instead of
+/// gathering it (about 1.6× the Q5_0 kernel); every other type as it is.
+/// Other paths run Q5_0X16 too, unpacking each row first, so a repacked
+/// model stays correct on any path, only slower.
+pub fn weight_layout(dtype: DType) -> DType {
+    if dtype == DType::Q5_0 && Isa::current() == Isa::Avx512 {
+        DType::Q5_0X16
+    } else {
+        dtype
+    }
+}
+
 /// Runs `kind` with a fast kernel when one applies; `None` when the op
 /// (or these operand types and layouts) has none, and the caller runs the
 /// reference.
@@ -285,6 +300,7 @@ pub fn has_mul_mat(dtype: DType) -> bool {
         DType::F16
             | DType::Q4_0
             | DType::Q5_0
+            | DType::Q5_0X16
             | DType::Q8_0
             | DType::Q4_K
             | DType::Q5_K
@@ -602,7 +618,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let work = n_slices * n_count * m_count * k;
     if batched && isa == Isa::Avx512 {
         match wd.dtype {
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => {
                 let xs = all_rows(&xq, m_count, Prepared::q8);
                 gemm_groups::<q8::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
                     q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)

@@ -119,7 +119,7 @@ impl Q8Row {
 fn code_offset(weights: DType) -> i32 {
     match weights {
         DType::Q8_0 => 128,
-        DType::Q5_0 => 16,
+        DType::Q5_0 | DType::Q5_0X16 => 16,
         _ => 8,
     }
 }
@@ -147,7 +147,7 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     assert!(xs.iter().all(|x| x.d.len() == blocks));
     match dtype {
         DType::Q4_0 => assert_eq!(w.len(), blocks * Q4_0_BYTES),
-        DType::Q5_0 => assert_eq!(w.len(), blocks * Q5_0_BYTES),
+        DType::Q5_0 | DType::Q5_0X16 => assert_eq!(w.len(), blocks * Q5_0_BYTES),
         DType::Q8_0 => assert_eq!(w.len(), blocks * Q8_0_BYTES),
         _ => unreachable!("no Q8_0 dot product for {dtype}"),
     }
@@ -156,7 +156,15 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
         Isa::Avx512 => unsafe {
-            if xs.iter().all(|x| takes_lanes(dtype, x)) {
+            if dtype == DType::Q5_0X16 && xs.iter().all(|x| takes_lanes(dtype, x)) {
+                return match xs.len() {
+                    1 => x86::dot_lanes_x16::<1>(w, xs, out),
+                    2 => x86::dot_lanes_x16::<2>(w, xs, out),
+                    3 => x86::dot_lanes_x16::<3>(w, xs, out),
+                    _ => x86::dot_lanes_x16::<4>(w, xs, out),
+                };
+            }
+            if dtype != DType::Q5_0X16 && xs.iter().all(|x| takes_lanes(dtype, x)) {
                 let q5 = dtype == DType::Q5_0;
                 return match (xs.len(), q5) {
                     (1, false) => x86::dot_lanes::<1, false>(w, xs, out),
@@ -187,10 +195,26 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         },
         Isa::Scalar | Isa::Reference => {}
     }
+    if dtype == DType::Q5_0X16 {
+        return with_plain(w, |plain| dot_rows(isa, DType::Q5_0, plain, xs, out));
+    }
     let sums = block_sums(isa, dtype);
     for (o, x) in out.iter_mut().zip(xs) {
         *o = dot_blocks(dtype, w, x, sums);
     }
+}
+
+/// Runs `f` on the plain Q5_0 blocks of the Q5_0X16 row `w`, unpacked into
+/// a buffer of this thread's: the paths without an interleaved kernel.
+fn with_plain<T>(w: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
+    thread_local! {
+        static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PLAIN.with_borrow_mut(|plain| {
+        plain.resize(w.len(), 0);
+        kiln_plugin_api::interleave::unpack_q5_0_x16(w, plain);
+        f(plain)
+    })
 }
 
 /// A one-row dot product kernel: `out[0] = w · xs[0]` for weights of
@@ -203,7 +227,7 @@ type RowKernel = fn(DType, &[u8], &[&Q8Row], &mut [f32]);
 fn takes_lanes(dtype: DType, x: &Q8Row) -> bool {
     let groups = x.d.len() / LANE_BLOCKS;
     groups > 0
-        && matches!(dtype, DType::Q4_0 | DType::Q5_0)
+        && matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16)
         && x.lanes.len() == groups * LANE_BLOCKS * QK
 }
 
@@ -222,7 +246,7 @@ pub fn dot_row_range<'w>(
     let bytes = x.d.len()
         * match dtype {
             DType::Q4_0 => Q4_0_BYTES,
-            DType::Q5_0 => Q5_0_BYTES,
+            DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
             DType::Q8_0 => Q8_0_BYTES,
             _ => unreachable!("no Q8_0 dot product for {dtype}"),
         };
@@ -231,6 +255,10 @@ pub fn dot_row_range<'w>(
     // the lanes are filled.
     #[cfg(target_arch = "x86_64")]
     let kernel: Option<RowKernel> = match isa {
+        Isa::Avx512 if dtype == DType::Q5_0X16 && takes_lanes(dtype, x) => Some(|_, w, xs, out| {
+            // SAFETY: as above.
+            unsafe { x86::dot_lanes_x16::<1>(w, xs, out) }
+        }),
         Isa::Avx512 if takes_lanes(dtype, x) => Some(|d, w, xs, out| {
             // SAFETY: as above.
             unsafe {
@@ -296,12 +324,17 @@ pub fn gemm16(
     mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0) {
+    if isa == Isa::Avx512
+        && matches!(
+            dtype,
+            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0
+        )
+    {
         assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
         let nb = xs[0].d.len();
         let bytes = match dtype {
             DType::Q4_0 => Q4_0_BYTES,
-            DType::Q5_0 => Q5_0_BYTES,
+            DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
             _ => Q8_0_BYTES,
         };
         assert!(ws.iter().all(|w| w.len() == nb * bytes));
@@ -453,7 +486,8 @@ mod x86 {
     }
 
     /// Block `b`'s 32 weight codes as unsigned bytes (Q4_0: the nibbles;
-    /// Q5_0: the nibbles with their fifth bits; Q8_0: the code + 128) and
+    /// Q5_0 and Q5_0X16: the nibbles with their fifth bits; Q8_0: the
+    /// code + 128) and
     /// its f16 scale's bits. The offset (8, 16 or 128) times the
     /// activations' code sum is subtracted later.
     ///
@@ -470,15 +504,37 @@ mod x86 {
                 let lo = _mm_and_si128(q, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
                 (_mm256_set_m128i(hi, lo), p.cast::<u16>().read_unaligned())
-            } else if dtype == DType::Q5_0 {
-                let p = w.as_ptr().add(b * Q5_0_BYTES);
-                let q = _mm_loadu_si128(p.add(6).cast());
+            } else if matches!(dtype, DType::Q5_0 | DType::Q5_0X16) {
+                const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+                let (g, i) = (b / LANE_BLOCKS, b % LANE_BLOCKS);
+                let (q, qh, d) = if dtype == DType::Q5_0X16 && (g + 1) * GROUP <= w.len() {
+                    // Block i of an interleaved group: its 4-byte pieces
+                    // of the four code vectors, its nibble of each mask.
+                    let p = w.as_ptr().add(g * GROUP);
+                    let piece =
+                        |k: usize| p.add(96 + 64 * k + 4 * i).cast::<i32>().read_unaligned();
+                    let q = _mm_set_epi32(piece(3), piece(2), piece(1), piece(0));
+                    let masks = p.add(32).cast::<u64>();
+                    let mut qh = 0u32;
+                    for j in 0..8 {
+                        let nib = (masks.add(j).read_unaligned() >> (4 * i)) as u32 & 0xf;
+                        qh |= nib << (16 * (j % 2) + 4 * (j / 2));
+                    }
+                    (q, qh as i32, p.add(2 * i).cast::<u16>().read_unaligned())
+                } else {
+                    // Q5_0, or an interleaved row's plain tail.
+                    let p = w.as_ptr().add(b * Q5_0_BYTES);
+                    (
+                        _mm_loadu_si128(p.add(6).cast()),
+                        p.add(2).cast::<i32>().read_unaligned(),
+                        p.cast::<u16>().read_unaligned(),
+                    )
+                };
                 let m4 = _mm_set1_epi8(0x0f);
                 let lo = _mm_and_si128(q, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
                 // Bit i of qh becomes 0x10 in byte i: broadcast qh, give
                 // each byte its own qh byte, keep one bit per byte.
-                let qh = p.add(2).cast::<i32>().read_unaligned();
                 let spread = _mm256_shuffle_epi8(
                     _mm256_set1_epi32(qh),
                     _mm256_set_epi64x(
@@ -491,10 +547,7 @@ mod x86 {
                 let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
                 let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
                 let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
-                (
-                    _mm256_or_si256(_mm256_set_m128i(hi, lo), high),
-                    p.cast::<u16>().read_unaligned(),
-                )
+                (_mm256_or_si256(_mm256_set_m128i(hi, lo), high), d)
             } else {
                 let p = w.as_ptr().add(b * Q8_0_BYTES);
                 let v = _mm256_loadu_si256(p.add(2).cast());
@@ -527,10 +580,10 @@ mod x86 {
                 let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
                 let prod = $prod;
                 let q8 = dtype == DType::Q8_0;
-                let offset: i32 = match dtype {
-                    DType::Q8_0 => $q8_offset,
-                    DType::Q5_0 => 16,
-                    _ => 8,
+                let offset: i32 = if q8 {
+                    $q8_offset
+                } else {
+                    super::code_offset(dtype)
                 };
                 let nb = xs[0].d.len();
                 let mut acc = [_mm256_setzero_pd(); R];
@@ -846,25 +899,121 @@ mod x86 {
                 }
             }
             for ((acc, x), (lo, hi)) in acc.iter_mut().zip(xs).zip(lo.iter().zip(&hi)) {
-                let sum = _mm512_add_epi32(*lo, *hi);
-                let dx = _mm512_loadu_ps(x.d.as_ptr().add(g * LANE_BLOCKS));
-                let dx = [
-                    _mm512_cvtps_pd(_mm512_castps512_ps256(dx)),
+                scale_group(acc, x, g, dw, _mm512_add_epi32(*lo, *hi));
+            }
+        }
+    }
+
+    /// [`dot_lanes`] for Q5_0X16 rows ([`kiln_plugin_api::interleave`]):
+    /// the same lanes, sums and f64 order, so the same bits as Q5_0 (a
+    /// test holds them to it), with each field of a group loaded whole
+    /// (scales, the codes' four vectors) or as a mask register (fifth
+    /// bits) instead of gathered with word permutes: about a third of the
+    /// instructions per group.
+    ///
+    /// # Safety
+    /// As [`dot_lanes`], for a Q5_0X16 row.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_lanes_x16<const R: usize>(w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
+        const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        let nb = xs[0].d.len();
+        let groups = nb / LANE_BLOCKS;
+        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        let m4 = _mm512_set1_epi8(0x0f);
+        let fifth = _mm512_set1_epi8(0x10);
+        for g in 0..groups {
+            // SAFETY: group g's 352 bytes are inside `w`; the lanes, sums
+            // and scales of group g are inside every row (the caller's
+            // contract).
+            unsafe {
+                let p = w.as_ptr().add(g * GROUP);
+                crate::kernels::prefetch(p, GROUP);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let dw = [
+                    _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                        _mm512_castps_pd(dx),
+                        _mm512_castps_pd(dw),
                     ))),
                 ];
-                acc[0] = _mm512_fmadd_pd(
-                    _mm512_mul_pd(dw[0], dx[0]),
-                    _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum)),
-                    acc[0],
-                );
-                acc[1] = _mm512_fmadd_pd(
-                    _mm512_mul_pd(dw[1], dx[1]),
-                    _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(sum)),
-                    acc[1],
-                );
+                let masks = p.add(32).cast::<u64>();
+                let mut lo = [_mm512_setzero_si512(); R];
+                let mut hi = [_mm512_setzero_si512(); R];
+                for (lo, x) in lo.iter_mut().zip(xs) {
+                    let sums = _mm512_loadu_si512(x.sums.as_ptr().add(g * LANE_BLOCKS).cast());
+                    *lo = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<4>(sums));
+                }
+                for k in 0..4 {
+                    let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
+                    let low = _mm512_and_si512(v, m4);
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    let low =
+                        _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth);
+                    let high = _mm512_mask_add_epi8(
+                        high,
+                        masks.add(2 * k + 1).read_unaligned(),
+                        high,
+                        fifth,
+                    );
+                    for r in 0..R {
+                        let xl = xs[r].lanes.as_ptr().add((g * 8 + k) * 64);
+                        lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_loadu_si512(xl.cast()));
+                        hi[r] = _mm512_dpbusd_epi32(
+                            hi[r],
+                            high,
+                            _mm512_loadu_si512(xl.add(256).cast()),
+                        );
+                    }
+                }
+                for ((acc, x), (lo, hi)) in acc.iter_mut().zip(xs).zip(lo.iter().zip(&hi)) {
+                    scale_group(acc, x, g, dw, _mm512_add_epi32(*lo, *hi));
+                }
             }
+        }
+        let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
+        for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
+            let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+            for b in groups * LANE_BLOCKS..nb {
+                // SAFETY: block b is inside `w` and `x`; the row's tail
+                // blocks are plain Q5_0 at their usual place.
+                total += unsafe { block_sum(DType::Q5_0, w, x, b, 16, prod) };
+            }
+            *o = total as f32;
+        }
+    }
+
+    /// Adds a group's 16 integer block sums (lane `i`: block `i`), scaled
+    /// by `dw · dx` in f64, to `acc`.
+    ///
+    /// # Safety
+    /// AVX-512 F is enabled by the caller; group `g` is inside `x`.
+    #[inline(always)]
+    unsafe fn scale_group(
+        acc: &mut [__m512d; 2],
+        x: &Q8Row,
+        g: usize,
+        dw: [__m512d; 2],
+        sum: __m512i,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let dx = _mm512_loadu_ps(x.d.as_ptr().add(g * LANE_BLOCKS));
+            let dx = [
+                _mm512_cvtps_pd(_mm512_castps512_ps256(dx)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(dx),
+                ))),
+            ];
+            acc[0] = _mm512_fmadd_pd(
+                _mm512_mul_pd(dw[0], dx[0]),
+                _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum)),
+                acc[0],
+            );
+            acc[1] = _mm512_fmadd_pd(
+                _mm512_mul_pd(dw[1], dx[1]),
+                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(sum)),
+                acc[1],
+            );
         }
     }
 
@@ -890,7 +1039,17 @@ mod x86 {
         scratch.dw.resize(nb * GEMM_ROWS, 0.0);
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p) = (scratch.codes.as_mut_ptr(), scratch.dw.as_mut_ptr());
-        for b in 0..nb {
+        // Q5_0X16: whole groups of 16 blocks at once, the rest per block.
+        let first = if dtype == DType::Q5_0X16 {
+            for g in 0..nb / LANE_BLOCKS {
+                // SAFETY: group g is inside every row and the scratch.
+                unsafe { x16_group(ws, g, codes_p, dw_p) };
+            }
+            nb / LANE_BLOCKS * LANE_BLOCKS
+        } else {
+            0
+        };
+        for b in first..nb {
             // Block b of the 16 rows (missing rows: zero codes, zero
             // scales), then a 16 × 8 transpose of their 4-code groups.
             let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
@@ -924,6 +1083,130 @@ mod x86 {
         unsafe {
             in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, rows, m0, out))
         };
+    }
+
+    /// Group `g` (blocks `16g..16g + 16`) of up to 16 Q5_0X16 weight rows
+    /// into [`gemm16_vnni`]'s scratch: each row's four code vectors give
+    /// eight registers whose lane `i` holds 4 codes of block `i` (nibbles
+    /// plus fifth bits from the masks, as [`dot_lanes_x16`] makes them);
+    /// a 16 × 16 transpose per register turns them into the scratch's
+    /// lane `n` = row `n`. About a quarter of the work of unpacking block
+    /// by block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and F16C; group `g` is inside every
+    /// row of `ws` (at most 16) and the scratch holds its blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+    unsafe fn x16_group(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f64) {
+        const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+        let m4 = _mm512_set1_epi8(0x0f);
+        let fifth = _mm512_set1_epi8(0x10);
+        // r[j][n]: codes 4j..4j + 4 (j < 4: low nibbles of vector j; else
+        // high nibbles of vector j - 4) of row n, block i in lane i.
+        let mut r = [[_mm512_setzero_si512(); GEMM_ROWS]; 8];
+        let mut bits = [[0u16; GEMM_ROWS]; LANE_BLOCKS];
+        for (n, w) in ws.iter().enumerate() {
+            // SAFETY: the group's 352 bytes are inside the row.
+            unsafe {
+                let p = w.as_ptr().add(g * GROUP);
+                crate::kernels::prefetch(p, GROUP);
+                let masks = p.add(32).cast::<u64>();
+                for k in 0..4 {
+                    let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
+                    let low = _mm512_and_si512(v, m4);
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    r[k][n] =
+                        _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth);
+                    r[4 + k][n] = _mm512_mask_add_epi8(
+                        high,
+                        masks.add(2 * k + 1).read_unaligned(),
+                        high,
+                        fifth,
+                    );
+                }
+                for (i, b) in bits.iter_mut().enumerate() {
+                    b[n] = p.add(2 * i).cast::<u16>().read_unaligned();
+                }
+            }
+        }
+        for (j, r) in r.iter_mut().enumerate() {
+            // SAFETY: the features are this function's.
+            unsafe { transpose_16x16(r) };
+            for (i, v) in r.iter().enumerate() {
+                let b = g * LANE_BLOCKS + i;
+                // SAFETY: block b's group j is inside the scratch.
+                unsafe { _mm512_storeu_si512(codes_p.add((b * 8 + j) * GEMM_ROWS * 4).cast(), *v) };
+            }
+        }
+        for (i, bits) in bits.iter().enumerate() {
+            let b = g * LANE_BLOCKS + i;
+            // SAFETY: block b's 16 scales are inside the scratch.
+            unsafe {
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
+                _mm512_storeu_pd(
+                    dw_p.add(b * GEMM_ROWS),
+                    _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
+                );
+                _mm512_storeu_pd(
+                    dw_p.add(b * GEMM_ROWS + 8),
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                        _mm512_castps_pd(dw),
+                    ))),
+                );
+            }
+        }
+    }
+
+    /// Transposes 16 registers of 16 dwords in place (lane `c` of
+    /// register `r` to lane `r` of register `c`): off-diagonal blocks of
+    /// 8, 4, 2 and 1 lanes swapped in turn, two permutes per pair.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_16x16(r: &mut [__m512i; 16]) {
+        /// Lane l of the first of a pair takes its own lane l when l is
+        /// in the lower d of its 2d-chunk, else the second's lane l - d;
+        /// the second takes the first's lane l + d, or its own lane l.
+        const fn idx(d: usize, second: bool) -> [i32; 16] {
+            let mut t = [0i32; 16];
+            let mut l = 0;
+            while l < 16 {
+                let low_half = l % (2 * d) < d;
+                t[l] = match (second, low_half) {
+                    (false, true) => l,
+                    (false, false) => 16 + l - d,
+                    (true, true) => l + d,
+                    (true, false) => 16 + l,
+                } as i32;
+                l += 1;
+            }
+            t
+        }
+        static IDX: [[[i32; 16]; 2]; 4] = [
+            [idx(8, false), idx(8, true)],
+            [idx(4, false), idx(4, true)],
+            [idx(2, false), idx(2, true)],
+            [idx(1, false), idx(1, true)],
+        ];
+        for (s, d) in [8usize, 4, 2, 1].into_iter().enumerate() {
+            // SAFETY: 16 i32s each.
+            let (lo, hi) = unsafe {
+                (
+                    _mm512_loadu_si512(IDX[s][0].as_ptr().cast()),
+                    _mm512_loadu_si512(IDX[s][1].as_ptr().cast()),
+                )
+            };
+            for a in 0..16 {
+                if a % (2 * d) < d {
+                    let (x, y) = (r[a], r[a + d]);
+                    r[a] = _mm512_permutex2var_epi32(x, lo, y);
+                    r[a + d] = _mm512_permutex2var_epi32(x, hi, y);
+                }
+            }
+        }
     }
 
     /// `R` activation rows against the unpacked 16 weight rows. The rows'

@@ -130,6 +130,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
             DType::BF16,
             DType::Q4_0,
             DType::Q5_0,
+            DType::Q5_0X16,
             DType::Q8_0,
         ] {
             if dtype == DType::BF16 && isa != Isa::Avx512 {
@@ -159,6 +160,59 @@ fn mul_mat_matches_the_reference_on_every_path() {
             }
             let (r, f) = both(isa, dtype, [64, 18, 6, 2, 4], 98);
             assert_close(isa, dtype, 64, &r, &f);
+        }
+    }
+}
+
+#[test]
+fn interleaved_q5_0_gives_the_bits_of_q5_0_on_every_path() {
+    // Decode (lanes: whole groups, a tail, fewer than 16 blocks), up to
+    // four rows per pass, the GEMM's batches, and slices broadcast.
+    let shapes = [
+        [32, 3, 1, 1, 1],
+        [512, 5, 1, 1, 1],
+        [544, 7, 2, 1, 1],
+        [1056, 4, 3, 1, 1],
+        [2080, 9, 4, 1, 1],
+        [1056, 17, 5, 1, 1],
+        [544, 7, 1, 2, 4],
+        [512, 18, 6, 2, 4],
+    ];
+    for isa in Isa::available() {
+        for (seed, [k, n, m, w2, x2]) in shapes.into_iter().enumerate() {
+            let mut rng = fastrand::Rng::with_seed(seed as u64);
+            let row = DType::Q5_0.row_bytes(k).unwrap();
+            let mut plain: Vec<u8> = (0..n * w2)
+                .flat_map(|_| random_row(DType::Q5_0, k, &mut rng))
+                .collect();
+            let mut packed = plain.clone();
+            packed
+                .chunks_exact_mut(row)
+                .for_each(kiln_plugin_api::interleave::pack_q5_0_x16);
+            let mut x: Vec<u8> = (0..k * m * x2)
+                .flat_map(|_| (rng.f32() * 4.0 - 2.0).to_le_bytes())
+                .collect();
+            let xd = Desc::contiguous(DType::F32, [k, m, x2, 1]);
+            let dd = Desc::contiguous(DType::F32, [n, m, x2, 1]);
+            let mut outs = Vec::new();
+            for (dtype, w) in [(DType::Q5_0, &mut plain), (DType::Q5_0X16, &mut packed)] {
+                let wd = Desc::contiguous(dtype, [k, n, w2, 1]);
+                let mut d = vec![0u8; dd.extent().unwrap()];
+                // SAFETY: every view covers its own Vec; the shapes are
+                // a product's.
+                unsafe {
+                    run(
+                        isa,
+                        OpKind::MulMat,
+                        &[view(wd, w), view(xd, &mut x)],
+                        &view(dd, &mut d),
+                        &[0; 8],
+                    )
+                    .expect("a fast path");
+                }
+                outs.push(bits(&f32s(&d)));
+            }
+            assert_eq!(outs[0], outs[1], "{} {:?}", isa.name(), shapes[seed]);
         }
     }
 }
