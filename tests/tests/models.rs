@@ -344,3 +344,81 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
         );
     }
 }
+
+/// Q5_0 weights repacked at load for the CPU kernels (interleaved on
+/// AVX-512) give the very logits of the file's layout, on the kernels and
+/// on the reference, and the file is never written.
+#[test]
+fn repacked_weights_give_the_bits_of_the_file_layout() {
+    use kiln::backend::{Backend, exec::Executor};
+    use kiln::model::{Model, Session, forward::LogitsFor};
+    use kiln_plugin_api::DType;
+    const WIDE: &[&str] = &[
+        "--arch",
+        "llama",
+        "--dtype",
+        "f16",
+        "--embd",
+        "512",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--ff",
+        "544",
+        "--vocab",
+        "300",
+    ];
+    let home = Home::default();
+    let q5 = home.path().join("q5_0.gguf");
+    let src = tiny_model(WIDE);
+    home.ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        q5.to_str().unwrap(),
+        "--type",
+        "q5_0",
+    ]);
+    let before = kiln_tests::sha256_file(&q5);
+    let cpu = Backend::builtin_cpu();
+    let want = cpu.weight_layout(DType::Q5_0);
+    if kiln_cpu::kernels::Isa::current() == kiln_cpu::kernels::Isa::Avx512 {
+        assert_eq!(want, DType::Q5_0X16);
+    }
+    let packed = Model::load_for(&q5, &cpu).unwrap();
+    for t in &packed.file.tensors {
+        let matrix = t.name.starts_with("blk.") && t.name.ends_with("_up.weight");
+        if matrix {
+            assert_eq!(t.dtype, want, "{}", t.name);
+        }
+        if t.name == "token_embd.weight" {
+            assert_eq!(
+                t.dtype,
+                DType::Q5_0,
+                "rows of the embedding are read one by one"
+            );
+        }
+    }
+    let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37 % 290) as u32).collect();
+    for backend in [Backend::builtin_cpu(), Backend::reference_cpu()] {
+        let run = |m| {
+            let mut s = Session::new(m, Executor::new(backend.clone(), 0), Some(64)).unwrap();
+            let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
+            for t in [5, 77, 123] {
+                all.extend(s.eval(&[t], LogitsFor::Last).unwrap());
+            }
+            all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert!(
+            run(Model::load(&q5).unwrap()) == run(Model::load_for(&q5, &cpu).unwrap()),
+            "{}: repacked weights changed the logits",
+            backend.name()
+        );
+    }
+    drop(packed);
+    assert_eq!(
+        kiln_tests::sha256_file(&q5),
+        before,
+        "loading wrote the model file"
+    );
+}

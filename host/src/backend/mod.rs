@@ -197,6 +197,22 @@ impl Backend {
         &self.handle
     }
 
+    /// The layout this backend wants weights of `dtype` in for matrix
+    /// products ([`Model::load_for`](crate::model::Model::load_for)
+    /// repacks them at load time): the built-in CPU backend's choice
+    /// ([`kiln_cpu::kernels::weight_layout`]); plugins and the reference
+    /// take GGUF's layouts.
+    pub fn weight_layout(
+        self: &Arc<Backend>,
+        dtype: kiln_plugin_api::DType,
+    ) -> kiln_plugin_api::DType {
+        if Arc::ptr_eq(self, &Backend::builtin_cpu()) {
+            kiln_cpu::kernels::weight_layout(dtype)
+        } else {
+            dtype
+        }
+    }
+
     pub fn is_builtin(&self) -> bool {
         matches!(self.source, BackendSource::Builtin)
     }

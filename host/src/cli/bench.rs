@@ -20,9 +20,9 @@ pub fn run(
 ) -> CliResult {
     let path = super::run::resolve_model(config, model_arg)?;
     let start = Instant::now();
-    let model = Model::load(&path)?;
-    let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let (exec, device) = super::run::executor(config, backend)?;
+    let model = Model::load_for(&path, &exec.target)?;
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let n_vocab = model.config.n_vocab as u32;
     let ctx = (prompt_tokens.max(16) + decode_tokens + 1).next_power_of_two();
     let mut session = Session::new(model, exec, Some(ctx))?;

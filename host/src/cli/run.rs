@@ -78,10 +78,10 @@ pub fn executor(config: &Config, backend: Option<&str>) -> Result<(Executor, Str
 pub fn run(config: &Config, args: RunArgs) -> CliResult {
     args.sampling.validate().map_err(CliError)?;
     let path = resolve_model(config, &args.model)?;
-    let model = Model::load(&path)?;
+    let (exec, backend) = executor(config, args.backend.as_deref())?;
+    let model = Model::load_for(&path, &exec.target)?;
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
-    let (exec, backend) = executor(config, args.backend.as_deref())?;
     let load_ms = model.load_ms;
     let mut session = Session::new(model, exec, args.ctx)?;
     let req = Request {

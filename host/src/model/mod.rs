@@ -14,10 +14,11 @@ pub mod generate;
 pub mod sample;
 pub mod session;
 
+use crate::backend::Backend;
 use crate::gguf::{GgufError, GgufFile};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 pub use config::{Arch, ModelConfig};
-use kiln_plugin_api::BackendError;
+use kiln_plugin_api::{BackendError, DType};
 pub use session::Session;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,6 +55,45 @@ pub enum ModelError {
     Invalid(String),
 }
 
+/// Whether the tensor called `name` is only ever a matrix product's
+/// weights (so its rows may take a kernel's layout): the attention and
+/// feed-forward projections and the output head, not the embedding table
+/// (read by row) or norms.
+fn is_matrix_weight(name: &str) -> bool {
+    const ENDS: [&str; 7] = [
+        ".attn_q.weight",
+        ".attn_k.weight",
+        ".attn_v.weight",
+        ".attn_output.weight",
+        ".ffn_gate.weight",
+        ".ffn_up.weight",
+        ".ffn_down.weight",
+    ];
+    name == "output.weight" || (name.starts_with("blk.") && ENDS.iter().any(|e| name.ends_with(e)))
+}
+
+/// Rewrites rows of `row` bytes from `from` to `to` in place, on the CPU
+/// backend's thread count (`KILN_THREADS`): writing each page once is
+/// most of the cost.
+fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
+    assert_eq!(
+        (from, to),
+        (DType::Q5_0, DType::Q5_0X16),
+        "no repacking {from} to {to}"
+    );
+    let threads = kiln_cpu::kernels::threads().max(1);
+    let rows_per = (data.len() / row).div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for part in data.chunks_mut(rows_per * row) {
+            s.spawn(move || {
+                crate::gguf::populate_for_writing(part);
+                part.chunks_exact_mut(row)
+                    .for_each(kiln_plugin_api::interleave::pack_q5_0_x16)
+            });
+        }
+    });
+}
+
 /// A loaded model: its file (mapped) and configuration.
 pub struct Model {
     pub file: GgufFile,
@@ -66,9 +106,43 @@ impl Model {
     /// ([`GgufFile::prefault`]). Nothing is copied: the weights are the
     /// file's pages (shared with the page cache).
     pub fn load(path: &Path) -> Result<Arc<Model>, ModelError> {
+        Model::load_with(path, |d| d)
+    }
+
+    /// As [`Model::load`], with the matrix weights in the layout `target`
+    /// wants ([`Backend::weight_layout`]): the built-in CPU
+    /// backend on AVX-512 takes Q5_0 interleaved, repacked here in place
+    /// in a private mapping, so memory stays one copy of the file (a
+    /// written page replaces the page cache's in this process). The file
+    /// is never written. Costs one pass over those weights at load.
+    pub fn load_for(path: &Path, target: &Arc<Backend>) -> Result<Arc<Model>, ModelError> {
+        Model::load_with(path, |d| target.weight_layout(d))
+    }
+
+    fn load_with(path: &Path, layout: impl Fn(DType) -> DType) -> Result<Arc<Model>, ModelError> {
         let start = Instant::now();
-        let file = GgufFile::open(path)?;
+        let peek = GgufFile::open(path)?;
+        let repack: Vec<usize> = (peek.tensors.iter().enumerate())
+            .filter(|(_, t)| is_matrix_weight(&t.name) && layout(t.dtype) != t.dtype)
+            .map(|(i, _)| i)
+            .collect();
+        let mut file = if repack.is_empty() {
+            peek
+        } else {
+            drop(peek);
+            GgufFile::open_private(path)?
+        };
         let config = ModelConfig::from_gguf(&file)?;
+        // Repacked pages first: populating pages not yet mapped needs no
+        // TLB flush, and the prefault below then skips them.
+        for i in repack {
+            let (dtype, k) = (file.tensors[i].dtype, file.tensors[i].ne[0] as usize);
+            let to = layout(dtype);
+            let row = dtype.row_bytes(k).expect("checked by ModelConfig");
+            let data = file.tensor_data_mut(i).expect("a private mapping");
+            repack_rows(dtype, to, data, row);
+            file.tensors[i].dtype = to;
+        }
         file.prefault();
         Ok(Arc::new(Model {
             file,

@@ -38,8 +38,15 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn load(id: String, path: PathBuf, fim: Option<FimTemplate>) -> Result<Loaded, String> {
-        let model = Model::load(&path).map_err(|e| e.to_string())?;
+    /// Loads the model at `path` with its weights in the layout `target`
+    /// runs best ([`Model::load_for`]).
+    pub fn load(
+        id: String,
+        path: PathBuf,
+        fim: Option<FimTemplate>,
+        target: &Arc<Backend>,
+    ) -> Result<Loaded, String> {
+        let model = Model::load_for(&path, target).map_err(|e| e.to_string())?;
         let tok = model.tokenizer().map_err(|e| e.to_string())?;
         let name = model
             .file
@@ -281,6 +288,11 @@ impl Engine {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         self.shared.cache.invalidate_all();
+    }
+
+    /// The backend the engine runs on.
+    pub fn target(&self) -> &Arc<Backend> {
+        &self.shared.target
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -152,9 +152,9 @@ pub struct ServeSpec {
 /// Resolves the model and backend and starts an engine.
 pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine, String> {
     let (id, path) = resolve_served_model(&spec.config, spec.model.as_deref())?;
-    let loaded = Loaded::load(id, path, fim)?;
     let (exec, label) =
         crate::cli::run::executor(&spec.config, spec.backend.as_deref()).map_err(|e| e.0)?;
+    let loaded = Loaded::load(id, path, fim, &exec.target)?;
     Ok(Engine::start(
         loaded,
         EngineOptions {
@@ -524,7 +524,8 @@ impl Server {
                     && let Ok(t) = FimTemplate::parse(t)
                 {
                     let l = e.loaded();
-                    if let Ok(new) = Loaded::load(l.id.clone(), l.path.clone(), Some(t)) {
+                    if let Ok(new) = Loaded::load(l.id.clone(), l.path.clone(), Some(t), e.target())
+                    {
                         e.replace_model(new);
                     }
                 }
@@ -829,7 +830,14 @@ impl Server {
             .fim_template
             .as_deref()
             .and_then(|t| FimTemplate::parse(t).ok());
-        match Loaded::load(id.clone(), path, fim) {
+        // Without an engine (none started yet), loading only checks the file.
+        let target = self
+            .engine
+            .as_ref()
+            .map_or_else(crate::backend::Backend::reference_cpu, |e| {
+                e.target().clone()
+            });
+        match Loaded::load(id.clone(), path, fim, &target) {
             Ok(l) => {
                 if let Some(e) = &self.engine {
                     e.replace_model(l);
