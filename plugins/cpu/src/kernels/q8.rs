@@ -920,8 +920,6 @@ mod x86 {
         let nb = xs[0].d.len();
         let groups = nb / LANE_BLOCKS;
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
-        let m4 = _mm512_set1_epi8(0x0f);
-        let fifth = _mm512_set1_epi8(0x10);
         for g in 0..groups {
             // SAFETY: group g's 352 bytes are inside `w`; the lanes, sums
             // and scales of group g are inside every row (the caller's
@@ -936,7 +934,6 @@ mod x86 {
                         _mm512_castps_pd(dw),
                     ))),
                 ];
-                let masks = p.add(32).cast::<u64>();
                 let mut lo = [_mm512_setzero_si512(); R];
                 let mut hi = [_mm512_setzero_si512(); R];
                 for (lo, x) in lo.iter_mut().zip(xs) {
@@ -944,17 +941,7 @@ mod x86 {
                     *lo = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<4>(sums));
                 }
                 for k in 0..4 {
-                    let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
-                    let low = _mm512_and_si512(v, m4);
-                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                    let low =
-                        _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth);
-                    let high = _mm512_mask_add_epi8(
-                        high,
-                        masks.add(2 * k + 1).read_unaligned(),
-                        high,
-                        fifth,
-                    );
+                    let (low, high) = x16_codes(p, k);
                     for r in 0..R {
                         let xl = xs[r].lanes.as_ptr().add((g * 8 + k) * 64);
                         lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_loadu_si512(xl.cast()));
@@ -1085,6 +1072,32 @@ mod x86 {
         };
     }
 
+    /// Vector `k` of the Q5_0X16 group at `p`: codes `4k..4k + 4` and
+    /// `16 + 4k..20 + 4k` of each of its 16 blocks, one block a lane, as
+    /// unsigned bytes (the nibbles, plus 16 under the group's fifth-bit
+    /// masks).
+    ///
+    /// # Safety
+    /// The group is readable at `p`; AVX-512 F/BW are enabled by the
+    /// caller.
+    #[inline(always)]
+    unsafe fn x16_codes(p: *const u8, k: usize) -> (__m512i, __m512i) {
+        // SAFETY: inside the group (the caller's contract); register
+        // operations otherwise.
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let fifth = _mm512_set1_epi8(0x10);
+            let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
+            let low = _mm512_and_si512(v, m4);
+            let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            let masks = p.add(32).cast::<u64>();
+            (
+                _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth),
+                _mm512_mask_add_epi8(high, masks.add(2 * k + 1).read_unaligned(), high, fifth),
+            )
+        }
+    }
+
     /// Group `g` (blocks `16g..16g + 16`) of up to 16 Q5_0X16 weight rows
     /// into [`gemm16_vnni`]'s scratch: each row's four code vectors give
     /// eight registers whose lane `i` holds 4 codes of block `i` (nibbles
@@ -1100,8 +1113,6 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
     unsafe fn x16_group(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f64) {
         const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
-        let m4 = _mm512_set1_epi8(0x0f);
-        let fifth = _mm512_set1_epi8(0x10);
         // r[j][n]: codes 4j..4j + 4 (j < 4: low nibbles of vector j; else
         // high nibbles of vector j - 4) of row n, block i in lane i.
         let mut r = [[_mm512_setzero_si512(); GEMM_ROWS]; 8];
@@ -1111,19 +1122,8 @@ mod x86 {
             unsafe {
                 let p = w.as_ptr().add(g * GROUP);
                 crate::kernels::prefetch(p, GROUP);
-                let masks = p.add(32).cast::<u64>();
                 for k in 0..4 {
-                    let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
-                    let low = _mm512_and_si512(v, m4);
-                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-                    r[k][n] =
-                        _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth);
-                    r[4 + k][n] = _mm512_mask_add_epi8(
-                        high,
-                        masks.add(2 * k + 1).read_unaligned(),
-                        high,
-                        fifth,
-                    );
+                    (r[k][n], r[4 + k][n]) = x16_codes(p, k);
                 }
                 for (i, b) in bits.iter_mut().enumerate() {
                     b[n] = p.add(2 * i).cast::<u16>().read_unaligned();
