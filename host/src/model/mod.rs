@@ -99,6 +99,9 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub load_ms: f64,
+    /// Bytes of weights repacked at load ([`Model::load_for`]): this
+    /// process's own pages (anonymous memory) rather than the file's.
+    pub repacked_bytes: u64,
 }
 
 impl Model {
@@ -133,6 +136,7 @@ impl Model {
             GgufFile::open_private(path)?
         };
         let config = ModelConfig::from_gguf(&file)?;
+        let mut repacked_bytes = 0;
         // Repacked pages first: populating pages not yet mapped needs no
         // TLB flush, and the prefault below then skips them.
         for i in repack {
@@ -142,12 +146,14 @@ impl Model {
             let data = file.tensor_data_mut(i).expect("a private mapping");
             repack_rows(dtype, to, data, row);
             file.tensors[i].dtype = to;
+            repacked_bytes += file.tensors[i].size;
         }
         file.prefault();
         Ok(Arc::new(Model {
             file,
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            repacked_bytes,
         }))
     }
 

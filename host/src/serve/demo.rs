@@ -251,9 +251,13 @@ pub struct SessionReport {
     pub prefix_cache_hit_rate: f64,
     /// Share of requests answered from the completion cache.
     pub completion_cache_hit_rate: f64,
-    /// Resident memory of the server beyond the mmapped weights (RssAnon).
+    /// Resident memory of the server beyond its weights (RssAnon less the
+    /// weights repacked at load).
     pub server_anonymous_memory_mib: Option<f64>,
     pub server_file_backed_memory_mib: Option<f64>,
+    /// Weights repacked at load into the backend's layout (anonymous
+    /// memory that replaces their file pages).
+    pub server_repacked_weights_mib: f64,
     pub status: Json,
     pub keystrokes: Vec<Keystroke>,
 }
@@ -480,7 +484,8 @@ pub fn typing_session(
     }
     let status = c.request("kiln/status", Json::Null).map_err(io)?["result"].clone();
     let pid = c.pid();
-    let anon = proc_status_mib(pid, "RssAnon");
+    let repacked = status["repacked_weight_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let anon = proc_status_mib(pid, "RssAnon").map(|a| (a - repacked).max(0.0));
     let file = proc_status_mib(pid, "RssFile");
     let code = c.close().map_err(io)?;
     if !code.success() {
@@ -503,6 +508,7 @@ pub fn typing_session(
         completion_cache_hit_rate: hits as f64 / keys.len().max(1) as f64,
         server_anonymous_memory_mib: anon,
         server_file_backed_memory_mib: file,
+        server_repacked_weights_mib: repacked,
         status,
         keystrokes: keys,
     })

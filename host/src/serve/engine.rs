@@ -206,9 +206,13 @@ pub struct Status {
     pub last_tokens_after_cancel: Option<usize>,
     pub max_tokens_after_cancel: usize,
     pub last_error: Option<String>,
-    /// Resident memory of this process beyond file-backed pages (the
-    /// mmapped weights), in bytes; Linux only.
+    /// Resident memory of this process beyond its weights, in bytes:
+    /// anonymous memory (`RssAnon`) less the weights repacked at load;
+    /// Linux only.
     pub anonymous_memory_bytes: Option<u64>,
+    /// Weights repacked at load into the backend's layout: the process's
+    /// own pages rather than the file's.
+    pub repacked_weight_bytes: u64,
 }
 
 struct Shared {
@@ -366,7 +370,9 @@ impl Engine {
             last_tokens_after_cancel: r.last_tokens_after_cancel,
             max_tokens_after_cancel: r.max_tokens_after_cancel,
             last_error: r.last_error.clone(),
-            anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon"),
+            anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon")
+                .map(|a| a.saturating_sub(loaded.model.repacked_bytes)),
+            repacked_weight_bytes: loaded.model.repacked_bytes,
         }
     }
 
