@@ -42,18 +42,21 @@ if [ -f "$peers/bw.c" ] && gcc -O3 -march=native -ffast-math -fopenmp "$peers/bw
   echo "memory read bandwidth, 2 threads: $bw_gbs GB/s"
 fi
 
-printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp |\n' "$prompt"
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
   kr=() lr=()
   for _ in $(seq "${KILN_BENCH_RUNS:-3}"); do
     kr+=("$("$kiln" bench "$m" --prompt-tokens "$prompt" --decode-tokens "$decode" --json 2>/dev/null | tr -d '\n')")
     lr+=("$("$python" benches/llama_bench.py "$m" "$prompt" "$decode" | tr -d '\n')")
   done
-  # The best of each engine's runs (peak RSS: the largest).
+  # The best of each engine's runs (peak RSS: the largest; load: the
+  # shortest, the file in the page cache).
   best='import json, sys
 rs = [json.loads(a) for a in sys.argv[1:]]
-print(json.dumps({k: max(r.get(k) or 0 for r in rs) for k in ("decode_tokens_per_s", "prompt_tokens_per_s", "peak_rss_bytes")}))'
+b = {k: max(r.get(k) or 0 for r in rs) for k in ("decode_tokens_per_s", "prompt_tokens_per_s", "peak_rss_bytes")}
+b["load_ms"] = min(r.get("load_ms") or 0 for r in rs)
+print(json.dumps(b))'
   k=$("$python" -c "$best" "${kr[@]}")
   l=$("$python" -c "$best" "${lr[@]}")
   c="{}"
@@ -86,6 +89,7 @@ kp, lp, cp = k["prompt_tokens_per_s"], l["prompt_tokens_per_s"], c.get("prompt")
 mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
 print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(cd)} | {r(kd, ld)} | {r(kd, cd)} "
       f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {pct(kd)} / {pct(ld)} "
-      f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} |")
+      f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} "
+      f"| {f(k.get('load_ms'), 0)} / {f(l.get('load_ms'), 0)} |")
 PY
 done

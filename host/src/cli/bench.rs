@@ -19,8 +19,9 @@ pub fn run(
     as_json: bool,
 ) -> CliResult {
     let path = super::run::resolve_model(config, model_arg)?;
-    let start = Instant::now();
     let (exec, device) = super::run::executor(config, backend)?;
+    // Load time: mapping, checks, and repacking for the backend.
+    let start = Instant::now();
     let model = Model::load_for(&path, &exec.target)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let n_vocab = model.config.n_vocab as u32;
