@@ -11,9 +11,9 @@
 # venv .ci/run makes) and a release build of kiln (built here). candle's
 # bench is built from ../shared/peers/candle_bench when that exists
 # (KILN_CANDLE=0 skips it; it is not run on Q5_0 or F16 files, which it
-# has no fast kernels for); the bandwidth from ../shared/peers/bw.c; the
-# bound is that bandwidth over the bytes of weights read per token (the
-# file minus the token embedding). Peak RSS: kiln's VmHWM; llama.cpp's
+# has no fast kernels for); the bandwidth from ../shared/peers/bw.c, around
+# each file; the bound is that bandwidth over the bytes of weights read
+# per token (the file minus the token embedding). Peak RSS: kiln's VmHWM; llama.cpp's
 # ru_maxrss (about 40 MiB of it is Python). 2 threads for every engine.
 # kiln and llama.cpp run KILN_BENCH_RUNS times each (default 3), taking
 # turns, and each one's best speeds count: on a machine whose memory
@@ -36,15 +36,21 @@ if [ "${KILN_CANDLE:-1}" != 0 ] && [ -f "$peers/candle_bench/Cargo.toml" ]; then
   cargo build --release -q --manifest-path "$peers/candle_bench/Cargo.toml" --target-dir target/candle_bench
   candle=target/candle_bench/release/candle_bench
 fi
-bw_gbs=""
+# The bandwidth is measured before and after each file's runs, and the
+# larger counts (the bound is a ceiling): on a shared machine it moves by
+# half within one run.
+bw=""
 if [ -f "$peers/bw.c" ] && gcc -O3 -march=native -ffast-math -fopenmp "$peers/bw.c" -o target/bw 2>/dev/null; then
-  bw_gbs=$(OMP_NUM_THREADS=2 target/bw 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p')
-  echo "memory read bandwidth, 2 threads: $bw_gbs GB/s"
+  bw=target/bw
 fi
+bandwidth() {
+  if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
+}
 
-printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp |\n' "$prompt"
-printf '|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
+  bw_before=$(bandwidth)
   kr=() lr=()
   for _ in $(seq "${KILN_BENCH_RUNS:-3}"); do
     kr+=("$("$kiln" bench "$m" --prompt-tokens "$prompt" --decode-tokens "$decode" --json 2>/dev/null | tr -d '\n')")
@@ -57,6 +63,7 @@ rs = [json.loads(a) for a in sys.argv[1:]]
 b = {k: max(r.get(k) or 0 for r in rs) for k in ("decode_tokens_per_s", "prompt_tokens_per_s", "peak_rss_bytes")}
 b["load_ms"] = min(r.get("load_ms") or 0 for r in rs)
 print(json.dumps(b))'
+  bw_gbs=$("$python" -c 'import sys; print(max([float(v) for v in sys.argv[1:] if v] or [0]))' "$bw_before" "$(bandwidth)")
   k=$("$python" -c "$best" "${kr[@]}")
   l=$("$python" -c "$best" "${lr[@]}")
   c="{}"
@@ -90,6 +97,6 @@ mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
 print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(cd)} | {r(kd, ld)} | {r(kd, cd)} "
       f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {pct(kd)} / {pct(ld)} "
       f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} "
-      f"| {f(k.get('load_ms'), 0)} / {f(l.get('load_ms'), 0)} |")
+      f"| {f(k.get('load_ms'), 0)} / {f(l.get('load_ms'), 0)} | {f(bw)} |")
 PY
 done
