@@ -94,9 +94,9 @@ pub fn run(
     );
     if let Some(anon) = report.server_anonymous_memory_mib {
         println!(
-            "  server memory beyond the weights: {anon:.1} MiB (weights paged in: {:.1} MiB, repacked at load: {:.1} MiB)",
+            "  server memory beyond the weights: {anon:.1} MiB (weights paged in: {:.1} MiB, read into memory to repack: {:.1} MiB)",
             report.server_file_backed_memory_mib.unwrap_or(0.0),
-            report.server_repacked_weights_mib
+            report.server_copied_weights_mib
         );
     }
     if let Some(ws) = report.status.get("workspace") {

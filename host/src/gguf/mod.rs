@@ -14,7 +14,7 @@
 mod read;
 mod write;
 
-pub use read::{GgufFile, TensorInfo, populate_for_writing};
+pub use read::{GgufFile, TensorInfo};
 pub use write::{GgufWriter, TensorSpec};
 
 use std::fmt;

@@ -73,8 +73,7 @@ fn is_matrix_weight(name: &str) -> bool {
 }
 
 /// Rewrites rows of `row` bytes from `from` to `to` in place, on the CPU
-/// backend's thread count (`KILN_THREADS`): writing each page once is
-/// most of the cost.
+/// backend's thread count (`KILN_THREADS`).
 fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
     assert_eq!(
         (from, to),
@@ -86,7 +85,6 @@ fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
     std::thread::scope(|s| {
         for part in data.chunks_mut(rows_per * row) {
             s.spawn(move || {
-                crate::gguf::populate_for_writing(part);
                 part.chunks_exact_mut(row)
                     .for_each(kiln_plugin_api::interleave::pack_q5_0_x16)
             });
@@ -99,9 +97,10 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub load_ms: f64,
-    /// Bytes of weights repacked at load ([`Model::load_for`]): this
-    /// process's own pages (anonymous memory) rather than the file's.
-    pub repacked_bytes: u64,
+    /// Bytes of the file read into this process's own memory to repack
+    /// weights ([`Model::load_for`]): anonymous memory rather than the
+    /// file's pages; 0 for a mapped file.
+    pub copied_bytes: u64,
 }
 
 impl Model {
@@ -113,11 +112,12 @@ impl Model {
     }
 
     /// As [`Model::load`], with the matrix weights in the layout `target`
-    /// wants ([`Backend::weight_layout`]): the built-in CPU
-    /// backend on AVX-512 takes Q5_0 interleaved, repacked here in place
-    /// in a private mapping, so memory stays one copy of the file (a
-    /// written page replaces the page cache's in this process). The file
-    /// is never written. Costs one pass over those weights at load.
+    /// wants ([`Backend::weight_layout`]): the built-in CPU backend on
+    /// AVX-512 takes Q5_0 interleaved. A model with such weights is read
+    /// into this process's memory ([`GgufFile::open_copy`]: huge pages,
+    /// instead of the file's map) and repacked there in place, so memory
+    /// stays one copy of the file; the file is never written. Costs one
+    /// read of the file and one pass over those weights at load.
     pub fn load_for(path: &Path, target: &Arc<Backend>) -> Result<Arc<Model>, ModelError> {
         Model::load_with(path, |d| target.weight_layout(d))
     }
@@ -133,27 +133,28 @@ impl Model {
             peek
         } else {
             drop(peek);
-            GgufFile::open_private(path)?
+            GgufFile::open_copy(path)?
         };
         let config = ModelConfig::from_gguf(&file)?;
-        let mut repacked_bytes = 0;
-        // Repacked pages first: populating pages not yet mapped needs no
-        // TLB flush, and the prefault below then skips them.
+        let copied_bytes = if repack.is_empty() {
+            0
+        } else {
+            file.bytes().len() as u64
+        };
         for i in repack {
             let (dtype, k) = (file.tensors[i].dtype, file.tensors[i].ne[0] as usize);
             let to = layout(dtype);
             let row = dtype.row_bytes(k).expect("checked by ModelConfig");
-            let data = file.tensor_data_mut(i).expect("a private mapping");
+            let data = file.tensor_data_mut(i).expect("a copy in memory");
             repack_rows(dtype, to, data, row);
             file.tensors[i].dtype = to;
-            repacked_bytes += file.tensors[i].size;
         }
         file.prefault();
         Ok(Arc::new(Model {
             file,
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
-            repacked_bytes,
+            copied_bytes,
         }))
     }
 

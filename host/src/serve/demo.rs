@@ -251,13 +251,13 @@ pub struct SessionReport {
     pub prefix_cache_hit_rate: f64,
     /// Share of requests answered from the completion cache.
     pub completion_cache_hit_rate: f64,
-    /// Resident memory of the server beyond its weights (RssAnon less the
-    /// weights repacked at load).
+    /// Resident memory of the server beyond its weights (RssAnon less a
+    /// model file read into memory to repack its weights).
     pub server_anonymous_memory_mib: Option<f64>,
     pub server_file_backed_memory_mib: Option<f64>,
-    /// Weights repacked at load into the backend's layout (anonymous
-    /// memory that replaces their file pages).
-    pub server_repacked_weights_mib: f64,
+    /// A model file read into memory to repack its weights for the
+    /// backend (anonymous memory in place of the file's pages).
+    pub server_copied_weights_mib: f64,
     pub status: Json,
     pub keystrokes: Vec<Keystroke>,
 }
@@ -484,8 +484,8 @@ pub fn typing_session(
     }
     let status = c.request("kiln/status", Json::Null).map_err(io)?["result"].clone();
     let pid = c.pid();
-    let repacked = status["repacked_weight_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
-    let anon = proc_status_mib(pid, "RssAnon").map(|a| (a - repacked).max(0.0));
+    let copied = status["copied_weight_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
+    let anon = proc_status_mib(pid, "RssAnon").map(|a| (a - copied).max(0.0));
     let file = proc_status_mib(pid, "RssFile");
     let code = c.close().map_err(io)?;
     if !code.success() {
@@ -508,7 +508,7 @@ pub fn typing_session(
         completion_cache_hit_rate: hits as f64 / keys.len().max(1) as f64,
         server_anonymous_memory_mib: anon,
         server_file_backed_memory_mib: file,
-        server_repacked_weights_mib: repacked,
+        server_copied_weights_mib: copied,
         status,
         keystrokes: keys,
     })

@@ -207,12 +207,12 @@ pub struct Status {
     pub max_tokens_after_cancel: usize,
     pub last_error: Option<String>,
     /// Resident memory of this process beyond its weights, in bytes:
-    /// anonymous memory (`RssAnon`) less the weights repacked at load;
-    /// Linux only.
+    /// anonymous memory (`RssAnon`) less a model file read into memory to
+    /// repack its weights; Linux only.
     pub anonymous_memory_bytes: Option<u64>,
-    /// Weights repacked at load into the backend's layout: the process's
-    /// own pages rather than the file's.
-    pub repacked_weight_bytes: u64,
+    /// The model file read into memory to repack its weights for the
+    /// backend (0 when the file is mapped).
+    pub copied_weight_bytes: u64,
 }
 
 struct Shared {
@@ -371,8 +371,8 @@ impl Engine {
             max_tokens_after_cancel: r.max_tokens_after_cancel,
             last_error: r.last_error.clone(),
             anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon")
-                .map(|a| a.saturating_sub(loaded.model.repacked_bytes)),
-            repacked_weight_bytes: loaded.model.repacked_bytes,
+                .map(|a| a.saturating_sub(loaded.model.copied_bytes)),
+            copied_weight_bytes: loaded.model.copied_bytes,
         }
     }
 
