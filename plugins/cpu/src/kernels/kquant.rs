@@ -900,17 +900,7 @@ mod x86 {
                     );
                 }
                 for (bits, to) in [(&d, d_p), (&dmin, dmin_p)] {
-                    let v = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
-                    _mm512_storeu_pd(
-                        to.add(b * GEMM_ROWS),
-                        _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                    );
-                    _mm512_storeu_pd(
-                        to.add(b * GEMM_ROWS + 8),
-                        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                            _mm512_castps_pd(v),
-                        ))),
-                    );
+                    crate::kernels::lanes::store_scales(to, b, bits);
                 }
             }
         }

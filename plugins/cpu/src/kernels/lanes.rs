@@ -105,3 +105,38 @@ pub unsafe fn store_transposed(codes: *mut u8, first: usize, u: &[__m256i; 16]) 
         }
     }
 }
+
+/// Sixteen f32s as two registers of eight f64s (lanes 0..8, 8..16).
+///
+/// # Safety
+/// AVX-512 F is enabled by the caller.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn widen_ps(v: __m512) -> [__m512d; 2] {
+    // SAFETY: register operations only (the caller's features).
+    unsafe {
+        [
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            ))),
+        ]
+    }
+}
+
+/// Block `b`'s 16 weight scales (f16 bits, row `n` at `bits[n]`) into a
+/// GEMM scratch of f64s, 16 a block.
+///
+/// # Safety
+/// AVX-512 F and F16C are enabled by the caller; block `b`'s 16
+/// scales are inside the scratch at `dw_p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn store_scales(dw_p: *mut f64, b: usize, bits: &[u16; ROWS]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let dw = widen_ps(_mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast())));
+        _mm512_storeu_pd(dw_p.add(b * ROWS), dw[0]);
+        _mm512_storeu_pd(dw_p.add(b * ROWS + 8), dw[1]);
+    }
+}

@@ -861,12 +861,7 @@ mod x86 {
                 ];
             }
             let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(&win, &fields[0])));
-            let dw = [
-                _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                    _mm512_castps_pd(dw),
-                ))),
-            ];
+            let dw = crate::kernels::lanes::widen_ps(dw);
             let (qh, first_code, shift) = if Q5 {
                 (gather(&win, &fields[1]), 2, 4)
             } else {
@@ -928,12 +923,7 @@ mod x86 {
                 let p = w.as_ptr().add(g * GROUP);
                 crate::kernels::prefetch(p, GROUP);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-                let dw = [
-                    _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
-                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                        _mm512_castps_pd(dw),
-                    ))),
-                ];
+                let dw = crate::kernels::lanes::widen_ps(dw);
                 let mut lo = [_mm512_setzero_si512(); R];
                 let mut hi = [_mm512_setzero_si512(); R];
                 for (lo, x) in lo.iter_mut().zip(xs) {
@@ -985,12 +975,7 @@ mod x86 {
         // SAFETY: the caller's contract.
         unsafe {
             let dx = _mm512_loadu_ps(x.d.as_ptr().add(g * LANE_BLOCKS));
-            let dx = [
-                _mm512_cvtps_pd(_mm512_castps512_ps256(dx)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                    _mm512_castps_pd(dx),
-                ))),
-            ];
+            let dx = crate::kernels::lanes::widen_ps(dx);
             acc[0] = _mm512_fmadd_pd(
                 _mm512_mul_pd(dw[0], dx[0]),
                 _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum)),
@@ -1051,17 +1036,7 @@ mod x86 {
             // scales are inside the scratch.
             unsafe {
                 crate::kernels::lanes::store_transposed(codes_p, b * 8, &u);
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
-                _mm512_storeu_pd(
-                    dw_p.add(b * GEMM_ROWS),
-                    _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
-                );
-                _mm512_storeu_pd(
-                    dw_p.add(b * GEMM_ROWS + 8),
-                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                        _mm512_castps_pd(dw),
-                    ))),
-                );
+                crate::kernels::lanes::store_scales(dw_p, b, &bits);
             }
         }
         let rows = ws.len();
@@ -1143,17 +1118,7 @@ mod x86 {
             let b = g * LANE_BLOCKS + i;
             // SAFETY: block b's 16 scales are inside the scratch.
             unsafe {
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
-                _mm512_storeu_pd(
-                    dw_p.add(b * GEMM_ROWS),
-                    _mm512_cvtps_pd(_mm512_castps512_ps256(dw)),
-                );
-                _mm512_storeu_pd(
-                    dw_p.add(b * GEMM_ROWS + 8),
-                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                        _mm512_castps_pd(dw),
-                    ))),
-                );
+                crate::kernels::lanes::store_scales(dw_p, b, bits);
             }
         }
     }
