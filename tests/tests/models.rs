@@ -405,7 +405,7 @@ fn repacked_weights_give_the_bits_of_the_file_layout() {
     } else {
         0
     };
-    assert_eq!(packed.copied_bytes, copied);
+    assert_eq!(packed.file.copied_bytes(), copied);
     let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37 % 290) as u32).collect();
     for backend in [Backend::builtin_cpu(), Backend::reference_cpu()] {
         let run = |m| {

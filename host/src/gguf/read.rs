@@ -236,35 +236,6 @@ impl GgufFile {
         GgufFile::parse(path, Storage::Mapped(map))
     }
 
-    /// As [`GgufFile::open`], with the file read into anonymous memory on
-    /// transparent huge pages, writable, so that tensors can be rewritten
-    /// in place ([`GgufFile::tensor_data_mut`]). One copy in memory, as a
-    /// mapped file is once paged in; the file is never written. Huge pages
-    /// because decode reads every weight once a token: 2 MiB pages read
-    /// about 10 % faster than the 4 KiB ones a mapped file (or a
-    /// copy-on-write map of it) mostly gets, and the copy costs less than
-    /// a page fault per 4 KiB.
-    pub fn open_copy(path: &Path) -> Result<GgufFile, GgufError> {
-        let err = |what: String| GgufError {
-            path: path.to_path_buf(),
-            offset: None,
-            what,
-        };
-        let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| err(format!("cannot read its size: {e}")))?
-            .len() as usize;
-        let mut map = MmapOptions::new()
-            .len(len.max(1))
-            .map_anon()
-            .map_err(|e| err(format!("cannot allocate {len} bytes for it: {e}")))?;
-        // A hint: without transparent huge pages the copy still works.
-        let _ = map.advise(memmap2::Advice::HugePage);
-        read_in_parallel(&file, &mut map[..len]).map_err(|e| err(format!("cannot read: {e}")))?;
-        GgufFile::parse(path, Storage::Copied(map))
-    }
-
     /// Parses bytes already in memory; `name` stands in for the path in errors.
     pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         GgufFile::parse(name, Storage::Owned(bytes))
@@ -439,8 +410,58 @@ impl GgufFile {
         &self.map[start..start + t.size as usize]
     }
 
-    /// The bytes of tensor `i`, writable: for a file opened with
-    /// [`GgufFile::open_copy`] or from bytes, `None` for a read-only map.
+    /// Replaces the map with the file's bytes read into anonymous memory
+    /// on transparent huge pages, writable, so that tensors can be
+    /// rewritten in place ([`GgufFile::tensor_data_mut`]); the parsed
+    /// metadata stays. One copy in memory, as a mapped file is once paged
+    /// in; the file is never written. Huge pages because decode reads
+    /// every weight once a token: 2 MiB pages read about 10 % faster than
+    /// the 4 KiB ones a mapped file (or a copy-on-write map of it) mostly
+    /// gets, and the copy costs less than a page fault per 4 KiB. Does
+    /// nothing for a file already in memory.
+    pub fn copy_into_memory(&mut self) -> Result<(), GgufError> {
+        let Storage::Mapped(mapped) = &self.map else {
+            return Ok(());
+        };
+        let len = mapped.len();
+        let err = |what: String| GgufError {
+            path: self.path.clone(),
+            offset: None,
+            what,
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let now = file
+            .metadata()
+            .map_err(|e| err(format!("cannot read its size: {e}")))?
+            .len();
+        if now != len as u64 {
+            return Err(err(format!(
+                "changed while loading ({len} bytes when opened, {now} now); load it again"
+            )));
+        }
+        let mut copy = MmapOptions::new()
+            .len(len.max(1))
+            .map_anon()
+            .map_err(|e| err(format!("cannot allocate {len} bytes for it: {e}")))?;
+        // A hint: without transparent huge pages the copy still works.
+        let _ = copy.advise(memmap2::Advice::HugePage);
+        read_in_parallel(&file, &mut copy[..len]).map_err(|e| err(format!("cannot read: {e}")))?;
+        self.map = Storage::Copied(copy);
+        Ok(())
+    }
+
+    /// Bytes of the file held in anonymous memory by
+    /// [`GgufFile::copy_into_memory`]; 0 while it is mapped.
+    pub fn copied_bytes(&self) -> u64 {
+        match &self.map {
+            Storage::Copied(_) => self.map.len() as u64,
+            Storage::Mapped(_) | Storage::Owned(_) => 0,
+        }
+    }
+
+    /// The bytes of tensor `i`, writable: once the file is
+    /// [copied into memory](GgufFile::copy_into_memory) or read from bytes,
+    /// `None` for a read-only map.
     pub fn tensor_data_mut(&mut self, i: usize) -> Option<&mut [u8]> {
         let t = &self.tensors[i];
         let start = (self.data_offset + t.offset) as usize;

@@ -97,10 +97,6 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub load_ms: f64,
-    /// Bytes of the file read into this process's own memory to repack
-    /// weights ([`Model::load_for`]): anonymous memory rather than the
-    /// file's pages; 0 for a mapped file.
-    pub copied_bytes: u64,
 }
 
 impl Model {
@@ -114,7 +110,7 @@ impl Model {
     /// As [`Model::load`], with the matrix weights in the layout `target`
     /// wants ([`Backend::weight_layout`]): the built-in CPU backend on
     /// AVX-512 takes Q5_0 interleaved. A model with such weights is read
-    /// into this process's memory ([`GgufFile::open_copy`]: huge pages,
+    /// into this process's memory ([`GgufFile::copy_into_memory`]: huge pages,
     /// instead of the file's map) and repacked there in place, so memory
     /// stays one copy of the file; the file is never written. Costs one
     /// read of the file and one pass over those weights at load.
@@ -124,37 +120,29 @@ impl Model {
 
     fn load_with(path: &Path, layout: impl Fn(DType) -> DType) -> Result<Arc<Model>, ModelError> {
         let start = Instant::now();
-        let peek = GgufFile::open(path)?;
-        let repack: Vec<usize> = (peek.tensors.iter().enumerate())
-            .filter(|(_, t)| is_matrix_weight(&t.name) && layout(t.dtype) != t.dtype)
-            .map(|(i, _)| i)
-            .collect();
-        let mut file = if repack.is_empty() {
-            peek
-        } else {
-            drop(peek);
-            GgufFile::open_copy(path)?
-        };
+        let mut file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
-        let copied_bytes = if repack.is_empty() {
-            0
+        let repack: Vec<(usize, DType)> = (file.tensors.iter().enumerate())
+            .filter(|(_, t)| is_matrix_weight(&t.name))
+            .map(|(i, t)| (i, layout(t.dtype)))
+            .filter(|&(i, to)| to != file.tensors[i].dtype)
+            .collect();
+        if repack.is_empty() {
+            file.prefault();
         } else {
-            file.bytes().len() as u64
-        };
-        for i in repack {
-            let (dtype, k) = (file.tensors[i].dtype, file.tensors[i].ne[0] as usize);
-            let to = layout(dtype);
-            let row = dtype.row_bytes(k).expect("checked by ModelConfig");
-            let data = file.tensor_data_mut(i).expect("a copy in memory");
-            repack_rows(dtype, to, data, row);
+            file.copy_into_memory()?;
+        }
+        for (i, to) in repack {
+            let t = &file.tensors[i];
+            let (from, row) = (t.dtype, t.dtype.row_bytes(t.ne[0] as usize));
+            let row = row.expect("checked by ModelConfig");
+            repack_rows(from, to, file.tensor_data_mut(i).expect("in memory"), row);
             file.tensors[i].dtype = to;
         }
-        file.prefault();
         Ok(Arc::new(Model {
             file,
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
-            copied_bytes,
         }))
     }
 

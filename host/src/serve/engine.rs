@@ -371,8 +371,8 @@ impl Engine {
             max_tokens_after_cancel: r.max_tokens_after_cancel,
             last_error: r.last_error.clone(),
             anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon")
-                .map(|a| a.saturating_sub(loaded.model.copied_bytes)),
-            copied_weight_bytes: loaded.model.copied_bytes,
+                .map(|a| a.saturating_sub(loaded.model.file.copied_bytes())),
+            copied_weight_bytes: loaded.model.file.copied_bytes(),
         }
     }
 
