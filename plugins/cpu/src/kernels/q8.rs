@@ -164,7 +164,7 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
                     _ => x86::dot_lanes_x16::<4>(w, xs, out),
                 };
             }
-            if dtype != DType::Q5_0X16 && xs.iter().all(|x| takes_lanes(dtype, x)) {
+            if xs.iter().all(|x| takes_lanes(dtype, x)) {
                 let q5 = dtype == DType::Q5_0;
                 return match (xs.len(), q5) {
                     (1, false) => x86::dot_lanes::<1, false>(w, xs, out),
@@ -804,10 +804,10 @@ mod x86 {
         out: &mut [f32],
     ) {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
-        let (dtype, s, offset) = if Q5 {
-            (DType::Q5_0, Q5_0_BYTES, 16)
+        let (dtype, s) = if Q5 {
+            (DType::Q5_0, Q5_0_BYTES)
         } else {
-            (DType::Q4_0, Q4_0_BYTES, 8)
+            (DType::Q4_0, Q4_0_BYTES)
         };
         let nb = xs[0].d.len();
         let groups = nb / LANE_BLOCKS;
@@ -825,14 +825,56 @@ mod x86 {
                 }
             }
         }
-        let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
-        for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
-            let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
-            for b in groups * LANE_BLOCKS..nb {
-                // SAFETY: block b is inside `w` and `x`.
-                total += unsafe { block_sum(dtype, w, x, b, offset, prod) };
+        // SAFETY: the caller's contract.
+        unsafe { finish(dtype, w, xs, &acc, out) };
+    }
+
+    /// Each row's result: its lanes' f64 sums, plus the blocks after the
+    /// last whole group of 16 (plain `dtype` blocks, as in any row).
+    ///
+    /// # Safety
+    /// As [`dot_lanes`]; `dtype` is Q4_0 or Q5_0.
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        dtype: DType,
+        w: &[u8],
+        xs: &[&Q8Row; R],
+        acc: &[[__m512d; 2]; R],
+        out: &mut [f32],
+    ) {
+        let nb = xs[0].d.len();
+        let offset = super::code_offset(dtype);
+        // SAFETY: the caller's contract (features, blocks inside `w`, `x`).
+        unsafe {
+            let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
+            for ((x, acc), o) in xs.iter().zip(acc).zip(out.iter_mut()) {
+                let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+                for b in nb / LANE_BLOCKS * LANE_BLOCKS..nb {
+                    total += block_sum(dtype, w, x, b, offset, prod);
+                }
+                *o = total as f32;
             }
-            *o = total as f32;
+        }
+    }
+
+    /// Each row's integer sums for group `g` start from −offset·Σx (the
+    /// codes are unsigned: offset 8 or 16, `1 << shift`).
+    ///
+    /// # Safety
+    /// AVX-512 F is enabled by the caller; group `g` is inside every row.
+    #[inline(always)]
+    unsafe fn offset_sums<const R: usize>(xs: &[&Q8Row; R], g: usize, shift: i32) -> [__m512i; R] {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut lo = [_mm512_setzero_si512(); R];
+            for (lo, x) in lo.iter_mut().zip(xs) {
+                let sums = _mm512_loadu_si512(x.sums.as_ptr().add(g * LANE_BLOCKS).cast());
+                *lo = _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)),
+                );
+            }
+            lo
         }
     }
 
@@ -867,16 +909,8 @@ mod x86 {
             } else {
                 (_mm512_setzero_si512(), 1, 3)
             };
-            // Codes are unsigned (offset 8 or 16): start from −offset·Σx.
-            let mut lo = [_mm512_setzero_si512(); R];
+            let mut lo = offset_sums(xs, g, shift);
             let mut hi = [_mm512_setzero_si512(); R];
-            for (lo, x) in lo.iter_mut().zip(xs) {
-                let sums = _mm512_loadu_si512(x.sums.as_ptr().add(g * LANE_BLOCKS).cast());
-                *lo = _mm512_sub_epi32(
-                    _mm512_setzero_si512(),
-                    _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)),
-                );
-            }
             let m4 = _mm512_set1_epi8(0x0f);
             for k in 0..4 {
                 let v = gather(&win, &fields[first_code + k]);
@@ -924,12 +958,8 @@ mod x86 {
                 crate::kernels::prefetch(p, GROUP);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
                 let dw = crate::kernels::lanes::widen_ps(dw);
-                let mut lo = [_mm512_setzero_si512(); R];
+                let mut lo = offset_sums(xs, g, 4);
                 let mut hi = [_mm512_setzero_si512(); R];
-                for (lo, x) in lo.iter_mut().zip(xs) {
-                    let sums = _mm512_loadu_si512(x.sums.as_ptr().add(g * LANE_BLOCKS).cast());
-                    *lo = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<4>(sums));
-                }
                 for k in 0..4 {
                     let (low, high) = x16_codes(p, k);
                     for r in 0..R {
@@ -947,16 +977,9 @@ mod x86 {
                 }
             }
         }
-        let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
-        for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
-            let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
-            for b in groups * LANE_BLOCKS..nb {
-                // SAFETY: block b is inside `w` and `x`; the row's tail
-                // blocks are plain Q5_0 at their usual place.
-                total += unsafe { block_sum(DType::Q5_0, w, x, b, 16, prod) };
-            }
-            *o = total as f32;
-        }
+        // SAFETY: the caller's contract; the row's tail blocks are plain
+        // Q5_0 at their usual place.
+        unsafe { finish(DType::Q5_0, w, xs, &acc, out) };
     }
 
     /// Adds a group's 16 integer block sums (lane `i`: block `i`), scaled
