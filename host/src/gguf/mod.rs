@@ -299,6 +299,35 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_in_memory_holds_the_files_bytes_and_refuses_a_changed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_sample(dir.path());
+        let mut f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.copied_bytes(), 0);
+        assert!(f.tensor_data_mut(0).is_none(), "a mapped file is read-only");
+        f.copy_into_memory().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(f.copied_bytes(), on_disk.len() as u64);
+        assert_eq!(f.bytes(), &on_disk[..]);
+        f.tensor_data_mut(0).unwrap().fill(0xAB);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            on_disk,
+            "the file was written"
+        );
+
+        let mut g = GgufFile::open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &[0; 7]).unwrap();
+        let err = g.copy_into_memory().unwrap_err().to_string();
+        assert!(err.contains("changed while loading"), "{err}");
+        assert_eq!(g.copied_bytes(), 0);
+    }
+
+    #[test]
     fn an_unfinished_write_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.gguf");
