@@ -178,28 +178,27 @@ pub fn add(
     let total = std::fs::metadata(file).map_err(io(file))?.len();
     let dir = blobs_dir(config);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let tmp = dir.join(format!(".incoming-{}", std::process::id()));
+    let tmp = dir.join(format!(
+        "{INCOMING}{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
     let hash = copy_hashing(file, &tmp, |done| progress(done, total))?;
     let blob = dir.join(format!("sha256-{hash}"));
-    let result = (|| {
-        let copy = hash_file(&tmp, |_| {})?;
-        if copy != hash {
-            return Err(StoreError::CopyMismatch {
-                path: file.to_path_buf(),
-                copy,
-                source_hash: hash.clone(),
+    let copy = match hash_file(&tmp, |_| {}) {
+        Ok(copy) if copy == hash => copy,
+        other => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(match other {
+                Ok(copy) => StoreError::CopyMismatch {
+                    path: file.to_path_buf(),
+                    copy,
+                    source_hash: hash,
+                },
+                Err(e) => e,
             });
         }
-        std::fs::rename(&tmp, &blob).map_err(io(&blob))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&dir))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
+    };
     let parent = model
         .file
         .get(PARENT_KEY)
@@ -207,14 +206,113 @@ pub fn add(
         .map(str::to_string);
     let new = NewModel {
         name,
-        sha256: hash,
-        blob_path: blob,
+        sha256: copy,
+        blob_path: blob.clone(),
         architecture: model.config.arch.name().to_string(),
         quant_type: quant_type(&model.file),
         size_bytes: total,
         parent_sha256: parent,
     };
-    Ok(registry.add_model(&new, actor)?)
+    // Publishing the blob and recording it happen under the store's lock,
+    // so that a blob no record names is always garbage (see `orphans`).
+    let _lock = StoreLock::acquire(&dir)?;
+    let existed = blob.exists();
+    let published = std::fs::rename(&tmp, &blob)
+        .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Io {
+            path: blob,
+            source: e,
+        });
+    }
+    let recorded = registry.add_model(&new, actor);
+    if recorded.is_err() && !existed && !registry.blob_in_use(&new.sha256).unwrap_or(true) {
+        // Nothing names the new blob: take it back.
+        let _ = std::fs::remove_file(&blob);
+    }
+    Ok(recorded?)
+}
+
+/// Temporary copies are named `.incoming-<pid>-<random>` until published.
+const INCOMING: &str = ".incoming-";
+
+/// An exclusive lock on the store (`blobs/.lock`), held while a blob is
+/// published and recorded and while orphans are looked for; released
+/// when dropped (or when the process dies).
+struct StoreLock {
+    _file: std::fs::File,
+}
+
+impl StoreLock {
+    fn acquire(dir: &Path) -> Result<StoreLock, StoreError> {
+        let path = dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        f.lock().map_err(io(&path))?;
+        Ok(StoreLock { _file: f })
+    }
+}
+
+/// A file in the store that no registered model uses.
+#[derive(Clone, Debug, Serialize)]
+pub struct Orphan {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// `blob` (a published blob no version names: an add that failed or
+    /// was killed before recording it) or `incoming` (the copy of an add
+    /// whose process is gone).
+    pub kind: &'static str,
+}
+
+/// Files in the store that no registered model uses, found under the
+/// store's lock. With `remove`, they are deleted.
+pub fn orphans(
+    config: &Config,
+    registry: &Registry,
+    remove: bool,
+) -> Result<Vec<Orphan>, StoreError> {
+    let dir = blobs_dir(config);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _lock = StoreLock::acquire(&dir)?;
+    let used: std::collections::HashSet<PathBuf> = registry
+        .models()?
+        .into_iter()
+        .map(|m| m.blob_path)
+        .collect();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let entry = entry.map_err(io(&dir))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = if name.starts_with("sha256-") {
+            if used.contains(&path) {
+                continue;
+            }
+            "blob"
+        } else if let Some(rest) = name.strip_prefix(INCOMING) {
+            let pid = rest.split('-').next().unwrap_or("");
+            if Path::new("/proc").join(pid).exists() && !pid.is_empty() {
+                continue; // an add still copying
+            }
+            "incoming"
+        } else {
+            continue;
+        };
+        let bytes = entry.metadata().map_or(0, |m| m.len());
+        if remove {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        out.push(Orphan { path, bytes, kind });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
 }
 
 fn copy_hashing(

@@ -36,6 +36,15 @@ pub struct TokenizerError {
     pub what: String,
 }
 
+/// Why [`Tokenizer::encode_within`] gave no tokens.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EncodeError {
+    #[error("the text has at least {at_least} tokens, more than the {limit} that fit")]
+    TooLong { at_least: usize, limit: usize },
+    #[error("{0}")]
+    Failed(String),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VocabKind {
     /// SentencePiece (Llama 2, TinyLlama, CodeLlama, Mistral).
@@ -327,6 +336,58 @@ impl Tokenizer {
             ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// [`Tokenizer::encode`] for text that must fit `limit` tokens, with
+    /// work bounded by the limit rather than by the text: the text is
+    /// counted in pieces of about 8 KiB (cut at line breaks where there
+    /// are any) and refused as soon as the pieces add up to clearly more
+    /// than the limit; only text that may fit is tokenized whole.
+    pub fn encode_within(
+        &self,
+        text: &str,
+        add_bos: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, EncodeError> {
+        const PIECE: usize = 8 << 10;
+        // Pieces tokenized apart may differ from the whole at each cut by
+        // a few tokens (a merge across the cut, a prefix space).
+        const SLACK_PER_PIECE: usize = 4;
+        if text.len() > PIECE {
+            let (mut at, mut counted, mut pieces) = (0, 0, 0);
+            while at < text.len() {
+                let mut end = (at + PIECE).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end += 1;
+                }
+                if end < text.len()
+                    && let Some(nl) = text[at..end].rfind('\n')
+                    && nl > 0
+                {
+                    end = at + nl + 1;
+                }
+                counted += self
+                    .encode(&text[at..end], false)
+                    .map_err(EncodeError::Failed)?
+                    .len();
+                pieces += 1;
+                at = end;
+                if counted > limit + SLACK_PER_PIECE * pieces {
+                    return Err(EncodeError::TooLong {
+                        at_least: counted.saturating_sub(SLACK_PER_PIECE * pieces),
+                        limit,
+                    });
+                }
+            }
+        }
+        let ids = self.encode(text, add_bos).map_err(EncodeError::Failed)?;
+        if ids.len() > limit {
+            return Err(EncodeError::TooLong {
+                at_least: ids.len(),
+                limit,
+            });
+        }
         Ok(ids)
     }
 

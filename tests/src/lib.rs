@@ -3,6 +3,8 @@
 //! with cargo), writing manifests, and running `kiln` against a throwaway
 //! `KILN_HOME`.
 
+pub mod serve;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};

@@ -2,73 +2,17 @@
 //! over stdio (our client, and Neovim's), the HTTP API over TCP (raw
 //! requests, and the `openai` Python package), hostile input of each kind.
 
-use kiln::serve::demo::{Client, write_demo_model};
+use kiln::serve::demo::Client;
+use kiln_tests::serve::{
+    at, demo_model, error_code, http, http_server, initialize, open, post, serve, status,
+};
 use kiln_tests::{Home, python, repo_root};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The generated demo model, written once per test process.
-fn demo_model() -> PathBuf {
-    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("demo.gguf");
-        write_demo_model(&p).unwrap();
-        (dir, p)
-    })
-    .1
-    .clone()
-}
-
-fn serve(home: &Home, extra: &[&str]) -> Client {
-    let model = demo_model();
-    let mut args = vec!["serve", "--model", model.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut cmd = home.command(&args);
-    cmd.env("KILN_THREADS", "1");
-    Client::spawn(cmd).expect("spawn kiln serve")
-}
-
-fn initialize(c: &mut Client, root: &Path, options: Value) -> Value {
-    let r = c
-        .request(
-            "initialize",
-            json!({"processId": null, "rootUri": format!("file://{}", root.display()),
-                   "capabilities": {"window": {"workDoneProgress": true}},
-                   "initializationOptions": options}),
-        )
-        .unwrap();
-    c.notify("initialized", json!({})).unwrap();
-    r
-}
-
-fn open(c: &mut Client, uri: &str, text: &str) {
-    c.notify(
-        "textDocument/didOpen",
-        json!({"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}),
-    )
-    .unwrap();
-}
-
-fn at(uri: &str, line: u32, character: u32) -> Value {
-    json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character}})
-}
-
-fn error_code(r: &Value) -> i64 {
-    r["error"]["code"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("expected an error, got {r}"))
-}
-
-fn status(c: &mut Client) -> Value {
-    let r = c.request("kiln/status", Value::Null).unwrap();
-    r["result"].clone()
-}
 
 #[test]
 fn the_language_server_completes_and_survives_bad_input() {
@@ -423,81 +367,6 @@ fn a_model_that_cannot_load_is_reported_not_fatal() {
 }
 
 // ---------------------------------------------------------------- HTTP
-
-struct HttpServer {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http_server(home: &Home) -> HttpServer {
-    let model = demo_model();
-    let mut child = home
-        .command(&[
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .env("KILN_THREADS", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "kiln serve --http ended"
-        );
-        if let Some(at) = line.find("http://") {
-            break line[at + 7..].trim().to_string();
-        }
-    };
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = err.read_to_string(&mut sink);
-    });
-    HttpServer { child, addr }
-}
-
-/// One HTTP/1.1 request; returns (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
-    let (code, body) = http(addr, "POST", path, v.to_string().as_bytes());
-    (
-        code,
-        serde_json::from_str(&body).unwrap_or(Value::String(body)),
-    )
-}
 
 #[test]
 fn the_http_api_answers_validates_and_keeps_serving() {

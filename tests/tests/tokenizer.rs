@@ -193,6 +193,7 @@ fn parity(name: &str, arch: &str) {
         corpus.len()
     );
     let tok = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();
+    bounded_encoding(&tok, &corpus);
     let ours: Vec<Vec<u32>> = corpus
         .iter()
         .map(|s| tok.encode(s, false).unwrap())
@@ -244,6 +245,40 @@ fn parity(name: &str, arch: &str) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// `encode_within` on texts of 30 KB to 3 MB made of the corpus: the
+/// same tokens as `encode` whenever they fit (never a false refusal), a
+/// refusal whose count is a true lower bound otherwise, and for a text
+/// far over the limit, a refusal after about a limit's worth of work.
+fn bounded_encoding(tok: &Tokenizer, corpus: &[String]) {
+    use kiln::tokenizer::EncodeError;
+    let joined = corpus.join("\n");
+    for copies in [1, 10] {
+        let text = joined.repeat(copies);
+        let exact = tok.encode(&text, true).unwrap();
+        let n = exact.len();
+        for limit in [n, n + 1, n + 100] {
+            assert_eq!(tok.encode_within(&text, true, limit), Ok(exact.clone()));
+        }
+        for limit in [n - 1, n / 2, 100, 0] {
+            match tok.encode_within(&text, true, limit) {
+                Err(EncodeError::TooLong { at_least, .. }) => {
+                    assert!(at_least > limit && at_least <= n, "{at_least} of {n}, limit {limit}")
+                }
+                other => panic!("limit {limit} of {n}: {other:?}"),
+            }
+        }
+    }
+    // Far over the limit: it stopped counting soon after the limit (the
+    // count it gives is where it stopped), not at the text's end.
+    let huge = joined.repeat(100);
+    match tok.encode_within(&huge, true, 4096) {
+        Err(EncodeError::TooLong { at_least, .. }) => {
+            assert!(at_least > 4096 && at_least < 4096 + 8192, "{at_least}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

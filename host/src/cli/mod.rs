@@ -200,10 +200,14 @@ enum ModelsCommand {
     Activate { model: String },
     /// Re-activate the version of NAME that was active before.
     Rollback { name: String },
-    /// Re-hash every blob in the store; report missing or corrupt ones.
+    /// Re-hash every blob in the store; report missing or corrupt ones,
+    /// and files no version uses (left by adds that failed or were killed).
     Verify {
         #[arg(long)]
         json: bool,
+        /// Delete the files no version uses.
+        #[arg(long)]
+        remove_orphans: bool,
     },
 }
 
@@ -454,7 +458,10 @@ fn run(command: Command) -> CliResult {
             ModelsCommand::List { json } => models::list(&config, json),
             ModelsCommand::Activate { model } => models::activate(&config, &model),
             ModelsCommand::Rollback { name } => models::rollback(&config, &name),
-            ModelsCommand::Verify { json } => models::verify(&config, json),
+            ModelsCommand::Verify {
+                json,
+                remove_orphans,
+            } => models::verify(&config, json, remove_orphans),
         },
         Command::Policy(p) => match p {
             PolicyCommand::Add {

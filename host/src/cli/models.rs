@@ -101,17 +101,23 @@ pub fn rollback(config: &Config, name: &str) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify(config: &Config, as_json: bool) -> CliResult {
+pub fn verify(config: &Config, as_json: bool, remove_orphans: bool) -> CliResult {
     let registry = open_registry(config)?;
     let results = store::verify(&registry, |m| eprintln!("kiln: hashing {m}…"))?;
+    let orphans = store::orphans(config, &registry, remove_orphans)?;
     let bad = results
         .iter()
         .filter(|r| !matches!(r.status, BlobStatus::Ok))
-        .count();
+        .count()
+        + if remove_orphans { 0 } else { orphans.len() };
     if as_json {
-        print_json(
-            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "blobs": results, "problems": bad}),
-        );
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "blobs": results,
+            "orphans": orphans,
+            "orphans_removed": remove_orphans,
+            "problems": bad,
+        }));
     } else {
         for r in &results {
             match &r.status {
@@ -125,7 +131,25 @@ pub fn verify(config: &Config, as_json: bool) -> CliResult {
                 ),
             }
         }
-        println!("{} blob(s) checked, {bad} problem(s)", results.len());
+        for o in &orphans {
+            println!(
+                "{}  {} ({}, no model version uses it{})",
+                if remove_orphans { "REMOVED" } else { "ORPHAN " },
+                o.path.display(),
+                human_bytes(o.bytes),
+                if remove_orphans {
+                    ""
+                } else {
+                    "; `kiln models verify --remove-orphans` deletes it"
+                }
+            );
+        }
+        println!(
+            "{} blob(s) checked, {} orphan file(s){}, {bad} problem(s)",
+            results.len(),
+            orphans.len(),
+            if remove_orphans { " removed" } else { "" }
+        );
     }
     Ok(if bad == 0 {
         ExitCode::SUCCESS

@@ -182,7 +182,9 @@ pub fn generate(
     // get fresh logits.
     let cached = session.common_prefix(&req.prompt).min(req.prompt.len() - 1);
     session.truncate(cached);
-    let logits = session.eval(&req.prompt[cached..], LogitsFor::Last)?;
+    let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
+    // A job cancelled during its prompt stops between batches.
+    let logits = session.eval_until(&req.prompt[cached..], LogitsFor::Last, &cancelled)?;
     let prompt_s = start.elapsed().as_secs_f64();
     let mut timings = Timings {
         prompt_tokens: req.prompt.len() - cached,
@@ -190,6 +192,15 @@ pub fn generate(
         time_to_first_token_ms: prompt_s * 1e3,
         prompt_tokens_per_s: (req.prompt.len() - cached) as f64 / prompt_s.max(1e-9),
         ..Timings::default()
+    };
+    let Some(logits) = logits else {
+        timings.prompt_tokens = session.n_past().saturating_sub(cached);
+        return Ok(Generation {
+            token_ids: Vec::new(),
+            text: String::new(),
+            stop_reason: StopReason::Cancelled,
+            timings,
+        });
     };
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut history = req.prompt.clone();
@@ -207,7 +218,6 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut logits = logits;
     let mut reason = StopReason::MaxTokens;
-    let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
     while out_ids.len() < req.max_tokens {
         if cancelled() {
             reason = StopReason::Cancelled;

@@ -107,6 +107,18 @@ impl Session {
     /// last token (`LogitsFor::Last`) or of every token (`All`), each row
     /// `n_vocab` long.
     pub fn eval(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        self.eval_until(tokens, which, &|| false)
+            .map(|r| r.expect("never stopped"))
+    }
+
+    /// [`Session::eval`], asking `stop` before each batch: `None` when it
+    /// said to stop (what was evaluated by then stays in the cache).
+    pub fn eval_until(
+        &mut self,
+        tokens: &[u32],
+        which: LogitsFor,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<f32>>, ModelError> {
         let n_vocab = self.model.config.n_vocab;
         if tokens.is_empty() {
             return Err(ModelError::Invalid("nothing to evaluate: no tokens".into()));
@@ -124,6 +136,9 @@ impl Session {
         let mut out = Vec::new();
         let batches: Vec<&[u32]> = tokens.chunks(self.n_batch).collect();
         for (i, batch) in batches.iter().enumerate() {
+            if stop() {
+                return Ok(None);
+            }
             let last = i + 1 == batches.len();
             // With `Last`, earlier batches only fill the cache; their one
             // row of logits is dropped.
@@ -132,7 +147,7 @@ impl Session {
                 out.extend_from_slice(&rows);
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     fn eval_batch(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {

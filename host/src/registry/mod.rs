@@ -54,6 +54,10 @@ pub enum RegistryError {
         known: u32,
     },
     #[error(
+        "{path} is busy: another kiln process kept it locked for more than {seconds} s. Nothing was changed; try again when that process (a long `kiln models add`, another `kiln serve`) is done"
+    )]
+    Busy { path: PathBuf, seconds: u64 },
+    #[error(
         "{path} is not a usable kiln registry ({source}); move it away (kiln then creates a new one) or restore a backup"
     )]
     Unusable {
@@ -66,13 +70,31 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     #[error("registry error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     /// The request does not fit the registry's state; the message says why.
     #[error("{0}")]
     Refused(String),
 }
 
 type Result<T> = std::result::Result<T, RegistryError>;
+
+/// How long a process waits for another's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// SQLite's "another connection holds the lock", which is no fault of the
+/// file.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+impl From<rusqlite::Error> for RegistryError {
+    fn from(e: rusqlite::Error) -> RegistryError {
+        RegistryError::Sqlite(e)
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -212,7 +234,10 @@ fn audit(
 impl Registry {
     /// Opens (creating if needed) the registry at `path` and brings its
     /// schema up to date. A newer or unreadable database is refused and
-    /// left as it is.
+    /// left as it is. Other kiln processes may hold it at the same time
+    /// (several `kiln serve`, CLI commands): each waits for the others'
+    /// writes, and a lock held too long is reported as busy, never as a
+    /// broken file.
     pub fn open(path: &Path) -> Result<Registry> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| RegistryError::Create {
@@ -220,20 +245,29 @@ impl Registry {
                 source,
             })?;
         }
-        let unusable = |source| RegistryError::Unusable {
-            path: path.to_path_buf(),
-            source,
+        let classify = |source: rusqlite::Error| {
+            if is_busy(&source) {
+                RegistryError::Busy {
+                    path: path.to_path_buf(),
+                    seconds: BUSY_TIMEOUT.as_secs(),
+                }
+            } else {
+                RegistryError::Unusable {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         };
         // Look before writing anything: a read-only connection cannot
         // change the file, not even its journal mode.
         if path.exists() {
             let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(unusable)?;
+                .map_err(classify)?;
             // Another kiln process (or thread) may be migrating it now.
-            ro.busy_timeout(Duration::from_secs(10))?;
+            ro.busy_timeout(BUSY_TIMEOUT)?;
             let found: u32 = ro
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
-                .map_err(unusable)?;
+                .map_err(classify)?;
             if found > SCHEMA_VERSION {
                 return Err(RegistryError::NewerSchema {
                     path: path.to_path_buf(),
@@ -242,20 +276,45 @@ impl Registry {
                 });
             }
         }
-        let mut conn = Connection::open(path).map_err(unusable)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(unusable)?;
+        let mut conn = Connection::open(path).map_err(classify)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Switching to WAL needs the file to itself; once in WAL mode (the
+        // first opener did it) it stays, so others only read the mode.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(classify)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            set_wal(&conn).map_err(classify)?;
+        }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn).map_err(|e| match e {
-            RegistryError::Sqlite(source) => unusable(source),
+            RegistryError::Sqlite(source) => classify(source),
             other => other,
         })?;
         Ok(Registry {
             conn,
             path: path.to_path_buf(),
         })
+    }
+
+    /// A write transaction holding the write lock from its start. A
+    /// deferred one that reads and then writes fails at once when another
+    /// process commits in between (its snapshot is stale, so SQLite cannot
+    /// wait); taking the lock first makes it wait its turn instead.
+    fn write(&mut self) -> Result<Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| {
+                if is_busy(&e) {
+                    RegistryError::Busy {
+                        path: self.path.clone(),
+                        seconds: BUSY_TIMEOUT.as_secs(),
+                    }
+                } else {
+                    RegistryError::Sqlite(e)
+                }
+            })
     }
 
     pub fn path(&self) -> &Path {
@@ -326,7 +385,7 @@ impl Registry {
 
     /// Records a new plugin version and makes it the active one.
     pub fn install(&mut self, new: &NewPlugin, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         stack::refuse_reinstall(
             &tx,
             &stack::PLUGINS,
@@ -378,7 +437,7 @@ impl Registry {
 
     /// `kiln plugins enable NAME[@VERSION]`: makes that version active.
     pub fn enable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let target = Registry::find(&tx, name, version)?;
         let t = stack::activate(
             &tx,
@@ -400,7 +459,7 @@ impl Registry {
         version: Option<&str>,
         actor: &str,
     ) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let target = Registry::find(&tx, name, version)?;
         if target.state == PluginState::Disabled {
             return Err(RegistryError::Refused(format!(
@@ -446,7 +505,7 @@ impl Registry {
     /// `kiln plugins rollback NAME`: re-activates the version that was
     /// active before the current one. Repeated rollbacks walk further back.
     pub fn rollback(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let t = stack::rollback(&tx, &stack::PLUGINS, name, actor)?;
         tx.commit()?;
         Ok(t)
@@ -512,6 +571,20 @@ impl Registry {
             params![backend_key, device_key, score, details.to_string()],
         )?;
         Ok(())
+    }
+}
+
+/// `PRAGMA journal_mode = WAL`, retried while another process holds the
+/// file (the busy handler does not cover a change of journal mode).
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -63,7 +63,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
 impl Registry {
     /// Records a new version of `m.name` and makes it active.
     pub fn add_model(&mut self, m: &NewModel, actor: &str) -> Result<(ModelRecord, Transition)> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let same: Option<u32> = tx
             .query_row(
                 "SELECT version FROM models WHERE name = ?1 AND sha256 = ?2",
@@ -125,6 +125,19 @@ impl Registry {
         Ok((record, t))
     }
 
+    /// Whether any model version's blob has this sha256.
+    pub fn blob_in_use(&self, sha256: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM models WHERE sha256 = ?1 LIMIT 1",
+                [sha256],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     pub fn models(&self) -> Result<Vec<ModelRecord>> {
         let mut stmt = self
             .conn
@@ -169,7 +182,7 @@ impl Registry {
 
     /// `kiln models activate NAME@VERSION`.
     pub fn activate_model(&mut self, name: &str, version: u32, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let id: i64 = tx
             .query_row(
                 "SELECT id FROM models WHERE name = ?1 AND version = ?2",
@@ -189,7 +202,7 @@ impl Registry {
 
     /// `kiln models rollback NAME`.
     pub fn rollback_model(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let t = stack::rollback(&tx, &MODELS, name, actor)?;
         tx.commit()?;
         Ok(t)

@@ -121,7 +121,7 @@ fn activate_for_kind(
 
 impl Registry {
     pub fn add_policy(&mut self, p: &NewPolicy, actor: &str) -> Result<(PolicyRecord, Transition)> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         stack::refuse_reinstall(&tx, &POLICIES, &p.name, &p.version, &p.sha256, "module")?;
         tx.execute(
             &format!(
@@ -211,7 +211,7 @@ impl Registry {
 
     pub fn enable_policy(&mut self, spec: &str, actor: &str) -> Result<Transition> {
         let p = self.require(spec)?;
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let t = activate_for_kind(&tx, p.id, actor, "enable")?;
         tx.commit()?;
         Ok(t)
@@ -225,7 +225,7 @@ impl Registry {
                 p.label()
             )));
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         stack::set_state(&tx, &POLICIES, p.id, "disabled")?;
         audit(
             &tx,
@@ -246,7 +246,7 @@ impl Registry {
     }
 
     pub fn rollback_policy(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let t = stack::rollback(&tx, &POLICIES, name, actor)?;
         tx.commit()?;
         Ok(t)
@@ -261,7 +261,7 @@ impl Registry {
         ok: bool,
         why: Option<&str>,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write()?;
         let row: Option<(i64, String, String, String)> = tx
             .query_row(
                 "SELECT id, name, version, state FROM policies WHERE sha256 = ?1 ORDER BY id DESC LIMIT 1",

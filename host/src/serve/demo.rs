@@ -3,13 +3,13 @@
 //! real `kiln serve` child process over LSP, as an IDE would. The same
 //! driver replays long typing sessions for the latency bench.
 
-use super::lsp::{Frame, read_frame};
+use super::lsp::{Frame, FrameReader};
 use crate::gguf::{GgufWriter, TensorSpec};
 use crate::gguf::{Value, ValueType};
 use kiln_plugin_api::DType;
 use serde::Serialize;
 use serde_json::{Value as Json, json};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -266,7 +266,7 @@ pub struct SessionReport {
 pub struct Client {
     child: Child,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    stdout: FrameReader<ChildStdout>,
     next_id: i64,
     /// Notifications seen while waiting for responses.
     pub notifications: Vec<Json>,
@@ -280,7 +280,7 @@ impl Client {
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdin = child.stdin.take().expect("piped");
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let stdout = FrameReader::new(child.stdout.take().expect("piped"));
         Ok(Client {
             child,
             stdin,
@@ -330,7 +330,7 @@ impl Client {
 
     /// The next message from the server.
     pub fn read(&mut self) -> std::io::Result<Json> {
-        match read_frame(&mut self.stdout)? {
+        match self.stdout.next_frame()? {
             Some(Frame::Json(v)) => Ok(v),
             Some(f) => Err(std::io::Error::other(format!(
                 "bad frame from the server: {f:?}"

@@ -79,6 +79,31 @@ pub enum Event {
     Done(Result<Finished, String>),
 }
 
+/// A submitted job's events. Dropping it (the client went away, the
+/// request was answered) cancels the job if it is still queued or running:
+/// at its next batch of prompt tokens or its next token.
+pub struct Events {
+    rx: UnboundedReceiver<Event>,
+    control: Arc<Control>,
+}
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// [`Events::recv`] for a thread outside the async runtime.
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.control.cancel();
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Finished {
     pub generation: Generation,
@@ -316,7 +341,7 @@ impl Engine {
         doc: Option<String>,
         loaded: Arc<Loaded>,
         mut request: Request,
-    ) -> (Arc<Control>, UnboundedReceiver<Event>) {
+    ) -> (Arc<Control>, Events) {
         let control = Arc::new(Control::default());
         request.control = Some(control.clone());
         let (events, rx) = unbounded_channel();
@@ -340,7 +365,7 @@ impl Engine {
         self.shared.metrics.waiting.set(q.jobs.len as i64);
         drop(q);
         self.shared.wake.notify_one();
-        (control, rx)
+        (control.clone(), Events { rx, control })
     }
 
     pub fn status(&self) -> Status {
@@ -485,7 +510,7 @@ fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: J
         drop(r);
         let _ = job.events.send(Event::Done(result));
     };
-    if job.control.is_cancelled() {
+    if job.control.is_cancelled() || job.events.is_closed() {
         finish(Ok(Finished {
             generation: Generation {
                 token_ids: Vec::new(),

@@ -4,16 +4,18 @@
 //! Handlers wait on the engine's event channel, never on its lock, so
 //! `/metrics` and `/healthz` answer while a generation runs.
 
-use super::engine::{Engine, Event, Finished, Loaded};
+use super::engine::{Engine, Event, Events, Finished, Loaded};
 use crate::model::generate::{Request, StopReason};
 use crate::model::sample::SamplingParams;
+use crate::tokenizer::EncodeError;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::hash_map::DefaultHasher;
@@ -21,8 +23,8 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::UnboundedReceiver;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tower::ServiceExt;
 
 /// Request bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -46,18 +48,46 @@ pub fn router(engine: Engine) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
+/// How long a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves until the process ends. `addr` should be a loopback address;
-/// the caller warns otherwise.
+/// the caller warns otherwise. Each connection is served by hyper with a
+/// deadline for its request headers, so a client that opens connections
+/// and never finishes a request does not hold them forever.
 pub async fn serve(engine: Engine, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(engine).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
+    let router = router(engine);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, a connection reset before it was
+                // accepted: wait a moment and go on serving.
+                eprintln!("kiln: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            // A connection that fails (reset, timed out) concerns only its
+            // client.
+            let _ = connection.await;
+        });
+    }
 }
 
 struct ApiError {
@@ -140,31 +170,80 @@ async fn metrics(State(s): St) -> Response {
 #[derive(Deserialize)]
 struct Common {
     model: Option<String>,
+    #[serde(default, deserialize_with = "integral")]
     max_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "integral")]
     max_completion_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
     stream: Option<bool>,
     stop: Option<Value>,
+    #[serde(default, deserialize_with = "integral")]
     seed: Option<i64>,
+    #[serde(default, deserialize_with = "integral")]
     n: Option<i64>,
     logprobs: Option<Value>,
     echo: Option<bool>,
+    #[serde(default, deserialize_with = "integral")]
     best_of: Option<i64>,
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let bytes = body.map_err(|e| ApiError {
-        status: e.status(),
+/// An integer, also written as a float with no fraction (`4.0`), as
+/// OpenAI's API accepts.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let Some(v) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(i) = v.as_i64() {
+        return Ok(Some(i));
+    }
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+        _ => Err(serde::de::Error::custom(format!("{v} is not an integer"))),
+    }
+}
+
+/// The request's body as a JSON object, read within [`BODY_TIMEOUT`] and
+/// [`MAX_BODY_BYTES`].
+async fn parse_body(req: axum::extract::Request) -> Result<Value, ApiError> {
+    let refused = |status: StatusCode, message: String| ApiError {
+        status,
         kind: "invalid_request_error",
         code: None,
         param: None,
-        message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is larger than {MAX_BODY_BYTES} bytes")
-        } else {
-            e.body_text()
-        },
-    })?;
+        message,
+    };
+    let read = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Err(_) => {
+            return Err(refused(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            return Err(
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    refused(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    )
+                } else {
+                    refused(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body could not be read: {e}"),
+                    )
+                },
+            );
+        }
+        Ok(Ok(bytes)) => bytes,
+    };
     let text = std::str::from_utf8(&bytes)
         .map_err(|e| ApiError::bad(format!("the request body is not valid UTF-8: {e}")))?;
     let v: Value = serde_json::from_str(text)
@@ -299,28 +378,34 @@ fn client_key(addr: &SocketAddr) -> u64 {
 }
 
 /// `text`'s tokens (with the vocabulary's BOS when `add_bos`), refused
-/// when they and `max_tokens` do not fit the context.
-fn encode(
-    loaded: &Loaded,
-    text: &str,
+/// when they and `max_tokens` do not fit the context. Tokenizing runs off
+/// the async runtime, and a prompt far over the context is refused after
+/// about a context's worth of work, whatever its length.
+async fn encode(
+    loaded: &Arc<Loaded>,
+    text: String,
     add_bos: bool,
     max_tokens: usize,
     n_ctx: usize,
 ) -> Result<Vec<u32>, ApiError> {
-    let prompt = loaded.tok.encode(text, add_bos).map_err(ApiError::bad)?;
-    if prompt.len() + max_tokens > n_ctx {
-        return Err(ApiError {
+    let limit = n_ctx.saturating_sub(max_tokens);
+    let l = loaded.clone();
+    let encoded = tokio::task::spawn_blocking(move || l.tok.encode_within(&text, add_bos, limit))
+        .await
+        .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?;
+    match encoded {
+        Ok(prompt) => Ok(prompt),
+        Err(EncodeError::Failed(e)) => Err(ApiError::bad(e)),
+        Err(EncodeError::TooLong { at_least, .. }) => Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
             code: Some("context_length_exceeded"),
             param: Some("prompt"),
             message: format!(
-                "the prompt has {} tokens and max_tokens is {max_tokens}, more than the context of {n_ctx}; shorten the prompt or lower max_tokens",
-                prompt.len()
+                "the prompt has at least {at_least} tokens and max_tokens is {max_tokens}, more than the context of {n_ctx}; shorten the prompt or lower max_tokens"
             ),
-        });
+        }),
     }
-    Ok(prompt)
 }
 
 fn finish_reason(f: &Finished) -> &'static str {
@@ -370,9 +455,9 @@ fn now_s() -> u64 {
 async fn completions(
     State(s): St,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    let v = parse_body(body).await?;
     let loaded = s.engine.loaded();
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 16)?;
@@ -405,7 +490,7 @@ async fn completions(
         }
         Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
     };
-    req.prompt = encode(&loaded, &text, true, req.max_tokens, n_ctx)?;
+    req.prompt = encode(&loaded, text, true, req.max_tokens, n_ctx).await?;
     let (_control, rx) = s
         .engine
         .submit(client_key(&addr), None, loaded.clone(), req);
@@ -503,15 +588,15 @@ fn render_chat(loaded: &Loaded, messages: &Value) -> Result<String, ApiError> {
 async fn chat_completions(
     State(s): St,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    let v = parse_body(body).await?;
     let loaded = s.engine.loaded();
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
     let text = render_chat(&loaded, &v["messages"])?;
     // The rendered template carries its own BOS when it wants one.
-    req.prompt = encode(&loaded, &text, false, req.max_tokens, n_ctx)?;
+    req.prompt = encode(&loaded, text, false, req.max_tokens, n_ctx).await?;
     let (_control, rx) = s
         .engine
         .submit(client_key(&addr), None, loaded.clone(), req);
@@ -559,7 +644,7 @@ fn engine_error(e: String) -> ApiError {
     }
 }
 
-async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Finished, ApiError> {
+async fn collect(mut rx: Events) -> Result<Finished, ApiError> {
     loop {
         match rx.recv().await {
             Some(Event::Text(_)) => {}
@@ -573,7 +658,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Finished, ApiError>
 /// Dropping the stream (the client left) drops the receiver, which cancels
 /// the generation at its next token.
 fn sse(
-    rx: UnboundedReceiver<Event>,
+    rx: Events,
     chunk: impl FnMut(&str, Option<&str>, Option<Value>) -> Value + Send + 'static,
 ) -> Response {
     let stream = futures_util::stream::unfold((Some(rx), chunk), |(rx, mut chunk)| async move {

@@ -1,12 +1,15 @@
 //! The language server: LSP over stdio (JSON-RPC 2.0 with Content-Length
-//! framing). The framing is written here rather than taken from a crate
-//! because a malformed or oversized message must be answered and skipped,
-//! never end the session; the message types come from `lsp-types`.
+//! framing). The message types come from `lsp-types`; the framing
+//! ([`framing`]) and the documents and positions ([`document`]) are kiln's
+//! own, so that nothing an editor sends can end the session.
 //!
 //! One thread reads frames, one (this loop) dispatches; completions run on
 //! the engine and are answered from a short-lived thread per request, so
 //! `$/cancelRequest`, `kiln/status` and document changes are handled while
 //! a completion is generating.
+
+pub mod document;
+pub mod framing;
 
 use super::context::{self, OpenDoc, Workspace};
 use super::engine::{Engine, EngineOptions, Event, Loaded};
@@ -15,18 +18,16 @@ use super::{Settings, boundary, head_within, tail_within};
 use crate::config::Config;
 use crate::model::generate::{Control, Request, StopReason};
 use crate::model::sample::SamplingParams;
+use document::{Document, PositionEncoding};
+pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
 use kiln_sandbox::breaker::Ranker;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
-
-/// Messages larger than this are read past and answered with an error.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 // JSON-RPC and LSP error codes.
 const PARSE_ERROR: i32 = -32700;
@@ -36,66 +37,6 @@ const INVALID_PARAMS: i32 = -32602;
 const SERVER_NOT_INITIALIZED: i32 = -32002;
 const REQUEST_FAILED: i32 = -32803;
 const REQUEST_CANCELLED: i32 = -32800;
-
-/// One framed message off the wire.
-#[derive(Debug)]
-pub enum Frame {
-    Json(Value),
-    /// Not JSON, or a broken header: answered with a parse error.
-    Malformed(String),
-    /// Content-Length above the limit: skipped unread, answered.
-    TooLarge(usize),
-}
-
-/// Reads one message; `None` at the end of input.
-pub fn read_frame(r: &mut impl BufRead) -> std::io::Result<Option<Frame>> {
-    let mut length: Option<usize> = None;
-    let mut bad_header = None;
-    let mut saw_header = false;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(None);
-        }
-        let l = line.trim_end_matches(['\r', '\n']);
-        if l.is_empty() {
-            if saw_header {
-                break;
-            }
-            continue; // stray blank line between messages
-        }
-        saw_header = true;
-        match l.split_once(':') {
-            Some((k, v)) if k.eq_ignore_ascii_case("content-length") => {
-                match v.trim().parse::<usize>() {
-                    Ok(n) => length = Some(n),
-                    Err(_) => bad_header = Some(format!("bad Content-Length {:?}", v.trim())),
-                }
-            }
-            Some(_) => {} // Content-Type and others
-            None => bad_header = Some(format!("malformed header line {l:?}")),
-        }
-    }
-    let Some(n) = length else {
-        return Ok(Some(Frame::Malformed(
-            bad_header.unwrap_or_else(|| "no Content-Length header".into()),
-        )));
-    };
-    if n > MAX_MESSAGE_BYTES {
-        std::io::copy(&mut r.take(n as u64), &mut std::io::sink())?;
-        return Ok(Some(Frame::TooLarge(n)));
-    }
-    let mut body = vec![0; n];
-    r.read_exact(&mut body)?;
-    if let Some(why) = bad_header {
-        return Ok(Some(Frame::Malformed(why)));
-    }
-    Ok(Some(match serde_json::from_slice::<Value>(&body) {
-        Ok(v) => Frame::Json(v),
-        Err(e) => Frame::Malformed(format!("the message is not JSON: {e}")),
-    }))
-}
 
 /// Writes framed messages; shared by the threads that answer.
 #[derive(Clone)]
@@ -136,6 +77,16 @@ impl Out {
             "window/logMessage",
             json!({"type": level, "message": message}),
         );
+    }
+
+    /// `window/showMessage`, which editors put in front of the user (1
+    /// error, 2 warning, 3 info); also logged.
+    pub fn show(&self, level: u8, message: &str) {
+        self.notify(
+            "window/showMessage",
+            json!({"type": level, "message": message}),
+        );
+        self.log(level, message);
     }
 }
 
@@ -227,51 +178,6 @@ pub fn ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
     }
 }
 
-struct Doc {
-    text: String,
-    opened: Instant,
-    edited: Option<Instant>,
-}
-
-/// Positions are counted in UTF-16 code units unless the client agreed
-/// to UTF-8.
-#[derive(Clone, Copy, PartialEq)]
-enum Encoding {
-    Utf16,
-    Utf8,
-}
-
-/// The byte offset of an LSP position (clamped to the text).
-fn offset(text: &str, line: u32, character: u32, enc: Encoding) -> usize {
-    let mut start = 0;
-    for _ in 0..line {
-        match text[start..].find('\n') {
-            Some(i) => start += i + 1,
-            None => return text.len(),
-        }
-    }
-    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-    let mut units = 0u32;
-    for (i, c) in text[start..end].char_indices() {
-        if units >= character {
-            return start + i;
-        }
-        units += match enc {
-            Encoding::Utf16 => c.len_utf16() as u32,
-            Encoding::Utf8 => c.len_utf8() as u32,
-        };
-    }
-    end
-}
-
-fn position(params: &Value) -> Option<(u32, u32)> {
-    let p = params.get("position")?;
-    Some((
-        p.get("line")?.as_u64()? as u32,
-        p.get("character")?.as_u64()? as u32,
-    ))
-}
-
 enum Input {
     Frame(Frame),
     ReadError(String),
@@ -294,8 +200,8 @@ struct Server {
     settings: Settings,
     initialized: bool,
     shutdown: bool,
-    encoding: Encoding,
-    docs: HashMap<String, Doc>,
+    encoding: PositionEncoding,
+    docs: HashMap<String, Document>,
     engine: Option<Engine>,
     load_error: Option<String>,
     /// Requests that came while the model was loading.
@@ -320,6 +226,12 @@ fn id_key(id: &Value) -> String {
     id.to_string()
 }
 
+/// JSON-RPC ids are strings or integers (and null in a reply to a request
+/// that could not be read).
+fn valid_id(id: &Value) -> bool {
+    id.is_string() || id.is_i64() || id.is_u64() || id.is_null()
+}
+
 /// Runs the language server on `input`/`output` until `exit` or the end of
 /// input. Returns the process exit code the spec asks for (0 after
 /// `shutdown`, 1 otherwise).
@@ -329,9 +241,9 @@ pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write +
     std::thread::Builder::new()
         .name("kiln-lsp-read".into())
         .spawn(move || {
-            let mut r = BufReader::with_capacity(1 << 16, input);
+            let mut r = FrameReader::new(input);
             loop {
-                match read_frame(&mut r) {
+                match r.next_frame() {
                     Ok(Some(f)) => {
                         if reader_tx.send(Input::Frame(f)).is_err() {
                             return;
@@ -357,7 +269,7 @@ pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write +
         tx,
         initialized: false,
         shutdown: false,
-        encoding: Encoding::Utf16,
+        encoding: PositionEncoding::Utf16,
         docs: HashMap::new(),
         engine: None,
         load_error: None,
@@ -377,7 +289,12 @@ impl Server {
         while let Ok(input) = rx.recv() {
             match input {
                 Input::Frame(Frame::Json(v)) => {
-                    if let Some(code) = self.message(v) {
+                    if let Some(code) = self.message(v, false) {
+                        return code;
+                    }
+                }
+                Input::Frame(Frame::LoneSurrogates(v)) => {
+                    if let Some(code) = self.message(v, true) {
                         return code;
                     }
                 }
@@ -411,18 +328,65 @@ impl Server {
         1
     }
 
-    /// Handles one message; `Some(code)` ends the session.
-    fn message(&mut self, v: Value) -> Option<i32> {
-        let method = v.get("method").and_then(Value::as_str).map(str::to_string);
+    /// Handles one message; `Some(code)` ends the session. A message with
+    /// `lone_surrogates` had them replaced by U+FFFD on the way in.
+    fn message(&mut self, v: Value, lone_surrogates: bool) -> Option<i32> {
         let id = v.get("id").cloned();
         let params = v.get("params").cloned().unwrap_or(Value::Null);
         if !v.is_object() || v.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            let id = id.filter(valid_id).unwrap_or(Value::Null);
             self.out.error(
-                &id.unwrap_or(Value::Null),
+                &id,
                 INVALID_REQUEST,
                 "not a JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\")",
             );
             return None;
+        }
+        if let Some(bad) = id.as_ref().filter(|i| !valid_id(i)) {
+            self.out.error(
+                &Value::Null,
+                INVALID_REQUEST,
+                &format!("the id {bad} is neither a string nor an integer"),
+            );
+            return None;
+        }
+        let method = match v.get("method") {
+            None => None,
+            Some(Value::String(m)) => Some(m.clone()),
+            Some(other) => {
+                self.out.error(
+                    &id.unwrap_or(Value::Null),
+                    INVALID_REQUEST,
+                    &format!("the method {other} is not a string"),
+                );
+                return None;
+            }
+        };
+        if lone_surrogates && let Some(m) = &method {
+            const WHY: &str = "it holds a lone UTF-16 surrogate (half of a character) in a string, which is not text";
+            match (&id, m.as_str()) {
+                (Some(id), _) => {
+                    self.out
+                        .error(id, INVALID_PARAMS, &format!("{m} was refused: {WHY}"));
+                    return None;
+                }
+                (
+                    None,
+                    "textDocument/didOpen" | "textDocument/didChange" | "textDocument/didSave",
+                ) => {
+                    // Applied with U+FFFD in place of each half, then
+                    // marked: the editor's text is not kiln's.
+                    self.message(v.clone(), false);
+                    if let Some(uri) = params["textDocument"]["uri"].as_str() {
+                        self.sync_error(uri, format!("{m} was not applied as sent: {WHY}"));
+                    }
+                    return None;
+                }
+                (None, _) => {
+                    self.out.show(1, &format!("kiln: {m} was ignored: {WHY}"));
+                    return None;
+                }
+            }
         }
         let Some(method) = method else {
             // A response to one of our requests.
@@ -472,19 +436,25 @@ impl Server {
                         p.explicit.store(true, Ordering::Release);
                         p.control.cancel();
                     }
+                    drop(pending);
+                    // A request waiting for the model to load is answered now.
+                    if let Some(i) = self.deferred.iter().position(|(id, _, _)| id == target) {
+                        let (id, _, _) = self.deferred.remove(i);
+                        self.out.error(&id, REQUEST_CANCELLED, "cancelled");
+                    }
                 }
             }
             (None, "textDocument/didOpen") => {
                 let td = &params["textDocument"];
-                if let (Some(uri), Some(text)) = (td["uri"].as_str(), td["text"].as_str()) {
-                    self.docs.insert(
-                        uri.to_string(),
-                        Doc {
-                            text: text.to_string(),
-                            opened: Instant::now(),
-                            edited: None,
-                        },
-                    );
+                match (td["uri"].as_str(), td["text"].as_str()) {
+                    (Some(uri), Some(text)) => {
+                        self.docs
+                            .insert(uri.to_string(), Document::new(text.to_string()));
+                    }
+                    _ => self.out.show(
+                        1,
+                        "kiln: textDocument/didOpen without textDocument.uri and textDocument.text was ignored",
+                    ),
                 }
             }
             (None, "textDocument/didChange") => self.did_change(&params),
@@ -499,7 +469,7 @@ impl Server {
                     params.get("text").and_then(Value::as_str),
                 ) && let Some(d) = self.docs.get_mut(uri)
                 {
-                    d.text = text.to_string();
+                    *d = Document::new(text.to_string());
                 }
             }
             (None, "workspace/didChangeConfiguration") => {
@@ -553,15 +523,8 @@ impl Server {
                 self.settings = before;
             }
         }
-        let encodings = &params["capabilities"]["general"]["positionEncodings"];
-        let utf8 = encodings
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e == "utf-8"));
-        self.encoding = if utf8 {
-            Encoding::Utf8
-        } else {
-            Encoding::Utf16
-        };
+        self.encoding =
+            PositionEncoding::negotiate(&params["capabilities"]["general"]["positionEncodings"]);
         if params["capabilities"]["window"]["workDoneProgress"].as_bool() == Some(true) {
             self.progress = Some(ProgressState {
                 create_id: "kiln-progress-1".into(),
@@ -581,7 +544,7 @@ impl Server {
             id,
             json!({
                 "capabilities": {
-                    "positionEncoding": if utf8 { "utf-8" } else { "utf-16" },
+                    "positionEncoding": self.encoding.name(),
                     "textDocumentSync": {"openClose": true, "change": 2, "save": {"includeText": true}},
                     "completionProvider": {"resolveProvider": false, "triggerCharacters": [".", "(", " "]},
                     "inlineCompletionProvider": true,
@@ -663,6 +626,10 @@ impl Server {
 
     fn did_change(&mut self, params: &Value) {
         let Some(uri) = params["textDocument"]["uri"].as_str() else {
+            self.out.show(
+                1,
+                "kiln: textDocument/didChange without textDocument.uri was ignored",
+            );
             return;
         };
         let enc = self.encoding;
@@ -673,28 +640,30 @@ impl Server {
             );
             return;
         };
-        for change in params["contentChanges"].as_array().into_iter().flatten() {
-            let Some(text) = change["text"].as_str() else {
-                continue;
-            };
-            match change.get("range") {
-                Some(r) if !r.is_null() => {
-                    let at = |p: &Value| {
-                        offset(
-                            &doc.text,
-                            p["line"].as_u64().unwrap_or(0) as u32,
-                            p["character"].as_u64().unwrap_or(0) as u32,
-                            enc,
-                        )
-                    };
-                    let (a, b) = (at(&r["start"]), at(&r["end"]));
-                    let (a, b) = (a.min(b), a.max(b));
-                    doc.text.replace_range(a..b, text);
-                }
-                _ => doc.text = text.to_string(),
-            }
+        let was_in_sync = doc.out_of_sync().is_none();
+        if let Err(e) = doc.apply_changes(&params["contentChanges"], enc)
+            && was_in_sync
+        {
+            self.announce_out_of_sync(uri, &e);
         }
-        doc.edited = Some(Instant::now());
+    }
+
+    /// Marks `uri` as differing from the editor's copy and says so once.
+    fn sync_error(&mut self, uri: &str, why: String) {
+        if let Some(doc) = self.docs.get_mut(uri)
+            && doc.mark_out_of_sync(why.clone())
+        {
+            self.announce_out_of_sync(uri, &why);
+        }
+    }
+
+    fn announce_out_of_sync(&self, uri: &str, why: &str) {
+        self.out.show(
+            1,
+            &format!(
+                "kiln: an edit of {uri} could not be applied ({why}); kiln's copy differs from the editor's, so completions there wait until the editor sends the whole text again (close and reopen the file)"
+            ),
+        );
     }
 
     fn request(&mut self, id: Value, method: String, params: Value) {
@@ -717,6 +686,7 @@ impl Server {
                 return self.complete(id, &method, &params);
             }
             "kiln/status" => self.status(),
+            "kiln/document" => self.document(&params),
             "kiln/models" => self
                 .with_registry(|r| Ok(json!({"models": r.models().map_err(|e| e.to_string())?}))),
             "kiln/plugins" => self
@@ -765,6 +735,23 @@ impl Server {
         v["open_documents"] = json!(self.docs.len());
         v["settings"] = serde_json::to_value(&self.settings).expect("settings serialise");
         Ok(v)
+    }
+
+    /// kiln's copy of an open document, to compare with the editor's.
+    fn document(&self, params: &Value) -> Result<Value, (i32, String)> {
+        let uri = params["textDocument"]["uri"].as_str().ok_or((
+            INVALID_PARAMS,
+            "kiln/document takes {\"textDocument\": {\"uri\": URI}}".to_string(),
+        ))?;
+        let doc = self
+            .docs
+            .get(uri)
+            .ok_or((INVALID_PARAMS, format!("{uri} is not open")))?;
+        Ok(json!({
+            "text": doc.text,
+            "outOfSync": doc.out_of_sync(),
+            "positionEncoding": self.encoding.name(),
+        }))
     }
 
     fn backends(&self) -> Result<Value, (i32, String)> {
@@ -864,9 +851,11 @@ impl Server {
                 .out
                 .error(&id, INVALID_PARAMS, "textDocument.uri is missing");
         };
-        let Some((line, character)) = position(params) else {
-            return self.out.error(&id, INVALID_PARAMS, "position is missing");
+        let pos = match document::parse_position(params.get("position"), "position") {
+            Ok(p) => p,
+            Err(e) => return self.out.error(&id, INVALID_PARAMS, &e.to_string()),
         };
+        let line = pos.line;
         let Some(doc) = self.docs.get(uri) else {
             return self.out.error(
                 &id,
@@ -874,9 +863,21 @@ impl Server {
                 &format!("{uri} is not open (send textDocument/didOpen first)"),
             );
         };
+        if let Some(why) = doc.out_of_sync() {
+            return self.out.error(
+                &id,
+                REQUEST_FAILED,
+                &format!(
+                    "kiln's copy of {uri} differs from the editor's since an edit could not be applied ({why}); close and reopen the file"
+                ),
+            );
+        }
+        let at = match document::offset(&doc.text, pos, self.encoding, "position") {
+            Ok(at) => at,
+            Err(e) => return self.out.error(&id, INVALID_PARAMS, &e.to_string()),
+        };
         let engine = self.engine.clone().expect("checked by the caller");
         let loaded = engine.loaded();
-        let at = offset(&doc.text, line, character, self.encoding);
         let (prefix_all, suffix_all) = doc.text.split_at(at);
         let s = &self.settings;
         let prefix = tail_within(&loaded.tok, prefix_all, s.prefix_tokens);
@@ -889,7 +890,7 @@ impl Server {
         let context_text = match &self.context_memo {
             Some((u, l, text)) if u == uri && *l == line => text.clone(),
             _ => {
-                let others: Vec<(String, &Doc)> = self
+                let others: Vec<(String, &Document)> = self
                     .docs
                     .iter()
                     .filter(|(u, _)| u.as_str() != uri)
@@ -1060,52 +1061,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_are_read_skipped_and_reported() {
-        let big = MAX_MESSAGE_BYTES + 10;
-        let mut input = Vec::new();
-        input.extend_from_slice(b"Content-Length: 2\r\n\r\n{}");
-        input.extend_from_slice(b"Content-Length: 5\r\nContent-Type: x\r\n\r\n{bad}");
-        input.extend_from_slice(format!("Content-Length: {big}\r\n\r\n").as_bytes());
-        input.resize(input.len() + big, b' ');
-        input.extend_from_slice(b"X-Nothing: 1\r\n\r\n");
-        input.extend_from_slice(b"Content-Length: 4\r\n\r\nnull");
-        let mut r = std::io::Cursor::new(input);
-        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::Json(v)) if v == json!({})));
-        assert!(
-            matches!(read_frame(&mut r).unwrap(), Some(Frame::Malformed(m)) if m.contains("not JSON"))
-        );
-        assert!(matches!(read_frame(&mut r).unwrap(), Some(Frame::TooLarge(n)) if n == big));
-        assert!(
-            matches!(read_frame(&mut r).unwrap(), Some(Frame::Malformed(m)) if m.contains("Content-Length"))
-        );
-        assert!(matches!(
-            read_frame(&mut r).unwrap(),
-            Some(Frame::Json(Value::Null))
-        ));
-        assert!(read_frame(&mut r).unwrap().is_none());
-    }
-
-    #[test]
-    fn positions_count_utf16_units_or_bytes() {
-        let text = "aé😀b\nxy";
-        assert_eq!(offset(text, 0, 1, Encoding::Utf16), 1);
-        assert_eq!(offset(text, 0, 2, Encoding::Utf16), 3);
-        assert_eq!(
-            offset(text, 0, 4, Encoding::Utf16),
-            7,
-            "the emoji is 2 units"
-        );
-        assert_eq!(offset(text, 0, 3, Encoding::Utf8), 3);
-        assert_eq!(
-            offset(text, 0, 99, Encoding::Utf16),
-            8,
-            "clamped to the line"
-        );
-        assert_eq!(offset(text, 1, 1, Encoding::Utf16), 10);
-        assert_eq!(offset(text, 7, 0, Encoding::Utf16), text.len());
+    fn file_uris_become_paths() {
         assert_eq!(
             uri_to_path("file:///tmp/a%20b.rs"),
             Some(PathBuf::from("/tmp/a b.rs"))
         );
+        assert_eq!(
+            uri_to_path("file:///%E4%B8%AD.rs"),
+            Some(PathBuf::from("/中.rs"))
+        );
+        assert_eq!(uri_to_path("file:///%ff.rs"), None);
+        assert_eq!(uri_to_path("untitled:1"), None);
     }
 }
