@@ -3,6 +3,7 @@
 //! with cargo), writing manifests, and running `kiln` against a throwaway
 //! `KILN_HOME`.
 
+pub mod fuzz;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

@@ -264,7 +264,10 @@ fn bounded_encoding(tok: &Tokenizer, corpus: &[String]) {
         for limit in [n - 1, n / 2, 100, 0] {
             match tok.encode_within(&text, true, limit) {
                 Err(EncodeError::TooLong { at_least, .. }) => {
-                    assert!(at_least > limit && at_least <= n, "{at_least} of {n}, limit {limit}")
+                    assert!(
+                        at_least > limit && at_least <= n,
+                        "{at_least} of {n}, limit {limit}"
+                    )
                 }
                 other => panic!("limit {limit} of {n}: {other:?}"),
             }
