@@ -237,7 +237,7 @@ pub fn add(
 /// Temporary copies are named `.incoming-<pid>-<random>` until published.
 const INCOMING: &str = ".incoming-";
 
-/// An exclusive lock on the store (`blobs/.lock`), held while a blob is
+/// An exclusive lock on the store (`models/store.lock`), held while a blob is
 /// published and recorded and while orphans are looked for; released
 /// when dropped (or when the process dies).
 struct StoreLock {
@@ -245,8 +245,9 @@ struct StoreLock {
 }
 
 impl StoreLock {
-    fn acquire(dir: &Path) -> Result<StoreLock, StoreError> {
-        let path = dir.join(".lock");
+    fn acquire(blobs: &Path) -> Result<StoreLock, StoreError> {
+        // Beside the blobs, not among them.
+        let path = blobs.with_file_name("store.lock");
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -393,7 +393,6 @@ fn blobs(home: &Home) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(home.path().join("models/blobs"))
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n != ".lock")
                 .collect()
         })
         .unwrap_or_default();
