@@ -439,10 +439,13 @@ fn several_kiln_processes_share_one_home() {
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     assert_eq!(models.iter().filter(|m| m["state"] == "active").count(), 1);
     assert_eq!(blobs(&home).len(), 6);
-    // Activations and rollbacks at once, beside a running server.
+    // Activations and rollbacks at once, beside two running servers.
     let mut server = serve(&home, &[]);
     watchdog(server.pid(), Duration::from_secs(300));
     initialize(&mut server, home.path(), json!({}));
+    let mut second = serve(&home, &[]);
+    watchdog(second.pid(), Duration::from_secs(300));
+    initialize(&mut second, home.path(), json!({}));
     let children: Vec<_> = (1..=6)
         .map(|v| {
             let spec = format!("coder@{v}");
@@ -458,8 +461,12 @@ fn several_kiln_processes_share_one_home() {
                 .unwrap()
         })
         .collect();
-    let r = server.request("kiln/models", Value::Null).unwrap();
-    assert_eq!(r["result"]["models"].as_array().unwrap().len(), 6, "{r}");
+    for s in [&mut server, &mut second] {
+        let r = s.request("kiln/models", Value::Null).unwrap();
+        assert_eq!(r["result"]["models"].as_array().unwrap().len(), 6, "{r}");
+        let r = s.request("kiln/backends", Value::Null).unwrap();
+        assert!(r["result"]["devices"].is_array(), "{r}");
+    }
     for child in children {
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -477,6 +484,7 @@ fn several_kiln_processes_share_one_home() {
         .count();
     assert_eq!(active, 1, "{list}");
     assert!(server.close().unwrap().success());
+    assert!(second.close().unwrap().success());
 
     // A registry held by another writer: kiln waits its turn.
     let holder = std::thread::spawn({
