@@ -11,12 +11,12 @@
 //! `cargo bench -p kiln-benches --bench abi`
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kiln::backend::Backend;
 use kiln_cpu::ops::{Desc, View};
 use kiln_plugin_api::abi::{KilnOp, KilnTensor};
 use kiln_plugin_api::host::{BackendHandle, HostSink, host_api, open_library};
 use kiln_plugin_api::types::f32_param;
 use kiln_plugin_api::{DType, ErrorCode, OpKind};
+use kiln_runtime::backend::Backend;
 use std::hint::black_box;
 
 struct Quiet;

@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p kiln-benches --bench policy`
 
-use kiln::policy::synthetic_rank;
+use kiln_runtime::policy::synthetic_rank;
 use kiln_sandbox::{Sandbox, builtin};
 use std::hint::black_box;
 use std::time::Instant;
@@ -63,7 +63,7 @@ fn main() {
     println!(
         "\nproposing the next of 3 settings after 20 trials (the tuning policies), µs (p50 / p99)"
     );
-    let tune = kiln::policy::synthetic_tune(20, 7);
+    let tune = kiln_runtime::policy::synthetic_tune(20, 7);
     for name in ["tpe", "genetic"] {
         let bytes = std::fs::read(dir.join(format!("{name}.wasm"))).unwrap();
         let p = sandbox.load(&bytes, None).unwrap();

@@ -1,5 +1,7 @@
-//! The `kiln` command. All logic lives in the library; this only maps the
-//! outcome to an exit code.
+//! The `kiln` command: argument parsing, output (tables, `--json`) and
+//! the demo, over `kiln-serve`, `kiln-runtime` and `kiln-registry`.
+
+mod cli;
 
 fn main() -> std::process::ExitCode {
     // Rust ignores SIGPIPE, so `kiln … | head` would panic on the closed
@@ -10,5 +12,5 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    kiln::cli::main()
+    cli::main()
 }

@@ -122,7 +122,7 @@ pub fn c_fixture(name: &str, flags: &[&str]) -> PathBuf {
 }
 
 pub fn sha256_file(path: &Path) -> String {
-    kiln::plugin::sha256_hex(&std::fs::read(path).expect("read library"))
+    kiln_runtime::plugin::sha256_hex(&std::fs::read(path).expect("read library"))
 }
 
 /// Manifest fields a test may change.
@@ -229,8 +229,8 @@ impl Home {
         serde_json::from_str(&self.ok(args)).expect("valid JSON")
     }
 
-    pub fn registry(&self) -> kiln::registry::Registry {
-        kiln::registry::Registry::open(&self.path().join("kiln.db")).expect("open registry")
+    pub fn registry(&self) -> kiln_registry::Registry {
+        kiln_registry::Registry::open(&self.path().join("kiln.db")).expect("open registry")
     }
 
     /// Everything the registry holds that a change could touch.
@@ -342,9 +342,9 @@ pub fn policies_dir() -> Option<PathBuf> {
 pub fn rewrite_gguf(
     src: &Path,
     dst: &Path,
-    edit: impl FnOnce(&mut Vec<(String, kiln::gguf::Value)>),
+    edit: impl FnOnce(&mut Vec<(String, kiln_runtime::gguf::Value)>),
 ) {
-    use kiln::gguf::{GgufFile, GgufWriter, TensorSpec};
+    use kiln_runtime::gguf::{GgufFile, GgufWriter, TensorSpec};
     let f = GgufFile::open(src).unwrap();
     let mut meta = f.metadata.clone();
     edit(&mut meta);

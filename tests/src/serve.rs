@@ -2,7 +2,7 @@
 //! language-server session over stdio, and an HTTP server on loopback.
 
 use crate::Home;
-use kiln::serve::demo::{Client, write_demo_model};
+use kiln_serve::demo::{Client, write_demo_model};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

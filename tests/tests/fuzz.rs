@@ -7,8 +7,8 @@
 //! names its seed and iteration. What a run found is kept as a test below
 //! or in the module it concerned.
 
-use kiln::gguf::GgufFile;
-use kiln::serve::lsp::{Frame, FrameReader};
+use kiln_runtime::gguf::GgufFile;
+use kiln_serve::lsp::{Frame, FrameReader};
 use kiln_tests::Home;
 use kiln_tests::fuzz::{Mutator, run_for};
 use kiln_tests::serve::{demo_model, http_server, initialize, serve, watchdog};
@@ -280,8 +280,8 @@ fn read_header(bytes: Vec<u8>) {
     let Ok(f) = GgufFile::from_bytes(Path::new("fuzzed.gguf"), bytes) else {
         return;
     };
-    let _ = kiln::model::ModelConfig::from_gguf(&f);
-    let _ = kiln::tokenizer::Tokenizer::from_gguf(&f);
+    let _ = kiln_runtime::model::ModelConfig::from_gguf(&f);
+    let _ = kiln_runtime::tokenizer::Tokenizer::from_gguf(&f);
 }
 
 #[test]

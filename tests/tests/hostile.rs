@@ -3,8 +3,8 @@
 //! byte-for-byte the same as before: nothing installed, nothing activated,
 //! nothing audited.
 
-use kiln::backend::Backend;
-use kiln::install::{InstallError, add_plugin};
+use kiln_runtime::backend::Backend;
+use kiln_runtime::install::{InstallError, add_plugin};
 use kiln_tests::{Home, ManifestSpec, c_fixture, plugin_dir, rust_cdylib};
 use std::path::{Path, PathBuf};
 
@@ -121,7 +121,7 @@ fn init_panic_does_not_take_down_an_in_process_host() {
     let home = home_with_a_plugin();
     let lib = rust_cdylib("kiln-fixture-rust-plugin", "kiln_fixture_rust_plugin");
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("panicky", "1.0.0"));
-    let config = kiln::config::Config::new(home.path().to_path_buf(), None);
+    let config = kiln_registry::config::Config::new(home.path().to_path_buf(), None);
     let mut registry = home.registry();
     let err = add_plugin(
         &config,
@@ -134,7 +134,7 @@ fn init_panic_does_not_take_down_an_in_process_host() {
     .expect("refused");
     assert!(matches!(err, InstallError::Load { .. }), "{err}");
     // This process is the host: it is alive and its CPU backend still computes.
-    assert!(kiln::backend::conformance::run(&Backend::builtin_cpu(), |_, _| {}).passed());
+    assert!(kiln_runtime::backend::conformance::run(&Backend::builtin_cpu(), |_, _| {}).passed());
 }
 
 #[test]
@@ -159,9 +159,9 @@ fn cpu_feature_the_machine_lacks() {
     let home = home_with_a_plugin();
     // The first known feature this machine does not have (a foreign
     // architecture's feature is always absent).
-    let missing = kiln::cpu_features::KNOWN
+    let missing = kiln_runtime::cpu_features::KNOWN
         .iter()
-        .find(|f| kiln::cpu_features::detect(f) == Some(false))
+        .find(|f| kiln_runtime::cpu_features::detect(f) == Some(false))
         .expect("some feature is missing on every machine");
     let mut spec = ManifestSpec::new("exotic", "1.0.0");
     spec.cpu_features = vec!["sse2".into(), missing.to_string()];

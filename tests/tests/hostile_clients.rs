@@ -4,7 +4,7 @@
 //! client left, prompts far over the context. Each runs the real binary
 //! (LSP over stdio, HTTP over loopback).
 
-use kiln::serve::demo::Client;
+use kiln_serve::demo::Client;
 use kiln_tests::serve::{
     at, demo_model, error_code, http, http_server, initialize, open, post, serve, watchdog,
 };
@@ -385,7 +385,7 @@ fn renamed_demo_model(dst: &Path, name: &str) {
         meta.iter_mut()
             .find(|(k, _)| k == "general.name")
             .unwrap()
-            .1 = kiln::gguf::Value::String(name.into());
+            .1 = kiln_runtime::gguf::Value::String(name.into());
     });
 }
 

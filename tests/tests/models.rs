@@ -2,7 +2,7 @@
 //! each bad file or request gets an error that names the cause (and the
 //! file and byte offset where there is one), exit code 1, no panic.
 
-use kiln::gguf::{Value, ValueType};
+use kiln_runtime::gguf::{Value, ValueType};
 use kiln_tests::{Home, tiny_model};
 use std::path::{Path, PathBuf};
 
@@ -324,8 +324,8 @@ fn gguf_written_by_kiln_is_read_by_the_gguf_package() {
 /// cached prefix.
 #[test]
 fn attention_in_blocks_gives_the_bits_of_one_block() {
-    use kiln::backend::{Backend, exec::Executor};
-    use kiln::model::{Model, Session, forward::LogitsFor};
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::{Model, Session, forward::LogitsFor};
     let model = tiny_model(TINY);
     let prompt: Vec<u32> = (0..150).map(|i| 1 + (i * 37 % 290) as u32).collect();
     let run = |block: usize| {
@@ -337,7 +337,7 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
         all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };
     let whole = run(usize::MAX);
-    for block in [kiln::model::forward::ATTENTION_BLOCK, 7] {
+    for block in [kiln_runtime::model::forward::ATTENTION_BLOCK, 7] {
         assert!(
             run(block) == whole,
             "attention in blocks of {block} queries changed the logits"
@@ -350,9 +350,9 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
 /// on the reference, and the file is never written.
 #[test]
 fn repacked_weights_give_the_bits_of_the_file_layout() {
-    use kiln::backend::{Backend, exec::Executor};
-    use kiln::model::{Model, Session, forward::LogitsFor};
     use kiln_plugin_api::DType;
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::{Model, Session, forward::LogitsFor};
     const WIDE: &[&str] = &[
         "--arch",
         "llama",

@@ -12,11 +12,11 @@
 //!   the f16 rounding of a K or V entry in the cache: 5e-3;
 //! - bf16 activations keep 8 bits, so the same flips weigh more: 3e-2.
 
-use kiln::backend::Backend;
-use kiln::backend::exec::Executor;
-use kiln::model::forward::LogitsFor;
-use kiln::model::sample::argmax;
-use kiln::model::{Model, Session};
+use kiln_runtime::backend::Backend;
+use kiln_runtime::backend::exec::Executor;
+use kiln_runtime::model::forward::LogitsFor;
+use kiln_runtime::model::sample::argmax;
+use kiln_runtime::model::{Model, Session};
 use kiln_tests::{Home, llama_cpp_available, oracle, tiny_model};
 use std::path::Path;
 

@@ -3,10 +3,10 @@
 //! added through the real `kiln` binary (preflight, dlopen, negotiation,
 //! conformance, store, registry) and then run through the host's executor.
 
-use kiln::backend::exec::{Executor, HostGraph, HostOp, HostTensor};
-use kiln::backend::{Backend, BackendSet};
 use kiln_plugin_api::types::f32_param;
 use kiln_plugin_api::{DType, OpKind};
+use kiln_runtime::backend::exec::{Executor, HostGraph, HostOp, HostTensor};
+use kiln_runtime::backend::{Backend, BackendSet};
 use kiln_tests::{Home, ManifestSpec, c_fixture, plugin_dir, rust_cdylib};
 use std::sync::atomic::Ordering;
 
@@ -304,8 +304,8 @@ fn discovered_plugins_are_listed_and_added_by_name() {
 
 #[test]
 fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
-    use kiln::model::forward::LogitsFor;
-    use kiln::model::{Model, Session};
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::{Model, Session};
     let home = Home::default();
     let lib = c_fixture("kiln_fixture_model", &[]);
     let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));

@@ -5,7 +5,7 @@
 //! message while kiln keeps serving; the circuit breaker trips and resets;
 //! a policy built for an older ABI minor loads.
 
-use kiln::policy::{synthetic_rank, synthetic_tune};
+use kiln_runtime::policy::{synthetic_rank, synthetic_tune};
 use kiln_sandbox::{Sandbox, builtin};
 use kiln_tests::{Home, policies_dir};
 use std::path::{Path, PathBuf};

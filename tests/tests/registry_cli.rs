@@ -141,7 +141,7 @@ fn check_invariants(home: &Home) {
     let plugins = r.plugins().unwrap();
     let active = plugins
         .iter()
-        .filter(|p| p.state == kiln::registry::PluginState::Active)
+        .filter(|p| p.state == kiln_registry::PluginState::Active)
         .count();
     assert!(active <= 1, "more than one active version: {plugins:?}");
     for p in &plugins {

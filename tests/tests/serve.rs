@@ -2,7 +2,7 @@
 //! over stdio (our client, and Neovim's), the HTTP API over TCP (raw
 //! requests, and the `openai` Python package), hostile input of each kind.
 
-use kiln::serve::demo::Client;
+use kiln_serve::demo::Client;
 use kiln_tests::serve::{
     at, demo_model, error_code, http, http_server, initialize, open, post, serve, status,
 };
@@ -265,7 +265,7 @@ fn renamed_demo_model(dst: &Path, name: &str) {
         meta.iter_mut()
             .find(|(k, _)| k == "general.name")
             .unwrap()
-            .1 = kiln::gguf::Value::String(name.into());
+            .1 = kiln_runtime::gguf::Value::String(name.into());
     });
 }
 

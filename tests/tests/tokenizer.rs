@@ -17,8 +17,8 @@
 //! counted; at least 200 remain for every vocabulary.
 
 use half::f16;
-use kiln::gguf::GgufFile;
-use kiln::tokenizer::Tokenizer;
+use kiln_runtime::gguf::GgufFile;
+use kiln_runtime::tokenizer::Tokenizer;
 use kiln_tests::{Home, llama_cpp_available, oracle, repo_root, target_dir};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -252,7 +252,7 @@ fn parity(name: &str, arch: &str) {
 /// refusal whose count is a true lower bound otherwise, and for a text
 /// far over the limit, a refusal after about a limit's worth of work.
 fn bounded_encoding(tok: &Tokenizer, corpus: &[String]) {
-    use kiln::tokenizer::EncodeError;
+    use kiln_runtime::tokenizer::EncodeError;
     let joined = corpus.join("\n");
     for copies in [1, 10] {
         let text = joined.repeat(copies);

@@ -1,9 +1,9 @@
 //! `kiln backends`
 
 use super::{CliResult, JSON_SCHEMA_VERSION, human_bytes, open_registry, print_json, table};
-use crate::backend::{BackendSet, rank_devices};
-use crate::config::Config;
 use kiln_plugin_api::abi::{KILN_CAP_ASYNC_COMPUTE, KILN_CAP_HOST_MEMORY, KILN_CAP_UNIFIED_MEMORY};
+use kiln_registry::config::Config;
+use kiln_runtime::backend::{BackendSet, rank_devices};
 use serde_json::json;
 use std::process::ExitCode;
 

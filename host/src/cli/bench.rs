@@ -3,10 +3,10 @@
 //! (random token ids, greedy decoding, the prompt in one batch).
 
 use super::{CliResult, JSON_SCHEMA_VERSION, print_json};
-use crate::config::Config;
-use crate::model::forward::LogitsFor;
-use crate::model::sample::argmax;
-use crate::model::{Model, Session};
+use kiln_registry::config::Config;
+use kiln_runtime::model::forward::LogitsFor;
+use kiln_runtime::model::sample::argmax;
+use kiln_runtime::model::{Model, Session};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -18,8 +18,11 @@ pub fn run(
     backend: Option<&str>,
     as_json: bool,
 ) -> CliResult {
-    let path = super::run::resolve_model(config, model_arg)?;
-    let (exec, device) = super::run::executor(config, backend)?;
+    let path = kiln_runtime::store::resolve(config, model_arg)?;
+    let kiln_runtime::backend::Chosen {
+        executor: exec,
+        label: device,
+    } = super::run::executor(config, backend)?;
     // Load time: mapping, checks, and repacking for the backend.
     let start = Instant::now();
     let model = Model::load_for(&path, &exec.target)?;
@@ -49,7 +52,7 @@ pub fn run(
     let prompt_s = t.elapsed().as_secs_f64();
 
     // Peak resident memory, the mapped weights included.
-    let peak_rss = crate::measure::process_memory(None, "VmHWM");
+    let peak_rss = kiln_runtime::measure::process_memory(None, "VmHWM");
     let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
     let prompt_tps = prompt_tokens as f64 / prompt_s.max(1e-9);
     if as_json {

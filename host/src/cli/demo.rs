@@ -1,8 +1,8 @@
 //! `kiln demo`
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
-use crate::config::Config;
-use crate::serve::demo::{self, Keystroke};
+use kiln_registry::config::Config;
+use kiln_serve::demo::{self, Keystroke};
 use std::process::{Command, ExitCode};
 
 pub fn run(
@@ -16,11 +16,7 @@ pub fn run(
         return Err(CliError("--keystrokes must be at least 1".into()));
     }
     let path = match model {
-        Some(m) => {
-            crate::serve::lsp::resolve_served_model(config, Some(m))
-                .map_err(CliError)?
-                .1
-        }
+        Some(m) => kiln_runtime::store::resolve_served(config, Some(m))?.1,
         None => {
             let p = demo::ensure_demo_model(&config.home, &mut |m| eprintln!("kiln: {m}"))?;
             if !json {

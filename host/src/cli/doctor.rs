@@ -2,12 +2,12 @@
 //! problem. Exit code 1 when it found a problem.
 
 use super::{CliResult, JSON_SCHEMA_VERSION, print_json};
-use crate::backend::Backend;
-use crate::config::Config;
-use crate::cpu_features;
-use crate::plugin::{self, MANIFEST_FILE};
-use crate::registry::{PluginState, Registry};
 use kiln_plugin_api::{KILN_ABI_VERSION_MAJOR, KILN_ABI_VERSION_MINOR, KILN_LAYOUT_FINGERPRINT};
+use kiln_registry::config::Config;
+use kiln_registry::{PluginState, Registry};
+use kiln_runtime::backend::Backend;
+use kiln_runtime::cpu_features;
+use kiln_runtime::plugin::{self, MANIFEST_FILE};
 use serde_json::{Value, json};
 use std::process::ExitCode;
 
@@ -31,7 +31,7 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         .iter()
         .map(|d| {
             let exists = d.path.is_dir();
-            if !exists && d.origin != crate::config::DirOrigin::Home {
+            if !exists && d.origin != kiln_registry::config::DirOrigin::Home {
                 problems.push(format!(
                     "plugin directory {} ({:?}) does not exist",
                     d.path.display(),

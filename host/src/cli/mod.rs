@@ -12,12 +12,12 @@ mod models;
 mod plugins;
 mod policy;
 mod quantize;
-pub(crate) mod run;
+mod run;
 mod serve;
 
-use crate::config::Config;
-use crate::registry::Registry;
 use clap::{Parser, Subcommand};
+use kiln_registry::Registry;
+use kiln_registry::config::Config;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -220,7 +220,7 @@ enum PolicyCommand {
         #[arg(long)]
         cases: Option<std::path::PathBuf>,
         /// Latency ceiling: the p99 of a call, instantiation included.
-        #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_P99_MS)]
+        #[arg(long, default_value_t = kiln_runtime::policy::DEFAULT_MAX_P99_MS)]
         max_p99_ms: f64,
         /// Fuel per call (default 200M; ceiling 2G); overrides the module's metadata.
         #[arg(long)]
@@ -252,7 +252,7 @@ enum PolicyCommand {
         #[arg(long)]
         cases: Option<std::path::PathBuf>,
         /// Latency ceiling: the p99 of a call, instantiation included.
-        #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_P99_MS)]
+        #[arg(long, default_value_t = kiln_runtime::policy::DEFAULT_MAX_P99_MS)]
         max_p99_ms: f64,
         #[arg(long)]
         json: bool,
@@ -346,22 +346,22 @@ fn run(command: Command) -> CliResult {
             context_tokens,
             mode,
         } => {
-            let mode: crate::serve::Mode = serde_json::from_value(serde_json::json!(mode))
-                .map_err(|_| {
+            let mode: kiln_serve::Mode =
+                serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
                 })?;
-            let settings = crate::serve::Settings {
+            let settings = kiln_serve::Settings {
                 max_tokens,
                 prefix_tokens,
                 suffix_tokens,
                 context_tokens,
                 mode,
                 fim_template,
-                ..crate::serve::Settings::default()
+                ..kiln_serve::Settings::default()
             };
             settings.validate().map_err(CliError)?;
             serve::run(
-                crate::serve::lsp::ServeSpec {
+                kiln_serve::start::ServeSpec {
                     config,
                     model,
                     backend,
@@ -402,7 +402,7 @@ fn run(command: Command) -> CliResult {
                 model,
                 prompt,
                 max_tokens,
-                sampling: crate::model::sample::SamplingParams {
+                sampling: kiln_runtime::model::sample::SamplingParams {
                     temperature,
                     top_k,
                     top_p,
@@ -440,14 +440,15 @@ fn run(command: Command) -> CliResult {
             output,
             outtype,
         } => {
-            let t = crate::convert::OutType::parse(&outtype).ok_or_else(|| {
+            let t = kiln_runtime::convert::OutType::parse(&outtype).ok_or_else(|| {
                 CliError(format!(
                     "unknown --outtype {outtype:?}; choose auto, f32, f16 or bf16"
                 ))
             })?;
             let progress = Progress::new("converting");
-            let n =
-                crate::convert::convert(&dir, &output, t, |d, total| progress.update(d, total))?;
+            let n = kiln_runtime::convert::convert(&dir, &output, t, |d, total| {
+                progress.update(d, total)
+            })?;
             println!("wrote {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -516,9 +517,8 @@ fn run(command: Command) -> CliResult {
 }
 
 /// Opens the registry after checking the config file.
-pub(crate) fn open_registry(config: &Config) -> Result<Registry, CliError> {
-    config.require_valid()?;
-    Ok(Registry::open(&config.registry_path())?)
+fn open_registry(config: &Config) -> Result<Registry, CliError> {
+    Ok(Registry::open_home(config)?)
 }
 
 fn print_json(value: &serde_json::Value) {

@@ -4,9 +4,9 @@ use super::{
     CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json,
     table,
 };
-use crate::config::Config;
-use crate::registry::actor;
-use crate::store::{self, BlobStatus};
+use kiln_registry::actor;
+use kiln_registry::config::Config;
+use kiln_runtime::store::{self, BlobStatus};
 use std::path::Path;
 use std::process::ExitCode;
 

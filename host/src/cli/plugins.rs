@@ -4,16 +4,16 @@ use super::{
     CliError, CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, split_spec,
     table,
 };
-use crate::config::Config;
-use crate::install::add_plugin;
-use crate::registry::{Transition, actor};
+use kiln_registry::config::Config;
+use kiln_registry::{Transition, actor};
+use kiln_runtime::install::add_plugin;
 use serde_json::json;
 use std::process::ExitCode;
 
 pub fn list(config: &Config, as_json: bool) -> CliResult {
     let registry = open_registry(config)?;
     let installed = registry.plugins()?;
-    let discovered: Vec<serde_json::Value> = crate::plugin::discover(config)
+    let discovered: Vec<serde_json::Value> = kiln_runtime::plugin::discover(config)
         .into_iter()
         .filter_map(|d| {
             let m = d.manifest.as_ref().ok();
@@ -99,7 +99,7 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
 }
 
 pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
-    let manifest = crate::plugin::resolve_manifest(arg, config)?;
+    let manifest = kiln_runtime::plugin::resolve_manifest(arg, config)?;
     let mut registry = open_registry(config)?;
     let progress = Progress::new("conformance");
     let installed = add_plugin(config, &mut registry, &manifest, &actor(), |d, t| {

@@ -1,9 +1,9 @@
 //! `kiln policy …`
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
-use crate::config::Config;
-use crate::policy::{self, Input};
-use crate::registry::actor;
+use kiln_registry::actor;
+use kiln_registry::config::Config;
+use kiln_runtime::policy::{self, Input};
 use kiln_sandbox::limits::LimitOverrides;
 use std::path::Path;
 use std::process::ExitCode;
@@ -127,7 +127,7 @@ pub fn rollback(config: &Config, name: &str) -> CliResult {
 fn load(
     config: &Config,
     arg: &str,
-) -> Result<(kiln_sandbox::Policy, Option<crate::registry::PolicyRecord>), CliError> {
+) -> Result<(kiln_sandbox::Policy, Option<kiln_registry::PolicyRecord>), CliError> {
     let registry = open_registry(config)?;
     let (bytes, rec) = policy::resolve(config, &registry, arg).map_err(CliError)?;
     let limits = policy::limits_of(rec.as_ref(), &bytes);
@@ -192,7 +192,7 @@ pub fn run(config: &Config, arg: &str, input: &Path, as_json: bool) -> CliResult
     let (p, rec) = load(config, arg)?;
     if let Some(r) = &rec
         && r.state == "disabled"
-        && r.failures >= crate::registry::BREAKER_THRESHOLD
+        && r.failures >= kiln_registry::BREAKER_THRESHOLD
     {
         return Err(CliError(format!(
             "{} was disabled by the circuit breaker after {} consecutive failures; fix it and `kiln policy enable {}`",

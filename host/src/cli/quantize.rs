@@ -1,7 +1,7 @@
 //! `kiln quantize`
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, print_json, table};
-use crate::quantize::{Target, quantize};
+use kiln_runtime::quantize::{Target, quantize};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -11,8 +11,8 @@ const SAMPLE: &str = "The registry keeps every version of every plugin, so a bad
 /// Perplexity of the source and the quantized model on [`SAMPLE`] (or on
 /// fixed token ids when the model has no tokenizer), on the CPU.
 fn perplexity_change(input: &Path, output: &Path) -> Result<(f64, f64, usize), String> {
-    use crate::backend::{Backend, exec::Executor};
-    use crate::model::{Model, Session, generate::perplexity};
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::{Model, Session, generate::perplexity};
     let ppl = |path: &Path| -> Result<(f64, usize), String> {
         let model = Model::load(path).map_err(|e| e.to_string())?;
         let tokens = match model.tokenizer() {

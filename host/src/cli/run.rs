@@ -1,14 +1,13 @@
 //! `kiln run`
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
-use crate::backend::exec::Executor;
-use crate::backend::{BackendSet, rank_devices};
-use crate::config::Config;
-use crate::model::generate::{Request, generate};
-use crate::model::sample::SamplingParams;
-use crate::model::{Model, Session};
+use kiln_registry::config::Config;
+use kiln_runtime::backend::Chosen;
+use kiln_runtime::model::generate::{Request, generate};
+use kiln_runtime::model::sample::SamplingParams;
+use kiln_runtime::model::{Model, Session};
+use kiln_runtime::store;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub struct RunArgs {
@@ -22,63 +21,24 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-/// A model argument: a file, or the name of a registered model.
-pub fn resolve_model(config: &Config, arg: &str) -> Result<PathBuf, CliError> {
-    let path = PathBuf::from(arg);
-    if path.is_file() {
-        return Ok(path);
-    }
-    let registry = super::open_registry(config)?;
-    match registry.model_path(arg)? {
-        Some(p) => Ok(p),
-        None => Err(CliError(format!(
-            "{arg} is neither a model file nor a registered model (see `kiln models list`, or `kiln models add FILE`)"
-        ))),
-    }
-}
-
-/// The executor for `--backend NAME`, or for the best-scoring device.
-pub fn executor(config: &Config, backend: Option<&str>) -> Result<(Executor, String), CliError> {
-    let mut registry = super::open_registry(config)?;
-    let set = BackendSet::load(&registry);
-    for p in &set.problems {
-        eprintln!("kiln: warning: {p}");
-    }
-    let (ranked, problems) = rank_devices(&set, &mut registry, false, |m| eprintln!("kiln: {m}"));
-    for p in &problems {
-        eprintln!("kiln: warning: {p}");
-    }
-    let pick = match backend {
-        Some(name) => ranked.iter().find(|r| r.backend == name).ok_or_else(|| {
-            let names: Vec<String> = set.backends.iter().map(|b| b.name()).collect();
-            CliError(format!(
-                "no usable backend named {name}; available: {}",
-                names.join(", ")
-            ))
-        })?,
-        None => ranked
-            .first()
-            .ok_or_else(|| CliError("no usable device".into()))?,
-    };
-    let b = set
-        .backends
-        .iter()
-        .find(|b| b.name() == pick.backend)
-        .expect("ranked devices come from the set")
-        .clone();
-    let label = format!(
-        "{} device {} ({})",
-        b.name(),
-        pick.device,
-        b.devices[pick.device as usize].name
-    );
-    Ok((Executor::new(b, pick.device), label))
+/// The executor for `--backend NAME`, or for the best-scoring device,
+/// with warnings and progress on stderr.
+pub fn executor(config: &Config, backend: Option<&str>) -> Result<Chosen, CliError> {
+    Ok(kiln_runtime::backend::choose(
+        config,
+        backend,
+        |w| eprintln!("kiln: warning: {w}"),
+        |m| eprintln!("kiln: {m}"),
+    )?)
 }
 
 pub fn run(config: &Config, args: RunArgs) -> CliResult {
     args.sampling.validate().map_err(CliError)?;
-    let path = resolve_model(config, &args.model)?;
-    let (exec, backend) = executor(config, args.backend.as_deref())?;
+    let path = store::resolve(config, &args.model)?;
+    let Chosen {
+        executor: exec,
+        label: backend,
+    } = executor(config, args.backend.as_deref())?;
     let model = Model::load_for(&path, &exec.target)?;
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;

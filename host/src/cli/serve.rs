@@ -1,7 +1,8 @@
 //! `kiln serve`
 
 use super::{CliError, CliResult};
-use crate::serve::lsp::{self, ServeSpec};
+use kiln_serve::lsp;
+use kiln_serve::start::{ServeSpec, start_engine};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -26,7 +27,7 @@ pub fn run(spec: ServeSpec, http: Option<&str>, allow_remote: bool) -> CliResult
             "--http {addr} would serve other machines; kiln serves only this one unless you pass --allow-remote"
         )));
     }
-    let engine = lsp::start_engine(&spec, None).map_err(CliError)?;
+    let engine = start_engine(&spec, None).map_err(CliError)?;
     let loaded = engine.loaded();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -44,7 +45,7 @@ pub fn run(spec: ServeSpec, http: Option<&str>, allow_remote: bool) -> CliResult
             loaded.fim.name()
         );
         tokio::select! {
-            r = crate::serve::http::serve(engine.clone(), listener) => r?,
+            r = kiln_serve::http::serve(engine.clone(), listener) => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("kiln: stopping"),
         }
         engine.shutdown();

@@ -4,9 +4,9 @@
 //! driver replays long typing sessions for the latency bench.
 
 use super::lsp::{Frame, FrameReader};
-use crate::gguf::{GgufWriter, TensorSpec};
-use crate::gguf::{Value, ValueType};
 use kiln_plugin_api::DType;
+use kiln_runtime::gguf::{GgufWriter, TensorSpec};
+use kiln_runtime::gguf::{Value, ValueType};
 use serde::Serialize;
 use serde_json::{Value as Json, json};
 use std::io::Write;
@@ -381,7 +381,7 @@ impl Client {
 }
 
 fn proc_status_mib(pid: u32, key: &str) -> Option<f64> {
-    crate::measure::process_memory(Some(pid), key).map(|b| b as f64 / 1048576.0)
+    kiln_runtime::measure::process_memory(Some(pid), key).map(|b| b as f64 / 1048576.0)
 }
 
 /// Writes the demo project into `dir`, starts `serve` (a `kiln serve`
@@ -500,10 +500,10 @@ pub fn typing_session(
         model: status["model"].as_str().unwrap_or("").to_string(),
         backend: status["backend"].as_str().unwrap_or("").to_string(),
         requests: keys.len(),
-        e2e_ms_p50: crate::measure::percentile(&e2e, 50.0),
-        e2e_ms_p99: crate::measure::percentile(&e2e, 99.0),
-        ttft_ms_p50: crate::measure::percentile(&ttft, 50.0),
-        ttft_ms_p99: crate::measure::percentile(&ttft, 99.0),
+        e2e_ms_p50: kiln_runtime::measure::percentile(&e2e, 50.0),
+        e2e_ms_p99: kiln_runtime::measure::percentile(&e2e, 99.0),
+        ttft_ms_p50: kiln_runtime::measure::percentile(&ttft, 50.0),
+        ttft_ms_p99: kiln_runtime::measure::percentile(&ttft, 99.0),
         prefix_cache_hit_rate: cached as f64 / all.max(1) as f64,
         completion_cache_hit_rate: hits as f64 / keys.len().max(1) as f64,
         server_anonymous_memory_mib: anon,

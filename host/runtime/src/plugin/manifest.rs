@@ -47,7 +47,8 @@ impl Manifest {
     }
 
     pub fn parse(text: &str) -> Result<Manifest, String> {
-        let m: Manifest = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
+        let m: Manifest = toml::from_str(text)
+            .map_err(|e| kiln_registry::config::describe_toml_error(text, &e))?;
         m.validate()?;
         Ok(m)
     }
@@ -108,19 +109,6 @@ impl Manifest {
             .split_once('.')
             .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
         parsed.ok_or_else(|| format!("abi {:?} must be MAJOR.MINOR, e.g. \"1.1\"", self.abi))
-    }
-}
-
-/// "line 3 (`version = "one"`): <what toml says>", so the user sees which
-/// line of which file to fix.
-pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    match e.span() {
-        Some(span) => {
-            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            format!("line {line_no} (`{line}`): {}", e.message())
-        }
-        None => e.message().to_string(),
     }
 }
 

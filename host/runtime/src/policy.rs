@@ -2,8 +2,8 @@
 //! the quality gate a policy passes before it is installed, single runs
 //! recorded in the decision log, and bit-exact replay of a decision.
 
-use crate::config::Config;
-use crate::registry::{NewPolicy, PolicyRecord, Registry, Transition};
+use kiln_registry::config::Config;
+use kiln_registry::{NewPolicy, PolicyRecord, Registry, Transition};
 use kiln_sandbox::breaker::DEFAULT_THRESHOLD;
 use kiln_sandbox::limits::LimitOverrides;
 use kiln_sandbox::{
@@ -581,7 +581,7 @@ pub fn run_once(
     let tripped = registry
         .record_policy_outcome(&policy.sha256, ok, report.error.as_deref())
         .map_err(|e| e.to_string())?;
-    debug_assert!(DEFAULT_THRESHOLD as i64 == crate::registry::BREAKER_THRESHOLD);
+    debug_assert!(DEFAULT_THRESHOLD as i64 == kiln_registry::BREAKER_THRESHOLD);
     Ok(RunReport { tripped, ..report })
 }
 

@@ -7,10 +7,10 @@
 //! always matches its bytes, and an interrupted add leaves at most a
 //! temporary file. `verify` re-hashes every blob and reports, never deletes.
 
-use crate::config::Config;
 use crate::gguf::GgufFile;
 use crate::model::{Model, ModelError};
-use crate::registry::{ModelRecord, NewModel, Registry, RegistryError, Transition};
+use kiln_registry::config::Config;
+use kiln_registry::{ModelRecord, NewModel, Registry, RegistryError, Transition};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -21,6 +21,14 @@ pub const PARENT_KEY: &str = "kiln.quantized_from.sha256";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(
+        "{0} is neither a model file nor a registered model (see `kiln models list`, or `kiln models add FILE`)"
+    )]
+    NotFound(String),
+    #[error(
+        "no model to serve: pass --model FILE|NAME, or register one with `kiln models add FILE` (or try `kiln demo`)"
+    )]
+    NothingActive,
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -51,6 +59,44 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 
 pub fn blobs_dir(config: &Config) -> PathBuf {
     config.home.join("models").join("blobs")
+}
+
+/// A model argument: a file, or the name (`NAME` or `NAME@VERSION`) of a
+/// registered model.
+pub fn resolve(config: &Config, arg: &str) -> Result<PathBuf, StoreError> {
+    let path = PathBuf::from(arg);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let registry = Registry::open_home(config)?;
+    registry
+        .model_path(arg)?
+        .ok_or_else(|| StoreError::NotFound(arg.to_string()))
+}
+
+/// `(id, path)` of the model to serve: a file (its stem is the id), a
+/// registered name (`NAME@VERSION` is the id), or with no argument the
+/// registry's active model (the most recently added active one).
+pub fn resolve_served(config: &Config, arg: Option<&str>) -> Result<(String, PathBuf), StoreError> {
+    if let Some(m) = arg {
+        let p = Path::new(m);
+        if p.is_file() {
+            let id = p
+                .file_stem()
+                .map_or_else(|| m.to_string(), |s| s.to_string_lossy().into_owned());
+            return Ok((id, p.to_path_buf()));
+        }
+        let path = resolve(config, m)?;
+        let rec = Registry::open_home(config)?.model(m)?;
+        return Ok((rec.map_or_else(|| m.to_string(), |r| r.label()), path));
+    }
+    let models = Registry::open_home(config)?.models()?;
+    let active = models
+        .iter()
+        .filter(|m| m.state == "active")
+        .max_by(|a, b| a.added_at.cmp(&b.added_at))
+        .ok_or(StoreError::NothingActive)?;
+    Ok((active.label(), active.blob_path.clone()))
 }
 
 /// sha256 of a file, streamed; `progress(bytes)` after each chunk.

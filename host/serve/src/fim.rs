@@ -2,7 +2,7 @@
 //! the vocabulary (the FIM tokens a model was trained with are in it) and,
 //! failing that, the model's name.
 
-use crate::tokenizer::Tokenizer;
+use kiln_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

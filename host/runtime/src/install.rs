@@ -7,9 +7,9 @@
 //! audit). A refusal at any step leaves the registry exactly as it was.
 
 use crate::backend::{Backend, BackendLoadError, conformance};
-use crate::config::Config;
 use crate::plugin::{self, PreflightError, VerifiedPlugin};
-use crate::registry::{NewPlugin, Registry, RegistryError, Transition};
+use kiln_registry::config::Config;
+use kiln_registry::{NewPlugin, Registry, RegistryError, Transition};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]

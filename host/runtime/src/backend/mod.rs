@@ -13,9 +13,9 @@ pub mod exec;
 pub mod score;
 
 use crate::plugin::{PreflightError, VerifiedPlugin};
-use crate::registry::Registry;
 use kiln_plugin_api::host::{BackendHandle, HostApi, HostSink, LoadError, host_api};
 use kiln_plugin_api::{BackendError, DeviceInfo, ErrorCode};
+use kiln_registry::Registry;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -313,6 +313,75 @@ pub struct RankedDevice {
     pub score: f64,
     pub cached: bool,
     pub measurement: serde_json::Value,
+}
+
+/// Why no device could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum ChooseError {
+    #[error(transparent)]
+    Registry(#[from] kiln_registry::RegistryError),
+    #[error("no usable backend named {name}; available: {}", available.join(", "))]
+    NoSuchBackend {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error("no usable device")]
+    NoDevice,
+}
+
+/// A device chosen to run models on.
+pub struct Chosen {
+    pub executor: exec::Executor,
+    /// How the device is named in messages, status and metrics:
+    /// `BACKEND device N (NAME)`.
+    pub label: String,
+}
+
+/// The device of backend `name`, or the best-scoring one: the active
+/// plugins and the built-in CPU, scored from the registry's cache or
+/// measured now. Problems with plugins that could not be used go to
+/// `warn`, progress to `progress`.
+pub fn choose(
+    config: &kiln_registry::config::Config,
+    name: Option<&str>,
+    mut warn: impl FnMut(&str),
+    progress: impl FnMut(&str),
+) -> Result<Chosen, ChooseError> {
+    let mut registry = Registry::open_home(config)?;
+    let set = BackendSet::load(&registry);
+    for p in &set.problems {
+        warn(p);
+    }
+    let (ranked, problems) = rank_devices(&set, &mut registry, false, progress);
+    for p in &problems {
+        warn(p);
+    }
+    let pick =
+        match name {
+            Some(name) => ranked.iter().find(|r| r.backend == name).ok_or_else(|| {
+                ChooseError::NoSuchBackend {
+                    name: name.to_string(),
+                    available: set.backends.iter().map(|b| b.name()).collect(),
+                }
+            })?,
+            None => ranked.first().ok_or(ChooseError::NoDevice)?,
+        };
+    let b = set
+        .backends
+        .iter()
+        .find(|b| b.name() == pick.backend)
+        .expect("ranked devices come from the set")
+        .clone();
+    let label = format!(
+        "{} device {} ({})",
+        b.name(),
+        pick.device,
+        b.devices[pick.device as usize].name
+    );
+    Ok(Chosen {
+        executor: exec::Executor::new(b, pick.device),
+        label,
+    })
 }
 
 /// Scores every device of every backend (from the registry's cache, or by

@@ -9,8 +9,8 @@
 pub mod elf;
 pub mod manifest;
 
-use crate::config::{Config, PluginDir};
 use kiln_plugin_api::{KILN_ABI_VERSION_MAJOR, KILN_ABI_VERSION_MINOR};
+use kiln_registry::config::{Config, PluginDir};
 pub use manifest::{MANIFEST_FILE, Manifest};
 use sha2::{Digest, Sha256};
 use std::io::Write;

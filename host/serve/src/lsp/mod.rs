@@ -11,20 +11,22 @@
 pub mod document;
 pub mod framing;
 
-use super::context::{self, OpenDoc, Workspace};
-use super::engine::{Engine, EngineOptions, Event, Loaded};
-use super::fim::FimTemplate;
-use super::{Settings, boundary, head_within, tail_within};
-use crate::config::Config;
-use crate::model::generate::{Control, Request, StopReason};
-use crate::model::sample::SamplingParams;
+use crate::context::{self, OpenDoc, Workspace};
+use crate::engine::{Engine, Event, Loaded};
+use crate::fim::FimTemplate;
+use crate::start::{ServeSpec, ranker, start_engine};
+use crate::{Settings, boundary, head_within, tail_within};
 use document::{Document, PositionEncoding};
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
+use kiln_registry::Registry;
+use kiln_runtime::model::generate::{Control, Request, StopReason};
+use kiln_runtime::model::sample::SamplingParams;
+use kiln_runtime::store;
 use kiln_sandbox::breaker::Ranker;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
@@ -87,94 +89,6 @@ impl Out {
             json!({"type": level, "message": message}),
         );
         self.log(level, message);
-    }
-}
-
-/// What `kiln serve` was asked to serve.
-pub struct ServeSpec {
-    pub config: Config,
-    /// A GGUF path or registered name; `None`: the registry's active model.
-    pub model: Option<String>,
-    pub backend: Option<String>,
-    pub n_ctx: Option<usize>,
-    pub settings: Settings,
-}
-
-/// Resolves the model and backend and starts an engine.
-pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine, String> {
-    let (id, path) = resolve_served_model(&spec.config, spec.model.as_deref())?;
-    let (exec, label) =
-        crate::cli::run::executor(&spec.config, spec.backend.as_deref()).map_err(|e| e.0)?;
-    let loaded = Loaded::load(id, path, fim, &exec.target)?;
-    Ok(Engine::start(
-        loaded,
-        EngineOptions {
-            target: exec.target.clone(),
-            device: exec.device,
-            backend_label: label,
-            n_ctx: spec.n_ctx,
-            completion_cache_entries: 256,
-        },
-    ))
-}
-
-/// `(id, path)` of the model to serve: a file, a registered name, or the
-/// registry's active model (the most recently added active one).
-pub fn resolve_served_model(
-    config: &Config,
-    model: Option<&str>,
-) -> Result<(String, PathBuf), String> {
-    if let Some(m) = model {
-        let p = Path::new(m);
-        if p.is_file() {
-            let id = p
-                .file_stem()
-                .map_or_else(|| m.to_string(), |s| s.to_string_lossy().into_owned());
-            return Ok((id, p.to_path_buf()));
-        }
-        let path = crate::cli::run::resolve_model(config, m).map_err(|e| e.0)?;
-        let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
-        let rec = registry.model(m).map_err(|e| e.to_string())?;
-        return Ok((rec.map_or_else(|| m.to_string(), |r| r.label()), path));
-    }
-    let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
-    let models = registry.models().map_err(|e| e.to_string())?;
-    let active = models
-        .iter()
-        .filter(|m| m.state == "active")
-        .max_by(|a, b| a.added_at.cmp(&b.added_at))
-        .ok_or("no model to serve: pass --model FILE|NAME, or register one with `kiln models add FILE` (or try `kiln demo`)")?;
-    Ok((active.label(), active.blob_path.clone()))
-}
-
-/// The active ranking policy from the registry, in a breaker; the built-in
-/// ranker when there is none or it cannot be loaded (said on `log`).
-pub fn ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
-    let policy = (|| -> Result<Option<Arc<kiln_sandbox::Policy>>, String> {
-        let registry = crate::cli::open_registry(config).map_err(|e| e.0)?;
-        let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {
-            return Ok(None);
-        };
-        let (bytes, rec) = crate::policy::resolve(config, &registry, &rec.label())?;
-        let limits = crate::policy::limits_of(rec.as_ref(), &bytes);
-        let policy = crate::policy::sandbox(config)
-            .load(&bytes, limits)
-            .map_err(|e| e.to_string())?;
-        Ok(Some(Arc::new(policy)))
-    })();
-    match policy {
-        Ok(p) => {
-            if let Some(p) = &p {
-                log(format!("ranking context with policy {}", p.meta.label()));
-            }
-            Ranker::new(p, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
-        }
-        Err(e) => {
-            log(format!(
-                "the ranking policy cannot be used ({e}); using the built-in ranker"
-            ));
-            Ranker::new(None, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
-        }
     }
 }
 
@@ -711,10 +625,10 @@ impl Server {
 
     fn with_registry(
         &self,
-        f: impl FnOnce(&mut crate::registry::Registry) -> Result<Value, String>,
+        f: impl FnOnce(&mut kiln_registry::Registry) -> Result<Value, String>,
     ) -> Result<Value, (i32, String)> {
         let mut r =
-            crate::cli::open_registry(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.0))?;
+            Registry::open_home(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.to_string()))?;
         f(&mut r).map_err(|e| (REQUEST_FAILED, e))
     }
 
@@ -756,9 +670,10 @@ impl Server {
 
     fn backends(&self) -> Result<Value, (i32, String)> {
         let mut registry =
-            crate::cli::open_registry(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.0))?;
-        let set = crate::backend::BackendSet::load(&registry);
-        let (ranked, problems) = crate::backend::rank_devices(&set, &mut registry, false, |_| {});
+            Registry::open_home(&self.spec.config).map_err(|e| (REQUEST_FAILED, e.to_string()))?;
+        let set = kiln_runtime::backend::BackendSet::load(&registry);
+        let (ranked, problems) =
+            kiln_runtime::backend::rank_devices(&set, &mut registry, false, |_| {});
         let devices: Vec<Value> = ranked
             .iter()
             .map(|r| {
@@ -810,8 +725,8 @@ impl Server {
         };
         let (name, mut result) = t;
         // Serve the newly active version.
-        let (id, path) = resolve_served_model(&self.spec.config, Some(&name))
-            .map_err(|e| (REQUEST_FAILED, e))?;
+        let (id, path) = store::resolve_served(&self.spec.config, Some(&name))
+            .map_err(|e| (REQUEST_FAILED, e.to_string()))?;
         let fim = self
             .settings
             .fim_template
@@ -821,7 +736,7 @@ impl Server {
         let target = self
             .engine
             .as_ref()
-            .map_or_else(crate::backend::Backend::reference_cpu, |e| {
+            .map_or_else(kiln_runtime::backend::Backend::reference_cpu, |e| {
                 e.target().clone()
             });
         match Loaded::load(id.clone(), path, fim, &target) {

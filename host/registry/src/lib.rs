@@ -1,3 +1,7 @@
+//! kiln's registry: where kiln keeps its state, and the catalog of what is
+//! installed. [`config`] finds `KILN_HOME` and reads `config.toml`;
+//! [`Registry`] is one SQLite file there.
+//!
 //! The registry: one SQLite file (`$KILN_HOME/kiln.db`, WAL mode) holding
 //! installed plugin versions, which version of each is active, the history
 //! that rollback walks back, cached device scores, and an audit log of every
@@ -10,6 +14,7 @@
 //! Every change is one transaction that also writes its audit row, so a
 //! process killed at any point leaves either the old state or the new one.
 
+pub mod config;
 mod models;
 mod policies;
 mod stack;
@@ -64,6 +69,9 @@ pub enum RegistryError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    /// `config.toml` cannot be used; the message names the line.
+    #[error("{0}")]
+    Config(String),
     #[error("cannot create {path}: {source}")]
     Create {
         path: PathBuf,
@@ -315,6 +323,13 @@ impl Registry {
                     RegistryError::Sqlite(e)
                 }
             })
+    }
+
+    /// The registry of the home `config` describes, refusing a broken
+    /// `config.toml` first.
+    pub fn open_home(config: &config::Config) -> Result<Registry> {
+        config.require_valid().map_err(RegistryError::Config)?;
+        Registry::open(&config.registry_path())
     }
 
     pub fn path(&self) -> &Path {
@@ -764,7 +779,7 @@ mod tests {
 
     #[test]
     fn every_migration_file_is_embedded() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
         assert!(dir.is_dir());
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()

@@ -10,11 +10,11 @@
 
 use super::fim::FimTemplate;
 use super::metrics::{Metrics, labels};
-use crate::backend::Backend;
-use crate::backend::exec::Executor;
-use crate::model::generate::{Control, Generation, Request, StopReason, generate};
-use crate::model::{Model, Session};
-use crate::tokenizer::Tokenizer;
+use kiln_runtime::backend::Backend;
+use kiln_runtime::backend::exec::Executor;
+use kiln_runtime::model::generate::{Control, Generation, Request, StopReason, generate};
+use kiln_runtime::model::{Model, Session};
+use kiln_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -203,7 +203,7 @@ fn push_recent(q: &mut VecDeque<f64>, v: f64) {
 
 fn percentile(q: &VecDeque<f64>, p: f64) -> Option<f64> {
     let v: Vec<f64> = q.iter().copied().collect();
-    (!v.is_empty()).then(|| crate::measure::percentile(&v, p))
+    (!v.is_empty()).then(|| kiln_runtime::measure::percentile(&v, p))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -329,7 +329,7 @@ impl Engine {
     }
 
     pub fn n_ctx(&self) -> usize {
-        crate::model::session::default_n_ctx(&self.loaded().model.config, self.shared.n_ctx)
+        kiln_runtime::model::session::default_n_ctx(&self.loaded().model.config, self.shared.n_ctx)
     }
 
     /// Queues `request` for `client`. A job for `doc` cancels that
@@ -395,7 +395,7 @@ impl Engine {
             last_tokens_after_cancel: r.last_tokens_after_cancel,
             max_tokens_after_cancel: r.max_tokens_after_cancel,
             last_error: r.last_error.clone(),
-            anonymous_memory_bytes: crate::measure::process_memory(None, "RssAnon")
+            anonymous_memory_bytes: kiln_runtime::measure::process_memory(None, "RssAnon")
                 .map(|a| a.saturating_sub(loaded.model.file.copied_bytes())),
             copied_weight_bytes: loaded.model.file.copied_bytes(),
         }

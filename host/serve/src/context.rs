@@ -5,7 +5,7 @@
 //! tokenizer, each under a comment that names its file.
 
 use super::fim::comment_marker;
-use crate::tokenizer::Tokenizer;
+use kiln_runtime::tokenizer::Tokenizer;
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
 use std::collections::{HashMap, HashSet};
@@ -378,8 +378,8 @@ mod tests {
     fn selection_prefers_what_the_cursor_needs_and_fits_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let model_path = dir.path().join("m.gguf");
-        crate::serve::demo::write_demo_model(&model_path).unwrap();
-        let model = crate::model::Model::load(&model_path).unwrap();
+        crate::demo::write_demo_model(&model_path).unwrap();
+        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
         let tok = model.tokenizer().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir(&src).unwrap();

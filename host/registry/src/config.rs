@@ -130,9 +130,22 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, String> {
         format!(
             "{} is not a valid kiln config: {}; fix it or move it away",
             path.display(),
-            crate::plugin::manifest::describe_toml_error(&text, &e)
+            describe_toml_error(&text, &e)
         )
     })
+}
+
+/// "line 3 (`version = "one"`): <what toml says>", so the user sees which
+/// line of which file to fix.
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no} (`{line}`): {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
 }
 
 #[cfg(test)]

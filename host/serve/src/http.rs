@@ -5,9 +5,6 @@
 //! `/metrics` and `/healthz` answer while a generation runs.
 
 use super::engine::{Engine, Event, Events, Finished, Loaded};
-use crate::model::generate::{Request, StopReason};
-use crate::model::sample::SamplingParams;
-use crate::tokenizer::EncodeError;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -16,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use kiln_runtime::model::generate::{Request, StopReason};
+use kiln_runtime::model::sample::SamplingParams;
+use kiln_runtime::tokenizer::EncodeError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::hash_map::DefaultHasher;

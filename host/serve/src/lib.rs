@@ -1,7 +1,10 @@
-//! `kiln serve`: kiln as an IDE service. A language server on stdio
+//! kiln as an IDE service (`kiln serve`): a language server on stdio
 //! ([`lsp`]) or an OpenAI-compatible HTTP API ([`http`]), both in front of
-//! one [`engine`] that owns the model's KV cache.
+//! one [`engine`] that owns the model's KV cache. Built on `kiln-runtime`
+//! (models, backends, policies) and `kiln-registry` (state); the only
+//! crate with the async runtime, the HTTP stack and the metrics.
 //!
+//! - [`start`]: the model, device, engine and ranking policy a service runs;
 //! - [`engine`]: the job queue, prefix reuse, the completion cache, cancellation;
 //! - [`fim`]: fill-in-the-middle templates per model family;
 //! - [`context`]: workspace snippets, ranked and packed into a token budget;
@@ -15,9 +18,10 @@ pub mod fim;
 pub mod http;
 pub mod lsp;
 pub mod metrics;
+pub mod start;
 
-use crate::model::generate::Boundary;
-use crate::tokenizer::Tokenizer;
+use kiln_runtime::model::generate::Boundary;
+use kiln_runtime::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 /// How long a completion may run on.
@@ -232,7 +236,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("demo.gguf");
         demo::write_demo_model(&p).unwrap();
-        crate::model::Model::load(&p).unwrap().tokenizer().unwrap()
+        kiln_runtime::model::Model::load(&p)
+            .unwrap()
+            .tokenizer()
+            .unwrap()
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! Starting a service: the model and device to serve, the engine, and the
+//! ranking policy, shared by the language server and the HTTP API.
+
+use crate::Settings;
+use crate::engine::{Engine, EngineOptions, Loaded};
+use crate::fim::FimTemplate;
+use kiln_registry::Registry;
+use kiln_registry::config::Config;
+use kiln_runtime::backend::{self, Chosen};
+use kiln_runtime::store;
+use kiln_sandbox::breaker::Ranker;
+use std::sync::Arc;
+
+/// What `kiln serve` was asked to serve.
+pub struct ServeSpec {
+    pub config: Config,
+    /// A GGUF path or registered name; `None`: the registry's active model.
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub n_ctx: Option<usize>,
+    pub settings: Settings,
+}
+
+/// Resolves the model and backend and starts an engine.
+pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine, String> {
+    let (id, path) =
+        store::resolve_served(&spec.config, spec.model.as_deref()).map_err(|e| e.to_string())?;
+    let Chosen {
+        executor: exec,
+        label,
+    } = backend::choose(
+        &spec.config,
+        spec.backend.as_deref(),
+        |w| eprintln!("kiln: warning: {w}"),
+        |m| eprintln!("kiln: {m}"),
+    )
+    .map_err(|e| e.to_string())?;
+    let loaded = Loaded::load(id, path, fim, &exec.target)?;
+    Ok(Engine::start(
+        loaded,
+        EngineOptions {
+            target: exec.target.clone(),
+            device: exec.device,
+            backend_label: label,
+            n_ctx: spec.n_ctx,
+            completion_cache_entries: 256,
+        },
+    ))
+}
+
+/// The active ranking policy from the registry, in a breaker; the built-in
+/// ranker when there is none or it cannot be loaded (said on `log`).
+pub fn ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
+    let policy = (|| -> Result<Option<Arc<kiln_sandbox::Policy>>, String> {
+        let registry = Registry::open_home(config).map_err(|e| e.to_string())?;
+        let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let (bytes, rec) = kiln_runtime::policy::resolve(config, &registry, &rec.label())?;
+        let limits = kiln_runtime::policy::limits_of(rec.as_ref(), &bytes);
+        let policy = kiln_runtime::policy::sandbox(config)
+            .load(&bytes, limits)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(Arc::new(policy)))
+    })();
+    match policy {
+        Ok(p) => {
+            if let Some(p) = &p {
+                log(format!("ranking context with policy {}", p.meta.label()));
+            }
+            Ranker::new(p, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
+        }
+        Err(e) => {
+            log(format!(
+                "the ranking policy cannot be used ({e}); using the built-in ranker"
+            ));
+            Ranker::new(None, kiln_sandbox::breaker::DEFAULT_THRESHOLD)
+        }
+    }
+}
