@@ -386,6 +386,11 @@ impl Policy {
         }
     }
 
+    /// Refuses a policy that is not a ranker.
+    pub fn expect_rank(&self) -> Result<(), PolicyError> {
+        self.expect_kind(PolicyKind::Rank)
+    }
+
     /// Scores every candidate (in input order).
     pub fn rank(&self, input: &RankInput) -> Result<Outcome<Vec<f32>>, PolicyError> {
         self.expect_kind(PolicyKind::Rank)?;

@@ -652,3 +652,171 @@ fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
 }
+
+/// A language-server session on `home`, with `--metrics` on loopback, its
+/// workspace `ws` indexed.
+fn serving(home: &Home, ws: &Path, files: usize) -> kiln_serve::demo::Client {
+    use kiln_tests::serve::{initialize, serve, status, watchdog};
+    let mut c = serve(home, &["--metrics", "127.0.0.1:0"]);
+    watchdog(c.pid(), std::time::Duration::from_secs(300));
+    initialize(&mut c, ws, serde_json::json!({"maxTokens": 2}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while status(&mut c)["workspace"]["files"] != serde_json::json!(files) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workspace never indexed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    c
+}
+
+/// Completes at the end of line `line` of a document that asks for both
+/// workspace files, so the ranking policy gets exactly two candidates.
+fn complete_on_line(c: &mut kiln_serve::demo::Client, uri: &str, line: u32) -> serde_json::Value {
+    let text: String = (0..=line)
+        .map(|i| format!("v{i} = circle_area(2) + square_area(3)\n"))
+        .collect();
+    c.notify(
+        "textDocument/didChange",
+        serde_json::json!({"textDocument": {"uri": uri}, "contentChanges": [{"text": text}]}),
+    )
+    .unwrap();
+    let r = c
+        .request(
+            "textDocument/inlineCompletion",
+            kiln_tests::serve::at(uri, line, 36),
+        )
+        .unwrap();
+    assert!(r["result"]["items"].is_array(), "{r}");
+    r
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    kiln_tests::serve::http(addr, "GET", path, b"").1
+}
+
+#[test]
+fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good() {
+    use kiln_tests::serve::{open, status};
+    let Some(_) = policies_dir() else { return };
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path().join("sizes.py"),
+        "def square_area(side):\n    return side * side\n",
+    )
+    .unwrap();
+    let uri = format!("file://{}/main.py", ws.path().display());
+
+    // A served decision of a well-behaved policy replays bit for bit.
+    home.ok(&[
+        "policy",
+        "add",
+        policy("jaccard").unwrap().to_str().unwrap(),
+    ]);
+    let mut c = serving(&home, ws.path(), 2);
+    open(&mut c, &uri, "");
+    complete_on_line(&mut c, &uri, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let id = loop {
+        let s = status(&mut c);
+        if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
+            assert_eq!(s["policy"]["active"], "jaccard-windows@1.0.0", "{s}");
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let log = home.json(&["policy", "log", "--json"]);
+    assert_eq!(log["decisions"][0]["id"], id, "{log}");
+    assert_eq!(
+        log["decisions"][0]["error"],
+        serde_json::Value::Null,
+        "{log}"
+    );
+    let replay = home.json(&["policy", "replay", &id.to_string(), "--json"]);
+    assert_eq!(replay["replay"]["identical"], true, "{replay}");
+    assert!(c.close().unwrap().success());
+
+    // A policy that passes the gate (5, 50 and 1,000 candidates) but traps
+    // on two: three completions on new lines trip its breaker.
+    let trap_on_two = r#"(if (i32.eq (i32.load (i32.add (local.get $ptr) (i32.const 24))) (i32.const 2)) (then unreachable))"#;
+    let trap = wat_policy(
+        home.path(),
+        "trap.wasm",
+        "1.1",
+        "trap-on-two",
+        "",
+        &scores_after(trap_on_two, "f32.const 0.5", 0),
+        "",
+    );
+    home.ok(&["policy", "add", trap.to_str().unwrap()]);
+    let mut c = serving(&home, ws.path(), 2);
+    open(&mut c, &uri, "");
+    for line in 0..3 {
+        complete_on_line(&mut c, &uri, line);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let s = loop {
+        let s = status(&mut c);
+        if s["policy"]["decisions"]["trips"] == 1 {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(s["policy"]["breaker_open"], true, "{s}");
+    assert!(
+        s["policy"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{s}"
+    );
+    // Completions go on, ranked by the built-in ranker.
+    complete_on_line(&mut c, &uri, 3);
+    let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
+    assert!(
+        metrics
+            .contains(r#"kiln:policy_calls_total{policy="trap-on-two@1.0.0",outcome="error"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"kiln:policy_breaker_trips_total{policy="trap-on-two@1.0.0"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"kiln:policy_breaker_open{policy="trap-on-two@1.0.0"} 1"#));
+    assert!(c.close().unwrap().success());
+
+    // After a restart the registry still holds the trip.
+    let list = home.json(&["policy", "list", "--json"]);
+    let trap_rec = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "trap-on-two")
+        .unwrap()
+        .clone();
+    assert_eq!(trap_rec["state"], "disabled", "{list}");
+    assert!(
+        home.registry()
+            .audit_log(100)
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "trip" && e.subject == "trap-on-two")
+    );
+    let mut c = serving(&home, ws.path(), 2);
+    let s = status(&mut c);
+    assert_eq!(s["policy"]["active"], serde_json::Value::Null, "{s}");
+    assert_eq!(
+        s["policy"]["disabled_by_breaker"][0]["policy"], "trap-on-two@1.0.0",
+        "{s}"
+    );
+    assert!(c.close().unwrap().success());
+}

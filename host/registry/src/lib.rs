@@ -20,7 +20,7 @@ mod policies;
 mod stack;
 
 pub use models::{ModelRecord, NewModel};
-pub use policies::{BREAKER_THRESHOLD, Decision, NewPolicy, PolicyRecord};
+pub use policies::{Decision, NewPolicy, PolicyRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

@@ -8,9 +8,6 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use std::path::PathBuf;
 
-/// Consecutive run-time failures after which a policy is disabled.
-pub const BREAKER_THRESHOLD: i64 = 3;
-
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyRecord {
     #[serde(skip)]
@@ -252,14 +249,16 @@ impl Registry {
         Ok(t)
     }
 
-    /// Records a run-time outcome; at [`BREAKER_THRESHOLD`] consecutive
-    /// failures the policy is disabled (audited as a trip). Returns whether
-    /// this call tripped it.
+    /// Records a run-time outcome; at `threshold` consecutive failures
+    /// (the circuit breaker's limit, which the policy layer defines) the
+    /// policy is disabled, audited as a trip. Returns whether this call
+    /// tripped it.
     pub fn record_policy_outcome(
         &mut self,
         sha256: &str,
         ok: bool,
         why: Option<&str>,
+        threshold: u32,
     ) -> Result<bool> {
         let tx = self.write()?;
         let row: Option<(i64, String, String, String)> = tx
@@ -285,7 +284,7 @@ impl Registry {
             tx.query_row("SELECT failures FROM policies WHERE id = ?1", [id], |r| {
                 r.get(0)
             })?;
-        let trip = failures >= BREAKER_THRESHOLD && state != "disabled";
+        let trip = failures >= i64::from(threshold) && state != "disabled";
         if trip {
             stack::set_state(&tx, &POLICIES, id, "disabled")?;
             audit(
@@ -331,20 +330,35 @@ impl Registry {
     pub fn decision(&self, id: i64) -> Result<Option<Decision>> {
         Ok(self
             .conn
-            .query_row("SELECT * FROM policy_decisions WHERE id = ?1", [id], |r| {
-                Ok(Decision {
-                    id: r.get("id")?,
-                    at: r.get("at")?,
-                    policy: r.get("policy")?,
-                    policy_sha256: r.get("policy_sha256")?,
-                    kind: r.get("kind")?,
-                    input: r.get("input")?,
-                    output: r.get("output")?,
-                    error: r.get("error")?,
-                    fuel_used: r.get("fuel_used")?,
-                    elapsed_us: r.get("elapsed_us")?,
-                })
-            })
+            .query_row(
+                "SELECT * FROM policy_decisions WHERE id = ?1",
+                [id],
+                decision_from_row,
+            )
             .optional()?)
     }
+
+    /// The newest `limit` decisions, newest first.
+    pub fn decisions(&self, limit: usize) -> Result<Vec<Decision>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM policy_decisions ORDER BY id DESC LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], decision_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Decision> {
+    Ok(Decision {
+        id: r.get("id")?,
+        at: r.get("at")?,
+        policy: r.get("policy")?,
+        policy_sha256: r.get("policy_sha256")?,
+        kind: r.get("kind")?,
+        input: r.get("input")?,
+        output: r.get("output")?,
+        error: r.get("error")?,
+        fuel_used: r.get("fuel_used")?,
+        elapsed_us: r.get("elapsed_us")?,
+    })
 }

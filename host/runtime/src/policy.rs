@@ -4,7 +4,7 @@
 
 use kiln_registry::config::Config;
 use kiln_registry::{NewPolicy, PolicyRecord, Registry, Transition};
-use kiln_sandbox::breaker::DEFAULT_THRESHOLD;
+use kiln_sandbox::breaker::{Call, DEFAULT_THRESHOLD};
 use kiln_sandbox::limits::LimitOverrides;
 use kiln_sandbox::{
     Candidate, Cursor, Param, ParamKind, Policy, PolicyError, PolicyKind, PolicyLimits, RankInput,
@@ -500,7 +500,21 @@ pub fn run_once(
     if let Input::Tune(t) = input {
         t.validate()?;
     }
-    let result = policy.call_raw(&bytes).and_then(|out| {
+    let start = std::time::Instant::now();
+    let mut call = Call {
+        policy: policy.meta.label(),
+        sha256: policy.sha256.clone(),
+        input: bytes.clone(),
+        output: None,
+        error: None,
+        fuel_used: None,
+        elapsed: start.elapsed(),
+    };
+    let mut log = String::new();
+    let value = policy.call_raw(&bytes).and_then(|out| {
+        call.fuel_used = Some(out.fuel_used);
+        call.elapsed = out.elapsed;
+        log = out.log;
         let value = match input {
             Input::Rank(i) => {
                 serde_json::to_value(abi::decode_scores(&out.value, i.candidates.len())?)
@@ -508,81 +522,70 @@ pub fn run_once(
             Input::Tune(t) => serde_json::to_value(abi::decode_proposal(&out.value, &t.params)?),
         }
         .unwrap_or_default();
-        Ok((out, value))
+        call.output = Some(out.value);
+        Ok(value)
     });
-    let label = policy.meta.label();
-    let (report, ok) = match result {
-        Ok((out, value)) => {
-            let id = registry
-                .record_decision(
-                    &label,
-                    &policy.sha256,
-                    kind.name(),
-                    &bytes,
-                    Some(&out.value),
-                    None,
-                    Some(out.fuel_used),
-                    Some(out.elapsed.as_micros() as u64),
-                )
-                .map_err(|e| e.to_string())?;
-            (
-                RunReport {
-                    policy: label.clone(),
-                    sha256: policy.sha256.clone(),
-                    kind: kind.name().into(),
-                    decision_id: id,
-                    output: Some(value),
-                    error: None,
-                    fallback: None,
-                    fuel_used: Some(out.fuel_used),
-                    elapsed_us: Some(out.elapsed.as_micros() as u64),
-                    log: out.log,
-                    tripped: false,
-                },
-                true,
-            )
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            let id = registry
-                .record_decision(
-                    &label,
-                    &policy.sha256,
-                    kind.name(),
-                    &bytes,
-                    None,
-                    Some(&msg),
-                    None,
-                    None,
-                )
-                .map_err(|e| e.to_string())?;
-            let fallback = match input {
-                Input::Rank(i) => Some(builtin::rank(i)),
-                Input::Tune(_) => None,
-            };
-            (
-                RunReport {
-                    policy: label.clone(),
-                    sha256: policy.sha256.clone(),
-                    kind: kind.name().into(),
-                    decision_id: id,
-                    output: None,
-                    error: Some(msg),
-                    fallback,
-                    fuel_used: None,
-                    elapsed_us: None,
-                    log: String::new(),
-                    tripped: false,
-                },
-                false,
-            )
-        }
+    if let Err(e) = &value {
+        call.error = Some(e.to_string());
+    }
+    let recorded = record(registry, &call, kind)?;
+    let fallback = match (&value, input) {
+        (Err(_), Input::Rank(i)) => Some(builtin::rank(i)),
+        _ => None,
     };
-    let tripped = registry
-        .record_policy_outcome(&policy.sha256, ok, report.error.as_deref())
+    Ok(RunReport {
+        policy: call.policy,
+        sha256: call.sha256,
+        kind: kind.name().into(),
+        decision_id: recorded.decision_id,
+        output: value.ok(),
+        error: call.error,
+        fallback,
+        fuel_used: call.fuel_used,
+        elapsed_us: call.fuel_used.map(|_| call.elapsed.as_micros() as u64),
+        log,
+        tripped: recorded.tripped,
+    })
+}
+
+/// What recording a call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// The decision's id in the log (`kiln policy replay ID`).
+    pub decision_id: i64,
+    /// This failure tripped the circuit breaker: the policy is now
+    /// disabled in the registry.
+    pub tripped: bool,
+}
+
+/// Logs `call` as a decision (input and output bytes, so it replays bit
+/// for bit) and counts its outcome against the circuit breaker's limit
+/// ([`DEFAULT_THRESHOLD`] consecutive failures disable an installed policy).
+pub fn record(registry: &mut Registry, call: &Call, kind: PolicyKind) -> Result<Recorded, String> {
+    let decision_id = registry
+        .record_decision(
+            &call.policy,
+            &call.sha256,
+            kind.name(),
+            &call.input,
+            call.output.as_deref(),
+            call.error.as_deref(),
+            call.fuel_used,
+            call.fuel_used.map(|_| call.elapsed.as_micros() as u64),
+        )
         .map_err(|e| e.to_string())?;
-    debug_assert!(DEFAULT_THRESHOLD as i64 == kiln_registry::BREAKER_THRESHOLD);
-    Ok(RunReport { tripped, ..report })
+    let tripped = registry
+        .record_policy_outcome(
+            &call.sha256,
+            call.error.is_none(),
+            call.error.as_deref(),
+            DEFAULT_THRESHOLD,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(Recorded {
+        decision_id,
+        tripped,
+    })
 }
 
 #[derive(Clone, Debug, Serialize)]

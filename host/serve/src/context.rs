@@ -207,6 +207,10 @@ pub struct Packed {
     pub tokens: usize,
     /// `policy` or `builtin` (with why, when a policy failed).
     pub ranked_by: String,
+    /// The ranking policy's call, for the decision log; `None` when no
+    /// policy was called.
+    #[serde(skip)]
+    pub call: Option<kiln_sandbox::breaker::Call>,
 }
 
 /// Picks snippets for a completion in `cursor_path` and packs them into
@@ -319,7 +323,7 @@ pub fn select(
         },
         candidates,
     };
-    let ranked = ranker.rank(&input);
+    let mut ranked = ranker.rank(&input);
     let ranked_by = match &ranked.source {
         kiln_sandbox::breaker::Source::Policy => "policy".to_string(),
         kiln_sandbox::breaker::Source::Builtin(None) => "builtin".to_string(),
@@ -330,6 +334,7 @@ pub fn select(
     let marker = comment_marker(cursor_path);
     let mut packed = Packed {
         ranked_by,
+        call: ranked.call.take(),
         ..Packed::default()
     };
     for i in order {

@@ -246,7 +246,7 @@ struct Shared {
     current: RwLock<Arc<Loaded>>,
     cache: moka::sync::Cache<u64, Arc<Generation>>,
     recent: Mutex<Recent>,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     target: Arc<Backend>,
     device: u32,
     backend_label: String,
@@ -268,6 +268,8 @@ pub struct EngineOptions {
     pub n_ctx: Option<usize>,
     /// Entries in the cache of recent completions.
     pub completion_cache_entries: u64,
+    /// Where the engine counts (shared with the rest of the service).
+    pub metrics: Arc<Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -286,7 +288,7 @@ impl Engine {
                 .time_to_live(Duration::from_secs(600))
                 .build(),
             recent: Mutex::default(),
-            metrics: Metrics::default(),
+            metrics: opts.metrics,
             target: opts.target,
             device: opts.device,
             backend_label: opts.backend_label,

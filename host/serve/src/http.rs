@@ -5,6 +5,7 @@
 //! `/metrics` and `/healthz` answer while a generation runs.
 
 use super::engine::{Engine, Event, Events, Finished, Loaded};
+use super::metrics::Metrics;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -61,7 +62,30 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// deadline for its request headers, so a client that opens connections
 /// and never finishes a request does not hold them forever.
 pub async fn serve(engine: Engine, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let router = router(engine);
+    serve_router(router(engine), listener).await
+}
+
+/// `/metrics` and `/healthz` alone, beside the language server (`kiln
+/// serve --metrics ADDR`).
+pub async fn serve_metrics(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move { metrics_text(&m) }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .fallback(not_found)
+        .with_state(metrics);
+    serve_router(router, listener).await
+}
+
+async fn serve_router(router: Router, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -156,12 +180,16 @@ async fn models(State(s): St) -> Response {
 }
 
 async fn metrics(State(s): St) -> Response {
+    metrics_text(s.engine.metrics())
+}
+
+fn metrics_text(m: &Metrics) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.engine.metrics().render(),
+        m.render(),
     )
         .into_response()
 }

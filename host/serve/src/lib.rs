@@ -8,10 +8,12 @@
 //! - [`engine`]: the job queue, prefix reuse, the completion cache, cancellation;
 //! - [`fim`]: fill-in-the-middle templates per model family;
 //! - [`context`]: workspace snippets, ranked and packed into a token budget;
+//! - [`decisions`]: ranking decisions logged for replay, breaker trips persisted;
 //! - [`metrics`]: Prometheus counters and histograms;
 //! - [`demo`]: the model `kiln demo` generates, and the scripted typing session.
 
 pub mod context;
+pub mod decisions;
 pub mod demo;
 pub mod engine;
 pub mod fim;

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub backend_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     pub backend_ops: Family<Labels, Counter>,
     pub fallbacks: Family<Labels, Counter>,
+    pub policy_calls: Family<Labels, Counter>,
+    pub policy_trips: Family<Labels, Counter>,
+    pub policy_breaker_open: Family<Labels, Gauge>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -57,6 +60,9 @@ impl Default for Metrics {
             backend_seconds: Family::default(),
             backend_ops: Family::default(),
             fallbacks: Family::default(),
+            policy_calls: Family::default(),
+            policy_trips: Family::default(),
+            policy_breaker_open: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +144,21 @@ impl Default for Metrics {
             "kiln:backend_fallbacks",
             "Ops or failed segments run on the CPU instead, by backend and reason",
             m.fallbacks.clone(),
+        );
+        registry.register(
+            "kiln:policy_calls",
+            "Ranking policy calls while serving, by policy and outcome (ok, error)",
+            m.policy_calls.clone(),
+        );
+        registry.register(
+            "kiln:policy_breaker_trips",
+            "Times a policy's circuit breaker tripped (the policy was disabled)",
+            m.policy_trips.clone(),
+        );
+        registry.register(
+            "kiln:policy_breaker_open",
+            "1 while a policy's circuit breaker is open (the built-in ranker stands in)",
+            m.policy_breaker_open.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -4,6 +4,7 @@
 use crate::Settings;
 use crate::engine::{Engine, EngineOptions, Loaded};
 use crate::fim::FimTemplate;
+use crate::metrics::Metrics;
 use kiln_registry::Registry;
 use kiln_registry::config::Config;
 use kiln_runtime::backend::{self, Chosen};
@@ -19,10 +20,17 @@ pub struct ServeSpec {
     pub backend: Option<String>,
     pub n_ctx: Option<usize>,
     pub settings: Settings,
+    /// Where `/metrics` is served beside the language server, if anywhere.
+    pub metrics_address: Option<String>,
 }
 
-/// Resolves the model and backend and starts an engine.
-pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine, String> {
+/// Resolves the model and backend and starts an engine counting into
+/// `metrics`.
+pub fn start_engine(
+    spec: &ServeSpec,
+    fim: Option<FimTemplate>,
+    metrics: Arc<Metrics>,
+) -> Result<Engine, String> {
     let (id, path) =
         store::resolve_served(&spec.config, spec.model.as_deref()).map_err(|e| e.to_string())?;
     let Chosen {
@@ -44,6 +52,7 @@ pub fn start_engine(spec: &ServeSpec, fim: Option<FimTemplate>) -> Result<Engine
             backend_label: label,
             n_ctx: spec.n_ctx,
             completion_cache_entries: 256,
+            metrics,
         },
     ))
 }

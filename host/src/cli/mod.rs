@@ -62,7 +62,11 @@ enum Command {
         /// Serve HTTP on this address (e.g. 127.0.0.1:8080) instead of LSP on stdio.
         #[arg(long)]
         http: Option<String>,
-        /// Allow --http on an address other than loopback.
+        /// With the language server: also serve `/metrics` (Prometheus) and
+        /// `/healthz` over HTTP on this address (e.g. 127.0.0.1:9100).
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Allow --http or --metrics on an address other than loopback.
         #[arg(long)]
         allow_remote: bool,
         #[arg(long)]
@@ -271,6 +275,14 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The newest logged decisions (from `kiln policy run` and from
+    /// serving), newest first.
+    Log {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -336,6 +348,7 @@ fn run(command: Command) -> CliResult {
         Command::Serve {
             model,
             http,
+            metrics,
             allow_remote,
             backend,
             ctx,
@@ -367,9 +380,13 @@ fn run(command: Command) -> CliResult {
                     backend,
                     n_ctx: ctx,
                     settings,
+                    metrics_address: None,
                 },
-                http.as_deref(),
-                allow_remote,
+                serve::Listen {
+                    http: http.as_deref(),
+                    metrics: metrics.as_deref(),
+                    allow_remote,
+                },
             )
         }
         Command::Doctor { json } => doctor::doctor(&config, json),
@@ -504,6 +521,7 @@ fn run(command: Command) -> CliResult {
                 json,
             } => policy::run(&config, &p, &input, json),
             PolicyCommand::Replay { decision, json } => policy::replay(&config, decision, json),
+            PolicyCommand::Log { limit, json } => policy::log(&config, limit, json),
         },
         Command::Quantize {
             input,

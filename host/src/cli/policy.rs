@@ -192,7 +192,7 @@ pub fn run(config: &Config, arg: &str, input: &Path, as_json: bool) -> CliResult
     let (p, rec) = load(config, arg)?;
     if let Some(r) = &rec
         && r.state == "disabled"
-        && r.failures >= kiln_registry::BREAKER_THRESHOLD
+        && r.failures >= i64::from(kiln_sandbox::breaker::DEFAULT_THRESHOLD)
     {
         return Err(CliError(format!(
             "{} was disabled by the circuit breaker after {} consecutive failures; fix it and `kiln policy enable {}`",
@@ -243,6 +243,39 @@ pub fn run(config: &Config, arg: &str, input: &Path, as_json: bool) -> CliResult
 
 fn input_name(p: &Path) -> String {
     p.display().to_string()
+}
+
+pub fn log(config: &Config, limit: usize, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let decisions = registry.decisions(limit)?;
+    if as_json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "decisions": decisions}),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if decisions.is_empty() {
+        println!("No decisions logged yet.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = decisions
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.at.clone(),
+                d.policy.clone(),
+                d.kind.clone(),
+                d.fuel_used.map(|f| f.to_string()).unwrap_or_default(),
+                d.error.clone().unwrap_or_else(|| "ok".into()),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["ID", "AT", "POLICY", "KIND", "FUEL", "OUTCOME"], &rows)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn replay(config: &Config, id: i64, as_json: bool) -> CliResult {

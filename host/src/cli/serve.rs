@@ -2,32 +2,62 @@
 
 use super::{CliError, CliResult};
 use kiln_serve::lsp;
+use kiln_serve::metrics::Metrics;
 use kiln_serve::start::{ServeSpec, start_engine};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-pub fn run(spec: ServeSpec, http: Option<&str>, allow_remote: bool) -> CliResult {
-    let Some(addr) = http else {
+/// Where `kiln serve` listens besides stdio.
+pub struct Listen<'a> {
+    /// `--http`: the OpenAI-compatible API instead of the language server.
+    pub http: Option<&'a str>,
+    /// `--metrics`: `/metrics` and `/healthz` beside the language server.
+    pub metrics: Option<&'a str>,
+    pub allow_remote: bool,
+}
+
+/// A listening address: loopback unless `allow_remote`.
+fn address(flag: &str, addr: &str, allow_remote: bool) -> Result<SocketAddr, CliError> {
+    let parsed: SocketAddr = addr.parse().map_err(|_| {
+        CliError(format!(
+            "{flag} {addr:?} is not an address; write it as 127.0.0.1:8080"
+        ))
+    })?;
+    if !parsed.ip().is_loopback() && !allow_remote {
+        return Err(CliError(format!(
+            "{flag} {parsed} would serve other machines; kiln serves only this one unless you pass --allow-remote"
+        )));
+    }
+    Ok(parsed)
+}
+
+pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
+    let metrics = Arc::new(Metrics::default());
+    let Some(addr) = listen.http else {
+        if let Some(m) = listen.metrics {
+            let addr = address("--metrics", m, listen.allow_remote)?;
+            let bound = metrics_endpoint(addr, metrics.clone())?;
+            eprintln!("kiln: metrics on http://{bound}/metrics");
+            spec.metrics_address = Some(bound.to_string());
+        }
         // The language server: stdout carries the protocol, so everything
         // kiln says goes to stderr or window/logMessage.
         let code = lsp::run(
             spec,
+            metrics,
             Box::new(std::io::stdin()),
             Box::new(std::io::stdout()),
         );
         return Ok(ExitCode::from(code as u8));
     };
-    let addr: SocketAddr = addr.parse().map_err(|_| {
-        CliError(format!(
-            "--http {addr:?} is not an address; write it as 127.0.0.1:8080"
-        ))
-    })?;
-    if !addr.ip().is_loopback() && !allow_remote {
-        return Err(CliError(format!(
-            "--http {addr} would serve other machines; kiln serves only this one unless you pass --allow-remote"
-        )));
+    if listen.metrics.is_some() {
+        return Err(CliError(
+            "--metrics goes with the language server; --http serves /metrics itself".into(),
+        ));
     }
-    let engine = start_engine(&spec, None).map_err(CliError)?;
+    let addr = address("--http", addr, listen.allow_remote)?;
+    let engine = start_engine(&spec, None, metrics).map_err(CliError)?;
     let loaded = engine.loaded();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -52,4 +82,22 @@ pub fn run(spec: ServeSpec, http: Option<&str>, allow_remote: bool) -> CliResult
         Ok::<_, CliError>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own;
+/// returns the bound address.
+fn metrics_endpoint(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("kiln-metrics".into())
+        .spawn(move || {
+            let _ = runtime.block_on(kiln_serve::http::serve_metrics(metrics, listener));
+        })?;
+    Ok(bound)
 }

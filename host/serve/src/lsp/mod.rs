@@ -12,8 +12,10 @@ pub mod document;
 pub mod framing;
 
 use crate::context::{self, OpenDoc, Workspace};
+use crate::decisions::{DecisionLog, PendingDecision};
 use crate::engine::{Engine, Event, Loaded};
 use crate::fim::FimTemplate;
+use crate::metrics::Metrics;
 use crate::start::{ServeSpec, ranker, start_engine};
 use crate::{Settings, boundary, head_within, tail_within};
 use document::{Document, PositionEncoding};
@@ -127,7 +129,18 @@ struct Server {
     progress: Option<ProgressState>,
     /// The context block chosen for (document, line): kept while the user
     /// types on that line so the prompt's start stays the same (KV reuse).
-    context_memo: Option<(String, u32, String)>,
+    context_memo: Option<ContextMemo>,
+    metrics: Arc<Metrics>,
+    decisions: DecisionLog,
+}
+
+/// The context block chosen for a (document, line), and the ranking
+/// decision behind it.
+struct ContextMemo {
+    uri: String,
+    line: u32,
+    text: String,
+    decision: Option<PendingDecision>,
 }
 
 struct ProgressState {
@@ -149,7 +162,12 @@ fn valid_id(id: &Value) -> bool {
 /// Runs the language server on `input`/`output` until `exit` or the end of
 /// input. Returns the process exit code the spec asks for (0 after
 /// `shutdown`, 1 otherwise).
-pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write + Send>) -> i32 {
+pub fn run(
+    spec: ServeSpec,
+    metrics: Arc<Metrics>,
+    input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+) -> i32 {
     let (tx, rx) = channel();
     let reader_tx = tx.clone();
     std::thread::Builder::new()
@@ -176,6 +194,7 @@ pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write +
         })
         .expect("spawn the reader");
     let out = Out::new(output);
+    let config = spec.config.clone();
     let mut server = Server {
         settings: spec.settings.clone(),
         spec: Arc::new(spec),
@@ -194,6 +213,8 @@ pub fn run(spec: ServeSpec, input: Box<dyn Read + Send>, output: Box<dyn Write +
         pending: Arc::default(),
         progress: None,
         context_memo: None,
+        metrics: metrics.clone(),
+        decisions: DecisionLog::start(config, metrics),
     };
     server.serve(&rx)
 }
@@ -491,13 +512,14 @@ impl Server {
         );
         let spec = self.spec.clone();
         let tx = self.tx.clone();
+        let metrics = self.metrics.clone();
         let fim = self
             .settings
             .fim_template
             .as_deref()
             .and_then(|t| FimTemplate::parse(t).ok());
         std::thread::spawn(move || {
-            let _ = tx.send(Input::Loaded(start_engine(&spec, fim)));
+            let _ = tx.send(Input::Loaded(start_engine(&spec, fim, metrics)));
         });
         let mut logs = Vec::new();
         self.ranker = Arc::new(ranker(&self.spec.config, &mut |m| logs.push(m)));
@@ -641,14 +663,44 @@ impl Server {
             "files": ws.files,
             "chunks": ws.chunks.len(),
         });
-        v["ranker"] = json!(if self.ranker.is_tripped() {
-            "builtin (the policy's circuit breaker tripped)"
-        } else {
-            "ready"
-        });
+        v["policy"] = self.policy_status();
+        v["metrics_address"] = json!(self.spec.metrics_address);
         v["open_documents"] = json!(self.docs.len());
         v["settings"] = serde_json::to_value(&self.settings).expect("settings serialise");
         Ok(v)
+    }
+
+    /// The ranking policy: the one in use, its breaker, the decisions
+    /// logged, and the policies the registry holds disabled by a trip
+    /// (from this process or an earlier one).
+    fn policy_status(&self) -> Value {
+        let tripped_in_registry: Vec<Value> = Registry::open_home(&self.spec.config)
+            .and_then(|r| r.policies())
+            .map(|all| {
+                all.into_iter()
+                    .filter(|p| {
+                        p.kind == "rank"
+                            && p.state == "disabled"
+                            && p.failures >= i64::from(kiln_sandbox::breaker::DEFAULT_THRESHOLD)
+                    })
+                    .map(|p| json!({"policy": p.label(), "failures": p.failures}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let r = &self.ranker;
+        json!({
+            "active": r.policy().map(|p| p.meta.label()),
+            "ranker": match (r.policy(), r.is_tripped()) {
+                (None, _) => "builtin",
+                (Some(_), true) => "builtin (the policy's circuit breaker is open)",
+                (Some(_), false) => "policy",
+            },
+            "breaker_open": r.is_tripped(),
+            "consecutive_failures": r.consecutive_failures(),
+            "last_error": r.last_error(),
+            "decisions": self.decisions.status(),
+            "disabled_by_breaker": tripped_in_registry,
+        })
     }
 
     /// kiln's copy of an open document, to compare with the editor's.
@@ -802,8 +854,8 @@ impl Server {
             ""
         };
         let rel = self.relative(uri);
-        let context_text = match &self.context_memo {
-            Some((u, l, text)) if u == uri && *l == line => text.clone(),
+        let memo = match self.context_memo.take() {
+            Some(m) if m.uri == uri && m.line == line => m,
             _ => {
                 let others: Vec<(String, &Document)> = self
                     .docs
@@ -831,10 +883,19 @@ impl Server {
                     &loaded.tok,
                     s.context_tokens,
                 );
-                packed.text
+                ContextMemo {
+                    uri: uri.to_string(),
+                    line,
+                    text: packed.text,
+                    decision: packed
+                        .call
+                        .map(|c| self.decisions.log(c, self.ranker.clone())),
+                }
             }
         };
-        self.context_memo = Some((uri.to_string(), line, context_text.clone()));
+        let context_text = memo.text.clone();
+        let decision = memo.decision.clone();
+        self.context_memo = Some(memo);
         let prompt_text = loaded.fim.build(&context_text, prefix, suffix);
         let prompt = match loaded.tok.encode(&prompt_text, true) {
             Ok(p) => p,
@@ -901,6 +962,7 @@ impl Server {
                         "prompt_tokens": f.generation.timings.prompt_tokens,
                         "completion_cache_hit": f.completion_cache_hit,
                         "stop_reason": f.generation.stop_reason,
+                        "policy_decision": decision.as_ref().and_then(PendingDecision::id),
                     });
                     if inline {
                         let items = if text.is_empty() {
