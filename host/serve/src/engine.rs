@@ -1,7 +1,10 @@
 //! The engine: one thread that owns the model session (its KV cache) and
 //! runs completion jobs one at a time, taking them fairly from each
-//! client's queue. Front ends (LSP, HTTP) submit jobs and read events from
-//! a channel; they never wait on the engine for status or metrics.
+//! client's queue. A front end submits a job with a [`Sink`] that the
+//! engine thread feeds: the language server's writes the reply itself
+//! (no thread waits for it), the HTTP API's forwards to its async handler
+//! ([`Engine::submit_events`]). Front ends never wait on the engine for
+//! status or metrics.
 //!
 //! - Prefix reuse: consecutive prompts that share a prefix (typing) keep
 //!   the shared part of the KV cache ([`Session`] does the matching).
@@ -79,9 +82,21 @@ pub enum Event {
     Done(Result<Finished, String>),
 }
 
-/// A submitted job's events. Dropping it (the client went away, the
-/// request was answered) cancels the job if it is still queued or running:
-/// at its next batch of prompt tokens or its next token.
+/// Where a job's output goes, fed on the engine thread: text as it
+/// becomes final, then the end, exactly once.
+pub trait Sink: Send {
+    /// `false` cancels the job: nobody listens any more.
+    fn text(&mut self, text: &str) -> bool;
+    fn done(self: Box<Self>, result: Result<Finished, String>);
+    /// Nobody listens any more: a queued job does not start.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// A submitted job's events, for an async caller. Dropping it (the client
+/// went away, the request was answered) cancels the job if it is still
+/// queued or running: at its next batch of prompt tokens or its next token.
 pub struct Events {
     rx: UnboundedReceiver<Event>,
     control: Arc<Control>,
@@ -91,16 +106,28 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
-
-    /// [`Events::recv`] for a thread outside the async runtime.
-    pub fn blocking_recv(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
-    }
 }
 
 impl Drop for Events {
     fn drop(&mut self) {
         self.control.cancel();
+    }
+}
+
+/// The [`Sink`] behind [`Events`].
+struct ChannelSink(UnboundedSender<Event>);
+
+impl Sink for ChannelSink {
+    fn text(&mut self, text: &str) -> bool {
+        self.0.send(Event::Text(text.to_string())).is_ok()
+    }
+
+    fn done(self: Box<Self>, result: Result<Finished, String>) {
+        let _ = self.0.send(Event::Done(result));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
     }
 }
 
@@ -121,7 +148,7 @@ struct Job {
     loaded: Arc<Loaded>,
     request: Request,
     control: Arc<Control>,
-    events: UnboundedSender<Event>,
+    sink: Box<dyn Sink>,
     enqueued: Instant,
 }
 
@@ -334,19 +361,19 @@ impl Engine {
         kiln_runtime::model::session::default_n_ctx(&self.loaded().model.config, self.shared.n_ctx)
     }
 
-    /// Queues `request` for `client`. A job for `doc` cancels that
-    /// document's previous job. The job may be cancelled through the
-    /// returned control; events arrive on the receiver.
+    /// Queues `request` for `client`; the engine thread feeds `sink`. A
+    /// job for `doc` cancels that document's previous job. The job may be
+    /// cancelled through the returned control.
     pub fn submit(
         &self,
         client: u64,
         doc: Option<String>,
         loaded: Arc<Loaded>,
         mut request: Request,
-    ) -> (Arc<Control>, Events) {
+        sink: Box<dyn Sink>,
+    ) -> Arc<Control> {
         let control = Arc::new(Control::default());
         request.control = Some(control.clone());
-        let (events, rx) = unbounded_channel();
         let mut q = lock(&self.shared.queue);
         if let Some(d) = &doc
             && let Some(old) = q.by_doc.insert(d.clone(), control.clone())
@@ -360,14 +387,28 @@ impl Engine {
                 loaded,
                 request,
                 control: control.clone(),
-                events,
+                sink,
                 enqueued: Instant::now(),
             },
         );
         self.shared.metrics.waiting.set(q.jobs.len as i64);
         drop(q);
         self.shared.wake.notify_one();
-        (control.clone(), Events { rx, control })
+        control
+    }
+
+    /// [`Engine::submit`] for an async caller: the job's events arrive on
+    /// the returned [`Events`], and dropping them cancels the job.
+    pub fn submit_events(
+        &self,
+        client: u64,
+        doc: Option<String>,
+        loaded: Arc<Loaded>,
+        request: Request,
+    ) -> Events {
+        let (tx, rx) = unbounded_channel();
+        let control = self.submit(client, doc, loaded, request, Box::new(ChannelSink(tx)));
+        Events { rx, control }
     }
 
     pub fn status(&self) -> Status {
@@ -478,42 +519,70 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 3]) {
 }
 
 fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: Job) {
-    let start = Instant::now();
-    let queue_s = start.duration_since(job.enqueued).as_secs_f64();
+    let Job {
+        loaded,
+        request,
+        control,
+        mut sink,
+        enqueued,
+        ..
+    } = job;
+    let queue_s = enqueued.elapsed().as_secs_f64();
+    shared.metrics.queue_time.observe(queue_s);
+    let result = execute(
+        shared,
+        session,
+        &loaded,
+        request,
+        &control,
+        sink.as_mut(),
+        enqueued,
+    );
     let m = &shared.metrics;
-    m.queue_time.observe(queue_s);
-    let finish = |result: Result<Finished, String>| {
-        let reason = match &result {
-            Ok(f) => serde_json::to_value(f.generation.stop_reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            Err(_) => "error".to_string(),
-        };
-        m.requests
-            .get_or_create(&labels(&[("finished_reason", &reason)]))
-            .inc();
-        let mut r = lock(&shared.recent);
-        r.requests += 1;
-        match &result {
-            Ok(f) => {
-                if f.generation.stop_reason == StopReason::Cancelled {
-                    r.cancelled += 1;
-                    r.last_tokens_after_cancel = Some(f.tokens_after_cancel);
-                    r.max_tokens_after_cancel =
-                        r.max_tokens_after_cancel.max(f.tokens_after_cancel);
-                } else {
-                    push_recent(&mut r.ttft_ms, f.time_to_first_token_ms);
-                    push_recent(&mut r.e2e_ms, f.total_ms);
-                }
-            }
-            Err(e) => r.last_error = Some(e.clone()),
-        }
-        drop(r);
-        let _ = job.events.send(Event::Done(result));
+    let reason = match &result {
+        Ok(f) => serde_json::to_value(f.generation.stop_reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        Err(_) => "error".to_string(),
     };
-    if job.control.is_cancelled() || job.events.is_closed() {
-        finish(Ok(Finished {
+    m.requests
+        .get_or_create(&labels(&[("finished_reason", &reason)]))
+        .inc();
+    let mut r = lock(&shared.recent);
+    r.requests += 1;
+    match &result {
+        Ok(f) => {
+            if f.generation.stop_reason == StopReason::Cancelled {
+                r.cancelled += 1;
+                r.last_tokens_after_cancel = Some(f.tokens_after_cancel);
+                r.max_tokens_after_cancel = r.max_tokens_after_cancel.max(f.tokens_after_cancel);
+            } else {
+                push_recent(&mut r.ttft_ms, f.time_to_first_token_ms);
+                push_recent(&mut r.e2e_ms, f.total_ms);
+            }
+        }
+        Err(e) => r.last_error = Some(e.clone()),
+    }
+    drop(r);
+    sink.done(result);
+}
+
+/// Runs one job: from the completion cache, or on the session (made anew
+/// when the model changed), feeding `sink` as text becomes final.
+fn execute(
+    shared: &Shared,
+    session: &mut Option<(Arc<Loaded>, Session)>,
+    loaded: &Arc<Loaded>,
+    mut request: Request,
+    control: &Control,
+    sink: &mut dyn Sink,
+    enqueued: Instant,
+) -> Result<Finished, String> {
+    let m = &shared.metrics;
+    let queue_s = enqueued.elapsed().as_secs_f64();
+    if control.is_cancelled() || sink.is_closed() {
+        return Ok(Finished {
             generation: Generation {
                 token_ids: Vec::new(),
                 text: String::new(),
@@ -525,113 +594,100 @@ fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: J
             time_to_first_token_ms: 0.0,
             total_ms: queue_s * 1e3,
             tokens_after_cancel: 0,
-        }));
-        return;
+        });
     }
-    let key = cache_key(&job.loaded, &job.request);
+    let key = cache_key(loaded, &request);
     m.completion_cache_queries.inc();
     lock(&shared.recent).completion_cache_queries += 1;
     if let Some(hit) = shared.cache.get(&key) {
         m.completion_cache_hits.inc();
         lock(&shared.recent).completion_cache_hits += 1;
         if !hit.text.is_empty() {
-            let _ = job.events.send(Event::Text(hit.text.clone()));
+            sink.text(&hit.text);
         }
-        let ms = job.enqueued.elapsed().as_secs_f64() * 1e3;
+        let ms = enqueued.elapsed().as_secs_f64() * 1e3;
         m.ttft.observe(ms / 1e3);
         m.e2e.observe(ms / 1e3);
-        finish(Ok(Finished {
+        return Ok(Finished {
             generation: (*hit).clone(),
             completion_cache_hit: true,
             queue_ms: queue_s * 1e3,
             time_to_first_token_ms: ms,
             total_ms: ms,
             tokens_after_cancel: 0,
-        }));
-        return;
+        });
     }
-    // The session for this job's model, made anew when the model changed.
     if session
         .as_ref()
-        .is_none_or(|(l, _)| !Arc::ptr_eq(l, &job.loaded))
+        .is_none_or(|(l, _)| !Arc::ptr_eq(l, loaded))
     {
         *session = None;
         let exec = Executor::new(shared.target.clone(), shared.device);
-        match Session::new(job.loaded.model.clone(), exec, shared.n_ctx) {
-            Ok(s) => *session = Some((job.loaded.clone(), s)),
-            Err(e) => {
-                finish(Err(e.to_string()));
-                return;
-            }
-        }
+        let s =
+            Session::new(loaded.model.clone(), exec, shared.n_ctx).map_err(|e| e.to_string())?;
+        *session = Some((loaded.clone(), s));
     }
     let (_, sess) = session.as_mut().expect("made above");
-    let mut request = job.request.clone();
     let room = sess.n_ctx().saturating_sub(request.prompt.len());
     if room == 0 {
-        finish(Err(format!(
+        return Err(format!(
             "the prompt has {} tokens but the context holds {}; shorten it or raise --ctx",
             request.prompt.len(),
             sess.n_ctx()
-        )));
-        return;
+        ));
     }
     request.max_tokens = request.max_tokens.min(room);
-    let events = job.events.clone();
-    let control = job.control.clone();
-    let result = generate(sess, &job.loaded.tok, &request, |text| {
-        if events.send(Event::Text(text.to_string())).is_err() {
+    let result = generate(sess, &loaded.tok, &request, |text| {
+        if !sink.text(text) {
             // Nobody is listening any more (the client went away).
             control.cancel();
             return false;
         }
         !control.is_cancelled()
     });
-    let total_s = job.enqueued.elapsed().as_secs_f64();
-    match result {
-        Ok(g) => {
-            let t = &g.timings;
-            let ttft_s = queue_s + t.time_to_first_token_ms / 1e3;
-            let n_prompt = (t.prompt_tokens + t.cached_tokens) as u64;
-            m.prompt_tokens.inc_by(n_prompt);
-            m.generation_tokens.inc_by(g.token_ids.len() as u64);
-            m.prefix_cache_queries.inc_by(n_prompt);
-            m.prefix_cache_hits.inc_by(t.cached_tokens as u64);
-            let compute_s = total_s - queue_s;
-            m.backend_seconds
-                .get_or_create(&labels(&[("backend", &shared.target.name())]))
-                .inc_by(compute_s);
-            if g.stop_reason != StopReason::Cancelled {
-                m.ttft.observe(ttft_s);
-                m.e2e.observe(total_s);
-                if t.decode_tokens > 1 && t.decode_tokens_per_s > 0.0 {
-                    let itl = 1.0 / t.decode_tokens_per_s;
-                    for _ in 1..t.decode_tokens {
-                        m.inter_token.observe(itl);
-                    }
-                }
-                shared.cache.insert(key, Arc::new(g.clone()));
-            }
-            {
-                let mut r = lock(&shared.recent);
-                r.prompt_tokens += n_prompt;
-                r.cached_tokens += t.cached_tokens as u64;
-            }
-            finish(Ok(Finished {
-                tokens_after_cancel: job.control.generated_after_cancel(),
-                completion_cache_hit: false,
-                queue_ms: queue_s * 1e3,
-                time_to_first_token_ms: ttft_s * 1e3,
-                total_ms: total_s * 1e3,
-                generation: g,
-            }));
-        }
+    let g = match result {
+        Ok(g) => g,
         Err(e) => {
             // The cache may hold a half-written batch: start clean.
             sess.truncate(0);
-            finish(Err(e.to_string()));
+            return Err(e.to_string());
         }
+    };
+    let total_s = enqueued.elapsed().as_secs_f64();
+    let t = &g.timings;
+    let ttft_s = queue_s + t.time_to_first_token_ms / 1e3;
+    let n_prompt = (t.prompt_tokens + t.cached_tokens) as u64;
+    m.prompt_tokens.inc_by(n_prompt);
+    m.generation_tokens.inc_by(g.token_ids.len() as u64);
+    m.prefix_cache_queries.inc_by(n_prompt);
+    m.prefix_cache_hits.inc_by(t.cached_tokens as u64);
+    m.backend_seconds
+        .get_or_create(&labels(&[("backend", &shared.target.name())]))
+        .inc_by(total_s - queue_s);
+    if g.stop_reason != StopReason::Cancelled {
+        m.ttft.observe(ttft_s);
+        m.e2e.observe(total_s);
+        if t.decode_tokens > 1 && t.decode_tokens_per_s > 0.0 {
+            let itl = 1.0 / t.decode_tokens_per_s;
+            for _ in 1..t.decode_tokens {
+                m.inter_token.observe(itl);
+            }
+        }
+        shared.cache.insert(key, Arc::new(g.clone()));
     }
+    {
+        let mut r = lock(&shared.recent);
+        r.prompt_tokens += n_prompt;
+        r.cached_tokens += t.cached_tokens as u64;
+    }
+    Ok(Finished {
+        tokens_after_cancel: control.generated_after_cancel(),
+        completion_cache_hit: false,
+        queue_ms: queue_s * 1e3,
+        time_to_first_token_ms: ttft_s * 1e3,
+        total_ms: total_s * 1e3,
+        generation: g,
+    })
 }
 
 #[cfg(test)]

@@ -519,9 +519,9 @@ async fn completions(
         Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
     };
     req.prompt = encode(&loaded, text, true, req.max_tokens, n_ctx).await?;
-    let (_control, rx) = s
+    let rx = s
         .engine
-        .submit(client_key(&addr), None, loaded.clone(), req);
+        .submit_events(client_key(&addr), None, loaded.clone(), req);
     let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
     let model = loaded.id.clone();
     let created = now_s();
@@ -625,9 +625,9 @@ async fn chat_completions(
     let text = render_chat(&loaded, &v["messages"])?;
     // The rendered template carries its own BOS when it wants one.
     req.prompt = encode(&loaded, text, false, req.max_tokens, n_ctx).await?;
-    let (_control, rx) = s
+    let rx = s
         .engine
-        .submit(client_key(&addr), None, loaded.clone(), req);
+        .submit_events(client_key(&addr), None, loaded.clone(), req);
     let id = format!("chatcmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
     let model = loaded.id.clone();
     let created = now_s();

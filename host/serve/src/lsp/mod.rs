@@ -4,16 +4,16 @@
 //! own, so that nothing an editor sends can end the session.
 //!
 //! One thread reads frames, one (this loop) dispatches; completions run on
-//! the engine and are answered from a short-lived thread per request, so
-//! `$/cancelRequest`, `kiln/status` and document changes are handled while
-//! a completion is generating.
+//! the engine, which answers them itself when they end (a [`Sink`] per
+//! request), so `$/cancelRequest`, `kiln/status` and document changes are
+//! handled while a completion is generating, and no thread waits.
 
 pub mod document;
 pub mod framing;
 
 use crate::context::{self, OpenDoc, Workspace};
 use crate::decisions::{DecisionLog, PendingDecision};
-use crate::engine::{Engine, Event, Loaded};
+use crate::engine::{Engine, Finished, Loaded, Sink};
 use crate::fim::FimTemplate;
 use crate::metrics::Metrics;
 use crate::start::{ServeSpec, ranker, start_engine};
@@ -913,90 +913,23 @@ impl Server {
             boundary: boundary(s.mode, prefix, suffix),
             ..Request::new(prompt, s.max_tokens, sampling)
         };
-        let (control, mut rx) = engine.submit(0, Some(uri.to_string()), loaded, request);
         let explicit = Arc::new(AtomicBool::new(false));
         let key = id_key(&id);
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                key.clone(),
-                Pending {
-                    control,
-                    explicit: explicit.clone(),
-                },
-            );
-        let out = self.out.clone();
-        let pending = self.pending.clone();
-        let position = params["position"].clone();
-        std::thread::spawn(move || {
-            let done = loop {
-                match rx.blocking_recv() {
-                    Some(Event::Text(_)) => {}
-                    Some(Event::Done(d)) => break d,
-                    None => break Err("the engine stopped".to_string()),
-                }
-            };
-            pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
-            match done {
-                Err(e) => out.error(&id, REQUEST_FAILED, &e),
-                Ok(f) if f.generation.stop_reason == StopReason::Cancelled => {
-                    if explicit.load(Ordering::Acquire) {
-                        out.error(&id, REQUEST_CANCELLED, "cancelled");
-                    } else if inline {
-                        out.reply(&id, json!({"items": []}));
-                    } else {
-                        out.reply(&id, json!({"isIncomplete": true, "items": []}));
-                    }
-                }
-                Ok(f) => {
-                    let text = f.generation.text;
-                    let range = json!({"start": position, "end": position});
-                    let meta = json!({
-                        "time_to_first_token_ms": f.time_to_first_token_ms,
-                        "total_ms": f.total_ms,
-                        "cached_tokens": f.generation.timings.cached_tokens,
-                        "prompt_tokens": f.generation.timings.prompt_tokens,
-                        "completion_cache_hit": f.completion_cache_hit,
-                        "stop_reason": f.generation.stop_reason,
-                        "policy_decision": decision.as_ref().and_then(PendingDecision::id),
-                    });
-                    if inline {
-                        let items = if text.is_empty() {
-                            vec![]
-                        } else {
-                            vec![json!({"insertText": text, "range": range})]
-                        };
-                        out.reply(&id, json!({"items": items, "kiln": meta}));
-                    } else {
-                        let items = if text.is_empty() {
-                            vec![]
-                        } else {
-                            let label: String = text
-                                .trim()
-                                .lines()
-                                .next()
-                                .unwrap_or("")
-                                .chars()
-                                .take(80)
-                                .collect();
-                            vec![json!({
-                                "label": if label.is_empty() { text.clone() } else { label },
-                                "kind": 1,
-                                "detail": "kiln",
-                                "insertTextFormat": 1,
-                                "textEdit": {"range": range, "newText": text},
-                                "data": meta,
-                            })]
-                        };
-                        out.reply(&id, json!({"isIncomplete": true, "items": items}));
-                    }
-                }
-            }
-        });
+        let sink = Reply {
+            out: self.out.clone(),
+            id,
+            inline,
+            position: params["position"].clone(),
+            explicit: explicit.clone(),
+            pending: self.pending.clone(),
+            key: key.clone(),
+            decision,
+        };
+        // Held across the submit, so that a job that ends at once finds
+        // its entry to remove.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let control = engine.submit(0, Some(uri.to_string()), loaded, request, Box::new(sink));
+        pending.insert(key, Pending { control, explicit });
     }
 
     fn relative(&self, uri: &str) -> String {
@@ -1009,6 +942,97 @@ impl Server {
                 .into_owned(),
             None => path.to_string_lossy().into_owned(),
         }
+    }
+}
+
+/// Answers a completion request when its job ends, on the engine thread:
+/// no thread waits for it.
+struct Reply {
+    out: Out,
+    id: Value,
+    inline: bool,
+    position: Value,
+    /// Cancelled by `$/cancelRequest` (answered RequestCancelled) rather
+    /// than by a newer request for the same document (answered empty).
+    explicit: Arc<AtomicBool>,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
+    key: String,
+    decision: Option<PendingDecision>,
+}
+
+impl Sink for Reply {
+    fn text(&mut self, _: &str) -> bool {
+        true // LSP answers once, with the whole completion
+    }
+
+    fn done(self: Box<Self>, result: Result<Finished, String>) {
+        let Reply {
+            out,
+            id,
+            inline,
+            position,
+            explicit,
+            pending,
+            key,
+            decision,
+        } = *self;
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let f = match result {
+            Err(e) => return out.error(&id, REQUEST_FAILED, &e),
+            Ok(f) => f,
+        };
+        if f.generation.stop_reason == StopReason::Cancelled {
+            return if explicit.load(Ordering::Acquire) {
+                out.error(&id, REQUEST_CANCELLED, "cancelled")
+            } else if inline {
+                out.reply(&id, json!({"items": []}))
+            } else {
+                out.reply(&id, json!({"isIncomplete": true, "items": []}))
+            };
+        }
+        let text = f.generation.text;
+        let range = json!({"start": position, "end": position});
+        let meta = json!({
+            "time_to_first_token_ms": f.time_to_first_token_ms,
+            "total_ms": f.total_ms,
+            "cached_tokens": f.generation.timings.cached_tokens,
+            "prompt_tokens": f.generation.timings.prompt_tokens,
+            "completion_cache_hit": f.completion_cache_hit,
+            "stop_reason": f.generation.stop_reason,
+            "policy_decision": decision.as_ref().and_then(PendingDecision::id),
+        });
+        if inline {
+            let items = if text.is_empty() {
+                vec![]
+            } else {
+                vec![json!({"insertText": text, "range": range})]
+            };
+            return out.reply(&id, json!({"items": items, "kiln": meta}));
+        }
+        let items = if text.is_empty() {
+            vec![]
+        } else {
+            let label: String = text
+                .trim()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(80)
+                .collect();
+            vec![json!({
+                "label": if label.is_empty() { text.clone() } else { label },
+                "kind": 1,
+                "detail": "kiln",
+                "insertTextFormat": 1,
+                "textEdit": {"range": range, "newText": text},
+                "data": meta,
+            })]
+        };
+        out.reply(&id, json!({"isIncomplete": true, "items": items}));
     }
 }
 
