@@ -345,6 +345,63 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
     }
 }
 
+/// The decode graph is built once per session and moved to each position
+/// by its follow rules: at every position it is the graph a fresh build
+/// makes (every op, every tensor's type, extents and strides, every place
+/// outside the scratch), and tokens one at a time give the bits of the
+/// same tokens in one batch.
+#[test]
+fn the_reused_decode_graph_is_the_graph_of_each_position() {
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::forward::{LogitsFor, SCRATCH, build};
+    use kiln_runtime::model::{Model, Session};
+    let model = tiny_model(TINY);
+    let m = Model::load(&model).unwrap();
+    let n_ctx = 64;
+    let (mut template, _, _) = build(&m.config, &m.file, n_ctx, n_ctx - 1, 1, LogitsFor::Last, 64);
+    for n_past in [0, 1, 17, 40, n_ctx - 1] {
+        for (t, rule) in &template.follows {
+            rule.apply(&mut template.tensors[*t], n_past, 1);
+        }
+        let (fresh, _, _) = build(&m.config, &m.file, n_ctx, n_past, 1, LogitsFor::Last, 64);
+        assert_eq!(template.tensors.len(), fresh.tensors.len());
+        for (i, (a, b)) in template.tensors.iter().zip(&fresh.tensors).enumerate() {
+            assert_eq!(a.desc, b.desc, "tensor {i} at n_past {n_past}");
+            assert_eq!(a.storage, b.storage, "tensor {i}");
+            if a.storage != SCRATCH {
+                assert_eq!(a.offset, b.offset, "tensor {i} at n_past {n_past}");
+            }
+        }
+        for (a, b) in template.ops.iter().zip(&fresh.ops) {
+            assert_eq!(
+                (a.kind, &a.src, a.dst, a.params),
+                (b.kind, &b.src, b.dst, b.params)
+            );
+        }
+    }
+    let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37 % 290) as u32).collect();
+    let new = || {
+        Session::new(
+            m.clone(),
+            Executor::new(Backend::builtin_cpu(), 0),
+            Some(n_ctx),
+        )
+        .unwrap()
+    };
+    let mut batch = new();
+    let all = batch.eval(&prompt, LogitsFor::All).unwrap();
+    let mut one_by_one = new();
+    let mut rows = Vec::new();
+    for &t in &prompt {
+        rows.extend(one_by_one.eval(&[t], LogitsFor::Last).unwrap());
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&rows) == bits(&all),
+        "decode steps differ from the batch"
+    );
+}
+
 /// Q5_0 weights repacked at load for the CPU kernels (interleaved on
 /// AVX-512) give the very logits of the file's layout, on the kernels and
 /// on the reference, and the file is never written.

@@ -82,11 +82,35 @@ struct Alloc {
     offset: usize,
 }
 
+/// How a tensor of a graph follows the position of the batch: a decode
+/// graph is built once and these rules re-applied before each token
+/// (see [`Follow::apply`]), instead of building the graph again.
+pub enum Follow {
+    /// Its byte offset is `base + n_past * stride`: where this step's K or
+    /// V goes in the cache.
+    Offset { base: usize, stride: usize },
+    /// Its extents and strides over the `t` positions a query sees
+    /// (`n_past + n_tokens`).
+    Desc(Box<dyn Fn(usize) -> Desc + Send + Sync>),
+}
+
+impl Follow {
+    /// Sets `t` for a batch of `n_tokens` at positions `n_past..`.
+    pub fn apply(&self, t: &mut TensorRef, n_past: usize, n_tokens: usize) {
+        match self {
+            Follow::Offset { base, stride } => t.offset = base + n_past * stride,
+            Follow::Desc(desc) => t.desc = desc(n_past + n_tokens),
+        }
+    }
+}
+
 /// Collects tensors and ops; scratch tensors get offsets at the end.
 pub struct Builder<'f> {
     file: &'f GgufFile,
     pub tensors: Vec<TensorRef>,
     pub ops: Vec<HostOp>,
+    /// Tensors that depend on the batch's position, and how.
+    pub follows: Vec<(usize, Follow)>,
     allocs: Vec<Alloc>,
     /// For each tensor: its scratch allocation and offset inside it.
     alloc_of: Vec<Option<(usize, usize)>>,
@@ -102,6 +126,7 @@ impl<'f> Builder<'f> {
             file,
             tensors: Vec::new(),
             ops: Vec::new(),
+            follows: Vec::new(),
             allocs: Vec::new(),
             alloc_of: Vec::new(),
         }
@@ -198,6 +223,12 @@ impl<'f> Builder<'f> {
         self.op(kind, src, dst, params)
     }
 
+    /// Records that tensor `t` follows the batch's position.
+    fn follow(&mut self, t: usize, rule: Follow) -> usize {
+        self.follows.push((t, rule));
+        t
+    }
+
     fn ne(&self, t: usize) -> [usize; 4] {
         self.tensors[t].desc.ne
     }
@@ -288,6 +319,15 @@ pub fn build<'f>(
         [t_len, n, 1, 1],
         dense_nb(F32, [t_len, n, 1, 1]),
     );
+    // Only a one-token graph is reused across positions (decode); its
+    // position-dependent tensors say how they follow.
+    let reusable = n == 1;
+    if reusable {
+        b.follow(
+            mask,
+            Follow::Desc(Box::new(|t| Desc::contiguous(F32, [t, 1, 1, 1]))),
+        );
+    }
     let embd = b.weight("token_embd.weight");
     let mut x = b.new_op(OpKind::GetRows, &[embd, tokens], F32, [e, n, 1, 1], &[]);
     let eps = [f32_param(cfg.rms_eps)];
@@ -330,6 +370,15 @@ pub fn build<'f>(
             [hd, hkv, n, 1],
             [el, hd * el, kv * el, kv * el * n],
         );
+        if reusable {
+            b.follow(
+                k_dst,
+                Follow::Offset {
+                    base: k_off,
+                    stride: kv * el,
+                },
+            );
+        }
         b.op(OpKind::Cpy, &[kr], k_dst, &[]);
         let v3 = b.reshape(v, [hd, hkv, n, 1]);
         let v_dst = b.fixed(
@@ -339,6 +388,15 @@ pub fn build<'f>(
             [hd, hkv, n, 1],
             [n_ctx * el, hd * n_ctx * el, el, el * n],
         );
+        if reusable {
+            b.follow(
+                v_dst,
+                Follow::Offset {
+                    base: v_off,
+                    stride: el,
+                },
+            );
+        }
         b.op(OpKind::Cpy, &[v3], v_dst, &[]);
         // Attention, in blocks of queries: a block's scores need only the
         // positions up to its last query (the causal mask hides the rest),
@@ -362,6 +420,20 @@ pub fn build<'f>(
                 q0 * hd * h * 4,
             );
             let kq = b.new_op(OpKind::MulMat, &[k_all, q_heads], F32, [t, nq, h, 1], &[]);
+            if reusable {
+                b.follow(
+                    k_all,
+                    Follow::Desc(Box::new(move |t| Desc {
+                        dtype: F16,
+                        ne: [hd, t, hkv, 1],
+                        nb: [el, kv * el, hd * el, kv * el * t],
+                    })),
+                );
+                b.follow(
+                    kq,
+                    Follow::Desc(Box::new(move |t| Desc::contiguous(F32, [t, 1, h, 1]))),
+                );
+            }
             let mask_rows = b.view(
                 mask,
                 [t, nq, 1, 1],
@@ -375,6 +447,20 @@ pub fn build<'f>(
                 [t, nq, h, 1],
                 &kq_scale,
             );
+            if reusable {
+                b.follow(
+                    mask_rows,
+                    Follow::Desc(Box::new(|t| Desc {
+                        dtype: F32,
+                        ne: [t, 1, 1, 1],
+                        nb: [4, t * 4, t * 4, t * 4],
+                    })),
+                );
+                b.follow(
+                    probs,
+                    Follow::Desc(Box::new(move |t| Desc::contiguous(F32, [t, 1, h, 1]))),
+                );
+            }
             let v_all = b.fixed(
                 KV,
                 v_off,
@@ -382,6 +468,16 @@ pub fn build<'f>(
                 [t, hd, hkv, 1],
                 [el, n_ctx * el, hd * n_ctx * el, hd * n_ctx * el * hkv],
             );
+            if reusable {
+                b.follow(
+                    v_all,
+                    Follow::Desc(Box::new(move |t| Desc {
+                        dtype: F16,
+                        ne: [t, hd, hkv, 1],
+                        nb: [el, n_ctx * el, hd * n_ctx * el, hd * n_ctx * el * hkv],
+                    })),
+                );
+            }
             let kqv = b.new_op(OpKind::MulMat, &[v_all, probs], F32, [hd, nq, h, 1], &[]);
             let kqv_tokens = b.view(
                 kqv,

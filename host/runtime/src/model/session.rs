@@ -2,9 +2,9 @@
 //! The cache remembers which tokens it holds, so a new prompt that shares a
 //! prefix with the last one only evaluates the part after the prefix.
 
-use super::forward::{self, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH, WEIGHTS};
+use super::forward::{self, Follow, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH, WEIGHTS};
 use super::{Model, ModelError};
-use crate::backend::exec::{Executor, Graph, Storage};
+use crate::backend::exec::{Executor, Graph, HostOp, Storage, TensorRef};
 use std::sync::Arc;
 
 /// Tokens evaluated per graph; bounds the scratch memory of a long prompt.
@@ -23,6 +23,22 @@ pub struct Session {
     scratch: Vec<u8>,
     inputs: Vec<u8>,
     logits: Vec<u8>,
+    /// The one-token graph, built once and moved to each position.
+    decode: Option<DecodeGraph>,
+}
+
+/// A decode step's graph, built once per session for the largest position
+/// (so its scratch fits every step) and moved to each step's position by
+/// its [`Follow`] rules: no graph or mask is built per token.
+struct DecodeGraph {
+    tensors: Vec<TensorRef>,
+    ops: Vec<HostOp>,
+    follows: Vec<(usize, Follow)>,
+    scratch_bytes: usize,
+    /// Token id, position, and a mask of zeros (a single query sees every
+    /// position up to its own).
+    inputs: Vec<u8>,
+    layout: InputLayout,
 }
 
 /// The KV cache size a session gets: `requested`, else the model's
@@ -66,6 +82,7 @@ impl Session {
             scratch: Vec::new(),
             inputs: Vec::new(),
             logits: Vec::new(),
+            decode: None,
         })
     }
 
@@ -74,6 +91,7 @@ impl Session {
     /// tests and measurements.
     pub fn set_attention_block(&mut self, queries: usize) {
         self.attention_block = queries.max(1);
+        self.decode = None;
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -151,6 +169,9 @@ impl Session {
     }
 
     fn eval_batch(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {
+        if tokens.len() == 1 {
+            return self.eval_one(tokens[0]);
+        }
         let model = self.model.clone();
         let cfg = &model.config;
         let (n_past, n) = (self.n_past(), tokens.len());
@@ -204,10 +225,75 @@ impl Session {
         debug_assert_eq!((WEIGHTS, KV, INPUTS, SCRATCH, LOGITS), (0, 1, 2, 3, 4));
         self.exec.run(&mut graph)?;
         self.cached.extend_from_slice(tokens);
-        Ok(self
-            .logits
+        Ok(self.logits_f32())
+    }
+
+    fn logits_f32(&self) -> Vec<f32> {
+        self.logits
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect()
+    }
+
+    /// One token at the next position, on the session's decode graph (one
+    /// query's logits; for one token `All` and `Last` are the same row).
+    fn eval_one(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+        let model = self.model.clone();
+        let cfg = &model.config;
+        let n_past = self.n_past();
+        let d = match &mut self.decode {
+            Some(d) => d,
+            None => {
+                // Built for the last position, so that its scratch (the
+                // scores grow with the position) fits every step.
+                let (b, scratch_bytes, _) = forward::build(
+                    cfg,
+                    &model.file,
+                    self.n_ctx,
+                    self.n_ctx - 1,
+                    1,
+                    LogitsFor::Last,
+                    self.attention_block,
+                );
+                let layout = InputLayout::new(1, self.n_ctx);
+                self.decode.insert(DecodeGraph {
+                    tensors: b.tensors,
+                    ops: b.ops,
+                    follows: b.follows,
+                    scratch_bytes,
+                    inputs: vec![0; layout.bytes],
+                    layout,
+                })
+            }
+        };
+        for (t, rule) in &d.follows {
+            rule.apply(&mut d.tensors[*t], n_past, 1);
+        }
+        let at = d.layout.tokens;
+        d.inputs[at..at + 4].copy_from_slice(&(token as i32).to_le_bytes());
+        let at = d.layout.positions;
+        d.inputs[at..at + 4].copy_from_slice(&(n_past as i32).to_le_bytes());
+        if self.scratch.len() < d.scratch_bytes {
+            self.scratch.resize(d.scratch_bytes, 0);
+        }
+        self.logits.resize(4 * cfg.n_vocab, 0);
+        let mut graph = Graph {
+            storages: vec![
+                Storage::Read(model.file.bytes()),
+                Storage::Write(&mut self.kv),
+                Storage::Write(&mut d.inputs),
+                Storage::Write(&mut self.scratch),
+                Storage::Write(&mut self.logits),
+            ],
+            tensors: std::mem::take(&mut d.tensors),
+            ops: std::mem::take(&mut d.ops),
+        };
+        let result = self.exec.run(&mut graph);
+        d.tensors = std::mem::take(&mut graph.tensors);
+        d.ops = std::mem::take(&mut graph.ops);
+        drop(graph);
+        result?;
+        self.cached.push(token);
+        Ok(self.logits_f32())
     }
 }
