@@ -348,6 +348,24 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
         "plugin ran {ran} ops, {fell_back} fell back"
     );
     assert_eq!(session.executor().target.name(), "accel");
+    // supports_op is asked once per op signature: a decode step asks only
+    // about the ops whose shapes grow with the position (attention's).
+    let mut session = session;
+    let queries = || plugin.stats.supports_op_queries.load(Ordering::Relaxed);
+    let before = queries();
+    for t in 51..55 {
+        session.eval(&[t], LogitsFor::Last).unwrap();
+    }
+    let per_step = (queries() - before) as f64 / 4.0;
+    let m = Model::load(&model_path).unwrap();
+    let (graph, _, _) =
+        kiln_runtime::model::forward::build(&m.config, &m.file, 64, 10, 1, LogitsFor::Last, 64);
+    let ops_per_step = graph.ops.len() as f64;
+    // Per layer: K's view, the scores, their mask and softmax, V's view.
+    assert!(
+        per_step <= 4.0 * m.config.n_layer as f64,
+        "{per_step} supports_op queries per decode step of {ops_per_step} ops"
+    );
     let max = on_cpu
         .iter()
         .zip(&on_plugin)

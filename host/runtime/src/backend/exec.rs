@@ -452,7 +452,8 @@ impl Executor {
         }
     }
 
-    /// For each op, whether the target device runs it.
+    /// For each op, whether the target device runs it (asked once per op
+    /// signature, see [`Backend::supports`]).
     pub fn plan(&self, graph: &Graph<'_>) -> Vec<bool> {
         if self.target.is_builtin() {
             return vec![true; graph.ops.len()];
@@ -467,10 +468,17 @@ impl Executor {
                         .push(graph.tensors[t].raw(std::ptr::null_mut(), graph.tensors[t].offset));
                     (tensors.len() - 1) as u32
                 });
-                self.target
-                    .handle()
-                    .supports_op(self.device, &raw, &tensors)
-                    .unwrap_or(false)
+                let signature = super::OpSignature {
+                    kind: raw.kind,
+                    params: raw.params,
+                    tensors: tensors.iter().map(|t| (t.dtype, t.ne, t.nb)).collect(),
+                };
+                self.target.supports(self.device, signature, || {
+                    self.target
+                        .handle()
+                        .supports_op(self.device, &raw, &tensors)
+                        .unwrap_or(false)
+                })
             })
             .collect()
     }

@@ -79,6 +79,8 @@ pub struct BackendStats {
     pub ops_unsupported_fallback: AtomicU64,
     /// Graph segments that failed here at run time and were re-run on the CPU.
     pub runtime_failures_rerun: AtomicU64,
+    /// `supports_op` calls made (answers are remembered per op signature).
+    pub supports_op_queries: AtomicU64,
 }
 
 /// A negotiated backend and its devices.
@@ -89,7 +91,23 @@ pub struct Backend {
     /// `graph_compute`/`synchronize` are serialised per device (ABI contract).
     device_locks: Vec<Mutex<()>>,
     pub stats: BackendStats,
+    /// `supports_op` answers by device and op signature: the ABI makes
+    /// them depend on the op, its parameters and its tensors' types and
+    /// shapes only, so each is asked once.
+    supports: Mutex<HashMap<(u32, OpSignature), bool>>,
 }
+
+/// What a `supports_op` answer depends on: the op kind and parameters and
+/// each tensor's type, extents and strides (sources, then the destination).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OpSignature {
+    pub kind: u32,
+    pub params: [i32; kiln_plugin_api::abi::KILN_OP_PARAM_COUNT],
+    pub tensors: Vec<(u32, [i64; 4], [u64; 4])>,
+}
+
+/// Answers kept per backend before the cache starts over.
+const SUPPORTS_CACHE_ENTRIES: usize = 4096;
 
 /// Why a backend could not be put to use.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +136,35 @@ impl Backend {
             device_locks: devices.iter().map(|_| Mutex::new(())).collect(),
             devices,
             stats: BackendStats::default(),
+            supports: Mutex::default(),
         })
+    }
+
+    /// Whether `device` runs an op of this signature, asked of the backend
+    /// once (`ask` calls `supports_op`) and then remembered.
+    pub fn supports(
+        &self,
+        device: u32,
+        signature: OpSignature,
+        ask: impl FnOnce() -> bool,
+    ) -> bool {
+        let key = (device, signature);
+        if let Some(&yes) = self
+            .supports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return yes;
+        }
+        self.count(&self.stats.supports_op_queries, 1);
+        let yes = ask();
+        let mut cache = self.supports.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= SUPPORTS_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, yes);
+        yes
     }
 
     /// The CPU backend linked into kiln, negotiated once per process
