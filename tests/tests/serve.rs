@@ -649,3 +649,46 @@ fn neovim_gets_completions_from_kiln() {
     assert_eq!(items[0]["detail"], "kiln");
     assert!(items[0]["textEdit"]["newText"].is_string());
 }
+
+/// One prompt path: a completion asked over LSP and over HTTP with the
+/// same prefix and suffix gets the same prompt (token count) and, greedy,
+/// the same text.
+#[test]
+fn the_language_server_and_the_http_api_make_the_same_prompt() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let (prefix, suffix) = ("def area(r):\n    return 3.14 * r", "\n\nprint(area(2))\n");
+    let mut c = serve(&home, &[]);
+    initialize(
+        &mut c,
+        ws.path(),
+        json!({"maxTokens": 6, "mode": "none", "workspaceContext": false}),
+    );
+    let uri = format!("file://{}/a.py", ws.path().display());
+    open(&mut c, &uri, &format!("{prefix}{suffix}"));
+    let r = c
+        .request("textDocument/inlineCompletion", at(&uri, 1, 16))
+        .unwrap();
+    let meta = &r["result"]["kiln"];
+    let lsp_prompt =
+        meta["prompt_tokens"].as_u64().unwrap() + meta["cached_tokens"].as_u64().unwrap();
+    let lsp_text = r["result"]["items"][0]["insertText"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(c.close().unwrap().success());
+
+    let srv = http_server(&home);
+    let (code, v) = post(
+        &srv.addr,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": prefix, "suffix": suffix, "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        lsp_prompt,
+        "{v} {r}"
+    );
+    assert_eq!(v["choices"][0]["text"], lsp_text, "{v} {r}");
+}

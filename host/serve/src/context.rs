@@ -5,7 +5,7 @@
 //! tokenizer, each under a comment that names its file.
 
 use super::fim::comment_marker;
-use kiln_runtime::tokenizer::Tokenizer;
+use crate::prompt::Counter;
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
 use std::collections::{HashMap, HashSet};
@@ -223,7 +223,7 @@ pub fn select(
     prefix: &str,
     suffix: &str,
     ranker: &Ranker,
-    tok: &Tokenizer,
+    tok: &Counter<'_>,
     budget: usize,
 ) -> Packed {
     if budget == 0 {
@@ -340,7 +340,7 @@ pub fn select(
     for i in order {
         let c = &input.candidates[i];
         let block = format!("{marker} {}\n{}\n", c.path, c.text);
-        let n = tok.encode(&block, false).map_or(usize::MAX, |t| t.len());
+        let n = tok.count(&block);
         if packed.tokens + n > budget {
             continue;
         }
@@ -401,6 +401,11 @@ mod tests {
         let ws = Workspace::index(dir.path());
         assert_eq!(ws.files, 2);
         let ranker = Ranker::new(None, 3);
+        let memo = crate::prompt::TokenCounts::default();
+        let counter = Counter {
+            tok: &tok,
+            memo: &memo,
+        };
         let open = [OpenDoc {
             path: "notes.py",
             text: "# radius of the wheel\nwheel_radius = 4\n",
@@ -408,7 +413,9 @@ mod tests {
             edited: None,
         }];
         let prefix = "from shapes import circle_area\n\ndef wheel():\n    return circle_area(";
-        let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &tok, 10_000);
+        let p = select(
+            &ws, &open, "main.py", prefix, ")\n", &ranker, &counter, 10_000,
+        );
         assert_eq!(p.ranked_by, "builtin");
         assert!(
             p.text.starts_with("# src/shapes.py\ndef circle_area"),
@@ -423,7 +430,7 @@ mod tests {
         assert!(p.text.contains("# notes.py\n"), "open documents take part");
         assert_eq!(p.tokens, tok.encode(&p.text, false).unwrap().len());
         // A budget too small for any snippet leaves the block empty.
-        let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &tok, 5);
+        let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &counter, 5);
         assert!(p.text.is_empty() && p.tokens == 0);
     }
 }

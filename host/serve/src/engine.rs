@@ -38,6 +38,8 @@ pub struct Loaded {
     pub fim: FimTemplate,
     /// The GGUF's `tokenizer.chat_template` (Jinja), if any.
     pub chat_template: Option<String>,
+    /// Token counts of lines and snippets seen, for prompt budgets.
+    pub counts: crate::prompt::TokenCounts,
 }
 
 impl Loaded {
@@ -71,6 +73,7 @@ impl Loaded {
             tok,
             fim,
             chat_template,
+            counts: Default::default(),
         })
     }
 }

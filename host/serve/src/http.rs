@@ -6,6 +6,7 @@
 
 use super::engine::{Engine, Event, Events, Finished, Loaded};
 use super::metrics::Metrics;
+use super::prompt;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -405,22 +406,34 @@ fn client_key(addr: &SocketAddr) -> u64 {
     h.finish() | 1 // 0 is the language server's
 }
 
-/// `text`'s tokens (with the vocabulary's BOS when `add_bos`), refused
-/// when they and `max_tokens` do not fit the context. Tokenizing runs off
-/// the async runtime, and a prompt far over the context is refused after
-/// about a context's worth of work, whatever its length.
+/// What a prompt is made of.
+enum PromptText {
+    /// Text as it is (a completion without a suffix, or a rendered chat,
+    /// which carries its own BOS when it wants one).
+    Plain { text: String, add_bos: bool },
+    /// Prefix and suffix in the model's fill-in-the-middle template, as
+    /// the language server makes them ([`prompt::fim_tokens`]).
+    Fim { prefix: String, suffix: String },
+}
+
+/// The prompt's tokens, refused when they and `max_tokens` do not fit the
+/// context. Tokenizing runs off the async runtime, and a prompt far over
+/// the context is refused after about a context's worth of work, whatever
+/// its length.
 async fn encode(
     loaded: &Arc<Loaded>,
-    text: String,
-    add_bos: bool,
+    text: PromptText,
     max_tokens: usize,
     n_ctx: usize,
 ) -> Result<Vec<u32>, ApiError> {
     let limit = n_ctx.saturating_sub(max_tokens);
     let l = loaded.clone();
-    let encoded = tokio::task::spawn_blocking(move || l.tok.encode_within(&text, add_bos, limit))
-        .await
-        .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?;
+    let encoded = tokio::task::spawn_blocking(move || match text {
+        PromptText::Plain { text, add_bos } => l.tok.encode_within(&text, add_bos, limit),
+        PromptText::Fim { prefix, suffix } => prompt::fim_tokens(&l, "", &prefix, &suffix, limit),
+    })
+    .await
+    .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?;
     match encoded {
         Ok(prompt) => Ok(prompt),
         Err(EncodeError::Failed(e)) => Err(ApiError::bad(e)),
@@ -503,7 +516,10 @@ async fn completions(
         }
     };
     let text = match v.get("suffix") {
-        None | Some(Value::Null) => prompt,
+        None | Some(Value::Null) => PromptText::Plain {
+            text: prompt,
+            add_bos: true,
+        },
         Some(Value::String(suffix)) => {
             if !loaded.fim.uses_suffix() {
                 return Err(ApiError::invalid(
@@ -514,11 +530,14 @@ async fn completions(
                     ),
                 ));
             }
-            loaded.fim.build("", &prompt, suffix)
+            PromptText::Fim {
+                prefix: prompt,
+                suffix: suffix.clone(),
+            }
         }
         Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
     };
-    req.prompt = encode(&loaded, text, true, req.max_tokens, n_ctx).await?;
+    req.prompt = encode(&loaded, text, req.max_tokens, n_ctx).await?;
     let rx = s
         .engine
         .submit_events(client_key(&addr), None, loaded.clone(), req);
@@ -624,7 +643,16 @@ async fn chat_completions(
     let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
     let text = render_chat(&loaded, &v["messages"])?;
     // The rendered template carries its own BOS when it wants one.
-    req.prompt = encode(&loaded, text, false, req.max_tokens, n_ctx).await?;
+    req.prompt = encode(
+        &loaded,
+        PromptText::Plain {
+            text,
+            add_bos: false,
+        },
+        req.max_tokens,
+        n_ctx,
+    )
+    .await?;
     let rx = s
         .engine
         .submit_events(client_key(&addr), None, loaded.clone(), req);

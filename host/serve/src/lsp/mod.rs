@@ -16,8 +16,9 @@ use crate::decisions::{DecisionLog, PendingDecision};
 use crate::engine::{Engine, Finished, Loaded, Sink};
 use crate::fim::FimTemplate;
 use crate::metrics::Metrics;
+use crate::prompt::{self, Counter, head_within, tail_within};
 use crate::start::{ServeSpec, ranker, start_engine};
-use crate::{Settings, boundary, head_within, tail_within};
+use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
 use kiln_registry::Registry;
@@ -847,9 +848,10 @@ impl Server {
         let loaded = engine.loaded();
         let (prefix_all, suffix_all) = doc.text.split_at(at);
         let s = &self.settings;
-        let prefix = tail_within(&loaded.tok, prefix_all, s.prefix_tokens);
+        let counter = Counter::of(&loaded);
+        let prefix = tail_within(&counter, prefix_all, s.prefix_tokens);
         let suffix = if loaded.fim.uses_suffix() {
-            head_within(&loaded.tok, suffix_all, s.suffix_tokens)
+            head_within(&counter, suffix_all, s.suffix_tokens)
         } else {
             ""
         };
@@ -880,7 +882,7 @@ impl Server {
                     prefix,
                     suffix,
                     &self.ranker,
-                    &loaded.tok,
+                    &counter,
                     s.context_tokens,
                 );
                 ContextMemo {
@@ -896,10 +898,10 @@ impl Server {
         let context_text = memo.text.clone();
         let decision = memo.decision.clone();
         self.context_memo = Some(memo);
-        let prompt_text = loaded.fim.build(&context_text, prefix, suffix);
-        let prompt = match loaded.tok.encode(&prompt_text, true) {
+        let limit = engine.n_ctx().saturating_sub(s.max_tokens).max(1);
+        let prompt = match prompt::fim_tokens(&loaded, &context_text, prefix, suffix, limit) {
             Ok(p) => p,
-            Err(e) => return self.out.error(&id, REQUEST_FAILED, &e),
+            Err(e) => return self.out.error(&id, REQUEST_FAILED, &e.to_string()),
         };
         let mut sampling = SamplingParams::greedy();
         sampling.temperature = s.temperature;
