@@ -1,5 +1,5 @@
 /*
- * kiln_backend.h — the kiln backend ABI, version 1.1.
+ * kiln_backend.h — the kiln backend ABI, version 1.2.
  *
  * A backend is a shared library that exports one function,
  * `kiln_backend_init`, and ships with a `kiln-plugin.toml` manifest. The
@@ -54,7 +54,7 @@ extern "C" {
 #endif
 
 #define KILN_ABI_VERSION_MAJOR 1
-#define KILN_ABI_VERSION_MINOR 1
+#define KILN_ABI_VERSION_MINOR 2
 
 #ifndef KILN_ABI_TARGET_MINOR
 #define KILN_ABI_TARGET_MINOR KILN_ABI_VERSION_MINOR
@@ -252,6 +252,11 @@ typedef int32_t (*KilnGraphComputeFn)(void *ctx, uint32_t device, const KilnGrap
 typedef int32_t (*KilnSynchronizeFn)(void *ctx, uint32_t device, KilnError *err);
 typedef int32_t (*KilnDeviceMemoryFn)(void *ctx, uint32_t device, uint64_t *out_free, uint64_t *out_total,
                                       KilnError *err);
+/* 1.2: the layout `device` wants matrix weights of `dtype` in: a kiln layout
+ * (KILN_DTYPE_Q5_0_X16, …) the host repacks them into at load time and
+ * hands only to this backend, or `dtype` itself. */
+typedef int32_t (*KilnWeightLayoutFn)(void *ctx, uint32_t device, uint32_t dtype, uint32_t *out_dtype,
+                                      KilnError *err);
 
 /* Growable. Must stay valid and unchanged for the life of the process. */
 typedef struct KilnBackendApi {
@@ -276,6 +281,9 @@ typedef struct KilnBackendApi {
     KilnSynchronizeFn synchronize;
 #if KILN_ABI_TARGET_MINOR >= 1
     KilnDeviceMemoryFn device_memory; /* optional (NULL) */
+#endif
+#if KILN_ABI_TARGET_MINOR >= 2
+    KilnWeightLayoutFn weight_layout; /* optional (NULL): GGUF's layouts */
 #endif
 } KilnBackendApi;
 
@@ -360,10 +368,18 @@ typedef int32_t (*KilnBackendInitFn)(const KilnHostApi *host, const KilnBackendA
 #define KILN_LAYOUT_ENTRIES_1_1(X)
 #endif
 
+#if KILN_ABI_TARGET_MINOR >= 2
+#define KILN_LAYOUT_ENTRIES_1_2(X) \
+    X("KilnBackendApi.weight_layout", offsetof(KilnBackendApi, weight_layout))
+#else
+#define KILN_LAYOUT_ENTRIES_1_2(X)
+#endif
+
 /* Sizes of the growable structs come last: they differ per minor. */
 #define KILN_LAYOUT_ENTRIES(X)                \
     KILN_LAYOUT_ENTRIES_1_0(X)                \
     KILN_LAYOUT_ENTRIES_1_1(X)                \
+    KILN_LAYOUT_ENTRIES_1_2(X)                \
     X("KilnHostApi", sizeof(KilnHostApi))     \
     X("KilnDeviceInfo", sizeof(KilnDeviceInfo)) \
     X("KilnBackendApi", sizeof(KilnBackendApi))

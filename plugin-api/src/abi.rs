@@ -16,7 +16,7 @@ use core::ffi::{c_char, c_void};
 /// The ABI major version this crate defines. Plugins with another major are refused.
 pub const KILN_ABI_VERSION_MAJOR: u16 = 1;
 /// The newest ABI minor version this crate defines.
-pub const KILN_ABI_VERSION_MINOR: u16 = 1;
+pub const KILN_ABI_VERSION_MINOR: u16 = 2;
 
 /// Name of the one symbol a backend library exports.
 pub const KILN_BACKEND_ENTRY_SYMBOL: &str = "kiln_backend_init";
@@ -283,6 +283,17 @@ pub type KilnDeviceMemoryFn = unsafe extern "C" fn(
     err: *mut KilnError,
 ) -> i32;
 
+/// The layout a device wants matrix weights of `dtype` in (1.2): a kiln
+/// layout (`KILN_DTYPE_Q5_0_X16`, …) the host repacks them into at load
+/// time and hands only to this backend, or `dtype` itself.
+pub type KilnWeightLayoutFn = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    device: u32,
+    dtype: u32,
+    out_dtype: *mut u32,
+    err: *mut KilnError,
+) -> i32;
+
 /// The table a backend hands the host from `kiln_backend_init`. It must stay
 /// valid (and unchanged) for the life of the process. Growable.
 #[repr(C)]
@@ -316,10 +327,15 @@ pub struct KilnBackendApi {
     // ---- appended in 1.1 ----
     /// Optional: current free and total memory of a device.
     pub device_memory: Option<KilnDeviceMemoryFn>,
+    // ---- appended in 1.2 ----
+    /// Optional: the layout a device wants matrix weights in.
+    pub weight_layout: Option<KilnWeightLayoutFn>,
 }
 
 /// Size of [`KilnBackendApi`] as ABI 1.0 defined it.
 pub const KILN_BACKEND_API_SIZE_1_0: usize = core::mem::offset_of!(KilnBackendApi, device_memory);
+/// Size of [`KilnBackendApi`] as ABI 1.1 defined it.
+pub const KILN_BACKEND_API_SIZE_1_1: usize = core::mem::offset_of!(KilnBackendApi, weight_layout);
 
 /// The entry point every backend library exports as `kiln_backend_init`.
 ///
@@ -334,10 +350,10 @@ pub type KilnBackendInitFn = unsafe extern "C" fn(
 
 /// Minimum `KilnBackendApi::struct_size` for a plugin that declares `minor`.
 pub const fn backend_api_size_for_minor(minor: u16) -> usize {
-    if minor == 0 {
-        KILN_BACKEND_API_SIZE_1_0
-    } else {
-        core::mem::size_of::<KilnBackendApi>()
+    match minor {
+        0 => KILN_BACKEND_API_SIZE_1_0,
+        1 => KILN_BACKEND_API_SIZE_1_1,
+        _ => core::mem::size_of::<KilnBackendApi>(),
     }
 }
 

@@ -384,6 +384,21 @@ impl BackendHandle {
         )
     }
 
+    /// The layout `device` wants matrix weights of `dtype` in: the
+    /// plugin's answer (1.2), or `dtype` itself when it predates 1.2, does
+    /// not implement the query, or answers with a type kiln does not know.
+    pub fn weight_layout(&self, device: u32, dtype: DType) -> DType {
+        let Some(f) = self.api.weight_layout else {
+            return dtype;
+        };
+        let mut out = dtype.raw();
+        // SAFETY: present in the negotiated table; our ctx and output.
+        match call(|err| unsafe { f(self.ctx, device, dtype.raw(), &mut out, err) }) {
+            Ok(()) => DType::from_raw(out).unwrap_or(dtype),
+            Err(_) => dtype,
+        }
+    }
+
     pub fn buffer_alloc(&self, device: u32, size: u64) -> Result<RawBuffer, BackendError> {
         let f = self.api.buffer_alloc.expect("checked in negotiate");
         let mut out: KilnBuffer = core::ptr::null_mut();

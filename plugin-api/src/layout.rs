@@ -204,12 +204,19 @@ pub const LAYOUT: &[LayoutEntry] = &[
         "KilnBackendApi.device_memory",
         offset_of!(KilnBackendApi, device_memory),
     ),
+    // ---- appended in 1.2 ----
+    since(
+        2,
+        "KilnBackendApi.weight_layout",
+        offset_of!(KilnBackendApi, weight_layout),
+    ),
     // ---- sizes of the growable structs ----
     e("KilnHostApi", size_of::<KilnHostApi>()),
     only(0, "KilnDeviceInfo", KILN_DEVICE_INFO_SIZE_1_0),
     since(1, "KilnDeviceInfo", size_of::<KilnDeviceInfo>()),
     only(0, "KilnBackendApi", KILN_BACKEND_API_SIZE_1_0),
-    since(1, "KilnBackendApi", size_of::<KilnBackendApi>()),
+    only(1, "KilnBackendApi", KILN_BACKEND_API_SIZE_1_1),
+    since(2, "KilnBackendApi", size_of::<KilnBackendApi>()),
 ];
 
 const FINGERPRINT_SEED: u64 = 0xcbf2_9ce4_8422_2325;

@@ -280,6 +280,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok((info.free_memory, info.total_memory))
     }
 
+    /// The layout `device` wants matrix weights of `dtype` in (ABI 1.2):
+    /// a kiln layout such as [`DType::Q5_0X16`] that the host repacks them
+    /// into at load time, or `dtype` itself (the default).
+    fn weight_layout(&self, device: u32, dtype: DType) -> DType {
+        let _ = device;
+        dtype
+    }
+
     fn buffer_alloc(&self, device: u32, size: u64) -> Result<Self::Buffer, BackendError>;
 
     /// Wraps host memory as a buffer without copying.
@@ -441,6 +449,26 @@ unsafe extern "C" fn device_memory<B: Backend>(
             let (free, total) = backend::<B>(ctx).device_memory(device)?;
             *out_free = free;
             *out_total = total;
+        }
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn weight_layout<B: Backend>(
+    ctx: *mut c_void,
+    device: u32,
+    dtype: u32,
+    out_dtype: *mut u32,
+    err: *mut KilnError,
+) -> i32 {
+    guard(err, || {
+        non_null(out_dtype, "out_dtype")?;
+        let dtype = DType::from_raw(dtype).ok_or_else(|| {
+            BackendError::new(ErrorCode::InvalidArgument, format!("unknown dtype {dtype}"))
+        })?;
+        // SAFETY: ctx is ours; the output is non-null and host-owned.
+        unsafe {
+            *out_dtype = backend::<B>(ctx).weight_layout(device, dtype).raw();
         }
         Ok(())
     })
@@ -664,6 +692,7 @@ fn table<B: Backend>() -> KilnBackendApi {
         graph_compute: Some(graph_compute::<B>),
         synchronize: Some(synchronize::<B>),
         device_memory: Some(device_memory::<B>),
+        weight_layout: Some(weight_layout::<B>),
     }
 }
 

@@ -90,6 +90,14 @@ pub fn c_compiler() -> String {
 /// (e.g. `-DFIXTURE_WRONG_MAJOR`), against the header in `include`.
 pub fn compile_c_plugin(name: &str, source: &Path, include: &Path, flags: &[&str]) -> PathBuf {
     let out = fixture_dir().join(dylib_name(name));
+    // Tests in parallel compile the same fixture: each writes its own file
+    // and renames it into place, so nobody copies a half-written library.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = out.with_extension(format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let result = Command::new(c_compiler())
         .args([
             "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror",
@@ -100,7 +108,7 @@ pub fn compile_c_plugin(name: &str, source: &Path, include: &Path, flags: &[&str
         .arg(source)
         .arg("-lm")
         .arg("-o")
-        .arg(&out)
+        .arg(&tmp)
         .output()
         .expect("run the C compiler");
     assert!(
@@ -108,6 +116,7 @@ pub fn compile_c_plugin(name: &str, source: &Path, include: &Path, flags: &[&str
         "compiling {name} failed:\n{}",
         String::from_utf8_lossy(&result.stderr)
     );
+    std::fs::rename(&tmp, &out).expect("put the fixture in place");
     out
 }
 
@@ -141,7 +150,7 @@ impl ManifestSpec {
         ManifestSpec {
             name: name.into(),
             version: version.into(),
-            abi: "1.1".into(),
+            abi: "1.2".into(),
             cpu_features: Vec::new(),
             sha256: None,
         }

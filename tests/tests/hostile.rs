@@ -46,7 +46,7 @@ fn wrong_abi_major_in_the_manifest() {
         &dir,
         &[
             "declares kiln ABI 2.0",
-            "speaks ABI 1.1",
+            "speaks ABI 1.2",
             "refused before loading",
         ],
     );
@@ -66,8 +66,8 @@ fn wrong_abi_major_in_the_table() {
         &dir,
         &[
             "ABI major version mismatch",
-            "built for kiln ABI 2.1",
-            "host speaks ABI 1.1",
+            "built for kiln ABI 2.2",
+            "host speaks ABI 1.2",
         ],
     );
 }
@@ -239,7 +239,7 @@ fn struct_size_smaller_than_the_abi_needs() {
     refused(
         &home,
         &dir,
-        &["KilnBackendApi is 64 bytes but ABI 1.1 needs at least 136"],
+        &["KilnBackendApi is 64 bytes but ABI 1.2 needs at least 144"],
     );
 }
 

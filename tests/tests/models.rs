@@ -438,11 +438,11 @@ fn repacked_weights_give_the_bits_of_the_file_layout() {
     ]);
     let before = kiln_tests::sha256_file(&q5);
     let cpu = Backend::builtin_cpu();
-    let want = cpu.weight_layout(DType::Q5_0);
+    let want = cpu.weight_layout(0, DType::Q5_0);
     if kiln_cpu::kernels::Isa::current() == kiln_cpu::kernels::Isa::Avx512 {
         assert_eq!(want, DType::Q5_0X16);
     }
-    let packed = Model::load_for(&q5, &cpu).unwrap();
+    let packed = Model::load_for(&q5, &cpu, 0).unwrap();
     for t in &packed.file.tensors {
         let matrix = t.name.starts_with("blk.") && t.name.ends_with("_up.weight");
         if matrix {
@@ -474,7 +474,7 @@ fn repacked_weights_give_the_bits_of_the_file_layout() {
             all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
         assert!(
-            run(Model::load(&q5).unwrap()) == run(Model::load_for(&q5, &cpu).unwrap()),
+            run(Model::load(&q5).unwrap()) == run(Model::load_for(&q5, &cpu, 0).unwrap()),
             "{}: repacked weights changed the logits",
             backend.name()
         );

@@ -28,7 +28,7 @@ const GREEDY: usize = 32;
 fn kiln_run(model: &Path) -> (Vec<f32>, Vec<u32>) {
     // As kiln runs models: weights in the layout the CPU kernels want
     // (Q5_0 interleaved on AVX-512).
-    let m = Model::load_for(model, &Backend::builtin_cpu()).unwrap();
+    let m = Model::load_for(model, &Backend::builtin_cpu(), 0).unwrap();
     let mut s = Session::new(m, Executor::new(Backend::builtin_cpu(), 0), Some(512)).unwrap();
     let all = s.eval(&PROMPT, LogitsFor::All).unwrap();
     let n_vocab = s.model.config.n_vocab;

@@ -143,7 +143,7 @@ fn c_plugin_loads_passes_conformance_and_runs_ops_with_cpu_fallback() {
     assert_eq!(b["chosen"]["score"].as_f64().unwrap(), best);
     let fixture = &b["backends"][1];
     assert_eq!(fixture["name"], "c-fixture");
-    assert_eq!(fixture["abi"], "1.1");
+    assert_eq!(fixture["abi"], "1.2");
     // It has no Q4_0 kernel: that half of its score is zero.
     assert!(fixture["devices"][0]["measurement"]["q4_0_matvec_gflops"].is_null());
     let again = home.json(&["backends", "--json"]);
@@ -211,6 +211,50 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
         .unwrap();
     let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
     assert_close(&got, &want);
+}
+
+/// A plugin built against the 1.1 header (before `weight_layout`) loads and
+/// runs; the 1.2 query reads as absent (GGUF's layouts), and the CPU plugin
+/// built with this crate answers it through the ABI.
+#[test]
+fn a_plugin_built_for_abi_1_1_loads_and_weight_layouts_come_through_the_abi() {
+    use kiln_plugin_api::DType;
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture_abi_1_1", &["-DKILN_ABI_TARGET_MINOR=1"]);
+    let mut spec = ManifestSpec::new("older-plugin", "1.1.0");
+    spec.abi = "1.1".into();
+    let dir = plugin_dir(home.path(), &lib, &spec);
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let plugin = added_backend(&home, "older-plugin");
+    assert_eq!(plugin.handle().abi_minor(), 1);
+    assert!(plugin.handle().device_memory(0).is_some());
+    assert_eq!(plugin.weight_layout(0, DType::Q5_0), DType::Q5_0);
+    let mut g = decoder_graph(32, 4);
+    let want = cpu_result(g.clone());
+    Executor::new(plugin.clone(), 0)
+        .run(&mut g.as_graph())
+        .unwrap();
+    let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
+    assert_close(&got, &want);
+    // The built-in CPU backend answers through the same call: Q5_0
+    // interleaved where its AVX-512 kernels run, GGUF's layout elsewhere;
+    // its reference never repacks.
+    let cpu = Backend::builtin_cpu();
+    let want = if kiln_cpu::kernels::Isa::current() == kiln_cpu::kernels::Isa::Avx512 {
+        DType::Q5_0X16
+    } else {
+        DType::Q5_0
+    };
+    assert_eq!(
+        cpu.handle().abi_minor(),
+        kiln_plugin_api::KILN_ABI_VERSION_MINOR
+    );
+    assert_eq!(cpu.weight_layout(0, DType::Q5_0), want);
+    assert_eq!(cpu.weight_layout(0, DType::Q8_0), DType::Q8_0);
+    assert_eq!(
+        Backend::reference_cpu().weight_layout(0, DType::Q5_0),
+        DType::Q5_0
+    );
 }
 
 #[test]

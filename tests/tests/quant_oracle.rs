@@ -7,7 +7,7 @@
 //! `.ci/run` makes (`target/python-venv`), else `python3`. Without them this
 //! test fails and says how to install them.
 
-use kiln_cpu::quant::{dequantize_row, quantize_row, random_row};
+use kiln_blocks::{dequantize_row, quantize_row, random_row};
 use kiln_plugin_api::DType;
 use std::path::Path;
 use std::process::Command;

@@ -7,7 +7,7 @@
 //! `tokenizer.ggml.*` (see `tokenizer::gguf_metadata`).
 
 use crate::gguf::{GgufWriter, TensorSpec, Value, ValueType};
-use kiln_cpu::quant::{dequantize_row, quantize_row};
+use kiln_blocks::{dequantize_row, quantize_row};
 use kiln_plugin_api::DType;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};

@@ -22,7 +22,7 @@
 //! to a temporary name, fsynced and renamed (see `gguf::GgufWriter`).
 
 use crate::gguf::{GgufError, GgufFile, GgufWriter, TensorInfo, TensorSpec, Value};
-use kiln_cpu::quant::{dequantize_row, quantize_row};
+use kiln_blocks::{dequantize_row, quantize_row};
 use kiln_plugin_api::DType;
 use serde::Serialize;
 use std::path::Path;

@@ -43,15 +43,16 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Loads the model at `path` with its weights in the layout `target`
-    /// runs best ([`Model::load_for`]).
+    /// Loads the model at `path` with its weights in the layout `device`
+    /// of `target` runs best ([`Model::load_for`]).
     pub fn load(
         id: String,
         path: PathBuf,
         fim: Option<FimTemplate>,
         target: &Arc<Backend>,
+        device: u32,
     ) -> Result<Loaded, String> {
-        let model = Model::load_for(&path, target).map_err(|e| e.to_string())?;
+        let model = Model::load_for(&path, target, device).map_err(|e| e.to_string())?;
         let tok = model.tokenizer().map_err(|e| e.to_string())?;
         let name = model
             .file
@@ -354,6 +355,11 @@ impl Engine {
     /// The backend the engine runs on.
     pub fn target(&self) -> &Arc<Backend> {
         &self.shared.target
+    }
+
+    /// The device of [`Engine::target`] the engine runs on.
+    pub fn device(&self) -> u32 {
+        self.shared.device
     }
 
     pub fn metrics(&self) -> &Metrics {

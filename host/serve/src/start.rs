@@ -43,7 +43,7 @@ pub fn start_engine(
         |m| eprintln!("kiln: {m}"),
     )
     .map_err(|e| e.to_string())?;
-    let loaded = Loaded::load(id, path, fim, &exec.target)?;
+    let loaded = Loaded::load(id, path, fim, &exec.target, exec.device)?;
     Ok(Engine::start(
         loaded,
         EngineOptions {

@@ -25,7 +25,7 @@ pub fn run(
     } = super::run::executor(config, backend)?;
     // Load time: mapping, checks, and repacking for the backend.
     let start = Instant::now();
-    let model = Model::load_for(&path, &exec.target)?;
+    let model = Model::load_for(&path, &exec.target, exec.device)?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let n_vocab = model.config.n_vocab as u32;
     let ctx = (prompt_tokens.max(16) + decode_tokens + 1).next_power_of_two();

@@ -39,7 +39,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
         executor: exec,
         label: backend,
     } = executor(config, args.backend.as_deref())?;
-    let model = Model::load_for(&path, &exec.target)?;
+    let model = Model::load_for(&path, &exec.target, exec.device)?;
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
     let load_ms = model.load_ms;

@@ -229,6 +229,12 @@ impl Backend for CpuBackend {
         })
     }
 
+    /// Q5_0 interleaved for the AVX-512 kernels; the reference (and
+    /// every other path) takes GGUF's layouts.
+    fn weight_layout(&self, _device: u32, dtype: kiln_plugin_api::DType) -> kiln_plugin_api::DType {
+        kernels::weight_layout(self.isa, dtype)
+    }
+
     fn buffer_alloc(&self, device: u32, size: u64) -> Result<CpuBuffer, BackendError> {
         self.check_device(device)?;
         let len = usize::try_from(size)

@@ -1,9 +1,9 @@
 //! kiln's CPU backend.
 //!
 //! The scalar reference of every op in the ABI, correct first and written
-//! to be read: [`quant`] holds the block formats, [`ops`] the op semantics
-//! (the oracle every other backend is checked against), and `backend` puts
-//! them behind the ABI. The same code is linked into the `kiln` binary (so
+//! to be read: [`ops`] holds the op semantics (the oracle every other
+//! backend is checked against) over the block formats of `kiln-blocks`,
+//! and `backend` puts them behind the ABI. The same code is linked into the `kiln` binary (so
 //! kiln always has a backend, entered through [`backend_init`]) and built
 //! as a loadable plugin by `cdylib/` (crate `kiln-cpu-plugin`).
 //!
@@ -15,7 +15,6 @@ mod backend;
 pub mod kernels;
 pub mod math;
 pub mod ops;
-pub mod quant;
 
 pub use backend::{CpuBackend, CpuBuffer};
 

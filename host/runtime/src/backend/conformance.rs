@@ -238,7 +238,7 @@ pub fn inputs(case: &Case, rng: &mut fastrand::Rng) -> Vec<HostTensor> {
             _ => {
                 let rows = ne[1] * ne[2] * ne[3];
                 let data = (0..rows)
-                    .flat_map(|_| kiln_cpu::quant::random_row(dtype, ne[0], rng))
+                    .flat_map(|_| kiln_blocks::random_row(dtype, ne[0], rng))
                     .collect();
                 HostTensor { dtype, ne, data }
             }

@@ -19,7 +19,7 @@
 //! [`HostGraph`] is the simple case: every tensor dense and owning its bytes.
 
 use super::Backend;
-use kiln_cpu::ops::Desc;
+use kiln_plugin_api::Desc;
 use kiln_plugin_api::abi::{KILN_OP_PARAM_COUNT, KilnBuffer, KilnOp, KilnTensor};
 use kiln_plugin_api::host::RawBuffer;
 use kiln_plugin_api::{BackendError, DType, OpKind};
@@ -250,7 +250,7 @@ impl HostTensor {
             .chunks_exact_mut(self.ne[0])
             .zip(self.data.chunks_exact(row))
         {
-            kiln_cpu::quant::dequantize_row(self.dtype, src, dst);
+            kiln_blocks::dequantize_row(self.dtype, src, dst);
         }
         out
     }

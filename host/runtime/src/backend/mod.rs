@@ -243,20 +243,16 @@ impl Backend {
         &self.handle
     }
 
-    /// The layout this backend wants weights of `dtype` in for matrix
-    /// products ([`Model::load_for`](crate::model::Model::load_for)
-    /// repacks them at load time): the built-in CPU backend's choice
-    /// ([`kiln_cpu::kernels::weight_layout`]); plugins and the reference
-    /// take GGUF's layouts.
+    /// The layout `device` wants weights of `dtype` in for matrix products
+    /// ([`Model::load_for`](crate::model::Model::load_for) repacks them at
+    /// load time), as the backend answers through the ABI (1.2); GGUF's
+    /// layouts for a backend that does not say.
     pub fn weight_layout(
-        self: &Arc<Backend>,
+        &self,
+        device: u32,
         dtype: kiln_plugin_api::DType,
     ) -> kiln_plugin_api::DType {
-        if Arc::ptr_eq(self, &Backend::builtin_cpu()) {
-            kiln_cpu::kernels::weight_layout(dtype)
-        } else {
-            dtype
-        }
+        self.handle.weight_layout(device, dtype)
     }
 
     pub fn is_builtin(&self) -> bool {

@@ -54,7 +54,7 @@ fn bench_mul_mat(
         dtype: wtype,
         ne: [k, n, 1, 1],
         data: (0..n)
-            .flat_map(|_| kiln_cpu::quant::random_row(wtype, k, rng))
+            .flat_map(|_| kiln_blocks::random_row(wtype, k, rng))
             .collect(),
     };
     let x = HostTensor::from_f32(

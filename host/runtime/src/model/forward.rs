@@ -14,7 +14,7 @@
 use super::config::ModelConfig;
 use crate::backend::exec::{HostOp, TensorRef};
 use crate::gguf::GgufFile;
-use kiln_cpu::ops::Desc;
+use kiln_plugin_api::Desc;
 use kiln_plugin_api::types::f32_param;
 use kiln_plugin_api::{DType, OpKind};
 

@@ -72,15 +72,25 @@ fn is_matrix_weight(name: &str) -> bool {
     name == "output.weight" || (name.starts_with("blk.") && ENDS.iter().any(|e| name.ends_with(e)))
 }
 
-/// Rewrites rows of `row` bytes from `from` to `to` in place, on the CPU
-/// backend's thread count (`KILN_THREADS`).
+/// Threads the host uses for its own work on a model (repacking): like
+/// the CPU backend, `KILN_THREADS`, else the cores this process may use.
+fn host_threads() -> usize {
+    std::env::var("KILN_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Rewrites rows of `row` bytes from `from` to `to` in place, on
+/// [`host_threads`].
 fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
     assert_eq!(
         (from, to),
         (DType::Q5_0, DType::Q5_0X16),
         "no repacking {from} to {to}"
     );
-    let threads = kiln_cpu::kernels::threads().max(1);
+    let threads = host_threads();
     let rows_per = (data.len() / row).div_ceil(threads).max(1);
     std::thread::scope(|s| {
         for part in data.chunks_mut(rows_per * row) {
@@ -107,15 +117,19 @@ impl Model {
         Model::load_with(path, |d| d)
     }
 
-    /// As [`Model::load`], with the matrix weights in the layout `target`
-    /// wants ([`Backend::weight_layout`]): the built-in CPU backend on
-    /// AVX-512 takes Q5_0 interleaved. A model with such weights is read
+    /// As [`Model::load`], with the matrix weights in the layout `device`
+    /// of `target` wants ([`Backend::weight_layout`], asked through the
+    /// ABI): the built-in CPU backend on AVX-512 takes Q5_0 interleaved. A model with such weights is read
     /// into this process's memory ([`GgufFile::copy_into_memory`]: huge pages,
     /// instead of the file's map) and repacked there in place, so memory
     /// stays one copy of the file; the file is never written. Costs one
     /// read of the file and one pass over those weights at load.
-    pub fn load_for(path: &Path, target: &Arc<Backend>) -> Result<Arc<Model>, ModelError> {
-        Model::load_with(path, |d| target.weight_layout(d))
+    pub fn load_for(
+        path: &Path,
+        target: &Arc<Backend>,
+        device: u32,
+    ) -> Result<Arc<Model>, ModelError> {
+        Model::load_with(path, |d| target.weight_layout(device, d))
     }
 
     fn load_with(path: &Path, layout: impl Fn(DType) -> DType) -> Result<Arc<Model>, ModelError> {

@@ -430,8 +430,13 @@ impl Server {
                     && let Ok(t) = FimTemplate::parse(t)
                 {
                     let l = e.loaded();
-                    if let Ok(new) = Loaded::load(l.id.clone(), l.path.clone(), Some(t), e.target())
-                    {
+                    if let Ok(new) = Loaded::load(
+                        l.id.clone(),
+                        l.path.clone(),
+                        Some(t),
+                        e.target(),
+                        e.device(),
+                    ) {
                         e.replace_model(new);
                     }
                 }
@@ -786,13 +791,11 @@ impl Server {
             .as_deref()
             .and_then(|t| FimTemplate::parse(t).ok());
         // Without an engine (none started yet), loading only checks the file.
-        let target = self
-            .engine
-            .as_ref()
-            .map_or_else(kiln_runtime::backend::Backend::reference_cpu, |e| {
-                e.target().clone()
-            });
-        match Loaded::load(id.clone(), path, fim, &target) {
+        let (target, device) = self.engine.as_ref().map_or_else(
+            || (kiln_runtime::backend::Backend::reference_cpu(), 0),
+            |e| (e.target().clone(), e.device()),
+        );
+        match Loaded::load(id.clone(), path, fim, &target, device) {
             Ok(l) => {
                 if let Some(e) = &self.engine {
                     e.replace_model(l);

@@ -7,8 +7,8 @@
 //! (as ggml does), so the two can differ in the last bits; tests bound it.
 
 use super::Isa;
-use crate::quant::nearest_int;
 use half::f16;
+use kiln_blocks::nearest_int;
 use kiln_plugin_api::DType;
 
 const QK_K: usize = 256;
@@ -172,7 +172,7 @@ fn dot_q5_k_one(w: &[u8], x: &Q8KRow) -> f32 {
         let xq = &x.qs[b * QK_K..][..QK_K];
         let (mut total, mut total_m) = (0i32, 0i32);
         for j in 0..8 {
-            let (sc, m) = crate::quant::scale_min_k4(j, &blk[4..16]);
+            let (sc, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
             let mut sum = 0i32;
             for l in 0..32 {
                 let byte = qs[32 * (j / 2) + l];
@@ -209,7 +209,7 @@ fn dot_q4_k_with<const R: usize>(
         let mut sc = [0i32; 8];
         let mut mins = [0i32; 8];
         for j in 0..8 {
-            let (scale, min) = crate::quant::scale_min_k4(j, scales);
+            let (scale, min) = kiln_blocks::scale_min_k4(j, scales);
             sc[j] = scale as i32;
             mins[j] = min as i32;
         }
@@ -346,7 +346,7 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
             let mut sums = [0i32; 8];
             for l in 0..32 {
                 let is = l / 16;
-                let [q1, q2, q3, q4] = crate::quant::q6_k_codes(ql, qh, l);
+                let [q1, q2, q3, q4] = kiln_blocks::q6_k_codes(ql, qh, l);
                 sums[is] += q1 * xq[l] as i32;
                 sums[is + 2] += q2 * xq[l + 32] as i32;
                 sums[is + 4] += q3 * xq[l + 64] as i32;
@@ -452,7 +452,7 @@ mod x86 {
 
     /// Q4_K's 12 scale bytes unpacked as llama.cpp does: the 8 six-bit
     /// scales as the bytes of the first value, the 8 minimums of the
-    /// second (`crate::quant::scale_min_k4`, 4 bytes at a time).
+    /// second (`kiln_blocks::scale_min_k4`, 4 bytes at a time).
     #[inline(always)]
     fn q4_k_scales(s: &[u8]) -> (u64, u64) {
         const LOW6: u32 = 0x3f3f_3f3f;

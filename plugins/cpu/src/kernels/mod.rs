@@ -164,8 +164,8 @@ impl Isa {
 /// gathering it (about 1.6× the Q5_0 kernel); every other type as it is.
 /// Other paths run Q5_0X16 too, unpacking each row first, so a repacked
 /// model stays correct on any path, only slower.
-pub fn weight_layout(dtype: DType) -> DType {
-    if dtype == DType::Q5_0 && Isa::current() == Isa::Avx512 {
+pub fn weight_layout(isa: Isa, dtype: DType) -> DType {
+    if dtype == DType::Q5_0 && isa == Isa::Avx512 {
         DType::Q5_0X16
     } else {
         dtype

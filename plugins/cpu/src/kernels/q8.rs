@@ -105,7 +105,7 @@ impl Q8Row {
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             for (q, v) in q.iter_mut().zip(block) {
                 // Round half to even, as `round_ties_even` (inlined: |v·id| ≤ 127).
-                *q = crate::quant::nearest_int(v * id) as i8;
+                *q = kiln_blocks::nearest_int(v * id) as i8;
             }
         }
         for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {

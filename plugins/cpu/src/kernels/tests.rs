@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::ops::{self, Desc};
-use crate::quant::random_row;
+use kiln_blocks::random_row;
 
 fn view(desc: Desc, data: &mut [u8]) -> View {
     assert!(desc.extent().unwrap() <= data.len());
@@ -69,7 +69,7 @@ fn both_with_bound(
         .chunks_exact(dtype.row_bytes(k).unwrap())
         .map(|r| {
             let mut v = vec![0.0; k];
-            crate::quant::dequantize_row(dtype, r, &mut v);
+            kiln_blocks::dequantize_row(dtype, r, &mut v);
             v
         })
         .collect();
@@ -77,7 +77,7 @@ fn both_with_bound(
     for i2 in 0..x2 {
         for mi in 0..m {
             let mut xr = f32s(&x[(i2 * m + mi) * k * 4..][..k * 4]);
-            crate::quant::round_activations(dtype, &mut xr);
+            kiln_blocks::round_activations(dtype, &mut xr);
             for ni in 0..n {
                 let wr = &wf[(i2 / (x2 / w2)) * n + ni];
                 bound.push(if matches!(dtype, DType::Q4_K | DType::Q5_K) {

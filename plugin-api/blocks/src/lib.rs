@@ -1,6 +1,8 @@
-//! Block formats: scalar dequantization of every weight type and the
-//! reference quantizers that llama.cpp's `quantize_row_*_ref` define
-//! (F16, BF16, Q4_0, Q5_0, Q8_0), bit for bit.
+//! Block formats, shared by the host (quantization, conversion, the
+//! conformance gate, the CPU fallback's dequantization) and every backend:
+//! scalar dequantization of every weight type and the reference
+//! quantizers that llama.cpp's `quantize_row_*_ref` define (F16, BF16,
+//! Q4_0, Q5_0, Q8_0, Q6_K), bit for bit.
 //!
 //! Layouts are ggml's. A row is a whole number of blocks.
 
@@ -147,7 +149,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
 /// The codes of elements l, l+32, l+64 and l+96 of a Q6_K half-block
 /// (`ql` from byte 64n, `qh` from byte 32n), each in [-32, 31].
 #[inline(always)]
-pub(crate) fn q6_k_codes(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
+pub fn q6_k_codes(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
     [
         ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32,
         ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
@@ -158,7 +160,7 @@ pub(crate) fn q6_k_codes(ql: &[u8], qh: &[u8], l: usize) -> [i32; 4] {
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block.
 #[inline(always)]
-pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -185,7 +187,7 @@ pub const fn can_quantize(dtype: DType) -> bool {
 
 /// llama.cpp's `nearest_int`: round half to even through the float
 /// mantissa trick (valid for |v| <= 4194303).
-pub(crate) fn nearest_int(v: f32) -> i32 {
+pub fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
 }
