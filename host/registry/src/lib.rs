@@ -21,8 +21,9 @@ mod stack;
 
 pub use models::{ModelRecord, NewModel};
 pub use policies::{Decision, NewPolicy, PolicyRecord};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OpenFlags, Transaction, params};
 use serde::Serialize;
+pub use stack::Kind;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -113,14 +114,6 @@ pub enum PluginState {
 }
 
 impl PluginState {
-    fn as_str(self) -> &'static str {
-        match self {
-            PluginState::Active => "active",
-            PluginState::Inactive => "inactive",
-            PluginState::Disabled => "disabled",
-        }
-    }
-
     fn parse(s: &str) -> PluginState {
         match s {
             "active" => PluginState::Active,
@@ -367,37 +360,6 @@ impl Registry {
             .collect())
     }
 
-    /// `name@version`, or with no version the active one, else the newest.
-    fn find(tx: &Transaction<'_>, name: &str, version: Option<&str>) -> Result<PluginRecord> {
-        let mut stmt = tx.prepare("SELECT * FROM plugins WHERE name = ?1")?;
-        let all: Vec<PluginRecord> = stmt
-            .query_map([name], plugin_from_row)?
-            .collect::<rusqlite::Result<_>>()?;
-        if all.is_empty() {
-            return Err(RegistryError::Refused(format!(
-                "no plugin named {name} is installed (see `kiln plugins list`)"
-            )));
-        }
-        if let Some(v) = version {
-            return all.into_iter().find(|p| p.version == v).ok_or_else(|| {
-                RegistryError::Refused(format!(
-                    "{name} has no installed version {v} (see `kiln plugins list`)"
-                ))
-            });
-        }
-        if let Some(active) = all.iter().find(|p| p.state == PluginState::Active) {
-            return Ok(active.clone());
-        }
-        let newest = all
-            .into_iter()
-            .max_by(|a, b| {
-                let parse = |v: &str| semver::Version::parse(v).ok();
-                parse(&a.version).cmp(&parse(&b.version))
-            })
-            .expect("not empty");
-        Ok(newest)
-    }
-
     /// Records a new plugin version and makes it the active one.
     pub fn install(&mut self, new: &NewPlugin, actor: &str) -> Result<Transition> {
         let tx = self.write()?;
@@ -437,7 +399,7 @@ impl Registry {
             Some(&new.version),
             Some(&format!("{label} sha256 {}", new.sha256)),
         )?;
-        let record = Registry::find(&tx, &new.name, Some(&new.version))?;
+        let record = stack::find(&tx, &stack::PLUGINS, &label)?;
         let t = stack::activate(
             &tx,
             &stack::PLUGINS,
@@ -446,82 +408,6 @@ impl Registry {
             actor,
             "activate",
         )?;
-        tx.commit()?;
-        Ok(t)
-    }
-
-    /// `kiln plugins enable NAME[@VERSION]`: makes that version active.
-    pub fn enable(&mut self, name: &str, version: Option<&str>, actor: &str) -> Result<Transition> {
-        let tx = self.write()?;
-        let target = Registry::find(&tx, name, version)?;
-        let t = stack::activate(
-            &tx,
-            &stack::PLUGINS,
-            &target.name,
-            target.id,
-            actor,
-            "enable",
-        )?;
-        tx.commit()?;
-        Ok(t)
-    }
-
-    /// `kiln plugins disable NAME[@VERSION]`: the version (default: the
-    /// active one) stops being used.
-    pub fn disable(
-        &mut self,
-        name: &str,
-        version: Option<&str>,
-        actor: &str,
-    ) -> Result<Transition> {
-        let tx = self.write()?;
-        let target = Registry::find(&tx, name, version)?;
-        if target.state == PluginState::Disabled {
-            return Err(RegistryError::Refused(format!(
-                "{} is already disabled",
-                target.label()
-            )));
-        }
-        stack::set_state(&tx, &stack::PLUGINS, target.id, "disabled")?;
-        let was_active = target.state == PluginState::Active;
-        audit(
-            &tx,
-            actor,
-            "plugin",
-            "disable",
-            name,
-            Some(&format!("{} {}", target.version, target.state.as_str())),
-            Some(&format!("{} disabled", target.version)),
-            None,
-        )?;
-        tx.commit()?;
-        Ok(Transition {
-            name: name.to_string(),
-            before: was_active.then(|| target.version.clone()),
-            after: if was_active {
-                None
-            } else {
-                self.active_version(name)?
-            },
-        })
-    }
-
-    fn active_version(&self, name: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT version FROM plugins WHERE name = ?1 AND state = 'active'",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    /// `kiln plugins rollback NAME`: re-activates the version that was
-    /// active before the current one. Repeated rollbacks walk further back.
-    pub fn rollback(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.write()?;
-        let t = stack::rollback(&tx, &stack::PLUGINS, name, actor)?;
         tx.commit()?;
         Ok(t)
     }
@@ -694,24 +580,33 @@ mod tests {
                 ("2.0.0".into(), Active)
             ]
         );
-        let t = r.rollback("gpu", "t").unwrap();
+        let t = r.rollback(Kind::Plugin, "gpu", "t").unwrap();
         assert_eq!(
             (t.before.as_deref(), t.after.as_deref()),
             (Some("2.0.0"), Some("1.1.0"))
         );
-        let t = r.rollback("gpu", "t").unwrap();
+        let t = r.rollback(Kind::Plugin, "gpu", "t").unwrap();
         assert_eq!(t.after.as_deref(), Some("1.0.0"));
-        let err = r.rollback("gpu", "t").unwrap_err().to_string();
+        let err = r
+            .rollback(Kind::Plugin, "gpu", "t")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no earlier active version"), "{err}");
         // Enabling pushes onto the stack again; rollback returns to 1.0.0.
-        r.enable("gpu", Some("2.0.0"), "t").unwrap();
+        r.enable(Kind::Plugin, "gpu@2.0.0", "t").unwrap();
         assert_eq!(
-            r.rollback("gpu", "t").unwrap().after.as_deref(),
+            r.rollback(Kind::Plugin, "gpu", "t")
+                .unwrap()
+                .after
+                .as_deref(),
             Some("1.0.0")
         );
-        r.disable("gpu", None, "t").unwrap();
+        r.disable(Kind::Plugin, "gpu", "t").unwrap();
         assert!(r.active_plugins().unwrap().is_empty());
-        let err = r.rollback("gpu", "t").unwrap_err().to_string();
+        let err = r
+            .rollback(Kind::Plugin, "gpu", "t")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no active version"), "{err}");
         let actions: Vec<String> = r
             .audit_log(100)

@@ -179,34 +179,6 @@ impl Registry {
     pub fn model_path(&self, spec: &str) -> Result<Option<PathBuf>> {
         Ok(self.model(spec)?.map(|m| m.blob_path))
     }
-
-    /// `kiln models activate NAME@VERSION`.
-    pub fn activate_model(&mut self, name: &str, version: u32, actor: &str) -> Result<Transition> {
-        let tx = self.write()?;
-        let id: i64 = tx
-            .query_row(
-                "SELECT id FROM models WHERE name = ?1 AND version = ?2",
-                params![name, version],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| {
-                RegistryError::Refused(format!(
-                    "{name}@{version} is not registered (see `kiln models list`)"
-                ))
-            })?;
-        let t = stack::activate(&tx, &MODELS, name, id, actor, "activate")?;
-        tx.commit()?;
-        Ok(t)
-    }
-
-    /// `kiln models rollback NAME`.
-    pub fn rollback_model(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.write()?;
-        let t = stack::rollback(&tx, &MODELS, name, actor)?;
-        tx.commit()?;
-        Ok(t)
-    }
 }
 
 #[cfg(test)]
@@ -240,7 +212,7 @@ mod tests {
             .to_string();
         assert!(err.contains("already coder@2"), "{err}");
         assert_eq!(r.model("coder").unwrap().unwrap().version, 2);
-        let t = r.rollback_model("coder", "t").unwrap();
+        let t = r.rollback(crate::Kind::Model, "coder", "t").unwrap();
         assert_eq!(
             (t.before.as_deref(), t.after.as_deref()),
             (Some("2"), Some("1"))
@@ -249,8 +221,8 @@ mod tests {
             r.model_path("coder").unwrap(),
             Some(PathBuf::from("/blobs/sha256-aa"))
         );
-        assert!(r.rollback_model("coder", "t").is_err());
-        r.activate_model("coder", 2, "t").unwrap();
+        assert!(r.rollback(crate::Kind::Model, "coder", "t").is_err());
+        r.enable(crate::Kind::Model, "coder@2", "t").unwrap();
         assert_eq!(r.model("coder@1").unwrap().unwrap().state, "inactive");
         let kinds: Vec<(String, String)> = r
             .audit_log(100)

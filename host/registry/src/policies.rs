@@ -3,7 +3,7 @@
 //! failure count, and the decision log.
 
 use super::stack::{self, POLICIES};
-use super::{NOW, Registry, RegistryError, Result, Transition, audit};
+use super::{NOW, Registry, Result, Transition, audit};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -83,7 +83,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
 }
 
 /// Makes `id` active for its name, and the only active policy of its kind.
-fn activate_for_kind(
+pub(super) fn activate_for_kind(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
     actor: &str,
@@ -196,57 +196,6 @@ impl Registry {
                 from_row,
             )
             .optional()?)
-    }
-
-    fn require(&self, spec: &str) -> Result<PolicyRecord> {
-        self.policy(spec)?.ok_or_else(|| {
-            RegistryError::Refused(format!(
-                "no policy {spec} is installed (see `kiln policy list`)"
-            ))
-        })
-    }
-
-    pub fn enable_policy(&mut self, spec: &str, actor: &str) -> Result<Transition> {
-        let p = self.require(spec)?;
-        let tx = self.write()?;
-        let t = activate_for_kind(&tx, p.id, actor, "enable")?;
-        tx.commit()?;
-        Ok(t)
-    }
-
-    pub fn disable_policy(&mut self, spec: &str, actor: &str) -> Result<Transition> {
-        let p = self.require(spec)?;
-        if p.state == "disabled" {
-            return Err(RegistryError::Refused(format!(
-                "{} is already disabled",
-                p.label()
-            )));
-        }
-        let tx = self.write()?;
-        stack::set_state(&tx, &POLICIES, p.id, "disabled")?;
-        audit(
-            &tx,
-            actor,
-            "policy",
-            "disable",
-            &p.name,
-            Some(&p.state),
-            Some("disabled"),
-            Some(&p.version),
-        )?;
-        tx.commit()?;
-        Ok(Transition {
-            name: p.name,
-            before: Some(p.version.clone()),
-            after: None,
-        })
-    }
-
-    pub fn rollback_policy(&mut self, name: &str, actor: &str) -> Result<Transition> {
-        let tx = self.write()?;
-        let t = stack::rollback(&tx, &POLICIES, name, actor)?;
-        tx.commit()?;
-        Ok(t)
     }
 
     /// Records a run-time outcome; at `threshold` consecutive failures

@@ -1,9 +1,160 @@
-//! What plugins and models share: versions of a name, at most one active,
-//! and a rollback stack of activations. Each kind has its table, its
-//! activations table and its audit kind; the logic is written once here.
+//! What plugins, models and policies share: versions of a name, at most
+//! one active, a rollback stack of activations, and enable, disable and
+//! rollback on them. Each kind has its table, its activations table and
+//! its audit kind; the logic is written once here, and
+//! [`Registry::enable`], [`Registry::disable`] and [`Registry::rollback`]
+//! take the [`Kind`].
 
-use super::{NOW, RegistryError, Result, Transition, audit};
+use super::{NOW, Registry, RegistryError, Result, Transition, audit};
 use rusqlite::{OptionalExtension, Transaction, params};
+
+/// The kinds of things the registry versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Plugin,
+    Model,
+    Policy,
+}
+
+impl Kind {
+    fn catalog(self) -> &'static Catalog {
+        match self {
+            Kind::Plugin => &PLUGINS,
+            Kind::Model => &MODELS,
+            Kind::Policy => &POLICIES,
+        }
+    }
+}
+
+/// One row of a catalog, as enable and disable see it.
+pub(super) struct Row {
+    pub id: i64,
+    pub name: String,
+    pub version: String,
+    pub state: String,
+}
+
+/// `name[@version]` in catalog `c`: that version, or with none the active
+/// one, else the newest (by semver where versions are semver, else by
+/// number, else the last installed).
+pub(super) fn find(tx: &Transaction<'_>, c: &Catalog, spec: &str) -> Result<Row> {
+    let (name, version) = match spec.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let mut stmt = tx.prepare(&format!(
+        "SELECT id, name, version, state FROM {} WHERE name = ?1 ORDER BY id",
+        c.table
+    ))?;
+    let rows: Vec<Row> = stmt
+        .query_map([name], |r| {
+            Ok(Row {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                version: version_text(r.get(2)?),
+                state: r.get(3)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if rows.is_empty() {
+        return Err(RegistryError::Refused(format!(
+            "{name} is not registered (no {} of that name; see `{}`)",
+            c.kind, c.list
+        )));
+    }
+    if let Some(v) = version {
+        return rows.into_iter().find(|r| r.version == v).ok_or_else(|| {
+            RegistryError::Refused(format!(
+                "{name}@{v} is not registered: {name} has no installed version {v} (see `{}`)",
+                c.list
+            ))
+        });
+    }
+    if let Some(i) = rows.iter().position(|r| r.state == "active") {
+        return Ok(rows.into_iter().nth(i).expect("found above"));
+    }
+    let order = |r: &Row| {
+        (
+            semver::Version::parse(&r.version).ok(),
+            r.version.parse::<u64>().ok(),
+            r.id,
+        )
+    };
+    Ok(rows
+        .into_iter()
+        .max_by(|a, b| order(a).cmp(&order(b)))
+        .expect("not empty"))
+}
+
+impl Registry {
+    /// `kiln {plugins,models,policy} enable NAME[@VERSION]`: that version
+    /// (default: the active one, else the newest) becomes active; a policy
+    /// becomes the only active one of its kind and its failure count
+    /// starts over.
+    pub fn enable(&mut self, kind: Kind, spec: &str, actor: &str) -> Result<Transition> {
+        let c = kind.catalog();
+        let tx = self.write()?;
+        let target = find(&tx, c, spec)?;
+        let t = match kind {
+            Kind::Policy => super::policies::activate_for_kind(&tx, target.id, actor, "enable")?,
+            _ => activate(&tx, c, &target.name, target.id, actor, "enable")?,
+        };
+        tx.commit()?;
+        Ok(t)
+    }
+
+    /// `… disable NAME[@VERSION]`: the version (default: the active one)
+    /// stops being used until enabled again.
+    pub fn disable(&mut self, kind: Kind, spec: &str, actor: &str) -> Result<Transition> {
+        let c = kind.catalog();
+        let tx = self.write()?;
+        let target = find(&tx, c, spec)?;
+        if target.state == "disabled" {
+            return Err(RegistryError::Refused(format!(
+                "{}@{} is already disabled",
+                target.name, target.version
+            )));
+        }
+        set_state(&tx, c, target.id, "disabled")?;
+        audit(
+            &tx,
+            actor,
+            c.kind,
+            "disable",
+            &target.name,
+            Some(&format!("{} {}", target.version, target.state)),
+            Some(&format!("{} disabled", target.version)),
+            None,
+        )?;
+        let was_active = target.state == "active";
+        let after = if was_active {
+            None
+        } else {
+            active(&tx, c, &target.name)?.map(|(_, v)| v)
+        };
+        tx.commit()?;
+        Ok(Transition {
+            name: target.name,
+            before: was_active.then_some(target.version),
+            after,
+        })
+    }
+
+    /// `… rollback NAME`: re-activates the version that was active before
+    /// the current one; repeated rollbacks walk further back.
+    pub fn rollback(&mut self, kind: Kind, name: &str, actor: &str) -> Result<Transition> {
+        if name.contains('@') {
+            return Err(RegistryError::Refused(format!(
+                "rollback takes a name, not a version ({name}); to pick a version use `{} {name}`",
+                kind.catalog().command
+            )));
+        }
+        let tx = self.write()?;
+        let t = rollback(&tx, kind.catalog(), name, actor)?;
+        tx.commit()?;
+        Ok(t)
+    }
+}
 
 pub(super) struct Catalog {
     pub table: &'static str,
@@ -12,8 +163,10 @@ pub(super) struct Catalog {
     pub fk: &'static str,
     /// The audit log's `kind`.
     pub kind: &'static str,
-    /// The command family, for advice in messages.
+    /// The command that activates a version, for advice in messages.
     pub command: &'static str,
+    /// The command that lists what is installed.
+    pub list: &'static str,
 }
 
 pub(super) const PLUGINS: Catalog = Catalog {
@@ -22,6 +175,7 @@ pub(super) const PLUGINS: Catalog = Catalog {
     fk: "plugin_id",
     kind: "plugin",
     command: "kiln plugins enable",
+    list: "kiln plugins list",
 };
 
 pub(super) const POLICIES: Catalog = Catalog {
@@ -30,6 +184,7 @@ pub(super) const POLICIES: Catalog = Catalog {
     fk: "policy_id",
     kind: "policy",
     command: "kiln policy enable",
+    list: "kiln policy list",
 };
 
 pub(super) const MODELS: Catalog = Catalog {
@@ -37,7 +192,8 @@ pub(super) const MODELS: Catalog = Catalog {
     activations: "model_activations",
     fk: "model_id",
     kind: "model",
-    command: "kiln models activate",
+    command: "kiln models enable",
+    list: "kiln models list",
 };
 
 fn version_text(v: rusqlite::types::Value) -> String {

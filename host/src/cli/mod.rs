@@ -8,6 +8,7 @@ mod backends;
 mod bench;
 mod demo;
 mod doctor;
+mod lifecycle;
 mod models;
 mod plugins;
 mod policy;
@@ -16,8 +17,10 @@ mod run;
 mod serve;
 
 use clap::{Parser, Subcommand};
-use kiln_registry::Registry;
 use kiln_registry::config::Config;
+use kiln_registry::{Kind, Registry};
+use lifecycle::Action::{Disable, Enable, Rollback};
+use lifecycle::change;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -201,7 +204,10 @@ enum ModelsCommand {
         json: bool,
     },
     /// Make NAME@VERSION the active version of NAME.
+    #[command(alias = "enable")]
     Activate { model: String },
+    /// Stop using NAME[@VERSION] (default: the active version).
+    Disable { model: String },
     /// Re-activate the version of NAME that was active before.
     Rollback { name: String },
     /// Re-hash every blob in the store; report missing or corrupt ones,
@@ -394,9 +400,9 @@ fn run(command: Command) -> CliResult {
         Command::Plugins(p) => match p {
             PluginsCommand::List { json } => plugins::list(&config, json),
             PluginsCommand::Add { path, json } => plugins::add(&config, &path, json),
-            PluginsCommand::Enable { plugin } => plugins::enable(&config, &plugin),
-            PluginsCommand::Disable { plugin } => plugins::disable(&config, &plugin),
-            PluginsCommand::Rollback { name } => plugins::rollback(&config, &name),
+            PluginsCommand::Enable { plugin } => change(&config, Kind::Plugin, Enable, &plugin),
+            PluginsCommand::Disable { plugin } => change(&config, Kind::Plugin, Disable, &plugin),
+            PluginsCommand::Rollback { name } => change(&config, Kind::Plugin, Rollback, &name),
             PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
         },
         Command::Run {
@@ -474,8 +480,9 @@ fn run(command: Command) -> CliResult {
                 models::add(&config, &file, name.as_deref(), json)
             }
             ModelsCommand::List { json } => models::list(&config, json),
-            ModelsCommand::Activate { model } => models::activate(&config, &model),
-            ModelsCommand::Rollback { name } => models::rollback(&config, &name),
+            ModelsCommand::Activate { model } => change(&config, Kind::Model, Enable, &model),
+            ModelsCommand::Disable { model } => change(&config, Kind::Model, Disable, &model),
+            ModelsCommand::Rollback { name } => change(&config, Kind::Model, Rollback, &name),
             ModelsCommand::Verify {
                 json,
                 remove_orphans,
@@ -506,9 +513,9 @@ fn run(command: Command) -> CliResult {
                 },
             ),
             PolicyCommand::List { json } => policy::list(&config, json),
-            PolicyCommand::Enable { policy: p } => policy::enable(&config, &p),
-            PolicyCommand::Disable { policy: p } => policy::disable(&config, &p),
-            PolicyCommand::Rollback { name } => policy::rollback(&config, &name),
+            PolicyCommand::Enable { policy: p } => change(&config, Kind::Policy, Enable, &p),
+            PolicyCommand::Disable { policy: p } => change(&config, Kind::Policy, Disable, &p),
+            PolicyCommand::Rollback { name } => change(&config, Kind::Policy, Rollback, &name),
             PolicyCommand::Test {
                 policy: p,
                 cases,
@@ -621,14 +628,6 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Splits `NAME[@VERSION]`.
-fn split_spec(spec: &str) -> (&str, Option<&str>) {
-    match spec.split_once('@') {
-        Some((n, v)) => (n, Some(v)),
-        None => (spec, None),
-    }
-}
-
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -652,12 +651,6 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()]]);
         assert_eq!(t, "A    LONG\nxyz  1");
-    }
-
-    #[test]
-    fn specs_split_on_at() {
-        assert_eq!(split_spec("cpu@1.0.0"), ("cpu", Some("1.0.0")));
-        assert_eq!(split_spec("cpu"), ("cpu", None));
     }
 
     #[test]

@@ -1,8 +1,7 @@
 //! `kiln models …`
 
 use super::{
-    CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json,
-    table,
+    CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json, table,
 };
 use kiln_registry::actor;
 use kiln_registry::config::Config;
@@ -71,32 +70,6 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
             ],
             &rows
         )
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn activate(config: &Config, spec: &str) -> CliResult {
-    let (name, version) = spec
-        .split_once('@')
-        .and_then(|(n, v)| Some((n, v.parse::<u32>().ok()?)))
-        .ok_or_else(|| CliError(format!("{spec:?} must be NAME@VERSION, e.g. coder@2")))?;
-    let mut registry = open_registry(config)?;
-    let t = registry.activate_model(name, version, &actor())?;
-    println!(
-        "{name}: active version {} -> {}",
-        t.before.unwrap_or_else(|| "none".into()),
-        t.after.unwrap_or_default()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn rollback(config: &Config, name: &str) -> CliResult {
-    let mut registry = open_registry(config)?;
-    let t = registry.rollback_model(name, &actor())?;
-    println!(
-        "{name}: active version {} -> {}",
-        t.before.unwrap_or_default(),
-        t.after.unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,11 +1,8 @@
 //! `kiln plugins …`
 
-use super::{
-    CliError, CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, split_spec,
-    table,
-};
+use super::{CliResult, JSON_SCHEMA_VERSION, Progress, open_registry, print_json, table};
+use kiln_registry::actor;
 use kiln_registry::config::Config;
-use kiln_registry::{Transition, actor};
 use kiln_runtime::install::add_plugin;
 use serde_json::json;
 use std::process::ExitCode;
@@ -127,41 +124,6 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
             summary["not_claimed"],
         );
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn report(t: &Transition) {
-    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
-    println!(
-        "{}: active version {} -> {}",
-        t.name,
-        show(&t.before),
-        show(&t.after)
-    );
-}
-
-pub fn enable(config: &Config, spec: &str) -> CliResult {
-    let (name, version) = split_spec(spec);
-    let mut registry = open_registry(config)?;
-    report(&registry.enable(name, version, &actor())?);
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn disable(config: &Config, spec: &str) -> CliResult {
-    let (name, version) = split_spec(spec);
-    let mut registry = open_registry(config)?;
-    report(&registry.disable(name, version, &actor())?);
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn rollback(config: &Config, name: &str) -> CliResult {
-    if name.contains('@') {
-        return Err(CliError(format!(
-            "rollback takes a plugin name, not a version ({name}); to pick a version use `kiln plugins enable {name}`"
-        )));
-    }
-    let mut registry = open_registry(config)?;
-    report(&registry.rollback(name, &actor())?);
     Ok(ExitCode::SUCCESS)
 }
 

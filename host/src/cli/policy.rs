@@ -94,36 +94,6 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn enable(config: &Config, spec: &str) -> CliResult {
-    let mut registry = open_registry(config)?;
-    let t = registry.enable_policy(spec, &actor())?;
-    println!(
-        "{}: active version {} -> {}",
-        t.name,
-        t.before.unwrap_or_else(|| "none".into()),
-        t.after.unwrap_or_default()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn disable(config: &Config, spec: &str) -> CliResult {
-    let mut registry = open_registry(config)?;
-    let t = registry.disable_policy(spec, &actor())?;
-    println!("{}: {} disabled", t.name, t.before.unwrap_or_default());
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn rollback(config: &Config, name: &str) -> CliResult {
-    let mut registry = open_registry(config)?;
-    let t = registry.rollback_policy(name, &actor())?;
-    println!(
-        "{name}: active version {} -> {}",
-        t.before.unwrap_or_default(),
-        t.after.unwrap_or_default()
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
 fn load(
     config: &Config,
     arg: &str,

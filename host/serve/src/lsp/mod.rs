@@ -21,7 +21,7 @@ use crate::start::{ServeSpec, ranker, start_engine};
 use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
-use kiln_registry::Registry;
+use kiln_registry::{Kind, Registry};
 use kiln_runtime::model::generate::{Control, Request, StopReason};
 use kiln_runtime::model::sample::SamplingParams;
 use kiln_runtime::store;
@@ -757,7 +757,9 @@ impl Server {
                 "kiln/rollbackModel takes {\"name\": NAME}".to_string(),
             ))?;
             let t = self.with_registry(|r| {
-                let t = r.rollback_model(name, actor).map_err(|e| e.to_string())?;
+                let t = r
+                    .rollback(Kind::Model, name, actor)
+                    .map_err(|e| e.to_string())?;
                 Ok(json!({"name": name, "before": t.before, "after": t.after}))
             })?;
             (name.to_string(), t)
@@ -766,16 +768,16 @@ impl Server {
                 INVALID_PARAMS,
                 "kiln/activateModel takes {\"model\": \"NAME@VERSION\"}".to_string(),
             ))?;
-            let (name, version) = spec
+            let (name, _) = spec
                 .split_once('@')
-                .and_then(|(n, v)| Some((n, v.parse::<u32>().ok()?)))
+                .filter(|(_, v)| v.parse::<u32>().is_ok())
                 .ok_or((
                     INVALID_PARAMS,
                     format!("{spec:?} must be NAME@VERSION, e.g. coder@2"),
                 ))?;
             let t = self.with_registry(|r| {
                 let t = r
-                    .activate_model(name, version, actor)
+                    .enable(Kind::Model, spec, actor)
                     .map_err(|e| e.to_string())?;
                 Ok(json!({"name": name, "before": t.before, "after": t.after}))
             })?;
