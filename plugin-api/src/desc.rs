@@ -13,6 +13,7 @@ pub struct Desc {
 
 impl Desc {
     /// A densely packed tensor.
+    #[inline]
     pub fn contiguous(dtype: DType, ne: [usize; 4]) -> Desc {
         let row = dtype.row_bytes(ne[0]).unwrap_or(0);
         let nb0 = dtype.block_bytes();
@@ -23,16 +24,19 @@ impl Desc {
         }
     }
 
+    #[inline]
     pub fn n_elements(&self) -> usize {
         self.ne.iter().product()
     }
 
+    #[inline]
     pub fn n_rows(&self) -> usize {
         self.ne[1] * self.ne[2] * self.ne[3]
     }
 
     /// Bytes from the first byte to one past the last, or `None` on
     /// overflow or a malformed quantized row.
+    #[inline]
     pub fn extent(&self) -> Option<usize> {
         let row = if self.dtype.is_quantized() {
             self.dtype.row_bytes(self.ne[0])?

@@ -187,6 +187,7 @@ pub const fn can_quantize(dtype: DType) -> bool {
 
 /// llama.cpp's `nearest_int`: round half to even through the float
 /// mantissa trick (valid for |v| <= 4194303).
+#[inline(always)]
 pub fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
