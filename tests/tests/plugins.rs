@@ -204,6 +204,11 @@ fn a_plugin_built_for_abi_1_0_loads_in_this_host() {
     assert_eq!(plugin.devices[0].name, "kiln C fixture device");
     let b = home.json(&["backends", "--json"]);
     assert_eq!(b["backends"][1]["abi"], "1.0");
+    computes_like_the_cpu(&plugin);
+}
+
+/// A small decoder graph on `plugin` gives the CPU's results.
+fn computes_like_the_cpu(plugin: &std::sync::Arc<Backend>) {
     let mut g = decoder_graph(32, 4);
     let want = cpu_result(g.clone());
     Executor::new(plugin.clone(), 0)
@@ -229,13 +234,7 @@ fn a_plugin_built_for_abi_1_1_loads_and_weight_layouts_come_through_the_abi() {
     assert_eq!(plugin.handle().abi_minor(), 1);
     assert!(plugin.handle().device_memory(0).is_some());
     assert_eq!(plugin.weight_layout(0, DType::Q5_0), DType::Q5_0);
-    let mut g = decoder_graph(32, 4);
-    let want = cpu_result(g.clone());
-    Executor::new(plugin.clone(), 0)
-        .run(&mut g.as_graph())
-        .unwrap();
-    let got: Vec<Vec<f32>> = g.tensors.iter().map(|t| t.to_f32()).collect();
-    assert_close(&got, &want);
+    computes_like_the_cpu(&plugin);
     // The built-in CPU backend answers through the same call: Q5_0
     // interleaved where its AVX-512 kernels run, GGUF's layout elsewhere;
     // its reference never repacks.

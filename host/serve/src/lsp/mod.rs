@@ -751,18 +751,12 @@ impl Server {
 
     fn activate(&mut self, params: &Value, rollback: bool) -> Result<Value, (i32, String)> {
         let actor = "kiln serve (LSP)";
-        let t = if rollback {
+        let (name, spec) = if rollback {
             let name = params["name"].as_str().ok_or((
                 INVALID_PARAMS,
                 "kiln/rollbackModel takes {\"name\": NAME}".to_string(),
             ))?;
-            let t = self.with_registry(|r| {
-                let t = r
-                    .rollback(Kind::Model, name, actor)
-                    .map_err(|e| e.to_string())?;
-                Ok(json!({"name": name, "before": t.before, "after": t.after}))
-            })?;
-            (name.to_string(), t)
+            (name, name)
         } else {
             let spec = params["model"].as_str().ok_or((
                 INVALID_PARAMS,
@@ -775,15 +769,18 @@ impl Server {
                     INVALID_PARAMS,
                     format!("{spec:?} must be NAME@VERSION, e.g. coder@2"),
                 ))?;
-            let t = self.with_registry(|r| {
-                let t = r
-                    .enable(Kind::Model, spec, actor)
-                    .map_err(|e| e.to_string())?;
-                Ok(json!({"name": name, "before": t.before, "after": t.after}))
-            })?;
-            (name.to_string(), t)
+            (name, spec)
         };
-        let (name, mut result) = t;
+        let mut result = self.with_registry(|r| {
+            let t = if rollback {
+                r.rollback(Kind::Model, spec, actor)
+            } else {
+                r.enable(Kind::Model, spec, actor)
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(json!({"name": name, "before": t.before, "after": t.after}))
+        })?;
+        let name = name.to_string();
         // Serve the newly active version.
         let (id, path) = store::resolve_served(&self.spec.config, Some(&name))
             .map_err(|e| (REQUEST_FAILED, e.to_string()))?;
