@@ -96,16 +96,26 @@ extern "C" {
 #define KILN_CAP_ASYNC_COMPUTE (1ull << 2)  /* graph_compute may return early */
 
 /* Data types (ggml's numbering, so GGUF tensor types map one to one).
- * Block layouts are ggml's: Q4_0/Q5_0/Q8_0 blocks hold 32 elements
- * (18/22/34 bytes), Q4_K/Q5_K/Q6_K blocks 256 (144/176/210 bytes). */
+ * Block layouts are ggml's: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL blocks hold 32
+ * elements (18/20/22/24/34/18 bytes), Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS
+ * blocks 256 (84/110/144/176/210/136 bytes). The list grows within 1.x
+ * (Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL and IQ4_XS came after 1.2 was first
+ * published): a backend answers supports_op with 0 for a type it does not
+ * know, and the host never hands it one it did not accept. */
 #define KILN_DTYPE_F32 0
 #define KILN_DTYPE_F16 1
 #define KILN_DTYPE_Q4_0 2
+#define KILN_DTYPE_Q4_1 3
 #define KILN_DTYPE_Q5_0 6
+#define KILN_DTYPE_Q5_1 7
 #define KILN_DTYPE_Q8_0 8
+#define KILN_DTYPE_Q2_K 10
+#define KILN_DTYPE_Q3_K 11
 #define KILN_DTYPE_Q4_K 12
 #define KILN_DTYPE_Q5_K 13
 #define KILN_DTYPE_Q6_K 14
+#define KILN_DTYPE_IQ4_NL 20
+#define KILN_DTYPE_IQ4_XS 23
 #define KILN_DTYPE_I32 26
 #define KILN_DTYPE_BF16 30
 /* kiln's own layouts, from 256 (the low byte names the ggml type they
@@ -129,7 +139,9 @@ extern "C" {
  * ADD, MUL  dst = src0 (+|*) src1, all f32; src1 broadcasts: each of its
  *           extents divides src0's.
  * SCALE     dst = src0 * params[0] (f32 param).
- * RMS_NORM  per row of ne[0]: dst = x / sqrt(mean(x^2) + eps), eps = params[0] (f32).
+ * RMS_NORM  per row of ne[0]: dst = x / sqrt(mean(x^2) + eps), eps = params[0] (f32);
+ *           the reference rounds as ggml: squares in f32 summed in f64,
+ *           mean, scale and x * scale in f32.
  * ROPE      src0 f32 [head_dim, n_head, n_tokens, 1], src1 i32 positions [n_tokens].
  *           params[0] = n_rot (dimensions rotated, even, <= head_dim),
  *           params[1] = mode (KILN_ROPE_NORMAL: pairs (2i, 2i+1);
@@ -140,14 +152,19 @@ extern "C" {
  *           optional src1 f32 mask with ne0 equal to src0's, broadcast like ADD.
  *           A row that is all -inf gives zeros.
  * SILU      dst = x / (1 + exp(-x)).
- * GELU      dst = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+ * GELU      dst = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), at f16
+ *           precision as ggml's CPU table: x rounded to f16 and the result
+ *           to f16; 0 for x <= -10, x for x >= 10.
  * GET_ROWS  src0 [ne0, rows] (any dtype), src1 i32 indices [n], dst f32 [ne0, n].
  * CPY       dst = convert(src0); same shape; any source type; destinations
- *           F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q6_K (whole blocks per row).
+ *           F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K (whole
+ *           blocks per row).
  *
  * The reference (kiln's CPU backend) computes as llama.cpp's CPU backend
  * does: MUL_MAT rounds src1 to the weights' dot-product type first (F16
- * for F16, BF16 for BF16, 8-bit blocks for the quantized types).
+ * for F16, BF16 for BF16, 8-bit blocks for the quantized types; Q4_1 and
+ * Q5_1 add each block's minimum times the activation block's Q8_1 sum,
+ * f16(amax / 127 * sum of codes)).
  */
 #define KILN_OP_MUL_MAT 1
 #define KILN_OP_ADD 2

@@ -62,11 +62,17 @@ pub const KILN_CAP_ASYNC_COMPUTE: u64 = 1 << 2;
 pub const KILN_DTYPE_F32: u32 = 0;
 pub const KILN_DTYPE_F16: u32 = 1;
 pub const KILN_DTYPE_Q4_0: u32 = 2;
+pub const KILN_DTYPE_Q4_1: u32 = 3;
 pub const KILN_DTYPE_Q5_0: u32 = 6;
+pub const KILN_DTYPE_Q5_1: u32 = 7;
 pub const KILN_DTYPE_Q8_0: u32 = 8;
+pub const KILN_DTYPE_Q2_K: u32 = 10;
+pub const KILN_DTYPE_Q3_K: u32 = 11;
 pub const KILN_DTYPE_Q4_K: u32 = 12;
 pub const KILN_DTYPE_Q5_K: u32 = 13;
 pub const KILN_DTYPE_Q6_K: u32 = 14;
+pub const KILN_DTYPE_IQ4_NL: u32 = 20;
+pub const KILN_DTYPE_IQ4_XS: u32 = 23;
 pub const KILN_DTYPE_I32: u32 = 26;
 pub const KILN_DTYPE_BF16: u32 = 30;
 /// kiln's own layouts start at 256 (the low byte names the ggml type they

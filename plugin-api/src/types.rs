@@ -12,11 +12,17 @@ pub enum DType {
     F32 = KILN_DTYPE_F32,
     F16 = KILN_DTYPE_F16,
     Q4_0 = KILN_DTYPE_Q4_0,
+    Q4_1 = KILN_DTYPE_Q4_1,
     Q5_0 = KILN_DTYPE_Q5_0,
+    Q5_1 = KILN_DTYPE_Q5_1,
     Q8_0 = KILN_DTYPE_Q8_0,
+    Q2_K = KILN_DTYPE_Q2_K,
+    Q3_K = KILN_DTYPE_Q3_K,
     Q4_K = KILN_DTYPE_Q4_K,
     Q5_K = KILN_DTYPE_Q5_K,
     Q6_K = KILN_DTYPE_Q6_K,
+    IQ4_NL = KILN_DTYPE_IQ4_NL,
+    IQ4_XS = KILN_DTYPE_IQ4_XS,
     I32 = KILN_DTYPE_I32,
     BF16 = KILN_DTYPE_BF16,
     /// Q5_0 with every 16 blocks of a row interleaved lane-wise: kiln's own
@@ -25,31 +31,45 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 11] = [
+    pub const ALL: [DType; 17] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q4_0,
+        DType::Q4_1,
         DType::Q5_0,
+        DType::Q5_1,
         DType::Q5_0X16,
         DType::Q8_0,
+        DType::Q2_K,
+        DType::Q3_K,
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::IQ4_NL,
+        DType::IQ4_XS,
         DType::I32,
     ];
 
-    /// The weight types a matmul must accept.
-    pub const WEIGHTS: [DType; 9] = [
+    /// The weight types a model file may hold and a matmul may be asked
+    /// for (the conformance suite has a case for each; a backend claims
+    /// the ones it runs).
+    pub const WEIGHTS: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q4_0,
+        DType::Q4_1,
         DType::Q5_0,
+        DType::Q5_1,
         DType::Q8_0,
+        DType::Q2_K,
+        DType::Q3_K,
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::IQ4_NL,
+        DType::IQ4_XS,
     ];
 
     pub const fn from_raw(raw: u32) -> Option<DType> {
@@ -57,11 +77,17 @@ impl DType {
             KILN_DTYPE_F32 => DType::F32,
             KILN_DTYPE_F16 => DType::F16,
             KILN_DTYPE_Q4_0 => DType::Q4_0,
+            KILN_DTYPE_Q4_1 => DType::Q4_1,
             KILN_DTYPE_Q5_0 => DType::Q5_0,
+            KILN_DTYPE_Q5_1 => DType::Q5_1,
             KILN_DTYPE_Q8_0 => DType::Q8_0,
+            KILN_DTYPE_Q2_K => DType::Q2_K,
+            KILN_DTYPE_Q3_K => DType::Q3_K,
             KILN_DTYPE_Q4_K => DType::Q4_K,
             KILN_DTYPE_Q5_K => DType::Q5_K,
             KILN_DTYPE_Q6_K => DType::Q6_K,
+            KILN_DTYPE_IQ4_NL => DType::IQ4_NL,
+            KILN_DTYPE_IQ4_XS => DType::IQ4_XS,
             KILN_DTYPE_I32 => DType::I32,
             KILN_DTYPE_BF16 => DType::BF16,
             KILN_DTYPE_Q5_0_X16 => DType::Q5_0X16,
@@ -77,8 +103,16 @@ impl DType {
     pub const fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 => 1,
-            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => 32,
-            DType::Q4_K | DType::Q5_K | DType::Q6_K => 256,
+            DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q5_0X16
+            | DType::Q8_0
+            | DType::IQ4_NL => 32,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                256
+            }
         }
     }
 
@@ -87,12 +121,17 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Q4_0 => 18,
+            DType::Q4_0 | DType::IQ4_NL => 18,
+            DType::Q4_1 => 20,
             DType::Q5_0 | DType::Q5_0X16 => 22,
+            DType::Q5_1 => 24,
             DType::Q8_0 => 34,
+            DType::Q2_K => 84,
+            DType::Q3_K => 110,
             DType::Q4_K => 144,
             DType::Q5_K => 176,
             DType::Q6_K => 210,
+            DType::IQ4_XS => 136,
         }
     }
 
@@ -115,12 +154,18 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
             DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
             DType::Q5_0X16 => "q5_0x16",
             DType::Q8_0 => "q8_0",
+            DType::Q2_K => "q2_k",
+            DType::Q3_K => "q3_k",
             DType::Q4_K => "q4_k",
             DType::Q5_K => "q5_k",
             DType::Q6_K => "q6_k",
+            DType::IQ4_NL => "iq4_nl",
+            DType::IQ4_XS => "iq4_xs",
             DType::I32 => "i32",
         }
     }
@@ -424,7 +469,24 @@ mod tests {
         for t in DType::ALL {
             assert_eq!(DType::from_raw(t.raw()), Some(t));
         }
-        assert_eq!(DType::from_raw(3), None);
+        assert_eq!(DType::from_raw(9), None, "Q8_1 is no weight type");
+    }
+
+    #[test]
+    fn every_dtype_in_the_c_header_is_a_dtype_here() {
+        let header = include_str!("../include/kiln_backend.h");
+        let mut seen = Vec::new();
+        for line in header.lines() {
+            let Some(rest) = line.strip_prefix("#define KILN_DTYPE_") else {
+                continue;
+            };
+            let (name, value) = rest.split_once(' ').unwrap();
+            let t = DType::from_raw(value.trim().parse().unwrap())
+                .unwrap_or_else(|| panic!("KILN_DTYPE_{name} has no DType"));
+            assert_eq!(t.name(), name.to_lowercase().replace("_x16", "x16"));
+            seen.push(t);
+        }
+        assert_eq!(seen.len(), DType::ALL.len(), "{seen:?}");
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! conformance gate, the CPU fallback's dequantization) and every backend:
 //! scalar dequantization of every weight type and the reference
 //! quantizers that llama.cpp's `quantize_row_*_ref` define (F16, BF16,
-//! Q4_0, Q5_0, Q8_0, Q6_K), bit for bit.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), bit for
+//! bit.
 //!
 //! Layouts are ggml's. A row is a whole number of blocks.
 
 use half::{bf16, f16};
 use kiln_plugin_api::DType;
+
+mod kquant;
 
 const QK: usize = 32;
 const QK_K: usize = 256;
@@ -65,6 +68,90 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
                     let xh1 = (qh >> (j + 12)) & 0x10;
                     y[j] = (((qs[j] & 0x0f) as u32 | xh0) as i32 - 16) as f32 * d;
                     y[j + 16] = (((qs[j] >> 4) as u32 | xh1) as i32 - 16) as f32 * d;
+                }
+            }
+        }
+        DType::Q4_1 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(20)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qs = &b[4..20];
+                for j in 0..16 {
+                    y[j] = (qs[j] & 0x0f) as f32 * d + m;
+                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+        DType::Q5_1 => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(24)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let qs = &b[8..24];
+                for j in 0..16 {
+                    let xh0 = ((qh >> j) << 4) & 0x10;
+                    let xh1 = (qh >> (j + 12)) & 0x10;
+                    y[j] = ((qs[j] & 0x0f) as u32 | xh0) as f32 * d + m;
+                    y[j + 16] = ((qs[j] >> 4) as u32 | xh1) as f32 * d + m;
+                }
+            }
+        }
+        DType::IQ4_NL => {
+            for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(18)) {
+                let d = f16_at(b, 0);
+                for (j, &q) in b[2..18].iter().enumerate() {
+                    y[j] = d * IQ4_VALUES[(q & 0x0f) as usize] as f32;
+                    y[j + 16] = d * IQ4_VALUES[(q >> 4) as usize] as f32;
+                }
+            }
+        }
+        DType::IQ4_XS => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(136)) {
+                let d = f16_at(b, 0);
+                let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                let scales_l = &b[4..8];
+                for (ib, (y32, qs)) in y
+                    .chunks_exact_mut(32)
+                    .zip(b[8..136].chunks_exact(16))
+                    .enumerate()
+                {
+                    let dl = d * (iq4_xs_scale(scales_l, scales_h, ib) - 32) as f32;
+                    for (j, &q) in qs.iter().enumerate() {
+                        y32[j] = dl * IQ4_VALUES[(q & 0x0f) as usize] as f32;
+                        y32[j + 16] = dl * IQ4_VALUES[(q >> 4) as usize] as f32;
+                    }
+                }
+            }
+        }
+        DType::Q2_K => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(84)) {
+                let (scales, q) = (&b[0..16], &b[16..80]);
+                let (d, min) = (f16_at(b, 80), f16_at(b, 82));
+                for (i, y16) in y.chunks_exact_mut(16).enumerate() {
+                    // Sub-block i: half n of the block, shift 2j, bytes
+                    // 16·(i % 2) of that half's 32.
+                    let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+                    let sc = scales[i];
+                    let (dl, ml) = (d * (sc & 0x0f) as f32, min * (sc >> 4) as f32);
+                    for (l, v) in y16.iter_mut().enumerate() {
+                        *v = dl * ((q[32 * n + 16 * h + l] >> (2 * j)) & 3) as f32 - ml;
+                    }
+                }
+            }
+        }
+        DType::Q3_K => {
+            for (y, b) in dst.chunks_exact_mut(QK_K).zip(src.chunks_exact(110)) {
+                let (hm, q) = (&b[0..32], &b[32..96]);
+                let scales = q3_k_scales(&b[96..108]);
+                let d = f16_at(b, 108);
+                for (i, y16) in y.chunks_exact_mut(16).enumerate() {
+                    let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+                    let dl = d * (scales[i] as i32 - 32) as f32;
+                    let m = 1u8 << (4 * n + j);
+                    for (l, v) in y16.iter_mut().enumerate() {
+                        let at = 16 * h + l;
+                        let low = ((q[32 * n + at] >> (2 * j)) & 3) as i32;
+                        let high = if hm[at] & m != 0 { 0 } else { 4 };
+                        *v = dl * (low - high) as f32;
+                    }
                 }
             }
         }
@@ -146,6 +233,33 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// IQ4_NL's and IQ4_XS's sixteen code values (ggml's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The 6-bit scale (before the −32) of sub-block `ib` of an IQ4_XS block.
+#[inline(always)]
+pub fn iq4_xs_scale(scales_l: &[u8], scales_h: u16, ib: usize) -> i32 {
+    (((scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0f) as u16 | (((scales_h >> (2 * ib)) & 3) << 4))
+        as i32
+}
+
+/// The sixteen 6-bit scales (before the −32) of a Q3_K block, from its 12
+/// packed bytes: low nibbles in bytes 0..8, high bit pairs in 8..12.
+#[inline(always)]
+pub fn q3_k_scales(packed: &[u8]) -> [u8; 16] {
+    std::array::from_fn(|i| {
+        let low = if i < 8 {
+            packed[i] & 0x0f
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        low | (high << 4)
+    })
+}
+
 /// The codes of elements l, l+32, l+64 and l+96 of a Q6_K half-block
 /// (`ql` from byte 64n, `qh` from byte 32n), each in [-32, 31].
 #[inline(always)]
@@ -179,8 +293,14 @@ pub const fn can_quantize(dtype: DType) -> bool {
             | DType::F16
             | DType::BF16
             | DType::Q4_0
+            | DType::Q4_1
             | DType::Q5_0
+            | DType::Q5_1
             | DType::Q8_0
+            | DType::Q2_K
+            | DType::Q3_K
+            | DType::Q4_K
+            | DType::Q5_K
             | DType::Q6_K
     )
 }
@@ -191,117 +311,6 @@ pub const fn can_quantize(dtype: DType) -> bool {
 pub fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
-}
-
-const GROUP_MAX_EPS: f32 = 1e-15;
-
-/// llama.cpp's `make_qx_quants` with `rmse_type = 1` and no importance
-/// weights: a symmetric scale for `x` with codes in [-nmax, nmax), refined by
-/// trying 18 nearby scales and keeping the one with the best weighted error.
-/// Plain f32 multiplies and adds in llama.cpp's order: its `ggml-base`
-/// (where this lives) is built for baseline x86-64, so nothing is fused.
-fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
-        codes.iter_mut().for_each(|c| *c = 0);
-        return 0.0;
-    }
-    let nmaxf = nmax as f32;
-    let clamp = |l: i32| l.clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for &v in x {
-            let l = clamp(nearest_int(iscale * v)) as f32;
-            let w = v * v;
-            sumlx += w * v * l;
-            suml2 += w * l * l;
-        }
-        (sumlx, suml2)
-    };
-    let mut iscale = -nmaxf / max;
-    for (c, &v) in codes.iter_mut().zip(x) {
-        *c = (clamp(nearest_int(iscale * v)) + nmax) as i8;
-    }
-    let (sumlx, suml2) = sums(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmaxf + 0.1 * is as f32) / max;
-        let (sumlx, suml2) = sums(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (c, &v) in codes.iter_mut().zip(x) {
-                *c = (clamp(nearest_int(iscale * v)) + nmax) as i8;
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    scale
-}
-
-/// llama.cpp's `quantize_row_q6_K_ref` for one 256-element block.
-fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
-    let mut codes = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
-    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
-    for (ib, (xs, cs)) in x
-        .chunks_exact(16)
-        .zip(codes.chunks_exact_mut(16))
-        .enumerate()
-    {
-        let scale = make_qx_quants(32, xs, cs);
-        scales[ib] = scale;
-        if scale.abs() > max_abs_scale {
-            max_abs_scale = scale.abs();
-            max_scale = scale;
-        }
-    }
-    b.iter_mut().for_each(|v| *v = 0);
-    if max_abs_scale < GROUP_MAX_EPS {
-        return;
-    }
-    let iscale = -128.0f32 / max_scale;
-    let d = f16::from_f32(1.0 / iscale);
-    b[208..210].copy_from_slice(&d.to_le_bytes());
-    let sc = &mut b[192..208];
-    for (s, &scale) in sc.iter_mut().zip(&scales) {
-        *s = nearest_int(iscale * scale).min(127) as i8 as u8;
-    }
-    let d = d.to_f32();
-    let sc: [i8; 16] = std::array::from_fn(|j| b[192 + j] as i8);
-    for (j, (xs, cs)) in x
-        .chunks_exact(16)
-        .zip(codes.chunks_exact_mut(16))
-        .enumerate()
-    {
-        let dj = d * sc[j] as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        for (c, &v) in cs.iter_mut().zip(xs) {
-            *c = (nearest_int(v / dj).clamp(-32, 31) + 32) as i8;
-        }
-    }
-    let codes: [u8; QK_K] = std::array::from_fn(|i| codes[i] as u8);
-    for half in 0..2 {
-        let (j, ql, qh) = (128 * half, 64 * half, 128 + 32 * half);
-        for l in 0..32 {
-            let q = |o: usize| codes[j + l + o];
-            b[ql + l] = (q(0) & 0x0f) | ((q(64) & 0x0f) << 4);
-            b[ql + l + 32] = (q(32) & 0x0f) | ((q(96) & 0x0f) << 4);
-            b[qh + l] =
-                (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
-        }
-    }
 }
 
 /// The signed value of largest magnitude (the first one on ties), as
@@ -374,6 +383,39 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
                 b[2..6].copy_from_slice(&qh.to_le_bytes());
             }
         }
+        DType::Q4_1 | DType::Q5_1 => {
+            let five = dtype == DType::Q5_1;
+            let (bytes, levels) = if five { (24, 31.0f32) } else { (20, 15.0) };
+            for (b, x) in dst.chunks_exact_mut(bytes).zip(src.chunks_exact(QK)) {
+                let (min, max) = x
+                    .iter()
+                    .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let d = (max - min) / levels;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                b[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+                // C's (int8_t)/(uint8_t) casts truncate, as `as` does here.
+                let code = |v: f32| {
+                    let q = (v - min) * id + 0.5;
+                    if five {
+                        q as u8
+                    } else {
+                        (q as i8).min(15) as u8
+                    }
+                };
+                let qs_at = if five { 8 } else { 4 };
+                let mut qh = 0u32;
+                for j in 0..16 {
+                    let (q0, q1) = (code(x[j]), code(x[j + 16]));
+                    b[qs_at + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+                    qh |= (((q0 & 0x10) >> 4) as u32) << j;
+                    qh |= (((q1 & 0x10) >> 4) as u32) << (j + 16);
+                }
+                if five {
+                    b[4..8].copy_from_slice(&qh.to_le_bytes());
+                }
+            }
+        }
         DType::Q8_0 => {
             for (b, x) in dst.chunks_exact_mut(34).zip(src.chunks_exact(QK)) {
                 let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -385,9 +427,17 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
                 }
             }
         }
-        DType::Q6_K => {
-            for (b, x) in dst.chunks_exact_mut(210).zip(src.chunks_exact(QK_K)) {
-                quantize_block_q6_k(x, b);
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            let block: fn(&[f32], &mut [u8]) = match dtype {
+                DType::Q2_K => kquant::quantize_block_q2_k,
+                DType::Q3_K => kquant::quantize_block_q3_k,
+                DType::Q4_K => kquant::quantize_block_q4_k,
+                DType::Q5_K => kquant::quantize_block_q5_k,
+                _ => kquant::quantize_block_q6_k,
+            };
+            let bytes = dtype.block_bytes();
+            for (b, x) in dst.chunks_exact_mut(bytes).zip(src.chunks_exact(QK_K)) {
+                block(x, b);
             }
         }
         other => panic!("no reference quantizer for {other}"),
@@ -396,15 +446,23 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
 
 /// Rounds activations the way llama.cpp's CPU backend does before a dot
 /// product with weights of type `weights` (its `vec_dot_type`): to F16 for
-/// F16 weights, BF16 for BF16, 8-bit blocks of 32 (Q8_0) for Q4_0/Q5_0/Q8_0,
-/// 8-bit blocks of 256 with an f32 scale (Q8_K) for the K-quants; F32
-/// weights see the activations as they are. Matching this is what makes
-/// kiln's logits agree with llama.cpp's.
+/// F16 weights, BF16 for BF16, 8-bit blocks of 32 (Q8_0) for Q4_0, Q5_0,
+/// Q8_0 and IQ4_NL, the same values for Q4_1/Q5_1 (Q8_1, whose per-block
+/// code sum [`q8_1_sums`] gives), 8-bit blocks of 256 with an f32 scale
+/// (Q8_K) for the K-quants and IQ4_XS; F32 weights see the activations as
+/// they are. Matching this is what makes kiln's logits agree with
+/// llama.cpp's.
 pub fn round_activations(weights: DType, x: &mut [f32]) {
     match weights {
         DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => {
+        DType::Q4_0
+        | DType::Q4_1
+        | DType::Q5_0
+        | DType::Q5_1
+        | DType::Q5_0X16
+        | DType::Q8_0
+        | DType::IQ4_NL => {
             for block in x.chunks_mut(QK) {
                 // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
                 // half to even, the scale stored as f16.
@@ -416,7 +474,7 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
                 }
             }
         }
-        DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
             for block in x.chunks_mut(QK_K) {
                 // ggml's quantize_row_q8_K: signed max, iscale = -127/max.
                 let (mut amax, mut max) = (0.0f32, 0.0f32);
@@ -437,6 +495,41 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
             }
         }
         DType::F32 | DType::I32 => {}
+    }
+}
+
+/// The `s` of each Q8_1 block of `x` (unrounded activations, whole blocks
+/// of 32): `d · Σ codes` rounded to f16, with `d = amax / 127` before its
+/// own rounding, as ggml's x86 `quantize_row_q8_1` computes it. Q4_1 and
+/// Q5_1 dot products take a block's minimum times this.
+pub fn q8_1_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(QK)
+        .map(|block| {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let sum: i32 = block.iter().map(|v| nearest_int(v * id)).sum();
+            f16::from_f32(amax / 127.0 * sum as f32).to_f32()
+        })
+        .collect()
+}
+
+/// A Q4_1 or Q5_1 row as the dot product uses it: each weight's `d · q`
+/// (exact in f32) in `scaled`, each block's minimum in `mins`.
+pub fn split_min_row(dtype: DType, src: &[u8], scaled: &mut [f32], mins: &mut [f32]) {
+    let bytes = dtype.block_bytes();
+    assert!(matches!(dtype, DType::Q4_1 | DType::Q5_1));
+    assert_eq!(src.len(), scaled.len() / QK * bytes);
+    for ((b, y), m) in src
+        .chunks_exact(bytes)
+        .zip(scaled.chunks_exact_mut(QK))
+        .zip(mins.iter_mut())
+    {
+        let mut plain = [0u8; 24];
+        plain[..bytes].copy_from_slice(b);
+        // The minimum apart: dequantize the block with a zero minimum.
+        plain[2..4].copy_from_slice(&[0, 0]);
+        dequantize_row(dtype, &plain[..bytes], y);
+        *m = f16_at(b, 2);
     }
 }
 
@@ -472,6 +565,13 @@ pub fn random_row(dtype: DType, n: usize, rng: &mut fastrand::Rng) -> Vec<u8> {
                 b[0..2].copy_from_slice(&scale(rng, 0.001, 0.01));
                 b[2..4].copy_from_slice(&scale(rng, 0.001, 0.01));
             }
+            DType::Q2_K => {
+                b[80..82].copy_from_slice(&scale(rng, 0.001, 0.01));
+                b[82..84].copy_from_slice(&scale(rng, 0.001, 0.01));
+            }
+            DType::Q3_K => b[108..110].copy_from_slice(&scale(rng, 0.0005, 0.005)),
+            DType::IQ4_NL => b[0..2].copy_from_slice(&scale(rng, 0.0005, 0.005)),
+            DType::IQ4_XS => b[0..2].copy_from_slice(&scale(rng, 0.00005, 0.0005)),
             _ => unreachable!("{dtype} is handled above"),
         }
     }
@@ -601,6 +701,33 @@ mod tests {
         // 6-bit codes with per-16 scales: RMS error well under 1% of the range.
         assert!(err.sqrt() < 0.01, "rmse {}", err.sqrt());
         assert_eq!(round_trip(DType::Q6_K, &[0.0; 256]), vec![0.0; 256]);
+    }
+
+    #[test]
+    fn k_quant_round_trips_shrink_with_the_bits() {
+        // Uniform values in [-1, 1): the error of each K-quant stays under
+        // its step's bound and falls as the bits grow; zeros stay zeros and
+        // a constant block comes back close.
+        let mut rng = fastrand::Rng::with_seed(4);
+        let x: Vec<f32> = (0..1024).map(|_| rng.f32() * 2.0 - 1.0).collect();
+        let mut last = f32::MAX;
+        for (dtype, bound) in [
+            (DType::Q2_K, 0.25),
+            (DType::Q3_K, 0.12),
+            (DType::Q4_K, 0.06),
+            (DType::Q5_K, 0.03),
+            (DType::Q6_K, 0.01),
+        ] {
+            let y = round_trip(dtype, &x);
+            let rmse = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+                / x.len() as f32)
+                .sqrt();
+            assert!(rmse < bound && rmse < last, "{dtype}: rmse {rmse}");
+            last = rmse;
+            assert_eq!(round_trip(dtype, &[0.0; 256]), vec![0.0; 256], "{dtype}");
+            let c = round_trip(dtype, &[0.75; 256]);
+            assert!(c.iter().all(|v| (v - 0.75).abs() < 0.05), "{dtype}: {c:?}");
+        }
     }
 
     #[test]

@@ -214,6 +214,26 @@ unsafe fn read_row(v: &View, i1: usize, i2: usize, i3: usize, out: &mut [f32]) {
     }
 }
 
+/// Reads row (i1, i2, i3) of Q4_1/Q5_1 weights as `d · q` per weight and
+/// the minimum per block ([`kiln_blocks::split_min_row`]).
+///
+/// # Safety
+/// As for [`read_row`].
+unsafe fn read_min_row(
+    v: &View,
+    i1: usize,
+    i2: usize,
+    i3: usize,
+    out: &mut [f32],
+    mins: &mut [f32],
+) {
+    let d = &v.desc;
+    let bytes = d.dtype.row_bytes(d.ne[0]).expect("valid desc");
+    // SAFETY: the caller's contract; quantized rows are contiguous.
+    let row = unsafe { std::slice::from_raw_parts(ptr(v, [0, i1, i2, i3]), bytes) };
+    kiln_blocks::split_min_row(d.dtype, row, out, mins);
+}
+
 /// Writes row (i1, i2, i3) from f32, converting to the tensor's type.
 ///
 /// # Safety
@@ -305,15 +325,44 @@ pub unsafe fn run_with(
                 let m_count = x.desc.ne[1];
                 let mut xs = vec![0f32; k * m_count];
                 let mut acc = vec![0f64; w.desc.ne[1] * m_count];
+                // Q4_1/Q5_1: a block's minimum times the activations'
+                // Q8_1 block sum, apart from the codes' products (ggml's
+                // vec_dot_q4_1_q8_1).
+                let with_min = matches!(w.desc.dtype, DType::Q4_1 | DType::Q5_1);
+                let mut sums = Vec::new();
+                let mut mins = vec![0f32; if with_min { k / 32 } else { 0 }];
                 for i3 in 0..x.desc.ne[3] {
                     for i2 in 0..x.desc.ne[2] {
                         // Activations as the dot product sees them (ggml's
                         // vec_dot type for these weights).
+                        sums.clear();
                         for (m, row) in xs.chunks_exact_mut(k).enumerate() {
                             read_row(x, m, i2, i3, row);
+                            if with_min {
+                                sums.push(kiln_blocks::q8_1_sums(row));
+                            }
                             round_activations(w.desc.dtype, row);
                         }
                         for n in 0..w.desc.ne[1] {
+                            if with_min {
+                                read_min_row(w, n, i2 / r2, i3 / r3, &mut a, &mut mins);
+                                for (m, row) in xs.chunks_exact(k).enumerate() {
+                                    acc[m * n0 + n] = a
+                                        .chunks_exact(32)
+                                        .zip(row.chunks_exact(32))
+                                        .zip(mins.iter().zip(&sums[m]))
+                                        .map(|((a, q), (mn, s))| {
+                                            let codes: f64 = a
+                                                .iter()
+                                                .zip(q)
+                                                .map(|(p, q)| *p as f64 * *q as f64)
+                                                .sum();
+                                            codes + *mn as f64 * *s as f64
+                                        })
+                                        .sum();
+                                }
+                                continue;
+                            }
                             read_row(w, n, i2 / r2, i3 / r3, &mut a);
                             for (m, row) in xs.chunks_exact(k).enumerate() {
                                 acc[m * n0 + n] =
@@ -378,13 +427,24 @@ pub unsafe fn run_with(
                 }
             }
             OpKind::RmsNorm => {
-                let eps = param_f32(params[0]) as f64;
+                // As ggml computes it, to the bit: each square rounded to
+                // f32 and summed in f64 in order; the mean, the scale and
+                // the product in f32. On real activations a last-bit
+                // difference here moves an 8-bit rounding of the next
+                // product's input (the largest activation sets a block's
+                // scale), which moved Gemma 3's logits by a tenth of their
+                // spread.
+                let eps = param_f32(params[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
-                    let mean = a.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / a.len() as f64;
-                    let scale = 1.0 / (mean + eps).sqrt();
+                    let mut sum = 0f64;
+                    for &x in a.iter() {
+                        sum += (x * x) as f64;
+                    }
+                    let mean = (sum / a.len() as f64) as f32;
+                    let scale = 1.0f32 / (mean + eps).sqrt();
                     for (o, &x) in out.iter_mut().zip(&a) {
-                        *o = (x as f64 * scale) as f32;
+                        *o = x * scale;
                     }
                     write_row(dst, i1, i2, i3, &out);
                 }
@@ -463,10 +523,23 @@ pub unsafe fn run_with(
     Ok(())
 }
 
+/// GELU (tanh form) as ggml's CPU backend computes it, to the bit: 0 at
+/// or below −10, the identity at or above 10, and otherwise its table
+/// from f16 inputs to f16 outputs, whose entries are the f32 formula with
+/// the one FMA its compiler contracts and the C library's `tanhf` (all
+/// 65,536 entries checked against a llama.cpp build's table).
 fn gelu(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
-    let x = x as f64;
-    (0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())) as f32
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_4_f64 as f32;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let x = f16::from_f32(x).to_f32();
+    let inner = (0.044715f32 * x).mul_add(x, 1.0);
+    let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
+    f16::from_f32(y).to_f32()
 }
 
 #[cfg(test)]

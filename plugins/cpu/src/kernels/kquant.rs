@@ -1,6 +1,7 @@
-//! Q4_K and Q6_K weight rows against activations quantized to Q8_K
-//! (ggml's `vec_dot_type` for the K-quants): portable and AVX2 (which the
-//! AVX-512 path uses too).
+//! Q4_K, Q5_K and Q6_K weight rows against activations quantized to Q8_K
+//! (ggml's `vec_dot_type` for the K-quants): portable, AVX2 and AVX-512
+//! VNNI. Q2_K, Q3_K and IQ4_XS have portable integer kernels on every
+//! path (SIMD ones are to come).
 //!
 //! Sums are integers per block, scaled in f64. The reference multiplies
 //! by the f32-rounded activation `q·d` where this uses `q` and `d` apart
@@ -99,8 +100,105 @@ pub fn row_dot(dtype: DType) -> fn(Isa, &[u8], &[&Q8KRow], &mut [f32]) {
         DType::Q4_K => dot_q4_k,
         DType::Q5_K => dot_q5_k,
         DType::Q6_K => dot_q6_k,
+        DType::Q2_K => |_, w, xs, out| portable(dot_q2_k_one, 84, w, xs, out),
+        DType::Q3_K => |_, w, xs, out| portable(dot_q3_k_one, 110, w, xs, out),
+        DType::IQ4_XS => |_, w, xs, out| portable(dot_iq4_xs_one, 136, w, xs, out),
         _ => unreachable!("no Q8_K dot product for {dtype}"),
     }
+}
+
+/// `out[r] = w · xs[r]` with a one-row kernel, for blocks of `bytes`.
+fn portable(
+    one: fn(&[u8], &Q8KRow) -> f32,
+    bytes: usize,
+    w: &[u8],
+    xs: &[&Q8KRow],
+    out: &mut [f32],
+) {
+    assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
+    assert!(xs.iter().all(|x| w.len() == x.d.len() * bytes));
+    for (x, o) in xs.iter().zip(out) {
+        *o = one(w, x);
+    }
+}
+
+/// Q2_K (ggml's `vec_dot_q2_K_q8_K`): per block of 256, sixteen 2-bit
+/// sub-blocks of 16 with 4-bit scales and minimums;
+/// `d·d_x·Σ sc_j (q·x)_j − dmin·d_x·Σ m_j Σx_j`.
+fn dot_q2_k_one(w: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(84).enumerate() {
+        let (scales, q) = (&blk[0..16], &blk[16..80]);
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let (mut isum, mut summs) = (0i32, 0i32);
+        for (i, &sc) in scales.iter().enumerate() {
+            // Sub-block i: half n, shift 2j, the 16 bytes at 16·(i % 2).
+            let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+            let mut s = 0i32;
+            for l in 0..16 {
+                let code = (q[32 * n + 16 * h + l] >> (2 * j)) & 3;
+                s += code as i32 * xq[16 * i + l] as i32;
+            }
+            isum += (sc & 0x0f) as i32 * s;
+            summs += (sc >> 4) as i32 * x.sums16[b * 16 + i];
+        }
+        let d = f16::from_le_bytes([blk[80], blk[81]]).to_f32() as f64;
+        let dmin = f16::from_le_bytes([blk[82], blk[83]]).to_f32() as f64;
+        let dx = x.d[b] as f64;
+        acc += d * dx * isum as f64 - dmin * dx * summs as f64;
+    }
+    acc as f32
+}
+
+/// Q3_K: codes in [−4, 3] (two low bits and a high-bit mask), sixteen
+/// 6-bit scales less 32; `d·d_x·Σ sc_j (q·x)_j`.
+fn dot_q3_k_one(w: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(110).enumerate() {
+        let (hm, q) = (&blk[0..32], &blk[32..96]);
+        let scales = kiln_blocks::q3_k_scales(&blk[96..108]);
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let mut isum = 0i32;
+        for (i, &sc) in scales.iter().enumerate() {
+            let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+            let m = 1u8 << (4 * n + j);
+            let mut s = 0i32;
+            for l in 0..16 {
+                let at = 16 * h + l;
+                let low = ((q[32 * n + at] >> (2 * j)) & 3) as i32;
+                let code = low - if hm[at] & m != 0 { 0 } else { 4 };
+                s += code * xq[16 * i + l] as i32;
+            }
+            isum += (sc as i32 - 32) * s;
+        }
+        let d = f16::from_le_bytes([blk[108], blk[109]]).to_f32() as f64;
+        acc += d * x.d[b] as f64 * isum as f64;
+    }
+    acc as f32
+}
+
+/// IQ4_XS: eight sub-blocks of 32 codes from IQ4_NL's table, 6-bit scales
+/// less 32; `d·d_x·Σ sc_j (v·x)_j`.
+fn dot_iq4_xs_one(w: &[u8], x: &Q8KRow) -> f32 {
+    const V: [i8; 16] = kiln_blocks::IQ4_VALUES;
+    let mut acc = 0.0f64;
+    for (b, blk) in w.chunks_exact(136).enumerate() {
+        let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+        let xq = &x.qs[b * QK_K..][..QK_K];
+        let mut isum = 0i32;
+        for (ib, qs) in blk[8..136].chunks_exact(16).enumerate() {
+            let xs = &xq[32 * ib..][..32];
+            let mut s = 0i32;
+            for (j, &q) in qs.iter().enumerate() {
+                s += V[(q & 0x0f) as usize] as i32 * xs[j] as i32;
+                s += V[(q >> 4) as usize] as i32 * xs[j + 16] as i32;
+            }
+            isum += (kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, ib) - 32) * s;
+        }
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+        acc += d * x.d[b] as f64 * isum as f64;
+    }
+    acc as f32
 }
 
 /// `out[r] = w · xs[r]` for one Q4_K row and up to four activation rows

@@ -295,18 +295,18 @@ unsafe impl Send for SendView {}
 
 /// Whether a quantized mat-mul kernel exists for weights of `dtype`.
 pub fn has_mul_mat(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::F16
-            | DType::Q4_0
-            | DType::Q5_0
-            | DType::Q5_0X16
-            | DType::Q8_0
-            | DType::Q4_K
-            | DType::Q5_K
-            | DType::Q6_K
-            | DType::BF16
-    )
+    q8::takes(dtype)
+        || matches!(
+            dtype,
+            DType::F16
+                | DType::BF16
+                | DType::Q2_K
+                | DType::Q3_K
+                | DType::Q4_K
+                | DType::Q5_K
+                | DType::Q6_K
+                | DType::IQ4_XS
+        )
 }
 
 /// The first (up to) four rows of `xs` that match `$pat` (`first`
@@ -439,7 +439,9 @@ impl Prepared<'_> {
     /// A quantized row for `weights` (not F16 or BF16: [`FloatRows`]).
     fn new(weights: DType, k: usize) -> Prepared<'static> {
         match weights {
-            DType::Q4_K | DType::Q5_K | DType::Q6_K => Prepared::Q8K(kquant::Q8KRow::new(k)),
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                Prepared::Q8K(kquant::Q8KRow::new(k))
+            }
             _ => Prepared::Q8(Q8Row::new(k, weights)),
         }
     }
@@ -616,9 +618,11 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         xq = floats.prepared(wd.dtype);
     }
     let work = n_slices * n_count * m_count * k;
-    if batched && isa == Isa::Avx512 {
+    // Q2_K, Q3_K and IQ4_XS have no GEMM yet: up to four rows a pass.
+    let gemm = !matches!(wd.dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_XS);
+    if batched && gemm && isa == Isa::Avx512 {
         match wd.dtype {
-            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0 => {
+            d if q8::takes(d) => {
                 let xs = all_rows(&xq, m_count, Prepared::q8);
                 gemm_groups::<q8::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
                     q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)

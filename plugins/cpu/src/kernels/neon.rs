@@ -1,5 +1,5 @@
-//! NEON (aarch64) integer block sums of Q4_0, Q5_0 and Q8_0 weights
-//! against Q8_0 activation codes: `Σ q_w · q_x` per 32-code block, exact,
+//! NEON (aarch64) integer block sums of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
+//! IQ4_NL weights against Q8_0 activation codes: `Σ q_w · q_x` per 32-code block, exact,
 //! which `q8::dot_rows` then scales in f64 exactly as the portable path
 //! does (so the results are the reference's bits).
 //!
@@ -21,8 +21,16 @@ use core::arch::aarch64::*;
 /// Codes per block.
 pub const QK: usize = 32;
 pub const Q4_0_BYTES: usize = 18;
+pub const Q4_1_BYTES: usize = 20;
 pub const Q5_0_BYTES: usize = 22;
+pub const Q5_1_BYTES: usize = 24;
 pub const Q8_0_BYTES: usize = 34;
+pub const IQ4_NL_BYTES: usize = 18;
+
+/// IQ4_NL's code values (ggml's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// Adds the products of two 16-code halves to `acc`'s four lanes.
 #[inline(always)]
@@ -97,6 +105,63 @@ pub fn block_sums_q5_0(w: &[u8], x: &[i8], out: &mut [i32]) {
     }
 }
 
+/// Q4_1: codes are the nibbles themselves (0..15), low nibbles first;
+/// the caller adds the block's minimum times the activations' sum.
+pub fn block_sums_q4_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check(w, Q4_1_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        // SAFETY: as for Q4_0.
+        unsafe {
+            let q = vld1q_u8(w.as_ptr().add(b * Q4_1_BYTES + 4));
+            let lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f)));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+            let xp = x.as_ptr().add(b * QK);
+            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+        }
+    }
+}
+
+/// Q5_1: codes `nibble | fifth bit << 4` (0..31), the mask after the
+/// minimum.
+pub fn block_sums_q5_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check(w, Q5_1_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * Q5_1_BYTES..][..Q5_1_BYTES];
+        let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+        // SAFETY: as for Q4_0.
+        unsafe {
+            let q = vld1q_u8(blk.as_ptr().add(8));
+            let lo = vorrq_u8(vandq_u8(q, vdupq_n_u8(0x0f)), fifth_bits(qh, 0));
+            let hi = vorrq_u8(vshrq_n_u8::<4>(q), fifth_bits(qh, 16));
+            let xp = x.as_ptr().add(b * QK);
+            let acc = mul_add16(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16(
+                acc,
+                vreinterpretq_s8_u8(hi),
+                vld1q_s8(xp.add(16)),
+            ));
+        }
+    }
+}
+
+/// IQ4_NL: each nibble indexes [`IQ4_VALUES`] (a table lookup).
+pub fn block_sums_iq4_nl(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check(w, IQ4_NL_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        // SAFETY: as for Q4_0; the table holds the 16 bytes loaded.
+        unsafe {
+            let table = vld1q_s8(IQ4_VALUES.as_ptr());
+            let q = vld1q_u8(w.as_ptr().add(b * IQ4_NL_BYTES + 2));
+            let lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0f)));
+            let hi = vqtbl1q_s8(table, vshrq_n_u8::<4>(q));
+            let xp = x.as_ptr().add(b * QK);
+            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+        }
+    }
+}
+
 /// Q8_0: the codes are the bytes.
 pub fn block_sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q8_0_BYTES, x, out);
@@ -136,6 +201,30 @@ mod tests {
                     s += (((q >> 4) as u32 | h1) as i32 - 16) * x[j + 16] as i32;
                 }
             }
+            41 => {
+                for j in 0..16 {
+                    let q = blk[4 + j];
+                    s += (q & 0x0f) as i32 * x[j] as i32;
+                    s += (q >> 4) as i32 * x[j + 16] as i32;
+                }
+            }
+            51 => {
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                for j in 0..16 {
+                    let q = blk[8 + j];
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    s += ((q & 0x0f) as u32 | h0) as i32 * x[j] as i32;
+                    s += ((q >> 4) as u32 | h1) as i32 * x[j + 16] as i32;
+                }
+            }
+            14 => {
+                for j in 0..16 {
+                    let q = blk[2 + j];
+                    s += IQ4_VALUES[(q & 0x0f) as usize] as i32 * x[j] as i32;
+                    s += IQ4_VALUES[(q >> 4) as usize] as i32 * x[j + 16] as i32;
+                }
+            }
             _ => {
                 for j in 0..32 {
                     s += blk[2 + j] as i8 as i32 * x[j] as i32;
@@ -161,10 +250,14 @@ mod tests {
     fn block_sums_match_the_scalar_formulas() {
         let mut rng = Lcg(7);
         type Sums = fn(&[u8], &[i8], &mut [i32]);
-        let kinds: [(usize, usize, Sums); 3] = [
+        // Kinds: 4 = Q4_0, 41 = Q4_1, 5 = Q5_0, 51 = Q5_1, 8 = Q8_0, 14 = IQ4_NL.
+        let kinds: [(usize, usize, Sums); 6] = [
             (4, Q4_0_BYTES, block_sums_q4_0),
+            (41, Q4_1_BYTES, block_sums_q4_1),
             (5, Q5_0_BYTES, block_sums_q5_0),
+            (51, Q5_1_BYTES, block_sums_q5_1),
             (8, Q8_0_BYTES, block_sums_q8_0),
+            (14, IQ4_NL_BYTES, block_sums_iq4_nl),
         ];
         for (kind, bytes, sums) in kinds {
             for blocks in [1usize, 2, 7, 64] {

@@ -1,6 +1,11 @@
 //! Activations quantized to Q8_0 blocks, and the integer dot products of
-//! Q4_0, Q5_0 and Q8_0 weight rows with them: portable, NEON (the block
-//! sums, `neon.rs`), AVX2 and AVX-512 VNNI.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL weight rows with them: portable,
+//! NEON (the block sums, `neon.rs`), AVX2 and AVX-512 VNNI.
+//!
+//! Q4_1 and Q5_1 blocks add their minimum times the activations' Q8_1
+//! block sum `s` (ggml's `vec_dot_q4_1_q8_1`): the same codes as Q8_0, and
+//! per block `s`, an f16 of `d · Σ codes` ([`kiln_blocks::q8_1_sums`]).
+//! IQ4_NL's codes index a table of 16 signed values.
 //!
 //! Block sums are exact integers, and the scaled sums accumulate in f64
 //! lanes: every term `d_w·d_x·sum` is exact in f64, so a row's result is
@@ -15,8 +20,42 @@ use kiln_plugin_api::DType;
 
 const QK: usize = 32;
 const Q4_0_BYTES: usize = 18;
+const Q4_1_BYTES: usize = 20;
 const Q5_0_BYTES: usize = 22;
+const Q5_1_BYTES: usize = 24;
 const Q8_0_BYTES: usize = 34;
+
+/// Whether these kernels take weights of `dtype` (the types whose
+/// activations are Q8_0 blocks, Q8_1 for Q4_1/Q5_1).
+pub const fn takes(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q5_0X16
+            | DType::Q8_0
+            | DType::IQ4_NL
+    )
+}
+
+/// Bytes per block of a type these kernels take.
+const fn block_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::Q4_0 | DType::IQ4_NL => Q4_0_BYTES,
+        DType::Q4_1 => Q4_1_BYTES,
+        DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
+        DType::Q5_1 => Q5_1_BYTES,
+        DType::Q8_0 => Q8_0_BYTES,
+        _ => panic!("no Q8_0 dot product for this type"),
+    }
+}
+
+/// Whether blocks of `dtype` carry a minimum (Q4_1, Q5_1).
+const fn has_min(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_1 | DType::Q5_1)
+}
 
 /// One activation row as ggml's `block_q8_0`s, split into scales and codes.
 pub struct Q8Row {
@@ -31,7 +70,11 @@ pub struct Q8Row {
     /// sum: what the GEMM starts each block's integer sum from.
     pub d64: Vec<f64>,
     pub offset_sums: Vec<i32>,
+    /// Per block, for Q4_1/Q5_1 weights: Q8_1's `s` ([`kiln_blocks::q8_1_sums`]);
+    /// empty for other weights.
+    pub s: Vec<f32>,
     offset: i32,
+    with_s: bool,
     /// The codes again, lane-major, for the decode kernels that give each
     /// block of a weight row its own lane ([`Q8Row::fill_lanes`]): per
     /// group of 16 blocks, 8 vectors of 64 bytes; lane `i` of vector `j`
@@ -48,13 +91,26 @@ impl Q8Row {
             sums: vec![0; k / QK],
             d64: vec![0.0; k / QK],
             offset_sums: vec![0; k / QK],
+            s: Vec::new(),
             offset: code_offset(weights),
+            with_s: has_min(weights),
             lanes: Vec::new(),
         }
     }
 
-    /// Fills [`Q8Row::d64`] and [`Q8Row::offset_sums`] from `d` and `sums`.
-    fn widen(&mut self) {
+    /// Fills [`Q8Row::d64`] and [`Q8Row::offset_sums`] from `d` and `sums`,
+    /// and for Q4_1/Q5_1 [`Q8Row::s`]: the unrounded scale `amax / 127`
+    /// of the block `x` (the row just quantized) times its code sum, to
+    /// f16, as ggml's x86 `quantize_row_q8_1` (whose codes are Q8_0's)
+    /// and [`kiln_blocks::q8_1_sums`] compute it.
+    fn widen(&mut self, x: &[f32]) {
+        if self.with_s {
+            self.s.resize(self.sums.len(), 0.0);
+            for ((s, &sum), block) in self.s.iter_mut().zip(&self.sums).zip(x.chunks_exact(QK)) {
+                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                *s = f16::from_f32(amax / 127.0 * sum as f32).to_f32();
+            }
+        }
         for (w, d) in self.d64.iter_mut().zip(&self.d) {
             *w = *d as f64;
         }
@@ -91,7 +147,7 @@ impl Q8Row {
         if isa == Isa::Avx512 {
             // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
             unsafe { x86::quantize_q8_0(self, x) };
-            self.widen();
+            self.widen(x);
             return;
         }
         let _ = isa;
@@ -111,15 +167,16 @@ impl Q8Row {
         for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {
             *s = q.iter().map(|&v| v as i32).sum();
         }
-        self.widen();
+        self.widen(x);
     }
 }
 
 /// What the kernels add to a weight code to make it unsigned.
 fn code_offset(weights: DType) -> i32 {
     match weights {
-        DType::Q8_0 => 128,
+        DType::Q8_0 | DType::IQ4_NL => 128,
         DType::Q5_0 | DType::Q5_0X16 => 16,
+        DType::Q4_1 | DType::Q5_1 => 0,
         _ => 8,
     }
 }
@@ -145,12 +202,11 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     let blocks = xs[0].d.len();
     assert!(xs.iter().all(|x| x.d.len() == blocks));
-    match dtype {
-        DType::Q4_0 => assert_eq!(w.len(), blocks * Q4_0_BYTES),
-        DType::Q5_0 | DType::Q5_0X16 => assert_eq!(w.len(), blocks * Q5_0_BYTES),
-        DType::Q8_0 => assert_eq!(w.len(), blocks * Q8_0_BYTES),
-        _ => unreachable!("no Q8_0 dot product for {dtype}"),
-    }
+    assert_eq!(w.len(), blocks * block_bytes(dtype), "{dtype} row");
+    assert!(
+        xs.iter()
+            .all(|x| x.s.len() == if has_min(dtype) { blocks } else { x.s.len() })
+    );
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
@@ -243,13 +299,10 @@ pub fn dot_row_range<'w>(
     w: impl Fn(usize) -> &'w [u8],
     mut out: impl FnMut(usize, f32),
 ) {
-    let bytes = x.d.len()
-        * match dtype {
-            DType::Q4_0 => Q4_0_BYTES,
-            DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
-            DType::Q8_0 => Q8_0_BYTES,
-            _ => unreachable!("no Q8_0 dot product for {dtype}"),
-        };
+    let bytes = x.d.len() * block_bytes(dtype);
+    if has_min(dtype) {
+        assert_eq!(x.s.len(), x.d.len(), "Q8_1 sums for {dtype}");
+    }
     // Each closure is safe to call: `Isa` only names paths the CPU has,
     // every weight row's length is checked below, and `takes_lanes` that
     // the lanes are filled.
@@ -302,6 +355,8 @@ pub const GEMM_ROWS: usize = 16;
 pub struct GemmScratch {
     codes: Vec<u8>,
     dw: Vec<f64>,
+    /// Q4_1/Q5_1: each block's minimum, laid out as `dw`.
+    dm: Vec<f64>,
 }
 
 /// `out(n, m) = w[n] · xs[m]` for up to 16 weight rows and any number of
@@ -324,21 +379,13 @@ pub fn gemm16(
     mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512
-        && matches!(
-            dtype,
-            DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16 | DType::Q8_0
-        )
-    {
+    if isa == Isa::Avx512 && takes(dtype) {
         assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
         let nb = xs[0].d.len();
-        let bytes = match dtype {
-            DType::Q4_0 => Q4_0_BYTES,
-            DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
-            _ => Q8_0_BYTES,
-        };
+        let bytes = block_bytes(dtype);
         assert!(ws.iter().all(|w| w.len() == nb * bytes));
         assert!(xs.iter().all(|x| x.d.len() == nb));
+        assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
         // The rows' offset sums are for these weights' codes.
         assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
         // SAFETY: the path is only chosen when the CPU has AVX-512 VNNI
@@ -359,17 +406,64 @@ type BlockSums = fn(&[u8], &[i8], &mut [i32]);
 fn block_sums(isa: Isa, dtype: DType) -> BlockSums {
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        return match dtype {
-            DType::Q4_0 => super::neon::block_sums_q4_0,
-            DType::Q5_0 => super::neon::block_sums_q5_0,
-            _ => super::neon::block_sums_q8_0,
-        };
+        match dtype {
+            DType::Q4_0 => return super::neon::block_sums_q4_0,
+            DType::Q4_1 => return super::neon::block_sums_q4_1,
+            DType::Q5_0 => return super::neon::block_sums_q5_0,
+            DType::Q5_1 => return super::neon::block_sums_q5_1,
+            DType::Q8_0 => return super::neon::block_sums_q8_0,
+            DType::IQ4_NL => return super::neon::block_sums_iq4_nl,
+            _ => {}
+        }
     }
     let _ = isa;
     match dtype {
         DType::Q4_0 => sums_q4_0,
+        DType::Q4_1 => sums_q4_1,
         DType::Q5_0 => sums_q5_0,
+        DType::Q5_1 => sums_q5_1,
+        DType::IQ4_NL => sums_iq4_nl,
         _ => sums_q8_0,
+    }
+}
+
+fn sums_q4_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+    for ((blk, xq), o) in w.chunks_exact(Q4_1_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        let mut s = 0i32;
+        for j in 0..16 {
+            let q = blk[4 + j];
+            s += (q & 0x0f) as i32 * xq[j] as i32;
+            s += (q >> 4) as i32 * xq[j + 16] as i32;
+        }
+        *o = s;
+    }
+}
+
+fn sums_q5_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+    for ((blk, xq), o) in w.chunks_exact(Q5_1_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+        let mut s = 0i32;
+        for j in 0..16 {
+            let q = blk[8 + j];
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            s += ((q & 0x0f) as u32 | h0) as i32 * xq[j] as i32;
+            s += ((q >> 4) as u32 | h1) as i32 * xq[j + 16] as i32;
+        }
+        *o = s;
+    }
+}
+
+fn sums_iq4_nl(w: &[u8], x: &[i8], out: &mut [i32]) {
+    const V: [i8; 16] = kiln_blocks::IQ4_VALUES;
+    for ((blk, xq), o) in w.chunks_exact(Q4_0_BYTES).zip(x.chunks_exact(QK)).zip(out) {
+        let mut s = 0i32;
+        for j in 0..16 {
+            let q = blk[2 + j];
+            s += V[(q & 0x0f) as usize] as i32 * xq[j] as i32;
+            s += V[(q >> 4) as usize] as i32 * xq[j + 16] as i32;
+        }
+        *o = s;
     }
 }
 
@@ -414,11 +508,8 @@ fn sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
 /// and added in f64 in block order (the reference's terms, exact).
 fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
     const CHUNK: usize = 64;
-    let bytes = match dtype {
-        DType::Q4_0 => Q4_0_BYTES,
-        DType::Q5_0 => Q5_0_BYTES,
-        _ => Q8_0_BYTES,
-    };
+    let bytes = block_bytes(dtype);
+    let with_min = has_min(dtype);
     let mut acc = 0.0f64;
     let mut s = [0i32; CHUNK];
     for (c, (wc, xc)) in w
@@ -430,7 +521,12 @@ fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
         sums(wc, xc, &mut s[..n]);
         for (i, &sumi) in s[..n].iter().enumerate() {
             let b = c * CHUNK + i;
-            acc += f16_at(w, b * bytes) as f64 * x.d[b] as f64 * sumi as f64;
+            let codes = f16_at(w, b * bytes) as f64 * x.d[b] as f64 * sumi as f64;
+            acc += if with_min {
+                codes + f16_at(w, b * bytes + 2) as f64 * x.s[b] as f64
+            } else {
+                codes
+            };
         }
     }
     acc as f32
@@ -497,14 +593,22 @@ mod x86 {
     unsafe fn codes(dtype: DType, w: &[u8], b: usize) -> (__m256i, u16) {
         // SAFETY: the block is inside `w`; the loads are unaligned ones.
         unsafe {
-            if dtype == DType::Q4_0 {
-                let p = w.as_ptr().add(b * Q4_0_BYTES);
-                let q = _mm_loadu_si128(p.add(2).cast());
+            if matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::IQ4_NL) {
+                let bytes = super::block_bytes(dtype);
+                let p = w.as_ptr().add(b * bytes);
+                let q = _mm_loadu_si128(p.add(bytes - 16).cast());
                 let m4 = _mm_set1_epi8(0x0f);
                 let lo = _mm_and_si128(q, m4);
                 let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+                let (lo, hi) = if dtype == DType::IQ4_NL {
+                    // The table's values + 128, as unsigned bytes.
+                    let t = _mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast());
+                    (_mm_shuffle_epi8(t, lo), _mm_shuffle_epi8(t, hi))
+                } else {
+                    (lo, hi)
+                };
                 (_mm256_set_m128i(hi, lo), p.cast::<u16>().read_unaligned())
-            } else if matches!(dtype, DType::Q5_0 | DType::Q5_0X16) {
+            } else if matches!(dtype, DType::Q5_0 | DType::Q5_0X16 | DType::Q5_1) {
                 const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
                 let (g, i) = (b / LANE_BLOCKS, b % LANE_BLOCKS);
                 let (q, qh, d) = if dtype == DType::Q5_0X16 && (g + 1) * GROUP <= w.len() {
@@ -522,11 +626,13 @@ mod x86 {
                     }
                     (q, qh as i32, p.add(2 * i).cast::<u16>().read_unaligned())
                 } else {
-                    // Q5_0, or an interleaved row's plain tail.
-                    let p = w.as_ptr().add(b * Q5_0_BYTES);
+                    // Q5_0 or Q5_1 (with its minimum before the mask), or
+                    // an interleaved row's plain tail.
+                    let bytes = super::block_bytes(dtype);
+                    let p = w.as_ptr().add(b * bytes);
                     (
-                        _mm_loadu_si128(p.add(6).cast()),
-                        p.add(2).cast::<i32>().read_unaligned(),
+                        _mm_loadu_si128(p.add(bytes - 16).cast()),
+                        p.add(bytes - 20).cast::<i32>().read_unaligned(),
                         p.cast::<u16>().read_unaligned(),
                     )
                 };
@@ -559,6 +665,27 @@ mod x86 {
         }
     }
 
+    /// IQ4_NL's code values + 128, indexed by nibble.
+    static IQ4_UNSIGNED: [u8; 16] = {
+        let mut t = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            t[i] = (kiln_blocks::IQ4_VALUES[i] as i32 + 128) as u8;
+            i += 1;
+        }
+        t
+    };
+
+    /// The f16 minimum of block `b` of a Q4_1/Q5_1 row, widened.
+    ///
+    /// # Safety
+    /// Block `b` is inside `w`.
+    #[inline(always)]
+    unsafe fn min_at(w: &[u8], bytes: usize, b: usize) -> u16 {
+        // SAFETY: the caller's contract.
+        unsafe { w.as_ptr().add(b * bytes + 2).cast::<u16>().read_unaligned() }
+    }
+
     /// The shared loop over one weight row and up to four activation
     /// rows (the weight codes unpacked once for all): four blocks at a
     /// time, their integer sums reduced to one lane each, offset-corrected,
@@ -579,7 +706,10 @@ mod x86 {
                 // R is a constant so that the per-row sums stay in registers.
                 let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
                 let prod = $prod;
-                let q8 = dtype == DType::Q8_0;
+                // Signed weight codes (stored + 128 by `codes`).
+                let q8 = matches!(dtype, DType::Q8_0 | DType::IQ4_NL);
+                let with_min = super::has_min(dtype);
+                let bytes_per_block = super::block_bytes(dtype);
                 let offset: i32 = if q8 {
                     $q8_offset
                 } else {
@@ -632,7 +762,32 @@ mod x86 {
                         };
                         let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
                         let scale = _mm256_mul_pd(dw, _mm256_cvtps_pd(dx));
-                        *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), *acc);
+                        if with_min {
+                            // Each block's d·d_x·sum + m·s, then the sum.
+                            let mins: [u16; 4] =
+                                // SAFETY: blocks b..b+4 are inside `w`.
+                                std::array::from_fn(|j| unsafe { min_at(w, bytes_per_block, b + j) });
+                            let m = _mm256_cvtps_pd(_mm_cvtph_ps(_mm_set_epi16(
+                                0,
+                                0,
+                                0,
+                                0,
+                                mins[3] as i16,
+                                mins[2] as i16,
+                                mins[1] as i16,
+                                mins[0] as i16,
+                            )));
+                            // SAFETY: four sums from b are inside x.s.
+                            let sx = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(x.s.as_ptr().add(b)) });
+                            let term = _mm256_fmadd_pd(
+                                scale,
+                                _mm256_cvtepi32_pd(s),
+                                _mm256_mul_pd(m, sx),
+                            );
+                            *acc = _mm256_add_pd(*acc, term);
+                        } else {
+                            *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), *acc);
+                        }
                     }
                     b += 4;
                 }
@@ -668,13 +823,19 @@ mod x86 {
         unsafe {
             let (u, d) = codes(dtype, w, b);
             let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast());
-            let p = prod(u, xv, dtype == DType::Q8_0);
+            let p = prod(u, xv, matches!(dtype, DType::Q8_0 | DType::IQ4_NL));
             let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
             let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
-            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
-            dw as f64 * x.d[b] as f64 * sumi as f64
+            let f16 = |bits: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+            let codes = f16(d) as f64 * x.d[b] as f64 * sumi as f64;
+            if super::has_min(dtype) {
+                let m = f16(min_at(w, super::block_bytes(dtype), b));
+                codes + m as f64 * x.s[b] as f64
+            } else {
+                codes
+            }
         }
     }
 
@@ -1032,8 +1193,14 @@ mod x86 {
         scratch.codes.resize(nb * 8 * GEMM_ROWS * 4, 0);
         scratch.dw.clear();
         scratch.dw.resize(nb * GEMM_ROWS, 0.0);
+        let with_min = super::has_min(dtype);
+        scratch.dm.clear();
+        scratch
+            .dm
+            .resize(if with_min { nb * GEMM_ROWS } else { 0 }, 0.0);
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p) = (scratch.codes.as_mut_ptr(), scratch.dw.as_mut_ptr());
+        let dm_p = scratch.dm.as_mut_ptr();
         // Q5_0X16: whole groups of 16 blocks at once, the rest per block.
         let first = if dtype == DType::Q5_0X16 {
             for g in 0..nb / LANE_BLOCKS {
@@ -1049,17 +1216,25 @@ mod x86 {
             // scales), then a 16 × 8 transpose of their 4-code groups.
             let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
             let mut bits = [0u16; GEMM_ROWS];
+            let mut mins = [0u16; GEMM_ROWS];
             for (n, w) in ws.iter().enumerate() {
                 // Each row is its own stream: ask for its next lines early.
                 crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), bytes);
                 // SAFETY: block b is inside `w` (checked by the caller).
                 (u[n], bits[n]) = unsafe { codes(dtype, w, b) };
+                if with_min {
+                    // SAFETY: as above.
+                    mins[n] = unsafe { min_at(w, bytes, b) };
+                }
             }
             // SAFETY: `bits` holds 16 f16s; block b's 8 groups and 16
-            // scales are inside the scratch.
+            // scales (and minimums) are inside the scratch.
             unsafe {
                 crate::kernels::lanes::store_transposed(codes_p, b * 8, &u);
                 crate::kernels::lanes::store_scales(dw_p, b, &bits);
+                if with_min {
+                    crate::kernels::lanes::store_scales(dm_p, b, &mins);
+                }
             }
         }
         let rows = ws.len();
@@ -1217,13 +1392,19 @@ mod x86 {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let codes_p = scratch.codes.as_ptr();
         let dw_p = scratch.dw.as_ptr();
+        // Q4_1/Q5_1: the blocks' minimums, and the rows' Q8_1 sums.
+        let with_min = !scratch.dm.is_empty();
+        let dm_p = scratch.dm.as_ptr();
         // The rows' arrays as plain pointers, read once (not per block).
         let mut qs = [std::ptr::null::<i8>(); R];
         let mut offs = [std::ptr::null::<i32>(); R];
         let mut dxs = [std::ptr::null::<f64>(); R];
+        let mut ss = [std::ptr::null::<f32>(); R];
         for (r, x) in xs.iter().enumerate() {
             assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+            assert!(!with_min || x.s.len() >= nb);
             (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+            ss[r] = x.s.as_ptr();
         }
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
@@ -1253,8 +1434,28 @@ mod x86 {
                 let dx = _mm512_set1_pd(unsafe { *dxp.add(b) });
                 let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum[r]));
                 let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sum[r], 1));
-                acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, acc[r][1]);
+                if with_min {
+                    // Each block's d·d_x·sum + m·s, then the sum (as the
+                    // reference and the row kernels add them).
+                    // SAFETY: block b's minimums and Q8_1 sum are inside
+                    // the scratch and the row (asserted).
+                    let (m_lo, m_hi, sx) = unsafe {
+                        (
+                            _mm512_loadu_pd(dm_p.add(b * GEMM_ROWS)),
+                            _mm512_loadu_pd(dm_p.add(b * GEMM_ROWS + 8)),
+                            _mm512_set1_pd(*ss[r].add(b) as f64),
+                        )
+                    };
+                    let t_lo =
+                        _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, _mm512_mul_pd(m_lo, sx));
+                    let t_hi =
+                        _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, _mm512_mul_pd(m_hi, sx));
+                    acc[r][0] = _mm512_add_pd(acc[r][0], t_lo);
+                    acc[r][1] = _mm512_add_pd(acc[r][1], t_hi);
+                } else {
+                    acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, acc[r][1]);
+                }
             }
         }
         // SAFETY: AVX-512 F is enabled here.

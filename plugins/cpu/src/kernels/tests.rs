@@ -80,12 +80,14 @@ fn both_with_bound(
             kiln_blocks::round_activations(dtype, &mut xr);
             for ni in 0..n {
                 let wr = &wf[(i2 / (x2 / w2)) * n + ni];
-                bound.push(if matches!(dtype, DType::Q4_K | DType::Q5_K) {
-                    let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                    2.0 * wmax * xr.iter().map(|v| v.abs() as f64).sum::<f64>()
-                } else {
-                    wr.iter().zip(&xr).map(|(a, b)| (a * b).abs() as f64).sum()
-                });
+                bound.push(
+                    if matches!(dtype, DType::Q2_K | DType::Q4_K | DType::Q5_K) {
+                        let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        2.0 * wmax * xr.iter().map(|v| v.abs() as f64).sum::<f64>()
+                    } else {
+                        wr.iter().zip(&xr).map(|(a, b)| (a * b).abs() as f64).sum()
+                    },
+                );
             }
         }
     }
@@ -129,9 +131,12 @@ fn mul_mat_matches_the_reference_on_every_path() {
             DType::F16,
             DType::BF16,
             DType::Q4_0,
+            DType::Q4_1,
             DType::Q5_0,
+            DType::Q5_1,
             DType::Q5_0X16,
             DType::Q8_0,
+            DType::IQ4_NL,
         ] {
             if dtype == DType::BF16 && isa != Isa::Avx512 {
                 continue; // the reference runs BF16 there
@@ -224,23 +229,29 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // reference, exact here: an f32 rounding per term apart, of the terms'
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
-        for (dtype, (i, &(k, n, m, w2, x2))) in [DType::Q4_K, DType::Q5_K, DType::Q6_K]
-            .into_iter()
-            .flat_map(|t| {
-                [
-                    (256, 1, 1, 1, 1),
-                    (768, 7, 3, 1, 1),
-                    (2304, 33, 2, 1, 1),
-                    (512, 5, 6, 1, 1),
-                    (768, 35, 9, 1, 1),
-                    // Decode over slices: one activation row, broadcast.
-                    (512, 9, 1, 2, 4),
-                ]
-                .iter()
-                .enumerate()
-                .map(move |c| (t, c))
-            })
-        {
+        for (dtype, (i, &(k, n, m, w2, x2))) in [
+            DType::Q2_K,
+            DType::Q3_K,
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+            DType::IQ4_XS,
+        ]
+        .into_iter()
+        .flat_map(|t| {
+            [
+                (256, 1, 1, 1, 1),
+                (768, 7, 3, 1, 1),
+                (2304, 33, 2, 1, 1),
+                (512, 5, 6, 1, 1),
+                (768, 35, 9, 1, 1),
+                // Decode over slices: one activation row, broadcast.
+                (512, 9, 1, 2, 4),
+            ]
+            .iter()
+            .enumerate()
+            .map(move |c| (t, c))
+        }) {
             let (r, f, bound) = both_with_bound(isa, dtype, [k, n, m, w2, x2], i as u64);
             for (j, ((a, b), s)) in r.iter().zip(&f).zip(&bound).enumerate() {
                 assert!(
@@ -390,6 +401,14 @@ fn activation_quantization_is_the_same_on_every_path() {
         assert_eq!(got_k.sums32, want_k.sums32, "{name}");
         assert_eq!(got_k.sums_pairs, want_k.sums_pairs, "{name}");
         assert_eq!(bits(&got_k.d), bits(&want_k.d), "{name}");
+        // Q4_1/Q5_1 rows: the same codes, and Q8_1's sums as the
+        // reference computes them, twice over one row (reused, not grown).
+        let mut got1 = Q8Row::new(k, DType::Q4_1);
+        for _ in 0..2 {
+            got1.quantize(isa, &x);
+            assert_eq!(got1.qs, want8.qs, "{name}");
+            assert_eq!(bits(&got1.s), bits(&kiln_blocks::q8_1_sums(&x)), "{name}");
+        }
     }
 }
 
@@ -565,4 +584,15 @@ fn softmax_and_silu_rows_give_the_reference_bits_on_every_path() {
             }
         }
     }
+}
+
+#[test]
+fn the_standalone_neon_file_has_iq4_nls_table() {
+    // neon.rs stands alone (Debian's rustc builds it for aarch64), so it
+    // spells the table out; it must be kiln_blocks' one.
+    let values: Vec<String> = kiln_blocks::IQ4_VALUES
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    assert!(include_str!("neon.rs").contains(&values.join(", ")));
 }
