@@ -193,24 +193,37 @@ impl<'a> Cursor<'a> {
 }
 
 fn dtype_from_ggml(raw: u32) -> Option<DType> {
-    DType::from_raw(raw)
+    // kiln's own layouts (Q5_0X16, …) exist only in memory, never in a file.
+    DType::from_raw(raw).filter(|t| DType::WEIGHTS.contains(t) || *t == DType::I32)
+}
+
+/// What kiln loads, for error messages: "F32, F16, …".
+fn supported_types() -> String {
+    DType::WEIGHTS
+        .iter()
+        .map(|t| t.name().to_uppercase())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Names of ggml types kiln does not load, for error messages.
 fn ggml_type_name(raw: u32) -> String {
     let name = match raw {
-        3 => "Q4_1",
-        7 => "Q5_1",
         9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
         15 => "Q8_K",
-        16..=23 | 29 => "an IQ type",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        29 => "IQ1_M",
         24 => "I8",
         25 => "I16",
         27 => "I64",
         28 => "F64",
         34 | 35 => "a ternary (TQ) type",
+        39 => "MXFP4",
         _ => "unknown",
     };
     format!("ggml type {raw} ({name})")
@@ -313,8 +326,9 @@ impl GgufFile {
                 c.err(
                     type_at,
                     format!(
-                        "tensor {name:?} has {}, which kiln cannot load; requantize the model to F16, BF16, Q4_0, Q5_0, Q8_0 or a K-quant (Q4_K/Q5_K/Q6_K)",
-                        ggml_type_name(raw_type)
+                        "tensor {name:?} has {}, which kiln cannot load; kiln loads {}: use a file of one of those types (for example the model's Q4_K_M or Q8_0 release), or quantize the F16 model with `kiln quantize`",
+                        ggml_type_name(raw_type),
+                        supported_types()
                     ),
                 )
             })?;

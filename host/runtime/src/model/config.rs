@@ -1,5 +1,10 @@
-//! Hyperparameters of a llama-family model, read from GGUF metadata, and
-//! the check that every weight tensor has the shape they imply.
+//! Hyperparameters of a model, read from GGUF metadata, and the check that
+//! every weight tensor has the shape they imply.
+//!
+//! One description per architecture: the forward pass
+//! (`forward.rs`) is shared, and what sets an architecture apart is a few
+//! fields here (Q/K norms, post-norms, the feed-forward's activation,
+//! embedding scaling, sliding-window layers, RoPE's mode and bases).
 
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use kiln_plugin_api::abi::{KILN_ROPE_NEOX, KILN_ROPE_NORMAL};
@@ -10,15 +15,41 @@ use serde::Serialize;
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
+    Gemma3,
 }
 
 impl Arch {
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3];
+
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
+}
+
+/// The feed-forward's gated activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ffn {
+    /// `silu(gate) · up` (Llama, Qwen).
+    SwiGlu,
+    /// `gelu_tanh(gate) · up` (Gemma).
+    GeGlu,
+}
+
+/// Sliding-window attention: most layers see only the last `window`
+/// positions; every `pattern`-th layer (the last of each group) sees all.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    pub pattern: usize,
+    /// RoPE's base on the windowed (local) layers.
+    pub rope_freq_base: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -43,6 +74,15 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// No `output.weight`: the output projection is the token embedding.
     pub tied_output: bool,
+    /// Each head's Q and K are RMS-normed before RoPE (qwen3, gemma3).
+    pub qk_norm: bool,
+    /// The attention and feed-forward outputs are RMS-normed before they
+    /// join the residual (gemma3).
+    pub post_norms: bool,
+    pub ffn: Ffn,
+    /// The token embeddings are multiplied by this (gemma3: √n_embd).
+    pub embd_scale: Option<f32>,
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl ModelConfig {
@@ -51,12 +91,12 @@ impl ModelConfig {
             .get("general.architecture")
             .and_then(|v| v.as_str())
             .ok_or_else(|| f.error("missing general.architecture; is this a model file?"))?;
-        let arch = match arch_name {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => {
+        let arch = match Arch::ALL.into_iter().find(|a| a.name() == arch_name) {
+            Some(a) => a,
+            None => {
                 return Err(f.error(format!(
-                    "architecture {other:?} is not supported; kiln runs llama and qwen2 models (Llama, TinyLlama, CodeLlama, Mistral, Qwen2/2.5-Coder, DeepSeek-Coder)"
+                    "architecture {arch_name:?} is not supported; kiln runs {} models (Llama, SmolLM, TinyLlama, CodeLlama, Mistral, Qwen2/2.5-Coder, Qwen3, DeepSeek-Coder, Gemma 3)",
+                    Arch::ALL.map(Arch::name).join(", ")
                 )));
             }
         };
@@ -82,12 +122,32 @@ impl ModelConfig {
             None => n_head,
             Some(_) => uint("attention.head_count_kv")?,
         };
-        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(f.error(format!(
-                "inconsistent attention: {n_embd} embedding dims, {n_head} heads, {n_head_kv} KV heads"
+                "inconsistent attention: {n_head} heads, {n_head_kv} KV heads"
             )));
         }
-        let head_dim = n_embd / n_head;
+        // The head size: attention.key_length where the file gives it
+        // (Qwen3 and Gemma 3 heads are not n_embd / n_head wide).
+        let head_dim = match f.get(&key("attention.key_length")) {
+            Some(_) => uint("attention.key_length")?,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => {
+                return Err(f.error(format!(
+                    "inconsistent attention: {n_embd} embedding dims for {n_head} heads, and no attention.key_length"
+                )));
+            }
+        };
+        if let Some(v) = f.get(&key("attention.value_length"))
+            && v.as_u64() != Some(head_dim as u64)
+        {
+            return Err(f.error(format!(
+                "attention.value_length {v:?} differs from the key length {head_dim}; kiln needs them equal"
+            )));
+        }
+        if head_dim == 0 {
+            return Err(f.error("attention.key_length is 0"));
+        }
         let n_rot = match f.get(&key("rope.dimension_count")) {
             None => head_dim,
             Some(_) => uint("rope.dimension_count")?,
@@ -114,6 +174,20 @@ impl ModelConfig {
                 )));
             }
         };
+        let gemma = arch == Arch::Gemma3;
+        let sliding_window = match (gemma, f.get(&key("attention.sliding_window"))) {
+            (true, Some(_)) => Some(SlidingWindow {
+                window: uint("attention.sliding_window")?,
+                // llama.cpp's Gemma 3: five local layers, then a global one;
+                // the local RoPE base from rope.freq_base_swa, else 10000.
+                pattern: 6,
+                rope_freq_base: float("rope.freq_base_swa", 10_000.0)?,
+            }),
+            _ => None,
+        };
+        if sliding_window.is_some_and(|s| s.window == 0) {
+            return Err(f.error("attention.sliding_window is 0"));
+        }
         let cfg = ModelConfig {
             arch,
             n_vocab,
@@ -127,13 +201,18 @@ impl ModelConfig {
             n_rot,
             rope_mode: match arch {
                 Arch::Llama => KILN_ROPE_NORMAL,
-                Arch::Qwen2 => KILN_ROPE_NEOX,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => KILN_ROPE_NEOX,
             },
             rope_freq_base: float("rope.freq_base", 10000.0)?,
             rope_freq_scale,
             rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
             qkv_bias: f.tensor("blk.0.attn_q.bias").is_some(),
             tied_output: f.tensor("output.weight").is_none(),
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            post_norms: gemma,
+            ffn: if gemma { Ffn::GeGlu } else { Ffn::SwiGlu },
+            embd_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            sliding_window,
         };
         cfg.check_tensors(f)?;
         Ok(cfg)
@@ -143,9 +222,29 @@ impl ModelConfig {
         self.head_dim * self.n_head_kv
     }
 
+    /// Q's width: every head's.
+    pub fn q_dim(&self) -> usize {
+        self.head_dim * self.n_head
+    }
+
+    /// Whether layer `l` attends within the sliding window only.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.sliding_window
+            .is_some_and(|s| l % s.pattern < s.pattern - 1)
+    }
+
+    /// RoPE's base on layer `l`.
+    pub fn rope_base(&self, l: usize) -> f32 {
+        match self.sliding_window {
+            Some(s) if self.is_local(l) => s.rope_freq_base,
+            _ => self.rope_freq_base,
+        }
+    }
+
     /// Every tensor the forward pass reads, with the extents it expects.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (e, kv, ff, v) = (self.n_embd, self.kv_dim(), self.n_ff, self.n_vocab);
+        let (q, hd) = (self.q_dim(), self.head_dim);
         let mut t = vec![
             ("token_embd.weight".to_string(), vec![e, v]),
             ("output_norm.weight".to_string(), vec![e]),
@@ -156,15 +255,23 @@ impl ModelConfig {
         for l in 0..self.n_layer {
             let b = |n: &str| format!("blk.{l}.{n}");
             t.push((b("attn_norm.weight"), vec![e]));
-            t.push((b("attn_q.weight"), vec![e, e]));
+            t.push((b("attn_q.weight"), vec![e, q]));
             t.push((b("attn_k.weight"), vec![e, kv]));
             t.push((b("attn_v.weight"), vec![e, kv]));
             if self.qkv_bias {
-                t.push((b("attn_q.bias"), vec![e]));
+                t.push((b("attn_q.bias"), vec![q]));
                 t.push((b("attn_k.bias"), vec![kv]));
                 t.push((b("attn_v.bias"), vec![kv]));
             }
-            t.push((b("attn_output.weight"), vec![e, e]));
+            if self.qk_norm {
+                t.push((b("attn_q_norm.weight"), vec![hd]));
+                t.push((b("attn_k_norm.weight"), vec![hd]));
+            }
+            t.push((b("attn_output.weight"), vec![q, e]));
+            if self.post_norms {
+                t.push((b("post_attention_norm.weight"), vec![e]));
+                t.push((b("post_ffw_norm.weight"), vec![e]));
+            }
             t.push((b("ffn_norm.weight"), vec![e]));
             t.push((b("ffn_gate.weight"), vec![e, ff]));
             t.push((b("ffn_up.weight"), vec![e, ff]));

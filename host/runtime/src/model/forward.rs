@@ -1,4 +1,6 @@
-//! The llama/qwen2 forward pass as a graph of backend ops.
+//! The forward pass of every architecture kiln runs (llama, qwen2, qwen3,
+//! gemma3), as a graph of backend ops; the architectures differ only by
+//! what their `ModelConfig` turns on.
 //!
 //! One graph per batch of tokens. Its storages, by index:
 //! - [`WEIGHTS`]: the GGUF file's memory map (read-only);
@@ -6,12 +8,13 @@
 //!   V transposed as `[n_ctx, head_dim, n_head_kv]`, both f16 (llama.cpp's
 //!   layout without flash attention, so V's rows are contiguous for the
 //!   attention-weighted sum);
-//! - [`INPUTS`]: token ids, positions and the causal mask;
+//! - [`INPUTS`]: token ids, positions, the causal mask and, for models
+//!   with sliding-window layers, the windowed one;
 //! - [`SCRATCH`]: activations, placed by liveness so that a layer reuses the
 //!   space of the one before (see [`Builder::finish`]);
 //! - [`LOGITS`]: the output, f32 `[n_vocab, rows]`.
 
-use super::config::ModelConfig;
+use super::config::{Ffn, ModelConfig};
 use crate::backend::exec::{HostOp, TensorRef};
 use crate::gguf::GgufFile;
 use kiln_plugin_api::Desc;
@@ -47,20 +50,83 @@ pub struct InputLayout {
     pub tokens: usize,
     pub positions: usize,
     pub mask: usize,
+    /// The sliding-window mask, `[n_kv, n_tokens]` as the causal one; at
+    /// `mask` when the model has no windowed layers.
+    pub mask_window: usize,
     pub bytes: usize,
 }
 
 impl InputLayout {
-    pub fn new(n_tokens: usize, n_kv: usize) -> InputLayout {
+    pub fn new(n_tokens: usize, n_kv: usize, windowed: bool) -> InputLayout {
         let align = |n: usize| n.div_ceil(ALIGN) * ALIGN;
         let tokens = 0;
         let positions = align(4 * n_tokens);
         let mask = positions + align(4 * n_tokens);
+        let mask_bytes = 4 * n_kv * n_tokens;
+        let mask_window = if windowed {
+            mask + align(mask_bytes)
+        } else {
+            mask
+        };
         InputLayout {
             tokens,
             positions,
             mask,
-            bytes: mask + 4 * n_kv * n_tokens,
+            mask_window,
+            bytes: mask_window + mask_bytes,
+        }
+    }
+
+    /// Writes both masks for `n_tokens` queries at positions `n_past..`
+    /// over `n_kv` positions: query i sees position t when t ≤ its own
+    /// and, in the windowed mask, when it is fewer than `window` behind.
+    pub fn fill_masks(
+        &self,
+        inputs: &mut [u8],
+        n_past: usize,
+        n_tokens: usize,
+        n_kv: usize,
+        window: Option<usize>,
+    ) {
+        fill_mask(&mut inputs[self.mask..], n_past, n_tokens, n_kv, |_| true);
+        if let Some(w) = window {
+            self.fill_window(inputs, n_past, n_tokens, n_kv, w);
+        }
+    }
+
+    /// The windowed mask alone: what a decode step rewrites (its causal
+    /// row, every position up to its own, stays zeros).
+    pub fn fill_window(
+        &self,
+        inputs: &mut [u8],
+        n_past: usize,
+        n_tokens: usize,
+        n_kv: usize,
+        window: usize,
+    ) {
+        let inputs = &mut inputs[self.mask_window..];
+        fill_mask(inputs, n_past, n_tokens, n_kv, |behind| behind < window);
+    }
+}
+
+/// One mask, `[n_kv, n_tokens]` f32 from `out`'s start: query i (at
+/// position n_past + i) sees position t when t is not after it and
+/// `near(how far t is behind)`; the rest is −∞.
+fn fill_mask(
+    out: &mut [u8],
+    n_past: usize,
+    n_tokens: usize,
+    n_kv: usize,
+    near: impl Fn(usize) -> bool,
+) {
+    for i in 0..n_tokens {
+        let p = n_past + i;
+        for (t, v) in out[4 * i * n_kv..][..4 * n_kv]
+            .chunks_exact_mut(4)
+            .enumerate()
+        {
+            let seen = t <= p && near(p - t);
+            v.copy_from_slice(&if seen { 0.0f32 } else { f32::NEG_INFINITY }.to_le_bytes());
         }
     }
 }
@@ -291,11 +357,11 @@ pub fn build<'f>(
         cfg.n_head_kv,
         cfg.n_ff,
     );
-    let kv = cfg.kv_dim();
+    let (kv, qd) = (cfg.kv_dim(), cfg.q_dim());
     let n = n_tokens;
     let t_len = n_past + n;
     let el = KV_ELEMENT;
-    let layout = InputLayout::new(n, t_len);
+    let layout = InputLayout::new(n, t_len, cfg.sliding_window.is_some());
     let mut b = Builder::new(file);
 
     let tokens = b.fixed(
@@ -312,39 +378,56 @@ pub fn build<'f>(
         [n, 1, 1, 1],
         dense_nb(I32, [n, 1, 1, 1]),
     );
-    let mask = b.fixed(
-        INPUTS,
-        layout.mask,
-        F32,
-        [t_len, n, 1, 1],
-        dense_nb(F32, [t_len, n, 1, 1]),
-    );
     // Only a one-token graph is reused across positions (decode); its
     // position-dependent tensors say how they follow.
     let reusable = n == 1;
-    if reusable {
-        b.follow(
-            mask,
-            Follow::Desc(Box::new(|t| Desc::contiguous(F32, [t, 1, 1, 1]))),
+    let input_mask = |b: &mut Builder<'f>, offset: usize| {
+        let m = b.fixed(
+            INPUTS,
+            offset,
+            F32,
+            [t_len, n, 1, 1],
+            dense_nb(F32, [t_len, n, 1, 1]),
         );
-    }
+        if reusable {
+            b.follow(
+                m,
+                Follow::Desc(Box::new(|t| Desc::contiguous(F32, [t, 1, 1, 1]))),
+            );
+        }
+        m
+    };
+    let mask = input_mask(&mut b, layout.mask);
+    let mask_window = match cfg.sliding_window {
+        Some(_) => input_mask(&mut b, layout.mask_window),
+        None => mask,
+    };
     let embd = b.weight("token_embd.weight");
     let mut x = b.new_op(OpKind::GetRows, &[embd, tokens], F32, [e, n, 1, 1], &[]);
+    if let Some(s) = cfg.embd_scale {
+        x = b.new_op(OpKind::Scale, &[x], F32, [e, n, 1, 1], &[f32_param(s)]);
+    }
     let eps = [f32_param(cfg.rms_eps)];
-    let rope = [
-        cfg.n_rot as i32,
-        cfg.rope_mode,
-        f32_param(cfg.rope_freq_base),
-        f32_param(cfg.rope_freq_scale),
-    ];
     let kq_scale = [f32_param(1.0 / (hd as f32).sqrt())];
+    // x · weight after an RMS norm over rows of `ne[0]`.
+    let norm = |b: &mut Builder<'f>, x: usize, weight: &str| {
+        let ne = b.ne(x);
+        let normed = b.new_op(OpKind::RmsNorm, &[x], F32, ne, &eps);
+        let w = b.weight(weight);
+        b.new_op(OpKind::Mul, &[normed, w], F32, ne, &[])
+    };
 
     for l in 0..cfg.n_layer {
         let name = |s: &str| format!("blk.{l}.{s}");
+        let rope = [
+            cfg.n_rot as i32,
+            cfg.rope_mode,
+            f32_param(cfg.rope_base(l)),
+            f32_param(cfg.rope_freq_scale),
+        ];
+        let mask = if cfg.is_local(l) { mask_window } else { mask };
         // Attention.
-        let norm = b.new_op(OpKind::RmsNorm, &[x], F32, [e, n, 1, 1], &eps);
-        let w = b.weight(&name("attn_norm.weight"));
-        let xa = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+        let xa = norm(&mut b, x, &name("attn_norm.weight"));
         let proj = |b: &mut Builder<'f>, which: &str, rows: usize| {
             let w = b.weight(&name(&format!("attn_{which}.weight")));
             let mut y = b.new_op(OpKind::MulMat, &[w, xa], F32, [rows, n, 1, 1], &[]);
@@ -354,12 +437,16 @@ pub fn build<'f>(
             }
             y
         };
-        let q = proj(&mut b, "q", e);
+        let q = proj(&mut b, "q", qd);
         let k = proj(&mut b, "k", kv);
         let v = proj(&mut b, "v", kv);
-        let q3 = b.reshape(q, [hd, h, n, 1]);
+        let mut q3 = b.reshape(q, [hd, h, n, 1]);
+        let mut k3 = b.reshape(k, [hd, hkv, n, 1]);
+        if cfg.qk_norm {
+            q3 = norm(&mut b, q3, &name("attn_q_norm.weight"));
+            k3 = norm(&mut b, k3, &name("attn_k_norm.weight"));
+        }
         let qr = b.new_op(OpKind::Rope, &[q3, pos], F32, [hd, h, n, 1], &rope);
-        let k3 = b.reshape(k, [hd, hkv, n, 1]);
         let kr = b.new_op(OpKind::Rope, &[k3, pos], F32, [hd, hkv, n, 1], &rope);
         let (k_off, v_off) = kv_offsets(cfg, n_ctx, l);
         // Store this batch's K and V at positions n_past.. of the cache.
@@ -493,28 +580,34 @@ pub fn build<'f>(
             );
             b.op(OpKind::Cpy, &[kqv_tokens], dst, &[]);
         }
-        let merged = b.reshape(merged, [e, n, 1, 1]);
+        let merged = b.reshape(merged, [qd, n, 1, 1]);
         let wo = b.weight(&name("attn_output.weight"));
-        let o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        let mut o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        if cfg.post_norms {
+            o = norm(&mut b, o, &name("post_attention_norm.weight"));
+        }
         let x1 = b.new_op(OpKind::Add, &[x, o], F32, [e, n, 1, 1], &[]);
-        // Feed-forward (SwiGLU).
-        let norm = b.new_op(OpKind::RmsNorm, &[x1], F32, [e, n, 1, 1], &eps);
-        let w = b.weight(&name("ffn_norm.weight"));
-        let xf = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+        // Feed-forward: a gated activation (SwiGLU or GeGLU).
+        let xf = norm(&mut b, x1, &name("ffn_norm.weight"));
         let wg = b.weight(&name("ffn_gate.weight"));
         let gate = b.new_op(OpKind::MulMat, &[wg, xf], F32, [ff, n, 1, 1], &[]);
         let wu = b.weight(&name("ffn_up.weight"));
         let up = b.new_op(OpKind::MulMat, &[wu, xf], F32, [ff, n, 1, 1], &[]);
-        let act = b.new_op(OpKind::Silu, &[gate], F32, [ff, n, 1, 1], &[]);
+        let act = match cfg.ffn {
+            Ffn::SwiGlu => OpKind::Silu,
+            Ffn::GeGlu => OpKind::Gelu,
+        };
+        let act = b.new_op(act, &[gate], F32, [ff, n, 1, 1], &[]);
         let hidden = b.new_op(OpKind::Mul, &[act, up], F32, [ff, n, 1, 1], &[]);
         let wd = b.weight(&name("ffn_down.weight"));
-        let down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        let mut down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        if cfg.post_norms {
+            down = norm(&mut b, down, &name("post_ffw_norm.weight"));
+        }
         x = b.new_op(OpKind::Add, &[x1, down], F32, [e, n, 1, 1], &[]);
     }
 
-    let norm = b.new_op(OpKind::RmsNorm, &[x], F32, [e, n, 1, 1], &eps);
-    let w = b.weight("output_norm.weight");
-    let xo = b.new_op(OpKind::Mul, &[norm, w], F32, [e, n, 1, 1], &[]);
+    let xo = norm(&mut b, x, "output_norm.weight");
     let (rows, src) = match logits {
         LogitsFor::All => (n, xo),
         LogitsFor::Last => (

@@ -35,8 +35,9 @@ struct DecodeGraph {
     ops: Vec<HostOp>,
     follows: Vec<(usize, Follow)>,
     scratch_bytes: usize,
-    /// Token id, position, and a mask of zeros (a single query sees every
-    /// position up to its own).
+    /// Token id, position, and a causal mask of zeros (a single query
+    /// sees every position up to its own); for windowed models also the
+    /// window's row, rewritten each step ([`InputLayout::fill_window`]).
     inputs: Vec<u8>,
     layout: InputLayout,
 }
@@ -188,7 +189,8 @@ impl Session {
         if self.scratch.len() < scratch_bytes {
             self.scratch.resize(scratch_bytes, 0);
         }
-        let layout = InputLayout::new(n, t_len);
+        let window = cfg.sliding_window.map(|s| s.window);
+        let layout = InputLayout::new(n, t_len, window.is_some());
         self.inputs.clear();
         self.inputs.resize(layout.bytes, 0);
         for (i, &t) in tokens.iter().enumerate() {
@@ -197,18 +199,9 @@ impl Session {
             let at = layout.positions + 4 * i;
             self.inputs[at..at + 4].copy_from_slice(&((n_past + i) as i32).to_le_bytes());
         }
-        // Causal mask: token i (at position n_past + i) sees positions 0..=n_past + i.
-        for i in 0..n {
-            for t in 0..t_len {
-                let v = if t <= n_past + i {
-                    0.0f32
-                } else {
-                    f32::NEG_INFINITY
-                };
-                let at = layout.mask + 4 * (i * t_len + t);
-                self.inputs[at..at + 4].copy_from_slice(&v.to_le_bytes());
-            }
-        }
+        // Causal mask: token i (at position n_past + i) sees positions
+        // 0..=n_past + i (and the windowed layers the last `window` of them).
+        layout.fill_masks(&mut self.inputs, n_past, n, t_len, window);
         self.logits.clear();
         self.logits.resize(4 * rows * cfg.n_vocab, 0);
         let mut graph = Graph {
@@ -255,7 +248,7 @@ impl Session {
                     LogitsFor::Last,
                     self.attention_block,
                 );
-                let layout = InputLayout::new(1, self.n_ctx);
+                let layout = InputLayout::new(1, self.n_ctx, cfg.sliding_window.is_some());
                 self.decode.insert(DecodeGraph {
                     tensors: b.tensors,
                     ops: b.ops,
@@ -273,6 +266,13 @@ impl Session {
         d.inputs[at..at + 4].copy_from_slice(&(token as i32).to_le_bytes());
         let at = d.layout.positions;
         d.inputs[at..at + 4].copy_from_slice(&(n_past as i32).to_le_bytes());
+        if let Some(s) = cfg.sliding_window {
+            // The windowed layers' row: zeros, but for positions `window`
+            // or more behind. (Rewritten whole: the cache may have been
+            // cut back since the last step.)
+            d.layout
+                .fill_window(&mut d.inputs, n_past, 1, n_past + 1, s.window);
+        }
         if self.scratch.len() < d.scratch_bytes {
             self.scratch.resize(d.scratch_bytes, 0);
         }
