@@ -2,7 +2,7 @@
 
 usage: check_quantized.py SRC.gguf DST.gguf
 For every tensor whose type changed to one the `gguf` package can produce
-(F16, BF16, Q4_0, Q5_0, Q8_0), re-quantizes the source tensor with
+(F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), re-quantizes the source tensor with
 `gguf.quants.quantize` and compares bytes. Prints one JSON object:
 {"checked": [...], "mismatched": [...], "unchecked": [[name, type], ...]}.
 """
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFReader, quants
 
-CHECKABLE = {T.F16, T.BF16, T.Q4_0, T.Q5_0, T.Q8_0}
+CHECKABLE = {T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0}
 
 
 def main() -> None:

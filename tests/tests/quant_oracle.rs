@@ -79,6 +79,8 @@ fn reference_quantizers_write_gguf_bytes() {
         DType::Q8_0,
         DType::Q5_0,
         DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_1,
     ] {
         // Mixed magnitudes, exact ties at block maxima, zeros and a zero block.
         let n = 32 * 40;

@@ -1,8 +1,9 @@
 //! `kiln quantize` against llama.cpp: every tensor the `gguf` package can
-//! quantize (F16, BF16, Q4_0, Q5_0, Q8_0) is byte-identical to its
+//! quantize (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) is byte-identical to its
 //! reference, and, where llama.cpp itself is installed, the whole file's
-//! tensors (Q6_K output included) are byte-identical to llama.cpp's own
-//! `llama_model_quantize` output.
+//! tensors (Q6_K output included, and every K-quant preset's per-tensor
+//! types) are byte-identical to llama.cpp's own `llama_model_quantize`
+//! output.
 
 use kiln_tests::{Home, llama_cpp_available, oracle, tiny_model};
 use std::ffi::OsStr;
@@ -25,7 +26,7 @@ const SHAPE: &[&str] = &[
 fn every_quantized_tensor_matches_the_gguf_reference() {
     let home = Home::default();
     let src = tiny_model(SHAPE);
-    for target in ["q4_0", "q5_0", "q8_0", "bf16"] {
+    for target in ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16"] {
         let out = home.path().join(format!("{target}.gguf"));
         home.ok(&[
             "quantize",
@@ -48,7 +49,7 @@ fn every_quantized_tensor_matches_the_gguf_reference() {
         let checked = report["checked"].as_array().unwrap().len();
         let unchecked = report["unchecked"].as_array().unwrap();
         match target {
-            "q4_0" | "q5_0" => {
+            "q4_0" | "q4_1" | "q5_0" | "q5_1" => {
                 assert_eq!(checked, 15, "{report}");
                 assert_eq!(
                     unchecked,
@@ -60,6 +61,38 @@ fn every_quantized_tensor_matches_the_gguf_reference() {
     }
 }
 
+/// Quantizes `src` to `target` with kiln and with llama.cpp and requires
+/// every tensor to match: type (the preset's per-tensor choice), shape and
+/// bytes; a mismatch names the tensor and its first differing block.
+fn same_as_llama_cpp(home: &Home, src: &std::path::Path, target: &str) {
+    let stem = src.file_stem().unwrap().to_string_lossy();
+    let ours = home.path().join(format!("kiln-{stem}-{target}.gguf"));
+    let theirs = home.path().join(format!("llama-{stem}-{target}.gguf"));
+    home.ok(&[
+        "quantize",
+        src.to_str().unwrap(),
+        ours.to_str().unwrap(),
+        "--type",
+        target,
+    ]);
+    oracle(
+        "llama_quantize.py",
+        &[src.as_os_str(), theirs.as_os_str(), OsStr::new(target)],
+    );
+    let cmp: serde_json::Value = serde_json::from_str(&oracle(
+        "compare_gguf.py",
+        &[ours.as_os_str(), theirs.as_os_str()],
+    ))
+    .unwrap();
+    assert_eq!(
+        cmp["tensor_differences"],
+        serde_json::json!([]),
+        "{stem} {target}: {cmp}"
+    );
+    std::fs::remove_file(ours).unwrap();
+    std::fs::remove_file(theirs).unwrap();
+}
+
 #[test]
 fn whole_files_match_llama_cpp() {
     if !llama_cpp_available() {
@@ -67,30 +100,52 @@ fn whole_files_match_llama_cpp() {
     }
     let home = Home::default();
     let src = tiny_model(SHAPE);
-    for target in ["q4_0", "q5_0", "q8_0", "f16", "bf16"] {
-        let ours = home.path().join(format!("kiln-{target}.gguf"));
-        let theirs = home.path().join(format!("llama-{target}.gguf"));
-        home.ok(&[
-            "quantize",
-            src.to_str().unwrap(),
-            ours.to_str().unwrap(),
-            "--type",
-            target,
-        ]);
-        oracle(
-            "llama_quantize.py",
-            &[src.as_os_str(), theirs.as_os_str(), OsStr::new(target)],
-        );
-        let cmp: serde_json::Value = serde_json::from_str(&oracle(
-            "compare_gguf.py",
-            &[ours.as_os_str(), theirs.as_os_str()],
-        ))
-        .unwrap();
-        assert_eq!(
-            cmp["tensor_differences"],
-            serde_json::json!([]),
-            "{target}: {cmp}"
-        );
+    for target in ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16"] {
+        same_as_llama_cpp(&home, &src, target);
+    }
+}
+
+/// Every K-quant preset on two shapes: 8 layers with 4 query heads per KV
+/// head (the per-layer rules and the grouped-attention ones), and rows of
+/// 288 with tied embeddings (every type's fallback to a 32-element type).
+#[test]
+fn k_quant_presets_match_llama_cpp() {
+    if !llama_cpp_available() {
+        return;
+    }
+    let home = Home::default();
+    let deep = tiny_model(&[
+        "--dtype",
+        "f16",
+        "--embd",
+        "256",
+        "--ff",
+        "512",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "1",
+        "--layers",
+        "8",
+    ]);
+    let narrow = tiny_model(&[
+        "--dtype",
+        "f32",
+        "--embd",
+        "288",
+        "--ff",
+        "512",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--tied",
+    ]);
+    for target in [
+        "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    ] {
+        same_as_llama_cpp(&home, &deep, target);
+        same_as_llama_cpp(&home, &narrow, target);
     }
 }
 
@@ -120,9 +175,12 @@ fn interrupted_or_refused_runs_leave_no_file() {
         src.to_str().unwrap(),
         again.to_str().unwrap(),
         "--type",
-        "q3_k",
+        "q2_k_s",
     ]);
-    assert!(err.contains("unknown --type"), "{err}");
+    assert!(
+        err.contains("unknown --type") && err.contains("importance matrix"),
+        "{err}"
+    );
     // Killed midway: no file at the destination, and no temp file left
     // to be mistaken for a model (it is a dot-file removed on the next run).
     let mut child = home

@@ -1,7 +1,7 @@
 //! `kiln quantize`
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, print_json, table};
-use kiln_runtime::quantize::{Target, quantize};
+use kiln_runtime::quantize::{Options, Target, quantize};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -42,11 +42,13 @@ pub fn run(
     qtype: &str,
     threads: Option<usize>,
     validate: bool,
+    allow_requantize: bool,
     as_json: bool,
 ) -> CliResult {
     let target = Target::parse(qtype).ok_or_else(|| {
         CliError(format!(
-            "unknown --type {qtype:?}; choose q4_0, q5_0, q8_0, f16 or bf16"
+            "unknown --type {qtype:?}; choose one of {} (presets that need an importance matrix, such as q2_k_s and the iq types, are not made by kiln)",
+            Target::ALL.map(Target::name).join(", ")
         ))
     })?;
     if input == output {
@@ -58,14 +60,15 @@ pub fn run(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let progress = Progress::new("quantizing");
-    let summary = quantize(
-        input,
-        output,
+    let options = Options {
         target,
         threads,
         validate,
-        |done, total, name| progress.bytes(done, total, name),
-    )?;
+        allow_requantize,
+    };
+    let summary = quantize(input, output, options, |done, total, name| {
+        progress.bytes(done, total, name)
+    })?;
     if as_json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION,
