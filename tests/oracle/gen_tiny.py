@@ -1,11 +1,14 @@
-"""Writes a small random-weight llama or qwen2 GGUF with llama.cpp's own
+"""Writes a small random-weight llama, qwen2, qwen3 or gemma3 GGUF with llama.cpp's own
 writer (the `gguf` package), for kiln's format, quantization and parity
 tests. The vocabulary is a synthetic SentencePiece one (byte tokens plus
 unique pieces), so llama.cpp loads the file.
 
-usage: gen_tiny.py OUT.gguf --arch llama|qwen2 --dtype f32|f16|bf16
+usage: gen_tiny.py OUT.gguf --arch llama|qwen2|qwen3|gemma3 --dtype f32|f16|bf16
        [--embd 64] [--layers 2] [--heads 4] [--kv-heads 2] [--ff 160]
        [--vocab 512] [--ctx 256] [--std 0.2] [--seed 1] [--tied]
+       [--head-dim N] [--window N]
+qwen3 and gemma3 get per-head Q/K norms; gemma3 also post-norms and, with
+--window, sliding-window layers (five local, then a global one).
 """
 import argparse
 
@@ -16,7 +19,7 @@ import gguf
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "gemma3"])
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     p.add_argument("--embd", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -28,10 +31,14 @@ def main() -> None:
     p.add_argument("--std", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tied", action="store_true")
+    p.add_argument("--head-dim", type=int, default=0)
+    p.add_argument("--window", type=int, default=0)
     a = p.parse_args()
 
     E, L, H, HKV, FF, V = a.embd, a.layers, a.heads, a.kv_heads, a.ff, a.vocab
-    hd = E // H
+    hd = a.head_dim or E // H
+    QD = H * hd
+    qk_norm = a.arch in ("qwen3", "gemma3")
     rng = np.random.default_rng(a.seed)
     w = gguf.GGUFWriter(a.out, a.arch)
     w.add_name(f"tiny-{a.arch}")
@@ -45,6 +52,11 @@ def main() -> None:
     w.add_layer_norm_rms_eps(1e-5 if a.arch == "llama" else 1e-6)
     if a.arch == "llama":
         w.add_rope_dimension_count(hd)
+    if qk_norm or a.head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if a.arch == "gemma3" and a.window:
+        w.add_sliding_window(a.window)
     w.add_vocab_size(V)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[a.dtype]
@@ -91,14 +103,20 @@ def main() -> None:
     for l in range(L):
         b = f"blk.{l}."
         add(b + "attn_norm.weight", norm(E))
-        add(b + "attn_q.weight", weight(E, E))
+        add(b + "attn_q.weight", weight(QD, E))
         add(b + "attn_k.weight", weight(HKV * hd, E))
         add(b + "attn_v.weight", weight(HKV * hd, E))
         if a.arch == "qwen2":
-            add(b + "attn_q.bias", bias(E))
+            add(b + "attn_q.bias", bias(QD))
             add(b + "attn_k.bias", bias(HKV * hd))
             add(b + "attn_v.bias", bias(HKV * hd))
-        add(b + "attn_output.weight", weight(E, E))
+        if qk_norm:
+            add(b + "attn_q_norm.weight", norm(hd))
+            add(b + "attn_k_norm.weight", norm(hd))
+        add(b + "attn_output.weight", weight(E, QD))
+        if a.arch == "gemma3":
+            add(b + "post_attention_norm.weight", norm(E))
+            add(b + "post_ffw_norm.weight", norm(E))
         add(b + "ffn_norm.weight", norm(E))
         add(b + "ffn_gate.weight", weight(FF, E))
         add(b + "ffn_up.weight", weight(FF, E))

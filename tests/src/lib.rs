@@ -373,3 +373,84 @@ pub fn rewrite_gguf(
     }
     w.finish().unwrap();
 }
+
+/// A real released model that `tests/fetch_models.sh` (run by
+/// `cargo xtask test`) put in `target/models` (or `KILN_MODELS_DIR`):
+/// `smollm2-135m-instruct-q4_1.gguf`, `gemma-3-270m-q4_k_m.gguf`. `None`
+/// (with a note) when it is missing, unless `KILN_REQUIRE_MODELS` is set.
+pub fn real_model(file: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("KILN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("models"));
+    let path = dir.join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("KILN_REQUIRE_MODELS").is_some() {
+        panic!(
+            "KILN_REQUIRE_MODELS is set but {} is missing (run tests/fetch_models.sh)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "{} is missing; skipping (run tests/fetch_models.sh)",
+        path.display()
+    );
+    None
+}
+
+/// llama.cpp (llama-cpp-python, `oracle/llama_logits.py`) on `tokens`:
+/// the logits of every position (row by row) and `n_greedy` greedy
+/// tokens after them. `dir` holds the logits file.
+pub fn llama_logits(
+    model: &Path,
+    tokens: &[u32],
+    n_greedy: usize,
+    dir: &Path,
+) -> (Vec<f32>, Vec<u32>) {
+    let out = dir.join("llama-logits.bin");
+    let ids = tokens
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let report: serde_json::Value = serde_json::from_str(&oracle(
+        "llama_logits.py",
+        &[
+            model.as_os_str(),
+            out.as_os_str(),
+            std::ffi::OsStr::new(&ids),
+            std::ffi::OsStr::new(&n_greedy.to_string()),
+        ],
+    ))
+    .expect("llama_logits.py prints JSON");
+    let logits = std::fs::read(out)
+        .expect("llama_logits.py writes the logits")
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let greedy = report["greedy"]
+        .as_array()
+        .expect("a greedy list")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    (logits, greedy)
+}
+
+/// The standard deviation of `v`: the scale logits are compared on.
+pub fn spread(v: &[f32]) -> f64 {
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+    (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+/// Largest |a − b| over two rows of logits, relative to the spread of `theirs`.
+pub fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
+    assert_eq!(ours.len(), theirs.len());
+    let max = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    max / spread(theirs)
+}

@@ -139,28 +139,37 @@ fn bad_model_files_are_named_with_the_cause() {
         "{err}"
     );
 
-    // A tensor type kiln does not load (Q4_1 = ggml type 3), written raw.
-    let mut raw = Vec::new();
-    raw.extend_from_slice(b"GGUF");
-    raw.extend_from_slice(&3u32.to_le_bytes());
-    raw.extend_from_slice(&1u64.to_le_bytes());
-    raw.extend_from_slice(&0u64.to_le_bytes());
-    let name = b"blk.0.attn_q.weight";
-    raw.extend_from_slice(&(name.len() as u64).to_le_bytes());
-    raw.extend_from_slice(name);
-    raw.extend_from_slice(&2u32.to_le_bytes());
-    raw.extend_from_slice(&32u64.to_le_bytes());
-    raw.extend_from_slice(&1u64.to_le_bytes());
-    raw.extend_from_slice(&3u32.to_le_bytes());
-    raw.extend_from_slice(&0u64.to_le_bytes());
-    raw.resize(raw.len().div_ceil(32) * 32 + 20, 0);
-    std::fs::write(p("q4_1.gguf"), raw).unwrap();
-    let err = home.fails(&run_args(p("q4_1.gguf").to_str().unwrap(), &[]));
-    assert!(
-        err.contains("ggml type 3 (Q4_1), which kiln cannot load"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"));
+    // Tensor types kiln does not load, written raw: an IQ2 type, and
+    // kiln's own in-memory layout (Q5_0X16 = 262), which no file may hold.
+    for (raw_type, named) in [
+        (16u32, "ggml type 16 (IQ2_XXS)"),
+        (262, "ggml type 262 (unknown)"),
+    ] {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(b"GGUF");
+        raw.extend_from_slice(&3u32.to_le_bytes());
+        raw.extend_from_slice(&1u64.to_le_bytes());
+        raw.extend_from_slice(&0u64.to_le_bytes());
+        let name = b"blk.0.attn_q.weight";
+        raw.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        raw.extend_from_slice(name);
+        raw.extend_from_slice(&2u32.to_le_bytes());
+        raw.extend_from_slice(&256u64.to_le_bytes());
+        raw.extend_from_slice(&1u64.to_le_bytes());
+        raw.extend_from_slice(&raw_type.to_le_bytes());
+        raw.extend_from_slice(&0u64.to_le_bytes());
+        raw.resize(raw.len().div_ceil(32) * 32 + 352, 0);
+        let file = p(&format!("type-{raw_type}.gguf"));
+        std::fs::write(&file, raw).unwrap();
+        let err = home.fails(&run_args(file.to_str().unwrap(), &[]));
+        assert!(
+            err.contains(&format!(
+                "{named}, which kiln cannot load; kiln loads F32, F16, BF16, Q4_0, Q4_1"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
 }
 
 #[test]

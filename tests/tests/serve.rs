@@ -692,3 +692,22 @@ fn the_language_server_and_the_http_api_make_the_same_prompt() {
     );
     assert_eq!(v["choices"][0]["text"], lsp_text, "{v} {r}");
 }
+
+#[test]
+fn kiln_demo_serves_the_active_model_and_else_says_it_generated_one() {
+    let home = Home::default();
+    // Nothing registered: the generated random-weight model, said so.
+    let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
+    assert!(out.contains("RANDOM weights"), "{out}");
+    assert!(out.contains("kiln models add FILE.gguf"), "{out}");
+    // A model added (and so active): the demo serves it, by name.
+    let m = home.path().join("mine.gguf");
+    renamed_demo_model(&m, "mine");
+    home.ok(&["models", "add", m.to_str().unwrap(), "--name", "mine"]);
+    let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
+    assert!(out.contains("serving the active model, mine@1"), "{out}");
+    assert!(!out.contains("RANDOM"), "{out}");
+    let v = home.json(&["demo", "--keystrokes", "2", "--max-tokens", "2", "--json"]);
+    assert_eq!(v["report"]["model"], "mine@1", "{v}");
+    assert_eq!(v["report"]["requests"], 2, "{v}");
+}

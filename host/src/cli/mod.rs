@@ -40,11 +40,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Try kiln: serve a generated demo model and drive a scripted editing
-    /// session through the language server, printing completions, latencies
-    /// and cache hit rates.
+    /// Try kiln: serve the active model (or, with none registered, a
+    /// generated random-weight one) and drive a scripted editing session
+    /// through the language server, printing completions, latencies and
+    /// cache hit rates.
     Demo {
-        /// A GGUF file or registered model instead of the generated one.
+        /// A GGUF file or registered model instead of the active one.
         #[arg(long)]
         model: Option<String>,
         /// Characters to type (one completion request each).
@@ -173,7 +174,9 @@ enum Command {
     Quantize {
         input: std::path::PathBuf,
         output: std::path::PathBuf,
-        /// q4_0, q5_0, q8_0, f16 or bf16.
+        /// A type (q4_0, q4_1, q5_0, q5_1, q8_0, f16, bf16) or one of
+        /// llama.cpp's presets (q2_k, q3_k_s, q3_k_m, q3_k_l,
+        /// q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k).
         #[arg(long = "type")]
         qtype: String,
         /// Threads (default: all cores).
@@ -182,6 +185,10 @@ enum Command {
         /// Print per-tensor RMSE and cosine similarity against the source.
         #[arg(long)]
         validate: bool,
+        /// Quantize tensors that are already quantized (they lose
+        /// precision twice; llama.cpp's --allow-requantize).
+        #[arg(long)]
+        allow_requantize: bool,
         #[arg(long)]
         json: bool,
     },
@@ -536,8 +543,17 @@ fn run(command: Command) -> CliResult {
             qtype,
             threads,
             validate,
+            allow_requantize,
             json,
-        } => quantize::run(&input, &output, &qtype, threads, validate, json),
+        } => quantize::run(
+            &input,
+            &output,
+            &qtype,
+            threads,
+            validate,
+            allow_requantize,
+            json,
+        ),
     }
 }
 

@@ -1,0 +1,276 @@
+//! Real released models against llama.cpp (llama-cpp-python), on the
+//! files people download: SmolLM2-135M-Instruct as released in Q4_1
+//! (llama architecture, GPT-2 BPE with the `smollm` pre-tokenizer, the
+//! output tied to a Q8_0 embedding) and Gemma 3 270M in Q4_K_M (gemma3:
+//! Q/K norms, post-norms, GeGLU, sliding-window layers; SentencePiece
+//! with byte fallback; Q5_0, Q8_0, Q4_K and Q6_K weights).
+//!
+//! For prompts of code (ASCII and not):
+//! - the prompt's token ids equal llama.cpp's;
+//! - the logits of the prompt's first real token, evaluated alone (after
+//!   nothing, so that attention has one position and every layer's
+//!   products and norms show), agree within a bound per model, to
+//!   rounding (1e-4) for at least one prompt, and predict llama.cpp's
+//!   next token or a near tie;
+//! - 32 greedy tokens after the prompt are llama.cpp's, or part from them
+//!   only at a near tie: where they first differ, llama.cpp's token is
+//!   within [`TIE_BOUND`] of kiln's best in kiln's own logits.
+//!
+//! Why a bound per model, and why not every position. On real
+//! activations a last-bit difference decides, now and then, on which side
+//! of a rounding boundary an activation falls when it is quantized to 8
+//! bits for the next product; the largest activation of a block sets the
+//! block's scale, so one ulp there moves the whole block. kiln's RMSNorm
+//! and GELU now round as ggml's do, bit for bit (RMSNorm was the largest
+//! source: a Gemma 3 token moved by 0.9 of the spread, now 9e-7). What
+//! remains is the order of f32 sums: kiln sums a product's blocks exactly
+//! (f64), ggml in f32 lanes of its own order, per kernel and ISA. Those
+//! last bits reach the residual stream and, some layers later, a block's
+//! largest activation. Measured on this machine (AVX-512):
+//! - SmolLM2 Q4_1: 3e-6 to 7.9e-2 of the spread for the first token
+//!   (Q4_1 is the worst case: a block's minimum and its codes' products
+//!   nearly cancel, and llama.cpp adds them in f32). Bound 0.1.
+//! - Gemma 3: 1.4e-6 and 1.9e-6 for `def` and `//`; for `fn` (whose
+//!   activations reach 26,800) a flip at layer 8 gives 0.35, for `#` 0.59.
+//!   Bound 1, and the token it predicts must be llama.cpp's or a near tie.
+//! - Later positions add attention's sums and ggml's `exp`: 0.1 to 0.4 of
+//!   the spread on both models. They are held to the greedy text.
+//!
+//! - SmolLM2 requantized by `kiln quantize --allow-requantize` (byte for
+//!   byte llama.cpp's requantization): 3e-6 to 0.10 of the spread for
+//!   Q8_0, to 0.14 for the Q4_K_M preset. Bound 0.2.
+//!
+//! Matching ggml's order of sums op by op is the open part of issue 16.
+//!
+//! The models come from PyPI (`tests/fetch_models.sh`, run by
+//! `cargo xtask test`), never from a model hub.
+
+use kiln_runtime::backend::Backend;
+use kiln_runtime::backend::exec::Executor;
+use kiln_runtime::model::forward::LogitsFor;
+use kiln_runtime::model::sample::argmax;
+use kiln_runtime::model::{Model, Session};
+use kiln_tests::{
+    Home, llama_cpp_available, llama_logits, oracle, real_model, relative_error, spread,
+};
+use std::path::Path;
+use std::sync::Arc;
+
+const GREEDY: usize = 32;
+
+/// Where kiln's greedy tokens first part from llama.cpp's: llama.cpp's
+/// token's logit below kiln's best, over the spread.
+const TIE_BOUND: f64 = 0.1;
+
+const PROMPTS: [&str; 4] = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", ",
+    "// Sorts the array in place.\nfunction bubbleSort(arr) {\n  for (let i = 0; i < arr.length; i++) {\n",
+    "#include <stdio.h>\n\nint main(int argc, char **argv) {\n    printf(\"héllo, wörld 42\\n\");\n",
+];
+
+struct Run {
+    logits: Vec<f32>,
+    greedy: Vec<u32>,
+    /// kiln only: the logits before each greedy token.
+    steps: Vec<Vec<f32>>,
+}
+
+fn kiln_run(m: &Arc<Model>, tokens: &[u32]) -> Run {
+    let mut s = Session::new(
+        m.clone(),
+        Executor::new(Backend::builtin_cpu(), 0),
+        Some(512),
+    )
+    .unwrap();
+    let n_vocab = s.model.config.n_vocab;
+    let logits = s.eval(tokens, LogitsFor::All).unwrap();
+    let mut step = logits[logits.len() - n_vocab..].to_vec();
+    let (mut greedy, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..GREEDY {
+        let next = argmax(&step);
+        greedy.push(next);
+        steps.push(std::mem::replace(
+            &mut step,
+            s.eval(&[next], LogitsFor::Last).unwrap(),
+        ));
+    }
+    Run {
+        logits,
+        greedy,
+        steps,
+    }
+}
+
+fn llama_run(model: &Path, tokens: &[u32], dir: &Path) -> Run {
+    let (logits, greedy) = llama_logits(model, tokens, GREEDY, dir);
+    Run {
+        logits,
+        greedy,
+        steps: Vec::new(),
+    }
+}
+
+/// Checks `model` on every prompt; `solo_bound`: the first real token's
+/// logits, evaluated alone, relative to their spread. Where no 8-bit
+/// rounding flips, the two agree to rounding: at least one prompt's first
+/// token must (a wrong kernel, norm or layer fails every prompt).
+fn check(model: &Path, solo_bound: f64) {
+    let mut best_solo = f64::INFINITY;
+    let home = Home::default();
+    // Loaded once: every run below is a new session on it.
+    let loaded = Model::load_for(model, &Backend::builtin_cpu(), 0).unwrap();
+    let tok = loaded.tokenizer().unwrap();
+    let texts = home.path().join("prompts.json");
+    std::fs::write(&texts, serde_json::to_string(&PROMPTS).unwrap()).unwrap();
+    let theirs: Vec<Vec<u32>> = serde_json::from_str(&oracle(
+        "llama_tokenize.py",
+        &[model.as_os_str(), texts.as_os_str()],
+    ))
+    .unwrap();
+    for (text, their_ids) in PROMPTS.iter().zip(&theirs) {
+        let ids = tok.encode(text, tok.add_bos).unwrap();
+        assert_eq!(
+            &ids,
+            their_ids,
+            "{}: token ids of {text:?}",
+            model.display()
+        );
+        let solo = &ids[usize::from(tok.add_bos)..][..1];
+        let (ours_solo, llama_solo) = (
+            kiln_run(&loaded, solo).logits,
+            llama_run(model, solo, home.path()).logits,
+        );
+        let err = relative_error(&ours_solo, &llama_solo);
+        best_solo = best_solo.min(err);
+        let (ours_top, llama_top) = (argmax(&ours_solo), argmax(&llama_solo));
+        let gap = (ours_solo[ours_top as usize] - ours_solo[llama_top as usize]) as f64
+            / spread(&ours_solo);
+        assert!(
+            gap <= TIE_BOUND,
+            "{text:?}: after the first token alone kiln predicts {:?}, llama.cpp {:?}, {gap:.3} of the spread apart",
+            tok.decode(&[ours_top]),
+            tok.decode(&[llama_top]),
+        );
+        let ours = kiln_run(&loaded, &ids);
+        let llama = llama_run(model, &ids, home.path());
+        let n_vocab = ours.logits.len() / ids.len();
+        if std::env::var_os("KILN_PARITY_DEBUG").is_some() {
+            let rows = ours
+                .logits
+                .chunks(n_vocab)
+                .zip(llama.logits.chunks(n_vocab));
+            for (i, (a, b)) in rows.enumerate() {
+                eprintln!("position {i}: {:.2e} of the spread", relative_error(a, b));
+            }
+        }
+        let parted = ours
+            .greedy
+            .iter()
+            .zip(&llama.greedy)
+            .position(|(a, b)| a != b);
+        eprintln!(
+            "{}: {text:?}: the first token alone: logits {err:.2e} of the spread; greedy {}",
+            model.display(),
+            match parted {
+                None => "equal".to_string(),
+                Some(i) => format!("parts at token {i}"),
+            }
+        );
+        assert!(
+            err <= solo_bound,
+            "{text:?}: the first token's logits differ by {err:.3e} of the spread (bound {solo_bound})"
+        );
+        if let Some(i) = parted {
+            let step = &ours.steps[i];
+            let (best, theirs) = (
+                step[ours.greedy[i] as usize],
+                step[llama.greedy[i] as usize],
+            );
+            let gap = (best - theirs) as f64 / spread(step);
+            assert!(
+                gap <= TIE_BOUND,
+                "{text:?}: greedy parts at token {i}: kiln {:?}, llama.cpp {:?}, {gap:.3} of the spread apart in kiln's logits (no near tie)",
+                tok.decode(&ours.greedy[..=i]),
+                tok.decode(&llama.greedy[..=i]),
+            );
+        }
+    }
+    assert!(
+        best_solo <= 1e-4,
+        "{}: no prompt's first token agrees with llama.cpp to rounding (best {best_solo:.3e} of the spread)",
+        model.display()
+    );
+}
+
+#[test]
+fn smollm2_q4_1_as_released_matches_llama_cpp() {
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    if !llama_cpp_available() {
+        return;
+    }
+    check(&model, 0.1);
+}
+
+#[test]
+fn gemma3_q4_k_m_matches_llama_cpp() {
+    let Some(model) = real_model("gemma-3-270m-q4_k_m.gguf") else {
+        return;
+    };
+    if !llama_cpp_available() {
+        return;
+    }
+    check(&model, 1.0);
+}
+
+/// The release requantized by `kiln quantize --allow-requantize` to Q8_0
+/// and to the Q4_K_M preset (whose K-quants fall back to Q5_0, Q5_1 and
+/// Q8_0 on SmolLM2's 576-wide rows) is byte for byte llama.cpp's own
+/// requantization, and runs as llama.cpp runs it.
+#[test]
+fn smollm2_requantized_by_kiln_matches_llama_cpp() {
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    if !llama_cpp_available() {
+        return;
+    }
+    let home = Home::default();
+    for target in ["q8_0", "q4_k_m"] {
+        let ours = home.path().join(format!("kiln-{target}.gguf"));
+        let theirs = home.path().join(format!("llama-{target}.gguf"));
+        home.ok(&[
+            "quantize",
+            model.to_str().unwrap(),
+            ours.to_str().unwrap(),
+            "--type",
+            target,
+            "--allow-requantize",
+        ]);
+        oracle(
+            "llama_quantize.py",
+            &[
+                model.as_os_str(),
+                theirs.as_os_str(),
+                target.as_ref(),
+                "--allow-requantize".as_ref(),
+            ],
+        );
+        let cmp: serde_json::Value = serde_json::from_str(&oracle(
+            "compare_gguf.py",
+            &[ours.as_os_str(), theirs.as_os_str()],
+        ))
+        .unwrap();
+        assert_eq!(
+            cmp["tensor_differences"],
+            serde_json::json!([]),
+            "{target}: {cmp}"
+        );
+        std::fs::remove_file(&theirs).unwrap();
+        // Measured: the first token alone 3e-6 to 0.10 (q8_0) and 3e-6 to
+        // 0.14 (q4_k_m) of the spread: 8-bit flips as in the module's note.
+        check(&ours, 0.2);
+    }
+}
