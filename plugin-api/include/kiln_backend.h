@@ -142,6 +142,12 @@ extern "C" {
  * RMS_NORM  per row of ne[0]: dst = x / sqrt(mean(x^2) + eps), eps = params[0] (f32);
  *           the reference rounds as ggml: squares in f32 summed in f64,
  *           mean, scale and x * scale in f32.
+ * NORM      per row of ne[0]: dst = (x - mean(x)) / sqrt(var(x) + eps), eps =
+ *           params[0] (f32): a LayerNorm without its weight and bias (they
+ *           follow as MUL and ADD). The reference rounds as ggml's scalar
+ *           path: the sum in f64, the mean in f32, x - mean in f32, its
+ *           squares in f32 summed in f64, the variance, scale and product
+ *           in f32.
  * ROPE      src0 f32 [head_dim, n_head, n_tokens, 1], src1 i32 positions [n_tokens].
  *           params[0] = n_rot (dimensions rotated, even, <= head_dim),
  *           params[1] = mode (KILN_ROPE_NORMAL: pairs (2i, 2i+1);
@@ -157,8 +163,8 @@ extern "C" {
  *           to f16; 0 for x <= -10, x for x >= 10.
  * GET_ROWS  src0 [ne0, rows] (any dtype), src1 i32 indices [n], dst f32 [ne0, n].
  * CPY       dst = convert(src0); same shape; any source type; destinations
- *           F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q6_K (whole
- *           blocks per row).
+ *           F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
+ *           Q5_K, Q6_K (whole blocks per row).
  *
  * The reference (kiln's CPU backend) computes as llama.cpp's CPU backend
  * does: MUL_MAT rounds src1 to the weights' dot-product type first (F16
@@ -177,6 +183,9 @@ extern "C" {
 #define KILN_OP_GELU 9
 #define KILN_OP_GET_ROWS 10
 #define KILN_OP_CPY 11
+/* Op kinds grow within 1.x (NORM came after 1.2 was first published): a
+ * backend answers supports_op with 0 for a kind it does not know. */
+#define KILN_OP_NORM 12
 
 #define KILN_ROPE_NORMAL 0
 #define KILN_ROPE_NEOX 2

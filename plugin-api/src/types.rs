@@ -192,10 +192,11 @@ pub enum OpKind {
     Gelu = KILN_OP_GELU,
     GetRows = KILN_OP_GET_ROWS,
     Cpy = KILN_OP_CPY,
+    Norm = KILN_OP_NORM,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 11] = [
+    pub const ALL: [OpKind; 12] = [
         OpKind::MulMat,
         OpKind::Add,
         OpKind::Mul,
@@ -207,6 +208,7 @@ impl OpKind {
         OpKind::Gelu,
         OpKind::GetRows,
         OpKind::Cpy,
+        OpKind::Norm,
     ];
 
     pub const fn from_raw(raw: u32) -> Option<OpKind> {
@@ -222,6 +224,7 @@ impl OpKind {
             KILN_OP_GELU => OpKind::Gelu,
             KILN_OP_GET_ROWS => OpKind::GetRows,
             KILN_OP_CPY => OpKind::Cpy,
+            KILN_OP_NORM => OpKind::Norm,
             _ => return None,
         })
     }
@@ -243,6 +246,7 @@ impl OpKind {
             OpKind::Gelu => "gelu",
             OpKind::GetRows => "get_rows",
             OpKind::Cpy => "cpy",
+            OpKind::Norm => "norm",
         }
     }
 }

@@ -1,14 +1,16 @@
-"""Writes a small random-weight llama, qwen2, qwen3 or gemma3 GGUF with llama.cpp's own
+"""Writes a small random-weight llama, qwen2, qwen3, gemma3 or starcoder2 GGUF with llama.cpp's own
 writer (the `gguf` package), for kiln's format, quantization and parity
 tests. The vocabulary is a synthetic SentencePiece one (byte tokens plus
 unique pieces), so llama.cpp loads the file.
 
-usage: gen_tiny.py OUT.gguf --arch llama|qwen2|qwen3|gemma3 --dtype f32|f16|bf16
+usage: gen_tiny.py OUT.gguf --arch llama|qwen2|qwen3|gemma3|starcoder2 --dtype f32|f16|bf16
        [--embd 64] [--layers 2] [--heads 4] [--kv-heads 2] [--ff 160]
        [--vocab 512] [--ctx 256] [--std 0.2] [--seed 1] [--tied]
        [--head-dim N] [--window N]
 qwen3 and gemma3 get per-head Q/K norms; gemma3 also post-norms and, with
 --window, sliding-window layers (five local, then a global one).
+starcoder2 has LayerNorms with biases, biases on every projection and a
+plain GELU feed-forward (no gate).
 """
 import argparse
 
@@ -19,7 +21,7 @@ import gguf
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "gemma3"])
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3", "gemma3", "starcoder2"])
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     p.add_argument("--embd", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -49,7 +51,11 @@ def main() -> None:
     w.add_head_count(H)
     w.add_head_count_kv(HKV)
     w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5 if a.arch == "llama" else 1e-6)
+    sc2 = a.arch == "starcoder2"
+    if sc2:
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_layer_norm_rms_eps(1e-5 if a.arch == "llama" else 1e-6)
     if a.arch == "llama":
         w.add_rope_dimension_count(hd)
     if qk_norm or a.head_dim:
@@ -103,10 +109,12 @@ def main() -> None:
     for l in range(L):
         b = f"blk.{l}."
         add(b + "attn_norm.weight", norm(E))
+        if sc2:
+            add(b + "attn_norm.bias", bias(E))
         add(b + "attn_q.weight", weight(QD, E))
         add(b + "attn_k.weight", weight(HKV * hd, E))
         add(b + "attn_v.weight", weight(HKV * hd, E))
-        if a.arch == "qwen2":
+        if a.arch in ("qwen2", "starcoder2"):
             add(b + "attn_q.bias", bias(QD))
             add(b + "attn_k.bias", bias(HKV * hd))
             add(b + "attn_v.bias", bias(HKV * hd))
@@ -114,14 +122,25 @@ def main() -> None:
             add(b + "attn_q_norm.weight", norm(hd))
             add(b + "attn_k_norm.weight", norm(hd))
         add(b + "attn_output.weight", weight(E, QD))
+        if sc2:
+            add(b + "attn_output.bias", bias(E))
         if a.arch == "gemma3":
             add(b + "post_attention_norm.weight", norm(E))
             add(b + "post_ffw_norm.weight", norm(E))
         add(b + "ffn_norm.weight", norm(E))
-        add(b + "ffn_gate.weight", weight(FF, E))
+        if sc2:
+            add(b + "ffn_norm.bias", bias(E))
+        else:
+            add(b + "ffn_gate.weight", weight(FF, E))
         add(b + "ffn_up.weight", weight(FF, E))
+        if sc2:
+            add(b + "ffn_up.bias", bias(FF))
         add(b + "ffn_down.weight", weight(E, FF))
+        if sc2:
+            add(b + "ffn_down.bias", bias(E))
     add("output_norm.weight", norm(E))
+    if sc2:
+        add("output_norm.bias", bias(E))
     if not a.tied:
         add("output.weight", weight(V, E))
     w.write_header_to_file()

@@ -97,14 +97,14 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
             need_same_shape(&src[0], dst)?;
             need_broadcast(kind, "src1", &src[0], &src[1], 0)
         }
-        OpKind::Scale | OpKind::Silu | OpKind::Gelu | OpKind::RmsNorm => {
+        OpKind::Scale | OpKind::Silu | OpKind::Gelu | OpKind::RmsNorm | OpKind::Norm => {
             need_dtype(kind, "src0", &src[0], DType::F32)?;
             need_dtype(kind, "dst", dst, DType::F32)?;
             need_same_shape(&src[0], dst)?;
-            if kind == OpKind::RmsNorm {
+            if matches!(kind, OpKind::RmsNorm | OpKind::Norm) {
                 let eps = param_f32(params[0]);
                 need(eps.is_finite() && eps >= 0.0, || {
-                    format!("rms_norm eps must be finite and >= 0, got {eps}")
+                    format!("{kind} eps must be finite and >= 0, got {eps}")
                 })?;
             }
             Ok(())
@@ -449,6 +449,30 @@ pub unsafe fn run_with(
                     write_row(dst, i1, i2, i3, &out);
                 }
             }
+            OpKind::Norm => {
+                // ggml's norm on its scalar path: the sum in f64, the mean
+                // in f32, each deviation and its square in f32, the squares
+                // summed in f64; the variance, scale and product in f32.
+                // (ggml's SIMD builds sum the squares in f32 lanes first.)
+                let eps = param_f32(params[0]);
+                for (i1, i2, i3) in rows(dst.desc.ne) {
+                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let sum: f64 = a.iter().map(|&x| x as f64).sum();
+                    let mean = sum as f32 / a.len() as f32;
+                    let mut sum2 = 0f64;
+                    for (o, &x) in out.iter_mut().zip(&a) {
+                        let v = x - mean;
+                        *o = v;
+                        sum2 += (v * v) as f64;
+                    }
+                    let variance = (sum2 / a.len() as f64) as f32;
+                    let scale = 1.0f32 / (variance + eps).sqrt();
+                    for o in out.iter_mut() {
+                        *o *= scale;
+                    }
+                    write_row(dst, i1, i2, i3, &out);
+                }
+            }
             OpKind::Rope => {
                 // Computed as ggml computes it, in f32 step for step (the
                 // angle advanced by repeated multiplication, libm's
@@ -619,6 +643,28 @@ mod tests {
         p[0] = f32_param(0.0);
         let y = run1(OpKind::RmsNorm, vec![(d, f32s(&[3., 3., 3., 3.]))], d, p);
         assert_eq!(y, vec![1., 1., 1., 1.]);
+    }
+
+    #[test]
+    fn norm_centres_and_scales_each_row() {
+        let d = Desc::contiguous(DType::F32, [4, 2, 1, 1]);
+        let mut p = [0; 8];
+        p[0] = f32_param(0.0);
+        let y = run1(
+            OpKind::Norm,
+            vec![(d, f32s(&[1., 2., 3., 4., 5., 5., 5., 5.]))],
+            d,
+            p,
+        );
+        // Mean 2.5, variance 1.25: (x - 2.5) / sqrt(1.25); a constant row
+        // has no variance and eps 0, so 0 / 0.
+        let s = 1.25f32.sqrt();
+        for (got, want) in y[..4].iter().zip([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) {
+            assert!((got - want).abs() < 1e-6, "{:?}", &y[..4]);
+        }
+        assert!(y[4..].iter().all(|v| v.is_nan()));
+        p[0] = f32_param(-1.0);
+        assert!(check(OpKind::Norm, &[d], &d, &p).is_err());
     }
 
     #[test]

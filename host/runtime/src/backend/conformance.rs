@@ -139,6 +139,15 @@ pub fn cases() -> Vec<Case> {
         )
         .params(&[f32_param(1e-5)]),
     );
+    v.push(
+        Case::new(
+            OpKind::Norm,
+            &[(F32, [65, 3, 1, 1])],
+            (F32, [65, 3, 1, 1]),
+            1e-6,
+        )
+        .params(&[f32_param(1e-5)]),
+    );
     for (mode, n_rot) in [(0, 64), (2, 64), (2, 32)] {
         v.push(
             Case::new(

@@ -3,8 +3,9 @@
 //!
 //! One description per architecture: the forward pass
 //! (`forward.rs`) is shared, and what sets an architecture apart is a few
-//! fields here (Q/K norms, post-norms, the feed-forward's activation,
-//! embedding scaling, sliding-window layers, RoPE's mode and bases).
+//! fields here (RMS or LayerNorm, biases, Q/K norms, post-norms, the
+//! feed-forward's activation, embedding scaling, sliding-window layers,
+//! RoPE's mode and bases).
 
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
 use kiln_plugin_api::abi::{KILN_ROPE_NEOX, KILN_ROPE_NORMAL};
@@ -17,10 +18,17 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Gemma3,
+    Starcoder2,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3];
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Gemma3,
+        Arch::Starcoder2,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -28,11 +36,12 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Starcoder2 => "starcoder2",
         }
     }
 }
 
-/// The feed-forward's gated activation.
+/// The feed-forward's activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ffn {
@@ -40,6 +49,19 @@ pub enum Ffn {
     SwiGlu,
     /// `gelu_tanh(gate) · up` (Gemma).
     GeGlu,
+    /// `gelu_tanh(up)`, no gate (StarCoder2).
+    Gelu,
+}
+
+/// The normalization before attention, before the feed-forward and at the
+/// output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// `x / rms(x) · weight`.
+    Rms,
+    /// LayerNorm: `(x − mean) / std · weight + bias` (StarCoder2).
+    Layer,
 }
 
 /// Sliding-window attention: most layers see only the last `window`
@@ -69,9 +91,14 @@ pub struct ModelConfig {
     pub rope_mode: i32,
     pub rope_freq_base: f32,
     pub rope_freq_scale: f32,
-    pub rms_eps: f32,
-    /// Q, K and V have biases (qwen2).
+    pub norm: Norm,
+    /// The norms' epsilon.
+    pub norm_eps: f32,
+    /// Q, K and V have biases (qwen2, starcoder2).
     pub qkv_bias: bool,
+    /// The attention output and the feed-forward's projections have biases
+    /// (starcoder2).
+    pub out_ffn_bias: bool,
     /// No `output.weight`: the output projection is the token embedding.
     pub tied_output: bool,
     /// Each head's Q and K are RMS-normed before RoPE (qwen3, gemma3).
@@ -95,7 +122,7 @@ impl ModelConfig {
             Some(a) => a,
             None => {
                 return Err(f.error(format!(
-                    "architecture {arch_name:?} is not supported; kiln runs {} models (Llama, SmolLM, TinyLlama, CodeLlama, Mistral, Qwen2/2.5-Coder, Qwen3, DeepSeek-Coder, Gemma 3)",
+                    "architecture {arch_name:?} is not supported; kiln runs {} models (Llama, SmolLM, TinyLlama, CodeLlama, Mistral, Qwen2/2.5-Coder, Qwen3, DeepSeek-Coder, Gemma 3, StarCoder2)",
                     Arch::ALL.map(Arch::name).join(", ")
                 )));
             }
@@ -175,6 +202,7 @@ impl ModelConfig {
             }
         };
         let gemma = arch == Arch::Gemma3;
+        let starcoder = arch == Arch::Starcoder2;
         let sliding_window = match (gemma, f.get(&key("attention.sliding_window"))) {
             (true, Some(_)) => Some(SlidingWindow {
                 window: uint("attention.sliding_window")?,
@@ -201,16 +229,26 @@ impl ModelConfig {
             n_rot,
             rope_mode: match arch {
                 Arch::Llama => KILN_ROPE_NORMAL,
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => KILN_ROPE_NEOX,
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 | Arch::Starcoder2 => KILN_ROPE_NEOX,
             },
             rope_freq_base: float("rope.freq_base", 10000.0)?,
             rope_freq_scale,
-            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
+            norm: if starcoder { Norm::Layer } else { Norm::Rms },
+            norm_eps: if starcoder {
+                float("attention.layer_norm_epsilon", 1e-5)?
+            } else {
+                float("attention.layer_norm_rms_epsilon", 1e-5)?
+            },
             qkv_bias: f.tensor("blk.0.attn_q.bias").is_some(),
+            out_ffn_bias: starcoder,
             tied_output: f.tensor("output.weight").is_none(),
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             post_norms: gemma,
-            ffn: if gemma { Ffn::GeGlu } else { Ffn::SwiGlu },
+            ffn: match arch {
+                Arch::Gemma3 => Ffn::GeGlu,
+                Arch::Starcoder2 => Ffn::Gelu,
+                _ => Ffn::SwiGlu,
+            },
             embd_scale: gemma.then(|| (n_embd as f32).sqrt()),
             sliding_window,
         };
@@ -245,16 +283,23 @@ impl ModelConfig {
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (e, kv, ff, v) = (self.n_embd, self.kv_dim(), self.n_ff, self.n_vocab);
         let (q, hd) = (self.q_dim(), self.head_dim);
+        let layer_norm = self.norm == Norm::Layer;
         let mut t = vec![
             ("token_embd.weight".to_string(), vec![e, v]),
             ("output_norm.weight".to_string(), vec![e]),
         ];
+        if layer_norm {
+            t.push(("output_norm.bias".to_string(), vec![e]));
+        }
         if !self.tied_output {
             t.push(("output.weight".to_string(), vec![e, v]));
         }
         for l in 0..self.n_layer {
             let b = |n: &str| format!("blk.{l}.{n}");
             t.push((b("attn_norm.weight"), vec![e]));
+            if layer_norm {
+                t.push((b("attn_norm.bias"), vec![e]));
+            }
             t.push((b("attn_q.weight"), vec![e, q]));
             t.push((b("attn_k.weight"), vec![e, kv]));
             t.push((b("attn_v.weight"), vec![e, kv]));
@@ -268,14 +313,26 @@ impl ModelConfig {
                 t.push((b("attn_k_norm.weight"), vec![hd]));
             }
             t.push((b("attn_output.weight"), vec![q, e]));
+            if self.out_ffn_bias {
+                t.push((b("attn_output.bias"), vec![e]));
+            }
             if self.post_norms {
                 t.push((b("post_attention_norm.weight"), vec![e]));
                 t.push((b("post_ffw_norm.weight"), vec![e]));
             }
             t.push((b("ffn_norm.weight"), vec![e]));
-            t.push((b("ffn_gate.weight"), vec![e, ff]));
+            if layer_norm {
+                t.push((b("ffn_norm.bias"), vec![e]));
+            }
+            if self.ffn != Ffn::Gelu {
+                t.push((b("ffn_gate.weight"), vec![e, ff]));
+            }
             t.push((b("ffn_up.weight"), vec![e, ff]));
             t.push((b("ffn_down.weight"), vec![ff, e]));
+            if self.out_ffn_bias {
+                t.push((b("ffn_up.bias"), vec![ff]));
+                t.push((b("ffn_down.bias"), vec![e]));
+            }
         }
         t
     }

@@ -14,7 +14,7 @@
 //!   space of the one before (see [`Builder::finish`]);
 //! - [`LOGITS`]: the output, f32 `[n_vocab, rows]`.
 
-use super::config::{Ffn, ModelConfig};
+use super::config::{Ffn, ModelConfig, Norm};
 use crate::backend::exec::{HostOp, TensorRef};
 use crate::gguf::GgufFile;
 use kiln_plugin_api::Desc;
@@ -407,14 +407,36 @@ pub fn build<'f>(
     if let Some(s) = cfg.embd_scale {
         x = b.new_op(OpKind::Scale, &[x], F32, [e, n, 1, 1], &[f32_param(s)]);
     }
-    let eps = [f32_param(cfg.rms_eps)];
+    let eps = [f32_param(cfg.norm_eps)];
     let kq_scale = [f32_param(1.0 / (hd as f32).sqrt())];
-    // x · weight after an RMS norm over rows of `ne[0]`.
+    // The model's norm over rows of `ne[0]`: x · weight after an RMS
+    // norm, or (LayerNorm) x · weight + bias after centring and scaling.
     let norm = |b: &mut Builder<'f>, x: usize, weight: &str| {
         let ne = b.ne(x);
-        let normed = b.new_op(OpKind::RmsNorm, &[x], F32, ne, &eps);
+        let kind = match cfg.norm {
+            Norm::Rms => OpKind::RmsNorm,
+            Norm::Layer => OpKind::Norm,
+        };
+        let normed = b.new_op(kind, &[x], F32, ne, &eps);
         let w = b.weight(weight);
-        b.new_op(OpKind::Mul, &[normed, w], F32, ne, &[])
+        let y = b.new_op(OpKind::Mul, &[normed, w], F32, ne, &[]);
+        match cfg.norm {
+            Norm::Rms => y,
+            Norm::Layer => {
+                let bias = b.weight(&weight.replace(".weight", ".bias"));
+                b.new_op(OpKind::Add, &[y, bias], F32, ne, &[])
+            }
+        }
+    };
+    // y + the bias named `bias`, where the model has one.
+    let biased = |b: &mut Builder<'f>, y: usize, bias: &str| {
+        if cfg.out_ffn_bias {
+            let ne = b.ne(y);
+            let bias = b.weight(bias);
+            b.new_op(OpKind::Add, &[y, bias], F32, ne, &[])
+        } else {
+            y
+        }
     };
 
     for l in 0..cfg.n_layer {
@@ -582,25 +604,34 @@ pub fn build<'f>(
         }
         let merged = b.reshape(merged, [qd, n, 1, 1]);
         let wo = b.weight(&name("attn_output.weight"));
-        let mut o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        let o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        let mut o = biased(&mut b, o, &name("attn_output.bias"));
         if cfg.post_norms {
             o = norm(&mut b, o, &name("post_attention_norm.weight"));
         }
         let x1 = b.new_op(OpKind::Add, &[x, o], F32, [e, n, 1, 1], &[]);
-        // Feed-forward: a gated activation (SwiGLU or GeGLU).
+        // Feed-forward: a gated activation (SwiGLU or GeGLU), or GELU.
         let xf = norm(&mut b, x1, &name("ffn_norm.weight"));
-        let wg = b.weight(&name("ffn_gate.weight"));
-        let gate = b.new_op(OpKind::MulMat, &[wg, xf], F32, [ff, n, 1, 1], &[]);
         let wu = b.weight(&name("ffn_up.weight"));
         let up = b.new_op(OpKind::MulMat, &[wu, xf], F32, [ff, n, 1, 1], &[]);
-        let act = match cfg.ffn {
-            Ffn::SwiGlu => OpKind::Silu,
-            Ffn::GeGlu => OpKind::Gelu,
+        let up = biased(&mut b, up, &name("ffn_up.bias"));
+        let hidden = match cfg.ffn {
+            Ffn::Gelu => b.new_op(OpKind::Gelu, &[up], F32, [ff, n, 1, 1], &[]),
+            Ffn::SwiGlu | Ffn::GeGlu => {
+                let wg = b.weight(&name("ffn_gate.weight"));
+                let gate = b.new_op(OpKind::MulMat, &[wg, xf], F32, [ff, n, 1, 1], &[]);
+                let act = if cfg.ffn == Ffn::SwiGlu {
+                    OpKind::Silu
+                } else {
+                    OpKind::Gelu
+                };
+                let act = b.new_op(act, &[gate], F32, [ff, n, 1, 1], &[]);
+                b.new_op(OpKind::Mul, &[act, up], F32, [ff, n, 1, 1], &[])
+            }
         };
-        let act = b.new_op(act, &[gate], F32, [ff, n, 1, 1], &[]);
-        let hidden = b.new_op(OpKind::Mul, &[act, up], F32, [ff, n, 1, 1], &[]);
         let wd = b.weight(&name("ffn_down.weight"));
-        let mut down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        let down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        let mut down = biased(&mut b, down, &name("ffn_down.bias"));
         if cfg.post_norms {
             down = norm(&mut b, down, &name("post_ffw_norm.weight"));
         }

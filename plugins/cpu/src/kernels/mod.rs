@@ -194,6 +194,7 @@ pub unsafe fn run(
         | OpKind::Scale
         | OpKind::Gelu
         | OpKind::RmsNorm
+        | OpKind::Norm
         | OpKind::Rope
         | OpKind::Add
         | OpKind::Mul
