@@ -195,10 +195,20 @@ impl Home {
         self.dir.path()
     }
 
+    /// The home directory `kiln` sees (`HOME`): empty, inside this one, so
+    /// that no test finds the models of the user running it.
+    pub fn user_home(&self) -> std::path::PathBuf {
+        self.path().join("user")
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(kiln_bin());
         c.args(args)
             .env("KILN_HOME", self.path())
+            .env("HOME", self.user_home())
+            .env_remove("HF_HOME")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("OLLAMA_MODELS")
             .env_remove("KILN_PLUGIN_PATH")
             .env_remove("KILN_LOG");
         c

@@ -694,12 +694,24 @@ fn the_language_server_and_the_http_api_make_the_same_prompt() {
 }
 
 #[test]
-fn kiln_demo_serves_the_active_model_and_else_says_it_generated_one() {
+fn kiln_demo_serves_the_active_model_then_one_found_elsewhere_and_else_says_it_generated_one() {
     let home = Home::default();
     // Nothing registered: the generated random-weight model, said so.
     let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
     assert!(out.contains("RANDOM weights"), "{out}");
     assert!(out.contains("kiln models add FILE.gguf"), "{out}");
+    // A model in LM Studio's folder: the demo serves it, and says how to
+    // import it.
+    let studio = home.user_home().join(".lmstudio/models/pub/repo");
+    std::fs::create_dir_all(&studio).unwrap();
+    renamed_demo_model(&studio.join("studio-coder.gguf"), "studio");
+    let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
+    assert!(
+        out.contains("serving studio-coder from lmstudio:pub/repo/studio-coder.gguf")
+            && out.contains("kiln models import"),
+        "{out}"
+    );
+    assert!(!out.contains("RANDOM"), "{out}");
     // A model added (and so active): the demo serves it, by name.
     let m = home.path().join("mine.gguf");
     renamed_demo_model(&m, "mine");

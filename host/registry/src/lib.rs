@@ -42,6 +42,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_policies.sql",
         include_str!("../../../migrations/0003_policies.sql"),
     ),
+    (
+        "0004_model_origin.sql",
+        include_str!("../../../migrations/0004_model_origin.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.

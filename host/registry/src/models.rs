@@ -23,6 +23,16 @@ pub struct ModelRecord {
     pub parent: Option<String>,
     pub state: String,
     pub added_at: String,
+    /// Where `kiln models import` found it (`hf:…`, `ollama:…`,
+    /// `lmstudio:…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// The prompt template its source kept (Ollama's template layer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// The parameters its source kept (Ollama's params layer, JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
 }
 
 impl ModelRecord {
@@ -40,6 +50,9 @@ pub struct NewModel {
     pub size_bytes: u64,
     /// The sha256 of the file this one was quantized from, if known.
     pub parent_sha256: Option<String>,
+    pub origin: Option<String>,
+    pub chat_template: Option<String>,
+    pub params: Option<String>,
 }
 
 const SELECT: &str = "SELECT m.*, p.name || '@' || p.version AS parent_label FROM models m LEFT JOIN models p ON p.id = m.parent_id";
@@ -57,6 +70,9 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
         parent: r.get("parent_label")?,
         state: r.get("state")?,
         added_at: r.get("added_at")?,
+        origin: r.get("origin")?,
+        chat_template: r.get("chat_template")?,
+        params: r.get("params")?,
     })
 }
 
@@ -94,8 +110,8 @@ impl Registry {
         };
         tx.execute(
             &format!(
-                "INSERT INTO models (name, version, sha256, blob_path, architecture, quant_type, size_bytes, parent_id, state, added_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'inactive', {NOW}, {NOW})"
+                "INSERT INTO models (name, version, sha256, blob_path, architecture, quant_type, size_bytes, parent_id, origin, chat_template, params, state, added_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'inactive', {NOW}, {NOW})"
             ),
             params![
                 m.name,
@@ -105,7 +121,10 @@ impl Registry {
                 m.architecture,
                 m.quant_type,
                 m.size_bytes as i64,
-                parent
+                parent,
+                m.origin,
+                m.chat_template,
+                m.params
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -123,6 +142,15 @@ impl Registry {
         let record = tx.query_row(&format!("{SELECT} WHERE m.id = ?1"), [id], from_row)?;
         tx.commit()?;
         Ok((record, t))
+    }
+
+    /// The versions whose blob has this sha256, oldest first.
+    pub fn models_with_sha(&self, sha256: &str) -> Result<Vec<ModelRecord>> {
+        let mut st = self
+            .conn
+            .prepare(&format!("{SELECT} WHERE m.sha256 = ?1 ORDER BY m.id"))?;
+        let rows = st.query_map([sha256], from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Whether any model version's blob has this sha256.
@@ -194,6 +222,9 @@ mod tests {
             quant_type: "f16".into(),
             size_bytes: 10,
             parent_sha256: parent.map(str::to_string),
+            origin: None,
+            chat_template: None,
+            params: None,
         }
     }
 

@@ -4,13 +4,15 @@
 //! - [`gguf`]: the GGUF model format, read over mmap and written atomically;
 //! - [`tokenizer`]: tokenizers from GGUF vocabularies (SentencePiece,
 //!   byte-level BPE);
-//! - [`model`]: llama/qwen2 inference on the backend ABI, KV cache,
-//!   sampling, generation;
+//! - [`model`]: llama/qwen2/qwen3/gemma3/starcoder2 inference on the
+//!   backend ABI, KV cache, sampling, generation;
 //! - [`plugin`]: manifests, preflight checks, discovery, the plugin store;
 //! - [`backend`]: negotiated backends, execution with CPU fallback,
 //!   conformance, device scoring and choice;
 //! - [`install`]: the `kiln plugins add` pipeline;
 //! - [`store`]: the content-addressed model store and model lookup;
+//! - [`import`]: models found in the Hugging Face cache, Ollama and LM
+//!   Studio, registered without copying;
 //! - [`quantize`]: llama.cpp's quantization rules and bytes;
 //! - [`convert`]: Hugging Face checkpoints (safetensors) to GGUF;
 //! - [`policy`]: WebAssembly policies: store, quality gate, runs, replay;
@@ -24,6 +26,7 @@ pub mod backend;
 pub mod convert;
 pub mod cpu_features;
 pub mod gguf;
+pub mod import;
 pub mod install;
 pub mod measure;
 pub mod model;

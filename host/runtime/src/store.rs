@@ -46,6 +46,8 @@ pub enum StoreError {
         copy: String,
         source_hash: String,
     },
+    #[error("{path}: the same bytes are already registered as {model}")]
+    Known { path: PathBuf, model: String },
     #[error("{0}")]
     Invalid(String),
 }
@@ -127,15 +129,21 @@ pub fn quant_type(f: &GgufFile) -> String {
                 0 => "f32",
                 1 => "f16",
                 2 => "q4_0",
+                3 => "q4_1",
                 7 => "q8_0",
                 8 => "q5_0",
+                9 => "q5_1",
                 10 => "q2_k",
+                11 => "q3_k_s",
                 12 => "q3_k_m",
+                13 => "q3_k_l",
                 14 => "q4_k_s",
                 15 => "q4_k_m",
                 16 => "q5_k_s",
                 17 => "q5_k_m",
                 18 => "q6_k",
+                25 => "iq4_nl",
+                30 => "iq4_xs",
                 32 => "bf16",
                 _ => return None,
             })
@@ -212,12 +220,48 @@ pub fn add(
     file: &Path,
     name: Option<&str>,
     actor: &str,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<(ModelRecord, Transition), StoreError> {
+    let how = AddOptions {
+        name: name.map(str::to_string),
+        ..AddOptions::default()
+    };
+    add_with(config, registry, file, &how, actor, progress).map(|(r, t, _)| (r, t))
+}
+
+/// How [`add_with`] takes a file in.
+#[derive(Clone, Debug, Default)]
+pub struct AddOptions {
+    /// Default: the model's `general.name`, or the file name.
+    pub name: Option<String>,
+    /// Hard-link the file into the store instead of copying it, where the
+    /// store is on the same file system (else it is copied).
+    pub link: bool,
+    /// The sha256 the file's source names it by (Ollama's digest, the Hugging
+    /// Face cache's blob name): a file that does not hash to it is refused.
+    pub expected_sha256: Option<String>,
+    pub origin: Option<String>,
+    pub chat_template: Option<String>,
+    pub params: Option<String>,
+    /// Record nothing when a registered version has the same bytes
+    /// ([`StoreError::Known`]).
+    pub skip_known: bool,
+}
+
+/// [`add`] with options; also says whether the blob is a hard link to
+/// `file` (true) or a copy.
+pub fn add_with(
+    config: &Config,
+    registry: &mut Registry,
+    file: &Path,
+    how: &AddOptions,
+    actor: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(ModelRecord, Transition, bool), StoreError> {
     let model = Model::load(file)?;
     model.tokenizer()?;
-    let name = match name {
-        Some(n) => n.to_string(),
+    let name = match &how.name {
+        Some(n) => n.clone(),
         None => default_name(&model.file, file),
     };
     check_name(&name)?;
@@ -229,9 +273,22 @@ pub fn add(
         std::process::id(),
         fastrand::u32(..)
     ));
-    let hash = copy_hashing(file, &tmp, |done| progress(done, total))?;
-    let blob = dir.join(format!("sha256-{hash}"));
-    let copy = match hash_file(&tmp, |_| {}) {
+    // A hard link shares the file's bytes: one hash of them is the check.
+    // A copy is hashed while written and again from disk.
+    let linked = how.link && std::fs::hard_link(file, &tmp).is_ok();
+    let checked = if linked {
+        hash_file(&tmp, |done| progress(done, total)).map(|h| (h.clone(), Ok(h)))
+    } else {
+        copy_hashing(file, &tmp, |done| progress(done, total)).map(|h| (h, hash_file(&tmp, |_| {})))
+    };
+    let (hash, copy) = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let copy = match copy {
         Ok(copy) if copy == hash => copy,
         other => {
             let _ = std::fs::remove_file(&tmp);
@@ -245,6 +302,25 @@ pub fn add(
             });
         }
     };
+    if let Some(want) = &how.expected_sha256
+        && *want != copy
+    {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Invalid(format!(
+            "{}: its sha256 is {copy}, but its source names it {want}: the file is damaged or was changed; nothing was recorded",
+            file.display()
+        )));
+    }
+    if how.skip_known
+        && let Some(m) = registry.models_with_sha(&copy)?.into_iter().next()
+    {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Known {
+            path: file.to_path_buf(),
+            model: m.label(),
+        });
+    }
+    let blob = dir.join(format!("sha256-{copy}"));
     let parent = model
         .file
         .get(PARENT_KEY)
@@ -258,6 +334,9 @@ pub fn add(
         quant_type: quant_type(&model.file),
         size_bytes: total,
         parent_sha256: parent,
+        origin: how.origin.clone(),
+        chat_template: how.chat_template.clone(),
+        params: how.params.clone(),
     };
     // Publishing the blob and recording it happen under the store's lock,
     // so that a blob no record names is always garbage (see `orphans`).
@@ -277,7 +356,8 @@ pub fn add(
         // Nothing names the new blob: take it back.
         let _ = std::fs::remove_file(&blob);
     }
-    Ok(recorded?)
+    let (record, t) = recorded?;
+    Ok((record, t, linked))
 }
 
 /// Temporary copies are named `.incoming-<pid>-<random>` until published.

@@ -5,6 +5,18 @@ use kiln_registry::config::Config;
 use kiln_serve::demo::{self, Keystroke};
 use std::process::{Command, ExitCode};
 
+/// The first model in another tool's store (the Hugging Face cache,
+/// Ollama, LM Studio) that kiln loads.
+fn found_elsewhere() -> Option<kiln_runtime::import::Found> {
+    use kiln_runtime::import;
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let roots = import::roots(home.as_deref(), |k| std::env::var_os(k));
+    let (found, _) = import::discover(&roots);
+    found
+        .into_iter()
+        .find(|f| kiln_runtime::model::Model::load(&f.path).is_ok_and(|m| m.tokenizer().is_ok()))
+}
+
 pub fn run(
     config: &Config,
     model: Option<&str>,
@@ -16,7 +28,9 @@ pub fn run(
         return Err(CliError("--keystrokes must be at least 1".into()));
     }
     // The model asked for; else the registry's active model (a real one
-    // the user added); only with none, the generated random-weight model.
+    // the user added); else a model the user has in another tool's store
+    // (what `kiln models import` finds); only with none, the generated
+    // random-weight model.
     let active = match model {
         Some(_) => None,
         None => match kiln_runtime::store::resolve_served(config, None) {
@@ -37,6 +51,18 @@ pub fn run(
             }
             label.into()
         }
+        (None, None) if let Some(found) = found_elsewhere() => {
+            if !json {
+                println!(
+                    "kiln demo: no model is registered; serving {} from {} ({}).\n\
+                     `kiln models import` registers it (and the others found) without copying.\n",
+                    found.name,
+                    found.origin(),
+                    found.path.display()
+                );
+            }
+            found.path.into()
+        }
         (None, None) => {
             let p = demo::ensure_demo_model(&config.home, &mut |m| eprintln!("kiln: {m}"))?;
             if !json {
@@ -46,7 +72,8 @@ pub fn run(
                      the machinery: a real `kiln serve` language server, fill-in-the-middle prompts\n\
                      with context from the workspace, KV-cache reuse while typing, and the\n\
                      latencies. Add a real model (a GGUF file, e.g. a Qwen2.5-Coder 0.5B Q8_0) with\n\
-                     `kiln models add FILE.gguf` and `kiln demo` serves it.\n",
+                     `kiln models add FILE.gguf` (or keep one in the Hugging Face cache, Ollama or\n\
+                     LM Studio, where `kiln models import` finds it) and `kiln demo` serves it.\n",
                     demo::DEMO_MODEL_NAME
                 );
             }

@@ -205,6 +205,18 @@ enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Find GGUF models in the Hugging Face cache, Ollama and LM Studio
+    /// and register them without copying (hard links where possible).
+    Import {
+        /// Only these sources: hf, ollama, lmstudio (default: all).
+        #[arg(long = "from", value_delimiter = ',')]
+        from: Vec<String>,
+        /// Only list what would be imported, and what is skipped.
+        #[arg(long)]
+        list: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Every registered model version.
     List {
         #[arg(long)]
@@ -487,6 +499,9 @@ fn run(command: Command) -> CliResult {
                 models::add(&config, &file, name.as_deref(), json)
             }
             ModelsCommand::List { json } => models::list(&config, json),
+            ModelsCommand::Import { from, list, json } => {
+                models::import(&config, &from, list, json)
+            }
             ModelsCommand::Activate { model } => change(&config, Kind::Model, Enable, &model),
             ModelsCommand::Disable { model } => change(&config, Kind::Model, Disable, &model),
             ModelsCommand::Rollback { name } => change(&config, Kind::Model, Rollback, &name),

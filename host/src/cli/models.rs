@@ -1,7 +1,8 @@
 //! `kiln models …`
 
 use super::{
-    CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json, table,
+    CliError, CliResult, JSON_SCHEMA_VERSION, Progress, human_bytes, open_registry, print_json,
+    table,
 };
 use kiln_registry::actor;
 use kiln_registry::config::Config;
@@ -34,6 +35,103 @@ pub fn add(config: &Config, file: &Path, name: Option<&str>, as_json: bool) -> C
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn import(config: &Config, from: &[String], only_list: bool, as_json: bool) -> CliResult {
+    use kiln_runtime::import::{self, Outcome, Source};
+    let mut sources = Vec::new();
+    for f in from {
+        sources.push(Source::parse(f).ok_or_else(|| {
+            CliError(format!(
+                "unknown source {f:?} for --from; choose hf, ollama or lmstudio"
+            ))
+        })?);
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let roots: Vec<_> = import::roots(home.as_deref(), |k| std::env::var_os(k))
+        .into_iter()
+        .filter(|(s, _)| sources.is_empty() || sources.contains(s))
+        .collect();
+    let (found, skipped) = import::discover(&roots);
+    if only_list {
+        if as_json {
+            print_json(&serde_json::json!({
+                "schema_version": JSON_SCHEMA_VERSION,
+                "searched": roots.iter().map(|(s, p)| serde_json::json!({"source": s, "path": p})).collect::<Vec<_>>(),
+                "found": found, "skipped": skipped,
+            }));
+            return Ok(ExitCode::SUCCESS);
+        }
+        for (s, p) in &roots {
+            let state = if p.is_dir() { "" } else { " (absent)" };
+            println!("searched {} {}{state}", s.name(), p.display());
+        }
+        for f in &found {
+            println!("found {} -> {} ({})", f.origin(), f.name, f.path.display());
+        }
+        for s in &skipped {
+            println!("skipped {}: {}", s.path.display(), s.why);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut registry = open_registry(config)?;
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for f in &found {
+        let progress = Progress::new("hashing");
+        let r = import::import(config, &mut registry, f, &actor(), |d, total| {
+            progress.bytes(d, total, &f.name)
+        });
+        match &r {
+            Ok(Outcome::Imported { model, linked }) if !as_json => println!(
+                "imported {} as {} ({}, {}, {}; {})",
+                f.origin(),
+                model.label(),
+                model.architecture,
+                model.quant_type,
+                human_bytes(model.size_bytes),
+                if *linked {
+                    "hard-linked, no copy"
+                } else {
+                    "copied: another file system"
+                }
+            ),
+            Ok(Outcome::Already { model }) if !as_json => {
+                println!("{} is already {model}", f.origin())
+            }
+            Err(e) if !as_json => eprintln!("kiln: not imported: {}: {e}", f.origin()),
+            _ => {}
+        }
+        failed += usize::from(r.is_err());
+        results.push(match r {
+            Ok(o) => serde_json::json!({"origin": f.origin(), "outcome": o}),
+            Err(e) => serde_json::json!({"origin": f.origin(), "error": e.to_string()}),
+        });
+    }
+    if as_json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "results": results, "skipped": skipped,
+        }));
+    } else {
+        for s in &skipped {
+            println!("skipped {}: {}", s.path.display(), s.why);
+        }
+        if found.is_empty() {
+            println!(
+                "No GGUF models found in {}.",
+                roots
+                    .iter()
+                    .map(|(_, p)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn list(config: &Config, as_json: bool) -> CliResult {
