@@ -700,6 +700,10 @@ fn kiln_demo_serves_the_active_model_then_one_found_elsewhere_and_else_says_it_g
     let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
     assert!(out.contains("RANDOM weights"), "{out}");
     assert!(out.contains("kiln models add FILE.gguf"), "{out}");
+    assert!(
+        out.contains("kiln pull hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q8_0"),
+        "{out}"
+    );
     // A model in LM Studio's folder: the demo serves it, and says how to
     // import it.
     let studio = home.user_home().join(".lmstudio/models/pub/repo");

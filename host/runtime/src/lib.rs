@@ -13,6 +13,8 @@
 //! - [`store`]: the content-addressed model store and model lookup;
 //! - [`import`]: models found in the Hugging Face cache, Ollama and LM
 //!   Studio, registered without copying;
+//! - [`pull`]: models downloaded from the Hugging Face Hub or a URL,
+//!   resumable and checked against the hub's sha256;
 //! - [`quantize`]: llama.cpp's quantization rules and bytes;
 //! - [`convert`]: Hugging Face checkpoints (safetensors) to GGUF;
 //! - [`policy`]: WebAssembly policies: store, quality gate, runs, replay;
@@ -32,6 +34,7 @@ pub mod measure;
 pub mod model;
 pub mod plugin;
 pub mod policy;
+pub mod pull;
 pub mod quantize;
 pub mod store;
 pub mod tokenizer;

@@ -17,6 +17,9 @@ fn found_elsewhere() -> Option<kiln_runtime::import::Found> {
         .find(|f| kiln_runtime::model::Model::load(&f.path).is_ok_and(|m| m.tokenizer().is_ok()))
 }
 
+/// The small code model `kiln demo` recommends pulling.
+const RECOMMENDED: &str = "hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q8_0";
+
 pub fn run(
     config: &Config,
     model: Option<&str>,
@@ -71,9 +74,11 @@ pub fn run(
                      with RANDOM weights: the completions below are noise. What the demo shows is\n\
                      the machinery: a real `kiln serve` language server, fill-in-the-middle prompts\n\
                      with context from the workspace, KV-cache reuse while typing, and the\n\
-                     latencies. Add a real model (a GGUF file, e.g. a Qwen2.5-Coder 0.5B Q8_0) with\n\
-                     `kiln models add FILE.gguf` (or keep one in the Hugging Face cache, Ollama or\n\
-                     LM Studio, where `kiln models import` finds it) and `kiln demo` serves it.\n",
+                     latencies. For a real model, run\n\
+                     \n    kiln pull {RECOMMENDED}\n\n\
+                     (Qwen2.5-Coder 0.5B Instruct in Q8_0: a small code model with fill-in-the-middle),\n\
+                     or `kiln models add FILE.gguf`, or keep one in the Hugging Face cache, Ollama or\n\
+                     LM Studio, where `kiln models import` finds it; `kiln demo` then serves it.\n",
                     demo::DEMO_MODEL_NAME
                 );
             }

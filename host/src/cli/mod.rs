@@ -12,6 +12,7 @@ mod lifecycle;
 mod models;
 mod plugins;
 mod policy;
+mod pull;
 mod quantize;
 mod run;
 mod serve;
@@ -156,7 +157,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The model store: add, list, activate, roll back, verify.
+    /// Download a GGUF model from the Hugging Face Hub (hf:ORG/REPO,
+    /// hf:ORG/REPO:FILE-or-QUANT) or a URL into the model store: resumable,
+    /// checked against the hub's sha256, registered and active.
+    Pull {
+        /// hf:ORG/REPO[:FILE-or-QUANT], or an https:// URL of a .gguf file.
+        spec: String,
+        /// The registry name (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The model store: add, import, list, activate, roll back, verify.
     #[command(subcommand)]
     Models(ModelsCommand),
     /// Convert a Hugging Face checkpoint directory (llama, qwen2) to GGUF.
@@ -364,6 +377,7 @@ pub fn main() -> ExitCode {
 fn run(command: Command) -> CliResult {
     let config = Config::from_env()?;
     match command {
+        Command::Pull { spec, name, json } => pull::run(&config, &spec, name.as_deref(), json),
         Command::Demo {
             model,
             keystrokes,

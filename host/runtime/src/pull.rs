@@ -1,0 +1,587 @@
+//! `kiln pull`: a GGUF model from the Hugging Face Hub (`hf:ORG/REPO`,
+//! `hf:ORG/REPO:FILE`, `hf:ORG/REPO:Q4_K_M`) or from any URL, into the
+//! model store.
+//!
+//! - The hub's file listing (`/api/models/REPO/tree/main`) gives each
+//!   file's size and, for files in Git LFS (every GGUF), its sha256; the
+//!   download is checked against it before anything is registered.
+//! - Downloads go to `$KILN_HOME/models/downloads/` and resume with an HTTP
+//!   `Range` request: after a dropped connection (up to [`ATTEMPTS`] tries
+//!   per run) and across runs (the partial file stays until it completes).
+//! - `HF_ENDPOINT` (a mirror, or a local server in the tests), `HF_TOKEN`
+//!   (gated models), and the proxy variables (`HTTPS_PROXY`, `ALL_PROXY`,
+//!   `NO_PROXY`, …) are honoured. HTTPS is rustls with the aws-lc-rs
+//!   provider and the webpki root certificates.
+//!
+//! Nothing but the model file is fetched, and only when asked.
+
+use crate::store::{self, AddOptions, StoreError};
+use kiln_registry::config::Config;
+use kiln_registry::{ModelRecord, Registry};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Tries per download in one run (each resumes where the last stopped).
+pub const ATTEMPTS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("{0}")]
+    Spec(String),
+    #[error(
+        "cannot reach {host}: {why} (offline? `kiln models import` registers models you already have; HF_ENDPOINT points at a mirror)"
+    )]
+    Offline { host: String, why: String },
+    #[error("{url}: HTTP {status}{hint}")]
+    Http {
+        url: String,
+        status: u16,
+        hint: &'static str,
+    },
+    #[error("{0}")]
+    Choice(String),
+    #[error(
+        "{url}: the download's sha256 is {got}, but the hub publishes {want}; the partial file was removed, nothing was recorded (run the command again to download it anew)"
+    )]
+    HashMismatch {
+        url: String,
+        got: String,
+        want: String,
+    },
+    #[error(
+        "{url}: interrupted after {done} of {total} bytes ({why}); run the same command again to resume"
+    )]
+    Interrupted {
+        url: String,
+        done: u64,
+        total: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What to pull.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Spec {
+    /// A hub repository, and a file name or quantization to choose by.
+    Hub {
+        repo: String,
+        select: Option<String>,
+    },
+    Url(String),
+}
+
+impl Spec {
+    pub fn parse(s: &str) -> Result<Spec, PullError> {
+        if s.starts_with("https://") || s.starts_with("http://") {
+            return Ok(Spec::Url(s.to_string()));
+        }
+        let Some(rest) = s.strip_prefix("hf:") else {
+            return Err(PullError::Spec(format!(
+                "{s:?}: say hf:ORG/REPO[:FILE-or-QUANT] (e.g. hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q4_K_M) or an https:// URL of a .gguf file"
+            )));
+        };
+        let (repo, select) = match rest.split_once(':') {
+            Some((r, sel)) => (r, Some(sel.to_string())),
+            None => (rest, None),
+        };
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        };
+        match repo.split_once('/') {
+            Some((org, name)) if ok(org) && ok(name) => Ok(Spec::Hub {
+                repo: repo.to_string(),
+                select: select.filter(|s| !s.is_empty()),
+            }),
+            _ => Err(PullError::Spec(format!(
+                "{repo:?} is not a hub repository name (ORG/REPO)"
+            ))),
+        }
+    }
+}
+
+/// A file the hub lists.
+#[derive(Clone, Debug, Serialize)]
+pub struct RemoteFile {
+    pub path: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+}
+
+/// The hub's endpoint and token, and an HTTP agent.
+pub struct Client {
+    agent: ureq::Agent,
+    endpoint: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// From `HF_ENDPOINT` (default `https://huggingface.co`) and `HF_TOKEN`
+    /// (or `HUGGING_FACE_HUB_TOKEN`).
+    pub fn from_env() -> Client {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let crypto = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(crypto)
+            .root_certs(ureq::tls::RootCerts::WebPki)
+            .build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .proxy(ureq::Proxy::try_from_env())
+            .timeout_connect(Some(Duration::from_secs(20)))
+            .timeout_recv_body(None)
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .build();
+        Client {
+            agent: config.into(),
+            endpoint: var("HF_ENDPOINT")
+                .unwrap_or_else(|| "https://huggingface.co".into())
+                .trim_end_matches('/')
+                .to_string(),
+            token: var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")),
+        }
+    }
+
+    fn get(
+        &self,
+        url: &str,
+        range_from: u64,
+    ) -> Result<ureq::http::Response<ureq::Body>, PullError> {
+        let mut req = self.agent.get(url);
+        // The token goes to the hub only, never to another host.
+        if let Some(t) = &self.token
+            && url.starts_with(&self.endpoint)
+        {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        if range_from > 0 {
+            req = req.header("Range", &format!("bytes={range_from}-"));
+        }
+        req.call().map_err(|e| PullError::Offline {
+            host: host_of(url),
+            why: e.to_string(),
+        })
+    }
+
+    /// Every file of `repo`'s main branch.
+    pub fn list(&self, repo: &str) -> Result<Vec<RemoteFile>, PullError> {
+        let url = format!(
+            "{}/api/models/{repo}/tree/main?recursive=true",
+            self.endpoint
+        );
+        let mut resp = self.get(&url, 0)?;
+        check_status(&url, resp.status().as_u16(), self.token.is_some())?;
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(rename = "type")]
+            kind: String,
+            path: String,
+            #[serde(default)]
+            size: u64,
+            lfs: Option<Lfs>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Lfs {
+            oid: String,
+        }
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| PullError::Offline {
+                host: host_of(&url),
+                why: e.to_string(),
+            })?;
+        let entries: Vec<Entry> = serde_json::from_str(&body).map_err(|e| {
+            PullError::Spec(format!(
+                "{url}: not a file listing the hub would send ({e})"
+            ))
+        })?;
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.kind == "file")
+            .map(|e| RemoteFile {
+                path: e.path,
+                size: e.size,
+                sha256: e.lfs.map(|l| l.oid.to_lowercase()),
+            })
+            .collect())
+    }
+
+    /// Where a file of a repository is downloaded from.
+    pub fn file_url(&self, repo: &str, path: &str) -> String {
+        format!("{}/{repo}/resolve/main/{path}", self.endpoint)
+    }
+}
+
+fn host_of(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or(url)
+        .to_string()
+}
+
+fn check_status(url: &str, status: u16, has_token: bool) -> Result<(), PullError> {
+    let hint = match status {
+        200..=299 => return Ok(()),
+        401 | 403 if has_token => ": the token (HF_TOKEN) does not give access to it",
+        401 | 403 => ": a gated or private repository; set HF_TOKEN to a token that may read it",
+        404 => ": no such repository or file (check the name)",
+        429 => ": rate-limited; wait and try again",
+        _ => "",
+    };
+    Err(PullError::Http {
+        url: url.to_string(),
+        status,
+        hint,
+    })
+}
+
+/// The GGUF file of `files` that `select` names (a file name, or a
+/// quantization such as `Q4_K_M`, any case), or the only one, or the
+/// Q4_K_M one.
+pub fn choose<'a>(
+    repo: &str,
+    files: &'a [RemoteFile],
+    select: Option<&str>,
+) -> Result<&'a RemoteFile, PullError> {
+    let ggufs: Vec<&RemoteFile> = files
+        .iter()
+        .filter(|f| f.path.to_lowercase().ends_with(".gguf") && !is_split(&f.path))
+        .collect();
+    let names = || {
+        ggufs
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if ggufs.is_empty() {
+        return Err(PullError::Choice(format!(
+            "hf:{repo} has no single-file GGUF model (split GGUF files are not supported)"
+        )));
+    }
+    let stem = |f: &RemoteFile| {
+        let name = f.path.rsplit('/').next().unwrap_or(&f.path).to_lowercase();
+        name.trim_end_matches(".gguf").to_string()
+    };
+    let pick = |sel: &str| -> Vec<&'a RemoteFile> {
+        let sel = sel.to_lowercase();
+        if let Some(f) = ggufs.iter().find(|f| f.path.to_lowercase() == sel) {
+            return vec![f];
+        }
+        ggufs
+            .iter()
+            .copied()
+            .filter(|f| {
+                let s = stem(f);
+                s.ends_with(&format!("-{sel}")) || s.ends_with(&format!(".{sel}")) || s == sel
+            })
+            .collect()
+    };
+    let matched = match select {
+        Some(sel) => pick(sel),
+        None if ggufs.len() == 1 => ggufs.clone(),
+        None => pick("q4_k_m"),
+    };
+    match matched.as_slice() {
+        [one] => Ok(one),
+        [] => Err(PullError::Choice(match select {
+            Some(sel) => format!("hf:{repo} has no GGUF file for {sel:?}; it has {}", names()),
+            None => format!(
+                "hf:{repo} has several GGUF files; choose one with hf:{repo}:FILE-or-QUANT: {}",
+                names()
+            ),
+        })),
+        many => Err(PullError::Choice(format!(
+            "{:?} matches several files of hf:{repo}: {}; name the file",
+            select.unwrap_or("q4_k_m"),
+            many.iter()
+                .map(|f| f.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn is_split(path: &str) -> bool {
+    let p = path.to_lowercase();
+    p.trim_end_matches(".gguf")
+        .rsplit_once("-of-")
+        .is_some_and(|(_, t)| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What `pull` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pulled {
+    pub model: ModelRecord,
+    pub url: String,
+    /// Bytes fetched in this run (less than the file when resumed).
+    pub fetched_bytes: u64,
+    /// How many times the download resumed after a dropped connection.
+    pub resumed: usize,
+}
+
+/// What a pull tells as it goes.
+pub enum Event<'a> {
+    /// Bytes of the file on disk, of the total where known.
+    Progress { done: u64, total: Option<u64> },
+    /// A line worth telling (the file chosen, resuming, verifying).
+    Note(&'a str),
+}
+
+/// Downloads `spec` into the store and registers it (named `name`, else
+/// after the file), telling `event` how it goes.
+pub fn pull(
+    config: &Config,
+    registry: &mut Registry,
+    client: &Client,
+    spec: &Spec,
+    name: Option<&str>,
+    actor: &str,
+    mut event: impl FnMut(Event<'_>),
+) -> Result<Pulled, PullError> {
+    let mut note = |line: &str| event(Event::Note(line));
+    let (url, file_name, size, sha256, origin) = match spec {
+        Spec::Hub { repo, select } => {
+            let files = client.list(repo)?;
+            let f = choose(repo, &files, select.as_deref())?;
+            note(&format!(
+                "hf:{repo}: {} ({:.1} MiB)",
+                f.path,
+                f.size as f64 / (1 << 20) as f64
+            ));
+            (
+                client.file_url(repo, &f.path),
+                f.path.rsplit('/').next().unwrap_or(&f.path).to_string(),
+                Some(f.size).filter(|&s| s > 0),
+                f.sha256.clone(),
+                format!("hf:{repo}/{}", f.path),
+            )
+        }
+        Spec::Url(u) => {
+            let file = u.rsplit('/').next().unwrap_or("model.gguf");
+            let file = file.split('?').next().unwrap_or(file).to_string();
+            (u.clone(), file, None, None, u.clone())
+        }
+    };
+    let dir = store::blobs_dir(config).with_file_name("downloads");
+    std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    // One partial file per URL, so that a second run resumes it.
+    let key: String = Sha256::digest(url.as_bytes())
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let partial = dir.join(format!("{key}.partial"));
+    let (fetched, resumed) = download(client, &url, &partial, size, &mut event)?;
+    event(Event::Note("verifying the download"));
+    let got = store::hash_file(&partial, |_| {})?;
+    if let Some(want) = &sha256
+        && *want != got
+    {
+        let _ = std::fs::remove_file(&partial);
+        return Err(PullError::HashMismatch {
+            url,
+            got,
+            want: want.clone(),
+        });
+    }
+    let stem = file_name
+        .trim_end_matches(".gguf")
+        .trim_end_matches(".GGUF");
+    let how = AddOptions {
+        name: Some(name.map_or_else(|| crate::import::name_from(stem), str::to_string)),
+        link: true,
+        expected_sha256: Some(got),
+        origin: Some(origin),
+        ..AddOptions::default()
+    };
+    let added = store::add_with(config, registry, &partial, &how, actor, |_, _| {});
+    // The blob is a hard link to (or a copy of) the download: the partial
+    // name goes either way, unless the model was refused and may be
+    // looked at.
+    if added.is_ok() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let (model, _, _) = added?;
+    Ok(Pulled {
+        model,
+        url,
+        fetched_bytes: fetched,
+        resumed,
+    })
+}
+
+/// Fetches `url` into `partial`, resuming from its length; returns the
+/// bytes fetched and how many times it resumed after a dropped connection.
+fn download(
+    client: &Client,
+    url: &str,
+    partial: &Path,
+    size: Option<u64>,
+    event: &mut impl FnMut(Event<'_>),
+) -> Result<(u64, usize), PullError> {
+    let io = |source| PullError::Io {
+        path: partial.to_path_buf(),
+        source,
+    };
+    let (mut fetched, mut resumed) = (0u64, 0usize);
+    let mut last_error = String::new();
+    for attempt in 0..ATTEMPTS {
+        let have = std::fs::metadata(partial).map_or(0, |m| m.len());
+        if size.is_some_and(|s| have == s) {
+            return Ok((fetched, resumed));
+        }
+        if have > 0 {
+            event(Event::Note(&format!("resuming at byte {have}")));
+            if attempt > 0 {
+                resumed += 1;
+            }
+        }
+        let mut resp = match client.get(url, have) {
+            Ok(r) => r,
+            Err(e) if attempt + 1 < ATTEMPTS => {
+                last_error = e.to_string();
+                std::thread::sleep(Duration::from_millis(200 << attempt));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let status = resp.status().as_u16();
+        if status == 416 && have > 0 {
+            // Asked past the end: what we have is all there is.
+            return Ok((fetched, resumed));
+        }
+        check_status(url, status, client.token.is_some())?;
+        // 206: the rest; 200: the whole file (the server ignored Range).
+        let start = if status == 206 { have } else { 0 };
+        let total = size.or_else(|| {
+            resp.headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|n| n + start)
+        });
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(start == 0)
+            .append(start > 0)
+            .open(partial)
+            .map_err(io)?;
+        let mut reader = resp.body_mut().as_reader();
+        let mut done = start;
+        let mut buf = vec![0u8; 1 << 20];
+        let outcome = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    out.write_all(&buf[..n]).map_err(io)?;
+                    done += n as u64;
+                    fetched += n as u64;
+                    event(Event::Progress { done, total });
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        out.sync_all().map_err(io)?;
+        let complete = total.is_none_or(|t| done >= t);
+        match outcome {
+            Ok(()) if complete => return Ok((fetched, resumed)),
+            Ok(()) => last_error = format!("the connection closed at byte {done}"),
+            Err(e) => last_error = e,
+        }
+        if attempt + 1 < ATTEMPTS {
+            std::thread::sleep(Duration::from_millis(200 << attempt));
+        }
+    }
+    Err(PullError::Interrupted {
+        url: url.to_string(),
+        done: std::fs::metadata(partial).map_or(0, |m| m.len()),
+        total: size.map_or("?".into(), |s| s.to_string()),
+        why: last_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(path: &str) -> RemoteFile {
+        RemoteFile {
+            path: path.into(),
+            size: 1,
+            sha256: None,
+        }
+    }
+
+    #[test]
+    fn specs_parse_and_files_are_chosen_by_name_or_quantization() {
+        assert_eq!(
+            Spec::parse("hf:Qwen/Coder-GGUF:Q4_K_M").unwrap(),
+            Spec::Hub {
+                repo: "Qwen/Coder-GGUF".into(),
+                select: Some("Q4_K_M".into())
+            }
+        );
+        assert!(matches!(
+            Spec::parse("https://x/m.gguf").unwrap(),
+            Spec::Url(_)
+        ));
+        assert!(
+            Spec::parse("Qwen/Coder")
+                .unwrap_err()
+                .to_string()
+                .contains("hf:ORG/REPO")
+        );
+        assert!(Spec::parse("hf:nope").is_err());
+        let files = [
+            f("README.md"),
+            f("coder-q4_k_m.gguf"),
+            f("coder-q8_0.gguf"),
+            f("big-q8_0-00001-of-00002.gguf"),
+        ];
+        assert_eq!(
+            choose("r", &files, Some("Q8_0")).unwrap().path,
+            "coder-q8_0.gguf"
+        );
+        assert_eq!(choose("r", &files, None).unwrap().path, "coder-q4_k_m.gguf");
+        assert_eq!(
+            choose("r", &files, Some("coder-q8_0.gguf")).unwrap().path,
+            "coder-q8_0.gguf"
+        );
+        let err = choose("r", &files, Some("q2_k")).unwrap_err().to_string();
+        assert!(err.contains("coder-q4_k_m.gguf, coder-q8_0.gguf"), "{err}");
+        let two = [f("a-q8_0.gguf"), f("b-q8_0.gguf")];
+        assert!(
+            choose("r", &two, None)
+                .unwrap_err()
+                .to_string()
+                .contains("several")
+        );
+        assert!(
+            choose("r", &two, Some("q8_0"))
+                .unwrap_err()
+                .to_string()
+                .contains("name the file")
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! `kiln pull` against a local server that answers as the Hugging Face Hub
+//! does (the file listing with LFS sha256s, `resolve/main/FILE` with Range
+//! requests), on loopback only: a connection dropped mid-file resumes with
+//! a Range request; a wrong hash, a missing repository, a gated one, an
+//! ambiguous choice and an unreachable hub each give a clear error and
+//! record nothing; a URL pulls too.
+
+use kiln_tests::{Home, tiny_model};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Hub {
+    port: u16,
+    /// One line per request: `PATH range=… auth=…`.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+struct Files {
+    q8: Vec<u8>,
+    f16: Vec<u8>,
+}
+
+fn respond(
+    mut s: &TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    cut: Option<usize>,
+) {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(&body[..cut.unwrap_or(body.len())]);
+    let _ = s.flush();
+}
+
+fn serve_one(s: TcpStream, files: &Files, log: &Mutex<Vec<String>>, dropped: &Mutex<bool>) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let (mut range, mut auth) = (None, None);
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+        match k.to_ascii_lowercase().as_str() {
+            "range" => range = Some(v.trim().to_string()),
+            "authorization" => auth = Some(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    log.lock().unwrap().push(format!(
+        "{path} range={} auth={}",
+        range.as_deref().unwrap_or("-"),
+        auth.as_deref().unwrap_or("-")
+    ));
+    let sha = |b: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b).unwrap();
+        kiln_runtime::store::hash_file(&p, |_| {}).unwrap()
+    };
+    let listing = |entries: Vec<(&str, &[u8], String)>| {
+        let v: Vec<serde_json::Value> = entries
+            .into_iter()
+            .map(|(p, b, oid)| {
+                serde_json::json!({"type": "file", "path": p, "size": b.len(), "lfs": {"oid": oid, "size": b.len()}})
+            })
+            .chain([serde_json::json!({"type": "file", "path": "README.md", "size": 5})])
+            .chain([serde_json::json!({"type": "directory", "path": "docs", "size": 0})])
+            .collect();
+        serde_json::to_vec(&v).unwrap()
+    };
+    let json = [("Content-Type", "application/json".to_string())];
+    let gated_ok = auth.as_deref() == Some("Bearer secret");
+    match path.as_str() {
+        "/api/models/org/tiny-GGUF/tree/main?recursive=true" => {
+            let body = listing(vec![
+                ("tiny-q8_0.gguf", &files.q8, sha(&files.q8)),
+                ("tiny-f16.gguf", &files.f16, sha(&files.f16)),
+            ]);
+            respond(&s, "200 OK", &json, &body, None)
+        }
+        "/api/models/org/bad-GGUF/tree/main?recursive=true" => {
+            let body = listing(vec![("bad-q8_0.gguf", &files.q8, "ab".repeat(32))]);
+            respond(&s, "200 OK", &json, &body, None)
+        }
+        "/api/models/org/gated-GGUF/tree/main?recursive=true" if gated_ok => {
+            let body = listing(vec![("gated-f16.gguf", &files.f16, sha(&files.f16))]);
+            respond(&s, "200 OK", &json, &body, None)
+        }
+        "/api/models/org/gated-GGUF/tree/main?recursive=true" => {
+            respond(&s, "401 Unauthorized", &[], b"", None)
+        }
+        "/org/tiny-GGUF/resolve/main/tiny-q8_0.gguf"
+        | "/org/bad-GGUF/resolve/main/bad-q8_0.gguf" => {
+            let body = &files.q8;
+            match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                Some(from) => {
+                    let from: usize = from.trim_end_matches('-').parse().unwrap();
+                    let cr = format!("bytes {from}-{}/{}", body.len() - 1, body.len());
+                    respond(
+                        &s,
+                        "206 Partial Content",
+                        &[("Content-Range", cr)],
+                        &body[from..],
+                        None,
+                    )
+                }
+                None => {
+                    // The first whole-file request of the tiny model is
+                    // cut after a third: the connection drops.
+                    let mut d = dropped.lock().unwrap();
+                    let cut = (!*d && path.contains("tiny")).then_some(body.len() / 3);
+                    *d |= cut.is_some();
+                    respond(&s, "200 OK", &[], body, cut)
+                }
+            }
+        }
+        "/org/tiny-GGUF/resolve/main/tiny-f16.gguf"
+        | "/org/gated-GGUF/resolve/main/gated-f16.gguf" => {
+            respond(&s, "200 OK", &[], &files.f16, None)
+        }
+        _ => respond(&s, "404 Not Found", &[], b"Repository not found", None),
+    }
+    // The client sees the close (mid-body where the response was cut).
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+fn hub() -> Hub {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let files = Files {
+        q8: std::fs::read(tiny_model(&["--dtype", "f32", "--seed", "7"])).unwrap(),
+        f16: std::fs::read(tiny_model(&["--dtype", "f16", "--seed", "7"])).unwrap(),
+    };
+    let (l, dropped) = (log.clone(), Mutex::new(false));
+    std::thread::spawn(move || {
+        // Bounded: at most 64 connections.
+        for s in listener.incoming().take(64).flatten() {
+            serve_one(s, &files, &l, &dropped);
+        }
+    });
+    Hub { port, log }
+}
+
+fn pull(home: &Home, hub_port: u16, args: &[&str], token: Option<&str>) -> std::process::Output {
+    let mut c = home.command(&[&["pull"], args].concat());
+    c.env("HF_ENDPOINT", format!("http://127.0.0.1:{hub_port}"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HUGGING_FACE_HUB_TOKEN")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("HTTP_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("http_proxy")
+        .env_remove("all_proxy");
+    if let Some(t) = token {
+        c.env("HF_TOKEN", t);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn pulls_from_a_hub_resuming_and_refuses_what_it_cannot_trust() {
+    let home = Home::default();
+    let hub = hub();
+    let port = hub.port;
+
+    // A dropped connection: resumed with a Range request, verified.
+    let out = pull(&home, port, &["hf:org/tiny-GGUF:Q8_0"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("resuming at byte") && t.contains("now active"),
+        "{t}"
+    );
+    let log = hub.log.lock().unwrap().clone();
+    let ranged: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("tiny-q8_0") && !l.contains("range=-"))
+        .collect();
+    assert_eq!(ranged.len(), 1, "{log:?}");
+    let models = home.registry().models().unwrap();
+    assert_eq!(models.len(), 1);
+    let m = &models[0];
+    assert_eq!((m.name.as_str(), m.state.as_str()), ("tiny-q8_0", "active"));
+    assert_eq!(m.origin.as_deref(), Some("hf:org/tiny-GGUF/tiny-q8_0.gguf"));
+    assert_eq!(
+        m.sha256,
+        kiln_runtime::store::hash_file(&tiny_model(&["--dtype", "f32", "--seed", "7"]), |_| {})
+            .unwrap()
+    );
+    let downloads = home.path().join("models/downloads");
+    assert_eq!(
+        std::fs::read_dir(&downloads).unwrap().count(),
+        0,
+        "no partial file is left"
+    );
+    home.ok(&["run", "tiny-q8_0", "--prompt", "a", "--max-tokens", "2"]);
+
+    // Errors that record nothing.
+    let before = home.registry_snapshot();
+    let out = pull(&home, port, &["hf:org/tiny-GGUF"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("several GGUF files") && t.contains("tiny-f16.gguf"),
+        "{t}"
+    );
+    let out = pull(&home, port, &["hf:org/bad-GGUF"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("the hub publishes"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&downloads).unwrap().count(),
+        0,
+        "the bad download is removed"
+    );
+    let out = pull(&home, port, &["hf:org/missing-GGUF"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("HTTP 404") && t.contains("no such repository"),
+        "{t}"
+    );
+    let out = pull(&home, port, &["hf:org/gated-GGUF"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("HTTP 401") && t.contains("HF_TOKEN"),
+        "{t}"
+    );
+    let out = pull(&home, 1, &["hf:org/tiny-GGUF"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("cannot reach 127.0.0.1:1") && t.contains("offline"),
+        "{t}"
+    );
+    let out = pull(&home, port, &["org/tiny-GGUF"], None);
+    assert!(text(&out).contains("hf:ORG/REPO"), "{}", text(&out));
+    assert_eq!(home.registry_snapshot(), before);
+
+    // A token opens the gated repository; it is sent to the hub only.
+    let out = pull(&home, port, &["hf:org/gated-GGUF"], Some("secret"));
+    assert!(out.status.success(), "{}", text(&out));
+    // A URL, named.
+    let url = format!("http://127.0.0.1:{port}/org/tiny-GGUF/resolve/main/tiny-f16.gguf");
+    let out = pull(&home, port, &[&url, "--name", "from-url"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut names: Vec<String> = home
+        .registry()
+        .models()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["from-url", "gated-f16", "tiny-q8_0"]);
+}
