@@ -690,8 +690,12 @@ mod x86 {
     /// rows (the weight codes unpacked once for all): four blocks at a
     /// time, their integer sums reduced to one lane each, offset-corrected,
     /// scaled and summed in f64.
+    ///
+    /// Generated once per weight type (`D`, its raw number): the type's
+    /// choices (code layout, block size, minimum) are then constants, not
+    /// branches taken per block.
     macro_rules! dot_q8 {
-        ($name:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
+        ($name:ident, $typed:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
             /// # Safety
             /// The CPU has the features named; `w` and every row of `xs`
             /// hold the same number of blocks; `xs.len() <= 4 == out.len()`
@@ -703,6 +707,42 @@ mod x86 {
                 xs: &[&Q8Row],
                 out: &mut [f32],
             ) {
+                const Q4_0: u32 = DType::Q4_0.raw();
+                const Q4_1: u32 = DType::Q4_1.raw();
+                const Q5_0: u32 = DType::Q5_0.raw();
+                const Q5_0X16: u32 = DType::Q5_0X16.raw();
+                const Q5_1: u32 = DType::Q5_1.raw();
+                const Q8_0: u32 = DType::Q8_0.raw();
+                const IQ4_NL: u32 = DType::IQ4_NL.raw();
+                // SAFETY: the caller's contract.
+                unsafe {
+                    match dtype.raw() {
+                        Q4_0 => $typed::<R, Q4_0>(w, xs, out),
+                        Q4_1 => $typed::<R, Q4_1>(w, xs, out),
+                        Q5_0 => $typed::<R, Q5_0>(w, xs, out),
+                        Q5_0X16 => $typed::<R, Q5_0X16>(w, xs, out),
+                        Q5_1 => $typed::<R, Q5_1>(w, xs, out),
+                        Q8_0 => $typed::<R, Q8_0>(w, xs, out),
+                        IQ4_NL => $typed::<R, IQ4_NL>(w, xs, out),
+                        _ => unreachable!("{dtype} is not a q8 kernel type"),
+                    }
+                }
+            }
+
+            /// [`$name`] for the weight type numbered `D`.
+            ///
+            /// # Safety
+            /// As for [`$name`].
+            #[target_feature(enable = $features)]
+            unsafe fn $typed<const R: usize, const D: u32>(
+                w: &[u8],
+                xs: &[&Q8Row],
+                out: &mut [f32],
+            ) {
+                let dtype = match DType::from_raw(D) {
+                    Some(d) => d,
+                    None => unreachable!(),
+                };
                 // R is a constant so that the per-row sums stay in registers.
                 let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
                 let prod = $prod;
@@ -1465,17 +1505,24 @@ mod x86 {
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's
     // and Q5_0's codes (at most 2·31·128), not for Q8_0's code + 128, which takes the sign trick
     // (|w| times x with w's sign) and so needs no offset.
-    dot_q8!(dot_avx2, "avx2,fma,f16c", 0, |u, xv, q8: bool| {
-        let (a, b) = if q8 {
-            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-            (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
-        } else {
-            (u, xv)
-        };
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-    });
+    dot_q8!(
+        dot_avx2,
+        dot_avx2_typed,
+        "avx2,fma,f16c",
+        0,
+        |u, xv, q8: bool| {
+            let (a, b) = if q8 {
+                let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
+            } else {
+                (u, xv)
+            };
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+        }
+    );
     dot_q8!(
         dot_vnni,
+        dot_vnni_typed,
         "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
         128,
         |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
