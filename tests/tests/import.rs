@@ -111,7 +111,8 @@ fn imports_from_hugging_face_ollama_and_lm_studio_without_copying() {
     // One damaged file: reported, exit status 1, the others imported.
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
-        stderr.contains("hf:Org/Damaged-GGUF/damaged.gguf") && stderr.contains("damaged"),
+        stderr.contains("hf:Org/Damaged-GGUF/damaged.gguf")
+            && stderr.contains("but its source names it"),
         "{stderr}"
     );
     assert!(stdout.contains("hard-linked, no copy"), "{stdout}");

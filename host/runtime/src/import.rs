@@ -16,7 +16,7 @@
 //! Split GGUF files (`*-00001-of-00003.gguf`) and files that are not GGUF
 //! are listed as skipped, with the reason.
 
-use crate::store::{self, AddOptions, StoreError};
+use crate::store::{self, AddOptions, StoreError, name_from};
 use kiln_registry::config::Config;
 use kiln_registry::{ModelRecord, Registry};
 use serde::Serialize;
@@ -124,28 +124,6 @@ pub fn discover(roots: &[(Source, PathBuf)]) -> (Vec<Found>, Vec<Skipped>) {
     (found, skipped)
 }
 
-/// A registry name from free text: lowercase [a-z0-9._-], at most 128.
-pub fn name_from(raw: &str) -> String {
-    let mut name: String = raw
-        .to_lowercase()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    name.truncate(128);
-    let name = name.trim_matches('-').to_string();
-    if name.is_empty() {
-        "model".into()
-    } else {
-        name
-    }
-}
-
 fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -219,52 +197,46 @@ fn huggingface(root: &Path, found: &mut Vec<Found>, skipped: &mut Vec<Skipped>) 
         let mut files = Vec::new();
         walk(&repo.join("snapshots"), 4, &mut files);
         for f in files {
-            if !f.to_string_lossy().to_lowercase().ends_with(".gguf") {
+            let Some(real) = candidate(Source::HuggingFace, &f, skipped) else {
                 continue;
-            }
-            let real = match f.canonicalize() {
-                Ok(r) => r,
-                Err(e) => {
-                    skipped.push(Skipped {
-                        source: Source::HuggingFace,
-                        path: f,
-                        why: format!(
-                            "a broken link into the cache ({e}); the download is incomplete"
-                        ),
-                    });
-                    continue;
-                }
             };
-            if let Err(why) = gguf_file(&f).and_then(|()| magic(&real)) {
-                skipped.push(Skipped {
-                    source: Source::HuggingFace,
-                    path: f,
-                    why,
-                });
-                continue;
-            }
-            let blob = real
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let file_name = f
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let stem = file_name
-                .trim_end_matches(".gguf")
-                .trim_end_matches(".GGUF");
+            let blob = real.file_name().unwrap_or_default().to_string_lossy();
             found.push(Found {
                 source: Source::HuggingFace,
-                path: real,
-                label: format!("{id}/{file_name}"),
-                name: name_from(stem),
+                label: format!(
+                    "{id}/{}",
+                    f.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                name: name_from(&f.file_stem().unwrap_or_default().to_string_lossy()),
                 sha256: is_sha256(&blob).then(|| blob.to_lowercase()),
+                path: real,
                 chat_template: None,
                 params: None,
             });
+        }
+    }
+}
+
+/// `f`'s real path when it is a GGUF model file kiln can take; a `.gguf`
+/// file that is not (a broken link, a split part, a projector, not GGUF)
+/// is listed in `skipped` with the reason. Other files are ignored.
+fn candidate(source: Source, f: &Path, skipped: &mut Vec<Skipped>) -> Option<PathBuf> {
+    if !f.to_string_lossy().to_lowercase().ends_with(".gguf") {
+        return None;
+    }
+    let checked = f
+        .canonicalize()
+        .map_err(|e| format!("a broken link ({e}); the download is incomplete"))
+        .and_then(|real| gguf_file(f).map(|()| real));
+    match checked {
+        Ok(real) => Some(real),
+        Err(why) => {
+            skipped.push(Skipped {
+                source,
+                path: f.to_path_buf(),
+                why,
+            });
+            None
         }
     }
 }
@@ -358,32 +330,18 @@ fn lm_studio(root: &Path, found: &mut Vec<Found>, skipped: &mut Vec<Skipped>) {
     let mut files = Vec::new();
     walk(root, 3, &mut files);
     for f in files {
-        if !f.to_string_lossy().to_lowercase().ends_with(".gguf") {
+        let Some(real) = candidate(Source::LmStudio, &f, skipped) else {
             continue;
-        }
-        if let Err(why) = gguf_file(&f) {
-            skipped.push(Skipped {
-                source: Source::LmStudio,
-                path: f,
-                why,
-            });
-            continue;
-        }
-        let label = f
-            .strip_prefix(root)
-            .unwrap_or(&f)
-            .to_string_lossy()
-            .into_owned();
-        let stem = f
-            .file_stem()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        };
         found.push(Found {
             source: Source::LmStudio,
-            path: f.canonicalize().unwrap_or(f),
-            label,
-            name: name_from(&stem),
+            label: f
+                .strip_prefix(root)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .into_owned(),
+            name: name_from(&f.file_stem().unwrap_or_default().to_string_lossy()),
+            path: real,
             sha256: None,
             chat_template: None,
             params: None,
@@ -487,6 +445,7 @@ mod tests {
             "qwen2.5-coder-0.5b-latest"
         );
         assert_eq!(name_from("///"), "model");
+        assert_eq!(name_from(&"a".repeat(300)).len(), 128, "check_name's limit");
         let dir = tempfile::tempdir().unwrap();
         let split = dir.path().join("m-00001-of-00003.gguf");
         std::fs::write(&split, b"GGUF....").unwrap();

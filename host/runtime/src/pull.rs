@@ -384,44 +384,47 @@ pub fn pull(
         path: dir.clone(),
         source,
     })?;
-    // One partial file per URL, so that a second run resumes it.
-    let key: String = Sha256::digest(url.as_bytes())
-        .iter()
-        .take(12)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    // One partial file per file, so that a second run resumes it: named by
+    // the hub's sha256 where it gives one (a new revision behind the same
+    // URL starts afresh), else by the URL.
+    let key: String = match &sha256 {
+        Some(sha) => sha.clone(),
+        None => Sha256::digest(url.as_bytes())
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    };
     let partial = dir.join(format!("{key}.partial"));
     let (fetched, resumed) = download(client, &url, &partial, size, &mut event)?;
     event(Event::Note("verifying the download"));
-    let got = store::hash_file(&partial, |_| {})?;
-    if let Some(want) = &sha256
-        && *want != got
-    {
-        let _ = std::fs::remove_file(&partial);
-        return Err(PullError::HashMismatch {
-            url,
-            got,
-            want: want.clone(),
-        });
-    }
     let stem = file_name
         .trim_end_matches(".gguf")
         .trim_end_matches(".GGUF");
     let how = AddOptions {
-        name: Some(name.map_or_else(|| crate::import::name_from(stem), str::to_string)),
+        name: Some(name.map_or_else(|| store::name_from(stem), str::to_string)),
         link: true,
-        expected_sha256: Some(got),
+        // The store hashes what it links in (once) and holds it to the
+        // hub's sha256.
+        expected_sha256: sha256,
         origin: Some(origin),
         ..AddOptions::default()
     };
     let added = store::add_with(config, registry, &partial, &how, actor, |_, _| {});
     // The blob is a hard link to (or a copy of) the download: the partial
-    // name goes either way, unless the model was refused and may be
-    // looked at.
-    if added.is_ok() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    let (model, _, _) = added?;
+    // name goes either way. A download that is not the hub's file goes
+    // too; a model refused otherwise stays to be looked at.
+    let (model, _, _) = match added {
+        Ok(added) => {
+            let _ = std::fs::remove_file(&partial);
+            added
+        }
+        Err(StoreError::HashMismatch { got, want, .. }) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(PullError::HashMismatch { url, got, want });
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Pulled {
         model,
         url,

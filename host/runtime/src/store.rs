@@ -46,6 +46,14 @@ pub enum StoreError {
         copy: String,
         source_hash: String,
     },
+    #[error(
+        "{path}: its sha256 is {got}, but its source names it {want}: the file is damaged or was changed; nothing was recorded"
+    )]
+    HashMismatch {
+        path: PathBuf,
+        got: String,
+        want: String,
+    },
     #[error("{path}: the same bytes are already registered as {model}")]
     Known { path: PathBuf, model: String },
     #[error("{0}")]
@@ -124,29 +132,16 @@ pub fn quant_type(f: &GgufFile) -> String {
     let named = f
         .get("general.file_type")
         .and_then(|v| v.as_u64())
-        .and_then(|t| {
-            Some(match t {
-                0 => "f32",
-                1 => "f16",
-                2 => "q4_0",
-                3 => "q4_1",
-                7 => "q8_0",
-                8 => "q5_0",
-                9 => "q5_1",
-                10 => "q2_k",
-                11 => "q3_k_s",
-                12 => "q3_k_m",
-                13 => "q3_k_l",
-                14 => "q4_k_s",
-                15 => "q4_k_m",
-                16 => "q5_k_s",
-                17 => "q5_k_m",
-                18 => "q6_k",
-                25 => "iq4_nl",
-                30 => "iq4_xs",
-                32 => "bf16",
-                _ => return None,
-            })
+        .and_then(|t| match t {
+            // What `kiln quantize` writes is named by its targets; the
+            // rest kiln runs but does not write.
+            0 => Some("f32"),
+            25 => Some("iq4_nl"),
+            30 => Some("iq4_xs"),
+            t => crate::quantize::Target::ALL
+                .into_iter()
+                .find(|x| u64::from(x.ftype()) == t)
+                .map(crate::quantize::Target::name),
         });
     if let Some(n) = named {
         return n.to_string();
@@ -166,7 +161,7 @@ pub fn quant_type(f: &GgufFile) -> String {
 }
 
 /// A name for a model: `general.name` or the file's stem, as
-/// [a-z0-9._-] (anything else becomes '-').
+/// [`name_from`] makes it.
 pub fn default_name(f: &GgufFile, path: &Path) -> String {
     let raw = f
         .get("general.name")
@@ -177,7 +172,13 @@ pub fn default_name(f: &GgufFile, path: &Path) -> String {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-    let name: String = raw
+    name_from(&raw)
+}
+
+/// A registry name from free text: lowercase [a-z0-9._-] (anything else
+/// becomes '-'), at most 128 characters, `model` when nothing is left.
+pub fn name_from(raw: &str) -> String {
+    let mut name: String = raw
         .to_lowercase()
         .chars()
         .map(|c| {
@@ -188,11 +189,12 @@ pub fn default_name(f: &GgufFile, path: &Path) -> String {
             }
         })
         .collect();
-    let name = name.trim_matches('-').to_string();
+    name.truncate(128);
+    let name = name.trim_matches('-');
     if name.is_empty() {
         "model".into()
     } else {
-        name
+        name.to_string()
     }
 }
 
@@ -306,10 +308,11 @@ pub fn add_with(
         && *want != copy
     {
         let _ = std::fs::remove_file(&tmp);
-        return Err(StoreError::Invalid(format!(
-            "{}: its sha256 is {copy}, but its source names it {want}: the file is damaged or was changed; nothing was recorded",
-            file.display()
-        )));
+        return Err(StoreError::HashMismatch {
+            path: file.to_path_buf(),
+            got: copy,
+            want: want.clone(),
+        });
     }
     if how.skip_known
         && let Some(m) = registry.models_with_sha(&copy)?.into_iter().next()
