@@ -9,7 +9,7 @@
 //! each line can be read against its C.
 #![allow(clippy::needless_range_loop)]
 
-use crate::{QK_K, nearest_int};
+use crate::{QK_K, nearest_int, signed_absmax};
 use half::f16;
 
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -24,14 +24,8 @@ fn f16_round(v: f32) -> (f16, f32) {
 /// 18 nearby scales and keeping the one with the best weighted error.
 /// Codes come back offset by `nmax`.
 fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = signed_absmax(x);
+    if max.abs() < GROUP_MAX_EPS {
         codes.iter_mut().for_each(|c| *c = 0);
         return 0.0;
     }
@@ -75,14 +69,8 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
 /// [-nmax, nmax), improved one code at a time (up to 5 passes) while the
 /// weighted error drops. Codes come back offset by `nmax`.
 fn make_q3_quants(nmax: i32, x: &[f32], codes: &mut [i8]) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = signed_absmax(x);
+    if max.abs() < GROUP_MAX_EPS {
         codes.iter_mut().for_each(|c| *c = 0);
         return 0.0;
     }
@@ -279,15 +267,10 @@ pub(crate) fn quantize_block_q2_k(x: &[f32], b: &mut [u8]) {
 /// `d`.
 pub(crate) fn quantize_block_q3_k(x: &[f32], b: &mut [u8]) {
     let mut codes = [0i8; QK_K];
-    let mut scales = [0f32; 16];
-    let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
-    for j in 0..16 {
-        scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16]);
-        if scales[j].abs() > amax {
-            amax = scales[j].abs();
-            max_scale = scales[j];
-        }
-    }
+    let scales: [f32; 16] = std::array::from_fn(|j| {
+        make_q3_quants(4, &x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16])
+    });
+    let max_scale = signed_absmax(&scales);
     let (hmask, rest) = b.split_at_mut(32);
     let (qs, rest) = rest.split_at_mut(64);
     let (sc, dd) = rest.split_at_mut(12);
@@ -431,22 +414,12 @@ pub(crate) fn quantize_block_q5_k(x: &[f32], b: &mut [u8]) {
 /// Q6_K: `ql[128]`, `qh[64]`, `scales[16]` (signed 8-bit), `d`.
 pub(crate) fn quantize_block_q6_k(x: &[f32], b: &mut [u8]) {
     let mut codes = [0i8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
-    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
-    for (ib, (xs, cs)) in x
-        .chunks_exact(16)
-        .zip(codes.chunks_exact_mut(16))
-        .enumerate()
-    {
-        let scale = make_qx_quants(32, xs, cs);
-        scales[ib] = scale;
-        if scale.abs() > max_abs_scale {
-            max_abs_scale = scale.abs();
-            max_scale = scale;
-        }
-    }
+    let scales: [f32; QK_K / 16] = std::array::from_fn(|j| {
+        make_qx_quants(32, &x[16 * j..16 * j + 16], &mut codes[16 * j..16 * j + 16])
+    });
+    let max_scale = signed_absmax(&scales);
     b.iter_mut().for_each(|v| *v = 0);
-    if max_abs_scale < GROUP_MAX_EPS {
+    if max_scale.abs() < GROUP_MAX_EPS {
         return;
     }
     let iscale = -128.0f32 / max_scale;

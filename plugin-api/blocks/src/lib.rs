@@ -315,7 +315,7 @@ pub fn nearest_int(v: f32) -> i32 {
 
 /// The signed value of largest magnitude (the first one on ties), as
 /// llama.cpp's Q4_0/Q5_0 reference picks it.
-fn signed_absmax(x: &[f32]) -> f32 {
+pub(crate) fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if amax < v.abs() {
@@ -456,13 +456,8 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
     match weights {
         DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        DType::Q4_0
-        | DType::Q4_1
-        | DType::Q5_0
-        | DType::Q5_1
-        | DType::Q5_0X16
-        | DType::Q8_0
-        | DType::IQ4_NL => {
+        // Every type of 32-element blocks.
+        d if d.block_len() == QK => {
             for block in x.chunks_mut(QK) {
                 // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
                 // half to even, the scale stored as f16.
@@ -474,17 +469,12 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
                 }
             }
         }
-        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+        // Every type of 256-element blocks (the K-quants, IQ4_XS).
+        d if d.block_len() == QK_K => {
             for block in x.chunks_mut(QK_K) {
                 // ggml's quantize_row_q8_K: signed max, iscale = -127/max.
-                let (mut amax, mut max) = (0.0f32, 0.0f32);
-                for &v in block.iter() {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                if amax == 0.0 {
+                let max = signed_absmax(block);
+                if max == 0.0 {
                     continue;
                 }
                 let iscale = -127.0 / max;
@@ -494,7 +484,7 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
                 }
             }
         }
-        DType::F32 | DType::I32 => {}
+        _ => {}
     }
 }
 

@@ -19,15 +19,17 @@ use half::f16;
 use kiln_plugin_api::DType;
 
 const QK: usize = 32;
-const Q4_0_BYTES: usize = 18;
-const Q4_1_BYTES: usize = 20;
-const Q5_0_BYTES: usize = 22;
-const Q5_1_BYTES: usize = 24;
-const Q8_0_BYTES: usize = 34;
+const Q4_0_BYTES: usize = DType::Q4_0.block_bytes();
+const Q4_1_BYTES: usize = DType::Q4_1.block_bytes();
+const Q5_0_BYTES: usize = DType::Q5_0.block_bytes();
+const Q5_1_BYTES: usize = DType::Q5_1.block_bytes();
+const Q8_0_BYTES: usize = DType::Q8_0.block_bytes();
 
 /// Whether these kernels take weights of `dtype` (the types whose
 /// activations are Q8_0 blocks, Q8_1 for Q4_1/Q5_1).
 pub const fn takes(dtype: DType) -> bool {
+    // A list of what `codes` unpacks, not "every 32-element type": a type
+    // added to the ABI falls back to the portable path until it has a case.
     matches!(
         dtype,
         DType::Q4_0
@@ -38,18 +40,6 @@ pub const fn takes(dtype: DType) -> bool {
             | DType::Q8_0
             | DType::IQ4_NL
     )
-}
-
-/// Bytes per block of a type these kernels take.
-const fn block_bytes(dtype: DType) -> usize {
-    match dtype {
-        DType::Q4_0 | DType::IQ4_NL => Q4_0_BYTES,
-        DType::Q4_1 => Q4_1_BYTES,
-        DType::Q5_0 | DType::Q5_0X16 => Q5_0_BYTES,
-        DType::Q5_1 => Q5_1_BYTES,
-        DType::Q8_0 => Q8_0_BYTES,
-        _ => panic!("no Q8_0 dot product for this type"),
-    }
 }
 
 /// Whether blocks of `dtype` carry a minimum (Q4_1, Q5_1).
@@ -202,7 +192,7 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     let blocks = xs[0].d.len();
     assert!(xs.iter().all(|x| x.d.len() == blocks));
-    assert_eq!(w.len(), blocks * block_bytes(dtype), "{dtype} row");
+    assert_eq!(w.len(), blocks * dtype.block_bytes(), "{dtype} row");
     assert!(
         xs.iter()
             .all(|x| x.s.len() == if has_min(dtype) { blocks } else { x.s.len() })
@@ -299,7 +289,7 @@ pub fn dot_row_range<'w>(
     w: impl Fn(usize) -> &'w [u8],
     mut out: impl FnMut(usize, f32),
 ) {
-    let bytes = x.d.len() * block_bytes(dtype);
+    let bytes = x.d.len() * dtype.block_bytes();
     if has_min(dtype) {
         assert_eq!(x.s.len(), x.d.len(), "Q8_1 sums for {dtype}");
     }
@@ -382,7 +372,7 @@ pub fn gemm16(
     if isa == Isa::Avx512 && takes(dtype) {
         assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
         let nb = xs[0].d.len();
-        let bytes = block_bytes(dtype);
+        let bytes = dtype.block_bytes();
         assert!(ws.iter().all(|w| w.len() == nb * bytes));
         assert!(xs.iter().all(|x| x.d.len() == nb));
         assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
@@ -508,7 +498,7 @@ fn sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
 /// and added in f64 in block order (the reference's terms, exact).
 fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
     const CHUNK: usize = 64;
-    let bytes = block_bytes(dtype);
+    let bytes = dtype.block_bytes();
     let with_min = has_min(dtype);
     let mut acc = 0.0f64;
     let mut s = [0i32; CHUNK];
@@ -594,7 +584,7 @@ mod x86 {
         // SAFETY: the block is inside `w`; the loads are unaligned ones.
         unsafe {
             if matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::IQ4_NL) {
-                let bytes = super::block_bytes(dtype);
+                let bytes = dtype.block_bytes();
                 let p = w.as_ptr().add(b * bytes);
                 let q = _mm_loadu_si128(p.add(bytes - 16).cast());
                 let m4 = _mm_set1_epi8(0x0f);
@@ -628,7 +618,7 @@ mod x86 {
                 } else {
                     // Q5_0 or Q5_1 (with its minimum before the mask), or
                     // an interleaved row's plain tail.
-                    let bytes = super::block_bytes(dtype);
+                    let bytes = dtype.block_bytes();
                     let p = w.as_ptr().add(b * bytes);
                     (
                         _mm_loadu_si128(p.add(bytes - 16).cast()),
@@ -749,7 +739,7 @@ mod x86 {
                 // Signed weight codes (stored + 128 by `codes`).
                 let q8 = matches!(dtype, DType::Q8_0 | DType::IQ4_NL);
                 let with_min = super::has_min(dtype);
-                let bytes_per_block = super::block_bytes(dtype);
+                let bytes_per_block = dtype.block_bytes();
                 let offset: i32 = if q8 {
                     $q8_offset
                 } else {
@@ -871,7 +861,7 @@ mod x86 {
             let f16 = |bits: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
             let codes = f16(d) as f64 * x.d[b] as f64 * sumi as f64;
             if super::has_min(dtype) {
-                let m = f16(min_at(w, super::block_bytes(dtype), b));
+                let m = f16(min_at(w, dtype.block_bytes(), b));
                 codes + m as f64 * x.s[b] as f64
             } else {
                 codes
