@@ -208,12 +208,8 @@ fn category(name: &str) -> Category {
         .any(|n| name.contains(n))
     {
         Category::AttnV
-    } else if name.contains("attn_k.weight") || name.contains("attn_q.weight") {
-        Category::Other
     } else if name.contains("attn_output.weight") {
         Category::AttnOutput
-    } else if name.contains("ffn_up") || name.contains("ffn_gate") {
-        Category::Other
     } else if name.contains("ffn_down") {
         Category::FfnDown
     } else {
@@ -311,8 +307,7 @@ fn preset_type(
             (default, "output tensor: Q8_0")
         };
     }
-    let more = "the preset gives it more bits";
-    match cat {
+    let to = match cat {
         Category::AttnV => {
             let (i, n) = (*i_v, shape.n_v);
             *i_v += 1;
@@ -327,17 +322,16 @@ fn preset_type(
                 T::Q4_K_S if i < 4 => DType::Q5_K,
                 _ => default,
             };
-            let to = if shape.is_70b && matches!(to, DType::Q3_K | DType::Q4_K) {
+            if shape.is_70b && matches!(to, DType::Q3_K | DType::Q4_K) {
                 DType::Q5_K
             } else {
                 to
-            };
-            (to, if to == default { "" } else { more })
+            }
         }
         Category::FfnDown => {
             let (i, n) = (*i_down, shape.n_layer);
             *i_down += 1;
-            let to = match target {
+            match target {
                 T::Q2_K => DType::Q3_K,
                 T::Q3_K_M if i < n / 16 => DType::Q5_K,
                 T::Q3_K_M => DType::Q4_K,
@@ -345,19 +339,20 @@ fn preset_type(
                 T::Q4_K_M | T::Q5_K_M if use_more_bits(i, n) => DType::Q6_K,
                 T::Q4_K_S if i < n / 8 => DType::Q5_K,
                 _ => default,
-            };
-            (to, if to == default { "" } else { more })
+            }
         }
-        Category::AttnOutput => {
-            let to = match target {
-                T::Q2_K => DType::Q3_K,
-                T::Q3_K_M => DType::Q4_K,
-                T::Q3_K_L => DType::Q5_K,
-                _ => default,
-            };
-            (to, if to == default { "" } else { more })
-        }
-        _ => (default, ""),
+        Category::AttnOutput => match target {
+            T::Q2_K => DType::Q3_K,
+            T::Q3_K_M => DType::Q4_K,
+            T::Q3_K_L => DType::Q5_K,
+            _ => default,
+        },
+        _ => default,
+    };
+    if to == default {
+        (to, "quantized to the target type")
+    } else {
+        (to, "the preset gives it more bits")
     }
 }
 
@@ -405,7 +400,6 @@ pub fn plan(
         } else {
             let (to, why) = preset_type(target, t, &shape, &mut i_v, &mut i_down);
             match fallback(to, t.ne[0]) {
-                (to, false) if why.is_empty() => (to, "quantized to the target type"),
                 (to, false) => (to, why),
                 (DType::F16, true) => (
                     DType::F16,
