@@ -275,6 +275,41 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// Quantizes `src` to `target` with `kiln quantize` and with llama.cpp's
+/// `llama_model_quantize` (`extra`: flags both take, such as
+/// `--allow-requantize`) and requires every tensor to match in type,
+/// shape and bytes (a mismatch names the tensor and its first differing
+/// block). Returns kiln's file, in `home`.
+pub fn quantize_like_llama_cpp(home: &Home, src: &Path, target: &str, extra: &[&str]) -> PathBuf {
+    let stem = src.file_stem().unwrap().to_string_lossy();
+    let ours = home.path().join(format!("kiln-{stem}-{target}.gguf"));
+    let theirs = home.path().join(format!("llama-{stem}-{target}.gguf"));
+    let mut args = vec![
+        "quantize",
+        src.to_str().unwrap(),
+        ours.to_str().unwrap(),
+        "--type",
+        target,
+    ];
+    args.extend(extra);
+    home.ok(&args);
+    let mut args = vec![src.as_os_str(), theirs.as_os_str(), target.as_ref()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    oracle("llama_quantize.py", &args);
+    let cmp: serde_json::Value = serde_json::from_str(&oracle(
+        "compare_gguf.py",
+        &[ours.as_os_str(), theirs.as_os_str()],
+    ))
+    .unwrap();
+    assert_eq!(
+        cmp["tensor_differences"],
+        serde_json::json!([]),
+        "{stem} {target}: {cmp}"
+    );
+    std::fs::remove_file(theirs).unwrap();
+    ours
+}
+
 /// Runs `tests/oracle/<script>` with `args`; returns stdout, failing the
 /// test with the script's stderr when it fails.
 pub fn oracle(script: &str, args: &[&std::ffi::OsStr]) -> String {

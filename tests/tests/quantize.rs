@@ -5,8 +5,7 @@
 //! types) are byte-identical to llama.cpp's own `llama_model_quantize`
 //! output.
 
-use kiln_tests::{Home, llama_cpp_available, oracle, tiny_model};
-use std::ffi::OsStr;
+use kiln_tests::{Home, llama_cpp_available, oracle, quantize_like_llama_cpp, tiny_model};
 
 /// 256-wide so that the output tensor takes llama.cpp's Q6_K rule.
 const SHAPE: &[&str] = &[
@@ -61,36 +60,10 @@ fn every_quantized_tensor_matches_the_gguf_reference() {
     }
 }
 
-/// Quantizes `src` to `target` with kiln and with llama.cpp and requires
-/// every tensor to match: type (the preset's per-tensor choice), shape and
-/// bytes; a mismatch names the tensor and its first differing block.
+/// [`quantize_like_llama_cpp`], its file removed.
 fn same_as_llama_cpp(home: &Home, src: &std::path::Path, target: &str) {
-    let stem = src.file_stem().unwrap().to_string_lossy();
-    let ours = home.path().join(format!("kiln-{stem}-{target}.gguf"));
-    let theirs = home.path().join(format!("llama-{stem}-{target}.gguf"));
-    home.ok(&[
-        "quantize",
-        src.to_str().unwrap(),
-        ours.to_str().unwrap(),
-        "--type",
-        target,
-    ]);
-    oracle(
-        "llama_quantize.py",
-        &[src.as_os_str(), theirs.as_os_str(), OsStr::new(target)],
-    );
-    let cmp: serde_json::Value = serde_json::from_str(&oracle(
-        "compare_gguf.py",
-        &[ours.as_os_str(), theirs.as_os_str()],
-    ))
-    .unwrap();
-    assert_eq!(
-        cmp["tensor_differences"],
-        serde_json::json!([]),
-        "{stem} {target}: {cmp}"
-    );
+    let ours = quantize_like_llama_cpp(home, src, target, &[]);
     std::fs::remove_file(ours).unwrap();
-    std::fs::remove_file(theirs).unwrap();
 }
 
 #[test]
