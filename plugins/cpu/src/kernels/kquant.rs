@@ -1,7 +1,7 @@
 //! Q4_K, Q5_K and Q6_K weight rows against activations quantized to Q8_K
 //! (ggml's `vec_dot_type` for the K-quants): portable, AVX2 and AVX-512
-//! VNNI. Q2_K, Q3_K and IQ4_XS have portable integer kernels on every
-//! path (SIMD ones are to come).
+//! VNNI, with lane-wise GEMMs for batches (AVX-512 and AVX2); Q2_K, Q3_K and IQ4_XS on AVX2 (which AVX-512 CPUs
+//! run too), NEON (block sums in `neon.rs`) and portable.
 //!
 //! Sums are integers per block, scaled in f64. The reference multiplies
 //! by the f32-rounded activation `q·d` where this uses `q` and `d` apart
@@ -16,6 +16,9 @@ const QK_K: usize = 256;
 const BLOCK: usize = 210;
 const Q4_K_BLOCK: usize = 144;
 const Q5_K_BLOCK: usize = 176;
+const Q2_K_BLOCK: usize = 84;
+const Q3_K_BLOCK: usize = 110;
+const IQ4_XS_BLOCK: usize = 136;
 
 /// One activation row as ggml's `block_q8_K`s (without the sums).
 pub struct Q8KRow {
@@ -100,105 +103,182 @@ pub fn row_dot(dtype: DType) -> fn(Isa, &[u8], &[&Q8KRow], &mut [f32]) {
         DType::Q4_K => dot_q4_k,
         DType::Q5_K => dot_q5_k,
         DType::Q6_K => dot_q6_k,
-        DType::Q2_K => |_, w, xs, out| portable(dot_q2_k_one, 84, w, xs, out),
-        DType::Q3_K => |_, w, xs, out| portable(dot_q3_k_one, 110, w, xs, out),
-        DType::IQ4_XS => |_, w, xs, out| portable(dot_iq4_xs_one, 136, w, xs, out),
+        DType::Q2_K => dot_q2_k,
+        DType::Q3_K => dot_q3_k,
+        DType::IQ4_XS => dot_iq4_xs,
         _ => unreachable!("no Q8_K dot product for {dtype}"),
     }
 }
 
-/// `out[r] = w · xs[r]` with a one-row kernel, for blocks of `bytes`.
+/// Q2_K, Q3_K and IQ4_XS rows: AVX2 on x86-64 (AVX-512 CPUs run it too),
+/// NEON block sums on aarch64, else the portable kernels; every path gives
+/// the portable kernel's bits (exact integer sums, the same f64 order).
+macro_rules! simd_or_portable {
+    ($name:ident, $avx2:ident, $neon:ident, $isum:ident, $term:expr, $bytes:expr) => {
+        fn $name(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+            assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
+            assert!(xs.iter().all(|x| w.len() == x.d.len() * $bytes));
+            #[cfg(target_arch = "x86_64")]
+            if isa >= Isa::Avx2 {
+                // SAFETY: `Isa` only names paths the CPU has; lengths
+                // checked above.
+                return unsafe {
+                    match xs.len() {
+                        1 => x86::$avx2::<1>(w, xs, out),
+                        2 => x86::$avx2::<2>(w, xs, out),
+                        3 => x86::$avx2::<3>(w, xs, out),
+                        _ => x86::$avx2::<4>(w, xs, out),
+                    }
+                };
+            }
+            #[cfg(target_arch = "aarch64")]
+            if isa == Isa::Neon {
+                let neon = |blk: &[u8], xq: &[i8]| {
+                    let mut isum = [0];
+                    super::neon::$neon(blk, xq, &mut isum);
+                    isum[0]
+                };
+                return portable(neon, $term, $bytes, w, xs, out);
+            }
+            let _ = isa;
+            portable($isum, $term, $bytes, w, xs, out)
+        }
+    };
+}
+
+simd_or_portable!(
+    dot_q2_k,
+    dot_q2_k_avx2,
+    block_sums_q2_k,
+    q2_k_isum,
+    q2_k_term,
+    Q2_K_BLOCK
+);
+simd_or_portable!(
+    dot_q3_k,
+    dot_q3_k_avx2,
+    block_sums_q3_k,
+    q3_k_isum,
+    d_term::<108>,
+    Q3_K_BLOCK
+);
+simd_or_portable!(
+    dot_iq4_xs,
+    dot_iq4_xs_avx2,
+    block_sums_iq4_xs,
+    iq4_xs_isum,
+    d_term::<0>,
+    IQ4_XS_BLOCK
+);
+
+/// `out[r] = w · xs[r]`, block by block: `isum` is a block's exact
+/// integer sum against its 256 activation codes, `term` that block's
+/// share of the dot product from it (the same for every path).
 fn portable(
-    one: fn(&[u8], &Q8KRow) -> f32,
+    isum: fn(&[u8], &[i8]) -> i32,
+    term: fn(&[u8], &Q8KRow, usize, i32) -> f64,
     bytes: usize,
     w: &[u8],
     xs: &[&Q8KRow],
     out: &mut [f32],
 ) {
-    assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
-    assert!(xs.iter().all(|x| w.len() == x.d.len() * bytes));
     for (x, o) in xs.iter().zip(out) {
-        *o = one(w, x);
+        let mut acc = 0.0f64;
+        for (b, blk) in w.chunks_exact(bytes).enumerate() {
+            acc += term(blk, x, b, isum(blk, &x.qs[b * QK_K..][..QK_K]));
+        }
+        *o = acc as f32;
     }
+}
+
+fn f16_at(blk: &[u8], at: usize) -> f64 {
+    f16::from_le_bytes([blk[at], blk[at + 1]]).to_f32() as f64
 }
 
 /// Q2_K (ggml's `vec_dot_q2_K_q8_K`): per block of 256, sixteen 2-bit
-/// sub-blocks of 16 with 4-bit scales and minimums;
+/// sub-blocks of 16 with 4-bit scales and minimums; this is
+/// `Σ sc_j (q·x)_j`, [`q2_k_term`] makes
 /// `d·d_x·Σ sc_j (q·x)_j − dmin·d_x·Σ m_j Σx_j`.
-fn dot_q2_k_one(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(84).enumerate() {
-        let (scales, q) = (&blk[0..16], &blk[16..80]);
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let (mut isum, mut summs) = (0i32, 0i32);
-        for (i, &sc) in scales.iter().enumerate() {
-            // Sub-block i: half n, shift 2j, the 16 bytes at 16·(i % 2).
-            let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
-            let mut s = 0i32;
-            for l in 0..16 {
-                let code = (q[32 * n + 16 * h + l] >> (2 * j)) & 3;
-                s += code as i32 * xq[16 * i + l] as i32;
-            }
-            isum += (sc & 0x0f) as i32 * s;
-            summs += (sc >> 4) as i32 * x.sums16[b * 16 + i];
+fn q2_k_isum(blk: &[u8], xq: &[i8]) -> i32 {
+    let (scales, q) = (&blk[0..16], &blk[16..80]);
+    let mut isum = 0i32;
+    for (i, &sc) in scales.iter().enumerate() {
+        // Sub-block i: half n, shift 2j, the 16 bytes at 16·(i % 2).
+        let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+        let mut s = 0i32;
+        for l in 0..16 {
+            let code = (q[32 * n + 16 * h + l] >> (2 * j)) & 3;
+            s += code as i32 * xq[16 * i + l] as i32;
         }
-        let d = f16::from_le_bytes([blk[80], blk[81]]).to_f32() as f64;
-        let dmin = f16::from_le_bytes([blk[82], blk[83]]).to_f32() as f64;
-        let dx = x.d[b] as f64;
-        acc += d * dx * isum as f64 - dmin * dx * summs as f64;
+        isum += (sc & 0x0f) as i32 * s;
     }
-    acc as f32
+    isum
+}
+
+fn q2_k_term(blk: &[u8], x: &Q8KRow, b: usize, isum: i32) -> f64 {
+    let mut summs = 0i32;
+    for (&sc, &s16) in blk[0..16].iter().zip(&x.sums16[b * 16..][..16]) {
+        summs += (sc >> 4) as i32 * s16;
+    }
+    q2_k_scaled(f16_at(blk, 80), f16_at(blk, 82), x.d[b], isum, summs)
+}
+
+/// A Q2_K block's term from its scales `d`, `dmin` and two integer sums
+/// (scales, minimums).
+#[inline(always)]
+fn q2_k_scaled(d: f64, dmin: f64, dx: f32, isum: i32, summs: i32) -> f64 {
+    let dx = dx as f64;
+    d * dx * isum as f64 - dmin * dx * summs as f64
 }
 
 /// Q3_K: codes in [−4, 3] (two low bits and a high-bit mask), sixteen
-/// 6-bit scales less 32; `d·d_x·Σ sc_j (q·x)_j`.
-fn dot_q3_k_one(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(110).enumerate() {
-        let (hm, q) = (&blk[0..32], &blk[32..96]);
-        let scales = kiln_blocks::q3_k_scales(&blk[96..108]);
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let mut isum = 0i32;
-        for (i, &sc) in scales.iter().enumerate() {
-            let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
-            let m = 1u8 << (4 * n + j);
-            let mut s = 0i32;
-            for l in 0..16 {
-                let at = 16 * h + l;
-                let low = ((q[32 * n + at] >> (2 * j)) & 3) as i32;
-                let code = low - if hm[at] & m != 0 { 0 } else { 4 };
-                s += code * xq[16 * i + l] as i32;
-            }
-            isum += (sc as i32 - 32) * s;
+/// 6-bit scales less 32: `Σ sc_j (q·x)_j`, times `d·d_x` ([`d_term`]).
+fn q3_k_isum(blk: &[u8], xq: &[i8]) -> i32 {
+    let (hm, q) = (&blk[0..32], &blk[32..96]);
+    let scales = kiln_blocks::q3_k_scales(&blk[96..108]);
+    let mut isum = 0i32;
+    for (i, &sc) in scales.iter().enumerate() {
+        let (n, j, h) = (i / 8, (i % 8) / 2, i % 2);
+        let m = 1u8 << (4 * n + j);
+        let mut s = 0i32;
+        for l in 0..16 {
+            let at = 16 * h + l;
+            let low = ((q[32 * n + at] >> (2 * j)) & 3) as i32;
+            let code = low - if hm[at] & m != 0 { 0 } else { 4 };
+            s += code * xq[16 * i + l] as i32;
         }
-        let d = f16::from_le_bytes([blk[108], blk[109]]).to_f32() as f64;
-        acc += d * x.d[b] as f64 * isum as f64;
+        isum += (sc as i32 - 32) * s;
     }
-    acc as f32
+    isum
+}
+
+/// `d·d_x·isum` for the types whose scale `d` is the block's last f16
+/// (Q3_K) or first (IQ4_XS).
+fn d_term<const AT: usize>(blk: &[u8], x: &Q8KRow, b: usize, isum: i32) -> f64 {
+    d_scaled(f16_at(blk, AT), x.d[b], isum)
+}
+
+#[inline(always)]
+fn d_scaled(d: f64, dx: f32, isum: i32) -> f64 {
+    d * dx as f64 * isum as f64
 }
 
 /// IQ4_XS: eight sub-blocks of 32 codes from IQ4_NL's table, 6-bit scales
-/// less 32; `d·d_x·Σ sc_j (v·x)_j`.
-fn dot_iq4_xs_one(w: &[u8], x: &Q8KRow) -> f32 {
+/// less 32: `Σ sc_j (v·x)_j`, times `d·d_x`.
+fn iq4_xs_isum(blk: &[u8], xq: &[i8]) -> i32 {
     const V: [i8; 16] = kiln_blocks::IQ4_VALUES;
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(136).enumerate() {
-        let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let mut isum = 0i32;
-        for (ib, qs) in blk[8..136].chunks_exact(16).enumerate() {
-            let xs = &xq[32 * ib..][..32];
-            let mut s = 0i32;
-            for (j, &q) in qs.iter().enumerate() {
-                s += V[(q & 0x0f) as usize] as i32 * xs[j] as i32;
-                s += V[(q >> 4) as usize] as i32 * xs[j + 16] as i32;
-            }
-            isum += (kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, ib) - 32) * s;
+    let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+    let mut isum = 0i32;
+    for (ib, qs) in blk[8..136].chunks_exact(16).enumerate() {
+        let xs = &xq[32 * ib..][..32];
+        let mut s = 0i32;
+        for (j, &q) in qs.iter().enumerate() {
+            s += V[(q & 0x0f) as usize] as i32 * xs[j] as i32;
+            s += V[(q >> 4) as usize] as i32 * xs[j + 16] as i32;
         }
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
-        acc += d * x.d[b] as f64 * isum as f64;
+        isum += (kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, ib) - 32) * s;
     }
-    acc as f32
+    isum
 }
 
 /// `out[r] = w · xs[r]` for one Q4_K row and up to four activation rows
@@ -252,6 +332,18 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
                 2 => x86::dot_q4_k_vnni::<2, true>(w, xs, out),
                 3 => x86::dot_q4_k_vnni::<3, true>(w, xs, out),
                 _ => x86::dot_q4_k_vnni::<4, true>(w, xs, out),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
+        return unsafe {
+            match xs.len() {
+                1 => x86::dot_q5_k_avx2::<1>(w, xs, out),
+                2 => x86::dot_q5_k_avx2::<2>(w, xs, out),
+                3 => x86::dot_q5_k_avx2::<3>(w, xs, out),
+                _ => x86::dot_q5_k_avx2::<4>(w, xs, out),
             }
         };
     }
@@ -362,7 +454,9 @@ pub struct GemmScratch {
 /// activations' sums of 32. Q6_K: codes unsigned, the offset of 32 taken
 /// off with the activations' sums of 16, one scale per 16 codes.
 ///
-/// Returns `false` (and does nothing) without AVX-512 VNNI.
+/// On AVX2, the same at 8 rows a register ([`x86::gemm16_q4_k_avx2`],
+/// [`x86::gemm16_q6_k_avx2`]). Returns `false` (and does nothing)
+/// elsewhere.
 pub fn gemm16(
     isa: Isa,
     dtype: DType,
@@ -389,6 +483,28 @@ pub fn gemm16(
                 DType::Q4_K => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
                 DType::Q5_K => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
                 _ => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
+            }
+        };
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
+        let block = match dtype {
+            DType::Q4_K => Q4_K_BLOCK,
+            DType::Q5_K => Q5_K_BLOCK,
+            _ => BLOCK,
+        };
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        assert!(ws.iter().all(|w| w.len() == nb * block));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA and
+        // F16C; lengths checked.
+        unsafe {
+            match dtype {
+                DType::Q4_K => x86::gemm16_q4_k_avx2::<false>(ws, xs, scratch, &mut out),
+                DType::Q5_K => x86::gemm16_q4_k_avx2::<true>(ws, xs, scratch, &mut out),
+                _ => x86::gemm16_q6_k_avx2(ws, xs, scratch, &mut out),
             }
         };
         return true;
@@ -462,7 +578,10 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, GEMM_ROWS, GemmScratch, Q4_K_BLOCK, Q5_K_BLOCK, Q8KRow, QK_K};
+    use super::{
+        BLOCK, GEMM_ROWS, GemmScratch, IQ4_XS_BLOCK, Q2_K_BLOCK, Q3_K_BLOCK, Q4_K_BLOCK,
+        Q5_K_BLOCK, Q8KRow, QK_K,
+    };
     use core::arch::x86_64::*;
 
     /// F16C's conversion of one f16.
@@ -724,6 +843,341 @@ mod x86 {
             for (t, s) in totals.iter_mut().zip(sums) {
                 *t = hsum(s);
             }
+        }
+    }
+
+    /// The `vpshufb` control that spreads the 16-bit scales of sub-blocks
+    /// `2i` (low lane) and `2i + 1` (high lane) of a register holding
+    /// eight scales in each lane over that lane's eight i16s.
+    #[inline(always)]
+    fn scale_pair(i: i16) -> __m256i {
+        // SAFETY: register-only; inlined into functions that enable AVX2.
+        unsafe {
+            _mm256_set_m128i(
+                _mm_set1_epi16(((4 * i + 3) << 8) | (4 * i + 2)),
+                _mm_set1_epi16(((4 * i + 1) << 8) | (4 * i)),
+            )
+        }
+    }
+
+    /// Sixteen i16 scales as two registers of eight, each repeated in both
+    /// lanes (sub-blocks 0..8 and 8..16), for [`scale_pair`].
+    #[inline(always)]
+    fn halves(scales: __m256i) -> [__m256i; 2] {
+        // SAFETY: register-only; inlined into functions that enable AVX2.
+        unsafe {
+            let (l, h) = (
+                _mm256_castsi256_si128(scales),
+                _mm256_extracti128_si256(scales, 1),
+            );
+            [_mm256_set_m128i(l, l), _mm256_set_m128i(h, h)]
+        }
+    }
+
+    /// `Σ_i s_i · x.sums16[16b + i]` for sixteen u8/i8 weights `s` (zero-
+    /// or sign-extended by the caller into i32: `lo` for 0..8, `hi` 8..16).
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the caller; block `b` of `x` exists.
+    #[inline(always)]
+    unsafe fn weighted_sums16(lo: __m256i, hi: __m256i, x: &Q8KRow, b: usize) -> i32 {
+        // SAFETY: the 16 sums of block b are inside the row.
+        unsafe {
+            let p = x.sums16.as_ptr().add(16 * b);
+            let s0 = _mm256_loadu_si256(p.cast());
+            let s1 = _mm256_loadu_si256(p.add(8).cast());
+            hsum(_mm256_add_epi32(
+                _mm256_mullo_epi32(lo, s0),
+                _mm256_mullo_epi32(hi, s1),
+            ))
+        }
+    }
+
+    /// Q5_K rows on AVX2 for `R` activation rows: Q4_K's nibbles with each
+    /// sub-block's fifth bit from `qh` (bit `j` of `qh[l]`) as 0x10, the
+    /// scales as the portable kernel decodes them; per block
+    /// `x.d · (d · total − dmin · total_m)` in f64, as the portable kernel.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let m4 = _mm256_set1_epi8(0x0f);
+        let fifth = _mm256_set1_epi8(0x10);
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(Q5_K_BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            crate::kernels::prefetch(p, Q5_K_BLOCK);
+            let mut sc = [0i16; 8];
+            let mut mins = [0i32; 8];
+            for j in 0..8 {
+                let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
+                sc[j] = s as i16;
+                mins[j] = m as i32;
+            }
+            // SAFETY: qh's 32 bytes are at 16..48 of the block.
+            let qh = unsafe { _mm256_loadu_si256(p.add(16).cast()) };
+            let bit = |j: usize| {
+                let m = _mm256_set1_epi8(1 << j);
+                _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m), fifth)
+            };
+            let mut sums = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                // SAFETY: code bytes 32j.. (at 48) are inside the block.
+                let qv = unsafe { _mm256_loadu_si256(p.add(48 + 32 * j).cast()) };
+                let lo = _mm256_or_si256(_mm256_and_si256(qv, m4), bit(2 * j));
+                let hi = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
+                    bit(2 * j + 1),
+                );
+                let (s_lo, s_hi) = (
+                    _mm256_set1_epi16(sc[2 * j]),
+                    _mm256_set1_epi16(sc[2 * j + 1]),
+                );
+                for (x, sum) in xs.iter().zip(&mut sums) {
+                    // SAFETY: the row's codes 64j..64j+64 of block b exist.
+                    let (x0, x1) = unsafe {
+                        let xq = x.qs.as_ptr().add(b * QK_K + 64 * j);
+                        (
+                            _mm256_loadu_si256(xq.cast()),
+                            _mm256_loadu_si256(xq.add(32).cast()),
+                        )
+                    };
+                    let a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s_lo);
+                    let c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s_hi);
+                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(a, c));
+                }
+            }
+            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+            let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+            for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
+                let mut total_m = 0i32;
+                for (j, &m) in mins.iter().enumerate() {
+                    total_m += m * x.sums32[b * 8 + j];
+                }
+                *acc += x.d[b] as f64 * (d * hsum(s) as f64 - dmin * total_m as f64);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+
+    /// Q2_K's and Q3_K's four runs of 32 unsigned codes (half `n` of a
+    /// block, codes `at..at + 128` of each row) against `R` rows, each run
+    /// by the scales of its two sub-blocks ([`scale_pair`]), into `sums`.
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the caller; codes `at..at + 128` exist in every
+    /// row.
+    #[inline(always)]
+    unsafe fn runs_by_scales<const R: usize>(
+        codes: [__m256i; 4],
+        scales: __m256i,
+        xs: &[&Q8KRow; R],
+        at: usize,
+        sums: &mut [__m256i; R],
+    ) {
+        for (j, c) in codes.into_iter().enumerate() {
+            // SAFETY: register-only, and codes at + 32j.. +32 are inside
+            // each row (the caller's contract).
+            unsafe {
+                let sc = _mm256_shuffle_epi8(scales, scale_pair(j as i16));
+                for (x, sum) in xs.iter().zip(sums.iter_mut()) {
+                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add(at + 32 * j).cast());
+                    let p16 = _mm256_maddubs_epi16(c, xv);
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p16, sc));
+                }
+            }
+        }
+    }
+
+    /// Q2_K on AVX2, for one weight row and `R` activation rows (as
+    /// ggml's AVX2 kernel): the 16 scales and minimums widened once a
+    /// block, each 32 code bytes four runs of 32 codes by shifting,
+    /// `vpmaddubsw` (the codes are unsigned) and `vpmaddwd` by the scales
+    /// of the run's two sub-blocks (a `vpshufb` of the widened scales);
+    /// the minimums' term from the rows' sums of 16. Integer sums per
+    /// block, scaled in f64 as the portable kernel does: the same bits.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q2_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let (m3, m4) = (_mm256_set1_epi8(3), _mm_set1_epi8(0x0f));
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(Q2_K_BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            crate::kernels::prefetch(p, Q2_K_BLOCK);
+            // SAFETY: the 16 scale bytes are at 0..16 of the block.
+            let packed = unsafe { _mm_loadu_si128(p.cast()) };
+            let scales = halves(_mm256_cvtepu8_epi16(_mm_and_si128(packed, m4)));
+            let mins = _mm_and_si128(_mm_srli_epi16(packed, 4), m4);
+            let (mins_lo, mins_hi) = (
+                _mm256_cvtepu8_epi32(mins),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(mins, 8)),
+            );
+            let mut sums = [_mm256_setzero_si256(); R];
+            for (n, scales) in scales.into_iter().enumerate() {
+                // SAFETY: the 64 code bytes are at 16..80 of the block.
+                let q = unsafe { _mm256_loadu_si256(p.add(16 + 32 * n).cast()) };
+                let codes = [
+                    _mm256_and_si256(q, m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 2), m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), m3),
+                    _mm256_and_si256(_mm256_srli_epi16(q, 6), m3),
+                ];
+                // SAFETY: codes 128n.. +128 of block b are inside each row.
+                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums) };
+            }
+            let d = f16_to_f32(u16::from_le_bytes([blk[80], blk[81]])) as f64;
+            let dmin = f16_to_f32(u16::from_le_bytes([blk[82], blk[83]])) as f64;
+            for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
+                // SAFETY: block b of the row exists.
+                let summs = unsafe { weighted_sums16(mins_lo, mins_hi, x, b) };
+                *acc += super::q2_k_scaled(d, dmin, x.d[b], hsum(s), summs);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+
+    /// Q3_K on AVX2: the two low bits as Q2_K's, the high bit from the
+    /// mask (one shift a run) makes an unsigned code `u = q + 4` in 0..8;
+    /// `Σ sc (q·x) = Σ sc (u·x) − 4 Σ sc Σx` with the rows' sums of 16.
+    /// The scales are unpacked as ggml does, four words at once. Exact
+    /// integers, the portable kernel's bits.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q3_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let (m3, m1) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(Q3_K_BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            crate::kernels::prefetch(p, Q3_K_BLOCK);
+            let word = |i: usize| {
+                u32::from_le_bytes([
+                    blk[96 + 4 * i],
+                    blk[97 + 4 * i],
+                    blk[98 + 4 * i],
+                    blk[99 + 4 * i],
+                ])
+            };
+            let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+            let (a0, a1, t) = (word(0), word(1), word(2));
+            let packed = _mm_setr_epi32(
+                ((a0 & k2) | ((t & k1) << 4)) as i32,
+                ((a1 & k2) | (((t >> 2) & k1) << 4)) as i32,
+                (((a0 >> 4) & k2) | (((t >> 4) & k1) << 4)) as i32,
+                (((a1 >> 4) & k2) | (((t >> 6) & k1) << 4)) as i32,
+            );
+            let sc16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(packed), _mm256_set1_epi16(32));
+            let (sc_lo, sc_hi) = (
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sc16)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sc16, 1)),
+            );
+            let scales = halves(sc16);
+            // SAFETY: the 32 mask bytes are at 0..32 of the block.
+            let hm = unsafe { _mm256_loadu_si256(p.cast()) };
+            let mut sums = [_mm256_setzero_si256(); R];
+            for (n, scales) in scales.into_iter().enumerate() {
+                // SAFETY: the 64 low-bit bytes are at 32..96 of the block.
+                let q = unsafe { _mm256_loadu_si256(p.add(32 + 32 * n).cast()) };
+                let hm = if n == 0 { hm } else { _mm256_srli_epi16(hm, 4) };
+                // Run j: low bits 2j, mask bit 4n + j, moved to bit 2.
+                let codes = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(q, m3),
+                        _mm256_slli_epi16(_mm256_and_si256(hm, m1), 2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(q, 2), m3),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 1), m1), 2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(q, 4), m3),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 2), m1), 2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(q, 6), m3),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 3), m1), 2),
+                    ),
+                ];
+                // SAFETY: codes 128n.. +128 of block b are inside each row.
+                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums) };
+            }
+            let d = f16_to_f32(u16::from_le_bytes([blk[108], blk[109]])) as f64;
+            for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
+                // SAFETY: block b of the row exists.
+                let offset = unsafe { weighted_sums16(sc_lo, sc_hi, x, b) };
+                *acc += super::d_scaled(d, x.d[b], hsum(s) - 4 * offset);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    }
+
+    /// IQ4_XS on AVX2: 32 code bytes (two sub-blocks) split into nibbles,
+    /// looked up in IQ4_NL's table by `vpshufb`, lanes regrouped so each
+    /// register holds one sub-block's 32 codes in the activations' order;
+    /// signed products by the sign trick (no activation code is −128).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_iq4_xs_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let m4 = _mm256_set1_epi8(0x0f);
+        // SAFETY: the table holds the 16 bytes loaded.
+        let table = _mm256_broadcastsi128_si256(unsafe {
+            _mm_loadu_si128(kiln_blocks::IQ4_VALUES.as_ptr().cast())
+        });
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(IQ4_XS_BLOCK).enumerate() {
+            let p = blk.as_ptr();
+            crate::kernels::prefetch(p, IQ4_XS_BLOCK);
+            let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+            let mut sums = [_mm256_setzero_si256(); R];
+            for pair in 0..4 {
+                // SAFETY: the 128 code bytes are at 8..136 of the block.
+                let q = unsafe { _mm256_loadu_si256(p.add(8 + 32 * pair).cast()) };
+                let lo = _mm256_shuffle_epi8(table, _mm256_and_si256(q, m4));
+                let hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4));
+                let runs = [
+                    _mm256_permute2x128_si256(lo, hi, 0x20),
+                    _mm256_permute2x128_si256(lo, hi, 0x31),
+                ];
+                for (h, v) in runs.into_iter().enumerate() {
+                    let ib = 2 * pair + h;
+                    let scale = _mm256_set1_epi16(
+                        (kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, ib) - 32) as i16,
+                    );
+                    let vabs = _mm256_sign_epi8(v, v);
+                    for (x, sum) in xs.iter().zip(&mut sums) {
+                        // SAFETY: codes 32ib..32ib+32 of block b are inside
+                        // the row.
+                        let xv = unsafe {
+                            _mm256_loadu_si256(x.qs.as_ptr().add(b * QK_K + 32 * ib).cast())
+                        };
+                        let p16 = _mm256_maddubs_epi16(vabs, _mm256_sign_epi8(xv, v));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p16, scale));
+                    }
+                }
+            }
+            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+            for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
+                *acc += super::d_scaled(d, x.d[b], hsum(s));
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
         }
     }
 
@@ -1043,6 +1497,463 @@ mod x86 {
         unsafe {
             in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, rows, m0, out))
         };
+    }
+
+    /// [`super::gemm16`] for Q4_K and Q5_K on AVX2: the 16 weight rows as
+    /// two halves of 8, lane `n` of a register holding 4 codes of row `n`
+    /// (an 8 × 8 transpose per 32 codes, once per call); per sub-block of
+    /// 32, each group of 4 activation codes broadcast against the 8 rows
+    /// (`vpmaddubsw`, added as i16s: eight groups for 4-bit codes, four
+    /// for 5-bit), then `vpmaddwd` by the rows' scales; the minimums' part
+    /// by `vpmaddwd` of each lane's pairs of minimums against the
+    /// activations' pairs of sums of 32. Per block, lane by lane,
+    /// `x.d · (d · total − dmin · total_m)` in f64, as the row kernels:
+    /// the same bits.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; every row of `ws` holds as many
+    /// blocks as every row of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm16_q4_k_avx2<const Q5: bool>(
+        ws: &[&[u8]],
+        xs: &[&Q8KRow],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let nb = xs[0].d.len();
+        let (block, codes_at) = if Q5 {
+            (Q5_K_BLOCK, 48)
+        } else {
+            (Q4_K_BLOCK, 16)
+        };
+        let halves = ws.len().div_ceil(HALF);
+        // Half h, block b (at = h·nb + b): group g (of 64) of the 8 rows
+        // at (at·64 + g)·32 bytes; sub-block j's scales, each twice as
+        // i16s, at (at·8 + j)·8; the minimums' pairs p at (at·4 + p)·8;
+        // d and dmin at at·8.
+        scratch.codes.clear();
+        scratch.codes.resize(halves * nb * 64 * 32, 0);
+        scratch.sc.clear();
+        scratch.sc.resize(halves * nb * 8 * HALF, 0);
+        scratch.mins.clear();
+        scratch.mins.resize(halves * nb * 4 * HALF, 0);
+        for v in [&mut scratch.d, &mut scratch.dmin] {
+            v.clear();
+            v.resize(halves * nb * HALF, 0.0);
+        }
+        let m4 = _mm256_set1_epi8(0x0f);
+        for (h, half) in ws.chunks(HALF).enumerate() {
+            for b in 0..nb {
+                let at = h * nb + b;
+                for (n, w) in half.iter().enumerate() {
+                    crate::kernels::prefetch(w.as_ptr().wrapping_add(b * block), block);
+                    let blk = &w[b * block..][..16];
+                    for j in 0..8 {
+                        let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
+                        scratch.sc[(at * 8 + j) * HALF + n] = s as i32 | (s as i32) << 16;
+                        let pair = &mut scratch.mins[(at * 4 + j / 2) * HALF + n];
+                        *pair |= (m as i32) << (16 * (j % 2));
+                    }
+                    scratch.d[at * HALF + n] =
+                        f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+                    scratch.dmin[at * HALF + n] =
+                        f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+                }
+                for c in 0..8 {
+                    let mut u = [_mm256_setzero_si256(); HALF];
+                    for (n, w) in half.iter().enumerate() {
+                        // SAFETY: code bytes 32(c/2).. of block b are
+                        // inside the row.
+                        let qv = unsafe {
+                            _mm256_loadu_si256(
+                                w.as_ptr().add(b * block + codes_at + 32 * (c / 2)).cast(),
+                            )
+                        };
+                        u[n] = if c % 2 == 0 {
+                            _mm256_and_si256(qv, m4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4)
+                        };
+                        if Q5 {
+                            // Sub-block c's fifth bits: bit c of qh[l].
+                            // SAFETY: qh's 32 bytes at 16 are inside the
+                            // block.
+                            let qh = unsafe {
+                                _mm256_loadu_si256(w.as_ptr().add(b * block + 16).cast())
+                            };
+                            let bit = _mm256_set1_epi8(1 << c);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                            u[n] = _mm256_or_si256(
+                                u[n],
+                                _mm256_and_si256(set, _mm256_set1_epi8(0x10)),
+                            );
+                        }
+                    }
+                    let t = crate::kernels::lanes::transpose_8x8(&u);
+                    for (g, v) in t.iter().enumerate() {
+                        // SAFETY: group 8c + g of block b of half h is
+                        // inside the scratch.
+                        unsafe {
+                            _mm256_storeu_si256(
+                                scratch
+                                    .codes
+                                    .as_mut_ptr()
+                                    .add((at * 64 + 8 * c + g) * 32)
+                                    .cast(),
+                                *v,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        for h in 0..halves {
+            let rows = (ws.len() - h * HALF).min(HALF);
+            // SAFETY: the scratch holds nb blocks of this half; the
+            // caller's contract covers the activation rows.
+            unsafe {
+                if Q5 {
+                    in_groups_of_four!(xs.len(), m0 => q5_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else {
+                    in_groups_of_four!(xs.len(), m0 => q4_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
+                }
+            };
+        }
+    }
+
+    /// # Safety
+    /// As [`k_rows8`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_k_rows8<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { k_rows8::<R, 8>(scratch, xs, nb, h, rows, m0, out) }
+    }
+
+    /// # Safety
+    /// As [`k_rows8`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_k_rows8<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { k_rows8::<R, 4>(scratch, xs, nb, h, rows, m0, out) }
+    }
+
+    /// `R` activation rows against half `h` of the unpacked Q4_K/Q5_K
+    /// rows; `FOLD` groups' products added as i16s (at most 2·15·127 a
+    /// pair for 4-bit codes, 2·31·127 for 5-bit).
+    ///
+    /// # Safety
+    /// As [`gemm16_q4_k_avx2`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k_rows8<const R: usize, const FOLD: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let mut qs = [std::ptr::null::<i8>(); R];
+        let mut pairs = [std::ptr::null::<i32>(); R];
+        for (r, x) in xs.iter().enumerate() {
+            assert!(x.qs.len() >= nb * QK_K && x.sums_pairs.len() >= nb * 4 && x.d.len() >= nb);
+            (qs[r], pairs[r]) = (x.qs.as_ptr(), x.sums_pairs.as_ptr());
+        }
+        let codes_p = scratch.codes.as_ptr();
+        let (sc_p, mins_p) = (scratch.sc.as_ptr(), scratch.mins.as_ptr());
+        let (d_p, dmin_p) = (scratch.d.as_ptr(), scratch.dmin.as_ptr());
+        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let at = h * nb + b;
+            let mut total = [_mm256_setzero_si256(); R];
+            for j in 0..8 {
+                // SAFETY: sub-block j's scales of block b are inside the
+                // scratch.
+                let sc = unsafe { _mm256_loadu_si256(sc_p.add((at * 8 + j) * HALF).cast()) };
+                for g0 in (0..8).step_by(FOLD) {
+                    let mut p16 = [_mm256_setzero_si256(); R];
+                    for g in g0..g0 + FOLD {
+                        // SAFETY: group 8j + g of block b is inside the
+                        // scratch.
+                        let wv = unsafe {
+                            _mm256_loadu_si256(codes_p.add((at * 64 + 8 * j + g) * 32).cast())
+                        };
+                        for (p, q) in p16.iter_mut().zip(&qs) {
+                            // SAFETY: codes 32j + 4g.. of block b are inside
+                            // the row (asserted).
+                            let xv = _mm256_set1_epi32(unsafe {
+                                q.add(b * QK_K + 32 * j + 4 * g)
+                                    .cast::<i32>()
+                                    .read_unaligned()
+                            });
+                            *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wv, xv));
+                        }
+                    }
+                    for (t, p) in total.iter_mut().zip(p16) {
+                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(p, sc));
+                    }
+                }
+            }
+            let mut total_m = [_mm256_setzero_si256(); R];
+            for p in 0..4 {
+                // SAFETY: the minimums' pair p of block b is inside the
+                // scratch.
+                let m = unsafe { _mm256_loadu_si256(mins_p.add((at * 4 + p) * HALF).cast()) };
+                for (t, s) in total_m.iter_mut().zip(&pairs) {
+                    // SAFETY: the pair of sums p of block b is inside the
+                    // row (asserted).
+                    let sv = _mm256_set1_epi32(unsafe { *s.add(b * 4 + p) });
+                    *t = _mm256_add_epi32(*t, _mm256_madd_epi16(m, sv));
+                }
+            }
+            // SAFETY: the 8 scales of block b of half h are inside the
+            // scratch.
+            let (d, dmin) = unsafe {
+                (
+                    [
+                        _mm256_loadu_pd(d_p.add(at * HALF)),
+                        _mm256_loadu_pd(d_p.add(at * HALF + 4)),
+                    ],
+                    [
+                        _mm256_loadu_pd(dmin_p.add(at * HALF)),
+                        _mm256_loadu_pd(dmin_p.add(at * HALF + 4)),
+                    ],
+                )
+            };
+            for (r, x) in xs.iter().enumerate() {
+                let dx = _mm256_set1_pd(x.d[b] as f64);
+                let t = [
+                    _mm256_cvtepi32_pd(_mm256_castsi256_si128(total[r])),
+                    _mm256_cvtepi32_pd(_mm256_extracti128_si256(total[r], 1)),
+                ];
+                let tm = [
+                    _mm256_cvtepi32_pd(_mm256_castsi256_si128(total_m[r])),
+                    _mm256_cvtepi32_pd(_mm256_extracti128_si256(total_m[r], 1)),
+                ];
+                for k in 0..2 {
+                    // x.d · (d · total − dmin · total_m), rounded as the
+                    // row kernels round it (no fused steps).
+                    let inner =
+                        _mm256_sub_pd(_mm256_mul_pd(d[k], t[k]), _mm256_mul_pd(dmin[k], tm[k]));
+                    acc[r][k] = _mm256_add_pd(acc[r][k], _mm256_mul_pd(dx, inner));
+                }
+            }
+        }
+        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+    }
+
+    /// [`super::gemm16`] for Q6_K on AVX2, as [`gemm16_q4_k_avx2`]: the
+    /// codes unsigned (code + 32, at most 63: two groups' products added
+    /// as i16s), `vpmaddwd` by each lane's scale per sub-block of 16, the
+    /// offset of 32 taken off with `vpmaddwd` of each lane's pairs of
+    /// scales against the activations' pairs of sums of 16; per block
+    /// `d · x.d · total` in f64, as the row kernels.
+    ///
+    /// # Safety
+    /// As [`gemm16_q4_k_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm16_q6_k_avx2(
+        ws: &[&[u8]],
+        xs: &[&Q8KRow],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let nb = xs[0].d.len();
+        let halves = ws.len().div_ceil(HALF);
+        // Half h, block b (at = h·nb + b): group g (of 64) at
+        // (at·64 + g)·32 bytes; sub-block s's scale, twice as i16s, at
+        // (at·16 + s)·8; the scales' pairs p at (at·8 + p)·8; d at at·8.
+        scratch.codes.clear();
+        scratch.codes.resize(halves * nb * 64 * 32, 0);
+        scratch.sc.clear();
+        scratch.sc.resize(halves * nb * 16 * HALF, 0);
+        scratch.mins.clear();
+        scratch.mins.resize(halves * nb * 8 * HALF, 0);
+        scratch.d.clear();
+        scratch.d.resize(halves * nb * HALF, 0.0);
+        let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        for (h, half) in ws.chunks(HALF).enumerate() {
+            for b in 0..nb {
+                let at = h * nb + b;
+                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
+                for (n, w) in half.iter().enumerate() {
+                    let blk = &w[b * BLOCK..][..BLOCK];
+                    crate::kernels::prefetch(blk.as_ptr(), BLOCK);
+                    for s in 0..16 {
+                        let sc = blk[192 + s] as i8 as i16 as u16 as i32;
+                        scratch.sc[(at * 16 + s) * HALF + n] = sc | (sc << 16);
+                        scratch.mins[(at * 8 + s / 2) * HALF + n] |= sc << (16 * (s % 2));
+                    }
+                    scratch.d[at * HALF + n] =
+                        f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
+                    let p = blk.as_ptr();
+                    for k in 0..2 {
+                        // SAFETY: ql (128 bytes at 0) and qh (64 at 128)
+                        // are inside the block.
+                        let (ql0, ql1, qh) = unsafe {
+                            (
+                                _mm256_loadu_si256(p.add(64 * k).cast()),
+                                _mm256_loadu_si256(p.add(64 * k + 32).cast()),
+                                _mm256_loadu_si256(p.add(128 + 32 * k).cast()),
+                            )
+                        };
+                        // Codes 128k + 32j.. (chunk 4k + j), as the row
+                        // kernel unpacks them.
+                        chunks[4 * k][n] = _mm256_or_si256(
+                            _mm256_and_si256(ql0, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                        );
+                        chunks[4 * k + 1][n] = _mm256_or_si256(
+                            _mm256_and_si256(ql1, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                        );
+                        chunks[4 * k + 2][n] = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            _mm256_and_si256(qh, m30),
+                        );
+                        chunks[4 * k + 3][n] = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                        );
+                    }
+                }
+                for (c, u) in chunks.iter().enumerate() {
+                    let t = crate::kernels::lanes::transpose_8x8(u);
+                    for (g, v) in t.iter().enumerate() {
+                        // SAFETY: group 8c + g of block b of half h is
+                        // inside the scratch.
+                        unsafe {
+                            _mm256_storeu_si256(
+                                scratch
+                                    .codes
+                                    .as_mut_ptr()
+                                    .add((at * 64 + 8 * c + g) * 32)
+                                    .cast(),
+                                *v,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        for h in 0..halves {
+            let rows = (ws.len() - h * HALF).min(HALF);
+            // SAFETY: the scratch holds nb blocks of this half; the
+            // caller's contract covers the activation rows.
+            unsafe {
+                in_groups_of_four!(xs.len(), m0 => q6_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
+            };
+        }
+    }
+
+    /// `R` activation rows against half `h` of the unpacked Q6_K rows.
+    ///
+    /// # Safety
+    /// As [`gemm16_q6_k_avx2`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_rows8<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8KRow],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let (qs, sums16) = row_pointers(xs, nb);
+        let codes_p = scratch.codes.as_ptr();
+        let (sc_p, pairs_p, d_p) = (
+            scratch.sc.as_ptr(),
+            scratch.mins.as_ptr(),
+            scratch.d.as_ptr(),
+        );
+        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let at = h * nb + b;
+            let mut total = [_mm256_setzero_si256(); R];
+            for s in 0..16 {
+                // SAFETY: sub-block s's scales of block b are inside the
+                // scratch.
+                let sc = unsafe { _mm256_loadu_si256(sc_p.add((at * 16 + s) * HALF).cast()) };
+                for g0 in [4 * s, 4 * s + 2] {
+                    let mut p16 = [_mm256_setzero_si256(); R];
+                    for g in g0..g0 + 2 {
+                        // SAFETY: group g of block b is inside the scratch.
+                        let wv =
+                            unsafe { _mm256_loadu_si256(codes_p.add((at * 64 + g) * 32).cast()) };
+                        for (p, q) in p16.iter_mut().zip(&qs) {
+                            // SAFETY: codes 4g.. of block b are inside the
+                            // row (`row_pointers` checked the lengths).
+                            let xv = _mm256_set1_epi32(unsafe {
+                                q.add(b * QK_K + 4 * g).cast::<i32>().read_unaligned()
+                            });
+                            *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wv, xv));
+                        }
+                    }
+                    for (t, p) in total.iter_mut().zip(p16) {
+                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(p, sc));
+                    }
+                }
+            }
+            let mut offset = [_mm256_setzero_si256(); R];
+            for p in 0..8 {
+                // SAFETY: the scales' pair p of block b is inside the
+                // scratch.
+                let sp = unsafe { _mm256_loadu_si256(pairs_p.add((at * 8 + p) * HALF).cast()) };
+                for (o, s) in offset.iter_mut().zip(&sums16) {
+                    // SAFETY: sums 2p, 2p + 1 of block b are inside the row.
+                    let (s0, s1) = unsafe { (*s.add(b * 16 + 2 * p), *s.add(b * 16 + 2 * p + 1)) };
+                    let sv = _mm256_set1_epi32((s0 as i16 as u16 as i32) | (s1 << 16));
+                    *o = _mm256_add_epi32(*o, _mm256_madd_epi16(sp, sv));
+                }
+            }
+            // SAFETY: the 8 scales of block b of half h are inside the
+            // scratch.
+            let d = unsafe {
+                [
+                    _mm256_loadu_pd(d_p.add(at * HALF)),
+                    _mm256_loadu_pd(d_p.add(at * HALF + 4)),
+                ]
+            };
+            for (r, x) in xs.iter().enumerate() {
+                let dx = _mm256_set1_pd(x.d[b] as f64);
+                let t = _mm256_sub_epi32(total[r], _mm256_slli_epi32(offset[r], 5));
+                let t = [
+                    _mm256_cvtepi32_pd(_mm256_castsi256_si128(t)),
+                    _mm256_cvtepi32_pd(_mm256_extracti128_si256(t, 1)),
+                ];
+                for k in 0..2 {
+                    // d · x.d · total, rounded as the row kernels round it.
+                    acc[r][k] =
+                        _mm256_add_pd(acc[r][k], _mm256_mul_pd(_mm256_mul_pd(d[k], dx), t[k]));
+                }
+            }
+        }
+        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
     /// Each row's codes and sums of 16 as plain pointers, their lengths

@@ -1,6 +1,7 @@
 //! What the lane-wise kernels share: 16 weight rows (or, in decode, 16
 //! blocks of one row), one per lane of a 512-bit register, each activation
-//! row's results in two registers of eight f64s.
+//! row's results in two registers of eight f64s; on AVX2, 8 rows a
+//! 256-bit register ([`transpose_8x8`], [`emit8`]).
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
@@ -138,5 +139,71 @@ pub unsafe fn store_scales(dw_p: *mut f64, b: usize, bits: &[u16; ROWS]) {
         let dw = widen_ps(_mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast())));
         _mm512_storeu_pd(dw_p.add(b * ROWS), dw[0]);
         _mm512_storeu_pd(dw_p.add(b * ROWS + 8), dw[1]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// Eight rows of eight 32-bit groups to eight registers: group `j` of
+/// row `n` to lane `n` of register `j`.
+#[inline(always)]
+pub fn transpose_8x8(r: &[__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: register-only; inlined into functions that enable AVX2.
+    unsafe {
+        let t = [
+            _mm256_unpacklo_epi32(r[0], r[1]),
+            _mm256_unpackhi_epi32(r[0], r[1]),
+            _mm256_unpacklo_epi32(r[2], r[3]),
+            _mm256_unpackhi_epi32(r[2], r[3]),
+            _mm256_unpacklo_epi32(r[4], r[5]),
+            _mm256_unpackhi_epi32(r[4], r[5]),
+            _mm256_unpacklo_epi32(r[6], r[7]),
+            _mm256_unpackhi_epi32(r[6], r[7]),
+        ];
+        // s[j] (j < 4): group j of rows 0–3 (group j + 4 in the high
+        // lane); s[j + 4]: rows 4–7.
+        let s = [
+            _mm256_unpacklo_epi64(t[0], t[2]),
+            _mm256_unpackhi_epi64(t[0], t[2]),
+            _mm256_unpacklo_epi64(t[1], t[3]),
+            _mm256_unpackhi_epi64(t[1], t[3]),
+            _mm256_unpacklo_epi64(t[4], t[6]),
+            _mm256_unpackhi_epi64(t[4], t[6]),
+            _mm256_unpacklo_epi64(t[5], t[7]),
+            _mm256_unpackhi_epi64(t[5], t[7]),
+        ];
+        [
+            _mm256_permute2x128_si256(s[0], s[4], 0x20),
+            _mm256_permute2x128_si256(s[1], s[5], 0x20),
+            _mm256_permute2x128_si256(s[2], s[6], 0x20),
+            _mm256_permute2x128_si256(s[3], s[7], 0x20),
+            _mm256_permute2x128_si256(s[0], s[4], 0x31),
+            _mm256_permute2x128_si256(s[1], s[5], 0x31),
+            _mm256_permute2x128_si256(s[2], s[6], 0x31),
+            _mm256_permute2x128_si256(s[3], s[7], 0x31),
+        ]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The AVX2 GEMMs' [`emit`]: each activation row's 8 results (two
+/// registers of four f64s; the first `rows` of them) to `out` as
+/// `(first weight row n0, activation row m0 + r, values)`.
+#[inline(always)]
+pub fn emit8(
+    acc: &[[__m256d; 2]],
+    n0: usize,
+    rows: usize,
+    m0: usize,
+    out: &mut dyn FnMut(usize, usize, &[f32]),
+) {
+    for (r, acc) in acc.iter().enumerate() {
+        let mut v = [0f32; 8];
+        // SAFETY: `v` holds 8 f32s; inlined into functions that enable
+        // AVX.
+        unsafe {
+            _mm_storeu_ps(v.as_mut_ptr(), _mm256_cvtpd_ps(acc[0]));
+            _mm_storeu_ps(v.as_mut_ptr().add(4), _mm256_cvtpd_ps(acc[1]));
+        }
+        out(n0, m0 + r, &v[..rows]);
     }
 }

@@ -71,8 +71,8 @@ pub enum Isa {
     Reference,
     /// Portable integer kernels (any CPU).
     Scalar,
-    /// aarch64: NEON block sums for Q4_0, Q5_0 and Q8_0 (`neon.rs`), the
-    /// portable kernels for the rest.
+    /// aarch64: NEON block sums for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
+    /// Q2_K, Q3_K and IQ4_XS (`neon.rs`), the portable kernels for the rest.
     #[cfg(target_arch = "aarch64")]
     Neon,
     /// AVX2 + FMA (+ F16C).
@@ -621,7 +621,12 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let work = n_slices * n_count * m_count * k;
     // Q2_K, Q3_K and IQ4_XS have no GEMM yet: up to four rows a pass.
     let gemm = !matches!(wd.dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_XS);
-    if batched && gemm && isa == Isa::Avx512 {
+    // AVX2 has the lane-wise GEMMs of the Q8_0-activation types and of
+    // Q4_K, Q5_K and Q6_K.
+    let avx2_gemm = isa == Isa::Avx2
+        && ((q8::takes(wd.dtype) && wd.dtype != DType::Q5_0X16)
+            || matches!(wd.dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K));
+    if batched && gemm && (isa == Isa::Avx512 || avx2_gemm) {
         match wd.dtype {
             d if q8::takes(d) => {
                 let xs = all_rows(&xq, m_count, Prepared::q8);
@@ -730,9 +735,10 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     Some(())
 }
 
-/// From this many activation rows on, Q4_0/Q5_0/Q8_0 and K-quant
-/// products use the lane-wise GEMMs ([`q8::gemm16`], [`kquant::gemm16`])
-/// where the CPU has AVX-512 VNNI, and F16/BF16 products
+/// From this many activation rows on, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL
+/// and K-quant products use the lane-wise GEMMs ([`q8::gemm16`],
+/// [`kquant::gemm16`]) where the CPU has AVX-512 VNNI (the Q8_0-activation
+/// types on AVX2 too, 8 rows a register), and F16/BF16 products
 /// [`f16::gemm16_lanes`] (short F16 rows) or [`f16::gemm16`]'s tiles.
 const GEMM_MIN_ROWS: usize = 4;
 

@@ -1,7 +1,9 @@
 //! NEON (aarch64) integer block sums of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
 //! IQ4_NL weights against Q8_0 activation codes: `Σ q_w · q_x` per 32-code block, exact,
 //! which `q8::dot_rows` then scales in f64 exactly as the portable path
-//! does (so the results are the reference's bits).
+//! does (so the results are the reference's bits); and of Q2_K, Q3_K and
+//! IQ4_XS against Q8_K codes, `Σ sc_j (q·x)_j` per 256-code block, which
+//! `kquant` scales as its portable kernels do.
 //!
 //! NEON is part of the aarch64 base instruction set, so no detection is
 //! needed. Products are `vmull_s8` (int8 × int8 → int16, exact) folded
@@ -178,6 +180,140 @@ pub fn block_sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
     }
 }
 
+/// Codes per K-quant block (Q2_K, Q3_K, IQ4_XS).
+pub const QK_K: usize = 256;
+pub const Q2_K_BYTES: usize = 84;
+pub const Q3_K_BYTES: usize = 110;
+pub const IQ4_XS_BYTES: usize = 136;
+
+fn check_k(w: &[u8], block_bytes: usize, x: &[i8], out: &[i32]) {
+    assert!(
+        w.len() == out.len() * block_bytes && x.len() == out.len() * QK_K,
+        "{} weight bytes and {} codes for {} K-quant blocks",
+        w.len(),
+        x.len(),
+        out.len()
+    );
+}
+
+/// `Σ q·x` of 16 codes.
+#[inline(always)]
+unsafe fn dot16(w: int8x16_t, x: *const i8) -> i32 {
+    // SAFETY: the caller's `x` points at 16 codes.
+    unsafe { vaddvq_s32(mul_add16(vdupq_n_s32(0), w, vld1q_s8(x))) }
+}
+
+/// Q2_K: `Σ_j sc_j (q·x)_j` over the sixteen sub-blocks of 16 (4-bit
+/// scales; the minimums' term needs only the activations' sums and is
+/// the caller's). Each 32 code bytes hold four runs of 32 codes, two bits
+/// apart.
+pub fn block_sums_q2_k(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check_k(w, Q2_K_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * Q2_K_BYTES..][..Q2_K_BYTES];
+        let xp = x[b * QK_K..].as_ptr();
+        let mut isum = 0i32;
+        // SAFETY: the block's 64 code bytes (16..80) and its 256 codes are
+        // in bounds (checked above).
+        unsafe {
+            for n in 0..2 {
+                let mut q0 = vld1q_u8(blk.as_ptr().add(16 + 32 * n));
+                let mut q1 = vld1q_u8(blk.as_ptr().add(32 + 32 * n));
+                for j in 0..4 {
+                    let i = 8 * n + 2 * j;
+                    let c0 = vreinterpretq_s8_u8(vandq_u8(q0, vdupq_n_u8(3)));
+                    let c1 = vreinterpretq_s8_u8(vandq_u8(q1, vdupq_n_u8(3)));
+                    isum += (blk[i] & 0x0f) as i32 * dot16(c0, xp.add(16 * i));
+                    isum += (blk[i + 1] & 0x0f) as i32 * dot16(c1, xp.add(16 * i + 16));
+                    q0 = vshrq_n_u8::<2>(q0);
+                    q1 = vshrq_n_u8::<2>(q1);
+                }
+            }
+        }
+        *o = isum;
+    }
+}
+
+/// Q3_K's sixteen 6-bit scales less 32, from the block's 12 packed bytes.
+fn q3_k_scales(packed: &[u8]) -> [i32; 16] {
+    let mut out = [0i32; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            packed[i] & 0x0f
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *o = (low | (high << 4)) as i32 - 32;
+    }
+    out
+}
+
+/// Q3_K: `Σ_j sc_j (q·x)_j`, codes `(two low bits | mask bit << 2) − 4`,
+/// the mask's bits taken in order, one a run of 32.
+pub fn block_sums_q3_k(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check_k(w, Q3_K_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * Q3_K_BYTES..][..Q3_K_BYTES];
+        let sc = q3_k_scales(&blk[96..108]);
+        let xp = x[b * QK_K..].as_ptr();
+        let mut isum = 0i32;
+        // SAFETY: the block's mask (0..32) and code bytes (32..96) and its
+        // 256 codes are in bounds (checked above).
+        unsafe {
+            let mut h0 = vld1q_u8(blk.as_ptr());
+            let mut h1 = vld1q_u8(blk.as_ptr().add(16));
+            let (m1, m3, four) = (vdupq_n_u8(1), vdupq_n_u8(3), vdupq_n_s8(4));
+            for n in 0..2 {
+                let mut q0 = vld1q_u8(blk.as_ptr().add(32 + 32 * n));
+                let mut q1 = vld1q_u8(blk.as_ptr().add(48 + 32 * n));
+                for j in 0..4 {
+                    let i = 8 * n + 2 * j;
+                    let u0 = vorrq_u8(vandq_u8(q0, m3), vshlq_n_u8::<2>(vandq_u8(h0, m1)));
+                    let u1 = vorrq_u8(vandq_u8(q1, m3), vshlq_n_u8::<2>(vandq_u8(h1, m1)));
+                    let c0 = vsubq_s8(vreinterpretq_s8_u8(u0), four);
+                    let c1 = vsubq_s8(vreinterpretq_s8_u8(u1), four);
+                    isum += sc[i] * dot16(c0, xp.add(16 * i));
+                    isum += sc[i + 1] * dot16(c1, xp.add(16 * i + 16));
+                    q0 = vshrq_n_u8::<2>(q0);
+                    q1 = vshrq_n_u8::<2>(q1);
+                    h0 = vshrq_n_u8::<1>(h0);
+                    h1 = vshrq_n_u8::<1>(h1);
+                }
+            }
+        }
+        *o = isum;
+    }
+}
+
+/// IQ4_XS: `Σ_j sc_j (v·x)_j` over eight sub-blocks of 32, each nibble
+/// an index into [`IQ4_VALUES`], 6-bit scales less 32.
+pub fn block_sums_iq4_xs(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check_k(w, IQ4_XS_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * IQ4_XS_BYTES..][..IQ4_XS_BYTES];
+        let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+        let xp = x[b * QK_K..].as_ptr();
+        let mut isum = 0i32;
+        for ib in 0..8 {
+            let low = (blk[4 + ib / 2] >> (4 * (ib % 2))) & 0x0f;
+            let sc = (low as u16 | (((scales_h >> (2 * ib)) & 3) << 4)) as i32 - 32;
+            // SAFETY: sub-block ib's 16 code bytes and 32 codes are in
+            // bounds (checked above); the table holds the 16 bytes loaded.
+            let s = unsafe {
+                let table = vld1q_s8(IQ4_VALUES.as_ptr());
+                let q = vld1q_u8(blk.as_ptr().add(8 + 16 * ib));
+                let lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0f)));
+                let hi = vqtbl1q_s8(table, vshrq_n_u8::<4>(q));
+                let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp.add(32 * ib)));
+                vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(32 * ib + 16))))
+            };
+            isum += sc * s;
+        }
+        *o = isum;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +415,101 @@ mod tests {
                     for b in 0..blocks {
                         let want = scalar(kind, &w[b * bytes..][..bytes], &x[b * QK..][..QK]);
                         assert_eq!(got[b], want, "Q{kind} block {b} of {blocks}, case {case}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A K-quant block's sum as ggml's `dequantize_row_*` reads the
+    /// block, one code at a time (kind 2 = Q2_K, 3 = Q3_K, 44 = IQ4_XS).
+    fn scalar_k(kind: usize, blk: &[u8], x: &[i8]) -> i32 {
+        let mut s = 0i32;
+        match kind {
+            2 => {
+                // y = 0..256 walks 2 halves × 4 shifts × 2 runs of 16.
+                for y in 0..256 {
+                    let (n, rest) = (y / 128, y % 128);
+                    let (shift, l) = (rest / 32, rest % 32);
+                    let code = (blk[16 + 32 * n + l] >> (2 * shift)) & 3;
+                    let sc = (blk[y / 16] & 0x0f) as i32;
+                    s += sc * code as i32 * x[y] as i32;
+                }
+            }
+            3 => {
+                // ggml's kmask unpacking of the 12 scale bytes.
+                let a = |i: usize| {
+                    u32::from_le_bytes([
+                        blk[96 + 4 * i],
+                        blk[97 + 4 * i],
+                        blk[98 + 4 * i],
+                        blk[99 + 4 * i],
+                    ])
+                };
+                let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+                let (a0, a1, tmp) = (a(0), a(1), a(2));
+                let words = [
+                    (a0 & k2) | ((tmp & k1) << 4),
+                    (a1 & k2) | (((tmp >> 2) & k1) << 4),
+                    ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+                    ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+                ];
+                let sc = |j: usize| ((words[j / 4] >> (8 * (j % 4))) & 0xff) as i32 - 32;
+                for y in 0..256 {
+                    let (n, rest) = (y / 128, y % 128);
+                    let (shift, l) = (rest / 32, rest % 32);
+                    let low = ((blk[32 + 32 * n + l] >> (2 * shift)) & 3) as i32;
+                    let high = blk[l] & (1 << (4 * n + shift)) != 0;
+                    let code = low - if high { 0 } else { 4 };
+                    s += sc(y / 16) * code * x[y] as i32;
+                }
+            }
+            _ => {
+                let scales_h = u16::from_le_bytes([blk[2], blk[3]]) as i32;
+                for y in 0..256 {
+                    let (ib, j) = (y / 32, y % 32);
+                    let ls = ((blk[4 + ib / 2] as i32 >> (4 * (ib % 2))) & 0x0f)
+                        | (((scales_h >> (2 * ib)) & 3) << 4);
+                    let byte = blk[8 + 16 * ib + j % 16];
+                    let nib = if j < 16 { byte & 0x0f } else { byte >> 4 };
+                    s += (ls - 32) * IQ4_VALUES[nib as usize] as i32 * x[y] as i32;
+                }
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn k_quant_block_sums_match_the_scalar_formulas() {
+        let mut rng = Lcg(11);
+        type Sums = fn(&[u8], &[i8], &mut [i32]);
+        let kinds: [(usize, usize, Sums); 3] = [
+            (2, Q2_K_BYTES, block_sums_q2_k),
+            (3, Q3_K_BYTES, block_sums_q3_k),
+            (44, IQ4_XS_BYTES, block_sums_iq4_xs),
+        ];
+        for (kind, bytes, sums) in kinds {
+            for blocks in [1usize, 3, 8] {
+                for case in 0..4 {
+                    // Activation codes stay in [−127, 127], as Q8_K's.
+                    let fill = |rng: &mut Lcg| match case {
+                        0 => rng.byte(),
+                        1 => 0x00,
+                        2 => 0xff,
+                        _ => 0x81,
+                    };
+                    let w: Vec<u8> = (0..blocks * bytes).map(|_| fill(&mut rng)).collect();
+                    let x: Vec<i8> = (0..blocks * QK_K)
+                        .map(|_| (fill(&mut rng) as i8).max(-127))
+                        .collect();
+                    let mut got = vec![0i32; blocks];
+                    sums(&w, &x, &mut got);
+                    for b in 0..blocks {
+                        let want = scalar_k(kind, &w[b * bytes..][..bytes], &x[b * QK_K..][..QK_K]);
+                        assert_eq!(
+                            got[b], want,
+                            "K kind {kind} block {b} of {blocks}, case {case}"
+                        );
                     }
                 }
             }

@@ -383,6 +383,19 @@ pub fn gemm16(
         unsafe { x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out) };
         return true;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && takes(dtype) && dtype != DType::Q5_0X16 {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        let nb = xs[0].d.len();
+        assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
+        assert!(xs.iter().all(|x| x.d.len() == nb));
+        assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
+        assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
+        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
+        // and F16C; the lengths were checked above.
+        unsafe { x86::gemm16_avx2(dtype, ws, xs, scratch, &mut out) };
+        return true;
+    }
     let _ = (isa, dtype, ws, xs, scratch, &mut out);
     false
 }
@@ -1490,6 +1503,248 @@ mod x86 {
         }
         // SAFETY: AVX-512 F is enabled here.
         unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
+    }
+
+    /// [`super::gemm16`] on AVX2: the 16 weight rows as two halves of 8,
+    /// lane `n` of a 256-bit register holding 4 codes of row `n` (an 8 × 8
+    /// transpose of each block's 32-bit groups, once per call); per
+    /// activation row, each group of 4 codes broadcast against the 8 rows
+    /// (`vpmaddubsw`, then `vpmaddwd` by ones), so a block's 8 sums land
+    /// in 8 lanes with no horizontal reduction. Q8_0 and IQ4_NL codes are
+    /// kept signed and multiplied by the sign trick (`vpmaddubsw` of the
+    /// offset codes would saturate); the others are offset-corrected from
+    /// the rows' `offset_sums`. Scaled and summed in f64 block by block as
+    /// the AVX-512 GEMM does, so the bits are the same.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; every row of `ws` holds as many
+    /// blocks of `dtype` as every row of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm16_avx2(
+        dtype: DType,
+        ws: &[&[u8]],
+        xs: &[&Q8Row],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let nb = xs[0].d.len();
+        let halves = ws.len().div_ceil(HALF);
+        // Codes of half h, block b: 8 vectors of 32 bytes; vector j holds
+        // group j (codes 4j..4j+4) of the half's rows, one a lane.
+        scratch.codes.clear();
+        scratch.codes.resize(halves * nb * 8 * 32, 0);
+        scratch.dw.clear();
+        scratch.dw.resize(halves * nb * HALF, 0.0);
+        let with_min = super::has_min(dtype);
+        scratch.dm.clear();
+        scratch
+            .dm
+            .resize(if with_min { halves * nb * HALF } else { 0 }, 0.0);
+        let signed = matches!(dtype, DType::Q8_0 | DType::IQ4_NL);
+        let bytes = ws[0].len() / nb;
+        let (codes_p, dw_p, dm_p) = (
+            scratch.codes.as_mut_ptr(),
+            scratch.dw.as_mut_ptr(),
+            scratch.dm.as_mut_ptr(),
+        );
+        for (h, half) in ws.chunks(HALF).enumerate() {
+            for b in 0..nb {
+                let mut u = [_mm256_setzero_si256(); HALF];
+                let mut bits = [0u16; HALF];
+                let mut mins = [0u16; HALF];
+                for (n, w) in half.iter().enumerate() {
+                    crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), bytes);
+                    // SAFETY: block b is inside `w` (the caller's contract).
+                    (u[n], bits[n]) = unsafe { codes(dtype, w, b) };
+                    if signed {
+                        u[n] = _mm256_xor_si256(u[n], _mm256_set1_epi8(-128));
+                    }
+                    if with_min {
+                        // SAFETY: as above.
+                        mins[n] = unsafe { min_at(w, bytes, b) };
+                    }
+                }
+                let t = crate::kernels::lanes::transpose_8x8(&u);
+                let at = h * nb + b;
+                // SAFETY: block b of half h is inside the scratch.
+                unsafe {
+                    for (j, v) in t.iter().enumerate() {
+                        _mm256_storeu_si256(codes_p.add((at * 8 + j) * 32).cast(), *v);
+                    }
+                    let widen =
+                        |bits: &[u16; HALF]| _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+                    let dw = widen(&bits);
+                    _mm256_storeu_pd(
+                        dw_p.add(at * HALF),
+                        _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
+                    );
+                    _mm256_storeu_pd(
+                        dw_p.add(at * HALF + 4),
+                        _mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)),
+                    );
+                    if with_min {
+                        let dm = widen(&mins);
+                        _mm256_storeu_pd(
+                            dm_p.add(at * HALF),
+                            _mm256_cvtps_pd(_mm256_castps256_ps128(dm)),
+                        );
+                        _mm256_storeu_pd(
+                            dm_p.add(at * HALF + 4),
+                            _mm256_cvtps_pd(_mm256_extractf128_ps(dm, 1)),
+                        );
+                    }
+                }
+            }
+        }
+        for h in 0..halves {
+            let rows = (ws.len() - h * HALF).min(HALF);
+            // SAFETY: the scratch holds nb blocks of this half; the
+            // caller's contract covers the activation rows.
+            unsafe {
+                if signed {
+                    in_groups_of_four!(xs.len(), m0 => gemm8_signed(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else if matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+                    in_groups_of_four!(xs.len(), m0 => gemm8_nibbles(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else {
+                    in_groups_of_four!(xs.len(), m0 => gemm8_five_bits(scratch, &xs[m0..], nb, h, rows, m0, out))
+                }
+            };
+        }
+    }
+
+    /// The three shapes of [`gemm8_rows`]: signed codes (Q8_0, IQ4_NL),
+    /// 4-bit codes (Q4_0, Q4_1: eight groups' products fit an i16), 5-bit
+    /// codes (Q5_0, Q5_1: four groups).
+    macro_rules! gemm8_kinds {
+        ($($name:ident: $signed:literal, $fold:literal;)*) => {$(
+            /// # Safety
+            /// As [`gemm8_rows`].
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const R: usize>(
+                scratch: &GemmScratch,
+                xs: &[&Q8Row],
+                nb: usize,
+                h: usize,
+                rows: usize,
+                m0: usize,
+                out: &mut dyn FnMut(usize, usize, &[f32]),
+            ) {
+                // SAFETY: the caller's contract.
+                unsafe { gemm8_rows::<R, $signed, $fold>(scratch, xs, nb, h, rows, m0, out) }
+            }
+        )*};
+    }
+    gemm8_kinds! {
+        gemm8_signed: true, 1;
+        gemm8_nibbles: false, 8;
+        gemm8_five_bits: false, 4;
+    }
+
+    /// `R` activation rows against half `h` (8 weight rows, `rows` of
+    /// them real) of the unpacked weights. `FOLD` groups' `vpmaddubsw`
+    /// products are added as i16s before one `vpmaddwd` widens them: each
+    /// product pair is at most 2·15·127 for 4-bit codes (eight fit), 2·31·127
+    /// for 5-bit ones (four fit).
+    ///
+    /// # Safety
+    /// As [`gemm16_avx2`]; `xs` has at least `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn gemm8_rows<const R: usize, const SIGNED: bool, const FOLD: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8Row],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        let codes_p = scratch.codes.as_ptr();
+        let dw_p = scratch.dw.as_ptr();
+        let with_min = !scratch.dm.is_empty();
+        let dm_p = scratch.dm.as_ptr();
+        let mut qs = [std::ptr::null::<i8>(); R];
+        let mut offs = [std::ptr::null::<i32>(); R];
+        let mut dxs = [std::ptr::null::<f64>(); R];
+        let mut ss = [std::ptr::null::<f32>(); R];
+        for (r, x) in xs.iter().enumerate() {
+            assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+            assert!(!with_min || x.s.len() >= nb);
+            (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+            ss[r] = x.s.as_ptr();
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let at = h * nb + b;
+            let mut sum = [_mm256_setzero_si256(); R];
+            if !SIGNED {
+                for (s, o) in sum.iter_mut().zip(&offs) {
+                    // SAFETY: block b's offset sum is inside the row (asserted).
+                    *s = _mm256_set1_epi32(unsafe { *o.add(b) });
+                }
+            }
+            for j0 in (0..8).step_by(FOLD) {
+                let mut p16 = [_mm256_setzero_si256(); R];
+                for j in j0..j0 + FOLD {
+                    // SAFETY: group j of block b of half h is inside the
+                    // scratch.
+                    let wj = unsafe { _mm256_loadu_si256(codes_p.add((at * 8 + j) * 32).cast()) };
+                    let wa = if SIGNED { _mm256_sign_epi8(wj, wj) } else { wj };
+                    for (p, q) in p16.iter_mut().zip(&qs) {
+                        // SAFETY: codes 4j..4j+4 of block b are inside the
+                        // row.
+                        let xv = _mm256_set1_epi32(unsafe {
+                            q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
+                        });
+                        let xv = if SIGNED { _mm256_sign_epi8(xv, wj) } else { xv };
+                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wa, xv));
+                    }
+                }
+                for (s, p) in sum.iter_mut().zip(p16) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                }
+            }
+            // SAFETY: the 8 scales of block b of half h are inside the
+            // scratch.
+            let (dw_lo, dw_hi) = unsafe {
+                (
+                    _mm256_loadu_pd(dw_p.add(at * HALF)),
+                    _mm256_loadu_pd(dw_p.add(at * HALF + 4)),
+                )
+            };
+            for (r, dxp) in dxs.iter().enumerate() {
+                // SAFETY: block b's scale is inside the row (asserted).
+                let dx = _mm256_set1_pd(unsafe { *dxp.add(b) });
+                let lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(sum[r]));
+                let hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(sum[r], 1));
+                if with_min {
+                    // Each block's d·d_x·sum + m·s, then the sum.
+                    // SAFETY: block b's minimums and Q8_1 sum are inside
+                    // the scratch and the row (asserted).
+                    let (m_lo, m_hi, sx) = unsafe {
+                        (
+                            _mm256_loadu_pd(dm_p.add(at * HALF)),
+                            _mm256_loadu_pd(dm_p.add(at * HALF + 4)),
+                            _mm256_set1_pd(*ss[r].add(b) as f64),
+                        )
+                    };
+                    let t_lo =
+                        _mm256_fmadd_pd(_mm256_mul_pd(dw_lo, dx), lo, _mm256_mul_pd(m_lo, sx));
+                    let t_hi =
+                        _mm256_fmadd_pd(_mm256_mul_pd(dw_hi, dx), hi, _mm256_mul_pd(m_hi, sx));
+                    acc[r][0] = _mm256_add_pd(acc[r][0], t_lo);
+                    acc[r][1] = _mm256_add_pd(acc[r][1], t_hi);
+                } else {
+                    acc[r][0] = _mm256_fmadd_pd(_mm256_mul_pd(dw_lo, dx), lo, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_pd(_mm256_mul_pd(dw_hi, dx), hi, acc[r][1]);
+                }
+            }
+        }
+        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's

@@ -265,6 +265,82 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
 }
 
 #[test]
+fn k_quant_rows_give_the_portable_kernels_bits_on_every_path() {
+    // Exact integer sums per block, scaled in the same f64 order: the
+    // SIMD row kernels (one to four activation rows) must not move a bit,
+    // on random weights and on the extremes of every code and scale.
+    let mut rng = fastrand::Rng::with_seed(5);
+    for dtype in [
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::IQ4_XS,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+    ] {
+        let k = 1024;
+        let bytes = dtype.row_bytes(k).unwrap();
+        for case in 0..4 {
+            // Random blocks; then every byte 0xff, 0x00 or random, with
+            // each block's f16 scales set finite.
+            let w: Vec<u8> = match case {
+                0 => random_row(dtype, k, &mut rng),
+                _ => {
+                    let mut w: Vec<u8> = (0..bytes)
+                        .map(|_| [0xff, 0x00, rng.u8(..)][case - 1])
+                        .collect();
+                    let (block, at): (usize, &[usize]) = match dtype {
+                        DType::Q2_K => (84, &[80, 82]),
+                        DType::Q3_K => (110, &[108]),
+                        DType::IQ4_XS => (136, &[0]),
+                        DType::Q4_K => (144, &[0, 2]),
+                        DType::Q5_K => (176, &[0, 2]),
+                        _ => (210, &[208]),
+                    };
+                    for blk in w.chunks_exact_mut(block) {
+                        for &a in at {
+                            blk[a..a + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                        }
+                    }
+                    w
+                }
+            };
+            let rows: Vec<kquant::Q8KRow> = (0..4)
+                .map(|r| {
+                    let x: Vec<f32> = (0..k)
+                        .map(|i| {
+                            if r == 3 && i % 7 == 0 {
+                                8.0
+                            } else {
+                                rng.f32() * 6.0 - 3.0
+                            }
+                        })
+                        .collect();
+                    let mut row = kquant::Q8KRow::new(k);
+                    row.quantize(Isa::Scalar, &x);
+                    row
+                })
+                .collect();
+            for n in 1..=4 {
+                let xs: Vec<&kquant::Q8KRow> = rows[..n].iter().collect();
+                let mut want = vec![0f32; n];
+                kquant::row_dot(dtype)(Isa::Scalar, &w, &xs, &mut want);
+                for isa in Isa::available() {
+                    let mut got = vec![0f32; n];
+                    kquant::row_dot(dtype)(isa, &w, &xs, &mut got);
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{} {dtype}, case {case}, {n} rows",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // Work large enough to wake the pool; outputs are per row, so the
     // thread count must not change a bit.
