@@ -128,7 +128,13 @@ fn serve_one(s: TcpStream, files: &Files, log: &Mutex<Vec<String>>, dropped: &Mu
                 }
             }
         }
+        // A pull request's revision, as one path segment.
+        "/api/models/org/tiny-GGUF/tree/refs%2Fpr%2F2?recursive=true" => {
+            let body = listing(vec![("tiny-pr-f16.gguf", &files.f16, sha(&files.f16))]);
+            respond(&s, "200 OK", &json, &body, None)
+        }
         "/org/tiny-GGUF/resolve/main/tiny-f16.gguf"
+        | "/org/tiny-GGUF/resolve/refs%2Fpr%2F2/tiny-pr-f16.gguf"
         | "/org/gated-GGUF/resolve/main/gated-f16.gguf" => {
             respond(&s, "200 OK", &[], &files.f16, None)
         }
@@ -276,4 +282,22 @@ fn pulls_from_a_hub_resuming_and_refuses_what_it_cannot_trust() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["from-url", "gated-f16", "tiny-q8_0"]);
+
+    // A revision: its own listing and files; a revision the hub does not
+    // have is a 404 that records nothing.
+    let out = pull(&home, port, &["hf:org/tiny-GGUF@refs/pr/2"], None);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = home.registry().model("tiny-pr-f16").unwrap().unwrap();
+    assert_eq!(
+        m.origin.as_deref(),
+        Some("hf:org/tiny-GGUF@refs/pr/2/tiny-pr-f16.gguf")
+    );
+    let before = home.registry_snapshot();
+    let out = pull(&home, port, &["hf:org/tiny-GGUF@v9:Q8_0"], None);
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("HTTP 404") && t.contains("tree/v9"),
+        "{t}"
+    );
+    assert_eq!(home.registry_snapshot(), before);
 }

@@ -1,8 +1,8 @@
 //! `kiln pull`: a GGUF model from the Hugging Face Hub (`hf:ORG/REPO`,
-//! `hf:ORG/REPO:FILE`, `hf:ORG/REPO:Q4_K_M`) or from any URL, into the
-//! model store.
+//! `hf:ORG/REPO:FILE`, `hf:ORG/REPO:Q4_K_M`, at a branch, tag or commit
+//! with `hf:ORG/REPO@REVISION…`) or from any URL, into the model store.
 //!
-//! - The hub's file listing (`/api/models/REPO/tree/main`) gives each
+//! - The hub's file listing (`/api/models/REPO/tree/REVISION`) gives each
 //!   file's size and, for files in Git LFS (every GGUF), its sha256; the
 //!   download is checked against it before anything is registered.
 //! - Downloads go to `$KILN_HOME/models/downloads/` and resume with an HTTP
@@ -73,9 +73,11 @@ pub enum PullError {
 /// What to pull.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Spec {
-    /// A hub repository, and a file name or quantization to choose by.
+    /// A hub repository at a revision (`main` unless named), and a file
+    /// name or quantization to choose by.
     Hub {
         repo: String,
+        revision: Option<String>,
         select: Option<String>,
     },
     Url(String),
@@ -88,12 +90,31 @@ impl Spec {
         }
         let Some(rest) = s.strip_prefix("hf:") else {
             return Err(PullError::Spec(format!(
-                "{s:?}: say hf:ORG/REPO[:FILE-or-QUANT] (e.g. hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q4_K_M) or an https:// URL of a .gguf file"
+                "{s:?}: say hf:ORG/REPO[@REVISION][:FILE-or-QUANT] (e.g. hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q4_K_M) or an https:// URL of a .gguf file"
             )));
         };
         let (repo, select) = match rest.split_once(':') {
             Some((r, sel)) => (r, Some(sel.to_string())),
             None => (rest, None),
+        };
+        let (repo, revision) = match repo.split_once('@') {
+            Some((r, rev)) => {
+                // Branches, tags, commits and `refs/pr/N`.
+                let fine = !rev.is_empty()
+                    && !rev.contains("..")
+                    && !rev.starts_with('/')
+                    && !rev.ends_with('/')
+                    && rev
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+                if !fine {
+                    return Err(PullError::Spec(format!(
+                        "{rev:?} is not a revision (a branch, tag or commit of the repository)"
+                    )));
+                }
+                (r, Some(rev.to_string()))
+            }
+            None => (repo, None),
         };
         let ok = |p: &str| {
             !p.is_empty()
@@ -103,6 +124,7 @@ impl Spec {
         match repo.split_once('/') {
             Some((org, name)) if ok(org) && ok(name) => Ok(Spec::Hub {
                 repo: repo.to_string(),
+                revision,
                 select: select.filter(|s| !s.is_empty()),
             }),
             _ => Err(PullError::Spec(format!(
@@ -177,11 +199,12 @@ impl Client {
         })
     }
 
-    /// Every file of `repo`'s main branch.
-    pub fn list(&self, repo: &str) -> Result<Vec<RemoteFile>, PullError> {
+    /// Every file of `repo` at `revision`.
+    pub fn list(&self, repo: &str, revision: &str) -> Result<Vec<RemoteFile>, PullError> {
         let url = format!(
-            "{}/api/models/{repo}/tree/main?recursive=true",
-            self.endpoint
+            "{}/api/models/{repo}/tree/{}?recursive=true",
+            self.endpoint,
+            url_revision(revision)
         );
         let mut resp = self.get(&url, 0)?;
         check_status(&url, resp.status().as_u16(), self.token.is_some())?;
@@ -221,10 +244,19 @@ impl Client {
             .collect())
     }
 
-    /// Where a file of a repository is downloaded from.
-    pub fn file_url(&self, repo: &str, path: &str) -> String {
-        format!("{}/{repo}/resolve/main/{path}", self.endpoint)
+    /// Where a file of a repository at `revision` is downloaded from.
+    pub fn file_url(&self, repo: &str, revision: &str, path: &str) -> String {
+        format!(
+            "{}/{repo}/resolve/{}/{path}",
+            self.endpoint,
+            url_revision(revision)
+        )
     }
+}
+
+/// A revision as one path segment (`refs/pr/1` → `refs%2Fpr%2F1`).
+fn url_revision(revision: &str) -> String {
+    revision.replace('/', "%2F")
 }
 
 fn host_of(url: &str) -> String {
@@ -357,20 +389,27 @@ pub fn pull(
 ) -> Result<Pulled, PullError> {
     let mut note = |line: &str| event(Event::Note(line));
     let (url, file_name, size, sha256, origin) = match spec {
-        Spec::Hub { repo, select } => {
-            let files = client.list(repo)?;
-            let f = choose(repo, &files, select.as_deref())?;
+        Spec::Hub {
+            repo,
+            revision,
+            select,
+        } => {
+            let rev = revision.as_deref().unwrap_or("main");
+            let files = client.list(repo, rev)?;
+            // Named as the user wrote it, for the messages and the origin.
+            let at = revision.as_ref().map_or(String::new(), |r| format!("@{r}"));
+            let f = choose(&format!("{repo}{at}"), &files, select.as_deref())?;
             note(&format!(
-                "hf:{repo}: {} ({:.1} MiB)",
+                "hf:{repo}{at}: {} ({:.1} MiB)",
                 f.path,
                 f.size as f64 / (1 << 20) as f64
             ));
             (
-                client.file_url(repo, &f.path),
+                client.file_url(repo, rev, &f.path),
                 f.path.rsplit('/').next().unwrap_or(&f.path).to_string(),
                 Some(f.size).filter(|&s| s > 0),
                 f.sha256.clone(),
-                format!("hf:{repo}/{}", f.path),
+                format!("hf:{repo}{at}/{}", f.path),
             )
         }
         Spec::Url(u) => {
@@ -542,9 +581,23 @@ mod tests {
             Spec::parse("hf:Qwen/Coder-GGUF:Q4_K_M").unwrap(),
             Spec::Hub {
                 repo: "Qwen/Coder-GGUF".into(),
+                revision: None,
                 select: Some("Q4_K_M".into())
             }
         );
+        assert_eq!(
+            Spec::parse("hf:Qwen/Coder-GGUF@refs/pr/3:coder-q8_0.gguf").unwrap(),
+            Spec::Hub {
+                repo: "Qwen/Coder-GGUF".into(),
+                revision: Some("refs/pr/3".into()),
+                select: Some("coder-q8_0.gguf".into())
+            }
+        );
+        for bad in ["hf:a/b@", "hf:a/b@../x", "hf:a/b@x?y", "hf:a/b@/x"] {
+            let e = Spec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("not a revision"), "{bad}: {e}");
+        }
+        assert_eq!(url_revision("refs/pr/3"), "refs%2Fpr%2F3");
         assert!(matches!(
             Spec::parse("https://x/m.gguf").unwrap(),
             Spec::Url(_)

@@ -158,10 +158,11 @@ enum Command {
         json: bool,
     },
     /// Download a GGUF model from the Hugging Face Hub (hf:ORG/REPO,
-    /// hf:ORG/REPO:FILE-or-QUANT) or a URL into the model store: resumable,
+    /// hf:ORG/REPO:FILE-or-QUANT, hf:ORG/REPO@REVISION:…) or a URL into the model store: resumable,
     /// checked against the hub's sha256, registered and active.
     Pull {
-        /// hf:ORG/REPO[:FILE-or-QUANT], or an https:// URL of a .gguf file.
+        /// hf:ORG/REPO[@REVISION][:FILE-or-QUANT], or an https:// URL of a
+        /// .gguf file. REVISION: a branch, tag or commit (default main).
         spec: String,
         /// The registry name (default: the file's name).
         #[arg(long)]
