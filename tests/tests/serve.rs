@@ -401,6 +401,13 @@ fn the_http_api_answers_validates_and_keeps_serving() {
     );
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    // OpenAI's content parts, joined into the text the template sees.
+    let (code, v) = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"model": id, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}], "max_tokens": 2}),
+    );
+    assert_eq!(code, 200, "{v}");
 
     // Each bad request: 4xx in OpenAI's error shape, naming the problem.
     let bad = |body: &[u8], path: &str, want: u16, words: &str| {
@@ -474,6 +481,20 @@ fn the_http_api_answers_validates_and_keeps_serving() {
         "/v1/chat/completions",
         400,
         "messages",
+    );
+    bad(
+        &j(json!({"model": id, "messages": [{"role": "wizard", "content": "x"}]})),
+        "/v1/chat/completions",
+        400,
+        "role",
+    );
+    bad(
+        &j(
+            json!({"model": id, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        ),
+        "/v1/chat/completions",
+        400,
+        "text parts",
     );
     bad(
         &j(json!({"model": id, "prompt": "x".repeat(20000)})),

@@ -565,8 +565,9 @@ async fn completions(
     .into_response())
 }
 
-/// Renders the model's chat template (Jinja, as Hugging Face writes them).
-fn render_chat(loaded: &Loaded, messages: &Value) -> Result<String, ApiError> {
+/// Renders the model's chat template for the request's messages
+/// ([`crate::chat`]).
+fn render_chat(loaded: &Loaded, v: &Value) -> Result<String, ApiError> {
     let Some(template) = &loaded.chat_template else {
         return Err(ApiError::invalid(
             "messages",
@@ -576,36 +577,40 @@ fn render_chat(loaded: &Loaded, messages: &Value) -> Result<String, ApiError> {
             ),
         ));
     };
-    let Some(list) = messages.as_array().filter(|a| !a.is_empty()) else {
+    let Some(list) = v["messages"].as_array().filter(|a| !a.is_empty()) else {
         return Err(ApiError::invalid(
             "messages",
             "messages must be a non-empty array",
         ));
     };
+    // Content as a string, or OpenAI's array of text parts (joined: chat
+    // templates expect a string).
+    let mut messages = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let role_ok = m["role"]
+        let role = m["role"]
             .as_str()
-            .is_some_and(|r| ["system", "user", "assistant", "developer"].contains(&r));
-        if !role_ok || !m["content"].is_string() {
+            .filter(|r| ["system", "user", "assistant", "developer", "tool"].contains(r));
+        let content = match &m["content"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|p| (p["type"] == "text").then(|| p["text"].as_str()).flatten())
+                .collect::<Option<Vec<_>>>()
+                .map(|texts| texts.concat()),
+            _ => None,
+        };
+        let (Some(_), Some(content)) = (role, content) else {
             return Err(ApiError::invalid(
                 "messages",
                 format!(
-                    "messages[{i}] must have a role (system, user, assistant) and string content"
+                    "messages[{i}] must have a role (system, user, assistant, tool) and content: a string or text parts"
                 ),
             ));
-        }
+        };
+        let mut m = m.clone();
+        m["content"] = Value::String(content);
+        messages.push(m);
     }
-    let mut env = minijinja::Environment::new();
-    env.set_fuel(Some(1_000_000));
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
     let tok = |key: &str| {
         loaded
             .model
@@ -616,20 +621,28 @@ fn render_chat(loaded: &Loaded, messages: &Value) -> Result<String, ApiError> {
             .unwrap_or_default()
             .to_string()
     };
-    let tmpl = env.template_from_str(template).map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        kind: "server_error",
-        code: None,
-        param: None,
-        message: format!("the model's chat template does not parse: {e}"),
-    })?;
-    tmpl.render(minijinja::context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => tok("tokenizer.ggml.bos_token_id"),
-        eos_token => tok("tokenizer.ggml.eos_token_id"),
+    let (bos, eos) = (
+        tok("tokenizer.ggml.bos_token_id"),
+        tok("tokenizer.ggml.eos_token_id"),
+    );
+    let messages = Value::Array(messages);
+    let inputs = crate::chat::ChatInputs {
+        messages: &messages,
+        tools: v.get("tools").filter(|t| t.is_array()),
+        bos_token: &bos,
+        eos_token: &eos,
+        add_generation_prompt: true,
+    };
+    crate::chat::render(template, &inputs).map_err(|e| match e {
+        crate::chat::ChatError::Parse(_) => ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            code: None,
+            param: None,
+            message: e.to_string(),
+        },
+        crate::chat::ChatError::Render(_) => ApiError::invalid("messages", e.to_string()),
     })
-    .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))
 }
 
 async fn chat_completions(
@@ -641,7 +654,7 @@ async fn chat_completions(
     let loaded = s.engine.loaded();
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
-    let text = render_chat(&loaded, &v["messages"])?;
+    let text = render_chat(&loaded, &v)?;
     // The rendered template carries its own BOS when it wants one.
     req.prompt = encode(
         &loaded,
