@@ -1,6 +1,6 @@
 //! Dot products of F16 weight rows with activations rounded to f16 (the
-//! reference's `round_activations` for F16 weights): portable, AVX2 and
-//! AVX-512; and of BF16 rows with bf16-rounded activations (AVX-512). An
+//! reference's `round_activations` for F16 weights), and of BF16 rows with
+//! bf16-rounded activations: portable (F16), AVX2 and AVX-512 (both). An
 //! f16 × f16 or bf16 × bf16 product is exact in f32; products are summed
 //! in f64, so a row's result is the reference's, rounded the same way.
 
@@ -34,33 +34,43 @@ pub fn dot(isa: Isa, w: &[u8], x: &[f32]) -> f32 {
         Isa::Scalar | Isa::Reference => {}
     }
     let _ = isa;
-    dot_scalar(w, x, 0, 0.0)
+    dot_scalar(false, w, x, 0, 0.0)
 }
 
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
-/// converted once for all on AVX-512). `bf16`: the weights are BF16 and
-/// the activations rounded to bf16 (AVX-512 only; a BF16 × BF16 product is
-/// exact in f32 too).
+/// converted once for all on AVX2 and AVX-512). `bf16`: the weights are
+/// BF16 and the activations rounded to bf16 (AVX2 and AVX-512 only; a
+/// BF16 × BF16 product is exact in f32 too).
 pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        // SAFETY: the path exists on this CPU; lengths checked above.
-        return unsafe {
-            match (xs.len(), bf16) {
-                (1, false) => x86::dot_rows_avx512::<1, false>(w, xs, out),
-                (2, false) => x86::dot_rows_avx512::<2, false>(w, xs, out),
-                (3, false) => x86::dot_rows_avx512::<3, false>(w, xs, out),
-                (_, false) => x86::dot_rows_avx512::<4, false>(w, xs, out),
-                (1, true) => x86::dot_rows_avx512::<1, true>(w, xs, out),
-                (2, true) => x86::dot_rows_avx512::<2, true>(w, xs, out),
-                (3, true) => x86::dot_rows_avx512::<3, true>(w, xs, out),
-                (_, true) => x86::dot_rows_avx512::<4, true>(w, xs, out),
-            }
-        };
+    {
+        macro_rules! rows {
+            ($kernel:ident) => {
+                // SAFETY: `Isa` only names paths the CPU has; lengths
+                // checked above.
+                unsafe {
+                    match (xs.len(), bf16) {
+                        (1, false) => x86::$kernel::<1, false>(w, xs, out),
+                        (2, false) => x86::$kernel::<2, false>(w, xs, out),
+                        (3, false) => x86::$kernel::<3, false>(w, xs, out),
+                        (_, false) => x86::$kernel::<4, false>(w, xs, out),
+                        (1, true) => x86::$kernel::<1, true>(w, xs, out),
+                        (2, true) => x86::$kernel::<2, true>(w, xs, out),
+                        (3, true) => x86::$kernel::<3, true>(w, xs, out),
+                        (_, true) => x86::$kernel::<4, true>(w, xs, out),
+                    }
+                }
+            };
+        }
+        match isa {
+            Isa::Avx512 => return rows!(dot_rows_avx512),
+            Isa::Avx2 => return rows!(dot_rows_avx2),
+            Isa::Scalar | Isa::Reference => {}
+        }
     }
-    assert!(!bf16, "BF16 rows have a kernel on AVX-512 only");
+    assert!(!bf16, "BF16 rows have kernels on AVX2 and AVX-512 only");
     for (x, o) in xs.iter().zip(out) {
         *o = dot(isa, w, x);
     }
@@ -69,15 +79,16 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
 /// Weight rows per [`gemm16`] call.
 pub const GEMM_ROWS: usize = 16;
 
-/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 weight rows and any number
-/// of activation rows, on AVX-512, in tiles of 4 weight rows × 4
-/// activation rows: 16 accumulators of eight f64 lanes, each weight and
-/// activation vector converted once per tile step and used four times
-/// (products exact, as in [`dot_rows`]; each FMA rounds once, as the
-/// reference's addition does). Partial tiles repeat their last row and
-/// drop its results.
+/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
+/// rows and any number of activation rows, in tiles of 4 weight rows × 4
+/// activation rows on AVX-512 (16 accumulators of eight f64 lanes) and 4
+/// × 2 on AVX2 (8 of four lanes, what 16 registers hold beside the
+/// converted values): each weight and activation vector converted once
+/// per tile step and used for the whole tile (products exact, as in
+/// [`dot_rows`]; each FMA rounds once, as the reference's addition does).
+/// Partial tiles repeat their last row and drop its results.
 ///
-/// Returns `false` (and does nothing) without AVX-512.
+/// Returns `false` (and does nothing) without AVX2 or AVX-512.
 pub fn gemm16(
     isa: Isa,
     bf16: bool,
@@ -86,33 +97,70 @@ pub fn gemm16(
     mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let k = xs[0].len();
-        assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
-        for m0 in (0..xs.len()).step_by(4) {
-            let x: [&[f32]; 4] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
-            for n0 in (0..ws.len()).step_by(4) {
-                let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
-                // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
-                let tile = unsafe {
-                    if bf16 {
-                        x86::tile_avx512::<true>(&w, &x)
-                    } else {
-                        x86::tile_avx512::<false>(&w, &x)
-                    }
-                };
-                let rows = (ws.len() - n0).min(4);
-                let columns: [[f32; 4]; 4] = std::array::from_fn(|m| tile.map(|row| row[m]));
-                for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
-                    out(n0, m0 + m, &column[..rows]);
-                }
+    return gemm16_x86(isa, bf16, ws, xs, &mut out);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, bf16, ws, xs, &mut out);
+        false
+    }
+}
+
+/// [`gemm16`] on x86-64.
+#[cfg(target_arch = "x86_64")]
+fn gemm16_x86(
+    isa: Isa,
+    bf16: bool,
+    ws: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut impl FnMut(usize, usize, &[f32]),
+) -> bool {
+    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    let k = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
+    // Each tile's SAFETY: the CPU has the path (`Isa`); every row is as
+    // long as the first (asserted above).
+    match (isa, bf16) {
+        (Isa::Avx512, false) => tiled(ws, xs, out, |w, x: &[_; 4]| {
+            // SAFETY: as above.
+            unsafe { x86::tile_avx512::<false>(w, x) }
+        }),
+        (Isa::Avx512, true) => tiled(ws, xs, out, |w, x: &[_; 4]| {
+            // SAFETY: as above.
+            unsafe { x86::tile_avx512::<true>(w, x) }
+        }),
+        (Isa::Avx2, false) => tiled(ws, xs, out, |w, x: &[_; 2]| {
+            // SAFETY: as above.
+            unsafe { x86::tile_avx2::<false>(w, x) }
+        }),
+        (Isa::Avx2, true) => tiled(ws, xs, out, |w, x: &[_; 2]| {
+            // SAFETY: as above.
+            unsafe { x86::tile_avx2::<true>(w, x) }
+        }),
+        (Isa::Scalar | Isa::Reference, _) => return false,
+    }
+    true
+}
+
+/// [`gemm16`]'s walk over tiles of 4 weight rows × `M` activation rows.
+#[cfg(target_arch = "x86_64")]
+fn tiled<const M: usize>(
+    ws: &[&[u8]],
+    xs: &[&[f32]],
+    out: &mut impl FnMut(usize, usize, &[f32]),
+    tile: impl Fn(&[&[u8]; 4], &[&[f32]; M]) -> [[f32; M]; 4],
+) {
+    for m0 in (0..xs.len()).step_by(M) {
+        let x: [&[f32]; M] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
+        for n0 in (0..ws.len()).step_by(4) {
+            let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
+            let tile = tile(&w, &x);
+            let rows = (ws.len() - n0).min(4);
+            let columns: [[f32; 4]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
+            for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
+                out(n0, m0 + m, &column[..rows]);
             }
         }
-        return true;
     }
-    let _ = (isa, bf16, ws, xs, &mut out);
-    false
 }
 
 /// Rows at most this long take [`gemm16_lanes`] (attention's rows: the
@@ -202,12 +250,21 @@ unsafe fn lanes_rows<const R: usize>(
     unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
 }
 
-/// Sums `w[from..] · x[from..]` onto `acc`.
-fn dot_scalar(w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
+/// Sums `w[from..] · x[from..]` onto `acc`; `bf16`: the weights are BF16.
+fn dot_scalar(bf16: bool, w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
     for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
-        acc += f16::from_le_bytes([c[0], c[1]]).to_f32() as f64 * *v as f64;
+        acc += widen(bf16, [c[0], c[1]]) as f64 * *v as f64;
     }
     acc as f32
+}
+
+/// One little-endian f16 (or, `bf16`, bf16) value as f32.
+fn widen(bf16: bool, b: [u8; 2]) -> f32 {
+    if bf16 {
+        half::bf16::from_le_bytes(b).to_f32()
+    } else {
+        f16::from_le_bytes(b).to_f32()
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -253,7 +310,93 @@ mod x86 {
         let s = _mm256_add_pd(acc[0], acc[1]);
         let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
         let s = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-        super::dot_scalar(w, x, full, s)
+        super::dot_scalar(false, w, x, full, s)
+    }
+
+    /// The four lanes' sum.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256d) -> f64 {
+        // SAFETY: register operations only (the caller's AVX).
+        unsafe {
+            let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+    }
+
+    /// [`super::dot_rows`] on AVX2: each step's eight weights converted
+    /// once for the `R` rows.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; `w.len() == 2 * x.len()` for each
+    /// of the first `R` rows of `xs`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_avx2<const R: usize, const BF: bool>(
+        w: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
+        let full = xs[0].len() / 8 * 8;
+        assert!(w.len() >= 2 * full && xs.iter().all(|x| x.len() >= full));
+        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        for i in (0..full).step_by(8) {
+            crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 16);
+            // SAFETY: elements i..i+8 are inside every row (asserted).
+            let wv = unsafe { widen8::<BF>(_mm_loadu_si128(w.as_ptr().add(2 * i).cast())) };
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                // SAFETY: as above.
+                let p = _mm256_mul_ps(wv, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
+                acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+                acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(p)));
+            }
+        }
+        for ((o, acc), x) in out.iter_mut().zip(&acc).zip(xs) {
+            // SAFETY: AVX is enabled here.
+            let s = unsafe { hsum(_mm256_add_pd(acc[0], acc[1])) };
+            *o = super::dot_scalar(BF, w, x, full, s);
+        }
+    }
+
+    /// A 4 × 2 tile of [`super::gemm16`] on AVX2: `out[n][m] = w[n] ·
+    /// x[m]`, eight values a step (the activations' two halves widened once
+    /// for the four weight rows, each weight row's for the two activations).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; every `w` row holds `2 *
+    /// x[0].len()` bytes and every `x` row as many values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_avx2<const BF: bool>(w: &[&[u8]; 4], x: &[&[f32]; 2]) -> [[f32; 2]; 4] {
+        let len = x[0].len();
+        let full = len / 8 * 8;
+        assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
+        let mut acc = [[_mm256_setzero_pd(); 2]; 4];
+        for i in (0..full).step_by(8) {
+            // SAFETY: elements i..i+8 are inside every row (asserted).
+            unsafe {
+                let mut xv = [[_mm256_setzero_pd(); 2]; 2];
+                for (xv, row) in xv.iter_mut().zip(x) {
+                    let v = _mm256_loadu_ps(row.as_ptr().add(i));
+                    xv[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+                    xv[1] = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+                }
+                for (row, acc) in w.iter().zip(&mut acc) {
+                    let wv = widen8::<BF>(_mm_loadu_si128(row.as_ptr().add(2 * i).cast()));
+                    let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(wv));
+                    let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(wv));
+                    for (acc, xv) in acc.iter_mut().zip(&xv) {
+                        *acc = _mm256_fmadd_pd(hi, xv[1], _mm256_fmadd_pd(lo, xv[0], *acc));
+                    }
+                }
+            }
+        }
+        let mut out = [[0.0; 2]; 4];
+        for ((out, acc), row) in out.iter_mut().zip(&acc).zip(w) {
+            for ((o, acc), x) in out.iter_mut().zip(acc).zip(x) {
+                // SAFETY: AVX is enabled here.
+                *o = super::dot_scalar(BF, row, x, full, unsafe { hsum(*acc) });
+            }
+        }
+        out
     }
 
     /// # Safety

@@ -549,8 +549,9 @@ fn all_rows<'a, 'b, T: ?Sized>(
 /// As for [`run`].
 unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
-    // BF16 has AVX-512 kernels only; elsewhere the reference runs it.
-    if wd.dtype == DType::BF16 && isa != Isa::Avx512 {
+    // BF16 has AVX2 and AVX-512 kernels only; elsewhere the reference
+    // runs it.
+    if wd.dtype == DType::BF16 && !matches!(isa, Isa::Avx2 | Isa::Avx512) {
         return None;
     }
     if !has_mul_mat(wd.dtype)
@@ -622,10 +623,13 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     // Q2_K, Q3_K and IQ4_XS have no GEMM yet: up to four rows a pass.
     let gemm = !matches!(wd.dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_XS);
     // AVX2 has the lane-wise GEMMs of the Q8_0-activation types and of
-    // Q4_K, Q5_K and Q6_K.
+    // Q4_K, Q5_K and Q6_K, and F16/BF16's tiles.
     let avx2_gemm = isa == Isa::Avx2
         && ((q8::takes(wd.dtype) && wd.dtype != DType::Q5_0X16)
-            || matches!(wd.dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K));
+            || matches!(
+                wd.dtype,
+                DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::F16 | DType::BF16
+            ));
     if batched && gemm && (isa == Isa::Avx512 || avx2_gemm) {
         match wd.dtype {
             d if q8::takes(d) => {
@@ -640,7 +644,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
                 });
             }
-            DType::F16 if k <= f16::LANES_MAX_K => {
+            DType::F16 if widen => {
                 let xs = all_rows(&xq, m_count, Prepared::wide);
                 gemm_groups::<Vec<f64>>(&slices, n_count, work, &|s, ws, sc, out| {
                     f16::gemm16_lanes(isa, ws, &xs[s], sc, out)
@@ -739,7 +743,8 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 /// and K-quant products use the lane-wise GEMMs ([`q8::gemm16`],
 /// [`kquant::gemm16`]) where the CPU has AVX-512 VNNI (the Q8_0-activation
 /// types on AVX2 too, 8 rows a register), and F16/BF16 products
-/// [`f16::gemm16_lanes`] (short F16 rows) or [`f16::gemm16`]'s tiles.
+/// [`f16::gemm16_lanes`] (short F16 rows on AVX-512) or [`f16::gemm16`]'s
+/// tiles (AVX2 and AVX-512).
 const GEMM_MIN_ROWS: usize = 4;
 
 /// Where one (i2, i3) slice of a product lives.

@@ -138,7 +138,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
             DType::Q8_0,
             DType::IQ4_NL,
         ] {
-            if dtype == DType::BF16 && isa != Isa::Avx512 {
+            if dtype == DType::BF16 && !matches!(isa, Isa::Avx2 | Isa::Avx512) {
                 continue; // the reference runs BF16 there
             }
             for (i, &(k, n, m)) in sizes.iter().enumerate() {
