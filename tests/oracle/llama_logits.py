@@ -1,10 +1,11 @@
 """Runs llama.cpp (llama-cpp-python) on token ids, for parity tests.
 
-usage: llama_logits.py MODEL.gguf OUT.bin TOKENS N_GREEDY
+usage: llama_logits.py MODEL.gguf OUT.bin TOKENS N_GREEDY [--flash-attn]
 TOKENS is comma-separated ids. Evaluates them in one batch (flash
-attention off, f16 KV cache, as kiln lays it out), writes the logits of
-every prompt position to OUT.bin (f32, row by row), then decodes N_GREEDY
-tokens greedily, one at a time, and prints them as JSON.
+attention off, f16 KV cache, as kiln lays it out; --flash-attn: llama.cpp's
+other attention path, whose sums run in another order), writes the logits
+of every prompt position to OUT.bin (f32, row by row), then decodes
+N_GREEDY tokens greedily, one at a time, and prints them as JSON.
 """
 import json
 import sys
@@ -14,7 +15,7 @@ from llama_cpp import Llama
 
 model, out, tokens, n_greedy = sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")], int(sys.argv[4])
 llm = Llama(model_path=model, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, logits_all=True,
-            flash_attn=False, verbose=False)
+            flash_attn="--flash-attn" in sys.argv[5:], verbose=False)
 llm.eval(tokens)
 np.asarray(llm.scores[: len(tokens)], dtype="<f4").tofile(out)
 greedy = []

