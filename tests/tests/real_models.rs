@@ -52,7 +52,8 @@
 //!   llama.cpp adds them in f32), bound 0.15; Gemma 3 1.4e-6 for `def`,
 //!   0.35 and 0.59 for `fn` and `#` (activations reach 26,800), bound 1;
 //!   SmolLM2 requantized by `kiln quantize --allow-requantize` (byte for
-//!   byte llama.cpp's requantization) up to 0.14, bound 0.2;
+//!   byte llama.cpp's requantization) up to 0.14, bound 0.2; Gemma 3
+//!   requantized likewise 1e-6 to 0.59 (its own release's flips), bound 1;
 //! - every position: [`NOISE_FACTOR`] times the distance between
 //!   llama.cpp's two attention paths on the same prompt.
 //!
@@ -307,5 +308,22 @@ fn smollm2_requantized_by_kiln_matches_llama_cpp() {
         // Measured: the first token alone 3e-6 to 0.10 (q8_0) and 3e-6 to
         // 0.14 (q4_k_m) of the spread: 8-bit flips as in the module's note.
         check(&ours, 0.2, true);
+    }
+}
+
+/// Gemma 3 requantized the same way (its Q4_K, Q5_0, Q6_K and Q8_0 weights
+/// dequantized and quantized again, byte for byte as llama.cpp does).
+#[test]
+fn gemma3_requantized_by_kiln_matches_llama_cpp() {
+    let Some(model) = real_model("gemma-3-270m-q4_k_m.gguf") else {
+        return;
+    };
+    if !llama_cpp_available() {
+        return;
+    }
+    let home = Home::default();
+    for target in ["q8_0", "q4_k_m"] {
+        let ours = quantize_like_llama_cpp(&home, &model, target, &["--allow-requantize"]);
+        check(&ours, 1.0, true);
     }
 }
