@@ -13,7 +13,10 @@
 # (KILN_CANDLE=0 skips it; it is not run on Q5_0 or F16 files, which it
 # has no fast kernels for); the bandwidth from ../shared/peers/bw.c, around
 # each file; the bound is that bandwidth over the bytes of weights read
-# per token (the file minus the token embedding). Peak RSS: kiln's VmHWM; llama.cpp's
+# per token (the file minus the token embedding). Prompt GFLOP/s: the
+# weights' matrix products only, 2 × the elements of the layers' matrices
+# per prompt token (attention's products and the output layer, which runs
+# for the last token only, not counted). Peak RSS: kiln's VmHWM; llama.cpp's
 # ru_maxrss (about 40 MiB of it is Python). 2 threads for every engine.
 # kiln and llama.cpp run KILN_BENCH_RUNS times each (default 3), taking
 # turns, and each one's best speeds count: on a machine whose memory
@@ -47,8 +50,8 @@ bandwidth() {
   if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
 }
 
-printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
-printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
   bw_before=$(bandwidth)
   kr=() lr=()
@@ -88,14 +91,18 @@ size = os.path.getsize(m)
 r = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
 f = lambda v, p=1: f"{v:.{p}f}" if v else "–"
 # Bytes read per decoded token: every weight but the token embedding (one row).
-embd = sum(int(t.n_bytes) for t in gguf.GGUFReader(m).tensors if t.name == "token_embd.weight")
+tensors = gguf.GGUFReader(m).tensors
+embd = sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
+# Multiply-adds per prompt token with the layers' weight matrices.
+macs = sum(int(t.n_elements) for t in tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+gflops = lambda v: f"{2 * macs * v / 1e9:.0f}" if v else "–"
 bound = bw * 1e9 / (size - embd) if bw else None
 pct = lambda v: f"{100 * v / bound:.0f}" if bound and v else "–"
 kd, ld, cd = k["decode_tokens_per_s"], l["decode_tokens_per_s"], c.get("decode")
 kp, lp, cp = k["prompt_tokens_per_s"], l["prompt_tokens_per_s"], c.get("prompt")
 mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
 print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(cd)} | {r(kd, ld)} | {r(kd, cd)} "
-      f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {pct(kd)} / {pct(ld)} "
+      f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {gflops(kp)} / {gflops(lp)} | {pct(kd)} / {pct(ld)} "
       f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} "
       f"| {f(k.get('load_ms'), 0)} / {f(l.get('load_ms'), 0)} | {f(bw)} |")
 PY
