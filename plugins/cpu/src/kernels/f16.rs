@@ -88,7 +88,7 @@ pub const GEMM_ROWS: usize = 16;
 /// [`dot_rows`]; each FMA rounds once, as the reference's addition does).
 /// Partial tiles repeat their last row and drop its results.
 ///
-/// Returns `false` (and does nothing) without AVX2 or AVX-512.
+/// Returns `false` (and does nothing) where [`has_gemm`] says no.
 pub fn gemm16(
     isa: Isa,
     bf16: bool,
@@ -103,6 +103,11 @@ pub fn gemm16(
         let _ = (isa, bf16, ws, xs, &mut out);
         false
     }
+}
+
+/// Whether [`gemm16`] runs on `isa` (F16 and BF16 alike).
+pub fn has_gemm(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512 | Isa::Avx2)
 }
 
 /// [`gemm16`] on x86-64.

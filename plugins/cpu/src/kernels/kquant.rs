@@ -455,8 +455,8 @@ pub struct GemmScratch {
 /// off with the activations' sums of 16, one scale per 16 codes.
 ///
 /// On AVX2, the same at 8 rows a register ([`x86::gemm16_q4_k_avx2`],
-/// [`x86::gemm16_q6_k_avx2`]). Returns `false` (and does nothing)
-/// elsewhere.
+/// [`x86::gemm16_q6_k_avx2`]). Returns `false` (and does nothing) where
+/// [`has_gemm`] says no.
 pub fn gemm16(
     isa: Isa,
     dtype: DType,
@@ -465,52 +465,37 @@ pub fn gemm16(
     scratch: &mut GemmScratch,
     mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        let block = match dtype {
-            DType::Q4_K => Q4_K_BLOCK,
-            DType::Q5_K => Q5_K_BLOCK,
-            DType::Q6_K => BLOCK,
-            _ => unreachable!("no K-quant GEMM for {dtype}"),
-        };
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * block));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        // SAFETY: chosen only when the CPU has AVX-512 VNNI; lengths checked.
-        unsafe {
-            match dtype {
-                DType::Q4_K => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
-                DType::Q5_K => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
-                _ => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
-            }
-        };
-        return true;
+    if !has_gemm(isa, dtype) {
+        return false;
     }
+    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    let nb = xs[0].d.len();
+    assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
+    assert!(xs.iter().all(|x| x.d.len() == nb));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
-        let block = match dtype {
-            DType::Q4_K => Q4_K_BLOCK,
-            DType::Q5_K => Q5_K_BLOCK,
-            _ => BLOCK,
-        };
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * block));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA and
-        // F16C; lengths checked.
-        unsafe {
-            match dtype {
-                DType::Q4_K => x86::gemm16_q4_k_avx2::<false>(ws, xs, scratch, &mut out),
-                DType::Q5_K => x86::gemm16_q4_k_avx2::<true>(ws, xs, scratch, &mut out),
-                _ => x86::gemm16_q6_k_avx2(ws, xs, scratch, &mut out),
-            }
-        };
-        return true;
-    }
-    let _ = (isa, dtype, ws, xs, scratch, &mut out);
-    false
+    // SAFETY: `has_gemm` names only paths the CPU has (`Isa::detect`:
+    // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
+    unsafe {
+        match (isa, dtype) {
+            (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
+            (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
+            (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
+            (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false>(ws, xs, scratch, &mut out),
+            (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true>(ws, xs, scratch, &mut out),
+            _ => x86::gemm16_q6_k_avx2(ws, xs, scratch, &mut out),
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (scratch, &mut out);
+    true
+}
+
+/// Whether [`gemm16`] runs `dtype` on `isa`: Q4_K, Q5_K and Q6_K on
+/// AVX-512 and AVX2.
+pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(isa, Isa::Avx512 | Isa::Avx2)
+        && matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
 }
 
 /// `out[r] = w · xs[r]` for one Q6_K row and up to four activation rows

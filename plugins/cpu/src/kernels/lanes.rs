@@ -142,6 +142,26 @@ pub unsafe fn store_scales(dw_p: *mut f64, b: usize, bits: &[u16; ROWS]) {
     }
 }
 
+/// [`store_scales`] on AVX2: block `at`'s 8 weight scales (f16 bits, row
+/// `n` at `bits[n]`) into a GEMM scratch of f64s, 8 a block.
+///
+/// # Safety
+/// AVX2 and F16C are enabled by the caller; block `at`'s 8 scales are
+/// inside the scratch at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn store_scales8(p: *mut f64, at: usize, bits: &[u16; 8]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+        _mm256_storeu_pd(p.add(at * 8), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        _mm256_storeu_pd(
+            p.add(at * 8 + 4),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 /// Eight rows of eight 32-bit groups to eight registers: group `j` of
 /// row `n` to lane `n` of register `j`.

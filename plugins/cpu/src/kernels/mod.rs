@@ -620,17 +620,14 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         xq = floats.prepared(wd.dtype);
     }
     let work = n_slices * n_count * m_count * k;
-    // Q2_K, Q3_K and IQ4_XS have no GEMM yet: up to four rows a pass.
-    let gemm = !matches!(wd.dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_XS);
-    // AVX2 has the lane-wise GEMMs of the Q8_0-activation types and of
-    // Q4_K, Q5_K and Q6_K, and F16/BF16's tiles.
-    let avx2_gemm = isa == Isa::Avx2
-        && ((q8::takes(wd.dtype) && wd.dtype != DType::Q5_0X16)
-            || matches!(
-                wd.dtype,
-                DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::F16 | DType::BF16
-            ));
-    if batched && gemm && (isa == Isa::Avx512 || avx2_gemm) {
+    // Each GEMM says where it runs; Q2_K, Q3_K and IQ4_XS have none yet
+    // (up to four rows a pass).
+    let gemm = match wd.dtype {
+        d if q8::takes(d) => q8::has_gemm(isa, d),
+        DType::F16 | DType::BF16 => f16::has_gemm(isa),
+        d => kquant::has_gemm(isa, d),
+    };
+    if batched && gemm {
         match wd.dtype {
             d if q8::takes(d) => {
                 let xs = all_rows(&xq, m_count, Prepared::q8);

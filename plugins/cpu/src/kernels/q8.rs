@@ -359,7 +359,9 @@ pub struct GemmScratch {
 /// Sums are scaled and accumulated in f64 block by block, in the
 /// reference's order, so the results are the reference's bits.
 ///
-/// Returns `false` (and does nothing) when the CPU lacks AVX-512 VNNI.
+/// On AVX2 the same at 8 rows a register ([`x86::gemm16_avx2`]; not
+/// Q5_0X16, which only AVX-512 CPUs are given). Returns `false` (and does
+/// nothing) where [`has_gemm`] says no.
 pub fn gemm16(
     isa: Isa,
     dtype: DType,
@@ -368,36 +370,36 @@ pub fn gemm16(
     scratch: &mut GemmScratch,
     mut out: impl FnMut(usize, usize, &[f32]),
 ) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && takes(dtype) {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        let bytes = dtype.block_bytes();
-        assert!(ws.iter().all(|w| w.len() == nb * bytes));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
-        // The rows' offset sums are for these weights' codes.
-        assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
-        // SAFETY: the path is only chosen when the CPU has AVX-512 VNNI
-        // (`Isa::detect`); the lengths were checked above.
-        unsafe { x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out) };
-        return true;
+    if !has_gemm(isa, dtype) {
+        return false;
     }
+    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    let nb = xs[0].d.len();
+    assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
+    assert!(xs.iter().all(|x| x.d.len() == nb));
+    assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
+    // The rows' offset sums are for these weights' codes.
+    assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && takes(dtype) && dtype != DType::Q5_0X16 {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let nb = xs[0].d.len();
-        assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
-        assert!(xs.iter().all(|x| x.d.len() == nb));
-        assert!(!has_min(dtype) || xs.iter().all(|x| x.s.len() == nb));
-        assert!(xs.iter().all(|x| x.offset == code_offset(dtype)));
-        // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2, FMA
-        // and F16C; the lengths were checked above.
-        unsafe { x86::gemm16_avx2(dtype, ws, xs, scratch, &mut out) };
-        return true;
-    }
-    let _ = (isa, dtype, ws, xs, scratch, &mut out);
-    false
+    // SAFETY: `has_gemm` names only paths the CPU has (`Isa::detect`:
+    // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
+    unsafe {
+        if isa == Isa::Avx512 {
+            x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out)
+        } else {
+            x86::gemm16_avx2(dtype, ws, xs, scratch, &mut out)
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (scratch, &mut out);
+    true
+}
+
+/// Whether [`gemm16`] runs `dtype` on `isa`.
+pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
+    cfg!(target_arch = "x86_64")
+        && takes(dtype)
+        && (isa == Isa::Avx512 || (isa == Isa::Avx2 && dtype != DType::Q5_0X16))
 }
 
 /// `Σ q_w · q_x` per block of 32 codes (exact): weights of whole blocks,
@@ -1572,27 +1574,9 @@ mod x86 {
                     for (j, v) in t.iter().enumerate() {
                         _mm256_storeu_si256(codes_p.add((at * 8 + j) * 32).cast(), *v);
                     }
-                    let widen =
-                        |bits: &[u16; HALF]| _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
-                    let dw = widen(&bits);
-                    _mm256_storeu_pd(
-                        dw_p.add(at * HALF),
-                        _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
-                    );
-                    _mm256_storeu_pd(
-                        dw_p.add(at * HALF + 4),
-                        _mm256_cvtps_pd(_mm256_extractf128_ps(dw, 1)),
-                    );
+                    crate::kernels::lanes::store_scales8(dw_p, at, &bits);
                     if with_min {
-                        let dm = widen(&mins);
-                        _mm256_storeu_pd(
-                            dm_p.add(at * HALF),
-                            _mm256_cvtps_pd(_mm256_castps256_ps128(dm)),
-                        );
-                        _mm256_storeu_pd(
-                            dm_p.add(at * HALF + 4),
-                            _mm256_cvtps_pd(_mm256_extractf128_ps(dm, 1)),
-                        );
+                        crate::kernels::lanes::store_scales8(dm_p, at, &mins);
                     }
                 }
             }
