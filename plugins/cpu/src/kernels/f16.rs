@@ -22,21 +22,6 @@ pub fn round_row(isa: Isa, x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `w · x` for a row of little-endian f16 weights and f16-rounded `x`.
-pub fn dot(isa: Isa, w: &[u8], x: &[f32]) -> f32 {
-    assert_eq!(w.len(), 2 * x.len());
-    #[cfg(target_arch = "x86_64")]
-    match isa {
-        // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
-        Isa::Avx512 => return unsafe { x86::dot_avx512(w, x) },
-        // SAFETY: as above.
-        Isa::Avx2 => return unsafe { x86::dot_avx2(w, x) },
-        Isa::Scalar | Isa::Reference => {}
-    }
-    let _ = isa;
-    dot_scalar(false, w, x, 0, 0.0)
-}
-
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
 /// converted once for all on AVX2 and AVX-512). `bf16`: the weights are
 /// BF16 and the activations rounded to bf16 (AVX2 and AVX-512 only; a
@@ -72,7 +57,7 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
     }
     assert!(!bf16, "BF16 rows have kernels on AVX2 and AVX-512 only");
     for (x, o) in xs.iter().zip(out) {
-        *o = dot(isa, w, x);
+        *o = dot_scalar(false, w, x, 0, 0.0);
     }
 }
 
@@ -292,30 +277,6 @@ mod x86 {
         for i in full..x.len() {
             out[i] = half::f16::from_f32(x[i]).to_f32();
         }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C are present; `w.len() == 2 * x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(w: &[u8], x: &[f32]) -> f32 {
-        let mut acc = [_mm256_setzero_pd(); 2];
-        let full = x.len() / 8 * 8;
-        for i in (0..full).step_by(8) {
-            // SAFETY: elements i..i+8 are inside both rows.
-            let (wv, xv) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i).cast())),
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                )
-            };
-            let p = _mm256_mul_ps(wv, xv);
-            acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-            acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
-        }
-        let s = _mm256_add_pd(acc[0], acc[1]);
-        let s = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-        let s = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-        super::dot_scalar(false, w, x, full, s)
     }
 
     /// The four lanes' sum.
@@ -595,47 +556,5 @@ mod x86 {
         // SAFETY: `v` holds 8 f64s.
         unsafe { _mm512_storeu_pd(v.as_mut_ptr(), y) };
         [v[0] as f32, v[1] as f32, v[4] as f32, v[5] as f32]
-    }
-
-    /// # Safety
-    /// AVX-512 F, AVX2, FMA and F16C are present; `w.len() == 2 * x.len()`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn dot_avx512(w: &[u8], x: &[f32]) -> f32 {
-        let mut acc = [_mm512_setzero_pd(); 2];
-        let full = x.len() / 16 * 16;
-        for i in (0..full).step_by(16) {
-            // SAFETY: elements i..i+16 are inside both rows.
-            let (wv, xv) = unsafe {
-                (
-                    _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * i).cast())),
-                    _mm512_loadu_ps(x.as_ptr().add(i)),
-                )
-            };
-            let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
-            let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
-            acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
-            acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
-        }
-        let tail = x.len() - full;
-        if tail > 0 {
-            let mask = (1u32 << tail) - 1;
-            // SAFETY: the masked loads touch only elements full..len.
-            let (wv, xv) = unsafe {
-                (
-                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                        mask as u16,
-                        w.as_ptr().add(2 * full).cast(),
-                    )),
-                    _mm512_maskz_loadu_ps(mask as u16, x.as_ptr().add(full)),
-                )
-            };
-            let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
-            let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
-            acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
-            acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
-        }
-        _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32
     }
 }
