@@ -34,7 +34,7 @@ fn templates_dir() -> Option<PathBuf> {
 /// Conversations an editor sends: one question; a system prompt and a
 /// multi-turn exchange with code and non-ASCII text; a tool offered.
 fn conversations() -> Vec<(Value, Option<Value>)> {
-    let weather = json!([{
+    let find_symbol = json!([{
         "type": "function",
         "function": {
             "name": "find_symbol",
@@ -65,7 +65,7 @@ fn conversations() -> Vec<(Value, Option<Value>)> {
         ),
         (
             json!([{"role": "user", "content": "Where is parse_header defined?"}]),
-            Some(weather),
+            Some(find_symbol),
         ),
     ]
 }
