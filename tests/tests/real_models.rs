@@ -98,7 +98,8 @@ struct Run {
     steps: Vec<Vec<f32>>,
 }
 
-fn kiln_run(m: &Arc<Model>, tokens: &[u32]) -> Run {
+/// kiln on `tokens`, then `n_greedy` greedy tokens.
+fn kiln_run(m: &Arc<Model>, tokens: &[u32], n_greedy: usize) -> Run {
     let mut s = Session::new(
         m.clone(),
         Executor::new(Backend::builtin_cpu(), 0),
@@ -109,7 +110,7 @@ fn kiln_run(m: &Arc<Model>, tokens: &[u32]) -> Run {
     let logits = s.eval(tokens, LogitsFor::All).unwrap();
     let mut step = logits[logits.len() - n_vocab..].to_vec();
     let (mut greedy, mut steps) = (Vec::new(), Vec::new());
-    for _ in 0..GREEDY {
+    for _ in 0..n_greedy {
         let next = argmax(&step);
         greedy.push(next);
         steps.push(std::mem::replace(
@@ -124,9 +125,10 @@ fn kiln_run(m: &Arc<Model>, tokens: &[u32]) -> Run {
     }
 }
 
-/// llama.cpp's run; `flash_attn`: its flash-attention path.
-fn llama_run(model: &Path, tokens: &[u32], dir: &Path, flash_attn: bool) -> Run {
-    let (logits, greedy) = llama_logits_with(model, tokens, GREEDY, dir, flash_attn);
+/// llama.cpp's run ([`kiln_run`]'s); `flash_attn`: its flash-attention
+/// path.
+fn llama_run(model: &Path, tokens: &[u32], n_greedy: usize, dir: &Path, flash_attn: bool) -> Run {
+    let (logits, greedy) = llama_logits_with(model, tokens, n_greedy, dir, flash_attn);
     Run {
         logits,
         greedy,
@@ -183,8 +185,8 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
         );
         let solo = &ids[usize::from(tok.add_bos)..][..1];
         let (ours_solo, llama_solo) = (
-            kiln_run(&loaded, solo).logits,
-            llama_run(model, solo, home.path(), false).logits,
+            kiln_run(&loaded, solo, 0).logits,
+            llama_run(model, solo, 0, home.path(), false).logits,
         );
         let err = relative_error(&ours_solo, &llama_solo);
         best_solo = best_solo.min(err);
@@ -197,9 +199,9 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
             tok.decode(&[ours_top]),
             tok.decode(&[llama_top]),
         );
-        let ours = kiln_run(&loaded, &ids);
-        let llama = llama_run(model, &ids, home.path(), false);
-        let other = llama_run(model, &ids, home.path(), true);
+        let ours = kiln_run(&loaded, &ids, GREEDY);
+        let llama = llama_run(model, &ids, GREEDY, home.path(), false);
+        let other = llama_run(model, &ids, GREEDY, home.path(), true);
         let n_vocab = ours.logits.len() / ids.len();
         // How far llama.cpp is from itself on this prompt, and kiln from it.
         let noise = largest_row_error(&other.logits, &llama.logits, n_vocab);
