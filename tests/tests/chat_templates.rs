@@ -38,7 +38,7 @@ fn conversations() -> Vec<(Value, Option<Value>)> {
         "type": "function",
         "function": {
             "name": "find_symbol",
-            "description": "Finds where a symbol is defined in the workspace.",
+            "description": "Finds where a symbol is defined in the workspace — its file and line.",
             "parameters": {
                 "type": "object",
                 "properties": {

@@ -148,8 +148,8 @@ fn without_generation_tags(template: &str) -> String {
 }
 
 /// `tojson` as transformers defines it: Python's
-/// `json.dumps(x, ensure_ascii=False, indent=indent, separators=…,
-/// sort_keys=…)`.
+/// `json.dumps(x, ensure_ascii=…, indent=indent, separators=…,
+/// sort_keys=…)`, `ensure_ascii` False unless the template asks.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let indent = match indent {
@@ -170,7 +170,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         _ => (", ".to_string(), ": ".to_string()),
     };
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
-    let _: Option<Value> = kwargs.get("ensure_ascii")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
     let json: serde_json::Value = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
@@ -180,6 +180,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         item: &item,
         key: &key,
         sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
     };
     dump(&json, &style, 0, &mut out);
     Ok(Value::from_safe_string(out))
@@ -190,6 +191,8 @@ struct Style<'a> {
     item: &'a str,
     key: &'a str,
     sort_keys: bool,
+    /// Non-ASCII characters as `\uXXXX` escapes (UTF-16, as Python).
+    ensure_ascii: bool,
 }
 
 /// Python's `json.dumps` of `v` at nesting `depth`.
@@ -216,7 +219,7 @@ fn dump(v: &serde_json::Value, style: &Style<'_>, depth: usize, out: &mut String
             (_, _, Some(f)) => out.push_str(&python_float(f)),
             _ => out.push_str("null"),
         },
-        J::String(s) => quote(s, out),
+        J::String(s) => quote(s, style.ensure_ascii, out),
         J::Array(items) => {
             if items.is_empty() {
                 out.push_str("[]");
@@ -248,7 +251,7 @@ fn dump(v: &serde_json::Value, style: &Style<'_>, depth: usize, out: &mut String
                     out.push_str(style.item);
                 }
                 newline(out, depth + 1);
-                quote(k, out);
+                quote(k, style.ensure_ascii, out);
                 out.push_str(style.key);
                 dump(item, style, depth + 1, out);
             }
@@ -258,8 +261,9 @@ fn dump(v: &serde_json::Value, style: &Style<'_>, depth: usize, out: &mut String
     }
 }
 
-/// A JSON string as Python writes it with `ensure_ascii=False`.
-fn quote(s: &str, out: &mut String) {
+/// A JSON string as Python's `json.dumps` writes it (`ascii`:
+/// `ensure_ascii=True`).
+fn quote(s: &str, ascii: bool, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -272,6 +276,11 @@ fn quote(s: &str, out: &mut String) {
             '\u{c}' => out.push_str("\\f"),
             c if (c as u32) < 0x20 => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if ascii && !c.is_ascii() => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
             }
             c => out.push(c),
         }
@@ -406,6 +415,13 @@ mod tests {
         assert_eq!(
             out,
             "{\"role\": \"user\", \"content\": \"<é\\\"\\n>\", \"n\": 1.5, \"k\": [1, 2]}|{\n  \"role\": \"user\",\n  \"content\": \"<é\\\"\\n>\",\n  \"n\": 1.5,\n  \"k\": [\n    1,\n    2\n  ]\n}"
+        );
+        // ensure_ascii=True: UTF-16 escapes, surrogate pairs past the BMP.
+        let msgs = json!([{"content": "é✓😀"}]);
+        let t = "{{ messages[0] | tojson(ensure_ascii=True) }}";
+        assert_eq!(
+            render(t, &inputs(&msgs)).unwrap(),
+            "{\"content\": \"\\u00e9\\u2713\\ud83d\\ude00\"}"
         );
         assert_eq!(python_float(1e20), "1e+20");
         assert_eq!(python_float(2.5e-7), "2.5e-07");
