@@ -124,8 +124,11 @@ extern "C" {
  * masks (u64 j: bit 4i+b = bit 16(j%2)+4(j/2)+b of block i's qh), then 4
  * code vectors of 64 bytes (vector k, bytes 4i..4i+3 = block i's
  * qs[4k..4k+3]); the row's last (blocks % 16) blocks stay plain Q5_0.
- * Rows are packed whole: views keep ne[0]. The host hands this type only
- * to a backend that asks for it (today the built-in CPU backend). */
+ * Q4_0_X16: Q4_0 the same way without the masks (a group of 288 bytes is
+ * the 16 scales, then the 4 code vectors from byte 32). Rows are packed
+ * whole: views keep ne[0]. The host hands these types only to a backend
+ * that asks for them (today the built-in CPU backend). */
+#define KILN_DTYPE_Q4_0_X16 258
 #define KILN_DTYPE_Q5_0_X16 262
 
 /*

@@ -79,6 +79,8 @@ pub const KILN_DTYPE_BF16: u32 = 30;
 /// rearrange): Q5_0 rows with every 16 blocks interleaved lane-wise
 /// ([`crate::interleave`]).
 pub const KILN_DTYPE_Q5_0_X16: u32 = 0x106;
+/// Q4_0 rows interleaved the same way, without fifth bits.
+pub const KILN_DTYPE_Q4_0_X16: u32 = 0x102;
 
 // Operation kinds; the semantics of each (shapes, params) are in the header.
 pub const KILN_OP_MUL_MAT: u32 = 1;

@@ -386,7 +386,8 @@ impl BackendHandle {
 
     /// The layout `device` wants matrix weights of `dtype` in: the
     /// plugin's answer (1.2), or `dtype` itself when it predates 1.2, does
-    /// not implement the query, or answers with a type kiln does not know.
+    /// not implement the query, or answers with a type that is neither
+    /// `dtype` nor a kiln layout of it.
     pub fn weight_layout(&self, device: u32, dtype: DType) -> DType {
         let Some(f) = self.api.weight_layout else {
             return dtype;
@@ -394,7 +395,11 @@ impl BackendHandle {
         let mut out = dtype.raw();
         // SAFETY: present in the negotiated table; our ctx and output.
         match call(|err| unsafe { f(self.ctx, device, dtype.raw(), &mut out, err) }) {
-            Ok(()) => DType::from_raw(out).unwrap_or(dtype),
+            // Only the type itself or a kiln layout of it: anything else
+            // would make the host repack rows into what they are not.
+            Ok(()) => DType::from_raw(out)
+                .filter(|&t| t == dtype || crate::interleave::plain(t) == dtype)
+                .unwrap_or(dtype),
             Err(_) => dtype,
         }
     }

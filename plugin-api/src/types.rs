@@ -28,14 +28,18 @@ pub enum DType {
     /// Q5_0 with every 16 blocks of a row interleaved lane-wise: kiln's own
     /// layout, repacked at load time ([`crate::interleave`]).
     Q5_0X16 = KILN_DTYPE_Q5_0_X16,
+    /// Q4_0 with every 16 blocks of a row interleaved lane-wise, as
+    /// [`DType::Q5_0X16`] without the fifth bits.
+    Q4_0X16 = KILN_DTYPE_Q4_0_X16,
 }
 
 impl DType {
-    pub const ALL: [DType; 17] = [
+    pub const ALL: [DType; 18] = [
         DType::F32,
         DType::F16,
         DType::BF16,
         DType::Q4_0,
+        DType::Q4_0X16,
         DType::Q4_1,
         DType::Q5_0,
         DType::Q5_1,
@@ -91,6 +95,7 @@ impl DType {
             KILN_DTYPE_I32 => DType::I32,
             KILN_DTYPE_BF16 => DType::BF16,
             KILN_DTYPE_Q5_0_X16 => DType::Q5_0X16,
+            KILN_DTYPE_Q4_0_X16 => DType::Q4_0X16,
             _ => return None,
         })
     }
@@ -104,6 +109,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 => 1,
             DType::Q4_0
+            | DType::Q4_0X16
             | DType::Q4_1
             | DType::Q5_0
             | DType::Q5_1
@@ -121,7 +127,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::Q4_0 | DType::IQ4_NL => 18,
+            DType::Q4_0 | DType::Q4_0X16 | DType::IQ4_NL => 18,
             DType::Q4_1 => 20,
             DType::Q5_0 | DType::Q5_0X16 => 22,
             DType::Q5_1 => 24,
@@ -158,6 +164,7 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::Q5_0X16 => "q5_0x16",
+            DType::Q4_0X16 => "q4_0x16",
             DType::Q8_0 => "q8_0",
             DType::Q2_K => "q2_k",
             DType::Q3_K => "q3_k",

@@ -140,9 +140,11 @@ fn bad_model_files_are_named_with_the_cause() {
     );
 
     // Tensor types kiln does not load, written raw: an IQ2 type, and
-    // kiln's own in-memory layout (Q5_0X16 = 262), which no file may hold.
+    // kiln's own in-memory layouts (Q4_0X16 = 258, Q5_0X16 = 262), which
+    // no file may hold.
     for (raw_type, named) in [
         (16u32, "ggml type 16 (IQ2_XXS)"),
+        (258, "ggml type 258 (unknown)"),
         (262, "ggml type 262 (unknown)"),
     ] {
         let mut raw = Vec::new();
@@ -411,11 +413,13 @@ fn the_reused_decode_graph_is_the_graph_of_each_position() {
     );
 }
 
-/// Q5_0 weights repacked at load for the CPU kernels (interleaved on
-/// AVX-512) give the very logits of the file's layout, on the kernels and
-/// on the reference, and the file is never written.
+/// Q4_0 and Q5_0 weights repacked at load for the CPU kernels
+/// (interleaved on AVX-512, and Q4_0 on AVX2) give the very logits of the
+/// file's layout, on the kernels and on the reference, and the file is
+/// never written.
 #[test]
 fn repacked_weights_give_the_bits_of_the_file_layout() {
+    use kiln_cpu::kernels::Isa;
     use kiln_plugin_api::DType;
     use kiln_runtime::backend::{Backend, exec::Executor};
     use kiln_runtime::model::{Model, Session, forward::LogitsFor};
@@ -436,62 +440,64 @@ fn repacked_weights_give_the_bits_of_the_file_layout() {
         "300",
     ];
     let home = Home::default();
-    let q5 = home.path().join("q5_0.gguf");
     let src = tiny_model(WIDE);
-    home.ok(&[
-        "quantize",
-        src.to_str().unwrap(),
-        q5.to_str().unwrap(),
-        "--type",
-        "q5_0",
-    ]);
-    let before = kiln_tests::sha256_file(&q5);
-    let cpu = Backend::builtin_cpu();
-    let want = cpu.weight_layout(0, DType::Q5_0);
-    if kiln_cpu::kernels::Isa::current() == kiln_cpu::kernels::Isa::Avx512 {
-        assert_eq!(want, DType::Q5_0X16);
-    }
-    let packed = Model::load_for(&q5, &cpu, 0).unwrap();
-    for t in &packed.file.tensors {
-        let matrix = t.name.starts_with("blk.") && t.name.ends_with("_up.weight");
-        if matrix {
-            assert_eq!(t.dtype, want, "{}", t.name);
+    for (ty, name, layout) in [
+        (DType::Q4_0, "q4_0", DType::Q4_0X16),
+        (DType::Q5_0, "q5_0", DType::Q5_0X16),
+    ] {
+        let file = home.path().join(format!("{name}.gguf"));
+        home.ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            file.to_str().unwrap(),
+            "--type",
+            name,
+        ]);
+        let before = kiln_tests::sha256_file(&file);
+        let cpu = Backend::builtin_cpu();
+        let want = cpu.weight_layout(0, ty);
+        let isa = Isa::current();
+        if isa == Isa::Avx512 || (isa == Isa::Avx2 && ty == DType::Q4_0) {
+            assert_eq!(want, layout);
         }
-        if t.name == "token_embd.weight" {
-            assert_eq!(
-                t.dtype,
-                DType::Q5_0,
-                "rows of the embedding are read one by one"
+        let packed = Model::load_for(&file, &cpu, 0).unwrap();
+        for t in &packed.file.tensors {
+            let matrix = t.name.starts_with("blk.") && t.name.ends_with("_up.weight");
+            if matrix {
+                assert_eq!(t.dtype, want, "{}", t.name);
+            }
+            if t.name == "token_embd.weight" {
+                assert_eq!(t.dtype, ty, "rows of the embedding are read one by one");
+            }
+        }
+        // Repacking reads the file into memory: one copy, counted.
+        let copied = if want == layout {
+            std::fs::metadata(&file).unwrap().len()
+        } else {
+            0
+        };
+        assert_eq!(packed.file.copied_bytes(), copied);
+        let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37 % 290) as u32).collect();
+        for backend in [Backend::builtin_cpu(), Backend::reference_cpu()] {
+            let run = |m| {
+                let mut s = Session::new(m, Executor::new(backend.clone(), 0), Some(64)).unwrap();
+                let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
+                for t in [5, 77, 123] {
+                    all.extend(s.eval(&[t], LogitsFor::Last).unwrap());
+                }
+                all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert!(
+                run(Model::load(&file).unwrap()) == run(Model::load_for(&file, &cpu, 0).unwrap()),
+                "{} {name}: repacked weights changed the logits",
+                backend.name()
             );
         }
-    }
-    // Repacking reads the file into memory: one copy, counted.
-    let copied = if want == DType::Q5_0X16 {
-        std::fs::metadata(&q5).unwrap().len()
-    } else {
-        0
-    };
-    assert_eq!(packed.file.copied_bytes(), copied);
-    let prompt: Vec<u32> = (0..40).map(|i| 1 + (i * 37 % 290) as u32).collect();
-    for backend in [Backend::builtin_cpu(), Backend::reference_cpu()] {
-        let run = |m| {
-            let mut s = Session::new(m, Executor::new(backend.clone(), 0), Some(64)).unwrap();
-            let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
-            for t in [5, 77, 123] {
-                all.extend(s.eval(&[t], LogitsFor::Last).unwrap());
-            }
-            all.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
-        assert!(
-            run(Model::load(&q5).unwrap()) == run(Model::load_for(&q5, &cpu, 0).unwrap()),
-            "{}: repacked weights changed the logits",
-            backend.name()
+        drop(packed);
+        assert_eq!(
+            kiln_tests::sha256_file(&file),
+            before,
+            "loading wrote the model file"
         );
     }
-    drop(packed);
-    assert_eq!(
-        kiln_tests::sha256_file(&q5),
-        before,
-        "loading wrote the model file"
-    );
 }

@@ -236,24 +236,26 @@ fn a_plugin_built_for_abi_1_1_loads_and_weight_layouts_come_through_the_abi() {
     assert_eq!(plugin.weight_layout(0, DType::Q5_0), DType::Q5_0);
     computes_like_the_cpu(&plugin);
     // The built-in CPU backend answers through the same call: Q5_0
-    // interleaved where its AVX-512 kernels run, GGUF's layout elsewhere;
-    // its reference never repacks.
+    // interleaved where its AVX-512 kernels run, Q4_0 there and on AVX2,
+    // GGUF's layout elsewhere; its reference never repacks.
+    use kiln_cpu::kernels::Isa;
     let cpu = Backend::builtin_cpu();
-    let want = if kiln_cpu::kernels::Isa::current() == kiln_cpu::kernels::Isa::Avx512 {
-        DType::Q5_0X16
-    } else {
-        DType::Q5_0
+    let isa = Isa::current();
+    let (want4, want5) = match isa {
+        Isa::Avx512 => (DType::Q4_0X16, DType::Q5_0X16),
+        Isa::Avx2 => (DType::Q4_0X16, DType::Q5_0),
+        _ => (DType::Q4_0, DType::Q5_0),
     };
     assert_eq!(
         cpu.handle().abi_minor(),
         kiln_plugin_api::KILN_ABI_VERSION_MINOR
     );
-    assert_eq!(cpu.weight_layout(0, DType::Q5_0), want);
+    assert_eq!(cpu.weight_layout(0, DType::Q5_0), want5);
+    assert_eq!(cpu.weight_layout(0, DType::Q4_0), want4);
     assert_eq!(cpu.weight_layout(0, DType::Q8_0), DType::Q8_0);
-    assert_eq!(
-        Backend::reference_cpu().weight_layout(0, DType::Q5_0),
-        DType::Q5_0
-    );
+    for ty in [DType::Q4_0, DType::Q5_0] {
+        assert_eq!(Backend::reference_cpu().weight_layout(0, ty), ty);
+    }
 }
 
 #[test]

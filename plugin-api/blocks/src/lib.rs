@@ -8,7 +8,7 @@
 //! Layouts are ggml's. A row is a whole number of blocks.
 
 use half::{bf16, f16};
-use kiln_plugin_api::DType;
+use kiln_plugin_api::{DType, interleave};
 
 mod kquant;
 
@@ -155,10 +155,10 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
                 }
             }
         }
-        DType::Q5_0X16 => {
+        DType::Q4_0X16 | DType::Q5_0X16 => {
             let mut plain = vec![0u8; src.len()];
-            kiln_plugin_api::interleave::unpack_q5_0_x16(src, &mut plain);
-            dequantize_row(DType::Q5_0, &plain, dst);
+            interleave::unpack(dtype, src, &mut plain);
+            dequantize_row(interleave::plain(dtype), &plain, dst);
         }
         DType::Q8_0 => {
             for (y, b) in dst.chunks_exact_mut(QK).zip(src.chunks_exact(34)) {
@@ -534,9 +534,9 @@ pub fn random_row(dtype: DType, n: usize, rng: &mut fastrand::Rng) -> Vec<u8> {
         quantize_row(dtype, &values, &mut out);
         return out;
     }
-    if dtype == DType::Q5_0X16 {
-        let mut row = random_row(DType::Q5_0, n, rng);
-        kiln_plugin_api::interleave::pack_q5_0_x16(&mut row);
+    if interleave::is_interleaved(dtype) {
+        let mut row = random_row(interleave::plain(dtype), n, rng);
+        interleave::pack(dtype, &mut row);
         return row;
     }
     if dtype == DType::I32 {

@@ -229,8 +229,9 @@ impl Backend for CpuBackend {
         })
     }
 
-    /// Q5_0 interleaved for the AVX-512 kernels; the reference (and
-    /// every other path) takes GGUF's layouts.
+    /// Q5_0 interleaved for the AVX-512 kernels, Q4_0 for them and the
+    /// AVX2 ones ([`kernels::weight_layout`]); the reference (and every
+    /// other path) takes GGUF's layouts.
     fn weight_layout(&self, _device: u32, dtype: kiln_plugin_api::DType) -> kiln_plugin_api::DType {
         kernels::weight_layout(self.isa, dtype)
     }

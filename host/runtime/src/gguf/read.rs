@@ -193,7 +193,8 @@ impl<'a> Cursor<'a> {
 }
 
 fn dtype_from_ggml(raw: u32) -> Option<DType> {
-    // kiln's own layouts (Q5_0X16, …) exist only in memory, never in a file.
+    // kiln's own layouts (Q4_0X16, Q5_0X16) exist only in memory, never
+    // in a file.
     DType::from_raw(raw).filter(|t| DType::WEIGHTS.contains(t) || *t == DType::I32)
 }
 

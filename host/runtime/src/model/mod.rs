@@ -85,9 +85,9 @@ fn host_threads() -> usize {
 /// Rewrites rows of `row` bytes from `from` to `to` in place, on
 /// [`host_threads`].
 fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
-    assert_eq!(
-        (from, to),
-        (DType::Q5_0, DType::Q5_0X16),
+    use kiln_plugin_api::interleave;
+    assert!(
+        interleave::is_interleaved(to) && interleave::plain(to) == from,
         "no repacking {from} to {to}"
     );
     let threads = host_threads();
@@ -96,7 +96,7 @@ fn repack_rows(from: DType, to: DType, data: &mut [u8], row: usize) {
         for part in data.chunks_mut(rows_per * row) {
             s.spawn(move || {
                 part.chunks_exact_mut(row)
-                    .for_each(kiln_plugin_api::interleave::pack_q5_0_x16)
+                    .for_each(|r| interleave::pack(to, r))
             });
         }
     });
@@ -119,7 +119,8 @@ impl Model {
 
     /// As [`Model::load`], with the matrix weights in the layout `device`
     /// of `target` wants ([`Backend::weight_layout`], asked through the
-    /// ABI): the built-in CPU backend on AVX-512 takes Q5_0 interleaved. A model with such weights is read
+    /// ABI): the built-in CPU backend takes Q4_0 interleaved on AVX2 and
+    /// AVX-512, Q5_0 on AVX-512. A model with such weights is read
     /// into this process's memory ([`GgufFile::copy_into_memory`]: huge pages,
     /// instead of the file's map) and repacked there in place, so memory
     /// stays one copy of the file; the file is never written. Costs one

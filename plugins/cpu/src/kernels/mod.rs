@@ -158,17 +158,20 @@ impl Isa {
 }
 
 /// The layout the kernels want weights of `dtype` in for matrix
-/// products, which a host may repack them into at load time: Q5_0 rows
-/// interleaved (Q5_0X16, [`kiln_plugin_api::interleave`]) where AVX-512
-/// VNNI runs them, whose decode kernel loads each field whole instead of
-/// gathering it (about 1.6× the Q5_0 kernel); every other type as it is.
-/// Other paths run Q5_0X16 too, unpacking each row first, so a repacked
-/// model stays correct on any path, only slower.
+/// products, which a host may repack them into at load time
+/// ([`kiln_plugin_api::interleave`]): Q5_0 rows interleaved (Q5_0X16)
+/// where AVX-512 VNNI runs them, whose decode kernel loads each field
+/// whole instead of gathering it (about 1.6× the Q5_0 kernel); Q4_0 rows
+/// (Q4_0X16) there and on AVX2, whose decode kernels then need no
+/// gathers (AVX-512) or per-block horizontal sums (AVX2); every other
+/// type as it is. Other paths run the interleaved layouts too, unpacking
+/// each row first, so a repacked model stays correct on any path, only
+/// slower.
 pub fn weight_layout(isa: Isa, dtype: DType) -> DType {
-    if dtype == DType::Q5_0 && isa == Isa::Avx512 {
-        DType::Q5_0X16
-    } else {
-        dtype
+    match (isa, dtype) {
+        (Isa::Avx512, DType::Q5_0) => DType::Q5_0X16,
+        (Isa::Avx512 | Isa::Avx2, DType::Q4_0) => DType::Q4_0X16,
+        _ => dtype,
     }
 }
 
@@ -447,14 +450,14 @@ impl Prepared<'_> {
         }
     }
 
-    /// Prepares `x`; `batched`: the product has [`GEMM_MIN_ROWS`] rows or
-    /// more, so on AVX-512 a GEMM takes it (where the decode kernels need
-    /// Q8_0 rows lane-major).
-    fn set(&mut self, isa: Isa, x: &[f32], batched: bool) {
+    /// Prepares `x` for `weights`; `batched`: the product has
+    /// [`GEMM_MIN_ROWS`] rows or more, so a GEMM takes it (where the
+    /// decode kernels may want Q8_0 rows lane-major: [`q8::wants_lanes`]).
+    fn set(&mut self, isa: Isa, weights: DType, x: &[f32], batched: bool) {
         match self {
             Prepared::Q8(q) => {
                 q.quantize(isa, x);
-                if isa == Isa::Avx512 && !batched {
+                if !batched && q8::wants_lanes(isa, weights) {
                     q.fill_lanes();
                 }
             }
@@ -611,7 +614,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 if float {
                     floats_w.set(isa, wd.dtype, i, row);
                 } else {
-                    (*rows_p.get().cast::<Prepared>().add(i)).set(isa, row, batched);
+                    (*rows_p.get().cast::<Prepared>().add(i)).set(isa, wd.dtype, row, batched);
                 }
             }
         }

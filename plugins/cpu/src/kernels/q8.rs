@@ -16,7 +16,7 @@
 
 use super::Isa;
 use half::f16;
-use kiln_plugin_api::DType;
+use kiln_plugin_api::{DType, interleave};
 
 const QK: usize = 32;
 const Q4_0_BYTES: usize = DType::Q4_0.block_bytes();
@@ -33,6 +33,7 @@ pub const fn takes(dtype: DType) -> bool {
     matches!(
         dtype,
         DType::Q4_0
+            | DType::Q4_0X16
             | DType::Q4_1
             | DType::Q5_0
             | DType::Q5_1
@@ -202,12 +203,17 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
         Isa::Avx512 => unsafe {
-            if dtype == DType::Q5_0X16 && xs.iter().all(|x| takes_lanes(dtype, x)) {
-                return match xs.len() {
-                    1 => x86::dot_lanes_x16::<1>(w, xs, out),
-                    2 => x86::dot_lanes_x16::<2>(w, xs, out),
-                    3 => x86::dot_lanes_x16::<3>(w, xs, out),
-                    _ => x86::dot_lanes_x16::<4>(w, xs, out),
+            if interleave::is_interleaved(dtype) && xs.iter().all(|x| takes_lanes(dtype, x)) {
+                let q5 = dtype == DType::Q5_0X16;
+                return match (xs.len(), q5) {
+                    (1, false) => x86::dot_lanes_x16::<1, false>(w, xs, out),
+                    (2, false) => x86::dot_lanes_x16::<2, false>(w, xs, out),
+                    (3, false) => x86::dot_lanes_x16::<3, false>(w, xs, out),
+                    (_, false) => x86::dot_lanes_x16::<4, false>(w, xs, out),
+                    (1, true) => x86::dot_lanes_x16::<1, true>(w, xs, out),
+                    (2, true) => x86::dot_lanes_x16::<2, true>(w, xs, out),
+                    (3, true) => x86::dot_lanes_x16::<3, true>(w, xs, out),
+                    (_, true) => x86::dot_lanes_x16::<4, true>(w, xs, out),
                 };
             }
             if xs.iter().all(|x| takes_lanes(dtype, x)) {
@@ -241,8 +247,9 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         },
         Isa::Scalar | Isa::Reference => {}
     }
-    if dtype == DType::Q5_0X16 {
-        return with_plain(w, |plain| dot_rows(isa, DType::Q5_0, plain, xs, out));
+    if interleave::is_interleaved(dtype) {
+        let plain = interleave::plain(dtype);
+        return with_plain(dtype, w, |p| dot_rows(isa, plain, p, xs, out));
     }
     let sums = block_sums(isa, dtype);
     for (o, x) in out.iter_mut().zip(xs) {
@@ -250,15 +257,16 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
     }
 }
 
-/// Runs `f` on the plain Q5_0 blocks of the Q5_0X16 row `w`, unpacked into
-/// a buffer of this thread's: the paths without an interleaved kernel.
-fn with_plain<T>(w: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
+/// Runs `f` on the plain blocks of the interleaved (`layout`) row `w`,
+/// unpacked into a buffer of this thread's: the paths without an
+/// interleaved kernel.
+fn with_plain<T>(layout: DType, w: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
     thread_local! {
         static PLAIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     PLAIN.with_borrow_mut(|plain| {
         plain.resize(w.len(), 0);
-        kiln_plugin_api::interleave::unpack_q5_0_x16(w, plain);
+        interleave::unpack(layout, w, plain);
         f(plain)
     })
 }
@@ -268,13 +276,24 @@ fn with_plain<T>(w: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
 type RowKernel = fn(DType, &[u8], &[&Q8Row], &mut [f32]);
 
 /// Whether the lane-wise decode kernels ([`x86::dot_lanes`]) take `x`
-/// against `dtype` weights: Q4_0 or Q5_0, a group of 16 blocks or more,
-/// and the row's lanes filled.
+/// against `dtype` weights: Q4_0 or Q5_0 (plain or interleaved), a group
+/// of 16 blocks or more, and the row's lanes filled.
 fn takes_lanes(dtype: DType, x: &Q8Row) -> bool {
     let groups = x.d.len() / LANE_BLOCKS;
     groups > 0
-        && matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q5_0X16)
+        && matches!(interleave::plain(dtype), DType::Q4_0 | DType::Q5_0)
         && x.lanes.len() == groups * LANE_BLOCKS * QK
+}
+
+/// Whether the decode kernels on `isa` read activations lane-major
+/// ([`Q8Row::fill_lanes`]) against `dtype` weights: AVX-512's for Q4_0
+/// and Q5_0 in either layout, AVX2's for interleaved Q4_0.
+pub fn wants_lanes(isa: Isa, dtype: DType) -> bool {
+    match isa {
+        Isa::Avx512 => matches!(interleave::plain(dtype), DType::Q4_0 | DType::Q5_0),
+        Isa::Avx2 => dtype == DType::Q4_0X16,
+        _ => false,
+    }
 }
 
 /// `out(n, w(n) · x)` for the weight rows `n` in `rows` against one
@@ -300,7 +319,11 @@ pub fn dot_row_range<'w>(
     let kernel: Option<RowKernel> = match isa {
         Isa::Avx512 if dtype == DType::Q5_0X16 && takes_lanes(dtype, x) => Some(|_, w, xs, out| {
             // SAFETY: as above.
-            unsafe { x86::dot_lanes_x16::<1>(w, xs, out) }
+            unsafe { x86::dot_lanes_x16::<1, true>(w, xs, out) }
+        }),
+        Isa::Avx512 if dtype == DType::Q4_0X16 && takes_lanes(dtype, x) => Some(|_, w, xs, out| {
+            // SAFETY: as above.
+            unsafe { x86::dot_lanes_x16::<1, false>(w, xs, out) }
         }),
         Isa::Avx512 if takes_lanes(dtype, x) => Some(|d, w, xs, out| {
             // SAFETY: as above.
@@ -544,7 +567,7 @@ mod x86 {
     };
     use core::arch::x86_64::*;
     use half::f16;
-    use kiln_plugin_api::DType;
+    use kiln_plugin_api::{DType, interleave};
 
     /// [`Q8Row::quantize`] on AVX-512, to the same bits (codes round half
     /// to even: `vcvtps2dq` in the default rounding mode).
@@ -598,7 +621,28 @@ mod x86 {
     unsafe fn codes(dtype: DType, w: &[u8], b: usize) -> (__m256i, u16) {
         // SAFETY: the block is inside `w`; the loads are unaligned ones.
         unsafe {
-            if matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::IQ4_NL) {
+            if matches!(
+                dtype,
+                DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1 | DType::IQ4_NL
+            ) {
+                const GROUP: usize = interleave::Q4_0_GROUP_BYTES;
+                let (g, i) = (b / LANE_BLOCKS, b % LANE_BLOCKS);
+                if dtype == DType::Q4_0X16 && (g + 1) * GROUP <= w.len() {
+                    // Block i of an interleaved group: its 4-byte pieces
+                    // of the four code vectors.
+                    let p = w.as_ptr().add(g * GROUP);
+                    let piece =
+                        |k: usize| p.add(32 + 64 * k + 4 * i).cast::<i32>().read_unaligned();
+                    let q = _mm_set_epi32(piece(3), piece(2), piece(1), piece(0));
+                    let m4 = _mm_set1_epi8(0x0f);
+                    let lo = _mm_and_si128(q, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+                    return (
+                        _mm256_set_m128i(hi, lo),
+                        p.add(2 * i).cast::<u16>().read_unaligned(),
+                    );
+                }
+                // Plain blocks, or an interleaved row's tail.
                 let bytes = dtype.block_bytes();
                 let p = w.as_ptr().add(b * bytes);
                 let q = _mm_loadu_si128(p.add(bytes - 16).cast());
@@ -614,7 +658,7 @@ mod x86 {
                 };
                 (_mm256_set_m128i(hi, lo), p.cast::<u16>().read_unaligned())
             } else if matches!(dtype, DType::Q5_0 | DType::Q5_0X16 | DType::Q5_1) {
-                const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+                const GROUP: usize = interleave::Q5_0_GROUP_BYTES;
                 let (g, i) = (b / LANE_BLOCKS, b % LANE_BLOCKS);
                 let (q, qh, d) = if dtype == DType::Q5_0X16 && (g + 1) * GROUP <= w.len() {
                     // Block i of an interleaved group: its 4-byte pieces
@@ -713,6 +757,7 @@ mod x86 {
                 out: &mut [f32],
             ) {
                 const Q4_0: u32 = DType::Q4_0.raw();
+                const Q4_0X16: u32 = DType::Q4_0X16.raw();
                 const Q4_1: u32 = DType::Q4_1.raw();
                 const Q5_0: u32 = DType::Q5_0.raw();
                 const Q5_0X16: u32 = DType::Q5_0X16.raw();
@@ -723,6 +768,7 @@ mod x86 {
                 unsafe {
                     match dtype.raw() {
                         Q4_0 => $typed::<R, Q4_0>(w, xs, out),
+                        Q4_0X16 => $typed::<R, Q4_0X16>(w, xs, out),
                         Q4_1 => $typed::<R, Q4_1>(w, xs, out),
                         Q5_0 => $typed::<R, Q5_0>(w, xs, out),
                         Q5_0X16 => $typed::<R, Q5_0X16>(w, xs, out),
@@ -763,6 +809,10 @@ mod x86 {
                 let nb = xs[0].d.len();
                 let mut acc = [_mm256_setzero_pd(); R];
                 let mut b = 0;
+                if D == DType::Q4_0X16.raw() && xs.iter().all(|x| super::takes_lanes(dtype, x)) {
+                    // SAFETY: the caller's contract; the lanes are filled.
+                    b = unsafe { x16_lanes_avx2(w, xs, &mut acc) };
+                }
                 let bytes = w.len() / nb.max(1);
                 while b + 4 <= nb {
                     crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), 4 * bytes);
@@ -848,6 +898,84 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// The whole groups of 16 blocks of a Q4_0X16 row against `R`
+    /// activation rows, lane-major ([`Q8Row::lanes`]): one block a 32-bit
+    /// lane, 8 blocks a register, so the codes of a group are four loads
+    /// and no block needs a horizontal sum. The scaled sums go into `acc`
+    /// exactly as the four-block loop of [`dot_avx2`] adds them (lane `j`:
+    /// the blocks `≡ j (mod 4)`, in order), so a row gives the bits it
+    /// gives as Q4_0. Returns the blocks done.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are enabled by the caller; `w` and every row
+    /// hold the same number of blocks, and the rows' lanes are filled.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn x16_lanes_avx2<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8Row; R],
+        acc: &mut [__m256d; R],
+    ) -> usize {
+        const GROUP: usize = interleave::Q4_0_GROUP_BYTES;
+        const CODES: usize = interleave::codes_at(DType::Q4_0X16);
+        let groups = xs[0].d.len() / LANE_BLOCKS;
+        let m4 = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        for g in 0..groups {
+            // SAFETY: group g's bytes are inside `w`, and its lanes, sums
+            // and scales inside every row (the caller's contract).
+            unsafe {
+                let p = w.as_ptr().add(g * GROUP);
+                crate::kernels::prefetch(p, GROUP);
+                for h in 0..2 {
+                    // Blocks 8h..8h + 8. Eight products of 4-bit codes
+                    // (at most 2·15·127 a pair) fit an i16.
+                    let mut s = [_mm256_setzero_si256(); R];
+                    for k in 0..4 {
+                        let v = _mm256_loadu_si256(p.add(CODES + 64 * k + 32 * h).cast());
+                        let low = _mm256_and_si256(v, m4);
+                        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                        for (s, x) in s.iter_mut().zip(xs) {
+                            let xl = x.lanes.as_ptr().add((g * 8 + k) * 64 + 32 * h);
+                            let xh = xl.add(256);
+                            *s = _mm256_add_epi16(
+                                *s,
+                                _mm256_maddubs_epi16(low, _mm256_loadu_si256(xl.cast())),
+                            );
+                            *s = _mm256_add_epi16(
+                                *s,
+                                _mm256_maddubs_epi16(high, _mm256_loadu_si256(xh.cast())),
+                            );
+                        }
+                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h).cast()));
+                    let dw = [
+                        _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
+                        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(dw)),
+                    ];
+                    for ((s, x), acc) in s.iter().zip(xs).zip(acc.iter_mut()) {
+                        let at = g * LANE_BLOCKS + 8 * h;
+                        let sums = _mm256_loadu_si256(x.sums.as_ptr().add(at).cast());
+                        let sum = _mm256_sub_epi32(
+                            _mm256_madd_epi16(*s, ones),
+                            _mm256_slli_epi32::<3>(sums),
+                        );
+                        let sum = [
+                            _mm256_castsi256_si128(sum),
+                            _mm256_extracti128_si256::<1>(sum),
+                        ];
+                        for q in 0..2 {
+                            let dx = _mm256_cvtps_pd(_mm_loadu_ps(x.d.as_ptr().add(at + 4 * q)));
+                            let scale = _mm256_mul_pd(dw[q], dx);
+                            *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(sum[q]), *acc);
+                        }
+                    }
+                }
+            }
+        }
+        groups * LANE_BLOCKS
     }
 
     /// Block `b` of `w` against block `b` of `x`, scaled: `d_w·d_x·sum`.
@@ -1139,35 +1267,41 @@ mod x86 {
         }
     }
 
-    /// [`dot_lanes`] for Q5_0X16 rows ([`kiln_plugin_api::interleave`]):
-    /// the same lanes, sums and f64 order, so the same bits as Q5_0 (a
-    /// test holds them to it), with each field of a group loaded whole
-    /// (scales, the codes' four vectors) or as a mask register (fifth
-    /// bits) instead of gathered with word permutes: about a third of the
-    /// instructions per group.
+    /// [`dot_lanes`] for Q5_0X16 (`Q5`) and Q4_0X16 rows
+    /// ([`kiln_plugin_api::interleave`]): the same lanes, sums and f64
+    /// order, so the same bits as Q5_0 and Q4_0 (a test holds them to
+    /// it), with each field of a group loaded whole (scales, the codes'
+    /// four vectors) or as a mask register (fifth bits) instead of
+    /// gathered with word permutes: about a third of the instructions per
+    /// group.
     ///
     /// # Safety
-    /// As [`dot_lanes`], for a Q5_0X16 row.
+    /// As [`dot_lanes`], for a Q5_0X16 or Q4_0X16 row.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_lanes_x16<const R: usize>(w: &[u8], xs: &[&Q8Row], out: &mut [f32]) {
-        const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+    pub unsafe fn dot_lanes_x16<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8Row],
+        out: &mut [f32],
+    ) {
+        let layout = if Q5 { DType::Q5_0X16 } else { DType::Q4_0X16 };
+        let group = interleave::group_bytes(layout);
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let nb = xs[0].d.len();
         let groups = nb / LANE_BLOCKS;
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for g in 0..groups {
-            // SAFETY: group g's 352 bytes are inside `w`; the lanes, sums
+            // SAFETY: group g's bytes are inside `w`; the lanes, sums
             // and scales of group g are inside every row (the caller's
             // contract).
             unsafe {
-                let p = w.as_ptr().add(g * GROUP);
-                crate::kernels::prefetch(p, GROUP);
+                let p = w.as_ptr().add(g * group);
+                crate::kernels::prefetch(p, group);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
                 let dw = crate::kernels::lanes::widen_ps(dw);
-                let mut lo = offset_sums(xs, g, 4);
+                let mut lo = offset_sums(xs, g, if Q5 { 4 } else { 3 });
                 let mut hi = [_mm512_setzero_si512(); R];
                 for k in 0..4 {
-                    let (low, high) = x16_codes(p, k);
+                    let (low, high) = x16_codes::<Q5>(p, k);
                     for r in 0..R {
                         let xl = xs[r].lanes.as_ptr().add((g * 8 + k) * 64);
                         lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_loadu_si512(xl.cast()));
@@ -1184,8 +1318,8 @@ mod x86 {
             }
         }
         // SAFETY: the caller's contract; the row's tail blocks are plain
-        // Q5_0 at their usual place.
-        unsafe { finish(DType::Q5_0, w, xs, &acc, out) };
+        // blocks at their usual place.
+        unsafe { finish(interleave::plain(layout), w, xs, &acc, out) };
     }
 
     /// Adds a group's 16 integer block sums (lane `i`: block `i`), scaled
@@ -1246,11 +1380,18 @@ mod x86 {
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p) = (scratch.codes.as_mut_ptr(), scratch.dw.as_mut_ptr());
         let dm_p = scratch.dm.as_mut_ptr();
-        // Q5_0X16: whole groups of 16 blocks at once, the rest per block.
-        let first = if dtype == DType::Q5_0X16 {
+        // Q5_0X16, Q4_0X16: whole groups of 16 blocks at once, the rest
+        // per block.
+        let first = if interleave::is_interleaved(dtype) {
             for g in 0..nb / LANE_BLOCKS {
                 // SAFETY: group g is inside every row and the scratch.
-                unsafe { x16_group(ws, g, codes_p, dw_p) };
+                unsafe {
+                    if dtype == DType::Q5_0X16 {
+                        x16_group::<true>(ws, g, codes_p, dw_p)
+                    } else {
+                        x16_group::<false>(ws, g, codes_p, dw_p)
+                    }
+                };
             }
             nb / LANE_BLOCKS * LANE_BLOCKS
         } else {
@@ -1290,24 +1431,28 @@ mod x86 {
         };
     }
 
-    /// Vector `k` of the Q5_0X16 group at `p`: codes `4k..4k + 4` and
-    /// `16 + 4k..20 + 4k` of each of its 16 blocks, one block a lane, as
-    /// unsigned bytes (the nibbles, plus 16 under the group's fifth-bit
-    /// masks).
+    /// Vector `k` of the Q5_0X16 (`Q5`) or Q4_0X16 group at `p`: codes
+    /// `4k..4k + 4` and `16 + 4k..20 + 4k` of each of its 16 blocks, one
+    /// block a lane, as unsigned bytes (the nibbles, plus 16 under the
+    /// group's fifth-bit masks).
     ///
     /// # Safety
     /// The group is readable at `p`; AVX-512 F/BW are enabled by the
     /// caller.
     #[inline(always)]
-    unsafe fn x16_codes(p: *const u8, k: usize) -> (__m512i, __m512i) {
+    unsafe fn x16_codes<const Q5: bool>(p: *const u8, k: usize) -> (__m512i, __m512i) {
         // SAFETY: inside the group (the caller's contract); register
         // operations otherwise.
         unsafe {
             let m4 = _mm512_set1_epi8(0x0f);
             let fifth = _mm512_set1_epi8(0x10);
-            let v = _mm512_loadu_si512(p.add(96 + 64 * k).cast());
+            let layout = if Q5 { DType::Q5_0X16 } else { DType::Q4_0X16 };
+            let v = _mm512_loadu_si512(p.add(interleave::codes_at(layout) + 64 * k).cast());
             let low = _mm512_and_si512(v, m4);
             let high = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            if !Q5 {
+                return (low, high);
+            }
             let masks = p.add(32).cast::<u64>();
             (
                 _mm512_mask_add_epi8(low, masks.add(2 * k).read_unaligned(), low, fifth),
@@ -1316,10 +1461,10 @@ mod x86 {
         }
     }
 
-    /// Group `g` (blocks `16g..16g + 16`) of up to 16 Q5_0X16 weight rows
-    /// into [`gemm16_vnni`]'s scratch: each row's four code vectors give
-    /// eight registers whose lane `i` holds 4 codes of block `i` (nibbles
-    /// plus fifth bits from the masks, as [`dot_lanes_x16`] makes them);
+    /// Group `g` (blocks `16g..16g + 16`) of up to 16 Q5_0X16 (`Q5`) or
+    /// Q4_0X16 weight rows into [`gemm16_vnni`]'s scratch: each row's four
+    /// code vectors give eight registers whose lane `i` holds 4 codes of
+    /// block `i` (nibbles plus any fifth bits, as [`dot_lanes_x16`] makes them);
     /// a 16 × 16 transpose per register turns them into the scratch's
     /// lane `n` = row `n`. About a quarter of the work of unpacking block
     /// by block.
@@ -1329,19 +1474,19 @@ mod x86 {
     /// row of `ws` (at most 16) and the scratch holds its blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
-    unsafe fn x16_group(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f64) {
-        const GROUP: usize = kiln_plugin_api::interleave::Q5_0_GROUP_BYTES;
+    unsafe fn x16_group<const Q5: bool>(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f64) {
+        let group = interleave::group_bytes(if Q5 { DType::Q5_0X16 } else { DType::Q4_0X16 });
         // r[j][n]: codes 4j..4j + 4 (j < 4: low nibbles of vector j; else
         // high nibbles of vector j - 4) of row n, block i in lane i.
         let mut r = [[_mm512_setzero_si512(); GEMM_ROWS]; 8];
         let mut bits = [[0u16; GEMM_ROWS]; LANE_BLOCKS];
         for (n, w) in ws.iter().enumerate() {
-            // SAFETY: the group's 352 bytes are inside the row.
+            // SAFETY: the group's bytes are inside the row.
             unsafe {
-                let p = w.as_ptr().add(g * GROUP);
-                crate::kernels::prefetch(p, GROUP);
+                let p = w.as_ptr().add(g * group);
+                crate::kernels::prefetch(p, group);
                 for k in 0..4 {
-                    (r[k][n], r[4 + k][n]) = x16_codes(p, k);
+                    (r[k][n], r[4 + k][n]) = x16_codes::<Q5>(p, k);
                 }
                 for (i, b) in bits.iter_mut().enumerate() {
                     b[n] = p.add(2 * i).cast::<u16>().read_unaligned();
@@ -1588,7 +1733,7 @@ mod x86 {
             unsafe {
                 if signed {
                     in_groups_of_four!(xs.len(), m0 => gemm8_signed(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else if matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+                } else if matches!(dtype, DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1) {
                     in_groups_of_four!(xs.len(), m0 => gemm8_nibbles(scratch, &xs[m0..], nb, h, rows, m0, out))
                 } else {
                     in_groups_of_four!(xs.len(), m0 => gemm8_five_bits(scratch, &xs[m0..], nb, h, rows, m0, out))

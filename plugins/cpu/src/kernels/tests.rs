@@ -135,6 +135,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
             DType::Q5_0,
             DType::Q5_1,
             DType::Q5_0X16,
+            DType::Q4_0X16,
             DType::Q8_0,
             DType::IQ4_NL,
         ] {
@@ -171,7 +172,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
 }
 
 #[test]
-fn interleaved_q5_0_gives_the_bits_of_q5_0_on_every_path() {
+fn interleaved_layouts_give_the_bits_of_their_types_on_every_path() {
     // Decode (lanes: whole groups, a tail, fewer than 16 blocks), up to
     // four rows per pass, the GEMM's batches, and slices broadcast.
     let shapes = [
@@ -184,24 +185,28 @@ fn interleaved_q5_0_gives_the_bits_of_q5_0_on_every_path() {
         [544, 7, 1, 2, 4],
         [512, 18, 6, 2, 4],
     ];
-    for isa in Isa::available() {
+    for (isa, layout) in Isa::available()
+        .into_iter()
+        .flat_map(|i| [(i, DType::Q4_0X16), (i, DType::Q5_0X16)])
+    {
+        let ty = kiln_plugin_api::interleave::plain(layout);
         for (seed, [k, n, m, w2, x2]) in shapes.into_iter().enumerate() {
             let mut rng = fastrand::Rng::with_seed(seed as u64);
-            let row = DType::Q5_0.row_bytes(k).unwrap();
+            let row = ty.row_bytes(k).unwrap();
             let mut plain: Vec<u8> = (0..n * w2)
-                .flat_map(|_| random_row(DType::Q5_0, k, &mut rng))
+                .flat_map(|_| random_row(ty, k, &mut rng))
                 .collect();
             let mut packed = plain.clone();
             packed
                 .chunks_exact_mut(row)
-                .for_each(kiln_plugin_api::interleave::pack_q5_0_x16);
+                .for_each(|r| kiln_plugin_api::interleave::pack(layout, r));
             let mut x: Vec<u8> = (0..k * m * x2)
                 .flat_map(|_| (rng.f32() * 4.0 - 2.0).to_le_bytes())
                 .collect();
             let xd = Desc::contiguous(DType::F32, [k, m, x2, 1]);
             let dd = Desc::contiguous(DType::F32, [n, m, x2, 1]);
             let mut outs = Vec::new();
-            for (dtype, w) in [(DType::Q5_0, &mut plain), (DType::Q5_0X16, &mut packed)] {
+            for (dtype, w) in [(ty, &mut plain), (layout, &mut packed)] {
                 let wd = Desc::contiguous(dtype, [k, n, w2, 1]);
                 let mut d = vec![0u8; dd.extent().unwrap()];
                 // SAFETY: every view covers its own Vec; the shapes are
@@ -218,7 +223,13 @@ fn interleaved_q5_0_gives_the_bits_of_q5_0_on_every_path() {
                 }
                 outs.push(bits(&f32s(&d)));
             }
-            assert_eq!(outs[0], outs[1], "{} {:?}", isa.name(), shapes[seed]);
+            assert_eq!(
+                outs[0],
+                outs[1],
+                "{} {layout} {:?}",
+                isa.name(),
+                shapes[seed]
+            );
         }
     }
 }
