@@ -258,6 +258,24 @@ fn a_plugin_built_for_abi_1_1_loads_and_weight_layouts_come_through_the_abi() {
     }
 }
 
+/// A plugin whose `weight_layout` names a kiln layout of another type, or
+/// a number that is no type, is not believed: the host keeps GGUF's layout
+/// (repacking Q4_0 rows as Q5_0X16 would scramble the weights).
+#[test]
+fn a_plugin_naming_a_wrong_weight_layout_is_not_believed() {
+    use kiln_plugin_api::DType;
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture_bad_layout", &["-DFIXTURE_BAD_LAYOUT"]);
+    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("bad-layout", "1.0.0"));
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let plugin = added_backend(&home, "bad-layout");
+    assert_eq!(plugin.handle().abi_minor(), 2);
+    for ty in [DType::Q4_0, DType::Q5_0, DType::Q8_0] {
+        assert_eq!(plugin.weight_layout(0, ty), ty, "{ty}");
+    }
+    computes_like_the_cpu(&plugin);
+}
+
 #[test]
 fn every_cpu_kernel_path_passes_conformance_against_the_reference() {
     // The CPU backend as a plugin, its kernels forced to each path this
