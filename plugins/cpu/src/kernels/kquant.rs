@@ -672,11 +672,13 @@ mod x86 {
     }
 
     /// One Q4_K row against `R` activation rows on AVX-512 VNNI: a
-    /// 512-bit `vpdpbusd` takes two 32-code sub-blocks (the low or the
-    /// high nibbles of 64 code bytes), its lanes are multiplied by their
+    /// 512-bit `vpdpbusd` takes two 32-code sub-blocks (the low and the
+    /// high nibbles of 32 code bytes, broadcast to both halves, against
+    /// 64 consecutive activations), its lanes are multiplied by their
     /// sub-block's scale, and the minimums' part is one 8-lane product
-    /// with the activations' sums. The block is scaled in f64 as
-    /// [`super::dot_q4_k`]'s other paths do it (same results).
+    /// with the activations' sums, reduced together with the codes'. The
+    /// block is scaled in f64 as [`super::dot_q4_k`]'s other paths do it
+    /// (same results).
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
@@ -694,12 +696,14 @@ mod x86 {
         };
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm512_set1_epi8(0x0f);
-        // Which sub-blocks a product's halves hold: the low nibbles of
-        // code bytes 0..64 are sub-blocks 0 and 2, the high ones 1 and 3;
-        // of bytes 64..128, 4 and 6, then 5 and 7.
+        // Code bytes 32p..32p + 32 hold sub-block 2p in their low nibbles
+        // and 2p + 1 in their high ones: broadcast to both halves of a
+        // register and shifted by 0 and 4, they line up with activations
+        // 64p..64p + 64, one plain load.
+        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
         let halves =
             |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
-        let pick = [halves(0, 2), halves(1, 3), halves(4, 6), halves(5, 7)];
+        let pick = [halves(0, 1), halves(2, 3), halves(4, 5), halves(6, 7)];
         let mut acc = [0.0f64; R];
         for (b, blk) in w.chunks_exact(block).enumerate() {
             crate::kernels::prefetch(blk.as_ptr(), block);
@@ -707,31 +711,29 @@ mod x86 {
             let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc8 as i64)));
             let mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m8 as i64));
             let mut codes = [_mm512_setzero_si512(); 4];
-            for p in 0..2 {
-                // SAFETY: code bytes 64p..64p+64 are inside the block.
-                let v = unsafe { _mm512_loadu_si512(blk.as_ptr().add(codes_at + 64 * p).cast()) };
-                codes[2 * p] = _mm512_and_si512(v, m4);
-                codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+            // Q5_K: qh's 32 bytes in both halves (bit s of qh[l] is code
+            // l's fifth bit in sub-block s).
+            let qh = if Q5 {
+                // SAFETY: qh's 32 bytes at 16 are inside the block.
+                unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.as_ptr().add(16).cast())) }
+            } else {
+                _mm512_setzero_si512()
+            };
+            for (p, c) in codes.iter_mut().enumerate() {
+                // SAFETY: code bytes 32p..32p+32 are inside the block.
+                let v = unsafe {
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        blk.as_ptr().add(codes_at + 32 * p).cast(),
+                    ))
+                };
+                *c = _mm512_and_si512(_mm512_srlv_epi16(v, shift), m4);
                 if Q5 {
-                    // Bit s of qh[l] is code l's fifth bit in sub-block s;
-                    // the halves of codes[2p] are sub-blocks 4p and 4p + 2,
-                    // of codes[2p + 1] 4p + 1 and 4p + 3.
-                    // SAFETY: qh's 32 bytes at 16 are inside the block.
-                    let qh = unsafe {
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.as_ptr().add(16).cast()))
-                    };
-                    for k in 0..2 {
-                        let s = 4 * p + k;
-                        let bits = _mm512_inserti64x4::<1>(
-                            _mm512_set1_epi8(1 << s),
-                            _mm256_set1_epi8((1u32 << (s + 2)) as u8 as i8),
-                        );
-                        let set = _mm512_test_epi8_mask(qh, bits);
-                        codes[2 * p + k] = _mm512_or_si512(
-                            codes[2 * p + k],
-                            _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10)),
-                        );
-                    }
+                    let bits = _mm512_inserti64x4::<1>(
+                        _mm512_set1_epi8(1 << (2 * p)),
+                        _mm256_set1_epi8((1u32 << (2 * p + 1)) as u8 as i8),
+                    );
+                    let set = _mm512_test_epi8_mask(qh, bits);
+                    *c = _mm512_or_si512(*c, _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10)));
                 }
             }
             let mut scales = [_mm512_setzero_si512(); 4];
@@ -746,13 +748,10 @@ mod x86 {
                     // SAFETY: activations 128p..128p+128 of block b are inside the row.
                     let (lo, hi) = unsafe {
                         let xq = x.qs.as_ptr().add(b * QK_K + 128 * p);
-                        let two = |at: usize| {
-                            _mm512_inserti64x4::<1>(
-                                _mm512_castsi256_si512(_mm256_loadu_si256(xq.add(at).cast())),
-                                _mm256_loadu_si256(xq.add(at + 64).cast()),
-                            )
-                        };
-                        (two(0), two(32))
+                        (
+                            _mm512_loadu_si512(xq.cast()),
+                            _mm512_loadu_si512(xq.add(64).cast()),
+                        )
                     };
                     let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p], lo);
                     let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p + 1], hi);
@@ -764,10 +763,18 @@ mod x86 {
                         ),
                     );
                 }
-                let total = _mm512_reduce_add_epi32(total);
                 // SAFETY: the 8 sums of block b are inside the row.
                 let sums = unsafe { _mm256_loadu_si256(x.sums32.as_ptr().add(8 * b).cast()) };
-                let total_m = hsum(_mm256_mullo_epi32(mins, sums));
+                // The codes' and the minimums' sums reduced together (exact
+                // integers: the order does not matter).
+                let t8 = _mm256_add_epi32(
+                    _mm512_castsi512_si256(total),
+                    _mm512_extracti64x4_epi64::<1>(total),
+                );
+                let h = _mm256_hadd_epi32(t8, _mm256_mullo_epi32(mins, sums));
+                let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let h = _mm_hadd_epi32(h, h);
+                let (total, total_m) = (_mm_cvtsi128_si32(h), _mm_extract_epi32::<1>(h));
                 *acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
             }
         }
