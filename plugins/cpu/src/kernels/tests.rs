@@ -290,9 +290,13 @@ fn k_quant_rows_give_the_portable_kernels_bits_on_every_path() {
         DType::Q5_K,
         DType::Q6_K,
     ] {
-        let k = 1024;
-        let bytes = dtype.row_bytes(k).unwrap();
-        for case in 0..4 {
+        // Whole groups of four blocks (the AVX2 Q4_K kernel's step), and
+        // groups with a tail.
+        for (k, case) in [1024, 1792]
+            .into_iter()
+            .flat_map(|k| (0..4).map(move |c| (k, c)))
+        {
+            let bytes = dtype.row_bytes(k).unwrap();
             // Random blocks; then every byte 0xff, 0x00 or random, with
             // each block's f16 scales set finite.
             let w: Vec<u8> = match case {
