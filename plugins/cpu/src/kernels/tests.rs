@@ -362,6 +362,7 @@ fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // thread count must not change a bit.
     // Decode's shape (one activation row) over several slices too, where
     // a thread's rows cross from one slice to the next.
+    let _pool = pool_to_myself();
     let before = threads();
     for isa in Isa::available() {
         for shape in [[1024, 301, 2, 1, 1], [1024, 301, 1, 2, 4]] {
@@ -381,8 +382,16 @@ fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     set_threads(before);
 }
 
+/// Serializes the tests that set the pool's thread count (tests run in
+/// parallel, and the count is global).
+fn pool_to_myself() -> std::sync::MutexGuard<'static, ()> {
+    static POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
+    let _pool = pool_to_myself();
     let before = threads();
     set_threads(2);
     let hit = std::panic::catch_unwind(|| {
@@ -398,7 +407,67 @@ fn a_panicking_task_reaches_the_caller_and_the_pool_keeps_working() {
         sum.fetch_add(r.sum::<usize>(), std::sync::atomic::Ordering::Relaxed);
     });
     assert_eq!(sum.into_inner(), 999 * 1000 / 2);
+    // And still with its worker: the panic did not leave ops to run on
+    // their calling thread alone.
+    let n = threads_of_a_pooled_op(|| {});
     set_threads(before);
+    assert_eq!(n, Some(2), "ops after a panic run on one thread");
+}
+
+/// The number of threads that took part in the first op that ran on
+/// the pool (not on its calling thread alone, as an op does while another
+/// test's op holds the pool), each op `before` something; `None` if no op
+/// finished on the pool within a minute. Runs on a thread of its own, so
+/// that an op stuck on a worker that never wakes fails the caller instead
+/// of hanging it.
+fn threads_of_a_pooled_op(before: fn()) -> Option<usize> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            before();
+            // Each chunk waits a little for a second thread to show up.
+            let seen = Mutex::new(HashSet::new());
+            let calls = AtomicUsize::new(0);
+            threads::parallel_for(8, 1 << 20, &|_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                seen.lock().unwrap().insert(std::thread::current().id());
+                let start = Instant::now();
+                while seen.lock().unwrap().len() < 2 && start.elapsed() < Duration::from_millis(200)
+                {
+                    std::hint::spin_loop();
+                }
+            });
+            if calls.into_inner() > 1 {
+                let _ = tx.send(seen.into_inner().unwrap().len());
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(90)).ok()
+}
+
+#[test]
+fn workers_asleep_between_ops_wake_for_the_next_one() {
+    let _pool = pool_to_myself();
+    let before = threads();
+    set_threads(2);
+    let n = threads_of_a_pooled_op(|| {
+        // The worker exists (spawned by the first op it takes part in),
+        // and 2 ms later it has stopped spinning and sleeps.
+        threads::parallel_for(8, 1 << 20, &|_| {});
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    });
+    set_threads(before);
+    assert_eq!(
+        n,
+        Some(2),
+        "a sleeping worker was not woken for the next op"
+    );
 }
 
 #[test]
@@ -574,6 +643,7 @@ fn row_wise_ops_shared_between_threads_give_the_reference_bits() {
             [0; 8],
         ),
     ];
+    let _pool = pool_to_myself();
     let before = threads();
     set_threads(3);
     for (i, (kind, src, dst, params)) in cases.into_iter().enumerate() {

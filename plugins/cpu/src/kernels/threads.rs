@@ -46,6 +46,11 @@ struct State {
     spawned: usize,
     /// Workers taking part in the current job: indices below this.
     active: usize,
+    /// Workers asleep on `Shared::wake`, and whether the dispatcher is
+    /// asleep on `Shared::done`: a notify is a system call, made only
+    /// when someone sleeps (most jobs start and end while all spin).
+    sleepers: usize,
+    dispatcher_sleeps: bool,
 }
 
 #[derive(Default)]
@@ -135,7 +140,9 @@ fn worker(shared: Arc<Shared>, index: usize) {
                         break job;
                     }
                 }
+                st.sleepers += 1;
                 st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.sleepers -= 1;
             }
         };
         let ok = catch_unwind(AssertUnwindSafe(|| run_chunks(&job))).is_ok();
@@ -144,7 +151,7 @@ fn worker(shared: Arc<Shared>, index: usize) {
         st.panicked |= !ok;
         st.running -= 1;
         shared.running.store(st.running, Ordering::Release);
-        if st.running == 0 {
+        if st.running == 0 && st.dispatcher_sleeps {
             shared.done.notify_all();
         }
     }
@@ -160,9 +167,16 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         task(0..len);
         return;
     }
-    let Ok(_guard) = pool.dispatch.try_lock() else {
-        task(0..len);
-        return;
+    // Poisoned by an op whose task panicked (the panic went on to that
+    // op's caller): the pool itself is sound, and taking the poisoned
+    // lock keeps it in use; refusing it would run every later op alone.
+    let _guard = match pool.dispatch.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            task(0..len);
+            return;
+        }
     };
     let shared = &pool.shared;
     let job = {
@@ -177,7 +191,7 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
             next: Arc::new(AtomicUsize::new(0)),
         })
     };
-    {
+    let sleepers = {
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.spawned < n - 1 {
             let (s, i) = (shared.clone(), st.spawned);
@@ -194,14 +208,23 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         st.panicked = false;
         shared.running.store(st.running, Ordering::Release);
         shared.generation.store(st.generation, Ordering::Release);
+        st.sleepers
+    };
+    // After the lock is released, so that a spinning worker that sees the
+    // new generation does not then wait for the lock; a worker counted
+    // asleep is already waiting (it registered under the lock) and gets
+    // the notify.
+    if sleepers > 0 {
         shared.wake.notify_all();
     }
     let mine = catch_unwind(AssertUnwindSafe(|| run_chunks(&job)));
     spin_until(|| shared.running.load(Ordering::Acquire) == 0);
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     while st.running > 0 {
+        st.dispatcher_sleeps = true;
         st = shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    st.dispatcher_sleeps = false;
     st.job = None;
     let panicked = st.panicked;
     drop(st);
