@@ -21,6 +21,11 @@
 # kiln and llama.cpp run KILN_BENCH_RUNS times each (default 3), taking
 # turns, and each one's best speeds count: on a machine whose memory
 # bandwidth is shared, one run swings by 20 % and more.
+# ik_llama.cpp, the second peer, runs in the same turns when
+# KILN_IK_LLAMA_BENCH names its llama-bench (benches/build_ik_llama.sh
+# builds one), with run-time repacking on (-rtr 1, its fastest CPU
+# layouts; KILN_IK_ARGS replaces that); "faster peer" is the faster of
+# llama.cpp and ik_llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=()
@@ -33,6 +38,18 @@ peers=../shared/peers
 cargo build --release -q -p kiln
 kiln=target/release/kiln
 export KILN_HOME=${KILN_HOME:-$(mktemp -d)} KILN_THREADS=2
+ik=${KILN_IK_LLAMA_BENCH:-}
+read -r -a ik_args <<< "${KILN_IK_ARGS:--rtr 1}"
+# ik_llama.cpp's prompt and decode speeds on one file, as JSON.
+ik_run() {
+  "$ik" -m "$1" -t 2 -p "$prompt" -n "$decode" -r 1 -o json "${ik_args[@]}" 2>/dev/null | "$python" -c '
+import json, sys
+out = {}
+for r in json.load(sys.stdin):
+    if r.get("n_gen", 0) == 0: out["prompt_tokens_per_s"] = r["avg_ts"]
+    if r.get("n_prompt", 0) == 0: out["decode_tokens_per_s"] = r["avg_ts"]
+print(json.dumps(out))'
+}
 
 candle=""
 if [ "${KILN_CANDLE:-1}" != 0 ] && [ -f "$peers/candle_bench/Cargo.toml" ]; then
@@ -50,14 +67,15 @@ bandwidth() {
   if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
 }
 
-printf '| file | MiB | decode tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / candle | kiln ÷ llama.cpp | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
-printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| file | MiB | decode tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
   bw_before=$(bandwidth)
-  kr=() lr=()
+  kr=() lr=() ir=()
   for _ in $(seq "${KILN_BENCH_RUNS:-3}"); do
     kr+=("$("$kiln" bench "$m" --prompt-tokens "$prompt" --decode-tokens "$decode" --json 2>/dev/null | tr -d '\n')")
     lr+=("$("$python" benches/llama_bench.py "$m" "$prompt" "$decode" | tr -d '\n')")
+    if [ -n "$ik" ]; then ir+=("$(ik_run "$m" || echo '{}')"); fi
   done
   # The best of each engine's runs (peak RSS: the largest; load: the
   # shortest, the file in the page cache).
@@ -69,6 +87,8 @@ print(json.dumps(b))'
   bw_gbs=$("$python" -c 'import sys; print(max([float(v) for v in sys.argv[1:] if v] or [0]))' "$bw_before" "$(bandwidth)")
   k=$("$python" -c "$best" "${kr[@]}")
   l=$("$python" -c "$best" "${lr[@]}")
+  i="{}"
+  if [ -n "$ik" ]; then i=$("$python" -c "$best" "${ir[@]}"); fi
   c="{}"
   # candle has no fast kernel for Q5_0 or F16 (one Q5_0 run takes minutes).
   ftype=$("$python" -c 'import gguf, sys; f = gguf.GGUFReader(sys.argv[1]).fields["general.file_type"]; print(int(f.parts[-1][0]))' "$m")
@@ -83,10 +103,10 @@ for line in sys.stdin:
     if len(f) > 3 and f[2] == "prompt_tok_s": p.append(float(f[3]))
 print(json.dumps({"decode": max(d) if d else None, "prompt": max(p) if p else None}))')
   fi
-  "$python" - "$m" "$k" "$l" "$c" "${bw_gbs:-0}" <<'PY'
+  "$python" - "$m" "$k" "$l" "$c" "$i" "${bw_gbs:-0}" <<'PY'
 import json, os, sys
 import gguf
-m, k, l, c, bw = sys.argv[1], *map(json.loads, sys.argv[2:5]), float(sys.argv[5])
+m, k, l, c, i, bw = sys.argv[1], *map(json.loads, sys.argv[2:6]), float(sys.argv[6])
 size = os.path.getsize(m)
 r = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
 f = lambda v, p=1: f"{v:.{p}f}" if v else "–"
@@ -100,9 +120,13 @@ bound = bw * 1e9 / (size - embd) if bw else None
 pct = lambda v: f"{100 * v / bound:.0f}" if bound and v else "–"
 kd, ld, cd = k["decode_tokens_per_s"], l["decode_tokens_per_s"], c.get("decode")
 kp, lp, cp = k["prompt_tokens_per_s"], l["prompt_tokens_per_s"], c.get("prompt")
+idd, ip = i.get("decode_tokens_per_s"), i.get("prompt_tokens_per_s")
+peer = lambda a, b: max(a or 0, b or 0)
 mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
-print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(cd)} | {r(kd, ld)} | {r(kd, cd)} "
-      f"| {f(kp)} / {f(lp)} / {f(cp)} | {r(kp, lp)} | {gflops(kp)} / {gflops(lp)} | {pct(kd)} / {pct(ld)} "
+print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(idd)} / {f(cd)} | {r(kd, ld)} "
+      f"| {r(kd, peer(ld, idd))} | {r(kd, cd)} "
+      f"| {f(kp)} / {f(lp)} / {f(ip)} / {f(cp)} | {r(kp, lp)} | {r(kp, peer(lp, ip))} "
+      f"| {gflops(kp)} / {gflops(lp)} | {pct(kd)} / {pct(ld)} "
       f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} "
       f"| {f(k.get('load_ms'), 0)} / {f(l.get('load_ms'), 0)} | {f(bw)} |")
 PY
