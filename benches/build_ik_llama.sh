@@ -8,8 +8,8 @@
 #         KILN_CPU_ISA=avx2 on an AVX-512 machine; native (the default):
 #         for the CPU at hand.
 # Needs cmake and clang 16 or newer (clang 14 does not compile its iqk
-# kernels). Its CPU flash-attention kernels are left out (they take most
-# of the build time, and the bench compares without flash attention).
+# kernels). Its CPU flash-attention kernels are turned off (compiled, they take
+# most of the build time; the bench compares without flash attention).
 set -euo pipefail
 src=$1 out=$2 isa=${3:-native}
 cc=${CC:-clang-16} cxx=${CXX:-clang++-16}
