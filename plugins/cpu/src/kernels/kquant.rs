@@ -1185,8 +1185,10 @@ mod x86 {
         for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
             let p = blk.as_ptr();
             crate::kernels::prefetch(p, BLOCK);
+            // The 16 signed scales as i16s, eight a register in both lanes:
+            // sub-block s's is picked with one `vpshufb` ([`scale_pair`]).
             // SAFETY: the 16 scale bytes are inside the block.
-            let sc = unsafe { std::slice::from_raw_parts(p.add(192).cast::<i8>(), 16) };
+            let sc = halves(_mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p.add(192).cast()) }));
             let mut sums = [_mm256_setzero_si256(); R];
             for n in 0..2 {
                 // SAFETY: ql (128 bytes at 0) and qh (64 at 128) are inside
@@ -1219,11 +1221,8 @@ mod x86 {
                 for (j, c) in codes.into_iter().enumerate() {
                     let wv = _mm256_sub_epi8(c, m32);
                     let wabs = _mm256_sign_epi8(wv, wv);
-                    let s = 8 * n + 2 * j;
-                    let scales = _mm256_set_m128i(
-                        _mm_set1_epi16(sc[s + 1] as i16),
-                        _mm_set1_epi16(sc[s] as i16),
-                    );
+                    // Sub-blocks 8n + 2j (low lane) and 8n + 2j + 1.
+                    let scales = _mm256_shuffle_epi8(sc[n], scale_pair(j as i16));
                     for (x, sum) in xs.iter().zip(&mut sums) {
                         // SAFETY: codes 32j..32j+32 of this half of block b
                         // are inside the row.
