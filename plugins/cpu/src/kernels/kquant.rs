@@ -1188,9 +1188,11 @@ mod x86 {
             // The 16 signed scales as i16s, eight a register in both lanes:
             // sub-block s's is picked with one `vpshufb` ([`scale_pair`]).
             // SAFETY: the 16 scale bytes are inside the block.
-            let sc = halves(_mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(p.add(192).cast()) }));
+            let sc = halves(_mm256_cvtepi8_epi16(unsafe {
+                _mm_loadu_si128(p.add(192).cast())
+            }));
             let mut sums = [_mm256_setzero_si256(); R];
-            for n in 0..2 {
+            for (n, sc) in sc.iter().enumerate() {
                 // SAFETY: ql (128 bytes at 0) and qh (64 at 128) are inside
                 // the block.
                 let (ql0, ql1, qh) = unsafe {
@@ -1222,7 +1224,7 @@ mod x86 {
                     let wv = _mm256_sub_epi8(c, m32);
                     let wabs = _mm256_sign_epi8(wv, wv);
                     // Sub-blocks 8n + 2j (low lane) and 8n + 2j + 1.
-                    let scales = _mm256_shuffle_epi8(sc[n], scale_pair(j as i16));
+                    let scales = _mm256_shuffle_epi8(*sc, scale_pair(j as i16));
                     for (x, sum) in xs.iter().zip(&mut sums) {
                         // SAFETY: codes 32j..32j+32 of this half of block b
                         // are inside the row.
