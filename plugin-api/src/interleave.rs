@@ -45,6 +45,10 @@ pub const fn is_interleaved(dtype: DType) -> bool {
     plain(dtype) as u32 != dtype as u32
 }
 
+/// Bytes of nibbles a block ends with (Q4_0's and Q5_0's `qs`): the 4
+/// pieces of 4 that go to a group's 4 code vectors.
+const CODE_BYTES: usize = 16;
+
 /// Bytes of one group of 16 blocks of `layout`.
 pub const fn group_bytes(layout: DType) -> usize {
     GROUP * layout.block_bytes()
@@ -72,8 +76,7 @@ pub fn pack(layout: DType, row: &mut [u8]) {
         plain(layout).name().to_uppercase(),
         row.len()
     );
-    let masked = layout == DType::Q5_0X16;
-    let code_bytes = block - if masked { 6 } else { 2 };
+    let masked = codes_at(layout) > 2 * GROUP;
     let mut plain = [0u8; Q5_0_GROUP_BYTES];
     let plain = &mut plain[..group_bytes(layout)];
     for group in row.chunks_exact_mut(group_bytes(layout)) {
@@ -90,7 +93,7 @@ pub fn pack(layout: DType, row: &mut [u8]) {
                     *m |= (nib as u64) << (4 * i);
                 }
             }
-            let qs = &b[block - code_bytes..];
+            let qs = &b[block - CODE_BYTES..];
             for k in 0..4 {
                 codes[64 * k + 4 * i..][..4].copy_from_slice(&qs[4 * k..][..4]);
             }
@@ -115,8 +118,7 @@ pub fn unpack(layout: DType, src: &[u8], dst: &mut [u8]) {
         src.len(),
         dst.len()
     );
-    let masked = layout == DType::Q5_0X16;
-    let code_bytes = block - if masked { 6 } else { 2 };
+    let masked = codes_at(layout) > 2 * GROUP;
     let gb = group_bytes(layout);
     let whole = src.len() / gb * gb;
     for (group, out) in src[..whole].chunks_exact(gb).zip(dst.chunks_exact_mut(gb)) {
@@ -136,7 +138,7 @@ pub fn unpack(layout: DType, src: &[u8], dst: &mut [u8]) {
                 }
                 b[2..6].copy_from_slice(&qh.to_le_bytes());
             }
-            let qs = &mut b[block - code_bytes..];
+            let qs = &mut b[block - CODE_BYTES..];
             for k in 0..4 {
                 qs[4 * k..][..4].copy_from_slice(&codes[64 * k + 4 * i..][..4]);
             }

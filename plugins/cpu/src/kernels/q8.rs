@@ -164,9 +164,9 @@ impl Q8Row {
 
 /// What the kernels add to a weight code to make it unsigned.
 fn code_offset(weights: DType) -> i32 {
-    match weights {
+    match interleave::plain(weights) {
         DType::Q8_0 | DType::IQ4_NL => 128,
-        DType::Q5_0 | DType::Q5_0X16 => 16,
+        DType::Q5_0 => 16,
         DType::Q4_1 | DType::Q5_1 => 0,
         _ => 8,
     }
@@ -203,30 +203,26 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         // SAFETY: `Isa` only names paths the CPU has (`Isa::detect`), and
         // the lengths were checked above.
         Isa::Avx512 => unsafe {
-            if interleave::is_interleaved(dtype) && xs.iter().all(|x| takes_lanes(dtype, x)) {
-                let q5 = dtype == DType::Q5_0X16;
-                return match (xs.len(), q5) {
-                    (1, false) => x86::dot_lanes_x16::<1, false>(w, xs, out),
-                    (2, false) => x86::dot_lanes_x16::<2, false>(w, xs, out),
-                    (3, false) => x86::dot_lanes_x16::<3, false>(w, xs, out),
-                    (_, false) => x86::dot_lanes_x16::<4, false>(w, xs, out),
-                    (1, true) => x86::dot_lanes_x16::<1, true>(w, xs, out),
-                    (2, true) => x86::dot_lanes_x16::<2, true>(w, xs, out),
-                    (3, true) => x86::dot_lanes_x16::<3, true>(w, xs, out),
-                    (_, true) => x86::dot_lanes_x16::<4, true>(w, xs, out),
-                };
-            }
             if xs.iter().all(|x| takes_lanes(dtype, x)) {
-                let q5 = dtype == DType::Q5_0;
-                return match (xs.len(), q5) {
-                    (1, false) => x86::dot_lanes::<1, false>(w, xs, out),
-                    (2, false) => x86::dot_lanes::<2, false>(w, xs, out),
-                    (3, false) => x86::dot_lanes::<3, false>(w, xs, out),
-                    (_, false) => x86::dot_lanes::<4, false>(w, xs, out),
-                    (1, true) => x86::dot_lanes::<1, true>(w, xs, out),
-                    (2, true) => x86::dot_lanes::<2, true>(w, xs, out),
-                    (3, true) => x86::dot_lanes::<3, true>(w, xs, out),
-                    (_, true) => x86::dot_lanes::<4, true>(w, xs, out),
+                // The lane kernels, by rows and by fifth bits (Q5).
+                macro_rules! lanes {
+                    ($kernel:ident) => {
+                        match (xs.len(), interleave::plain(dtype) == DType::Q5_0) {
+                            (1, false) => x86::$kernel::<1, false>(w, xs, out),
+                            (2, false) => x86::$kernel::<2, false>(w, xs, out),
+                            (3, false) => x86::$kernel::<3, false>(w, xs, out),
+                            (_, false) => x86::$kernel::<4, false>(w, xs, out),
+                            (1, true) => x86::$kernel::<1, true>(w, xs, out),
+                            (2, true) => x86::$kernel::<2, true>(w, xs, out),
+                            (3, true) => x86::$kernel::<3, true>(w, xs, out),
+                            (_, true) => x86::$kernel::<4, true>(w, xs, out),
+                        }
+                    };
+                }
+                return if interleave::is_interleaved(dtype) {
+                    lanes!(dot_lanes_x16)
+                } else {
+                    lanes!(dot_lanes)
                 };
             }
             return match xs.len() {
@@ -317,14 +313,18 @@ pub fn dot_row_range<'w>(
     // the lanes are filled.
     #[cfg(target_arch = "x86_64")]
     let kernel: Option<RowKernel> = match isa {
-        Isa::Avx512 if dtype == DType::Q5_0X16 && takes_lanes(dtype, x) => Some(|_, w, xs, out| {
-            // SAFETY: as above.
-            unsafe { x86::dot_lanes_x16::<1, true>(w, xs, out) }
-        }),
-        Isa::Avx512 if dtype == DType::Q4_0X16 && takes_lanes(dtype, x) => Some(|_, w, xs, out| {
-            // SAFETY: as above.
-            unsafe { x86::dot_lanes_x16::<1, false>(w, xs, out) }
-        }),
+        Isa::Avx512 if interleave::is_interleaved(dtype) && takes_lanes(dtype, x) => {
+            Some(|d, w, xs, out| {
+                // SAFETY: as above.
+                unsafe {
+                    if d == DType::Q5_0X16 {
+                        x86::dot_lanes_x16::<1, true>(w, xs, out)
+                    } else {
+                        x86::dot_lanes_x16::<1, false>(w, xs, out)
+                    }
+                }
+            })
+        }
         Isa::Avx512 if takes_lanes(dtype, x) => Some(|d, w, xs, out| {
             // SAFETY: as above.
             unsafe {
