@@ -136,6 +136,19 @@ pub struct Tensors<'a, B> {
 }
 
 impl<'a, B> Tensors<'a, B> {
+    /// The same tensors for a backend whose buffers are `C`: for a backend
+    /// that wraps another and hands it the inner buffers.
+    ///
+    /// # Safety
+    /// Every buffer handle must point to a `B` that begins with a `C`: a
+    /// `#[repr(C)]` struct whose first field is the `C`.
+    pub unsafe fn cast<C>(&self) -> Tensors<'a, C> {
+        Tensors {
+            raw: self.raw,
+            _buffers: PhantomData,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.raw.len()
     }
@@ -243,7 +256,20 @@ pub struct Graph<'a, B> {
     ops: &'a [KilnOp],
 }
 
-impl<B> Graph<'_, B> {
+impl<'a, B> Graph<'a, B> {
+    /// The same graph for a backend whose buffers are `C` (see
+    /// [`Tensors::cast`]).
+    ///
+    /// # Safety
+    /// As for [`Tensors::cast`].
+    pub unsafe fn cast<C>(&self) -> Graph<'a, C> {
+        Graph {
+            // SAFETY: the caller's promise.
+            tensors: unsafe { self.tensors.cast() },
+            ops: self.ops,
+        }
+    }
+
     pub fn n_ops(&self) -> u32 {
         self.ops.len() as u32
     }

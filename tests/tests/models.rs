@@ -207,9 +207,11 @@ fn bad_requests_are_named() {
     );
     let err = home.fails(&["run", m, "--prompt", "x", "--backend", "cuda"]);
     assert!(
-        err.contains("no usable backend named cuda; available: cpu"),
+        err.contains("no usable backend device cuda; available (`kiln backends`): cpu:0"),
         "{err}"
     );
+    let err = home.fails(&["run", m, "--prompt", "x", "--backend", "cpu:1"]);
+    assert!(err.contains("device cpu:1; available"), "{err}");
 }
 
 #[test]

@@ -435,4 +435,200 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(max < 1e-3, "logits differ by {max}");
+    // A cache of 3M positions (768 MiB) does not fit the fixture's 512 MiB
+    // free: refused up front, with the numbers, before any allocation.
+    let err = Session::new(
+        Model::load(&model_path).unwrap(),
+        Executor::new(plugin.clone(), 0),
+        Some(3 << 20),
+    )
+    .err()
+    .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("accel device 0 (kiln C fixture device)")
+            && msg.contains("768 MiB of KV cache")
+            && msg.contains("it has 512 MiB free"),
+        "{msg}"
+    );
+}
+
+/// The flaky-device fixture (kiln's CPU kernels behind device buffers: see
+/// `tests/fixtures/flaky-device`), added through the gate.
+fn flaky_devices(home: &Home) -> std::sync::Arc<Backend> {
+    let lib = rust_cdylib("kiln-fixture-flaky-device", "kiln_fixture_flaky_device");
+    let dir = plugin_dir(
+        home.path(),
+        &lib,
+        &ManifestSpec::new("flaky-device", "0.1.0"),
+    );
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    added_backend(home, "flaky-device")
+}
+
+/// Greedy tokens after `prompt` on `exec`, and the bytes the executor moved
+/// to and from the device in each decode step.
+fn greedy_with_transfers(
+    model: &std::path::Path,
+    exec: Executor,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::sample::argmax;
+    use kiln_runtime::model::{Model, Session};
+    let stats = exec.target.clone();
+    let moved = || {
+        (
+            stats.stats.bytes_to_device.load(Ordering::Relaxed),
+            stats.stats.bytes_from_device.load(Ordering::Relaxed),
+        )
+    };
+    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
+    let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
+    let (mut tokens, mut per_step) = (vec![next], Vec::new());
+    for _ in 0..steps {
+        let before = moved();
+        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
+        let after = moved();
+        per_step.push((after.0 - before.0, after.1 - before.1));
+        tokens.push(next);
+    }
+    (tokens, per_step)
+}
+
+#[test]
+fn a_decode_step_on_a_device_moves_its_token_in_and_its_logits_out() {
+    let home = Home::default();
+    let plugin = flaky_devices(&home);
+    let f16 = |arch: &str, extra: &[&'static str]| {
+        let mut args = vec!["--arch", arch, "--dtype", "f16", "--vocab", "300"];
+        args.extend_from_slice(extra);
+        let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        kiln_tests::tiny_model(&owned.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let llama = f16("llama", &[]);
+    let q8 = home.path().join("llama-q8_0.gguf");
+    let q4k = home.path().join("llama-q4_k_m.gguf");
+    for (out, t) in [(&q8, "Q8_0"), (&q4k, "Q4_K_M")] {
+        home.ok(&[
+            "quantize",
+            llama.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            t,
+        ]);
+    }
+    // Gemma 3's windowed layers rewrite a window row each step.
+    let gemma = f16("gemma3", &["--window", "8", "--head-dim", "32"]);
+    let prompt = [1u32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49];
+    for model in [llama, q8, q4k, gemma] {
+        let (cpu, _) = greedy_with_transfers(
+            &model,
+            Executor::new(Backend::builtin_cpu(), 0),
+            &prompt,
+            12,
+        );
+        let (dev, moved) =
+            greedy_with_transfers(&model, Executor::new(plugin.clone(), 0), &prompt, 12);
+        assert_eq!(dev, cpu, "{}: the device's greedy tokens", model.display());
+        // The first step sends its inputs whole (the mask, the prompt's
+        // were another shape); from then on a step sends its token id and
+        // position (and a window row: a chunk of 64 bytes each at most)
+        // and receives one row of logits. The weights and the KV cache
+        // stay on the device.
+        for (i, &(up, down)) in moved.iter().enumerate().skip(1) {
+            assert!(
+                up <= 3 * 64,
+                "{}: step {i} sent {up} bytes ({moved:?})",
+                model.display()
+            );
+            assert_eq!(
+                down,
+                4 * 300,
+                "{}: step {i} received {down} bytes",
+                model.display()
+            );
+        }
+    }
+    assert_eq!(plugin.stats.device_losses.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed),
+        0
+    );
+}
+
+/// A device that fails in the middle of a request (device 1 of the
+/// fixture: lost for good; device 2: out of memory once) loses the KV cache
+/// it held: the session evaluates its tokens again on the CPU and the
+/// request goes on, with the CPU's tokens.
+#[test]
+fn a_device_failing_mid_request_ends_in_a_cpu_rerun_with_the_cpus_tokens() {
+    let home = Home::default();
+    let plugin = flaky_devices(&home);
+    let model = kiln_tests::tiny_model(&["--arch", "qwen2", "--dtype", "f16", "--vocab", "300"]);
+    let prompt = [1u32, 60, 61, 62, 63, 64, 65];
+    let (cpu, _) =
+        greedy_with_transfers(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
+    for device in [1, 2] {
+        let losses = plugin.stats.device_losses.load(Ordering::Relaxed);
+        let exec = Executor::new(plugin.clone(), device);
+        let (got, _) = greedy_with_transfers(&model, exec, &prompt, 8);
+        assert_eq!(got, cpu, "device {device}");
+        assert_eq!(
+            plugin.stats.device_losses.load(Ordering::Relaxed),
+            losses + 1,
+            "device {device}"
+        );
+    }
+}
+
+/// `kiln serve` on a device that is lost in the middle of the second
+/// request: every request is answered, with the CPU's text, and `/metrics`
+/// shows the loss and the bytes moved.
+#[test]
+fn kiln_serve_answers_through_a_device_loss_with_the_cpus_text() {
+    use kiln_tests::serve::{demo_model, http, http_server_with, post};
+    let home = Home::default();
+    flaky_devices(&home);
+    let model = demo_model();
+    let prompts = ["def add(a, b):", "fn main() {", "class Stack:"];
+    let texts = |extra: &[&str]| {
+        let srv = http_server_with(&home, &model, extra);
+        let answers: Vec<String> = prompts
+            .iter()
+            .map(|p| {
+                let (code, v) = post(
+                    &srv.addr,
+                    "/v1/completions",
+                    &serde_json::json!({"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0}),
+                );
+                assert_eq!(code, 200, "{v}");
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
+        (answers, metrics)
+    };
+    let (cpu, _) = texts(&["--backend", "cpu"]);
+    let (dev, metrics) = texts(&["--backend", "flaky-device:1"]);
+    assert_eq!(dev, cpu);
+    assert!(
+        metrics.contains(
+            "kiln:backend_fallbacks_total{backend=\"flaky-device\",reason=\"device_lost\"} 1"
+        ),
+        "{metrics}"
+    );
+    let moved = |direction: &str| {
+        let key = format!(
+            "kiln:backend_transfer_bytes_total{{backend=\"flaky-device\",direction=\"{direction}\"}} "
+        );
+        let line = metrics.lines().find(|l| l.starts_with(&key));
+        line.and_then(|l| l[key.len()..].parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{key} missing:\n{metrics}"))
+    };
+    assert!(
+        moved("to_device") > 0 && moved("from_device") > 0,
+        "{metrics}"
+    );
 }

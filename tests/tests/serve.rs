@@ -555,6 +555,7 @@ fn the_http_api_answers_validates_and_keeps_serving() {
         "kiln:prefix_cache_queries_total",
         "kiln:backend_ops_total",
         "kiln:backend_fallbacks_total",
+        "kiln:backend_transfer_bytes_total",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }

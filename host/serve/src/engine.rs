@@ -269,6 +269,13 @@ pub struct Status {
     /// The model file read into memory to repack its weights for the
     /// backend (0 when the file is mapped).
     pub copied_weight_bytes: u64,
+    /// Bytes moved to and from the serving backend's device memory since
+    /// the start (0 on the built-in CPU, which works in host memory).
+    pub backend_bytes_to_device: u64,
+    pub backend_bytes_from_device: u64,
+    /// Times the device failed and lost the state it held (the model then
+    /// runs on the CPU).
+    pub backend_device_losses: u64,
 }
 
 struct Shared {
@@ -425,6 +432,8 @@ impl Engine {
         let r = lock(&self.shared.recent);
         let waiting = lock(&self.shared.queue).jobs.len;
         let rate = |hit: u64, all: u64| (all > 0).then(|| hit as f64 / all as f64);
+        let stats = &self.shared.target.stats;
+        use std::sync::atomic::Ordering::Relaxed;
         Status {
             model: loaded.id.clone(),
             model_path: loaded.path.clone(),
@@ -450,6 +459,9 @@ impl Engine {
             anonymous_memory_bytes: kiln_runtime::measure::process_memory(None, "RssAnon")
                 .map(|a| a.saturating_sub(loaded.model.file.copied_bytes())),
             copied_weight_bytes: loaded.model.file.copied_bytes(),
+            backend_bytes_to_device: stats.bytes_to_device.load(Relaxed),
+            backend_bytes_from_device: stats.bytes_from_device.load(Relaxed),
+            backend_device_losses: stats.device_losses.load(Relaxed),
         }
     }
 
@@ -472,7 +484,7 @@ fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
 
 fn worker_loop(shared: &Shared) {
     let mut session: Option<(Arc<Loaded>, Session)> = None;
-    let mut seen_stats = [0u64; 3];
+    let mut seen_stats = [0u64; 6];
     loop {
         let job = {
             let mut q = lock(&shared.queue);
@@ -502,13 +514,16 @@ fn worker_loop(shared: &Shared) {
     }
 }
 
-fn record_backend_stats(shared: &Shared, seen: &mut [u64; 3]) {
+fn record_backend_stats(shared: &Shared, seen: &mut [u64; 6]) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &shared.target.stats;
     let now = [
         s.ops_run.load(Relaxed),
         s.ops_unsupported_fallback.load(Relaxed),
         s.runtime_failures_rerun.load(Relaxed),
+        s.bytes_to_device.load(Relaxed),
+        s.bytes_from_device.load(Relaxed),
+        s.device_losses.load(Relaxed),
     ];
     let name = shared.target.name();
     let m = &shared.metrics;
@@ -524,6 +539,14 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 3]) {
             ("reason", "runtime_failure"),
         ]))
         .inc_by(now[2].saturating_sub(seen[2]));
+    m.fallbacks
+        .get_or_create(&labels(&[("backend", &name), ("reason", "device_lost")]))
+        .inc_by(now[5].saturating_sub(seen[5]));
+    for (direction, i) in [("to_device", 3), ("from_device", 4)] {
+        m.transfer_bytes
+            .get_or_create(&labels(&[("backend", &name), ("direction", direction)]))
+            .inc_by(now[i].saturating_sub(seen[i]));
+    }
     *seen = now;
 }
 

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub backend_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     pub backend_ops: Family<Labels, Counter>,
     pub fallbacks: Family<Labels, Counter>,
+    pub transfer_bytes: Family<Labels, Counter>,
     pub policy_calls: Family<Labels, Counter>,
     pub policy_trips: Family<Labels, Counter>,
     pub policy_breaker_open: Family<Labels, Gauge>,
@@ -60,6 +61,7 @@ impl Default for Metrics {
             backend_seconds: Family::default(),
             backend_ops: Family::default(),
             fallbacks: Family::default(),
+            transfer_bytes: Family::default(),
             policy_calls: Family::default(),
             policy_trips: Family::default(),
             policy_breaker_open: Family::default(),
@@ -144,6 +146,12 @@ impl Default for Metrics {
             "kiln:backend_fallbacks",
             "Ops or failed segments run on the CPU instead, by backend and reason",
             m.fallbacks.clone(),
+        );
+        registry.register(
+            "kiln:backend_transfer_bytes",
+            "Bytes moved between the host and a backend's device memory, by backend and \
+             direction (to_device, from_device)",
+            m.transfer_bytes.clone(),
         );
         registry.register(
             "kiln:policy_calls",

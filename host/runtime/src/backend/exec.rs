@@ -10,44 +10,84 @@
 //! graph into segments of consecutive ops that run on the same side, and
 //! runs each segment:
 //! - on the built-in CPU backend in place: it wraps the host memory;
-//! - on a plugin device through device buffers: read-only storages are
-//!   uploaded once and stay resident; the writable bytes a segment touches
-//!   are uploaded, computed on, and downloaded, all or nothing. If any step
-//!   fails nothing is written back, the segment is re-run on the CPU, and
-//!   the backend's `runtime_failures_rerun` counter goes up.
+//! - on a plugin device through device buffers that outlive the run. What
+//!   a storage's [`Storage`] kind says decides what moves: weights are
+//!   uploaded once, the KV cache (`State`) stays on the device, inputs
+//!   (`Write`) are sent as the bytes that changed, activations (`Scratch`)
+//!   never move but between ops on different sides, and outputs come back
+//!   at the end. Every byte moved is counted in the backend's stats.
+//!
+//! A segment that fails on the device is re-run on the CPU when the host
+//! can rebuild what it needs; otherwise the device's state is lost, the run
+//! fails, and the executor runs on the CPU from then on (see [`Executor`]).
 //!
 //! [`HostGraph`] is the simple case: every tensor dense and owning its bytes.
 
 use super::Backend;
+use super::spans::Spans;
 use kiln_plugin_api::Desc;
 use kiln_plugin_api::abi::{KILN_OP_PARAM_COUNT, KilnBuffer, KilnOp, KilnTensor};
 use kiln_plugin_api::host::RawBuffer;
-use kiln_plugin_api::{BackendError, DType, OpKind};
+use kiln_plugin_api::{BackendError, DType, ErrorCode, OpKind};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Bytes a graph computes over.
+/// Bytes a graph computes over, and what the executor may assume about
+/// them between runs (which decides what a plugin device keeps and moves).
 pub enum Storage<'a> {
     /// Read-only and unchanging for the executor's life (weights): a plugin
     /// device keeps its copy resident across runs.
     Read(&'a [u8]),
-    /// Read-write.
+    /// Read-write and the host's (inputs, outputs): current on the host
+    /// when a run starts and when it ends. A plugin device keeps a copy and
+    /// is sent only the bytes that changed since it last saw them.
     Write(&'a mut [u8]),
+    /// Read-write state that lives on between runs (the KV cache): on a
+    /// plugin device it stays there, and the host's copy is brought up to
+    /// date only where a CPU op needs it. Graphs read only the bytes of it
+    /// that earlier ops wrote (a device's copy starts undefined), and the
+    /// host does not change it between runs without
+    /// [`Executor::forget_state`].
+    State(&'a mut [u8]),
+    /// Read-write and meaningless between runs (activations): never moved
+    /// at a run's start or end, only between ops on different sides.
+    Scratch(&'a mut [u8]),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Write,
+    State,
+    Scratch,
 }
 
 impl Storage<'_> {
     fn len(&self) -> usize {
-        match self {
-            Storage::Read(b) => b.len(),
-            Storage::Write(b) => b.len(),
-        }
+        self.bytes().len()
     }
 
     fn bytes(&self) -> &[u8] {
         match self {
             Storage::Read(b) => b,
-            Storage::Write(b) => b,
+            Storage::Write(b) | Storage::State(b) | Storage::Scratch(b) => b,
+        }
+    }
+
+    fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Storage::Read(_) => None,
+            Storage::Write(b) | Storage::State(b) | Storage::Scratch(b) => Some(b),
+        }
+    }
+
+    fn kind(&self) -> Option<Kind> {
+        match self {
+            Storage::Read(_) => None,
+            Storage::Write(_) => Some(Kind::Write),
+            Storage::State(_) => Some(Kind::State),
+            Storage::Scratch(_) => Some(Kind::Scratch),
         }
     }
 }
@@ -195,10 +235,7 @@ impl<'a> Graph<'a> {
             if op.src.contains(&op.dst) {
                 return Err(at(format!("op {i} writes one of its own sources")));
             }
-            if matches!(
-                self.storages[self.tensors[op.dst].storage],
-                Storage::Read(_)
-            ) {
+            if self.storages[self.tensors[op.dst].storage].kind().is_none() {
                 return Err(at(format!("op {i} writes into read-only storage")));
             }
         }
@@ -295,6 +332,8 @@ impl HostGraph {
 }
 
 /// The byte span of each storage a segment touches, and whether it writes it.
+/// A strided view counts as its whole hull: moving a few bytes too many is
+/// cheap, and every byte is then current on the side that runs next.
 fn segment_spans(graph: &Graph<'_>, ops: &Range<usize>) -> BTreeMap<usize, (Range<usize>, bool)> {
     let mut spans: BTreeMap<usize, (Range<usize>, bool)> = BTreeMap::new();
     for op in &graph.ops[ops.clone()] {
@@ -309,85 +348,14 @@ fn segment_spans(graph: &Graph<'_>, ops: &Range<usize>) -> BTreeMap<usize, (Rang
     spans
 }
 
-/// Frees plugin buffers when a segment ends, whatever happened.
-struct Buffers<'a> {
-    backend: &'a Backend,
-    list: Vec<RawBuffer>,
-}
-
-impl Drop for Buffers<'_> {
-    fn drop(&mut self) {
-        for b in self.list.drain(..) {
-            let _ = self.backend.handle().buffer_free(b);
-        }
-    }
-}
-
-/// Read-only storages resident on a plugin device, by (address, length).
-#[derive(Default)]
-struct Resident {
-    buffers: HashMap<(usize, usize), RawBuffer>,
-}
-
-/// Runs `graph.ops[ops]` on one device (see the module docs).
-fn run_segment(
-    backend: &Backend,
-    device: u32,
-    graph: &mut Graph<'_>,
-    ops: Range<usize>,
-    resident: Option<&Mutex<Resident>>,
-) -> Result<(), BackendError> {
-    let spans = segment_spans(graph, &ops);
-    let handle = backend.handle();
-    let mut buffers = Buffers {
-        backend,
-        list: Vec::new(),
-    };
-    // Per storage: the device buffer and the storage offset it starts at.
-    let mut placed: HashMap<usize, (RawBuffer, usize)> = HashMap::new();
-    let _device = backend.lock_device(device);
-    if backend.is_builtin() {
-        for &s in spans.keys() {
-            let (ptr, len) = match &mut graph.storages[s] {
-                // The CPU backend never writes a source tensor, and
-                // `validate` refused any op whose destination is read-only.
-                Storage::Read(b) => (b.as_ptr() as *mut u8, b.len()),
-                Storage::Write(b) => (b.as_mut_ptr(), b.len()),
-            };
-            // SAFETY: the storage outlives this call (it is borrowed by
-            // `graph`), is neither moved nor resized before `buffers` drops,
-            // and read-only storage is only ever read (see above).
-            let b = unsafe { handle.buffer_wrap_host(device, ptr, len as u64)? };
-            buffers.list.push(b);
-            placed.insert(s, (b, 0));
-        }
-    } else {
-        for (&s, (span, _)) in &spans {
-            if let (Storage::Read(bytes), Some(resident)) = (&graph.storages[s], resident) {
-                let key = (bytes.as_ptr() as usize, bytes.len());
-                let mut r = resident.lock().unwrap_or_else(|p| p.into_inner());
-                let b = match r.buffers.get(&key) {
-                    Some(b) => *b,
-                    None => {
-                        let b = handle.buffer_alloc(device, bytes.len() as u64)?;
-                        if let Err(e) = handle.buffer_write(b, 0, bytes) {
-                            let _ = handle.buffer_free(b);
-                            return Err(e);
-                        }
-                        r.buffers.insert(key, b);
-                        b
-                    }
-                };
-                placed.insert(s, (b, 0));
-                continue;
-            }
-            let b = handle.buffer_alloc(device, span.len() as u64)?;
-            buffers.list.push(b);
-            handle.buffer_write(b, 0, &graph.storages[s].bytes()[span.clone()])?;
-            placed.insert(s, (b, span.start));
-        }
-    }
-    // Only the tensors this segment uses, renumbered.
+/// The raw tensors and ops of `graph.ops[ops]`, only the tensors they use,
+/// renumbered; `placed` gives each storage's buffer and the storage offset
+/// the buffer starts at.
+fn raw_segment(
+    graph: &Graph<'_>,
+    ops: &Range<usize>,
+    placed: &HashMap<usize, (RawBuffer, usize)>,
+) -> (Vec<KilnTensor>, Vec<KilnOp>) {
     let mut local: BTreeMap<usize, u32> = BTreeMap::new();
     let mut raw_tensors = Vec::new();
     let mut index = |t: usize| -> u32 {
@@ -398,30 +366,109 @@ fn run_segment(
             (raw_tensors.len() - 1) as u32
         })
     };
-    let raw_ops: Vec<KilnOp> = graph.ops[ops.clone()]
+    let raw_ops = graph.ops[ops.clone()]
         .iter()
         .map(|op| op.raw(&mut index))
         .collect();
-    handle.graph_compute(device, &raw_tensors, &raw_ops)?;
-    handle.synchronize(device)?;
-    if !backend.is_builtin() {
-        // Download into scratch first so a failure leaves the graph untouched.
-        let mut results = Vec::new();
-        for (&s, (span, writes)) in &spans {
-            if *writes {
-                let mut data = vec![0u8; span.len()];
-                handle.buffer_read(placed[&s].0, 0, &mut data)?;
-                results.push((s, span.start, data));
-            }
-        }
-        for (s, start, data) in results {
-            if let Storage::Write(bytes) = &mut graph.storages[s] {
-                bytes[start..start + data.len()].copy_from_slice(&data);
-            }
+    (raw_tensors, raw_ops)
+}
+
+/// Frees the wrappers of host memory when a CPU segment ends, whatever
+/// happened.
+struct Wrapped<'a> {
+    backend: &'a Backend,
+    list: Vec<RawBuffer>,
+}
+
+impl Drop for Wrapped<'_> {
+    fn drop(&mut self) {
+        for b in self.list.drain(..) {
+            let _ = self.backend.handle().buffer_free(b);
         }
     }
+}
+
+/// Runs `graph.ops[ops]` on a built-in CPU backend, in place over the
+/// host's bytes.
+fn run_on_host(
+    backend: &Backend,
+    graph: &mut Graph<'_>,
+    ops: Range<usize>,
+) -> Result<(), BackendError> {
+    let spans = segment_spans(graph, &ops);
+    let handle = backend.handle();
+    let mut wrapped = Wrapped {
+        backend,
+        list: Vec::new(),
+    };
+    let mut placed = HashMap::new();
+    let _device = backend.lock_device(0);
+    for &s in spans.keys() {
+        let (ptr, len) = match &mut graph.storages[s] {
+            // The CPU backend never writes a source tensor, and `validate`
+            // refused any op whose destination is read-only.
+            Storage::Read(b) => (b.as_ptr() as *mut u8, b.len()),
+            other => {
+                let b = other.bytes_mut().expect("writable");
+                (b.as_mut_ptr(), b.len())
+            }
+        };
+        // SAFETY: the storage outlives this call (it is borrowed by
+        // `graph`), is neither moved nor resized before `wrapped` drops,
+        // and read-only storage is only ever read (see above).
+        let b = unsafe { handle.buffer_wrap_host(0, ptr, len as u64)? };
+        wrapped.list.push(b);
+        placed.insert(s, (b, 0));
+    }
+    let (tensors, raw_ops) = raw_segment(graph, &ops, &placed);
+    handle
+        .graph_compute(0, &tensors, &raw_ops)
+        .map_err(|e| offset_op(e, ops.start))?;
+    handle.synchronize(0)?;
     backend.count(&backend.stats.ops_run, ops.len() as u64);
     Ok(())
+}
+
+/// Upload runs closer than this are sent as one call.
+const UPLOAD_GAP: usize = 256;
+/// The granularity at which a `Write` storage's bytes are compared with
+/// what the device holds.
+const UPLOAD_CHUNK: usize = 64;
+
+/// A writable storage's copy on a plugin device, kept between runs.
+struct Slot {
+    kind: Kind,
+    /// The host bytes it mirrors (address, length): a `State` slot whose
+    /// host bytes moved starts over.
+    host: (usize, usize),
+    buffer: RawBuffer,
+    capacity: usize,
+    /// Bytes whose latest value is on the device only.
+    host_stale: Spans,
+    /// Bytes whose latest value is on the host only.
+    device_stale: Spans,
+    /// `Write` storages: what the device holds, where `known`, so that an
+    /// upload sends only the bytes that changed.
+    shadow: Vec<u8>,
+    known: Spans,
+}
+
+/// What a plugin device holds for one executor.
+#[derive(Default)]
+struct DeviceState {
+    /// Read-only storages by (address, length): uploaded once.
+    resident: HashMap<(usize, usize), RawBuffer>,
+    /// Writable storages by their index in the graph.
+    slots: Vec<Option<Slot>>,
+}
+
+/// Why a run on a plugin device stopped.
+enum Failure {
+    /// The CPU failed an op (a bad graph): nothing about the device.
+    Cpu(BackendError),
+    /// The device failed where the CPU cannot take over from the bytes the
+    /// host has: what it held is lost.
+    Lost(BackendError),
 }
 
 /// What one graph run did.
@@ -432,14 +479,29 @@ pub struct ExecReport {
     pub ops_unsupported_on_cpu: usize,
     /// Segments that failed on the target and were re-run on the CPU, with the error.
     pub reruns: Vec<(Range<usize>, String)>,
+    /// Ops run on the CPU because the target failed earlier and lost its
+    /// state ([`Executor::take_state_lost`]).
+    pub ops_failed_over: usize,
 }
 
 /// Runs graphs on `target`'s `device`, with the built-in CPU as the fallback.
+///
+/// On a plugin device the executor keeps what the graphs leave there: read-
+/// only storages stay resident, `State` stays on the device between runs,
+/// `Write` storages are sent as differences, and only what a CPU op or the
+/// host needs comes back. Every byte is current on at least one side; a
+/// segment is moved only after the bytes it touches are current where it
+/// runs. If the device fails where the host has no current copy of what
+/// the segment needs, the state is lost: the run fails, the executor runs
+/// on the CPU from then on, and [`Executor::take_state_lost`] says so once,
+/// for the owner to rebuild its state (a session re-evaluates its tokens).
 pub struct Executor {
     pub target: Arc<Backend>,
     pub device: u32,
     pub cpu: Arc<Backend>,
-    resident: Mutex<Resident>,
+    state: Mutex<DeviceState>,
+    failed_over: AtomicBool,
+    state_lost: AtomicBool,
 }
 
 impl Executor {
@@ -448,7 +510,9 @@ impl Executor {
             target,
             device,
             cpu: Backend::builtin_cpu(),
-            resident: Mutex::default(),
+            state: Mutex::default(),
+            failed_over: AtomicBool::new(false),
+            state_lost: AtomicBool::new(false),
         }
     }
 
@@ -483,17 +547,97 @@ impl Executor {
             .collect()
     }
 
+    /// Whether the target failed and this executor now runs on the CPU.
+    pub fn failed_over(&self) -> bool {
+        self.failed_over.load(Ordering::Relaxed)
+    }
+
+    /// True once after a run failed because the device lost the `State`
+    /// it held: the host's copy is not current, and the owner must compute
+    /// it again (the executor runs on the CPU from then on).
+    pub fn take_state_lost(&self) -> bool {
+        self.state_lost.swap(false, Ordering::Relaxed)
+    }
+
+    /// The host changed its copy of `State` storage `index` (or wants the
+    /// device's forgotten): the next run sends it again.
+    pub fn forget_state(&self, index: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(slot)) = st.slots.get_mut(index) {
+            slot.host_stale.clear();
+            slot.device_stale = Spans::all(slot.host.1);
+        }
+    }
+
     /// Runs the whole graph on the target alone (no fallback): for the
     /// conformance gate, which must see the device's own results.
     pub fn run_on_target(&self, graph: &mut Graph<'_>) -> Result<(), BackendError> {
         graph.validate()?;
-        let n = graph.ops.len();
-        run_segment(&self.target, self.device, graph, 0..n, Some(&self.resident))
+        if self.target.is_builtin() {
+            return run_on_host(&self.target, graph, 0..graph.ops.len());
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = vec![true; graph.ops.len()];
+        match self.run_planned(&mut st, graph, &plan, false) {
+            Ok(_) => Ok(()),
+            Err(Failure::Cpu(e) | Failure::Lost(e)) => {
+                self.release(&mut st);
+                Err(e)
+            }
+        }
     }
 
     pub fn run(&self, graph: &mut Graph<'_>) -> Result<ExecReport, BackendError> {
         graph.validate()?;
+        let n = graph.ops.len();
+        if self.target.is_builtin() {
+            run_on_host(&self.target, graph, 0..n)?;
+            return Ok(ExecReport {
+                ops_on_target: n,
+                ..ExecReport::default()
+            });
+        }
+        if self.failed_over() {
+            run_on_host(&self.cpu, graph, 0..n)?;
+            return Ok(ExecReport {
+                ops_failed_over: n,
+                ..ExecReport::default()
+            });
+        }
         let plan = self.plan(graph);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match self.run_planned(&mut st, graph, &plan, true) {
+            Ok(report) => Ok(report),
+            Err(Failure::Cpu(e)) => Err(e),
+            Err(Failure::Lost(e)) => {
+                self.release(&mut st);
+                self.failed_over.store(true, Ordering::Relaxed);
+                self.state_lost.store(true, Ordering::Relaxed);
+                self.target.count(&self.target.stats.device_losses, 1);
+                let name = &self.target.devices[self.device as usize].name;
+                Err(BackendError::new(
+                    ErrorCode::Device,
+                    format!(
+                        "{} device {} ({name}) failed and lost the state it held: {e}; \
+                         running on the CPU from now on",
+                        self.target.name(),
+                        self.device
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn run_planned(
+        &self,
+        st: &mut DeviceState,
+        graph: &mut Graph<'_>,
+        plan: &[bool],
+        fallback: bool,
+    ) -> Result<ExecReport, Failure> {
+        if plan.iter().any(|&on| on) {
+            self.begin(st, graph).map_err(Failure::Lost)?;
+        }
         let mut report = ExecReport::default();
         let mut start = 0;
         while start < plan.len() {
@@ -502,21 +646,24 @@ impl Executor {
                 .find(|&i| plan[i] != on_target)
                 .unwrap_or(plan.len());
             let ops = start..end;
+            let spans = segment_spans(graph, &ops);
             if on_target {
-                match run_segment(
-                    &self.target,
-                    self.device,
-                    graph,
-                    ops.clone(),
-                    Some(&self.resident),
-                ) {
+                // The CPU can take over only where the host can bring back
+                // every byte the segment needs as it was before it ran.
+                let recoverable = spans.iter().all(|(&s, (span, writes))| {
+                    !writes
+                        || st.slots[s]
+                            .as_ref()
+                            .is_none_or(|slot| slot.host_stale.overlapping(span).is_empty())
+                });
+                match self.device_segment(st, graph, &ops, &spans) {
                     Ok(()) => report.ops_on_target += ops.len(),
+                    Err(e) if !fallback || !recoverable => return Err(Failure::Lost(e)),
                     Err(e) => {
                         self.target
                             .count(&self.target.stats.runtime_failures_rerun, 1);
-                        run_segment(&self.cpu, 0, graph, ops.clone(), None)
-                            .map_err(|cpu| offset_op(cpu, ops.start))?;
-                        report.reruns.push((ops, e.to_string()));
+                        self.host_segment(st, graph, &ops, &spans)?;
+                        report.reruns.push((ops.clone(), e.to_string()));
                     }
                 }
             } else {
@@ -524,22 +671,276 @@ impl Executor {
                     &self.target.stats.ops_unsupported_fallback,
                     ops.len() as u64,
                 );
-                run_segment(&self.cpu, 0, graph, ops.clone(), None)
-                    .map_err(|e| offset_op(e, ops.start))?;
+                self.host_segment(st, graph, &ops, &spans)?;
                 report.ops_unsupported_on_cpu += ops.len();
             }
             start = end;
         }
+        // `Write` storages are the host's at the end of a run.
+        for (s, slot) in st.slots.iter_mut().enumerate() {
+            if let Some(slot) = slot.as_mut().filter(|s| s.kind == Kind::Write) {
+                let host = graph.storages[s].bytes_mut().expect("writable");
+                for r in std::mem::take(&mut slot.host_stale).iter() {
+                    self.fetch(slot, host, r.clone()).map_err(Failure::Lost)?;
+                }
+            }
+        }
         Ok(report)
+    }
+
+    /// Matches the device's slots to the graph's writable storages, and
+    /// marks what a run start makes stale (see [`Storage`]).
+    fn begin(&self, st: &mut DeviceState, graph: &Graph<'_>) -> Result<(), BackendError> {
+        st.slots.resize_with(graph.storages.len(), || None);
+        for (i, storage) in graph.storages.iter().enumerate() {
+            let Some(kind) = storage.kind() else {
+                if let Some(slot) = st.slots[i].take() {
+                    let _ = self.target.handle().buffer_free(slot.buffer);
+                }
+                continue;
+            };
+            let host = (storage.bytes().as_ptr() as usize, storage.len());
+            let fits = st.slots[i].as_ref().is_some_and(|slot| {
+                slot.kind == kind
+                    && if kind == Kind::State {
+                        slot.host == host
+                    } else {
+                        slot.capacity >= host.1
+                    }
+            });
+            if !fits {
+                if let Some(slot) = st.slots[i].take() {
+                    let _ = self.target.handle().buffer_free(slot.buffer);
+                }
+                let buffer = self
+                    .target
+                    .handle()
+                    .buffer_alloc(self.device, host.1.max(1) as u64)?;
+                st.slots[i] = Some(Slot {
+                    kind,
+                    host,
+                    buffer,
+                    capacity: host.1,
+                    host_stale: Spans::default(),
+                    // A new buffer holds nothing of the host's yet, which
+                    // matters only for bytes the host owns: graphs read
+                    // only the `State` they wrote.
+                    device_stale: if kind == Kind::Write {
+                        Spans::all(host.1)
+                    } else {
+                        Spans::default()
+                    },
+                    shadow: Vec::new(),
+                    known: Spans::default(),
+                });
+            }
+            let slot = st.slots[i].as_mut().expect("placed above");
+            match kind {
+                Kind::State => {}
+                Kind::Write => {
+                    if slot.host.1 != host.1 {
+                        slot.known.clear();
+                    }
+                    slot.host_stale.clear();
+                    slot.device_stale = Spans::all(host.1);
+                }
+                Kind::Scratch => {
+                    slot.host_stale.clear();
+                    slot.device_stale.clear();
+                }
+            }
+            slot.host = host;
+        }
+        Ok(())
+    }
+
+    /// Runs a segment on the target: brings what it touches up to date
+    /// there, computes, and marks what it wrote as newer on the device.
+    fn device_segment(
+        &self,
+        st: &mut DeviceState,
+        graph: &mut Graph<'_>,
+        ops: &Range<usize>,
+        spans: &BTreeMap<usize, (Range<usize>, bool)>,
+    ) -> Result<(), BackendError> {
+        let handle = self.target.handle();
+        let mut placed = HashMap::new();
+        for (&s, (span, _)) in spans {
+            if let Storage::Read(bytes) = &graph.storages[s] {
+                let key = (bytes.as_ptr() as usize, bytes.len());
+                let b = match st.resident.get(&key) {
+                    Some(b) => *b,
+                    None => {
+                        let b = handle.buffer_alloc(self.device, bytes.len() as u64)?;
+                        if let Err(e) = self.send(b, 0, bytes) {
+                            let _ = handle.buffer_free(b);
+                            return Err(e);
+                        }
+                        st.resident.insert(key, b);
+                        b
+                    }
+                };
+                placed.insert(s, (b, 0));
+                continue;
+            }
+            let slot = st.slots[s].as_mut().expect("made at the run's start");
+            let host = graph.storages[s].bytes();
+            for r in slot.device_stale.overlapping(span) {
+                self.update(slot, host, r.clone())?;
+                slot.device_stale.remove(r);
+            }
+            placed.insert(s, (slot.buffer, 0));
+        }
+        // From here the device's copy of what the segment writes is in
+        // flux: good again only if the segment succeeds.
+        for (&s, (span, writes)) in spans {
+            if let (true, Some(slot)) = (*writes, st.slots[s].as_mut()) {
+                slot.device_stale.insert(span.clone());
+                slot.known.remove(span.clone());
+            }
+        }
+        let (tensors, raw_ops) = raw_segment(graph, ops, &placed);
+        {
+            let _device = self.target.lock_device(self.device);
+            handle
+                .graph_compute(self.device, &tensors, &raw_ops)
+                .map_err(|e| offset_op(e, ops.start))?;
+            handle.synchronize(self.device)?;
+        }
+        for (&s, (span, writes)) in spans {
+            if let (true, Some(slot)) = (*writes, st.slots[s].as_mut()) {
+                slot.device_stale.remove(span.clone());
+                slot.host_stale.insert(span.clone());
+            }
+        }
+        self.target
+            .count(&self.target.stats.ops_run, ops.len() as u64);
+        Ok(())
+    }
+
+    /// Runs a segment on the CPU: brings what it touches up to date on the
+    /// host first, then marks what it wrote as newer there.
+    fn host_segment(
+        &self,
+        st: &mut DeviceState,
+        graph: &mut Graph<'_>,
+        ops: &Range<usize>,
+        spans: &BTreeMap<usize, (Range<usize>, bool)>,
+    ) -> Result<(), Failure> {
+        for (&s, (span, writes)) in spans {
+            let Some(slot) = st.slots.get_mut(s).and_then(Option::as_mut) else {
+                continue;
+            };
+            let host = graph.storages[s].bytes_mut().expect("writable");
+            for r in slot.host_stale.overlapping(span) {
+                self.fetch(slot, host, r.clone()).map_err(Failure::Lost)?;
+                slot.host_stale.remove(r);
+            }
+            if *writes {
+                slot.device_stale.insert(span.clone());
+            }
+        }
+        run_on_host(&self.cpu, graph, ops.clone()).map_err(Failure::Cpu)
+    }
+
+    /// Brings `slot`'s device copy of `range` up to date from `host`; for a
+    /// `Write` slot, only the chunks that differ from what it holds.
+    fn update(
+        &self,
+        slot: &mut Slot,
+        host: &[u8],
+        range: Range<usize>,
+    ) -> Result<(), BackendError> {
+        if slot.kind != Kind::Write {
+            return self.send(slot.buffer, range.start, &host[range]);
+        }
+        if slot.shadow.len() < host.len() {
+            slot.shadow.resize(host.len(), 0);
+        }
+        // The first time, all of it: later runs then send only what
+        // changed, wherever their views reach.
+        let range = if slot.known.is_empty() {
+            0..host.len()
+        } else {
+            range
+        };
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut push = |r: Range<usize>| match runs.last_mut() {
+            Some(last) if r.start <= last.end + UPLOAD_GAP => last.end = r.end,
+            _ => runs.push(r),
+        };
+        let mut at = range.start;
+        for k in slot.known.overlapping(&range) {
+            if at < k.start {
+                push(at..k.start);
+            }
+            let mut c = k.start;
+            while c < k.end {
+                let e = (c + UPLOAD_CHUNK).min(k.end);
+                if host[c..e] != slot.shadow[c..e] {
+                    push(c..e);
+                }
+                c = e;
+            }
+            at = k.end;
+        }
+        if at < range.end {
+            push(at..range.end);
+        }
+        for r in runs {
+            self.send(slot.buffer, r.start, &host[r.clone()])?;
+            slot.shadow[r.clone()].copy_from_slice(&host[r]);
+        }
+        slot.known.insert(range);
+        Ok(())
+    }
+
+    /// Copies `slot`'s device bytes of `range` into `host`.
+    fn fetch(
+        &self,
+        slot: &mut Slot,
+        host: &mut [u8],
+        range: Range<usize>,
+    ) -> Result<(), BackendError> {
+        self.target.handle().buffer_read(
+            slot.buffer,
+            range.start as u64,
+            &mut host[range.clone()],
+        )?;
+        self.target
+            .count(&self.target.stats.bytes_from_device, range.len() as u64);
+        if slot.kind == Kind::Write && slot.shadow.len() >= range.end {
+            slot.shadow[range.clone()].copy_from_slice(&host[range.clone()]);
+            slot.known.insert(range);
+        }
+        Ok(())
+    }
+
+    fn send(&self, buffer: RawBuffer, offset: usize, data: &[u8]) -> Result<(), BackendError> {
+        self.target
+            .handle()
+            .buffer_write(buffer, offset as u64, data)?;
+        self.target
+            .count(&self.target.stats.bytes_to_device, data.len() as u64);
+        Ok(())
+    }
+
+    /// Frees everything the executor holds on the device.
+    fn release(&self, st: &mut DeviceState) {
+        let handle = self.target.handle();
+        for (_, b) in st.resident.drain() {
+            let _ = handle.buffer_free(b);
+        }
+        for slot in st.slots.drain(..).flatten() {
+            let _ = handle.buffer_free(slot.buffer);
+        }
     }
 }
 
 impl Drop for Executor {
     fn drop(&mut self) {
-        let r = self.resident.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (_, b) in r.buffers.drain() {
-            let _ = self.target.handle().buffer_free(b);
-        }
+        let mut st = std::mem::take(self.state.get_mut().unwrap_or_else(|p| p.into_inner()));
+        self.release(&mut st);
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod conformance;
 pub mod exec;
 pub mod score;
+mod spans;
 
 use crate::plugin::{PreflightError, VerifiedPlugin};
 use kiln_plugin_api::host::{BackendHandle, HostApi, HostSink, LoadError, host_api};
@@ -81,6 +82,14 @@ pub struct BackendStats {
     pub runtime_failures_rerun: AtomicU64,
     /// `supports_op` calls made (answers are remembered per op signature).
     pub supports_op_queries: AtomicU64,
+    /// Bytes written into this backend's buffers by the executor (weights
+    /// once, then inputs and whatever crosses from CPU ops).
+    pub bytes_to_device: AtomicU64,
+    /// Bytes read back from this backend's buffers by the executor.
+    pub bytes_from_device: AtomicU64,
+    /// Times a device failed and lost the state it held (the executor then
+    /// runs on the CPU, and the session rebuilds the state there).
+    pub device_losses: AtomicU64,
 }
 
 /// A negotiated backend and its devices.
@@ -362,7 +371,10 @@ pub struct RankedDevice {
 pub enum ChooseError {
     #[error(transparent)]
     Registry(#[from] kiln_registry::RegistryError),
-    #[error("no usable backend named {name}; available: {}", available.join(", "))]
+    #[error(
+        "no usable backend device {name}; available (`kiln backends`): {}",
+        available.join(", ")
+    )]
     NoSuchBackend {
         name: String,
         available: Vec<String>,
@@ -379,7 +391,8 @@ pub struct Chosen {
     pub label: String,
 }
 
-/// The device of backend `name`, or the best-scoring one: the active
+/// The device `name` names (`BACKEND` for its best device, `BACKEND:N`
+/// for device N), or the best-scoring one of all: the active
 /// plugins and the built-in CPU, scored from the registry's cache or
 /// measured now. Problems with plugins that could not be used go to
 /// `warn`, progress to `progress`.
@@ -398,16 +411,26 @@ pub fn choose(
     for p in &problems {
         warn(p);
     }
-    let pick =
-        match name {
-            Some(name) => ranked.iter().find(|r| r.backend == name).ok_or_else(|| {
-                ChooseError::NoSuchBackend {
+    let pick = match name {
+        Some(name) => {
+            // `NAME:N` names device N of a backend, `NAME` its best one.
+            let (backend, device) = match name.rsplit_once(':') {
+                Some((b, d)) if d.parse::<u32>().is_ok() => (b, d.parse::<u32>().ok()),
+                _ => (name, None),
+            };
+            ranked
+                .iter()
+                .find(|r| r.backend == backend && device.is_none_or(|d| r.device == d))
+                .ok_or_else(|| ChooseError::NoSuchBackend {
                     name: name.to_string(),
-                    available: set.backends.iter().map(|b| b.name()).collect(),
-                }
-            })?,
-            None => ranked.first().ok_or(ChooseError::NoDevice)?,
-        };
+                    available: ranked
+                        .iter()
+                        .map(|r| format!("{}:{}", r.backend, r.device))
+                        .collect(),
+                })?
+        }
+        None => ranked.first().ok_or(ChooseError::NoDevice)?,
+    };
     let b = set
         .backends
         .iter()

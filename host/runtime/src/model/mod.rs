@@ -49,6 +49,17 @@ pub enum ModelError {
         kv_mib: u64,
         free_mib: u64,
     },
+    #[error(
+        "the model needs about {need_mib} MiB on {device} ({weights_mib} MiB of weights + {kv_mib} MiB of KV cache + {scratch_mib} MiB of work space) but it has {free_mib} MiB free; choose another device (--backend cpu), a smaller quantization (kiln quantize) or a smaller context (--ctx)"
+    )]
+    DeviceMemory {
+        device: String,
+        need_mib: u64,
+        weights_mib: u64,
+        kv_mib: u64,
+        scratch_mib: u64,
+        free_mib: u64,
+    },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error("{0}")]

@@ -48,6 +48,55 @@ pub fn default_n_ctx(cfg: &super::ModelConfig, requested: Option<usize>) -> usiz
     requested.unwrap_or(cfg.n_ctx_train.min(4096)).max(1)
 }
 
+/// Refuses a plugin device that cannot hold the model: the weights (the
+/// file, uploaded whole), the KV cache and the largest batch's scratch must
+/// fit its free memory before anything is allocated, so that a request
+/// never meets an allocation failure.
+fn check_device_memory(
+    model: &Model,
+    exec: &Executor,
+    n_ctx: usize,
+    kv_bytes: u64,
+) -> Result<(), ModelError> {
+    let (target, d) = (&exec.target, exec.device);
+    let free = match target.handle().device_memory(d) {
+        Some(Ok((free, _))) => free,
+        // A plugin built for ABI 1.0, or one that cannot say now.
+        _ => target.devices[d as usize].free_memory,
+    };
+    if free == 0 {
+        return Ok(());
+    }
+    let n = DEFAULT_BATCH.min(n_ctx);
+    let (_, scratch, _) = forward::build(
+        &model.config,
+        &model.file,
+        n_ctx,
+        n_ctx - n,
+        n,
+        LogitsFor::Last,
+        forward::ATTENTION_BLOCK,
+    );
+    let weights = model.file.bytes().len() as u64;
+    let need = weights + kv_bytes + scratch as u64;
+    if need > free {
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        return Err(ModelError::DeviceMemory {
+            device: format!(
+                "{} device {d} ({})",
+                target.name(),
+                target.devices[d as usize].name
+            ),
+            need_mib: mib(need),
+            weights_mib: mib(weights),
+            kv_mib: mib(kv_bytes),
+            scratch_mib: mib(scratch as u64),
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
+}
+
 impl Session {
     /// A session with a cache of `n_ctx` positions (default: the model's
     /// training context, at most 4096), running on `exec`'s device.
@@ -71,6 +120,9 @@ impl Session {
                     free_mib: mib(free),
                 });
             }
+        }
+        if !exec.target.is_builtin() {
+            check_device_memory(&model, &exec, n_ctx, kv_bytes)?;
         }
         Ok(Session {
             kv: vec![0; kv_bytes as usize],
@@ -207,16 +259,19 @@ impl Session {
         let mut graph = Graph {
             storages: vec![
                 Storage::Read(model.file.bytes()),
-                Storage::Write(&mut self.kv),
+                Storage::State(&mut self.kv),
                 Storage::Write(&mut self.inputs),
-                Storage::Write(&mut self.scratch),
+                Storage::Scratch(&mut self.scratch),
                 Storage::Write(&mut self.logits),
             ],
             tensors: builder.tensors,
             ops: builder.ops,
         };
         debug_assert_eq!((WEIGHTS, KV, INPUTS, SCRATCH, LOGITS), (0, 1, 2, 3, 4));
-        self.exec.run(&mut graph)?;
+        if let Err(e) = self.exec.run(&mut graph) {
+            drop(graph);
+            return self.recover(e, tokens, which);
+        }
         self.cached.extend_from_slice(tokens);
         Ok(self.logits_f32())
     }
@@ -280,9 +335,9 @@ impl Session {
         let mut graph = Graph {
             storages: vec![
                 Storage::Read(model.file.bytes()),
-                Storage::Write(&mut self.kv),
+                Storage::State(&mut self.kv),
                 Storage::Write(&mut d.inputs),
-                Storage::Write(&mut self.scratch),
+                Storage::Scratch(&mut self.scratch),
                 Storage::Write(&mut self.logits),
             ],
             tensors: std::mem::take(&mut d.tensors),
@@ -292,8 +347,34 @@ impl Session {
         d.tensors = std::mem::take(&mut graph.tensors);
         d.ops = std::mem::take(&mut graph.ops);
         drop(graph);
-        result?;
+        if let Err(e) = result {
+            return self.recover(e, &[token], LogitsFor::Last);
+        }
         self.cached.push(token);
         Ok(self.logits_f32())
+    }
+
+    /// After a failed run: when the device lost the KV cache it held (the
+    /// executor now runs on the CPU), evaluates the cached tokens again to
+    /// rebuild it and then `tokens`, so the caller sees a slower step, not
+    /// an error. Any other error is passed on.
+    fn recover(
+        &mut self,
+        e: kiln_plugin_api::BackendError,
+        tokens: &[u32],
+        which: LogitsFor,
+    ) -> Result<Vec<f32>, ModelError> {
+        if !self.exec.take_state_lost() {
+            return Err(e.into());
+        }
+        eprintln!(
+            "kiln: {e}; evaluating the {} cached tokens again on the CPU",
+            self.cached.len()
+        );
+        let replay = std::mem::take(&mut self.cached);
+        if !replay.is_empty() {
+            self.eval(&replay, LogitsFor::Last)?;
+        }
+        self.eval(tokens, which)
     }
 }
