@@ -7,7 +7,9 @@
 #   for the C plugin fixtures; Debian's rustc 1.63 with the wasm32 std and
 #   clang-16/lld-16 for the shipped policies; an arm64 std, cross linker
 #   and qemu-user for the NEON kernels; Neovim, whose LSP client drives
-#   `kiln serve`; clang, libomp and cmake to build llama.cpp.
+#   `kiln serve`; clang, libomp and cmake to build llama.cpp; glslc, the
+#   Vulkan loader and Mesa's software Vulkan driver (lavapipe) for the
+#   Vulkan plugin.
 # - target/python-venv: llama.cpp's gguf package, numpy, Hugging Face
 #   tokenizers, the openai client, and llama.cpp itself through
 #   llama-cpp-python built from source with clang (GCC 12 miscompiles
@@ -43,6 +45,11 @@ need clang command -v clang
 need cmake command -v cmake
 need libomp-dev test -e /usr/lib/llvm-14/lib/libomp.so
 need npm command -v npm
+# The Vulkan plugin compiles its shaders with glslc; its tests run on
+# Mesa's software Vulkan (lavapipe) through the system loader.
+need glslc command -v glslc
+need libvulkan1 sh -c 'ldconfig -p | grep -q "libvulkan.so.1 "'
+need mesa-vulkan-drivers sh -c 'ls /usr/share/vulkan/icd.d/lvp_icd.*.json'
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" != 0 ]; then

@@ -1,0 +1,290 @@
+//! A graph as one command buffer: per op a record (the tensors' types,
+//! extents, strides and base offsets, and the params) in a host-visible
+//! buffer, a descriptor set binding the record and a window of each
+//! tensor's buffer, a dispatch, and a barrier before the next op. One
+//! submission; [`crate::vulkan::Device::wait`] waits for it.
+
+use crate::ops;
+use crate::vulkan::{Buffer, Device, InFlight, vk_error};
+use ash::vk;
+use kiln_plugin_api::{BackendError, Graph, Tensor};
+
+/// A tensor as a shader sees it (`Tensor` in shaders/common.glsl).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TensorRecord {
+    /// Byte offset of element 0 inside the bound window.
+    base: u32,
+    dtype: u32,
+    ne: [u32; 4],
+    nb: [u32; 4],
+}
+
+/// An op as a shader sees it (`Record` in shaders/common.glsl).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Record {
+    s0: TensorRecord,
+    s1: TensorRecord,
+    d: TensorRecord,
+    kind: u32,
+    n_src: u32,
+    params: [i32; 8],
+}
+
+/// A window of a buffer bound for one tensor.
+struct Window {
+    buffer: vk::Buffer,
+    offset: u64,
+    range: u64,
+    record: TensorRecord,
+}
+
+fn window(t: &Tensor<'_, Buffer>, align: u64) -> Result<Window, BackendError> {
+    let b = t
+        .buffer
+        .ok_or_else(|| BackendError::invalid("a graph tensor has no buffer"))?;
+    let desc = kiln_plugin_api::Desc {
+        dtype: t.dtype,
+        ne: t.ne.map(|n| n as usize),
+        nb: t.nb.map(|n| n as usize),
+    };
+    let extent = desc
+        .extent()
+        .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
+    if t.offset.checked_add(extent).is_none_or(|end| end > b.size) {
+        return Err(BackendError::invalid(format!(
+            "a tensor of {extent} bytes at {} does not fit its buffer of {}",
+            t.offset, b.size
+        )));
+    }
+    let offset = t.offset - t.offset % align;
+    let base = t.offset - offset;
+    // Whole words: the allocation is rounded up to 16 bytes.
+    let range = (base + extent).div_ceil(4) * 4;
+    let range = range.min(b.capacity - offset);
+    Ok(Window {
+        buffer: b.buffer,
+        offset,
+        range,
+        record: TensorRecord {
+            base: base as u32,
+            dtype: t.dtype.raw(),
+            ne: t.ne.map(|n| n as u32),
+            nb: t.nb.map(|n| n as u32),
+        },
+    })
+}
+
+/// Records and submits `g`; returns before it finishes.
+pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
+    let n = g.n_ops() as usize;
+    let align = dev.limits.offset_align;
+    // Everything is checked before anything is recorded.
+    let mut steps = Vec::with_capacity(n);
+    for i in 0..n as u32 {
+        let op = g.op(i)?;
+        let plan = ops::plan(&op, &g.tensors, &dev.limits).map_err(|e| e.at_op(i))?;
+        let mut windows = Vec::with_capacity(3);
+        for &t in op.srcs().iter().chain([&op.dst]) {
+            windows.push(window(&g.tensors.get(t)?, align).map_err(|e| e.at_op(i))?);
+        }
+        steps.push((op, plan, windows));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let stride = (std::mem::size_of::<Record>() as u64).div_ceil(align) * align;
+    let mut q = dev.lock();
+    dev.wait_locked(&mut q)?;
+    let records = dev.host_buffer(0, stride * n as u64)?;
+    let base = records.host_bytes().expect("host buffers are mapped");
+    for (i, (op, _, w)) in steps.iter().enumerate() {
+        let dst = w.last().expect("a destination");
+        let r = Record {
+            s0: w[0].record,
+            s1: if w.len() > 2 {
+                w[1].record
+            } else {
+                TensorRecord::default()
+            },
+            d: dst.record,
+            kind: op.kind.raw(),
+            n_src: op.srcs().len() as u32,
+            params: op.params,
+        };
+        // SAFETY: record i fits at i * stride (the buffer has n strides),
+        // and the buffer is idle and mapped.
+        unsafe {
+            std::ptr::write_unaligned(base.add(i * stride as usize).cast::<Record>(), r);
+        }
+    }
+    let device = &dev.device;
+    // The unsafe calls below: every handle was made by `device`, the queue
+    // lock is held, and what the command buffer uses lives until `wait`
+    // frees it.
+    let sizes = [vk::DescriptorPoolSize {
+        ty: vk::DescriptorType::STORAGE_BUFFER,
+        descriptor_count: 4 * n as u32,
+    }];
+    // SAFETY: handles of this device, used under its queue lock (see `submit`).
+    let pool = unsafe {
+        device.create_descriptor_pool(
+            &vk::DescriptorPoolCreateInfo::default()
+                .max_sets(n as u32)
+                .pool_sizes(&sizes),
+            None,
+        )
+    }
+    .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
+    let layouts = vec![dev.set_layout; n];
+    let recorded = (|| -> Result<vk::CommandBuffer, BackendError> {
+        // SAFETY: handles of this device, used under its queue lock (see `submit`).
+        let sets = unsafe {
+            device.allocate_descriptor_sets(
+                &vk::DescriptorSetAllocateInfo::default()
+                    .descriptor_pool(pool)
+                    .set_layouts(&layouts),
+            )
+        }
+        .map_err(|e| vk_error("vkAllocateDescriptorSets", e))?;
+        let mut infos = Vec::with_capacity(4 * n);
+        for (i, (_, _, w)) in steps.iter().enumerate() {
+            infos.push(vk::DescriptorBufferInfo {
+                buffer: records.buffer,
+                offset: i as u64 * stride,
+                range: std::mem::size_of::<Record>() as u64,
+            });
+            let dst = w.last().expect("a destination");
+            let s1 = if w.len() > 2 { &w[1] } else { &w[0] };
+            for win in [&w[0], s1, dst] {
+                infos.push(vk::DescriptorBufferInfo {
+                    buffer: win.buffer,
+                    offset: win.offset,
+                    range: win.range,
+                });
+            }
+        }
+        let writes: Vec<_> = (0..4 * n)
+            .map(|k| {
+                vk::WriteDescriptorSet::default()
+                    .dst_set(sets[k / 4])
+                    .dst_binding((k % 4) as u32)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .buffer_info(std::slice::from_ref(&infos[k]))
+            })
+            .collect();
+        // SAFETY: handles of this device, used under its queue lock (see `submit`).
+        unsafe { device.update_descriptor_sets(&writes, &[]) };
+        // SAFETY: handles of this device, used under its queue lock (see `submit`).
+        let cb = unsafe {
+            device.allocate_command_buffers(
+                &vk::CommandBufferAllocateInfo::default()
+                    .command_pool(q.pool)
+                    .level(vk::CommandBufferLevel::PRIMARY)
+                    .command_buffer_count(1),
+            )
+        }
+        .map_err(|e| vk_error("vkAllocateCommandBuffers", e))?[0];
+        let barrier = |cb, src_stage, src, dst_stage, dst| {
+            let b = vk::MemoryBarrier::default()
+                .src_access_mask(src)
+                .dst_access_mask(dst);
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe {
+                device.cmd_pipeline_barrier(
+                    cb,
+                    src_stage,
+                    dst_stage,
+                    vk::DependencyFlags::empty(),
+                    &[b],
+                    &[],
+                    &[],
+                )
+            };
+        };
+        let result = (|| {
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe {
+                device.begin_command_buffer(
+                    cb,
+                    &vk::CommandBufferBeginInfo::default()
+                        .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+                )
+            }
+            .map_err(|e| vk_error("vkBeginCommandBuffer", e))?;
+            // Earlier transfers and host writes before the first op.
+            barrier(
+                cb,
+                vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::HOST,
+                vk::AccessFlags::TRANSFER_WRITE | vk::AccessFlags::HOST_WRITE,
+                vk::PipelineStageFlags::COMPUTE_SHADER,
+                vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+            );
+            let max = dev.limits.max_groups as u64;
+            for (i, (_, plan, _)) in steps.iter().enumerate() {
+                let x = plan.groups.min(max);
+                let y = plan.groups.div_ceil(x);
+                // SAFETY: handles of this device, used under its queue lock (see `submit`).
+                unsafe {
+                    device.cmd_bind_pipeline(
+                        cb,
+                        vk::PipelineBindPoint::COMPUTE,
+                        dev.pipelines[plan.shader as usize],
+                    );
+                    device.cmd_bind_descriptor_sets(
+                        cb,
+                        vk::PipelineBindPoint::COMPUTE,
+                        dev.pipeline_layout,
+                        0,
+                        &[sets[i]],
+                        &[],
+                    );
+                    device.cmd_dispatch(cb, x as u32, y as u32, 1);
+                }
+                barrier(
+                    cb,
+                    vk::PipelineStageFlags::COMPUTE_SHADER,
+                    vk::AccessFlags::SHADER_WRITE,
+                    vk::PipelineStageFlags::COMPUTE_SHADER
+                        | vk::PipelineStageFlags::TRANSFER
+                        | vk::PipelineStageFlags::HOST,
+                    vk::AccessFlags::SHADER_READ
+                        | vk::AccessFlags::SHADER_WRITE
+                        | vk::AccessFlags::TRANSFER_READ
+                        | vk::AccessFlags::HOST_READ,
+                );
+            }
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe { device.end_command_buffer(cb) }
+                .map_err(|e| vk_error("vkEndCommandBuffer", e))?;
+            let submit = vk::SubmitInfo::default().command_buffers(std::slice::from_ref(&cb));
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe { device.queue_submit(q.queue, &[submit], q.fence) }
+                .map_err(|e| vk_error("vkQueueSubmit", e))
+        })();
+        match result {
+            Ok(()) => Ok(cb),
+            Err(e) => {
+                // SAFETY: handles of this device, used under its queue lock (see `submit`).
+                unsafe { device.free_command_buffers(q.pool, &[cb]) };
+                Err(e)
+            }
+        }
+    })();
+    match recorded {
+        Ok(command) => {
+            q.in_flight = Some(InFlight {
+                command,
+                descriptors: pool,
+                _records: records,
+            });
+            Ok(())
+        }
+        Err(e) => {
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe { device.destroy_descriptor_pool(pool, None) };
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! What the shaders run, and the checks that keep each inside its tensors.
+//! An op passes [`plan`] or the host runs it on the CPU.
+
+use crate::vulkan::{Limits, Shader};
+use kiln_plugin_api::{BackendError, DType, Desc, OpKind, Tensor, Tensors};
+
+/// The weight types the shaders dequantize: 32-element blocks and floats.
+/// (K-quants and IQ4_XS are not yet here: the host runs those on the CPU.)
+pub fn weight_type(t: DType) -> bool {
+    matches!(
+        t,
+        DType::F32
+            | DType::F16
+            | DType::BF16
+            | DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::IQ4_NL
+    )
+}
+
+/// How an op runs: its shader and how many workgroups it needs.
+pub struct Plan {
+    pub shader: Shader,
+    pub groups: u64,
+}
+
+fn desc<B>(t: &Tensor<'_, B>) -> Result<Desc, BackendError> {
+    let mut ne = [1usize; 4];
+    let mut nb = [0usize; 4];
+    for d in 0..4 {
+        ne[d] = usize::try_from(t.ne[d]).map_err(|_| BackendError::invalid("negative extent"))?;
+        nb[d] = usize::try_from(t.nb[d]).map_err(|_| BackendError::invalid("stride overflows"))?;
+    }
+    let d = Desc {
+        dtype: t.dtype,
+        ne,
+        nb,
+    };
+    d.validate().map_err(BackendError::invalid)?;
+    Ok(d)
+}
+
+fn unsupported(why: String) -> BackendError {
+    BackendError::unsupported(why)
+}
+
+/// Checks `op` against what the shaders do and the device allows.
+pub fn plan<B>(
+    op: &kiln_plugin_api::Op,
+    tensors: &Tensors<'_, B>,
+    limits: &Limits,
+) -> Result<Plan, BackendError> {
+    let srcs = op.srcs();
+    let mut s = Vec::with_capacity(srcs.len());
+    for &i in srcs {
+        s.push(desc(&tensors.get(i)?)?);
+    }
+    let d = desc(&tensors.get(op.dst)?)?;
+    // Byte addresses in the shaders are 32-bit and a binding spans at most
+    // `max_range`; dispatches at most max_groups².
+    for t in s.iter().chain([&d]) {
+        let extent = t
+            .extent()
+            .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
+        if extent + limits.offset_align > limits.max_range.min(u32::MAX as u64) {
+            return Err(unsupported(format!(
+                "a tensor of {extent} bytes exceeds the device's binding range ({} bytes)",
+                limits.max_range
+            )));
+        }
+    }
+    let f32_only = |t: &Desc| t.dtype == DType::F32;
+    let same = |a: &Desc, b: &Desc| a.ne == b.ne;
+    let n = d.n_elements() as u64;
+    let (ok, (shader, groups)) = match op.kind {
+        OpKind::Add | OpKind::Mul => {
+            let ok = s.len() == 2
+                && s.iter().all(f32_only)
+                && f32_only(&d)
+                && same(&s[0], &d)
+                && (0..4).all(|i| s[0].ne[i] % s[1].ne[i] == 0);
+            (ok, (Shader::Elementwise, n.div_ceil(256)))
+        }
+        OpKind::Scale | OpKind::Silu | OpKind::Gelu => {
+            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(&d) && same(&s[0], &d);
+            (ok, (Shader::Elementwise, n.div_ceil(256)))
+        }
+        OpKind::Cpy => {
+            let src_ok = s.len() == 1
+                && weight_type(s[0].dtype)
+                && (!s[0].dtype.is_quantized() || s[0].nb[0] == s[0].dtype.block_bytes());
+            let ok = src_ok
+                && matches!(d.dtype, DType::F32 | DType::F16 | DType::BF16)
+                && same(&s[0], &d);
+            (ok, (Shader::Elementwise, n.div_ceil(256)))
+        }
+        OpKind::RmsNorm | OpKind::Norm => {
+            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(&d) && same(&s[0], &d);
+            (ok, (Shader::Rows, d.n_rows() as u64))
+        }
+        OpKind::SoftMax => {
+            let ok = (s.len() == 1 || s.len() == 2)
+                && s.iter().all(f32_only)
+                && f32_only(&d)
+                && same(&s[0], &d)
+                && (s.len() == 1
+                    || (s[1].ne[0] == s[0].ne[0] && (1..4).all(|i| s[0].ne[i] % s[1].ne[i] == 0)));
+            (ok, (Shader::Rows, d.n_rows() as u64))
+        }
+        OpKind::Rope => {
+            let n_rot = op.params[0];
+            let ok = s.len() == 2
+                && f32_only(&s[0])
+                && f32_only(&d)
+                && same(&s[0], &d)
+                && s[1].dtype == DType::I32
+                && s[1].ne[0] == s[0].ne[2]
+                && s[0].ne[3] == 1
+                && n_rot > 0
+                && n_rot % 2 == 0
+                && n_rot as usize <= s[0].ne[0]
+                && matches!(op.params[1], 0 | 2);
+            (ok, (Shader::Rope, n.div_ceil(256)))
+        }
+        OpKind::GetRows => {
+            let ok = s.len() == 2
+                && weight_type(s[0].dtype)
+                && s[1].dtype == DType::I32
+                && f32_only(&d)
+                && s[0].ne[2] == 1
+                && s[0].ne[3] == 1
+                && s[1].ne[1..] == [1, 1, 1]
+                && d.ne == [s[0].ne[0], s[1].ne[0], 1, 1];
+            (ok, (Shader::GetRows, n.div_ceil(256)))
+        }
+        OpKind::MulMat => {
+            let ok = s.len() == 2
+                && weight_type(s[0].dtype)
+                && (!s[0].dtype.is_quantized() || s[0].nb[0] == s[0].dtype.block_bytes())
+                && f32_only(&s[1])
+                && f32_only(&d)
+                && s[0].ne[0] == s[1].ne[0]
+                && s[1].ne[2] % s[0].ne[2] == 0
+                && s[1].ne[3] % s[0].ne[3] == 0
+                && d.ne == [s[0].ne[1], s[1].ne[1], s[1].ne[2], s[1].ne[3]];
+            (ok, (Shader::MulMat, n))
+        }
+    };
+    if !ok {
+        return Err(unsupported(format!(
+            "{}: these types or shapes are not supported on Vulkan yet",
+            op.kind
+        )));
+    }
+    let max = u64::from(limits.max_groups);
+    if groups > max * max {
+        return Err(unsupported(format!(
+            "{}: {groups} workgroups exceed the device's dispatch limit",
+            op.kind
+        )));
+    }
+    Ok(Plan { shader, groups })
+}

@@ -1,0 +1,737 @@
+//! The Vulkan loader, devices, memory and pipelines.
+//!
+//! Memory: on devices whose memory the host can see (integrated GPUs,
+//! software renderers) buffers are mapped and copied into directly; on
+//! discrete GPUs they are device-local and reached through a staging
+//! buffer. `KILN_VULKAN_STAGING=1` forces the staging path anywhere (tests
+//! run it on lavapipe).
+
+use ash::vk;
+use kiln_plugin_api::abi::{KILN_CAP_ASYNC_COMPUTE, KILN_CAP_UNIFIED_MEMORY};
+use kiln_plugin_api::{BackendError, DeviceInfo, DeviceKind, ErrorCode};
+use std::sync::{Mutex, MutexGuard};
+
+/// The shaders, compiled by build.rs.
+pub const SHADERS: [(Shader, &[u8]); 5] = [
+    (
+        Shader::Elementwise,
+        include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.spv")),
+    ),
+    (
+        Shader::Rows,
+        include_bytes!(concat!(env!("OUT_DIR"), "/rows.spv")),
+    ),
+    (
+        Shader::Rope,
+        include_bytes!(concat!(env!("OUT_DIR"), "/rope.spv")),
+    ),
+    (
+        Shader::GetRows,
+        include_bytes!(concat!(env!("OUT_DIR"), "/get_rows.spv")),
+    ),
+    (
+        Shader::MulMat,
+        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat.spv")),
+    ),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shader {
+    Elementwise = 0,
+    Rows = 1,
+    Rope = 2,
+    GetRows = 3,
+    MulMat = 4,
+}
+
+/// Bindings per op: the record, two sources, the destination.
+pub const BINDINGS: u32 = 4;
+
+pub fn vk_error(what: &str, r: vk::Result) -> BackendError {
+    let code = match r {
+        vk::Result::ERROR_OUT_OF_DEVICE_MEMORY | vk::Result::ERROR_OUT_OF_HOST_MEMORY => {
+            ErrorCode::OutOfMemory
+        }
+        _ => ErrorCode::Device,
+    };
+    BackendError::new(code, format!("{what}: {r}"))
+}
+
+/// What the shaders' addressing and the device allow.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes one binding may span.
+    pub max_range: u64,
+    /// A binding's offset is a multiple of this.
+    pub offset_align: u64,
+    pub max_groups: u32,
+}
+
+pub struct Instance {
+    pub devices: Vec<Device>,
+    /// What the host should log: hidden devices and why.
+    pub notes: Vec<String>,
+    // Dropped after the devices.
+    instance: ash::Instance,
+    _entry: ash::Entry,
+}
+
+pub struct Device {
+    pub info: DeviceInfo,
+    pub limits: Limits,
+    pub device: ash::Device,
+    physical: vk::PhysicalDevice,
+    instance: ash::Instance,
+    has_budget: bool,
+    /// Memory types: buffers (and whether they are mapped), staging and
+    /// op records (host-visible, coherent).
+    buffer_type: u32,
+    mapped: bool,
+    host_type: u32,
+    pub set_layout: vk::DescriptorSetLayout,
+    pub pipeline_layout: vk::PipelineLayout,
+    pub pipelines: Vec<vk::Pipeline>,
+    /// The queue, its command pool and the work in flight: one submission
+    /// stream (the host serialises compute per device; transfers take the
+    /// lock too).
+    queue: Mutex<Queue>,
+}
+
+pub struct Queue {
+    pub queue: vk::Queue,
+    pub pool: vk::CommandPool,
+    pub fence: vk::Fence,
+    /// Submitted and not yet waited for.
+    pub in_flight: Option<InFlight>,
+}
+
+/// What a submitted graph holds until it finishes.
+pub struct InFlight {
+    pub command: vk::CommandBuffer,
+    pub descriptors: vk::DescriptorPool,
+    /// Kept alive until the work finishes.
+    pub _records: Buffer,
+}
+
+/// A device buffer.
+pub struct Buffer {
+    pub device: u32,
+    pub buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
+    /// Usable bytes (the allocation is rounded up to whole 16-byte words,
+    /// so a shader's last word load stays inside it).
+    pub size: u64,
+    pub capacity: u64,
+    mapped: *mut u8,
+    owner: ash::Device,
+}
+
+// SAFETY: `mapped` points into memory owned by this buffer and mapped for
+// its whole life; the ABI's contract keeps concurrent calls on one buffer
+// apart (the host never frees a buffer in use), and copies through it
+// happen under the device's queue lock.
+unsafe impl Send for Buffer {}
+// SAFETY: as above.
+unsafe impl Sync for Buffer {}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: the host frees a buffer only when no call uses it, and a
+        // graph that used it was waited for (`Device::wait` before any
+        // buffer call returns, and at the end of the host's run).
+        unsafe {
+            if !self.mapped.is_null() {
+                self.owner.unmap_memory(self.memory);
+            }
+            self.owner.destroy_buffer(self.buffer, None);
+            self.owner.free_memory(self.memory, None);
+        }
+    }
+}
+
+impl Buffer {
+    /// The mapped bytes, when the buffer is host-visible.
+    pub fn host_bytes(&self) -> Option<*mut u8> {
+        (!self.mapped.is_null()).then_some(self.mapped)
+    }
+}
+
+fn vendor(id: u32) -> &'static str {
+    match id {
+        0x1002 => "AMD",
+        0x10de => "NVIDIA",
+        0x8086 => "Intel",
+        0x13b5 => "ARM",
+        0x5143 => "Qualcomm",
+        0x106b => "Apple",
+        0x1010 => "Imagination",
+        0x10005 => "Mesa",
+        _ => "unknown vendor",
+    }
+}
+
+fn env_on(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+impl Instance {
+    /// Opens the loader and every usable device. Software devices
+    /// (lavapipe) are hidden unless `KILN_VULKAN_ALLOW_CPU=1`.
+    pub fn open() -> Result<Instance, String> {
+        // SAFETY: loading the system's Vulkan loader runs its initialisers;
+        // that is what using Vulkan means.
+        let entry = unsafe { ash::Entry::load() }
+            .map_err(|e| format!("no Vulkan loader (libvulkan.so.1): {e}"))?;
+        let app = vk::ApplicationInfo::default()
+            .application_name(c"kiln")
+            .api_version(vk::API_VERSION_1_1);
+        let create = vk::InstanceCreateInfo::default().application_info(&app);
+        // SAFETY: a valid create info; the instance is destroyed in Drop.
+        let instance = unsafe { entry.create_instance(&create, None) }.map_err(|e| {
+            format!("vkCreateInstance failed ({e}): is a Vulkan driver (ICD) installed?")
+        })?;
+        let mut notes = Vec::new();
+        let mut devices = Vec::new();
+        // SAFETY: a live instance.
+        let physical = unsafe { instance.enumerate_physical_devices() }.unwrap_or_default();
+        if physical.is_empty() {
+            notes.push("the Vulkan loader found no devices (no ICD installed?)".into());
+        }
+        let allow_cpu = env_on("KILN_VULKAN_ALLOW_CPU");
+        for pd in physical {
+            // SAFETY: `pd` comes from this instance.
+            let props = unsafe { instance.get_physical_device_properties(pd) };
+            let name = props
+                .device_name_as_c_str()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if props.device_type == vk::PhysicalDeviceType::CPU && !allow_cpu {
+                notes.push(format!(
+                    "Vulkan device {name} is a CPU implementation, hidden (KILN_VULKAN_ALLOW_CPU=1 shows it)"
+                ));
+                continue;
+            }
+            match Device::open(&instance, pd) {
+                Ok(d) => devices.push(d),
+                Err(e) => notes.push(format!("Vulkan device {name} cannot be used: {e}")),
+            }
+        }
+        Ok(Instance {
+            devices,
+            notes,
+            instance,
+            _entry: entry,
+        })
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.devices.clear();
+        // SAFETY: every device made from it is gone.
+        unsafe { self.instance.destroy_instance(None) };
+    }
+}
+
+impl Device {
+    fn open(instance: &ash::Instance, pd: vk::PhysicalDevice) -> Result<Device, String> {
+        // The unsafe calls here: `pd` comes from `instance`, every create
+        // info is valid for its call, and what is created is destroyed in
+        // Drop once the Device is built (a device failing before that, once
+        // at load, keeps what it had made).
+        // SAFETY: handles of this instance and device; valid create infos.
+        let props = unsafe { instance.get_physical_device_properties(pd) };
+        let mut id = vk::PhysicalDeviceIDProperties::default();
+        let mut driver = vk::PhysicalDeviceDriverProperties::default();
+        let has_driver_props = props.api_version >= vk::API_VERSION_1_2;
+        {
+            let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
+            if has_driver_props {
+                props2 = props2.push_next(&mut driver);
+            }
+            // SAFETY: handles of this instance and device; valid create infos.
+            unsafe { instance.get_physical_device_properties2(pd, &mut props2) };
+        }
+        // SAFETY: handles of this instance and device; valid create infos.
+        let extensions = unsafe { instance.enumerate_device_extension_properties(pd) }
+            .map_err(|e| e.to_string())?;
+        let has_budget = extensions.iter().any(|e| {
+            e.extension_name_as_c_str()
+                .is_ok_and(|n| n == c"VK_EXT_memory_budget")
+        });
+        // SAFETY: handles of this instance and device; valid create infos.
+        let family = unsafe { instance.get_physical_device_queue_family_properties(pd) }
+            .iter()
+            .position(|q| q.queue_flags.contains(vk::QueueFlags::COMPUTE))
+            .ok_or("no compute queue")? as u32;
+        let priorities = [1.0f32];
+        let queue_info = vk::DeviceQueueCreateInfo::default()
+            .queue_family_index(family)
+            .queue_priorities(&priorities);
+        let create =
+            vk::DeviceCreateInfo::default().queue_create_infos(std::slice::from_ref(&queue_info));
+        let device =
+            // SAFETY: handles of this instance and device; valid create infos.
+            unsafe { instance.create_device(pd, &create, None) }.map_err(|e| e.to_string())?;
+
+        // SAFETY: handles of this instance and device; valid create infos.
+        let memory = unsafe { instance.get_physical_device_memory_properties(pd) };
+        let find = |want: vk::MemoryPropertyFlags| {
+            (0..memory.memory_type_count).find(|&i| {
+                memory.memory_types[i as usize]
+                    .property_flags
+                    .contains(want)
+            })
+        };
+        let local = vk::MemoryPropertyFlags::DEVICE_LOCAL;
+        let host = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
+        let discrete = props.device_type == vk::PhysicalDeviceType::DISCRETE_GPU;
+        let host_type = find(host).ok_or("no host-visible memory")?;
+        let (buffer_type, mapped) = match (find(local | host), find(local)) {
+            (Some(t), _) if !discrete && !env_on("KILN_VULKAN_STAGING") => (t, true),
+            (_, Some(t)) => (t, false),
+            _ => (host_type, true),
+        };
+        let total: u64 = memory.memory_heaps[..memory.memory_heap_count as usize]
+            .iter()
+            .filter(|h| h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size)
+            .sum();
+
+        let name = props
+            .device_name_as_c_str()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let driver_name = if has_driver_props {
+            let n = driver
+                .driver_name_as_c_str()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let i = driver
+                .driver_info_as_c_str()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!(", {n} {i}")
+        } else {
+            String::new()
+        };
+        let full_name = format!("{name} ({}{driver_name})", vendor(props.vendor_id));
+        let kind = match props.device_type {
+            vk::PhysicalDeviceType::DISCRETE_GPU => DeviceKind::Gpu,
+            vk::PhysicalDeviceType::INTEGRATED_GPU => DeviceKind::IntegratedGpu,
+            vk::PhysicalDeviceType::CPU => DeviceKind::Cpu,
+            _ => DeviceKind::Accelerator,
+        };
+        let limits = Limits {
+            max_range: u64::from(props.limits.max_storage_buffer_range),
+            offset_align: props.limits.min_storage_buffer_offset_alignment.max(4),
+            max_groups: props.limits.max_compute_work_group_count[0]
+                .min(props.limits.max_compute_work_group_count[1]),
+        };
+        let info = DeviceInfo {
+            kind,
+            name: full_name,
+            total_memory: total,
+            free_memory: total,
+            capabilities: KILN_CAP_ASYNC_COMPUTE
+                | if mapped && !discrete {
+                    KILN_CAP_UNIFIED_MEMORY
+                } else {
+                    0
+                },
+            max_buffer_size: limits.max_range,
+            buffer_alignment: limits.offset_align as u32,
+            uuid: id.device_uuid,
+        };
+
+        let bindings: Vec<_> = (0..BINDINGS)
+            .map(|b| {
+                vk::DescriptorSetLayoutBinding::default()
+                    .binding(b)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .descriptor_count(1)
+                    .stage_flags(vk::ShaderStageFlags::COMPUTE)
+            })
+            .collect();
+        // SAFETY: handles of this instance and device; valid create infos.
+        let set_layout = unsafe {
+            device.create_descriptor_set_layout(
+                &vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings),
+                None,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        // SAFETY: handles of this instance and device; valid create infos.
+        let pipeline_layout = unsafe {
+            device.create_pipeline_layout(
+                &vk::PipelineLayoutCreateInfo::default()
+                    .set_layouts(std::slice::from_ref(&set_layout)),
+                None,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        // SAFETY: handles of this instance and device; valid create infos.
+        let pool = unsafe {
+            device.create_command_pool(
+                &vk::CommandPoolCreateInfo::default()
+                    .queue_family_index(family)
+                    .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
+                None,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        // SAFETY: handles of this instance and device; valid create infos.
+        let fence = unsafe { device.create_fence(&vk::FenceCreateInfo::default(), None) }
+            .map_err(|e| e.to_string())?;
+        // SAFETY: handles of this instance and device; valid create infos.
+        let queue = unsafe { device.get_device_queue(family, 0) };
+        let mut d = Device {
+            info,
+            limits,
+            device,
+            physical: pd,
+            instance: instance.clone(),
+            has_budget,
+            buffer_type,
+            mapped,
+            host_type,
+            set_layout,
+            pipeline_layout,
+            pipelines: Vec::new(),
+            queue: Mutex::new(Queue {
+                queue,
+                pool,
+                fence,
+                in_flight: None,
+            }),
+        };
+        for (i, (shader, spv)) in SHADERS.iter().enumerate() {
+            debug_assert_eq!(*shader as usize, i);
+            let words =
+                ash::util::read_spv(&mut std::io::Cursor::new(spv)).map_err(|e| e.to_string())?;
+            // SAFETY: handles of this instance and device; valid create infos.
+            let module = unsafe {
+                d.device
+                    .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&words), None)
+            }
+            .map_err(|e| e.to_string())?;
+            let stage = vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(c"main");
+            let info = vk::ComputePipelineCreateInfo::default()
+                .stage(stage)
+                .layout(d.pipeline_layout);
+            // SAFETY: handles of this instance and device; valid create infos.
+            let made = unsafe {
+                d.device
+                    .create_compute_pipelines(vk::PipelineCache::null(), &[info], None)
+            };
+            // SAFETY: handles of this instance and device; valid create infos.
+            unsafe { d.device.destroy_shader_module(module, None) };
+            let pipeline = made.map_err(|(_, e)| format!("{shader:?} pipeline: {e}"))?[0];
+            d.pipelines.push(pipeline);
+        }
+        Ok(d)
+    }
+
+    /// (free, total) bytes of device-local memory, from the memory-budget
+    /// extension.
+    pub fn memory_budget(&self) -> Option<(u64, u64)> {
+        if !self.has_budget {
+            return None;
+        }
+        let mut budget = vk::PhysicalDeviceMemoryBudgetPropertiesEXT::default();
+        let mut props = vk::PhysicalDeviceMemoryProperties2::default().push_next(&mut budget);
+        // SAFETY: the extension is supported by this physical device.
+        unsafe {
+            self.instance
+                .get_physical_device_memory_properties2(self.physical, &mut props)
+        };
+        let heaps = props.memory_properties.memory_heaps;
+        let n = props.memory_properties.memory_heap_count as usize;
+        let (mut free, mut total) = (0u64, 0u64);
+        for (i, heap) in heaps[..n].iter().enumerate() {
+            if heap.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL) {
+                free += budget.heap_budget[i].saturating_sub(budget.heap_usage[i]);
+                total += heap.size;
+            }
+        }
+        Some((free, total))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn make_buffer(
+        &self,
+        device: u32,
+        size: u64,
+        memory_type: u32,
+        map: bool,
+    ) -> Result<Buffer, BackendError> {
+        let capacity = size.max(1).div_ceil(16) * 16;
+        let info = vk::BufferCreateInfo::default()
+            .size(capacity)
+            .usage(
+                vk::BufferUsageFlags::STORAGE_BUFFER
+                    | vk::BufferUsageFlags::TRANSFER_SRC
+                    | vk::BufferUsageFlags::TRANSFER_DST,
+            )
+            .sharing_mode(vk::SharingMode::EXCLUSIVE);
+        // SAFETY: valid create infos; everything is owned by the Buffer,
+        // whose Drop frees it (also on the error paths below, once built).
+        unsafe {
+            let buffer = self
+                .device
+                .create_buffer(&info, None)
+                .map_err(|e| vk_error("vkCreateBuffer", e))?;
+            let req = self.device.get_buffer_memory_requirements(buffer);
+            let memory_type = if req.memory_type_bits & (1 << memory_type) != 0 {
+                memory_type
+            } else {
+                self.device.destroy_buffer(buffer, None);
+                return Err(BackendError::new(
+                    ErrorCode::Device,
+                    "the buffer cannot live in the chosen memory type",
+                ));
+            };
+            let memory = match self.device.allocate_memory(
+                &vk::MemoryAllocateInfo::default()
+                    .allocation_size(req.size)
+                    .memory_type_index(memory_type),
+                None,
+            ) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.device.destroy_buffer(buffer, None);
+                    return Err(vk_error(&format!("allocating {size} bytes"), e));
+                }
+            };
+            let mut b = Buffer {
+                device,
+                buffer,
+                memory,
+                size,
+                capacity,
+                mapped: std::ptr::null_mut(),
+                owner: self.device.clone(),
+            };
+            self.device
+                .bind_buffer_memory(buffer, memory, 0)
+                .map_err(|e| vk_error("vkBindBufferMemory", e))?;
+            if map {
+                b.mapped = self
+                    .device
+                    .map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty())
+                    .map_err(|e| vk_error("vkMapMemory", e))?
+                    .cast();
+            }
+            Ok(b)
+        }
+    }
+
+    pub fn alloc(&self, device: u32, size: u64) -> Result<Buffer, BackendError> {
+        self.make_buffer(device, size, self.buffer_type, self.mapped)
+    }
+
+    /// A host-visible, mapped buffer (op records, staging).
+    pub fn host_buffer(&self, device: u32, size: u64) -> Result<Buffer, BackendError> {
+        self.make_buffer(device, size, self.host_type, true)
+    }
+
+    /// Waits for the graph in flight and releases what it held; its error,
+    /// if it failed.
+    pub fn wait(&self) -> Result<(), BackendError> {
+        let mut q = self.lock();
+        self.wait_locked(&mut q)
+    }
+
+    pub fn wait_locked(&self, q: &mut Queue) -> Result<(), BackendError> {
+        let Some(done) = q.in_flight.take() else {
+            return Ok(());
+        };
+        // SAFETY: the fence belongs to this device and was submitted with
+        // the work; the command buffer and pool are ours and idle after it.
+        unsafe {
+            let waited = self.device.wait_for_fences(&[q.fence], true, u64::MAX);
+            let _ = self.device.reset_fences(&[q.fence]);
+            self.device.free_command_buffers(q.pool, &[done.command]);
+            self.device.destroy_descriptor_pool(done.descriptors, None);
+            waited.map_err(|e| vk_error("the graph failed on the device", e))
+        }
+    }
+
+    fn check_range(b: &Buffer, offset: u64, len: u64) -> Result<(), BackendError> {
+        if offset.checked_add(len).is_none_or(|end| end > b.size) {
+            return Err(BackendError::invalid(format!(
+                "{len} bytes at {offset} do not fit a buffer of {}",
+                b.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one transfer command buffer to completion (staging copies).
+    fn run_transfer(
+        &self,
+        q: &mut Queue,
+        record: impl FnOnce(vk::CommandBuffer),
+    ) -> Result<(), BackendError> {
+        // SAFETY: the queue lock is held; the command buffer is recorded,
+        // submitted and waited for here.
+        unsafe {
+            let cb = self
+                .device
+                .allocate_command_buffers(
+                    &vk::CommandBufferAllocateInfo::default()
+                        .command_pool(q.pool)
+                        .level(vk::CommandBufferLevel::PRIMARY)
+                        .command_buffer_count(1),
+                )
+                .map_err(|e| vk_error("vkAllocateCommandBuffers", e))?[0];
+            let result = (|| {
+                self.device
+                    .begin_command_buffer(
+                        cb,
+                        &vk::CommandBufferBeginInfo::default()
+                            .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+                    )
+                    .map_err(|e| vk_error("vkBeginCommandBuffer", e))?;
+                record(cb);
+                self.device
+                    .end_command_buffer(cb)
+                    .map_err(|e| vk_error("vkEndCommandBuffer", e))?;
+                let submit = vk::SubmitInfo::default().command_buffers(std::slice::from_ref(&cb));
+                self.device
+                    .queue_submit(q.queue, &[submit], q.fence)
+                    .map_err(|e| vk_error("vkQueueSubmit", e))?;
+                let waited = self.device.wait_for_fences(&[q.fence], true, u64::MAX);
+                let _ = self.device.reset_fences(&[q.fence]);
+                waited.map_err(|e| vk_error("a transfer failed on the device", e))
+            })();
+            self.device.free_command_buffers(q.pool, &[cb]);
+            result
+        }
+    }
+
+    /// Bytes a staging buffer moves at a time.
+    const STAGING: u64 = 16 << 20;
+
+    pub fn write(&self, b: &Buffer, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        Self::check_range(b, offset, data.len() as u64)?;
+        let mut q = self.lock();
+        self.wait_locked(&mut q)?;
+        if let Some(p) = b.host_bytes() {
+            // SAFETY: in range (checked), mapped for the buffer's life, and
+            // no work in flight.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), p.add(offset as usize), data.len())
+            };
+            return Ok(());
+        }
+        let staging = self.host_buffer(b.device, Self::STAGING.min(data.len() as u64))?;
+        for (i, chunk) in data.chunks(Self::STAGING as usize).enumerate() {
+            let p = staging.host_bytes().expect("mapped");
+            // SAFETY: the chunk fits the staging buffer, which is idle.
+            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len()) };
+            let at = offset + i as u64 * Self::STAGING;
+            self.run_transfer(&mut q, |cb| {
+                let region = vk::BufferCopy::default()
+                    .src_offset(0)
+                    .dst_offset(at)
+                    .size(chunk.len() as u64);
+                // SAFETY: both buffers are live and the region is in range.
+                unsafe {
+                    self.device
+                        .cmd_copy_buffer(cb, staging.buffer, b.buffer, &[region])
+                };
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, b: &Buffer, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        Self::check_range(b, offset, out.len() as u64)?;
+        let mut q = self.lock();
+        self.wait_locked(&mut q)?;
+        if let Some(p) = b.host_bytes() {
+            // SAFETY: as in `write`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.add(offset as usize), out.as_mut_ptr(), out.len())
+            };
+            return Ok(());
+        }
+        let staging = self.host_buffer(b.device, Self::STAGING.min(out.len() as u64))?;
+        for (i, chunk) in out.chunks_mut(Self::STAGING as usize).enumerate() {
+            let at = offset + i as u64 * Self::STAGING;
+            let len = chunk.len() as u64;
+            self.run_transfer(&mut q, |cb| {
+                let region = vk::BufferCopy::default()
+                    .src_offset(at)
+                    .dst_offset(0)
+                    .size(len);
+                // SAFETY: as in `write`.
+                unsafe {
+                    self.device
+                        .cmd_copy_buffer(cb, b.buffer, staging.buffer, &[region])
+                };
+            })?;
+            let p = staging.host_bytes().expect("mapped");
+            // SAFETY: the transfer finished; the chunk fits the staging buffer.
+            unsafe { std::ptr::copy_nonoverlapping(p, chunk.as_mut_ptr(), chunk.len()) };
+        }
+        Ok(())
+    }
+
+    pub fn copy(
+        &self,
+        src: &Buffer,
+        so: u64,
+        dst: &Buffer,
+        d_o: u64,
+        size: u64,
+    ) -> Result<(), BackendError> {
+        Self::check_range(src, so, size)?;
+        Self::check_range(dst, d_o, size)?;
+        if size == 0 {
+            return Ok(());
+        }
+        let mut q = self.lock();
+        self.wait_locked(&mut q)?;
+        self.run_transfer(&mut q, |cb| {
+            let region = vk::BufferCopy::default()
+                .src_offset(so)
+                .dst_offset(d_o)
+                .size(size);
+            // SAFETY: both buffers are live and the regions are in range.
+            unsafe {
+                self.device
+                    .cmd_copy_buffer(cb, src.buffer, dst.buffer, &[region])
+            };
+        })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        let q = self.queue.get_mut().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: nothing is in flight (waited above); these were made by
+        // this device.
+        unsafe {
+            let _ = self.device.device_wait_idle();
+            for &p in &self.pipelines {
+                self.device.destroy_pipeline(p, None);
+            }
+            self.device
+                .destroy_pipeline_layout(self.pipeline_layout, None);
+            self.device
+                .destroy_descriptor_set_layout(self.set_layout, None);
+            self.device.destroy_fence(q.fence, None);
+            self.device.destroy_command_pool(q.pool, None);
+            self.device.destroy_device(None);
+        }
+    }
+}

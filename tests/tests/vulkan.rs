@@ -1,0 +1,223 @@
+//! The Vulkan plugin (`plugins/vulkan`) on Mesa's software Vulkan
+//! (lavapipe), as CI runs it: built as a cdylib, added through the gate
+//! like any vendor's plugin (every op it claims against the CPU
+//! reference), then models run on it: the CPU's greedy tokens, the
+//! weights and KV cache resident, a decode step moving a few bytes in and
+//! one row of logits out, and the same text through `kiln run` with its
+//! buffers mapped or staged.
+
+use kiln_runtime::backend::exec::Executor;
+use kiln_runtime::backend::{Backend, BackendSet};
+use kiln_runtime::model::forward::LogitsFor;
+use kiln_runtime::model::sample::argmax;
+use kiln_runtime::model::{Model, Session};
+use kiln_tests::{Home, ManifestSpec, plugin_dir, rust_cdylib, tiny_model};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Lavapipe is a CPU implementation, which the plugin hides unless asked.
+/// Set once, before any test of this binary loads the plugin (in this
+/// process or in a `kiln` it starts).
+fn allow_lavapipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: every test here calls this first, before it starts any
+        // thread or loads any library that reads the environment.
+        unsafe { std::env::set_var("KILN_VULKAN_ALLOW_CPU", "1") };
+    });
+}
+
+fn vulkan_dir(home: &Home) -> PathBuf {
+    allow_lavapipe();
+    let lib = rust_cdylib("kiln-vulkan", "kiln_vulkan");
+    plugin_dir(home.path(), &lib, &ManifestSpec::new("vulkan", "0.1.0"))
+}
+
+/// The plugin added to `home` (through the gate) and loaded here.
+fn vulkan(home: &Home) -> Arc<Backend> {
+    let dir = vulkan_dir(home);
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let set = BackendSet::load(&home.registry());
+    assert!(set.problems.is_empty(), "{:?}", set.problems);
+    let b = set
+        .backends
+        .into_iter()
+        .find(|b| b.name() == "vulkan")
+        .expect("the Vulkan plugin is active");
+    assert!(
+        !b.devices.is_empty(),
+        "no Vulkan device: install Mesa's lavapipe (apt-get install mesa-vulkan-drivers libvulkan1)"
+    );
+    b
+}
+
+fn greedy(
+    model: &Path,
+    exec: Executor,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
+    let target = exec.target.clone();
+    let moved = || {
+        (
+            target.stats.bytes_to_device.load(Ordering::Relaxed),
+            target.stats.bytes_from_device.load(Ordering::Relaxed),
+        )
+    };
+    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
+    let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
+    let (mut tokens, mut per_step) = (vec![next], Vec::new());
+    for _ in 0..steps {
+        let before = moved();
+        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
+        let after = moved();
+        per_step.push((after.0 - before.0, after.1 - before.1));
+        tokens.push(next);
+    }
+    (tokens, per_step)
+}
+
+#[test]
+fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
+    let home = Home::default();
+    let plugin = vulkan(&home);
+    let info = &plugin.devices[0];
+    assert!(info.name.contains("llvmpipe"), "{info:?}");
+    assert_ne!(info.uuid, [0; 16], "{info:?}");
+    assert!(info.total_memory > 0, "{info:?}");
+    let listed = home.json(&["backends", "--json"]);
+    let text = listed.to_string();
+    assert!(text.contains("llvmpipe"), "{text}");
+    // Hidden without the switch: the plugin reports no device, and says why.
+    let out = home
+        .command(&["backends", "--json"])
+        .env_remove("KILN_VULKAN_ALLOW_CPU")
+        .env("KILN_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CPU implementation, hidden (KILN_VULKAN_ALLOW_CPU=1 shows it)"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("llvmpipe"));
+}
+
+#[test]
+fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device() {
+    let home = Home::default();
+    let plugin = vulkan(&home);
+    let f16 = |arch: &str, extra: &[&str]| {
+        let mut args = vec!["--arch", arch, "--dtype", "f16", "--vocab", "300"];
+        args.extend_from_slice(extra);
+        tiny_model(&args)
+    };
+    let quantized = |src: &Path, t: &str| {
+        let out = home.path().join(format!(
+            "{}-{t}.gguf",
+            src.file_stem().unwrap().to_string_lossy()
+        ));
+        home.ok(&[
+            "quantize",
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            t,
+        ]);
+        out
+    };
+    let llama = f16("llama", &[]);
+    let qwen2 = f16("qwen2", &[]);
+    let gemma = f16("gemma3", &["--window", "8", "--head-dim", "32"]);
+    let models = [
+        llama.clone(),
+        quantized(&llama, "Q8_0"),
+        quantized(&llama, "Q4_0"),
+        quantized(&qwen2, "Q4_1"),
+        quantized(&qwen2, "Q5_0"),
+        quantized(&llama, "Q5_1"),
+        gemma,
+    ];
+    let prompt = [1u32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49];
+    for model in &models {
+        let fallback = plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed);
+        let (cpu, _) = greedy(model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 10);
+        let (dev, moved) = greedy(model, Executor::new(plugin.clone(), 0), &prompt, 10);
+        assert_eq!(dev, cpu, "{}: greedy tokens on Vulkan", model.display());
+        assert_eq!(
+            plugin
+                .stats
+                .ops_unsupported_fallback
+                .load(Ordering::Relaxed),
+            fallback,
+            "{}: every op ran on the device",
+            model.display()
+        );
+        for (i, &(up, down)) in moved.iter().enumerate().skip(1) {
+            assert!(
+                up <= 3 * 64,
+                "{}: step {i} sent {up} bytes",
+                model.display()
+            );
+            assert_eq!(
+                down,
+                4 * 300,
+                "{}: step {i} received {down} bytes",
+                model.display()
+            );
+        }
+    }
+    assert_eq!(
+        plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed),
+        0
+    );
+    // K-quants are not in the shaders yet: their products run on the CPU,
+    // the rest on the device, and the tokens are still the CPU's.
+    let q4k = quantized(&llama, "Q4_K_M");
+    let (cpu, _) = greedy(&q4k, Executor::new(Backend::builtin_cpu(), 0), &prompt, 6);
+    let (dev, _) = greedy(&q4k, Executor::new(plugin.clone(), 0), &prompt, 6);
+    assert_eq!(dev, cpu, "Q4_K_M with the CPU taking the K-quant products");
+}
+
+/// `kiln run` on Vulkan, its buffers mapped (lavapipe's memory is the
+/// host's) and through staging copies as on a discrete GPU: the CPU's text.
+#[test]
+fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_or_staged() {
+    let home = Home::default();
+    let dir = vulkan_dir(&home);
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let model = tiny_model(&["--arch", "llama", "--dtype", "f16", "--vocab", "300"]);
+    let run = |backend: &str, staging: bool| {
+        let mut cmd = home.command(&[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        if staging {
+            cmd.env("KILN_VULKAN_STAGING", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    let cpu = run("cpu", false);
+    assert_eq!(run("vulkan", false), cpu);
+    assert_eq!(run("vulkan", true), cpu);
+}
