@@ -102,6 +102,16 @@ pub fn http_server(home: &Home) -> HttpServer {
 
 /// `kiln serve --model MODEL --http 127.0.0.1:0 EXTRA…`, once it listens.
 pub fn http_server_with(home: &Home, model: &Path, extra: &[&str]) -> HttpServer {
+    http_server_env(home, model, extra, &[])
+}
+
+/// [`http_server_with`], with `env` set for the server alone.
+pub fn http_server_env(
+    home: &Home,
+    model: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> HttpServer {
     let mut args = vec![
         "serve",
         "--model",
@@ -113,6 +123,7 @@ pub fn http_server_with(home: &Home, model: &Path, extra: &[&str]) -> HttpServer
     let mut child = home
         .command(&args)
         .env("KILN_THREADS", "1")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

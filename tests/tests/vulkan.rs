@@ -175,12 +175,95 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
         plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed),
         0
     );
-    // K-quants are not in the shaders yet: their products run on the CPU,
-    // the rest on the device, and the tokens are still the CPU's.
-    let q4k = quantized(&llama, "Q4_K_M");
-    let (cpu, _) = greedy(&q4k, Executor::new(Backend::builtin_cpu(), 0), &prompt, 6);
-    let (dev, _) = greedy(&q4k, Executor::new(plugin.clone(), 0), &prompt, 6);
-    assert_eq!(dev, cpu, "Q4_K_M with the CPU taking the K-quant products");
+}
+
+/// K-quants (rows of 256-element blocks: a wider model) on the device,
+/// and a mix with a type the shaders lack (Q3_K, in Q3_K_M's mix): those
+/// products run on the CPU, the rest on the device, the CPU's tokens.
+#[test]
+fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
+    let home = Home::default();
+    let plugin = vulkan(&home);
+    let wide = tiny_model(&[
+        "--arch", "llama", "--dtype", "f16", "--embd", "256", "--ff", "512", "--vocab", "300",
+    ]);
+    let prompt = [1u32, 40, 41, 42, 43, 44, 45];
+    for t in ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M"] {
+        let model = home.path().join(format!("wide-{t}.gguf"));
+        home.ok(&[
+            "quantize",
+            wide.to_str().unwrap(),
+            model.to_str().unwrap(),
+            "--type",
+            t,
+        ]);
+        let fallback = plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed);
+        let (cpu, _) = greedy(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
+        let (dev, _) = greedy(&model, Executor::new(plugin.clone(), 0), &prompt, 8);
+        assert_eq!(dev, cpu, "{t}: greedy tokens on Vulkan");
+        let fell_back = plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed)
+            - fallback;
+        if t == "Q3_K_M" {
+            assert!(fell_back > 0, "{t}: Q3_K products should run on the CPU");
+        } else {
+            assert_eq!(fell_back, 0, "{t}: every op on the device");
+        }
+    }
+}
+
+/// `kiln serve` on Vulkan with ops switched off in the plugin (they run on
+/// the CPU) and with a device lost, or out of memory, in the middle of the
+/// second request (simulated by the plugin: the CPU evaluates the tokens
+/// again): every answer is the CPU's, and `/metrics` says what happened.
+#[test]
+fn kiln_serve_on_vulkan_survives_disabled_ops_and_a_lost_device() {
+    use kiln_tests::serve::{demo_model, http, http_server_env, post};
+    let home = Home::default();
+    let dir = vulkan_dir(&home);
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let model = demo_model();
+    let prompts = ["def add(a, b):", "fn main() {", "class Stack:"];
+    let serve = |backend: &str, env: &[(&str, &str)]| {
+        let srv = http_server_env(&home, &model, &["--backend", backend], env);
+        let texts: Vec<String> = prompts
+            .iter()
+            .map(|p| {
+                let (code, v) = post(
+                    &srv.addr,
+                    "/v1/completions",
+                    &serde_json::json!({"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0}),
+                );
+                assert_eq!(code, 200, "{env:?}: {v}");
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
+        (texts, metrics)
+    };
+    let counter = |metrics: &str, reason: &str| {
+        let key =
+            format!("kiln:backend_fallbacks_total{{backend=\"vulkan\",reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{key} missing:\n{metrics}"))
+    };
+    let (cpu, _) = serve("cpu", &[]);
+    let (texts, metrics) = serve("vulkan", &[("KILN_VULKAN_DISABLE_OPS", "soft_max,rope")]);
+    assert_eq!(texts, cpu, "with soft_max and rope on the CPU");
+    assert!(counter(&metrics, "unsupported_op") > 0, "{metrics}");
+    for fault in ["lost:3", "oom:3"] {
+        let (texts, metrics) = serve("vulkan", &[("KILN_VULKAN_FAULT", fault)]);
+        assert_eq!(texts, cpu, "{fault}");
+        assert_eq!(counter(&metrics, "device_lost"), 1, "{fault}: {metrics}");
+    }
 }
 
 /// `kiln run` on Vulkan, its buffers mapped (lavapipe's memory is the

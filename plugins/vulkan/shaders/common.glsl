@@ -36,6 +36,9 @@ const uint T_Q4_1 = 3u;
 const uint T_Q5_0 = 6u;
 const uint T_Q5_1 = 7u;
 const uint T_Q8_0 = 8u;
+const uint T_Q4_K = 12u;
+const uint T_Q5_K = 13u;
+const uint T_Q6_K = 14u;
 const uint T_IQ4_NL = 20u;
 const uint T_I32 = 26u;
 const uint T_BF16 = 30u;
@@ -101,9 +104,43 @@ uint flat_group() { return gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupI
         return float(IQ4_NL_VALUES[q]) * f16_##S(b);                                         \
     }
 
+// K-quants: 256-element blocks.
+#define KQUANT_LOADS(S)                                                                      \
+    /* Sub-block is (0..7)'s 6-bit scale and minimum, Q4_K/Q5_K packing. */                 \
+    uvec2 scale_min_##S(uint sc, uint is) {                                                  \
+        if (is < 4u) return uvec2(byte_##S(sc + is) & 63u, byte_##S(sc + is + 4u) & 63u);    \
+        uint a = byte_##S(sc + is + 4u), lo = byte_##S(sc + is - 4u), hi = byte_##S(sc + is); \
+        return uvec2((a & 15u) | ((lo >> 6) << 4), (a >> 4) | ((hi >> 6) << 4));             \
+    }                                                                                        \
+    /* Element j (0..255) of the 256-element block at byte address b. */                     \
+    float kblock_##S(uint t, uint b, uint j) {                                               \
+        uint c = j >> 6, l = j & 31u, high = (j >> 5) & 1u;                                  \
+        if (t == T_Q6_K) {                                                                   \
+            uint n = j >> 7, r = j & 127u, quarter = r >> 5;                                 \
+            uint lo = (byte_##S(b + 64u * n + l + 32u * (quarter & 1u)) >> (4u * (quarter >> 1))) & 15u; \
+            uint hi = (byte_##S(b + 128u + 32u * n + l) >> (2u * quarter)) & 3u;             \
+            float sc = float(i8_##S(b + 192u + 8u * n + (l >> 4) + 2u * quarter));           \
+            return f16_##S(b + 208u) * sc * float(int(lo | (hi << 4)) - 32);                 \
+        }                                                                                    \
+        uvec2 sm = scale_min_##S(b + 4u, 2u * c + high);                                     \
+        float d = f16_##S(b), dmin = f16_##S(b + 2u);                                        \
+        uint qs = t == T_Q5_K ? b + 48u : b + 16u;                                           \
+        uint q = (byte_##S(qs + 32u * c + l) >> (4u * high)) & 15u;                          \
+        if (t == T_Q5_K) q |= ((byte_##S(b + 16u + l) >> (2u * c + high)) & 1u) << 4;        \
+        return d * float(sm.x) * float(q) - dmin * float(sm.y);                              \
+    }
+
+// Bytes of one 256-element block of a K-quant; 0 for the others.
+uint kblock_bytes(uint t) {
+    if (t == T_Q4_K) return 144u;
+    if (t == T_Q5_K) return 176u;
+    if (t == T_Q6_K) return 210u;
+    return 0u;
+}
+
 const int IQ4_NL_VALUES[16] = int[16](-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
 
-// Bytes of one block (32 elements) of a quantized type; 0 for the others.
+// Bytes of one block (32 elements) of a 32-element type; 0 for the others.
 uint block_bytes(uint t) {
     if (t == T_Q4_0 || t == T_IQ4_NL) return 18u;
     if (t == T_Q4_1) return 20u;
@@ -116,6 +153,8 @@ uint block_bytes(uint t) {
 LOADS(src0, 0)
 LOADS(src1, 1)
 LOADS(dst, d)
+KQUANT_LOADS(0)
+KQUANT_LOADS(1)
 
 // Element (i0, i1, i2, i3) of a tensor as f32, whatever its type.
 #define ELEMENT(S, T)                                                                        \
@@ -123,6 +162,8 @@ LOADS(dst, d)
         uint row = T.base + i1 * T.nb1 + i2 * T.nb2 + i3 * T.nb3;                            \
         uint bb = block_bytes(T.dtype);                                                      \
         if (bb != 0u) return block_##S(T.dtype, row + (i0 >> 5) * bb, i0 & 31u);             \
+        uint kb = kblock_bytes(T.dtype);                                                     \
+        if (kb != 0u) return kblock_##S(T.dtype, row + (i0 >> 8) * kb, i0 & 255u);           \
         uint a = row + i0 * T.nb0;                                                           \
         if (T.dtype == T_F16) return f16_##S(a);                                             \
         if (T.dtype == T_BF16) return bf16_##S(a);                                           \

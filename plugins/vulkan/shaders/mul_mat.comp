@@ -6,14 +6,14 @@
 // llama.cpp's CPU backend): to F16 or BF16 for those weights, to Q8_0
 // blocks (scale rounded to f16) for the quantized types, with Q8_1's
 // rounded sum for the types with a minimum (Q4_1, Q5_1), so the results
-// track the CPU's closely.
+// track the CPU's closely; to Q8_K (256 elements, an f32 scale from the
+// signed maximum) for the K-quants.
 #include "common.glsl"
 
 layout(local_size_x = 64) in;
 
 shared float part[64];
 
-float round_away(float x) { return sign(x) * floor(abs(x) + 0.5); }
 float to_f16(float x) { return unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x; }
 
 void main() {
@@ -27,13 +27,35 @@ void main() {
     uint bb = block_bytes(wt);
     uint k_len = op.s0.ne0;
     float s = 0.0;
-    if (bb == 0u) {
+    if (bb == 0u && kblock_bytes(wt) == 0u) {
         // Floats: one element at a time; x rounded to the weights' type.
         for (uint k = t; k < k_len; k += 64u) {
             float x = element_1(k, m, c2, c3);
             if (wt == T_F16) x = to_f16(x);
             if (wt == T_BF16) x = uintBitsToFloat(bf16_bits(x) << 16);
             s += element_0(k, n, w2, w3) * x;
+        }
+    } else if (kblock_bytes(wt) != 0u) {
+        uint kb = kblock_bytes(wt);
+        uint row = op.s0.base + n * op.s0.nb1 + w2 * op.s0.nb2 + w3 * op.s0.nb3;
+        for (uint b = t; b < k_len / 256u; b += 64u) {
+            float amax = 0.0, mx = 0.0;
+            for (uint j = 0u; j < 256u; j++) {
+                float v = element_1(256u * b + j, m, c2, c3);
+                if (abs(v) > amax) {
+                    amax = abs(v);
+                    mx = v;
+                }
+            }
+            if (amax == 0.0) continue;
+            float iscale = -127.0 / mx;
+            uint wb = row + b * kb;
+            float dot = 0.0;
+            for (uint j = 0u; j < 256u; j++) {
+                float q = min(roundEven(iscale * element_1(256u * b + j, m, c2, c3)), 127.0);
+                dot += kblock_0(wt, wb, j) * q;
+            }
+            s += dot * (1.0 / iscale);
         }
     } else {
         uint row = op.s0.base + n * op.s0.nb1 + w2 * op.s0.nb2 + w3 * op.s0.nb3;
@@ -42,12 +64,12 @@ void main() {
             float amax = 0.0;
             for (uint j = 0u; j < 32u; j++) amax = max(amax, abs(element_1(32u * b + j, m, c2, c3)));
             float d = amax / 127.0;
-            float id = d != 0.0 ? 1.0 / d : 0.0;
+            float id = amax != 0.0 ? 127.0 / amax : 0.0;
             float dh = to_f16(d);
             uint wb = row + b * bb;
             float dot = 0.0, qsum = 0.0;
             for (uint j = 0u; j < 32u; j++) {
-                float q = round_away(element_1(32u * b + j, m, c2, c3) * id);
+                float q = roundEven(element_1(32u * b + j, m, c2, c3) * id);
                 qsum += q;
                 if (with_min) {
                     // The code times the scale; the minimum comes below.

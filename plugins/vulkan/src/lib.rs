@@ -13,13 +13,49 @@ mod graph;
 mod ops;
 mod vulkan;
 
-use kiln_plugin_api::{Backend, BackendError, DType, DeviceInfo, Graph, HostServices, Op, Tensors};
+use kiln_plugin_api::{
+    Backend, BackendError, DType, DeviceInfo, ErrorCode, Graph, HostServices, Op, OpKind, Tensors,
+};
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 pub use vulkan::Buffer;
 
 pub struct VulkanBackend {
     vk: Option<vulkan::Instance>,
+    /// Ops declined on purpose (`KILN_VULKAN_DISABLE_OPS`).
+    disabled: Vec<OpKind>,
+    /// A failure to simulate (`KILN_VULKAN_FAULT`).
+    fault: Option<Fault>,
     _host: HostServices,
+}
+
+/// `KILN_VULKAN_FAULT=lost:N` or `oom:N`: the Nth graph of a model's size
+/// (at least [`Fault::MODEL_OPS`] ops; the gate's are smaller) fails as a
+/// lost device (and every call after it fails too) or as out of memory
+/// (once). For testing how the host copes; never set in use.
+struct Fault {
+    lost_for_good: bool,
+    at: u32,
+    graphs: AtomicU32,
+    lost: AtomicBool,
+}
+
+impl Fault {
+    const MODEL_OPS: u32 = 20;
+
+    fn parse(spec: &str) -> Option<Fault> {
+        let (kind, at) = spec.split_once(':')?;
+        Some(Fault {
+            lost_for_good: match kind {
+                "lost" => true,
+                "oom" => false,
+                _ => return None,
+            },
+            at: at.parse().ok()?,
+            graphs: AtomicU32::new(0),
+            lost: AtomicBool::new(false),
+        })
+    }
 }
 
 impl VulkanBackend {
@@ -28,6 +64,42 @@ impl VulkanBackend {
             .as_ref()
             .and_then(|vk| vk.devices.get(device as usize))
             .ok_or_else(|| BackendError::invalid(format!("no Vulkan device {device}")))
+    }
+
+    /// The device, unless a simulated loss took it.
+    fn live(&self, device: u32) -> Result<&vulkan::Device, BackendError> {
+        if self
+            .fault
+            .as_ref()
+            .is_some_and(|f| f.lost.load(Ordering::SeqCst))
+        {
+            return Err(BackendError::new(
+                ErrorCode::Device,
+                "VK_ERROR_DEVICE_LOST (simulated: KILN_VULKAN_FAULT)",
+            ));
+        }
+        self.device(device)
+    }
+
+    /// Fails this graph if `KILN_VULKAN_FAULT` says so.
+    fn inject(&self, n_ops: u32) -> Result<(), BackendError> {
+        let Some(f) = self.fault.as_ref().filter(|_| n_ops >= Fault::MODEL_OPS) else {
+            return Ok(());
+        };
+        if f.graphs.fetch_add(1, Ordering::SeqCst) + 1 != f.at {
+            return Ok(());
+        }
+        if f.lost_for_good {
+            f.lost.store(true, Ordering::SeqCst);
+            return Err(BackendError::new(
+                ErrorCode::Device,
+                "VK_ERROR_DEVICE_LOST (simulated: KILN_VULKAN_FAULT)",
+            ));
+        }
+        Err(BackendError::new(
+            ErrorCode::OutOfMemory,
+            "VK_ERROR_OUT_OF_DEVICE_MEMORY (simulated: KILN_VULKAN_FAULT)",
+        ))
     }
 }
 
@@ -54,7 +126,40 @@ impl Backend for VulkanBackend {
                 None
             }
         };
-        Ok(VulkanBackend { vk, _host: host })
+        let mut disabled = Vec::new();
+        for name in std::env::var("KILN_VULKAN_DISABLE_OPS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            match (1..=32)
+                .filter_map(OpKind::from_raw)
+                .find(|k| k.name().eq_ignore_ascii_case(name))
+            {
+                Some(k) => disabled.push(k),
+                None => host.log(
+                    kiln_plugin_api::abi::KILN_LOG_WARN,
+                    &format!("KILN_VULKAN_DISABLE_OPS: no op named {name:?}"),
+                ),
+            }
+        }
+        let fault = std::env::var("KILN_VULKAN_FAULT").ok().and_then(|spec| {
+            let f = Fault::parse(&spec);
+            if f.is_none() {
+                host.log(
+                    kiln_plugin_api::abi::KILN_LOG_WARN,
+                    &format!("KILN_VULKAN_FAULT={spec:?} is not lost:N or oom:N; ignored"),
+                );
+            }
+            f
+        });
+        Ok(VulkanBackend {
+            vk,
+            disabled,
+            fault,
+            _host: host,
+        })
     }
 
     fn device_count(&self) -> u32 {
@@ -81,15 +186,15 @@ impl Backend for VulkanBackend {
     }
 
     fn buffer_alloc(&self, device: u32, size: u64) -> Result<Buffer, BackendError> {
-        self.device(device)?.alloc(device, size)
+        self.live(device)?.alloc(device, size)
     }
 
     fn buffer_write(&self, b: &Buffer, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.device(b.device)?.write(b, offset, data)
+        self.live(b.device)?.write(b, offset, data)
     }
 
     fn buffer_read(&self, b: &Buffer, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
-        self.device(b.device)?.read(b, offset, out)
+        self.live(b.device)?.read(b, offset, out)
     }
 
     fn buffer_copy(
@@ -105,22 +210,25 @@ impl Backend for VulkanBackend {
                 "buffer_copy between two Vulkan devices",
             ));
         }
-        self.device(src.device)?
+        self.live(src.device)?
             .copy(src, src_offset, dst, dst_offset, size)
     }
 
     fn supports_op(&self, device: u32, op: &Op, tensors: &Tensors<'_, Buffer>) -> bool {
-        self.device(device)
-            .is_ok_and(|d| ops::plan(op, tensors, &d.limits).is_ok())
+        !self.disabled.contains(&op.kind)
+            && self
+                .device(device)
+                .is_ok_and(|d| ops::plan(op, tensors, &d.limits).is_ok())
     }
 
     fn graph_compute(&self, device: u32, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
-        let d = self.device(device)?;
+        let d = self.live(device)?;
+        self.inject(g.n_ops())?;
         graph::submit(d, g)
     }
 
     fn synchronize(&self, device: u32) -> Result<(), BackendError> {
-        self.device(device)?.wait()
+        self.live(device)?.wait()
     }
 }
 

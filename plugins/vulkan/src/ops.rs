@@ -4,8 +4,8 @@
 use crate::vulkan::{Limits, Shader};
 use kiln_plugin_api::{BackendError, DType, Desc, OpKind, Tensor, Tensors};
 
-/// The weight types the shaders dequantize: 32-element blocks and floats.
-/// (K-quants and IQ4_XS are not yet here: the host runs those on the CPU.)
+/// The weight types the shaders dequantize. (Q2_K, Q3_K and IQ4_XS are
+/// not yet here: the host runs those on the CPU.)
 pub fn weight_type(t: DType) -> bool {
     matches!(
         t,
@@ -17,6 +17,9 @@ pub fn weight_type(t: DType) -> bool {
             | DType::Q5_0
             | DType::Q5_1
             | DType::Q8_0
+            | DType::Q4_K
+            | DType::Q5_K
+            | DType::Q6_K
             | DType::IQ4_NL
     )
 }
