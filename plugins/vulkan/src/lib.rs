@@ -109,20 +109,25 @@ impl Backend for VulkanBackend {
     const VERSION: &'static CStr = c"0.1.0";
 
     fn new(host: HostServices) -> Result<Self, BackendError> {
+        use kiln_plugin_api::abi::{KILN_LOG_INFO, KILN_LOG_WARN};
         let vk = match vulkan::Instance::open() {
             Ok(vk) => {
+                // Why a device is not offered: a warning when that leaves
+                // none (`kiln backends` shows it), else a note.
+                let level = if vk.devices.is_empty() {
+                    KILN_LOG_WARN
+                } else {
+                    KILN_LOG_INFO
+                };
                 for note in &vk.notes {
-                    host.log(kiln_plugin_api::abi::KILN_LOG_INFO, note);
+                    host.log(level, note);
                 }
                 Some(vk)
             }
             Err(why) => {
                 // No loader or no driver: no devices, and the host goes on
                 // with the CPU.
-                host.log(
-                    kiln_plugin_api::abi::KILN_LOG_INFO,
-                    &format!("no Vulkan devices: {why}"),
-                );
+                host.log(KILN_LOG_WARN, &format!("no Vulkan devices: {why}"));
                 None
             }
         };
