@@ -522,3 +522,36 @@ pub fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
         .fold(0.0, f64::max);
     max / spread(theirs)
 }
+
+/// Greedy tokens after `prompt` on `exec` (a session of 128 positions),
+/// and the bytes its executor moved to and from the device in each of the
+/// `steps` decode steps.
+pub fn greedy_with_transfers(
+    model: &Path,
+    exec: kiln_runtime::backend::exec::Executor,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::sample::argmax;
+    use kiln_runtime::model::{Model, Session};
+    use std::sync::atomic::Ordering;
+    let target = exec.target.clone();
+    let moved = || {
+        (
+            target.stats.bytes_to_device.load(Ordering::Relaxed),
+            target.stats.bytes_from_device.load(Ordering::Relaxed),
+        )
+    };
+    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
+    let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
+    let (mut tokens, mut per_step) = (vec![next], Vec::new());
+    for _ in 0..steps {
+        let before = moved();
+        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
+        let after = moved();
+        per_step.push((after.0 - before.0, after.1 - before.1));
+        tokens.push(next);
+    }
+    (tokens, per_step)
+}

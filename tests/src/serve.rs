@@ -175,3 +175,34 @@ pub fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
         serde_json::from_str(&body).unwrap_or(Value::String(body)),
     )
 }
+
+/// Greedy completions (`max_tokens` 6) of `prompts` from the `demo` model
+/// of a running HTTP server, then its `/metrics` text.
+pub fn completions_then_metrics(srv: &HttpServer, prompts: &[&str]) -> (Vec<String>, String) {
+    let texts = prompts
+        .iter()
+        .map(|p| {
+            let (code, v) = post(
+                &srv.addr,
+                "/v1/completions",
+                &json!({"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0}),
+            );
+            assert_eq!(code, 200, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
+    (texts, metrics)
+}
+
+/// The value of the sample `key` (name and labels, as printed) in a
+/// Prometheus text, failing the test when it is missing.
+pub fn metric(metrics: &str, key: &str) -> u64 {
+    let prefix = format!("{key} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("{key} missing:\n{metrics}"))
+}

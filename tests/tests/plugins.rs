@@ -466,37 +466,6 @@ fn flaky_devices(home: &Home) -> std::sync::Arc<Backend> {
     added_backend(home, "flaky-device")
 }
 
-/// Greedy tokens after `prompt` on `exec`, and the bytes the executor moved
-/// to and from the device in each decode step.
-fn greedy_with_transfers(
-    model: &std::path::Path,
-    exec: Executor,
-    prompt: &[u32],
-    steps: usize,
-) -> (Vec<u32>, Vec<(u64, u64)>) {
-    use kiln_runtime::model::forward::LogitsFor;
-    use kiln_runtime::model::sample::argmax;
-    use kiln_runtime::model::{Model, Session};
-    let stats = exec.target.clone();
-    let moved = || {
-        (
-            stats.stats.bytes_to_device.load(Ordering::Relaxed),
-            stats.stats.bytes_from_device.load(Ordering::Relaxed),
-        )
-    };
-    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
-    let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
-    let (mut tokens, mut per_step) = (vec![next], Vec::new());
-    for _ in 0..steps {
-        let before = moved();
-        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
-        let after = moved();
-        per_step.push((after.0 - before.0, after.1 - before.1));
-        tokens.push(next);
-    }
-    (tokens, per_step)
-}
-
 #[test]
 fn a_decode_step_on_a_device_moves_its_token_in_and_its_logits_out() {
     let home = Home::default();
@@ -523,14 +492,18 @@ fn a_decode_step_on_a_device_moves_its_token_in_and_its_logits_out() {
     let gemma = f16("gemma3", &["--window", "8", "--head-dim", "32"]);
     let prompt = [1u32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49];
     for model in [llama, q8, q4k, gemma] {
-        let (cpu, _) = greedy_with_transfers(
+        let (cpu, _) = kiln_tests::greedy_with_transfers(
             &model,
             Executor::new(Backend::builtin_cpu(), 0),
             &prompt,
             12,
         );
-        let (dev, moved) =
-            greedy_with_transfers(&model, Executor::new(plugin.clone(), 0), &prompt, 12);
+        let (dev, moved) = kiln_tests::greedy_with_transfers(
+            &model,
+            Executor::new(plugin.clone(), 0),
+            &prompt,
+            12,
+        );
         assert_eq!(dev, cpu, "{}: the device's greedy tokens", model.display());
         // The first step sends its inputs whole (the mask, the prompt's
         // were another shape); from then on a step sends its token id and
@@ -568,12 +541,16 @@ fn a_device_failing_mid_request_ends_in_a_cpu_rerun_with_the_cpus_tokens() {
     let plugin = flaky_devices(&home);
     let model = kiln_tests::tiny_model(&["--arch", "qwen2", "--dtype", "f16", "--vocab", "300"]);
     let prompt = [1u32, 60, 61, 62, 63, 64, 65];
-    let (cpu, _) =
-        greedy_with_transfers(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
+    let (cpu, _) = kiln_tests::greedy_with_transfers(
+        &model,
+        Executor::new(Backend::builtin_cpu(), 0),
+        &prompt,
+        8,
+    );
     for device in [1, 2] {
         let losses = plugin.stats.device_losses.load(Ordering::Relaxed);
         let exec = Executor::new(plugin.clone(), device);
-        let (got, _) = greedy_with_transfers(&model, exec, &prompt, 8);
+        let (got, _) = kiln_tests::greedy_with_transfers(&model, exec, &prompt, 8);
         assert_eq!(got, cpu, "device {device}");
         assert_eq!(
             plugin.stats.device_losses.load(Ordering::Relaxed),
@@ -588,47 +565,30 @@ fn a_device_failing_mid_request_ends_in_a_cpu_rerun_with_the_cpus_tokens() {
 /// shows the loss and the bytes moved.
 #[test]
 fn kiln_serve_answers_through_a_device_loss_with_the_cpus_text() {
-    use kiln_tests::serve::{demo_model, http, http_server_with, post};
+    use kiln_tests::serve::{completions_then_metrics, demo_model, http_server_with, metric};
     let home = Home::default();
     flaky_devices(&home);
     let model = demo_model();
     let prompts = ["def add(a, b):", "fn main() {", "class Stack:"];
-    let texts = |extra: &[&str]| {
-        let srv = http_server_with(&home, &model, extra);
-        let answers: Vec<String> = prompts
-            .iter()
-            .map(|p| {
-                let (code, v) = post(
-                    &srv.addr,
-                    "/v1/completions",
-                    &serde_json::json!({"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0}),
-                );
-                assert_eq!(code, 200, "{v}");
-                v["choices"][0]["text"].as_str().unwrap().to_string()
-            })
-            .collect();
-        let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
-        (answers, metrics)
+    let run = |backend: &str| {
+        let srv = http_server_with(&home, &model, &["--backend", backend]);
+        completions_then_metrics(&srv, &prompts)
     };
-    let (cpu, _) = texts(&["--backend", "cpu"]);
-    let (dev, metrics) = texts(&["--backend", "flaky-device:1"]);
+    let (cpu, _) = run("cpu");
+    let (dev, metrics) = run("flaky-device:1");
     assert_eq!(dev, cpu);
-    assert!(
-        metrics.contains(
-            "kiln:backend_fallbacks_total{backend=\"flaky-device\",reason=\"device_lost\"} 1"
+    let key = |labels: &str| format!("kiln:backend_{labels}");
+    assert_eq!(
+        metric(
+            &metrics,
+            &key("fallbacks_total{backend=\"flaky-device\",reason=\"device_lost\"}")
         ),
-        "{metrics}"
+        1
     );
-    let moved = |direction: &str| {
-        let key = format!(
-            "kiln:backend_transfer_bytes_total{{backend=\"flaky-device\",direction=\"{direction}\"}} "
-        );
-        let line = metrics.lines().find(|l| l.starts_with(&key));
-        line.and_then(|l| l[key.len()..].parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{key} missing:\n{metrics}"))
-    };
-    assert!(
-        moved("to_device") > 0 && moved("from_device") > 0,
-        "{metrics}"
-    );
+    for direction in ["to_device", "from_device"] {
+        let k = key(&format!(
+            "transfer_bytes_total{{backend=\"flaky-device\",direction=\"{direction}\"}}"
+        ));
+        assert!(metric(&metrics, &k) > 0, "{metrics}");
+    }
 }

@@ -8,10 +8,7 @@
 
 use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::backend::{Backend, BackendSet};
-use kiln_runtime::model::forward::LogitsFor;
-use kiln_runtime::model::sample::argmax;
-use kiln_runtime::model::{Model, Session};
-use kiln_tests::{Home, ManifestSpec, plugin_dir, rust_cdylib, tiny_model};
+use kiln_tests::{Home, ManifestSpec, greedy_with_transfers, plugin_dir, rust_cdylib, tiny_model};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,32 +47,6 @@ fn vulkan(home: &Home) -> Arc<Backend> {
         "no Vulkan device: install Mesa's lavapipe (apt-get install mesa-vulkan-drivers libvulkan1)"
     );
     b
-}
-
-fn greedy(
-    model: &Path,
-    exec: Executor,
-    prompt: &[u32],
-    steps: usize,
-) -> (Vec<u32>, Vec<(u64, u64)>) {
-    let target = exec.target.clone();
-    let moved = || {
-        (
-            target.stats.bytes_to_device.load(Ordering::Relaxed),
-            target.stats.bytes_from_device.load(Ordering::Relaxed),
-        )
-    };
-    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
-    let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
-    let (mut tokens, mut per_step) = (vec![next], Vec::new());
-    for _ in 0..steps {
-        let before = moved();
-        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
-        let after = moved();
-        per_step.push((after.0 - before.0, after.1 - before.1));
-        tokens.push(next);
-    }
-    (tokens, per_step)
 }
 
 #[test]
@@ -145,8 +116,10 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
             .stats
             .ops_unsupported_fallback
             .load(Ordering::Relaxed);
-        let (cpu, _) = greedy(model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 10);
-        let (dev, moved) = greedy(model, Executor::new(plugin.clone(), 0), &prompt, 10);
+        let (cpu, _) =
+            greedy_with_transfers(model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 10);
+        let (dev, moved) =
+            greedy_with_transfers(model, Executor::new(plugin.clone(), 0), &prompt, 10);
         assert_eq!(dev, cpu, "{}: greedy tokens on Vulkan", model.display());
         assert_eq!(
             plugin
@@ -201,8 +174,9 @@ fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
             .stats
             .ops_unsupported_fallback
             .load(Ordering::Relaxed);
-        let (cpu, _) = greedy(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
-        let (dev, _) = greedy(&model, Executor::new(plugin.clone(), 0), &prompt, 8);
+        let (cpu, _) =
+            greedy_with_transfers(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
+        let (dev, _) = greedy_with_transfers(&model, Executor::new(plugin.clone(), 0), &prompt, 8);
         assert_eq!(dev, cpu, "{t}: greedy tokens on Vulkan");
         let fell_back = plugin
             .stats
@@ -223,7 +197,7 @@ fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
 /// again): every answer is the CPU's, and `/metrics` says what happened.
 #[test]
 fn kiln_serve_on_vulkan_survives_disabled_ops_and_a_lost_device() {
-    use kiln_tests::serve::{demo_model, http, http_server_env, post};
+    use kiln_tests::serve::{completions_then_metrics, demo_model, http_server_env, metric};
     let home = Home::default();
     let dir = vulkan_dir(&home);
     home.ok(&["plugins", "add", dir.to_str().unwrap()]);
@@ -231,38 +205,22 @@ fn kiln_serve_on_vulkan_survives_disabled_ops_and_a_lost_device() {
     let prompts = ["def add(a, b):", "fn main() {", "class Stack:"];
     let serve = |backend: &str, env: &[(&str, &str)]| {
         let srv = http_server_env(&home, &model, &["--backend", backend], env);
-        let texts: Vec<String> = prompts
-            .iter()
-            .map(|p| {
-                let (code, v) = post(
-                    &srv.addr,
-                    "/v1/completions",
-                    &serde_json::json!({"model": "demo", "prompt": p, "max_tokens": 6, "temperature": 0}),
-                );
-                assert_eq!(code, 200, "{env:?}: {v}");
-                v["choices"][0]["text"].as_str().unwrap().to_string()
-            })
-            .collect();
-        let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
-        (texts, metrics)
+        completions_then_metrics(&srv, &prompts)
     };
-    let counter = |metrics: &str, reason: &str| {
-        let key =
-            format!("kiln:backend_fallbacks_total{{backend=\"vulkan\",reason=\"{reason}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{key} missing:\n{metrics}"))
+    let fallbacks = |metrics: &str, reason: &str| {
+        metric(
+            metrics,
+            &format!("kiln:backend_fallbacks_total{{backend=\"vulkan\",reason=\"{reason}\"}}"),
+        )
     };
     let (cpu, _) = serve("cpu", &[]);
     let (texts, metrics) = serve("vulkan", &[("KILN_VULKAN_DISABLE_OPS", "soft_max,rope")]);
     assert_eq!(texts, cpu, "with soft_max and rope on the CPU");
-    assert!(counter(&metrics, "unsupported_op") > 0, "{metrics}");
+    assert!(fallbacks(&metrics, "unsupported_op") > 0, "{metrics}");
     for fault in ["lost:3", "oom:3"] {
         let (texts, metrics) = serve("vulkan", &[("KILN_VULKAN_FAULT", fault)]);
         assert_eq!(texts, cpu, "{fault}");
-        assert_eq!(counter(&metrics, "device_lost"), 1, "{fault}: {metrics}");
+        assert_eq!(fallbacks(&metrics, "device_lost"), 1, "{fault}: {metrics}");
     }
 }
 
