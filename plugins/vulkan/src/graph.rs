@@ -5,7 +5,7 @@
 //! submission; [`crate::vulkan::Device::wait`] waits for it.
 
 use crate::ops;
-use crate::vulkan::{Buffer, Device, InFlight, vk_error};
+use crate::vulkan::{BINDINGS, Buffer, Device, vk_error};
 use ash::vk;
 use kiln_plugin_api::{BackendError, Graph, Tensor};
 
@@ -44,12 +44,7 @@ fn window(t: &Tensor<'_, Buffer>, align: u64) -> Result<Window, BackendError> {
     let b = t
         .buffer
         .ok_or_else(|| BackendError::invalid("a graph tensor has no buffer"))?;
-    let desc = kiln_plugin_api::Desc {
-        dtype: t.dtype,
-        ne: t.ne.map(|n| n as usize),
-        nb: t.nb.map(|n| n as usize),
-    };
-    let extent = desc
+    let extent = ops::desc(t)?
         .extent()
         .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
     if t.offset.checked_add(extent).is_none_or(|end| end > b.size) {
@@ -97,7 +92,7 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
     let stride = (std::mem::size_of::<Record>() as u64).div_ceil(align) * align;
     let mut q = dev.lock();
     dev.wait_locked(&mut q)?;
-    let records = dev.host_buffer(0, stride * n as u64)?;
+    let records = dev.host_buffer(q.records.take(), stride * n as u64)?;
     let base = records.host_bytes().expect("host buffers are mapped");
     for (i, (op, _, w)) in steps.iter().enumerate() {
         let dst = w.last().expect("a destination");
@@ -123,20 +118,38 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
     // The unsafe calls below: every handle was made by `device`, the queue
     // lock is held, and what the command buffer uses lives until `wait`
     // frees it.
-    let sizes = [vk::DescriptorPoolSize {
-        ty: vk::DescriptorType::STORAGE_BUFFER,
-        descriptor_count: 4 * n as u32,
-    }];
-    // SAFETY: handles of this device, used under its queue lock (see `submit`).
-    let pool = unsafe {
-        device.create_descriptor_pool(
-            &vk::DescriptorPoolCreateInfo::default()
-                .max_sets(n as u32)
-                .pool_sizes(&sizes),
-            None,
-        )
+    // The pool of the last graph, emptied, or a larger one.
+    if q.descriptor_sets >= n as u32 {
+        // SAFETY: handles of this device, used under its queue lock (see `submit`).
+        unsafe {
+            device.reset_descriptor_pool(q.descriptors, vk::DescriptorPoolResetFlags::empty())
+        }
+        .map_err(|e| vk_error("vkResetDescriptorPool", e))?;
+    } else {
+        if q.descriptors != vk::DescriptorPool::null() {
+            // SAFETY: handles of this device, used under its queue lock (see `submit`).
+            unsafe { device.destroy_descriptor_pool(q.descriptors, None) };
+            q.descriptors = vk::DescriptorPool::null();
+            q.descriptor_sets = 0;
+        }
+        let sets = (n as u32).next_power_of_two();
+        let sizes = [vk::DescriptorPoolSize {
+            ty: vk::DescriptorType::STORAGE_BUFFER,
+            descriptor_count: BINDINGS * sets,
+        }];
+        // SAFETY: handles of this device, used under its queue lock (see `submit`).
+        q.descriptors = unsafe {
+            device.create_descriptor_pool(
+                &vk::DescriptorPoolCreateInfo::default()
+                    .max_sets(sets)
+                    .pool_sizes(&sizes),
+                None,
+            )
+        }
+        .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
+        q.descriptor_sets = sets;
     }
-    .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
+    let pool = q.descriptors;
     let layouts = vec![dev.set_layout; n];
     let recorded = (|| -> Result<vk::CommandBuffer, BackendError> {
         // SAFETY: handles of this device, used under its queue lock (see `submit`).
@@ -148,7 +161,7 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
             )
         }
         .map_err(|e| vk_error("vkAllocateDescriptorSets", e))?;
-        let mut infos = Vec::with_capacity(4 * n);
+        let mut infos = Vec::with_capacity(BINDINGS as usize * n);
         for (i, (_, _, w)) in steps.iter().enumerate() {
             infos.push(vk::DescriptorBufferInfo {
                 buffer: records.buffer,
@@ -165,11 +178,11 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                 });
             }
         }
-        let writes: Vec<_> = (0..4 * n)
+        let writes: Vec<_> = (0..BINDINGS as usize * n)
             .map(|k| {
                 vk::WriteDescriptorSet::default()
-                    .dst_set(sets[k / 4])
-                    .dst_binding((k % 4) as u32)
+                    .dst_set(sets[k / BINDINGS as usize])
+                    .dst_binding((k % BINDINGS as usize) as u32)
                     .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
                     .buffer_info(std::slice::from_ref(&infos[k]))
             })
@@ -272,19 +285,8 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
             }
         }
     })();
-    match recorded {
-        Ok(command) => {
-            q.in_flight = Some(InFlight {
-                command,
-                descriptors: pool,
-                _records: records,
-            });
-            Ok(())
-        }
-        Err(e) => {
-            // SAFETY: handles of this device, used under its queue lock (see `submit`).
-            unsafe { device.destroy_descriptor_pool(pool, None) };
-            Err(e)
-        }
-    }
+    // The records stay alive (and untouched) until the graph is waited for.
+    q.records = Some(records);
+    q.in_flight = Some(recorded?);
+    Ok(())
 }

@@ -30,7 +30,8 @@ pub struct Plan {
     pub groups: u64,
 }
 
-fn desc<B>(t: &Tensor<'_, B>) -> Result<Desc, BackendError> {
+/// The tensor as a checked [`Desc`].
+pub fn desc<B>(t: &Tensor<'_, B>) -> Result<Desc, BackendError> {
     let mut ne = [1usize; 4];
     let mut nb = [0usize; 4];
     for d in 0..4 {

@@ -101,16 +101,16 @@ pub struct Queue {
     pub queue: vk::Queue,
     pub pool: vk::CommandPool,
     pub fence: vk::Fence,
-    /// Submitted and not yet waited for.
-    pub in_flight: Option<InFlight>,
-}
-
-/// What a submitted graph holds until it finishes.
-pub struct InFlight {
-    pub command: vk::CommandBuffer,
+    /// The graph submitted and not yet waited for.
+    pub in_flight: Option<vk::CommandBuffer>,
+    /// Kept between calls and grown as needed, so that a decode step
+    /// allocates nothing: the op records of the last graph (in use until
+    /// it finishes), its descriptor pool and how many sets it holds, and
+    /// the staging buffer of transfers to and from device-local memory.
+    pub records: Option<Buffer>,
     pub descriptors: vk::DescriptorPool,
-    /// Kept alive until the work finishes.
-    pub _records: Buffer,
+    pub descriptor_sets: u32,
+    staging: Option<Buffer>,
 }
 
 /// A device buffer.
@@ -403,6 +403,10 @@ impl Device {
                 pool,
                 fence,
                 in_flight: None,
+                records: None,
+                descriptors: vk::DescriptorPool::null(),
+                descriptor_sets: 0,
+                staging: None,
             }),
         };
         for (i, (shader, spv)) in SHADERS.iter().enumerate() {
@@ -536,9 +540,14 @@ impl Device {
         self.make_buffer(device, size, self.buffer_type, self.mapped)
     }
 
-    /// A host-visible, mapped buffer (op records, staging).
-    pub fn host_buffer(&self, device: u32, size: u64) -> Result<Buffer, BackendError> {
-        self.make_buffer(device, size, self.host_type, true)
+    /// A host-visible, mapped buffer of at least `size` bytes: `kept` if it
+    /// is large enough, else a new one (rounded up to a power of two, so
+    /// that growing is rare).
+    pub fn host_buffer(&self, kept: Option<Buffer>, size: u64) -> Result<Buffer, BackendError> {
+        match kept {
+            Some(b) if b.size >= size => Ok(b),
+            _ => self.make_buffer(0, size.next_power_of_two(), self.host_type, true),
+        }
     }
 
     /// Waits for the graph in flight and releases what it held; its error,
@@ -549,16 +558,15 @@ impl Device {
     }
 
     pub fn wait_locked(&self, q: &mut Queue) -> Result<(), BackendError> {
-        let Some(done) = q.in_flight.take() else {
+        let Some(command) = q.in_flight.take() else {
             return Ok(());
         };
         // SAFETY: the fence belongs to this device and was submitted with
-        // the work; the command buffer and pool are ours and idle after it.
+        // the work; the command buffer is ours and idle after it.
         unsafe {
             let waited = self.device.wait_for_fences(&[q.fence], true, u64::MAX);
             let _ = self.device.reset_fences(&[q.fence]);
-            self.device.free_command_buffers(q.pool, &[done.command]);
-            self.device.destroy_descriptor_pool(done.descriptors, None);
+            self.device.free_command_buffers(q.pool, &[command]);
             waited.map_err(|e| vk_error("the graph failed on the device", e))
         }
     }
@@ -631,7 +639,7 @@ impl Device {
             };
             return Ok(());
         }
-        let staging = self.host_buffer(b.device, Self::STAGING.min(data.len() as u64))?;
+        let staging = self.host_buffer(q.staging.take(), Self::STAGING.min(data.len() as u64))?;
         for (i, chunk) in data.chunks(Self::STAGING as usize).enumerate() {
             let p = staging.host_bytes().expect("mapped");
             // SAFETY: the chunk fits the staging buffer, which is idle.
@@ -649,6 +657,7 @@ impl Device {
                 };
             })?;
         }
+        q.staging = Some(staging);
         Ok(())
     }
 
@@ -663,7 +672,7 @@ impl Device {
             };
             return Ok(());
         }
-        let staging = self.host_buffer(b.device, Self::STAGING.min(out.len() as u64))?;
+        let staging = self.host_buffer(q.staging.take(), Self::STAGING.min(out.len() as u64))?;
         for (i, chunk) in out.chunks_mut(Self::STAGING as usize).enumerate() {
             let at = offset + i as u64 * Self::STAGING;
             let len = chunk.len() as u64;
@@ -682,6 +691,7 @@ impl Device {
             // SAFETY: the transfer finished; the chunk fits the staging buffer.
             unsafe { std::ptr::copy_nonoverlapping(p, chunk.as_mut_ptr(), chunk.len()) };
         }
+        q.staging = Some(staging);
         Ok(())
     }
 
@@ -729,6 +739,11 @@ impl Drop for Device {
                 .destroy_pipeline_layout(self.pipeline_layout, None);
             self.device
                 .destroy_descriptor_set_layout(self.set_layout, None);
+            if q.descriptors != vk::DescriptorPool::null() {
+                self.device.destroy_descriptor_pool(q.descriptors, None);
+            }
+            q.records = None;
+            q.staging = None;
             self.device.destroy_fence(q.fence, None);
             self.device.destroy_command_pool(q.pool, None);
             self.device.destroy_device(None);
