@@ -722,14 +722,10 @@ impl Executor {
                     buffer,
                     capacity: host.1,
                     host_stale: Spans::default(),
-                    // A new buffer holds nothing of the host's yet, which
-                    // matters only for bytes the host owns: graphs read
-                    // only the `State` they wrote.
-                    device_stale: if kind == Kind::Write {
-                        Spans::all(host.1)
-                    } else {
-                        Spans::default()
-                    },
+                    // `Write` is marked below; a new `State` buffer holds
+                    // nothing the graphs read (they read only what they
+                    // wrote).
+                    device_stale: Spans::default(),
                     shadow: Vec::new(),
                     known: Spans::default(),
                 });
