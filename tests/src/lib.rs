@@ -555,3 +555,25 @@ pub fn greedy_with_transfers(
     }
     (tokens, per_step)
 }
+
+/// The transfer budget of decode on a device, from
+/// [`greedy_with_transfers`]'s steps: after the first step (which sends its
+/// inputs whole: the prompt's were another shape), a step sends its token
+/// id and position (and a window row: a 64-byte chunk each at most) and
+/// receives one row of `n_vocab` logits. The weights and the KV cache stay
+/// on the device.
+pub fn assert_decode_transfers(model: &Path, moved: &[(u64, u64)], n_vocab: u64) {
+    for (i, &(up, down)) in moved.iter().enumerate().skip(1) {
+        assert!(
+            up <= 3 * 64,
+            "{}: step {i} sent {up} bytes ({moved:?})",
+            model.display()
+        );
+        assert_eq!(
+            down,
+            4 * n_vocab,
+            "{}: step {i} received {down} bytes",
+            model.display()
+        );
+    }
+}

@@ -505,24 +505,7 @@ fn a_decode_step_on_a_device_moves_its_token_in_and_its_logits_out() {
             12,
         );
         assert_eq!(dev, cpu, "{}: the device's greedy tokens", model.display());
-        // The first step sends its inputs whole (the mask, the prompt's
-        // were another shape); from then on a step sends its token id and
-        // position (and a window row: a chunk of 64 bytes each at most)
-        // and receives one row of logits. The weights and the KV cache
-        // stay on the device.
-        for (i, &(up, down)) in moved.iter().enumerate().skip(1) {
-            assert!(
-                up <= 3 * 64,
-                "{}: step {i} sent {up} bytes ({moved:?})",
-                model.display()
-            );
-            assert_eq!(
-                down,
-                4 * 300,
-                "{}: step {i} received {down} bytes",
-                model.display()
-            );
-        }
+        kiln_tests::assert_decode_transfers(model.as_path(), &moved, 300);
     }
     assert_eq!(plugin.stats.device_losses.load(Ordering::Relaxed), 0);
     assert_eq!(

@@ -130,19 +130,7 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
             "{}: every op ran on the device",
             model.display()
         );
-        for (i, &(up, down)) in moved.iter().enumerate().skip(1) {
-            assert!(
-                up <= 3 * 64,
-                "{}: step {i} sent {up} bytes",
-                model.display()
-            );
-            assert_eq!(
-                down,
-                4 * 300,
-                "{}: step {i} received {down} bytes",
-                model.display()
-            );
-        }
+        kiln_tests::assert_decode_transfers(model.as_path(), &moved, 300);
     }
     assert_eq!(
         plugin.stats.runtime_failures_rerun.load(Ordering::Relaxed),
