@@ -213,14 +213,16 @@ fn kiln_serve_on_vulkan_survives_disabled_ops_and_a_lost_device() {
 }
 
 /// `kiln run` on Vulkan, its buffers mapped (lavapipe's memory is the
-/// host's) and through staging copies as on a discrete GPU: the CPU's text.
+/// host's), through staging copies as on a discrete GPU, and with a
+/// binding range narrower than the embeddings and the output matrix (split
+/// by rows): the CPU's text.
 #[test]
-fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_or_staged() {
+fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_staged_or_split() {
     let home = Home::default();
     let dir = vulkan_dir(&home);
     home.ok(&["plugins", "add", dir.to_str().unwrap()]);
     let model = tiny_model(&["--arch", "llama", "--dtype", "f16", "--vocab", "300"]);
-    let run = |backend: &str, staging: bool| {
+    let run = |backend: &str, env: &[(&str, &str)]| {
         let mut cmd = home.command(&[
             "run",
             model.to_str().unwrap(),
@@ -234,10 +236,7 @@ fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_or_staged() {
             backend,
             "--json",
         ]);
-        if staging {
-            cmd.env("KILN_VULKAN_STAGING", "1");
-        }
-        let out = cmd.output().unwrap();
+        let out = cmd.envs(env.iter().copied()).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -246,7 +245,48 @@ fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_or_staged() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["text"].as_str().unwrap().to_string()
     };
-    let cpu = run("cpu", false);
-    assert_eq!(run("vulkan", false), cpu);
-    assert_eq!(run("vulkan", true), cpu);
+    let cpu = run("cpu", &[]);
+    assert_eq!(run("vulkan", &[]), cpu);
+    assert_eq!(run("vulkan", &[("KILN_VULKAN_STAGING", "1")]), cpu);
+    assert_eq!(run("vulkan", &[("KILN_VULKAN_MAX_RANGE", "8192")]), cpu);
+}
+
+/// A device whose binding range is smaller than a weight matrix (forced
+/// here) runs a matmul or a row lookup over it in parts of whole rows, and
+/// passes the gate so; an activation larger than the range is not claimed.
+#[test]
+fn weights_larger_than_a_binding_are_split_by_rows_and_pass_the_gate() {
+    let home = Home::default();
+    let dir = vulkan_dir(&home);
+    let out = home
+        .command(&["plugins", "add", dir.to_str().unwrap(), "--json"])
+        .env("KILN_VULKAN_MAX_RANGE", "2560")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cases = v["cases"][0]["cases"].as_array().unwrap();
+    let outcome = |label: &str| {
+        let c = cases.iter().find(|c| c["case"] == label);
+        c.unwrap_or_else(|| panic!("no case {label}: {v}"))["outcome"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // 2688, 2940, 10240 and 2720 bytes of weights: split.
+    for label in [
+        "mul_mat(f32[96,7], f32[96]) -> f32[7]",
+        "mul_mat(f32[96,7], f32[96,5]) -> f32[7,5]",
+        "mul_mat(q6_k[512,7], f32[512]) -> f32[7]",
+        "get_rows(f32[256,10], i32[2]) -> f32[256,2]",
+        "get_rows(q8_0[256,10], i32[2]) -> f32[256,2]",
+    ] {
+        assert_eq!(outcome(label), "passed", "{label}");
+    }
+    // 10240 bytes of activations: no binding holds them.
+    assert_eq!(
+        outcome("mul_mat(q6_k[512,7], f32[512,5]) -> f32[7,5]"),
+        "not_claimed"
+    );
 }

@@ -111,6 +111,9 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
             "sha256": installed.plugin.sha256,
             "previous_active": installed.transition.before,
             "conformance": summary,
+            "cases": installed.conformance.devices.iter().map(|d| json!({
+                "device": d.device, "cases": d.cases,
+            })).collect::<Vec<_>>(),
         }));
     } else {
         let was = match &installed.transition.before {

@@ -22,6 +22,9 @@ layout(std430, binding = 0) readonly buffer Record {
     uint kind;
     uint n_src;
     int params[8];
+    // The rows [lo, hi) of src0 this dispatch holds, when an op's weights
+    // are split over several (src/graph.rs); src0's row lo is its row 0.
+    uint rows[2];
 } op;
 
 layout(std430, binding = 1) readonly buffer Src0 { uint src0[]; };

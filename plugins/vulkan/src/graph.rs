@@ -7,7 +7,7 @@
 use crate::ops;
 use crate::vulkan::{BINDINGS, Buffer, Device, vk_error};
 use ash::vk;
-use kiln_plugin_api::{BackendError, Graph, Tensor};
+use kiln_plugin_api::{BackendError, Graph, OpKind, Tensor};
 
 /// A tensor as a shader sees it (`Tensor` in shaders/common.glsl).
 #[repr(C)]
@@ -30,6 +30,9 @@ struct Record {
     kind: u32,
     n_src: u32,
     params: [i32; 8],
+    /// The rows [lo, hi) of src0 this dispatch holds: all of them, or a
+    /// part of weights split over several dispatches.
+    rows: [u32; 2],
 }
 
 /// A window of a buffer bound for one tensor.
@@ -71,21 +74,95 @@ fn window(t: &Tensor<'_, Buffer>, align: u64) -> Result<Window, BackendError> {
     })
 }
 
+/// One dispatch: an op, or a part of an op whose weights are split by rows.
+struct Step {
+    kind: u32,
+    n_src: u32,
+    params: [i32; 8],
+    rows: [u32; 2],
+    shader: usize,
+    groups: u64,
+    windows: Vec<Window>,
+}
+
+/// Rows [r0, r0 + n) of `t` along dimension `dim`, as a tensor.
+fn rows_of<'a>(t: &Tensor<'a, Buffer>, dim: usize, r0: usize, n: usize) -> Tensor<'a, Buffer> {
+    let mut ne = t.ne;
+    ne[dim] = n as i64;
+    Tensor {
+        buffer: t.buffer,
+        offset: t.offset + r0 as u64 * t.nb[dim],
+        dtype: t.dtype,
+        n_dims: t.n_dims,
+        ne,
+        nb: t.nb,
+    }
+}
+
+/// The dispatches of op `i`: one, or for weights larger than a binding
+/// spans, one per run of rows that fits (a matmul's part writes those
+/// rows of the destination; a row lookup's part copies the rows it holds).
+fn steps_of(g: &Graph<'_, Buffer>, i: u32, dev: &Device) -> Result<Vec<Step>, BackendError> {
+    let op = g.op(i)?;
+    let align = dev.limits.offset_align;
+    let plan = ops::plan(&op, &g.tensors, &dev.limits)?;
+    let mut tensors = Vec::with_capacity(3);
+    for &t in op.srcs().iter().chain([&op.dst]) {
+        tensors.push(g.tensors.get(t)?);
+    }
+    let step = |parts: &[Tensor<'_, Buffer>], rows, shader, groups| -> Result<Step, BackendError> {
+        Ok(Step {
+            kind: op.kind.raw(),
+            n_src: op.srcs().len() as u32,
+            params: op.params,
+            rows,
+            shader,
+            groups,
+            windows: parts
+                .iter()
+                .map(|t| window(t, align))
+                .collect::<Result<_, _>>()?,
+        })
+    };
+    let Some(per_part) = plan.split_rows else {
+        let rows = [0, tensors[0].ne[1] as u32];
+        return Ok(vec![step(
+            &tensors,
+            rows,
+            plan.shader as usize,
+            plan.groups,
+        )?]);
+    };
+    let total = tensors[0].ne[1] as usize;
+    let dst = tensors.len() - 1;
+    let mut steps = Vec::with_capacity(total.div_ceil(per_part));
+    for r0 in (0..total).step_by(per_part) {
+        let n = per_part.min(total - r0);
+        let parts: Vec<_> = (tensors.iter().enumerate())
+            .map(|(k, t)| match k {
+                0 => rows_of(t, 1, r0, n),
+                k if k == dst && op.kind == OpKind::MulMat => rows_of(t, 0, r0, n),
+                // The whole tensor.
+                _ => rows_of(t, 1, 0, t.ne[1] as usize),
+            })
+            .collect();
+        let descs = parts.iter().map(ops::desc).collect::<Result<Vec<_>, _>>()?;
+        let part = ops::plan_descs(op.kind, &op.params, &descs[..dst], &descs[dst], &dev.limits)?;
+        let rows = [r0 as u32, (r0 + n) as u32];
+        steps.push(step(&parts, rows, part.shader as usize, part.groups)?);
+    }
+    Ok(steps)
+}
+
 /// Records and submits `g`; returns before it finishes.
 pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
-    let n = g.n_ops() as usize;
     let align = dev.limits.offset_align;
     // Everything is checked before anything is recorded.
-    let mut steps = Vec::with_capacity(n);
-    for i in 0..n as u32 {
-        let op = g.op(i)?;
-        let plan = ops::plan(&op, &g.tensors, &dev.limits).map_err(|e| e.at_op(i))?;
-        let mut windows = Vec::with_capacity(3);
-        for &t in op.srcs().iter().chain([&op.dst]) {
-            windows.push(window(&g.tensors.get(t)?, align).map_err(|e| e.at_op(i))?);
-        }
-        steps.push((op, plan, windows));
+    let mut steps = Vec::with_capacity(g.n_ops() as usize);
+    for i in 0..g.n_ops() {
+        steps.extend(steps_of(g, i, dev).map_err(|e| e.at_op(i))?);
     }
+    let n = steps.len();
     if n == 0 {
         return Ok(());
     }
@@ -94,7 +171,8 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
     dev.wait_locked(&mut q)?;
     let records = dev.host_buffer(q.records.take(), stride * n as u64)?;
     let base = records.host_bytes().expect("host buffers are mapped");
-    for (i, (op, _, w)) in steps.iter().enumerate() {
+    for (i, step) in steps.iter().enumerate() {
+        let w = &step.windows;
         let dst = w.last().expect("a destination");
         let r = Record {
             s0: w[0].record,
@@ -104,9 +182,10 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                 TensorRecord::default()
             },
             d: dst.record,
-            kind: op.kind.raw(),
-            n_src: op.srcs().len() as u32,
-            params: op.params,
+            kind: step.kind,
+            n_src: step.n_src,
+            params: step.params,
+            rows: step.rows,
         };
         // SAFETY: record i fits at i * stride (the buffer has n strides),
         // and the buffer is idle and mapped.
@@ -162,7 +241,8 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
         }
         .map_err(|e| vk_error("vkAllocateDescriptorSets", e))?;
         let mut infos = Vec::with_capacity(BINDINGS as usize * n);
-        for (i, (_, _, w)) in steps.iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
+            let w = &step.windows;
             infos.push(vk::DescriptorBufferInfo {
                 buffer: records.buffer,
                 offset: i as u64 * stride,
@@ -235,15 +315,15 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                 vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
             );
             let max = dev.limits.max_groups as u64;
-            for (i, (_, plan, _)) in steps.iter().enumerate() {
-                let x = plan.groups.min(max);
-                let y = plan.groups.div_ceil(x);
+            for (i, step) in steps.iter().enumerate() {
+                let x = step.groups.min(max);
+                let y = step.groups.div_ceil(x);
                 // SAFETY: handles of this device, used under its queue lock (see `submit`).
                 unsafe {
                     device.cmd_bind_pipeline(
                         cb,
                         vk::PipelineBindPoint::COMPUTE,
-                        dev.pipelines[plan.shader as usize],
+                        dev.pipelines[step.shader],
                     );
                     device.cmd_bind_descriptor_sets(
                         cb,

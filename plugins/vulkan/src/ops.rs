@@ -24,10 +24,54 @@ pub fn weight_type(t: DType) -> bool {
     )
 }
 
-/// How an op runs: its shader and how many workgroups it needs.
+/// How an op runs: its shader, how many workgroups it needs, and, for a
+/// weight matrix larger than one binding may span, how many of its rows
+/// each dispatch takes (see [`crate::graph`]).
 pub struct Plan {
     pub shader: Shader,
     pub groups: u64,
+    pub split_rows: Option<usize>,
+}
+
+/// Whether `t` fits one binding: its extent plus the slack of an aligned
+/// window start, within the device's range and the shaders' 32-bit byte
+/// addresses.
+fn fits(t: &Desc, limits: &Limits) -> Result<bool, BackendError> {
+    let extent = t
+        .extent()
+        .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
+    Ok(extent + limits.offset_align <= limits.max_range.min(u32::MAX as u64))
+}
+
+fn too_large(t: &Desc, limits: &Limits) -> BackendError {
+    unsupported(format!(
+        "a tensor of {} bytes exceeds the device's binding range ({} bytes)",
+        t.extent().unwrap_or(usize::MAX),
+        limits.max_range
+    ))
+}
+
+/// Rows of a two-dimensional `t` that one binding holds, when all of it
+/// does not; an error when not even one row does.
+fn rows_per_binding(t: &Desc, limits: &Limits) -> Result<usize, BackendError> {
+    if t.ne[2] != 1 || t.ne[3] != 1 || t.nb[1] == 0 {
+        return Err(too_large(t, limits));
+    }
+    let room = limits
+        .max_range
+        .min(u32::MAX as u64)
+        .saturating_sub(limits.offset_align);
+    let row = Desc {
+        ne: [t.ne[0], 1, 1, 1],
+        ..*t
+    }
+    .extent()
+    .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
+    if row > room {
+        return Err(too_large(t, limits));
+    }
+    // Rows r fit when (r - 1) * nb1 + row <= room.
+    Ok(((room - row) / t.nb[1] as u64 + 1) as usize)
 }
 
 /// The tensor as a checked [`Desc`].
@@ -63,33 +107,47 @@ pub fn plan<B>(
         s.push(desc(&tensors.get(i)?)?);
     }
     let d = desc(&tensors.get(op.dst)?)?;
+    plan_descs(op.kind, &op.params, &s, &d, limits)
+}
+
+/// [`plan`] for tensors given as descriptions (the parts of a split op).
+pub fn plan_descs(
+    kind: OpKind,
+    params: &[i32; 8],
+    s: &[Desc],
+    d: &Desc,
+    limits: &Limits,
+) -> Result<Plan, BackendError> {
     // Byte addresses in the shaders are 32-bit and a binding spans at most
-    // `max_range`; dispatches at most max_groups².
-    for t in s.iter().chain([&d]) {
-        let extent = t
-            .extent()
-            .ok_or_else(|| BackendError::invalid("extent overflows"))? as u64;
-        if extent + limits.offset_align > limits.max_range.min(u32::MAX as u64) {
-            return Err(unsupported(format!(
-                "a tensor of {extent} bytes exceeds the device's binding range ({} bytes)",
-                limits.max_range
-            )));
+    // `max_range`: the weights of a matmul or a row lookup are split by
+    // rows over several dispatches; any other tensor must fit. Dispatches
+    // take at most max_groups² workgroups.
+    let splits = matches!(kind, OpKind::MulMat | OpKind::GetRows);
+    let mut split_rows = None;
+    for (i, t) in s.iter().chain([d]).enumerate() {
+        if fits(t, limits)? {
+            continue;
         }
+        if i == 0 && splits {
+            split_rows = Some(rows_per_binding(t, limits)?);
+            continue;
+        }
+        return Err(too_large(t, limits));
     }
     let f32_only = |t: &Desc| t.dtype == DType::F32;
     let same = |a: &Desc, b: &Desc| a.ne == b.ne;
     let n = d.n_elements() as u64;
-    let (ok, (shader, groups)) = match op.kind {
+    let (ok, (shader, groups)) = match kind {
         OpKind::Add | OpKind::Mul => {
             let ok = s.len() == 2
                 && s.iter().all(f32_only)
-                && f32_only(&d)
-                && same(&s[0], &d)
-                && (0..4).all(|i| s[0].ne[i] % s[1].ne[i] == 0);
+                && f32_only(d)
+                && same(&s[0], d)
+                && (0..4).all(|i| s[0].ne[i].is_multiple_of(s[1].ne[i]));
             (ok, (Shader::Elementwise, n.div_ceil(256)))
         }
         OpKind::Scale | OpKind::Silu | OpKind::Gelu => {
-            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(&d) && same(&s[0], &d);
+            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(d) && same(&s[0], d);
             (ok, (Shader::Elementwise, n.div_ceil(256)))
         }
         OpKind::Cpy => {
@@ -98,42 +156,42 @@ pub fn plan<B>(
                 && (!s[0].dtype.is_quantized() || s[0].nb[0] == s[0].dtype.block_bytes());
             let ok = src_ok
                 && matches!(d.dtype, DType::F32 | DType::F16 | DType::BF16)
-                && same(&s[0], &d);
+                && same(&s[0], d);
             (ok, (Shader::Elementwise, n.div_ceil(256)))
         }
         OpKind::RmsNorm | OpKind::Norm => {
-            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(&d) && same(&s[0], &d);
+            let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(d) && same(&s[0], d);
             (ok, (Shader::Rows, d.n_rows() as u64))
         }
         OpKind::SoftMax => {
             let ok = (s.len() == 1 || s.len() == 2)
                 && s.iter().all(f32_only)
-                && f32_only(&d)
-                && same(&s[0], &d)
+                && f32_only(d)
+                && same(&s[0], d)
                 && (s.len() == 1
-                    || (s[1].ne[0] == s[0].ne[0] && (1..4).all(|i| s[0].ne[i] % s[1].ne[i] == 0)));
+                    || (s[1].ne[0] == s[0].ne[0] && (1..4).all(|i| s[0].ne[i].is_multiple_of(s[1].ne[i]))));
             (ok, (Shader::Rows, d.n_rows() as u64))
         }
         OpKind::Rope => {
-            let n_rot = op.params[0];
+            let n_rot = params[0];
             let ok = s.len() == 2
                 && f32_only(&s[0])
-                && f32_only(&d)
-                && same(&s[0], &d)
+                && f32_only(d)
+                && same(&s[0], d)
                 && s[1].dtype == DType::I32
                 && s[1].ne[0] == s[0].ne[2]
                 && s[0].ne[3] == 1
                 && n_rot > 0
                 && n_rot % 2 == 0
                 && n_rot as usize <= s[0].ne[0]
-                && matches!(op.params[1], 0 | 2);
+                && matches!(params[1], 0 | 2);
             (ok, (Shader::Rope, n.div_ceil(256)))
         }
         OpKind::GetRows => {
             let ok = s.len() == 2
                 && weight_type(s[0].dtype)
                 && s[1].dtype == DType::I32
-                && f32_only(&d)
+                && f32_only(d)
                 && s[0].ne[2] == 1
                 && s[0].ne[3] == 1
                 && s[1].ne[1..] == [1, 1, 1]
@@ -145,10 +203,10 @@ pub fn plan<B>(
                 && weight_type(s[0].dtype)
                 && (!s[0].dtype.is_quantized() || s[0].nb[0] == s[0].dtype.block_bytes())
                 && f32_only(&s[1])
-                && f32_only(&d)
+                && f32_only(d)
                 && s[0].ne[0] == s[1].ne[0]
-                && s[1].ne[2] % s[0].ne[2] == 0
-                && s[1].ne[3] % s[0].ne[3] == 0
+                && s[1].ne[2].is_multiple_of(s[0].ne[2])
+                && s[1].ne[3].is_multiple_of(s[0].ne[3])
                 && d.ne == [s[0].ne[1], s[1].ne[1], s[1].ne[2], s[1].ne[3]];
             (ok, (Shader::MulMat, n))
         }
@@ -156,15 +214,19 @@ pub fn plan<B>(
     if !ok {
         return Err(unsupported(format!(
             "{}: these types or shapes are not supported on Vulkan yet",
-            op.kind
+            kind
         )));
     }
     let max = u64::from(limits.max_groups);
     if groups > max * max {
         return Err(unsupported(format!(
             "{}: {groups} workgroups exceed the device's dispatch limit",
-            op.kind
+            kind
         )));
     }
-    Ok(Plan { shader, groups })
+    Ok(Plan {
+        shader,
+        groups,
+        split_rows,
+    })
 }

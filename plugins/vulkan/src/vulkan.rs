@@ -243,9 +243,12 @@ impl Device {
         let props = unsafe { instance.get_physical_device_properties(pd) };
         let mut id = vk::PhysicalDeviceIDProperties::default();
         let mut driver = vk::PhysicalDeviceDriverProperties::default();
+        let mut maintenance3 = vk::PhysicalDeviceMaintenance3Properties::default();
         let has_driver_props = props.api_version >= vk::API_VERSION_1_2;
         {
-            let mut props2 = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
+            let mut props2 = vk::PhysicalDeviceProperties2::default()
+                .push_next(&mut id)
+                .push_next(&mut maintenance3);
             if has_driver_props {
                 props2 = props2.push_next(&mut driver);
             }
@@ -322,8 +325,15 @@ impl Device {
             vk::PhysicalDeviceType::CPU => DeviceKind::Cpu,
             _ => DeviceKind::Accelerator,
         };
+        // `KILN_VULKAN_MAX_RANGE=BYTES` narrows the binding range, as a
+        // device with a small one would have it (tests run the weights'
+        // row splitting with it).
+        let forced_range = std::env::var("KILN_VULKAN_MAX_RANGE")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let limits = Limits {
-            max_range: u64::from(props.limits.max_storage_buffer_range),
+            max_range: u64::from(props.limits.max_storage_buffer_range)
+                .min(forced_range.unwrap_or(u64::MAX)),
             offset_align: props.limits.min_storage_buffer_offset_alignment.max(4),
             max_groups: props.limits.max_compute_work_group_count[0]
                 .min(props.limits.max_compute_work_group_count[1]),
@@ -339,7 +349,7 @@ impl Device {
                 } else {
                     0
                 },
-            max_buffer_size: limits.max_range,
+            max_buffer_size: maintenance3.max_memory_allocation_size,
             buffer_alignment: limits.offset_align as u32,
             uuid: id.device_uuid,
         };
