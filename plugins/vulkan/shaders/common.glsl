@@ -25,11 +25,15 @@ layout(std430, binding = 0) readonly buffer Record {
     // The rows [lo, hi) of src0 this dispatch holds, when an op's weights
     // are split over several (src/graph.rs); src0's row lo is its row 0.
     uint rows[2];
+    // What the host side computes for the shader: ROPE's angle step.
+    float aux;
 } op;
 
 layout(std430, binding = 1) readonly buffer Src0 { uint src0[]; };
 layout(std430, binding = 2) readonly buffer Src1 { uint src1[]; };
 layout(std430, binding = 3) buffer Dst { uint dst[]; };
+// The device's scratch, kept between graphs: MUL_MAT's rounded activations.
+layout(std430, binding = 4) buffer Scratch { uint scratch[]; };
 
 // ABI numbers (kiln_backend.h).
 const uint T_F32 = 0u;

@@ -1,11 +1,12 @@
 //! A graph as one command buffer: per op a record (the tensors' types,
 //! extents, strides and base offsets, and the params) in a host-visible
-//! buffer, a descriptor set binding the record and a window of each
-//! tensor's buffer, a dispatch, and a barrier before the next op. One
-//! submission; [`crate::vulkan::Device::wait`] waits for it.
+//! buffer, a descriptor set binding the record, a window of each
+//! tensor's buffer and the device's scratch, a dispatch (two for a
+//! MUL_MAT: its activations are rounded first), and a barrier before the
+//! next one. One submission; [`crate::vulkan::Device::wait`] waits for it.
 
 use crate::ops;
-use crate::vulkan::{BINDINGS, Buffer, Device, vk_error};
+use crate::vulkan::{BINDINGS, Buffer, Device, Shader, vk_error};
 use ash::vk;
 use kiln_plugin_api::{BackendError, Graph, OpKind, Tensor};
 
@@ -33,6 +34,8 @@ struct Record {
     /// The rows [lo, hi) of src0 this dispatch holds: all of them, or a
     /// part of weights split over several dispatches.
     rows: [u32; 2],
+    /// What the host side computes for the shader: ROPE's angle step.
+    aux: f32,
 }
 
 /// A window of a buffer bound for one tensor.
@@ -80,9 +83,12 @@ struct Step {
     n_src: u32,
     params: [i32; 8],
     rows: [u32; 2],
+    aux: f32,
     shader: usize,
     groups: u64,
     windows: Vec<Window>,
+    /// Scratch bytes it writes or reads.
+    scratch: u64,
 }
 
 /// Rows [r0, r0 + n) of `t` along dimension `dim`, as a tensor.
@@ -110,32 +116,50 @@ fn steps_of(g: &Graph<'_, Buffer>, i: u32, dev: &Device) -> Result<Vec<Step>, Ba
     for &t in op.srcs().iter().chain([&op.dst]) {
         tensors.push(g.tensors.get(t)?);
     }
+    let scratch = plan.activations.map_or(0, |(_, bytes)| bytes);
+    // ROPE's angle step, base^(-2 / n_rot), from the same libm powf as the
+    // CPU's: a GPU's pow is approximate, and the angles must be the CPU's
+    // to the last bit (K is rounded to f16 right after).
+    let aux = if op.kind == OpKind::Rope && op.params[0] > 0 {
+        f32::from_bits(op.params[2] as u32).powf(-2.0 / op.params[0] as f32)
+    } else {
+        0.0
+    };
     let step = |parts: &[Tensor<'_, Buffer>], rows, shader, groups| -> Result<Step, BackendError> {
         Ok(Step {
             kind: op.kind.raw(),
             n_src: op.srcs().len() as u32,
             params: op.params,
             rows,
+            aux,
             shader,
             groups,
             windows: parts
                 .iter()
                 .map(|t| window(t, align))
                 .collect::<Result<_, _>>()?,
+            scratch,
         })
     };
+    // A matmul's activations are rounded once, before its first part (the
+    // record tells quantize.comp the weights' type and width; it reads
+    // only src1).
+    let mut steps = Vec::new();
+    let quantize = |steps: &mut Vec<Step>, parts: &[Tensor<'_, Buffer>]| {
+        if let Some((groups, _)) = plan.activations {
+            let rows = [0, parts[0].ne[1] as u32];
+            steps.push(step(parts, rows, Shader::Quantize as usize, groups)?);
+        }
+        Ok::<_, BackendError>(())
+    };
     let Some(per_part) = plan.split_rows else {
+        quantize(&mut steps, &tensors)?;
         let rows = [0, tensors[0].ne[1] as u32];
-        return Ok(vec![step(
-            &tensors,
-            rows,
-            plan.shader as usize,
-            plan.groups,
-        )?]);
+        steps.push(step(&tensors, rows, plan.shader as usize, plan.groups)?);
+        return Ok(steps);
     };
     let total = tensors[0].ne[1] as usize;
     let dst = tensors.len() - 1;
-    let mut steps = Vec::with_capacity(total.div_ceil(per_part));
     for r0 in (0..total).step_by(per_part) {
         let n = per_part.min(total - r0);
         let parts: Vec<_> = (tensors.iter().enumerate())
@@ -148,6 +172,9 @@ fn steps_of(g: &Graph<'_, Buffer>, i: u32, dev: &Device) -> Result<Vec<Step>, Ba
             .collect();
         let descs = parts.iter().map(ops::desc).collect::<Result<Vec<_>, _>>()?;
         let part = ops::plan_descs(op.kind, &op.params, &descs[..dst], &descs[dst], &dev.limits)?;
+        if r0 == 0 {
+            quantize(&mut steps, &parts)?;
+        }
         let rows = [r0 as u32, (r0 + n) as u32];
         steps.push(step(&parts, rows, part.shader as usize, part.groups)?);
     }
@@ -170,6 +197,14 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
     let mut q = dev.lock();
     dev.wait_locked(&mut q)?;
     let records = dev.host_buffer(q.records.take(), stride * n as u64)?;
+    let scratch_bytes = steps.iter().map(|s| s.scratch).max().unwrap_or(0).max(16);
+    let scratch = match dev.scratch_buffer(q.scratch.take(), scratch_bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            q.records = Some(records);
+            return Err(e);
+        }
+    };
     let base = records.host_bytes().expect("host buffers are mapped");
     for (i, step) in steps.iter().enumerate() {
         let w = &step.windows;
@@ -186,6 +221,7 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
             n_src: step.n_src,
             params: step.params,
             rows: step.rows,
+            aux: step.aux,
         };
         // SAFETY: record i fits at i * stride (the buffer has n strides),
         // and the buffer is idle and mapped.
@@ -257,6 +293,11 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                     range: win.range,
                 });
             }
+            infos.push(vk::DescriptorBufferInfo {
+                buffer: scratch.buffer,
+                offset: 0,
+                range: scratch_bytes,
+            });
         }
         let writes: Vec<_> = (0..BINDINGS as usize * n)
             .map(|k| {
@@ -365,8 +406,10 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
             }
         }
     })();
-    // The records stay alive (and untouched) until the graph is waited for.
+    // The records and scratch stay alive (and untouched) until the graph is
+    // waited for.
     q.records = Some(records);
+    q.scratch = Some(scratch);
     q.in_flight = Some(recorded?);
     Ok(())
 }

@@ -31,6 +31,25 @@ pub struct Plan {
     pub shader: Shader,
     pub groups: u64,
     pub split_rows: Option<usize>,
+    /// A MUL_MAT's first half (quantize.comp): its workgroups and the
+    /// scratch bytes it fills.
+    pub activations: Option<(u64, u64)>,
+}
+
+/// Activation columns one MUL_MAT workgroup takes (`TM` in mul_mat.comp).
+const MUL_MAT_COLUMNS: u64 = 8;
+
+/// Words per block and blocks per row of MUL_MAT's rounded activations for
+/// weights of type `wt` and rows of `k` (shaders/act.glsl): K floats in
+/// blocks of 32 for float weights, Q8_0 with a sum (10 words per 32) for
+/// the 32-element types, Q8_K with sums per 16 (81 words per 256) for the
+/// K-quants.
+fn activation_blocks(wt: DType, k: u64) -> (u64, u64) {
+    match wt.block_len() {
+        256 => (81, k / 256),
+        32 => (10, k / 32),
+        _ => (32, k.div_ceil(32)),
+    }
 }
 
 /// Whether `t` fits one binding: its extent plus the slack of an aligned
@@ -169,7 +188,8 @@ pub fn plan_descs(
                 && f32_only(d)
                 && same(&s[0], d)
                 && (s.len() == 1
-                    || (s[1].ne[0] == s[0].ne[0] && (1..4).all(|i| s[0].ne[i].is_multiple_of(s[1].ne[i]))));
+                    || (s[1].ne[0] == s[0].ne[0]
+                        && (1..4).all(|i| s[0].ne[i].is_multiple_of(s[1].ne[i]))));
             (ok, (Shader::Rows, d.n_rows() as u64))
         }
         OpKind::Rope => {
@@ -208,7 +228,14 @@ pub fn plan_descs(
                 && s[1].ne[2].is_multiple_of(s[0].ne[2])
                 && s[1].ne[3].is_multiple_of(s[0].ne[3])
                 && d.ne == [s[0].ne[1], s[1].ne[1], s[1].ne[2], s[1].ne[3]];
-            (ok, (Shader::MulMat, n))
+            let columns = d.ne[1] as u64;
+            let groups = (d.ne[0] * d.ne[2] * d.ne[3]) as u64 * columns.div_ceil(MUL_MAT_COLUMNS);
+            let shader = if limits.f64 {
+                Shader::MulMatF64
+            } else {
+                Shader::MulMat
+            };
+            (ok, (shader, groups))
         }
     };
     if !ok {
@@ -217,16 +244,29 @@ pub fn plan_descs(
             kind
         )));
     }
+    let activations = (kind == OpKind::MulMat).then(|| {
+        let (words, blocks) = activation_blocks(s[0].dtype, s[0].ne[0] as u64);
+        let rows = s[1].n_rows() as u64;
+        ((rows * blocks).div_ceil(64), rows * blocks * words * 4)
+    });
     let max = u64::from(limits.max_groups);
-    if groups > max * max {
+    let most = groups.max(activations.map_or(0, |(g, _)| g));
+    if most > max * max {
         return Err(unsupported(format!(
-            "{}: {groups} workgroups exceed the device's dispatch limit",
-            kind
+            "{kind}: {most} workgroups exceed the device's dispatch limit"
+        )));
+    }
+    if let Some((_, bytes)) = activations
+        && bytes + limits.offset_align > limits.max_range.min(u32::MAX as u64)
+    {
+        return Err(unsupported(format!(
+            "{kind}: {bytes} bytes of rounded activations exceed the device's binding range"
         )));
     }
     Ok(Plan {
         shader,
         groups,
         split_rows,
+        activations,
     })
 }

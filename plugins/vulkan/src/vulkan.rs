@@ -12,7 +12,7 @@ use kiln_plugin_api::{BackendError, DeviceInfo, DeviceKind, ErrorCode};
 use std::sync::{Mutex, MutexGuard};
 
 /// The shaders, compiled by build.rs.
-pub const SHADERS: [(Shader, &[u8]); 5] = [
+pub const SHADERS: [(Shader, &[u8]); 7] = [
     (
         Shader::Elementwise,
         include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.spv")),
@@ -33,6 +33,14 @@ pub const SHADERS: [(Shader, &[u8]); 5] = [
         Shader::MulMat,
         include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat.spv")),
     ),
+    (
+        Shader::Quantize,
+        include_bytes!(concat!(env!("OUT_DIR"), "/quantize.spv")),
+    ),
+    (
+        Shader::MulMatF64,
+        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_f64.spv")),
+    ),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +50,14 @@ pub enum Shader {
     Rope = 2,
     GetRows = 3,
     MulMat = 4,
+    Quantize = 5,
+    /// MUL_MAT summing in double: the CPU's results to the last bit.
+    MulMatF64 = 6,
 }
 
-/// Bindings per op: the record, two sources, the destination.
-pub const BINDINGS: u32 = 4;
+/// Bindings per op: the record, two sources, the destination and the
+/// device's scratch.
+pub const BINDINGS: u32 = 5;
 
 pub fn vk_error(what: &str, r: vk::Result) -> BackendError {
     let code = match r {
@@ -65,6 +77,8 @@ pub struct Limits {
     /// A binding's offset is a multiple of this.
     pub offset_align: u64,
     pub max_groups: u32,
+    /// The device has shaderFloat64 (enabled): MUL_MAT sums in double.
+    pub f64: bool,
 }
 
 pub struct Instance {
@@ -106,11 +120,13 @@ pub struct Queue {
     /// Kept between calls and grown as needed, so that a decode step
     /// allocates nothing: the op records of the last graph (in use until
     /// it finishes), its descriptor pool and how many sets it holds, and
-    /// the staging buffer of transfers to and from device-local memory.
+    /// the staging buffer of transfers to and from device-local memory,
+    /// and the scratch of the shaders (MUL_MAT's rounded activations).
     pub records: Option<Buffer>,
     pub descriptors: vk::DescriptorPool,
     pub descriptor_sets: u32,
     staging: Option<Buffer>,
+    pub scratch: Option<Buffer>,
 }
 
 /// A device buffer.
@@ -271,8 +287,13 @@ impl Device {
         let queue_info = vk::DeviceQueueCreateInfo::default()
             .queue_family_index(family)
             .queue_priorities(&priorities);
-        let create =
-            vk::DeviceCreateInfo::default().queue_create_infos(std::slice::from_ref(&queue_info));
+        // SAFETY: handles of this instance and device; valid create infos.
+        let has_f64 = unsafe { instance.get_physical_device_features(pd) }.shader_float64 != 0
+            && !env_on("KILN_VULKAN_NO_F64");
+        let features = vk::PhysicalDeviceFeatures::default().shader_float64(has_f64);
+        let create = vk::DeviceCreateInfo::default()
+            .queue_create_infos(std::slice::from_ref(&queue_info))
+            .enabled_features(&features);
         let device =
             // SAFETY: handles of this instance and device; valid create infos.
             unsafe { instance.create_device(pd, &create, None) }.map_err(|e| e.to_string())?;
@@ -337,6 +358,7 @@ impl Device {
             offset_align: props.limits.min_storage_buffer_offset_alignment.max(4),
             max_groups: props.limits.max_compute_work_group_count[0]
                 .min(props.limits.max_compute_work_group_count[1]),
+            f64: has_f64,
         };
         let info = DeviceInfo {
             kind,
@@ -417,10 +439,16 @@ impl Device {
                 descriptors: vk::DescriptorPool::null(),
                 descriptor_sets: 0,
                 staging: None,
+                scratch: None,
             }),
         };
         for (i, (shader, spv)) in SHADERS.iter().enumerate() {
             debug_assert_eq!(*shader as usize, i);
+            if *shader == Shader::MulMatF64 && !d.limits.f64 {
+                // Doubles need a feature this device lacks (never bound).
+                d.pipelines.push(vk::Pipeline::null());
+                continue;
+            }
             let words =
                 ash::util::read_spv(&mut std::io::Cursor::new(spv)).map_err(|e| e.to_string())?;
             // SAFETY: handles of this instance and device; valid create infos.
@@ -557,6 +585,20 @@ impl Device {
         match kept {
             Some(b) if b.size >= size => Ok(b),
             _ => self.make_buffer(0, size.next_power_of_two(), self.host_type, true),
+        }
+    }
+
+    /// A device buffer of at least `size` bytes for the shaders' scratch:
+    /// `kept` if it is large enough, else a new one (a power of two).
+    pub fn scratch_buffer(&self, kept: Option<Buffer>, size: u64) -> Result<Buffer, BackendError> {
+        match kept {
+            Some(b) if b.size >= size => Ok(b),
+            _ => self.make_buffer(
+                0,
+                size.max(16).next_power_of_two(),
+                self.buffer_type,
+                self.mapped,
+            ),
         }
     }
 
@@ -754,6 +796,7 @@ impl Drop for Device {
             }
             q.records = None;
             q.staging = None;
+            q.scratch = None;
             self.device.destroy_fence(q.fence, None);
             self.device.destroy_command_pool(q.pool, None);
             self.device.destroy_device(None);
