@@ -342,6 +342,24 @@ fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
             .unwrap()
             .is_empty()
     );
+    // `kiln doctor` loads it and lists its device beside the built-in one.
+    let doctor = home.json(&["doctor", "--json"]);
+    let names: Vec<_> = (doctor["backends"].as_array().unwrap().iter())
+        .map(|b| (b["name"].as_str().unwrap(), b["devices"].as_array().unwrap().len()))
+        .collect();
+    assert_eq!(names, [("cpu", 1), ("cpu-plugin", 1)], "{doctor:#}");
+    // The stored copy damaged: one problem, named once (not again when the
+    // backends are loaded), and no crash.
+    std::fs::write(&stored, b"damaged").unwrap();
+    let out = home.kiln(&["doctor", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = doctor["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{doctor:#}");
+    assert!(
+        problems[0].as_str().unwrap().contains("cpu-plugin@0.1.0"),
+        "{doctor:#}"
+    );
 }
 
 #[test]

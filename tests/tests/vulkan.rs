@@ -73,6 +73,40 @@ fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
         "{stderr}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("llvmpipe"));
+    // `kiln doctor` lists the device, or says why there is none.
+    let doctor = home.json(&["doctor", "--json"]);
+    let vulkan = |d: &serde_json::Value| {
+        d["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "vulkan")
+            .cloned()
+            .unwrap_or_else(|| panic!("{d:#}"))
+    };
+    let listed = vulkan(&doctor)["devices"].to_string();
+    assert!(listed.contains("llvmpipe"), "{doctor:#}");
+    let out = home
+        .command(&["doctor", "--json"])
+        .env_remove("KILN_VULKAN_ALLOW_CPU")
+        .output()
+        .unwrap();
+    let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        vulkan(&doctor)["devices"],
+        serde_json::json!([]),
+        "{doctor:#}"
+    );
+    assert!(
+        doctor["plugin_notes"]
+            .to_string()
+            .contains("CPU implementation, hidden"),
+        "{doctor:#}"
+    );
+    assert!(
+        out.status.success(),
+        "no device is not a problem: {doctor:#}"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::{CliResult, JSON_SCHEMA_VERSION, print_json};
 use kiln_plugin_api::{KILN_ABI_VERSION_MAJOR, KILN_ABI_VERSION_MINOR, KILN_LAYOUT_FINGERPRINT};
 use kiln_registry::config::Config;
 use kiln_registry::{PluginState, Registry};
-use kiln_runtime::backend::Backend;
+use kiln_runtime::backend::{Backend, BackendSet, BackendSource};
 use kiln_runtime::cpu_features;
 use kiln_runtime::plugin::{self, MANIFEST_FILE};
 use serde_json::{Value, json};
@@ -49,9 +49,12 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             None
         }
     };
-    let registry_json = match &registry {
+    let (registry_json, flagged) = match &registry {
         Some(r) => registry_report(r, &mut problems),
-        None => json!({"path": config.registry_path(), "usable": false}),
+        None => (
+            json!({"path": config.registry_path(), "usable": false}),
+            Vec::new(),
+        ),
     };
 
     let installed = registry
@@ -85,6 +88,37 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         })
         .collect();
 
+    // Every active backend loaded, its devices listed, and what the
+    // plugins said while loading (why a device was skipped or hidden).
+    let mut plugin_notes = Vec::new();
+    let mut backends = Vec::new();
+    if let Some(r) = &registry {
+        let _ = kiln_runtime::backend::take_plugin_warnings();
+        let set = BackendSet::load(r);
+        plugin_notes = kiln_runtime::backend::take_plugin_warnings();
+        // A plugin that failed preflight above is not reported twice.
+        problems.extend(set.problems.into_iter().filter(|p| {
+            !flagged
+                .iter()
+                .any(|label| p.starts_with(&format!("plugin {label} ")))
+        }));
+        for b in &set.backends {
+            let version = match &b.source {
+                BackendSource::Plugin { version, .. } => Some(version.clone()),
+                BackendSource::Builtin => None,
+            };
+            let devices: Vec<Value> = (b.devices.iter().enumerate())
+                .map(|(i, d)| {
+                    json!({
+                        "device": i, "name": d.name, "kind": d.kind.name(),
+                        "total_memory": d.total_memory, "free_memory": d.free_memory,
+                    })
+                })
+                .collect();
+            backends.push(json!({"name": b.name(), "version": version, "devices": devices}));
+        }
+    }
+
     let report = json!({
         "schema_version": JSON_SCHEMA_VERSION,
         "kiln_version": env!("CARGO_PKG_VERSION"),
@@ -110,6 +144,8 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "plugin_dirs": dirs,
         "registry": registry_json,
         "discovered_plugins": discovered,
+        "backends": backends,
+        "plugin_notes": plugin_notes,
         "problems": problems,
     });
 
@@ -125,7 +161,9 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
     })
 }
 
-fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
+/// The registry's state; adds its problems, and returns the labels of the
+/// active plugins that no longer pass preflight with it.
+fn registry_report(r: &Registry, problems: &mut Vec<String>) -> (Value, Vec<String>) {
     let integrity = r.integrity_check().unwrap_or_else(|e| e.to_string());
     if integrity != "ok" {
         problems.push(format!(
@@ -135,8 +173,13 @@ fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
     }
     let plugins = r.plugins().unwrap_or_default();
     let count = |s: PluginState| plugins.iter().filter(|p| p.state == s).count();
+    let mut flagged = Vec::new();
     for p in plugins.iter().filter(|p| p.state == PluginState::Active) {
-        match plugin::preflight(&p.manifest_path) {
+        let checked = plugin::preflight(&p.manifest_path);
+        if !matches!(&checked, Ok(v) if v.sha256 == p.sha256) {
+            flagged.push(p.label());
+        }
+        match checked {
             Ok(v) if v.sha256 == p.sha256 => {}
             Ok(v) => problems.push(format!(
                 "active plugin {}: the stored library changed (sha256 {} expected {}); re-add it or `kiln plugins rollback {}`",
@@ -152,7 +195,7 @@ fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
             )),
         }
     }
-    json!({
+    let report = json!({
         "path": r.path(),
         "usable": true,
         "schema_version": r.schema_version().ok(),
@@ -162,7 +205,8 @@ fn registry_report(r: &Registry, problems: &mut Vec<String>) -> Value {
             "inactive": count(PluginState::Inactive),
             "disabled": count(PluginState::Disabled),
         },
-    })
+    });
+    (report, flagged)
 }
 
 fn print_human(r: &Value) {
@@ -248,6 +292,28 @@ fn print_human(r: &Value) {
             s(&d["manifest"]).trim_end_matches(MANIFEST_FILE),
             s(&d["status"])
         );
+    }
+    for b in r["backends"].as_array().into_iter().flatten() {
+        let label = match b["version"].as_str() {
+            Some(v) => format!("{}@{v}", s(&b["name"])),
+            None => s(&b["name"]).to_string(),
+        };
+        let devices = b["devices"].as_array().cloned().unwrap_or_default();
+        if devices.is_empty() {
+            println!("backend      {label}: no devices");
+        }
+        for d in devices {
+            let gib = d["total_memory"].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+            println!(
+                "backend      {label}:{} {} ({}, {gib:.1} GiB)",
+                d["device"],
+                s(&d["name"]),
+                s(&d["kind"])
+            );
+        }
+    }
+    for n in r["plugin_notes"].as_array().into_iter().flatten() {
+        println!("plugin said  {}", s(n));
     }
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

@@ -29,8 +29,27 @@ struct StderrSink {
     max_level: i32,
 }
 
+/// The last warnings and errors plugins logged, for `kiln doctor`.
+static PLUGIN_WARNINGS: Mutex<std::collections::VecDeque<String>> =
+    Mutex::new(std::collections::VecDeque::new());
+const PLUGIN_WARNINGS_KEPT: usize = 64;
+
+/// Takes the warnings and errors plugins have logged since the last call
+/// (the last 64 at most; they went to stderr too).
+pub fn take_plugin_warnings() -> Vec<String> {
+    let mut kept = PLUGIN_WARNINGS.lock().unwrap_or_else(|p| p.into_inner());
+    kept.drain(..).collect()
+}
+
 impl HostSink for StderrSink {
     fn log(&self, level: i32, message: &str) {
+        if level <= 1 {
+            let mut kept = PLUGIN_WARNINGS.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() == PLUGIN_WARNINGS_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(message.to_string());
+        }
         if level <= self.max_level {
             let name = ["error", "warn", "info", "debug"]
                 .get(level as usize)
