@@ -345,7 +345,12 @@ fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     // `kiln doctor` loads it and lists its device beside the built-in one.
     let doctor = home.json(&["doctor", "--json"]);
     let names: Vec<_> = (doctor["backends"].as_array().unwrap().iter())
-        .map(|b| (b["name"].as_str().unwrap(), b["devices"].as_array().unwrap().len()))
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap(),
+                b["devices"].as_array().unwrap().len(),
+            )
+        })
         .collect();
     assert_eq!(names, [("cpu", 1), ("cpu-plugin", 1)], "{doctor:#}");
     // The stored copy damaged: one problem, named once (not again when the

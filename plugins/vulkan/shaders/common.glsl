@@ -43,10 +43,13 @@ const uint T_Q4_1 = 3u;
 const uint T_Q5_0 = 6u;
 const uint T_Q5_1 = 7u;
 const uint T_Q8_0 = 8u;
+const uint T_Q2_K = 10u;
+const uint T_Q3_K = 11u;
 const uint T_Q4_K = 12u;
 const uint T_Q5_K = 13u;
 const uint T_Q6_K = 14u;
 const uint T_IQ4_NL = 20u;
+const uint T_IQ4_XS = 23u;
 const uint T_I32 = 26u;
 const uint T_BF16 = 30u;
 
@@ -119,8 +122,39 @@ uint flat_group() { return gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupI
         uint a = byte_##S(sc + is + 4u), lo = byte_##S(sc + is - 4u), hi = byte_##S(sc + is); \
         return uvec2((a & 15u) | ((lo >> 6) << 4), (a >> 4) | ((hi >> 6) << 4));             \
     }                                                                                        \
+    /* Q3_K's sub-block i (0..15) scale, less 32. */                                         \
+    int q3_k_scale_##S(uint sc, uint i) {                                                    \
+        uint low = i < 8u ? byte_##S(sc + i) & 15u : byte_##S(sc + i - 8u) >> 4;              \
+        uint high = (byte_##S(sc + 8u + (i & 3u)) >> (2u * (i >> 2))) & 3u;                  \
+        return int(low | (high << 4)) - 32;                                                  \
+    }                                                                                        \
+    /* IQ4_XS's sub-block ib (0..7) scale, less 32. */                                       \
+    int iq4_xs_scale_##S(uint b, uint ib) {                                                  \
+        uint low = (byte_##S(b + 4u + (ib >> 1)) >> (4u * (ib & 1u))) & 15u;                 \
+        uint high = (u16_##S(b + 2u) >> (2u * ib)) & 3u;                                     \
+        return int(low | (high << 4)) - 32;                                                  \
+    }                                                                                        \
     /* Element j (0..255) of the 256-element block at byte address b. */                     \
     float kblock_##S(uint t, uint b, uint j) {                                               \
+        if (t == T_Q2_K || t == T_Q3_K) {                                                    \
+            /* Sub-block j / 16; the code's byte 32n + j % 32, shift 2·((j % 128) / 32). */  \
+            uint n = j >> 7, sh = 2u * ((j >> 5) & 3u), r = j & 31u, i = j >> 4;             \
+            uint qs = t == T_Q2_K ? b + 16u : b + 32u;                                       \
+            int q = int((byte_##S(qs + 32u * n + r) >> sh) & 3u);                            \
+            if (t == T_Q2_K) {                                                               \
+                uint sc = byte_##S(b + i);                                                   \
+                precise float v = f16_##S(b + 80u) * float(sc & 15u) * float(q)              \
+                                - f16_##S(b + 82u) * float(sc >> 4);                         \
+                return v;                                                                    \
+            }                                                                                \
+            if (((byte_##S(b + r) >> (4u * n + (sh >> 1))) & 1u) == 0u) q -= 4;              \
+            return f16_##S(b + 108u) * float(q3_k_scale_##S(b + 96u, i)) * float(q);         \
+        }                                                                                    \
+        if (t == T_IQ4_XS) {                                                                 \
+            uint ib = j >> 5, r = j & 31u;                                                   \
+            uint q = (byte_##S(b + 8u + 16u * ib + (r & 15u)) >> (4u * (r >> 4))) & 15u;     \
+            return f16_##S(b) * float(iq4_xs_scale_##S(b, ib)) * float(IQ4_NL_VALUES[q]);    \
+        }                                                                                    \
         uint c = j >> 6, l = j & 31u, high = (j >> 5) & 1u;                                  \
         if (t == T_Q6_K) {                                                                   \
             uint n = j >> 7, r = j & 127u, quarter = r >> 5;                                 \
@@ -139,6 +173,9 @@ uint flat_group() { return gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupI
 
 // Bytes of one 256-element block of a K-quant; 0 for the others.
 uint kblock_bytes(uint t) {
+    if (t == T_Q2_K) return 84u;
+    if (t == T_Q3_K) return 110u;
+    if (t == T_IQ4_XS) return 136u;
     if (t == T_Q4_K) return 144u;
     if (t == T_Q5_K) return 176u;
     if (t == T_Q6_K) return 210u;

@@ -141,7 +141,45 @@ void main() {
         for (uint u = t; u < 32u * nb; u += WG) {
             uint b = u >> 5, v = u & 31u;
             uint wb = row + b * kb;
-            if (wt == T_Q6_K) {
+            if (wt == T_Q2_K || wt == T_Q3_K) {
+                // Elements 8v..8v+7: sub-block v / 2, their codes in bytes
+                // 32n + l0.. at shift 2j.
+                uint n = v >> 4, sh = 2u * ((v >> 2) & 3u), l0 = (v & 3u) * 8u, i = v >> 1;
+                uint qs = wb + (wt == T_Q2_K ? 16u : 32u) + 32u * n + l0;
+                ivec4 c0 = lo4(u32_0(qs) >> sh) & 3, c1 = lo4(u32_0(qs + 4u) >> sh) & 3;
+                if (wt == T_Q3_K) {
+                    uint hb = 4u * n + (sh >> 1);
+                    c0 += ((lo4(u32_0(wb + l0) >> hb) & 1) << 2) - 4;
+                    c1 += ((lo4(u32_0(wb + l0 + 4u) >> hb) & 1) << 2) - 4;
+                }
+                uint sc = wt == T_Q2_K ? byte_0(wb + i) : 0u;
+                int scale = wt == T_Q2_K ? int(sc & 15u) : q3_k_scale_0(wb + 96u, i);
+                float d = f16_0(wt == T_Q2_K ? wb + 80u : wb + 108u);
+                float dmin = wt == T_Q2_K ? f16_0(wb + 82u) : 0.0;
+                [[unroll]] for (uint j = 0u; j < TM; j++) {
+                    if (j >= cols) break;
+                    uint x = act_block(wt, k_len, r0 + j, b);
+                    int s = idot(c0, i8x4(scratch[x + 2u * v])) + idot(c1, i8x4(scratch[x + 2u * v + 1u]));
+                    ACC dx = ACC(uintBitsToFloat(scratch[x + 64u]));
+                    acc[j] += ACC(d) * dx * ACC(scale * s);
+                    if (wt == T_Q2_K && (v & 1u) == 0u) {
+                        acc[j] -= ACC(dmin) * dx * ACC(int(sc >> 4) * int(scratch[x + 65u + i]));
+                    }
+                }
+            } else if (wt == T_IQ4_XS) {
+                // Sub-block ib of 32, bytes 4q..4q+3 of its codes.
+                uint ib = v >> 2, q = v & 3u;
+                uint w = u32_0(wb + 8u + 16u * ib + 4u * q);
+                ivec4 c0 = iq4nl(lo4(w)), c1 = iq4nl(hi4(w));
+                int scale = iq4_xs_scale_0(wb, ib);
+                float d = f16_0(wb);
+                [[unroll]] for (uint j = 0u; j < TM; j++) {
+                    if (j >= cols) break;
+                    uint x = act_block(wt, k_len, r0 + j, b);
+                    int s = idot(c0, i8x4(scratch[x + 8u * ib + q])) + idot(c1, i8x4(scratch[x + 8u * ib + 4u + q]));
+                    acc[j] += ACC(d) * ACC(uintBitsToFloat(scratch[x + 64u])) * ACC(scale * s);
+                }
+            } else if (wt == T_Q6_K) {
                 // Elements 128h + 32p + l0 .. +7.
                 uint h = v >> 4, p = (v >> 2) & 3u, l0 = (v & 3u) * 8u;
                 uint ql = wb + 64u * h + 32u * (p & 1u) + l0, qh = wb + 128u + 32u * h + l0;

@@ -4,8 +4,7 @@
 use crate::vulkan::{Limits, Shader};
 use kiln_plugin_api::{BackendError, DType, Desc, OpKind, Tensor, Tensors};
 
-/// The weight types the shaders dequantize. (Q2_K, Q3_K and IQ4_XS are
-/// not yet here: the host runs those on the CPU.)
+/// The weight types the shaders dequantize.
 pub fn weight_type(t: DType) -> bool {
     matches!(
         t,
@@ -17,10 +16,13 @@ pub fn weight_type(t: DType) -> bool {
             | DType::Q5_0
             | DType::Q5_1
             | DType::Q8_0
+            | DType::Q2_K
+            | DType::Q3_K
             | DType::Q4_K
             | DType::Q5_K
             | DType::Q6_K
             | DType::IQ4_NL
+            | DType::IQ4_XS
     )
 }
 

@@ -189,7 +189,7 @@ pub fn cases() -> Vec<Case> {
         (F32, [45, 3, 1, 1]),
         1e-6,
     ));
-    for t in [F32, F16, Q4_0, Q8_0, Q6_K] {
+    for t in [F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q6_K, IQ4_XS] {
         v.push(Case::new(
             OpKind::GetRows,
             &[(t, [256, 10, 1, 1]), (I32, [2, 1, 1, 1])],
