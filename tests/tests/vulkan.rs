@@ -272,6 +272,13 @@ fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_staged_or_split() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The weights' upload is reported (on a terminal as it goes).
+        assert_eq!(
+            stderr.contains(&format!("uploading the weights to {backend}:0: done")),
+            backend == "vulkan",
+            "{stderr}"
+        );
         v["text"].as_str().unwrap().to_string()
     };
     let cpu = run("cpu", &[]);

@@ -654,7 +654,17 @@ fn execute(
         .is_none_or(|(l, _)| !Arc::ptr_eq(l, loaded))
     {
         *session = None;
-        let exec = Executor::new(shared.target.clone(), shared.device);
+        let mut exec = Executor::new(shared.target.clone(), shared.device);
+        if !exec.target.is_builtin() {
+            // The log says when a model's weights have reached the device
+            // (seconds for gigabytes on a discrete GPU).
+            let to = format!("{}:{}", exec.target.name(), exec.device);
+            exec.set_upload_progress(Arc::new(move |done, total| {
+                if done == total {
+                    eprintln!("kiln: weights uploaded to {to}: {} MiB", total >> 20);
+                }
+            }));
+        }
         let s =
             Session::new(loaded.model.clone(), exec, shared.n_ctx).map_err(|e| e.to_string())?;
         *session = Some((loaded.clone(), s));

@@ -24,12 +24,24 @@ pub struct RunArgs {
 /// The executor for `--backend NAME`, or for the best-scoring device,
 /// with warnings and progress on stderr.
 pub fn executor(config: &Config, backend: Option<&str>) -> Result<Chosen, CliError> {
-    Ok(kiln_runtime::backend::choose(
+    let mut chosen = kiln_runtime::backend::choose(
         config,
         backend,
         |w| eprintln!("kiln: warning: {w}"),
         |m| eprintln!("kiln: {m}"),
-    )?)
+    )?;
+    let exec = &mut chosen.executor;
+    if !exec.target.is_builtin() {
+        let progress = super::Progress::new(&format!(
+            "uploading the weights to {}:{}",
+            exec.target.name(),
+            exec.device
+        ));
+        exec.set_upload_progress(std::sync::Arc::new(move |done, total| {
+            progress.bytes(done, total, "")
+        }));
+    }
+    Ok(chosen)
 }
 
 pub fn run(config: &Config, args: RunArgs) -> CliResult {

@@ -502,7 +502,15 @@ pub struct Executor {
     state: Mutex<DeviceState>,
     failed_over: AtomicBool,
     state_lost: AtomicBool,
+    upload_progress: Option<UploadProgress>,
 }
+
+/// Told how the weights' upload to a device goes: (bytes sent, bytes in
+/// all), after each chunk of [`WEIGHTS_CHUNK`] bytes and at the end.
+pub type UploadProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Bytes of weights sent to a device per `buffer_write`.
+pub const WEIGHTS_CHUNK: usize = 16 << 20;
 
 impl Executor {
     pub fn new(target: Arc<Backend>, device: u32) -> Executor {
@@ -513,7 +521,13 @@ impl Executor {
             state: Mutex::default(),
             failed_over: AtomicBool::new(false),
             state_lost: AtomicBool::new(false),
+            upload_progress: None,
         }
+    }
+
+    /// Reports the weights' upload (once per session's weights) to `f`.
+    pub fn set_upload_progress(&mut self, f: UploadProgress) {
+        self.upload_progress = Some(f);
     }
 
     /// For each op, whether the target device runs it (asked once per op
@@ -768,7 +782,7 @@ impl Executor {
                     Some(b) => *b,
                     None => {
                         let b = handle.buffer_alloc(self.device, bytes.len() as u64)?;
-                        if let Err(e) = self.send(b, 0, bytes) {
+                        if let Err(e) = self.upload(b, bytes) {
                             let _ = handle.buffer_free(b);
                             return Err(e);
                         }
@@ -918,6 +932,18 @@ impl Executor {
             .buffer_write(buffer, offset as u64, data)?;
         self.target
             .count(&self.target.stats.bytes_to_device, data.len() as u64);
+        Ok(())
+    }
+
+    /// Sends read-only bytes (the weights) in chunks, reporting progress.
+    fn upload(&self, buffer: RawBuffer, bytes: &[u8]) -> Result<(), BackendError> {
+        let total = bytes.len() as u64;
+        for (i, chunk) in bytes.chunks(WEIGHTS_CHUNK).enumerate() {
+            self.send(buffer, i * WEIGHTS_CHUNK, chunk)?;
+            if let Some(f) = &self.upload_progress {
+                f((i * WEIGHTS_CHUNK + chunk.len()) as u64, total);
+            }
+        }
         Ok(())
     }
 
