@@ -12,6 +12,8 @@
 // shaderFloat64), where every product and sum is exact or within 2^-53, as
 // in kiln's CPU kernels, so the result is theirs to the last bit (the
 // integer dot products are exact); float in mul_mat.comp, a few ulps off.
+// The _sg variants sum the invocations with subgroup operations where the
+// device has them, the others through shared memory.
 #include "common.glsl"
 #include "act.glsl"
 
@@ -227,13 +229,26 @@ void main() {
         }
     }
 
+#ifdef SUBGROUPS
+    // Each subgroup sums its partials; one barrier; invocation i adds
+    // column i's subgroup sums.
+    [[unroll]] for (uint i = 0u; i < TM; i++) {
+        if (i >= cols) break;
+        ACC v = subgroupAdd(acc[i]);
+        if (subgroupElect()) part[i * WG + gl_SubgroupID] = v;
+    }
+    barrier();
+    uint partials = gl_NumSubgroups;
+#else
     // One barrier, then invocation i sums column i's partials (a tree of
     // barriers costs more than it saves at this width).
     [[unroll]] for (uint i = 0u; i < TM; i++) part[i * WG + t] = acc[i];
     barrier();
+    uint partials = WG;
+#endif
     if (t < cols) {
         ACC sum = ACC(0.0);
-        for (uint j = 0u; j < WG; j++) sum += part[t * WG + j];
+        for (uint j = 0u; j < partials; j++) sum += part[t * WG + j];
         store(dst_addr(n, m0 + t, c2, c3), float(sum));
     }
 }

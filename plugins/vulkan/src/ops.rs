@@ -38,7 +38,7 @@ pub struct Plan {
     pub activations: Option<(u64, u64)>,
 }
 
-/// Activation columns one MUL_MAT workgroup takes (`TM` in mul_mat.comp).
+/// Activation columns one MUL_MAT workgroup takes (`TM` in mul_mat.glsl).
 const MUL_MAT_COLUMNS: u64 = 8;
 
 /// Words per block and blocks per row of MUL_MAT's rounded activations for
@@ -232,10 +232,11 @@ pub fn plan_descs(
                 && d.ne == [s[0].ne[1], s[1].ne[1], s[1].ne[2], s[1].ne[3]];
             let columns = d.ne[1] as u64;
             let groups = (d.ne[0] * d.ne[2] * d.ne[3]) as u64 * columns.div_ceil(MUL_MAT_COLUMNS);
-            let shader = if limits.f64 {
-                Shader::MulMatF64
-            } else {
-                Shader::MulMat
+            let shader = match (limits.f64, limits.subgroups) {
+                (true, true) => Shader::MulMatF64Sg,
+                (true, false) => Shader::MulMatF64,
+                (false, true) => Shader::MulMatSg,
+                (false, false) => Shader::MulMat,
             };
             (ok, (shader, groups))
         }

@@ -12,7 +12,7 @@ use kiln_plugin_api::{BackendError, DeviceInfo, DeviceKind, ErrorCode};
 use std::sync::{Mutex, MutexGuard};
 
 /// The shaders, compiled by build.rs.
-pub const SHADERS: [(Shader, &[u8]); 7] = [
+pub const SHADERS: [(Shader, &[u8]); 9] = [
     (
         Shader::Elementwise,
         include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.spv")),
@@ -41,6 +41,14 @@ pub const SHADERS: [(Shader, &[u8]); 7] = [
         Shader::MulMatF64,
         include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_f64.spv")),
     ),
+    (
+        Shader::MulMatSg,
+        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_sg.spv")),
+    ),
+    (
+        Shader::MulMatF64Sg,
+        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_f64_sg.spv")),
+    ),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +61,21 @@ pub enum Shader {
     Quantize = 5,
     /// MUL_MAT summing in double: the CPU's results to the last bit.
     MulMatF64 = 6,
+    /// The two MUL_MATs reduced with subgroup operations.
+    MulMatSg = 7,
+    MulMatF64Sg = 8,
+}
+
+impl Shader {
+    /// Whether the device can run this shader.
+    fn runs_on(self, limits: &Limits) -> bool {
+        match self {
+            Shader::MulMatF64 => limits.f64,
+            Shader::MulMatSg => limits.subgroups,
+            Shader::MulMatF64Sg => limits.f64 && limits.subgroups,
+            _ => true,
+        }
+    }
 }
 
 /// Bindings per op: the record, two sources, the destination and the
@@ -79,6 +102,8 @@ pub struct Limits {
     pub max_groups: u32,
     /// The device has shaderFloat64 (enabled): MUL_MAT sums in double.
     pub f64: bool,
+    /// Compute shaders have subgroup arithmetic: MUL_MAT reduces with it.
+    pub subgroups: bool,
 }
 
 pub struct Instance {
@@ -260,11 +285,13 @@ impl Device {
         let mut id = vk::PhysicalDeviceIDProperties::default();
         let mut driver = vk::PhysicalDeviceDriverProperties::default();
         let mut maintenance3 = vk::PhysicalDeviceMaintenance3Properties::default();
+        let mut subgroup = vk::PhysicalDeviceSubgroupProperties::default();
         let has_driver_props = props.api_version >= vk::API_VERSION_1_2;
         {
             let mut props2 = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut id)
-                .push_next(&mut maintenance3);
+                .push_next(&mut maintenance3)
+                .push_next(&mut subgroup);
             if has_driver_props {
                 props2 = props2.push_next(&mut driver);
             }
@@ -359,6 +386,13 @@ impl Device {
             max_groups: props.limits.max_compute_work_group_count[0]
                 .min(props.limits.max_compute_work_group_count[1]),
             f64: has_f64,
+            subgroups: subgroup
+                .supported_stages
+                .contains(vk::ShaderStageFlags::COMPUTE)
+                && subgroup.supported_operations.contains(
+                    vk::SubgroupFeatureFlags::BASIC | vk::SubgroupFeatureFlags::ARITHMETIC,
+                )
+                && !env_on("KILN_VULKAN_NO_SUBGROUPS"),
         };
         let info = DeviceInfo {
             kind,
@@ -444,8 +478,8 @@ impl Device {
         };
         for (i, (shader, spv)) in SHADERS.iter().enumerate() {
             debug_assert_eq!(*shader as usize, i);
-            if *shader == Shader::MulMatF64 && !d.limits.f64 {
-                // Doubles need a feature this device lacks (never bound).
+            if !shader.runs_on(&d.limits) {
+                // It needs a feature this device lacks (never bound).
                 d.pipelines.push(vk::Pipeline::null());
                 continue;
             }
