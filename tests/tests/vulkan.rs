@@ -287,25 +287,31 @@ fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_staged_or_split() {
     assert_eq!(run("vulkan", &[("KILN_VULKAN_MAX_RANGE", "8192")]), cpu);
 }
 
-/// A device whose binding range is smaller than a weight matrix (forced
-/// here) runs a matmul or a row lookup over it in parts of whole rows, and
-/// passes the gate so; an activation larger than the range is not claimed.
-#[test]
-fn weights_larger_than_a_binding_are_split_by_rows_and_pass_the_gate() {
+/// The gate's cases on device 0, each with its outcome, from `kiln
+/// plugins add --json` run with `env`.
+fn gate_cases(env: &[(&str, &str)]) -> Vec<serde_json::Value> {
     let home = Home::default();
     let dir = vulkan_dir(&home);
     let out = home
         .command(&["plugins", "add", dir.to_str().unwrap(), "--json"])
-        .env("KILN_VULKAN_MAX_RANGE", "2560")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cases = v["cases"][0]["cases"].as_array().unwrap();
+    v["cases"][0]["cases"].as_array().unwrap().clone()
+}
+
+/// A device whose binding range is smaller than a weight matrix (forced
+/// here) runs a matmul or a row lookup over it in parts of whole rows, and
+/// passes the gate so; an activation larger than the range is not claimed.
+#[test]
+fn weights_larger_than_a_binding_are_split_by_rows_and_pass_the_gate() {
+    let cases = gate_cases(&[("KILN_VULKAN_MAX_RANGE", "2560")]);
     let outcome = |label: &str| {
         let c = cases.iter().find(|c| c["case"] == label);
-        c.unwrap_or_else(|| panic!("no case {label}: {v}"))["outcome"]
+        c.unwrap_or_else(|| panic!("no case {label}: {cases:#?}"))["outcome"]
             .as_str()
             .unwrap()
             .to_string()
@@ -333,21 +339,10 @@ fn weights_larger_than_a_binding_are_split_by_rows_and_pass_the_gate() {
 /// ulps from the CPU, within the gate's bounds, every case still claimed.
 #[test]
 fn matmuls_summing_in_float_pass_the_gate() {
-    let home = Home::default();
-    let dir = vulkan_dir(&home);
-    let out = home
-        .command(&["plugins", "add", dir.to_str().unwrap(), "--json"])
-        .env("KILN_VULKAN_NO_F64", "1")
-        .env("KILN_VULKAN_NO_SUBGROUPS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cases = v["cases"][0]["cases"].as_array().unwrap();
+    let cases = gate_cases(&[
+        ("KILN_VULKAN_NO_F64", "1"),
+        ("KILN_VULKAN_NO_SUBGROUPS", "1"),
+    ]);
     let matmuls: Vec<_> = (cases.iter())
         .filter(|c| c["case"].as_str().unwrap().starts_with("mul_mat("))
         .collect();
