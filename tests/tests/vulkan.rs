@@ -62,11 +62,13 @@ fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
     assert!(text.contains("llvmpipe"), "{text}");
     // Hidden without the switch: the plugin reports no device, and says why
     // (a warning, printed by default, since it leaves the plugin nothing).
-    let out = home
-        .command(&["backends", "--json"])
-        .env_remove("KILN_VULKAN_ALLOW_CPU")
-        .output()
-        .unwrap();
+    let without_switch = |args: &[&str]| {
+        (home.command(args))
+            .env_remove("KILN_VULKAN_ALLOW_CPU")
+            .output()
+            .unwrap()
+    };
+    let out = without_switch(&["backends", "--json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("CPU implementation, hidden (KILN_VULKAN_ALLOW_CPU=1 shows it)"),
@@ -86,11 +88,7 @@ fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
     };
     let listed = vulkan(&doctor)["devices"].to_string();
     assert!(listed.contains("llvmpipe"), "{doctor:#}");
-    let out = home
-        .command(&["doctor", "--json"])
-        .env_remove("KILN_VULKAN_ALLOW_CPU")
-        .output()
-        .unwrap();
+    let out = without_switch(&["doctor", "--json"]);
     let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         vulkan(&doctor)["devices"],

@@ -84,7 +84,7 @@ struct Step {
     params: [i32; 8],
     rows: [u32; 2],
     aux: f32,
-    shader: usize,
+    shader: Shader,
     groups: u64,
     windows: Vec<Window>,
     /// Scratch bytes it writes or reads.
@@ -141,42 +141,42 @@ fn steps_of(g: &Graph<'_, Buffer>, i: u32, dev: &Device) -> Result<Vec<Step>, Ba
             scratch,
         })
     };
+    // The dispatches' tensors, source rows and plans: the whole op, or
+    // its runs of rows (each planned again as the tensors it binds).
+    let ne1 = tensors[0].ne[1] as usize;
+    let parts = match plan.split_rows {
+        None => vec![(tensors, [0, ne1 as u32], plan.shader, plan.groups)],
+        Some(per_part) => {
+            let dst = tensors.len() - 1;
+            let mut parts = Vec::with_capacity(ne1.div_ceil(per_part));
+            for r0 in (0..ne1).step_by(per_part) {
+                let n = per_part.min(ne1 - r0);
+                let part: Vec<_> = (tensors.iter().enumerate())
+                    .map(|(k, t)| match k {
+                        0 => rows_of(t, 1, r0, n),
+                        k if k == dst && op.kind == OpKind::MulMat => rows_of(t, 0, r0, n),
+                        // The whole tensor.
+                        _ => rows_of(t, 1, 0, t.ne[1] as usize),
+                    })
+                    .collect();
+                let descs = part.iter().map(ops::desc).collect::<Result<Vec<_>, _>>()?;
+                let p =
+                    ops::plan_descs(op.kind, &op.params, &descs[..dst], &descs[dst], &dev.limits)?;
+                parts.push((part, [r0 as u32, (r0 + n) as u32], p.shader, p.groups));
+            }
+            parts
+        }
+    };
+    let mut steps = Vec::with_capacity(parts.len() + 1);
     // A matmul's activations are rounded once, before its first part (the
     // record tells quantize.comp the weights' type and width; it reads
     // only src1).
-    let mut steps = Vec::new();
-    let quantize = |steps: &mut Vec<Step>, parts: &[Tensor<'_, Buffer>]| {
-        if let Some((groups, _)) = plan.activations {
-            let rows = [0, parts[0].ne[1] as u32];
-            steps.push(step(parts, rows, Shader::Quantize as usize, groups)?);
-        }
-        Ok::<_, BackendError>(())
-    };
-    let Some(per_part) = plan.split_rows else {
-        quantize(&mut steps, &tensors)?;
-        let rows = [0, tensors[0].ne[1] as u32];
-        steps.push(step(&tensors, rows, plan.shader as usize, plan.groups)?);
-        return Ok(steps);
-    };
-    let total = tensors[0].ne[1] as usize;
-    let dst = tensors.len() - 1;
-    for r0 in (0..total).step_by(per_part) {
-        let n = per_part.min(total - r0);
-        let parts: Vec<_> = (tensors.iter().enumerate())
-            .map(|(k, t)| match k {
-                0 => rows_of(t, 1, r0, n),
-                k if k == dst && op.kind == OpKind::MulMat => rows_of(t, 0, r0, n),
-                // The whole tensor.
-                _ => rows_of(t, 1, 0, t.ne[1] as usize),
-            })
-            .collect();
-        let descs = parts.iter().map(ops::desc).collect::<Result<Vec<_>, _>>()?;
-        let part = ops::plan_descs(op.kind, &op.params, &descs[..dst], &descs[dst], &dev.limits)?;
-        if r0 == 0 {
-            quantize(&mut steps, &parts)?;
-        }
-        let rows = [r0 as u32, (r0 + n) as u32];
-        steps.push(step(&parts, rows, part.shader as usize, part.groups)?);
+    if let Some((groups, _)) = plan.activations {
+        let (first, rows, ..) = &parts[0];
+        steps.push(step(first, *rows, Shader::Quantize, groups)?);
+    }
+    for (part, rows, shader, groups) in &parts {
+        steps.push(step(part, *rows, *shader, *groups)?);
     }
     Ok(steps)
 }
@@ -364,7 +364,7 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                     device.cmd_bind_pipeline(
                         cb,
                         vk::PipelineBindPoint::COMPUTE,
-                        dev.pipelines[step.shader],
+                        dev.pipelines[step.shader as usize],
                     );
                     device.cmd_bind_descriptor_sets(
                         cb,

@@ -4,26 +4,9 @@
 use crate::vulkan::{Limits, Shader};
 use kiln_plugin_api::{BackendError, DType, Desc, OpKind, Tensor, Tensors};
 
-/// The weight types the shaders dequantize.
+/// The weight types the shaders dequantize: all a model may hold.
 pub fn weight_type(t: DType) -> bool {
-    matches!(
-        t,
-        DType::F32
-            | DType::F16
-            | DType::BF16
-            | DType::Q4_0
-            | DType::Q4_1
-            | DType::Q5_0
-            | DType::Q5_1
-            | DType::Q8_0
-            | DType::Q2_K
-            | DType::Q3_K
-            | DType::Q4_K
-            | DType::Q5_K
-            | DType::Q6_K
-            | DType::IQ4_NL
-            | DType::IQ4_XS
-    )
+    DType::WEIGHTS.contains(&t)
 }
 
 /// How an op runs: its shader, how many workgroups it needs, and, for a

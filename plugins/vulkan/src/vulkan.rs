@@ -11,44 +11,24 @@ use kiln_plugin_api::abi::{KILN_CAP_ASYNC_COMPUTE, KILN_CAP_UNIFIED_MEMORY};
 use kiln_plugin_api::{BackendError, DeviceInfo, DeviceKind, ErrorCode};
 use std::sync::{Mutex, MutexGuard};
 
-/// The shaders, compiled by build.rs.
+/// A shader's SPIR-V, compiled by build.rs.
+macro_rules! spv {
+    ($name:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".spv"))
+    };
+}
+
+/// The shaders, in [`Shader`]'s order.
 pub const SHADERS: [(Shader, &[u8]); 9] = [
-    (
-        Shader::Elementwise,
-        include_bytes!(concat!(env!("OUT_DIR"), "/elementwise.spv")),
-    ),
-    (
-        Shader::Rows,
-        include_bytes!(concat!(env!("OUT_DIR"), "/rows.spv")),
-    ),
-    (
-        Shader::Rope,
-        include_bytes!(concat!(env!("OUT_DIR"), "/rope.spv")),
-    ),
-    (
-        Shader::GetRows,
-        include_bytes!(concat!(env!("OUT_DIR"), "/get_rows.spv")),
-    ),
-    (
-        Shader::MulMat,
-        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat.spv")),
-    ),
-    (
-        Shader::Quantize,
-        include_bytes!(concat!(env!("OUT_DIR"), "/quantize.spv")),
-    ),
-    (
-        Shader::MulMatF64,
-        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_f64.spv")),
-    ),
-    (
-        Shader::MulMatSg,
-        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_sg.spv")),
-    ),
-    (
-        Shader::MulMatF64Sg,
-        include_bytes!(concat!(env!("OUT_DIR"), "/mul_mat_f64_sg.spv")),
-    ),
+    (Shader::Elementwise, spv!("elementwise")),
+    (Shader::Rows, spv!("rows")),
+    (Shader::Rope, spv!("rope")),
+    (Shader::GetRows, spv!("get_rows")),
+    (Shader::MulMat, spv!("mul_mat")),
+    (Shader::Quantize, spv!("quantize")),
+    (Shader::MulMatF64, spv!("mul_mat_f64")),
+    (Shader::MulMatSg, spv!("mul_mat_sg")),
+    (Shader::MulMatF64Sg, spv!("mul_mat_f64_sg")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
