@@ -239,50 +239,105 @@ fn kiln_serve_on_vulkan_survives_disabled_ops_and_a_lost_device() {
     }
 }
 
+/// `kiln run --json MODEL` with `--backend backend` and `env`: its text,
+/// after checking that the weights' upload was reported and that, on a
+/// plugin, no op failed there, and every op ran there unless a narrowed
+/// binding range leaves some to the CPU.
+fn run_text(home: &Home, model: &Path, backend: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = home.command(&[
+        "run",
+        model.to_str().unwrap(),
+        "--prompt",
+        "abc",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--backend",
+        backend,
+        "--json",
+    ]);
+    let out = cmd.envs(env.iter().copied()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The weights' upload is reported (on a terminal as it goes).
+    assert_eq!(
+        stderr.contains(&format!("uploading the weights to {backend}:0: done")),
+        backend == "vulkan",
+        "{stderr}"
+    );
+    if backend == "vulkan" {
+        let stats = &v["backend_stats"];
+        assert!(stats["ops_run"].as_u64().unwrap() > 0, "{v}");
+        let narrowed = env.iter().any(|(k, _)| *k == "KILN_VULKAN_MAX_RANGE");
+        if !narrowed {
+            assert_eq!(stats["ops_unsupported_on_cpu"], 0, "{env:?}: {v}");
+        }
+        for failed in ["segments_rerun_on_cpu", "device_losses"] {
+            assert_eq!(stats[failed], 0, "{env:?}: {v}");
+        }
+    }
+    v["text"].as_str().unwrap().to_string()
+}
+
 /// `kiln run` on Vulkan, its buffers mapped (lavapipe's memory is the
 /// host's), through staging copies as on a discrete GPU, and with a
 /// binding range narrower than the embeddings and the output matrix (split
-/// by rows): the CPU's text.
+/// by rows): the CPU's text, every op on the device.
 #[test]
 fn kiln_run_on_vulkan_gives_the_cpus_text_mapped_staged_or_split() {
     let home = Home::default();
     let dir = vulkan_dir(&home);
     home.ok(&["plugins", "add", dir.to_str().unwrap()]);
     let model = tiny_model(&["--arch", "llama", "--dtype", "f16", "--vocab", "300"]);
-    let run = |backend: &str, env: &[(&str, &str)]| {
-        let mut cmd = home.command(&[
+    let cpu = run_text(&home, &model, "cpu", &[]);
+    for env in [
+        &[][..],
+        &[("KILN_VULKAN_STAGING", "1")],
+        &[("KILN_VULKAN_MAX_RANGE", "8192")],
+    ] {
+        assert_eq!(run_text(&home, &model, "vulkan", env), cpu, "{env:?}");
+    }
+}
+
+/// A model file larger than the device's largest allocation goes up in
+/// several buffers (runs of whole tensors) and gives the CPU's text with
+/// every op on the device; where the work space cannot fit one buffer,
+/// the model is refused up front with the numbers.
+#[test]
+fn weights_larger_than_one_allocation_go_up_in_pieces() {
+    let home = Home::default();
+    let dir = vulkan_dir(&home);
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    // 4.8 MiB of weights; the work space is under 2 MB.
+    let model = tiny_model(&[
+        "--arch", "llama", "--dtype", "f16", "--vocab", "300", "--embd", "256", "--ff", "512",
+        "--layers", "4",
+    ]);
+    let cpu = run_text(&home, &model, "cpu", &[]);
+    let split = [("KILN_VULKAN_MAX_ALLOC", "2000000")];
+    assert_eq!(run_text(&home, &model, "vulkan", &split), cpu);
+    let out = home
+        .command(&[
             "run",
             model.to_str().unwrap(),
             "--prompt",
             "abc",
-            "--max-tokens",
-            "12",
-            "--temperature",
-            "0",
             "--backend",
-            backend,
-            "--json",
-        ]);
-        let out = cmd.envs(env.iter().copied()).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // The weights' upload is reported (on a terminal as it goes).
-        assert_eq!(
-            stderr.contains(&format!("uploading the weights to {backend}:0: done")),
-            backend == "vulkan",
-            "{stderr}"
-        );
-        v["text"].as_str().unwrap().to_string()
-    };
-    let cpu = run("cpu", &[]);
-    assert_eq!(run("vulkan", &[]), cpu);
-    assert_eq!(run("vulkan", &[("KILN_VULKAN_STAGING", "1")]), cpu);
-    assert_eq!(run("vulkan", &[("KILN_VULKAN_MAX_RANGE", "8192")]), cpu);
+            "vulkan",
+        ])
+        .env("KILN_VULKAN_MAX_ALLOC", "1000000")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the work space needs one buffer of")
+            && stderr.contains("allocates at most 976.6 KiB at once")
+            && stderr.contains("--ctx"),
+        "{stderr}"
+    );
 }
 
 /// The gate's cases on device 0, each with its outcome, from `kiln

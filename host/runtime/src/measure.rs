@@ -1,6 +1,22 @@
 //! Small measurements several commands report: process memory from
 //! `/proc` (Linux; `None` elsewhere) and percentiles of latencies.
 
+/// `n` bytes for a person: "812 B", "252.8 KiB", "1.5 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// A `kB` field of a `/proc` file (`/proc/self/status`, `/proc/meminfo`,
 /// …), in bytes.
 pub fn proc_kib_field(path: &str, key: &str) -> Option<u64> {

@@ -20,6 +20,7 @@ mod serve;
 use clap::{Parser, Subcommand};
 use kiln_registry::config::Config;
 use kiln_registry::{Kind, Registry};
+use kiln_runtime::measure::human_bytes;
 use lifecycle::Action::{Disable, Enable, Rollback};
 use lifecycle::change;
 use std::io::IsTerminal;
@@ -672,21 +673,6 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.clone()));
     }
     out
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use kiln_runtime::model::{Model, Session};
 use kiln_runtime::store;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 
 pub struct RunArgs {
     pub model: String,
@@ -55,6 +56,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
     let load_ms = model.load_ms;
+    let target = exec.target.clone();
     let mut session = Session::new(model, exec, args.ctx)?;
     let req = Request {
         stop: args.stop,
@@ -85,6 +87,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
                 "prompt_tokens": output.timings.prompt_tokens,
                 "generated_tokens": output.timings.decode_tokens,
             },
+            "backend_stats": backend_stats(&target.stats),
         }));
     } else {
         println!();
@@ -97,6 +100,31 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
             load_ms,
             output.timings.time_to_first_token_ms
         );
+        let stats = &target.stats;
+        let unsupported = stats.ops_unsupported_fallback.load(Relaxed);
+        let reruns = stats.runtime_failures_rerun.load(Relaxed);
+        if unsupported + reruns > 0 {
+            eprintln!(
+                "kiln: note: {unsupported} ops ran on the CPU because {} does not run them, \
+                 {reruns} parts of the graph ran again on the CPU after {} failed them",
+                target.name(),
+                target.name()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the chosen backend did in this run: ops it ran, ops it left to
+/// the CPU (unsupported, or re-run after a failure), bytes moved to and
+/// from its device, and devices lost.
+fn backend_stats(s: &kiln_runtime::backend::BackendStats) -> serde_json::Value {
+    serde_json::json!({
+        "ops_run": s.ops_run.load(Relaxed),
+        "ops_unsupported_on_cpu": s.ops_unsupported_fallback.load(Relaxed),
+        "segments_rerun_on_cpu": s.runtime_failures_rerun.load(Relaxed),
+        "bytes_to_device": s.bytes_to_device.load(Relaxed),
+        "bytes_from_device": s.bytes_from_device.load(Relaxed),
+        "device_losses": s.device_losses.load(Relaxed),
+    })
 }

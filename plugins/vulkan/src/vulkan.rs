@@ -356,12 +356,21 @@ impl Device {
         // `KILN_VULKAN_MAX_RANGE=BYTES` narrows the binding range, as a
         // device with a small one would have it (tests run the weights'
         // row splitting with it).
-        let forced_range = std::env::var("KILN_VULKAN_MAX_RANGE")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let forced = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(u64::MAX)
+        };
+        let forced_range = forced("KILN_VULKAN_MAX_RANGE");
+        // `KILN_VULKAN_MAX_ALLOC=BYTES` likewise narrows the largest
+        // allocation (the host then places the weights in several buffers).
+        let max_alloc = maintenance3
+            .max_memory_allocation_size
+            .min(forced("KILN_VULKAN_MAX_ALLOC"));
         let limits = Limits {
-            max_range: u64::from(props.limits.max_storage_buffer_range)
-                .min(forced_range.unwrap_or(u64::MAX)),
+            max_range: u64::from(props.limits.max_storage_buffer_range).min(forced_range),
             offset_align: props.limits.min_storage_buffer_offset_alignment.max(4),
             max_groups: props.limits.max_compute_work_group_count[0]
                 .min(props.limits.max_compute_work_group_count[1]),
@@ -385,7 +394,7 @@ impl Device {
                 } else {
                     0
                 },
-            max_buffer_size: maintenance3.max_memory_allocation_size,
+            max_buffer_size: max_alloc,
             buffer_alignment: limits.offset_align as u32,
             uuid: id.device_uuid,
         };
@@ -528,6 +537,16 @@ impl Device {
         map: bool,
     ) -> Result<Buffer, BackendError> {
         let capacity = size.max(1).div_ceil(16) * 16;
+        if capacity > self.info.max_buffer_size {
+            return Err(BackendError::new(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "a buffer of {size} bytes is larger than the device allocates at once \
+                     ({} bytes, maxMemoryAllocationSize)",
+                    self.info.max_buffer_size
+                ),
+            ));
+        }
         let info = vk::BufferCreateInfo::default()
             .size(capacity)
             .usage(
@@ -598,7 +617,7 @@ impl Device {
     pub fn host_buffer(&self, kept: Option<Buffer>, size: u64) -> Result<Buffer, BackendError> {
         match kept {
             Some(b) if b.size >= size => Ok(b),
-            _ => self.make_buffer(0, size.next_power_of_two(), self.host_type, true),
+            _ => self.make_buffer(0, self.grown(size), self.host_type, true),
         }
     }
 
@@ -607,13 +626,15 @@ impl Device {
     pub fn scratch_buffer(&self, kept: Option<Buffer>, size: u64) -> Result<Buffer, BackendError> {
         match kept {
             Some(b) if b.size >= size => Ok(b),
-            _ => self.make_buffer(
-                0,
-                size.max(16).next_power_of_two(),
-                self.buffer_type,
-                self.mapped,
-            ),
+            _ => self.make_buffer(0, self.grown(size.max(16)), self.buffer_type, self.mapped),
         }
+    }
+
+    /// `size` rounded up to a power of two, within the largest allocation.
+    fn grown(&self, size: u64) -> u64 {
+        size.next_power_of_two()
+            .min(self.info.max_buffer_size)
+            .max(size)
     }
 
     /// Waits for the graph in flight and releases what it held; its error,

@@ -348,21 +348,77 @@ fn segment_spans(graph: &Graph<'_>, ops: &Range<usize>) -> BTreeMap<usize, (Rang
     spans
 }
 
+/// The byte spans of the tensors that `ops` use in storage `s`, sorted,
+/// with overlapping spans merged (touching ones stay apart: each can go
+/// in a piece of its own).
+fn tensor_spans(graph: &Graph<'_>, ops: Range<usize>, s: usize) -> Vec<Range<usize>> {
+    let mut spans: Vec<Range<usize>> = graph.ops[ops]
+        .iter()
+        .flat_map(|op| op.src.iter().chain([&op.dst]))
+        .map(|&t| &graph.tensors[t])
+        .filter(|t| t.storage == s)
+        .map(|t| t.span().expect("validated"))
+        .collect();
+    spans.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<usize>> = Vec::new();
+    for r in spans {
+        match merged.last_mut() {
+            Some(last) if r.start < last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Where a piece of a read-only storage starts: aligned down, so that a
+/// tensor keeps the alignment it has in the storage.
+const PIECE_ALIGN: usize = 256;
+
+/// Packs sorted, disjoint `spans` into pieces of at most `limit` bytes,
+/// each a run of whole spans; a span wider than `limit` cannot be placed.
+fn pack_pieces(spans: &[Range<usize>], limit: usize) -> Result<Vec<Range<usize>>, Range<usize>> {
+    let mut pieces: Vec<Range<usize>> = Vec::new();
+    for r in spans {
+        let start = r.start - r.start % PIECE_ALIGN;
+        if r.end - start > limit {
+            return Err(r.clone());
+        }
+        match pieces.last_mut() {
+            Some(p) if r.end - p.start <= limit => p.end = r.end,
+            _ => pieces.push(start..r.end),
+        }
+    }
+    Ok(pieces)
+}
+
+/// A device buffer holding bytes `range` of a storage.
+#[derive(Clone, Debug)]
+struct Piece {
+    range: Range<usize>,
+    buffer: RawBuffer,
+}
+
 /// The raw tensors and ops of `graph.ops[ops]`, only the tensors they use,
-/// renumbered; `placed` gives each storage's buffer and the storage offset
-/// the buffer starts at.
+/// renumbered; `placed` gives each storage's buffers and the bytes of the
+/// storage each holds (one piece holding all of it, except read-only
+/// storages wider than the device's largest buffer); every tensor lies in
+/// one of its storage's pieces.
 fn raw_segment(
     graph: &Graph<'_>,
     ops: &Range<usize>,
-    placed: &HashMap<usize, (RawBuffer, usize)>,
+    placed: &HashMap<usize, Vec<Piece>>,
 ) -> (Vec<KilnTensor>, Vec<KilnOp>) {
     let mut local: BTreeMap<usize, u32> = BTreeMap::new();
     let mut raw_tensors = Vec::new();
     let mut index = |t: usize| -> u32 {
         *local.entry(t).or_insert_with(|| {
             let tr = &graph.tensors[t];
-            let (b, base) = placed[&tr.storage];
-            raw_tensors.push(tr.raw(b.0, base));
+            let span = tr.span().expect("validated");
+            let piece = placed[&tr.storage]
+                .iter()
+                .find(|p| p.range.start <= span.start && span.end <= p.range.end)
+                .expect("every tensor placed");
+            raw_tensors.push(tr.raw(piece.buffer.0, piece.range.start));
             (raw_tensors.len() - 1) as u32
         })
     };
@@ -418,7 +474,13 @@ fn run_on_host(
         // and read-only storage is only ever read (see above).
         let b = unsafe { handle.buffer_wrap_host(0, ptr, len as u64)? };
         wrapped.list.push(b);
-        placed.insert(s, (b, 0));
+        placed.insert(
+            s,
+            vec![Piece {
+                range: 0..len,
+                buffer: b,
+            }],
+        );
     }
     let (tensors, raw_ops) = raw_segment(graph, &ops, &placed);
     handle
@@ -456,8 +518,9 @@ struct Slot {
 /// What a plugin device holds for one executor.
 #[derive(Default)]
 struct DeviceState {
-    /// Read-only storages by (address, length): uploaded once.
-    resident: HashMap<(usize, usize), RawBuffer>,
+    /// Read-only storages by (address, length): uploaded once, whole, or
+    /// in pieces where wider than the device's largest buffer.
+    resident: HashMap<(usize, usize), Vec<Piece>>,
     /// Writable storages by their index in the graph.
     slots: Vec<Option<Slot>>,
 }
@@ -776,21 +839,8 @@ impl Executor {
         let handle = self.target.handle();
         let mut placed = HashMap::new();
         for (&s, (span, _)) in spans {
-            if let Storage::Read(bytes) = &graph.storages[s] {
-                let key = (bytes.as_ptr() as usize, bytes.len());
-                let b = match st.resident.get(&key) {
-                    Some(b) => *b,
-                    None => {
-                        let b = handle.buffer_alloc(self.device, bytes.len() as u64)?;
-                        if let Err(e) = self.upload(b, bytes) {
-                            let _ = handle.buffer_free(b);
-                            return Err(e);
-                        }
-                        st.resident.insert(key, b);
-                        b
-                    }
-                };
-                placed.insert(s, (b, 0));
+            if let Storage::Read(_) = &graph.storages[s] {
+                placed.insert(s, self.place_read(st, graph, ops, s)?);
                 continue;
             }
             let slot = st.slots[s].as_mut().expect("made at the run's start");
@@ -799,7 +849,13 @@ impl Executor {
                 self.update(slot, host, r.clone())?;
                 slot.device_stale.remove(r);
             }
-            placed.insert(s, (slot.buffer, 0));
+            placed.insert(
+                s,
+                vec![Piece {
+                    range: 0..host.len(),
+                    buffer: slot.buffer,
+                }],
+            );
         }
         // From here the device's copy of what the segment writes is in
         // flux: good again only if the segment succeeds.
@@ -935,13 +991,88 @@ impl Executor {
         Ok(())
     }
 
-    /// Sends read-only bytes (the weights) in chunks, reporting progress.
-    fn upload(&self, buffer: RawBuffer, bytes: &[u8]) -> Result<(), BackendError> {
-        let total = bytes.len() as u64;
+    /// The pieces of read-only storage `s` on the device, uploading what
+    /// the segment `ops` needs and the device does not hold yet: the whole
+    /// storage, or, where it is wider than the device's largest buffer
+    /// (`max_buffer_size`), runs of whole tensors of the graph packed into
+    /// buffers that size (a tensor no buffer can hold is an error).
+    fn place_read(
+        &self,
+        st: &mut DeviceState,
+        graph: &Graph<'_>,
+        ops: &Range<usize>,
+        s: usize,
+    ) -> Result<Vec<Piece>, BackendError> {
+        let bytes = graph.storages[s].bytes();
+        let key = (bytes.as_ptr() as usize, bytes.len());
+        let limit = self.target.devices[self.device as usize].max_buffer_size;
+        let held = st.resident.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let missing = |spans: Vec<Range<usize>>| -> Vec<Range<usize>> {
+            spans
+                .into_iter()
+                .filter(|r| {
+                    !held
+                        .iter()
+                        .any(|p| p.range.start <= r.start && r.end <= p.range.end)
+                })
+                .collect()
+        };
+        if missing(tensor_spans(graph, ops.clone(), s)).is_empty() {
+            return Ok(held.to_vec());
+        }
+        let ranges = if limit == 0 || bytes.len() as u64 <= limit {
+            std::iter::once(0..bytes.len()).collect()
+        } else {
+            // Place every tensor of the graph now, not only the segment's:
+            // the weights go up once, in as few buffers as fit.
+            let spans = missing(tensor_spans(graph, 0..graph.ops.len(), s));
+            pack_pieces(&spans, limit as usize).map_err(|r| {
+                BackendError::new(
+                    ErrorCode::OutOfMemory,
+                    format!(
+                        "a tensor of {} bytes is wider than the largest buffer {} device {} \
+                         allocates ({limit} bytes)",
+                        r.len(),
+                        self.target.name(),
+                        self.device
+                    ),
+                )
+            })?
+        };
+        let handle = self.target.handle();
+        let total: usize = ranges.iter().map(|r| r.len()).sum();
+        let mut sent = 0;
+        for range in ranges {
+            let b = handle.buffer_alloc(self.device, range.len().max(1) as u64)?;
+            if let Err(e) = self.upload(b, &bytes[range.clone()], sent, total) {
+                let _ = handle.buffer_free(b);
+                return Err(e);
+            }
+            sent += range.len();
+            st.resident
+                .entry(key)
+                .or_default()
+                .push(Piece { range, buffer: b });
+        }
+        Ok(st.resident[&key].clone())
+    }
+
+    /// Sends read-only bytes (the weights) in chunks, reporting progress
+    /// as `before` bytes sent out of `total` plus this call's.
+    fn upload(
+        &self,
+        buffer: RawBuffer,
+        bytes: &[u8],
+        before: usize,
+        total: usize,
+    ) -> Result<(), BackendError> {
         for (i, chunk) in bytes.chunks(WEIGHTS_CHUNK).enumerate() {
             self.send(buffer, i * WEIGHTS_CHUNK, chunk)?;
             if let Some(f) = &self.upload_progress {
-                f((i * WEIGHTS_CHUNK + chunk.len()) as u64, total);
+                f(
+                    (before + i * WEIGHTS_CHUNK + chunk.len()) as u64,
+                    total as u64,
+                );
             }
         }
         Ok(())
@@ -950,8 +1081,8 @@ impl Executor {
     /// Frees everything the executor holds on the device.
     fn release(&self, st: &mut DeviceState) {
         let handle = self.target.handle();
-        for (_, b) in st.resident.drain() {
-            let _ = handle.buffer_free(b);
+        for piece in st.resident.drain().flat_map(|(_, pieces)| pieces) {
+            let _ = handle.buffer_free(piece.buffer);
         }
         for slot in st.slots.drain(..).flatten() {
             let _ = handle.buffer_free(slot.buffer);
@@ -979,6 +1110,19 @@ mod tests {
 
     fn cpu_exec() -> Executor {
         Executor::new(Backend::builtin_cpu(), 0)
+    }
+
+    #[test]
+    fn read_only_storage_is_packed_into_pieces_of_whole_tensors() {
+        // Touching spans stay apart, so they can go in different pieces.
+        let g_spans = [0..300, 300..700, 700..900, 1000..1100];
+        assert_eq!(
+            pack_pieces(&g_spans, 1000),
+            Ok(vec![0..900, 768..1100]),
+            "a piece starts aligned down, and holds whole spans"
+        );
+        assert_eq!(pack_pieces(&g_spans, 4096), Ok(std::iter::once(0..1100).collect()));
+        assert_eq!(pack_pieces(&g_spans, 350), Err(300..700));
     }
 
     #[test]

@@ -60,6 +60,17 @@ pub enum ModelError {
         scratch_mib: u64,
         free_mib: u64,
     },
+    #[error(
+        "{what} needs one buffer of {} but {device} allocates at most {} at once; choose another device (--backend cpu), or a smaller context (--ctx) where it is the KV cache or the work space",
+        crate::measure::human_bytes(*bytes),
+        crate::measure::human_bytes(*max_bytes)
+    )]
+    DeviceBuffer {
+        device: String,
+        what: String,
+        bytes: u64,
+        max_bytes: u64,
+    },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error("{0}")]

@@ -49,9 +49,11 @@ pub fn default_n_ctx(cfg: &super::ModelConfig, requested: Option<usize>) -> usiz
 }
 
 /// Refuses a plugin device that cannot hold the model: the weights (the
-/// file, uploaded whole), the KV cache and the largest batch's scratch must
-/// fit its free memory before anything is allocated, so that a request
-/// never meets an allocation failure.
+/// file's tensors), the KV cache and the largest batch's scratch must fit
+/// its free memory, and each of them its largest buffer (the weights
+/// tensor by tensor: the executor places them in several buffers where
+/// needed), before anything is allocated, so that a request never meets
+/// an allocation failure.
 fn check_device_memory(
     model: &Model,
     exec: &Executor,
@@ -77,16 +79,40 @@ fn check_device_memory(
         LogitsFor::Last,
         forward::ATTENTION_BLOCK,
     );
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let device = || {
+        format!(
+            "{} device {d} ({})",
+            target.name(),
+            target.devices[d as usize].name
+        )
+    };
+    // Weights wider than the largest buffer go up in several; one tensor,
+    // the KV cache and the work space must each fit one.
+    let max_buffer = target.devices[d as usize].max_buffer_size;
+    let widest = model.file.tensors.iter().max_by_key(|t| t.size);
+    let parts = [
+        widest.map(|t| (format!("tensor {}", t.name), t.size)),
+        Some(("the KV cache".to_string(), kv_bytes)),
+        Some(("the work space".to_string(), scratch as u64)),
+    ];
+    if let Some((what, bytes)) = parts
+        .into_iter()
+        .flatten()
+        .find(|(_, b)| max_buffer != 0 && *b > max_buffer)
+    {
+        return Err(ModelError::DeviceBuffer {
+            device: device(),
+            what,
+            bytes,
+            max_bytes: max_buffer,
+        });
+    }
     let weights = model.file.bytes().len() as u64;
     let need = weights + kv_bytes + scratch as u64;
     if need > free {
-        let mib = |b: u64| b.div_ceil(1 << 20);
         return Err(ModelError::DeviceMemory {
-            device: format!(
-                "{} device {d} ({})",
-                target.name(),
-                target.devices[d as usize].name
-            ),
+            device: device(),
             need_mib: mib(need),
             weights_mib: mib(weights),
             kv_mib: mib(kv_bytes),
