@@ -386,6 +386,24 @@ fn weights_larger_than_a_binding_are_split_by_rows_and_pass_the_gate() {
     );
 }
 
+/// CPY into every 32-element quantized type the CPU writes runs on the
+/// device and writes the CPU's blocks: the dequantized results are equal
+/// (NMSE 0), so every scale and code matched.
+#[test]
+fn copies_into_quantized_types_write_the_cpus_blocks() {
+    let cases = gate_cases(&[]);
+    let mut seen = 0;
+    for case in &cases {
+        let label = case["case"].as_str().unwrap();
+        if label.starts_with("cpy(f32[64,3]) -> q") {
+            assert_eq!(case["outcome"], "passed", "{case}");
+            assert_eq!(case["nmse"], 0.0, "{case}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 5, "q4_0, q4_1, q5_0, q5_1, q8_0: {cases:?}");
+}
+
 /// Without shaderFloat64 (Apple's GPUs, some Intel ones) MUL_MAT sums in
 /// float, and without subgroup arithmetic it reduces through shared
 /// memory (both forced off here: the plain path any device runs): a few

@@ -193,6 +193,11 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
     if n == 0 {
         return Ok(());
     }
+    // Shaders not used before are compiled now, before the queue is held.
+    let pipelines = steps
+        .iter()
+        .map(|s| dev.pipeline(s.shader))
+        .collect::<Result<Vec<_>, _>>()?;
     let stride = (std::mem::size_of::<Record>() as u64).div_ceil(align) * align;
     let mut q = dev.lock();
     dev.wait_locked(&mut q)?;
@@ -361,11 +366,7 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                 let y = step.groups.div_ceil(x);
                 // SAFETY: handles of this device, used under its queue lock (see `submit`).
                 unsafe {
-                    device.cmd_bind_pipeline(
-                        cb,
-                        vk::PipelineBindPoint::COMPUTE,
-                        dev.pipelines[step.shader as usize],
-                    );
+                    device.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipelines[i]);
                     device.cmd_bind_descriptor_sets(
                         cb,
                         vk::PipelineBindPoint::COMPUTE,

@@ -158,10 +158,19 @@ pub fn plan_descs(
             let src_ok = s.len() == 1
                 && weight_type(s[0].dtype)
                 && (!s[0].dtype.is_quantized() || s[0].nb[0] == s[0].dtype.block_bytes());
-            let ok = src_ok
-                && matches!(d.dtype, DType::F32 | DType::F16 | DType::BF16)
-                && same(&s[0], d);
-            (ok, (Shader::Elementwise, n.div_ceil(256)))
+            let ok = src_ok && same(&s[0], d);
+            match d.dtype {
+                DType::F32 | DType::F16 | DType::BF16 => {
+                    (ok, (Shader::Elementwise, n.div_ceil(256)))
+                }
+                // Whole blocks from a dense source, one invocation each.
+                DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => (
+                    ok && d.nb[0] == d.dtype.block_bytes()
+                        && matches!(s[0].dtype, DType::F32 | DType::F16 | DType::BF16),
+                    (Shader::CpyQuantized, (n / 32).div_ceil(64)),
+                ),
+                _ => (false, (Shader::Elementwise, 0)),
+            }
         }
         OpKind::RmsNorm | OpKind::Norm => {
             let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(d) && same(&s[0], d);

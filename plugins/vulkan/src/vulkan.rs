@@ -9,6 +9,7 @@
 use ash::vk;
 use kiln_plugin_api::abi::{KILN_CAP_ASYNC_COMPUTE, KILN_CAP_UNIFIED_MEMORY};
 use kiln_plugin_api::{BackendError, DeviceInfo, DeviceKind, ErrorCode};
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 /// A shader's SPIR-V, compiled by build.rs.
@@ -19,7 +20,7 @@ macro_rules! spv {
 }
 
 /// The shaders, in [`Shader`]'s order.
-pub const SHADERS: [(Shader, &[u8]); 9] = [
+pub const SHADERS: [(Shader, &[u8]); 10] = [
     (Shader::Elementwise, spv!("elementwise")),
     (Shader::Rows, spv!("rows")),
     (Shader::Rope, spv!("rope")),
@@ -29,9 +30,10 @@ pub const SHADERS: [(Shader, &[u8]); 9] = [
     (Shader::MulMatF64, spv!("mul_mat_f64")),
     (Shader::MulMatSg, spv!("mul_mat_sg")),
     (Shader::MulMatF64Sg, spv!("mul_mat_f64_sg")),
+    (Shader::CpyQuantized, spv!("cpy_q")),
 ];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shader {
     Elementwise = 0,
     Rows = 1,
@@ -44,6 +46,8 @@ pub enum Shader {
     /// The two MUL_MATs reduced with subgroup operations.
     MulMatSg = 7,
     MulMatF64Sg = 8,
+    /// CPY into a 32-element quantized type.
+    CpyQuantized = 9,
 }
 
 impl Shader {
@@ -109,7 +113,10 @@ pub struct Device {
     host_type: u32,
     pub set_layout: vk::DescriptorSetLayout,
     pub pipeline_layout: vk::PipelineLayout,
-    pub pipelines: Vec<vk::Pipeline>,
+    /// By shader, made on first use: a driver may take long to compile a
+    /// shader (lavapipe: minutes for MUL_MAT), and a device runs one of the
+    /// MUL_MAT variants.
+    pipelines: Mutex<HashMap<Shader, vk::Pipeline>>,
     /// The queue, its command pool and the work in flight: one submission
     /// stream (the host serialises compute per device; transfers take the
     /// lock too).
@@ -440,7 +447,7 @@ impl Device {
             .map_err(|e| e.to_string())?;
         // SAFETY: handles of this instance and device; valid create infos.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        let mut d = Device {
+        let d = Device {
             info,
             limits,
             device,
@@ -452,7 +459,7 @@ impl Device {
             host_type,
             set_layout,
             pipeline_layout,
-            pipelines: Vec::new(),
+            pipelines: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue {
                 queue,
                 pool,
@@ -465,39 +472,49 @@ impl Device {
                 scratch: None,
             }),
         };
-        for (i, (shader, spv)) in SHADERS.iter().enumerate() {
-            debug_assert_eq!(*shader as usize, i);
-            if !shader.runs_on(&d.limits) {
-                // It needs a feature this device lacks (never bound).
-                d.pipelines.push(vk::Pipeline::null());
-                continue;
-            }
-            let words =
-                ash::util::read_spv(&mut std::io::Cursor::new(spv)).map_err(|e| e.to_string())?;
-            // SAFETY: handles of this instance and device; valid create infos.
-            let module = unsafe {
-                d.device
-                    .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&words), None)
-            }
-            .map_err(|e| e.to_string())?;
-            let stage = vk::PipelineShaderStageCreateInfo::default()
-                .stage(vk::ShaderStageFlags::COMPUTE)
-                .module(module)
-                .name(c"main");
-            let info = vk::ComputePipelineCreateInfo::default()
-                .stage(stage)
-                .layout(d.pipeline_layout);
-            // SAFETY: handles of this instance and device; valid create infos.
-            let made = unsafe {
-                d.device
-                    .create_compute_pipelines(vk::PipelineCache::null(), &[info], None)
-            };
-            // SAFETY: handles of this instance and device; valid create infos.
-            unsafe { d.device.destroy_shader_module(module, None) };
-            let pipeline = made.map_err(|(_, e)| format!("{shader:?} pipeline: {e}"))?[0];
-            d.pipelines.push(pipeline);
-        }
         Ok(d)
+    }
+
+    /// The compute pipeline of `shader`, compiled on first use.
+    pub fn pipeline(&self, shader: Shader) -> Result<vk::Pipeline, BackendError> {
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&p) = pipelines.get(&shader) {
+            return Ok(p);
+        }
+        let (made_for, spv) = SHADERS[shader as usize];
+        debug_assert_eq!(made_for, shader);
+        if !shader.runs_on(&self.limits) {
+            return Err(BackendError::new(
+                ErrorCode::Unsupported,
+                format!("{shader:?} needs a feature this device lacks"),
+            ));
+        }
+        let failed = |what: &str, e: vk::Result| vk_error(&format!("{shader:?} {what}"), e);
+        let words = ash::util::read_spv(&mut std::io::Cursor::new(spv))
+            .map_err(|e| BackendError::new(ErrorCode::Internal, format!("{shader:?}: {e}")))?;
+        // SAFETY: handles of this device; valid create infos.
+        let module = unsafe {
+            self.device
+                .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&words), None)
+        }
+        .map_err(|e| failed("vkCreateShaderModule", e))?;
+        let stage = vk::PipelineShaderStageCreateInfo::default()
+            .stage(vk::ShaderStageFlags::COMPUTE)
+            .module(module)
+            .name(c"main");
+        let info = vk::ComputePipelineCreateInfo::default()
+            .stage(stage)
+            .layout(self.pipeline_layout);
+        // SAFETY: handles of this device; valid create infos.
+        let made = unsafe {
+            self.device
+                .create_compute_pipelines(vk::PipelineCache::null(), &[info], None)
+        };
+        // SAFETY: made by this device, no longer needed.
+        unsafe { self.device.destroy_shader_module(module, None) };
+        let p = made.map_err(|(_, e)| failed("vkCreateComputePipelines", e))?[0];
+        pipelines.insert(shader, p);
+        Ok(p)
     }
 
     /// (free, total) bytes of device-local memory, from the memory-budget
@@ -819,7 +836,8 @@ impl Drop for Device {
         // this device.
         unsafe {
             let _ = self.device.device_wait_idle();
-            for &p in &self.pipelines {
+            let pipelines = self.pipelines.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (_, p) in pipelines.drain() {
                 self.device.destroy_pipeline(p, None);
             }
             self.device

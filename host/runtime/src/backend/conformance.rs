@@ -204,6 +204,9 @@ pub fn cases() -> Vec<Case> {
         (F32, F32, 1e-7),
         (F32, Q8_0, 1e-3),
         (F32, Q4_0, 5e-2),
+        (F32, Q4_1, 5e-2),
+        (F32, Q5_0, 1e-2),
+        (F32, Q5_1, 1e-2),
     ] {
         v.push(Case::new(
             OpKind::Cpy,

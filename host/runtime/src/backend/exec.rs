@@ -1121,7 +1121,10 @@ mod tests {
             Ok(vec![0..900, 768..1100]),
             "a piece starts aligned down, and holds whole spans"
         );
-        assert_eq!(pack_pieces(&g_spans, 4096), Ok(std::iter::once(0..1100).collect()));
+        assert_eq!(
+            pack_pieces(&g_spans, 4096),
+            Ok(std::iter::once(0..1100).collect())
+        );
         assert_eq!(pack_pieces(&g_spans, 350), Err(300..700));
     }
 
