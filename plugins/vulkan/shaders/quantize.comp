@@ -17,6 +17,13 @@
 
 layout(local_size_x = 64) in;
 
+// Activation k of src1's row (m, c2, c3): src1 is F32 (src/ops.rs). A
+// plain load, not element_1: decoding every type there, inlined at each
+// call, made this shader take minutes to compile on lavapipe.
+float act_in(uint k, uint m, uint c2, uint c3) {
+    return f32_1(op.s1.base + k * op.s1.nb0 + m * op.s1.nb1 + c2 * op.s1.nb2 + c3 * op.s1.nb3);
+}
+
 float to_f16(float x) { return unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x; }
 
 uint pack4(ivec4 q) {
@@ -37,7 +44,7 @@ void main() {
     if (act_kind(wt) == ACT_FLOAT) {
         uint end = min(32u * b + 32u, k_len);
         for (uint k = 32u * b; k < end; k++) {
-            float x = element_1(k, m, c2, c3);
+            float x = act_in(k, m, c2, c3);
             if (wt == T_F16) x = to_f16(x);
             if (wt == T_BF16) x = uintBitsToFloat(bf16_bits(x) << 16);
             scratch[at + k - 32u * b] = floatBitsToUint(x);
@@ -46,7 +53,7 @@ void main() {
         float x[32];
         float amax = 0.0;
         [[unroll]] for (uint j = 0u; j < 32u; j++) {
-            x[j] = element_1(32u * b + j, m, c2, c3);
+            x[j] = act_in(32u * b + j, m, c2, c3);
             amax = max(amax, abs(x[j]));
         }
         float d = amax / 127.0;
@@ -62,7 +69,7 @@ void main() {
     } else {
         float amax = 0.0, mx = 0.0;
         for (uint j = 0u; j < 256u; j++) {
-            float v = element_1(256u * b + j, m, c2, c3);
+            float v = act_in(256u * b + j, m, c2, c3);
             if (abs(v) > amax) {
                 amax = abs(v);
                 mx = v;
@@ -73,8 +80,8 @@ void main() {
             int sum = 0;
             for (uint w = 0u; w < 4u; w++) {
                 uint k = 256u * b + 16u * g + 4u * w;
-                vec4 v = vec4(element_1(k, m, c2, c3), element_1(k + 1u, m, c2, c3),
-                              element_1(k + 2u, m, c2, c3), element_1(k + 3u, m, c2, c3));
+                vec4 v = vec4(act_in(k, m, c2, c3), act_in(k + 1u, m, c2, c3),
+                              act_in(k + 2u, m, c2, c3), act_in(k + 3u, m, c2, c3));
                 ivec4 q = ivec4(min(roundEven(v * iscale), vec4(127.0)));
                 sum += q.x + q.y + q.z + q.w;
                 scratch[at + 4u * g + w] = pack4(q);
