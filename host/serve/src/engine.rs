@@ -661,7 +661,10 @@ fn execute(
             let to = format!("{}:{}", exec.target.name(), exec.device);
             exec.set_upload_progress(Arc::new(move |done, total| {
                 if done == total {
-                    eprintln!("kiln: weights uploaded to {to}: {} MiB", total >> 20);
+                    eprintln!(
+                        "kiln: weights uploaded to {to}: {}",
+                        kiln_runtime::measure::human_bytes(total)
+                    );
                 }
             }));
         }

@@ -217,6 +217,10 @@ KQUANT_LOADS(1)
 ELEMENT(0, op.s0)
 ELEMENT(1, op.s1)
 
+// v as F16 bits, and v rounded to F16.
+uint f16_bits(float v) { return packHalf2x16(vec2(v, 0.0)) & 0xffffu; }
+float round_f16(float v) { return unpackHalf2x16(f16_bits(v)).x; }
+
 // v as BF16 bits, rounded to nearest even (NaN stays NaN).
 uint bf16_bits(float v) {
     uint u = floatBitsToUint(v);
@@ -232,7 +236,7 @@ void store(uint a, float v) {
         dst[a >> 2] = floatBitsToUint(v);
         return;
     }
-    uint bits = t == T_F16 ? packHalf2x16(vec2(v, 0.0)) & 0xffffu : bf16_bits(v);
+    uint bits = t == T_F16 ? f16_bits(v) : bf16_bits(v);
     uint shift = (a & 2u) * 8u;
     atomicAnd(dst[a >> 2], ~(0xffffu << shift));
     atomicOr(dst[a >> 2], bits << shift);

@@ -8,8 +8,6 @@
 
 layout(local_size_x = 64) in;
 
-uint f16_of(float x) { return packHalf2x16(vec2(x, 0.0)) & 0xffffu; }
-
 // Rust's `f32::round` (half away from zero): exact, unlike round().
 float round_away(float x) {
     float t = trunc(x);
@@ -44,16 +42,23 @@ void main() {
         x[j] = op.s0.dtype == T_F16 ? f16_0(at) : op.s0.dtype == T_BF16 ? bf16_0(at) : f32_0(at);
     }
 
+    // The header, and each element's code: the bytes, 8 bits each (Q8_0),
+    // or nibbles with the fifth bits in a word after the header (qs is
+    // where the nibbles start).
+    uint q[32];
+    uint qs;
+    bool five = t == T_Q5_0 || t == T_Q5_1;
     if (t == T_Q8_0) {
         float amax = 0.0;
         for (uint j = 0u; j < 32u; j++) amax = max(amax, abs(x[j]));
         precise float d = amax / 127.0;
         precise float id = d != 0.0 ? 1.0 / d : 0.0;
-        put16(0u, f16_of(d));
+        put16(0u, f16_bits(d));
         for (uint j = 0u; j < 32u; j++) {
             precise float v = x[j] * id;
             bytes[2u + j] = uint(int(round_away(v))) & 0xffu;
         }
+        qs = 0u;
     } else if (t == T_Q4_0 || t == T_Q5_0) {
         // The signed value of largest magnitude, the first on ties.
         float amax = 0.0, mx = 0.0;
@@ -63,31 +68,17 @@ void main() {
                 mx = x[j];
             }
         }
-        bool five = t == T_Q5_0;
         precise float d = mx / (five ? -16.0 : -8.0);
         precise float id = d != 0.0 ? 1.0 / d : 0.0;
-        float half_range = five ? 16.5 : 8.5;
-        int top = five ? 31 : 15;
-        put16(0u, f16_of(d));
-        uint qs = five ? 6u : 2u, qh = 0u;
-        for (uint j = 0u; j < 16u; j++) {
-            precise float x0 = x[j] * id;
-            precise float x1 = x[j + 16u] * id;
-            precise float y0 = x0 + half_range;
-            precise float y1 = x1 + half_range;
-            uint q0 = uint(min(to_i8(y0), top)) & 0xffu;
-            uint q1 = uint(min(to_i8(y1), top)) & 0xffu;
-            bytes[qs + j] = (q0 & 15u) | ((q1 & 15u) << 4);
-            qh |= ((q0 >> 4) & 1u) << j;
-            qh |= ((q1 >> 4) & 1u) << (j + 16u);
+        put16(0u, f16_bits(d));
+        for (uint j = 0u; j < 32u; j++) {
+            precise float v = x[j] * id;
+            precise float y = v + (five ? 16.5 : 8.5);
+            q[j] = uint(min(to_i8(y), five ? 31 : 15)) & 0xffu;
         }
-        if (five) {
-            put16(2u, qh);
-            put16(4u, qh >> 16);
-        }
+        qs = five ? 6u : 2u;
     } else {
         // Q4_1, Q5_1.
-        bool five = t == T_Q5_1;
         float lo = 3.402823466e38, hi = -3.402823466e38;
         for (uint j = 0u; j < 32u; j++) {
             lo = min(lo, x[j]);
@@ -95,23 +86,28 @@ void main() {
         }
         precise float d = (hi - lo) / (five ? 31.0 : 15.0);
         precise float id = d != 0.0 ? 1.0 / d : 0.0;
-        put16(0u, f16_of(d));
-        put16(2u, f16_of(lo));
-        uint qs = five ? 8u : 4u, qh = 0u;
+        put16(0u, f16_bits(d));
+        put16(2u, f16_bits(lo));
+        for (uint j = 0u; j < 32u; j++) {
+            precise float y = (x[j] - lo) * id + 0.5;
+            // `as u8` (truncation, saturated) for Q5_1; `as i8`, then at
+            // most 15, for Q4_1.
+            q[j] = five ? uint(clamp(trunc(y), 0.0, 255.0)) : uint(min(to_i8(y), 15)) & 0xffu;
+        }
+        qs = five ? 8u : 4u;
+    }
+    if (t != T_Q8_0) {
+        // Element j's low nibble in byte j (j < 16) or its high nibble in
+        // byte j - 16; its fifth bit is bit j of the word before qs.
+        uint qh = 0u;
         for (uint j = 0u; j < 16u; j++) {
-            precise float y0 = (x[j] - lo) * id + 0.5;
-            precise float y1 = (x[j + 16u] - lo) * id + 0.5;
-            // `as u8` (truncation, saturated) for Q5_1, `as i8` then at
-            // most 15 for Q4_1.
-            uint q0 = five ? uint(clamp(trunc(y0), 0.0, 255.0)) : uint(min(to_i8(y0), 15)) & 0xffu;
-            uint q1 = five ? uint(clamp(trunc(y1), 0.0, 255.0)) : uint(min(to_i8(y1), 15)) & 0xffu;
-            bytes[qs + j] = (q0 & 15u) | ((q1 & 15u) << 4);
-            qh |= ((q0 >> 4) & 1u) << j;
-            qh |= ((q1 >> 4) & 1u) << (j + 16u);
+            bytes[qs + j] = (q[j] & 15u) | ((q[j + 16u] & 15u) << 4);
+            qh |= ((q[j] >> 4) & 1u) << j;
+            qh |= ((q[j + 16u] >> 4) & 1u) << (j + 16u);
         }
         if (five) {
-            put16(4u, qh);
-            put16(6u, qh >> 16);
+            put16(qs - 4u, qh);
+            put16(qs - 2u, qh >> 16);
         }
     }
 

@@ -7,12 +7,12 @@ layout(local_size_x = 256) in;
 
 float gelu(float x) {
     // At f16 precision, as ggml's CPU table (kiln_backend.h).
-    x = unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x;
+    x = round_f16(x);
     if (x <= -10.0) return 0.0;
     if (x >= 10.0) return x;
     const float c = 0.7978845608028654; // sqrt(2 / pi)
     float y = 0.5 * x * (1.0 + tanh(c * x * (1.0 + 0.044715 * x * x)));
-    return unpackHalf2x16(packHalf2x16(vec2(y, 0.0))).x;
+    return round_f16(y);
 }
 
 void main() {

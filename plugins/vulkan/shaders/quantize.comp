@@ -24,8 +24,6 @@ float act_in(uint k, uint m, uint c2, uint c3) {
     return f32_1(op.s1.base + k * op.s1.nb0 + m * op.s1.nb1 + c2 * op.s1.nb2 + c3 * op.s1.nb3);
 }
 
-float to_f16(float x) { return unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x; }
-
 uint pack4(ivec4 q) {
     return (uint(q.x) & 0xffu) | ((uint(q.y) & 0xffu) << 8) | ((uint(q.z) & 0xffu) << 16) |
            (uint(q.w) << 24);
@@ -45,7 +43,7 @@ void main() {
         uint end = min(32u * b + 32u, k_len);
         for (uint k = 32u * b; k < end; k++) {
             float x = act_in(k, m, c2, c3);
-            if (wt == T_F16) x = to_f16(x);
+            if (wt == T_F16) x = round_f16(x);
             if (wt == T_BF16) x = uintBitsToFloat(bf16_bits(x) << 16);
             scratch[at + k - 32u * b] = floatBitsToUint(x);
         }
@@ -64,8 +62,8 @@ void main() {
             sum += q.x + q.y + q.z + q.w;
             scratch[at + w] = pack4(q);
         }
-        scratch[at + 8u] = floatBitsToUint(to_f16(d));
-        scratch[at + 9u] = floatBitsToUint(to_f16(d * float(sum)));
+        scratch[at + 8u] = floatBitsToUint(round_f16(d));
+        scratch[at + 9u] = floatBitsToUint(round_f16(d * float(sum)));
     } else {
         float amax = 0.0, mx = 0.0;
         for (uint j = 0u; j < 256u; j++) {

@@ -113,9 +113,8 @@ pub struct Device {
     host_type: u32,
     pub set_layout: vk::DescriptorSetLayout,
     pub pipeline_layout: vk::PipelineLayout,
-    /// By shader, made on first use: a driver may take long to compile a
-    /// shader (lavapipe: minutes for MUL_MAT), and a device runs one of the
-    /// MUL_MAT variants.
+    /// By shader, made on first use: a device runs one of the MUL_MAT
+    /// variants, and most graphs need only some of the shaders.
     pipelines: Mutex<HashMap<Shader, vk::Pipeline>>,
     /// The queue, its command pool and the work in flight: one submission
     /// stream (the host serialises compute per device; transfers take the

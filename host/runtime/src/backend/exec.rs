@@ -840,7 +840,7 @@ impl Executor {
         let mut placed = HashMap::new();
         for (&s, (span, _)) in spans {
             if let Storage::Read(_) = &graph.storages[s] {
-                placed.insert(s, self.place_read(st, graph, ops, s)?);
+                placed.insert(s, self.place_read(st, graph, ops, s, span)?);
                 continue;
             }
             let slot = st.slots[s].as_mut().expect("made at the run's start");
@@ -995,18 +995,27 @@ impl Executor {
     /// the segment `ops` needs and the device does not hold yet: the whole
     /// storage, or, where it is wider than the device's largest buffer
     /// (`max_buffer_size`), runs of whole tensors of the graph packed into
-    /// buffers that size (a tensor no buffer can hold is an error).
+    /// buffers that size (a tensor no buffer can hold is an error). `hull`
+    /// spans every byte of `s` the segment touches.
     fn place_read(
         &self,
         st: &mut DeviceState,
         graph: &Graph<'_>,
         ops: &Range<usize>,
         s: usize,
+        hull: &Range<usize>,
     ) -> Result<Vec<Piece>, BackendError> {
         let bytes = graph.storages[s].bytes();
         let key = (bytes.as_ptr() as usize, bytes.len());
         let limit = self.target.devices[self.device as usize].max_buffer_size;
         let held = st.resident.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        // Every step after the first, where one buffer holds it all.
+        if held
+            .iter()
+            .any(|p| p.range.start <= hull.start && hull.end <= p.range.end)
+        {
+            return Ok(held.to_vec());
+        }
         let missing = |spans: Vec<Range<usize>>| -> Vec<Range<usize>> {
             spans
                 .into_iter()
