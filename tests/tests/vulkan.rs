@@ -107,6 +107,13 @@ fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
     );
 }
 
+/// A prompt of `n` tokens of a 300-token vocabulary, BOS first.
+fn long_prompt(n: u32) -> Vec<u32> {
+    std::iter::once(1)
+        .chain((0..n - 1).map(|i| 40 + (i * 7) % 250))
+        .collect()
+}
+
 #[test]
 fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device() {
     let home = Home::default();
@@ -142,7 +149,9 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
         quantized(&llama, "Q5_1"),
         gemma,
     ];
-    let prompt = [1u32, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49];
+    // Longer than a tile of the prompt kernel (mul_mm.glsl) in both
+    // directions, so the prompt runs tiled and the steps after it do not.
+    let prompt = long_prompt(41);
     for model in &models {
         let fallback = plugin
             .stats
@@ -179,7 +188,7 @@ fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
     let wide = tiny_model(&[
         "--arch", "llama", "--dtype", "f16", "--embd", "256", "--ff", "512", "--vocab", "300",
     ]);
-    let prompt = [1u32, 40, 41, 42, 43, 44, 45];
+    let prompt = long_prompt(37);
     for t in ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K"] {
         let model = home.path().join(format!("wide-{t}.gguf"));
         home.ok(&[
@@ -343,17 +352,24 @@ fn weights_larger_than_one_allocation_go_up_in_pieces() {
 /// The gate's cases on device 0, each with its outcome, from `kiln
 /// plugins add --json` run with `env`.
 fn gate_cases(env: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    gate_run(env).0
+}
+
+/// [`gate_cases`] and what the plugin logged at the info level.
+fn gate_run(env: &[(&str, &str)]) -> (Vec<serde_json::Value>, String) {
     let home = Home::default();
     let dir = vulkan_dir(&home);
     let out = home
         .command(&["plugins", "add", dir.to_str().unwrap(), "--json"])
+        .env("KILN_LOG", "info")
         .envs(env.iter().copied())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["cases"][0]["cases"].as_array().unwrap().clone()
+    let cases = v["cases"][0]["cases"].as_array().unwrap().clone();
+    (cases, stderr.into_owned())
 }
 
 /// A device whose binding range is smaller than a weight matrix (forced
@@ -404,19 +420,56 @@ fn copies_into_quantized_types_write_the_cpus_blocks() {
     assert_eq!(seen, 5, "q4_0, q4_1, q5_0, q5_1, q8_0: {cases:?}");
 }
 
-/// Without shaderFloat64 (Apple's GPUs, some Intel ones) MUL_MAT sums in
-/// float, and without subgroup arithmetic it reduces through shared
-/// memory (both forced off here: the plain path any device runs): a few
-/// ulps from the CPU, within the gate's bounds, every case still claimed.
+/// Without shaderFloat64 (Apple's GPUs, some Intel ones), or on a GPU that
+/// runs doubles slowly, MUL_MAT sums in float; without subgroup arithmetic
+/// it reduces through shared memory; without the shared memory of a tile
+/// prompts run as decode does; with packed 8-bit dot products (forced on
+/// here: lavapipe has them but does not call them accelerated) tiles of
+/// quantized weights take them. Every combination is a few ulps from the
+/// CPU, within the gate's bounds, every case claimed, and the log names
+/// the paths the device took.
 #[test]
-fn matmuls_summing_in_float_pass_the_gate() {
-    let cases = gate_cases(&[
-        ("KILN_VULKAN_NO_F64", "1"),
-        ("KILN_VULKAN_NO_SUBGROUPS", "1"),
-    ]);
-    let matmuls: Vec<_> = (cases.iter())
-        .filter(|c| c["case"].as_str().unwrap().starts_with("mul_mat("))
-        .collect();
-    let passed = matmuls.iter().filter(|c| c["outcome"] == "passed").count();
-    assert_eq!(passed, matmuls.len(), "{matmuls:#?}");
+fn matmuls_on_every_path_pass_the_gate() {
+    let runs: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("KILN_VULKAN_NO_F64", "1"),
+                ("KILN_VULKAN_NO_SUBGROUPS", "1"),
+                ("KILN_VULKAN_NO_TILES", "1"),
+            ],
+            "matmul sums in float, subgroup reductions: no, tiled prompts: no, packed 8-bit dot products: no",
+        ),
+        (
+            &[("KILN_VULKAN_F64", "0"), ("KILN_VULKAN_DOT", "1")],
+            "matmul sums in float, subgroup reductions: yes, tiled prompts: yes, packed 8-bit dot products: yes",
+        ),
+        (
+            &[],
+            "matmul sums in double, subgroup reductions: yes, tiled prompts: yes, packed 8-bit dot products: no",
+        ),
+    ];
+    for (env, paths) in runs {
+        let (cases, log) = gate_run(env);
+        assert!(log.contains(paths), "{env:?}: {log}");
+        let matmuls: Vec<_> = (cases.iter())
+            .filter(|c| c["case"].as_str().unwrap().starts_with("mul_mat("))
+            .collect();
+        let passed = matmuls.iter().filter(|c| c["outcome"] == "passed").count();
+        assert_eq!(passed, matmuls.len(), "{env:?}: {matmuls:#?}");
+        // Summing in double gives the CPU's results to the bit for float
+        // and 32-element weights, decode and prompt kernels alike; the
+        // K-quants apply their scales in another order than the CPU's
+        // (within a few units of 2^-53).
+        if env.is_empty() {
+            for c in &matmuls {
+                let label = c["case"].as_str().unwrap();
+                let nmse = c["nmse"].as_f64().unwrap();
+                if label.contains("_k[") || label.contains("iq4_xs[") {
+                    assert!(nmse < 1e-12, "{c}");
+                } else {
+                    assert_eq!(nmse, 0.0, "{c}");
+                }
+            }
+        }
+    }
 }

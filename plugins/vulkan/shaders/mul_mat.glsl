@@ -16,6 +16,7 @@
 // device has them, the others through shared memory.
 #include "common.glsl"
 #include "act.glsl"
+#include "units.glsl"
 
 #define TM 8u
 #define WG 64u
@@ -29,17 +30,6 @@ layout(local_size_x = 64) in;
 #endif
 
 shared ACC part[TM * WG];
-
-ivec4 i8x4(uint w) { return ivec4(int(w << 24) >> 24, int(w << 16) >> 24, int(w << 8) >> 24, int(w) >> 24); }
-ivec4 lo4(uint w) { return ivec4(w & 15u, (w >> 8) & 15u, (w >> 16) & 15u, (w >> 24) & 15u); }
-ivec4 hi4(uint w) { return ivec4((w >> 4) & 15u, (w >> 12) & 15u, (w >> 20) & 15u, w >> 28); }
-// Bit `shift` of each byte of w, as bit 4.
-ivec4 bit4(uint w, uint shift) {
-    return ivec4(((w >> shift) & 1u) << 4, ((w >> (8u + shift)) & 1u) << 4,
-                 ((w >> (16u + shift)) & 1u) << 4, ((w >> (24u + shift)) & 1u) << 4);
-}
-int idot(ivec4 a, ivec4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
-ivec4 iq4nl(ivec4 q) { return ivec4(IQ4_NL_VALUES[q.x], IQ4_NL_VALUES[q.y], IQ4_NL_VALUES[q.z], IQ4_NL_VALUES[q.w]); }
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -83,148 +73,35 @@ void main() {
         }
     } else if (kind == ACT_Q8_0) {
         uint bb = block_bytes(wt);
-        uint nb = k_len / 32u;
-        bool with_min = wt == T_Q4_1 || wt == T_Q5_1;
-        for (uint u = t; u < 4u * nb; u += WG) {
-            uint b = u >> 2, q = u & 3u;
-            uint wb = row + b * bb;
-            // The unit's 8 codes, centred, and which activation words they
-            // meet: elements 4q..4q+3 and 16+4q..16+4q+3, or 8q..8q+7 (Q8_0).
+        for (uint u = t; u < 4u * (k_len / 32u); u += WG) {
+            uint b = u >> 2, wb = row + b * bb, a0, a1;
             ivec4 c0, c1;
-            uint a0 = q, a1 = 4u + q;
-            float d = f16_0(wb), mn = 0.0;
-            if (wt == T_Q8_0) {
-                c0 = i8x4(u32_0(wb + 2u + 8u * q));
-                c1 = i8x4(u32_0(wb + 6u + 8u * q));
-                a0 = 2u * q;
-                a1 = 2u * q + 1u;
-            } else if (wt == T_Q4_0 || wt == T_IQ4_NL) {
-                uint w = u32_0(wb + 2u + 4u * q);
-                if (wt == T_Q4_0) {
-                    c0 = lo4(w) - 8;
-                    c1 = hi4(w) - 8;
-                } else {
-                    c0 = iq4nl(lo4(w));
-                    c1 = iq4nl(hi4(w));
-                }
-            } else if (wt == T_Q4_1) {
-                uint w = u32_0(wb + 4u + 4u * q);
-                c0 = lo4(w);
-                c1 = hi4(w);
-                mn = f16_0(wb + 2u);
-            } else {
-                // Q5_0, Q5_1: the fifth bits of the block in one word.
-                uint off = wt == T_Q5_0 ? 2u : 4u;
-                uint qh = u32_0(wb + off) >> (4u * q);
-                uint w = u32_0(wb + off + 4u + 4u * q);
-                ivec4 h0 = ivec4((qh & 1u) << 4, ((qh >> 1) & 1u) << 4, ((qh >> 2) & 1u) << 4, ((qh >> 3) & 1u) << 4);
-                uint qh1 = qh >> 16;
-                ivec4 h1 = ivec4((qh1 & 1u) << 4, ((qh1 >> 1) & 1u) << 4, ((qh1 >> 2) & 1u) << 4, ((qh1 >> 3) & 1u) << 4);
-                c0 = lo4(w) | h0;
-                c1 = hi4(w) | h1;
-                if (wt == T_Q5_0) {
-                    c0 -= 16;
-                    c1 -= 16;
-                } else {
-                    mn = f16_0(wb + 2u);
-                }
-            }
+            unit_32(wt, wb, u & 3u, c0, c1, a0, a1);
+            vec2 dm = scale_32(wt, wb);
             [[unroll]] for (uint i = 0u; i < TM; i++) {
                 if (i >= cols) break;
                 uint x = act_block(wt, k_len, r0 + i, b);
                 int s = idot(c0, i8x4(scratch[x + a0])) + idot(c1, i8x4(scratch[x + a1]));
-                acc[i] += ACC(d) * ACC(uintBitsToFloat(scratch[x + 8u])) * ACC(s);
-                if (with_min && q == 0u) acc[i] += ACC(mn) * ACC(uintBitsToFloat(scratch[x + 9u]));
+                acc[i] += ACC(dm.x) * ACC(uintBitsToFloat(scratch[x + 8u])) * ACC(s);
+                if (a0 == 0u) acc[i] += ACC(dm.y) * ACC(uintBitsToFloat(scratch[x + 9u]));
             }
         }
     } else {
         uint kb = kblock_bytes(wt);
-        uint nb = k_len / 256u;
-        for (uint u = t; u < 32u * nb; u += WG) {
-            uint b = u >> 5, v = u & 31u;
-            uint wb = row + b * kb;
-            if (wt == T_Q2_K || wt == T_Q3_K) {
-                // Elements 8v..8v+7: sub-block v / 2, their codes in bytes
-                // 32n + l0.. at shift 2j.
-                uint n = v >> 4, sh = 2u * ((v >> 2) & 3u), l0 = (v & 3u) * 8u, i = v >> 1;
-                uint qs = wb + (wt == T_Q2_K ? 16u : 32u) + 32u * n + l0;
-                ivec4 c0 = lo4(u32_0(qs) >> sh) & 3, c1 = lo4(u32_0(qs + 4u) >> sh) & 3;
-                if (wt == T_Q3_K) {
-                    uint hb = 4u * n + (sh >> 1);
-                    c0 += ((lo4(u32_0(wb + l0) >> hb) & 1) << 2) - 4;
-                    c1 += ((lo4(u32_0(wb + l0 + 4u) >> hb) & 1) << 2) - 4;
-                }
-                uint sc = wt == T_Q2_K ? byte_0(wb + i) : 0u;
-                int scale = wt == T_Q2_K ? int(sc & 15u) : q3_k_scale_0(wb + 96u, i);
-                float d = f16_0(wt == T_Q2_K ? wb + 80u : wb + 108u);
-                float dmin = wt == T_Q2_K ? f16_0(wb + 82u) : 0.0;
-                [[unroll]] for (uint j = 0u; j < TM; j++) {
-                    if (j >= cols) break;
-                    uint x = act_block(wt, k_len, r0 + j, b);
-                    int s = idot(c0, i8x4(scratch[x + 2u * v])) + idot(c1, i8x4(scratch[x + 2u * v + 1u]));
-                    ACC dx = ACC(uintBitsToFloat(scratch[x + 64u]));
-                    acc[j] += ACC(d) * dx * ACC(scale * s);
-                    if (wt == T_Q2_K && (v & 1u) == 0u) {
-                        acc[j] -= ACC(dmin) * dx * ACC(int(sc >> 4) * int(scratch[x + 65u + i]));
-                    }
-                }
-            } else if (wt == T_IQ4_XS) {
-                // Sub-block ib of 32, bytes 4q..4q+3 of its codes.
-                uint ib = v >> 2, q = v & 3u;
-                uint w = u32_0(wb + 8u + 16u * ib + 4u * q);
-                ivec4 c0 = iq4nl(lo4(w)), c1 = iq4nl(hi4(w));
-                int scale = iq4_xs_scale_0(wb, ib);
-                float d = f16_0(wb);
-                [[unroll]] for (uint j = 0u; j < TM; j++) {
-                    if (j >= cols) break;
-                    uint x = act_block(wt, k_len, r0 + j, b);
-                    int s = idot(c0, i8x4(scratch[x + 8u * ib + q])) + idot(c1, i8x4(scratch[x + 8u * ib + 4u + q]));
-                    acc[j] += ACC(d) * ACC(uintBitsToFloat(scratch[x + 64u])) * ACC(scale * s);
-                }
-            } else if (wt == T_Q6_K) {
-                // Elements 128h + 32p + l0 .. +7.
-                uint h = v >> 4, p = (v >> 2) & 3u, l0 = (v & 3u) * 8u;
-                uint ql = wb + 64u * h + 32u * (p & 1u) + l0, qh = wb + 128u + 32u * h + l0;
-                uint sl = 4u * (p >> 1), sh = 2u * p;
-                ivec4 c0 = ivec4((uvec4(lo4(u32_0(ql) >> sl)) & 15u) | ((uvec4(lo4(u32_0(qh) >> sh)) & 3u) << 4)) - 32;
-                ivec4 c1 = ivec4((uvec4(lo4(u32_0(ql + 4u) >> sl)) & 15u) | ((uvec4(lo4(u32_0(qh + 4u) >> sh)) & 3u) << 4)) - 32;
-                float d = f16_0(wb + 208u);
-                int sc = i8_0(wb + 192u + 8u * h + (l0 >> 4) + 2u * p);
-                uint a = (128u * h + 32u * p + l0) >> 2;
-                [[unroll]] for (uint i = 0u; i < TM; i++) {
-                    if (i >= cols) break;
-                    uint x = act_block(wt, k_len, r0 + i, b);
-                    int s = idot(c0, i8x4(scratch[x + a])) + idot(c1, i8x4(scratch[x + a + 1u]));
-                    acc[i] += ACC(d) * ACC(uintBitsToFloat(scratch[x + 64u])) * ACC(sc * s);
-                }
-            } else {
-                // Q4_K, Q5_K: chunk c of 64 elements, bytes 4w..4w+3 of its
-                // codes: elements 64c + 4w.. (low nibbles, sub-block 2c) and
-                // 64c + 32 + 4w.. (high nibbles, sub-block 2c + 1).
-                uint c = v >> 3, w = v & 7u;
-                uint qs = wb + (wt == T_Q5_K ? 48u : 16u) + 32u * c + 4u * w;
-                uint codes = u32_0(qs);
-                ivec4 c0 = lo4(codes), c1 = hi4(codes);
-                if (wt == T_Q5_K) {
-                    uint qh = u32_0(wb + 16u + 4u * w);
-                    c0 |= bit4(qh, 2u * c);
-                    c1 |= bit4(qh, 2u * c + 1u);
-                }
-                uvec2 sm0 = scale_min_0(wb + 4u, 2u * c), sm1 = scale_min_0(wb + 4u, 2u * c + 1u);
-                float d = f16_0(wb), dmin = f16_0(wb + 2u);
-                [[unroll]] for (uint i = 0u; i < TM; i++) {
-                    if (i >= cols) break;
-                    uint x = act_block(wt, k_len, r0 + i, b);
-                    int s0 = idot(c0, i8x4(scratch[x + 16u * c + w]));
-                    int s1 = idot(c1, i8x4(scratch[x + 16u * c + 8u + w]));
-                    ACC s = ACC(d) * ACC(int(sm0.x) * s0 + int(sm1.x) * s1);
-                    if (w == 0u) {
-                        int b0 = int(scratch[x + 65u + 4u * c]) + int(scratch[x + 66u + 4u * c]);
-                        int b1 = int(scratch[x + 67u + 4u * c]) + int(scratch[x + 68u + 4u * c]);
-                        s -= ACC(dmin) * ACC(int(sm0.y) * b0 + int(sm1.y) * b1);
-                    }
-                    acc[i] += ACC(uintBitsToFloat(scratch[x + 64u])) * s;
-                }
+        for (uint u = t; u < 32u * (k_len / 256u); u += WG) {
+            uint b = u >> 5, wb = row + b * kb, a0, a1;
+            ivec4 c0, c1;
+            unit_k(wt, wb, u & 31u, c0, c1, a0, a1);
+            vec2 f0 = scale_k(wt, wb, a0 >> 2), f1 = scale_k(wt, wb, a1 >> 2);
+            [[unroll]] for (uint i = 0u; i < TM; i++) {
+                if (i >= cols) break;
+                uint x = act_block(wt, k_len, r0 + i, b);
+                ACC s = ACC(f0.x) * ACC(idot(c0, i8x4(scratch[x + a0])))
+                      + ACC(f1.x) * ACC(idot(c1, i8x4(scratch[x + a1])));
+                // The activations' sums meet the minimums once per 16.
+                if ((a0 & 3u) == 0u) s += ACC(f0.y) * ACC(int(scratch[x + 65u + (a0 >> 2)]));
+                if ((a1 & 3u) == 0u) s += ACC(f1.y) * ACC(int(scratch[x + 65u + (a1 >> 2)]));
+                acc[i] += ACC(uintBitsToFloat(scratch[x + 64u])) * s;
             }
         }
     }

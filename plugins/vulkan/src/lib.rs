@@ -122,6 +122,13 @@ impl Backend for VulkanBackend {
                 for note in &vk.notes {
                     host.log(level, note);
                 }
+                for (i, d) in vk.devices.iter().enumerate() {
+                    let paths = d.limits.describe();
+                    host.log(
+                        KILN_LOG_INFO,
+                        &format!("device {i} ({}): {paths}", d.info.name),
+                    );
+                }
                 Some(vk)
             }
             Err(why) => {

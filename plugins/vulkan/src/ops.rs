@@ -24,6 +24,14 @@ pub struct Plan {
 /// Activation columns one MUL_MAT workgroup takes (`TM` in mul_mat.glsl).
 const MUL_MAT_COLUMNS: u64 = 8;
 
+/// Weight rows and activation columns of one tile of mul_mm.glsl.
+const TILE: u64 = 32;
+
+/// From this many activation columns on, a MUL_MAT runs in tiles
+/// (mul_mm.glsl) where the device allows: below it, mul_mat.glsl reads
+/// the weights as few times and wastes no part of a tile.
+const TILED_FROM_COLUMNS: u64 = 16;
+
 /// Words per block and blocks per row of MUL_MAT's rounded activations for
 /// weights of type `wt` and rows of `k` (shaders/act.glsl): K floats in
 /// blocks of 32 for float weights, Q8_0 with a sum (10 words per 32) for
@@ -222,15 +230,28 @@ pub fn plan_descs(
                 && s[1].ne[2].is_multiple_of(s[0].ne[2])
                 && s[1].ne[3].is_multiple_of(s[0].ne[3])
                 && d.ne == [s[0].ne[1], s[1].ne[1], s[1].ne[2], s[1].ne[3]];
-            let columns = d.ne[1] as u64;
-            let groups = (d.ne[0] * d.ne[2] * d.ne[3]) as u64 * columns.div_ceil(MUL_MAT_COLUMNS);
-            let shader = match (limits.f64, limits.subgroups) {
-                (true, true) => Shader::MulMatF64Sg,
-                (true, false) => Shader::MulMatF64,
-                (false, true) => Shader::MulMatSg,
-                (false, false) => Shader::MulMat,
-            };
-            (ok, (shader, groups))
+            let (rows, columns, batches) =
+                (d.ne[0] as u64, d.ne[1] as u64, (d.ne[2] * d.ne[3]) as u64);
+            if limits.tiles && columns >= TILED_FROM_COLUMNS {
+                let groups = rows.div_ceil(TILE) * columns.div_ceil(TILE) * batches;
+                let shader = if limits.f64 {
+                    Shader::MulMmF64
+                } else if limits.dot && s[0].dtype.is_quantized() {
+                    Shader::MulMmDot
+                } else {
+                    Shader::MulMm
+                };
+                (ok, (shader, groups))
+            } else {
+                let groups = rows * batches * columns.div_ceil(MUL_MAT_COLUMNS);
+                let shader = match (limits.f64, limits.subgroups) {
+                    (true, true) => Shader::MulMatF64Sg,
+                    (true, false) => Shader::MulMatF64,
+                    (false, true) => Shader::MulMatSg,
+                    (false, false) => Shader::MulMat,
+                };
+                (ok, (shader, groups))
+            }
         }
     };
     if !ok {

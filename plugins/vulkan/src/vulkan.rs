@@ -20,7 +20,7 @@ macro_rules! spv {
 }
 
 /// The shaders, in [`Shader`]'s order.
-pub const SHADERS: [(Shader, &[u8]); 10] = [
+pub const SHADERS: [(Shader, &[u8]); 13] = [
     (Shader::Elementwise, spv!("elementwise")),
     (Shader::Rows, spv!("rows")),
     (Shader::Rope, spv!("rope")),
@@ -31,6 +31,9 @@ pub const SHADERS: [(Shader, &[u8]); 10] = [
     (Shader::MulMatSg, spv!("mul_mat_sg")),
     (Shader::MulMatF64Sg, spv!("mul_mat_f64_sg")),
     (Shader::CpyQuantized, spv!("cpy_q")),
+    (Shader::MulMm, spv!("mul_mm")),
+    (Shader::MulMmF64, spv!("mul_mm_f64")),
+    (Shader::MulMmDot, spv!("mul_mm_dot")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +51,11 @@ pub enum Shader {
     MulMatF64Sg = 8,
     /// CPY into a 32-element quantized type.
     CpyQuantized = 9,
+    /// MUL_MAT in tiles through shared memory, for prompts.
+    MulMm = 10,
+    MulMmF64 = 11,
+    /// Tiled, with packed 8-bit integer dot products (quantized weights).
+    MulMmDot = 12,
 }
 
 impl Shader {
@@ -57,10 +65,18 @@ impl Shader {
             Shader::MulMatF64 => limits.f64,
             Shader::MulMatSg => limits.subgroups,
             Shader::MulMatF64Sg => limits.f64 && limits.subgroups,
+            Shader::MulMm => limits.tiles,
+            Shader::MulMmF64 => limits.f64 && limits.tiles,
+            Shader::MulMmDot => limits.dot && limits.tiles,
             _ => true,
         }
     }
 }
+
+/// Shared memory a workgroup of mul_mm.glsl declares: two tiles of 32
+/// rows of 65 words, 32 rows of 16 scales twice, 32 columns of 8 scales
+/// and 16 sums.
+const TILE_SHARED_BYTES: u32 = 4 * (2 * 32 * 65 + 2 * 32 * 16 + 32 * 8 + 32 * 16);
 
 /// Bindings per op: the record, two sources, the destination and the
 /// device's scratch.
@@ -84,10 +100,32 @@ pub struct Limits {
     /// A binding's offset is a multiple of this.
     pub offset_align: u64,
     pub max_groups: u32,
-    /// The device has shaderFloat64 (enabled): MUL_MAT sums in double.
+    /// MUL_MAT sums in double: the device has shaderFloat64 (enabled) and
+    /// runs it at speed (a CPU implementation), or `KILN_VULKAN_F64=1`.
     pub f64: bool,
     /// Compute shaders have subgroup arithmetic: MUL_MAT reduces with it.
     pub subgroups: bool,
+    /// Workgroups have the shared memory of mul_mm.glsl's tiles: prompts'
+    /// MUL_MATs run tiled.
+    pub tiles: bool,
+    /// Tiled MUL_MATs of quantized weights take packed 8-bit dot products:
+    /// the device has shaderIntegerDotProduct (enabled) and accelerates
+    /// the signed 4×8-bit packed form, or `KILN_VULKAN_DOT=1`.
+    pub dot: bool,
+}
+
+impl Limits {
+    /// The matmul paths chosen for the device, for the log.
+    pub fn describe(&self) -> String {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "matmul sums in {}, subgroup reductions: {}, tiled prompts: {}, packed 8-bit dot products: {}",
+            if self.f64 { "double" } else { "float" },
+            yes_no(self.subgroups),
+            yes_no(self.tiles),
+            yes_no(self.dot && self.tiles),
+        )
+    }
 }
 
 pub struct Instance {
@@ -201,6 +239,15 @@ fn env_on(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
+/// A switch that is on (`1`), off (`0`) or left to the device (unset).
+fn env_choice(name: &str) -> Option<bool> {
+    match std::env::var(name).ok()?.trim() {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
 impl Instance {
     /// Opens the loader and every usable device. Software devices
     /// (lavapipe) are hidden unless `KILN_VULKAN_ALLOW_CPU=1`.
@@ -272,25 +319,31 @@ impl Device {
         let mut driver = vk::PhysicalDeviceDriverProperties::default();
         let mut maintenance3 = vk::PhysicalDeviceMaintenance3Properties::default();
         let mut subgroup = vk::PhysicalDeviceSubgroupProperties::default();
+        let mut dot = vk::PhysicalDeviceShaderIntegerDotProductProperties::default();
         let has_driver_props = props.api_version >= vk::API_VERSION_1_2;
+        // SAFETY: handles of this instance and device; valid create infos.
+        let extensions = unsafe { instance.enumerate_device_extension_properties(pd) }
+            .map_err(|e| e.to_string())?;
+        let has_extension = |name: &std::ffi::CStr| {
+            (extensions.iter()).any(|e| e.extension_name_as_c_str().is_ok_and(|n| n == name))
+        };
+        let has_dot_extension = has_extension(c"VK_KHR_shader_integer_dot_product");
+        let dot_known = props.api_version >= vk::API_VERSION_1_3 || has_dot_extension;
         {
             let mut props2 = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut id)
                 .push_next(&mut maintenance3)
                 .push_next(&mut subgroup);
+            if dot_known {
+                props2 = props2.push_next(&mut dot);
+            }
             if has_driver_props {
                 props2 = props2.push_next(&mut driver);
             }
             // SAFETY: handles of this instance and device; valid create infos.
             unsafe { instance.get_physical_device_properties2(pd, &mut props2) };
         }
-        // SAFETY: handles of this instance and device; valid create infos.
-        let extensions = unsafe { instance.enumerate_device_extension_properties(pd) }
-            .map_err(|e| e.to_string())?;
-        let has_budget = extensions.iter().any(|e| {
-            e.extension_name_as_c_str()
-                .is_ok_and(|n| n == c"VK_EXT_memory_budget")
-        });
+        let has_budget = has_extension(c"VK_EXT_memory_budget");
         // SAFETY: handles of this instance and device; valid create infos.
         let family = unsafe { instance.get_physical_device_queue_family_properties(pd) }
             .iter()
@@ -300,13 +353,37 @@ impl Device {
         let queue_info = vk::DeviceQueueCreateInfo::default()
             .queue_family_index(family)
             .queue_priorities(&priorities);
+        // Doubles: where the device runs them at speed (a CPU
+        // implementation; GPUs mostly at 1/16 to 1/64 of floats) the
+        // matmuls sum in them and give the CPU's results to the last bit.
+        let cpu = props.device_type == vk::PhysicalDeviceType::CPU;
         // SAFETY: handles of this instance and device; valid create infos.
         let has_f64 = unsafe { instance.get_physical_device_features(pd) }.shader_float64 != 0
-            && !env_on("KILN_VULKAN_NO_F64");
+            && !env_on("KILN_VULKAN_NO_F64")
+            && env_choice("KILN_VULKAN_F64").unwrap_or(cpu);
+        // Packed 8-bit dot products: where the device accelerates them.
+        let mut dot_features = vk::PhysicalDeviceShaderIntegerDotProductFeatures::default();
+        if dot_known {
+            let mut features2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut dot_features);
+            // SAFETY: handles of this instance and device; valid create infos.
+            unsafe { instance.get_physical_device_features2(pd, &mut features2) };
+        }
+        let has_dot = dot_features.shader_integer_dot_product != 0
+            && env_choice("KILN_VULKAN_DOT")
+                .unwrap_or(dot.integer_dot_product4x8_bit_packed_signed_accelerated != 0);
         let features = vk::PhysicalDeviceFeatures::default().shader_float64(has_f64);
-        let create = vk::DeviceCreateInfo::default()
+        let mut enable_dot = vk::PhysicalDeviceShaderIntegerDotProductFeatures::default()
+            .shader_integer_dot_product(true);
+        let dot_extension = [c"VK_KHR_shader_integer_dot_product".as_ptr()];
+        let mut create = vk::DeviceCreateInfo::default()
             .queue_create_infos(std::slice::from_ref(&queue_info))
             .enabled_features(&features);
+        if has_dot {
+            create = create.push_next(&mut enable_dot);
+            if has_dot_extension {
+                create = create.enabled_extension_names(&dot_extension);
+            }
+        }
         let device =
             // SAFETY: handles of this instance and device; valid create infos.
             unsafe { instance.create_device(pd, &create, None) }.map_err(|e| e.to_string())?;
@@ -388,6 +465,9 @@ impl Device {
                     vk::SubgroupFeatureFlags::BASIC | vk::SubgroupFeatureFlags::ARITHMETIC,
                 )
                 && !env_on("KILN_VULKAN_NO_SUBGROUPS"),
+            tiles: props.limits.max_compute_shared_memory_size >= TILE_SHARED_BYTES
+                && !env_on("KILN_VULKAN_NO_TILES"),
+            dot: has_dot,
         };
         let info = DeviceInfo {
             kind,

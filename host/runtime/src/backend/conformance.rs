@@ -86,25 +86,29 @@ pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
     for w in DType::WEIGHTS {
         let k = if w.block_len() == 256 { 512 } else { 96 };
-        // A matrix-vector product and a small matmul with odd extents.
-        v.push(Case::new(
-            OpKind::MulMat,
-            &[(w, [k, 7, 1, 1]), (F32, [k, 1, 1, 1])],
-            (F32, [7, 1, 1, 1]),
-            mul_mat_bound(w),
-        ));
-        v.push(Case::new(
-            OpKind::MulMat,
-            &[(w, [k, 7, 1, 1]), (F32, [k, 5, 1, 1])],
-            (F32, [7, 5, 1, 1]),
-            mul_mat_bound(w),
-        ));
+        // A matrix-vector product, a small matmul with odd extents, and a
+        // prompt's: more rows and columns than one tile of a device's
+        // tiled kernel, in odd numbers.
+        for (rows, cols) in [(7, 1), (7, 5), (37, 41)] {
+            v.push(Case::new(
+                OpKind::MulMat,
+                &[(w, [k, rows, 1, 1]), (F32, [k, cols, 1, 1])],
+                (F32, [rows, cols, 1, 1]),
+                mul_mat_bound(w),
+            ));
+        }
     }
     // Batched with broadcast (grouped-query attention shape).
     v.push(Case::new(
         OpKind::MulMat,
         &[(F16, [64, 9, 2, 1]), (F32, [64, 3, 4, 1])],
         (F32, [9, 3, 4, 1]),
+        5e-4,
+    ));
+    v.push(Case::new(
+        OpKind::MulMat,
+        &[(F16, [64, 9, 2, 1]), (F32, [64, 20, 4, 1])],
+        (F32, [9, 20, 4, 1]),
         5e-4,
     ));
     for op in [OpKind::Add, OpKind::Mul] {
