@@ -34,6 +34,17 @@ int sdot_4x8(uint a, uint b, spirv_literal int packed_format);
 #define DOT4(a, b) idot(a, b)
 #endif
 
+// F16 weights in mul_mm_f16.comp: their activations are rounded to F16 as
+// well (quantize.comp), so the tiles hold packed halves, two a word, and
+// the products and runs of 8 sums are f16 arithmetic (two a lane), each
+// run added to the float sums. A run that overflows f16 is summed again
+// in float from the same tiles: never an inf the CPU would not give.
+#ifdef FP16
+const bool HALF_TILES = true;
+#else
+const bool HALF_TILES = false;
+#endif
+
 #define BN 32u
 #define BM 32u
 #define RN 4u
@@ -90,7 +101,22 @@ void main() {
 
     uint chunk = kind == ACT_FLOAT ? 64u : 256u;
     for (uint k0 = 0u; k0 < k_len; k0 += chunk) {
-        if (kind == ACT_FLOAT) {
+        if (HALF_TILES && wt == T_F16) {
+            for (uint e = t; e < BN * 32u; e += WG) {
+                uint r = e >> 5, k = k0 + 2u * (e & 31u);
+                uint a = row0 + r * op.s0.nb1 + k * op.s0.nb0;
+                uint lo = r < rows && k < k_len ? u16_0(a) : 0u;
+                uint hi = r < rows && k + 1u < k_len ? u16_0(a + op.s0.nb0) : 0u;
+                wq[r * STRIDE + (e & 31u)] = lo | (hi << 16);
+            }
+            for (uint e = t; e < BM * 32u; e += WG) {
+                uint c = e >> 5, k = k0 + 2u * (e & 31u);
+                uint x = act_block(wt, k_len, r0 + c, 0u) + k;
+                float lo = c < cols && k < k_len ? uintBitsToFloat(scratch[x]) : 0.0;
+                float hi = c < cols && k + 1u < k_len ? uintBitsToFloat(scratch[x + 1u]) : 0.0;
+                xq[c * STRIDE + (e & 31u)] = packHalf2x16(vec2(lo, hi));
+            }
+        } else if (kind == ACT_FLOAT) {
             for (uint e = t; e < BN * 64u; e += WG) {
                 uint r = e >> 6, k = k0 + (e & 63u);
                 float v = 0.0;
@@ -172,6 +198,36 @@ void main() {
         }
         barrier();
 
+#ifdef FP16
+        if (wt == T_F16) {
+            for (uint p0 = 0u; p0 < 32u; p0 += 4u) {
+                f16vec2 s[RN * RM];
+                [[unroll]] for (uint i = 0u; i < RN * RM; i++) s[i] = f16vec2(0.0);
+                [[unroll]] for (uint p = p0; p < p0 + 4u; p++) {
+                    f16vec2 w[RN], x[RM];
+                    [[unroll]] for (uint i = 0u; i < RN; i++) w[i] = unpackFloat2x16(wq[(tn + 8u * i) * STRIDE + p]);
+                    [[unroll]] for (uint j = 0u; j < RM; j++) x[j] = unpackFloat2x16(xq[(tm + 8u * j) * STRIDE + p]);
+                    [[unroll]] for (uint i = 0u; i < RN; i++)
+                        [[unroll]] for (uint j = 0u; j < RM; j++) s[i * RM + j] = fma(w[i], x[j], s[i * RM + j]);
+                }
+                [[unroll]] for (uint i = 0u; i < RN; i++) {
+                    [[unroll]] for (uint j = 0u; j < RM; j++) {
+                        vec2 f = vec2(s[i * RM + j]);
+                        float v = f.x + f.y;
+                        if (isinf(v)) {
+                            v = 0.0;
+                            for (uint p = p0; p < p0 + 4u; p++) {
+                                vec2 a = unpackHalf2x16(wq[(tn + 8u * i) * STRIDE + p]);
+                                vec2 b = unpackHalf2x16(xq[(tm + 8u * j) * STRIDE + p]);
+                                v += a.x * b.x + a.y * b.y;
+                            }
+                        }
+                        acc[i * RM + j] += ACC(v);
+                    }
+                }
+            }
+        } else
+#endif
         if (kind == ACT_FLOAT) {
             for (uint k = 0u; k < 64u; k++) {
                 float w[RN], x[RM];

@@ -238,6 +238,8 @@ pub fn plan_descs(
                     Shader::MulMmF64
                 } else if limits.dot && s[0].dtype.is_quantized() {
                     Shader::MulMmDot
+                } else if limits.fp16 && s[0].dtype == DType::F16 {
+                    Shader::MulMmF16
                 } else {
                     Shader::MulMm
                 };

@@ -20,7 +20,7 @@ macro_rules! spv {
 }
 
 /// The shaders, in [`Shader`]'s order.
-pub const SHADERS: [(Shader, &[u8]); 13] = [
+pub const SHADERS: [(Shader, &[u8]); 14] = [
     (Shader::Elementwise, spv!("elementwise")),
     (Shader::Rows, spv!("rows")),
     (Shader::Rope, spv!("rope")),
@@ -34,6 +34,7 @@ pub const SHADERS: [(Shader, &[u8]); 13] = [
     (Shader::MulMm, spv!("mul_mm")),
     (Shader::MulMmF64, spv!("mul_mm_f64")),
     (Shader::MulMmDot, spv!("mul_mm_dot")),
+    (Shader::MulMmF16, spv!("mul_mm_f16")),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,6 +57,8 @@ pub enum Shader {
     MulMmF64 = 11,
     /// Tiled, with packed 8-bit integer dot products (quantized weights).
     MulMmDot = 12,
+    /// Tiled, with f16 arithmetic (F16 weights).
+    MulMmF16 = 13,
 }
 
 impl Shader {
@@ -68,6 +71,7 @@ impl Shader {
             Shader::MulMm => limits.tiles,
             Shader::MulMmF64 => limits.f64 && limits.tiles,
             Shader::MulMmDot => limits.dot && limits.tiles,
+            Shader::MulMmF16 => limits.fp16 && limits.tiles,
             _ => true,
         }
     }
@@ -112,6 +116,10 @@ pub struct Limits {
     /// the device has shaderIntegerDotProduct (enabled) and accelerates
     /// the signed 4×8-bit packed form, or `KILN_VULKAN_DOT=1`.
     pub dot: bool,
+    /// Tiled MUL_MATs of F16 weights multiply and sum runs of 8 in f16:
+    /// the device has shaderFloat16 (enabled) and is a GPU, or
+    /// `KILN_VULKAN_FP16=1`.
+    pub fp16: bool,
 }
 
 impl Limits {
@@ -119,11 +127,12 @@ impl Limits {
     pub fn describe(&self) -> String {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         format!(
-            "matmul sums in {}, subgroup reductions: {}, tiled prompts: {}, packed 8-bit dot products: {}",
+            "matmul sums in {}, subgroup reductions: {}, tiled prompts: {}, packed 8-bit dot products: {}, f16 arithmetic: {}",
             if self.f64 { "double" } else { "float" },
             yes_no(self.subgroups),
             yes_no(self.tiles),
-            yes_no(self.dot && self.tiles),
+            yes_no(self.dot && self.tiles && !self.f64),
+            yes_no(self.fp16 && self.tiles && !self.f64),
         )
     }
 }
@@ -327,8 +336,10 @@ impl Device {
         let has_extension = |name: &std::ffi::CStr| {
             (extensions.iter()).any(|e| e.extension_name_as_c_str().is_ok_and(|n| n == name))
         };
-        let has_dot_extension = has_extension(c"VK_KHR_shader_integer_dot_product");
-        let dot_known = props.api_version >= vk::API_VERSION_1_3 || has_dot_extension;
+        // The instance asks for Vulkan 1.1: later features come through
+        // their extensions, which drivers list even where they are core.
+        let dot_known = has_extension(c"VK_KHR_shader_integer_dot_product");
+        let f16_known = has_extension(c"VK_KHR_shader_float16_int8");
         {
             let mut props2 = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut id)
@@ -371,19 +382,33 @@ impl Device {
         let has_dot = dot_features.shader_integer_dot_product != 0
             && env_choice("KILN_VULKAN_DOT")
                 .unwrap_or(dot.integer_dot_product4x8_bit_packed_signed_accelerated != 0);
+        // f16 arithmetic: on GPUs (a CPU implementation emulates it).
+        let mut f16_features = vk::PhysicalDeviceShaderFloat16Int8Features::default();
+        if f16_known {
+            let mut features2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f16_features);
+            // SAFETY: handles of this instance and device; valid create infos.
+            unsafe { instance.get_physical_device_features2(pd, &mut features2) };
+        }
+        let has_fp16 =
+            f16_features.shader_float16 != 0 && env_choice("KILN_VULKAN_FP16").unwrap_or(!cpu);
         let features = vk::PhysicalDeviceFeatures::default().shader_float64(has_f64);
         let mut enable_dot = vk::PhysicalDeviceShaderIntegerDotProductFeatures::default()
             .shader_integer_dot_product(true);
-        let dot_extension = [c"VK_KHR_shader_integer_dot_product".as_ptr()];
+        let mut enable_f16 =
+            vk::PhysicalDeviceShaderFloat16Int8Features::default().shader_float16(true);
+        let mut enabled_extensions = Vec::new();
         let mut create = vk::DeviceCreateInfo::default()
             .queue_create_infos(std::slice::from_ref(&queue_info))
             .enabled_features(&features);
         if has_dot {
             create = create.push_next(&mut enable_dot);
-            if has_dot_extension {
-                create = create.enabled_extension_names(&dot_extension);
-            }
+            enabled_extensions.push(c"VK_KHR_shader_integer_dot_product".as_ptr());
         }
+        if has_fp16 {
+            create = create.push_next(&mut enable_f16);
+            enabled_extensions.push(c"VK_KHR_shader_float16_int8".as_ptr());
+        }
+        let create = create.enabled_extension_names(&enabled_extensions);
         let device =
             // SAFETY: handles of this instance and device; valid create infos.
             unsafe { instance.create_device(pd, &create, None) }.map_err(|e| e.to_string())?;
@@ -468,6 +493,7 @@ impl Device {
             tiles: props.limits.max_compute_shared_memory_size >= TILE_SHARED_BYTES
                 && !env_on("KILN_VULKAN_NO_TILES"),
             dot: has_dot,
+            fp16: has_fp16,
         };
         let info = DeviceInfo {
             kind,

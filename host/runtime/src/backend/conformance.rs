@@ -23,6 +23,9 @@ pub struct Case {
     pub params: [i32; 8],
     /// Largest normalized MSE accepted against the reference.
     pub max_nmse: f64,
+    /// F32 inputs are drawn from [-scale, scale) (1 unless a case tests
+    /// large values).
+    pub scale: f32,
 }
 
 impl Case {
@@ -38,7 +41,13 @@ impl Case {
             output,
             params: [0; 8],
             max_nmse,
+            scale: 1.0,
         }
+    }
+
+    fn scaled(mut self, scale: f32) -> Case {
+        self.scale = scale;
+        self
     }
 
     fn params(mut self, p: &[i32]) -> Case {
@@ -59,7 +68,10 @@ impl Case {
         let ins: Vec<String> = self
             .inputs
             .iter()
-            .map(|(t, ne)| format!("{t}[{}]", shape(ne)))
+            .map(|(t, ne)| match (t, self.scale) {
+                (DType::F32, s) if s != 1.0 => format!("{t}[{}]×{s}", shape(ne)),
+                _ => format!("{t}[{}]", shape(ne)),
+            })
             .collect();
         format!(
             "{}({}) -> {}[{}]",
@@ -111,6 +123,18 @@ pub fn cases() -> Vec<Case> {
         (F32, [9, 20, 4, 1]),
         5e-4,
     ));
+    // Activations near f16's largest value (attention scores of some
+    // models): the CPU sums their products in f32; a device's f16
+    // arithmetic must not overflow where it does not.
+    v.push(
+        Case::new(
+            OpKind::MulMat,
+            &[(F16, [64, 9, 1, 1]), (F32, [64, 20, 1, 1])],
+            (F32, [9, 20, 1, 1]),
+            5e-4,
+        )
+        .scaled(30000.0),
+    );
     for op in [OpKind::Add, OpKind::Mul] {
         v.push(Case::new(
             op,
@@ -222,8 +246,9 @@ pub fn cases() -> Vec<Case> {
     v
 }
 
-/// Random inputs for a case: values in [-1, 1), valid indices, positions,
-/// and a causal mask where the op takes one.
+/// Random inputs for a case: values in [-1, 1) (F32 ones scaled by the
+/// case's scale), valid indices, positions, and a causal mask where the op
+/// takes one.
 pub fn inputs(case: &Case, rng: &mut fastrand::Rng) -> Vec<HostTensor> {
     case.inputs
         .iter()
@@ -253,9 +278,15 @@ pub fn inputs(case: &Case, rng: &mut fastrand::Rng) -> Vec<HostTensor> {
             }
             _ => {
                 let rows = ne[1] * ne[2] * ne[3];
-                let data = (0..rows)
+                let mut data: Vec<u8> = (0..rows)
                     .flat_map(|_| kiln_blocks::random_row(dtype, ne[0], rng))
                     .collect();
+                if dtype == DType::F32 && case.scale != 1.0 {
+                    for v in data.chunks_exact_mut(4) {
+                        let x = f32::from_le_bytes(v.try_into().unwrap()) * case.scale;
+                        v.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
                 HostTensor { dtype, ne, data }
             }
         })
