@@ -23,12 +23,6 @@
 
 layout(local_size_x = 64) in;
 
-#ifdef ACC_F64
-#define ACC double
-#else
-#define ACC float
-#endif
-
 shared ACC part[TM * WG];
 
 void main() {

@@ -56,12 +56,6 @@ const bool HALF_TILES = false;
 
 layout(local_size_x = 64) in;
 
-#ifdef ACC_F64
-#define ACC double
-#else
-#define ACC float
-#endif
-
 // Codes (4 to a word) or floats, per weight row and activation column.
 shared uint wq[BN * STRIDE];
 shared uint xq[BM * STRIDE];
@@ -73,6 +67,19 @@ shared float wm[BN * 16u];
 // block (sx) or the integer sums per 16 elements (b_i).
 shared float xd[BM * 8u];
 shared float xs[BM * 16u];
+
+// The integer dot products of code words w0..w0+n-1 of the invocation's
+// rows tn + 8i and columns tm + 8j of the tiles.
+void tile_dots(uint tn, uint tm, uint w0, uint n, out int s[RN * RM]) {
+    [[unroll]] for (uint i = 0u; i < RN * RM; i++) s[i] = 0;
+    for (uint w = w0; w < w0 + n; w++) {
+        CODES a[RN], x[RM];
+        [[unroll]] for (uint i = 0u; i < RN; i++) a[i] = UNPACK(wq[(tn + 8u * i) * STRIDE + w]);
+        [[unroll]] for (uint j = 0u; j < RM; j++) x[j] = UNPACK(xq[(tm + 8u * j) * STRIDE + w]);
+        [[unroll]] for (uint i = 0u; i < RN; i++)
+            [[unroll]] for (uint j = 0u; j < RM; j++) s[i * RM + j] += DOT4(a[i], x[j]);
+    }
+}
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -239,14 +246,7 @@ void main() {
         } else if (kind == ACT_Q8_0) {
             for (uint blk = 0u; blk < 8u; blk++) {
                 int s[RN * RM];
-                [[unroll]] for (uint i = 0u; i < RN * RM; i++) s[i] = 0;
-                for (uint w = 8u * blk; w < 8u * blk + 8u; w++) {
-                    CODES a[RN], x[RM];
-                    [[unroll]] for (uint i = 0u; i < RN; i++) a[i] = UNPACK(wq[(tn + 8u * i) * STRIDE + w]);
-                    [[unroll]] for (uint j = 0u; j < RM; j++) x[j] = UNPACK(xq[(tm + 8u * j) * STRIDE + w]);
-                    [[unroll]] for (uint i = 0u; i < RN; i++)
-                        [[unroll]] for (uint j = 0u; j < RM; j++) s[i * RM + j] += DOT4(a[i], x[j]);
-                }
+                tile_dots(tn, tm, 8u * blk, 8u, s);
                 [[unroll]] for (uint i = 0u; i < RN; i++) {
                     uint r = tn + 8u * i;
                     ACC d = ACC(ws[r * 16u + blk]), mn = ACC(ws[r * 16u + 8u + blk]);
@@ -259,14 +259,7 @@ void main() {
         } else {
             for (uint sub = 0u; sub < 16u; sub++) {
                 int s[RN * RM];
-                [[unroll]] for (uint i = 0u; i < RN * RM; i++) s[i] = 0;
-                [[unroll]] for (uint w = 4u * sub; w < 4u * sub + 4u; w++) {
-                    CODES a[RN], x[RM];
-                    [[unroll]] for (uint i = 0u; i < RN; i++) a[i] = UNPACK(wq[(tn + 8u * i) * STRIDE + w]);
-                    [[unroll]] for (uint j = 0u; j < RM; j++) x[j] = UNPACK(xq[(tm + 8u * j) * STRIDE + w]);
-                    [[unroll]] for (uint i = 0u; i < RN; i++)
-                        [[unroll]] for (uint j = 0u; j < RM; j++) s[i * RM + j] += DOT4(a[i], x[j]);
-                }
+                tile_dots(tn, tm, 4u * sub, 4u, s);
                 [[unroll]] for (uint i = 0u; i < RN; i++) {
                     uint r = tn + 8u * i;
                     ACC w = ACC(ws[r * 16u + sub]), m = ACC(wm[r * 16u + sub]);

@@ -12,6 +12,13 @@
 // m_i are products of an f16 and a small integer, exact in f32, and every
 // Σ c·x is an exact integer dot product.
 
+// The kernels' sums: double in the _f64 variants, float in the others.
+#ifdef ACC_F64
+#define ACC double
+#else
+#define ACC float
+#endif
+
 ivec4 i8x4(uint w) { return ivec4(int(w << 24) >> 24, int(w << 16) >> 24, int(w << 8) >> 24, int(w) >> 24); }
 uint pack_i8x4(ivec4 c) { return uint(c.x & 255) | (uint(c.y & 255) << 8) | (uint(c.z & 255) << 16) | (uint(c.w) << 24); }
 ivec4 lo4(uint w) { return ivec4(w & 15u, (w >> 8) & 15u, (w >> 16) & 15u, (w >> 24) & 15u); }
