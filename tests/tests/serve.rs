@@ -749,3 +749,122 @@ fn kiln_demo_serves_the_active_model_then_one_found_elsewhere_and_else_says_it_g
     assert_eq!(v["report"]["model"], "mine@1", "{v}");
     assert_eq!(v["report"]["requests"], 2, "{v}");
 }
+
+/// `kiln context` shows what a completion at a position sends: the
+/// snippets the cursor needs (a definition from another file, not an
+/// unrelated file), each with its exact token count, and the whole prompt,
+/// whose token count is the tokenizer's; the `kiln/context` request over
+/// LSP shows the same, and the completion then sends exactly that many
+/// tokens. Positions past the file, files not open and missing files get
+/// clear errors.
+#[test]
+fn kiln_context_shows_the_prompt_a_completion_sends() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path().join("net.py"),
+        "def fetch(url):\n    return urlopen(url).read()\n",
+    )
+    .unwrap();
+    let main = "from shapes import circle_area\n\ndef wheel():\n    return circle_area(4)\n";
+    std::fs::write(ws.path().join("main.py"), main).unwrap();
+    let model = demo_model();
+    let cli = |extra: &[&str]| {
+        let mut args = vec![
+            "context",
+            "--workspace",
+            ws.path().to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let args = cli(&["--file", "main.py", "--line", "3", "--character", "23"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let shown = home.json(&args);
+    let snippets = shown["snippets"].as_array().unwrap();
+    assert_eq!(snippets[0]["path"], "shapes.py", "{shown:#}");
+    assert_eq!(snippets[0]["start_line"], 0);
+    assert_eq!(snippets[0]["end_line"], 2);
+    assert!(
+        snippets[0]["why"].as_str().unwrap().contains("defines"),
+        "{shown:#}"
+    );
+    assert!(
+        snippets.iter().all(|s| s["path"] != "net.py"),
+        "an unrelated file stays out: {shown:#}"
+    );
+    let spent: u64 = snippets.iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(shown["context_tokens"].as_u64().unwrap(), spent);
+    assert!(spent <= shown["context_budget"].as_u64().unwrap());
+    let tok = kiln_runtime::model::Model::load(&model)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let prompt = shown["prompt"].as_str().unwrap();
+    assert!(prompt.contains("def circle_area"), "{prompt}");
+    assert_eq!(
+        shown["prompt_tokens"].as_u64().unwrap() as usize,
+        tok.encode(prompt, true).unwrap().len(),
+        "the count is the tokenizer's"
+    );
+
+    // The language server shows the same, and sends it.
+    let mut c = serve(&home, &[]);
+    initialize(&mut c, ws.path(), json!({"maxTokens": 4, "mode": "none"}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&mut c)["workspace"]["files"] != json!(3) {
+        assert!(Instant::now() < deadline, "the workspace is never indexed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uri = format!("file://{}/main.py", ws.path().display());
+    let r = c.request("kiln/context", at(&uri, 3, 23)).unwrap();
+    assert_eq!(error_code(&r), -32602, "not open yet: {r}");
+    open(&mut c, &uri, main);
+    let r = c.request("kiln/context", at(&uri, 3, 23)).unwrap();
+    let over_lsp = &r["result"];
+    // The same snippets (their scores move with the files' age).
+    let placed = |v: &Value| -> Vec<(Value, Value, Value, Value)> {
+        (v["snippets"].as_array().unwrap().iter())
+            .map(|s| {
+                let f = |k: &str| s[k].clone();
+                (f("path"), f("start_line"), f("end_line"), f("tokens"))
+            })
+            .collect()
+    };
+    assert_eq!(placed(over_lsp), placed(&shown), "{r}");
+    assert_eq!(over_lsp["prompt"], shown["prompt"], "{r}");
+    assert_eq!(over_lsp["prompt_tokens"], shown["prompt_tokens"], "{r}");
+    let r = c
+        .request("textDocument/inlineCompletion", at(&uri, 3, 23))
+        .unwrap();
+    let meta = &r["result"]["kiln"];
+    let sent = meta["prompt_tokens"].as_u64().unwrap() + meta["cached_tokens"].as_u64().unwrap();
+    assert_eq!(sent, shown["prompt_tokens"].as_u64().unwrap(), "{r}");
+    assert!(c.close().unwrap().success());
+
+    // Clear errors.
+    let fails = |extra: &[&str]| {
+        let mut args = cli(extra);
+        args.retain(|a| a != "--json");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        home.fails(&args)
+    };
+    let past = fails(&["--file", "main.py", "--line", "9", "--character", "0"]);
+    assert!(
+        past.contains("--line 9 is past the end of main.py (4 lines"),
+        "{past}"
+    );
+    let missing = fails(&["--file", "gone.py", "--line", "0", "--character", "0"]);
+    assert!(
+        missing.contains("--file") && missing.contains("gone.py"),
+        "{missing}"
+    );
+}

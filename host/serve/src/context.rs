@@ -199,11 +199,27 @@ impl Workspace {
     }
 }
 
+/// One snippet of the context block, and why it is there.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Snippet {
+    /// Relative to the workspace root (or the open document's path).
+    pub path: String,
+    /// The lines it spans, 0-based, the end exclusive (as LSP ranges).
+    pub start_line: u32,
+    pub end_line: u32,
+    /// Its exact token count in the block (with the line naming its file).
+    pub tokens: usize,
+    /// The ranker's score.
+    pub score: f32,
+    /// The features that scored it, in words.
+    pub why: String,
+}
+
 /// What went into the prompt's context block.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Packed {
     pub text: String,
-    pub snippets: Vec<(String, u32)>,
+    pub snippets: Vec<Snippet>,
     pub tokens: usize,
     /// `policy` or `builtin` (with why, when a policy failed).
     pub ranked_by: String,
@@ -272,6 +288,16 @@ pub fn select(
     }
     let current = prefix.to_string() + suffix;
     let current_words: HashSet<String> = words(&current).into_iter().collect();
+    let marker = comment_marker(cursor_path);
+    // Each candidate as it would be packed, and its exact token count (the
+    // ranker sees the count, and the packer spends it).
+    let blocks: Vec<(String, usize)> = (scored.iter())
+        .map(|(_, c, _)| {
+            let block = format!("{marker} {}\n{}\n", c.path, c.text);
+            let n = tok.count(&block);
+            (block, n)
+        })
+        .collect();
     let candidates: Vec<Candidate> = scored
         .iter()
         .enumerate()
@@ -291,7 +317,7 @@ pub fn select(
                 id: i as u32,
                 path: c.path.clone(),
                 text: c.text.clone(),
-                token_count: (c.text.len() / 3) as u32,
+                token_count: blocks[i].1.min(u32::MAX as usize) as u32,
                 bm25: *bm25,
                 jaccard: inter as f32 / union.max(1) as f32,
                 edit_recency_s: match doc {
@@ -331,7 +357,6 @@ pub fn select(
     };
     let mut order: Vec<usize> = (0..input.candidates.len()).collect();
     order.sort_by(|&a, &b| ranked.scores[b].total_cmp(&ranked.scores[a]));
-    let marker = comment_marker(cursor_path);
     let mut packed = Packed {
         ranked_by,
         call: ranked.call.take(),
@@ -339,18 +364,44 @@ pub fn select(
     };
     for i in order {
         let c = &input.candidates[i];
-        let block = format!("{marker} {}\n{}\n", c.path, c.text);
-        let n = tok.count(&block);
+        let (block, n) = &blocks[i];
         if packed.tokens + n > budget {
             continue;
         }
         packed.tokens += n;
-        packed.text.push_str(&block);
-        packed
-            .snippets
-            .push((c.path.clone(), scored[i].1.start_line));
+        packed.text.push_str(block);
+        let chunk = scored[i].1;
+        packed.snippets.push(Snippet {
+            path: c.path.clone(),
+            start_line: chunk.start_line,
+            end_line: chunk.start_line + chunk.text.lines().count() as u32,
+            tokens: *n,
+            score: ranked.scores[i],
+            why: why(c),
+        });
     }
     packed
+}
+
+/// A candidate's features in words, for `kiln context`.
+fn why(c: &Candidate) -> String {
+    let mut parts = vec![
+        format!("bm25 {:.2}", c.bm25),
+        format!("jaccard {:.2}", c.jaccard),
+    ];
+    if c.symbol_overlap > 0.0 {
+        parts.push(format!(
+            "defines {:.0}% of the identifiers near the cursor",
+            100.0 * c.symbol_overlap
+        ));
+    }
+    if c.import_related {
+        parts.push("its file is named near the cursor".into());
+    }
+    if c.open_in_editor {
+        parts.push("open in the editor".into());
+    }
+    parts.join(", ")
 }
 
 #[cfg(test)]

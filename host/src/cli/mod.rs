@@ -6,6 +6,7 @@
 
 mod backends;
 mod bench;
+mod context;
 mod demo;
 mod doctor;
 mod lifecycle;
@@ -141,6 +142,46 @@ enum Command {
         #[arg(long)]
         backend: Option<String>,
         /// KV cache size in tokens (default: the model's, at most 4096).
+        #[arg(long)]
+        ctx: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a completion at a position would send: the context
+    /// snippets chosen from the workspace (tokens, score, why) and the whole
+    /// prompt with its exact token count.
+    Context {
+        /// The project directory (indexed as `kiln serve` indexes it).
+        #[arg(long)]
+        workspace: std::path::PathBuf,
+        /// The file the cursor is in, absolute or relative to the workspace.
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// The cursor, 0-based as in LSP.
+        #[arg(long)]
+        line: u32,
+        /// 0-based, in UTF-16 code units as in LSP (--utf8: in bytes).
+        #[arg(long)]
+        character: u32,
+        #[arg(long)]
+        utf8: bool,
+        /// Tokens the context snippets may take.
+        #[arg(long, default_value_t = 512)]
+        budget: usize,
+        /// Token budgets of the text before and after the cursor.
+        #[arg(long, default_value_t = 1024)]
+        prefix_tokens: usize,
+        #[arg(long, default_value_t = 256)]
+        suffix_tokens: usize,
+        /// A GGUF file or registered model, for its tokenizer and template
+        /// (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// codellama, qwen, deepseek, starcoder or none (default: from the model).
+        #[arg(long)]
+        fim_template: Option<String>,
+        /// KV cache size in tokens, which bounds the prompt (default: the
+        /// model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
         #[arg(long)]
@@ -476,6 +517,40 @@ fn run(command: Command) -> CliResult {
                 stop,
                 backend,
                 ctx,
+                json,
+            },
+        ),
+        Command::Context {
+            workspace,
+            file,
+            line,
+            character,
+            utf8,
+            budget,
+            prefix_tokens,
+            suffix_tokens,
+            model,
+            fim_template,
+            ctx,
+            json,
+        } => context::run(
+            &config,
+            context::ContextArgs {
+                workspace,
+                file,
+                line,
+                character,
+                utf8,
+                model,
+                fim_template: fim_template.clone(),
+                ctx,
+                settings: kiln_serve::Settings {
+                    prefix_tokens,
+                    suffix_tokens,
+                    context_tokens: budget,
+                    fim_template,
+                    ..kiln_serve::Settings::default()
+                },
                 json,
             },
         ),

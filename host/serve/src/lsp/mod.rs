@@ -16,7 +16,7 @@ use crate::decisions::{DecisionLog, PendingDecision};
 use crate::engine::{Engine, Finished, Loaded, Sink};
 use crate::fim::FimTemplate;
 use crate::metrics::Metrics;
-use crate::prompt::{self, Counter, head_within, tail_within};
+use crate::prompt::{self, Counter};
 use crate::start::{ServeSpec, ranker, start_engine};
 use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
@@ -611,7 +611,10 @@ impl Server {
     fn request(&mut self, id: Value, method: String, params: Value) {
         let needs_model = matches!(
             method.as_str(),
-            "textDocument/completion" | "textDocument/inlineCompletion" | "kiln/status"
+            "textDocument/completion"
+                | "textDocument/inlineCompletion"
+                | "kiln/status"
+                | "kiln/context"
         );
         if needs_model && self.engine.is_none() {
             if let Some(e) = &self.load_error {
@@ -629,6 +632,7 @@ impl Server {
             }
             "kiln/status" => self.status(),
             "kiln/document" => self.document(&params),
+            "kiln/context" => self.context_preview(&params),
             "kiln/models" => self
                 .with_registry(|r| Ok(json!({"models": r.models().map_err(|e| e.to_string())?}))),
             "kiln/plugins" => self
@@ -707,6 +711,60 @@ impl Server {
             "decisions": self.decisions.status(),
             "disabled_by_breaker": tripped_in_registry,
         })
+    }
+
+    /// The prompt a completion at a position would send: the snippets
+    /// chosen (tokens, score, why) and the whole prompt, token-exact.
+    fn context_preview(&self, params: &Value) -> Result<Value, (i32, String)> {
+        let usage = "kiln/context takes {\"textDocument\": {\"uri\": URI}, \"position\": {\"line\": L, \"character\": C}}";
+        let uri =
+            (params["textDocument"]["uri"].as_str()).ok_or((INVALID_PARAMS, usage.to_string()))?;
+        let pos = document::parse_position(params.get("position"), "position")
+            .map_err(|e| (INVALID_PARAMS, format!("{e}; {usage}")))?;
+        let doc = self.docs.get(uri).ok_or_else(|| {
+            (
+                INVALID_PARAMS,
+                format!("{uri} is not open (send textDocument/didOpen first)"),
+            )
+        })?;
+        let offset = document::offset(&doc.text, pos, self.encoding, "position")
+            .map_err(|e| (INVALID_PARAMS, e.to_string()))?;
+        let engine = self.engine.as_ref().expect("checked by the caller");
+        let loaded = engine.loaded();
+        let others: Vec<(String, &Document)> = (self.docs.iter())
+            .filter(|(u, _)| u.as_str() != uri)
+            .map(|(u, d)| (self.relative(u), d))
+            .collect();
+        let open: Vec<OpenDoc<'_>> = (others.iter())
+            .map(|(p, d)| OpenDoc {
+                path: p,
+                text: &d.text,
+                opened: d.opened,
+                edited: d.edited,
+            })
+            .collect();
+        let rel = self.relative(uri);
+        let at = crate::preview::At {
+            path: &rel,
+            text: &doc.text,
+            offset,
+        };
+        let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
+        let limit = engine
+            .n_ctx()
+            .saturating_sub(self.settings.max_tokens)
+            .max(1);
+        let preview = crate::preview::preview(
+            &loaded,
+            &ws,
+            &open,
+            &at,
+            &self.settings,
+            &self.ranker,
+            limit,
+        )
+        .map_err(|e| (REQUEST_FAILED, e))?;
+        Ok(serde_json::to_value(preview).expect("a preview serialises"))
     }
 
     /// kiln's copy of an open document, to compare with the editor's.
@@ -848,15 +906,9 @@ impl Server {
         };
         let engine = self.engine.clone().expect("checked by the caller");
         let loaded = engine.loaded();
-        let (prefix_all, suffix_all) = doc.text.split_at(at);
         let s = &self.settings;
         let counter = Counter::of(&loaded);
-        let prefix = tail_within(&counter, prefix_all, s.prefix_tokens);
-        let suffix = if loaded.fim.uses_suffix() {
-            head_within(&counter, suffix_all, s.suffix_tokens)
-        } else {
-            ""
-        };
+        let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
         let rel = self.relative(uri);
         let memo = match self.context_memo.take() {
             Some(m) if m.uri == uri && m.line == line => m,
