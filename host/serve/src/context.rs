@@ -230,7 +230,8 @@ pub struct Packed {
 }
 
 /// Picks snippets for a completion in `cursor_path` and packs them into
-/// `budget` tokens.
+/// `budget` tokens ([`crate::pack`]: a relevance floor, a redundancy
+/// penalty, a knapsack, a stable layout with the best snippet last).
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     ws: &Workspace,
@@ -355,8 +356,18 @@ pub fn select(
         kiln_sandbox::breaker::Source::Builtin(None) => "builtin".to_string(),
         kiln_sandbox::breaker::Source::Builtin(Some(why)) => format!("builtin ({why})"),
     };
-    let mut order: Vec<usize> = (0..input.candidates.len()).collect();
-    order.sort_by(|&a, &b| ranked.scores[b].total_cmp(&ranked.scores[a]));
+    let word_sets: Vec<HashSet<String>> = (scored.iter())
+        .map(|(_, c, _)| c.words.iter().cloned().collect())
+        .collect();
+    let items: Vec<crate::pack::Item<'_>> = (0..scored.len())
+        .map(|i| crate::pack::Item {
+            score: ranked.scores[i],
+            tokens: blocks[i].1,
+            words: &word_sets[i],
+            key: (&scored[i].1.path, scored[i].1.start_line),
+        })
+        .collect();
+    let order = crate::pack::choose(&items, budget);
     let mut packed = Packed {
         ranked_by,
         call: ranked.call.take(),
@@ -365,9 +376,6 @@ pub fn select(
     for i in order {
         let c = &input.candidates[i];
         let (block, n) = &blocks[i];
-        if packed.tokens + n > budget {
-            continue;
-        }
         packed.tokens += n;
         packed.text.push_str(block);
         let chunk = scored[i].1;
@@ -468,11 +476,10 @@ mod tests {
             &ws, &open, "main.py", prefix, ")\n", &ranker, &counter, 10_000,
         );
         assert_eq!(p.ranked_by, "builtin");
-        assert!(
-            p.text.starts_with("# src/shapes.py\ndef circle_area"),
-            "{}",
-            p.text
-        );
+        // The most relevant snippet last, nearest the cursor.
+        let shapes = p.text.find("# src/shapes.py\ndef circle_area");
+        assert!(shapes > p.text.find("# notes.py"), "{}", p.text);
+        assert!(p.text.ends_with("radius * radius\n"), "{}", p.text);
         assert!(
             !p.text.contains("urlopen"),
             "unrelated files stay out: {}",

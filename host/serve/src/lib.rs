@@ -22,6 +22,7 @@ pub mod fim;
 pub mod http;
 pub mod lsp;
 pub mod metrics;
+pub mod pack;
 pub mod preview;
 pub mod prompt;
 pub mod start;
