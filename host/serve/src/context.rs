@@ -99,6 +99,23 @@ fn defined_names(words: &[String]) -> HashSet<String> {
         .collect()
 }
 
+/// The names `text` defines and their lines (0-based): identifiers right
+/// after a definition keyword on one line, as chunks record them.
+pub fn definitions(text: &str) -> Vec<(String, u32)> {
+    (text.lines().enumerate())
+        .flat_map(|(i, line)| {
+            defined_names(&words(line))
+                .into_iter()
+                .map(move |name| (name, i as u32))
+        })
+        .collect()
+}
+
+/// Whether `word` says nothing about what code is about (a keyword).
+pub fn is_keyword(word: &str) -> bool {
+    DEFINERS.contains(&word) || KEYWORDS.contains(&word)
+}
+
 fn chunk_file(path: &str, text: &str, modified: Option<SystemTime>) -> Vec<Chunk> {
     let lines: Vec<&str> = text.lines().collect();
     lines
@@ -227,6 +244,10 @@ pub struct Packed {
     /// policy was called.
     #[serde(skip)]
     pub call: Option<kiln_sandbox::breaker::Call>,
+    /// Every candidate (path, first line, end line), best-ranked first,
+    /// packed or not: ctxbench's MRR.
+    #[serde(skip)]
+    pub ranking: Vec<(String, u32, u32)>,
 }
 
 /// Picks snippets for a completion in `cursor_path` and packs them into
@@ -243,6 +264,42 @@ pub fn select(
     tok: &Counter<'_>,
     budget: usize,
 ) -> Packed {
+    let at = SelectAt {
+        path: cursor_path,
+        prefix,
+        suffix,
+    };
+    select_with(ws, open, &at, ranker, tok, budget, Packing::Knapsack)
+}
+
+/// How the ranked snippets fill the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// [`crate::pack::choose`].
+    Knapsack,
+    /// In rank order, each that still fits (kiln's first packer; a
+    /// ctxbench baseline).
+    FirstFit,
+}
+
+/// The cursor as selection sees it: its file and the text around it.
+pub struct SelectAt<'a> {
+    pub path: &'a str,
+    pub prefix: &'a str,
+    pub suffix: &'a str,
+}
+
+/// [`select`] with a choice of packing.
+pub fn select_with(
+    ws: &Workspace,
+    open: &[OpenDoc<'_>],
+    at: &SelectAt<'_>,
+    ranker: &Ranker,
+    tok: &Counter<'_>,
+    budget: usize,
+    packing: Packing,
+) -> Packed {
+    let (cursor_path, prefix, suffix) = (at.path, at.prefix, at.suffix);
     if budget == 0 {
         return Packed::default();
     }
@@ -367,10 +424,34 @@ pub fn select(
             key: (&scored[i].1.path, scored[i].1.start_line),
         })
         .collect();
-    let order = crate::pack::choose(&items, budget);
+    let mut by_rank: Vec<usize> = (0..items.len()).collect();
+    by_rank.sort_by(|&a, &b| items[b].score.total_cmp(&items[a].score));
+    let order = match packing {
+        Packing::Knapsack => crate::pack::choose(&items, budget),
+        Packing::FirstFit => {
+            let mut left = budget;
+            (by_rank.iter().copied())
+                .filter(|&i| {
+                    let fits = items[i].tokens <= left;
+                    if fits {
+                        left -= items[i].tokens;
+                    }
+                    fits
+                })
+                .collect()
+        }
+    };
+    let ranking = (by_rank.iter())
+        .map(|&i| {
+            let c = scored[i].1;
+            let end = c.start_line + c.text.lines().count() as u32;
+            (c.path.clone(), c.start_line, end)
+        })
+        .collect();
     let mut packed = Packed {
         ranked_by,
         call: ranked.call.take(),
+        ranking,
         ..Packed::default()
     };
     for i in order {

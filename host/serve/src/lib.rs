@@ -15,6 +15,7 @@
 
 pub mod chat;
 pub mod context;
+pub mod ctxbench;
 pub mod decisions;
 pub mod demo;
 pub mod engine;

@@ -7,6 +7,7 @@
 mod backends;
 mod bench;
 mod context;
+mod ctxbench;
 mod demo;
 mod doctor;
 mod lifecycle;
@@ -187,6 +188,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure context selection: cut cross-file completion holes from a
+    /// repository and score selectors on them.
+    #[command(subcommand)]
+    Ctxbench(CtxbenchCommand),
     /// Measure load time, prompt and decode speed of a model (random tokens).
     Bench {
         model: String,
@@ -395,6 +400,43 @@ enum PluginsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CtxbenchCommand {
+    /// Cut holes from REPO into a JSONL file (each with its file's sha256).
+    Cut {
+        repo: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Cross-file holes to cut (in-file and external ones up to as many).
+        #[arg(long, default_value_t = 200)]
+        holes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Score no context, BM25 first-fit, Jaccard windows and kiln's
+    /// selector at each budget on REPO's cross-file holes.
+    Run {
+        repo: std::path::PathBuf,
+        /// Holes cut before (default: cut now with --cut and --seed).
+        #[arg(long)]
+        holes: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        cut: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The model whose tokenizer counts (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Context token budgets, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048,8192,32768")]
+        budgets: Vec<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// An error for the user: what failed and what to do.
 pub struct CliError(pub String);
 
@@ -551,6 +593,33 @@ fn run(command: Command) -> CliResult {
                     fim_template,
                     ..kiln_serve::Settings::default()
                 },
+                json,
+            },
+        ),
+        Command::Ctxbench(CtxbenchCommand::Cut {
+            repo,
+            out,
+            holes,
+            seed,
+            json,
+        }) => ctxbench::cut(&repo, &out, holes, seed, json),
+        Command::Ctxbench(CtxbenchCommand::Run {
+            repo,
+            holes,
+            cut,
+            seed,
+            model,
+            budgets,
+            json,
+        }) => ctxbench::run(
+            &config,
+            ctxbench::RunArgs {
+                repo: &repo,
+                holes: holes.as_deref(),
+                cut,
+                seed,
+                model: model.as_deref(),
+                budgets: &budgets,
                 json,
             },
         ),

@@ -1,0 +1,136 @@
+//! `kiln ctxbench`: cut cross-file completion holes from a repository and
+//! score context selectors on them (model-free metrics; see
+//! `kiln_serve::ctxbench`).
+
+use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
+use kiln_registry::config::Config;
+use kiln_runtime::backend::Backend;
+use kiln_runtime::store;
+use kiln_serve::ctxbench::{self, Hole};
+use kiln_serve::engine::Loaded;
+use kiln_serve::prompt::Counter;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+fn repo_root(repo: &Path) -> Result<std::path::PathBuf, CliError> {
+    repo.canonicalize().map_err(|e| {
+        CliError(format!(
+            "{}: {e}; name a repository's directory",
+            repo.display()
+        ))
+    })
+}
+
+/// `kiln ctxbench cut REPO --out FILE`: the holes as JSONL.
+pub fn cut(repo: &Path, out: &Path, holes: usize, seed: u64, json: bool) -> CliResult {
+    let root = repo_root(repo)?;
+    let cut = ctxbench::sample(&root, holes, seed);
+    let mut text = String::new();
+    for h in &cut {
+        text.push_str(&serde_json::to_string(h).expect("a hole serialises"));
+        text.push('\n');
+    }
+    let tmp = out.with_extension("partial");
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| CliError(format!("{}: {e}", out.display())))?;
+    let count = |k: &str| cut.iter().filter(|h| h.kind == k).count();
+    let counts = serde_json::json!({
+        "cross_file": count("cross_file"), "in_file": count("in_file"), "external": count("external"),
+    });
+    if json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "out": out, "seed": seed, "holes": counts,
+        }));
+    } else {
+        println!(
+            "{} holes in {} (seed {seed}): {counts}",
+            cut.len(),
+            out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct RunArgs<'a> {
+    pub repo: &'a Path,
+    pub holes: Option<&'a Path>,
+    pub cut: usize,
+    pub seed: u64,
+    pub model: Option<&'a str>,
+    pub budgets: &'a [usize],
+    pub json: bool,
+}
+
+/// `kiln ctxbench run REPO`: every selector at every budget.
+pub fn run(config: &Config, a: RunArgs<'_>) -> CliResult {
+    let root = repo_root(a.repo)?;
+    let holes: Vec<Hole> = match a.holes {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+            (text.lines().enumerate())
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l).map_err(|e| {
+                        CliError(format!(
+                            "{}:{}: not a ctxbench hole ({e}); cut holes with `kiln ctxbench cut`",
+                            path.display(),
+                            i + 1
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+        None => ctxbench::sample(&root, a.cut, a.seed),
+    };
+    if a.budgets.is_empty() || a.budgets.contains(&0) {
+        return Err(CliError(
+            "--budgets takes positive token counts, e.g. 512,2048".into(),
+        ));
+    }
+    let (id, path) = store::resolve_served(config, a.model)?;
+    let loaded = Loaded::load(id, path, None, &Backend::builtin_cpu(), 0).map_err(CliError)?;
+    let counter = Counter::of(&loaded);
+    let ranker = kiln_serve::start::ranker(config, &mut |m| eprintln!("kiln: {m}"));
+    let scores =
+        ctxbench::evaluate(&root, &holes, &counter, &ranker, a.budgets).map_err(CliError)?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "repo": root, "model": loaded.id,
+            "holes": holes.len(), "scores": scores,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cross = scores.first().map_or(0, |s| s.holes);
+    println!(
+        "{} cross-file holes of {} in {} (tokens: {})",
+        cross,
+        holes.len(),
+        root.display(),
+        loaded.id
+    );
+    println!(
+        "{:<16} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>8}",
+        "selector", "budget", "recall", "density", "mrr", "tokens", "p50 ms", "p99 ms"
+    );
+    for s in &scores {
+        println!(
+            "{:<16} {:>7} {:>7.3} {:>8.3} {:>6.3} {:>8.0} {:>8.2} {:>8.2}",
+            serde_json::to_value(s.selector)
+                .expect("a name")
+                .as_str()
+                .unwrap_or(""),
+            s.budget,
+            s.definition_recall,
+            s.density,
+            s.mrr,
+            s.mean_context_tokens,
+            s.latency_ms_p50,
+            s.latency_ms_p99
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

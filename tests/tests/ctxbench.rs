@@ -1,0 +1,126 @@
+//! ctxbench in CI: cross-file completion holes cut from a real repository
+//! (the `ignore` crate at the exact version and checksum kiln's Cargo.lock
+//! pins, from the cargo registry's sources), every selector scored, and a
+//! floor per metric for kiln's selector so that a regression fails.
+
+use kiln_tests::Home;
+use kiln_tests::serve::demo_model;
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// The sources of `name` at the version Cargo.lock pins, as cargo
+/// extracted them (after checking the checksum Cargo.lock lists).
+fn locked_crate_sources(name: &str) -> PathBuf {
+    let root = kiln_tests::repo_root();
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let at = lock
+        .find(&format!("name = \"{name}\"\n"))
+        .unwrap_or_else(|| panic!("{name} is not in Cargo.lock"));
+    let version = lock[at..]
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let src = cargo_home.join("registry/src");
+    std::fs::read_dir(&src)
+        .unwrap_or_else(|e| panic!("{}: {e}", src.display()))
+        .flatten()
+        .map(|index| index.path().join(format!("{name}-{version}")))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| panic!("{name}-{version} not under {}", src.display()))
+}
+
+#[test]
+fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
+    let home = Home::default();
+    let repo = locked_crate_sources("ignore");
+    let holes = home.path().join("holes.jsonl");
+    let cut = home.json(&[
+        "ctxbench",
+        "cut",
+        repo.to_str().unwrap(),
+        "--out",
+        holes.to_str().unwrap(),
+        "--holes",
+        "40",
+        "--seed",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(cut["holes"]["cross_file"], 40, "{cut}");
+    let model = demo_model();
+    let run = home.json(&[
+        "ctxbench",
+        "run",
+        repo.to_str().unwrap(),
+        "--holes",
+        holes.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--budgets",
+        "512,2048,8192",
+        "--json",
+    ]);
+    let score = |selector: &str, budget: u64, metric: &str| -> f64 {
+        let scores = run["scores"].as_array().unwrap();
+        let s: &Value = scores
+            .iter()
+            .find(|s| s["selector"] == selector && s["budget"] == budget)
+            .unwrap_or_else(|| panic!("no {selector} at {budget}: {run:#}"));
+        s[metric].as_f64().unwrap()
+    };
+    // No context finds nothing; every budget holds to its tokens.
+    assert_eq!(score("none", 2048, "definition_recall"), 0.0);
+    for sel in ["bm25_first_fit", "jaccard_windows", "kiln"] {
+        for budget in [512, 2048, 8192] {
+            assert!(score(sel, budget, "mean_context_tokens") <= budget as f64);
+        }
+    }
+    // Floors for kiln's selector, a hole or two under what it scored when
+    // they were set (0.1, 0.2, 0.05, 0.065: 40 holes, the demo model's
+    // tokenizer): what the symbol index must raise, and nothing may lower.
+    assert!(score("kiln", 2048, "definition_recall") >= 0.075, "{run:#}");
+    assert!(score("kiln", 8192, "definition_recall") >= 0.15, "{run:#}");
+    assert!(score("kiln", 2048, "density") >= 0.03, "{run:#}");
+    assert!(score("kiln", 2048, "mrr") >= 0.04, "{run:#}");
+    assert!(score("kiln", 2048, "latency_ms_p99") < 5000.0, "{run:#}");
+    // Not behind kiln's first packer.
+    for budget in [2048, 8192] {
+        assert!(
+            score("kiln", budget, "definition_recall")
+                >= score("bm25_first_fit", budget, "definition_recall"),
+            "{run:#}"
+        );
+    }
+
+    // A hole set from another tree is refused with the file named.
+    let text = std::fs::read_to_string(&holes).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let tampered = text.replacen(first["sha256"].as_str().unwrap(), &"0".repeat(64), 1);
+    std::fs::write(&holes, tampered).unwrap();
+    let err = home.fails(&[
+        "ctxbench",
+        "run",
+        repo.to_str().unwrap(),
+        "--holes",
+        holes.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(err.contains("changed since the holes were cut"), "{err}");
+    std::fs::write(&holes, "{not json\n").unwrap();
+    let err = home.fails(&[
+        "ctxbench",
+        "run",
+        repo.to_str().unwrap(),
+        "--holes",
+        holes.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(err.contains("holes.jsonl:1: not a ctxbench hole"), "{err}");
+}
