@@ -80,13 +80,14 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
             assert!(score(sel, budget, "mean_context_tokens") <= budget as f64);
         }
     }
-    // Floors for kiln's selector, a hole or two under what it scored when
-    // they were set (0.1, 0.2, 0.05, 0.065: 40 holes, the demo model's
-    // tokenizer): what the symbol index must raise, and nothing may lower.
+    // Floors for kiln's selector, two holes under what it scored when
+    // they were set (recall 0.1 and 0.275, density 0.05, MRR 0.067: 40
+    // holes, the demo model's tokenizer; BM25 first-fit: 0.1 and 0.15):
+    // what the symbol index must raise, and nothing may lower.
     assert!(score("kiln", 2048, "definition_recall") >= 0.075, "{run:#}");
-    assert!(score("kiln", 8192, "definition_recall") >= 0.15, "{run:#}");
+    assert!(score("kiln", 8192, "definition_recall") >= 0.225, "{run:#}");
     assert!(score("kiln", 2048, "density") >= 0.03, "{run:#}");
-    assert!(score("kiln", 2048, "mrr") >= 0.04, "{run:#}");
+    assert!(score("kiln", 2048, "mrr") >= 0.05, "{run:#}");
     assert!(score("kiln", 2048, "latency_ms_p99") < 5000.0, "{run:#}");
     // Not behind kiln's first packer.
     for budget in [2048, 8192] {

@@ -269,17 +269,18 @@ pub fn select(
         prefix,
         suffix,
     };
-    select_with(ws, open, &at, ranker, tok, budget, Packing::Knapsack)
+    select_with(ws, open, &at, ranker, tok, budget, Selection::Kiln)
 }
 
-/// How the ranked snippets fill the budget.
+/// How candidates are gathered and fill the budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Packing {
-    /// [`crate::pack::choose`].
-    Knapsack,
-    /// In rank order, each that still fits (kiln's first packer; a
-    /// ctxbench baseline).
-    FirstFit,
+pub enum Selection {
+    /// Chunks defining identifiers near the cursor among the candidates
+    /// whatever their BM25, packed by [`crate::pack::choose`].
+    Kiln,
+    /// kiln's first context (a ctxbench baseline): the BM25 top
+    /// candidates, packed in rank order, each that still fits.
+    Bm25FirstFit,
 }
 
 /// The cursor as selection sees it: its file and the text around it.
@@ -297,7 +298,7 @@ pub fn select_with(
     ranker: &Ranker,
     tok: &Counter<'_>,
     budget: usize,
-    packing: Packing,
+    selection: Selection,
 ) -> Packed {
     let (cursor_path, prefix, suffix) = (at.path, at.prefix, at.suffix);
     if budget == 0 {
@@ -340,7 +341,17 @@ pub fn select_with(
         .filter(|(s, _, _)| *s > 0.0)
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-    scored.truncate(MAX_CANDIDATES);
+    // Chunks defining an identifier of the query are candidates first
+    // (up to half of them), whatever their BM25: the definitions of what
+    // the cursor uses are what a completion most often needs.
+    let (mut definers, others): (Vec<_>, Vec<_>) = (scored.into_iter()).partition(|(_, c, _)| {
+        selection == Selection::Kiln && c.defines.iter().any(|d| query.contains(d))
+    });
+    definers.truncate(MAX_CANDIDATES / 2);
+    let rest = MAX_CANDIDATES - definers.len();
+    definers.extend(others.into_iter().take(rest));
+    let mut scored = definers;
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
     if scored.is_empty() {
         return Packed::default();
     }
@@ -426,9 +437,9 @@ pub fn select_with(
         .collect();
     let mut by_rank: Vec<usize> = (0..items.len()).collect();
     by_rank.sort_by(|&a, &b| items[b].score.total_cmp(&items[a].score));
-    let order = match packing {
-        Packing::Knapsack => crate::pack::choose(&items, budget),
-        Packing::FirstFit => {
+    let order = match selection {
+        Selection::Kiln => crate::pack::choose(&items, budget),
+        Selection::Bm25FirstFit => {
             let mut left = budget;
             (by_rank.iter().copied())
                 .filter(|&i| {

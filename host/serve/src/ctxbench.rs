@@ -22,7 +22,7 @@
 //! after a definition keyword on one line), so labels and index agree; a
 //! parser-based index is the next step of the context work.
 
-use crate::context::{self, Packing, SelectAt, Workspace};
+use crate::context::{self, SelectAt, Selection, Workspace};
 use crate::prompt::Counter;
 use kiln_sandbox::breaker::Ranker;
 use serde::{Deserialize, Serialize};
@@ -332,17 +332,17 @@ pub fn evaluate(
                     },
                     Selector::JaccardWindows => jaccard_windows(&files, hole, &prefix, tok, budget),
                     Selector::Bm25FirstFit | Selector::Kiln => {
-                        let packing = if selector == Selector::Kiln {
-                            Packing::Knapsack
+                        let selection = if selector == Selector::Kiln {
+                            Selection::Kiln
                         } else {
-                            Packing::FirstFit
+                            Selection::Bm25FirstFit
                         };
                         let at = SelectAt {
                             path: &hole.file,
                             prefix: &prefix,
                             suffix: &suffix,
                         };
-                        let p = context::select_with(&ws, &[], &at, ranker, tok, budget, packing);
+                        let p = context::select_with(&ws, &[], &at, ranker, tok, budget, selection);
                         Chosen {
                             packed: (p.snippets.iter())
                                 .map(|s| (s.path.clone(), s.start_line, s.end_line))
