@@ -103,25 +103,20 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     let tampered = text.replacen(first["sha256"].as_str().unwrap(), &"0".repeat(64), 1);
     std::fs::write(&holes, tampered).unwrap();
-    let err = home.fails(&[
-        "ctxbench",
-        "run",
-        repo.to_str().unwrap(),
-        "--holes",
-        holes.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-    ]);
+    let run_fails = || {
+        home.fails(&[
+            "ctxbench",
+            "run",
+            repo.to_str().unwrap(),
+            "--holes",
+            holes.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+    };
+    let err = run_fails();
     assert!(err.contains("changed since the holes were cut"), "{err}");
     std::fs::write(&holes, "{not json\n").unwrap();
-    let err = home.fails(&[
-        "ctxbench",
-        "run",
-        repo.to_str().unwrap(),
-        "--holes",
-        holes.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-    ]);
+    let err = run_fails();
     assert!(err.contains("holes.jsonl:1: not a ctxbench hole"), "{err}");
 }

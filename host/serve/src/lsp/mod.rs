@@ -731,18 +731,8 @@ impl Server {
             .map_err(|e| (INVALID_PARAMS, e.to_string()))?;
         let engine = self.engine.as_ref().expect("checked by the caller");
         let loaded = engine.loaded();
-        let others: Vec<(String, &Document)> = (self.docs.iter())
-            .filter(|(u, _)| u.as_str() != uri)
-            .map(|(u, d)| (self.relative(u), d))
-            .collect();
-        let open: Vec<OpenDoc<'_>> = (others.iter())
-            .map(|(p, d)| OpenDoc {
-                path: p,
-                text: &d.text,
-                opened: d.opened,
-                edited: d.edited,
-            })
-            .collect();
+        let others = self.other_documents(uri);
+        let open = open_docs(&others);
         let rel = self.relative(uri);
         let at = crate::preview::At {
             path: &rel,
@@ -913,21 +903,8 @@ impl Server {
         let memo = match self.context_memo.take() {
             Some(m) if m.uri == uri && m.line == line => m,
             _ => {
-                let others: Vec<(String, &Document)> = self
-                    .docs
-                    .iter()
-                    .filter(|(u, _)| u.as_str() != uri)
-                    .map(|(u, d)| (self.relative(u), d))
-                    .collect();
-                let open: Vec<OpenDoc<'_>> = others
-                    .iter()
-                    .map(|(p, d)| OpenDoc {
-                        path: p,
-                        text: &d.text,
-                        opened: d.opened,
-                        edited: d.edited,
-                    })
-                    .collect();
+                let others = self.other_documents(uri);
+                let open = open_docs(&others);
                 let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
                 let packed = context::select(
                     &ws,
@@ -988,6 +965,14 @@ impl Server {
         pending.insert(key, Pending { control, explicit });
     }
 
+    /// The open documents other than `uri`, by workspace-relative path.
+    fn other_documents(&self, uri: &str) -> Vec<(String, &Document)> {
+        (self.docs.iter())
+            .filter(|(u, _)| u.as_str() != uri)
+            .map(|(u, d)| (self.relative(u), d))
+            .collect()
+    }
+
     fn relative(&self, uri: &str) -> String {
         let path = uri_to_path(uri).unwrap_or_else(|| PathBuf::from(uri));
         match &self.root {
@@ -999,6 +984,18 @@ impl Server {
             None => path.to_string_lossy().into_owned(),
         }
     }
+}
+
+/// Open documents as context sources.
+fn open_docs<'a>(docs: &'a [(String, &'a Document)]) -> Vec<OpenDoc<'a>> {
+    (docs.iter())
+        .map(|(p, d)| OpenDoc {
+            path: p,
+            text: &d.text,
+            opened: d.opened,
+            edited: d.edited,
+        })
+        .collect()
 }
 
 /// Answers a completion request when its job ends, on the engine thread:
