@@ -18,8 +18,11 @@ pub const CHUNK_LINES: usize = 20;
 pub const MAX_FILE_BYTES: u64 = 512 * 1024;
 /// At most this many files are indexed.
 pub const MAX_FILES: usize = 5000;
-/// Candidates handed to the ranker after the lexical prefilter.
+/// Candidates handed to the ranker after the lexical prefilter: this
+/// many, or one per [`TOKENS_PER_CANDIDATE`] of the budget if that is more
+/// (a 32K budget needs more than 64 chunks of about 200 tokens).
 pub const MAX_CANDIDATES: usize = 64;
+pub const TOKENS_PER_CANDIDATE: usize = 128;
 
 const CODE_EXTENSIONS: &[&str] = &[
     "rs", "py", "js", "ts", "tsx", "jsx", "go", "c", "h", "cc", "cpp", "hpp", "java", "kt", "cs",
@@ -347,8 +350,9 @@ pub fn select_with(
     let (mut definers, others): (Vec<_>, Vec<_>) = (scored.into_iter()).partition(|(_, c, _)| {
         selection == Selection::Kiln && c.defines.iter().any(|d| query.contains(d))
     });
-    definers.truncate(MAX_CANDIDATES / 2);
-    let rest = MAX_CANDIDATES - definers.len();
+    let max_candidates = MAX_CANDIDATES.max(budget / TOKENS_PER_CANDIDATE);
+    definers.truncate(max_candidates / 2);
+    let rest = max_candidates - definers.len();
     definers.extend(others.into_iter().take(rest));
     let mut scored = definers;
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
