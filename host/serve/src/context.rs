@@ -142,6 +142,47 @@ fn chunk_file(path: &str, text: &str, modified: Option<SystemTime>) -> Vec<Chunk
         .collect()
 }
 
+/// Calls `f` with each source file under `root` the index reads: its
+/// path relative to `root`, its text and when it was modified.
+fn walk(root: &Path, f: &mut dyn FnMut(&str, &str, Option<SystemTime>)) {
+    let walk = ignore::WalkBuilder::new(root)
+        .require_git(false)
+        .follow_links(false)
+        .build();
+    let mut files = 0;
+    for entry in walk.flatten() {
+        if files >= MAX_FILES {
+            break;
+        }
+        let path = entry.path();
+        let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+            continue;
+        };
+        if !CODE_EXTENSIONS.contains(&ext) || !entry.file_type().is_some_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.len() > MAX_FILE_BYTES {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue; // not UTF-8 text
+        };
+        let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy();
+        f(&rel, &text, meta.modified().ok());
+        files += 1;
+    }
+}
+
+/// The source files under `root` the index reads, (relative path, text).
+pub fn read_files(root: &Path) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    walk(root, &mut |rel, text, _| {
+        files.push((rel.to_string(), text.to_string()))
+    });
+    files
+}
+
 impl Workspace {
     /// Walks `root` (`.gitignore`, `.ignore` and hidden files respected),
     /// reading source files up to the limits above.
@@ -150,36 +191,23 @@ impl Workspace {
             root: Some(root.to_path_buf()),
             ..Workspace::default()
         };
-        let walk = ignore::WalkBuilder::new(root)
-            .require_git(false)
-            .follow_links(false)
-            .build();
-        for entry in walk.flatten() {
-            if ws.files >= MAX_FILES {
-                break;
-            }
-            let path = entry.path();
-            let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
-                continue;
-            };
-            if !CODE_EXTENSIONS.contains(&ext) || !entry.file_type().is_some_and(|t| t.is_file()) {
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.len() > MAX_FILE_BYTES {
-                continue;
-            }
-            let Ok(text) = std::fs::read_to_string(path) else {
-                continue; // not UTF-8 text
-            };
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(path)
-                .to_string_lossy()
-                .into_owned();
-            ws.chunks
-                .extend(chunk_file(&rel, &text, meta.modified().ok()));
+        walk(root, &mut |rel, text, modified| {
+            ws.chunks.extend(chunk_file(rel, text, modified));
             ws.files += 1;
+        });
+        ws.finish();
+        ws
+    }
+
+    /// The index of `files` (relative path, text) read from `root`.
+    pub fn of_files(root: &Path, files: &[(String, String)]) -> Workspace {
+        let mut ws = Workspace {
+            root: Some(root.to_path_buf()),
+            files: files.len(),
+            ..Workspace::default()
+        };
+        for (rel, text) in files {
+            ws.chunks.extend(chunk_file(rel, text, None));
         }
         ws.finish();
         ws
@@ -350,7 +378,10 @@ pub fn select_with(
     let (mut definers, others): (Vec<_>, Vec<_>) = (scored.into_iter()).partition(|(_, c, _)| {
         selection == Selection::Kiln && c.defines.iter().any(|d| query.contains(d))
     });
-    let max_candidates = MAX_CANDIDATES.max(budget / TOKENS_PER_CANDIDATE);
+    let max_candidates = match selection {
+        Selection::Kiln => MAX_CANDIDATES.max(budget / TOKENS_PER_CANDIDATE),
+        Selection::Bm25FirstFit => MAX_CANDIDATES,
+    };
     definers.truncate(max_candidates / 2);
     let rest = max_candidates - definers.len();
     definers.extend(others.into_iter().take(rest));
@@ -371,12 +402,17 @@ pub fn select_with(
             (block, n)
         })
         .collect();
+    // Each candidate's identifiers: its Jaccard feature and the packer's
+    // redundancy penalty.
+    let word_sets: Vec<HashSet<&str>> = (scored.iter())
+        .map(|(_, c, _)| c.words.iter().map(String::as_str).collect())
+        .collect();
     let candidates: Vec<Candidate> = scored
         .iter()
         .enumerate()
         .map(|(i, (bm25, c, doc))| {
-            let cw: HashSet<&String> = c.words.iter().collect();
-            let inter = query.iter().filter(|w| cw.contains(w)).count();
+            let cw = &word_sets[i];
+            let inter = query.iter().filter(|w| cw.contains(w.as_str())).count();
             let union = query.len() + cw.len() - inter;
             let stem = Path::new(&c.path)
                 .file_stem()
@@ -428,9 +464,6 @@ pub fn select_with(
         kiln_sandbox::breaker::Source::Builtin(None) => "builtin".to_string(),
         kiln_sandbox::breaker::Source::Builtin(Some(why)) => format!("builtin ({why})"),
     };
-    let word_sets: Vec<HashSet<String>> = (scored.iter())
-        .map(|(_, c, _)| c.words.iter().cloned().collect())
-        .collect();
     let items: Vec<crate::pack::Item<'_>> = (0..scored.len())
         .map(|i| crate::pack::Item {
             score: ranked.scores[i],

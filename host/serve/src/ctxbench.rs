@@ -18,6 +18,10 @@
 //! win), MRR of the first ranked snippet holding the definition, and the
 //! selection's latency (p50, p99).
 //!
+//! The repository is read once per run; the index built from it has no
+//! file ages (the ranker's recency features are unknown), so a run does
+//! not depend on when the files were written.
+//!
 //! Definitions are found as kiln's index finds them today (an identifier
 //! after a definition keyword on one line), so labels and index agree; a
 //! parser-based index is the next step of the context work.
@@ -50,35 +54,32 @@ pub struct Hole {
     pub definitions: Vec<(String, u32)>,
 }
 
-/// Files of the repository as the index reads them: (relative path, text).
-fn files(root: &Path) -> Vec<(String, String)> {
-    let ws = Workspace::index(root);
-    let mut paths: Vec<&str> = ws.chunks.iter().map(|c| c.path.as_str()).collect();
-    paths.dedup();
-    paths
-        .into_iter()
-        .filter_map(|p| Some((p.to_string(), std::fs::read_to_string(root.join(p)).ok()?)))
-        .collect()
-}
-
 /// Cuts up to `n` holes from the repository at `root` (`n` cross-file
 /// ones, with the in-file and external holes met on the way labelled and
 /// kept up to `n` each), the same ones for the same seed and tree.
 pub fn sample(root: &Path, n: usize, seed: u64) -> Vec<Hole> {
-    let files = files(root);
+    let files = context::read_files(root);
+    // Per file, the names it defines and their lines.
+    let file_defs: Vec<Vec<(String, u32)>> = files
+        .iter()
+        .map(|(_, text)| context::definitions(text))
+        .collect();
     let mut defined: HashMap<String, Vec<(String, u32)>> = HashMap::new();
-    for (path, text) in &files {
-        for (name, line) in context::definitions(text) {
-            defined.entry(name).or_default().push((path.clone(), line));
+    for ((path, _), defs) in files.iter().zip(&file_defs) {
+        for (name, line) in defs {
+            defined
+                .entry(name.clone())
+                .or_default()
+                .push((path.clone(), *line));
         }
     }
     // Every use of an identifier on a line that does not define it.
     let mut uses: Vec<(usize, u32, u32, String)> = Vec::new();
     for (f, (_, text)) in files.iter().enumerate() {
         for (i, line) in text.lines().enumerate() {
-            let defines: HashSet<String> = context::definitions(line)
-                .into_iter()
-                .map(|(n, _)| n)
+            let defines: HashSet<&str> = (file_defs[f].iter())
+                .filter(|(_, l)| *l == i as u32)
+                .map(|(n, _)| n.as_str())
                 .collect();
             let mut at = 0;
             for word in context::words(line) {
@@ -93,7 +94,7 @@ pub fn sample(root: &Path, n: usize, seed: u64) -> Vec<Hole> {
                 if word.len() >= 3
                     && bounded
                     && !context::is_keyword(&word)
-                    && !defines.contains(&word)
+                    && !defines.contains(word.as_str())
                 {
                     uses.push((f, i as u32, col as u32, word));
                 }
@@ -192,61 +193,72 @@ struct Chosen {
 const WINDOW: usize = 20;
 const STEP: usize = 10;
 
-fn jaccard_windows(
-    files: &[(String, String)],
-    hole: &Hole,
-    prefix: &str,
-    tok: &Counter<'_>,
-    budget: usize,
-) -> Chosen {
-    let query: HashSet<String> = context::words(
-        &prefix
-            .lines()
-            .rev()
-            .take(WINDOW)
-            .collect::<Vec<_>>()
-            .join("\n"),
-    )
-    .into_iter()
-    .collect();
-    let mut windows: Vec<(f32, &str, u32, u32, String)> = Vec::new();
-    for (path, text) in files.iter().filter(|(p, _)| *p != hole.file) {
+/// A sliding window of a file, indexed once for every hole, as an
+/// editor extension keeps them.
+struct Window<'a> {
+    path: &'a str,
+    start: u32,
+    end: u32,
+    body: String,
+    words: HashSet<String>,
+}
+
+fn windows(files: &[(String, String)]) -> Vec<Window<'_>> {
+    let mut all = Vec::new();
+    for (path, text) in files {
         let lines: Vec<&str> = text.lines().collect();
         let mut start = 0;
         while start < lines.len() {
             let end = (start + WINDOW).min(lines.len());
             let body = lines[start..end].join("\n");
-            let words: HashSet<String> = context::words(&body).into_iter().collect();
-            let inter = words.intersection(&query).count();
-            let union = words.len() + query.len() - inter;
-            if inter > 0 {
-                windows.push((
-                    inter as f32 / union as f32,
-                    path,
-                    start as u32,
-                    end as u32,
-                    body,
-                ));
-            }
+            let words = context::words(&body).into_iter().collect();
+            all.push(Window {
+                path,
+                start: start as u32,
+                end: end as u32,
+                body,
+                words,
+            });
             if end == lines.len() {
                 break;
             }
             start += STEP;
         }
     }
-    windows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    all
+}
+
+fn jaccard_windows(
+    windows: &[Window<'_>],
+    hole: &Hole,
+    prefix: &str,
+    tok: &Counter<'_>,
+    budget: usize,
+) -> Chosen {
+    let last: Vec<&str> = prefix.lines().rev().take(WINDOW).collect();
+    let query: HashSet<String> = context::words(&last.join("\n")).into_iter().collect();
+    let mut ranked: Vec<(f32, &Window<'_>)> = (windows.iter())
+        .filter(|w| w.path != hole.file)
+        .filter_map(|w| {
+            let inter = w.words.intersection(&query).count();
+            let union = w.words.len() + query.len() - inter;
+            (inter > 0).then(|| (inter as f32 / union as f32, w))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
     let marker = crate::fim::comment_marker(&hole.file);
     let mut chosen = Chosen {
         packed: Vec::new(),
         tokens: 0,
         ranking: Vec::new(),
     };
-    for (_, path, start, end, body) in windows {
-        chosen.ranking.push((path.to_string(), start, end));
-        let n = tok.count(&format!("{marker} {path}\n{body}\n"));
+    for (_, w) in ranked {
+        let place = (w.path.to_string(), w.start, w.end);
+        chosen.ranking.push(place.clone());
+        let n = tok.count(&format!("{marker} {}\n{}\n", w.path, w.body));
         if chosen.tokens + n <= budget {
             chosen.tokens += n;
-            chosen.packed.push((path.to_string(), start, end));
+            chosen.packed.push(place);
         }
     }
     chosen
@@ -293,7 +305,7 @@ pub fn evaluate(
     ranker: &Ranker,
     budgets: &[usize],
 ) -> Result<Vec<Score>, String> {
-    let files = files(root);
+    let files = context::read_files(root);
     let texts: HashMap<&str, &str> = files
         .iter()
         .map(|(p, t)| (p.as_str(), t.as_str()))
@@ -313,7 +325,8 @@ pub fn evaluate(
             ));
         }
     }
-    let ws = Workspace::index(root);
+    let ws = Workspace::of_files(root, &files);
+    let windows = windows(&files);
     let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
     let mut scores = Vec::new();
     for &selector in &SELECTORS {
@@ -330,7 +343,9 @@ pub fn evaluate(
                         tokens: 0,
                         ranking: Vec::new(),
                     },
-                    Selector::JaccardWindows => jaccard_windows(&files, hole, &prefix, tok, budget),
+                    Selector::JaccardWindows => {
+                        jaccard_windows(&windows, hole, &prefix, tok, budget)
+                    }
                     Selector::Bm25FirstFit | Selector::Kiln => {
                         let selection = if selector == Selector::Kiln {
                             Selection::Kiln

@@ -35,12 +35,12 @@ pub struct Item<'a> {
     /// Exact tokens of its block in the prompt.
     pub tokens: usize,
     /// Its identifiers, for the redundancy penalty.
-    pub words: &'a HashSet<String>,
+    pub words: &'a HashSet<&'a str>,
     /// Where it comes from (path, first line): the stable order.
     pub key: (&'a str, u32),
 }
 
-fn jaccard(a: &HashSet<String>, b: &HashSet<String>) -> f32 {
+fn jaccard(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
     let inter = a.intersection(b).count();
     let union = a.len() + b.len() - inter;
     if union == 0 {
@@ -116,11 +116,11 @@ pub fn choose(items: &[Item<'_>], budget: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    fn set(words: &[&str]) -> HashSet<String> {
-        words.iter().map(|w| w.to_string()).collect()
+    fn set(words: &[&'static str]) -> HashSet<&'static str> {
+        words.iter().copied().collect()
     }
 
-    fn items<'a>(specs: &'a [(f32, usize, HashSet<String>, String)]) -> Vec<Item<'a>> {
+    fn items<'a>(specs: &'a [(f32, usize, HashSet<&'static str>, String)]) -> Vec<Item<'a>> {
         specs
             .iter()
             .map(|(score, tokens, words, path)| Item {
@@ -135,9 +135,9 @@ mod tests {
     fn spec(
         score: f32,
         tokens: usize,
-        words: &[&str],
+        words: &[&'static str],
         path: &str,
-    ) -> (f32, usize, HashSet<String>, String) {
+    ) -> (f32, usize, HashSet<&'static str>, String) {
         (score, tokens, set(words), path.to_string())
     }
 
@@ -151,13 +151,10 @@ mod tests {
             let budget = rng.usize(1..400);
             let specs: Vec<_> = (0..n)
                 .map(|i| {
-                    let word = format!("w{i}");
-                    spec(
-                        rng.f32() + 0.2,
-                        rng.usize(1..200),
-                        &[&word],
-                        &format!("f{i}"),
-                    )
+                    const WORDS: [&str; 10] =
+                        ["w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9"];
+                    let path = format!("f{i}");
+                    spec(rng.f32() + 0.2, rng.usize(1..200), &[WORDS[i]], &path)
                 })
                 .collect();
             let its = items(&specs);

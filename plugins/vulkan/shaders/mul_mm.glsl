@@ -39,11 +39,6 @@ int sdot_4x8(uint a, uint b, spirv_literal int packed_format);
 // the products and runs of 8 sums are f16 arithmetic (two a lane), each
 // run added to the float sums. A run that overflows f16 is summed again
 // in float from the same tiles: never an inf the CPU would not give.
-#ifdef FP16
-const bool HALF_TILES = true;
-#else
-const bool HALF_TILES = false;
-#endif
 
 #define BN 32u
 #define BM 32u
@@ -108,7 +103,8 @@ void main() {
 
     uint chunk = kind == ACT_FLOAT ? 64u : 256u;
     for (uint k0 = 0u; k0 < k_len; k0 += chunk) {
-        if (HALF_TILES && wt == T_F16) {
+#ifdef FP16
+        if (wt == T_F16) {
             for (uint e = t; e < BN * 32u; e += WG) {
                 uint r = e >> 5, k = k0 + 2u * (e & 31u);
                 uint a = row0 + r * op.s0.nb1 + k * op.s0.nb0;
@@ -123,7 +119,9 @@ void main() {
                 float hi = c < cols && k + 1u < k_len ? uintBitsToFloat(scratch[x + 1u]) : 0.0;
                 xq[c * STRIDE + (e & 31u)] = packHalf2x16(vec2(lo, hi));
             }
-        } else if (kind == ACT_FLOAT) {
+        } else
+#endif
+        if (kind == ACT_FLOAT) {
             for (uint e = t; e < BN * 64u; e += WG) {
                 uint r = e >> 6, k = k0 + (e & 63u);
                 float v = 0.0;
