@@ -312,8 +312,8 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         };
     }
     let _ = isa;
-    for (x, o) in xs.iter().zip(out.chunks_exact_mut(1)) {
-        dot_q4_k_with::<1>(w, &[x], o, q4_k_block, |bits| f16::from_bits(bits).to_f32());
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot_q4_k_one(w, x);
     }
 }
 
@@ -380,56 +380,30 @@ fn dot_q5_k_one(w: &[u8], x: &Q8KRow) -> f32 {
     acc as f32
 }
 
-/// The Q4_K loop around a block kernel and an f16 conversion, inlined
-/// into each path so that both compile with that path's features.
-/// `R` rows at once (a constant, so that the per-row sums stay in registers).
-#[inline(always)]
-fn dot_q4_k_with<const R: usize>(
-    w: &[u8],
-    xs: &[&Q8KRow],
-    out: &mut [f32],
-    block: impl Fn(&[u8], &[&Q8KRow; R], usize, &[i32; 8], &mut [i32; R]),
-    to_f32: impl Fn(u16) -> f32,
-) {
-    let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-    let mut acc = [0.0f64; R];
+/// The portable Q4_K row: per block, `x.d · (d · Σ sc_j (q·x)_j − dmin ·
+/// Σ m_j Σx_j)` in f64, as the other paths compute it.
+fn dot_q4_k_one(w: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = 0.0f64;
     for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
-        super::prefetch(blk.as_ptr(), Q4_K_BLOCK);
-        let scales = &blk[4..16];
-        let mut sc = [0i32; 8];
-        let mut mins = [0i32; 8];
-        for j in 0..8 {
-            let (scale, min) = kiln_blocks::scale_min_k4(j, scales);
-            sc[j] = scale as i32;
-            mins[j] = min as i32;
-        }
-        let mut totals = [0i32; R];
-        block(&blk[16..144], xs, b, &sc, &mut totals);
-        let d = to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-        let dmin = to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
-        for ((x, acc), &total) in xs.iter().zip(&mut acc).zip(&totals) {
-            let total_m: i32 = (0..8).map(|j| mins[j] * x.sums32[b * 8 + j]).sum();
-            *acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
-        }
-    }
-    for (o, a) in out.iter_mut().zip(acc) {
-        *o = a as f32;
-    }
-}
-
-/// `totals[r] = Σ_j sc_j Σ_{i in j} q_i x_i` over block `b` of each row.
-fn q4_k_block(q: &[u8], xs: &[&Q8KRow; 1], b: usize, sc: &[i32; 8], totals: &mut [i32; 1]) {
-    for (x, total) in xs.iter().zip(totals.iter_mut()) {
         let xq = &x.qs[b * QK_K..][..QK_K];
-        for (j, q32) in q.chunks_exact(32).enumerate() {
+        let (mut total, mut total_m) = (0i32, 0i32);
+        for (j, q32) in blk[16..144].chunks_exact(32).enumerate() {
+            let (sc_lo, m_lo) = kiln_blocks::scale_min_k4(2 * j, &blk[4..16]);
+            let (sc_hi, m_hi) = kiln_blocks::scale_min_k4(2 * j + 1, &blk[4..16]);
             let (mut lo, mut hi) = (0i32, 0i32);
             for l in 0..32 {
                 lo += (q32[l] & 0x0f) as i32 * xq[64 * j + l] as i32;
                 hi += (q32[l] >> 4) as i32 * xq[64 * j + 32 + l] as i32;
             }
-            *total += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            total += sc_lo as i32 * lo + sc_hi as i32 * hi;
+            total_m +=
+                m_lo as i32 * x.sums32[b * 8 + 2 * j] + m_hi as i32 * x.sums32[b * 8 + 2 * j + 1];
         }
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
+        acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
     }
+    acc as f32
 }
 
 /// Weight rows per [`gemm16`] group.
@@ -576,18 +550,77 @@ mod x86 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
     }
 
+    /// Q4_K rows on AVX2 for `R` activation rows: per block the scales
+    /// and minimums unpacked once for every row ([`q4_k_scales`]), each
+    /// sub-block's scale spread over its lanes with one `vpshufb`, the
+    /// minimums' part one `vpmaddwd` against the activations' sums in
+    /// pairs, and the codes' and the minimums' sums reduced together;
+    /// the block scaled in f64 as the portable kernel does it (exact
+    /// integers, so the same results).
+    ///
     /// # Safety
     /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
-        super::dot_q4_k_with::<R>(
-            w,
-            xs,
-            out,
-            // SAFETY: the loop passes whole blocks; AVX2 is enabled here.
-            |q, xs, b, sc, totals| unsafe { q4_k_block(q, xs, b, sc, totals) },
-            f16_to_f32,
-        )
+        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        let m4 = _mm256_set1_epi8(0x0f);
+        let mut acc = [0.0f64; R];
+        for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
+            crate::kernels::prefetch(blk.as_ptr(), Q4_K_BLOCK);
+            let (sc8, m8) = q4_k_scales(&blk[4..16]);
+            let sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8 as i64));
+            let sc = _mm256_set_m128i(sc, sc);
+            let mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(m8 as i64));
+            // [d, dmin] in f64.
+            let dd = _mm_cvtps_pd(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                blk[0], blk[1], blk[2], blk[3],
+            ]))));
+            let mut sums = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                // SAFETY: code bytes 32j..32j+32 are inside the block.
+                let qv = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * j).cast()) };
+                let (lo4, hi4) = (
+                    _mm256_and_si256(qv, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
+                );
+                let (s_lo, s_hi) = (
+                    _mm256_shuffle_epi8(sc, spread16(2 * j as i16)),
+                    _mm256_shuffle_epi8(sc, spread16(2 * j as i16 + 1)),
+                );
+                for (x, sum) in xs.iter().zip(&mut sums) {
+                    // SAFETY: activations 64j..64j+64 of block b are inside the row.
+                    let (x0, x1) = unsafe {
+                        let xq = x.qs.as_ptr().add(b * QK_K + 64 * j);
+                        (
+                            _mm256_loadu_si256(xq.cast()),
+                            _mm256_loadu_si256(xq.add(32).cast()),
+                        )
+                    };
+                    let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo4, x0), s_lo);
+                    let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi4, x1), s_hi);
+                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(lo, hi));
+                }
+            }
+            for ((x, acc), sum) in xs.iter().zip(&mut acc).zip(sums) {
+                // SAFETY: the 4 pairs of sums of block b are inside the row.
+                let pairs = unsafe { _mm_loadu_si128(x.sums_pairs.as_ptr().add(4 * b).cast()) };
+                // The codes' and the minimums' sums reduced together (exact
+                // integers: the order does not matter).
+                let t4 = _mm_add_epi32(
+                    _mm256_castsi256_si128(sum),
+                    _mm256_extracti128_si256::<1>(sum),
+                );
+                let h = _mm_hadd_epi32(t4, _mm_madd_epi16(mins, pairs));
+                let h = _mm_hadd_epi32(h, h);
+                // [d · total, dmin · total_m], then their difference.
+                let p = _mm_mul_pd(dd, _mm_cvtepi32_pd(h));
+                let diff = _mm_cvtsd_f64(_mm_sub_sd(p, _mm_unpackhi_pd(p, p)));
+                *acc += x.d[b] as f64 * diff;
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
     }
 
     /// [`Q8KRow::quantize`] on AVX-512, to the same bits: the first value
@@ -795,47 +828,12 @@ mod x86 {
         }
     }
 
-    /// As `super::q4_k_block`: the nibbles are split once for every row.
-    ///
-    /// # Safety
-    /// AVX2 is enabled by the caller; `q` holds 128 bytes and each row's
-    /// block `b` exists.
+    /// The `vpshufb` control that spreads i16 number `k` of each lane over
+    /// that lane.
     #[inline(always)]
-    unsafe fn q4_k_block<const R: usize>(
-        q: &[u8],
-        xs: &[&Q8KRow; R],
-        b: usize,
-        sc: &[i32; 8],
-        totals: &mut [i32; R],
-    ) {
-        // SAFETY: the caller enables AVX2 and passes whole blocks: the 32
-        // code bytes at 32j and each row's 64 activations at 64j exist.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0f);
-            let mut sums = [_mm256_setzero_si256(); R];
-            for j in 0..4 {
-                let qv = _mm256_loadu_si256(q.as_ptr().add(32 * j).cast());
-                let (lo4, hi4) = (
-                    _mm256_and_si256(qv, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
-                );
-                let (s_lo, s_hi) = (
-                    _mm256_set1_epi16(sc[2 * j] as i16),
-                    _mm256_set1_epi16(sc[2 * j + 1] as i16),
-                );
-                for (x, sum) in xs.iter().zip(&mut sums) {
-                    let xq = x.qs.as_ptr().add(b * QK_K + 64 * j);
-                    let x0 = _mm256_loadu_si256(xq.cast());
-                    let x1 = _mm256_loadu_si256(xq.add(32).cast());
-                    let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo4, x0), s_lo);
-                    let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi4, x1), s_hi);
-                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(lo, hi));
-                }
-            }
-            for (t, s) in totals.iter_mut().zip(sums) {
-                *t = hsum(s);
-            }
-        }
+    fn spread16(k: i16) -> __m256i {
+        // SAFETY: register-only; inlined into functions that enable AVX2.
+        unsafe { _mm256_set1_epi16(((2 * k + 1) << 8) | (2 * k)) }
     }
 
     /// The `vpshufb` control that spreads the 16-bit scales of sub-blocks
