@@ -63,6 +63,13 @@ impl Q8KRow {
             self.pair_sums();
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 (`Isa`); lengths checked above.
+            unsafe { x86::quantize_q8_k_avx2(self, x) };
+            self.pair_sums();
+            return;
+        }
         let _ = isa;
         for ((block, q), d) in x
             .chunks_exact(QK_K)
@@ -678,6 +685,81 @@ mod x86 {
                 // SAFETY: codes 16i..16i+16 are inside the block.
                 let c = unsafe { _mm_loadu_si128(q.as_ptr().add(16 * i).cast()) };
                 *s = _mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(c));
+            }
+        }
+        for (s, pair) in row.sums32.iter_mut().zip(row.sums16.chunks_exact(2)) {
+            *s = pair[0] + pair[1];
+        }
+    }
+
+    /// [`Q8KRow::quantize`] on AVX2, to the same bits as the AVX-512
+    /// one: the first value of largest magnitude sets the scale, codes
+    /// round half to even; the sums of 16 from `vpsadbw` of the codes
+    /// offset by 128.
+    ///
+    /// # Safety
+    /// AVX2 is present; `x.len() == row.qs.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_q8_k_avx2(row: &mut Q8KRow, x: &[f32]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (b, block) in x.chunks_exact(QK_K).enumerate() {
+            let p = block.as_ptr();
+            let mut top = _mm256_setzero_ps();
+            for i in 0..32 {
+                // SAFETY: the block holds 256 values: 32 vectors.
+                let v = unsafe { _mm256_loadu_ps(p.add(8 * i)) };
+                top = _mm256_max_ps(top, _mm256_and_ps(v, abs_mask));
+            }
+            let top = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps::<1>(top));
+            let top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+            let amax = _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
+            let q = &mut row.qs[b * QK_K..][..QK_K];
+            if amax == 0.0 || amax.is_nan() {
+                row.d[b] = 0.0;
+                q.fill(0);
+            } else {
+                let max = block[block
+                    .iter()
+                    .position(|v| v.abs() == amax)
+                    .expect("amax is a magnitude")];
+                let iscale = -127.0 / max;
+                row.d[b] = 1.0 / iscale;
+                let scale = _mm256_set1_ps(iscale);
+                let (limit, order) = (
+                    _mm256_set1_epi32(127),
+                    _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                );
+                for i in 0..8 {
+                    let mut c = [_mm256_setzero_si256(); 4];
+                    for (k, c) in c.iter_mut().enumerate() {
+                        // SAFETY: values 32i + 8k.. are inside the block.
+                        let v = unsafe { _mm256_loadu_ps(p.add(32 * i + 8 * k)) };
+                        *c = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(scale, v)), limit);
+                    }
+                    let bytes = _mm256_packs_epi16(
+                        _mm256_packs_epi32(c[0], c[1]),
+                        _mm256_packs_epi32(c[2], c[3]),
+                    );
+                    // SAFETY: codes 32i..32i+32 are inside the block.
+                    unsafe {
+                        _mm256_storeu_si256(
+                            q.as_mut_ptr().add(32 * i).cast(),
+                            _mm256_permutevar8x32_epi32(bytes, order),
+                        )
+                    };
+                }
+            }
+            let flip = _mm256_set1_epi8(-128);
+            for i in 0..8 {
+                // SAFETY: codes 32i..32i+32 are inside the block.
+                let c = unsafe { _mm256_loadu_si256(q.as_ptr().add(32 * i).cast()) };
+                // Sums of 8 codes, each offset by 128.
+                let s = _mm256_sad_epu8(_mm256_xor_si256(c, flip), _mm256_setzero_si256());
+                let mut eights = [0i64; 4];
+                // SAFETY: four i64s.
+                unsafe { _mm256_storeu_si256(eights.as_mut_ptr().cast(), s) };
+                row.sums16[b * 16 + 2 * i] = (eights[0] + eights[1]) as i32 - 16 * 128;
+                row.sums16[b * 16 + 2 * i + 1] = (eights[2] + eights[3]) as i32 - 16 * 128;
             }
         }
         for (s, pair) in row.sums32.iter_mut().zip(row.sums16.chunks_exact(2)) {

@@ -797,13 +797,19 @@ fn gemm_groups<S: Default>(
                 // inside dst (f32s, contiguous along n: nb[0] == 4); each
                 // weight row belongs to one thread.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        v.as_ptr(),
-                        sl.d.0
-                            .add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4)
-                            .cast::<f32>(),
-                        v.len(),
-                    )
+                    let to = sl.d.0.add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4);
+                    // Whole groups are stored inline: a call to memcpy
+                    // per activation row and 8 or 16 values cost as much
+                    // as a tenth of a prompt.
+                    match v.len() {
+                        8 => to
+                            .cast::<[f32; 8]>()
+                            .write_unaligned(v.as_ptr().cast::<[f32; 8]>().read()),
+                        16 => to
+                            .cast::<[f32; 16]>()
+                            .write_unaligned(v.as_ptr().cast::<[f32; 16]>().read()),
+                        len => std::ptr::copy_nonoverlapping(v.as_ptr(), to.cast::<f32>(), len),
+                    }
                 };
             };
             let done = kernel(s, &rows, &mut scratch, &mut write);
