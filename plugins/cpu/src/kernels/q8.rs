@@ -141,6 +141,13 @@ impl Q8Row {
             self.widen(x);
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 and F16C (`Isa`); lengths checked above.
+            unsafe { x86::quantize_q8_0_avx2(self, x) };
+            self.widen(x);
+            return;
+        }
         let _ = isa;
         for ((block, q), d) in x
             .chunks_exact(QK)
@@ -606,6 +613,54 @@ mod x86 {
                 _mm_storeu_si128(q.add(16).cast(), _mm512_cvtepi32_epi8(c[1]));
             }
             row.sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[0], c[1]));
+        }
+    }
+
+    /// [`Q8Row::quantize`] on AVX2, to the same bits as the AVX-512 one.
+    ///
+    /// # Safety
+    /// AVX2 and F16C are present; `x.len() == row.qs.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_q8_0_avx2(row: &mut Q8Row, x: &[f32]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (b, block) in x.chunks_exact(QK).enumerate() {
+            let mut v = [_mm256_setzero_ps(); 4];
+            let mut top = _mm256_setzero_ps();
+            for (i, v) in v.iter_mut().enumerate() {
+                // SAFETY: the block holds 32 values.
+                *v = unsafe { _mm256_loadu_ps(block.as_ptr().add(8 * i)) };
+                top = _mm256_max_ps(top, _mm256_and_ps(*v, abs_mask));
+            }
+            let top = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps::<1>(top));
+            let top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+            let amax = _mm_cvtss_f32(_mm_max_ss(top, _mm_movehdup_ps(top)));
+            row.d[b] = f16::from_f32(amax / 127.0).to_f32();
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let mut c = [_mm256_setzero_si256(); 4];
+            for (c, v) in c.iter_mut().zip(v) {
+                *c = _mm256_cvtps_epi32(_mm256_mul_ps(v, id));
+            }
+            // Packing interleaves the 128-bit lanes; `order` puts the
+            // codes back in place.
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(c[0], c[1]),
+                _mm256_packs_epi32(c[2], c[3]),
+            );
+            // SAFETY: codes 32b..32b+32 are inside the row.
+            unsafe {
+                _mm256_storeu_si256(
+                    row.qs.as_mut_ptr().add(b * QK).cast(),
+                    _mm256_permutevar8x32_epi32(bytes, order),
+                )
+            };
+            let sum = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+            let sum = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
+            );
+            let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+            row.sums[b] = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
         }
     }
 
