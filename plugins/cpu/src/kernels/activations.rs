@@ -136,10 +136,15 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     fn max_avx2(x: &[f32]) -> f32 {
         let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        for i in (0..x.len()).step_by(8) {
-            let v = eight(x, i, f32::NEG_INFINITY);
-            // SAFETY: `v` holds eight f32. `max_ps(v, m)` returns `m`
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            // SAFETY: `c` holds eight f32. `max_ps(v, m)` returns `m`
             // where `v` is NaN.
+            m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
+        }
+        if !chunks.remainder().is_empty() {
+            let v = eight(chunks.remainder(), 0, f32::NEG_INFINITY);
+            // SAFETY: `v` holds eight f32.
             m = _mm256_max_ps(unsafe { _mm256_loadu_ps(v.as_ptr()) }, m);
         }
         let mut lanes = [0f32; 8];
@@ -164,21 +169,39 @@ mod x86 {
             return;
         }
         let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let inf = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut ex = [0f64; 8];
         for i in (0..n).step_by(LANES) {
-            let v = eight(x, i, f32::NEG_INFINITY);
-            // SAFETY: `v` and `ex` hold eight values.
-            unsafe {
-                let d = _mm256_sub_ps(_mm256_loadu_ps(v.as_ptr()), _mm256_set1_ps(max));
-                let a = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(d)));
-                let b = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(d)));
-                lo = _mm256_add_pd(lo, a);
-                hi = _mm256_add_pd(hi, b);
-                _mm256_storeu_pd(ex.as_mut_ptr(), a);
-                _mm256_storeu_pd(ex.as_mut_ptr().add(4), b);
-            }
             let len = (n - i).min(8);
-            e[i..i + len].copy_from_slice(&ex[..len]);
+            // Whole chunks straight from `x` into `e`, the last one
+            // through `v` and `ex`.
+            let v = eight(x, i, f32::NEG_INFINITY);
+            let (src, dst) = if len == 8 {
+                (x[i..].as_ptr(), e[i..].as_mut_ptr())
+            } else {
+                (v.as_ptr(), ex.as_mut_ptr())
+            };
+            // SAFETY: `src` and `dst` hold eight values.
+            unsafe {
+                let v = _mm256_loadu_ps(src);
+                if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, inf)) == 0xff {
+                    // Masked (causal attention's upper half): e^−∞ is 0,
+                    // and 0 added to the sums changes nothing.
+                    _mm256_storeu_pd(dst, _mm256_setzero_pd());
+                    _mm256_storeu_pd(dst.add(4), _mm256_setzero_pd());
+                } else {
+                    let d = _mm256_sub_ps(v, _mm256_set1_ps(max));
+                    let a = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(d)));
+                    let b = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(d)));
+                    lo = _mm256_add_pd(lo, a);
+                    hi = _mm256_add_pd(hi, b);
+                    _mm256_storeu_pd(dst, a);
+                    _mm256_storeu_pd(dst.add(4), b);
+                }
+            }
+            if len < 8 {
+                e[i..i + len].copy_from_slice(&ex[..len]);
+            }
         }
         let s = _mm256_add_pd(lo, hi);
         let t = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd::<1>(s));
@@ -263,9 +286,23 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn silu_row_avx2(x: &[f32], out: &mut [f32]) {
         let n = x.len().min(out.len());
+        let one8 = _mm256_set1_ps(1.0);
+        let whole = n - n % 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: values i..i + 8 are inside `x` and `out`.
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let d = _mm256_sub_ps(_mm256_setzero_ps(), v);
+                let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(d)));
+                let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(d)));
+                let e = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+                let den = _mm256_add_ps(one8, e);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_div_ps(v, den));
+            }
+        }
         let one = _mm_set1_ps(1.0);
         let mut y = [0f32; 4];
-        for i in (0..n).step_by(4) {
+        for i in (whole..n).step_by(4) {
             let mut v = [0f32; 4];
             let len = (n - i).min(4);
             v[..len].copy_from_slice(&x[i..i + len]);
