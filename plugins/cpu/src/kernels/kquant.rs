@@ -311,10 +311,10 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
             match xs.len() {
-                1 => x86::dot_q4_k_avx2::<1>(w, xs, out),
-                2 => x86::dot_q4_k_avx2::<2>(w, xs, out),
-                3 => x86::dot_q4_k_avx2::<3>(w, xs, out),
-                _ => x86::dot_q4_k_avx2::<4>(w, xs, out),
+                1 => x86::dot_q4_k_avx2::<1, false>(w, xs, out),
+                2 => x86::dot_q4_k_avx2::<2, false>(w, xs, out),
+                3 => x86::dot_q4_k_avx2::<3, false>(w, xs, out),
+                _ => x86::dot_q4_k_avx2::<4, false>(w, xs, out),
             }
         };
     }
@@ -347,10 +347,10 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
             match xs.len() {
-                1 => x86::dot_q5_k_avx2::<1>(w, xs, out),
-                2 => x86::dot_q5_k_avx2::<2>(w, xs, out),
-                3 => x86::dot_q5_k_avx2::<3>(w, xs, out),
-                _ => x86::dot_q5_k_avx2::<4>(w, xs, out),
+                1 => x86::dot_q4_k_avx2::<1, true>(w, xs, out),
+                2 => x86::dot_q4_k_avx2::<2, true>(w, xs, out),
+                3 => x86::dot_q4_k_avx2::<3, true>(w, xs, out),
+                _ => x86::dot_q4_k_avx2::<4, true>(w, xs, out),
             }
         };
     }
@@ -557,7 +557,9 @@ mod x86 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
     }
 
-    /// Q4_K rows on AVX2 for `R` activation rows: per block the scales
+    /// Q4_K (and, with `Q5`, Q5_K: a fifth bit per code from `qh`, bit
+    /// `j` of `qh[l]` for sub-block `j`) rows on AVX2 for `R` activation
+    /// rows: per block the scales
     /// and minimums unpacked once for every row ([`q4_k_scales`]), each
     /// sub-block's scale spread over its lanes with one `vpshufb`, the
     /// minimums' part one `vpmaddwd` against the activations' sums in
@@ -568,12 +570,22 @@ mod x86 {
     /// # Safety
     /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    pub unsafe fn dot_q4_k_avx2<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+    ) {
+        let (block, codes_at) = if Q5 {
+            (Q5_K_BLOCK, 48)
+        } else {
+            (Q4_K_BLOCK, 16)
+        };
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm256_set1_epi8(0x0f);
+        let fifth = _mm256_set1_epi8(0x10);
         let mut acc = [0.0f64; R];
-        for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
-            crate::kernels::prefetch(blk.as_ptr(), Q4_K_BLOCK);
+        for (b, blk) in w.chunks_exact(block).enumerate() {
+            crate::kernels::prefetch(blk.as_ptr(), block);
             let (sc8, m8) = q4_k_scales(&blk[4..16]);
             let sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc8 as i64));
             let sc = _mm256_set_m128i(sc, sc);
@@ -582,14 +594,31 @@ mod x86 {
             let dd = _mm_cvtps_pd(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
                 blk[0], blk[1], blk[2], blk[3],
             ]))));
+            let qh = if Q5 {
+                // SAFETY: qh's 32 bytes at 16 are inside the block.
+                unsafe { _mm256_loadu_si256(blk.as_ptr().add(16).cast()) }
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut sums = [_mm256_setzero_si256(); R];
             for j in 0..4 {
                 // SAFETY: code bytes 32j..32j+32 are inside the block.
-                let qv = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * j).cast()) };
-                let (lo4, hi4) = (
+                let qv = unsafe { _mm256_loadu_si256(blk.as_ptr().add(codes_at + 32 * j).cast()) };
+                let (mut lo4, mut hi4) = (
                     _mm256_and_si256(qv, m4),
                     _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
                 );
+                if Q5 {
+                    let (b_lo, b_hi) = (
+                        _mm256_set1_epi8(1 << (2 * j)),
+                        _mm256_set1_epi8((1u32 << (2 * j + 1)) as u8 as i8),
+                    );
+                    let set = |bit: __m256i| {
+                        _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), fifth)
+                    };
+                    lo4 = _mm256_or_si256(lo4, set(b_lo));
+                    hi4 = _mm256_or_si256(hi4, set(b_hi));
+                }
                 let (s_lo, s_hi) = (
                     _mm256_shuffle_epi8(sc, spread16(2 * j as i16)),
                     _mm256_shuffle_epi8(sc, spread16(2 * j as i16 + 1)),
@@ -962,77 +991,6 @@ mod x86 {
                 _mm256_mullo_epi32(lo, s0),
                 _mm256_mullo_epi32(hi, s1),
             ))
-        }
-    }
-
-    /// Q5_K rows on AVX2 for `R` activation rows: Q4_K's nibbles with each
-    /// sub-block's fifth bit from `qh` (bit `j` of `qh[l]`) as 0x10, the
-    /// scales as the portable kernel decodes them; per block
-    /// `x.d · (d · total − dmin · total_m)` in f64, as the portable kernel.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
-        let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-        let m4 = _mm256_set1_epi8(0x0f);
-        let fifth = _mm256_set1_epi8(0x10);
-        let mut acc = [0.0f64; R];
-        for (b, blk) in w.chunks_exact(Q5_K_BLOCK).enumerate() {
-            let p = blk.as_ptr();
-            crate::kernels::prefetch(p, Q5_K_BLOCK);
-            let mut sc = [0i16; 8];
-            let mut mins = [0i32; 8];
-            for j in 0..8 {
-                let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
-                sc[j] = s as i16;
-                mins[j] = m as i32;
-            }
-            // SAFETY: qh's 32 bytes are at 16..48 of the block.
-            let qh = unsafe { _mm256_loadu_si256(p.add(16).cast()) };
-            let bit = |j: usize| {
-                let m = _mm256_set1_epi8(1 << j);
-                _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m), fifth)
-            };
-            let mut sums = [_mm256_setzero_si256(); R];
-            for j in 0..4 {
-                // SAFETY: code bytes 32j.. (at 48) are inside the block.
-                let qv = unsafe { _mm256_loadu_si256(p.add(48 + 32 * j).cast()) };
-                let lo = _mm256_or_si256(_mm256_and_si256(qv, m4), bit(2 * j));
-                let hi = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4),
-                    bit(2 * j + 1),
-                );
-                let (s_lo, s_hi) = (
-                    _mm256_set1_epi16(sc[2 * j]),
-                    _mm256_set1_epi16(sc[2 * j + 1]),
-                );
-                for (x, sum) in xs.iter().zip(&mut sums) {
-                    // SAFETY: the row's codes 64j..64j+64 of block b exist.
-                    let (x0, x1) = unsafe {
-                        let xq = x.qs.as_ptr().add(b * QK_K + 64 * j);
-                        (
-                            _mm256_loadu_si256(xq.cast()),
-                            _mm256_loadu_si256(xq.add(32).cast()),
-                        )
-                    };
-                    let a = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s_lo);
-                    let c = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s_hi);
-                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(a, c));
-                }
-            }
-            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-            let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
-            for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
-                let mut total_m = 0i32;
-                for (j, &m) in mins.iter().enumerate() {
-                    total_m += m * x.sums32[b * 8 + j];
-                }
-                *acc += x.d[b] as f64 * (d * hsum(s) as f64 - dmin * total_m as f64);
-            }
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = a as f32;
         }
     }
 
