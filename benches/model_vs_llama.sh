@@ -26,6 +26,11 @@
 # builds one), with run-time repacking on (-rtr 1, its fastest CPU
 # layouts; KILN_IK_ARGS replaces that); "faster peer" is the faster of
 # llama.cpp and ik_llama.cpp.
+# Decode is also timed from outside both engines (kiln and llama.cpp):
+# whole processes decoding 72 and then 8 tokens after the same 16-token
+# warm-up (a 1-token prompt), 64 tokens over the difference of their wall
+# times, the shortest of the runs each; no engine's own clock, nor what
+# it leaves out of it, counts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=()
@@ -63,18 +68,34 @@ bw=""
 if [ -f "$peers/bw.c" ] && gcc -O3 -march=native -ffast-math -fopenmp "$peers/bw.c" -o target/bw 2>/dev/null; then
   bw=target/bw
 fi
+# Seconds a command takes, as a whole process.
+wall() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@" > /dev/null 2>&1
+  t1=$(date +%s.%N)
+  "$python" -c "print($t1 - $t0)"
+}
+# 64 tokens over the difference of the shortest 72- and 8-token runs.
+outside() {
+  "$python" -c 'import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); d = min(map(float, a)) - min(map(float, b)); print(64 / d if d > 0 else 0)' "$1" "$2"
+}
 bandwidth() {
   if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
 }
 
-printf '| file | MiB | decode tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | kiln ÷ candle | prompt-%d tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
-printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| file | MiB | decode tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | kiln ÷ candle | decode from outside tok/s kiln / llama.cpp | kiln ÷ llama.cpp | prompt-%d tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
   bw_before=$(bandwidth)
-  kr=() lr=() ir=()
+  kr=() lr=() ir=() k72="" k8="" l72="" l8=""
   for _ in $(seq "${KILN_BENCH_RUNS:-3}"); do
     kr+=("$("$kiln" bench "$m" --prompt-tokens "$prompt" --decode-tokens "$decode" --json 2>/dev/null | tr -d '\n')")
     lr+=("$("$python" benches/llama_bench.py "$m" "$prompt" "$decode" | tr -d '\n')")
+    k72+=" $(wall "$kiln" bench "$m" --prompt-tokens 1 --decode-tokens 72)"
+    l72+=" $(wall "$python" benches/llama_bench.py "$m" 1 72)"
+    k8+=" $(wall "$kiln" bench "$m" --prompt-tokens 1 --decode-tokens 8)"
+    l8+=" $(wall "$python" benches/llama_bench.py "$m" 1 8)"
     if [ -n "$ik" ]; then ir+=("$(ik_run "$m" || echo '{}')"); fi
   done
   # The best of each engine's runs (peak RSS: the largest; load: the
@@ -103,10 +124,11 @@ for line in sys.stdin:
     if len(f) > 3 and f[2] == "prompt_tok_s": p.append(float(f[3]))
 print(json.dumps({"decode": max(d) if d else None, "prompt": max(p) if p else None}))')
   fi
-  "$python" - "$m" "$k" "$l" "$c" "$i" "${bw_gbs:-0}" <<'PY'
+  "$python" - "$m" "$k" "$l" "$c" "$i" "${bw_gbs:-0}" "$(outside "$k72" "$k8")" "$(outside "$l72" "$l8")" <<'PY'
 import json, os, sys
 import gguf
 m, k, l, c, i, bw = sys.argv[1], *map(json.loads, sys.argv[2:6]), float(sys.argv[6])
+ko, lo = float(sys.argv[7]), float(sys.argv[8])
 size = os.path.getsize(m)
 r = lambda a, b: f"{a / b:.2f}x" if a and b else "–"
 f = lambda v, p=1: f"{v:.{p}f}" if v else "–"
@@ -124,7 +146,7 @@ idd, ip = i.get("decode_tokens_per_s"), i.get("prompt_tokens_per_s")
 peer = lambda a, b: max(a or 0, b or 0)
 mib = lambda b: f"{b / 2**20:.0f}" if b else "–"
 print(f"| {os.path.basename(m)} | {size / 2**20:.0f} | {f(kd)} / {f(ld)} / {f(idd)} / {f(cd)} | {r(kd, ld)} "
-      f"| {r(kd, peer(ld, idd))} | {r(kd, cd)} "
+      f"| {r(kd, peer(ld, idd))} | {r(kd, cd)} | {f(ko)} / {f(lo)} | {r(ko, lo)} "
       f"| {f(kp)} / {f(lp)} / {f(ip)} / {f(cp)} | {r(kp, lp)} | {r(kp, peer(lp, ip))} "
       f"| {gflops(kp)} / {gflops(lp)} | {pct(kd)} / {pct(ld)} "
       f"| {mib(k.get('peak_rss_bytes'))} / {mib(l.get('peak_rss_bytes'))} "
