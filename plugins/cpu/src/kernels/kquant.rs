@@ -550,6 +550,15 @@ mod x86 {
     };
     use core::arch::x86_64::*;
 
+    /// A Q5_K (`q5`) or Q4_K block's bytes and where its codes start.
+    const fn q45_layout(q5: bool) -> (usize, usize) {
+        if q5 {
+            (Q5_K_BLOCK, 48)
+        } else {
+            (Q4_K_BLOCK, 16)
+        }
+    }
+
     /// F16C's conversion of one f16.
     #[inline(always)]
     fn f16_to_f32(bits: u16) -> f32 {
@@ -575,11 +584,7 @@ mod x86 {
         xs: &[&Q8KRow],
         out: &mut [f32],
     ) {
-        let (block, codes_at) = if Q5 {
-            (Q5_K_BLOCK, 48)
-        } else {
-            (Q4_K_BLOCK, 16)
-        };
+        let (block, codes_at) = q45_layout(Q5);
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm256_set1_epi8(0x0f);
         let fifth = _mm256_set1_epi8(0x10);
@@ -833,11 +838,7 @@ mod x86 {
         xs: &[&Q8KRow],
         out: &mut [f32],
     ) {
-        let (block, codes_at) = if Q5 {
-            (Q5_K_BLOCK, 48)
-        } else {
-            (Q4_K_BLOCK, 16)
-        };
+        let (block, codes_at) = q45_layout(Q5);
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm512_set1_epi8(0x0f);
         // Code bytes 32p..32p + 32 hold sub-block 2p in their low nibbles
@@ -1408,11 +1409,7 @@ mod x86 {
         out: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
         let nb = xs[0].d.len();
-        let (block, codes_at) = if Q5 {
-            (Q5_K_BLOCK, 48)
-        } else {
-            (Q4_K_BLOCK, 16)
-        };
+        let (block, codes_at) = q45_layout(Q5);
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
         // sub-block j's scale and minimum of row n at (b * 8 + j) * 16 + n.
         scratch.codes.clear();
@@ -1553,11 +1550,7 @@ mod x86 {
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let nb = xs[0].d.len();
-        let (block, codes_at) = if Q5 {
-            (Q5_K_BLOCK, 48)
-        } else {
-            (Q4_K_BLOCK, 16)
-        };
+        let (block, codes_at) = q45_layout(Q5);
         let halves = ws.len().div_ceil(HALF);
         // Half h, block b (at = h·nb + b): group g (of 64) of the 8 rows
         // at (at·64 + g)·32 bytes; sub-block j's scales, each twice as
