@@ -243,7 +243,7 @@ fn a_plugin_built_for_abi_1_1_loads_and_weight_layouts_come_through_the_abi() {
     let isa = Isa::current();
     let (want4, want5) = match isa {
         Isa::Avx512 => (DType::Q4_0X16, DType::Q5_0X16),
-        Isa::Avx2 => (DType::Q4_0X16, DType::Q5_0),
+        Isa::Avx2 | Isa::AvxVnni => (DType::Q4_0X16, DType::Q5_0),
         _ => (DType::Q4_0, DType::Q5_0),
     };
     assert_eq!(

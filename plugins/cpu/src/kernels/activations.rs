@@ -10,7 +10,7 @@ pub fn row_fns(isa: Isa) -> &'static RowFns {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => &x86::AVX512_ROWS,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => &x86::AVX2_ROWS,
+        Isa::Avx2 | Isa::AvxVnni => &x86::AVX2_ROWS,
         _ => &REFERENCE_ROWS,
     }
 }

@@ -51,7 +51,7 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
         }
         match isa {
             Isa::Avx512 => return rows!(dot_rows_avx512),
-            Isa::Avx2 => return rows!(dot_rows_avx2),
+            Isa::Avx2 | Isa::AvxVnni => return rows!(dot_rows_avx2),
             Isa::Scalar | Isa::Reference => {}
         }
     }
@@ -92,7 +92,7 @@ pub fn gemm16(
 
 /// Whether [`gemm16`] runs on `isa` (F16 and BF16 alike).
 pub fn has_gemm(isa: Isa) -> bool {
-    cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512 | Isa::Avx2)
+    cfg!(target_arch = "x86_64") && isa >= Isa::Avx2
 }
 
 /// [`gemm16`] on x86-64.
@@ -118,11 +118,11 @@ fn gemm16_x86(
             // SAFETY: as above.
             unsafe { x86::tile_avx512::<true>(w, x) }
         }),
-        (Isa::Avx2, false) => tiled(ws, xs, out, |w, x: &[_; 2]| {
+        (Isa::Avx2 | Isa::AvxVnni, false) => tiled(ws, xs, out, |w, x: &[_; 2]| {
             // SAFETY: as above.
             unsafe { x86::tile_avx2::<false>(w, x) }
         }),
-        (Isa::Avx2, true) => tiled(ws, xs, out, |w, x: &[_; 2]| {
+        (Isa::Avx2 | Isa::AvxVnni, true) => tiled(ws, xs, out, |w, x: &[_; 2]| {
             // SAFETY: as above.
             unsafe { x86::tile_avx2::<true>(w, x) }
         }),

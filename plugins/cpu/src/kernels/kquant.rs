@@ -288,6 +288,20 @@ fn iq4_xs_isum(blk: &[u8], xq: &[i8]) -> i32 {
     isum
 }
 
+/// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
+/// rows (1 to 4): the row kernels keep each row's sums in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($rows:expr => $kernel:ident[$($c:tt),*]($($arg:expr),*)) => {
+        match $rows {
+            1 => x86::$kernel::<1 $(, $c)*>($($arg),*),
+            2 => x86::$kernel::<2 $(, $c)*>($($arg),*),
+            3 => x86::$kernel::<3 $(, $c)*>($($arg),*),
+            _ => x86::$kernel::<4 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
 /// `out[r] = w · xs[r]` for one Q4_K row and up to four activation rows
 /// (each block's scales decoded once for all): per block,
 /// `d·Σ sc_j (q·x)_j − dmin·Σ m_j Σx_j`.
@@ -310,11 +324,10 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
-            match xs.len() {
-                1 => x86::dot_q4_k_avx2::<1, false>(w, xs, out),
-                2 => x86::dot_q4_k_avx2::<2, false>(w, xs, out),
-                3 => x86::dot_q4_k_avx2::<3, false>(w, xs, out),
-                _ => x86::dot_q4_k_avx2::<4, false>(w, xs, out),
+            if isa == Isa::AvxVnni {
+                by_rows!(xs.len() => dot_q4_k_avxvnni[false](w, xs, out))
+            } else {
+                by_rows!(xs.len() => dot_q4_k_avx2[false](w, xs, out))
             }
         };
     }
@@ -346,11 +359,10 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
-            match xs.len() {
-                1 => x86::dot_q4_k_avx2::<1, true>(w, xs, out),
-                2 => x86::dot_q4_k_avx2::<2, true>(w, xs, out),
-                3 => x86::dot_q4_k_avx2::<3, true>(w, xs, out),
-                _ => x86::dot_q4_k_avx2::<4, true>(w, xs, out),
+            if isa == Isa::AvxVnni {
+                by_rows!(xs.len() => dot_q4_k_avxvnni[true](w, xs, out))
+            } else {
+                by_rows!(xs.len() => dot_q4_k_avx2[true](w, xs, out))
             }
         };
     }
@@ -461,9 +473,16 @@ pub fn gemm16(
             (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
             (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
             (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
-            (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false>(ws, xs, scratch, &mut out),
-            (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true>(ws, xs, scratch, &mut out),
-            _ => x86::gemm16_q6_k_avx2(ws, xs, scratch, &mut out),
+            (Isa::AvxVnni, DType::Q4_K) => {
+                x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, &mut out)
+            }
+            (Isa::AvxVnni, DType::Q5_K) => {
+                x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, &mut out)
+            }
+            (Isa::AvxVnni, _) => x86::gemm16_q6_k_avx2::<true>(ws, xs, scratch, &mut out),
+            (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false, false>(ws, xs, scratch, &mut out),
+            (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true, false>(ws, xs, scratch, &mut out),
+            _ => x86::gemm16_q6_k_avx2::<false>(ws, xs, scratch, &mut out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -472,10 +491,10 @@ pub fn gemm16(
 }
 
 /// Whether [`gemm16`] runs `dtype` on `isa`: Q4_K, Q5_K and Q6_K on
-/// AVX-512 and AVX2.
+/// AVX-512 and AVX2 (with or without AVX-VNNI).
 pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
-        && matches!(isa, Isa::Avx512 | Isa::Avx2)
+        && isa >= Isa::Avx2
         && matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
 }
 
@@ -500,11 +519,10 @@ pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has; lengths checked above.
         return unsafe {
-            match xs.len() {
-                1 => x86::dot_q6_k_avx2::<1>(w, xs, out),
-                2 => x86::dot_q6_k_avx2::<2>(w, xs, out),
-                3 => x86::dot_q6_k_avx2::<3>(w, xs, out),
-                _ => x86::dot_q6_k_avx2::<4>(w, xs, out),
+            if isa == Isa::AvxVnni {
+                by_rows!(xs.len() => dot_q6_k_avxvnni[](w, xs, out))
+            } else {
+                by_rows!(xs.len() => dot_q6_k_avx2[](w, xs, out))
             }
         };
     }
@@ -566,6 +584,21 @@ mod x86 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
     }
 
+    // Adding i16 products times i16 scales, pairwise, into i32 sums:
+    // `vpmaddwd` and an add, or AVX-VNNI's `vpdpwssd` (the same exact
+    // integers). Closures written inside the `#[target_feature]` wrappers,
+    // so they have the wrappers' features and are inlined into the kernels.
+    macro_rules! madd_i16 {
+        () => {
+            |s, p, sc| _mm256_add_epi32(s, _mm256_madd_epi16(p, sc))
+        };
+    }
+    macro_rules! dpwssd {
+        () => {
+            |s, p, sc| _mm256_dpwssd_avx_epi32(s, p, sc)
+        };
+    }
+
     /// Q4_K (and, with `Q5`, Q5_K: a fifth bit per code from `qh`, bit
     /// `j` of `qh[l]` for sub-block `j`) rows on AVX2 for `R` activation
     /// rows: per block the scales
@@ -583,6 +616,38 @@ mod x86 {
         w: &[u8],
         xs: &[&Q8KRow],
         out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { dot_q4_k_by::<R, Q5>(w, xs, out, madd_i16!()) }
+    }
+
+    /// [`dot_q4_k_avx2`] with AVX-VNNI's `vpdpwssd` taking each run of
+    /// products times its scales into the sums in one instruction.
+    ///
+    /// # Safety
+    /// As [`dot_q4_k_avx2`], and the CPU has AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_q4_k_avxvnni<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { dot_q4_k_by::<R, Q5>(w, xs, out, dpwssd!()) }
+    }
+
+    /// [`dot_q4_k_avx2`]'s body: `madd(sums, p, scales)` adds the i16
+    /// products `p` times the scales, pairwise, into the i32 sums.
+    ///
+    /// # Safety
+    /// As [`dot_q4_k_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_k_by<const R: usize, const Q5: bool>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         let (block, codes_at) = q45_layout(Q5);
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
@@ -637,9 +702,8 @@ mod x86 {
                             _mm256_loadu_si256(xq.add(32).cast()),
                         )
                     };
-                    let lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo4, x0), s_lo);
-                    let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi4, x1), s_hi);
-                    *sum = _mm256_add_epi32(*sum, _mm256_add_epi32(lo, hi));
+                    *sum = madd(*sum, _mm256_maddubs_epi16(lo4, x0), s_lo);
+                    *sum = madd(*sum, _mm256_maddubs_epi16(hi4, x1), s_hi);
                 }
             }
             for ((x, acc), sum) in xs.iter().zip(&mut acc).zip(sums) {
@@ -1216,6 +1280,33 @@ mod x86 {
     /// AVX2 is present; `w` holds as many blocks as each row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q6_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { dot_q6_k_by::<R>(w, xs, out, madd_i16!()) }
+    }
+
+    /// [`dot_q6_k_avx2`] with AVX-VNNI's `vpdpwssd`, as
+    /// [`dot_q4_k_avxvnni`].
+    ///
+    /// # Safety
+    /// As [`dot_q6_k_avx2`], and the CPU has AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dot_q6_k_avxvnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { dot_q6_k_by::<R>(w, xs, out, dpwssd!()) }
+    }
+
+    /// [`dot_q6_k_avx2`]'s body, `madd` as in [`dot_q4_k_by`].
+    ///
+    /// # Safety
+    /// As [`dot_q6_k_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q6_k_by<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm256_set1_epi8(0x0f);
         let m30 = _mm256_set1_epi8(0x30);
@@ -1273,7 +1364,7 @@ mod x86 {
                             )
                         };
                         let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p16, scales));
+                        *sum = madd(*sum, p16, scales);
                     }
                 }
             }
@@ -1527,6 +1618,68 @@ mod x86 {
         };
     }
 
+    // How the AVX2 K-quant GEMMs add a group's products (`step(sums,
+    // codes, activations)`) and a run of them, scaled per lane, into the
+    // totals (`scale(total, sums, scales)`): as i16s widened by
+    // `vpmaddwd` against the scales stored twice as i16s, or (AVX-VNNI)
+    // as i32s multiplied by the scales stored as i32s. Closures written
+    // inside the `#[target_feature]` wrappers, so they have the wrappers'
+    // features and are inlined into the kernels.
+    macro_rules! fold_i16 {
+        () => {
+            |s, w, x| _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
+        };
+    }
+    macro_rules! scale_i16 {
+        () => {
+            |t, s, sc| _mm256_add_epi32(t, _mm256_madd_epi16(s, sc))
+        };
+    }
+    macro_rules! dpbusd {
+        () => {
+            |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x)
+        };
+    }
+    macro_rules! scale_i32 {
+        () => {
+            |t, s, sc| _mm256_add_epi32(t, _mm256_mullo_epi32(s, sc))
+        };
+    }
+
+    /// The AVX2 K-quant GEMMs' kernels by shape: `name: features =>
+    /// body::<FOLD>(step, scale)`, each a `#[target_feature]` function
+    /// whose closures (`fold_i16!`…) get its features.
+    macro_rules! rows8_kinds {
+        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$fold:literal>($step:ident, $scale:ident);)*) => {$(
+            $(#[$doc])*
+            /// # Safety
+            /// As the body's, and the CPU has the features named.
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize>(
+                scratch: &GemmScratch,
+                xs: &[&Q8KRow],
+                nb: usize,
+                h: usize,
+                rows: usize,
+                m0: usize,
+                out: &mut dyn FnMut(usize, usize, &[f32]),
+            ) {
+                // SAFETY: the caller's contract.
+                unsafe { $body::<R, $fold>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
+            }
+        )*};
+    }
+    rows8_kinds! {
+        q4_k_rows8: "avx2,fma,f16c" => k_rows8::<8>(fold_i16, scale_i16);
+        q5_k_rows8: "avx2,fma,f16c" => k_rows8::<4>(fold_i16, scale_i16);
+        /// Q4_K and Q5_K alike with AVX-VNNI: a sub-block's 8 groups each
+        /// one `vpdpbusd` into i32 sums (no i16 to overflow), multiplied
+        /// by the lanes' scales (stored as plain i32s for it).
+        q45_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => k_rows8::<8>(dpbusd, scale_i32);
+        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2>(fold_i16, scale_i16);
+        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4>(dpbusd, scale_i32);
+    }
+
     /// [`super::gemm16`] for Q4_K and Q5_K on AVX2: the 16 weight rows as
     /// two halves of 8, lane `n` of a register holding 4 codes of row `n`
     /// (an 8 × 8 transpose per 32 codes, once per call); per sub-block of
@@ -1542,7 +1695,7 @@ mod x86 {
     /// The CPU has AVX2, FMA and F16C; every row of `ws` holds as many
     /// blocks as every row of `xs`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm16_q4_k_avx2<const Q5: bool>(
+    pub unsafe fn gemm16_q4_k_avx2<const Q5: bool, const VNNI: bool>(
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
@@ -1575,7 +1728,11 @@ mod x86 {
                     let blk = &w[b * block..][..16];
                     for j in 0..8 {
                         let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
-                        scratch.sc[(at * 8 + j) * HALF + n] = s as i32 | (s as i32) << 16;
+                        scratch.sc[(at * 8 + j) * HALF + n] = if VNNI {
+                            s as i32
+                        } else {
+                            s as i32 | (s as i32) << 16
+                        };
                         let pair = &mut scratch.mins[(at * 4 + j / 2) * HALF + n];
                         *pair |= (m as i32) << (16 * (j % 2));
                     }
@@ -1637,7 +1794,9 @@ mod x86 {
             // SAFETY: the scratch holds nb blocks of this half; the
             // caller's contract covers the activation rows.
             unsafe {
-                if Q5 {
+                if VNNI {
+                    in_groups_of_four!(xs.len(), m0 => q45_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else if Q5 {
                     in_groups_of_four!(xs.len(), m0 => q5_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
                 } else {
                     in_groups_of_four!(xs.len(), m0 => q4_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
@@ -1646,46 +1805,16 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// As [`k_rows8`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_k_rows8<const R: usize>(
-        scratch: &GemmScratch,
-        xs: &[&Q8KRow],
-        nb: usize,
-        h: usize,
-        rows: usize,
-        m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
-    ) {
-        // SAFETY: the caller's contract.
-        unsafe { k_rows8::<R, 8>(scratch, xs, nb, h, rows, m0, out) }
-    }
-
-    /// # Safety
-    /// As [`k_rows8`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_k_rows8<const R: usize>(
-        scratch: &GemmScratch,
-        xs: &[&Q8KRow],
-        nb: usize,
-        h: usize,
-        rows: usize,
-        m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
-    ) {
-        // SAFETY: the caller's contract.
-        unsafe { k_rows8::<R, 4>(scratch, xs, nb, h, rows, m0, out) }
-    }
-
     /// `R` activation rows against half `h` of the unpacked Q4_K/Q5_K
-    /// rows; `FOLD` groups' products added as i16s (at most 2·15·127 a
-    /// pair for 4-bit codes, 2·31·127 for 5-bit).
+    /// rows; runs of `FOLD` groups' products summed by `step`, then scaled
+    /// into the totals by `scale` (as i16s: at most 2·15·127 a pair for
+    /// 4-bit codes, eight fit; 2·31·127 for 5-bit, four fit).
     ///
     /// # Safety
     /// As [`gemm16_q4_k_avx2`]; `xs` has at least `R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn k_rows8<const R: usize, const FOLD: usize>(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
@@ -1694,6 +1823,8 @@ mod x86 {
         rows: usize,
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
+        step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        scale: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
@@ -1730,11 +1861,11 @@ mod x86 {
                                     .cast::<i32>()
                                     .read_unaligned()
                             });
-                            *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wv, xv));
+                            *p = step(*p, wv, xv);
                         }
                     }
                     for (t, p) in total.iter_mut().zip(p16) {
-                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(p, sc));
+                        *t = scale(*t, p, sc);
                     }
                 }
             }
@@ -1796,7 +1927,7 @@ mod x86 {
     /// # Safety
     /// As [`gemm16_q4_k_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm16_q6_k_avx2(
+    pub unsafe fn gemm16_q6_k_avx2<const VNNI: bool>(
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
@@ -1826,7 +1957,11 @@ mod x86 {
                     crate::kernels::prefetch(blk.as_ptr(), BLOCK);
                     for s in 0..16 {
                         let sc = blk[192 + s] as i8 as i16 as u16 as i32;
-                        scratch.sc[(at * 16 + s) * HALF + n] = sc | (sc << 16);
+                        scratch.sc[(at * 16 + s) * HALF + n] = if VNNI {
+                            blk[192 + s] as i8 as i32
+                        } else {
+                            sc | (sc << 16)
+                        };
                         scratch.mins[(at * 8 + s / 2) * HALF + n] |= sc << (16 * (s % 2));
                     }
                     scratch.d[at * HALF + n] =
@@ -1886,18 +2021,26 @@ mod x86 {
             // SAFETY: the scratch holds nb blocks of this half; the
             // caller's contract covers the activation rows.
             unsafe {
-                in_groups_of_four!(xs.len(), m0 => q6_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
+                if VNNI {
+                    in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else {
+                    in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                }
             };
         }
     }
 
-    /// `R` activation rows against half `h` of the unpacked Q6_K rows.
+    /// `R` activation rows against half `h` of the unpacked Q6_K rows;
+    /// runs of `FOLD` groups' products summed by `step` and scaled into
+    /// the totals by `scale`, as [`k_rows8`] (as i16s two groups fit: the
+    /// codes are at most 63).
     ///
     /// # Safety
     /// As [`gemm16_q6_k_avx2`]; `xs` has at least `R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_rows8<const R: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn q6_k_rows8<const R: usize, const FOLD: usize>(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
@@ -1905,6 +2048,8 @@ mod x86 {
         rows: usize,
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
+        step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        scale: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
@@ -1923,9 +2068,9 @@ mod x86 {
                 // SAFETY: sub-block s's scales of block b are inside the
                 // scratch.
                 let sc = unsafe { _mm256_loadu_si256(sc_p.add((at * 16 + s) * HALF).cast()) };
-                for g0 in [4 * s, 4 * s + 2] {
+                for g0 in (4 * s..4 * s + 4).step_by(FOLD) {
                     let mut p16 = [_mm256_setzero_si256(); R];
-                    for g in g0..g0 + 2 {
+                    for g in g0..g0 + FOLD {
                         // SAFETY: group g of block b is inside the scratch.
                         let wv =
                             unsafe { _mm256_loadu_si256(codes_p.add((at * 64 + g) * 32).cast()) };
@@ -1935,11 +2080,11 @@ mod x86 {
                             let xv = _mm256_set1_epi32(unsafe {
                                 q.add(b * QK_K + 4 * g).cast::<i32>().read_unaligned()
                             });
-                            *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wv, xv));
+                            *p = step(*p, wv, xv);
                         }
                     }
                     for (t, p) in total.iter_mut().zip(p16) {
-                        *t = _mm256_add_epi32(*t, _mm256_madd_epi16(p, sc));
+                        *t = scale(*t, p, sc);
                     }
                 }
             }

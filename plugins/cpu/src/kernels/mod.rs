@@ -3,7 +3,7 @@
 //! reference on random inputs of odd sizes.
 //!
 //! The instruction set is picked once from the CPU's features
-//! ([`Isa::detect`]); `KILN_CPU_ISA=reference|scalar|neon|avx2|avx512` forces
+//! ([`Isa::detect`]); `KILN_CPU_ISA=reference|scalar|neon|avx2|avxvnni|avx512` forces
 //! a lower path (never one the CPU lacks), which is how the tests cover
 //! every path the machine has; `reference` turns the fast kernels off. An op with no fast path here runs the reference.
 //!
@@ -64,6 +64,14 @@ const BASE: Isa = Isa::Neon;
 #[cfg(not(target_arch = "aarch64"))]
 const BASE: Isa = Isa::Scalar;
 
+/// Whether the CPU has AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`).
+fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avxvnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// An instruction-set path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
@@ -77,6 +85,11 @@ pub enum Isa {
     Neon,
     /// AVX2 + FMA (+ F16C).
     Avx2,
+    /// The AVX2 path with AVX-VNNI's 256-bit integer dot products
+    /// (`vpdpbusd` in VEX form: Alder Lake and later Intel cores, Zen 5):
+    /// the 8-bit products of the Q8 and K-quant kernels in one instruction
+    /// instead of three, same bits.
+    AvxVnni,
     /// AVX-512 F/BW/VL with VNNI integer dot products.
     Avx512,
 }
@@ -89,6 +102,7 @@ impl Isa {
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512 => "avx512",
         }
     }
@@ -114,6 +128,9 @@ impl Isa {
             if avx512 {
                 return Isa::Avx512;
             }
+            if avx2 && has_avx_vnni() {
+                return Isa::AvxVnni;
+            }
             if avx2 {
                 return Isa::Avx2;
             }
@@ -128,8 +145,8 @@ impl Isa {
         #[cfg(target_arch = "aarch64")]
         all.push(Isa::Neon);
         #[cfg(target_arch = "x86_64")]
-        all.extend([Isa::Avx2, Isa::Avx512]);
-        all.retain(|i| *i <= best);
+        all.extend([Isa::Avx2, Isa::AvxVnni, Isa::Avx512]);
+        all.retain(|i| *i <= best && (*i != Isa::AvxVnni || has_avx_vnni()));
         all
     }
 
@@ -144,10 +161,20 @@ impl Isa {
                 #[cfg(target_arch = "aarch64")]
                 Some("neon") => best.min(Isa::Neon),
                 Some("avx2") => best.min(Isa::Avx2),
+                // An AVX-512 CPU may lack AVX-VNNI (Zen 4, Ice Lake).
+                Some("avxvnni") if has_avx_vnni() => best.min(Isa::AvxVnni),
+                Some("avxvnni") => {
+                    let isa = best.min(Isa::Avx2);
+                    eprintln!(
+                        "kiln: KILN_CPU_ISA=avxvnni, but this CPU has no AVX-VNNI; using {}",
+                        isa.name()
+                    );
+                    isa
+                }
                 Some("avx512") | None | Some("") => best,
                 Some(other) => {
                     eprintln!(
-                        "kiln: KILN_CPU_ISA={other} is not one of reference, scalar, neon, avx2, avx512; using {}",
+                        "kiln: KILN_CPU_ISA={other} is not one of reference, scalar, neon, avx2, avxvnni, avx512; using {}",
                         best.name()
                     );
                     best
@@ -170,7 +197,7 @@ impl Isa {
 pub fn weight_layout(isa: Isa, dtype: DType) -> DType {
     match (isa, dtype) {
         (Isa::Avx512, DType::Q5_0) => DType::Q5_0X16,
-        (Isa::Avx512 | Isa::Avx2, DType::Q4_0) => DType::Q4_0X16,
+        (Isa::Avx512 | Isa::Avx2 | Isa::AvxVnni, DType::Q4_0) => DType::Q4_0X16,
         _ => dtype,
     }
 }
@@ -554,7 +581,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
     // BF16 has AVX2 and AVX-512 kernels only; elsewhere the reference
     // runs it.
-    if wd.dtype == DType::BF16 && !matches!(isa, Isa::Avx2 | Isa::Avx512) {
+    if wd.dtype == DType::BF16 && isa < Isa::Avx2 {
         return None;
     }
     if !has_mul_mat(wd.dtype)

@@ -240,12 +240,21 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
             };
         },
         // SAFETY: as above.
-        Isa::Avx2 => unsafe {
-            return match xs.len() {
-                1 => x86::dot_avx2::<1>(dtype, w, xs, out),
-                2 => x86::dot_avx2::<2>(dtype, w, xs, out),
-                3 => x86::dot_avx2::<3>(dtype, w, xs, out),
-                _ => x86::dot_avx2::<4>(dtype, w, xs, out),
+        Isa::Avx2 | Isa::AvxVnni => unsafe {
+            macro_rules! by_rows {
+                ($kernel:ident) => {
+                    match xs.len() {
+                        1 => x86::$kernel::<1>(dtype, w, xs, out),
+                        2 => x86::$kernel::<2>(dtype, w, xs, out),
+                        3 => x86::$kernel::<3>(dtype, w, xs, out),
+                        _ => x86::$kernel::<4>(dtype, w, xs, out),
+                    }
+                };
+            }
+            return if isa == Isa::AvxVnni {
+                by_rows!(dot_avxvnni)
+            } else {
+                by_rows!(dot_avx2)
             };
         },
         Isa::Scalar | Isa::Reference => {}
@@ -294,7 +303,7 @@ fn takes_lanes(dtype: DType, x: &Q8Row) -> bool {
 pub fn wants_lanes(isa: Isa, dtype: DType) -> bool {
     match isa {
         Isa::Avx512 => matches!(interleave::plain(dtype), DType::Q4_0 | DType::Q5_0),
-        Isa::Avx2 => dtype == DType::Q4_0X16,
+        Isa::Avx2 | Isa::AvxVnni => dtype == DType::Q4_0X16,
         _ => false,
     }
 }
@@ -349,6 +358,10 @@ pub fn dot_row_range<'w>(
         Isa::Avx2 => Some(|d, w, xs, out| {
             // SAFETY: as above.
             unsafe { x86::dot_avx2::<1>(d, w, xs, out) }
+        }),
+        Isa::AvxVnni => Some(|d, w, xs, out| {
+            // SAFETY: as above.
+            unsafe { x86::dot_avxvnni::<1>(d, w, xs, out) }
         }),
         _ => None,
     };
@@ -414,10 +427,10 @@ pub fn gemm16(
     // SAFETY: `has_gemm` names only paths the CPU has (`Isa::detect`:
     // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
     unsafe {
-        if isa == Isa::Avx512 {
-            x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out)
-        } else {
-            x86::gemm16_avx2(dtype, ws, xs, scratch, &mut out)
+        match isa {
+            Isa::Avx512 => x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out),
+            Isa::AvxVnni => x86::gemm16_avx2::<true>(dtype, ws, xs, scratch, &mut out),
+            _ => x86::gemm16_avx2::<false>(dtype, ws, xs, scratch, &mut out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -429,7 +442,7 @@ pub fn gemm16(
 pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
         && takes(dtype)
-        && (isa == Isa::Avx512 || (isa == Isa::Avx2 && dtype != DType::Q5_0X16))
+        && (isa == Isa::Avx512 || (isa >= Isa::Avx2 && dtype != DType::Q5_0X16))
 }
 
 /// `Σ q_w · q_x` per block of 32 codes (exact): weights of whole blocks,
@@ -799,7 +812,7 @@ mod x86 {
     /// choices (code layout, block size, minimum) are then constants, not
     /// branches taken per block.
     macro_rules! dot_q8 {
-        ($name:ident, $typed:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
+        ($name:ident, $typed:ident, $lanes:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
             /// # Safety
             /// The CPU has the features named; `w` and every row of `xs`
             /// hold the same number of blocks; `xs.len() <= 4 == out.len()`
@@ -866,7 +879,7 @@ mod x86 {
                 let mut b = 0;
                 if D == DType::Q4_0X16.raw() && xs.iter().all(|x| super::takes_lanes(dtype, x)) {
                     // SAFETY: the caller's contract; the lanes are filled.
-                    b = unsafe { x16_lanes_avx2(w, xs, &mut acc) };
+                    b = unsafe { $lanes(w, xs, &mut acc) };
                 }
                 let bytes = w.len() / nb.max(1);
                 while b + 4 <= nb {
@@ -955,83 +968,95 @@ mod x86 {
         };
     }
 
-    /// The whole groups of 16 blocks of a Q4_0X16 row against `R`
-    /// activation rows, lane-major ([`Q8Row::lanes`]): one block a 32-bit
-    /// lane, 8 blocks a register, so the codes of a group are four loads
-    /// and no block needs a horizontal sum. The scaled sums go into `acc`
-    /// exactly as the four-block loop of [`dot_avx2`] adds them (lane `j`:
-    /// the blocks `≡ j (mod 4)`, in order), so a row gives the bits it
-    /// gives as Q4_0. Returns the blocks done.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are enabled by the caller; `w` and every row
-    /// hold the same number of blocks, and the rows' lanes are filled.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn x16_lanes_avx2<const R: usize>(
-        w: &[u8],
-        xs: &[&Q8Row; R],
-        acc: &mut [__m256d; R],
-    ) -> usize {
-        const GROUP: usize = interleave::Q4_0_GROUP_BYTES;
-        const CODES: usize = interleave::codes_at(DType::Q4_0X16);
-        let groups = xs[0].d.len() / LANE_BLOCKS;
-        let m4 = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        for g in 0..groups {
-            // SAFETY: group g's bytes are inside `w`, and its lanes, sums
-            // and scales inside every row (the caller's contract).
-            unsafe {
-                let p = w.as_ptr().add(g * GROUP);
-                crate::kernels::prefetch(p, GROUP);
-                for h in 0..2 {
-                    // Blocks 8h..8h + 8. Eight products of 4-bit codes
-                    // (at most 2·15·127 a pair) fit an i16.
-                    let mut s = [_mm256_setzero_si256(); R];
-                    for k in 0..4 {
-                        let v = _mm256_loadu_si256(p.add(CODES + 64 * k + 32 * h).cast());
-                        let low = _mm256_and_si256(v, m4);
-                        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                        for (s, x) in s.iter_mut().zip(xs) {
-                            let xl = x.lanes.as_ptr().add((g * 8 + k) * 64 + 32 * h);
-                            let xh = xl.add(256);
-                            *s = _mm256_add_epi16(
-                                *s,
-                                _mm256_maddubs_epi16(low, _mm256_loadu_si256(xl.cast())),
-                            );
-                            *s = _mm256_add_epi16(
-                                *s,
-                                _mm256_maddubs_epi16(high, _mm256_loadu_si256(xh.cast())),
-                            );
-                        }
-                    }
-                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h).cast()));
-                    let dw = [
-                        _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
-                        _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(dw)),
-                    ];
-                    for ((s, x), acc) in s.iter().zip(xs).zip(acc.iter_mut()) {
-                        let at = g * LANE_BLOCKS + 8 * h;
-                        let sums = _mm256_loadu_si256(x.sums.as_ptr().add(at).cast());
-                        let sum = _mm256_sub_epi32(
-                            _mm256_madd_epi16(*s, ones),
-                            _mm256_slli_epi32::<3>(sums),
-                        );
-                        let sum = [
-                            _mm256_castsi256_si128(sum),
-                            _mm256_extracti128_si256::<1>(sum),
-                        ];
-                        for q in 0..2 {
-                            let dx = _mm256_cvtps_pd(_mm_loadu_ps(x.d.as_ptr().add(at + 4 * q)));
-                            let scale = _mm256_mul_pd(dw[q], dx);
-                            *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(sum[q]), *acc);
+    /// Defines `$name`: the whole groups of 16 blocks of a Q4_0X16 row
+    /// against `R` activation rows, lane-major ([`Q8Row::lanes`]): one
+    /// block a 32-bit lane, 8 blocks a register, so the codes of a group
+    /// are four loads and no block needs a horizontal sum. `$acc(s, w, x)`
+    /// adds the products of unsigned codes `w` and activations `x` into
+    /// the running sums `s`, `$widen(s)` turns those into one i32 sum a
+    /// lane. The scaled sums go into `acc` exactly as the four-block loop
+    /// of [`dot_avx2`] adds them (lane `j`: the blocks `≡ j (mod 4)`, in
+    /// order), so a row gives the bits it gives as Q4_0. Returns the
+    /// blocks done.
+    macro_rules! x16_lanes {
+        ($name:ident, $features:literal, $acc:expr, $widen:expr) => {
+            /// # Safety
+            /// The features named are enabled by the caller; `w` and every
+            /// row hold the same number of blocks, and the rows' lanes are
+            /// filled.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const R: usize>(
+                w: &[u8],
+                xs: &[&Q8Row; R],
+                acc: &mut [__m256d; R],
+            ) -> usize {
+                const GROUP: usize = interleave::Q4_0_GROUP_BYTES;
+                const CODES: usize = interleave::codes_at(DType::Q4_0X16);
+                let groups = xs[0].d.len() / LANE_BLOCKS;
+                let m4 = _mm256_set1_epi8(0x0f);
+                let (add, widen) = ($acc, $widen);
+                for g in 0..groups {
+                    // SAFETY: group g's bytes are inside `w`, and its
+                    // lanes, sums and scales inside every row (the
+                    // caller's contract).
+                    unsafe {
+                        let p = w.as_ptr().add(g * GROUP);
+                        crate::kernels::prefetch(p, GROUP);
+                        for h in 0..2 {
+                            // Blocks 8h..8h + 8.
+                            let mut s = [_mm256_setzero_si256(); R];
+                            for k in 0..4 {
+                                let v = _mm256_loadu_si256(p.add(CODES + 64 * k + 32 * h).cast());
+                                let low = _mm256_and_si256(v, m4);
+                                let high = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                                for (s, x) in s.iter_mut().zip(xs) {
+                                    let xl = x.lanes.as_ptr().add((g * 8 + k) * 64 + 32 * h);
+                                    let xh = xl.add(256);
+                                    *s = add(*s, low, _mm256_loadu_si256(xl.cast()));
+                                    *s = add(*s, high, _mm256_loadu_si256(xh.cast()));
+                                }
+                            }
+                            let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h).cast()));
+                            let dw = [
+                                _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
+                                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(dw)),
+                            ];
+                            for ((s, x), acc) in s.iter().zip(xs).zip(acc.iter_mut()) {
+                                let at = g * LANE_BLOCKS + 8 * h;
+                                let sums = _mm256_loadu_si256(x.sums.as_ptr().add(at).cast());
+                                let sum = _mm256_sub_epi32(widen(*s), _mm256_slli_epi32::<3>(sums));
+                                let sum = [
+                                    _mm256_castsi256_si128(sum),
+                                    _mm256_extracti128_si256::<1>(sum),
+                                ];
+                                for q in 0..2 {
+                                    let dx =
+                                        _mm256_cvtps_pd(_mm_loadu_ps(x.d.as_ptr().add(at + 4 * q)));
+                                    let scale = _mm256_mul_pd(dw[q], dx);
+                                    *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(sum[q]), *acc);
+                                }
+                            }
                         }
                     }
                 }
+                groups * LANE_BLOCKS
             }
-        }
-        groups * LANE_BLOCKS
+        };
     }
+    // Eight products of 4-bit codes (at most 2·15·127 a pair) fit an i16.
+    x16_lanes!(
+        x16_lanes_avx2,
+        "avx2,fma,f16c",
+        |s, w, x| _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x)),
+        |s| _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    );
+    x16_lanes!(
+        x16_lanes_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x),
+        |s| s
+    );
 
     /// Block `b` of `w` against block `b` of `x`, scaled: `d_w·d_x·sum`.
     ///
@@ -1715,14 +1740,17 @@ mod x86 {
     /// in 8 lanes with no horizontal reduction. Q8_0 and IQ4_NL codes are
     /// kept signed and multiplied by the sign trick (`vpmaddubsw` of the
     /// offset codes would saturate); the others are offset-corrected from
-    /// the rows' `offset_sums`. Scaled and summed in f64 block by block as
-    /// the AVX-512 GEMM does, so the bits are the same.
+    /// the rows' `offset_sums`. With `VNNI` (AVX-VNNI, which the caller
+    /// checked) one `vpdpbusd` takes a group straight to i32 sums, every
+    /// type's codes unsigned and offset-corrected ([`gemm8_vnni`]). Scaled
+    /// and summed in f64 block by block as the AVX-512 GEMM does, so the
+    /// bits are the same.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; every row of `ws` holds as many
     /// blocks of `dtype` as every row of `xs`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm16_avx2(
+    pub unsafe fn gemm16_avx2<const VNNI: bool>(
         dtype: DType,
         ws: &[&[u8]],
         xs: &[&Q8Row],
@@ -1759,7 +1787,7 @@ mod x86 {
                     crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), bytes);
                     // SAFETY: block b is inside `w` (the caller's contract).
                     (u[n], bits[n]) = unsafe { codes(dtype, w, b) };
-                    if signed {
+                    if signed && !VNNI {
                         u[n] = _mm256_xor_si256(u[n], _mm256_set1_epi8(-128));
                     }
                     if with_min {
@@ -1786,7 +1814,9 @@ mod x86 {
             // SAFETY: the scratch holds nb blocks of this half; the
             // caller's contract covers the activation rows.
             unsafe {
-                if signed {
+                if VNNI {
+                    in_groups_of_four!(xs.len(), m0 => gemm8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else if signed {
                     in_groups_of_four!(xs.len(), m0 => gemm8_signed(scratch, &xs[m0..], nb, h, rows, m0, out))
                 } else if matches!(dtype, DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1) {
                     in_groups_of_four!(xs.len(), m0 => gemm8_nibbles(scratch, &xs[m0..], nb, h, rows, m0, out))
@@ -1846,27 +1876,14 @@ mod x86 {
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
-        let codes_p = scratch.codes.as_ptr();
-        let dw_p = scratch.dw.as_ptr();
-        let with_min = !scratch.dm.is_empty();
-        let dm_p = scratch.dm.as_ptr();
-        let mut qs = [std::ptr::null::<i8>(); R];
-        let mut offs = [std::ptr::null::<i32>(); R];
-        let mut dxs = [std::ptr::null::<f64>(); R];
-        let mut ss = [std::ptr::null::<f32>(); R];
-        for (r, x) in xs.iter().enumerate() {
-            assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
-            assert!(!with_min || x.s.len() >= nb);
-            (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
-            ss[r] = x.s.as_ptr();
-        }
+        let p = Rows8::new(scratch, xs, nb);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_pd(); 2]; R];
         for b in 0..nb {
             let at = h * nb + b;
             let mut sum = [_mm256_setzero_si256(); R];
             if !SIGNED {
-                for (s, o) in sum.iter_mut().zip(&offs) {
+                for (s, o) in sum.iter_mut().zip(&p.offs) {
                     // SAFETY: block b's offset sum is inside the row (asserted).
                     *s = _mm256_set1_epi32(unsafe { *o.add(b) });
                 }
@@ -1876,44 +1893,147 @@ mod x86 {
                 for j in j0..j0 + FOLD {
                     // SAFETY: group j of block b of half h is inside the
                     // scratch.
-                    let wj = unsafe { _mm256_loadu_si256(codes_p.add((at * 8 + j) * 32).cast()) };
+                    let wj = unsafe { _mm256_loadu_si256(p.codes.add((at * 8 + j) * 32).cast()) };
                     let wa = if SIGNED { _mm256_sign_epi8(wj, wj) } else { wj };
-                    for (p, q) in p16.iter_mut().zip(&qs) {
+                    for (s16, q) in p16.iter_mut().zip(&p.qs) {
                         // SAFETY: codes 4j..4j+4 of block b are inside the
                         // row.
                         let xv = _mm256_set1_epi32(unsafe {
                             q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
                         });
                         let xv = if SIGNED { _mm256_sign_epi8(xv, wj) } else { xv };
-                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(wa, xv));
+                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wa, xv));
                     }
                 }
-                for (s, p) in sum.iter_mut().zip(p16) {
-                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                for (s, s16) in sum.iter_mut().zip(p16) {
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(s16, ones));
                 }
             }
-            // SAFETY: the 8 scales of block b of half h are inside the
-            // scratch.
+            // SAFETY: block b of half h is inside the scratch and the rows.
+            unsafe { p.scale(&mut acc, &sum, at, b) };
+        }
+        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+    }
+
+    /// [`gemm8_rows`] with AVX-VNNI: each group of 4 codes of the 8 rows
+    /// against 4 broadcast activation codes is one `vpdpbusd` into the i32
+    /// sums, which start from the rows' offset sums (signed codes too:
+    /// they stay `+ 128` here, and `vpdpbusd` does not saturate).
+    ///
+    /// # Safety
+    /// As [`gemm16_avx2`], and the CPU has AVX-VNNI; `xs` has at least `R`
+    /// rows.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn gemm8_vnni<const R: usize>(
+        scratch: &GemmScratch,
+        xs: &[&Q8Row],
+        nb: usize,
+        h: usize,
+        rows: usize,
+        m0: usize,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        let p = Rows8::new(scratch, xs, nb);
+        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        for b in 0..nb {
+            let at = h * nb + b;
+            let mut sum = [_mm256_setzero_si256(); R];
+            for (s, o) in sum.iter_mut().zip(&p.offs) {
+                // SAFETY: block b's offset sum is inside the row (asserted).
+                *s = _mm256_set1_epi32(unsafe { *o.add(b) });
+            }
+            for j in 0..8 {
+                // SAFETY: group j of block b of half h is inside the scratch.
+                let wj = unsafe { _mm256_loadu_si256(p.codes.add((at * 8 + j) * 32).cast()) };
+                for (s, q) in sum.iter_mut().zip(&p.qs) {
+                    // SAFETY: codes 4j..4j+4 of block b are inside the row.
+                    let xv = _mm256_set1_epi32(unsafe {
+                        q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
+                    });
+                    *s = _mm256_dpbusd_avx_epi32(*s, wj, xv);
+                }
+            }
+            // SAFETY: block b of half h is inside the scratch and the rows.
+            unsafe { p.scale(&mut acc, &sum, at, b) };
+        }
+        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+    }
+
+    /// What [`gemm8_rows`] and [`gemm8_vnni`] read: the unpacked half's
+    /// codes, scales and minimums, and per activation row its codes,
+    /// offset sums, f64 scales and Q8_1 sums.
+    struct Rows8<const R: usize> {
+        codes: *const u8,
+        dw: *const f64,
+        dm: Option<*const f64>,
+        qs: [*const i8; R],
+        offs: [*const i32; R],
+        dxs: [*const f64; R],
+        ss: [*const f32; R],
+    }
+
+    impl<const R: usize> Rows8<R> {
+        fn new(scratch: &GemmScratch, xs: &[&Q8Row; R], nb: usize) -> Self {
+            let with_min = !scratch.dm.is_empty();
+            let mut p = Rows8 {
+                codes: scratch.codes.as_ptr(),
+                dw: scratch.dw.as_ptr(),
+                dm: with_min.then_some(scratch.dm.as_ptr()),
+                qs: [std::ptr::null(); R],
+                offs: [std::ptr::null(); R],
+                dxs: [std::ptr::null(); R],
+                ss: [std::ptr::null(); R],
+            };
+            for (r, x) in xs.iter().enumerate() {
+                assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+                assert!(!with_min || x.s.len() >= nb);
+                (p.qs[r], p.offs[r], p.dxs[r]) =
+                    (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+                p.ss[r] = x.s.as_ptr();
+            }
+            p
+        }
+
+        /// Adds block `b`'s integer sums `sum` (8 weight rows a register,
+        /// one register per activation row), scaled, to `acc`: each
+        /// block's `d·d_x·sum (+ m·s)` in f64, the reference's order.
+        ///
+        /// # Safety
+        /// Block `b` is inside every row, and scratch block `at` inside
+        /// the scratch.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn scale(
+            &self,
+            acc: &mut [[__m256d; 2]; R],
+            sum: &[__m256i; R],
+            at: usize,
+            b: usize,
+        ) {
+            const HALF: usize = GEMM_ROWS / 2;
+            // SAFETY: the 8 scales of block `at` are inside the scratch.
             let (dw_lo, dw_hi) = unsafe {
                 (
-                    _mm256_loadu_pd(dw_p.add(at * HALF)),
-                    _mm256_loadu_pd(dw_p.add(at * HALF + 4)),
+                    _mm256_loadu_pd(self.dw.add(at * HALF)),
+                    _mm256_loadu_pd(self.dw.add(at * HALF + 4)),
                 )
             };
-            for (r, dxp) in dxs.iter().enumerate() {
-                // SAFETY: block b's scale is inside the row (asserted).
+            for (r, dxp) in self.dxs.iter().enumerate() {
+                // SAFETY: block b's scale is inside the row.
                 let dx = _mm256_set1_pd(unsafe { *dxp.add(b) });
                 let lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(sum[r]));
                 let hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(sum[r], 1));
-                if with_min {
+                if let Some(dm) = self.dm {
                     // Each block's d·d_x·sum + m·s, then the sum.
-                    // SAFETY: block b's minimums and Q8_1 sum are inside
-                    // the scratch and the row (asserted).
+                    // SAFETY: block at's minimums and block b's Q8_1 sum
+                    // are inside the scratch and the row.
                     let (m_lo, m_hi, sx) = unsafe {
                         (
-                            _mm256_loadu_pd(dm_p.add(at * HALF)),
-                            _mm256_loadu_pd(dm_p.add(at * HALF + 4)),
-                            _mm256_set1_pd(*ss[r].add(b) as f64),
+                            _mm256_loadu_pd(dm.add(at * HALF)),
+                            _mm256_loadu_pd(dm.add(at * HALF + 4)),
+                            _mm256_set1_pd(*self.ss[r].add(b) as f64),
                         )
                     };
                     let t_lo =
@@ -1928,7 +2048,6 @@ mod x86 {
                 }
             }
         }
-        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
     // AVX2 multiplies u8 by i8 into saturating i16 pairs: fine for Q4_0's
@@ -1937,6 +2056,7 @@ mod x86 {
     dot_q8!(
         dot_avx2,
         dot_avx2_typed,
+        x16_lanes_avx2,
         "avx2,fma,f16c",
         0,
         |u, xv, q8: bool| {
@@ -1950,8 +2070,17 @@ mod x86 {
         }
     );
     dot_q8!(
+        dot_avxvnni,
+        dot_avxvnni_typed,
+        x16_lanes_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        128,
+        |u, xv, _q8: bool| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, xv)
+    );
+    dot_q8!(
         dot_vnni,
         dot_vnni_typed,
+        x16_lanes_avx2,
         "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
         128,
         |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
