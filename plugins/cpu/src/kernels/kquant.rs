@@ -1619,10 +1619,13 @@ mod x86 {
     }
 
     // How the AVX2 K-quant GEMMs add a group's products (`step(sums,
-    // codes, activations)`) and a run of them, scaled per lane, into the
-    // totals (`scale(total, sums, scales)`): as i16s widened by
-    // `vpmaddwd` against the scales stored twice as i16s, or (AVX-VNNI)
-    // as i32s multiplied by the scales stored as i32s. Closures written
+    // codes, activations)`) and a run of them, kept as `CHAINS` partial
+    // sums `a`, `b` (groups by parity: `vpdpbusd` accumulates in place,
+    // and one chain of 8 per row left its 5-cycle latency exposed with
+    // only 4 rows in flight), scaled per lane, into the totals
+    // (`scale(total, a, b, scales)`): as i16s widened by `vpmaddwd`
+    // against the scales stored twice as i16s, or (AVX-VNNI) as i32s
+    // multiplied by the scales stored as i32s. Closures written
     // inside the `#[target_feature]` wrappers, so they have the wrappers'
     // features and are inlined into the kernels.
     macro_rules! fold_i16 {
@@ -1632,7 +1635,7 @@ mod x86 {
     }
     macro_rules! scale_i16 {
         () => {
-            |t, s, sc| _mm256_add_epi32(t, _mm256_madd_epi16(s, sc))
+            |t, a, b, sc| _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_add_epi16(a, b), sc))
         };
     }
     macro_rules! dpbusd {
@@ -1642,7 +1645,7 @@ mod x86 {
     }
     macro_rules! scale_i32 {
         () => {
-            |t, s, sc| _mm256_add_epi32(t, _mm256_mullo_epi32(s, sc))
+            |t, a, b, sc| _mm256_add_epi32(t, _mm256_mullo_epi32(_mm256_add_epi32(a, b), sc))
         };
     }
 
@@ -1650,7 +1653,7 @@ mod x86 {
     /// body::<FOLD>(step, scale)`, each a `#[target_feature]` function
     /// whose closures (`fold_i16!`…) get its features.
     macro_rules! rows8_kinds {
-        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$fold:literal>($step:ident, $scale:ident);)*) => {$(
+        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$fold:literal, $chains:literal>($step:ident, $scale:ident);)*) => {$(
             $(#[$doc])*
             /// # Safety
             /// As the body's, and the CPU has the features named.
@@ -1665,19 +1668,19 @@ mod x86 {
                 out: &mut dyn FnMut(usize, usize, &[f32]),
             ) {
                 // SAFETY: the caller's contract.
-                unsafe { $body::<R, $fold>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
+                unsafe { $body::<R, $fold, $chains>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
             }
         )*};
     }
     rows8_kinds! {
-        q4_k_rows8: "avx2,fma,f16c" => k_rows8::<8>(fold_i16, scale_i16);
-        q5_k_rows8: "avx2,fma,f16c" => k_rows8::<4>(fold_i16, scale_i16);
+        q4_k_rows8: "avx2,fma,f16c" => k_rows8::<8, 1>(fold_i16, scale_i16);
+        q5_k_rows8: "avx2,fma,f16c" => k_rows8::<4, 1>(fold_i16, scale_i16);
         /// Q4_K and Q5_K alike with AVX-VNNI: a sub-block's 8 groups each
         /// one `vpdpbusd` into i32 sums (no i16 to overflow), multiplied
         /// by the lanes' scales (stored as plain i32s for it).
-        q45_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => k_rows8::<8>(dpbusd, scale_i32);
-        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2>(fold_i16, scale_i16);
-        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4>(dpbusd, scale_i32);
+        q45_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => k_rows8::<8, 2>(dpbusd, scale_i32);
+        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2, 1>(fold_i16, scale_i16);
+        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2>(dpbusd, scale_i32);
     }
 
     /// [`super::gemm16`] for Q4_K and Q5_K on AVX2: the 16 weight rows as
@@ -1815,7 +1818,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn k_rows8<const R: usize, const FOLD: usize>(
+    unsafe fn k_rows8<const R: usize, const FOLD: usize, const CHAINS: usize>(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
@@ -1824,7 +1827,7 @@ mod x86 {
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
-        scale: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
@@ -1846,14 +1849,14 @@ mod x86 {
                 // scratch.
                 let sc = unsafe { _mm256_loadu_si256(sc_p.add((at * 8 + j) * HALF).cast()) };
                 for g0 in (0..8).step_by(FOLD) {
-                    let mut p16 = [_mm256_setzero_si256(); R];
+                    let mut p16 = [[_mm256_setzero_si256(); R]; 2];
                     for g in g0..g0 + FOLD {
                         // SAFETY: group 8j + g of block b is inside the
                         // scratch.
                         let wv = unsafe {
                             _mm256_loadu_si256(codes_p.add((at * 64 + 8 * j + g) * 32).cast())
                         };
-                        for (p, q) in p16.iter_mut().zip(&qs) {
+                        for (p, q) in p16[g % CHAINS].iter_mut().zip(&qs) {
                             // SAFETY: codes 32j + 4g.. of block b are inside
                             // the row (asserted).
                             let xv = _mm256_set1_epi32(unsafe {
@@ -1864,8 +1867,8 @@ mod x86 {
                             *p = step(*p, wv, xv);
                         }
                     }
-                    for (t, p) in total.iter_mut().zip(p16) {
-                        *t = scale(*t, p, sc);
+                    for ((t, a), b) in total.iter_mut().zip(p16[0]).zip(p16[1]) {
+                        *t = scale(*t, a, b, sc);
                     }
                 }
             }
@@ -2040,7 +2043,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn q6_k_rows8<const R: usize, const FOLD: usize>(
+    unsafe fn q6_k_rows8<const R: usize, const FOLD: usize, const CHAINS: usize>(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
@@ -2049,7 +2052,7 @@ mod x86 {
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
-        scale: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
@@ -2069,12 +2072,12 @@ mod x86 {
                 // scratch.
                 let sc = unsafe { _mm256_loadu_si256(sc_p.add((at * 16 + s) * HALF).cast()) };
                 for g0 in (4 * s..4 * s + 4).step_by(FOLD) {
-                    let mut p16 = [_mm256_setzero_si256(); R];
+                    let mut p16 = [[_mm256_setzero_si256(); R]; 2];
                     for g in g0..g0 + FOLD {
                         // SAFETY: group g of block b is inside the scratch.
                         let wv =
                             unsafe { _mm256_loadu_si256(codes_p.add((at * 64 + g) * 32).cast()) };
-                        for (p, q) in p16.iter_mut().zip(&qs) {
+                        for (p, q) in p16[g % CHAINS].iter_mut().zip(&qs) {
                             // SAFETY: codes 4g.. of block b are inside the
                             // row (`row_pointers` checked the lengths).
                             let xv = _mm256_set1_epi32(unsafe {
@@ -2083,8 +2086,8 @@ mod x86 {
                             *p = step(*p, wv, xv);
                         }
                     }
-                    for (t, p) in total.iter_mut().zip(p16) {
-                        *t = scale(*t, p, sc);
+                    for ((t, a), b) in total.iter_mut().zip(p16[0]).zip(p16[1]) {
+                        *t = scale(*t, a, b, sc);
                     }
                 }
             }
