@@ -2178,13 +2178,15 @@ mod x86 {
                 }
             }
             for j in 0..8 {
-                let mut sum = [_mm512_setzero_si512(); R];
+                // Two `vpdpbusd` chains per row (groups by parity), as on
+                // AVX-VNNI.
+                let mut sum = [[_mm512_setzero_si512(); R]; 2];
                 for g in 0..8 {
                     // SAFETY: group 8j + g of block b is inside the scratch.
                     let w = unsafe {
                         _mm512_loadu_si512(codes.add(((b * 64 + 8 * j + g) * GEMM_ROWS) * 4).cast())
                     };
-                    for (s, q) in sum.iter_mut().zip(&qs) {
+                    for (s, q) in sum[g % 2].iter_mut().zip(&qs) {
                         // SAFETY: codes 32j + 4g.. of block b are inside the row.
                         let xv = unsafe {
                             q.add(b * QK_K + 32 * j + 4 * g)
@@ -2197,8 +2199,8 @@ mod x86 {
                 let at = (b * 8 + j) * GEMM_ROWS;
                 // SAFETY: the 16 scales of sub-block j are inside.
                 let sc = unsafe { _mm512_loadu_si512(scratch.sc.as_ptr().add(at).cast()) };
-                for (t, s) in total.iter_mut().zip(&sum) {
-                    *t = _mm512_add_epi32(*t, _mm512_mullo_epi32(*s, sc));
+                for ((t, s), o) in total.iter_mut().zip(sum[0]).zip(sum[1]) {
+                    *t = _mm512_add_epi32(*t, _mm512_mullo_epi32(_mm512_add_epi32(s, o), sc));
                 }
             }
             let at = b * GEMM_ROWS;
