@@ -117,11 +117,25 @@ pub fn row_dot(dtype: DType) -> fn(Isa, &[u8], &[&Q8KRow], &mut [f32]) {
     }
 }
 
+/// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
+/// rows (1 to 4): the row kernels keep each row's sums in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($rows:expr => $kernel:ident[$($c:tt),*]($($arg:expr),*)) => {
+        match $rows {
+            1 => x86::$kernel::<1 $(, $c)*>($($arg),*),
+            2 => x86::$kernel::<2 $(, $c)*>($($arg),*),
+            3 => x86::$kernel::<3 $(, $c)*>($($arg),*),
+            _ => x86::$kernel::<4 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
 /// Q2_K, Q3_K and IQ4_XS rows: AVX2 on x86-64 (AVX-512 CPUs run it too),
 /// NEON block sums on aarch64, else the portable kernels; every path gives
 /// the portable kernel's bits (exact integer sums, the same f64 order).
 macro_rules! simd_or_portable {
-    ($name:ident, $avx2:ident, $neon:ident, $isum:ident, $term:expr, $bytes:expr) => {
+    ($name:ident, $avx2:ident, $vnni:ident, $neon:ident, $isum:ident, $term:expr, $bytes:expr) => {
         fn $name(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
             assert!(xs.iter().all(|x| w.len() == x.d.len() * $bytes));
@@ -130,11 +144,10 @@ macro_rules! simd_or_portable {
                 // SAFETY: `Isa` only names paths the CPU has; lengths
                 // checked above.
                 return unsafe {
-                    match xs.len() {
-                        1 => x86::$avx2::<1>(w, xs, out),
-                        2 => x86::$avx2::<2>(w, xs, out),
-                        3 => x86::$avx2::<3>(w, xs, out),
-                        _ => x86::$avx2::<4>(w, xs, out),
+                    if isa == Isa::AvxVnni {
+                        by_rows!(xs.len() => $vnni[](w, xs, out))
+                    } else {
+                        by_rows!(xs.len() => $avx2[](w, xs, out))
                     }
                 };
             }
@@ -156,6 +169,7 @@ macro_rules! simd_or_portable {
 simd_or_portable!(
     dot_q2_k,
     dot_q2_k_avx2,
+    dot_q2_k_avxvnni,
     block_sums_q2_k,
     q2_k_isum,
     q2_k_term,
@@ -164,6 +178,7 @@ simd_or_portable!(
 simd_or_portable!(
     dot_q3_k,
     dot_q3_k_avx2,
+    dot_q3_k_avxvnni,
     block_sums_q3_k,
     q3_k_isum,
     d_term::<108>,
@@ -172,6 +187,7 @@ simd_or_portable!(
 simd_or_portable!(
     dot_iq4_xs,
     dot_iq4_xs_avx2,
+    dot_iq4_xs_avxvnni,
     block_sums_iq4_xs,
     iq4_xs_isum,
     d_term::<0>,
@@ -286,20 +302,6 @@ fn iq4_xs_isum(blk: &[u8], xq: &[i8]) -> i32 {
         isum += (kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, ib) - 32) * s;
     }
     isum
-}
-
-/// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
-/// rows (1 to 4): the row kernels keep each row's sums in registers.
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_rows {
-    ($rows:expr => $kernel:ident[$($c:tt),*]($($arg:expr),*)) => {
-        match $rows {
-            1 => x86::$kernel::<1 $(, $c)*>($($arg),*),
-            2 => x86::$kernel::<2 $(, $c)*>($($arg),*),
-            3 => x86::$kernel::<3 $(, $c)*>($($arg),*),
-            _ => x86::$kernel::<4 $(, $c)*>($($arg),*),
-        }
-    };
 }
 
 /// `out[r] = w · xs[r]` for one Q4_K row and up to four activation rows
@@ -597,6 +599,39 @@ mod x86 {
         () => {
             |s, p, sc| _mm256_dpwssd_avx_epi32(s, p, sc)
         };
+    }
+
+    /// `pub` AVX2 and AVX-VNNI entry points of a row kernel body
+    /// `body(w, xs, out, madd)`: `$avx2` with `vpmaddwd` and an add,
+    /// `$vnni` with `vpdpwssd` (the same integers).
+    macro_rules! avx2_and_vnni {
+        ($($body:ident => $avx2:ident, $vnni:ident;)*) => {$(
+            /// The AVX2 entry point of [`$body`].
+            ///
+            /// # Safety
+            /// As [`$body`].
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+                // SAFETY: the caller's contract.
+                unsafe { $body::<R>(w, xs, out, madd_i16!()) }
+            }
+
+            /// The AVX-VNNI entry point of [`$body`].
+            ///
+            /// # Safety
+            /// As [`$body`], and the CPU has AVX-VNNI.
+            #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+            pub unsafe fn $vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+                // SAFETY: the caller's contract.
+                unsafe { $body::<R>(w, xs, out, dpwssd!()) }
+            }
+        )*};
+    }
+    avx2_and_vnni! {
+        dot_q2_k_by => dot_q2_k_avx2, dot_q2_k_avxvnni;
+        dot_q3_k_by => dot_q3_k_avx2, dot_q3_k_avxvnni;
+        dot_iq4_xs_by => dot_iq4_xs_avx2, dot_iq4_xs_avxvnni;
+        dot_q6_k_by => dot_q6_k_avx2, dot_q6_k_avxvnni;
     }
 
     /// Q4_K (and, with `Q5`, Q5_K: a fifth bit per code from `qh`, bit
@@ -1073,6 +1108,7 @@ mod x86 {
         xs: &[&Q8KRow; R],
         at: usize,
         sums: &mut [__m256i; R],
+        madd: &impl Fn(__m256i, __m256i, __m256i) -> __m256i,
     ) {
         for (j, c) in codes.into_iter().enumerate() {
             // SAFETY: register-only, and codes at + 32j.. +32 are inside
@@ -1081,8 +1117,7 @@ mod x86 {
                 let sc = _mm256_shuffle_epi8(scales, scale_pair(j as i16));
                 for (x, sum) in xs.iter().zip(sums.iter_mut()) {
                     let xv = _mm256_loadu_si256(x.qs.as_ptr().add(at + 32 * j).cast());
-                    let p16 = _mm256_maddubs_epi16(c, xv);
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p16, sc));
+                    *sum = madd(*sum, _mm256_maddubs_epi16(c, xv), sc);
                 }
             }
         }
@@ -1098,8 +1133,14 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q2_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    unsafe fn dot_q2_k_by<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let (m3, m4) = (_mm256_set1_epi8(3), _mm_set1_epi8(0x0f));
         let mut acc = [0.0f64; R];
@@ -1125,7 +1166,7 @@ mod x86 {
                     _mm256_and_si256(_mm256_srli_epi16(q, 6), m3),
                 ];
                 // SAFETY: codes 128n.. +128 of block b are inside each row.
-                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums) };
+                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums, &madd) };
             }
             let d = f16_to_f32(u16::from_le_bytes([blk[80], blk[81]])) as f64;
             let dmin = f16_to_f32(u16::from_le_bytes([blk[82], blk[83]])) as f64;
@@ -1148,8 +1189,14 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q3_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    unsafe fn dot_q3_k_by<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let (m3, m1) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
         let mut acc = [0.0f64; R];
@@ -1205,7 +1252,7 @@ mod x86 {
                     ),
                 ];
                 // SAFETY: codes 128n.. +128 of block b are inside each row.
-                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums) };
+                unsafe { runs_by_scales(codes, scales, xs, b * QK_K + 128 * n, &mut sums, &madd) };
             }
             let d = f16_to_f32(u16::from_le_bytes([blk[108], blk[109]])) as f64;
             for ((x, acc), s) in xs.iter().zip(&mut acc).zip(sums) {
@@ -1226,8 +1273,14 @@ mod x86 {
     ///
     /// # Safety
     /// AVX2, FMA and F16C are present; `w` holds as many blocks as each row.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_iq4_xs_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
+    unsafe fn dot_iq4_xs_by<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8KRow],
+        out: &mut [f32],
+        madd: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let m4 = _mm256_set1_epi8(0x0f);
         // SAFETY: the table holds the 16 bytes loaded.
@@ -1262,7 +1315,7 @@ mod x86 {
                             _mm256_loadu_si256(x.qs.as_ptr().add(b * QK_K + 32 * ib).cast())
                         };
                         let p16 = _mm256_maddubs_epi16(vabs, _mm256_sign_epi8(xv, v));
-                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p16, scale));
+                        *sum = madd(*sum, p16, scale);
                     }
                 }
             }
@@ -1274,25 +1327,6 @@ mod x86 {
         for (o, a) in out.iter_mut().zip(acc) {
             *o = a as f32;
         }
-    }
-
-    /// # Safety
-    /// AVX2 is present; `w` holds as many blocks as each row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6_k_avx2<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
-        // SAFETY: the caller's contract.
-        unsafe { dot_q6_k_by::<R>(w, xs, out, madd_i16!()) }
-    }
-
-    /// [`dot_q6_k_avx2`] with AVX-VNNI's `vpdpwssd`, as
-    /// [`dot_q4_k_avxvnni`].
-    ///
-    /// # Safety
-    /// As [`dot_q6_k_avx2`], and the CPU has AVX-VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub unsafe fn dot_q6_k_avxvnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
-        // SAFETY: the caller's contract.
-        unsafe { dot_q6_k_by::<R>(w, xs, out, dpwssd!()) }
     }
 
     /// [`dot_q6_k_avx2`]'s body, `madd` as in [`dot_q4_k_by`].
