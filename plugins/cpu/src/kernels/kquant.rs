@@ -450,7 +450,7 @@ pub struct GemmScratch {
 /// off with the activations' sums of 16, one scale per 16 codes.
 ///
 /// On AVX2, the same at 8 rows a register ([`x86::gemm16_q4_k_avx2`],
-/// [`x86::gemm16_q6_k_avx2`]). Returns `false` (and does nothing) where
+/// [`x86::gemm16_q36_k_avx2`]). Returns `false` (and does nothing) where
 /// [`has_gemm`] says no.
 pub fn gemm16(
     isa: Isa,
@@ -472,19 +472,24 @@ pub fn gemm16(
     // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
     unsafe {
         match (isa, dtype) {
-            (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
-            (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
-            (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
             (Isa::AvxVnni, DType::Q4_K) => {
                 x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, &mut out)
             }
             (Isa::AvxVnni, DType::Q5_K) => {
                 x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, &mut out)
             }
-            (Isa::AvxVnni, _) => x86::gemm16_q6_k_avx2::<true>(ws, xs, scratch, &mut out),
+            (Isa::AvxVnni, DType::Q3_K) => {
+                x86::gemm16_q36_k_avx2::<true, true>(ws, xs, scratch, &mut out)
+            }
+            // AVX-512 CPUs run Q3_K's AVX2 GEMM.
+            (_, DType::Q3_K) => x86::gemm16_q36_k_avx2::<true, false>(ws, xs, scratch, &mut out),
+            (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
+            (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
+            (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
+            (Isa::AvxVnni, _) => x86::gemm16_q36_k_avx2::<false, true>(ws, xs, scratch, &mut out),
             (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false, false>(ws, xs, scratch, &mut out),
             (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true, false>(ws, xs, scratch, &mut out),
-            _ => x86::gemm16_q6_k_avx2::<false>(ws, xs, scratch, &mut out),
+            _ => x86::gemm16_q36_k_avx2::<false, false>(ws, xs, scratch, &mut out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -492,12 +497,12 @@ pub fn gemm16(
     true
 }
 
-/// Whether [`gemm16`] runs `dtype` on `isa`: Q4_K, Q5_K and Q6_K on
-/// AVX-512 and AVX2 (with or without AVX-VNNI).
+/// Whether [`gemm16`] runs `dtype` on `isa`: Q3_K, Q4_K, Q5_K and Q6_K
+/// on AVX-512 and AVX2 (with or without AVX-VNNI).
 pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
         && isa >= Isa::Avx2
-        && matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
+        && matches!(dtype, DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K)
 }
 
 /// `out[r] = w · xs[r]` for one Q6_K row and up to four activation rows
@@ -1687,7 +1692,7 @@ mod x86 {
     /// body::<FOLD>(step, scale)`, each a `#[target_feature]` function
     /// whose closures (`fold_i16!`…) get its features.
     macro_rules! rows8_kinds {
-        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$fold:literal, $chains:literal>($step:ident, $scale:ident);)*) => {$(
+        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$($c:literal),*>($step:ident, $scale:ident);)*) => {$(
             $(#[$doc])*
             /// # Safety
             /// As the body's, and the CPU has the features named.
@@ -1702,7 +1707,7 @@ mod x86 {
                 out: &mut dyn FnMut(usize, usize, &[f32]),
             ) {
                 // SAFETY: the caller's contract.
-                unsafe { $body::<R, $fold, $chains>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
+                unsafe { $body::<R, $($c),*>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
             }
         )*};
     }
@@ -1713,8 +1718,12 @@ mod x86 {
         /// one `vpdpbusd` into i32 sums (no i16 to overflow), multiplied
         /// by the lanes' scales (stored as plain i32s for it).
         q45_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => k_rows8::<8, 2>(dpbusd, scale_i32);
-        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2, 1>(fold_i16, scale_i16);
-        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2>(dpbusd, scale_i32);
+        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2, 1, 5>(fold_i16, scale_i16);
+        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 5>(dpbusd, scale_i32);
+        /// Q3_K: codes + 4 (at most 7: a sub-block's four groups fit an
+        /// i16), the offset 4.
+        q3_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<4, 1, 2>(fold_i16, scale_i16);
+        q3_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 2>(dpbusd, scale_i32);
     }
 
     /// [`super::gemm16`] for Q4_K and Q5_K on AVX2: the 16 weight rows as
@@ -1954,17 +1963,97 @@ mod x86 {
         crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
-    /// [`super::gemm16`] for Q6_K on AVX2, as [`gemm16_q4_k_avx2`]: the
-    /// codes unsigned (code + 32, at most 63: two groups' products added
-    /// as i16s), `vpmaddwd` by each lane's scale per sub-block of 16, the
-    /// offset of 32 taken off with `vpmaddwd` of each lane's pairs of
-    /// scales against the activations' pairs of sums of 16; per block
-    /// `d · x.d · total` in f64, as the row kernels.
+    /// A Q6_K block's 16 scales, `d`, and codes + 32 in 8 chunks of 32
+    /// (chunk `c`: codes `32c..32c + 32`, as the row kernel unpacks them).
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the caller; `blk` is one whole Q6_K block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k_unpacked(blk: &[u8]) -> ([i32; 16], f64, [__m256i; 8]) {
+        assert_eq!(blk.len(), BLOCK);
+        let scales = std::array::from_fn(|s| blk[192 + s] as i8 as i32);
+        let d = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
+        let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let mut codes = [_mm256_setzero_si256(); 8];
+        let p = blk.as_ptr();
+        for k in 0..2 {
+            // SAFETY: ql (128 bytes at 0) and qh (64 at 128) are inside
+            // the block (asserted).
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(p.add(64 * k).cast()),
+                    _mm256_loadu_si256(p.add(64 * k + 32).cast()),
+                    _mm256_loadu_si256(p.add(128 + 32 * k).cast()),
+                )
+            };
+            // Codes 128k + 32j.. (chunk 4k + j).
+            codes[4 * k] = _mm256_or_si256(
+                _mm256_and_si256(ql0, m4),
+                _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+            );
+            codes[4 * k + 1] = _mm256_or_si256(
+                _mm256_and_si256(ql1, m4),
+                _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+            );
+            codes[4 * k + 2] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                _mm256_and_si256(qh, m30),
+            );
+            codes[4 * k + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+            );
+        }
+        (scales, d, codes)
+    }
+
+    /// A Q3_K block's 16 scales (less 32), `d`, and codes + 4 (two low
+    /// bits and the mask's bit as bit 2) in 8 chunks of 32, as
+    /// [`q6_k_unpacked`] and the Q3_K row kernel.
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the caller; `blk` is one whole Q3_K block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q3_k_unpacked(blk: &[u8]) -> ([i32; 16], f64, [__m256i; 8]) {
+        assert_eq!(blk.len(), Q3_K_BLOCK);
+        let packed = kiln_blocks::q3_k_scales(&blk[96..108]);
+        let scales = std::array::from_fn(|s| packed[s] as i32 - 32);
+        let d = f16_to_f32(u16::from_le_bytes([blk[108], blk[109]])) as f64;
+        let (m3, m1) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
+        let mut codes = [_mm256_setzero_si256(); 8];
+        let p = blk.as_ptr();
+        // SAFETY: the 32 mask bytes are at 0..32 of the block (asserted).
+        let mut hm = unsafe { _mm256_loadu_si256(p.cast()) };
+        for n in 0..2 {
+            // SAFETY: the 64 low-bit bytes are at 32..96 of the block.
+            let mut q = unsafe { _mm256_loadu_si256(p.add(32 + 32 * n).cast()) };
+            // Chunk 4n + j: low bits 2j, mask bit 4n + j, moved to bit 2.
+            for j in 0..4 {
+                codes[4 * n + j] = _mm256_or_si256(
+                    _mm256_and_si256(q, m3),
+                    _mm256_slli_epi16(_mm256_and_si256(hm, m1), 2),
+                );
+                q = _mm256_srli_epi16(q, 2);
+                hm = _mm256_srli_epi16(hm, 1);
+            }
+        }
+        (scales, d, codes)
+    }
+
+    /// [`super::gemm16`] for Q6_K (and, with `Q3`, Q3_K) on AVX2, as
+    /// [`gemm16_q4_k_avx2`]: the codes unsigned (Q6_K's code + 32, at
+    /// most 63: two groups' products added as i16s; Q3_K's + 4, at most
+    /// 7: four), `vpmaddwd` by each lane's scale per sub-block of 16, the
+    /// offset taken off with `vpmaddwd` of each lane's pairs of scales
+    /// against the activations' pairs of sums of 16; per block `d · x.d ·
+    /// total` in f64, as the row kernels.
     ///
     /// # Safety
     /// As [`gemm16_q4_k_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm16_q6_k_avx2<const VNNI: bool>(
+    pub unsafe fn gemm16_q36_k_avx2<const Q3: bool, const VNNI: bool>(
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
@@ -1984,54 +2073,31 @@ mod x86 {
         scratch.mins.resize(halves * nb * 8 * HALF, 0);
         scratch.d.clear();
         scratch.d.resize(halves * nb * HALF, 0.0);
-        let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let bytes = if Q3 { Q3_K_BLOCK } else { BLOCK };
         for (h, half) in ws.chunks(HALF).enumerate() {
             for b in 0..nb {
                 let at = h * nb + b;
                 let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
                 for (n, w) in half.iter().enumerate() {
-                    let blk = &w[b * BLOCK..][..BLOCK];
-                    crate::kernels::prefetch(blk.as_ptr(), BLOCK);
-                    for s in 0..16 {
-                        let sc = blk[192 + s] as i8 as i16 as u16 as i32;
-                        scratch.sc[(at * 16 + s) * HALF + n] = if VNNI {
-                            blk[192 + s] as i8 as i32
+                    let blk = &w[b * bytes..][..bytes];
+                    crate::kernels::prefetch(blk.as_ptr(), bytes);
+                    // SAFETY: `blk` is one whole block of the type.
+                    let (scales, d, codes) = unsafe {
+                        if Q3 {
+                            q3_k_unpacked(blk)
                         } else {
-                            sc | (sc << 16)
-                        };
-                        scratch.mins[(at * 8 + s / 2) * HALF + n] |= sc << (16 * (s % 2));
+                            q6_k_unpacked(blk)
+                        }
+                    };
+                    for (s, &sc) in scales.iter().enumerate() {
+                        let sc16 = sc as i16 as u16 as i32;
+                        scratch.sc[(at * 16 + s) * HALF + n] =
+                            if VNNI { sc } else { sc16 | (sc16 << 16) };
+                        scratch.mins[(at * 8 + s / 2) * HALF + n] |= sc16 << (16 * (s % 2));
                     }
-                    scratch.d[at * HALF + n] =
-                        f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
-                    let p = blk.as_ptr();
-                    for k in 0..2 {
-                        // SAFETY: ql (128 bytes at 0) and qh (64 at 128)
-                        // are inside the block.
-                        let (ql0, ql1, qh) = unsafe {
-                            (
-                                _mm256_loadu_si256(p.add(64 * k).cast()),
-                                _mm256_loadu_si256(p.add(64 * k + 32).cast()),
-                                _mm256_loadu_si256(p.add(128 + 32 * k).cast()),
-                            )
-                        };
-                        // Codes 128k + 32j.. (chunk 4k + j), as the row
-                        // kernel unpacks them.
-                        chunks[4 * k][n] = _mm256_or_si256(
-                            _mm256_and_si256(ql0, m4),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
-                        );
-                        chunks[4 * k + 1][n] = _mm256_or_si256(
-                            _mm256_and_si256(ql1, m4),
-                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
-                        );
-                        chunks[4 * k + 2][n] = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                            _mm256_and_si256(qh, m30),
-                        );
-                        chunks[4 * k + 3][n] = _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                        );
+                    scratch.d[at * HALF + n] = d;
+                    for (chunk, c) in chunks.iter_mut().zip(codes) {
+                        chunk[n] = c;
                     }
                 }
                 for (c, u) in chunks.iter().enumerate() {
@@ -2058,10 +2124,19 @@ mod x86 {
             // SAFETY: the scratch holds nb blocks of this half; the
             // caller's contract covers the activation rows.
             unsafe {
-                if VNNI {
-                    in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else {
-                    in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                match (Q3, VNNI) {
+                    (false, true) => {
+                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
+                    (false, false) => {
+                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
+                    (true, true) => {
+                        in_groups_of_four!(xs.len(), m0 => q3_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
+                    (true, false) => {
+                        in_groups_of_four!(xs.len(), m0 => q3_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
                 }
             };
         }
@@ -2073,11 +2148,16 @@ mod x86 {
     /// codes are at most 63).
     ///
     /// # Safety
-    /// As [`gemm16_q6_k_avx2`]; `xs` has at least `R` rows.
+    /// As [`gemm16_q36_k_avx2`]; `xs` has at least `R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn q6_k_rows8<const R: usize, const FOLD: usize, const CHAINS: usize>(
+    unsafe fn q6_k_rows8<
+        const R: usize,
+        const FOLD: usize,
+        const CHAINS: usize,
+        const SHIFT: i32,
+    >(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
@@ -2147,7 +2227,7 @@ mod x86 {
             };
             for (r, x) in xs.iter().enumerate() {
                 let dx = _mm256_set1_pd(x.d[b] as f64);
-                let t = _mm256_sub_epi32(total[r], _mm256_slli_epi32(offset[r], 5));
+                let t = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<SHIFT>(offset[r]));
                 let t = [
                     _mm256_cvtepi32_pd(_mm256_castsi256_si128(t)),
                     _mm256_cvtepi32_pd(_mm256_extracti128_si256(t, 1)),

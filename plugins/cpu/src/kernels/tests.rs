@@ -778,3 +778,53 @@ fn the_paths_tested_are_those_the_cpu_has() {
         assert_eq!(all.contains(&Isa::AvxVnni), vnni, "{all:?}");
     }
 }
+
+#[test]
+fn k_quant_gemms_give_the_row_kernels_bits() {
+    // The lane-wise GEMMs (prompts) against the portable row kernel
+    // (decode): the same integers, the same f64 order, so the same bits,
+    // for a group of 16 weight rows and a part group, 3 and 4 activation
+    // rows at a time.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let k = 1024;
+    for dtype in [DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+        let ws: Vec<Vec<u8>> = (0..19).map(|_| random_row(dtype, k, &mut rng)).collect();
+        let rows: Vec<kquant::Q8KRow> = (0..7)
+            .map(|_| {
+                let x: Vec<f32> = (0..k).map(|_| rng.f32() * 6.0 - 3.0).collect();
+                let mut row = kquant::Q8KRow::new(k);
+                row.quantize(Isa::Scalar, &x);
+                row
+            })
+            .collect();
+        let xs: Vec<&kquant::Q8KRow> = rows.iter().collect();
+        for isa in Isa::available() {
+            if !kquant::has_gemm(isa, dtype) {
+                continue;
+            }
+            for group in ws.chunks(16) {
+                let wr: Vec<&[u8]> = group.iter().map(|w| w.as_slice()).collect();
+                let mut got = vec![f32::NAN; wr.len() * xs.len()];
+                let mut scratch = kquant::GemmScratch::default();
+                let ran = kquant::gemm16(isa, dtype, &wr, &xs, &mut scratch, |n, m, v| {
+                    for (i, v) in v.iter().enumerate() {
+                        got[(n + i) * xs.len() + m] = *v;
+                    }
+                });
+                assert!(ran, "{} {dtype}", isa.name());
+                for (n, w) in wr.iter().enumerate() {
+                    for (m, x) in xs.iter().enumerate() {
+                        let mut want = [0f32];
+                        kquant::row_dot(dtype)(Isa::Scalar, w, &[x], &mut want);
+                        assert_eq!(
+                            got[n * xs.len() + m].to_bits(),
+                            want[0].to_bits(),
+                            "{} {dtype}: weight row {n}, activation row {m}",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
