@@ -450,7 +450,7 @@ pub struct GemmScratch {
 /// off with the activations' sums of 16, one scale per 16 codes.
 ///
 /// On AVX2, the same at 8 rows a register ([`x86::gemm16_q4_k_avx2`],
-/// [`x86::gemm16_q36_k_avx2`]). Returns `false` (and does nothing) where
+/// [`x86::gemm16_k16_avx2`]). Returns `false` (and does nothing) where
 /// [`has_gemm`] says no.
 pub fn gemm16(
     isa: Isa,
@@ -471,6 +471,9 @@ pub fn gemm16(
     // SAFETY: `has_gemm` names only paths the CPU has (`Isa::detect`:
     // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
     unsafe {
+        const Q2: u32 = DType::Q2_K.raw();
+        const Q3: u32 = DType::Q3_K.raw();
+        const Q6: u32 = DType::Q6_K.raw();
         match (isa, dtype) {
             (Isa::AvxVnni, DType::Q4_K) => {
                 x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, &mut out)
@@ -478,18 +481,22 @@ pub fn gemm16(
             (Isa::AvxVnni, DType::Q5_K) => {
                 x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, &mut out)
             }
-            (Isa::AvxVnni, DType::Q3_K) => {
-                x86::gemm16_q36_k_avx2::<true, true>(ws, xs, scratch, &mut out)
+            (Isa::AvxVnni, DType::Q2_K) => {
+                x86::gemm16_k16_avx2::<Q2, true>(ws, xs, scratch, &mut out)
             }
-            // AVX-512 CPUs run Q3_K's AVX2 GEMM.
-            (_, DType::Q3_K) => x86::gemm16_q36_k_avx2::<true, false>(ws, xs, scratch, &mut out),
+            (Isa::AvxVnni, DType::Q3_K) => {
+                x86::gemm16_k16_avx2::<Q3, true>(ws, xs, scratch, &mut out)
+            }
+            // AVX-512 CPUs run Q2_K's and Q3_K's AVX2 GEMMs.
+            (_, DType::Q2_K) => x86::gemm16_k16_avx2::<Q2, false>(ws, xs, scratch, &mut out),
+            (_, DType::Q3_K) => x86::gemm16_k16_avx2::<Q3, false>(ws, xs, scratch, &mut out),
             (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
             (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
             (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
-            (Isa::AvxVnni, _) => x86::gemm16_q36_k_avx2::<false, true>(ws, xs, scratch, &mut out),
+            (Isa::AvxVnni, _) => x86::gemm16_k16_avx2::<Q6, true>(ws, xs, scratch, &mut out),
             (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false, false>(ws, xs, scratch, &mut out),
             (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true, false>(ws, xs, scratch, &mut out),
-            _ => x86::gemm16_q36_k_avx2::<false, false>(ws, xs, scratch, &mut out),
+            _ => x86::gemm16_k16_avx2::<Q6, false>(ws, xs, scratch, &mut out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
@@ -497,12 +504,15 @@ pub fn gemm16(
     true
 }
 
-/// Whether [`gemm16`] runs `dtype` on `isa`: Q3_K, Q4_K, Q5_K and Q6_K
-/// on AVX-512 and AVX2 (with or without AVX-VNNI).
+/// Whether [`gemm16`] runs `dtype` on `isa`: Q2_K…Q6_K on AVX-512 and
+/// AVX2 (with or without AVX-VNNI).
 pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
         && isa >= Isa::Avx2
-        && matches!(dtype, DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K)
+        && matches!(
+            dtype,
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K
+        )
 }
 
 /// `out[r] = w · xs[r]` for one Q6_K row and up to four activation rows
@@ -570,7 +580,7 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        BLOCK, GEMM_ROWS, GemmScratch, IQ4_XS_BLOCK, Q2_K_BLOCK, Q3_K_BLOCK, Q4_K_BLOCK,
+        BLOCK, DType, GEMM_ROWS, GemmScratch, IQ4_XS_BLOCK, Q2_K_BLOCK, Q3_K_BLOCK, Q4_K_BLOCK,
         Q5_K_BLOCK, Q8KRow, QK_K,
     };
     use core::arch::x86_64::*;
@@ -1718,12 +1728,16 @@ mod x86 {
         /// one `vpdpbusd` into i32 sums (no i16 to overflow), multiplied
         /// by the lanes' scales (stored as plain i32s for it).
         q45_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => k_rows8::<8, 2>(dpbusd, scale_i32);
-        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2, 1, 5>(fold_i16, scale_i16);
-        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 5>(dpbusd, scale_i32);
+        q6_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<2, 1, 5, false>(fold_i16, scale_i16);
+        q6_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 5, false>(dpbusd, scale_i32);
         /// Q3_K: codes + 4 (at most 7: a sub-block's four groups fit an
         /// i16), the offset 4.
-        q3_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<4, 1, 2>(fold_i16, scale_i16);
-        q3_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 2>(dpbusd, scale_i32);
+        q3_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<4, 1, 2, false>(fold_i16, scale_i16);
+        q3_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 2, false>(dpbusd, scale_i32);
+        /// Q2_K: codes at most 3, no offset; the activations' sums of 16
+        /// weighted by the minimums, scaled by `dmin`.
+        q2_k_rows8_i16: "avx2,fma,f16c" => q6_k_rows8::<4, 1, 0, true>(fold_i16, scale_i16);
+        q2_k_rows8_vnni: "avx2,fma,f16c,avxvnni" => q6_k_rows8::<4, 2, 0, true>(dpbusd, scale_i32);
     }
 
     /// [`super::gemm16`] for Q4_K and Q5_K on AVX2: the 16 weight rows as
@@ -1963,6 +1977,50 @@ mod x86 {
         crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
+    /// One block of a K-quant with 16 sub-blocks of 16 codes, as the
+    /// AVX2 GEMM packs it: each sub-block's scale, what the activations'
+    /// sums of 16 are weighted by (Q2_K: its minimum; Q3_K and Q6_K: its
+    /// scale again, for the codes' offset), `d`, `dmin` (Q2_K), and the
+    /// unsigned codes in 8 chunks of 32 (chunk `c`: codes `32c..32c + 32`).
+    struct Unpacked16 {
+        scales: [i32; 16],
+        mins: [i32; 16],
+        d: f64,
+        dmin: f64,
+        codes: [__m256i; 8],
+    }
+
+    /// A Q2_K block: 4-bit scales and minimums, 2-bit codes.
+    ///
+    /// # Safety
+    /// AVX2 is enabled by the caller; `blk` is one whole Q2_K block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q2_k_unpacked(blk: &[u8]) -> Unpacked16 {
+        assert_eq!(blk.len(), Q2_K_BLOCK);
+        let scales = std::array::from_fn(|s| (blk[s] & 0x0f) as i32);
+        let mins = std::array::from_fn(|s| (blk[s] >> 4) as i32);
+        let m3 = _mm256_set1_epi8(3);
+        let mut codes = [_mm256_setzero_si256(); 8];
+        for n in 0..2 {
+            // SAFETY: the 64 code bytes are at 16..80 of the block
+            // (asserted).
+            let mut q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * n).cast()) };
+            // Chunk 4n + j: bits 2j.
+            for j in 0..4 {
+                codes[4 * n + j] = _mm256_and_si256(q, m3);
+                q = _mm256_srli_epi16(q, 2);
+            }
+        }
+        Unpacked16 {
+            scales,
+            mins,
+            d: f16_to_f32(u16::from_le_bytes([blk[80], blk[81]])) as f64,
+            dmin: f16_to_f32(u16::from_le_bytes([blk[82], blk[83]])) as f64,
+            codes,
+        }
+    }
+
     /// A Q6_K block's 16 scales, `d`, and codes + 32 in 8 chunks of 32
     /// (chunk `c`: codes `32c..32c + 32`, as the row kernel unpacks them).
     ///
@@ -1970,7 +2028,7 @@ mod x86 {
     /// AVX2 is enabled by the caller; `blk` is one whole Q6_K block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6_k_unpacked(blk: &[u8]) -> ([i32; 16], f64, [__m256i; 8]) {
+    unsafe fn q6_k_unpacked(blk: &[u8]) -> Unpacked16 {
         assert_eq!(blk.len(), BLOCK);
         let scales = std::array::from_fn(|s| blk[192 + s] as i8 as i32);
         let d = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
@@ -2005,7 +2063,13 @@ mod x86 {
                 _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
             );
         }
-        (scales, d, codes)
+        Unpacked16 {
+            scales,
+            mins: scales,
+            d,
+            dmin: 0.0,
+            codes,
+        }
     }
 
     /// A Q3_K block's 16 scales (less 32), `d`, and codes + 4 (two low
@@ -2016,7 +2080,7 @@ mod x86 {
     /// AVX2 is enabled by the caller; `blk` is one whole Q3_K block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q3_k_unpacked(blk: &[u8]) -> ([i32; 16], f64, [__m256i; 8]) {
+    unsafe fn q3_k_unpacked(blk: &[u8]) -> Unpacked16 {
         assert_eq!(blk.len(), Q3_K_BLOCK);
         let packed = kiln_blocks::q3_k_scales(&blk[96..108]);
         let scales = std::array::from_fn(|s| packed[s] as i32 - 32);
@@ -2039,21 +2103,29 @@ mod x86 {
                 hm = _mm256_srli_epi16(hm, 1);
             }
         }
-        (scales, d, codes)
+        Unpacked16 {
+            scales,
+            mins: scales,
+            d,
+            dmin: 0.0,
+            codes,
+        }
     }
 
-    /// [`super::gemm16`] for Q6_K (and, with `Q3`, Q3_K) on AVX2, as
+    /// [`super::gemm16`] on AVX2 for the K-quants with 16 sub-blocks of
+    /// 16 (the type numbered `D`: Q6_K, Q3_K or Q2_K), as
     /// [`gemm16_q4_k_avx2`]: the codes unsigned (Q6_K's code + 32, at
     /// most 63: two groups' products added as i16s; Q3_K's + 4, at most
-    /// 7: four), `vpmaddwd` by each lane's scale per sub-block of 16, the
-    /// offset taken off with `vpmaddwd` of each lane's pairs of scales
-    /// against the activations' pairs of sums of 16; per block `d · x.d ·
-    /// total` in f64, as the row kernels.
+    /// 7, and Q2_K's, at most 3: four), `vpmaddwd` by each lane's scale
+    /// per sub-block of 16, the offset (Q2_K: the minimums) from
+    /// `vpmaddwd` of each lane's pairs of scales (minimums) against the
+    /// activations' pairs of sums of 16; per block in f64, as the row
+    /// kernels round it.
     ///
     /// # Safety
     /// As [`gemm16_q4_k_avx2`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm16_q36_k_avx2<const Q3: bool, const VNNI: bool>(
+    pub unsafe fn gemm16_k16_avx2<const D: u32, const VNNI: bool>(
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
@@ -2071,9 +2143,17 @@ mod x86 {
         scratch.sc.resize(halves * nb * 16 * HALF, 0);
         scratch.mins.clear();
         scratch.mins.resize(halves * nb * 8 * HALF, 0);
-        scratch.d.clear();
-        scratch.d.resize(halves * nb * HALF, 0.0);
-        let bytes = if Q3 { Q3_K_BLOCK } else { BLOCK };
+        for v in [&mut scratch.d, &mut scratch.dmin] {
+            v.clear();
+            v.resize(halves * nb * HALF, 0.0);
+        }
+        const Q2: u32 = DType::Q2_K.raw();
+        const Q3: u32 = DType::Q3_K.raw();
+        let bytes = match D {
+            Q2 => Q2_K_BLOCK,
+            Q3 => Q3_K_BLOCK,
+            _ => BLOCK,
+        };
         for (h, half) in ws.chunks(HALF).enumerate() {
             for b in 0..nb {
                 let at = h * nb + b;
@@ -2082,21 +2162,23 @@ mod x86 {
                     let blk = &w[b * bytes..][..bytes];
                     crate::kernels::prefetch(blk.as_ptr(), bytes);
                     // SAFETY: `blk` is one whole block of the type.
-                    let (scales, d, codes) = unsafe {
-                        if Q3 {
-                            q3_k_unpacked(blk)
-                        } else {
-                            q6_k_unpacked(blk)
+                    let u = unsafe {
+                        match D {
+                            Q2 => q2_k_unpacked(blk),
+                            Q3 => q3_k_unpacked(blk),
+                            _ => q6_k_unpacked(blk),
                         }
                     };
-                    for (s, &sc) in scales.iter().enumerate() {
+                    for (s, (&sc, &m)) in u.scales.iter().zip(&u.mins).enumerate() {
                         let sc16 = sc as i16 as u16 as i32;
                         scratch.sc[(at * 16 + s) * HALF + n] =
                             if VNNI { sc } else { sc16 | (sc16 << 16) };
-                        scratch.mins[(at * 8 + s / 2) * HALF + n] |= sc16 << (16 * (s % 2));
+                        scratch.mins[(at * 8 + s / 2) * HALF + n] |=
+                            (m as i16 as u16 as i32) << (16 * (s % 2));
                     }
-                    scratch.d[at * HALF + n] = d;
-                    for (chunk, c) in chunks.iter_mut().zip(codes) {
+                    scratch.d[at * HALF + n] = u.d;
+                    scratch.dmin[at * HALF + n] = u.dmin;
+                    for (chunk, c) in chunks.iter_mut().zip(u.codes) {
                         chunk[n] = c;
                     }
                 }
@@ -2124,18 +2206,24 @@ mod x86 {
             // SAFETY: the scratch holds nb blocks of this half; the
             // caller's contract covers the activation rows.
             unsafe {
-                match (Q3, VNNI) {
-                    (false, true) => {
-                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                match (D, VNNI) {
+                    (Q2, true) => {
+                        in_groups_of_four!(xs.len(), m0 => q2_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
                     }
-                    (false, false) => {
-                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    (Q2, false) => {
+                        in_groups_of_four!(xs.len(), m0 => q2_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
                     }
-                    (true, true) => {
+                    (Q3, true) => {
                         in_groups_of_four!(xs.len(), m0 => q3_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
                     }
-                    (true, false) => {
+                    (Q3, false) => {
                         in_groups_of_four!(xs.len(), m0 => q3_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
+                    (_, true) => {
+                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                    }
+                    (_, false) => {
+                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
                     }
                 }
             };
@@ -2148,7 +2236,7 @@ mod x86 {
     /// codes are at most 63).
     ///
     /// # Safety
-    /// As [`gemm16_q36_k_avx2`]; `xs` has at least `R` rows.
+    /// As [`gemm16_k16_avx2`]; `xs` has at least `R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -2157,6 +2245,7 @@ mod x86 {
         const FOLD: usize,
         const CHAINS: usize,
         const SHIFT: i32,
+        const Q2: bool,
     >(
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
@@ -2172,10 +2261,11 @@ mod x86 {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let (qs, sums16) = row_pointers(xs, nb);
         let codes_p = scratch.codes.as_ptr();
-        let (sc_p, pairs_p, d_p) = (
+        let (sc_p, pairs_p, d_p, dmin_p) = (
             scratch.sc.as_ptr(),
             scratch.mins.as_ptr(),
             scratch.d.as_ptr(),
+            scratch.dmin.as_ptr(),
         );
         let mut acc = [[_mm256_setzero_pd(); 2]; R];
         for b in 0..nb {
@@ -2219,14 +2309,41 @@ mod x86 {
             }
             // SAFETY: the 8 scales of block b of half h are inside the
             // scratch.
-            let d = unsafe {
-                [
-                    _mm256_loadu_pd(d_p.add(at * HALF)),
-                    _mm256_loadu_pd(d_p.add(at * HALF + 4)),
-                ]
+            let (d, dmin) = unsafe {
+                (
+                    [
+                        _mm256_loadu_pd(d_p.add(at * HALF)),
+                        _mm256_loadu_pd(d_p.add(at * HALF + 4)),
+                    ],
+                    [
+                        _mm256_loadu_pd(dmin_p.add(at * HALF)),
+                        _mm256_loadu_pd(dmin_p.add(at * HALF + 4)),
+                    ],
+                )
             };
             for (r, x) in xs.iter().enumerate() {
                 let dx = _mm256_set1_pd(x.d[b] as f64);
+                if Q2 {
+                    // d·x.d·total − dmin·x.d·minimums, rounded as
+                    // `q2_k_scaled` rounds it.
+                    let (t, m) = (total[r], offset[r]);
+                    for k in 0..2 {
+                        let (t, m) = if k == 0 {
+                            (_mm256_castsi256_si128(t), _mm256_castsi256_si128(m))
+                        } else {
+                            (
+                                _mm256_extracti128_si256(t, 1),
+                                _mm256_extracti128_si256(m, 1),
+                            )
+                        };
+                        let term = _mm256_sub_pd(
+                            _mm256_mul_pd(_mm256_mul_pd(d[k], dx), _mm256_cvtepi32_pd(t)),
+                            _mm256_mul_pd(_mm256_mul_pd(dmin[k], dx), _mm256_cvtepi32_pd(m)),
+                        );
+                        acc[r][k] = _mm256_add_pd(acc[r][k], term);
+                    }
+                    continue;
+                }
                 let t = _mm256_sub_epi32(total[r], _mm256_slli_epi32::<SHIFT>(offset[r]));
                 let t = [
                     _mm256_cvtepi32_pd(_mm256_castsi256_si128(t)),

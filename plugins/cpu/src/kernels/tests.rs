@@ -787,7 +787,13 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
     // rows at a time.
     let mut rng = fastrand::Rng::with_seed(11);
     let k = 1024;
-    for dtype in [DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+    for dtype in [
+        DType::Q2_K,
+        DType::Q3_K,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+    ] {
         let ws: Vec<Vec<u8>> = (0..19).map(|_| random_row(dtype, k, &mut rng)).collect();
         let rows: Vec<kquant::Q8KRow> = (0..7)
             .map(|_| {
