@@ -474,20 +474,22 @@ pub fn gemm16(
         const Q2: u32 = DType::Q2_K.raw();
         const Q3: u32 = DType::Q3_K.raw();
         const Q6: u32 = DType::Q6_K.raw();
+        // AVX-512 CPUs run the AVX2 GEMMs of Q2_K, Q3_K and IQ4_XS, with
+        // AVX-VNNI where they have it too (Sapphire Rapids, Zen 5).
+        let vnni = isa == Isa::AvxVnni || (isa == Isa::Avx512 && super::has_avx_vnni());
         match (isa, dtype) {
+            (_, DType::IQ4_XS) if vnni => {
+                x86::gemm16_iq4_xs_avx2::<true>(ws, xs, scratch, &mut out)
+            }
+            (_, DType::IQ4_XS) => x86::gemm16_iq4_xs_avx2::<false>(ws, xs, scratch, &mut out),
+            (_, DType::Q2_K) if vnni => x86::gemm16_k16_avx2::<Q2, true>(ws, xs, scratch, &mut out),
+            (_, DType::Q3_K) if vnni => x86::gemm16_k16_avx2::<Q3, true>(ws, xs, scratch, &mut out),
             (Isa::AvxVnni, DType::Q4_K) => {
                 x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, &mut out)
             }
             (Isa::AvxVnni, DType::Q5_K) => {
                 x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, &mut out)
             }
-            (Isa::AvxVnni, DType::Q2_K) => {
-                x86::gemm16_k16_avx2::<Q2, true>(ws, xs, scratch, &mut out)
-            }
-            (Isa::AvxVnni, DType::Q3_K) => {
-                x86::gemm16_k16_avx2::<Q3, true>(ws, xs, scratch, &mut out)
-            }
-            // AVX-512 CPUs run Q2_K's and Q3_K's AVX2 GEMMs.
             (_, DType::Q2_K) => x86::gemm16_k16_avx2::<Q2, false>(ws, xs, scratch, &mut out),
             (_, DType::Q3_K) => x86::gemm16_k16_avx2::<Q3, false>(ws, xs, scratch, &mut out),
             (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
@@ -504,14 +506,14 @@ pub fn gemm16(
     true
 }
 
-/// Whether [`gemm16`] runs `dtype` on `isa`: Q2_K…Q6_K on AVX-512 and
-/// AVX2 (with or without AVX-VNNI).
+/// Whether [`gemm16`] runs `dtype` on `isa`: Q2_K…Q6_K and IQ4_XS on
+/// AVX-512 and AVX2 (with or without AVX-VNNI).
 pub fn has_gemm(isa: Isa, dtype: DType) -> bool {
     cfg!(target_arch = "x86_64")
         && isa >= Isa::Avx2
         && matches!(
             dtype,
-            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS
         )
 }
 
@@ -1682,6 +1684,16 @@ mod x86 {
             |s, w, x| _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
         };
     }
+    macro_rules! fold_signed {
+        () => {
+            |s, w, x| {
+                _mm256_add_epi16(
+                    s,
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                )
+            }
+        };
+    }
     macro_rules! scale_i16 {
         () => {
             |t, a, b, sc| _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_add_epi16(a, b), sc))
@@ -1724,6 +1736,8 @@ mod x86 {
     rows8_kinds! {
         q4_k_rows8: "avx2,fma,f16c" => k_rows8::<8, 1>(fold_i16, scale_i16);
         q5_k_rows8: "avx2,fma,f16c" => k_rows8::<4, 1>(fold_i16, scale_i16);
+        /// IQ4_XS's signed values, one group at a time by the sign trick.
+        iq4_xs_rows8: "avx2,fma,f16c" => k_rows8::<1, 1>(fold_signed, scale_i16);
         /// Q4_K and Q5_K alike with AVX-VNNI: a sub-block's 8 groups each
         /// one `vpdpbusd` into i32 sums (no i16 to overflow), multiplied
         /// by the lanes' scales (stored as plain i32s for it).
@@ -1860,6 +1874,109 @@ mod x86 {
                     in_groups_of_four!(xs.len(), m0 => q5_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
                 } else {
                     in_groups_of_four!(xs.len(), m0 => q4_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
+                }
+            };
+        }
+    }
+
+    /// [`super::gemm16`] for IQ4_XS on AVX2, through [`k_rows8`] (8
+    /// sub-blocks of 32, as Q4_K): each code its IQ4_NL value (a `vpshufb`
+    /// of the table), each sub-block's scale less 32. Without VNNI the
+    /// values stay signed and take the sign trick one group at a time
+    /// (two products of up to 127·127 fill an i16); with VNNI they are
+    /// stored + 128 and the offset goes through Q4_K's minimums' term:
+    /// the scales' pairs against the activations' sums of 32, `dmin` =
+    /// 128·`d`. `d·total − 128d·total_m` is exact in f64 (both terms are
+    /// multiples of `d` well inside 53 bits), so the one rounding left,
+    /// by `x.d`, is the row kernel's `(d·x.d)·isum`: the same bits.
+    ///
+    /// # Safety
+    /// As [`gemm16_q4_k_avx2`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm16_iq4_xs_avx2<const VNNI: bool>(
+        ws: &[&[u8]],
+        xs: &[&Q8KRow],
+        scratch: &mut GemmScratch,
+        out: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let nb = xs[0].d.len();
+        let halves = ws.len().div_ceil(HALF);
+        // The layout of [`gemm16_q4_k_avx2`]'s scratch.
+        scratch.codes.clear();
+        scratch.codes.resize(halves * nb * 64 * 32, 0);
+        scratch.sc.clear();
+        scratch.sc.resize(halves * nb * 8 * HALF, 0);
+        scratch.mins.clear();
+        scratch.mins.resize(halves * nb * 4 * HALF, 0);
+        for v in [&mut scratch.d, &mut scratch.dmin] {
+            v.clear();
+            v.resize(halves * nb * HALF, 0.0);
+        }
+        let m4 = _mm_set1_epi8(0x0f);
+        // SAFETY: the table holds the 16 bytes loaded.
+        let table = unsafe { _mm_loadu_si128(kiln_blocks::IQ4_VALUES.as_ptr().cast()) };
+        for (h, half) in ws.chunks(HALF).enumerate() {
+            for b in 0..nb {
+                let at = h * nb + b;
+                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
+                for (n, w) in half.iter().enumerate() {
+                    let blk = &w[b * IQ4_XS_BLOCK..][..IQ4_XS_BLOCK];
+                    crate::kernels::prefetch(blk.as_ptr(), IQ4_XS_BLOCK);
+                    let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+                    for (j, chunk) in chunks.iter_mut().enumerate() {
+                        let sc = kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, j) - 32;
+                        let sc16 = sc as i16 as u16 as i32;
+                        scratch.sc[(at * 8 + j) * HALF + n] =
+                            if VNNI { sc } else { sc16 | (sc16 << 16) };
+                        if VNNI {
+                            scratch.mins[(at * 4 + j / 2) * HALF + n] |= sc16 << (16 * (j % 2));
+                        }
+                        // Sub-block j: the low nibbles of its 16 bytes
+                        // are codes 0..16, the high ones 16..32.
+                        // SAFETY: bytes 8 + 16j.. +16 are inside the block.
+                        let q = unsafe { _mm_loadu_si128(blk.as_ptr().add(8 + 16 * j).cast()) };
+                        let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
+                        let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+                        let v = _mm256_set_m128i(hi, lo);
+                        chunk[n] = if VNNI {
+                            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+                        } else {
+                            v
+                        };
+                    }
+                    let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+                    scratch.d[at * HALF + n] = d;
+                    scratch.dmin[at * HALF + n] = if VNNI { 128.0 * d } else { 0.0 };
+                }
+                for (c, u) in chunks.iter().enumerate() {
+                    let t = crate::kernels::lanes::transpose_8x8(u);
+                    for (g, v) in t.iter().enumerate() {
+                        // SAFETY: group 8c + g of block b of half h is
+                        // inside the scratch.
+                        unsafe {
+                            _mm256_storeu_si256(
+                                scratch
+                                    .codes
+                                    .as_mut_ptr()
+                                    .add((at * 64 + 8 * c + g) * 32)
+                                    .cast(),
+                                *v,
+                            )
+                        };
+                    }
+                }
+            }
+        }
+        for h in 0..halves {
+            let rows = (ws.len() - h * HALF).min(HALF);
+            // SAFETY: the scratch holds nb blocks of this half; the
+            // caller's contract covers the activation rows.
+            unsafe {
+                if VNNI {
+                    in_groups_of_four!(xs.len(), m0 => q45_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
+                } else {
+                    in_groups_of_four!(xs.len(), m0 => iq4_xs_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
                 }
             };
         }

@@ -650,8 +650,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         xq = floats.prepared(wd.dtype);
     }
     let work = n_slices * n_count * m_count * k;
-    // Each GEMM says where it runs; IQ4_XS has none yet
-    // (up to four rows a pass).
+    // Each GEMM says where it runs.
     let gemm = match wd.dtype {
         d if q8::takes(d) => q8::has_gemm(isa, d),
         DType::F16 | DType::BF16 => f16::has_gemm(isa),
@@ -665,7 +664,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
                 });
             }
-            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
                 let xs = all_rows(&xq, m_count, Prepared::q8k);
                 gemm_groups::<kquant::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
                     kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)

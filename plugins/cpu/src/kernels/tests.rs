@@ -793,6 +793,7 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::IQ4_XS,
     ] {
         let ws: Vec<Vec<u8>> = (0..19).map(|_| random_row(dtype, k, &mut rng)).collect();
         let rows: Vec<kquant::Q8KRow> = (0..7)
