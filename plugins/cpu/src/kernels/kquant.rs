@@ -117,20 +117,6 @@ pub fn row_dot(dtype: DType) -> fn(Isa, &[u8], &[&Q8KRow], &mut [f32]) {
     }
 }
 
-/// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
-/// rows (1 to 4): the row kernels keep each row's sums in registers.
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_rows {
-    ($rows:expr => $kernel:ident[$($c:tt),*]($($arg:expr),*)) => {
-        match $rows {
-            1 => x86::$kernel::<1 $(, $c)*>($($arg),*),
-            2 => x86::$kernel::<2 $(, $c)*>($($arg),*),
-            3 => x86::$kernel::<3 $(, $c)*>($($arg),*),
-            _ => x86::$kernel::<4 $(, $c)*>($($arg),*),
-        }
-    };
-}
-
 /// Q2_K, Q3_K and IQ4_XS rows: AVX2 on x86-64 (AVX-512 CPUs run it too),
 /// NEON block sums on aarch64, else the portable kernels; every path gives
 /// the portable kernel's bits (exact integer sums, the same f64 order).
@@ -438,6 +424,41 @@ pub struct GemmScratch {
     mins: Vec<i32>,
     d: Vec<f64>,
     dmin: Vec<f64>,
+}
+
+impl GemmScratch {
+    /// Sizes (and zeroes) the AVX2 GEMMs' layout for `blocks` blocks of
+    /// halves of 8 rows with `subs` sub-blocks each: per block 64 groups
+    /// of 32 code bytes, `subs` scales and `subs / 2` pairs a row, `d` and
+    /// `dmin` a row.
+    #[cfg(target_arch = "x86_64")]
+    fn reset(&mut self, blocks: usize, subs: usize) {
+        const HALF: usize = GEMM_ROWS / 2;
+        for (v, len) in [
+            (&mut self.sc, blocks * subs * HALF),
+            (&mut self.mins, blocks * subs / 2 * HALF),
+        ] {
+            v.clear();
+            v.resize(len, 0);
+        }
+        self.codes.clear();
+        self.codes.resize(blocks * 64 * 32, 0);
+        for v in [&mut self.d, &mut self.dmin] {
+            v.clear();
+            v.resize(blocks * HALF, 0.0);
+        }
+    }
+
+    /// Sub-block `i` (block-major: `at·subs + j`) of row `n`: its scale,
+    /// as an i32 for the VNNI kernels or twice as i16s for `vpmaddwd`,
+    /// and `m`, what the activations' sums are weighted by, into its pair.
+    #[cfg(target_arch = "x86_64")]
+    fn put_scale(&mut self, vnni: bool, i: usize, n: usize, sc: i32, m: i32) {
+        const HALF: usize = GEMM_ROWS / 2;
+        let sc16 = sc as i16 as u16 as i32;
+        self.sc[i * HALF + n] = if vnni { sc } else { sc16 | (sc16 << 16) };
+        self.mins[i / 2 * HALF + n] |= (m as i16 as u16 as i32) << (16 * (i % 2));
+    }
 }
 
 /// `out(n, m) = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
@@ -1669,71 +1690,8 @@ mod x86 {
         };
     }
 
-    // How the AVX2 K-quant GEMMs add a group's products (`step(sums,
-    // codes, activations)`) and a run of them, kept as `CHAINS` partial
-    // sums `a`, `b` (groups by parity: `vpdpbusd` accumulates in place,
-    // and one chain of 8 per row left its 5-cycle latency exposed with
-    // only 4 rows in flight), scaled per lane, into the totals
-    // (`scale(total, a, b, scales)`): as i16s widened by `vpmaddwd`
-    // against the scales stored twice as i16s, or (AVX-VNNI) as i32s
-    // multiplied by the scales stored as i32s. Closures written
-    // inside the `#[target_feature]` wrappers, so they have the wrappers'
-    // features and are inlined into the kernels.
-    macro_rules! fold_i16 {
-        () => {
-            |s, w, x| _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
-        };
-    }
-    macro_rules! fold_signed {
-        () => {
-            |s, w, x| {
-                _mm256_add_epi16(
-                    s,
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-                )
-            }
-        };
-    }
-    macro_rules! scale_i16 {
-        () => {
-            |t, a, b, sc| _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_add_epi16(a, b), sc))
-        };
-    }
-    macro_rules! dpbusd {
-        () => {
-            |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x)
-        };
-    }
-    macro_rules! scale_i32 {
-        () => {
-            |t, a, b, sc| _mm256_add_epi32(t, _mm256_mullo_epi32(_mm256_add_epi32(a, b), sc))
-        };
-    }
-
-    /// The AVX2 K-quant GEMMs' kernels by shape: `name: features =>
-    /// body::<FOLD>(step, scale)`, each a `#[target_feature]` function
-    /// whose closures (`fold_i16!`…) get its features.
-    macro_rules! rows8_kinds {
-        ($($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$($c:literal),*>($step:ident, $scale:ident);)*) => {$(
-            $(#[$doc])*
-            /// # Safety
-            /// As the body's, and the CPU has the features named.
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const R: usize>(
-                scratch: &GemmScratch,
-                xs: &[&Q8KRow],
-                nb: usize,
-                h: usize,
-                rows: usize,
-                m0: usize,
-                out: &mut dyn FnMut(usize, usize, &[f32]),
-            ) {
-                // SAFETY: the caller's contract.
-                unsafe { $body::<R, $($c),*>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
-            }
-        )*};
-    }
-    rows8_kinds! {
+    gemm_kinds! {
+        GemmScratch, Q8KRow;
         q4_k_rows8: "avx2,fma,f16c" => k_rows8::<8, 1>(fold_i16, scale_i16);
         q5_k_rows8: "avx2,fma,f16c" => k_rows8::<4, 1>(fold_i16, scale_i16);
         /// IQ4_XS's signed values, one group at a time by the sign trick.
@@ -1783,16 +1741,7 @@ mod x86 {
         // at (at·64 + g)·32 bytes; sub-block j's scales, each twice as
         // i16s, at (at·8 + j)·8; the minimums' pairs p at (at·4 + p)·8;
         // d and dmin at at·8.
-        scratch.codes.clear();
-        scratch.codes.resize(halves * nb * 64 * 32, 0);
-        scratch.sc.clear();
-        scratch.sc.resize(halves * nb * 8 * HALF, 0);
-        scratch.mins.clear();
-        scratch.mins.resize(halves * nb * 4 * HALF, 0);
-        for v in [&mut scratch.d, &mut scratch.dmin] {
-            v.clear();
-            v.resize(halves * nb * HALF, 0.0);
-        }
+        scratch.reset(halves * nb, 8);
         let m4 = _mm256_set1_epi8(0x0f);
         for (h, half) in ws.chunks(HALF).enumerate() {
             for b in 0..nb {
@@ -1802,21 +1751,15 @@ mod x86 {
                     let blk = &w[b * block..][..16];
                     for j in 0..8 {
                         let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
-                        scratch.sc[(at * 8 + j) * HALF + n] = if VNNI {
-                            s as i32
-                        } else {
-                            s as i32 | (s as i32) << 16
-                        };
-                        let pair = &mut scratch.mins[(at * 4 + j / 2) * HALF + n];
-                        *pair |= (m as i32) << (16 * (j % 2));
+                        scratch.put_scale(VNNI, at * 8 + j, n, s as i32, m as i32);
                     }
                     scratch.d[at * HALF + n] =
                         f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
                     scratch.dmin[at * HALF + n] =
                         f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
                 }
-                for c in 0..8 {
-                    let mut u = [_mm256_setzero_si256(); HALF];
+                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
+                for (c, u) in chunks.iter_mut().enumerate() {
                     for (n, w) in half.iter().enumerate() {
                         // SAFETY: code bytes 32(c/2).. of block b are
                         // inside the row.
@@ -1845,38 +1788,21 @@ mod x86 {
                             );
                         }
                     }
-                    let t = crate::kernels::lanes::transpose_8x8(&u);
-                    for (g, v) in t.iter().enumerate() {
-                        // SAFETY: group 8c + g of block b of half h is
-                        // inside the scratch.
-                        unsafe {
-                            _mm256_storeu_si256(
-                                scratch
-                                    .codes
-                                    .as_mut_ptr()
-                                    .add((at * 64 + 8 * c + g) * 32)
-                                    .cast(),
-                                *v,
-                            )
-                        };
-                    }
                 }
+                store_chunks(&mut scratch.codes, at, &chunks);
             }
         }
-        for h in 0..halves {
-            let rows = (ws.len() - h * HALF).min(HALF);
-            // SAFETY: the scratch holds nb blocks of this half; the
-            // caller's contract covers the activation rows.
-            unsafe {
-                if VNNI {
-                    in_groups_of_four!(xs.len(), m0 => q45_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else if Q5 {
-                    in_groups_of_four!(xs.len(), m0 => q5_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else {
-                    in_groups_of_four!(xs.len(), m0 => q4_k_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
-                }
-            };
-        }
+        // SAFETY: the scratch holds nb blocks of every half; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            if VNNI {
+                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out))
+            } else if Q5 {
+                in_each_half!(ws.len(), xs => q5_k_rows8(scratch, nb, out))
+            } else {
+                in_each_half!(ws.len(), xs => q4_k_rows8(scratch, nb, out))
+            }
+        };
     }
 
     /// [`super::gemm16`] for IQ4_XS on AVX2, through [`k_rows8`] (8
@@ -1903,16 +1829,7 @@ mod x86 {
         let nb = xs[0].d.len();
         let halves = ws.len().div_ceil(HALF);
         // The layout of [`gemm16_q4_k_avx2`]'s scratch.
-        scratch.codes.clear();
-        scratch.codes.resize(halves * nb * 64 * 32, 0);
-        scratch.sc.clear();
-        scratch.sc.resize(halves * nb * 8 * HALF, 0);
-        scratch.mins.clear();
-        scratch.mins.resize(halves * nb * 4 * HALF, 0);
-        for v in [&mut scratch.d, &mut scratch.dmin] {
-            v.clear();
-            v.resize(halves * nb * HALF, 0.0);
-        }
+        scratch.reset(halves * nb, 8);
         let m4 = _mm_set1_epi8(0x0f);
         // SAFETY: the table holds the 16 bytes loaded.
         let table = unsafe { _mm_loadu_si128(kiln_blocks::IQ4_VALUES.as_ptr().cast()) };
@@ -1926,12 +1843,8 @@ mod x86 {
                     let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
                     for (j, chunk) in chunks.iter_mut().enumerate() {
                         let sc = kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, j) - 32;
-                        let sc16 = sc as i16 as u16 as i32;
-                        scratch.sc[(at * 8 + j) * HALF + n] =
-                            if VNNI { sc } else { sc16 | (sc16 << 16) };
-                        if VNNI {
-                            scratch.mins[(at * 4 + j / 2) * HALF + n] |= sc16 << (16 * (j % 2));
-                        }
+                        // With VNNI the offset's weights are the scales.
+                        scratch.put_scale(VNNI, at * 8 + j, n, sc, if VNNI { sc } else { 0 });
                         // Sub-block j: the low nibbles of its 16 bytes
                         // are codes 0..16, the high ones 16..32.
                         // SAFETY: bytes 8 + 16j.. +16 are inside the block.
@@ -1949,37 +1862,18 @@ mod x86 {
                     scratch.d[at * HALF + n] = d;
                     scratch.dmin[at * HALF + n] = if VNNI { 128.0 * d } else { 0.0 };
                 }
-                for (c, u) in chunks.iter().enumerate() {
-                    let t = crate::kernels::lanes::transpose_8x8(u);
-                    for (g, v) in t.iter().enumerate() {
-                        // SAFETY: group 8c + g of block b of half h is
-                        // inside the scratch.
-                        unsafe {
-                            _mm256_storeu_si256(
-                                scratch
-                                    .codes
-                                    .as_mut_ptr()
-                                    .add((at * 64 + 8 * c + g) * 32)
-                                    .cast(),
-                                *v,
-                            )
-                        };
-                    }
-                }
+                store_chunks(&mut scratch.codes, at, &chunks);
             }
         }
-        for h in 0..halves {
-            let rows = (ws.len() - h * HALF).min(HALF);
-            // SAFETY: the scratch holds nb blocks of this half; the
-            // caller's contract covers the activation rows.
-            unsafe {
-                if VNNI {
-                    in_groups_of_four!(xs.len(), m0 => q45_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else {
-                    in_groups_of_four!(xs.len(), m0 => iq4_xs_rows8(scratch, &xs[m0..], nb, h, rows, m0, out))
-                }
-            };
-        }
+        // SAFETY: the scratch holds nb blocks of every half; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            if VNNI {
+                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out))
+            } else {
+                in_each_half!(ws.len(), xs => iq4_xs_rows8(scratch, nb, out))
+            }
+        };
     }
 
     /// `R` activation rows against half `h` of the unpacked Q4_K/Q5_K
@@ -2092,6 +1986,24 @@ mod x86 {
             }
         }
         crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+    }
+
+    /// Stores one block of a half of the AVX2 GEMMs' scratch: chunk `c`'s
+    /// 32 codes of each of the 8 rows (`chunks[c][n]`), transposed so that
+    /// group `8c + g` (codes `32c + 4g..`) of all 8 rows is one register
+    /// at `(at·64 + 8c + g)·32`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store_chunks(codes: &mut [u8], at: usize, chunks: &[[__m256i; 8]; 8]) {
+        let block = &mut codes[at * 64 * 32..][..64 * 32];
+        for (c, u) in chunks.iter().enumerate() {
+            let t = crate::kernels::lanes::transpose_8x8(u);
+            for (g, v) in t.iter().enumerate() {
+                // SAFETY: group 8c + g is inside `block` (64 groups of 32
+                // bytes, bounds-checked above).
+                unsafe { _mm256_storeu_si256(block.as_mut_ptr().add((8 * c + g) * 32).cast(), *v) };
+            }
+        }
     }
 
     /// One block of a K-quant with 16 sub-blocks of 16 codes, as the
@@ -2254,16 +2166,7 @@ mod x86 {
         // Half h, block b (at = h·nb + b): group g (of 64) at
         // (at·64 + g)·32 bytes; sub-block s's scale, twice as i16s, at
         // (at·16 + s)·8; the scales' pairs p at (at·8 + p)·8; d at at·8.
-        scratch.codes.clear();
-        scratch.codes.resize(halves * nb * 64 * 32, 0);
-        scratch.sc.clear();
-        scratch.sc.resize(halves * nb * 16 * HALF, 0);
-        scratch.mins.clear();
-        scratch.mins.resize(halves * nb * 8 * HALF, 0);
-        for v in [&mut scratch.d, &mut scratch.dmin] {
-            v.clear();
-            v.resize(halves * nb * HALF, 0.0);
-        }
+        scratch.reset(halves * nb, 16);
         const Q2: u32 = DType::Q2_K.raw();
         const Q3: u32 = DType::Q3_K.raw();
         let bytes = match D {
@@ -2287,11 +2190,7 @@ mod x86 {
                         }
                     };
                     for (s, (&sc, &m)) in u.scales.iter().zip(&u.mins).enumerate() {
-                        let sc16 = sc as i16 as u16 as i32;
-                        scratch.sc[(at * 16 + s) * HALF + n] =
-                            if VNNI { sc } else { sc16 | (sc16 << 16) };
-                        scratch.mins[(at * 8 + s / 2) * HALF + n] |=
-                            (m as i16 as u16 as i32) << (16 * (s % 2));
+                        scratch.put_scale(VNNI, at * 16 + s, n, sc, m);
                     }
                     scratch.d[at * HALF + n] = u.d;
                     scratch.dmin[at * HALF + n] = u.dmin;
@@ -2299,52 +2198,33 @@ mod x86 {
                         chunk[n] = c;
                     }
                 }
-                for (c, u) in chunks.iter().enumerate() {
-                    let t = crate::kernels::lanes::transpose_8x8(u);
-                    for (g, v) in t.iter().enumerate() {
-                        // SAFETY: group 8c + g of block b of half h is
-                        // inside the scratch.
-                        unsafe {
-                            _mm256_storeu_si256(
-                                scratch
-                                    .codes
-                                    .as_mut_ptr()
-                                    .add((at * 64 + 8 * c + g) * 32)
-                                    .cast(),
-                                *v,
-                            )
-                        };
-                    }
-                }
+                store_chunks(&mut scratch.codes, at, &chunks);
             }
         }
-        for h in 0..halves {
-            let rows = (ws.len() - h * HALF).min(HALF);
-            // SAFETY: the scratch holds nb blocks of this half; the
-            // caller's contract covers the activation rows.
-            unsafe {
-                match (D, VNNI) {
-                    (Q2, true) => {
-                        in_groups_of_four!(xs.len(), m0 => q2_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
-                    (Q2, false) => {
-                        in_groups_of_four!(xs.len(), m0 => q2_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
-                    (Q3, true) => {
-                        in_groups_of_four!(xs.len(), m0 => q3_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
-                    (Q3, false) => {
-                        in_groups_of_four!(xs.len(), m0 => q3_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
-                    (_, true) => {
-                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
-                    (_, false) => {
-                        in_groups_of_four!(xs.len(), m0 => q6_k_rows8_i16(scratch, &xs[m0..], nb, h, rows, m0, out))
-                    }
+        // SAFETY: the scratch holds nb blocks of every half; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            match (D, VNNI) {
+                (Q2, true) => {
+                    in_each_half!(ws.len(), xs => q2_k_rows8_vnni(scratch, nb, out))
                 }
-            };
-        }
+                (Q2, false) => {
+                    in_each_half!(ws.len(), xs => q2_k_rows8_i16(scratch, nb, out))
+                }
+                (Q3, true) => {
+                    in_each_half!(ws.len(), xs => q3_k_rows8_vnni(scratch, nb, out))
+                }
+                (Q3, false) => {
+                    in_each_half!(ws.len(), xs => q3_k_rows8_i16(scratch, nb, out))
+                }
+                (_, true) => {
+                    in_each_half!(ws.len(), xs => q6_k_rows8_vnni(scratch, nb, out))
+                }
+                (_, false) => {
+                    in_each_half!(ws.len(), xs => q6_k_rows8_i16(scratch, nb, out))
+                }
+            }
+        };
     }
 
     /// `R` activation rows against half `h` of the unpacked Q6_K rows;

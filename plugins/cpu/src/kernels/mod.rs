@@ -40,6 +40,106 @@ macro_rules! in_groups_of_four {
     }};
 }
 
+/// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
+/// rows (1 to 4): the row kernels keep each row's sums in registers.
+macro_rules! by_rows {
+    ($rows:expr => $kernel:ident[$($c:tt),*]($($arg:expr),*)) => {
+        match $rows {
+            1 => x86::$kernel::<1 $(, $c)*>($($arg),*),
+            2 => x86::$kernel::<2 $(, $c)*>($($arg),*),
+            3 => x86::$kernel::<3 $(, $c)*>($($arg),*),
+            _ => x86::$kernel::<4 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
+/// Runs `$kernel` (a [`gemm_kinds!`] kernel) for every half of 8 weight
+/// rows of `$n` and every group of activation rows, as
+/// [`in_groups_of_four!`].
+macro_rules! in_each_half {
+    ($n:expr, $xs:expr => $kernel:ident($scratch:expr, $nb:expr, $out:expr)) => {{
+        const HALF: usize = 8;
+        let n = $n;
+        for h in 0..n.div_ceil(HALF) {
+            let rows = (n - h * HALF).min(HALF);
+            in_groups_of_four!($xs.len(), m0 => $kernel($scratch, &$xs[m0..], $nb, h, rows, m0, $out))
+        }
+    }};
+}
+
+// How the AVX2 lane-wise GEMMs (`q8.rs`, `kquant.rs`) add a group's
+// products (`step(sums, codes, activations)`) and a run of them, kept as
+// `CHAINS` partial sums `a`, `b` (groups by parity: `vpdpbusd`
+// accumulates in place, and one chain of 8 per row left its 5-cycle
+// latency exposed with only 4 rows in flight), scaled per lane, into the
+// totals (`scale(total, a, b, scales)`): as i16s widened by `vpmaddwd`
+// against the scales stored twice as i16s (ones for the Q8 types), or
+// (AVX-VNNI) as i32s multiplied by the scales stored as i32s (or added:
+// `sum_i32`). Closures written inside the `#[target_feature]` wrappers
+// (`gemm_kinds!`), so they have the wrappers' features and are inlined
+// into the kernels.
+macro_rules! fold_i16 {
+    () => {
+        |s, w, x| _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
+    };
+}
+macro_rules! fold_signed {
+    () => {
+        |s, w, x| {
+            _mm256_add_epi16(
+                s,
+                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+            )
+        }
+    };
+}
+macro_rules! scale_i16 {
+    () => {
+        |t, a, b, sc| _mm256_add_epi32(t, _mm256_madd_epi16(_mm256_add_epi16(a, b), sc))
+    };
+}
+macro_rules! dpbusd {
+    () => {
+        |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x)
+    };
+}
+macro_rules! scale_i32 {
+    () => {
+        |t, a, b, sc| _mm256_add_epi32(t, _mm256_mullo_epi32(_mm256_add_epi32(a, b), sc))
+    };
+}
+
+macro_rules! sum_i32 {
+    () => {
+        |t, a, b, _| _mm256_add_epi32(t, _mm256_add_epi32(a, b))
+    };
+}
+
+/// The AVX2 lane-wise GEMMs' kernels by shape: `$scratch, $row;` then
+/// `name: features => body::<C…>(step, scale);`, each a
+/// `#[target_feature]` function whose closures (`fold_i16!`…) get its
+/// features.
+macro_rules! gemm_kinds {
+    ($scratch:ty, $row:ty; $($(#[$doc:meta])* $name:ident: $features:literal => $body:ident::<$($c:literal),*>($step:ident, $scale:ident);)*) => {$(
+        $(#[$doc])*
+        /// # Safety
+        /// As the body's, and the CPU has the features named.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(
+            scratch: &$scratch,
+            xs: &[&$row],
+            nb: usize,
+            h: usize,
+            rows: usize,
+            m0: usize,
+            out: &mut dyn FnMut(usize, usize, &[f32]),
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { $body::<R, $($c),*>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
+        }
+    )*};
+}
+
 mod activations;
 mod f16;
 mod kquant;

@@ -241,20 +241,10 @@ pub fn dot_rows(isa: Isa, dtype: DType, w: &[u8], xs: &[&Q8Row], out: &mut [f32]
         },
         // SAFETY: as above.
         Isa::Avx2 | Isa::AvxVnni => unsafe {
-            macro_rules! by_rows {
-                ($kernel:ident) => {
-                    match xs.len() {
-                        1 => x86::$kernel::<1>(dtype, w, xs, out),
-                        2 => x86::$kernel::<2>(dtype, w, xs, out),
-                        3 => x86::$kernel::<3>(dtype, w, xs, out),
-                        _ => x86::$kernel::<4>(dtype, w, xs, out),
-                    }
-                };
-            }
             return if isa == Isa::AvxVnni {
-                by_rows!(dot_avxvnni)
+                by_rows!(xs.len() => dot_avxvnni[](dtype, w, xs, out))
             } else {
-                by_rows!(dot_avx2)
+                by_rows!(xs.len() => dot_avx2[](dtype, w, xs, out))
             };
         },
         Isa::Scalar | Isa::Reference => {}
@@ -1809,63 +1799,55 @@ mod x86 {
                 }
             }
         }
-        for h in 0..halves {
-            let rows = (ws.len() - h * HALF).min(HALF);
-            // SAFETY: the scratch holds nb blocks of this half; the
-            // caller's contract covers the activation rows.
-            unsafe {
-                if VNNI {
-                    in_groups_of_four!(xs.len(), m0 => gemm8_vnni(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else if signed {
-                    in_groups_of_four!(xs.len(), m0 => gemm8_signed(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else if matches!(dtype, DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1) {
-                    in_groups_of_four!(xs.len(), m0 => gemm8_nibbles(scratch, &xs[m0..], nb, h, rows, m0, out))
-                } else {
-                    in_groups_of_four!(xs.len(), m0 => gemm8_five_bits(scratch, &xs[m0..], nb, h, rows, m0, out))
-                }
-            };
-        }
+        // SAFETY: the scratch holds nb blocks of every half; the caller's
+        // contract covers the activation rows.
+        unsafe {
+            if VNNI {
+                in_each_half!(ws.len(), xs => gemm8_vnni(scratch, nb, out))
+            } else if signed {
+                in_each_half!(ws.len(), xs => gemm8_signed(scratch, nb, out))
+            } else if matches!(dtype, DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1) {
+                in_each_half!(ws.len(), xs => gemm8_nibbles(scratch, nb, out))
+            } else {
+                in_each_half!(ws.len(), xs => gemm8_five_bits(scratch, nb, out))
+            }
+        };
     }
 
-    /// The three shapes of [`gemm8_rows`]: signed codes (Q8_0, IQ4_NL),
-    /// 4-bit codes (Q4_0, Q4_1: eight groups' products fit an i16), 5-bit
-    /// codes (Q5_0, Q5_1: four groups).
-    macro_rules! gemm8_kinds {
-        ($($name:ident: $signed:literal, $fold:literal;)*) => {$(
-            /// # Safety
-            /// As [`gemm8_rows`].
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const R: usize>(
-                scratch: &GemmScratch,
-                xs: &[&Q8Row],
-                nb: usize,
-                h: usize,
-                rows: usize,
-                m0: usize,
-                out: &mut dyn FnMut(usize, usize, &[f32]),
-            ) {
-                // SAFETY: the caller's contract.
-                unsafe { gemm8_rows::<R, $signed, $fold>(scratch, xs, nb, h, rows, m0, out) }
-            }
-        )*};
-    }
-    gemm8_kinds! {
-        gemm8_signed: true, 1;
-        gemm8_nibbles: false, 8;
-        gemm8_five_bits: false, 4;
+    gemm_kinds! {
+        GemmScratch, Q8Row;
+        /// Signed codes (Q8_0, IQ4_NL) by the sign trick, one group at a
+        /// time (two products of up to 128·127 fill an i16).
+        gemm8_signed: "avx2,fma,f16c" => gemm8_rows::<1, false, false>(fold_signed, scale_i16);
+        /// 4-bit codes (Q4_0, Q4_1): eight groups' products fit an i16.
+        gemm8_nibbles: "avx2,fma,f16c" => gemm8_rows::<8, true, false>(fold_i16, scale_i16);
+        /// 5-bit codes (Q5_0, Q5_1): four groups fit.
+        gemm8_five_bits: "avx2,fma,f16c" => gemm8_rows::<4, true, false>(fold_i16, scale_i16);
+        /// AVX-VNNI: every type's codes unsigned (signed ones stay + 128;
+        /// `vpdpbusd` does not saturate), a block's 8 groups straight to
+        /// i32 sums.
+        gemm8_vnni: "avx2,fma,f16c,avxvnni" => gemm8_rows::<8, true, true>(dpbusd, sum_i32);
     }
 
     /// `R` activation rows against half `h` (8 weight rows, `rows` of
-    /// them real) of the unpacked weights. `FOLD` groups' `vpmaddubsw`
-    /// products are added as i16s before one `vpmaddwd` widens them: each
-    /// product pair is at most 2·15·127 for 4-bit codes (eight fit), 2·31·127
-    /// for 5-bit ones (four fit).
+    /// them real) of the unpacked weights: per block, runs of `FOLD`
+    /// groups' products summed by `step` and added to the block's i32
+    /// sums by `scale` (with ones for scales), or (`DIRECT`: `step`
+    /// accumulates i32s, as `vpdpbusd` does) summed into them; the sums
+    /// start from the rows' offset sums where the codes are `OFFSET`
+    /// (stored unsigned).
     ///
     /// # Safety
     /// As [`gemm16_avx2`]; `xs` has at least `R` rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn gemm8_rows<const R: usize, const SIGNED: bool, const FOLD: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm8_rows<
+        const R: usize,
+        const FOLD: usize,
+        const OFFSET: bool,
+        const DIRECT: bool,
+    >(
         scratch: &GemmScratch,
         xs: &[&Q8Row],
         nb: usize,
@@ -1873,40 +1855,44 @@ mod x86 {
         rows: usize,
         m0: usize,
         out: &mut dyn FnMut(usize, usize, &[f32]),
+        step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+        scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let p = Rows8::new(scratch, xs, nb);
-        let ones = _mm256_set1_epi16(1);
+        let (ones, zero) = (_mm256_set1_epi16(1), _mm256_setzero_si256());
         let mut acc = [[_mm256_setzero_pd(); 2]; R];
         for b in 0..nb {
             let at = h * nb + b;
-            let mut sum = [_mm256_setzero_si256(); R];
-            if !SIGNED {
+            let mut sum = [zero; R];
+            if OFFSET {
                 for (s, o) in sum.iter_mut().zip(&p.offs) {
                     // SAFETY: block b's offset sum is inside the row (asserted).
                     *s = _mm256_set1_epi32(unsafe { *o.add(b) });
                 }
             }
             for j0 in (0..8).step_by(FOLD) {
-                let mut p16 = [_mm256_setzero_si256(); R];
+                let mut run = if DIRECT { sum } else { [zero; R] };
                 for j in j0..j0 + FOLD {
                     // SAFETY: group j of block b of half h is inside the
                     // scratch.
                     let wj = unsafe { _mm256_loadu_si256(p.codes.add((at * 8 + j) * 32).cast()) };
-                    let wa = if SIGNED { _mm256_sign_epi8(wj, wj) } else { wj };
-                    for (s16, q) in p16.iter_mut().zip(&p.qs) {
+                    for (r, q) in run.iter_mut().zip(&p.qs) {
                         // SAFETY: codes 4j..4j+4 of block b are inside the
                         // row.
                         let xv = _mm256_set1_epi32(unsafe {
                             q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
                         });
-                        let xv = if SIGNED { _mm256_sign_epi8(xv, wj) } else { xv };
-                        *s16 = _mm256_add_epi16(*s16, _mm256_maddubs_epi16(wa, xv));
+                        *r = step(*r, wj, xv);
                     }
                 }
-                for (s, s16) in sum.iter_mut().zip(p16) {
-                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(s16, ones));
+                if DIRECT {
+                    sum = run;
+                } else {
+                    for (s, r) in sum.iter_mut().zip(run) {
+                        *s = scale(*s, r, zero, ones);
+                    }
                 }
             }
             // SAFETY: block b of half h is inside the scratch and the rows.
@@ -1915,53 +1901,7 @@ mod x86 {
         crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
     }
 
-    /// [`gemm8_rows`] with AVX-VNNI: each group of 4 codes of the 8 rows
-    /// against 4 broadcast activation codes is one `vpdpbusd` into the i32
-    /// sums, which start from the rows' offset sums (signed codes too:
-    /// they stay `+ 128` here, and `vpdpbusd` does not saturate).
-    ///
-    /// # Safety
-    /// As [`gemm16_avx2`], and the CPU has AVX-VNNI; `xs` has at least `R`
-    /// rows.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn gemm8_vnni<const R: usize>(
-        scratch: &GemmScratch,
-        xs: &[&Q8Row],
-        nb: usize,
-        h: usize,
-        rows: usize,
-        m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
-    ) {
-        const HALF: usize = GEMM_ROWS / 2;
-        let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
-        let p = Rows8::new(scratch, xs, nb);
-        let mut acc = [[_mm256_setzero_pd(); 2]; R];
-        for b in 0..nb {
-            let at = h * nb + b;
-            let mut sum = [_mm256_setzero_si256(); R];
-            for (s, o) in sum.iter_mut().zip(&p.offs) {
-                // SAFETY: block b's offset sum is inside the row (asserted).
-                *s = _mm256_set1_epi32(unsafe { *o.add(b) });
-            }
-            for j in 0..8 {
-                // SAFETY: group j of block b of half h is inside the scratch.
-                let wj = unsafe { _mm256_loadu_si256(p.codes.add((at * 8 + j) * 32).cast()) };
-                for (s, q) in sum.iter_mut().zip(&p.qs) {
-                    // SAFETY: codes 4j..4j+4 of block b are inside the row.
-                    let xv = _mm256_set1_epi32(unsafe {
-                        q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
-                    });
-                    *s = _mm256_dpbusd_avx_epi32(*s, wj, xv);
-                }
-            }
-            // SAFETY: block b of half h is inside the scratch and the rows.
-            unsafe { p.scale(&mut acc, &sum, at, b) };
-        }
-        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
-    }
-
-    /// What [`gemm8_rows`] and [`gemm8_vnni`] read: the unpacked half's
+    /// What [`gemm8_rows`] reads: the unpacked half's
     /// codes, scales and minimums, and per activation row its codes,
     /// offset sums, f64 scales and Q8_1 sums.
     struct Rows8<const R: usize> {

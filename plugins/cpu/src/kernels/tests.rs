@@ -234,6 +234,16 @@ fn interleaved_layouts_give_the_bits_of_their_types_on_every_path() {
     }
 }
 
+/// The types whose activations are Q8_K.
+const K_TYPES: [DType; 6] = [
+    DType::Q2_K,
+    DType::Q3_K,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+    DType::IQ4_XS,
+];
+
 #[test]
 fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // The reference multiplies by fl(q·d), the kernel by q and d apart (as
@@ -241,16 +251,7 @@ fn k_quant_mul_mat_matches_the_reference_within_rounding() {
     // reference, exact here: an f32 rounding per term apart, of the terms'
     // own size (bounded by 2·max|w|·|x| for Q4_K's cancelling minimums).
     for isa in Isa::available() {
-        for (dtype, (i, &(k, n, m, w2, x2))) in [
-            DType::Q2_K,
-            DType::Q3_K,
-            DType::Q4_K,
-            DType::Q5_K,
-            DType::Q6_K,
-            DType::IQ4_XS,
-        ]
-        .into_iter()
-        .flat_map(|t| {
+        for (dtype, (i, &(k, n, m, w2, x2))) in K_TYPES.into_iter().flat_map(|t| {
             [
                 (256, 1, 1, 1, 1),
                 (768, 7, 3, 1, 1),
@@ -282,14 +283,7 @@ fn k_quant_rows_give_the_portable_kernels_bits_on_every_path() {
     // SIMD row kernels (one to four activation rows) must not move a bit,
     // on random weights and on the extremes of every code and scale.
     let mut rng = fastrand::Rng::with_seed(5);
-    for dtype in [
-        DType::Q2_K,
-        DType::Q3_K,
-        DType::IQ4_XS,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-    ] {
+    for dtype in K_TYPES {
         // Whole groups of four blocks (the AVX2 Q4_K kernel's step), and
         // groups with a tail.
         for (k, case) in [1024, 1792]
@@ -787,14 +781,7 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
     // rows at a time.
     let mut rng = fastrand::Rng::with_seed(11);
     let k = 1024;
-    for dtype in [
-        DType::Q2_K,
-        DType::Q3_K,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-        DType::IQ4_XS,
-    ] {
+    for dtype in K_TYPES {
         let ws: Vec<Vec<u8>> = (0..19).map(|_| random_row(dtype, k, &mut rng)).collect();
         let rows: Vec<kquant::Q8KRow> = (0..7)
             .map(|_| {
