@@ -503,6 +503,55 @@ pub fn q8_1_sums(x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// Lanes of [`float_dot`]'s sums: an AVX2 register of f32.
+pub const FLOAT_DOT_LANES: usize = 8;
+
+/// The dot product of F16 or BF16 weights `w` (widened to f32) with
+/// activations `x` rounded to the same type ([`round_activations`]), in
+/// the one order every kiln kernel for these types follows, so that each
+/// gives these bits: the rows zero-padded to a multiple of
+/// [`FLOAT_DOT_LANES`]; product `i` added to lane `i mod 8`, each lane's
+/// products in order, each addition rounded once (a fused multiply-add:
+/// two f16 or bf16 values' product is exact in f32, save a bf16 one
+/// below f32's normal range or beyond its largest value); then the lanes
+/// added as [`sum_lanes`] does.
+/// llama.cpp sums these products in f32 lanes too, in an order of its own
+/// per ISA.
+pub fn float_dot(w: impl IntoIterator<Item = f32>, x: &[f32]) -> f32 {
+    let mut acc = [0f32; FLOAT_DOT_LANES];
+    let mut n = 0;
+    for (i, (w, &x)) in w.into_iter().zip(x).enumerate() {
+        let lane = i % FLOAT_DOT_LANES;
+        let p = w * x;
+        // `mul_add` is a library call without FMA; the product is exact
+        // (so the sum rounds once, as a fused one does) unless it is
+        // nonzero and below the normal range, or beyond the largest f32.
+        let exact = (p.abs() >= f32::MIN_POSITIVE && p.is_finite()) || w == 0.0 || x == 0.0;
+        acc[lane] = if exact {
+            acc[lane] + p
+        } else {
+            w.mul_add(x, acc[lane])
+        };
+        n = i + 1;
+    }
+    assert_eq!(n, x.len(), "as many weights as activations");
+    // A short last chunk's lanes add the padding's product, +0.0 (which
+    // turns a −0.0 lane into +0.0, as a vector kernel's zero-filled load
+    // does).
+    if n % FLOAT_DOT_LANES != 0 {
+        for a in &mut acc[n % FLOAT_DOT_LANES..] {
+            *a += 0.0;
+        }
+    }
+    sum_lanes(acc)
+}
+
+/// [`float_dot`]'s last step: lanes `j` and `j + 4` added, then `j` and
+/// `j + 2` of those, then the two left.
+pub fn sum_lanes(a: [f32; FLOAT_DOT_LANES]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (b[0] + b[2]) + (b[1] + b[3])
+}
 /// A Q4_1 or Q5_1 row as the dot product uses it: each weight's `d · q`
 /// (exact in f32) in `scaled`, each block's minimum in `mins`.
 pub fn split_min_row(dtype: DType, src: &[u8], scaled: &mut [f32], mins: &mut [f32]) {

@@ -1,8 +1,9 @@
 //! Dot products of F16 weight rows with activations rounded to f16 (the
 //! reference's `round_activations` for F16 weights), and of BF16 rows with
-//! bf16-rounded activations: portable (F16), AVX2 and AVX-512 (both). An
-//! f16 × f16 or bf16 × bf16 product is exact in f32; products are summed
-//! in f64, so a row's result is the reference's, rounded the same way.
+//! bf16-rounded activations: portable, AVX2 and AVX-512 (which runs the
+//! AVX2 row kernel and the AVX2 tiles in 32 registers). Every path sums in
+//! `kiln_blocks::float_dot`'s order (eight f32 lanes, fused multiply-adds,
+//! one reduction tree), so every path gives the reference's bits.
 
 use super::Isa;
 use half::f16;
@@ -23,41 +24,33 @@ pub fn round_row(isa: Isa, x: &[f32], out: &mut [f32]) {
 }
 
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
-/// converted once for all on AVX2 and AVX-512). `bf16`: the weights are
-/// BF16 and the activations rounded to bf16 (AVX2 and AVX-512 only; a
+/// converted once for all on AVX2 and AVX-512, which share the kernel).
+/// `bf16`: the weights are BF16 and the activations rounded to bf16 (a
 /// BF16 × BF16 product is exact in f32 too).
 pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
     #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! rows {
-            ($kernel:ident) => {
-                // SAFETY: `Isa` only names paths the CPU has; lengths
-                // checked above.
-                unsafe {
-                    match (xs.len(), bf16) {
-                        (1, false) => x86::$kernel::<1, false>(w, xs, out),
-                        (2, false) => x86::$kernel::<2, false>(w, xs, out),
-                        (3, false) => x86::$kernel::<3, false>(w, xs, out),
-                        (_, false) => x86::$kernel::<4, false>(w, xs, out),
-                        (1, true) => x86::$kernel::<1, true>(w, xs, out),
-                        (2, true) => x86::$kernel::<2, true>(w, xs, out),
-                        (3, true) => x86::$kernel::<3, true>(w, xs, out),
-                        (_, true) => x86::$kernel::<4, true>(w, xs, out),
-                    }
-                }
-            };
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
+        // and F16C); lengths checked above.
+        unsafe {
+            match (xs.len(), bf16) {
+                (1, false) => x86::dot_rows_avx2::<1, false>(w, xs, out),
+                (2, false) => x86::dot_rows_avx2::<2, false>(w, xs, out),
+                (3, false) => x86::dot_rows_avx2::<3, false>(w, xs, out),
+                (_, false) => x86::dot_rows_avx2::<4, false>(w, xs, out),
+                (1, true) => x86::dot_rows_avx2::<1, true>(w, xs, out),
+                (2, true) => x86::dot_rows_avx2::<2, true>(w, xs, out),
+                (3, true) => x86::dot_rows_avx2::<3, true>(w, xs, out),
+                (_, true) => x86::dot_rows_avx2::<4, true>(w, xs, out),
+            }
         }
-        match isa {
-            Isa::Avx512 => return rows!(dot_rows_avx512),
-            Isa::Avx2 | Isa::AvxVnni => return rows!(dot_rows_avx2),
-            Isa::Scalar | Isa::Reference => {}
-        }
+        return;
     }
-    assert!(!bf16, "BF16 rows have kernels on AVX2 and AVX-512 only");
+    let _ = isa;
     for (x, o) in xs.iter().zip(out) {
-        *o = dot_scalar(false, w, x, 0, 0.0);
+        *o = kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x);
     }
 }
 
@@ -65,13 +58,14 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
 pub const GEMM_ROWS: usize = 16;
 
 /// `out(n, m) = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
-/// rows and any number of activation rows, in tiles of 4 weight rows × 4
-/// activation rows on AVX-512 (16 accumulators of eight f64 lanes) and 4
-/// × 2 on AVX2 (8 of four lanes, what 16 registers hold beside the
-/// converted values): each weight and activation vector converted once
-/// per tile step and used for the whole tile (products exact, as in
-/// [`dot_rows`]; each FMA rounds once, as the reference's addition does).
-/// Partial tiles repeat their last row and drop its results.
+/// rows and any number of activation rows, in tiles of 2 weight rows × 5
+/// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
+/// registers hold beside the five rows' activations and one weight
+/// vector: 4 × 3 spills one and was 0.94× as fast) and 4 × 6 on AVX-512
+/// (the same eight-lane registers, 32 of them: 1.2× 2 × 10's speed):
+/// each weight vector converted once per step for its whole tile row, each
+/// sum in [`kiln_blocks::float_dot`]'s order. Partial tiles repeat their
+/// last row and drop its results.
 ///
 /// Returns `false` (and does nothing) where [`has_gemm`] says no.
 pub fn gemm16(
@@ -109,143 +103,49 @@ fn gemm16_x86(
     assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
     // Each tile's SAFETY: the CPU has the path (`Isa`); every row is as
     // long as the first (asserted above).
-    match (isa, bf16) {
-        (Isa::Avx512, false) => tiled(ws, xs, out, |w, x: &[_; 4]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx512::<false>(w, x) }
-        }),
-        (Isa::Avx512, true) => tiled(ws, xs, out, |w, x: &[_; 4]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx512::<true>(w, x) }
-        }),
-        (Isa::Avx2 | Isa::AvxVnni, false) => tiled(ws, xs, out, |w, x: &[_; 2]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx2::<false>(w, x) }
-        }),
-        (Isa::Avx2 | Isa::AvxVnni, true) => tiled(ws, xs, out, |w, x: &[_; 2]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx2::<true>(w, x) }
-        }),
-        (Isa::Scalar | Isa::Reference, _) => return false,
+    macro_rules! shape {
+        ($f:ident, $n:literal, $m:literal) => {
+            if bf16 {
+                tiled(ws, xs, out, |w, x: &[_; $m]| {
+                    // SAFETY: as above.
+                    unsafe { x86::$f::<true, $n, $m>(w, x) }
+                })
+            } else {
+                tiled(ws, xs, out, |w, x: &[_; $m]| {
+                    // SAFETY: as above.
+                    unsafe { x86::$f::<false, $n, $m>(w, x) }
+                })
+            }
+        };
+    }
+    match isa {
+        Isa::Avx512 => shape!(tile_avx512, 4, 6),
+        Isa::Avx2 | Isa::AvxVnni => shape!(tile_avx2, 2, 5),
+        Isa::Scalar | Isa::Reference => return false,
     }
     true
 }
 
-/// [`gemm16`]'s walk over tiles of 4 weight rows × `M` activation rows.
+/// [`gemm16`]'s walk over tiles of `N` weight rows × `M` activation rows.
 #[cfg(target_arch = "x86_64")]
-fn tiled<const M: usize>(
+fn tiled<const N: usize, const M: usize>(
     ws: &[&[u8]],
     xs: &[&[f32]],
     out: &mut impl FnMut(usize, usize, &[f32]),
-    tile: impl Fn(&[&[u8]; 4], &[&[f32]; M]) -> [[f32; M]; 4],
+    tile: impl Fn(&[&[u8]; N], &[&[f32]; M]) -> [[f32; M]; N],
 ) {
     for m0 in (0..xs.len()).step_by(M) {
         let x: [&[f32]; M] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
-        for n0 in (0..ws.len()).step_by(4) {
-            let w: [&[u8]; 4] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
+        for n0 in (0..ws.len()).step_by(N) {
+            let w: [&[u8]; N] = std::array::from_fn(|i| ws[(n0 + i).min(ws.len() - 1)]);
             let tile = tile(&w, &x);
-            let rows = (ws.len() - n0).min(4);
-            let columns: [[f32; 4]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
+            let rows = (ws.len() - n0).min(N);
+            let columns: [[f32; N]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
             for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
                 out(n0, m0 + m, &column[..rows]);
             }
         }
     }
-}
-
-/// Rows at most this long take [`gemm16_lanes`] (attention's rows: the
-/// head size, or the positions so far); longer ones [`gemm16`]'s tiles.
-pub const LANES_MAX_K: usize = 512;
-
-/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 weight rows of at most
-/// [`LANES_MAX_K`] values, lane-wise: the rows are widened once per call
-/// into `scratch` so that lane `n` of a register holds row `n`'s value at
-/// each position, and one FMA with a broadcast activation (`xs`, the
-/// f16-rounded activations widened to f64) advances 8 dot products, with
-/// no horizontal sums. Each dot product adds its exact products in the
-/// reference's order, so the results are its bits.
-///
-/// Returns `false` (and does nothing) without AVX-512.
-pub fn gemm16_lanes(
-    isa: Isa,
-    ws: &[&[u8]],
-    xs: &[&[f64]],
-    scratch: &mut Vec<f64>,
-    mut out: impl FnMut(usize, usize, &[f32]),
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
-        let k = xs[0].len();
-        assert!(k <= LANES_MAX_K);
-        assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
-        scratch.clear();
-        scratch.resize(k * GEMM_ROWS, 0.0);
-        // SAFETY: the CPU has AVX-512 (`Isa`); the scratch holds k × 16.
-        unsafe { x86::widen_lanes(ws, scratch) };
-        let rows = ws.len();
-        // SAFETY: the CPU has AVX-512 (`Isa`); the scratch holds k × 16
-        // values and every row of `xs` k.
-        unsafe {
-            in_groups_of_four!(xs.len(), m0 => lanes_rows(scratch, &xs[m0..], rows, m0, &mut out))
-        };
-        return true;
-    }
-    let _ = (isa, ws, xs, scratch, &mut out);
-    false
-}
-
-/// `R` activation rows of [`gemm16_lanes`].
-///
-/// # Safety
-/// AVX-512 F is present; `scratch` holds `16 · k` values, `xs` at least
-/// `R` rows of `k`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-unsafe fn lanes_rows<const R: usize>(
-    scratch: &[f64],
-    xs: &[&[f64]],
-    rows: usize,
-    m0: usize,
-    out: &mut dyn FnMut(usize, usize, &[f32]),
-) {
-    use core::arch::x86_64::*;
-    let xs: &[&[f64]; R] = xs[..R].try_into().expect("R rows");
-    let k = xs[0].len();
-    assert!(scratch.len() >= k * GEMM_ROWS);
-    // The rows as plain pointers (lengths asserted): no bounds check per value.
-    let mut xp = [std::ptr::null::<f64>(); R];
-    for (p, x) in xp.iter_mut().zip(xs) {
-        assert_eq!(x.len(), k);
-        *p = x.as_ptr();
-    }
-    let mut acc = [[_mm512_setzero_pd(); 2]; R];
-    let w = scratch.as_ptr();
-    for i in 0..k {
-        // SAFETY: position i's 16 values are inside the scratch.
-        let (lo, hi) = unsafe {
-            (
-                _mm512_loadu_pd(w.add(i * GEMM_ROWS)),
-                _mm512_loadu_pd(w.add(i * GEMM_ROWS + 8)),
-            )
-        };
-        for (acc, x) in acc.iter_mut().zip(&xp) {
-            // SAFETY: i < k, each row's length.
-            let xv = _mm512_set1_pd(unsafe { *x.add(i) });
-            acc[0] = _mm512_fmadd_pd(lo, xv, acc[0]);
-            acc[1] = _mm512_fmadd_pd(hi, xv, acc[1]);
-        }
-    }
-    // SAFETY: AVX-512 F is enabled here.
-    unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
-}
-
-/// Sums `w[from..] · x[from..]` onto `acc`; `bf16`: the weights are BF16.
-fn dot_scalar(bf16: bool, w: &[u8], x: &[f32], from: usize, mut acc: f64) -> f32 {
-    for (c, v) in w[2 * from..].chunks_exact(2).zip(&x[from..]) {
-        acc += widen(bf16, [c[0], c[1]]) as f64 * *v as f64;
-    }
-    acc as f32
 }
 
 /// One little-endian f16 (or, `bf16`, bf16) value as f32.
@@ -279,18 +179,95 @@ mod x86 {
         }
     }
 
-    /// The four lanes' sum.
+    /// The eight lanes' sum, in [`kiln_blocks::sum_lanes`]' order.
+    ///
+    /// # Safety
+    /// AVX is present.
     #[inline(always)]
-    unsafe fn hsum(v: __m256d) -> f64 {
+    unsafe fn sum8(v: __m256) -> f32 {
         // SAFETY: register operations only (the caller's AVX).
         unsafe {
-            let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
-            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+            // Lanes j + (j + 4), then j + (j + 2), then 0 + 1.
+            let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let c = _mm_add_ps(a, _mm_movehl_ps(a, a));
+            _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)))
         }
     }
 
-    /// [`super::dot_rows`] on AVX2: each step's eight weights converted
-    /// once for the `R` rows.
+    /// Four registers' sums ([`sum8`] of each, the same additions), in
+    /// one tree.
+    ///
+    /// # Safety
+    /// AVX is present.
+    #[inline(always)]
+    unsafe fn sum8x4(v: [__m256; 4]) -> [f32; 4] {
+        // SAFETY: register operations only (the caller's AVX).
+        unsafe {
+            // [v0 lanes j + (j + 4) | v1's], and v2's and v3's.
+            let a01 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[0], v[1]),
+                _mm256_permute2f128_ps::<0x31>(v[0], v[1]),
+            );
+            let a23 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(v[2], v[3]),
+                _mm256_permute2f128_ps::<0x31>(v[2], v[3]),
+            );
+            // j + (j + 2): [v0's two, v2's two | v1's two, v3's two].
+            let (a01, a23) = (_mm256_castps_pd(a01), _mm256_castps_pd(a23));
+            let c = _mm256_add_ps(
+                _mm256_castpd_ps(_mm256_unpacklo_pd(a01, a23)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(a01, a23)),
+            );
+            // 0 + 1: [v0, v2, v0, v2 | v1, v3, v1, v3].
+            let h = _mm256_hadd_ps(c, c);
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), h);
+            [l[0], l[4], l[1], l[5]]
+        }
+    }
+
+    /// Eight f16 (or, `BF`, bf16) values to f32 (exact either way).
+    ///
+    /// # Safety
+    /// AVX2 and F16C are enabled by the caller; `p` points at 16 bytes.
+    #[inline(always)]
+    unsafe fn widen8<const BF: bool>(p: *const u8) -> __m256 {
+        // SAFETY: the caller's features and pointer.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            if BF {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else {
+                _mm256_cvtph_ps(h)
+            }
+        }
+    }
+
+    /// The last `len % 8` values of a weight row and of activation rows,
+    /// zero-filled to eight (the padding of [`kiln_blocks::float_dot`]).
+    struct Tail<const N: usize, const M: usize> {
+        w: [[u8; 16]; N],
+        x: [[f32; 8]; M],
+    }
+
+    impl<const N: usize, const M: usize> Tail<N, M> {
+        fn new(full: usize, w: &[&[u8]], x: &[&[f32]]) -> Tail<N, M> {
+            let mut t = Tail {
+                w: [[0; 16]; N],
+                x: [[0.0; 8]; M],
+            };
+            for (t, w) in t.w.iter_mut().zip(w) {
+                t[..w.len() - 2 * full].copy_from_slice(&w[2 * full..]);
+            }
+            for (t, x) in t.x.iter_mut().zip(x) {
+                t[..x.len() - full].copy_from_slice(&x[full..]);
+            }
+            t
+        }
+    }
+
+    /// [`super::dot_rows`] on AVX2 (and AVX-512): each step's eight
+    /// weights converted once for the `R` rows, one FMA per row.
     ///
     /// # Safety
     /// AVX2, FMA and F16C are present; `w.len() == 2 * x.len()` for each
@@ -302,259 +279,106 @@ mod x86 {
         out: &mut [f32],
     ) {
         let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
-        let full = xs[0].len() / 8 * 8;
-        assert!(w.len() >= 2 * full && xs.iter().all(|x| x.len() >= full));
-        let mut acc = [[_mm256_setzero_pd(); 2]; R];
+        let len = xs[0].len();
+        let full = len / 8 * 8;
+        assert!(w.len() == 2 * len && xs.iter().all(|x| x.len() == len));
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut step = |w: *const u8, x: [*const f32; R]| {
+            // SAFETY: `w` points at 8 values, each `x` at 8 (callers below).
+            unsafe {
+                let wv = widen8::<BF>(w);
+                for (acc, x) in acc.iter_mut().zip(x) {
+                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x), *acc);
+                }
+            }
+        };
         for i in (0..full).step_by(8) {
             crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 16);
-            // SAFETY: elements i..i+8 are inside every row (asserted).
-            let wv = unsafe { widen8::<BF>(_mm_loadu_si128(w.as_ptr().add(2 * i).cast())) };
-            for (x, acc) in xs.iter().zip(&mut acc) {
-                // SAFETY: as above.
-                let p = _mm256_mul_ps(wv, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) });
-                acc[0] = _mm256_add_pd(acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-                acc[1] = _mm256_add_pd(acc[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(p)));
-            }
+            // In bounds: i + 8 <= full.
+            step(
+                w[2 * i..].as_ptr(),
+                std::array::from_fn(|r| xs[r][i..].as_ptr()),
+            );
         }
-        for ((o, acc), x) in out.iter_mut().zip(&acc).zip(xs) {
-            // SAFETY: AVX is enabled here.
-            let s = unsafe { hsum(_mm256_add_pd(acc[0], acc[1])) };
-            *o = super::dot_scalar(BF, w, x, full, s);
-        }
-    }
-
-    /// A 4 × 2 tile of [`super::gemm16`] on AVX2: `out[n][m] = w[n] ·
-    /// x[m]`, eight values a step (the activations' two halves widened once
-    /// for the four weight rows, each weight row's for the two activations).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are present; every `w` row holds `2 *
-    /// x[0].len()` bytes and every `x` row as many values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_avx2<const BF: bool>(w: &[&[u8]; 4], x: &[&[f32]; 2]) -> [[f32; 2]; 4] {
-        let len = x[0].len();
-        let full = len / 8 * 8;
-        assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
-        let mut acc = [[_mm256_setzero_pd(); 2]; 4];
-        for i in (0..full).step_by(8) {
-            // SAFETY: elements i..i+8 are inside every row (asserted).
-            unsafe {
-                let mut xv = [[_mm256_setzero_pd(); 2]; 2];
-                for (xv, row) in xv.iter_mut().zip(x) {
-                    let v = _mm256_loadu_ps(row.as_ptr().add(i));
-                    xv[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-                    xv[1] = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
-                }
-                for (row, acc) in w.iter().zip(&mut acc) {
-                    let wv = widen8::<BF>(_mm_loadu_si128(row.as_ptr().add(2 * i).cast()));
-                    let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(wv));
-                    let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(wv));
-                    for (acc, xv) in acc.iter_mut().zip(&xv) {
-                        *acc = _mm256_fmadd_pd(hi, xv[1], _mm256_fmadd_pd(lo, xv[0], *acc));
-                    }
-                }
-            }
-        }
-        let mut out = [[0.0; 2]; 4];
-        for ((out, acc), row) in out.iter_mut().zip(&acc).zip(w) {
-            for ((o, acc), x) in out.iter_mut().zip(acc).zip(x) {
-                // SAFETY: AVX is enabled here.
-                *o = super::dot_scalar(BF, row, x, full, unsafe { hsum(*acc) });
-            }
-        }
-        out
-    }
-
-    /// # Safety
-    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; `w.len() == 2 *
-    /// x.len()` for each of the first `R` rows of `xs`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn dot_rows_avx512<const R: usize, const BF: bool>(
-        w: &[u8],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
-        let len = xs[0].len();
-        let mut acc = [[_mm512_setzero_pd(); 2]; R];
-        let mut i = 0;
-        while i < len {
-            crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 32);
-            let mask = if len - i >= 16 {
-                u16::MAX
-            } else {
-                ((1u32 << (len - i)) - 1) as u16
-            };
-            // Whole steps load plainly (masked loads are much slower on
-            // some CPUs); only the tail is masked.
-            let whole = mask == u16::MAX;
-            // SAFETY: the loads touch only elements i..len.
-            let wv = unsafe {
-                widen16::<BF>(if whole {
-                    _mm256_loadu_si256(w.as_ptr().add(2 * i).cast())
-                } else {
-                    _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(2 * i).cast())
-                })
-            };
-            for (x, acc) in xs.iter().zip(&mut acc) {
-                // SAFETY: as above.
-                let xv = unsafe {
-                    if whole {
-                        _mm512_loadu_ps(x.as_ptr().add(i))
-                    } else {
-                        _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i))
-                    }
-                };
-                let p = _mm512_castps_pd(_mm512_mul_ps(wv, xv));
-                let lo = _mm256_castpd_ps(_mm512_castpd512_pd256(p));
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(p, 1));
-                acc[0] = _mm512_add_pd(acc[0], _mm512_cvtps_pd(lo));
-                acc[1] = _mm512_add_pd(acc[1], _mm512_cvtps_pd(hi));
-            }
-            i += 16;
+        if full < len {
+            let t = Tail::<1, R>::new(full, &[w], xs);
+            step(t.w[0].as_ptr(), std::array::from_fn(|r| t.x[r].as_ptr()));
         }
         for (o, acc) in out.iter_mut().zip(acc) {
-            *o = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1])) as f32;
+            // SAFETY: AVX is enabled here.
+            *o = unsafe { sum8(acc) };
         }
     }
 
-    /// Row `n`'s value at position `i` to `scratch[16 i + n]`, as f64
-    /// (F16C's conversion, 16 values at a time).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW and F16C are present; `scratch` holds 16 values for
-    /// each position of the rows (all of one length).
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn widen_lanes(ws: &[&[u8]], scratch: &mut [f64]) {
-        let k = ws[0].len() / 2;
-        let mut v = [0f32; 16];
-        for (n, w) in ws.iter().enumerate() {
-            for i in (0..k).step_by(16) {
-                let left = (k - i).min(16);
-                // SAFETY: the masked load touches values i..i+left of the
-                // row; `v` holds 16 f32s.
-                unsafe {
-                    let h = _mm256_maskz_loadu_epi16(
-                        ((1u32 << left) - 1) as u16,
-                        w.as_ptr().add(2 * i).cast(),
+    /// A tile of [`super::gemm16`], `out[n][m] = w[n] · x[m]` for `N`
+    /// weight rows × `M` activation rows: `tile_avx2` (16 registers) and
+    /// `tile_avx512` (the same code in 32).
+    macro_rules! tile {
+        ($name:ident, $features:literal) => {
+            /// # Safety
+            /// The CPU has the enabled features; every `w` row holds `2 *
+            /// x[0].len()` bytes and every `x` row as many values.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const BF: bool, const N: usize, const M: usize>(
+                w: &[&[u8]; N],
+                x: &[&[f32]; M],
+            ) -> [[f32; M]; N] {
+                let len = x[0].len();
+                let full = len / 8 * 8;
+                assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
+                let mut acc = [[_mm256_setzero_ps(); M]; N];
+                let mut step = |w: [*const u8; N], x: [*const f32; M]| {
+                    // SAFETY: each pointer is at 8 values (callers below).
+                    unsafe {
+                        let mut xv = [_mm256_setzero_ps(); M];
+                        for (v, x) in xv.iter_mut().zip(x) {
+                            *v = _mm256_loadu_ps(x);
+                        }
+                        for (acc, w) in acc.iter_mut().zip(w) {
+                            let wv = widen8::<BF>(w);
+                            for (acc, xv) in acc.iter_mut().zip(&xv) {
+                                *acc = _mm256_fmadd_ps(wv, *xv, *acc);
+                            }
+                        }
+                    }
+                };
+                for i in (0..full).step_by(8) {
+                    // In bounds: i + 8 <= full.
+                    step(
+                        std::array::from_fn(|n| w[n][2 * i..].as_ptr()),
+                        std::array::from_fn(|m| x[m][i..].as_ptr()),
                     );
-                    _mm512_storeu_ps(v.as_mut_ptr(), _mm512_cvtph_ps(h));
                 }
-                for (j, &x) in v.iter().enumerate().take(left) {
-                    scratch[(i + j) * super::GEMM_ROWS + n] = x as f64;
+                if full < len {
+                    let t = Tail::<N, M>::new(full, w, x);
+                    step(
+                        std::array::from_fn(|n| t.w[n].as_ptr()),
+                        std::array::from_fn(|m| t.x[m].as_ptr()),
+                    );
                 }
-            }
-        }
-    }
-
-    /// Sixteen f16 (or, `BF`, bf16) values to f32 (exact either way).
-    ///
-    /// # Safety
-    /// AVX-512 F and F16C are enabled by the caller.
-    #[inline(always)]
-    unsafe fn widen16<const BF: bool>(h: __m256i) -> __m512 {
-        // SAFETY: register operations only (the caller's features).
-        unsafe {
-            if BF {
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            } else {
-                _mm512_cvtph_ps(h)
-            }
-        }
-    }
-
-    /// Eight f16 (or bf16) values to f32.
-    ///
-    /// # Safety
-    /// AVX2 and F16C are enabled by the caller.
-    #[inline(always)]
-    unsafe fn widen8<const BF: bool>(h: __m128i) -> __m256 {
-        // SAFETY: register operations only (the caller's features).
-        unsafe {
-            if BF {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-            } else {
-                _mm256_cvtph_ps(h)
-            }
-        }
-    }
-
-    /// A 4 × 4 tile of [`super::gemm16`]: `out[n][m] = w[n] · x[m]`.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `w` row
-    /// holds `2 * x[0].len()` bytes and every `x` row as many values.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile_avx512<const BF: bool>(w: &[&[u8]; 4], x: &[&[f32]; 4]) -> [[f32; 4]; 4] {
-        let len = x[0].len();
-        let mut acc = [[_mm512_setzero_pd(); 4]; 4];
-        let mut i = 0;
-        while i < len {
-            let left = len - i;
-            // Whole steps load plainly; only the tail is masked.
-            let mask = if left >= 8 { 0xff } else { (1u8 << left) - 1 };
-            // SAFETY: the loads touch only elements i..len of each row.
-            unsafe {
-                // A loop, not `from_fn`: a closure would be compiled
-                // without this function's target features, and not inlined.
-                let mut xv = [_mm512_setzero_pd(); 4];
-                for (xv, row) in xv.iter_mut().zip(x) {
-                    let p = row.as_ptr().add(i);
-                    *xv = _mm512_cvtps_pd(if left >= 8 {
-                        _mm256_loadu_ps(p)
-                    } else {
-                        _mm256_maskz_loadu_ps(mask, p)
-                    });
-                }
-                for (row, acc) in w.iter().zip(&mut acc) {
-                    let p = row.as_ptr().add(2 * i);
-                    let wv = _mm512_cvtps_pd(widen8::<BF>(if left >= 8 {
-                        _mm_loadu_si128(p.cast())
-                    } else {
-                        _mm_maskz_loadu_epi16(mask, p.cast())
-                    }));
-                    for (acc, xv) in acc.iter_mut().zip(&xv) {
-                        *acc = _mm512_fmadd_pd(wv, *xv, *acc);
+                let mut out = [[0.0; M]; N];
+                for m in 0..M {
+                    let mut n = 0;
+                    while n + 4 <= N {
+                        // SAFETY: AVX is enabled here.
+                        let s = unsafe {
+                            sum8x4([acc[n][m], acc[n + 1][m], acc[n + 2][m], acc[n + 3][m]])
+                        };
+                        for (i, s) in s.into_iter().enumerate() {
+                            out[n + i][m] = s;
+                        }
+                        n += 4;
+                    }
+                    for n in n..N {
+                        // SAFETY: AVX is enabled here.
+                        out[n][m] = unsafe { sum8(acc[n][m]) };
                     }
                 }
+                out
             }
-            i += 8;
-        }
-        let mut out = [[0.0; 4]; 4];
-        for (out, acc) in out.iter_mut().zip(&acc) {
-            // SAFETY: AVX-512 F is enabled here.
-            *out = unsafe { reduce4(acc) };
-        }
-        out
+        };
     }
 
-    /// The four sums of eight lanes each, in one tree (11 operations
-    /// instead of four reductions' 24).
-    ///
-    /// # Safety
-    /// AVX-512 F is present.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn reduce4(a: &[__m512d; 4]) -> [f32; 4] {
-        // Neighbouring lanes: [a0 a1 a0 a1 …] and [a2 a3 a2 a3 …].
-        let s01 = _mm512_add_pd(
-            _mm512_unpacklo_pd(a[0], a[1]),
-            _mm512_unpackhi_pd(a[0], a[1]),
-        );
-        let s23 = _mm512_add_pd(
-            _mm512_unpacklo_pd(a[2], a[3]),
-            _mm512_unpackhi_pd(a[2], a[3]),
-        );
-        // 128-bit quarters 0+2 and 1+3: [s01 s01 s23 s23] as pairs.
-        let w = _mm512_add_pd(
-            _mm512_shuffle_f64x2::<0b01_00_01_00>(s01, s23),
-            _mm512_shuffle_f64x2::<0b11_10_11_10>(s01, s23),
-        );
-        // Quarters 0+1 and 2+3.
-        let y = _mm512_add_pd(w, _mm512_shuffle_f64x2::<0b10_11_00_01>(w, w));
-        let mut v = [0f64; 8];
-        // SAFETY: `v` holds 8 f64s.
-        unsafe { _mm512_storeu_pd(v.as_mut_ptr(), y) };
-        [v[0] as f32, v[1] as f32, v[4] as f32, v[5] as f32]
-    }
+    tile!(tile_avx2, "avx2,fma,f16c");
+    tile!(tile_avx512, "avx2,fma,f16c,avx512f,avx512bw,avx512vl");
 }

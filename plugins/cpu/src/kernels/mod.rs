@@ -464,46 +464,32 @@ macro_rules! first_rows {
 enum Prepared<'a> {
     Q8(Q8Row),
     Q8K(kquant::Q8KRow),
-    /// Rounded to f16, kept as f32, and (for [`f16::gemm16_lanes`]'s
-    /// short rows on AVX-512) widened to f64 too (else empty).
-    F16(&'a [f32], &'a [f64]),
+    /// Rounded to f16, kept as f32.
+    F16(&'a [f32]),
     /// Rounded to bf16, kept as f32.
     Bf16(&'a [f32]),
 }
 
-/// Every activation row of an F16 or BF16 product, rounded (and widened).
+/// Every activation row of an F16 or BF16 product, rounded.
 struct FloatRows {
     k: usize,
     rounded: Vec<f32>,
-    /// Empty unless [`f16::gemm16_lanes`] takes the product.
-    wide: Vec<f64>,
 }
 
 impl FloatRows {
-    fn new(rows: usize, k: usize, widen: bool) -> FloatRows {
+    fn new(rows: usize, k: usize) -> FloatRows {
         FloatRows {
             k,
             rounded: vec![0.0; rows * k],
-            wide: if widen {
-                vec![0.0; rows * k]
-            } else {
-                Vec::new()
-            },
         }
     }
 
     /// Where the pool's threads write the rows ([`FloatRowsWriter::set`]).
     fn writer(&mut self) -> FloatRowsWriter {
-        let wide = if self.wide.is_empty() {
-            None
-        } else {
-            Some(SendPtr(self.wide.as_mut_ptr().cast()))
-        };
         FloatRowsWriter {
             k: self.k,
             rows: self.rounded.len() / self.k.max(1),
             rounded: SendPtr(self.rounded.as_mut_ptr().cast()),
-            wide,
         }
     }
 
@@ -516,8 +502,7 @@ impl FloatRows {
                 if weights == DType::BF16 {
                     Prepared::Bf16(v)
                 } else {
-                    let wide = self.wide.get(i * k..(i + 1) * k).unwrap_or(&[]);
-                    Prepared::F16(v, wide)
+                    Prepared::F16(v)
                 }
             })
             .collect()
@@ -530,12 +515,11 @@ struct FloatRowsWriter {
     k: usize,
     rows: usize,
     rounded: SendPtr,
-    wide: Option<SendPtr>,
 }
 
 impl FloatRowsWriter {
     /// Row `i` of `x` rounded as the reference's `round_activations`
-    /// does for `weights` (and widened).
+    /// does for `weights`.
     ///
     /// # Safety
     /// No other thread writes row `i` meanwhile, and the [`FloatRows`]
@@ -554,14 +538,6 @@ impl FloatRowsWriter {
             }
         } else {
             f16::round_row(isa, x, v);
-        }
-        if let Some(wide) = &self.wide {
-            // SAFETY: as above.
-            let wide =
-                unsafe { std::slice::from_raw_parts_mut(wide.get().cast::<f64>().add(i * k), k) };
-            for (w, &r) in wide.iter_mut().zip(v.iter()) {
-                *w = r as f64;
-            }
         }
     }
 }
@@ -613,16 +589,7 @@ impl Prepared<'_> {
     #[inline(always)]
     fn rounded(&self) -> Option<&[f32]> {
         match self {
-            Prepared::F16(v, _) | Prepared::Bf16(v) => Some(v),
-            _ => None,
-        }
-    }
-
-    /// F16 rows widened to f64 (filled for batches of short rows).
-    #[inline(always)]
-    fn wide(&self) -> Option<&[f64]> {
-        match self {
-            Prepared::F16(_, wide) => Some(wide),
+            Prepared::F16(v) | Prepared::Bf16(v) => Some(v),
             _ => None,
         }
     }
@@ -642,8 +609,8 @@ impl Prepared<'_> {
                 kquant::row_dot(dtype)(isa, w, &rows[..n], &mut out[..n]);
                 n
             }
-            Prepared::F16(first, _) => {
-                let (rows, n) = first_rows!(xs, *first, Prepared::F16(v, _) => *v);
+            Prepared::F16(first) => {
+                let (rows, n) = first_rows!(xs, *first, Prepared::F16(v) => *v);
                 f16::dot_rows(isa, false, w, &rows[..n], &mut out[..n]);
                 n
             }
@@ -720,8 +687,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     // Activation row m of slice s is `xq[s * m_count + m]`.
     let n_rows = n_slices * m_count;
     let float = matches!(wd.dtype, DType::F16 | DType::BF16);
-    let widen = wd.dtype == DType::F16 && isa == Isa::Avx512 && batched && k <= f16::LANES_MAX_K;
-    let mut floats = FloatRows::new(if float { n_rows } else { 0 }, k, widen);
+    let mut floats = FloatRows::new(if float { n_rows } else { 0 }, k);
     let mut xq: Vec<Prepared> = if float {
         Vec::new()
     } else {
@@ -770,12 +736,6 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
                 });
             }
-            DType::F16 if widen => {
-                let xs = all_rows(&xq, m_count, Prepared::wide);
-                gemm_groups::<Vec<f64>>(&slices, n_count, work, &|s, ws, sc, out| {
-                    f16::gemm16_lanes(isa, ws, &xs[s], sc, out)
-                });
-            }
             _ => {
                 let xs = all_rows(&xq, m_count, Prepared::rounded);
                 let bf16 = wd.dtype == DType::BF16;
@@ -822,7 +782,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                             out(n, o[0]);
                         }
                     }
-                    Prepared::F16(x, _) | Prepared::Bf16(x) => {
+                    Prepared::F16(x) | Prepared::Bf16(x) => {
                         let bf16 = wd.dtype == DType::BF16;
                         let mut o = [0f32];
                         for n in rows {
@@ -869,8 +829,7 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 /// and K-quant products use the lane-wise GEMMs ([`q8::gemm16`],
 /// [`kquant::gemm16`]) where the CPU has AVX-512 VNNI (the Q8_0-activation
 /// types on AVX2 too, 8 rows a register), and F16/BF16 products
-/// [`f16::gemm16_lanes`] (short F16 rows on AVX-512) or [`f16::gemm16`]'s
-/// tiles (AVX2 and AVX-512).
+/// [`f16::gemm16`]'s tiles (AVX2 and AVX-512).
 const GEMM_MIN_ROWS: usize = 4;
 
 /// Where one (i2, i3) slice of a product lives.

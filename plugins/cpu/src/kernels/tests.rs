@@ -97,10 +97,12 @@ fn both_with_bound(
 fn assert_close(isa: Isa, dtype: DType, k: usize, reference: &[f32], fast: &[f32]) {
     // Exact block sums, f64 accumulation: equal to the reference's
     // rounding; one ulp allows for an f64 tie-break in the last place.
+    // F16 and BF16 sum in f32 lanes in one order everywhere: the bits.
+    let float = matches!(dtype, DType::F16 | DType::BF16);
     for (i, (a, b)) in reference.iter().zip(fast).enumerate() {
         let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
         assert!(
-            ulps <= 1 || (a - b).abs() < 1e-30,
+            a.to_bits() == b.to_bits() || !float && (ulps <= 1 || (a - b).abs() < 1e-30),
             "{} {dtype} k={k}: output {i}: reference {a}, kernel {b}",
             isa.name()
         );
@@ -167,6 +169,70 @@ fn mul_mat_matches_the_reference_on_every_path() {
             }
             let (r, f) = both(isa, dtype, [64, 18, 6, 2, 4], 98);
             assert_close(isa, dtype, 64, &r, &f);
+        }
+    }
+}
+
+#[test]
+fn float_products_at_their_limits_give_the_reference_bits_on_every_path() {
+    // Signed zeros, values whose bf16 products fall below f32's normal
+    // range (the one case where a fused multiply-add and a sum of the
+    // rounded product differ), f16 subnormals, infinities (and the NaN
+    // of ∞ · 0), cancellation: every path must add them as the reference.
+    let specials = [
+        0.0f32, -0.0, 1e-20, -3e-21, 6e-8, -6e-8, 1e-30, 65504.0, -65504.0, 1.0, -1.0, 3.0e38,
+        1e-38,
+    ];
+    for dtype in [DType::F16, DType::BF16] {
+        for (seed, (k, m)) in [(3, 1), (13, 2), (29, 5), (64, 7)].into_iter().enumerate() {
+            let mut rng = fastrand::Rng::with_seed(seed as u64);
+            let n = 6;
+            let pick = |rng: &mut fastrand::Rng| {
+                if rng.u8(..) < 160 {
+                    specials[rng.usize(..specials.len())]
+                } else {
+                    rng.f32() * 4.0 - 2.0
+                }
+            };
+            let wv: Vec<f32> = (0..n * k).map(|_| pick(&mut rng)).collect();
+            let xv: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    // A row of only ±0 and tiny products, and rows with ∞.
+                    if i / k == 0 {
+                        specials[i % 5]
+                    } else {
+                        pick(&mut rng)
+                    }
+                })
+                .collect();
+            let mut w = vec![0u8; dtype.row_bytes(n * k).unwrap()];
+            kiln_blocks::quantize_row(dtype, &wv, &mut w);
+            let mut x: Vec<u8> = xv.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let wd = Desc::contiguous(dtype, [k, n, 1, 1]);
+            let xd = Desc::contiguous(DType::F32, [k, m, 1, 1]);
+            let dd = Desc::contiguous(DType::F32, [n, m, 1, 1]);
+            let (wv, xv) = (view(wd, &mut w), view(xd, &mut x));
+            let mut want = vec![0u8; dd.extent().unwrap()];
+            // SAFETY: every view covers its own Vec; the shapes agree.
+            unsafe { ops::run(OpKind::MulMat, &[wv, xv], &view(dd, &mut want), &[0; 8]).unwrap() };
+            for isa in Isa::available() {
+                if dtype == DType::BF16 && isa < Isa::Avx2 {
+                    continue; // the reference runs BF16 there
+                }
+                let mut got = vec![0u8; want.len()];
+                // SAFETY: as above.
+                unsafe {
+                    run(isa, OpKind::MulMat, &[wv, xv], &view(dd, &mut got), &[0; 8])
+                        .expect("a fast path")
+                };
+                for (i, (a, b)) in f32s(&want).iter().zip(f32s(&got)).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits() || a.is_nan() && b.is_nan(),
+                        "{} {dtype} k={k}: output {i}: reference {a:e}, kernel {b:e}",
+                        isa.name()
+                    );
+                }
+            }
         }
     }
 }
