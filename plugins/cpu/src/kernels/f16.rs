@@ -1,7 +1,8 @@
 //! Dot products of F16 weight rows with activations rounded to f16 (the
 //! reference's `round_activations` for F16 weights), and of BF16 rows with
-//! bf16-rounded activations: portable, AVX2 and AVX-512 (which runs the
-//! AVX2 row kernel and the AVX2 tiles in 32 registers). Every path sums in
+//! bf16-rounded activations: portable, NEON (`neon::float_tile`), AVX2 and
+//! AVX-512 (which runs the AVX2 row kernel and the AVX2 tiles in 32
+//! registers). Every path sums in
 //! `kiln_blocks::float_dot`'s order (eight f32 lanes, fused multiply-adds,
 //! one reduction tree), so every path gives the reference's bits.
 
@@ -48,6 +49,28 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
         }
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        use super::neon::float_tile;
+        macro_rules! rows {
+            ($r:literal) => {{
+                let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
+                let o = if bf16 {
+                    float_tile::<true, 1, $r>(&[w], x)
+                } else {
+                    float_tile::<false, 1, $r>(&[w], x)
+                };
+                out.copy_from_slice(&o[0]);
+            }};
+        }
+        match xs.len() {
+            1 => rows!(1),
+            2 => rows!(2),
+            3 => rows!(3),
+            _ => rows!(4),
+        }
+        return;
+    }
     let _ = isa;
     for (x, o) in xs.iter().zip(out) {
         *o = kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x);
@@ -77,6 +100,18 @@ pub fn gemm16(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     return gemm16_x86(isa, bf16, ws, xs, &mut out);
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        // 2 × 4 tiles: 16 accumulators of two registers' lanes, beside
+        // the activations' eight and the weights' two, in 32 registers.
+        if bf16 {
+            tiled(ws, xs, &mut out, super::neon::float_tile::<true, 2, 4>);
+        } else {
+            tiled(ws, xs, &mut out, super::neon::float_tile::<false, 2, 4>);
+        }
+        return true;
+    }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (isa, bf16, ws, xs, &mut out);
@@ -86,6 +121,10 @@ pub fn gemm16(
 
 /// Whether [`gemm16`] runs on `isa` (F16 and BF16 alike).
 pub fn has_gemm(isa: Isa) -> bool {
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        return true;
+    }
     cfg!(target_arch = "x86_64") && isa >= Isa::Avx2
 }
 
@@ -127,7 +166,7 @@ fn gemm16_x86(
 }
 
 /// [`gemm16`]'s walk over tiles of `N` weight rows × `M` activation rows.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn tiled<const N: usize, const M: usize>(
     ws: &[&[u8]],
     xs: &[&[f32]],

@@ -180,7 +180,8 @@ pub enum Isa {
     /// Portable integer kernels (any CPU).
     Scalar,
     /// aarch64: NEON block sums for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL,
-    /// Q2_K, Q3_K and IQ4_XS (`neon.rs`), the portable kernels for the rest.
+    /// Q2_K, Q3_K and IQ4_XS, F16/BF16 rows and tiles (`neon.rs`), the
+    /// portable kernels for the rest.
     #[cfg(target_arch = "aarch64")]
     Neon,
     /// AVX2 + FMA (+ F16C).
@@ -458,7 +459,7 @@ macro_rules! first_rows {
 }
 
 /// One activation row, prepared for the weights' dot product. F16 and
-/// BF16 rows live in two buffers for the whole product ([`FloatRows`]):
+/// BF16 rows live in one buffer for the whole product ([`FloatRows`]):
 /// attention prepares thousands of short rows per product, and a pair of
 /// allocations for each cost more than the product itself.
 enum Prepared<'a> {
@@ -646,11 +647,6 @@ fn all_rows<'a, 'b, T: ?Sized>(
 /// As for [`run`].
 unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
-    // BF16 has AVX2 and AVX-512 kernels only; elsewhere the reference
-    // runs it.
-    if wd.dtype == DType::BF16 && isa < Isa::Avx2 {
-        return None;
-    }
     if !has_mul_mat(wd.dtype)
         || wd.nb[0] != wd.dtype.block_bytes()
         || xd.dtype != DType::F32

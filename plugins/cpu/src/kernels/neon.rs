@@ -3,7 +3,9 @@
 //! which `q8::dot_rows` then scales in f64 exactly as the portable path
 //! does (so the results are the reference's bits); and of Q2_K, Q3_K and
 //! IQ4_XS against Q8_K codes, `Σ sc_j (q·x)_j` per 256-code block, which
-//! `kquant` scales as its portable kernels do.
+//! `kquant` scales as its portable kernels do. And F16/BF16 weights
+//! against activations rounded to their type, in f32 lanes in kiln's one
+//! order for those products ([`float_tile`]).
 //!
 //! NEON is part of the aarch64 base instruction set, so no detection is
 //! needed. Products are `vmull_s8` (int8 × int8 → int16, exact) folded
@@ -314,6 +316,118 @@ pub fn block_sums_iq4_xs(w: &[u8], x: &[i8], out: &mut [i32]) {
     }
 }
 
+/// Eight f16 (or, `BF`, bf16) values at `p` to f32, lanes 0–3 and 4–7
+/// (exact either way). F16 through `fcvtl`/`fcvtl2`: baseline aarch64,
+/// but Rust has no stable intrinsic for them (its `float16x4_t` is not).
+///
+/// # Safety
+/// `p` points at 16 readable bytes.
+#[inline(always)]
+unsafe fn widen8<const BF: bool>(p: *const u8) -> [float32x4_t; 2] {
+    // SAFETY: the caller's pointer; register-only operations otherwise.
+    unsafe {
+        let h = vreinterpretq_u16_u8(vld1q_u8(p));
+        if BF {
+            [
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_high_u16(h))),
+            ]
+        } else {
+            let (lo, hi): (float32x4_t, float32x4_t);
+            core::arch::asm!(
+                "fcvtl {lo:v}.4s, {h:v}.4h",
+                "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                h = in(vreg) h,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack),
+            );
+            [lo, hi]
+        }
+    }
+}
+
+/// The eight lanes' sum in kiln's order for F16/BF16 products
+/// (`kiln_blocks::sum_lanes`): lanes `j + (j + 4)`, then `j + (j + 2)`,
+/// then `0 + 1`.
+#[inline(always)]
+fn sum8(v: [float32x4_t; 2]) -> f32 {
+    // SAFETY: register-only NEON operations.
+    unsafe {
+        let a = vaddq_f32(v[0], v[1]);
+        let c = vadd_f32(vget_low_f32(a), vget_high_f32(a));
+        vget_lane_f32::<0>(c) + vget_lane_f32::<1>(c)
+    }
+}
+
+/// `out[n][m] = w[n] · x[m]` for `N` F16 (or, `BF`, BF16) weight rows and
+/// `M` activation rows rounded to the same type, in the order every kiln
+/// kernel for these types follows (`kiln_blocks::float_dot`): product `i`
+/// into f32 lane `i mod 8` by a fused multiply-add (`vfmaq_f32`), the rows
+/// zero-padded to a multiple of 8, the lanes added by [`sum8`]. Each
+/// weight vector is widened once for the `M` rows.
+pub fn float_tile<const BF: bool, const N: usize, const M: usize>(
+    w: &[&[u8]; N],
+    x: &[&[f32]; M],
+) -> [[f32; M]; N] {
+    let len = x[0].len();
+    assert!(
+        x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len),
+        "{} values per row, {} weight bytes",
+        len,
+        w[0].len()
+    );
+    let full = len / 8 * 8;
+    // SAFETY: register-only NEON operations.
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let mut acc = [[[zero; 2]; M]; N];
+    let mut step = |wp: [*const u8; N], xp: [*const f32; M]| {
+        // SAFETY: each pointer is at 8 values (the callers below).
+        unsafe {
+            let mut xv = [[zero; 2]; M];
+            for (v, p) in xv.iter_mut().zip(xp) {
+                *v = [vld1q_f32(p), vld1q_f32(p.add(4))];
+            }
+            for (acc, p) in acc.iter_mut().zip(wp) {
+                let wv = widen8::<BF>(p);
+                for (a, x) in acc.iter_mut().zip(&xv) {
+                    a[0] = vfmaq_f32(a[0], wv[0], x[0]);
+                    a[1] = vfmaq_f32(a[1], wv[1], x[1]);
+                }
+            }
+        }
+    };
+    for i in (0..full).step_by(8) {
+        // In bounds: i + 8 <= full.
+        step(
+            std::array::from_fn(|n| w[n][2 * i..].as_ptr()),
+            std::array::from_fn(|m| x[m][i..].as_ptr()),
+        );
+    }
+    if full < len {
+        // The tail zero-filled to eight values.
+        let mut tw = [[0u8; 16]; N];
+        let mut tx = [[0f32; 8]; M];
+        for (t, w) in tw.iter_mut().zip(w) {
+            t[..w.len() - 2 * full].copy_from_slice(&w[2 * full..]);
+        }
+        for (t, x) in tx.iter_mut().zip(x) {
+            t[..x.len() - full].copy_from_slice(&x[full..]);
+        }
+        step(
+            std::array::from_fn(|n| tw[n].as_ptr()),
+            std::array::from_fn(|m| tx[m].as_ptr()),
+        );
+    }
+    let mut out = [[0.0; M]; N];
+    for (out, acc) in out.iter_mut().zip(&acc) {
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = sum8(*a);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,5 +635,103 @@ mod tests {
     fn short_input_is_refused() {
         let mut out = [0i32; 2];
         block_sums_q8_0(&[0u8; Q8_0_BYTES], &[0i8; 2 * QK], &mut out);
+    }
+
+    /// An f16's bits as f32 (exact; the scalar conversion).
+    fn f16_to_f32(h: u16) -> f32 {
+        let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+        let e = ((h >> 10) & 0x1f) as i32;
+        let m = (h & 0x3ff) as f32;
+        sign * match e {
+            0 => m * (2.0f32).powi(-24),
+            31 if m == 0.0 => f32::INFINITY,
+            31 => f32::NAN,
+            _ => (1.0 + m / 1024.0) * (2.0f32).powi(e - 15),
+        }
+    }
+
+    /// `kiln_blocks::float_dot` written out again (this file stands alone).
+    fn float_dot(w: &[f32], x: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        for (i, (w, x)) in w.iter().zip(x).enumerate() {
+            acc[i % 8] = w.mul_add(*x, acc[i % 8]);
+        }
+        if w.len() % 8 != 0 {
+            for a in &mut acc[w.len() % 8..] {
+                *a += 0.0;
+            }
+        }
+        let b = [
+            acc[0] + acc[4],
+            acc[1] + acc[5],
+            acc[2] + acc[6],
+            acc[3] + acc[7],
+        ];
+        (b[0] + b[2]) + (b[1] + b[3])
+    }
+
+    fn float_tiles_case<const BF: bool>(rng: &mut Lcg, len: usize) {
+        // Random f16 or bf16 bit patterns (infinities and NaNs among them
+        // for f16: every exponent), activations rounded to the same type.
+        let widen = |h: u16| {
+            if BF {
+                f32::from_bits((h as u32) << 16)
+            } else {
+                f16_to_f32(h)
+            }
+        };
+        let bits = |rng: &mut Lcg| {
+            let v = u16::from_le_bytes([rng.byte(), rng.byte()]);
+            // bf16: mostly moderate exponents, some tiny and huge ones.
+            if BF && v % 4 != 0 {
+                (v & 0x80ff) | 0x3f00
+            } else {
+                v
+            }
+        };
+        let w: Vec<Vec<u8>> = (0..2)
+            .map(|_| (0..len).flat_map(|_| bits(rng).to_le_bytes()).collect())
+            .collect();
+        let x: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..len).map(|_| widen(bits(rng))).collect())
+            .collect();
+        let wf: Vec<Vec<f32>> = w
+            .iter()
+            .map(|r| {
+                r.chunks(2)
+                    .map(|c| widen(u16::from_le_bytes([c[0], c[1]])))
+                    .collect()
+            })
+            .collect();
+        let got = float_tile::<BF, 2, 3>(&[&w[0], &w[1]], &[&x[0], &x[1], &x[2]]);
+        for n in 0..2 {
+            for m in 0..3 {
+                let want = float_dot(&wf[n], &x[m]);
+                let g = got[n][m];
+                assert!(
+                    want.to_bits() == g.to_bits() || want.is_nan() && g.is_nan(),
+                    "bf16 {} len {}: ({}, {}) kernel {:e}, reference {:e}",
+                    BF,
+                    len,
+                    n,
+                    m,
+                    g,
+                    want
+                );
+            }
+        }
+        let one = float_tile::<BF, 1, 1>(&[&w[1]], &[&x[2]]);
+        assert!(one[0][0].to_bits() == got[1][2].to_bits() || one[0][0].is_nan());
+    }
+
+    #[test]
+    fn float_tiles_follow_the_f32_lane_order() {
+        let mut rng = Lcg(7);
+        for len in [1, 7, 8, 9, 15, 16, 31, 64, 77, 200] {
+            for _ in 0..4 {
+                float_tiles_case::<false>(&mut rng, len);
+                float_tiles_case::<true>(&mut rng, len);
+            }
+        }
     }
 }
