@@ -77,6 +77,52 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
     }
 }
 
+/// Weight rows per [`dot_weight_rows`] call.
+pub const DECODE_ROWS: usize = 4;
+
+/// `out[n] = ws[n] · x` for up to [`DECODE_ROWS`] weight rows and one
+/// activation row: decode. Each sum is a chain of dependent FMAs (eight
+/// lanes, in [`kiln_blocks::float_dot`]'s order), so one row at a time
+/// waits on the FMA's latency; four rows keep four chains in flight.
+pub fn dot_weight_rows(isa: Isa, bf16: bool, ws: &[&[u8]], x: &[f32], out: &mut [f32]) {
+    assert!(!ws.is_empty() && ws.len() <= DECODE_ROWS && out.len() == ws.len());
+    assert!(ws.iter().all(|w| w.len() == 2 * x.len()));
+    // Short groups repeat their last row and drop its results.
+    let w: [&[u8]; DECODE_ROWS] = std::array::from_fn(|i| ws[i.min(ws.len() - 1)]);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
+        // and F16C); lengths checked above.
+        let o = unsafe {
+            if bf16 {
+                x86::tile_avx2::<true, DECODE_ROWS, 1>(&w, &[x])
+            } else {
+                x86::tile_avx2::<false, DECODE_ROWS, 1>(&w, &[x])
+            }
+        };
+        for (out, o) in out.iter_mut().zip(o) {
+            *out = o[0];
+        }
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        let o = if bf16 {
+            super::neon::float_tile::<true, DECODE_ROWS, 1>(&w, &[x])
+        } else {
+            super::neon::float_tile::<false, DECODE_ROWS, 1>(&w, &[x])
+        };
+        for (out, o) in out.iter_mut().zip(o) {
+            *out = o[0];
+        }
+        return;
+    }
+    let _ = (isa, w);
+    for (w, o) in ws.iter().zip(out) {
+        *o = kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x);
+    }
+}
+
 /// Weight rows per [`gemm16`] call.
 pub const GEMM_ROWS: usize = 16;
 
@@ -382,6 +428,13 @@ mod x86 {
                     }
                 };
                 for i in (0..full).step_by(8) {
+                    if M == 1 && i % 32 == 0 {
+                        // Decode streams the weights once: each row's
+                        // line 8 KiB ahead.
+                        for w in w {
+                            crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 64);
+                        }
+                    }
                     // In bounds: i + 8 <= full.
                     step(
                         std::array::from_fn(|n| w[n][2 * i..].as_ptr()),

@@ -780,10 +780,16 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     }
                     Prepared::F16(x) | Prepared::Bf16(x) => {
                         let bf16 = wd.dtype == DType::BF16;
-                        let mut o = [0f32];
-                        for n in rows {
-                            f16::dot_rows(isa, bf16, w(n), &[*x], &mut o);
-                            out(n, o[0]);
+                        let mut o = [0f32; f16::DECODE_ROWS];
+                        let last = rows.end;
+                        for n0 in rows.step_by(f16::DECODE_ROWS) {
+                            let count = (last - n0).min(f16::DECODE_ROWS);
+                            let ws: [&[u8]; f16::DECODE_ROWS] =
+                                std::array::from_fn(|i| w(n0 + i.min(count - 1)));
+                            f16::dot_weight_rows(isa, bf16, &ws[..count], x, &mut o[..count]);
+                            for (i, v) in o[..count].iter().enumerate() {
+                                out(n0 + i, *v);
+                            }
                         }
                     }
                 }
