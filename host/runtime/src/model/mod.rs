@@ -94,14 +94,14 @@ fn is_matrix_weight(name: &str) -> bool {
     name == "output.weight" || (name.starts_with("blk.") && ENDS.iter().any(|e| name.ends_with(e)))
 }
 
-/// Threads the host uses for its own work on a model (repacking): like
-/// the CPU backend, `KILN_THREADS`, else the cores this process may use.
+/// Threads the host uses for its own work on a model (repacking): as
+/// the CPU backend, `KILN_THREADS`, else its default.
 fn host_threads() -> usize {
     std::env::var("KILN_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n >= 1)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .unwrap_or_else(kiln_cpu::kernels::default_threads)
 }
 
 /// Rewrites rows of `row` bytes from `from` to `to` in place, on

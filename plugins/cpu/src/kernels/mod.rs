@@ -148,10 +148,12 @@ mod lanes;
 mod neon;
 mod q8;
 mod threads;
+mod topology;
 
 pub use activations::row_fns;
 pub use q8::Q8Row;
 pub use threads::{set_threads, threads};
+pub use topology::default_threads;
 
 use crate::ops::View;
 use kiln_plugin_api::{DType, OpKind};

@@ -2,8 +2,10 @@
 //! woken per op, never a thread spawn per op. The calling thread works
 //! too, so `threads() == 2` means one worker.
 //!
-//! The count is `KILN_THREADS`, else the number of cores the process may
-//! use; [`set_threads`] changes it (before or between ops).
+//! The count is `KILN_THREADS`, else one per physical (and, on hybrid
+//! and big.LITTLE CPUs, fast) core the process may use
+//! ([`super::topology`]); [`set_threads`] changes it (before or between
+//! ops).
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -87,12 +89,11 @@ struct Pool {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let default = std::thread::available_parallelism().map_or(1, |n| n.get());
         let n = std::env::var("KILN_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n >= 1)
-            .unwrap_or(default);
+            .unwrap_or_else(super::topology::default_threads);
         Pool {
             shared: Arc::default(),
             dispatch: Mutex::new(()),
