@@ -195,7 +195,7 @@ fn smollm2_chat_completion_matches_llama_cpp() {
     // The released SmolLM2-135M-Instruct (ChatML template in its GGUF)
     // served by `kiln serve` over HTTP, against llama.cpp's chat
     // completion with the same template: the same prompt tokens, and an
-    // answer that stops at the end of its turn.
+    // answer that stops at the end of its turn wherever llama.cpp's does.
     let Some(model) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
         return;
     };
@@ -204,7 +204,11 @@ fn smollm2_chat_completion_matches_llama_cpp() {
     }
     let home = kiln_tests::Home::default();
     let server = kiln_tests::serve::http_server_with(&home, &model, &[]);
+    let mut stopped = 0;
     for messages in [
+        json!([{"role": "user", "content": "What is 2 + 2?"}]),
+        // Greedy decoding loops on this one ("L'Étoile, la …") in
+        // llama.cpp too, and runs to `max_tokens`.
         json!([{"role": "user", "content": "What is the capital of France?"}]),
         json!([
             {"role": "system", "content": "You are a helpful coding assistant."},
@@ -236,6 +240,14 @@ fn smollm2_chat_completion_matches_llama_cpp() {
         // chat to llama.cpp's greedy tokens with its near-tie rule.
         let text = ours["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(!text.trim().is_empty(), "{ours}");
-        assert_eq!(ours["choices"][0]["finish_reason"], "stop", "{ours}");
+        let finish = &ours["choices"][0]["finish_reason"];
+        if theirs["finish_reason"] == "stop" {
+            assert_eq!(finish, "stop", "kiln {ours}, llama.cpp {theirs}");
+        }
+        stopped += usize::from(finish == "stop");
     }
+    assert!(
+        stopped >= 2,
+        "the end-of-turn token ended fewer than two answers"
+    );
 }
