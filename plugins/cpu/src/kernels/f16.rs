@@ -36,15 +36,22 @@ pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) 
         // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
         // and F16C); lengths checked above.
         unsafe {
-            match (xs.len(), bf16) {
-                (1, false) => x86::dot_rows_avx2::<1, false>(w, xs, out),
-                (2, false) => x86::dot_rows_avx2::<2, false>(w, xs, out),
-                (3, false) => x86::dot_rows_avx2::<3, false>(w, xs, out),
-                (_, false) => x86::dot_rows_avx2::<4, false>(w, xs, out),
-                (1, true) => x86::dot_rows_avx2::<1, true>(w, xs, out),
-                (2, true) => x86::dot_rows_avx2::<2, true>(w, xs, out),
-                (3, true) => x86::dot_rows_avx2::<3, true>(w, xs, out),
-                (_, true) => x86::dot_rows_avx2::<4, true>(w, xs, out),
+            macro_rules! rows {
+                ($r:literal) => {{
+                    let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
+                    let o = if bf16 {
+                        x86::tile_avx2::<true, 1, $r>(&[w], x)
+                    } else {
+                        x86::tile_avx2::<false, 1, $r>(&[w], x)
+                    };
+                    out.copy_from_slice(&o[0]);
+                }};
+            }
+            match xs.len() {
+                1 => rows!(1),
+                2 => rows!(2),
+                3 => rows!(3),
+                _ => rows!(4),
             }
         }
         return;
@@ -350,85 +357,21 @@ mod x86 {
         }
     }
 
-    /// [`super::dot_rows`] on AVX2 (and AVX-512): each step's eight
-    /// weights converted once for the `R` rows, one FMA per row.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are present; `w.len() == 2 * x.len()` for each
-    /// of the first `R` rows of `xs`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows_avx2<const R: usize, const BF: bool>(
-        w: &[u8],
-        xs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let xs: &[&[f32]; R] = xs[..R].try_into().expect("R rows");
-        let len = xs[0].len();
-        let full = len / 8 * 8;
-        assert!(w.len() == 2 * len && xs.iter().all(|x| x.len() == len));
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut step = |w: *const u8, x: [*const f32; R]| {
-            // SAFETY: `w` points at 8 values, each `x` at 8 (callers below).
-            unsafe {
-                let wv = widen8::<BF>(w);
-                for (acc, x) in acc.iter_mut().zip(x) {
-                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x), *acc);
-                }
-            }
-        };
-        for i in (0..full).step_by(8) {
-            crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 16);
-            // In bounds: i + 8 <= full.
-            step(
-                w[2 * i..].as_ptr(),
-                std::array::from_fn(|r| xs[r][i..].as_ptr()),
-            );
-        }
-        if full < len {
-            let t = Tail::<1, R>::new(full, &[w], xs);
-            step(t.w[0].as_ptr(), std::array::from_fn(|r| t.x[r].as_ptr()));
-        }
-        for (o, acc) in out.iter_mut().zip(acc) {
-            // SAFETY: AVX is enabled here.
-            *o = unsafe { sum8(acc) };
-        }
-    }
-
-    /// A tile of [`super::gemm16`], `out[n][m] = w[n] · x[m]` for `N`
-    /// weight rows × `M` activation rows, and decode's rows
-    /// ([`super::dot_weight_rows`], `M` = 1). `carry`-free: the sums start
-    /// at zero and end in [`sum8`]'s tree.
-    /// # Safety
-    /// The CPU has the enabled features; every `w` row holds `2 *
-    /// x[0].len()` bytes and every `x` row as many values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_avx2<const BF: bool, const N: usize, const M: usize>(
+    /// Calls `step` with pointers at each run of eight values of the rows
+    /// (all of one length, checked), the last run zero-filled to eight
+    /// ([`kiln_blocks::float_dot`]'s padding); decode (`M` = 1) prefetches
+    /// each weight row's line 8 KiB ahead, as it streams the weights once.
+    #[inline(always)]
+    fn walk<const N: usize, const M: usize>(
         w: &[&[u8]; N],
         x: &[&[f32]; M],
-    ) -> [[f32; M]; N] {
+        mut step: impl FnMut([*const u8; N], [*const f32; M]),
+    ) {
         let len = x[0].len();
         let full = len / 8 * 8;
         assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
-        let mut acc = [[_mm256_setzero_ps(); M]; N];
-        let mut step = |w: [*const u8; N], x: [*const f32; M]| {
-            // SAFETY: each pointer is at 8 values (callers below).
-            unsafe {
-                let mut xv = [_mm256_setzero_ps(); M];
-                for (v, x) in xv.iter_mut().zip(x) {
-                    *v = _mm256_loadu_ps(x);
-                }
-                for (acc, w) in acc.iter_mut().zip(w) {
-                    let wv = widen8::<BF>(w);
-                    for (acc, xv) in acc.iter_mut().zip(&xv) {
-                        *acc = _mm256_fmadd_ps(wv, *xv, *acc);
-                    }
-                }
-            }
-        };
         for i in (0..full).step_by(8) {
             if M == 1 && i % 32 == 0 {
-                // Decode streams the weights once: each row's
-                // line 8 KiB ahead.
                 for w in w {
                     crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 64);
                 }
@@ -446,6 +389,38 @@ mod x86 {
                 std::array::from_fn(|m| t.x[m].as_ptr()),
             );
         }
+    }
+
+    /// A tile of [`super::gemm16`], `out[n][m] = w[n] · x[m]` for `N`
+    /// weight rows × `M` activation rows; also [`super::dot_rows`]' (`N`
+    /// = 1) and decode's ([`super::dot_weight_rows`], `M` = 1).
+    ///
+    /// # Safety
+    /// The CPU has the enabled features; every `w` row holds `2 *
+    /// x[0].len()` bytes and every `x` row as many values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_avx2<const BF: bool, const N: usize, const M: usize>(
+        w: &[&[u8]; N],
+        x: &[&[f32]; M],
+    ) -> [[f32; M]; N] {
+        let mut acc = [[_mm256_setzero_ps(); M]; N];
+        let step = |w: [*const u8; N], x: [*const f32; M]| {
+            // SAFETY: each pointer is at 8 values ([`walk`], which checks
+            // the lengths).
+            unsafe {
+                let mut xv = [_mm256_setzero_ps(); M];
+                for (v, x) in xv.iter_mut().zip(x) {
+                    *v = _mm256_loadu_ps(x);
+                }
+                for (acc, w) in acc.iter_mut().zip(w) {
+                    let wv = widen8::<BF>(w);
+                    for (acc, xv) in acc.iter_mut().zip(&xv) {
+                        *acc = _mm256_fmadd_ps(wv, *xv, *acc);
+                    }
+                }
+            }
+        };
+        walk(w, x, step);
         let mut out = [[0.0; M]; N];
         for m in 0..M {
             let mut n = 0;
@@ -484,12 +459,10 @@ mod x86 {
         x: &[&[f32]; M],
     ) -> [[f32; M]; N] {
         assert_eq!(M, 2 * P);
-        let len = x[0].len();
-        let full = len / 8 * 8;
-        assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
         let mut acc = [[_mm512_setzero_ps(); P]; N];
-        let mut step = |w: [*const u8; N], x: [*const f32; M]| {
-            // SAFETY: each pointer is at 8 values (callers below).
+        let step = |w: [*const u8; N], x: [*const f32; M]| {
+            // SAFETY: each pointer is at 8 values ([`walk`], which checks
+            // the lengths).
             unsafe {
                 let mut xv = [_mm512_setzero_ps(); P];
                 for (p, v) in xv.iter_mut().enumerate() {
@@ -510,20 +483,7 @@ mod x86 {
                 }
             }
         };
-        for i in (0..full).step_by(8) {
-            // In bounds: i + 8 <= full.
-            step(
-                std::array::from_fn(|n| w[n][2 * i..].as_ptr()),
-                std::array::from_fn(|m| x[m][i..].as_ptr()),
-            );
-        }
-        if full < len {
-            let t = Tail::<N, M>::new(full, w, x);
-            step(
-                std::array::from_fn(|n| t.w[n].as_ptr()),
-                std::array::from_fn(|m| t.x[m].as_ptr()),
-            );
-        }
+        walk(w, x, step);
         let mut out = [[0.0; M]; N];
         // `p` indexes the inner dimension of `acc`.
         #[allow(clippy::needless_range_loop)]
