@@ -31,56 +31,24 @@ pub fn round_row(isa: Isa, x: &[f32], out: &mut [f32]) {
 pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
-    #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
-        // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
-        // and F16C); lengths checked above.
-        unsafe {
-            macro_rules! rows {
-                ($r:literal) => {{
-                    let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
-                    let o = if bf16 {
-                        x86::tile_avx2::<true, 1, $r>(&[w], x)
-                    } else {
-                        x86::tile_avx2::<false, 1, $r>(&[w], x)
-                    };
-                    out.copy_from_slice(&o[0]);
-                }};
+    macro_rules! rows {
+        ($r:literal) => {{
+            let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
+            match small_tile::<1, $r>(isa, bf16, &[w], x) {
+                Some(o) => out.copy_from_slice(&o[0]),
+                None => {
+                    for (x, o) in x.iter().zip(out) {
+                        *o = portable(bf16, w, x);
+                    }
+                }
             }
-            match xs.len() {
-                1 => rows!(1),
-                2 => rows!(2),
-                3 => rows!(3),
-                _ => rows!(4),
-            }
-        }
-        return;
+        }};
     }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        use super::neon::float_tile;
-        macro_rules! rows {
-            ($r:literal) => {{
-                let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
-                let o = if bf16 {
-                    float_tile::<true, 1, $r>(&[w], x)
-                } else {
-                    float_tile::<false, 1, $r>(&[w], x)
-                };
-                out.copy_from_slice(&o[0]);
-            }};
-        }
-        match xs.len() {
-            1 => rows!(1),
-            2 => rows!(2),
-            3 => rows!(3),
-            _ => rows!(4),
-        }
-        return;
-    }
-    let _ = isa;
-    for (x, o) in xs.iter().zip(out) {
-        *o = kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x);
+    match xs.len() {
+        1 => rows!(1),
+        2 => rows!(2),
+        3 => rows!(3),
+        _ => rows!(4),
     }
 }
 
@@ -93,41 +61,59 @@ pub const DECODE_ROWS: usize = 4;
 /// waits on the FMA's latency; four rows keep four chains in flight.
 pub fn dot_weight_rows(isa: Isa, bf16: bool, ws: &[&[u8]], x: &[f32], out: &mut [f32]) {
     assert!(!ws.is_empty() && ws.len() <= DECODE_ROWS && out.len() == ws.len());
-    assert!(ws.iter().all(|w| w.len() == 2 * x.len()));
     // Short groups repeat their last row and drop its results.
     let w: [&[u8]; DECODE_ROWS] = std::array::from_fn(|i| ws[i.min(ws.len() - 1)]);
+    match small_tile::<DECODE_ROWS, 1>(isa, bf16, &w, &[x]) {
+        Some(o) => {
+            for (out, o) in out.iter_mut().zip(o) {
+                *out = o[0];
+            }
+        }
+        None => {
+            for (w, o) in ws.iter().zip(out) {
+                *o = portable(bf16, w, x);
+            }
+        }
+    }
+}
+
+/// `out[n][m] = w[n] · x[m]` on this CPU's vector path for few rows
+/// (AVX2's tile, which AVX-512 CPUs run too, or NEON's); `None` where
+/// there is none. Panics unless every row has `x[0].len()` values.
+fn small_tile<const N: usize, const M: usize>(
+    isa: Isa,
+    bf16: bool,
+    w: &[&[u8]; N],
+    x: &[&[f32]; M],
+) -> Option<[[f32; M]; N]> {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
-        // and F16C); lengths checked above.
-        let o = unsafe {
+        // and F16C); the tile checks the rows' lengths.
+        return Some(unsafe {
             if bf16 {
-                x86::tile_avx2::<true, DECODE_ROWS, 1>(&w, &[x])
+                x86::tile_avx2::<true, N, M>(w, x)
             } else {
-                x86::tile_avx2::<false, DECODE_ROWS, 1>(&w, &[x])
+                x86::tile_avx2::<false, N, M>(w, x)
             }
-        };
-        for (out, o) in out.iter_mut().zip(o) {
-            *out = o[0];
-        }
-        return;
+        });
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        let o = if bf16 {
-            super::neon::float_tile::<true, DECODE_ROWS, 1>(&w, &[x])
+        return Some(if bf16 {
+            super::neon::float_tile::<true, N, M>(w, x)
         } else {
-            super::neon::float_tile::<false, DECODE_ROWS, 1>(&w, &[x])
-        };
-        for (out, o) in out.iter_mut().zip(o) {
-            *out = o[0];
-        }
-        return;
+            super::neon::float_tile::<false, N, M>(w, x)
+        });
     }
-    let _ = (isa, w);
-    for (w, o) in ws.iter().zip(out) {
-        *o = kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x);
-    }
+    let _ = (isa, bf16, w, x);
+    None
+}
+
+/// `w · x` on the portable path: [`kiln_blocks::float_dot`] itself.
+fn portable(bf16: bool, w: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), 2 * x.len());
+    kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x)
 }
 
 /// Weight rows per [`gemm16`] call.
