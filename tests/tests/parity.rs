@@ -340,9 +340,9 @@ fn llama_k_quant_mixes_made_by_llama_cpp() {
     // summed in f32 lanes by both, in different orders. Positions agree to
     // ~2e-6 of the spread but where an 8-bit activation rounding flips
     // (measured: Q4_K_M, two positions of 16 at 1.6e-2 and 3.3e-2),
-    // hence the bound.
+    // hence its bound; Q5_K_M has no flip here (8.8e-7).
     check(LLAMA_256, Some("q4_k_m"), 0.1, false);
-    check(LLAMA_256, Some("q5_k_m"), 0.1, false);
+    check(LLAMA_256, Some("q5_k_m"), 2e-2, false);
 }
 
 #[test]

@@ -1743,55 +1743,36 @@ mod x86 {
         // d and dmin at at·8.
         scratch.reset(halves * nb, 8);
         let m4 = _mm256_set1_epi8(0x0f);
-        for (h, half) in ws.chunks(HALF).enumerate() {
-            for b in 0..nb {
-                let at = h * nb + b;
-                for (n, w) in half.iter().enumerate() {
-                    crate::kernels::prefetch(w.as_ptr().wrapping_add(b * block), block);
-                    let blk = &w[b * block..][..16];
-                    for j in 0..8 {
-                        let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
-                        scratch.put_scale(VNNI, at * 8 + j, n, s as i32, m as i32);
-                    }
-                    scratch.d[at * HALF + n] =
-                        f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-                    scratch.dmin[at * HALF + n] =
-                        f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
-                }
-                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
-                for (c, u) in chunks.iter_mut().enumerate() {
-                    for (n, w) in half.iter().enumerate() {
-                        // SAFETY: code bytes 32(c/2).. of block b are
-                        // inside the row.
-                        let qv = unsafe {
-                            _mm256_loadu_si256(
-                                w.as_ptr().add(b * block + codes_at + 32 * (c / 2)).cast(),
-                            )
-                        };
-                        u[n] = if c % 2 == 0 {
-                            _mm256_and_si256(qv, m4)
-                        } else {
-                            _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4)
-                        };
-                        if Q5 {
-                            // Sub-block c's fifth bits: bit c of qh[l].
-                            // SAFETY: qh's 32 bytes at 16 are inside the
-                            // block.
-                            let qh = unsafe {
-                                _mm256_loadu_si256(w.as_ptr().add(b * block + 16).cast())
-                            };
-                            let bit = _mm256_set1_epi8(1 << c);
-                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                            u[n] = _mm256_or_si256(
-                                u[n],
-                                _mm256_and_si256(set, _mm256_set1_epi8(0x10)),
-                            );
-                        }
-                    }
-                }
-                store_chunks(&mut scratch.codes, at, &chunks);
+        pack_blocks(ws, nb, scratch, |scratch, at, n, b, w, chunks| {
+            crate::kernels::prefetch(w.as_ptr().wrapping_add(b * block), block);
+            let blk = &w[b * block..][..16];
+            for j in 0..8 {
+                let (s, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
+                scratch.put_scale(VNNI, at * 8 + j, n, s as i32, m as i32);
             }
-        }
+            scratch.d[at * HALF + n] = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+            scratch.dmin[at * HALF + n] = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+            for (c, u) in chunks.iter_mut().enumerate() {
+                // SAFETY: code bytes 32(c/2).. of block b are inside the
+                // row.
+                let qv = unsafe {
+                    _mm256_loadu_si256(w.as_ptr().add(b * block + codes_at + 32 * (c / 2)).cast())
+                };
+                u[n] = if c % 2 == 0 {
+                    _mm256_and_si256(qv, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4)
+                };
+                if Q5 {
+                    // Sub-block c's fifth bits: bit c of qh[l].
+                    // SAFETY: qh's 32 bytes at 16 are inside the block.
+                    let qh = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * block + 16).cast()) };
+                    let bit = _mm256_set1_epi8(1 << c);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    u[n] = _mm256_or_si256(u[n], _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+                }
+            }
+        });
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
@@ -1833,38 +1814,31 @@ mod x86 {
         let m4 = _mm_set1_epi8(0x0f);
         // SAFETY: the table holds the 16 bytes loaded.
         let table = unsafe { _mm_loadu_si128(kiln_blocks::IQ4_VALUES.as_ptr().cast()) };
-        for (h, half) in ws.chunks(HALF).enumerate() {
-            for b in 0..nb {
-                let at = h * nb + b;
-                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
-                for (n, w) in half.iter().enumerate() {
-                    let blk = &w[b * IQ4_XS_BLOCK..][..IQ4_XS_BLOCK];
-                    crate::kernels::prefetch(blk.as_ptr(), IQ4_XS_BLOCK);
-                    let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
-                    for (j, chunk) in chunks.iter_mut().enumerate() {
-                        let sc = kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, j) - 32;
-                        // With VNNI the offset's weights are the scales.
-                        scratch.put_scale(VNNI, at * 8 + j, n, sc, if VNNI { sc } else { 0 });
-                        // Sub-block j: the low nibbles of its 16 bytes
-                        // are codes 0..16, the high ones 16..32.
-                        // SAFETY: bytes 8 + 16j.. +16 are inside the block.
-                        let q = unsafe { _mm_loadu_si128(blk.as_ptr().add(8 + 16 * j).cast()) };
-                        let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
-                        let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-                        let v = _mm256_set_m128i(hi, lo);
-                        chunk[n] = if VNNI {
-                            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
-                        } else {
-                            v
-                        };
-                    }
-                    let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-                    scratch.d[at * HALF + n] = d;
-                    scratch.dmin[at * HALF + n] = if VNNI { 128.0 * d } else { 0.0 };
-                }
-                store_chunks(&mut scratch.codes, at, &chunks);
+        pack_blocks(ws, nb, scratch, |scratch, at, n, b, w, chunks| {
+            let blk = &w[b * IQ4_XS_BLOCK..][..IQ4_XS_BLOCK];
+            crate::kernels::prefetch(blk.as_ptr(), IQ4_XS_BLOCK);
+            let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+            for (j, chunk) in chunks.iter_mut().enumerate() {
+                let sc = kiln_blocks::iq4_xs_scale(&blk[4..8], scales_h, j) - 32;
+                // With VNNI the offset's weights are the scales.
+                scratch.put_scale(VNNI, at * 8 + j, n, sc, if VNNI { sc } else { 0 });
+                // Sub-block j: the low nibbles of its 16 bytes are codes
+                // 0..16, the high ones 16..32.
+                // SAFETY: bytes 8 + 16j.. +16 are inside the block.
+                let q = unsafe { _mm_loadu_si128(blk.as_ptr().add(8 + 16 * j).cast()) };
+                let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, m4));
+                let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+                let v = _mm256_set_m128i(hi, lo);
+                chunk[n] = if VNNI {
+                    _mm256_xor_si256(v, _mm256_set1_epi8(-128))
+                } else {
+                    v
+                };
             }
-        }
+            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
+            scratch.d[at * HALF + n] = d;
+            scratch.dmin[at * HALF + n] = if VNNI { 128.0 * d } else { 0.0 };
+        });
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
@@ -2002,6 +1976,33 @@ mod x86 {
                 // SAFETY: group 8c + g is inside `block` (64 groups of 32
                 // bytes, bounds-checked above).
                 unsafe { _mm256_storeu_si256(block.as_mut_ptr().add((8 * c + g) * 32).cast(), *v) };
+            }
+        }
+    }
+
+    /// The packing loop of the AVX2 K-quant GEMMs: for each half of the
+    /// rows and each block (`at = h·nb + b`), `unpack(scratch, at, n, b,
+    /// row, chunks)` puts row `n`'s scales, `d` and `dmin` into the scratch
+    /// and its codes into `chunks[c][n]` (chunk `c`: codes `32c..32c +
+    /// 32`); then the block's chunks are stored lane-wise
+    /// ([`store_chunks`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pack_blocks(
+        ws: &[&[u8]],
+        nb: usize,
+        scratch: &mut GemmScratch,
+        mut unpack: impl FnMut(&mut GemmScratch, usize, usize, usize, &[u8], &mut [[__m256i; 8]; 8]),
+    ) {
+        const HALF: usize = GEMM_ROWS / 2;
+        for (h, half) in ws.chunks(HALF).enumerate() {
+            for b in 0..nb {
+                let at = h * nb + b;
+                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
+                for (n, w) in half.iter().enumerate() {
+                    unpack(scratch, at, n, b, w, &mut chunks);
+                }
+                store_chunks(&mut scratch.codes, at, &chunks);
             }
         }
     }
@@ -2174,33 +2175,26 @@ mod x86 {
             Q3 => Q3_K_BLOCK,
             _ => BLOCK,
         };
-        for (h, half) in ws.chunks(HALF).enumerate() {
-            for b in 0..nb {
-                let at = h * nb + b;
-                let mut chunks = [[_mm256_setzero_si256(); HALF]; 8];
-                for (n, w) in half.iter().enumerate() {
-                    let blk = &w[b * bytes..][..bytes];
-                    crate::kernels::prefetch(blk.as_ptr(), bytes);
-                    // SAFETY: `blk` is one whole block of the type.
-                    let u = unsafe {
-                        match D {
-                            Q2 => q2_k_unpacked(blk),
-                            Q3 => q3_k_unpacked(blk),
-                            _ => q6_k_unpacked(blk),
-                        }
-                    };
-                    for (s, (&sc, &m)) in u.scales.iter().zip(&u.mins).enumerate() {
-                        scratch.put_scale(VNNI, at * 16 + s, n, sc, m);
-                    }
-                    scratch.d[at * HALF + n] = u.d;
-                    scratch.dmin[at * HALF + n] = u.dmin;
-                    for (chunk, c) in chunks.iter_mut().zip(u.codes) {
-                        chunk[n] = c;
-                    }
+        pack_blocks(ws, nb, scratch, |scratch, at, n, b, w, chunks| {
+            let blk = &w[b * bytes..][..bytes];
+            crate::kernels::prefetch(blk.as_ptr(), bytes);
+            // SAFETY: `blk` is one whole block of the type.
+            let u = unsafe {
+                match D {
+                    Q2 => q2_k_unpacked(blk),
+                    Q3 => q3_k_unpacked(blk),
+                    _ => q6_k_unpacked(blk),
                 }
-                store_chunks(&mut scratch.codes, at, &chunks);
+            };
+            for (s, (&sc, &m)) in u.scales.iter().zip(&u.mins).enumerate() {
+                scratch.put_scale(VNNI, at * 16 + s, n, sc, m);
             }
-        }
+            scratch.d[at * HALF + n] = u.d;
+            scratch.dmin[at * HALF + n] = u.dmin;
+            for (chunk, c) in chunks.iter_mut().zip(u.codes) {
+                chunk[n] = c;
+            }
+        });
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {

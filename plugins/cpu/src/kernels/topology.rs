@@ -100,8 +100,14 @@ fn allowed_cpus() -> Option<Vec<usize>> {
 
 /// The pool's default thread count: [`math_threads`] on Linux, at most
 /// what the process may use (`available_parallelism`: affinity and cgroup
-/// quotas), else that.
+/// quotas), else that. Read once per process (the host asks again for
+/// every tensor it repacks).
 pub fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(read_default_threads)
+}
+
+fn read_default_threads() -> usize {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cfg!(target_os = "linux")
         && let Some(allowed) = allowed_cpus()
