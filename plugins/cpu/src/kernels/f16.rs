@@ -119,7 +119,7 @@ fn portable(bf16: bool, w: &[u8], x: &[f32]) -> f32 {
 /// Weight rows per [`gemm16`] call.
 pub const GEMM_ROWS: usize = 16;
 
-/// `out(n, m) = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
+/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
 /// rows and any number of activation rows, in tiles of 2 weight rows × 5
 /// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
 /// registers hold beside the five rows' activations and one weight
@@ -130,30 +130,24 @@ pub const GEMM_ROWS: usize = 16;
 /// last row and drop its results.
 ///
 /// Returns `false` (and does nothing) where [`has_gemm`] says no.
-pub fn gemm16(
-    isa: Isa,
-    bf16: bool,
-    ws: &[&[u8]],
-    xs: &[&[f32]],
-    mut out: impl FnMut(usize, usize, &[f32]),
-) -> bool {
+pub fn gemm16(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return gemm16_x86(isa, bf16, ws, xs, &mut out);
+    return gemm16_x86(isa, bf16, ws, xs, out);
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
         assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
         // 2 × 4 tiles: 16 accumulators of two registers' lanes, beside
         // the activations' eight and the weights' two, in 32 registers.
         if bf16 {
-            tiled(ws, xs, &mut out, super::neon::float_tile::<true, 2, 4>);
+            tiled(ws, xs, out, super::neon::float_tile::<true, 2, 4>);
         } else {
-            tiled(ws, xs, &mut out, super::neon::float_tile::<false, 2, 4>);
+            tiled(ws, xs, out, super::neon::float_tile::<false, 2, 4>);
         }
         return true;
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, bf16, ws, xs, &mut out);
+        let _ = (isa, bf16, ws, xs, out);
         false
     }
 }
@@ -169,13 +163,7 @@ pub fn has_gemm(isa: Isa) -> bool {
 
 /// [`gemm16`] on x86-64.
 #[cfg(target_arch = "x86_64")]
-fn gemm16_x86(
-    isa: Isa,
-    bf16: bool,
-    ws: &[&[u8]],
-    xs: &[&[f32]],
-    out: &mut impl FnMut(usize, usize, &[f32]),
-) -> bool {
+fn gemm16_x86(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
     assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
     let k = xs[0].len();
     assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
@@ -208,7 +196,7 @@ fn gemm16_x86(
 fn tiled<const N: usize, const M: usize>(
     ws: &[&[u8]],
     xs: &[&[f32]],
-    out: &mut impl FnMut(usize, usize, &[f32]),
+    out: &mut [f32],
     tile: impl Fn(&[&[u8]; N], &[&[f32]; M]) -> [[f32; M]; N],
 ) {
     for m0 in (0..xs.len()).step_by(M) {
@@ -219,7 +207,7 @@ fn tiled<const N: usize, const M: usize>(
             let rows = (ws.len() - n0).min(N);
             let columns: [[f32; N]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
             for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
-                out(n0, m0 + m, &column[..rows]);
+                out[(m0 + m) * super::GEMM_GROUP + n0..][..rows].copy_from_slice(&column[..rows]);
             }
         }
     }

@@ -461,7 +461,7 @@ impl GemmScratch {
     }
 }
 
-/// `out(n, m) = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
+/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
 /// and any number of activation rows, on AVX-512 VNNI, lane-wise as
 /// `q8::gemm16`: the codes are unpacked once per call so that lane `n` of
 /// a register holds 4 codes of row `n`; each sub-block's sums are scaled
@@ -479,7 +479,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&Q8KRow],
     scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, &[f32]),
+    out: &mut [f32],
 ) -> bool {
     if !has_gemm(isa, dtype) {
         return false;
@@ -499,31 +499,29 @@ pub fn gemm16(
         // AVX-VNNI where they have it too (Sapphire Rapids, Zen 5).
         let vnni = isa == Isa::AvxVnni || (isa == Isa::Avx512 && super::has_avx_vnni());
         match (isa, dtype) {
-            (_, DType::IQ4_XS) if vnni => {
-                x86::gemm16_iq4_xs_avx2::<true>(ws, xs, scratch, &mut out)
-            }
-            (_, DType::IQ4_XS) => x86::gemm16_iq4_xs_avx2::<false>(ws, xs, scratch, &mut out),
-            (_, DType::Q2_K) if vnni => x86::gemm16_k16_avx2::<Q2, true>(ws, xs, scratch, &mut out),
-            (_, DType::Q3_K) if vnni => x86::gemm16_k16_avx2::<Q3, true>(ws, xs, scratch, &mut out),
+            (_, DType::IQ4_XS) if vnni => x86::gemm16_iq4_xs_avx2::<true>(ws, xs, scratch, out),
+            (_, DType::IQ4_XS) => x86::gemm16_iq4_xs_avx2::<false>(ws, xs, scratch, out),
+            (_, DType::Q2_K) if vnni => x86::gemm16_k16_avx2::<Q2, true>(ws, xs, scratch, out),
+            (_, DType::Q3_K) if vnni => x86::gemm16_k16_avx2::<Q3, true>(ws, xs, scratch, out),
             (Isa::AvxVnni, DType::Q4_K) => {
-                x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, &mut out)
+                x86::gemm16_q4_k_avx2::<false, true>(ws, xs, scratch, out)
             }
             (Isa::AvxVnni, DType::Q5_K) => {
-                x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, &mut out)
+                x86::gemm16_q4_k_avx2::<true, true>(ws, xs, scratch, out)
             }
-            (_, DType::Q2_K) => x86::gemm16_k16_avx2::<Q2, false>(ws, xs, scratch, &mut out),
-            (_, DType::Q3_K) => x86::gemm16_k16_avx2::<Q3, false>(ws, xs, scratch, &mut out),
-            (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, &mut out),
-            (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, &mut out),
-            (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, &mut out),
-            (Isa::AvxVnni, _) => x86::gemm16_k16_avx2::<Q6, true>(ws, xs, scratch, &mut out),
-            (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false, false>(ws, xs, scratch, &mut out),
-            (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true, false>(ws, xs, scratch, &mut out),
-            _ => x86::gemm16_k16_avx2::<Q6, false>(ws, xs, scratch, &mut out),
+            (_, DType::Q2_K) => x86::gemm16_k16_avx2::<Q2, false>(ws, xs, scratch, out),
+            (_, DType::Q3_K) => x86::gemm16_k16_avx2::<Q3, false>(ws, xs, scratch, out),
+            (Isa::Avx512, DType::Q4_K) => x86::gemm16_q4_k_vnni::<false>(ws, xs, scratch, out),
+            (Isa::Avx512, DType::Q5_K) => x86::gemm16_q4_k_vnni::<true>(ws, xs, scratch, out),
+            (Isa::Avx512, _) => x86::gemm16_q6_k_vnni(ws, xs, scratch, out),
+            (Isa::AvxVnni, _) => x86::gemm16_k16_avx2::<Q6, true>(ws, xs, scratch, out),
+            (_, DType::Q4_K) => x86::gemm16_q4_k_avx2::<false, false>(ws, xs, scratch, out),
+            (_, DType::Q5_K) => x86::gemm16_q4_k_avx2::<true, false>(ws, xs, scratch, out),
+            _ => x86::gemm16_k16_avx2::<Q6, false>(ws, xs, scratch, out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (scratch, &mut out);
+    let _ = (scratch, out);
     true
 }
 
@@ -1569,7 +1567,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let nb = xs[0].d.len();
         let (block, codes_at) = q45_layout(Q5);
@@ -1682,12 +1680,9 @@ mod x86 {
                 unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
-        let rows = ws.len();
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe {
-            in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, rows, m0, out))
-        };
+        unsafe { in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, m0, out)) };
     }
 
     gemm_kinds! {
@@ -1731,7 +1726,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let nb = xs[0].d.len();
@@ -1804,7 +1799,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let nb = xs[0].d.len();
@@ -1865,9 +1860,8 @@ mod x86 {
         xs: &[&Q8KRow],
         nb: usize,
         h: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
@@ -1959,7 +1953,7 @@ mod x86 {
                 }
             }
         }
-        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+        crate::kernels::lanes::emit8(&acc, h * HALF, m0, out);
     }
 
     /// Stores one block of a half of the AVX2 GEMMs' scratch: chunk `c`'s
@@ -2159,7 +2153,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let nb = xs[0].d.len();
@@ -2242,9 +2236,8 @@ mod x86 {
         xs: &[&Q8KRow],
         nb: usize,
         h: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
@@ -2347,7 +2340,7 @@ mod x86 {
                 }
             }
         }
-        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+        crate::kernels::lanes::emit8(&acc, h * HALF, m0, out);
     }
 
     /// Each row's codes and sums of 16 as plain pointers, their lengths
@@ -2377,9 +2370,8 @@ mod x86 {
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
@@ -2460,7 +2452,7 @@ mod x86 {
             }
         }
         // SAFETY: AVX-512 F is enabled here.
-        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
+        unsafe { crate::kernels::lanes::emit(&acc, m0, out) };
     }
 
     /// See [`super::gemm16`].
@@ -2472,7 +2464,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let nb = xs[0].d.len();
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
@@ -2516,12 +2508,9 @@ mod x86 {
                 unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
-        let rows = ws.len();
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe {
-            in_groups_of_four!(xs.len(), m0 => q6_k_rows(scratch, &xs[m0..], nb, rows, m0, out))
-        };
+        unsafe { in_groups_of_four!(xs.len(), m0 => q6_k_rows(scratch, &xs[m0..], nb, m0, out)) };
     }
 
     /// `R` activation rows against the unpacked 16 Q6_K weight rows.
@@ -2534,9 +2523,8 @@ mod x86 {
         scratch: &GemmScratch,
         xs: &[&Q8KRow],
         nb: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
@@ -2592,6 +2580,6 @@ mod x86 {
             }
         }
         // SAFETY: AVX-512 F is enabled here.
-        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
+        unsafe { crate::kernels::lanes::emit(&acc, m0, out) };
     }
 }

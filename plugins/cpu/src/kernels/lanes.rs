@@ -21,26 +21,23 @@ pub fn scatter(codes: &mut [u8], row: &[u8], b: usize, n: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-/// Hands each row's 16 results (the first `rows` of them) to `out` as
-/// `(first weight row, activation row m0 + r, values)`.
+/// Stores each activation row's 16 results in its row of `out` (a
+/// [`super::GEMM_GROUP`]-wide tile): row `m0 + r` from `acc[r]`, every
+/// lane (those past the group's real rows are never read).
 ///
 /// # Safety
 /// AVX-512 F is present.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn emit(
-    acc: &[[__m512d; 2]],
-    rows: usize,
-    m0: usize,
-    out: &mut dyn FnMut(usize, usize, &[f32]),
-) {
+pub unsafe fn emit(acc: &[[__m512d; 2]], m0: usize, out: &mut [f32]) {
+    const W: usize = super::GEMM_GROUP;
+    assert!(out.len() >= (m0 + acc.len()) * W);
     for (r, acc) in acc.iter().enumerate() {
-        let mut v = [0f32; ROWS];
-        // SAFETY: `v` holds 16 f32s.
+        // SAFETY: row m0 + r of the tile holds 16 f32s (asserted).
         unsafe {
-            _mm256_storeu_ps(v.as_mut_ptr(), _mm512_cvtpd_ps(acc[0]));
-            _mm256_storeu_ps(v.as_mut_ptr().add(8), _mm512_cvtpd_ps(acc[1]));
+            let to = out.as_mut_ptr().add((m0 + r) * W);
+            _mm256_storeu_ps(to, _mm512_cvtpd_ps(acc[0]));
+            _mm256_storeu_ps(to.add(8), _mm512_cvtpd_ps(acc[1]));
         }
-        out(0, m0 + r, &v[..rows]);
     }
 }
 
@@ -206,24 +203,18 @@ pub fn transpose_8x8(r: &[__m256i; 8]) -> [__m256i; 8] {
 
 #[cfg(target_arch = "x86_64")]
 /// The AVX2 GEMMs' [`emit`]: each activation row's 8 results (two
-/// registers of four f64s; the first `rows` of them) to `out` as
-/// `(first weight row n0, activation row m0 + r, values)`.
+/// registers of four f64s) to lanes `n0..n0 + 8` of its row of `out`.
 #[inline(always)]
-pub fn emit8(
-    acc: &[[__m256d; 2]],
-    n0: usize,
-    rows: usize,
-    m0: usize,
-    out: &mut dyn FnMut(usize, usize, &[f32]),
-) {
+pub fn emit8(acc: &[[__m256d; 2]], n0: usize, m0: usize, out: &mut [f32]) {
+    const W: usize = super::GEMM_GROUP;
+    assert!(n0 + 8 <= W && out.len() >= (m0 + acc.len()) * W);
     for (r, acc) in acc.iter().enumerate() {
-        let mut v = [0f32; 8];
-        // SAFETY: `v` holds 8 f32s; inlined into functions that enable
-        // AVX.
+        // SAFETY: lanes n0..n0 + 8 of the tile's row m0 + r are inside it
+        // (asserted); inlined into functions that enable AVX.
         unsafe {
-            _mm_storeu_ps(v.as_mut_ptr(), _mm256_cvtpd_ps(acc[0]));
-            _mm_storeu_ps(v.as_mut_ptr().add(4), _mm256_cvtpd_ps(acc[1]));
+            let to = out.as_mut_ptr().add((m0 + r) * W + n0);
+            _mm_storeu_ps(to, _mm256_cvtpd_ps(acc[0]));
+            _mm_storeu_ps(to.add(4), _mm256_cvtpd_ps(acc[1]));
         }
-        out(n0, m0 + r, &v[..rows]);
     }
 }

@@ -61,8 +61,7 @@ macro_rules! in_each_half {
         const HALF: usize = 8;
         let n = $n;
         for h in 0..n.div_ceil(HALF) {
-            let rows = (n - h * HALF).min(HALF);
-            in_groups_of_four!($xs.len(), m0 => $kernel($scratch, &$xs[m0..], $nb, h, rows, m0, $out))
+            in_groups_of_four!($xs.len(), m0 => $kernel($scratch, &$xs[m0..], $nb, h, m0, $out))
         }
     }};
 }
@@ -130,12 +129,11 @@ macro_rules! gemm_kinds {
             xs: &[&$row],
             nb: usize,
             h: usize,
-            rows: usize,
             m0: usize,
-            out: &mut dyn FnMut(usize, usize, &[f32]),
+            out: &mut [f32],
         ) {
             // SAFETY: the caller's contract.
-            unsafe { $body::<R, $($c),*>(scratch, xs, nb, h, rows, m0, out, $step!(), $scale!()) }
+            unsafe { $body::<R, $($c),*>(scratch, xs, nb, h, m0, out, $step!(), $scale!()) }
         }
     )*};
 }
@@ -724,20 +722,28 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
         match wd.dtype {
             d if q8::takes(d) => {
                 let xs = all_rows(&xq, m_count, Prepared::q8);
-                gemm_groups::<q8::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
-                    q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
-                });
+                gemm_groups::<q8::GemmScratch>(
+                    &slices,
+                    n_count,
+                    m_count,
+                    work,
+                    &|s, ws, sc, out| q8::gemm16(isa, wd.dtype, ws, &xs[s], sc, out),
+                );
             }
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
                 let xs = all_rows(&xq, m_count, Prepared::q8k);
-                gemm_groups::<kquant::GemmScratch>(&slices, n_count, work, &|s, ws, sc, out| {
-                    kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out)
-                });
+                gemm_groups::<kquant::GemmScratch>(
+                    &slices,
+                    n_count,
+                    m_count,
+                    work,
+                    &|s, ws, sc, out| kquant::gemm16(isa, wd.dtype, ws, &xs[s], sc, out),
+                );
             }
             _ => {
                 let xs = all_rows(&xq, m_count, Prepared::rounded);
                 let bf16 = wd.dtype == DType::BF16;
-                gemm_groups::<()>(&slices, n_count, work, &|s, ws, _, out| {
+                gemm_groups::<()>(&slices, n_count, m_count, work, &|s, ws, _, out| {
                     f16::gemm16(isa, bf16, ws, &xs[s], out)
                 });
             }
@@ -847,28 +853,41 @@ struct Slice {
     d_nb1: usize,
 }
 
+/// Weight rows per lane-wise GEMM call, and the width of the tile its
+/// results go to: activation row `m`'s product with the group's weight
+/// row `n` at `[m * GEMM_GROUP + n]`.
+pub(crate) const GEMM_GROUP: usize = 16;
+
 /// A lane-wise GEMM kernel: the slice's index, 16 (or fewer) of its
-/// weight rows, a scratch, and where results go (`(first row in the
-/// group, activation row, values for that row and the next)`).
-type GemmKernel<'a, S> =
-    dyn Fn(usize, &[&[u8]], &mut S, &mut dyn FnMut(usize, usize, &[f32])) -> bool + Sync + 'a;
+/// weight rows, a scratch, and the tile its results go to (one row of
+/// [`GEMM_GROUP`] values per activation row).
+type GemmKernel<'a, S> = dyn Fn(usize, &[&[u8]], &mut S, &mut [f32]) -> bool + Sync + 'a;
 
 /// Runs `kernel` over every slice's weight rows in groups of 16, all in
 /// one dispatch of the pool, one scratch per thread.
 fn gemm_groups<S: Default>(
     slices: &[Slice],
     n_count: usize,
+    m_count: usize,
     work: usize,
     kernel: &GemmKernel<'_, S>,
 ) {
-    const ROWS: usize = 16;
+    const ROWS: usize = GEMM_GROUP;
     let groups = n_count.div_ceil(ROWS);
     threads::parallel_for(slices.len() * groups, work, &|range| {
         let mut scratch = S::default();
+        // The kernels store a group's results here, straight from their
+        // registers, and they go to dst a whole row's 16 at a time once
+        // the group is done. Handed through a small buffer per activation
+        // row instead, each was stored as one 256-bit write and read back
+        // as 128-bit halves (generic code has no AVX), a store-forwarding
+        // stall per half: a quarter of a Q8_0 prompt's time.
+        let mut tile = vec![0f32; m_count * ROWS];
         for i in range {
             let (s, n0) = (i / groups, (i % groups) * ROWS);
             let sl = &slices[s];
-            let rows: Vec<&[u8]> = (n0..(n0 + ROWS).min(n_count))
+            let width = (n_count - n0).min(ROWS);
+            let rows: Vec<&[u8]> = (n0..n0 + width)
                 .map(|n| {
                     // SAFETY: weight row n of this slice is inside the
                     // weights (the caller's contract).
@@ -880,29 +899,17 @@ fn gemm_groups<S: Default>(
                     }
                 })
                 .collect();
-            let mut write = |n: usize, m: usize, v: &[f32]| {
-                debug_assert!(n0 + n + v.len() <= n_count);
-                // SAFETY: dst elements (n0 + n.., m) of this slice are
-                // inside dst (f32s, contiguous along n: nb[0] == 4); each
-                // weight row belongs to one thread.
-                unsafe {
-                    let to = sl.d.0.add(sl.d_base + m * sl.d_nb1 + (n0 + n) * 4);
-                    // Whole groups are stored inline: a call to memcpy
-                    // per activation row and 8 or 16 values cost as much
-                    // as a tenth of a prompt.
-                    match v.len() {
-                        8 => to
-                            .cast::<[f32; 8]>()
-                            .write_unaligned(v.as_ptr().cast::<[f32; 8]>().read()),
-                        16 => to
-                            .cast::<[f32; 16]>()
-                            .write_unaligned(v.as_ptr().cast::<[f32; 16]>().read()),
-                        len => std::ptr::copy_nonoverlapping(v.as_ptr(), to.cast::<f32>(), len),
-                    }
-                };
-            };
-            let done = kernel(s, &rows, &mut scratch, &mut write);
+            let done = kernel(s, &rows, &mut scratch, &mut tile);
             debug_assert!(done, "a GEMM kernel was chosen where the CPU lacks it");
+            for (m, v) in tile.chunks_exact(ROWS).enumerate() {
+                // SAFETY: dst elements (n0..n0 + width, m) of this slice
+                // are inside dst (f32s, contiguous along n: nb[0] == 4);
+                // each weight row belongs to one thread.
+                unsafe {
+                    let to = sl.d.0.add(sl.d_base + m * sl.d_nb1 + n0 * 4).cast::<f32>();
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), to, width);
+                }
+            }
         }
     });
 }

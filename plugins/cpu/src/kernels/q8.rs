@@ -382,7 +382,7 @@ pub struct GemmScratch {
     dm: Vec<f64>,
 }
 
-/// `out(n, m) = w[n] · xs[m]` for up to 16 weight rows and any number of
+/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
 /// activation rows, on AVX-512 VNNI with the weights laid out lane-wise:
 /// lane `n` of a 512-bit register holds 4 codes of weight row `n`, so one
 /// `vpdpbusd` against 4 broadcast activation codes advances 16 dot
@@ -401,7 +401,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&Q8Row],
     scratch: &mut GemmScratch,
-    mut out: impl FnMut(usize, usize, &[f32]),
+    out: &mut [f32],
 ) -> bool {
     if !has_gemm(isa, dtype) {
         return false;
@@ -418,13 +418,13 @@ pub fn gemm16(
     // AVX-512 VNNI, or AVX2 with FMA and F16C); lengths checked above.
     unsafe {
         match isa {
-            Isa::Avx512 => x86::gemm16_vnni(dtype, ws, xs, scratch, &mut out),
-            Isa::AvxVnni => x86::gemm16_avx2::<true>(dtype, ws, xs, scratch, &mut out),
-            _ => x86::gemm16_avx2::<false>(dtype, ws, xs, scratch, &mut out),
+            Isa::Avx512 => x86::gemm16_vnni(dtype, ws, xs, scratch, out),
+            Isa::AvxVnni => x86::gemm16_avx2::<true>(dtype, ws, xs, scratch, out),
+            _ => x86::gemm16_avx2::<false>(dtype, ws, xs, scratch, out),
         }
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (scratch, &mut out);
+    let _ = (scratch, out);
     true
 }
 
@@ -1433,7 +1433,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8Row],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let nb = xs[0].d.len();
         // Codes of block b: 8 groups of 4 codes; group j of row n at
@@ -1493,12 +1493,9 @@ mod x86 {
                 }
             }
         }
-        let rows = ws.len();
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe {
-            in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, rows, m0, out))
-        };
+        unsafe { in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, m0, out)) };
     }
 
     /// Vector `k` of the Q5_0X16 (`Q5`) or Q4_0X16 group at `p`: codes
@@ -1645,9 +1642,8 @@ mod x86 {
         scratch: &GemmScratch,
         xs: &[&Q8Row],
         nb: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let codes_p = scratch.codes.as_ptr();
@@ -1719,7 +1715,7 @@ mod x86 {
             }
         }
         // SAFETY: AVX-512 F is enabled here.
-        unsafe { crate::kernels::lanes::emit(&acc, rows, m0, out) };
+        unsafe { crate::kernels::lanes::emit(&acc, m0, out) };
     }
 
     /// [`super::gemm16`] on AVX2: the 16 weight rows as two halves of 8,
@@ -1745,7 +1741,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8Row],
         scratch: &mut GemmScratch,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
     ) {
         const HALF: usize = GEMM_ROWS / 2;
         let nb = xs[0].d.len();
@@ -1829,8 +1825,8 @@ mod x86 {
         gemm8_vnni: "avx2,fma,f16c,avxvnni" => gemm8_rows::<8, true, true>(dpbusd, sum_i32);
     }
 
-    /// `R` activation rows against half `h` (8 weight rows, `rows` of
-    /// them real) of the unpacked weights: per block, runs of `FOLD`
+    /// `R` activation rows against half `h` (8 weight rows, zeros past
+    /// the real ones) of the unpacked weights: per block, runs of `FOLD`
     /// groups' products summed by `step` and added to the block's i32
     /// sums by `scale` (with ones for scales), or (`DIRECT`: `step`
     /// accumulates i32s, as `vpdpbusd` does) summed into them; the sums
@@ -1852,9 +1848,8 @@ mod x86 {
         xs: &[&Q8Row],
         nb: usize,
         h: usize,
-        rows: usize,
         m0: usize,
-        out: &mut dyn FnMut(usize, usize, &[f32]),
+        out: &mut [f32],
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
@@ -1898,7 +1893,7 @@ mod x86 {
             // SAFETY: block b of half h is inside the scratch and the rows.
             unsafe { p.scale(&mut acc, &sum, at, b) };
         }
-        crate::kernels::lanes::emit8(&acc, h * HALF, rows, m0, out);
+        crate::kernels::lanes::emit8(&acc, h * HALF, m0, out);
     }
 
     /// What [`gemm8_rows`] reads: the unpacked half's

@@ -858,20 +858,16 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
             }
             for group in ws.chunks(16) {
                 let wr: Vec<&[u8]> = group.iter().map(|w| w.as_slice()).collect();
-                let mut got = vec![f32::NAN; wr.len() * xs.len()];
+                let mut got = vec![f32::NAN; xs.len() * super::GEMM_GROUP];
                 let mut scratch = kquant::GemmScratch::default();
-                let ran = kquant::gemm16(isa, dtype, &wr, &xs, &mut scratch, |n, m, v| {
-                    for (i, v) in v.iter().enumerate() {
-                        got[(n + i) * xs.len() + m] = *v;
-                    }
-                });
+                let ran = kquant::gemm16(isa, dtype, &wr, &xs, &mut scratch, &mut got);
                 assert!(ran, "{} {dtype}", isa.name());
                 for (n, w) in wr.iter().enumerate() {
                     for (m, x) in xs.iter().enumerate() {
                         let mut want = [0f32];
                         kquant::row_dot(dtype)(Isa::Scalar, w, &[x], &mut want);
                         assert_eq!(
-                            got[n * xs.len() + m].to_bits(),
+                            got[m * super::GEMM_GROUP + n].to_bits(),
                             want[0].to_bits(),
                             "{} {dtype}: weight row {n}, activation row {m}",
                             isa.name()
