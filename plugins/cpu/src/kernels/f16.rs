@@ -6,7 +6,7 @@
 //! `kiln_blocks::float_dot`'s order (eight f32 lanes, fused multiply-adds,
 //! one reduction tree), so every path gives the reference's bits.
 
-use super::Isa;
+use super::{GEMM_GROUP, Isa};
 use half::f16;
 
 /// Activations as the dot product sees them: each value rounded to f16
@@ -116,10 +116,7 @@ fn portable(bf16: bool, w: &[u8], x: &[f32]) -> f32 {
     kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x)
 }
 
-/// Weight rows per [`gemm16`] call.
-pub const GEMM_ROWS: usize = 16;
-
-/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
+/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
 /// rows and any number of activation rows, in tiles of 2 weight rows × 5
 /// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
 /// registers hold beside the five rows' activations and one weight
@@ -135,7 +132,7 @@ pub fn gemm16(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]
     return gemm16_x86(isa, bf16, ws, xs, out);
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+        assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
         // 2 × 4 tiles: 16 accumulators of two registers' lanes, beside
         // the activations' eight and the weights' two, in 32 registers.
         if bf16 {
@@ -164,7 +161,7 @@ pub fn has_gemm(isa: Isa) -> bool {
 /// [`gemm16`] on x86-64.
 #[cfg(target_arch = "x86_64")]
 fn gemm16_x86(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
-    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let k = xs[0].len();
     assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
     // Each tile's SAFETY: the CPU has the path (`Isa`); every row is as
@@ -207,7 +204,7 @@ fn tiled<const N: usize, const M: usize>(
             let rows = (ws.len() - n0).min(N);
             let columns: [[f32; N]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
             for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
-                out[(m0 + m) * super::GEMM_GROUP + n0..][..rows].copy_from_slice(&column[..rows]);
+                out[(m0 + m) * GEMM_GROUP + n0..][..rows].copy_from_slice(&column[..rows]);
             }
         }
     }

@@ -7,7 +7,7 @@
 //! by the f32-rounded activation `q·d` where this uses `q` and `d` apart
 //! (as ggml does), so the two can differ in the last bits; tests bound it.
 
-use super::Isa;
+use super::{GEMM_GROUP, Isa};
 use half::f16;
 use kiln_blocks::nearest_int;
 use kiln_plugin_api::DType;
@@ -413,9 +413,6 @@ fn dot_q4_k_one(w: &[u8], x: &Q8KRow) -> f32 {
     acc as f32
 }
 
-/// Weight rows per [`gemm16`] group.
-pub const GEMM_ROWS: usize = 16;
-
 /// Scratch for [`gemm16`], reused across calls on one thread.
 #[derive(Default)]
 pub struct GemmScratch {
@@ -433,7 +430,7 @@ impl GemmScratch {
     /// `dmin` a row.
     #[cfg(target_arch = "x86_64")]
     fn reset(&mut self, blocks: usize, subs: usize) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         for (v, len) in [
             (&mut self.sc, blocks * subs * HALF),
             (&mut self.mins, blocks * subs / 2 * HALF),
@@ -454,14 +451,14 @@ impl GemmScratch {
     /// and `m`, what the activations' sums are weighted by, into its pair.
     #[cfg(target_arch = "x86_64")]
     fn put_scale(&mut self, vnni: bool, i: usize, n: usize, sc: i32, m: i32) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let sc16 = sc as i16 as u16 as i32;
         self.sc[i * HALF + n] = if vnni { sc } else { sc16 | (sc16 << 16) };
         self.mins[i / 2 * HALF + n] |= (m as i16 as u16 as i32) << (16 * (i % 2));
     }
 }
 
-/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
+/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
 /// and any number of activation rows, on AVX-512 VNNI, lane-wise as
 /// `q8::gemm16`: the codes are unpacked once per call so that lane `n` of
 /// a register holds 4 codes of row `n`; each sub-block's sums are scaled
@@ -484,7 +481,7 @@ pub fn gemm16(
     if !has_gemm(isa, dtype) {
         return false;
     }
-    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let nb = xs[0].d.len();
     assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
     assert!(xs.iter().all(|x| x.d.len() == nb));
@@ -601,7 +598,7 @@ fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        BLOCK, DType, GEMM_ROWS, GemmScratch, IQ4_XS_BLOCK, Q2_K_BLOCK, Q3_K_BLOCK, Q4_K_BLOCK,
+        BLOCK, DType, GEMM_GROUP, GemmScratch, IQ4_XS_BLOCK, Q2_K_BLOCK, Q3_K_BLOCK, Q4_K_BLOCK,
         Q5_K_BLOCK, Q8KRow, QK_K,
     };
     use core::arch::x86_64::*;
@@ -1574,15 +1571,15 @@ mod x86 {
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
         // sub-block j's scale and minimum of row n at (b * 8 + j) * 16 + n.
         scratch.codes.clear();
-        scratch.codes.resize(nb * 64 * GEMM_ROWS * 4, 0);
+        scratch.codes.resize(nb * 64 * GEMM_GROUP * 4, 0);
         scratch.sc.clear();
-        scratch.sc.resize(nb * 8 * GEMM_ROWS, 0);
+        scratch.sc.resize(nb * 8 * GEMM_GROUP, 0);
         // Minimums in pairs of i16: pair p of block b, row n at (b * 4 + p) * 16 + n.
         scratch.mins.clear();
-        scratch.mins.resize(nb * 4 * GEMM_ROWS, 0);
+        scratch.mins.resize(nb * 4 * GEMM_GROUP, 0);
         for v in [&mut scratch.d, &mut scratch.dmin] {
             v.clear();
-            v.resize(nb * GEMM_ROWS, 0.0);
+            v.resize(nb * GEMM_GROUP, 0.0);
         }
         let m4 = _mm256_set1_epi8(0x0f);
         // Scales, minimums and block scales: per block, the 16 rows' values
@@ -1592,8 +1589,8 @@ mod x86 {
         let (d_p, dmin_p) = (scratch.d.as_mut_ptr(), scratch.dmin.as_mut_ptr());
         let low8 = _mm512_set1_epi64(0xff);
         for b in 0..nb {
-            let (mut sc8, mut m8) = ([0u64; GEMM_ROWS], [0u64; GEMM_ROWS]);
-            let (mut d, mut dmin) = ([0u16; GEMM_ROWS], [0u16; GEMM_ROWS]);
+            let (mut sc8, mut m8) = ([0u64; GEMM_GROUP], [0u64; GEMM_GROUP]);
+            let (mut d, mut dmin) = ([0u16; GEMM_GROUP], [0u16; GEMM_GROUP]);
             for (n, w) in ws.iter().enumerate() {
                 // Each row is its own stream: ask for its next lines early.
                 crate::kernels::prefetch(w.as_ptr().wrapping_add(b * block), block);
@@ -1605,7 +1602,7 @@ mod x86 {
             // SAFETY: the arrays hold 16 values; block b's 8 scale rows,
             // 4 minimum rows and 16 + 16 block scales are inside the scratch.
             unsafe {
-                let halves = |v: &[u64; GEMM_ROWS]| {
+                let halves = |v: &[u64; GEMM_GROUP]| {
                     [
                         _mm512_loadu_si512(v.as_ptr().cast()),
                         _mm512_loadu_si512(v.as_ptr().add(8).cast()),
@@ -1619,7 +1616,7 @@ mod x86 {
                     let hi = _mm512_cvtepi64_epi8(_mm512_srl_epi64(sc8[1], shift));
                     let bytes = _mm_unpacklo_epi64(lo, hi);
                     _mm512_storeu_si512(
-                        sc_p.add((b * 8 + j) * GEMM_ROWS).cast(),
+                        sc_p.add((b * 8 + j) * GEMM_GROUP).cast(),
                         _mm512_cvtepu8_epi32(bytes),
                     );
                 }
@@ -1636,7 +1633,7 @@ mod x86 {
                         *pair = _mm512_cvtepi64_epi32(two);
                     }
                     _mm512_storeu_si512(
-                        mins_p.add((b * 4 + p) * GEMM_ROWS).cast(),
+                        mins_p.add((b * 4 + p) * GEMM_GROUP).cast(),
                         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(pairs[0]), pairs[1]),
                     );
                 }
@@ -1651,7 +1648,7 @@ mod x86 {
         let codes_p = scratch.codes.as_mut_ptr();
         for b in 0..nb {
             for c in 0..8 {
-                let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
+                let mut u = [_mm256_setzero_si256(); GEMM_GROUP];
                 for (n, w) in ws.iter().enumerate() {
                     // SAFETY: code bytes 32(c/2).. of block b are inside the row.
                     let qv = unsafe {
@@ -1728,7 +1725,7 @@ mod x86 {
         scratch: &mut GemmScratch,
         out: &mut [f32],
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
         let (block, codes_at) = q45_layout(Q5);
         let halves = ws.len().div_ceil(HALF);
@@ -1801,7 +1798,7 @@ mod x86 {
         scratch: &mut GemmScratch,
         out: &mut [f32],
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
         let halves = ws.len().div_ceil(HALF);
         // The layout of [`gemm16_q4_k_avx2`]'s scratch.
@@ -1865,7 +1862,7 @@ mod x86 {
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let mut qs = [std::ptr::null::<i8>(); R];
         let mut pairs = [std::ptr::null::<i32>(); R];
@@ -1988,7 +1985,7 @@ mod x86 {
         scratch: &mut GemmScratch,
         mut unpack: impl FnMut(&mut GemmScratch, usize, usize, usize, &[u8], &mut [[__m256i; 8]; 8]),
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         for (h, half) in ws.chunks(HALF).enumerate() {
             for b in 0..nb {
                 let at = h * nb + b;
@@ -2155,7 +2152,7 @@ mod x86 {
         scratch: &mut GemmScratch,
         out: &mut [f32],
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
         let halves = ws.len().div_ceil(HALF);
         // Half h, block b (at = h·nb + b): group g (of 64) at
@@ -2241,7 +2238,7 @@ mod x86 {
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let (qs, sums16) = row_pointers(xs, nb);
         let codes_p = scratch.codes.as_ptr();
@@ -2385,7 +2382,7 @@ mod x86 {
             for p in 0..4 {
                 // SAFETY: pair p of block b's minimums is inside the scratch.
                 let mins = unsafe {
-                    _mm512_loadu_si512(scratch.mins.as_ptr().add((b * 4 + p) * GEMM_ROWS).cast())
+                    _mm512_loadu_si512(scratch.mins.as_ptr().add((b * 4 + p) * GEMM_GROUP).cast())
                 };
                 for (t, x) in total_m.iter_mut().zip(xs) {
                     *t = _mm512_dpwssd_epi32(*t, mins, _mm512_set1_epi32(x.sums_pairs[b * 4 + p]));
@@ -2398,7 +2395,9 @@ mod x86 {
                 for g in 0..8 {
                     // SAFETY: group 8j + g of block b is inside the scratch.
                     let w = unsafe {
-                        _mm512_loadu_si512(codes.add(((b * 64 + 8 * j + g) * GEMM_ROWS) * 4).cast())
+                        _mm512_loadu_si512(
+                            codes.add(((b * 64 + 8 * j + g) * GEMM_GROUP) * 4).cast(),
+                        )
                     };
                     for (s, q) in sum[g % 2].iter_mut().zip(&qs) {
                         // SAFETY: codes 32j + 4g.. of block b are inside the row.
@@ -2410,14 +2409,14 @@ mod x86 {
                         *s = _mm512_dpbusd_epi32(*s, w, _mm512_set1_epi32(xv));
                     }
                 }
-                let at = (b * 8 + j) * GEMM_ROWS;
+                let at = (b * 8 + j) * GEMM_GROUP;
                 // SAFETY: the 16 scales of sub-block j are inside.
                 let sc = unsafe { _mm512_loadu_si512(scratch.sc.as_ptr().add(at).cast()) };
                 for ((t, s), o) in total.iter_mut().zip(sum[0]).zip(sum[1]) {
                     *t = _mm512_add_epi32(*t, _mm512_mullo_epi32(_mm512_add_epi32(s, o), sc));
                 }
             }
-            let at = b * GEMM_ROWS;
+            let at = b * GEMM_GROUP;
             // SAFETY: the 16 scales of block b are inside the scratch.
             let (d_lo, d_hi, m_lo, m_hi) = unsafe {
                 (
@@ -2470,24 +2469,24 @@ mod x86 {
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
         // the scale of 16 codes j at (b * 16 + j) * 16 + n.
         scratch.codes.clear();
-        scratch.codes.resize(nb * 64 * GEMM_ROWS * 4, 0);
+        scratch.codes.resize(nb * 64 * GEMM_GROUP * 4, 0);
         scratch.sc.clear();
-        scratch.sc.resize(nb * 16 * GEMM_ROWS, 0);
+        scratch.sc.resize(nb * 16 * GEMM_GROUP, 0);
         scratch.d.clear();
-        scratch.d.resize(nb * GEMM_ROWS, 0.0);
+        scratch.d.resize(nb * GEMM_GROUP, 0.0);
         for (n, w) in ws.iter().enumerate() {
             for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
                 for j in 0..16 {
-                    scratch.sc[(b * 16 + j) * GEMM_ROWS + n] = blk[192 + j] as i8 as i32;
+                    scratch.sc[(b * 16 + j) * GEMM_GROUP + n] = blk[192 + j] as i8 as i32;
                 }
-                scratch.d[b * GEMM_ROWS + n] =
+                scratch.d[b * GEMM_GROUP + n] =
                     f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
             }
         }
         // The codes: each row's block built in registers, then per 32
         // codes a transpose across the 16 rows (missing rows: zero codes).
         let codes_p = scratch.codes.as_mut_ptr();
-        let mut rows_codes = [[_mm512_setzero_si512(); 4]; GEMM_ROWS];
+        let mut rows_codes = [[_mm512_setzero_si512(); 4]; GEMM_GROUP];
         for b in 0..nb {
             for (n, w) in ws.iter().enumerate() {
                 crate::kernels::prefetch(w.as_ptr().wrapping_add(b * BLOCK), BLOCK);
@@ -2495,7 +2494,7 @@ mod x86 {
                 rows_codes[n] = unsafe { q6_k_codes_512(w.as_ptr().add(b * BLOCK)) };
             }
             for c in 0..8 {
-                let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
+                let mut u = [_mm256_setzero_si256(); GEMM_GROUP];
                 for (u, codes) in u.iter_mut().zip(&rows_codes).take(ws.len()) {
                     let z = codes[c / 2];
                     *u = if c % 2 == 0 {
@@ -2542,7 +2541,9 @@ mod x86 {
                 for g in 0..4 {
                     // SAFETY: group 4j + g of block b is inside the scratch.
                     let w = unsafe {
-                        _mm512_loadu_si512(codes.add(((b * 64 + 4 * j + g) * GEMM_ROWS) * 4).cast())
+                        _mm512_loadu_si512(
+                            codes.add(((b * 64 + 4 * j + g) * GEMM_GROUP) * 4).cast(),
+                        )
                     };
                     for (s, q) in sum.iter_mut().zip(&qs) {
                         // SAFETY: codes 16j + 4g.. of block b are inside the row.
@@ -2556,13 +2557,13 @@ mod x86 {
                 }
                 // SAFETY: the 16 scales of these 16 codes are inside.
                 let sc = unsafe {
-                    _mm512_loadu_si512(scratch.sc.as_ptr().add((b * 16 + j) * GEMM_ROWS).cast())
+                    _mm512_loadu_si512(scratch.sc.as_ptr().add((b * 16 + j) * GEMM_GROUP).cast())
                 };
                 for r in 0..R {
                     total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(sum[r], sc));
                 }
             }
-            let at = b * GEMM_ROWS;
+            let at = b * GEMM_GROUP;
             // SAFETY: the 16 scales of block b are inside the scratch.
             let (d_lo, d_hi) = unsafe {
                 (

@@ -872,8 +872,7 @@ fn gemm_groups<S: Default>(
     work: usize,
     kernel: &GemmKernel<'_, S>,
 ) {
-    const ROWS: usize = GEMM_GROUP;
-    let groups = n_count.div_ceil(ROWS);
+    let groups = n_count.div_ceil(GEMM_GROUP);
     threads::parallel_for(slices.len() * groups, work, &|range| {
         let mut scratch = S::default();
         // The kernels store a group's results here, straight from their
@@ -882,11 +881,11 @@ fn gemm_groups<S: Default>(
         // row instead, each was stored as one 256-bit write and read back
         // as 128-bit halves (generic code has no AVX), a store-forwarding
         // stall per half: a quarter of a Q8_0 prompt's time.
-        let mut tile = vec![0f32; m_count * ROWS];
+        let mut tile = vec![0f32; m_count * GEMM_GROUP];
         for i in range {
-            let (s, n0) = (i / groups, (i % groups) * ROWS);
+            let (s, n0) = (i / groups, (i % groups) * GEMM_GROUP);
             let sl = &slices[s];
-            let width = (n_count - n0).min(ROWS);
+            let width = (n_count - n0).min(GEMM_GROUP);
             let rows: Vec<&[u8]> = (n0..n0 + width)
                 .map(|n| {
                     // SAFETY: weight row n of this slice is inside the
@@ -901,7 +900,7 @@ fn gemm_groups<S: Default>(
                 .collect();
             let done = kernel(s, &rows, &mut scratch, &mut tile);
             debug_assert!(done, "a GEMM kernel was chosen where the CPU lacks it");
-            for (m, v) in tile.chunks_exact(ROWS).enumerate() {
+            for (m, v) in tile.chunks_exact(GEMM_GROUP).enumerate() {
                 // SAFETY: dst elements (n0..n0 + width, m) of this slice
                 // are inside dst (f32s, contiguous along n: nb[0] == 4);
                 // each weight row belongs to one thread.

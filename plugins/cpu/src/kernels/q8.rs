@@ -14,7 +14,7 @@
 //! are rounded to f16 in the cache, and a last-bit difference there can
 //! flip a rounding that sharp attention then amplifies.
 
-use super::Isa;
+use super::{GEMM_GROUP, Isa};
 use half::f16;
 use kiln_plugin_api::{DType, interleave};
 
@@ -370,9 +370,6 @@ pub fn dot_row_range<'w>(
     }
 }
 
-/// Weight rows per [`gemm16`] group.
-pub const GEMM_ROWS: usize = 16;
-
 /// Scratch for [`gemm16`], reused across calls on one thread.
 #[derive(Default)]
 pub struct GemmScratch {
@@ -382,7 +379,7 @@ pub struct GemmScratch {
     dm: Vec<f64>,
 }
 
-/// `out[m * 16 + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
+/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
 /// activation rows, on AVX-512 VNNI with the weights laid out lane-wise:
 /// lane `n` of a 512-bit register holds 4 codes of weight row `n`, so one
 /// `vpdpbusd` against 4 broadcast activation codes advances 16 dot
@@ -406,7 +403,7 @@ pub fn gemm16(
     if !has_gemm(isa, dtype) {
         return false;
     }
-    assert!(!ws.is_empty() && ws.len() <= GEMM_ROWS && !xs.is_empty());
+    assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let nb = xs[0].d.len();
     assert!(ws.iter().all(|w| w.len() == nb * dtype.block_bytes()));
     assert!(xs.iter().all(|x| x.d.len() == nb));
@@ -573,7 +570,7 @@ fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{
-        GEMM_ROWS, GemmScratch, LANE_BLOCKS, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK,
+        GEMM_GROUP, GemmScratch, LANE_BLOCKS, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8Row, QK,
     };
     use core::arch::x86_64::*;
     use half::f16;
@@ -1439,14 +1436,14 @@ mod x86 {
         // Codes of block b: 8 groups of 4 codes; group j of row n at
         // ((b * 8 + j) * 16 + n) * 4. Missing rows stay zero.
         scratch.codes.clear();
-        scratch.codes.resize(nb * 8 * GEMM_ROWS * 4, 0);
+        scratch.codes.resize(nb * 8 * GEMM_GROUP * 4, 0);
         scratch.dw.clear();
-        scratch.dw.resize(nb * GEMM_ROWS, 0.0);
+        scratch.dw.resize(nb * GEMM_GROUP, 0.0);
         let with_min = super::has_min(dtype);
         scratch.dm.clear();
         scratch
             .dm
-            .resize(if with_min { nb * GEMM_ROWS } else { 0 }, 0.0);
+            .resize(if with_min { nb * GEMM_GROUP } else { 0 }, 0.0);
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p) = (scratch.codes.as_mut_ptr(), scratch.dw.as_mut_ptr());
         let dm_p = scratch.dm.as_mut_ptr();
@@ -1470,9 +1467,9 @@ mod x86 {
         for b in first..nb {
             // Block b of the 16 rows (missing rows: zero codes, zero
             // scales), then a 16 × 8 transpose of their 4-code groups.
-            let mut u = [_mm256_setzero_si256(); GEMM_ROWS];
-            let mut bits = [0u16; GEMM_ROWS];
-            let mut mins = [0u16; GEMM_ROWS];
+            let mut u = [_mm256_setzero_si256(); GEMM_GROUP];
+            let mut bits = [0u16; GEMM_GROUP];
+            let mut mins = [0u16; GEMM_GROUP];
             for (n, w) in ws.iter().enumerate() {
                 // Each row is its own stream: ask for its next lines early.
                 crate::kernels::prefetch(w.as_ptr().wrapping_add(b * bytes), bytes);
@@ -1545,8 +1542,8 @@ mod x86 {
         let group = interleave::group_bytes(if Q5 { DType::Q5_0X16 } else { DType::Q4_0X16 });
         // r[j][n]: codes 4j..4j + 4 (j < 4: low nibbles of vector j; else
         // high nibbles of vector j - 4) of row n, block i in lane i.
-        let mut r = [[_mm512_setzero_si512(); GEMM_ROWS]; 8];
-        let mut bits = [[0u16; GEMM_ROWS]; LANE_BLOCKS];
+        let mut r = [[_mm512_setzero_si512(); GEMM_GROUP]; 8];
+        let mut bits = [[0u16; GEMM_GROUP]; LANE_BLOCKS];
         for (n, w) in ws.iter().enumerate() {
             // SAFETY: the group's bytes are inside the row.
             unsafe {
@@ -1566,7 +1563,9 @@ mod x86 {
             for (i, v) in r.iter().enumerate() {
                 let b = g * LANE_BLOCKS + i;
                 // SAFETY: block b's group j is inside the scratch.
-                unsafe { _mm512_storeu_si512(codes_p.add((b * 8 + j) * GEMM_ROWS * 4).cast(), *v) };
+                unsafe {
+                    _mm512_storeu_si512(codes_p.add((b * 8 + j) * GEMM_GROUP * 4).cast(), *v)
+                };
             }
         }
         for (i, bits) in bits.iter().enumerate() {
@@ -1681,8 +1680,8 @@ mod x86 {
             // SAFETY: the 16 scales of block b are inside the scratch.
             let (dw_lo, dw_hi) = unsafe {
                 (
-                    _mm512_loadu_pd(dw_p.add(b * GEMM_ROWS)),
-                    _mm512_loadu_pd(dw_p.add(b * GEMM_ROWS + 8)),
+                    _mm512_loadu_pd(dw_p.add(b * GEMM_GROUP)),
+                    _mm512_loadu_pd(dw_p.add(b * GEMM_GROUP + 8)),
                 )
             };
             for (r, dxp) in dxs.iter().enumerate() {
@@ -1697,8 +1696,8 @@ mod x86 {
                     // the scratch and the row (asserted).
                     let (m_lo, m_hi, sx) = unsafe {
                         (
-                            _mm512_loadu_pd(dm_p.add(b * GEMM_ROWS)),
-                            _mm512_loadu_pd(dm_p.add(b * GEMM_ROWS + 8)),
+                            _mm512_loadu_pd(dm_p.add(b * GEMM_GROUP)),
+                            _mm512_loadu_pd(dm_p.add(b * GEMM_GROUP + 8)),
                             _mm512_set1_pd(*ss[r].add(b) as f64),
                         )
                     };
@@ -1743,7 +1742,7 @@ mod x86 {
         scratch: &mut GemmScratch,
         out: &mut [f32],
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
         let halves = ws.len().div_ceil(HALF);
         // Codes of half h, block b: 8 vectors of 32 bytes; vector j holds
@@ -1853,7 +1852,7 @@ mod x86 {
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
-        const HALF: usize = GEMM_ROWS / 2;
+        const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let p = Rows8::new(scratch, xs, nb);
         let (ones, zero) = (_mm256_set1_epi16(1), _mm256_setzero_si256());
@@ -1947,7 +1946,7 @@ mod x86 {
             at: usize,
             b: usize,
         ) {
-            const HALF: usize = GEMM_ROWS / 2;
+            const HALF: usize = GEMM_GROUP / 2;
             // SAFETY: the 8 scales of block `at` are inside the scratch.
             let (dw_lo, dw_hi) = unsafe {
                 (
