@@ -144,8 +144,15 @@ fn c_plugin_loads_passes_conformance_and_runs_ops_with_cpu_fallback() {
     let fixture = &b["backends"][1];
     assert_eq!(fixture["name"], "c-fixture");
     assert_eq!(fixture["abi"], "1.2");
-    // It has no Q4_0 kernel: that half of its score is zero.
-    assert!(fixture["devices"][0]["measurement"]["q4_0_matvec_gflops"].is_null());
+    // It has no Q4_0 product: it is measured with F32 weights.
+    let measured = &fixture["devices"][0]["measurement"];
+    assert_eq!(measured["weights"], "f32", "{b:#}");
+    assert!(measured["decode_graph_ms"].as_f64().unwrap() > 0.0, "{b:#}");
+    assert!(measured["prompt_batch_ms"].as_f64().unwrap() > 0.0, "{b:#}");
+    assert_eq!(
+        b["backends"][0]["devices"][0]["measurement"]["weights"],
+        "q4_0"
+    );
     let again = home.json(&["backends", "--json"]);
     assert_eq!(again["backends"][1]["devices"][0]["score_cached"], true);
     assert_eq!(again["chosen"], b["chosen"]);

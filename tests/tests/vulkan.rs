@@ -327,6 +327,27 @@ fn weights_larger_than_one_allocation_go_up_in_pieces() {
     let cpu = run_text(&home, &model, "cpu", &[]);
     let split = [("KILN_VULKAN_MAX_ALLOC", "2000000")];
     assert_eq!(run_text(&home, &model, "vulkan", &split), cpu);
+    // The device benchmark's 2048 × 2048 matrices fit no allocation
+    // there: the device scores 0 with the reason (and is used when named,
+    // as above), not cached.
+    let out = home
+        .command(&["backends", "--json"])
+        .envs(split)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vulkan = &listed["backends"][1];
+    assert_eq!(vulkan["name"], "vulkan", "{listed:#}");
+    assert_eq!(vulkan["devices"][0]["score"], 0.0, "{listed:#}");
+    assert_eq!(vulkan["devices"][0]["score_cached"], false, "{listed:#}");
+    assert_eq!(listed["chosen"]["backend"], "cpu", "{listed:#}");
+    assert!(
+        listed["problems"].to_string().contains(
+            "benchmark failed on vulkan device 0: out of memory: a buffer of 2359296 bytes"
+        ),
+        "{listed:#}"
+    );
     let out = home
         .command(&[
             "run",

@@ -36,8 +36,12 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
             .iter()
             .map(|p| {
                 let mut v = serde_json::to_value(p).unwrap_or_default();
-                v["scores"] = serde_json::to_value(registry.scores(&p.sha256).unwrap_or_default())
-                    .unwrap_or_default();
+                v["scores"] = serde_json::to_value(
+                    registry
+                        .scores(&kiln_runtime::backend::score::cache_key(&p.sha256))
+                        .unwrap_or_default(),
+                )
+                .unwrap_or_default();
                 v
             })
             .collect();

@@ -302,12 +302,14 @@ impl Backend {
         }
     }
 
-    /// What a cached score is keyed by: the exact build of the backend.
+    /// What a cached score is keyed by: the exact build of the backend and
+    /// the benchmark's method ([`score::METHOD`]).
     pub fn score_key(&self) -> String {
-        match &self.source {
+        let build = match &self.source {
             BackendSource::Builtin => format!("builtin-cpu-{}", env!("CARGO_PKG_VERSION")),
             BackendSource::Plugin { sha256, .. } => sha256.clone(),
-        }
+        };
+        score::cache_key(&build)
     }
 
     /// A stable key for device `d`: its UUID, or its name and index.
@@ -426,7 +428,23 @@ pub fn choose(
     for p in &set.problems {
         warn(p);
     }
-    let (ranked, problems) = rank_devices(&set, &mut registry, false, progress);
+    // A named backend's devices are the only ones measured (when it is
+    // there: otherwise every device, for the error's list).
+    let named = name.map(|n| n.rsplit_once(':').map_or(n, |(b, _)| b));
+    let ranked_set = match named {
+        Some(n) if set.backends.iter().any(|b| b.name() == n) => BackendSet {
+            backends: (set.backends.iter())
+                .filter(|b| b.name() == n)
+                .cloned()
+                .collect(),
+            problems: Vec::new(),
+        },
+        _ => BackendSet {
+            backends: set.backends.clone(),
+            problems: Vec::new(),
+        },
+    };
+    let (ranked, problems) = rank_devices(&ranked_set, &mut registry, false, progress);
     for p in &problems {
         warn(p);
     }
@@ -508,12 +526,16 @@ pub fn rank_devices(
                             }
                             (m.score(), details, false)
                         }
+                        // Scored 0, not cached: chosen only when named
+                        // (or when nothing else is there).
                         Err(e) => {
                             problems.push(format!(
-                                "benchmark failed on {} device {d}: {e}; it will not be chosen",
+                                "benchmark failed on {} device {d}: {e}; it scores 0 and is used \
+                                 only when named (`--backend {}`)",
+                                b.name(),
                                 b.name()
                             ));
-                            continue;
+                            (0.0, serde_json::Value::Null, false)
                         }
                     }
                 }
