@@ -377,17 +377,23 @@ pub fn submit(dev: &Device, g: &Graph<'_, Buffer>) -> Result<(), BackendError> {
                     );
                     device.cmd_dispatch(cb, x as u32, y as u32, 1);
                 }
+                // Between the graph's own dispatches, compute to compute;
+                // after the last one, also to the copies and host reads
+                // that take the results (and the next graph's shaders).
+                let (stages, access) = if i + 1 < n {
+                    (vk::PipelineStageFlags::empty(), vk::AccessFlags::empty())
+                } else {
+                    (
+                        vk::PipelineStageFlags::TRANSFER | vk::PipelineStageFlags::HOST,
+                        vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::HOST_READ,
+                    )
+                };
                 barrier(
                     cb,
                     vk::PipelineStageFlags::COMPUTE_SHADER,
                     vk::AccessFlags::SHADER_WRITE,
-                    vk::PipelineStageFlags::COMPUTE_SHADER
-                        | vk::PipelineStageFlags::TRANSFER
-                        | vk::PipelineStageFlags::HOST,
-                    vk::AccessFlags::SHADER_READ
-                        | vk::AccessFlags::SHADER_WRITE
-                        | vk::AccessFlags::TRANSFER_READ
-                        | vk::AccessFlags::HOST_READ,
+                    vk::PipelineStageFlags::COMPUTE_SHADER | stages,
+                    vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE | access,
                 );
             }
             // SAFETY: handles of this device, used under its queue lock (see `submit`).
