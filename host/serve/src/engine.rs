@@ -15,7 +15,7 @@ use super::fim::FimTemplate;
 use super::metrics::{Metrics, labels};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
-use kiln_runtime::model::generate::{Control, Generation, Request, StopReason, generate};
+use kiln_runtime::model::generate::{Control, Draft, Generation, Request, StopReason, generate};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -289,6 +289,7 @@ struct Shared {
     device: u32,
     backend_label: String,
     n_ctx: Option<usize>,
+    draft: Draft,
 }
 
 /// The handle front ends hold; cheap to clone.
@@ -308,6 +309,8 @@ pub struct EngineOptions {
     pub completion_cache_entries: u64,
     /// Where the engine counts (shared with the rest of the service).
     pub metrics: Arc<Metrics>,
+    /// Speculative decoding for requests that do not choose (the HTTP API).
+    pub draft: Draft,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -331,6 +334,7 @@ impl Engine {
             device: opts.device,
             backend_label: opts.backend_label,
             n_ctx: opts.n_ctx,
+            draft: opts.draft,
         });
         let worker = shared.clone();
         std::thread::Builder::new()
@@ -338,6 +342,11 @@ impl Engine {
             .spawn(move || worker_loop(&worker))
             .expect("spawn the engine thread");
         Engine { shared }
+    }
+
+    /// `kiln serve --draft`: speculative decoding for HTTP requests.
+    pub fn draft(&self) -> Draft {
+        self.shared.draft
     }
 
     /// The model being served now.
@@ -704,6 +713,8 @@ fn execute(
     let n_prompt = (t.prompt_tokens + t.cached_tokens) as u64;
     m.prompt_tokens.inc_by(n_prompt);
     m.generation_tokens.inc_by(g.token_ids.len() as u64);
+    m.draft_tokens.inc_by(t.draft_tokens as u64);
+    m.draft_accepted.inc_by(t.draft_accepted as u64);
     m.prefix_cache_queries.inc_by(n_prompt);
     m.prefix_cache_hits.inc_by(t.cached_tokens as u64);
     m.backend_seconds

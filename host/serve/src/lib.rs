@@ -65,6 +65,9 @@ pub struct Settings {
     pub temperature: f32,
     /// Index the workspace for context snippets.
     pub workspace_context: bool,
+    /// Speculative decoding of greedy completions (`none`, `ngram`); the
+    /// HTTP API takes `kiln serve --draft`'s.
+    pub draft: kiln_runtime::model::generate::Draft,
 }
 
 impl Default for Settings {
@@ -78,6 +81,7 @@ impl Default for Settings {
             fim_template: None,
             temperature: 0.0,
             workspace_context: true,
+            draft: kiln_runtime::model::generate::Draft::None,
         }
     }
 }

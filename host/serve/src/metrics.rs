@@ -17,6 +17,8 @@ pub struct Metrics {
     pub requests: Family<Labels, Counter>,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
+    pub draft_tokens: Counter,
+    pub draft_accepted: Counter,
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     pub completion_cache_queries: Counter,
@@ -48,6 +50,8 @@ impl Default for Metrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            draft_tokens: Counter::default(),
+            draft_accepted: Counter::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             completion_cache_queries: Counter::default(),
@@ -81,6 +85,16 @@ impl Default for Metrics {
             "kiln:generation_tokens",
             "Tokens generated",
             m.generation_tokens.clone(),
+        );
+        registry.register(
+            "kiln:draft_tokens",
+            "Tokens guessed by speculative decoding (`--draft`)",
+            m.draft_tokens.clone(),
+        );
+        registry.register(
+            "kiln:draft_accepted",
+            "Guessed tokens the model agreed with: decode steps saved",
+            m.draft_accepted.clone(),
         );
         registry.register(
             "kiln:prefix_cache_queries",

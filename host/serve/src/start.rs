@@ -53,6 +53,7 @@ pub fn start_engine(
             n_ctx: spec.n_ctx,
             completion_cache_entries: 256,
             metrics,
+            draft: spec.settings.draft,
         },
     ))
 }

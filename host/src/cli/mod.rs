@@ -98,6 +98,11 @@ enum Command {
         /// auto, line, block or none.
         #[arg(long, default_value = "auto")]
         mode: String,
+        /// Speculative decoding of greedy completions: `ngram` guesses
+        /// tokens from the prompt and verifies them in one batch (the same
+        /// tokens, fewer steps), or `none`
+        #[arg(long, default_value = "none")]
+        draft: kiln_runtime::model::generate::Draft,
     },
     /// Check this machine, kiln's directories, registry and plugins.
     Doctor {
@@ -145,6 +150,11 @@ enum Command {
         /// KV cache size in tokens (default: the model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
+        /// Speculative decoding of greedy runs (`--temperature 0`): `ngram`
+        /// guesses tokens from the text so far and verifies them in one
+        /// batch (the same tokens, fewer steps), or `none`
+        #[arg(long, default_value = "none")]
+        draft: kiln_runtime::model::generate::Draft,
         #[arg(long)]
         json: bool,
     },
@@ -482,6 +492,7 @@ fn run(command: Command) -> CliResult {
             suffix_tokens,
             context_tokens,
             mode,
+            draft,
         } => {
             let mode: kiln_serve::Mode =
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
@@ -494,6 +505,7 @@ fn run(command: Command) -> CliResult {
                 context_tokens,
                 mode,
                 fim_template,
+                draft,
                 ..kiln_serve::Settings::default()
             };
             settings.validate().map_err(CliError)?;
@@ -536,6 +548,7 @@ fn run(command: Command) -> CliResult {
             stop,
             backend,
             ctx,
+            draft,
             json,
         } => run::run(
             &config,
@@ -559,6 +572,7 @@ fn run(command: Command) -> CliResult {
                 stop,
                 backend,
                 ctx,
+                draft,
                 json,
             },
         ),

@@ -3,7 +3,7 @@
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
 use kiln_registry::config::Config;
 use kiln_runtime::backend::Chosen;
-use kiln_runtime::model::generate::{Request, generate};
+use kiln_runtime::model::generate::{Draft, Request, generate};
 use kiln_runtime::model::sample::SamplingParams;
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::store;
@@ -19,6 +19,7 @@ pub struct RunArgs {
     pub stop: Vec<String>,
     pub backend: Option<String>,
     pub ctx: Option<usize>,
+    pub draft: Draft,
     pub json: bool,
 }
 
@@ -60,6 +61,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let mut session = Session::new(model, exec, args.ctx)?;
     let req = Request {
         stop: args.stop,
+        draft: args.draft,
         ..Request::new(prompt.clone(), args.max_tokens, args.sampling)
     };
     let stdout = std::io::stdout();
@@ -86,11 +88,19 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
                 "decode_tokens_per_s": output.timings.decode_tokens_per_s,
                 "prompt_tokens": output.timings.prompt_tokens,
                 "generated_tokens": output.timings.decode_tokens,
+                "draft_tokens": output.timings.draft_tokens,
+                "draft_accepted": output.timings.draft_accepted,
             },
             "backend_stats": backend_stats(&target.stats),
         }));
     } else {
         println!();
+        if args.draft != Draft::None {
+            eprintln!(
+                "kiln: speculative decoding: {} of {} guessed tokens accepted",
+                output.timings.draft_accepted, output.timings.draft_tokens
+            );
+        }
         eprintln!(
             "kiln: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s on {backend} (load {:.0} ms, first token {:.0} ms)",
             output.timings.prompt_tokens,

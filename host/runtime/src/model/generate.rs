@@ -1,12 +1,20 @@
 //! Generation: prompt in, tokens out, streamed as text, with stop strings
 //! and timings. The session's cache is reused for the prompt's longest
 //! cached prefix.
+//!
+//! Greedy requests can decode speculatively ([`Draft::Ngram`]): tokens
+//! guessed from the text so far are verified in one batch with the
+//! sampled token, and each guess the model agrees with saves a decode
+//! step. A batch's logits are the bits of the same tokens one at a time
+//! (the session's contract), so the tokens are exactly plain greedy
+//! decoding's.
 
 use super::forward::LogitsFor;
 use super::sample::{Sampler, SamplingParams};
 use super::{ModelError, Session};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -21,6 +29,59 @@ pub struct Request {
     pub boundary: Boundary,
     /// Cancellation and progress, shared with whoever may cancel.
     pub control: Option<Arc<Control>>,
+    /// Speculative decoding (greedy requests only; others ignore it).
+    pub draft: Draft,
+}
+
+/// How a greedy request guesses tokens ahead, for one batch to verify.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Draft {
+    /// One token per decode step.
+    #[default]
+    None,
+    /// Prompt lookup: the tokens that followed the latest earlier
+    /// occurrence of the text's last [`NGRAM_MAX`] tokens (or fewer, down
+    /// to [`NGRAM_MIN`]), up to [`DRAFT_MAX`] of them: code repeats
+    /// itself, and an edit's completion often repeats the prompt.
+    Ngram,
+}
+
+impl std::str::FromStr for Draft {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Draft, String> {
+        match s {
+            "none" => Ok(Draft::None),
+            "ngram" => Ok(Draft::Ngram),
+            _ => Err(format!("unknown draft `{s}`: none or ngram")),
+        }
+    }
+}
+
+/// The longest and shortest n-grams [`Draft::Ngram`] looks up.
+pub const NGRAM_MAX: usize = 4;
+pub const NGRAM_MIN: usize = 2;
+/// Tokens guessed at most per verifying batch.
+pub const DRAFT_MAX: usize = 8;
+
+/// Up to `max` tokens that followed the latest earlier occurrence of the
+/// last `n` tokens of `history`, for the longest `n` from [`NGRAM_MAX`]
+/// down to [`NGRAM_MIN`] that occurs earlier; empty when none does.
+pub fn lookup_draft(history: &[u32], max: usize) -> Vec<u32> {
+    for n in (NGRAM_MIN..=NGRAM_MAX).rev() {
+        if history.len() <= n {
+            continue;
+        }
+        let tail = &history[history.len() - n..];
+        if let Some(start) = (0..history.len() - n)
+            .rev()
+            .find(|&i| &history[i..i + n] == tail)
+        {
+            let from = start + n;
+            return history[from..(from + max).min(history.len())].to_vec();
+        }
+    }
+    Vec::new()
 }
 
 /// Checked before every token: once cancelled, generation ends with
@@ -68,6 +129,7 @@ impl Request {
             stop: Vec::new(),
             boundary: Boundary::None,
             control: None,
+            draft: Draft::None,
         }
     }
 }
@@ -155,6 +217,10 @@ pub struct Timings {
     pub prompt_tokens_per_s: f64,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// Speculative decoding: tokens guessed, and how many of them the
+    /// model agreed with (each a decode step saved).
+    pub draft_tokens: usize,
+    pub draft_accepted: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -218,6 +284,10 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut logits = logits;
     let mut reason = StopReason::MaxTokens;
+    // Guessed tokens in the cache past the last sampled one, each with the
+    // logits after it; only greedy sampling can verify them by equality.
+    let drafting = req.draft == Draft::Ngram && req.sampling.temperature == 0.0;
+    let mut pending: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
     while out_ids.len() < req.max_tokens {
         if cancelled() {
             reason = StopReason::Cancelled;
@@ -264,7 +334,34 @@ pub fn generate(
         if out_ids.len() == req.max_tokens {
             break;
         }
-        logits = session.eval(&[next], LogitsFor::Last)?;
+        if pending.front().is_some_and(|(d, _)| *d == next) {
+            // The guess was right: its logits are the next step's.
+            let (_, row) = pending.pop_front().expect("checked");
+            timings.draft_accepted += 1;
+            logits = row;
+            continue;
+        }
+        // A wrong guess and those after it leave the cache.
+        session.truncate(session.n_past() - pending.len());
+        pending.clear();
+        let room = (req.max_tokens - out_ids.len() - 1)
+            .min(session.n_ctx().saturating_sub(session.n_past() + 1))
+            .min(DRAFT_MAX);
+        let draft = if drafting && room > 0 {
+            lookup_draft(&history, room)
+        } else {
+            Vec::new()
+        };
+        if draft.is_empty() {
+            logits = session.eval(&[next], LogitsFor::Last)?;
+            continue;
+        }
+        let batch: Vec<u32> = std::iter::once(next).chain(draft.iter().copied()).collect();
+        let rows = session.eval(&batch, LogitsFor::All)?;
+        let mut rows = rows.chunks_exact(rows.len() / batch.len());
+        logits = rows.next().expect("a row per token").to_vec();
+        pending.extend(draft.iter().copied().zip(rows.map(<[f32]>::to_vec)));
+        timings.draft_tokens += draft.len();
     }
     if sent < text.len() && reason != StopReason::Cancelled {
         on_text(&text[sent..]);
@@ -308,7 +405,22 @@ pub fn perplexity(session: &mut Session, tokens: &[u32]) -> Result<f64, ModelErr
 
 #[cfg(test)]
 mod tests {
-    use super::Boundary;
+    use super::{Boundary, lookup_draft};
+
+    #[test]
+    fn drafts_follow_the_latest_longest_earlier_ngram() {
+        // "7 8 9" occurred twice: the later one's successors, up to `max`.
+        let h = [7, 8, 9, 1, 2, 7, 8, 9, 3, 4, 5, 0, 8, 9];
+        assert_eq!(lookup_draft(&h, 2), [3, 4]);
+        // A longer match wins over a later shorter one: "0 8 9" is not
+        // earlier, "8 9" is, latest at 6..8.
+        assert_eq!(lookup_draft(&h, 8), [3, 4, 5, 0, 8, 9]);
+        // Too short a tail, or no earlier occurrence: nothing.
+        assert!(lookup_draft(&[5], 4).is_empty());
+        assert!(lookup_draft(&[1, 2, 3, 4], 4).is_empty());
+        // A match reaching the end drafts what there is (a repeated run).
+        assert_eq!(lookup_draft(&[6, 6, 6], 4), [6]);
+    }
 
     #[test]
     fn boundaries_cut_lines_and_blocks() {

@@ -944,6 +944,7 @@ impl Server {
                 .map(|s| s.to_string())
                 .collect(),
             boundary: boundary(s.mode, prefix, suffix),
+            draft: s.draft,
             ..Request::new(prompt, s.max_tokens, sampling)
         };
         let explicit = Arc::new(AtomicBool::new(false));
