@@ -1,7 +1,8 @@
 //! Speculative decoding (`--draft ngram`): tokens guessed from the text so
 //! far are verified in one batch, and the output is token for token plain
 //! greedy decoding's, on real released models, through `kiln run`, the
-//! HTTP API (with `/metrics` counting guesses and hits).
+//! HTTP API (with `/metrics` counting guesses and hits) and the language
+//! server's `draft` setting.
 
 use kiln_tests::serve::{http, http_server_with, metric, post};
 use kiln_tests::{Home, real_model};
@@ -91,4 +92,56 @@ fn the_server_decodes_speculatively_and_counts_it() {
     let guessed = metric(&metrics, "kiln:draft_tokens_total");
     let accepted = metric(&metrics, "kiln:draft_accepted_total");
     assert!(accepted >= 8 && accepted <= guessed, "{metrics}");
+}
+
+/// The language server takes `draft` from the client's settings: the same
+/// completion with and without it, and the guesses counted in `/metrics`.
+#[test]
+fn the_language_server_takes_draft_from_its_settings() {
+    use kiln_serve::demo::Client;
+    use kiln_tests::serve::{at, initialize, open};
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let uri = format!("file://{}/shapes.py", ws.path().display());
+    let lines = REPETITIVE.lines().count() as u32 - 1;
+    let last = REPETITIVE.lines().last().unwrap().len() as u32;
+    let complete = |draft: &str| -> (Value, u64) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
+        let mut cmd = home.command(&[
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+        ]);
+        cmd.env("KILN_THREADS", "1");
+        let mut c = Client::spawn(cmd).expect("spawn kiln serve");
+        let options = json!({"maxTokens": 32, "mode": "none", "draft": draft,
+                             "workspaceContext": false});
+        initialize(&mut c, ws.path(), options);
+        open(&mut c, &uri, REPETITIVE);
+        let r = c
+            .request("textDocument/completion", at(&uri, lines, last))
+            .unwrap();
+        let (_, text) = http(&metrics, "GET", "/metrics", b"");
+        (
+            r["result"]["items"].clone(),
+            metric(&text, "kiln:draft_accepted_total"),
+        )
+    };
+    let (plain, none_accepted) = complete("none");
+    let (drafted, accepted) = complete("ngram");
+    let text = |items: &Value| items[0]["textEdit"]["newText"].as_str().map(str::to_string);
+    assert!(text(&plain).is_some_and(|t| t.len() > 20), "{plain}");
+    assert_eq!(text(&drafted), text(&plain), "{drafted} vs {plain}");
+    assert_eq!(none_accepted, 0);
+    assert!(accepted > 0, "no guess accepted");
 }
