@@ -298,3 +298,89 @@ fn llama3_byte_level_bpe() {
 fn qwen3_byte_level_bpe_with_fim_tokens() {
     parity("qwen3", "Qwen2ForCausalLM");
 }
+
+/// A model with Qwen2.5-Coder's vocabulary (Qwen3's has the same special
+/// tokens) gets repository-level prompts: the workspace's name, each
+/// context snippet as a file after `<|file_sep|>`, then the edited file
+/// around the FIM tokens, every special token one token; the prompt's count
+/// is the tokenizer's, and the snippets' counts are those of their text
+/// in that form. A model without those tokens keeps path comments.
+#[test]
+fn qwen_vocabularies_get_repository_level_prompts() {
+    let Some(vocabs) = vocab_dir() else { return };
+    let home = Home::default();
+    let dir = checkpoint(home.path(), &vocabs.join("qwen3"), "Qwen2ForCausalLM");
+    let gguf = home.path().join("qwen3.gguf");
+    home.ok(&["convert", dir.to_str().unwrap(), gguf.to_str().unwrap()]);
+    let ws = tempfile::tempdir().unwrap();
+    let root = ws.path().join("geometry");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(
+        root.join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("main.py"),
+        "from shapes import circle_area\n\ndef wheel():\n    return circle_area(4)\n",
+    )
+    .unwrap();
+    let shown = |model: &Path| {
+        home.json(&[
+            "context",
+            "--workspace",
+            root.to_str().unwrap(),
+            "--file",
+            "main.py",
+            "--line",
+            "3",
+            "--character",
+            "23",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let v = shown(&gguf);
+    let prompt = v["prompt"].as_str().unwrap();
+    assert!(
+        prompt.starts_with(
+            "<|repo_name|>geometry\n<|file_sep|>shapes.py\ndef circle_area(radius):\n"
+        ),
+        "{prompt}"
+    );
+    assert!(
+        prompt.contains("\n<|file_sep|>main.py\n<|fim_prefix|>from shapes import circle_area\n"),
+        "{prompt}"
+    );
+    assert!(
+        prompt.ends_with("<|fim_suffix|>4)\n<|fim_middle|>"),
+        "{prompt}"
+    );
+    let tok = kiln_runtime::model::Model::load(&gguf)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let ids = tok.encode(prompt, true).unwrap();
+    assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
+    for special in ["<|repo_name|>", "<|file_sep|>", "<|fim_prefix|>"] {
+        let id = tok.token_id(special).unwrap();
+        assert!(ids.contains(&id), "{special} is one token");
+    }
+    let snippet = &v["snippets"][0];
+    assert_eq!(snippet["path"], "shapes.py", "{v:#}");
+    let text =
+        "<|file_sep|>shapes.py\ndef circle_area(radius):\n    return 3.14159 * radius * radius\n";
+    assert_eq!(
+        snippet["tokens"].as_u64().unwrap() as usize,
+        tok.encode(text, false).unwrap().len(),
+        "{v:#}"
+    );
+    // The demo model has Qwen's FIM tokens but no repository tokens.
+    let demo = kiln_tests::serve::demo_model();
+    let prompt = shown(&demo)["prompt"].as_str().unwrap().to_string();
+    assert!(
+        prompt.starts_with("<|fim_prefix|># shapes.py\n"),
+        "{prompt}"
+    );
+}

@@ -4,7 +4,6 @@
 //! policy ABI defines, and packed into a token budget with the model's own
 //! tokenizer, each under a comment that names its file.
 
-use super::fim::comment_marker;
 use crate::prompt::Counter;
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
@@ -49,6 +48,15 @@ pub struct Workspace {
     pub files: usize,
     doc_freq: HashMap<String, u32>,
     avg_words: f32,
+}
+
+impl Workspace {
+    /// The repository's name in repository-level prompts: the root
+    /// folder's name; `None` without a root.
+    pub fn repo_name(&self) -> Option<String> {
+        let root = self.root.as_ref()?;
+        Some(root.file_name()?.to_string_lossy().into_owned())
+    }
 }
 
 /// An open editor document, as a source of context.
@@ -392,12 +400,11 @@ pub fn select_with(
     }
     let current = prefix.to_string() + suffix;
     let current_words: HashSet<String> = words(&current).into_iter().collect();
-    let marker = comment_marker(cursor_path);
     // Each candidate as it would be packed, and its exact token count (the
     // ranker sees the count, and the packer spends it).
     let blocks: Vec<(String, usize)> = (scored.iter())
         .map(|(_, c, _)| {
-            let block = format!("{marker} {}\n{}\n", c.path, c.text);
+            let block = tok.snippet(cursor_path, &c.path, &c.text);
             let n = tok.count(&block);
             (block, n)
         })
@@ -593,6 +600,7 @@ mod tests {
         let counter = Counter {
             tok: &tok,
             memo: &memo,
+            repo: None,
         };
         let open = [OpenDoc {
             path: "notes.py",

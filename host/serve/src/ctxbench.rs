@@ -246,7 +246,6 @@ fn jaccard_windows(
         })
         .collect();
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let marker = crate::fim::comment_marker(&hole.file);
     let mut chosen = Chosen {
         packed: Vec::new(),
         tokens: 0,
@@ -255,7 +254,7 @@ fn jaccard_windows(
     for (_, w) in ranked {
         let place = (w.path.to_string(), w.start, w.end);
         chosen.ranking.push(place.clone());
-        let n = tok.count(&format!("{marker} {}\n{}\n", w.path, w.body));
+        let n = tok.count(&tok.snippet(&hole.file, w.path, &w.body));
         if chosen.tokens + n <= budget {
             chosen.tokens += n;
             chosen.packed.push(place);

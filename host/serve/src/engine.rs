@@ -11,7 +11,7 @@
 //! - Exact repeats are answered from a cache of recent completions.
 //! - A job for a document cancels the document's previous job (debounce).
 
-use super::fim::FimTemplate;
+use super::fim::{FimTemplate, RepoFormat};
 use super::metrics::{Metrics, labels};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
@@ -36,6 +36,9 @@ pub struct Loaded {
     pub model: Arc<Model>,
     pub tok: Tokenizer,
     pub fim: FimTemplate,
+    /// Repository-level prompts, where the model's family was trained on
+    /// them and its vocabulary has their tokens.
+    pub repo: Option<RepoFormat>,
     /// The GGUF's `tokenizer.chat_template` (Jinja), if any.
     pub chat_template: Option<String>,
     /// Token counts of lines and snippets seen, for prompt budgets.
@@ -67,12 +70,14 @@ impl Loaded {
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .map(str::to_string);
+        let repo = RepoFormat::detect(&tok, fim);
         Ok(Loaded {
             id,
             path,
             model,
             tok,
             fim,
+            repo,
             chat_template,
             counts: Default::default(),
         })

@@ -123,6 +123,72 @@ impl FimTemplate {
     }
 }
 
+/// Repository-level prompts, for the families trained on them: the
+/// repository's name, then each context snippet as a file of its own
+/// after the family's file separator (its path, then its text), then the
+/// file being edited around the fill-in-the-middle tokens. Other families
+/// get the snippets as text after a comment naming their path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RepoFormat {
+    /// Qwen2.5-Coder: `<|repo_name|>{repo}\n<|file_sep|>{path}\n{text}\n…
+    /// <|file_sep|>{file}\n<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>`.
+    Qwen,
+    /// StarCoder2: `<repo_name>{repo}<file_sep>{path}\n{text}\n…
+    /// <file_sep><fim_prefix>{file}\n{prefix}<fim_suffix>{suffix}<fim_middle>`.
+    StarCoder2,
+}
+
+const QWEN_REPO: [&str; 2] = ["<|repo_name|>", "<|file_sep|>"];
+const STARCODER2_REPO: [&str; 2] = ["<repo_name>", "<file_sep>"];
+
+impl RepoFormat {
+    /// The format of `fim`'s family when the vocabulary has its tokens.
+    pub fn detect(tok: &Tokenizer, fim: FimTemplate) -> Option<RepoFormat> {
+        let has_all = |t: &[&str]| t.iter().all(|s| tok.token_id(s).is_some());
+        match fim {
+            FimTemplate::Qwen if has_all(&QWEN_REPO) => Some(RepoFormat::Qwen),
+            FimTemplate::StarCoder if has_all(&STARCODER2_REPO) => Some(RepoFormat::StarCoder2),
+            _ => None,
+        }
+    }
+
+    fn separator(self) -> &'static str {
+        match self {
+            RepoFormat::Qwen => QWEN_REPO[1],
+            RepoFormat::StarCoder2 => STARCODER2_REPO[1],
+        }
+    }
+
+    /// One context snippet from the file at `path`.
+    pub fn snippet(self, path: &str, text: &str) -> String {
+        format!("{}{path}\n{text}\n", self.separator())
+    }
+
+    /// The prompt: repository `repo`, the snippets `context` (made by
+    /// [`RepoFormat::snippet`]), and the edited file `path` around the
+    /// cursor.
+    pub fn build(
+        self,
+        repo: &str,
+        path: &str,
+        context: &str,
+        prefix: &str,
+        suffix: &str,
+    ) -> String {
+        match self {
+            RepoFormat::Qwen => format!(
+                "{}{repo}\n{context}{}{path}\n{}{prefix}{}{suffix}{}",
+                QWEN_REPO[0], QWEN_REPO[1], QWEN[0], QWEN[1], QWEN[2]
+            ),
+            RepoFormat::StarCoder2 => format!(
+                "{}{repo}{context}{}{}{path}\n{prefix}{}{suffix}{}",
+                STARCODER2_REPO[0], STARCODER2_REPO[1], STARCODER[0], STARCODER[1], STARCODER[2]
+            ),
+        }
+    }
+}
+
 /// The line-comment marker for a file path's language.
 pub fn comment_marker(path: &str) -> &'static str {
     let ext = path.rsplit_once('.').map_or("", |(_, e)| e);
@@ -140,6 +206,27 @@ pub fn comment_marker(path: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The repository-level layouts of Qwen2.5-Coder's and StarCoder2's
+    /// model cards and papers.
+    #[test]
+    fn repository_level_prompts_follow_each_familys_layout() {
+        let q = RepoFormat::Qwen;
+        let ctx = q.snippet("src/a.rs", "fn a() {}");
+        assert_eq!(ctx, "<|file_sep|>src/a.rs\nfn a() {}\n");
+        assert_eq!(
+            q.build("proj", "src/b.rs", &ctx, "fn b() {", "}"),
+            "<|repo_name|>proj\n<|file_sep|>src/a.rs\nfn a() {}\n<|file_sep|>src/b.rs\n\
+             <|fim_prefix|>fn b() {<|fim_suffix|>}<|fim_middle|>"
+        );
+        let s = RepoFormat::StarCoder2;
+        let ctx = s.snippet("a.py", "x = 1");
+        assert_eq!(
+            s.build("proj", "b.py", &ctx, "y = ", "\n"),
+            "<repo_name>proj<file_sep>a.py\nx = 1\n<file_sep><fim_prefix>b.py\n\
+             y = <fim_suffix>\n<fim_middle>"
+        );
+    }
 
     #[test]
     fn templates_place_prefix_suffix_and_context() {

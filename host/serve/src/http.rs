@@ -430,7 +430,9 @@ async fn encode(
     let l = loaded.clone();
     let encoded = tokio::task::spawn_blocking(move || match text {
         PromptText::Plain { text, add_bos } => l.tok.encode_within(&text, add_bos, limit),
-        PromptText::Fim { prefix, suffix } => prompt::fim_tokens(&l, "", &prefix, &suffix, limit),
+        PromptText::Fim { prefix, suffix } => {
+            prompt::fim_tokens(&l, "", &prefix, &suffix, None, limit)
+        }
     })
     .await
     .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?;

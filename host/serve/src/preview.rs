@@ -70,7 +70,9 @@ pub fn preview(
     let counter = Counter::of(loaded);
     let budget = settings.context_tokens;
     let packed = context::select(ws, open, at.path, prefix, suffix, ranker, &counter, budget);
-    let tokens = prompt::fim_tokens(loaded, &packed.text, prefix, suffix, limit)
+    let repo = ws.repo_name();
+    let file = repo.as_deref().map(|r| (r, at.path));
+    let tokens = prompt::fim_tokens(loaded, &packed.text, prefix, suffix, file, limit)
         .map_err(|e| format!("{e}; lower the budgets (--budget) or raise --ctx"))?;
     Ok(Preview {
         file: at.path.to_string(),
@@ -82,7 +84,7 @@ pub fn preview(
         snippets: packed.snippets,
         prefix_tokens: counter.count(prefix),
         suffix_tokens: counter.count(suffix),
-        prompt: loaded.fim.build(&packed.text, prefix, suffix),
+        prompt: prompt::fim_text(loaded, &packed.text, prefix, suffix, file),
         prompt_tokens: tokens.len(),
     })
 }

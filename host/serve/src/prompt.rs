@@ -9,6 +9,7 @@
 //! tokenized for the budget, and the prompt itself once.
 
 use crate::engine::Loaded;
+use crate::fim::{RepoFormat, comment_marker};
 use kiln_runtime::tokenizer::{EncodeError, Tokenizer};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -24,10 +25,12 @@ pub struct TokenCounts {
 /// Counts kept before the memo starts over.
 const COUNTS_KEPT: usize = 1 << 16;
 
-/// A tokenizer with its memo of counts.
+/// A tokenizer with its memo of counts, and how the model's prompts show
+/// a snippet of another file.
 pub struct Counter<'a> {
     pub tok: &'a Tokenizer,
     pub memo: &'a TokenCounts,
+    pub repo: Option<RepoFormat>,
 }
 
 impl<'a> Counter<'a> {
@@ -35,6 +38,17 @@ impl<'a> Counter<'a> {
         Counter {
             tok: &loaded.tok,
             memo: &loaded.counts,
+            repo: loaded.repo,
+        }
+    }
+
+    /// A context snippet of the file at `path` as the prompt holds it: a
+    /// file of its own in a repository-level prompt, else after a comment
+    /// (in the language of `cursor_path`, the edited file) naming its path.
+    pub fn snippet(&self, cursor_path: &str, path: &str, text: &str) -> String {
+        match self.repo {
+            Some(repo) => repo.snippet(path, text),
+            None => format!("{} {path}\n{text}\n", comment_marker(cursor_path)),
         }
     }
 
@@ -62,18 +76,37 @@ impl<'a> Counter<'a> {
     }
 }
 
+/// The prompt's text ([`fim_tokens`] tokenizes it).
+pub fn fim_text(
+    loaded: &Loaded,
+    context: &str,
+    prefix: &str,
+    suffix: &str,
+    file: Option<(&str, &str)>,
+) -> String {
+    match (loaded.repo, file) {
+        (Some(repo), Some((name, path))) if !context.is_empty() => {
+            repo.build(name, path, context, prefix, suffix)
+        }
+        _ => loaded.fim.build(context, prefix, suffix),
+    }
+}
+
 /// The prompt's tokens: `context`, `prefix` and `suffix` in the served
 /// model's fill-in-the-middle template (the prefix alone when it has
 /// none), with the vocabulary's BOS, refused past `limit` tokens after
-/// about `limit` tokens' worth of work.
+/// about `limit` tokens' worth of work. With context, a `file` (the
+/// repository's name and the edited file's path in it) and a model
+/// trained on repository-level prompts, the prompt is one of those.
 pub fn fim_tokens(
     loaded: &Loaded,
     context: &str,
     prefix: &str,
     suffix: &str,
+    file: Option<(&str, &str)>,
     limit: usize,
 ) -> Result<Vec<u32>, EncodeError> {
-    let text = loaded.fim.build(context, prefix, suffix);
+    let text = fim_text(loaded, context, prefix, suffix, file);
     loaded.tok.encode_within(&text, true, limit)
 }
 
@@ -192,6 +225,7 @@ mod tests {
         let tok = Counter {
             tok: &tokenizer,
             memo: &memo,
+            repo: None,
         };
         let texts = [
             "é = 1",

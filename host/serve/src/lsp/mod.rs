@@ -930,7 +930,11 @@ impl Server {
         let decision = memo.decision.clone();
         self.context_memo = Some(memo);
         let limit = engine.n_ctx().saturating_sub(s.max_tokens).max(1);
-        let prompt = match prompt::fim_tokens(&loaded, &context_text, prefix, suffix, limit) {
+        let repo = (self.workspace.read())
+            .unwrap_or_else(|p| p.into_inner())
+            .repo_name();
+        let file = repo.as_deref().map(|r| (r, rel.as_str()));
+        let prompt = match prompt::fim_tokens(&loaded, &context_text, prefix, suffix, file, limit) {
             Ok(p) => p,
             Err(e) => return self.out.error(&id, REQUEST_FAILED, &e.to_string()),
         };
