@@ -393,6 +393,23 @@ fn the_http_api_answers_validates_and_keeps_serving() {
         v["usage"]["completion_tokens"].as_u64().unwrap() <= 5,
         "{v}"
     );
+    // Without `model`, the served one answers (as llama.cpp's server
+    // does); the same greedy text. Another model's id is a 404.
+    let (code, without) = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": "def add(a, b):", "suffix": "\n", "max_tokens": 5, "temperature": 0, "seed": 1}),
+    );
+    assert_eq!(code, 200, "{without}");
+    assert_eq!(without["choices"][0]["text"], v["choices"][0]["text"]);
+    assert_eq!(without["model"], id.as_str(), "{without}");
+    let (code, other) = post(
+        a,
+        "/v1/completions",
+        &json!({"model": "elsewhere", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(code, 404, "{other}");
+    assert_eq!(other["error"]["code"], "model_not_found", "{other}");
 
     let (code, v) = post(
         a,

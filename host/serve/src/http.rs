@@ -292,8 +292,8 @@ fn common(
     default_max: usize,
 ) -> Result<(Request, bool), ApiError> {
     let c = Common::deserialize(v).map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
+    // Without `model`, the served one (as llama.cpp's server answers).
     match c.model.as_deref() {
-        None => return Err(ApiError::invalid("model", "model is required")),
         Some(m) if m != loaded.id => {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
