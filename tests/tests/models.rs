@@ -503,3 +503,71 @@ fn repacked_weights_give_the_bits_of_the_file_layout() {
         );
     }
 }
+
+/// `kiln doctor` reports what each active model needs (weights, the KV
+/// cache at its default context, a prompt batch's work space) against the
+/// memory available, with the numbers a session allocates; a model file
+/// that cannot be read is a problem named with the cause.
+#[test]
+fn doctor_reports_each_active_models_memory_budget() {
+    use kiln_runtime::model::session::{DEFAULT_BATCH, Session, default_n_ctx};
+    use kiln_runtime::model::{Model, forward};
+    let home = Home::default();
+    let path = tiny_model(TINY);
+    home.ok(&["models", "add", path.to_str().unwrap(), "--name", "coder"]);
+    let v = home.json(&["doctor", "--json"]);
+    let m = &v["models"][0];
+    assert_eq!(m["model"], "coder@1", "{v:#}");
+    let model = Model::load(&path).unwrap();
+    let n_ctx = default_n_ctx(&model.config, None);
+    assert_eq!(m["n_ctx"].as_u64().unwrap() as usize, n_ctx);
+    assert_eq!(m["weights_bytes"].as_u64().unwrap(), model.weight_bytes());
+    assert_eq!(
+        m["kv_bytes"].as_u64().unwrap() as usize,
+        forward::kv_bytes(&model.config, n_ctx)
+    );
+    // The work space of a prompt batch: a session that evaluates one
+    // allocates that much.
+    let scratch = m["scratch_bytes"].as_u64().unwrap() as usize;
+    assert!(scratch > 0);
+    let mut s = Session::new(
+        model.clone(),
+        kiln_runtime::backend::exec::Executor::new(
+            kiln_runtime::backend::Backend::builtin_cpu(),
+            0,
+        ),
+        None,
+    )
+    .unwrap();
+    let batch: Vec<u32> = (0..DEFAULT_BATCH.min(n_ctx) as u32)
+        .map(|i| 1 + i % 200)
+        .collect();
+    s.eval(&batch, forward::LogitsFor::Last).unwrap();
+    assert_eq!(s.scratch_bytes(), scratch);
+    assert_eq!(
+        m["total_bytes"].as_u64().unwrap(),
+        (model.weight_bytes() as usize + forward::kv_bytes(&model.config, n_ctx) + scratch) as u64
+    );
+    assert_eq!(m["fits"], true);
+    assert!(v["memory"]["available_bytes"].as_u64().unwrap() > 0);
+    // A registered file that has gone bad: named, with advice.
+    let listed = home.json(&["models", "list", "--json"]);
+    let blob = listed["models"][0]["blob_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut perms = std::fs::metadata(&blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&blob, perms).unwrap();
+    std::fs::write(&blob, b"not a model").unwrap();
+    let out = home.command(&["doctor", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("model coder@1 cannot be read")
+            && problems.contains("kiln models verify"),
+        "{problems}"
+    );
+}

@@ -119,6 +119,46 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         }
     }
 
+    // What each active model needs against the memory available now.
+    let available = kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable");
+    let mut models = Vec::new();
+    if let Some(r) = &registry {
+        for m in r.models().unwrap_or_default() {
+            if m.state != "active" {
+                continue;
+            }
+            match kiln_runtime::model::session::budget(&m.blob_path, None) {
+                Ok(b) => {
+                    let fits = available.is_none_or(|a| b.total_bytes <= a);
+                    if !fits {
+                        let mib = |x: u64| x >> 20;
+                        problems.push(format!(
+                            "model {} needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but {} MiB are available; close programs, run it with a smaller --ctx, or use a smaller quantization",
+                            m.label(),
+                            mib(b.total_bytes),
+                            mib(b.weights_bytes),
+                            mib(b.kv_bytes),
+                            b.n_ctx,
+                            mib(b.scratch_bytes),
+                            mib(available.unwrap_or(0)),
+                        ));
+                    }
+                    let mut v = serde_json::to_value(&b).unwrap_or_default();
+                    v["model"] = json!(m.label());
+                    v["fits"] = json!(fits);
+                    models.push(v);
+                }
+                Err(e) => {
+                    problems.push(format!(
+                        "model {} cannot be read ({e}); `kiln models verify`",
+                        m.label()
+                    ));
+                    models.push(json!({"model": m.label(), "error": e.to_string()}));
+                }
+            }
+        }
+    }
+
     let report = json!({
         "schema_version": JSON_SCHEMA_VERSION,
         "kiln_version": env!("CARGO_PKG_VERSION"),
@@ -146,6 +186,8 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "discovered_plugins": discovered,
         "backends": backends,
         "plugin_notes": plugin_notes,
+        "memory": {"available_bytes": available},
+        "models": models,
         "problems": problems,
     });
 
@@ -314,6 +356,29 @@ fn print_human(r: &Value) {
     }
     for n in r["plugin_notes"].as_array().into_iter().flatten() {
         println!("plugin said  {}", s(n));
+    }
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) >> 20;
+    if let Some(a) = r["memory"]["available_bytes"].as_u64() {
+        println!("memory       {} MiB available", a >> 20);
+    }
+    for m in r["models"].as_array().into_iter().flatten() {
+        if m["error"].is_string() {
+            continue; // among the problems
+        }
+        println!(
+            "model        {}: {} MiB ({} weights, {} KV at {} tokens, {} work space){}",
+            s(&m["model"]),
+            mib(&m["total_bytes"]),
+            mib(&m["weights_bytes"]),
+            mib(&m["kv_bytes"]),
+            m["n_ctx"],
+            mib(&m["scratch_bytes"]),
+            if m["fits"] == true {
+                ""
+            } else {
+                ": does not fit"
+            }
+        );
     }
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

@@ -123,6 +123,46 @@ fn check_device_memory(
     Ok(())
 }
 
+/// The memory a session of the model at `path` takes: its weights, its
+/// KV cache at `n_ctx` positions (default as [`Session::new`]'s), and the
+/// work space of a prompt batch ([`DEFAULT_BATCH`] tokens).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Budget {
+    pub n_ctx: usize,
+    pub weights_bytes: u64,
+    pub kv_bytes: u64,
+    pub scratch_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// [`Budget`] of the model file at `path` (its header and metadata are
+/// read; no weights).
+pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, ModelError> {
+    let file = crate::gguf::GgufFile::open(path)?;
+    let cfg = super::ModelConfig::from_gguf(&file)?;
+    let n_ctx = default_n_ctx(&cfg, n_ctx);
+    let weights_bytes = file.tensors.iter().map(|t| t.size).sum::<u64>();
+    let kv_bytes = forward::kv_bytes(&cfg, n_ctx) as u64;
+    let batch = DEFAULT_BATCH.min(n_ctx);
+    let (_, scratch, _) = forward::build(
+        &cfg,
+        &file,
+        n_ctx,
+        0,
+        batch,
+        LogitsFor::Last,
+        forward::ATTENTION_BLOCK,
+    );
+    let scratch_bytes = scratch as u64;
+    Ok(Budget {
+        n_ctx,
+        weights_bytes,
+        kv_bytes,
+        scratch_bytes,
+        total_bytes: weights_bytes + kv_bytes + scratch_bytes,
+    })
+}
+
 impl Session {
     /// A session with a cache of `n_ctx` positions (default: the model's
     /// training context, at most 4096), running on `exec`'s device.
@@ -178,6 +218,11 @@ impl Session {
     }
 
     /// Positions in use.
+    /// Bytes of work space the session holds now (the largest batch's).
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch.len()
+    }
+
     pub fn n_past(&self) -> usize {
         self.cached.len()
     }
