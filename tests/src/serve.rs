@@ -40,7 +40,11 @@ pub fn watchdog(pid: u32, limit: Duration) {
 }
 
 pub fn serve(home: &Home, extra: &[&str]) -> Client {
-    let model = demo_model();
+    serve_model(home, &demo_model(), extra)
+}
+
+/// `kiln serve --model MODEL EXTRA…` as a language server on stdio.
+pub fn serve_model(home: &Home, model: &Path, extra: &[&str]) -> Client {
     let mut args = vec!["serve", "--model", model.to_str().unwrap()];
     args.extend_from_slice(extra);
     let mut cmd = home.command(&args);

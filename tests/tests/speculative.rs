@@ -98,8 +98,7 @@ fn the_server_decodes_speculatively_and_counts_it() {
 /// completion with and without it, and the guesses counted in `/metrics`.
 #[test]
 fn the_language_server_takes_draft_from_its_settings() {
-    use kiln_serve::demo::Client;
-    use kiln_tests::serve::{at, initialize, open};
+    use kiln_tests::serve::{at, initialize, open, serve_model};
     let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
         return;
     };
@@ -115,15 +114,7 @@ fn the_language_server_takes_draft_from_its_settings() {
             .unwrap()
             .port();
         let metrics = format!("127.0.0.1:{port}");
-        let mut cmd = home.command(&[
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--metrics",
-            &metrics,
-        ]);
-        cmd.env("KILN_THREADS", "1");
-        let mut c = Client::spawn(cmd).expect("spawn kiln serve");
+        let mut c = serve_model(&home, &model, &["--metrics", &metrics]);
         let options = json!({"maxTokens": 32, "mode": "none", "draft": draft,
                              "workspaceContext": false});
         initialize(&mut c, ws.path(), options);

@@ -270,6 +270,12 @@ fn run_text(home: &Home, model: &Path, backend: &str, env: &[(&str, &str)]) -> S
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Only the named backend's devices are measured.
+    let other = if backend == "cpu" { "vulkan" } else { "cpu" };
+    assert!(
+        !stderr.contains(&format!("measuring {other} device")),
+        "{stderr}"
+    );
     // The weights' upload is reported (on a terminal as it goes).
     assert_eq!(
         stderr.contains(&format!("uploading the weights to {backend}:0: done")),

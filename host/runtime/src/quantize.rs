@@ -514,7 +514,7 @@ pub fn quantize(
         source,
     };
     let mut writer = GgufWriter::create(output, &metadata, &specs).map_err(write_err)?;
-    let total: u64 = file.tensors.iter().map(|t| t.size).sum();
+    let total = file.tensor_bytes();
     let mut done = 0;
     let mut errors = Vec::new();
     for (t, (to, _)) in file.tensors.iter().zip(&types) {

@@ -130,7 +130,7 @@ impl TensorRef {
         Some(self.offset..end)
     }
 
-    fn raw(&self, buffer: KilnBuffer, base: usize) -> KilnTensor {
+    pub(crate) fn raw(&self, buffer: KilnBuffer, base: usize) -> KilnTensor {
         KilnTensor {
             buffer,
             offset: (self.offset - base) as u64,

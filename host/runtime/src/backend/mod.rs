@@ -428,44 +428,36 @@ pub fn choose(
     for p in &set.problems {
         warn(p);
     }
+    // `NAME:N` names device N of a backend, `NAME` its best one.
+    let named = name.map(|name| match name.rsplit_once(':') {
+        Some((b, d)) if d.parse::<u32>().is_ok() => (b, d.parse::<u32>().ok()),
+        _ => (name, None),
+    });
     // A named backend's devices are the only ones measured (when it is
     // there: otherwise every device, for the error's list).
-    let named = name.map(|n| n.rsplit_once(':').map_or(n, |(b, _)| b));
-    let ranked_set = match named {
-        Some(n) if set.backends.iter().any(|b| b.name() == n) => BackendSet {
-            backends: (set.backends.iter())
-                .filter(|b| b.name() == n)
-                .cloned()
-                .collect(),
-            problems: Vec::new(),
-        },
-        _ => BackendSet {
-            backends: set.backends.clone(),
-            problems: Vec::new(),
-        },
+    let known = named.filter(|(b, _)| set.backends.iter().any(|x| x.name() == *b));
+    let measured = BackendSet {
+        backends: (set.backends.iter())
+            .filter(|b| known.is_none_or(|(n, _)| b.name() == n))
+            .cloned()
+            .collect(),
+        problems: Vec::new(),
     };
-    let (ranked, problems) = rank_devices(&ranked_set, &mut registry, false, progress);
+    let (ranked, problems) = rank_devices(&measured, &mut registry, false, progress);
     for p in &problems {
         warn(p);
     }
-    let pick = match name {
-        Some(name) => {
-            // `NAME:N` names device N of a backend, `NAME` its best one.
-            let (backend, device) = match name.rsplit_once(':') {
-                Some((b, d)) if d.parse::<u32>().is_ok() => (b, d.parse::<u32>().ok()),
-                _ => (name, None),
-            };
-            ranked
-                .iter()
-                .find(|r| r.backend == backend && device.is_none_or(|d| r.device == d))
-                .ok_or_else(|| ChooseError::NoSuchBackend {
-                    name: name.to_string(),
-                    available: ranked
-                        .iter()
-                        .map(|r| format!("{}:{}", r.backend, r.device))
-                        .collect(),
-                })?
-        }
+    let pick = match named {
+        Some((backend, device)) => ranked
+            .iter()
+            .find(|r| r.backend == backend && device.is_none_or(|d| r.device == d))
+            .ok_or_else(|| ChooseError::NoSuchBackend {
+                name: name.unwrap_or_default().to_string(),
+                available: ranked
+                    .iter()
+                    .map(|r| format!("{}:{}", r.backend, r.device))
+                    .collect(),
+            })?,
         None => ranked.first().ok_or(ChooseError::NoDevice)?,
     };
     let b = set

@@ -28,7 +28,7 @@
 //! 512-token prompt 3.9 times as fast as (decode 1.2 times).
 
 use super::Backend;
-use super::exec::HostTensor;
+use super::exec::{HostTensor, TensorRef};
 use kiln_plugin_api::abi::KilnOp;
 use kiln_plugin_api::{BackendError, DType, OpKind, interleave};
 use serde::{Deserialize, Serialize};
@@ -88,11 +88,9 @@ pub fn measure(backend: &Backend, device: u32) -> Result<Measurement, BackendErr
     let mut rng = fastrand::Rng::with_seed(0x5c0e);
     for plain in [DType::Q4_0, DType::F16, DType::F32] {
         // In the layout the device wants a model's weights in, as
-        // `Model::load_for` repacks them.
-        let wtype = match backend.weight_layout(device, plain) {
-            t if interleave::is_interleaved(t) && interleave::plain(t) == plain => t,
-            _ => plain,
-        };
+        // `Model::load_for` repacks them (the handle only believes `plain`
+        // or a kiln layout of it).
+        let wtype = backend.weight_layout(device, plain);
         if !supports_mul_mat(backend, device, wtype, BATCH)?
             || !supports_mul_mat(backend, device, wtype, 1)?
         {
@@ -103,11 +101,15 @@ pub fn measure(backend: &Backend, device: u32) -> Result<Measurement, BackendErr
         if wtype != plain {
             interleave::pack(wtype, &mut row);
         }
-        let weights: Vec<u8> = (0..DIM).flat_map(|_| row.iter().copied()).collect();
+        let w = HostTensor {
+            dtype: wtype,
+            ne: [DIM, DIM, 1, 1],
+            data: row.repeat(DIM),
+        };
         return Ok(Measurement {
             weights: Some(plain.name().to_lowercase()),
-            decode_graph_ms: Some(time_graph(backend, device, wtype, &weights, CHAIN, 1)?),
-            prompt_batch_ms: Some(time_graph(backend, device, wtype, &weights, 1, BATCH)?),
+            decode_graph_ms: Some(time_graph(backend, device, &w, CHAIN, 1)?),
+            prompt_batch_ms: Some(time_graph(backend, device, &w, 1, BATCH)?),
         });
     }
     Ok(Measurement {
@@ -135,18 +137,20 @@ fn supports_mul_mat(
     wtype: DType,
     m: usize,
 ) -> Result<bool, BackendError> {
-    let null = std::ptr::null_mut();
-    let w = HostTensor::zeros(wtype, [DIM, DIM, 1, 1]);
-    let x = HostTensor::zeros(DType::F32, [DIM, m, 1, 1]);
-    let y = HostTensor::zeros(DType::F32, [DIM, m, 1, 1]);
-    let query = [w.raw(null), x.raw(null), y.raw(null)];
+    // Descriptions only: no bytes behind them.
+    let desc = |dtype, ne| TensorRef::dense(0, 0, dtype, ne).raw(std::ptr::null_mut(), 0);
+    let query = [
+        desc(wtype, [DIM, DIM, 1, 1]),
+        desc(DType::F32, [DIM, m, 1, 1]),
+        desc(DType::F32, [DIM, m, 1, 1]),
+    ];
     backend
         .handle()
         .supports_op(device, &mul_mat(0, 1, 2), &query)
 }
 
 /// Milliseconds (median) for one graph of `chain` dependent products
-/// `y_i = w_i · y_(i-1)` over distinct weight buffers holding `weights`,
+/// `y_i = w_i · y_(i-1)` over distinct weight buffers holding `w`'s bytes,
 /// with `m` activation columns. A device that takes so long for one
 /// product that the whole chain would outrun [`BUDGET`] (a software
 /// renderer) is timed on graphs of one product, times `chain`: its cost
@@ -154,17 +158,11 @@ fn supports_mul_mat(
 fn time_graph(
     backend: &Backend,
     device: u32,
-    wtype: DType,
-    weights: &[u8],
+    w: &HostTensor,
     chain: usize,
     m: usize,
 ) -> Result<f64, BackendError> {
     let mut rng = fastrand::Rng::with_seed(0x5c0f);
-    let w = HostTensor {
-        dtype: wtype,
-        ne: [DIM, DIM, 1, 1],
-        data: weights.to_vec(),
-    };
     let x = HostTensor::from_f32(
         [DIM, m, 1, 1],
         &(0..DIM * m).map(|_| rng.f32() - 0.5).collect::<Vec<_>>(),
@@ -175,7 +173,7 @@ fn time_graph(
     let mut buffers = Vec::new();
     let result = (|| {
         let mut tensors = Vec::with_capacity(2 * chain + 1);
-        for t in std::iter::repeat_n(&w, chain)
+        for t in std::iter::repeat_n(w, chain)
             .chain([&x])
             .chain(std::iter::repeat_n(&y, chain))
         {
@@ -194,7 +192,9 @@ fn time_graph(
             h.synchronize(device)?;
             Ok(start.elapsed())
         };
-        // Warm-up (pipelines compiled, memory touched), then one product.
+        // Warm-up (pipelines compiled), then one product: a device too
+        // slow for the chain is timed one product at a time, that one
+        // its first sample.
         run(1)?;
         let one = run(1)?;
         let n = if one * chain as u32 > BUDGET {
@@ -202,21 +202,12 @@ fn time_graph(
         } else {
             chain
         };
-        let mut times = Vec::with_capacity(RUNS);
-        let mut spent = Duration::ZERO;
-        if n == chain {
-            run(chain)?;
-        } else {
-            times.push(one.as_secs_f64());
-            spent = one;
+        let mut times = if n == 1 { vec![one] } else { Vec::new() };
+        while times.len() < RUNS && (times.is_empty() || times.iter().sum::<Duration>() < BUDGET) {
+            times.push(run(n)?);
         }
-        while times.len() < RUNS && (times.is_empty() || spent < BUDGET) {
-            let t = run(n)?;
-            spent += t;
-            times.push(t.as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2] * 1e3 * (chain / n) as f64)
+        times.sort();
+        Ok(times[times.len() / 2].as_secs_f64() * 1e3 * (chain / n) as f64)
     })();
     for b in buffers {
         let _ = h.buffer_free(b);

@@ -419,6 +419,11 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Bytes of all the tensors' data.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.size).sum()
+    }
+
     /// The bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;

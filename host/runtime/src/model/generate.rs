@@ -409,12 +409,15 @@ mod tests {
 
     #[test]
     fn drafts_follow_the_latest_longest_earlier_ngram() {
-        // "7 8 9" occurred twice: the later one's successors, up to `max`.
+        // The tail "8 9" occurred at 1 and at 6: the later one's
+        // successors, up to `max` (and to the end of the history).
         let h = [7, 8, 9, 1, 2, 7, 8, 9, 3, 4, 5, 0, 8, 9];
         assert_eq!(lookup_draft(&h, 2), [3, 4]);
-        // A longer match wins over a later shorter one: "0 8 9" is not
-        // earlier, "8 9" is, latest at 6..8.
         assert_eq!(lookup_draft(&h, 8), [3, 4, 5, 0, 8, 9]);
+        // A longer match wins over a later shorter one: "1 2 3" at 0
+        // rather than "2 3" at 5.
+        let h = [1, 2, 3, 40, 9, 2, 3, 50, 1, 2, 3];
+        assert_eq!(lookup_draft(&h, 3), [40, 9, 2]);
         // Too short a tail, or no earlier occurrence: nothing.
         assert!(lookup_draft(&[5], 4).is_empty());
         assert!(lookup_draft(&[1, 2, 3, 4], 4).is_empty());

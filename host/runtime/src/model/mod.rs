@@ -199,6 +199,6 @@ impl Model {
 
     /// Bytes of the weights the forward pass reads.
     pub fn weight_bytes(&self) -> u64 {
-        self.file.tensors.iter().map(|t| t.size).sum()
+        self.file.tensor_bytes()
     }
 }

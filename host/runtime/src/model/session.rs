@@ -141,7 +141,7 @@ pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, Mo
     let file = crate::gguf::GgufFile::open(path)?;
     let cfg = super::ModelConfig::from_gguf(&file)?;
     let n_ctx = default_n_ctx(&cfg, n_ctx);
-    let weights_bytes = file.tensors.iter().map(|t| t.size).sum::<u64>();
+    let weights_bytes = file.tensor_bytes();
     let kv_bytes = forward::kv_bytes(&cfg, n_ctx) as u64;
     let batch = DEFAULT_BATCH.min(n_ctx);
     let (_, scratch, _) = forward::build(
