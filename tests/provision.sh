@@ -50,6 +50,8 @@ need npm command -v npm
 need glslc command -v glslc
 need libvulkan1 sh -c 'ldconfig -p | grep -q "libvulkan.so.1 "'
 need mesa-vulkan-drivers sh -c 'ls /usr/share/vulkan/icd.d/lvp_icd.*.json'
+# Encryption at rest is checked against the age format's reference tool.
+need age command -v age-keygen
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" != 0 ]; then

@@ -210,6 +210,8 @@ impl Home {
             .env_remove("HF_HUB_CACHE")
             .env_remove("OLLAMA_MODELS")
             .env_remove("KILN_PLUGIN_PATH")
+            .env_remove("KILN_IDENTITY")
+            .env_remove("KILN_PASSPHRASE")
             .env_remove("KILN_LOG");
         c
     }

@@ -8,6 +8,9 @@
 //! ```toml
 //! [plugins]
 //! dirs = ["/opt/vendor/kiln-plugins"]   # relative paths are relative to KILN_HOME
+//!
+//! [store]
+//! encrypt_at_rest = true   # models added from now on are stored encrypted (age)
 //! ```
 //!
 //! `KILN_PLUGIN_PATH` adds directories, separated like `PATH`.
@@ -35,6 +38,15 @@ pub struct PluginDir {
 struct ConfigFile {
     #[serde(default)]
     plugins: PluginsSection,
+    #[serde(default)]
+    store: StoreSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    #[serde(default)]
+    encrypt_at_rest: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +64,8 @@ pub struct Config {
     /// Set when `config.toml` exists but cannot be used; the defaults apply
     /// and commands that depend on it refuse to run.
     pub config_error: Option<String>,
+    /// `[store] encrypt_at_rest`: new blobs are stored encrypted.
+    pub encrypt_at_rest: bool,
 }
 
 impl Config {
@@ -77,11 +91,15 @@ impl Config {
             origin: DirOrigin::Home,
         }];
         let mut config_error = None;
+        let mut encrypt_at_rest = false;
         match read_config_file(&config_file) {
-            Ok(file) => plugin_dirs.extend(file.plugins.dirs.into_iter().map(|p| PluginDir {
-                path: if p.is_absolute() { p } else { home.join(p) },
-                origin: DirOrigin::ConfigFile,
-            })),
+            Ok(file) => {
+                encrypt_at_rest = file.store.encrypt_at_rest;
+                plugin_dirs.extend(file.plugins.dirs.into_iter().map(|p| PluginDir {
+                    path: if p.is_absolute() { p } else { home.join(p) },
+                    origin: DirOrigin::ConfigFile,
+                }))
+            }
             Err(e) => config_error = Some(e),
         }
         if let Some(paths) = plugin_path {
@@ -99,6 +117,7 @@ impl Config {
             config_file,
             plugin_dirs,
             config_error,
+            encrypt_at_rest,
         }
     }
 
@@ -118,6 +137,42 @@ impl Config {
             None => Ok(()),
         }
     }
+}
+
+/// Sets `[store] encrypt_at_rest` in `config.toml` (created if missing),
+/// keeping the rest of the file as it was; written to a temporary file
+/// and renamed over it.
+pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> {
+    config.require_valid()?;
+    let path = &config.config_file;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    let store = doc
+        .entry("store")
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()));
+    let Some(store) = store.as_table_like_mut() else {
+        return Err(format!(
+            "{}: `store` is not a table; make it `[store]`",
+            path.display()
+        ));
+    };
+    store.insert("encrypt_at_rest", toml_edit::value(on));
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&config.home)?;
+        let tmp = path.with_extension(format!("toml.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, doc.to_string())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    config.encrypt_at_rest = on;
+    Ok(())
 }
 
 fn read_config_file(path: &Path) -> Result<ConfigFile, String> {
@@ -189,5 +244,24 @@ mod tests {
         assert!(err.contains("config.toml") && err.contains("dir"), "{err}");
         assert_eq!(c.plugin_dirs.len(), 1);
         assert!(c.require_valid().is_err());
+    }
+
+    #[test]
+    fn turning_encryption_on_keeps_the_rest_of_the_file() {
+        let home = tempfile::tempdir().unwrap();
+        let mut c = Config::new(home.path().to_path_buf(), None);
+        assert!(!c.encrypt_at_rest);
+        set_encrypt_at_rest(&mut c, true).unwrap();
+        assert!(Config::new(home.path().to_path_buf(), None).encrypt_at_rest);
+
+        let text = "# my plugins\n[plugins]\ndirs = [\"vendor\"]  # theirs\n";
+        std::fs::write(home.path().join("config.toml"), text).unwrap();
+        let mut c = Config::new(home.path().to_path_buf(), None);
+        set_encrypt_at_rest(&mut c, true).unwrap();
+        let now = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+        assert!(now.starts_with(text), "{now}");
+        let c = Config::new(home.path().to_path_buf(), None);
+        assert!(c.encrypt_at_rest && c.config_error.is_none());
+        assert_eq!(c.plugin_dirs.len(), 2);
     }
 }

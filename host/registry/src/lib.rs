@@ -46,6 +46,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_model_origin.sql",
         include_str!("../../../migrations/0004_model_origin.sql"),
     ),
+    (
+        "0005_encrypted_blobs.sql",
+        include_str!("../../../migrations/0005_encrypted_blobs.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.

@@ -33,6 +33,8 @@ pub struct ModelRecord {
     /// The parameters its source kept (Ollama's params layer, JSON).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub params: Option<String>,
+    /// The blob is stored encrypted (age); `sha256` is the plaintext's.
+    pub encrypted: bool,
 }
 
 impl ModelRecord {
@@ -53,6 +55,8 @@ pub struct NewModel {
     pub origin: Option<String>,
     pub chat_template: Option<String>,
     pub params: Option<String>,
+    /// The blob is stored encrypted (age).
+    pub encrypted: bool,
 }
 
 const SELECT: &str = "SELECT m.*, p.name || '@' || p.version AS parent_label FROM models m LEFT JOIN models p ON p.id = m.parent_id";
@@ -73,6 +77,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ModelRecord> {
         origin: r.get("origin")?,
         chat_template: r.get("chat_template")?,
         params: r.get("params")?,
+        encrypted: r.get("encrypted")?,
     })
 }
 
@@ -110,8 +115,8 @@ impl Registry {
         };
         tx.execute(
             &format!(
-                "INSERT INTO models (name, version, sha256, blob_path, architecture, quant_type, size_bytes, parent_id, origin, chat_template, params, state, added_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'inactive', {NOW}, {NOW})"
+                "INSERT INTO models (name, version, sha256, blob_path, architecture, quant_type, size_bytes, parent_id, origin, chat_template, params, encrypted, state, added_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'inactive', {NOW}, {NOW})"
             ),
             params![
                 m.name,
@@ -124,7 +129,8 @@ impl Registry {
                 parent,
                 m.origin,
                 m.chat_template,
-                m.params
+                m.params,
+                m.encrypted
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -151,6 +157,43 @@ impl Registry {
             .prepare(&format!("{SELECT} WHERE m.sha256 = ?1 ORDER BY m.id"))?;
         let rows = st.query_map([sha256], from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Points every version whose blob has this sha256 at `blob_path`,
+    /// stored encrypted or not (`kiln store encrypt` and `decrypt`);
+    /// audited. The number of versions changed.
+    pub fn move_blob(
+        &mut self,
+        sha256: &str,
+        blob_path: &std::path::Path,
+        encrypted: bool,
+        actor: &str,
+    ) -> Result<usize> {
+        let tx = self.write()?;
+        let n = tx.execute(
+            &format!(
+                "UPDATE models SET blob_path = ?2, encrypted = ?3, updated_at = {NOW} WHERE sha256 = ?1"
+            ),
+            params![sha256, blob_path.to_string_lossy(), encrypted],
+        )?;
+        if n > 0 {
+            let (action, before, after) = match encrypted {
+                true => ("encrypt", "plain", "age"),
+                false => ("decrypt", "age", "plain"),
+            };
+            audit(
+                &tx,
+                actor,
+                "model",
+                action,
+                &format!("sha256-{sha256}"),
+                Some(before),
+                Some(after),
+                Some(&format!("{n} version(s)")),
+            )?;
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Whether any model version's blob has this sha256.
@@ -225,7 +268,28 @@ mod tests {
             origin: None,
             chat_template: None,
             params: None,
+            encrypted: false,
         }
+    }
+
+    #[test]
+    fn moving_a_blob_repoints_every_version_and_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        r.add_model(&new("a", "aa", None), "test").unwrap();
+        r.add_model(&new("b", "aa", None), "test").unwrap();
+        r.add_model(&new("c", "cc", None), "test").unwrap();
+        let to = PathBuf::from("/blobs/sha256-aa.age");
+        assert_eq!(r.move_blob("aa", &to, true, "test").unwrap(), 2);
+        for m in r.models().unwrap() {
+            assert_eq!(m.encrypted, m.sha256 == "aa", "{}", m.label());
+            assert_eq!(m.blob_path == to, m.sha256 == "aa");
+        }
+        let last = &r.audit_log(1).unwrap()[0];
+        assert_eq!(
+            (last.action.as_str(), last.kind.as_str()),
+            ("encrypt", "model")
+        );
     }
 
     #[test]

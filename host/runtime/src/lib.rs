@@ -27,6 +27,7 @@
 pub mod backend;
 pub mod convert;
 pub mod cpu_features;
+pub mod crypt;
 pub mod gguf;
 pub mod import;
 pub mod install;

@@ -6,7 +6,12 @@
 //! copy again from disk and only then renames it into place: a blob's name
 //! always matches its bytes, and an interrupted add leaves at most a
 //! temporary file. `verify` re-hashes every blob and reports, never deletes.
+//!
+//! With `[store] encrypt_at_rest` (`kiln store encrypt`) blobs are stored
+//! in the age format as `sha256-<hex>.age`, named by their plaintext's
+//! hash; the same checks run on the plaintext, decrypted from disk.
 
+use crate::crypt::{self, CryptError, Keys};
 use crate::gguf::GgufFile;
 use crate::model::{Model, ModelError};
 use kiln_registry::config::Config;
@@ -58,6 +63,8 @@ pub enum StoreError {
     Known { path: PathBuf, model: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -267,21 +274,39 @@ pub fn add_with(
         None => default_name(&model.file, file),
     };
     check_name(&name)?;
-    let total = std::fs::metadata(file).map_err(io(file))?.len();
+    // An encrypted source is read through its decryption; with
+    // encryption at rest the copy is encrypted as it is written.
+    let sealed_source = crypt::is_encrypted(file).map_err(io(file))?;
+    let keys = match (config.encrypt_at_rest, sealed_source) {
+        (true, _) => Some(sealing_keys(config)?),
+        (false, true) => Some(Keys::from_env(config)?),
+        (false, false) => None,
+    };
+    let seal = keys.as_ref().filter(|_| config.encrypt_at_rest);
+    let total = model.file.bytes().len() as u64;
     let dir = blobs_dir(config);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let tmp = dir.join(format!(
-        "{INCOMING}{}-{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
+    let tmp = incoming(&dir);
     // A hard link shares the file's bytes: one hash of them is the check.
     // A copy is hashed while written and again from disk.
-    let linked = how.link && std::fs::hard_link(file, &tmp).is_ok();
+    let linked =
+        how.link && !sealed_source && seal.is_none() && std::fs::hard_link(file, &tmp).is_ok();
     let checked = if linked {
         hash_file(&tmp, |done| progress(done, total)).map(|h| (h.clone(), Ok(h)))
     } else {
-        copy_hashing(file, &tmp, |done| progress(done, total)).map(|h| (h, hash_file(&tmp, |_| {})))
+        let source: Result<Box<dyn Read>, StoreError> = match (&keys, sealed_source) {
+            (Some(k), true) => crypt::open_reader(file, k)
+                .map(|r| Box::new(r) as Box<dyn Read>)
+                .map_err(StoreError::from),
+            _ => std::fs::File::open(file)
+                .map(|f| Box::new(f) as Box<dyn Read>)
+                .map_err(io(file)),
+        };
+        source
+            .and_then(|mut src| {
+                copy_hashing(&mut src, file, &tmp, seal, |done| progress(done, total))
+            })
+            .map(|h| (h, stored_hash(&tmp, seal)))
     };
     let (hash, copy) = match checked {
         Ok(v) => v,
@@ -323,7 +348,7 @@ pub fn add_with(
             model: m.label(),
         });
     }
-    let blob = dir.join(format!("sha256-{copy}"));
+    let blob = blob_path(&dir, &copy, seal.is_some());
     let parent = model
         .file
         .get(PARENT_KEY)
@@ -340,6 +365,7 @@ pub fn add_with(
         origin: how.origin.clone(),
         chat_template: how.chat_template.clone(),
         params: how.params.clone(),
+        encrypted: seal.is_some(),
     };
     // Publishing the blob and recording it happen under the store's lock,
     // so that a blob no record names is always garbage (see `orphans`).
@@ -365,6 +391,73 @@ pub fn add_with(
 
 /// Temporary copies are named `.incoming-<pid>-<random>` until published.
 const INCOMING: &str = ".incoming-";
+
+fn incoming(dir: &Path) -> PathBuf {
+    dir.join(format!(
+        "{INCOMING}{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
+}
+
+/// `sha256-<hex>`, or `sha256-<hex>.age` encrypted.
+fn blob_path(dir: &Path, sha256: &str, encrypted: bool) -> PathBuf {
+    dir.join(format!(
+        "sha256-{sha256}{}",
+        if encrypted { ".age" } else { "" }
+    ))
+}
+
+/// The keys blobs are encrypted to: the environment's
+/// ([`Keys::from_env`]), else `$KILN_HOME/identity.txt`, created when
+/// there is none.
+pub fn sealing_keys(config: &Config) -> Result<Keys, StoreError> {
+    let keys = Keys::from_env(config)?;
+    if keys.can_encrypt() {
+        return Ok(keys);
+    }
+    crypt::ensure_identity(config)?;
+    Ok(Keys::from_env(config)?)
+}
+
+/// sha256 of a stored copy's plaintext: decrypted from disk with `seal`.
+fn stored_hash(path: &Path, seal: Option<&Keys>) -> Result<String, StoreError> {
+    match seal {
+        None => hash_file(path, |_| {}),
+        Some(keys) => hash_reader(&mut crypt::open_reader(path, keys)?, path),
+    }
+}
+
+fn hash_reader(r: &mut dyn Read, path: &Path) -> Result<String, StoreError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 22];
+    loop {
+        let n = r.read(&mut buf).map_err(|e| read_error(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(h))
+}
+
+fn hex(h: Sha256) -> String {
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An error reading a file, encrypted or not: a failed authentication
+/// names the file as damaged.
+fn read_error(path: &Path, e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            StoreError::Crypt(CryptError::Damaged {
+                path: path.to_path_buf(),
+                what: e.to_string(),
+            })
+        }
+        _ => io(path)(e),
+    }
+}
 
 /// An exclusive lock on the store (`models/store.lock`), held while a blob is
 /// published and recorded and while orphans are looked for; released
@@ -445,37 +538,83 @@ pub fn orphans(
     Ok(out)
 }
 
+/// Copies `src` into the new file `to`, encrypted for `seal` when given,
+/// and returns the sha256 of what was read. On error `to` is removed.
 fn copy_hashing(
+    src: &mut dyn Read,
     from: &Path,
     to: &Path,
-    mut progress: impl FnMut(u64),
+    seal: Option<&Keys>,
+    progress: impl FnMut(u64),
 ) -> Result<String, StoreError> {
-    let mut src = std::fs::File::open(from).map_err(io(from))?;
-    let mut dst = std::fs::File::create(to).map_err(io(to))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 22];
-    let mut done = 0u64;
+    let mut reader = Hashing {
+        inner: src,
+        from,
+        hash: Sha256::new(),
+        done: 0,
+        progress,
+        failed: None,
+    };
+    if let Some(keys) = seal {
+        let sealed = crypt::encrypt_file(&mut reader, to, keys, |_| {});
+        if let Some(e) = reader.failed.take() {
+            let _ = std::fs::remove_file(to);
+            return Err(e);
+        }
+        sealed?;
+        return Ok(hex(reader.hash));
+    }
     let copied = (|| -> std::io::Result<()> {
+        let mut dst = std::fs::File::create(to)?;
+        let mut buf = vec![0u8; 1 << 22];
         loop {
-            let n = src.read(&mut buf)?;
+            let n = reader.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            h.update(&buf[..n]);
             dst.write_all(&buf[..n])?;
-            done += n as u64;
-            progress(done);
         }
         dst.sync_all()
     })();
     if let Err(e) = copied {
         let _ = std::fs::remove_file(to);
-        return Err(StoreError::Io {
+        return Err(reader.failed.take().unwrap_or(StoreError::Io {
             path: to.to_path_buf(),
             source: e,
-        });
+        }));
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(reader.hash))
+}
+
+/// A reader that hashes what passes through it and reports progress; a
+/// read error is kept (with the source's path) to tell it from a write error.
+struct Hashing<'a, P> {
+    inner: &'a mut dyn Read,
+    from: &'a Path,
+    hash: Sha256,
+    done: u64,
+    progress: P,
+    failed: Option<StoreError>,
+}
+
+impl<P: FnMut(u64)> Read for Hashing<'_, P> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                if n > 0 {
+                    self.hash.update(&buf[..n]);
+                    self.done += n as u64;
+                    (self.progress)(self.done);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let kind = e.kind();
+                self.failed = Some(read_error(self.from, e));
+                Err(std::io::Error::new(kind, "reading the source failed"))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -483,7 +622,17 @@ fn copy_hashing(
 pub enum BlobStatus {
     Ok,
     Missing,
-    Corrupt { actual_sha256: String },
+    Corrupt {
+        actual_sha256: String,
+    },
+    /// Encrypted, and it fails its authentication (truncated, a byte changed).
+    Damaged {
+        reason: String,
+    },
+    /// Encrypted for a key this process does not have.
+    Locked {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -491,13 +640,16 @@ pub struct Verified {
     pub model: String,
     pub sha256: String,
     pub blob_path: PathBuf,
+    pub encrypted: bool,
     #[serde(flatten)]
     pub status: BlobStatus,
 }
 
-/// `kiln models verify`: re-hashes every registered blob (each once).
+/// `kiln models verify`: re-hashes every registered blob (each once); an
+/// encrypted one is decrypted with `keys` and its plaintext hashed.
 pub fn verify(
     registry: &Registry,
+    keys: &Keys,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<Verified>, StoreError> {
     let mut checked: std::collections::HashMap<PathBuf, BlobStatus> = Default::default();
@@ -510,9 +662,13 @@ pub fn verify(
                 let s = if !m.blob_path.is_file() {
                     BlobStatus::Missing
                 } else {
-                    match hash_file(&m.blob_path, |_| {}) {
+                    match stored_hash(&m.blob_path, m.encrypted.then_some(keys)) {
                         Ok(h) if h == m.sha256 => BlobStatus::Ok,
                         Ok(h) => BlobStatus::Corrupt { actual_sha256: h },
+                        Err(StoreError::Crypt(e @ CryptError::Damaged { .. })) => {
+                            BlobStatus::Damaged { reason: e.detail() }
+                        }
+                        Err(StoreError::Crypt(e)) => BlobStatus::Locked { reason: e.detail() },
                         Err(_) => BlobStatus::Missing,
                     }
                 };
@@ -524,8 +680,139 @@ pub fn verify(
             model: m.label(),
             sha256: m.sha256,
             blob_path: m.blob_path,
+            encrypted: m.encrypted,
             status,
         });
     }
+    Ok(out)
+}
+
+/// One blob [`reseal`] encrypted or decrypted.
+#[derive(Clone, Debug, Serialize)]
+pub struct Resealed {
+    pub sha256: String,
+    /// The versions stored in it.
+    pub models: Vec<String>,
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub bytes: u64,
+}
+
+/// What [`reseal`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Resealing {
+    pub encrypted: bool,
+    pub blobs: Vec<Resealed>,
+    /// Versions whose blob is missing (nothing to convert; see `kiln
+    /// models verify`).
+    pub missing: Vec<String>,
+    /// The identity file the blobs are encrypted to or were decrypted
+    /// with, if one was used.
+    pub identity: Option<PathBuf>,
+    /// The identity file was created by this call.
+    pub identity_created: bool,
+}
+
+/// `kiln store encrypt` (`encrypt`) and `kiln store decrypt`: rewrites
+/// every blob not yet in that form, then sets `[store] encrypt_at_rest`.
+///
+/// Each blob is converted into a temporary file while its plaintext is
+/// hashed (it must hash to its name), the result is read back and hashed
+/// again, and only then, under the store's lock, renamed into place, the
+/// registry repointed (audited) and the old file removed. A kill at any
+/// point leaves every version readable: at worst an orphan that `kiln
+/// models verify --remove-orphans` deletes.
+pub fn reseal(
+    config: &mut Config,
+    registry: &mut Registry,
+    encrypt: bool,
+    actor: &str,
+    mut progress: impl FnMut(&str, u64, u64),
+) -> Result<Resealing, StoreError> {
+    config.require_valid().map_err(StoreError::Invalid)?;
+    let created =
+        encrypt && !Keys::from_env(config)?.can_encrypt() && crypt::ensure_identity(config)?;
+    let keys = if encrypt {
+        sealing_keys(config)?
+    } else {
+        Keys::from_env(config)?
+    };
+    let dir = blobs_dir(config);
+    let mut groups: std::collections::BTreeMap<PathBuf, Vec<ModelRecord>> = Default::default();
+    for m in registry.models()? {
+        if m.encrypted != encrypt {
+            groups.entry(m.blob_path.clone()).or_default().push(m);
+        }
+    }
+    let mut out = Resealing {
+        encrypted: encrypt,
+        blobs: Vec::new(),
+        missing: Vec::new(),
+        identity: keys.identity_file.clone(),
+        identity_created: created,
+    };
+    for (from, models) in groups {
+        let labels: Vec<String> = models.iter().map(ModelRecord::label).collect();
+        if !from.is_file() {
+            out.missing.extend(labels);
+            continue;
+        }
+        let sha = models[0].sha256.clone();
+        let label = labels.join(", ");
+        let total = std::fs::metadata(&from).map_err(io(&from))?.len();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let tmp = incoming(&dir);
+        let seal = encrypt.then_some(&keys);
+        let converted = (|| {
+            let mut src: Box<dyn Read> = if encrypt {
+                Box::new(std::fs::File::open(&from).map_err(io(&from))?)
+            } else {
+                Box::new(crypt::open_reader(&from, &keys)?)
+            };
+            let read = copy_hashing(&mut src, &from, &tmp, seal, |d| progress(&label, d, total))?;
+            if read != sha {
+                return Err(StoreError::HashMismatch {
+                    path: from.clone(),
+                    got: read,
+                    want: sha.clone(),
+                });
+            }
+            let copy = stored_hash(&tmp, seal)?;
+            if copy != sha {
+                return Err(StoreError::CopyMismatch {
+                    path: from.clone(),
+                    copy,
+                    source_hash: sha.clone(),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = converted {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let to = blob_path(&dir, &sha, encrypt);
+        let bytes = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
+        let _lock = StoreLock::acquire(&dir)?;
+        let published = std::fs::rename(&tmp, &to)
+            .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
+        if let Err(e) = published {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&to)(e));
+        }
+        // Until the registry names `to`, it is an orphan; after, `from` is.
+        registry.move_blob(&sha, &to, encrypt, actor)?;
+        if from.parent() == Some(dir.as_path()) && from != to {
+            std::fs::remove_file(&from).map_err(io(&from))?;
+        }
+        out.blobs.push(Resealed {
+            sha256: sha,
+            models: labels,
+            from,
+            to,
+            bytes,
+        });
+    }
+    kiln_registry::config::set_encrypt_at_rest(config, encrypt).map_err(StoreError::Invalid)?;
     Ok(out)
 }

@@ -159,6 +159,43 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         }
     }
 
+    // Encryption at rest: the setting, the key file's permissions, and
+    // blobs not in the form the setting asks for.
+    let keys = kiln_runtime::crypt::Keys::from_env(config);
+    let identity = match &keys {
+        Ok(k) => k.identity_file.clone(),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    let identity_mode = identity.as_ref().and_then(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    });
+    if let (Some(p), Some(mode)) = (&identity, identity_mode)
+        && mode & 0o077 != 0
+    {
+        problems.push(format!(
+            "the identity {} can be read by other users (mode {mode:03o}); `chmod 600 {}`",
+            p.display(),
+            p.display()
+        ));
+    }
+    let all_models = registry
+        .as_ref()
+        .map(|r| r.models().unwrap_or_default())
+        .unwrap_or_default();
+    let encrypted = all_models.iter().filter(|m| m.encrypted).count();
+    let plain = all_models.len() - encrypted;
+    if config.encrypt_at_rest && plain > 0 {
+        problems.push(format!(
+            "{plain} model version(s) are stored in plain although encrypt_at_rest is on; `kiln store encrypt` encrypts them"
+        ));
+    }
+
     let report = json!({
         "schema_version": JSON_SCHEMA_VERSION,
         "kiln_version": env!("CARGO_PKG_VERSION"),
@@ -188,6 +225,13 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "plugin_notes": plugin_notes,
         "memory": {"available_bytes": available},
         "models": models,
+        "encryption": {
+            "at_rest": config.encrypt_at_rest,
+            "identity": identity,
+            "identity_mode": identity_mode.map(|m| format!("{m:03o}")),
+            "encrypted_models": encrypted,
+            "plain_models": plain,
+        },
         "problems": problems,
     });
 
@@ -357,6 +401,18 @@ fn print_human(r: &Value) {
     for n in r["plugin_notes"].as_array().into_iter().flatten() {
         println!("plugin said  {}", s(n));
     }
+    let enc = &r["encryption"];
+    println!(
+        "encryption   {} ({} model version(s) encrypted, {} plain; identity {})",
+        if enc["at_rest"] == true {
+            "at rest: new models are stored encrypted"
+        } else {
+            "off (`kiln store encrypt`)"
+        },
+        enc["encrypted_models"],
+        enc["plain_models"],
+        enc["identity"].as_str().unwrap_or("none")
+    );
     let mib = |v: &Value| v.as_u64().unwrap_or(0) >> 20;
     if let Some(a) = r["memory"]["available_bytes"].as_u64() {
         println!("memory       {} MiB available", a >> 20);

@@ -18,6 +18,7 @@ mod pull;
 mod quantize;
 mod run;
 mod serve;
+mod store;
 
 use clap::{Parser, Subcommand};
 use kiln_registry::config::Config;
@@ -230,6 +231,9 @@ enum Command {
     /// The model store: add, import, list, activate, roll back, verify.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Encryption at rest of the model store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Convert a Hugging Face checkpoint directory (llama, qwen2) to GGUF.
     Convert {
         dir: std::path::PathBuf,
@@ -260,6 +264,24 @@ enum Command {
         /// precision twice; llama.cpp's --allow-requantize).
         #[arg(long)]
         allow_requantize: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Encrypt every model blob in the store (age format) and store the
+    /// models added from now on encrypted (`[store] encrypt_at_rest`). The
+    /// key: KILN_IDENTITY (an age identity file), else
+    /// $KILN_HOME/identity.txt (created, mode 0600, when missing), else the
+    /// passphrase in KILN_PASSPHRASE.
+    Encrypt {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decrypt every model blob in the store and store new ones in plain.
+    Decrypt {
         #[arg(long)]
         json: bool,
     },
@@ -683,6 +705,10 @@ fn run(command: Command) -> CliResult {
                 json,
                 remove_orphans,
             } => models::verify(&config, json, remove_orphans),
+        },
+        Command::Store(c) => match c {
+            StoreCommand::Encrypt { json } => store::reseal(&config, true, json),
+            StoreCommand::Decrypt { json } => store::reseal(&config, false, json),
         },
         Command::Policy(p) => match p {
             PolicyCommand::Add {

@@ -156,6 +156,7 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
                 m.quant_type.clone(),
                 human_bytes(m.size_bytes),
                 m.parent.clone().unwrap_or_default(),
+                if m.encrypted { "age" } else { "plain" }.to_string(),
                 m.sha256[..12].to_string(),
             ]
         })
@@ -164,7 +165,7 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
         "{}",
         table(
             &[
-                "NAME", "VERSION", "STATE", "ARCH", "TYPE", "SIZE", "PARENT", "SHA256"
+                "NAME", "VERSION", "STATE", "ARCH", "TYPE", "SIZE", "PARENT", "STORED", "SHA256"
             ],
             &rows
         )
@@ -174,7 +175,8 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
 
 pub fn verify(config: &Config, as_json: bool, remove_orphans: bool) -> CliResult {
     let registry = open_registry(config)?;
-    let results = store::verify(&registry, |m| eprintln!("kiln: hashing {m}…"))?;
+    let keys = kiln_runtime::crypt::Keys::from_env(config)?;
+    let results = store::verify(&registry, &keys, |m| eprintln!("kiln: hashing {m}…"))?;
     let orphans = store::orphans(config, &registry, remove_orphans)?;
     let bad = results
         .iter()
@@ -194,6 +196,16 @@ pub fn verify(config: &Config, as_json: bool, remove_orphans: bool) -> CliResult
             match &r.status {
                 BlobStatus::Ok => println!("ok       {}", r.model),
                 BlobStatus::Missing => println!("MISSING  {} ({})", r.model, r.blob_path.display()),
+                BlobStatus::Damaged { reason } | BlobStatus::Locked { reason } => println!(
+                    "{}  {} ({}: {reason})",
+                    if matches!(r.status, BlobStatus::Damaged { .. }) {
+                        "DAMAGED"
+                    } else {
+                        "LOCKED "
+                    },
+                    r.model,
+                    r.blob_path.display()
+                ),
                 BlobStatus::Corrupt { actual_sha256 } => println!(
                     "CORRUPT  {} ({}: sha256 is {actual_sha256}, expected {}); nothing was deleted: restore the file or `kiln models rollback`",
                     r.model,

@@ -231,8 +231,24 @@ fn ggml_type_name(raw: u32) -> String {
 }
 
 impl GgufFile {
-    /// Opens and parses `path`. The data stays mapped.
+    /// Opens and parses `path`. The data stays mapped; an encrypted
+    /// (age) file is decrypted into anonymous memory with the keys of the
+    /// environment ([`crate::crypt::Keys::from_process_env`]).
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        let failed = |what: String| GgufError {
+            path: path.to_path_buf(),
+            offset: None,
+            what,
+        };
+        if crate::crypt::is_encrypted(path).unwrap_or(false) {
+            let plain = crate::crypt::Keys::from_process_env()
+                .and_then(|keys| crate::crypt::decrypt_into_memory(path, &keys))
+                .map_err(|e| match e.path() == path {
+                    true => failed(e.detail()),
+                    false => failed(e.to_string()),
+                })?;
+            return GgufFile::parse(path, Storage::Copied(plain));
+        }
         let file = std::fs::File::open(path).map_err(|e| GgufError {
             path: path.to_path_buf(),
             offset: None,

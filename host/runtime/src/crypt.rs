@@ -1,0 +1,544 @@
+//! Encryption at rest, in the age format (`age-encryption.org/v1`, the
+//! `age` tool's): files are encrypted to X25519 recipients or an scrypt
+//! passphrase in 64 KiB authenticated chunks, so they can be read from any
+//! offset and a changed byte is found in the chunk that holds it.
+//!
+//! Keys, looked for in this order ([`Keys::from_env`]):
+//! - `KILN_IDENTITY`: an identity file (`age-keygen`'s output, one or more
+//!   `AGE-SECRET-KEY-1…` lines);
+//! - `$KILN_HOME/identity.txt`, which `kiln store encrypt` creates (mode
+//!   0600) when there is none;
+//! - `KILN_PASSPHRASE`: a passphrase (scrypt).
+//!
+//! An encrypted model is decrypted straight into anonymous memory that is
+//! excluded from core dumps (`MADV_DONTDUMP`), in parallel slices, never
+//! into a file; swap is the system's to encrypt.
+
+use age::secrecy::{ExposeSecret, SecretString};
+use kiln_registry::config::Config;
+use memmap2::{MmapMut, MmapOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The first bytes of every age file (the binary, not the armored, form).
+pub const MAGIC: &[u8] = b"age-encryption.org/v1\n";
+
+/// The identity file kiln creates and uses by default.
+pub fn identity_path(config: &Config) -> PathBuf {
+    config.home.join("identity.txt")
+}
+
+/// Why an encrypted file could not be read or written; each names the
+/// file and what to do.
+#[derive(Debug)]
+pub enum CryptError {
+    /// No key kiln has opens it.
+    NoKey { path: PathBuf, why: String },
+    /// Truncated, or a byte changed: the authentication failed.
+    Damaged { path: PathBuf, what: String },
+    /// A key or identity file that cannot be used.
+    Key { path: PathBuf, what: String },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl CryptError {
+    pub fn path(&self) -> &Path {
+        match self {
+            CryptError::NoKey { path, .. }
+            | CryptError::Damaged { path, .. }
+            | CryptError::Key { path, .. }
+            | CryptError::Io { path, .. } => path,
+        }
+    }
+
+    /// The message without the path.
+    pub fn detail(&self) -> String {
+        match self {
+            CryptError::NoKey { why, .. } => format!(
+                "encrypted (age) for a key kiln does not have ({why}); set KILN_IDENTITY to the identity file it was encrypted to, or KILN_PASSPHRASE to its passphrase"
+            ),
+            CryptError::Damaged { what, .. } => format!(
+                "the encrypted file is damaged ({what}); nothing of it was used. Restore it, or add or pull the model again (`kiln models verify` checks the whole store)"
+            ),
+            CryptError::Key { what, .. } => what.clone(),
+            CryptError::Io { source, .. } => source.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for CryptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path().display(), self.detail())
+    }
+}
+
+impl std::error::Error for CryptError {}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CryptError + '_ {
+    move |source| CryptError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether `path` starts as an age file does.
+pub fn is_encrypted(path: &Path) -> std::io::Result<bool> {
+    let mut head = [0u8; MAGIC.len()];
+    let mut f = std::fs::File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..])? {
+            0 => return Ok(false),
+            n => got += n,
+        }
+    }
+    Ok(head == MAGIC)
+}
+
+/// The keys this process can decrypt with, and where they came from.
+pub struct Keys {
+    identities: Vec<Box<dyn age::Identity + Send + Sync>>,
+    /// X25519 recipients of the identities, to encrypt to.
+    recipients: Vec<age::x25519::Recipient>,
+    passphrase: Option<SecretString>,
+    /// Where the keys came from (`KILN_IDENTITY=…`, a file, `KILN_PASSPHRASE`),
+    /// for messages.
+    pub sources: Vec<String>,
+    /// The identity file read, if any.
+    pub identity_file: Option<PathBuf>,
+}
+
+impl Keys {
+    /// The keys from `KILN_IDENTITY` (else `$KILN_HOME/identity.txt` when it
+    /// exists) and `KILN_PASSPHRASE`. A named identity file that cannot be
+    /// read is an error; none at all gives empty keys.
+    pub fn from_env(config: &Config) -> Result<Keys, CryptError> {
+        let mut keys = Keys {
+            identities: Vec::new(),
+            recipients: Vec::new(),
+            passphrase: None,
+            sources: Vec::new(),
+            identity_file: None,
+        };
+        match std::env::var_os("KILN_IDENTITY").filter(|v| !v.is_empty()) {
+            Some(p) => keys.add_identity_file(Path::new(&p))?,
+            None => {
+                let p = identity_path(config);
+                if p.exists() {
+                    keys.add_identity_file(&p)?;
+                }
+            }
+        }
+        if let Ok(p) = std::env::var("KILN_PASSPHRASE")
+            && !p.is_empty()
+        {
+            keys.identities
+                .push(Box::new(age::scrypt::Identity::new(SecretString::from(
+                    p.clone(),
+                ))));
+            keys.passphrase = Some(SecretString::from(p));
+            keys.sources.push("KILN_PASSPHRASE".into());
+        }
+        Ok(keys)
+    }
+
+    /// The keys of `KILN_HOME`'s environment ([`Config::from_env`]).
+    pub fn from_process_env() -> Result<Keys, CryptError> {
+        let config = Config::from_env().map_err(|what| CryptError::Key {
+            path: PathBuf::from("KILN_HOME"),
+            what,
+        })?;
+        Keys::from_env(&config)
+    }
+
+    /// Reads the X25519 identities of an age identity file.
+    pub fn add_identity_file(&mut self, path: &Path) -> Result<(), CryptError> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let bad = |what: String| CryptError::Key {
+            path: path.to_path_buf(),
+            what,
+        };
+        let mut found = 0;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let id: age::x25519::Identity = line.parse().map_err(|e| {
+                bad(format!(
+                    "not an age identity file: a line is neither a comment nor an AGE-SECRET-KEY-1… key ({e})"
+                ))
+            })?;
+            self.recipients.push(id.to_public());
+            self.identities.push(Box::new(id));
+            found += 1;
+        }
+        if found == 0 {
+            return Err(bad("holds no AGE-SECRET-KEY-1… key".into()));
+        }
+        self.sources.push(path.display().to_string());
+        self.identity_file.get_or_insert_with(|| path.to_path_buf());
+        Ok(())
+    }
+
+    /// Keys made from one generated X25519 identity (tests, and the first
+    /// `kiln store encrypt`).
+    pub fn generate() -> (Keys, String) {
+        let id = age::x25519::Identity::generate();
+        let text = format!(
+            "# created by kiln\n# public key: {}\n{}\n",
+            id.to_public(),
+            id.to_string().expose_secret()
+        );
+        let keys = Keys {
+            recipients: vec![id.to_public()],
+            identities: vec![Box::new(id)],
+            passphrase: None,
+            sources: vec!["generated".into()],
+            identity_file: None,
+        };
+        (keys, text)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+    }
+
+    /// Whether there is a key to encrypt to.
+    pub fn can_encrypt(&self) -> bool {
+        !self.recipients.is_empty() || self.passphrase.is_some()
+    }
+
+    /// The public keys files are encrypted to (`age1…`).
+    pub fn public_keys(&self) -> Vec<String> {
+        self.recipients.iter().map(|r| r.to_string()).collect()
+    }
+
+    fn identities(&self) -> impl Iterator<Item = &dyn age::Identity> {
+        self.identities
+            .iter()
+            .map(|i| i.as_ref() as &dyn age::Identity)
+    }
+
+    fn encryptor(&self, path: &Path) -> Result<age::Encryptor, CryptError> {
+        let no_key = || {
+            CryptError::Key {
+            path: path.to_path_buf(),
+            what: "no key to encrypt to: create one with `kiln store encrypt`, or set KILN_IDENTITY or KILN_PASSPHRASE".into(),
+        }
+        };
+        if !self.recipients.is_empty() {
+            let r = self.recipients.iter().map(|r| r as &dyn age::Recipient);
+            age::Encryptor::with_recipients(r).map_err(|e| CryptError::Key {
+                path: path.to_path_buf(),
+                what: e.to_string(),
+            })
+        } else if let Some(p) = &self.passphrase {
+            Ok(age::Encryptor::with_user_passphrase(p.clone()))
+        } else {
+            Err(no_key())
+        }
+    }
+}
+
+/// Creates `$KILN_HOME/identity.txt` (mode 0600) unless it exists; true
+/// when it was created.
+pub fn ensure_identity(config: &Config) -> Result<bool, CryptError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = identity_path(config);
+    if path.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(&config.home).map_err(io(&config.home))?;
+    let (_, text) = Keys::generate();
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        // Never replaces a key another process made meanwhile.
+        std::fs::hard_link(&tmp, &path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// Encrypts `from` into a new file `to` (fsynced) for `keys`;
+/// `progress(bytes)` after each chunk read. On error `to` is removed.
+pub fn encrypt_file(
+    from: &mut dyn Read,
+    to: &Path,
+    keys: &Keys,
+    mut progress: impl FnMut(u64),
+) -> Result<(), CryptError> {
+    let enc = keys.encryptor(to)?;
+    let done = (|| -> std::io::Result<()> {
+        let out = std::fs::File::create_new(to)?;
+        let mut w = enc.wrap_output(std::io::BufWriter::with_capacity(1 << 20, out))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = from.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            w.write_all(&buf[..n])?;
+            total += n as u64;
+            progress(total);
+        }
+        let out = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+        out.sync_all()
+    })();
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(to);
+        return Err(io(to)(e));
+    }
+    Ok(())
+}
+
+/// A reader of the plaintext of the age file at `path`.
+pub fn open_reader(
+    path: &Path,
+    keys: &Keys,
+) -> Result<age::stream::StreamReader<BufReader<std::fs::File>>, CryptError> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let dec = age::Decryptor::new_buffered(BufReader::new(file)).map_err(|e| refused(path, e))?;
+    if dec.is_scrypt() && keys.passphrase.is_none()
+        || !dec.is_scrypt() && keys.recipients.is_empty()
+    {
+        let why = if dec.is_scrypt() {
+            "it was encrypted with a passphrase and KILN_PASSPHRASE is not set".to_string()
+        } else if keys.sources.is_empty() {
+            "no identity file: neither KILN_IDENTITY nor $KILN_HOME/identity.txt".to_string()
+        } else {
+            format!("tried {}", keys.sources.join(", "))
+        };
+        return Err(CryptError::NoKey {
+            path: path.to_path_buf(),
+            why,
+        });
+    }
+    dec.decrypt(keys.identities())
+        .map_err(|e| refused(path, e).with_sources(keys))
+}
+
+impl CryptError {
+    fn with_sources(self, keys: &Keys) -> CryptError {
+        match self {
+            CryptError::NoKey { path, .. } => CryptError::NoKey {
+                path,
+                why: format!("none of {} matches", keys.sources.join(", ")),
+            },
+            e => e,
+        }
+    }
+}
+
+fn refused(path: &Path, e: age::DecryptError) -> CryptError {
+    use age::DecryptError as D;
+    let path = path.to_path_buf();
+    match e {
+        D::NoMatchingKeys | D::DecryptionFailed | D::KeyDecryptionFailed => CryptError::NoKey {
+            path,
+            why: e.to_string(),
+        },
+        D::ExcessiveWork { required, target } => CryptError::Key {
+            path,
+            what: format!(
+                "its passphrase needs scrypt work factor {required}, over the {target} this machine does in about a second; re-encrypt it with a lower one"
+            ),
+        },
+        D::Io(source) => damaged_io(&path, source),
+        D::InvalidHeader | D::InvalidMac | D::UnknownFormat => CryptError::Damaged {
+            path,
+            what: format!("its header: {e}"),
+        },
+        _ => CryptError::Key {
+            path,
+            what: e.to_string(),
+        },
+    }
+}
+
+fn damaged_io(path: &Path, e: std::io::Error) -> CryptError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            CryptError::Damaged {
+                path: path.to_path_buf(),
+                what: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "it is truncated".into()
+                } else {
+                    format!("a chunk fails its authentication: {e}")
+                },
+            }
+        }
+        _ => io(path)(e),
+    }
+}
+
+/// Decrypts the whole age file at `path` into anonymous memory excluded
+/// from core dumps, a few 64 KiB-aligned slices in parallel (each thread
+/// opens the file for itself; unwrapping an X25519 key costs
+/// microseconds). The whole file is authenticated before it is returned:
+/// on any error nothing of it is kept.
+pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptError> {
+    const CHUNK: u64 = 64 << 10;
+    let mut first = open_reader(path, keys)?;
+    let len = first
+        .seek(SeekFrom::End(0))
+        .map_err(|e| damaged_io(path, e))?;
+    let mut map = MmapOptions::new()
+        .len((len as usize).max(1))
+        .map_anon()
+        .map_err(|e| CryptError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("cannot allocate {len} bytes: {e}")),
+        })?;
+    map.advise(memmap2::Advice::DontDump)
+        .map_err(|e| CryptError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(e.kind(), format!("cannot keep it out of core dumps: {e}")),
+        })?;
+    let _ = map.advise(memmap2::Advice::HugePage);
+    // A passphrase costs a second of scrypt (and its memory) per reader.
+    let threads = if keys.recipients.is_empty() || len < 8 << 20 {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    };
+    let per = (len.div_ceil(threads as u64)).div_ceil(CHUNK) * CHUNK;
+    let buf = &mut map[..len as usize];
+    std::thread::scope(|s| {
+        let mut first = Some(first.by_ref());
+        let jobs: Vec<_> = buf
+            .chunks_mut(per.max(1) as usize)
+            .enumerate()
+            .map(|(i, part)| {
+                let reader = first.take();
+                s.spawn(move || -> Result<(), CryptError> {
+                    let start = i as u64 * per;
+                    let mut own;
+                    let r: &mut dyn ReadSeek = match reader {
+                        Some(r) => r,
+                        None => {
+                            own = open_reader(path, keys)?;
+                            &mut own
+                        }
+                    };
+                    r.seek(SeekFrom::Start(start))
+                        .and_then(|_| r.read_exact(part))
+                        .map_err(|e| damaged_io(path, e))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .try_for_each(|j| j.join().expect("a decryption thread panicked"))
+    })?;
+    Ok(map)
+}
+
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(len: usize) -> Vec<u8> {
+        let mut rng = fastrand::Rng::with_seed(7);
+        (0..len).map(|_| rng.u8(..)).collect()
+    }
+
+    fn encrypted(dir: &Path, keys: &Keys, plain: &[u8]) -> PathBuf {
+        let p = dir.join("f.age");
+        encrypt_file(&mut &plain[..], &p, keys, |_| {}).unwrap();
+        p
+    }
+
+    #[test]
+    fn round_trip_in_parallel_slices_of_any_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = Keys::generate();
+        for len in [0, 1, 65536, 65537, (9 << 20) + 12345] {
+            let plain = sample(len);
+            let p = encrypted(dir.path(), &keys, &plain);
+            assert!(is_encrypted(&p).unwrap());
+            let map = decrypt_into_memory(&p, &keys).unwrap();
+            assert_eq!(&map[..len], &plain[..], "length {len}");
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_decrypted_copy_is_left_out_of_core_dumps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = Keys::generate();
+        let p = encrypted(dir.path(), &keys, &sample(1 << 20));
+        let map = decrypt_into_memory(&p, &keys).unwrap();
+        let start = format!("{:x}-", map.as_ptr() as usize);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let region = smaps
+            .split_inclusive("VmFlags:")
+            .zip(smaps.split("VmFlags:").skip(1))
+            .find(|(head, _)| head.lines().any(|l| l.starts_with(&start)))
+            .map(|(_, flags)| flags.lines().next().unwrap().to_string())
+            .expect("the map is in /proc/self/smaps");
+        assert!(region.split_whitespace().any(|f| f == "dd"), "{region}");
+    }
+
+    #[test]
+    fn wrong_key_truncation_and_a_flipped_byte_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = Keys::generate();
+        let plain = sample(200_000);
+        let p = encrypted(dir.path(), &keys, &plain);
+        let (other, _) = Keys::generate();
+        let e = decrypt_into_memory(&p, &other).unwrap_err();
+        assert!(matches!(e, CryptError::NoKey { .. }), "{e}");
+        assert!(e.to_string().contains("KILN_IDENTITY"), "{e}");
+
+        let bytes = std::fs::read(&p).unwrap();
+        let cut = dir.path().join("cut.age");
+        std::fs::write(&cut, &bytes[..bytes.len() - 70_000]).unwrap();
+        let e = decrypt_into_memory(&cut, &keys).unwrap_err();
+        assert!(matches!(e, CryptError::Damaged { .. }), "{e}");
+
+        for at in [bytes.len() / 2, bytes.len() - 5] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x10;
+            let f = dir.path().join("flipped.age");
+            std::fs::write(&f, &flipped).unwrap();
+            let e = decrypt_into_memory(&f, &keys).unwrap_err();
+            assert!(matches!(e, CryptError::Damaged { .. }), "byte {at}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_passphrase_works_without_an_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keys = Keys {
+            identities: Vec::new(),
+            recipients: Vec::new(),
+            passphrase: None,
+            sources: Vec::new(),
+            identity_file: None,
+        };
+        let pass = SecretString::from("correct horse".to_string());
+        keys.identities
+            .push(Box::new(age::scrypt::Identity::new(pass.clone())));
+        keys.passphrase = Some(pass);
+        let plain = sample(100_000);
+        let p = encrypted(dir.path(), &keys, &plain);
+        assert_eq!(&decrypt_into_memory(&p, &keys).unwrap()[..], &plain[..]);
+    }
+}
