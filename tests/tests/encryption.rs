@@ -334,3 +334,50 @@ fn a_wrong_key_a_truncated_file_and_a_changed_byte_are_refused_and_nothing_chang
     );
     assert_eq!(blobs(&home).len(), 1, "{:?}", blobs(&home));
 }
+
+#[test]
+fn logged_policy_decisions_hold_no_plaintext_and_still_replay() {
+    let Some(dir) = kiln_tests::policies_dir() else {
+        return;
+    };
+    let home = Home::default();
+    home.ok(&["store", "encrypt"]);
+    let module = dir.join("bm25_recency.wasm");
+    home.ok(&["policy", "add", module.to_str().unwrap()]);
+    let mut input = kiln_runtime::policy::synthetic_rank(12, 3);
+    input.candidates[4].text = "fn secret_marker_for_the_test() {}".into();
+    let file = home.path().join("rank.json");
+    std::fs::write(&file, serde_json::to_string(&input).unwrap()).unwrap();
+    let run = home.json(&[
+        "policy",
+        "run",
+        "bm25-recency",
+        "--input",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    let id = run["run"]["decision_id"].as_i64().unwrap();
+
+    let logged = home.registry().decision(id).unwrap().unwrap();
+    assert!(logged.encrypted);
+    for bytes in [&logged.input, logged.output.as_ref().unwrap()] {
+        assert!(bytes.starts_with(b"age-encryption.org/v1\n"));
+        assert!(!String::from_utf8_lossy(bytes).contains("secret_marker"));
+    }
+    let r = home.json(&["policy", "replay", &id.to_string(), "--json"]);
+    assert_eq!(r["replay"]["identical"], true, "{r}");
+
+    let keys = tempfile::tempdir().unwrap();
+    let other = new_identity(keys.path(), "other.txt");
+    let out = home
+        .command(&["policy", "replay", &id.to_string()])
+        .env("KILN_IDENTITY", &other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stored encrypted") && err.contains("KILN_IDENTITY"),
+        "{err}"
+    );
+}

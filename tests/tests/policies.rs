@@ -714,7 +714,9 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     .unwrap();
     let uri = format!("file://{}/main.py", ws.path().display());
 
-    // A served decision of a well-behaved policy replays bit for bit.
+    // A served decision of a well-behaved policy replays bit for bit, from
+    // a log encrypted at rest (the decision holds the workspace's code).
+    home.ok(&["store", "encrypt"]);
     home.ok(&[
         "policy",
         "add",
@@ -742,6 +744,9 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     );
     let replay = home.json(&["policy", "replay", &id.to_string(), "--json"]);
     assert_eq!(replay["replay"]["identical"], true, "{replay}");
+    let logged = home.registry().decision(id).unwrap().unwrap();
+    assert!(logged.encrypted && logged.input.starts_with(b"age-encryption.org/v1\n"));
+    assert!(!String::from_utf8_lossy(&logged.input).contains("circle_area"));
     assert!(c.close().unwrap().success());
 
     // A policy that passes the gate (5, 50 and 1,000 candidates) but traps

@@ -56,6 +56,8 @@ pub struct Decision {
     pub error: Option<String>,
     pub fuel_used: Option<i64>,
     pub elapsed_us: Option<i64>,
+    /// `input` and `output` are age files (encryption at rest).
+    pub encrypted: bool,
 }
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
@@ -265,13 +267,14 @@ impl Registry {
         error: Option<&str>,
         fuel_used: Option<u64>,
         elapsed_us: Option<u64>,
+        encrypted: bool,
     ) -> Result<i64> {
         self.conn.execute(
             &format!(
-                "INSERT INTO policy_decisions (at, policy, policy_sha256, kind, input, output, error, fuel_used, elapsed_us)
-                 VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                "INSERT INTO policy_decisions (at, policy, policy_sha256, kind, input, output, error, fuel_used, elapsed_us, encrypted)
+                 VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
             ),
-            params![policy, sha256, kind, input, output, error, fuel_used.map(|v| v as i64), elapsed_us.map(|v| v as i64)],
+            params![policy, sha256, kind, input, output, error, fuel_used.map(|v| v as i64), elapsed_us.map(|v| v as i64), encrypted],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -309,5 +312,6 @@ fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Decision> {
         error: r.get("error")?,
         fuel_used: r.get("fuel_used")?,
         elapsed_us: r.get("elapsed_us")?,
+        encrypted: r.get("encrypted")?,
     })
 }

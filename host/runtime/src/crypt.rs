@@ -306,6 +306,32 @@ pub fn encrypt_file(
     Ok(())
 }
 
+/// `bytes` as an age file in memory (a logged decision's input or output).
+pub fn encrypt_bytes(bytes: &[u8], keys: &Keys) -> Result<Vec<u8>, CryptError> {
+    let here = Path::new("(in memory)");
+    let enc = keys.encryptor(here)?;
+    let mut out = Vec::with_capacity(bytes.len() + 256);
+    let written = (|| -> std::io::Result<()> {
+        let mut w = enc.wrap_output(&mut out)?;
+        w.write_all(bytes)?;
+        w.finish().map(|_| ())
+    })();
+    written.map_err(io(here))?;
+    Ok(out)
+}
+
+/// The plaintext of an age file held in memory.
+pub fn decrypt_bytes(bytes: &[u8], keys: &Keys) -> Result<Vec<u8>, CryptError> {
+    let here = Path::new("(in memory)");
+    let dec = age::Decryptor::new(bytes).map_err(|e| refused(here, e))?;
+    let mut r = dec
+        .decrypt(keys.identities())
+        .map_err(|e| refused(here, e).with_sources(keys))?;
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).map_err(|e| damaged_io(here, e))?;
+    Ok(out)
+}
+
 /// A reader of the plaintext of the age file at `path`.
 pub fn open_reader(
     path: &Path,

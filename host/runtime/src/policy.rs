@@ -484,6 +484,7 @@ pub fn run_once(
     registry: &mut Registry,
     policy: &Policy,
     input: &Input,
+    seal: Option<&crate::crypt::Keys>,
 ) -> Result<RunReport, String> {
     let bytes = input.encode();
     let kind = policy.meta.kind;
@@ -528,7 +529,7 @@ pub fn run_once(
     if let Err(e) = &value {
         call.error = Some(e.to_string());
     }
-    let recorded = record(registry, &call, kind)?;
+    let recorded = record(registry, &call, kind, seal)?;
     let fallback = match (&value, input) {
         (Err(_), Input::Rank(i)) => Some(builtin::rank(i)),
         _ => None,
@@ -561,17 +562,31 @@ pub struct Recorded {
 /// Logs `call` as a decision (input and output bytes, so it replays bit
 /// for bit) and counts its outcome against the circuit breaker's limit
 /// ([`DEFAULT_THRESHOLD`] consecutive failures disable an installed policy).
-pub fn record(registry: &mut Registry, call: &Call, kind: PolicyKind) -> Result<Recorded, String> {
+/// With `seal` (encryption at rest) the input and output bytes are stored
+/// encrypted, each an age file.
+pub fn record(
+    registry: &mut Registry,
+    call: &Call,
+    kind: PolicyKind,
+    seal: Option<&crate::crypt::Keys>,
+) -> Result<Recorded, String> {
+    let sealed = |b: &[u8]| match seal {
+        Some(keys) => crate::crypt::encrypt_bytes(b, keys).map_err(|e| e.to_string()),
+        None => Ok(b.to_vec()),
+    };
+    let input = sealed(&call.input)?;
+    let output = call.output.as_deref().map(sealed).transpose()?;
     let decision_id = registry
         .record_decision(
             &call.policy,
             &call.sha256,
             kind.name(),
-            &call.input,
-            call.output.as_deref(),
+            &input,
+            output.as_deref(),
             call.error.as_deref(),
             call.fuel_used,
             call.fuel_used.map(|_| call.elapsed.as_micros() as u64),
+            seal.is_some(),
         )
         .map_err(|e| e.to_string())?;
     let tripped = registry
@@ -601,10 +616,19 @@ pub struct ReplayReport {
 /// Re-runs decision `id` with the exact module (by sha256) and input bytes,
 /// and compares the output bytes.
 pub fn replay(config: &Config, registry: &Registry, id: i64) -> Result<ReplayReport, String> {
-    let d = registry
+    let mut d = registry
         .decision(id)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no decision {id} in the log"))?;
+    if d.encrypted {
+        let keys = crate::crypt::Keys::from_env(config).map_err(|e| e.to_string())?;
+        let open = |b: &[u8]| {
+            crate::crypt::decrypt_bytes(b, &keys)
+                .map_err(|e| format!("decision {id} is stored encrypted: {}", e.detail()))
+        };
+        d.input = open(&d.input)?;
+        d.output = d.output.as_deref().map(open).transpose()?;
+    }
     let blob = blobs_dir(config).join(format!("sha256-{}.wasm", d.policy_sha256));
     let bytes = std::fs::read(&blob).map_err(|e| {
         format!(

@@ -103,22 +103,32 @@ impl DecisionLog {
 
 fn write_loop(config: &Config, metrics: &Metrics, status: &Mutex<LogStatus>, rx: Receiver<Entry>) {
     let mut registry: Option<Registry> = None;
+    // With encryption at rest, decisions (which hold the user's code) are
+    // logged encrypted or not at all.
+    let seal = config
+        .encrypt_at_rest
+        .then(|| kiln_runtime::store::sealing_keys(config).map_err(|e| e.to_string()));
     while let Ok(Entry { call, ranker, done }) = rx.recv() {
         let outcome = if call.error.is_none() { "ok" } else { "error" };
         metrics
             .policy_calls
             .get_or_create(&labels(&[("policy", &call.policy), ("outcome", outcome)]))
             .inc();
-        let result = match &mut registry {
-            Some(r) => policy::record(r, &call, PolicyKind::Rank),
+        let keys = match &seal {
+            None => Ok(None),
+            Some(Ok(k)) => Ok(Some(k)),
+            Some(Err(e)) => Err(format!("not logged: encryption at rest is on and {e}")),
+        };
+        let result = keys.and_then(|keys| match &mut registry {
+            Some(r) => policy::record(r, &call, PolicyKind::Rank, keys),
             None => Registry::open_home(config)
                 .map_err(|e| e.to_string())
                 .and_then(|mut r| {
-                    let recorded = policy::record(&mut r, &call, PolicyKind::Rank);
+                    let recorded = policy::record(&mut r, &call, PolicyKind::Rank, keys);
                     registry = Some(r);
                     recorded
                 }),
-        };
+        });
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             match &result {

@@ -176,7 +176,11 @@ pub fn run(config: &Config, arg: &str, input: &Path, as_json: bool) -> CliResult
     let input = Input::parse(p.meta.kind, &text)
         .map_err(|e| CliError(format!("{}: {e}", input_name(input))))?;
     let mut registry = open_registry(config)?;
-    let report = policy::run_once(&mut registry, &p, &input).map_err(CliError)?;
+    let seal = match config.encrypt_at_rest {
+        true => Some(kiln_runtime::store::sealing_keys(config)?),
+        false => None,
+    };
+    let report = policy::run_once(&mut registry, &p, &input, seal.as_ref()).map_err(CliError)?;
     if as_json {
         print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "run": report}));
     } else {
