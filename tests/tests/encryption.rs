@@ -183,6 +183,21 @@ fn files_the_age_tool_encrypted_are_run_and_added_by_their_plaintext() {
         plain_tokens
     );
 
+    // The armored form is named, with what to do.
+    let small = keys.path().join("small.bin");
+    std::fs::write(&small, [7u8; 1000]).unwrap();
+    let armored = keys.path().join("small.age.asc");
+    age(&[
+        "-a",
+        "-r",
+        &public_key(&identity),
+        "-o",
+        armored.to_str().unwrap(),
+        small.to_str().unwrap(),
+    ]);
+    let err = home.fails(&["run", armored.to_str().unwrap(), "--prompt", "x"]);
+    assert!(err.contains("ASCII-armored age file"), "{err}");
+
     // Without the key: refused by name, with what to do.
     let err = home.fails(&["run", sealed.to_str().unwrap(), "--prompt", "x"]);
     assert!(
@@ -296,6 +311,21 @@ fn a_wrong_key_a_truncated_file_and_a_changed_byte_are_refused_and_nothing_chang
         blobs(&home)
     );
 
+    // An identity file that is not one, or is not there: named.
+    let garbage = keys.path().join("garbage.txt");
+    std::fs::write(&garbage, "hello\n").unwrap();
+    let gone = keys.path().join("gone.txt");
+    for (path, says) in [(&garbage, "not an age identity file"), (&gone, "gone.txt")] {
+        let out = home
+            .command(&["run", "smol", "--prompt", "x"])
+            .env("KILN_IDENTITY", path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+
     // A truncated copy, run directly.
     let bytes = std::fs::read(&blob).unwrap();
     let cut = keys.path().join("cut.age");
@@ -380,4 +410,38 @@ fn logged_policy_decisions_hold_no_plaintext_and_still_replay() {
         err.contains("stored encrypted") && err.contains("KILN_IDENTITY"),
         "{err}"
     );
+}
+
+#[test]
+fn a_kill_at_any_moment_of_store_encrypt_loses_nothing() {
+    let Some(model) = smollm2() else { return };
+    let home = Home::default();
+    home.ok(&["models", "add", model.to_str().unwrap(), "--name", "smol"]);
+    let sha = sha256_file(&model);
+    for delay_ms in [20, 120, 250, 400, 600] {
+        let mut child = home.command(&["store", "encrypt"]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Whatever the moment, the version reads, hashes right, and what
+        // the kill left is an orphan that verify names and removes.
+        let v = home.json(&["models", "verify", "--remove-orphans", "--json"]);
+        assert_eq!(
+            v["blobs"][0]["status"], "ok",
+            "killed after {delay_ms} ms: {v}"
+        );
+        let m = &home.registry().models().unwrap()[0];
+        assert_eq!(m.sha256, sha);
+        assert_eq!(
+            blobs(&home).len(),
+            1,
+            "after {delay_ms} ms: {:?}",
+            blobs(&home)
+        );
+        if m.encrypted {
+            home.ok(&["store", "decrypt"]);
+        }
+    }
+    home.ok(&["store", "encrypt"]);
+    assert_eq!(blobs(&home), [format!("sha256-{sha}.age")]);
 }

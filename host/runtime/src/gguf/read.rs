@@ -280,6 +280,12 @@ impl GgufFile {
         let magic = c
             .array::<4>("the magic number")
             .map_err(|_| c.err(0, "not a GGUF file: shorter than the 4-byte magic number"))?;
+        if map.starts_with(b"-----BEGIN AGE ENCRYPTED FILE-----") {
+            return Err(c.err(
+                0,
+                "an ASCII-armored age file: kiln reads binary age files; write it without `age -a` (or `age -d` it first)",
+            ));
+        }
         if &magic != MAGIC {
             return Err(c.err(
                 0,
