@@ -52,6 +52,9 @@ need libvulkan1 sh -c 'ldconfig -p | grep -q "libvulkan.so.1 "'
 need mesa-vulkan-drivers sh -c 'ls /usr/share/vulkan/icd.d/lvp_icd.*.json'
 # Encryption at rest is checked against the age format's reference tool.
 need age command -v age-keygen
+# The dashboard is tested in a real browser, driven over WebDriver.
+need chromium command -v chromium
+need chromium-driver command -v chromedriver
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" != 0 ]; then
@@ -114,6 +117,6 @@ echo "KILN_PYTHON=$PWD/$venv/bin/python"
 echo "KILN_VOCAB_DIR=$PWD/target/vocab"
 echo "KILN_MODELS_DIR=$PWD/target/models"
 echo "KILN_CHAT_TEMPLATES=$PWD/target/chat-templates"
-for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON MODELS CHAT_TEMPLATES; do
+for v in LLAMA OPENAI NVIM VOCAB POLICIES NEON MODELS CHAT_TEMPLATES BROWSER; do
   echo "KILN_REQUIRE_$v=1"
 done

@@ -5,6 +5,7 @@
 
 pub mod fuzz;
 pub mod serve;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

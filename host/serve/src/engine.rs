@@ -341,12 +341,29 @@ impl Engine {
             n_ctx: opts.n_ctx,
             draft: opts.draft,
         });
-        let worker = shared.clone();
+        let engine = Engine { shared };
+        engine.announce();
+        let worker = engine.shared.clone();
         std::thread::Builder::new()
             .name("kiln-engine".into())
             .spawn(move || worker_loop(&worker))
             .expect("spawn the engine thread");
-        Engine { shared }
+        engine
+    }
+
+    /// Says in the metrics which model is served.
+    fn announce(&self) {
+        let l = self.loaded();
+        self.shared.metrics.set_model(
+            &[
+                ("model", &l.id),
+                ("architecture", l.model.config.arch.name()),
+                ("backend", &self.shared.backend_label),
+                ("fim", l.fim.name()),
+            ],
+            self.n_ctx(),
+            l.model.file.bytes().len() as u64,
+        );
     }
 
     /// `kiln serve --draft`: speculative decoding for HTTP requests.
@@ -371,6 +388,7 @@ impl Engine {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         self.shared.cache.invalidate_all();
+        self.announce();
     }
 
     /// The backend the engine runs on.

@@ -4,6 +4,7 @@
 //! Handlers wait on the engine's event channel, never on its lock, so
 //! `/metrics` and `/healthz` answer while a generation runs.
 
+use super::dashboard::Dashboard;
 use super::engine::{Engine, Event, Events, Finished, Loaded};
 use super::metrics::Metrics;
 use super::prompt;
@@ -38,7 +39,7 @@ struct AppState {
 
 type St = State<Arc<AppState>>;
 
-pub fn router(engine: Engine) -> Router {
+pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
     let state = Arc::new(AppState {
         engine,
         next_id: AtomicU64::new(1),
@@ -49,6 +50,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(crate::dashboard::routes(dashboard))
         .fallback(not_found)
         .with_state(state)
 }
@@ -62,14 +64,20 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// the caller warns otherwise. Each connection is served by hyper with a
 /// deadline for its request headers, so a client that opens connections
 /// and never finishes a request does not hold them forever.
-pub async fn serve(engine: Engine, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    serve_router(router(engine), listener).await
+/// `/dashboard` is served too.
+pub async fn serve(
+    engine: Engine,
+    dashboard: Arc<Dashboard>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    serve_router(router(engine, dashboard), listener).await
 }
 
-/// `/metrics` and `/healthz` alone, beside the language server (`kiln
-/// serve --metrics ADDR`).
+/// `/metrics`, `/healthz` and `/dashboard` alone, beside the language
+/// server (`kiln serve --metrics ADDR`).
 pub async fn serve_metrics(
     metrics: Arc<Metrics>,
+    dashboard: Arc<Dashboard>,
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
     let router = Router::new()
@@ -81,6 +89,7 @@ pub async fn serve_metrics(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        .merge(crate::dashboard::routes(dashboard))
         .fallback(not_found)
         .with_state(metrics);
     serve_router(router, listener).await

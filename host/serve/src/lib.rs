@@ -16,6 +16,7 @@
 pub mod chat;
 pub mod context;
 pub mod ctxbench;
+pub mod dashboard;
 pub mod decisions;
 pub mod demo;
 pub mod engine;

@@ -36,11 +36,19 @@ pub struct Metrics {
     pub policy_calls: Family<Labels, Counter>,
     pub policy_trips: Family<Labels, Counter>,
     pub policy_breaker_open: Family<Labels, Gauge>,
+    /// 1 for the model being served, labelled with what it is.
+    pub model_info: Family<Labels, Gauge>,
+    pub context_window: Gauge,
+    pub model_bytes: Gauge,
+    /// The last completion prompt's layout (the language server's), for
+    /// the dashboard: not a Prometheus metric.
+    pub last_prompt: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    // 1 ms … about 33 s.
-    exponential_buckets(0.001, 2.0, 16)
+    // 1 ms … about 46 s, four buckets per doubling (the dashboard's
+    // percentiles are read from them).
+    exponential_buckets(0.001, 2f64.sqrt().sqrt(), 63)
 }
 
 impl Default for Metrics {
@@ -59,7 +67,7 @@ impl Default for Metrics {
             running: Gauge::default(),
             waiting: Gauge::default(),
             ttft: Histogram::new(latency_buckets()),
-            inter_token: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            inter_token: Histogram::new(exponential_buckets(0.0005, 2f64.sqrt().sqrt(), 55)),
             e2e: Histogram::new(latency_buckets()),
             queue_time: Histogram::new(latency_buckets()),
             backend_seconds: Family::default(),
@@ -69,6 +77,10 @@ impl Default for Metrics {
             policy_calls: Family::default(),
             policy_trips: Family::default(),
             policy_breaker_open: Family::default(),
+            model_info: Family::default(),
+            context_window: Gauge::default(),
+            model_bytes: Gauge::default(),
+            last_prompt: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,11 +194,34 @@ impl Default for Metrics {
             "1 while a policy's circuit breaker is open (the built-in ranker stands in)",
             m.policy_breaker_open.clone(),
         );
+        registry.register(
+            "kiln:model_info",
+            "1 for the model being served (labels: model, architecture, backend, fim)",
+            m.model_info.clone(),
+        );
+        registry.register(
+            "kiln:context_window_tokens",
+            "The served model's KV cache size in tokens",
+            m.context_window.clone(),
+        );
+        registry.register(
+            "kiln:model_bytes",
+            "Bytes of the served model's file",
+            m.model_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Records the model now served.
+    pub fn set_model(&self, labels_: &[(&str, &str)], n_ctx: usize, bytes: u64) {
+        self.model_info.clear();
+        self.model_info.get_or_create(&labels(labels_)).set(1);
+        self.context_window.set(n_ctx as i64);
+        self.model_bytes.set(bytes as i64);
+    }
+
     /// The exposition text (`text/plain; version=0.0.4`).
     pub fn render(&self) -> String {
         let mut out = String::new();

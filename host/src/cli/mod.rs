@@ -78,6 +78,10 @@ enum Command {
         /// Allow --http or --metrics on an address other than loopback.
         #[arg(long)]
         allow_remote: bool,
+        /// Seconds between the live dashboard's snapshots (1-60), served at
+        /// /dashboard with --http or --metrics.
+        #[arg(long, default_value_t = 2)]
+        dashboard_interval: u64,
         #[arg(long)]
         backend: Option<String>,
         /// KV cache size in tokens (default: the model's, at most 4096).
@@ -506,6 +510,7 @@ fn run(command: Command) -> CliResult {
             http,
             metrics,
             allow_remote,
+            dashboard_interval,
             backend,
             ctx,
             fim_template,
@@ -544,6 +549,7 @@ fn run(command: Command) -> CliResult {
                     http: http.as_deref(),
                     metrics: metrics.as_deref(),
                     allow_remote,
+                    dashboard_interval,
                 },
             )
         }

@@ -1,12 +1,14 @@
 //! `kiln serve`
 
 use super::{CliError, CliResult};
+use kiln_serve::dashboard::Dashboard;
 use kiln_serve::lsp;
 use kiln_serve::metrics::Metrics;
 use kiln_serve::start::{ServeSpec, start_engine};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Where `kiln serve` listens besides stdio.
 pub struct Listen<'a> {
@@ -15,6 +17,8 @@ pub struct Listen<'a> {
     /// `--metrics`: `/metrics` and `/healthz` beside the language server.
     pub metrics: Option<&'a str>,
     pub allow_remote: bool,
+    /// `--dashboard-interval`: seconds between the dashboard's snapshots.
+    pub dashboard_interval: u64,
 }
 
 /// A listening address: loopback unless `allow_remote`.
@@ -33,12 +37,29 @@ fn address(flag: &str, addr: &str, allow_remote: bool) -> Result<SocketAddr, Cli
 }
 
 pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
+    if !(1..=60).contains(&listen.dashboard_interval) {
+        return Err(CliError(format!(
+            "--dashboard-interval {} is out of range; give 1 to 60 seconds",
+            listen.dashboard_interval
+        )));
+    }
     let metrics = Arc::new(Metrics::default());
+    let dashboard = || {
+        Dashboard::start(
+            metrics.clone(),
+            Some(spec.config.clone()),
+            Duration::from_secs(listen.dashboard_interval),
+        )
+    };
     let Some(addr) = listen.http else {
         if let Some(m) = listen.metrics {
             let addr = address("--metrics", m, listen.allow_remote)?;
-            let bound = metrics_endpoint(addr, metrics.clone())?;
-            eprintln!("kiln: metrics on http://{bound}/metrics");
+            let dashboard = dashboard();
+            let bound = metrics_endpoint(addr, metrics.clone(), dashboard.clone())?;
+            dashboard.listening_on(bound.to_string());
+            eprintln!(
+                "kiln: metrics on http://{bound}/metrics, dashboard on http://{bound}/dashboard"
+            );
             spec.metrics_address = Some(bound.to_string());
         }
         // The language server: stdout carries the protocol, so everything
@@ -57,6 +78,7 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
         ));
     }
     let addr = address("--http", addr, listen.allow_remote)?;
+    let dashboard = dashboard();
     let engine = start_engine(&spec, None, metrics).map_err(CliError)?;
     let loaded = engine.loaded();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -68,14 +90,16 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
             .await
             .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
         let bound = listener.local_addr()?;
+        dashboard.listening_on(bound.to_string());
         eprintln!(
             "kiln: serving {} ({}, FIM template {}) on http://{bound}",
             loaded.id,
             loaded.path.display(),
             loaded.fim.name()
         );
+        eprintln!("kiln: dashboard at http://{bound}/dashboard");
         tokio::select! {
-            r = kiln_serve::http::serve(engine.clone(), listener) => r?,
+            r = kiln_serve::http::serve(engine.clone(), dashboard, listener) => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("kiln: stopping"),
         }
         engine.shutdown();
@@ -84,9 +108,13 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own;
+/// Serves `/metrics`, `/healthz` and `/dashboard` on `addr` from a thread of its own;
 /// returns the bound address.
-fn metrics_endpoint(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, CliError> {
+fn metrics_endpoint(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    dashboard: Arc<Dashboard>,
+) -> Result<SocketAddr, CliError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -97,7 +125,9 @@ fn metrics_endpoint(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAdd
     std::thread::Builder::new()
         .name("kiln-metrics".into())
         .spawn(move || {
-            let _ = runtime.block_on(kiln_serve::http::serve_metrics(metrics, listener));
+            let _ = runtime.block_on(kiln_serve::http::serve_metrics(
+                metrics, dashboard, listener,
+            ));
         })?;
     Ok(bound)
 }

@@ -142,6 +142,9 @@ struct ContextMemo {
     line: u32,
     text: String,
     decision: Option<PendingDecision>,
+    /// What the dashboard shows of it: the snippets (path, lines,
+    /// tokens, score), its tokens, and who ranked them.
+    layout: Value,
 }
 
 struct ProgressState {
@@ -916,9 +919,21 @@ impl Server {
                     &counter,
                     s.context_tokens,
                 );
+                let layout = json!({
+                    "tokens": packed.tokens,
+                    "ranked_by": packed.ranked_by,
+                    "snippets": packed.snippets.iter().map(|c| json!({
+                        "path": c.path,
+                        "start_line": c.start_line,
+                        "end_line": c.end_line,
+                        "tokens": c.tokens,
+                        "score": c.score,
+                    })).collect::<Vec<_>>(),
+                });
                 ContextMemo {
                     uri: uri.to_string(),
                     line,
+                    layout,
                     text: packed.text,
                     decision: packed
                         .call
@@ -927,6 +942,7 @@ impl Server {
             }
         };
         let context_text = memo.text.clone();
+        let layout = memo.layout.clone();
         let decision = memo.decision.clone();
         self.context_memo = Some(memo);
         let limit = engine.n_ctx().saturating_sub(s.max_tokens).max(1);
@@ -938,6 +954,19 @@ impl Server {
             Ok(p) => p,
             Err(e) => return self.out.error(&id, REQUEST_FAILED, &e.to_string()),
         };
+        *self
+            .metrics
+            .last_prompt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(json!({
+            "file": rel,
+            "prompt_tokens": prompt.len(),
+            "limit_tokens": limit,
+            "context_tokens": layout["tokens"],
+            "context_budget_tokens": s.context_tokens,
+            "ranked_by": layout["ranked_by"],
+            "snippets": layout["snippets"],
+        }));
         let mut sampling = SamplingParams::greedy();
         sampling.temperature = s.temperature;
         let request = Request {
