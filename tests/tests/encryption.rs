@@ -351,7 +351,7 @@ fn a_wrong_key_a_truncated_file_and_a_changed_byte_are_refused_and_nothing_chang
     let out = home.kiln(&["models", "verify", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["blobs"][0]["status"], "damaged", "{v}");
-    assert_eq!(home.fails(&["store", "decrypt"]).contains("damaged"), true);
+    assert!(home.fails(&["store", "decrypt"]).contains("damaged"));
     assert_eq!(
         serde_json::to_string(&home.registry().models().unwrap()).unwrap(),
         models_before,
