@@ -168,7 +168,26 @@ fn the_dashboard_is_served_with_the_http_api_and_refuses_bad_intervals() {
     assert_eq!(last["totals"]["requests"], 1.0, "{last}");
     assert_eq!(last["offline"]["loopback_only"], true, "{last}");
     assert_eq!(last["offline"]["outbound_connections"], 0, "{last}");
+
+    // `kiln top` finds the server through its run file (a stale one of a
+    // dead process is skipped and removed) and prints its numbers.
+    let stale = home.path().join("run/serve-999999999.json");
+    std::fs::write(
+        &stale,
+        r#"{"pid": 999999999, "address": "127.0.0.1:9", "model": null}"#,
+    )
+    .unwrap();
+    let out = home.ok(&["top", "--plain", "--count", "2"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("demo") && lines[0].contains("outbound connections 0"),
+        "{out}"
+    );
+    assert!(!stale.exists());
     drop(server);
+    let err = home.fails(&["top", "--plain", "--count", "1"]);
+    assert!(err.contains("no running `kiln serve`"), "{err}");
 
     for bad in ["0", "61"] {
         let err = home.fails(&[

@@ -19,6 +19,7 @@ mod quantize;
 mod run;
 mod serve;
 mod store;
+mod top;
 
 use clap::{Parser, Subcommand};
 use kiln_registry::config::Config;
@@ -108,6 +109,21 @@ enum Command {
         /// tokens, fewer steps), or `none`
         #[arg(long, default_value = "none")]
         draft: kiln_runtime::model::generate::Draft,
+    },
+    /// The live numbers of a running `kiln serve` (its dashboard) in the
+    /// terminal.
+    Top {
+        /// The server's HTTP address (HOST:PORT of --http or --metrics);
+        /// default: the newest running `kiln serve` of this KILN_HOME.
+        #[arg(long)]
+        address: Option<String>,
+        /// One line per snapshot instead of the full-screen view (also
+        /// when the output is not a terminal).
+        #[arg(long)]
+        plain: bool,
+        /// Stop after this many snapshots.
+        #[arg(long)]
+        count: Option<usize>,
     },
     /// Check this machine, kiln's directories, registry and plugins.
     Doctor {
@@ -553,6 +569,11 @@ fn run(command: Command) -> CliResult {
                 },
             )
         }
+        Command::Top {
+            address,
+            plain,
+            count,
+        } => top::top(&config, address.as_deref(), plain, count),
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
         Command::Plugins(p) => match p {

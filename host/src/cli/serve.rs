@@ -52,11 +52,14 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
         )
     };
     let Some(addr) = listen.http else {
+        let mut run_file = None;
         if let Some(m) = listen.metrics {
             let addr = address("--metrics", m, listen.allow_remote)?;
             let dashboard = dashboard();
             let bound = metrics_endpoint(addr, metrics.clone(), dashboard.clone())?;
             dashboard.listening_on(bound.to_string());
+            run_file =
+                super::top::announce(&spec.config, &bound.to_string(), spec.model.as_deref());
             eprintln!(
                 "kiln: metrics on http://{bound}/metrics, dashboard on http://{bound}/dashboard"
             );
@@ -70,6 +73,7 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
             Box::new(std::io::stdin()),
             Box::new(std::io::stdout()),
         );
+        drop(run_file);
         return Ok(ExitCode::from(code as u8));
     };
     if listen.metrics.is_some() {
@@ -81,6 +85,7 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
     let dashboard = dashboard();
     let engine = start_engine(&spec, None, metrics).map_err(CliError)?;
     let loaded = engine.loaded();
+    let config = spec.config.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -91,6 +96,7 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
             .map_err(|e| CliError(format!("cannot listen on {addr}: {e}")))?;
         let bound = listener.local_addr()?;
         dashboard.listening_on(bound.to_string());
+        let _run_file = super::top::announce(&config, &bound.to_string(), Some(&loaded.id));
         eprintln!(
             "kiln: serving {} ({}, FIM template {}) on http://{bound}",
             loaded.id,
@@ -98,9 +104,12 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
             loaded.fim.name()
         );
         eprintln!("kiln: dashboard at http://{bound}/dashboard");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = kiln_serve::http::serve(engine.clone(), dashboard, listener) => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("kiln: stopping"),
+            _ = terminate.recv() => eprintln!("kiln: stopping (SIGTERM)"),
         }
         engine.shutdown();
         Ok::<_, CliError>(())
