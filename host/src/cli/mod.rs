@@ -10,6 +10,7 @@ mod context;
 mod ctxbench;
 mod demo;
 mod doctor;
+mod explain;
 mod lifecycle;
 mod models;
 mod plugins;
@@ -124,6 +125,27 @@ enum Command {
         /// Stop after this many snapshots.
         #[arg(long)]
         count: Option<usize>,
+    },
+    /// Explain a completion: how much each part of the prompt (blocks,
+    /// then the lines of the most important ones) made it likely, and
+    /// what the model writes without the part that mattered most.
+    Explain {
+        /// A GGUF file or registered model.
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        /// The completion to explain (default: the model's greedy one).
+        #[arg(long)]
+        completion: Option<String>,
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+        /// Tokens to evaluate at most for the attribution.
+        #[arg(long, default_value_t = 8192)]
+        budget_tokens: usize,
+        #[arg(long)]
+        backend: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Check this machine, kiln's directories, registry and plugins.
     Doctor {
@@ -574,6 +596,26 @@ fn run(command: Command) -> CliResult {
             plain,
             count,
         } => top::top(&config, address.as_deref(), plain, count),
+        Command::Explain {
+            model,
+            prompt,
+            completion,
+            max_tokens,
+            budget_tokens,
+            backend,
+            json,
+        } => explain::explain(
+            &config,
+            explain::ExplainArgs {
+                model,
+                prompt,
+                completion,
+                max_tokens,
+                budget_tokens,
+                backend,
+                json,
+            },
+        ),
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
         Command::Plugins(p) => match p {

@@ -9,6 +9,7 @@
 //! - [`sample`]: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
 pub mod config;
+pub mod explain;
 pub mod forward;
 pub mod generate;
 pub mod sample;

@@ -1,0 +1,326 @@
+//! Why a completion came out as it did: leave-one-out attribution over
+//! the prompt's parts, and the counterfactual completion without the part
+//! that mattered most.
+//!
+//! The measure is the log-probability of the completion's tokens after
+//! the prompt: each part (a block between blank lines, or a span the
+//! caller names) is removed in turn and the completion scored again; the
+//! drop is the part's importance. Removing a part changes only the tokens
+//! after it, so the KV cache is kept up to it and only the rest is
+//! evaluated again. Within a token budget the most important blocks are
+//! then split into lines and those measured too (hierarchical: files or
+//! blocks first, then lines). Greedy decoding and a fixed order make the
+//! result deterministic.
+
+use super::ModelError;
+use super::forward::LogitsFor;
+use super::generate::{Request, generate};
+use super::sample::SamplingParams;
+use super::session::Session;
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+
+/// A part of the prompt text, by byte range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Part {
+    pub start: usize,
+    pub end: usize,
+    /// `block` or `line`, or the caller's name for it.
+    pub kind: String,
+    /// Its first line, for people.
+    pub label: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Attribution {
+    #[serde(flatten)]
+    pub part: Part,
+    /// Log-probability of the completion with the part, less without it:
+    /// how much the part made the completion more likely (nats; negative:
+    /// it made it less likely).
+    pub importance: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Counterfactual {
+    /// The part left out.
+    pub removed: Part,
+    pub completion: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub completion: String,
+    pub completion_tokens: usize,
+    /// Log-probability of the completion after the whole prompt (nats).
+    pub logprob: f64,
+    /// The blocks (or the caller's parts), most important first.
+    pub parts: Vec<Attribution>,
+    /// The lines of the most important blocks, most important first.
+    pub lines: Vec<Attribution>,
+    pub counterfactual: Option<Counterfactual>,
+    /// Tokens evaluated for the attribution, against the budget.
+    pub evaluated_tokens: usize,
+    pub budget_tokens: usize,
+    /// Parts not measured because the budget ran out.
+    pub skipped_parts: usize,
+}
+
+/// What to explain.
+pub struct Ask<'a> {
+    pub prompt: &'a str,
+    /// The completion to explain; `None`: the model's greedy completion of
+    /// `max_tokens` tokens.
+    pub completion: Option<&'a str>,
+    pub max_tokens: usize,
+    /// Parts to measure; empty: the prompt's blocks (split at blank
+    /// lines) but the last, which the completion continues, the most
+    /// important of them then split into lines.
+    pub parts: Vec<Part>,
+    /// Tokens to evaluate at most for attribution (the completion's
+    /// generation and scoring are not counted).
+    pub budget_tokens: usize,
+    pub counterfactual: bool,
+}
+
+/// The prompt's blocks: runs of lines between blank lines (each with the
+/// blank lines after it).
+pub fn blocks(text: &str) -> Vec<Part> {
+    let mut out = Vec::new();
+    let mut start = None;
+    let mut at = 0;
+    let mut prev_blank = false;
+    for line in text.split_inclusive('\n') {
+        let blank = line.trim().is_empty();
+        if !blank
+            && prev_blank
+            && let Some(s) = start.take()
+        {
+            out.push(part(text, s, at, "block"));
+        }
+        if start.is_none() && !blank {
+            start = Some(at);
+        }
+        prev_blank = blank;
+        at += line.len();
+    }
+    if let Some(s) = start {
+        out.push(part(text, s, text.len(), "block"));
+    }
+    out
+}
+
+/// The non-blank lines of `within`.
+pub fn lines(text: &str, within: &Part) -> Vec<Part> {
+    let mut out = Vec::new();
+    let mut at = within.start;
+    for line in text[within.start..within.end].split_inclusive('\n') {
+        if !line.trim().is_empty() {
+            out.push(part(text, at, at + line.len(), "line"));
+        }
+        at += line.len();
+    }
+    out
+}
+
+fn part(text: &str, start: usize, end: usize, kind: &str) -> Part {
+    let label = text[start..end].lines().next().unwrap_or("").trim();
+    let label: String = label.chars().take(80).collect();
+    Part {
+        start,
+        end,
+        kind: kind.to_string(),
+        label,
+    }
+}
+
+/// Log-probability of `completion` after `prompt`, reusing the cached
+/// prefix; returns it and the tokens evaluated.
+fn score(
+    session: &mut Session,
+    prompt: &[u32],
+    completion: &[u32],
+) -> Result<(f64, usize), ModelError> {
+    let all: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+    let n_vocab = session.model.config.n_vocab;
+    // The logits that predict the completion start at the prompt's last
+    // token: keep the cache before it.
+    let keep = session.common_prefix(&all).min(prompt.len() - 1);
+    session.truncate(keep);
+    let rows = session.eval(&all[keep..all.len() - 1], LogitsFor::All)?;
+    let first = prompt.len() - 1 - keep;
+    let mut lp = 0.0f64;
+    for (row, &next) in rows.chunks_exact(n_vocab).skip(first).zip(completion) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let log_sum = row
+            .iter()
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        lp += row[next as usize] as f64 - log_sum;
+    }
+    Ok((lp, all.len() - 1 - keep))
+}
+
+fn without(text: &str, p: &Part) -> String {
+    format!("{}{}", &text[..p.start], &text[p.end..])
+}
+
+fn greedy(
+    session: &mut Session,
+    tok: &Tokenizer,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+) -> Result<(Vec<u32>, String), ModelError> {
+    let g = generate(
+        session,
+        tok,
+        &Request::new(prompt, max_tokens, SamplingParams::greedy()),
+        |_| true,
+    )?;
+    Ok((g.token_ids, g.text))
+}
+
+pub fn explain(
+    session: &mut Session,
+    tok: &Tokenizer,
+    ask: &Ask<'_>,
+) -> Result<Explanation, ModelError> {
+    let encode = |t: &str| tok.encode(t, true).map_err(ModelError::Invalid);
+    let prompt = encode(ask.prompt)?;
+    if prompt.is_empty() {
+        return Err(ModelError::Invalid("the prompt is empty".into()));
+    }
+    let (completion_ids, completion) = match ask.completion {
+        Some(c) => (
+            tok.encode(c, false).map_err(ModelError::Invalid)?,
+            c.to_string(),
+        ),
+        None => greedy(session, tok, prompt.clone(), ask.max_tokens)?,
+    };
+    if completion_ids.is_empty() {
+        return Err(ModelError::Invalid(
+            "the completion is empty: there is nothing to explain (give --completion, or a prompt the model continues)".into(),
+        ));
+    }
+    let (base, _) = score(session, &prompt, &completion_ids)?;
+    let mut spent = 0usize;
+    let mut skipped = 0usize;
+    let mut measured: Vec<Attribution>;
+    let mut fine = Vec::new();
+    let measure = |session: &mut Session,
+                   parts: Vec<Part>,
+                   spent: &mut usize,
+                   skipped: &mut usize|
+     -> Result<Vec<Attribution>, ModelError> {
+        let mut out = Vec::new();
+        for p in parts {
+            let ids = encode(&without(ask.prompt, &p))?;
+            if ids.is_empty() {
+                *skipped += 1;
+                continue;
+            }
+            // What removing it costs: the tokens from where it starts.
+            let cost =
+                ids.len() + completion_ids.len() - session.common_prefix(&ids).min(ids.len() - 1);
+            if *spent + cost > ask.budget_tokens {
+                *skipped += 1;
+                continue;
+            }
+            let (lp, n) = score(session, &ids, &completion_ids)?;
+            *spent += n;
+            out.push(Attribution {
+                part: p,
+                importance: base - lp,
+            });
+        }
+        Ok(out)
+    };
+    let by_importance = |v: &mut Vec<Attribution>| {
+        v.sort_by(|a, b| {
+            b.importance
+                .total_cmp(&a.importance)
+                .then(a.part.start.cmp(&b.part.start))
+        })
+    };
+    if ask.parts.is_empty() {
+        // The block the completion continues is what is being completed,
+        // not context for it: the others are measured.
+        let mut parts = blocks(ask.prompt);
+        if parts.len() > 1 && parts.last().is_some_and(|p| p.end == ask.prompt.len()) {
+            parts.pop();
+        }
+        let mut coarse = measure(session, parts, &mut spent, &mut skipped)?;
+        by_importance(&mut coarse);
+        // The three most important blocks of several lines, line by line.
+        for a in coarse.iter().filter(|a| a.importance > 0.0).take(3) {
+            let ls = lines(ask.prompt, &a.part);
+            if ls.len() > 1 {
+                fine.extend(measure(session, ls, &mut spent, &mut skipped)?);
+            }
+        }
+        by_importance(&mut fine);
+        measured = coarse;
+    } else {
+        for p in &ask.parts {
+            if p.start > p.end
+                || p.end > ask.prompt.len()
+                || !ask.prompt.is_char_boundary(p.start)
+                || !ask.prompt.is_char_boundary(p.end)
+            {
+                return Err(ModelError::Invalid(format!(
+                    "part {}..{} is not a range of the prompt's characters ({} bytes)",
+                    p.start,
+                    p.end,
+                    ask.prompt.len()
+                )));
+            }
+        }
+        measured = measure(session, ask.parts.clone(), &mut spent, &mut skipped)?;
+    }
+    by_importance(&mut measured);
+    let counterfactual = match measured.first() {
+        Some(top) if ask.counterfactual && top.importance > 0.0 => {
+            let ids = encode(&without(ask.prompt, &top.part))?;
+            let (_, text) = greedy(session, tok, ids, completion_ids.len().max(ask.max_tokens))?;
+            Some(Counterfactual {
+                removed: top.part.clone(),
+                completion: text,
+            })
+        }
+        _ => None,
+    };
+    Ok(Explanation {
+        completion,
+        completion_tokens: completion_ids.len(),
+        logprob: base,
+        parts: measured,
+        lines: fine,
+        counterfactual,
+        evaluated_tokens: spent,
+        budget_tokens: ask.budget_tokens,
+        skipped_parts: skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_and_lines_cover_the_text_by_byte_ranges() {
+        let t = "# a.py\nX = 1\n\n\n# b.py\nY = 2\nZ = 3\n\nprint(X";
+        let b = blocks(t);
+        let spans: Vec<&str> = b.iter().map(|p| &t[p.start..p.end]).collect();
+        assert_eq!(
+            spans,
+            ["# a.py\nX = 1\n\n\n", "# b.py\nY = 2\nZ = 3\n\n", "print(X"]
+        );
+        assert_eq!(b[1].label, "# b.py");
+        let l = lines(t, &b[1]);
+        let spans: Vec<&str> = l.iter().map(|p| &t[p.start..p.end]).collect();
+        assert_eq!(spans, ["# b.py\n", "Y = 2\n", "Z = 3\n"]);
+        assert!(blocks("").is_empty());
+    }
+}

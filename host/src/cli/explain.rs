@@ -1,0 +1,75 @@
+//! `kiln explain`: why a model completes a prompt as it does.
+
+use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
+use kiln_registry::config::Config;
+use kiln_runtime::model::explain::{self, Ask};
+use kiln_runtime::model::{Model, session::Session};
+use kiln_runtime::store;
+use std::process::ExitCode;
+
+pub struct ExplainArgs {
+    pub model: String,
+    pub prompt: String,
+    pub completion: Option<String>,
+    pub max_tokens: usize,
+    pub budget_tokens: usize,
+    pub backend: Option<String>,
+    pub json: bool,
+}
+
+pub fn explain(config: &Config, args: ExplainArgs) -> CliResult {
+    let path = store::resolve(config, &args.model)?;
+    let chosen = super::run::executor(config, args.backend.as_deref())?;
+    let exec = chosen.executor;
+    let model = Model::load_for(&path, &exec.target, exec.device)?;
+    let tok = model.tokenizer()?;
+    let mut session = Session::new(model, exec, None)?;
+    let e = explain::explain(
+        &mut session,
+        &tok,
+        &Ask {
+            prompt: &args.prompt,
+            completion: args.completion.as_deref(),
+            max_tokens: args.max_tokens,
+            parts: Vec::new(),
+            budget_tokens: args.budget_tokens,
+            counterfactual: true,
+        },
+    )
+    .map_err(|e| CliError(e.to_string()))?;
+    if args.json {
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "explanation": e}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "completion: {:?} ({} tokens, log-probability {:.2})",
+        e.completion, e.completion_tokens, e.logprob
+    );
+    println!("what made it likely (log-probability lost without each part, most first):");
+    for a in e.parts.iter().chain(&e.lines) {
+        println!(
+            "  {:>+8.3}  {:<5} {}..{}  {}",
+            a.importance, a.part.kind, a.part.start, a.part.end, a.part.label
+        );
+    }
+    if let Some(c) = &e.counterfactual {
+        println!(
+            "without the most important part ({:?}): {:?}",
+            c.removed.label, c.completion
+        );
+    }
+    println!(
+        "{} of {} tokens of budget evaluated{}",
+        e.evaluated_tokens,
+        e.budget_tokens,
+        if e.skipped_parts > 0 {
+            format!(
+                "; {} part(s) not measured (raise --budget-tokens)",
+                e.skipped_parts
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
