@@ -56,3 +56,52 @@ fn the_snippet_that_holds_the_answer_matters_most_and_the_result_repeats() {
     );
     assert!(small["skipped_parts"].as_u64().unwrap() > 0, "{small}");
 }
+
+#[test]
+fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
+    use kiln_tests::serve::{http_server_with, post};
+    use serde_json::json;
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let server = http_server_with(&home, &model, &[]);
+    let (code, r) = post(
+        &server.addr,
+        "/v1/explain",
+        &json!({"prompt": PLANTED, "max_tokens": 5, "budget_tokens": 4000}),
+    );
+    assert_eq!(code, 200, "{r}");
+    let e = &r["explanation"];
+    assert!(e["completion"].as_str().unwrap().contains("7913"), "{r}");
+    assert_eq!(e["parts"][0]["label"], "# config.py", "{r}");
+    assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{r}");
+    // A given completion is explained as given.
+    let (code, r) = post(
+        &server.addr,
+        "/v1/explain",
+        &json!({"prompt": PLANTED, "completion": " 7913", "budget_tokens": 4000}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["explanation"]["completion"], " 7913");
+    for (body, param) in [
+        (json!({"max_tokens": 4}), "prompt"),
+        (
+            json!({"prompt": PLANTED, "budget_tokens": 0}),
+            "budget_tokens",
+        ),
+        (json!({"prompt": PLANTED, "completion": 3}), "completion"),
+        (json!({"prompt": PLANTED, "model": "other"}), "model"),
+    ] {
+        let (code, r) = post(&server.addr, "/v1/explain", &body);
+        assert!(code == 400 || code == 404, "{body}: {code} {r}");
+        assert_eq!(r["error"]["param"], param, "{r}");
+    }
+    // Still serving.
+    let (code, _) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": "def f(x):", "max_tokens": 2}),
+    );
+    assert_eq!(code, 200);
+}

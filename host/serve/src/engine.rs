@@ -15,6 +15,7 @@ use super::fim::{FimTemplate, RepoFormat};
 use super::metrics::{Metrics, labels};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
+use kiln_runtime::model::explain::Explanation;
 use kiln_runtime::model::generate::{Control, Draft, Generation, Request, StopReason, generate};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
@@ -155,10 +156,30 @@ pub struct Finished {
 struct Job {
     doc: Option<String>,
     loaded: Arc<Loaded>,
-    request: Request,
     control: Arc<Control>,
-    sink: Box<dyn Sink>,
     enqueued: Instant,
+    work: Work,
+}
+
+/// What a job does with the session.
+enum Work {
+    Complete {
+        request: Request,
+        sink: Box<dyn Sink>,
+    },
+    Explain {
+        ask: ExplainAsk,
+        reply: std::sync::mpsc::Sender<Result<Explanation, String>>,
+    },
+}
+
+/// An explanation to compute on the engine thread ([`Engine::explain`]).
+#[derive(Clone, Debug)]
+pub struct ExplainAsk {
+    pub prompt: String,
+    pub completion: Option<String>,
+    pub max_tokens: usize,
+    pub budget_tokens: usize,
 }
 
 /// Per-client queues served round robin: the next job comes from the first
@@ -433,16 +454,41 @@ impl Engine {
             Job {
                 doc,
                 loaded,
-                request,
                 control: control.clone(),
-                sink,
                 enqueued: Instant::now(),
+                work: Work::Complete { request, sink },
             },
         );
         self.shared.metrics.waiting.set(q.jobs.len as i64);
         drop(q);
         self.shared.wake.notify_one();
         control
+    }
+
+    /// Queues an explanation of a completion for `client`, computed with
+    /// the served model on the engine thread between completions; the
+    /// receiver gets it.
+    pub fn explain(
+        &self,
+        client: u64,
+        ask: ExplainAsk,
+    ) -> std::sync::mpsc::Receiver<Result<Explanation, String>> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        let mut q = lock(&self.shared.queue);
+        q.jobs.push(
+            client,
+            Job {
+                doc: None,
+                loaded: self.loaded(),
+                control: Arc::new(Control::default()),
+                enqueued: Instant::now(),
+                work: Work::Explain { ask, reply },
+            },
+        );
+        self.shared.metrics.waiting.set(q.jobs.len as i64);
+        drop(q);
+        self.shared.wake.notify_one();
+        rx
     }
 
     /// [`Engine::submit`] for an async caller: the job's events arrive on
@@ -534,7 +580,38 @@ fn worker_loop(shared: &Shared) {
         shared.metrics.running.set(1);
         let doc = job.doc.clone();
         let control = job.control.clone();
-        run_job(shared, &mut session, job);
+        match job.work {
+            Work::Complete { request, sink } => run_job(
+                shared,
+                &mut session,
+                job.loaded,
+                request,
+                sink,
+                &control,
+                job.enqueued,
+            ),
+            Work::Explain { ask, reply } => {
+                let loaded = job.loaded;
+                let result = session_for(shared, &mut session, &loaded).and_then(|s| {
+                    kiln_runtime::model::explain::explain(
+                        s,
+                        &loaded.tok,
+                        &kiln_runtime::model::explain::Ask {
+                            prompt: &ask.prompt,
+                            completion: ask.completion.as_deref(),
+                            max_tokens: ask.max_tokens,
+                            parts: Vec::new(),
+                            budget_tokens: ask.budget_tokens,
+                            counterfactual: true,
+                        },
+                    )
+                    .map_err(|e| e.to_string())
+                });
+                // The cache holds the last prompt scored; the next
+                // completion reuses what it shares with it.
+                let _ = reply.send(result);
+            }
+        }
         shared.metrics.running.set(0);
         if let Some(d) = doc {
             let mut q = lock(&shared.queue);
@@ -582,15 +659,15 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 6]) {
     *seen = now;
 }
 
-fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: Job) {
-    let Job {
-        loaded,
-        request,
-        control,
-        mut sink,
-        enqueued,
-        ..
-    } = job;
+fn run_job(
+    shared: &Shared,
+    session: &mut Option<(Arc<Loaded>, Session)>,
+    loaded: Arc<Loaded>,
+    request: Request,
+    mut sink: Box<dyn Sink>,
+    control: &Control,
+    enqueued: Instant,
+) {
     let queue_s = enqueued.elapsed().as_secs_f64();
     shared.metrics.queue_time.observe(queue_s);
     let result = execute(
@@ -598,7 +675,7 @@ fn run_job(shared: &Shared, session: &mut Option<(Arc<Loaded>, Session)>, job: J
         session,
         &loaded,
         request,
-        &control,
+        control,
         sink.as_mut(),
         enqueued,
     );
@@ -681,30 +758,7 @@ fn execute(
             tokens_after_cancel: 0,
         });
     }
-    if session
-        .as_ref()
-        .is_none_or(|(l, _)| !Arc::ptr_eq(l, loaded))
-    {
-        *session = None;
-        let mut exec = Executor::new(shared.target.clone(), shared.device);
-        if !exec.target.is_builtin() {
-            // The log says when a model's weights have reached the device
-            // (seconds for gigabytes on a discrete GPU).
-            let to = format!("{}:{}", exec.target.name(), exec.device);
-            exec.set_upload_progress(Arc::new(move |done, total| {
-                if done == total {
-                    eprintln!(
-                        "kiln: weights uploaded to {to}: {}",
-                        kiln_runtime::measure::human_bytes(total)
-                    );
-                }
-            }));
-        }
-        let s =
-            Session::new(loaded.model.clone(), exec, shared.n_ctx).map_err(|e| e.to_string())?;
-        *session = Some((loaded.clone(), s));
-    }
-    let (_, sess) = session.as_mut().expect("made above");
+    let sess = session_for(shared, session, loaded)?;
     let room = sess.n_ctx().saturating_sub(request.prompt.len());
     if room == 0 {
         return Err(format!(
@@ -767,6 +821,39 @@ fn execute(
         total_ms: total_s * 1e3,
         generation: g,
     })
+}
+
+/// The session for `loaded`: the current one, or a new one when the model
+/// changed.
+fn session_for<'a>(
+    shared: &Shared,
+    session: &'a mut Option<(Arc<Loaded>, Session)>,
+    loaded: &Arc<Loaded>,
+) -> Result<&'a mut Session, String> {
+    if session
+        .as_ref()
+        .is_none_or(|(l, _)| !Arc::ptr_eq(l, loaded))
+    {
+        *session = None;
+        let mut exec = Executor::new(shared.target.clone(), shared.device);
+        if !exec.target.is_builtin() {
+            // The log says when a model's weights have reached the device
+            // (seconds for gigabytes on a discrete GPU).
+            let to = format!("{}:{}", exec.target.name(), exec.device);
+            exec.set_upload_progress(Arc::new(move |done, total| {
+                if done == total {
+                    eprintln!(
+                        "kiln: weights uploaded to {to}: {}",
+                        kiln_runtime::measure::human_bytes(total)
+                    );
+                }
+            }));
+        }
+        let s =
+            Session::new(loaded.model.clone(), exec, shared.n_ctx).map_err(|e| e.to_string())?;
+        *session = Some((loaded.clone(), s));
+    }
+    Ok(&mut session.as_mut().expect("made above").1)
 }
 
 #[cfg(test)]

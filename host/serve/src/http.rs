@@ -48,6 +48,7 @@ pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/explain", post(explain))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .merge(crate::dashboard::routes(dashboard))
@@ -502,6 +503,69 @@ fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `POST /v1/explain`: why the served model completes `prompt` as it
+/// does ([`kiln_runtime::model::explain`]), computed on the engine thread
+/// in turn with completions.
+async fn explain(
+    State(s): St,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    body: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let v = parse_body(body).await?;
+    let loaded = s.engine.loaded();
+    let (req, _) = common(&v, &loaded, s.engine.n_ctx(), 16)?;
+    let prompt = match &v["prompt"] {
+        Value::String(p) if !p.is_empty() => p.clone(),
+        Value::Null => return Err(ApiError::invalid("prompt", "prompt is required")),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be a non-empty string",
+            ));
+        }
+    };
+    let completion = match &v["completion"] {
+        Value::Null => None,
+        Value::String(c) if !c.is_empty() => Some(c.clone()),
+        _ => {
+            return Err(ApiError::invalid(
+                "completion",
+                "completion must be a non-empty string (or left out: the model's own)",
+            ));
+        }
+    };
+    let budget_tokens = match &v["budget_tokens"] {
+        Value::Null => 8192,
+        b => match b.as_u64() {
+            Some(n) if (1..=1 << 20).contains(&n) => n as usize,
+            _ => {
+                return Err(ApiError::invalid(
+                    "budget_tokens",
+                    "budget_tokens must be an integer from 1 to 1048576",
+                ));
+            }
+        },
+    };
+    let rx = s.engine.explain(
+        client_key(&addr),
+        crate::engine::ExplainAsk {
+            prompt,
+            completion,
+            max_tokens: req.max_tokens,
+            budget_tokens,
+        },
+    );
+    let result = tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .map_err(|e| ApiError::bad(format!("the explanation failed: {e}")))?
+        .map_err(|_| ApiError::bad("the engine stopped before explaining"))?;
+    let e = result.map_err(ApiError::bad)?;
+    Ok(
+        axum::Json(json!({"object": "explanation", "model": loaded.id, "explanation": e}))
+            .into_response(),
+    )
 }
 
 async fn completions(
