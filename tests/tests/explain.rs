@@ -105,3 +105,65 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
     );
     assert_eq!(code, 200);
 }
+
+#[test]
+fn the_language_server_explains_the_completion_at_a_position() {
+    use kiln_tests::serve::{at, error_code, initialize, open, serve_model, status, watchdog};
+    use serde_json::json;
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("colors.py", "RED = \"#ff0000\"\nGREEN = \"#00ff00\"\n"),
+        (
+            "config.py",
+            "DATABASE_PORT = 7913\nDATABASE_HOST = \"localhost\"\n",
+        ),
+        ("shapes.py", "def square(x):\n    return x * x\n"),
+    ] {
+        std::fs::write(ws.path().join(name), text).unwrap();
+    }
+    let mut c = serve_model(&home, &model, &[]);
+    watchdog(c.pid(), std::time::Duration::from_secs(300));
+    initialize(&mut c, ws.path(), json!({"maxTokens": 5}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while status(&mut c)["workspace"]["files"] != json!(3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workspace never indexed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let uri = format!("file://{}/main.py", ws.path().display());
+    let text = "from config import DATABASE_PORT\nassert DATABASE_PORT ==";
+    open(&mut c, &uri, text);
+    let r = c.request("kiln/explain", at(&uri, 1, 23)).unwrap();
+    let e = &r["result"]["explanation"];
+    // The snippet of config.py, and in it the line naming the port, is
+    // what the completion leans on; without it the model writes another.
+    assert_eq!(e["parts"][0]["kind"], "snippet", "{r}");
+    assert!(
+        e["parts"][0]["label"]
+            .as_str()
+            .unwrap()
+            .starts_with("config.py"),
+        "{r}"
+    );
+    assert!(e["parts"][0]["importance"].as_f64().unwrap() > 1.0, "{r}");
+    assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{r}");
+    assert_ne!(e["counterfactual"]["completion"], e["completion"], "{r}");
+    // Why each snippet was chosen comes with it.
+    let snippets = r["result"]["context"]["snippets"].as_array().unwrap();
+    assert!(snippets.iter().all(|s| s["why"].is_string()), "{r}");
+    let bad = c
+        .request("kiln/explain", json!({"textDocument": {"uri": uri}, "position": {"line": 1, "character": 23}, "budgetTokens": 0}))
+        .unwrap();
+    assert_eq!(error_code(&bad), -32602, "{bad}");
+    let closed = c
+        .request("kiln/explain", at("file:///nowhere.py", 0, 0))
+        .unwrap();
+    assert_eq!(error_code(&closed), -32602, "{closed}");
+    assert!(c.close().unwrap().success());
+}

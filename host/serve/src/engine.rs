@@ -177,6 +177,8 @@ enum Work {
 #[derive(Clone, Debug)]
 pub struct ExplainAsk {
     pub prompt: String,
+    /// Parts of the prompt to measure; empty: its blocks.
+    pub parts: Vec<kiln_runtime::model::explain::Part>,
     pub completion: Option<String>,
     pub max_tokens: usize,
     pub budget_tokens: usize,
@@ -600,7 +602,7 @@ fn worker_loop(shared: &Shared) {
                             prompt: &ask.prompt,
                             completion: ask.completion.as_deref(),
                             max_tokens: ask.max_tokens,
-                            parts: Vec::new(),
+                            parts: ask.parts.clone(),
                             budget_tokens: ask.budget_tokens,
                             counterfactual: true,
                         },

@@ -552,6 +552,7 @@ async fn explain(
         client_key(&addr),
         crate::engine::ExplainAsk {
             prompt,
+            parts: Vec::new(),
             completion,
             max_tokens: req.max_tokens,
             budget_tokens,

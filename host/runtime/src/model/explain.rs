@@ -74,8 +74,8 @@ pub struct Ask<'a> {
     pub completion: Option<&'a str>,
     pub max_tokens: usize,
     /// Parts to measure; empty: the prompt's blocks (split at blank
-    /// lines) but the last, which the completion continues, the most
-    /// important of them then split into lines.
+    /// lines) but the last, which the completion continues. The three most
+    /// important are then measured line by line.
     pub parts: Vec<Part>,
     /// Tokens to evaluate at most for attribution (the completion's
     /// generation and scoring are not counted).
@@ -86,11 +86,16 @@ pub struct Ask<'a> {
 /// The prompt's blocks: runs of lines between blank lines (each with the
 /// blank lines after it).
 pub fn blocks(text: &str) -> Vec<Part> {
+    blocks_in(text, 0, text.len())
+}
+
+/// [`blocks`] of `text[from..to]`, as ranges of `text`.
+pub fn blocks_in(text: &str, from: usize, to: usize) -> Vec<Part> {
     let mut out = Vec::new();
     let mut start = None;
-    let mut at = 0;
+    let mut at = from;
     let mut prev_blank = false;
-    for line in text.split_inclusive('\n') {
+    for line in text[from..to].split_inclusive('\n') {
         let blank = line.trim().is_empty();
         if !blank
             && prev_blank
@@ -105,7 +110,7 @@ pub fn blocks(text: &str) -> Vec<Part> {
         at += line.len();
     }
     if let Some(s) = start {
-        out.push(part(text, s, text.len(), "block"));
+        out.push(part(text, s, to, "block"));
     }
     out
 }
@@ -207,7 +212,6 @@ pub fn explain(
     let (base, _) = score(session, &prompt, &completion_ids)?;
     let mut spent = 0usize;
     let mut skipped = 0usize;
-    let mut measured: Vec<Attribution>;
     let mut fine = Vec::new();
     let measure = |session: &mut Session,
                    parts: Vec<Part>,
@@ -244,24 +248,14 @@ pub fn explain(
                 .then(a.part.start.cmp(&b.part.start))
         })
     };
-    if ask.parts.is_empty() {
+    let coarse_parts = if ask.parts.is_empty() {
         // The block the completion continues is what is being completed,
         // not context for it: the others are measured.
         let mut parts = blocks(ask.prompt);
         if parts.len() > 1 && parts.last().is_some_and(|p| p.end == ask.prompt.len()) {
             parts.pop();
         }
-        let mut coarse = measure(session, parts, &mut spent, &mut skipped)?;
-        by_importance(&mut coarse);
-        // The three most important blocks of several lines, line by line.
-        for a in coarse.iter().filter(|a| a.importance > 0.0).take(3) {
-            let ls = lines(ask.prompt, &a.part);
-            if ls.len() > 1 {
-                fine.extend(measure(session, ls, &mut spent, &mut skipped)?);
-            }
-        }
-        by_importance(&mut fine);
-        measured = coarse;
+        parts
     } else {
         for p in &ask.parts {
             if p.start > p.end
@@ -277,9 +271,18 @@ pub fn explain(
                 )));
             }
         }
-        measured = measure(session, ask.parts.clone(), &mut spent, &mut skipped)?;
-    }
+        ask.parts.clone()
+    };
+    let mut measured = measure(session, coarse_parts, &mut spent, &mut skipped)?;
     by_importance(&mut measured);
+    // The three most important parts of several lines, line by line.
+    for a in measured.iter().filter(|a| a.importance > 0.0).take(3) {
+        let ls = lines(ask.prompt, &a.part);
+        if ls.len() > 1 {
+            fine.extend(measure(session, ls, &mut spent, &mut skipped)?);
+        }
+    }
+    by_importance(&mut fine);
     let counterfactual = match measured.first() {
         Some(top) if ask.counterfactual && top.importance > 0.0 => {
             let ids = encode(&without(ask.prompt, &top.part))?;

@@ -618,6 +618,7 @@ impl Server {
                 | "textDocument/inlineCompletion"
                 | "kiln/status"
                 | "kiln/context"
+                | "kiln/explain"
         );
         if needs_model && self.engine.is_none() {
             if let Some(e) = &self.load_error {
@@ -636,6 +637,7 @@ impl Server {
             "kiln/status" => self.status(),
             "kiln/document" => self.document(&params),
             "kiln/context" => self.context_preview(&params),
+            "kiln/explain" => return self.explain(id, &params),
             "kiln/models" => self
                 .with_registry(|r| Ok(json!({"models": r.models().map_err(|e| e.to_string())?}))),
             "kiln/plugins" => self
@@ -758,6 +760,75 @@ impl Server {
         )
         .map_err(|e| (REQUEST_FAILED, e))?;
         Ok(serde_json::to_value(preview).expect("a preview serialises"))
+    }
+
+    /// Why the completion at a position comes out as it does: the prompt
+    /// it would send (each snippet with why it was chosen), then, computed
+    /// on the engine without holding up this loop, how much each snippet,
+    /// block of the file before the cursor and line of the most important
+    /// ones makes the completion likely, and the completion without the
+    /// most important one.
+    fn explain(&mut self, id: Value, params: &Value) {
+        let budget = match &params["budgetTokens"] {
+            Value::Null => 8192,
+            b => match b.as_u64() {
+                Some(n) if (1..=1 << 20).contains(&n) => n as usize,
+                _ => {
+                    return self.out.error(
+                        &id,
+                        INVALID_PARAMS,
+                        "budgetTokens must be an integer from 1 to 1048576",
+                    );
+                }
+            },
+        };
+        let preview = match self.context_preview(params) {
+            Ok(v) => v,
+            Err((code, msg)) => {
+                return self
+                    .out
+                    .error(&id, code, &msg.replace("kiln/context", "kiln/explain"));
+            }
+        };
+        let prompt = preview["prompt"].as_str().unwrap_or_default().to_string();
+        let parts = explain_parts(&prompt, &preview, &self.prefix_at(params));
+        let engine = self.engine.clone().expect("checked by the caller");
+        let rx = engine.explain(
+            0,
+            crate::engine::ExplainAsk {
+                prompt,
+                parts,
+                completion: params["completion"].as_str().map(str::to_string),
+                max_tokens: self.settings.max_tokens,
+                budget_tokens: budget,
+            },
+        );
+        let out = self.out.clone();
+        std::thread::spawn(move || match rx.recv() {
+            Ok(Ok(e)) => out.reply(&id, json!({"explanation": e, "context": preview})),
+            Ok(Err(e)) => out.error(&id, REQUEST_FAILED, &e),
+            Err(_) => out.error(&id, REQUEST_FAILED, "the engine stopped before explaining"),
+        });
+    }
+
+    /// The text before the cursor that a completion's prompt holds.
+    fn prefix_at(&self, params: &Value) -> String {
+        let (Some(uri), Ok(pos)) = (
+            params["textDocument"]["uri"].as_str(),
+            document::parse_position(params.get("position"), "position"),
+        ) else {
+            return String::new();
+        };
+        let (Some(doc), Some(engine)) = (self.docs.get(uri), self.engine.as_ref()) else {
+            return String::new();
+        };
+        let Ok(at) = document::offset(&doc.text, pos, self.encoding, "position") else {
+            return String::new();
+        };
+        let loaded = engine.loaded();
+        crate::preview::cut(&loaded, &doc.text, at, &self.settings)
+            .0
+            .to_string()
     }
 
     /// kiln's copy of an open document, to compare with the editor's.
@@ -1018,6 +1089,53 @@ impl Server {
             None => path.to_string_lossy().into_owned(),
         }
     }
+}
+
+/// The parts of a completion's prompt to explain: each context snippet
+/// (from its header line naming its file to the next), and the blocks of
+/// the text before the cursor but the last (the one being completed).
+fn explain_parts(
+    prompt: &str,
+    preview: &Value,
+    prefix: &str,
+) -> Vec<kiln_runtime::model::explain::Part> {
+    use kiln_runtime::model::explain::{Part, blocks_in};
+    let prefix_at = (!prefix.is_empty()).then(|| prompt.rfind(prefix)).flatten();
+    let mut starts = Vec::new();
+    let mut from = 0;
+    for s in preview["snippets"].as_array().into_iter().flatten() {
+        let Some(path) = s["path"].as_str() else {
+            continue;
+        };
+        let header = format!("{path}\n");
+        let Some(i) = prompt[from..].find(&header).map(|i| i + from) else {
+            continue;
+        };
+        let line_start = prompt[..i].rfind('\n').map_or(0, |n| n + 1);
+        starts.push((
+            line_start,
+            path.to_string(),
+            s["start_line"].as_u64().unwrap_or(0),
+        ));
+        from = i + header.len();
+    }
+    let context_end = prefix_at.unwrap_or(prompt.len());
+    let mut parts = Vec::new();
+    for (k, (start, path, line)) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).map_or(context_end, |n| n.0).max(*start);
+        parts.push(Part {
+            start: *start,
+            end,
+            kind: "snippet".into(),
+            label: format!("{path}:{}", line + 1),
+        });
+    }
+    if let Some(p) = prefix_at {
+        let mut own = blocks_in(prompt, p, p + prefix.len());
+        own.pop();
+        parts.extend(own);
+    }
+    parts
 }
 
 /// Open documents as context sources.
