@@ -46,27 +46,33 @@ fn new_identity(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn greedy(home: &Home, model: &str, env: &[(&str, &str)]) -> Value {
+    let args = [
+        "run",
+        model,
+        "--prompt",
+        "def fibonacci(n):",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    json_with(home, &args, env)["token_ids"].clone()
+}
+
+/// `kiln ARGS` with `env`, asserting success; its JSON output.
+fn json_with(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = home
-        .command(&[
-            "run",
-            model,
-            "--prompt",
-            "def fibonacci(n):",
-            "--max-tokens",
-            "12",
-            "--temperature",
-            "0",
-            "--json",
-        ])
+        .command(args)
         .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "kiln {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["token_ids"].clone()
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn blobs(home: &Home) -> Vec<String> {
@@ -207,24 +213,18 @@ fn files_the_age_tool_encrypted_are_run_and_added_by_their_plaintext() {
 
     // Added, it is recorded by the plaintext's hash (the store is not
     // encrypting: stored in plain).
-    let out = home
-        .command(&[
+    let j = json_with(
+        &home,
+        &[
             "models",
             "add",
             sealed.to_str().unwrap(),
             "--name",
             "smol",
             "--json",
-        ])
-        .envs(with_key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &with_key,
     );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["model"]["sha256"], sha256_file(&model));
     assert_eq!(j["model"]["encrypted"], false);
     assert_eq!(greedy(&home, "smol", &[]), plain_tokens);
@@ -253,17 +253,7 @@ fn a_passphrase_encrypts_the_store_without_an_identity_file() {
     home.ok(&["models", "add", model.to_str().unwrap(), "--name", "smol"]);
     let plain_tokens = greedy(&home, "smol", &[]);
     let pass = [("KILN_PASSPHRASE", "a long passphrase for a test")];
-    let out = home
-        .command(&["store", "encrypt", "--json"])
-        .envs(pass)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = json_with(&home, &["store", "encrypt", "--json"], &pass);
     assert_eq!(j["identity"], Value::Null, "{j}");
     assert!(!home.path().join("identity.txt").exists());
     assert_eq!(greedy(&home, "smol", &pass), plain_tokens);

@@ -99,6 +99,7 @@ pub fn is_encrypted(path: &Path) -> std::io::Result<bool> {
 }
 
 /// The keys this process can decrypt with, and where they came from.
+#[derive(Default)]
 pub struct Keys {
     identities: Vec<Box<dyn age::Identity + Send + Sync>>,
     /// X25519 recipients of the identities, to encrypt to.
@@ -116,13 +117,7 @@ impl Keys {
     /// exists) and `KILN_PASSPHRASE`. A named identity file that cannot be
     /// read is an error; none at all gives empty keys.
     pub fn from_env(config: &Config) -> Result<Keys, CryptError> {
-        let mut keys = Keys {
-            identities: Vec::new(),
-            recipients: Vec::new(),
-            passphrase: None,
-            sources: Vec::new(),
-            identity_file: None,
-        };
+        let mut keys = Keys::default();
         match std::env::var_os("KILN_IDENTITY").filter(|v| !v.is_empty()) {
             Some(p) => keys.add_identity_file(Path::new(&p))?,
             None => {
@@ -552,13 +547,7 @@ mod tests {
     #[test]
     fn a_passphrase_works_without_an_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let mut keys = Keys {
-            identities: Vec::new(),
-            recipients: Vec::new(),
-            passphrase: None,
-            sources: Vec::new(),
-            identity_file: None,
-        };
+        let mut keys = Keys::default();
         let pass = SecretString::from("correct horse".to_string());
         keys.identities
             .push(Box::new(age::scrypt::Identity::new(pass.clone())));

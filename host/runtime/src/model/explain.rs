@@ -14,7 +14,7 @@
 
 use super::ModelError;
 use super::forward::LogitsFor;
-use super::generate::{Request, generate};
+use super::generate::{Request, generate, log_prob};
 use super::sample::SamplingParams;
 use super::session::Session;
 use crate::tokenizer::Tokenizer;
@@ -156,14 +156,7 @@ fn score(
     let first = prompt.len() - 1 - keep;
     let mut lp = 0.0f64;
     for (row, &next) in rows.chunks_exact(n_vocab).skip(first).zip(completion) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let log_sum = row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        lp += row[next as usize] as f64 - log_sum;
+        lp += log_prob(row, next);
     }
     Ok((lp, all.len() - 1 - keep))
 }

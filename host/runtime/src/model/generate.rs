@@ -377,6 +377,18 @@ pub fn generate(
     })
 }
 
+/// The log-probability (in f64) of token `id` under one row of logits.
+pub fn log_prob(row: &[f32], id: u32) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let log_sum = row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row[id as usize] as f64 - log_sum
+}
+
 /// Perplexity of `tokens` under the model: exp of the mean negative
 /// log-likelihood of each token given the ones before it. Starts from an
 /// empty cache.
@@ -391,14 +403,7 @@ pub fn perplexity(session: &mut Session, tokens: &[u32]) -> Result<f64, ModelErr
     let logits = session.eval(&tokens[..tokens.len() - 1], LogitsFor::All)?;
     let mut nll = 0.0f64;
     for (row, &next) in logits.chunks_exact(n_vocab).zip(&tokens[1..]) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let log_sum = row
-            .iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        nll += log_sum - row[next as usize] as f64;
+        nll -= log_prob(row, next);
     }
     Ok((nll / (tokens.len() - 1) as f64).exp())
 }
