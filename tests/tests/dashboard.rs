@@ -168,6 +168,13 @@ fn the_dashboard_is_served_with_the_http_api_and_refuses_bad_intervals() {
     assert_eq!(last["totals"]["requests"], 1.0, "{last}");
     assert_eq!(last["offline"]["loopback_only"], true, "{last}");
     assert_eq!(last["offline"]["outbound_connections"], 0, "{last}");
+    assert_eq!(last["totals"]["completion_cache_evictions"], 0.0, "{last}");
+    let (_, metrics) = kiln_tests::serve::http(&server.addr, "GET", "/metrics", b"");
+    assert!(
+        metrics.contains("kiln:completion_cache_evictions_total 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kiln:model_info{"), "{metrics}");
 
     // `kiln top` finds the server through its run file (a stale one of a
     // dead process is skipped and removed) and prints its numbers.

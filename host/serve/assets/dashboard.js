@@ -145,6 +145,7 @@ function drawModel(s) {
     ["memory", `${bytes(s.memory.resident_bytes)} resident, ${bytes(s.memory.available_bytes)} available`],
     ["served", `${fmt(t.requests, 0)} requests, ${fmt(t.prompt_tokens, 0)} prompt and ${fmt(t.generated_tokens, 0)} generated tokens`],
     ["fallbacks to CPU", fmt(t.fallbacks, 0)],
+    ["completion cache evictions", fmt(t.completion_cache_evictions, 0)],
     ["device transfers", `${bytes(t.bytes_to_device)} up, ${bytes(t.bytes_from_device)} down`],
   ]);
 }

@@ -217,6 +217,7 @@ impl Dashboard {
                 "prompt_tokens": cur.sum("kiln:prompt_tokens_total"),
                 "generated_tokens": cur.sum("kiln:generation_tokens_total"),
                 "fallbacks": fallbacks,
+                "completion_cache_evictions": cur.sum("kiln:completion_cache_evictions_total"),
                 "bytes_to_device": transfer("to_device"),
                 "bytes_from_device": transfer("from_device"),
             },

@@ -352,10 +352,20 @@ impl Engine {
             queue: Mutex::default(),
             wake: Condvar::new(),
             current: RwLock::new(Arc::new(loaded)),
-            cache: moka::sync::Cache::builder()
-                .max_capacity(opts.completion_cache_entries)
-                .time_to_live(Duration::from_secs(600))
-                .build(),
+            cache: {
+                let evictions = opts.metrics.completion_cache_evictions.clone();
+                moka::sync::Cache::builder()
+                    .max_capacity(opts.completion_cache_entries)
+                    .time_to_live(Duration::from_secs(600))
+                    .eviction_listener(move |_, _, cause| {
+                        // Pushed out for room or by age; not replaced or
+                        // cleared for a new model.
+                        if cause.was_evicted() {
+                            evictions.inc();
+                        }
+                    })
+                    .build()
+            },
             recent: Mutex::default(),
             metrics: opts.metrics,
             target: opts.target,

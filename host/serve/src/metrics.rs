@@ -23,6 +23,7 @@ pub struct Metrics {
     pub prefix_cache_hits: Counter,
     pub completion_cache_queries: Counter,
     pub completion_cache_hits: Counter,
+    pub completion_cache_evictions: Counter,
     pub running: Gauge,
     pub waiting: Gauge,
     pub ttft: Histogram,
@@ -64,6 +65,7 @@ impl Default for Metrics {
             prefix_cache_hits: Counter::default(),
             completion_cache_queries: Counter::default(),
             completion_cache_hits: Counter::default(),
+            completion_cache_evictions: Counter::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
             ttft: Histogram::new(latency_buckets()),
@@ -127,6 +129,11 @@ impl Default for Metrics {
             "kiln:completion_cache_hits",
             "Requests answered from the cache of recent completions",
             m.completion_cache_hits.clone(),
+        );
+        registry.register(
+            "kiln:completion_cache_evictions",
+            "Completions dropped from the cache for room or age",
+            m.completion_cache_evictions.clone(),
         );
         registry.register(
             "kiln:num_requests_running",
