@@ -76,6 +76,27 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
     assert!(e["completion"].as_str().unwrap().contains("7913"), "{r}");
     assert_eq!(e["parts"][0]["label"], "# config.py", "{r}");
     assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{r}");
+    // A completion served before, by its id: the text it was served with.
+    let (code, served) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": PLANTED, "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{served}");
+    let (code, r) = post(
+        &server.addr,
+        "/v1/explain",
+        &json!({"id": served["id"], "budget_tokens": 4000}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        r["explanation"]["completion"], served["choices"][0]["text"],
+        "{r}"
+    );
+    assert_eq!(r["explanation"]["parts"][0]["label"], "# config.py", "{r}");
+    let (code, r) = post(&server.addr, "/v1/explain", &json!({"id": "cmpl-999999"}));
+    assert_eq!(code, 404, "{r}");
+    assert_eq!(r["error"]["code"], "completion_not_found", "{r}");
     // A given completion is explained as given.
     let (code, r) = post(
         &server.addr,
@@ -92,6 +113,8 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
         ),
         (json!({"prompt": PLANTED, "completion": 3}), "completion"),
         (json!({"prompt": PLANTED, "model": "other"}), "model"),
+        (json!({"id": "cmpl-1", "prompt": PLANTED}), "id"),
+        (json!({"id": 7}), "id"),
     ] {
         let (code, r) = post(&server.addr, "/v1/explain", &body);
         assert!(code == 400 || code == 404, "{body}: {code} {r}");

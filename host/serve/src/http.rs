@@ -35,7 +35,22 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 struct AppState {
     engine: Engine,
     next_id: AtomicU64,
+    /// The last completions served whole (not streamed), for `POST
+    /// /v1/explain` by id.
+    served: std::sync::Mutex<std::collections::VecDeque<Served>>,
 }
+
+/// A completion kept for explaining.
+struct Served {
+    id: String,
+    model: String,
+    prompt: String,
+    completion: String,
+}
+
+/// Completions kept for `/v1/explain`, and the longest prompt kept.
+const SERVED_KEPT: usize = 64;
+const SERVED_PROMPT_MAX: usize = 256 << 10;
 
 type St = State<Arc<AppState>>;
 
@@ -43,6 +58,7 @@ pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
     let state = Arc::new(AppState {
         engine,
         next_id: AtomicU64::new(1),
+        served: Default::default(),
     });
     Router::new()
         .route("/v1/completions", post(completions))
@@ -516,9 +532,55 @@ async fn explain(
     let v = parse_body(body).await?;
     let loaded = s.engine.loaded();
     let (req, _) = common(&v, &loaded, s.engine.n_ctx(), 16)?;
-    let prompt = match &v["prompt"] {
-        Value::String(p) if !p.is_empty() => p.clone(),
-        Value::Null => return Err(ApiError::invalid("prompt", "prompt is required")),
+    // A completion served before, by its id: its prompt and text.
+    let by_id = match &v["id"] {
+        Value::Null => None,
+        Value::String(id) => {
+            if !v["prompt"].is_null() || !v["completion"].is_null() {
+                return Err(ApiError::invalid(
+                    "id",
+                    "give id (a completion served before) or prompt, not both",
+                ));
+            }
+            let kept = s.served.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(c) = kept.iter().find(|c| &c.id == id) else {
+                return Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    kind: "invalid_request_error",
+                    code: Some("completion_not_found"),
+                    param: Some("id"),
+                    message: format!(
+                        "no completion {id:?} is kept: the last {SERVED_KEPT} completions served whole (not streamed) are"
+                    ),
+                });
+            };
+            if c.model != loaded.id {
+                return Err(ApiError::invalid(
+                    "id",
+                    format!(
+                        "{id} was served by {}; kiln now serves {}",
+                        c.model, loaded.id
+                    ),
+                ));
+            }
+            Some((c.prompt.clone(), c.completion.clone()))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "id",
+                "id must be a string such as cmpl-1",
+            ));
+        }
+    };
+    let prompt = match (&v["prompt"], &by_id) {
+        (_, Some((p, _))) => p.clone(),
+        (Value::String(p), None) if !p.is_empty() => p.clone(),
+        (Value::Null, None) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt (or the id of a served completion) is required",
+            ));
+        }
         _ => {
             return Err(ApiError::invalid(
                 "prompt",
@@ -527,6 +589,7 @@ async fn explain(
         }
     };
     let completion = match &v["completion"] {
+        Value::Null if by_id.is_some() => by_id.map(|(_, c)| c).filter(|c| !c.is_empty()),
         Value::Null => None,
         Value::String(c) if !c.is_empty() => Some(c.clone()),
         _ => {
@@ -614,6 +677,11 @@ async fn completions(
         }
         Some(_) => return Err(ApiError::invalid("suffix", "suffix must be a string")),
     };
+    // The prompt as text, for explaining this completion later.
+    let as_text = match &text {
+        PromptText::Plain { text, .. } => text.clone(),
+        PromptText::Fim { prefix, suffix } => prompt::fim_text(&loaded, "", prefix, suffix, None),
+    };
     req.prompt = encode(&loaded, text, req.max_tokens, n_ctx).await?;
     let rx = s
         .engine
@@ -630,6 +698,18 @@ async fn completions(
         return Ok(sse(rx, chunk));
     }
     let f = collect(rx).await?;
+    if as_text.len() <= SERVED_PROMPT_MAX {
+        let mut kept = s.served.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == SERVED_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(Served {
+            id: id.clone(),
+            model: model.clone(),
+            prompt: as_text,
+            completion: f.generation.text.clone(),
+        });
+    }
     let choice = json!({"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)});
     Ok(axum::Json(envelope(
         &id,
