@@ -11,18 +11,50 @@ use crate::prompt::{self, Counter, head_within, tail_within};
 use kiln_sandbox::breaker::Ranker;
 use serde::Serialize;
 
+/// Lines by which the start of a cut prefix moves: while the user types
+/// further down a file longer than the prefix budget, the prompt keeps its
+/// start (and the KV cache its prefix) for this many lines, instead of
+/// moving it, and evaluating the whole prompt again, at every new line.
+pub const PREFIX_START_LINES: usize = 16;
+
 /// The text before and after byte `at` of `text`, cut to the settings'
-/// token budgets (no suffix for a model without fill-in-the-middle).
+/// token budgets (no suffix for a model without fill-in-the-middle). A
+/// prefix cut by its budget starts at a line whose number is a multiple of
+/// [`PREFIX_START_LINES`] (when one is before the cursor's line).
 pub fn cut<'a>(loaded: &Loaded, text: &'a str, at: usize, s: &Settings) -> (&'a str, &'a str) {
     let counter = Counter::of(loaded);
     let (prefix_all, suffix_all) = text.split_at(at);
-    let prefix = tail_within(&counter, prefix_all, s.prefix_tokens);
+    let prefix = stable_start(
+        prefix_all,
+        tail_within(&counter, prefix_all, s.prefix_tokens),
+    );
     let suffix = if loaded.fim.uses_suffix() {
         head_within(&counter, suffix_all, s.suffix_tokens)
     } else {
         ""
     };
     (prefix, suffix)
+}
+
+/// `tail` (a tail of `text` starting at a line) moved on to the next line
+/// whose number is a multiple of [`PREFIX_START_LINES`], if that line starts
+/// before the last line of `text`; `tail` itself when it is all of `text`.
+fn stable_start<'a>(text: &'a str, tail: &'a str) -> &'a str {
+    let start = text.len() - tail.len();
+    if start == 0 || !text[..start].ends_with('\n') {
+        return tail;
+    }
+    let line = text[..start].matches('\n').count();
+    let skip = (PREFIX_START_LINES - line % PREFIX_START_LINES) % PREFIX_START_LINES;
+    let cursor_line = text.rfind('\n').map_or(0, |i| i + 1);
+    let mut at = start;
+    for _ in 0..skip {
+        match text[at..].find('\n') {
+            Some(i) if at + i < cursor_line => at += i + 1,
+            _ => return tail,
+        }
+    }
+    &text[at..]
 }
 
 /// A completion's prompt, laid open.
@@ -87,4 +119,33 @@ pub fn preview(
         prompt: prompt::fim_text(loaded, &packed.text, prefix, suffix, file),
         prompt_tokens: tokens.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PREFIX_START_LINES, stable_start};
+
+    #[test]
+    fn a_cut_prefix_starts_at_every_sixteenth_line_so_typing_keeps_it() {
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect::<String>() + "cur";
+        let line_start = |n: usize| -> usize {
+            text.match_indices('\n')
+                .nth(n - 1)
+                .map_or(0, |(i, _)| i + 1)
+        };
+        // A budget cut at lines 33..=48 starts at line 48; at 49, at 64.
+        for first in 33..=48 {
+            let s = stable_start(&text, &text[line_start(first)..]);
+            assert!(s.starts_with("line 48\n"), "{first}: {}", &s[..10]);
+        }
+        let s = stable_start(&text, &text[line_start(49)..]);
+        assert!(s.starts_with("line 64\n"));
+        assert_eq!(PREFIX_START_LINES, 16);
+        // Never past the cursor's line; the whole text stays whole.
+        let s = stable_start(&text, &text[line_start(97)..]);
+        assert!(s.starts_with("line 97\n"), "{s}");
+        assert_eq!(stable_start(&text, &text), text);
+        // A tail inside the cursor's line (it alone is over budget) stays.
+        assert_eq!(stable_start(&text, &text[text.len() - 2..]), "ur");
+    }
 }
