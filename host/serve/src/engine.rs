@@ -15,7 +15,7 @@ use super::fim::{FimTemplate, RepoFormat};
 use super::metrics::{Metrics, labels};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
-use kiln_runtime::model::explain::Explanation;
+use kiln_runtime::model::explain::{Ask, Explanation};
 use kiln_runtime::model::generate::{Control, Draft, Generation, Request, StopReason, generate};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
@@ -168,20 +168,9 @@ enum Work {
         sink: Box<dyn Sink>,
     },
     Explain {
-        ask: ExplainAsk,
+        ask: Ask,
         reply: std::sync::mpsc::Sender<Result<Explanation, String>>,
     },
-}
-
-/// An explanation to compute on the engine thread ([`Engine::explain`]).
-#[derive(Clone, Debug)]
-pub struct ExplainAsk {
-    pub prompt: String,
-    /// Parts of the prompt to measure; empty: its blocks.
-    pub parts: Vec<kiln_runtime::model::explain::Part>,
-    pub completion: Option<String>,
-    pub max_tokens: usize,
-    pub budget_tokens: usize,
 }
 
 /// Per-client queues served round robin: the next job comes from the first
@@ -461,19 +450,14 @@ impl Engine {
         {
             old.cancel();
         }
-        q.jobs.push(
-            client,
-            Job {
-                doc,
-                loaded,
-                control: control.clone(),
-                enqueued: Instant::now(),
-                work: Work::Complete { request, sink },
-            },
-        );
-        self.shared.metrics.waiting.set(q.jobs.len as i64);
-        drop(q);
-        self.shared.wake.notify_one();
+        let job = Job {
+            doc,
+            loaded,
+            control: control.clone(),
+            enqueued: Instant::now(),
+            work: Work::Complete { request, sink },
+        };
+        self.enqueue(client, job, q);
         control
     }
 
@@ -483,24 +467,26 @@ impl Engine {
     pub fn explain(
         &self,
         client: u64,
-        ask: ExplainAsk,
+        ask: Ask,
     ) -> std::sync::mpsc::Receiver<Result<Explanation, String>> {
         let (reply, rx) = std::sync::mpsc::channel();
-        let mut q = lock(&self.shared.queue);
-        q.jobs.push(
-            client,
-            Job {
-                doc: None,
-                loaded: self.loaded(),
-                control: Arc::new(Control::default()),
-                enqueued: Instant::now(),
-                work: Work::Explain { ask, reply },
-            },
-        );
+        let job = Job {
+            doc: None,
+            loaded: self.loaded(),
+            control: Arc::new(Control::default()),
+            enqueued: Instant::now(),
+            work: Work::Explain { ask, reply },
+        };
+        self.enqueue(client, job, lock(&self.shared.queue));
+        rx
+    }
+
+    /// Puts `job` in `client`'s queue (held) and wakes the engine.
+    fn enqueue(&self, client: u64, job: Job, mut q: std::sync::MutexGuard<'_, Queue>) {
+        q.jobs.push(client, job);
         self.shared.metrics.waiting.set(q.jobs.len as i64);
         drop(q);
         self.shared.wake.notify_one();
-        rx
     }
 
     /// [`Engine::submit`] for an async caller: the job's events arrive on
@@ -605,19 +591,8 @@ fn worker_loop(shared: &Shared) {
             Work::Explain { ask, reply } => {
                 let loaded = job.loaded;
                 let result = session_for(shared, &mut session, &loaded).and_then(|s| {
-                    kiln_runtime::model::explain::explain(
-                        s,
-                        &loaded.tok,
-                        &kiln_runtime::model::explain::Ask {
-                            prompt: &ask.prompt,
-                            completion: ask.completion.as_deref(),
-                            max_tokens: ask.max_tokens,
-                            parts: ask.parts.clone(),
-                            budget_tokens: ask.budget_tokens,
-                            counterfactual: true,
-                        },
-                    )
-                    .map_err(|e| e.to_string())
+                    kiln_runtime::model::explain::explain(s, &loaded.tok, &ask)
+                        .map_err(|e| e.to_string())
                 });
                 // The cache holds the last prompt scored; the next
                 // completion reuses what it shares with it.

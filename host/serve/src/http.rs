@@ -599,26 +599,17 @@ async fn explain(
             ));
         }
     };
-    let budget_tokens = match &v["budget_tokens"] {
-        Value::Null => 8192,
-        b => match b.as_u64() {
-            Some(n) if (1..=1 << 20).contains(&n) => n as usize,
-            _ => {
-                return Err(ApiError::invalid(
-                    "budget_tokens",
-                    "budget_tokens must be an integer from 1 to 1048576",
-                ));
-            }
-        },
-    };
+    let budget_tokens = kiln_runtime::model::explain::budget(&v["budget_tokens"])
+        .map_err(|e| ApiError::invalid("budget_tokens", format!("budget_tokens {e}")))?;
     let rx = s.engine.explain(
         client_key(&addr),
-        crate::engine::ExplainAsk {
+        kiln_runtime::model::explain::Ask {
             prompt,
             parts: Vec::new(),
             completion,
             max_tokens: req.max_tokens,
             budget_tokens,
+            counterfactual: true,
         },
     );
     let result = tokio::task::spawn_blocking(move || rx.recv())

@@ -77,6 +77,10 @@ pub struct Preview {
     /// (with the vocabulary's BOS).
     pub prompt: String,
     pub prompt_tokens: usize,
+    /// Where the text before the cursor is in `prompt` (bytes), if there
+    /// is any.
+    #[serde(skip)]
+    pub prefix_range: Option<std::ops::Range<usize>>,
 }
 
 /// Where a completion is asked for: a document and the byte offset of the
@@ -106,6 +110,7 @@ pub fn preview(
     let file = repo.as_deref().map(|r| (r, at.path));
     let tokens = prompt::fim_tokens(loaded, &packed.text, prefix, suffix, file, limit)
         .map_err(|e| format!("{e}; lower the budgets (--budget) or raise --ctx"))?;
+    let text = prompt::fim_text(loaded, &packed.text, prefix, suffix, file);
     Ok(Preview {
         file: at.path.to_string(),
         model: loaded.id.clone(),
@@ -116,7 +121,11 @@ pub fn preview(
         snippets: packed.snippets,
         prefix_tokens: counter.count(prefix),
         suffix_tokens: counter.count(suffix),
-        prompt: prompt::fim_text(loaded, &packed.text, prefix, suffix, file),
+        prefix_range: (!prefix.is_empty())
+            .then(|| text.rfind(prefix))
+            .flatten()
+            .map(|at| at..at + prefix.len()),
+        prompt: text,
         prompt_tokens: tokens.len(),
     })
 }

@@ -28,8 +28,8 @@ pub fn explain(config: &Config, args: ExplainArgs) -> CliResult {
         &mut session,
         &tok,
         &Ask {
-            prompt: &args.prompt,
-            completion: args.completion.as_deref(),
+            prompt: args.prompt,
+            completion: args.completion,
             max_tokens: args.max_tokens,
             parts: Vec::new(),
             budget_tokens: args.budget_tokens,

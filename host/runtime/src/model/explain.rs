@@ -67,11 +67,12 @@ pub struct Explanation {
 }
 
 /// What to explain.
-pub struct Ask<'a> {
-    pub prompt: &'a str,
+#[derive(Clone, Debug)]
+pub struct Ask {
+    pub prompt: String,
     /// The completion to explain; `None`: the model's greedy completion of
     /// `max_tokens` tokens.
-    pub completion: Option<&'a str>,
+    pub completion: Option<String>,
     pub max_tokens: usize,
     /// Parts to measure; empty: the prompt's blocks (split at blank
     /// lines) but the last, which the completion continues. The three most
@@ -81,6 +82,21 @@ pub struct Ask<'a> {
     /// generation and scoring are not counted).
     pub budget_tokens: usize,
     pub counterfactual: bool,
+}
+
+/// The default token budget of an explanation, and the largest.
+pub const DEFAULT_BUDGET: usize = 8192;
+pub const MAX_BUDGET: usize = 1 << 20;
+
+/// A budget given in a request (JSON): the default when absent.
+pub fn budget(v: &serde_json::Value) -> Result<usize, String> {
+    match v {
+        serde_json::Value::Null => Ok(DEFAULT_BUDGET),
+        v => match v.as_u64() {
+            Some(n) if (1..=MAX_BUDGET as u64).contains(&n) => Ok(n as usize),
+            _ => Err(format!("must be an integer from 1 to {MAX_BUDGET}")),
+        },
+    }
 }
 
 /// The prompt's blocks: runs of lines between blank lines (each with the
@@ -183,14 +199,15 @@ fn greedy(
 pub fn explain(
     session: &mut Session,
     tok: &Tokenizer,
-    ask: &Ask<'_>,
+    ask: &Ask,
 ) -> Result<Explanation, ModelError> {
+    let text = ask.prompt.as_str();
     let encode = |t: &str| tok.encode(t, true).map_err(ModelError::Invalid);
-    let prompt = encode(ask.prompt)?;
+    let prompt = encode(text)?;
     if prompt.is_empty() {
         return Err(ModelError::Invalid("the prompt is empty".into()));
     }
-    let (completion_ids, completion) = match ask.completion {
+    let (completion_ids, completion) = match ask.completion.as_deref() {
         Some(c) => (
             tok.encode(c, false).map_err(ModelError::Invalid)?,
             c.to_string(),
@@ -213,7 +230,7 @@ pub fn explain(
      -> Result<Vec<Attribution>, ModelError> {
         let mut out = Vec::new();
         for p in parts {
-            let ids = encode(&without(ask.prompt, &p))?;
+            let ids = encode(&without(text, &p))?;
             if ids.is_empty() {
                 *skipped += 1;
                 continue;
@@ -244,23 +261,23 @@ pub fn explain(
     let coarse_parts = if ask.parts.is_empty() {
         // The block the completion continues is what is being completed,
         // not context for it: the others are measured.
-        let mut parts = blocks(ask.prompt);
-        if parts.len() > 1 && parts.last().is_some_and(|p| p.end == ask.prompt.len()) {
+        let mut parts = blocks(text);
+        if parts.len() > 1 && parts.last().is_some_and(|p| p.end == text.len()) {
             parts.pop();
         }
         parts
     } else {
         for p in &ask.parts {
             if p.start > p.end
-                || p.end > ask.prompt.len()
-                || !ask.prompt.is_char_boundary(p.start)
-                || !ask.prompt.is_char_boundary(p.end)
+                || p.end > text.len()
+                || !text.is_char_boundary(p.start)
+                || !text.is_char_boundary(p.end)
             {
                 return Err(ModelError::Invalid(format!(
                     "part {}..{} is not a range of the prompt's characters ({} bytes)",
                     p.start,
                     p.end,
-                    ask.prompt.len()
+                    text.len()
                 )));
             }
         }
@@ -270,7 +287,7 @@ pub fn explain(
     by_importance(&mut measured);
     // The three most important parts of several lines, line by line.
     for a in measured.iter().filter(|a| a.importance > 0.0).take(3) {
-        let ls = lines(ask.prompt, &a.part);
+        let ls = lines(text, &a.part);
         if ls.len() > 1 {
             fine.extend(measure(session, ls, &mut spent, &mut skipped)?);
         }
@@ -278,7 +295,7 @@ pub fn explain(
     by_importance(&mut fine);
     let counterfactual = match measured.first() {
         Some(top) if ask.counterfactual && top.importance > 0.0 => {
-            let ids = encode(&without(ask.prompt, &top.part))?;
+            let ids = encode(&without(text, &top.part))?;
             let (_, text) = greedy(session, tok, ids, completion_ids.len().max(ask.max_tokens))?;
             Some(Counterfactual {
                 removed: top.part.clone(),

@@ -721,6 +721,11 @@ impl Server {
     /// The prompt a completion at a position would send: the snippets
     /// chosen (tokens, score, why) and the whole prompt, token-exact.
     fn context_preview(&self, params: &Value) -> Result<Value, (i32, String)> {
+        self.preview_at(params)
+            .map(|p| serde_json::to_value(p).expect("a preview serialises"))
+    }
+
+    fn preview_at(&self, params: &Value) -> Result<crate::preview::Preview, (i32, String)> {
         let usage = "kiln/context takes {\"textDocument\": {\"uri\": URI}, \"position\": {\"line\": L, \"character\": C}}";
         let uri =
             (params["textDocument"]["uri"].as_str()).ok_or((INVALID_PARAMS, usage.to_string()))?;
@@ -749,7 +754,7 @@ impl Server {
             .n_ctx()
             .saturating_sub(self.settings.max_tokens)
             .max(1);
-        let preview = crate::preview::preview(
+        crate::preview::preview(
             &loaded,
             &ws,
             &open,
@@ -758,8 +763,7 @@ impl Server {
             &self.ranker,
             limit,
         )
-        .map_err(|e| (REQUEST_FAILED, e))?;
-        Ok(serde_json::to_value(preview).expect("a preview serialises"))
+        .map_err(|e| (REQUEST_FAILED, e))
     }
 
     /// Why the completion at a position comes out as it does: the prompt
@@ -769,20 +773,15 @@ impl Server {
     /// ones makes the completion likely, and the completion without the
     /// most important one.
     fn explain(&mut self, id: Value, params: &Value) {
-        let budget = match &params["budgetTokens"] {
-            Value::Null => 8192,
-            b => match b.as_u64() {
-                Some(n) if (1..=1 << 20).contains(&n) => n as usize,
-                _ => {
-                    return self.out.error(
-                        &id,
-                        INVALID_PARAMS,
-                        "budgetTokens must be an integer from 1 to 1048576",
-                    );
-                }
-            },
+        let budget = match kiln_runtime::model::explain::budget(&params["budgetTokens"]) {
+            Ok(b) => b,
+            Err(e) => {
+                return self
+                    .out
+                    .error(&id, INVALID_PARAMS, &format!("budgetTokens {e}"));
+            }
         };
-        let preview = match self.context_preview(params) {
+        let preview = match self.preview_at(params) {
             Ok(v) => v,
             Err((code, msg)) => {
                 return self
@@ -790,17 +789,18 @@ impl Server {
                     .error(&id, code, &msg.replace("kiln/context", "kiln/explain"));
             }
         };
-        let prompt = preview["prompt"].as_str().unwrap_or_default().to_string();
-        let parts = explain_parts(&prompt, &preview, &self.prefix_at(params));
+        let parts = explain_parts(&preview);
+        let prompt = preview.prompt.clone();
         let engine = self.engine.clone().expect("checked by the caller");
         let rx = engine.explain(
             0,
-            crate::engine::ExplainAsk {
+            kiln_runtime::model::explain::Ask {
                 prompt,
                 parts,
                 completion: params["completion"].as_str().map(str::to_string),
                 max_tokens: self.settings.max_tokens,
                 budget_tokens: budget,
+                counterfactual: true,
             },
         );
         let out = self.out.clone();
@@ -809,26 +809,6 @@ impl Server {
             Ok(Err(e)) => out.error(&id, REQUEST_FAILED, &e),
             Err(_) => out.error(&id, REQUEST_FAILED, "the engine stopped before explaining"),
         });
-    }
-
-    /// The text before the cursor that a completion's prompt holds.
-    fn prefix_at(&self, params: &Value) -> String {
-        let (Some(uri), Ok(pos)) = (
-            params["textDocument"]["uri"].as_str(),
-            document::parse_position(params.get("position"), "position"),
-        ) else {
-            return String::new();
-        };
-        let (Some(doc), Some(engine)) = (self.docs.get(uri), self.engine.as_ref()) else {
-            return String::new();
-        };
-        let Ok(at) = document::offset(&doc.text, pos, self.encoding, "position") else {
-            return String::new();
-        };
-        let loaded = engine.loaded();
-        crate::preview::cut(&loaded, &doc.text, at, &self.settings)
-            .0
-            .to_string()
     }
 
     /// kiln's copy of an open document, to compare with the editor's.
@@ -1094,44 +1074,36 @@ impl Server {
 /// The parts of a completion's prompt to explain: each context snippet
 /// (from its header line naming its file to the next), and the blocks of
 /// the text before the cursor but the last (the one being completed).
-fn explain_parts(
-    prompt: &str,
-    preview: &Value,
-    prefix: &str,
-) -> Vec<kiln_runtime::model::explain::Part> {
+fn explain_parts(preview: &crate::preview::Preview) -> Vec<kiln_runtime::model::explain::Part> {
     use kiln_runtime::model::explain::{Part, blocks_in};
-    let prefix_at = (!prefix.is_empty()).then(|| prompt.rfind(prefix)).flatten();
+    let prompt = preview.prompt.as_str();
     let mut starts = Vec::new();
     let mut from = 0;
-    for s in preview["snippets"].as_array().into_iter().flatten() {
-        let Some(path) = s["path"].as_str() else {
-            continue;
-        };
-        let header = format!("{path}\n");
+    for s in &preview.snippets {
+        let header = format!("{}\n", s.path);
         let Some(i) = prompt[from..].find(&header).map(|i| i + from) else {
             continue;
         };
         let line_start = prompt[..i].rfind('\n').map_or(0, |n| n + 1);
-        starts.push((
-            line_start,
-            path.to_string(),
-            s["start_line"].as_u64().unwrap_or(0),
-        ));
+        starts.push((line_start, s));
         from = i + header.len();
     }
-    let context_end = prefix_at.unwrap_or(prompt.len());
+    let context_end = preview
+        .prefix_range
+        .as_ref()
+        .map_or(prompt.len(), |r| r.start);
     let mut parts = Vec::new();
-    for (k, (start, path, line)) in starts.iter().enumerate() {
+    for (k, (start, s)) in starts.iter().enumerate() {
         let end = starts.get(k + 1).map_or(context_end, |n| n.0).max(*start);
         parts.push(Part {
             start: *start,
             end,
             kind: "snippet".into(),
-            label: format!("{path}:{}", line + 1),
+            label: format!("{}:{}", s.path, s.start_line + 1),
         });
     }
-    if let Some(p) = prefix_at {
-        let mut own = blocks_in(prompt, p, p + prefix.len());
+    if let Some(r) = &preview.prefix_range {
+        let mut own = blocks_in(prompt, r.start, r.end);
         own.pop();
         parts.extend(own);
     }
