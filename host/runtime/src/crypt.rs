@@ -391,7 +391,9 @@ fn refused(path: &Path, e: age::DecryptError) -> CryptError {
     }
 }
 
-fn damaged_io(path: &Path, e: std::io::Error) -> CryptError {
+/// An I/O error reading an age file's plaintext: a truncated file or a
+/// failed authentication is [`CryptError::Damaged`].
+pub(crate) fn damaged_io(path: &Path, e: std::io::Error) -> CryptError {
     match e.kind() {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
             CryptError::Damaged {

@@ -117,21 +117,9 @@ pub fn resolve_served(config: &Config, arg: Option<&str>) -> Result<(String, Pat
 }
 
 /// sha256 of a file, streamed; `progress(bytes)` after each chunk.
-pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> Result<String, StoreError> {
+pub fn hash_file(path: &Path, progress: impl FnMut(u64)) -> Result<String, StoreError> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 22];
-    let mut done = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        done += n as u64;
-        progress(done);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    hash_reader(&mut f, path, progress)
 }
 
 /// llama.cpp's names for `general.file_type`, or the weights' types.
@@ -424,19 +412,26 @@ pub fn sealing_keys(config: &Config) -> Result<Keys, StoreError> {
 fn stored_hash(path: &Path, seal: Option<&Keys>) -> Result<String, StoreError> {
     match seal {
         None => hash_file(path, |_| {}),
-        Some(keys) => hash_reader(&mut crypt::open_reader(path, keys)?, path),
+        Some(keys) => hash_reader(&mut crypt::open_reader(path, keys)?, path, |_| {}),
     }
 }
 
-fn hash_reader(r: &mut dyn Read, path: &Path) -> Result<String, StoreError> {
+fn hash_reader(
+    r: &mut dyn Read,
+    path: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<String, StoreError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 22];
+    let mut done = 0u64;
     loop {
         let n = r.read(&mut buf).map_err(|e| read_error(path, e))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        done += n as u64;
+        progress(done);
     }
     Ok(hex(h))
 }
@@ -445,15 +440,12 @@ fn hex(h: Sha256) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An error reading a file, encrypted or not: a failed authentication
-/// names the file as damaged.
+/// An error reading a file, encrypted or not: a truncated file or a failed
+/// authentication names the file as damaged ([`crypt::damaged_io`]).
 fn read_error(path: &Path, e: std::io::Error) -> StoreError {
     match e.kind() {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
-            StoreError::Crypt(CryptError::Damaged {
-                path: path.to_path_buf(),
-                what: e.to_string(),
-            })
+            StoreError::Crypt(crypt::damaged_io(path, e))
         }
         _ => io(path)(e),
     }

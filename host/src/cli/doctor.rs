@@ -122,17 +122,20 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
     // What each active model needs against the memory available now.
     let available = kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable");
     let mut models = Vec::new();
-    if let Some(r) = &registry {
-        for m in r.models().unwrap_or_default() {
-            if m.state != "active" {
-                continue;
-            }
-            match kiln_runtime::model::session::budget(&m.blob_path, None) {
-                Ok(b) => {
-                    let fits = available.is_none_or(|a| b.total_bytes <= a);
-                    if !fits {
-                        let mib = |x: u64| x >> 20;
-                        problems.push(format!(
+    let all_models = registry
+        .as_ref()
+        .map(|r| r.models().unwrap_or_default())
+        .unwrap_or_default();
+    for m in &all_models {
+        if m.state != "active" {
+            continue;
+        }
+        match kiln_runtime::model::session::budget(&m.blob_path, None) {
+            Ok(b) => {
+                let fits = available.is_none_or(|a| b.total_bytes <= a);
+                if !fits {
+                    let mib = |x: u64| x >> 20;
+                    problems.push(format!(
                             "model {} needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but {} MiB are available; close programs, run it with a smaller --ctx, or use a smaller quantization",
                             m.label(),
                             mib(b.total_bytes),
@@ -142,19 +145,18 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                             mib(b.scratch_bytes),
                             mib(available.unwrap_or(0)),
                         ));
-                    }
-                    let mut v = serde_json::to_value(&b).unwrap_or_default();
-                    v["model"] = json!(m.label());
-                    v["fits"] = json!(fits);
-                    models.push(v);
                 }
-                Err(e) => {
-                    problems.push(format!(
-                        "model {} cannot be read ({e}); `kiln models verify`",
-                        m.label()
-                    ));
-                    models.push(json!({"model": m.label(), "error": e.to_string()}));
-                }
+                let mut v = serde_json::to_value(&b).unwrap_or_default();
+                v["model"] = json!(m.label());
+                v["fits"] = json!(fits);
+                models.push(v);
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "model {} cannot be read ({e}); `kiln models verify`",
+                    m.label()
+                ));
+                models.push(json!({"model": m.label(), "error": e.to_string()}));
             }
         }
     }
@@ -184,10 +186,6 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             p.display()
         ));
     }
-    let all_models = registry
-        .as_ref()
-        .map(|r| r.models().unwrap_or_default())
-        .unwrap_or_default();
     let encrypted = all_models.iter().filter(|m| m.encrypted).count();
     let plain = all_models.len() - encrypted;
     if config.encrypt_at_rest && plain > 0 {
