@@ -46,11 +46,11 @@ fn the_dashboard_is_live_in_a_real_browser_and_loads_nothing_from_elsewhere() {
     let mut c = kiln_serve::demo::Client::spawn(cmd).unwrap();
     watchdog(c.pid(), Duration::from_secs(300));
     initialize(&mut c, ws.path(), json!({"maxTokens": 8}));
-    let addr = loop {
-        if let Some(a) = status(&mut c)["metrics_address"].as_str() {
-            break a.to_string();
-        }
-    };
+    // Set before the server starts; kiln/status answers once the model is loaded.
+    let addr = status(&mut c)["metrics_address"]
+        .as_str()
+        .expect("kiln/status names the metrics address")
+        .to_string();
     let origin = format!("http://{addr}");
     browser.goto(&format!("{origin}/dashboard"));
     assert!(

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How much history the ring keeps.
 pub const HISTORY: Duration = Duration::from_secs(15 * 60);
+/// How often the offline panel counts the registered models.
+const MODELS_EVERY: Duration = Duration::from_secs(30);
 /// The default sampling interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -230,7 +232,7 @@ impl Dashboard {
             },
             "last_prompt": *lock(&self.metrics.last_prompt),
             "policies": policies.into_values().collect::<Vec<_>>(),
-            "offline": self.offline(),
+            "offline": self.offline(mem),
             "events": events,
         })
     }
@@ -238,15 +240,24 @@ impl Dashboard {
     /// What says that nothing leaves the machine: the addresses listened
     /// on, whether all are loopback, connections this process opened to
     /// other machines (read from `/proc`), and the models on local disk.
-    fn offline(&self) -> Value {
+    fn offline(&self, mem: &mut Memory) -> Value {
         let sockets = sockets();
         let listening = lock(&self.listening).clone();
-        let models = self.config.as_ref().and_then(|c| {
-            let r = kiln_registry::Registry::open_home(c).ok()?;
-            let all = r.models().ok()?;
-            let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
-            Some(json!({"registered": all.len(), "on_disk": on_disk}))
-        });
+        // The registry is read twice a minute, not at every snapshot.
+        if mem
+            .models
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= MODELS_EVERY)
+        {
+            let models = self.config.as_ref().and_then(|c| {
+                let r = kiln_registry::Registry::open_home(c).ok()?;
+                let all = r.models().ok()?;
+                let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
+                Some(json!({"registered": all.len(), "on_disk": on_disk}))
+            });
+            mem.models = Some((Instant::now(), models.unwrap_or(Value::Null)));
+        }
+        let models = mem.models.as_ref().map(|(_, v)| v.clone());
         json!({
             "listening": listening,
             "loopback_only": sockets.as_ref().map(|s| s.listening_remote == 0),
@@ -259,6 +270,8 @@ impl Dashboard {
 /// What the sampler remembers between snapshots, to say what changed.
 #[derive(Default)]
 struct Memory {
+    /// The models registered and on disk, and when they were counted.
+    models: Option<(Instant, Value)>,
     model: Option<String>,
     fallbacks: f64,
     breakers: HashMap<String, bool>,
@@ -509,28 +522,25 @@ pub fn routes<S: Clone + Send + Sync + 'static>(dashboard: Arc<Dashboard>) -> Ro
                 .into_response()
         }
     };
-    Router::new()
-        .route("/dashboard", get(asset(PAGE, "text/html; charset=utf-8")))
-        .route(
-            "/dashboard/dashboard.js",
-            get(asset(SCRIPT, "text/javascript; charset=utf-8")),
-        )
-        .route(
-            "/dashboard/dashboard.css",
-            get(asset(STYLE, "text/css; charset=utf-8")),
-        )
-        .route(
-            "/dashboard/uPlot.iife.min.js",
-            get(asset(UPLOT_JS, "text/javascript; charset=utf-8")),
-        )
-        .route(
-            "/dashboard/uPlot.min.css",
-            get(asset(UPLOT_CSS, "text/css; charset=utf-8")),
-        )
-        .route(
+    const JS: &str = "text/javascript; charset=utf-8";
+    const CSS: &str = "text/css; charset=utf-8";
+    let files = [
+        ("/dashboard", PAGE, "text/html; charset=utf-8"),
+        ("/dashboard/dashboard.js", SCRIPT, JS),
+        ("/dashboard/dashboard.css", STYLE, CSS),
+        ("/dashboard/uPlot.iife.min.js", UPLOT_JS, JS),
+        ("/dashboard/uPlot.min.css", UPLOT_CSS, CSS),
+        (
             "/dashboard/LICENSE-uPlot",
-            get(asset(UPLOT_LICENSE, "text/plain; charset=utf-8")),
-        )
+            UPLOT_LICENSE,
+            "text/plain; charset=utf-8",
+        ),
+    ];
+    let mut router = Router::new();
+    for (path, body, kind) in files {
+        router = router.route(path, get(asset(body, kind)));
+    }
+    router
         .route("/dashboard/history", get(history))
         .route("/dashboard/events", get(events))
         .with_state(dashboard)
