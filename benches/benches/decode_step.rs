@@ -10,7 +10,7 @@
 //! (default: kiln's generated demo model).
 
 use kiln_runtime::backend::{Backend, exec::Executor};
-use kiln_runtime::model::forward::{InputLayout, LogitsFor, build};
+use kiln_runtime::model::forward::{Attention, InputLayout, LogitsFor, build};
 use kiln_runtime::model::{Model, Session};
 use std::hint::black_box;
 use std::time::Instant;
@@ -39,7 +39,15 @@ fn main() {
         .iter()
         .map(|&n_past| {
             let s = Instant::now();
-            let (b, scratch, rows) = build(cfg, &model.file, n_ctx, n_past, 1, LogitsFor::Last, 64);
+            let (b, scratch, rows) = build(
+                cfg,
+                &model.file,
+                n_ctx,
+                n_past,
+                1,
+                LogitsFor::Last,
+                Attention::blocks(64),
+            );
             let t_len = n_past + 1;
             let window = cfg.sliding_window.map(|s| s.window);
             let layout = InputLayout::new(1, t_len, window.is_some());
@@ -54,7 +62,15 @@ fn main() {
         .collect();
 
     // Now: the graph built once, moved to each position.
-    let (mut template, _, _) = build(cfg, &model.file, n_ctx, n_ctx - 1, 1, LogitsFor::Last, 64);
+    let (mut template, _, _) = build(
+        cfg,
+        &model.file,
+        n_ctx,
+        n_ctx - 1,
+        1,
+        LogitsFor::Last,
+        Attention::blocks(64),
+    );
     let layout = InputLayout::new(1, n_ctx, cfg.sliding_window.is_some());
     let mut inputs = vec![0u8; layout.bytes];
     let reuse: Vec<f64> = positions

@@ -125,6 +125,34 @@ fn the_dashboard_is_live_in_a_real_browser_and_loads_nothing_from_elsewhere() {
         browser.eval("return document.getElementById('events').innerText")
     );
 
+    // An explanation from the editor: the page draws its attention map
+    // (coder@1 is SmolLM2) and shades the prompt's tokens.
+    let r = c
+        .request(
+            "kiln/explain",
+            json!({"textDocument": {"uri": uri}, "position": {"line": 5, "character": 4}, "completion": "circle_area(5)", "budgetTokens": 1}),
+        )
+        .unwrap();
+    assert!(r["error"].is_null(), "{r}");
+    assert!(r["result"]["explanation"].get("attention").is_none(), "{r}");
+    assert!(
+        browser.wait_for(
+            "const e = kilnDashboard.explanation; return !!e && e.explanation.attention.layers === 30 && \
+             document.querySelectorAll('#attn-text span').length === e.explanation.attention.tokens.length && \
+             document.getElementById('attn-map').height > 0 && !document.getElementById('attn').hidden",
+            Duration::from_secs(30)
+        ),
+        "the explanation never showed: {}",
+        browser.eval("return document.getElementById('explanation').innerText")
+    );
+    // The heat map is drawn: not all of the canvas is the background.
+    let painted = browser.eval(
+        "const c = document.getElementById('attn-map'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; \
+         const first = d.slice(0, 4).join(); let other = 0; \
+         for (let i = 0; i < d.length; i += 4) if (d.slice(i, i + 4).join() !== first) other++; return other",
+    );
+    assert!(painted.as_u64().unwrap() > 100, "{painted}");
+
     // Everything the page loaded came from this kiln; nothing was blocked
     // or failed.
     let loaded = browser.eval("return performance.getEntriesByType('resource').map(e => e.name)");

@@ -58,6 +58,76 @@ fn the_snippet_that_holds_the_answer_matters_most_and_the_result_repeats() {
 }
 
 #[test]
+fn the_attention_map_is_the_models_own_attention_over_the_prompt() {
+    let Some(model) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let model = model.to_str().unwrap();
+    let home = Home::default();
+    let run = || {
+        home.json(&[
+            "explain",
+            model,
+            "--prompt",
+            PLANTED,
+            "--completion",
+            " 7913",
+            "--budget-tokens",
+            "1",
+            "--attention",
+            "--json",
+        ])["explanation"]["attention"]
+            .clone()
+    };
+    let m = run();
+    // SmolLM2-135M: 30 layers of 9 query heads.
+    assert_eq!(
+        (m["layers"].as_u64(), m["heads"].as_u64()),
+        (Some(30), Some(9))
+    );
+    let tokens: Vec<&str> = m["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(tokens.concat().ends_with(PLANTED), "{tokens:?}");
+    let weights = m["weights"].as_array().unwrap();
+    assert_eq!(weights.len(), 30);
+    // Probabilities: each head's attention to the prompt and to the
+    // completion's own tokens adds up to 1.
+    let mut copying = 0;
+    let answer = PLANTED.find("7913").unwrap();
+    for (l, layer) in weights.iter().enumerate() {
+        for (h, row) in layer.as_array().unwrap().iter().enumerate() {
+            let row: Vec<f64> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(row.len(), tokens.len());
+            assert!(row.iter().all(|&w| (0.0..=1.0).contains(&w)), "{l}/{h}");
+            let rest = m["to_completion"][l][h].as_f64().unwrap();
+            let total = row.iter().sum::<f64>() + rest;
+            assert!((total - 1.0).abs() < 2e-3, "layer {l} head {h}: {total}");
+            // Heads whose strongest attention (past the first token) is on
+            // the digits the completion copies.
+            let top = (1..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap();
+            let start: usize = tokens[..top].iter().map(|t| t.len()).sum::<usize>()
+                - (tokens.concat().len() - PLANTED.len());
+            if (answer..answer + 4).contains(&start) {
+                copying += 1;
+            }
+        }
+    }
+    assert!(copying > 0, "no head attends most to the answer's digits");
+    assert_eq!(run(), m, "the same map again");
+}
+
+#[test]
 fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
     use kiln_tests::serve::{http_server_with, post};
     use serde_json::json;
@@ -105,6 +175,22 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
     );
     assert_eq!(code, 200, "{r}");
     assert_eq!(r["explanation"]["completion"], " 7913");
+    assert!(
+        r["explanation"].get("attention").is_none(),
+        "only where asked"
+    );
+    let (code, r) = post(
+        &server.addr,
+        "/v1/explain",
+        &json!({"prompt": PLANTED, "completion": " 7913", "budget_tokens": 1, "attention": true}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["explanation"]["attention"]["layers"], 30, "{r}");
+    // The dashboard shows the last one, with its map.
+    let (code, last) = kiln_tests::serve::http(&server.addr, "GET", "/dashboard/explanation", b"");
+    assert_eq!(code, 200, "{last}");
+    let last: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(last["explanation"]["attention"]["heads"], 9, "{last}");
     for (body, param) in [
         (json!({"max_tokens": 4}), "prompt"),
         (
@@ -115,6 +201,7 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
         (json!({"prompt": PLANTED, "model": "other"}), "model"),
         (json!({"id": "cmpl-1", "prompt": PLANTED}), "id"),
         (json!({"id": 7}), "id"),
+        (json!({"prompt": PLANTED, "attention": 1}), "attention"),
     ] {
         let (code, r) = post(&server.addr, "/v1/explain", &body);
         assert!(code == 400 || code == 404, "{body}: {code} {r}");

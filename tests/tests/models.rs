@@ -366,17 +366,33 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
 #[test]
 fn the_reused_decode_graph_is_the_graph_of_each_position() {
     use kiln_runtime::backend::{Backend, exec::Executor};
-    use kiln_runtime::model::forward::{LogitsFor, SCRATCH, build};
+    use kiln_runtime::model::forward::{Attention, LogitsFor, SCRATCH, build};
     use kiln_runtime::model::{Model, Session};
     let model = tiny_model(TINY);
     let m = Model::load(&model).unwrap();
     let n_ctx = 64;
-    let (mut template, _, _) = build(&m.config, &m.file, n_ctx, n_ctx - 1, 1, LogitsFor::Last, 64);
+    let (mut template, _, _) = build(
+        &m.config,
+        &m.file,
+        n_ctx,
+        n_ctx - 1,
+        1,
+        LogitsFor::Last,
+        Attention::blocks(64),
+    );
     for n_past in [0, 1, 17, 40, n_ctx - 1] {
         for (t, rule) in &template.follows {
             rule.apply(&mut template.tensors[*t], n_past, 1);
         }
-        let (fresh, _, _) = build(&m.config, &m.file, n_ctx, n_past, 1, LogitsFor::Last, 64);
+        let (fresh, _, _) = build(
+            &m.config,
+            &m.file,
+            n_ctx,
+            n_past,
+            1,
+            LogitsFor::Last,
+            Attention::blocks(64),
+        );
         assert_eq!(template.tensors.len(), fresh.tensors.len());
         for (i, (a, b)) in template.tensors.iter().zip(&fresh.tensors).enumerate() {
             assert_eq!(a.desc, b.desc, "tensor {i} at n_past {n_past}");

@@ -451,8 +451,15 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
     }
     let per_step = (queries() - before) as f64 / 4.0;
     let m = Model::load(&model_path).unwrap();
-    let (graph, _, _) =
-        kiln_runtime::model::forward::build(&m.config, &m.file, 64, 10, 1, LogitsFor::Last, 64);
+    let (graph, _, _) = kiln_runtime::model::forward::build(
+        &m.config,
+        &m.file,
+        64,
+        10,
+        1,
+        LogitsFor::Last,
+        kiln_runtime::model::forward::Attention::blocks(64),
+    );
     let ops_per_step = graph.ops.len() as f64;
     // Per layer: K's view, the scores, their mask and softmax, V's view.
     assert!(

@@ -15,6 +15,9 @@ const state = {
   events: [],
   charts: {},
   connected: false,
+  // The last explanation shown, and the layer and head chosen (-1: mean).
+  explanation: null,
+  attention: { layer: -1, head: -1 },
 };
 window.kilnDashboard = state;
 
@@ -197,9 +200,88 @@ function addEvents(s) {
   }
 }
 
+// Parts by importance and the counterfactual of the last explanation.
+function drawExplanation(d) {
+  const e = d.explanation;
+  const parts = (e.parts || []).concat(e.lines || []).slice(0, 8).map((a) =>
+    `<tr><td class="num">${fmt(a.importance, 3)}</td><td>${esc(a.kind)}</td><td>${esc(a.label)}</td></tr>`).join("");
+  const cf = e.counterfactual
+    ? `<div>without <b>${esc(e.counterfactual.removed.label)}</b>: <code>${esc(e.counterfactual.completion)}</code></div>` : "";
+  $("explanation").innerHTML =
+    `<div>${esc(d.model)} completes with <code>${esc(e.completion)}</code> (${e.completion_tokens} tokens, log-probability ${fmt(e.logprob, 2)})</div>` +
+    (parts ? `<table><tr><th>importance (nats)</th><th>part</th><th></th></tr>${parts}</table>` : "") + cf;
+  const m = e.attention;
+  $("attn").hidden = !m;
+  if (!m) return;
+  const options = (n, what) => [`<option value="-1">mean of ${what}s</option>`]
+    .concat([...Array(n).keys()].map((i) => `<option value="${i}">${what} ${i}</option>`)).join("");
+  $("attn-layer").innerHTML = options(m.layers, "layer");
+  $("attn-head").innerHTML = options(m.heads, "head");
+  state.attention = { layer: -1, head: -1 };
+  drawAttention();
+}
+
+// Mean attention per prompt token over the chosen layers and heads.
+function attentionRow(m, layer, head) {
+  const out = new Float64Array(m.tokens.length);
+  const ls = layer < 0 ? [...Array(m.layers).keys()] : [layer];
+  const hs = head < 0 ? [...Array(m.heads).keys()] : [head];
+  for (const l of ls) for (const h of hs) m.weights[l][h].forEach((w, i) => { out[i] += w; });
+  return out.map((v) => v / (ls.length * hs.length));
+}
+
+// The heat map (a row per layer) and the prompt shaded by the chosen
+// row. The first token, where heads park attention they do not need,
+// is drawn but left out of the scale.
+function drawAttention() {
+  const m = state.explanation && state.explanation.explanation.attention;
+  if (!m) return;
+  const { layer, head } = state.attention;
+  const canvas = $("attn-map");
+  const width = Math.max(1, canvas.clientWidth);
+  const rowH = Math.max(4, Math.min(12, Math.floor(240 / m.layers)));
+  canvas.width = width;
+  canvas.height = rowH * m.layers;
+  const ctx = canvas.getContext("2d");
+  const rows = [...Array(m.layers).keys()].map((l) => attentionRow(m, l, head));
+  const max = Math.max(1e-9, ...rows.map((r) => Math.max(0, ...r.slice(1))));
+  const cell = width / m.tokens.length;
+  ctx.fillStyle = css("--card");
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  rows.forEach((r, l) => {
+    r.forEach((v, i) => {
+      ctx.fillStyle = `rgba(194, 65, 12, ${Math.min(1, Math.sqrt(v / max)).toFixed(3)})`;
+      ctx.fillRect(Math.floor(i * cell), l * rowH, Math.max(1, Math.ceil(cell)), rowH);
+    });
+    if (l === layer) {
+      ctx.strokeStyle = css("--fg");
+      ctx.strokeRect(0.5, l * rowH + 0.5, width - 1, rowH - 1);
+    }
+  });
+  const row = attentionRow(m, layer, head);
+  const rowMax = Math.max(1e-9, ...row.slice(1));
+  $("attn-text").innerHTML = m.tokens.map((t, i) =>
+    `<span data-a="${Math.min(1, row[i] / rowMax).toFixed(3)}" title="token ${i}: ${row[i].toFixed(4)}">${esc(t)}</span>`).join("");
+  for (const el of $("attn-text").querySelectorAll("[data-a]")) {
+    el.style.backgroundColor = `rgba(194, 65, 12, ${(0.85 * Math.sqrt(Number(el.dataset.a))).toFixed(3)})`;
+  }
+}
+
+async function loadExplanation(seq) {
+  if (!seq || state.loadingSeq === seq || (state.explanation && state.explanation.seq === seq)) return;
+  state.loadingSeq = seq;
+  const r = await fetch("/dashboard/explanation");
+  if (!r.ok) return;
+  const d = await r.json();
+  if (!d || !d.explanation) return;
+  state.explanation = d;
+  drawExplanation(d);
+}
+
 function take(s) {
   state.snapshots.push(s);
   state.points++;
+  loadExplanation(s.explanations).catch((e) => window.__kilnErrors.push(String(e)));
   const keep = 1000;
   if (state.snapshots.length > keep) state.snapshots.splice(0, state.snapshots.length - keep);
   addEvents(s);
@@ -231,3 +313,14 @@ function connect() {
 
 setup();
 connect();
+$("attn-layer").addEventListener("change", (e) => { state.attention.layer = Number(e.target.value); drawAttention(); });
+$("attn-head").addEventListener("change", (e) => { state.attention.head = Number(e.target.value); drawAttention(); });
+$("attn-map").addEventListener("click", (e) => {
+  const m = state.explanation && state.explanation.explanation.attention;
+  if (!m) return;
+  const l = Math.floor((e.offsetY / e.target.clientHeight) * m.layers);
+  state.attention.layer = state.attention.layer === l ? -1 : l;
+  $("attn-layer").value = String(state.attention.layer);
+  drawAttention();
+});
+window.addEventListener("resize", drawAttention);

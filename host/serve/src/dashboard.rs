@@ -231,6 +231,7 @@ impl Dashboard {
                 "available_bytes": kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable"),
             },
             "last_prompt": *lock(&self.metrics.last_prompt),
+            "explanations": lock(&self.metrics.last_explanation).0,
             "policies": policies.into_values().collect::<Vec<_>>(),
             "offline": self.offline(mem),
             "events": events,
@@ -543,7 +544,15 @@ pub fn routes<S: Clone + Send + Sync + 'static>(dashboard: Arc<Dashboard>) -> Ro
     router
         .route("/dashboard/history", get(history))
         .route("/dashboard/events", get(events))
+        .route("/dashboard/explanation", get(explanation))
         .with_state(dashboard)
+}
+
+/// The last explanation computed (`null` before the first), with its
+/// attention map, for the page's heat map.
+async fn explanation(State(d): State<Arc<Dashboard>>) -> Response {
+    let last = lock(&d.metrics.last_explanation).1.clone();
+    axum::Json(last.unwrap_or(Value::Null)).into_response()
 }
 
 async fn history(State(d): State<Arc<Dashboard>>) -> Response {

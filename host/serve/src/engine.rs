@@ -588,11 +588,22 @@ fn worker_loop(shared: &Shared) {
                 &control,
                 job.enqueued,
             ),
-            Work::Explain { ask, reply } => {
+            Work::Explain { mut ask, reply } => {
                 let loaded = job.loaded;
+                // The attention map is always recorded (one more pass over
+                // the completion) for the dashboard, and answered where
+                // asked.
+                let asked = std::mem::replace(&mut ask.attention, true);
                 let result = session_for(shared, &mut session, &loaded).and_then(|s| {
                     kiln_runtime::model::explain::explain(s, &loaded.tok, &ask)
                         .map_err(|e| e.to_string())
+                });
+                let result = result.map(|mut e| {
+                    publish_explanation(shared, &loaded.id, &ask.prompt, &e);
+                    if !asked {
+                        e.attention = None;
+                    }
+                    e
                 });
                 // The cache holds the last prompt scored; the next
                 // completion reuses what it shares with it.
@@ -808,6 +819,25 @@ fn execute(
         total_ms: total_s * 1e3,
         generation: g,
     })
+}
+
+/// Keeps `e` as the dashboard's last explanation: the prompt with its
+/// parts by importance, the counterfactual and the attention map.
+fn publish_explanation(shared: &Shared, model: &str, prompt: &str, e: &Explanation) {
+    let mut last = lock(&shared.metrics.last_explanation);
+    let seq = last.0 + 1;
+    *last = (
+        seq,
+        Some(serde_json::json!({
+            "seq": seq,
+            "model": model,
+            "at_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            "prompt": prompt,
+            "explanation": e,
+        })),
+    );
 }
 
 /// The session for `loaded`: the current one, or a new one when the model

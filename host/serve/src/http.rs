@@ -601,6 +601,16 @@ async fn explain(
     };
     let budget_tokens = kiln_runtime::model::explain::budget(&v["budget_tokens"])
         .map_err(|e| ApiError::invalid("budget_tokens", format!("budget_tokens {e}")))?;
+    let attention = match &v["attention"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        _ => {
+            return Err(ApiError::invalid(
+                "attention",
+                "attention must be true or false",
+            ));
+        }
+    };
     let rx = s.engine.explain(
         client_key(&addr),
         kiln_runtime::model::explain::Ask {
@@ -610,6 +620,7 @@ async fn explain(
             max_tokens: req.max_tokens,
             budget_tokens,
             counterfactual: true,
+            attention,
         },
     );
     let result = tokio::task::spawn_blocking(move || rx.recv())

@@ -44,6 +44,10 @@ pub struct Metrics {
     /// The last completion prompt's layout (the language server's), for
     /// the dashboard: not a Prometheus metric.
     pub last_prompt: std::sync::Mutex<Option<serde_json::Value>>,
+    /// The last explanation computed (its attention map included), for
+    /// the dashboard's heat map, and how many there were: not a
+    /// Prometheus metric.
+    pub last_explanation: std::sync::Mutex<(u64, Option<serde_json::Value>)>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -83,6 +87,7 @@ impl Default for Metrics {
             context_window: Gauge::default(),
             model_bytes: Gauge::default(),
             last_prompt: Default::default(),
+            last_explanation: Default::default(),
             registry: Registry::default(),
         };
         registry.register(

@@ -13,6 +13,7 @@ pub struct ExplainArgs {
     pub completion: Option<String>,
     pub max_tokens: usize,
     pub budget_tokens: usize,
+    pub attention: bool,
     pub backend: Option<String>,
     pub json: bool,
 }
@@ -34,6 +35,7 @@ pub fn explain(config: &Config, args: ExplainArgs) -> CliResult {
             parts: Vec::new(),
             budget_tokens: args.budget_tokens,
             counterfactual: true,
+            attention: args.attention,
         },
     )
     .map_err(|e| CliError(e.to_string()))?;
@@ -57,6 +59,22 @@ pub fn explain(config: &Config, args: ExplainArgs) -> CliResult {
             "without the most important part ({:?}): {:?}",
             c.removed.label, c.completion
         );
+    }
+    if let Some(m) = &e.attention {
+        // The first token is where most heads park attention they do not
+        // need (an attention sink): it is left out of the ranking.
+        let mean = m.mean();
+        let mut order: Vec<usize> = (1..mean.len()).collect();
+        order.sort_by(|&a, &b| mean[b].total_cmp(&mean[a]).then(a.cmp(&b)));
+        println!(
+            "most attended prompt tokens ({} layers x {} heads, mean; the first token, {:.3}, left out):",
+            m.layers,
+            m.heads,
+            mean.first().copied().unwrap_or(0.0)
+        );
+        for &i in order.iter().take(8) {
+            println!("  {:>7.4}  token {i:<5} {:?}", mean[i], m.tokens[i]);
+        }
     }
     println!(
         "{} of {} tokens of budget evaluated{}",

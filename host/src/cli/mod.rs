@@ -128,7 +128,8 @@ enum Command {
     },
     /// Explain a completion: how much each part of the prompt (blocks,
     /// then the lines of the most important ones) made it likely, and
-    /// what the model writes without the part that mattered most.
+    /// what the model writes without the part that mattered most; with
+    /// --attention, also the attention the model paid to each prompt token.
     Explain {
         /// A GGUF file or registered model.
         model: String,
@@ -142,6 +143,11 @@ enum Command {
         /// Tokens to evaluate at most for the attribution.
         #[arg(long, default_value_t = 8192)]
         budget_tokens: usize,
+        /// Record the attention map: per layer and head, the attention
+        /// the completion's queries paid to each prompt token (in full
+        /// with --json).
+        #[arg(long)]
+        attention: bool,
         #[arg(long)]
         backend: Option<String>,
         #[arg(long)]
@@ -602,6 +608,7 @@ fn run(command: Command) -> CliResult {
             completion,
             max_tokens,
             budget_tokens,
+            attention,
             backend,
             json,
         } => explain::explain(
@@ -612,6 +619,7 @@ fn run(command: Command) -> CliResult {
                 completion,
                 max_tokens,
                 budget_tokens,
+                attention,
                 backend,
                 json,
             },

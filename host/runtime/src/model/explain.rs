@@ -11,6 +11,12 @@
 //! then split into lines and those measured too (hierarchical: files or
 //! blocks first, then lines). Greedy decoding and a fixed order make the
 //! result deterministic.
+//!
+//! Beside it, where asked, the attention map: for each layer and head,
+//! how much attention the queries that predict the completion pay to each
+//! of the prompt's tokens (their attention probabilities, averaged over
+//! those queries), recorded from the model's own softmax in one more pass
+//! over the completion.
 
 use super::ModelError;
 use super::forward::LogitsFor;
@@ -64,6 +70,41 @@ pub struct Explanation {
     pub budget_tokens: usize,
     /// Parts not measured because the budget ran out.
     pub skipped_parts: usize,
+    /// Where asked ([`Ask::attention`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionMap>,
+}
+
+/// Attention paid to the prompt while the completion was predicted.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionMap {
+    pub layers: usize,
+    pub heads: usize,
+    /// The prompt's tokens as text (a control token by its name).
+    pub tokens: Vec<String>,
+    /// `[layer][head][token]`: the attention probability each prompt token
+    /// got, averaged over the queries that predict the completion's tokens
+    /// (rounded to 1e-5).
+    pub weights: Vec<Vec<Vec<f32>>>,
+    /// `[layer][head]`: the rest of each query's attention, paid to the
+    /// completion's own earlier tokens (each row of `weights` and this
+    /// add up to 1).
+    pub to_completion: Vec<Vec<f32>>,
+}
+
+impl AttentionMap {
+    /// Each prompt token's attention averaged over layers and heads.
+    pub fn mean(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.tokens.len()];
+        for row in self.weights.iter().flatten() {
+            for (o, w) in out.iter_mut().zip(row) {
+                *o += w;
+            }
+        }
+        let n = (self.layers * self.heads).max(1) as f32;
+        out.iter_mut().for_each(|o| *o /= n);
+        out
+    }
 }
 
 /// What to explain.
@@ -82,6 +123,8 @@ pub struct Ask {
     /// generation and scoring are not counted).
     pub budget_tokens: usize,
     pub counterfactual: bool,
+    /// Record the attention map too.
+    pub attention: bool,
 }
 
 /// The default token budget of an explanation, and the largest.
@@ -304,7 +347,13 @@ pub fn explain(
         }
         _ => None,
     };
+    let attention = if ask.attention {
+        Some(attention_map(session, tok, &prompt, &completion_ids)?)
+    } else {
+        None
+    };
     Ok(Explanation {
+        attention,
         completion,
         completion_tokens: completion_ids.len(),
         logprob: base,
@@ -314,6 +363,52 @@ pub fn explain(
         evaluated_tokens: spent,
         budget_tokens: ask.budget_tokens,
         skipped_parts: skipped,
+    })
+}
+
+fn attention_map(
+    session: &mut Session,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    completion: &[u32],
+) -> Result<AttentionMap, ModelError> {
+    let cfg = &session.model.config;
+    let (layers, heads) = (cfg.n_layer, cfg.n_head);
+    let sums = session.attention(prompt, completion)?;
+    let positions = prompt.len() + completion.len() - 1;
+    let round = |v: f32| (v * 1e5).round() / 1e5;
+    let mut weights = Vec::with_capacity(layers);
+    let mut to_completion = Vec::with_capacity(layers);
+    for layer in sums.chunks_exact(heads * positions) {
+        let rows: Vec<&[f32]> = layer.chunks_exact(positions).collect();
+        weights.push(
+            rows.iter()
+                .map(|r| r[..prompt.len()].iter().map(|&v| round(v)).collect())
+                .collect(),
+        );
+        to_completion.push(
+            rows.iter()
+                .map(|r| round(r[prompt.len()..].iter().sum()))
+                .collect(),
+        );
+    }
+    let tokens = prompt
+        .iter()
+        .map(|&id| {
+            let text = tok.decode(&[id]);
+            if text.is_empty() {
+                tok.token_text(id).unwrap_or("").to_string()
+            } else {
+                text
+            }
+        })
+        .collect();
+    Ok(AttentionMap {
+        layers,
+        heads,
+        tokens,
+        weights,
+        to_completion,
     })
 }
 

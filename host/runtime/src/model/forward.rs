@@ -26,6 +26,9 @@ pub const KV: usize = 1;
 pub const INPUTS: usize = 2;
 pub const SCRATCH: usize = 3;
 pub const LOGITS: usize = 4;
+/// Where a graph built with [`Attention::capture_from`] writes the
+/// attention probabilities it records (see [`Attention`]).
+pub const ATTENTION: usize = 5;
 
 /// Scratch allocations are aligned to this.
 const ALIGN: usize = 64;
@@ -36,6 +39,34 @@ pub const ATTENTION_BLOCK: usize = 64;
 
 /// Bytes of one K or V element in the cache.
 pub const KV_ELEMENT: usize = 2;
+
+/// How a graph runs attention: `block` queries at a time, each block
+/// against the positions up to its last query; with `capture_from`, the
+/// attention probabilities of the batch's queries `from..` are also
+/// copied to storage [`ATTENTION`], as f32 `[t_len, n_tokens - from,
+/// n_head, n_layer]` (`t_len` the positions the batch's last query sees;
+/// a row's positions past its own query are left as they were, zero in a
+/// zeroed storage).
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub block: usize,
+    pub capture_from: Option<usize>,
+}
+
+impl Attention {
+    pub fn blocks(block: usize) -> Attention {
+        Attention {
+            block,
+            capture_from: None,
+        }
+    }
+
+    /// Bytes of storage [`ATTENTION`] a capture of `rows` queries over
+    /// `t_len` positions needs.
+    pub fn capture_bytes(cfg: &ModelConfig, rows: usize, t_len: usize) -> usize {
+        4 * t_len * rows * cfg.n_head * cfg.n_layer
+    }
+}
 
 /// Which tokens' logits a step produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,9 +367,8 @@ impl<'f> Builder<'f> {
 }
 
 /// Builds the graph for `n_tokens` tokens at positions `n_past..`, with a
-/// KV cache of `n_ctx` positions. Attention runs `attention_block`
-/// queries at a time, each block against the positions up to its last
-/// query. Returns the builder (tensors, ops, scratch placed), the scratch
+/// KV cache of `n_ctx` positions, running attention as `attention` says.
+/// Returns the builder (tensors, ops, scratch placed), the scratch
 /// size, and the logits rows.
 pub fn build<'f>(
     cfg: &ModelConfig,
@@ -347,7 +377,7 @@ pub fn build<'f>(
     n_past: usize,
     n_tokens: usize,
     logits: LogitsFor,
-    attention_block: usize,
+    attention: Attention,
 ) -> (Builder<'f>, usize, usize) {
     use DType::{F16, F32, I32};
     let (e, hd, h, hkv, ff) = (
@@ -511,8 +541,8 @@ pub fn build<'f>(
         // positions up to its last query (the causal mask hides the rest),
         // so a long prompt skips almost half of the products and softmax.
         let merged = b.scratch(F32, [hd, h, n, 1]);
-        for q0 in (0..n).step_by(attention_block) {
-            let nq = attention_block.min(n - q0);
+        for q0 in (0..n).step_by(attention.block) {
+            let nq = attention.block.min(n - q0);
             let t = n_past + q0 + nq;
             // Scores: per head, K (positions 0..t) against Q.
             let k_all = b.fixed(
@@ -569,6 +599,27 @@ pub fn build<'f>(
                     probs,
                     Follow::Desc(Box::new(move |t| Desc::contiguous(F32, [t, 1, h, 1]))),
                 );
+            }
+            if let Some(from) = attention.capture_from {
+                // This block's queries from `from` on, as they are.
+                let c0 = from.max(q0);
+                if c0 < q0 + nq {
+                    let (nc, rows) = (q0 + nq - c0, n - from);
+                    let src = b.view(
+                        probs,
+                        [t, nc, h, 1],
+                        [4, t * 4, t * nq * 4, t * nq * h * 4],
+                        (c0 - q0) * t * 4,
+                    );
+                    let dst = b.fixed(
+                        ATTENTION,
+                        ((l * h * rows) + (c0 - from)) * t_len * 4,
+                        F32,
+                        [t, nc, h, 1],
+                        [4, t_len * 4, rows * t_len * 4, h * rows * t_len * 4],
+                    );
+                    b.op(OpKind::Cpy, &[src], dst, &[]);
+                }
             }
             let v_all = b.fixed(
                 KV,

@@ -2,7 +2,10 @@
 //! The cache remembers which tokens it holds, so a new prompt that shares a
 //! prefix with the last one only evaluates the part after the prefix.
 
-use super::forward::{self, Follow, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH, WEIGHTS};
+use super::forward::{
+    self, ATTENTION, Attention, Follow, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH,
+    WEIGHTS,
+};
 use super::{Model, ModelError};
 use crate::backend::exec::{Executor, Graph, HostOp, Storage, TensorRef};
 use std::sync::Arc;
@@ -77,7 +80,7 @@ fn check_device_memory(
         n_ctx - n,
         n,
         LogitsFor::Last,
-        forward::ATTENTION_BLOCK,
+        Attention::blocks(forward::ATTENTION_BLOCK),
     );
     let mib = |b: u64| b.div_ceil(1 << 20);
     let device = || {
@@ -151,7 +154,7 @@ pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, Mo
         0,
         batch,
         LogitsFor::Last,
-        forward::ATTENTION_BLOCK,
+        Attention::blocks(forward::ATTENTION_BLOCK),
     );
     let scratch_bytes = scratch as u64;
     Ok(Budget {
@@ -284,7 +287,11 @@ impl Session {
             let last = i + 1 == batches.len();
             // With `Last`, earlier batches only fill the cache; their one
             // row of logits is dropped.
-            let rows = self.eval_batch(batch, which)?;
+            let rows = if batch.len() == 1 {
+                self.eval_one(batch[0])?
+            } else {
+                self.eval_batch(batch, which, None)?
+            };
             if which == LogitsFor::All || last {
                 out.extend_from_slice(&rows);
             }
@@ -292,10 +299,15 @@ impl Session {
         Ok(Some(out))
     }
 
-    fn eval_batch(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Vec<f32>, ModelError> {
-        if tokens.len() == 1 {
-            return self.eval_one(tokens[0]);
-        }
+    /// Evaluates `tokens` on a graph built for them; with `capture`, also
+    /// records the attention probabilities of the queries from
+    /// `capture.0` on into `capture.1` (see [`forward::Attention`]).
+    fn eval_batch(
+        &mut self,
+        tokens: &[u32],
+        which: LogitsFor,
+        capture: Option<(usize, &mut Vec<u8>)>,
+    ) -> Result<Vec<f32>, ModelError> {
         let model = self.model.clone();
         let cfg = &model.config;
         let (n_past, n) = (self.n_past(), tokens.len());
@@ -307,7 +319,10 @@ impl Session {
             n_past,
             n,
             which,
-            self.attention_block,
+            Attention {
+                block: self.attention_block,
+                capture_from: capture.as_ref().map(|c| c.0),
+            },
         );
         if self.scratch.len() < scratch_bytes {
             self.scratch.resize(scratch_bytes, 0);
@@ -338,13 +353,95 @@ impl Session {
             tensors: builder.tensors,
             ops: builder.ops,
         };
-        debug_assert_eq!((WEIGHTS, KV, INPUTS, SCRATCH, LOGITS), (0, 1, 2, 3, 4));
+        debug_assert_eq!(
+            (WEIGHTS, KV, INPUTS, SCRATCH, LOGITS, ATTENTION),
+            (0, 1, 2, 3, 4, 5)
+        );
+        let capturing = capture.is_some();
+        if let Some((from, probs)) = capture {
+            probs.clear();
+            probs.resize(Attention::capture_bytes(cfg, n - from, t_len), 0);
+            graph.storages.push(Storage::Write(probs));
+        }
         if let Err(e) = self.exec.run(&mut graph) {
             drop(graph);
+            if capturing {
+                // What was recorded is lost with the run: the caller asks
+                // again, and a cache the device lost is evaluated anew.
+                if self.exec.take_state_lost() {
+                    self.cached.clear();
+                }
+                return Err(e.into());
+            }
             return self.recover(e, tokens, which);
         }
         self.cached.extend_from_slice(tokens);
         Ok(self.logits_f32())
+    }
+
+    /// The attention the model pays while it predicts `completion` after
+    /// `prompt`: for each layer and head, each position's attention
+    /// probability averaged over the queries that predict the
+    /// completion's tokens (the prompt's last token and the completion's
+    /// tokens but the last), as f32 `[n_layer][n_head][positions]` over
+    /// the `prompt.len() + completion.len() - 1` positions those queries
+    /// see. Reuses the cached prefix; leaves the queries' tokens cached.
+    pub fn attention(
+        &mut self,
+        prompt: &[u32],
+        completion: &[u32],
+    ) -> Result<Vec<f32>, ModelError> {
+        if prompt.is_empty() || completion.is_empty() {
+            return Err(ModelError::Invalid(
+                "attention needs a prompt and a completion of at least one token each".into(),
+            ));
+        }
+        let all: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&id) = all.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::Token { id, n_vocab });
+        }
+        let positions = all.len() - 1;
+        if positions > self.n_ctx {
+            return Err(ModelError::Context {
+                needed: positions,
+                used: 0,
+                n_ctx: self.n_ctx,
+            });
+        }
+        let first = prompt.len() - 1;
+        let keep = self.common_prefix(&all).min(first);
+        self.truncate(keep);
+        if keep < first {
+            self.eval(&all[keep..first], LogitsFor::Last)?;
+        }
+        let cfg = self.model.config.clone();
+        let heads = cfg.n_layer * cfg.n_head;
+        // Queries per graph: what keeps the recorded probabilities within
+        // 32 MiB.
+        let per_query = Attention::capture_bytes(&cfg, 1, positions);
+        let chunk = ((32usize << 20) / per_query.max(1)).clamp(1, 64);
+        let mut sums = vec![0f32; heads * positions];
+        let mut probs = Vec::new();
+        for queries in all[first..positions].chunks(chunk) {
+            let nq = queries.len();
+            let t_len = self.n_past() + nq;
+            self.eval_batch(queries, LogitsFor::Last, Some((0, &mut probs)))?;
+            let rows: Vec<f32> = probs
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            for (hd, sum) in sums.chunks_exact_mut(positions).enumerate() {
+                for row in rows[hd * nq * t_len..(hd + 1) * nq * t_len].chunks_exact(t_len) {
+                    for (s, p) in sum.iter_mut().zip(row) {
+                        *s += p;
+                    }
+                }
+            }
+        }
+        let n = completion.len() as f32;
+        sums.iter_mut().for_each(|s| *s /= n);
+        Ok(sums)
     }
 
     fn logits_f32(&self) -> Vec<f32> {
@@ -372,7 +469,7 @@ impl Session {
                     self.n_ctx - 1,
                     1,
                     LogitsFor::Last,
-                    self.attention_block,
+                    Attention::blocks(self.attention_block),
                 );
                 let layout = InputLayout::new(1, self.n_ctx, cfg.sliding_window.is_some());
                 self.decode.insert(DecodeGraph {

@@ -801,6 +801,7 @@ impl Server {
                 max_tokens: self.settings.max_tokens,
                 budget_tokens: budget,
                 counterfactual: true,
+                attention: params["attention"].as_bool().unwrap_or(false),
             },
         );
         let out = self.out.clone();
