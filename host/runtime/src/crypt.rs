@@ -12,7 +12,11 @@
 //!
 //! An encrypted model is decrypted straight into anonymous memory that is
 //! excluded from core dumps (`MADV_DONTDUMP`), in parallel slices, never
-//! into a file; swap is the system's to encrypt.
+//! into a file; swap is the system's to encrypt. Its payload is opened
+//! with aws-lc's ChaCha20-Poly1305 after kiln reads the header (age-core's
+//! stanza parser, the identities' own unwrapping, the header's MAC);
+//! anything the header does not allow there (or an error) goes through the
+//! `age` crate's reader, whose errors say what is wrong.
 
 use age::secrecy::{ExposeSecret, SecretString};
 use kiln_registry::config::Config;
@@ -410,17 +414,22 @@ pub(crate) fn damaged_io(path: &Path, e: std::io::Error) -> CryptError {
 }
 
 /// Decrypts the whole age file at `path` into anonymous memory excluded
-/// from core dumps, a few 64 KiB-aligned slices in parallel (each thread
-/// opens the file for itself; unwrapping an X25519 key costs
-/// microseconds). The whole file is authenticated before it is returned:
-/// on any error nothing of it is kept.
+/// from core dumps, in parallel runs of chunks. The whole file is
+/// authenticated before it is returned: on any error nothing of it is
+/// kept.
 pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptError> {
-    const CHUNK: u64 = 64 << 10;
-    let mut first = open_reader(path, keys)?;
-    let len = first
-        .seek(SeekFrom::End(0))
-        .map_err(|e| damaged_io(path, e))?;
-    let mut map = MmapOptions::new()
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    match payload::open(&file, len, keys) {
+        Some(p) => payload::decrypt(path, &file, len, &p),
+        None => decrypt_with_age(path, keys),
+    }
+}
+
+/// Anonymous memory for `len` bytes of plaintext, left out of core dumps
+/// (and on huge pages where the system gives them).
+fn plain_memory(path: &Path, len: u64) -> Result<MmapMut, CryptError> {
+    let map = MmapOptions::new()
         .len((len as usize).max(1))
         .map_anon()
         .map_err(|e| CryptError::Io {
@@ -433,6 +442,18 @@ pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptErr
             source: std::io::Error::new(e.kind(), format!("cannot keep it out of core dumps: {e}")),
         })?;
     let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
+}
+
+/// [`decrypt_into_memory`] through the `age` crate's reader, a few 64
+/// KiB-aligned slices in parallel (each thread opens the file for itself).
+fn decrypt_with_age(path: &Path, keys: &Keys) -> Result<MmapMut, CryptError> {
+    const CHUNK: u64 = 64 << 10;
+    let mut first = open_reader(path, keys)?;
+    let len = first
+        .seek(SeekFrom::End(0))
+        .map_err(|e| damaged_io(path, e))?;
+    let mut map = plain_memory(path, len)?;
     // A passphrase costs a second of scrypt (and its memory) per reader.
     let threads = if keys.recipients.is_empty() || len < 8 << 20 {
         1
@@ -470,6 +491,201 @@ pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptErr
     Ok(map)
 }
 
+/// age's payload read by kiln: after the header, a 16-byte nonce, then
+/// ChaCha20-Poly1305 chunks of 64 KiB of plaintext, each with its 16-byte
+/// tag, under a key derived from the file key and the nonce; the nonce of
+/// chunk `i` is `i` in 11 big-endian bytes and a last-chunk flag.
+mod payload {
+    use super::{CryptError, Keys, plain_memory};
+    use age::secrecy::ExposeSecret;
+    use aws_lc_rs::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    use base64::Engine;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    const CHUNK: usize = 64 << 10;
+    const TAG: usize = 16;
+    const SEALED: usize = CHUNK + TAG;
+    /// Chunks read at once by each thread (about 1 MiB).
+    const RUN: usize = 16;
+
+    pub struct Payload {
+        /// Where the first chunk starts.
+        start: u64,
+        key: LessSafeKey,
+    }
+
+    fn hkdf(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
+        use aws_lc_rs::hkdf::{HKDF_SHA256, Salt};
+        let mut out = [0u8; 32];
+        Salt::new(HKDF_SHA256, salt)
+            .extract(ikm)
+            .expand(&[info], HKDF_SHA256)
+            .and_then(|okm| okm.fill(&mut out))
+            .expect("HKDF-SHA256 gives 32 bytes");
+        out
+    }
+
+    /// Reads the header of the age file `file` (`len` bytes), unwraps its
+    /// file key with `keys` and checks the header's MAC. `None` where any
+    /// of that fails or the header is not one kiln reads itself (longer
+    /// than 64 KiB, a passphrase beside other recipients).
+    pub fn open(file: &File, len: u64, keys: &Keys) -> Option<Payload> {
+        use age_core::format::{Stanza, read::age_stanza};
+        let mut head = vec![0u8; len.min(64 << 10) as usize];
+        file.read_exact_at(&mut head, 0).ok()?;
+        let mut rest = head.strip_prefix(super::MAGIC)?;
+        let mut stanzas = Vec::new();
+        while let Ok((r, s)) = age_stanza(rest) {
+            stanzas.push(Stanza::from(s));
+            rest = r;
+        }
+        // The MAC covers the header up to and including "---".
+        let signed = head.len() - rest.len() + 3;
+        let rest = rest.strip_prefix(b"--- ")?;
+        let (mac, rest) = rest.split_at_checked(43)?;
+        let rest = rest.strip_prefix(b"\n")?;
+        let nonce = rest.get(..16)?;
+        let start = (head.len() - rest.len() + 16) as u64;
+        let scrypt = stanzas.iter().any(|s| s.tag == "scrypt");
+        if stanzas.is_empty() || scrypt && stanzas.len() != 1 {
+            return None;
+        }
+        let file_key = keys
+            .identities()
+            .find_map(|i| i.unwrap_stanzas(&stanzas)?.ok())?;
+        let file_key = file_key.expose_secret();
+        let mac = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(mac)
+            .ok()?;
+        let mac_key = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &hkdf(&[], b"header", file_key),
+        );
+        aws_lc_rs::hmac::verify(&mac_key, &head[..signed], &mac).ok()?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &hkdf(nonce, b"payload", file_key)).ok()?;
+        Some(Payload {
+            start,
+            key: LessSafeKey::new(key),
+        })
+    }
+
+    fn nonce(i: usize, last: bool) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..11].copy_from_slice(&(i as u128).to_be_bytes()[5..]);
+        n[11] = last as u8;
+        Nonce::assume_unique_for_key(n)
+    }
+
+    fn damaged(path: &Path, what: String) -> CryptError {
+        CryptError::Damaged {
+            path: path.to_path_buf(),
+            what,
+        }
+    }
+
+    /// Opens chunk `i` (`sealed`: its ciphertext and tag) into `plain`.
+    fn open_chunk(p: &Payload, i: usize, last: bool, sealed: &[u8], plain: &mut [u8]) -> bool {
+        let (ct, tag) = sealed.split_at(sealed.len() - TAG);
+        p.key
+            .open_separate_gather(nonce(i, last), Aad::empty(), ct, tag, plain)
+            .is_ok()
+    }
+
+    /// Decrypts the payload of the age file `file` (`len` bytes) into
+    /// anonymous memory, runs of chunks on every core.
+    pub fn decrypt(
+        path: &Path,
+        file: &File,
+        len: u64,
+        p: &Payload,
+    ) -> Result<memmap2::MmapMut, CryptError> {
+        let sealed = (len - p.start.min(len)) as usize;
+        let n = sealed.div_ceil(SEALED).max(1);
+        let last = sealed - (n - 1) * SEALED;
+        // Only a payload of nothing ends in a chunk of nothing.
+        if last < TAG || n > 1 && last == TAG {
+            return Err(damaged(path, "it is truncated".into()));
+        }
+        let plain = sealed - n * TAG;
+        let mut map = plain_memory(path, plain as u64)?;
+        let threads = if plain < 8 << 20 {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |t| t.get().min(16))
+        };
+        let per = n.div_ceil(threads);
+        let out = &mut map[..plain];
+        // Each thread: chunks `first..` into `out`, `RUN` at a time; the
+        // first chunk that fails, if any.
+        let work = |first: usize, out: &mut [u8]| -> Result<(), (usize, Option<std::io::Error>)> {
+            let mut buf = vec![0u8; RUN * SEALED];
+            for (r, run) in out.chunks_mut(RUN * CHUNK).enumerate() {
+                let i0 = first + r * RUN;
+                let bytes = (run.len().div_ceil(CHUNK) * SEALED).min(sealed - i0 * SEALED);
+                let ct = &mut buf[..bytes];
+                file.read_exact_at(ct, p.start + (i0 * SEALED) as u64)
+                    .map_err(|e| (i0, Some(e)))?;
+                for (k, (sealed, plain)) in ct.chunks(SEALED).zip(run.chunks_mut(CHUNK)).enumerate()
+                {
+                    let i = i0 + k;
+                    if !open_chunk(p, i, i + 1 == n, sealed, plain) {
+                        return Err((i, None));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let failed = std::thread::scope(|s| {
+            let jobs: Vec<_> = out
+                .chunks_mut(per * CHUNK)
+                .enumerate()
+                .map(|(t, part)| s.spawn(move || work(t * per, part)))
+                .collect();
+            jobs.into_iter()
+                .filter_map(|j| j.join().expect("a decryption thread panicked").err())
+                .min_by_key(|(i, _)| *i)
+        });
+        match failed {
+            None => Ok(map),
+            Some((_, Some(e))) => Err(super::damaged_io(path, e)),
+            Some((i, None)) if i + 1 == n => {
+                // A last chunk that opens as a middle one: the file was cut
+                // at a chunk's end.
+                let mut sealed_last = vec![0u8; last];
+                let mut scratch = vec![0u8; last - TAG];
+                let cut = last == SEALED
+                    && file
+                        .read_exact_at(&mut sealed_last, p.start + (i * SEALED) as u64)
+                        .is_ok()
+                    && open_chunk(p, i, false, &sealed_last, &mut scratch);
+                Err(damaged(
+                    path,
+                    if cut {
+                        format!(
+                            "it is truncated: it ends after chunk {}, which is not the last",
+                            i + 1
+                        )
+                    } else {
+                        format!(
+                            "its last chunk ({} of {n}) fails its authentication: the file was truncated or changed",
+                            i + 1
+                        )
+                    },
+                ))
+            }
+            Some((i, None)) => Err(damaged(
+                path,
+                format!(
+                    "chunk {} of {n} fails its authentication: the file was changed",
+                    i + 1
+                ),
+            )),
+        }
+    }
+}
+
 trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
@@ -492,14 +708,44 @@ mod tests {
     fn round_trip_in_parallel_slices_of_any_length() {
         let dir = tempfile::tempdir().unwrap();
         let (keys, _) = Keys::generate();
-        for len in [0, 1, 65536, 65537, (9 << 20) + 12345] {
+        for len in [0, 1, 65536, 65537, 16 * 65536, (9 << 20) + 12345, 10 << 20] {
             let plain = sample(len);
             let p = encrypted(dir.path(), &keys, &plain);
             assert!(is_encrypted(&p).unwrap());
+            // kiln's own reading of the payload, and the age crate's.
+            let file = std::fs::File::open(&p).unwrap();
+            let size = file.metadata().unwrap().len();
+            assert!(payload::open(&file, size, &keys).is_some(), "length {len}");
             let map = decrypt_into_memory(&p, &keys).unwrap();
+            assert_eq!(&map[..len], &plain[..], "length {len}");
+            let map = decrypt_with_age(&p, &keys).unwrap();
             assert_eq!(&map[..len], &plain[..], "length {len}");
             std::fs::remove_file(&p).unwrap();
         }
+    }
+
+    #[test]
+    fn a_file_cut_at_a_chunks_end_is_called_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = Keys::generate();
+        let plain = sample(5 * 65536 + 100);
+        let p = encrypted(dir.path(), &keys, &plain);
+        let bytes = std::fs::read(&p).unwrap();
+        // Without the last chunk (100 bytes and a tag), the file ends
+        // after the fifth, which was sealed as a middle chunk.
+        std::fs::write(&p, &bytes[..bytes.len() - 116]).unwrap();
+        let e = decrypt_into_memory(&p, &keys).unwrap_err();
+        assert!(e.to_string().contains("ends after chunk 5"), "{e}");
+        // A header changed: the MAC fails, and the age crate says so.
+        let mut changed = bytes.clone();
+        let at = bytes.windows(4).position(|w| w == b"--- ").unwrap() - 2;
+        changed[at] ^= 0x01;
+        std::fs::write(&p, &changed).unwrap();
+        let e = decrypt_into_memory(&p, &keys).unwrap_err();
+        assert!(
+            matches!(e, CryptError::Damaged { .. } | CryptError::NoKey { .. }),
+            "{e}"
+        );
     }
 
     #[test]
