@@ -426,8 +426,7 @@ pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptErr
     }
 }
 
-/// Anonymous memory for `len` bytes of plaintext, left out of core dumps
-/// (and on huge pages where the system gives them).
+/// Anonymous memory for `len` bytes of plaintext, left out of core dumps.
 fn plain_memory(path: &Path, len: u64) -> Result<MmapMut, CryptError> {
     let map = MmapOptions::new()
         .len((len as usize).max(1))
@@ -441,7 +440,9 @@ fn plain_memory(path: &Path, len: u64) -> Result<MmapMut, CryptError> {
             path: path.to_path_buf(),
             source: std::io::Error::new(e.kind(), format!("cannot keep it out of core dumps: {e}")),
         })?;
-    let _ = map.advise(memmap2::Advice::HugePage);
+    // Not on huge pages: where the kernel compacts memory for them on a
+    // fault (`defrag` = madvise, the default), a page cache full of
+    // models made a 94 MiB model's load take twice as long, at random.
     Ok(map)
 }
 
