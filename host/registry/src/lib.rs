@@ -15,6 +15,7 @@
 //! process killed at any point leaves either the old state or the new one.
 
 pub mod config;
+pub mod experiments;
 mod models;
 mod policies;
 mod stack;
@@ -49,6 +50,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0005_encrypted_blobs.sql",
         include_str!("../../../migrations/0005_encrypted_blobs.sql"),
+    ),
+    (
+        "0006_experiments.sql",
+        include_str!("../../../migrations/0006_experiments.sql"),
     ),
 ];
 

@@ -69,6 +69,9 @@ pub struct Settings {
     /// Speculative decoding of greedy completions (`none`, `ngram`); the
     /// HTTP API takes `kiln serve --draft`'s.
     pub draft: kiln_runtime::model::generate::Draft,
+    /// The unit A/B experiments assign an arm to (a user or machine id
+    /// the editor keeps); default: the workspace root.
+    pub ab_unit: Option<String>,
 }
 
 impl Default for Settings {
@@ -83,6 +86,7 @@ impl Default for Settings {
             temperature: 0.0,
             workspace_context: true,
             draft: kiln_runtime::model::generate::Draft::None,
+            ab_unit: None,
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub completion_cache_queries: Counter,
     pub completion_cache_hits: Counter,
     pub completion_cache_evictions: Counter,
+    /// Inline completions the editor said it accepted (`kiln.accepted`).
+    pub completions_accepted: Counter,
     pub running: Gauge,
     pub waiting: Gauge,
     pub ttft: Histogram,
@@ -70,6 +72,7 @@ impl Default for Metrics {
             completion_cache_queries: Counter::default(),
             completion_cache_hits: Counter::default(),
             completion_cache_evictions: Counter::default(),
+            completions_accepted: Counter::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
             ttft: Histogram::new(latency_buckets()),
@@ -134,6 +137,11 @@ impl Default for Metrics {
             "kiln:completion_cache_hits",
             "Requests answered from the cache of recent completions",
             m.completion_cache_hits.clone(),
+        );
+        registry.register(
+            "kiln:completions_accepted",
+            "Inline completions the editor reported accepted (kiln.accepted)",
+            m.completions_accepted.clone(),
         );
         registry.register(
             "kiln:completion_cache_evictions",

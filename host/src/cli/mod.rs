@@ -4,6 +4,7 @@
 //! `kiln: error: …`; the exit code is 0 on success, 1 on error (and, for
 //! `kiln doctor`, when it found problems), 2 on bad usage.
 
+mod ab;
 mod backends;
 mod bench;
 mod context;
@@ -282,6 +283,10 @@ enum Command {
     /// Encryption at rest of the model store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// A/B experiments between two versions of a model, decided by what
+    /// the editor accepts (or by latency).
+    #[command(subcommand)]
+    Ab(AbCommand),
     /// Convert a Hugging Face checkpoint directory (llama, qwen2) to GGUF.
     Convert {
         dir: std::path::PathBuf,
@@ -330,6 +335,43 @@ enum StoreCommand {
     },
     /// Decrypt every model blob in the store and store new ones in plain.
     Decrypt {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AbCommand {
+    /// Start an experiment: `kiln serve` gives each unit (a workspace, an
+    /// HTTP client) version A or B, sticky, and records the outcomes.
+    Start {
+        name: String,
+        /// The control, MODEL@VERSION.
+        #[arg(long)]
+        a: String,
+        /// The treatment, another version of the same model.
+        #[arg(long)]
+        b: String,
+        /// The share of units given B.
+        #[arg(long, default_value_t = 0.5)]
+        split: f64,
+        /// acceptance (of inline completions) or latency.
+        #[arg(long, default_value = "acceptance")]
+        metric: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each experiment's arms, outcomes, interval and decision.
+    Status {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an experiment (optionally naming the winner).
+    Stop {
+        name: String,
+        #[arg(long)]
+        winner: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -782,6 +824,20 @@ fn run(command: Command) -> CliResult {
                 json,
                 remove_orphans,
             } => models::verify(&config, json, remove_orphans),
+        },
+        Command::Ab(c) => match c {
+            AbCommand::Start {
+                name,
+                a,
+                b,
+                split,
+                metric,
+                json,
+            } => ab::start(&config, &name, &a, &b, split, &metric, json),
+            AbCommand::Status { name, json } => ab::status(&config, name.as_deref(), json),
+            AbCommand::Stop { name, winner, json } => {
+                ab::stop(&config, &name, winner.as_deref(), json)
+            }
         },
         Command::Store(c) => match c {
             StoreCommand::Encrypt { json } => store::reseal(&config, true, json),

@@ -20,6 +20,8 @@ use crate::prompt::{self, Counter};
 use crate::start::{ServeSpec, ranker, start_engine};
 use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
+
+mod ab;
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
 use kiln_registry::{Kind, Registry};
 use kiln_runtime::model::generate::{Control, Request, StopReason};
@@ -133,6 +135,8 @@ struct Server {
     context_memo: Option<ContextMemo>,
     metrics: Arc<Metrics>,
     decisions: DecisionLog,
+    /// A/B experiments on the served model, and every inline item's id.
+    ab: ab::Ab,
 }
 
 /// The context block chosen for a (document, line), and the ranking
@@ -219,12 +223,22 @@ pub fn run(
         context_memo: None,
         metrics: metrics.clone(),
         decisions: DecisionLog::start(config, metrics),
+        ab: ab::Ab::default(),
     };
     server.serve(&rx)
 }
 
 impl Server {
+    /// Handles the client's messages until it exits; then writes what the
+    /// experiments' replies recorded.
     fn serve(&mut self, rx: &Receiver<Input>) -> i32 {
+        let code = self.serve_messages(rx);
+        self.ab
+            .flush(&self.spec.config, &mut |_, m| eprintln!("{m}"));
+        code
+    }
+
+    fn serve_messages(&mut self, rx: &Receiver<Input>) -> i32 {
         while let Ok(input) = rx.recv() {
             match input {
                 Input::Frame(Frame::Json(v)) => {
@@ -492,6 +506,7 @@ impl Server {
                     "textDocumentSync": {"openClose": true, "change": 2, "save": {"includeText": true}},
                     "completionProvider": {"resolveProvider": false, "triggerCharacters": [".", "(", " "]},
                     "inlineCompletionProvider": true,
+                    "executeCommandProvider": {"commands": ["kiln.accepted"]},
                 },
                 "serverInfo": {"name": "kiln", "version": env!("CARGO_PKG_VERSION")},
             }),
@@ -643,6 +658,7 @@ impl Server {
             "kiln/plugins" => self
                 .with_registry(|r| Ok(json!({"plugins": r.plugins().map_err(|e| e.to_string())?}))),
             "kiln/backends" => self.backends(),
+            "workspace/executeCommand" => self.execute_command(&params),
             "kiln/activateModel" => self.activate(&params, false),
             "kiln/rollbackModel" => self.activate(&params, true),
             _ => {
@@ -812,6 +828,35 @@ impl Server {
         });
     }
 
+    /// `workspace/executeCommand`: `kiln.accepted` with `{"completion":
+    /// ID, "acceptedLength": N}` (N optional: a partial accept) says the
+    /// user accepted that inline item.
+    fn execute_command(&mut self, params: &Value) -> Result<Value, (i32, String)> {
+        let command = params["command"].as_str().unwrap_or("");
+        if command != "kiln.accepted" {
+            return Err((
+                INVALID_PARAMS,
+                format!("kiln has no command {command:?} (it has kiln.accepted)"),
+            ));
+        }
+        let arg = &params["arguments"][0];
+        let Some(completion) = arg["completion"].as_str() else {
+            return Err((
+                INVALID_PARAMS,
+                "kiln.accepted takes [{\"completion\": ID, \"acceptedLength\": N}], the arguments of the item's command".into(),
+            ));
+        };
+        let chars = arg["acceptedLength"].as_u64();
+        self.metrics.completions_accepted.inc();
+        let out = self.out.clone();
+        let in_experiment =
+            self.ab
+                .accepted(&self.spec.config, completion, chars, &mut |level, m| {
+                    out.log(level, m)
+                });
+        Ok(json!({"recorded": true, "experiment": in_experiment}))
+    }
+
     /// kiln's copy of an open document, to compare with the editor's.
     fn document(&self, params: &Value) -> Result<Value, (i32, String)> {
         let uri = params["textDocument"]["uri"].as_str().ok_or((
@@ -950,7 +995,25 @@ impl Server {
             Err(e) => return self.out.error(&id, INVALID_PARAMS, &e.to_string()),
         };
         let engine = self.engine.clone().expect("checked by the caller");
-        let loaded = engine.loaded();
+        let (loaded, tag) = if inline {
+            let unit = (self.settings.ab_unit.clone())
+                .or_else(|| self.root.as_ref().map(|r| r.display().to_string()))
+                .unwrap_or_else(|| format!("lsp-{}", std::process::id()));
+            let fim =
+                (self.settings.fim_template.as_deref()).and_then(|t| FimTemplate::parse(t).ok());
+            let out = self.out.clone();
+            let (l, t) = self.ab.choose(
+                &self.spec.config,
+                &engine,
+                fim,
+                &unit,
+                uri,
+                &mut |level, m| out.log(level, m),
+            );
+            (l, Some(t))
+        } else {
+            (engine.loaded(), None)
+        };
         let s = &self.settings;
         let counter = Counter::of(&loaded);
         let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
@@ -1043,6 +1106,7 @@ impl Server {
             pending: self.pending.clone(),
             key: key.clone(),
             decision,
+            tag,
         };
         // Held across the submit, so that a job that ends at once finds
         // its entry to remove.
@@ -1136,6 +1200,8 @@ struct Reply {
     pending: Arc<Mutex<HashMap<String, Pending>>>,
     key: String,
     decision: Option<PendingDecision>,
+    /// Inline items: the completion's id and experiment.
+    tag: Option<ab::Tag>,
 }
 
 impl Sink for Reply {
@@ -1153,13 +1219,19 @@ impl Sink for Reply {
             pending,
             key,
             decision,
+            tag,
         } = *self;
         pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         let f = match result {
-            Err(e) => return out.error(&id, REQUEST_FAILED, &e),
+            Err(e) => {
+                if let Some(t) = tag {
+                    t.served(None, true);
+                }
+                return out.error(&id, REQUEST_FAILED, &e);
+            }
             Ok(f) => f,
         };
         if f.generation.stop_reason == StopReason::Cancelled {
@@ -1183,11 +1255,19 @@ impl Sink for Reply {
             "policy_decision": decision.as_ref().and_then(PendingDecision::id),
         });
         if inline {
-            let items = if text.is_empty() {
-                vec![]
-            } else {
-                vec![json!({"insertText": text, "range": range})]
+            let mut meta = meta;
+            let items = match &tag {
+                _ if text.is_empty() => vec![],
+                Some(t) => {
+                    meta["completion"] = json!(t.completion);
+                    meta["experiment"] = t.meta();
+                    vec![json!({"insertText": text, "range": range, "command": t.command()})]
+                }
+                None => vec![json!({"insertText": text, "range": range})],
             };
+            if let Some(t) = tag {
+                t.served(Some(f.total_ms), false);
+            }
             return out.reply(&id, json!({"items": items, "kiln": meta}));
         }
         let items = if text.is_empty() {
