@@ -1,0 +1,188 @@
+//! A/B experiments through the real paths: `kiln ab` on the registry, the
+//! language server serving each unit its arm's version and recording
+//! what the editor accepts (`kiln.accepted`) and what it superseded, and
+//! `kiln ab status` reading it back. The statistics (A/A and A/B
+//! simulations) are tested in the registry's unit tests.
+
+use kiln_tests::serve::{at, demo_model, initialize, open, watchdog};
+use kiln_tests::{Home, real_model};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// A unit the experiment gives `arm`, by the registry's own hash.
+fn unit_for(home: &Home, experiment: &str, arm: &str) -> String {
+    let e = home.registry().experiment(experiment).unwrap().unwrap();
+    (0..)
+        .map(|i| format!("unit-{i}"))
+        .find(|u| e.arm_for(u).as_str() == arm)
+        .unwrap()
+}
+
+/// Two inline completions in a new session as `unit`, the first accepted
+/// (its command run as an editor would) and the second superseded by a
+/// third; returns the items' metadata.
+fn session(home: &Home, unit: &str, in_experiment: bool) -> Vec<Value> {
+    let ws = tempfile::tempdir().unwrap();
+    let mut cmd = home.command(&["serve", "--model", "coder"]);
+    cmd.env("KILN_THREADS", "1");
+    let mut c = kiln_serve::demo::Client::spawn(cmd).unwrap();
+    watchdog(c.pid(), Duration::from_secs(300));
+    let init = initialize(&mut c, ws.path(), json!({"maxTokens": 6, "abUnit": unit}));
+    assert_eq!(
+        init["result"]["capabilities"]["executeCommandProvider"]["commands"],
+        json!(["kiln.accepted"])
+    );
+    let uri = format!("file://{}/main.py", ws.path().display());
+    open(
+        &mut c,
+        &uri,
+        "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    ",
+    );
+    let mut metas = Vec::new();
+    for k in 0..3 {
+        let r = c
+            .request("textDocument/inlineCompletion", at(&uri, 5, 4))
+            .unwrap();
+        let meta = r["result"]["kiln"].clone();
+        let items = r["result"]["items"].as_array().unwrap().clone();
+        assert!(!items.is_empty(), "{r}");
+        let command = &items[0]["command"];
+        assert_eq!(command["command"], "kiln.accepted", "{r}");
+        assert_eq!(command["arguments"][0]["completion"], meta["completion"]);
+        if k == 0 {
+            let r = c
+                .request(
+                    "workspace/executeCommand",
+                    json!({"command": "kiln.accepted", "arguments": [{"completion": meta["completion"], "acceptedLength": 5}]}),
+                )
+                .unwrap();
+            assert_eq!(
+                r["result"],
+                json!({"recorded": true, "experiment": in_experiment}),
+                "{r}"
+            );
+        }
+        metas.push(meta);
+    }
+    let r = c
+        .request("workspace/executeCommand", json!({"command": "kiln.other"}))
+        .unwrap();
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kiln.accepted"),
+        "{r}"
+    );
+    c.request("shutdown", Value::Null).unwrap();
+    c.notify("exit", Value::Null).unwrap();
+    metas
+}
+
+#[test]
+fn an_experiment_serves_each_unit_its_arm_and_counts_what_the_editor_accepts() {
+    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
+    let demo = demo_model();
+    home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
+    // Refused with the reason, nothing started.
+    for (args, says) in [
+        (
+            &["--a", "coder@1", "--b", "coder@9"][..],
+            "no model coder@9",
+        ),
+        (&["--a", "coder@1", "--b", "coder@1"][..], "two versions"),
+        (&["--a", "coder", "--b", "coder@2"][..], "name a version"),
+        (
+            &["--a", "coder@1", "--b", "coder@2", "--split", "1"][..],
+            "between 0 and 1",
+        ),
+        (
+            &["--a", "coder@1", "--b", "coder@2", "--metric", "vibes"][..],
+            "acceptance",
+        ),
+    ] {
+        let err = home.fails(&[&["ab", "start", "x"][..], args].concat());
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let v = home.json(&[
+        "ab",
+        "start",
+        "smol-vs-demo",
+        "--a",
+        "coder@1",
+        "--b",
+        "coder@2",
+        "--json",
+    ]);
+    assert_eq!(v["experiment"]["state"], "running", "{v}");
+    let again = home.fails(&["ab", "start", "other", "--a", "coder@2", "--b", "coder@1"]);
+    assert!(again.contains("already runs"), "{again}");
+
+    // Each unit is served its arm's version, session after session.
+    let (ua, ub) = (
+        unit_for(&home, "smol-vs-demo", "a"),
+        unit_for(&home, "smol-vs-demo", "b"),
+    );
+    for (unit, arm, version) in [(&ua, "a", "coder@1"), (&ub, "b", "coder@2")] {
+        for m in session(&home, unit, true) {
+            assert_eq!(m["experiment"]["arm"], arm, "{m}");
+            assert_eq!(m["experiment"]["version"], version, "{m}");
+            assert_eq!(m["experiment"]["experiment"], "smol-vs-demo", "{m}");
+        }
+    }
+    // A second session of the same unit keeps its arm.
+    assert_eq!(session(&home, &ua, true)[0]["experiment"]["arm"], "a");
+
+    let s = home.json(&["ab", "status", "smol-vs-demo", "--json"]);
+    let arms = &s["experiments"][0]["arms"];
+    // Unit a: two sessions of three completions, each session's first
+    // accepted and second superseded; unit b: one session.
+    assert_eq!(arms[0]["version"], "coder@1", "{s}");
+    assert_eq!(
+        (
+            arms[0]["units"].as_u64(),
+            arms[0]["served"].as_u64(),
+            arms[0]["accepted"].as_u64(),
+            arms[0]["superseded"].as_u64()
+        ),
+        (Some(1), Some(6), Some(2), Some(2)),
+        "{s}"
+    );
+    assert_eq!(
+        (
+            arms[1]["units"].as_u64(),
+            arms[1]["served"].as_u64(),
+            arms[1]["accepted"].as_u64()
+        ),
+        (Some(1), Some(3), Some(1)),
+        "{s}"
+    );
+    assert_eq!(arms[0]["mean_accepted_chars"], 5.0, "{s}");
+    assert!(arms[0]["mean_latency_ms"].as_f64().unwrap() > 0.0, "{s}");
+    let analysis = &s["experiments"][0]["analysis"];
+    assert!(analysis["winner"].is_null(), "{s}");
+    assert!(analysis["events_needed"].as_u64().unwrap() > 0, "{s}");
+    let text = home.ok(&["ab", "status"]);
+    assert!(
+        text.contains("smol-vs-demo") && text.contains("undecided"),
+        "{text}"
+    );
+
+    // Stopped: everyone gets the active version again.
+    home.ok(&["ab", "stop", "smol-vs-demo"]);
+    let after = session(&home, &ua, false);
+    assert!(after[0]["experiment"].is_null(), "{:?}", after[0]);
+    let err = home.fails(&["ab", "stop", "smol-vs-demo"]);
+    assert!(err.contains("already stopped"), "{err}");
+    let log = home.registry().audit_log(100).unwrap();
+    let actions: Vec<&str> = log
+        .iter()
+        .filter(|l| l.kind == "experiment" && l.subject == "smol-vs-demo")
+        .map(|l| l.action.as_str())
+        .collect();
+    assert_eq!(actions, ["start", "stop"], "audited");
+}
