@@ -186,3 +186,81 @@ fn an_experiment_serves_each_unit_its_arm_and_counts_what_the_editor_accepts() {
         .collect();
     assert_eq!(actions, ["start", "stop"], "audited");
 }
+
+#[test]
+fn the_http_api_serves_arms_by_user_and_takes_feedback() {
+    use kiln_tests::serve::{http, http_server_with, post};
+    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
+    let demo = demo_model();
+    home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
+    home.ok(&[
+        "ab", "start", "web", "--a", "coder@1", "--b", "coder@2", "--split", "0.5",
+    ]);
+    let (ua, ub) = (unit_for(&home, "web", "a"), unit_for(&home, "web", "b"));
+    let server = http_server_with(&home, std::path::Path::new("coder"), &[]);
+    let complete = |user: &str| {
+        let (code, r) = post(
+            &server.addr,
+            "/v1/completions",
+            &json!({"prompt": "def add(a, b):\n    return", "max_tokens": 4, "user": user}),
+        );
+        assert_eq!(code, 200, "{r}");
+        r
+    };
+    let ra = complete(&ua);
+    assert_eq!(ra["model"], "coder@1", "{ra}");
+    assert_eq!(ra["experiment"]["arm"], "a", "{ra}");
+    let rb = complete(&ub);
+    assert_eq!(rb["model"], "coder@2", "{rb}");
+    assert_eq!(rb["experiment"]["version"], "coder@2", "{rb}");
+    let (code, r) = post(
+        &server.addr,
+        "/v1/feedback",
+        &json!({"id": ra["id"], "accepted": true, "accepted_length": 3}),
+    );
+    assert_eq!((code, &r["experiment"]), (200, &json!(true)), "{r}");
+    let (code, r) = post(
+        &server.addr,
+        "/v1/feedback",
+        &json!({"id": rb["id"], "accepted": false}),
+    );
+    assert_eq!((code, &r["experiment"]), (200, &json!(true)), "{r}");
+    for (body, param) in [
+        (json!({"accepted": true}), "id"),
+        (json!({"id": "cmpl-1"}), "accepted"),
+        (
+            json!({"id": "cmpl-1", "accepted": true, "accepted_length": -2}),
+            "accepted_length",
+        ),
+    ] {
+        let (code, r) = post(&server.addr, "/v1/feedback", &body);
+        assert_eq!((code, &r["error"]["param"]), (400, &json!(param)), "{r}");
+    }
+    // A request naming the model is served that model, outside the
+    // experiment.
+    let (code, r) = post(
+        &server.addr,
+        "/v1/completions",
+        &json!({"prompt": "x = ", "max_tokens": 2, "model": "coder@2", "user": ua}),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert!(r.get("experiment").is_none(), "{r}");
+    let (code, body) = http(&server.addr, "GET", "/v1/experiments", b"");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let arms = &v["experiments"][0]["arms"];
+    assert_eq!(
+        (arms[0]["served"].as_u64(), arms[0]["accepted"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(
+        (arms[1]["served"].as_u64(), arms[1]["superseded"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+}

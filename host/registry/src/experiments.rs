@@ -501,13 +501,13 @@ impl Registry {
     }
 
     /// A shown completion was replaced by a newer request without being
-    /// accepted.
-    pub fn record_superseded(&mut self, completion: &str) -> Result<()> {
-        self.conn.execute(
+    /// accepted. False when it is not one shown in an experiment.
+    pub fn record_superseded(&mut self, completion: &str) -> Result<bool> {
+        let n = self.conn.execute(
             "UPDATE ab_outcomes SET outcome = 'superseded' WHERE completion = ?1 AND outcome = 'shown'",
             [completion],
         )?;
-        Ok(())
+        Ok(n > 0)
     }
 
     /// Both arms' numbers and the decision.

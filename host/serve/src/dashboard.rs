@@ -56,6 +56,11 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
+    /// The home whose registry the dashboard reads.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
     /// Starts sampling `metrics` every `interval` (clamped to 1–60 s);
     /// `config` is the home whose registry says which models are on disk.
     pub fn start(metrics: Arc<Metrics>, config: Option<Config>, interval: Duration) -> Arc<Self> {

@@ -34,6 +34,9 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 struct AppState {
     engine: Engine,
+    /// The home of the registry experiments are read from and written to.
+    config: Option<kiln_registry::config::Config>,
+    ab: std::sync::Mutex<crate::ab::Ab>,
     next_id: AtomicU64,
     /// The last completions served whole (not streamed), for `POST
     /// /v1/explain` by id.
@@ -57,6 +60,8 @@ type St = State<Arc<AppState>>;
 pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
     let state = Arc::new(AppState {
         engine,
+        config: dashboard.config().cloned(),
+        ab: Default::default(),
         next_id: AtomicU64::new(1),
         served: Default::default(),
     });
@@ -65,6 +70,8 @@ pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/explain", post(explain))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/experiments", get(experiments))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .merge(crate::dashboard::routes(dashboard))
@@ -189,7 +196,7 @@ async fn not_found() -> ApiError {
         kind: "invalid_request_error",
         code: Some("not_found"),
         param: None,
-        message: "no such endpoint; kiln serves /v1/completions, /v1/chat/completions, /v1/models, /metrics and /healthz".into(),
+        message: "no such endpoint; kiln serves /v1/completions, /v1/chat/completions, /v1/models, /v1/explain, /v1/feedback, /v1/experiments, /metrics, /healthz and /dashboard".into(),
     }
 }
 
@@ -640,7 +647,8 @@ async fn completions(
     body: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body).await?;
-    let loaded = s.engine.loaded();
+    let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
+    let (loaded, tag) = arm_for(&s, &v, &addr, &id).await;
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 16)?;
     req.draft = s.engine.draft();
@@ -688,10 +696,13 @@ async fn completions(
     let rx = s
         .engine
         .submit_events(client_key(&addr), None, loaded.clone(), req);
-    let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
     let model = loaded.id.clone();
     let created = now_s();
+    let experiment = tag.as_ref().map(crate::ab::Tag::meta);
     if stream {
+        if let Some(t) = tag {
+            t.served(None, false);
+        }
         let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
             let choice =
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
@@ -699,7 +710,20 @@ async fn completions(
         };
         return Ok(sse(rx, chunk));
     }
-    let f = collect(rx).await?;
+    let f = match collect(rx).await {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(t) = tag {
+                t.served(None, true);
+            }
+            return Err(e);
+        }
+    };
+    if let Some(t) = tag {
+        t.served(Some(f.total_ms), false);
+        let s = s.clone();
+        let _ = tokio::task::spawn_blocking(move || flush_outcomes(&s)).await;
+    }
     if as_text.len() <= SERVED_PROMPT_MAX {
         let mut kept = s.served.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() == SERVED_KEPT {
@@ -713,15 +737,127 @@ async fn completions(
         });
     }
     let choice = json!({"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)});
-    Ok(axum::Json(envelope(
+    let mut body = envelope(
         &id,
         "text_completion",
         created,
         &model,
         choice,
         Some(usage(&f)),
-    ))
-    .into_response())
+    );
+    if let Some(e) = experiment.filter(|e| !e.is_null()) {
+        body["experiment"] = e;
+    }
+    Ok(axum::Json(body).into_response())
+}
+
+/// The model for a completion request and its tag: the arm's version
+/// where an experiment runs on the served model and the request names no
+/// model; the unit is the request's `user`, else the client's address.
+async fn arm_for(
+    s: &Arc<AppState>,
+    v: &Value,
+    addr: &SocketAddr,
+    id: &str,
+) -> (Arc<Loaded>, Option<crate::ab::Tag>) {
+    if s.config.is_none() || !v["model"].is_null() {
+        return (s.engine.loaded(), None);
+    }
+    let unit = v["user"]
+        .as_str()
+        .map_or_else(|| addr.ip().to_string(), str::to_string);
+    let (s2, id) = (s.clone(), id.to_string());
+    let chosen = tokio::task::spawn_blocking(move || {
+        let config = s2.config.as_ref().expect("checked above");
+        let mut ab = s2.ab.lock().unwrap_or_else(|p| p.into_inner());
+        ab.choose(
+            config,
+            &s2.engine,
+            None,
+            &unit,
+            &unit,
+            Some(id),
+            &mut |_, m| eprintln!("{m}"),
+        )
+    })
+    .await;
+    match chosen {
+        Ok((l, t)) => (l, Some(t)),
+        Err(_) => (s.engine.loaded(), None),
+    }
+}
+
+fn flush_outcomes(s: &AppState) {
+    if let Some(config) = &s.config {
+        let mut ab = s.ab.lock().unwrap_or_else(|p| p.into_inner());
+        ab.flush(config, &mut |_, m| eprintln!("{m}"));
+    }
+}
+
+/// `POST /v1/feedback`: `{"id": "cmpl-N", "accepted": true|false,
+/// "accepted_length": N}`: whether the user took a completion served
+/// here (an experiment's outcome; `kiln:completions_accepted`).
+async fn feedback(State(s): St, body: axum::extract::Request) -> Result<Response, ApiError> {
+    let v = parse_body(body).await?;
+    let Some(id) = v["id"].as_str().map(str::to_string) else {
+        return Err(ApiError::invalid(
+            "id",
+            "id (a completion's, such as cmpl-1) is required",
+        ));
+    };
+    let Some(accepted) = v["accepted"].as_bool() else {
+        return Err(ApiError::invalid(
+            "accepted",
+            "accepted must be true or false",
+        ));
+    };
+    let chars = match &v["accepted_length"] {
+        Value::Null => None,
+        n => Some(n.as_u64().ok_or_else(|| {
+            ApiError::invalid("accepted_length", "accepted_length must be a whole number")
+        })?),
+    };
+    if accepted {
+        s.engine.metrics().completions_accepted.inc();
+    }
+    let s2 = s.clone();
+    let in_experiment = tokio::task::spawn_blocking(move || {
+        let Some(config) = &s2.config else {
+            return false;
+        };
+        let mut ab = s2.ab.lock().unwrap_or_else(|p| p.into_inner());
+        let log = &mut |_: u8, m: &str| eprintln!("{m}");
+        if accepted {
+            ab.accepted(config, &id, chars, log)
+        } else {
+            ab.rejected(config, &id, log)
+        }
+    })
+    .await
+    .unwrap_or(false);
+    Ok(axum::Json(json!({"recorded": true, "experiment": in_experiment})).into_response())
+}
+
+/// `GET /v1/experiments`: every experiment with its arms and decision,
+/// as `kiln ab status --json`.
+async fn experiments(State(s): St) -> Result<Response, ApiError> {
+    let Some(config) = s.config.clone() else {
+        return Ok(axum::Json(json!({"experiments": []})).into_response());
+    };
+    let all = tokio::task::spawn_blocking(move || -> Result<Value, String> {
+        let r = kiln_registry::Registry::open_home(&config).map_err(|e| e.to_string())?;
+        let list = r.experiments().map_err(|e| e.to_string())?;
+        let status: Vec<_> = list
+            .iter()
+            .map(|e| r.experiment_status(e))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(json!({"experiments": status}))
+    })
+    .await
+    .map_err(|e| ApiError::bad(e.to_string()))?
+    .map_err(ApiError::bad)?;
+    Ok(axum::Json(all).into_response())
 }
 
 /// Renders the model's chat template for the request's messages

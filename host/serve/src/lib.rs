@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus counters and histograms;
 //! - [`demo`]: the model `kiln demo` generates, and the scripted typing session.
 
+pub mod ab;
 pub mod chat;
 pub mod context;
 pub mod ctxbench;

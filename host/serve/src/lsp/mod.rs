@@ -11,6 +11,7 @@
 pub mod document;
 pub mod framing;
 
+use crate::ab;
 use crate::context::{self, OpenDoc, Workspace};
 use crate::decisions::{DecisionLog, PendingDecision};
 use crate::engine::{Engine, Finished, Loaded, Sink};
@@ -20,8 +21,6 @@ use crate::prompt::{self, Counter};
 use crate::start::{ServeSpec, ranker, start_engine};
 use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
-
-mod ab;
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
 use kiln_registry::{Kind, Registry};
 use kiln_runtime::model::generate::{Control, Request, StopReason};
@@ -1008,6 +1007,7 @@ impl Server {
                 fim,
                 &unit,
                 uri,
+                None,
                 &mut |level, m| out.log(level, m),
             );
             (l, Some(t))

@@ -1,13 +1,14 @@
-//! A/B experiments in the language server. While an experiment runs on
-//! the served model's name, this session's unit (`abUnit` in the
-//! settings, else the workspace root) gets its arm once (sticky, by the
-//! registry's hash) and its inline completions come from that arm's
-//! version. Every inline item carries the command `kiln.accepted` with its
-//! completion's id: the editor runs it (`workspace/executeCommand`) when
-//! the user accepts the item; an item not accepted before the next request
-//! for its document is superseded. The outcomes go to the registry, and
-//! the experiment stops itself when a winner is decided or the guardrail
-//! trips (the control is then kept).
+//! A/B experiments where completions are served. While an experiment
+//! runs on the served model's name, each unit (the language server's
+//! `abUnit` setting, else its workspace root; an HTTP request's `user`,
+//! else its client's address) gets its arm once (sticky, by the registry's
+//! hash) and its completions come from that arm's version. Every
+//! completion has an id the editor reports back when the user accepts it
+//! (`kiln.accepted` in the language server, `POST /v1/feedback` over
+//! HTTP); one not accepted before the next request for its document (or
+//! client) is superseded. The outcomes go to the registry, and the
+//! experiment stops itself when a winner is decided or the guardrail trips
+//! (the control is then kept).
 
 use crate::engine::{Engine, Loaded};
 use crate::fim::FimTemplate;
@@ -80,10 +81,12 @@ impl Tag {
 #[derive(Default)]
 pub struct Ab {
     registry: Option<Registry>,
-    /// The running experiment on the served model and this unit's arm,
-    /// and when the registry was last asked.
-    current: Option<(Experiment, Arm)>,
+    /// The running experiment on the served model, and when the registry
+    /// was last asked.
+    current: Option<Experiment>,
     checked: Option<Instant>,
+    /// The units' arms in it.
+    arms: HashMap<String, Arm>,
     /// Versions loaded for arms, by `name@version`.
     loaded: HashMap<String, Arc<Loaded>>,
     /// The last completion shown per document.
@@ -104,22 +107,27 @@ impl Ab {
         self.registry.as_mut()
     }
 
-    /// The model to complete `uri` with and the completion's tag: the
+    /// The model to complete `doc` (a document, or the client) with and
+    /// the completion's tag (its id `completion`, else a new one): the
     /// arm's version while an experiment runs on the served model, else
     /// the served model. The document's last completion, if not accepted,
     /// is superseded.
+    #[allow(clippy::too_many_arguments)]
     pub fn choose(
         &mut self,
         config: &Config,
         engine: &Engine,
         fim: Option<FimTemplate>,
         unit: &str,
-        uri: &str,
+        doc: &str,
+        completion: Option<String>,
         log: Log<'_>,
     ) -> (Arc<Loaded>, Tag) {
         self.flush(config, log);
         self.next += 1;
-        let completion = format!("lsp-{}-{}", std::process::id(), self.next);
+        let completion =
+            completion.unwrap_or_else(|| format!("lsp-{}-{}", std::process::id(), self.next));
+        let uri = doc;
         if let Some(prev) = self.shown.insert(uri.to_string(), completion.clone())
             && let Some(r) = self.registry(config)
         {
@@ -138,19 +146,24 @@ impl Ab {
             let running = model
                 .as_deref()
                 .and_then(|m| self.registry(config)?.running_experiment(m).ok().flatten());
-            self.current = match running {
-                Some(e) => match self.current.take() {
-                    Some((old, arm)) if old.id == e.id => Some((e, arm)),
-                    _ => {
-                        let arm = self.registry(config).and_then(|r| r.assign(&e, unit).ok());
-                        arm.map(|a| (e, a))
-                    }
-                },
-                None => None,
-            };
+            if running.as_ref().map(|e| e.id) != self.current.as_ref().map(|e| e.id) {
+                self.arms.clear();
+                self.loaded.clear();
+            }
+            self.current = running;
         }
-        let Some((e, arm)) = self.current.clone() else {
+        let Some(e) = self.current.clone() else {
             return (served, tag);
+        };
+        let arm = match self.arms.get(unit) {
+            Some(&a) => a,
+            None => match self.registry(config).and_then(|r| r.assign(&e, unit).ok()) {
+                Some(a) => {
+                    self.arms.insert(unit.to_string(), a);
+                    a
+                }
+                None => return (served, tag),
+            },
         };
         let version = e.version(arm).to_string();
         let loaded = if served.id == version {
@@ -215,6 +228,22 @@ impl Ab {
         found
     }
 
+    /// The editor said `completion` was not taken (shown and passed over):
+    /// it counts as superseded.
+    pub fn rejected(&mut self, config: &Config, completion: &str, log: Log<'_>) -> bool {
+        self.flush(config, log);
+        self.shown.retain(|_, c| c != completion);
+        let found = self
+            .registry(config)
+            .and_then(|r| r.record_superseded(completion).ok())
+            .unwrap_or(false);
+        if found {
+            self.since_decision += 1;
+            self.decide(config, log);
+        }
+        found
+    }
+
     /// Writes what the replies recorded, and looks at the decision every
     /// few outcomes.
     pub fn flush(&mut self, config: &Config, log: Log<'_>) {
@@ -246,7 +275,7 @@ impl Ab {
             return;
         }
         self.since_decision = 0;
-        let Some((e, _)) = self.current.clone() else {
+        let Some(e) = self.current.clone() else {
             return;
         };
         let Some(r) = self.registry(config) else {
@@ -281,6 +310,7 @@ impl Ab {
         {
             log(3, &format!("kiln: experiment {} stopped: {reason}", e.name));
             self.current = None;
+            self.arms.clear();
             self.loaded.clear();
         }
     }
