@@ -153,6 +153,24 @@ fn the_dashboard_is_live_in_a_real_browser_and_loads_nothing_from_elsewhere() {
     );
     assert!(painted.as_u64().unwrap() > 100, "{painted}");
 
+    // An A/B experiment started from the editor shows up with its arms.
+    let r = c
+        .request(
+            "kiln/abStart",
+            json!({"name": "page-test", "a": "coder@1", "b": "coder@2"}),
+        )
+        .unwrap();
+    assert!(r["error"].is_null(), "{r}");
+    assert!(
+        browser.wait_for(
+            "const t = document.getElementById('experiments').innerText; \
+             return t.includes('page-test') && t.includes('coder@2') && t.includes('undecided')",
+            Duration::from_secs(30)
+        ),
+        "the experiment never showed: {}",
+        browser.eval("return document.getElementById('experiments').innerText")
+    );
+
     // Everything the page loaded came from this kiln; nothing was blocked
     // or failed.
     let loaded = browser.eval("return performance.getEntriesByType('resource').map(e => e.name)");

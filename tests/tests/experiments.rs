@@ -64,6 +64,25 @@ fn session(home: &Home, unit: &str, in_experiment: bool) -> Vec<Value> {
         }
         metas.push(meta);
     }
+    // The same experiments over kiln/* methods.
+    let r = c.request("kiln/experiments", Value::Null).unwrap();
+    assert_eq!(
+        r["result"]["experiments"][0]["experiment"]["name"], "smol-vs-demo",
+        "{r}"
+    );
+    let r = c
+        .request(
+            "kiln/abStart",
+            json!({"name": "again", "a": "coder@1", "b": "coder@1"}),
+        )
+        .unwrap();
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("two versions"),
+        "{r}"
+    );
     let r = c
         .request("workspace/executeCommand", json!({"command": "kiln.other"}))
         .unwrap();

@@ -421,6 +421,16 @@ impl Registry {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The experiments running and those stopped in the last day, the
+    /// newest first.
+    pub fn recent_experiments(&self) -> Result<Vec<Experiment>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "{SELECT} WHERE e.state = 'running' OR e.stopped_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day') ORDER BY e.id DESC"
+        ))?;
+        let rows = stmt.query_map([], from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn experiment(&self, name: &str) -> Result<Option<Experiment>> {
         Ok(self
             .conn
@@ -731,7 +741,9 @@ mod tests {
         assert_eq!(mine.acceptance, Some(0.5));
         assert_eq!(mine.mean_latency_ms, Some(50.0));
         assert_eq!(s.analysis.events_needed, MIN_EVENTS);
+        assert_eq!(r.recent_experiments().unwrap().len(), 1);
         let stopped = r.stop_experiment("x", None, "stopped by t", "t").unwrap();
+        assert_eq!(r.recent_experiments().unwrap().len(), 1, "stopped today");
         assert_eq!(stopped.state, "stopped");
         assert!(r.running_experiment("coder").unwrap().is_none());
         let log = r.audit_log(10).unwrap();

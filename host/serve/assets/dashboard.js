@@ -114,6 +114,7 @@ function draw() {
   drawContext(last.last_prompt);
   drawPolicies(last.policies);
   drawOffline(last.offline);
+  drawExperiments(last.experiments);
   $("updated").textContent = `updated ${new Date(last.t).toLocaleTimeString()}, every ${fmt(last.interval_s, 0)} s`;
 }
 
@@ -190,6 +191,30 @@ function drawOffline(o) {
     ["connections to other machines", o.outbound_connections === null ? "–" : `${o.outbound_connections}`],
     ["models on this disk", o.models ? `${o.models.on_disk} of ${o.models.registered} registered` : "–"],
   ]);
+}
+
+// A/B experiments: each arm's outcomes, the difference with its
+// always-valid 95 % interval, and the decision.
+function drawExperiments(list) {
+  if (!list || !list.length) return;
+  $("experiments").innerHTML = list.map((s) => {
+    const e = s.experiment, a = s.analysis;
+    const pct = (v) => (v === null || v === undefined ? "–" : `${(v * 100).toFixed(1)} %`);
+    const arms = s.arms.map((r) => `<tr><td>${esc(r.arm)}</td><td>${esc(r.version)}</td><td class="num">${r.units}</td>` +
+      `<td class="num">${r.served}</td><td class="num">${r.accepted}</td><td class="num">${r.superseded}</td>` +
+      `<td class="num">${pct(r.acceptance)}</td><td class="num">${fmt(r.mean_latency_ms, 0)}</td></tr>`).join("");
+    const scale = a.metric === "acceptance" ? 100 : 1, unit = a.metric === "acceptance" ? " points" : " ms";
+    const diff = a.difference === null ? "no outcomes yet"
+      : `b − a ${(a.difference * scale).toFixed(1)}${unit}, 95 % always-valid interval [${(a.interval[0] * scale).toFixed(1)}, ${(a.interval[1] * scale).toFixed(1)}]; likelihood ratio ${fmt(a.likelihood_ratio, 2)} (a winner at ${fmt(a.threshold, 0)})`;
+    const verdict = e.state !== "running"
+      ? `stopped: ${esc(e.reason || "")}`
+      : a.guardrail ? `guardrail: ${esc(a.guardrail)}`
+      : a.winner ? `decided: ${esc(a.winner === "a" ? e.a : e.b)} wins`
+      : a.events_needed > 0 ? `undecided: ${a.events_needed} more outcomes per arm before a decision` : "undecided";
+    return `<h3>${esc(e.name)} <span class="muted">${esc(e.model)}, by ${esc(e.metric)}, ${esc(e.state)}</span></h3>` +
+      `<table><tr><th>arm</th><th>version</th><th>units</th><th>served</th><th>accepted</th><th>superseded</th><th>acceptance</th><th>ms</th></tr>${arms}</table>` +
+      `<div class="muted">${diff}</div><div>${verdict}</div>`;
+  }).join("");
 }
 
 function addEvents(s) {

@@ -30,6 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const HISTORY: Duration = Duration::from_secs(15 * 60);
 /// How often the offline panel counts the registered models.
 const MODELS_EVERY: Duration = Duration::from_secs(30);
+/// How often the experiments are read from the registry.
+const EXPERIMENTS_EVERY: Duration = Duration::from_secs(5);
 /// The default sampling interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -239,8 +241,32 @@ impl Dashboard {
             "explanations": lock(&self.metrics.last_explanation).0,
             "policies": policies.into_values().collect::<Vec<_>>(),
             "offline": self.offline(mem),
+            "experiments": self.experiments(mem),
             "events": events,
         })
+    }
+
+    /// The A/B experiments running, and those stopped in the last day,
+    /// with their arms and decisions (read every few seconds).
+    fn experiments(&self, mem: &mut Memory) -> Value {
+        if mem
+            .experiments
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= EXPERIMENTS_EVERY)
+        {
+            let read = self.config.as_ref().and_then(|c| {
+                let r = kiln_registry::Registry::open_home(c).ok()?;
+                let recent: Vec<Value> = (r.recent_experiments().ok()?.iter())
+                    .take(4)
+                    .filter_map(|e| serde_json::to_value(r.experiment_status(e).ok()?).ok())
+                    .collect();
+                Some(Value::Array(recent))
+            });
+            mem.experiments = Some((Instant::now(), read.unwrap_or(Value::Null)));
+        }
+        mem.experiments
+            .as_ref()
+            .map_or(Value::Null, |(_, v)| v.clone())
     }
 
     /// What says that nothing leaves the machine: the addresses listened
@@ -278,6 +304,8 @@ impl Dashboard {
 struct Memory {
     /// The models registered and on disk, and when they were counted.
     models: Option<(Instant, Value)>,
+    /// The experiments running or stopped in the last day, and when read.
+    experiments: Option<(Instant, Value)>,
     model: Option<String>,
     fallbacks: f64,
     breakers: HashMap<String, bool>,

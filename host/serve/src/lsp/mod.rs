@@ -658,6 +658,49 @@ impl Server {
                 .with_registry(|r| Ok(json!({"plugins": r.plugins().map_err(|e| e.to_string())?}))),
             "kiln/backends" => self.backends(),
             "workspace/executeCommand" => self.execute_command(&params),
+            "kiln/experiments" => self.with_registry(|r| {
+                let all = r.experiments().map_err(|e| e.to_string())?;
+                let status = (all.iter())
+                    .map(|e| r.experiment_status(e))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"experiments": status}))
+            }),
+            "kiln/abStart" => self.with_registry(|r| {
+                let metric = params["metric"].as_str().unwrap_or("acceptance");
+                let metric = kiln_registry::experiments::Metric::parse(metric)
+                    .ok_or_else(|| format!("metric {metric}: acceptance or latency"))?;
+                let text = |k: &str| params[k].as_str().unwrap_or("").to_string();
+                let e = r
+                    .start_experiment(
+                        &text("name"),
+                        &text("a"),
+                        &text("b"),
+                        params["split"].as_f64().unwrap_or(0.5),
+                        metric,
+                        "kiln serve (language server)",
+                    )
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"experiment": e}))
+            }),
+            "kiln/abStop" => self.with_registry(|r| {
+                let winner = params["winner"]
+                    .as_str()
+                    .map(|w| {
+                        kiln_registry::experiments::Arm::parse(w)
+                            .ok_or(format!("winner {w}: a or b"))
+                    })
+                    .transpose()?;
+                let e = r
+                    .stop_experiment(
+                        params["name"].as_str().unwrap_or(""),
+                        winner,
+                        "stopped from the editor (kiln/abStop)",
+                        "kiln serve (language server)",
+                    )
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"experiment": e}))
+            }),
             "kiln/activateModel" => self.activate(&params, false),
             "kiln/rollbackModel" => self.activate(&params, true),
             _ => {
