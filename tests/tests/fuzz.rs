@@ -1,312 +1,619 @@
-//! Bounded, seeded fuzz runs of what parses hostile bytes: the language
-//! server's framing (in process, and against the real `kiln serve`), the
-//! HTTP API's request bodies (against the real server on loopback) and
-//! the GGUF header with the metadata read from it (config, tokenizer).
-//! Each run is deterministic for its seed and stops after its iteration
-//! count or time budget (`KILN_FUZZ_SECONDS` raises the budget); a failure
-//! names its seed and iteration. What a run found is kept as a test below
-//! or in the module it concerned.
+//! Bounded fuzzing in CI, seeded with real inputs: the GGUF parser with the
+//! headers of released models, the tokenizer with a real vocabulary, the
+//! language server's framing with broken streams, JSON-RPC messages and
+//! HTTP request bodies against running servers, and the policy loader
+//! with changed WebAssembly modules and random inputs. Each target runs
+//! `KILN_FUZZ_CASES` cases (default 300) or `KILN_FUZZ_SECONDS` seconds
+//! (default 20), whichever ends first, from a fixed seed
+//! (`KILN_FUZZ_SEED` to explore others), and reports what it ran. A
+//! crash (a panic, a dead server, a 5xx) fails the test; what it found
+//! becomes a test of its own.
 
-use kiln_runtime::gguf::GgufFile;
-use kiln_serve::lsp::{Frame, FrameReader};
-use kiln_tests::Home;
-use kiln_tests::fuzz::{Mutator, run_for};
-use kiln_tests::serve::{demo_model, http_server, initialize, serve, watchdog};
+use kiln_serve::lsp::framing::{Frame, FrameReader};
+use kiln_tests::serve::{http, http_server, serve};
+use kiln_tests::{Home, policies_dir, real_model};
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-fn budget(default_s: u64) -> Duration {
-    let s = std::env::var("KILN_FUZZ_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default_s);
-    Duration::from_secs(s)
+/// xorshift64*: small, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(target: &str) -> Rng {
+        let base: u64 = std::env::var("KILN_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x6b69_6c6e);
+        let mut h = base ^ 0xcbf2_9ce4_8422_2325;
+        for b in target.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        Rng(h | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[self.below(from.len())]
+    }
 }
 
-fn frame(body: &Value) -> Vec<u8> {
-    let body = body.to_string();
-    format!("Content-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+/// The cases and the time each target may take.
+struct Budget {
+    cases: usize,
+    until: Instant,
+    ran: usize,
 }
 
-fn lsp_seeds() -> Vec<Vec<u8>> {
-    let messages = [
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}),
-        json!({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {"uri": "file:///a.py", "languageId": "python", "version": 1, "text": "é = 1\n😀"}}}),
-        json!({"jsonrpc": "2.0", "method": "textDocument/didChange", "params": {"textDocument": {"uri": "file:///a.py", "version": 2}, "contentChanges": [{"range": {"start": {"line": 0, "character": 1}, "end": {"line": 1, "character": 2}}, "text": "中"}]}}),
-        json!({"jsonrpc": "2.0", "id": "x", "method": "textDocument/inlineCompletion", "params": {"textDocument": {"uri": "file:///a.py"}, "position": {"line": 0, "character": 1}}}),
-        json!({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": "x"}}),
-    ];
-    let mut seeds: Vec<Vec<u8>> = messages.iter().map(frame).collect();
-    seeds.push(seeds.concat());
-    seeds
+impl Budget {
+    fn new() -> Budget {
+        let env = |k: &str, d: u64| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        Budget {
+            cases: env("KILN_FUZZ_CASES", 300) as usize,
+            until: Instant::now() + Duration::from_secs(env("KILN_FUZZ_SECONDS", 20)),
+            ran: 0,
+        }
+    }
+
+    fn more(&mut self) -> bool {
+        let go = self.ran < self.cases && Instant::now() < self.until;
+        if go {
+            self.ran += 1;
+        }
+        go
+    }
 }
 
-const LSP_WORDS: &[&[u8]] = &[
-    b"Content-Length: ",
-    b"content-length:",
-    b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n",
-    b"\r\n\r\n",
-    b"\r\n",
-    b"\\ud800",
-    b"\\udc00",
-    b"\\u0000",
-    b"99999999999999999999",
-    b"\"jsonrpc\":\"2.0\"",
-    b"\"id\":[1]",
-    b"\"method\":7",
-];
-
-#[test]
-fn fuzz_lsp_framing_in_process() {
-    let seeds = lsp_seeds();
-    let mut m = Mutator::new(0x6b696c6e, LSP_WORDS);
-    let mut frames = 0usize;
-    let n = run_for(200_000, budget(20), |i| {
-        let seed = &seeds[m.rng().usize(..seeds.len())];
-        let input = m.mutate(seed, &seeds);
-        let mut r = FrameReader::with_limit(&input[..], 4096);
-        // Every byte is read once at most, so the frames are fewer than
-        // the bytes: the reader cannot loop without consuming input.
-        for k in 0.. {
-            match r.next_frame() {
-                Ok(Some(f)) => {
-                    frames += 1;
-                    if let Frame::TooLarge(n) = f {
-                        assert!(n > 4096, "iteration {i}: {n}");
+/// `seed` with a few random changes: bits flipped, bytes set, 32- and
+/// 64-bit fields set to edge values (lengths, counts, types), ranges cut,
+/// repeated or inserted, the end cut.
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..1 + rng.below(6) {
+        if b.is_empty() {
+            b.push(rng.next() as u8);
+        }
+        let at = rng.below(b.len());
+        match rng.below(7) {
+            0 => b[at] ^= 1 << rng.below(8),
+            1 => b[at] = rng.next() as u8,
+            2 => {
+                let edge = *rng.pick(&[
+                    0u64,
+                    1,
+                    2,
+                    7,
+                    13,
+                    255,
+                    1 << 31,
+                    u32::MAX as u64,
+                    1 << 40,
+                    u64::MAX / 2,
+                    u64::MAX,
+                ]);
+                let width = if rng.below(2) == 0 { 4 } else { 8 };
+                for (k, byte) in edge.to_le_bytes()[..width].iter().enumerate() {
+                    if let Some(x) = b.get_mut(at + k) {
+                        *x = *byte;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => panic!("iteration {i}: reading from memory failed: {e}"),
             }
-            assert!(k <= input.len(), "iteration {i}: frames without end");
+            3 => {
+                let end = (at + 1 + rng.below(64)).min(b.len());
+                b.drain(at..end);
+            }
+            4 => {
+                let end = (at + 1 + rng.below(64)).min(b.len());
+                let copy = b[at..end].to_vec();
+                let to = rng.below(b.len());
+                b.splice(to..to, copy);
+            }
+            5 => {
+                let n = rng.below(16);
+                let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                b.splice(at..at, junk);
+            }
+            _ => b.truncate(at),
         }
-    });
-    eprintln!("lsp framing: {n} inputs, {frames} frames");
-    assert!(n >= 1000);
+    }
+    b
 }
 
-/// Mutated messages sent to the real server, each followed by a valid
-/// request that must be answered. Declared lengths are never raised and no
-/// header is planted in a body, so that the server is never owed bytes it
-/// would rightly wait for.
+fn report(target: &str, ran: usize, detail: &str) {
+    eprintln!("fuzz {target}: {ran} executions, 0 crashes{detail}");
+}
+
 #[test]
-fn fuzz_lsp_against_the_server() {
-    let home = Home::default();
-    let ws = tempfile::tempdir().unwrap();
-    let mut c = serve(&home, &[]);
-    watchdog(c.pid(), Duration::from_secs(600));
-    initialize(
-        &mut c,
-        ws.path(),
-        json!({"maxTokens": 1, "workspaceContext": false}),
-    );
-    let bodies: Vec<Vec<u8>> = lsp_seeds()[..5]
-        .iter()
-        .map(|f| {
-            let at = f.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            f[at..].to_vec()
-        })
-        .collect();
-    let words: Vec<&[u8]> = LSP_WORDS
-        .iter()
-        .copied()
-        .filter(|w| !w.to_ascii_lowercase().starts_with(b"content-") && !w.starts_with(b"\r\n"))
-        .collect();
-    let mut m = Mutator::new(0x6c7370, &words);
-    let n = run_for(400, budget(30), |i| {
-        let k = m.rng().usize(..bodies.len());
-        let body = m.mutate(&bodies[k], &bodies);
-        let header = match m.rng().u8(0..6) {
-            0 => "Content-Length: nope\r\n\r\n".to_string(),
-            1 => format!("Content-Length: -{}\r\n\r\n", body.len()),
-            2 => "Content-Type: x\r\n\r\n".to_string(),
-            3 => format!("Content-Length: {}\r\n\r\n", body.len() / 2),
-            _ => format!("Content-Length: {}\r\n\r\n", body.len()),
+fn gguf_headers_of_released_models() {
+    for file in [
+        "smollm2-135m-instruct-q4_1.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ] {
+        let Some(path) = real_model(file) else {
+            return;
         };
-        let mut bytes = header.into_bytes();
-        bytes.extend_from_slice(&body);
-        c.send_raw(&bytes).unwrap();
-        let r = c
-            .request("kiln/models", Value::Null)
-            .unwrap_or_else(|e| panic!("iteration {i}: the server is gone: {e}"));
-        assert!(r["result"]["models"].is_array(), "iteration {i}: {r}");
-    });
-    eprintln!("lsp server: {n} mutated messages");
-    assert!(c.close().unwrap().success());
-}
-
-/// One request over a fresh connection; `None` when the server took longer
-/// than `wait` (the connection is dropped, which cancels the job).
-fn post_raw(addr: &str, path: &str, body: &[u8], wait: Duration) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(wait)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.get(9..12)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
-}
-
-/// Replaces one value anywhere in `v` (an object's field, an array's item,
-/// or a new field) with a value of another type or an edge of its range.
-fn mutate_json(rng: &mut fastrand::Rng, v: &mut Value) {
-    let pick = rng.u8(0..14);
-    let replacement = || -> Value {
-        match pick {
-            0 => Value::Null,
-            1 => json!(-1),
-            2 => json!(0),
-            3 => json!(1.5),
-            4 => json!(1e300),
-            5 => json!(i64::MAX),
-            6 => json!(""),
-            7 => json!("\u{0}\u{ffff}é😀"),
-            8 => json!([]),
-            9 => json!({}),
-            10 => json!(true),
-            11 => json!([1, "a", null]),
-            12 => json!(4.0),
-            _ => json!("x".repeat(5000)),
-        }
-    };
-    match v {
-        Value::Object(o) if !o.is_empty() && rng.bool() => {
-            let k = o.keys().nth(rng.usize(..o.len())).unwrap().clone();
-            if rng.u8(0..4) == 0 {
-                o[&k] = replacement();
-            } else {
-                mutate_json(rng, &mut o[&k]);
+        let f = kiln_runtime::gguf::GgufFile::open(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        // The header, its metadata and tensor table, and a little data.
+        let seed = bytes[..(f.data_offset as usize + 4096).min(bytes.len())].to_vec();
+        drop(bytes);
+        let mut rng = Rng::seeded(file);
+        let mut budget = Budget::new();
+        let mut parsed = 0;
+        while budget.more() {
+            let input = mutate(&mut rng, &seed);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                kiln_runtime::gguf::GgufFile::from_bytes(Path::new(file), input)
+                    .map(|g| g.tensors.len())
+            }));
+            match r {
+                Err(_) => panic!(
+                    "the GGUF parser panicked on a changed header of {file} (case {})",
+                    budget.ran
+                ),
+                Ok(Ok(_)) => parsed += 1,
+                Ok(Err(e)) => assert!(!e.to_string().is_empty()),
             }
         }
-        Value::Object(o) => {
-            let keys = [
-                "max_tokens",
-                "n",
-                "stop",
-                "suffix",
-                "messages",
-                "prompt",
-                "logprobs",
-                "echo",
-                "best_of",
-                "temperature",
-                "top_p",
-                "seed",
-                "stream",
-                "model",
-            ];
-            o.insert(keys[rng.usize(..keys.len())].to_string(), replacement());
+        report(
+            &format!("gguf {file}"),
+            budget.ran,
+            &format!(", {parsed} parsed"),
+        );
+    }
+}
+
+/// Text of code, words in several scripts, emoji, whitespace runs,
+/// control characters and special-token look-alikes, at random.
+fn random_text(rng: &mut Rng) -> String {
+    const PARTS: &[&str] = &[
+        "fn ",
+        "def ",
+        "return x",
+        "    ",
+        "\t",
+        "\n",
+        "\r\n",
+        " ",
+        "{",
+        "}",
+        "(",
+        ")",
+        "::",
+        "->",
+        "é",
+        "ß",
+        "中文",
+        "日本語",
+        "한국어",
+        "Ωμέγα",
+        "кириллица",
+        "עברית",
+        "العربية",
+        "हिन्दी",
+        "😀",
+        "👩‍💻",
+        "🏳️‍🌈",
+        "\u{200b}",
+        "\u{feff}",
+        "\u{0301}",
+        "\u{0000}",
+        "\u{001b}",
+        "\u{7f}",
+        "0123456789",
+        "1e-9",
+        "<",
+        ">",
+        "<|",
+        "|>",
+        "<s>",
+        "</s>",
+        "<|im_start|>",
+        "<|endoftext|>",
+        "<fim_prefix>",
+        "\\u0000",
+        "''",
+        "\"\"",
+        "```",
+        "#",
+        "//",
+        "/*",
+        "*/",
+        "a",
+        "Z",
+        "_",
+    ];
+    let n = rng.below(40);
+    let mut s = String::new();
+    for _ in 0..n {
+        // Special-token look-alikes in one text of a few.
+        let mut p = *rng.pick(PARTS);
+        while p.starts_with('<') && rng.below(8) != 0 {
+            p = *rng.pick(PARTS);
         }
-        Value::Array(a) if !a.is_empty() => {
-            let i = rng.usize(..a.len());
-            mutate_json(rng, &mut a[i]);
+        s.push_str(p);
+    }
+    if rng.below(4) == 0 {
+        // Any code point, not only those above.
+        for _ in 0..rng.below(8) {
+            if let Some(c) = char::from_u32(rng.below(0x11_0000) as u32) {
+                s.push(c);
+            }
         }
-        other => *other = replacement(),
+    }
+    s
+}
+
+/// GPT-2's byte-level alphabet: the token text of byte `b`.
+fn byte_token(b: u8) -> String {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    if printable(b) {
+        return char::from(b).to_string();
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).unwrap().to_string()
+}
+
+#[test]
+fn a_real_tokenizer_with_random_text() {
+    let Some(path) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let f = kiln_runtime::gguf::GgufFile::open(&path).unwrap();
+    let tok = kiln_runtime::tokenizer::Tokenizer::from_gguf(&f).unwrap();
+    let mut rng = Rng::seeded("tokenizer");
+    let mut budget = Budget::new();
+    let mut round_trips = 0;
+    while budget.more() {
+        let text = random_text(&mut rng);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let ids = tok.encode(&text, false)?;
+            let back = tok.decode(&ids);
+            let limited = tok.encode_within(&text, false, 8).is_ok();
+            Ok::<_, String>((ids.len(), back, limited))
+        }));
+        let Ok(Ok((_, back, _))) = r else {
+            panic!("the tokenizer panicked or failed on {text:?}: {r:?}");
+        };
+        // Byte-level BPE loses nothing but the special tokens' text and
+        // the bytes the vocabulary has no token for (SmolLM2 has none for
+        // 0xF2, the first byte of planes 8 to 11).
+        let special = ["<|", "<s>", "</s>", "<fim"]
+            .iter()
+            .any(|t| text.contains(t));
+        if !special && text.bytes().all(|b| tok.token_id(&byte_token(b)).is_some()) {
+            assert_eq!(back, text, "decode(encode(x)) differs from x");
+            round_trips += 1;
+        }
+    }
+    report(
+        "tokenizer",
+        budget.ran,
+        &format!(", {round_trips} exact round trips"),
+    );
+}
+
+/// A random JSON value: every type, edge numbers, unicode, nesting, and
+/// now and then the keys LSP and the HTTP API read.
+fn random_json(rng: &mut Rng, depth: usize) -> Value {
+    const KEYS: &[&str] = &[
+        "textDocument",
+        "uri",
+        "position",
+        "line",
+        "character",
+        "text",
+        "contentChanges",
+        "range",
+        "start",
+        "end",
+        "prompt",
+        "suffix",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "stream",
+        "messages",
+        "role",
+        "content",
+        "model",
+        "id",
+        "accepted",
+        "accepted_length",
+        "completion",
+        "budget_tokens",
+        "attention",
+        "settings",
+        "kiln",
+        "name",
+        "a",
+        "b",
+        "split",
+        "command",
+        "arguments",
+        "user",
+        "maxTokens",
+        "mode",
+        "abUnit",
+    ];
+    match rng.below(if depth > 3 { 6 } else { 9 }) {
+        0 => Value::Null,
+        1 => json!(rng.below(2) == 0),
+        2 => json!(*rng.pick(&[0i64, 1, -1, 2, 4, 16, 4096, 1 << 31, i64::MAX, i64::MIN])),
+        3 => json!(*rng.pick(&[0.5f64, -0.0, 1e-300, 1e300, 2.5, -7.25])),
+        4 | 5 => json!(random_text(rng)),
+        6 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| random_json(rng, depth + 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..rng.below(5))
+                .map(|_| (rng.pick(KEYS).to_string(), random_json(rng, depth + 1)))
+                .collect(),
+        ),
     }
 }
 
 #[test]
-fn fuzz_http_request_bodies() {
-    let home = Home::default();
-    let srv = http_server(&home);
-    watchdog(srv.child.id(), Duration::from_secs(600));
-    let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("/v1/completions", json!({"model": "demo", "prompt": "def f(é):", "suffix": "\n", "max_tokens": 2, "temperature": 0, "stop": ["\n"], "seed": 3}).to_string().into_bytes()),
-        ("/v1/completions", json!({"model": "demo", "prompt": ["x = "], "max_tokens": 1.0, "stream": true, "top_p": 0.5, "n": 1}).to_string().into_bytes()),
-        ("/v1/chat/completions", json!({"model": "demo", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "中文 😀"}], "max_tokens": 2}).to_string().into_bytes()),
-    ];
-    let others: Vec<Vec<u8>> = seeds.iter().map(|s| s.1.clone()).collect();
-    let words: &[&[u8]] = &[
-        b"\"max_tokens\":",
-        b"\"stream\":true",
-        b"null",
-        b"-1",
-        b"1e400",
-        b"[]",
-        b"{}",
-        b"\"\\ud800\"",
-        b"\"messages\":",
-        b"\"role\":\"tool\"",
-        b"4096",
-        b"0.0",
-    ];
-    let mut m = Mutator::new(0x68747470, words);
-    let mut statuses = std::collections::BTreeMap::new();
-    let n = run_for(400, budget(40), |i| {
-        let (path, seed) = &seeds[m.rng().usize(..seeds.len())];
-        // Half the inputs are broken bytes, half well-formed JSON with
-        // values of the wrong type or range.
-        let body = if m.rng().bool() {
-            m.mutate(seed, &others)
-        } else {
-            let mut v: Value = serde_json::from_slice(seed).unwrap();
-            mutate_json(m.rng(), &mut v);
-            v.to_string().into_bytes()
-        };
-        let Some((status, text)) = post_raw(&srv.addr, path, &body, Duration::from_secs(2)) else {
-            *statuses.entry(0).or_insert(0) += 1;
-            return;
-        };
-        *statuses.entry(status).or_insert(0) += 1;
-        assert!(
-            status == 200 || (400..500).contains(&status),
-            "iteration {i}: {status} for {:?}:\n{text}",
-            String::from_utf8_lossy(&body)
-        );
-        if status != 200 {
-            let v: Value = serde_json::from_str(&text)
-                .unwrap_or_else(|_| panic!("iteration {i}: {status} without a JSON error: {text}"));
-            assert!(v["error"]["message"].is_string(), "iteration {i}: {v}");
+fn lsp_framing_of_broken_streams() {
+    let mut rng = Rng::seeded("framing");
+    let mut budget = Budget::new();
+    let mut frames = 0;
+    while budget.more() {
+        let mut stream = Vec::new();
+        for _ in 0..1 + rng.below(6) {
+            let body = random_json(&mut rng, 0).to_string();
+            match rng.below(8) {
+                0 | 1 => {
+                    stream.extend(format!("Content-Length: {}\r\n\r\n{body}", body.len()).bytes())
+                }
+                2 => stream.extend(
+                    format!(
+                        "Content-Length: {}\r\n\r\n{body}",
+                        body.len() + rng.below(9)
+                    )
+                    .bytes(),
+                ),
+                3 => stream.extend(
+                    format!(
+                        "Content-Length: {}\r\n\r\n{body}",
+                        body.len().saturating_sub(rng.below(9))
+                    )
+                    .bytes(),
+                ),
+                4 => stream.extend(format!("Content-Length: {}\r\n\r\n", u64::MAX).bytes()),
+                5 => stream.extend(
+                    format!(
+                        "Content-Type: x\r\nContent-Length: -{}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .bytes(),
+                ),
+                6 => stream.extend((0..rng.below(200)).map(|_| rng.next() as u8)),
+                _ => stream.extend(mutate(
+                    &mut rng,
+                    format!("Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+                )),
+            }
         }
-    });
-    eprintln!("http bodies: {n} requests, statuses {statuses:?} (0: slower than 2 s, dropped)");
-    let (code, _) = kiln_tests::serve::http(&srv.addr, "GET", "/healthz", b"");
-    assert_eq!(code, 200);
-}
-
-/// The GGUF header and what kiln reads from its metadata: the model
-/// configuration (every tensor's shape checked) and the tokenizer.
-fn read_header(bytes: Vec<u8>) {
-    let Ok(f) = GgufFile::from_bytes(Path::new("fuzzed.gguf"), bytes) else {
-        return;
-    };
-    let _ = kiln_runtime::model::ModelConfig::from_gguf(&f);
-    let _ = kiln_runtime::tokenizer::Tokenizer::from_gguf(&f);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let mut reader = FrameReader::with_limit(std::io::Cursor::new(&stream), 4096);
+            let mut n = 0;
+            for _ in 0..10_000 {
+                match reader.next_frame() {
+                    Ok(Some(Frame::Json(_) | Frame::LoneSurrogates(_))) => n += 1,
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(n),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            Err("no end after 10,000 frames".to_string())
+        }));
+        match r {
+            Ok(Ok(n)) => frames += n,
+            other => panic!(
+                "framing failed on {:?}: {other:?}",
+                String::from_utf8_lossy(&stream)
+            ),
+        }
+    }
+    report(
+        "lsp framing",
+        budget.ran,
+        &format!(", {frames} messages read"),
+    );
 }
 
 #[test]
-fn fuzz_gguf_header() {
-    // The header (metadata, vocabulary included, and the tensor table) is
-    // mutated; the tensor data after it stays as it is.
-    let model = std::fs::read(demo_model()).unwrap();
-    let data_offset = GgufFile::open(&demo_model()).unwrap().data_offset as usize;
-    let (seed, data) = model.split_at(data_offset);
-    let seeds = vec![seed.to_vec()];
-    let words: &[&[u8]] = &[
-        b"GGUF",
-        b"general.architecture",
-        b"llama",
-        b"tokenizer.ggml.tokens",
-        b"tokenizer.ggml.model",
-        b"llama.block_count",
-        b"\xff\xff\xff\xff\xff\xff\xff\x7f",
+fn json_rpc_messages_against_a_running_language_server() {
+    const METHODS: &[&str] = &[
+        "textDocument/inlineCompletion",
+        "textDocument/completion",
+        "textDocument/didOpen",
+        "textDocument/didChange",
+        "textDocument/didClose",
+        "textDocument/didSave",
+        "workspace/didChangeConfiguration",
+        "workspace/executeCommand",
+        "kiln/status",
+        "kiln/context",
+        "kiln/explain",
+        "kiln/document",
+        "kiln/models",
+        "kiln/experiments",
+        "kiln/abStart",
+        "kiln/abStop",
+        "$/cancelRequest",
+        "initialized",
+        "no/such",
+        "",
     ];
-    let mut m = Mutator::new(0x67677566, words);
-    let n = run_for(50_000, budget(30), |_| {
-        let mut bytes = m.mutate(seed, &seeds);
-        bytes.extend_from_slice(data);
-        read_header(bytes)
-    });
-    eprintln!("gguf header: {n} inputs of {} bytes", seed.len());
-    assert!(n >= 200);
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let mut c = serve(&home, &[]);
+    kiln_tests::serve::watchdog(c.pid(), Duration::from_secs(180));
+    kiln_tests::serve::initialize(&mut c, ws.path(), json!({"maxTokens": 4}));
+    let uri = format!("file://{}/a.py", ws.path().display());
+    kiln_tests::serve::open(&mut c, &uri, "def f(x):\n    return x\n");
+    let mut rng = Rng::seeded("json-rpc");
+    let mut budget = Budget::new();
+    let mut asked = Vec::new();
+    while budget.more() {
+        let method = *rng.pick(METHODS);
+        let mut params = random_json(&mut rng, 0);
+        if rng.below(2) == 0 {
+            // Often about the open document, so that deeper code runs.
+            params = json!({"textDocument": {"uri": uri}, "position": {"line": rng.below(4), "character": rng.below(30)}, "x": params});
+        }
+        if std::env::var_os("KILN_FUZZ_TRACE").is_some() {
+            eprintln!("send {method} {params}");
+        }
+        if rng.below(4) == 0 {
+            c.notify(method, params).unwrap();
+        } else {
+            let id = c.request_async(method, params.clone()).unwrap();
+            asked.push((id, method, params));
+        }
+    }
+    // Every request is answered, and the server still works.
+    // Answers come in any order (an explanation after a later error).
+    let mut answered = std::collections::HashMap::new();
+    while answered.len() < asked.len() {
+        let r = c.next_response().unwrap_or_else(|e| {
+            let missing: Vec<String> = (asked.iter())
+                .filter(|(id, ..)| !answered.contains_key(id))
+                .map(|(id, m, p)| format!("{id} {m} {p}"))
+                .collect();
+            panic!("the server stopped ({e}) with requests unanswered: {missing:?}")
+        });
+        assert!(r.get("result").is_some() || r.get("error").is_some(), "{r}");
+        if let Some(id) = r["id"].as_i64() {
+            answered.insert(id, r);
+        }
+    }
+    let status = c.request("kiln/status", Value::Null).unwrap();
+    assert!(status["result"]["model"].is_string(), "{status}");
+    let code = c.close().unwrap();
+    assert!(code.success(), "{code:?}");
+    report(
+        "json-rpc",
+        budget.ran,
+        &format!(", {} requests answered", asked.len()),
+    );
+}
+
+#[test]
+fn http_request_bodies_against_a_running_server() {
+    const PATHS: &[&str] = &[
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/explain",
+        "/v1/feedback",
+    ];
+    let home = Home::default();
+    let server = http_server(&home);
+    let mut rng = Rng::seeded("http");
+    let mut budget = Budget::new();
+    let mut by_code = std::collections::BTreeMap::new();
+    while budget.more() {
+        let path = *rng.pick(PATHS);
+        let mut v = random_json(&mut rng, 0);
+        if let Some(o) = v.as_object_mut() {
+            // Small generations and budgets: the point is the parsing.
+            o.insert(
+                "max_tokens".into(),
+                json!(*rng.pick(&[0i64, 1, 2, -1, 1 << 40])),
+            );
+            o.insert("budget_tokens".into(), json!(*rng.pick(&[1i64, 64, 0, -5])));
+            if rng.below(2) == 0 {
+                o.insert("prompt".into(), json!(random_text(&mut rng)));
+            }
+        }
+        let mut body = v.to_string().into_bytes();
+        if rng.below(4) == 0 {
+            body = mutate(&mut rng, &body);
+        }
+        let (code, text) = http(&server.addr, "POST", path, &body);
+        assert!(
+            code < 500,
+            "{path} answered {code} to {:?}: {text}",
+            String::from_utf8_lossy(&body)
+        );
+        *by_code.entry(code).or_insert(0) += 1;
+    }
+    let (code, _) = http(&server.addr, "GET", "/healthz", b"");
+    assert_eq!(code, 200, "the server stopped answering");
+    report(
+        "http bodies",
+        budget.ran,
+        &format!(", answers by status {by_code:?}"),
+    );
+}
+
+#[test]
+fn policy_modules_changed_and_fed_random_input() {
+    let Some(dir) = policies_dir() else {
+        return;
+    };
+    let sandbox = kiln_sandbox::runtime::Sandbox::new(None);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut rng = Rng::seeded("policies");
+    let mut budget = Budget::new();
+    let (mut loaded, mut called) = (0, 0);
+    while budget.more() {
+        let file = rng.pick(&files).clone();
+        let bytes = std::fs::read(&file).unwrap();
+        let changed = rng.below(2) == 0;
+        let module = if changed {
+            mutate(&mut rng, &bytes)
+        } else {
+            bytes
+        };
+        let input: Vec<u8> = (0..rng.below(512)).map(|_| rng.next() as u8).collect();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let p = sandbox.load(&module, None)?;
+            Ok::<_, kiln_sandbox::PolicyError>((true, p.call_raw(&input).is_ok()))
+        }));
+        match r {
+            Err(_) => panic!(
+                "the sandbox panicked on {} (changed: {changed})",
+                file.display()
+            ),
+            Ok(Ok((l, c))) => {
+                loaded += l as usize;
+                called += c as usize;
+            }
+            Ok(Err(e)) => assert!(!e.to_string().is_empty()),
+        }
+    }
+    report(
+        "policies",
+        budget.ran,
+        &format!(", {loaded} modules loaded, {called} calls answered"),
+    );
 }
