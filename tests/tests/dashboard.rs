@@ -215,6 +215,8 @@ fn the_dashboard_is_served_with_the_http_api_and_refuses_bad_intervals() {
     assert_eq!(last["offline"]["loopback_only"], true, "{last}");
     assert_eq!(last["offline"]["outbound_connections"], 0, "{last}");
     assert_eq!(last["totals"]["completion_cache_evictions"], 0.0, "{last}");
+    // Plugin health: none installed in this home.
+    assert_eq!(last["offline"]["models"]["plugins"], json!([]), "{last}");
     let (_, metrics) = kiln_tests::serve::http(&server.addr, "GET", "/metrics", b"");
     assert!(
         metrics.contains("kiln:completion_cache_evictions_total 0"),

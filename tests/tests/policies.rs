@@ -735,6 +735,16 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
         assert!(std::time::Instant::now() < deadline, "{s}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // The fuel it burned is counted (the dashboard's fuel per call).
+    let s = status(&mut c);
+    let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
+    let fuel: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"kiln:policy_fuel_total{policy="jaccard-windows@1.0.0"} "#))
+        .unwrap_or_else(|| panic!("no fuel counted: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(fuel > 0.0, "{metrics}");
     let log = home.json(&["policy", "log", "--json"]);
     assert_eq!(log["decisions"][0]["id"], id, "{log}");
     assert_eq!(

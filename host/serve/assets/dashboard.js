@@ -151,7 +151,19 @@ function drawModel(s) {
     ["fallbacks to CPU", fmt(t.fallbacks, 0)],
     ["completion cache evictions", fmt(t.completion_cache_evictions, 0)],
     ["device transfers", `${bytes(t.bytes_to_device)} up, ${bytes(t.bytes_from_device)} down`],
+    ["plugins", pluginHealth(s.offline && s.offline.models && s.offline.models.plugins)],
   ]);
+}
+
+// Each backend plugin: its state, its conformance gate, its library there.
+function pluginHealth(list) {
+  if (!list) return "–";
+  if (!list.length) return "none installed (the built-in CPU backend)";
+  return list.map((p) => {
+    const gate = p.failed ? `${p.failed} conformance case(s) failed` : `${fmt(p.passed, 0)} cases passed`;
+    const lib = p.library_present ? "" : ", its library is missing";
+    return `${esc(p.plugin)}: ${esc(p.state)}, ${gate}${lib}`;
+  }).join("<br>");
 }
 
 // Widths are set through the DOM after the markup: the page's security
@@ -178,8 +190,9 @@ function drawContext(p) {
 
 function drawPolicies(list) {
   if (!list || !list.length) return;
-  $("policies").innerHTML = `<table><tr><th>policy</th><th>ok</th><th>errors</th><th>breaker</th></tr>` +
-    list.map((p) => `<tr><td>${esc(p.policy)}</td><td class="num">${fmt(p.ok || 0, 0)}</td><td class="num">${fmt(p.error || 0, 0)}</td><td>${p.breaker_open ? "open: built-in ranker" : "closed"}</td></tr>`).join("") +
+  const perCall = (p) => { const n = (p.ok || 0) + (p.error || 0); return n && p.fuel !== undefined ? p.fuel / n : null; };
+  $("policies").innerHTML = `<table><tr><th>policy</th><th>ok</th><th>errors</th><th>fuel per call</th><th>breaker</th></tr>` +
+    list.map((p) => `<tr><td>${esc(p.policy)}</td><td class="num">${fmt(p.ok || 0, 0)}</td><td class="num">${fmt(p.error || 0, 0)}</td><td class="num">${fmt(perCall(p), 0)}</td><td>${p.breaker_open ? "open: built-in ranker" : "closed"}</td></tr>`).join("") +
     `</table>`;
 }
 

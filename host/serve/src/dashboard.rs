@@ -187,6 +187,14 @@ impl Dashboard {
                 .or_insert_with(|| json!({"policy": p}));
             e[outcome.as_str()] = json!(v);
         }
+        for (labels, v) in cur.series("kiln:policy_fuel_total") {
+            if let Some(p) = labels.get("policy") {
+                let e = policies
+                    .entry(p.clone())
+                    .or_insert_with(|| json!({"policy": p}));
+                e["fuel"] = json!(v);
+            }
+        }
         for (labels, v) in cur.series("kiln:policy_breaker_open") {
             if let Some(p) = labels.get("policy") {
                 let e = policies
@@ -285,7 +293,20 @@ impl Dashboard {
                 let r = kiln_registry::Registry::open_home(c).ok()?;
                 let all = r.models().ok()?;
                 let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
-                Some(json!({"registered": all.len(), "on_disk": on_disk}))
+                // Plugin health: each backend plugin's state and what its
+                // conformance gate found.
+                let plugins: Vec<Value> = (r.plugins().ok()?.iter())
+                    .map(|p| {
+                        json!({
+                            "plugin": p.label(),
+                            "state": p.state,
+                            "passed": p.conformance["passed"],
+                            "failed": p.conformance["failed"],
+                            "library_present": p.library_path.is_file(),
+                        })
+                    })
+                    .collect();
+                Some(json!({"registered": all.len(), "on_disk": on_disk, "plugins": plugins}))
             });
             mem.models = Some((Instant::now(), models.unwrap_or(Value::Null)));
         }

@@ -114,6 +114,12 @@ fn write_loop(config: &Config, metrics: &Metrics, status: &Mutex<LogStatus>, rx:
             .policy_calls
             .get_or_create(&labels(&[("policy", &call.policy), ("outcome", outcome)]))
             .inc();
+        if let Some(fuel) = call.fuel_used {
+            metrics
+                .policy_fuel
+                .get_or_create(&labels(&[("policy", &call.policy)]))
+                .inc_by(fuel);
+        }
         let keys = match &seal {
             None => Ok(None),
             Some(Ok(k)) => Ok(Some(k)),

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub policy_calls: Family<Labels, Counter>,
     pub policy_trips: Family<Labels, Counter>,
     pub policy_breaker_open: Family<Labels, Gauge>,
+    /// Fuel the ranking policies burned (wasmtime's instruction budget).
+    pub policy_fuel: Family<Labels, Counter>,
     /// 1 for the model being served, labelled with what it is.
     pub model_info: Family<Labels, Gauge>,
     pub context_window: Gauge,
@@ -86,6 +88,7 @@ impl Default for Metrics {
             policy_calls: Family::default(),
             policy_trips: Family::default(),
             policy_breaker_open: Family::default(),
+            policy_fuel: Family::default(),
             model_info: Family::default(),
             context_window: Gauge::default(),
             model_bytes: Gauge::default(),
@@ -208,6 +211,11 @@ impl Default for Metrics {
             "kiln:policy_breaker_trips",
             "Times a policy's circuit breaker tripped (the policy was disabled)",
             m.policy_trips.clone(),
+        );
+        registry.register(
+            "kiln:policy_fuel",
+            "Fuel (WebAssembly instructions, roughly) the ranking policies used",
+            m.policy_fuel.clone(),
         );
         registry.register(
             "kiln:policy_breaker_open",
