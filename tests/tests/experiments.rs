@@ -98,15 +98,22 @@ fn session(home: &Home, unit: &str, in_experiment: bool) -> Vec<Value> {
     metas
 }
 
-#[test]
-fn an_experiment_serves_each_unit_its_arm_and_counts_what_the_editor_accepts() {
-    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
-        return;
-    };
+/// A home where `coder@1` is SmolLM2 as released and `coder@2` (active)
+/// the demo model; `None` without the released model.
+fn two_versions() -> Option<Home> {
+    let smol = real_model("smollm2-135m-instruct-q4_1.gguf")?;
     let home = Home::default();
     home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
     let demo = demo_model();
     home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
+    Some(home)
+}
+
+#[test]
+fn an_experiment_serves_each_unit_its_arm_and_counts_what_the_editor_accepts() {
+    let Some(home) = two_versions() else {
+        return;
+    };
     // Refused with the reason, nothing started.
     for (args, says) in [
         (
@@ -209,13 +216,9 @@ fn an_experiment_serves_each_unit_its_arm_and_counts_what_the_editor_accepts() {
 #[test]
 fn the_http_api_serves_arms_by_user_and_takes_feedback() {
     use kiln_tests::serve::{http, http_server_with, post};
-    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+    let Some(home) = two_versions() else {
         return;
     };
-    let home = Home::default();
-    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
-    let demo = demo_model();
-    home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
     home.ok(&[
         "ab", "start", "web", "--a", "coder@1", "--b", "coder@2", "--split", "0.5",
     ]);
