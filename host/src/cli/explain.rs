@@ -7,14 +7,28 @@ use kiln_runtime::model::{Model, session::Session};
 use kiln_runtime::store;
 use std::process::ExitCode;
 
+#[derive(clap::Args)]
 pub struct ExplainArgs {
+    /// A GGUF file or registered model.
     pub model: String,
+    #[arg(long)]
     pub prompt: String,
+    /// The completion to explain (default: the model's greedy one).
+    #[arg(long)]
     pub completion: Option<String>,
+    #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
+    /// Tokens to evaluate at most for the attribution.
+    #[arg(long, default_value_t = 8192)]
     pub budget_tokens: usize,
+    /// Record the attention map: per layer and head, the attention the
+    /// completion's queries paid to each prompt token (in full with
+    /// --json).
+    #[arg(long)]
     pub attention: bool,
+    #[arg(long)]
     pub backend: Option<String>,
+    #[arg(long)]
     pub json: bool,
 }
 

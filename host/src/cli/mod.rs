@@ -131,29 +131,7 @@ enum Command {
     /// then the lines of the most important ones) made it likely, and
     /// what the model writes without the part that mattered most; with
     /// --attention, also the attention the model paid to each prompt token.
-    Explain {
-        /// A GGUF file or registered model.
-        model: String,
-        #[arg(long)]
-        prompt: String,
-        /// The completion to explain (default: the model's greedy one).
-        #[arg(long)]
-        completion: Option<String>,
-        #[arg(long, default_value_t = 16)]
-        max_tokens: usize,
-        /// Tokens to evaluate at most for the attribution.
-        #[arg(long, default_value_t = 8192)]
-        budget_tokens: usize,
-        /// Record the attention map: per layer and head, the attention
-        /// the completion's queries paid to each prompt token (in full
-        /// with --json).
-        #[arg(long)]
-        attention: bool,
-        #[arg(long)]
-        backend: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Explain(explain::ExplainArgs),
     /// Check this machine, kiln's directories, registry and plugins.
     Doctor {
         #[arg(long)]
@@ -644,28 +622,7 @@ fn run(command: Command) -> CliResult {
             plain,
             count,
         } => top::top(&config, address.as_deref(), plain, count),
-        Command::Explain {
-            model,
-            prompt,
-            completion,
-            max_tokens,
-            budget_tokens,
-            attention,
-            backend,
-            json,
-        } => explain::explain(
-            &config,
-            explain::ExplainArgs {
-                model,
-                prompt,
-                completion,
-                max_tokens,
-                budget_tokens,
-                attention,
-                backend,
-                json,
-            },
-        ),
+        Command::Explain(args) => explain::explain(&config, args),
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
         Command::Plugins(p) => match p {
