@@ -26,6 +26,17 @@ pub fn demo_model() -> PathBuf {
 
 /// Kills the `kiln` process `pid` after `limit`, so that a server that
 /// stops answering fails its test instead of hanging it.
+/// A home where `coder@1` is SmolLM2 as released and `coder@2` (active)
+/// the demo model; `None` without the released model.
+pub fn two_versions() -> Option<Home> {
+    let smol = crate::real_model("smollm2-135m-instruct-q4_1.gguf")?;
+    let home = Home::default();
+    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
+    let demo = demo_model();
+    home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
+    Some(home)
+}
+
 pub fn watchdog(pid: u32, limit: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(limit);

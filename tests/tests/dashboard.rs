@@ -4,29 +4,20 @@
 //! activation shows up, and the page loads nothing from anywhere but the
 //! kiln process.
 
-use kiln_tests::serve::{at, demo_model, initialize, open, status, watchdog};
+use kiln_tests::serve::{at, demo_model, initialize, open, status, two_versions, watchdog};
 use kiln_tests::webdriver::Browser;
-use kiln_tests::{Home, real_model, target_dir};
+use kiln_tests::{Home, target_dir};
 use serde_json::{Value, json};
 use std::time::Duration;
 
 #[test]
 fn the_dashboard_is_live_in_a_real_browser_and_loads_nothing_from_elsewhere() {
-    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
-        return;
-    };
     let Some(browser) = Browser::start() else {
         return;
     };
-    let home = Home::default();
-    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
-    home.ok(&[
-        "models",
-        "add",
-        demo_model().to_str().unwrap(),
-        "--name",
-        "coder",
-    ]);
+    let Some(home) = two_versions() else {
+        return;
+    };
     let ws = tempfile::tempdir().unwrap();
     std::fs::write(
         ws.path().join("shapes.py"),

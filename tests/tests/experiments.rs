@@ -4,8 +4,8 @@
 //! `kiln ab status` reading it back. The statistics (A/A and A/B
 //! simulations) are tested in the registry's unit tests.
 
-use kiln_tests::serve::{at, demo_model, initialize, open, watchdog};
-use kiln_tests::{Home, real_model};
+use kiln_tests::Home;
+use kiln_tests::serve::{at, initialize, open, two_versions, watchdog};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -96,17 +96,6 @@ fn session(home: &Home, unit: &str, in_experiment: bool) -> Vec<Value> {
     c.request("shutdown", Value::Null).unwrap();
     c.notify("exit", Value::Null).unwrap();
     metas
-}
-
-/// A home where `coder@1` is SmolLM2 as released and `coder@2` (active)
-/// the demo model; `None` without the released model.
-fn two_versions() -> Option<Home> {
-    let smol = real_model("smollm2-135m-instruct-q4_1.gguf")?;
-    let home = Home::default();
-    home.ok(&["models", "add", smol.to_str().unwrap(), "--name", "coder"]);
-    let demo = demo_model();
-    home.ok(&["models", "add", demo.to_str().unwrap(), "--name", "coder"]);
-    Some(home)
 }
 
 #[test]
