@@ -69,7 +69,7 @@ impl Metric {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Metric::Acceptance => "acceptance",
             Metric::Latency => "latency",
@@ -523,10 +523,10 @@ impl Registry {
     /// Both arms' numbers and the decision.
     pub fn experiment_status(&self, e: &Experiment) -> Result<Status> {
         let arm = |arm: Arm| -> Result<ArmStats> {
-            let (units,): (u64,) = self.conn.query_row(
+            let units: i64 = self.conn.query_row(
                 "SELECT count(*) FROM ab_assignments WHERE experiment_id = ?1 AND arm = ?2",
                 params![e.id, arm.as_str()],
-                |r| Ok((r.get::<_, i64>(0)? as u64,)),
+                |r| r.get(0),
             )?;
             let row = self.conn.query_row(
                 "SELECT count(*), \
@@ -554,7 +554,7 @@ impl Registry {
             Ok(ArmStats {
                 arm,
                 version: e.version(arm).to_string(),
-                units,
+                units: units as u64,
                 served,
                 accepted,
                 superseded,

@@ -110,8 +110,8 @@ impl Ab {
     /// The model to complete `doc` (a document, or the client) with and
     /// the completion's tag (its id `completion`, else a new one): the
     /// arm's version while an experiment runs on the served model, else
-    /// the served model. The document's last completion, if not accepted,
-    /// is superseded.
+    /// the served model. The document's last completion in the experiment,
+    /// if not accepted, is superseded; outside one nothing is written.
     #[allow(clippy::too_many_arguments)]
     pub fn choose(
         &mut self,
@@ -127,82 +127,104 @@ impl Ab {
         self.next += 1;
         let completion =
             completion.unwrap_or_else(|| format!("lsp-{}-{}", std::process::id(), self.next));
-        let uri = doc;
-        if let Some(prev) = self.shown.insert(uri.to_string(), completion.clone())
+        let served = engine.loaded();
+        let tag = Tag {
+            completion,
+            arm: None,
+            log: self.served.clone(),
+        };
+        let Some((e, arm)) = self.arm(config, &served.id, unit) else {
+            return (served, tag);
+        };
+        let version = e.version(arm).to_string();
+        let loaded = match self.version(config, engine, fim, &served, &version) {
+            Ok(l) => l,
+            Err(why) => {
+                log(
+                    1,
+                    &format!(
+                        "kiln: experiment {}: {version} cannot be loaded ({why}); serving {} instead",
+                        e.name, served.id
+                    ),
+                );
+                let failed = Tag {
+                    completion: tag.completion.clone(),
+                    arm: Some((e, arm, unit.to_string())),
+                    log: self.served.clone(),
+                };
+                failed.served(None, true);
+                return (served, tag);
+            }
+        };
+        // The document's last completion in the experiment, not accepted
+        // by now, was passed over.
+        if let Some(prev) = self.shown.insert(doc.to_string(), tag.completion.clone())
             && let Some(r) = self.registry(config)
         {
             let _ = r.record_superseded(&prev);
             self.since_decision += 1;
         }
-        let served = engine.loaded();
-        let mut tag = Tag {
-            completion,
-            arm: None,
-            log: self.served.clone(),
-        };
-        let model = served.id.split_once('@').map(|(n, _)| n.to_string());
+        (
+            loaded,
+            Tag {
+                arm: Some((e, arm, unit.to_string())),
+                ..tag
+            },
+        )
+    }
+
+    /// The experiment running on the served model (`served`, its
+    /// `name@version`; the registry asked every few seconds) and `unit`'s
+    /// arm in it.
+    fn arm(&mut self, config: &Config, served: &str, unit: &str) -> Option<(Experiment, Arm)> {
         if self.checked.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
             self.checked = Some(Instant::now());
-            let running = model
-                .as_deref()
-                .and_then(|m| self.registry(config)?.running_experiment(m).ok().flatten());
+            let running = (served.split_once('@'))
+                .and_then(|(m, _)| self.registry(config)?.running_experiment(m).ok().flatten());
             if running.as_ref().map(|e| e.id) != self.current.as_ref().map(|e| e.id) {
                 self.arms.clear();
                 self.loaded.clear();
             }
             self.current = running;
         }
-        let Some(e) = self.current.clone() else {
-            return (served, tag);
-        };
+        let e = self.current.clone()?;
         let arm = match self.arms.get(unit) {
             Some(&a) => a,
-            None => match self.registry(config).and_then(|r| r.assign(&e, unit).ok()) {
-                Some(a) => {
-                    self.arms.insert(unit.to_string(), a);
-                    a
-                }
-                None => return (served, tag),
-            },
-        };
-        let version = e.version(arm).to_string();
-        let loaded = if served.id == version {
-            served.clone()
-        } else if let Some(l) = self.loaded.get(&version) {
-            l.clone()
-        } else {
-            let path = kiln_runtime::store::resolve_served(config, Some(&version));
-            match path.map_err(|e| e.to_string()).and_then(|(id, path)| {
-                Loaded::load(id, path, fim, engine.target(), engine.device())
-            }) {
-                Ok(l) => {
-                    let l = Arc::new(l);
-                    self.loaded.insert(version.clone(), l.clone());
-                    l
-                }
-                Err(why) => {
-                    log(
-                        1,
-                        &format!(
-                            "kiln: experiment {}: {version} cannot be loaded ({why}); serving {} instead",
-                            e.name, served.id
-                        ),
-                    );
-                    tag.arm = Some((e, arm, unit.to_string()));
-                    tag.served(None, true);
-                    return (
-                        served,
-                        Tag {
-                            completion: format!("lsp-{}-{}-x", std::process::id(), self.next),
-                            arm: None,
-                            log: self.served.clone(),
-                        },
-                    );
-                }
+            None => {
+                let a = self.registry(config)?.assign(&e, unit).ok()?;
+                self.arms.insert(unit.to_string(), a);
+                a
             }
         };
-        tag.arm = Some((e, arm, unit.to_string()));
-        (loaded, tag)
+        Some((e, arm))
+    }
+
+    /// The model of `version`: the served one, or loaded once beside it.
+    fn version(
+        &mut self,
+        config: &Config,
+        engine: &Engine,
+        fim: Option<FimTemplate>,
+        served: &Arc<Loaded>,
+        version: &str,
+    ) -> Result<Arc<Loaded>, String> {
+        if served.id == version {
+            return Ok(served.clone());
+        }
+        if let Some(l) = self.loaded.get(version) {
+            return Ok(l.clone());
+        }
+        let (id, path) = kiln_runtime::store::resolve_served(config, Some(version))
+            .map_err(|e| e.to_string())?;
+        let l = Arc::new(Loaded::load(
+            id,
+            path,
+            fim,
+            engine.target(),
+            engine.device(),
+        )?);
+        self.loaded.insert(version.to_string(), l.clone());
+        Ok(l)
     }
 
     /// `kiln.accepted`: the editor kept `chars` characters (all when not
@@ -295,10 +317,7 @@ impl Ab {
                 format!(
                     "decided: {} wins on {} (likelihood ratio {:.1} over {:.0})",
                     e.version(w),
-                    serde_json::to_value(a.metric)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    a.metric.as_str(),
                     a.likelihood_ratio.unwrap_or(0.0),
                     a.threshold
                 ),

@@ -31,7 +31,7 @@ pub fn start(
             e.a,
             e.b,
             e.split * 100.0,
-            serde_json::to_value(e.metric)?.as_str().unwrap_or("")
+            e.metric.as_str()
         );
         println!(
             "kiln serve assigns each workspace (language server) or client (HTTP) an arm and records what the editor accepts; `kiln ab status {}` shows where it stands",
