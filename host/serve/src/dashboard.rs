@@ -257,24 +257,38 @@ impl Dashboard {
     /// The A/B experiments running, and those stopped in the last day,
     /// with their arms and decisions (read every few seconds).
     fn experiments(&self, mem: &mut Memory) -> Value {
-        if mem
-            .experiments
-            .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= EXPERIMENTS_EVERY)
-        {
-            let read = self.config.as_ref().and_then(|c| {
-                let r = kiln_registry::Registry::open_home(c).ok()?;
-                let recent: Vec<Value> = (r.recent_experiments().ok()?.iter())
-                    .take(4)
-                    .filter_map(|e| serde_json::to_value(r.experiment_status(e).ok()?).ok())
-                    .collect();
-                Some(Value::Array(recent))
-            });
-            mem.experiments = Some((Instant::now(), read.unwrap_or(Value::Null)));
+        let Memory {
+            registry,
+            experiments,
+            ..
+        } = mem;
+        self.from_registry(registry, experiments, EXPERIMENTS_EVERY, |r| {
+            let recent: Vec<Value> = (r.recent_experiments().ok()?.iter())
+                .take(4)
+                .filter_map(|e| serde_json::to_value(r.experiment_status(e).ok()?).ok())
+                .collect();
+            Some(Value::Array(recent))
+        })
+    }
+
+    /// `slot`'s value, read again by `read` from the registry (one
+    /// connection, kept) when it is older than `every`.
+    fn from_registry(
+        &self,
+        registry: &mut Option<kiln_registry::Registry>,
+        slot: &mut Option<(Instant, Value)>,
+        every: Duration,
+        read: impl FnOnce(&kiln_registry::Registry) -> Option<Value>,
+    ) -> Value {
+        if slot.as_ref().is_none_or(|(at, _)| at.elapsed() >= every) {
+            if registry.is_none() {
+                *registry =
+                    (self.config.as_ref()).and_then(|c| kiln_registry::Registry::open_home(c).ok());
+            }
+            let value = registry.as_ref().and_then(read);
+            *slot = Some((Instant::now(), value.unwrap_or(Value::Null)));
         }
-        mem.experiments
-            .as_ref()
-            .map_or(Value::Null, |(_, v)| v.clone())
+        slot.as_ref().map_or(Value::Null, |(_, v)| v.clone())
     }
 
     /// What says that nothing leaves the machine: the addresses listened
@@ -284,33 +298,27 @@ impl Dashboard {
         let sockets = sockets();
         let listening = lock(&self.listening).clone();
         // The registry is read twice a minute, not at every snapshot.
-        if mem
-            .models
-            .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= MODELS_EVERY)
-        {
-            let models = self.config.as_ref().and_then(|c| {
-                let r = kiln_registry::Registry::open_home(c).ok()?;
-                let all = r.models().ok()?;
-                let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
-                // Plugin health: each backend plugin's state and what its
-                // conformance gate found.
-                let plugins: Vec<Value> = (r.plugins().ok()?.iter())
-                    .map(|p| {
-                        json!({
-                            "plugin": p.label(),
-                            "state": p.state,
-                            "passed": p.conformance["passed"],
-                            "failed": p.conformance["failed"],
-                            "library_present": p.library_path.is_file(),
-                        })
+        let Memory {
+            registry, models, ..
+        } = mem;
+        let models = self.from_registry(registry, models, MODELS_EVERY, |r| {
+            let all = r.models().ok()?;
+            let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
+            // Plugin health: each backend plugin's state and what its
+            // conformance gate found.
+            let plugins: Vec<Value> = (r.plugins().ok()?.iter())
+                .map(|p| {
+                    json!({
+                        "plugin": p.label(),
+                        "state": p.state,
+                        "passed": p.conformance["passed"],
+                        "failed": p.conformance["failed"],
+                        "library_present": p.library_path.is_file(),
                     })
-                    .collect();
-                Some(json!({"registered": all.len(), "on_disk": on_disk, "plugins": plugins}))
-            });
-            mem.models = Some((Instant::now(), models.unwrap_or(Value::Null)));
-        }
-        let models = mem.models.as_ref().map(|(_, v)| v.clone());
+                })
+                .collect();
+            Some(json!({"registered": all.len(), "on_disk": on_disk, "plugins": plugins}))
+        });
         json!({
             "listening": listening,
             "loopback_only": sockets.as_ref().map(|s| s.listening_remote == 0),
@@ -323,6 +331,8 @@ impl Dashboard {
 /// What the sampler remembers between snapshots, to say what changed.
 #[derive(Default)]
 struct Memory {
+    /// The registry, opened at the first read.
+    registry: Option<kiln_registry::Registry>,
     /// The models registered and on disk, and when they were counted.
     models: Option<(Instant, Value)>,
     /// The experiments running or stopped in the last day, and when read.
