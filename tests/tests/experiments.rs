@@ -275,3 +275,55 @@ fn the_http_api_serves_arms_by_user_and_takes_feedback() {
         "{v}"
     );
 }
+
+/// `n` inline completions in a new session as `unit`, each accepted
+/// (`kiln.accepted`) or passed over.
+fn completions(home: &Home, unit: &str, n: usize, accept: bool) {
+    let ws = tempfile::tempdir().unwrap();
+    let mut cmd = home.command(&["serve", "--model", "coder"]);
+    cmd.env("KILN_THREADS", "1");
+    let mut c = kiln_serve::demo::Client::spawn(cmd).unwrap();
+    watchdog(c.pid(), Duration::from_secs(300));
+    initialize(&mut c, ws.path(), json!({"maxTokens": 2, "abUnit": unit}));
+    let uri = format!("file://{}/main.py", ws.path().display());
+    open(&mut c, &uri, "def add(a, b):\n    return a + b\n");
+    for _ in 0..n {
+        let r = c
+            .request("textDocument/inlineCompletion", at(&uri, 1, 4))
+            .unwrap();
+        if accept {
+            let id = &r["result"]["kiln"]["completion"];
+            let args = json!({"command": "kiln.accepted", "arguments": [{"completion": id}]});
+            c.request("workspace/executeCommand", args).unwrap();
+        }
+    }
+    assert!(c.close().unwrap().success());
+}
+
+#[test]
+fn the_server_stops_a_decided_experiment_with_its_winner() {
+    let Some(home) = two_versions() else {
+        return;
+    };
+    home.ok(&["ab", "start", "decide", "--a", "coder@1", "--b", "coder@2"]);
+    let (ua, ub) = (
+        unit_for(&home, "decide", "a"),
+        unit_for(&home, "decide", "b"),
+    );
+    // The control's completions are all passed over, the treatment's all
+    // accepted: past 30 decided completions per arm the test decides.
+    completions(&home, &ua, 31, false);
+    completions(&home, &ub, 40, true);
+    let s = home.json(&["ab", "status", "decide", "--json"]);
+    let e = &s["experiments"][0]["experiment"];
+    assert_eq!(e["state"], "stopped", "{s}");
+    assert_eq!(e["winner"], "b", "{s}");
+    assert!(e["reason"].as_str().unwrap().contains("decided"), "{s}");
+    let audit = home.registry().audit_log(100).unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.subject == "decide" && l.action == "stop" && l.actor == "kiln serve"),
+        "the server's stop is audited"
+    );
+}
