@@ -262,7 +262,7 @@ impl Dashboard {
             experiments,
             ..
         } = mem;
-        self.from_registry(registry, experiments, EXPERIMENTS_EVERY, |r| {
+        self.registry_read(registry, experiments, EXPERIMENTS_EVERY, |r| {
             let recent: Vec<Value> = (r.recent_experiments().ok()?.iter())
                 .take(4)
                 .filter_map(|e| serde_json::to_value(r.experiment_status(e).ok()?).ok())
@@ -273,7 +273,7 @@ impl Dashboard {
 
     /// `slot`'s value, read again by `read` from the registry (one
     /// connection, kept) when it is older than `every`.
-    fn from_registry(
+    fn registry_read(
         &self,
         registry: &mut Option<kiln_registry::Registry>,
         slot: &mut Option<(Instant, Value)>,
@@ -301,7 +301,7 @@ impl Dashboard {
         let Memory {
             registry, models, ..
         } = mem;
-        let models = self.from_registry(registry, models, MODELS_EVERY, |r| {
+        let models = self.registry_read(registry, models, MODELS_EVERY, |r| {
             let all = r.models().ok()?;
             let on_disk = all.iter().filter(|m| m.blob_path.is_file()).count();
             // Plugin health: each backend plugin's state and what its
