@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 /// The custom section that declares a policy's ABI, kind, name and version.
 pub const META_SECTION: &str = "kiln_policy";
@@ -21,15 +21,23 @@ pub const HOST_LOG: &str = "log";
 
 pub const RANK_HEADER: usize = 32;
 pub const CURSOR_RECORD: usize = 40;
-/// Candidate record sizes: 1.0, and 1.1 (which appended `symbol_overlap`).
+/// Candidate record sizes: 1.0; 1.1 appended `symbol_overlap`; 1.2
+/// appended `definition`, `resolution` and `path_distance`.
 pub const CANDIDATE_RECORD_1_0: usize = 48;
-pub const CANDIDATE_RECORD: usize = 56;
+pub const CANDIDATE_RECORD_1_1: usize = 56;
+pub const CANDIDATE_RECORD: usize = 72;
 pub const TUNE_HEADER: usize = 32;
 pub const PARAM_RECORD: usize = 24;
 
 pub const SAME_FILE: u32 = 1;
 pub const IMPORT_RELATED: u32 = 2;
 pub const OPEN_IN_EDITOR: u32 = 4;
+
+/// `resolution` of a candidate (1.2): a chunk of lines found by its words,
+/// a definition's signature (with its docs), or a definition's body.
+pub const RESOLUTION_LINES: u32 = 0;
+pub const RESOLUTION_SIGNATURE: u32 = 1;
+pub const RESOLUTION_BODY: u32 = 2;
 
 fn minus_one() -> f32 {
     -1.0
@@ -91,6 +99,18 @@ pub struct Candidate {
     /// ABI 1.1: share of the identifiers near the cursor the snippet defines.
     #[serde(default)]
     pub symbol_overlap: f32,
+    /// ABI 1.2: how near the cursor the nearest name the snippet defines
+    /// is used (1 on the cursor's line, 1/2 sixteen lines away, plus a
+    /// little for each further use); 0 when it defines none of them.
+    #[serde(default)]
+    pub definition: f32,
+    /// ABI 1.2: `RESOLUTION_LINES`, `_SIGNATURE` or `_BODY`.
+    #[serde(default)]
+    pub resolution: u32,
+    /// ABI 1.2: folders between its file's and the cursor's (up, then
+    /// down); 0 in the same folder; negative: unknown.
+    #[serde(default = "minus_one_i")]
+    pub path_distance: i32,
 }
 
 impl Candidate {
@@ -132,7 +152,7 @@ fn put_str(out: &mut Vec<u8>, r: [u32; 2]) {
 }
 
 impl RankInput {
-    /// The binary layout of ABI 1.1.
+    /// The binary layout of ABI 1.2.
     pub fn encode(&self) -> Vec<u8> {
         let n = self.candidates.len();
         let candidates_at = RANK_HEADER + CURSOR_RECORD;
@@ -176,6 +196,10 @@ impl RankInput {
             put_str(&mut out, p);
             put_str(&mut out, t);
             out.extend_from_slice(&cand.symbol_overlap.to_le_bytes());
+            put_u32(&mut out, 0);
+            out.extend_from_slice(&cand.definition.to_le_bytes());
+            put_u32(&mut out, cand.resolution);
+            out.extend_from_slice(&cand.path_distance.to_le_bytes());
             put_u32(&mut out, 0);
         }
         debug_assert_eq!(out.len(), strings_at);
@@ -399,6 +423,9 @@ mod tests {
                 import_related: true,
                 open_in_editor: false,
                 symbol_overlap: 0.5,
+                definition: 0.75,
+                resolution: RESOLUTION_SIGNATURE,
+                path_distance: 2,
             }],
         }
     }
@@ -410,10 +437,10 @@ mod tests {
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         assert_eq!(
             (u32_at(8), u32_at(12), u32_at(16), u32_at(20), u32_at(24)),
-            (32, 32, 72, 56, 1)
+            (32, 32, 72, 72, 1)
         );
         let strings = u32_at(28) as usize;
-        assert_eq!(strings, 72 + 56);
+        assert_eq!(strings, 72 + 72);
         // The candidate's text, through its string reference.
         let (off, len) = (u32_at(72 + 40) as usize, u32_at(72 + 44) as usize);
         assert_eq!(
@@ -421,10 +448,11 @@ mod tests {
             b"pub fn helper() {}"
         );
         assert_eq!(u32_at(72 + 28), IMPORT_RELATED);
-        assert_eq!(
-            f32::from_le_bytes(b[72 + 48..72 + 52].try_into().unwrap()),
-            0.5
-        );
+        let f32_at = |at: usize| f32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(f32_at(72 + 48), 0.5);
+        assert_eq!(f32_at(72 + 56), 0.75);
+        assert_eq!(u32_at(72 + 60), RESOLUTION_SIGNATURE);
+        assert_eq!(u32_at(72 + 64), 2);
     }
 
     #[test]

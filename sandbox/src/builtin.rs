@@ -19,6 +19,7 @@ pub fn rank(input: &RankInput) -> Vec<f32> {
                 c.open_recency_s,
                 c.line_distance,
                 c.flags(),
+                c.definition,
             )
         })
         .collect()

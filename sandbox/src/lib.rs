@@ -21,7 +21,10 @@ pub mod limits;
 pub mod meta;
 pub mod runtime;
 
-pub use abi::{Candidate, Cursor, OutputError, Param, ParamKind, RankInput, Trial, TuneInput};
+pub use abi::{
+    Candidate, Cursor, OutputError, Param, ParamKind, RESOLUTION_BODY, RESOLUTION_LINES,
+    RESOLUTION_SIGNATURE, RankInput, Trial, TuneInput,
+};
 pub use limits::PolicyLimits;
 pub use meta::{PolicyKind, PolicyMeta};
 pub use runtime::{Outcome, Policy, Sandbox};

@@ -63,6 +63,9 @@ fn input(n: u32) -> RankInput {
                 import_related: false,
                 open_in_editor: false,
                 symbol_overlap: 0.0,
+                definition: 0.0,
+                resolution: 0,
+                path_distance: -1,
             })
             .collect(),
     }

@@ -760,8 +760,10 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     assert!(c.close().unwrap().success());
 
     // A policy that passes the gate (5, 50 and 1,000 candidates) but traps
-    // on two: three completions on new lines trip its breaker.
-    let trap_on_two = r#"(if (i32.eq (i32.load (i32.add (local.get $ptr) (i32.const 24))) (i32.const 2)) (then unreachable))"#;
+    // on four (what the completions below rank: the workspace's two
+    // definitions, each as its signature and as its body): three
+    // completions on new lines trip its breaker.
+    let trap_on_two = r#"(if (i32.eq (i32.load (i32.add (local.get $ptr) (i32.const 24))) (i32.const 4)) (then unreachable))"#;
     let trap = wat_policy(
         home.path(),
         "trap.wasm",

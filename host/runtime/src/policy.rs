@@ -172,6 +172,9 @@ pub fn synthetic_rank(n: usize, seed: u64) -> RankInput {
                 import_related: r.u32(..5) == 0,
                 open_in_editor: r.u32(..3) == 0,
                 symbol_overlap: r.f32(),
+                definition: if r.bool() { r.f32() * 1.2 } else { 0.0 },
+                resolution: r.u32(..3),
+                path_distance: r.i32(-1..6),
             }
         })
         .collect();

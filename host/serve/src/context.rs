@@ -5,6 +5,7 @@
 //! tokenizer, each under a comment that names its file.
 
 use crate::prompt::Counter;
+use crate::symbols::{self, DEFINERS, Def};
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
 use std::collections::{HashMap, HashSet};
@@ -36,7 +37,17 @@ pub struct Chunk {
     pub start_line: u32,
     pub text: String,
     words: Vec<String>,
+    /// The names defined in it (their naming line is inside).
     defines: HashSet<String>,
+    modified: Option<SystemTime>,
+}
+
+/// A file of the index and its definitions.
+pub struct Source {
+    /// Relative to the workspace root.
+    pub path: String,
+    pub text: String,
+    pub defs: Vec<Def>,
     modified: Option<SystemTime>,
 }
 
@@ -46,6 +57,10 @@ pub struct Workspace {
     pub root: Option<PathBuf>,
     pub chunks: Vec<Chunk>,
     pub files: usize,
+    /// The files read, with their definitions.
+    pub sources: Vec<Source>,
+    /// Where each name is defined: (source, definition) indices.
+    by_name: HashMap<String, Vec<(u32, u32)>>,
     doc_freq: HashMap<String, u32>,
     avg_words: f32,
 }
@@ -75,25 +90,6 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-const DEFINERS: &[&str] = &[
-    "fn",
-    "def",
-    "class",
-    "struct",
-    "enum",
-    "trait",
-    "type",
-    "function",
-    "const",
-    "let",
-    "var",
-    "interface",
-    "impl",
-    "mod",
-    "static",
-    "func",
-];
-
 /// Words that say nothing about what a snippet is about.
 const KEYWORDS: &[&str] = &[
     "return", "if", "else", "elif", "for", "while", "in", "import", "from", "self", "None", "True",
@@ -101,33 +97,12 @@ const KEYWORDS: &[&str] = &[
     "public", "private", "void", "int", "str", "the", "to", "of", "match", "crate", "super",
 ];
 
-/// Names the text defines: identifiers right after a definition keyword.
-fn defined_names(words: &[String]) -> HashSet<String> {
-    words
-        .windows(2)
-        .filter(|w| DEFINERS.contains(&w[0].as_str()))
-        .map(|w| w[1].clone())
-        .collect()
-}
-
-/// The names `text` defines and their lines (0-based): identifiers right
-/// after a definition keyword on one line, as chunks record them.
-pub fn definitions(text: &str) -> Vec<(String, u32)> {
-    (text.lines().enumerate())
-        .flat_map(|(i, line)| {
-            defined_names(&words(line))
-                .into_iter()
-                .map(move |name| (name, i as u32))
-        })
-        .collect()
-}
-
 /// Whether `word` says nothing about what code is about (a keyword).
 pub fn is_keyword(word: &str) -> bool {
     DEFINERS.contains(&word) || KEYWORDS.contains(&word)
 }
 
-fn chunk_file(path: &str, text: &str, modified: Option<SystemTime>) -> Vec<Chunk> {
+fn chunk_file(path: &str, text: &str, defs: &[Def], modified: Option<SystemTime>) -> Vec<Chunk> {
     let lines: Vec<&str> = text.lines().collect();
     lines
         .chunks(CHUNK_LINES)
@@ -137,17 +112,30 @@ fn chunk_file(path: &str, text: &str, modified: Option<SystemTime>) -> Vec<Chunk
             if text.trim().is_empty() {
                 return None;
             }
-            let words = words(&text);
+            let start_line = (i * CHUNK_LINES) as u32;
+            let end = start_line + ls.len() as u32;
             Some(Chunk {
                 path: path.to_string(),
-                start_line: (i * CHUNK_LINES) as u32,
-                defines: defined_names(&words),
-                words,
+                start_line,
+                defines: (defs.iter())
+                    .filter(|d| d.line >= start_line && d.line < end)
+                    .map(|d| d.name.clone())
+                    .collect(),
+                words: words(&text),
                 text,
                 modified,
             })
         })
         .collect()
+}
+
+/// The lines `start..end` of `text`, joined.
+fn line_range(text: &str, start: u32, end: u32) -> String {
+    let lines: Vec<&str> = (text.lines())
+        .skip(start as usize)
+        .take((end - start) as usize)
+        .collect();
+    lines.join("\n")
 }
 
 /// Calls `f` with each source file under `root` the index reads: its
@@ -199,29 +187,49 @@ impl Workspace {
             root: Some(root.to_path_buf()),
             ..Workspace::default()
         };
-        walk(root, &mut |rel, text, modified| {
-            ws.chunks.extend(chunk_file(rel, text, modified));
-            ws.files += 1;
-        });
+        walk(root, &mut |rel, text, modified| ws.add(rel, text, modified));
         ws.finish();
         ws
+    }
+
+    /// How many definitions the symbol index holds.
+    pub fn definitions(&self) -> usize {
+        self.sources.iter().map(|s| s.defs.len()).sum()
+    }
+
+    /// Adds a file: its chunks and its definitions.
+    fn add(&mut self, rel: &str, text: &str, modified: Option<SystemTime>) {
+        let defs = symbols::definitions(rel, text);
+        self.chunks.extend(chunk_file(rel, text, &defs, modified));
+        self.files += 1;
+        self.sources.push(Source {
+            path: rel.to_string(),
+            text: text.to_string(),
+            defs,
+            modified,
+        });
     }
 
     /// The index of `files` (relative path, text) read from `root`.
     pub fn of_files(root: &Path, files: &[(String, String)]) -> Workspace {
         let mut ws = Workspace {
             root: Some(root.to_path_buf()),
-            files: files.len(),
             ..Workspace::default()
         };
         for (rel, text) in files {
-            ws.chunks.extend(chunk_file(rel, text, None));
+            ws.add(rel, text, None);
         }
         ws.finish();
         ws
     }
 
     fn finish(&mut self) {
+        self.by_name.clear();
+        for (f, source) in self.sources.iter().enumerate() {
+            for (d, def) in source.defs.iter().enumerate() {
+                (self.by_name.entry(def.name.clone()).or_default()).push((f as u32, d as u32));
+            }
+        }
         self.doc_freq.clear();
         let mut total = 0usize;
         for c in &self.chunks {
@@ -255,6 +263,82 @@ impl Workspace {
     }
 }
 
+/// At most this many definitions of one name are candidates (the files
+/// nearest the cursor's first).
+const DEFS_PER_NAME: usize = 3;
+/// Definitions are candidates as signatures, one per this many tokens of
+/// the budget (at least [`MAX_CANDIDATES`], at most
+/// [`MAX_DEF_CANDIDATES`]), and as bodies too for the names nearest the
+/// cursor, one per [`TOKENS_PER_BODY`] (at least 4).
+const TOKENS_PER_SIGNATURE: usize = 16;
+const MAX_DEF_CANDIDATES: usize = 512;
+const TOKENS_PER_BODY: usize = 512;
+
+/// A definition of a name near the cursor, where it is.
+struct DefAt<'a> {
+    path: &'a str,
+    text: &'a str,
+    /// Every definition of its file (what its snippet defines besides).
+    defs: &'a [Def],
+    def: &'a Def,
+    modified: Option<SystemTime>,
+    doc: Option<&'a OpenDoc<'a>>,
+}
+
+/// A candidate snippet before ranking.
+struct Scored<'a> {
+    bm25: f32,
+    chunk: &'a Chunk,
+    doc: Option<&'a OpenDoc<'a>>,
+    /// The definition it shows (the packer takes one snippet per group).
+    group: Option<u32>,
+    resolution: &'static str,
+}
+
+/// Folders between two files' folders: up from `b`'s to the one they
+/// share, then down to `a`'s.
+fn path_distance(a: &str, b: &str) -> usize {
+    let dirs = |p: &'_ str| -> Vec<String> {
+        let mut parts: Vec<String> = p.split(['/', '\\']).map(str::to_string).collect();
+        parts.pop();
+        parts
+    };
+    let (a, b) = (dirs(a), dirs(b));
+    let common = (a.iter().zip(b.iter())).take_while(|(x, y)| x == y).count();
+    (a.len() - common) + (b.len() - common)
+}
+
+/// The identifiers of the cursor's file (its text before and after the
+/// cursor), each weighted by its nearest occurrence (1 on the cursor's
+/// line, 1/2 at [`NEAR_LINES`] lines away, falling with distance) and a
+/// little for each use (a tenth of the log of their count). Keywords left
+/// out.
+fn cursor_identifiers(prefix: &str, suffix: &str) -> HashMap<String, f32> {
+    let before: Vec<&str> = prefix.split('\n').collect();
+    let cursor = before.len() - 1;
+    let lines = (before.iter().enumerate())
+        .map(|(i, l)| (cursor - i, *l))
+        .chain(suffix.split('\n').enumerate());
+    let mut near: HashMap<String, (f32, u32)> = HashMap::new();
+    for (distance, line) in lines {
+        let weight = 1.0 / (1.0 + distance as f32 / NEAR_LINES);
+        for word in words(line) {
+            if is_keyword(&word) {
+                continue;
+            }
+            let (w, uses) = near.entry(word).or_insert((0.0, 0));
+            *w = w.max(weight);
+            *uses += 1;
+        }
+    }
+    (near.into_iter())
+        .map(|(word, (w, uses))| (word, w + 0.1 * (1.0 + uses as f32).ln()))
+        .collect()
+}
+
+/// Lines from the cursor at which a name's weight halves.
+const NEAR_LINES: f32 = 16.0;
+
 /// One snippet of the context block, and why it is there.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Snippet {
@@ -263,6 +347,9 @@ pub struct Snippet {
     /// The lines it spans, 0-based, the end exclusive (as LSP ranges).
     pub start_line: u32,
     pub end_line: u32,
+    /// `signature` or `body` of a definition, or `lines` (a chunk of a
+    /// file found by its words).
+    pub resolution: &'static str,
     /// Its exact token count in the block (with the line naming its file).
     pub tokens: usize,
     /// The ranker's score.
@@ -356,18 +443,133 @@ pub fn select_with(
         return Packed::default();
     }
     let now = SystemTime::now();
-    let open_chunks: Vec<(Chunk, &OpenDoc<'_>)> = open
-        .iter()
+    let current = prefix.to_string() + suffix;
+    let open_docs: Vec<(&OpenDoc<'_>, Vec<Def>)> = (open.iter())
         .filter(|d| d.path != cursor_path)
-        .flat_map(|d| {
-            chunk_file(d.path, d.text, None)
+        .map(|d| (d, symbols::definitions(d.path, d.text)))
+        .collect();
+    let open_chunks: Vec<(Chunk, &OpenDoc<'_>)> = (open_docs.iter())
+        .flat_map(|(d, defs)| {
+            chunk_file(d.path, d.text, defs, None)
                 .into_iter()
-                .map(move |c| (c, d))
+                .map(move |c| (c, *d))
         })
         .collect();
     let open_paths: HashSet<&str> = open.iter().map(|d| d.path).collect();
-    // Prefilter by BM25.
-    let mut scored: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = ws
+    // The definitions in other files of the names near the cursor (the
+    // workspace's, and the open documents' as they are now); names the
+    // cursor's file defines itself need none.
+    let near = match selection {
+        Selection::Kiln => cursor_identifiers(prefix, suffix),
+        Selection::Bm25FirstFit => HashMap::new(),
+    };
+    let own: HashSet<String> = if near.is_empty() {
+        HashSet::new()
+    } else {
+        (symbols::definitions(cursor_path, &current).into_iter())
+            .map(|d| d.name)
+            .collect()
+    };
+    let mut defs_of: HashMap<&str, Vec<DefAt<'_>>> = HashMap::new();
+    for name in near.keys().filter(|n| !own.contains(*n)) {
+        let indexed = (ws.by_name.get(name).into_iter().flatten()).filter_map(|&(f, d)| {
+            let src = &ws.sources[f as usize];
+            (src.path != cursor_path && !open_paths.contains(src.path.as_str())).then(|| DefAt {
+                path: &src.path,
+                text: &src.text,
+                defs: &src.defs,
+                def: &src.defs[d as usize],
+                modified: src.modified,
+                doc: None,
+            })
+        });
+        let opened = (open_docs.iter()).flat_map(|(doc, defs)| {
+            (defs.iter().filter(|d| &d.name == name)).map(|def| DefAt {
+                path: doc.path,
+                text: doc.text,
+                defs,
+                def,
+                modified: None,
+                doc: Some(*doc),
+            })
+        });
+        let found: Vec<DefAt<'_>> = indexed.chain(opened).collect();
+        if !found.is_empty() {
+            defs_of.insert(name, found);
+        }
+    }
+    // A candidate's `definition` feature: the nearness of the nearest
+    // name it defines (one defined in another file, where the cursor's
+    // file does not define it).
+    let definition = |defines: &HashSet<String>| -> f32 {
+        (defines.iter())
+            .filter(|n| defs_of.contains_key(n.as_str()))
+            .map(|n| near[n.as_str()])
+            .fold(0.0, f32::max)
+    };
+    // Those names, nearest first, for `why`.
+    let defined = |defines: &HashSet<String>| -> Vec<String> {
+        let mut names: Vec<String> = (defines.iter())
+            .filter(|n| defs_of.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        names.sort_by(|a, b| near[b].total_cmp(&near[a]).then(a.cmp(b)));
+        names
+    };
+    let max_candidates = match selection {
+        Selection::Kiln => MAX_CANDIDATES.max(budget / TOKENS_PER_CANDIDATE),
+        Selection::Bm25FirstFit => MAX_CANDIDATES,
+    };
+    // Definitions of the nearest names first, each at two resolutions (its
+    // signature, its body) of which the packer takes at most one; the
+    // nearest files' first where a name has several.
+    let mut names: Vec<&str> = defs_of.keys().copied().collect();
+    names.sort_by(|a, b| near[*b].total_cmp(&near[*a]).then(a.cmp(b)));
+    let max_defs = (budget / TOKENS_PER_SIGNATURE).clamp(MAX_CANDIDATES, MAX_DEF_CANDIDATES);
+    let with_body = (budget / TOKENS_PER_BODY).max(4);
+    let mut def_chunks: Vec<(Chunk, Option<&OpenDoc<'_>>, u32, &'static str)> = Vec::new();
+    'names: for (rank, name) in names.into_iter().enumerate() {
+        let mut found: Vec<&DefAt<'_>> = defs_of[name].iter().collect();
+        found.sort_by_key(|d| (path_distance(d.path, cursor_path), d.path, d.def.line));
+        for d in found.into_iter().take(DEFS_PER_NAME) {
+            let group = def_chunks.len() as u32;
+            let (body_start, body_end) = d.def.body_lines();
+            let mut resolutions = vec![("signature", d.def.start, d.def.signature_end)];
+            if rank < with_body && body_end > d.def.signature_end {
+                resolutions.push(("body", body_start, body_end));
+            }
+            for (resolution, start, end) in resolutions {
+                let text = line_range(d.text, start, end);
+                def_chunks.push((
+                    Chunk {
+                        path: d.path.to_string(),
+                        start_line: start,
+                        words: words(&text),
+                        defines: (d.defs.iter())
+                            .filter(|x| x.line >= start && x.line < end)
+                            .map(|x| x.name.clone())
+                            .collect(),
+                        text,
+                        modified: d.modified,
+                    },
+                    d.doc,
+                    group,
+                    resolution,
+                ));
+            }
+            if def_chunks.len() >= max_defs {
+                break 'names;
+            }
+        }
+    }
+    // Then chunks by BM25, but not those holding a definition offered
+    // above (it would be there twice).
+    let offered: HashSet<(&str, &str)> = (def_chunks.iter())
+        .flat_map(|(c, ..)| c.defines.iter().map(|n| (c.path.as_str(), n.as_str())))
+        .collect();
+    let fresh =
+        |c: &Chunk| !(c.defines.iter()).any(|n| offered.contains(&(c.path.as_str(), n.as_str())));
+    let mut lexical: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = ws
         .chunks
         .iter()
         .filter(|c| c.path != cursor_path && !open_paths.contains(c.path.as_str()))
@@ -377,33 +579,35 @@ pub fn select_with(
                 .iter()
                 .map(|(c, d)| (ws.bm25(&query, c), c, Some(*d))),
         )
-        .filter(|(s, _, _)| *s > 0.0)
+        .filter(|(s, c, _)| *s > 0.0 && fresh(c))
         .collect();
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-    // Chunks defining an identifier of the query are candidates first
-    // (up to half of them), whatever their BM25: the definitions of what
-    // the cursor uses are what a completion most often needs.
-    let (mut definers, others): (Vec<_>, Vec<_>) = (scored.into_iter()).partition(|(_, c, _)| {
-        selection == Selection::Kiln && c.defines.iter().any(|d| query.contains(d))
-    });
-    let max_candidates = match selection {
-        Selection::Kiln => MAX_CANDIDATES.max(budget / TOKENS_PER_CANDIDATE),
-        Selection::Bm25FirstFit => MAX_CANDIDATES,
-    };
-    definers.truncate(max_candidates / 2);
-    let rest = max_candidates - definers.len();
-    definers.extend(others.into_iter().take(rest));
-    let mut scored = definers;
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    lexical.sort_by(|a, b| b.0.total_cmp(&a.0));
+    lexical.truncate(max_candidates);
+    let mut scored: Vec<Scored<'_>> = (def_chunks.iter())
+        .map(|(c, doc, group, resolution)| Scored {
+            bm25: ws.bm25(&query, c),
+            chunk: c,
+            doc: *doc,
+            group: Some(*group),
+            resolution,
+        })
+        .chain(lexical.into_iter().map(|(bm25, chunk, doc)| Scored {
+            bm25,
+            chunk,
+            doc,
+            group: None,
+            resolution: "lines",
+        }))
+        .collect();
+    scored.sort_by(|a, b| b.bm25.total_cmp(&a.bm25));
     if scored.is_empty() {
         return Packed::default();
     }
-    let current = prefix.to_string() + suffix;
     let current_words: HashSet<String> = words(&current).into_iter().collect();
     // Each candidate as it would be packed, and its exact token count (the
     // ranker sees the count, and the packer spends it).
     let blocks: Vec<(String, usize)> = (scored.iter())
-        .map(|(_, c, _)| {
+        .map(|Scored { chunk: c, .. }| {
             let block = tok.snippet(cursor_path, &c.path, &c.text);
             let n = tok.count(&block);
             (block, n)
@@ -412,12 +616,18 @@ pub fn select_with(
     // Each candidate's identifiers: its Jaccard feature and the packer's
     // redundancy penalty.
     let word_sets: Vec<HashSet<&str>> = (scored.iter())
-        .map(|(_, c, _)| c.words.iter().map(String::as_str).collect())
+        .map(|Scored { chunk: c, .. }| c.words.iter().map(String::as_str).collect())
         .collect();
     let candidates: Vec<Candidate> = scored
         .iter()
         .enumerate()
-        .map(|(i, (bm25, c, doc))| {
+        .map(|(i, sc)| {
+            let Scored {
+                bm25,
+                chunk: c,
+                doc,
+                ..
+            } = sc;
             let cw = &word_sets[i];
             let inter = query.iter().filter(|w| cw.contains(w.as_str())).count();
             let union = query.len() + cw.len() - inter;
@@ -447,6 +657,13 @@ pub fn select_with(
                 open_in_editor: doc.is_some(),
                 symbol_overlap: query.iter().filter(|w| c.defines.contains(*w)).count() as f32
                     / query.len() as f32,
+                definition: definition(&c.defines),
+                resolution: match sc.resolution {
+                    "signature" => kiln_sandbox::RESOLUTION_SIGNATURE,
+                    "body" => kiln_sandbox::RESOLUTION_BODY,
+                    _ => kiln_sandbox::RESOLUTION_LINES,
+                },
+                path_distance: path_distance(&c.path, cursor_path) as i32,
             }
         })
         .collect();
@@ -476,7 +693,8 @@ pub fn select_with(
             score: ranked.scores[i],
             tokens: blocks[i].1,
             words: &word_sets[i],
-            key: (&scored[i].1.path, scored[i].1.start_line),
+            key: (&scored[i].chunk.path, scored[i].chunk.start_line),
+            group: scored[i].group,
         })
         .collect();
     let mut by_rank: Vec<usize> = (0..items.len()).collect();
@@ -498,7 +716,7 @@ pub fn select_with(
     };
     let ranking = (by_rank.iter())
         .map(|&i| {
-            let c = scored[i].1;
+            let c = scored[i].chunk;
             let end = c.start_line + c.text.lines().count() as u32;
             (c.path.clone(), c.start_line, end)
         })
@@ -514,25 +732,38 @@ pub fn select_with(
         let (block, n) = &blocks[i];
         packed.tokens += n;
         packed.text.push_str(block);
-        let chunk = scored[i].1;
+        let chunk = scored[i].chunk;
         packed.snippets.push(Snippet {
             path: c.path.clone(),
             start_line: chunk.start_line,
             end_line: chunk.start_line + chunk.text.lines().count() as u32,
+            resolution: scored[i].resolution,
             tokens: *n,
             score: ranked.scores[i],
-            why: why(c),
+            why: why(c, &defined(&chunk.defines)),
         });
     }
     packed
 }
 
-/// A candidate's features in words, for `kiln context`.
-fn why(c: &Candidate) -> String {
+/// A candidate's features in words, for `kiln context`: `defined` are
+/// the names near the cursor it defines, nearest first.
+fn why(c: &Candidate, defined: &[String]) -> String {
     let mut parts = vec![
         format!("bm25 {:.2}", c.bm25),
         format!("jaccard {:.2}", c.jaccard),
     ];
+    if !defined.is_empty() {
+        let more = match defined.len() {
+            1..=3 => String::new(),
+            n => format!(" and {} more", n - 3),
+        };
+        parts.push(format!(
+            "defines {}{more} (definition {:.2})",
+            defined[..defined.len().min(3)].join(", "),
+            c.definition
+        ));
+    }
     if c.symbol_overlap > 0.0 {
         parts.push(format!(
             "defines {:.0}% of the identifiers near the cursor",

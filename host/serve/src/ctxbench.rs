@@ -22,9 +22,9 @@
 //! file ages (the ranker's recency features are unknown), so a run does
 //! not depend on when the files were written.
 //!
-//! Definitions are found as kiln's index finds them today (an identifier
-//! after a definition keyword on one line), so labels and index agree; a
-//! parser-based index is the next step of the context work.
+//! Definitions are found as kiln's symbol index finds them
+//! ([`crate::symbols`]: tree-sitter tag queries, a keyword heuristic for
+//! other languages), so a label is a line a definition names.
 
 use crate::context::{self, SelectAt, Selection, Workspace};
 use crate::prompt::Counter;
@@ -62,7 +62,11 @@ pub fn sample(root: &Path, n: usize, seed: u64) -> Vec<Hole> {
     // Per file, the names it defines and their lines.
     let file_defs: Vec<Vec<(String, u32)>> = files
         .iter()
-        .map(|(_, text)| context::definitions(text))
+        .map(|(path, text)| {
+            (crate::symbols::definitions(path, text).into_iter())
+                .map(|d| (d.name, d.line))
+                .collect()
+        })
         .collect();
     let mut defined: HashMap<String, Vec<(String, u32)>> = HashMap::new();
     for ((path, _), defs) in files.iter().zip(&file_defs) {

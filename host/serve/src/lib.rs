@@ -29,6 +29,7 @@ pub mod pack;
 pub mod preview;
 pub mod prompt;
 pub mod start;
+pub mod symbols;
 
 use kiln_runtime::model::generate::Boundary;
 use serde::{Deserialize, Serialize};

@@ -3,9 +3,10 @@
 //! Not first-fit in rank order (which lets one large snippet crowd out
 //! several useful ones, or fills the budget with barely relevant text):
 //!
-//! 1. A relevance floor: snippets scoring under [`FLOOR`] of the best one,
-//!    or nothing, stay out even when there is room (padding costs the
-//!    model's attention and the user's latency).
+//! 1. A relevance floor: snippets scoring under [`FLOOR`] of the best one
+//!    of their kind (definitions, other snippets), or nothing, stay out
+//!    even when there is room (padding costs the model's attention and the
+//!    user's latency).
 //! 2. A redundancy penalty: a snippet's value is its score less
 //!    [`REDUNDANCY`] of it times its largest identifier overlap (Jaccard)
 //!    with any snippet ranked above it, so near-copies (a file and its
@@ -13,13 +14,15 @@
 //! 3. A 0/1 knapsack over the exact token counts: the set of greatest
 //!    total value within the budget (dynamic programming over the budget
 //!    in units of at most 1/1024 of it, each snippet's tokens rounded up:
-//!    the budget is never exceeded).
+//!    the budget is never exceeded). Alternatives (one definition as its
+//!    signature or its body) form a group of which at most one is taken;
+//!    room left over then turns chosen signatures into their bodies.
 //! 4. Layout: the chosen snippets in a stable order (by path and line)
 //!    with the most valuable one last, nearest the cursor. While a line is
 //!    typed the chosen set rarely changes, and the block then stays
 //!    byte-identical, so the KV cache keeps the prompt's prefix.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Snippets scoring under this share of the best one stay out.
 pub const FLOOR: f32 = 0.2;
@@ -38,6 +41,12 @@ pub struct Item<'a> {
     pub words: &'a HashSet<&'a str>,
     /// Where it comes from (path, first line): the stable order.
     pub key: (&'a str, u32),
+    /// Alternatives (one definition at several resolutions) share a group:
+    /// at most one of them is taken. Grouped items are definitions, and
+    /// meet the floor against the best definition; the others against the
+    /// best of the others (a definition's score carries the weight of the
+    /// names it defines, which text found by its words never has).
+    pub group: Option<u32>,
 }
 
 fn jaccard(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
@@ -52,19 +61,32 @@ fn jaccard(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
 
 /// The items to pack within `budget` tokens, as indices in prompt order.
 pub fn choose(items: &[Item<'_>], budget: usize) -> Vec<usize> {
-    let best = items.iter().map(|i| i.score).fold(0.0f32, f32::max);
-    if best <= 0.0 || !best.is_finite() || budget == 0 {
+    let best_of = |definitions: bool| {
+        (items.iter())
+            .filter(|i| i.group.is_some() == definitions)
+            .map(|i| i.score)
+            .fold(0.0f32, f32::max)
+    };
+    let best = [best_of(false), best_of(true)];
+    if best.iter().all(|&b| b <= 0.0) || !best.iter().all(|b| b.is_finite()) || budget == 0 {
         return Vec::new();
     }
     let mut ranked: Vec<usize> = (0..items.len())
-        .filter(|&i| items[i].score >= FLOOR * best && items[i].tokens <= budget)
+        .filter(|&i| {
+            let it = &items[i];
+            let best = best[usize::from(it.group.is_some())];
+            it.score > 0.0 && it.score >= FLOOR * best && it.tokens <= budget
+        })
         .collect();
     ranked.sort_by(|&a, &b| items[b].score.total_cmp(&items[a].score).then(a.cmp(&b)));
     let values: Vec<f32> = (0..ranked.len())
         .map(|r| {
             let it = &items[ranked[r]];
+            // Against other snippets only: a definition's own other
+            // resolution is an alternative, not a copy.
             let overlap = ranked[..r]
                 .iter()
+                .filter(|&&above| it.group.is_none() || items[above].group != it.group)
                 .map(|&above| jaccard(it.words, items[above].words))
                 .fold(0.0f32, f32::max);
             it.score * (1.0 - REDUNDANCY * overlap)
@@ -77,28 +99,69 @@ pub fn choose(items: &[Item<'_>], budget: usize) -> Vec<usize> {
     let weights: Vec<usize> = (ranked.iter())
         .map(|&i| items[i].tokens.div_ceil(unit).max(1))
         .collect();
-    let n = ranked.len();
-    // best[k][c]: the greatest value of the first k items within c units.
+    // Alternatives together, in rank order of their best.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_at: HashMap<u32, usize> = HashMap::new();
+    for (k, &i) in ranked.iter().enumerate() {
+        match items[i].group {
+            Some(g) => match group_at.get(&g) {
+                Some(&at) => groups[at].push(k),
+                None => {
+                    group_at.insert(g, groups.len());
+                    groups.push(vec![k]);
+                }
+            },
+            None => groups.push(vec![k]),
+        }
+    }
+    let n = groups.len();
+    // table[g][c]: the greatest value of the first g groups within c units
+    // (at most one item of each); pick[g][c]: the item taken there.
     let mut table = vec![0.0f32; (n + 1) * (cap + 1)];
-    let at = |k: usize, c: usize| k * (cap + 1) + c;
-    for k in 1..=n {
-        let (w, v) = (weights[k - 1], values[k - 1]);
+    let mut pick = vec![usize::MAX; (n + 1) * (cap + 1)];
+    let at = |g: usize, c: usize| g * (cap + 1) + c;
+    for g in 1..=n {
         for c in 0..=cap {
-            let skip = table[at(k - 1, c)];
-            let take = if w <= c {
-                table[at(k - 1, c - w)] + v
-            } else {
-                f32::NEG_INFINITY
-            };
-            table[at(k, c)] = skip.max(take);
+            let mut best = table[at(g - 1, c)];
+            let mut took = usize::MAX;
+            for &k in &groups[g - 1] {
+                if weights[k] <= c {
+                    let take = table[at(g - 1, c - weights[k])] + values[k];
+                    if take > best {
+                        best = take;
+                        took = k;
+                    }
+                }
+            }
+            table[at(g, c)] = best;
+            pick[at(g, c)] = took;
         }
     }
     let mut chosen = Vec::new();
     let mut c = cap;
-    for k in (1..=n).rev() {
-        if table[at(k, c)] != table[at(k - 1, c)] {
-            chosen.push(k - 1);
-            c -= weights[k - 1];
+    for g in (1..=n).rev() {
+        let k = pick[at(g, c)];
+        if k != usize::MAX {
+            chosen.push(k);
+            c -= weights[k];
+        }
+    }
+    // Room left over goes to fuller resolutions: a chosen definition
+    // becomes its largest alternative that the rest of the budget holds,
+    // the most valuable first.
+    let mut left = cap - chosen.iter().map(|&k| weights[k]).sum::<usize>();
+    chosen.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    for k in chosen.iter_mut() {
+        let Some(g) = items[ranked[*k]].group else {
+            continue;
+        };
+        let fuller = (0..ranked.len())
+            .filter(|&j| items[ranked[j]].group == Some(g) && weights[j] > weights[*k])
+            .filter(|&j| weights[j] - weights[*k] <= left)
+            .max_by_key(|&j| (weights[j], std::cmp::Reverse(j)));
+        if let Some(j) = fuller {
+            left -= weights[j] - weights[*k];
+            *k = j;
         }
     }
     // Stable order, the most valuable last.
@@ -128,6 +191,7 @@ mod tests {
                 tokens: *tokens,
                 words,
                 key: (path, 0),
+                group: None,
             })
             .collect()
     }
@@ -210,6 +274,67 @@ mod tests {
         // Room for two: the original and the distinct one, not the copy.
         let two = choose(&its, 20);
         assert_eq!(two, vec![2, 0], "{two:?}");
+    }
+
+    /// One definition as a signature or a body: never both, the body where
+    /// there is room for it, the signature where there is not.
+    #[test]
+    fn one_resolution_of_a_definition_is_taken() {
+        let specs = [
+            spec(1.0, 100, &["parse", "token", "body"], "lexer.rs"),
+            spec(0.9, 20, &["parse"], "lexer.rs"),
+            spec(0.5, 30, &["other"], "other.rs"),
+        ];
+        let mut its = items(&specs);
+        its[0].group = Some(7);
+        its[1].group = Some(7);
+        assert_eq!(choose(&its, 1000), vec![2, 0], "the body, not both");
+        assert_eq!(choose(&its, 60), vec![2, 1], "the signature fits");
+        // The signature scores higher (BM25 favours short text), yet the
+        // room left over takes the body.
+        its[1].score = 1.1;
+        assert_eq!(choose(&its, 1000), vec![2, 0], "the body where it fits");
+        assert_eq!(choose(&its, 120), vec![2, 1], "not at the other's cost");
+        // The best set of values, one per group, on random instances
+        // (alternatives score alike, as a definition's resolutions do).
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..200 {
+            let n = rng.usize(1..9);
+            let group_scores = [rng.f32() + 0.2, rng.f32() + 0.2, rng.f32() + 0.2];
+            let groups: Vec<u32> = (0..n).map(|_| rng.u32(0..3)).collect();
+            let specs: Vec<_> = (0..n)
+                .map(|i| {
+                    const WORDS: [&str; 9] = ["w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8"];
+                    let score = group_scores[groups[i] as usize];
+                    spec(score, rng.usize(1..100), &[WORDS[i]], &format!("f{i}"))
+                })
+                .collect();
+            let mut its = items(&specs);
+            for (it, &g) in its.iter_mut().zip(&groups) {
+                it.group = Some(g);
+            }
+            let budget = rng.usize(1..300);
+            let chosen = choose(&its, budget);
+            let groups: HashSet<Option<u32>> = chosen.iter().map(|&i| its[i].group).collect();
+            assert_eq!(groups.len(), chosen.len(), "one per group: {chosen:?}");
+            let best = its.iter().map(|i| i.score).fold(0.0f32, f32::max);
+            let value = |set: &[usize]| set.iter().map(|&i| its[i].score).sum::<f32>();
+            let mut brute = 0.0f32;
+            for mask in 0u32..(1 << n) {
+                let set: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+                let distinct: HashSet<Option<u32>> = set.iter().map(|&i| its[i].group).collect();
+                let fits = set.iter().map(|&i| its[i].tokens).sum::<usize>() <= budget;
+                let above_floor = set.iter().all(|&i| its[i].score >= FLOOR * best);
+                if fits && above_floor && distinct.len() == set.len() {
+                    brute = brute.max(value(&set));
+                }
+            }
+            assert!(
+                value(&chosen) >= brute - 1e-4,
+                "{} < {brute}",
+                value(&chosen)
+            );
+        }
     }
 
     /// The order is by path except the most valuable snippet, last: scores

@@ -12,11 +12,12 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
             c.open_recency_s(),
             c.line_distance(),
             c.flags(),
+            c.definition(),
         ));
     }
 }
 
 export_ranker!(
     rank,
-    b"{\"abi\":\"1.1\",\"kind\":\"rank\",\"name\":\"bm25-recency\",\"version\":\"1.0.0\"}"
+    b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"bm25-recency\",\"version\":\"1.1.0\"}"
 );

@@ -268,9 +268,10 @@ impl Server {
                 Input::Loaded(result) => self.loaded(result),
                 Input::Indexed(ws) => {
                     let msg = format!(
-                        "indexed {} files ({} chunks) for context",
+                        "indexed {} files ({} chunks, {} definitions) for context",
                         ws.files,
-                        ws.chunks.len()
+                        ws.chunks.len(),
+                        ws.definitions()
                     );
                     *self.workspace.write().unwrap_or_else(|p| p.into_inner()) = ws;
                     self.out.log(4, &msg);
@@ -735,6 +736,7 @@ impl Server {
             "root": ws.root,
             "files": ws.files,
             "chunks": ws.chunks.len(),
+            "definitions": ws.definitions(),
         });
         v["policy"] = self.policy_status();
         v["metrics_address"] = json!(self.spec.metrics_address);

@@ -1,10 +1,10 @@
 /*
  * kiln_policy.h — write a kiln policy in C (clang --target=wasm32).
  *
- * Policy ABI 1.1; the contract is sandbox/ABI.md. A ranking policy:
+ * Policy ABI 1.2; the contract is sandbox/ABI.md. A ranking policy:
  *
  *   #include "kiln_policy.h"
- *   KILN_POLICY_METADATA("{\"abi\":\"1.1\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
+ *   KILN_POLICY_METADATA("{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
  *   KILN_DEFINE_ALLOC
  *   KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
  *       kiln_rank_input in;
@@ -25,7 +25,7 @@
 #include <stdint.h>
 
 #define KILN_POLICY_ABI_MAJOR 1
-#define KILN_POLICY_ABI_MINOR 1
+#define KILN_POLICY_ABI_MINOR 2
 
 /* Candidate flags. */
 #define KILN_SAME_FILE 1u
@@ -84,7 +84,7 @@ typedef struct {
     const uint8_t *base;
     uint32_t n;
     uint32_t candidates;     /* offset of the first candidate record */
-    uint32_t candidate_size; /* bytes per record (48 in 1.0, 56 in 1.1) */
+    uint32_t candidate_size; /* bytes per record (48 in 1.0, 56 in 1.1, 72 in 1.2) */
     uint32_t strings;        /* offset of the string table */
     uint32_t cursor;         /* offset of the cursor record */
 } kiln_rank_input;
@@ -117,6 +117,23 @@ static inline uint32_t kiln_cand_flags(const uint8_t *c) { return kiln_u32(c + 2
  * defines; 0 from a 1.0 host (whose records end before it). */
 static inline float kiln_cand_symbol_overlap(const kiln_rank_input *in, const uint8_t *c) {
     return in->candidate_size >= 52 ? kiln_f32(c + 48) : 0.0f;
+}
+/* ABI 1.2: how near the cursor the nearest name the snippet defines is
+ * used (1 on the cursor's line, 1/2 sixteen lines away); 0 when it defines
+ * none, and from an older host. */
+static inline float kiln_cand_definition(const kiln_rank_input *in, const uint8_t *c) {
+    return in->candidate_size >= 60 ? kiln_f32(c + 56) : 0.0f;
+}
+#define KILN_RESOLUTION_LINES 0u
+#define KILN_RESOLUTION_SIGNATURE 1u
+#define KILN_RESOLUTION_BODY 2u
+/* ABI 1.2: KILN_RESOLUTION_LINES, _SIGNATURE or _BODY. */
+static inline uint32_t kiln_cand_resolution(const kiln_rank_input *in, const uint8_t *c) {
+    return in->candidate_size >= 64 ? kiln_u32(c + 60) : KILN_RESOLUTION_LINES;
+}
+/* ABI 1.2: folders between its file's and the cursor's; -1 when unknown. */
+static inline int32_t kiln_cand_path_distance(const kiln_rank_input *in, const uint8_t *c) {
+    return in->candidate_size >= 68 ? (int32_t)kiln_u32(c + 64) : -1;
 }
 
 /* A string field (path, text): a pointer and a length in bytes. */

@@ -10,17 +10,28 @@ pub const SAME_FILE: u32 = 1;
 pub const IMPORT_RELATED: u32 = 2;
 pub const OPEN_IN_EDITOR: u32 = 4;
 
+/// What a definition of a name used on the cursor's line is worth, in
+/// BM25 units: the definitions of what the code around the cursor uses
+/// are what a completion most often needs (chosen on ctxbench: 16 and 64
+/// found fewer definitions than 32 in four repositories).
+pub const DEFINITION: f32 = 32.0;
+
 /// Score of one candidate. Recencies are seconds (negative: unknown);
 /// `line_distance` is lines from the cursor in the same file (negative:
-/// another file).
+/// another file); `definition` is how near the cursor the nearest name the
+/// candidate defines is used (ABI 1.2; 0: none).
 pub fn bm25_recency(
     bm25: f32,
     edit_recency_s: f32,
     open_recency_s: f32,
     line_distance: i32,
     flags: u32,
+    definition: f32,
 ) -> f32 {
     let mut score = bm25;
+    if definition > 0.0 {
+        score += DEFINITION * definition;
+    }
     if edit_recency_s >= 0.0 {
         score += 2.0 / (1.0 + edit_recency_s / 60.0);
     }

@@ -7,7 +7,7 @@
 //! fn rank(input: &RankInput, scores: &mut Vec<f32>) {
 //!     for c in input.candidates() { scores.push(c.bm25()); }
 //! }
-//! export_ranker!(rank, b"{\"abi\":\"1.1\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
+//! export_ranker!(rank, b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
 //! ```
 //!
 //! The byte layouts are in `sandbox/ABI.md`. Readers here honour the
@@ -18,7 +18,7 @@ pub mod formula;
 
 /// The policy ABI version this SDK writes in a policy's metadata.
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -155,14 +155,49 @@ impl<'a> Candidate<'a> {
     /// ABI 1.1: share of the identifiers near the cursor that the snippet
     /// defines; 0 from a 1.0 host.
     pub fn symbol_overlap(&self) -> f32 {
-        let size = u32_at(self.input.bytes, 20) as usize;
-        if size >= 52 {
+        if self.size() >= 52 {
             f32_at(self.input.bytes, self.at + 48)
         } else {
             0.0
         }
     }
+    /// ABI 1.2: how near the cursor the nearest name the snippet defines
+    /// is used (1 on the cursor's line, 1/2 sixteen lines away); 0 when it
+    /// defines none, and from an older host.
+    pub fn definition(&self) -> f32 {
+        if self.size() >= 60 {
+            f32_at(self.input.bytes, self.at + 56)
+        } else {
+            0.0
+        }
+    }
+    /// ABI 1.2: `RESOLUTION_LINES`, `RESOLUTION_SIGNATURE` or
+    /// `RESOLUTION_BODY`; lines from an older host.
+    pub fn resolution(&self) -> u32 {
+        if self.size() >= 64 {
+            u32_at(self.input.bytes, self.at + 60)
+        } else {
+            RESOLUTION_LINES
+        }
+    }
+    /// ABI 1.2: folders between its file's and the cursor's; negative when
+    /// unknown (and from an older host).
+    pub fn path_distance(&self) -> i32 {
+        if self.size() >= 68 {
+            u32_at(self.input.bytes, self.at + 64) as i32
+        } else {
+            -1
+        }
+    }
+    fn size(&self) -> usize {
+        u32_at(self.input.bytes, 20) as usize
+    }
 }
+
+/// A candidate's `resolution` (ABI 1.2).
+pub const RESOLUTION_LINES: u32 = 0;
+pub const RESOLUTION_SIGNATURE: u32 = 1;
+pub const RESOLUTION_BODY: u32 = 2;
 
 /// The parameter kinds of a tuning space.
 #[derive(Clone, Copy, Debug, PartialEq)]
