@@ -729,7 +729,7 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     let id = loop {
         let s = status(&mut c);
         if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
-            assert_eq!(s["policy"]["active"], "jaccard-windows@1.0.0", "{s}");
+            assert_eq!(s["policy"]["active"], "jaccard-windows@1.1.0", "{s}");
             break id;
         }
         assert!(std::time::Instant::now() < deadline, "{s}");
@@ -740,7 +740,7 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
     let fuel: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(r#"kiln:policy_fuel_total{policy="jaccard-windows@1.0.0"} "#))
+        .find_map(|l| l.strip_prefix(r#"kiln:policy_fuel_total{policy="jaccard-windows@1.1.0"} "#))
         .unwrap_or_else(|| panic!("no fuel counted: {metrics}"))
         .parse()
         .unwrap();

@@ -1,7 +1,8 @@
 //! A sliding-window Jaccard ranker: the snippet whose 3-word windows
 //! overlap most with the code just before the cursor ranks first. It
 //! recomputes the similarity on the text itself (the host's `jaccard`
-//! feature is a lighter estimate) and adds small locality bonuses.
+//! feature is a lighter estimate), adds small locality bonuses, and (ABI
+//! 1.2) ranks the definitions of the names used near the cursor up.
 
 use kiln_policy::{export_ranker, formula, RankInput};
 use std::collections::HashSet;
@@ -9,6 +10,9 @@ use std::collections::HashSet;
 /// The last this many bytes of the prefix form the query.
 const QUERY_BYTES: usize = 600;
 const WINDOW: usize = 3;
+/// What a definition of a name used on the cursor's line adds (a perfect
+/// window overlap adds 4).
+const DEFINITION: f32 = 8.0;
 
 fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -52,7 +56,8 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
         let inter = cand.intersection(&query).count() as f32;
         let union = (cand.len() + query.len()) as f32 - inter;
         let jaccard = if union > 0.0 { inter / union } else { 0.0 };
-        let mut score = 4.0 * jaccard + c.jaccard();
+        // ABI 1.2: the definitions of the names used near the cursor.
+        let mut score = 4.0 * jaccard + c.jaccard() + DEFINITION * c.definition();
         if c.flags() & formula::SAME_FILE != 0 {
             score += 0.2;
         }
@@ -65,5 +70,5 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
 
 export_ranker!(
     rank,
-    b"{\"abi\":\"1.1\",\"kind\":\"rank\",\"name\":\"jaccard-windows\",\"version\":\"1.0.0\"}"
+    b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"jaccard-windows\",\"version\":\"1.1.0\"}"
 );

@@ -1,11 +1,12 @@
 /*
  * A locality ranker in C: snippets from the file being edited, close to
- * the cursor, rank first; then import-related files; BM25 and the host's
- * Jaccard estimate break the rest.
+ * the cursor, rank first; then the definitions of the names used near the
+ * cursor (ABI 1.2) and import-related files; BM25 and the host's Jaccard
+ * estimate break the rest.
  */
 #include "kiln_policy.h"
 
-KILN_POLICY_METADATA("{\"abi\":\"1.1\",\"kind\":\"rank\",\"name\":\"proximity\",\"version\":\"1.0.0\"}")
+KILN_POLICY_METADATA("{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"proximity\",\"version\":\"1.1.0\"}")
 KILN_DEFINE_ALLOC
 
 KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
@@ -17,6 +18,8 @@ KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
         const uint8_t *c = kiln_candidate(&in, i);
         uint32_t flags = kiln_cand_flags(c);
         float score = 0.5f * kiln_cand_bm25(c) + kiln_cand_jaccard(c);
+        /* ABI 1.2: the definitions of the names used near the cursor. */
+        score += 8.0f * kiln_cand_definition(&in, c);
         if (flags & KILN_SAME_FILE) {
             int32_t d = kiln_cand_line_distance(c);
             score += 2.0f;
