@@ -9,7 +9,9 @@ use crate::symbols::{self, DEFINERS, Def};
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// Lines per chunk.
@@ -30,6 +32,8 @@ const CODE_EXTENSIONS: &[&str] = &[
     "r", "m", "dart", "vue", "svelte", "toml", "yaml", "yml", "md",
 ];
 
+/// A candidate snippet, materialized: its text, its identifiers, the
+/// names defined in it.
 #[derive(Clone, Debug)]
 pub struct Chunk {
     /// Relative to the workspace root.
@@ -42,26 +46,59 @@ pub struct Chunk {
     modified: Option<SystemTime>,
 }
 
-/// A file of the index and its definitions.
-pub struct Source {
+/// A file of the index.
+struct Source {
     /// Relative to the workspace root.
-    pub path: String,
-    pub text: String,
-    pub defs: Vec<Def>,
+    path: String,
+    /// Its text, where the index was built from texts in memory; read
+    /// again from disk (under the root) where it was walked.
+    text: Option<Arc<str>>,
     modified: Option<SystemTime>,
+    /// Its definitions: `Workspace::defs[defs]`, by line.
+    defs: Range<u32>,
 }
 
-/// The indexed workspace.
+/// A definition as the index keeps it: its name interned, its lines
+/// (see [`Def`]).
+struct Slim {
+    name: u32,
+    /// Index into [`symbols::KINDS`].
+    kind: u8,
+    line: u32,
+    start: u32,
+    signature_end: u32,
+    end: u32,
+}
+
+/// A chunk of [`CHUNK_LINES`] lines of a source, as the lexical index
+/// knows it.
+struct Span {
+    file: u32,
+    start: u32,
+    end: u32,
+    /// Its identifiers, counted (BM25's document length).
+    words: u32,
+}
+
+/// The indexed workspace: every file's definitions (the symbol index) and
+/// an inverted index of the identifiers of its chunks (BM25). File texts
+/// are not kept: a snippet's lines are read when it is a candidate.
 #[derive(Default)]
 pub struct Workspace {
     pub root: Option<PathBuf>,
-    pub chunks: Vec<Chunk>,
     pub files: usize,
-    /// The files read, with their definitions.
-    pub sources: Vec<Source>,
-    /// Where each name is defined: (source, definition) indices.
-    by_name: HashMap<String, Vec<(u32, u32)>>,
-    doc_freq: HashMap<String, u32>,
+    sources: Vec<Source>,
+    spans: Vec<Span>,
+    /// Identifier -> (span, occurrences in it).
+    postings: HashMap<Box<str>, Vec<(u32, u32)>>,
+    /// Every file's definitions, file after file.
+    defs: Vec<Slim>,
+    /// The names defined, and where: `by_name[name]` indexes `names`
+    /// and `defs_named`, whose entries index `defs`.
+    by_name: HashMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+    defs_named: Vec<Vec<u32>>,
+    total_words: u64,
     avg_words: f32,
 }
 
@@ -102,29 +139,36 @@ pub fn is_keyword(word: &str) -> bool {
     DEFINERS.contains(&word) || KEYWORDS.contains(&word)
 }
 
-fn chunk_file(path: &str, text: &str, defs: &[Def], modified: Option<SystemTime>) -> Vec<Chunk> {
+/// Chunks of [`CHUNK_LINES`] lines of `text` with something in them:
+/// (first line, end line, the lines joined).
+fn spans_of(text: &str) -> Vec<(u32, u32, String)> {
     let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(CHUNK_LINES)
-        .enumerate()
+    (lines.chunks(CHUNK_LINES).enumerate())
         .filter_map(|(i, ls)| {
-            let text = ls.join("\n");
-            if text.trim().is_empty() {
-                return None;
-            }
-            let start_line = (i * CHUNK_LINES) as u32;
-            let end = start_line + ls.len() as u32;
-            Some(Chunk {
-                path: path.to_string(),
-                start_line,
-                defines: (defs.iter())
-                    .filter(|d| d.line >= start_line && d.line < end)
-                    .map(|d| d.name.clone())
-                    .collect(),
-                words: words(&text),
-                text,
-                modified,
-            })
+            let joined = ls.join("\n");
+            let start = (i * CHUNK_LINES) as u32;
+            (!joined.trim().is_empty()).then(|| (start, start + ls.len() as u32, joined))
+        })
+        .collect()
+}
+
+/// The names of `defs` whose naming line is in `start..end`.
+fn defined_in(defs: &[Def], start: u32, end: u32) -> HashSet<String> {
+    (defs.iter())
+        .filter(|d| d.line >= start && d.line < end)
+        .map(|d| d.name.clone())
+        .collect()
+}
+
+fn chunk_file(path: &str, text: &str, defs: &[Def], modified: Option<SystemTime>) -> Vec<Chunk> {
+    (spans_of(text).into_iter())
+        .map(|(start, end, text)| Chunk {
+            path: path.to_string(),
+            start_line: start,
+            defines: defined_in(defs, start, end),
+            words: words(&text),
+            text,
+            modified,
         })
         .collect()
 }
@@ -133,21 +177,27 @@ fn chunk_file(path: &str, text: &str, defs: &[Def], modified: Option<SystemTime>
 fn line_range(text: &str, start: u32, end: u32) -> String {
     let lines: Vec<&str> = (text.lines())
         .skip(start as usize)
-        .take((end - start) as usize)
+        .take(end.saturating_sub(start) as usize)
         .collect();
     lines.join("\n")
 }
 
-/// Calls `f` with each source file under `root` the index reads: its
-/// path relative to `root`, its text and when it was modified.
-fn walk(root: &Path, f: &mut dyn FnMut(&str, &str, Option<SystemTime>)) {
+/// Files indexed at once (each batch on every core).
+const INDEX_BATCH: usize = 512;
+
+/// A file the walk found: relative path, full path, when modified.
+type Found = (String, PathBuf, Option<SystemTime>);
+
+/// The source files under `root` the index reads, up to the limits above
+/// (`.gitignore`, `.ignore` and hidden files respected).
+fn walk(root: &Path) -> Vec<Found> {
     let walk = ignore::WalkBuilder::new(root)
         .require_git(false)
         .follow_links(false)
         .build();
-    let mut files = 0;
+    let mut found = Vec::new();
     for entry in walk.flatten() {
-        if files >= MAX_FILES {
+        if found.len() >= MAX_FILES {
             break;
         }
         let path = entry.path();
@@ -161,89 +211,247 @@ fn walk(root: &Path, f: &mut dyn FnMut(&str, &str, Option<SystemTime>)) {
         if meta.len() > MAX_FILE_BYTES {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue; // not UTF-8 text
-        };
         let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy();
-        f(&rel, &text, meta.modified().ok());
-        files += 1;
+        found.push((rel.into_owned(), path.to_path_buf(), meta.modified().ok()));
     }
+    found
 }
 
 /// The source files under `root` the index reads, (relative path, text).
 pub fn read_files(root: &Path) -> Vec<(String, String)> {
-    let mut files = Vec::new();
-    walk(root, &mut |rel, text, _| {
-        files.push((rel.to_string(), text.to_string()))
+    (walk(root).into_iter())
+        .filter_map(|(rel, path, _)| Some((rel, std::fs::read_to_string(path).ok()?)))
+        .collect()
+}
+
+/// One file, indexed (on any thread).
+struct FileIndex {
+    path: String,
+    text: Option<Arc<str>>,
+    modified: Option<SystemTime>,
+    defs: Vec<Def>,
+    /// (first line, end line, identifier counts, identifiers).
+    spans: Vec<(u32, u32, HashMap<String, u32>, u32)>,
+}
+
+fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>) -> FileIndex {
+    let defs = symbols::definitions(&path, text);
+    let spans = (spans_of(text).into_iter())
+        .map(|(start, end, joined)| {
+            let mut counts: HashMap<String, u32> = HashMap::new();
+            let mut n = 0;
+            for w in words(&joined) {
+                *counts.entry(w).or_default() += 1;
+                n += 1;
+            }
+            (start, end, counts, n)
+        })
+        .collect();
+    FileIndex {
+        path,
+        text: keep.then(|| Arc::from(text)),
+        modified,
+        defs,
+        spans,
+    }
+}
+
+/// Indexes `n` files on every core: `file(i)` gives the i-th (`None`
+/// when it cannot be read as text), in order.
+fn index_all(n: usize, file: &(dyn Fn(usize) -> Option<FileIndex> + Sync)) -> Vec<FileIndex> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(16);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, FileIndex)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break mine;
+                        }
+                        if let Some(f) = file(i) {
+                            mine.push((i, f));
+                        }
+                    }
+                })
+            })
+            .collect();
+        (workers.into_iter())
+            .flat_map(|w| w.join().expect("an indexing thread panicked"))
+            .collect()
     });
-    files
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, f)| f).collect()
 }
 
 impl Workspace {
-    /// Walks `root` (`.gitignore`, `.ignore` and hidden files respected),
-    /// reading source files up to the limits above.
+    /// Walks `root` (`.gitignore`, `.ignore` and hidden files respected)
+    /// and indexes the source files up to the limits above, on every core.
     pub fn index(root: &Path) -> Workspace {
+        let found = walk(root);
         let mut ws = Workspace {
             root: Some(root.to_path_buf()),
             ..Workspace::default()
         };
-        walk(root, &mut |rel, text, modified| ws.add(rel, text, modified));
+        // In batches, so that no more than a batch's files are held as
+        // parsed, uncompacted text at once.
+        for batch in found.chunks(INDEX_BATCH) {
+            let files = index_all(batch.len(), &|i| {
+                let (rel, path, modified) = &batch[i];
+                let text = std::fs::read_to_string(path).ok()?; // not UTF-8 text
+                Some(index_file(rel.clone(), &text, false, *modified))
+            });
+            ws.add(files);
+        }
         ws.finish();
         ws
+    }
+
+    /// The index of `files` (relative path, text) read from `root`, which
+    /// keeps their texts.
+    pub fn of_files(root: &Path, files: &[(String, String)]) -> Workspace {
+        let indexed = index_all(files.len(), &|i| {
+            let (rel, text) = &files[i];
+            Some(index_file(rel.clone(), text, true, None))
+        });
+        let mut ws = Workspace {
+            root: Some(root.to_path_buf()),
+            ..Workspace::default()
+        };
+        ws.add(indexed);
+        ws.finish();
+        ws
+    }
+
+    /// Adds indexed files.
+    fn add(&mut self, files: Vec<FileIndex>) {
+        let ws = self;
+        for file in files {
+            let f = ws.sources.len();
+            ws.files += 1;
+            let first = ws.defs.len() as u32;
+            for def in file.defs {
+                let next = ws.names.len() as u32;
+                let name = *ws.by_name.entry(def.name.as_str().into()).or_insert(next);
+                if name == next {
+                    ws.names.push(def.name.into_boxed_str());
+                    ws.defs_named.push(Vec::new());
+                }
+                ws.defs_named[name as usize].push(ws.defs.len() as u32);
+                ws.defs.push(Slim {
+                    name,
+                    kind: symbols::KINDS
+                        .iter()
+                        .position(|&k| k == def.kind)
+                        .unwrap_or(0) as u8,
+                    line: def.line,
+                    start: def.start,
+                    signature_end: def.signature_end,
+                    end: def.end,
+                });
+            }
+            ws.sources.push(Source {
+                path: file.path,
+                text: file.text,
+                modified: file.modified,
+                defs: first..ws.defs.len() as u32,
+            });
+            for (start, end, counts, n) in file.spans {
+                let span = ws.spans.len() as u32;
+                for (w, c) in counts {
+                    ws.postings
+                        .entry(w.into_boxed_str())
+                        .or_default()
+                        .push((span, c));
+                }
+                ws.total_words += u64::from(n);
+                ws.spans.push(Span {
+                    file: f as u32,
+                    start,
+                    end,
+                    words: n,
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.postings.shrink_to_fit();
+        self.avg_words = self.total_words as f32 / self.spans.len().max(1) as f32;
     }
 
     /// How many definitions the symbol index holds.
     pub fn definitions(&self) -> usize {
-        self.sources.iter().map(|s| s.defs.len()).sum()
+        self.defs.len()
     }
 
-    /// Adds a file: its chunks and its definitions.
-    fn add(&mut self, rel: &str, text: &str, modified: Option<SystemTime>) {
-        let defs = symbols::definitions(rel, text);
-        self.chunks.extend(chunk_file(rel, text, &defs, modified));
-        self.files += 1;
-        self.sources.push(Source {
-            path: rel.to_string(),
-            text: text.to_string(),
-            defs,
-            modified,
-        });
+    /// How many chunks the lexical index holds.
+    pub fn chunks(&self) -> usize {
+        self.spans.len()
     }
 
-    /// The index of `files` (relative path, text) read from `root`.
-    pub fn of_files(root: &Path, files: &[(String, String)]) -> Workspace {
-        let mut ws = Workspace {
-            root: Some(root.to_path_buf()),
-            ..Workspace::default()
+    /// The names a file defines on lines `start..end`.
+    fn names_in(&self, f: u32, start: u32, end: u32) -> HashSet<String> {
+        let r = &self.sources[f as usize].defs;
+        (self.defs[r.start as usize..r.end as usize].iter())
+            .filter(|d| d.line >= start && d.line < end)
+            .map(|d| self.names[d.name as usize].to_string())
+            .collect()
+    }
+
+    /// The definitions of `name`: (file, definition).
+    fn defined(&self, name: &str) -> Vec<(u32, Def)> {
+        let Some(&id) = self.by_name.get(name) else {
+            return Vec::new();
         };
-        for (rel, text) in files {
-            ws.add(rel, text, None);
-        }
-        ws.finish();
-        ws
+        (self.defs_named[id as usize].iter())
+            .map(|&d| {
+                // The definitions are file after file: find the file.
+                let f = self.sources.partition_point(|s| s.defs.end <= d) as u32;
+                let slim = &self.defs[d as usize];
+                let def = Def {
+                    name: name.to_string(),
+                    kind: symbols::KINDS[slim.kind as usize],
+                    line: slim.line,
+                    start: slim.start,
+                    signature_end: slim.signature_end,
+                    end: slim.end,
+                };
+                (f, def)
+            })
+            .collect()
     }
 
-    fn finish(&mut self) {
-        self.by_name.clear();
-        for (f, source) in self.sources.iter().enumerate() {
-            for (d, def) in source.defs.iter().enumerate() {
-                (self.by_name.entry(def.name.clone()).or_default()).push((f as u32, d as u32));
-            }
+    /// A file's text: kept, or read again.
+    fn text(&self, f: u32) -> Option<Arc<str>> {
+        let source = &self.sources[f as usize];
+        if let Some(text) = &source.text {
+            return Some(text.clone());
         }
-        self.doc_freq.clear();
-        let mut total = 0usize;
-        for c in &self.chunks {
-            total += c.words.len();
-            let uniq: HashSet<&String> = c.words.iter().collect();
-            for w in uniq {
-                *self.doc_freq.entry(w.clone()).or_default() += 1;
-            }
-        }
-        self.avg_words = total as f32 / self.chunks.len().max(1) as f32;
+        let root = self.root.as_ref()?;
+        std::fs::read_to_string(root.join(&source.path))
+            .ok()
+            .map(Arc::from)
     }
 
+    fn idf(&self, word: &str) -> f32 {
+        let n = self.spans.len().max(1) as f32;
+        let df = self.postings.get(word).map_or(1, |p| p.len().max(1)) as f32;
+        ((n - df + 0.5) / (df + 0.5) + 1.0).ln()
+    }
+
+    fn bm25_term(&self, idf: f32, f: f32, len: f32) -> f32 {
+        let (k1, b) = (1.2f32, 0.75f32);
+        idf * f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * len / self.avg_words.max(1.0)))
+    }
+
+    /// BM25 of a chunk outside the index (an open document's, a
+    /// definition's), with the index's statistics.
     fn bm25(&self, query: &HashSet<String>, chunk: &Chunk) -> f32 {
-        let n = self.chunks.len().max(1) as f32;
         let len = chunk.words.len() as f32;
         let mut tf: HashMap<&str, u32> = HashMap::new();
         for w in &chunk.words {
@@ -251,15 +459,56 @@ impl Workspace {
                 *tf.entry(w.as_str()).or_default() += 1;
             }
         }
-        let (k1, b) = (1.2f32, 0.75f32);
-        tf.iter()
-            .map(|(w, &f)| {
-                let df = self.doc_freq.get(*w).copied().unwrap_or(1) as f32;
-                let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
-                let f = f as f32;
-                idf * f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * len / self.avg_words.max(1.0)))
-            })
+        (tf.iter())
+            .map(|(w, &f)| self.bm25_term(self.idf(w), f as f32, len))
             .sum()
+    }
+
+    /// The `k` indexed chunks of best BM25 for `query` (positive only),
+    /// best first, leaving out files `skip` says.
+    fn best_spans(
+        &self,
+        query: &HashSet<String>,
+        skip: &dyn Fn(&str) -> bool,
+        k: usize,
+    ) -> Vec<(f32, u32)> {
+        let mut scores = vec![0f32; self.spans.len()];
+        for w in query {
+            let Some(postings) = self.postings.get(w.as_str()) else {
+                continue;
+            };
+            let idf = self.idf(w);
+            for &(span, c) in postings {
+                let len = self.spans[span as usize].words as f32;
+                scores[span as usize] += self.bm25_term(idf, c as f32, len);
+            }
+        }
+        let mut hits: Vec<(f32, u32)> = (scores.into_iter().enumerate())
+            .filter(|&(i, s)| s > 0.0 && !skip(&self.sources[self.spans[i].file as usize].path))
+            .map(|(i, s)| (s, i as u32))
+            .collect();
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        hits.truncate(k);
+        hits
+    }
+
+    /// An indexed chunk with its text, read again (`None` if its file is
+    /// gone or no longer has those lines).
+    fn chunk(&self, span: u32, text: &str) -> Option<Chunk> {
+        let s = &self.spans[span as usize];
+        let body = line_range(text, s.start, s.end);
+        if body.trim().is_empty() {
+            return None;
+        }
+        let source = &self.sources[s.file as usize];
+        Some(Chunk {
+            path: source.path.clone(),
+            start_line: s.start,
+            defines: self.names_in(s.file, s.start, s.end),
+            words: words(&body),
+            text: body,
+            modified: source.modified,
+        })
     }
 }
 
@@ -274,13 +523,20 @@ const TOKENS_PER_SIGNATURE: usize = 16;
 const MAX_DEF_CANDIDATES: usize = 512;
 const TOKENS_PER_BODY: usize = 512;
 
+/// Where a definition's text is.
+#[derive(Clone, Copy)]
+enum DefText<'a> {
+    /// An indexed file's (read when needed).
+    Indexed(u32),
+    /// An open document's, with its definitions.
+    Open(&'a str, &'a [Def]),
+}
+
 /// A definition of a name near the cursor, where it is.
 struct DefAt<'a> {
     path: &'a str,
-    text: &'a str,
-    /// Every definition of its file (what its snippet defines besides).
-    defs: &'a [Def],
-    def: &'a Def,
+    text: DefText<'a>,
+    def: Def,
     modified: Option<SystemTime>,
     doc: Option<&'a OpenDoc<'a>>,
 }
@@ -472,13 +728,12 @@ pub fn select_with(
     };
     let mut defs_of: HashMap<&str, Vec<DefAt<'_>>> = HashMap::new();
     for name in near.keys().filter(|n| !own.contains(*n)) {
-        let indexed = (ws.by_name.get(name).into_iter().flatten()).filter_map(|&(f, d)| {
+        let indexed = (ws.defined(name).into_iter()).filter_map(|(f, def)| {
             let src = &ws.sources[f as usize];
             (src.path != cursor_path && !open_paths.contains(src.path.as_str())).then(|| DefAt {
                 path: &src.path,
-                text: &src.text,
-                defs: &src.defs,
-                def: &src.defs[d as usize],
+                text: DefText::Indexed(f),
+                def,
                 modified: src.modified,
                 doc: None,
             })
@@ -486,9 +741,8 @@ pub fn select_with(
         let opened = (open_docs.iter()).flat_map(|(doc, defs)| {
             (defs.iter().filter(|d| &d.name == name)).map(|def| DefAt {
                 path: doc.path,
-                text: doc.text,
-                defs,
-                def,
+                text: DefText::Open(doc.text, defs),
+                def: def.clone(),
                 modified: None,
                 doc: Some(*doc),
             })
@@ -528,6 +782,8 @@ pub fn select_with(
     let max_defs = (budget / TOKENS_PER_SIGNATURE).clamp(MAX_CANDIDATES, MAX_DEF_CANDIDATES);
     let with_body = (budget / TOKENS_PER_BODY).max(4);
     let mut def_chunks: Vec<(Chunk, Option<&OpenDoc<'_>>, u32, &'static str)> = Vec::new();
+    // The indexed files' texts, read once per selection.
+    let mut texts: HashMap<u32, Option<Arc<str>>> = HashMap::new();
     'names: for (rank, name) in names.into_iter().enumerate() {
         let mut found: Vec<&DefAt<'_>> = defs_of[name].iter().collect();
         found.sort_by_key(|d| (path_distance(d.path, cursor_path), d.path, d.def.line));
@@ -539,16 +795,25 @@ pub fn select_with(
                 resolutions.push(("body", body_start, body_end));
             }
             for (resolution, start, end) in resolutions {
-                let text = line_range(d.text, start, end);
+                let text = match d.text {
+                    DefText::Open(text, _) => line_range(text, start, end),
+                    DefText::Indexed(f) => match texts.entry(f).or_insert_with(|| ws.text(f)) {
+                        Some(text) => line_range(text, start, end),
+                        None => continue, // gone since it was indexed
+                    },
+                };
+                if text.trim().is_empty() {
+                    continue;
+                }
                 def_chunks.push((
                     Chunk {
                         path: d.path.to_string(),
                         start_line: start,
                         words: words(&text),
-                        defines: (d.defs.iter())
-                            .filter(|x| x.line >= start && x.line < end)
-                            .map(|x| x.name.clone())
-                            .collect(),
+                        defines: match d.text {
+                            DefText::Open(_, defs) => defined_in(defs, start, end),
+                            DefText::Indexed(f) => ws.names_in(f, start, end),
+                        },
                         text,
                         modified: d.modified,
                     },
@@ -569,11 +834,18 @@ pub fn select_with(
         .collect();
     let fresh =
         |c: &Chunk| !(c.defines.iter()).any(|n| offered.contains(&(c.path.as_str(), n.as_str())));
-    let mut lexical: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = ws
-        .chunks
-        .iter()
-        .filter(|c| c.path != cursor_path && !open_paths.contains(c.path.as_str()))
-        .map(|c| (ws.bm25(&query, c), c, None))
+    let skip = |path: &str| path == cursor_path || open_paths.contains(path);
+    // A few more than needed: some will repeat a definition.
+    let best = ws.best_spans(&query, &skip, 2 * max_candidates);
+    let indexed_chunks: Vec<(f32, Chunk)> = (best.into_iter())
+        .filter_map(|(score, span)| {
+            let f = ws.spans[span as usize].file;
+            let text = texts.entry(f).or_insert_with(|| ws.text(f)).clone()?;
+            Some((score, ws.chunk(span, &text)?))
+        })
+        .collect();
+    let mut lexical: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = (indexed_chunks.iter())
+        .map(|(score, c)| (*score, c, None))
         .chain(
             open_chunks
                 .iter()
@@ -799,10 +1071,24 @@ mod tests {
         std::fs::write(dir.path().join("data.bin"), [0u8, 159, 146, 150]).unwrap();
         let ws = Workspace::index(dir.path());
         assert_eq!(ws.files, 1);
-        assert_eq!(ws.chunks.len(), 3, "46 lines in chunks of {CHUNK_LINES}");
-        assert!(ws.chunks.iter().all(|c| c.path == "lib.rs"));
-        assert!(ws.chunks[0].defines.contains("visible"));
-        assert_eq!(ws.chunks[2].start_line, 40);
+        assert_eq!(ws.chunks(), 3, "46 lines in chunks of {CHUNK_LINES}");
+        assert!(
+            ws.sources
+                .iter()
+                .all(|s| s.path == "lib.rs" && s.text.is_none())
+        );
+        assert_eq!(ws.spans[2].start, 40);
+        assert_eq!(ws.defined("visible")[0].0, 0);
+        // A chunk's text is read again from the file.
+        let text = ws.text(0).unwrap();
+        let first = ws.chunk(0, &text).unwrap();
+        assert!(first.text.starts_with("fn visible() {}\nlet v0 = 0;"));
+        assert!(first.defines.contains("visible"));
+        // The inverted index finds the chunk that holds a word.
+        let query: HashSet<String> = ["v44".to_string()].into();
+        let best = ws.best_spans(&query, &|_| false, 5);
+        assert_eq!(best.iter().map(|b| b.1).collect::<Vec<_>>(), vec![2]);
+        assert!(ws.best_spans(&query, &|p| p == "lib.rs", 5).is_empty());
     }
 
     #[test]

@@ -262,18 +262,25 @@ fn parsed(lang: Lang, text: &str) -> Option<Vec<Def>> {
     Some(defs)
 }
 
+/// Every kind of definition.
+pub const KINDS: [&str; 9] = [
+    "function",
+    "method",
+    "class",
+    "interface",
+    "module",
+    "macro",
+    "constant",
+    "field",
+    "type",
+];
+
 fn kind_name(kind: &str) -> &'static str {
-    match kind {
-        "function" => "function",
-        "method" => "method",
-        "class" => "class",
-        "interface" => "interface",
-        "module" => "module",
-        "macro" => "macro",
-        "constant" => "constant",
-        "field" => "field",
-        _ => "type",
-    }
+    KINDS
+        .iter()
+        .find(|&&k| k == kind)
+        .copied()
+        .unwrap_or("type")
 }
 
 /// The lines of a definition and of its signature.

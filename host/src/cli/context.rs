@@ -95,7 +95,7 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     if args.json {
         let mut v = serde_json::to_value(&p).expect("a preview serialises");
         v["schema_version"] = JSON_SCHEMA_VERSION.into();
-        v["workspace"] = serde_json::json!({"root": root, "files": ws.files, "chunks": ws.chunks.len(), "definitions": ws.definitions()});
+        v["workspace"] = serde_json::json!({"root": root, "files": ws.files, "chunks": ws.chunks(), "definitions": ws.definitions()});
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }

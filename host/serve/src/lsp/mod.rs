@@ -270,7 +270,7 @@ impl Server {
                     let msg = format!(
                         "indexed {} files ({} chunks, {} definitions) for context",
                         ws.files,
-                        ws.chunks.len(),
+                        ws.chunks(),
                         ws.definitions()
                     );
                     *self.workspace.write().unwrap_or_else(|p| p.into_inner()) = ws;
@@ -735,7 +735,7 @@ impl Server {
         v["workspace"] = json!({
             "root": ws.root,
             "files": ws.files,
-            "chunks": ws.chunks.len(),
+            "chunks": ws.chunks(),
             "definitions": ws.definitions(),
         });
         v["policy"] = self.policy_status();
