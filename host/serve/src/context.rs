@@ -4,6 +4,7 @@
 //! policy ABI defines, and packed into a token budget with the model's own
 //! tokenizer, each under a comment that names its file.
 
+use crate::index_cache;
 use crate::prompt::Counter;
 use crate::symbols::{self, DEFINERS, Def};
 use kiln_sandbox::breaker::Ranker;
@@ -185,8 +186,8 @@ fn line_range(text: &str, start: u32, end: u32) -> String {
 /// Files indexed at once (each batch on every core).
 const INDEX_BATCH: usize = 512;
 
-/// A file the walk found: relative path, full path, when modified.
-type Found = (String, PathBuf, Option<SystemTime>);
+/// A file the walk found: relative path, full path, when modified, size.
+type Found = (String, PathBuf, Option<SystemTime>, u64);
 
 /// The source files under `root` the index reads, up to the limits above
 /// (`.gitignore`, `.ignore` and hidden files respected).
@@ -212,7 +213,12 @@ fn walk(root: &Path) -> Vec<Found> {
             continue;
         }
         let rel = path.strip_prefix(root).unwrap_or(path).to_string_lossy();
-        found.push((rel.into_owned(), path.to_path_buf(), meta.modified().ok()));
+        found.push((
+            rel.into_owned(),
+            path.to_path_buf(),
+            meta.modified().ok(),
+            meta.len(),
+        ));
     }
     found
 }
@@ -220,18 +226,40 @@ fn walk(root: &Path) -> Vec<Found> {
 /// The source files under `root` the index reads, (relative path, text).
 pub fn read_files(root: &Path) -> Vec<(String, String)> {
     (walk(root).into_iter())
-        .filter_map(|(rel, path, _)| Some((rel, std::fs::read_to_string(path).ok()?)))
+        .filter_map(|(rel, path, ..)| Some((rel, std::fs::read_to_string(path).ok()?)))
         .collect()
 }
 
 /// One file, indexed (on any thread).
-struct FileIndex {
-    path: String,
-    text: Option<Arc<str>>,
-    modified: Option<SystemTime>,
-    defs: Vec<Def>,
+pub(crate) struct FileIndex {
+    pub path: String,
+    pub text: Option<Arc<str>>,
+    pub modified: Option<SystemTime>,
+    pub defs: Vec<Def>,
     /// (first line, end line, identifier counts, identifiers).
-    spans: Vec<(u32, u32, HashMap<String, u32>, u32)>,
+    pub spans: Vec<(u32, u32, HashMap<String, u32>, u32)>,
+}
+
+/// How an index was built.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IndexStats {
+    /// Files parsed now (new or changed).
+    pub parsed: usize,
+    /// Files taken from the persisted index.
+    pub reused: usize,
+    pub seconds: f64,
+    /// Why the persisted index could not be used or written, if so.
+    pub cache_error: Option<String>,
+}
+
+/// What indexing one file came to.
+enum Indexed {
+    /// Parsed now: the entry to keep, and its content hash.
+    Parsed(FileIndex, String),
+    /// Its size and time are as recorded: taken from the cache.
+    Reused(FileIndex),
+    /// Changed time, known content (sha256): its entry is in the cache.
+    Known(String),
 }
 
 fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>) -> FileIndex {
@@ -258,12 +286,12 @@ fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>
 
 /// Indexes `n` files on every core: `file(i)` gives the i-th (`None`
 /// when it cannot be read as text), in order.
-fn index_all(n: usize, file: &(dyn Fn(usize) -> Option<FileIndex> + Sync)) -> Vec<FileIndex> {
+fn index_all<T: Send>(n: usize, file: &(dyn Fn(usize) -> Option<T> + Sync)) -> Vec<T> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
         .min(16);
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, FileIndex)> = std::thread::scope(|scope| {
+    let mut done: Vec<(usize, T)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -292,29 +320,145 @@ impl Workspace {
     /// Walks `root` (`.gitignore`, `.ignore` and hidden files respected)
     /// and indexes the source files up to the limits above, on every core.
     pub fn index(root: &Path) -> Workspace {
+        Workspace::index_cached(root, None).0
+    }
+
+    /// [`Workspace::index`] through the persisted index at `cache`
+    /// ([`crate::index_cache`]): only new and changed files are parsed.
+    pub fn index_cached(root: &Path, cache: Option<&Path>) -> (Workspace, IndexStats) {
+        let started = Instant::now();
         let found = walk(root);
         let mut ws = Workspace {
             root: Some(root.to_path_buf()),
             ..Workspace::default()
         };
+        let mut stats = IndexStats::default();
+        let mut cache = cache.and_then(|path| {
+            index_cache::Cache::open(path)
+                .map_err(|e| stats.cache_error = Some(e))
+                .ok()
+        });
+        let key = root.to_string_lossy().into_owned();
+        let seen = cache.as_ref().map(|c| c.seen(&key)).unwrap_or_default();
+        let known: HashSet<&str> = seen.values().map(|s| s.sha256.as_str()).collect();
+        let caching = cache.is_some();
         // In batches, so that no more than a batch's files are held as
         // parsed, uncompacted text at once.
         for batch in found.chunks(INDEX_BATCH) {
-            let files = index_all(batch.len(), &|i| {
-                let (rel, path, modified) = &batch[i];
+            // Entries of files whose size and time are as recorded.
+            let kept: HashMap<usize, Vec<u8>> = match &cache {
+                Some(c) => (batch.iter().enumerate())
+                    .filter_map(|(i, (rel, _, modified, size))| {
+                        let s = seen.get(rel)?;
+                        let same = s.size == *size
+                            && s.mtime_ns == index_cache::mtime_ns(*modified)
+                            && s.mtime_ns >= 0;
+                        same.then(|| Some((i, c.parsed(&s.sha256, index_cache::ext(rel))?)))?
+                    })
+                    .collect(),
+                None => HashMap::new(),
+            };
+            let results = index_all(batch.len(), &|i| {
+                let (rel, path, modified, _) = &batch[i];
+                if let Some(bytes) = kept.get(&i)
+                    && let Some(f) = index_cache::decode(rel.clone(), *modified, bytes)
+                {
+                    return Some((i, Indexed::Reused(f)));
+                }
                 let text = std::fs::read_to_string(path).ok()?; // not UTF-8 text
-                Some(index_file(rel.clone(), &text, false, *modified))
+                let sha = kiln_runtime::plugin::sha256_hex(text.as_bytes());
+                if caching && !kept.contains_key(&i) && known.contains(sha.as_str()) {
+                    return Some((i, Indexed::Known(sha)));
+                }
+                Some((
+                    i,
+                    Indexed::Parsed(index_file(rel.clone(), &text, false, *modified), sha),
+                ))
             });
+            let mut files = Vec::with_capacity(results.len());
+            let mut record = Vec::new();
+            for (i, result) in results {
+                let (rel, path, modified, size) = &batch[i];
+                let file = match result {
+                    Indexed::Reused(f) => {
+                        stats.reused += 1;
+                        f
+                    }
+                    Indexed::Known(sha) => {
+                        let cached = (cache.as_ref())
+                            .and_then(|c| c.parsed(&sha, index_cache::ext(rel)))
+                            .and_then(|b| index_cache::decode(rel.clone(), *modified, &b));
+                        let (f, data) = match cached {
+                            Some(f) => {
+                                stats.reused += 1;
+                                (f, None)
+                            }
+                            None => {
+                                let Ok(text) = std::fs::read_to_string(path) else {
+                                    continue;
+                                };
+                                stats.parsed += 1;
+                                let f = index_file(rel.clone(), &text, false, *modified);
+                                let data = index_cache::encode(&f);
+                                (f, Some(data))
+                            }
+                        };
+                        record.push(index_cache::Record {
+                            path: rel.clone(),
+                            size: *size,
+                            mtime_ns: index_cache::mtime_ns(*modified),
+                            sha256: sha,
+                            ext: index_cache::ext(rel).to_string(),
+                            data,
+                        });
+                        f
+                    }
+                    Indexed::Parsed(f, sha) => {
+                        stats.parsed += 1;
+                        if cache.is_some() {
+                            record.push(index_cache::Record {
+                                path: rel.clone(),
+                                size: *size,
+                                mtime_ns: index_cache::mtime_ns(*modified),
+                                sha256: sha,
+                                ext: index_cache::ext(rel).to_string(),
+                                data: Some(index_cache::encode(&f)),
+                            });
+                        }
+                        f
+                    }
+                };
+                files.push(file);
+            }
+            if let Some(c) = &mut cache
+                && !record.is_empty()
+                && let Err(e) = c.record(&key, &record, &[])
+            {
+                stats.cache_error = Some(e);
+            }
             ws.add(files);
         }
+        if let Some(c) = &mut cache {
+            let present: HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
+            let gone: Vec<String> = (seen.keys())
+                .filter(|p| !present.contains(p.as_str()))
+                .cloned()
+                .collect();
+            if !gone.is_empty()
+                && let Err(e) = c.record(&key, &[], &gone)
+            {
+                stats.cache_error = Some(e);
+            }
+        }
         ws.finish();
-        ws
+        stats.seconds = started.elapsed().as_secs_f64();
+        (ws, stats)
     }
 
     /// The index of `files` (relative path, text) read from `root`, which
     /// keeps their texts.
     pub fn of_files(root: &Path, files: &[(String, String)]) -> Workspace {
-        let indexed = index_all(files.len(), &|i| {
+        let indexed: Vec<FileIndex> = index_all(files.len(), &|i| {
             let (rel, text) = &files[i];
             Some(index_file(rel.clone(), text, true, None))
         });
@@ -1089,6 +1233,91 @@ mod tests {
         let best = ws.best_spans(&query, &|_| false, 5);
         assert_eq!(best.iter().map(|b| b.1).collect::<Vec<_>>(), vec![2]);
         assert!(ws.best_spans(&query, &|p| p == "lib.rs", 5).is_empty());
+    }
+
+    #[test]
+    fn the_persisted_index_is_reused_updated_and_survives_a_broken_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let cache = home.path().join("cache").join("index.db");
+        let root = dir.path();
+        std::fs::write(root.join("a.py"), "def alpha():\n    return 1\n").unwrap();
+        std::fs::write(root.join("b.rs"), "pub struct Beta {\n    x: u32,\n}\n").unwrap();
+        std::fs::write(
+            root.join("c.go"),
+            "package c\n\nfunc Gamma() int { return 3 }\n",
+        )
+        .unwrap();
+        let names = |ws: &Workspace| -> Vec<String> {
+            let mut n: Vec<String> = ws.names.iter().map(|n| n.to_string()).collect();
+            n.sort();
+            n
+        };
+        let (first, stats) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!((stats.parsed, stats.reused), (3, 0), "{stats:?}");
+        assert!(stats.cache_error.is_none(), "{stats:?}");
+        assert_eq!(names(&first), ["Beta", "Gamma", "alpha", "x"]);
+        // Nothing changed: nothing parsed, the same index.
+        let (again, stats) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!((stats.parsed, stats.reused), (0, 3), "{stats:?}");
+        assert_eq!(names(&again), names(&first));
+        assert_eq!(again.chunks(), first.chunks());
+        let query: HashSet<String> = ["Gamma".to_string()].into();
+        assert_eq!(
+            again.best_spans(&query, &|_| false, 3),
+            first.best_spans(&query, &|_| false, 3)
+        );
+        assert_eq!(again.defined("alpha")[0].1, first.defined("alpha")[0].1);
+        // One file edited: it alone is parsed, and its new definition
+        // replaces the old.
+        std::fs::write(root.join("a.py"), "def alpha2():\n    return 2\n\n\n").unwrap();
+        let (edited, stats) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!((stats.parsed, stats.reused), (1, 2), "{stats:?}");
+        assert_eq!(names(&edited), ["Beta", "Gamma", "alpha2", "x"]);
+        // The same bytes with a new time: read and hashed, not parsed.
+        let file = std::fs::File::options()
+            .write(true)
+            .open(root.join("b.rs"))
+            .unwrap();
+        file.set_modified(SystemTime::now() + std::time::Duration::from_secs(60))
+            .unwrap();
+        drop(file);
+        let (_, stats) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!((stats.parsed, stats.reused), (0, 3), "{stats:?}");
+        // A file removed is forgotten.
+        std::fs::remove_file(root.join("c.go")).unwrap();
+        let (removed, _) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!(names(&removed), ["Beta", "alpha2", "x"]);
+        let c = index_cache::Cache::open(&cache).unwrap();
+        assert_eq!(c.seen(&root.to_string_lossy()).len(), 2);
+        drop(c);
+        // A cache that is not a database is moved aside and rebuilt; the
+        // index is the one built without it.
+        for aux in ["index.db-wal", "index.db-shm"] {
+            let _ = std::fs::remove_file(home.path().join("cache").join(aux));
+        }
+        std::fs::write(
+            &cache,
+            b"not a database at all, but long enough to look like one..........",
+        )
+        .unwrap();
+        let (rebuilt, stats) = Workspace::index_cached(root, Some(&cache));
+        assert!(stats.cache_error.is_none(), "{stats:?}");
+        assert_eq!((stats.parsed, stats.reused), (2, 0), "{stats:?}");
+        assert!(home.path().join("cache").join("index.db.broken").exists());
+        assert_eq!(names(&rebuilt), names(&Workspace::index(root)));
+        // An entry that does not decode is parsed again.
+        let conn = rusqlite::Connection::open(&cache).unwrap();
+        conn.execute("UPDATE parsed SET data = x'0102'", [])
+            .unwrap();
+        drop(conn);
+        let (_, stats) = Workspace::index_cached(root, Some(&cache));
+        assert_eq!((stats.parsed, stats.reused), (2, 0), "{stats:?}");
+        // A cache that cannot be created is reported, and the index built.
+        let blocked = home.path().join("file");
+        std::fs::write(&blocked, "").unwrap();
+        let (ws, stats) = Workspace::index_cached(root, Some(&blocked.join("index.db")));
+        assert!(stats.cache_error.is_some() && ws.files == 2, "{stats:?}");
     }
 
     #[test]

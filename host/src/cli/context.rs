@@ -82,7 +82,11 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     // The tokenizer and template are what matter here; the weights stay
     // mapped, never run.
     let loaded = Loaded::load(id, path, fim, &Backend::builtin_cpu(), 0).map_err(CliError)?;
-    let ws = Workspace::index(&root);
+    let (ws, stats) =
+        Workspace::index_cached(&root, Some(&config.home.join("cache").join("index.db")));
+    if let Some(e) = &stats.cache_error {
+        eprintln!("kiln: the persisted index was not used: {e}");
+    }
     let ranker = kiln_serve::start::ranker(config, &mut |m| eprintln!("kiln: {m}"));
     let n_ctx = default_n_ctx(&loaded.model.config, args.ctx);
     let limit = n_ctx.saturating_sub(args.settings.max_tokens).max(1);
@@ -95,7 +99,7 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     if args.json {
         let mut v = serde_json::to_value(&p).expect("a preview serialises");
         v["schema_version"] = JSON_SCHEMA_VERSION.into();
-        v["workspace"] = serde_json::json!({"root": root, "files": ws.files, "chunks": ws.chunks(), "definitions": ws.definitions()});
+        v["workspace"] = serde_json::json!({"root": root, "files": ws.files, "chunks": ws.chunks(), "definitions": ws.definitions(), "index": stats});
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }

@@ -101,7 +101,7 @@ enum Input {
     ReadError(String),
     Eof,
     Loaded(Result<Engine, String>),
-    Indexed(Workspace),
+    Indexed(Box<(Workspace, crate::context::IndexStats)>),
 }
 
 struct Pending {
@@ -266,15 +266,22 @@ impl Server {
                 }
                 Input::Eof => return if self.shutdown { 0 } else { 1 },
                 Input::Loaded(result) => self.loaded(result),
-                Input::Indexed(ws) => {
+                Input::Indexed(indexed) => {
+                    let (ws, stats) = *indexed;
                     let msg = format!(
-                        "indexed {} files ({} chunks, {} definitions) for context",
+                        "indexed {} files ({} chunks, {} definitions) for context in {:.1} s: {} parsed, {} from the persisted index",
                         ws.files,
                         ws.chunks(),
-                        ws.definitions()
+                        ws.definitions(),
+                        stats.seconds,
+                        stats.parsed,
+                        stats.reused
                     );
                     *self.workspace.write().unwrap_or_else(|p| p.into_inner()) = ws;
                     self.out.log(4, &msg);
+                    if let Some(e) = stats.cache_error {
+                        self.out.log(2, &format!("the persisted index was not used: {e}"));
+                    }
                 }
             }
         }
@@ -552,8 +559,12 @@ impl Server {
         }
         if let (Some(root), true) = (self.root.clone(), self.settings.workspace_context) {
             let tx = self.tx.clone();
+            let cache = self.spec.config.home.join("cache").join("index.db");
             std::thread::spawn(move || {
-                let _ = tx.send(Input::Indexed(Workspace::index(&root)));
+                let _ = tx.send(Input::Indexed(Box::new(Workspace::index_cached(
+                    &root,
+                    Some(&cache),
+                ))));
             });
         }
     }
