@@ -102,6 +102,79 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
         }
     }
 
+    // The model metrics: every selector and the oracle through a model
+    // (the demo model: this checks the wiring and the statistics; the
+    // numbers on a released model are the bench's, `kiln ctxbench
+    // model`).
+    let model_run = home.json(&[
+        "ctxbench",
+        "model",
+        repo.to_str().unwrap(),
+        "--holes",
+        holes.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--count",
+        "3",
+        "--budget",
+        "256",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    let scores = model_run["scores"].as_array().unwrap();
+    let names: Vec<&str> = scores
+        .iter()
+        .map(|s| s["selector"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "none",
+            "bm25_first_fit",
+            "jaccard_windows",
+            "kiln",
+            "oracle"
+        ],
+        "{model_run:#}"
+    );
+    for s in scores {
+        assert_eq!(s["holes"], 3, "{s}");
+        assert!(s["mean_context_tokens"].as_f64().unwrap() <= 256.0, "{s}");
+        for metric in ["delta_nll", "exact_match", "edit_similarity"] {
+            let i = &s[metric];
+            let (lo, mean, hi) = (
+                i["lo"].as_f64().unwrap(),
+                i["mean"].as_f64().unwrap(),
+                i["hi"].as_f64().unwrap(),
+            );
+            assert!(lo <= mean + 1e-9 && mean <= hi + 1e-9, "{metric}: {s}");
+        }
+        for metric in ["exact_match", "edit_similarity"] {
+            let mean = s[metric]["mean"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&mean), "{metric}: {s}");
+        }
+    }
+    // No context against itself changes nothing; the oracle holds the
+    // needed definitions, so it spends tokens.
+    assert_eq!(scores[0]["delta_nll"]["mean"], 0.0, "{model_run:#}");
+    assert!(
+        scores[4]["mean_context_tokens"].as_f64().unwrap() > 0.0,
+        "{model_run:#}"
+    );
+    let err = home.fails(&[
+        "ctxbench",
+        "model",
+        repo.to_str().unwrap(),
+        "--holes",
+        holes.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--count",
+        "0",
+    ]);
+    assert!(err.contains("positive numbers"), "{err}");
+
     // A hole set from another tree is refused with the file named.
     let text = std::fs::read_to_string(&holes).unwrap();
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();

@@ -636,6 +636,30 @@ impl Workspace {
         hits
     }
 
+    /// The definitions of `name` at `places` (path, naming line) as
+    /// snippets: (path, body, signature). ctxbench's oracle context.
+    pub(crate) fn definition_texts(
+        &self,
+        name: &str,
+        places: &[(String, u32)],
+    ) -> Vec<(String, String, String)> {
+        (self.defined(name).into_iter())
+            .filter_map(|(f, d)| {
+                let path = &self.sources[f as usize].path;
+                if !places.iter().any(|(p, l)| p == path && *l == d.line) {
+                    return None;
+                }
+                let text = self.text(f)?;
+                let (start, end) = d.body_lines();
+                Some((
+                    path.clone(),
+                    line_range(&text, start, end),
+                    line_range(&text, d.start, d.signature_end),
+                ))
+            })
+            .collect()
+    }
+
     /// An indexed chunk with its text, read again (`None` if its file is
     /// gone or no longer has those lines).
     fn chunk(&self, span: u32, text: &str) -> Option<Chunk> {

@@ -27,7 +27,12 @@
 //! other languages), so a label is a line a definition names.
 
 use crate::context::{self, SelectAt, Selection, Workspace};
+use crate::engine::Loaded;
 use crate::prompt::Counter;
+use kiln_runtime::model::Session;
+use kiln_runtime::model::forward::LogitsFor;
+use kiln_runtime::model::generate::{Request, generate, log_prob};
+use kiln_runtime::model::sample::SamplingParams;
 use kiln_sandbox::breaker::Ranker;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -192,6 +197,8 @@ struct Chosen {
     packed: Vec<(String, u32, u32)>,
     tokens: usize,
     ranking: Vec<(String, u32, u32)>,
+    /// The context block as the prompt holds it.
+    text: String,
 }
 
 const WINDOW: usize = 20;
@@ -254,17 +261,65 @@ fn jaccard_windows(
         packed: Vec::new(),
         tokens: 0,
         ranking: Vec::new(),
+        text: String::new(),
     };
     for (_, w) in ranked {
         let place = (w.path.to_string(), w.start, w.end);
         chosen.ranking.push(place.clone());
-        let n = tok.count(&tok.snippet(&hole.file, w.path, &w.body));
+        let block = tok.snippet(&hole.file, w.path, &w.body);
+        let n = tok.count(&block);
         if chosen.tokens + n <= budget {
             chosen.tokens += n;
             chosen.packed.push(place);
+            chosen.text.push_str(&block);
         }
     }
     chosen
+}
+
+/// What `selector` packs into `budget` tokens for `hole`.
+#[allow(clippy::too_many_arguments)]
+fn choose(
+    selector: Selector,
+    ws: &Workspace,
+    windows: &[Window<'_>],
+    hole: &Hole,
+    prefix: &str,
+    suffix: &str,
+    tok: &Counter<'_>,
+    ranker: &Ranker,
+    budget: usize,
+) -> Chosen {
+    match selector {
+        Selector::None => Chosen {
+            packed: Vec::new(),
+            tokens: 0,
+            ranking: Vec::new(),
+            text: String::new(),
+        },
+        Selector::JaccardWindows => jaccard_windows(windows, hole, prefix, tok, budget),
+        Selector::Bm25FirstFit | Selector::Kiln => {
+            let selection = if selector == Selector::Kiln {
+                Selection::Kiln
+            } else {
+                Selection::Bm25FirstFit
+            };
+            let at = SelectAt {
+                path: &hole.file,
+                prefix,
+                suffix,
+            };
+            let p = context::select_with(ws, &[], &at, ranker, tok, budget, selection);
+            Chosen {
+                packed: (p.snippets.iter())
+                    .map(|s| (s.path.clone(), s.start_line, s.end_line))
+                    .collect(),
+                tokens: p.tokens,
+                ranking: p.ranking,
+                text: p.text,
+            }
+        }
+    }
 }
 
 /// A selector's metrics at one budget, over the cross-file holes.
@@ -298,17 +353,9 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// Scores every selector at every budget on the cross-file holes of
-/// `holes`, cut from the repository at `root`. A hole whose file changed
-/// since it was cut is an error naming the file.
-pub fn evaluate(
-    root: &Path,
-    holes: &[Hole],
-    tok: &Counter<'_>,
-    ranker: &Ranker,
-    budgets: &[usize],
-) -> Result<Vec<Score>, String> {
-    let files = context::read_files(root);
+/// Each hole's file is in the repository with the content it was cut
+/// from; the error names the file.
+fn check_holes(files: &[(String, String)], holes: &[Hole]) -> Result<(), String> {
     let texts: HashMap<&str, &str> = files
         .iter()
         .map(|(p, t)| (p.as_str(), t.as_str()))
@@ -328,6 +375,25 @@ pub fn evaluate(
             ));
         }
     }
+    Ok(())
+}
+
+/// Scores every selector at every budget on the cross-file holes of
+/// `holes`, cut from the repository at `root`. A hole whose file changed
+/// since it was cut is an error naming the file.
+pub fn evaluate(
+    root: &Path,
+    holes: &[Hole],
+    tok: &Counter<'_>,
+    ranker: &Ranker,
+    budgets: &[usize],
+) -> Result<Vec<Score>, String> {
+    let files = context::read_files(root);
+    let texts: HashMap<&str, &str> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    check_holes(&files, holes)?;
     let ws = Workspace::of_files(root, &files);
     let windows = windows(&files);
     let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
@@ -340,36 +406,9 @@ pub fn evaluate(
                 let text = texts[hole.file.as_str()];
                 let (prefix, suffix) = around(text, hole);
                 let started = Instant::now();
-                let chosen = match selector {
-                    Selector::None => Chosen {
-                        packed: Vec::new(),
-                        tokens: 0,
-                        ranking: Vec::new(),
-                    },
-                    Selector::JaccardWindows => {
-                        jaccard_windows(&windows, hole, &prefix, tok, budget)
-                    }
-                    Selector::Bm25FirstFit | Selector::Kiln => {
-                        let selection = if selector == Selector::Kiln {
-                            Selection::Kiln
-                        } else {
-                            Selection::Bm25FirstFit
-                        };
-                        let at = SelectAt {
-                            path: &hole.file,
-                            prefix: &prefix,
-                            suffix: &suffix,
-                        };
-                        let p = context::select_with(&ws, &[], &at, ranker, tok, budget, selection);
-                        Chosen {
-                            packed: (p.snippets.iter())
-                                .map(|s| (s.path.clone(), s.start_line, s.end_line))
-                                .collect(),
-                            tokens: p.tokens,
-                            ranking: p.ranking,
-                        }
-                    }
-                };
+                let chosen = choose(
+                    selector, &ws, &windows, hole, &prefix, &suffix, tok, ranker, budget,
+                );
                 latencies.push(started.elapsed().as_secs_f64() * 1e3);
                 tokens += chosen.tokens;
                 if holds(&chosen.packed, &hole.definitions).is_some() {
@@ -401,6 +440,229 @@ pub fn evaluate(
     Ok(scores)
 }
 
+/// A mean and its 95% bootstrap interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct Interval {
+    pub mean: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// Resamples `values` (per hole) 1,000 times, seeded: the mean and the
+/// 2.5th and 97.5th percentiles of the resampled means.
+pub fn bootstrap(values: &[f64], seed: u64) -> Interval {
+    let n = values.len();
+    if n == 0 {
+        return Interval {
+            mean: 0.0,
+            lo: 0.0,
+            hi: 0.0,
+        };
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut means: Vec<f64> = (0..1000)
+        .map(|_| (0..n).map(|_| values[rng.usize(..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    Interval {
+        mean,
+        lo: percentile(&means, 0.025),
+        hi: percentile(&means, 0.975),
+    }
+}
+
+/// 1 less the edit distance (in characters) over the longer length.
+pub fn edit_similarity(a: &str, b: &str) -> f64 {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let longest = a.len().max(b.len());
+    if longest == 0 {
+        return 1.0;
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    1.0 - row[b.len()] as f64 / longest as f64
+}
+
+/// A context selector's effect on a real model, over the cross-file
+/// holes: the change in the true completion's negative log-likelihood
+/// (nats per hole; negative is better) against no context, the greedy
+/// completion's exact match and edit similarity with the truth, and the
+/// share of the oracle context's likelihood gain it captures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelScore {
+    /// A selector's name, or `oracle` (exactly the needed definitions).
+    pub selector: String,
+    pub budget: usize,
+    pub holes: usize,
+    pub mean_context_tokens: f64,
+    pub delta_nll: Interval,
+    pub exact_match: Interval,
+    pub edit_similarity: Interval,
+    /// Mean ΔNLL over the oracle's; `None` when the oracle gains nothing.
+    pub gain_captured: Option<f64>,
+}
+
+/// How [`evaluate_model`] runs.
+pub struct ModelRun<'a> {
+    pub loaded: &'a Loaded,
+    pub session: &'a mut Session,
+    pub ranker: &'a Ranker,
+    pub budget: usize,
+    /// Cross-file holes scored (the first ones of the set).
+    pub holes: usize,
+    /// Tokens of the greedy completion at most.
+    pub max_tokens: usize,
+    pub seed: u64,
+    /// Called after each hole with (done, total).
+    pub progress: &'a mut dyn FnMut(usize, usize),
+}
+
+/// Tokens of the text before the cursor and after the hole's line the
+/// prompts keep (the language server's defaults are 1,024 and 256; less
+/// here, so that context is a larger share of what the model sees).
+const MODEL_PREFIX_TOKENS: usize = 512;
+const MODEL_SUFFIX_TOKENS: usize = 128;
+
+/// The negative log-likelihood (nats) of `target` after `prompt`.
+fn nll(session: &mut Session, prompt: &[u32], target: &[u32]) -> Result<f64, String> {
+    let all: Vec<u32> = prompt.iter().chain(target).copied().collect();
+    let keep = session.common_prefix(&all).min(prompt.len() - 1);
+    session.truncate(keep);
+    let rows =
+        (session.eval(&all[keep..all.len() - 1], LogitsFor::All)).map_err(|e| e.to_string())?;
+    let n_vocab = session.model.config.n_vocab;
+    let first = prompt.len() - 1 - keep;
+    Ok((rows.chunks_exact(n_vocab).skip(first).zip(target))
+        .map(|(row, &next)| -log_prob(row, next))
+        .sum())
+}
+
+/// Scores every selector, and the oracle, with the model in `run` on the
+/// first `run.holes` cross-file holes at `run.budget` tokens of context.
+pub fn evaluate_model(
+    root: &Path,
+    holes: &[Hole],
+    run: ModelRun<'_>,
+) -> Result<Vec<ModelScore>, String> {
+    let files = context::read_files(root);
+    check_holes(&files, holes)?;
+    let texts: HashMap<&str, &str> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    let ws = Workspace::of_files(root, &files);
+    let windows = windows(&files);
+    let loaded = run.loaded;
+    let tok = Counter::of(loaded);
+    let cross: Vec<&Hole> = (holes.iter())
+        .filter(|h| h.kind == "cross_file")
+        .take(run.holes)
+        .collect();
+    const NAMES: [&str; 5] = [
+        "none",
+        "bm25_first_fit",
+        "jaccard_windows",
+        "kiln",
+        "oracle",
+    ];
+    // Per selector, per hole: (nll, exact, similarity, context tokens).
+    let mut per: Vec<Vec<(f64, f64, f64, usize)>> = vec![Vec::new(); NAMES.len()];
+    for (done, hole) in cross.iter().enumerate() {
+        let text = texts[hole.file.as_str()];
+        let (prefix, suffix) = around(text, hole);
+        let prefix_cut = crate::prompt::tail_within(&tok, &prefix, MODEL_PREFIX_TOKENS);
+        let suffix_cut = crate::prompt::head_within(&tok, &suffix, MODEL_SUFFIX_TOKENS);
+        let truth = hole.truth.trim_end();
+        let target = loaded.tok.encode(truth, false)?;
+        if target.is_empty() {
+            continue;
+        }
+        for (s, name) in NAMES.iter().enumerate() {
+            let (context, tokens) = match *name {
+                "oracle" => {
+                    let mut block = String::new();
+                    let mut used = 0;
+                    for (path, body, signature) in
+                        ws.definition_texts(&hole.ident, &hole.definitions)
+                    {
+                        for t in [body, signature] {
+                            let snippet = tok.snippet(&hole.file, &path, &t);
+                            let n = tok.count(&snippet);
+                            if used + n <= run.budget {
+                                used += n;
+                                block.push_str(&snippet);
+                                break;
+                            }
+                        }
+                    }
+                    (block, used)
+                }
+                _ => {
+                    let selector = SELECTORS[s];
+                    let c = choose(
+                        selector, &ws, &windows, hole, &prefix, &suffix, &tok, run.ranker,
+                        run.budget,
+                    );
+                    (c.text, c.tokens)
+                }
+            };
+            let limit = run
+                .session
+                .n_ctx()
+                .saturating_sub(target.len() + run.max_tokens + 1);
+            let prompt =
+                crate::prompt::fim_tokens(loaded, &context, prefix_cut, suffix_cut, None, limit)
+                    .map_err(|e| format!("{}: {e}", hole.file))?;
+            let loss = nll(run.session, &prompt, &target)?;
+            let mut request = Request::new(prompt, run.max_tokens, SamplingParams::greedy());
+            request.stop = vec!["\n".to_string()];
+            let g = generate(run.session, &loaded.tok, &request, |_| true)
+                .map_err(|e| e.to_string())?;
+            let line = g.text.lines().next().unwrap_or("").trim_end();
+            let exact = f64::from(u8::from(line == truth));
+            per[s].push((loss, exact, edit_similarity(line, truth), tokens));
+        }
+        (run.progress)(done + 1, cross.len());
+    }
+    let none: Vec<f64> = per[0].iter().map(|r| r.0).collect();
+    let delta = |s: usize| -> Vec<f64> { per[s].iter().zip(&none).map(|(r, n)| r.0 - n).collect() };
+    let oracle_gain = bootstrap(&delta(NAMES.len() - 1), run.seed).mean;
+    Ok((NAMES.iter().enumerate())
+        .map(|(s, name)| {
+            let d = bootstrap(&delta(s), run.seed);
+            let column = |k: usize| -> Vec<f64> {
+                per[s]
+                    .iter()
+                    .map(|r| if k == 1 { r.1 } else { r.2 })
+                    .collect()
+            };
+            let n = per[s].len();
+            ModelScore {
+                selector: name.to_string(),
+                budget: run.budget,
+                holes: n,
+                mean_context_tokens: per[s].iter().map(|r| r.3 as f64).sum::<f64>()
+                    / n.max(1) as f64,
+                gain_captured: (oracle_gain < 0.0).then(|| d.mean / oracle_gain),
+                delta_nll: d,
+                exact_match: bootstrap(&column(1), run.seed),
+                edit_similarity: bootstrap(&column(2), run.seed),
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +680,28 @@ mod tests {
         )
         .unwrap();
         dir
+    }
+
+    #[test]
+    fn edit_similarity_and_the_bootstrap() {
+        assert_eq!(edit_similarity("kitten", "sitting"), 1.0 - 3.0 / 7.0);
+        assert_eq!(edit_similarity("", ""), 1.0);
+        assert_eq!(edit_similarity("abc", ""), 0.0);
+        assert_eq!(edit_similarity("é", "e"), 0.0, "characters, not bytes");
+        let same = bootstrap(&[2.0; 10], 3);
+        assert_eq!((same.lo, same.mean, same.hi), (2.0, 2.0, 2.0));
+        let values: Vec<f64> = (0..100).map(f64::from).collect();
+        let i = bootstrap(&values, 3);
+        assert_eq!(i.mean, 49.5);
+        assert!(
+            i.lo < 49.5 && 49.5 < i.hi && i.lo > 40.0 && i.hi < 60.0,
+            "{i:?}"
+        );
+        assert_eq!(
+            format!("{i:?}"),
+            format!("{:?}", bootstrap(&values, 3)),
+            "seeded"
+        );
     }
 
     #[test]

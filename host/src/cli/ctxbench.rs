@@ -22,6 +22,24 @@ fn repo_root(repo: &Path) -> Result<std::path::PathBuf, CliError> {
     })
 }
 
+/// Holes from a JSONL file `kiln ctxbench cut` wrote.
+fn read_holes(path: &Path) -> Result<Vec<Hole>, CliError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
+    (text.lines().enumerate())
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                CliError(format!(
+                    "{}:{}: not a ctxbench hole ({e}); cut holes with `kiln ctxbench cut`",
+                    path.display(),
+                    i + 1
+                ))
+            })
+        })
+        .collect()
+}
+
 /// `kiln ctxbench cut REPO --out FILE`: the holes as JSONL.
 pub fn cut(repo: &Path, out: &Path, holes: usize, seed: u64, json: bool) -> CliResult {
     let root = repo_root(repo)?;
@@ -68,22 +86,7 @@ pub struct RunArgs<'a> {
 pub fn run(config: &Config, a: RunArgs<'_>) -> CliResult {
     let root = repo_root(a.repo)?;
     let holes: Vec<Hole> = match a.holes {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError(format!("{}: {e}", path.display())))?;
-            (text.lines().enumerate())
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| {
-                    serde_json::from_str(l).map_err(|e| {
-                        CliError(format!(
-                            "{}:{}: not a ctxbench hole ({e}); cut holes with `kiln ctxbench cut`",
-                            path.display(),
-                            i + 1
-                        ))
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        }
+        Some(path) => read_holes(path)?,
         None => ctxbench::sample(&root, a.cut, a.seed),
     };
     if a.budgets.is_empty() || a.budgets.contains(&0) {
@@ -130,6 +133,83 @@ pub fn run(config: &Config, a: RunArgs<'_>) -> CliResult {
             s.mean_context_tokens,
             s.latency_ms_p50,
             s.latency_ms_p99
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct ModelArgs<'a> {
+    pub repo: &'a Path,
+    pub holes: &'a Path,
+    pub model: Option<&'a str>,
+    pub budget: usize,
+    pub count: usize,
+    pub max_tokens: usize,
+    pub seed: u64,
+    pub json: bool,
+}
+
+/// `kiln ctxbench model REPO --holes FILE`: every selector's context, and
+/// the oracle's, through a real model.
+pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
+    let root = repo_root(a.repo)?;
+    let holes = read_holes(a.holes)?;
+    if a.budget == 0 || a.count == 0 || a.max_tokens == 0 {
+        return Err(CliError(
+            "--budget, --count and --max-tokens take positive numbers".into(),
+        ));
+    }
+    let (id, path) = store::resolve_served(config, a.model)?;
+    let loaded = Loaded::load(id, path, None, &Backend::builtin_cpu(), 0).map_err(CliError)?;
+    let exec = kiln_runtime::backend::exec::Executor::new(Backend::builtin_cpu(), 0);
+    let mut session = kiln_runtime::model::Session::new(loaded.model.clone(), exec, None)?;
+    let ranker = kiln_serve::start::ranker(config, &mut |m| eprintln!("kiln: {m}"));
+    let progress = super::Progress::new("scoring holes with the model");
+    let mut on_hole = |done: usize, total: usize| progress.update(done, total);
+    let scores = ctxbench::evaluate_model(
+        &root,
+        &holes,
+        ctxbench::ModelRun {
+            loaded: &loaded,
+            session: &mut session,
+            ranker: &ranker,
+            budget: a.budget,
+            holes: a.count,
+            max_tokens: a.max_tokens,
+            seed: a.seed,
+            progress: &mut on_hole,
+        },
+    )
+    .map_err(CliError)?;
+    if a.json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "repo": root, "model": loaded.id,
+            "budget": a.budget, "scores": scores,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let n = scores.first().map_or(0, |s| s.holes);
+    println!(
+        "{n} cross-file holes in {}, {} with {} context tokens at most (95% bootstrap intervals)",
+        root.display(),
+        loaded.id,
+        a.budget
+    );
+    println!(
+        "{:<16} {:>26} {:>20} {:>20} {:>8} {:>7}",
+        "selector", "ΔNLL nats/hole", "exact match", "edit similarity", "gain", "tokens"
+    );
+    let iv = |i: &ctxbench::Interval| format!("{:.3} [{:.3}, {:.3}]", i.mean, i.lo, i.hi);
+    for s in &scores {
+        println!(
+            "{:<16} {:>26} {:>20} {:>20} {:>8} {:>7.0}",
+            s.selector,
+            iv(&s.delta_nll),
+            iv(&s.exact_match),
+            iv(&s.edit_similarity),
+            s.gain_captured
+                .map_or("-".into(), |g| format!("{:.2}", g + 0.0)),
+            s.mean_context_tokens
         );
     }
     Ok(ExitCode::SUCCESS)

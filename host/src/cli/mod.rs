@@ -535,6 +535,34 @@ enum CtxbenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a real model on REPO's cross-file holes with each selector's
+    /// context and with the oracle's (exactly the needed definitions):
+    /// ΔNLL of the true completion against no context, exact match and
+    /// edit similarity of the greedy completion, share of the oracle's
+    /// gain, with bootstrap intervals.
+    Model {
+        repo: std::path::PathBuf,
+        /// Holes cut before (with `kiln ctxbench cut`).
+        #[arg(long)]
+        holes: std::path::PathBuf,
+        /// The model to run (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Context token budget.
+        #[arg(long, default_value_t = 1024)]
+        budget: usize,
+        /// Cross-file holes to score (the first of the set).
+        #[arg(long, default_value_t = 40)]
+        count: usize,
+        /// Tokens of each greedy completion at most.
+        #[arg(long, default_value_t = 24)]
+        max_tokens: usize,
+        /// The bootstrap's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// An error for the user: what failed and what to do.
@@ -732,6 +760,28 @@ fn run(command: Command) -> CliResult {
                 seed,
                 model: model.as_deref(),
                 budgets: &budgets,
+                json,
+            },
+        ),
+        Command::Ctxbench(CtxbenchCommand::Model {
+            repo,
+            holes,
+            model,
+            budget,
+            count,
+            max_tokens,
+            seed,
+            json,
+        }) => ctxbench::model(
+            &config,
+            ctxbench::ModelArgs {
+                repo: &repo,
+                holes: &holes,
+                model: model.as_deref(),
+                budget,
+                count,
+                max_tokens,
+                seed,
                 json,
             },
         ),
