@@ -106,22 +106,18 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
     // (the demo model: this checks the wiring and the statistics; the
     // numbers on a released model are the bench's, `kiln ctxbench
     // model`).
-    let model_run = home.json(&[
-        "ctxbench",
-        "model",
-        repo.to_str().unwrap(),
-        "--holes",
-        holes.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--count",
-        "3",
-        "--budget",
-        "256",
-        "--max-tokens",
-        "4",
-        "--json",
-    ]);
+    let model_args = |count: &'static str| -> Vec<String> {
+        let mut args: Vec<String> = ["ctxbench", "model", "--count", count, "--holes"]
+            .map(String::from)
+            .to_vec();
+        args.push(holes.to_str().unwrap().into());
+        args.extend(["--model".into(), model.to_str().unwrap().into()]);
+        args.push(repo.to_str().unwrap().into());
+        args
+    };
+    let mut args = model_args("3");
+    args.extend(["--budget", "256", "--max-tokens", "4", "--json"].map(String::from));
+    let model_run = home.json(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let scores = model_run["scores"].as_array().unwrap();
     let names: Vec<&str> = scores
         .iter()
@@ -162,17 +158,12 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
         scores[4]["mean_context_tokens"].as_f64().unwrap() > 0.0,
         "{model_run:#}"
     );
-    let err = home.fails(&[
-        "ctxbench",
-        "model",
-        repo.to_str().unwrap(),
-        "--holes",
-        holes.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--count",
-        "0",
-    ]);
+    let err = home.fails(
+        &model_args("0")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert!(err.contains("positive numbers"), "{err}");
 
     // A hole set from another tree is refused with the file named.

@@ -403,27 +403,14 @@ impl Workspace {
                                 (f, Some(data))
                             }
                         };
-                        record.push(index_cache::Record {
-                            path: rel.clone(),
-                            size: *size,
-                            mtime_ns: index_cache::mtime_ns(*modified),
-                            sha256: sha,
-                            ext: index_cache::ext(rel).to_string(),
-                            data,
-                        });
+                        record.push(index_cache::Record::new(rel, *size, *modified, sha, data));
                         f
                     }
                     Indexed::Parsed(f, sha) => {
                         stats.parsed += 1;
                         if cache.is_some() {
-                            record.push(index_cache::Record {
-                                path: rel.clone(),
-                                size: *size,
-                                mtime_ns: index_cache::mtime_ns(*modified),
-                                sha256: sha,
-                                ext: index_cache::ext(rel).to_string(),
-                                data: Some(index_cache::encode(&f)),
-                            });
+                            let data = Some(index_cache::encode(&f));
+                            record.push(index_cache::Record::new(rel, *size, *modified, sha, data));
                         }
                         f
                     }

@@ -42,6 +42,25 @@ pub struct Record {
     pub data: Option<Vec<u8>>,
 }
 
+impl Record {
+    pub fn new(
+        path: &str,
+        size: u64,
+        modified: Option<SystemTime>,
+        sha256: String,
+        data: Option<Vec<u8>>,
+    ) -> Record {
+        Record {
+            path: path.to_string(),
+            size,
+            mtime_ns: mtime_ns(modified),
+            sha256,
+            ext: ext(path).to_string(),
+            data,
+        }
+    }
+}
+
 /// What the cache recorded of a file.
 pub struct Seen {
     pub size: u64,
