@@ -20,7 +20,7 @@ pub const CHUNK_LINES: usize = 20;
 /// Files larger than this are skipped (generated code, data).
 pub const MAX_FILE_BYTES: u64 = 512 * 1024;
 /// At most this many files are indexed.
-pub const MAX_FILES: usize = 5000;
+pub const MAX_FILES: usize = 10_000;
 /// Candidates handed to the ranker after the lexical prefilter: this
 /// many, or one per [`TOKENS_PER_CANDIDATE`] of the budget if that is more
 /// (a 32K budget needs more than 64 chunks of about 200 tokens).

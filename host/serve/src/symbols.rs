@@ -5,10 +5,11 @@
 //! are the matches of the grammar's own tag query (`queries/tags.scm`, as
 //! GitHub's code navigation uses them), with a few patterns added where
 //! those queries leave out what completions use (constants, statics, enum
-//! variants, fields, type aliases, macros). Other files fall back to a
+//! variants, fields, type aliases, macros). Other code falls back to a
 //! heuristic: an identifier right after a definition keyword (`def`,
 //! `class`, `fn`, `struct`…) on one line, its block ending where the
-//! indentation returns.
+//! indentation returns. Documentation and data files (Markdown, TOML,
+//! YAML, JSON, text) define nothing.
 //!
 //! A definition is kept at two resolutions, the snippets context can show:
 //! its *signature* (leading doc comments and attributes, then the lines
@@ -206,8 +207,12 @@ const WRAPPERS: &[&str] = &[
 /// The definitions in `text`, found as the path's language says (the
 /// grammar, or the heuristic for other files), in order of their lines.
 pub fn definitions(path: &str, text: &str) -> Vec<Def> {
+    let prose = [".md", ".toml", ".yaml", ".yml", ".json", ".txt"];
     let mut defs = match Lang::of_path(path) {
         Some(lang) => parsed(lang, text).unwrap_or_else(|| heuristic(text)),
+        // Documentation and data define nothing ("the type of" in prose
+        // is not a definition of `of`).
+        None if prose.iter().any(|e| path.ends_with(e)) => Vec::new(),
         None => heuristic(text),
     };
     defs.sort_by(|a, b| (a.line, a.start, &a.name).cmp(&(b.line, b.start, &b.name)));
@@ -529,6 +534,8 @@ mod tests {
         let defs = definitions("b.rs", broken);
         assert!(defs.iter().any(|d| d.name == "ok"), "{defs:#?}");
         assert!(definitions("e.rs", "").is_empty());
+        assert!(definitions("CHANGES.md", "The type method changed.\n").is_empty());
+        assert!(definitions("c.toml", "[package]\nstatic = 1\n").is_empty());
         assert!(definitions("bin.py", "\u{0}\u{1}garbage(((").is_empty());
     }
 }
