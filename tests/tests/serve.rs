@@ -4,7 +4,7 @@
 
 use kiln_serve::demo::Client;
 use kiln_tests::serve::{
-    at, demo_model, error_code, http, http_server, initialize, open, post, serve, status,
+    at, demo_model, error_code, http, http_server, initialize, open, post, serve, status, watchdog,
 };
 use kiln_tests::{Home, python, repo_root};
 use serde_json::{Value, json};
@@ -894,4 +894,62 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
         missing.contains("--file") && missing.contains("gone.py"),
         "{missing}"
     );
+}
+
+/// Files saved while kiln serves reach the index: a save (or the client's
+/// watched-file notice) indexes again in the background, parsing only
+/// what changed, and the next completion's context can hold the new
+/// definition.
+#[test]
+fn saved_files_reach_the_index_without_a_restart() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(r):\n    return 3.14 * r * r\n",
+    )
+    .unwrap();
+    let mut c = serve(&home, &[]);
+    watchdog(c.pid(), Duration::from_secs(300));
+    initialize(&mut c, ws.path(), json!({"maxTokens": 2}));
+    let definitions = |c: &mut Client| status(c)["workspace"]["definitions"].as_u64();
+    let wait_for = |c: &mut Client, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while definitions(c) != Some(want) {
+            assert!(Instant::now() < deadline, "{}", status(c));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&mut c, 1);
+    // A new file with two definitions, then a save of another document.
+    std::fs::write(
+        ws.path().join("sizes.py"),
+        "def square_area(side):\n    return side * side\n\nLIMIT = 10\n",
+    )
+    .unwrap();
+    let uri = format!("file://{}/main.py", ws.path().display());
+    open(&mut c, &uri, "x = square_area(");
+    c.notify(
+        "textDocument/didSave",
+        json!({"textDocument": {"uri": uri}}),
+    )
+    .unwrap();
+    wait_for(&mut c, 3);
+    let ctx = c
+        .request(
+            "kiln/context",
+            json!({"textDocument": {"uri": uri}, "position": {"line": 0, "character": 16}}),
+        )
+        .unwrap();
+    let snippets = ctx["result"]["snippets"].as_array().unwrap();
+    assert!(snippets.iter().any(|s| s["path"] == "sizes.py"), "{ctx:#}");
+    // A file removed, through the watched-files notice.
+    std::fs::remove_file(ws.path().join("shapes.py")).unwrap();
+    c.notify(
+        "workspace/didChangeWatchedFiles",
+        json!({"changes": [{"uri": format!("file://{}/shapes.py", ws.path().display()), "type": 3}]}),
+    )
+    .unwrap();
+    wait_for(&mut c, 2);
+    assert!(c.close().unwrap().success());
 }

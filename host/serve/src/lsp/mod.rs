@@ -136,6 +136,9 @@ struct Server {
     decisions: DecisionLog,
     /// A/B experiments on the served model, and every inline item's id.
     ab: ab::Ab,
+    /// The workspace is being indexed; `Some(true)`: files changed since
+    /// that started, so index again when it ends.
+    indexing: Option<bool>,
 }
 
 /// The context block chosen for a (document, line), and the ranking
@@ -223,6 +226,7 @@ pub fn run(
         metrics: metrics.clone(),
         decisions: DecisionLog::start(config, metrics),
         ab: ab::Ab::default(),
+        indexing: None,
     };
     server.serve(&rx)
 }
@@ -281,6 +285,9 @@ impl Server {
                     self.out.log(4, &msg);
                     if let Some(e) = stats.cache_error {
                         self.out.log(2, &format!("the persisted index was not used: {e}"));
+                    }
+                    if self.indexing.take() == Some(true) {
+                        self.reindex();
                     }
                 }
             }
@@ -431,7 +438,10 @@ impl Server {
                 {
                     *d = Document::new(text.to_string());
                 }
+                // A saved file changes what other files' completions see.
+                self.reindex();
             }
+            (None, "workspace/didChangeWatchedFiles") => self.reindex(),
             (None, "workspace/didChangeConfiguration") => {
                 if let Some(s) = params.get("settings").and_then(|s| s.get("kiln")) {
                     self.apply_settings(s);
@@ -557,16 +567,32 @@ impl Server {
         for m in logs {
             self.out.log(3, &m);
         }
-        if let (Some(root), true) = (self.root.clone(), self.settings.workspace_context) {
-            let tx = self.tx.clone();
-            let cache = self.spec.config.home.join("cache").join("index.db");
-            std::thread::spawn(move || {
-                let _ = tx.send(Input::Indexed(Box::new(Workspace::index_cached(
-                    &root,
-                    Some(&cache),
-                ))));
-            });
+        self.reindex();
+    }
+
+    /// Indexes the workspace in the background (only files changed since
+    /// the persisted index was written are parsed); once more after the
+    /// current run when asked while one runs.
+    fn reindex(&mut self) {
+        let Some(root) = self.root.clone() else {
+            return;
+        };
+        if !self.settings.workspace_context {
+            return;
         }
+        if let Some(again) = &mut self.indexing {
+            *again = true;
+            return;
+        }
+        self.indexing = Some(false);
+        let tx = self.tx.clone();
+        let cache = self.spec.config.home.join("cache").join("index.db");
+        std::thread::spawn(move || {
+            let _ = tx.send(Input::Indexed(Box::new(Workspace::index_cached(
+                &root,
+                Some(&cache),
+            ))));
+        });
     }
 
     fn loaded(&mut self, result: Result<Engine, String>) {
