@@ -816,6 +816,19 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
     let args = cli(&["--file", "main.py", "--line", "3", "--character", "23"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let shown = home.json(&args);
+    // The index was persisted, and a second run reads it back.
+    assert_eq!(shown["workspace"]["index"]["parsed"], 3, "{shown:#}");
+    assert!(home.path().join("cache/index.db").exists());
+    let again = home.json(&args);
+    assert_eq!(again["workspace"]["index"]["reused"], 3, "{again:#}");
+    assert_eq!(again["prompt"], shown["prompt"]);
+    // With encryption at rest it is kept in memory only.
+    let sealed = Home::default();
+    sealed.ok(&["store", "encrypt"]);
+    let s = sealed.json(&args);
+    assert_eq!(s["workspace"]["index"]["parsed"], 3, "{s:#}");
+    assert_eq!(s["prompt"], shown["prompt"]);
+    assert!(!sealed.path().join("cache/index.db").exists());
     let snippets = shown["snippets"].as_array().unwrap();
     assert_eq!(snippets[0]["path"], "shapes.py", "{shown:#}");
     assert_eq!(snippets[0]["start_line"], 0);

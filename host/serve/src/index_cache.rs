@@ -14,7 +14,7 @@
 //! is moved aside (`index.db.broken`) and started afresh, an entry that
 //! does not decode is parsed again, and a write that fails leaves the
 //! index as built. It holds identifiers and definition lines, never file
-//! texts.
+//! texts; with encryption at rest it is not written at all ([`path`]).
 
 use crate::context::FileIndex;
 use crate::symbols::{Def, KINDS};
@@ -59,6 +59,13 @@ impl Record {
             data,
         }
     }
+}
+
+/// Where the persisted index lives: `KILN_HOME/cache/index.db`; `None`
+/// with encryption at rest (it holds names from the user's code, so it is
+/// then kept in memory only, rebuilt at each start).
+pub fn path(config: &kiln_registry::config::Config) -> Option<std::path::PathBuf> {
+    (!config.encrypt_at_rest).then(|| config.home.join("cache").join("index.db"))
 }
 
 /// What the cache recorded of a file.

@@ -82,8 +82,8 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     // The tokenizer and template are what matter here; the weights stay
     // mapped, never run.
     let loaded = Loaded::load(id, path, fim, &Backend::builtin_cpu(), 0).map_err(CliError)?;
-    let (ws, stats) =
-        Workspace::index_cached(&root, Some(&config.home.join("cache").join("index.db")));
+    let cache = kiln_serve::index_cache::path(config);
+    let (ws, stats) = Workspace::index_cached(&root, cache.as_deref());
     if let Some(e) = &stats.cache_error {
         eprintln!("kiln: the persisted index was not used: {e}");
     }

@@ -586,11 +586,11 @@ impl Server {
         }
         self.indexing = Some(false);
         let tx = self.tx.clone();
-        let cache = self.spec.config.home.join("cache").join("index.db");
+        let cache = crate::index_cache::path(&self.spec.config);
         std::thread::spawn(move || {
             let _ = tx.send(Input::Indexed(Box::new(Workspace::index_cached(
                 &root,
-                Some(&cache),
+                cache.as_deref(),
             ))));
         });
     }
