@@ -837,7 +837,13 @@ pub fn select_with(
     budget: usize,
     selection: Selection,
 ) -> Packed {
-    let (cursor_path, prefix, suffix) = (at.path, at.prefix, at.suffix);
+    let (cursor_path, suffix) = (at.path, at.suffix);
+    // The word being typed at the cursor is not a name yet: leaving it
+    // out keeps the choice, and so the prompt's start, the same while it
+    // is typed.
+    let prefix = at
+        .prefix
+        .trim_end_matches(|c: char| c.is_alphanumeric() || c == '_');
     if budget == 0 {
         return Packed::default();
     }

@@ -338,7 +338,16 @@ pub struct Score {
     pub mean_context_tokens: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
+    /// Cache stability: while the hole's line is typed (its first
+    /// [`KEYSTROKES`] characters), the context tokens per keystroke from
+    /// the first byte that differs from the previous keystroke's block on
+    /// (what a KV cache must evaluate again). The language server keeps a
+    /// line's block while it is typed; this measures the selector alone.
+    pub unstable_tokens: f64,
 }
+
+/// Keystrokes typed per hole for [`Score::unstable_tokens`].
+pub const KEYSTROKES: usize = 3;
 
 fn holds(snippets: &[(String, u32, u32)], defs: &[(String, u32)]) -> Option<usize> {
     snippets
@@ -401,6 +410,7 @@ pub fn evaluate(
     for &selector in &SELECTORS {
         for &budget in budgets {
             let (mut found, mut tokens, mut rr) = (0usize, 0usize, 0f64);
+            let (mut unstable, mut keystrokes) = (0usize, 0usize);
             let mut latencies = Vec::new();
             for hole in &cross {
                 let text = texts[hole.file.as_str()];
@@ -410,6 +420,38 @@ pub fn evaluate(
                     selector, &ws, &windows, hole, &prefix, &suffix, tok, ranker, budget,
                 );
                 latencies.push(started.elapsed().as_secs_f64() * 1e3);
+                let mut previous = chosen.text.clone();
+                for typed in hole
+                    .truth
+                    .chars()
+                    .take(KEYSTROKES)
+                    .scan(String::new(), |t, c| {
+                        t.push(c);
+                        Some(t.clone())
+                    })
+                {
+                    let now = choose(
+                        selector,
+                        &ws,
+                        &windows,
+                        hole,
+                        &(prefix.clone() + &typed),
+                        &suffix,
+                        tok,
+                        ranker,
+                        budget,
+                    );
+                    let same = (previous.bytes().zip(now.text.bytes()))
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    let mut at = same;
+                    while !now.text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    unstable += tok.count(&now.text[at..]);
+                    keystrokes += 1;
+                    previous = now.text;
+                }
                 tokens += chosen.tokens;
                 if holds(&chosen.packed, &hole.definitions).is_some() {
                     found += 1;
@@ -434,6 +476,7 @@ pub fn evaluate(
                 mean_context_tokens: tokens as f64 / n,
                 latency_ms_p50: percentile(&latencies, 0.5),
                 latency_ms_p99: percentile(&latencies, 0.99),
+                unstable_tokens: unstable as f64 / keystrokes.max(1) as f64,
             });
         }
     }
