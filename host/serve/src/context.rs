@@ -87,7 +87,6 @@ struct Span {
 #[derive(Default)]
 pub struct Workspace {
     pub root: Option<PathBuf>,
-    pub files: usize,
     sources: Vec<Source>,
     spans: Vec<Span>,
     /// Identifier -> (span, occurrences in it).
@@ -463,7 +462,6 @@ impl Workspace {
         let ws = self;
         for file in files {
             let f = ws.sources.len();
-            ws.files += 1;
             let first = ws.defs.len() as u32;
             for def in file.defs {
                 let next = ws.names.len() as u32;
@@ -513,6 +511,11 @@ impl Workspace {
     fn finish(&mut self) {
         self.postings.shrink_to_fit();
         self.avg_words = self.total_words as f32 / self.spans.len().max(1) as f32;
+    }
+
+    /// How many files the index holds.
+    pub fn files(&self) -> usize {
+        self.sources.len()
     }
 
     /// How many definitions the symbol index holds.
@@ -854,16 +857,16 @@ pub fn select_with(
     let query: HashSet<String> = words(&tail.join("\n"))
         .into_iter()
         .chain(words(&head.join("\n")))
-        .filter(|w| !DEFINERS.contains(&w.as_str()) && !KEYWORDS.contains(&w.as_str()))
+        .filter(|w| !is_keyword(w))
         .collect();
     if query.is_empty() {
         return Packed::default();
     }
     let now = SystemTime::now();
     let current = prefix.to_string() + suffix;
-    let open_docs: Vec<(&OpenDoc<'_>, Vec<Def>)> = (open.iter())
+    let open_docs: Vec<(&OpenDoc<'_>, Arc<Vec<Def>>)> = (open.iter())
         .filter(|d| d.path != cursor_path)
-        .map(|d| (d, symbols::definitions(d.path, d.text)))
+        .map(|d| (d, symbols::definitions_memo(d.path, d.text)))
         .collect();
     let open_chunks: Vec<(Chunk, &OpenDoc<'_>)> = (open_docs.iter())
         .flat_map(|(d, defs)| {
@@ -1231,7 +1234,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("data.bin"), [0u8, 159, 146, 150]).unwrap();
         let ws = Workspace::index(dir.path());
-        assert_eq!(ws.files, 1);
+        assert_eq!(ws.files(), 1);
         assert_eq!(ws.chunks(), 3, "46 lines in chunks of {CHUNK_LINES}");
         assert!(
             ws.sources
@@ -1334,7 +1337,7 @@ mod tests {
         let blocked = home.path().join("file");
         std::fs::write(&blocked, "").unwrap();
         let (ws, stats) = Workspace::index_cached(root, Some(&blocked.join("index.db")));
-        assert!(stats.cache_error.is_some() && ws.files == 2, "{stats:?}");
+        assert!(stats.cache_error.is_some() && ws.files() == 2, "{stats:?}");
     }
 
     #[test]
@@ -1357,7 +1360,7 @@ mod tests {
         )
         .unwrap();
         let ws = Workspace::index(dir.path());
-        assert_eq!(ws.files, 2);
+        assert_eq!(ws.files(), 2);
         let ranker = Ranker::new(None, 3);
         let memo = crate::prompt::TokenCounts::default();
         let counter = Counter {

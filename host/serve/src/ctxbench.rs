@@ -364,11 +364,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Each hole's file is in the repository with the content it was cut
 /// from; the error names the file.
-fn check_holes(files: &[(String, String)], holes: &[Hole]) -> Result<(), String> {
-    let texts: HashMap<&str, &str> = files
-        .iter()
-        .map(|(p, t)| (p.as_str(), t.as_str()))
-        .collect();
+fn check_holes(texts: &HashMap<&str, &str>, holes: &[Hole]) -> Result<(), String> {
     for hole in holes {
         let text = texts.get(hole.file.as_str()).ok_or_else(|| {
             format!(
@@ -402,7 +398,7 @@ pub fn evaluate(
         .iter()
         .map(|(p, t)| (p.as_str(), t.as_str()))
         .collect();
-    check_holes(&files, holes)?;
+    check_holes(&texts, holes)?;
     let ws = Workspace::of_files(root, &files);
     let windows = windows(&files);
     let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
@@ -599,11 +595,11 @@ pub fn evaluate_model(
     run: ModelRun<'_>,
 ) -> Result<Vec<ModelScore>, String> {
     let files = context::read_files(root);
-    check_holes(&files, holes)?;
     let texts: HashMap<&str, &str> = files
         .iter()
         .map(|(p, t)| (p.as_str(), t.as_str()))
         .collect();
+    check_holes(&texts, holes)?;
     let ws = Workspace::of_files(root, &files);
     let windows = windows(&files);
     let loaded = run.loaded;

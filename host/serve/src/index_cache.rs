@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bumped whenever what an entry holds changes (the grammars' queries,
 /// the chunking, the encoding): older entries are then parsed again.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 pub struct Cache {
     conn: Connection,

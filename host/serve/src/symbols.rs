@@ -220,6 +220,17 @@ pub fn definitions(path: &str, text: &str) -> Vec<Def> {
     defs
 }
 
+/// [`definitions`] of a text seen recently (the open documents, asked
+/// at every completion), by a hash of path and text.
+pub fn definitions_memo(path: &str, text: &str) -> std::sync::Arc<Vec<Def>> {
+    use std::hash::{Hash, Hasher};
+    static SEEN: OnceLock<moka::sync::Cache<u64, std::sync::Arc<Vec<Def>>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(|| moka::sync::Cache::new(64));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (path, text).hash(&mut h);
+    seen.get_with(h.finish(), || std::sync::Arc::new(definitions(path, text)))
+}
+
 thread_local! {
     static PARSERS: RefCell<Vec<Option<Parser>>> = RefCell::new((0..LANGS.len()).map(|_| None).collect());
 }
@@ -262,7 +273,8 @@ fn parsed(lang: Lang, text: &str) -> Option<Vec<Def>> {
         if ident.is_empty() || ident.len() > 128 {
             continue;
         }
-        defs.push(shape(kind, ident, name, node, &lines));
+        let preprocessor = matches!(lang, Lang::C | Lang::Cpp);
+        defs.push(shape(preprocessor, kind, ident, name, node, &lines));
     }
     Some(defs)
 }
@@ -290,6 +302,7 @@ fn kind_name(kind: &str) -> &'static str {
 
 /// The lines of a definition and of its signature.
 fn shape(
+    preprocessor: bool,
     kind: &str,
     ident: &str,
     name: tree_sitter::Node<'_>,
@@ -339,7 +352,7 @@ fn shape(
     signature_end = signature_end
         .min(first.max(line) + SIGNATURE_LINES)
         .max(line + 1);
-    let start = leading_docs(lines, first);
+    let start = leading_docs(lines, first, preprocessor);
     Def {
         name: ident.to_string(),
         kind: kind_name(kind),
@@ -351,16 +364,16 @@ fn shape(
 }
 
 /// The first of the doc comment and attribute lines right above `first`
-/// (no blank line between), at most [`DOC_LINES`] of them.
-fn leading_docs(lines: &[&str], first: u32) -> u32 {
+/// (no blank line between), at most [`DOC_LINES`] of them; `#` lines are
+/// not comments where there is a `preprocessor` (C, C++).
+fn leading_docs(lines: &[&str], first: u32, preprocessor: bool) -> u32 {
     let mut start = first;
     while start > 0 && first - start < DOC_LINES {
         let above = lines.get(start as usize - 1).map_or("", |l| l.trim_start());
-        let doc = ["//", "/*", "*", "#[", "#!", "@", "#"]
-            .iter()
-            .any(|p| above.starts_with(p))
-            && !above.starts_with("#include")
-            && !above.starts_with("#define");
+        // `#` opens a comment (Python, shell) or an attribute (Rust), but
+        // in C and C++ a preprocessor line (`#include`, `#ifdef`).
+        let hash_comment = above.starts_with('#') && !preprocessor;
+        let doc = hash_comment || ["//", "/*", "*", "@"].iter().any(|p| above.starts_with(p));
         if !doc {
             break;
         }
@@ -417,7 +430,7 @@ fn heuristic(text: &str) -> Vec<Def> {
                 }
                 end += 1;
             }
-            let start = leading_docs(&lines, i as u32);
+            let start = leading_docs(&lines, i as u32, false);
             defs.push(Def {
                 name: w[1].clone(),
                 kind: "type",
@@ -437,6 +450,16 @@ mod tests {
 
     fn find<'a>(defs: &'a [Def], name: &str) -> &'a Def {
         (defs.iter().find(|d| d.name == name)).unwrap_or_else(|| panic!("no {name} in {defs:#?}"))
+    }
+
+    #[test]
+    fn open_documents_are_parsed_once_per_text() {
+        let a = definitions_memo("memo.py", "def one():\n    pass\n");
+        let again = definitions_memo("memo.py", "def one():\n    pass\n");
+        assert!(std::sync::Arc::ptr_eq(&a, &again), "parsed once");
+        let edited = definitions_memo("memo.py", "def two():\n    pass\n");
+        assert_eq!(edited[0].name, "two");
+        assert_eq!(*a, definitions("memo.py", "def one():\n    pass\n"));
     }
 
     #[test]
@@ -488,6 +511,9 @@ mod tests {
         );
         assert_eq!(add.signature_end, 8, "the brace on its own line is body");
         assert_eq!(find(&defs, "MAX").kind, "constant");
+        let guarded = "#ifdef FAST\n// Adds.\nint add(int a, int b) { return a + b; }\n#endif\n";
+        let add = find(&definitions("g.c", guarded), "add").clone();
+        assert_eq!(add.start, 1, "the comment is its doc, the #ifdef is not");
         assert_eq!(find(&defs, "node_t").kind, "type");
         let go = "package p\n\n// Sum adds.\nfunc Sum(a, b int) int {\n\treturn a + b\n}\n\ntype T struct {\n\tName string\n}\n\nconst Limit = 3\n";
         let defs = definitions("p.go", go);

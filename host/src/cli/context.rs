@@ -99,7 +99,7 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     if args.json {
         let mut v = serde_json::to_value(&p).expect("a preview serialises");
         v["schema_version"] = JSON_SCHEMA_VERSION.into();
-        v["workspace"] = serde_json::json!({"root": root, "files": ws.files, "chunks": ws.chunks(), "definitions": ws.definitions(), "index": stats});
+        v["workspace"] = serde_json::json!({"root": root, "files": ws.files(), "chunks": ws.chunks(), "definitions": ws.definitions(), "index": stats});
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }
@@ -112,7 +112,7 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
         p.context_budget,
         p.snippets.len(),
         p.ranked_by,
-        ws.files
+        ws.files()
     );
     for s in &p.snippets {
         println!(

@@ -274,7 +274,7 @@ impl Server {
                     let (ws, stats) = *indexed;
                     let msg = format!(
                         "indexed {} files ({} chunks, {} definitions) for context in {:.1} s: {} parsed, {} from the persisted index",
-                        ws.files,
+                        ws.files(),
                         ws.chunks(),
                         ws.definitions(),
                         stats.seconds,
@@ -771,7 +771,7 @@ impl Server {
         let mut v = serde_json::to_value(engine.status()).expect("status serialises");
         v["workspace"] = json!({
             "root": ws.root,
-            "files": ws.files,
+            "files": ws.files(),
             "chunks": ws.chunks(),
             "definitions": ws.definitions(),
         });
