@@ -10,7 +10,7 @@
 //! (default: kiln's generated demo model).
 
 use kiln_runtime::backend::{Backend, exec::Executor};
-use kiln_runtime::model::forward::{Attention, InputLayout, LogitsFor, build};
+use kiln_runtime::model::forward::{Attention, InputLayout, KvCache, LogitsFor, build};
 use kiln_runtime::model::{Model, Session};
 use std::hint::black_box;
 use std::time::Instant;
@@ -46,7 +46,7 @@ fn main() {
                 n_past,
                 1,
                 LogitsFor::Last,
-                Attention::blocks(64),
+                Attention::new(64, KvCache::default()),
             );
             let t_len = n_past + 1;
             let window = cfg.sliding_window.map(|s| s.window);
@@ -69,7 +69,7 @@ fn main() {
         n_ctx - 1,
         1,
         LogitsFor::Last,
-        Attention::blocks(64),
+        Attention::new(64, KvCache::default()),
     );
     let layout = InputLayout::new(1, n_ctx, cfg.sliding_window.is_some());
     let mut inputs = vec![0u8; layout.bytes];

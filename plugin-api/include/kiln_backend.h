@@ -168,6 +168,18 @@ extern "C" {
  * CPY       dst = convert(src0); same shape; any source type; destinations
  *           F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
  *           Q5_K, Q6_K (whole blocks per row).
+ * ATTENTION fused scaled dot-product attention, one op per layer:
+ *           src0 Q f32 [head_dim, n_q, n_head, 1], src1 K and src2 V
+ *           [head_dim, n_kv, n_head_kv, 1] (F32, F16, Q8_0 or Q4_0; rows
+ *           contiguous; n_head a multiple of n_head_kv, head h reads KV
+ *           head h / (n_head / n_head_kv)), optional src3 f32 mask
+ *           [n_kv, n_q] (0 or -inf, shared by every head), dst f32
+ *           [head_dim, n_q, n_head, 1] (any strides: a view into the
+ *           merged heads). params[0] = scale (f32). Per head and query:
+ *           dst = softmax(scale * K q + mask) V, a row whose mask is all
+ *           -inf gives zeros. A backend may compute it tile by tile with
+ *           an online softmax (no n_q x n_kv matrix): the reference sums
+ *           in f64, kernels in f32.
  *
  * The reference (kiln's CPU backend) computes as llama.cpp's CPU backend
  * does: MUL_MAT rounds src1 to the weights' dot-product type first (F16
@@ -189,6 +201,8 @@ extern "C" {
 /* Op kinds grow within 1.x (NORM came after 1.2 was first published): a
  * backend answers supports_op with 0 for a kind it does not know. */
 #define KILN_OP_NORM 12
+/* ATTENTION came after 1.2 was first published, as NORM did. */
+#define KILN_OP_ATTENTION 13
 
 #define KILN_ROPE_NORMAL 0
 #define KILN_ROPE_NEOX 2

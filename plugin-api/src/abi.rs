@@ -95,6 +95,7 @@ pub const KILN_OP_GELU: u32 = 9;
 pub const KILN_OP_GET_ROWS: u32 = 10;
 pub const KILN_OP_CPY: u32 = 11;
 pub const KILN_OP_NORM: u32 = 12;
+pub const KILN_OP_ATTENTION: u32 = 13;
 
 // Rope modes (params[1] of KILN_OP_ROPE).
 pub const KILN_ROPE_NORMAL: i32 = 0;

@@ -200,10 +200,11 @@ pub enum OpKind {
     GetRows = KILN_OP_GET_ROWS,
     Cpy = KILN_OP_CPY,
     Norm = KILN_OP_NORM,
+    Attention = KILN_OP_ATTENTION,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 13] = [
         OpKind::MulMat,
         OpKind::Add,
         OpKind::Mul,
@@ -216,6 +217,7 @@ impl OpKind {
         OpKind::GetRows,
         OpKind::Cpy,
         OpKind::Norm,
+        OpKind::Attention,
     ];
 
     pub const fn from_raw(raw: u32) -> Option<OpKind> {
@@ -232,6 +234,7 @@ impl OpKind {
             KILN_OP_GET_ROWS => OpKind::GetRows,
             KILN_OP_CPY => OpKind::Cpy,
             KILN_OP_NORM => OpKind::Norm,
+            KILN_OP_ATTENTION => OpKind::Attention,
             _ => return None,
         })
     }
@@ -254,6 +257,7 @@ impl OpKind {
             OpKind::GetRows => "get_rows",
             OpKind::Cpy => "cpy",
             OpKind::Norm => "norm",
+            OpKind::Attention => "attention",
         }
     }
 }

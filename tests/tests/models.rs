@@ -366,7 +366,7 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
 #[test]
 fn the_reused_decode_graph_is_the_graph_of_each_position() {
     use kiln_runtime::backend::{Backend, exec::Executor};
-    use kiln_runtime::model::forward::{Attention, LogitsFor, SCRATCH, build};
+    use kiln_runtime::model::forward::{Attention, KvCache, LogitsFor, SCRATCH, build};
     use kiln_runtime::model::{Model, Session};
     let model = tiny_model(TINY);
     let m = Model::load(&model).unwrap();
@@ -378,7 +378,7 @@ fn the_reused_decode_graph_is_the_graph_of_each_position() {
         n_ctx - 1,
         1,
         LogitsFor::Last,
-        Attention::blocks(64),
+        Attention::new(64, KvCache::default()),
     );
     for n_past in [0, 1, 17, 40, n_ctx - 1] {
         for (t, rule) in &template.follows {
@@ -391,7 +391,7 @@ fn the_reused_decode_graph_is_the_graph_of_each_position() {
             n_past,
             1,
             LogitsFor::Last,
-            Attention::blocks(64),
+            Attention::new(64, KvCache::default()),
         );
         assert_eq!(template.tensors.len(), fresh.tensors.len());
         for (i, (a, b)) in template.tensors.iter().zip(&fresh.tensors).enumerate() {
@@ -540,7 +540,7 @@ fn doctor_reports_each_active_models_memory_budget() {
     assert_eq!(m["weights_bytes"].as_u64().unwrap(), model.weight_bytes());
     assert_eq!(
         m["kv_bytes"].as_u64().unwrap() as usize,
-        forward::kv_bytes(&model.config, n_ctx)
+        forward::kv_bytes(&model.config, forward::KvCache::default(), n_ctx)
     );
     // The work space of a prompt batch: a session that evaluates one
     // allocates that much.
@@ -562,7 +562,9 @@ fn doctor_reports_each_active_models_memory_budget() {
     assert_eq!(s.scratch_bytes(), scratch);
     assert_eq!(
         m["total_bytes"].as_u64().unwrap(),
-        (model.weight_bytes() as usize + forward::kv_bytes(&model.config, n_ctx) + scratch) as u64
+        (model.weight_bytes() as usize
+            + forward::kv_bytes(&model.config, forward::KvCache::default(), n_ctx)
+            + scratch) as u64
     );
     assert_eq!(m["fits"], true);
     assert!(v["memory"]["available_bytes"].as_u64().unwrap() > 0);
@@ -585,5 +587,78 @@ fn doctor_reports_each_active_models_memory_budget() {
         problems.contains("model coder@1 cannot be read")
             && problems.contains("kiln models verify"),
         "{problems}"
+    );
+}
+
+#[test]
+fn the_kv_cache_type_comes_from_the_flag_else_config_toml_per_model() {
+    let home = Home::default();
+    // Heads of 32: quantized caches take whole blocks of a head.
+    let mut shape = TINY.to_vec();
+    shape[5] = "128";
+    let model = tiny_model(&shape);
+    home.ok(&["models", "add", model.to_str().unwrap(), "--name", "coder"]);
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "coder",
+            "--prompt-tokens",
+            "40",
+            "--decode-tokens",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        home.json(&args)
+    };
+    let v = bench(&[]);
+    assert_eq!(v["kv_type"], "f16", "{v:#}");
+    assert_eq!(v["fused_attention"], true, "{v:#}");
+    let f16_bytes = v["kv_bytes"].as_u64().unwrap();
+    // Per model in config.toml, by name: q8_0 blocks of 32 take 34 bytes.
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[kv_cache]\ntype = \"q4_0\"\n[kv_cache.models]\ncoder = \"q8_0\"\n",
+    )
+    .unwrap();
+    let v = bench(&[]);
+    assert_eq!(v["kv_type"], "q8_0", "{v:#}");
+    assert_eq!(v["kv_bytes"].as_u64().unwrap(), f16_bytes * 34 / 64);
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The flag wins; other models get `type`.
+    assert_eq!(bench(&["--kv-type", "f16"])["kv_type"], "f16");
+    let v = home.json(&["doctor", "--json"]);
+    assert_eq!(v["models"][0]["kv_type"], "q8_0", "{v:#}");
+    let out = home.json(&[
+        "run",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out["token_ids"].is_array(), "{out:#}");
+    // Bad names are refused, with the choices or the line to fix.
+    // (A usage error: clap's exit status, 2.)
+    let out = home.kiln(&["bench", "coder", "--kv-type", "q5_1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("f16, q8_0 or q4_0"), "{err}");
+    let narrow = tiny_model(TINY);
+    let err = home.fails(&["bench", narrow.to_str().unwrap(), "--kv-type", "q4_0"]);
+    assert!(
+        err.contains("multiple of 32") && err.contains("is 16") && err.contains("use f16"),
+        "{err}"
+    );
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[kv_cache]\ntype = \"q5_1\"\n",
+    )
+    .unwrap();
+    let err = home.fails(&["run", model.to_str().unwrap(), "--prompt", "a"]);
+    assert!(
+        err.contains("config.toml is not a valid kiln config") && err.contains("line 2"),
+        "{err}"
     );
 }

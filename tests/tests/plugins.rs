@@ -458,7 +458,7 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
         10,
         1,
         LogitsFor::Last,
-        kiln_runtime::model::forward::Attention::blocks(64),
+        kiln_runtime::model::forward::Attention::new(64, Default::default()),
     );
     let ops_per_step = graph.ops.len() as f64;
     // Per layer: K's view, the scores, their mask and softmax, V's view.

@@ -11,6 +11,11 @@
 //!
 //! [store]
 //! encrypt_at_rest = true   # models added from now on are stored encrypted (age)
+//!
+//! [kv_cache]
+//! type = "q8_0"            # f16 (default), q8_0 or q4_0, for every model
+//! [kv_cache.models]
+//! "qwen-coder" = "f16"     # by registered name (every version) or name@version
 //! ```
 //!
 //! `KILN_PLUGIN_PATH` adds directories, separated like `PATH`.
@@ -40,6 +45,55 @@ struct ConfigFile {
     plugins: PluginsSection,
     #[serde(default)]
     store: StoreSection,
+    #[serde(default)]
+    kv_cache: KvCacheSection,
+}
+
+/// A KV cache type `config.toml` may name.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum KvType {
+    #[default]
+    #[serde(rename = "f16")]
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// `[kv_cache]`: the KV cache type of every model, and of some by name.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCacheSection {
+    #[serde(default, rename = "type")]
+    pub kv_type: KvType,
+    /// By registered name (every version) or `name@version`.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, KvType>,
+}
+
+impl KvCacheSection {
+    /// The type for the model registered as `label` (`name@version`, or
+    /// a path for a file served unregistered): its `name@version` entry,
+    /// else its name's, else `type`.
+    pub fn for_model(&self, label: &str) -> KvType {
+        let name = label.split_once('@').map_or(label, |(n, _)| n);
+        self.models
+            .get(label)
+            .or_else(|| self.models.get(name))
+            .copied()
+            .unwrap_or(self.kv_type)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +120,8 @@ pub struct Config {
     pub config_error: Option<String>,
     /// `[store] encrypt_at_rest`: new blobs are stored encrypted.
     pub encrypt_at_rest: bool,
+    /// `[kv_cache]`: which KV cache type each model gets.
+    pub kv_cache: KvCacheSection,
 }
 
 impl Config {
@@ -92,9 +148,11 @@ impl Config {
         }];
         let mut config_error = None;
         let mut encrypt_at_rest = false;
+        let mut kv_cache = KvCacheSection::default();
         match read_config_file(&config_file) {
             Ok(file) => {
                 encrypt_at_rest = file.store.encrypt_at_rest;
+                kv_cache = file.kv_cache;
                 plugin_dirs.extend(file.plugins.dirs.into_iter().map(|p| PluginDir {
                     path: if p.is_absolute() { p } else { home.join(p) },
                     origin: DirOrigin::ConfigFile,
@@ -118,6 +176,7 @@ impl Config {
             plugin_dirs,
             config_error,
             encrypt_at_rest,
+            kv_cache,
         }
     }
 

@@ -16,6 +16,7 @@ use super::metrics::{Metrics, labels};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::explain::{Ask, Explanation};
+use kiln_runtime::model::forward::KvCache;
 use kiln_runtime::model::generate::{Control, Draft, Generation, Request, StopReason, generate};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
@@ -262,6 +263,8 @@ pub struct Status {
     pub fim_template: FimTemplate,
     pub backend: String,
     pub n_ctx: usize,
+    /// The KV cache's type (`f16`, `q8_0`, `q4_0`).
+    pub kv_cache_type: &'static str,
     pub requests: u64,
     pub cancelled: u64,
     pub waiting: usize,
@@ -306,7 +309,25 @@ struct Shared {
     device: u32,
     backend_label: String,
     n_ctx: Option<usize>,
+    kv_types: KvTypes,
     draft: Draft,
+}
+
+/// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
+/// else `config.toml`'s `[kv_cache]` for the model, else f16.
+#[derive(Clone, Debug, Default)]
+pub struct KvTypes {
+    pub forced: Option<kiln_plugin_api::DType>,
+    pub config: kiln_registry::config::KvCacheSection,
+}
+
+impl KvTypes {
+    pub fn for_model(&self, label: &str) -> kiln_plugin_api::DType {
+        self.forced.unwrap_or_else(|| {
+            let name = self.config.for_model(label).name();
+            KvCache::parse_type(name).expect("config.toml's names are kiln's")
+        })
+    }
 }
 
 /// The handle front ends hold; cheap to clone.
@@ -322,6 +343,8 @@ pub struct EngineOptions {
     pub backend_label: String,
     /// KV cache size; default the model's training context, at most 4096.
     pub n_ctx: Option<usize>,
+    /// The KV cache's type per model.
+    pub kv_types: KvTypes,
     /// Entries in the cache of recent completions.
     pub completion_cache_entries: u64,
     /// Where the engine counts (shared with the rest of the service).
@@ -361,6 +384,7 @@ impl Engine {
             device: opts.device,
             backend_label: opts.backend_label,
             n_ctx: opts.n_ctx,
+            kv_types: opts.kv_types,
             draft: opts.draft,
         });
         let engine = Engine { shared };
@@ -517,6 +541,7 @@ impl Engine {
             fim_template: loaded.fim,
             backend: self.shared.backend_label.clone(),
             n_ctx: self.n_ctx(),
+            kv_cache_type: KvCache::type_name(self.shared.kv_types.for_model(&loaded.id)),
             requests: r.requests,
             cancelled: r.cancelled,
             waiting,
@@ -866,8 +891,9 @@ fn session_for<'a>(
                 }
             }));
         }
-        let s =
-            Session::new(loaded.model.clone(), exec, shared.n_ctx).map_err(|e| e.to_string())?;
+        let kv_type = shared.kv_types.for_model(&loaded.id);
+        let s = Session::with_kv_type(loaded.model.clone(), exec, shared.n_ctx, kv_type)
+            .map_err(|e| e.to_string())?;
         *session = Some((loaded.clone(), s));
     }
     Ok(&mut session.as_mut().expect("made above").1)

@@ -19,6 +19,8 @@ pub struct ServeSpec {
     pub model: Option<String>,
     pub backend: Option<String>,
     pub n_ctx: Option<usize>,
+    /// `--kv-type`: every model's KV cache type (else `config.toml`'s).
+    pub kv_type: Option<kiln_plugin_api::DType>,
     pub settings: Settings,
     /// Where `/metrics` is served beside the language server, if anywhere.
     pub metrics_address: Option<String>,
@@ -43,6 +45,10 @@ pub fn start_engine(
         |m| eprintln!("kiln: {m}"),
     )
     .map_err(|e| e.to_string())?;
+    if spec.kv_type.is_none() {
+        // The KV cache's type comes from config.toml: it must be usable.
+        spec.config.require_valid()?;
+    }
     let loaded = Loaded::load(id, path, fim, &exec.target, exec.device)?;
     Ok(Engine::start(
         loaded,
@@ -51,6 +57,10 @@ pub fn start_engine(
             device: exec.device,
             backend_label: label,
             n_ctx: spec.n_ctx,
+            kv_types: crate::engine::KvTypes {
+                forced: spec.kv_type,
+                config: spec.config.kv_cache.clone(),
+            },
             completion_cache_entries: 256,
             metrics,
             draft: spec.settings.draft,

@@ -16,6 +16,7 @@ pub fn run(
     prompt_tokens: usize,
     decode_tokens: usize,
     backend: Option<&str>,
+    kv_type: Option<kiln_plugin_api::DType>,
     as_json: bool,
 ) -> CliResult {
     let path = kiln_runtime::store::resolve(config, model_arg)?;
@@ -29,7 +30,14 @@ pub fn run(
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let n_vocab = model.config.n_vocab as u32;
     let ctx = (prompt_tokens.max(16) + decode_tokens + 1).next_power_of_two();
-    let mut session = Session::new(model, exec, Some(ctx))?;
+    let ctx = ctx.min(
+        model
+            .config
+            .n_ctx_train
+            .max(prompt_tokens.max(16) + decode_tokens + 1),
+    );
+    let kv_type = super::kv_type_for(config, model_arg, kv_type)?;
+    let mut session = Session::with_kv_type(model, exec, Some(ctx), kv_type)?;
     let mut rng = fastrand::Rng::with_seed(0);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.u32(n_vocab.min(259)..n_vocab)).collect() };
@@ -48,13 +56,23 @@ pub fn run(
     session.truncate(0);
     let prompt = tokens(prompt_tokens);
     let t = Instant::now();
-    session.eval(&prompt, LogitsFor::Last)?;
+    let mut next = argmax(&session.eval(&prompt, LogitsFor::Last)?);
     let prompt_s = t.elapsed().as_secs_f64();
+    // Decode again, at the prompt's depth: each step attends to it all.
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        next = argmax(&session.eval(&[next], LogitsFor::Last)?);
+    }
+    let deep_decode_s = t.elapsed().as_secs_f64();
+    let kv = session.kv_cache();
+    let kv_type = kiln_runtime::model::forward::KvCache::type_name(kv.dtype);
+    let kv_bytes = session.kv_bytes();
 
     // Peak resident memory, the mapped weights included.
     let peak_rss = kiln_runtime::measure::process_memory(None, "VmHWM");
     let decode_tps = decode_tokens as f64 / decode_s.max(1e-9);
     let prompt_tps = prompt_tokens as f64 / prompt_s.max(1e-9);
+    let deep_decode_tps = decode_tokens as f64 / deep_decode_s.max(1e-9);
     if as_json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION,
@@ -62,12 +80,17 @@ pub fn run(
             "load_ms": load_ms, "first_token_ms": first_token_ms,
             "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tps,
             "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tps,
+            "decode_after_prompt_tokens_per_s": deep_decode_tps,
+            "kv_type": kv_type, "fused_attention": kv.fused,
+            "n_ctx": session.n_ctx(), "kv_bytes": kv_bytes,
             "peak_rss_bytes": peak_rss,
         }));
     } else {
         println!(
-            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s ({device}); peak RSS {}",
+            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s, after the prompt at {deep_decode_tps:.2} tok/s ({device}); KV cache {kv_type}, {} MiB for {} positions; peak RSS {}",
             path.display(),
+            kv_bytes >> 20,
+            session.n_ctx(),
             peak_rss.map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20))
         );
     }

@@ -130,7 +130,9 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         if m.state != "active" {
             continue;
         }
-        match kiln_runtime::model::session::budget(&m.blob_path, None) {
+        let kv_type =
+            super::kv_type_for(config, &m.label(), None).unwrap_or(kiln_plugin_api::DType::F16);
+        match kiln_runtime::model::session::budget(&m.blob_path, None, kv_type) {
             Ok(b) => {
                 let fits = available.is_none_or(|a| b.total_bytes <= a);
                 if !fits {

@@ -90,6 +90,10 @@ enum Command {
         /// KV cache size in tokens (default: the model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
+        /// KV cache type: f16, q8_0 or q4_0 (default: config.toml's
+        /// `[kv_cache]` for the model, else f16).
+        #[arg(long, value_parser = parse_kv_type)]
+        kv_type: Option<kiln_plugin_api::DType>,
         /// codellama, qwen, deepseek, starcoder or none (default: from the model).
         #[arg(long)]
         fim_template: Option<String>,
@@ -178,6 +182,10 @@ enum Command {
         /// KV cache size in tokens (default: the model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
+        /// KV cache type: f16, q8_0 or q4_0 (default: config.toml's
+        /// `[kv_cache]` for the model, else f16).
+        #[arg(long, value_parser = parse_kv_type)]
+        kv_type: Option<kiln_plugin_api::DType>,
         /// Speculative decoding of greedy runs (`--temperature 0`): `ngram`
         /// guesses tokens from the text so far and verifies them in one
         /// batch (the same tokens, fewer steps), or `none`
@@ -239,6 +247,10 @@ enum Command {
         decode_tokens: usize,
         #[arg(long)]
         backend: Option<String>,
+        /// KV cache type: f16, q8_0 or q4_0 (default: config.toml's
+        /// `[kv_cache]` for the model, else f16).
+        #[arg(long, value_parser = parse_kv_type)]
+        kv_type: Option<kiln_plugin_api::DType>,
         #[arg(long)]
         json: bool,
     },
@@ -605,6 +617,7 @@ fn run(command: Command) -> CliResult {
             dashboard_interval,
             backend,
             ctx,
+            kv_type,
             fim_template,
             max_tokens,
             prefix_tokens,
@@ -634,6 +647,7 @@ fn run(command: Command) -> CliResult {
                     model,
                     backend,
                     n_ctx: ctx,
+                    kv_type,
                     settings,
                     metrics_address: None,
                 },
@@ -674,6 +688,7 @@ fn run(command: Command) -> CliResult {
             stop,
             backend,
             ctx,
+            kv_type,
             draft,
             json,
         } => run::run(
@@ -698,6 +713,7 @@ fn run(command: Command) -> CliResult {
                 stop,
                 backend,
                 ctx,
+                kv_type,
                 draft,
                 json,
             },
@@ -790,6 +806,7 @@ fn run(command: Command) -> CliResult {
             prompt_tokens,
             decode_tokens,
             backend,
+            kv_type,
             json,
         } => bench::run(
             &config,
@@ -797,6 +814,7 @@ fn run(command: Command) -> CliResult {
             prompt_tokens,
             decode_tokens,
             backend.as_deref(),
+            kv_type,
             json,
         ),
         Command::Convert {
@@ -997,6 +1015,28 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.clone()));
     }
     out
+}
+
+/// `--kv-type`'s parser.
+fn parse_kv_type(name: &str) -> Result<kiln_plugin_api::DType, String> {
+    kiln_runtime::model::forward::KvCache::parse_type(name)
+}
+
+/// The KV cache type for `model` (a name, name@version or path):
+/// `forced`, else `config.toml`'s (which must then be valid).
+pub fn kv_type_for(
+    config: &Config,
+    model: &str,
+    forced: Option<kiln_plugin_api::DType>,
+) -> Result<kiln_plugin_api::DType, CliError> {
+    if let Some(t) = forced {
+        return Ok(t);
+    }
+    config.require_valid().map_err(CliError)?;
+    Ok(
+        kiln_runtime::model::forward::KvCache::parse_type(config.kv_cache.for_model(model).name())
+            .expect("config.toml's names are kiln's"),
+    )
 }
 
 #[cfg(test)]

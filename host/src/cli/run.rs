@@ -19,6 +19,7 @@ pub struct RunArgs {
     pub stop: Vec<String>,
     pub backend: Option<String>,
     pub ctx: Option<usize>,
+    pub kv_type: Option<kiln_plugin_api::DType>,
     pub draft: Draft,
     pub json: bool,
 }
@@ -58,7 +59,8 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
     let load_ms = model.load_ms;
     let target = exec.target.clone();
-    let mut session = Session::new(model, exec, args.ctx)?;
+    let kv_type = super::kv_type_for(config, &args.model, args.kv_type)?;
+    let mut session = Session::with_kv_type(model, exec, args.ctx, kv_type)?;
     let req = Request {
         stop: args.stop,
         draft: args.draft,

@@ -62,6 +62,7 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
     let arity = match kind {
         OpKind::MulMat | OpKind::Add | OpKind::Mul | OpKind::Rope | OpKind::GetRows => 2..=2,
         OpKind::SoftMax => 1..=2,
+        OpKind::Attention => 3..=4,
         _ => 1..=1,
     };
     need(arity.contains(&src.len()), || {
@@ -168,6 +169,7 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
                 format!("get_rows dst must be {want:?}, got {:?}", dst.ne)
             })
         }
+        OpKind::Attention => check_attention(src, dst, params),
         OpKind::Cpy => {
             need_same_shape(&src[0], dst)?;
             need(can_quantize(dst.dtype), || {
@@ -175,6 +177,61 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
             })
         }
     }
+}
+
+/// The types a K or V cache may hold for [`OpKind::Attention`].
+pub fn is_kv_type(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::Q8_0 | DType::Q4_0)
+}
+
+fn check_attention(src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Result<(), String> {
+    let kind = OpKind::Attention;
+    let (q, k, v) = (&src[0], &src[1], &src[2]);
+    need_dtype(kind, "q", q, DType::F32)?;
+    need_dtype(kind, "dst", dst, DType::F32)?;
+    for (what, t) in [("k", k), ("v", v)] {
+        need(is_kv_type(t.dtype), || {
+            format!(
+                "attention {what} must be f32, f16, q8_0 or q4_0, got {}",
+                t.dtype
+            )
+        })?;
+        need(t.nb[0] == t.dtype.block_bytes(), || {
+            format!("attention {what} rows must be contiguous")
+        })?;
+    }
+    let (hd, n_q, n_head) = (q.ne[0], q.ne[1], q.ne[2]);
+    need(q.ne[3] == 1 && dst.ne == q.ne, || {
+        format!(
+            "attention q and dst must be [head_dim, n_q, n_head, 1], got {:?} and {:?}",
+            q.ne, dst.ne
+        )
+    })?;
+    need(k.ne == v.ne && k.ne[0] == hd && k.ne[3] == 1, || {
+        format!(
+            "attention k and v must both be [{hd}, n_kv, n_head_kv, 1], got {:?} and {:?}",
+            k.ne, v.ne
+        )
+    })?;
+    need(n_head.is_multiple_of(k.ne[2]), || {
+        format!(
+            "attention n_head {n_head} is not a multiple of n_head_kv {}",
+            k.ne[2]
+        )
+    })?;
+    if let Some(mask) = src.get(3) {
+        need_dtype(kind, "mask", mask, DType::F32)?;
+        need(mask.ne == [k.ne[1], n_q, 1, 1], || {
+            format!(
+                "attention mask must be [{}, {n_q}, 1, 1], got {:?}",
+                k.ne[1], mask.ne
+            )
+        })?;
+    }
+    let scale = param_f32(params[0]);
+    need(scale.is_finite() && scale > 0.0, || {
+        format!("attention scale must be positive, got {scale}")
+    })
 }
 
 // ---- element and row access -------------------------------------------
@@ -512,6 +569,7 @@ pub unsafe fn run_with(
                     write_row(dst, i1, i2, i3, &out);
                 }
             }
+            OpKind::Attention => attention(src, dst, param_f32(params[0])),
             OpKind::SoftMax => {
                 let scale = param_f32(params[0]);
                 let mut mask = vec![0f32; n0];
@@ -571,6 +629,85 @@ fn gelu(x: f32) -> f32 {
     let inner = (0.044715f32 * x).mul_add(x, 1.0);
     let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
     f16::from_f32(y).to_f32()
+}
+
+/// The reference of [`OpKind::Attention`], row by row: each head's
+/// scores over every position in f64, the softmax as `SOFT_MAX` computes
+/// it, and the weighted sum of V in f64. K and V are read as f32; with
+/// an F16 K, Q is rounded to f16 first, as llama.cpp's two attention
+/// paths round it (quantized keys meet Q as it is: rounding it to 8 bits
+/// too, as llama.cpp does, would add its error to theirs).
+///
+/// # Safety
+/// As for [`run`], after [`check`] accepted the op.
+unsafe fn attention(src: &[View], dst: &View, scale: f32) {
+    let (q, k, v) = (&src[0], &src[1], &src[2]);
+    let [hd, n_q, n_head, _] = q.desc.ne;
+    let (n_kv, n_head_kv) = (k.desc.ne[1], k.desc.ne[2]);
+    let group = n_head / n_head_kv;
+    let mut keys = vec![0f32; hd * n_kv];
+    let mut values = vec![0f32; hd * n_kv];
+    let mut q_row = vec![0f32; hd];
+    let mut mask = vec![0f32; n_kv];
+    let mut scores = vec![0f64; n_kv];
+    let mut out = vec![0f32; hd];
+    // SAFETY: the caller's contract; every row index is inside its view.
+    unsafe {
+        for h in 0..n_head {
+            if h % group == 0 {
+                for (j, (key, value)) in keys
+                    .chunks_exact_mut(hd)
+                    .zip(values.chunks_exact_mut(hd))
+                    .enumerate()
+                {
+                    read_row(k, j, h / group, 0, key);
+                    read_row(v, j, h / group, 0, value);
+                }
+            }
+            for i in 0..n_q {
+                read_row(q, i, h, 0, &mut q_row);
+                if k.desc.dtype == DType::F16 {
+                    round_activations(DType::F16, &mut q_row);
+                }
+                if let Some(m) = src.get(3) {
+                    read_row(m, i, 0, 0, &mut mask);
+                }
+                let mut max = f64::NEG_INFINITY;
+                for ((s, key), &m) in scores.iter_mut().zip(keys.chunks_exact(hd)).zip(&mask) {
+                    *s = if m == f32::NEG_INFINITY {
+                        f64::NEG_INFINITY
+                    } else {
+                        let dot: f64 = q_row
+                            .iter()
+                            .zip(key)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        scale as f64 * dot + m as f64
+                    };
+                    max = max.max(*s);
+                }
+                out.fill(0.0);
+                if max > f64::NEG_INFINITY {
+                    let mut sum = 0f64;
+                    let mut acc = vec![0f64; hd];
+                    for (s, value) in scores.iter().zip(values.chunks_exact(hd)) {
+                        if *s == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let e = math::exp(s - max);
+                        sum += e;
+                        for (a, x) in acc.iter_mut().zip(value) {
+                            *a += e * *x as f64;
+                        }
+                    }
+                    for (o, a) in out.iter_mut().zip(&acc) {
+                        *o = (a / sum) as f32;
+                    }
+                }
+                write_row(dst, i, h, 0, &out);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

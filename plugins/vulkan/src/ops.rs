@@ -180,6 +180,9 @@ pub fn plan_descs(
                 _ => (false, (Shader::Elementwise, 0)),
             }
         }
+        // No fused attention shader yet: the host runs attention as
+        // products and a softmax on this device instead.
+        OpKind::Attention => (false, (Shader::Elementwise, 0)),
         OpKind::RmsNorm | OpKind::Norm => {
             let ok = s.len() == 1 && f32_only(&s[0]) && f32_only(d) && same(&s[0], d);
             (ok, (Shader::Rows, d.n_rows() as u64))

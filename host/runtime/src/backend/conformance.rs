@@ -217,6 +217,26 @@ pub fn cases() -> Vec<Case> {
         (F32, [45, 3, 1, 1]),
         1e-6,
     ));
+    // Fused attention over each KV cache type: a prompt batch after a
+    // cached prefix (grouped heads, a causal mask), and a decode step.
+    for kv in [F32, F16, Q8_0, Q4_0] {
+        for (n_q, n_kv) in [(5, 37), (1, 70)] {
+            v.push(
+                Case::new(
+                    OpKind::Attention,
+                    &[
+                        (F32, [64, n_q, 4, 1]),
+                        (kv, [64, n_kv, 2, 1]),
+                        (kv, [64, n_kv, 2, 1]),
+                        (F32, [n_kv, n_q, 1, 1]),
+                    ],
+                    (F32, [64, n_q, 4, 1]),
+                    1e-5,
+                )
+                .params(&[f32_param(0.125)]),
+            );
+        }
+    }
     for t in [F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q6_K, IQ4_XS] {
         v.push(Case::new(
             OpKind::GetRows,
@@ -265,7 +285,7 @@ pub fn inputs(case: &Case, rng: &mut fastrand::Rng) -> Vec<HostTensor> {
                     &(0..ne[0]).map(|_| rng.i32(0..rows)).collect::<Vec<_>>(),
                 )
             }
-            (OpKind::SoftMax, 1, _) => {
+            (OpKind::SoftMax, 1, _) | (OpKind::Attention, 3, _) => {
                 let mut mask = vec![0f32; ne.iter().product()];
                 for r in 0..ne[1] {
                     for c in 0..ne[0] {

@@ -4,10 +4,13 @@
 //!
 //! One graph per batch of tokens. Its storages, by index:
 //! - [`WEIGHTS`]: the GGUF file's memory map (read-only);
-//! - [`KV`]: the KV cache, per layer K as `[head_dim, n_head_kv, n_ctx]` and
-//!   V transposed as `[n_ctx, head_dim, n_head_kv]`, both f16 (llama.cpp's
-//!   layout without flash attention, so V's rows are contiguous for the
-//!   attention-weighted sum);
+//! - [`KV`]: the KV cache, per layer K then V, each `[head_dim,
+//!   n_head_kv, n_ctx]` in the cache's type (f16, q8_0 or q4_0: rows of a
+//!   head's elements, so quantized blocks run along the head) for the
+//!   fused attention op; for a backend without that op, f16 with V
+//!   transposed as `[n_ctx, head_dim, n_head_kv]` (llama.cpp's layout
+//!   without flash attention: V's rows contiguous for the weighted sum),
+//!   see [`KvCache`];
 //! - [`INPUTS`]: token ids, positions, the causal mask and, for models
 //!   with sliding-window layers, the windowed one;
 //! - [`SCRATCH`]: activations, placed by liveness so that a layer reuses the
@@ -37,27 +40,104 @@ const ALIGN: usize = 64;
 /// positions up to its last query only (see [`build`]).
 pub const ATTENTION_BLOCK: usize = 64;
 
-/// Bytes of one K or V element in the cache.
-pub const KV_ELEMENT: usize = 2;
+/// What the KV cache holds and how attention reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCache {
+    /// F16, Q8_0 or Q4_0 ([`KvCache::TYPES`]).
+    pub dtype: DType,
+    /// Attention is one fused op per layer ([`OpKind::Attention`]: tiled,
+    /// online softmax, no query × position matrix), V stored like K.
+    /// Otherwise matrix products and a softmax, `block` queries at a time,
+    /// over V transposed: for a device without the fused op (f16 only).
+    pub fused: bool,
+}
 
-/// How a graph runs attention: `block` queries at a time, each block
-/// against the positions up to its last query; with `capture_from`, the
-/// attention probabilities of the batch's queries `from..` are also
-/// copied to storage [`ATTENTION`], as f32 `[t_len, n_tokens - from,
-/// n_head, n_layer]` (`t_len` the positions the batch's last query sees;
-/// a row's positions past its own query are left as they were, zero in a
-/// zeroed storage).
+impl Default for KvCache {
+    fn default() -> Self {
+        KvCache {
+            dtype: DType::F16,
+            fused: true,
+        }
+    }
+}
+
+impl KvCache {
+    /// The types a cache may hold, by name.
+    pub const TYPES: [(&'static str, DType); 3] = [
+        ("f16", DType::F16),
+        ("q8_0", DType::Q8_0),
+        ("q4_0", DType::Q4_0),
+    ];
+
+    /// The type named `name` (`f16`, `q8_0`, `q4_0`); the error lists them.
+    pub fn parse_type(name: &str) -> Result<DType, String> {
+        Self::TYPES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|(_, d)| *d)
+            .ok_or_else(|| format!("unknown KV cache type {name:?}: use f16, q8_0 or q4_0"))
+    }
+
+    /// The name [`KvCache::parse_type`] reads.
+    pub fn type_name(dtype: DType) -> &'static str {
+        Self::TYPES
+            .iter()
+            .find(|(_, d)| *d == dtype)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// Bytes of one head's K (or V) at one position.
+    pub fn head_bytes(&self, cfg: &ModelConfig) -> usize {
+        self.dtype
+            .row_bytes(cfg.head_dim)
+            .expect("a whole number of blocks (checked by `check`)")
+    }
+
+    /// Whether `cfg`'s heads fit this cache: quantized blocks of 32 must
+    /// tile a head.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<(), String> {
+        if !Self::TYPES.iter().any(|(_, d)| *d == self.dtype) {
+            return Err(format!(
+                "a KV cache of {} is not supported: use f16, q8_0 or q4_0",
+                self.dtype
+            ));
+        }
+        if !self.fused && self.dtype != DType::F16 {
+            return Err("a quantized KV cache needs the fused attention op".into());
+        }
+        if self.dtype.row_bytes(cfg.head_dim).is_none() {
+            return Err(format!(
+                "a {} KV cache needs a head size that is a multiple of {}, and this model's is {}: use f16",
+                Self::type_name(self.dtype),
+                self.dtype.block_len(),
+                cfg.head_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a graph runs attention: over `kv`; unfused, `block` queries at a
+/// time, each block against the positions up to its last query; with
+/// `capture_from`, the attention probabilities of the batch's queries
+/// `from..` are also copied to storage [`ATTENTION`], as f32 `[t_len,
+/// n_tokens - from, n_head, n_layer]` (`t_len` the positions the batch's
+/// last query sees; a row's positions past its own query are left as they
+/// were, zero in a zeroed storage). A fused graph that captures computes
+/// the probabilities beside the fused op, in blocks as the unfused one.
 #[derive(Clone, Copy, Debug)]
 pub struct Attention {
     pub block: usize,
     pub capture_from: Option<usize>,
+    pub kv: KvCache,
 }
 
 impl Attention {
-    pub fn blocks(block: usize) -> Attention {
+    pub fn new(block: usize, kv: KvCache) -> Attention {
         Attention {
             block,
             capture_from: None,
+            kv,
         }
     }
 
@@ -163,13 +243,13 @@ fn fill_mask(
 }
 
 /// Byte offsets of layer `l`'s K and V caches.
-pub fn kv_offsets(cfg: &ModelConfig, n_ctx: usize, l: usize) -> (usize, usize) {
-    let layer = n_ctx * cfg.kv_dim() * KV_ELEMENT;
+pub fn kv_offsets(cfg: &ModelConfig, kv: KvCache, n_ctx: usize, l: usize) -> (usize, usize) {
+    let layer = n_ctx * cfg.n_head_kv * kv.head_bytes(cfg);
     (2 * l * layer, 2 * l * layer + layer)
 }
 
-pub fn kv_bytes(cfg: &ModelConfig, n_ctx: usize) -> usize {
-    2 * cfg.n_layer * n_ctx * cfg.kv_dim() * KV_ELEMENT
+pub fn kv_bytes(cfg: &ModelConfig, kv: KvCache, n_ctx: usize) -> usize {
+    2 * cfg.n_layer * n_ctx * cfg.n_head_kv * kv.head_bytes(cfg)
 }
 
 struct Alloc {
@@ -390,7 +470,13 @@ pub fn build<'f>(
     let (kv, qd) = (cfg.kv_dim(), cfg.q_dim());
     let n = n_tokens;
     let t_len = n_past + n;
-    let el = KV_ELEMENT;
+    let kv_t = attention.kv.dtype;
+    let fused = attention.kv.fused;
+    // Bytes of a head's K or V at one position, of all heads' (a
+    // position), and of an f16 element (the unfused V).
+    let head = attention.kv.head_bytes(cfg);
+    let pos_bytes = hkv * head;
+    let el = 2;
     let layout = InputLayout::new(n, t_len, cfg.sliding_window.is_some());
     let mut b = Builder::new(file);
 
@@ -500,58 +586,104 @@ pub fn build<'f>(
         }
         let qr = b.new_op(OpKind::Rope, &[q3, pos], F32, [hd, h, n, 1], &rope);
         let kr = b.new_op(OpKind::Rope, &[k3, pos], F32, [hd, hkv, n, 1], &rope);
-        let (k_off, v_off) = kv_offsets(cfg, n_ctx, l);
-        // Store this batch's K and V at positions n_past.. of the cache.
-        let k_dst = b.fixed(
-            KV,
-            k_off + n_past * kv * el,
-            F16,
-            [hd, hkv, n, 1],
-            [el, hd * el, kv * el, kv * el * n],
-        );
-        if reusable {
-            b.follow(
-                k_dst,
-                Follow::Offset {
-                    base: k_off,
-                    stride: kv * el,
-                },
+        let (k_off, v_off) = kv_offsets(cfg, attention.kv, n_ctx, l);
+        // This batch's K (and V) at positions n_past.. of the cache: a
+        // position's heads one after the other, rows of `head` bytes.
+        let at_positions = |b: &mut Builder<'f>, base: usize| {
+            let dst = b.fixed(
+                KV,
+                base + n_past * pos_bytes,
+                kv_t,
+                [hd, hkv, n, 1],
+                [kv_t.block_bytes(), head, pos_bytes, pos_bytes * n],
             );
-        }
+            if reusable {
+                b.follow(
+                    dst,
+                    Follow::Offset {
+                        base,
+                        stride: pos_bytes,
+                    },
+                );
+            }
+            dst
+        };
+        // All of a layer's K (or V) up to position t, as [hd, t, hkv].
+        let up_to = |b: &mut Builder<'f>, base: usize, t: usize| {
+            let all = b.fixed(
+                KV,
+                base,
+                kv_t,
+                [hd, t, hkv, 1],
+                [kv_t.block_bytes(), pos_bytes, head, pos_bytes * t],
+            );
+            if reusable {
+                b.follow(
+                    all,
+                    Follow::Desc(Box::new(move |t| Desc {
+                        dtype: kv_t,
+                        ne: [hd, t, hkv, 1],
+                        nb: [kv_t.block_bytes(), pos_bytes, head, pos_bytes * t],
+                    })),
+                );
+            }
+            all
+        };
+        let k_dst = at_positions(&mut b, k_off);
         b.op(OpKind::Cpy, &[kr], k_dst, &[]);
         let v3 = b.reshape(v, [hd, hkv, n, 1]);
-        let v_dst = b.fixed(
-            KV,
-            v_off + n_past * el,
-            F16,
-            [hd, hkv, n, 1],
-            [n_ctx * el, hd * n_ctx * el, el, el * n],
-        );
-        if reusable {
-            b.follow(
-                v_dst,
-                Follow::Offset {
-                    base: v_off,
-                    stride: el,
-                },
+        let v_dst = if fused {
+            at_positions(&mut b, v_off)
+        } else {
+            let v_dst = b.fixed(
+                KV,
+                v_off + n_past * el,
+                F16,
+                [hd, hkv, n, 1],
+                [n_ctx * el, hd * n_ctx * el, el, el * n],
+            );
+            if reusable {
+                b.follow(
+                    v_dst,
+                    Follow::Offset {
+                        base: v_off,
+                        stride: el,
+                    },
+                );
+            }
+            v_dst
+        };
+        b.op(OpKind::Cpy, &[v3], v_dst, &[]);
+        let merged = b.scratch(F32, [hd, h, n, 1]);
+        // Q and the output per head, [hd, n, h]: views of the token-major rows.
+        let heads_nb = [4, hd * h * 4, hd * 4, hd * h * n * 4];
+        if fused {
+            let k_all = up_to(&mut b, k_off, t_len);
+            let v_all = up_to(&mut b, v_off, t_len);
+            let q_heads = b.view(qr, [hd, n, h, 1], heads_nb, 0);
+            let out = b.view(merged, [hd, n, h, 1], heads_nb, 0);
+            b.op(
+                OpKind::Attention,
+                &[q_heads, k_all, v_all, mask],
+                out,
+                &kq_scale,
             );
         }
-        b.op(OpKind::Cpy, &[v3], v_dst, &[]);
-        // Attention, in blocks of queries: a block's scores need only the
-        // positions up to its last query (the causal mask hides the rest),
-        // so a long prompt skips almost half of the products and softmax.
-        let merged = b.scratch(F32, [hd, h, n, 1]);
-        for q0 in (0..n).step_by(attention.block) {
+        // Unfused attention (or, fused, the probabilities a capture
+        // records), in blocks of queries: a block's scores need only the
+        // positions up to its last query (the causal mask hides the
+        // rest), so a long prompt skips almost half of the products and
+        // softmax.
+        let blocks = if fused && attention.capture_from.is_none() {
+            0
+        } else {
+            n
+        };
+        for q0 in (0..blocks).step_by(attention.block) {
             let nq = attention.block.min(n - q0);
             let t = n_past + q0 + nq;
             // Scores: per head, K (positions 0..t) against Q.
-            let k_all = b.fixed(
-                KV,
-                k_off,
-                F16,
-                [hd, t, hkv, 1],
-                [el, kv * el, hd * el, kv * el * t],
-            );
+            let k_all = up_to(&mut b, k_off, t);
             let q_heads = b.view(
                 qr,
                 [hd, nq, h, 1],
@@ -560,14 +692,6 @@ pub fn build<'f>(
             );
             let kq = b.new_op(OpKind::MulMat, &[k_all, q_heads], F32, [t, nq, h, 1], &[]);
             if reusable {
-                b.follow(
-                    k_all,
-                    Follow::Desc(Box::new(move |t| Desc {
-                        dtype: F16,
-                        ne: [hd, t, hkv, 1],
-                        nb: [el, kv * el, hd * el, kv * el * t],
-                    })),
-                );
                 b.follow(
                     kq,
                     Follow::Desc(Box::new(move |t| Desc::contiguous(F32, [t, 1, h, 1]))),
@@ -620,6 +744,9 @@ pub fn build<'f>(
                     );
                     b.op(OpKind::Cpy, &[src], dst, &[]);
                 }
+            }
+            if fused {
+                continue;
             }
             let v_all = b.fixed(
                 KV,

@@ -3,8 +3,8 @@
 //! prefix with the last one only evaluates the part after the prefix.
 
 use super::forward::{
-    self, ATTENTION, Attention, Follow, INPUTS, InputLayout, KV, LOGITS, LogitsFor, SCRATCH,
-    WEIGHTS,
+    self, ATTENTION, Attention, Follow, INPUTS, InputLayout, KV, KvCache, LOGITS, LogitsFor,
+    SCRATCH, WEIGHTS,
 };
 use super::{Model, ModelError};
 use crate::backend::exec::{Executor, Graph, HostOp, Storage, TensorRef};
@@ -20,6 +20,8 @@ pub struct Session {
     n_batch: usize,
     /// Queries per attention block ([`forward::ATTENTION_BLOCK`]).
     attention_block: usize,
+    /// The cache's type and layout.
+    kv_cache: KvCache,
     kv: Vec<u8>,
     /// The tokens whose K and V are in the cache, in order.
     cached: Vec<u32>,
@@ -61,6 +63,7 @@ fn check_device_memory(
     model: &Model,
     exec: &Executor,
     n_ctx: usize,
+    kv: KvCache,
     kv_bytes: u64,
 ) -> Result<(), ModelError> {
     let (target, d) = (&exec.target, exec.device);
@@ -80,7 +83,7 @@ fn check_device_memory(
         n_ctx - n,
         n,
         LogitsFor::Last,
-        Attention::blocks(forward::ATTENTION_BLOCK),
+        Attention::new(forward::ATTENTION_BLOCK, kv),
     );
     let mib = |b: u64| b.div_ceil(1 << 20);
     let device = || {
@@ -126,12 +129,42 @@ fn check_device_memory(
     Ok(())
 }
 
+/// Whether `exec`'s device runs the fused attention op of a decode step
+/// over `kv` (the built-in CPU always does; a plugin is asked).
+fn runs_fused_attention(model: &Model, exec: &Executor, kv: KvCache) -> bool {
+    if exec.target.is_builtin() {
+        return true;
+    }
+    let (b, _, _) = forward::build(
+        &model.config,
+        &model.file,
+        2,
+        1,
+        1,
+        LogitsFor::Last,
+        Attention::new(forward::ATTENTION_BLOCK, kv),
+    );
+    let graph = Graph {
+        storages: Vec::new(),
+        tensors: b.tensors,
+        ops: b.ops,
+    };
+    let plan = exec.plan(&graph);
+    graph
+        .ops
+        .iter()
+        .zip(plan)
+        .all(|(op, on)| on || op.kind != kiln_plugin_api::OpKind::Attention)
+}
+
 /// The memory a session of the model at `path` takes: its weights, its
-/// KV cache at `n_ctx` positions (default as [`Session::new`]'s), and the
-/// work space of a prompt batch ([`DEFAULT_BATCH`] tokens).
+/// KV cache at `n_ctx` positions (default as [`Session::new`]'s) of
+/// `kv_type`, and the work space of a prompt batch ([`DEFAULT_BATCH`]
+/// tokens).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Budget {
     pub n_ctx: usize,
+    pub kv_type: &'static str,
     pub weights_bytes: u64,
     pub kv_bytes: u64,
     pub scratch_bytes: u64,
@@ -140,12 +173,21 @@ pub struct Budget {
 
 /// [`Budget`] of the model file at `path` (its header and metadata are
 /// read; no weights).
-pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, ModelError> {
+pub fn budget(
+    path: &std::path::Path,
+    n_ctx: Option<usize>,
+    kv_type: kiln_plugin_api::DType,
+) -> Result<Budget, ModelError> {
     let file = crate::gguf::GgufFile::open(path)?;
     let cfg = super::ModelConfig::from_gguf(&file)?;
     let n_ctx = default_n_ctx(&cfg, n_ctx);
     let weights_bytes = file.tensor_bytes();
-    let kv_bytes = forward::kv_bytes(&cfg, n_ctx) as u64;
+    let kv = KvCache {
+        dtype: kv_type,
+        fused: true,
+    };
+    kv.check(&cfg).map_err(ModelError::Invalid)?;
+    let kv_bytes = forward::kv_bytes(&cfg, kv, n_ctx) as u64;
     let batch = DEFAULT_BATCH.min(n_ctx);
     let (_, scratch, _) = forward::build(
         &cfg,
@@ -154,11 +196,12 @@ pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, Mo
         0,
         batch,
         LogitsFor::Last,
-        Attention::blocks(forward::ATTENTION_BLOCK),
+        Attention::new(forward::ATTENTION_BLOCK, kv),
     );
     let scratch_bytes = scratch as u64;
     Ok(Budget {
         n_ctx,
+        kv_type: KvCache::type_name(kv_type),
         weights_bytes,
         kv_bytes,
         scratch_bytes,
@@ -167,16 +210,45 @@ pub fn budget(path: &std::path::Path, n_ctx: Option<usize>) -> Result<Budget, Mo
 }
 
 impl Session {
-    /// A session with a cache of `n_ctx` positions (default: the model's
-    /// training context, at most 4096), running on `exec`'s device.
+    /// A session with an f16 cache of `n_ctx` positions (default: the
+    /// model's training context, at most 4096), running on `exec`'s device.
     pub fn new(
         model: Arc<Model>,
         exec: Executor,
         n_ctx: Option<usize>,
     ) -> Result<Session, ModelError> {
+        Session::with_kv_type(model, exec, n_ctx, kiln_plugin_api::DType::F16)
+    }
+
+    /// [`Session::new`] with a cache of `kv_type` (f16, q8_0 or q4_0).
+    /// Attention is the fused op where the device runs it; a device
+    /// without it gets the unfused graph over an f16 cache, or (a
+    /// quantized cache) the fused op on the CPU.
+    pub fn with_kv_type(
+        model: Arc<Model>,
+        exec: Executor,
+        n_ctx: Option<usize>,
+        kv_type: kiln_plugin_api::DType,
+    ) -> Result<Session, ModelError> {
         let cfg = &model.config;
         let n_ctx = default_n_ctx(cfg, n_ctx);
-        let kv_bytes = forward::kv_bytes(cfg, n_ctx) as u64;
+        let mut kv_cache = KvCache {
+            dtype: kv_type,
+            fused: true,
+        };
+        kv_cache.check(cfg).map_err(ModelError::Invalid)?;
+        if !runs_fused_attention(&model, &exec, kv_cache) {
+            if kv_type == kiln_plugin_api::DType::F16 {
+                kv_cache.fused = false;
+            } else {
+                eprintln!(
+                    "kiln: {} runs no fused attention; with a {} KV cache attention runs on the CPU",
+                    exec.target.name(),
+                    KvCache::type_name(kv_type)
+                );
+            }
+        }
+        let kv_bytes = forward::kv_bytes(cfg, kv_cache, n_ctx) as u64;
         if let Some(free) = crate::measure::proc_kib_field("/proc/meminfo", "MemAvailable") {
             // Mapped weights not yet resident need memory too.
             let need = model.weight_bytes() + kv_bytes;
@@ -191,7 +263,7 @@ impl Session {
             }
         }
         if !exec.target.is_builtin() {
-            check_device_memory(&model, &exec, n_ctx, kv_bytes)?;
+            check_device_memory(&model, &exec, n_ctx, kv_cache, kv_bytes)?;
         }
         Ok(Session {
             kv: vec![0; kv_bytes as usize],
@@ -200,6 +272,7 @@ impl Session {
             n_ctx,
             n_batch: DEFAULT_BATCH,
             attention_block: forward::ATTENTION_BLOCK,
+            kv_cache,
             cached: Vec::new(),
             scratch: Vec::new(),
             inputs: Vec::new(),
@@ -216,8 +289,36 @@ impl Session {
         self.decode = None;
     }
 
+    /// Runs attention unfused (products and a softmax over V transposed,
+    /// as for a device without the fused op) from now on, with an empty
+    /// cache: llama.cpp's default path rounds as that graph does, so the
+    /// parity tests hold the rest of the graph to it. f16 caches only.
+    pub fn set_unfused_attention(&mut self) -> Result<(), ModelError> {
+        let kv = KvCache {
+            dtype: self.kv_cache.dtype,
+            fused: false,
+        };
+        kv.check(&self.model.config).map_err(ModelError::Invalid)?;
+        self.kv_cache = kv;
+        self.kv.fill(0);
+        self.exec.forget_state(KV);
+        self.cached.clear();
+        self.decode = None;
+        Ok(())
+    }
+
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// The cache's type and whether attention is the fused op.
+    pub fn kv_cache(&self) -> KvCache {
+        self.kv_cache
+    }
+
+    /// Bytes the KV cache holds.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.len()
     }
 
     /// Positions in use.
@@ -322,6 +423,7 @@ impl Session {
             Attention {
                 block: self.attention_block,
                 capture_from: capture.as_ref().map(|c| c.0),
+                kv: self.kv_cache,
             },
         );
         if self.scratch.len() < scratch_bytes {
@@ -469,7 +571,7 @@ impl Session {
                     self.n_ctx - 1,
                     1,
                     LogitsFor::Last,
-                    Attention::blocks(self.attention_block),
+                    Attention::new(self.attention_block, self.kv_cache),
                 );
                 let layout = InputLayout::new(1, self.n_ctx, cfg.sliding_window.is_some());
                 self.decode.insert(DecodeGraph {

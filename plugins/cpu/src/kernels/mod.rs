@@ -139,6 +139,7 @@ macro_rules! gemm_kinds {
 }
 
 mod activations;
+mod attention;
 mod f16;
 mod kquant;
 mod lanes;
@@ -320,6 +321,10 @@ pub unsafe fn run(
         _ if isa == Isa::Reference => None,
         // SAFETY: the caller's contract.
         OpKind::MulMat => unsafe { mul_mat(isa, &src[0], &src[1], dst) },
+        // SAFETY: the caller's contract.
+        OpKind::Attention => unsafe {
+            attention::run(isa, src, dst, kiln_plugin_api::types::param_f32(params[0]))
+        },
         OpKind::SoftMax
         | OpKind::Silu
         | OpKind::Scale

@@ -878,3 +878,120 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
         }
     }
 }
+
+/// One attention op, reference and fast: Q `[hd, n_q, n_head]`, K and V
+/// `[hd, n_kv, n_head_kv]` of `dtype` with their heads interleaved as in
+/// the KV cache, a causal mask (optionally windowed, optionally with a
+/// query that sees nothing), dst written through a view of the merged
+/// heads `[hd, n_head, n_q]`.
+fn attention_both(
+    isa: Isa,
+    dtype: DType,
+    [hd, n_q, n_head, n_kv, n_head_kv]: [usize; 5],
+    window: Option<usize>,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let qd = Desc::contiguous(DType::F32, [hd, n_q, n_head, 1]);
+    let qd = Desc {
+        nb: [4, hd * n_head * 4, hd * 4, hd * n_head * n_q * 4],
+        ..qd
+    };
+    let row = dtype.row_bytes(hd).unwrap();
+    let kvd = Desc {
+        dtype,
+        ne: [hd, n_kv, n_head_kv, 1],
+        nb: [
+            dtype.block_bytes(),
+            row * n_head_kv,
+            row,
+            row * n_head_kv * n_kv,
+        ],
+    };
+    let md = Desc::contiguous(DType::F32, [n_kv, n_q, 1, 1]);
+    let dd = qd;
+    let params = {
+        let mut p = [0; 8];
+        p[0] = kiln_plugin_api::types::f32_param(1.0 / (hd as f32).sqrt());
+        p
+    };
+    ops::check(OpKind::Attention, &[qd, kvd, kvd, md], &dd, &params).unwrap();
+    let mut q: Vec<u8> = (0..hd * n_q * n_head)
+        .flat_map(|_| (rng.f32() * 6.0 - 3.0).to_le_bytes())
+        .collect();
+    let mut k: Vec<u8> = (0..n_kv * n_head_kv)
+        .flat_map(|_| random_row(dtype, hd, &mut rng))
+        .collect();
+    let mut v: Vec<u8> = (0..n_kv * n_head_kv)
+        .flat_map(|_| random_row(dtype, hd, &mut rng))
+        .collect();
+    let n_past = n_kv - n_q;
+    let mut mask = Vec::new();
+    for i in 0..n_q {
+        let p = n_past + i;
+        for t in 0..n_kv {
+            let seen = t <= p && window.is_none_or(|w| p - t < w) && !(i == 1 && n_q > 2);
+            mask.extend_from_slice(&if seen { 0.0f32 } else { f32::NEG_INFINITY }.to_le_bytes());
+        }
+    }
+    let src = [
+        view(qd, &mut q),
+        view(kvd, &mut k),
+        view(kvd, &mut v),
+        view(md, &mut mask),
+    ];
+    let mut reference = vec![0u8; dd.extent().unwrap()];
+    let mut fast = vec![0u8; dd.extent().unwrap()];
+    // SAFETY: every view covers its own Vec, and `check` accepted the shapes.
+    unsafe {
+        ops::run(OpKind::Attention, &src, &view(dd, &mut reference), &params).unwrap();
+        run(isa, OpKind::Attention, &src, &view(dd, &mut fast), &params).expect("a fast path");
+    }
+    (f32s(&reference), f32s(&fast))
+}
+
+#[test]
+fn fused_attention_matches_the_reference_on_every_path() {
+    let _pool = pool_to_myself();
+    let before = threads();
+    for isa in Isa::available() {
+        for (i, dtype) in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0]
+            .into_iter()
+            .enumerate()
+        {
+            for (j, (shape, window)) in [
+                // Decode: one query, grouped heads, a long cache.
+                ([64, 1, 9, 300, 3], None),
+                // A prompt batch after a cached prefix, a windowed mask,
+                // a query that sees nothing (the second).
+                ([64, 37, 4, 100, 2], Some(20)),
+                // Head size past the kernel's 512-wide output chunk, no GQA.
+                ([544, 5, 2, 41, 2], None),
+                ([32, 70, 6, 70, 1], None),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                for n in [1, 3] {
+                    set_threads(n);
+                    let (reference, fast) =
+                        attention_both(isa, dtype, shape, window, (i * 10 + j) as u64);
+                    for (k, (r, f)) in reference.iter().zip(&fast).enumerate() {
+                        assert!(
+                            (r - f).abs() <= 2e-5 * (1.0 + r.abs()),
+                            "{} {dtype} {shape:?} element {k}: {r} vs {f}",
+                            isa.name()
+                        );
+                    }
+                    if shape[1] > 2 {
+                        // The query that sees nothing gives zeros.
+                        let hd = shape[0];
+                        let row = &fast[hd * shape[2]..][..hd * shape[2]];
+                        assert!(row.iter().all(|&x| x == 0.0));
+                    }
+                }
+            }
+        }
+    }
+    set_threads(before);
+}

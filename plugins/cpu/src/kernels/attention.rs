@@ -1,0 +1,695 @@
+//! Fused attention ([`OpKind::Attention`](kiln_plugin_api::OpKind)): the
+//! keys and values of a KV head are converted to f32 a tile of
+//! [`TILE`] positions at a time, and each query row keeps a running
+//! maximum, sum and weighted sum of values (an online softmax), so no
+//! query × position matrix is ever stored, and tiles that every query
+//! of a unit masks (the causal future, positions out of a sliding
+//! window) are never read.
+//!
+//! Work is split in units of (KV head, heads of its group, queries):
+//! one unit converts each tile once for all of its rows. Decoding has
+//! one query, so its units are split by head instead where the KV heads
+//! alone would leave threads idle.
+//!
+//! Q is rounded as the reference rounds it (to f16 for an F16 K);
+//! sums are f32 in lanes, so the results differ from the reference (f64)
+//! by rounding only (tested).
+
+use super::Isa;
+use super::threads::{self, threads};
+use crate::ops::View;
+use kiln_plugin_api::DType;
+
+/// Positions per tile.
+const TILE: usize = 32;
+
+/// Queries per unit at most (prompt batches).
+const QUERIES: usize = 16;
+
+/// Converts one contiguous K or V row (`head_dim` elements) to f32.
+type RowLoad = fn(&[u8], &mut [f32]);
+
+fn load_generic(dtype: DType) -> RowLoad {
+    match dtype {
+        DType::F32 => |src, dst| {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            }
+        },
+        DType::F16 => |src, dst| kiln_blocks::dequantize_row(DType::F16, src, dst),
+        DType::Q8_0 => |src, dst| kiln_blocks::dequantize_row(DType::Q8_0, src, dst),
+        _ => |src, dst| kiln_blocks::dequantize_row(DType::Q4_0, src, dst),
+    }
+}
+
+fn loader(isa: Isa, dtype: DType) -> RowLoad {
+    #[cfg(target_arch = "x86_64")]
+    if dtype == DType::F16 && isa >= Isa::Avx2 {
+        return |src, dst| {
+            assert!(Isa::detect() >= Isa::Avx2);
+            // SAFETY: the CPU has F16C (part of the AVX2 path's features).
+            unsafe { x86::f16_row(src, dst) }
+        };
+    }
+    let _ = isa;
+    load_generic(dtype)
+}
+
+/// e^x in f32 for x ≤ 0 (a score minus the running maximum): 2^k · p(r)
+/// with a degree-6 polynomial on |r| ≤ ln 2 / 2 (relative error about
+/// 2e-7); below −87 it is 0. Branch-free, so loops over it vectorize.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Rounds to the nearest integer (1.5 · 2^23 pushes the fraction out).
+    const ROUND: f32 = 12_582_912.0;
+    let y = x.max(-87.0);
+    let k = (y * LOG2E + ROUND) - ROUND;
+    let r = y - k * LN2_HI - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (a16.remainder(), b16.remainder());
+    for (x, y) in a16.zip(b16) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    for (i, (x, y)) in ra.iter().zip(rb).enumerate() {
+        lanes[i] += x * y;
+    }
+    let mut half = [0f32; 8];
+    for i in 0..8 {
+        half[i] = lanes[i] + lanes[i + 8];
+    }
+    (half[0] + half[4]) + (half[1] + half[5]) + ((half[2] + half[6]) + (half[3] + half[7]))
+}
+
+/// One unit's rows: `heads` (of KV head `g`) × `queries`.
+struct Unit {
+    g: usize,
+    heads: std::ops::Range<usize>,
+    queries: std::ops::Range<usize>,
+}
+
+/// The op's operands, shared with the pool's threads.
+#[derive(Clone, Copy)]
+struct Operands {
+    q: View,
+    k: View,
+    v: View,
+    mask: Option<View>,
+    dst: View,
+    scale: f32,
+    load_k: RowLoad,
+    load_v: RowLoad,
+}
+
+// SAFETY: the views point at memory the op's caller keeps alive and
+// unchanged (sources) or that the threads write in disjoint rows (dst).
+unsafe impl Send for Operands {}
+// SAFETY: as above.
+unsafe impl Sync for Operands {}
+
+/// Runs the op. `None` for layouts this kernel does not take (the caller
+/// runs the reference): Q, the mask and dst need contiguous f32 rows.
+///
+/// # Safety
+/// As for [`crate::ops::run`], after [`crate::ops::check`] accepted the op.
+pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> {
+    let (q, k, v, mask) = (src[0], src[1], src[2], src.get(3).copied());
+    let dense_f32 = |t: &View| t.desc.nb[0] == 4;
+    if !dense_f32(&q) || !dense_f32(dst) || !mask.as_ref().is_none_or(dense_f32) {
+        return None;
+    }
+    let [hd, n_q, n_head, _] = q.desc.ne;
+    let (n_kv, n_head_kv) = (k.desc.ne[1], k.desc.ne[2]);
+    let group = n_head / n_head_kv;
+    // Units: per KV head, its whole group and up to QUERIES queries; for
+    // a short batch that leaves threads idle, one head per unit.
+    let per_head = n_head_kv * n_q.div_ceil(QUERIES) < 2 * threads();
+    let mut units = Vec::new();
+    for g in 0..n_head_kv {
+        for q0 in (0..n_q).step_by(QUERIES) {
+            let queries = q0..(q0 + QUERIES).min(n_q);
+            if per_head {
+                for h in g * group..(g + 1) * group {
+                    units.push(Unit {
+                        g,
+                        heads: h..h + 1,
+                        queries: queries.clone(),
+                    });
+                }
+            } else {
+                units.push(Unit {
+                    g,
+                    heads: g * group..(g + 1) * group,
+                    queries,
+                });
+            }
+        }
+    }
+    let ops = Operands {
+        q,
+        k,
+        v,
+        mask,
+        dst: *dst,
+        scale,
+        load_k: loader(isa, k.desc.dtype),
+        load_v: loader(isa, v.desc.dtype),
+    };
+    let work = 2 * hd * n_kv * n_q * n_head;
+    threads::parallel_for(units.len(), work, &|range| {
+        let mut scratch = Scratch::new(hd, group.min(n_head) * QUERIES);
+        for unit in &units[range] {
+            // SAFETY: the caller's contract; each unit writes its own rows.
+            unsafe { run_unit(isa, &ops, unit, &mut scratch) };
+        }
+    });
+    Some(())
+}
+
+/// A thread's work space: a tile of keys and values as f32, and each
+/// row's query, scores and running state.
+struct Scratch {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    queries: Vec<f32>,
+    acc: Vec<f32>,
+    /// Per row: running maximum and sum.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// Per query of the unit: the first and last position its mask lets through.
+    seen: Vec<(usize, usize)>,
+    scores: [f32; TILE],
+}
+
+impl Scratch {
+    fn new(hd: usize, rows: usize) -> Scratch {
+        Scratch {
+            keys: vec![0.0; TILE * hd],
+            values: vec![0.0; TILE * hd],
+            queries: vec![0.0; rows * hd],
+            acc: vec![0.0; rows * hd],
+            max: vec![0.0; rows],
+            sum: vec![0.0; rows],
+            seen: vec![(0, 0); QUERIES],
+            scores: [0.0; TILE],
+        }
+    }
+}
+
+/// # Safety
+/// As for [`run`]; the CPU has `isa`.
+unsafe fn run_unit(isa: Isa, ops: &Operands, unit: &Unit, s: &mut Scratch) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: the caller's contract; the CPU has the features.
+        Isa::Avx512 => return unsafe { x86::unit_avx512(ops, unit, s) },
+        // SAFETY: as above.
+        Isa::Avx2 | Isa::AvxVnni => return unsafe { x86::unit_avx2(ops, unit, s) },
+        _ => {}
+    }
+    let _ = isa;
+    // SAFETY: the caller's contract.
+    unsafe { unit_body::<false>(ops, unit, s) }
+}
+
+/// Reads `len` f32 at `p` (unaligned).
+///
+/// # Safety
+/// `p` is valid for `4 * len` bytes.
+#[inline(always)]
+unsafe fn read_f32s(p: *const u8, out: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().cast::<u8>(), 4 * out.len()) }
+}
+
+/// One unit; `SIMD`: with the AVX2 tile loops of [`x86`] (the caller has
+/// checked the CPU), else portable loops.
+///
+/// # Safety
+/// As for [`run`].
+#[inline(always)]
+unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+    let hd = ops.q.desc.ne[0];
+    let n_kv = ops.k.desc.ne[1];
+    let nq = unit.queries.len();
+    let rows = unit.heads.len() * nq;
+    // Which positions each query sees: the span of its mask's finite
+    // entries (a query that sees none gives zeros).
+    let mut first = n_kv;
+    let mut last = 0;
+    for (i, qi) in unit.queries.clone().enumerate() {
+        s.seen[i] = match &ops.mask {
+            None => (0, n_kv),
+            Some(m) => {
+                // SAFETY: row qi of the mask is inside it (checked shapes).
+                let row = unsafe {
+                    std::slice::from_raw_parts(m.data.add(qi * m.desc.nb[1]).cast_const(), 4 * n_kv)
+                };
+                let finite = |j: &usize| {
+                    f32::from_le_bytes(row[4 * j..4 * j + 4].try_into().unwrap())
+                        != f32::NEG_INFINITY
+                };
+                match (0..n_kv).find(finite) {
+                    Some(a) => (a, (0..n_kv).rev().find(finite).unwrap() + 1),
+                    None => (0, 0),
+                }
+            }
+        };
+        if s.seen[i].0 < s.seen[i].1 {
+            first = first.min(s.seen[i].0);
+            last = last.max(s.seen[i].1);
+        }
+    }
+    // Row r = (head index within the unit) * nq + query index.
+    for (hi, h) in unit.heads.clone().enumerate() {
+        for (i, qi) in unit.queries.clone().enumerate() {
+            let r = hi * nq + i;
+            let q = &ops.q;
+            // SAFETY: row (qi, h) of Q is inside it, rows dense f32.
+            unsafe {
+                read_f32s(
+                    q.data.add(qi * q.desc.nb[1] + h * q.desc.nb[2]),
+                    &mut s.queries[r * hd..][..hd],
+                )
+            };
+            if ops.k.desc.dtype == DType::F16 {
+                kiln_blocks::round_activations(DType::F16, &mut s.queries[r * hd..][..hd]);
+            }
+        }
+    }
+    s.max[..rows].fill(f32::NEG_INFINITY);
+    s.sum[..rows].fill(0.0);
+    s.acc[..rows * hd].fill(0.0);
+    let (k, v) = (&ops.k, &ops.v);
+    let (k_row, v_row) = (
+        k.desc.dtype.row_bytes(hd).expect("checked"),
+        v.desc.dtype.row_bytes(hd).expect("checked"),
+    );
+    let mut j0 = first - first % TILE;
+    while j0 < last {
+        let nt = TILE.min(n_kv - j0);
+        for jj in 0..nt {
+            let j = j0 + jj;
+            // SAFETY: position j of KV head g is inside K and V.
+            unsafe {
+                let kp = k.data.add(j * k.desc.nb[1] + unit.g * k.desc.nb[2]);
+                (ops.load_k)(
+                    std::slice::from_raw_parts(kp, k_row),
+                    &mut s.keys[jj * hd..][..hd],
+                );
+                let vp = v.data.add(j * v.desc.nb[1] + unit.g * v.desc.nb[2]);
+                (ops.load_v)(
+                    std::slice::from_raw_parts(vp, v_row),
+                    &mut s.values[jj * hd..][..hd],
+                );
+            }
+        }
+        for i in 0..nq {
+            let (a, b) = s.seen[i];
+            if b <= j0 || a >= j0 + nt {
+                continue;
+            }
+            let qi = unit.queries.start + i;
+            // This query's mask over the tile: f32s, maybe unaligned.
+            let mask_row = ops.mask.as_ref().map(|m| {
+                // SAFETY: row qi, positions j0..j0 + nt, inside the mask.
+                unsafe { m.data.add(qi * m.desc.nb[1] + 4 * j0).cast_const() }
+            });
+            for hi in 0..unit.heads.len() {
+                let r = hi * nq + i;
+                let query = &s.queries[r * hd..][..hd];
+                let tile_max = if SIMD {
+                    // SAFETY: the CPU has AVX2 and FMA (SIMD is set only
+                    // then); the mask row has nt f32s.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        x86::scores(query, &s.keys, nt, ops.scale, mask_row, &mut s.scores)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!()
+                } else {
+                    let mut tile_max = f32::NEG_INFINITY;
+                    for jj in 0..nt {
+                        let m = match mask_row {
+                            // SAFETY: jj < nt; unaligned f32 reads.
+                            Some(p) => unsafe { p.add(4 * jj).cast::<f32>().read_unaligned() },
+                            None => 0.0,
+                        };
+                        let score = if m == f32::NEG_INFINITY {
+                            f32::NEG_INFINITY
+                        } else {
+                            ops.scale * dot(query, &s.keys[jj * hd..][..hd]) + m
+                        };
+                        s.scores[jj] = score;
+                        tile_max = tile_max.max(score);
+                    }
+                    tile_max
+                };
+                if tile_max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let max = s.max[r].max(tile_max);
+                let acc = &mut s.acc[r * hd..][..hd];
+                if s.max[r] != max {
+                    let c = exp_neg(s.max[r] - max);
+                    s.sum[r] *= c;
+                    for x in acc.iter_mut() {
+                        *x *= c;
+                    }
+                    s.max[r] = max;
+                }
+                if SIMD {
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        s.sum[r] += x86::exp_in_place(&mut s.scores, max, nt);
+                        x86::weighted_sum(acc, &s.scores, &s.values, nt);
+                    }
+                    continue;
+                }
+                let mut sum = 0f32;
+                for jj in 0..nt {
+                    let score = s.scores[jj];
+                    let p = if score == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_neg(score - max)
+                    };
+                    s.scores[jj] = p;
+                    sum += p;
+                }
+                s.sum[r] += sum;
+                for jj in 0..nt {
+                    let p = s.scores[jj];
+                    if p != 0.0 {
+                        let value = &s.values[jj * hd..][..hd];
+                        for (x, y) in acc.iter_mut().zip(value) {
+                            *x += p * y;
+                        }
+                    }
+                }
+            }
+        }
+        j0 += TILE;
+    }
+    let dst = &ops.dst;
+    let mut out = [0f32; 512];
+    for (hi, h) in unit.heads.clone().enumerate() {
+        for (i, qi) in unit.queries.clone().enumerate() {
+            let r = hi * nq + i;
+            let inv = if s.sum[r] > 0.0 { 1.0 / s.sum[r] } else { 0.0 };
+            for c0 in (0..hd).step_by(512) {
+                let n = 512.min(hd - c0);
+                for (o, a) in out[..n].iter_mut().zip(&s.acc[r * hd + c0..][..n]) {
+                    *o = a * inv;
+                }
+                // SAFETY: row (qi, h) of dst is inside it, rows dense f32;
+                // this unit alone writes it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr().cast::<u8>(),
+                        dst.data
+                            .add(qi * dst.desc.nb[1] + h * dst.desc.nb[2] + 4 * c0),
+                        4 * n,
+                    )
+                };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Operands, Scratch, TILE, Unit, unit_body};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// As for `unit_body`; the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn unit_avx2(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+        // SAFETY: the caller's contract.
+        unsafe { unit_body::<true>(ops, unit, s) }
+    }
+
+    /// # Safety
+    /// As for `unit_body`; the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn unit_avx512(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+        // SAFETY: the caller's contract.
+        unsafe { unit_body::<true>(ops, unit, s) }
+    }
+
+    /// The eight sums of `a`'s vectors, as one vector.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn sum_each(a: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
+    /// `out[j] = scale · (query · key j) + mask[j]` for the tile's `nt`
+    /// keys (rows of `query.len()` in `keys`), −∞ past them; returns the
+    /// largest. Eight keys at a time, each summed in lanes of eight.
+    ///
+    /// # Safety
+    /// `keys` holds [`TILE`] rows; `mask`, if any, `nt` f32s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(
+        query: &[f32],
+        keys: &[f32],
+        nt: usize,
+        scale: f32,
+        mask: Option<*const u8>,
+        out: &mut [f32; TILE],
+    ) -> f32 {
+        let hd = query.len();
+        let body = hd - hd % 8;
+        let (q, k) = (query.as_ptr(), keys.as_ptr());
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        for j0 in (0..TILE).step_by(8) {
+            if j0 >= nt {
+                out[j0..j0 + 8].fill(f32::NEG_INFINITY);
+                continue;
+            }
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for d in (0..body).step_by(8) {
+                // SAFETY: d + 8 <= hd, and rows j0..j0 + 8 are inside `keys`.
+                unsafe {
+                    let x = _mm256_loadu_ps(q.add(d));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.add((j0 + j) * hd + d)), *a);
+                    }
+                }
+            }
+            let mut dots = [0f32; 8];
+            // SAFETY: eight f32s.
+            unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum_each(acc)) };
+            for (j, dot) in dots.iter_mut().enumerate() {
+                for d in body..hd {
+                    *dot += query[d] * keys[(j0 + j) * hd + d];
+                }
+            }
+            // SAFETY: eight f32s; the mask's j0.. are inside it where j0 + j < nt.
+            unsafe {
+                let mut v = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(dots.as_ptr()));
+                if let Some(m) = mask {
+                    let mut row = [0f32; 8];
+                    let n = (nt - j0).min(8);
+                    std::ptr::copy_nonoverlapping(
+                        m.add(4 * j0),
+                        row.as_mut_ptr().cast::<u8>(),
+                        4 * n,
+                    );
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(row.as_ptr()));
+                }
+                _mm256_storeu_ps(out.as_mut_ptr().add(j0), v);
+            }
+            for x in &mut out[j0 + (nt - j0).min(8)..j0 + 8] {
+                *x = f32::NEG_INFINITY;
+            }
+            // SAFETY: eight f32s.
+            max = _mm256_max_ps(max, unsafe { _mm256_loadu_ps(out.as_ptr().add(j0)) });
+        }
+        let mut m = [0f32; 8];
+        // SAFETY: eight f32s.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), max) };
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+
+    /// e^x on eight lanes, as [`super::exp_neg`]: 0 below −87.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let set = _mm256_set1_ps;
+        let y = _mm256_max_ps(x, set(-87.0));
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(y, set(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(
+            k,
+            set(1.428_606_8e-6),
+            _mm256_fnmadd_ps(k, set(0.693_145_75), y),
+        );
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, set(c));
+        }
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(k),
+            _mm256_set1_epi32(127),
+        )));
+        let e = _mm256_mul_ps(p, scale);
+        _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, set(-87.0)), e)
+    }
+
+    /// `s[j] = e^(s[j] − max)` over the whole tile (−∞ gives 0); returns
+    /// the sum of the first `nt`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_in_place(s: &mut [f32; TILE], max: f32, nt: usize) -> f32 {
+        let mut sum = _mm256_setzero_ps();
+        for j0 in (0..TILE).step_by(8) {
+            // SAFETY: eight f32s inside the tile.
+            unsafe {
+                let p = s.as_mut_ptr().add(j0);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), _mm256_set1_ps(max)));
+                _mm256_storeu_ps(p, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+        }
+        debug_assert!(s[nt..].iter().all(|&x| x == 0.0));
+        let mut v = [0f32; 8];
+        // SAFETY: eight f32s.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), sum) };
+        v.iter().sum()
+    }
+
+    /// `acc += Σ_j p[j] · value j` over the tile's `nt` values (rows of
+    /// `acc.len()` in `values`), 64 columns at a time in registers.
+    ///
+    /// # Safety
+    /// `values` holds `nt` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(acc: &mut [f32], p: &[f32; TILE], values: &[f32], nt: usize) {
+        let hd = acc.len();
+        let mut c0 = 0;
+        while c0 + 64 <= hd {
+            // SAFETY: columns c0..c0 + 64 of rows 0..nt.
+            unsafe { columns::<8>(acc, p, values, nt, c0) };
+            c0 += 64;
+        }
+        while c0 + 8 <= hd {
+            // SAFETY: columns c0..c0 + 8 of rows 0..nt.
+            unsafe { columns::<1>(acc, p, values, nt, c0) };
+            c0 += 8;
+        }
+        for c in c0..hd {
+            for j in 0..nt {
+                acc[c] += p[j] * values[j * hd + c];
+            }
+        }
+    }
+
+    /// [`weighted_sum`] on columns `c0..c0 + 8 W`.
+    ///
+    /// # Safety
+    /// Those columns are inside `acc` and every row of `values`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn columns<const W: usize>(
+        acc: &mut [f32],
+        p: &[f32; TILE],
+        values: &[f32],
+        nt: usize,
+        c0: usize,
+    ) {
+        let hd = acc.len();
+        let (a, v) = (acc.as_mut_ptr(), values.as_ptr());
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut sums = [_mm256_setzero_ps(); W];
+            for (w, s) in sums.iter_mut().enumerate() {
+                *s = _mm256_loadu_ps(a.add(c0 + 8 * w));
+            }
+            for (j, &pj) in p.iter().enumerate().take(nt) {
+                let pj = _mm256_set1_ps(pj);
+                for (w, s) in sums.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v.add(j * hd + c0 + 8 * w)), *s);
+                }
+            }
+            for (w, s) in sums.iter().enumerate() {
+                _mm256_storeu_ps(a.add(c0 + 8 * w), *s);
+            }
+        }
+    }
+
+    /// An f16 row to f32, eight at a time.
+    ///
+    /// # Safety
+    /// The CPU has F16C and AVX.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn f16_row(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len().min(src.len() / 2);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: elements i..i + 8 are inside both slices.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_le_bytes([src[2 * j], src[2 * j + 1]]).to_f32();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_neg;
+
+    #[test]
+    fn exp_neg_is_close_to_exp_down_to_its_floor() {
+        let mut x = 0.0f32;
+        while x > -90.0 {
+            let (want, got) = ((x as f64).exp(), exp_neg(x) as f64);
+            if x < -87.0 {
+                assert_eq!(got, 0.0, "{x}");
+            } else {
+                assert!((got - want).abs() <= 1e-6 * want, "{x}: {got} vs {want}");
+            }
+            x -= 0.0137;
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+    }
+}
