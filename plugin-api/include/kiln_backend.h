@@ -157,6 +157,18 @@ extern "C" {
  *           KILN_ROPE_NEOX: pairs (i, i + n_rot/2)), params[2] = freq_base (f32),
  *           params[3] = freq_scale (f32). theta_i = pos * freq_scale * base^(-2i/n_rot).
  *           Dimensions past n_rot are copied.
+ *           Optional src2 f32 [n_rot/2]: per-pair frequency factors
+ *           (Llama 3's rope_freqs): theta_i is divided by factor i first.
+ *           With KILN_ROPE_EXT in the mode (YaRN): params[4] = ext_factor,
+ *           params[5] = mscale, params[6], params[7] = the correction
+ *           dimensions lo, hi (all f32). With e = pos * base^(-2i/n_rot) /
+ *           factor_i: ramp = (1 - clamp((i - lo) / max(0.001, hi - lo), 0, 1))
+ *           * ext_factor, theta = freq_scale * e * (1 - ramp) + e * ramp,
+ *           and sin and cos are multiplied by mscale * (1 + 0.1 ln(1 /
+ *           freq_scale)) when ext_factor != 0, else by mscale (ggml's
+ *           rope_yarn). Both came after 1.2 was first published: a backend
+ *           that does not know them refuses the op (three sources, or a
+ *           mode it does not know).
  * SOFT_MAX  per row: dst = softmax(src0 * scale + mask), scale = params[0] (f32);
  *           optional src1 f32 mask with ne0 equal to src0's, broadcast like ADD.
  *           A row that is all -inf gives zeros.
@@ -206,6 +218,8 @@ extern "C" {
 
 #define KILN_ROPE_NORMAL 0
 #define KILN_ROPE_NEOX 2
+/* Or'ed into ROPE's mode: params[4..8] are set (YaRN). */
+#define KILN_ROPE_EXT 0x100
 
 typedef void *KilnBuffer;
 

@@ -100,6 +100,9 @@ pub const KILN_OP_ATTENTION: u32 = 13;
 // Rope modes (params[1] of KILN_OP_ROPE).
 pub const KILN_ROPE_NORMAL: i32 = 0;
 pub const KILN_ROPE_NEOX: i32 = 2;
+/// A flag on the mode: params[4..8] carry YaRN's extrapolation mix,
+/// magnitude scale and correction dimensions (see the header).
+pub const KILN_ROPE_EXT: i32 = 0x100;
 
 /// Opaque device buffer handle, created and owned by the plugin.
 pub type KilnBuffer = *mut c_void;

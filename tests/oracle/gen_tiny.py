@@ -35,6 +35,12 @@ def main() -> None:
     p.add_argument("--tied", action="store_true")
     p.add_argument("--head-dim", type=int, default=0)
     p.add_argument("--window", type=int, default=0)
+    # RoPE scaling: a type and factor (and YaRN's original context), and
+    # Llama 3-style per-dimension frequency factors (random, in [0.5, 8]).
+    p.add_argument("--rope-scaling", default="", choices=["", "none", "linear", "yarn"])
+    p.add_argument("--rope-factor", type=float, default=0.0)
+    p.add_argument("--rope-orig-ctx", type=int, default=0)
+    p.add_argument("--rope-freqs", action="store_true")
     a = p.parse_args()
 
     E, L, H, HKV, FF, V = a.embd, a.layers, a.heads, a.kv_heads, a.ff, a.vocab
@@ -63,6 +69,12 @@ def main() -> None:
         w.add_value_length(hd)
     if a.arch == "gemma3" and a.window:
         w.add_sliding_window(a.window)
+    if a.rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(a.rope_scaling))
+    if a.rope_factor:
+        w.add_rope_scaling_factor(a.rope_factor)
+    if a.rope_orig_ctx:
+        w.add_rope_scaling_orig_ctx_len(a.rope_orig_ctx)
     w.add_vocab_size(V)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[a.dtype]
@@ -106,6 +118,8 @@ def main() -> None:
     bias = lambda n: (0.1 * rng.standard_normal(n)).astype(np.float32)
 
     add("token_embd.weight", weight(V, E))
+    if a.rope_freqs:
+        add("rope_freqs.weight", rng.uniform(0.5, 8.0, hd // 2).astype(np.float32))
     for l in range(L):
         b = f"blk.{l}."
         add(b + "attn_norm.weight", norm(E))

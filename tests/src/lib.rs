@@ -580,3 +580,36 @@ pub fn assert_decode_transfers(model: &Path, moved: &[(u64, u64)], n_vocab: u64)
         );
     }
 }
+
+/// A long prompt of code-like lines (a function's body, left open, with
+/// no numbers in it) with `needles` (name, value, depth) placed as
+/// `const NAME: u32 = VALUE;` lines at the given fractions of its
+/// length; asked back as `    const NAME: u32 =`.
+pub fn needle_haystack(lines: usize, needles: &[(&str, u32, f64)]) -> String {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let words = [
+        "count", "total", "index", "buffer", "offset", "limit", "width", "height", "depth",
+        "weight", "score", "cursor", "length", "window", "budget", "margin",
+    ];
+    let mut out = Vec::new();
+    for i in 0..lines {
+        let (a, b) = (
+            words[rng.usize(..words.len())],
+            words[rng.usize(..words.len())],
+        );
+        let c = words[rng.usize(..words.len())];
+        // No numbers: the needles' values are the only ones.
+        out.push(match i % 4 {
+            0 => format!("    let {a} = {b} * {c} + {a};"),
+            1 => format!("    if {a} > {b} {{ {a} -= {c}; }}"),
+            2 => format!("    // update the {a} from the {b}"),
+            _ => format!("    {a}.push({b}.min({c}));"),
+        });
+    }
+    for (name, value, depth) in needles {
+        let at = ((lines as f64) * depth) as usize;
+        out.insert(at, format!("    const {name}: u32 = {value};"));
+    }
+    // Left open: the question continues the function.
+    format!("fn process() {{\n{}\n", out.join("\n"))
+}

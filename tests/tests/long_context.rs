@@ -91,37 +91,6 @@ fn a_q8_0_kv_cache_costs_under_a_hundredth_of_perplexity_on_a_long_code_file() {
     );
 }
 
-/// A long prompt of code-like lines with `needles` (name, value) placed
-/// at the given fractions of its length; returns the prompt's text.
-fn haystack(lines: usize, needles: &[(&str, u32, f64)]) -> String {
-    let mut rng = fastrand::Rng::with_seed(7);
-    let words = [
-        "count", "total", "index", "buffer", "offset", "limit", "width", "height", "depth",
-        "weight", "score", "cursor", "length", "window", "budget", "margin",
-    ];
-    let mut out = Vec::new();
-    for i in 0..lines {
-        let (a, b) = (
-            words[rng.usize(..words.len())],
-            words[rng.usize(..words.len())],
-        );
-        let c = words[rng.usize(..words.len())];
-        // No numbers: the needles' values are the only ones.
-        out.push(match i % 4 {
-            0 => format!("    let {a} = {b} * {c} + {a};"),
-            1 => format!("    if {a} > {b} {{ {a} -= {c}; }}"),
-            2 => format!("    // update the {a} from the {b}"),
-            _ => format!("    {a}.push({b}.min({c}));"),
-        });
-    }
-    for (name, value, depth) in needles {
-        let at = ((lines as f64) * depth) as usize;
-        out.insert(at, format!("    const {name}: u32 = {value};"));
-    }
-    // Left open: the question continues the function.
-    format!("fn process() {{\n{}\n", out.join("\n"))
-}
-
 #[test]
 fn needles_come_back_from_several_depths_with_each_kv_type() {
     let Some(path) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
@@ -134,7 +103,7 @@ fn needles_come_back_from_several_depths_with_each_kv_type() {
         ("PORT_BRAVO", 73190, 0.5),
         ("PORT_CHARLIE", 26457, 0.9),
     ];
-    let text = haystack(160, &needles);
+    let text = kiln_tests::needle_haystack(160, &needles);
     let prompt = tok.encode(&text, tok.add_bos).unwrap();
     eprintln!("haystack: {} tokens", prompt.len());
     assert!(prompt.len() > 1500, "{} tokens", prompt.len());

@@ -119,6 +119,28 @@ fn bad_model_files_are_named_with_the_cause() {
         "{err}"
     );
 
+    // RoPE scaling kiln does not run is named, with what it runs.
+    rewrite(&good, &p("longrope.gguf"), |m| {
+        m.push((
+            "llama.rope.scaling.type".into(),
+            Value::String("longrope".into()),
+        ))
+    });
+    let err = home.fails(&run_args(p("longrope.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("rope scaling \"longrope\" is not supported")
+            && err.contains("none, linear and yarn"),
+        "{err}"
+    );
+    rewrite(&good, &p("negative-factor.gguf"), |m| {
+        m.push(("llama.rope.scaling.factor".into(), Value::F32(-2.0)))
+    });
+    let err = home.fails(&run_args(p("negative-factor.gguf").to_str().unwrap(), &[]));
+    assert!(
+        err.contains("rope.scaling.factor -2 must be positive"),
+        "{err}"
+    );
+
     rewrite(&good, &p("short-vocab.gguf"), |m| {
         let tokens = m
             .iter_mut()

@@ -265,6 +265,37 @@ fn qwen2_f32_f16_q8_0() {
     check(&with_dtype(QWEN2, "f16"), Some("q8_0"), INTEGER, true);
 }
 
+/// RoPE scaled as the file says: linear, YaRN (its ramp over the
+/// dimensions and its magnitude scale, here from an original context of 8
+/// so that the prompt reaches past it), and Llama 3's per-dimension
+/// frequency factors (random in [0.5, 8], so that every pair turns at
+/// another speed).
+#[test]
+fn rope_scaling_linear_yarn_and_frequency_factors() {
+    let with = |base: &[&'static str], extra: &[&'static str]| {
+        let mut v = with_dtype(base, "f16");
+        v.extend_from_slice(extra);
+        v
+    };
+    check(
+        &with(LLAMA, &["--rope-scaling", "linear", "--rope-factor", "4"]),
+        None,
+        FLOAT,
+        true,
+    );
+    let yarn = [
+        "--rope-scaling",
+        "yarn",
+        "--rope-factor",
+        "4",
+        "--rope-orig-ctx",
+        "8",
+    ];
+    check(&with(LLAMA, &yarn), None, FLOAT, true);
+    check(&with(QWEN2, &yarn), Some("q8_0"), INTEGER, true);
+    check(&with(LLAMA, &["--rope-freqs"]), None, FLOAT, true);
+}
+
 /// Qwen3: heads wider than n_embd / n_head, per-head Q/K norms, NEOX RoPE.
 const QWEN3: &[&str] = &[
     "--arch",

@@ -425,6 +425,9 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
     let prompt = [1u32, 40, 41, 42, 43, 44, 45];
     let run = |exec: Executor| {
         let mut s = Session::new(Model::load(&model_path).unwrap(), exec, Some(64)).unwrap();
+        // The fixture has no fused attention, so its session runs the
+        // unfused graph: the CPU's runs the same one here.
+        s.set_unfused_attention().unwrap();
         let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
         all.extend(s.eval(&[50], LogitsFor::Last).unwrap());
         (all, s)

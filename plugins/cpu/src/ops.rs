@@ -60,7 +60,8 @@ fn need_broadcast(
 /// Whether `kind` over these tensors is well-formed; the error says why not.
 pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Result<(), String> {
     let arity = match kind {
-        OpKind::MulMat | OpKind::Add | OpKind::Mul | OpKind::Rope | OpKind::GetRows => 2..=2,
+        OpKind::MulMat | OpKind::Add | OpKind::Mul | OpKind::GetRows => 2..=2,
+        OpKind::Rope => 2..=3,
         OpKind::SoftMax => 1..=2,
         OpKind::Attention => 3..=4,
         _ => 1..=1,
@@ -128,15 +129,36 @@ pub fn check(kind: OpKind, src: &[Desc], dst: &Desc, params: &[i32; 8]) -> Resul
                 n_rot > 0 && n_rot % 2 == 0 && n_rot as usize <= x.ne[0],
                 || format!("rope n_rot {n_rot} must be even and in 2..={}", x.ne[0]),
             )?;
-            need(
-                params[1] == kiln_plugin_api::abi::KILN_ROPE_NORMAL
-                    || params[1] == kiln_plugin_api::abi::KILN_ROPE_NEOX,
-                || format!("unknown rope mode {}", params[1]),
-            )?;
+            use kiln_plugin_api::abi::{KILN_ROPE_EXT, KILN_ROPE_NEOX, KILN_ROPE_NORMAL};
+            let mode = params[1] & !KILN_ROPE_EXT;
+            need(mode == KILN_ROPE_NORMAL || mode == KILN_ROPE_NEOX, || {
+                format!("unknown rope mode {}", params[1])
+            })?;
             let base = param_f32(params[2]);
             need(base.is_finite() && base > 0.0, || {
                 format!("rope freq_base must be positive, got {base}")
-            })
+            })?;
+            let scale = param_f32(params[3]);
+            need(scale.is_finite() && scale > 0.0, || {
+                format!("rope freq_scale must be positive, got {scale}")
+            })?;
+            if params[1] & KILN_ROPE_EXT != 0 {
+                let ext: Vec<f32> = params[4..8].iter().map(|&p| param_f32(p)).collect();
+                need(ext.iter().all(|x| x.is_finite()), || {
+                    format!("rope YaRN parameters must be finite, got {ext:?}")
+                })?;
+            }
+            if let Some(f) = src.get(2) {
+                need_dtype(kind, "frequency factors", f, DType::F32)?;
+                need(f.ne == [n_rot as usize / 2, 1, 1, 1], || {
+                    format!(
+                        "rope frequency factors must be [{}], got {:?}",
+                        n_rot / 2,
+                        f.ne
+                    )
+                })?;
+            }
+            Ok(())
         }
         OpKind::SoftMax => {
             need_dtype(kind, "src0", &src[0], DType::F32)?;
@@ -543,11 +565,23 @@ pub unsafe fn run_with(
                 // cosf/sinf, fused multiply-adds where clang fuses them),
                 // because K is rounded to f16 right after: a last-bit
                 // difference here flips f16 roundings in the KV cache.
+                use kiln_plugin_api::abi::{KILN_ROPE_EXT, KILN_ROPE_NEOX};
                 let n_rot = params[0] as usize;
-                let neox = params[1] == kiln_plugin_api::abi::KILN_ROPE_NEOX;
+                let neox = params[1] & !KILN_ROPE_EXT == KILN_ROPE_NEOX;
                 let base = param_f32(params[2]);
                 let freq_scale = param_f32(params[3]);
                 let theta_scale = base.powf(-2.0 / n_rot as f32);
+                // YaRN's mix and magnitude, off without the flag (ggml's
+                // rope_yarn with ext_factor 0 and mscale 1).
+                let [ext_factor, mscale, lo, hi] = if params[1] & KILN_ROPE_EXT != 0 {
+                    [4, 5, 6, 7].map(|i| param_f32(params[i]))
+                } else {
+                    [0.0, 1.0, 0.0, 0.0]
+                };
+                let mut factors = vec![1f32; n_rot / 2];
+                if let Some(f) = src.get(2) {
+                    read_row(f, 0, 0, 0, &mut factors);
+                }
                 // Each head of a token turns by the same angles: computed
                 // once per position (rows run through the heads first).
                 let mut angles: Option<(i32, Vec<(f32, f32)>)> = None;
@@ -557,9 +591,20 @@ pub unsafe fn run_with(
                     if angles.as_ref().is_none_or(|(p, _)| *p != pos) {
                         let mut theta = pos as f32;
                         let mut sc = Vec::with_capacity(n_rot / 2);
-                        for _ in 0..n_rot / 2 {
-                            let angle = freq_scale * theta;
-                            sc.push((angle.sin(), angle.cos()));
+                        for (i, ff) in factors.iter().enumerate() {
+                            let extrap = theta / ff;
+                            let interp = freq_scale * extrap;
+                            let (angle, m) = if ext_factor != 0.0 {
+                                let y = (i as f32 - lo) / (hi - lo).max(0.001);
+                                let ramp = (1.0 - y.clamp(0.0, 1.0)) * ext_factor;
+                                (
+                                    interp * (1.0 - ramp) + extrap * ramp,
+                                    mscale * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+                                )
+                            } else {
+                                (interp, mscale)
+                            };
+                            sc.push((angle.sin() * m, angle.cos() * m));
                             theta *= theta_scale;
                         }
                         angles = Some((pos, sc));

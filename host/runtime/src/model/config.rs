@@ -74,6 +74,38 @@ pub struct SlidingWindow {
     pub rope_freq_base: f32,
 }
 
+/// YaRN (`rope.scaling.type = yarn`, or its keys set): RoPE's
+/// frequencies mixed between interpolated and extrapolated along a ramp
+/// over the dimensions, and sin and cos scaled, as llama.cpp runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RopeYarn {
+    /// How much of the extrapolated frequency the ramp mixes in (1 for
+    /// YaRN, 0 to turn the ramp off).
+    pub ext_factor: f32,
+    /// sin and cos are multiplied by this (`yarn_attn_factor` ×
+    /// `rope.scaling.attn_factor`), and by 1 + 0.1 ln(factor) when the
+    /// ramp is on.
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// The context the model was trained with before the extension.
+    pub n_ctx_orig: usize,
+}
+
+impl RopeYarn {
+    /// ggml's correction dimensions for a RoPE of `n_rot` dimensions and
+    /// base `base`: where the ramp starts and ends.
+    pub fn corr_dims(&self, n_rot: usize, base: f32) -> (f32, f32) {
+        let dim = |beta: f32| {
+            n_rot as f32 * (self.n_ctx_orig as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let start = dim(self.beta_fast).floor();
+        let end = dim(self.beta_slow).ceil();
+        (start.max(0.0), end.min(n_rot as f32 - 1.0))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -91,6 +123,11 @@ pub struct ModelConfig {
     pub rope_mode: i32,
     pub rope_freq_base: f32,
     pub rope_freq_scale: f32,
+    /// YaRN, where the file asks for it.
+    pub rope_yarn: Option<RopeYarn>,
+    /// The file has per-dimension frequency factors (`rope_freqs.weight`,
+    /// Llama 3.1's long-context scaling), applied on every layer.
+    pub rope_freqs: bool,
     pub norm: Norm,
     /// The norms' epsilon.
     pub norm_eps: f32,
@@ -188,19 +225,53 @@ impl ModelConfig {
             .tensor("token_embd.weight")
             .ok_or_else(|| f.error("missing tensor token_embd.weight"))?;
         let n_vocab = token_embd.ne[1] as usize;
+        // As llama.cpp reads them: no type means linear (with a factor
+        // of 1 unless the file sets one, under this name or the old one).
         let scaling = f
             .get(&key("rope.scaling.type"))
             .and_then(|v| v.as_str())
-            .unwrap_or("none");
+            .unwrap_or("linear");
+        let factor = match f.get(&key("rope.scaling.factor")) {
+            Some(_) => float("rope.scaling.factor", 0.0)?,
+            None => float("rope.scale_linear", 0.0)?,
+        };
+        if !(factor == 0.0 || factor.is_finite() && factor > 0.0) {
+            return Err(f.error(format!("rope.scaling.factor {factor} must be positive")));
+        }
         let rope_freq_scale = match scaling {
             "none" => 1.0,
-            "linear" => 1.0 / float("rope.scaling.factor", 1.0)?,
+            "linear" | "yarn" if factor > 0.0 => 1.0 / factor,
+            "linear" | "yarn" => 1.0,
             other => {
                 return Err(f.error(format!(
-                    "rope scaling {other:?} is not supported yet (kiln supports none and linear)"
+                    "rope scaling {other:?} is not supported (kiln runs none, linear and yarn)"
                 )));
             }
         };
+        let yarn = RopeYarn {
+            ext_factor: match f.get(&key("rope.scaling.yarn_ext_factor")) {
+                Some(_) => float("rope.scaling.yarn_ext_factor", 0.0)?,
+                None if scaling == "yarn" => 1.0,
+                None => 0.0,
+            },
+            attn_factor: float("rope.scaling.yarn_attn_factor", 1.0)?
+                * float("rope.scaling.attn_factor", 1.0)?,
+            beta_fast: float("rope.scaling.yarn_beta_fast", 32.0)?,
+            beta_slow: float("rope.scaling.yarn_beta_slow", 1.0)?,
+            n_ctx_orig: match f.get(&key("rope.scaling.original_context_length")) {
+                Some(_) => uint("rope.scaling.original_context_length")?,
+                None => uint("context_length")?,
+            },
+        };
+        let rope_yarn = (yarn.ext_factor != 0.0 || yarn.attn_factor != 1.0).then_some(yarn);
+        if let Some(y) = rope_yarn
+            && !([y.ext_factor, y.attn_factor, y.beta_fast, y.beta_slow]
+                .iter()
+                .all(|x| x.is_finite())
+                && y.n_ctx_orig > 0)
+        {
+            return Err(f.error(format!("rope YaRN parameters are not usable: {y:?}")));
+        }
         let gemma = arch == Arch::Gemma3;
         let starcoder = arch == Arch::Starcoder2;
         let sliding_window = match (gemma, f.get(&key("attention.sliding_window"))) {
@@ -233,6 +304,8 @@ impl ModelConfig {
             },
             rope_freq_base: float("rope.freq_base", 10000.0)?,
             rope_freq_scale,
+            rope_yarn,
+            rope_freqs: f.tensor("rope_freqs.weight").is_some(),
             norm: if starcoder { Norm::Layer } else { Norm::Rms },
             norm_eps: if starcoder {
                 float("attention.layer_norm_epsilon", 1e-5)?
@@ -279,6 +352,36 @@ impl ModelConfig {
         }
     }
 
+    /// The ROPE op's parameters on layer `l`: the windowed layers of a
+    /// sliding-window model are never frequency-scaled (llama.cpp's
+    /// Gemma 3), the others as the file says.
+    pub fn rope_params(&self, l: usize) -> [i32; 8] {
+        use kiln_plugin_api::abi::KILN_ROPE_EXT;
+        use kiln_plugin_api::types::f32_param;
+        let base = self.rope_base(l);
+        let scale = if self.is_local(l) {
+            1.0
+        } else {
+            self.rope_freq_scale
+        };
+        let mut p = [
+            self.n_rot as i32,
+            self.rope_mode,
+            f32_param(base),
+            f32_param(scale),
+            0,
+            0,
+            0,
+            0,
+        ];
+        if let Some(y) = self.rope_yarn {
+            let (lo, hi) = y.corr_dims(self.n_rot, base);
+            p[1] |= KILN_ROPE_EXT;
+            p[4..].copy_from_slice(&[y.ext_factor, y.attn_factor, lo, hi].map(f32_param));
+        }
+        p
+    }
+
     /// Every tensor the forward pass reads, with the extents it expects.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (e, kv, ff, v) = (self.n_embd, self.kv_dim(), self.n_ff, self.n_vocab);
@@ -293,6 +396,9 @@ impl ModelConfig {
         }
         if !self.tied_output {
             t.push(("output.weight".to_string(), vec![e, v]));
+        }
+        if self.rope_freqs {
+            t.push(("rope_freqs.weight".to_string(), vec![self.n_rot / 2]));
         }
         for l in 0..self.n_layer {
             let b = |n: &str| format!("blk.{l}.{n}");
@@ -363,5 +469,33 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RopeYarn;
+
+    #[test]
+    fn yarn_correction_dimensions_are_ggmls() {
+        // n_rot 128, trained on 4096, base 10000, betas 32 and 1:
+        // floor(128 ln(4096 / 64π) / 2 ln 10000) = 20 and
+        // ceil(128 ln(4096 / 2π) / 2 ln 10000) = 46.
+        let y = RopeYarn {
+            ext_factor: 1.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 4096,
+        };
+        assert_eq!(y.corr_dims(128, 10_000.0), (20.0, 46.0));
+        // Clamped to the dimensions there are.
+        let short = RopeYarn { n_ctx_orig: 8, ..y };
+        assert_eq!(short.corr_dims(128, 10_000.0), (0.0, 2.0));
+        let long = RopeYarn {
+            n_ctx_orig: 1_000_000_000,
+            ..y
+        };
+        assert_eq!(long.corr_dims(8, 10_000.0).1, 7.0);
     }
 }

@@ -557,12 +557,7 @@ pub fn build<'f>(
 
     for l in 0..cfg.n_layer {
         let name = |s: &str| format!("blk.{l}.{s}");
-        let rope = [
-            cfg.n_rot as i32,
-            cfg.rope_mode,
-            f32_param(cfg.rope_base(l)),
-            f32_param(cfg.rope_freq_scale),
-        ];
+        let rope = cfg.rope_params(l);
         let mask = if cfg.is_local(l) { mask_window } else { mask };
         // Attention.
         let xa = norm(&mut b, x, &name("attn_norm.weight"));
@@ -584,8 +579,26 @@ pub fn build<'f>(
             q3 = norm(&mut b, q3, &name("attn_q_norm.weight"));
             k3 = norm(&mut b, k3, &name("attn_k_norm.weight"));
         }
-        let qr = b.new_op(OpKind::Rope, &[q3, pos], F32, [hd, h, n, 1], &rope);
-        let kr = b.new_op(OpKind::Rope, &[k3, pos], F32, [hd, hkv, n, 1], &rope);
+        // Llama 3's per-dimension frequency factors, where the file has them.
+        let rope_src: Vec<usize> = if cfg.rope_freqs {
+            vec![pos, b.weight("rope_freqs.weight")]
+        } else {
+            vec![pos]
+        };
+        let qr = b.new_op(
+            OpKind::Rope,
+            &[&[q3], &rope_src[..]].concat(),
+            F32,
+            [hd, h, n, 1],
+            &rope,
+        );
+        let kr = b.new_op(
+            OpKind::Rope,
+            &[&[k3], &rope_src[..]].concat(),
+            F32,
+            [hd, hkv, n, 1],
+            &rope,
+        );
         let (k_off, v_off) = kv_offsets(cfg, attention.kv, n_ctx, l);
         // This batch's K (and V) at positions n_past.. of the cache: a
         // position's heads one after the other, rows of `head` bytes.
