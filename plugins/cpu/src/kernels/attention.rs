@@ -101,7 +101,15 @@ struct Unit {
     g: usize,
     heads: std::ops::Range<usize>,
     queries: std::ops::Range<usize>,
+    /// The positions it covers (tile-aligned), and, when the positions
+    /// are split between units, which part this is: its rows' running
+    /// state then goes to the partials, merged after every unit ran.
+    positions: std::ops::Range<usize>,
+    part: Option<usize>,
 }
+
+/// Positions per part at least, when a short batch's positions are split.
+const PART: usize = 8 * TILE;
 
 /// The op's operands, shared with the pool's threads.
 #[derive(Clone, Copy)]
@@ -114,6 +122,9 @@ struct Operands {
     scale: f32,
     load_k: RowLoad,
     load_v: RowLoad,
+    /// Per part, head and query: maximum, sum and `head_dim` sums, for
+    /// units with a `part` (null otherwise).
+    partials: *mut f32,
 }
 
 // SAFETY: the views point at memory the op's caller keeps alive and
@@ -136,19 +147,42 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
     let [hd, n_q, n_head, _] = q.desc.ne;
     let (n_kv, n_head_kv) = (k.desc.ne[1], k.desc.ne[2]);
     let group = n_head / n_head_kv;
-    // Units: per KV head, its whole group and up to QUERIES queries; for
-    // a short batch that leaves threads idle, one head per unit.
-    let per_head = n_head_kv * n_q.div_ceil(QUERIES) < 2 * threads();
+    // Units: per KV head, its whole group and up to QUERIES queries. A
+    // short batch (decoding) that would leave threads idle has its
+    // positions split in parts instead, each unit a KV head's group over
+    // one part (flash-decoding), merged after; or, with too few positions
+    // to split, one head per unit.
+    let all = 0..n_kv;
+    let idle = n_head_kv * n_q.div_ceil(QUERIES) < 2 * threads();
+    let n_parts = if idle && n_q <= QUERIES {
+        (2 * threads()).div_ceil(n_head_kv).min(n_kv / PART).max(1)
+    } else {
+        1
+    };
+    let per_head = idle && n_parts == 1;
     let mut units = Vec::new();
+    let part_len = n_kv.div_ceil(n_parts).div_ceil(TILE) * TILE;
     for g in 0..n_head_kv {
         for q0 in (0..n_q).step_by(QUERIES) {
             let queries = q0..(q0 + QUERIES).min(n_q);
-            if per_head {
+            if n_parts > 1 {
+                for p in 0..n_parts {
+                    units.push(Unit {
+                        g,
+                        heads: g * group..(g + 1) * group,
+                        queries: queries.clone(),
+                        positions: p * part_len..((p + 1) * part_len).min(n_kv),
+                        part: Some(p),
+                    });
+                }
+            } else if per_head {
                 for h in g * group..(g + 1) * group {
                     units.push(Unit {
                         g,
                         heads: h..h + 1,
                         queries: queries.clone(),
+                        positions: all.clone(),
+                        part: None,
                     });
                 }
             } else {
@@ -156,10 +190,21 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
                     g,
                     heads: g * group..(g + 1) * group,
                     queries,
+                    positions: all.clone(),
+                    part: None,
                 });
             }
         }
     }
+    let stride = hd + 2;
+    let mut partials = vec![
+        0f32;
+        if n_parts > 1 {
+            n_parts * n_head * n_q * stride
+        } else {
+            0
+        }
+    ];
     let ops = Operands {
         q,
         k,
@@ -169,6 +214,7 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
         scale,
         load_k: loader(isa, k.desc.dtype),
         load_v: loader(isa, v.desc.dtype),
+        partials: partials.as_mut_ptr(),
     };
     let work = 2 * hd * n_kv * n_q * n_head;
     threads::parallel_for(units.len(), work, &|range| {
@@ -178,6 +224,43 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
             unsafe { run_unit(isa, &ops, unit, &mut scratch) };
         }
     });
+    if n_parts > 1 {
+        // Each row's parts, rescaled to the largest maximum and summed.
+        let mut out = vec![0f32; hd];
+        for h in 0..n_head {
+            for qi in 0..n_q {
+                let at = |p: usize| &partials[((p * n_head + h) * n_q + qi) * stride..][..stride];
+                let max = (0..n_parts)
+                    .map(|p| at(p)[0])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                out.fill(0.0);
+                if max > f32::NEG_INFINITY {
+                    let mut sum = 0f32;
+                    for p in 0..n_parts {
+                        let part = at(p);
+                        if part[0] == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let c = exp_neg(part[0] - max);
+                        sum += c * part[1];
+                        for (o, a) in out.iter_mut().zip(&part[2..]) {
+                            *o += c * a;
+                        }
+                    }
+                    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                    out.iter_mut().for_each(|o| *o *= inv);
+                }
+                // SAFETY: row (qi, h) of dst is inside it, rows dense f32.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr().cast::<u8>(),
+                        dst.data.add(qi * dst.desc.nb[1] + h * dst.desc.nb[2]),
+                        4 * hd,
+                    )
+                };
+            }
+        }
+    }
     Some(())
 }
 
@@ -270,6 +353,9 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
                 }
             }
         };
+        // Only this unit's positions.
+        let (a, b) = s.seen[i];
+        s.seen[i] = (a.max(unit.positions.start), b.min(unit.positions.end));
         if s.seen[i].0 < s.seen[i].1 {
             first = first.min(s.seen[i].0);
             last = last.max(s.seen[i].1);
@@ -406,6 +492,27 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
             }
         }
         j0 += TILE;
+    }
+    if let Some(p) = unit.part {
+        // The running state, for the merge.
+        let (n_head, n_q) = (ops.q.desc.ne[2], ops.q.desc.ne[1]);
+        for (hi, h) in unit.heads.clone().enumerate() {
+            for (i, qi) in unit.queries.clone().enumerate() {
+                let r = hi * nq + i;
+                // SAFETY: the partials hold every part, head and query;
+                // this unit alone writes this part's rows.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        ops.partials.add(((p * n_head + h) * n_q + qi) * (hd + 2)),
+                        hd + 2,
+                    )
+                };
+                row[0] = s.max[r];
+                row[1] = s.sum[r];
+                row[2..].copy_from_slice(&s.acc[r * hd..][..hd]);
+            }
+        }
+        return;
     }
     let dst = &ops.dst;
     let mut out = [0f32; 512];

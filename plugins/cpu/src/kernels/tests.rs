@@ -968,6 +968,10 @@ fn fused_attention_matches_the_reference_on_every_path() {
                 // Head size past the kernel's 512-wide output chunk, no GQA.
                 ([544, 5, 2, 41, 2], None),
                 ([32, 70, 6, 70, 1], None),
+                // Decoding at depth: positions split between units in
+                // parts, merged (with a window, some parts see nothing).
+                ([64, 1, 6, 1100, 2], None),
+                ([64, 2, 4, 900, 1], Some(300)),
             ]
             .into_iter()
             .enumerate()
