@@ -684,3 +684,119 @@ fn the_kv_cache_type_comes_from_the_flag_else_config_toml_per_model() {
         "{err}"
     );
 }
+
+#[test]
+fn a_prompt_switched_back_to_comes_from_the_prefix_tree_with_the_same_logits() {
+    use kiln_runtime::backend::Backend;
+    use kiln_runtime::backend::exec::Executor;
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::{Model, Session};
+    let m = Model::load(&tiny_model(TINY)).unwrap();
+    let session = || {
+        Session::new(
+            m.clone(),
+            Executor::new(Backend::builtin_cpu(), 0),
+            Some(256),
+        )
+    };
+    // Two files' prompts, then the first again with a few more tokens.
+    let a: Vec<u32> = (0..120).map(|i| 3 + i % 250).collect();
+    let b: Vec<u32> = (0..100).map(|i| 7 + (i * 7) % 250).collect();
+    let tail = [11u32, 12, 13];
+    let again: Vec<u32> = a.iter().chain(&tail).copied().collect();
+    let mut s = session().unwrap();
+    for p in [&a, &b] {
+        let n = s.reuse_prefix(p);
+        assert_eq!(n, 0);
+        s.eval(&p[n..], LogitsFor::Last).unwrap();
+    }
+    // b replaced a in the live cache; a was kept in the tree.
+    assert!(s.prefix_bytes() > 0);
+    let n = s.reuse_prefix(&again);
+    assert_eq!(n, a.len());
+    assert_eq!(
+        (s.prefix_restores, s.prefix_restored_tokens),
+        (1, a.len() as u64)
+    );
+    let got = s.eval(&again[n..], LogitsFor::All).unwrap();
+    // The same bits as a session that never left a.
+    let mut stayed = session().unwrap();
+    stayed.eval(&a, LogitsFor::Last).unwrap();
+    let want = stayed.eval(&tail, LogitsFor::All).unwrap();
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    // And b is kept now: back to it, from the tree again.
+    assert_eq!(s.reuse_prefix(&b), b.len() - 1);
+    assert_eq!(s.prefix_restores, 2);
+    // Typing at the end of a prompt keeps the live cache and the tree as
+    // they were.
+    let bytes = s.prefix_bytes();
+    let mut typed = b.clone();
+    *typed.last_mut().unwrap() = 99;
+    typed.push(100);
+    assert_eq!(s.reuse_prefix(&typed), b.len() - 1);
+    assert_eq!((s.prefix_restores, s.prefix_bytes()), (2, bytes));
+    // Without a budget, nothing is kept.
+    let mut none = session().unwrap().with_prefix_budget(0);
+    none.eval(&a, LogitsFor::Last).unwrap();
+    assert_eq!(none.reuse_prefix(&b), 0);
+    none.eval(&b, LogitsFor::Last).unwrap();
+    assert_eq!(none.reuse_prefix(&again), 0);
+    assert_eq!(none.prefix_bytes(), 0);
+}
+
+#[test]
+fn the_kv_cache_grows_by_pages_and_keeps_what_it_holds() {
+    use kiln_runtime::backend::Backend;
+    use kiln_runtime::backend::exec::Executor;
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::{Model, Session};
+    let m = Model::load(&tiny_model(TINY)).unwrap();
+    let session = || {
+        Session::new(
+            m.clone(),
+            Executor::new(Backend::builtin_cpu(), 0),
+            Some(1024),
+        )
+    };
+    let a: Vec<u32> = (0..300).map(|i| 3 + (i * 13) % 250).collect();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // One page first; 200 positions fit it.
+    let mut s = session().unwrap();
+    assert_eq!(s.capacity(), 256);
+    let page = s.kv_bytes();
+    s.eval(&a[..200], LogitsFor::Last).unwrap();
+    assert_eq!(s.capacity(), 256);
+    // 100 more: the cache doubles, its 200 positions moved.
+    let grown = s.eval(&a[200..], LogitsFor::All).unwrap();
+    assert_eq!((s.capacity(), s.kv_bytes()), (512, 2 * page));
+    let mut whole = session().unwrap();
+    let all = whole.eval(&a, LogitsFor::All).unwrap();
+    assert_eq!(bits(&grown), bits(&all[all.len() - grown.len()..]));
+    // A prefix kept before the cache grew comes back into the grown one.
+    let b: Vec<u32> = (0..40).map(|i| 7 + i).collect();
+    let c: Vec<u32> = (0..600).map(|i| 5 + (i * 3) % 250).collect();
+    let mut s = session().unwrap();
+    s.eval(&b, LogitsFor::Last).unwrap();
+    assert_eq!(s.reuse_prefix(&c), 0);
+    s.eval(&c, LogitsFor::Last).unwrap();
+    assert_eq!(s.capacity(), 768);
+    let back: Vec<u32> = b.iter().chain(&[1, 2]).copied().collect();
+    assert_eq!(s.reuse_prefix(&back), b.len());
+    let got = s.eval(&back[b.len()..], LogitsFor::All).unwrap();
+    let mut fresh = session().unwrap();
+    let want = fresh.eval(&back, LogitsFor::All).unwrap();
+    assert_eq!(bits(&got), bits(&want[want.len() - got.len()..]));
+    // Never past n_ctx.
+    let mut s = Session::new(
+        m.clone(),
+        Executor::new(Backend::builtin_cpu(), 0),
+        Some(300),
+    )
+    .unwrap();
+    s.eval(&a, LogitsFor::Last).unwrap();
+    assert_eq!(s.capacity(), 300);
+    assert!(s.eval(&[1], LogitsFor::Last).is_err());
+}

@@ -817,6 +817,9 @@ fn execute(
     m.draft_accepted.inc_by(t.draft_accepted as u64);
     m.prefix_cache_queries.inc_by(n_prompt);
     m.prefix_cache_hits.inc_by(t.cached_tokens as u64);
+    m.prefix_tree_restored.inc_by(t.restored_tokens as u64);
+    m.kv_cache_bytes.set(sess.kv_bytes() as i64);
+    m.prefix_tree_bytes.set(sess.prefix_bytes() as i64);
     m.backend_seconds
         .get_or_create(&labels(&[("backend", &shared.target.name())]))
         .inc_by(total_s - queue_s);

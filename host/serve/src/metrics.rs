@@ -21,6 +21,13 @@ pub struct Metrics {
     pub draft_accepted: Counter,
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
+    /// Prompt tokens copied back from the session's prefix tree (part of
+    /// the hits).
+    pub prefix_tree_restored: Counter,
+    /// Bytes of the live KV cache (it grows by pages as used) and of the
+    /// prefixes kept beside it.
+    pub kv_cache_bytes: Gauge,
+    pub prefix_tree_bytes: Gauge,
     pub completion_cache_queries: Counter,
     pub completion_cache_hits: Counter,
     pub completion_cache_evictions: Counter,
@@ -71,6 +78,9 @@ impl Default for Metrics {
             draft_accepted: Counter::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
+            prefix_tree_restored: Counter::default(),
+            kv_cache_bytes: Gauge::default(),
+            prefix_tree_bytes: Gauge::default(),
             completion_cache_queries: Counter::default(),
             completion_cache_hits: Counter::default(),
             completion_cache_evictions: Counter::default(),
@@ -130,6 +140,21 @@ impl Default for Metrics {
             "kiln:prefix_cache_hits",
             "Prompt tokens found in the KV cache",
             m.prefix_cache_hits.clone(),
+        );
+        registry.register(
+            "kiln:prefix_tree_restored_tokens",
+            "Prompt tokens copied back from the prefix tree (KV of earlier prompts kept beside the live cache) instead of evaluated",
+            m.prefix_tree_restored.clone(),
+        );
+        registry.register(
+            "kiln:kv_cache_bytes",
+            "Bytes of the live KV cache, which grows by pages as positions are used",
+            m.kv_cache_bytes.clone(),
+        );
+        registry.register(
+            "kiln:prefix_tree_bytes",
+            "Bytes of KV kept in the prefix tree for earlier prompts",
+            m.prefix_tree_bytes.clone(),
         );
         registry.register(
             "kiln:completion_cache_queries",

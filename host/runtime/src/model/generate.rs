@@ -213,6 +213,8 @@ pub struct Timings {
     pub prompt_tokens: usize,
     /// Prompt tokens found in the cache.
     pub cached_tokens: usize,
+    /// Of those, tokens copied back from the session's prefix tree.
+    pub restored_tokens: usize,
     pub time_to_first_token_ms: f64,
     pub prompt_tokens_per_s: f64,
     pub decode_tokens: usize,
@@ -244,10 +246,12 @@ pub fn generate(
         return Err(ModelError::Invalid("the prompt is empty".into()));
     }
     let start = Instant::now();
-    // Reuse the cached prefix; always evaluate at least the last token to
-    // get fresh logits.
-    let cached = session.common_prefix(&req.prompt).min(req.prompt.len() - 1);
-    session.truncate(cached);
+    // Reuse the cached prefix (the live cache's, or a longer one kept in
+    // the session's prefix tree); always evaluate at least the last token
+    // to get fresh logits.
+    let restored_before = session.prefix_restored_tokens;
+    let cached = session.reuse_prefix(&req.prompt);
+    let restored_tokens = (session.prefix_restored_tokens - restored_before) as usize;
     let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
     // A job cancelled during its prompt stops between batches.
     let logits = session.eval_until(&req.prompt[cached..], LogitsFor::Last, &cancelled)?;
@@ -255,6 +259,7 @@ pub fn generate(
     let mut timings = Timings {
         prompt_tokens: req.prompt.len() - cached,
         cached_tokens: cached,
+        restored_tokens,
         time_to_first_token_ms: prompt_s * 1e3,
         prompt_tokens_per_s: (req.prompt.len() - cached) as f64 / prompt_s.max(1e-9),
         ..Timings::default()

@@ -12,6 +12,7 @@ pub mod config;
 pub mod explain;
 pub mod forward;
 pub mod generate;
+pub mod prefix;
 pub mod sample;
 pub mod session;
 

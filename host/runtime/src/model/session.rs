@@ -22,6 +22,9 @@ pub struct Session {
     attention_block: usize,
     /// The cache's type and layout.
     kv_cache: KvCache,
+    /// Positions the cache has room for now: it grows by pages of
+    /// [`KV_PAGE`] positions (doubling) up to `n_ctx` as they are used.
+    cap: usize,
     kv: Vec<u8>,
     /// The tokens whose K and V are in the cache, in order.
     cached: Vec<u32>,
@@ -30,7 +33,21 @@ pub struct Session {
     logits: Vec<u8>,
     /// The one-token graph, built once and moved to each position.
     decode: Option<DecodeGraph>,
+    /// Prefixes kept beside the live cache ([`Session::reuse_prefix`]):
+    /// on the built-in CPU with the fused layout, whose host bytes are the
+    /// cache.
+    prefixes: Option<super::prefix::PrefixTree>,
+    /// Prefixes restored from the tree, and their tokens.
+    pub prefix_restores: u64,
+    pub prefix_restored_tokens: u64,
 }
+
+/// Fewer tokens than this are not worth keeping in, or restoring from,
+/// the prefix tree.
+const PREFIX_MIN: usize = 32;
+
+/// The KV cache grows in whole pages of this many positions.
+pub const KV_PAGE: usize = 256;
 
 /// A decode step's graph, built once per session for the largest position
 /// (so its scratch fits every step) and moved to each step's position by
@@ -249,6 +266,14 @@ impl Session {
             }
         }
         let kv_bytes = forward::kv_bytes(cfg, kv_cache, n_ctx) as u64;
+        // On the CPU the cache starts at a page and grows as it is used;
+        // a device gets all of it (its memory was checked for that, and
+        // the host's copy of its cache is not current to move).
+        let cap = if exec.target.is_builtin() {
+            n_ctx.min(KV_PAGE)
+        } else {
+            n_ctx
+        };
         if let Some(free) = crate::measure::proc_kib_field("/proc/meminfo", "MemAvailable") {
             // Mapped weights not yet resident need memory too.
             let need = model.weight_bytes() + kv_bytes;
@@ -266,7 +291,8 @@ impl Session {
             check_device_memory(&model, &exec, n_ctx, kv_cache, kv_bytes)?;
         }
         Ok(Session {
-            kv: vec![0; kv_bytes as usize],
+            kv: vec![0; forward::kv_bytes(cfg, kv_cache, cap)],
+            cap,
             model,
             exec,
             n_ctx,
@@ -278,7 +304,124 @@ impl Session {
             inputs: Vec::new(),
             logits: Vec::new(),
             decode: None,
-        })
+            prefixes: None,
+            prefix_restores: 0,
+            prefix_restored_tokens: 0,
+        }
+        .with_prefix_budget(kv_bytes as usize))
+    }
+
+    /// Keeps up to `bytes` of other prompts' K and V beside the live cache
+    /// (0: none). The default is the live cache's own size. Only on the
+    /// built-in CPU with the fused layout (elsewhere the device holds the
+    /// cache); otherwise a no-op.
+    pub fn with_prefix_budget(mut self, bytes: usize) -> Session {
+        self.set_prefix_budget(bytes);
+        self
+    }
+
+    /// See [`Session::with_prefix_budget`].
+    pub fn set_prefix_budget(&mut self, bytes: usize) {
+        let usable = self.exec.target.is_builtin() && self.kv_cache.fused && bytes > 0;
+        self.prefixes = usable.then(|| {
+            let cfg = &self.model.config;
+            let (k, v) = (0..cfg.n_layer)
+                .map(|l| forward::kv_offsets(cfg, self.kv_cache, self.cap, l))
+                .unzip();
+            let layout = super::prefix::Layout {
+                k,
+                v,
+                pos_bytes: cfg.n_head_kv * self.kv_cache.head_bytes(cfg),
+            };
+            super::prefix::PrefixTree::new(layout, bytes)
+        });
+    }
+
+    /// Makes room in the cache for `positions` (at most `n_ctx`): the
+    /// next pages, at least doubling, each layer's rows moved to their
+    /// new places.
+    fn reserve(&mut self, positions: usize) {
+        if positions <= self.cap {
+            return;
+        }
+        let cfg = &self.model.config;
+        let new_cap = positions
+            .max(2 * self.cap)
+            .next_multiple_of(KV_PAGE)
+            .min(self.n_ctx);
+        let mut kv = vec![0u8; forward::kv_bytes(cfg, self.kv_cache, new_cap)];
+        let n = self.cached.len();
+        let pos = cfg.n_head_kv * self.kv_cache.head_bytes(cfg);
+        for l in 0..cfg.n_layer {
+            let (k_old, v_old) = forward::kv_offsets(cfg, self.kv_cache, self.cap, l);
+            let (k_new, v_new) = forward::kv_offsets(cfg, self.kv_cache, new_cap, l);
+            kv[k_new..k_new + n * pos].copy_from_slice(&self.kv[k_old..k_old + n * pos]);
+            if self.kv_cache.fused {
+                kv[v_new..v_new + n * pos].copy_from_slice(&self.kv[v_old..v_old + n * pos]);
+            } else {
+                // V transposed: a row of f16s per head dimension.
+                for row in 0..cfg.kv_dim() {
+                    let (from, to) = (v_old + 2 * row * self.cap, v_new + 2 * row * new_cap);
+                    kv[to..to + 2 * n].copy_from_slice(&self.kv[from..from + 2 * n]);
+                }
+            }
+        }
+        self.kv = kv;
+        self.cap = new_cap;
+        self.decode = None;
+        self.exec.forget_state(KV);
+        if let Some(tree) = self.prefixes.as_mut() {
+            let (k, v) = (0..cfg.n_layer)
+                .map(|l| forward::kv_offsets(cfg, self.kv_cache, new_cap, l))
+                .unzip();
+            tree.set_offsets(k, v);
+        }
+    }
+
+    /// Positions the cache has room for now (it grows up to `n_ctx`).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Bytes of K and V kept in the prefix tree.
+    pub fn prefix_bytes(&self) -> usize {
+        self.prefixes.as_ref().map_or(0, |t| t.bytes())
+    }
+
+    /// Makes the cache ready for `tokens`: keeps the common prefix of the
+    /// live cache, or, where the prefix tree holds a longer prefix of
+    /// them, copies that in (keeping the live cache's tokens in the tree
+    /// first). The live cache's tokens are also kept when most of them
+    /// are about to go (the user moved to another file), not while a
+    /// line is typed. Returns how many leading tokens are cached, at most
+    /// `tokens.len() - 1` (the last one is evaluated for fresh logits).
+    pub fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+        let limit = tokens.len().saturating_sub(1);
+        let live = self.common_prefix(tokens).min(limit);
+        let Some(tree) = self.prefixes.as_mut() else {
+            self.truncate(live);
+            return live;
+        };
+        let m = tree.longest(&tokens[..limit]);
+        let leaving = self.cached.len() - live;
+        let moving_on = leaving >= PREFIX_MIN && 2 * leaving >= self.cached.len();
+        if moving_on || m.len >= live + PREFIX_MIN {
+            tree.insert(&self.cached, &self.kv);
+        }
+        if m.len >= live + PREFIX_MIN {
+            self.reserve(m.len);
+            let tree = self.prefixes.as_mut().expect("checked above");
+            // The tree changed: look again (the same prefix, or longer).
+            let m = tree.longest(&tokens[..limit]);
+            tree.restore(&m, &mut self.kv);
+            self.exec.forget_state(KV);
+            self.cached = tokens[..m.len].to_vec();
+            self.prefix_restores += 1;
+            self.prefix_restored_tokens += m.len as u64;
+            return m.len;
+        }
+        self.truncate(live);
+        live
     }
 
     /// Sets the queries per attention block (at least 1). The results do
@@ -300,6 +443,7 @@ impl Session {
         };
         kv.check(&self.model.config).map_err(ModelError::Invalid)?;
         self.kv_cache = kv;
+        self.prefixes = None;
         self.kv.fill(0);
         self.exec.forget_state(KV);
         self.cached.clear();
@@ -372,7 +516,9 @@ impl Session {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(ModelError::Token { id, n_vocab });
         }
-        if self.n_past() + tokens.len() > self.n_ctx {
+        if self.n_past() + tokens.len() <= self.n_ctx {
+            self.reserve(self.n_past() + tokens.len());
+        } else {
             return Err(ModelError::Context {
                 needed: tokens.len(),
                 used: self.n_past(),
@@ -413,10 +559,11 @@ impl Session {
         let cfg = &model.config;
         let (n_past, n) = (self.n_past(), tokens.len());
         let t_len = n_past + n;
+        self.reserve(t_len);
         let (builder, scratch_bytes, rows) = forward::build(
             cfg,
             &model.file,
-            self.n_ctx,
+            self.cap,
             n_past,
             n,
             which,
@@ -567,13 +714,13 @@ impl Session {
                 let (b, scratch_bytes, _) = forward::build(
                     cfg,
                     &model.file,
-                    self.n_ctx,
-                    self.n_ctx - 1,
+                    self.cap,
+                    self.cap - 1,
                     1,
                     LogitsFor::Last,
                     Attention::new(self.attention_block, self.kv_cache),
                 );
-                let layout = InputLayout::new(1, self.n_ctx, cfg.sliding_window.is_some());
+                let layout = InputLayout::new(1, self.cap, cfg.sliding_window.is_some());
                 self.decode.insert(DecodeGraph {
                     tensors: b.tensors,
                     ops: b.ops,
