@@ -535,6 +535,27 @@ pub fn greedy_with_transfers(
     prompt: &[u32],
     steps: usize,
 ) -> (Vec<u32>, Vec<(u64, u64)>) {
+    greedy_run(model, exec, prompt, steps, false)
+}
+
+/// The built-in CPU's greedy tokens with attention unfused: the graph a
+/// device without the fused attention op runs (the Vulkan backend), so a
+/// comparison with its tokens compares the same arithmetic.
+pub fn greedy_unfused(model: &Path, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let exec = kiln_runtime::backend::exec::Executor::new(
+        kiln_runtime::backend::Backend::builtin_cpu(),
+        0,
+    );
+    greedy_run(model, exec, prompt, steps, true).0
+}
+
+fn greedy_run(
+    model: &Path,
+    exec: kiln_runtime::backend::exec::Executor,
+    prompt: &[u32],
+    steps: usize,
+    unfused: bool,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
     use kiln_runtime::model::forward::LogitsFor;
     use kiln_runtime::model::sample::argmax;
     use kiln_runtime::model::{Model, Session};
@@ -547,6 +568,9 @@ pub fn greedy_with_transfers(
         )
     };
     let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
+    if unfused {
+        s.set_unfused_attention().unwrap();
+    }
     let mut next = argmax(&s.eval(prompt, LogitsFor::Last).unwrap());
     let (mut tokens, mut per_step) = (vec![next], Vec::new());
     for _ in 0..steps {

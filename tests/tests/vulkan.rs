@@ -157,8 +157,8 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
             .stats
             .ops_unsupported_fallback
             .load(Ordering::Relaxed);
-        let (cpu, _) =
-            greedy_with_transfers(model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 10);
+        // The device runs attention unfused (it has no fused op yet).
+        let cpu = kiln_tests::greedy_unfused(model, &prompt, 10);
         let (dev, moved) =
             greedy_with_transfers(model, Executor::new(plugin.clone(), 0), &prompt, 10);
         assert_eq!(dev, cpu, "{}: greedy tokens on Vulkan", model.display());
@@ -202,8 +202,7 @@ fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
             .stats
             .ops_unsupported_fallback
             .load(Ordering::Relaxed);
-        let (cpu, _) =
-            greedy_with_transfers(&model, Executor::new(Backend::builtin_cpu(), 0), &prompt, 8);
+        let cpu = kiln_tests::greedy_unfused(&model, &prompt, 8);
         let (dev, _) = greedy_with_transfers(&model, Executor::new(plugin.clone(), 0), &prompt, 8);
         assert_eq!(dev, cpu, "{t}: greedy tokens on Vulkan");
         let fell_back = plugin
