@@ -196,3 +196,49 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
     let err = run_fails();
     assert!(err.contains("holes.jsonl:1: not a ctxbench hole"), "{err}");
 }
+
+/// `kiln policy test --ctxbench`: a ranking policy's recall, density and
+/// MRR next to the built-in ranker's on the same holes; a tuning policy
+/// is refused.
+#[test]
+fn policy_test_scores_a_ranking_policy_on_ctxbench_against_the_built_in_ranker() {
+    let Some(policies) = kiln_tests::policies_dir() else {
+        return;
+    };
+    let home = Home::default();
+    let repo = locked_crate_sources("ignore");
+    let model = demo_model();
+    let v = home.json(&[
+        "policy",
+        "test",
+        policies.join("jaccard.wasm").to_str().unwrap(),
+        "--ctxbench",
+        repo.to_str().unwrap(),
+        "--cut",
+        "20",
+        "--budgets",
+        "2048",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(v["report"]["passed"], true, "{v:#}");
+    let b = &v["ctxbench"];
+    assert_eq!(b["holes"], 20, "{v:#}");
+    let row = &b["budgets"][0];
+    assert_eq!(row["budget"], 2048);
+    for who in ["policy", "builtin"] {
+        let recall = row[who]["definition_recall"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&recall), "{who}: {v:#}");
+        assert!(row[who]["mrr"].as_f64().unwrap() > 0.0, "{who}: {v:#}");
+        assert_eq!(row[who]["selector"], "kiln");
+    }
+    let err = home.fails(&[
+        "policy",
+        "test",
+        policies.join("tpe.wasm").to_str().unwrap(),
+        "--ctxbench",
+        repo.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--ctxbench scores ranking policies"), "{err}");
+}

@@ -393,6 +393,19 @@ pub fn evaluate(
     ranker: &Ranker,
     budgets: &[usize],
 ) -> Result<Vec<Score>, String> {
+    evaluate_selectors(root, holes, tok, ranker, budgets, &SELECTORS)
+}
+
+/// [`evaluate`] for some selectors only (`kiln policy test --ctxbench`
+/// scores kiln's selector with two rankers).
+pub fn evaluate_selectors(
+    root: &Path,
+    holes: &[Hole],
+    tok: &Counter<'_>,
+    ranker: &Ranker,
+    budgets: &[usize],
+    selectors: &[Selector],
+) -> Result<Vec<Score>, String> {
     let files = context::read_files(root);
     let texts: HashMap<&str, &str> = files
         .iter()
@@ -403,7 +416,7 @@ pub fn evaluate(
     let windows = windows(&files);
     let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
     let mut scores = Vec::new();
-    for &selector in &SELECTORS {
+    for &selector in selectors {
         for &budget in budgets {
             let (mut found, mut tokens, mut rr) = (0usize, 0usize, 0f64);
             let (mut unstable, mut keystrokes) = (0usize, 0usize);

@@ -456,6 +456,21 @@ enum PolicyCommand {
         /// Latency ceiling: the p99 of a call, instantiation included.
         #[arg(long, default_value_t = kiln_runtime::policy::DEFAULT_MAX_P99_MS)]
         max_p99_ms: f64,
+        /// A ranking policy: also score it on ctxbench's cross-file holes
+        /// of REPO (default: this directory) against the built-in ranker.
+        #[arg(long, value_name = "REPO", num_args = 0..=1, default_missing_value = ".")]
+        ctxbench: Option<std::path::PathBuf>,
+        /// ctxbench: token budgets of the context.
+        #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+        budgets: Vec<usize>,
+        /// ctxbench: holes to cut, and the seed.
+        #[arg(long, default_value_t = 200)]
+        cut: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// ctxbench: the model whose tokenizer counts tokens (default: the active one).
+        #[arg(long)]
+        model: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -900,8 +915,26 @@ fn run(command: Command) -> CliResult {
                 policy: p,
                 cases,
                 max_p99_ms,
+                ctxbench,
+                budgets,
+                cut,
+                seed,
+                model,
                 json,
-            } => policy::test(&config, &p, cases.as_deref(), max_p99_ms, json),
+            } => policy::test(
+                &config,
+                &p,
+                cases.as_deref(),
+                max_p99_ms,
+                ctxbench.as_deref().map(|repo| policy::Ctxbench {
+                    repo,
+                    budgets: &budgets,
+                    cut,
+                    seed,
+                    model: model.as_deref(),
+                }),
+                json,
+            ),
             PolicyCommand::Run {
                 policy: p,
                 input,

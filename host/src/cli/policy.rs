@@ -110,27 +110,112 @@ fn load(
     Ok((p, rec))
 }
 
+/// `kiln policy test --ctxbench`: where and how to score a ranking policy.
+pub struct Ctxbench<'a> {
+    pub repo: &'a Path,
+    pub budgets: &'a [usize],
+    pub cut: usize,
+    pub seed: u64,
+    pub model: Option<&'a str>,
+}
+
+/// kiln's selector on ctxbench with the policy and with the built-in
+/// ranker, per budget.
+fn ctxbench_scores(
+    config: &Config,
+    policy: std::sync::Arc<kiln_sandbox::Policy>,
+    c: &Ctxbench<'_>,
+) -> Result<serde_json::Value, CliError> {
+    use kiln_sandbox::breaker::Ranker;
+    use kiln_serve::ctxbench::{self, Selector};
+    if c.budgets.is_empty() || c.budgets.contains(&0) {
+        return Err(CliError(
+            "--budgets takes positive token counts, e.g. 512,2048".into(),
+        ));
+    }
+    let root = c.repo.canonicalize().map_err(|e| {
+        CliError(format!(
+            "{}: {e}; name a repository's directory",
+            c.repo.display()
+        ))
+    })?;
+    let holes = ctxbench::sample(&root, c.cut, c.seed);
+    let cross = holes.iter().filter(|h| h.kind == "cross_file").count();
+    if cross == 0 {
+        return Err(CliError(format!(
+            "{}: no cross-file holes (an identifier used in one file and defined in another); name a repository with several source files",
+            root.display()
+        )));
+    }
+    let (id, path) = kiln_runtime::store::resolve_served(config, c.model)?;
+    let loaded = kiln_serve::engine::Loaded::load(
+        id,
+        path,
+        None,
+        &kiln_runtime::backend::Backend::builtin_cpu(),
+        0,
+    )
+    .map_err(CliError)?;
+    let counter = kiln_serve::prompt::Counter::of(&loaded);
+    let threshold = kiln_sandbox::breaker::DEFAULT_THRESHOLD;
+    let score = |ranker: &Ranker| {
+        ctxbench::evaluate_selectors(
+            &root,
+            &holes,
+            &counter,
+            ranker,
+            c.budgets,
+            &[Selector::Kiln],
+        )
+        .map_err(CliError)
+    };
+    let ours = score(&Ranker::new(Some(policy), threshold))?;
+    let builtin = score(&Ranker::new(None, threshold))?;
+    let rows: Vec<serde_json::Value> = ours
+        .iter()
+        .zip(&builtin)
+        .map(|(p, b)| serde_json::json!({"budget": p.budget, "policy": p, "builtin": b}))
+        .collect();
+    Ok(serde_json::json!({
+        "repo": root, "holes": cross, "seed": c.seed, "tokens": loaded.id, "budgets": rows,
+    }))
+}
+
 pub fn test(
     config: &Config,
     arg: &str,
     cases: Option<&Path>,
     max_p99_ms: f64,
+    ctxbench: Option<Ctxbench<'_>>,
     as_json: bool,
 ) -> CliResult {
     let (p, _) = load(config, arg)?;
+    if ctxbench.is_some() && p.meta.kind != kiln_sandbox::PolicyKind::Rank {
+        return Err(CliError(format!(
+            "{} is a {} policy; --ctxbench scores ranking policies",
+            p.meta.label(),
+            p.meta.kind.name()
+        )));
+    }
     let mut all = policy::synthetic_cases(p.meta.kind);
     if let Some(dir) = cases {
         all.extend(policy::read_cases(dir, p.meta.kind).map_err(CliError)?);
     }
     let report = policy::quality_gate(&p, &all, max_p99_ms, 5);
+    let label = p.meta.label();
+    let bench = match &ctxbench {
+        Some(c) => Some(ctxbench_scores(config, std::sync::Arc::new(p), c)?),
+        None => None,
+    };
     if as_json {
-        print_json(
-            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "policy": p.meta.label(), "report": report}),
-        );
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "policy": label, "report": report,
+            "ctxbench": bench,
+        }));
     } else {
         println!(
             "{}: {} cases, {} calls; latency p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms (ceiling {} ms); fuel mean {:.0}, max {}",
-            p.meta.label(),
+            label,
             report.cases,
             report.calls,
             report.p50_ms,
@@ -148,6 +233,34 @@ pub fn test(
         }
         for f in &report.failures {
             println!("FAIL {f}");
+        }
+        if let Some(b) = &bench {
+            println!(
+                "ctxbench: {} cross-file holes of {} (seed {}; tokens: {})",
+                b["holes"],
+                b["repo"].as_str().unwrap_or(""),
+                b["seed"],
+                b["tokens"].as_str().unwrap_or("")
+            );
+            println!(
+                "{:>7} {:>17} {:>17} {:>15} {:>17}",
+                "budget", "recall (built-in)", "density (b-in)", "mrr (b-in)", "p50 ms (b-in)"
+            );
+            for row in b["budgets"].as_array().into_iter().flatten() {
+                let f = |who: &str, k: &str| row[who][k].as_f64().unwrap_or(0.0);
+                println!(
+                    "{:>7} {:>7.3} ({:>6.3}) {:>7.3} ({:>6.3}) {:>6.3} ({:>6.3}) {:>7.2} ({:>6.2})",
+                    row["budget"].as_u64().unwrap_or(0),
+                    f("policy", "definition_recall"),
+                    f("builtin", "definition_recall"),
+                    f("policy", "density"),
+                    f("builtin", "density"),
+                    f("policy", "mrr"),
+                    f("builtin", "mrr"),
+                    f("policy", "latency_ms_p50"),
+                    f("builtin", "latency_ms_p50"),
+                );
+            }
         }
         println!("{}", if report.passed { "passed" } else { "FAILED" });
     }
