@@ -837,3 +837,57 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     );
     assert!(c.close().unwrap().success());
 }
+
+/// `kiln policy new`: a Rust and a C ranking policy that build with their
+/// own build.sh (the toolchains the shipped policies use) and pass
+/// `kiln policy test` with the cases they come with, as generated; bad
+/// names, languages and places are refused.
+#[test]
+fn a_scaffolded_policy_builds_and_passes_its_test_as_generated() {
+    if kiln_tests::policies_dir().is_none() {
+        return;
+    }
+    let home = Home::default();
+    for lang in ["rust", "c"] {
+        let name = format!("starter-{lang}");
+        let dir = home.path().join(&name);
+        let made = home.json(&[
+            "policy",
+            "new",
+            &name,
+            "--lang",
+            lang,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(made["policy"], name.as_str(), "{made:#}");
+        let build = std::process::Command::new(dir.join("build.sh"))
+            .output()
+            .unwrap();
+        assert!(
+            build.status.success(),
+            "{lang}: {}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let wasm = dir.join(format!("{name}.wasm"));
+        let test = home.json(&[
+            "policy",
+            "test",
+            wasm.to_str().unwrap(),
+            "--cases",
+            dir.join("cases").to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(test["report"]["passed"], true, "{lang}: {test:#}");
+        assert_eq!(test["policy"], format!("{name}@0.1.0"), "{test:#}");
+        // It starts as the built-in ranker.
+        assert_eq!(test["report"]["agreement_with_builtin"], 1.0, "{test:#}");
+        let err = home.fails(&["policy", "new", &name, "--dir", dir.to_str().unwrap()]);
+        assert!(err.contains("is not empty"), "{err}");
+    }
+    let err = home.fails(&["policy", "new", "Not_A_Name"]);
+    assert!(err.contains("lowercase letters"), "{err}");
+    let err = home.fails(&["policy", "new", "ok-name", "--lang", "go"]);
+    assert!(err.contains("choose rust or c"), "{err}");
+}

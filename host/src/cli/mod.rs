@@ -474,6 +474,18 @@ enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Scaffold a ranking policy project (Rust or C) that builds with
+    /// its build.sh and passes `kiln policy test` as generated.
+    New {
+        name: String,
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// Where (default: ./NAME); must not exist or be empty.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a policy once on a JSON input; the decision is logged for replay.
     Run {
         policy: String,
@@ -941,6 +953,12 @@ fn run(command: Command) -> CliResult {
                 json,
             } => policy::run(&config, &p, &input, json),
             PolicyCommand::Replay { decision, json } => policy::replay(&config, decision, json),
+            PolicyCommand::New {
+                name,
+                lang,
+                dir,
+                json,
+            } => policy::new(&name, &lang, dir.as_deref(), json),
             PolicyCommand::Log { limit, json } => policy::log(&config, limit, json),
         },
         Command::Quantize {

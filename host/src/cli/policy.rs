@@ -390,3 +390,205 @@ pub fn replay(config: &Config, id: i64, as_json: bool) -> CliResult {
         ExitCode::FAILURE
     })
 }
+
+/// The SDK a scaffolded policy builds against, as kiln ships it.
+const SDK_LIB: &str = include_str!("../../../plugins/policies/sdk/src/lib.rs");
+const SDK_FORMULA: &str = include_str!("../../../plugins/policies/sdk/src/formula.rs");
+const SDK_HEADER: &str = include_str!("../../../plugins/policies/sdk/include/kiln_policy.h");
+/// Recorded cases a new ranking policy starts with (the built-in
+/// ranker's expectations, which the scaffold's formula meets).
+const CASES: [(&str, &str); 2] = [
+    (
+        "python-request-handler.json",
+        include_str!("../../../plugins/policies/cases/rank/python-request-handler.json"),
+    ),
+    (
+        "rust-cache-eviction.json",
+        include_str!("../../../plugins/policies/cases/rank/rust-cache-eviction.json"),
+    ),
+];
+
+const RUST_POLICY: &str = r#"//! The ranking policy @NAME@: scores each context candidate; kiln packs
+//! the best into the prompt. It starts as kiln's built-in formula (BM25,
+//! the definitions of the names at the cursor, recency, the same file);
+//! change `rank`, then `./build.sh` and `kiln policy test @NAME@.wasm
+//! --ctxbench YOUR_REPO` to see whether it beats the built-in ranker.
+
+use kiln_policy::{export_ranker, formula, RankInput};
+
+fn rank(input: &RankInput, scores: &mut Vec<f32>) {
+    for c in input.candidates() {
+        scores.push(formula::bm25_recency(
+            c.bm25(),
+            c.edit_recency_s(),
+            c.open_recency_s(),
+            c.line_distance(),
+            c.flags(),
+            c.definition(),
+        ));
+    }
+}
+
+export_ranker!(
+    rank,
+    b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}"
+);
+"#;
+
+const RUST_BUILD: &str = r#"#!/usr/bin/env bash
+# Builds @NAME@.wasm: the SDK, then the policy, for wasm32-unknown-unknown
+# (std, panic=abort) with a rustc that has that target (Debian:
+# apt-get install rustc libstd-rust-dev-wasm32; or rustup target add
+# wasm32-unknown-unknown and KILN_WASM_RUSTC=rustc).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+rustc=${KILN_WASM_RUSTC:-/usr/bin/rustc}
+flags=(--edition 2021 --target wasm32-unknown-unknown -C opt-level=3 -C panic=abort)
+mkdir -p "$here/target"
+"$rustc" "${flags[@]}" --crate-type rlib --crate-name kiln_policy "$here/sdk/lib.rs" \
+  -o "$here/target/libkiln_policy.rlib"
+"$rustc" "${flags[@]}" -C strip=symbols --crate-type cdylib --crate-name @CRATE@ \
+  --extern kiln_policy="$here/target/libkiln_policy.rlib" "$here/src/lib.rs" -o "$here/@NAME@.wasm"
+echo "$here/@NAME@.wasm"
+"#;
+
+const C_POLICY: &str = r#"/* The ranking policy @NAME@: scores each context candidate; kiln packs
+ * the best into the prompt. It starts as kiln's built-in formula (BM25,
+ * the definitions of the names at the cursor, recency, the same file);
+ * change kiln_rank, then ./build.sh and `kiln policy test @NAME@.wasm
+ * --ctxbench YOUR_REPO` to see whether it beats the built-in ranker. */
+#include "kiln_policy.h"
+
+KILN_POLICY_METADATA("{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}")
+KILN_DEFINE_ALLOC
+
+static float score(const kiln_rank_input *in, const uint8_t *c) {
+    float s = kiln_cand_bm25(c);
+    float definition = kiln_cand_definition(in, c);
+    if (definition > 0.0f) s += 32.0f * definition;
+    float edited = kiln_cand_edit_recency_s(c), opened = kiln_cand_open_recency_s(c);
+    if (edited >= 0.0f) s += 2.0f / (1.0f + edited / 60.0f);
+    if (opened >= 0.0f) s += 1.0f / (1.0f + opened / 300.0f);
+    uint32_t flags = kiln_cand_flags(c);
+    if (flags & KILN_SAME_FILE) {
+        s += 1.0f;
+        int32_t d = kiln_cand_line_distance(c);
+        if (d >= 0) s += 1.0f / (1.0f + (float)d / 50.0f);
+    }
+    if (flags & KILN_IMPORT_RELATED) s += 0.75f;
+    if (flags & KILN_OPEN_IN_EDITOR) s += 0.25f;
+    return s;
+}
+
+KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
+    kiln_rank_input in;
+    if (!kiln_rank_input_parse((const uint8_t *)(uintptr_t)ptr, (uint32_t)len, &in)) return 0;
+    uint8_t *out = kiln_scores_begin(in.n);
+    if (!out) return 0;
+    for (uint32_t i = 0; i < in.n; i++) kiln_scores_set(out, i, score(&in, kiln_candidate(&in, i)));
+    return kiln_scores_end(out, in.n);
+}
+"#;
+
+const C_BUILD: &str = r#"#!/usr/bin/env bash
+# Builds @NAME@.wasm with clang for wasm32 and lld (Debian: apt-get
+# install clang-16 lld-16; KILN_WASM_CLANG names another clang).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+clang=${KILN_WASM_CLANG:-clang-16}
+"$clang" --target=wasm32 -O2 -nostdlib -fuse-ld=lld -Wl,--no-entry -Wl,--strip-debug \
+  -I "$here/include" -o "$here/@NAME@.wasm" "$here/@NAME@.c"
+echo "$here/@NAME@.wasm"
+"#;
+
+const README: &str = r#"# @NAME@
+
+A kiln ranking policy (@LANG@), made by `kiln policy new`. It starts as
+kiln's built-in ranking formula.
+
+```sh
+./build.sh                                          # -> @NAME@.wasm
+kiln policy test @NAME@.wasm --cases cases          # latency, fuel, agreement, recorded cases
+kiln policy test @NAME@.wasm --ctxbench ~/src/app   # recall, density, MRR vs the built-in ranker
+kiln policy add @NAME@.wasm --cases cases           # the same gate, then active in `kiln serve`
+```
+
+A case in `cases/` is an input as `kiln policy run` takes it and the ids
+that must rank first; add your own. The candidate fields are in kiln's
+`sandbox/ABI.md`.
+"#;
+
+/// `kiln policy new NAME --lang rust|c [--dir DIR]`: a ranking policy
+/// project that builds and passes `kiln policy test` as generated.
+pub fn new(name: &str, lang: &str, dir: Option<&Path>, as_json: bool) -> CliResult {
+    let valid = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        return Err(CliError(format!(
+            "{name:?} is not a policy name: use lowercase letters, digits and '-', starting with a letter (e.g. my-ranker)"
+        )));
+    }
+    let dir = dir.map_or_else(|| Path::new(name).to_path_buf(), Path::to_path_buf);
+    if dir.exists() && std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(CliError(format!(
+            "{} exists and is not empty; choose another --dir",
+            dir.display()
+        )));
+    }
+    let fill = |t: &str| {
+        t.replace("@NAME@", name)
+            .replace("@CRATE@", &name.replace('-', "_"))
+            .replace("@LANG@", if lang == "c" { "C" } else { "Rust" })
+    };
+    let mut files: Vec<(String, String)> = match lang {
+        "rust" => vec![
+            ("src/lib.rs".into(), fill(RUST_POLICY)),
+            ("sdk/lib.rs".into(), SDK_LIB.to_string()),
+            ("sdk/formula.rs".into(), SDK_FORMULA.to_string()),
+            ("build.sh".into(), fill(RUST_BUILD)),
+        ],
+        "c" => vec![
+            (format!("{name}.c"), fill(C_POLICY)),
+            ("include/kiln_policy.h".into(), SDK_HEADER.to_string()),
+            ("build.sh".into(), fill(C_BUILD)),
+        ],
+        other => {
+            return Err(CliError(format!("--lang {other:?}: choose rust or c")));
+        }
+    };
+    files.push(("README.md".into(), fill(README)));
+    for (file, text) in CASES {
+        files.push((format!("cases/{file}"), text.to_string()));
+    }
+    let write = || -> std::io::Result<()> {
+        for (rel, text) in &files {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().expect("a file in the project"))?;
+            std::fs::write(&path, text)?;
+            if rel == "build.sh" {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        Ok(())
+    };
+    write().map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+    if as_json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "policy": name, "lang": lang, "dir": dir,
+            "files": files.iter().map(|(f, _)| f).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "{}: a {lang} ranking policy; build it with {}/build.sh, then `kiln policy test {}/{name}.wasm --cases {}/cases`",
+            dir.display(),
+            dir.display(),
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
