@@ -12,7 +12,6 @@ use kiln_plugin_api::DType;
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::forward::{KvCache, LogitsFor};
-use kiln_runtime::model::sample::argmax;
 use kiln_runtime::model::{Model, Session};
 use std::time::Instant;
 
@@ -75,24 +74,11 @@ fn main() {
                 let pp = prompt.len() as f64 / t.elapsed().as_secs_f64();
                 let (mut found, mut steps, mut decode_s) = (0, 0, 0.0);
                 for (name, value, _) in &needles {
-                    s.truncate(prompt.len());
-                    let ask = tok
-                        .encode(&format!("    const {name}: u32 ="), false)
-                        .unwrap();
-                    let mut next = argmax(&s.eval(&ask, LogitsFor::Last).unwrap());
-                    let mut got = Vec::new();
-                    let t = Instant::now();
-                    for _ in 0..6 {
-                        got.push(next);
-                        next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
-                        steps += 1;
-                    }
-                    decode_s += t.elapsed().as_secs_f64();
-                    found += usize::from(
-                        tok.decode(&got)
-                            .trim_start()
-                            .starts_with(&value.to_string()),
-                    );
+                    let (answer, seconds) =
+                        kiln_tests::ask_needle(&mut s, &tok, prompt.len(), name);
+                    steps += 5;
+                    decode_s += seconds;
+                    found += usize::from(answer.trim_start().starts_with(&value.to_string()));
                 }
                 println!(
                     "{:<34} {:>6} {:<5} {:>4}/{:<2} {:>9.1} {:>10.1} {:>8.1}",

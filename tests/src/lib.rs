@@ -637,3 +637,29 @@ pub fn needle_haystack(lines: usize, needles: &[(&str, u32, f64)]) -> String {
     // Left open: the question continues the function.
     format!("fn process() {{\n{}\n", out.join("\n"))
 }
+
+/// Asks `session` (holding a [`needle_haystack`] prompt of `prompt_len`
+/// tokens, which it keeps) for needle `name` as a completion: six greedy
+/// tokens after `    const NAME: u32 =`. Returns their text and the
+/// seconds the five decode steps after the first token took.
+pub fn ask_needle(
+    session: &mut kiln_runtime::model::Session,
+    tok: &kiln_runtime::tokenizer::Tokenizer,
+    prompt_len: usize,
+    name: &str,
+) -> (String, f64) {
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::sample::argmax;
+    session.truncate(prompt_len);
+    let ask = tok
+        .encode(&format!("    const {name}: u32 ="), false)
+        .unwrap();
+    let mut next = argmax(&session.eval(&ask, LogitsFor::Last).unwrap());
+    let mut got = vec![next];
+    let t = std::time::Instant::now();
+    for _ in 1..6 {
+        next = argmax(&session.eval(&[next], LogitsFor::Last).unwrap());
+        got.push(next);
+    }
+    (tok.decode(&got), t.elapsed().as_secs_f64())
+}

@@ -10,7 +10,6 @@ use kiln_plugin_api::DType;
 use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::forward::{KvCache, LogitsFor};
-use kiln_runtime::model::sample::argmax;
 use kiln_runtime::model::{Model, Session};
 use kiln_tests::real_model;
 use std::sync::Arc;
@@ -113,17 +112,7 @@ fn needles_come_back_from_several_depths_with_each_kv_type() {
         let mut found = 0;
         for (name, value, depth) in needles {
             // Asked after the haystack (its cache kept), as a completion.
-            s.truncate(prompt.len());
-            let ask = tok
-                .encode(&format!("    const {name}: u32 ="), false)
-                .unwrap();
-            let mut next = argmax(&s.eval(&ask, LogitsFor::Last).unwrap());
-            let mut got = Vec::new();
-            for _ in 0..6 {
-                got.push(next);
-                next = argmax(&s.eval(&[next], LogitsFor::Last).unwrap());
-            }
-            let answer = tok.decode(&got);
+            let (answer, _) = kiln_tests::ask_needle(&mut s, &tok, prompt.len(), name);
             let hit = answer.trim_start().starts_with(&value.to_string());
             eprintln!(
                 "{} KV, needle at {:.0} %: {answer:?} ({})",
