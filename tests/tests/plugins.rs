@@ -615,3 +615,62 @@ fn kiln_serve_answers_through_a_device_loss_with_the_cpus_text() {
         assert!(metric(&metrics, &k) > 0, "{metrics}");
     }
 }
+
+/// A quantized KV cache on a device without fused attention: the device
+/// runs what it can, attention runs on the CPU over the cache (moved
+/// where it is needed), and the logits are the CPU's.
+#[test]
+fn a_quantized_kv_cache_on_a_device_without_fused_attention_runs_its_attention_on_the_cpu() {
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::{Model, Session};
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture_model", &[]);
+    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    let plugin = added_backend(&home, "accel");
+    // Heads of 32: whole q8_0 blocks.
+    let model_path = kiln_tests::tiny_model(&[
+        "--arch",
+        "llama",
+        "--dtype",
+        "f32",
+        "--embd",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--ff",
+        "128",
+        "--vocab",
+        "300",
+    ]);
+    let prompt = [1u32, 40, 41, 42, 43, 44, 45, 46, 47];
+    let run = |exec: Executor| {
+        let m = Model::load(&model_path).unwrap();
+        let mut s = Session::with_kv_type(m, exec, Some(64), DType::Q8_0).unwrap();
+        assert!(s.kv_cache().fused && s.kv_cache().dtype == DType::Q8_0);
+        let mut all = s.eval(&prompt, LogitsFor::All).unwrap();
+        for t in [50, 51, 52] {
+            all.extend(s.eval(&[t], LogitsFor::Last).unwrap());
+        }
+        all
+    };
+    let on_cpu = run(Executor::new(Backend::builtin_cpu(), 0));
+    let ran = plugin.stats.ops_run.load(Ordering::Relaxed);
+    let on_plugin = run(Executor::new(plugin.clone(), 0));
+    assert!(plugin.stats.ops_run.load(Ordering::Relaxed) > ran);
+    assert!(
+        plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    let max = on_cpu
+        .iter()
+        .zip(&on_plugin)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max < 1e-3, "logits differ by {max}");
+}
