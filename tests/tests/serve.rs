@@ -966,3 +966,26 @@ fn saved_files_reach_the_index_without_a_restart() {
     wait_for(&mut c, 2);
     assert!(c.close().unwrap().success());
 }
+
+/// `kiln serve --kv-type q8_0` over HTTP: completions from a q8_0 cache;
+/// a prompt the server moved away from comes back from the prefix tree
+/// (counted in /metrics), and the cache's bytes are reported.
+#[test]
+fn a_served_q8_0_cache_and_a_prompt_switched_back_to_from_the_prefix_tree() {
+    let home = Home::default();
+    let srv = kiln_tests::serve::http_server_with(&home, &demo_model(), &["--kv-type", "q8_0"]);
+    let file = |name: &str| {
+        (0..60)
+            .map(|i| format!("def {name}_{i}(x):\n    return x + {i}\n"))
+            .collect::<String>()
+    };
+    let (a, b) = (file("alpha"), file("beta"));
+    // The first file again, typed on: its start comes from the tree.
+    let again = format!("{a}def gamma(");
+    let (texts, metrics) = kiln_tests::serve::completions_then_metrics(&srv, &[&a, &b, &again]);
+    assert_eq!(texts.len(), 3);
+    let restored = kiln_tests::serve::metric(&metrics, "kiln:prefix_tree_restored_tokens_total");
+    assert!(restored > 100, "{metrics}");
+    assert!(kiln_tests::serve::metric(&metrics, "kiln:kv_cache_bytes") > 0);
+    assert!(kiln_tests::serve::metric(&metrics, "kiln:prefix_tree_bytes") > 0);
+}
