@@ -77,6 +77,15 @@ fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
     }
 }
 
+/// The C fixture device `accel` (f32 products, adds, muls and norms; the
+/// rest falls back to the CPU), added to `home`.
+fn accel(home: &Home) -> std::sync::Arc<Backend> {
+    let lib = c_fixture("kiln_fixture_model", &[]);
+    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
+    added_backend(home, "accel")
+}
+
 fn added_backend(home: &Home, name: &str) -> std::sync::Arc<Backend> {
     let set = BackendSet::load(&home.registry());
     assert!(set.problems.is_empty(), "{:?}", set.problems);
@@ -400,10 +409,7 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
     use kiln_runtime::model::forward::LogitsFor;
     use kiln_runtime::model::{Model, Session};
     let home = Home::default();
-    let lib = c_fixture("kiln_fixture_model", &[]);
-    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
-    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
-    let plugin = added_backend(&home, "accel");
+    let plugin = accel(&home);
     // An F32 model: the fixture runs its f32 matmuls, adds, muls and norms;
     // rope, softmax, get_rows and the f16 cache writes fall back to the CPU.
     let model_path = kiln_tests::tiny_model(&[
@@ -624,10 +630,7 @@ fn a_quantized_kv_cache_on_a_device_without_fused_attention_runs_its_attention_o
     use kiln_runtime::model::forward::LogitsFor;
     use kiln_runtime::model::{Model, Session};
     let home = Home::default();
-    let lib = c_fixture("kiln_fixture_model", &[]);
-    let dir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
-    home.ok(&["plugins", "add", dir.to_str().unwrap()]);
-    let plugin = added_backend(&home, "accel");
+    let plugin = accel(&home);
     // Heads of 32: whole q8_0 blocks.
     let model_path = kiln_tests::tiny_model(&[
         "--arch",

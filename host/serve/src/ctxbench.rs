@@ -63,7 +63,11 @@ pub struct Hole {
 /// ones, with the in-file and external holes met on the way labelled and
 /// kept up to `n` each), the same ones for the same seed and tree.
 pub fn sample(root: &Path, n: usize, seed: u64) -> Vec<Hole> {
-    let files = context::read_files(root);
+    sample_files(&context::read_files(root), n, seed)
+}
+
+/// [`sample`] from files already read ([`context::read_files`]).
+pub fn sample_files(files: &[(String, String)], n: usize, seed: u64) -> Vec<Hole> {
     // Per file, the names it defines and their lines.
     let file_defs: Vec<Vec<(String, u32)>> = files
         .iter()
@@ -393,103 +397,123 @@ pub fn evaluate(
     ranker: &Ranker,
     budgets: &[usize],
 ) -> Result<Vec<Score>, String> {
-    evaluate_selectors(root, holes, tok, ranker, budgets, &SELECTORS)
+    let files = context::read_files(root);
+    Corpus::new(root, &files, holes)?.evaluate(holes, tok, ranker, budgets, &SELECTORS)
 }
 
-/// [`evaluate`] for some selectors only (`kiln policy test --ctxbench`
-/// scores kiln's selector with two rankers).
-pub fn evaluate_selectors(
-    root: &Path,
-    holes: &[Hole],
-    tok: &Counter<'_>,
-    ranker: &Ranker,
-    budgets: &[usize],
-    selectors: &[Selector],
-) -> Result<Vec<Score>, String> {
-    let files = context::read_files(root);
-    let texts: HashMap<&str, &str> = files
-        .iter()
-        .map(|(p, t)| (p.as_str(), t.as_str()))
-        .collect();
-    check_holes(&texts, holes)?;
-    let ws = Workspace::of_files(root, &files);
-    let windows = windows(&files);
-    let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
-    let mut scores = Vec::new();
-    for &selector in selectors {
-        for &budget in budgets {
-            let (mut found, mut tokens, mut rr) = (0usize, 0usize, 0f64);
-            let (mut unstable, mut keystrokes) = (0usize, 0usize);
-            let mut latencies = Vec::new();
-            for hole in &cross {
-                let text = texts[hole.file.as_str()];
-                let (prefix, suffix) = around(text, hole);
-                let started = Instant::now();
-                let chosen = choose(
-                    selector, &ws, &windows, hole, &prefix, &suffix, tok, ranker, budget,
-                );
-                latencies.push(started.elapsed().as_secs_f64() * 1e3);
-                let mut previous = chosen.text.clone();
-                for typed in hole
-                    .truth
-                    .chars()
-                    .take(KEYSTROKES)
-                    .scan(String::new(), |t, c| {
-                        t.push(c);
-                        Some(t.clone())
-                    })
-                {
-                    let now = choose(
-                        selector,
-                        &ws,
-                        &windows,
-                        hole,
-                        &(prefix.clone() + &typed),
-                        &suffix,
-                        tok,
-                        ranker,
-                        budget,
-                    );
-                    let same = (previous.bytes().zip(now.text.bytes()))
-                        .take_while(|(a, b)| a == b)
-                        .count();
-                    let mut at = same;
-                    while !now.text.is_char_boundary(at) {
-                        at -= 1;
-                    }
-                    unstable += tok.count(&now.text[at..]);
-                    keystrokes += 1;
-                    previous = now.text;
-                }
-                tokens += chosen.tokens;
-                if holds(&chosen.packed, &hole.definitions).is_some() {
-                    found += 1;
-                }
-                if let Some(r) = holds(&chosen.ranking, &hole.definitions) {
-                    rr += 1.0 / (r + 1) as f64;
-                }
-            }
-            latencies.sort_by(f64::total_cmp);
-            let n = cross.len().max(1) as f64;
-            scores.push(Score {
-                selector,
-                budget,
-                holes: cross.len(),
-                definition_recall: found as f64 / n,
-                density: if tokens == 0 {
-                    0.0
-                } else {
-                    found as f64 * 1000.0 / tokens as f64
-                },
-                mrr: rr / n,
-                mean_context_tokens: tokens as f64 / n,
-                latency_ms_p50: percentile(&latencies, 0.5),
-                latency_ms_p99: percentile(&latencies, 0.99),
-                unstable_tokens: unstable as f64 / keystrokes.max(1) as f64,
-            });
-        }
+/// A repository as ctxbench reads it, once: its files' texts (checked
+/// against the holes), the workspace index and the sliding windows, for
+/// as many evaluations as the caller runs on it.
+pub struct Corpus<'f> {
+    texts: HashMap<&'f str, &'f str>,
+    ws: Workspace,
+    windows: Vec<Window<'f>>,
+}
+
+impl<'f> Corpus<'f> {
+    /// `files` as [`context::read_files`] reads `root`; fails when a
+    /// hole's file is missing or changed since it was cut.
+    pub fn new(root: &Path, files: &'f [(String, String)], holes: &[Hole]) -> Result<Self, String> {
+        let texts: HashMap<&str, &str> = files
+            .iter()
+            .map(|(p, t)| (p.as_str(), t.as_str()))
+            .collect();
+        check_holes(&texts, holes)?;
+        Ok(Corpus {
+            texts,
+            ws: Workspace::of_files(root, files),
+            windows: windows(files),
+        })
     }
-    Ok(scores)
+
+    /// [`evaluate`] for `selectors` (`kiln policy test --ctxbench`
+    /// scores kiln's selector with two rankers on one corpus).
+    pub fn evaluate(
+        &self,
+        holes: &[Hole],
+        tok: &Counter<'_>,
+        ranker: &Ranker,
+        budgets: &[usize],
+        selectors: &[Selector],
+    ) -> Result<Vec<Score>, String> {
+        let (texts, ws, windows) = (&self.texts, &self.ws, &self.windows);
+        let cross: Vec<&Hole> = holes.iter().filter(|h| h.kind == "cross_file").collect();
+        let mut scores = Vec::new();
+        for &selector in selectors {
+            for &budget in budgets {
+                let (mut found, mut tokens, mut rr) = (0usize, 0usize, 0f64);
+                let (mut unstable, mut keystrokes) = (0usize, 0usize);
+                let mut latencies = Vec::new();
+                for hole in &cross {
+                    let text = texts[hole.file.as_str()];
+                    let (prefix, suffix) = around(text, hole);
+                    let started = Instant::now();
+                    let chosen = choose(
+                        selector, ws, windows, hole, &prefix, &suffix, tok, ranker, budget,
+                    );
+                    latencies.push(started.elapsed().as_secs_f64() * 1e3);
+                    let mut previous = chosen.text.clone();
+                    for typed in hole
+                        .truth
+                        .chars()
+                        .take(KEYSTROKES)
+                        .scan(String::new(), |t, c| {
+                            t.push(c);
+                            Some(t.clone())
+                        })
+                    {
+                        let now = choose(
+                            selector,
+                            ws,
+                            windows,
+                            hole,
+                            &(prefix.clone() + &typed),
+                            &suffix,
+                            tok,
+                            ranker,
+                            budget,
+                        );
+                        let same = (previous.bytes().zip(now.text.bytes()))
+                            .take_while(|(a, b)| a == b)
+                            .count();
+                        let mut at = same;
+                        while !now.text.is_char_boundary(at) {
+                            at -= 1;
+                        }
+                        unstable += tok.count(&now.text[at..]);
+                        keystrokes += 1;
+                        previous = now.text;
+                    }
+                    tokens += chosen.tokens;
+                    if holds(&chosen.packed, &hole.definitions).is_some() {
+                        found += 1;
+                    }
+                    if let Some(r) = holds(&chosen.ranking, &hole.definitions) {
+                        rr += 1.0 / (r + 1) as f64;
+                    }
+                }
+                latencies.sort_by(f64::total_cmp);
+                let n = cross.len().max(1) as f64;
+                scores.push(Score {
+                    selector,
+                    budget,
+                    holes: cross.len(),
+                    definition_recall: found as f64 / n,
+                    density: if tokens == 0 {
+                        0.0
+                    } else {
+                        found as f64 * 1000.0 / tokens as f64
+                    },
+                    mrr: rr / n,
+                    mean_context_tokens: tokens as f64 / n,
+                    latency_ms_p50: percentile(&latencies, 0.5),
+                    latency_ms_p99: percentile(&latencies, 0.99),
+                    unstable_tokens: unstable as f64 / keystrokes.max(1) as f64,
+                });
+            }
+        }
+        Ok(scores)
+    }
 }
 
 /// A mean and its 95% bootstrap interval.
@@ -608,111 +632,118 @@ pub fn evaluate_model(
     run: ModelRun<'_>,
 ) -> Result<Vec<ModelScore>, String> {
     let files = context::read_files(root);
-    let texts: HashMap<&str, &str> = files
-        .iter()
-        .map(|(p, t)| (p.as_str(), t.as_str()))
-        .collect();
-    check_holes(&texts, holes)?;
-    let ws = Workspace::of_files(root, &files);
-    let windows = windows(&files);
-    let loaded = run.loaded;
-    let tok = Counter::of(loaded);
-    let cross: Vec<&Hole> = (holes.iter())
-        .filter(|h| h.kind == "cross_file")
-        .take(run.holes)
-        .collect();
-    const NAMES: [&str; 5] = [
-        "none",
-        "bm25_first_fit",
-        "jaccard_windows",
-        "kiln",
-        "oracle",
-    ];
-    // Per selector, per hole: (nll, exact, similarity, context tokens).
-    let mut per: Vec<Vec<(f64, f64, f64, usize)>> = vec![Vec::new(); NAMES.len()];
-    for (done, hole) in cross.iter().enumerate() {
-        let text = texts[hole.file.as_str()];
-        let (prefix, suffix) = around(text, hole);
-        let prefix_cut = crate::prompt::tail_within(&tok, &prefix, MODEL_PREFIX_TOKENS);
-        let suffix_cut = crate::prompt::head_within(&tok, &suffix, MODEL_SUFFIX_TOKENS);
-        let truth = hole.truth.trim_end();
-        let target = loaded.tok.encode(truth, false)?;
-        if target.is_empty() {
-            continue;
-        }
-        for (s, name) in NAMES.iter().enumerate() {
-            let (context, tokens) = match *name {
-                "oracle" => {
-                    let mut block = String::new();
-                    let mut used = 0;
-                    for (path, body, signature) in
-                        ws.definition_texts(&hole.ident, &hole.definitions)
-                    {
-                        for t in [body, signature] {
-                            let snippet = tok.snippet(&hole.file, &path, &t);
-                            let n = tok.count(&snippet);
-                            if used + n <= run.budget {
-                                used += n;
-                                block.push_str(&snippet);
-                                break;
+    Corpus::new(root, &files, holes)?.evaluate_model(holes, run)
+}
+
+impl Corpus<'_> {
+    /// [`evaluate_model`] on this corpus.
+    pub fn evaluate_model(
+        &self,
+        holes: &[Hole],
+        run: ModelRun<'_>,
+    ) -> Result<Vec<ModelScore>, String> {
+        let (texts, ws, windows) = (&self.texts, &self.ws, &self.windows);
+        let loaded = run.loaded;
+        let tok = Counter::of(loaded);
+        let cross: Vec<&Hole> = (holes.iter())
+            .filter(|h| h.kind == "cross_file")
+            .take(run.holes)
+            .collect();
+        const NAMES: [&str; 5] = [
+            "none",
+            "bm25_first_fit",
+            "jaccard_windows",
+            "kiln",
+            "oracle",
+        ];
+        // Per selector, per hole: (nll, exact, similarity, context tokens).
+        let mut per: Vec<Vec<(f64, f64, f64, usize)>> = vec![Vec::new(); NAMES.len()];
+        for (done, hole) in cross.iter().enumerate() {
+            let text = texts[hole.file.as_str()];
+            let (prefix, suffix) = around(text, hole);
+            let prefix_cut = crate::prompt::tail_within(&tok, &prefix, MODEL_PREFIX_TOKENS);
+            let suffix_cut = crate::prompt::head_within(&tok, &suffix, MODEL_SUFFIX_TOKENS);
+            let truth = hole.truth.trim_end();
+            let target = loaded.tok.encode(truth, false)?;
+            if target.is_empty() {
+                continue;
+            }
+            for (s, name) in NAMES.iter().enumerate() {
+                let (context, tokens) = match *name {
+                    "oracle" => {
+                        let mut block = String::new();
+                        let mut used = 0;
+                        for (path, body, signature) in
+                            ws.definition_texts(&hole.ident, &hole.definitions)
+                        {
+                            for t in [body, signature] {
+                                let snippet = tok.snippet(&hole.file, &path, &t);
+                                let n = tok.count(&snippet);
+                                if used + n <= run.budget {
+                                    used += n;
+                                    block.push_str(&snippet);
+                                    break;
+                                }
                             }
                         }
+                        (block, used)
                     }
-                    (block, used)
-                }
-                _ => {
-                    let selector = SELECTORS[s];
-                    let c = choose(
-                        selector, &ws, &windows, hole, &prefix, &suffix, &tok, run.ranker,
-                        run.budget,
-                    );
-                    (c.text, c.tokens)
-                }
-            };
-            let limit = run
-                .session
-                .n_ctx()
-                .saturating_sub(target.len() + run.max_tokens + 1);
-            let prompt =
-                crate::prompt::fim_tokens(loaded, &context, prefix_cut, suffix_cut, None, limit)
-                    .map_err(|e| format!("{}: {e}", hole.file))?;
-            let loss = nll(run.session, &prompt, &target)?;
-            let mut request = Request::new(prompt, run.max_tokens, SamplingParams::greedy());
-            request.stop = vec!["\n".to_string()];
-            let g = generate(run.session, &loaded.tok, &request, |_| true)
-                .map_err(|e| e.to_string())?;
-            let line = g.text.lines().next().unwrap_or("").trim_end();
-            let exact = f64::from(u8::from(line == truth));
-            per[s].push((loss, exact, edit_similarity(line, truth), tokens));
-        }
-        (run.progress)(done + 1, cross.len());
-    }
-    let none: Vec<f64> = per[0].iter().map(|r| r.0).collect();
-    let delta = |s: usize| -> Vec<f64> { per[s].iter().zip(&none).map(|(r, n)| r.0 - n).collect() };
-    let oracle_gain = bootstrap(&delta(NAMES.len() - 1), run.seed).mean;
-    Ok((NAMES.iter().enumerate())
-        .map(|(s, name)| {
-            let d = bootstrap(&delta(s), run.seed);
-            let column = |k: usize| -> Vec<f64> {
-                per[s]
-                    .iter()
-                    .map(|r| if k == 1 { r.1 } else { r.2 })
-                    .collect()
-            };
-            let n = per[s].len();
-            ModelScore {
-                selector: name.to_string(),
-                budget: run.budget,
-                holes: n,
-                mean_context_tokens: per[s].iter().map(|r| r.3 as f64).sum::<f64>()
-                    / n.max(1) as f64,
-                gain_captured: (oracle_gain < 0.0).then(|| d.mean / oracle_gain),
-                delta_nll: d,
-                exact_match: bootstrap(&column(1), run.seed),
-                edit_similarity: bootstrap(&column(2), run.seed),
+                    _ => {
+                        let selector = SELECTORS[s];
+                        let c = choose(
+                            selector, ws, windows, hole, &prefix, &suffix, &tok, run.ranker,
+                            run.budget,
+                        );
+                        (c.text, c.tokens)
+                    }
+                };
+                let limit = run
+                    .session
+                    .n_ctx()
+                    .saturating_sub(target.len() + run.max_tokens + 1);
+                let prompt = crate::prompt::fim_tokens(
+                    loaded, &context, prefix_cut, suffix_cut, None, limit,
+                )
+                .map_err(|e| format!("{}: {e}", hole.file))?;
+                let loss = nll(run.session, &prompt, &target)?;
+                let mut request = Request::new(prompt, run.max_tokens, SamplingParams::greedy());
+                request.stop = vec!["\n".to_string()];
+                let g = generate(run.session, &loaded.tok, &request, |_| true)
+                    .map_err(|e| e.to_string())?;
+                let line = g.text.lines().next().unwrap_or("").trim_end();
+                let exact = f64::from(u8::from(line == truth));
+                per[s].push((loss, exact, edit_similarity(line, truth), tokens));
             }
-        })
-        .collect())
+            (run.progress)(done + 1, cross.len());
+        }
+        let none: Vec<f64> = per[0].iter().map(|r| r.0).collect();
+        let delta =
+            |s: usize| -> Vec<f64> { per[s].iter().zip(&none).map(|(r, n)| r.0 - n).collect() };
+        let oracle_gain = bootstrap(&delta(NAMES.len() - 1), run.seed).mean;
+        Ok((NAMES.iter().enumerate())
+            .map(|(s, name)| {
+                let d = bootstrap(&delta(s), run.seed);
+                let column = |k: usize| -> Vec<f64> {
+                    per[s]
+                        .iter()
+                        .map(|r| if k == 1 { r.1 } else { r.2 })
+                        .collect()
+                };
+                let n = per[s].len();
+                ModelScore {
+                    selector: name.to_string(),
+                    budget: run.budget,
+                    holes: n,
+                    mean_context_tokens: per[s].iter().map(|r| r.3 as f64).sum::<f64>()
+                        / n.max(1) as f64,
+                    gain_captured: (oracle_gain < 0.0).then(|| d.mean / oracle_gain),
+                    delta_nll: d,
+                    exact_match: bootstrap(&column(1), run.seed),
+                    edit_similarity: bootstrap(&column(2), run.seed),
+                }
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]

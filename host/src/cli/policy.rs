@@ -139,7 +139,9 @@ fn ctxbench_scores(
             c.repo.display()
         ))
     })?;
-    let holes = ctxbench::sample(&root, c.cut, c.seed);
+    // Read once: for the holes, the index and both rankers' runs.
+    let files = kiln_serve::context::read_files(&root);
+    let holes = ctxbench::sample_files(&files, c.cut, c.seed);
     let cross = holes.iter().filter(|h| h.kind == "cross_file").count();
     if cross == 0 {
         return Err(CliError(format!(
@@ -158,16 +160,11 @@ fn ctxbench_scores(
     .map_err(CliError)?;
     let counter = kiln_serve::prompt::Counter::of(&loaded);
     let threshold = kiln_sandbox::breaker::DEFAULT_THRESHOLD;
+    let corpus = ctxbench::Corpus::new(&root, &files, &holes).map_err(CliError)?;
     let score = |ranker: &Ranker| {
-        ctxbench::evaluate_selectors(
-            &root,
-            &holes,
-            &counter,
-            ranker,
-            c.budgets,
-            &[Selector::Kiln],
-        )
-        .map_err(CliError)
+        corpus
+            .evaluate(&holes, &counter, ranker, c.budgets, &[Selector::Kiln])
+            .map_err(CliError)
     };
     let ours = score(&Ranker::new(Some(policy), threshold))?;
     let builtin = score(&Ranker::new(None, threshold))?;

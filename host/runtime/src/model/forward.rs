@@ -600,27 +600,18 @@ pub fn build<'f>(
             &rope,
         );
         let (k_off, v_off) = kv_offsets(cfg, attention.kv, n_ctx, l);
-        // This batch's K (and V) at positions n_past.. of the cache: a
-        // position's heads one after the other, rows of `head` bytes.
-        let at_positions = |b: &mut Builder<'f>, base: usize| {
-            let dst = b.fixed(
-                KV,
-                base + n_past * pos_bytes,
-                kv_t,
-                [hd, hkv, n, 1],
-                [kv_t.block_bytes(), head, pos_bytes, pos_bytes * n],
-            );
+        // Where this batch's K (or V) goes: positions n_past.. of the
+        // cache at `base`, `stride` bytes a position, strides `nb` for
+        // [hd, hkv, n] (moved to each step's position in a decode graph).
+        let at_positions = |b: &mut Builder<'f>, base: usize, stride: usize, nb: [usize; 4]| {
+            let dst = b.fixed(KV, base + n_past * stride, kv_t, [hd, hkv, n, 1], nb);
             if reusable {
-                b.follow(
-                    dst,
-                    Follow::Offset {
-                        base,
-                        stride: pos_bytes,
-                    },
-                );
+                b.follow(dst, Follow::Offset { base, stride });
             }
             dst
         };
+        // A position's heads one after the other, rows of `head` bytes.
+        let rows = [kv_t.block_bytes(), head, pos_bytes, pos_bytes * n];
         // All of a layer's K (or V) up to position t, as [hd, t, hkv].
         let up_to = |b: &mut Builder<'f>, base: usize, t: usize| {
             let all = b.fixed(
@@ -642,29 +633,14 @@ pub fn build<'f>(
             }
             all
         };
-        let k_dst = at_positions(&mut b, k_off);
+        let k_dst = at_positions(&mut b, k_off, pos_bytes, rows);
         b.op(OpKind::Cpy, &[kr], k_dst, &[]);
         let v3 = b.reshape(v, [hd, hkv, n, 1]);
         let v_dst = if fused {
-            at_positions(&mut b, v_off)
+            at_positions(&mut b, v_off, pos_bytes, rows)
         } else {
-            let v_dst = b.fixed(
-                KV,
-                v_off + n_past * el,
-                F16,
-                [hd, hkv, n, 1],
-                [n_ctx * el, hd * n_ctx * el, el, el * n],
-            );
-            if reusable {
-                b.follow(
-                    v_dst,
-                    Follow::Offset {
-                        base: v_off,
-                        stride: el,
-                    },
-                );
-            }
-            v_dst
+            // V transposed (f16 only): a position is one element of each row.
+            at_positions(&mut b, v_off, el, [n_ctx * el, hd * n_ctx * el, el, el * n])
         };
         b.op(OpKind::Cpy, &[v3], v_dst, &[]);
         let merged = b.scratch(F32, [hd, h, n, 1]);
