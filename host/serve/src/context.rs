@@ -587,7 +587,9 @@ impl Workspace {
     /// definition's), with the index's statistics.
     fn bm25(&self, query: &HashSet<String>, chunk: &Chunk) -> f32 {
         let len = chunk.words.len() as f32;
-        let mut tf: HashMap<&str, u32> = HashMap::new();
+        // Summed in word order (a hash map's order differs from map to
+        // map, and so would the f32 sum's last bits, and so ties).
+        let mut tf: std::collections::BTreeMap<&str, u32> = Default::default();
         for w in &chunk.words {
             if query.contains(w) {
                 *tf.entry(w.as_str()).or_default() += 1;
@@ -607,6 +609,10 @@ impl Workspace {
         k: usize,
     ) -> Vec<(f32, u32)> {
         let mut scores = vec![0f32; self.spans.len()];
+        // Word by word in a fixed order, so that each span's f32 sum (and
+        // the ranking of near ties) is the same from call to call.
+        let mut query: Vec<&String> = query.iter().collect();
+        query.sort_unstable();
         for w in query {
             let Some(postings) = self.postings.get(w.as_str()) else {
                 continue;
@@ -1253,6 +1259,52 @@ mod tests {
         let best = ws.best_spans(&query, &|_| false, 5);
         assert_eq!(best.iter().map(|b| b.1).collect::<Vec<_>>(), vec![2]);
         assert!(ws.best_spans(&query, &|p| p == "lib.rs", 5).is_empty());
+    }
+
+    #[test]
+    fn bm25_scores_have_the_same_bits_whatever_order_a_query_set_iterates_in() {
+        // Each HashSet iterates in its own order; scores summed in that
+        // order differed in their last bits, and near ties (so contexts)
+        // from one selection to the next.
+        let dir = tempfile::tempdir().unwrap();
+        let vocab: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+        // Words of every frequency, lines of every length.
+        let mut x = 12345u64;
+        let mut next = |n: usize| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as usize) % n
+        };
+        for f in 0..6 {
+            let text: String = (0..40)
+                .map(|_| {
+                    let n = 1 + next(9);
+                    let words: Vec<&str> = (0..n)
+                        .map(|_| vocab[next(vocab.len()).min(next(vocab.len()))].as_str())
+                        .collect();
+                    format!("let x = {};\n", words.join(" + "))
+                })
+                .collect();
+            std::fs::write(dir.path().join(format!("f{f}.rs")), text).unwrap();
+        }
+        let ws = Workspace::index(dir.path());
+        let chunk = {
+            let text = ws.text(0).unwrap();
+            ws.chunk(0, &text).unwrap()
+        };
+        let runs: Vec<(Vec<(u32, u32)>, u32)> = (0..20)
+            .map(|_| {
+                let query: HashSet<String> = vocab[..40].iter().cloned().collect();
+                let best = ws.best_spans(&query, &|_| false, 50);
+                (
+                    best.iter().map(|(s, i)| (s.to_bits(), *i)).collect(),
+                    ws.bm25(&query, &chunk).to_bits(),
+                )
+            })
+            .collect();
+        assert!(runs[0].0.len() > 10);
+        assert!(runs.iter().all(|r| *r == runs[0]));
     }
 
     #[test]
