@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 
 /// The custom section that declares a policy's ABI, kind, name and version.
 pub const META_SECTION: &str = "kiln_policy";
@@ -22,7 +22,8 @@ pub const HOST_LOG: &str = "log";
 pub const RANK_HEADER: usize = 32;
 pub const CURSOR_RECORD: usize = 40;
 /// Candidate record sizes: 1.0; 1.1 appended `symbol_overlap`; 1.2
-/// appended `definition`, `resolution` and `path_distance`.
+/// appended `definition`, `resolution` and `path_distance`; 1.3 put
+/// `import_hops` in the record's last (reserved) word.
 pub const CANDIDATE_RECORD_1_0: usize = 48;
 pub const CANDIDATE_RECORD_1_1: usize = 56;
 pub const CANDIDATE_RECORD: usize = 72;
@@ -111,6 +112,10 @@ pub struct Candidate {
     /// down); 0 in the same folder; negative: unknown.
     #[serde(default = "minus_one_i")]
     pub path_distance: i32,
+    /// ABI 1.3: 1 when the cursor's file imports the snippet's file, 2
+    /// when a file it imports does; 0 neither (or unknown).
+    #[serde(default)]
+    pub import_hops: u32,
 }
 
 impl Candidate {
@@ -152,7 +157,7 @@ fn put_str(out: &mut Vec<u8>, r: [u32; 2]) {
 }
 
 impl RankInput {
-    /// The binary layout of ABI 1.2.
+    /// The binary layout of ABI 1.3.
     pub fn encode(&self) -> Vec<u8> {
         let n = self.candidates.len();
         let candidates_at = RANK_HEADER + CURSOR_RECORD;
@@ -200,7 +205,7 @@ impl RankInput {
             out.extend_from_slice(&cand.definition.to_le_bytes());
             put_u32(&mut out, cand.resolution);
             out.extend_from_slice(&cand.path_distance.to_le_bytes());
-            put_u32(&mut out, 0);
+            put_u32(&mut out, cand.import_hops);
         }
         debug_assert_eq!(out.len(), strings_at);
         out.extend_from_slice(&strings.bytes);
@@ -426,6 +431,7 @@ mod tests {
                 definition: 0.75,
                 resolution: RESOLUTION_SIGNATURE,
                 path_distance: 2,
+                import_hops: 1,
             }],
         }
     }

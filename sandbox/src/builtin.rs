@@ -20,6 +20,7 @@ pub fn rank(input: &RankInput) -> Vec<f32> {
                 c.line_distance,
                 c.flags(),
                 c.definition,
+                c.import_hops,
             )
         })
         .collect()

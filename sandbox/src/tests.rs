@@ -66,6 +66,7 @@ fn input(n: u32) -> RankInput {
                 definition: 0.0,
                 resolution: 0,
                 path_distance: -1,
+                import_hops: 0,
             })
             .collect(),
     }

@@ -175,6 +175,7 @@ pub fn synthetic_rank(n: usize, seed: u64) -> RankInput {
                 definition: if r.bool() { r.f32() * 1.2 } else { 0.0 },
                 resolution: r.u32(..3),
                 path_distance: r.i32(-1..6),
+                import_hops: r.u32(..3),
             }
         })
         .collect();

@@ -4,6 +4,7 @@
 //! policy ABI defines, and packed into a token budget with the model's own
 //! tokenizer, each under a comment that names its file.
 
+use crate::imports::{self, Target};
 use crate::index_cache;
 use crate::prompt::Counter;
 use crate::symbols::{self, DEFINERS, Def};
@@ -100,6 +101,10 @@ pub struct Workspace {
     defs_named: Vec<Vec<u32>>,
     total_words: u64,
     avg_words: f32,
+    /// Files by their name (the path's last component), and by their
+    /// folder: where imports are resolved.
+    files_named: HashMap<Box<str>, Vec<u32>>,
+    folders: HashMap<Box<str>, Vec<u32>>,
 }
 
 impl Workspace {
@@ -511,6 +516,112 @@ impl Workspace {
     fn finish(&mut self) {
         self.postings.shrink_to_fit();
         self.avg_words = self.total_words as f32 / self.spans.len().max(1) as f32;
+        for (f, source) in self.sources.iter().enumerate() {
+            let (folder, name) = split_path(&source.path);
+            (self.files_named.entry(name.into()).or_default()).push(f as u32);
+            (self.folders.entry(folder.into()).or_default()).push(f as u32);
+        }
+        self.files_named.shrink_to_fit();
+        self.folders.shrink_to_fit();
+    }
+
+    /// The files an import of the file at `from` names: those of its first
+    /// target that names any, the nearest to `from` where several do.
+    fn resolve(&self, from: &str, import: &[Target]) -> Vec<u32> {
+        let (dir, _) = split_path(from);
+        let tail = |path: &str, s: &str| {
+            path == s
+                || (path.len() > s.len()
+                    && path.ends_with(s)
+                    && path[..path.len() - s.len()].ends_with('/'))
+        };
+        let nearest = |mut found: Vec<(usize, u32)>| -> Vec<u32> {
+            let best = found.iter().map(|(d, _)| *d).min().unwrap_or(0);
+            found.retain(|(d, _)| *d == best);
+            found.into_iter().map(|(_, f)| f).collect()
+        };
+        // A workspace that is itself a package (`email/`, its files
+        // `email/utils.py` named `utils.py`) is named by its imports'
+        // first segment: those are tried without it too.
+        let root = self.repo_name();
+        let unrooted: Vec<Target> = (import.iter())
+            .filter_map(|t| match (t, &root) {
+                (Target::Suffix(s), Some(r)) => s
+                    .strip_prefix(r.as_str())
+                    .and_then(|s| s.strip_prefix('/'))
+                    .map(|s| Target::Suffix(s.to_string())),
+                _ => None,
+            })
+            .collect();
+        for target in import.iter().chain(&unrooted) {
+            let found = match target {
+                Target::Relative(rel) => {
+                    let Some(path) = normalize(&format!("{dir}/{rel}")) else {
+                        continue;
+                    };
+                    let (_, name) = split_path(&path);
+                    (self.files_named.get(name).into_iter().flatten())
+                        .filter(|&&f| self.sources[f as usize].path == path)
+                        .copied()
+                        .collect()
+                }
+                Target::Suffix(s) => {
+                    let (_, name) = split_path(s);
+                    nearest(
+                        (self.files_named.get(name).into_iter().flatten())
+                            .filter(|&&f| tail(&self.sources[f as usize].path, s))
+                            .map(|&f| (path_distance(&self.sources[f as usize].path, from), f))
+                            .collect(),
+                    )
+                }
+                Target::Folder(s) => {
+                    let folders: Vec<(usize, &[u32])> = (self.folders.iter())
+                        .filter(|(folder, _)| tail(folder, s))
+                        .map(|(folder, files)| {
+                            (path_distance(&format!("{folder}/"), from), files.as_slice())
+                        })
+                        .collect();
+                    let best = folders.iter().map(|(d, _)| *d).min().unwrap_or(0);
+                    let mut files: Vec<u32> = (folders.into_iter())
+                        .filter(|(d, _)| *d == best)
+                        .flat_map(|(_, files)| files.iter().copied())
+                        .collect();
+                    files.sort_unstable();
+                    files
+                }
+            };
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        Vec::new()
+    }
+
+    /// The files the file at `path` (its text now, `text`) imports, 1, and
+    /// those they import, 2: indexed files by number of hops. Up to
+    /// [`MAX_HOP_FILES`] of the first hop's files are read for the second.
+    pub fn import_hops(&self, path: &str, text: &str) -> HashMap<u32, u8> {
+        let mut hops: HashMap<u32, u8> = HashMap::new();
+        for import in imports::imports(path, text) {
+            for f in self.resolve(path, &import) {
+                hops.insert(f, 1);
+            }
+        }
+        let mut first: Vec<u32> = hops.keys().copied().collect();
+        first.sort_unstable();
+        for f in first.into_iter().take(MAX_HOP_FILES) {
+            let from = &self.sources[f as usize].path;
+            let Some(text) = self.text(f) else {
+                continue;
+            };
+            for import in imports::imports(from, &text) {
+                for g in self.resolve(from, &import) {
+                    hops.entry(g).or_insert(2);
+                }
+            }
+        }
+        hops.retain(|&f, _| self.sources[f as usize].path != path);
+        hops
     }
 
     /// How many files the index holds.
@@ -686,6 +797,10 @@ const DEFS_PER_NAME: usize = 3;
 const TOKENS_PER_SIGNATURE: usize = 16;
 const MAX_DEF_CANDIDATES: usize = 512;
 const TOKENS_PER_BODY: usize = 512;
+/// The signatures of the imported files' definitions are candidates too,
+/// one per this many tokens of the budget (16 to [`MAX_IMPORTED`]).
+const TOKENS_PER_IMPORTED: usize = 32;
+const MAX_IMPORTED: usize = 256;
 
 /// Where a definition's text is.
 #[derive(Clone, Copy)]
@@ -713,6 +828,9 @@ struct Scored<'a> {
     /// The definition it shows (the packer takes one snippet per group).
     group: Option<u32>,
     resolution: &'static str,
+    /// The weight of the module named at the cursor, when it is a member
+    /// of that module's file; 0 otherwise.
+    member_of: f32,
 }
 
 /// Folders between two files' folders: up from `b`'s to the one they
@@ -754,6 +872,33 @@ fn cursor_identifiers(prefix: &str, suffix: &str) -> HashMap<String, f32> {
     (near.into_iter())
         .map(|(word, (w, uses))| (word, w + 0.1 * (1.0 + uses as f32).ln()))
         .collect()
+}
+
+/// The most files of an import's first hop read for its second.
+const MAX_HOP_FILES: usize = 32;
+
+/// A relative path's folder (empty at the root) and name, split at its
+/// last `/` (or `\\`).
+fn split_path(path: &str) -> (&str, &str) {
+    match path.rfind(['/', '\\']) {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    }
+}
+
+/// `a/./b/../c` as `a/c`; `None` where `..` climbs out of the root.
+fn normalize(path: &str) -> Option<String> {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split(['/', '\\']) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
 }
 
 /// Lines from the cursor at which a name's weight halves.
@@ -896,6 +1041,15 @@ pub fn select_with(
             .map(|d| d.name)
             .collect()
     };
+    // The files the cursor's file imports (1 hop), and those import (2).
+    let hops: HashMap<u32, u8> = match selection {
+        Selection::Kiln => ws.import_hops(cursor_path, &current),
+        Selection::Bm25FirstFit => HashMap::new(),
+    };
+    let hops_of_path: HashMap<&str, u8> = (hops.iter())
+        .map(|(&f, &h)| (ws.sources[f as usize].path.as_str(), h))
+        .collect();
+    let hops_of = |path: &str| hops_of_path.get(path).copied().unwrap_or(0);
     let mut defs_of: HashMap<&str, Vec<DefAt<'_>>> = HashMap::new();
     for name in near.keys().filter(|n| !own.contains(*n)) {
         let indexed = (ws.defined(name).into_iter()).filter_map(|(f, def)| {
@@ -951,12 +1105,23 @@ pub fn select_with(
     names.sort_by(|a, b| near[*b].total_cmp(&near[*a]).then(a.cmp(b)));
     let max_defs = (budget / TOKENS_PER_SIGNATURE).clamp(MAX_CANDIDATES, MAX_DEF_CANDIDATES);
     let with_body = (budget / TOKENS_PER_BODY).max(4);
-    let mut def_chunks: Vec<(Chunk, Option<&OpenDoc<'_>>, u32, &'static str)> = Vec::new();
+    // (chunk, open document, group, resolution, the weight of the module
+    // named at the cursor when the chunk is a member of it).
+    type DefChunk<'a> = (Chunk, Option<&'a OpenDoc<'a>>, u32, &'static str, f32);
+    let mut def_chunks: Vec<DefChunk<'_>> = Vec::new();
     // The indexed files' texts, read once per selection.
     let mut texts: HashMap<u32, Option<Arc<str>>> = HashMap::new();
     'names: for (rank, name) in names.into_iter().enumerate() {
         let mut found: Vec<&DefAt<'_>> = defs_of[name].iter().collect();
-        found.sort_by_key(|d| (path_distance(d.path, cursor_path), d.path, d.def.line));
+        // Where a name is defined more than once, the files the cursor's
+        // file imports first, then the nearest folders'.
+        found.sort_by_key(|d| {
+            let hops = match hops_of(d.path) {
+                0 => u8::MAX,
+                h => h,
+            };
+            (hops, path_distance(d.path, cursor_path), d.path, d.def.line)
+        });
         for d in found.into_iter().take(DEFS_PER_NAME) {
             let group = def_chunks.len() as u32;
             let (body_start, body_end) = d.def.body_lines();
@@ -990,6 +1155,7 @@ pub fn select_with(
                     d.doc,
                     group,
                     resolution,
+                    0.0,
                 ));
             }
             if def_chunks.len() >= max_defs {
@@ -997,6 +1163,71 @@ pub fn select_with(
             }
         }
     }
+    // Then the signatures of what the imported files define (what code
+    // reached through an import calls without naming it in the file yet:
+    // `module.function`, a method of an imported type), one hop first.
+    let mut imported: Vec<(u8, u32)> = hops.iter().map(|(&f, &h)| (h, f)).collect();
+    imported.sort_unstable();
+    let max_imported = def_chunks.len() + (budget / TOKENS_PER_IMPORTED).clamp(16, MAX_IMPORTED);
+    let shown: HashSet<(&str, u32)> = (def_chunks.iter())
+        .map(|(c, ..)| (c.path.as_str(), c.start_line))
+        .collect();
+    // The module named right before the cursor (`geometry::`, `utils.`):
+    // an imported file of that name is what is being completed from.
+    let receiver = prefix
+        .strip_suffix("::")
+        .or(prefix.strip_suffix('.'))
+        .and_then(|p| words(p.lines().last().unwrap_or("")).pop());
+    let mut more = Vec::new();
+    'files: for (hop, f) in imported {
+        let source = &ws.sources[f as usize];
+        if open_paths.contains(source.path.as_str()) {
+            continue;
+        }
+        let (folder, name) = split_path(&source.path);
+        let stem = name.split('.').next().unwrap_or("");
+        let module = match stem {
+            "mod" | "__init__" | "index" | "lib" => split_path(folder).1,
+            _ if name.ends_with(".go") => split_path(folder).1,
+            _ => stem,
+        };
+        let member_of = match &receiver {
+            Some(r) if hop == 1 && r == module => near.get(r).copied().unwrap_or(1.0),
+            _ => 0.0,
+        };
+        let Some(text) = texts.entry(f).or_insert_with(|| ws.text(f)).clone() else {
+            continue;
+        };
+        for slim in &ws.defs[source.defs.start as usize..source.defs.end as usize] {
+            if symbols::KINDS[slim.kind as usize] == "field"
+                || shown.contains(&(source.path.as_str(), slim.start))
+            {
+                continue;
+            }
+            let body = line_range(&text, slim.start, slim.signature_end);
+            if body.trim().is_empty() {
+                continue;
+            }
+            more.push((
+                Chunk {
+                    path: source.path.clone(),
+                    start_line: slim.start,
+                    words: words(&body),
+                    defines: ws.names_in(f, slim.start, slim.signature_end),
+                    text: body,
+                    modified: source.modified,
+                },
+                None,
+                (def_chunks.len() + more.len()) as u32,
+                "signature",
+                member_of,
+            ));
+            if def_chunks.len() + more.len() >= max_imported {
+                break 'files;
+            }
+        }
+    }
+    def_chunks.extend(more);
     // Then chunks by BM25, but not those holding a definition offered
     // above (it would be there twice).
     let offered: HashSet<(&str, &str)> = (def_chunks.iter())
@@ -1026,12 +1257,13 @@ pub fn select_with(
     lexical.sort_by(|a, b| b.0.total_cmp(&a.0));
     lexical.truncate(max_candidates);
     let mut scored: Vec<Scored<'_>> = (def_chunks.iter())
-        .map(|(c, doc, group, resolution)| Scored {
+        .map(|(c, doc, group, resolution, member_of)| Scored {
             bm25: ws.bm25(&query, c),
             chunk: c,
             doc: *doc,
             group: Some(*group),
             resolution,
+            member_of: *member_of,
         })
         .chain(lexical.into_iter().map(|(bm25, chunk, doc)| Scored {
             bm25,
@@ -1039,6 +1271,7 @@ pub fn select_with(
             doc,
             group: None,
             resolution: "lines",
+            member_of: 0.0,
         }))
         .collect();
     scored.sort_by(|a, b| b.bm25.total_cmp(&a.bm25));
@@ -1095,11 +1328,13 @@ pub fn select_with(
                 open_recency_s: doc.map_or(-1.0, |d| d.opened.elapsed().as_secs_f32()),
                 line_distance: -1,
                 same_file: false,
-                import_related: stem.len() >= 2 && current_words.contains(stem),
+                import_related: hops_of(&c.path) > 0
+                    || (stem.len() >= 2 && current_words.contains(stem)),
+                import_hops: u32::from(hops_of(&c.path)),
                 open_in_editor: doc.is_some(),
                 symbol_overlap: query.iter().filter(|w| c.defines.contains(*w)).count() as f32
                     / query.len() as f32,
-                definition: definition(&c.defines),
+                definition: definition(&c.defines).max(sc.member_of),
                 resolution: match sc.resolution {
                     "signature" => kiln_sandbox::RESOLUTION_SIGNATURE,
                     "body" => kiln_sandbox::RESOLUTION_BODY,
@@ -1137,6 +1372,7 @@ pub fn select_with(
             words: &word_sets[i],
             key: (&scored[i].chunk.path, scored[i].chunk.start_line),
             group: scored[i].group,
+            definition: scored[i].group.is_some(),
         })
         .collect();
     let mut by_rank: Vec<usize> = (0..items.len()).collect();
@@ -1212,8 +1448,11 @@ fn why(c: &Candidate, defined: &[String]) -> String {
             100.0 * c.symbol_overlap
         ));
     }
-    if c.import_related {
-        parts.push("its file is named near the cursor".into());
+    match c.import_hops {
+        1 => parts.push("the cursor's file imports it".into()),
+        2 => parts.push("imported by a file the cursor's file imports".into()),
+        _ if c.import_related => parts.push("its file is named near the cursor".into()),
+        _ => {}
     }
     if c.open_in_editor {
         parts.push("open in the editor".into());
@@ -1390,6 +1629,132 @@ mod tests {
         std::fs::write(&blocked, "").unwrap();
         let (ws, stats) = Workspace::index_cached(root, Some(&blocked.join("index.db")));
         assert!(stats.cache_error.is_some() && ws.files() == 2, "{stats:?}");
+    }
+
+    #[test]
+    fn imports_resolve_to_workspace_files_one_and_two_hops_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            (
+                "src/geometry.rs",
+                "use crate::units::Meters;\npub fn area(w: Meters) -> f64 {\n    w.0 * w.0\n}\n",
+            ),
+            ("src/units.rs", "pub struct Meters(pub f64);\n"),
+            (
+                "src/net/client.rs",
+                "pub struct Client;\nimpl Client {\n    pub fn get(&self) {}\n}\n",
+            ),
+            ("src/other/client.rs", "pub struct Client;\n"),
+            ("pkg/a.py", "from .b import helper\nimport pkg.c\n"),
+            ("pkg/b.py", "def helper():\n    pass\n"),
+            (
+                "pkg/c.py",
+                "from ..tools import x\nfrom email.mime.text import T\n",
+            ),
+            ("mime/text.py", "class T:\n    pass\n"),
+            (
+                "web/app.ts",
+                "import { f } from './lib/f.js';\nimport g from '../shared/g';\n",
+            ),
+            ("web/lib/f.ts", "export function f() {}\n"),
+            ("shared/g/index.ts", "export default 1;\n"),
+        ];
+        let files: Vec<(String, String)> = (files.iter())
+            .map(|(p, t)| (p.to_string(), t.to_string()))
+            .collect();
+        let root = dir.path().join("email");
+        let ws = Workspace::of_files(&root, &files);
+        let named = |hops: &HashMap<u32, u8>| -> Vec<(String, u8)> {
+            let mut v: Vec<(String, u8)> = (hops.iter())
+                .map(|(&f, &h)| (ws.sources[f as usize].path.clone(), h))
+                .collect();
+            v.sort();
+            v
+        };
+        let main = "mod geometry;\nuse crate::net::client::Client;\nuse std::io;\n";
+        assert_eq!(
+            named(&ws.import_hops("src/main.rs", main)),
+            [
+                ("src/geometry.rs".to_string(), 1),
+                ("src/net/client.rs".to_string(), 1),
+                ("src/units.rs".to_string(), 2),
+            ]
+        );
+        // A file's own imports of itself do not count; `..` out of the
+        // root names nothing.
+        assert_eq!(
+            named(&ws.import_hops("pkg/a.py", &files[4].1)),
+            [
+                ("mime/text.py".to_string(), 2),
+                ("pkg/b.py".to_string(), 1),
+                ("pkg/c.py".to_string(), 1)
+            ]
+        );
+        assert_eq!(
+            named(&ws.import_hops("web/app.ts", &files[8].1)),
+            [
+                ("shared/g/index.ts".to_string(), 1),
+                ("web/lib/f.ts".to_string(), 1)
+            ]
+        );
+        assert!(ws.import_hops("notes.txt", main).is_empty());
+    }
+
+    #[test]
+    fn imported_files_lead_where_names_alone_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("m.gguf");
+        crate::demo::write_demo_model(&model_path).unwrap();
+        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let files: Vec<(String, String)> = [
+            ("src/geometry.rs", "/// The area of a square.\npub fn square_area(side: f64) -> f64 {\n    side * side\n}\n"),
+            ("src/net/client.rs", "pub struct Client;\n"),
+            ("src/other/client.rs", "pub struct Client;\n"),
+        ]
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect();
+        let ws = Workspace::of_files(dir.path(), &files);
+        let ranker = Ranker::new(None, 3);
+        let memo = crate::prompt::TokenCounts::default();
+        let counter = Counter {
+            tok: &tok,
+            memo: &memo,
+            repo: None,
+        };
+        // `square_area` is named nowhere in the file: only the import
+        // brings its signature.
+        let prefix = "mod geometry;\nuse crate::net::client::Client;\n\nfn main() {\n    let c: Client;\n    let a = geometry::";
+        let p = select(
+            &ws,
+            &[],
+            "src/main.rs",
+            prefix,
+            "\n}\n",
+            &ranker,
+            &counter,
+            10_000,
+        );
+        let area = (p.snippets.iter())
+            .find(|s| s.path == "src/geometry.rs")
+            .unwrap_or_else(|| panic!("{:#?}", p.snippets));
+        assert_eq!(area.resolution, "signature");
+        assert!(
+            area.why.contains("the cursor's file imports it"),
+            "{}",
+            area.why
+        );
+        // Of two definitions of `Client`, the imported one ranks first.
+        let rank = |path: &str| {
+            (p.ranking.iter().position(|(p, ..)| p == path))
+                .unwrap_or_else(|| panic!("{path}: {:?}", p.ranking))
+        };
+        assert!(
+            rank("src/net/client.rs") < rank("src/other/client.rs"),
+            "{:?}",
+            p.ranking
+        );
     }
 
     #[test]

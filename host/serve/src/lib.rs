@@ -23,6 +23,7 @@ pub mod demo;
 pub mod engine;
 pub mod fim;
 pub mod http;
+pub mod imports;
 pub mod index_cache;
 pub mod lsp;
 pub mod metrics;

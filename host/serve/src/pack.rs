@@ -42,11 +42,13 @@ pub struct Item<'a> {
     /// Where it comes from (path, first line): the stable order.
     pub key: (&'a str, u32),
     /// Alternatives (one definition at several resolutions) share a group:
-    /// at most one of them is taken. Grouped items are definitions, and
-    /// meet the floor against the best definition; the others against the
-    /// best of the others (a definition's score carries the weight of the
-    /// names it defines, which text found by its words never has).
+    /// at most one of them is taken.
     pub group: Option<u32>,
+    /// A definition (of a name near the cursor, or in an imported file):
+    /// it meets the floor against the best definition, the others against
+    /// the best of the others (a definition's score carries the weight of
+    /// the names it defines, which text found by its words never has).
+    pub definition: bool,
 }
 
 fn jaccard(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
@@ -63,7 +65,7 @@ fn jaccard(a: &HashSet<&str>, b: &HashSet<&str>) -> f32 {
 pub fn choose(items: &[Item<'_>], budget: usize) -> Vec<usize> {
     let best_of = |definitions: bool| {
         (items.iter())
-            .filter(|i| i.group.is_some() == definitions)
+            .filter(|i| i.definition == definitions)
             .map(|i| i.score)
             .fold(0.0f32, f32::max)
     };
@@ -74,7 +76,7 @@ pub fn choose(items: &[Item<'_>], budget: usize) -> Vec<usize> {
     let mut ranked: Vec<usize> = (0..items.len())
         .filter(|&i| {
             let it = &items[i];
-            let best = best[usize::from(it.group.is_some())];
+            let best = best[usize::from(it.definition)];
             it.score > 0.0 && it.score >= FLOOR * best && it.tokens <= budget
         })
         .collect();
@@ -192,6 +194,7 @@ mod tests {
                 words,
                 key: (path, 0),
                 group: None,
+                definition: false,
             })
             .collect()
     }
@@ -312,6 +315,7 @@ mod tests {
             let mut its = items(&specs);
             for (it, &g) in its.iter_mut().zip(&groups) {
                 it.group = Some(g);
+                it.definition = true;
             }
             let budget = rng.usize(1..300);
             let chosen = choose(&its, budget);

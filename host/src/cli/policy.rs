@@ -422,13 +422,14 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
             c.line_distance(),
             c.flags(),
             c.definition(),
+            c.import_hops(),
         ));
     }
 }
 
 export_ranker!(
     rank,
-    b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}"
+    b"{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}"
 );
 "#;
 
@@ -456,7 +457,7 @@ const C_POLICY: &str = r#"/* The ranking policy @NAME@: scores each context cand
  * --ctxbench YOUR_REPO` to see whether it beats the built-in ranker. */
 #include "kiln_policy.h"
 
-KILN_POLICY_METADATA("{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}")
+KILN_POLICY_METADATA("{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}")
 KILN_DEFINE_ALLOC
 
 static float score(const kiln_rank_input *in, const uint8_t *c) {
@@ -474,6 +475,8 @@ static float score(const kiln_rank_input *in, const uint8_t *c) {
     }
     if (flags & KILN_IMPORT_RELATED) s += 0.75f;
     if (flags & KILN_OPEN_IN_EDITOR) s += 0.25f;
+    uint32_t hops = kiln_cand_import_hops(in, c);
+    if (hops > 0) s += 2.0f / (float)hops;
     return s;
 }
 

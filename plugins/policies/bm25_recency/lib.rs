@@ -13,11 +13,12 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
             c.line_distance(),
             c.flags(),
             c.definition(),
+            c.import_hops(),
         ));
     }
 }
 
 export_ranker!(
     rank,
-    b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"bm25-recency\",\"version\":\"1.1.0\"}"
+    b"{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"bm25-recency\",\"version\":\"1.1.0\"}"
 );

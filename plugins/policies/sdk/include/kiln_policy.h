@@ -1,10 +1,10 @@
 /*
  * kiln_policy.h — write a kiln policy in C (clang --target=wasm32).
  *
- * Policy ABI 1.2; the contract is sandbox/ABI.md. A ranking policy:
+ * Policy ABI 1.3; the contract is sandbox/ABI.md. A ranking policy:
  *
  *   #include "kiln_policy.h"
- *   KILN_POLICY_METADATA("{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
+ *   KILN_POLICY_METADATA("{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
  *   KILN_DEFINE_ALLOC
  *   KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
  *       kiln_rank_input in;
@@ -25,7 +25,7 @@
 #include <stdint.h>
 
 #define KILN_POLICY_ABI_MAJOR 1
-#define KILN_POLICY_ABI_MINOR 2
+#define KILN_POLICY_ABI_MINOR 3
 
 /* Candidate flags. */
 #define KILN_SAME_FILE 1u
@@ -84,9 +84,10 @@ typedef struct {
     const uint8_t *base;
     uint32_t n;
     uint32_t candidates;     /* offset of the first candidate record */
-    uint32_t candidate_size; /* bytes per record (48 in 1.0, 56 in 1.1, 72 in 1.2) */
+    uint32_t candidate_size; /* bytes per record (48 in 1.0, 56 in 1.1, 72 since 1.2) */
     uint32_t strings;        /* offset of the string table */
     uint32_t cursor;         /* offset of the cursor record */
+    uint32_t abi_minor;      /* the host's */
 } kiln_rank_input;
 
 static inline int kiln_rank_input_parse(const uint8_t *p, uint32_t len, kiln_rank_input *in) {
@@ -98,6 +99,7 @@ static inline int kiln_rank_input_parse(const uint8_t *p, uint32_t len, kiln_ran
     in->candidate_size = kiln_u32(p + 20);
     in->n = kiln_u32(p + 24);
     in->strings = kiln_u32(p + 28);
+    in->abi_minor = (uint32_t)(p[6] | p[7] << 8);
     return 1;
 }
 
@@ -134,6 +136,11 @@ static inline uint32_t kiln_cand_resolution(const kiln_rank_input *in, const uin
 /* ABI 1.2: folders between its file's and the cursor's; -1 when unknown. */
 static inline int32_t kiln_cand_path_distance(const kiln_rank_input *in, const uint8_t *c) {
     return in->candidate_size >= 68 ? (int32_t)kiln_u32(c + 64) : -1;
+}
+/* ABI 1.3: 1 when the cursor's file imports the snippet's file, 2 when a
+ * file it imports does; 0 neither, unknown, or an older host. */
+static inline uint32_t kiln_cand_import_hops(const kiln_rank_input *in, const uint8_t *c) {
+    return in->candidate_size >= 72 && in->abi_minor >= 3 ? kiln_u32(c + 68) : 0;
 }
 
 /* A string field (path, text): a pointer and a length in bytes. */

@@ -16,10 +16,16 @@ pub const OPEN_IN_EDITOR: u32 = 4;
 /// found fewer definitions than 32 in four repositories).
 pub const DEFINITION: f32 = 32.0;
 
+/// What a snippet of a file the cursor's file imports is worth, in BM25
+/// units (half that two imports away).
+pub const IMPORT: f32 = 2.0;
+
 /// Score of one candidate. Recencies are seconds (negative: unknown);
 /// `line_distance` is lines from the cursor in the same file (negative:
 /// another file); `definition` is how near the cursor the nearest name the
-/// candidate defines is used (ABI 1.2; 0: none).
+/// candidate defines is used (ABI 1.2; 0: none); `import_hops` is 1 when
+/// the cursor's file imports the candidate's, 2 when a file it imports
+/// does (ABI 1.3; 0: neither).
 pub fn bm25_recency(
     bm25: f32,
     edit_recency_s: f32,
@@ -27,6 +33,7 @@ pub fn bm25_recency(
     line_distance: i32,
     flags: u32,
     definition: f32,
+    import_hops: u32,
 ) -> f32 {
     let mut score = bm25;
     if definition > 0.0 {
@@ -49,6 +56,9 @@ pub fn bm25_recency(
     }
     if flags & OPEN_IN_EDITOR != 0 {
         score += 0.25;
+    }
+    if import_hops > 0 {
+        score += IMPORT / import_hops as f32;
     }
     score
 }

@@ -7,7 +7,7 @@
 //! fn rank(input: &RankInput, scores: &mut Vec<f32>) {
 //!     for c in input.candidates() { scores.push(c.bm25()); }
 //! }
-//! export_ranker!(rank, b"{\"abi\":\"1.2\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
+//! export_ranker!(rank, b"{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
 //! ```
 //!
 //! The byte layouts are in `sandbox/ABI.md`. Readers here honour the
@@ -18,7 +18,7 @@ pub mod formula;
 
 /// The policy ABI version this SDK writes in a policy's metadata.
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -187,6 +187,15 @@ impl<'a> Candidate<'a> {
             u32_at(self.input.bytes, self.at + 64) as i32
         } else {
             -1
+        }
+    }
+    /// ABI 1.3: 1 when the cursor's file imports the snippet's file, 2
+    /// when a file it imports does; 0 neither, unknown, or an older host.
+    pub fn import_hops(&self) -> u32 {
+        if self.size() >= 72 && u16_at(self.input.bytes, 6) >= 3 {
+            u32_at(self.input.bytes, self.at + 68)
+        } else {
+            0
         }
     }
     fn size(&self) -> usize {
