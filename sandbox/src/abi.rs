@@ -39,6 +39,9 @@ pub const OPEN_IN_EDITOR: u32 = 4;
 pub const RESOLUTION_LINES: u32 = 0;
 pub const RESOLUTION_SIGNATURE: u32 = 1;
 pub const RESOLUTION_BODY: u32 = 2;
+/// 1.3: lines of another open document the editor changed lately, with a
+/// few around them (the edit ring).
+pub const RESOLUTION_EDIT: u32 = 3;
 
 fn minus_one() -> f32 {
     -1.0

@@ -22,8 +22,8 @@ pub mod meta;
 pub mod runtime;
 
 pub use abi::{
-    Candidate, Cursor, OutputError, Param, ParamKind, RESOLUTION_BODY, RESOLUTION_LINES,
-    RESOLUTION_SIGNATURE, RankInput, Trial, TuneInput,
+    Candidate, Cursor, OutputError, Param, ParamKind, RESOLUTION_BODY, RESOLUTION_EDIT,
+    RESOLUTION_LINES, RESOLUTION_SIGNATURE, RankInput, Trial, TuneInput,
 };
 pub use limits::PolicyLimits;
 pub use meta::{PolicyKind, PolicyMeta};

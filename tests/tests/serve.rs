@@ -888,6 +888,32 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
     let meta = &r["result"]["kiln"];
     let sent = meta["prompt_tokens"].as_u64().unwrap() + meta["cached_tokens"].as_u64().unwrap();
     assert_eq!(sent, shown["prompt_tokens"].as_u64().unwrap(), "{r}");
+    // Lines changed in another open document (the edit ring, fed by
+    // didChange) come into the context with the lines around them.
+    let net_uri = format!("file://{}/net.py", ws.path().display());
+    let net: String = "def fetch(url):\n    return urlopen(url).read()\n".to_string()
+        + &(0..30)
+            .map(|i| format!("PAD_{i} = {i}\n"))
+            .collect::<String>();
+    open(&mut c, &net_uri, &net);
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": net_uri, "version": 2}, "contentChanges": [
+            {"range": {"start": {"line": 20, "character": 0}, "end": {"line": 20, "character": 0}},
+             "text": "WHEEL_RADIUS = circle_area(4)\n"}]}),
+    )
+    .unwrap();
+    let r = c.request("kiln/context", at(&uri, 3, 23)).unwrap();
+    let edit = (r["result"]["snippets"].as_array().unwrap().iter())
+        .find(|s| s["resolution"] == "edit")
+        .unwrap_or_else(|| panic!("no edited range: {r:#}"));
+    assert_eq!(edit["path"], "net.py", "{r:#}");
+    assert_eq!(
+        (edit["start_line"].as_u64(), edit["end_line"].as_u64()),
+        (Some(17), Some(24)),
+        "{r:#}"
+    );
+    assert!(edit["why"].as_str().unwrap().contains("edited"), "{r:#}");
     assert!(c.close().unwrap().success());
 
     // Clear errors.

@@ -122,7 +122,24 @@ pub struct OpenDoc<'a> {
     pub text: &'a str,
     pub opened: Instant,
     pub edited: Option<Instant>,
+    /// Its ranges edited last, newest first (the edit ring).
+    pub edits: &'a [Edited],
 }
+
+/// A range of an open document's lines the editor changed lately (the
+/// language server's `didChange`s; `crate::lsp::document::ring_add`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Edited {
+    /// The lines as the text is now, 0-based, the end exclusive.
+    pub start_line: u32,
+    pub end_line: u32,
+    pub at: Instant,
+}
+
+/// Lines around an edited range that come with it, and the most lines of
+/// one edited-range candidate.
+const EDIT_CONTEXT_LINES: u32 = 3;
+const EDIT_MAX_LINES: u32 = 40;
 
 /// Identifiers of at least 2 characters.
 pub fn words(text: &str) -> Vec<String> {
@@ -831,6 +848,8 @@ struct Scored<'a> {
     /// The weight of the module named at the cursor, when it is a member
     /// of that module's file; 0 otherwise.
     member_of: f32,
+    /// When its lines were edited, for a range of the edit ring.
+    edited: Option<Instant>,
 }
 
 /// Folders between two files' folders: up from `b`'s to the one they
@@ -1256,6 +1275,31 @@ pub fn select_with(
         .collect();
     lexical.sort_by(|a, b| b.0.total_cmp(&a.0));
     lexical.truncate(max_candidates);
+    // The ranges edited last in the other open documents, with a few
+    // lines around each (what the user is in the middle of changing).
+    let edited: Vec<(Chunk, &OpenDoc<'_>, Instant)> = (open_docs.iter())
+        .flat_map(|(d, defs)| {
+            let lines = d.text.lines().count() as u32;
+            (d.edits.iter()).filter_map(move |e| {
+                let start = e.start_line.saturating_sub(EDIT_CONTEXT_LINES);
+                let end = (e.end_line + EDIT_CONTEXT_LINES)
+                    .min(start + EDIT_MAX_LINES)
+                    .min(lines);
+                let text = line_range(d.text, start, end);
+                (!text.trim().is_empty()).then(|| {
+                    let chunk = Chunk {
+                        path: d.path.to_string(),
+                        start_line: start,
+                        words: words(&text),
+                        defines: defined_in(defs, start, end),
+                        text,
+                        modified: None,
+                    };
+                    (chunk, *d, e.at)
+                })
+            })
+        })
+        .collect();
     let mut scored: Vec<Scored<'_>> = (def_chunks.iter())
         .map(|(c, doc, group, resolution, member_of)| Scored {
             bm25: ws.bm25(&query, c),
@@ -1264,6 +1308,7 @@ pub fn select_with(
             group: Some(*group),
             resolution,
             member_of: *member_of,
+            edited: None,
         })
         .chain(lexical.into_iter().map(|(bm25, chunk, doc)| Scored {
             bm25,
@@ -1272,6 +1317,16 @@ pub fn select_with(
             group: None,
             resolution: "lines",
             member_of: 0.0,
+            edited: None,
+        }))
+        .chain(edited.iter().map(|(chunk, doc, at)| Scored {
+            bm25: ws.bm25(&query, chunk),
+            chunk,
+            doc: Some(*doc),
+            group: None,
+            resolution: "edit",
+            member_of: 0.0,
+            edited: Some(*at),
         }))
         .collect();
     scored.sort_by(|a, b| b.bm25.total_cmp(&a.bm25));
@@ -1321,9 +1376,10 @@ pub fn select_with(
                 token_count: blocks[i].1.min(u32::MAX as usize) as u32,
                 bm25: *bm25,
                 jaccard: inter as f32 / union.max(1) as f32,
-                edit_recency_s: match doc {
-                    Some(d) => d.edited.map_or(-1.0, |t| t.elapsed().as_secs_f32()),
-                    None => age(c.modified),
+                edit_recency_s: match (sc.edited, doc) {
+                    (Some(t), _) => t.elapsed().as_secs_f32(),
+                    (None, Some(d)) => d.edited.map_or(-1.0, |t| t.elapsed().as_secs_f32()),
+                    (None, None) => age(c.modified),
                 },
                 open_recency_s: doc.map_or(-1.0, |d| d.opened.elapsed().as_secs_f32()),
                 line_distance: -1,
@@ -1338,6 +1394,7 @@ pub fn select_with(
                 resolution: match sc.resolution {
                     "signature" => kiln_sandbox::RESOLUTION_SIGNATURE,
                     "body" => kiln_sandbox::RESOLUTION_BODY,
+                    "edit" => kiln_sandbox::RESOLUTION_EDIT,
                     _ => kiln_sandbox::RESOLUTION_LINES,
                 },
                 path_distance: path_distance(&c.path, cursor_path) as i32,
@@ -1454,7 +1511,9 @@ fn why(c: &Candidate, defined: &[String]) -> String {
         _ if c.import_related => parts.push("its file is named near the cursor".into()),
         _ => {}
     }
-    if c.open_in_editor {
+    if c.resolution == kiln_sandbox::RESOLUTION_EDIT {
+        parts.push(format!("edited {:.0} s ago", c.edit_recency_s));
+    } else if c.open_in_editor {
         parts.push("open in the editor".into());
     }
     parts.join(", ")
@@ -1758,6 +1817,75 @@ mod tests {
     }
 
     #[test]
+    fn ranges_edited_in_other_open_documents_are_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("m.gguf");
+        crate::demo::write_demo_model(&model_path).unwrap();
+        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let ws = Workspace::of_files(dir.path(), &[]);
+        let ranker = Ranker::new(None, 3);
+        let memo = crate::prompt::TokenCounts::default();
+        let counter = Counter {
+            tok: &tok,
+            memo: &memo,
+            repo: None,
+        };
+        let filler: String = (0..60)
+            .map(|i| format!("let unrelated_{i} = {i};\n"))
+            .collect();
+        let text = format!("{filler}let retry_budget = backoff(3);\n{filler}");
+        let edits = [Edited {
+            start_line: 60,
+            end_line: 61,
+            at: Instant::now(),
+        }];
+        let open = [OpenDoc {
+            path: "src/net.rs",
+            text: &text,
+            opened: Instant::now(),
+            edited: Some(Instant::now()),
+            edits: &edits,
+        }];
+        let prefix = "fn main() {\n    let b = retry_budget";
+        let p = select(
+            &ws,
+            &open,
+            "src/main.rs",
+            prefix,
+            "\n}\n",
+            &ranker,
+            &counter,
+            4_000,
+        );
+        let edit = (p.snippets.iter())
+            .find(|s| s.resolution == "edit")
+            .unwrap_or_else(|| panic!("{:#?}", p.snippets));
+        // The range and the lines around it, not the whole file.
+        assert_eq!(
+            (edit.path.as_str(), edit.start_line, edit.end_line),
+            ("src/net.rs", 57, 64)
+        );
+        assert!(edit.why.contains("edited 0 s ago"), "{}", edit.why);
+        // Without the ring, only chunks of the document found by its words.
+        let open = [OpenDoc {
+            edits: &[],
+            ..open[0]
+        }];
+        let p = select(
+            &ws,
+            &open,
+            "src/main.rs",
+            prefix,
+            "\n}\n",
+            &ranker,
+            &counter,
+            4_000,
+        );
+        assert!(p.snippets.iter().all(|s| s.resolution != "edit"));
+    }
+
+    #[test]
     fn selection_prefers_what_the_cursor_needs_and_fits_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let model_path = dir.path().join("m.gguf");
@@ -1790,6 +1918,7 @@ mod tests {
             text: "# radius of the wheel\nwheel_radius = 4\n",
             opened: Instant::now(),
             edited: None,
+            edits: &[],
         }];
         let prefix = "from shapes import circle_area\n\ndef wheel():\n    return circle_area(";
         let p = select(

@@ -9,6 +9,7 @@
 //! a UTF-8 sequence) is an error, and nothing slices text at a byte that
 //! is not a character boundary.
 
+use crate::context::Edited;
 use serde_json::Value;
 use std::time::Instant;
 
@@ -144,6 +145,9 @@ pub struct Document {
     pub text: String,
     pub opened: Instant,
     pub edited: Option<Instant>,
+    /// The ranges edited last, newest first: the edit ring
+    /// (`crate::context::Edited`).
+    pub edits: Vec<Edited>,
     /// Why kiln's text no longer matches the editor's, after an edit kiln
     /// could not apply. Completions are refused until a full-text change
     /// or a new `didOpen` brings the two back together.
@@ -156,6 +160,7 @@ impl Document {
             text,
             opened: Instant::now(),
             edited: None,
+            edits: Vec::new(),
             out_of_sync: None,
         }
     }
@@ -178,8 +183,11 @@ impl Document {
     /// edit that cannot be applied stops there, marks the document out of
     /// sync and comes back as the error.
     pub fn apply_changes(&mut self, changes: &Value, enc: PositionEncoding) -> Result<(), String> {
-        self.edited = Some(Instant::now());
+        let now = Instant::now();
+        self.edited = Some(now);
+        let before = self.text.clone();
         let result = self.apply(changes, enc);
+        ring_add(&mut self.edits, &before, &self.text, now);
         if let Err(e) = &result {
             self.mark_out_of_sync(e.clone());
         }
@@ -225,6 +233,65 @@ impl Document {
     }
 }
 
+/// Edited ranges kept per document.
+pub const EDIT_RING: usize = 8;
+/// Edits this many lines apart or nearer are one range.
+const EDIT_JOIN_LINES: u32 = 3;
+
+/// Records the change from `old` to `new` in `ring` (newest first): the
+/// lines that differ (between the common start and the common end, so a
+/// full-text change counts only what changed), ranges below it moved by
+/// the lines it added or removed, ranges it touches joined to it.
+pub fn ring_add(ring: &mut Vec<Edited>, old: &str, new: &str, at: Instant) {
+    let (o, n) = (old.as_bytes(), new.as_bytes());
+    let start = o.iter().zip(n).take_while(|(a, b)| a == b).count();
+    let end = (o[start..].iter().rev())
+        .zip(n[start..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    if start == o.len() && start == n.len() {
+        return; // no change
+    }
+    let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count() as u32;
+    let first = lines(&n[..start]);
+    let old_last = first + lines(&o[start..o.len() - end]);
+    let new_last = first + lines(&n[start..n.len() - end]);
+    let shift = i64::from(new_last) - i64::from(old_last);
+    // Text inserted up to a line break leaves the next line as it was.
+    let changed = &n[start..n.len() - end];
+    let end_line = if changed.last() == Some(&b'\n') {
+        new_last
+    } else {
+        new_last + 1
+    };
+    let mut range = Edited {
+        start_line: first,
+        end_line: end_line.max(first + 1),
+        at,
+    };
+    ring.retain_mut(|e| {
+        if e.start_line > old_last + EDIT_JOIN_LINES {
+            e.start_line = (i64::from(e.start_line) + shift).max(0) as u32;
+            e.end_line = (i64::from(e.end_line) + shift).max(1) as u32;
+            return true;
+        }
+        if e.end_line + EDIT_JOIN_LINES < first {
+            return true;
+        }
+        // Touched: joined into the new range (its lines as they are now).
+        let end = if e.end_line > old_last {
+            (i64::from(e.end_line) + shift).max(1) as u32
+        } else {
+            e.end_line
+        };
+        range.start_line = range.start_line.min(e.start_line);
+        range.end_line = range.end_line.max(end);
+        false
+    });
+    ring.insert(0, range);
+    ring.truncate(EDIT_RING);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +301,48 @@ mod tests {
 
     fn at(text: &str, line: u32, character: u32, enc: PositionEncoding) -> Option<usize> {
         offset(text, Position { line, character }, enc, "p").ok()
+    }
+
+    #[test]
+    fn the_edit_ring_follows_ranges_as_lines_move() {
+        let t0 = Instant::now();
+        let text: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let mut d = Document::new(text.clone());
+        let ranges = |d: &Document| -> Vec<(u32, u32)> {
+            d.edits.iter().map(|e| (e.start_line, e.end_line)).collect()
+        };
+        // A character typed on line 15.
+        let change = |line: u32, text: &str| json!([{"range": {"start": {"line": line, "character": 0}, "end": {"line": line, "character": 0}}, "text": text}]);
+        d.apply_changes(&change(15, "x"), Utf16).unwrap();
+        assert_eq!(ranges(&d), [(15, 16)]);
+        // Two lines inserted at line 2 move the range below them down.
+        d.apply_changes(&change(2, "a\nb\n"), Utf16).unwrap();
+        assert_eq!(ranges(&d), [(2, 4), (17, 18)]);
+        // An edit next to a range joins it.
+        d.apply_changes(&change(6, "y"), Utf16).unwrap();
+        assert_eq!(ranges(&d), [(2, 7), (17, 18)]);
+        // A full-text change counts only the lines that differ.
+        let mut full = d.text.clone();
+        full = full.replace("line 10\n", "line ten\n");
+        d.apply_changes(&json!([{"text": full}]), Utf16).unwrap();
+        assert_eq!(ranges(&d), [(12, 13), (2, 7), (17, 18)]);
+        // The same text again changes nothing; deleting two lines moves
+        // the ranges below up, and joins those within 3 lines.
+        d.apply_changes(&json!([{"text": full}]), Utf16).unwrap();
+        assert_eq!(d.edits.len(), 3);
+        let range = json!([{"range": {"start": {"line": 8, "character": 0}, "end": {"line": 10, "character": 0}}, "text": ""}]);
+        d.apply_changes(&range, Utf16).unwrap();
+        assert_eq!(ranges(&d), [(2, 11), (15, 16)]);
+        // At most EDIT_RING ranges, the newest kept.
+        let mut ring = Vec::new();
+        let mut text: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        for i in 0..12 {
+            let next = text.replacen(&format!("line {}\n", i * 10), "changed\n", 1);
+            ring_add(&mut ring, &text, &next, t0);
+            text = next;
+        }
+        let got: Vec<u32> = ring.iter().map(|e| e.start_line).collect();
+        assert_eq!(got, [110, 100, 90, 80, 70, 60, 50, 40]);
     }
 
     #[test]

@@ -1265,6 +1265,7 @@ fn open_docs<'a>(docs: &'a [(String, &'a Document)]) -> Vec<OpenDoc<'a>> {
             text: &d.text,
             opened: d.opened,
             edited: d.edited,
+            edits: &d.edits,
         })
         .collect()
 }

@@ -129,6 +129,7 @@ static inline float kiln_cand_definition(const kiln_rank_input *in, const uint8_
 #define KILN_RESOLUTION_LINES 0u
 #define KILN_RESOLUTION_SIGNATURE 1u
 #define KILN_RESOLUTION_BODY 2u
+#define KILN_RESOLUTION_EDIT 3u /* 1.3: lines of another open document edited lately */
 /* ABI 1.2: KILN_RESOLUTION_LINES, _SIGNATURE or _BODY. */
 static inline uint32_t kiln_cand_resolution(const kiln_rank_input *in, const uint8_t *c) {
     return in->candidate_size >= 64 ? kiln_u32(c + 60) : KILN_RESOLUTION_LINES;

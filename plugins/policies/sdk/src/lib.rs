@@ -207,6 +207,8 @@ impl<'a> Candidate<'a> {
 pub const RESOLUTION_LINES: u32 = 0;
 pub const RESOLUTION_SIGNATURE: u32 = 1;
 pub const RESOLUTION_BODY: u32 = 2;
+/// ABI 1.3: lines of another open document edited lately.
+pub const RESOLUTION_EDIT: u32 = 3;
 
 /// The parameter kinds of a tuning space.
 #[derive(Clone, Copy, Debug, PartialEq)]
