@@ -888,6 +888,30 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
     let meta = &r["result"]["kiln"];
     let sent = meta["prompt_tokens"].as_u64().unwrap() + meta["cached_tokens"].as_u64().unwrap();
     assert_eq!(sent, shown["prompt_tokens"].as_u64().unwrap(), "{r}");
+    // The completion shown is the line's second query from now on: the
+    // context shows it, and the next completion sends that prompt.
+    let completion = r["result"]["items"][0]["insertText"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!completion.trim().is_empty(), "{r}");
+    let r = c.request("kiln/context", at(&uri, 3, 23)).unwrap();
+    assert_eq!(r["result"]["second_query"], completion.as_str(), "{r:#}");
+    let again = c
+        .request("textDocument/inlineCompletion", at(&uri, 3, 23))
+        .unwrap();
+    let meta = &again["result"]["kiln"];
+    let sent = meta["prompt_tokens"].as_u64().unwrap() + meta["cached_tokens"].as_u64().unwrap();
+    assert_eq!(
+        sent,
+        r["result"]["prompt_tokens"].as_u64().unwrap(),
+        "{again}"
+    );
+    let r = c.request("kiln/context", at(&uri, 2, 0)).unwrap();
+    assert!(
+        r["result"].get("second_query").is_none(),
+        "another line: {r:#}"
+    );
     // Lines changed in another open document (the edit ring, fed by
     // didChange) come into the context with the lines around them.
     let net_uri = format!("file://{}/net.py", ws.path().display());

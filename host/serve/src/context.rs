@@ -978,6 +978,7 @@ pub fn select(
         path: cursor_path,
         prefix,
         suffix,
+        last_completion: None,
     };
     select_with(ws, open, &at, ranker, tok, budget, Selection::Kiln)
 }
@@ -998,7 +999,16 @@ pub struct SelectAt<'a> {
     pub path: &'a str,
     pub prefix: &'a str,
     pub suffix: &'a str,
+    /// The completion last shown at this cursor, if any: a second query
+    /// (its identifiers join the query and the names near the cursor,
+    /// weighted as if [`NEAR_LINES`] lines away), so the definitions the
+    /// model reached for come into the next prompt.
+    pub last_completion: Option<&'a str>,
 }
+
+/// The weight of a name the last completion uses (one [`NEAR_LINES`]
+/// lines from the cursor).
+const LAST_COMPLETION_WEIGHT: f32 = 0.5;
 
 /// [`select`] with a choice of packing.
 pub fn select_with(
@@ -1024,10 +1034,17 @@ pub fn select_with(
     // first lines after it.
     let tail: Vec<&str> = prefix.lines().rev().take(30).collect();
     let head: Vec<&str> = suffix.lines().take(10).collect();
+    let second: Vec<String> = match (selection, at.last_completion) {
+        (Selection::Kiln, Some(text)) => (words(text).into_iter())
+            .filter(|w| !is_keyword(w))
+            .collect(),
+        _ => Vec::new(),
+    };
     let query: HashSet<String> = words(&tail.join("\n"))
         .into_iter()
         .chain(words(&head.join("\n")))
         .filter(|w| !is_keyword(w))
+        .chain(second.iter().cloned())
         .collect();
     if query.is_empty() {
         return Packed::default();
@@ -1049,10 +1066,15 @@ pub fn select_with(
     // The definitions in other files of the names near the cursor (the
     // workspace's, and the open documents' as they are now); names the
     // cursor's file defines itself need none.
-    let near = match selection {
+    let mut near = match selection {
         Selection::Kiln => cursor_identifiers(prefix, suffix),
         Selection::Bm25FirstFit => HashMap::new(),
     };
+    for name in &second {
+        let w = near.entry(name.clone()).or_insert(0.0);
+        *w = w.max(LAST_COMPLETION_WEIGHT);
+    }
+    let near = near;
     let own: HashSet<String> = if near.is_empty() {
         HashSet::new()
     } else {
@@ -1883,6 +1905,62 @@ mod tests {
             4_000,
         );
         assert!(p.snippets.iter().all(|s| s.resolution != "edit"));
+    }
+
+    #[test]
+    fn the_last_completion_is_a_second_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = dir.path().join("m.gguf");
+        crate::demo::write_demo_model(&model_path).unwrap();
+        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let files: Vec<(String, String)> = [
+            ("src/http.rs", "/// Reads a request's header block.\npub fn parse_header(buf: &[u8]) -> Header {\n    todo!()\n}\n"),
+            ("src/log.rs", "pub fn note(msg: &str) {\n    eprintln!(\"{msg}\");\n}\n"),
+        ]
+        .iter()
+        .map(|(p, t)| (p.to_string(), t.to_string()))
+        .collect();
+        let ws = Workspace::of_files(dir.path(), &files);
+        let ranker = Ranker::new(None, 3);
+        let memo = crate::prompt::TokenCounts::default();
+        let counter = Counter {
+            tok: &tok,
+            memo: &memo,
+            repo: None,
+        };
+        let pick = |last: Option<&str>| {
+            let at = SelectAt {
+                path: "src/main.rs",
+                prefix: "fn serve(input: String) {\n    note(\"start\");\n    let h = ",
+                suffix: "\n}\n",
+                last_completion: last,
+            };
+            select_with(&ws, &[], &at, &ranker, &counter, 2_000, Selection::Kiln)
+        };
+        let has = |p: &Packed| p.snippets.iter().any(|s| s.path == "src/http.rs");
+        assert!(!has(&pick(None)), "nothing near the cursor names it");
+        let p = pick(Some("parse_header(input.as_bytes());"));
+        let http = (p.snippets.iter())
+            .find(|s| s.path == "src/http.rs")
+            .unwrap_or_else(|| panic!("{:#?}", p.snippets));
+        assert!(
+            http.why.contains("defines parse_header (definition 0.50)"),
+            "{}",
+            http.why
+        );
+        // What the cursor's own lines name still leads.
+        let note = p
+            .snippets
+            .iter()
+            .position(|s| s.path == "src/log.rs")
+            .unwrap();
+        let at = p
+            .snippets
+            .iter()
+            .position(|s| s.path == "src/http.rs")
+            .unwrap();
+        assert!(note > at, "the best snippet is last: {:#?}", p.snippets);
     }
 
     #[test]

@@ -312,6 +312,7 @@ fn choose(
                 path: &hole.file,
                 prefix,
                 suffix,
+                last_completion: None,
             };
             let p = context::select_with(ws, &[], &at, ranker, tok, budget, selection);
             Chosen {
@@ -649,11 +650,15 @@ impl Corpus<'_> {
             .filter(|h| h.kind == "cross_file")
             .take(run.holes)
             .collect();
-        const NAMES: [&str; 5] = [
+        // `kiln_second_query`: kiln's selector again, with kiln's own
+        // greedy completion as its second query (as the language server
+        // does once a completion was shown on the cursor's line).
+        const NAMES: [&str; 6] = [
             "none",
             "bm25_first_fit",
             "jaccard_windows",
             "kiln",
+            "kiln_second_query",
             "oracle",
         ];
         // Per selector, per hole: (nll, exact, similarity, context tokens).
@@ -668,8 +673,27 @@ impl Corpus<'_> {
             if target.is_empty() {
                 continue;
             }
+            let mut kiln_completion = String::new();
             for (s, name) in NAMES.iter().enumerate() {
                 let (context, tokens) = match *name {
+                    "kiln_second_query" => {
+                        let at = SelectAt {
+                            path: &hole.file,
+                            prefix: &prefix,
+                            suffix: &suffix,
+                            last_completion: Some(&kiln_completion),
+                        };
+                        let p = context::select_with(
+                            ws,
+                            &[],
+                            &at,
+                            run.ranker,
+                            &tok,
+                            run.budget,
+                            Selection::Kiln,
+                        );
+                        (p.text, p.tokens)
+                    }
                     "oracle" => {
                         let mut block = String::new();
                         let mut used = 0;
@@ -710,6 +734,9 @@ impl Corpus<'_> {
                 request.stop = vec!["\n".to_string()];
                 let g = generate(run.session, &loaded.tok, &request, |_| true)
                     .map_err(|e| e.to_string())?;
+                if *name == "kiln" {
+                    kiln_completion = g.text.clone();
+                }
                 let line = g.text.lines().next().unwrap_or("").trim_end();
                 let exact = f64::from(u8::from(line == truth));
                 per[s].push((loss, exact, edit_similarity(line, truth), tokens));

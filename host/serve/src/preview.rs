@@ -71,6 +71,10 @@ pub struct Preview {
     pub context_tokens: usize,
     /// In the order they appear in the prompt.
     pub snippets: Vec<Snippet>,
+    /// The completion shown last on the cursor's line, when the selection
+    /// used it as its second query.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_query: Option<String>,
     pub prefix_tokens: usize,
     pub suffix_tokens: usize,
     /// The whole prompt as the model reads it, and its exact token count
@@ -89,6 +93,9 @@ pub struct At<'a> {
     pub path: &'a str,
     pub text: &'a str,
     pub offset: usize,
+    /// The completion shown last on the cursor's line (the selection's
+    /// second query), as the language server has it.
+    pub last_completion: Option<&'a str>,
 }
 
 /// The prompt a completion at `at` would send, its context chosen from
@@ -105,7 +112,21 @@ pub fn preview(
     let (prefix, suffix) = cut(loaded, at.text, at.offset, settings);
     let counter = Counter::of(loaded);
     let budget = settings.context_tokens;
-    let packed = context::select(ws, open, at.path, prefix, suffix, ranker, &counter, budget);
+    let select_at = context::SelectAt {
+        path: at.path,
+        prefix,
+        suffix,
+        last_completion: at.last_completion,
+    };
+    let packed = context::select_with(
+        ws,
+        open,
+        &select_at,
+        ranker,
+        &counter,
+        budget,
+        context::Selection::Kiln,
+    );
     let repo = ws.repo_name();
     let file = repo.as_deref().map(|r| (r, at.path));
     let tokens = prompt::fim_tokens(loaded, &packed.text, prefix, suffix, file, limit)
@@ -119,6 +140,7 @@ pub fn preview(
         context_budget: budget,
         context_tokens: packed.tokens,
         snippets: packed.snippets,
+        second_query: at.last_completion.map(str::to_string),
         prefix_tokens: counter.count(prefix),
         suffix_tokens: counter.count(suffix),
         prefix_range: (!prefix.is_empty())

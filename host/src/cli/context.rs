@@ -94,6 +94,7 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
         path: &rel,
         text: &text,
         offset,
+        last_completion: None,
     };
     let p = preview(&loaded, &ws, &[], &at, &args.settings, &ranker, limit).map_err(CliError)?;
     if args.json {

@@ -132,6 +132,9 @@ struct Server {
     /// The context block chosen for (document, line): kept while the user
     /// types on that line so the prompt's start stays the same (KV reuse).
     context_memo: Option<ContextMemo>,
+    /// The completion shown last, in any document: on its line it is the
+    /// next selection's second query.
+    shown: Shown,
     metrics: Arc<Metrics>,
     decisions: DecisionLog,
     /// A/B experiments on the served model, and every inline item's id.
@@ -141,11 +144,17 @@ struct Server {
     indexing: Option<bool>,
 }
 
+/// The completion shown last: (uri, line, text).
+type Shown = Arc<Mutex<Option<(String, u32, String)>>>;
+
 /// The context block chosen for a (document, line), and the ranking
 /// decision behind it.
 struct ContextMemo {
     uri: String,
     line: u32,
+    /// Chosen with a completion shown on this line as the second query:
+    /// kept for the rest of the line.
+    second_query: bool,
     text: String,
     decision: Option<PendingDecision>,
     /// What the dashboard shows of it: the snippets (path, lines,
@@ -223,6 +232,7 @@ pub fn run(
         pending: Arc::default(),
         progress: None,
         context_memo: None,
+        shown: Arc::default(),
         metrics: metrics.clone(),
         decisions: DecisionLog::start(config, metrics),
         ab: ab::Ab::default(),
@@ -841,10 +851,12 @@ impl Server {
         let others = self.other_documents(uri);
         let open = open_docs(&others);
         let rel = self.relative(uri);
+        let second = self.second_query(uri, pos.line);
         let at = crate::preview::At {
             path: &rel,
             text: &doc.text,
             offset,
+            last_completion: second.as_deref(),
         };
         let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
         let limit = engine
@@ -1100,21 +1112,30 @@ impl Server {
         let counter = Counter::of(&loaded);
         let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
         let rel = self.relative(uri);
+        // The completion shown last on this line, if any: once there is
+        // one, the line's context is chosen once more with it as the
+        // second query, then kept.
+        let second = self.second_query(uri, line);
         let memo = match self.context_memo.take() {
-            Some(m) if m.uri == uri && m.line == line => m,
+            Some(m) if m.uri == uri && m.line == line && (m.second_query || second.is_none()) => m,
             _ => {
                 let others = self.other_documents(uri);
                 let open = open_docs(&others);
                 let ws = self.workspace.read().unwrap_or_else(|p| p.into_inner());
-                let packed = context::select(
-                    &ws,
-                    &open,
-                    &rel,
+                let at = context::SelectAt {
+                    path: &rel,
                     prefix,
                     suffix,
+                    last_completion: second.as_deref(),
+                };
+                let packed = context::select_with(
+                    &ws,
+                    &open,
+                    &at,
                     &self.ranker,
                     &counter,
                     s.context_tokens,
+                    context::Selection::Kiln,
                 );
                 let layout = json!({
                     "tokens": packed.tokens,
@@ -1130,6 +1151,7 @@ impl Server {
                 ContextMemo {
                     uri: uri.to_string(),
                     line,
+                    second_query: second.is_some(),
                     layout,
                     text: packed.text,
                     decision: packed
@@ -1189,6 +1211,7 @@ impl Server {
             key: key.clone(),
             decision,
             tag,
+            shown: (self.shown.clone(), uri.to_string(), line),
         };
         // Held across the submit, so that a job that ends at once finds
         // its entry to remove.
@@ -1198,6 +1221,15 @@ impl Server {
     }
 
     /// The open documents other than `uri`, by workspace-relative path.
+    /// The completion shown last at `line` of `uri`, if the last one
+    /// shown was there.
+    fn second_query(&self, uri: &str, line: u32) -> Option<String> {
+        let last = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        (last.as_ref())
+            .filter(|(u, l, _)| u == uri && *l == line)
+            .map(|(_, _, text)| text.clone())
+    }
+
     fn other_documents(&self, uri: &str) -> Vec<(String, &Document)> {
         (self.docs.iter())
             .filter(|(u, _)| u.as_str() != uri)
@@ -1285,6 +1317,9 @@ struct Reply {
     decision: Option<PendingDecision>,
     /// Inline items: the completion's id and experiment.
     tag: Option<ab::Tag>,
+    /// Where the completion is remembered once shown: (the server's
+    /// last shown completion, uri, line).
+    shown: (Shown, String, u32),
 }
 
 impl Sink for Reply {
@@ -1303,6 +1338,7 @@ impl Sink for Reply {
             key,
             decision,
             tag,
+            shown,
         } = *self;
         pending
             .lock()
@@ -1327,6 +1363,10 @@ impl Sink for Reply {
             };
         }
         let text = f.generation.text;
+        if !text.trim().is_empty() {
+            let (last, uri, line) = shown;
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((uri, line, text.clone()));
+        }
         let range = json!({"start": position, "end": position});
         let meta = json!({
             "time_to_first_token_ms": f.time_to_first_token_ms,
