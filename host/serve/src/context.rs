@@ -1545,6 +1545,32 @@ fn why(c: &Candidate, defined: &[String]) -> String {
 mod tests {
     use super::*;
 
+    /// The demo model's tokenizer, for exact token counts.
+    struct Demo {
+        tok: kiln_runtime::tokenizer::Tokenizer,
+        memo: crate::prompt::TokenCounts,
+    }
+
+    impl Demo {
+        fn new(dir: &Path) -> Demo {
+            let model_path = dir.join("m.gguf");
+            crate::demo::write_demo_model(&model_path).unwrap();
+            let model = kiln_runtime::model::Model::load(&model_path).unwrap();
+            Demo {
+                tok: model.tokenizer().unwrap(),
+                memo: crate::prompt::TokenCounts::default(),
+            }
+        }
+
+        fn counter(&self) -> Counter<'_> {
+            Counter {
+                tok: &self.tok,
+                memo: &self.memo,
+                repo: None,
+            }
+        }
+    }
+
     #[test]
     fn the_walk_respects_gitignore_and_chunks_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -1784,10 +1810,7 @@ mod tests {
     #[test]
     fn imported_files_lead_where_names_alone_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        let model_path = dir.path().join("m.gguf");
-        crate::demo::write_demo_model(&model_path).unwrap();
-        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
-        let tok = model.tokenizer().unwrap();
+        let demo = Demo::new(dir.path());
         let files: Vec<(String, String)> = [
             ("src/geometry.rs", "/// The area of a square.\npub fn square_area(side: f64) -> f64 {\n    side * side\n}\n"),
             ("src/net/client.rs", "pub struct Client;\n"),
@@ -1798,12 +1821,7 @@ mod tests {
         .collect();
         let ws = Workspace::of_files(dir.path(), &files);
         let ranker = Ranker::new(None, 3);
-        let memo = crate::prompt::TokenCounts::default();
-        let counter = Counter {
-            tok: &tok,
-            memo: &memo,
-            repo: None,
-        };
+        let counter = demo.counter();
         // `square_area` is named nowhere in the file: only the import
         // brings its signature.
         let prefix = "mod geometry;\nuse crate::net::client::Client;\n\nfn main() {\n    let c: Client;\n    let a = geometry::";
@@ -1841,18 +1859,10 @@ mod tests {
     #[test]
     fn ranges_edited_in_other_open_documents_are_candidates() {
         let dir = tempfile::tempdir().unwrap();
-        let model_path = dir.path().join("m.gguf");
-        crate::demo::write_demo_model(&model_path).unwrap();
-        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
-        let tok = model.tokenizer().unwrap();
+        let demo = Demo::new(dir.path());
         let ws = Workspace::of_files(dir.path(), &[]);
         let ranker = Ranker::new(None, 3);
-        let memo = crate::prompt::TokenCounts::default();
-        let counter = Counter {
-            tok: &tok,
-            memo: &memo,
-            repo: None,
-        };
+        let counter = demo.counter();
         let filler: String = (0..60)
             .map(|i| format!("let unrelated_{i} = {i};\n"))
             .collect();
@@ -1910,10 +1920,7 @@ mod tests {
     #[test]
     fn the_last_completion_is_a_second_query() {
         let dir = tempfile::tempdir().unwrap();
-        let model_path = dir.path().join("m.gguf");
-        crate::demo::write_demo_model(&model_path).unwrap();
-        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
-        let tok = model.tokenizer().unwrap();
+        let demo = Demo::new(dir.path());
         let files: Vec<(String, String)> = [
             ("src/http.rs", "/// Reads a request's header block.\npub fn parse_header(buf: &[u8]) -> Header {\n    todo!()\n}\n"),
             ("src/log.rs", "pub fn note(msg: &str) {\n    eprintln!(\"{msg}\");\n}\n"),
@@ -1923,12 +1930,7 @@ mod tests {
         .collect();
         let ws = Workspace::of_files(dir.path(), &files);
         let ranker = Ranker::new(None, 3);
-        let memo = crate::prompt::TokenCounts::default();
-        let counter = Counter {
-            tok: &tok,
-            memo: &memo,
-            repo: None,
-        };
+        let counter = demo.counter();
         let pick = |last: Option<&str>| {
             let at = SelectAt {
                 path: "src/main.rs",
@@ -1966,10 +1968,7 @@ mod tests {
     #[test]
     fn selection_prefers_what_the_cursor_needs_and_fits_the_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let model_path = dir.path().join("m.gguf");
-        crate::demo::write_demo_model(&model_path).unwrap();
-        let model = kiln_runtime::model::Model::load(&model_path).unwrap();
-        let tok = model.tokenizer().unwrap();
+        let demo = Demo::new(dir.path());
         let src = dir.path().join("src");
         std::fs::create_dir(&src).unwrap();
         std::fs::write(
@@ -1985,12 +1984,7 @@ mod tests {
         let ws = Workspace::index(dir.path());
         assert_eq!(ws.files(), 2);
         let ranker = Ranker::new(None, 3);
-        let memo = crate::prompt::TokenCounts::default();
-        let counter = Counter {
-            tok: &tok,
-            memo: &memo,
-            repo: None,
-        };
+        let counter = demo.counter();
         let open = [OpenDoc {
             path: "notes.py",
             text: "# radius of the wheel\nwheel_radius = 4\n",
@@ -2013,7 +2007,7 @@ mod tests {
             p.text
         );
         assert!(p.text.contains("# notes.py\n"), "open documents take part");
-        assert_eq!(p.tokens, tok.encode(&p.text, false).unwrap().len());
+        assert_eq!(p.tokens, demo.tok.encode(&p.text, false).unwrap().len());
         // A budget too small for any snippet leaves the block empty.
         let p = select(&ws, &open, "main.py", prefix, ")\n", &ranker, &counter, 5);
         assert!(p.text.is_empty() && p.tokens == 0);
