@@ -1551,6 +1551,13 @@ mod tests {
         memo: crate::prompt::TokenCounts,
     }
 
+    /// (path, text) pairs as `Workspace::of_files` takes them.
+    fn owned(files: &[(&str, &str)]) -> Vec<(String, String)> {
+        (files.iter())
+            .map(|(p, t)| (p.to_string(), t.to_string()))
+            .collect()
+    }
+
     impl Demo {
         fn new(dir: &Path) -> Demo {
             let model_path = dir.join("m.gguf");
@@ -1766,9 +1773,7 @@ mod tests {
             ("web/lib/f.ts", "export function f() {}\n"),
             ("shared/g/index.ts", "export default 1;\n"),
         ];
-        let files: Vec<(String, String)> = (files.iter())
-            .map(|(p, t)| (p.to_string(), t.to_string()))
-            .collect();
+        let files = owned(&files);
         let root = dir.path().join("email");
         let ws = Workspace::of_files(&root, &files);
         let named = |hops: &HashMap<u32, u8>| -> Vec<(String, u8)> {
@@ -1811,14 +1816,14 @@ mod tests {
     fn imported_files_lead_where_names_alone_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let demo = Demo::new(dir.path());
-        let files: Vec<(String, String)> = [
-            ("src/geometry.rs", "/// The area of a square.\npub fn square_area(side: f64) -> f64 {\n    side * side\n}\n"),
+        let files = owned(&[
+            (
+                "src/geometry.rs",
+                "/// The area of a square.\npub fn square_area(side: f64) -> f64 {\n    side * side\n}\n",
+            ),
             ("src/net/client.rs", "pub struct Client;\n"),
             ("src/other/client.rs", "pub struct Client;\n"),
-        ]
-        .iter()
-        .map(|(p, t)| (p.to_string(), t.to_string()))
-        .collect();
+        ]);
         let ws = Workspace::of_files(dir.path(), &files);
         let ranker = Ranker::new(None, 3);
         let counter = demo.counter();
@@ -1921,13 +1926,16 @@ mod tests {
     fn the_last_completion_is_a_second_query() {
         let dir = tempfile::tempdir().unwrap();
         let demo = Demo::new(dir.path());
-        let files: Vec<(String, String)> = [
-            ("src/http.rs", "/// Reads a request's header block.\npub fn parse_header(buf: &[u8]) -> Header {\n    todo!()\n}\n"),
-            ("src/log.rs", "pub fn note(msg: &str) {\n    eprintln!(\"{msg}\");\n}\n"),
-        ]
-        .iter()
-        .map(|(p, t)| (p.to_string(), t.to_string()))
-        .collect();
+        let files = owned(&[
+            (
+                "src/http.rs",
+                "/// Reads a request's header block.\npub fn parse_header(buf: &[u8]) -> Header {\n    todo!()\n}\n",
+            ),
+            (
+                "src/log.rs",
+                "pub fn note(msg: &str) {\n    eprintln!(\"{msg}\");\n}\n",
+            ),
+        ]);
         let ws = Workspace::of_files(dir.path(), &files);
         let ranker = Ranker::new(None, 3);
         let counter = demo.counter();
