@@ -1885,16 +1885,11 @@ mod tests {
             edits: &edits,
         }];
         let prefix = "fn main() {\n    let b = retry_budget";
-        let p = select(
-            &ws,
-            &open,
-            "src/main.rs",
-            prefix,
-            "\n}\n",
-            &ranker,
-            &counter,
-            4_000,
-        );
+        let pick = |open: &[OpenDoc<'_>]| {
+            let at = "src/main.rs";
+            select(&ws, open, at, prefix, "\n}\n", &ranker, &counter, 4_000)
+        };
+        let p = pick(&open);
         let edit = (p.snippets.iter())
             .find(|s| s.resolution == "edit")
             .unwrap_or_else(|| panic!("{:#?}", p.snippets));
@@ -1909,16 +1904,7 @@ mod tests {
             edits: &[],
             ..open[0]
         }];
-        let p = select(
-            &ws,
-            &open,
-            "src/main.rs",
-            prefix,
-            "\n}\n",
-            &ranker,
-            &counter,
-            4_000,
-        );
+        let p = pick(&open);
         assert!(p.snippets.iter().all(|s| s.resolution != "edit"));
     }
 
