@@ -10,6 +10,7 @@ use crate::prompt::Counter;
 use crate::symbols::{self, DEFINERS, Def};
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
+use rustc_hash::FxBuildHasher;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -91,12 +92,12 @@ pub struct Workspace {
     sources: Vec<Source>,
     spans: Vec<Span>,
     /// Identifier -> (span, occurrences in it).
-    postings: HashMap<Box<str>, Vec<(u32, u32)>>,
+    postings: HashMap<Box<str>, Vec<(u32, u32)>, FxBuildHasher>,
     /// Every file's definitions, file after file.
     defs: Vec<Slim>,
     /// The names defined, and where: `by_name[name]` indexes `names`
     /// and `defs_named`, whose entries index `defs`.
-    by_name: HashMap<Box<str>, u32>,
+    by_name: HashMap<Box<str>, u32, FxBuildHasher>,
     names: Vec<Box<str>>,
     defs_named: Vec<Vec<u32>>,
     total_words: u64,
@@ -257,8 +258,29 @@ pub(crate) struct FileIndex {
     pub text: Option<Arc<str>>,
     pub modified: Option<SystemTime>,
     pub defs: Vec<Def>,
-    /// (first line, end line, identifier counts, identifiers).
-    pub spans: Vec<(u32, u32, HashMap<String, u32>, u32)>,
+    /// (first line, end line, identifier counts, identifiers): the
+    /// counts are `terms[range]`.
+    pub spans: Vec<(u32, u32, Range<u32>, u32)>,
+    /// Every span's (identifier, count), the identifier a range of
+    /// `words` (one buffer, not a string each: loading a large index is
+    /// mostly allocation otherwise).
+    pub terms: Vec<(Range<u32>, u32)>,
+    pub words: String,
+}
+
+impl FileIndex {
+    /// Appends an identifier and its count to the last span's terms.
+    pub(crate) fn add_term(&mut self, word: &str, count: u32) {
+        let start = self.words.len() as u32;
+        self.words.push_str(word);
+        self.terms.push((start..self.words.len() as u32, count));
+    }
+
+    /// A span's (identifier, count) pairs.
+    pub(crate) fn terms_of(&self, terms: &Range<u32>) -> impl Iterator<Item = (&str, u32)> {
+        (self.terms[terms.start as usize..terms.end as usize].iter())
+            .map(|(w, c)| (&self.words[w.start as usize..w.end as usize], *c))
+    }
 }
 
 /// How an index was built.
@@ -295,14 +317,26 @@ fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>
             }
             (start, end, counts, n)
         })
-        .collect();
-    FileIndex {
+        .collect::<Vec<_>>();
+    let mut index = FileIndex {
         path,
         text: keep.then(|| Arc::from(text)),
         modified,
         defs,
-        spans,
+        spans: Vec::with_capacity(spans.len()),
+        terms: Vec::new(),
+        words: String::new(),
+    };
+    for (start, end, counts, n) in spans {
+        let first = index.terms.len() as u32;
+        for (w, c) in counts {
+            index.add_term(&w, c);
+        }
+        index
+            .spans
+            .push((start, end, first..index.terms.len() as u32, n));
     }
+    index
 }
 
 /// Indexes `n` files on every core: `file(i)` gives the i-th (`None`
@@ -486,12 +520,17 @@ impl Workspace {
             let f = ws.sources.len();
             let first = ws.defs.len() as u32;
             for def in file.defs {
-                let next = ws.names.len() as u32;
-                let name = *ws.by_name.entry(def.name.as_str().into()).or_insert(next);
-                if name == next {
-                    ws.names.push(def.name.into_boxed_str());
-                    ws.defs_named.push(Vec::new());
-                }
+                // Looked up before a key is made: most names are known.
+                let name = match ws.by_name.get(def.name.as_str()) {
+                    Some(&name) => name,
+                    None => {
+                        let next = ws.names.len() as u32;
+                        ws.by_name.insert(def.name.as_str().into(), next);
+                        ws.names.push(def.name.into_boxed_str());
+                        ws.defs_named.push(Vec::new());
+                        next
+                    }
+                };
                 ws.defs_named[name as usize].push(ws.defs.len() as u32);
                 ws.defs.push(Slim {
                     name,
@@ -511,13 +550,16 @@ impl Workspace {
                 modified: file.modified,
                 defs: first..ws.defs.len() as u32,
             });
-            for (start, end, counts, n) in file.spans {
+            for (start, end, terms, n) in file.spans {
                 let span = ws.spans.len() as u32;
-                for (w, c) in counts {
-                    ws.postings
-                        .entry(w.into_boxed_str())
-                        .or_default()
-                        .push((span, c));
+                for (w, c) in &file.terms[terms.start as usize..terms.end as usize] {
+                    let w = &file.words[w.start as usize..w.end as usize];
+                    match ws.postings.get_mut(w) {
+                        Some(p) => p.push((span, *c)),
+                        None => {
+                            ws.postings.insert(w.into(), vec![(span, *c)]);
+                        }
+                    }
                 }
                 ws.total_words += u64::from(n);
                 ws.spans.push(Span {

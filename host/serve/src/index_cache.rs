@@ -242,15 +242,15 @@ pub(crate) fn encode(file: &FileIndex) -> Vec<u8> {
         }
     }
     put_u32(&mut out, file.spans.len() as u32);
-    for (start, end, counts, n) in &file.spans {
-        for v in [*start, *end, *n, counts.len() as u32] {
+    for (start, end, terms, n) in &file.spans {
+        for v in [*start, *end, *n, terms.len() as u32] {
             put_u32(&mut out, v);
         }
-        let mut sorted: Vec<(&String, &u32)> = counts.iter().collect();
+        let mut sorted: Vec<(&str, u32)> = file.terms_of(terms).collect();
         sorted.sort();
         for (w, c) in sorted {
             put_str(&mut out, w);
-            put_u32(&mut out, *c);
+            put_u32(&mut out, c);
         }
     }
     out
@@ -261,7 +261,7 @@ struct Reader<'a> {
     at: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         let v = self.b.get(self.at..self.at + 4)?;
         self.at += 4;
@@ -273,10 +273,14 @@ impl Reader<'_> {
         Some(v)
     }
     fn str(&mut self) -> Option<String> {
+        self.str_ref().map(str::to_string)
+    }
+
+    fn str_ref(&mut self) -> Option<&'a str> {
         let n = self.u32()? as usize;
         let v = self.b.get(self.at..self.at.checked_add(n)?)?;
         self.at += n;
-        String::from_utf8(v.to_vec()).ok()
+        std::str::from_utf8(v).ok()
     }
 }
 
@@ -304,21 +308,24 @@ pub(crate) fn decode(
         });
     }
     let n_spans = r.u32()? as usize;
-    let mut spans = Vec::with_capacity(n_spans.min(bytes.len() / 16));
-    for _ in 0..n_spans {
-        let (start, end, n, terms) = (r.u32()?, r.u32()?, r.u32()?, r.u32()? as usize);
-        let mut counts = HashMap::with_capacity(terms.min(bytes.len() / 8));
-        for _ in 0..terms {
-            let w = r.str()?;
-            counts.insert(w, r.u32()?);
-        }
-        spans.push((start, end, counts, n));
-    }
-    (r.at == bytes.len()).then_some(FileIndex {
+    let mut file = FileIndex {
         path,
         text: None,
         modified,
         defs,
-        spans,
-    })
+        spans: Vec::with_capacity(n_spans.min(bytes.len() / 16)),
+        terms: Vec::new(),
+        words: String::new(),
+    };
+    for _ in 0..n_spans {
+        let (start, end, n, terms) = (r.u32()?, r.u32()?, r.u32()?, r.u32()? as usize);
+        let first = file.terms.len() as u32;
+        for _ in 0..terms {
+            let w = r.str_ref()?;
+            file.add_term(w, r.u32()?);
+        }
+        file.spans
+            .push((start, end, first..file.terms.len() as u32, n));
+    }
+    (r.at == bytes.len()).then_some(file)
 }
