@@ -463,14 +463,8 @@ enum PolicyCommand {
         /// ctxbench: token budgets of the context.
         #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
         budgets: Vec<usize>,
-        /// ctxbench: holes to cut, and the seed.
-        #[arg(long, default_value_t = 200)]
-        cut: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// ctxbench: the model whose tokenizer counts tokens (default: the active one).
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        holes: HoleCut,
         #[arg(long)]
         json: bool,
     },
@@ -539,6 +533,21 @@ enum PluginsCommand {
     },
 }
 
+/// How ctxbench's holes are cut and counted, where a command cuts them
+/// itself (`kiln ctxbench run`, `kiln policy test --ctxbench`).
+#[derive(clap::Args)]
+struct HoleCut {
+    /// Cross-file holes to cut.
+    #[arg(long, default_value_t = 200)]
+    cut: usize,
+    /// The seed of the cut.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The model whose tokenizer counts tokens (default: the active model).
+    #[arg(long)]
+    model: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum CtxbenchCommand {
     /// Cut holes from REPO into a JSONL file (each with its file's sha256).
@@ -561,13 +570,8 @@ enum CtxbenchCommand {
         /// Holes cut before (default: cut now with --cut and --seed).
         #[arg(long)]
         holes: Option<std::path::PathBuf>,
-        #[arg(long, default_value_t = 200)]
-        cut: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// The model whose tokenizer counts (default: the active model).
-        #[arg(long)]
-        model: Option<String>,
+        #[command(flatten)]
+        cut: HoleCut,
         /// Context token budgets, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "512,2048,8192,32768")]
         budgets: Vec<usize>,
@@ -790,8 +794,6 @@ fn run(command: Command) -> CliResult {
             repo,
             holes,
             cut,
-            seed,
-            model,
             budgets,
             json,
         }) => ctxbench::run(
@@ -799,9 +801,9 @@ fn run(command: Command) -> CliResult {
             ctxbench::RunArgs {
                 repo: &repo,
                 holes: holes.as_deref(),
-                cut,
-                seed,
-                model: model.as_deref(),
+                cut: cut.cut,
+                seed: cut.seed,
+                model: cut.model.as_deref(),
                 budgets: &budgets,
                 json,
             },
@@ -929,9 +931,7 @@ fn run(command: Command) -> CliResult {
                 max_p99_ms,
                 ctxbench,
                 budgets,
-                cut,
-                seed,
-                model,
+                holes,
                 json,
             } => policy::test(
                 &config,
@@ -941,9 +941,9 @@ fn run(command: Command) -> CliResult {
                 ctxbench.as_deref().map(|repo| policy::Ctxbench {
                     repo,
                     budgets: &budgets,
-                    cut,
-                    seed,
-                    model: model.as_deref(),
+                    cut: holes.cut,
+                    seed: holes.seed,
+                    model: holes.model.as_deref(),
                 }),
                 json,
             ),
