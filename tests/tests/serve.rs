@@ -218,6 +218,10 @@ fn cancelling_stops_generation_and_newer_requests_supersede_older_ones() {
     // Greedy decoding of the demo model runs to maxTokens from these texts
     // (checked with `kiln run --temperature 0`); others end early.
     open(&mut c, &uri, "def total_area(shapes):\n    total = 0\n");
+    // kiln/status is answered once the model is loaded: from here a
+    // completion request starts generating at once (a request cancelled
+    // while the model loads is answered, but never reaches the engine).
+    status(&mut c);
 
     // $/cancelRequest: answered RequestCancelled, generation stops.
     let id = c
