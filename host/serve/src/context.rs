@@ -8,9 +8,9 @@ use crate::imports::{self, Target};
 use crate::index_cache;
 use crate::prompt::Counter;
 use crate::symbols::{self, DEFINERS, Def};
+use crate::terms::{self, Slim, Terms, TermsBuilder};
 use kiln_sandbox::breaker::Ranker;
 use kiln_sandbox::{Candidate, Cursor, RankInput};
-use rustc_hash::FxBuildHasher;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -21,8 +21,9 @@ use std::time::{Instant, SystemTime};
 pub const CHUNK_LINES: usize = 20;
 /// Files larger than this are skipped (generated code, data).
 pub const MAX_FILE_BYTES: u64 = 512 * 1024;
-/// At most this many files are indexed.
-pub const MAX_FILES: usize = 10_000;
+/// At most this many files are indexed (about 1.5 KB of index each; see
+/// [`crate::terms`]).
+pub const MAX_FILES: usize = 200_000;
 /// Candidates handed to the ranker after the lexical prefilter: this
 /// many, or one per [`TOKENS_PER_CANDIDATE`] of the budget if that is more
 /// (a 32K budget needs more than 64 chunks of about 200 tokens).
@@ -59,47 +60,43 @@ struct Source {
     modified: Option<SystemTime>,
     /// Its definitions: `Workspace::defs[defs]`, by line.
     defs: Range<u32>,
+    /// Its chunks' identifier counts: `Workspace::chunk_words[chunks]`,
+    /// one per [`CHUNK_LINES`] lines (0 for a blank chunk).
+    chunks: Range<u32>,
+    /// Its size as indexed (a text of another size has changed since).
+    bytes: u64,
 }
 
-/// A definition as the index keeps it: its name interned, its lines
-/// (see [`Def`]).
-struct Slim {
-    name: u32,
-    /// Index into [`symbols::KINDS`].
-    kind: u8,
-    line: u32,
-    start: u32,
-    signature_end: u32,
-    end: u32,
-}
-
-/// A chunk of [`CHUNK_LINES`] lines of a source, as the lexical index
-/// knows it.
-struct Span {
+/// A chunk of an indexed file that lexical search found: its file and
+/// lines (`start..end`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Hit {
     file: u32,
     start: u32,
     end: u32,
-    /// Its identifiers, counted (BM25's document length).
-    words: u32,
 }
 
+/// At most this many files' chunks are scored for one lexical search
+/// (those whose chunks can score best first; see [`crate::terms`]).
+const MAX_SCANNED_FILES: usize = 512;
+
 /// The indexed workspace: every file's definitions (the symbol index) and
-/// an inverted index of the identifiers of its chunks (BM25). File texts
-/// are not kept: a snippet's lines are read when it is a candidate.
+/// which files hold each identifier, with the chunk statistics BM25 needs
+/// ([`crate::terms`]). File texts are not kept: a file's chunks are
+/// scored, and a snippet's lines read, when it is a candidate.
 #[derive(Default)]
 pub struct Workspace {
     pub root: Option<PathBuf>,
     sources: Vec<Source>,
-    spans: Vec<Span>,
-    /// Identifier -> (span, occurrences in it).
-    postings: HashMap<Box<str>, Vec<(u32, u32)>, FxBuildHasher>,
+    terms: Terms,
+    /// The terms as files are added (until [`Workspace::finish`]).
+    building: Option<Box<TermsBuilder>>,
     /// Every file's definitions, file after file.
     defs: Vec<Slim>,
-    /// The names defined, and where: `by_name[name]` indexes `names`
-    /// and `defs_named`, whose entries index `defs`.
-    by_name: HashMap<Box<str>, u32, FxBuildHasher>,
-    names: Vec<Box<str>>,
-    defs_named: Vec<Vec<u32>>,
+    /// Each file's chunks' identifier counts (BM25's chunk lengths).
+    chunk_words: Vec<u32>,
+    /// Chunks of [`CHUNK_LINES`] lines indexed, and their identifiers.
+    chunks: u64,
     total_words: u64,
     avg_words: f32,
     /// Files by their name (the path's last component), and by their
@@ -159,7 +156,10 @@ const KEYWORDS: &[&str] = &[
 
 /// Whether `word` says nothing about what code is about (a keyword).
 pub fn is_keyword(word: &str) -> bool {
-    DEFINERS.contains(&word) || KEYWORDS.contains(&word)
+    // Asked of every identifier an index loads: one lookup, not a scan.
+    static SET: std::sync::OnceLock<rustc_hash::FxHashSet<&str>> = std::sync::OnceLock::new();
+    let set = SET.get_or_init(|| DEFINERS.iter().chain(KEYWORDS).copied().collect());
+    word.len() <= 9 && set.contains(word)
 }
 
 /// Chunks of [`CHUNK_LINES`] lines of `text` with something in them:
@@ -257,6 +257,8 @@ pub(crate) struct FileIndex {
     pub path: String,
     pub text: Option<Arc<str>>,
     pub modified: Option<SystemTime>,
+    /// The size of the text indexed.
+    pub bytes: u64,
     pub defs: Vec<Def>,
     /// (first line, end line, identifier counts, identifiers): the
     /// counts are `terms[range]`.
@@ -322,6 +324,7 @@ fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>
         path,
         text: keep.then(|| Arc::from(text)),
         modified,
+        bytes: text.len() as u64,
         defs,
         spans: Vec::with_capacity(spans.len()),
         terms: Vec::new(),
@@ -397,6 +400,7 @@ impl Workspace {
         let seen = cache.as_ref().map(|c| c.seen(&key)).unwrap_or_default();
         let known: HashSet<&str> = seen.values().map(|s| s.sha256.as_str()).collect();
         let caching = cache.is_some();
+        let mut recorded = false;
         // In batches, so that no more than a batch's files are held as
         // parsed, uncompacted text at once.
         for batch in found.chunks(INDEX_BATCH) {
@@ -414,10 +418,11 @@ impl Workspace {
                 None => HashMap::new(),
             };
             let results = index_all(batch.len(), &|i| {
-                let (rel, path, modified, _) = &batch[i];
+                let (rel, path, modified, size) = &batch[i];
                 if let Some(bytes) = kept.get(&i)
-                    && let Some(f) = index_cache::decode(rel.clone(), *modified, bytes)
+                    && let Some(mut f) = index_cache::decode(rel.clone(), *modified, bytes)
                 {
+                    f.bytes = *size;
                     return Some((i, Indexed::Reused(f)));
                 }
                 let text = std::fs::read_to_string(path).ok()?; // not UTF-8 text
@@ -442,7 +447,8 @@ impl Workspace {
                     Indexed::Known(sha) => {
                         let cached = (cache.as_ref())
                             .and_then(|c| c.parsed(&sha, index_cache::ext(rel)))
-                            .and_then(|b| index_cache::decode(rel.clone(), *modified, &b));
+                            .and_then(|b| index_cache::decode(rel.clone(), *modified, &b))
+                            .map(|f| FileIndex { bytes: *size, ..f });
                         let (f, data) = match cached {
                             Some(f) => {
                                 stats.reused += 1;
@@ -472,6 +478,7 @@ impl Workspace {
                 };
                 files.push(file);
             }
+            recorded |= !record.is_empty();
             if let Some(c) = &mut cache
                 && !record.is_empty()
                 && let Err(e) = c.record(&key, &record, &[])
@@ -491,8 +498,18 @@ impl Workspace {
             {
                 stats.cache_error = Some(e);
             }
+            if (recorded || !gone.is_empty())
+                && let Err(e) = c.collect()
+            {
+                stats.cache_error = Some(e);
+            }
         }
+        // What the walk and the cache said is not needed to finish.
+        drop(known);
+        drop((seen, found, cache));
         ws.finish();
+        // Loading freed about as much as the index keeps.
+        kiln_runtime::measure::release_free_memory();
         stats.seconds = started.elapsed().as_secs_f64();
         (ws, stats)
     }
@@ -515,66 +532,68 @@ impl Workspace {
 
     /// Adds indexed files.
     fn add(&mut self, files: Vec<FileIndex>) {
-        let ws = self;
+        let b = self.building.get_or_insert_with(Default::default);
+        let mut ids = Vec::new();
         for file in files {
-            let f = ws.sources.len();
-            let first = ws.defs.len() as u32;
-            for def in file.defs {
-                // Looked up before a key is made: most names are known.
-                let name = match ws.by_name.get(def.name.as_str()) {
-                    Some(&name) => name,
-                    None => {
-                        let next = ws.names.len() as u32;
-                        ws.by_name.insert(def.name.as_str().into(), next);
-                        ws.names.push(def.name.into_boxed_str());
-                        ws.defs_named.push(Vec::new());
-                        next
-                    }
-                };
-                ws.defs_named[name as usize].push(ws.defs.len() as u32);
-                ws.defs.push(Slim {
-                    name,
-                    kind: symbols::KINDS
-                        .iter()
-                        .position(|&k| k == def.kind)
-                        .unwrap_or(0) as u8,
-                    line: def.line,
-                    start: def.start,
-                    signature_end: def.signature_end,
-                    end: def.end,
-                });
+            let first = self.defs.len() as u32;
+            for def in &file.defs {
+                let kind = (symbols::KINDS.iter())
+                    .position(|&k| k == def.kind)
+                    .unwrap_or(0) as u8;
+                let term = b.id(terms::hash(&def.name));
+                (self.defs).push(Slim::new(
+                    term,
+                    kind,
+                    def.line,
+                    def.start,
+                    def.signature_end,
+                    def.end,
+                ));
             }
-            ws.sources.push(Source {
+            ids.clear();
+            let first_chunk = self.chunk_words.len();
+            for (start, _, range, n) in &file.spans {
+                let c = first_chunk + *start as usize / CHUNK_LINES;
+                if self.chunk_words.len() <= c {
+                    self.chunk_words.resize(c + 1, 0);
+                }
+                self.chunk_words[c] = *n;
+                self.chunks += 1;
+                self.total_words += u64::from(*n);
+                // Keywords are never searched for: not indexed.
+                for (w, _) in file.terms_of(range) {
+                    if !is_keyword(w) {
+                        let id = b.id(terms::hash(w));
+                        b.in_chunk(id);
+                        ids.push(id);
+                    }
+                }
+            }
+            b.add_file(&mut ids);
+            self.sources.push(Source {
                 path: file.path,
                 text: file.text,
                 modified: file.modified,
-                defs: first..ws.defs.len() as u32,
+                defs: first..self.defs.len() as u32,
+                chunks: first_chunk as u32..self.chunk_words.len() as u32,
+                bytes: file.bytes,
             });
-            for (start, end, terms, n) in file.spans {
-                let span = ws.spans.len() as u32;
-                for (w, c) in &file.terms[terms.start as usize..terms.end as usize] {
-                    let w = &file.words[w.start as usize..w.end as usize];
-                    match ws.postings.get_mut(w) {
-                        Some(p) => p.push((span, *c)),
-                        None => {
-                            ws.postings.insert(w.into(), vec![(span, *c)]);
-                        }
-                    }
-                }
-                ws.total_words += u64::from(n);
-                ws.spans.push(Span {
-                    file: f as u32,
-                    start,
-                    end,
-                    words: n,
-                });
-            }
         }
     }
 
     fn finish(&mut self) {
-        self.postings.shrink_to_fit();
-        self.avg_words = self.total_words as f32 / self.spans.len().max(1) as f32;
+        if let Some(b) = self.building.take() {
+            let defs = &mut self.defs;
+            self.terms = b.finish(&mut |new_id| {
+                for d in defs.iter_mut() {
+                    d.term = new_id[d.term as usize];
+                }
+            });
+        }
+        self.defs.shrink_to_fit();
+        self.sources.shrink_to_fit();
+        self.chunk_words.shrink_to_fit();
+        self.avg_words = self.total_words as f32 / self.chunks.max(1) as f32;
         for (f, source) in self.sources.iter().enumerate() {
             let (folder, name) = split_path(&source.path);
             (self.files_named.entry(name.into()).or_default()).push(f as u32);
@@ -582,6 +601,28 @@ impl Workspace {
         }
         self.files_named.shrink_to_fit();
         self.folders.shrink_to_fit();
+    }
+
+    /// The heap the index holds, in bytes (its tables; file texts where
+    /// it keeps them).
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let sources: usize = (self.sources.iter())
+            .map(|s| s.path.capacity() + s.text.as_ref().map_or(0, |t| t.len()))
+            .sum();
+        let by_path = |m: &HashMap<Box<str>, Vec<u32>>| -> usize {
+            m.capacity() * (size_of::<(Box<str>, Vec<u32>)>() + 1)
+                + (m.iter())
+                    .map(|(k, v)| k.len() + v.capacity() * 4)
+                    .sum::<usize>()
+        };
+        self.sources.capacity() * size_of::<Source>()
+            + sources
+            + self.terms.heap_bytes()
+            + self.defs.capacity() * size_of::<Slim>()
+            + self.chunk_words.capacity() * 4
+            + by_path(&self.files_named)
+            + by_path(&self.folders)
     }
 
     /// The files an import of the file at `from` names: those of its first
@@ -695,39 +736,60 @@ impl Workspace {
 
     /// How many chunks the lexical index holds.
     pub fn chunks(&self) -> usize {
-        self.spans.len()
+        self.chunks as usize
     }
 
-    /// The names a file defines on lines `start..end`.
-    fn names_in(&self, f: u32, start: u32, end: u32) -> HashSet<String> {
+    /// The names a file defines on lines `start..end`, whose text is
+    /// `lines`: each read back from its naming line, the identifier there
+    /// with its name's hash.
+    fn names_in(&self, f: u32, start: u32, end: u32, lines: &str) -> HashSet<String> {
         let r = &self.sources[f as usize].defs;
-        (self.defs[r.start as usize..r.end as usize].iter())
+        let defs: Vec<&Slim> = (self.defs[r.start as usize..r.end as usize].iter())
             .filter(|d| d.line >= start && d.line < end)
-            .map(|d| self.names[d.name as usize].to_string())
-            .collect()
+            .collect();
+        let mut names = HashSet::new();
+        if defs.is_empty() {
+            return names;
+        }
+        for (i, line) in lines.lines().enumerate() {
+            let i = start as usize + i;
+            for d in defs.iter().filter(|d| d.line as usize == i) {
+                let want = self.terms.hash_of(d.term);
+                let mut idents = line.split(|c: char| !(c.is_alphanumeric() || c == '_'));
+                if let Some(name) = idents.find(|w| !w.is_empty() && terms::hash(w) == want) {
+                    names.insert(name.to_string());
+                }
+            }
+        }
+        names
     }
 
-    /// The definitions of `name`: (file, definition).
+    /// The definitions of `name`: (file, definition). Looked for in the
+    /// files whose text holds the name (a definition's naming line does),
+    /// so a name that is never indexed as a word (a keyword, a single
+    /// character) has none here; selection never asks for those.
     fn defined(&self, name: &str) -> Vec<(u32, Def)> {
-        let Some(&id) = self.by_name.get(name) else {
+        let Some(id) = self.terms.id(terms::hash(name)) else {
             return Vec::new();
         };
-        (self.defs_named[id as usize].iter())
-            .map(|&d| {
-                // The definitions are file after file: find the file.
-                let f = self.sources.partition_point(|s| s.defs.end <= d) as u32;
-                let slim = &self.defs[d as usize];
-                let def = Def {
-                    name: name.to_string(),
-                    kind: symbols::KINDS[slim.kind as usize],
-                    line: slim.line,
-                    start: slim.start,
-                    signature_end: slim.signature_end,
-                    end: slim.end,
-                };
-                (f, def)
-            })
-            .collect()
+        let mut found = Vec::new();
+        for f in self.terms.files(id) {
+            let r = &self.sources[f as usize].defs;
+            for slim in &self.defs[r.start as usize..r.end as usize] {
+                if slim.term == id {
+                    let def = Def {
+                        name: name.to_string(),
+                        kind: symbols::KINDS[slim.kind()],
+                        line: slim.line,
+                        start: slim.start(),
+                        signature_end: slim.signature_end(),
+                        end: slim.end(),
+                    };
+                    found.push((f, def));
+                }
+            }
+        }
+        found
     }
 
     /// A file's text: kept, or read again.
@@ -742,14 +804,20 @@ impl Workspace {
             .map(Arc::from)
     }
 
-    fn idf(&self, word: &str) -> f32 {
-        let n = self.spans.len().max(1) as f32;
-        let df = self.postings.get(word).map_or(1, |p| p.len().max(1)) as f32;
+    /// BM25's IDF of a term held by `df` chunks.
+    fn idf_of(&self, df: u32) -> f32 {
+        let n = self.chunks.max(1) as f32;
+        let df = df.max(1) as f32;
         ((n - df + 0.5) / (df + 0.5) + 1.0).ln()
     }
 
+    fn idf(&self, word: &str) -> f32 {
+        let df = (self.terms.id(terms::hash(word))).map_or(1, |t| self.terms.chunks(t));
+        self.idf_of(df)
+    }
+
     fn bm25_term(&self, idf: f32, f: f32, len: f32) -> f32 {
-        let (k1, b) = (1.2f32, 0.75f32);
+        let (k1, b) = (BM25_K1, 0.75f32);
         idf * f * (k1 + 1.0) / (f + k1 * (1.0 - b + b * len / self.avg_words.max(1.0)))
     }
 
@@ -771,33 +839,133 @@ impl Workspace {
     }
 
     /// The `k` indexed chunks of best BM25 for `query` (positive only),
-    /// best first, leaving out files `skip` says.
+    /// best first, leaving out files `skip` says. The files holding query
+    /// terms are taken by the most a chunk of theirs can score (each term
+    /// at most `idf * (k1 + 1)`), best first, and their chunks scored from
+    /// their texts (read into `texts`), until no file left can reach the
+    /// `k`th chunk found or [`MAX_SCANNED_FILES`] were scored.
     fn best_spans(
         &self,
         query: &HashSet<String>,
         skip: &dyn Fn(&str) -> bool,
         k: usize,
-    ) -> Vec<(f32, u32)> {
-        let mut scores = vec![0f32; self.spans.len()];
-        // Word by word in a fixed order, so that each span's f32 sum (and
+        texts: &mut HashMap<u32, Option<Arc<str>>>,
+    ) -> Vec<(f32, Hit)> {
+        // Word by word in a fixed order, so that each chunk's f32 sum (and
         // the ranking of near ties) is the same from call to call.
-        let mut query: Vec<&String> = query.iter().collect();
-        query.sort_unstable();
-        for w in query {
-            let Some(postings) = self.postings.get(w.as_str()) else {
-                continue;
-            };
-            let idf = self.idf(w);
-            for &(span, c) in postings {
-                let len = self.spans[span as usize].words as f32;
-                scores[span as usize] += self.bm25_term(idf, c as f32, len);
+        let mut words: Vec<&str> = query.iter().map(String::as_str).collect();
+        words.sort_unstable();
+        let found: Vec<(&str, u32, f32)> = (words.into_iter())
+            .filter_map(|w| {
+                let id = self.terms.id(terms::hash(w))?;
+                let df = self.terms.chunks(id);
+                (df > 0).then(|| (w, id, self.idf_of(df)))
+            })
+            .collect();
+        if found.is_empty() || k == 0 {
+            return Vec::new();
+        }
+        let mut bound = vec![0f32; self.sources.len()];
+        let mut files = Vec::new();
+        for &(_, id, idf) in &found {
+            for f in self.terms.files(id) {
+                if bound[f as usize] == 0.0 {
+                    files.push(f);
+                }
+                bound[f as usize] += idf;
             }
         }
-        let mut hits: Vec<(f32, u32)> = (scores.into_iter().enumerate())
-            .filter(|&(i, s)| s > 0.0 && !skip(&self.sources[self.spans[i].file as usize].path))
-            .map(|(i, s)| (s, i as u32))
-            .collect();
-        hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        files.retain(|&f| !skip(&self.sources[f as usize].path));
+        files.sort_by(|&a, &b| {
+            bound[b as usize]
+                .total_cmp(&bound[a as usize])
+                .then(a.cmp(&b))
+        });
+        // The query's identifiers, found in a file's text as whole words.
+        let patterns = found.iter().map(|(w, ..)| *w);
+        let search = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(patterns)
+            .expect("a few short identifiers make an automaton");
+        let mut hits: Vec<(f32, Hit)> = Vec::new();
+        // The k best scores so far, least first.
+        let mut best: std::collections::BinaryHeap<std::cmp::Reverse<u32>> = Default::default();
+        let mut tf = vec![0u32; found.len()];
+        let mut found_at: Vec<(u32, u32)> = Vec::new();
+        for (i, &f) in files.iter().enumerate() {
+            // A little over the bound, for the rounding of the sums.
+            let most = bound[f as usize] * (BM25_K1 + 1.0) * 1.0001;
+            if i >= MAX_SCANNED_FILES
+                || (best.len() >= k && best.peek().is_some_and(|b| f32::from_bits(b.0) > most))
+            {
+                break;
+            }
+            let Some(text) = texts.entry(f).or_insert_with(|| self.text(f)).clone() else {
+                continue;
+            };
+            // (chunk, query term) of each occurrence, in text order.
+            found_at.clear();
+            let (bytes, mut line, mut counted) = (text.as_bytes(), 0, 0);
+            for m in search.find_iter(&*text) {
+                let before = text[..m.start()].chars().next_back();
+                let after = text[m.end()..].chars().next();
+                if before.is_some_and(word_char) || after.is_some_and(word_char) {
+                    continue; // inside a longer identifier
+                }
+                line += memchr::memchr_iter(b'\n', &bytes[counted..m.start()]).count();
+                counted = m.start();
+                found_at.push(((line / CHUNK_LINES) as u32, m.pattern().as_u32()));
+            }
+            if found_at.is_empty() {
+                continue;
+            }
+            let lines = (memchr::memchr_iter(b'\n', bytes).count()
+                + usize::from(!text.is_empty() && !text.ends_with('\n')))
+                as u32;
+            let source = &self.sources[f as usize];
+            let counts = match text.len() as u64 == source.bytes {
+                true => &self.chunk_words[source.chunks.start as usize..source.chunks.end as usize],
+                false => &[][..], // changed since it was indexed
+            };
+            for group in found_at.chunk_by(|a, b| a.0 == b.0) {
+                let c = group[0].0;
+                let start = c * CHUNK_LINES as u32;
+                let end = (start + CHUNK_LINES as u32).min(lines);
+                tf.fill(0);
+                for &(_, t) in group {
+                    tf[t as usize] += 1;
+                }
+                // Its length as indexed; counted now where the file has
+                // changed since (or the index has no such chunk).
+                let n = match counts.get(c as usize) {
+                    Some(&n) if n > 0 => n,
+                    _ => idents(&line_range(&text, start, end)).count() as u32,
+                };
+                let score: f32 = (found.iter().zip(&tf))
+                    .filter(|(_, c)| **c > 0)
+                    .map(|((_, _, idf), &c)| self.bm25_term(*idf, c as f32, n as f32))
+                    .sum();
+                if score > 0.0 {
+                    hits.push((
+                        score,
+                        Hit {
+                            file: f,
+                            start,
+                            end,
+                        },
+                    ));
+                    best.push(std::cmp::Reverse(score.to_bits()));
+                    if best.len() > k {
+                        best.pop();
+                    }
+                }
+            }
+        }
+        hits.sort_by(|a, b| {
+            (b.0.total_cmp(&a.0))
+                .then(a.1.file.cmp(&b.1.file))
+                .then(a.1.start.cmp(&b.1.start))
+        });
         hits.truncate(k);
         hits
     }
@@ -826,24 +994,72 @@ impl Workspace {
             .collect()
     }
 
-    /// An indexed chunk with its text, read again (`None` if its file is
-    /// gone or no longer has those lines).
-    fn chunk(&self, span: u32, text: &str) -> Option<Chunk> {
-        let s = &self.spans[span as usize];
-        let body = line_range(text, s.start, s.end);
+    /// A chunk lexical search found, with its text (its file's, `text`;
+    /// `None` if it no longer has those lines).
+    fn chunk(&self, hit: Hit, text: &str) -> Option<Chunk> {
+        let body = line_range(text, hit.start, hit.end);
         if body.trim().is_empty() {
             return None;
         }
-        let source = &self.sources[s.file as usize];
+        let source = &self.sources[hit.file as usize];
         Some(Chunk {
             path: source.path.clone(),
-            start_line: s.start,
-            defines: self.names_in(s.file, s.start, s.end),
+            start_line: hit.start,
+            defines: self.names_in(hit.file, hit.start, hit.end, &body),
             words: words(&body),
             text: body,
             modified: source.modified,
         })
     }
+}
+
+const BM25_K1: f32 = 1.2;
+
+/// Whether `c` may be part of an identifier (as [`words`] splits).
+fn word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// The identifiers [`words`] finds, without a string each (bytes at a
+/// time where they are ASCII: this runs over every file lexical search
+/// scores).
+fn idents(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    // The length of the word character at `i`, or 0 for a separator.
+    let word_char = move |i: usize| -> (bool, usize) {
+        let b = bytes[i];
+        if b < 0x80 {
+            (b.is_ascii_alphanumeric() || b == b'_', 1)
+        } else {
+            let c = text[i..].chars().next().expect("at a char boundary");
+            (c.is_alphanumeric(), c.len_utf8())
+        }
+    };
+    std::iter::from_fn(move || {
+        loop {
+            while at < bytes.len() {
+                match word_char(at) {
+                    (true, _) => break,
+                    (false, n) => at += n,
+                }
+            }
+            if at >= bytes.len() {
+                return None;
+            }
+            let start = at;
+            while at < bytes.len() {
+                match word_char(at) {
+                    (true, n) => at += n,
+                    (false, _) => break,
+                }
+            }
+            let w = &text[start..at];
+            if w.len() >= 2 && !bytes[start].is_ascii_digit() {
+                return Some(w);
+            }
+        }
+    })
 }
 
 /// At most this many definitions of one name are candidates (the files
@@ -1213,10 +1429,16 @@ pub fn select_with(
                 resolutions.push(("body", body_start, body_end));
             }
             for (resolution, start, end) in resolutions {
-                let text = match d.text {
-                    DefText::Open(text, _) => line_range(text, start, end),
+                let (text, defines) = match d.text {
+                    DefText::Open(text, defs) => {
+                        (line_range(text, start, end), defined_in(defs, start, end))
+                    }
                     DefText::Indexed(f) => match texts.entry(f).or_insert_with(|| ws.text(f)) {
-                        Some(text) => line_range(text, start, end),
+                        Some(text) => {
+                            let lines = line_range(text, start, end);
+                            let names = ws.names_in(f, start, end, &lines);
+                            (lines, names)
+                        }
                         None => continue, // gone since it was indexed
                     },
                 };
@@ -1228,10 +1450,7 @@ pub fn select_with(
                         path: d.path.to_string(),
                         start_line: start,
                         words: words(&text),
-                        defines: match d.text {
-                            DefText::Open(_, defs) => defined_in(defs, start, end),
-                            DefText::Indexed(f) => ws.names_in(f, start, end),
-                        },
+                        defines,
                         text,
                         modified: d.modified,
                     },
@@ -1282,21 +1501,22 @@ pub fn select_with(
             continue;
         };
         for slim in &ws.defs[source.defs.start as usize..source.defs.end as usize] {
-            if symbols::KINDS[slim.kind as usize] == "field"
-                || shown.contains(&(source.path.as_str(), slim.start))
+            let (start, signature_end) = (slim.start(), slim.signature_end());
+            if symbols::KINDS[slim.kind()] == "field"
+                || shown.contains(&(source.path.as_str(), start))
             {
                 continue;
             }
-            let body = line_range(&text, slim.start, slim.signature_end);
+            let body = line_range(&text, start, signature_end);
             if body.trim().is_empty() {
                 continue;
             }
             more.push((
                 Chunk {
                     path: source.path.clone(),
-                    start_line: slim.start,
+                    start_line: start,
                     words: words(&body),
-                    defines: ws.names_in(f, slim.start, slim.signature_end),
+                    defines: ws.names_in(f, start, signature_end, &body),
                     text: body,
                     modified: source.modified,
                 },
@@ -1320,12 +1540,11 @@ pub fn select_with(
         |c: &Chunk| !(c.defines.iter()).any(|n| offered.contains(&(c.path.as_str(), n.as_str())));
     let skip = |path: &str| path == cursor_path || open_paths.contains(path);
     // A few more than needed: some will repeat a definition.
-    let best = ws.best_spans(&query, &skip, 2 * max_candidates);
+    let best = ws.best_spans(&query, &skip, 2 * max_candidates, &mut texts);
     let indexed_chunks: Vec<(f32, Chunk)> = (best.into_iter())
-        .filter_map(|(score, span)| {
-            let f = ws.spans[span as usize].file;
-            let text = texts.entry(f).or_insert_with(|| ws.text(f)).clone()?;
-            Some((score, ws.chunk(span, &text)?))
+        .filter_map(|(score, hit)| {
+            let text = texts.get(&hit.file)?.as_ref()?;
+            Some((score, ws.chunk(hit, text)?))
         })
         .collect();
     let mut lexical: Vec<(f32, &Chunk, Option<&OpenDoc<'_>>)> = (indexed_chunks.iter())
@@ -1620,6 +1839,22 @@ mod tests {
         }
     }
 
+    fn hit(file: u32, start: u32, end: u32) -> Hit {
+        Hit { file, start, end }
+    }
+
+    impl Workspace {
+        /// Every name defined, read back from the files.
+        fn defined_names(&self) -> Vec<String> {
+            let mut names: Vec<String> = (0..self.sources.len() as u32)
+                .flat_map(|f| self.names_in(f, 0, u32::MAX, &self.text(f).unwrap()))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+    }
+
     #[test]
     fn the_walk_respects_gitignore_and_chunks_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -1642,18 +1877,148 @@ mod tests {
                 .iter()
                 .all(|s| s.path == "lib.rs" && s.text.is_none())
         );
-        assert_eq!(ws.spans[2].start, 40);
         assert_eq!(ws.defined("visible")[0].0, 0);
         // A chunk's text is read again from the file.
         let text = ws.text(0).unwrap();
-        let first = ws.chunk(0, &text).unwrap();
+        let first = ws.chunk(hit(0, 0, 20), &text).unwrap();
         assert!(first.text.starts_with("fn visible() {}\nlet v0 = 0;"));
         assert!(first.defines.contains("visible"));
-        // The inverted index finds the chunk that holds a word.
+        // The index finds the chunk that holds a word.
         let query: HashSet<String> = ["v44".to_string()].into();
-        let best = ws.best_spans(&query, &|_| false, 5);
-        assert_eq!(best.iter().map(|b| b.1).collect::<Vec<_>>(), vec![2]);
-        assert!(ws.best_spans(&query, &|p| p == "lib.rs", 5).is_empty());
+        let best = ws.best_spans(&query, &|_| false, 5, &mut HashMap::new());
+        assert_eq!(
+            best.iter().map(|b| b.1).collect::<Vec<_>>(),
+            [hit(0, 40, 46)]
+        );
+        let skipped = ws.best_spans(&query, &|p| p == "lib.rs", 5, &mut HashMap::new());
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn keywords_are_known_by_one_lookup() {
+        for k in DEFINERS.iter().chain(KEYWORDS) {
+            assert!(is_keyword(k) && k.len() <= 9, "{k}");
+        }
+        assert!(!is_keyword("interfaces") && !is_keyword("Self") && !is_keyword(""));
+    }
+
+    #[test]
+    fn identifiers_counted_in_place_are_the_words_indexed() {
+        for text in [
+            "fn a() {}\r\nlet b_c = 9x + xy;\n\né_ok ünï 1a a1",
+            "",
+            "ab—cd →ef\u{a0}gh ½x 日本語 x²y _x __",
+        ] {
+            let ours: Vec<&str> = idents(text).collect();
+            assert_eq!(ours, words(text), "{text:?}");
+        }
+    }
+
+    /// Lexical search takes files by a bound on what their chunks can
+    /// score and stops where no file left can reach the k best: the same
+    /// chunks, and scores to the bit, as scoring every chunk.
+    #[test]
+    fn lexical_search_finds_what_scoring_every_chunk_finds() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let ws = Workspace::index(&root);
+        assert!(ws.files() > 20);
+        let every_chunk = |query: &HashSet<String>, k: usize| -> Vec<(f32, Hit)> {
+            let mut q: Vec<&String> = query.iter().collect();
+            q.sort();
+            let mut all = Vec::new();
+            for f in 0..ws.files() as u32 {
+                let text = ws.text(f).unwrap();
+                for (start, end, joined) in spans_of(&text) {
+                    let words = words(&joined);
+                    let score: f32 = (q.iter())
+                        .map(|w| (w, words.iter().filter(|x| x == w).count()))
+                        .filter(|(_, c)| *c > 0)
+                        .map(|(w, c)| ws.bm25_term(ws.idf(w), c as f32, words.len() as f32))
+                        .sum();
+                    if score > 0.0 {
+                        all.push((score, hit(f, start, end)));
+                    }
+                }
+            }
+            all.sort_by(|a, b| {
+                (b.0.total_cmp(&a.0))
+                    .then(a.1.file.cmp(&b.1.file))
+                    .then(a.1.start.cmp(&b.1.start))
+            });
+            all.truncate(k);
+            all
+        };
+        for query in [
+            &["Workspace", "terms", "hash"][..],
+            &["select_with", "budget", "Ranker", "tok", "Packed"],
+            &[
+                "json",
+                "Value",
+                "status",
+                "engine",
+                "out",
+                "reply",
+                "unwrap_or_else",
+            ],
+            &["nothing_has_this_name"],
+        ] {
+            let query: HashSet<String> = query.iter().map(|w| w.to_string()).collect();
+            for k in [1, 5, 40, 1000] {
+                let found = ws.best_spans(&query, &|_| false, k, &mut HashMap::new());
+                assert_eq!(found, every_chunk(&query, k), "{query:?}, k {k}");
+            }
+        }
+    }
+
+    /// The same where words hide in longer identifiers, lines end in
+    /// CRLF, text is not ASCII, and a file changed after it was indexed.
+    #[test]
+    fn lexical_search_counts_whole_words_as_the_index_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = [
+            (
+                "a.rs",
+                "let ab = xab + ab_cd + 1ab + ab1;\r\n// ab, (ab) ab.é ab\r\n".repeat(30),
+            ),
+            (
+                "b.py",
+                "résumé = ab\n\n".to_string() + &"pass\n".repeat(45) + "ab ab ab cd",
+            ),
+            ("c.js", "const cd = 'ab';\n".repeat(3)),
+            ("d.go", "var ab_ = cdab\n".to_string()),
+        ];
+        for (name, text) in &files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let ws = Workspace::index(dir.path());
+        // Changed since: more lines, and chunks the index does not have.
+        std::fs::write(dir.path().join("c.js"), "const cd = 'ab';\n".repeat(50)).unwrap();
+        let query: HashSet<String> = ["ab".to_string(), "cd".to_string()].into();
+        let mut q: Vec<&String> = query.iter().collect();
+        q.sort();
+        let mut every = Vec::new();
+        for f in 0..ws.files() as u32 {
+            let text = ws.text(f).unwrap();
+            for (start, end, joined) in spans_of(&text) {
+                let words = words(&joined);
+                let score: f32 = (q.iter())
+                    .map(|w| (w, words.iter().filter(|x| x == w).count()))
+                    .filter(|(_, c)| *c > 0)
+                    .map(|(w, c)| ws.bm25_term(ws.idf(w), c as f32, words.len() as f32))
+                    .sum();
+                if score > 0.0 {
+                    every.push((score, hit(f, start, end)));
+                }
+            }
+        }
+        every.sort_by(|a, b| {
+            (b.0.total_cmp(&a.0))
+                .then(a.1.file.cmp(&b.1.file))
+                .then(a.1.start.cmp(&b.1.start))
+        });
+        let found = ws.best_spans(&query, &|_| false, 100, &mut HashMap::new());
+        assert_eq!(found, every);
+        assert!(found.iter().any(|(_, h)| h.start == 40), "{found:?}");
     }
 
     #[test]
@@ -1686,14 +2051,14 @@ mod tests {
         let ws = Workspace::index(dir.path());
         let chunk = {
             let text = ws.text(0).unwrap();
-            ws.chunk(0, &text).unwrap()
+            ws.chunk(hit(0, 0, 20), &text).unwrap()
         };
-        let runs: Vec<(Vec<(u32, u32)>, u32)> = (0..20)
+        let runs: Vec<(Vec<(u32, Hit)>, u32)> = (0..20)
             .map(|_| {
                 let query: HashSet<String> = vocab[..40].iter().cloned().collect();
-                let best = ws.best_spans(&query, &|_| false, 50);
+                let best = ws.best_spans(&query, &|_| false, 50, &mut HashMap::new());
                 (
-                    best.iter().map(|(s, i)| (s.to_bits(), *i)).collect(),
+                    best.iter().map(|(s, h)| (s.to_bits(), *h)).collect(),
                     ws.bm25(&query, &chunk).to_bits(),
                 )
             })
@@ -1715,11 +2080,7 @@ mod tests {
             "package c\n\nfunc Gamma() int { return 3 }\n",
         )
         .unwrap();
-        let names = |ws: &Workspace| -> Vec<String> {
-            let mut n: Vec<String> = ws.names.iter().map(|n| n.to_string()).collect();
-            n.sort();
-            n
-        };
+        let names = |ws: &Workspace| ws.defined_names();
         let (first, stats) = Workspace::index_cached(root, Some(&cache));
         assert_eq!((stats.parsed, stats.reused), (3, 0), "{stats:?}");
         assert!(stats.cache_error.is_none(), "{stats:?}");
@@ -1731,8 +2092,8 @@ mod tests {
         assert_eq!(again.chunks(), first.chunks());
         let query: HashSet<String> = ["Gamma".to_string()].into();
         assert_eq!(
-            again.best_spans(&query, &|_| false, 3),
-            first.best_spans(&query, &|_| false, 3)
+            again.best_spans(&query, &|_| false, 3, &mut HashMap::new()),
+            first.best_spans(&query, &|_| false, 3, &mut HashMap::new())
         );
         assert_eq!(again.defined("alpha")[0].1, first.defined("alpha")[0].1);
         // One file edited: it alone is parsed, and its new definition
@@ -1758,6 +2119,12 @@ mod tests {
         let c = index_cache::Cache::open(&cache).unwrap();
         assert_eq!(c.seen(&root.to_string_lossy()).len(), 2);
         drop(c);
+        // The entries of a.py's old text and of c.go are dropped.
+        let conn = rusqlite::Connection::open(&cache).unwrap();
+        let entries: i64 =
+            (conn.query_row("SELECT count(*) FROM parsed", [], |r| r.get(0))).unwrap();
+        assert_eq!(entries, 2);
+        drop(conn);
         // A cache that is not a database is moved aside and rebuilt; the
         // index is the one built without it.
         for aux in ["index.db-wal", "index.db-shm"] {

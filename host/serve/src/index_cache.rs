@@ -114,7 +114,8 @@ impl Cache {
                  PRIMARY KEY (root, path));
              CREATE TABLE IF NOT EXISTS parsed (
                  sha256 TEXT NOT NULL, ext TEXT NOT NULL, format INTEGER NOT NULL,
-                 data BLOB NOT NULL, PRIMARY KEY (sha256, ext));",
+                 data BLOB NOT NULL, PRIMARY KEY (sha256, ext));
+             CREATE INDEX IF NOT EXISTS files_by_content ON files (sha256, ext);",
         )?;
         // A quick read proves the file is a database at all.
         conn.query_row("SELECT count(*) FROM files", [], |r| r.get::<_, i64>(0))?;
@@ -161,8 +162,8 @@ impl Cache {
     }
 
     /// Records what was indexed under `root` (files and, where parsed
-    /// anew, their entries), forgets the files `gone`, and drops entries
-    /// no file refers to. One transaction.
+    /// anew, their entries) and forgets the files `gone`. One
+    /// transaction; [`Cache::collect`] drops the entries left unused.
     pub fn record(&mut self, root: &str, files: &[Record], gone: &[String]) -> Result<(), String> {
         let tx = self.conn.transaction().map_err(|e| e.to_string())?;
         {
@@ -202,15 +203,20 @@ impl Cache {
                     .map_err(|e| e.to_string())?;
             }
         }
-        if !gone.is_empty() || files.iter().any(|f| f.data.is_some()) {
-            tx.execute(
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    /// Drops the entries no file refers to (once an index is recorded: a
+    /// lookup per entry, through the files' content index).
+    pub fn collect(&mut self) -> Result<(), String> {
+        self.conn
+            .execute(
                 "DELETE FROM parsed WHERE NOT EXISTS
                  (SELECT 1 FROM files WHERE files.sha256 = parsed.sha256 AND files.ext = parsed.ext)",
                 [],
             )
-            .map_err(|e| e.to_string())?;
-        }
-        tx.commit().map_err(|e| e.to_string())
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -312,6 +318,7 @@ pub(crate) fn decode(
         path,
         text: None,
         modified,
+        bytes: 0, // the caller knows it
         defs,
         spans: Vec::with_capacity(n_spans.min(bytes.len() / 16)),
         terms: Vec::new(),

@@ -32,6 +32,7 @@ pub mod preview;
 pub mod prompt;
 pub mod start;
 pub mod symbols;
+mod terms;
 
 use kiln_runtime::model::generate::Boundary;
 use serde::{Deserialize, Serialize};

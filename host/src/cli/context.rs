@@ -100,7 +100,13 @@ pub fn run(config: &Config, args: ContextArgs) -> CliResult {
     if args.json {
         let mut v = serde_json::to_value(&p).expect("a preview serialises");
         v["schema_version"] = JSON_SCHEMA_VERSION.into();
-        v["workspace"] = serde_json::json!({"root": root, "files": ws.files(), "chunks": ws.chunks(), "definitions": ws.definitions(), "index": stats});
+        v["workspace"] = serde_json::json!({"root": root, "files": ws.files(), "chunks": ws.chunks(), "definitions": ws.definitions(), "memory_bytes": ws.memory_bytes(), "index": stats});
+        // This process's own memory (the weights are mapped, not in it)
+        // once the index is built, and at its peak (Linux).
+        v["process"] = serde_json::json!({
+            "anonymous_memory_bytes": kiln_runtime::measure::process_memory(None, "RssAnon"),
+            "peak_resident_bytes": kiln_runtime::measure::process_memory(None, "VmHWM"),
+        });
         print_json(&v);
         return Ok(ExitCode::SUCCESS);
     }

@@ -784,6 +784,7 @@ impl Server {
             "files": ws.files(),
             "chunks": ws.chunks(),
             "definitions": ws.definitions(),
+            "memory_bytes": ws.memory_bytes(),
         });
         v["policy"] = self.policy_status();
         v["metrics_address"] = json!(self.spec.metrics_address);
