@@ -1844,6 +1844,35 @@ mod tests {
     }
 
     impl Workspace {
+        /// The `k` best chunks for `query`, every chunk of every file
+        /// scored from its text as the index chunks it.
+        fn every_chunk(&self, query: &HashSet<String>, k: usize) -> Vec<(f32, Hit)> {
+            let mut q: Vec<&String> = query.iter().collect();
+            q.sort();
+            let mut all = Vec::new();
+            for f in 0..self.files() as u32 {
+                let text = self.text(f).unwrap();
+                for (start, end, joined) in spans_of(&text) {
+                    let words = words(&joined);
+                    let score: f32 = (q.iter())
+                        .map(|w| (w, words.iter().filter(|x| x == w).count()))
+                        .filter(|(_, c)| *c > 0)
+                        .map(|(w, c)| self.bm25_term(self.idf(w), c as f32, words.len() as f32))
+                        .sum();
+                    if score > 0.0 {
+                        all.push((score, hit(f, start, end)));
+                    }
+                }
+            }
+            all.sort_by(|a, b| {
+                (b.0.total_cmp(&a.0))
+                    .then(a.1.file.cmp(&b.1.file))
+                    .then(a.1.start.cmp(&b.1.start))
+            });
+            all.truncate(k);
+            all
+        }
+
         /// Every name defined, read back from the files.
         fn defined_names(&self) -> Vec<String> {
             let mut names: Vec<String> = (0..self.sources.len() as u32)
@@ -1922,32 +1951,6 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let ws = Workspace::index(&root);
         assert!(ws.files() > 20);
-        let every_chunk = |query: &HashSet<String>, k: usize| -> Vec<(f32, Hit)> {
-            let mut q: Vec<&String> = query.iter().collect();
-            q.sort();
-            let mut all = Vec::new();
-            for f in 0..ws.files() as u32 {
-                let text = ws.text(f).unwrap();
-                for (start, end, joined) in spans_of(&text) {
-                    let words = words(&joined);
-                    let score: f32 = (q.iter())
-                        .map(|w| (w, words.iter().filter(|x| x == w).count()))
-                        .filter(|(_, c)| *c > 0)
-                        .map(|(w, c)| ws.bm25_term(ws.idf(w), c as f32, words.len() as f32))
-                        .sum();
-                    if score > 0.0 {
-                        all.push((score, hit(f, start, end)));
-                    }
-                }
-            }
-            all.sort_by(|a, b| {
-                (b.0.total_cmp(&a.0))
-                    .then(a.1.file.cmp(&b.1.file))
-                    .then(a.1.start.cmp(&b.1.start))
-            });
-            all.truncate(k);
-            all
-        };
         for query in [
             &["Workspace", "terms", "hash"][..],
             &["select_with", "budget", "Ranker", "tok", "Packed"],
@@ -1965,7 +1968,7 @@ mod tests {
             let query: HashSet<String> = query.iter().map(|w| w.to_string()).collect();
             for k in [1, 5, 40, 1000] {
                 let found = ws.best_spans(&query, &|_| false, k, &mut HashMap::new());
-                assert_eq!(found, every_chunk(&query, k), "{query:?}, k {k}");
+                assert_eq!(found, ws.every_chunk(&query, k), "{query:?}, k {k}");
             }
         }
     }
@@ -1994,28 +1997,7 @@ mod tests {
         // Changed since: more lines, and chunks the index does not have.
         std::fs::write(dir.path().join("c.js"), "const cd = 'ab';\n".repeat(50)).unwrap();
         let query: HashSet<String> = ["ab".to_string(), "cd".to_string()].into();
-        let mut q: Vec<&String> = query.iter().collect();
-        q.sort();
-        let mut every = Vec::new();
-        for f in 0..ws.files() as u32 {
-            let text = ws.text(f).unwrap();
-            for (start, end, joined) in spans_of(&text) {
-                let words = words(&joined);
-                let score: f32 = (q.iter())
-                    .map(|w| (w, words.iter().filter(|x| x == w).count()))
-                    .filter(|(_, c)| *c > 0)
-                    .map(|(w, c)| ws.bm25_term(ws.idf(w), c as f32, words.len() as f32))
-                    .sum();
-                if score > 0.0 {
-                    every.push((score, hit(f, start, end)));
-                }
-            }
-        }
-        every.sort_by(|a, b| {
-            (b.0.total_cmp(&a.0))
-                .then(a.1.file.cmp(&b.1.file))
-                .then(a.1.start.cmp(&b.1.start))
-        });
+        let every = ws.every_chunk(&query, 100);
         let found = ws.best_spans(&query, &|_| false, 100, &mut HashMap::new());
         assert_eq!(found, every);
         assert!(found.iter().any(|(_, h)| h.start == 40), "{found:?}");
