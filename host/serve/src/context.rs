@@ -961,11 +961,7 @@ impl Workspace {
                 }
             }
         }
-        hits.sort_by(|a, b| {
-            (b.0.total_cmp(&a.0))
-                .then(a.1.file.cmp(&b.1.file))
-                .then(a.1.start.cmp(&b.1.start))
-        });
+        hits.sort_by(by_rank);
         hits.truncate(k);
         hits
     }
@@ -1014,6 +1010,13 @@ impl Workspace {
 }
 
 const BM25_K1: f32 = 1.2;
+
+/// Lexical hits best first; ties in file and line order.
+fn by_rank(a: &(f32, Hit), b: &(f32, Hit)) -> std::cmp::Ordering {
+    (b.0.total_cmp(&a.0))
+        .then(a.1.file.cmp(&b.1.file))
+        .then(a.1.start.cmp(&b.1.start))
+}
 
 /// Whether `c` may be part of an identifier (as [`words`] splits).
 fn word_char(c: char) -> bool {
@@ -1864,11 +1867,7 @@ mod tests {
                     }
                 }
             }
-            all.sort_by(|a, b| {
-                (b.0.total_cmp(&a.0))
-                    .then(a.1.file.cmp(&b.1.file))
-                    .then(a.1.start.cmp(&b.1.start))
-            });
+            all.sort_by(by_rank);
             all.truncate(k);
             all
         }
