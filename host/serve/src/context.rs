@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 pub const CHUNK_LINES: usize = 20;
 /// Files larger than this are skipped (generated code, data).
 pub const MAX_FILE_BYTES: u64 = 512 * 1024;
-/// At most this many files are indexed (about 1.5 KB of index each; see
+/// At most this many files are indexed (under 2 KB of index each; see
 /// [`crate::terms`]).
 pub const MAX_FILES: usize = 200_000;
 /// Candidates handed to the ranker after the lexical prefilter: this
