@@ -822,6 +822,10 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
     let shown = home.json(&args);
     // The index was persisted, and a second run reads it back.
     assert_eq!(shown["workspace"]["index"]["parsed"], 3, "{shown:#}");
+    // The index's memory, and the process's (Linux).
+    let bytes = shown["workspace"]["memory_bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes < 1 << 20, "{shown:#}");
+    assert!(shown["process"]["peak_resident_bytes"].as_u64().unwrap() > bytes);
     assert!(home.path().join("cache/index.db").exists());
     let again = home.json(&args);
     assert_eq!(again["workspace"]["index"]["reused"], 3, "{again:#}");
@@ -868,6 +872,10 @@ fn kiln_context_shows_the_prompt_a_completion_sends() {
         assert!(Instant::now() < deadline, "the workspace is never indexed");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(
+        status(&mut c)["workspace"]["memory_bytes"],
+        shown["workspace"]["memory_bytes"]
+    );
     let uri = format!("file://{}/main.py", ws.path().display());
     let r = c.request("kiln/context", at(&uri, 3, 23)).unwrap();
     assert_eq!(error_code(&r), -32602, "not open yet: {r}");
