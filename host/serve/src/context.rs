@@ -89,8 +89,6 @@ pub struct Workspace {
     pub root: Option<PathBuf>,
     sources: Vec<Source>,
     terms: Terms,
-    /// The terms as files are added (until [`Workspace::finish`]).
-    building: Option<Box<TermsBuilder>>,
     /// Every file's definitions, file after file.
     defs: Vec<Slim>,
     /// Each file's chunks' identifier counts (BM25's chunk lengths).
@@ -141,10 +139,7 @@ const EDIT_MAX_LINES: u32 = 40;
 
 /// Identifiers of at least 2 characters.
 pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .filter(|w| w.len() >= 2 && !w.chars().next().is_some_and(|c| c.is_ascii_digit()))
-        .map(str::to_string)
-        .collect()
+    idents(text).map(str::to_string).collect()
 }
 
 /// Words that say nothing about what a snippet is about.
@@ -159,7 +154,7 @@ pub fn is_keyword(word: &str) -> bool {
     // Asked of every identifier an index loads: one lookup, not a scan.
     static SET: std::sync::OnceLock<rustc_hash::FxHashSet<&str>> = std::sync::OnceLock::new();
     let set = SET.get_or_init(|| DEFINERS.iter().chain(KEYWORDS).copied().collect());
-    word.len() <= 9 && set.contains(word)
+    set.contains(word)
 }
 
 /// Chunks of [`CHUNK_LINES`] lines of `text` with something in them:
@@ -308,36 +303,29 @@ enum Indexed {
 }
 
 fn index_file(path: String, text: &str, keep: bool, modified: Option<SystemTime>) -> FileIndex {
-    let defs = symbols::definitions(&path, text);
-    let spans = (spans_of(text).into_iter())
-        .map(|(start, end, joined)| {
-            let mut counts: HashMap<String, u32> = HashMap::new();
-            let mut n = 0;
-            for w in words(&joined) {
-                *counts.entry(w).or_default() += 1;
-                n += 1;
-            }
-            (start, end, counts, n)
-        })
-        .collect::<Vec<_>>();
     let mut index = FileIndex {
+        defs: symbols::definitions(&path, text),
         path,
         text: keep.then(|| Arc::from(text)),
         modified,
         bytes: text.len() as u64,
-        defs,
-        spans: Vec::with_capacity(spans.len()),
+        spans: Vec::new(),
         terms: Vec::new(),
         words: String::new(),
     };
-    for (start, end, counts, n) in spans {
+    for (start, end, joined) in spans_of(text) {
+        let mut counts: HashMap<&str, u32> = HashMap::new();
+        let mut n = 0;
+        for w in idents(&joined) {
+            *counts.entry(w).or_default() += 1;
+            n += 1;
+        }
         let first = index.terms.len() as u32;
         for (w, c) in counts {
-            index.add_term(&w, c);
+            index.add_term(w, c);
         }
-        index
-            .spans
-            .push((start, end, first..index.terms.len() as u32, n));
+        let terms = first..index.terms.len() as u32;
+        index.spans.push((start, end, terms, n));
     }
     index
 }
@@ -401,6 +389,7 @@ impl Workspace {
         let known: HashSet<&str> = seen.values().map(|s| s.sha256.as_str()).collect();
         let caching = cache.is_some();
         let mut recorded = false;
+        let mut builder = TermsBuilder::default();
         // In batches, so that no more than a batch's files are held as
         // parsed, uncompacted text at once.
         for batch in found.chunks(INDEX_BATCH) {
@@ -420,9 +409,8 @@ impl Workspace {
             let results = index_all(batch.len(), &|i| {
                 let (rel, path, modified, size) = &batch[i];
                 if let Some(bytes) = kept.get(&i)
-                    && let Some(mut f) = index_cache::decode(rel.clone(), *modified, bytes)
+                    && let Some(f) = index_cache::decode(rel.clone(), *modified, *size, bytes)
                 {
-                    f.bytes = *size;
                     return Some((i, Indexed::Reused(f)));
                 }
                 let text = std::fs::read_to_string(path).ok()?; // not UTF-8 text
@@ -447,8 +435,7 @@ impl Workspace {
                     Indexed::Known(sha) => {
                         let cached = (cache.as_ref())
                             .and_then(|c| c.parsed(&sha, index_cache::ext(rel)))
-                            .and_then(|b| index_cache::decode(rel.clone(), *modified, &b))
-                            .map(|f| FileIndex { bytes: *size, ..f });
+                            .and_then(|b| index_cache::decode(rel.clone(), *modified, *size, &b));
                         let (f, data) = match cached {
                             Some(f) => {
                                 stats.reused += 1;
@@ -485,7 +472,7 @@ impl Workspace {
             {
                 stats.cache_error = Some(e);
             }
-            ws.add(files);
+            ws.add(&mut builder, files);
         }
         if let Some(c) = &mut cache {
             let present: HashSet<&str> = found.iter().map(|f| f.0.as_str()).collect();
@@ -507,7 +494,7 @@ impl Workspace {
         // What the walk and the cache said is not needed to finish.
         drop(known);
         drop((seen, found, cache));
-        ws.finish();
+        ws.finish(builder);
         // Loading freed about as much as the index keeps.
         kiln_runtime::measure::release_free_memory();
         stats.seconds = started.elapsed().as_secs_f64();
@@ -525,14 +512,14 @@ impl Workspace {
             root: Some(root.to_path_buf()),
             ..Workspace::default()
         };
-        ws.add(indexed);
-        ws.finish();
+        let mut builder = TermsBuilder::default();
+        ws.add(&mut builder, indexed);
+        ws.finish(builder);
         ws
     }
 
     /// Adds indexed files.
-    fn add(&mut self, files: Vec<FileIndex>) {
-        let b = self.building.get_or_insert_with(Default::default);
+    fn add(&mut self, b: &mut TermsBuilder, files: Vec<FileIndex>) {
         let mut ids = Vec::new();
         for file in files {
             let first = self.defs.len() as u32;
@@ -581,14 +568,11 @@ impl Workspace {
         }
     }
 
-    fn finish(&mut self) {
-        if let Some(b) = self.building.take() {
-            let defs = &mut self.defs;
-            self.terms = b.finish(&mut |new_id| {
-                for d in defs.iter_mut() {
-                    d.term = new_id[d.term as usize];
-                }
-            });
+    fn finish(&mut self, b: TermsBuilder) {
+        let (terms, new_id) = b.finish();
+        self.terms = terms;
+        for d in &mut self.defs {
+            d.term = new_id[d.term as usize];
         }
         self.defs.shrink_to_fit();
         self.sources.shrink_to_fit();
@@ -755,7 +739,7 @@ impl Workspace {
             let i = start as usize + i;
             for d in defs.iter().filter(|d| d.line as usize == i) {
                 let want = self.terms.hash_of(d.term);
-                let mut idents = line.split(|c: char| !(c.is_alphanumeric() || c == '_'));
+                let mut idents = line.split(|c: char| !word_char(c));
                 if let Some(name) = idents.find(|w| !w.is_empty() && terms::hash(w) == want) {
                     names.insert(name.to_string());
                 }
@@ -1023,26 +1007,26 @@ fn word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
-/// The identifiers [`words`] finds, without a string each (bytes at a
-/// time where they are ASCII: this runs over every file lexical search
-/// scores).
+/// Identifiers of at least 2 characters, not starting with a digit, as
+/// slices of `text` (bytes at a time where they are ASCII: this runs over
+/// every file indexed and every chunk lexical search counts again).
 fn idents(text: &str) -> impl Iterator<Item = &str> {
     let bytes = text.as_bytes();
     let mut at = 0;
-    // The length of the word character at `i`, or 0 for a separator.
-    let word_char = move |i: usize| -> (bool, usize) {
+    // Whether the character at `i` is a word character, and its length.
+    let char_at = move |i: usize| -> (bool, usize) {
         let b = bytes[i];
         if b < 0x80 {
             (b.is_ascii_alphanumeric() || b == b'_', 1)
         } else {
             let c = text[i..].chars().next().expect("at a char boundary");
-            (c.is_alphanumeric(), c.len_utf8())
+            (word_char(c), c.len_utf8())
         }
     };
     std::iter::from_fn(move || {
         loop {
             while at < bytes.len() {
-                match word_char(at) {
+                match char_at(at) {
                     (true, _) => break,
                     (false, n) => at += n,
                 }
@@ -1052,7 +1036,7 @@ fn idents(text: &str) -> impl Iterator<Item = &str> {
             }
             let start = at;
             while at < bytes.len() {
-                match word_char(at) {
+                match char_at(at) {
                     (true, n) => at += n,
                     (false, _) => break,
                 }
@@ -1925,7 +1909,7 @@ mod tests {
     #[test]
     fn keywords_are_known_by_one_lookup() {
         for k in DEFINERS.iter().chain(KEYWORDS) {
-            assert!(is_keyword(k) && k.len() <= 9, "{k}");
+            assert!(is_keyword(k), "{k}");
         }
         assert!(!is_keyword("interfaces") && !is_keyword("Self") && !is_keyword(""));
     }

@@ -290,11 +290,13 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The file's index from bytes [`encode`] wrote; `None` for anything
-/// else (the caller parses the file again).
+/// The index of the file at `path` (of `size` bytes, as recorded) from
+/// bytes [`encode`] wrote; `None` for anything else (the caller parses
+/// the file again).
 pub(crate) fn decode(
     path: String,
     modified: Option<SystemTime>,
+    size: u64,
     bytes: &[u8],
 ) -> Option<FileIndex> {
     let mut r = Reader { b: bytes, at: 0 };
@@ -318,7 +320,7 @@ pub(crate) fn decode(
         path,
         text: None,
         modified,
-        bytes: 0, // the caller knows it
+        bytes: size,
         defs,
         spans: Vec::with_capacity(n_spans.min(bytes.len() / 16)),
         terms: Vec::new(),

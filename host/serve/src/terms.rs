@@ -155,9 +155,9 @@ impl TermsBuilder {
         self.files += 1;
     }
 
-    /// The finished tables; `remap` is called with the permutation from
-    /// build ids to final ids (for the definitions' names).
-    pub fn finish(self, remap: &mut dyn FnMut(&[u32])) -> Terms {
+    /// The finished tables, and each build id's final id (for the
+    /// definitions' names).
+    pub fn finish(self) -> (Terms, Vec<u32>) {
         let n = self.hashes.len();
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.sort_unstable_by_key(|&i| self.hashes[i as usize]);
@@ -213,13 +213,13 @@ impl TermsBuilder {
             fill[t as usize] += buf.len() as u32;
             last_file[t as usize] = f;
         });
-        remap(&new_id);
-        Terms {
+        let terms = Terms {
             hashes,
             chunks,
             files_at,
             files,
-        }
+        };
+        (terms, new_id)
     }
 }
 
@@ -284,8 +284,7 @@ mod tests {
         }
         b.add_file(&mut ids.clone());
         b.in_chunk(ids[1]);
-        let mut perm = Vec::new();
-        let t = b.finish(&mut |p| perm = p.to_vec());
+        let (t, perm) = b.finish();
         assert_eq!(t.hashes.len(), 4);
         for (i, w) in words.iter().enumerate() {
             let id = t.id(hash(w)).unwrap();
