@@ -65,6 +65,7 @@ const LAYERS: &[&[&str]] = &[
     &["kiln-registry"],
     &["kiln-runtime"],
     &["kiln-serve"],
+    &["kiln-finetune"],
     &["kiln"],
 ];
 

@@ -106,6 +106,21 @@ impl FimTemplate {
         }
     }
 
+    /// The suffix-prefix-middle order of the same tokens, for training
+    /// (the variant of Bavarian et al. 2022 that families trained on both
+    /// orders use: the prefix right before the middle, so the two read as
+    /// one text); `None` without fill-in-the-middle.
+    pub fn build_spm(self, prefix: &str, suffix: &str) -> Option<String> {
+        let [pre, suf, mid] = match self {
+            FimTemplate::CodeLlama => return Some(format!("<PRE> <SUF>{suffix} <MID> {prefix}")),
+            FimTemplate::Qwen => QWEN,
+            FimTemplate::DeepSeek => DEEPSEEK,
+            FimTemplate::StarCoder => STARCODER,
+            FimTemplate::None => return None,
+        };
+        Some(format!("{pre}{suf}{suffix}{mid}{prefix}"))
+    }
+
     /// Text that ends a completion in this family besides end-of-generation.
     pub fn stop_strings(self) -> &'static [&'static str] {
         match self {

@@ -235,9 +235,10 @@ thread_local! {
     static PARSERS: RefCell<Vec<Option<Parser>>> = RefCell::new((0..LANGS.len()).map(|_| None).collect());
 }
 
-/// Definitions from the grammar; `None` when the parser gives up.
-fn parsed(lang: Lang, text: &str) -> Option<Vec<Def>> {
-    let tree = PARSERS.with(|parsers| {
+/// The syntax tree of `text` in `lang` (this thread's parser for the
+/// language); `None` when the parser gives up.
+pub fn parse(lang: Lang, text: &str) -> Option<tree_sitter::Tree> {
+    PARSERS.with(|parsers| {
         let mut parsers = parsers.borrow_mut();
         let parser = parsers[lang.index()].get_or_insert_with(|| {
             let mut p = Parser::new();
@@ -246,7 +247,12 @@ fn parsed(lang: Lang, text: &str) -> Option<Vec<Def>> {
             p
         });
         parser.parse(text, None)
-    })?;
+    })
+}
+
+/// Definitions from the grammar; `None` when the parser gives up.
+fn parsed(lang: Lang, text: &str) -> Option<Vec<Def>> {
+    let tree = parse(lang, text)?;
     let query = lang.query();
     let names = query.capture_names();
     let lines: Vec<&str> = text.lines().collect();

@@ -12,6 +12,7 @@ mod ctxbench;
 mod demo;
 mod doctor;
 mod explain;
+mod finetune;
 mod lifecycle;
 mod models;
 mod plugins;
@@ -238,6 +239,9 @@ enum Command {
     /// repository and score selectors on them.
     #[command(subcommand)]
     Ctxbench(CtxbenchCommand),
+    /// Fine-tune a model on your own code (data preparation).
+    #[command(subcommand)]
+    Finetune(FinetuneCommand),
     /// Measure load time, prompt and decode speed of a model (random tokens).
     Bench {
         model: String,
@@ -549,6 +553,37 @@ struct HoleCut {
 }
 
 #[derive(Subcommand)]
+enum FinetuneCommand {
+    /// Turn the code in DIR into training sequences for a model: files
+    /// filtered (binary, generated, vendored, minified), deduplicated,
+    /// secrets redacted, split into train and eval by file, examples in
+    /// the model's fill-in-the-middle format at syntactic spans, packed.
+    Prepare {
+        dir: std::path::PathBuf,
+        /// The model the data is for (its tokenizer and prompt format):
+        /// a GGUF file or registered model (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// The data directory to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Tokens per training sequence at most.
+        #[arg(long, default_value_t = 1024)]
+        seq_len: usize,
+        /// The share of files held out for evaluation.
+        #[arg(long, default_value_t = 0.1)]
+        eval_fraction: f64,
+        /// Fill-in-the-middle holes to cut in the held-out files.
+        #[arg(long, default_value_t = 200)]
+        eval_holes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CtxbenchCommand {
     /// Cut holes from REPO into a JSONL file (each with its file's sha256).
     Cut {
@@ -782,6 +817,28 @@ fn run(command: Command) -> CliResult {
                 },
                 json,
             },
+        ),
+        Command::Finetune(FinetuneCommand::Prepare {
+            dir,
+            model,
+            out,
+            seq_len,
+            eval_fraction,
+            eval_holes,
+            seed,
+            json,
+        }) => finetune::prepare(
+            &config,
+            &dir,
+            model.as_deref(),
+            &out,
+            &kiln_finetune::prepare::Options {
+                seq_len,
+                eval_fraction,
+                seed,
+                eval_holes,
+            },
+            json,
         ),
         Command::Ctxbench(CtxbenchCommand::Cut {
             repo,
