@@ -533,3 +533,86 @@ fn fim_examples_follow_the_models_template_at_syntactic_spans() {
         "{r:#}"
     );
 }
+
+/// kiln's inference logits of every position of `tokens`.
+fn inference_logits(model: &Path, tokens: &[u32]) -> Vec<f32> {
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::forward::LogitsFor;
+    use kiln_runtime::model::{Model, Session};
+    let exec = Executor::new(Backend::builtin_cpu(), 0);
+    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(512)).unwrap();
+    s.eval(tokens, LogitsFor::All).unwrap()
+}
+
+/// Per row: the largest difference over the row's largest magnitude; and
+/// the share of rows whose largest logit is the same token.
+fn agreement(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
+    let argmax = |r: &[f32]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
+    let mut worst = 0f64;
+    let mut same = 0;
+    let rows = ours.len() / vocab;
+    for (a, b) in ours.chunks(vocab).zip(theirs.chunks(vocab)) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+        worst = worst.max(diff / scale);
+        same += usize::from(argmax(a) == argmax(b));
+    }
+    (worst, same as f64 / rows as f64)
+}
+
+/// The trainer's forward pass (f32, an adapter with B = 0, base products
+/// on the CPU backend's own kernels, K and V rounded to f16 as the cache
+/// holds them) gives kiln inference's logits: to rounding on a tiny F32
+/// model and on SmolLM2 converted to F16; on SmolLM2 as released (Q4_1,
+/// whose products round their inputs to 8 bits, so a last-bit difference
+/// anywhere moves values by a rounding step) within that rounding, with
+/// the same most likely token almost everywhere.
+#[test]
+fn training_forward_equals_inference_forward() {
+    use kiln_finetune::train::model::{Adapter, Base, Sequence, Trainable};
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny.gguf");
+    kiln_finetune::train::write_tiny_model(&tiny, "llama", 2, kiln_plugin_api::DType::F32, 5)
+        .unwrap();
+    let mut cases = vec![(
+        tiny,
+        (0..40).map(|i| (i * 7 % 40) as u32).collect::<Vec<u32>>(),
+        1e-3,
+        1.0,
+    )];
+    if let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") {
+        let tokens = tokenizer(&smol)
+            .encode("fn fibonacci(n: u64) -> u64 {\n    match n {\n        0 => 0,\n        1 => 1,\n        _ => fibonacci(n - 1) + fibonacci(n - 2),\n    }\n}\n", false)
+            .unwrap();
+        let f16 = dir.path().join("smol-f16.gguf");
+        home.ok(&[
+            "quantize",
+            smol.to_str().unwrap(),
+            f16.to_str().unwrap(),
+            "--type",
+            "f16",
+            "--allow-requantize",
+        ]);
+        cases.push((f16, tokens.clone(), 5e-3, 1.0));
+        cases.push((smol, tokens, 0.1, 0.9));
+    }
+    for (path, tokens, max_error, min_same) in cases {
+        let base = Base::open(&path).unwrap();
+        let model = Trainable::<f32>::new(&base);
+        let adapter = Adapter::<f32>::new(&base, 8, 16.0, &[0, 1, 2, 3, 4, 5, 6], 1);
+        let seq = Sequence {
+            tokens: tokens.clone(),
+            docs: vec![0],
+            loss: vec![],
+        };
+        let ours = model.logits(&adapter, &seq);
+        let theirs = inference_logits(&path, &tokens);
+        let (worst, same) = agreement(&ours, &theirs, base.cfg.n_vocab);
+        eprintln!(
+            "{}: largest difference {worst:.2e} of a row's largest logit; the same top token at {same:.3} of the positions",
+            path.display()
+        );
+        assert!(worst <= max_error && same >= min_same, "{}", path.display());
+    }
+}

@@ -18,3 +18,4 @@ pub mod filter;
 pub mod prepare;
 pub mod secrets;
 pub mod spans;
+pub mod train;
