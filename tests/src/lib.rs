@@ -468,6 +468,19 @@ pub fn llama_logits_with(
     dir: &Path,
     flash_attn: bool,
 ) -> (Vec<f32>, Vec<u32>) {
+    llama_logits_lora(model, None, tokens, n_greedy, dir, flash_attn)
+}
+
+/// [`llama_logits_with`], with a LoRA adapter applied where `lora` names
+/// one.
+pub fn llama_logits_lora(
+    model: &Path,
+    lora: Option<&Path>,
+    tokens: &[u32],
+    n_greedy: usize,
+    dir: &Path,
+    flash_attn: bool,
+) -> (Vec<f32>, Vec<u32>) {
     let out = dir.join("llama-logits.bin");
     let ids = tokens
         .iter()
@@ -483,6 +496,10 @@ pub fn llama_logits_with(
     ];
     if flash_attn {
         args.push(std::ffi::OsStr::new("--flash-attn"));
+    }
+    let lora_arg = lora.map(|p| format!("--lora={}", p.display()));
+    if let Some(a) = &lora_arg {
+        args.push(std::ffi::OsStr::new(a));
     }
     let report: serde_json::Value = serde_json::from_str(&oracle("llama_logits.py", &args))
         .expect("llama_logits.py prints JSON");

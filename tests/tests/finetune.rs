@@ -616,3 +616,233 @@ fn training_forward_equals_inference_forward() {
         assert!(worst <= max_error && same >= min_same, "{}", path.display());
     }
 }
+
+/// The JSON lines of a `kiln finetune train --json` run.
+fn lines(stdout: &[u8]) -> Vec<Value> {
+    (String::from_utf8_lossy(stdout).lines())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A `kiln finetune train` run on `data` for `model`, writing `out`.
+fn train_args<'a>(
+    data: &'a Path,
+    model: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "finetune",
+        "train",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--accumulate",
+        "1",
+        "--seq-len",
+        "96",
+        "--lr",
+        "1e-3",
+        "--rank",
+        "4",
+        "--eval-every",
+        "0",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Training on real code: the loss curve of a run killed (SIGKILL) and
+/// resumed from its checkpoint is the uninterrupted run's, to the bit, and
+/// so is the adapter; Ctrl-C (SIGINT) stops at the next step with a
+/// checkpoint; bad settings are refused before any work.
+#[test]
+fn training_resumes_after_a_kill_on_the_same_curve() {
+    let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let repo = ws.path().join("repo");
+    repository(&repo);
+    let data = ws.path().join("data");
+    prepare(&home, &repo, &smol, &data, 96);
+    let steps = ["--steps", "6", "--save-every", "2"];
+
+    let whole = ws.path().join("whole.gguf");
+    let done = lines(
+        home.ok(&train_args(&data, &smol, &whole, &steps))
+            .as_bytes(),
+    );
+    let summary = done.last().unwrap();
+    assert_eq!(summary["event"], "done", "{summary:#}");
+    assert_eq!(summary["steps_done"], 6);
+    assert_eq!(done.iter().filter(|l| l["event"] == "step").count(), 6);
+    let curve = summary["losses"].clone();
+    assert!(
+        summary["peak_rss_bytes"].as_u64().unwrap() < 2 << 30,
+        "{summary:#}"
+    );
+
+    // Killed after its third step: the checkpoint of step 2 remains.
+    let cut = ws.path().join("cut.gguf");
+    let mut child = home
+        .command(&train_args(&data, &smol, &cut, &steps))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = 0;
+    while seen < 3 {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "ended early"
+        );
+        seen += usize::from(line.contains("\"event\":\"step\""));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!cut.exists(), "a killed run wrote no adapter");
+    let resumed = lines(
+        home.ok(&train_args(
+            &data,
+            &smol,
+            &cut,
+            &[&steps[..], &["--resume"]].concat(),
+        ))
+        .as_bytes(),
+    );
+    let summary = resumed.last().unwrap();
+    assert_eq!(summary["resumed_from"], 2, "{summary:#}");
+    assert_eq!(summary["losses"], curve, "the resumed curve differs");
+    assert_eq!(std::fs::read(&cut).unwrap(), std::fs::read(&whole).unwrap());
+
+    // Other settings do not resume this checkpoint.
+    let e = home.fails(&train_args(
+        &data,
+        &smol,
+        &cut,
+        &["--steps", "6", "--resume", "--alpha", "32"],
+    ));
+    assert!(e.contains("other settings"), "{e}");
+    let e = home.fails(&train_args(
+        &data,
+        &smol,
+        &ws.path().join("none.gguf"),
+        &["--resume"],
+    ));
+    assert!(e.contains("train from the start"), "{e}");
+    let e = home.fails(&train_args(&data, &smol, &cut, &["--targets", "q,mlp"]));
+    assert!(e.contains("unknown projection \"mlp\""), "{e}");
+    // Data prepared for another vocabulary.
+    let demo = kiln_tests::serve::demo_model();
+    let e = home.fails(&train_args(&data, &demo, &cut, &[]));
+    assert!(e.contains("vocabulary"), "{e}");
+
+    // Ctrl-C: the run stops after the step under way, with a checkpoint.
+    let stopped = ws.path().join("stopped.gguf");
+    let mut child = home
+        .command(&train_args(&data, &smol, &stopped, &["--steps", "40"]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let summary = lines(rest.as_bytes()).pop().unwrap();
+    assert_eq!(summary["stopped"], true, "{summary:#}");
+    assert!(summary["steps_done"].as_u64().unwrap() < 40);
+    assert!(stopped.exists() && kiln_finetune::train::run::checkpoint_path(&stopped).exists());
+}
+
+/// An adapter kiln writes loads in llama.cpp: with B = 0 it gives the base
+/// model's logits exactly, and a trained-size adapter changes llama.cpp's
+/// logits as it changes kiln's (on SmolLM2 converted to F16, where the two
+/// engines agree to rounding).
+#[test]
+fn adapters_load_in_llama_cpp_with_kilns_logits() {
+    use kiln_finetune::train::model::{Adapter, Base, Sequence, Trainable};
+    let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    if !kiln_tests::llama_cpp_available() {
+        return;
+    }
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = dir.path().join("smol-f16.gguf");
+    home.ok(&[
+        "quantize",
+        smol.to_str().unwrap(),
+        f16.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--allow-requantize",
+    ]);
+    let base = Base::open(&f16).unwrap();
+    let tokens = tokenizer(&smol)
+        .encode(
+            "def area(radius):\n    return 3.14159 * radius * radius\n\nprint(area(",
+            false,
+        )
+        .unwrap();
+    let all = [0, 1, 2, 3, 4, 5, 6];
+    let zero = Adapter::<f32>::new(&base, 4, 8.0, &all, 1);
+    let mut random = zero.clone();
+    let mut rng = fastrand::Rng::with_seed(2);
+    for p in random.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.f32() * 2.0 - 1.0) * 0.2);
+    }
+    let model = Trainable::<f32>::new(&base);
+    let seq = Sequence {
+        tokens: tokens.clone(),
+        docs: vec![0],
+        loss: vec![],
+    };
+    let n_vocab = base.cfg.n_vocab;
+    let (plain, _) = kiln_tests::llama_logits(&f16, &tokens, 0, dir.path());
+    for (name, adapter) in [("zero", &zero), ("random", &random)] {
+        let path = dir.path().join(format!("{name}.gguf"));
+        kiln_finetune::train::file::write_adapter(&path, &base, adapter).unwrap();
+        let (theirs, _) =
+            kiln_tests::llama_logits_lora(&f16, Some(&path), &tokens, 0, dir.path(), false);
+        if name == "zero" {
+            assert_eq!(theirs, plain, "llama.cpp with B = 0 is the base model");
+            continue;
+        }
+        let ours = model.logits(adapter, &seq);
+        let base_ours = model.logits(&zero, &seq);
+        // The adapter's effect on the logits, in each engine.
+        let effect =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+        let (ours_d, theirs_d) = (effect(&ours, &base_ours), effect(&theirs, &plain));
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let gap = norm(&effect(&ours_d, &theirs_d)) / norm(&theirs_d);
+        let (worst, same) = agreement(&ours, &theirs, n_vocab);
+        eprintln!(
+            "random adapter: effect size {:.3}, kiln vs llama.cpp effect gap {gap:.2e}, logits {worst:.2e}, top token {same:.3}",
+            norm(&theirs_d) / norm(&plain)
+        );
+        assert!(
+            norm(&theirs_d) > 0.05 * norm(&plain),
+            "the adapter changes little"
+        );
+        assert!(
+            gap < 0.05,
+            "kiln's and llama.cpp's adapter effects differ by {gap:.3}"
+        );
+        assert!(same >= 0.9);
+    }
+}

@@ -1,5 +1,6 @@
 //! `kiln finetune`: fine-tuning on the user's own code
-//! (`kiln_finetune`). `prepare` writes the training data.
+//! (`kiln_finetune`). `prepare` writes the training data, `train` a LoRA
+//! adapter from it.
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
 use kiln_finetune::prepare::{self, ForModel, Options, Progress, Report};
@@ -132,4 +133,172 @@ fn print_report(out: &Path, id: &str, template: FimTemplate, r: &Report) {
         r.tokens.train, r.tokens.eval, r.sequences.train, r.sequences.eval, r.eval_holes
     );
     println!("wrote {} ({} format)", out.display(), template.name());
+}
+
+pub struct TrainArgs<'a> {
+    pub steps: Option<usize>,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: &'a [String],
+    pub accumulate: usize,
+    pub lr: f64,
+    pub warmup: Option<usize>,
+    pub weight_decay: f64,
+    pub seq_len: Option<usize>,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub seed: u64,
+    pub resume: bool,
+}
+
+/// The short names of the projections `--targets` takes, in
+/// [`kiln_finetune::train::model::TARGETS`]' order.
+const TARGET_NAMES: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
+
+fn duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// `kiln finetune train DATA --model M --out ADAPTER.gguf`.
+pub fn train(
+    config: &Config,
+    data: &Path,
+    model: Option<&str>,
+    out: &Path,
+    a: TrainArgs,
+    json: bool,
+) -> CliResult {
+    use kiln_finetune::train::run;
+    let targets = a
+        .targets
+        .iter()
+        .map(|t| {
+            TARGET_NAMES.iter().position(|n| n == t).ok_or_else(|| {
+                CliError(format!(
+                    "--targets: unknown projection {t:?}; choose from {}",
+                    TARGET_NAMES.join(", ")
+                ))
+            })
+        })
+        .collect::<Result<Vec<usize>, CliError>>()?;
+    let (_, path) = store::resolve_served(config, model)?;
+    let opts = run::Options {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets,
+        steps: a.steps,
+        accumulate: a.accumulate,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        clip: 1.0,
+        seq_len: a.seq_len,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_sequences: 16,
+        save_every: a.save_every,
+        resume: a.resume,
+    };
+    // Ctrl-C (or SIGTERM) stops at the end of the step under way, after
+    // which the checkpoint and the adapter are written.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut last = Instant::now() - Duration::from_secs(60);
+    let mut progress = |p: &run::Progress| {
+        if json {
+            let mut line = serde_json::to_value(p).expect("JSON");
+            line["schema_version"] = JSON_SCHEMA_VERSION.into();
+            line["event"] = "step".into();
+            println!("{line}");
+            return;
+        }
+        let every = if tty {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10)
+        };
+        if last.elapsed() < every && p.step != p.steps && p.eval_loss.is_none() {
+            return;
+        }
+        last = Instant::now();
+        let width = 24;
+        let filled = width * p.step / p.steps.max(1);
+        let eval = p
+            .eval_loss
+            .map_or(String::new(), |e| format!(" eval {e:.3}"));
+        let line = format!(
+            "[{}{}] step {}/{} loss {:.3}{eval} | {:.0} tok/s | ETA {}",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            p.step,
+            p.steps,
+            p.loss,
+            p.tokens_per_s,
+            duration(p.eta_s)
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if tty {
+            write!(
+                err,
+                "\r{line}\x1b[K{}",
+                if p.step == p.steps { "\n" } else { "" }
+            )
+        } else {
+            writeln!(err, "{line}")
+        };
+        if tty && p.eval_loss.is_some() && p.step != p.steps {
+            let _ = writeln!(err);
+        }
+    };
+    let outcome = run::train(&path, data, out, &opts, &mut progress, &stop).map_err(CliError)?;
+    if json {
+        let mut line = serde_json::to_value(&outcome).expect("JSON");
+        line["schema_version"] = JSON_SCHEMA_VERSION.into();
+        line["event"] = "done".into();
+        println!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if tty && outcome.stopped {
+        eprintln!();
+    }
+    let evals = match (outcome.eval_loss_base, outcome.eval_loss) {
+        (Some(b), Some(a)) => format!("; held-out loss {b:.3} → {a:.3} nats/token"),
+        _ => String::new(),
+    };
+    println!(
+        "{} {} of {} steps ({} parameters, {:.0} tok/s, {}, peak memory {}){evals}",
+        if outcome.stopped {
+            "stopped after"
+        } else {
+            "trained"
+        },
+        outcome.steps_done,
+        outcome.steps,
+        outcome.parameters,
+        outcome.tokens_per_s,
+        duration(outcome.seconds),
+        outcome
+            .peak_rss_bytes
+            .map_or("unknown".into(), kiln_runtime::measure::human_bytes),
+    );
+    println!(
+        "wrote {} (checkpoint {}{})",
+        outcome.adapter.display(),
+        outcome.checkpoint.display(),
+        if outcome.stopped {
+            "; continue with --resume"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }

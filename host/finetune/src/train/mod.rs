@@ -6,10 +6,16 @@
 //! - [`ops`]: each op's forward and backward.
 //! - [`model`]: the base model, the adapter, a sequence's loss and
 //!   gradient with each layer recomputed in the backward pass.
+//! - [`optim`]: AdamW, the warm-up and cosine schedule, clipping.
+//! - [`file`]: adapters in llama.cpp's LoRA format, checkpoints.
+//! - [`run`]: the training loop (`kiln finetune train`).
 
+pub mod file;
 pub mod linalg;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod run;
 
 /// Writes a small random llama or qwen2 model for tests: `layers` layers,
 /// 16-wide embeddings, 4 query heads over 2 key/value heads, vocabulary
