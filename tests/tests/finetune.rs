@@ -846,3 +846,130 @@ fn adapters_load_in_llama_cpp_with_kilns_logits() {
         assert!(same >= 0.9);
     }
 }
+
+/// `kiln finetune eval` scores the base and a trained adapter on the
+/// held-out files in one run (its adapter likelihood is the one training
+/// reported), and `kiln finetune merge` writes a model that kiln's
+/// inference runs with the adapter's effect.
+#[test]
+fn eval_and_merge_use_the_trained_adapter() {
+    use kiln_finetune::train::model::{Base, Sequence, Trainable};
+    let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    let repo = ws.path().join("repo");
+    repository(&repo);
+    let data = ws.path().join("data");
+    prepare(&home, &repo, &smol, &data, 96);
+    let adapter = ws.path().join("a.gguf");
+    let trained = lines(
+        home.ok(&train_args(
+            &data,
+            &smol,
+            &adapter,
+            &["--steps", "3", "--alpha", "64"],
+        ))
+        .as_bytes(),
+    );
+    let summary = trained.last().unwrap();
+    let v = home.json(&[
+        "finetune",
+        "eval",
+        data.to_str().unwrap(),
+        "--model",
+        smol.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--holes",
+        "3",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    let r = &v["report"];
+    assert_eq!(r["holes"], 3, "{r:#}");
+    assert_eq!(r["template"], "none");
+    let n = r["sequences"].as_u64().unwrap();
+    assert!(
+        n > 0 && n <= 16,
+        "all held-out sequences are the ones training scored"
+    );
+    let f = |x: &Value| x.as_f64().unwrap();
+    assert!(
+        (f(&r["adapter"]["nll"]["mean"]) - f(&summary["eval_loss"])).abs() < 1e-9,
+        "{r:#}\n{summary:#}"
+    );
+    assert!((f(&r["base"]["nll"]["mean"]) - f(&summary["eval_loss_base"])).abs() < 1e-9);
+    let d = &r["delta_nll"];
+    assert!(
+        f(&d["lo"]) <= f(&d["mean"]) && f(&d["mean"]) <= f(&d["hi"]),
+        "{d:#}"
+    );
+    assert!(
+        (f(&d["mean"]) - (f(&r["adapter"]["nll"]["mean"]) - f(&r["base"]["nll"]["mean"]))).abs()
+            < 1e-9
+    );
+    for side in ["base", "adapter"] {
+        let em = f(&r[side]["exact_match"]["mean"]);
+        let es = f(&r[side]["edit_similarity"]["mean"]);
+        assert!(
+            (0.0..=1.0).contains(&em) && (0.0..=1.0).contains(&es),
+            "{r:#}"
+        );
+    }
+
+    // Merged into F16, run by kiln's inference: the adapter's effect on
+    // the logits is the trainer's (on the F16 base, the same arithmetic).
+    let f16 = ws.path().join("base-f16.gguf");
+    home.ok(&[
+        "quantize",
+        smol.to_str().unwrap(),
+        f16.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--allow-requantize",
+    ]);
+    let merged = ws.path().join("merged.gguf");
+    let m = home.json(&[
+        "finetune",
+        "merge",
+        "--model",
+        f16.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(m["tensors_merged"], 30 * 7, "{m:#}");
+    let base = Base::open(&f16).unwrap();
+    let a = kiln_finetune::train::file::read_adapter(&adapter, &base).unwrap();
+    let tokens = tokenizer(&smol)
+        .encode(
+            "fn stage(limit: usize) -> usize {\n    limit * 2\n}\n",
+            false,
+        )
+        .unwrap();
+    let seq = Sequence {
+        tokens: tokens.clone(),
+        docs: vec![0],
+        loss: vec![],
+    };
+    let ours = Trainable::<f32>::new(&base).logits(&a, &seq);
+    let theirs = inference_logits(&merged, &tokens);
+    let (worst, same) = agreement(&ours, &theirs, base.cfg.n_vocab);
+    assert!(worst < 1e-2 && same == 1.0, "merged {worst:.2e} {same}");
+    let e = home.fails(&[
+        "finetune",
+        "merge",
+        "--model",
+        smol.to_str().unwrap(),
+        "--adapter",
+        repo.join("src/stage1.rs").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(e.contains("stage1.rs"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! `kiln finetune`: fine-tuning on the user's own code
 //! (`kiln_finetune`). `prepare` writes the training data, `train` a LoRA
-//! adapter from it.
+//! adapter from it, `eval` scores it against the base, `merge` writes the
+//! base with it merged.
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
 use kiln_finetune::prepare::{self, ForModel, Options, Progress, Report};
@@ -300,5 +301,97 @@ pub fn train(
             ""
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln finetune eval DATA --model M [--adapter A]`.
+pub fn eval(
+    config: &Config,
+    data: &Path,
+    model: Option<&str>,
+    adapter: Option<&Path>,
+    opts: &kiln_finetune::train::eval::Options,
+    json: bool,
+) -> CliResult {
+    let (id, path) = store::resolve_served(config, model)?;
+    let mut on = |what: &str, done: usize, total: usize| {
+        super::Progress::new(&format!("kiln: {what}")).update(done, total)
+    };
+    let report = kiln_finetune::train::eval::evaluate(&path, data, adapter, opts, &mut on)
+        .map_err(CliError)?;
+    if json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "model": id, "adapter": adapter, "report": report,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let iv =
+        |i: &kiln_serve::ctxbench::Interval| format!("{:.3} [{:.3}, {:.3}]", i.mean, i.lo, i.hi);
+    let opt = |i: &Option<kiln_serve::ctxbench::Interval>| i.as_ref().map_or("-".into(), iv);
+    println!(
+        "{} held-out sequences ({} target tokens), {} holes ({} prompts), {id}; 95% bootstrap intervals",
+        report.sequences, report.target_tokens, report.holes, report.template
+    );
+    println!(
+        "{:<10} {:>26} {:>24} {:>24}",
+        "", "NLL nats/token", "exact match", "edit similarity"
+    );
+    let row = |name: &str, s: &kiln_finetune::train::eval::Side| {
+        println!(
+            "{name:<10} {:>26} {:>24} {:>24}",
+            iv(&s.nll),
+            opt(&s.exact_match),
+            opt(&s.edit_similarity)
+        );
+    };
+    row("base", &report.base);
+    if let Some(a) = &report.adapter {
+        row("adapter", a);
+        println!(
+            "{:<10} {:>26} {:>24} {:>24}",
+            "difference",
+            opt(&report.delta_nll),
+            opt(&report.delta_exact_match),
+            opt(&report.delta_edit_similarity)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln finetune merge --model M --adapter A --out MERGED.gguf`.
+pub fn merge(
+    config: &Config,
+    model: Option<&str>,
+    adapter: &Path,
+    out: &Path,
+    dtype: &str,
+    json: bool,
+) -> CliResult {
+    use kiln_finetune::train::{file, merge, model::Base};
+    let dtype = kiln_plugin_api::DType::WEIGHTS
+        .iter()
+        .copied()
+        .find(|t| t.name().eq_ignore_ascii_case(dtype))
+        .ok_or_else(|| {
+            CliError(format!(
+                "--type: unknown type {dtype:?}; f16 keeps the merge exact to f16"
+            ))
+        })?;
+    let (_, path) = store::resolve_served(config, model)?;
+    let base = Base::open(&path).map_err(CliError)?;
+    let a = file::read_adapter(adapter, &base).map_err(CliError)?;
+    let changed = merge::write_merged(&base, &a, out, dtype).map_err(CliError)?;
+    if json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "out": out, "tensors_merged": changed,
+            "type": dtype.name(),
+        }));
+    } else {
+        println!(
+            "wrote {} ({changed} projections merged, in {})",
+            out.display(),
+            dtype.name()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

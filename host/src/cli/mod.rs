@@ -554,6 +554,46 @@ struct HoleCut {
 
 #[derive(Subcommand)]
 enum FinetuneCommand {
+    /// Score the base model against an adapter on the held-out files of
+    /// DATA: likelihood per token, and greedy completions at the held-out
+    /// holes (exact match, edit similarity), with bootstrap intervals.
+    Eval {
+        data: std::path::PathBuf,
+        /// The base model (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        /// An adapter (kiln's or llama.cpp's LoRA GGUF) to compare with the base.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
+        /// Held-out holes to complete (0: likelihood only).
+        #[arg(long, default_value_t = 100)]
+        holes: usize,
+        /// Tokens per completion at most.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// The bootstrap's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the base model with an adapter merged into it: each adapted
+    /// projection as W + alpha/r·B·A in --type (f16 by default), the rest
+    /// as it was.
+    Merge {
+        /// The base model (default: the active model).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        adapter: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or a K-quant type.
+        #[arg(long, default_value = "f16")]
+        r#type: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a LoRA adapter on data `kiln finetune prepare` wrote; the
     /// adapter is written in llama.cpp's format, with a checkpoint beside
     /// it (Ctrl-C stops at the next step and saves; --resume continues).
@@ -869,6 +909,33 @@ fn run(command: Command) -> CliResult {
                 json,
             },
         ),
+        Command::Finetune(FinetuneCommand::Eval {
+            data,
+            model,
+            adapter,
+            holes,
+            max_tokens,
+            seed,
+            json,
+        }) => finetune::eval(
+            &config,
+            &data,
+            model.as_deref(),
+            adapter.as_deref(),
+            &kiln_finetune::train::eval::Options {
+                holes,
+                max_tokens,
+                seed,
+            },
+            json,
+        ),
+        Command::Finetune(FinetuneCommand::Merge {
+            model,
+            adapter,
+            out,
+            r#type,
+            json,
+        }) => finetune::merge(&config, model.as_deref(), &adapter, &out, &r#type, json),
         Command::Finetune(FinetuneCommand::Train {
             data,
             model,

@@ -9,9 +9,14 @@
 //! - [`optim`]: AdamW, the warm-up and cosine schedule, clipping.
 //! - [`file`]: adapters in llama.cpp's LoRA format, checkpoints.
 //! - [`run`]: the training loop (`kiln finetune train`).
+//! - [`merge`]: an adapter merged into its base (`kiln finetune merge`).
+//! - [`eval`]: base against adapter on held-out files (`kiln finetune
+//!   eval`).
 
+pub mod eval;
 pub mod file;
 pub mod linalg;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod optim;

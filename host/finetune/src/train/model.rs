@@ -141,6 +141,11 @@ impl Base {
         Ok(Base { cfg, file })
     }
 
+    /// The model file.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
     pub fn weight(&self, name: &str) -> Weight<'_> {
         let t = self
             .file

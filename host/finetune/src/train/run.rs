@@ -111,7 +111,7 @@ pub struct Outcome {
 }
 
 /// Reads `dir`'s sequences (`train.jsonl` or `eval.jsonl`).
-fn read_sequences(path: &Path, n_vocab: usize) -> Result<Vec<Sequence>, String> {
+pub fn read_sequences(path: &Path, n_vocab: usize) -> Result<Vec<Sequence>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         format!(
             "{}: {e}; write the data with `kiln finetune prepare`",
