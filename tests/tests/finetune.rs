@@ -156,6 +156,32 @@ fn prepare(home: &Home, repo: &Path, model: &Path, out: &Path, seq_len: usize) -
     }
 }
 
+/// The fixture repository prepared for `model` in a fresh workspace:
+/// (the workspace, the repository, the data directory).
+fn prepared(home: &Home, model: &Path, seq_len: usize) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let ws = tempfile::tempdir().unwrap();
+    let repo = ws.path().join("repo");
+    repository(&repo);
+    let data = ws.path().join("data");
+    prepare(home, &repo, model, &data, seq_len);
+    (ws, repo, data)
+}
+
+/// `model` converted to F16 by `kiln quantize` (the same weights, and
+/// products whose inputs round to f16 rather than 8 bits).
+fn f16_copy(home: &Home, model: &Path, dir: &Path) -> PathBuf {
+    let f16 = dir.join("f16.gguf");
+    home.ok(&[
+        "quantize",
+        model.to_str().unwrap(),
+        f16.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--allow-requantize",
+    ]);
+    f16
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     (v.as_array().unwrap().iter())
         .map(|t| t.as_u64().unwrap() as u32)
@@ -585,15 +611,7 @@ fn training_forward_equals_inference_forward() {
         let tokens = tokenizer(&smol)
             .encode("fn fibonacci(n: u64) -> u64 {\n    match n {\n        0 => 0,\n        1 => 1,\n        _ => fibonacci(n - 1) + fibonacci(n - 2),\n    }\n}\n", false)
             .unwrap();
-        let f16 = dir.path().join("smol-f16.gguf");
-        home.ok(&[
-            "quantize",
-            smol.to_str().unwrap(),
-            f16.to_str().unwrap(),
-            "--type",
-            "f16",
-            "--allow-requantize",
-        ]);
+        let f16 = f16_copy(&home, &smol, dir.path());
         cases.push((f16, tokens.clone(), 5e-3, 1.0));
         cases.push((smol, tokens, 0.1, 0.9));
     }
@@ -665,11 +683,7 @@ fn training_resumes_after_a_kill_on_the_same_curve() {
         return;
     };
     let home = Home::default();
-    let ws = tempfile::tempdir().unwrap();
-    let repo = ws.path().join("repo");
-    repository(&repo);
-    let data = ws.path().join("data");
-    prepare(&home, &repo, &smol, &data, 96);
+    let (ws, _, data) = prepared(&home, &smol, 96);
     let steps = ["--steps", "6", "--save-every", "2"];
 
     let whole = ws.path().join("whole.gguf");
@@ -718,7 +732,9 @@ fn training_resumes_after_a_kill_on_the_same_curve() {
         .as_bytes(),
     );
     let summary = resumed.last().unwrap();
-    assert_eq!(summary["resumed_from"], 2, "{summary:#}");
+    // From step 2's checkpoint (or step 4's, where the kill came late).
+    let from = summary["resumed_from"].as_u64().unwrap();
+    assert!(from == 2 || from == 4, "{summary:#}");
     assert_eq!(summary["losses"], curve, "the resumed curve differs");
     assert_eq!(std::fs::read(&cut).unwrap(), std::fs::read(&whole).unwrap());
 
@@ -781,15 +797,7 @@ fn adapters_load_in_llama_cpp_with_kilns_logits() {
     }
     let home = Home::default();
     let dir = tempfile::tempdir().unwrap();
-    let f16 = dir.path().join("smol-f16.gguf");
-    home.ok(&[
-        "quantize",
-        smol.to_str().unwrap(),
-        f16.to_str().unwrap(),
-        "--type",
-        "f16",
-        "--allow-requantize",
-    ]);
+    let f16 = f16_copy(&home, &smol, dir.path());
     let base = Base::open(&f16).unwrap();
     let tokens = tokenizer(&smol)
         .encode(
@@ -858,11 +866,7 @@ fn eval_and_merge_use_the_trained_adapter() {
         return;
     };
     let home = Home::default();
-    let ws = tempfile::tempdir().unwrap();
-    let repo = ws.path().join("repo");
-    repository(&repo);
-    let data = ws.path().join("data");
-    prepare(&home, &repo, &smol, &data, 96);
+    let (ws, repo, data) = prepared(&home, &smol, 96);
     let adapter = ws.path().join("a.gguf");
     let trained = lines(
         home.ok(&train_args(
@@ -922,15 +926,7 @@ fn eval_and_merge_use_the_trained_adapter() {
 
     // Merged into F16, run by kiln's inference: the adapter's effect on
     // the logits is the trainer's (on the F16 base, the same arithmetic).
-    let f16 = ws.path().join("base-f16.gguf");
-    home.ok(&[
-        "quantize",
-        smol.to_str().unwrap(),
-        f16.to_str().unwrap(),
-        "--type",
-        "f16",
-        "--allow-requantize",
-    ]);
+    let f16 = f16_copy(&home, &smol, ws.path());
     let merged = ws.path().join("merged.gguf");
     let m = home.json(&[
         "finetune",

@@ -136,20 +136,55 @@ fn print_report(out: &Path, id: &str, template: FimTemplate, r: &Report) {
     println!("wrote {} ({} format)", out.display(), template.name());
 }
 
-pub struct TrainArgs<'a> {
-    pub steps: Option<usize>,
-    pub rank: usize,
-    pub alpha: f32,
-    pub targets: &'a [String],
-    pub accumulate: usize,
-    pub lr: f64,
-    pub warmup: Option<usize>,
-    pub weight_decay: f64,
-    pub seq_len: Option<usize>,
-    pub eval_every: usize,
-    pub save_every: usize,
-    pub seed: u64,
-    pub resume: bool,
+/// `kiln finetune train`'s flags.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    data: std::path::PathBuf,
+    /// The base model (default: the active model); the one the data was
+    /// prepared for.
+    #[arg(long)]
+    model: Option<String>,
+    /// The adapter file to write (GGUF).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Optimizer steps (default: one pass over the training sequences).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// The projections to adapt, comma-separated, of q, k, v, o, gate, up,
+    /// down.
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    targets: Vec<String>,
+    /// Sequences per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 4)]
+    accumulate: usize,
+    /// The peak learning rate (warm-up, then cosine decay to a tenth).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Cut sequences to this many tokens (default: as prepared).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Evaluate on held-out sequences every N steps (0: at the end only).
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    /// Write a checkpoint every N steps.
+    #[arg(long, default_value_t = 25)]
+    save_every: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Continue from the checkpoint beside --out.
+    #[arg(long)]
+    resume: bool,
+    /// JSON lines: one per step, then the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The short names of the projections `--targets` takes, in
@@ -166,14 +201,7 @@ fn duration(s: f64) -> String {
 }
 
 /// `kiln finetune train DATA --model M --out ADAPTER.gguf`.
-pub fn train(
-    config: &Config,
-    data: &Path,
-    model: Option<&str>,
-    out: &Path,
-    a: TrainArgs,
-    json: bool,
-) -> CliResult {
+pub fn train(config: &Config, a: &TrainArgs) -> CliResult {
     use kiln_finetune::train::run;
     let targets = a
         .targets
@@ -187,7 +215,8 @@ pub fn train(
             })
         })
         .collect::<Result<Vec<usize>, CliError>>()?;
-    let (_, path) = store::resolve_served(config, model)?;
+    let (_, path) = store::resolve_served(config, a.model.as_deref())?;
+    let (data, out, json) = (&a.data, &a.out, a.json);
     let opts = run::Options {
         rank: a.rank,
         alpha: a.alpha,
@@ -206,10 +235,12 @@ pub fn train(
         resume: a.resume,
     };
     // Ctrl-C (or SIGTERM) stops at the end of the step under way, after
-    // which the checkpoint and the adapter are written.
+    // which the checkpoint and the adapter are written; a second one
+    // exits at once (the last checkpoint stays).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()))
             .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
     }
     let tty = std::io::stderr().is_terminal();

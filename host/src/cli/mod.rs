@@ -597,54 +597,7 @@ enum FinetuneCommand {
     /// Train a LoRA adapter on data `kiln finetune prepare` wrote; the
     /// adapter is written in llama.cpp's format, with a checkpoint beside
     /// it (Ctrl-C stops at the next step and saves; --resume continues).
-    Train {
-        data: std::path::PathBuf,
-        /// The base model (default: the active model); the one the data
-        /// was prepared for.
-        #[arg(long)]
-        model: Option<String>,
-        /// The adapter file to write (GGUF).
-        #[arg(long)]
-        out: std::path::PathBuf,
-        /// Optimizer steps (default: one pass over the training sequences).
-        #[arg(long)]
-        steps: Option<usize>,
-        #[arg(long, default_value_t = 8)]
-        rank: usize,
-        #[arg(long, default_value_t = 16.0)]
-        alpha: f32,
-        /// The projections to adapt, comma-separated, of q, k, v, o, gate,
-        /// up, down.
-        #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-        targets: Vec<String>,
-        /// Sequences per optimizer step (gradient accumulation).
-        #[arg(long, default_value_t = 4)]
-        accumulate: usize,
-        /// The peak learning rate (warm-up, then cosine decay to a tenth).
-        #[arg(long, default_value_t = 2e-4)]
-        lr: f64,
-        #[arg(long)]
-        warmup: Option<usize>,
-        #[arg(long, default_value_t = 0.0)]
-        weight_decay: f64,
-        /// Cut sequences to this many tokens (default: as prepared).
-        #[arg(long)]
-        seq_len: Option<usize>,
-        /// Evaluate on held-out sequences every N steps (0: at the end only).
-        #[arg(long, default_value_t = 50)]
-        eval_every: usize,
-        /// Write a checkpoint every N steps.
-        #[arg(long, default_value_t = 25)]
-        save_every: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Continue from the checkpoint beside --out.
-        #[arg(long)]
-        resume: bool,
-        /// JSON lines: one per step, then the summary.
-        #[arg(long)]
-        json: bool,
-    },
+    Train(finetune::TrainArgs),
     /// Turn the code in DIR into training sequences for a model: files
     /// filtered (binary, generated, vendored, minified), deduplicated,
     /// secrets redacted, split into train and eval by file, examples in
@@ -936,46 +889,7 @@ fn run(command: Command) -> CliResult {
             r#type,
             json,
         }) => finetune::merge(&config, model.as_deref(), &adapter, &out, &r#type, json),
-        Command::Finetune(FinetuneCommand::Train {
-            data,
-            model,
-            out,
-            steps,
-            rank,
-            alpha,
-            targets,
-            accumulate,
-            lr,
-            warmup,
-            weight_decay,
-            seq_len,
-            eval_every,
-            save_every,
-            seed,
-            resume,
-            json,
-        }) => finetune::train(
-            &config,
-            &data,
-            model.as_deref(),
-            &out,
-            finetune::TrainArgs {
-                steps,
-                rank,
-                alpha,
-                targets: &targets,
-                accumulate,
-                lr,
-                warmup,
-                weight_decay,
-                seq_len,
-                eval_every,
-                save_every,
-                seed,
-                resume,
-            },
-            json,
-        ),
+        Command::Finetune(FinetuneCommand::Train(args)) => finetune::train(&config, &args),
         Command::Finetune(FinetuneCommand::Prepare {
             dir,
             model,

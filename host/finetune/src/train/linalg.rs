@@ -54,6 +54,15 @@ pub trait Float:
         None
     }
 
+    /// One row of `dtype` weights dequantized into `dst`.
+    fn dequantize(dtype: kiln_plugin_api::DType, src: &[u8], dst: &mut [Self]) {
+        let mut f = vec![0f32; dst.len()];
+        kiln_blocks::dequantize_row(dtype, src, &mut f);
+        for (d, v) in dst.iter_mut().zip(f) {
+            *d = Self::of32(v);
+        }
+    }
+
     fn of(x: f64) -> Self {
         Self::from_f64(x).expect("a float")
     }
@@ -68,6 +77,10 @@ pub trait Float:
 }
 
 impl Float for f32 {
+    fn dequantize(dtype: kiln_plugin_api::DType, src: &[u8], dst: &mut [f32]) {
+        kiln_blocks::dequantize_row(dtype, src, dst);
+    }
+
     fn kernel_product(
         dtype: kiln_plugin_api::DType,
         w: &[u8],

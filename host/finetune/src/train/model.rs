@@ -49,16 +49,12 @@ impl Weight<'_> {
     /// Rows `r0..r1`, dequantized into `out` ((r1 − r0) × cols).
     pub fn rows_into<T: Float>(&self, r0: usize, r1: usize, out: &mut [T]) {
         let row_bytes = self.dtype.row_bytes(self.cols).expect("whole blocks");
-        let mut f = vec![0f32; self.cols];
         for (r, o) in (r0..r1).zip(out.chunks_exact_mut(self.cols)) {
-            kiln_blocks::dequantize_row(
+            T::dequantize(
                 self.dtype,
                 &self.data[r * row_bytes..(r + 1) * row_bytes],
-                &mut f,
+                o,
             );
-            for (o, &v) in o.iter_mut().zip(&f) {
-                *o = T::of32(v);
-            }
         }
     }
 
