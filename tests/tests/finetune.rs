@@ -857,8 +857,9 @@ fn adapters_load_in_llama_cpp_with_kilns_logits() {
 
 /// `kiln finetune eval` scores the base and a trained adapter on the
 /// held-out files in one run (its adapter likelihood is the one training
-/// reported), and `kiln finetune merge` writes a model that kiln's
-/// inference runs with the adapter's effect.
+/// reported), `kiln finetune merge` writes a model that kiln's inference
+/// runs with the adapter's effect, and `kiln run`/`kiln serve --adapter`
+/// run that model.
 #[test]
 fn eval_and_merge_use_the_trained_adapter() {
     use kiln_finetune::train::model::{Base, Sequence, Trainable};
@@ -957,6 +958,80 @@ fn eval_and_merge_use_the_trained_adapter() {
     let theirs = inference_logits(&merged, &tokens);
     let (worst, same) = agreement(&ours, &theirs, base.cfg.n_vocab);
     assert!(worst < 1e-2 && same == 1.0, "merged {worst:.2e} {same}");
+    // `kiln run` and `kiln serve` take the adapter: merged once (F16),
+    // kept under $KILN_HOME/adapters, the same model `merge` writes.
+    let by_hand = ws.path().join("by-hand.gguf");
+    home.ok(&[
+        "finetune",
+        "merge",
+        "--model",
+        smol.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        by_hand.to_str().unwrap(),
+    ]);
+    let prompt = [
+        "--prompt",
+        "pub fn classify_fold(code: u8) -> &'static str {",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    let with = |args: &[&str]| {
+        let out = home.kiln(
+            &[
+                &[
+                    "run",
+                    smol.to_str().unwrap(),
+                    "--adapter",
+                    adapter.to_str().unwrap(),
+                ],
+                args,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (first, said) = with(&prompt);
+    assert!(said.contains("merging"), "{said}");
+    let (again, said) = with(&prompt);
+    assert!(!said.contains("merging"), "the merged copy is kept: {said}");
+    let hand: Value = home.json(&[&["run", by_hand.to_str().unwrap()], &prompt[..]].concat());
+    assert_eq!(first["text"], hand["text"], "{first:#} {hand:#}");
+    assert_eq!(again["text"], hand["text"]);
+    let srv = kiln_tests::serve::http_server_with(
+        &home,
+        &smol,
+        &["--adapter", adapter.to_str().unwrap()],
+    );
+    let (code, models) = kiln_tests::serve::http(&srv.addr, "GET", "/v1/models", b"");
+    assert_eq!(code, 200);
+    assert!(models.contains("+a"), "{models}");
+    let (code, v) = kiln_tests::serve::post(
+        &srv.addr,
+        "/v1/completions",
+        &serde_json::json!({"prompt": "fn main() {", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v:#}");
+    drop(srv);
+    let e = home.fails(&[
+        "run",
+        smol.to_str().unwrap(),
+        "--adapter",
+        repo.join("src/stage1.rs").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(e.contains("stage1.rs"), "{e}");
     let e = home.fails(&[
         "finetune",
         "merge",

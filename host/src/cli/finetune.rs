@@ -426,3 +426,24 @@ pub fn merge(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The model to serve or run: `model` itself, or with `adapter` the
+/// merged copy (made once, kept under `$KILN_HOME/adapters`).
+pub fn with_adapter(
+    config: &Config,
+    model: Option<String>,
+    adapter: Option<&Path>,
+) -> Result<Option<String>, CliError> {
+    let Some(adapter) = adapter else {
+        return Ok(model);
+    };
+    let (_, path) = store::resolve_served(config, model.as_deref())?;
+    let merged = kiln_finetune::train::merge::cached(
+        &path,
+        adapter,
+        &config.home.join("adapters"),
+        &mut |m| eprintln!("kiln: {m}"),
+    )
+    .map_err(CliError)?;
+    Ok(Some(merged.to_string_lossy().into_owned()))
+}

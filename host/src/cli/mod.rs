@@ -116,6 +116,11 @@ enum Command {
         /// tokens, fewer steps), or `none`
         #[arg(long, default_value = "none")]
         draft: kiln_runtime::model::generate::Draft,
+        /// A LoRA adapter (`kiln finetune train`'s, or llama.cpp's) to serve
+        /// on the model: merged into an F16 copy once, kept under
+        /// $KILN_HOME/adapters.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
     },
     /// The live numbers of a running `kiln serve` (its dashboard) in the
     /// terminal.
@@ -192,6 +197,9 @@ enum Command {
         /// batch (the same tokens, fewer steps), or `none`
         #[arg(long, default_value = "none")]
         draft: kiln_runtime::model::generate::Draft,
+        /// A LoRA adapter to run the model with (as `kiln serve --adapter`).
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -735,7 +743,9 @@ fn run(command: Command) -> CliResult {
             context_tokens,
             mode,
             draft,
+            adapter,
         } => {
+            let model = finetune::with_adapter(&config, model, adapter.as_deref())?;
             let mode: kiln_serve::Mode =
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
@@ -800,11 +810,13 @@ fn run(command: Command) -> CliResult {
             ctx,
             kv_type,
             draft,
+            adapter,
             json,
         } => run::run(
             &config,
             run::RunArgs {
-                model,
+                model: finetune::with_adapter(&config, Some(model), adapter.as_deref())?
+                    .expect("a model was named"),
                 prompt,
                 max_tokens,
                 sampling: kiln_runtime::model::sample::SamplingParams {
