@@ -1044,3 +1044,113 @@ fn eval_and_merge_use_the_trained_adapter() {
     ]);
     assert!(e.contains("stage1.rs"), "{e}");
 }
+
+/// Adapters are registry versions beside models: added (checked against
+/// a model), listed, served by name (`kiln run --adapter NAME` runs the
+/// active version), rolled back and audited; what is not an adapter, or
+/// does not fit the model, is refused.
+#[test]
+fn adapters_are_registry_versions_that_serve_and_roll_back() {
+    use kiln_finetune::train::model::{Adapter, Base};
+    let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let base = Base::open(&smol).unwrap();
+    let files: Vec<PathBuf> = (1..=2)
+        .map(|seed| {
+            let mut a = Adapter::<f32>::new(&base, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6], seed);
+            let mut rng = fastrand::Rng::with_seed(seed);
+            for p in a.pairs_mut() {
+                p.b.iter_mut()
+                    .for_each(|b| *b = (rng.f32() * 2.0 - 1.0) * 0.3);
+            }
+            let path = dir.path().join(format!("a{seed}.gguf"));
+            kiln_finetune::train::file::write_adapter(&path, &base, &a).unwrap();
+            path
+        })
+        .collect();
+    let s = smol.to_str().unwrap();
+    let v = home.json(&[
+        "adapters",
+        "add",
+        files[0].to_str().unwrap(),
+        "--name",
+        "mine",
+        "--model",
+        s,
+        "--json",
+    ]);
+    assert_eq!(v["adapter"]["version"], 1, "{v:#}");
+    assert!(v["adapter"]["base_sha256"].is_string());
+    let v = home.json(&[
+        "adapters",
+        "add",
+        files[1].to_str().unwrap(),
+        "--name",
+        "mine",
+        "--json",
+    ]);
+    assert_eq!(v["adapter"]["version"], 2);
+    assert_eq!(v["previous_active"], "1");
+    let listed = home.json(&["adapters", "list", "--json"]);
+    assert_eq!(
+        listed["adapters"].as_array().unwrap().len(),
+        2,
+        "{listed:#}"
+    );
+    let run = |adapter: &str| -> String {
+        let v = home.json(&[
+            "run",
+            s,
+            "--adapter",
+            adapter,
+            "--prompt",
+            "fn main() {",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--json",
+        ]);
+        v["text"].as_str().unwrap().to_string()
+    };
+    let (one, two) = (
+        run(files[0].to_str().unwrap()),
+        run(files[1].to_str().unwrap()),
+    );
+    assert_ne!(one, two, "the two adapters should complete differently");
+    assert_eq!(run("mine"), two);
+    home.ok(&["adapters", "rollback", "mine"]);
+    assert_eq!(run("mine"), one);
+    assert_eq!(run("mine@2"), two);
+    let audit = home.registry().audit_log(50).unwrap();
+    let kinds: Vec<&str> = audit
+        .iter()
+        .filter(|e| e.kind == "adapter")
+        .map(|e| e.action.as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"add") && kinds.contains(&"rollback"),
+        "{kinds:?}"
+    );
+    // Refused, nothing recorded.
+    let e = home.fails(&["adapters", "add", s]);
+    assert!(e.contains("not a LoRA adapter"), "{e}");
+    let demo = kiln_tests::serve::demo_model();
+    let e = home.fails(&[
+        "adapters",
+        "add",
+        files[0].to_str().unwrap(),
+        "--name",
+        "other",
+        "--model",
+        demo.to_str().unwrap(),
+    ]);
+    assert!(e.contains("do not fit") || e.contains("adapter for"), "{e}");
+    let e = home.fails(&["run", s, "--adapter", "nothing", "--prompt", "x"]);
+    assert!(e.contains("neither a file nor a registered adapter"), "{e}");
+    let after = home.json(&["adapters", "list", "--json"]);
+    assert_eq!(after["adapters"].as_array().unwrap().len(), 2);
+}

@@ -14,12 +14,14 @@
 //! Every change is one transaction that also writes its audit row, so a
 //! process killed at any point leaves either the old state or the new one.
 
+mod adapters;
 pub mod config;
 pub mod experiments;
 mod models;
 mod policies;
 mod stack;
 
+pub use adapters::{AdapterRecord, NewAdapter};
 pub use models::{ModelRecord, NewModel};
 pub use policies::{Decision, NewPolicy, PolicyRecord};
 use rusqlite::{Connection, OpenFlags, Transaction, params};
@@ -54,6 +56,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0006_experiments.sql",
         include_str!("../../../migrations/0006_experiments.sql"),
+    ),
+    (
+        "0007_adapters.sql",
+        include_str!("../../../migrations/0007_adapters.sql"),
     ),
 ];
 
@@ -176,7 +182,7 @@ pub struct NewPlugin {
 pub struct AuditEntry {
     pub at: String,
     pub actor: String,
-    /// `plugin` or `model`.
+    /// `plugin`, `model`, `policy`, `adapter` or `experiment`.
     pub kind: String,
     pub action: String,
     pub subject: String,

@@ -14,6 +14,7 @@ pub enum Kind {
     Plugin,
     Model,
     Policy,
+    Adapter,
 }
 
 impl Kind {
@@ -22,6 +23,7 @@ impl Kind {
             Kind::Plugin => &PLUGINS,
             Kind::Model => &MODELS,
             Kind::Policy => &POLICIES,
+            Kind::Adapter => &ADAPTERS,
         }
     }
 }
@@ -194,6 +196,15 @@ pub(super) const MODELS: Catalog = Catalog {
     kind: "model",
     command: "kiln models enable",
     list: "kiln models list",
+};
+
+pub(super) const ADAPTERS: Catalog = Catalog {
+    table: "adapters",
+    activations: "adapter_activations",
+    fk: "adapter_id",
+    kind: "adapter",
+    command: "kiln adapters enable",
+    list: "kiln adapters list",
 };
 
 fn version_text(v: rusqlite::types::Value) -> String {

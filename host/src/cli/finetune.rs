@@ -427,8 +427,9 @@ pub fn merge(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The model to serve or run: `model` itself, or with `adapter` the
-/// merged copy (made once, kept under `$KILN_HOME/adapters`).
+/// The model to serve or run: `model` itself, or with `adapter` (a file
+/// or a registered adapter) the merged copy (made once, kept under
+/// `$KILN_HOME/adapters`).
 pub fn with_adapter(
     config: &Config,
     model: Option<String>,
@@ -438,9 +439,11 @@ pub fn with_adapter(
         return Ok(model);
     };
     let (_, path) = store::resolve_served(config, model.as_deref())?;
+    let (file, label) = super::adapters::resolve(config, adapter)?;
     let merged = kiln_finetune::train::merge::cached(
         &path,
-        adapter,
+        &file,
+        &label,
         &config.home.join("adapters"),
         &mut |m| eprintln!("kiln: {m}"),
     )

@@ -5,6 +5,7 @@
 //! `kiln doctor`, when it found problems), 2 on bad usage.
 
 mod ab;
+mod adapters;
 mod backends;
 mod bench;
 mod context;
@@ -116,9 +117,9 @@ enum Command {
         /// tokens, fewer steps), or `none`
         #[arg(long, default_value = "none")]
         draft: kiln_runtime::model::generate::Draft,
-        /// A LoRA adapter (`kiln finetune train`'s, or llama.cpp's) to serve
-        /// on the model: merged into an F16 copy once, kept under
-        /// $KILN_HOME/adapters.
+        /// A LoRA adapter to serve on the model: a file (`kiln finetune
+        /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]);
+        /// merged into an F16 copy once, kept under $KILN_HOME/adapters.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
     },
@@ -247,9 +248,14 @@ enum Command {
     /// repository and score selectors on them.
     #[command(subcommand)]
     Ctxbench(CtxbenchCommand),
-    /// Fine-tune a model on your own code (data preparation).
+    /// Fine-tune a model on your own code: prepare data, train, evaluate
+    /// and merge LoRA adapters.
     #[command(subcommand)]
     Finetune(FinetuneCommand),
+    /// LoRA adapters as versions in the registry (add, list, enable,
+    /// disable, rollback); `kiln serve --adapter NAME` serves the active one.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
     /// Measure load time, prompt and decode speed of a model (random tokens).
     Bench {
         model: String,
@@ -377,6 +383,36 @@ enum AbCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Copy a LoRA adapter (kiln's or llama.cpp's GGUF) into the store as a
+    /// new version of NAME, active.
+    Add {
+        file: std::path::PathBuf,
+        /// Default: the file's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Check that the adapter fits this model (a GGUF file or
+        /// registered model) and record which it was checked against.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every registered adapter version.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NAME@VERSION the active version of NAME.
+    #[command(alias = "activate")]
+    Enable { adapter: String },
+    /// Stop using NAME[@VERSION] (default: the active version).
+    Disable { adapter: String },
+    /// Re-activate the version of NAME that was active before.
+    Rollback { name: String },
 }
 
 #[derive(Subcommand)]
@@ -1004,6 +1040,20 @@ fn run(command: Command) -> CliResult {
             println!("wrote {} ({n} tensors)", output.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Adapters(a) => match a {
+            AdaptersCommand::Add {
+                file,
+                name,
+                model,
+                json,
+            } => adapters::add(&config, &file, name.as_deref(), model.as_deref(), json),
+            AdaptersCommand::List { json } => adapters::list(&config, json),
+            AdaptersCommand::Enable { adapter } => change(&config, Kind::Adapter, Enable, &adapter),
+            AdaptersCommand::Disable { adapter } => {
+                change(&config, Kind::Adapter, Disable, &adapter)
+            }
+            AdaptersCommand::Rollback { name } => change(&config, Kind::Adapter, Rollback, &name),
+        },
         Command::Models(m) => match m {
             ModelsCommand::Add { file, name, json } => {
                 models::add(&config, &file, name.as_deref(), json)

@@ -98,11 +98,12 @@ pub fn write_merged(
 
 /// The base at `model` with the adapter at `adapter` merged (F16), made
 /// once and kept under `cache` by both files' sha256: how `kiln run` and
-/// `kiln serve` serve an adapter. The file is named `BASE+ADAPTER.gguf`
+/// `kiln serve` serve an adapter. The file is named `BASE+LABEL.gguf`
 /// (the name clients see). `progress` hears what is being done.
 pub fn cached(
     model: &Path,
     adapter: &Path,
+    label: &str,
     cache: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<std::path::PathBuf, String> {
@@ -113,7 +114,7 @@ pub fn cached(
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
     };
     let dir = cache.join(key);
-    let out = dir.join(format!("{}+{}.gguf", stem(model), stem(adapter)));
+    let out = dir.join(format!("{}+{label}.gguf", stem(model)));
     if out.is_file() {
         return Ok(out);
     }

@@ -1,0 +1,206 @@
+//! LoRA adapter versions in the registry, beside models: each `kiln
+//! adapters add` of a name is a new version (1, 2, …) pointing at a blob;
+//! one version per name is active; enable, disable and rollback are the
+//! shared activation stack's (`stack.rs`), audited as `adapter`.
+
+use super::stack::{self, ADAPTERS};
+use super::{NOW, Registry, RegistryError, Result, Transition, audit};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterRecord {
+    #[serde(skip)]
+    pub id: i64,
+    pub name: String,
+    pub version: u32,
+    pub sha256: String,
+    pub blob_path: PathBuf,
+    pub architecture: String,
+    pub rank: u32,
+    pub alpha: f64,
+    pub size_bytes: u64,
+    /// The sha256 of the model it was checked against when added.
+    pub base_sha256: Option<String>,
+    pub state: String,
+    pub added_at: String,
+}
+
+impl AdapterRecord {
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+pub struct NewAdapter {
+    pub name: String,
+    pub sha256: String,
+    pub blob_path: PathBuf,
+    pub architecture: String,
+    pub rank: u32,
+    pub alpha: f64,
+    pub size_bytes: u64,
+    pub base_sha256: Option<String>,
+}
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
+    Ok(AdapterRecord {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        version: r.get("version")?,
+        sha256: r.get("sha256")?,
+        blob_path: PathBuf::from(r.get::<_, String>("blob_path")?),
+        architecture: r.get("architecture")?,
+        rank: r.get("rank")?,
+        alpha: r.get("alpha")?,
+        size_bytes: r.get::<_, i64>("size_bytes")? as u64,
+        base_sha256: r.get("base_sha256")?,
+        state: r.get("state")?,
+        added_at: r.get("added_at")?,
+    })
+}
+
+impl Registry {
+    /// Records a new version of `a.name` and makes it active.
+    pub fn add_adapter(
+        &mut self,
+        a: &NewAdapter,
+        actor: &str,
+    ) -> Result<(AdapterRecord, Transition)> {
+        let tx = self.write()?;
+        let same: Option<u32> = tx
+            .query_row(
+                "SELECT version FROM adapters WHERE name = ?1 AND sha256 = ?2",
+                params![a.name, a.sha256],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(v) = same {
+            return Err(RegistryError::Refused(format!(
+                "this file is already {}@{v}; `kiln adapters enable {}@{v}` makes it active",
+                a.name, a.name
+            )));
+        }
+        let version: u32 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE name = ?1",
+            [&a.name],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            &format!(
+                "INSERT INTO adapters (name, version, sha256, blob_path, architecture, rank, alpha, size_bytes, base_sha256, state, added_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'inactive', {NOW}, {NOW})"
+            ),
+            params![
+                a.name,
+                version,
+                a.sha256,
+                a.blob_path.to_string_lossy(),
+                a.architecture,
+                a.rank,
+                a.alpha,
+                a.size_bytes as i64,
+                a.base_sha256,
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        audit(
+            &tx,
+            actor,
+            "adapter",
+            "add",
+            &a.name,
+            None,
+            Some(&version.to_string()),
+            Some(&format!("sha256 {}", a.sha256)),
+        )?;
+        let t = stack::activate(&tx, &ADAPTERS, &a.name, id, actor, "activate")?;
+        let record = tx.query_row("SELECT * FROM adapters WHERE id = ?1", [id], from_row)?;
+        tx.commit()?;
+        Ok((record, t))
+    }
+
+    /// Every adapter version, by name and version.
+    pub fn adapters(&self) -> Result<Vec<AdapterRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM adapters ORDER BY name, version")?;
+        let rows = stmt.query_map([], from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// `name` (its active version) or `name@version`.
+    pub fn adapter(&self, spec: &str) -> Result<Option<AdapterRecord>> {
+        Ok(match spec.split_once('@') {
+            Some((name, v)) => {
+                let Ok(v) = v.parse::<u32>() else {
+                    return Err(RegistryError::Refused(format!(
+                        "adapter version {v:?} must be a number"
+                    )));
+                };
+                self.conn
+                    .query_row(
+                        "SELECT * FROM adapters WHERE name = ?1 AND version = ?2",
+                        params![name, v],
+                        from_row,
+                    )
+                    .optional()?
+            }
+            None => self
+                .conn
+                .query_row(
+                    "SELECT * FROM adapters WHERE name = ?1 AND state = 'active'",
+                    [spec],
+                    from_row,
+                )
+                .optional()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Kind;
+
+    fn new(name: &str, sha: &str) -> NewAdapter {
+        NewAdapter {
+            name: name.into(),
+            sha256: sha.into(),
+            blob_path: format!("/blobs/{sha}").into(),
+            architecture: "llama".into(),
+            rank: 8,
+            alpha: 16.0,
+            size_bytes: 10,
+            base_sha256: None,
+        }
+    }
+
+    #[test]
+    fn versions_activate_roll_back_and_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        let (a1, _) = r.add_adapter(&new("mine", "aa"), "test").unwrap();
+        let (a2, t) = r.add_adapter(&new("mine", "bb"), "test").unwrap();
+        assert_eq!((a1.version, a2.version), (1, 2));
+        assert_eq!(t.before.as_deref(), Some("1"));
+        assert_eq!(r.adapter("mine").unwrap().unwrap().version, 2);
+        let e = r.add_adapter(&new("mine", "aa"), "test").unwrap_err();
+        assert!(e.to_string().contains("already mine@1"), "{e}");
+        r.rollback(Kind::Adapter, "mine", "test").unwrap();
+        assert_eq!(r.adapter("mine").unwrap().unwrap().version, 1);
+        r.disable(Kind::Adapter, "mine", "test").unwrap();
+        assert!(r.adapter("mine").unwrap().is_none());
+        assert_eq!(r.adapter("mine@2").unwrap().unwrap().state, "inactive");
+        r.enable(Kind::Adapter, "mine@2", "test").unwrap();
+        assert_eq!(r.adapter("mine").unwrap().unwrap().version, 2);
+        let log = r.audit_log(20).unwrap();
+        assert!(
+            log.iter().filter(|e| e.kind == "adapter").count() >= 5,
+            "{log:?}"
+        );
+        assert!(r.adapter("nothing").unwrap().is_none());
+        assert!(r.adapter("mine@x").is_err());
+    }
+}

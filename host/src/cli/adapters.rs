@@ -1,0 +1,168 @@
+//! `kiln adapters`: LoRA adapters as registry versions beside models
+//! (add, list; enable, disable and rollback through `lifecycle.rs`).
+
+use super::{CliError, CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
+use kiln_registry::config::Config;
+use kiln_registry::{NewAdapter, actor};
+use kiln_runtime::gguf::GgufFile;
+use kiln_runtime::measure::human_bytes;
+use kiln_runtime::store;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The adapter blobs' directory.
+fn blobs(config: &Config) -> PathBuf {
+    config.home.join("adapters").join("blobs")
+}
+
+/// `kiln adapters add FILE [--name NAME] [--model M]`: checked (against
+/// the model where one is named), copied into the store, a new active
+/// version.
+pub fn add(
+    config: &Config,
+    file: &Path,
+    name: Option<&str>,
+    model: Option<&str>,
+    json: bool,
+) -> CliResult {
+    let f = GgufFile::open(file)?;
+    let meta = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    if meta("general.type") != "adapter" || meta("adapter.type") != "lora" {
+        return Err(CliError(format!(
+            "{}: not a LoRA adapter (general.type = adapter, adapter.type = lora); \
+             make one with `kiln finetune train` or llama.cpp's convert_lora_to_gguf.py",
+            file.display()
+        )));
+    }
+    let rank = (f.tensors.iter())
+        .find(|t| t.name.ends_with(".lora_b"))
+        .map(|t| t.ne[0] as u32)
+        .ok_or_else(|| {
+            CliError(format!(
+                "{}: the adapter holds no LoRA pair",
+                file.display()
+            ))
+        })?;
+    let alpha = f
+        .get("adapter.lora.alpha")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(rank as f64);
+    let architecture = meta("general.architecture");
+    drop(f);
+    let base_sha256 = match model {
+        Some(m) => {
+            let (_, path) = store::resolve_served(config, Some(m))?;
+            let base = kiln_finetune::train::model::Base::open(&path).map_err(CliError)?;
+            kiln_finetune::train::file::read_adapter(file, &base).map_err(CliError)?;
+            Some(store::hash_file(&path, |_| {})?)
+        }
+        None => None,
+    };
+    let sha256 = store::hash_file(file, |_| {})?;
+    let dir = blobs(config);
+    std::fs::create_dir_all(&dir).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
+    let blob = dir.join(format!("sha256-{sha256}.gguf"));
+    if !blob.is_file() {
+        let tmp = dir.join(format!(".sha256-{sha256}.partial-{}", std::process::id()));
+        std::fs::copy(file, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &blob))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                CliError(format!("{}: {e}", blob.display()))
+            })?;
+    }
+    let name = name.map(str::to_string).unwrap_or_else(|| {
+        file.file_stem()
+            .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let mut registry = open_registry(config)?;
+    let (record, t) = registry.add_adapter(
+        &NewAdapter {
+            name,
+            sha256,
+            blob_path: blob,
+            architecture,
+            rank,
+            alpha,
+            size_bytes: std::fs::metadata(file).map_or(0, |m| m.len()),
+            base_sha256,
+        },
+        &actor(),
+    )?;
+    if json {
+        print_json(&serde_json::json!({
+            "schema_version": JSON_SCHEMA_VERSION, "adapter": record, "previous_active": t.before,
+        }));
+    } else {
+        println!(
+            "added {} ({} rank {}, alpha {}, {}); now active",
+            record.label(),
+            record.architecture,
+            record.rank,
+            record.alpha,
+            human_bytes(record.size_bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln adapters list`.
+pub fn list(config: &Config, json: bool) -> CliResult {
+    let adapters = open_registry(config)?.adapters()?;
+    if json {
+        print_json(
+            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "adapters": adapters}),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if adapters.is_empty() {
+        println!("no adapters; add one with `kiln adapters add FILE`");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = adapters
+        .iter()
+        .map(|a| {
+            vec![
+                a.label(),
+                a.state.clone(),
+                a.architecture.clone(),
+                format!("{}", a.rank),
+                format!("{}", a.alpha),
+                human_bytes(a.size_bytes),
+                a.added_at.clone(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &["ADAPTER", "STATE", "ARCH", "RANK", "ALPHA", "SIZE", "ADDED"],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--adapter FILE-or-NAME`: a file as it is, or a registered adapter
+/// (`NAME` for its active version, `NAME@VERSION`): (its file, the name
+/// the served model carries).
+pub fn resolve(config: &Config, spec: &Path) -> Result<(PathBuf, String), CliError> {
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned())
+    };
+    if spec.is_file() {
+        return Ok((spec.to_path_buf(), stem(spec)));
+    }
+    let text = spec.to_string_lossy();
+    match open_registry(config)?.adapter(&text)? {
+        Some(a) => {
+            let label = a.label();
+            Ok((a.blob_path, label))
+        }
+        None => Err(CliError(format!(
+            "--adapter {text}: neither a file nor a registered adapter's active version \
+             (see `kiln adapters list`)"
+        ))),
+    }
+}
