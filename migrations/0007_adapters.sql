@@ -13,6 +13,8 @@ CREATE TABLE adapters (
     alpha        REAL    NOT NULL,
     size_bytes   INTEGER NOT NULL,
     base_sha256  TEXT,                        -- the model it was checked against, if any
+    dp_epsilon   REAL,                        -- trained with differential privacy: (ε, δ) spent
+    dp_delta     REAL,
     state        TEXT    NOT NULL CHECK (state IN ('active', 'inactive', 'disabled')),
     added_at     TEXT    NOT NULL,
     updated_at   TEXT    NOT NULL,

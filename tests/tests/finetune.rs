@@ -1153,4 +1153,23 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
     assert!(e.contains("neither a file nor a registered adapter"), "{e}");
     let after = home.json(&["adapters", "list", "--json"]);
     assert_eq!(after["adapters"].as_array().unwrap().len(), 2);
+    // A DP-trained adapter's privacy spent is recorded with it.
+    let private = dir.path().join("private.gguf");
+    let a = Adapter::<f32>::new(&base, 4, 8.0, &[0], 9);
+    let meta = |k: &str, v: f64| {
+        (
+            format!("kiln.finetune.dp.{k}"),
+            kiln_runtime::gguf::Value::F64(v),
+        )
+    };
+    kiln_finetune::train::file::write_adapter_with(
+        &private,
+        &base,
+        &a,
+        &[meta("epsilon", 3.5), meta("delta", 1e-5)],
+    )
+    .unwrap();
+    let v = home.json(&["adapters", "add", private.to_str().unwrap(), "--json"]);
+    assert_eq!(v["adapter"]["dp_epsilon"], 3.5, "{v:#}");
+    assert_eq!(v["adapter"]["dp_delta"], 1e-5);
 }

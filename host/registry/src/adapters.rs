@@ -23,6 +23,9 @@ pub struct AdapterRecord {
     pub size_bytes: u64,
     /// The sha256 of the model it was checked against when added.
     pub base_sha256: Option<String>,
+    /// (ε, δ) it was trained with under differential privacy, if it was.
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
     pub state: String,
     pub added_at: String,
 }
@@ -42,6 +45,8 @@ pub struct NewAdapter {
     pub alpha: f64,
     pub size_bytes: u64,
     pub base_sha256: Option<String>,
+    pub dp_epsilon: Option<f64>,
+    pub dp_delta: Option<f64>,
 }
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
@@ -56,6 +61,8 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
         alpha: r.get("alpha")?,
         size_bytes: r.get::<_, i64>("size_bytes")? as u64,
         base_sha256: r.get("base_sha256")?,
+        dp_epsilon: r.get("dp_epsilon")?,
+        dp_delta: r.get("dp_delta")?,
         state: r.get("state")?,
         added_at: r.get("added_at")?,
     })
@@ -89,8 +96,8 @@ impl Registry {
         )?;
         tx.execute(
             &format!(
-                "INSERT INTO adapters (name, version, sha256, blob_path, architecture, rank, alpha, size_bytes, base_sha256, state, added_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'inactive', {NOW}, {NOW})"
+                "INSERT INTO adapters (name, version, sha256, blob_path, architecture, rank, alpha, size_bytes, base_sha256, dp_epsilon, dp_delta, state, added_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'inactive', {NOW}, {NOW})"
             ),
             params![
                 a.name,
@@ -102,6 +109,8 @@ impl Registry {
                 a.alpha,
                 a.size_bytes as i64,
                 a.base_sha256,
+                a.dp_epsilon,
+                a.dp_delta,
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -174,6 +183,8 @@ mod tests {
             alpha: 16.0,
             size_bytes: 10,
             base_sha256: None,
+            dp_epsilon: None,
+            dp_delta: None,
         }
     }
 

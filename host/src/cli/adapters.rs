@@ -48,6 +48,11 @@ pub fn add(
         .and_then(|v| v.as_f64())
         .unwrap_or(rank as f64);
     let architecture = meta("general.architecture");
+    let dp = |k: &str| {
+        f.get(&format!("kiln.finetune.dp.{k}"))
+            .and_then(|v| v.as_f64())
+    };
+    let (dp_epsilon, dp_delta) = (dp("epsilon"), dp("delta"));
     drop(f);
     let base_sha256 = match model {
         Some(m) => {
@@ -86,6 +91,8 @@ pub fn add(
             alpha,
             size_bytes: std::fs::metadata(file).map_or(0, |m| m.len()),
             base_sha256,
+            dp_epsilon,
+            dp_delta,
         },
         &actor(),
     )?;
@@ -94,8 +101,14 @@ pub fn add(
             "schema_version": JSON_SCHEMA_VERSION, "adapter": record, "previous_active": t.before,
         }));
     } else {
+        let dp = match (record.dp_epsilon, record.dp_delta) {
+            (Some(e), Some(d)) => {
+                format!(", trained with (ε = {e:.2}, δ = {d:e}) differential privacy")
+            }
+            _ => String::new(),
+        };
         println!(
-            "added {} ({} rank {}, alpha {}, {}); now active",
+            "added {} ({} rank {}, alpha {}, {}{dp}); now active",
             record.label(),
             record.architecture,
             record.rank,

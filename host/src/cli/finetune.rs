@@ -182,6 +182,15 @@ pub struct TrainArgs {
     /// Continue from the checkpoint beside --out.
     #[arg(long)]
     resume: bool,
+    /// Train with differential privacy (DP-SGD): the (ε, δ) the whole run
+    /// may spend, each sequence its unit; needs --dp-delta.
+    #[arg(long, requires = "dp_delta")]
+    dp_epsilon: Option<f64>,
+    #[arg(long, requires = "dp_epsilon")]
+    dp_delta: Option<f64>,
+    /// The bound on each sequence's gradient norm under DP.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f64,
     /// JSON lines: one per step, then the summary.
     #[arg(long)]
     json: bool,
@@ -233,6 +242,14 @@ pub fn train(config: &Config, a: &TrainArgs) -> CliResult {
         eval_sequences: 16,
         save_every: a.save_every,
         resume: a.resume,
+        dp: a
+            .dp_epsilon
+            .zip(a.dp_delta)
+            .map(|(epsilon, delta)| run::Dp {
+                epsilon,
+                delta,
+                clip: a.dp_clip,
+            }),
     };
     // Ctrl-C (or SIGTERM) stops at the end of the step under way, after
     // which the checkpoint and the adapter are written; a second one
@@ -322,6 +339,12 @@ pub fn train(config: &Config, a: &TrainArgs) -> CliResult {
             .peak_rss_bytes
             .map_or("unknown".into(), kiln_runtime::measure::human_bytes),
     );
+    if let Some(d) = &outcome.dp {
+        println!(
+            "differential privacy: ε = {:.3} spent of {} at δ = {:e} (noise multiplier {:.3}, sampling rate {:.4}, clip {})",
+            d.epsilon_spent, d.epsilon_target, d.delta, d.noise_multiplier, d.sampling_rate, d.clip
+        );
+    }
     println!(
         "wrote {} (checkpoint {}{})",
         outcome.adapter.display(),

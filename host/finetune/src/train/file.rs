@@ -85,7 +85,19 @@ fn adapter_metadata(base: &Base, adapter: &Adapter<f32>) -> Vec<(String, Value)>
 
 /// Writes `adapter` (for `base`) in llama.cpp's LoRA format.
 pub fn write_adapter(path: &Path, base: &Base, adapter: &Adapter<f32>) -> Result<(), String> {
-    write_pairs(path, adapter_metadata(base, adapter), &[("", adapter)])
+    write_adapter_with(path, base, adapter, &[])
+}
+
+/// [`write_adapter`] with more metadata (a DP run's privacy spent).
+pub fn write_adapter_with(
+    path: &Path,
+    base: &Base,
+    adapter: &Adapter<f32>,
+    extra: &[(String, Value)],
+) -> Result<(), String> {
+    let mut metadata = adapter_metadata(base, adapter);
+    metadata.extend_from_slice(extra);
+    write_pairs(path, metadata, &[("", adapter)])
 }
 
 /// Reads a LoRA adapter in llama.cpp's format (kiln's, or one

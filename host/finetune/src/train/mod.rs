@@ -7,12 +7,14 @@
 //! - [`model`]: the base model, the adapter, a sequence's loss and
 //!   gradient with each layer recomputed in the backward pass.
 //! - [`optim`]: AdamW, the warm-up and cosine schedule, clipping.
+//! - [`dp`]: DP-SGD's exact discrete Gaussian noise and its accountant.
 //! - [`file`]: adapters in llama.cpp's LoRA format, checkpoints.
 //! - [`run`]: the training loop (`kiln finetune train`).
 //! - [`merge`]: an adapter merged into its base (`kiln finetune merge`).
 //! - [`eval`]: base against adapter on held-out files (`kiln finetune
 //!   eval`).
 
+pub mod dp;
 pub mod eval;
 pub mod file;
 pub mod linalg;

@@ -13,6 +13,7 @@
 use super::file::{self, Resume};
 use super::model::{Adapter, Base, Sequence, TARGETS, Trainable};
 use super::optim::{AdamW, Schedule, clip};
+use kiln_runtime::gguf::Value;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -43,6 +44,31 @@ pub struct Options {
     pub eval_sequences: usize,
     pub save_every: usize,
     pub resume: bool,
+    /// Differential privacy (DP-SGD), where asked for.
+    pub dp: Option<Dp>,
+}
+
+/// DP-SGD's target: (ε, δ) over the whole run, and the per-sequence
+/// gradient norm bound.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Dp {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub clip: f64,
+}
+
+/// What a DP run spent.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct DpReport {
+    pub epsilon_target: f64,
+    pub delta: f64,
+    pub clip: f64,
+    /// σ: the noise's standard deviation is σ·clip.
+    pub noise_multiplier: f64,
+    /// Each sequence's chance of being in a step (Poisson sampling).
+    pub sampling_rate: f64,
+    /// ε after the steps done (at most the target).
+    pub epsilon_spent: f64,
 }
 
 impl Default for Options {
@@ -63,6 +89,7 @@ impl Default for Options {
             eval_sequences: 16,
             save_every: 25,
             resume: false,
+            dp: None,
         }
     }
 }
@@ -108,6 +135,8 @@ pub struct Outcome {
     pub seconds: f64,
     /// The process's peak resident memory.
     pub peak_rss_bytes: Option<u64>,
+    /// The privacy spent, for a DP run.
+    pub dp: Option<DpReport>,
 }
 
 /// Reads `dir`'s sequences (`train.jsonl` or `eval.jsonl`).
@@ -255,8 +284,33 @@ pub fn train(
         "model": base.cfg, "data": manifest["files"], "rank": opts.rank, "alpha": opts.alpha,
         "targets": opts.targets, "accumulate": opts.accumulate, "schedule": schedule,
         "weight_decay": opts.weight_decay, "clip": opts.clip, "seq_len": opts.seq_len, "seed": opts.seed,
+        "dp": opts.dp,
     })
     .to_string();
+    // DP-SGD: each sequence joins a step with probability q (an expected
+    // `accumulate` a step), σ the least noise that keeps the run's ε.
+    let dp = match opts.dp {
+        None => None,
+        Some(d) => {
+            if !(d.epsilon > 0.0 && d.delta > 0.0 && d.delta < 1.0 && d.clip > 0.0) {
+                return Err(format!(
+                    "--dp-epsilon {} and --dp-delta {} must be positive (δ below 1, typically under 1/sequences), --dp-clip {} too",
+                    d.epsilon, d.delta, d.clip
+                ));
+            }
+            let q = (opts.accumulate as f64 / train_seqs.len() as f64).min(1.0);
+            let sigma =
+                super::dp::noise_multiplier(q, steps, d.epsilon, d.delta).ok_or_else(|| {
+                    format!(
+                        "no noise keeps {steps} steps at a sampling rate of {q:.4} within ε = {}; \
+                     train fewer steps or raise --dp-epsilon",
+                        d.epsilon
+                    )
+                })?;
+            Some((d, q, sigma))
+        }
+    };
+    let mut secure = super::dp::secure_rng();
     let ckpt = checkpoint_path(out);
     let model = Trainable::<f32>::new(&base);
     let (mut adapter, mut opt, mut losses, start) = if opts.resume {
@@ -305,17 +359,50 @@ pub fn train(
             stopped = true;
             break;
         }
-        let batch = step_batch(train_seqs.len(), opts.accumulate, opts.seed, step);
-        let targets: usize = batch.iter().map(|&i| train_seqs[i].targets().len()).sum();
-        let mut grads = adapter.zeros_like();
-        let scale = 1.0 / targets.max(1) as f32;
-        let mut sum = 0.0;
-        for &i in &batch {
-            let seq = &train_seqs[i];
-            sum += model.loss(&adapter, seq, Some((&mut grads, scale))).0;
-            tokens += seq.tokens.len();
-        }
-        let grad_norm = clip(&mut grads, opts.clip);
+        let (grads, grad_norm, sum, targets) = match dp {
+            None => {
+                let batch = step_batch(train_seqs.len(), opts.accumulate, opts.seed, step);
+                let targets: usize = batch.iter().map(|&i| train_seqs[i].targets().len()).sum();
+                let mut grads = adapter.zeros_like();
+                let scale = 1.0 / targets.max(1) as f32;
+                let mut sum = 0.0;
+                for &i in &batch {
+                    let seq = &train_seqs[i];
+                    sum += model.loss(&adapter, seq, Some((&mut grads, scale))).0;
+                    tokens += seq.tokens.len();
+                }
+                let norm = clip(&mut grads, opts.clip);
+                (grads, norm, sum, targets)
+            }
+            Some((d, q, sigma)) => {
+                use rand::Rng;
+                // Each sequence's mean-loss gradient, clipped to `clip`,
+                // summed; noise of σ·clip on the sum; divided by the
+                // expected batch.
+                let mut grads = adapter.zeros_like();
+                let (mut sum, mut targets, mut norms) = (0.0, 0, 0.0f64);
+                for seq in train_seqs.iter().filter(|_| secure.random_bool(q)) {
+                    let mut g = adapter.zeros_like();
+                    let n = seq.targets().len().max(1);
+                    sum += model.loss(&adapter, seq, Some((&mut g, 1.0 / n as f32))).0;
+                    targets += n;
+                    tokens += seq.tokens.len();
+                    norms = norms.max(super::dp::clip_to(
+                        &mut g.tensors_mut().collect::<Vec<_>>(),
+                        d.clip,
+                    ));
+                    for (t, s) in grads.tensors_mut().zip(g.tensors()) {
+                        super::linalg::axpy(1.0, s, t);
+                    }
+                }
+                let expected = (q * train_seqs.len() as f64) as f32;
+                for t in grads.tensors_mut() {
+                    super::dp::add_noise(t, sigma * d.clip, &mut secure);
+                    t.iter_mut().for_each(|x| *x /= expected);
+                }
+                (grads, norms, sum, targets)
+            }
+        };
         let lr = schedule.at(step);
         opt.step(&mut adapter, &grads, lr);
         let loss = sum / targets.max(1) as f64;
@@ -357,7 +444,21 @@ pub fn train(
         }
     }
     save(&adapter, &opt, step, &losses)?;
-    file::write_adapter(out, &base, &adapter)?;
+    let privacy = dp.map(|(d, q, sigma)| {
+        let f = |k: &str, v: f64| (format!("kiln.finetune.dp.{k}"), Value::F64(v));
+        vec![
+            f("epsilon", super::dp::epsilon(q, sigma, step, d.delta)),
+            f("delta", d.delta),
+            f("noise_multiplier", sigma),
+            f("sampling_rate", q),
+            f("clip", d.clip),
+            (
+                "kiln.finetune.dp.steps".to_string(),
+                Value::U64(step as u64),
+            ),
+        ]
+    });
+    file::write_adapter_with(out, &base, &adapter, &privacy.unwrap_or_default())?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(Outcome {
         adapter: out.to_path_buf(),
@@ -374,6 +475,14 @@ pub fn train(
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
         seconds,
         peak_rss_bytes: kiln_runtime::measure::process_memory(None, "VmHWM"),
+        dp: dp.map(|(d, q, sigma)| DpReport {
+            epsilon_target: d.epsilon,
+            delta: d.delta,
+            clip: d.clip,
+            noise_multiplier: sigma,
+            sampling_rate: q,
+            epsilon_spent: super::dp::epsilon(q, sigma, step, d.delta),
+        }),
     })
 }
 
@@ -394,6 +503,82 @@ mod tests {
             .collect();
         std::fs::write(dir.join("train.jsonl"), &lines).unwrap();
         std::fs::write(dir.join("eval.jsonl"), &lines).unwrap();
+    }
+
+    /// Under DP-SGD with a generous budget the tiny model still learns,
+    /// the noise multiplier is the accountant's for the target, what was
+    /// spent stays within it, and the adapter file records it; a budget
+    /// no noise can keep is refused before training.
+    #[test]
+    fn dp_training_learns_within_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        crate::train::write_tiny_model(&model, "llama", 1, DType::F32, 4).unwrap();
+        let seqs: Vec<Sequence> = (0..8)
+            .map(|s| Sequence {
+                tokens: (0..24).map(|i| ((i * 7 + s) % 37 + 2) as u32).collect(),
+                docs: vec![0],
+                loss: vec![[1, 24]],
+            })
+            .collect();
+        data(&dir.path().join("data"), &seqs);
+        let opts = Options {
+            rank: 4,
+            alpha: 8.0,
+            steps: Some(40),
+            accumulate: 2,
+            lr: 2e-2,
+            warmup: Some(2),
+            eval_every: 0,
+            save_every: 0,
+            dp: Some(Dp {
+                epsilon: 50.0,
+                delta: 1e-3,
+                clip: 1.0,
+            }),
+            ..Options::default()
+        };
+        let out = dir.path().join("dp.gguf");
+        let o = train(
+            &model,
+            &dir.path().join("data"),
+            &out,
+            &opts,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let d = o.dp.unwrap();
+        assert_eq!(d.sampling_rate, 0.25);
+        assert!(d.epsilon_spent <= 50.0 && d.epsilon_spent > 45.0, "{d:?}");
+        let want = crate::train::dp::noise_multiplier(0.25, 40, 50.0, 1e-3).unwrap();
+        assert_eq!(d.noise_multiplier, want);
+        let (base, trained) = (o.eval_loss_base.unwrap(), o.eval_loss.unwrap());
+        assert!(trained < base * 0.9, "held-out {base} -> {trained}");
+        let f = kiln_runtime::gguf::GgufFile::open(&out).unwrap();
+        let eps = f
+            .get("kiln.finetune.dp.epsilon")
+            .and_then(|v| v.as_f64())
+            .unwrap();
+        assert!((eps - d.epsilon_spent).abs() < 1e-12);
+        // 40 steps at q = 0.25 cannot stay within ε = 0.001 at δ = 1e-3.
+        let tight = Options {
+            dp: Some(Dp {
+                epsilon: 1e-3,
+                delta: 1e-3,
+                clip: 1.0,
+            }),
+            ..opts.clone()
+        };
+        let e = train(
+            &model,
+            &dir.path().join("data"),
+            &dir.path().join("x.gguf"),
+            &tight,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        );
+        assert!(e.unwrap_err().contains("no noise keeps"));
     }
 
     #[test]
