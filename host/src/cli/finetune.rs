@@ -284,13 +284,17 @@ pub fn train(config: &Config, a: &TrainArgs) -> CliResult {
         let eval = p
             .eval_loss
             .map_or(String::new(), |e| format!(" eval {e:.3}"));
+        let loss = if p.loss.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.3}", p.loss)
+        };
         let line = format!(
-            "[{}{}] step {}/{} loss {:.3}{eval} | {:.0} tok/s | ETA {}",
+            "[{}{}] step {}/{} loss {loss}{eval} | {:.0} tok/s | ETA {}",
             "#".repeat(filled),
             ".".repeat(width - filled),
             p.step,
             p.steps,
-            p.loss,
             p.tokens_per_s,
             duration(p.eta_s)
         );

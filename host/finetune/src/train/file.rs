@@ -199,8 +199,9 @@ pub struct Resume {
     pub step: usize,
     /// The run's settings (JSON), compared on resume.
     pub settings: String,
-    /// The loss of each step done, to continue the curve.
-    pub losses: Vec<f64>,
+    /// The loss of each step done, to continue the curve (`None` for a
+    /// DP step that sampled nothing).
+    pub losses: Vec<Option<f64>>,
 }
 
 /// Writes a checkpoint: the adapter, AdamW's moments, and `resume`.

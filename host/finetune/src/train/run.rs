@@ -99,7 +99,8 @@ impl Default for Options {
 pub struct Progress {
     pub step: usize,
     pub steps: usize,
-    /// Mean loss per target token of this step's sequences (nats).
+    /// Mean loss per target token of this step's sequences (nats); NaN
+    /// (null in JSON) for a DP step that sampled no sequence.
     pub loss: f64,
     /// Mean held-out loss, where this step evaluated.
     pub eval_loss: Option<f64>,
@@ -324,7 +325,8 @@ pub fn train(
                 ckpt.display()
             ));
         }
-        (a, o, r.losses, r.step)
+        let losses = r.losses.iter().map(|l| l.unwrap_or(f64::NAN)).collect();
+        (a, o, losses, r.step)
     } else {
         let a = Adapter::<f32>::new(&base, opts.rank, opts.alpha, &opts.targets, opts.seed);
         let o = AdamW::new(&a, opts.weight_decay);
@@ -348,7 +350,7 @@ pub fn train(
             &Resume {
                 step,
                 settings: settings.clone(),
-                losses: losses.to_vec(),
+                losses: losses.iter().map(|l| l.is_finite().then_some(*l)).collect(),
             },
         )
     };
@@ -405,8 +407,14 @@ pub fn train(
         };
         let lr = schedule.at(step);
         opt.step(&mut adapter, &grads, lr);
-        let loss = sum / targets.max(1) as f64;
-        if !loss.is_finite() {
+        // A DP step may sample no sequence: no loss to report (null in
+        // JSON), and the update is the noise alone.
+        let loss = if targets == 0 {
+            f64::NAN
+        } else {
+            sum / targets as f64
+        };
+        if targets > 0 && !loss.is_finite() {
             return Err(format!(
                 "the loss became {loss} at step {}; lower --lr (now {})",
                 step + 1,
