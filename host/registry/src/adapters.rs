@@ -76,24 +76,7 @@ impl Registry {
         actor: &str,
     ) -> Result<(AdapterRecord, Transition)> {
         let tx = self.write()?;
-        let same: Option<u32> = tx
-            .query_row(
-                "SELECT version FROM adapters WHERE name = ?1 AND sha256 = ?2",
-                params![a.name, a.sha256],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(v) = same {
-            return Err(RegistryError::Refused(format!(
-                "this file is already {}@{v}; `kiln adapters enable {}@{v}` makes it active",
-                a.name, a.name
-            )));
-        }
-        let version: u32 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE name = ?1",
-            [&a.name],
-            |r| r.get(0),
-        )?;
+        let version = stack::next_version(&tx, &ADAPTERS, &a.name, &a.sha256)?;
         tx.execute(
             &format!(
                 "INSERT INTO adapters (name, version, sha256, blob_path, architecture, rank, alpha, size_bytes, base_sha256, dp_epsilon, dp_delta, state, added_at, updated_at)

@@ -85,24 +85,7 @@ impl Registry {
     /// Records a new version of `m.name` and makes it active.
     pub fn add_model(&mut self, m: &NewModel, actor: &str) -> Result<(ModelRecord, Transition)> {
         let tx = self.write()?;
-        let same: Option<u32> = tx
-            .query_row(
-                "SELECT version FROM models WHERE name = ?1 AND sha256 = ?2",
-                params![m.name, m.sha256],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(v) = same {
-            return Err(RegistryError::Refused(format!(
-                "this file is already {}@{v}; `kiln models activate {}@{v}` makes it active",
-                m.name, m.name
-            )));
-        }
-        let version: u32 = tx.query_row(
-            "SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE name = ?1",
-            [&m.name],
-            |r| r.get(0),
-        )?;
+        let version = stack::next_version(&tx, &MODELS, &m.name, &m.sha256)?;
         let parent: Option<i64> = match &m.parent_sha256 {
             Some(sha) => tx
                 .query_row(

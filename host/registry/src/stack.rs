@@ -215,6 +215,40 @@ fn version_text(v: rusqlite::types::Value) -> String {
     }
 }
 
+/// The next version number (1, 2, …) of `name` in `c`, for a file of
+/// `sha256`; refused when those bytes are already a version of `name`.
+pub(super) fn next_version(
+    tx: &Transaction<'_>,
+    c: &Catalog,
+    name: &str,
+    sha256: &str,
+) -> Result<u32> {
+    let same: Option<u32> = tx
+        .query_row(
+            &format!(
+                "SELECT version FROM {} WHERE name = ?1 AND sha256 = ?2",
+                c.table
+            ),
+            params![name, sha256],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(v) = same {
+        return Err(RegistryError::Refused(format!(
+            "this file is already {name}@{v}; `{} {name}@{v}` makes it active",
+            c.command
+        )));
+    }
+    Ok(tx.query_row(
+        &format!(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM {} WHERE name = ?1",
+            c.table
+        ),
+        [name],
+        |r| r.get(0),
+    )?)
+}
+
 /// Refuses to record `name@version` again: the same bytes are already
 /// there (enable them instead), or different bytes would hide behind the
 /// same version. `what` names the artifact ("library", "module").
