@@ -250,6 +250,7 @@ pub fn train(config: &Config, a: &TrainArgs) -> CliResult {
                 delta,
                 clip: a.dp_clip,
             }),
+        dp_test_seed: None,
     };
     // Ctrl-C (or SIGTERM) stops at the end of the step under way, after
     // which the checkpoint and the adapter are written; a second one
