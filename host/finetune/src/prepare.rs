@@ -575,53 +575,6 @@ fn examples_of(
     Ok(r)
 }
 
-/// The longest tail of `text` (cut at a line start where it can be) of at
-/// most `budget` tokens.
-fn tail_within<'t>(tok: &Tokenizer, text: &'t str, budget: usize) -> Result<&'t str, String> {
-    let mut from = text.len().saturating_sub(budget * 4);
-    loop {
-        while !text.is_char_boundary(from) {
-            from += 1;
-        }
-        if from > 0
-            && let Some(nl) = text[from..].find('\n')
-            && from + nl + 1 < text.len()
-        {
-            from += nl + 1;
-        }
-        let piece = &text[from..];
-        let n = tok.encode(piece, false)?.len();
-        if n <= budget || piece.is_empty() {
-            return Ok(piece);
-        }
-        // Drop a share of what is over, at least one byte.
-        from += (piece.len() * (n - budget) / n).max(1);
-    }
-}
-
-/// The longest head of `text` (cut at a line end where it can be) of at
-/// most `budget` tokens.
-fn head_within<'t>(tok: &Tokenizer, text: &'t str, budget: usize) -> Result<&'t str, String> {
-    let mut to = text.len().min(budget * 4);
-    loop {
-        while !text.is_char_boundary(to) {
-            to -= 1;
-        }
-        if to < text.len()
-            && let Some(nl) = text[..to].rfind('\n')
-            && nl > 0
-        {
-            to = nl + 1;
-        }
-        let piece = &text[..to];
-        let n = tok.encode(piece, false)?.len();
-        if n <= budget || piece.is_empty() {
-            return Ok(piece);
-        }
-        to -= (piece.len() * (n - budget) / n).max(1);
-    }
-}
-
 /// The fill-in-the-middle example of `span`: the prompt the server would
 /// build around it (prefix-suffix-middle, or suffix-prefix-middle with
 /// `spm`), then the middle and the end token; `None` when the middle takes
@@ -634,6 +587,14 @@ fn fim_example(
     spm: bool,
 ) -> Result<Option<Example>, String> {
     let tok = model.tokenizer;
+    // The server's own budgeted cuts (whole lines, counted line by line);
+    // the whole prompt is encoded and checked below.
+    let memo = kiln_serve::prompt::TokenCounts::default();
+    let counter = kiln_serve::prompt::Counter {
+        tok,
+        memo: &memo,
+        repo: None,
+    };
     let mut middle = tok.encode(&text[span.start..span.end], false)?;
     if let Some(eos) = tok.eos {
         middle.push(eos);
@@ -645,9 +606,13 @@ fn fim_example(
     // narrowed until the whole fits (tokens merge across the joins).
     let mut room = seq_len - middle.len() - 16;
     for _ in 0..8 {
-        let suffix = head_within(tok, &text[span.end..], room / 4)?;
+        let suffix = kiln_serve::prompt::head_within(&counter, &text[span.end..], room / 4);
         let used = tok.encode(suffix, false)?.len();
-        let prefix = tail_within(tok, &text[..span.start], room - used)?;
+        let prefix = kiln_serve::prompt::tail_within(
+            &counter,
+            &text[..span.start],
+            room.saturating_sub(used),
+        );
         let prompt = if spm {
             model.template.build_spm(prefix, suffix)
         } else {
