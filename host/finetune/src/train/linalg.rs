@@ -207,35 +207,74 @@ pub fn gemm<T: Float>(
         Op::T => (1, k as isize),
     };
     let out = Shared(c.as_mut_ptr());
-    let task = |rows: std::ops::Range<usize>| {
-        let out = &out;
-        // SAFETY: rows are in 0..m; A's and C's offsets stay inside them
-        // and this task writes only its rows of C.
-        unsafe {
-            T::raw_gemm(
-                rows.len(),
-                k,
-                n,
-                alpha,
-                a.as_ptr().offset(rows.start as isize * rsa),
-                rsa,
-                csa,
-                b.as_ptr(),
-                rsb,
-                csb,
-                beta,
-                out.0.add(rows.start * n),
-                n as isize,
-                1,
-            )
-        }
-    };
-    kiln_cpu::kernels::parallel_for(m, m * n * k, &task);
+    // Each task packs the whole of the operand it does not split: split
+    // C's rows (A's) where B is the smaller, its columns (B's) otherwise.
+    if m >= n {
+        let task = |rows: std::ops::Range<usize>| {
+            let out = &out;
+            // SAFETY: rows are in 0..m; A's and C's offsets stay inside
+            // them and this task writes only its rows of C.
+            unsafe {
+                T::raw_gemm(
+                    rows.len(),
+                    k,
+                    n,
+                    alpha,
+                    a.as_ptr().offset(rows.start as isize * rsa),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    beta,
+                    out.0.add(rows.start * n),
+                    n as isize,
+                    1,
+                )
+            }
+        };
+        kiln_cpu::kernels::parallel_for(m, m * n * k, &task);
+    } else {
+        let task = |cols: std::ops::Range<usize>| {
+            let out = &out;
+            // SAFETY: cols are in 0..n; B's and C's offsets stay inside
+            // them and this task writes only its columns of C.
+            unsafe {
+                T::raw_gemm(
+                    m,
+                    k,
+                    cols.len(),
+                    alpha,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr().offset(cols.start as isize * csb),
+                    rsb,
+                    csb,
+                    beta,
+                    out.0.add(cols.start),
+                    n as isize,
+                    1,
+                )
+            }
+        };
+        kiln_cpu::kernels::parallel_for(n, m * n * k, &task);
+    }
 }
 
 /// Calls `f(i, row)` for each of the `rows` rows of width `width` in `x`,
 /// on the pool's threads.
-pub fn for_rows<T: Float>(x: &mut [T], width: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+pub fn for_rows<T: Send>(x: &mut [T], width: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    for_rows_work(x, width, x.len() * 8, f)
+}
+
+/// [`for_rows`] where the caller knows the work (about the multiply-adds).
+pub fn for_rows_work<T: Send>(
+    x: &mut [T],
+    width: usize,
+    work: usize,
+    f: &(dyn Fn(usize, &mut [T]) + Sync),
+) {
     let rows = x.len() / width.max(1);
     let out = Shared(x.as_mut_ptr());
     let task = |r: std::ops::Range<usize>| {
@@ -246,7 +285,7 @@ pub fn for_rows<T: Float>(x: &mut [T], width: usize, f: &(dyn Fn(usize, &mut [T]
             f(i, row);
         }
     };
-    kiln_cpu::kernels::parallel_for(rows, rows * width * 8, &task);
+    kiln_cpu::kernels::parallel_for(rows, work, &task);
 }
 
 /// The sum of squares of `x`, in f64.
@@ -292,7 +331,16 @@ mod tests {
     #[test]
     fn every_transpose_matches_the_definition() {
         let mut rng = fastrand::Rng::with_seed(3);
-        for (m, n, k) in [(1, 1, 1), (7, 5, 3), (130, 33, 65), (300, 9, 17)] {
+        // Split over C's rows (m ≥ n) and over its columns (m < n), both
+        // big enough for the pool.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (7, 5, 3),
+            (130, 33, 65),
+            (300, 9, 17),
+            (33, 130, 65),
+            (9, 300, 40),
+        ] {
             let a: Vec<f64> = (0..m * k).map(|_| rng.f64() - 0.5).collect();
             let b: Vec<f64> = (0..k * n).map(|_| rng.f64() - 0.5).collect();
             for ta in [Op::N, Op::T] {

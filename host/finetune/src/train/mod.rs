@@ -190,6 +190,46 @@ mod tests {
         }
     }
 
+    /// The memory budgets change what is kept, never a number: the loss
+    /// and the gradient are the same to the bit with every layer's inside
+    /// kept, logits kept and matrices cached as with nothing kept
+    /// (recomputed layers, logits computed twice, dequantized at each use),
+    /// on the kernels' path and on the dense one.
+    #[test]
+    fn budgets_change_no_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        super::write_tiny_model(&path, "qwen2", 2, DType::Q4_1, 5).unwrap();
+        let base = Base::open(&path).unwrap();
+        let all: Vec<usize> = (0..TARGETS.len()).collect();
+        let mut adapter = Adapter::<f32>::new(&base, 2, 4.0, &all, 1);
+        let mut rng = fastrand::Rng::with_seed(4);
+        for p in adapter.pairs_mut() {
+            p.b.iter_mut().for_each(|b| *b = rng.f32() * 0.2 - 0.1);
+        }
+        let seq = sequence();
+        for kernels in [true, false] {
+            let run = |model: &mut Trainable<f32>| {
+                model.kernels = kernels;
+                // A tile smaller than the vocabulary: several tiles kept.
+                model.tile_rows = 16;
+                let mut grads = adapter.zeros_like();
+                let (loss, _) = model.loss(&adapter, &seq, Some((&mut grads, 1.0)));
+                (loss, grads.tensors().flatten().copied().collect::<Vec<_>>())
+            };
+            let kept = run(&mut Trainable::<f32>::new(&base));
+            let none = run(&mut Trainable::<f32>::with_budgets(&base, 0, 0, 0));
+            assert_eq!(kept.0.to_bits(), none.0.to_bits(), "kernels {kernels}");
+            assert!(
+                kept.1
+                    .iter()
+                    .zip(&none.1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            assert!(kept.1.iter().any(|&g| g != 0.0));
+        }
+    }
+
     /// With B = 0 the adapter changes nothing, and an adapter's effect is
     /// the same as merging it into an f32 copy of the weights.
     #[test]

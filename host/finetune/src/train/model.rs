@@ -1,9 +1,13 @@
 //! A model for training: its frozen base weights, read from the GGUF file
 //! in their stored type and dequantized when a product needs them, and
 //! the LoRA pairs trained on top. [`Trainable::loss`] runs one packed
-//! sequence forward and, with gradients asked for, backward, keeping only
-//! each layer's input and recomputing the layer's inside when its
-//! gradient is needed.
+//! sequence forward and, with gradients asked for, backward. Memory is
+//! bounded by two budgets: a layer's inside is kept from the forward pass
+//! while every layer's fits [`Trainable::activation_budget`], else only
+//! its input is kept and the inside recomputed when its gradient is
+//! needed; the dequantized (f32) base matrices the backward pass reads are
+//! kept between steps while they fit [`Trainable::dense_budget`], else
+//! dequantized at every use.
 
 use super::linalg::{Float, Op, gemm};
 use super::ops::{self, Attn, Rope};
@@ -11,7 +15,10 @@ use kiln_plugin_api::DType;
 use kiln_plugin_api::abi::KILN_ROPE_NEOX;
 use kiln_runtime::gguf::GgufFile;
 use kiln_runtime::model::config::{Arch, Ffn, ModelConfig, Norm};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The projections LoRA can adapt, as GGUF names them (`blk.N.<name>.weight`).
 pub const TARGETS: [&str; 7] = [
@@ -67,31 +74,6 @@ impl Weight<'_> {
             cols: self.cols,
             data: &self.data[r0 * row_bytes..r1 * row_bytes],
         }
-    }
-
-    /// `x (t × cols) · Wᵀ`: with `kernels`, by the CPU backend's mat-mul
-    /// where it takes `T` (f32), else in `T` over the dequantized matrix.
-    pub fn product<T: Float>(&self, x: &[T], kernels: bool) -> Vec<T> {
-        if kernels
-            && let Some(y) = T::kernel_product(self.dtype, self.data, self.rows, self.cols, x)
-        {
-            return y;
-        }
-        let t = x.len() / self.cols;
-        let mut y = vec![T::zero(); t * self.rows];
-        gemm(
-            Op::N,
-            Op::T,
-            t,
-            self.rows,
-            self.cols,
-            T::one(),
-            x,
-            &self.dense(),
-            T::zero(),
-            &mut y,
-        );
-        y
     }
 
     /// The whole matrix, dequantized on the pool's threads.
@@ -163,10 +145,15 @@ impl Base {
     }
 
     fn output(&self) -> Weight<'_> {
+        self.weight(self.output_name())
+    }
+
+    /// The output head's tensor: its own, or the token embeddings when tied.
+    fn output_name(&self) -> &'static str {
         if self.cfg.tied_output {
-            self.weight("token_embd.weight")
+            "token_embd.weight"
         } else {
-            self.weight("output.weight")
+            "output.weight"
         }
     }
 
@@ -344,10 +331,71 @@ pub struct Trainable<'b, T> {
     /// through that rounding unchanged (straight-through). Off for the
     /// finite-difference checks (rounding is piecewise constant).
     pub kernels: bool,
+    /// Bytes one sequence's layer insides may take before the backward
+    /// pass recomputes them instead (each layer's input is kept either way).
+    pub activation_budget: usize,
+    /// Bytes the output head's logits for one sequence may take to be kept
+    /// from the log-sum-exp pass for the gradient pass (else computed twice).
+    pub logits_budget: usize,
+    /// The dequantized base matrices, kept once read, where all of them fit
+    /// the dense budget given to [`Trainable::with_budgets`].
+    dense: HashMap<String, OnceLock<Vec<T>>>,
 }
+
+/// A layer's forward pass as the backward pass finds it: all it needs, or
+/// only its input.
+enum Kept<T> {
+    Saved(Box<Saved<T>>),
+    Input(Vec<T>),
+}
+
+impl<T> Saved<T> {
+    fn bytes(&self) -> usize {
+        let n: usize = [
+            &self.x,
+            &self.h1,
+            &self.rstd1,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.p,
+            &self.o,
+            &self.x2,
+            &self.h2,
+            &self.rstd2,
+            &self.g,
+            &self.u,
+            &self.m,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>()
+            + self.lora.iter().map(Vec::len).sum::<usize>();
+        n * std::mem::size_of::<T>()
+    }
+}
+
+/// The default budgets: 512 MiB of activations, 64 MiB of logits, 1 GiB
+/// of dense weights (SmolLM2-135M: about 330 MiB of activations at 256
+/// tokens, 48 MiB of logits, 530 MiB of weights; the file is 94 MiB).
+pub const ACTIVATION_BUDGET: usize = 512 << 20;
+pub const LOGITS_BUDGET: usize = 64 << 20;
+pub const DENSE_BUDGET: usize = 1 << 30;
 
 impl<'b, T: Float> Trainable<'b, T> {
     pub fn new(base: &'b Base) -> Trainable<'b, T> {
+        Trainable::with_budgets(base, ACTIVATION_BUDGET, LOGITS_BUDGET, DENSE_BUDGET)
+    }
+
+    /// [`Trainable::new`] with other memory budgets (bytes): 0 keeps
+    /// nothing (every layer recomputed, logits computed twice, matrices
+    /// dequantized at every use).
+    pub fn with_budgets(
+        base: &'b Base,
+        activations: usize,
+        logits: usize,
+        dense: usize,
+    ) -> Trainable<'b, T> {
         let cfg = &base.cfg;
         let norms = (0..cfg.n_layer)
             .map(|l| {
@@ -367,6 +415,22 @@ impl<'b, T: Float> Trainable<'b, T> {
             .collect();
         // Tiles of the output head of about 16 MiB.
         let tile_rows = ((16 << 20) / (cfg.n_embd * std::mem::size_of::<T>())).clamp(64, 16384);
+        let mut names: Vec<String> = (0..cfg.n_layer)
+            .flat_map(|l| TARGETS.iter().map(move |t| format!("blk.{l}.{t}.weight")))
+            .collect();
+        names.push(base.output_name().to_string());
+        let bytes: usize = names
+            .iter()
+            .map(|n| {
+                let w = base.weight(n);
+                w.rows * w.cols * std::mem::size_of::<T>()
+            })
+            .sum();
+        let dense = if bytes <= dense {
+            names.into_iter().map(|n| (n, OnceLock::new())).collect()
+        } else {
+            HashMap::new()
+        };
         Trainable {
             base,
             norms,
@@ -374,7 +438,45 @@ impl<'b, T: Float> Trainable<'b, T> {
             out_norm: base.vector("output_norm.weight"),
             tile_rows,
             kernels: true,
+            activation_budget: activations,
+            logits_budget: logits,
+            dense,
         }
+    }
+
+    /// Tensor `name` dequantized: kept from its first use where the dense
+    /// budget allows, else made now.
+    fn dense(&self, name: &str) -> Cow<'_, [T]> {
+        match self.dense.get(name) {
+            Some(cell) => Cow::Borrowed(cell.get_or_init(|| self.base.weight(name).dense())),
+            None => Cow::Owned(self.base.weight(name).dense()),
+        }
+    }
+
+    /// `x (t × cols) · Wᵀ` for tensor `name`: on the CPU backend's kernels
+    /// where [`Trainable::kernels`] asks for them, else over the dense matrix.
+    fn product(&self, name: &str, x: &[T]) -> Vec<T> {
+        let w = self.base.weight(name);
+        if self.kernels
+            && let Some(y) = T::kernel_product(w.dtype, w.data, w.rows, w.cols, x)
+        {
+            return y;
+        }
+        let t = x.len() / w.cols;
+        let mut y = vec![T::zero(); t * w.rows];
+        gemm(
+            Op::N,
+            Op::T,
+            t,
+            w.rows,
+            w.cols,
+            T::one(),
+            x,
+            &self.dense(name),
+            T::zero(),
+            &mut y,
+        );
+        y
     }
 
     fn eps(&self) -> f64 {
@@ -391,11 +493,10 @@ impl<'b, T: Float> Trainable<'b, T> {
         x: &[T],
         t: usize,
     ) -> (Vec<T>, Vec<T>) {
-        let w = self
-            .base
-            .weight(&format!("blk.{l}.{}.weight", TARGETS[target]));
+        let name = format!("blk.{l}.{}.weight", TARGETS[target]);
+        let w = self.base.weight(&name);
         let (rows, cols) = (w.rows, w.cols);
-        let mut y = w.product(x, self.kernels);
+        let mut y = self.product(&name, x);
         if let Some(Some(b)) = self.biases[l].get(target) {
             for row in y.chunks_exact_mut(rows) {
                 for (y, &b) in row.iter_mut().zip(b) {
@@ -450,9 +551,8 @@ impl<'b, T: Float> Trainable<'b, T> {
         t: usize,
         dx: &mut [T],
     ) {
-        let w = self
-            .base
-            .weight(&format!("blk.{l}.{}.weight", TARGETS[target]));
+        let name = format!("blk.{l}.{}.weight", TARGETS[target]);
+        let w = self.base.weight(&name);
         let (rows, cols) = (w.rows, w.cols);
         gemm(
             Op::N,
@@ -462,7 +562,7 @@ impl<'b, T: Float> Trainable<'b, T> {
             rows,
             T::one(),
             dy,
-            &w.dense(),
+            &self.dense(&name),
             T::one(),
             dx,
         );
@@ -619,30 +719,43 @@ impl<'b, T: Float> Trainable<'b, T> {
     /// comparison with inference): t × vocab.
     pub fn logits(&self, adapter: &Adapter<T>, seq: &Sequence) -> Vec<T> {
         let (hf, _, _) = self.trunk(adapter, seq, false);
-        self.base.output().product(&hf, self.kernels)
+        self.product(self.base.output_name(), &hf)
     }
 
-    /// Every layer forward, then the final norm: (its output, each layer's
-    /// input where `keep`, the final norm's 1/rms).
+    /// Every layer forward, then the final norm: (its output, where
+    /// `keep`, what each layer's backward pass will find, the final norm's
+    /// input and 1/rms). The layers' insides are kept while all of them fit
+    /// the activation budget (they are the same size in every layer).
     #[allow(clippy::type_complexity)]
     fn trunk(
         &self,
         adapter: &Adapter<T>,
         seq: &Sequence,
         keep: bool,
-    ) -> (Vec<T>, Vec<Vec<T>>, (Vec<T>, Vec<T>)) {
+    ) -> (Vec<T>, Vec<Kept<T>>, (Vec<T>, Vec<T>)) {
         let firsts = seq.firsts();
         let ctx = self.ctx(&firsts);
+        let n_layer = self.base.cfg.n_layer;
         let mut x = self.embed(&seq.tokens);
-        let mut inputs = Vec::new();
-        for l in 0..self.base.cfg.n_layer {
-            if keep {
-                inputs.push(x.clone());
+        let mut kept = Vec::new();
+        for l in 0..n_layer {
+            if !keep {
+                x = self.layer(adapter, l, x, &ctx).0;
+                continue;
             }
-            x = self.layer(adapter, l, x, &ctx).0;
+            let input = x.clone();
+            let (out, saved) = self.layer(adapter, l, x, &ctx);
+            kept.push(
+                if saved.bytes().saturating_mul(n_layer) <= self.activation_budget {
+                    Kept::Saved(Box::new(saved))
+                } else {
+                    Kept::Input(input)
+                },
+            );
+            x = out;
         }
         let (hf, rstd) = ops::rms_norm(&x, &self.out_norm, self.eps());
-        (hf, inputs, (x, rstd))
+        (hf, kept, (x, rstd))
     }
 
     /// What every layer of one sequence shares: RoPE's angles at each
@@ -675,18 +788,57 @@ impl<'b, T: Float> Trainable<'b, T> {
         }
         let e = self.base.cfg.n_embd;
         let keep = grads.is_some();
-        let (hf, inputs, (x_last, rstd)) = self.trunk(adapter, seq, keep);
+        let (hf, kept, (x_last, rstd)) = self.trunk(adapter, seq, keep);
         let mut h = Vec::with_capacity(targets.len() * e);
         for &(pos, _) in &targets {
             h.extend_from_slice(&hf[pos * e..(pos + 1) * e]);
         }
         let toks: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
         let out = self.base.output();
+        let name = self.base.output_name();
+        let cached = self.dense.contains_key(name);
+        let weights = |v0: usize, v1: usize| -> Cow<'_, [T]> {
+            if cached {
+                match self.dense(name) {
+                    Cow::Borrowed(w) => Cow::Borrowed(&w[v0 * out.cols..v1 * out.cols]),
+                    Cow::Owned(w) => Cow::Owned(w[v0 * out.cols..v1 * out.cols].to_vec()),
+                }
+            } else {
+                let mut w = vec![T::zero(); (v1 - v0) * out.cols];
+                out.rows_into(v0, v1, &mut w);
+                Cow::Owned(w)
+            }
+        };
+        let logits = |v0: usize, v1: usize, h: &[T]| -> Vec<T> {
+            let tile = out.slice(v0, v1);
+            if self.kernels
+                && let Some(y) = T::kernel_product(tile.dtype, tile.data, tile.rows, tile.cols, h)
+            {
+                return y;
+            }
+            let n = h.len() / out.cols;
+            let mut y = vec![T::zero(); n * (v1 - v0)];
+            let w = weights(v0, v1);
+            gemm(
+                Op::N,
+                Op::T,
+                n,
+                v1 - v0,
+                out.cols,
+                T::one(),
+                h,
+                &w,
+                T::zero(),
+                &mut y,
+            );
+            y
+        };
         let head = ops::Head {
             vocab: out.rows,
             tile_rows: self.tile_rows,
-            logits: &|v0, v1, h: &[T]| out.slice(v0, v1).product(h, self.kernels),
-            weights: &|v0, v1, dst: &mut [T]| out.rows_into(v0, v1, dst),
+            keep_logits: self.logits_budget,
+            logits: &logits,
+            weights: &weights,
         };
         let Some((grads, scale)) = grads else {
             let loss = head.cross_entropy(&h, e, &toks, T::one(), None);
@@ -708,8 +860,11 @@ impl<'b, T: Float> Trainable<'b, T> {
         ops::rms_norm_back(&x_last, &self.out_norm, &rstd, &dhf, &mut dx);
         let firsts = seq.firsts();
         let ctx = self.ctx(&firsts);
-        for (l, x) in inputs.into_iter().enumerate().rev() {
-            let (_, saved) = self.layer(adapter, l, x, &ctx);
+        for (l, kept) in kept.into_iter().enumerate().rev() {
+            let saved = match kept {
+                Kept::Saved(saved) => *saved,
+                Kept::Input(x) => self.layer(adapter, l, x, &ctx).1,
+            };
             dx = self.layer_back(adapter, grads, l, &saved, dx, &ctx);
         }
         (loss, targets.len())

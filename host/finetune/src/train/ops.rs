@@ -5,7 +5,8 @@
 //! gradients of its inputs. Every one is checked against central finite
 //! differences in f64 (`tests`).
 
-use super::linalg::{Float, Op, for_rows, gemm};
+use super::linalg::{Float, Op, for_rows, for_rows_work, gemm};
+use std::borrow::Cow;
 
 /// `y = x / rms(x) · w` per row of width `w.len()`; returns `y` and each
 /// row's `1 / rms`.
@@ -316,12 +317,18 @@ pub fn swiglu_back<T: Float>(g: &[T], u: &[T], dm: &[T]) -> (Vec<T>, Vec<T>) {
 /// An output head of `vocab` rows, read a tile of `tile_rows` rows at a
 /// time: `logits(v0, v1, h)` gives `h · W[v0..v1]ᵀ`, `weights(v0, v1,
 /// out)` writes rows `v0..v1` of `W` (dequantized) to `out`.
-pub struct Head<'a, T> {
+pub struct Head<'a, T: Clone> {
     pub vocab: usize,
     pub tile_rows: usize,
+    /// Bytes of logits (rows × vocabulary) the first pass may keep for the
+    /// second instead of computing them again.
+    pub keep_logits: usize,
+    /// `h · W[v0..v1]ᵀ`: a tile's logits.
     #[allow(clippy::type_complexity)]
     pub logits: &'a (dyn Fn(usize, usize, &[T]) -> Vec<T> + Sync),
-    pub weights: &'a (dyn Fn(usize, usize, &mut [T]) + Sync),
+    /// Rows `v0..v1` of the head's matrix.
+    #[allow(clippy::type_complexity)]
+    pub weights: &'a (dyn Fn(usize, usize) -> Cow<'a, [T]> + Sync),
 }
 
 impl<T: Float> Head<'_, T> {
@@ -335,7 +342,8 @@ impl<T: Float> Head<'_, T> {
     /// summed, computed a tile of the vocabulary at a time. With `dh`,
     /// adds `scale ×` its gradient with respect to `h` to it: a second
     /// pass, the probabilities tile by tile once the first pass has the
-    /// log-sum-exp of every row.
+    /// log-sum-exp of every row (over the first pass's logits where they
+    /// fit `keep_logits`, else over the tile's logits computed again).
     pub fn cross_entropy(
         &self,
         h: &[T],
@@ -346,45 +354,58 @@ impl<T: Float> Head<'_, T> {
     ) -> f64 {
         let n = targets.len();
         assert_eq!(h.len(), n * e);
-        let mut max = vec![f64::NEG_INFINITY; n];
-        let mut sum = vec![0.0f64; n];
-        let mut target_logit = vec![0.0f64; n];
+        // Per row: running max, sum of exp(logit − max), the target's logit.
+        let mut stats = vec![[f64::NEG_INFINITY, 0.0, 0.0]; n];
+        let keep = dh.is_some()
+            && n.saturating_mul(self.vocab)
+                .saturating_mul(std::mem::size_of::<T>())
+                <= self.keep_logits;
+        let mut kept = Vec::new();
         for (v0, v1) in self.tiles() {
             let m = v1 - v0;
             let logits = (self.logits)(v0, v1, h);
-            for r in 0..n {
+            for_rows_work(&mut stats, 1, n * m * 8, &|r, st: &mut [[f64; 3]]| {
+                let st = &mut st[0];
                 let row = &logits[r * m..(r + 1) * m];
-                let tmax = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b.f64()));
-                let new_max = max[r].max(tmax);
-                let add: f64 = row.iter().map(|&l| (l.f64() - new_max).exp()).sum();
-                sum[r] = sum[r] * (max[r] - new_max).exp() + add;
-                max[r] = new_max;
+                let tmax = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b)).f64();
+                let new_max = st[0].max(tmax);
+                let shift = T::of(new_max);
+                // exp in T (the terms are at most 1; the sum is in f64).
+                let add: f64 = row.iter().map(|&l| (l - shift).exp().f64()).sum();
+                st[1] = st[1] * (st[0] - new_max).exp() + add;
+                st[0] = new_max;
                 let tg = targets[r] as usize;
                 if (v0..v1).contains(&tg) {
-                    target_logit[r] = row[tg - v0].f64();
+                    st[2] = row[tg - v0].f64();
                 }
+            });
+            if keep {
+                kept.push(logits);
             }
         }
-        let lse: Vec<f64> = (0..n).map(|r| max[r] + sum[r].ln()).collect();
-        let loss: f64 = (0..n).map(|r| lse[r] - target_logit[r]).sum();
+        let lse: Vec<f64> = stats.iter().map(|s| s[0] + s[1].ln()).collect();
+        let loss: f64 = stats.iter().zip(&lse).map(|(s, l)| l - s[2]).sum();
         if let Some(dh) = dh {
-            let mut w = Vec::new();
+            let mut kept = kept.into_iter();
             for (v0, v1) in self.tiles() {
                 let m = v1 - v0;
-                let mut logits = (self.logits)(v0, v1, h);
+                let mut logits = match kept.next() {
+                    Some(l) => l,
+                    None => (self.logits)(v0, v1, h),
+                };
                 for_rows(&mut logits, m, &|r, row: &mut [T]| {
+                    let shift = T::of(lse[r]);
                     for (j, l) in row.iter_mut().enumerate() {
-                        let p = (l.f64() - lse[r]).exp();
+                        let p = (*l - shift).exp();
                         let onehot = if v0 + j == targets[r] as usize {
-                            1.0
+                            T::one()
                         } else {
-                            0.0
+                            T::zero()
                         };
-                        *l = T::of(p - onehot) * scale;
+                        *l = (p - onehot) * scale;
                     }
                 });
-                w.resize(m * e, T::zero());
-                (self.weights)(v0, v1, &mut w);
+                let w = (self.weights)(v0, v1);
                 gemm(Op::N, Op::N, n, e, m, T::one(), &logits, &w, T::one(), dh);
             }
         }
@@ -522,8 +543,7 @@ mod tests {
         let h = random(&mut rng, n * e);
         let w = random(&mut rng, vocab * e);
         let targets = [0u32, 10, 5];
-        let weights =
-            |v0: usize, v1: usize, out: &mut [f64]| out.copy_from_slice(&w[v0 * e..v1 * e]);
+        let weights = |v0: usize, v1: usize| Cow::Borrowed(&w[v0 * e..v1 * e]);
         let logits = |v0: usize, v1: usize, h: &[f64]| {
             let mut out = vec![0.0; h.len() / e * (v1 - v0)];
             gemm(
@@ -540,9 +560,10 @@ mod tests {
             );
             out
         };
-        let head = |tile_rows| Head {
+        let head = |tile_rows, keep_logits| Head {
             vocab,
             tile_rows,
+            keep_logits,
             logits: &logits,
             weights: &weights,
         };
@@ -558,12 +579,15 @@ mod tests {
             })
             .sum();
         for tile_rows in [1, 4, 11, 64] {
-            let loss = head(tile_rows).cross_entropy(&h, e, &targets, 1.0, None);
+            let loss = head(tile_rows, 0).cross_entropy(&h, e, &targets, 1.0, None);
             assert!((loss - plain).abs() < 1e-12, "{tile_rows}");
         }
-        let mut dh = vec![0.0; h.len()];
-        head(4).cross_entropy(&h, e, &targets, 0.5, Some(&mut dh));
-        let f = |h: &[f64]| 0.5 * head(3).cross_entropy(h, e, &targets, 1.0, None);
-        check(&h, &dh, &f, "dh");
+        // The gradient, with the logits computed again and kept.
+        for keep in [0, usize::MAX] {
+            let mut dh = vec![0.0; h.len()];
+            head(4, keep).cross_entropy(&h, e, &targets, 0.5, Some(&mut dh));
+            let f = |h: &[f64]| 0.5 * head(3, 0).cross_entropy(h, e, &targets, 1.0, None);
+            check(&h, &dh, &f, "dh");
+        }
     }
 }
