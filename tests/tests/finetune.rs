@@ -924,6 +924,42 @@ fn eval_and_merge_use_the_trained_adapter() {
             "{r:#}"
         );
     }
+    // A file the registry does not hold is evaluated, not recorded; once
+    // added, its evaluations (by file or by name) stay with its version.
+    assert!(v["recorded_for"].is_null(), "{v:#}");
+    home.ok(&["adapters", "add", adapter.to_str().unwrap(), "--name", "ft"]);
+    let by_name = home.json(&[
+        "finetune",
+        "eval",
+        data.to_str().unwrap(),
+        "--model",
+        smol.to_str().unwrap(),
+        "--adapter",
+        "ft",
+        "--holes",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(by_name["recorded_for"], "ft@1", "{by_name:#}");
+    let listed = home.json(&["adapters", "list", "--json"]);
+    let e = &listed["adapters"][0]["latest_eval"];
+    assert_eq!(listed["adapters"][0]["name"], "ft", "{listed:#}");
+    assert_eq!(
+        e["delta_nll"], by_name["report"]["delta_nll"]["mean"],
+        "{e:#}"
+    );
+    assert_eq!(e["base_nll"], r["base"]["nll"]["mean"]);
+    assert_eq!(e["sequences"], r["sequences"]);
+    assert_eq!(e["report"]["holes"], 0);
+    let text = home.ok(&["adapters", "list"]);
+    assert!(text.contains("Δ NLL") && text.contains("ft@1"), "{text}");
+    assert!(
+        home.registry()
+            .audit_log(10)
+            .unwrap()
+            .iter()
+            .any(|a| a.kind == "adapter" && a.action == "eval" && a.subject == "ft"),
+    );
 
     // Merged into F16, run by kiln's inference: the adapter's effect on
     // the logits is the trainer's (on the F16 base, the same arithmetic).

@@ -49,6 +49,61 @@ pub struct NewAdapter {
     pub dp_delta: Option<f64>,
 }
 
+/// One `kiln finetune eval` of an adapter version against its base.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterEval {
+    pub model: String,
+    pub model_sha256: String,
+    pub data: String,
+    pub sequences: u64,
+    pub target_tokens: u64,
+    pub holes: u64,
+    /// Held-out negative log-likelihood, nats per target token.
+    pub base_nll: f64,
+    pub adapter_nll: f64,
+    /// Adapter less base, paired over sequences, with its 95% interval.
+    pub delta_nll: f64,
+    pub delta_nll_lo: f64,
+    pub delta_nll_hi: f64,
+    /// The whole report, as `kiln finetune eval --json` prints it.
+    pub report: serde_json::Value,
+    pub measured_at: String,
+}
+
+pub struct NewAdapterEval {
+    pub model: String,
+    pub model_sha256: String,
+    pub data: String,
+    pub sequences: u64,
+    pub target_tokens: u64,
+    pub holes: u64,
+    pub base_nll: f64,
+    pub adapter_nll: f64,
+    pub delta_nll: f64,
+    pub delta_nll_lo: f64,
+    pub delta_nll_hi: f64,
+    pub report: serde_json::Value,
+}
+
+fn eval_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterEval> {
+    let report: String = r.get("report")?;
+    Ok(AdapterEval {
+        model: r.get("model")?,
+        model_sha256: r.get("model_sha256")?,
+        data: r.get("data")?,
+        sequences: r.get::<_, i64>("sequences")? as u64,
+        target_tokens: r.get::<_, i64>("target_tokens")? as u64,
+        holes: r.get::<_, i64>("holes")? as u64,
+        base_nll: r.get("base_nll")?,
+        adapter_nll: r.get("adapter_nll")?,
+        delta_nll: r.get("delta_nll")?,
+        delta_nll_lo: r.get("delta_nll_lo")?,
+        delta_nll_hi: r.get("delta_nll_hi")?,
+        report: serde_json::from_str(&report).unwrap_or(serde_json::Value::Null),
+        measured_at: r.get("measured_at")?,
+    })
+}
+
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
     Ok(AdapterRecord {
         id: r.get("id")?,
@@ -119,6 +174,80 @@ impl Registry {
             .conn
             .prepare("SELECT * FROM adapters ORDER BY name, version")?;
         let rows = stmt.query_map([], from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The newest version holding these bytes (`sha256`), whatever its
+    /// name or state.
+    pub fn adapter_by_sha256(&self, sha256: &str) -> Result<Option<AdapterRecord>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT * FROM adapters WHERE sha256 = ?1 ORDER BY id DESC LIMIT 1",
+                [sha256],
+                from_row,
+            )
+            .optional()?)
+    }
+
+    /// Records an evaluation of adapter version `a` (audited as `eval`).
+    pub fn add_adapter_eval(
+        &mut self,
+        a: &AdapterRecord,
+        e: &NewAdapterEval,
+        actor: &str,
+    ) -> Result<AdapterEval> {
+        let tx = self.write()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO adapter_evals (adapter_id, model, model_sha256, data, sequences, target_tokens, holes, base_nll, adapter_nll, delta_nll, delta_nll_lo, delta_nll_hi, report, measured_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, {NOW})"
+            ),
+            params![
+                a.id,
+                e.model,
+                e.model_sha256,
+                e.data,
+                e.sequences as i64,
+                e.target_tokens as i64,
+                e.holes as i64,
+                e.base_nll,
+                e.adapter_nll,
+                e.delta_nll,
+                e.delta_nll_lo,
+                e.delta_nll_hi,
+                e.report.to_string(),
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        audit(
+            &tx,
+            actor,
+            "adapter",
+            "eval",
+            &a.name,
+            None,
+            Some(&a.version.to_string()),
+            Some(&format!(
+                "held-out NLL {:.4} -> {:.4} ({:+.4} [{:+.4}, {:+.4}]) on {}",
+                e.base_nll, e.adapter_nll, e.delta_nll, e.delta_nll_lo, e.delta_nll_hi, e.model
+            )),
+        )?;
+        let record = tx.query_row(
+            "SELECT * FROM adapter_evals WHERE id = ?1",
+            [id],
+            eval_from_row,
+        )?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    /// Adapter version `a`'s evaluations, newest first.
+    pub fn adapter_evals(&self, a: &AdapterRecord) -> Result<Vec<AdapterEval>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM adapter_evals WHERE adapter_id = ?1 ORDER BY id DESC")?;
+        let rows = stmt.query_map([a.id], eval_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -196,5 +325,38 @@ mod tests {
         );
         assert!(r.adapter("nothing").unwrap().is_none());
         assert!(r.adapter("mine@x").is_err());
+    }
+
+    #[test]
+    fn evaluations_stay_with_their_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::open(&dir.path().join("kiln.db")).unwrap();
+        let (a1, _) = r.add_adapter(&new("mine", "aa"), "test").unwrap();
+        let (a2, _) = r.add_adapter(&new("mine", "bb"), "test").unwrap();
+        assert_eq!(r.adapter_by_sha256("aa").unwrap().unwrap().version, 1);
+        assert!(r.adapter_by_sha256("cc").unwrap().is_none());
+        let eval = |delta: f64| NewAdapterEval {
+            model: "m@1".into(),
+            model_sha256: "ff".into(),
+            data: "/data".into(),
+            sequences: 10,
+            target_tokens: 2000,
+            holes: 5,
+            base_nll: 2.5,
+            adapter_nll: 2.5 + delta,
+            delta_nll: delta,
+            delta_nll_lo: delta - 0.01,
+            delta_nll_hi: delta + 0.01,
+            report: serde_json::json!({"sequences": 10}),
+        };
+        r.add_adapter_eval(&a2, &eval(-0.3), "test").unwrap();
+        let e = r.add_adapter_eval(&a2, &eval(-0.4), "test").unwrap();
+        assert_eq!(e.report["sequences"], 10);
+        let evals = r.adapter_evals(&a2).unwrap();
+        assert_eq!(evals.len(), 2);
+        assert_eq!(evals[0].delta_nll, -0.4, "newest first");
+        assert!(r.adapter_evals(&a1).unwrap().is_empty());
+        let log = r.audit_log(5).unwrap();
+        assert!(log.iter().any(|e| e.action == "eval"), "{log:?}");
     }
 }

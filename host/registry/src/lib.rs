@@ -21,7 +21,7 @@ mod models;
 mod policies;
 mod stack;
 
-pub use adapters::{AdapterRecord, NewAdapter};
+pub use adapters::{AdapterEval, AdapterRecord, NewAdapter, NewAdapterEval};
 pub use models::{ModelRecord, NewModel};
 pub use policies::{Decision, NewPolicy, PolicyRecord};
 use rusqlite::{Connection, OpenFlags, Transaction, params};
@@ -60,6 +60,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0007_adapters.sql",
         include_str!("../../../migrations/0007_adapters.sql"),
+    ),
+    (
+        "0008_adapter_evals.sql",
+        include_str!("../../../migrations/0008_adapter_evals.sql"),
     ),
 ];
 

@@ -3,7 +3,7 @@
 
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
 use kiln_registry::config::Config;
-use kiln_registry::{NewAdapter, actor};
+use kiln_registry::{AdapterEval, NewAdapter, actor};
 use kiln_runtime::gguf::GgufFile;
 use kiln_runtime::measure::human_bytes;
 use kiln_runtime::store;
@@ -121,11 +121,29 @@ pub fn add(
 
 /// `kiln adapters list`.
 pub fn list(config: &Config, json: bool) -> CliResult {
-    let adapters = open_registry(config)?.adapters()?;
+    let registry = open_registry(config)?;
+    let adapters = registry.adapters()?;
+    // Each version with its newest evaluation.
+    let latest: Vec<Option<AdapterEval>> = adapters
+        .iter()
+        .map(|a| Ok(registry.adapter_evals(a)?.into_iter().next()))
+        .collect::<Result<_, kiln_registry::RegistryError>>()?;
     if json {
-        print_json(
-            &serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "adapters": adapters}),
-        );
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            #[serde(flatten)]
+            adapter: &'a kiln_registry::AdapterRecord,
+            latest_eval: &'a Option<AdapterEval>,
+        }
+        let rows: Vec<Row> = adapters
+            .iter()
+            .zip(&latest)
+            .map(|(adapter, latest_eval)| Row {
+                adapter,
+                latest_eval,
+            })
+            .collect();
+        print_json(&serde_json::json!({"schema_version": JSON_SCHEMA_VERSION, "adapters": rows}));
         return Ok(ExitCode::SUCCESS);
     }
     if adapters.is_empty() {
@@ -134,7 +152,8 @@ pub fn list(config: &Config, json: bool) -> CliResult {
     }
     let rows: Vec<Vec<String>> = adapters
         .iter()
-        .map(|a| {
+        .zip(&latest)
+        .map(|(a, e)| {
             vec![
                 a.label(),
                 a.state.clone(),
@@ -142,6 +161,12 @@ pub fn list(config: &Config, json: bool) -> CliResult {
                 format!("{}", a.rank),
                 format!("{}", a.alpha),
                 human_bytes(a.size_bytes),
+                e.as_ref().map_or("-".into(), |e| {
+                    format!(
+                        "{:+.3} [{:+.3}, {:+.3}]",
+                        e.delta_nll, e.delta_nll_lo, e.delta_nll_hi
+                    )
+                }),
                 a.added_at.clone(),
             ]
         })
@@ -149,7 +174,16 @@ pub fn list(config: &Config, json: bool) -> CliResult {
     println!(
         "{}",
         table(
-            &["ADAPTER", "STATE", "ARCH", "RANK", "ALPHA", "SIZE", "ADDED"],
+            &[
+                "ADAPTER",
+                "STATE",
+                "ARCH",
+                "RANK",
+                "ALPHA",
+                "SIZE",
+                "Δ NLL (LAST EVAL)",
+                "ADDED"
+            ],
             &rows
         )
     );

@@ -373,14 +373,23 @@ pub fn eval(
     json: bool,
 ) -> CliResult {
     let (id, path) = store::resolve_served(config, model)?;
+    let adapter = adapter
+        .map(|a| super::adapters::resolve(config, a))
+        .transpose()?;
     let mut on = |what: &str, done: usize, total: usize| {
         super::Progress::new(&format!("kiln: {what}")).update(done, total)
     };
-    let report = kiln_finetune::train::eval::evaluate(&path, data, adapter, opts, &mut on)
-        .map_err(CliError)?;
+    let file = adapter.as_ref().map(|(f, _)| f.as_path());
+    let report =
+        kiln_finetune::train::eval::evaluate(&path, data, file, opts, &mut on).map_err(CliError)?;
+    let recorded = match &adapter {
+        Some((file, _)) => record_eval(config, &id, &path, data, file, &report)?,
+        None => None,
+    };
     if json {
         print_json(&serde_json::json!({
-            "schema_version": JSON_SCHEMA_VERSION, "model": id, "adapter": adapter, "report": report,
+            "schema_version": JSON_SCHEMA_VERSION, "model": id, "adapter": file,
+            "recorded_for": recorded, "report": report,
         }));
         return Ok(ExitCode::SUCCESS);
     }
@@ -413,6 +422,12 @@ pub fn eval(
             opt(&report.delta_exact_match),
             opt(&report.delta_edit_similarity)
         );
+        match recorded {
+            Some(label) => println!("recorded in the registry with {label}"),
+            None => println!(
+                "not recorded: the adapter is not in the registry (`kiln adapters add` it, then evaluate it)"
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -458,6 +473,46 @@ pub fn merge(
 /// The model to serve or run: `model` itself, or with `adapter` (a file
 /// or a registered adapter) the merged copy (made once, kept under
 /// `$KILN_HOME/adapters`).
+/// Writes an adapter's evaluation to the registry, with the version
+/// holding its bytes: `Some(NAME@VERSION)`, or `None` for a file the
+/// registry does not hold.
+fn record_eval(
+    config: &Config,
+    model: &str,
+    model_path: &Path,
+    data: &Path,
+    adapter: &Path,
+    report: &kiln_finetune::train::eval::Report,
+) -> Result<Option<String>, CliError> {
+    let (Some(side), Some(delta)) = (&report.adapter, &report.delta_nll) else {
+        return Ok(None);
+    };
+    let mut registry = super::open_registry(config)?;
+    let sha256 = store::hash_file(adapter, |_| {})?;
+    let Some(record) = registry.adapter_by_sha256(&sha256)? else {
+        return Ok(None);
+    };
+    let eval = kiln_registry::NewAdapterEval {
+        model: model.to_string(),
+        model_sha256: store::hash_file(model_path, |_| {})?,
+        data: std::fs::canonicalize(data)
+            .unwrap_or_else(|_| data.to_path_buf())
+            .to_string_lossy()
+            .into_owned(),
+        sequences: report.sequences as u64,
+        target_tokens: report.target_tokens as u64,
+        holes: report.holes as u64,
+        base_nll: report.base.nll.mean,
+        adapter_nll: side.nll.mean,
+        delta_nll: delta.mean,
+        delta_nll_lo: delta.lo,
+        delta_nll_hi: delta.hi,
+        report: serde_json::to_value(report).map_err(|e| CliError(e.to_string()))?,
+    };
+    registry.add_adapter_eval(&record, &eval, &kiln_registry::actor())?;
+    Ok(Some(record.label()))
+}
+
 pub fn with_adapter(
     config: &Config,
     model: Option<String>,

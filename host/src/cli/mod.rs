@@ -606,7 +606,10 @@ enum FinetuneCommand {
         /// The base model (default: the active model).
         #[arg(long)]
         model: Option<String>,
-        /// An adapter (kiln's or llama.cpp's LoRA GGUF) to compare with the base.
+        /// An adapter to compare with the base: a LoRA GGUF file (kiln's or
+        /// llama.cpp's) or a registered adapter (NAME, NAME@VERSION). The
+        /// result is recorded in the registry with the version holding the
+        /// adapter's bytes, where one does.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
         /// Held-out holes to complete (0: likelihood only).
