@@ -17,6 +17,7 @@
 pub mod dp;
 pub mod eval;
 pub mod file;
+pub mod full;
 pub mod linalg;
 pub mod merge;
 pub mod model;
@@ -25,8 +26,8 @@ pub mod optim;
 pub mod run;
 
 /// Writes a small random llama or qwen2 model for tests: `layers` layers,
-/// 16-wide embeddings, 4 query heads over 2 key/value heads, vocabulary
-/// of 40; weights in `dtype` (F32 or a quantized type whose blocks fit
+/// 32-wide embeddings, 4 query heads over 2 key/value heads, vocabulary
+/// of 40 (qwen2's output tied to the embeddings); weights in `dtype` (F32 or a quantized type whose blocks fit
 /// 32-element rows).
 #[doc(hidden)]
 pub fn write_tiny_model(
@@ -69,8 +70,12 @@ pub fn write_tiny_model(
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
         ("token_embd.weight".into(), vec![e, vocab]),
         ("output_norm.weight".into(), vec![e]),
-        ("output.weight".into(), vec![e, vocab]),
     ];
+    // qwen2's output shares the token embeddings (as Qwen2.5's small models'
+    // do); llama's has its own.
+    if arch != "qwen2" {
+        shapes.push(("output.weight".into(), vec![e, vocab]));
+    }
     for l in 0..layers {
         let b = |n: &str| format!("blk.{l}.{n}");
         shapes.push((b("attn_norm.weight"), vec![e]));
@@ -187,6 +192,58 @@ mod tests {
                 checked += 1;
             }
             assert!(checked > 90);
+        }
+    }
+
+    /// Full training: the gradient of every tensor (matrices, embeddings,
+    /// untied or tied output, norms, qwen2's biases) against central finite
+    /// differences in f64.
+    #[test]
+    fn full_gradients_match_finite_differences() {
+        for (arch, tied) in [("llama", false), ("qwen2", true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            super::write_tiny_model(&path, arch, 2, DType::F32, 11).unwrap();
+            let base = Base::open(&path).unwrap();
+            assert_eq!(base.cfg.tied_output, tied, "{arch}");
+            let mut model = Trainable::<f64>::full(&base);
+            let seq = sequence();
+            let mut grads = model.zero_grads();
+            let names: Vec<String> = grads.keys().cloned().collect();
+            assert!(names.iter().any(|n| n == "token_embd.weight"));
+            assert!(names.iter().any(|n| n.ends_with("attn_norm.weight")));
+            assert_eq!(names.iter().any(|n| n.ends_with(".bias")), arch == "qwen2");
+            let (loss, n) = model.loss_full(&seq, &mut grads, 0.5);
+            assert_eq!(n, 8);
+            assert!(loss.is_finite() && loss > 0.0);
+            let mut checked = 0;
+            for name in &names {
+                let len = grads[name].len();
+                for i in (0..len).step_by(len / 7 + 1) {
+                    let h = 1e-5;
+                    let mut eval = |delta: f64| {
+                        let mut params = model.params_mut();
+                        let p = params.iter_mut().find(|(n, _)| n == name).unwrap();
+                        p.1[i] += delta;
+                        drop(params);
+                        let l = 0.5
+                            * model
+                                .loss(&Adapter::new(&base, 1, 1.0, &[], 0), &seq, None)
+                                .0;
+                        let mut params = model.params_mut();
+                        params.iter_mut().find(|(n, _)| n == name).unwrap().1[i] -= delta;
+                        l
+                    };
+                    let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                    let got = grads[name][i];
+                    assert!(
+                        (got - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                        "{arch} {name}[{i}]: analytic {got}, numeric {numeric}"
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked > 100, "{checked}");
         }
     }
 

@@ -16,7 +16,7 @@ use kiln_plugin_api::abi::KILN_ROPE_NEOX;
 use kiln_runtime::gguf::GgufFile;
 use kiln_runtime::model::config::{Arch, Ffn, ModelConfig, Norm};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -342,6 +342,23 @@ pub struct Trainable<'b, T> {
     dense: HashMap<String, OnceLock<Vec<T>>>,
 }
 
+/// Full training's gradients (and parameters): every tensor of the model
+/// by its GGUF name, in f32 or f64, the same shapes as the file's.
+pub type Dense<T> = BTreeMap<String, Vec<T>>;
+
+/// Where the backward pass adds gradients: the adapter's pairs, and in
+/// full training every tensor's.
+struct Sink<'g, T> {
+    adapter: Option<&'g mut Adapter<T>>,
+    full: Option<&'g mut Dense<T>>,
+}
+
+impl<T> Sink<'_, T> {
+    fn full(&mut self, name: &str) -> Option<&mut Vec<T>> {
+        self.full.as_deref_mut().and_then(|d| d.get_mut(name))
+    }
+}
+
 /// A layer's forward pass as the backward pass finds it: all it needs, or
 /// only its input.
 enum Kept<T> {
@@ -444,6 +461,65 @@ impl<'b, T: Float> Trainable<'b, T> {
         }
     }
 
+    /// Full training: every tensor of the model a parameter, an f32 (or
+    /// f64) copy dequantized from the file and updated in place
+    /// ([`Trainable::params_mut`]); products on the dense path (`kernels`
+    /// off: the parameters are not in a kernel's format), every layer's
+    /// inside and the logits kept.
+    pub fn full(base: &'b Base) -> Trainable<'b, T> {
+        let mut m = Trainable::with_budgets(base, usize::MAX, usize::MAX, 0);
+        m.kernels = false;
+        let mut names: Vec<String> = (0..base.cfg.n_layer)
+            .flat_map(|l| TARGETS.iter().map(move |t| format!("blk.{l}.{t}.weight")))
+            .collect();
+        names.push("token_embd.weight".into());
+        if !base.cfg.tied_output {
+            names.push("output.weight".into());
+        }
+        m.dense = names
+            .into_iter()
+            .map(|n| {
+                let cell = OnceLock::new();
+                let _ = cell.set(base.weight(&n).dense());
+                (n, cell)
+            })
+            .collect();
+        m
+    }
+
+    /// Full training's parameters by their GGUF names, in name order: the
+    /// matrices, embeddings, norms and biases.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Vec<T>)> {
+        let mut out: Vec<(String, &mut Vec<T>)> = Vec::new();
+        for (name, cell) in self.dense.iter_mut() {
+            if let Some(v) = cell.get_mut() {
+                out.push((name.clone(), v));
+            }
+        }
+        for (l, (attn, ffn)) in self.norms.iter_mut().enumerate() {
+            out.push((format!("blk.{l}.attn_norm.weight"), attn));
+            out.push((format!("blk.{l}.ffn_norm.weight"), ffn));
+        }
+        out.push(("output_norm.weight".into(), &mut self.out_norm));
+        for (l, biases) in self.biases.iter_mut().enumerate() {
+            for (t, b) in biases.iter_mut().enumerate() {
+                if let Some(b) = b {
+                    out.push((format!("blk.{l}.{}.bias", TARGETS[t]), b));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Zeros shaped as every parameter of full training, by name.
+    pub fn zero_grads(&mut self) -> Dense<T> {
+        self.params_mut()
+            .into_iter()
+            .map(|(n, v)| (n, vec![T::zero(); v.len()]))
+            .collect()
+    }
+
     /// Tensor `name` dequantized: kept from its first use where the dense
     /// budget allows, else made now.
     fn dense(&self, name: &str) -> Cow<'_, [T]> {
@@ -537,12 +613,12 @@ impl<'b, T: Float> Trainable<'b, T> {
     }
 
     /// Adds to `dx` the gradient through [`Trainable::project`] and to
-    /// `grads` the pair's.
+    /// `sink` the pair's (and in full training the matrix's and bias's).
     #[allow(clippy::too_many_arguments)]
     fn project_back(
         &self,
         adapter: &Adapter<T>,
-        grads: &mut Adapter<T>,
+        sink: &mut Sink<T>,
         l: usize,
         target: usize,
         x: &[T],
@@ -566,7 +642,20 @@ impl<'b, T: Float> Trainable<'b, T> {
             T::one(),
             dx,
         );
-        if let (Some(p), Some(gp)) = (&adapter.layers[l][target], &mut grads.layers[l][target]) {
+        if let Some(dw) = sink.full(&name) {
+            // dW += dyᵀ·x
+            gemm(Op::T, Op::N, rows, cols, t, T::one(), dy, x, T::one(), dw);
+        }
+        if let Some(db) = sink.full(&format!("blk.{l}.{}.bias", TARGETS[target])) {
+            for row in dy.chunks_exact(rows) {
+                for (b, &d) in db.iter_mut().zip(row) {
+                    *b += d;
+                }
+            }
+        }
+        let pair = (adapter.layers[l][target].as_ref())
+            .zip((sink.adapter.as_deref_mut()).and_then(|g| g.layers[l][target].as_mut()));
+        if let Some((p, gp)) = pair {
             let (r, s) = (adapter.rank, adapter.scale());
             // dB += s·dyᵀ·u; du = s·dy·B; dA += duᵀ·x; dx += du·A
             gemm(Op::T, Op::N, rows, r, t, s, dy, u, T::one(), &mut gp.b);
@@ -646,11 +735,11 @@ impl<'b, T: Float> Trainable<'b, T> {
     }
 
     /// The gradient of layer `l`'s input from its output's, adding the
-    /// adapter's gradients to `grads`.
+    /// parameters' gradients to `sink`.
     fn layer_back(
         &self,
         adapter: &Adapter<T>,
-        grads: &mut Adapter<T>,
+        sink: &mut Sink<T>,
         l: usize,
         s: &Saved<T>,
         dout: Vec<T>,
@@ -664,7 +753,7 @@ impl<'b, T: Float> Trainable<'b, T> {
         let mut dm = vec![T::zero(); s.m.len()];
         self.project_back(
             adapter,
-            grads,
+            sink,
             l,
             DOWN,
             &s.m,
@@ -677,7 +766,7 @@ impl<'b, T: Float> Trainable<'b, T> {
         let mut dh2 = vec![T::zero(); t * e];
         self.project_back(
             adapter,
-            grads,
+            sink,
             l,
             GATE,
             &s.h2,
@@ -686,21 +775,27 @@ impl<'b, T: Float> Trainable<'b, T> {
             t,
             &mut dh2,
         );
-        self.project_back(adapter, grads, l, UP, &s.h2, &s.lora[UP], &du, t, &mut dh2);
+        self.project_back(adapter, sink, l, UP, &s.h2, &s.lora[UP], &du, t, &mut dh2);
         let mut dx2 = dout;
         ops::rms_norm_back(&s.x2, &self.norms[l].1, &s.rstd2, &dh2, &mut dx2);
+        if let Some(dw) = sink.full(&format!("blk.{l}.ffn_norm.weight")) {
+            ops::rms_norm_back_weight(&s.x2, &s.rstd2, &dh2, dw);
+        }
         // x2 = x + output(attention(rope(q), rope(k), v))
         let mut do_ = vec![T::zero(); s.o.len()];
-        self.project_back(adapter, grads, l, O, &s.o, &s.lora[O], &dx2, t, &mut do_);
+        self.project_back(adapter, sink, l, O, &s.o, &s.lora[O], &dx2, t, &mut do_);
         let (mut dq, mut dk, dv) = attn.backward(&s.q, &s.k, &s.v, &s.p, &do_);
         rope.apply(&mut dq, cfg.head_dim, true);
         rope.apply(&mut dk, cfg.head_dim, true);
         let mut dh1 = vec![T::zero(); t * e];
-        self.project_back(adapter, grads, l, Q, &s.h1, &s.lora[Q], &dq, t, &mut dh1);
-        self.project_back(adapter, grads, l, K, &s.h1, &s.lora[K], &dk, t, &mut dh1);
-        self.project_back(adapter, grads, l, V, &s.h1, &s.lora[V], &dv, t, &mut dh1);
+        self.project_back(adapter, sink, l, Q, &s.h1, &s.lora[Q], &dq, t, &mut dh1);
+        self.project_back(adapter, sink, l, K, &s.h1, &s.lora[K], &dk, t, &mut dh1);
+        self.project_back(adapter, sink, l, V, &s.h1, &s.lora[V], &dv, t, &mut dh1);
         let mut dx = dx2;
         ops::rms_norm_back(&s.x, &self.norms[l].0, &s.rstd1, &dh1, &mut dx);
+        if let Some(dw) = sink.full(&format!("blk.{l}.attn_norm.weight")) {
+            ops::rms_norm_back_weight(&s.x, &s.rstd1, &dh1, dw);
+        }
         dx
     }
 
@@ -709,8 +804,14 @@ impl<'b, T: Float> Trainable<'b, T> {
         let w = self.base.weight("token_embd.weight");
         let e = w.cols;
         let mut x = vec![T::zero(); tokens.len() * e];
+        // Full training's parameters (or a kept dense copy), else the file.
+        let dense = (self.dense.get("token_embd.weight")).and_then(|c| c.get());
         for (row, &tok) in x.chunks_exact_mut(e).zip(tokens) {
-            w.rows_into(tok as usize, tok as usize + 1, row);
+            let tok = tok as usize;
+            match dense {
+                Some(d) => row.copy_from_slice(&d[tok * e..(tok + 1) * e]),
+                None => w.rows_into(tok, tok + 1, row),
+            }
         }
         x
     }
@@ -782,6 +883,34 @@ impl<'b, T: Float> Trainable<'b, T> {
         seq: &Sequence,
         grads: Option<(&mut Adapter<T>, T)>,
     ) -> (f64, usize) {
+        let grads = grads.map(|(g, scale)| {
+            let sink = Sink {
+                adapter: Some(g),
+                full: None,
+            };
+            (sink, scale)
+        });
+        self.loss_with(adapter, seq, grads)
+    }
+
+    /// Full training ([`Trainable::full`]): [`Trainable::loss`] with
+    /// `scale ×` the gradient of every tensor added to `grads` (from
+    /// [`Trainable::zero_grads`]).
+    pub fn loss_full(&self, seq: &Sequence, grads: &mut Dense<T>, scale: T) -> (f64, usize) {
+        let none = Adapter::new(self.base, 1, 1.0, &[], 0);
+        let sink = Sink {
+            adapter: None,
+            full: Some(grads),
+        };
+        self.loss_with(&none, seq, Some((sink, scale)))
+    }
+
+    fn loss_with(
+        &self,
+        adapter: &Adapter<T>,
+        seq: &Sequence,
+        grads: Option<(Sink<T>, T)>,
+    ) -> (f64, usize) {
         let targets = seq.targets();
         if targets.is_empty() {
             return (0.0, 0);
@@ -840,12 +969,13 @@ impl<'b, T: Float> Trainable<'b, T> {
             logits: &logits,
             weights: &weights,
         };
-        let Some((grads, scale)) = grads else {
-            let loss = head.cross_entropy(&h, e, &toks, T::one(), None);
+        let Some((mut sink, scale)) = grads else {
+            let loss = head.cross_entropy(&h, e, &toks, T::one(), None, None);
             return (loss, targets.len());
         };
         let mut dh = vec![T::zero(); h.len()];
-        let loss = head.cross_entropy(&h, e, &toks, scale, Some(&mut dh));
+        let dw = sink.full(name).map(|d| d.as_mut_slice());
+        let loss = head.cross_entropy(&h, e, &toks, scale, Some(&mut dh), dw);
         let t = seq.tokens.len();
         let mut dhf = vec![T::zero(); t * e];
         for (j, &(pos, _)) in targets.iter().enumerate() {
@@ -858,6 +988,9 @@ impl<'b, T: Float> Trainable<'b, T> {
         }
         let mut dx = vec![T::zero(); t * e];
         ops::rms_norm_back(&x_last, &self.out_norm, &rstd, &dhf, &mut dx);
+        if let Some(dw) = sink.full("output_norm.weight") {
+            ops::rms_norm_back_weight(&x_last, &rstd, &dhf, dw);
+        }
         let firsts = seq.firsts();
         let ctx = self.ctx(&firsts);
         for (l, kept) in kept.into_iter().enumerate().rev() {
@@ -865,7 +998,15 @@ impl<'b, T: Float> Trainable<'b, T> {
                 Kept::Saved(saved) => *saved,
                 Kept::Input(x) => self.layer(adapter, l, x, &ctx).1,
             };
-            dx = self.layer_back(adapter, grads, l, &saved, dx, &ctx);
+            dx = self.layer_back(adapter, &mut sink, l, &saved, dx, &ctx);
+        }
+        if let Some(de) = sink.full("token_embd.weight") {
+            for (row, &tok) in dx.chunks_exact(e).zip(&seq.tokens) {
+                let tok = tok as usize;
+                for (d, &g) in de[tok * e..(tok + 1) * e].iter_mut().zip(row) {
+                    *d += g;
+                }
+            }
         }
         (loss, targets.len())
     }

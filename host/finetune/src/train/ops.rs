@@ -44,6 +44,17 @@ pub fn rms_norm_back<T: Float>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut 
     }
 }
 
+/// Adds to `dw` the gradient of [`rms_norm`]'s weights: per element, the
+/// sum over rows of `dy · x · rstd`.
+pub fn rms_norm_back_weight<T: Float>(x: &[T], rstd: &[T], dy: &[T], dw: &mut [T]) {
+    let n = dw.len();
+    for ((xr, dyr), &r) in x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(rstd) {
+        for ((dw, &d), &x) in dw.iter_mut().zip(dyr).zip(xr) {
+            *dw += d * x * r;
+        }
+    }
+}
+
 /// RoPE's angles for `positions`: per position, `n_rot / 2` pairs of
 /// (sin, cos) of `pos · scale · base^(−2j/n_rot)`.
 pub struct Rope<T> {
@@ -343,7 +354,8 @@ impl<T: Float> Head<'_, T> {
     /// adds `scale ×` its gradient with respect to `h` to it: a second
     /// pass, the probabilities tile by tile once the first pass has the
     /// log-sum-exp of every row (over the first pass's logits where they
-    /// fit `keep_logits`, else over the tile's logits computed again).
+    /// fit `keep_logits`, else over the tile's logits computed again);
+    /// with `dw` too (vocabulary × e), the head's matrix's.
     pub fn cross_entropy(
         &self,
         h: &[T],
@@ -351,6 +363,7 @@ impl<T: Float> Head<'_, T> {
         targets: &[u32],
         scale: T,
         dh: Option<&mut [T]>,
+        mut dw: Option<&mut [T]>,
     ) -> f64 {
         let n = targets.len();
         assert_eq!(h.len(), n * e);
@@ -407,6 +420,11 @@ impl<T: Float> Head<'_, T> {
                 });
                 let w = (self.weights)(v0, v1);
                 gemm(Op::N, Op::N, n, e, m, T::one(), &logits, &w, T::one(), dh);
+                if let Some(dw) = dw.as_deref_mut() {
+                    // The head's own rows: dW[v0..v1] += dlogitsᵀ · h.
+                    let rows = &mut dw[v0 * e..v1 * e];
+                    gemm(Op::T, Op::N, m, e, n, T::one(), &logits, h, T::one(), rows);
+                }
             }
         }
         loss
@@ -462,6 +480,10 @@ mod tests {
         let mut dx = vec![0.0; x.len()];
         rms_norm_back(&x, &w, &rstd, &probe, &mut dx);
         check(&x, &dx, &f, "rms_norm");
+        let mut dw = vec![0.0; w.len()];
+        rms_norm_back_weight(&x, &rstd, &probe, &mut dw);
+        let f = |w: &[f64]| dot(&rms_norm(&x, w, 1e-5).0, &probe);
+        check(&w, &dw, &f, "rms_norm weight");
     }
 
     #[test]
@@ -579,15 +601,46 @@ mod tests {
             })
             .sum();
         for tile_rows in [1, 4, 11, 64] {
-            let loss = head(tile_rows, 0).cross_entropy(&h, e, &targets, 1.0, None);
+            let loss = head(tile_rows, 0).cross_entropy(&h, e, &targets, 1.0, None, None);
             assert!((loss - plain).abs() < 1e-12, "{tile_rows}");
         }
         // The gradient, with the logits computed again and kept.
         for keep in [0, usize::MAX] {
             let mut dh = vec![0.0; h.len()];
-            head(4, keep).cross_entropy(&h, e, &targets, 0.5, Some(&mut dh));
-            let f = |h: &[f64]| 0.5 * head(3, 0).cross_entropy(h, e, &targets, 1.0, None);
+            let mut dw = vec![0.0; w.len()];
+            head(4, keep).cross_entropy(&h, e, &targets, 0.5, Some(&mut dh), Some(&mut dw));
+            let f = |h: &[f64]| 0.5 * head(3, 0).cross_entropy(h, e, &targets, 1.0, None, None);
             check(&h, &dh, &f, "dh");
+            // The head's matrix's gradient: the same loss as a function of W.
+            let f = |w: &[f64]| {
+                let logits = |v0: usize, v1: usize, h: &[f64]| {
+                    let mut out = vec![0.0; h.len() / e * (v1 - v0)];
+                    let rows = &w[v0 * e..v1 * e];
+                    gemm(
+                        Op::N,
+                        Op::T,
+                        h.len() / e,
+                        v1 - v0,
+                        e,
+                        1.0,
+                        h,
+                        rows,
+                        0.0,
+                        &mut out,
+                    );
+                    out
+                };
+                let weights = |v0: usize, v1: usize| Cow::Owned(w[v0 * e..v1 * e].to_vec());
+                let head = Head {
+                    vocab,
+                    tile_rows: 3,
+                    keep_logits: 0,
+                    logits: &logits,
+                    weights: &weights,
+                };
+                0.5 * head.cross_entropy(&h, e, &targets, 1.0, None, None)
+            };
+            check(&w, &dw, &f, "dw");
         }
     }
 }

@@ -58,25 +58,49 @@ impl AdamW {
     /// One update of `params` by `grads` at rate `lr`.
     pub fn step(&mut self, params: &mut Adapter<f32>, grads: &Adapter<f32>, lr: f64) {
         self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
+        let (c1, c2) = self.corrections(self.t);
         let tensors = params
             .tensors_mut()
             .zip(grads.tensors())
             .zip(self.m.tensors_mut().zip(self.v.tensors_mut()));
+        let (betas, decay) = ((self.beta1, self.beta2, self.eps), self.weight_decay);
         for ((p, g), (m, v)) in tensors {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let g = g as f64;
-                let mm = b1 * *m as f64 + (1.0 - b1) * g;
-                let vv = b2 * *v as f64 + (1.0 - b2) * g * g;
-                *m = mm as f32;
-                *v = vv as f32;
-                let update = (mm / c1) / ((vv / c2).sqrt() + self.eps);
-                let w = *p as f64;
-                *p = (w - lr * (update + self.weight_decay * w)) as f32;
-            }
+            update(betas, p, g, m, v, lr, decay, (c1, c2));
         }
+    }
+
+    /// The bias corrections of step `t` (from 1).
+    pub fn corrections(&self, t: u64) -> (f64, f64) {
+        (
+            1.0 - self.beta1.powi(t as i32),
+            1.0 - self.beta2.powi(t as i32),
+        )
+    }
+}
+
+/// AdamW's update of one tensor `p` by its gradient `g` and moments `m`,
+/// `v`, at rate `lr` with decay `decay`; `betas` are (β1, β2, ε) and
+/// `(c1, c2)` this step's bias corrections.
+#[allow(clippy::too_many_arguments)]
+pub fn update(
+    (b1, b2, eps): (f64, f64, f64),
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f64,
+    decay: f64,
+    (c1, c2): (f64, f64),
+) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g as f64;
+        let mm = b1 * *m as f64 + (1.0 - b1) * g;
+        let vv = b2 * *v as f64 + (1.0 - b2) * g * g;
+        *m = mm as f32;
+        *v = vv as f32;
+        let update = (mm / c1) / ((vv / c2).sqrt() + eps);
+        let w = *p as f64;
+        *p = (w - lr * (update + decay * w)) as f32;
     }
 }
 

@@ -180,7 +180,7 @@ pub fn read_sequences(path: &Path, n_vocab: usize) -> Result<Vec<Sequence>, Stri
 }
 
 /// `seq` cut to its first `n` tokens.
-fn crop(mut seq: Sequence, n: usize) -> Sequence {
+pub(crate) fn crop(mut seq: Sequence, n: usize) -> Sequence {
     if seq.tokens.len() <= n {
         return seq;
     }
@@ -203,7 +203,7 @@ pub fn checkpoint_path(out: &Path) -> PathBuf {
 
 /// The sequences of step `step`: `accumulate` from the order of its
 /// epoch (each epoch a seeded shuffle).
-fn step_batch(n: usize, accumulate: usize, seed: u64, step: usize) -> Vec<usize> {
+pub(crate) fn step_batch(n: usize, accumulate: usize, seed: u64, step: usize) -> Vec<usize> {
     (step * accumulate..(step + 1) * accumulate)
         .map(|g| {
             let (epoch, at) = (g / n, g % n);
