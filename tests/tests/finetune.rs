@@ -907,6 +907,17 @@ fn eval_and_merge_use_the_trained_adapter() {
         "{r:#}\n{summary:#}"
     );
     assert!((f(&r["base"]["nll"]["mean"]) - f(&summary["eval_loss_base"])).abs() < 1e-9);
+    // Bits per byte: the same likelihood over the targets' text.
+    let (tokens, bytes) = (f(&r["target_tokens"]), f(&r["target_bytes"]));
+    assert!(
+        bytes > tokens,
+        "SmolLM2's tokens hold more than a byte each: {r:#}"
+    );
+    let per_byte = f(&r["base"]["nll"]["mean"]) * tokens / bytes / std::f64::consts::LN_2;
+    assert!(
+        (f(&r["base"]["bits_per_byte"]["mean"]) - per_byte).abs() < 1e-9,
+        "{r:#}"
+    );
     let d = &r["delta_nll"];
     assert!(
         f(&d["lo"]) <= f(&d["mean"]) && f(&d["mean"]) <= f(&d["hi"]),

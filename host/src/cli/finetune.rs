@@ -401,13 +401,14 @@ pub fn eval(
         report.sequences, report.target_tokens, report.holes, report.template
     );
     println!(
-        "{:<10} {:>26} {:>24} {:>24}",
-        "", "NLL nats/token", "exact match", "edit similarity"
+        "{:<10} {:>26} {:>24} {:>24} {:>24}",
+        "", "NLL nats/token", "bits/byte", "exact match", "edit similarity"
     );
     let row = |name: &str, s: &kiln_finetune::train::eval::Side| {
         println!(
-            "{name:<10} {:>26} {:>24} {:>24}",
+            "{name:<10} {:>26} {:>24} {:>24} {:>24}",
             iv(&s.nll),
+            iv(&s.bits_per_byte),
             opt(&s.exact_match),
             opt(&s.edit_similarity)
         );
@@ -416,9 +417,10 @@ pub fn eval(
     if let Some(a) = &report.adapter {
         row("adapter", a);
         println!(
-            "{:<10} {:>26} {:>24} {:>24}",
+            "{:<10} {:>26} {:>24} {:>24} {:>24}",
             "difference",
             opt(&report.delta_nll),
+            "",
             opt(&report.delta_exact_match),
             opt(&report.delta_edit_similarity)
         );

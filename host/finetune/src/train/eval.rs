@@ -3,8 +3,9 @@
 //!
 //! - **NLL**: the mean negative log-likelihood per target token of every
 //!   held-out sequence, by the trainer's forward (inference's arithmetic)
-//!   with and without the adapter; 95% bootstrap intervals over the
-//!   sequences (resampling whole sequences), the difference paired.
+//!   with and without the adapter, and in bits per byte of the targets'
+//!   text (comparable across vocabularies); 95% bootstrap intervals over
+//!   the sequences (resampling whole sequences), the difference paired.
 //! - **Completions**: at each held-out hole (`holes.jsonl`), the greedy
 //!   completion from the text before it (and after it, where the model
 //!   has fill-in-the-middle tokens) in the prompt `kiln serve` builds,
@@ -49,6 +50,10 @@ impl Default for Options {
 pub struct Side {
     /// Nats per target token.
     pub nll: Interval,
+    /// Bits per byte of target text (the same negative log-likelihood
+    /// over the UTF-8 bytes the target tokens decode to, control tokens
+    /// aside): comparable between models whose vocabularies differ.
+    pub bits_per_byte: Interval,
     pub exact_match: Option<Interval>,
     pub edit_similarity: Option<Interval>,
 }
@@ -57,6 +62,8 @@ pub struct Side {
 pub struct Report {
     pub sequences: usize,
     pub target_tokens: usize,
+    /// UTF-8 bytes of the target tokens' text.
+    pub target_bytes: usize,
     pub holes: usize,
     /// The prompt format of the completions.
     pub template: String,
@@ -206,6 +213,16 @@ pub fn evaluate(
             data.display()
         ));
     }
+    let tokenizer = kiln_runtime::tokenizer::Tokenizer::from_gguf(base.file())
+        .map_err(|e| format!("{}: {e}", model.display()))?;
+    // Per sequence, the bytes its targets decode to.
+    let bytes: Vec<usize> = seqs
+        .iter()
+        .map(|s| {
+            let ids: Vec<u32> = s.targets().iter().map(|&(_, t)| t).collect();
+            tokenizer.decode(&ids).len()
+        })
+        .collect();
     let trainable = Trainable::<f32>::new(&base);
     let zero = Adapter::<f32>::new(&base, 1, 1.0, &[], 0);
     let mut per_base = Vec::new();
@@ -281,8 +298,16 @@ pub fn evaluate(
     let mean_of =
         |v: &[f64], p: &[usize]| p.iter().map(|&i| v[i]).sum::<f64>() / p.len().max(1) as f64;
     let interval = |v: Vec<f64>| bootstrap(v.len(), opts.seed, &|p| mean_of(&v, p));
+    let per_byte = |per: &[(f64, usize)]| -> Vec<(f64, usize)> {
+        per.iter().zip(&bytes).map(|(&(l, _), &b)| (l, b)).collect()
+    };
+    let bits = |per: &[(f64, usize)]| {
+        let per = per_byte(per);
+        bootstrap(n, opts.seed, &|p| ratio(&per, p) / std::f64::consts::LN_2)
+    };
     let side_of = |per: &[(f64, usize)], s: Option<&Vec<(f64, f64)>>| Side {
         nll: nll(per),
+        bits_per_byte: bits(per),
         exact_match: s.map(|s| interval(column(s, 0))),
         edit_similarity: s.map(|s| interval(column(s, 1))),
     };
@@ -298,6 +323,7 @@ pub fn evaluate(
     Ok(Report {
         sequences: n,
         target_tokens: per_base.iter().map(|p| p.1).sum(),
+        target_bytes: bytes.iter().sum(),
         holes: holes.len(),
         template,
         base: side_of(&per_base, sides.first()),
