@@ -98,7 +98,7 @@ pub const PRE_TOKENIZERS: [&str; 19] = [
 
 /// The pre-tokenizer regexes of each byte-level BPE family, as their
 /// `tokenizer.json` files spell them.
-fn pre_tokenizer(pre: &str) -> Option<Json> {
+pub fn pre_tokenizer(pre: &str) -> Option<Json> {
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
     let llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
