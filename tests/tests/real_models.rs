@@ -292,6 +292,29 @@ fn gemma3_q4_k_m_matches_llama_cpp() {
     check(&model, 1.0, true);
 }
 
+/// kiln-code, the model kiln trained itself and ships as `kiln demo`'s
+/// default (models/kiln-code, Q8_0, its own byte-level BPE vocabulary
+/// with Qwen2's pre-tokenizer and FIM tokens): llama.cpp tokenizes the
+/// prompts as kiln does and gives the same greedy tokens, as for the
+/// released models. The file is the one committed, at most 10 MB, and
+/// kiln's fill-in-the-middle detection finds its template.
+#[test]
+fn kiln_code_as_shipped_matches_llama_cpp() {
+    let model = kiln_tests::repo_root().join("models/kiln-code/kiln-code.gguf");
+    let size = std::fs::metadata(&model).unwrap().len();
+    assert!(size <= 10 << 20, "kiln-code is {size} bytes");
+    let loaded = Model::load(&model).unwrap();
+    let tok = loaded.tokenizer().unwrap();
+    assert_eq!(
+        kiln_serve::fim::FimTemplate::detect(&tok, "kiln-code"),
+        kiln_serve::fim::FimTemplate::Qwen
+    );
+    if !llama_cpp_available() {
+        return;
+    }
+    check(&model, 0.15, false);
+}
+
 /// The release requantized by `kiln quantize --allow-requantize` to Q8_0
 /// and to the Q4_K_M preset (whose K-quants fall back to Q5_0, Q5_1 and
 /// Q8_0 on SmolLM2's 576-wide rows) is byte for byte llama.cpp's own

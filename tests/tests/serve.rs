@@ -747,11 +747,20 @@ fn the_language_server_and_the_http_api_make_the_same_prompt() {
 }
 
 #[test]
-fn kiln_demo_serves_the_active_model_then_one_found_elsewhere_and_else_says_it_generated_one() {
+fn kiln_demo_serves_the_active_model_then_one_found_elsewhere_and_else_kiln_code() {
     let home = Home::default();
-    // Nothing registered: the generated random-weight model, said so.
+    // Nothing registered: kiln-code, the model kiln trained itself, from
+    // the binary (written under KILN_HOME once), said so.
+    let v = home.json(&["demo", "--keystrokes", "2", "--max-tokens", "2", "--json"]);
+    assert_eq!(v["report"]["model"], "kiln-code", "{v}");
+    let shipped =
+        std::fs::read(kiln_tests::repo_root().join("models/kiln-code/kiln-code.gguf")).unwrap();
+    assert_eq!(
+        std::fs::read(home.path().join("demo/kiln-code.gguf")).unwrap(),
+        shipped
+    );
     let out = home.ok(&["demo", "--keystrokes", "2", "--max-tokens", "2"]);
-    assert!(out.contains("RANDOM weights"), "{out}");
+    assert!(out.contains("the model is kiln-code"), "{out}");
     assert!(out.contains("kiln models add FILE.gguf"), "{out}");
     assert!(
         out.contains("kiln pull hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:Q8_0"),
