@@ -925,17 +925,17 @@ impl<'b, T: Float> Trainable<'b, T> {
         let toks: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
         let out = self.base.output();
         let name = self.base.output_name();
-        let cached = self.dense.contains_key(name);
+        // The kept dense matrix's rows, else only this tile's dequantized.
         let weights = |v0: usize, v1: usize| -> Cow<'_, [T]> {
-            if cached {
-                match self.dense(name) {
-                    Cow::Borrowed(w) => Cow::Borrowed(&w[v0 * out.cols..v1 * out.cols]),
-                    Cow::Owned(w) => Cow::Owned(w[v0 * out.cols..v1 * out.cols].to_vec()),
+            match self.dense.get(name) {
+                Some(cell) => {
+                    Cow::Borrowed(&cell.get_or_init(|| out.dense())[v0 * out.cols..v1 * out.cols])
                 }
-            } else {
-                let mut w = vec![T::zero(); (v1 - v0) * out.cols];
-                out.rows_into(v0, v1, &mut w);
-                Cow::Owned(w)
+                None => {
+                    let mut w = vec![T::zero(); (v1 - v0) * out.cols];
+                    out.rows_into(v0, v1, &mut w);
+                    Cow::Owned(w)
+                }
             }
         };
         let logits = |v0: usize, v1: usize, h: &[T]| -> Vec<T> {

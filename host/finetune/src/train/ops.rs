@@ -565,30 +565,46 @@ mod tests {
         let h = random(&mut rng, n * e);
         let w = random(&mut rng, vocab * e);
         let targets = [0u32, 10, 5];
-        let weights = |v0: usize, v1: usize| Cow::Borrowed(&w[v0 * e..v1 * e]);
-        let logits = |v0: usize, v1: usize, h: &[f64]| {
-            let mut out = vec![0.0; h.len() / e * (v1 - v0)];
-            gemm(
-                Op::N,
-                Op::T,
-                h.len() / e,
-                v1 - v0,
-                e,
-                1.0,
-                h,
-                &w[v0 * e..v1 * e],
-                0.0,
-                &mut out,
-            );
-            out
-        };
-        let head = |tile_rows, keep_logits| Head {
-            vocab,
-            tile_rows,
-            keep_logits,
-            logits: &logits,
-            weights: &weights,
-        };
+        // The head over the matrix `w` (vocab × e), in tiles of `tile_rows`.
+        #[allow(clippy::too_many_arguments)]
+        fn ce(
+            w: &[f64],
+            h: &[f64],
+            e: usize,
+            targets: &[u32],
+            tile_rows: usize,
+            keep_logits: usize,
+            scale: f64,
+            dh: Option<&mut [f64]>,
+            dw: Option<&mut [f64]>,
+        ) -> f64 {
+            let weights = |v0: usize, v1: usize| Cow::Borrowed(&w[v0 * e..v1 * e]);
+            let logits = |v0: usize, v1: usize, h: &[f64]| {
+                let mut out = vec![0.0; h.len() / e * (v1 - v0)];
+                let rows = &w[v0 * e..v1 * e];
+                gemm(
+                    Op::N,
+                    Op::T,
+                    h.len() / e,
+                    v1 - v0,
+                    e,
+                    1.0,
+                    h,
+                    rows,
+                    0.0,
+                    &mut out,
+                );
+                out
+            };
+            let head = Head {
+                vocab: w.len() / e,
+                tile_rows,
+                keep_logits,
+                logits: &logits,
+                weights: &weights,
+            };
+            head.cross_entropy(h, e, targets, scale, dh, dw)
+        }
         // The loss is the same whatever the tile size, and is the plain
         // definition's.
         let plain: f64 = (0..n)
@@ -601,45 +617,28 @@ mod tests {
             })
             .sum();
         for tile_rows in [1, 4, 11, 64] {
-            let loss = head(tile_rows, 0).cross_entropy(&h, e, &targets, 1.0, None, None);
+            let loss = ce(&w, &h, e, &targets, tile_rows, 0, 1.0, None, None);
             assert!((loss - plain).abs() < 1e-12, "{tile_rows}");
         }
-        // The gradient, with the logits computed again and kept.
+        // The gradients of h and of the head's matrix, with the logits
+        // computed again and kept.
         for keep in [0, usize::MAX] {
             let mut dh = vec![0.0; h.len()];
             let mut dw = vec![0.0; w.len()];
-            head(4, keep).cross_entropy(&h, e, &targets, 0.5, Some(&mut dh), Some(&mut dw));
-            let f = |h: &[f64]| 0.5 * head(3, 0).cross_entropy(h, e, &targets, 1.0, None, None);
+            ce(
+                &w,
+                &h,
+                e,
+                &targets,
+                4,
+                keep,
+                0.5,
+                Some(&mut dh),
+                Some(&mut dw),
+            );
+            let f = |h: &[f64]| 0.5 * ce(&w, h, e, &targets, 3, 0, 1.0, None, None);
             check(&h, &dh, &f, "dh");
-            // The head's matrix's gradient: the same loss as a function of W.
-            let f = |w: &[f64]| {
-                let logits = |v0: usize, v1: usize, h: &[f64]| {
-                    let mut out = vec![0.0; h.len() / e * (v1 - v0)];
-                    let rows = &w[v0 * e..v1 * e];
-                    gemm(
-                        Op::N,
-                        Op::T,
-                        h.len() / e,
-                        v1 - v0,
-                        e,
-                        1.0,
-                        h,
-                        rows,
-                        0.0,
-                        &mut out,
-                    );
-                    out
-                };
-                let weights = |v0: usize, v1: usize| Cow::Owned(w[v0 * e..v1 * e].to_vec());
-                let head = Head {
-                    vocab,
-                    tile_rows: 3,
-                    keep_logits: 0,
-                    logits: &logits,
-                    weights: &weights,
-                };
-                0.5 * head.cross_entropy(&h, e, &targets, 1.0, None, None)
-            };
+            let f = |w: &[f64]| 0.5 * ce(w, &h, e, &targets, 3, 0, 1.0, None, None);
             check(&w, &dw, &f, "dw");
         }
     }
