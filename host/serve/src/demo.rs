@@ -155,20 +155,12 @@ pub fn write_demo_model(path: &Path) -> std::io::Result<()> {
     let specs: Vec<TensorSpec> = shapes
         .iter()
         .map(|(name, ne)| {
-            let mut e = [1u64; 4];
-            for (i, &n) in ne.iter().enumerate() {
-                e[i] = n as u64;
-            }
-            TensorSpec {
-                name: name.clone(),
-                dtype: if ne.len() == 1 {
-                    DType::F32
-                } else {
-                    DType::F16
-                },
-                ne: e,
-                n_dims: ne.len() as u32,
-            }
+            let dtype = if ne.len() == 1 {
+                DType::F32
+            } else {
+                DType::F16
+            };
+            TensorSpec::new(name.as_str(), dtype, ne)
         })
         .collect();
     let mut w = GgufWriter::create(path, &metadata, &specs)?;

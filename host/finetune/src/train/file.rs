@@ -15,20 +15,11 @@
 use super::model::{Adapter, Base, Pair, TARGETS};
 use super::optim::AdamW;
 use kiln_plugin_api::DType;
-use kiln_runtime::gguf::{GgufFile, GgufWriter, MAX_DIMS, TensorSpec, Value};
+use kiln_runtime::gguf::{GgufFile, GgufWriter, TensorSpec, Value};
 use std::path::Path;
 
 fn spec(name: String, ne: &[usize]) -> TensorSpec {
-    let mut full = [1u64; MAX_DIMS];
-    for (f, &n) in full.iter_mut().zip(ne) {
-        *f = n as u64;
-    }
-    TensorSpec {
-        name,
-        dtype: DType::F32,
-        ne: full,
-        n_dims: ne.len() as u32,
-    }
+    TensorSpec::new(name, DType::F32, ne)
 }
 
 fn bytes(v: &[f32]) -> Vec<u8> {

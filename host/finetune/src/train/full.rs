@@ -99,7 +99,13 @@ pub fn train(
     if train_seqs.is_empty() {
         return Err(format!("{}: no training sequences", data.display()));
     }
-    let mut eval_seqs = cut(read_sequences(&data.join("eval.jsonl"), n_vocab).unwrap_or_default());
+    // No held-out file is no evaluation; a broken one is an error.
+    let eval_path = data.join("eval.jsonl");
+    let mut eval_seqs = if eval_path.is_file() {
+        cut(read_sequences(&eval_path, n_vocab)?)
+    } else {
+        Vec::new()
+    };
     eval_seqs.truncate(opts.eval_sequences);
     let mut model = Trainable::<f32>::full(&base);
     let adam = AdamW::new(&super::model::Adapter::new(&base, 1, 1.0, &[], 0), 0.0);
@@ -313,5 +319,19 @@ mod tests {
             "{} vs {last}",
             l / n as f64
         );
+        // A broken held-out file is refused, not skipped; none is no evaluation.
+        std::fs::write(data.join("eval.jsonl"), "{not json\n").unwrap();
+        let c = dir.path().join("c.gguf");
+        let stop = AtomicBool::new(false);
+        let e = train(&init, &data, &c, &opts, &mut |_| {}, &stop).unwrap_err();
+        assert!(e.contains("not a training sequence"), "{e}");
+        assert!(!c.exists());
+        std::fs::remove_file(data.join("eval.jsonl")).unwrap();
+        let two = Options {
+            steps: 2,
+            ..opts.clone()
+        };
+        let o = train(&init, &data, &c, &two, &mut |_| {}, &stop).unwrap();
+        assert_eq!((o.eval_loss_initial, o.eval_loss), (None, None));
     }
 }

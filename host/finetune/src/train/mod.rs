@@ -38,7 +38,7 @@ pub fn write_tiny_model(
     seed: u64,
 ) -> std::io::Result<()> {
     use kiln_plugin_api::DType;
-    use kiln_runtime::gguf::{GgufWriter, MAX_DIMS, TensorSpec, Value, ValueType};
+    use kiln_runtime::gguf::{GgufWriter, TensorSpec, Value, ValueType};
     let (e, ff, heads, kv_heads, vocab) = (32usize, 64usize, 4usize, 2usize, 40usize);
     let hd = e / heads;
     let s = |k: &str, v: &str| (k.to_string(), Value::String(v.to_string()));
@@ -96,16 +96,11 @@ pub fn write_tiny_model(
     let specs: Vec<TensorSpec> = shapes
         .iter()
         .map(|(name, ne)| {
-            let mut full = [1u64; MAX_DIMS];
-            for (f, &n) in full.iter_mut().zip(ne) {
-                *f = n as u64;
-            }
-            TensorSpec {
-                name: name.clone(),
-                dtype: if ne.len() == 2 { dtype } else { DType::F32 },
-                ne: full,
-                n_dims: ne.len() as u32,
-            }
+            TensorSpec::new(
+                name.as_str(),
+                if ne.len() == 2 { dtype } else { DType::F32 },
+                ne,
+            )
         })
         .collect();
     let mut w = GgufWriter::create(path, &metadata, &specs)?;

@@ -19,6 +19,21 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// A tensor of extents `ne` (innermost first, as GGUF lists them).
+    pub fn new(name: impl Into<String>, dtype: DType, ne: &[usize]) -> TensorSpec {
+        assert!(ne.len() <= MAX_DIMS, "at most {MAX_DIMS} dimensions");
+        let mut full = [1u64; MAX_DIMS];
+        for (f, &n) in full.iter_mut().zip(ne) {
+            *f = n as u64;
+        }
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            ne: full,
+            n_dims: ne.len() as u32,
+        }
+    }
+
     pub fn size(&self) -> u64 {
         let row = self
             .dtype

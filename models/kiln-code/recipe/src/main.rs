@@ -16,7 +16,7 @@ use clap::Parser;
 use kiln_finetune::prepare::{self, ForModel};
 use kiln_finetune::train::full;
 use kiln_plugin_api::DType;
-use kiln_runtime::gguf::{GgufFile, GgufWriter, MAX_DIMS, TensorSpec, Value, ValueType};
+use kiln_runtime::gguf::{GgufFile, GgufWriter, TensorSpec, Value, ValueType};
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -405,18 +405,7 @@ fn init_model(path: &Path, tokens: &[String], merges: &[String], seed: u64) {
     shapes.push(("output_norm.weight".into(), vec![EMBD]));
     let specs: Vec<TensorSpec> = shapes
         .iter()
-        .map(|(name, ne)| {
-            let mut full = [1u64; MAX_DIMS];
-            for (f, &n) in full.iter_mut().zip(ne) {
-                *f = n as u64;
-            }
-            TensorSpec {
-                name: name.clone(),
-                dtype: DType::F32,
-                ne: full,
-                n_dims: ne.len() as u32,
-            }
-        })
+        .map(|(name, ne)| TensorSpec::new(name.as_str(), DType::F32, ne))
         .collect();
     let err = |e: std::io::Error| -> ! { fail(format!("{}: {e}", path.display())) };
     let mut w = GgufWriter::create(path, &metadata, &specs).unwrap_or_else(|e| err(e));
