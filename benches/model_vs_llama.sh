@@ -28,7 +28,7 @@
 # llama.cpp and ik_llama.cpp.
 # Decode is also timed from outside both engines (kiln and llama.cpp):
 # whole processes decoding 72 and then 8 tokens after the same 16-token
-# warm-up (a 1-token prompt), 64 tokens over the difference of their wall
+# warm-up (a 1-token prompt), the tokens over the difference of their wall
 # times, the shortest of the runs each; no engine's own clock, nor what
 # it leaves out of it, counts.
 set -euo pipefail
@@ -77,8 +77,12 @@ wall() {
   "$python" -c "print($t1 - $t0)"
 }
 # 64 tokens over the difference of the shortest 72- and 8-token runs.
+# outside RUNS72 RUNS8 TOKENS: TOKENS decoded over the difference of the
+# shortest runs. `kiln bench` decodes its --decode-tokens twice (after the
+# warm-up and again after its prompt, here 1 token), so kiln's 72 − 8
+# processes differ by 128 tokens; llama_bench.py's by 64.
 outside() {
-  "$python" -c 'import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); d = min(map(float, a)) - min(map(float, b)); print(64 / d if d > 0 else 0)' "$1" "$2"
+  "$python" -c 'import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); d = min(map(float, a)) - min(map(float, b)); print(int(sys.argv[3]) / d if d > 0 else 0)' "$1" "$2" "$3"
 }
 bandwidth() {
   if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
@@ -124,7 +128,7 @@ for line in sys.stdin:
     if len(f) > 3 and f[2] == "prompt_tok_s": p.append(float(f[3]))
 print(json.dumps({"decode": max(d) if d else None, "prompt": max(p) if p else None}))')
   fi
-  "$python" - "$m" "$k" "$l" "$c" "$i" "${bw_gbs:-0}" "$(outside "$k72" "$k8")" "$(outside "$l72" "$l8")" <<'PY'
+  "$python" - "$m" "$k" "$l" "$c" "$i" "${bw_gbs:-0}" "$(outside "$k72" "$k8" 128)" "$(outside "$l72" "$l8" 64)" <<'PY'
 import json, os, sys
 import gguf
 m, k, l, c, i, bw = sys.argv[1], *map(json.loads, sys.argv[2:6]), float(sys.argv[6])

@@ -508,27 +508,48 @@ pub const FLOAT_DOT_LANES: usize = 8;
 
 /// The dot product of F16 or BF16 weights `w` (widened to f32) with
 /// activations `x` rounded to the same type ([`round_activations`]), in
-/// the one order every kiln kernel for these types follows, so that each
-/// gives these bits: the rows zero-padded to a multiple of
-/// [`FLOAT_DOT_LANES`]; product `i` added to lane `i mod 8`, each lane's
-/// products in order, each addition rounded once (a fused multiply-add:
-/// two f16 or bf16 values' product is exact in f32, save a bf16 one
-/// below f32's normal range or beyond its largest value); then the lanes
-/// added as [`sum_lanes`] does.
+/// the one order every kiln kernel for float weights follows, so that each
+/// gives these bits: [`fused_dot`]'s. Two f16 or bf16 values' product is
+/// exact in f32 (save a bf16 one below f32's normal range or beyond its
+/// largest value), so here most products are added as they are, which
+/// rounds as a fused multiply-add does, without `mul_add`'s library call
+/// on CPUs built without FMA.
 /// llama.cpp sums these products in f32 lanes too, in an order of its own
 /// per ISA.
 pub fn float_dot(w: impl IntoIterator<Item = f32>, x: &[f32]) -> f32 {
+    lanes_dot::<true>(w, x)
+}
+
+/// The dot product of float weights `w` with activations `x`, in the one
+/// order every kiln kernel for F16, BF16 and F32 weights follows: the rows
+/// zero-padded to a multiple of [`FLOAT_DOT_LANES`]; product `i` added to
+/// lane `i mod 8` by a fused multiply-add (one rounding), each lane's
+/// products in order; then the lanes added as [`sum_lanes`] does. F32
+/// weights (whose products with f32 activations are not exact) take this
+/// one; F16 and BF16 the same sums through [`float_dot`].
+pub fn fused_dot(w: impl IntoIterator<Item = f32>, x: &[f32]) -> f32 {
+    lanes_dot::<false>(w, x)
+}
+
+/// [`fused_dot`]; `EXACT`: the products of these values are exact in f32
+/// where they are normal and finite, so those are added as they are.
+fn lanes_dot<const EXACT: bool>(w: impl IntoIterator<Item = f32>, x: &[f32]) -> f32 {
     let mut acc = [0f32; FLOAT_DOT_LANES];
     let mut n = 0;
     for (i, (w, &x)) in w.into_iter().zip(x).enumerate() {
         let lane = i % FLOAT_DOT_LANES;
-        let p = w * x;
-        // `mul_add` is a library call without FMA; the product is exact
-        // (so the sum rounds once, as a fused one does) unless it is
-        // nonzero and below the normal range, or beyond the largest f32.
-        let exact = (p.abs() >= f32::MIN_POSITIVE && p.is_finite()) || w == 0.0 || x == 0.0;
-        acc[lane] = if exact {
-            acc[lane] + p
+        acc[lane] = if EXACT {
+            let p = w * x;
+            // `mul_add` is a library call without FMA; the product is
+            // exact (so the sum rounds once, as a fused one does) unless
+            // it is nonzero and below the normal range, or beyond the
+            // largest f32.
+            let exact = (p.abs() >= f32::MIN_POSITIVE && p.is_finite()) || w == 0.0 || x == 0.0;
+            if exact {
+                acc[lane] + p
+            } else {
+                w.mul_add(x, acc[lane])
+            }
         } else {
             w.mul_add(x, acc[lane])
         };

@@ -1,6 +1,6 @@
 //! The scalar reference of every op: the semantics that `kiln_backend.h`
-//! documents, written for clarity, accumulating in f64 (F16 and BF16
-//! matmuls in f32 lanes, `kiln_blocks::float_dot`). Every other
+//! documents, written for clarity, accumulating in f64 (F16, BF16 and F32
+//! matmuls in f32 lanes, `kiln_blocks::fused_dot`). Every other
 //! backend (and every SIMD kernel that later slots in beside these) is
 //! checked against this file.
 //!
@@ -409,7 +409,7 @@ pub unsafe fn run_with(
                 // Q8_1 block sum, apart from the codes' products (ggml's
                 // vec_dot_q4_1_q8_1).
                 let with_min = matches!(w.desc.dtype, DType::Q4_1 | DType::Q5_1);
-                let float = matches!(w.desc.dtype, DType::F16 | DType::BF16);
+                let float = matches!(w.desc.dtype, DType::F16 | DType::BF16 | DType::F32);
                 let mut sums = Vec::new();
                 let mut mins = vec![0f32; if with_min { k / 32 } else { 0 }];
                 for i3 in 0..x.desc.ne[3] {
@@ -446,9 +446,12 @@ pub unsafe fn run_with(
                             }
                             read_row(w, n, i2 / r2, i3 / r3, &mut a);
                             for (m, row) in xs.chunks_exact(k).enumerate() {
-                                // F16 and BF16 in f32 lanes, in the order
-                                // every kernel for them follows.
-                                acc[m * n0 + n] = if float {
+                                // Float weights in f32 lanes, in the order
+                                // every kernel for them follows (F16 and
+                                // BF16 products are exact: `float_dot`).
+                                acc[m * n0 + n] = if w.desc.dtype == DType::F32 {
+                                    kiln_blocks::fused_dot(a.iter().copied(), row) as f64
+                                } else if float {
                                     kiln_blocks::float_dot(a.iter().copied(), row) as f64
                                 } else {
                                     a.iter().zip(row).map(|(p, q)| *p as f64 * *q as f64).sum()

@@ -140,7 +140,7 @@ macro_rules! gemm_kinds {
 
 mod activations;
 mod attention;
-mod f16;
+mod float;
 mod kquant;
 mod lanes;
 #[cfg(target_arch = "aarch64")]
@@ -155,6 +155,7 @@ pub use threads::{parallel_for, set_threads, threads};
 pub use topology::default_threads;
 
 use crate::ops::View;
+use float::Float;
 use kiln_plugin_api::{DType, OpKind};
 use std::sync::OnceLock;
 
@@ -437,6 +438,7 @@ pub fn has_mul_mat(dtype: DType) -> bool {
             dtype,
             DType::F16
                 | DType::BF16
+                | DType::F32
                 | DType::Q2_K
                 | DType::Q3_K
                 | DType::Q4_K
@@ -463,20 +465,19 @@ macro_rules! first_rows {
     }};
 }
 
-/// One activation row, prepared for the weights' dot product. F16 and
-/// BF16 rows live in one buffer for the whole product ([`FloatRows`]):
+/// One activation row, prepared for the weights' dot product. Rows for
+/// float weights live in one buffer for the whole product ([`FloatRows`]):
 /// attention prepares thousands of short rows per product, and a pair of
 /// allocations for each cost more than the product itself.
 enum Prepared<'a> {
     Q8(Q8Row),
     Q8K(kquant::Q8KRow),
-    /// Rounded to f16, kept as f32.
-    F16(&'a [f32]),
-    /// Rounded to bf16, kept as f32.
-    Bf16(&'a [f32]),
+    /// For F16, BF16 or F32 weights: rounded as they are (to f16, to bf16,
+    /// not at all), kept as f32.
+    Float(&'a [f32]),
 }
 
-/// Every activation row of an F16 or BF16 product, rounded.
+/// Every activation row of a product with float weights, rounded.
 struct FloatRows {
     k: usize,
     rounded: Vec<f32>,
@@ -500,17 +501,10 @@ impl FloatRows {
     }
 
     /// The rows as [`Prepared`] values.
-    fn prepared(&self, weights: DType) -> Vec<Prepared<'_>> {
+    fn prepared(&self) -> Vec<Prepared<'_>> {
         let k = self.k;
         (0..self.rounded.len() / k)
-            .map(|i| {
-                let v = &self.rounded[i * k..][..k];
-                if weights == DType::BF16 {
-                    Prepared::Bf16(v)
-                } else {
-                    Prepared::F16(v)
-                }
-            })
+            .map(|i| Prepared::Float(&self.rounded[i * k..][..k]))
             .collect()
     }
 }
@@ -530,7 +524,7 @@ impl FloatRowsWriter {
     /// # Safety
     /// No other thread writes row `i` meanwhile, and the [`FloatRows`]
     /// lives on, untouched.
-    unsafe fn set(&self, isa: Isa, weights: DType, i: usize, x: &[f32]) {
+    unsafe fn set(&self, isa: Isa, weights: Float, i: usize, x: &[f32]) {
         assert!(i < self.rows);
         let k = self.k;
         // SAFETY: row i is inside both buffers (checked above), and this
@@ -538,18 +532,12 @@ impl FloatRowsWriter {
         let v = unsafe {
             std::slice::from_raw_parts_mut(self.rounded.get().cast::<f32>().add(i * k), k)
         };
-        if weights == DType::BF16 {
-            for (o, x) in v.iter_mut().zip(x) {
-                *o = half::bf16::from_f32(*x).to_f32();
-            }
-        } else {
-            f16::round_row(isa, x, v);
-        }
+        weights.round_row(isa, x, v);
     }
 }
 
 impl Prepared<'_> {
-    /// A quantized row for `weights` (not F16 or BF16: [`FloatRows`]).
+    /// A quantized row for `weights` (not float weights: [`FloatRows`]).
     fn new(weights: DType, k: usize) -> Prepared<'static> {
         match weights {
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
@@ -571,7 +559,7 @@ impl Prepared<'_> {
                 }
             }
             Prepared::Q8K(q) => q.quantize(isa, x),
-            Prepared::F16(..) | Prepared::Bf16(_) => unreachable!("set through FloatRows"),
+            Prepared::Float(_) => unreachable!("set through FloatRows"),
         }
     }
 
@@ -591,11 +579,11 @@ impl Prepared<'_> {
         }
     }
 
-    /// F16 or BF16 rows, rounded, as f32.
+    /// Rows for float weights, rounded, as f32.
     #[inline(always)]
     fn rounded(&self) -> Option<&[f32]> {
         match self {
-            Prepared::F16(v) | Prepared::Bf16(v) => Some(v),
+            Prepared::Float(v) => Some(v),
             _ => None,
         }
     }
@@ -615,14 +603,10 @@ impl Prepared<'_> {
                 kquant::row_dot(dtype)(isa, w, &rows[..n], &mut out[..n]);
                 n
             }
-            Prepared::F16(first) => {
-                let (rows, n) = first_rows!(xs, *first, Prepared::F16(v) => *v);
-                f16::dot_rows(isa, false, w, &rows[..n], &mut out[..n]);
-                n
-            }
-            Prepared::Bf16(first) => {
-                let (rows, n) = first_rows!(xs, *first, Prepared::Bf16(v) => *v);
-                f16::dot_rows(isa, true, w, &rows[..n], &mut out[..n]);
+            Prepared::Float(first) => {
+                let (rows, n) = first_rows!(xs, *first, Prepared::Float(v) => *v);
+                let float = Float::of(dtype).expect(ONE_VARIANT);
+                float::dot_rows(isa, float, w, &rows[..n], &mut out[..n]);
                 n
             }
         }
@@ -644,7 +628,7 @@ fn all_rows<'a, 'b, T: ?Sized>(
         .collect()
 }
 
-/// `dst[m][n] = w[n] · x[m]` for F16 or quantized `w` (rows contiguous)
+/// `dst[m][n] = w[n] · x[m]` for float or quantized `w` (rows contiguous)
 /// and f32 `x`, broadcast over
 /// dimensions 2 and 3 as the reference does.
 ///
@@ -687,9 +671,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let batched = m_count >= GEMM_MIN_ROWS;
     // Activation row m of slice s is `xq[s * m_count + m]`.
     let n_rows = n_slices * m_count;
-    let float = matches!(wd.dtype, DType::F16 | DType::BF16);
-    let mut floats = FloatRows::new(if float { n_rows } else { 0 }, k);
-    let mut xq: Vec<Prepared> = if float {
+    let float = Float::of(wd.dtype);
+    let mut floats = FloatRows::new(if float.is_some() { n_rows } else { 0 }, k);
+    let mut xq: Vec<Prepared> = if float.is_some() {
         Vec::new()
     } else {
         (0..n_rows).map(|_| Prepared::new(wd.dtype, k)).collect()
@@ -705,22 +689,22 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             // row belongs to one thread.
             unsafe {
                 let row = std::slice::from_raw_parts(xp.get().add(off).cast::<f32>(), k);
-                if float {
-                    floats_w.set(isa, wd.dtype, i, row);
+                if let Some(float) = float {
+                    floats_w.set(isa, float, i, row);
                 } else {
                     (*rows_p.get().cast::<Prepared>().add(i)).set(isa, wd.dtype, row, batched);
                 }
             }
         }
     });
-    if float {
-        xq = floats.prepared(wd.dtype);
+    if float.is_some() {
+        xq = floats.prepared();
     }
     let work = n_slices * n_count * m_count * k;
     // Each GEMM says where it runs.
     let gemm = match wd.dtype {
         d if q8::takes(d) => q8::has_gemm(isa, d),
-        DType::F16 | DType::BF16 => f16::has_gemm(isa),
+        _ if float.is_some() => float::has_gemm(isa),
         d => kquant::has_gemm(isa, d),
     };
     if batched && gemm {
@@ -747,9 +731,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             }
             _ => {
                 let xs = all_rows(&xq, m_count, Prepared::rounded);
-                let bf16 = wd.dtype == DType::BF16;
+                let float = float.expect("a float type: every other has its arm");
                 gemm_groups::<()>(&slices, n_count, m_count, work, &|s, ws, _, out| {
-                    f16::gemm16(isa, bf16, ws, &xs[s], out)
+                    float::gemm16(isa, float, ws, &xs[s], out)
                 });
             }
         }
@@ -791,15 +775,15 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                             out(n, o[0]);
                         }
                     }
-                    Prepared::F16(x) | Prepared::Bf16(x) => {
-                        let bf16 = wd.dtype == DType::BF16;
-                        let mut o = [0f32; f16::DECODE_ROWS];
+                    Prepared::Float(x) => {
+                        let float = float.expect(ONE_VARIANT);
+                        let mut o = [0f32; float::DECODE_ROWS];
                         let last = rows.end;
-                        for n0 in rows.step_by(f16::DECODE_ROWS) {
-                            let count = (last - n0).min(f16::DECODE_ROWS);
-                            let ws: [&[u8]; f16::DECODE_ROWS] =
+                        for n0 in rows.step_by(float::DECODE_ROWS) {
+                            let count = (last - n0).min(float::DECODE_ROWS);
+                            let ws: [&[u8]; float::DECODE_ROWS] =
                                 std::array::from_fn(|i| w(n0 + i.min(count - 1)));
-                            f16::dot_weight_rows(isa, bf16, &ws[..count], x, &mut o[..count]);
+                            float::dot_weight_rows(isa, float, &ws[..count], x, &mut o[..count]);
                             for (i, v) in o[..count].iter().enumerate() {
                                 out(n0 + i, *v);
                             }
@@ -843,8 +827,8 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 /// From this many activation rows on, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL
 /// and K-quant products use the lane-wise GEMMs ([`q8::gemm16`],
 /// [`kquant::gemm16`]) where the CPU has AVX-512 VNNI (the Q8_0-activation
-/// types on AVX2 too, 8 rows a register), and F16/BF16 products
-/// [`f16::gemm16`]'s tiles (AVX2 and AVX-512).
+/// types on AVX2 too, 8 rows a register), and F16/BF16/F32 products
+/// [`float::gemm16`]'s tiles (AVX2, AVX-512 and NEON).
 const GEMM_MIN_ROWS: usize = 4;
 
 /// Where one (i2, i3) slice of a product lives.

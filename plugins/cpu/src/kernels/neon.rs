@@ -316,18 +316,28 @@ pub fn block_sums_iq4_xs(w: &[u8], x: &[i8], out: &mut [i32]) {
     }
 }
 
-/// Eight f16 (or, `BF`, bf16) values at `p` to f32, lanes 0–3 and 4–7
-/// (exact either way). F16 through `fcvtl`/`fcvtl2`: baseline aarch64,
-/// but Rust has no stable intrinsic for them (its `float16x4_t` is not).
+/// Weight types of [`float_tile`]'s const generic, as `float.rs` codes
+/// them (this file stands alone).
+const BF16: u8 = 1;
+const F32: u8 = 2;
+
+/// Eight f16 (`T` = 0), bf16 (`BF16`) or f32 (`F32`) values at `p` to
+/// f32, lanes 0–3 and 4–7 (exact every way). F16 through
+/// `fcvtl`/`fcvtl2`: baseline aarch64, but Rust has no stable intrinsic
+/// for them (its `float16x4_t` is not).
 ///
 /// # Safety
-/// `p` points at 16 readable bytes.
+/// `p` points at 8 readable values.
 #[inline(always)]
-unsafe fn widen8<const BF: bool>(p: *const u8) -> [float32x4_t; 2] {
+unsafe fn widen8<const T: u8>(p: *const u8) -> [float32x4_t; 2] {
     // SAFETY: the caller's pointer; register-only operations otherwise.
     unsafe {
+        if T == F32 {
+            let p = p.cast::<f32>();
+            return [vld1q_f32(p), vld1q_f32(p.add(4))];
+        }
         let h = vreinterpretq_u16_u8(vld1q_u8(p));
-        if BF {
+        if T == BF16 {
             [
                 vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
                 vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_high_u16(h))),
@@ -360,19 +370,21 @@ fn sum8(v: [float32x4_t; 2]) -> f32 {
     }
 }
 
-/// `out[n][m] = w[n] · x[m]` for `N` F16 (or, `BF`, BF16) weight rows and
-/// `M` activation rows rounded to the same type, in the order every kiln
-/// kernel for these types follows (`kiln_blocks::float_dot`): product `i`
+/// `out[n][m] = w[n] · x[m]` for `N` F16, BF16 or F32 weight rows (the
+/// type coded `T`, see [`widen8`]) and `M` activation rows rounded to the
+/// same type (F32: as they are), in the order every kiln kernel for these
+/// types follows (`kiln_blocks::fused_dot`): product `i`
 /// into f32 lane `i mod 8` by a fused multiply-add (`vfmaq_f32`), the rows
 /// zero-padded to a multiple of 8, the lanes added by [`sum8`]. Each
 /// weight vector is widened once for the `M` rows.
-pub fn float_tile<const BF: bool, const N: usize, const M: usize>(
+pub fn float_tile<const T: u8, const N: usize, const M: usize>(
     w: &[&[u8]; N],
     x: &[&[f32]; M],
 ) -> [[f32; M]; N] {
     let len = x[0].len();
+    let e = if T == F32 { 4 } else { 2 };
     assert!(
-        x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len),
+        x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == e * len),
         "{} values per row, {} weight bytes",
         len,
         w[0].len()
@@ -389,7 +401,7 @@ pub fn float_tile<const BF: bool, const N: usize, const M: usize>(
                 *v = [vld1q_f32(p), vld1q_f32(p.add(4))];
             }
             for (acc, p) in acc.iter_mut().zip(wp) {
-                let wv = widen8::<BF>(p);
+                let wv = widen8::<T>(p);
                 for (a, x) in acc.iter_mut().zip(&xv) {
                     a[0] = vfmaq_f32(a[0], wv[0], x[0]);
                     a[1] = vfmaq_f32(a[1], wv[1], x[1]);
@@ -400,16 +412,16 @@ pub fn float_tile<const BF: bool, const N: usize, const M: usize>(
     for i in (0..full).step_by(8) {
         // In bounds: i + 8 <= full.
         step(
-            std::array::from_fn(|n| w[n][2 * i..].as_ptr()),
+            std::array::from_fn(|n| w[n][e * i..].as_ptr()),
             std::array::from_fn(|m| x[m][i..].as_ptr()),
         );
     }
     if full < len {
         // The tail zero-filled to eight values.
-        let mut tw = [[0u8; 16]; N];
+        let mut tw = [[0u8; 32]; N];
         let mut tx = [[0f32; 8]; M];
         for (t, w) in tw.iter_mut().zip(w) {
-            t[..w.len() - 2 * full].copy_from_slice(&w[2 * full..]);
+            t[..w.len() - e * full].copy_from_slice(&w[e * full..]);
         }
         for (t, x) in tx.iter_mut().zip(x) {
             t[..x.len() - full].copy_from_slice(&x[full..]);
@@ -670,27 +682,36 @@ mod tests {
         (b[0] + b[2]) + (b[1] + b[3])
     }
 
-    fn float_tiles_case<const BF: bool>(rng: &mut Lcg, len: usize) {
+    fn float_tiles_case<const T: u8>(rng: &mut Lcg, len: usize) {
         // Random f16 or bf16 bit patterns (infinities and NaNs among them
-        // for f16: every exponent), activations rounded to the same type.
-        let widen = |h: u16| {
-            if BF {
-                f32::from_bits((h as u32) << 16)
-            } else {
-                f16_to_f32(h)
-            }
+        // for f16: every exponent), activations rounded to the same type;
+        // for F32, random f32 bit patterns of moderate exponents (some tiny
+        // and huge), activations as they are.
+        let widen = |h: u32| match T {
+            F32 => f32::from_bits(h),
+            BF16 => f32::from_bits(h << 16),
+            _ => f16_to_f32(h as u16),
         };
         let bits = |rng: &mut Lcg| {
             let v = u16::from_le_bytes([rng.byte(), rng.byte()]);
-            // bf16: mostly moderate exponents, some tiny and huge ones.
-            if BF && v % 4 != 0 {
-                (v & 0x80ff) | 0x3f00
-            } else {
-                v
+            match T {
+                F32 => {
+                    let lo = u16::from_le_bytes([rng.byte(), rng.byte()]) as u32;
+                    let hi = if v % 4 != 0 { (v & 0x80ff) | 0x3f00 } else { v };
+                    (hi as u32) << 16 | lo
+                }
+                // bf16: mostly moderate exponents, some tiny and huge ones.
+                BF16 if v % 4 != 0 => ((v & 0x80ff) | 0x3f00) as u32,
+                _ => v as u32,
             }
         };
+        let e = if T == F32 { 4 } else { 2 };
         let w: Vec<Vec<u8>> = (0..2)
-            .map(|_| (0..len).flat_map(|_| bits(rng).to_le_bytes()).collect())
+            .map(|_| {
+                (0..len)
+                    .flat_map(|_| bits(rng).to_le_bytes()[..e].to_vec())
+                    .collect()
+            })
             .collect();
         let x: Vec<Vec<f32>> = (0..3)
             .map(|_| (0..len).map(|_| widen(bits(rng))).collect())
@@ -698,20 +719,24 @@ mod tests {
         let wf: Vec<Vec<f32>> = w
             .iter()
             .map(|r| {
-                r.chunks(2)
-                    .map(|c| widen(u16::from_le_bytes([c[0], c[1]])))
+                r.chunks(e)
+                    .map(|c| {
+                        let mut b = [0u8; 4];
+                        b[..e].copy_from_slice(c);
+                        widen(u32::from_le_bytes(b))
+                    })
                     .collect()
             })
             .collect();
-        let got = float_tile::<BF, 2, 3>(&[&w[0], &w[1]], &[&x[0], &x[1], &x[2]]);
+        let got = float_tile::<T, 2, 3>(&[&w[0], &w[1]], &[&x[0], &x[1], &x[2]]);
         for n in 0..2 {
             for m in 0..3 {
                 let want = float_dot(&wf[n], &x[m]);
                 let g = got[n][m];
                 assert!(
                     want.to_bits() == g.to_bits() || want.is_nan() && g.is_nan(),
-                    "bf16 {} len {}: ({}, {}) kernel {:e}, reference {:e}",
-                    BF,
+                    "type {} len {}: ({}, {}) kernel {:e}, reference {:e}",
+                    T,
                     len,
                     n,
                     m,
@@ -720,7 +745,7 @@ mod tests {
                 );
             }
         }
-        let one = float_tile::<BF, 1, 1>(&[&w[1]], &[&x[2]]);
+        let one = float_tile::<T, 1, 1>(&[&w[1]], &[&x[2]]);
         assert!(one[0][0].to_bits() == got[1][2].to_bits() || one[0][0].is_nan());
     }
 
@@ -729,8 +754,9 @@ mod tests {
         let mut rng = Lcg(7);
         for len in [1, 7, 8, 9, 15, 16, 31, 64, 77, 200] {
             for _ in 0..4 {
-                float_tiles_case::<false>(&mut rng, len);
-                float_tiles_case::<true>(&mut rng, len);
+                float_tiles_case::<0>(&mut rng, len);
+                float_tiles_case::<BF16>(&mut rng, len);
+                float_tiles_case::<F32>(&mut rng, len);
             }
         }
     }

@@ -97,8 +97,8 @@ fn both_with_bound(
 fn assert_close(isa: Isa, dtype: DType, k: usize, reference: &[f32], fast: &[f32]) {
     // Exact block sums, f64 accumulation: equal to the reference's
     // rounding; one ulp allows for an f64 tie-break in the last place.
-    // F16 and BF16 sum in f32 lanes in one order everywhere: the bits.
-    let float = matches!(dtype, DType::F16 | DType::BF16);
+    // F16, BF16 and F32 sum in f32 lanes in one order everywhere: the bits.
+    let float = Float::of(dtype).is_some();
     for (i, (a, b)) in reference.iter().zip(fast).enumerate() {
         let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
         assert!(
@@ -132,6 +132,7 @@ fn mul_mat_matches_the_reference_on_every_path() {
         for dtype in [
             DType::F16,
             DType::BF16,
+            DType::F32,
             DType::Q4_0,
             DType::Q4_1,
             DType::Q5_0,
@@ -145,8 +146,8 @@ fn mul_mat_matches_the_reference_on_every_path() {
                 let (r, f) = both(isa, dtype, [k, n, m, 1, 1], i as u64);
                 assert_close(isa, dtype, k, &r, &f);
             }
-            // F16 rows need not be whole blocks: tails of every length.
-            if matches!(dtype, DType::F16 | DType::BF16) {
+            // Float rows need not be whole blocks: tails of every length.
+            if Float::of(dtype).is_some() {
                 for (i, k) in [1, 7, 15, 17, 45, 77, 1003].into_iter().enumerate() {
                     // One and two activation rows take the row kernels,
                     // five the tiles.
@@ -180,7 +181,7 @@ fn float_products_at_their_limits_give_the_reference_bits_on_every_path() {
         0.0f32, -0.0, 1e-20, -3e-21, 6e-8, -6e-8, 1e-30, 65504.0, -65504.0, 1.0, -1.0, 3.0e38,
         1e-38,
     ];
-    for dtype in [DType::F16, DType::BF16] {
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
         for (seed, (k, m)) in [(3, 1), (13, 2), (29, 5), (64, 7)].into_iter().enumerate() {
             let mut rng = fastrand::Rng::with_seed(seed as u64);
             let n = 6;
@@ -525,9 +526,13 @@ fn workers_asleep_between_ops_wake_for_the_next_one() {
 }
 
 #[test]
-fn types_without_a_kernel_fall_back_to_the_reference() {
-    assert!(!has_mul_mat(DType::F32));
-    let wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
+fn weights_the_kernels_cannot_walk_fall_back_to_the_reference() {
+    // Every weight type has a kernel; a transposed view (elements not
+    // contiguous along a row) has none and goes to the reference.
+    assert!(has_mul_mat(DType::F32));
+    let mut wd = Desc::contiguous(DType::F32, [32, 2, 1, 1]);
+    wd.nb[0] = 8;
+    wd.nb[1] = 4;
     let xd = Desc::contiguous(DType::F32, [32, 1, 1, 1]);
     let dd = Desc::contiguous(DType::F32, [2, 1, 1, 1]);
     let (mut w, mut x, mut d) = (vec![0u8; 256], vec![0u8; 128], vec![0u8; 8]);
@@ -563,10 +568,10 @@ fn f16_rounding_of_activations_is_the_same_on_every_path() {
         65520.0,
     ]);
     let mut want = vec![0.0; x.len()];
-    f16::round_row(Isa::Scalar, &x, &mut want);
+    float::round_row(Isa::Scalar, &x, &mut want);
     for isa in Isa::available() {
         let mut got = vec![0.0; x.len()];
-        f16::round_row(isa, &x, &mut got);
+        float::round_row(isa, &x, &mut got);
         for (i, (a, b)) in want.iter().zip(&got).enumerate() {
             assert_eq!(
                 a.to_bits(),

@@ -1,13 +1,90 @@
-//! Dot products of F16 weight rows with activations rounded to f16 (the
-//! reference's `round_activations` for F16 weights), and of BF16 rows with
-//! bf16-rounded activations: portable, NEON (`neon::float_tile`), AVX2 and
-//! AVX-512 (the AVX2 row kernel; prompts in 512-bit registers that hold
-//! two activation rows' lanes). Every path sums in
-//! `kiln_blocks::float_dot`'s order (eight f32 lanes, fused multiply-adds,
-//! one reduction tree), so every path gives the reference's bits.
+//! Dot products of float weight rows: F16 with activations rounded to
+//! f16 (the reference's `round_activations` for F16 weights), BF16 with
+//! bf16-rounded activations, F32 with the activations as they are;
+//! portable, NEON (`neon::float_tile`), AVX2 and AVX-512 (the AVX2 row
+//! kernel; prompts in 512-bit registers that hold two activation rows'
+//! lanes). Every path sums in `kiln_blocks::fused_dot`'s order (eight f32
+//! lanes, fused multiply-adds, one reduction tree), so every path gives
+//! the reference's bits.
 
 use super::{GEMM_GROUP, Isa};
 use half::f16;
+use kiln_plugin_api::DType;
+
+/// The weight types these kernels take. The kernels are generic over
+/// one of the `u8` codes below (a const generic cannot be an enum).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Float {
+    F16,
+    Bf16,
+    F32,
+}
+
+/// [`Float::F16`]'s code in the kernels' const generic.
+pub const F16: u8 = 0;
+/// [`Float::Bf16`]'s code.
+pub const BF16: u8 = 1;
+/// [`Float::F32`]'s code.
+pub const F32: u8 = 2;
+
+impl Float {
+    /// The kernels' type for weights of `dtype`, if they take it.
+    pub fn of(dtype: DType) -> Option<Float> {
+        match dtype {
+            DType::F16 => Some(Float::F16),
+            DType::BF16 => Some(Float::Bf16),
+            DType::F32 => Some(Float::F32),
+            _ => None,
+        }
+    }
+
+    /// Bytes per weight.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Float::F32 => 4,
+            Float::F16 | Float::Bf16 => 2,
+        }
+    }
+
+    /// Bytes per weight of the type coded `T`.
+    const fn bytes_of(t: u8) -> usize {
+        if t == F32 { 4 } else { 2 }
+    }
+
+    /// Activations as the dot product sees them: rounded to f16 or bf16
+    /// for those weights, as they are for F32 ones.
+    pub fn round_row(self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        match self {
+            Float::F16 => round_row(isa, x, out),
+            Float::Bf16 => {
+                for (o, x) in out.iter_mut().zip(x) {
+                    *o = half::bf16::from_f32(*x).to_f32();
+                }
+            }
+            Float::F32 => out.copy_from_slice(x),
+        }
+    }
+}
+
+/// `$f!(T)` with `T` the const generic code of the [`Float`] `$float`.
+macro_rules! by_float {
+    ($float:expr, $t:ident => $call:expr) => {
+        match $float {
+            Float::F16 => {
+                const $t: u8 = F16;
+                $call
+            }
+            Float::Bf16 => {
+                const $t: u8 = BF16;
+                $call
+            }
+            Float::F32 => {
+                const $t: u8 = F32;
+                $call
+            }
+        }
+    };
+}
 
 /// Activations as the dot product sees them: each value rounded to f16
 /// (to nearest, ties to even; F16C's conversion rounds the same way).
@@ -25,20 +102,19 @@ pub fn round_row(isa: Isa, x: &[f32], out: &mut [f32]) {
 }
 
 /// `out[r] = w · xs[r]` for up to four activation rows (the weight row is
-/// converted once for all on AVX2 and AVX-512, which share the kernel).
-/// `bf16`: the weights are BF16 and the activations rounded to bf16 (a
-/// BF16 × BF16 product is exact in f32 too).
-pub fn dot_rows(isa: Isa, bf16: bool, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+/// converted once for all on AVX2 and AVX-512, which share the kernel),
+/// the activations rounded for `float` ([`Float::round_row`]).
+pub fn dot_rows(isa: Isa, float: Float, w: &[u8], xs: &[&[f32]], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
-    assert!(xs.iter().all(|x| w.len() == 2 * x.len()));
+    assert!(xs.iter().all(|x| w.len() == float.bytes() * x.len()));
     macro_rules! rows {
         ($r:literal) => {{
             let x: &[&[f32]; $r] = xs[..$r].try_into().expect("rows");
-            match small_tile::<1, $r>(isa, bf16, &[w], x) {
+            match small_tile::<1, $r>(isa, float, &[w], x) {
                 Some(o) => out.copy_from_slice(&o[0]),
                 None => {
                     for (x, o) in x.iter().zip(out) {
-                        *o = portable(bf16, w, x);
+                        *o = portable(float, w, x);
                     }
                 }
             }
@@ -57,13 +133,13 @@ pub const DECODE_ROWS: usize = 4;
 
 /// `out[n] = ws[n] · x` for up to [`DECODE_ROWS`] weight rows and one
 /// activation row: decode. Each sum is a chain of dependent FMAs (eight
-/// lanes, in [`kiln_blocks::float_dot`]'s order), so one row at a time
+/// lanes, in [`kiln_blocks::fused_dot`]'s order), so one row at a time
 /// waits on the FMA's latency; four rows keep four chains in flight.
-pub fn dot_weight_rows(isa: Isa, bf16: bool, ws: &[&[u8]], x: &[f32], out: &mut [f32]) {
+pub fn dot_weight_rows(isa: Isa, float: Float, ws: &[&[u8]], x: &[f32], out: &mut [f32]) {
     assert!(!ws.is_empty() && ws.len() <= DECODE_ROWS && out.len() == ws.len());
     // Short groups repeat their last row and drop its results.
     let w: [&[u8]; DECODE_ROWS] = std::array::from_fn(|i| ws[i.min(ws.len() - 1)]);
-    match small_tile::<DECODE_ROWS, 1>(isa, bf16, &w, &[x]) {
+    match small_tile::<DECODE_ROWS, 1>(isa, float, &w, &[x]) {
         Some(o) => {
             for (out, o) in out.iter_mut().zip(o) {
                 *out = o[0];
@@ -71,7 +147,7 @@ pub fn dot_weight_rows(isa: Isa, bf16: bool, ws: &[&[u8]], x: &[f32], out: &mut 
         }
         None => {
             for (w, o) in ws.iter().zip(out) {
-                *o = portable(bf16, w, x);
+                *o = portable(float, w, x);
             }
         }
     }
@@ -82,7 +158,7 @@ pub fn dot_weight_rows(isa: Isa, bf16: bool, ws: &[&[u8]], x: &[f32], out: &mut 
 /// there is none. Panics unless every row has `x[0].len()` values.
 fn small_tile<const N: usize, const M: usize>(
     isa: Isa,
-    bf16: bool,
+    float: Float,
     w: &[&[u8]; N],
     x: &[&[f32]; M],
 ) -> Option<[[f32; M]; N]> {
@@ -90,66 +166,63 @@ fn small_tile<const N: usize, const M: usize>(
     if isa >= Isa::Avx2 {
         // SAFETY: `Isa` only names paths the CPU has (AVX2 ones imply FMA
         // and F16C); the tile checks the rows' lengths.
-        return Some(unsafe {
-            if bf16 {
-                x86::tile_avx2::<true, N, M>(w, x)
-            } else {
-                x86::tile_avx2::<false, N, M>(w, x)
-            }
-        });
+        return Some(by_float!(float, T => unsafe { x86::tile_avx2::<T, N, M>(w, x) }));
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        return Some(if bf16 {
-            super::neon::float_tile::<true, N, M>(w, x)
-        } else {
-            super::neon::float_tile::<false, N, M>(w, x)
-        });
+        return Some(by_float!(float, T => super::neon::float_tile::<T, N, M>(w, x)));
     }
-    let _ = (isa, bf16, w, x);
+    let _ = (isa, float, w, x);
     None
 }
 
-/// `w · x` on the portable path: [`kiln_blocks::float_dot`] itself.
-fn portable(bf16: bool, w: &[u8], x: &[f32]) -> f32 {
-    assert_eq!(w.len(), 2 * x.len());
-    kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(bf16, [c[0], c[1]])), x)
+/// `w · x` on the portable path: [`kiln_blocks::fused_dot`] itself
+/// ([`kiln_blocks::float_dot`], its sums without a library call per
+/// product, for F16 and BF16).
+fn portable(float: Float, w: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), float.bytes() * x.len());
+    match float {
+        Float::F32 => kiln_blocks::fused_dot(
+            w.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            x,
+        ),
+        Float::F16 | Float::Bf16 => {
+            kiln_blocks::float_dot(w.chunks_exact(2).map(|c| widen(float, [c[0], c[1]])), x)
+        }
+    }
 }
 
-/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 F16 (or, `bf16`, BF16) weight
+/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 float weight
 /// rows and any number of activation rows, in tiles of 2 weight rows × 5
 /// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
 /// registers hold beside the five rows' activations and one weight
 /// vector: 4 × 3 spills one and was 0.94× as fast) and 4 × 12 on AVX-512
 /// (24 registers of two activation rows' eight lanes each, `tile_pairs`):
 /// each weight vector converted once per step for its whole tile row, each
-/// sum in [`kiln_blocks::float_dot`]'s order. Partial tiles repeat their
+/// sum in [`kiln_blocks::fused_dot`]'s order. Partial tiles repeat their
 /// last row and drop its results.
 ///
 /// Returns `false` (and does nothing) where [`has_gemm`] says no.
-pub fn gemm16(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
+pub fn gemm16(isa: Isa, float: Float, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return gemm16_x86(isa, bf16, ws, xs, out);
+    return gemm16_x86(isa, float, ws, xs, out);
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
         assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
         // 2 × 4 tiles: 16 accumulators of two registers' lanes, beside
         // the activations' eight and the weights' two, in 32 registers.
-        if bf16 {
-            tiled(ws, xs, out, super::neon::float_tile::<true, 2, 4>);
-        } else {
-            tiled(ws, xs, out, super::neon::float_tile::<false, 2, 4>);
-        }
+        by_float!(float, T => tiled(ws, xs, out, super::neon::float_tile::<T, 2, 4>));
         return true;
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, bf16, ws, xs, out);
+        let _ = (isa, float, ws, xs, out);
         false
     }
 }
 
-/// Whether [`gemm16`] runs on `isa` (F16 and BF16 alike).
+/// Whether [`gemm16`] runs on `isa` (every [`Float`] alike).
 pub fn has_gemm(isa: Isa) -> bool {
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
@@ -160,30 +233,22 @@ pub fn has_gemm(isa: Isa) -> bool {
 
 /// [`gemm16`] on x86-64.
 #[cfg(target_arch = "x86_64")]
-fn gemm16_x86(isa: Isa, bf16: bool, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
+fn gemm16_x86(isa: Isa, float: Float, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
     assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let k = xs[0].len();
-    assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == 2 * k));
+    assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == float.bytes() * k));
     // Each tile's SAFETY: the CPU has the path (`Isa`); every row is as
     // long as the first (asserted above).
-    match (isa, bf16) {
-        (Isa::Avx512, false) => tiled(ws, xs, out, |w, x: &[_; 12]| {
+    match isa {
+        Isa::Avx512 => by_float!(float, T => tiled(ws, xs, out, |w, x: &[_; 12]| {
             // SAFETY: as above.
-            unsafe { x86::tile_pairs::<false, 4, 6, 12>(w, x) }
-        }),
-        (Isa::Avx512, true) => tiled(ws, xs, out, |w, x: &[_; 12]| {
+            unsafe { x86::tile_pairs::<T, 4, 6, 12>(w, x) }
+        })),
+        Isa::Avx2 | Isa::AvxVnni => by_float!(float, T => tiled(ws, xs, out, |w, x: &[_; 5]| {
             // SAFETY: as above.
-            unsafe { x86::tile_pairs::<true, 4, 6, 12>(w, x) }
-        }),
-        (Isa::Avx2 | Isa::AvxVnni, false) => tiled(ws, xs, out, |w, x: &[_; 5]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx2::<false, 2, 5>(w, x) }
-        }),
-        (Isa::Avx2 | Isa::AvxVnni, true) => tiled(ws, xs, out, |w, x: &[_; 5]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_avx2::<true, 2, 5>(w, x) }
-        }),
-        (Isa::Scalar | Isa::Reference, _) => return false,
+            unsafe { x86::tile_avx2::<T, 2, 5>(w, x) }
+        })),
+        Isa::Scalar | Isa::Reference => return false,
     }
     true
 }
@@ -210,9 +275,9 @@ fn tiled<const N: usize, const M: usize>(
     }
 }
 
-/// One little-endian f16 (or, `bf16`, bf16) value as f32.
-fn widen(bf16: bool, b: [u8; 2]) -> f32 {
-    if bf16 {
+/// One little-endian f16 (or bf16) value as f32.
+fn widen(float: Float, b: [u8; 2]) -> f32 {
+    if float == Float::Bf16 {
         half::bf16::from_le_bytes(b).to_f32()
     } else {
         f16::from_le_bytes(b).to_f32()
@@ -288,16 +353,20 @@ mod x86 {
         }
     }
 
-    /// Eight f16 (or, `BF`, bf16) values to f32 (exact either way).
+    /// Eight weights of the type coded `T` (f16, bf16 or f32) as f32
+    /// (exact every way).
     ///
     /// # Safety
-    /// AVX2 and F16C are enabled by the caller; `p` points at 16 bytes.
+    /// AVX2 and F16C are enabled by the caller; `p` points at 8 values.
     #[inline(always)]
-    unsafe fn widen8<const BF: bool>(p: *const u8) -> __m256 {
+    unsafe fn widen8<const T: u8>(p: *const u8) -> __m256 {
         // SAFETY: the caller's features and pointer.
         unsafe {
+            if T == super::F32 {
+                return _mm256_loadu_ps(p.cast());
+            }
             let h = _mm_loadu_si128(p.cast());
-            if BF {
+            if T == super::BF16 {
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             } else {
                 _mm256_cvtph_ps(h)
@@ -305,21 +374,22 @@ mod x86 {
         }
     }
 
-    /// The last `len % 8` values of a weight row and of activation rows,
-    /// zero-filled to eight (the padding of [`kiln_blocks::float_dot`]).
+    /// The last `len % 8` values of a weight row (`e` bytes a value) and
+    /// of activation rows, zero-filled to eight (the padding of
+    /// [`kiln_blocks::fused_dot`]).
     struct Tail<const N: usize, const M: usize> {
-        w: [[u8; 16]; N],
+        w: [[u8; 32]; N],
         x: [[f32; 8]; M],
     }
 
     impl<const N: usize, const M: usize> Tail<N, M> {
-        fn new(full: usize, w: &[&[u8]], x: &[&[f32]]) -> Tail<N, M> {
+        fn new(e: usize, full: usize, w: &[&[u8]], x: &[&[f32]]) -> Tail<N, M> {
             let mut t = Tail {
-                w: [[0; 16]; N],
+                w: [[0; 32]; N],
                 x: [[0.0; 8]; M],
             };
             for (t, w) in t.w.iter_mut().zip(w) {
-                t[..w.len() - 2 * full].copy_from_slice(&w[2 * full..]);
+                t[..w.len() - e * full].copy_from_slice(&w[e * full..]);
             }
             for (t, x) in t.x.iter_mut().zip(x) {
                 t[..x.len() - full].copy_from_slice(&x[full..]);
@@ -329,32 +399,34 @@ mod x86 {
     }
 
     /// Calls `step` with pointers at each run of eight values of the rows
-    /// (all of one length, checked), the last run zero-filled to eight
-    /// ([`kiln_blocks::float_dot`]'s padding); decode (`M` = 1) prefetches
-    /// each weight row's line 8 KiB ahead, as it streams the weights once.
+    /// (all of one length, checked; `e` bytes a weight), the last run
+    /// zero-filled to eight ([`kiln_blocks::fused_dot`]'s padding); decode
+    /// (`M` = 1) prefetches each weight row's lines 8 KiB ahead, as it
+    /// streams the weights once.
     #[inline(always)]
     fn walk<const N: usize, const M: usize>(
+        e: usize,
         w: &[&[u8]; N],
         x: &[&[f32]; M],
         mut step: impl FnMut([*const u8; N], [*const f32; M]),
     ) {
         let len = x[0].len();
         let full = len / 8 * 8;
-        assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == 2 * len));
+        assert!(x.iter().all(|x| x.len() == len) && w.iter().all(|w| w.len() == e * len));
         for i in (0..full).step_by(8) {
-            if M == 1 && i % 32 == 0 {
+            if M == 1 && (e * i).is_multiple_of(64) {
                 for w in w {
-                    crate::kernels::prefetch(w.as_ptr().wrapping_add(2 * i), 64);
+                    crate::kernels::prefetch(w.as_ptr().wrapping_add(e * i), 64);
                 }
             }
             // In bounds: i + 8 <= full.
             step(
-                std::array::from_fn(|n| w[n][2 * i..].as_ptr()),
+                std::array::from_fn(|n| w[n][e * i..].as_ptr()),
                 std::array::from_fn(|m| x[m][i..].as_ptr()),
             );
         }
         if full < len {
-            let t = Tail::<N, M>::new(full, w, x);
+            let t = Tail::<N, M>::new(e, full, w, x);
             step(
                 std::array::from_fn(|n| t.w[n].as_ptr()),
                 std::array::from_fn(|m| t.x[m].as_ptr()),
@@ -367,10 +439,10 @@ mod x86 {
     /// = 1) and decode's ([`super::dot_weight_rows`], `M` = 1).
     ///
     /// # Safety
-    /// The CPU has the enabled features; every `w` row holds `2 *
-    /// x[0].len()` bytes and every `x` row as many values.
+    /// The CPU has the enabled features; every `w` row holds `x[0].len()`
+    /// weights of the type coded `T` and every `x` row as many values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile_avx2<const BF: bool, const N: usize, const M: usize>(
+    pub unsafe fn tile_avx2<const T: u8, const N: usize, const M: usize>(
         w: &[&[u8]; N],
         x: &[&[f32]; M],
     ) -> [[f32; M]; N] {
@@ -384,14 +456,14 @@ mod x86 {
                     *v = _mm256_loadu_ps(x);
                 }
                 for (acc, w) in acc.iter_mut().zip(w) {
-                    let wv = widen8::<BF>(w);
+                    let wv = widen8::<T>(w);
                     for (acc, xv) in acc.iter_mut().zip(&xv) {
                         *acc = _mm256_fmadd_ps(wv, *xv, *acc);
                     }
                 }
             }
         };
-        walk(w, x, step);
+        walk(super::Float::bytes_of(T), w, x, step);
         let mut out = [[0.0; M]; N];
         for m in 0..M {
             let mut n = 0;
@@ -422,10 +494,10 @@ mod x86 {
     ///
     /// # Safety
     /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `w` row
-    /// holds `2 * x[0].len()` bytes and every `x` row as many values;
-    /// `M == 2 * P`.
+    /// holds `x[0].len()` weights of the type coded `T` and every `x` row
+    /// as many values; `M == 2 * P`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile_pairs<const BF: bool, const N: usize, const P: usize, const M: usize>(
+    pub unsafe fn tile_pairs<const T: u8, const N: usize, const P: usize, const M: usize>(
         w: &[&[u8]; N],
         x: &[&[f32]; M],
     ) -> [[f32; M]; N] {
@@ -442,11 +514,16 @@ mod x86 {
                     *v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi));
                 }
                 for (acc, w) in acc.iter_mut().zip(w) {
-                    let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(w.cast()));
-                    let wv = if BF {
-                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                    let wv = if T == super::F32 {
+                        let v = _mm256_castps_pd(_mm256_loadu_ps(w.cast()));
+                        _mm512_castpd_ps(_mm512_broadcast_f64x4(v))
                     } else {
-                        _mm512_cvtph_ps(h)
+                        let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(w.cast()));
+                        if T == super::BF16 {
+                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                        } else {
+                            _mm512_cvtph_ps(h)
+                        }
                     };
                     for (acc, xv) in acc.iter_mut().zip(&xv) {
                         *acc = _mm512_fmadd_ps(wv, *xv, *acc);
@@ -454,7 +531,7 @@ mod x86 {
                 }
             }
         };
-        walk(w, x, step);
+        walk(super::Float::bytes_of(T), w, x, step);
         let mut out = [[0.0; M]; N];
         // `p` indexes the inner dimension of `acc`.
         #[allow(clippy::needless_range_loop)]
