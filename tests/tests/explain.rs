@@ -267,6 +267,25 @@ fn the_language_server_explains_the_completion_at_a_position() {
     // Why each snippet was chosen comes with it.
     let snippets = r["result"]["context"]["snippets"].as_array().unwrap();
     assert!(snippets.iter().all(|s| s["why"].is_string()), "{r}");
+    // Each snippet's part is its block in the prompt: the line naming its
+    // file, then its text.
+    let prompt = r["result"]["context"]["prompt"].as_str().unwrap();
+    let snippet_parts: Vec<&serde_json::Value> = (e["parts"].as_array().unwrap().iter())
+        .filter(|p| p["kind"] == "snippet")
+        .collect();
+    assert_eq!(snippet_parts.len(), snippets.len(), "{r}");
+    for p in snippet_parts {
+        let (start, end) = (
+            p["start"].as_u64().unwrap() as usize,
+            p["end"].as_u64().unwrap() as usize,
+        );
+        let path = p["label"].as_str().unwrap().rsplit_once(':').unwrap().0;
+        let block = &prompt[start..end];
+        assert!(
+            block.lines().next().unwrap().ends_with(path) && block.ends_with('\n'),
+            "{block:?}"
+        );
+    }
     let bad = c
         .request("kiln/explain", json!({"textDocument": {"uri": uri}, "position": {"line": 1, "character": 23}, "budgetTokens": 0}))
         .unwrap();
@@ -275,5 +294,59 @@ fn the_language_server_explains_the_completion_at_a_position() {
         .request("kiln/explain", at("file:///nowhere.py", 0, 0))
         .unwrap();
     assert_eq!(error_code(&closed), -32602, "{closed}");
+
+    // An inline completion the server served, explained by its id: the
+    // prompt it was made from (the same as at its position) and the text
+    // the editor was shown.
+    let served = c
+        .request("textDocument/inlineCompletion", at(&uri, 1, 23))
+        .unwrap();
+    let item = &served["result"]["items"][0];
+    let shown = item["insertText"].as_str().unwrap().to_string();
+    let completion = served["result"]["kiln"]["completion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        item["command"]["arguments"][0]["completion"],
+        completion.as_str()
+    );
+    // The document changes after it was shown: the explanation is still
+    // of what was served.
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": uri, "version": 2},
+               "contentChanges": [{"text": format!("import os\n{text}")}]}),
+    )
+    .unwrap();
+    let by_id = c
+        .request("kiln/explain", json!({"id": completion}))
+        .unwrap();
+    let e = &by_id["result"]["explanation"];
+    assert_eq!(e["completion"], shown.as_str(), "{by_id}");
+    assert_eq!(
+        by_id["result"]["context"]["prompt"], r["result"]["context"]["prompt"],
+        "{by_id}"
+    );
+    assert!(
+        e["parts"][0]["label"]
+            .as_str()
+            .unwrap()
+            .starts_with("config.py"),
+        "{by_id}"
+    );
+    assert!(
+        e["parts"][0]["importance"].as_f64().unwrap() > 1.0,
+        "{by_id}"
+    );
+    // Ids not kept, not strings, or given with a position: refused.
+    for bad in [
+        json!({"id": "nope"}),
+        json!({"id": 3}),
+        json!({"id": completion, "textDocument": {"uri": uri}, "position": {"line": 1, "character": 23}}),
+    ] {
+        let r = c.request("kiln/explain", bad.clone()).unwrap();
+        assert_eq!(error_code(&r), -32602, "{bad}: {r}");
+    }
     assert!(c.close().unwrap().success());
 }

@@ -1185,6 +1185,10 @@ pub struct Snippet {
     pub score: f32,
     /// The features that scored it, in words.
     pub why: String,
+    /// Where its block (the line naming its file, then its text) is in
+    /// [`Packed::text`], in bytes.
+    #[serde(skip)]
+    pub block: std::ops::Range<usize>,
 }
 
 /// What went into the prompt's context block.
@@ -1736,6 +1740,7 @@ pub fn select_with(
         let c = &input.candidates[i];
         let (block, n) = &blocks[i];
         packed.tokens += n;
+        let start = packed.text.len();
         packed.text.push_str(block);
         let chunk = scored[i].chunk;
         packed.snippets.push(Snippet {
@@ -1746,6 +1751,7 @@ pub fn select_with(
             tokens: *n,
             score: ranked.scores[i],
             why: why(c, &defined(&chunk.defines)),
+            block: start..packed.text.len(),
         });
     }
     packed

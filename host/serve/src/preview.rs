@@ -85,6 +85,10 @@ pub struct Preview {
     /// is any.
     #[serde(skip)]
     pub prefix_range: Option<std::ops::Range<usize>>,
+    /// Where the context block is in `prompt` (bytes), if there is one:
+    /// each snippet's block is at its [`Snippet::block`] from its start.
+    #[serde(skip)]
+    pub context_start: Option<usize>,
 }
 
 /// Where a completion is asked for: a document and the byte offset of the
@@ -128,28 +132,85 @@ pub fn preview(
         context::Selection::Kiln,
     );
     let repo = ws.repo_name();
-    let file = repo.as_deref().map(|r| (r, at.path));
-    let tokens = prompt::fim_tokens(loaded, &packed.text, prefix, suffix, file, limit)
-        .map_err(|e| format!("{e}; lower the budgets (--budget) or raise --ctx"))?;
-    let text = prompt::fim_text(loaded, &packed.text, prefix, suffix, file);
-    Ok(Preview {
-        file: at.path.to_string(),
+    let tokens = prompt::fim_tokens(
+        loaded,
+        &packed.text,
+        prefix,
+        suffix,
+        repo.as_deref().map(|r| (r, at.path)),
+        limit,
+    )
+    .map_err(|e| format!("{e}; lower the budgets (--budget) or raise --ctx"))?;
+    Ok(assemble(
+        loaded,
+        Parts {
+            path: at.path.to_string(),
+            repo,
+            packed,
+            context_budget: budget,
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+            second_query: at.last_completion.map(str::to_string),
+            prompt_tokens: tokens.len(),
+        },
+    ))
+}
+
+/// What a prompt was made of: what [`assemble`] lays open. The language
+/// server keeps this for each inline completion it serves, so that
+/// `kiln/explain` can explain that very completion by its id.
+#[derive(Clone, Debug)]
+pub struct Parts {
+    /// The file, relative to the workspace.
+    pub path: String,
+    /// The repository's name, where the prompt format names it.
+    pub repo: Option<String>,
+    pub packed: context::Packed,
+    pub context_budget: usize,
+    pub prefix: String,
+    pub suffix: String,
+    pub second_query: Option<String>,
+    /// The prompt's exact token count, as cut to its limit.
+    pub prompt_tokens: usize,
+}
+
+/// The [`Preview`] of a prompt made of `parts` for `loaded`'s format.
+pub fn assemble(loaded: &Loaded, parts: Parts) -> Preview {
+    let counter = Counter::of(loaded);
+    let Parts {
+        path,
+        repo,
+        packed,
+        context_budget,
+        prefix,
+        suffix,
+        second_query,
+        prompt_tokens,
+    } = parts;
+    let file = repo.as_deref().map(|r| (r, path.as_str()));
+    let text = prompt::fim_text(loaded, &packed.text, &prefix, &suffix, file);
+    Preview {
         model: loaded.id.clone(),
         fim_template: loaded.fim.name(),
         ranked_by: packed.ranked_by,
-        context_budget: budget,
+        context_budget,
         context_tokens: packed.tokens,
         snippets: packed.snippets,
-        second_query: at.last_completion.map(str::to_string),
-        prefix_tokens: counter.count(prefix),
-        suffix_tokens: counter.count(suffix),
+        second_query,
+        prefix_tokens: counter.count(&prefix),
+        suffix_tokens: counter.count(&suffix),
         prefix_range: (!prefix.is_empty())
-            .then(|| text.rfind(prefix))
+            .then(|| text.rfind(&prefix))
             .flatten()
             .map(|at| at..at + prefix.len()),
+        // Every format puts the block before the prefix, as it is.
+        context_start: (!packed.text.is_empty())
+            .then(|| text.find(&packed.text))
+            .flatten(),
         prompt: text,
-        prompt_tokens: tokens.len(),
-    })
+        prompt_tokens,
+        file: path,
+    }
 }
 
 #[cfg(test)]

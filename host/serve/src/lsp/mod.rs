@@ -135,6 +135,9 @@ struct Server {
     /// The completion shown last, in any document: on its line it is the
     /// next selection's second query.
     shown: Shown,
+    /// The last inline completions served, by id, with what their prompts
+    /// were made of: `kiln/explain` with an `id` explains one of them.
+    served: ServedLog,
     metrics: Arc<Metrics>,
     decisions: DecisionLog,
     /// A/B experiments on the served model, and every inline item's id.
@@ -147,6 +150,21 @@ struct Server {
 /// The completion shown last: (uri, line, text).
 type Shown = Arc<Mutex<Option<(String, u32, String)>>>;
 
+/// Inline completions `kiln/explain` can explain by their id.
+const SERVED_KEPT: usize = 32;
+
+/// One inline completion served: its id, the model that served it, what
+/// its prompt was made of and (once answered) its text.
+struct ServedItem {
+    id: String,
+    model: String,
+    parts: crate::preview::Parts,
+    text: Option<String>,
+}
+
+/// The last [`SERVED_KEPT`] inline completions, oldest first.
+type ServedLog = Arc<Mutex<std::collections::VecDeque<ServedItem>>>;
+
 /// The context block chosen for a (document, line), and the ranking
 /// decision behind it.
 struct ContextMemo {
@@ -155,7 +173,9 @@ struct ContextMemo {
     /// Chosen with a completion shown on this line as the second query:
     /// kept for the rest of the line.
     second_query: bool,
-    text: String,
+    /// The context block and its snippets (without the policy's call,
+    /// which went to `decision`, and the full ranking).
+    packed: context::Packed,
     decision: Option<PendingDecision>,
     /// What the dashboard shows of it: the snippets (path, lines,
     /// tokens, score), its tokens, and who ranked them.
@@ -233,6 +253,7 @@ pub fn run(
         progress: None,
         context_memo: None,
         shown: Arc::default(),
+        served: Arc::default(),
         metrics: metrics.clone(),
         decisions: DecisionLog::start(config, metrics),
         ab: ab::Ab::default(),
@@ -876,12 +897,14 @@ impl Server {
         .map_err(|e| (REQUEST_FAILED, e))
     }
 
-    /// Why the completion at a position comes out as it does: the prompt
-    /// it would send (each snippet with why it was chosen), then, computed
-    /// on the engine without holding up this loop, how much each snippet,
-    /// block of the file before the cursor and line of the most important
-    /// ones makes the completion likely, and the completion without the
-    /// most important one.
+    /// Why a completion comes out as it does: the inline completion
+    /// served with the id `id`, or the one at a position (its prompt built
+    /// as a completion there would build it). The prompt (each snippet
+    /// with why it was chosen), then, computed on the engine without
+    /// holding up this loop, how much each snippet, block of the file
+    /// before the cursor and line of the most important ones makes the
+    /// completion likely, and the completion without the most important
+    /// one.
     fn explain(&mut self, id: Value, params: &Value) {
         let budget = match kiln_runtime::model::explain::budget(&params["budgetTokens"]) {
             Ok(b) => b,
@@ -891,23 +914,26 @@ impl Server {
                     .error(&id, INVALID_PARAMS, &format!("budgetTokens {e}"));
             }
         };
-        let preview = match self.preview_at(params) {
+        let engine = self.engine.clone().expect("checked by the caller");
+        let found = if params["id"].is_null() {
+            self.preview_at(params)
+                .map(|p| (p, params["completion"].as_str().map(str::to_string)))
+                .map_err(|(code, msg)| (code, msg.replace("kiln/context", "kiln/explain")))
+        } else {
+            self.served_preview(&engine, params)
+        };
+        let (preview, completion) = match found {
             Ok(v) => v,
-            Err((code, msg)) => {
-                return self
-                    .out
-                    .error(&id, code, &msg.replace("kiln/context", "kiln/explain"));
-            }
+            Err((code, msg)) => return self.out.error(&id, code, &msg),
         };
         let parts = explain_parts(&preview);
         let prompt = preview.prompt.clone();
-        let engine = self.engine.clone().expect("checked by the caller");
         let rx = engine.explain(
             0,
             kiln_runtime::model::explain::Ask {
                 prompt,
                 parts,
-                completion: params["completion"].as_str().map(str::to_string),
+                completion,
                 max_tokens: self.settings.max_tokens,
                 budget_tokens: budget,
                 counterfactual: true,
@@ -920,6 +946,68 @@ impl Server {
             Ok(Err(e)) => out.error(&id, REQUEST_FAILED, &e),
             Err(_) => out.error(&id, REQUEST_FAILED, "the engine stopped before explaining"),
         });
+    }
+
+    /// The prompt and text of the inline completion `params.id` served:
+    /// refused when it is not among the last [`SERVED_KEPT`], not answered
+    /// (yet, or ever), empty, or served by another model than the one
+    /// loaded now.
+    fn served_preview(
+        &self,
+        engine: &Engine,
+        params: &Value,
+    ) -> Result<(crate::preview::Preview, Option<String>), (i32, String)> {
+        let Some(want) = params["id"].as_str() else {
+            return Err((
+                INVALID_PARAMS,
+                "id must be a string: an inline completion's (its kiln.accepted command's argument)"
+                    .into(),
+            ));
+        };
+        if !params["position"].is_null() || !params["completion"].is_null() {
+            return Err((
+                INVALID_PARAMS,
+                "give id (an inline completion served before) or a position, not both".into(),
+            ));
+        }
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(item) = served.iter().find(|i| i.id == want) else {
+            return Err((
+                INVALID_PARAMS,
+                format!(
+                    "no completion {want:?} is kept: the last {SERVED_KEPT} inline completions are"
+                ),
+            ));
+        };
+        let text = match &item.text {
+            None => {
+                return Err((
+                    REQUEST_FAILED,
+                    format!(
+                        "completion {want} has no answer to explain (still running, cancelled or failed)"
+                    ),
+                ));
+            }
+            Some(t) if t.is_empty() => {
+                return Err((
+                    REQUEST_FAILED,
+                    format!("completion {want} was empty: there is nothing to explain"),
+                ));
+            }
+            Some(t) => t.clone(),
+        };
+        let loaded = engine.loaded();
+        if item.model != loaded.id {
+            return Err((
+                REQUEST_FAILED,
+                format!(
+                    "{want} was served by {}; kiln now serves {}",
+                    item.model, loaded.id
+                ),
+            ));
+        }
+        let preview = crate::preview::assemble(&loaded, item.parts.clone());
+        Ok((preview, Some(text)))
     }
 
     /// `workspace/executeCommand`: `kiln.accepted` with `{"completion":
@@ -1149,19 +1237,21 @@ impl Server {
                         "score": c.score,
                     })).collect::<Vec<_>>(),
                 });
+                let mut packed = packed;
+                let decision =
+                    (packed.call.take()).map(|c| self.decisions.log(c, self.ranker.clone()));
+                packed.ranking = Vec::new();
                 ContextMemo {
                     uri: uri.to_string(),
                     line,
                     second_query: second.is_some(),
                     layout,
-                    text: packed.text,
-                    decision: packed
-                        .call
-                        .map(|c| self.decisions.log(c, self.ranker.clone())),
+                    packed,
+                    decision,
                 }
             }
         };
-        let context_text = memo.text.clone();
+        let context_text = memo.packed.text.clone();
         let layout = memo.layout.clone();
         let decision = memo.decision.clone();
         self.context_memo = Some(memo);
@@ -1174,6 +1264,7 @@ impl Server {
             Ok(p) => p,
             Err(e) => return self.out.error(&id, REQUEST_FAILED, &e.to_string()),
         };
+        let prompt_tokens = prompt.len();
         *self
             .metrics
             .last_prompt
@@ -1200,6 +1291,27 @@ impl Server {
             draft: s.draft,
             ..Request::new(prompt, s.max_tokens, sampling)
         };
+        if let (Some(t), Some(memo)) = (&tag, &self.context_memo) {
+            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            if served.len() == SERVED_KEPT {
+                served.pop_front();
+            }
+            served.push_back(ServedItem {
+                id: t.completion.clone(),
+                model: loaded.id.clone(),
+                parts: crate::preview::Parts {
+                    path: rel.clone(),
+                    repo: repo.clone(),
+                    packed: memo.packed.clone(),
+                    context_budget: s.context_tokens,
+                    prefix: prefix.to_string(),
+                    suffix: suffix.to_string(),
+                    second_query: second.clone(),
+                    prompt_tokens,
+                },
+                text: None,
+            });
+        }
         let explicit = Arc::new(AtomicBool::new(false));
         let key = id_key(&id);
         let sink = Reply {
@@ -1213,6 +1325,7 @@ impl Server {
             decision,
             tag,
             shown: (self.shown.clone(), uri.to_string(), line),
+            served: self.served.clone(),
         };
         // Held across the submit, so that a job that ends at once finds
         // its entry to remove.
@@ -1252,35 +1365,23 @@ impl Server {
 }
 
 /// The parts of a completion's prompt to explain: each context snippet
-/// (from its header line naming its file to the next), and the blocks of
-/// the text before the cursor but the last (the one being completed).
+/// (its block as the context packer recorded it: the line naming its file,
+/// then its text), and the blocks of the text before the cursor but the
+/// last (the one being completed).
 fn explain_parts(preview: &crate::preview::Preview) -> Vec<kiln_runtime::model::explain::Part> {
     use kiln_runtime::model::explain::{Part, blocks_in};
     let prompt = preview.prompt.as_str();
-    let mut starts = Vec::new();
-    let mut from = 0;
-    for s in &preview.snippets {
-        let header = format!("{}\n", s.path);
-        let Some(i) = prompt[from..].find(&header).map(|i| i + from) else {
-            continue;
-        };
-        let line_start = prompt[..i].rfind('\n').map_or(0, |n| n + 1);
-        starts.push((line_start, s));
-        from = i + header.len();
-    }
-    let context_end = preview
-        .prefix_range
-        .as_ref()
-        .map_or(prompt.len(), |r| r.start);
     let mut parts = Vec::new();
-    for (k, (start, s)) in starts.iter().enumerate() {
-        let end = starts.get(k + 1).map_or(context_end, |n| n.0).max(*start);
-        parts.push(Part {
-            start: *start,
-            end,
-            kind: "snippet".into(),
-            label: format!("{}:{}", s.path, s.start_line + 1),
-        });
+    // Each snippet where the context packer put its block.
+    if let Some(at) = preview.context_start {
+        for s in &preview.snippets {
+            parts.push(Part {
+                start: at + s.block.start,
+                end: at + s.block.end,
+                kind: "snippet".into(),
+                label: format!("{}:{}", s.path, s.start_line + 1),
+            });
+        }
     }
     if let Some(r) = &preview.prefix_range {
         let mut own = blocks_in(prompt, r.start, r.end);
@@ -1321,6 +1422,8 @@ struct Reply {
     /// Where the completion is remembered once shown: (the server's
     /// last shown completion, uri, line).
     shown: (Shown, String, u32),
+    /// Where an inline completion's text is kept for `kiln/explain`.
+    served: ServedLog,
 }
 
 impl Sink for Reply {
@@ -1340,6 +1443,7 @@ impl Sink for Reply {
             decision,
             tag,
             shown,
+            served,
         } = *self;
         pending
             .lock()
@@ -1364,6 +1468,12 @@ impl Sink for Reply {
             };
         }
         let text = f.generation.text;
+        if let Some(t) = &tag {
+            let mut served = served.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(item) = served.iter_mut().find(|i| i.id == t.completion) {
+                item.text = Some(text.clone());
+            }
+        }
         if !text.trim().is_empty() {
             let (last, uri, line) = shown;
             *last.lock().unwrap_or_else(|p| p.into_inner()) = Some((uri, line, text.clone()));
