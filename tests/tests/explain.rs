@@ -41,6 +41,8 @@ fn the_snippet_that_holds_the_answer_matters_most_and_the_result_repeats() {
     assert!(top["importance"].as_f64().unwrap() > 1.0, "{e}");
     // The line inside it that carries the answer outranks its neighbours.
     assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{e}");
+    // Within that line, the number the completion copies.
+    assert_eq!(e["spans"][0]["label"], "7913", "{e}");
     // Without it the model no longer says 7913.
     let cf = &e["counterfactual"];
     assert_eq!(cf["removed"]["label"], "# config.py");
@@ -146,6 +148,8 @@ fn the_http_api_explains_with_the_served_model_and_refuses_bad_requests() {
     assert!(e["completion"].as_str().unwrap().contains("7913"), "{r}");
     assert_eq!(e["parts"][0]["label"], "# config.py", "{r}");
     assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{r}");
+    // Within that line, the number the completion copies.
+    assert_eq!(e["spans"][0]["label"], "7913", "{r}");
     // A completion served before, by its id: the text it was served with.
     let (code, served) = post(
         &server.addr,
@@ -263,6 +267,8 @@ fn the_language_server_explains_the_completion_at_a_position() {
     );
     assert!(e["parts"][0]["importance"].as_f64().unwrap() > 1.0, "{r}");
     assert_eq!(e["lines"][0]["label"], "DATABASE_PORT = 7913", "{r}");
+    // Within that line, the number the completion copies.
+    assert_eq!(e["spans"][0]["label"], "7913", "{r}");
     assert_ne!(e["counterfactual"]["completion"], e["completion"], "{r}");
     // Why each snippet was chosen comes with it.
     let snippets = r["result"]["context"]["snippets"].as_array().unwrap();

@@ -62,7 +62,7 @@ pub fn explain(config: &Config, args: ExplainArgs) -> CliResult {
         e.completion, e.completion_tokens, e.logprob
     );
     println!("what made it likely (log-probability lost without each part, most first):");
-    for a in e.parts.iter().chain(&e.lines) {
+    for a in e.parts.iter().chain(&e.lines).chain(&e.spans) {
         println!(
             "  {:>+8.3}  {:<5} {}..{}  {}",
             a.importance, a.part.kind, a.part.start, a.part.end, a.part.label

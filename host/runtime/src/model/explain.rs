@@ -8,9 +8,10 @@
 //! drop is the part's importance. Removing a part changes only the tokens
 //! after it, so the KV cache is kept up to it and only the rest is
 //! evaluated again. Within a token budget the most important blocks are
-//! then split into lines and those measured too (hierarchical: files or
-//! blocks first, then lines). Greedy decoding and a fixed order make the
-//! result deterministic.
+//! then split into lines and those measured too, and the most important
+//! lines into spans (words, numbers, runs of punctuation): hierarchical,
+//! files or blocks first, then lines, then spans. Greedy decoding and a
+//! fixed order make the result deterministic.
 //!
 //! Beside it, where asked, the attention map: for each layer and head,
 //! how much attention the queries that predict the completion pay to each
@@ -64,6 +65,9 @@ pub struct Explanation {
     pub parts: Vec<Attribution>,
     /// The lines of the most important blocks, most important first.
     pub lines: Vec<Attribution>,
+    /// The spans of the most important lines (words, numbers, runs of
+    /// punctuation), most important first.
+    pub spans: Vec<Attribution>,
     pub counterfactual: Option<Counterfactual>,
     /// Tokens evaluated for the attribution, against the budget.
     pub evaluated_tokens: usize,
@@ -183,6 +187,29 @@ pub fn lines(text: &str, within: &Part) -> Vec<Part> {
             out.push(part(text, at, at + line.len(), "line"));
         }
         at += line.len();
+    }
+    out
+}
+
+/// The spans of `within` (a line): maximal runs of letters, digits and
+/// `_`, and maximal runs of other characters but whitespace.
+pub fn spans(text: &str, within: &Part) -> Vec<Part> {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let slice = &text[within.start..within.end];
+    let mut out = Vec::new();
+    // The open span: where it starts and whether it is a word.
+    let mut open: Option<(usize, bool)> = None;
+    // A space after the last character closes the last span.
+    for (i, c) in slice.char_indices().chain([(slice.len(), ' ')]) {
+        let at = within.start + i;
+        let kind = (!c.is_whitespace()).then(|| word(c));
+        if let Some((start, is_word)) = open {
+            if kind == Some(is_word) {
+                continue;
+            }
+            out.push(part(text, start, at, "span"));
+        }
+        open = kind.map(|k| (at, k));
     }
     out
 }
@@ -336,6 +363,15 @@ pub fn explain(
         }
     }
     by_importance(&mut fine);
+    // The two most important lines of several spans, span by span.
+    let mut finest = Vec::new();
+    for a in fine.iter().filter(|a| a.importance > 0.0).take(2) {
+        let ss = spans(text, &a.part);
+        if ss.len() > 1 {
+            finest.extend(measure(session, ss, &mut spent, &mut skipped)?);
+        }
+    }
+    by_importance(&mut finest);
     let counterfactual = match measured.first() {
         Some(top) if ask.counterfactual && top.importance > 0.0 => {
             let ids = encode(&without(text, &top.part))?;
@@ -359,6 +395,7 @@ pub fn explain(
         logprob: base,
         parts: measured,
         lines: fine,
+        spans: finest,
         counterfactual,
         evaluated_tokens: spent,
         budget_tokens: ask.budget_tokens,
@@ -415,6 +452,18 @@ fn attention_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spans_are_words_numbers_and_runs_of_punctuation() {
+        let t = "x = 1\n  assert DATABASE_PORT == 7913;  # é_1\n";
+        let line = lines(t, &part(t, 0, t.len(), "block"))[1].clone();
+        let got: Vec<&str> = spans(t, &line).iter().map(|p| &t[p.start..p.end]).collect();
+        assert_eq!(
+            got,
+            ["assert", "DATABASE_PORT", "==", "7913", ";", "#", "é_1"]
+        );
+        assert!(spans(t, &part(t, 5, 8, "line")).is_empty());
+    }
 
     #[test]
     fn blocks_and_lines_cover_the_text_by_byte_ranges() {
