@@ -3,7 +3,9 @@
 //! requests), on loopback only: a connection dropped mid-file resumes with
 //! a Range request; a wrong hash, a missing repository, a gated one, an
 //! ambiguous choice and an unreachable hub each give a clear error and
-//! record nothing; a URL pulls too.
+//! record nothing; a URL pulls too. `kiln store scrub` finds damaged and
+//! missing blobs and, with --repair, fetches again those kiln pulled;
+//! `kiln store gc` removes what no version uses.
 
 use kiln_tests::{Home, tiny_model};
 use std::io::{BufRead, BufReader, Write};
@@ -300,4 +302,168 @@ fn pulls_from_a_hub_resuming_and_refuses_what_it_cannot_trust() {
         "{t}"
     );
     assert_eq!(home.registry_snapshot(), before);
+}
+
+/// `kiln ARGS` with the hub as `HF_ENDPOINT` and no token or proxy.
+fn with_hub(home: &Home, hub_port: u16, args: &[&str]) -> std::process::Output {
+    let mut c = home.command(args);
+    c.env("HF_ENDPOINT", format!("http://127.0.0.1:{hub_port}"));
+    for v in [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "all_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn scrub_reports_damage_and_repairs_pulled_models_from_their_source() {
+    let home = Home::default();
+    let hub = hub();
+    let port = hub.port;
+    // From the hub, from a URL, and added from a file (no source known).
+    let url = format!("http://127.0.0.1:{port}/org/tiny-GGUF/resolve/main/tiny-f16.gguf");
+    for args in [
+        vec!["pull", "hf:org/tiny-GGUF:Q8_0"],
+        vec!["pull", &url, "--name", "from-url"],
+    ] {
+        let out = with_hub(&home, port, &args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let local = tiny_model(&["--dtype", "f16", "--seed", "11"]);
+    let out = home
+        .command(&["models", "add", local.to_str().unwrap(), "--name", "local"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let scrub = |args: &[&str]| -> (std::process::Output, serde_json::Value) {
+        let out = with_hub(&home, port, &[&["store", "scrub", "--json"], args].concat());
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+        (out, v)
+    };
+    let status = |v: &serde_json::Value, model: &str| -> (String, String) {
+        let b = (v["blobs"].as_array().unwrap().iter())
+            .find(|b| b["models"][0].as_str().unwrap().starts_with(model))
+            .unwrap_or_else(|| panic!("{model}: {v}"));
+        (
+            b["status"].as_str().unwrap().to_string(),
+            b["repair"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let (out, v) = scrub(&[]);
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["damaged"], 0, "{v}");
+
+    // A byte flipped in two blobs, the third deleted.
+    for m in home.registry().models().unwrap() {
+        if m.name == "from-url" {
+            std::fs::remove_file(&m.blob_path).unwrap();
+        } else {
+            let mut bytes = std::fs::read(&m.blob_path).unwrap();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x40;
+            std::fs::write(&m.blob_path, bytes).unwrap();
+        }
+    }
+    let before = home.registry_snapshot();
+    let (out, v) = scrub(&[]);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(v["damaged"], 3, "{v}");
+    assert_eq!(status(&v, "tiny-q8_0").0, "corrupt");
+    assert_eq!(status(&v, "from-url").0, "missing");
+    assert_eq!(status(&v, "local").0, "corrupt");
+    assert_eq!(
+        home.registry_snapshot(),
+        before,
+        "a scrub without --repair changes nothing"
+    );
+
+    // Repaired where kiln pulled them; the added one is said to have no
+    // source, and stays as it is.
+    let (out, v) = scrub(&["--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(v["damaged"], 1, "{v}");
+    assert_eq!(status(&v, "tiny-q8_0").1, "repaired", "{v}");
+    assert_eq!(status(&v, "from-url").1, "repaired", "{v}");
+    let (_, why) = status(&v, "local");
+    assert!(why.contains("does not know where it came from"), "{why}");
+    let verify = home
+        .command(&["models", "verify", "--json"])
+        .output()
+        .unwrap();
+    let verified: serde_json::Value = serde_json::from_slice(&verify.stdout).unwrap();
+    for m in verified["blobs"].as_array().unwrap() {
+        let want = if m["model"].as_str().unwrap().starts_with("local") {
+            "corrupt"
+        } else {
+            "ok"
+        };
+        assert_eq!(m["status"], want, "{m}");
+    }
+    let audit = home.registry().audit_log(100).unwrap();
+    let repairs = audit
+        .iter()
+        .filter(|e| e.kind == "store" && e.action == "repair")
+        .count();
+    assert_eq!(repairs, 2, "{audit:?}");
+    // Nothing downloaded is left behind.
+    let downloads = home.path().join("models").join("downloads");
+    let left: Vec<_> = std::fs::read_dir(&downloads)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A source that now serves other bytes (as a file replaced upstream):
+    // the download is refused by its hash, the blob left as it was.
+    let q8 = home.registry().model("tiny-q8_0").unwrap().unwrap();
+    let mut bytes = std::fs::read(&q8.blob_path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&q8.blob_path, &bytes).unwrap();
+    let db = rusqlite::Connection::open(home.path().join("kiln.db")).unwrap();
+    db.execute(
+        "UPDATE models SET origin = ?1 WHERE name = 'tiny-q8_0'",
+        [&url],
+    )
+    .unwrap();
+    drop(db);
+    let (out, v) = scrub(&["--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    let (_, why) = status(&v, "tiny-q8_0");
+    assert!(
+        why.starts_with("not repaired") && why.contains(&q8.sha256),
+        "{why}"
+    );
+    assert_eq!(std::fs::read(&q8.blob_path).unwrap(), bytes);
+
+    // A blob no version names: listed by a dry run, removed by gc, audited.
+    let blobs = home.path().join("models").join("blobs");
+    let orphan = blobs.join(format!("sha256-{}", "0".repeat(64)));
+    std::fs::write(&orphan, b"left by an add that was killed").unwrap();
+    let gc = |args: &[&str]| -> serde_json::Value {
+        let out = home
+            .command(&[&["store", "gc", "--json"], args].concat())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let dry = gc(&["--dry-run"]);
+    assert_eq!(dry["files"][0]["path"], orphan.to_str().unwrap(), "{dry}");
+    assert!(orphan.exists());
+    let done = gc(&[]);
+    assert_eq!(done["files"].as_array().unwrap().len(), 1, "{done}");
+    assert!(!orphan.exists());
+    assert!(
+        (home.registry().audit_log(100).unwrap().iter())
+            .any(|e| e.kind == "store" && e.action == "gc"),
+    );
+    // Every version's blob is still there.
+    assert_eq!(gc(&["--dry-run"])["files"].as_array().unwrap().len(), 0);
 }

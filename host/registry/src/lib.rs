@@ -186,7 +186,7 @@ pub struct NewPlugin {
 pub struct AuditEntry {
     pub at: String,
     pub actor: String,
-    /// `plugin`, `model`, `policy`, `adapter` or `experiment`.
+    /// `plugin`, `model`, `policy`, `adapter`, `experiment` or `store`.
     pub kind: String,
     pub action: String,
     pub subject: String,

@@ -179,6 +179,31 @@ impl Registry {
         Ok(n)
     }
 
+    /// Records a change to the store's files that no version row shows
+    /// (`kiln store scrub --repair` rewriting a blob, `kiln store gc`
+    /// removing some) in the audit log, as kind `store`.
+    pub fn audit_store(
+        &mut self,
+        actor: &str,
+        action: &str,
+        subject: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let tx = self.write()?;
+        audit(
+            &tx,
+            actor,
+            "store",
+            action,
+            subject,
+            None,
+            None,
+            Some(detail),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Whether any model version's blob has this sha256.
     pub fn blob_in_use(&self, sha256: &str) -> Result<bool> {
         Ok(self

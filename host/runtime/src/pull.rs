@@ -474,6 +474,56 @@ pub fn pull(
 
 /// Fetches `url` into `partial`, resuming from its length; returns the
 /// bytes fetched and how many times it resumed after a dropped connection.
+/// Where the file a version came from can be fetched again: its origin
+/// as `kiln pull` records it (`hf:ORG/NAME[@REVISION]/PATH`, or the URL),
+/// else `None` (an added or imported file). A revision is one path
+/// segment (a branch, a tag, a commit), or three when it starts with
+/// `refs/` (`refs/pr/2`).
+pub fn source_url(client: &Client, origin: &str) -> Option<String> {
+    if origin.starts_with("http://") || origin.starts_with("https://") {
+        return Some(origin.to_string());
+    }
+    let (org, rest) = origin.strip_prefix("hf:")?.split_once('/')?;
+    let (repo, revision, path) = match rest.split_once('@') {
+        Some((name, after)) if !name.contains('/') => {
+            let segments = if after.starts_with("refs/") { 3 } else { 1 };
+            let mut cut = after.splitn(segments + 1, '/');
+            let revision: Vec<&str> = (&mut cut).take(segments).collect();
+            (name, revision.join("/"), cut.next()?)
+        }
+        _ => {
+            let (name, path) = rest.split_once('/')?;
+            (name, "main".to_string(), path)
+        }
+    };
+    (!path.is_empty()).then(|| client.file_url(&format!("{org}/{repo}"), &revision, path))
+}
+
+/// Downloads again the file a version came from (`kiln store scrub
+/// --repair`), into the downloads directory (resumed where a partial is
+/// there), and returns it; the caller checks its hash.
+pub fn refetch(
+    config: &Config,
+    client: &Client,
+    origin: &str,
+    sha256: &str,
+    mut event: impl FnMut(Event<'_>),
+) -> Result<PathBuf, PullError> {
+    let url = source_url(client, origin).ok_or_else(|| {
+        PullError::Spec(format!(
+            "{origin} is not a source kiln can download again (only `kiln pull`'s are)"
+        ))
+    })?;
+    let dir = store::blobs_dir(config).with_file_name("downloads");
+    std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let partial = dir.join(format!("{sha256}.partial"));
+    download(client, &url, &partial, None, &mut event)?;
+    Ok(partial)
+}
+
 fn download(
     client: &Client,
     url: &str,
@@ -566,6 +616,28 @@ fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulled_origins_give_their_download_urls_again() {
+        let mut c = Client::from_env();
+        c.endpoint = "http://hub".into();
+        let url = |o: &str| source_url(&c, o);
+        assert_eq!(
+            url("hf:org/tiny-GGUF/dir/tiny-q8_0.gguf").as_deref(),
+            Some("http://hub/org/tiny-GGUF/resolve/main/dir/tiny-q8_0.gguf")
+        );
+        assert_eq!(
+            url("hf:org/tiny-GGUF@v2/tiny.gguf").as_deref(),
+            Some("http://hub/org/tiny-GGUF/resolve/v2/tiny.gguf")
+        );
+        assert_eq!(
+            url("hf:org/tiny-GGUF@refs/pr/2/tiny-pr-f16.gguf").as_deref(),
+            Some("http://hub/org/tiny-GGUF/resolve/refs%2Fpr%2F2/tiny-pr-f16.gguf")
+        );
+        assert_eq!(url("https://x/y.gguf").as_deref(), Some("https://x/y.gguf"));
+        assert_eq!(url("ollama:registry.ollama.ai/library/qwen:0.5b"), None);
+        assert_eq!(url("hf:org/only-a-repo"), None);
+    }
 
     fn f(path: &str) -> RemoteFile {
         RemoteFile {

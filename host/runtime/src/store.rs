@@ -530,6 +530,27 @@ pub fn orphans(
     Ok(out)
 }
 
+/// `kiln store gc`: the store's files that no version uses ([`orphans`]),
+/// removed unless `dry_run`; a removal is audited with what it freed.
+pub fn gc(
+    config: &Config,
+    registry: &mut Registry,
+    dry_run: bool,
+    actor: &str,
+) -> Result<Vec<Orphan>, StoreError> {
+    let found = orphans(config, registry, !dry_run)?;
+    if !dry_run && !found.is_empty() {
+        let bytes: u64 = found.iter().map(|o| o.bytes).sum();
+        registry.audit_store(
+            actor,
+            "gc",
+            &blobs_dir(config).display().to_string(),
+            &format!("removed {} file(s), {bytes} bytes", found.len()),
+        )?;
+    }
+    Ok(found)
+}
+
 /// Copies `src` into the new file `to`, encrypted for `seal` when given,
 /// and returns the sha256 of what was read. On error `to` is removed.
 fn copy_hashing(
@@ -651,19 +672,7 @@ pub fn verify(
             Some(s) => s.clone(),
             None => {
                 progress(&m.label());
-                let s = if !m.blob_path.is_file() {
-                    BlobStatus::Missing
-                } else {
-                    match stored_hash(&m.blob_path, m.encrypted.then_some(keys)) {
-                        Ok(h) if h == m.sha256 => BlobStatus::Ok,
-                        Ok(h) => BlobStatus::Corrupt { actual_sha256: h },
-                        Err(StoreError::Crypt(e @ CryptError::Damaged { .. })) => {
-                            BlobStatus::Damaged { reason: e.detail() }
-                        }
-                        Err(StoreError::Crypt(e)) => BlobStatus::Locked { reason: e.detail() },
-                        Err(_) => BlobStatus::Missing,
-                    }
-                };
+                let s = blob_status(&m, keys);
                 checked.insert(m.blob_path.clone(), s.clone());
                 s
             }
@@ -677,6 +686,185 @@ pub fn verify(
         });
     }
     Ok(out)
+}
+
+/// The state of `m`'s blob: re-hashed (decrypted with `keys` first where
+/// it is encrypted) against the version's sha256.
+fn blob_status(m: &ModelRecord, keys: &Keys) -> BlobStatus {
+    if !m.blob_path.is_file() {
+        return BlobStatus::Missing;
+    }
+    match stored_hash(&m.blob_path, m.encrypted.then_some(keys)) {
+        Ok(h) if h == m.sha256 => BlobStatus::Ok,
+        Ok(h) => BlobStatus::Corrupt { actual_sha256: h },
+        Err(StoreError::Crypt(e @ CryptError::Damaged { .. })) => {
+            BlobStatus::Damaged { reason: e.detail() }
+        }
+        Err(StoreError::Crypt(e)) => BlobStatus::Locked { reason: e.detail() },
+        Err(_) => BlobStatus::Missing,
+    }
+}
+
+/// One model blob [`scrub`] looked at.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scrubbed {
+    pub sha256: String,
+    pub blob_path: PathBuf,
+    /// The versions stored in it.
+    pub models: Vec<String>,
+    pub encrypted: bool,
+    /// Where it came from (`kiln pull`'s source, an import's), if known.
+    pub origin: Option<String>,
+    #[serde(flatten)]
+    pub status: BlobStatus,
+    /// With repair asked for and the blob damaged or missing: `repaired`,
+    /// or why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
+}
+
+impl Scrubbed {
+    /// Whether the blob is damaged or missing (and not repaired).
+    pub fn bad(&self) -> bool {
+        matches!(
+            self.status,
+            BlobStatus::Missing | BlobStatus::Corrupt { .. } | BlobStatus::Damaged { .. }
+        ) && self.repair.as_deref() != Some("repaired")
+    }
+}
+
+/// Fetches a fresh copy of a version's file from where it came from
+/// (its origin), returning the file it wrote; the caller's (`kiln pull`'s
+/// download), so that this layer stays off the network.
+pub type Refetch<'a> = dyn FnMut(&ModelRecord) -> Result<PathBuf, String> + 'a;
+
+/// `kiln store scrub`: re-hashes every model blob once, as `kiln models
+/// verify` does, and with `refetch` repairs each damaged or missing one
+/// whose source it can fetch again: the fresh copy must hash to the
+/// version's sha256, is stored as the blob was (encrypted again where it
+/// was) and checked from disk, then renamed over the blob under the
+/// store's lock, and the repair audited. A blob that cannot be repaired
+/// is left as it is, and said why. Blobs whose key this process lacks
+/// (locked) are not damage.
+pub fn scrub(
+    config: &Config,
+    registry: &mut Registry,
+    keys: &Keys,
+    mut refetch: Option<&mut Refetch<'_>>,
+    actor: &str,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Scrubbed>, StoreError> {
+    let mut by_blob: Vec<(ModelRecord, Vec<String>)> = Vec::new();
+    for m in registry.models()? {
+        match by_blob.iter_mut().find(|(b, _)| b.blob_path == m.blob_path) {
+            Some((_, names)) => names.push(m.label()),
+            None => {
+                let label = m.label();
+                by_blob.push((m, vec![label]));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (m, models) in by_blob {
+        progress(&models.join(", "));
+        let status = blob_status(&m, keys);
+        let damaged = matches!(
+            status,
+            BlobStatus::Missing | BlobStatus::Corrupt { .. } | BlobStatus::Damaged { .. }
+        );
+        let repair = match (&mut refetch, damaged) {
+            (Some(fetch), true) => Some(match restore(config, registry, &m, fetch, actor) {
+                Ok(()) => "repaired".to_string(),
+                Err(why) => why,
+            }),
+            _ => None,
+        };
+        out.push(Scrubbed {
+            sha256: m.sha256.clone(),
+            blob_path: m.blob_path.clone(),
+            models,
+            encrypted: m.encrypted,
+            origin: m.origin.clone(),
+            status,
+            repair,
+        });
+    }
+    Ok(out)
+}
+
+/// [`scrub`]'s repair of `m`'s blob from a fresh copy; the error says why
+/// it was not repaired.
+fn restore(
+    config: &Config,
+    registry: &mut Registry,
+    m: &ModelRecord,
+    refetch: &mut Refetch<'_>,
+    actor: &str,
+) -> Result<(), String> {
+    if m.origin.is_none() {
+        return Err(
+            "not repaired: kiln does not know where it came from (add the file again with `kiln models add`)"
+                .into(),
+        );
+    }
+    let fresh = refetch(m).map_err(|e| format!("not repaired: {e}"))?;
+    let result = (|| -> Result<(), StoreError> {
+        let seal = if m.encrypted {
+            Some(sealing_keys(config)?)
+        } else {
+            None
+        };
+        let dir = blobs_dir(config);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let tmp = incoming(&dir);
+        let mut src = std::fs::File::open(&fresh).map_err(io(&fresh))?;
+        let hash = copy_hashing(&mut src, &fresh, &tmp, seal.as_ref(), |_| {})?;
+        let copy = stored_hash(&tmp, seal.as_ref());
+        let ok = match (&copy, hash == m.sha256) {
+            (Ok(c), true) if *c == m.sha256 => Ok(()),
+            (_, false) => Err(StoreError::HashMismatch {
+                path: fresh.clone(),
+                got: hash,
+                want: m.sha256.clone(),
+            }),
+            (Ok(c), true) => Err(StoreError::CopyMismatch {
+                path: fresh.clone(),
+                copy: c.clone(),
+                source_hash: hash,
+            }),
+            (Err(_), true) => Err(StoreError::Invalid(format!(
+                "{}: the repaired copy cannot be read back",
+                tmp.display()
+            ))),
+        };
+        if let Err(e) = ok {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let _lock = StoreLock::acquire(&dir)?;
+        let published = std::fs::rename(&tmp, &m.blob_path)
+            .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
+        if let Err(e) = published {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::Io {
+                path: m.blob_path.clone(),
+                source: e,
+            });
+        }
+        registry.audit_store(
+            actor,
+            "repair",
+            &format!("sha256-{}", m.sha256),
+            &format!(
+                "blob rewritten from {}",
+                m.origin.as_deref().unwrap_or("its source")
+            ),
+        )?;
+        Ok(())
+    })();
+    // The fresh copy was the caller's download: stored or refused, it goes.
+    let _ = std::fs::remove_file(&fresh);
+    result.map_err(|e| format!("not repaired: {e}"))
 }
 
 /// One blob [`reseal`] encrypted or decrypted.

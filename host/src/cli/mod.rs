@@ -346,6 +346,26 @@ enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-hash every model blob (encrypted ones decrypted in memory) and
+    /// report those damaged or missing; with --repair, download again
+    /// each one `kiln pull` fetched and put it back once it hashes right
+    /// (audited). Exits 1 while any stays damaged.
+    Scrub {
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the store's files that no model version uses: blobs left by
+    /// adds that failed or were killed before they were recorded, and
+    /// copies of adds whose process is gone (audited).
+    Gc {
+        /// List them without removing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1090,6 +1110,8 @@ fn run(command: Command) -> CliResult {
         Command::Store(c) => match c {
             StoreCommand::Encrypt { json } => store::reseal(&config, true, json),
             StoreCommand::Decrypt { json } => store::reseal(&config, false, json),
+            StoreCommand::Scrub { repair, json } => store::scrub(&config, repair, json),
+            StoreCommand::Gc { dry_run, json } => store::gc(&config, dry_run, json),
         },
         Command::Policy(p) => match p {
             PolicyCommand::Add {
