@@ -467,3 +467,91 @@ fn scrub_reports_damage_and_repairs_pulled_models_from_their_source() {
     // Every version's blob is still there.
     assert_eq!(gc(&["--dry-run"])["files"].as_array().unwrap().len(), 0);
 }
+
+/// Limits the command's files to `bytes` (a write past it fails with
+/// EFBIG rather than killing the process): a full disk as one process
+/// meets it, on any file system, without root.
+fn no_room_past(c: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure only calls async-signal-safe functions.
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn no_room_for_an_add_or_a_pull_records_nothing_and_leaves_no_partial_file() {
+    let home = Home::default();
+    let hub = hub();
+    let port = hub.port;
+    // A first model, so that the registry exists below the limit.
+    let small = tiny_model(&["--dtype", "f16", "--seed", "11"]);
+    let out = home
+        .command(&["models", "add", small.to_str().unwrap(), "--name", "first"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let before = home.registry_snapshot();
+    let files = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(home.path().join("models").join(dir))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let blobs_before = files("blobs");
+    let limit = 256 << 10;
+
+    // An add whose copy does not fit (the model is 621 KiB).
+    let big = tiny_model(&["--dtype", "f32", "--seed", "7"]);
+    let mut add = home.command(&["models", "add", big.to_str().unwrap(), "--name", "big"]);
+    no_room_past(&mut add, limit);
+    let out = add.output().unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("there is no room for it") && t.contains("nothing was recorded"),
+        "{t}"
+    );
+    assert_eq!(home.registry_snapshot(), before);
+    assert_eq!(files("blobs"), blobs_before, "a partial copy was left");
+
+    // A pull whose download does not fit: the partial file goes too.
+    let mut pull = home.command(&["pull", "hf:org/tiny-GGUF:Q8_0"]);
+    pull.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy");
+    no_room_past(&mut pull, limit);
+    let out = pull.output().unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("no room for the download") && t.contains("the partial file was removed"),
+        "{t}"
+    );
+    assert_eq!(home.registry_snapshot(), before);
+    assert!(files("downloads").is_empty(), "{:?}", files("downloads"));
+    assert_eq!(files("blobs"), blobs_before);
+
+    // With room again, both go through.
+    let out = home
+        .command(&["models", "add", big.to_str().unwrap(), "--name", "big"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = with_hub(&home, port, &["pull", "hf:org/tiny-GGUF:Q8_0"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -63,6 +63,13 @@ pub enum PullError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "{path}: {source}: there is no room for the download (the disk is full, or a quota or file-size limit is reached); the partial file was removed and nothing was recorded: free some space and pull again"
+    )]
+    NoSpace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -535,6 +542,21 @@ fn download(
         path: partial.to_path_buf(),
         source,
     };
+    // A write that finds no room: the partial file would only hold on to
+    // the space that is missing.
+    let written = |r: std::io::Result<()>| {
+        r.map_err(|source| {
+            if store::out_of_space(&source) {
+                let _ = std::fs::remove_file(partial);
+                PullError::NoSpace {
+                    path: partial.to_path_buf(),
+                    source,
+                }
+            } else {
+                io(source)
+            }
+        })
+    };
     let (mut fetched, mut resumed) = (0u64, 0usize);
     let mut last_error = String::new();
     for attempt in 0..ATTEMPTS {
@@ -586,7 +608,7 @@ fn download(
             match reader.read(&mut buf) {
                 Ok(0) => break Ok(()),
                 Ok(n) => {
-                    out.write_all(&buf[..n]).map_err(io)?;
+                    written(out.write_all(&buf[..n]))?;
                     done += n as u64;
                     fetched += n as u64;
                     event(Event::Progress { done, total });
@@ -594,7 +616,7 @@ fn download(
                 Err(e) => break Err(e.to_string()),
             }
         };
-        out.sync_all().map_err(io)?;
+        written(out.sync_all())?;
         let complete = total.is_none_or(|t| done >= t);
         match outcome {
             Ok(()) if complete => return Ok((fetched, resumed)),

@@ -65,6 +65,20 @@ pub enum StoreError {
     Invalid(String),
     #[error(transparent)]
     Crypt(#[from] CryptError),
+    #[error(
+        "{path}: {source}: there is no room for it (the disk is full, or a quota or file-size limit is reached); the partial copy was removed and nothing was recorded: free some space and try again"
+    )]
+    NoSpace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether a write failed for want of room: a full disk, a quota, or the
+/// process's file-size limit.
+pub fn out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), StorageFull | QuotaExceeded | FileTooLarge)
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -591,9 +605,18 @@ fn copy_hashing(
     })();
     if let Err(e) = copied {
         let _ = std::fs::remove_file(to);
-        return Err(reader.failed.take().unwrap_or(StoreError::Io {
-            path: to.to_path_buf(),
-            source: e,
+        return Err(reader.failed.take().unwrap_or_else(|| {
+            if out_of_space(&e) {
+                StoreError::NoSpace {
+                    path: to.to_path_buf(),
+                    source: e,
+                }
+            } else {
+                StoreError::Io {
+                    path: to.to_path_buf(),
+                    source: e,
+                }
+            }
         }));
     }
     Ok(hex(reader.hash))
