@@ -223,3 +223,83 @@ fn sigkill_during_plugins_add_never_corrupts_the_registry() {
     check_invariants(&home);
     home.ok(&["plugins", "rollback", "cpu-plugin"]);
 }
+
+/// Every recorded model version's blob is there with its bytes, and the
+/// database is whole.
+fn check_store(home: &Home) {
+    let r = home.registry();
+    assert_eq!(r.integrity_check().unwrap(), "ok");
+    for m in r.models().unwrap() {
+        assert!(m.blob_path.is_file(), "{} lost its blob", m.label());
+        assert_eq!(
+            kiln_tests::sha256_file(&m.blob_path),
+            m.sha256,
+            "{}'s blob differs",
+            m.label()
+        );
+    }
+}
+
+#[test]
+fn adds_a_gc_and_a_serve_killed_at_random_never_corrupt_the_model_store() {
+    use std::process::{Child, Stdio};
+    let home = Home::default();
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let models: Vec<String> = (0..6)
+        .map(|i| {
+            let seed = (21 + i).to_string();
+            let p = kiln_tests::tiny_model(&["--dtype", "f16", "--seed", &seed]);
+            p.to_string_lossy().into_owned()
+        })
+        .collect();
+    kiln_tests::kiln_bin(); // built before the clock starts
+    let timed = std::time::Instant::now();
+    home.ok(&["models", "add", &models[0], "--name", "served"]);
+    let full_ms = (timed.elapsed().as_millis() as u64).max(20);
+    let spawn = |args: &[&str]| -> Child {
+        home.command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut finished, mut killed) = (0, 0);
+    for round in 0..12 {
+        // Two adds (now and then of the same bytes), a gc and a server
+        // reading the store, all at once; then SIGKILL for whatever still
+        // runs after a random while.
+        let (a, b) = (&models[rng.usize(..6)], &models[rng.usize(..6)]);
+        let (na, nb) = (format!("a{round}"), format!("b{round}"));
+        let mut children = vec![
+            spawn(&["models", "add", a, "--name", &na]),
+            spawn(&["models", "add", b, "--name", &nb]),
+            spawn(&["store", "gc"]),
+            spawn(&["serve", "--http", "127.0.0.1:0", "--model", "served"]),
+        ];
+        std::thread::sleep(Duration::from_millis(rng.u64(0..3 * full_ms)));
+        for c in &mut children[..3] {
+            match c.try_wait().unwrap() {
+                Some(_) => finished += 1,
+                None => killed += 1,
+            }
+        }
+        for c in &mut children {
+            // `Child::kill` is SIGKILL on Unix: no destructor, no handler.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        check_store(&home);
+    }
+    assert!(killed > 0, "nothing was killed mid-way");
+    assert!(finished > 0, "nothing finished (an add took {full_ms} ms)");
+    eprintln!("{finished} adds and gcs finished, {killed} were killed");
+    // What the kills left is garbage gc can see, and nothing else.
+    home.ok(&["store", "gc"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&home.ok(&["models", "verify", "--json"])).unwrap();
+    assert_eq!(v["problems"], 0, "{v}");
+    assert_eq!(v["orphans"].as_array().unwrap().len(), 0, "{v}");
+    check_store(&home);
+    home.ok(&["models", "add", &models[1], "--name", "after"]);
+}
