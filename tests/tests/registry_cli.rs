@@ -303,3 +303,83 @@ fn adds_a_gc_and_a_serve_killed_at_random_never_corrupt_the_model_store() {
     check_store(&home);
     home.ok(&["models", "add", &models[1], "--name", "after"]);
 }
+
+#[test]
+fn kiln_serve_scrubs_the_store_in_the_background_and_reports_damage() {
+    use kiln_tests::serve::{http, http_server_with};
+    let home = Home::default();
+    let served = kiln_tests::tiny_model(&["--dtype", "f16", "--seed", "31"]);
+    let other = kiln_tests::tiny_model(&["--dtype", "f16", "--seed", "32"]);
+    home.ok(&[
+        "models",
+        "add",
+        served.to_str().unwrap(),
+        "--name",
+        "served",
+    ]);
+    home.ok(&["models", "add", other.to_str().unwrap(), "--name", "other"]);
+    // Every second or so (the first one a second after the start).
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[store]\nscrub_interval_hours = 0.0003\n",
+    )
+    .unwrap();
+    let server = http_server_with(&home, &served, &[]);
+    let gauge = |name: &str| -> Option<f64> {
+        let (_, text) = http(&server.addr, "GET", "/metrics", b"");
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("no scrub ran", &|| {
+        gauge("kiln:store_scrub_timestamp_seconds") > Some(0.0)
+    });
+    assert_eq!(gauge("kiln:store_blobs"), Some(2.0));
+    assert_eq!(gauge("kiln:store_damaged_blobs"), Some(0.0));
+    // A byte of the other model's blob flipped: the next scrub says so.
+    let m = home.registry().model("other").unwrap().unwrap();
+    let mut bytes = std::fs::read(&m.blob_path).unwrap();
+    bytes[1000] ^= 0x10;
+    std::fs::write(&m.blob_path, bytes).unwrap();
+    wait_for("the damage was not found", &|| {
+        gauge("kiln:store_damaged_blobs") == Some(1.0)
+    });
+    let audit = home.registry().audit_log(100).unwrap();
+    assert!(
+        audit.iter().any(|e| e.kind == "store"
+            && e.action == "scrub"
+            && e.detail.as_deref().is_some_and(|d| d.contains("other@1"))),
+        "{audit:?}"
+    );
+    // Still serving.
+    let (code, _) = http(
+        &server.addr,
+        "POST",
+        "/v1/completions",
+        br#"{"prompt": "a", "max_tokens": 2}"#,
+    );
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_scrub_interval_out_of_range_is_named() {
+    let home = Home::default();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[store]\nscrub_interval_hours = -1\n",
+    )
+    .unwrap();
+    let out = home.kiln(&["models", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("scrub_interval_hours"),
+        "{err}"
+    );
+}

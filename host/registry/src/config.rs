@@ -101,7 +101,13 @@ impl KvCacheSection {
 struct StoreSection {
     #[serde(default)]
     encrypt_at_rest: bool,
+    /// Hours between the background scrubs `kiln serve` runs; 0: none.
+    #[serde(default)]
+    scrub_interval_hours: Option<f64>,
 }
+
+/// `[store] scrub_interval_hours` when `config.toml` does not set it.
+pub const DEFAULT_SCRUB_HOURS: f64 = 24.0;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +128,9 @@ pub struct Config {
     pub encrypt_at_rest: bool,
     /// `[kv_cache]`: which KV cache type each model gets.
     pub kv_cache: KvCacheSection,
+    /// `[store] scrub_interval_hours`: how often `kiln serve` re-hashes
+    /// the model store in the background (`None`: never).
+    pub scrub_interval: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -149,9 +158,20 @@ impl Config {
         let mut config_error = None;
         let mut encrypt_at_rest = false;
         let mut kv_cache = KvCacheSection::default();
+        let mut scrub_hours = DEFAULT_SCRUB_HOURS;
         match read_config_file(&config_file) {
             Ok(file) => {
                 encrypt_at_rest = file.store.encrypt_at_rest;
+                match file.store.scrub_interval_hours {
+                    Some(h) if !(h.is_finite() && (0.0..=24.0 * 365.0).contains(&h)) => {
+                        config_error = Some(format!(
+                            "{}: [store] scrub_interval_hours = {h}: give hours from 0 (no background scrub) to 8760",
+                            config_file.display()
+                        ));
+                    }
+                    Some(h) => scrub_hours = h,
+                    None => {}
+                }
                 kv_cache = file.kv_cache;
                 plugin_dirs.extend(file.plugins.dirs.into_iter().map(|p| PluginDir {
                     path: if p.is_absolute() { p } else { home.join(p) },
@@ -177,6 +197,8 @@ impl Config {
             config_error,
             encrypt_at_rest,
             kv_cache,
+            scrub_interval: (scrub_hours > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(scrub_hours * 3600.0)),
         }
     }
 

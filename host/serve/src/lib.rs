@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pack;
 pub mod preview;
 pub mod prompt;
+pub mod scrub;
 pub mod start;
 pub mod symbols;
 mod terms;

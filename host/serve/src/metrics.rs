@@ -52,6 +52,11 @@ pub struct Metrics {
     pub model_info: Family<Labels, Gauge>,
     pub context_window: Gauge,
     pub model_bytes: Gauge,
+    /// The last background scrub of the model store: blobs checked,
+    /// damaged or missing ones, and when (Unix seconds; 0: none yet).
+    pub store_blobs: Gauge,
+    pub store_damaged: Gauge,
+    pub store_scrubbed_at: Gauge,
     /// The last completion prompt's layout (the language server's), for
     /// the dashboard: not a Prometheus metric.
     pub last_prompt: std::sync::Mutex<Option<serde_json::Value>>,
@@ -102,6 +107,9 @@ impl Default for Metrics {
             model_info: Family::default(),
             context_window: Gauge::default(),
             model_bytes: Gauge::default(),
+            store_blobs: Gauge::default(),
+            store_damaged: Gauge::default(),
+            store_scrubbed_at: Gauge::default(),
             last_prompt: Default::default(),
             last_explanation: Default::default(),
             registry: Registry::default(),
@@ -261,6 +269,21 @@ impl Default for Metrics {
             "kiln:model_bytes",
             "Bytes of the served model's file",
             m.model_bytes.clone(),
+        );
+        registry.register(
+            "kiln:store_blobs",
+            "Model blobs the last background scrub of the store checked",
+            m.store_blobs.clone(),
+        );
+        registry.register(
+            "kiln:store_damaged_blobs",
+            "Model blobs the last background scrub found damaged or missing (kiln store scrub --repair)",
+            m.store_damaged.clone(),
+        );
+        registry.register(
+            "kiln:store_scrub_timestamp_seconds",
+            "When the last background scrub of the model store ended (Unix time; 0: none yet)",
+            m.store_scrubbed_at.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -44,6 +44,7 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
         )));
     }
     let metrics = Arc::new(Metrics::default());
+    kiln_serve::scrub::start(spec.config.clone(), metrics.clone());
     let dashboard = || {
         Dashboard::start(
             metrics.clone(),
