@@ -350,16 +350,39 @@ fn scrub_reports_damage_and_repairs_pulled_models_from_their_source() {
     };
     let status = |v: &serde_json::Value, model: &str| -> (String, String) {
         let b = (v["blobs"].as_array().unwrap().iter())
-            .find(|b| b["models"][0].as_str().unwrap().starts_with(model))
+            .find(|b| b["versions"][0].as_str().unwrap().starts_with(model))
             .unwrap_or_else(|| panic!("{model}: {v}"));
         (
             b["status"].as_str().unwrap().to_string(),
             b["repair"].as_str().unwrap_or("").to_string(),
         )
     };
+    // A ranking policy's blob is scrubbed too (reported, not repaired).
+    let policy = kiln_tests::policies_dir().map(|dir| {
+        let module = dir.join("jaccard.wasm");
+        let out = home
+            .command(&["policy", "add", module.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        home.registry().policies().unwrap()[0].clone()
+    });
     let (out, v) = scrub(&[]);
     assert!(out.status.success(), "{v}");
     assert_eq!(v["damaged"], 0, "{v}");
+    if let Some(p) = &policy {
+        let mut bytes = std::fs::read(&p.blob_path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&p.blob_path, bytes).unwrap();
+        let (out, v) = scrub(&["--repair"]);
+        assert_eq!(out.status.code(), Some(1), "{v}");
+        let (status, why) = status(&v, &p.name);
+        assert_eq!(status, "corrupt", "{v}");
+        assert!(why.contains("no source for policies"), "{why}");
+        std::fs::remove_file(&p.blob_path).unwrap();
+        let module = kiln_tests::policies_dir().unwrap().join("jaccard.wasm");
+        std::fs::copy(module, &p.blob_path).unwrap();
+    }
 
     // A byte flipped in two blobs, the third deleted.
     for m in home.registry().models().unwrap() {

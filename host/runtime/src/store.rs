@@ -728,13 +728,15 @@ fn blob_status(m: &ModelRecord, keys: &Keys) -> BlobStatus {
     }
 }
 
-/// One model blob [`scrub`] looked at.
+/// One blob [`scrub`] looked at.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scrubbed {
+    /// `model`, `adapter` or `policy`.
+    pub kind: &'static str,
     pub sha256: String,
     pub blob_path: PathBuf,
     /// The versions stored in it.
-    pub models: Vec<String>,
+    pub versions: Vec<String>,
     pub encrypted: bool,
     /// Where it came from (`kiln pull`'s source, an import's), if known.
     pub origin: Option<String>,
@@ -762,7 +764,8 @@ impl Scrubbed {
 pub type Refetch<'a> = dyn FnMut(&ModelRecord) -> Result<PathBuf, String> + 'a;
 
 /// `kiln store scrub`: re-hashes every model blob once, as `kiln models
-/// verify` does, and with `refetch` repairs each damaged or missing one
+/// verify` does (and every adapter's and policy's, reported only), and
+/// with `refetch` repairs each damaged or missing model blob
 /// whose source it can fetch again: the fresh copy must hash to the
 /// version's sha256, is stored as the blob was (encrypted again where it
 /// was) and checked from disk, then renamed over the blob under the
@@ -803,11 +806,54 @@ pub fn scrub(
             _ => None,
         };
         out.push(Scrubbed {
+            kind: "model",
             sha256: m.sha256.clone(),
             blob_path: m.blob_path.clone(),
-            models,
+            versions: models,
             encrypted: m.encrypted,
             origin: m.origin.clone(),
+            status,
+            repair,
+        });
+    }
+    // Adapters and policies: kiln made or was given them, so there is no
+    // source to fetch again; their damage is reported.
+    let others = (registry.adapters()?.into_iter())
+        .map(|a| ("adapter", a.label(), a.sha256, a.blob_path))
+        .chain(
+            (registry.policies()?.into_iter())
+                .map(|p| ("policy", p.label(), p.sha256, p.blob_path)),
+        );
+    for (kind, label, sha256, blob_path) in others {
+        if let Some(seen) = out.iter_mut().find(|s| s.blob_path == blob_path) {
+            seen.versions.push(label);
+            continue;
+        }
+        progress(&label);
+        let status = if !blob_path.is_file() {
+            BlobStatus::Missing
+        } else {
+            match hash_file(&blob_path, |_| {}) {
+                Ok(h) if h == sha256 => BlobStatus::Ok,
+                Ok(h) => BlobStatus::Corrupt { actual_sha256: h },
+                Err(_) => BlobStatus::Missing,
+            }
+        };
+        let repair = (refetch.is_some() && !matches!(status, BlobStatus::Ok)).then(|| {
+            let kinds = if kind == "policy" {
+                "policies"
+            } else {
+                "adapters"
+            };
+            format!("not repaired: kiln has no source for {kinds} (add it again from its file)")
+        });
+        out.push(Scrubbed {
+            kind,
+            sha256,
+            blob_path,
+            versions: vec![label],
+            encrypted: false,
+            origin: None,
             status,
             repair,
         });

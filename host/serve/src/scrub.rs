@@ -52,9 +52,9 @@ fn once(config: &Config, metrics: &Metrics) -> Result<(), String> {
         .map_or(0, |d| d.as_secs());
     metrics.store_scrubbed_at.set(now as i64);
     if !bad.is_empty() {
-        let names: Vec<String> = bad.iter().map(|s| s.models.join(", ")).collect();
+        let names: Vec<String> = bad.iter().map(|s| s.versions.join(", ")).collect();
         let line = format!(
-            "{} of {} model blob(s) damaged or missing: {} (`kiln store scrub --repair`)",
+            "{} of {} blob(s) damaged or missing: {} (`kiln store scrub --repair`)",
             bad.len(),
             scrubbed.len(),
             names.join("; ")

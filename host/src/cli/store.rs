@@ -110,8 +110,9 @@ pub fn scrub(config: &Config, repair: bool, as_json: bool) -> CliResult {
                 store::BlobStatus::Locked { reason } => format!("LOCKED  ({reason})"),
             };
             println!(
-                "{status}  {}  {}",
-                s.models.join(", "),
+                "{status}  {} {}  {}",
+                s.kind,
+                s.versions.join(", "),
                 s.blob_path.display()
             );
             if let Some(r) = &s.repair {
