@@ -164,17 +164,28 @@ fn hub() -> Hub {
     Hub { port, log }
 }
 
+/// `kiln ARGS` with the hub as `HF_ENDPOINT`, and no token or proxy
+/// from the environment.
+fn hub_command(home: &Home, hub_port: u16, args: &[&str]) -> std::process::Command {
+    let mut c = home.command(args);
+    c.env("HF_ENDPOINT", format!("http://127.0.0.1:{hub_port}"));
+    for v in [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "all_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
 fn pull(home: &Home, hub_port: u16, args: &[&str], token: Option<&str>) -> std::process::Output {
-    let mut c = home.command(&[&["pull"], args].concat());
-    c.env("HF_ENDPOINT", format!("http://127.0.0.1:{hub_port}"))
-        .env_remove("HF_TOKEN")
-        .env_remove("HUGGING_FACE_HUB_TOKEN")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("HTTP_PROXY")
-        .env_remove("ALL_PROXY")
-        .env_remove("https_proxy")
-        .env_remove("http_proxy")
-        .env_remove("all_proxy");
+    let mut c = hub_command(home, hub_port, &[&["pull"], args].concat());
     if let Some(t) = token {
         c.env("HF_TOKEN", t);
     }
@@ -304,23 +315,8 @@ fn pulls_from_a_hub_resuming_and_refuses_what_it_cannot_trust() {
     assert_eq!(home.registry_snapshot(), before);
 }
 
-/// `kiln ARGS` with the hub as `HF_ENDPOINT` and no token or proxy.
 fn with_hub(home: &Home, hub_port: u16, args: &[&str]) -> std::process::Output {
-    let mut c = home.command(args);
-    c.env("HF_ENDPOINT", format!("http://127.0.0.1:{hub_port}"));
-    for v in [
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HTTPS_PROXY",
-        "HTTP_PROXY",
-        "ALL_PROXY",
-        "https_proxy",
-        "http_proxy",
-        "all_proxy",
-    ] {
-        c.env_remove(v);
-    }
-    c.output().unwrap()
+    hub_command(home, hub_port, args).output().unwrap()
 }
 
 #[test]
@@ -537,37 +533,29 @@ fn no_room_for_an_add_or_a_pull_records_nothing_and_leaves_no_partial_file() {
     let blobs_before = files("blobs");
     let limit = 256 << 10;
 
-    // An add whose copy does not fit (the model is 621 KiB).
+    // Run with no room past `limit`: refused with `says`, nothing
+    // recorded, no partial file left in the store or the downloads.
+    let refused = |mut c: std::process::Command, says: &[&str]| {
+        no_room_past(&mut c, limit);
+        let out = c.output().unwrap();
+        let t = text(&out);
+        assert!(!out.status.success(), "{t}");
+        assert!(says.iter().all(|s| t.contains(s)), "{t}");
+        assert_eq!(home.registry_snapshot(), before);
+        assert_eq!(files("blobs"), blobs_before, "a partial copy was left");
+        assert!(files("downloads").is_empty(), "{:?}", files("downloads"));
+    };
+    // An add whose copy does not fit (the model is 621 KiB), and a pull
+    // whose download does not.
     let big = tiny_model(&["--dtype", "f32", "--seed", "7"]);
-    let mut add = home.command(&["models", "add", big.to_str().unwrap(), "--name", "big"]);
-    no_room_past(&mut add, limit);
-    let out = add.output().unwrap();
-    let t = text(&out);
-    assert!(!out.status.success(), "{t}");
-    assert!(
-        t.contains("there is no room for it") && t.contains("nothing was recorded"),
-        "{t}"
+    refused(
+        home.command(&["models", "add", big.to_str().unwrap(), "--name", "big"]),
+        &["there is no room for it", "nothing was recorded"],
     );
-    assert_eq!(home.registry_snapshot(), before);
-    assert_eq!(files("blobs"), blobs_before, "a partial copy was left");
-
-    // A pull whose download does not fit: the partial file goes too.
-    let mut pull = home.command(&["pull", "hf:org/tiny-GGUF:Q8_0"]);
-    pull.env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
-        .env_remove("HF_TOKEN")
-        .env_remove("HTTP_PROXY")
-        .env_remove("http_proxy");
-    no_room_past(&mut pull, limit);
-    let out = pull.output().unwrap();
-    let t = text(&out);
-    assert!(!out.status.success(), "{t}");
-    assert!(
-        t.contains("no room for the download") && t.contains("the partial file was removed"),
-        "{t}"
+    refused(
+        hub_command(&home, port, &["pull", "hf:org/tiny-GGUF:Q8_0"]),
+        &["no room for the download", "the partial file was removed"],
     );
-    assert_eq!(home.registry_snapshot(), before);
-    assert!(files("downloads").is_empty(), "{:?}", files("downloads"));
-    assert_eq!(files("blobs"), blobs_before);
 
     // With room again, both go through.
     let out = home
