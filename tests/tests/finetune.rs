@@ -939,6 +939,17 @@ fn eval_and_merge_use_the_trained_adapter() {
     // added, its evaluations (by file or by name) stay with its version.
     assert!(v["recorded_for"].is_null(), "{v:#}");
     home.ok(&["adapters", "add", adapter.to_str().unwrap(), "--name", "ft"]);
+    // Its blob is the file's bytes; a blob no adapter version names is
+    // garbage `kiln store gc` collects, and the version's blob stays.
+    let rec = home.registry().adapters().unwrap()[0].clone();
+    assert_eq!(kiln_tests::sha256_file(&rec.blob_path), rec.sha256);
+    let orphan = rec
+        .blob_path
+        .with_file_name(format!("sha256-{}.gguf", "0".repeat(64)));
+    std::fs::write(&orphan, b"an adapter add killed before it was recorded").unwrap();
+    let gc = home.json(&["store", "gc", "--json"]);
+    assert_eq!(gc["files"].as_array().unwrap().len(), 1, "{gc:#}");
+    assert!(!orphan.exists() && rec.blob_path.is_file());
     let by_name = home.json(&[
         "finetune",
         "eval",

@@ -465,10 +465,11 @@ fn read_error(path: &Path, e: std::io::Error) -> StoreError {
     }
 }
 
-/// An exclusive lock on the store (`models/store.lock`), held while a blob is
+/// An exclusive lock on a blob directory (`store.lock` beside it:
+/// `models/store.lock`, `adapters/store.lock`), held while a blob is
 /// published and recorded and while orphans are looked for; released
 /// when dropped (or when the process dies).
-struct StoreLock {
+pub struct StoreLock {
     _file: std::fs::File,
 }
 
@@ -498,26 +499,41 @@ pub struct Orphan {
     pub kind: &'static str,
 }
 
-/// Files in the store that no registered model uses, found under the
-/// store's lock. With `remove`, they are deleted.
+/// Files in the store that no registered model or adapter uses, found
+/// under each directory's lock. With `remove`, they are deleted.
 pub fn orphans(
     config: &Config,
     registry: &Registry,
     remove: bool,
 ) -> Result<Vec<Orphan>, StoreError> {
-    let dir = blobs_dir(config);
-    if !dir.is_dir() {
-        return Ok(Vec::new());
-    }
-    let _lock = StoreLock::acquire(&dir)?;
-    let used: std::collections::HashSet<PathBuf> = registry
+    let models: std::collections::HashSet<PathBuf> = registry
         .models()?
         .into_iter()
         .map(|m| m.blob_path)
         .collect();
+    let adapters: std::collections::HashSet<PathBuf> = registry
+        .adapters()?
+        .into_iter()
+        .map(|a| a.blob_path)
+        .collect();
+    let mut out = orphans_in(&blobs_dir(config), &models, remove)?;
+    out.extend(orphans_in(&adapter_blobs_dir(config), &adapters, remove)?);
+    Ok(out)
+}
+
+/// [`orphans`] in one blob directory, whose used blobs are `used`.
+fn orphans_in(
+    dir: &Path,
+    used: &std::collections::HashSet<PathBuf>,
+    remove: bool,
+) -> Result<Vec<Orphan>, StoreError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let _lock = StoreLock::acquire(dir)?;
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-        let entry = entry.map_err(io(&dir))?;
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         let kind = if name.starts_with("sha256-") {
@@ -544,8 +560,65 @@ pub fn orphans(
     Ok(out)
 }
 
-/// `kiln store gc`: the store's files that no version uses ([`orphans`]),
-/// removed unless `dry_run`; a removal is audited with what it freed.
+/// Where adapters' blobs are kept (`sha256-<hex>.gguf`).
+pub fn adapter_blobs_dir(config: &Config) -> PathBuf {
+    config.home.join("adapters").join("blobs")
+}
+
+/// An adapter file taken into the adapter store: copied while hashed,
+/// read back and hashed again, then published as `sha256-<hex>.gguf`
+/// under the store's lock, which the caller holds (`lock`) while it
+/// records the version, so that a gc never sees it unrecorded.
+pub struct PublishedAdapter {
+    pub sha256: String,
+    pub blob_path: PathBuf,
+    pub lock: StoreLock,
+}
+
+/// Copies `file` into the adapter store (see [`PublishedAdapter`]); a
+/// disk without room, or a copy that reads back other bytes, leaves
+/// nothing behind.
+pub fn publish_adapter(config: &Config, file: &Path) -> Result<PublishedAdapter, StoreError> {
+    let dir = adapter_blobs_dir(config);
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tmp = incoming(&dir);
+    let mut src = std::fs::File::open(file).map_err(io(file))?;
+    let hash = copy_hashing(&mut src, file, &tmp, None, |_| {})?;
+    match stored_hash(&tmp, None) {
+        Ok(copy) if copy == hash => {}
+        other => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(match other {
+                Ok(copy) => StoreError::CopyMismatch {
+                    path: file.to_path_buf(),
+                    copy,
+                    source_hash: hash,
+                },
+                Err(e) => e,
+            });
+        }
+    }
+    let blob_path = dir.join(format!("sha256-{hash}.gguf"));
+    let lock = StoreLock::acquire(&dir)?;
+    let published = std::fs::rename(&tmp, &blob_path)
+        .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
+    if let Err(e) = published {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Io {
+            path: blob_path,
+            source: e,
+        });
+    }
+    Ok(PublishedAdapter {
+        sha256: hash,
+        blob_path,
+        lock,
+    })
+}
+
+/// `kiln store gc`: the store's files that no model or adapter version
+/// uses ([`orphans`]), removed unless `dry_run`; a removal is audited with
+/// what it freed.
 pub fn gc(
     config: &Config,
     registry: &mut Registry,

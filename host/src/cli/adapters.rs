@@ -10,11 +10,6 @@ use kiln_runtime::store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// The adapter blobs' directory.
-fn blobs(config: &Config) -> PathBuf {
-    config.home.join("adapters").join("blobs")
-}
-
 /// `kiln adapters add FILE [--name NAME] [--model M]`: checked (against
 /// the model where one is named), copied into the store, a new active
 /// version.
@@ -63,19 +58,9 @@ pub fn add(
         }
         None => None,
     };
-    let sha256 = store::hash_file(file, |_| {})?;
-    let dir = blobs(config);
-    std::fs::create_dir_all(&dir).map_err(|e| CliError(format!("{}: {e}", dir.display())))?;
-    let blob = dir.join(format!("sha256-{sha256}.gguf"));
-    if !blob.is_file() {
-        let tmp = dir.join(format!(".sha256-{sha256}.partial-{}", std::process::id()));
-        std::fs::copy(file, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &blob))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                CliError(format!("{}: {e}", blob.display()))
-            })?;
-    }
+    // Published under the adapter store's lock, held until it is recorded.
+    let published = store::publish_adapter(config, file)?;
+    let (sha256, blob) = (published.sha256.clone(), published.blob_path.clone());
     let name = name.map(str::to_string).unwrap_or_else(|| {
         file.file_stem()
             .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned())
@@ -96,6 +81,7 @@ pub fn add(
         },
         &actor(),
     )?;
+    drop(published);
     if json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION, "adapter": record, "previous_active": t.before,

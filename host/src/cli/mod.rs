@@ -356,9 +356,9 @@ enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove the store's files that no model version uses: blobs left by
-    /// adds that failed or were killed before they were recorded, and
-    /// copies of adds whose process is gone (audited).
+    /// Remove the model and adapter stores' files that no version uses:
+    /// blobs left by adds that failed or were killed before they were
+    /// recorded, and copies of adds whose process is gone (audited).
     Gc {
         /// List them without removing anything.
         #[arg(long)]
