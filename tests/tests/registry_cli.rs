@@ -265,7 +265,7 @@ fn adds_a_gc_and_a_serve_killed_at_random_never_corrupt_the_model_store() {
             .unwrap()
     };
     let (mut finished, mut killed) = (0, 0);
-    for round in 0..12 {
+    for round in 0..24 {
         // Two adds (now and then of the same bytes), a gc and a server
         // reading the store, all at once; then SIGKILL for whatever still
         // runs after a random while.

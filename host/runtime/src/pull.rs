@@ -425,11 +425,7 @@ pub fn pull(
             (u.clone(), file, None, None, u.clone())
         }
     };
-    let dir = store::blobs_dir(config).with_file_name("downloads");
-    std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    let dir = downloads_dir(config)?;
     // One partial file per file, so that a second run resumes it: named by
     // the hub's sha256 where it gives one (a new revision behind the same
     // URL starts afresh), else by the URL.
@@ -481,6 +477,17 @@ pub fn pull(
 
 /// Fetches `url` into `partial`, resuming from its length; returns the
 /// bytes fetched and how many times it resumed after a dropped connection.
+/// `$KILN_HOME/models/downloads`, created: where downloads are kept
+/// (resumable) until the store takes them.
+fn downloads_dir(config: &Config) -> Result<PathBuf, PullError> {
+    let dir = store::blobs_dir(config).with_file_name("downloads");
+    std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// Where the file a version came from can be fetched again: its origin
 /// as `kiln pull` records it (`hf:ORG/NAME[@REVISION]/PATH`, or the URL),
 /// else `None` (an added or imported file). A revision is one path
@@ -521,11 +528,7 @@ pub fn refetch(
             "{origin} is not a source kiln can download again (only `kiln pull`'s are)"
         ))
     })?;
-    let dir = store::blobs_dir(config).with_file_name("downloads");
-    std::fs::create_dir_all(&dir).map_err(|source| PullError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    let dir = downloads_dir(config)?;
     let partial = dir.join(format!("{sha256}.partial"));
     download(client, &url, &partial, None, &mut event)?;
     Ok(partial)

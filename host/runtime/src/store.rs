@@ -294,7 +294,7 @@ pub fn add_with(
     let linked =
         how.link && !sealed_source && seal.is_none() && std::fs::hard_link(file, &tmp).is_ok();
     let checked = if linked {
-        hash_file(&tmp, |done| progress(done, total)).map(|h| (h.clone(), Ok(h)))
+        hash_file(&tmp, |done| progress(done, total))
     } else {
         let source: Result<Box<dyn Read>, StoreError> = match (&keys, sealed_source) {
             (Some(k), true) => crypt::open_reader(file, k)
@@ -304,31 +304,17 @@ pub fn add_with(
                 .map(|f| Box::new(f) as Box<dyn Read>)
                 .map_err(io(file)),
         };
-        source
-            .and_then(|mut src| {
-                copy_hashing(&mut src, file, &tmp, seal, |done| progress(done, total))
+        source.and_then(|mut src| {
+            copy_checked(&mut src, file, &tmp, seal, None, |done| {
+                progress(done, total)
             })
-            .map(|h| (h, stored_hash(&tmp, seal)))
+        })
     };
-    let (hash, copy) = match checked {
-        Ok(v) => v,
+    let copy = match checked {
+        Ok(copy) => copy,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
-        }
-    };
-    let copy = match copy {
-        Ok(copy) if copy == hash => copy,
-        other => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(match other {
-                Ok(copy) => StoreError::CopyMismatch {
-                    path: file.to_path_buf(),
-                    copy,
-                    source_hash: hash,
-                },
-                Err(e) => e,
-            });
         }
     };
     if let Some(want) = &how.expected_sha256
@@ -373,15 +359,7 @@ pub fn add_with(
     // so that a blob no record names is always garbage (see `orphans`).
     let _lock = StoreLock::acquire(&dir)?;
     let existed = blob.exists();
-    let published = std::fs::rename(&tmp, &blob)
-        .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
-    if let Err(e) = published {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(StoreError::Io {
-            path: blob,
-            source: e,
-        });
-    }
+    publish(&dir, &tmp, &blob)?;
     let recorded = registry.add_model(&new, actor);
     if recorded.is_err() && !existed && !registry.blob_in_use(&new.sha256).unwrap_or(true) {
         // Nothing names the new blob: take it back.
@@ -506,31 +484,38 @@ pub fn orphans(
     registry: &Registry,
     remove: bool,
 ) -> Result<Vec<Orphan>, StoreError> {
-    let models: std::collections::HashSet<PathBuf> = registry
-        .models()?
-        .into_iter()
-        .map(|m| m.blob_path)
-        .collect();
-    let adapters: std::collections::HashSet<PathBuf> = registry
-        .adapters()?
-        .into_iter()
-        .map(|a| a.blob_path)
-        .collect();
-    let mut out = orphans_in(&blobs_dir(config), &models, remove)?;
-    out.extend(orphans_in(&adapter_blobs_dir(config), &adapters, remove)?);
+    let models = || -> Result<_, StoreError> {
+        Ok(registry
+            .models()?
+            .into_iter()
+            .map(|m| m.blob_path)
+            .collect())
+    };
+    let adapters = || -> Result<_, StoreError> {
+        Ok(registry
+            .adapters()?
+            .into_iter()
+            .map(|a| a.blob_path)
+            .collect())
+    };
+    let mut out = orphans_in(&blobs_dir(config), models, remove)?;
+    out.extend(orphans_in(&adapter_blobs_dir(config), adapters, remove)?);
     Ok(out)
 }
 
-/// [`orphans`] in one blob directory, whose used blobs are `used`.
+/// [`orphans`] in one blob directory; `used` reads the blobs versions
+/// name, under the directory's lock: read before it, an add that records
+/// in between would lose its blob.
 fn orphans_in(
     dir: &Path,
-    used: &std::collections::HashSet<PathBuf>,
+    used: impl FnOnce() -> Result<std::collections::HashSet<PathBuf>, StoreError>,
     remove: bool,
 ) -> Result<Vec<Orphan>, StoreError> {
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
     let _lock = StoreLock::acquire(dir)?;
+    let used = used()?;
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
@@ -583,32 +568,10 @@ pub fn publish_adapter(config: &Config, file: &Path) -> Result<PublishedAdapter,
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let tmp = incoming(&dir);
     let mut src = std::fs::File::open(file).map_err(io(file))?;
-    let hash = copy_hashing(&mut src, file, &tmp, None, |_| {})?;
-    match stored_hash(&tmp, None) {
-        Ok(copy) if copy == hash => {}
-        other => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(match other {
-                Ok(copy) => StoreError::CopyMismatch {
-                    path: file.to_path_buf(),
-                    copy,
-                    source_hash: hash,
-                },
-                Err(e) => e,
-            });
-        }
-    }
+    let hash = copy_checked(&mut src, file, &tmp, None, None, |_| {})?;
     let blob_path = dir.join(format!("sha256-{hash}.gguf"));
     let lock = StoreLock::acquire(&dir)?;
-    let published = std::fs::rename(&tmp, &blob_path)
-        .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
-    if let Err(e) = published {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(StoreError::Io {
-            path: blob_path,
-            source: e,
-        });
-    }
+    publish(&dir, &tmp, &blob_path)?;
     Ok(PublishedAdapter {
         sha256: hash,
         blob_path,
@@ -693,6 +656,57 @@ fn copy_hashing(
         }));
     }
     Ok(hex(reader.hash))
+}
+
+/// [`copy_hashing`] into `tmp`, then the copy read back (decrypted for
+/// `seal`) and hashed again: the hash of what was read, equal to the
+/// copy's, and to `want` where given. On any failure `tmp` is gone.
+fn copy_checked(
+    src: &mut dyn Read,
+    from: &Path,
+    tmp: &Path,
+    seal: Option<&Keys>,
+    want: Option<&str>,
+    progress: impl FnMut(u64),
+) -> Result<String, StoreError> {
+    let hash = copy_hashing(src, from, tmp, seal, progress)?;
+    let failed = match want {
+        Some(want) if hash != want => Some(StoreError::HashMismatch {
+            path: from.to_path_buf(),
+            got: hash.clone(),
+            want: want.to_string(),
+        }),
+        _ => match stored_hash(tmp, seal) {
+            Ok(copy) if copy == hash => None,
+            Ok(copy) => Some(StoreError::CopyMismatch {
+                path: from.to_path_buf(),
+                copy,
+                source_hash: hash.clone(),
+            }),
+            Err(e) => Some(e),
+        },
+    };
+    match failed {
+        None => Ok(hash),
+        Some(e) => {
+            let _ = std::fs::remove_file(tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Renames the checked copy `tmp` to `blob` in `dir` and syncs the
+/// directory, under the caller's [`StoreLock`]; on failure `tmp` is gone.
+fn publish(dir: &Path, tmp: &Path, blob: &Path) -> Result<(), StoreError> {
+    let published = std::fs::rename(tmp, blob)
+        .and_then(|()| std::fs::File::open(dir).and_then(|d| d.sync_all()));
+    published.map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        StoreError::Io {
+            path: blob.to_path_buf(),
+            source: e,
+        }
+    })
 }
 
 /// A reader that hashes what passes through it and reports progress; a
@@ -960,39 +974,16 @@ fn restore(
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let tmp = incoming(&dir);
         let mut src = std::fs::File::open(&fresh).map_err(io(&fresh))?;
-        let hash = copy_hashing(&mut src, &fresh, &tmp, seal.as_ref(), |_| {})?;
-        let copy = stored_hash(&tmp, seal.as_ref());
-        let ok = match (&copy, hash == m.sha256) {
-            (Ok(c), true) if *c == m.sha256 => Ok(()),
-            (_, false) => Err(StoreError::HashMismatch {
-                path: fresh.clone(),
-                got: hash,
-                want: m.sha256.clone(),
-            }),
-            (Ok(c), true) => Err(StoreError::CopyMismatch {
-                path: fresh.clone(),
-                copy: c.clone(),
-                source_hash: hash,
-            }),
-            (Err(_), true) => Err(StoreError::Invalid(format!(
-                "{}: the repaired copy cannot be read back",
-                tmp.display()
-            ))),
-        };
-        if let Err(e) = ok {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        copy_checked(
+            &mut src,
+            &fresh,
+            &tmp,
+            seal.as_ref(),
+            Some(&m.sha256),
+            |_| {},
+        )?;
         let _lock = StoreLock::acquire(&dir)?;
-        let published = std::fs::rename(&tmp, &m.blob_path)
-            .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
-        if let Err(e) = published {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::Io {
-                path: m.blob_path.clone(),
-                source: e,
-            });
-        }
+        publish(&dir, &tmp, &m.blob_path)?;
         registry.audit_store(
             actor,
             "repair",
@@ -1085,43 +1076,18 @@ pub fn reseal(
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let tmp = incoming(&dir);
         let seal = encrypt.then_some(&keys);
-        let converted = (|| {
-            let mut src: Box<dyn Read> = if encrypt {
-                Box::new(std::fs::File::open(&from).map_err(io(&from))?)
-            } else {
-                Box::new(crypt::open_reader(&from, &keys)?)
-            };
-            let read = copy_hashing(&mut src, &from, &tmp, seal, |d| progress(&label, d, total))?;
-            if read != sha {
-                return Err(StoreError::HashMismatch {
-                    path: from.clone(),
-                    got: read,
-                    want: sha.clone(),
-                });
-            }
-            let copy = stored_hash(&tmp, seal)?;
-            if copy != sha {
-                return Err(StoreError::CopyMismatch {
-                    path: from.clone(),
-                    copy,
-                    source_hash: sha.clone(),
-                });
-            }
-            Ok(())
-        })();
-        if let Err(e) = converted {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let mut src: Box<dyn Read> = if encrypt {
+            Box::new(std::fs::File::open(&from).map_err(io(&from))?)
+        } else {
+            Box::new(crypt::open_reader(&from, &keys)?)
+        };
+        copy_checked(&mut src, &from, &tmp, seal, Some(&sha), |d| {
+            progress(&label, d, total)
+        })?;
         let to = blob_path(&dir, &sha, encrypt);
         let bytes = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
         let _lock = StoreLock::acquire(&dir)?;
-        let published = std::fs::rename(&tmp, &to)
-            .and_then(|()| std::fs::File::open(&dir).and_then(|d| d.sync_all()));
-        if let Err(e) = published {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(&to)(e));
-        }
+        publish(&dir, &tmp, &to)?;
         // Until the registry names `to`, it is an orphan; after, `from` is.
         registry.move_blob(&sha, &to, encrypt, actor)?;
         if from.parent() == Some(dir.as_path()) && from != to {
