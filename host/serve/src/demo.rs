@@ -5,7 +5,7 @@
 
 use super::lsp::{Frame, FrameReader};
 use kiln_plugin_api::DType;
-use kiln_runtime::gguf::{GgufWriter, TensorSpec};
+use kiln_runtime::gguf::{GgufWriter, LlamaShape, TensorSpec};
 use kiln_runtime::gguf::{Value, ValueType};
 use serde::Serialize;
 use serde_json::{Value as Json, json};
@@ -91,7 +91,7 @@ pub fn write_demo_model(path: &Path) -> std::io::Result<()> {
     let vocab = toks.len();
     let s = |k: &str, v: &str| (k.to_string(), Value::String(v.to_string()));
     let u = |k: &str, v: u32| (k.to_string(), Value::U32(v));
-    let metadata = vec![
+    let mut metadata = vec![
         s("general.architecture", "llama"),
         s("general.name", DEMO_MODEL_NAME),
         s(
@@ -99,19 +99,18 @@ pub fn write_demo_model(path: &Path) -> std::io::Result<()> {
             "kiln's demo model: random weights, so its completions are noise",
         ),
         u("general.file_type", 1),
-        u("llama.context_length", CTX),
-        u("llama.embedding_length", EMBD as u32),
-        u("llama.block_count", LAYERS as u32),
-        u("llama.feed_forward_length", FF as u32),
-        u("llama.attention.head_count", HEADS as u32),
-        u("llama.attention.head_count_kv", KV_HEADS as u32),
-        u("llama.rope.dimension_count", (EMBD / HEADS) as u32),
-        ("llama.rope.freq_base".into(), Value::F32(10000.0)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(1e-5),
-        ),
-        u("llama.vocab_size", vocab as u32),
+    ];
+    let shape = LlamaShape {
+        ctx: CTX,
+        embd: EMBD,
+        layers: LAYERS,
+        ff: FF,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        vocab,
+    };
+    metadata.extend(shape.metadata());
+    metadata.extend([
         s("tokenizer.ggml.model", "llama"),
         (
             "tokenizer.ggml.tokens".into(),
@@ -134,25 +133,9 @@ pub fn write_demo_model(path: &Path) -> std::io::Result<()> {
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
         ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
         s("tokenizer.chat_template", CHATML),
-    ];
-    let kv = KV_HEADS * EMBD / HEADS;
-    let mut shapes: Vec<(String, Vec<usize>)> =
-        vec![("token_embd.weight".into(), vec![EMBD, vocab])];
-    for l in 0..LAYERS {
-        let b = format!("blk.{l}.");
-        shapes.push((format!("{b}attn_norm.weight"), vec![EMBD]));
-        shapes.push((format!("{b}attn_q.weight"), vec![EMBD, EMBD]));
-        shapes.push((format!("{b}attn_k.weight"), vec![EMBD, kv]));
-        shapes.push((format!("{b}attn_v.weight"), vec![EMBD, kv]));
-        shapes.push((format!("{b}attn_output.weight"), vec![EMBD, EMBD]));
-        shapes.push((format!("{b}ffn_norm.weight"), vec![EMBD]));
-        shapes.push((format!("{b}ffn_gate.weight"), vec![EMBD, FF]));
-        shapes.push((format!("{b}ffn_up.weight"), vec![EMBD, FF]));
-        shapes.push((format!("{b}ffn_down.weight"), vec![FF, EMBD]));
-    }
-    shapes.push(("output_norm.weight".into(), vec![EMBD]));
-    shapes.push(("output.weight".into(), vec![EMBD, vocab]));
-    let specs: Vec<TensorSpec> = shapes
+    ]);
+    let specs: Vec<TensorSpec> = shape
+        .tensors(false)
         .iter()
         .map(|(name, ne)| {
             let dtype = if ne.len() == 1 {

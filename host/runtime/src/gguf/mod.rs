@@ -15,7 +15,7 @@ mod read;
 mod write;
 
 pub use read::{GgufFile, TensorInfo};
-pub use write::{GgufWriter, TensorSpec};
+pub use write::{GgufWriter, LlamaShape, TensorSpec};
 
 use std::fmt;
 use std::path::PathBuf;

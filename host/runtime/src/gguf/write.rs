@@ -43,6 +43,69 @@ impl TensorSpec {
     }
 }
 
+/// A llama-architecture model's shape, as GGUF records it: the models
+/// kiln makes itself (the demo's, kiln-code's initial one) are written
+/// from it.
+#[derive(Clone, Copy, Debug)]
+pub struct LlamaShape {
+    pub ctx: u32,
+    pub embd: usize,
+    pub layers: usize,
+    pub ff: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    /// The `llama.*` keys (RoPE base 10000, RMSNorm ε 1e-5), the
+    /// vocabulary's size last.
+    pub fn metadata(&self) -> Vec<(String, Value)> {
+        let u = |k: &str, v: usize| (k.to_string(), Value::U32(v as u32));
+        vec![
+            ("llama.context_length".to_string(), Value::U32(self.ctx)),
+            u("llama.embedding_length", self.embd),
+            u("llama.block_count", self.layers),
+            u("llama.feed_forward_length", self.ff),
+            u("llama.attention.head_count", self.heads),
+            u("llama.attention.head_count_kv", self.kv_heads),
+            u("llama.rope.dimension_count", self.embd / self.heads),
+            ("llama.rope.freq_base".into(), Value::F32(10000.0)),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                Value::F32(1e-5),
+            ),
+            u("llama.vocab_size", self.vocab),
+        ]
+    }
+
+    /// Every tensor's name and extents (innermost first): the token
+    /// embedding, each block's norms and projections, the output norm,
+    /// and unless `tied` (the embedding read back as the head) the output.
+    pub fn tensors(&self, tied: bool) -> Vec<(String, Vec<usize>)> {
+        let (e, ff) = (self.embd, self.ff);
+        let kv = self.kv_heads * e / self.heads;
+        let mut t = vec![("token_embd.weight".to_string(), vec![e, self.vocab])];
+        for l in 0..self.layers {
+            let b = |n: &str| format!("blk.{l}.{n}");
+            t.push((b("attn_norm.weight"), vec![e]));
+            t.push((b("attn_q.weight"), vec![e, e]));
+            t.push((b("attn_k.weight"), vec![e, kv]));
+            t.push((b("attn_v.weight"), vec![e, kv]));
+            t.push((b("attn_output.weight"), vec![e, e]));
+            t.push((b("ffn_norm.weight"), vec![e]));
+            t.push((b("ffn_gate.weight"), vec![e, ff]));
+            t.push((b("ffn_up.weight"), vec![e, ff]));
+            t.push((b("ffn_down.weight"), vec![ff, e]));
+        }
+        t.push(("output_norm.weight".into(), vec![e]));
+        if !tied {
+            t.push(("output.weight".into(), vec![e, self.vocab]));
+        }
+        t
+    }
+}
+
 pub struct GgufWriter {
     out: BufWriter<File>,
     tmp: PathBuf,

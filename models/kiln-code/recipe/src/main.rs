@@ -16,7 +16,7 @@ use clap::Parser;
 use kiln_finetune::prepare::{self, ForModel};
 use kiln_finetune::train::full;
 use kiln_plugin_api::DType;
-use kiln_runtime::gguf::{GgufFile, GgufWriter, TensorSpec, Value, ValueType};
+use kiln_runtime::gguf::{GgufFile, GgufWriter, LlamaShape, TensorSpec, Value, ValueType};
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -348,7 +348,7 @@ fn init_model(path: &Path, tokens: &[String], merges: &[String], seed: u64) {
             v.iter().cloned().map(Value::String).collect(),
         )
     };
-    let metadata = vec![
+    let mut metadata = vec![
         s("general.architecture", "llama"),
         s("general.name", "kiln-code"),
         s(
@@ -357,19 +357,18 @@ fn init_model(path: &Path, tokens: &[String], merges: &[String], seed: u64) {
         ),
         s("general.license", "Apache-2.0"),
         u("general.file_type", 7),
-        u("llama.context_length", CTX),
-        u("llama.embedding_length", EMBD as u32),
-        u("llama.block_count", LAYERS as u32),
-        u("llama.feed_forward_length", FF as u32),
-        u("llama.attention.head_count", HEADS as u32),
-        u("llama.attention.head_count_kv", KV_HEADS as u32),
-        u("llama.rope.dimension_count", (EMBD / HEADS) as u32),
-        ("llama.rope.freq_base".into(), Value::F32(10000.0)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(1e-5),
-        ),
-        u("llama.vocab_size", tokens.len() as u32),
+    ];
+    let shape = LlamaShape {
+        ctx: CTX,
+        embd: EMBD,
+        layers: LAYERS,
+        ff: FF,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        vocab: tokens.len(),
+    };
+    metadata.extend(shape.metadata());
+    metadata.extend([
         s("tokenizer.ggml.model", "gpt2"),
         s("tokenizer.ggml.pre", "qwen2"),
         ("tokenizer.ggml.tokens".into(), strings(tokens)),
@@ -386,23 +385,9 @@ fn init_model(path: &Path, tokens: &[String], merges: &[String], seed: u64) {
         u("tokenizer.ggml.fim_mid_token_id", id("<|fim_middle|>")),
         u("tokenizer.ggml.fim_pad_token_id", id("<|fim_pad|>")),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-    ];
-    let kv = KV_HEADS * EMBD / HEADS;
-    let mut shapes: Vec<(String, Vec<usize>)> =
-        vec![("token_embd.weight".into(), vec![EMBD, tokens.len()])];
-    for l in 0..LAYERS {
-        let b = |n: &str| format!("blk.{l}.{n}");
-        shapes.push((b("attn_norm.weight"), vec![EMBD]));
-        shapes.push((b("attn_q.weight"), vec![EMBD, EMBD]));
-        shapes.push((b("attn_k.weight"), vec![EMBD, kv]));
-        shapes.push((b("attn_v.weight"), vec![EMBD, kv]));
-        shapes.push((b("attn_output.weight"), vec![EMBD, EMBD]));
-        shapes.push((b("ffn_norm.weight"), vec![EMBD]));
-        shapes.push((b("ffn_gate.weight"), vec![EMBD, FF]));
-        shapes.push((b("ffn_up.weight"), vec![EMBD, FF]));
-        shapes.push((b("ffn_down.weight"), vec![FF, EMBD]));
-    }
-    shapes.push(("output_norm.weight".into(), vec![EMBD]));
+    ]);
+    // Tied: the embedding is the output head too.
+    let shapes = shape.tensors(true);
     let specs: Vec<TensorSpec> = shapes
         .iter()
         .map(|(name, ne)| TensorSpec::new(name.as_str(), DType::F32, ne))
