@@ -153,16 +153,18 @@ type Shown = Arc<Mutex<Option<(String, u32, String)>>>;
 /// Inline completions `kiln/explain` can explain by their id.
 const SERVED_KEPT: usize = 32;
 
-/// One inline completion served: its id, the model that served it, what
-/// its prompt was made of and (once answered) its text.
+/// One inline completion shown: its id, the model that served it, what
+/// its prompt was made of and its text.
 struct ServedItem {
     id: String,
     model: String,
     parts: crate::preview::Parts,
-    text: Option<String>,
+    text: String,
 }
 
-/// The last [`SERVED_KEPT`] inline completions, oldest first.
+/// The last [`SERVED_KEPT`] inline completions shown (answered with an
+/// item), oldest first: kept by the reply, so that requests cancelled
+/// while the user types never push the shown ones out.
 type ServedLog = Arc<Mutex<std::collections::VecDeque<ServedItem>>>;
 
 /// The context block chosen for a (document, line), and the ranking
@@ -948,10 +950,9 @@ impl Server {
         });
     }
 
-    /// The prompt and text of the inline completion `params.id` served:
-    /// refused when it is not among the last [`SERVED_KEPT`], not answered
-    /// (yet, or ever), empty, or served by another model than the one
-    /// loaded now.
+    /// The prompt and text of the inline completion `params.id` shown:
+    /// refused when it is not among the last [`SERVED_KEPT`], or was served
+    /// by another model than the one loaded now.
     fn served_preview(
         &self,
         engine: &Engine,
@@ -979,23 +980,6 @@ impl Server {
                 ),
             ));
         };
-        let text = match &item.text {
-            None => {
-                return Err((
-                    REQUEST_FAILED,
-                    format!(
-                        "completion {want} has no answer to explain (still running, cancelled or failed)"
-                    ),
-                ));
-            }
-            Some(t) if t.is_empty() => {
-                return Err((
-                    REQUEST_FAILED,
-                    format!("completion {want} was empty: there is nothing to explain"),
-                ));
-            }
-            Some(t) => t.clone(),
-        };
         let loaded = engine.loaded();
         if item.model != loaded.id {
             return Err((
@@ -1007,7 +991,7 @@ impl Server {
             ));
         }
         let preview = crate::preview::assemble(&loaded, item.parts.clone());
-        Ok((preview, Some(text)))
+        Ok((preview, Some(item.text.clone())))
     }
 
     /// `workspace/executeCommand`: `kiln.accepted` with `{"completion":
@@ -1291,27 +1275,27 @@ impl Server {
             draft: s.draft,
             ..Request::new(prompt, s.max_tokens, sampling)
         };
-        if let (Some(t), Some(memo)) = (&tag, &self.context_memo) {
-            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-            if served.len() == SERVED_KEPT {
-                served.pop_front();
-            }
-            served.push_back(ServedItem {
-                id: t.completion.clone(),
-                model: loaded.id.clone(),
-                parts: crate::preview::Parts {
-                    path: rel.clone(),
-                    repo: repo.clone(),
-                    packed: memo.packed.clone(),
-                    context_budget: s.context_tokens,
-                    prefix: prefix.to_string(),
-                    suffix: suffix.to_string(),
-                    second_query: second.clone(),
-                    prompt_tokens,
+        let served = match (&tag, &self.context_memo) {
+            (Some(t), Some(memo)) => Some((
+                self.served.clone(),
+                ServedItem {
+                    id: t.completion.clone(),
+                    model: loaded.id.clone(),
+                    parts: crate::preview::Parts {
+                        path: rel.clone(),
+                        repo: repo.clone(),
+                        packed: memo.packed.clone(),
+                        context_budget: s.context_tokens,
+                        prefix: prefix.to_string(),
+                        suffix: suffix.to_string(),
+                        second_query: second.clone(),
+                        prompt_tokens,
+                    },
+                    text: String::new(),
                 },
-                text: None,
-            });
-        }
+            )),
+            _ => None,
+        };
         let explicit = Arc::new(AtomicBool::new(false));
         let key = id_key(&id);
         let sink = Reply {
@@ -1325,7 +1309,7 @@ impl Server {
             decision,
             tag,
             shown: (self.shown.clone(), uri.to_string(), line),
-            served: self.served.clone(),
+            served,
         };
         // Held across the submit, so that a job that ends at once finds
         // its entry to remove.
@@ -1422,8 +1406,9 @@ struct Reply {
     /// Where the completion is remembered once shown: (the server's
     /// last shown completion, uri, line).
     shown: (Shown, String, u32),
-    /// Where an inline completion's text is kept for `kiln/explain`.
-    served: ServedLog,
+    /// Inline completions: where one shown is kept for `kiln/explain`,
+    /// and what its prompt was made of.
+    served: Option<(ServedLog, ServedItem)>,
 }
 
 impl Sink for Reply {
@@ -1468,11 +1453,13 @@ impl Sink for Reply {
             };
         }
         let text = f.generation.text;
-        if let Some(t) = &tag {
-            let mut served = served.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(item) = served.iter_mut().find(|i| i.id == t.completion) {
-                item.text = Some(text.clone());
+        if let Some((log, mut item)) = served.filter(|_| !text.is_empty()) {
+            item.text = text.clone();
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if log.len() == SERVED_KEPT {
+                log.pop_front();
             }
+            log.push_back(item);
         }
         if !text.trim().is_empty() {
             let (last, uri, line) = shown;
