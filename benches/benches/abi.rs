@@ -6,7 +6,9 @@
 //!   the peer is the same work as a direct Rust call.
 //! - `graph_round_trip/*`: one single-op graph (scale 16 floats) submitted
 //!   and synchronised on resident buffers; the peer runs the same op through
-//!   `kiln_cpu::ops::run` directly.
+//!   `kiln_cpu::ops::run` directly. `c-fixture-worker` is the C fixture in a
+//!   worker process (plugin isolation): two messages each way per round
+//!   trip, the graph through the shared arena.
 //!
 //! `cargo bench -p kiln-benches --bench abi`
 
@@ -16,7 +18,8 @@ use kiln_plugin_api::abi::{KilnOp, KilnTensor};
 use kiln_plugin_api::host::{BackendHandle, HostSink, host_api, open_library};
 use kiln_plugin_api::types::f32_param;
 use kiln_plugin_api::{DType, ErrorCode, OpKind};
-use kiln_runtime::backend::Backend;
+use kiln_runtime::backend::worker::{Limits, Worker};
+use kiln_runtime::backend::{Backend, Handle};
 use std::hint::black_box;
 
 struct Quiet;
@@ -55,12 +58,21 @@ fn tensor(buffer: *mut core::ffi::c_void) -> KilnTensor {
     }
 }
 
+/// The built-in CPU backend's negotiated table.
+fn cpu_table(cpu: &Backend) -> &BackendHandle {
+    match cpu.handle() {
+        Handle::InProcess(h) => h,
+        Handle::Worker(_) => unreachable!("the built-in CPU runs in kiln's process"),
+    }
+}
+
 fn abi_calls(c: &mut Criterion) {
     let cpu = Backend::builtin_cpu();
+    let cpu = cpu_table(&cpu);
     let fixture = c_fixture();
     let mut g = c.benchmark_group("abi_call");
     g.bench_function("device_count/cpu-rust-glue", |b| {
-        b.iter(|| black_box(cpu.handle().device_count().unwrap()))
+        b.iter(|| black_box(cpu.device_count().unwrap()))
     });
     g.bench_function("device_count/c-fixture", |b| {
         b.iter(|| black_box(fixture.device_count().unwrap()))
@@ -77,7 +89,7 @@ fn abi_calls(c: &mut Criterion) {
     let query = [tensor(std::ptr::null_mut()), tensor(std::ptr::null_mut())];
     let op = scale_op();
     g.bench_function("supports_op/cpu-rust-glue", |b| {
-        b.iter(|| black_box(cpu.handle().supports_op(0, &op, &query).unwrap()))
+        b.iter(|| black_box(cpu.supports_op(0, &op, &query).unwrap()))
     });
     g.bench_function("supports_op/c-fixture", |b| {
         b.iter(|| black_box(fixture.supports_op(0, &op, &query).unwrap()))
@@ -95,7 +107,7 @@ static DIRECT: std::sync::LazyLock<kiln_cpu::CpuBackend> = std::sync::LazyLock::
         .unwrap()
 });
 
-fn round_trip(h: &BackendHandle) -> impl FnMut() + '_ {
+fn round_trip(h: &Handle) -> impl FnMut() + '_ {
     let a = h.buffer_alloc(0, 64).unwrap();
     let y = h.buffer_alloc(0, 64).unwrap();
     h.buffer_write(a, 0, &[0u8; 64]).unwrap();
@@ -109,12 +121,16 @@ fn round_trip(h: &BackendHandle) -> impl FnMut() + '_ {
 
 fn graph_round_trips(c: &mut Criterion) {
     let cpu = Backend::builtin_cpu();
-    let fixture = c_fixture();
+    let fixture = Handle::InProcess(c_fixture());
+    let lib = kiln_tests::c_fixture("kiln_bench_fixture", &["-O2"]);
+    let worker = Handle::Worker(Worker::start("c-fixture", &lib, Limits::default(), None).unwrap());
     let mut g = c.benchmark_group("graph_round_trip");
     let mut run = round_trip(cpu.handle());
     g.bench_function("scale16/cpu-rust-glue", |b| b.iter(&mut run));
     let mut run = round_trip(&fixture);
     g.bench_function("scale16/c-fixture", |b| b.iter(&mut run));
+    let mut run = round_trip(&worker);
+    g.bench_function("scale16/c-fixture-worker", |b| b.iter(&mut run));
     g.bench_function("scale16/direct-rust-peer", |b| {
         let mut x = vec![0u8; 64];
         let mut y = vec![0u8; 64];

@@ -12,5 +12,13 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A plugin's worker process (started by kiln itself; see
+    // kiln_runtime::backend::worker), before any argument parsing.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 4 && args[1] == "plugin-worker" {
+        let generation = args[3].to_str().and_then(|g| g.parse().ok()).unwrap_or(1);
+        let code = kiln_runtime::backend::worker::worker_main(args[2].as_ref(), generation);
+        return std::process::ExitCode::from(code as u8);
+    }
     cli::main()
 }

@@ -8,6 +8,10 @@
 //! ```toml
 //! [plugins]
 //! dirs = ["/opt/vendor/kiln-plugins"]   # relative paths are relative to KILN_HOME
+//! call_timeout_seconds = 60   # the watchdog: a worker that takes longer is killed
+//! worker_memory_mb = 8192     # a worker holding more is killed (default: half the RAM)
+//! [plugins.isolation]
+//! "vendor-cuda" = "in-process"   # trusted; every other plugin runs in a worker process
 //!
 //! [store]
 //! encrypt_at_rest = true   # models added from now on are stored encrypted (age)
@@ -114,6 +118,46 @@ pub const DEFAULT_SCRUB_HOURS: f64 = 24.0;
 struct PluginsSection {
     #[serde(default)]
     dirs: Vec<PathBuf>,
+    /// Seconds one call into a worker may take before it is killed.
+    #[serde(default)]
+    call_timeout_seconds: Option<f64>,
+    /// MiB of resident memory a worker may hold before it is killed.
+    #[serde(default)]
+    worker_memory_mb: Option<u64>,
+    /// By plugin name: "process" or "in-process".
+    #[serde(default)]
+    isolation: std::collections::BTreeMap<String, IsolationSetting>,
+}
+
+/// Where a plugin runs (`[plugins.isolation]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationSetting {
+    /// A supervised worker process: the default.
+    Process,
+    /// kiln's own process: the user trusts the plugin not to crash.
+    InProcess,
+}
+
+/// `[plugins]`: how plugins are run.
+#[derive(Clone, Debug, Default)]
+pub struct PluginRunConfig {
+    /// `call_timeout_seconds`: the watchdog (`None`: kiln's default).
+    pub call_timeout: Option<std::time::Duration>,
+    /// `worker_memory_mb` in bytes (`None`: half the machine's memory).
+    pub worker_memory: Option<u64>,
+    /// `[plugins.isolation]`: by plugin name; plugins not named run in a
+    /// worker process.
+    pub isolation: std::collections::BTreeMap<String, IsolationSetting>,
+}
+
+impl PluginRunConfig {
+    pub fn isolation_of(&self, plugin: &str) -> IsolationSetting {
+        self.isolation
+            .get(plugin)
+            .copied()
+            .unwrap_or(IsolationSetting::Process)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +175,8 @@ pub struct Config {
     /// `[store] scrub_interval_hours`: how often `kiln serve` re-hashes
     /// the model store in the background (`None`: never).
     pub scrub_interval: Option<std::time::Duration>,
+    /// `[plugins]`: isolation, the watchdog, the workers' memory.
+    pub plugin_run: PluginRunConfig,
 }
 
 impl Config {
@@ -159,8 +205,28 @@ impl Config {
         let mut encrypt_at_rest = false;
         let mut kv_cache = KvCacheSection::default();
         let mut scrub_hours = DEFAULT_SCRUB_HOURS;
+        let mut plugin_run = PluginRunConfig::default();
         match read_config_file(&config_file) {
             Ok(file) => {
+                match file.plugins.call_timeout_seconds {
+                    Some(t) if !(t.is_finite() && (0.1..=86_400.0).contains(&t)) => {
+                        config_error = Some(format!(
+                            "{}: [plugins] call_timeout_seconds = {t}: give seconds from 0.1 to 86400",
+                            config_file.display()
+                        ));
+                    }
+                    t => plugin_run.call_timeout = t.map(std::time::Duration::from_secs_f64),
+                }
+                match file.plugins.worker_memory_mb {
+                    Some(0) => {
+                        config_error = Some(format!(
+                            "{}: [plugins] worker_memory_mb = 0: give MiB (leave it out for half the machine's memory)",
+                            config_file.display()
+                        ));
+                    }
+                    m => plugin_run.worker_memory = m.map(|m| m.saturating_mul(1 << 20)),
+                }
+                plugin_run.isolation = file.plugins.isolation;
                 encrypt_at_rest = file.store.encrypt_at_rest;
                 match file.store.scrub_interval_hours {
                     Some(h) if !(h.is_finite() && (0.0..=24.0 * 365.0).contains(&h)) => {
@@ -199,6 +265,7 @@ impl Config {
             kv_cache,
             scrub_interval: (scrub_hours > 0.0)
                 .then(|| std::time::Duration::from_secs_f64(scrub_hours * 3600.0)),
+            plugin_run,
         }
     }
 

@@ -24,7 +24,7 @@ mod stack;
 pub use adapters::{AdapterEval, AdapterRecord, NewAdapter, NewAdapterEval};
 pub use models::{ModelRecord, NewModel};
 pub use policies::{Decision, NewPolicy, PolicyRecord};
-use rusqlite::{Connection, OpenFlags, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde::Serialize;
 pub use stack::Kind;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0008_adapter_evals.sql",
         include_str!("../../../migrations/0008_adapter_evals.sql"),
+    ),
+    (
+        "0009_plugin_health.sql",
+        include_str!("../../../migrations/0009_plugin_health.sql"),
     ),
 ];
 
@@ -162,6 +166,18 @@ pub struct PluginRecord {
     pub conformance: serde_json::Value,
     pub installed_at: String,
     pub updated_at: String,
+    /// When repeated crashes of its worker quarantined this version.
+    pub quarantined_at: Option<String>,
+}
+
+/// One recorded death of a plugin's worker process.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginCrash {
+    pub plugin: String,
+    pub version: String,
+    pub at: String,
+    pub during: String,
+    pub cause: String,
 }
 
 impl PluginRecord {
@@ -232,6 +248,7 @@ fn plugin_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<PluginRecord> {
         conformance: serde_json::from_str(&conformance).unwrap_or(serde_json::Value::Null),
         installed_at: row.get("installed_at")?,
         updated_at: row.get("updated_at")?,
+        quarantined_at: row.get("quarantined_at")?,
     })
 }
 
@@ -433,6 +450,119 @@ impl Registry {
         )?;
         tx.commit()?;
         Ok(t)
+    }
+
+    /// Records a death of `name`'s worker (the active version with
+    /// library `sha256`) and, with `quarantine`, quarantines that version,
+    /// audited. A version no longer registered is not recorded.
+    pub fn record_plugin_crash(
+        &mut self,
+        name: &str,
+        sha256: &str,
+        during: &str,
+        cause: &str,
+        quarantine: bool,
+    ) -> Result<()> {
+        let tx = self.write()?;
+        let row: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT id, version FROM plugins WHERE name = ?1 AND sha256 = ?2 ORDER BY state = 'active' DESC, id DESC LIMIT 1",
+                params![name, sha256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, version)) = row else {
+            return Ok(());
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO plugin_crashes (plugin_id, at, during, cause) VALUES (?1, {NOW}, ?2, ?3)"
+            ),
+            params![id, during, cause],
+        )?;
+        if quarantine {
+            tx.execute(
+                &format!("UPDATE plugins SET quarantined_at = {NOW} WHERE id = ?1"),
+                params![id],
+            )?;
+            audit(
+                &tx,
+                "kiln",
+                "plugin",
+                "quarantine",
+                name,
+                Some(&version),
+                None,
+                Some(&format!(
+                    "{name}@{version}: its worker process crashed repeatedly; last during {during}: {cause}"
+                )),
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Lifts the quarantine of `name`'s active version: it is loaded again
+    /// (its crash history stays).
+    pub fn release_plugin(&mut self, name: &str, actor: &str) -> Result<PluginRecord> {
+        let tx = self.write()?;
+        let record = tx
+            .query_row(
+                "SELECT * FROM plugins WHERE name = ?1 AND state = 'active'",
+                params![name],
+                plugin_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| {
+                RegistryError::Refused(format!(
+                    "no active plugin named {name}; `kiln plugins list` shows what is installed"
+                ))
+            })?;
+        if record.quarantined_at.is_none() {
+            return Err(RegistryError::Refused(format!(
+                "{} is not quarantined; nothing to release",
+                record.label()
+            )));
+        }
+        tx.execute(
+            "UPDATE plugins SET quarantined_at = NULL WHERE id = ?1",
+            params![record.id],
+        )?;
+        audit(
+            &tx,
+            actor,
+            "plugin",
+            "release",
+            name,
+            None,
+            Some(&record.version),
+            Some(&format!("{}: quarantine lifted", record.label())),
+        )?;
+        tx.commit()?;
+        Ok(PluginRecord {
+            quarantined_at: None,
+            ..record
+        })
+    }
+
+    /// The newest `limit` crashes of plugin workers, newest first (of
+    /// `name` only, when given).
+    pub fn plugin_crashes(&self, name: Option<&str>, limit: usize) -> Result<Vec<PluginCrash>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT p.name, p.version, c.at, c.during, c.cause FROM plugin_crashes c
+             JOIN plugins p ON p.id = c.plugin_id
+             WHERE ?1 IS NULL OR p.name = ?1 ORDER BY c.id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![name, limit as i64], |r| {
+            Ok(PluginCrash {
+                plugin: r.get(0)?,
+                version: r.get(1)?,
+                at: r.get(2)?,
+                during: r.get(3)?,
+                cause: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The newest `limit` audit entries, oldest first.

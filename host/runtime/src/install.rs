@@ -82,7 +82,8 @@ pub fn add_plugin(
             )
         })));
     }
-    let backend = Backend::load_plugin(&verified).map_err(|source| InstallError::Load {
+    let run = crate::backend::PluginRun::from_config(&config.plugin_run);
+    let backend = Backend::load_plugin(&verified, &run).map_err(|source| InstallError::Load {
         label: label.clone(),
         source,
     })?;

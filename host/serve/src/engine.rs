@@ -585,7 +585,7 @@ fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
 
 fn worker_loop(shared: &Shared) {
     let mut session: Option<(Arc<Loaded>, Session)> = None;
-    let mut seen_stats = [0u64; 6];
+    let mut seen_stats = [0u64; 8];
     loop {
         let job = {
             let mut q = lock(&shared.queue);
@@ -646,9 +646,10 @@ fn worker_loop(shared: &Shared) {
     }
 }
 
-fn record_backend_stats(shared: &Shared, seen: &mut [u64; 6]) {
+fn record_backend_stats(shared: &Shared, seen: &mut [u64; 8]) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &shared.target.stats;
+    let worker = shared.target.handle().worker();
     let now = [
         s.ops_run.load(Relaxed),
         s.ops_unsupported_fallback.load(Relaxed),
@@ -656,9 +657,23 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 6]) {
         s.bytes_to_device.load(Relaxed),
         s.bytes_from_device.load(Relaxed),
         s.device_losses.load(Relaxed),
+        worker.map_or(0, |w| w.crashes.load(Relaxed)),
+        worker.map_or(0, |w| w.restarts.load(Relaxed)),
     ];
     let name = shared.target.name();
     let m = &shared.metrics;
+    if let Some(w) = worker {
+        let plugin = labels(&[("plugin", &name)]);
+        m.plugin_crashes
+            .get_or_create(&plugin)
+            .inc_by(now[6].saturating_sub(seen[6]));
+        m.plugin_restarts
+            .get_or_create(&plugin)
+            .inc_by(now[7].saturating_sub(seen[7]));
+        m.plugin_quarantined
+            .get_or_create(&plugin)
+            .set(i64::from(w.is_quarantined()));
+    }
     m.backend_ops
         .get_or_create(&labels(&[("backend", &name)]))
         .inc_by(now[0].saturating_sub(seen[0]));

@@ -43,6 +43,11 @@ pub struct Metrics {
     pub backend_ops: Family<Labels, Counter>,
     pub fallbacks: Family<Labels, Counter>,
     pub transfer_bytes: Family<Labels, Counter>,
+    /// Deaths and restarts of a plugin's worker process, and 1 while the
+    /// plugin is quarantined.
+    pub plugin_crashes: Family<Labels, Counter>,
+    pub plugin_restarts: Family<Labels, Counter>,
+    pub plugin_quarantined: Family<Labels, Gauge>,
     pub policy_calls: Family<Labels, Counter>,
     pub policy_trips: Family<Labels, Counter>,
     pub policy_breaker_open: Family<Labels, Gauge>,
@@ -100,6 +105,9 @@ impl Default for Metrics {
             backend_ops: Family::default(),
             fallbacks: Family::default(),
             transfer_bytes: Family::default(),
+            plugin_crashes: Family::default(),
+            plugin_restarts: Family::default(),
+            plugin_quarantined: Family::default(),
             policy_calls: Family::default(),
             policy_trips: Family::default(),
             policy_breaker_open: Family::default(),
@@ -234,6 +242,21 @@ impl Default for Metrics {
             "Bytes moved between the host and a backend's device memory, by backend and \
              direction (to_device, from_device)",
             m.transfer_bytes.clone(),
+        );
+        registry.register(
+            "kiln:plugin_worker_crashes",
+            "Deaths of a plugin's worker process (signal, watchdog, memory limit), by plugin",
+            m.plugin_crashes.clone(),
+        );
+        registry.register(
+            "kiln:plugin_worker_restarts",
+            "Worker processes started again after a crash, by plugin",
+            m.plugin_restarts.clone(),
+        );
+        registry.register(
+            "kiln:plugin_quarantined",
+            "1 while a plugin is quarantined after repeated crashes (kiln plugins release NAME)",
+            m.plugin_quarantined.clone(),
         );
         registry.register(
             "kiln:policy_calls",

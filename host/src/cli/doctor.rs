@@ -115,7 +115,11 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                     })
                 })
                 .collect();
-            backends.push(json!({"name": b.name(), "version": version, "devices": devices}));
+            backends.push(json!({
+                "name": b.name(), "version": version, "devices": devices,
+                "isolation": b.handle().isolation(),
+                "worker_pid": b.handle().worker().and_then(|w| w.pid()),
+            }));
         }
     }
 

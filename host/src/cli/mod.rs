@@ -592,6 +592,9 @@ enum PluginsCommand {
     Disable { plugin: String },
     /// Re-activate the version that was active before the current one.
     Rollback { name: String },
+    /// Load NAME again after its worker process crashed repeatedly and it
+    /// was quarantined.
+    Release { name: String },
     /// The audit log of plugin changes, oldest first.
     Log {
         #[arg(long, default_value_t = 50)]
@@ -852,6 +855,7 @@ fn run(command: Command) -> CliResult {
             PluginsCommand::Enable { plugin } => change(&config, Kind::Plugin, Enable, &plugin),
             PluginsCommand::Disable { plugin } => change(&config, Kind::Plugin, Disable, &plugin),
             PluginsCommand::Rollback { name } => change(&config, Kind::Plugin, Rollback, &name),
+            PluginsCommand::Release { name } => plugins::release(&config, &name),
             PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
         },
         Command::Run {

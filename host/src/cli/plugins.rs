@@ -36,6 +36,13 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
             .iter()
             .map(|p| {
                 let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["isolation"] = json!(config.plugin_run.isolation_of(&p.name));
+                v["crashes"] = serde_json::to_value(
+                    registry
+                        .plugin_crashes(Some(&p.name), 10)
+                        .unwrap_or_default(),
+                )
+                .unwrap_or_default();
                 v["scores"] = serde_json::to_value(
                     registry
                         .scores(&kiln_runtime::backend::score::cache_key(&p.sha256))
@@ -59,10 +66,19 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
             .iter()
             .map(|p| {
                 let c = &p.conformance;
+                let state = format!("{:?}", p.state).to_lowercase();
                 vec![
                     p.name.clone(),
                     p.version.clone(),
-                    format!("{:?}", p.state).to_lowercase(),
+                    if p.quarantined_at.is_some() {
+                        format!("{state}, quarantined")
+                    } else {
+                        state
+                    },
+                    match config.plugin_run.isolation_of(&p.name) {
+                        kiln_registry::config::IsolationSetting::Process => "process".into(),
+                        kiln_registry::config::IsolationSetting::InProcess => "in-process".into(),
+                    },
                     p.abi.clone(),
                     format!("{} passed, {} not claimed", c["passed"], c["not_claimed"]),
                     p.sha256[..12].to_string(),
@@ -72,7 +88,15 @@ pub fn list(config: &Config, as_json: bool) -> CliResult {
         println!(
             "{}",
             table(
-                &["NAME", "VERSION", "STATE", "ABI", "CONFORMANCE", "SHA256"],
+                &[
+                    "NAME",
+                    "VERSION",
+                    "STATE",
+                    "RUNS",
+                    "ABI",
+                    "CONFORMANCE",
+                    "SHA256"
+                ],
                 &rows
             )
         );
@@ -131,6 +155,24 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
             summary["not_claimed"],
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln plugins release NAME`: lifts a quarantine.
+pub fn release(config: &Config, name: &str) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let crashes = registry.plugin_crashes(Some(name), 1)?;
+    let record = registry.release_plugin(name, &actor())?;
+    let last = crashes
+        .first()
+        .map(|c| format!(" (its last crash: during {}: {})", c.during, c.cause))
+        .unwrap_or_default();
+    println!(
+        "released {}{last}: the next `kiln serve` loads it again; it is quarantined again after {} crashes within {} minutes",
+        record.label(),
+        kiln_runtime::backend::worker::QUARANTINE_AFTER,
+        kiln_runtime::backend::worker::QUARANTINE_WINDOW.as_secs() / 60
+    );
     Ok(ExitCode::SUCCESS)
 }
 

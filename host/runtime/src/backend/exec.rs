@@ -523,6 +523,10 @@ struct DeviceState {
     resident: HashMap<(usize, usize), Vec<Piece>>,
     /// Writable storages by their index in the graph.
     slots: Vec<Option<Slot>>,
+    /// Set when the executor comes back to a restarted device: the `State`
+    /// slots placed next start from the host's copy (which the CPU kept
+    /// current), not from nothing.
+    state_from_host: bool,
 }
 
 /// Why a run on a plugin device stopped.
@@ -565,6 +569,9 @@ pub struct Executor {
     state: Mutex<DeviceState>,
     failed_over: AtomicBool,
     state_lost: AtomicBool,
+    /// The target's generation when it failed ([`Backend::generation`]):
+    /// a plugin worker started after it may take the work back.
+    lost_generation: std::sync::atomic::AtomicU64,
     upload_progress: Option<UploadProgress>,
 }
 
@@ -584,6 +591,7 @@ impl Executor {
             state: Mutex::default(),
             failed_over: AtomicBool::new(false),
             state_lost: AtomicBool::new(false),
+            lost_generation: Default::default(),
             upload_progress: None,
         }
     }
@@ -674,12 +682,22 @@ impl Executor {
                 ..ExecReport::default()
             });
         }
-        if self.failed_over() {
+        if self.failed_over() && !self.fail_back() {
             run_on_host(&self.cpu, graph, 0..n)?;
             return Ok(ExecReport {
                 ops_failed_over: n,
                 ..ExecReport::default()
             });
+        }
+        // A plugin's worker that died since the last run took what this
+        // executor kept there: the state is lost.
+        if self
+            .target
+            .handle()
+            .worker()
+            .is_some_and(|w| !w.is_running())
+        {
+            return Err(self.device_fault("lost its worker process"));
         }
         let plan = self.plan(graph);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -688,6 +706,8 @@ impl Executor {
             Err(Failure::Cpu(e)) => Err(e),
             Err(Failure::Lost(e)) => {
                 self.release(&mut st);
+                self.lost_generation
+                    .store(self.target.generation(), Ordering::Relaxed);
                 self.failed_over.store(true, Ordering::Relaxed);
                 self.state_lost.store(true, Ordering::Relaxed);
                 self.target.count(&self.target.stats.device_losses, 1);
@@ -703,6 +723,55 @@ impl Executor {
                 ))
             }
         }
+    }
+
+    /// The owner found the device's results wrong (`why`: non-finite
+    /// logits): the device is treated as lost, as if it had failed (a
+    /// plugin's worker is killed and counted as crashed), and the error
+    /// to recover from is returned: the state is lost, the CPU runs from
+    /// now on.
+    pub fn device_fault(&self, why: &str) -> BackendError {
+        if let Some(w) = self.target.handle().worker() {
+            w.condemn("graph_compute", why);
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.release(&mut st);
+        self.lost_generation
+            .store(self.target.generation(), Ordering::Relaxed);
+        self.failed_over.store(true, Ordering::Relaxed);
+        self.state_lost.store(true, Ordering::Relaxed);
+        self.target.count(&self.target.stats.device_losses, 1);
+        let name = &self.target.devices[self.device as usize].name;
+        BackendError::new(
+            ErrorCode::Device,
+            format!(
+                "{} device {} ({name}) {why}; running on the CPU from now on",
+                self.target.name(),
+                self.device
+            ),
+        )
+    }
+
+    /// After a failover: whether the target came back (a plugin's worker
+    /// restarted after the crash, see [`Backend::revive`]); if so the
+    /// executor runs there again, uploading the weights anew and the
+    /// `State` from the host's copy. A device that failed in-process stays
+    /// failed.
+    fn fail_back(&self) -> bool {
+        if self.target.handle().worker().is_none() || !self.target.revive() {
+            return false;
+        }
+        if self.target.generation() <= self.lost_generation.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // What the dead worker held died with it: forget it unfreed.
+        *st = DeviceState {
+            state_from_host: true,
+            ..DeviceState::default()
+        };
+        self.failed_over.store(false, Ordering::Relaxed);
+        true
     }
 
     fn run_planned(
@@ -801,8 +870,12 @@ impl Executor {
                     host_stale: Spans::default(),
                     // `Write` is marked below; a new `State` buffer holds
                     // nothing the graphs read (they read only what they
-                    // wrote).
-                    device_stale: Spans::default(),
+                    // wrote), unless the host's copy is what holds it.
+                    device_stale: if kind == Kind::State && st.state_from_host {
+                        Spans::all(host.1)
+                    } else {
+                        Spans::default()
+                    },
                     shadow: Vec::new(),
                     known: Spans::default(),
                 });
@@ -824,6 +897,7 @@ impl Executor {
             }
             slot.host = host;
         }
+        st.state_from_host = false;
         Ok(())
     }
 

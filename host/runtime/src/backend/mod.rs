@@ -12,9 +12,11 @@ pub mod conformance;
 pub mod exec;
 pub mod score;
 mod spans;
+pub mod worker;
 
 use crate::plugin::{PreflightError, VerifiedPlugin};
-use kiln_plugin_api::host::{BackendHandle, HostApi, HostSink, LoadError, host_api};
+use kiln_plugin_api::abi::{KilnOp, KilnTensor};
+use kiln_plugin_api::host::{BackendHandle, HostApi, HostSink, LoadError, RawBuffer, host_api};
 use kiln_plugin_api::{BackendError, DeviceInfo, ErrorCode};
 use kiln_registry::Registry;
 use serde::Serialize;
@@ -41,14 +43,19 @@ pub fn take_plugin_warnings() -> Vec<String> {
     kept.drain(..).collect()
 }
 
+/// Keeps a warning or error a plugin logged (here, or in its worker).
+pub(crate) fn keep_plugin_warning(message: String) {
+    let mut kept = PLUGIN_WARNINGS.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() == PLUGIN_WARNINGS_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(message);
+}
+
 impl HostSink for StderrSink {
     fn log(&self, level: i32, message: &str) {
         if level <= 1 {
-            let mut kept = PLUGIN_WARNINGS.lock().unwrap_or_else(|p| p.into_inner());
-            if kept.len() == PLUGIN_WARNINGS_KEPT {
-                kept.pop_front();
-            }
-            kept.push_back(message.to_string());
+            keep_plugin_warning(message.to_string());
         }
         if level <= self.max_level {
             let name = ["error", "warn", "info", "debug"]
@@ -63,7 +70,7 @@ impl HostSink for StderrSink {
     }
 }
 
-fn host_services() -> HostApi {
+pub(crate) fn host_services() -> HostApi {
     static API: OnceLock<HostApi> = OnceLock::new();
     *API.get_or_init(|| {
         let max_level = match std::env::var("KILN_LOG").as_deref() {
@@ -111,9 +118,141 @@ pub struct BackendStats {
     pub device_losses: AtomicU64,
 }
 
+/// How the host reaches a backend: its negotiated table in this process,
+/// or a supervised worker process that holds it ([`worker`]).
+pub enum Handle {
+    InProcess(BackendHandle),
+    Worker(worker::Worker),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $h:ident => $e:expr) => {
+        match $self {
+            Handle::InProcess($h) => $e,
+            Handle::Worker($h) => $e,
+        }
+    };
+}
+
+impl Handle {
+    pub fn isolation(&self) -> worker::Isolation {
+        match self {
+            Handle::InProcess(_) => worker::Isolation::InProcess,
+            Handle::Worker(_) => worker::Isolation::Process,
+        }
+    }
+
+    /// The worker, when the backend runs in one.
+    pub fn worker(&self) -> Option<&worker::Worker> {
+        match self {
+            Handle::Worker(w) => Some(w),
+            Handle::InProcess(_) => None,
+        }
+    }
+
+    /// The ABI minor the plugin declared.
+    pub fn abi_minor(&self) -> u16 {
+        match self {
+            Handle::InProcess(h) => h.abi_minor(),
+            Handle::Worker(w) => w.hello().abi_minor,
+        }
+    }
+
+    pub fn device_memory(&self, device: u32) -> Option<Result<(u64, u64), BackendError>> {
+        dispatch!(self, h => h.device_memory(device))
+    }
+
+    pub fn weight_layout(
+        &self,
+        device: u32,
+        dtype: kiln_plugin_api::DType,
+    ) -> kiln_plugin_api::DType {
+        dispatch!(self, h => h.weight_layout(device, dtype))
+    }
+
+    pub fn buffer_alloc(&self, device: u32, size: u64) -> Result<RawBuffer, BackendError> {
+        dispatch!(self, h => h.buffer_alloc(device, size))
+    }
+
+    pub fn buffer_free(&self, buffer: RawBuffer) -> Result<(), BackendError> {
+        dispatch!(self, h => h.buffer_free(buffer))
+    }
+
+    pub fn buffer_write(
+        &self,
+        buffer: RawBuffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        dispatch!(self, h => h.buffer_write(buffer, offset, data))
+    }
+
+    pub fn buffer_read(
+        &self,
+        buffer: RawBuffer,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), BackendError> {
+        dispatch!(self, h => h.buffer_read(buffer, offset, out))
+    }
+
+    pub fn buffer_copy(
+        &self,
+        src: RawBuffer,
+        src_offset: u64,
+        dst: RawBuffer,
+        dst_offset: u64,
+        size: u64,
+    ) -> Result<(), BackendError> {
+        dispatch!(self, h => h.buffer_copy(src, src_offset, dst, dst_offset, size))
+    }
+
+    pub fn supports_op(
+        &self,
+        device: u32,
+        op: &KilnOp,
+        tensors: &[KilnTensor],
+    ) -> Result<bool, BackendError> {
+        dispatch!(self, h => h.supports_op(device, op, tensors))
+    }
+
+    pub fn graph_compute(
+        &self,
+        device: u32,
+        tensors: &[KilnTensor],
+        ops: &[KilnOp],
+    ) -> Result<(), BackendError> {
+        dispatch!(self, h => h.graph_compute(device, tensors, ops))
+    }
+
+    pub fn synchronize(&self, device: u32) -> Result<(), BackendError> {
+        dispatch!(self, h => h.synchronize(device))
+    }
+
+    /// Wraps host memory as a device buffer, if the plugin can (never
+    /// across a process boundary).
+    ///
+    /// # Safety
+    /// `ptr` must stay valid for `size` bytes until the buffer is freed.
+    pub unsafe fn buffer_wrap_host(
+        &self,
+        device: u32,
+        ptr: *mut u8,
+        size: u64,
+    ) -> Result<RawBuffer, BackendError> {
+        match self {
+            // SAFETY: the caller's promise, passed on.
+            Handle::InProcess(h) => unsafe { h.buffer_wrap_host(device, ptr, size) },
+            Handle::Worker(_) => Err(BackendError::unsupported(
+                "a plugin in a worker process cannot wrap kiln's memory",
+            )),
+        }
+    }
+}
+
 /// A negotiated backend and its devices.
 pub struct Backend {
-    handle: BackendHandle,
+    handle: Handle,
     pub source: BackendSource,
     pub devices: Vec<DeviceInfo>,
     /// `graph_compute`/`synchronize` are serialised per device (ABI contract).
@@ -146,18 +285,22 @@ pub enum BackendLoadError {
     Load(#[from] LoadError),
     #[error("cannot enumerate devices: {0}")]
     Devices(BackendError),
+    #[error("{0}")]
+    Worker(#[from] worker::StartError),
 }
 
 impl Backend {
-    fn from_handle(
-        handle: BackendHandle,
-        source: BackendSource,
-    ) -> Result<Backend, BackendLoadError> {
-        let n = handle.device_count().map_err(BackendLoadError::Devices)?;
-        let devices = (0..n)
-            .map(|d| handle.device_info(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(BackendLoadError::Devices)?;
+    fn from_handle(handle: Handle, source: BackendSource) -> Result<Backend, BackendLoadError> {
+        let devices = match &handle {
+            Handle::InProcess(h) => {
+                let n = h.device_count().map_err(BackendLoadError::Devices)?;
+                (0..n)
+                    .map(|d| h.device_info(d))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(BackendLoadError::Devices)?
+            }
+            Handle::Worker(w) => w.hello().devices.clone(),
+        };
         Ok(Backend {
             handle,
             source,
@@ -206,7 +349,7 @@ impl Backend {
                 unsafe { BackendHandle::negotiate(kiln_cpu::backend_init, host_services()) }
                     .expect("the built-in CPU backend negotiates with its own host");
             Arc::new(
-                Backend::from_handle(handle, BackendSource::Builtin)
+                Backend::from_handle(Handle::InProcess(handle), BackendSource::Builtin)
                     .expect("the built-in CPU backend enumerates its device"),
             )
         })
@@ -225,35 +368,52 @@ impl Backend {
             }
             .expect("the reference CPU backend negotiates with its own host");
             Arc::new(
-                Backend::from_handle(handle, BackendSource::Builtin)
+                Backend::from_handle(Handle::InProcess(handle), BackendSource::Builtin)
                     .expect("the reference CPU backend enumerates its device"),
             )
         })
         .clone()
     }
 
-    /// Opens and negotiates a plugin that passed preflight. A library is
-    /// initialised once per process; later loads return the same backend.
-    pub fn load_plugin(plugin: &VerifiedPlugin) -> Result<Arc<Backend>, BackendLoadError> {
-        /// Loaded libraries by (canonical path, sha256).
-        type Loaded = Mutex<HashMap<(PathBuf, String), Arc<Backend>>>;
+    /// Opens and negotiates a plugin that passed preflight, in a worker
+    /// process ([`worker::Isolation::Process`], with `run`'s limits and
+    /// crash hook) or in this one. A library is started once per process
+    /// and isolation; later loads return the same backend.
+    pub fn load_plugin(
+        plugin: &VerifiedPlugin,
+        run: &PluginRun,
+    ) -> Result<Arc<Backend>, BackendLoadError> {
+        /// Loaded libraries by (canonical path, sha256, isolation).
+        type Loaded = Mutex<HashMap<(PathBuf, String, worker::Isolation), Arc<Backend>>>;
         static LOADED: OnceLock<Loaded> = OnceLock::new();
         let loaded = LOADED.get_or_init(Default::default);
+        let isolation = run.isolation_of(&plugin.manifest.name);
         let key = (
             std::fs::canonicalize(&plugin.library_path)
                 .unwrap_or_else(|_| plugin.library_path.clone()),
             plugin.sha256.clone(),
+            isolation,
         );
         let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get(&key) {
             return Ok(b.clone());
         }
-        // SAFETY: the plugin passed preflight (hash, ABI, CPU features, ELF
-        // sanity), which is all the vetting a native library can get short
-        // of running it in another process.
-        let entry = unsafe { kiln_plugin_api::host::open_library(&plugin.library_path) }?;
-        // SAFETY: `entry` is the library's `kiln_backend_init`.
-        let handle = unsafe { BackendHandle::negotiate(entry, host_services()) }?;
+        let handle = match isolation {
+            worker::Isolation::Process => Handle::Worker(worker::Worker::start(
+                &plugin.manifest.name,
+                &plugin.library_path,
+                run.limits,
+                run.on_crash.clone(),
+            )?),
+            worker::Isolation::InProcess => {
+                // SAFETY: the plugin passed preflight (hash, ABI, CPU
+                // features, ELF sanity), and the user chose to trust it
+                // in kiln's own process.
+                let entry = unsafe { kiln_plugin_api::host::open_library(&plugin.library_path) }?;
+                // SAFETY: `entry` is the library's `kiln_backend_init`.
+                Handle::InProcess(unsafe { BackendHandle::negotiate(entry, host_services()) }?)
+            }
+        };
         let backend = Arc::new(Backend::from_handle(
             handle,
             BackendSource::Plugin {
@@ -267,7 +427,21 @@ impl Backend {
         Ok(backend)
     }
 
-    pub fn handle(&self) -> &BackendHandle {
+    /// The generation of the backend's worker (0 in-process): it changes
+    /// when a worker that died is replaced, and what the old one held is
+    /// gone.
+    pub fn generation(&self) -> u64 {
+        self.handle.worker().map_or(0, |w| w.generation())
+    }
+
+    /// After a crash: starts a new worker when its backoff has passed (and
+    /// the plugin is not quarantined). Whether a worker runs now; always
+    /// true in-process.
+    pub fn revive(&self) -> bool {
+        self.handle.worker().is_none_or(|w| w.revive())
+    }
+
+    pub fn handle(&self) -> &Handle {
         &self.handle
     }
 
@@ -334,6 +508,73 @@ impl Backend {
     }
 }
 
+/// How plugins run: where (`[plugins.isolation]`), under which limits,
+/// and who is told of a worker's crash.
+#[derive(Clone, Default)]
+pub struct PluginRun {
+    pub config: kiln_registry::config::PluginRunConfig,
+    pub limits: worker::Limits,
+    pub on_crash: Option<worker::CrashHook>,
+}
+
+impl PluginRun {
+    /// For the plugins of `registry`: `config.toml` beside it, and crashes
+    /// recorded in it (and quarantines, after repeated ones).
+    pub fn for_registry(registry: &Registry) -> PluginRun {
+        let home = registry
+            .path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let mut run =
+            PluginRun::from_config(&kiln_registry::config::Config::new(home, None).plugin_run);
+        let path = registry.path().to_path_buf();
+        let sha: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        if let Ok(active) = registry.active_plugins() {
+            let mut m = sha.lock().unwrap_or_else(|p| p.into_inner());
+            for p in active {
+                m.insert(p.name, p.sha256);
+            }
+        }
+        let on_crash: worker::CrashHook = Arc::new(move |c: &worker::Crash| {
+            let sha256 = sha
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&c.plugin)
+                .cloned()
+                .unwrap_or_default();
+            let recorded = Registry::open(&path).and_then(|mut r| {
+                r.record_plugin_crash(&c.plugin, &sha256, &c.during, &c.cause, c.quarantined)
+            });
+            if let Err(e) = recorded {
+                eprintln!("kiln: cannot record the crash of plugin {}: {e}", c.plugin);
+            }
+        });
+        run.on_crash = Some(on_crash);
+        run
+    }
+
+    /// As `[plugins]` says, telling no one of crashes.
+    pub fn from_config(config: &kiln_registry::config::PluginRunConfig) -> PluginRun {
+        let defaults = worker::Limits::default();
+        PluginRun {
+            config: config.clone(),
+            limits: worker::Limits {
+                call_timeout: config.call_timeout.unwrap_or(defaults.call_timeout),
+                memory_limit: config.worker_memory.unwrap_or(defaults.memory_limit),
+            },
+            on_crash: None,
+        }
+    }
+
+    pub fn isolation_of(&self, plugin: &str) -> worker::Isolation {
+        match self.config.isolation_of(plugin) {
+            kiln_registry::config::IsolationSetting::Process => worker::Isolation::Process,
+            kiln_registry::config::IsolationSetting::InProcess => worker::Isolation::InProcess,
+        }
+    }
+}
+
 /// The backends kiln can use now: the built-in CPU first, then each active
 /// plugin that still passes preflight and loads. Problems are collected, not
 /// fatal: kiln always has the CPU.
@@ -343,12 +584,30 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
+    /// Plugins run as `config.toml` beside the registry says
+    /// ([`PluginRun::for_registry`]); quarantined ones are not loaded.
     pub fn load(registry: &Registry) -> BackendSet {
+        let run = PluginRun::for_registry(registry);
         let mut backends = vec![Backend::builtin_cpu()];
         let mut problems = Vec::new();
         match registry.active_plugins() {
             Ok(plugins) => {
                 for p in plugins {
+                    if let Some(at) = &p.quarantined_at {
+                        let last = registry
+                            .plugin_crashes(Some(&p.name), 1)
+                            .ok()
+                            .and_then(|c| c.into_iter().next())
+                            .map(|c| format!(" (last: during {}: {})", c.during, c.cause))
+                            .unwrap_or_default();
+                        problems.push(format!(
+                            "plugin {} is quarantined since {at}: its worker process crashed repeatedly{last}; \
+                             kiln runs without it. `kiln plugins release {}` tries it again",
+                            p.label(),
+                            p.name
+                        ));
+                        continue;
+                    }
                     let loaded = crate::plugin::preflight(&p.manifest_path)
                         .map_err(BackendLoadError::from)
                         .and_then(|v| {
@@ -359,7 +618,7 @@ impl BackendSet {
                                     actual: v.sha256,
                                 }));
                             }
-                            Backend::load_plugin(&v)
+                            Backend::load_plugin(&v, &run)
                         });
                     match loaded {
                         Ok(b) => backends.push(b),

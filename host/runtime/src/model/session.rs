@@ -612,8 +612,9 @@ impl Session {
             probs.resize(Attention::capture_bytes(cfg, n - from, t_len), 0);
             graph.storages.push(Storage::Write(probs));
         }
-        if let Err(e) = self.exec.run(&mut graph) {
-            drop(graph);
+        let ran = self.exec.run(&mut graph);
+        drop(graph);
+        if let Err(e) = self.checked(ran) {
             if capturing {
                 // What was recorded is lost with the run: the caller asks
                 // again, and a cache the device lost is evaluated anew.
@@ -693,6 +694,27 @@ impl Session {
         Ok(sums)
     }
 
+    /// A run's outcome, where a device that handed back NaN or infinite
+    /// logits failed: it computed garbage (a driver bug, a corrupted
+    /// buffer) and its state cannot be trusted either, so it is treated
+    /// as lost and the CPU evaluates again. (The CPU's own logits are
+    /// passed on as they are.)
+    fn checked(
+        &self,
+        ran: Result<crate::backend::exec::ExecReport, kiln_plugin_api::BackendError>,
+    ) -> Result<(), kiln_plugin_api::BackendError> {
+        let report = ran?;
+        let finite = || {
+            self.logits
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        };
+        if report.ops_on_target > 0 && !self.exec.target.is_builtin() && !finite() {
+            return Err(self.exec.device_fault("returned non-finite logits"));
+        }
+        Ok(())
+    }
+
     fn logits_f32(&self) -> Vec<f32> {
         self.logits
             .chunks_exact(4)
@@ -764,7 +786,7 @@ impl Session {
         d.tensors = std::mem::take(&mut graph.tensors);
         d.ops = std::mem::take(&mut graph.ops);
         drop(graph);
-        if let Err(e) = result {
+        if let Err(e) = self.checked(result) {
             return self.recover(e, &[token], LogitsFor::Last);
         }
         self.cached.push(token);
