@@ -261,3 +261,47 @@ fn isolation_is_per_plugin_and_a_worker_dies_with_kiln() {
     assert!(!out.status.success(), "{report}");
     assert!(report.contains("call_timeout_seconds = -1"), "{report}");
 }
+
+/// The worker's protocol where it differs from a call in-process: a
+/// posted write that fails condemns the worker (the host went on as if it
+/// had succeeded), and a buffer from a worker that died is refused by the
+/// next one instead of reaching the plugin.
+#[test]
+fn a_failed_posted_write_condemns_the_worker_and_old_buffers_are_refused() {
+    use kiln_runtime::backend::worker::{Limits, Worker};
+    use std::sync::{Arc, Mutex};
+    let lib = c_fixture("kiln_fixture_faults", &["-DFIXTURE_FAULTS"]);
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hook = {
+        let seen = seen.clone();
+        Arc::new(move |c: &kiln_runtime::backend::worker::Crash| {
+            seen.lock()
+                .unwrap()
+                .push(format!("{}: {}", c.during, c.cause))
+        })
+    };
+    let w = Worker::start("accel", &lib, Limits::default(), Some(hook)).unwrap();
+    assert_eq!(w.generation(), 1);
+    let b = w.buffer_alloc(0, 64).unwrap();
+    w.buffer_write(b, 0, &[7u8; 64]).unwrap();
+    let mut back = [0u8; 64];
+    w.buffer_read(b, 0, &mut back).unwrap();
+    assert_eq!(back, [7u8; 64]);
+    // Out of the buffer's range: the fixture refuses it, but the host
+    // did not wait for the answer.
+    w.buffer_write(b, 1000, &[1u8; 8]).unwrap();
+    let err = w.buffer_read(b, 0, &mut back).unwrap_err();
+    assert!(err.message.contains("did not wait for failed"), "{err}");
+    assert!(!w.is_running());
+    assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+    // After the backoff a new worker runs; the old buffer is not its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !w.revive() {
+        assert!(Instant::now() < deadline, "no restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.generation(), 2);
+    let err = w.buffer_read(b, 0, &mut back).unwrap_err();
+    assert!(err.message.contains("not one of this worker's"), "{err}");
+    assert!(w.is_running(), "a refused call is not a crash");
+}

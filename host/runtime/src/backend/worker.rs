@@ -6,8 +6,11 @@
 //! (`kiln plugin-worker`, the same binary) and the host drives it through
 //! a [`Worker`]: every ABI call becomes one message on a Unix socket, and
 //! the bytes of tensors cross through a shared memory arena (a memfd
-//! both processes map), never the socket. The worker calls the plugin
-//! through the same negotiated table a host in-process would.
+//! both processes map), except small writes (a decode step's token and
+//! mask rows), which travel in their message and are not waited for. The
+//! worker calls the plugin through the same negotiated table a host
+//! in-process would, and synchronises after every graph, so that a decode
+//! step costs two round trips: the graph, and its logits.
 //!
 //! The host side is the supervisor:
 //! - a call that gets no answer within [`Limits::call_timeout`] (the
@@ -153,7 +156,7 @@ enum Call {
     Copy,
     Supports,
     Compute,
-    Sync,
+    WriteInline,
 }
 
 impl Call {
@@ -168,7 +171,7 @@ impl Call {
         Call::Copy,
         Call::Supports,
         Call::Compute,
-        Call::Sync,
+        Call::WriteInline,
     ];
 
     fn name(self) -> &'static str {
@@ -183,7 +186,7 @@ impl Call {
             Call::Copy => "buffer_copy",
             Call::Supports => "supports_op",
             Call::Compute => "graph_compute",
-            Call::Sync => "synchronize",
+            Call::WriteInline => "buffer_write",
         }
     }
 }
@@ -436,7 +439,18 @@ struct Link {
     child: Child,
     socket: UnixStream,
     arena: memmap2::MmapMut,
+    /// Calls sent whose answers are not read yet (posted writes).
+    posted: usize,
+    /// Bytes read past the last answer.
+    inbox: Vec<u8>,
 }
+
+/// Posted calls in a row before the host reads their answers.
+const MAX_POSTED: usize = 32;
+
+/// Writes of at most this many bytes travel in their message, posted;
+/// larger ones go through the arena and are waited for.
+const POSTED_WRITE_BYTES: usize = 64 << 10;
 
 impl Drop for Link {
     fn drop(&mut self) {
@@ -590,7 +604,10 @@ impl Worker {
         cmd.arg("plugin-worker")
             .arg(&self.library)
             .arg(generation.to_string())
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // What a plugin prints goes to kiln's stderr: kiln's stdout may
+            // be the language server's channel.
+            .stdout(Stdio::from(std::io::stderr()));
         // SAFETY: only async-signal-safe calls between fork and exec:
         // put the socket and the arena at the fds the worker expects
         // (dup2 clears close-on-exec), and have the kernel kill the
@@ -617,13 +634,18 @@ impl Worker {
             .map_err(|e| spawn_err(&format!("running {}", self.exe.display()), e))?;
         drop(worker_end);
         drop(file);
+        host_end
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|e| spawn_err("socket timeout", e))?;
         let mut link = Link {
             child,
             socket: host_end,
             arena,
+            posted: 0,
+            inbox: Vec::new(),
         };
-        let reply = match self.exchange(&mut link, Call::Hello, &[]) {
-            Ok(r) => r,
+        let reply = match self.exchange(&mut link, Call::Hello, &[], true) {
+            Ok(r) => r.unwrap_or_default(),
             Err(cause) => {
                 return Err(StartError::Died {
                     during: Call::Hello.name().into(),
@@ -648,55 +670,48 @@ impl Worker {
         Ok((link, hello))
     }
 
-    /// Sends one request and waits for its answer under the watchdog.
+    /// Sends one request. A posted one (`wait` false: a small write) is
+    /// not waited for, up to [`MAX_POSTED`] in a row; otherwise the
+    /// answers of the posted calls before it are read first (under the
+    /// watchdog), and a posted call that failed condemns the worker (the
+    /// host went on as if it had succeeded), then its own answer.
     /// `Err` is the worker's death, described; the worker is reaped.
-    fn exchange(&self, link: &mut Link, call: Call, body: &[u8]) -> Result<Vec<u8>, String> {
+    fn exchange(
+        &self,
+        link: &mut Link,
+        call: Call,
+        body: &[u8],
+        wait: bool,
+    ) -> Result<Option<Vec<u8>>, String> {
         let mut payload = Vec::with_capacity(1 + body.len());
         payload.push(call as u8);
         payload.extend_from_slice(body);
         let started = Instant::now();
         let fd = link.socket.as_raw_fd();
-        let outcome = (|| -> Result<Vec<u8>, String> {
+        let outcome = (|| -> Result<Option<Vec<u8>>, String> {
             send_frame(fd, &payload).map_err(|_| String::new())?;
-            link.socket
-                .set_read_timeout(Some(Duration::from_millis(50)))
-                .map_err(|e| format!("socket: {e}"))?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 64 << 10];
-            loop {
-                if buf.len() >= 4 {
-                    let n = u32::from_le_bytes(buf[..4].try_into().expect("4")) as usize;
-                    if buf.len() >= 4 + n {
-                        buf.drain(..4);
-                        return Ok(buf);
-                    }
-                }
-                match link.socket.read(&mut chunk) {
-                    Ok(0) => return Err(String::new()),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock
-                                | std::io::ErrorKind::TimedOut
-                                | std::io::ErrorKind::Interrupted
-                        ) =>
-                    {
-                        if started.elapsed() > self.limits.call_timeout {
-                            let _ = link.child.kill();
-                            return Err(format!(
-                                "hung: no answer to {} in {:.1} s (the watchdog killed it)",
-                                call.name(),
-                                self.limits.call_timeout.as_secs_f64()
-                            ));
-                        }
-                        if let Some(why) = self.over_memory(link) {
-                            return Err(why);
-                        }
-                    }
-                    Err(_) => return Err(String::new()),
+            link.posted += 1;
+            if !wait && link.posted < MAX_POSTED {
+                return Ok(None);
+            }
+            let own = if wait { link.posted - 1 } else { link.posted };
+            for _ in 0..own {
+                let reply = self.receive(link, call, started)?;
+                link.posted -= 1;
+                if let Err(e) = decode_reply(&reply) {
+                    let _ = link.child.kill();
+                    return Err(format!(
+                        "a buffer_write the host did not wait for failed ({e}); killed, \
+                         since the device no longer holds what the host believes"
+                    ));
                 }
             }
+            if !wait {
+                return Ok(None);
+            }
+            let reply = self.receive(link, call, started)?;
+            link.posted -= 1;
+            Ok(Some(reply))
         })()
         .and_then(|reply| {
             // A call that returns quickly is never waited on long enough
@@ -730,6 +745,47 @@ impl Worker {
                 Err(e) => format!("lost (cannot reap it: {e})"),
             }
         })
+    }
+
+    /// The next answer, under the watchdog (the call began at `started`)
+    /// and the memory limit. `Err("")`: the worker is gone.
+    fn receive(&self, link: &mut Link, call: Call, started: Instant) -> Result<Vec<u8>, String> {
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            if link.inbox.len() >= 4 {
+                let n = u32::from_le_bytes(link.inbox[..4].try_into().expect("4")) as usize;
+                if link.inbox.len() >= 4 + n {
+                    let frame = link.inbox[4..4 + n].to_vec();
+                    link.inbox.drain(..4 + n);
+                    return Ok(frame);
+                }
+            }
+            match link.socket.read(&mut chunk) {
+                Ok(0) => return Err(String::new()),
+                Ok(n) => link.inbox.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if started.elapsed() > self.limits.call_timeout {
+                        let _ = link.child.kill();
+                        return Err(format!(
+                            "hung: no answer to {} in {:.1} s (the watchdog killed it)",
+                            call.name(),
+                            self.limits.call_timeout.as_secs_f64()
+                        ));
+                    }
+                    if let Some(why) = self.over_memory(link) {
+                        return Err(why);
+                    }
+                }
+                Err(_) => return Err(String::new()),
+            }
+        }
     }
 
     /// Kills the worker when it holds more memory than its limit, and
@@ -863,13 +919,38 @@ impl Worker {
             return Err(self.down());
         };
         fill(&mut link.arena);
-        match self.exchange(link, call, body) {
+        match self.exchange(link, call, body, true) {
             Ok(reply) => {
+                let reply = reply.unwrap_or_default();
                 let d = decode_reply(&reply)?;
                 read(d, &link.arena).map_err(|e| {
                     BackendError::new(ErrorCode::Internal, format!("plugin worker: {e}"))
                 })
             }
+            Err(cause) => {
+                *guard = None;
+                drop(guard);
+                self.record_crash(call.name(), &cause);
+                Err(BackendError::new(
+                    ErrorCode::Device,
+                    format!(
+                        "plugin {}'s worker process died during {}: {cause}",
+                        self.plugin,
+                        call.name()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// A call whose answer is read later (see [`Self::exchange`]).
+    fn post(&self, call: Call, body: &[u8]) -> Result<(), BackendError> {
+        let mut guard = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(link) = guard.as_mut() else {
+            return Err(self.down());
+        };
+        match self.exchange(link, call, body, false) {
+            Ok(_) => Ok(()),
             Err(cause) => {
                 *guard = None;
                 drop(guard);
@@ -952,6 +1033,14 @@ impl Worker {
         offset: u64,
         data: &[u8],
     ) -> Result<(), BackendError> {
+        if data.len() <= POSTED_WRITE_BYTES {
+            let mut body = Enc::default();
+            body.u64(buffer.0 as usize as u64)
+                .u64(offset)
+                .u64(data.len() as u64);
+            body.0.extend_from_slice(data);
+            return self.post(Call::WriteInline, &body.0);
+        }
         for (i, piece) in data.chunks(ARENA_BYTES).enumerate() {
             let at = offset + (i * ARENA_BYTES) as u64;
             self.call(
@@ -1062,13 +1151,15 @@ impl Worker {
         )
     }
 
-    pub fn synchronize(&self, device: u32) -> Result<(), BackendError> {
-        self.call(
-            Call::Sync,
-            &Enc::default().u32(device).0,
-            |_| {},
-            |_, _| Ok(()),
-        )
+    /// The worker synchronises after every graph (its answer to
+    /// `graph_compute` comes once the device is done), so this asks
+    /// nothing of it: a message saved per graph.
+    pub fn synchronize(&self, _device: u32) -> Result<(), BackendError> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(self.down())
+        }
     }
 }
 
@@ -1308,8 +1399,17 @@ fn serve_call(
                 .map(|_| g.op().map_err(bad))
                 .collect::<Result<Vec<_>, _>>()?;
             handle.graph_compute(device, &tensors, &ops)?;
+            handle.synchronize(device)?;
         }
-        Call::Sync => handle.synchronize(d.u32().map_err(bad)?)?,
+        Call::WriteInline => {
+            let (id, offset, len) = (
+                d.u64().map_err(bad)?,
+                d.u64().map_err(bad)?,
+                d.u64().map_err(bad)?,
+            );
+            let data = d.take(len as usize).map_err(bad)?;
+            handle.buffer_write(buffer(id)?, offset, data)?;
+        }
     }
     Ok(out)
 }
