@@ -210,8 +210,25 @@ fn isolation_is_per_plugin_and_a_worker_dies_with_kiln() {
     assert_eq!(accel(&doctor)["isolation"], "process", "{doctor:#}");
     assert!(accel(&doctor)["worker_pid"].is_u64(), "{doctor:#}");
 
-    // A server's worker is its child and goes when it is killed.
-    let mut srv = http_server_with(&home, &demo_model(), &["--backend", "accel"]);
+    // A server's worker is its child and goes when kiln is killed, even
+    // while it is stuck in a plugin's call (no watchdog for 10 minutes).
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[plugins]\ncall_timeout_seconds = 600\n",
+    )
+    .unwrap();
+    let mut srv = http_server_env(
+        &home,
+        &demo_model(),
+        &["--backend", "accel"],
+        &[("KILN_FIXTURE_FAULT", "hang")],
+    );
+    let addr = srv.addr.clone();
+    std::thread::spawn(move || {
+        let body = br#"{"model": "demo", "prompt": "def f(", "max_tokens": 4}"#;
+        http(&addr, "POST", "/v1/completions", body)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
     let kiln = srv.child.id();
     // Children are listed by the thread that started them.
     let children: String = std::fs::read_dir(format!("/proc/{kiln}/task"))
@@ -304,4 +321,50 @@ fn a_failed_posted_write_condemns_the_worker_and_old_buffers_are_refused() {
     let err = w.buffer_read(b, 0, &mut back).unwrap_err();
     assert!(err.message.contains("not one of this worker's"), "{err}");
     assert!(w.is_running(), "a refused call is not a crash");
+}
+
+/// Through the language server: a plugin that chatters on stdout (kiln's
+/// stdout is the editor's channel) and segfaults at every graph; the
+/// editor gets the CPU's completions and never an error.
+#[test]
+fn an_editor_sees_the_cpus_completions_through_a_crashing_plugin() {
+    use kiln_serve::demo::Client;
+    use kiln_tests::serve::{at, initialize, open};
+    use serde_json::json;
+    let home = faulty_accel();
+    let ws = tempfile::tempdir().unwrap();
+    let uri = format!("file://{}/main.py", ws.path().display());
+    let text = "def add(a, b):\n    return a + b\n\n\ndef area(r):\n    return \n";
+    let session = |fault: Option<&str>| {
+        let model = demo_model();
+        let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--backend"];
+        args.push(if fault.is_some() { "accel" } else { "cpu" });
+        let mut cmd = home.command(&args);
+        cmd.env("KILN_THREADS", "1");
+        if let Some(f) = fault {
+            cmd.env("KILN_FIXTURE_FAULT", f);
+        }
+        let mut c = Client::spawn(cmd).expect("spawn kiln serve");
+        initialize(&mut c, ws.path(), json!({}));
+        open(&mut c, &uri, text);
+        let mut items = Vec::new();
+        for (line, character) in [(5, 11), (1, 16), (4, 12)] {
+            let r = c
+                .request("textDocument/inlineCompletion", at(&uri, line, character))
+                .unwrap();
+            assert!(r["error"].is_null(), "{r}");
+            items.push(r["result"]["items"][0]["insertText"].clone());
+        }
+        let _ = c.request("shutdown", json!(null));
+        items
+    };
+    assert_eq!(session(Some("segv")), session(None));
+    let crashes = home.json(&["plugins", "list", "--json"])["plugins"][0]["crashes"].clone();
+    assert!(
+        crashes[0]["cause"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("SIGSEGV"),
+        "{crashes:#}"
+    );
 }

@@ -610,8 +610,10 @@ impl Worker {
             .stdout(Stdio::from(std::io::stderr()));
         // SAFETY: only async-signal-safe calls between fork and exec:
         // put the socket and the arena at the fds the worker expects
-        // (dup2 clears close-on-exec), and have the kernel kill the
-        // worker when kiln dies.
+        // (dup2 clears close-on-exec). (Not PR_SET_PDEATHSIG: it fires
+        // when the *thread* that started the worker ends, which in kiln
+        // is often a short-lived one; the worker watches for kiln's end
+        // itself, see `worker_main`.)
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 // Move the arena out of the way first if it sits on 3.
@@ -625,7 +627,6 @@ impl Worker {
                 for fd in [SOCKET_FD, ARENA_FD] {
                     libc::fcntl(fd, libc::F_SETFD, 0);
                 }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
@@ -1201,6 +1202,24 @@ fn resident_bytes(pid: u32) -> Option<u64> {
 /// library, negotiates, answers calls until the host closes the socket.
 /// Returns the exit code.
 pub fn worker_main(library: &Path, generation: u64) -> i32 {
+    // The worker ends with kiln: an idle worker sees its socket close, and
+    // one stuck in a plugin's call is ended by this thread once kiln is
+    // gone (the worker is handed to another parent).
+    // SAFETY: getppid has no preconditions.
+    let host = unsafe { libc::getppid() };
+    std::thread::Builder::new()
+        .name("kiln-worker-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                // SAFETY: as above; `_exit` ends the process at once, the
+                // plugin's threads with it.
+                if unsafe { libc::getppid() } != host {
+                    unsafe { libc::_exit(0) };
+                }
+            }
+        })
+        .ok();
     // SAFETY: the host put a socket and a memfd at these fds (see
     // `Worker::spawn`); nothing else in this process owns them.
     let (mut socket, arena_file) = unsafe {
