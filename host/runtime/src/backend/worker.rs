@@ -1212,9 +1212,10 @@ pub fn worker_main(library: &Path, generation: u64) -> i32 {
         .spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_millis(250));
-                // SAFETY: as above; `_exit` ends the process at once, the
-                // plugin's threads with it.
+                // SAFETY: as above.
                 if unsafe { libc::getppid() } != host {
+                    // SAFETY: `_exit` has no preconditions; it ends the
+                    // process at once, the plugin's threads with it.
                     unsafe { libc::_exit(0) };
                 }
             }
