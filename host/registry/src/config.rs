@@ -16,6 +16,10 @@
 //! [store]
 //! encrypt_at_rest = true   # models added from now on are stored encrypted (age)
 //!
+//! [engine]
+//! threads = 4              # CPU threads (KILN_THREADS wins); `kiln tune apply` writes these
+//! attention_block = 64     # queries per attention block in prompt graphs
+//!
 //! [kv_cache]
 //! type = "q8_0"            # f16 (default), q8_0 or q4_0, for every model
 //! [kv_cache.models]
@@ -51,6 +55,8 @@ struct ConfigFile {
     store: StoreSection,
     #[serde(default)]
     kv_cache: KvCacheSection,
+    #[serde(default)]
+    engine: EngineSection,
 }
 
 /// A KV cache type `config.toml` may name.
@@ -139,6 +145,25 @@ pub enum IsolationSetting {
     InProcess,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineSection {
+    #[serde(default)]
+    threads: Option<usize>,
+    #[serde(default)]
+    attention_block: Option<usize>,
+}
+
+/// `[engine]`: how models run on this machine (what `kiln tune apply`
+/// writes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// CPU threads (`KILN_THREADS`, when set, wins).
+    pub threads: Option<usize>,
+    /// Queries per attention block in prompt graphs.
+    pub attention_block: Option<usize>,
+}
+
 /// `[plugins]`: how plugins are run.
 #[derive(Clone, Debug, Default)]
 pub struct PluginRunConfig {
@@ -177,6 +202,8 @@ pub struct Config {
     pub scrub_interval: Option<std::time::Duration>,
     /// `[plugins]`: isolation, the watchdog, the workers' memory.
     pub plugin_run: PluginRunConfig,
+    /// `[engine]`: threads, attention block.
+    pub engine: EngineConfig,
 }
 
 impl Config {
@@ -206,8 +233,24 @@ impl Config {
         let mut kv_cache = KvCacheSection::default();
         let mut scrub_hours = DEFAULT_SCRUB_HOURS;
         let mut plugin_run = PluginRunConfig::default();
+        let mut engine = EngineConfig::default();
         match read_config_file(&config_file) {
             Ok(file) => {
+                for (key, value, max) in [
+                    ("threads", file.engine.threads, 1024),
+                    ("attention_block", file.engine.attention_block, 65536),
+                ] {
+                    if let Some(v) = value.filter(|&v| v == 0 || v > max) {
+                        config_error = Some(format!(
+                            "{}: [engine] {key} = {v}: give 1 to {max}",
+                            config_file.display()
+                        ));
+                    }
+                }
+                engine = EngineConfig {
+                    threads: file.engine.threads,
+                    attention_block: file.engine.attention_block,
+                };
                 match file.plugins.call_timeout_seconds {
                     Some(t) if !(t.is_finite() && (0.1..=86_400.0).contains(&t)) => {
                         config_error = Some(format!(
@@ -266,6 +309,7 @@ impl Config {
             scrub_interval: (scrub_hours > 0.0)
                 .then(|| std::time::Duration::from_secs_f64(scrub_hours * 3600.0)),
             plugin_run,
+            engine,
         }
     }
 
@@ -321,6 +365,79 @@ pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> 
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     config.encrypt_at_rest = on;
     Ok(())
+}
+
+/// `config.toml`'s text now ('' when there is none) and with `[engine]
+/// threads` and `attention_block`, and `[kv_cache.models] MODEL = TYPE`,
+/// set as given (the rest of the file as it was). Nothing is written:
+/// the caller records the change, then [`write_config_text`].
+pub fn with_engine_setting(
+    config: &Config,
+    threads: Option<usize>,
+    attention_block: Option<usize>,
+    kv_type: Option<(&str, KvType)>,
+) -> Result<(String, String), String> {
+    config.require_valid()?;
+    let path = &config.config_file;
+    let before = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut doc: toml_edit::DocumentMut = before
+        .parse()
+        .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    fn table<'d>(
+        doc: &'d mut toml_edit::DocumentMut,
+        name: &str,
+        path: &Path,
+    ) -> Result<&'d mut dyn toml_edit::TableLike, String> {
+        doc.entry(name)
+            .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+            .as_table_like_mut()
+            .ok_or_else(|| format!("{}: `{name}` is not a table", path.display()))
+    }
+    let engine = table(&mut doc, "engine", path)?;
+    if let Some(t) = threads {
+        engine.insert("threads", toml_edit::value(t as i64));
+    }
+    if let Some(b) = attention_block {
+        engine.insert("attention_block", toml_edit::value(b as i64));
+    }
+    if let Some((model, kv)) = kv_type {
+        let kv_cache = table(&mut doc, "kv_cache", path)?;
+        let models = kv_cache
+            .entry("models")
+            .or_insert(toml_edit::Item::Table(toml_edit::Table::new()))
+            .as_table_like_mut()
+            .ok_or_else(|| format!("{}: `kv_cache.models` is not a table", path.display()))?;
+        models.insert(model, toml_edit::value(kv.name()));
+    }
+    let after = doc.to_string();
+    // What is written must read back as a valid config.
+    toml::from_str::<ConfigFile>(&after)
+        .map_err(|e| format!("the tuned config would not be valid: {e}"))?;
+    Ok((before, after))
+}
+
+/// Writes `text` as `config.toml` (a temporary file, synced, renamed
+/// over it); an empty text removes the file.
+pub fn write_config_text(config: &Config, text: &str) -> Result<(), String> {
+    let path = &config.config_file;
+    let write = || -> std::io::Result<()> {
+        if text.is_empty() {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        std::fs::create_dir_all(&config.home)?;
+        let tmp = path.with_extension(format!("toml.tmp-{}", std::process::id()));
+        std::fs::write(&tmp, text)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn read_config_file(path: &Path) -> Result<ConfigFile, String> {

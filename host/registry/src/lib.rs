@@ -20,6 +20,7 @@ pub mod experiments;
 mod models;
 mod policies;
 mod stack;
+pub mod tune;
 
 pub use adapters::{AdapterEval, AdapterRecord, NewAdapter, NewAdapterEval};
 pub use models::{ModelRecord, NewModel};
@@ -68,6 +69,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0009_plugin_health.sql",
         include_str!("../../../migrations/0009_plugin_health.sql"),
+    ),
+    (
+        "0010_tuning.sql",
+        include_str!("../../../migrations/0010_tuning.sql"),
     ),
 ];
 
@@ -202,7 +207,8 @@ pub struct NewPlugin {
 pub struct AuditEntry {
     pub at: String,
     pub actor: String,
-    /// `plugin`, `model`, `policy`, `adapter`, `experiment` or `store`.
+    /// `plugin`, `model`, `policy`, `adapter`, `experiment`, `store` or
+    /// `config`.
     pub kind: String,
     pub action: String,
     pub subject: String,

@@ -39,3 +39,4 @@ pub mod pull;
 pub mod quantize;
 pub mod store;
 pub mod tokenizer;
+pub mod tune;

@@ -311,6 +311,7 @@ struct Shared {
     n_ctx: Option<usize>,
     kv_types: KvTypes,
     draft: Draft,
+    attention_block: Option<usize>,
 }
 
 /// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
@@ -351,6 +352,9 @@ pub struct EngineOptions {
     pub metrics: Arc<Metrics>,
     /// Speculative decoding for requests that do not choose (the HTTP API).
     pub draft: Draft,
+    /// Queries per attention block in prompt graphs (`[engine]`; `None`:
+    /// kiln's default).
+    pub attention_block: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -385,6 +389,7 @@ impl Engine {
             backend_label: opts.backend_label,
             n_ctx: opts.n_ctx,
             kv_types: opts.kv_types,
+            attention_block: opts.attention_block,
             draft: opts.draft,
         });
         let engine = Engine { shared };
@@ -910,8 +915,11 @@ fn session_for<'a>(
             }));
         }
         let kv_type = shared.kv_types.for_model(&loaded.id);
-        let s = Session::with_kv_type(loaded.model.clone(), exec, shared.n_ctx, kv_type)
+        let mut s = Session::with_kv_type(loaded.model.clone(), exec, shared.n_ctx, kv_type)
             .map_err(|e| e.to_string())?;
+        if let Some(b) = shared.attention_block {
+            s.set_attention_block(b);
+        }
         *session = Some((loaded.clone(), s));
     }
     Ok(&mut session.as_mut().expect("made above").1)

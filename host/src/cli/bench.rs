@@ -10,20 +10,25 @@ use kiln_runtime::model::{Model, Session};
 use std::process::ExitCode;
 use std::time::Instant;
 
-pub fn run(
-    config: &Config,
-    model_arg: &str,
-    prompt_tokens: usize,
-    decode_tokens: usize,
-    backend: Option<&str>,
-    kv_type: Option<kiln_plugin_api::DType>,
-    as_json: bool,
-) -> CliResult {
+/// What to measure.
+pub struct Args {
+    pub model: String,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub backend: Option<String>,
+    pub kv_type: Option<kiln_plugin_api::DType>,
+    pub attention_block: Option<usize>,
+}
+
+pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
+    let (model_arg, prompt_tokens, decode_tokens) =
+        (args.model.as_str(), args.prompt_tokens, args.decode_tokens);
+    let kv_type = args.kv_type;
     let path = kiln_runtime::store::resolve(config, model_arg)?;
     let kiln_runtime::backend::Chosen {
         executor: exec,
         label: device,
-    } = super::run::executor(config, backend)?;
+    } = super::run::executor(config, args.backend.as_deref())?;
     // Load time: mapping, checks, and repacking for the backend.
     let start = Instant::now();
     let model = Model::load_for(&path, &exec.target, exec.device)?;
@@ -38,6 +43,14 @@ pub fn run(
     );
     let kv_type = super::kv_type_for(config, model_arg, kv_type)?;
     let mut session = Session::with_kv_type(model, exec, Some(ctx), kv_type)?;
+    let attention_block = args
+        .attention_block
+        .or(config.engine.attention_block)
+        .unwrap_or(kiln_runtime::model::forward::ATTENTION_BLOCK);
+    if attention_block == 0 {
+        return Err("--attention-block: give at least 1 query".into());
+    }
+    session.set_attention_block(attention_block);
     let mut rng = fastrand::Rng::with_seed(0);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.u32(n_vocab.min(259)..n_vocab)).collect() };
@@ -82,6 +95,8 @@ pub fn run(
             "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tps,
             "decode_after_prompt_tokens_per_s": deep_decode_tps,
             "kv_type": kv_type, "fused_attention": kv.fused,
+            "attention_block": attention_block,
+            "threads": kiln_runtime::model::cpu_threads(),
             "n_ctx": session.n_ctx(), "kv_bytes": kv_bytes,
             "peak_rss_bytes": peak_rss,
         }));

@@ -24,6 +24,7 @@ mod run;
 mod serve;
 mod store;
 mod top;
+mod tune;
 
 use clap::{Parser, Subcommand};
 use kiln_registry::config::Config;
@@ -159,6 +160,11 @@ enum Command {
     /// Manage backend plugins.
     #[command(subcommand)]
     Plugins(PluginsCommand),
+    /// Find the settings that make a model fastest on this machine
+    /// (threads, KV cache type, attention block), measured; apply one
+    /// to config.toml, roll it back.
+    #[command(subcommand)]
+    Tune(TuneCommand),
     /// Generate text from a prompt with a model (a GGUF file or a registered name).
     Run {
         model: String,
@@ -269,6 +275,10 @@ enum Command {
         /// `[kv_cache]` for the model, else f16).
         #[arg(long, value_parser = parse_kv_type)]
         kv_type: Option<kiln_plugin_api::DType>,
+        /// Queries per attention block in the prompt's graph (default:
+        /// config.toml's `[engine] attention_block`, else 64).
+        #[arg(long)]
+        attention_block: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -573,6 +583,63 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand)]
+enum TuneCommand {
+    /// Search: each trial is whole `kiln bench` processes (time to first
+    /// token of a prompt, decode speed, peak memory), recorded as it runs;
+    /// the best is measured again against the default, side by side.
+    Run {
+        model: String,
+        /// grid, random, halving (successive halving), policy (the active
+        /// tuning policy) or policy:NAME|FILE.wasm (the shipped tpe or genetic).
+        #[arg(long, default_value = "random")]
+        sampler: String,
+        /// Trials, the default setting first.
+        #[arg(long, default_value_t = 12)]
+        trials: u32,
+        /// Measurements per trial (halving doubles them per rung).
+        #[arg(long, default_value_t = 1)]
+        repeats: u32,
+        /// The prompt whose time to first token is minimised.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Settings whose peak memory passes this are ruled out.
+        #[arg(long)]
+        max_memory_mb: Option<u64>,
+        /// Pairs of the best and the default measured side by side for the
+        /// sign test (at least 5 to be able to pass it; 0: none).
+        #[arg(long, default_value_t = 5)]
+        confirm: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a search that was stopped (trials cut short run again).
+    Resume {
+        run: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The searches, newest first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A search's trials, its Pareto front (time to first token against
+    /// peak memory) and its verdict.
+    Show {
+        run: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a trial's setting into config.toml (`[engine]`, the model's
+    /// `[kv_cache.models]` entry), recorded as a change.
+    Apply { trial: i64 },
+    /// Undo the last change kiln made to config.toml.
+    Rollback,
+}
+
+#[derive(Subcommand)]
 enum PluginsCommand {
     /// Installed plugin versions, and plugins found but not installed.
     List {
@@ -781,6 +848,15 @@ pub fn main() -> ExitCode {
 
 fn run(command: Command) -> CliResult {
     let config = Config::from_env()?;
+    // `[engine] threads` (what `kiln tune apply` writes), unless the
+    // environment says otherwise; before any backend starts its threads.
+    if let Some(n) = config.engine.threads
+        && std::env::var_os("KILN_THREADS").is_none()
+    {
+        // SAFETY: no other thread runs yet: nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("KILN_THREADS", n.to_string()) };
+    }
     match command {
         Command::Pull { spec, name, json } => pull::run(&config, &spec, name.as_deref(), json),
         Command::Demo {
@@ -849,6 +925,37 @@ fn run(command: Command) -> CliResult {
         Command::Explain(args) => explain::explain(&config, args),
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
+        Command::Tune(t) => match t {
+            TuneCommand::Run {
+                model,
+                sampler,
+                trials,
+                repeats,
+                prompt_tokens,
+                max_memory_mb,
+                confirm,
+                seed,
+                json,
+            } => tune::run(
+                &config,
+                &tune::RunArgs {
+                    model,
+                    sampler,
+                    trials,
+                    repeats,
+                    prompt_tokens,
+                    max_memory_mb,
+                    confirm,
+                    seed,
+                    json,
+                },
+            ),
+            TuneCommand::Resume { run, json } => tune::resume(&config, run, json),
+            TuneCommand::List { json } => tune::list(&config, json),
+            TuneCommand::Show { run, json } => tune::show(&config, run, json),
+            TuneCommand::Apply { trial } => tune::apply(&config, trial),
+            TuneCommand::Rollback => tune::rollback(&config),
+        },
         Command::Plugins(p) => match p {
             PluginsCommand::List { json } => plugins::list(&config, json),
             PluginsCommand::Add { path, json } => plugins::add(&config, &path, json),
@@ -1040,14 +1147,18 @@ fn run(command: Command) -> CliResult {
             decode_tokens,
             backend,
             kv_type,
+            attention_block,
             json,
         } => bench::run(
             &config,
-            &model,
-            prompt_tokens,
-            decode_tokens,
-            backend.as_deref(),
-            kv_type,
+            &bench::Args {
+                model,
+                prompt_tokens,
+                decode_tokens,
+                backend,
+                kv_type,
+                attention_block,
+            },
             json,
         ),
         Command::Convert {

@@ -96,8 +96,12 @@ fn is_matrix_weight(name: &str) -> bool {
     name == "output.weight" || (name.starts_with("blk.") && ENDS.iter().any(|e| name.ends_with(e)))
 }
 
-/// Threads the host uses for its own work on a model (repacking): as
-/// the CPU backend, `KILN_THREADS`, else its default.
+/// Threads the CPU backend and the host's own work on a model
+/// (repacking) use: `KILN_THREADS`, else the CPU backend's default.
+pub fn cpu_threads() -> usize {
+    host_threads()
+}
+
 fn host_threads() -> usize {
     std::env::var("KILN_THREADS")
         .ok()

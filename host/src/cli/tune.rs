@@ -1,0 +1,623 @@
+//! `kiln tune`: finds the settings that make a model fastest on this
+//! machine. Each trial measures a setting as whole `kiln bench` processes
+//! (so that the thread count, which a process fixes at start, can vary):
+//! the time to first token of a prompt of `--prompt-tokens` tokens, the
+//! decode speed and the peak memory. Trials are recorded in the registry
+//! as they run (a killed search resumes with `kiln tune resume`); the best
+//! setting is measured again against the default, interleaved, and
+//! declared better only when a paired sign test says so; `kiln tune
+//! apply` writes a trial's setting into `config.toml` as a recorded
+//! change that `kiln tune rollback` undoes.
+
+use super::{CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
+use kiln_registry::Registry;
+use kiln_registry::config::{Config, KvType};
+use kiln_runtime::tune::{
+    Grid, Halving, Observation, PolicySampler, Random, Sampler, Setting, Space, median,
+    pareto_front, sign_test,
+};
+use serde_json::{Value, json};
+use std::io::IsTerminal;
+use std::process::{Command, ExitCode};
+
+/// What `kiln tune run` was asked.
+pub struct RunArgs {
+    pub model: String,
+    pub sampler: String,
+    pub trials: u32,
+    pub repeats: u32,
+    pub prompt_tokens: usize,
+    pub max_memory_mb: Option<u64>,
+    pub confirm: u32,
+    pub seed: u64,
+    pub json: bool,
+}
+
+/// The knobs searched: threads (1 to the CPUs this process may use), the
+/// KV cache type, and the attention block of prompt graphs.
+fn default_space() -> Space {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    serde_json::from_value(json!({"knobs": [
+        {"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false},
+        {"type": "choice", "name": "kv_type", "options": ["f16", "q8_0", "q4_0"]},
+        {"type": "int", "name": "attention_block", "lo": 16, "hi": 256, "log": true},
+    ]}))
+    .expect("a valid space")
+}
+
+/// The setting kiln would use now for `model`: the environment's or
+/// config's threads, config's KV type for it, config's attention block.
+fn current_setting(config: &Config, model: &str) -> Setting {
+    [
+        ("threads", json!(kiln_runtime::model::cpu_threads())),
+        ("kv_type", json!(config.kv_cache.for_model(model).name())),
+        (
+            "attention_block",
+            json!(
+                config
+                    .engine
+                    .attention_block
+                    .unwrap_or(kiln_runtime::model::forward::ATTENTION_BLOCK)
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn describe(s: &Setting) -> String {
+    s.iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One setting measured `repeats` times: a `kiln bench` process each.
+struct Measured {
+    ttft_ms: Vec<f64>,
+    decode_tps: Vec<f64>,
+    peak_rss: Vec<f64>,
+}
+
+impl Measured {
+    fn to_json(&self) -> Value {
+        json!({
+            "ttft_ms": self.ttft_ms, "decode_tokens_per_s": self.decode_tps,
+            "peak_rss_bytes": self.peak_rss,
+            "median_ttft_ms": median(&self.ttft_ms),
+            "median_decode_tokens_per_s": median(&self.decode_tps),
+            "median_peak_rss_bytes": median(&self.peak_rss),
+        })
+    }
+}
+
+fn measure_once(model: &str, s: &Setting, prompt_tokens: usize) -> Result<(f64, f64, f64), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
+    let arg = |k: &str| {
+        s.get(k)
+            .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+    };
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
+        .args(["--prompt-tokens", &prompt_tokens.to_string()]);
+    if let Some(kv) = arg("kv_type") {
+        cmd.args(["--kv-type", &kv]);
+    }
+    if let Some(b) = arg("attention_block") {
+        cmd.args(["--attention-block", &b]);
+    }
+    if let Some(t) = arg("threads") {
+        cmd.env("KILN_THREADS", t);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run kiln bench: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("kiln bench printed no JSON: {e}"))?;
+    let prompt_tps = r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0);
+    let decode = r["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
+    let rss = r["peak_rss"].as_f64().unwrap_or(0.0);
+    if prompt_tps <= 0.0 {
+        return Err("kiln bench measured no prompt speed".into());
+    }
+    Ok((prompt_tokens as f64 / prompt_tps * 1e3, decode, rss))
+}
+
+fn measure(
+    model: &str,
+    s: &Setting,
+    repeats: u32,
+    prompt_tokens: usize,
+) -> Result<Measured, String> {
+    let mut m = Measured {
+        ttft_ms: Vec::new(),
+        decode_tps: Vec::new(),
+        peak_rss: Vec::new(),
+    };
+    for _ in 0..repeats.max(1) {
+        let (t, d, r) = measure_once(model, s, prompt_tokens)?;
+        m.ttft_ms.push(t);
+        m.decode_tps.push(d);
+        m.peak_rss.push(r);
+    }
+    Ok(m)
+}
+
+/// What is minimised: the median time to first token, infinite for a
+/// failed trial or one over the memory cap.
+fn metric_of(metrics: &Value, max_memory: Option<f64>) -> f64 {
+    let ttft = metrics["median_ttft_ms"].as_f64().unwrap_or(f64::INFINITY);
+    let rss = metrics["median_peak_rss_bytes"].as_f64().unwrap_or(0.0);
+    if max_memory.is_some_and(|m| rss > m) {
+        f64::INFINITY
+    } else {
+        ttft
+    }
+}
+
+fn sampler_for(
+    config: &Config,
+    registry: &Registry,
+    name: &str,
+    seed: u64,
+    repeats: u32,
+) -> Result<Box<dyn Sampler>, String> {
+    Ok(match name {
+        "grid" => Box::new(Grid { repeats }),
+        "random" => Box::new(Random {
+            rng: fastrand::Rng::with_seed(seed),
+            repeats,
+        }),
+        "halving" => Box::new(Halving::new(seed, 8, repeats)),
+        other => {
+            // `policy` (the active tuning policy), or `policy:NAME|FILE`.
+            let spec = match other.strip_prefix("policy") {
+                Some("") => None,
+                Some(rest) if rest.starts_with(':') => Some(&rest[1..]),
+                _ => {
+                    return Err(format!(
+                        "unknown sampler {other}: give grid, random, halving, policy (the active \
+                         tuning policy) or policy:NAME|FILE.wasm (e.g. the shipped tpe or genetic)"
+                    ));
+                }
+            };
+            let bytes = match spec {
+                Some(s) if s.ends_with(".wasm") || std::path::Path::new(s).is_file() => {
+                    std::fs::read(s).map_err(|e| format!("cannot read {s}: {e}"))?
+                }
+                Some(s) => {
+                    let p = registry
+                        .policies()
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .find(|p| p.name == s || p.label() == s)
+                        .ok_or_else(|| format!("no installed policy {s} (`kiln policy list`)"))?;
+                    std::fs::read(&p.blob_path)
+                        .map_err(|e| format!("cannot read {}: {e}", p.blob_path.display()))?
+                }
+                None => {
+                    let p = registry
+                        .active_policy("tune")
+                        .map_err(|e| e.to_string())?
+                        .ok_or("no active tuning policy: `kiln policy add tpe.wasm`, or name one with --sampler policy:FILE")?;
+                    std::fs::read(&p.blob_path)
+                        .map_err(|e| format!("cannot read {}: {e}", p.blob_path.display()))?
+                }
+            };
+            let sandbox = kiln_runtime::policy::sandbox(config);
+            let policy = sandbox.load(&bytes, None).map_err(|e| e.to_string())?;
+            Box::new(PolicySampler {
+                policy,
+                seed,
+                repeats,
+            })
+        }
+    })
+}
+
+/// The trials done so far as the sampler sees them.
+fn history(
+    registry: &Registry,
+    run: &kiln_registry::tune::TuneRun,
+) -> Result<Vec<Observation>, String> {
+    let max_memory = run.objective["max_memory_bytes"].as_f64();
+    Ok(registry
+        .tune_trials(run.id)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|t| t.status != "running")
+        .map(|t| Observation {
+            setting: serde_json::from_value(t.setting.clone()).unwrap_or_default(),
+            metric: t
+                .metrics
+                .as_ref()
+                .map_or(f64::INFINITY, |m| metric_of(m, max_memory)),
+            repeats: t.repeats,
+        })
+        .collect())
+}
+
+pub fn run(config: &Config, args: &RunArgs) -> CliResult {
+    let mut registry = open_registry(config)?;
+    // Resolved now, so that a bad name fails before any trial.
+    kiln_runtime::store::resolve(config, &args.model)?;
+    let space = default_space();
+    let objective = json!({
+        "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens, "decode_tokens": 8,
+        "max_memory_bytes": args.max_memory_mb.map(|m| m << 20),
+        "repeats": args.repeats, "confirm": args.confirm, "seed": args.seed,
+        "default": current_setting(config, &args.model),
+    });
+    // Checked before the run is recorded.
+    sampler_for(config, &registry, &args.sampler, args.seed, args.repeats)?;
+    let run = registry.tune_start(
+        &args.model,
+        &args.sampler,
+        &serde_json::to_value(&space).unwrap_or_default(),
+        &objective,
+        args.trials,
+    )?;
+    eprintln!(
+        "kiln: tuning run {} ({} trials, {} sampler; `kiln tune resume {}` continues it if stopped)",
+        run.id, args.trials, args.sampler, run.id
+    );
+    search(config, &mut registry, run.id, args.json)
+}
+
+pub fn resume(config: &Config, id: i64, as_json: bool) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let run = registry.tune_run(id)?;
+    if run.state == "done" {
+        return Err(format!("tuning run {id} is done; `kiln tune show {id}` shows it").into());
+    }
+    let dropped = registry.tune_forget_unfinished(id)?;
+    if dropped > 0 {
+        eprintln!("kiln: measuring again the {dropped} trial(s) cut short");
+    }
+    search(config, &mut registry, id, as_json)
+}
+
+fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> CliResult {
+    let run = registry.tune_run(id)?;
+    let space: Space = serde_json::from_value(run.space.clone())
+        .map_err(|e| format!("tuning run {id}'s space is unreadable: {e}"))?;
+    let o = &run.objective;
+    let prompt_tokens = o["prompt_tokens"].as_u64().unwrap_or(512) as usize;
+    let repeats = o["repeats"].as_u64().unwrap_or(1) as u32;
+    let seed = o["seed"].as_u64().unwrap_or(1);
+    let max_memory = o["max_memory_bytes"].as_f64();
+    let default: Setting = serde_json::from_value(o["default"].clone()).unwrap_or_default();
+    let mut sampler = sampler_for(config, registry, &run.sampler, seed, repeats)?;
+    let mut done = history(registry, &run)?;
+    // A stateful sampler (halving) is brought to where it was: it is
+    // deterministic, so it proposes what it proposed before.
+    for i in 0..done.len() {
+        sampler.propose(&space, &done[..i])?;
+    }
+    let tty = std::io::stderr().is_terminal();
+    while (done.len() as u32) < run.trials_wanted {
+        // The default is always measured first: the line to beat.
+        let proposal = if done.is_empty() {
+            Some(kiln_runtime::tune::Proposal {
+                setting: default.clone(),
+                repeats,
+            })
+        } else {
+            sampler.propose(&space, &done)?
+        };
+        let Some(p) = proposal else {
+            break;
+        };
+        let setting_json = serde_json::to_value(&p.setting).unwrap_or_default();
+        let trial = registry.tune_trial_start(id, &setting_json, p.repeats)?;
+        let (ok, metrics) = match measure(&run.model, &p.setting, p.repeats, prompt_tokens) {
+            Ok(m) => (true, m.to_json()),
+            Err(e) => (false, json!({"error": e})),
+        };
+        registry.tune_trial_done(trial, ok, &metrics)?;
+        let metric = if ok {
+            metric_of(&metrics, max_memory)
+        } else {
+            f64::INFINITY
+        };
+        done.push(Observation {
+            setting: p.setting.clone(),
+            metric,
+            repeats: p.repeats,
+        });
+        let best = done
+            .iter()
+            .min_by(|a, b| a.metric.total_cmp(&b.metric))
+            .expect("one at least");
+        let n = done.len();
+        let width = 24;
+        let filled = n * width / run.trials_wanted.max(1) as usize;
+        let line = format!(
+            "[{}{}] {n}/{} {}: {} (best {:.1} ms: {})",
+            "#".repeat(filled.min(width)),
+            " ".repeat(width - filled.min(width)),
+            run.trials_wanted,
+            describe(&p.setting),
+            if ok {
+                format!("{metric:.1} ms")
+            } else {
+                format!("failed: {}", metrics["error"].as_str().unwrap_or(""))
+            },
+            best.metric,
+            describe(&best.setting)
+        );
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let verdict = confirm(registry, &run, &done, &default, prompt_tokens)?;
+    registry.tune_finish(id, &verdict)?;
+    show(config, id, as_json)
+}
+
+/// The best setting against the default, measured side by side
+/// (`confirm` pairs, alternating), and the sign test over the pairs.
+fn confirm(
+    registry: &Registry,
+    run: &kiln_registry::tune::TuneRun,
+    done: &[Observation],
+    default: &Setting,
+    prompt_tokens: usize,
+) -> Result<Value, String> {
+    let pairs_wanted = run.objective["confirm"].as_u64().unwrap_or(5) as u32;
+    let Some(best) = done
+        .iter()
+        .filter(|o| o.metric.is_finite())
+        .min_by(|a, b| a.metric.total_cmp(&b.metric))
+    else {
+        return Ok(json!({"better": false, "reason": "no trial succeeded"}));
+    };
+    let best_trial = registry
+        .tune_trials(run.id)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|t| {
+            serde_json::from_value::<Setting>(t.setting.clone())
+                .ok()
+                .as_ref()
+                == Some(&best.setting)
+        })
+        .map(|t| t.id);
+    if &best.setting == default || pairs_wanted == 0 {
+        return Ok(json!({
+            "better": false, "best_trial": best_trial, "setting": best.setting,
+            "reason": if &best.setting == default { "the default is the best setting found" } else { "not confirmed (--confirm 0)" },
+        }));
+    }
+    eprintln!(
+        "kiln: measuring the best setting ({}) against the default ({}), {pairs_wanted} pairs",
+        describe(&best.setting),
+        describe(default)
+    );
+    let mut pairs = Vec::new();
+    for _ in 0..pairs_wanted {
+        let d = measure(&run.model, default, 1, prompt_tokens)?;
+        let b = measure(&run.model, &best.setting, 1, prompt_tokens)?;
+        pairs.push((b.ttft_ms[0], d.ttft_ms[0]));
+    }
+    let p = sign_test(&pairs);
+    let (best_ms, default_ms) = (
+        median(&pairs.iter().map(|x| x.0).collect::<Vec<_>>()),
+        median(&pairs.iter().map(|x| x.1).collect::<Vec<_>>()),
+    );
+    let better = p < 0.05 && best_ms < default_ms;
+    Ok(json!({
+        "better": better, "best_trial": best_trial, "setting": best.setting,
+        "best_ttft_ms": best_ms, "default_ttft_ms": default_ms,
+        "pairs": pairs.iter().map(|(b, d)| json!({"best_ms": b, "default_ms": d})).collect::<Vec<_>>(),
+        "p_value": p,
+        "reason": if better {
+            format!("faster in {} of {} pairs (sign test p = {p:.3})", pairs.iter().filter(|(b, d)| b < d).count(), pairs.len())
+        } else {
+            format!("not shown faster: sign test p = {p:.3} over {} pairs (needs p < 0.05; 5 pairs at least)", pairs.len())
+        },
+    }))
+}
+
+pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let run = registry.tune_run(id)?;
+    let trials = registry.tune_trials(id)?;
+    let points: Vec<(f64, f64)> = trials
+        .iter()
+        .map(|t| match &t.metrics {
+            Some(m) if t.status == "done" => (
+                m["median_ttft_ms"].as_f64().unwrap_or(f64::INFINITY),
+                m["median_peak_rss_bytes"].as_f64().unwrap_or(f64::INFINITY),
+            ),
+            _ => (f64::INFINITY, f64::INFINITY),
+        })
+        .collect();
+    let front: Vec<i64> = pareto_front(&points)
+        .into_iter()
+        .map(|i| trials[i].id)
+        .collect();
+    if as_json {
+        print_json(&json!({
+            "schema_version": JSON_SCHEMA_VERSION, "run": run, "trials": trials,
+            "pareto_front": front,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "tuning run {} of {} ({} sampler, {}): {} of {} trials",
+        run.id,
+        run.model,
+        run.sampler,
+        run.state,
+        trials.len(),
+        run.trials_wanted
+    );
+    let rows: Vec<Vec<String>> = trials
+        .iter()
+        .zip(&points)
+        .map(|(t, &(ttft, rss))| {
+            let setting: Setting = serde_json::from_value(t.setting.clone()).unwrap_or_default();
+            vec![
+                t.id.to_string(),
+                describe(&setting),
+                t.repeats.to_string(),
+                if ttft.is_finite() {
+                    format!("{ttft:.1}")
+                } else {
+                    t.status.clone()
+                },
+                t.metrics
+                    .as_ref()
+                    .and_then(|m| m["median_decode_tokens_per_s"].as_f64())
+                    .map_or("-".into(), |d| format!("{d:.1}")),
+                if rss.is_finite() {
+                    format!("{:.0}", rss / (1 << 20) as f64)
+                } else {
+                    "-".into()
+                },
+                if front.contains(&t.id) { "*" } else { "" }.into(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "TRIAL",
+                "SETTING",
+                "RUNS",
+                "TTFT MS",
+                "DECODE TOK/S",
+                "PEAK MIB",
+                "PARETO"
+            ],
+            &rows
+        )
+    );
+    if let Some(v) = &run.verdict {
+        println!(
+            "{}: {}{}",
+            if v["better"] == true {
+                "better than the default"
+            } else {
+                "no setting shown better than the default"
+            },
+            v["reason"].as_str().unwrap_or(""),
+            match v["best_trial"].as_i64() {
+                Some(t) if v["better"] == true => format!("; `kiln tune apply {t}` uses it"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn list(config: &Config, as_json: bool) -> CliResult {
+    let registry = open_registry(config)?;
+    let runs = registry.tune_runs()?;
+    if as_json {
+        print_json(&json!({"schema_version": JSON_SCHEMA_VERSION, "runs": runs}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.model.clone(),
+                r.sampler.clone(),
+                r.state.clone(),
+                r.trials_wanted.to_string(),
+                r.created_at.clone(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &["RUN", "MODEL", "SAMPLER", "STATE", "TRIALS", "STARTED"],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn apply(config: &Config, trial_id: i64) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let trial = registry.tune_trial(trial_id)?;
+    if trial.status != "done" {
+        return Err(format!(
+            "trial {trial_id} did not finish ({}); apply a measured one",
+            trial.status
+        )
+        .into());
+    }
+    let run = registry.tune_run(trial.run_id)?;
+    let s: Setting = serde_json::from_value(trial.setting.clone()).unwrap_or_default();
+    let kv = match s.get("kv_type").and_then(Value::as_str) {
+        None => None,
+        Some("f16") => Some(KvType::F16),
+        Some("q8_0") => Some(KvType::Q8_0),
+        Some("q4_0") => Some(KvType::Q4_0),
+        Some(other) => return Err(format!("trial {trial_id}: unknown KV type {other}").into()),
+    };
+    let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let (before, after) = kiln_registry::config::with_engine_setting(
+        config,
+        int("threads"),
+        int("attention_block"),
+        kv.map(|kv| (run.model.as_str(), kv)),
+    )?;
+    let version = registry.record_config_version(
+        &kiln_registry::actor(),
+        &format!(
+            "kiln tune apply {trial_id} (run {}: {})",
+            run.id,
+            describe(&s)
+        ),
+        &before,
+        &after,
+    )?;
+    kiln_registry::config::write_config_text(config, &after)?;
+    println!(
+        "applied trial {trial_id} ({}) to {} as change {version}; `kiln tune rollback` undoes it",
+        describe(&s),
+        config.config_file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rollback(config: &Config) -> CliResult {
+    let mut registry = open_registry(config)?;
+    let v = registry
+        .last_config_version()?
+        .ok_or("kiln has not changed config.toml (or every change is rolled back)")?;
+    let now = match std::fs::read_to_string(&config.config_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", config.config_file.display()).into()),
+    };
+    if now != v.after {
+        return Err(format!(
+            "{} changed since kiln wrote change {} ({}); nothing was rolled back: edit it by hand",
+            config.config_file.display(),
+            v.id,
+            v.reason
+        )
+        .into());
+    }
+    registry.roll_back_config_version(v.id, &kiln_registry::actor())?;
+    kiln_registry::config::write_config_text(config, &v.before)?;
+    println!("rolled back change {} ({})", v.id, v.reason);
+    Ok(ExitCode::SUCCESS)
+}

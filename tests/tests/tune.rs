@@ -1,0 +1,225 @@
+//! `kiln tune` (the seed's ninth feature): each sampler finds a known
+//! optimum of a synthetic objective within a set number of trials (the
+//! shipped WebAssembly `tpe` and `genetic` policies through the sandbox,
+//! as `kiln tune` runs them), and a short real search on the demo model:
+//! recorded in the registry, resumed after a SIGKILL, its best setting
+//! applied to config.toml and rolled back.
+
+use kiln_runtime::tune::{Knob, Observation, PolicySampler, Sampler, Setting, Space, median};
+use kiln_tests::Home;
+use kiln_tests::serve::demo_model;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn space() -> Space {
+    Space {
+        knobs: vec![
+            Knob::Int {
+                name: "threads".into(),
+                lo: 1,
+                hi: 16,
+                log: false,
+            },
+            Knob::Choice {
+                name: "kv".into(),
+                options: vec!["f16".into(), "q8_0".into(), "q4_0".into()],
+            },
+            Knob::Int {
+                name: "block".into(),
+                lo: 8,
+                hi: 1024,
+                log: true,
+            },
+        ],
+    }
+}
+
+/// Lowest (10) at threads 11, q8_0, block 128.
+fn objective(s: &Setting) -> f64 {
+    let t = s["threads"].as_i64().unwrap() as f64;
+    let kv = match s["kv"].as_str().unwrap() {
+        "q8_0" => 0.0,
+        "f16" => 1.0,
+        _ => 3.0,
+    };
+    let b = (s["block"].as_i64().unwrap() as f64 / 128.0).ln().abs();
+    10.0 + 0.2 * (t - 11.0).powi(2) + kv + 2.0 * b
+}
+
+#[test]
+fn the_shipped_tuning_policies_find_a_known_optimum() {
+    let Some(dir) = kiln_tests::policies_dir() else {
+        return;
+    };
+    let sandbox = kiln_sandbox::Sandbox::new(None);
+    for (name, trials, within) in [("tpe", 60, 1.0), ("genetic", 80, 1.5)] {
+        let bytes = std::fs::read(dir.join(format!("{name}.wasm"))).unwrap();
+        let mut sampler = PolicySampler {
+            policy: sandbox.load(&bytes, None).unwrap(),
+            seed: 1,
+            repeats: 1,
+        };
+        let space = space();
+        let mut history: Vec<Observation> = Vec::new();
+        for _ in 0..trials {
+            let p = sampler.propose(&space, &history).unwrap().unwrap();
+            history.push(Observation {
+                metric: objective(&p.setting),
+                setting: p.setting,
+                repeats: 1,
+            });
+        }
+        let best = history
+            .iter()
+            .min_by(|a, b| a.metric.total_cmp(&b.metric))
+            .unwrap();
+        assert!(
+            best.metric - 10.0 < within,
+            "{name}: best {best:?} after {trials} trials"
+        );
+        // Better than its own first (random) proposals: it learned.
+        let early = median(&history[..10].iter().map(|o| o.metric).collect::<Vec<_>>());
+        let late = median(
+            &history[trials - 10..]
+                .iter()
+                .map(|o| o.metric)
+                .collect::<Vec<_>>(),
+        );
+        assert!(late < early, "{name}: late {late} vs early {early}");
+    }
+}
+
+fn trials_of(home: &Home, run: i64) -> Vec<serde_json::Value> {
+    home.json(&["tune", "show", &run.to_string(), "--json"])["trials"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
+    let home = Home::default();
+    let model = demo_model();
+    let m = model.to_str().unwrap();
+    // Bad input: named, nothing recorded.
+    let err = home.fails(&["tune", "run", m, "--sampler", "annealing"]);
+    assert!(err.contains("unknown sampler annealing"), "{err}");
+    let err = home.fails(&["tune", "run", "/nope.gguf"]);
+    assert!(err.contains("nope.gguf"), "{err}");
+    assert_eq!(home.json(&["tune", "list", "--json"])["runs"], json!([]));
+
+    // A grid search of 4 trials, killed once its first trial is recorded.
+    let mut child = home
+        .command(&[
+            "tune",
+            "run",
+            m,
+            "--sampler",
+            "grid",
+            "--trials",
+            "4",
+            "--prompt-tokens",
+            "32",
+            "--confirm",
+            "5",
+        ])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let runs = home.json(&["tune", "list", "--json"])["runs"].clone();
+        if let Some(id) = runs[0]["id"].as_i64()
+            && trials_of(&home, id).iter().any(|t| t["status"] == "done")
+        {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no trial recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = trials_of(&home, run);
+    assert!(before.len() < 4, "{before:#?}");
+    // The default is measured first.
+    assert_eq!(
+        before[0]["setting"]["attention_block"],
+        json!(64),
+        "{before:#?}"
+    );
+
+    let shown = home.json(&["tune", "resume", &run.to_string(), "--json"]);
+    let trials = shown["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 4, "{shown:#}");
+    assert!(trials.iter().all(|t| t["status"] == "done"), "{shown:#}");
+    for t in trials {
+        let ttft = t["metrics"]["median_ttft_ms"].as_f64().unwrap();
+        assert!(ttft > 0.0 && ttft.is_finite(), "{t}");
+    }
+    // The settings are the grid's first four, each once.
+    let settings: Vec<_> = trials
+        .iter()
+        .skip(1)
+        .map(|t| t["setting"].clone())
+        .collect();
+    for (i, s) in settings.iter().enumerate() {
+        assert!(!settings[i + 1..].contains(s), "{settings:#?}");
+    }
+    assert_eq!(shown["run"]["state"], "done");
+    let verdict = &shown["run"]["verdict"];
+    assert!(verdict["reason"].is_string(), "{verdict:#}");
+    assert!(!shown["pareto_front"].as_array().unwrap().is_empty());
+    let err = home.fails(&["tune", "resume", &run.to_string()]);
+    assert!(err.contains("is done"), "{err}");
+
+    // Apply a trial (its setting into config.toml), then roll it back.
+    let trial = trials[1]["id"].as_i64().unwrap();
+    let setting = &trials[1]["setting"];
+    let out = home.ok(&["tune", "apply", &trial.to_string()]);
+    assert!(out.contains("kiln tune rollback"), "{out}");
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("threads = {}", setting["threads"])),
+        "{config}"
+    );
+    assert!(
+        config.contains(&format!("attention_block = {}", setting["attention_block"])),
+        "{config}"
+    );
+    assert!(config.contains(m), "{config}");
+    // kiln reads it: bench runs with the applied block.
+    let bench = home.json(&[
+        "bench",
+        m,
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(bench["attention_block"], setting["attention_block"]);
+    let audit = home.registry().audit_log(50).unwrap();
+    assert!(
+        audit.iter().any(|e| e.kind == "config"
+            && e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("kiln tune apply"))),
+        "{audit:#?}"
+    );
+    home.ok(&["tune", "rollback"]);
+    assert!(!home.path().join("config.toml").exists());
+    assert!(
+        home.fails(&["tune", "rollback"])
+            .contains("has not changed")
+    );
+    // A file changed by hand since is not overwritten.
+    home.ok(&["tune", "apply", &trial.to_string()]);
+    std::fs::write(home.path().join("config.toml"), "[engine]\nthreads = 1\n").unwrap();
+    let err = home.fails(&["tune", "rollback"]);
+    assert!(err.contains("changed since"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(home.path().join("config.toml")).unwrap(),
+        "[engine]\nthreads = 1\n"
+    );
+}
