@@ -156,6 +156,8 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
     for t in trials {
         let ttft = t["metrics"]["median_ttft_ms"].as_f64().unwrap();
         assert!(ttft > 0.0 && ttft.is_finite(), "{t}");
+        let rss = t["metrics"]["median_peak_rss_bytes"].as_f64().unwrap();
+        assert!(rss > 1e6, "{t}");
     }
     // The settings are the grid's first four, each once.
     let settings: Vec<_> = trials
@@ -172,6 +174,23 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
     assert!(!shown["pareto_front"].as_array().unwrap().is_empty());
     let err = home.fails(&["tune", "resume", &run.to_string()]);
     assert!(err.contains("is done"), "{err}");
+
+    // A memory cap no setting fits rules every one out.
+    let capped = home.json(&[
+        "tune",
+        "run",
+        m,
+        "--trials",
+        "2",
+        "--prompt-tokens",
+        "16",
+        "--max-memory-mb",
+        "1",
+        "--json",
+    ]);
+    let v = &capped["run"]["verdict"];
+    assert_eq!(v["better"], false, "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("memory cap"), "{v}");
 
     // Apply a trial (its setting into config.toml), then roll it back.
     let trial = trials[1]["id"].as_i64().unwrap();

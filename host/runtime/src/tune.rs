@@ -364,7 +364,7 @@ impl Sampler for PolicySampler {
             .map(|o| o.metric)
             .filter(|m| m.is_finite())
             .fold(1.0f64, f64::max);
-        let input = TuneInput {
+        let mut input = TuneInput {
             params: space.params(),
             trials: history
                 .iter()
@@ -379,12 +379,22 @@ impl Sampler for PolicySampler {
                 .collect(),
             seed: self.seed.wrapping_add(history.len() as u64),
         };
-        let out = self
-            .policy
-            .tune(&input)
-            .map_err(|e| format!("the tuning policy failed: {e}"))?;
+        // A setting measured already (the policy's values round onto the
+        // knobs) is asked for again with other seeds, a few times.
+        let mut setting = Setting::new();
+        for attempt in 0..4u64 {
+            input.seed = input.seed.wrapping_add(attempt.wrapping_mul(0x9e37_79b9));
+            let out = self
+                .policy
+                .tune(&input)
+                .map_err(|e| format!("the tuning policy failed: {e}"))?;
+            setting = space.decode(&out.value);
+            if !history.iter().any(|o| o.setting == setting) {
+                break;
+            }
+        }
         Ok(Some(Proposal {
-            setting: space.decode(&out.value),
+            setting,
             repeats: self.repeats,
         }))
     }

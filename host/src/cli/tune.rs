@@ -120,7 +120,7 @@ fn measure_once(model: &str, s: &Setting, prompt_tokens: usize) -> Result<(f64, 
         .map_err(|e| format!("kiln bench printed no JSON: {e}"))?;
     let prompt_tps = r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0);
     let decode = r["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
-    let rss = r["peak_rss"].as_f64().unwrap_or(0.0);
+    let rss = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
     if prompt_tps <= 0.0 {
         return Err("kiln bench measured no prompt speed".into());
     }
@@ -151,7 +151,9 @@ fn measure(
 /// failed trial or one over the memory cap.
 fn metric_of(metrics: &Value, max_memory: Option<f64>) -> f64 {
     let ttft = metrics["median_ttft_ms"].as_f64().unwrap_or(f64::INFINITY);
-    let rss = metrics["median_peak_rss_bytes"].as_f64().unwrap_or(0.0);
+    let rss = metrics["median_peak_rss_bytes"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     if max_memory.is_some_and(|m| rss > m) {
         f64::INFINITY
     } else {
@@ -379,7 +381,7 @@ fn confirm(
         .filter(|o| o.metric.is_finite())
         .min_by(|a, b| a.metric.total_cmp(&b.metric))
     else {
-        return Ok(json!({"better": false, "reason": "no trial succeeded"}));
+        return Ok(json!({"better": false, "reason": "no trial succeeded within the memory cap"}));
     };
     let best_trial = registry
         .tune_trials(run.id)
@@ -505,6 +507,12 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
         )
     );
     if let Some(v) = &run.verdict {
+        if let (Some(b), Some(d)) = (v["best_ttft_ms"].as_f64(), v["default_ttft_ms"].as_f64()) {
+            println!(
+                "side by side: the best setting {b:.1} ms, the default {d:.1} ms to the first token (medians, {} pairs)",
+                v["pairs"].as_array().map_or(0, Vec::len)
+            );
+        }
         println!(
             "{}: {}{}",
             if v["better"] == true {
