@@ -406,9 +406,16 @@ fn confirm(
         describe(default)
     );
     let mut pairs = Vec::new();
-    for _ in 0..pairs_wanted {
-        let d = measure(&run.model, default, 1, prompt_tokens)?;
-        let b = measure(&run.model, &best.setting, 1, prompt_tokens)?;
+    for i in 0..pairs_wanted {
+        // Which goes first alternates, so that an order effect (a warmer
+        // cache, a drifting clock) falls on both.
+        let (d, b) = if i % 2 == 0 {
+            let d = measure(&run.model, default, 1, prompt_tokens)?;
+            (d, measure(&run.model, &best.setting, 1, prompt_tokens)?)
+        } else {
+            let b = measure(&run.model, &best.setting, 1, prompt_tokens)?;
+            (measure(&run.model, default, 1, prompt_tokens)?, b)
+        };
         pairs.push((b.ttft_ms[0], d.ttft_ms[0]));
     }
     let p = sign_test(&pairs);
