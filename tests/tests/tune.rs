@@ -156,7 +156,7 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
     for t in trials {
         let ttft = t["metrics"]["median_ttft_ms"].as_f64().unwrap();
         assert!(ttft > 0.0 && ttft.is_finite(), "{t}");
-        let rss = t["metrics"]["median_peak_rss_bytes"].as_f64().unwrap();
+        let rss = t["metrics"]["median_memory_bytes"].as_f64().unwrap();
         assert!(rss > 1e6, "{t}");
     }
     // The settings are the grid's first four, each once.
@@ -192,6 +192,32 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
     assert_eq!(v["better"], false, "{v}");
     assert!(v["reason"].as_str().unwrap().contains("memory cap"), "{v}");
 
+    // The typing objective: a replayed typing session through the language
+    // server per trial, its end-to-end latency minimised.
+    let typing = home.json(&[
+        "tune",
+        "run",
+        m,
+        "--trials",
+        "2",
+        "--keystrokes",
+        "4",
+        "--max-tokens",
+        "4",
+        "--confirm",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(typing["run"]["objective"]["metric"], "e2e_ms", "{typing:#}");
+    for t in typing["trials"].as_array().unwrap() {
+        assert_eq!(t["status"], "done", "{t}");
+        let e2e = t["metrics"]["median_e2e_ms"].as_f64().unwrap();
+        let ttft = t["metrics"]["median_ttft_ms"].as_f64().unwrap();
+        assert!(e2e >= ttft && ttft > 0.0, "{t}");
+    }
+    let err = home.fails(&["tune", "run", m, "--objective", "vibes"]);
+    assert!(err.contains("unknown objective vibes"), "{err}");
+
     // Apply a trial (its setting into config.toml), then roll it back.
     let trial = trials[1]["id"].as_i64().unwrap();
     let setting = &trials[1]["setting"];
@@ -206,7 +232,14 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         config.contains(&format!("attention_block = {}", setting["attention_block"])),
         "{config}"
     );
-    assert!(config.contains(m), "{config}");
+    // The model's KV type under the name kiln serves it by (a file's stem).
+    assert!(
+        config.contains(&format!(
+            "demo = \"{}\"",
+            setting["kv_type"].as_str().unwrap()
+        )),
+        "{config}"
+    );
     // kiln reads it: bench runs with the applied block.
     let bench = home.json(&[
         "bench",
@@ -218,6 +251,7 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         "--json",
     ]);
     assert_eq!(bench["attention_block"], setting["attention_block"]);
+    assert_eq!(bench["kv_type"], setting["kv_type"]);
     let audit = home.registry().audit_log(50).unwrap();
     assert!(
         audit.iter().any(|e| e.kind == "config"

@@ -26,7 +26,9 @@
 //! "qwen-coder" = "f16"     # by registered name (every version) or name@version
 //! ```
 //!
-//! `KILN_PLUGIN_PATH` adds directories, separated like `PATH`.
+//! `KILN_PLUGIN_PATH` adds directories, separated like `PATH`;
+//! `KILN_CONFIG` names another file to read instead of `config.toml`
+//! (`kiln tune` runs each trial with its own).
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -215,15 +217,29 @@ impl Config {
                 .map(|d| d.join("kiln"))
                 .ok_or("cannot find a data directory for kiln; set KILN_HOME")?,
         };
-        Ok(Config::new(
+        let file = std::env::var_os("KILN_CONFIG")
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from);
+        Ok(Config::with_file(
             home,
             std::env::var_os("KILN_PLUGIN_PATH").as_deref(),
+            file,
         ))
     }
 
     /// The configuration rooted at `home`, with `plugin_path` as `KILN_PLUGIN_PATH`.
     pub fn new(home: PathBuf, plugin_path: Option<&std::ffi::OsStr>) -> Config {
-        let config_file = home.join("config.toml");
+        Config::with_file(home, plugin_path, None)
+    }
+
+    /// As [`Config::new`], reading `file` (`KILN_CONFIG`) instead of
+    /// `config.toml` in `home` when given.
+    pub fn with_file(
+        home: PathBuf,
+        plugin_path: Option<&std::ffi::OsStr>,
+        file: Option<PathBuf>,
+    ) -> Config {
+        let config_file = file.unwrap_or_else(|| home.join("config.toml"));
         let mut plugin_dirs = vec![PluginDir {
             path: home.join("plugins"),
             origin: DirOrigin::Home,
@@ -384,6 +400,19 @@ pub fn with_engine_setting(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
+    let after = engine_setting_text(&before, path, threads, attention_block, kv_type)?;
+    Ok((before, after))
+}
+
+/// `before` (the text of the config file at `path`) with the settings of
+/// [`with_engine_setting`].
+pub fn engine_setting_text(
+    before: &str,
+    path: &Path,
+    threads: Option<usize>,
+    attention_block: Option<usize>,
+    kv_type: Option<(&str, KvType)>,
+) -> Result<String, String> {
     let mut doc: toml_edit::DocumentMut = before
         .parse()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
@@ -417,7 +446,7 @@ pub fn with_engine_setting(
     // What is written must read back as a valid config.
     toml::from_str::<ConfigFile>(&after)
         .map_err(|e| format!("the tuned config would not be valid: {e}"))?;
-    Ok((before, after))
+    Ok(after)
 }
 
 /// Writes `text` as `config.toml` (a temporary file, synced, renamed

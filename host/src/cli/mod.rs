@@ -589,6 +589,17 @@ enum TuneCommand {
     /// the best is measured again against the default, side by side.
     Run {
         model: String,
+        /// typing: a replayed typing session through the language server
+        /// (`kiln demo`), its median end-to-end latency minimised; prompt:
+        /// one prompt's time to first token (`kiln bench`).
+        #[arg(long, default_value = "typing")]
+        objective: String,
+        /// typing: characters typed (a completion request each).
+        #[arg(long, default_value_t = 40)]
+        keystrokes: usize,
+        /// typing: tokens per completion.
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
         /// grid, random, halving (successive halving), policy (the active
         /// tuning policy) or policy:NAME|FILE.wasm (the shipped tpe or genetic).
         #[arg(long, default_value = "random")]
@@ -599,7 +610,7 @@ enum TuneCommand {
         /// Measurements per trial (halving doubles them per rung).
         #[arg(long, default_value_t = 1)]
         repeats: u32,
-        /// The prompt whose time to first token is minimised.
+        /// prompt: the prompt whose time to first token is minimised.
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
         /// Settings whose peak memory passes this are ruled out.
@@ -928,6 +939,9 @@ fn run(command: Command) -> CliResult {
         Command::Tune(t) => match t {
             TuneCommand::Run {
                 model,
+                objective,
+                keystrokes,
+                max_tokens,
                 sampler,
                 trials,
                 repeats,
@@ -940,6 +954,9 @@ fn run(command: Command) -> CliResult {
                 &config,
                 &tune::RunArgs {
                     model,
+                    objective,
+                    keystrokes,
+                    max_tokens,
                     sampler,
                     trials,
                     repeats,
@@ -1415,8 +1432,14 @@ pub fn kv_type_for(
         return Ok(t);
     }
     config.require_valid().map_err(CliError)?;
+    // A file is known by its stem, as `kiln serve --model FILE` knows it.
+    let path = std::path::Path::new(model);
+    let label = match path.file_stem() {
+        Some(stem) if path.is_file() => stem.to_string_lossy().into_owned(),
+        _ => model.to_string(),
+    };
     Ok(
-        kiln_runtime::model::forward::KvCache::parse_type(config.kv_cache.for_model(model).name())
+        kiln_runtime::model::forward::KvCache::parse_type(config.kv_cache.for_model(&label).name())
             .expect("config.toml's names are kiln's"),
     )
 }

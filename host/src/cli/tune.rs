@@ -23,6 +23,11 @@ use std::process::{Command, ExitCode};
 /// What `kiln tune run` was asked.
 pub struct RunArgs {
     pub model: String,
+    /// `typing` (a replayed typing session through the language server)
+    /// or `prompt` (one prompt's time to first token).
+    pub objective: String,
+    pub keystrokes: usize,
+    pub max_tokens: usize,
     pub sampler: String,
     pub trials: u32,
     pub repeats: u32,
@@ -50,7 +55,15 @@ fn default_space() -> Space {
 fn current_setting(config: &Config, model: &str) -> Setting {
     [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
-        ("kv_type", json!(config.kv_cache.for_model(model).name())),
+        (
+            "kv_type",
+            json!(
+                config
+                    .kv_cache
+                    .for_model(&kv_key(config, model).unwrap_or_else(|_| model.to_string()))
+                    .name()
+            ),
+        ),
         (
             "attention_block",
             json!(
@@ -73,91 +86,183 @@ fn describe(s: &Setting) -> String {
         .join(" ")
 }
 
-/// One setting measured `repeats` times: a `kiln bench` process each.
-struct Measured {
-    ttft_ms: Vec<f64>,
-    decode_tps: Vec<f64>,
-    peak_rss: Vec<f64>,
-}
+/// One setting measured `repeats` times, a whole process each: what was
+/// measured by name (`ttft_ms`, `e2e_ms`, `decode_tokens_per_s`,
+/// `memory_bytes`), one value per repeat.
+struct Measured(std::collections::BTreeMap<String, Vec<f64>>);
 
 impl Measured {
     fn to_json(&self) -> Value {
-        json!({
-            "ttft_ms": self.ttft_ms, "decode_tokens_per_s": self.decode_tps,
-            "peak_rss_bytes": self.peak_rss,
-            "median_ttft_ms": median(&self.ttft_ms),
-            "median_decode_tokens_per_s": median(&self.decode_tps),
-            "median_peak_rss_bytes": median(&self.peak_rss),
-        })
+        let mut out = serde_json::Map::new();
+        for (k, v) in &self.0 {
+            out.insert(k.clone(), json!(v));
+            out.insert(format!("median_{k}"), json!(median(v)));
+        }
+        Value::Object(out)
     }
 }
 
-fn measure_once(model: &str, s: &Setting, prompt_tokens: usize) -> Result<(f64, f64, f64), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
-    let arg = |k: &str| {
-        s.get(k)
-            .map(|v| v.as_str().map_or(v.to_string(), str::to_string))
+/// What a trial measures, from the run's objective.
+struct Objective {
+    kind: String,
+    prompt_tokens: usize,
+    keystrokes: usize,
+    max_tokens: usize,
+}
+
+impl Objective {
+    fn of(o: &Value) -> Objective {
+        Objective {
+            kind: o["kind"].as_str().unwrap_or("prompt").to_string(),
+            prompt_tokens: o["prompt_tokens"].as_u64().unwrap_or(512) as usize,
+            keystrokes: o["keystrokes"].as_u64().unwrap_or(40) as usize,
+            max_tokens: o["max_tokens"].as_u64().unwrap_or(16) as usize,
+        }
+    }
+}
+
+/// A setting's threads, attention block and KV type.
+type Parts = (Option<usize>, Option<usize>, Option<KvType>);
+
+fn setting_parts(s: &Setting) -> Result<Parts, String> {
+    let kv = match s.get("kv_type").and_then(Value::as_str) {
+        None => None,
+        Some("f16") => Some(KvType::F16),
+        Some("q8_0") => Some(KvType::Q8_0),
+        Some("q4_0") => Some(KvType::Q4_0),
+        Some(other) => return Err(format!("unknown KV cache type {other}")),
     };
+    let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    Ok((int("threads"), int("attention_block"), kv))
+}
+
+/// The `[kv_cache.models]` key kiln looks `model` up by: a file's stem,
+/// a registered model's `NAME@VERSION`.
+fn kv_key(config: &Config, model: &str) -> Result<String, String> {
+    kiln_runtime::store::resolve_served(config, Some(model))
+        .map(|(id, _)| id)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes the user's config with `s` applied where a trial's processes
+/// read it (`KILN_CONFIG`), so that what is measured is what `kiln tune
+/// apply` would write.
+fn trial_config(config: &Config, model: &str, s: &Setting) -> Result<std::path::PathBuf, String> {
+    let before = match std::fs::read_to_string(&config.config_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("cannot read {}: {e}", config.config_file.display())),
+    };
+    let (threads, block, kv) = setting_parts(s)?;
+    let key = kv_key(config, model)?;
+    let text = kiln_registry::config::engine_setting_text(
+        &before,
+        &config.config_file,
+        threads,
+        block,
+        kv.map(|kv| (key.as_str(), kv)),
+    )?;
+    let dir = config.home.join("cache");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(format!("tune-trial-{}.toml", std::process::id()));
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn measure_once(
+    config: &Config,
+    objective: &Objective,
+    model: &str,
+    s: &Setting,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
+    let trial_config = trial_config(config, model, s)?;
     let mut cmd = Command::new(exe);
-    cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
-        .args(["--prompt-tokens", &prompt_tokens.to_string()]);
-    if let Some(kv) = arg("kv_type") {
-        cmd.args(["--kv-type", &kv]);
+    cmd.env("KILN_CONFIG", &trial_config);
+    if let Some(t) = s.get("threads").and_then(Value::as_u64) {
+        cmd.env("KILN_THREADS", t.to_string());
     }
-    if let Some(b) = arg("attention_block") {
-        cmd.args(["--attention-block", &b]);
+    let typing = objective.kind == "typing";
+    if typing {
+        cmd.args(["demo", "--model", model, "--json"])
+            .args(["--keystrokes", &objective.keystrokes.to_string()])
+            .args(["--max-tokens", &objective.max_tokens.to_string()]);
+    } else {
+        cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
+            .args(["--prompt-tokens", &objective.prompt_tokens.to_string()]);
     }
-    if let Some(t) = arg("threads") {
-        cmd.env("KILN_THREADS", t);
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run kiln bench: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("cannot run kiln: {e}"));
+    let _ = std::fs::remove_file(&trial_config);
+    let out = out?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
-    let r: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("kiln bench printed no JSON: {e}"))?;
-    let prompt_tps = r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0);
-    let decode = r["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
-    let rss = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
-    if prompt_tps <= 0.0 {
-        return Err("kiln bench measured no prompt speed".into());
+    let r: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln printed no JSON: {e}"))?;
+    let mib = |v: &Value| v.as_f64().map(|m| m * (1 << 20) as f64);
+    if typing {
+        let r = &r["report"];
+        let memory = mib(&r["server_anonymous_memory_mib"])
+            .zip(mib(&r["server_file_backed_memory_mib"]))
+            .map_or(f64::NAN, |(a, f)| a + f);
+        match (r["ttft_ms_p50"].as_f64(), r["e2e_ms_p50"].as_f64()) {
+            (Some(t), Some(e)) => Ok(vec![
+                ("ttft_ms", t),
+                ("e2e_ms", e),
+                ("memory_bytes", memory),
+            ]),
+            _ => Err("kiln demo reported no latencies".into()),
+        }
+    } else {
+        let prompt_tps = r["prompt_tokens_per_s"].as_f64().unwrap_or(0.0);
+        if prompt_tps <= 0.0 {
+            return Err("kiln bench measured no prompt speed".into());
+        }
+        Ok(vec![
+            ("ttft_ms", objective.prompt_tokens as f64 / prompt_tps * 1e3),
+            (
+                "decode_tokens_per_s",
+                r["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN),
+            ),
+            (
+                "memory_bytes",
+                r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN),
+            ),
+        ])
     }
-    Ok((prompt_tokens as f64 / prompt_tps * 1e3, decode, rss))
 }
 
 fn measure(
+    config: &Config,
+    objective: &Objective,
     model: &str,
     s: &Setting,
     repeats: u32,
-    prompt_tokens: usize,
 ) -> Result<Measured, String> {
-    let mut m = Measured {
-        ttft_ms: Vec::new(),
-        decode_tps: Vec::new(),
-        peak_rss: Vec::new(),
-    };
+    let mut m = Measured(Default::default());
     for _ in 0..repeats.max(1) {
-        let (t, d, r) = measure_once(model, s, prompt_tokens)?;
-        m.ttft_ms.push(t);
-        m.decode_tps.push(d);
-        m.peak_rss.push(r);
+        for (k, v) in measure_once(config, objective, model, s)? {
+            m.0.entry(k.to_string()).or_default().push(v);
+        }
     }
     Ok(m)
 }
 
-/// What is minimised: the median time to first token, infinite for a
-/// failed trial or one over the memory cap.
-fn metric_of(metrics: &Value, max_memory: Option<f64>) -> f64 {
-    let ttft = metrics["median_ttft_ms"].as_f64().unwrap_or(f64::INFINITY);
-    let rss = metrics["median_peak_rss_bytes"]
+/// What is minimised: the median of the objective's metric, infinite for
+/// a failed trial or one over the memory cap.
+fn metric_of(metrics: &Value, objective: &Value) -> f64 {
+    let name = objective["metric"].as_str().unwrap_or("ttft_ms");
+    let value = metrics[format!("median_{name}")]
         .as_f64()
-        .unwrap_or(f64::NAN);
-    if max_memory.is_some_and(|m| rss > m) {
+        .unwrap_or(f64::INFINITY);
+    let memory = metrics["median_memory_bytes"].as_f64().unwrap_or(f64::NAN);
+    if objective["max_memory_bytes"]
+        .as_f64()
+        .is_some_and(|m| memory > m)
+    {
         f64::INFINITY
     } else {
-        ttft
+        value
     }
 }
 
@@ -226,7 +331,6 @@ fn history(
     registry: &Registry,
     run: &kiln_registry::tune::TuneRun,
 ) -> Result<Vec<Observation>, String> {
-    let max_memory = run.objective["max_memory_bytes"].as_f64();
     Ok(registry
         .tune_trials(run.id)
         .map_err(|e| e.to_string())?
@@ -237,7 +341,7 @@ fn history(
             metric: t
                 .metrics
                 .as_ref()
-                .map_or(f64::INFINITY, |m| metric_of(m, max_memory)),
+                .map_or(f64::INFINITY, |m| metric_of(m, &run.objective)),
             repeats: t.repeats,
         })
         .collect())
@@ -248,12 +352,35 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     // Resolved now, so that a bad name fails before any trial.
     kiln_runtime::store::resolve(config, &args.model)?;
     let space = default_space();
-    let objective = json!({
-        "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens, "decode_tokens": 8,
-        "max_memory_bytes": args.max_memory_mb.map(|m| m << 20),
-        "repeats": args.repeats, "confirm": args.confirm, "seed": args.seed,
-        "default": current_setting(config, &args.model),
-    });
+    let mut objective = match args.objective.as_str() {
+        "typing" => json!({
+            "kind": "typing", "metric": "e2e_ms", "keystrokes": args.keystrokes,
+            "max_tokens": args.max_tokens,
+        }),
+        "prompt" => json!({
+            "kind": "prompt", "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens,
+            "decode_tokens": 8,
+        }),
+        other => {
+            return Err(format!(
+                "unknown objective {other}: give typing (a replayed typing session's latency) \
+                 or prompt (one prompt's time to first token)"
+            )
+            .into());
+        }
+    };
+    for (k, v) in [
+        (
+            "max_memory_bytes",
+            json!(args.max_memory_mb.map(|m| m << 20)),
+        ),
+        ("repeats", json!(args.repeats)),
+        ("confirm", json!(args.confirm)),
+        ("seed", json!(args.seed)),
+        ("default", json!(current_setting(config, &args.model))),
+    ] {
+        objective[k] = v;
+    }
     // Checked before the run is recorded.
     sampler_for(config, &registry, &args.sampler, args.seed, args.repeats)?;
     let run = registry.tune_start(
@@ -288,10 +415,14 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
     let space: Space = serde_json::from_value(run.space.clone())
         .map_err(|e| format!("tuning run {id}'s space is unreadable: {e}"))?;
     let o = &run.objective;
-    let prompt_tokens = o["prompt_tokens"].as_u64().unwrap_or(512) as usize;
+    let objective = Objective::of(o);
+    let unit = if o["metric"] == "e2e_ms" {
+        "ms end to end"
+    } else {
+        "ms to the first token"
+    };
     let repeats = o["repeats"].as_u64().unwrap_or(1) as u32;
     let seed = o["seed"].as_u64().unwrap_or(1);
-    let max_memory = o["max_memory_bytes"].as_f64();
     let default: Setting = serde_json::from_value(o["default"].clone()).unwrap_or_default();
     let mut sampler = sampler_for(config, registry, &run.sampler, seed, repeats)?;
     let mut done = history(registry, &run)?;
@@ -316,13 +447,13 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         };
         let setting_json = serde_json::to_value(&p.setting).unwrap_or_default();
         let trial = registry.tune_trial_start(id, &setting_json, p.repeats)?;
-        let (ok, metrics) = match measure(&run.model, &p.setting, p.repeats, prompt_tokens) {
+        let (ok, metrics) = match measure(config, &objective, &run.model, &p.setting, p.repeats) {
             Ok(m) => (true, m.to_json()),
             Err(e) => (false, json!({"error": e})),
         };
         registry.tune_trial_done(trial, ok, &metrics)?;
         let metric = if ok {
-            metric_of(&metrics, max_memory)
+            metric_of(&metrics, o)
         } else {
             f64::INFINITY
         };
@@ -339,13 +470,13 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         let width = 24;
         let filled = n * width / run.trials_wanted.max(1) as usize;
         let line = format!(
-            "[{}{}] {n}/{} {}: {} (best {:.1} ms: {})",
+            "[{}{}] {n}/{} {}: {} (best {:.1} {unit}: {})",
             "#".repeat(filled.min(width)),
             " ".repeat(width - filled.min(width)),
             run.trials_wanted,
             describe(&p.setting),
             if ok {
-                format!("{metric:.1} ms")
+                format!("{metric:.1} {unit}")
             } else {
                 format!("failed: {}", metrics["error"].as_str().unwrap_or(""))
             },
@@ -361,7 +492,7 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
     if tty {
         eprintln!();
     }
-    let verdict = confirm(registry, &run, &done, &default, prompt_tokens)?;
+    let verdict = confirm(config, registry, &run, &done, &default, &objective)?;
     registry.tune_finish(id, &verdict)?;
     show(config, id, as_json)
 }
@@ -369,12 +500,20 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
 /// The best setting against the default, measured side by side
 /// (`confirm` pairs, alternating), and the sign test over the pairs.
 fn confirm(
+    config: &Config,
     registry: &Registry,
     run: &kiln_registry::tune::TuneRun,
     done: &[Observation],
     default: &Setting,
-    prompt_tokens: usize,
+    objective: &Objective,
 ) -> Result<Value, String> {
+    let metric = run.objective["metric"].as_str().unwrap_or("ttft_ms");
+    let one = |s: &Setting| -> Result<f64, String> {
+        let m = measure(config, objective, &run.model, s, 1)?;
+        m.0.get(metric)
+            .and_then(|v| v.first().copied())
+            .ok_or_else(|| format!("no {metric} measured"))
+    };
     let pairs_wanted = run.objective["confirm"].as_u64().unwrap_or(5) as u32;
     let Some(best) = done
         .iter()
@@ -410,13 +549,13 @@ fn confirm(
         // Which goes first alternates, so that an order effect (a warmer
         // cache, a drifting clock) falls on both.
         let (d, b) = if i % 2 == 0 {
-            let d = measure(&run.model, default, 1, prompt_tokens)?;
-            (d, measure(&run.model, &best.setting, 1, prompt_tokens)?)
+            let d = one(default)?;
+            (d, one(&best.setting)?)
         } else {
-            let b = measure(&run.model, &best.setting, 1, prompt_tokens)?;
-            (measure(&run.model, default, 1, prompt_tokens)?, b)
+            let b = one(&best.setting)?;
+            (one(default)?, b)
         };
-        pairs.push((b.ttft_ms[0], d.ttft_ms[0]));
+        pairs.push((b, d));
     }
     let p = sign_test(&pairs);
     let (best_ms, default_ms) = (
@@ -426,7 +565,7 @@ fn confirm(
     let better = p < 0.05 && best_ms < default_ms;
     Ok(json!({
         "better": better, "best_trial": best_trial, "setting": best.setting,
-        "best_ttft_ms": best_ms, "default_ttft_ms": default_ms,
+        "metric": metric, "best_ms": best_ms, "default_ms": default_ms,
         "pairs": pairs.iter().map(|(b, d)| json!({"best_ms": b, "default_ms": d})).collect::<Vec<_>>(),
         "p_value": p,
         "reason": if better {
@@ -441,12 +580,15 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
     let registry = open_registry(config)?;
     let run = registry.tune_run(id)?;
     let trials = registry.tune_trials(id)?;
+    let metric = run.objective["metric"].as_str().unwrap_or("ttft_ms");
     let points: Vec<(f64, f64)> = trials
         .iter()
         .map(|t| match &t.metrics {
             Some(m) if t.status == "done" => (
-                m["median_ttft_ms"].as_f64().unwrap_or(f64::INFINITY),
-                m["median_peak_rss_bytes"].as_f64().unwrap_or(f64::INFINITY),
+                m[format!("median_{metric}")]
+                    .as_f64()
+                    .unwrap_or(f64::INFINITY),
+                m["median_memory_bytes"].as_f64().unwrap_or(f64::INFINITY),
             ),
             _ => (f64::INFINITY, f64::INFINITY),
         })
@@ -471,26 +613,31 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
         trials.len(),
         run.trials_wanted
     );
+    let value = |t: &kiln_registry::tune::TuneTrial, k: &str| -> String {
+        t.metrics
+            .as_ref()
+            .and_then(|m| m[format!("median_{k}")].as_f64())
+            .filter(|v| v.is_finite())
+            .map_or("-".into(), |v| format!("{v:.1}"))
+    };
     let rows: Vec<Vec<String>> = trials
         .iter()
         .zip(&points)
-        .map(|(t, &(ttft, rss))| {
+        .map(|(t, &(_, memory))| {
             let setting: Setting = serde_json::from_value(t.setting.clone()).unwrap_or_default();
             vec![
                 t.id.to_string(),
                 describe(&setting),
                 t.repeats.to_string(),
-                if ttft.is_finite() {
-                    format!("{ttft:.1}")
+                if t.status == "done" {
+                    value(t, "ttft_ms")
                 } else {
                     t.status.clone()
                 },
-                t.metrics
-                    .as_ref()
-                    .and_then(|m| m["median_decode_tokens_per_s"].as_f64())
-                    .map_or("-".into(), |d| format!("{d:.1}")),
-                if rss.is_finite() {
-                    format!("{:.0}", rss / (1 << 20) as f64)
+                value(t, "e2e_ms"),
+                value(t, "decode_tokens_per_s"),
+                if memory.is_finite() {
+                    format!("{:.0}", memory / (1 << 20) as f64)
                 } else {
                     "-".into()
                 },
@@ -506,17 +653,18 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                 "SETTING",
                 "RUNS",
                 "TTFT MS",
+                "E2E MS",
                 "DECODE TOK/S",
-                "PEAK MIB",
-                "PARETO"
+                "MEMORY MIB",
+                "PARETO",
             ],
             &rows
         )
     );
     if let Some(v) = &run.verdict {
-        if let (Some(b), Some(d)) = (v["best_ttft_ms"].as_f64(), v["default_ttft_ms"].as_f64()) {
+        if let (Some(b), Some(d)) = (v["best_ms"].as_f64(), v["default_ms"].as_f64()) {
             println!(
-                "side by side: the best setting {b:.1} ms, the default {d:.1} ms to the first token (medians, {} pairs)",
+                "side by side ({metric}, medians of {} pairs): the best setting {b:.1} ms, the default {d:.1} ms",
                 v["pairs"].as_array().map_or(0, Vec::len)
             );
         }
@@ -579,19 +727,13 @@ pub fn apply(config: &Config, trial_id: i64) -> CliResult {
     }
     let run = registry.tune_run(trial.run_id)?;
     let s: Setting = serde_json::from_value(trial.setting.clone()).unwrap_or_default();
-    let kv = match s.get("kv_type").and_then(Value::as_str) {
-        None => None,
-        Some("f16") => Some(KvType::F16),
-        Some("q8_0") => Some(KvType::Q8_0),
-        Some("q4_0") => Some(KvType::Q4_0),
-        Some(other) => return Err(format!("trial {trial_id}: unknown KV type {other}").into()),
-    };
-    let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let (threads, block, kv) = setting_parts(&s).map_err(|e| format!("trial {trial_id}: {e}"))?;
+    let key = kv_key(config, &run.model)?;
     let (before, after) = kiln_registry::config::with_engine_setting(
         config,
-        int("threads"),
-        int("attention_block"),
-        kv.map(|kv| (run.model.as_str(), kv)),
+        threads,
+        block,
+        kv.map(|kv| (key.as_str(), kv)),
     )?;
     let version = registry.record_config_version(
         &kiln_registry::actor(),
