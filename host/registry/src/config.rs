@@ -347,17 +347,22 @@ impl Config {
     }
 }
 
+/// The config file's text ('' when there is none).
+pub fn config_text(config: &Config) -> Result<String, String> {
+    match std::fs::read_to_string(&config.config_file) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(format!("cannot read {}: {e}", config.config_file.display())),
+    }
+}
+
 /// Sets `[store] encrypt_at_rest` in `config.toml` (created if missing),
 /// keeping the rest of the file as it was; written to a temporary file
 /// and renamed over it.
 pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> {
     config.require_valid()?;
     let path = &config.config_file;
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
+    let text = config_text(config)?;
     let mut doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
@@ -394,13 +399,14 @@ pub fn with_engine_setting(
     kv_type: Option<(&str, KvType)>,
 ) -> Result<(String, String), String> {
     config.require_valid()?;
-    let path = &config.config_file;
-    let before = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    let after = engine_setting_text(&before, path, threads, attention_block, kv_type)?;
+    let before = config_text(config)?;
+    let after = engine_setting_text(
+        &before,
+        &config.config_file,
+        threads,
+        attention_block,
+        kv_type,
+    )?;
     Ok((before, after))
 }
 

@@ -148,11 +148,7 @@ fn kv_key(config: &Config, model: &str) -> Result<String, String> {
 /// read it (`KILN_CONFIG`), so that what is measured is what `kiln tune
 /// apply` would write.
 fn trial_config(config: &Config, model: &str, s: &Setting) -> Result<std::path::PathBuf, String> {
-    let before = match std::fs::read_to_string(&config.config_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {}: {e}", config.config_file.display())),
-    };
+    let before = kiln_registry::config::config_text(config)?;
     let (threads, block, kv) = setting_parts(s)?;
     let key = kv_key(config, model)?;
     let text = kiln_registry::config::engine_setting_text(
@@ -759,11 +755,7 @@ pub fn rollback(config: &Config) -> CliResult {
     let v = registry
         .last_config_version()?
         .ok_or("kiln has not changed config.toml (or every change is rolled back)")?;
-    let now = match std::fs::read_to_string(&config.config_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("cannot read {}: {e}", config.config_file.display()).into()),
-    };
+    let now = kiln_registry::config::config_text(config)?;
     if now != v.after {
         return Err(format!(
             "{} changed since kiln wrote change {} ({}); nothing was rolled back: edit it by hand",

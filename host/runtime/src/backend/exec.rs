@@ -705,22 +705,7 @@ impl Executor {
             Ok(report) => Ok(report),
             Err(Failure::Cpu(e)) => Err(e),
             Err(Failure::Lost(e)) => {
-                self.release(&mut st);
-                self.lost_generation
-                    .store(self.target.generation(), Ordering::Relaxed);
-                self.failed_over.store(true, Ordering::Relaxed);
-                self.state_lost.store(true, Ordering::Relaxed);
-                self.target.count(&self.target.stats.device_losses, 1);
-                let name = &self.target.devices[self.device as usize].name;
-                Err(BackendError::new(
-                    ErrorCode::Device,
-                    format!(
-                        "{} device {} ({name}) failed and lost the state it held: {e}; \
-                         running on the CPU from now on",
-                        self.target.name(),
-                        self.device
-                    ),
-                ))
+                Err(self.fail_over(&mut st, &format!("failed and lost the state it held: {e}")))
             }
         }
     }
@@ -735,7 +720,14 @@ impl Executor {
             w.condemn("graph_compute", why);
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.release(&mut st);
+        self.fail_over(&mut st, why)
+    }
+
+    /// The device's state is lost (`what` happened): frees what is left
+    /// there, runs on the CPU from now on, and tells the owner once
+    /// ([`Self::take_state_lost`]); the error says so.
+    fn fail_over(&self, st: &mut DeviceState, what: &str) -> BackendError {
+        self.release(st);
         self.lost_generation
             .store(self.target.generation(), Ordering::Relaxed);
         self.failed_over.store(true, Ordering::Relaxed);
@@ -745,7 +737,7 @@ impl Executor {
         BackendError::new(
             ErrorCode::Device,
             format!(
-                "{} device {} ({name}) {why}; running on the CPU from now on",
+                "{} device {} ({name}) {what}; running on the CPU from now on",
                 self.target.name(),
                 self.device
             ),

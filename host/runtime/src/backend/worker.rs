@@ -49,6 +49,11 @@ pub const ARENA_BYTES: usize = 16 << 20;
 pub const QUARANTINE_AFTER: usize = 3;
 pub const QUARANTINE_WINDOW: Duration = Duration::from_secs(600);
 
+/// The version of the host–worker messages: the host's hello carries it,
+/// and a worker of another version (a kiln upgraded on disk while an
+/// older one runs) refuses to start instead of misreading them.
+const PROTOCOL: u32 = 1;
+
 /// The fd numbers the worker finds its socket and arena at.
 const SOCKET_FD: i32 = 3;
 const ARENA_FD: i32 = 4;
@@ -645,7 +650,8 @@ impl Worker {
             posted: 0,
             inbox: Vec::new(),
         };
-        let reply = match self.exchange(&mut link, Call::Hello, &[], true) {
+        let hello = Enc::default().u32(PROTOCOL).0.clone();
+        let reply = match self.exchange(&mut link, Call::Hello, &hello, true) {
             Ok(r) => r.unwrap_or_default(),
             Err(cause) => {
                 return Err(StartError::Died {
@@ -928,20 +934,29 @@ impl Worker {
                     BackendError::new(ErrorCode::Internal, format!("plugin worker: {e}"))
                 })
             }
-            Err(cause) => {
-                *guard = None;
-                drop(guard);
-                self.record_crash(call.name(), &cause);
-                Err(BackendError::new(
-                    ErrorCode::Device,
-                    format!(
-                        "plugin {}'s worker process died during {}: {cause}",
-                        self.plugin,
-                        call.name()
-                    ),
-                ))
-            }
+            Err(cause) => Err(self.died(guard, call, &cause)),
         }
+    }
+
+    /// The worker died during `call` (`cause`): forgets it, records the
+    /// crash, and says so as a device error.
+    fn died(
+        &self,
+        mut guard: std::sync::MutexGuard<'_, Option<Link>>,
+        call: Call,
+        cause: &str,
+    ) -> BackendError {
+        *guard = None;
+        drop(guard);
+        self.record_crash(call.name(), cause);
+        BackendError::new(
+            ErrorCode::Device,
+            format!(
+                "plugin {}'s worker process died during {}: {cause}",
+                self.plugin,
+                call.name()
+            ),
+        )
     }
 
     /// A call whose answer is read later (see [`Self::exchange`]).
@@ -952,19 +967,7 @@ impl Worker {
         };
         match self.exchange(link, call, body, false) {
             Ok(_) => Ok(()),
-            Err(cause) => {
-                *guard = None;
-                drop(guard);
-                self.record_crash(call.name(), &cause);
-                Err(BackendError::new(
-                    ErrorCode::Device,
-                    format!(
-                        "plugin {}'s worker process died during {}: {cause}",
-                        self.plugin,
-                        call.name()
-                    ),
-                ))
-            }
+            Err(cause) => Err(self.died(guard, call, &cause)),
         }
     }
 
@@ -1253,6 +1256,20 @@ pub fn worker_main(library: &Path, generation: u64) -> i32 {
     if first.first() != Some(&(Call::Hello as u8)) {
         eprintln!("kiln plugin-worker: the host did not start with a hello");
         return 2;
+    }
+    let theirs = Dec { b: &first[1..] }.u32().unwrap_or(0);
+    if theirs != PROTOCOL {
+        let _ = send_frame(
+            fd,
+            &encode_reply(Err(BackendError::new(
+                ErrorCode::AbiMismatch,
+                format!(
+                    "this kiln's plugin worker speaks protocol {PROTOCOL}, the running kiln {theirs}: \
+                     restart kiln (it was upgraded while running)"
+                ),
+            ))),
+        );
+        return 1;
     }
     // SAFETY: the host ran preflight on this library (hash, ABI, CPU
     // features, ELF sanity) before starting this worker, which exists so
