@@ -891,3 +891,62 @@ fn a_scaffolded_policy_builds_and_passes_its_test_as_generated() {
     let err = home.fails(&["policy", "new", "ok-name", "--lang", "go"]);
     assert!(err.contains("choose rust or c"), "{err}");
 }
+
+/// `kiln store gc` collects policy modules nothing names, and spares the
+/// installed ones, the ones logged decisions were made with (`kiln policy
+/// replay` needs them) and any stored within the hour (a run logs its
+/// decisions after storing its module).
+#[test]
+fn store_gc_collects_policy_modules_nothing_names_and_spares_the_rest() {
+    let (Some(installed), Some(run_only)) = (policy("jaccard"), policy("proximity")) else {
+        return;
+    };
+    let home = Home::default();
+    home.ok(&["policy", "add", installed.to_str().unwrap()]);
+    let rank_in = write_input(&home, "rank.json", &synthetic_rank(20, 3));
+    let run = home.json(&[
+        "policy",
+        "run",
+        run_only.to_str().unwrap(),
+        "--input",
+        rank_in.to_str().unwrap(),
+        "--json",
+    ]);
+    let decision = run["run"]["decision_id"].as_i64().unwrap();
+    let blobs = home.path().join("policies").join("blobs");
+    let age = |p: &Path| {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap()
+    };
+    for entry in std::fs::read_dir(&blobs).unwrap() {
+        age(&entry.unwrap().path());
+    }
+    let old = blobs.join(format!("sha256-{}.wasm", "1".repeat(64)));
+    std::fs::write(&old, b"\0asm left by a run two hours ago").unwrap();
+    age(&old);
+    let young = blobs.join(format!("sha256-{}.wasm", "2".repeat(64)));
+    std::fs::write(&young, b"\0asm stored a moment ago").unwrap();
+    let gc = |args: &[&str]| home.json(&[&["store", "gc", "--json"], args].concat());
+    let dry = gc(&["--dry-run"]);
+    let files: Vec<&str> = (dry["files"].as_array().unwrap().iter())
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec![old.to_str().unwrap()], "{dry}");
+    gc(&[]);
+    assert!(!old.exists() && young.exists());
+    let r = home.json(&["policy", "replay", &decision.to_string(), "--json"]);
+    assert_eq!(r["replay"]["identical"], true, "{r}");
+    let run = home.json(&[
+        "policy",
+        "run",
+        "jaccard-windows",
+        "--input",
+        rank_in.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(run["run"]["error"].is_null(), "{run}");
+}

@@ -156,6 +156,17 @@ impl Registry {
         Ok((rec, t))
     }
 
+    /// The sha256 of every module a policy version or a logged decision
+    /// names (`kiln policy replay` needs the module a decision was made
+    /// with, installed or not).
+    pub fn policy_hashes_in_use(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT sha256 FROM policies UNION SELECT DISTINCT policy_sha256 FROM policy_decisions",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn policies(&self) -> Result<Vec<PolicyRecord>> {
         let mut stmt = self
             .conn

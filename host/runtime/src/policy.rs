@@ -33,11 +33,23 @@ pub fn store_blob(config: &Config, bytes: &[u8]) -> std::io::Result<PathBuf> {
     let sha = kiln_sandbox::runtime::sha256_hex(bytes);
     let path = dir.join(format!("sha256-{sha}.wasm"));
     if std::fs::read(&path).is_ok_and(|b| b == bytes) {
-        return Ok(path);
+        // Used again: young again for `kiln store gc`'s grace period.
+        let _lock = crate::store::StoreLock::acquire(&dir).map_err(std::io::Error::other)?;
+        if std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .is_ok()
+        {
+            return Ok(path);
+        }
     }
     let tmp = dir.join(format!(".incoming-{}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::File::open(&tmp)?.sync_all()?;
+    // Published under the store's lock, so that `kiln store gc` sees it
+    // either not yet or whole (and young enough to be spared).
+    let _lock = crate::store::StoreLock::acquire(&dir).map_err(std::io::Error::other)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

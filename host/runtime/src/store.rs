@@ -452,7 +452,7 @@ pub struct StoreLock {
 }
 
 impl StoreLock {
-    fn acquire(blobs: &Path) -> Result<StoreLock, StoreError> {
+    pub(crate) fn acquire(blobs: &Path) -> Result<StoreLock, StoreError> {
         // Beside the blobs, not among them.
         let path = blobs.with_file_name("store.lock");
         let f = std::fs::OpenOptions::new()
@@ -477,8 +477,9 @@ pub struct Orphan {
     pub kind: &'static str,
 }
 
-/// Files in the store that no registered model or adapter uses, found
-/// under each directory's lock. With `remove`, they are deleted.
+/// Files in the stores that no registered model, adapter, policy version
+/// or logged policy decision uses, found under each directory's lock.
+/// With `remove`, they are deleted.
 pub fn orphans(
     config: &Config,
     registry: &Registry,
@@ -498,8 +499,30 @@ pub fn orphans(
             .map(|a| a.blob_path)
             .collect())
     };
-    let mut out = orphans_in(&blobs_dir(config), models, remove)?;
-    out.extend(orphans_in(&adapter_blobs_dir(config), adapters, remove)?);
+    let policies = || -> Result<_, StoreError> {
+        let dir = crate::policy::blobs_dir(config);
+        Ok(registry
+            .policy_hashes_in_use()?
+            .into_iter()
+            .map(|h| dir.join(format!("sha256-{h}.wasm")))
+            .collect())
+    };
+    let mut out = orphans_in(&blobs_dir(config), models, None, remove)?;
+    out.extend(orphans_in(
+        &adapter_blobs_dir(config),
+        adapters,
+        None,
+        remove,
+    )?);
+    // A policy module is stored before the decisions made with it are
+    // logged (`kiln policy run`): one unnamed for less than an hour is
+    // spared.
+    out.extend(orphans_in(
+        &crate::policy::blobs_dir(config),
+        policies,
+        Some(std::time::Duration::from_secs(3600)),
+        remove,
+    )?);
     Ok(out)
 }
 
@@ -509,6 +532,7 @@ pub fn orphans(
 fn orphans_in(
     dir: &Path,
     used: impl FnOnce() -> Result<std::collections::HashSet<PathBuf>, StoreError>,
+    grace: Option<std::time::Duration>,
     remove: bool,
 ) -> Result<Vec<Orphan>, StoreError> {
     if !dir.is_dir() {
@@ -535,7 +559,17 @@ fn orphans_in(
         } else {
             continue;
         };
-        let bytes = entry.metadata().map_or(0, |m| m.len());
+        let meta = entry.metadata().map_err(io(&path))?;
+        let young = grace.is_some_and(|g| {
+            meta.modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < g)
+        });
+        if young {
+            continue;
+        }
+        let bytes = meta.len();
         if remove {
             std::fs::remove_file(&path).map_err(io(&path))?;
         }
