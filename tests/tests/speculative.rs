@@ -92,6 +92,28 @@ fn the_server_decodes_speculatively_and_counts_it() {
     let guessed = metric(&metrics, "kiln:draft_tokens_total");
     let accepted = metric(&metrics, "kiln:draft_accepted_total");
     assert!(accepted >= 8 && accepted <= guessed, "{metrics}");
+    drop(srv);
+
+    // The same from config.toml's `[completion] draft` (what `kiln tune
+    // apply` writes); the flag still wins.
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[completion]\ndraft = \"ngram\"\n",
+    )
+    .unwrap();
+    for (flags, drafts) in [(&[][..], true), (&["--draft", "none"][..], false)] {
+        let srv = http_server_with(&home, &model, flags);
+        let (code, v) = post(
+            &srv.addr,
+            "/v1/completions",
+            &json!({"model": id, "prompt": REPETITIVE, "max_tokens": 48, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], plain["text"]);
+        let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
+        let guessed = metric(&metrics, "kiln:draft_tokens_total");
+        assert_eq!(guessed > 0, drafts, "{flags:?}: {metrics}");
+    }
 }
 
 /// The language server takes `draft` from the client's settings: the same

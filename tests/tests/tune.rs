@@ -215,6 +215,22 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         let ttft = t["metrics"]["median_ttft_ms"].as_f64().unwrap();
         assert!(e2e >= ttft && ttft > 0.0, "{t}");
     }
+    // Speculative decoding is a knob of a typing session (greedy: the
+    // same tokens either way), and apply writes it.
+    let knobs = typing["run"]["space"]["knobs"].to_string();
+    assert!(knobs.contains("\"draft\""), "{knobs}");
+    assert_eq!(typing["run"]["objective"]["default"]["draft"], "none");
+    let typed = typing["trials"][1]["id"].as_i64().unwrap();
+    home.ok(&["tune", "apply", &typed.to_string()]);
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!(
+            "[completion]\ndraft = {}",
+            typing["trials"][1]["setting"]["draft"]
+        )),
+        "{config}"
+    );
+    home.ok(&["tune", "rollback"]);
     let err = home.fails(&["tune", "run", m, "--objective", "vibes"]);
     assert!(err.contains("unknown objective vibes"), "{err}");
 

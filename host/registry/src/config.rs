@@ -20,6 +20,9 @@
 //! threads = 4              # CPU threads (KILN_THREADS wins); `kiln tune apply` writes these
 //! attention_block = 64     # queries per attention block in prompt graphs
 //!
+//! [completion]
+//! draft = "ngram"          # speculative decoding by default (none, ngram)
+//!
 //! [kv_cache]
 //! type = "q8_0"            # f16 (default), q8_0 or q4_0, for every model
 //! [kv_cache.models]
@@ -59,6 +62,8 @@ struct ConfigFile {
     kv_cache: KvCacheSection,
     #[serde(default)]
     engine: EngineSection,
+    #[serde(default)]
+    completion: CompletionSection,
 }
 
 /// A KV cache type `config.toml` may name.
@@ -149,6 +154,13 @@ pub enum IsolationSetting {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CompletionSection {
+    #[serde(default)]
+    draft: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct EngineSection {
     #[serde(default)]
     threads: Option<usize>,
@@ -206,6 +218,9 @@ pub struct Config {
     pub plugin_run: PluginRunConfig,
     /// `[engine]`: threads, attention block.
     pub engine: EngineConfig,
+    /// `[completion] draft`: speculative decoding by default (`none`,
+    /// `ngram`); `kiln serve --draft` and the editor's settings win.
+    pub completion_draft: Option<String>,
 }
 
 impl Config {
@@ -250,8 +265,18 @@ impl Config {
         let mut scrub_hours = DEFAULT_SCRUB_HOURS;
         let mut plugin_run = PluginRunConfig::default();
         let mut engine = EngineConfig::default();
+        let mut completion_draft = None;
         match read_config_file(&config_file) {
             Ok(file) => {
+                match file.completion.draft.as_deref() {
+                    Some(d) if !["none", "ngram"].contains(&d) => {
+                        config_error = Some(format!(
+                            "{}: [completion] draft = {d:?}: give \"none\" or \"ngram\"",
+                            config_file.display()
+                        ));
+                    }
+                    d => completion_draft = d.map(str::to_string),
+                }
                 for (key, value, max) in [
                     ("threads", file.engine.threads, 1024),
                     ("attention_block", file.engine.attention_block, 65536),
@@ -326,6 +351,7 @@ impl Config {
                 .then(|| std::time::Duration::from_secs_f64(scrub_hours * 3600.0)),
             plugin_run,
             engine,
+            completion_draft,
         }
     }
 
@@ -388,37 +414,43 @@ pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> 
     Ok(())
 }
 
-/// `config.toml`'s text now ('' when there is none) and with `[engine]
-/// threads` and `attention_block`, and `[kv_cache.models] MODEL = TYPE`,
-/// set as given (the rest of the file as it was). Nothing is written:
-/// the caller records the change, then [`write_config_text`].
+/// What `kiln tune` sets in a config: `[engine] threads` and
+/// `attention_block`, `[kv_cache.models] MODEL = TYPE`, `[completion]
+/// draft`; `None` leaves a key as it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineSetting<'a> {
+    pub threads: Option<usize>,
+    pub attention_block: Option<usize>,
+    pub kv_type: Option<(&'a str, KvType)>,
+    pub draft: Option<&'a str>,
+}
+
+/// `config.toml`'s text now ('' when there is none) and with `setting`
+/// applied (the rest of the file as it was). Nothing is written: the
+/// caller records the change, then [`write_config_text`].
 pub fn with_engine_setting(
     config: &Config,
-    threads: Option<usize>,
-    attention_block: Option<usize>,
-    kv_type: Option<(&str, KvType)>,
+    setting: &EngineSetting<'_>,
 ) -> Result<(String, String), String> {
     config.require_valid()?;
     let before = config_text(config)?;
-    let after = engine_setting_text(
-        &before,
-        &config.config_file,
-        threads,
-        attention_block,
-        kv_type,
-    )?;
+    let after = engine_setting_text(&before, &config.config_file, setting)?;
     Ok((before, after))
 }
 
-/// `before` (the text of the config file at `path`) with the settings of
-/// [`with_engine_setting`].
+/// `before` (the text of the config file at `path`) with `setting`
+/// applied.
 pub fn engine_setting_text(
     before: &str,
     path: &Path,
-    threads: Option<usize>,
-    attention_block: Option<usize>,
-    kv_type: Option<(&str, KvType)>,
+    setting: &EngineSetting<'_>,
 ) -> Result<String, String> {
+    let EngineSetting {
+        threads,
+        attention_block,
+        kv_type,
+        draft,
+    } = *setting;
     let mut doc: toml_edit::DocumentMut = before
         .parse()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
@@ -447,6 +479,9 @@ pub fn engine_setting_text(
             .as_table_like_mut()
             .ok_or_else(|| format!("{}: `kv_cache.models` is not a table", path.display()))?;
         models.insert(model, toml_edit::value(kv.name()));
+    }
+    if let Some(d) = draft {
+        table(&mut doc, "completion", path)?.insert("draft", toml_edit::value(d));
     }
     let after = doc.to_string();
     // What is written must read back as a valid config.

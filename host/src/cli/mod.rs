@@ -115,9 +115,10 @@ enum Command {
         mode: String,
         /// Speculative decoding of greedy completions: `ngram` guesses
         /// tokens from the prompt and verifies them in one batch (the same
-        /// tokens, fewer steps), or `none`
-        #[arg(long, default_value = "none")]
-        draft: kiln_runtime::model::generate::Draft,
+        /// tokens, fewer steps), or `none` (default: config.toml's
+        /// `[completion] draft`, else none)
+        #[arg(long)]
+        draft: Option<kiln_runtime::model::generate::Draft>,
         /// A LoRA adapter to serve on the model: a file (`kiln finetune
         /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]);
         /// merged into an F16 copy once, kept under $KILN_HOME/adapters.
@@ -899,6 +900,14 @@ fn run(command: Command) -> CliResult {
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
                 })?;
+            let draft = match draft {
+                Some(d) => d,
+                None => config
+                    .completion_draft
+                    .as_deref()
+                    .map_or(Ok(Default::default()), str::parse)
+                    .map_err(CliError)?,
+            };
             let settings = kiln_serve::Settings {
                 max_tokens,
                 prefix_tokens,

@@ -11,7 +11,7 @@
 
 use super::{CliResult, JSON_SCHEMA_VERSION, open_registry, print_json, table};
 use kiln_registry::Registry;
-use kiln_registry::config::{Config, KvType};
+use kiln_registry::config::{Config, EngineSetting, KvType};
 use kiln_runtime::tune::{
     Grid, Halving, Observation, PolicySampler, Random, Sampler, Setting, Space, median,
     pareto_front, sign_test,
@@ -39,21 +39,27 @@ pub struct RunArgs {
 }
 
 /// The knobs searched: threads (1 to the CPUs this process may use), the
-/// KV cache type, and the attention block of prompt graphs.
-fn default_space() -> Space {
+/// KV cache type, the attention block of prompt graphs, and for a typing
+/// session the speculative decoding of completions (greedy: the same
+/// tokens either way, so only speed is at stake).
+fn default_space(typing: bool) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
-    serde_json::from_value(json!({"knobs": [
-        {"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false},
-        {"type": "choice", "name": "kv_type", "options": ["f16", "q8_0", "q4_0"]},
-        {"type": "int", "name": "attention_block", "lo": 16, "hi": 256, "log": true},
-    ]}))
-    .expect("a valid space")
+    let mut knobs = vec![
+        json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
+        json!({"type": "choice", "name": "kv_type", "options": ["f16", "q8_0", "q4_0"]}),
+        json!({"type": "int", "name": "attention_block", "lo": 16, "hi": 256, "log": true}),
+    ];
+    if typing {
+        knobs.push(json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}));
+    }
+    serde_json::from_value(json!({ "knobs": knobs })).expect("a valid space")
 }
 
 /// The setting kiln would use now for `model`: the environment's or
-/// config's threads, config's KV type for it, config's attention block.
-fn current_setting(config: &Config, model: &str) -> Setting {
-    [
+/// config's threads, config's KV type for it, config's attention block
+/// (and for a typing session, config's draft).
+fn current_setting(config: &Config, model: &str, typing: bool) -> Setting {
+    let mut s: Setting = [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
         (
             "kv_type",
@@ -76,7 +82,14 @@ fn current_setting(config: &Config, model: &str) -> Setting {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    .collect();
+    if typing {
+        s.insert(
+            "draft".into(),
+            json!(config.completion_draft.as_deref().unwrap_or("none")),
+        );
+    }
+    s
 }
 
 fn describe(s: &Setting) -> String {
@@ -154,9 +167,12 @@ fn trial_config(config: &Config, model: &str, s: &Setting) -> Result<std::path::
     let text = kiln_registry::config::engine_setting_text(
         &before,
         &config.config_file,
-        threads,
-        block,
-        kv.map(|kv| (key.as_str(), kv)),
+        &EngineSetting {
+            threads,
+            attention_block: block,
+            kv_type: kv.map(|kv| (key.as_str(), kv)),
+            draft: s.get("draft").and_then(Value::as_str),
+        },
     )?;
     let dir = config.home.join("cache");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -347,7 +363,8 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     let mut registry = open_registry(config)?;
     // Resolved now, so that a bad name fails before any trial.
     kiln_runtime::store::resolve(config, &args.model)?;
-    let space = default_space();
+    let typing = args.objective == "typing";
+    let space = default_space(typing);
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
             "kind": "typing", "metric": "e2e_ms", "keystrokes": args.keystrokes,
@@ -373,7 +390,10 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         ("repeats", json!(args.repeats)),
         ("confirm", json!(args.confirm)),
         ("seed", json!(args.seed)),
-        ("default", json!(current_setting(config, &args.model))),
+        (
+            "default",
+            json!(current_setting(config, &args.model, typing)),
+        ),
     ] {
         objective[k] = v;
     }
@@ -727,9 +747,12 @@ pub fn apply(config: &Config, trial_id: i64) -> CliResult {
     let key = kv_key(config, &run.model)?;
     let (before, after) = kiln_registry::config::with_engine_setting(
         config,
-        threads,
-        block,
-        kv.map(|kv| (key.as_str(), kv)),
+        &EngineSetting {
+            threads,
+            attention_block: block,
+            kv_type: kv.map(|kv| (key.as_str(), kv)),
+            draft: s.get("draft").and_then(Value::as_str),
+        },
     )?;
     let version = registry.record_config_version(
         &kiln_registry::actor(),

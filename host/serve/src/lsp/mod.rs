@@ -486,8 +486,19 @@ impl Server {
         None
     }
 
+    /// The client's settings over the current ones: a key it leaves out
+    /// keeps its value (from `kiln serve`'s flags and `config.toml`, or
+    /// the client's earlier settings).
     fn apply_settings(&mut self, v: &Value) {
-        match serde_json::from_value::<Settings>(v.clone())
+        let mut merged = serde_json::to_value(&self.settings).unwrap_or_default();
+        let given = match (merged.as_object_mut(), v.as_object()) {
+            (Some(m), Some(o)) => {
+                m.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+                merged
+            }
+            _ => v.clone(),
+        };
+        match serde_json::from_value::<Settings>(given)
             .map_err(|e| e.to_string())
             .and_then(|s| s.validate().map(|()| s))
         {
