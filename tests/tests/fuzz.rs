@@ -619,7 +619,24 @@ fn policy_modules_changed_and_fed_random_input() {
         } else {
             bytes
         };
-        let input: Vec<u8> = (0..rng.below(512)).map(|_| rng.next() as u8).collect();
+        // Random bytes, or a well-formed ranking or tuning request
+        // (changed or not), so that calls reach the policies' own code.
+        let input: Vec<u8> = match rng.below(4) {
+            0 => (0..rng.below(512)).map(|_| rng.next() as u8).collect(),
+            k => {
+                let seed = rng.next();
+                let valid = if rng.below(2) == 0 {
+                    kiln_runtime::policy::synthetic_rank(rng.below(40), seed).encode()
+                } else {
+                    kiln_runtime::policy::synthetic_tune(rng.below(12), seed).encode()
+                };
+                if k == 1 {
+                    mutate(&mut rng, &valid)
+                } else {
+                    valid
+                }
+            }
+        };
         let r = catch_unwind(AssertUnwindSafe(|| {
             let p = sandbox.load(&module, None)?;
             Ok::<_, kiln_sandbox::PolicyError>((true, p.call_raw(&input).is_ok()))
