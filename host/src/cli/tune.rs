@@ -531,8 +531,16 @@ fn confirm(
             .ok_or_else(|| format!("no {metric} measured"))
     };
     let pairs_wanted = run.objective["confirm"].as_u64().unwrap_or(5) as u32;
-    let Some(best) = done
+    // A setting measured more than once (halving's later rungs) counts
+    // by its latest, most repeated measurement, not its luckiest.
+    let latest: Vec<&Observation> = done
         .iter()
+        .enumerate()
+        .filter(|(i, o)| !done[i + 1..].iter().any(|later| later.setting == o.setting))
+        .map(|(_, o)| o)
+        .collect();
+    let Some(best) = latest
+        .into_iter()
         .filter(|o| o.metric.is_finite())
         .min_by(|a, b| a.metric.total_cmp(&b.metric))
     else {
@@ -542,6 +550,7 @@ fn confirm(
         .tune_trials(run.id)
         .map_err(|e| e.to_string())?
         .into_iter()
+        .rev()
         .find(|t| {
             serde_json::from_value::<Setting>(t.setting.clone())
                 .ok()
