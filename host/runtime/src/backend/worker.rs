@@ -590,14 +590,7 @@ impl Worker {
     fn spawn(&self, generation: u64) -> Result<(Link, Hello), StartError> {
         let spawn_err = |what: &str, e: std::io::Error| StartError::Spawn(format!("{what}: {e}"));
         let (host_end, worker_end) = UnixStream::pair().map_err(|e| spawn_err("socketpair", e))?;
-        // SAFETY: a NUL-terminated name and valid flags.
-        let memfd = unsafe { libc::memfd_create(c"kiln-plugin-arena".as_ptr(), libc::MFD_CLOEXEC) };
-        if memfd < 0 {
-            return Err(spawn_err("memfd_create", std::io::Error::last_os_error()));
-        }
-        // SAFETY: a new fd we own.
-        let memfd = unsafe { OwnedFd::from_raw_fd(memfd) };
-        let file = std::fs::File::from(memfd);
+        let file = arena_file().map_err(|e| spawn_err("creating the shared arena", e))?;
         file.set_len(ARENA_BYTES as u64)
             .map_err(|e| spawn_err("sizing the arena", e))?;
         // SAFETY: the memfd is ours; the worker writes it only while we
@@ -1189,7 +1182,39 @@ impl Drop for Worker {
     }
 }
 
-/// A process's resident memory, from `/proc`.
+/// The shared arena's file: a memfd on Linux (memory only), elsewhere a
+/// temporary file unlinked at once (only the two processes' descriptors
+/// name it). Close-on-exec: the worker gets its own copy at fd 4.
+fn arena_file() -> std::io::Result<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a NUL-terminated name and valid flags.
+        let fd = unsafe { libc::memfd_create(c"kiln-plugin-arena".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd we own.
+        Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let path = std::env::temp_dir().join(format!(
+            "kiln-plugin-arena-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    }
+}
+
+/// A process's resident memory, from `/proc` (`None` elsewhere: no limit
+/// is enforced there).
 fn resident_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
