@@ -267,6 +267,30 @@ fn isolation_is_per_plugin_and_a_worker_dies_with_kiln() {
     let listed = home.json(&["plugins", "list", "--json"]);
     assert_eq!(listed["plugins"][0]["isolation"], "in-process");
 
+    // The same sign-off from the command line, recorded and undone.
+    std::fs::remove_file(home.path().join("config.toml")).unwrap();
+    let out = home.ok(&["plugins", "trust", "accel"]);
+    assert!(
+        out.contains("a crash in it is now a crash of kiln"),
+        "{out}"
+    );
+    assert_eq!(
+        accel(&home.json(&["doctor", "--json"]))["isolation"],
+        "in-process"
+    );
+    home.ok(&["plugins", "isolate", "accel"]);
+    assert_eq!(
+        accel(&home.json(&["doctor", "--json"]))["isolation"],
+        "process"
+    );
+    home.ok(&["tune", "rollback"]);
+    assert_eq!(
+        accel(&home.json(&["doctor", "--json"]))["isolation"],
+        "in-process"
+    );
+    let err = home.fails(&["plugins", "trust", "nope"]);
+    assert!(err.contains("no installed plugin named nope"), "{err}");
+
     std::fs::write(
         home.path().join("config.toml"),
         "[plugins]\ncall_timeout_seconds = -1\n",

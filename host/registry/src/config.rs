@@ -490,6 +490,47 @@ pub fn engine_setting_text(
     Ok(after)
 }
 
+/// `config.toml`'s text now and with `[plugins.isolation] PLUGIN` set to
+/// `isolation` (`None`: the entry removed, so the plugin runs in a worker
+/// process, the default). Nothing is written.
+pub fn with_isolation(
+    config: &Config,
+    plugin: &str,
+    isolation: Option<IsolationSetting>,
+) -> Result<(String, String), String> {
+    config.require_valid()?;
+    let path = &config.config_file;
+    let before = config_text(config)?;
+    let mut doc: toml_edit::DocumentMut = before
+        .parse()
+        .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
+    let plugins = doc
+        .entry("plugins")
+        .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+        .as_table_like_mut()
+        .ok_or_else(|| format!("{}: `plugins` is not a table", path.display()))?;
+    let table = plugins
+        .entry("isolation")
+        .or_insert(toml_edit::Item::Table(toml_edit::Table::new()))
+        .as_table_like_mut()
+        .ok_or_else(|| format!("{}: `plugins.isolation` is not a table", path.display()))?;
+    match isolation {
+        Some(IsolationSetting::InProcess) => {
+            table.insert(plugin, toml_edit::value("in-process"));
+        }
+        Some(IsolationSetting::Process) => {
+            table.insert(plugin, toml_edit::value("process"));
+        }
+        None => {
+            table.remove(plugin);
+        }
+    }
+    let after = doc.to_string();
+    toml::from_str::<ConfigFile>(&after)
+        .map_err(|e| format!("the changed config would not be valid: {e}"))?;
+    Ok((before, after))
+}
+
 /// Writes `text` as `config.toml` (a temporary file, synced, renamed
 /// over it); an empty text removes the file.
 pub fn write_config_text(config: &Config, text: &str) -> Result<(), String> {

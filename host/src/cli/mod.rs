@@ -674,6 +674,12 @@ enum PluginsCommand {
     /// Load NAME again after its worker process crashed repeatedly and it
     /// was quarantined.
     Release { name: String },
+    /// Run NAME in kiln's own process (you trust it not to crash): writes
+    /// `[plugins.isolation] NAME = "in-process"` to config.toml, recorded
+    /// (`kiln tune rollback` undoes the last change).
+    Trust { name: String },
+    /// Run NAME in a supervised worker process again (the default).
+    Isolate { name: String },
     /// The audit log of plugin changes, oldest first.
     Log {
         #[arg(long, default_value_t = 50)]
@@ -989,6 +995,8 @@ fn run(command: Command) -> CliResult {
             PluginsCommand::Disable { plugin } => change(&config, Kind::Plugin, Disable, &plugin),
             PluginsCommand::Rollback { name } => change(&config, Kind::Plugin, Rollback, &name),
             PluginsCommand::Release { name } => plugins::release(&config, &name),
+            PluginsCommand::Trust { name } => plugins::trust(&config, &name, true),
+            PluginsCommand::Isolate { name } => plugins::trust(&config, &name, false),
             PluginsCommand::Log { limit, json } => plugins::log(&config, limit, json),
         },
         Command::Run {

@@ -158,6 +158,52 @@ pub fn add(config: &Config, arg: &str, as_json: bool) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln plugins trust NAME` (`trusted`) and `kiln plugins isolate NAME`:
+/// where the plugin runs, written to config.toml as a recorded change.
+pub fn trust(config: &Config, name: &str, trusted: bool) -> CliResult {
+    let mut registry = open_registry(config)?;
+    if !registry.plugins()?.iter().any(|p| p.name == name) {
+        return Err(format!(
+            "no installed plugin named {name}; `kiln plugins list` shows what is installed"
+        )
+        .into());
+    }
+    let setting = trusted.then_some(kiln_registry::config::IsolationSetting::InProcess);
+    let (before, after) = kiln_registry::config::with_isolation(config, name, setting)?;
+    if before == after {
+        println!(
+            "{name} already runs {}",
+            if trusted {
+                "in kiln's process"
+            } else {
+                "in a worker process"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let reason = if trusted {
+        format!("kiln plugins trust {name}: it runs in kiln's process")
+    } else {
+        format!("kiln plugins isolate {name}: it runs in a worker process")
+    };
+    let version = registry.record_config_version(&actor(), &reason, &before, &after)?;
+    kiln_registry::config::write_config_text(config, &after)?;
+    println!(
+        "{name} runs {} from the next start (config.toml change {version}; `kiln tune rollback` undoes it){}",
+        if trusted {
+            "in kiln's process"
+        } else {
+            "in a supervised worker process"
+        },
+        if trusted {
+            "; a crash in it is now a crash of kiln"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `kiln plugins release NAME`: lifts a quarantine.
 pub fn release(config: &Config, name: &str) -> CliResult {
     let mut registry = open_registry(config)?;
