@@ -290,6 +290,17 @@ fn isolation_is_per_plugin_and_a_worker_dies_with_kiln() {
     );
     let err = home.fails(&["plugins", "trust", "nope"]);
     assert!(err.contains("no installed plugin named nope"), "{err}");
+    // `KILN_CONFIG` names the file every reader takes, plugin loading too.
+    home.ok(&["plugins", "isolate", "accel"]);
+    let other = home.path().join("other.toml");
+    std::fs::write(&other, "[plugins.isolation]\naccel = \"in-process\"\n").unwrap();
+    let out = home
+        .command(&["doctor", "--json"])
+        .env("KILN_CONFIG", &other)
+        .output()
+        .unwrap();
+    let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(accel(&doctor)["isolation"], "in-process", "{doctor:#}");
 
     std::fs::write(
         home.path().join("config.toml"),

@@ -232,14 +232,18 @@ impl Config {
                 .map(|d| d.join("kiln"))
                 .ok_or("cannot find a data directory for kiln; set KILN_HOME")?,
         };
-        let file = std::env::var_os("KILN_CONFIG")
-            .filter(|f| !f.is_empty())
-            .map(PathBuf::from);
         Ok(Config::with_file(
             home,
             std::env::var_os("KILN_PLUGIN_PATH").as_deref(),
-            file,
+            Config::file_from_env(),
         ))
+    }
+
+    /// `KILN_CONFIG`: the file read instead of `config.toml`, if set.
+    pub fn file_from_env() -> Option<PathBuf> {
+        std::env::var_os("KILN_CONFIG")
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
     }
 
     /// The configuration rooted at `home`, with `plugin_path` as `KILN_PLUGIN_PATH`.

@@ -134,11 +134,9 @@ impl Objective {
     }
 }
 
-/// A setting's threads, attention block and KV type.
-type Parts = (Option<usize>, Option<usize>, Option<KvType>);
-
-fn setting_parts(s: &Setting) -> Result<Parts, String> {
-    let kv = match s.get("kv_type").and_then(Value::as_str) {
+/// What `s` sets in a config, the model's KV cache type under `key`.
+fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>, String> {
+    let kv_type = match s.get("kv_type").and_then(Value::as_str) {
         None => None,
         Some("f16") => Some(KvType::F16),
         Some("q8_0") => Some(KvType::Q8_0),
@@ -146,7 +144,12 @@ fn setting_parts(s: &Setting) -> Result<Parts, String> {
         Some(other) => return Err(format!("unknown KV cache type {other}")),
     };
     let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
-    Ok((int("threads"), int("attention_block"), kv))
+    Ok(EngineSetting {
+        threads: int("threads"),
+        attention_block: int("attention_block"),
+        kv_type: kv_type.map(|kv| (key, kv)),
+        draft: s.get("draft").and_then(Value::as_str),
+    })
 }
 
 /// The `[kv_cache.models]` key kiln looks `model` up by: a file's stem,
@@ -162,17 +165,11 @@ fn kv_key(config: &Config, model: &str) -> Result<String, String> {
 /// apply` would write.
 fn trial_config(config: &Config, model: &str, s: &Setting) -> Result<std::path::PathBuf, String> {
     let before = kiln_registry::config::config_text(config)?;
-    let (threads, block, kv) = setting_parts(s)?;
     let key = kv_key(config, model)?;
     let text = kiln_registry::config::engine_setting_text(
         &before,
         &config.config_file,
-        &EngineSetting {
-            threads,
-            attention_block: block,
-            kv_type: kv.map(|kv| (key.as_str(), kv)),
-            draft: s.get("draft").and_then(Value::as_str),
-        },
+        &engine_setting(s, &key)?,
     )?;
     let dir = config.home.join("cache");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -752,17 +749,9 @@ pub fn apply(config: &Config, trial_id: i64) -> CliResult {
     }
     let run = registry.tune_run(trial.run_id)?;
     let s: Setting = serde_json::from_value(trial.setting.clone()).unwrap_or_default();
-    let (threads, block, kv) = setting_parts(&s).map_err(|e| format!("trial {trial_id}: {e}"))?;
     let key = kv_key(config, &run.model)?;
-    let (before, after) = kiln_registry::config::with_engine_setting(
-        config,
-        &EngineSetting {
-            threads,
-            attention_block: block,
-            kv_type: kv.map(|kv| (key.as_str(), kv)),
-            draft: s.get("draft").and_then(Value::as_str),
-        },
-    )?;
+    let setting = engine_setting(&s, &key).map_err(|e| format!("trial {trial_id}: {e}"))?;
+    let (before, after) = kiln_registry::config::with_engine_setting(config, &setting)?;
     let version = registry.record_config_version(
         &kiln_registry::actor(),
         &format!(

@@ -526,8 +526,14 @@ impl PluginRun {
             .parent()
             .map(std::path::Path::to_path_buf)
             .unwrap_or_default();
-        let mut run =
-            PluginRun::from_config(&kiln_registry::config::Config::new(home, None).plugin_run);
+        // The home's config, or the file `KILN_CONFIG` names, as every
+        // other reader of it.
+        let config = kiln_registry::config::Config::with_file(
+            home,
+            None,
+            kiln_registry::config::Config::file_from_env(),
+        );
+        let mut run = PluginRun::from_config(&config.plugin_run);
         let path = registry.path().to_path_buf();
         let sha: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         if let Ok(active) = registry.active_plugins() {
