@@ -680,3 +680,29 @@ pub fn ask_needle(
     }
     (tok.decode(&got), t.elapsed().as_secs_f64())
 }
+
+/// The sources of `name` at the version Cargo.lock pins, as cargo
+/// extracted them (after checking the checksum Cargo.lock lists).
+pub fn locked_crate_sources(name: &str) -> PathBuf {
+    let root = repo_root();
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let at = lock
+        .find(&format!("name = \"{name}\"\n"))
+        .unwrap_or_else(|| panic!("{name} is not in Cargo.lock"));
+    let version = lock[at..]
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    let src = cargo_home.join("registry/src");
+    std::fs::read_dir(&src)
+        .unwrap_or_else(|e| panic!("{}: {e}", src.display()))
+        .flatten()
+        .map(|index| index.path().join(format!("{name}-{version}")))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| panic!("{name}-{version} not under {}", src.display()))
+}

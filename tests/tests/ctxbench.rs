@@ -6,38 +6,11 @@
 use kiln_tests::Home;
 use kiln_tests::serve::demo_model;
 use serde_json::Value;
-use std::path::PathBuf;
-
-/// The sources of `name` at the version Cargo.lock pins, as cargo
-/// extracted them (after checking the checksum Cargo.lock lists).
-fn locked_crate_sources(name: &str) -> PathBuf {
-    let root = kiln_tests::repo_root();
-    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
-    let at = lock
-        .find(&format!("name = \"{name}\"\n"))
-        .unwrap_or_else(|| panic!("{name} is not in Cargo.lock"));
-    let version = lock[at..]
-        .lines()
-        .nth(1)
-        .and_then(|l| l.strip_prefix("version = \""))
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap();
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
-    let src = cargo_home.join("registry/src");
-    std::fs::read_dir(&src)
-        .unwrap_or_else(|e| panic!("{}: {e}", src.display()))
-        .flatten()
-        .map(|index| index.path().join(format!("{name}-{version}")))
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| panic!("{name}-{version} not under {}", src.display()))
-}
 
 #[test]
 fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
     let home = Home::default();
-    let repo = locked_crate_sources("ignore");
+    let repo = kiln_tests::locked_crate_sources("ignore");
     let holes = home.path().join("holes.jsonl");
     let cut = home.json(&[
         "ctxbench",
@@ -207,7 +180,7 @@ fn policy_test_scores_a_ranking_policy_on_ctxbench_against_the_built_in_ranker()
         return;
     };
     let home = Home::default();
-    let repo = locked_crate_sources("ignore");
+    let repo = kiln_tests::locked_crate_sources("ignore");
     let model = demo_model();
     let v = home.json(&[
         "policy",

@@ -292,3 +292,146 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         "[engine]\nthreads = 1\n"
     );
 }
+
+/// With a quality set: each setting's completions scored on cross-file
+/// holes of a real repository (the `ignore` crate Cargo.lock pins), the
+/// prompt's budgets searched as knobs, a quality measured once per
+/// combination of the knobs that change tokens, and an applied budget
+/// read by `kiln serve`.
+#[test]
+fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets() {
+    let home = Home::default();
+    let model = demo_model();
+    let m = model.to_str().unwrap();
+    let repo = kiln_tests::locked_crate_sources("ignore");
+    let r = repo.to_str().unwrap();
+    // Bad input: named, nothing recorded.
+    let empty = tempfile::tempdir().unwrap();
+    let err = home.fails(&[
+        "tune",
+        "run",
+        m,
+        "--quality",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(err.contains("no cross-file holes"), "{err}");
+    let err = home.fails(&["tune", "run", m, "--quality", "/no/such/repo"]);
+    assert!(err.contains("/no/such/repo"), "{err}");
+    let err = home.fails(&[
+        "tune",
+        "run",
+        m,
+        "--quality",
+        r,
+        "--max-similarity-loss",
+        "2",
+    ]);
+    assert!(err.contains("--max-similarity-loss"), "{err}");
+    assert_eq!(home.json(&["tune", "list", "--json"])["runs"], json!([]));
+
+    let shown = home.json(&[
+        "tune",
+        "run",
+        m,
+        "--quality",
+        r,
+        "--quality-holes",
+        "3",
+        "--trials",
+        "3",
+        "--keystrokes",
+        "3",
+        "--max-tokens",
+        "4",
+        "--confirm",
+        "0",
+        "--json",
+    ]);
+    let run = &shown["run"];
+    let knobs = run["space"]["knobs"].to_string();
+    for knob in ["context_tokens", "prefix_tokens", "suffix_tokens"] {
+        assert!(knobs.contains(&format!("\"{knob}\"")), "{knobs}");
+    }
+    // The default is what kiln serve uses without a config.
+    let default = &run["objective"]["default"];
+    assert_eq!(
+        (
+            &default["context_tokens"],
+            &default["prefix_tokens"],
+            &default["suffix_tokens"]
+        ),
+        (&json!(512), &json!(1024), &json!(256)),
+        "{default}"
+    );
+    let holes = run["objective"]["quality"]["holes"].as_str().unwrap();
+    assert!(std::path::Path::new(holes).is_file(), "{run:#}");
+    let trials = shown["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 3, "{shown:#}");
+    for t in trials {
+        assert_eq!(t["status"], "done", "{t}");
+        let sim = t["metrics"]["median_quality_edit_similarity"]
+            .as_f64()
+            .unwrap();
+        let nll = t["metrics"]["median_quality_nll_per_token"]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=1.0).contains(&sim), "{t}");
+        assert!(nll > 0.0 && nll.is_finite(), "{t}");
+        assert!(
+            t["metrics"]["quality_holes"][0].as_f64().unwrap() >= 1.0,
+            "{t}"
+        );
+    }
+    let verdict = &run["verdict"];
+    assert_eq!(
+        verdict["quality"]["default"]["nll_per_token"],
+        trials[0]["metrics"]["median_quality_nll_per_token"],
+        "{verdict:#}"
+    );
+    // The front has the quality coordinates too.
+    assert!(!shown["pareto_front"].as_array().unwrap().is_empty());
+
+    // A trial's budgets applied: kiln serve reads them from config.toml.
+    let trial = &trials[2];
+    home.ok(&["tune", "apply", &trial["id"].to_string()]);
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!(
+            "context_tokens = {}",
+            trial["setting"]["context_tokens"]
+        )),
+        "{config}"
+    );
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("main.py"), "def f():\n    return 1\n").unwrap();
+    let mut c = kiln_tests::serve::serve(&home, &[]);
+    kiln_tests::serve::initialize(&mut c, ws.path(), json!({}));
+    let uri = format!("file://{}/main.py", ws.path().display());
+    kiln_tests::serve::open(&mut c, &uri, "def f():\n    return 1\n");
+    let preview = c
+        .request("kiln/context", kiln_tests::serve::at(&uri, 1, 4))
+        .unwrap();
+    assert_eq!(
+        preview["result"]["context_budget"], trial["setting"]["context_tokens"],
+        "{preview:#}"
+    );
+    // A flag still wins over config.toml.
+    c.hang_up().unwrap();
+    let mut c = kiln_tests::serve::serve(&home, &["--context-tokens", "100"]);
+    kiln_tests::serve::initialize(&mut c, ws.path(), json!({}));
+    kiln_tests::serve::open(&mut c, &uri, "def f():\n    return 1\n");
+    let preview = c
+        .request("kiln/context", kiln_tests::serve::at(&uri, 1, 4))
+        .unwrap();
+    assert_eq!(preview["result"]["context_budget"], 100, "{preview:#}");
+    c.hang_up().unwrap();
+    home.ok(&["tune", "rollback"]);
+    // A config with a budget out of range is named.
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[completion]\nmax_tokens = 0\n",
+    )
+    .unwrap();
+    let err = home.fails(&["serve", "--model", m]);
+    assert!(err.contains("[completion] max_tokens = 0"), "{err}");
+}

@@ -22,6 +22,10 @@
 //!
 //! [completion]
 //! draft = "ngram"          # speculative decoding by default (none, ngram)
+//! max_tokens = 64          # tokens per completion at most
+//! prefix_tokens = 1024     # prompt budgets: text before the cursor,
+//! suffix_tokens = 256      #   after it,
+//! context_tokens = 512     #   and snippets from other files
 //!
 //! [kv_cache]
 //! type = "q8_0"            # f16 (default), q8_0 or q4_0, for every model
@@ -157,7 +161,34 @@ pub enum IsolationSetting {
 struct CompletionSection {
     #[serde(default)]
     draft: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    prefix_tokens: Option<usize>,
+    #[serde(default)]
+    suffix_tokens: Option<usize>,
+    #[serde(default)]
+    context_tokens: Option<usize>,
 }
+
+/// `[completion]`: the language server's and HTTP API's defaults (`kiln
+/// serve`'s flags and the editor's settings win); what `kiln tune apply`
+/// writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompletionConfig {
+    /// Speculative decoding by default (`none`, `ngram`).
+    pub draft: Option<String>,
+    /// Tokens per completion at most.
+    pub max_tokens: Option<usize>,
+    /// Prompt budgets: the text before the cursor, after it, and snippets
+    /// from other files.
+    pub prefix_tokens: Option<usize>,
+    pub suffix_tokens: Option<usize>,
+    pub context_tokens: Option<usize>,
+}
+
+/// The largest prompt budget `[completion]` takes, in tokens.
+pub const MAX_BUDGET_TOKENS: usize = 1 << 17;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,9 +249,9 @@ pub struct Config {
     pub plugin_run: PluginRunConfig,
     /// `[engine]`: threads, attention block.
     pub engine: EngineConfig,
-    /// `[completion] draft`: speculative decoding by default (`none`,
-    /// `ngram`); `kiln serve --draft` and the editor's settings win.
-    pub completion_draft: Option<String>,
+    /// `[completion]`: speculative decoding and the prompt's budgets by
+    /// default; `kiln serve`'s flags and the editor's settings win.
+    pub completion: CompletionConfig,
 }
 
 impl Config {
@@ -269,7 +300,7 @@ impl Config {
         let mut scrub_hours = DEFAULT_SCRUB_HOURS;
         let mut plugin_run = PluginRunConfig::default();
         let mut engine = EngineConfig::default();
-        let mut completion_draft = None;
+        let mut completion = CompletionConfig::default();
         match read_config_file(&config_file) {
             Ok(file) => {
                 match file.completion.draft.as_deref() {
@@ -279,8 +310,40 @@ impl Config {
                             config_file.display()
                         ));
                     }
-                    d => completion_draft = d.map(str::to_string),
+                    d => completion.draft = d.map(str::to_string),
                 }
+                for (key, value, lo, hi) in [
+                    ("max_tokens", file.completion.max_tokens, 1, 4096),
+                    (
+                        "prefix_tokens",
+                        file.completion.prefix_tokens,
+                        1,
+                        MAX_BUDGET_TOKENS,
+                    ),
+                    (
+                        "suffix_tokens",
+                        file.completion.suffix_tokens,
+                        0,
+                        MAX_BUDGET_TOKENS,
+                    ),
+                    (
+                        "context_tokens",
+                        file.completion.context_tokens,
+                        0,
+                        MAX_BUDGET_TOKENS,
+                    ),
+                ] {
+                    if let Some(v) = value.filter(|v| !(lo..=hi).contains(v)) {
+                        config_error = Some(format!(
+                            "{}: [completion] {key} = {v}: give {lo} to {hi}",
+                            config_file.display()
+                        ));
+                    }
+                }
+                completion.max_tokens = file.completion.max_tokens;
+                completion.prefix_tokens = file.completion.prefix_tokens;
+                completion.suffix_tokens = file.completion.suffix_tokens;
+                completion.context_tokens = file.completion.context_tokens;
                 for (key, value, max) in [
                     ("threads", file.engine.threads, 1024),
                     ("attention_block", file.engine.attention_block, 65536),
@@ -355,7 +418,7 @@ impl Config {
                 .then(|| std::time::Duration::from_secs_f64(scrub_hours * 3600.0)),
             plugin_run,
             engine,
-            completion_draft,
+            completion,
         }
     }
 
@@ -420,13 +483,17 @@ pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> 
 
 /// What `kiln tune` sets in a config: `[engine] threads` and
 /// `attention_block`, `[kv_cache.models] MODEL = TYPE`, `[completion]
-/// draft`; `None` leaves a key as it is.
+/// draft` and the prompt's budgets; `None` leaves a key as it is.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EngineSetting<'a> {
     pub threads: Option<usize>,
     pub attention_block: Option<usize>,
     pub kv_type: Option<(&'a str, KvType)>,
     pub draft: Option<&'a str>,
+    pub max_tokens: Option<usize>,
+    pub prefix_tokens: Option<usize>,
+    pub suffix_tokens: Option<usize>,
+    pub context_tokens: Option<usize>,
 }
 
 /// `config.toml`'s text now ('' when there is none) and with `setting`
@@ -454,6 +521,10 @@ pub fn engine_setting_text(
         attention_block,
         kv_type,
         draft,
+        max_tokens,
+        prefix_tokens,
+        suffix_tokens,
+        context_tokens,
     } = *setting;
     let mut doc: toml_edit::DocumentMut = before
         .parse()
@@ -486,6 +557,16 @@ pub fn engine_setting_text(
     }
     if let Some(d) = draft {
         table(&mut doc, "completion", path)?.insert("draft", toml_edit::value(d));
+    }
+    for (key, value) in [
+        ("max_tokens", max_tokens),
+        ("prefix_tokens", prefix_tokens),
+        ("suffix_tokens", suffix_tokens),
+        ("context_tokens", context_tokens),
+    ] {
+        if let Some(v) = value {
+            table(&mut doc, "completion", path)?.insert(key, toml_edit::value(v as i64));
+        }
     }
     let after = doc.to_string();
     // What is written must read back as a valid config.

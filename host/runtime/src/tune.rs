@@ -400,22 +400,25 @@ impl Sampler for PolicySampler {
     }
 }
 
-/// The indices of the points no other point beats in both coordinates
-/// (both minimised), by the first coordinate.
-pub fn pareto_front(points: &[(f64, f64)]) -> Vec<usize> {
+/// The indices of the points no other point beats in every coordinate
+/// (all minimised; a point with a coordinate not finite is out), by the
+/// first coordinate.
+pub fn pareto_front<P: AsRef<[f64]>>(points: &[P]) -> Vec<usize> {
+    let dominates = |c: &[f64], a: &[f64]| {
+        c.iter().zip(a).all(|(c, a)| c <= a) && c.iter().zip(a).any(|(c, a)| c < a)
+    };
     let mut front: Vec<usize> = (0..points.len())
         .filter(|&i| {
-            let (a, b) = points[i];
-            a.is_finite()
-                && b.is_finite()
+            let a = points[i].as_ref();
+            a.iter().all(|x| x.is_finite())
                 && !points
                     .iter()
                     .enumerate()
-                    .any(|(j, &(c, d))| j != i && c <= a && d <= b && (c < a || d < b))
+                    .any(|(j, c)| j != i && dominates(c.as_ref(), a))
         })
         .collect();
-    front.sort_by(|&i, &j| points[i].0.total_cmp(&points[j].0));
-    front.dedup_by(|a, b| points[*a] == points[*b]);
+    front.sort_by(|&i, &j| points[i].as_ref()[0].total_cmp(&points[j].as_ref()[0]));
+    front.dedup_by(|a, b| points[*a].as_ref() == points[*b].as_ref());
     front
 }
 
@@ -579,13 +582,22 @@ mod tests {
     #[test]
     fn the_front_and_the_sign_test() {
         let pts = [
-            (1.0, 5.0),
-            (2.0, 2.0),
-            (3.0, 3.0),
-            (4.0, 1.0),
-            (f64::INFINITY, 0.0),
+            [1.0, 5.0],
+            [2.0, 2.0],
+            [3.0, 3.0],
+            [4.0, 1.0],
+            [f64::INFINITY, 0.0],
         ];
         assert_eq!(pareto_front(&pts), vec![0, 1, 3]);
+        // A third coordinate (quality lost) brings (3, 3) back: it loses none.
+        let pts = [
+            [1.0, 5.0, 1.0],
+            [2.0, 2.0, 1.0],
+            [3.0, 3.0, 0.0],
+            [4.0, 1.0, 1.0],
+            [2.0, 2.0, 1.0],
+        ];
+        assert_eq!(pareto_front(&pts), vec![0, 1, 2, 3]);
         // 5 of 5 wins: 1/32.
         let five: Vec<(f64, f64)> = (0..5).map(|i| (1.0, 2.0 + i as f64)).collect();
         assert!((sign_test(&five) - 1.0 / 32.0).abs() < 1e-12);

@@ -583,7 +583,13 @@ pub struct ModelScore {
     pub budget: usize,
     pub holes: usize,
     pub mean_context_tokens: f64,
-    pub delta_nll: Interval,
+    /// The true completion's negative log-likelihood, nats per hole.
+    pub nll: Interval,
+    /// The same over all holes' completion tokens, nats per token.
+    pub nll_per_token: f64,
+    /// Against no context; `None` when `none` was not among the selectors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_nll: Option<Interval>,
     pub exact_match: Interval,
     pub edit_similarity: Interval,
     /// Mean ΔNLL over the oracle's; `None` when the oracle gains nothing.
@@ -596,6 +602,13 @@ pub struct ModelRun<'a> {
     pub session: &'a mut Session,
     pub ranker: &'a Ranker,
     pub budget: usize,
+    /// Tokens of the text before the cursor and after the hole's line the
+    /// prompts keep ([`MODEL_PREFIX_TOKENS`], [`MODEL_SUFFIX_TOKENS`] by
+    /// default).
+    pub prefix_tokens: usize,
+    pub suffix_tokens: usize,
+    /// The selectors scored (of [`MODEL_SELECTORS`]); all when `None`.
+    pub selectors: Option<&'a [String]>,
     /// Cross-file holes scored (the first ones of the set).
     pub holes: usize,
     /// Tokens of the greedy completion at most.
@@ -606,10 +619,25 @@ pub struct ModelRun<'a> {
 }
 
 /// Tokens of the text before the cursor and after the hole's line the
-/// prompts keep (the language server's defaults are 1,024 and 256; less
-/// here, so that context is a larger share of what the model sees).
-const MODEL_PREFIX_TOKENS: usize = 512;
-const MODEL_SUFFIX_TOKENS: usize = 128;
+/// prompts keep by default (the language server's defaults are 1,024 and
+/// 256; less here, so that context is a larger share of what the model
+/// sees).
+pub const MODEL_PREFIX_TOKENS: usize = 512;
+pub const MODEL_SUFFIX_TOKENS: usize = 128;
+
+/// What [`evaluate_model`] scores: no context, each selector, kiln's
+/// selector with its second query, and the oracle (exactly the needed
+/// definitions). `kiln_second_query`: kiln's selector again, with kiln's
+/// own greedy completion as its second query (as the language server
+/// does once a completion was shown on the cursor's line).
+pub const MODEL_SELECTORS: [&str; 6] = [
+    "none",
+    "bm25_first_fit",
+    "jaccard_windows",
+    "kiln",
+    "kiln_second_query",
+    "oracle",
+];
 
 /// The negative log-likelihood (nats) of `target` after `prompt`.
 fn nll(session: &mut Session, prompt: &[u32], target: &[u32]) -> Result<f64, String> {
@@ -650,24 +678,33 @@ impl Corpus<'_> {
             .filter(|h| h.kind == "cross_file")
             .take(run.holes)
             .collect();
-        // `kiln_second_query`: kiln's selector again, with kiln's own
-        // greedy completion as its second query (as the language server
-        // does once a completion was shown on the cursor's line).
-        const NAMES: [&str; 6] = [
-            "none",
-            "bm25_first_fit",
-            "jaccard_windows",
-            "kiln",
-            "kiln_second_query",
-            "oracle",
-        ];
-        // Per selector, per hole: (nll, exact, similarity, context tokens).
-        let mut per: Vec<Vec<(f64, f64, f64, usize)>> = vec![Vec::new(); NAMES.len()];
+        const NAMES: [&str; 6] = MODEL_SELECTORS;
+        if let Some(unknown) =
+            (run.selectors.unwrap_or(&[]).iter()).find(|s| !NAMES.contains(&s.as_str()))
+        {
+            return Err(format!(
+                "unknown selector {unknown}: give {}",
+                NAMES.join(", ")
+            ));
+        }
+        // What is reported, and what is run (kiln's own completion is the
+        // second query's).
+        let listed = |name: &str| run.selectors.is_none_or(|s| s.iter().any(|w| w == name));
+        let wanted = |name: &str| listed(name) || (name == "kiln" && listed("kiln_second_query"));
+        // Per selector, per hole.
+        struct Scored {
+            nll: f64,
+            exact: f64,
+            similarity: f64,
+            context_tokens: usize,
+            target_tokens: usize,
+        }
+        let mut per: Vec<Vec<Scored>> = (0..NAMES.len()).map(|_| Vec::new()).collect();
         for (done, hole) in cross.iter().enumerate() {
             let text = texts[hole.file.as_str()];
             let (prefix, suffix) = around(text, hole);
-            let prefix_cut = crate::prompt::tail_within(&tok, &prefix, MODEL_PREFIX_TOKENS);
-            let suffix_cut = crate::prompt::head_within(&tok, &suffix, MODEL_SUFFIX_TOKENS);
+            let prefix_cut = crate::prompt::tail_within(&tok, &prefix, run.prefix_tokens);
+            let suffix_cut = crate::prompt::head_within(&tok, &suffix, run.suffix_tokens);
             let truth = hole.truth.trim_end();
             let target = loaded.tok.encode(truth, false)?;
             if target.is_empty() {
@@ -675,6 +712,9 @@ impl Corpus<'_> {
             }
             let mut kiln_completion = String::new();
             for (s, name) in NAMES.iter().enumerate() {
+                if !wanted(name) {
+                    continue;
+                }
                 let (context, tokens) = match *name {
                     "kiln_second_query" => {
                         let at = SelectAt {
@@ -739,31 +779,54 @@ impl Corpus<'_> {
                 }
                 let line = g.text.lines().next().unwrap_or("").trim_end();
                 let exact = f64::from(u8::from(line == truth));
-                per[s].push((loss, exact, edit_similarity(line, truth), tokens));
+                per[s].push(Scored {
+                    nll: loss,
+                    exact,
+                    similarity: edit_similarity(line, truth),
+                    context_tokens: tokens,
+                    target_tokens: target.len(),
+                });
             }
             (run.progress)(done + 1, cross.len());
         }
-        let none: Vec<f64> = per[0].iter().map(|r| r.0).collect();
-        let delta =
-            |s: usize| -> Vec<f64> { per[s].iter().zip(&none).map(|(r, n)| r.0 - n).collect() };
-        let oracle_gain = bootstrap(&delta(NAMES.len() - 1), run.seed).mean;
+        let none: Vec<f64> = per[0].iter().map(|r| r.nll).collect();
+        let delta = |s: usize| -> Option<Vec<f64>> {
+            wanted("none").then(|| per[s].iter().zip(&none).map(|(r, n)| r.nll - n).collect())
+        };
+        let oracle_gain = (delta(NAMES.len() - 1))
+            .filter(|_| listed("oracle"))
+            .map(|d| bootstrap(&d, run.seed).mean);
         Ok((NAMES.iter().enumerate())
+            .filter(|(_, name)| listed(name))
             .map(|(s, name)| {
-                let d = bootstrap(&delta(s), run.seed);
+                let d = delta(s).map(|d| bootstrap(&d, run.seed));
                 let column = |k: usize| -> Vec<f64> {
                     per[s]
                         .iter()
-                        .map(|r| if k == 1 { r.1 } else { r.2 })
+                        .map(|r| match k {
+                            0 => r.nll,
+                            1 => r.exact,
+                            _ => r.similarity,
+                        })
                         .collect()
                 };
                 let n = per[s].len();
+                let target_tokens: usize = per[s].iter().map(|r| r.target_tokens).sum();
                 ModelScore {
                     selector: name.to_string(),
                     budget: run.budget,
                     holes: n,
-                    mean_context_tokens: per[s].iter().map(|r| r.3 as f64).sum::<f64>()
+                    mean_context_tokens: per[s]
+                        .iter()
+                        .map(|r| r.context_tokens as f64)
+                        .sum::<f64>()
                         / n.max(1) as f64,
-                    gain_captured: (oracle_gain < 0.0).then(|| d.mean / oracle_gain),
+                    gain_captured: match (&d, oracle_gain) {
+                        (Some(d), Some(g)) if g < 0.0 => Some(d.mean / g),
+                        _ => None,
+                    },
+                    nll: bootstrap(&column(0), run.seed),
+                    nll_per_token: column(0).iter().sum::<f64>() / target_tokens.max(1) as f64,
                     delta_nll: d,
                     exact_match: bootstrap(&column(1), run.seed),
                     edit_similarity: bootstrap(&column(2), run.seed),

@@ -42,18 +42,7 @@ fn read_holes(path: &Path) -> Result<Vec<Hole>, CliError> {
 
 /// `kiln ctxbench cut REPO --out FILE`: the holes as JSONL.
 pub fn cut(repo: &Path, out: &Path, holes: usize, seed: u64, json: bool) -> CliResult {
-    let root = repo_root(repo)?;
-    let cut = ctxbench::sample(&root, holes, seed);
-    let mut text = String::new();
-    for h in &cut {
-        text.push_str(&serde_json::to_string(h).expect("a hole serialises"));
-        text.push('\n');
-    }
-    let tmp = out.with_extension("partial");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .and_then(|()| std::fs::rename(&tmp, out))
-        .map_err(|e| CliError(format!("{}: {e}", out.display())))?;
+    let cut = cut_to(repo, out, holes, seed)?;
     let count = |k: &str| cut.iter().filter(|h| h.kind == k).count();
     let counts = serde_json::json!({
         "cross_file": count("cross_file"), "in_file": count("in_file"), "external": count("external"),
@@ -70,6 +59,24 @@ pub fn cut(repo: &Path, out: &Path, holes: usize, seed: u64, json: bool) -> CliR
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Cuts holes from `repo` (`holes` cross-file ones, with `seed`) into the
+/// JSONL file `out`, written whole or not at all.
+pub fn cut_to(repo: &Path, out: &Path, holes: usize, seed: u64) -> Result<Vec<Hole>, CliError> {
+    let root = repo_root(repo)?;
+    let cut = ctxbench::sample(&root, holes, seed);
+    let mut text = String::new();
+    for h in &cut {
+        text.push_str(&serde_json::to_string(h).expect("a hole serialises"));
+        text.push('\n');
+    }
+    let tmp = out.with_extension("partial");
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| CliError(format!("{}: {e}", out.display())))?;
+    Ok(cut)
 }
 
 pub struct RunArgs<'a> {
@@ -143,6 +150,10 @@ pub struct ModelArgs<'a> {
     pub holes: &'a Path,
     pub model: Option<&'a str>,
     pub budget: usize,
+    pub prefix_tokens: usize,
+    pub suffix_tokens: usize,
+    /// Only these selectors (all when `None`).
+    pub selectors: Option<Vec<String>>,
     pub count: usize,
     pub max_tokens: usize,
     pub seed: u64,
@@ -154,15 +165,18 @@ pub struct ModelArgs<'a> {
 pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
     let root = repo_root(a.repo)?;
     let holes = read_holes(a.holes)?;
-    if a.budget == 0 || a.count == 0 || a.max_tokens == 0 {
+    if a.budget == 0 || a.count == 0 || a.max_tokens == 0 || a.prefix_tokens == 0 {
         return Err(CliError(
-            "--budget, --count and --max-tokens take positive numbers".into(),
+            "--budget, --count, --max-tokens and --prefix-tokens take positive numbers".into(),
         ));
     }
     let (id, path) = store::resolve_served(config, a.model)?;
+    // The KV cache type config.toml gives the model, as `kiln serve` would.
+    let kv_type = super::kv_type_for(config, a.model.unwrap_or(&id), None)?;
     let loaded = Loaded::load(id, path, None, &Backend::builtin_cpu(), 0).map_err(CliError)?;
     let exec = kiln_runtime::backend::exec::Executor::new(Backend::builtin_cpu(), 0);
-    let mut session = kiln_runtime::model::Session::new(loaded.model.clone(), exec, None)?;
+    let mut session =
+        kiln_runtime::model::Session::with_kv_type(loaded.model.clone(), exec, None, kv_type)?;
     let ranker = kiln_serve::start::ranker(config, &mut |m| eprintln!("kiln: {m}"));
     let progress = super::Progress::new("scoring holes with the model");
     let mut on_hole = |done: usize, total: usize| progress.update(done, total);
@@ -174,6 +188,9 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
             session: &mut session,
             ranker: &ranker,
             budget: a.budget,
+            prefix_tokens: a.prefix_tokens,
+            suffix_tokens: a.suffix_tokens,
+            selectors: a.selectors.as_deref(),
             holes: a.count,
             max_tokens: a.max_tokens,
             seed: a.seed,
@@ -184,7 +201,10 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
     if a.json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION, "repo": root, "model": loaded.id,
-            "budget": a.budget, "scores": scores,
+            "budget": a.budget, "prefix_tokens": a.prefix_tokens,
+            "suffix_tokens": a.suffix_tokens, "max_tokens": a.max_tokens,
+            "kv_type": kiln_runtime::model::forward::KvCache::type_name(kv_type),
+            "scores": scores,
         }));
         return Ok(ExitCode::SUCCESS);
     }
@@ -196,15 +216,16 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
         a.budget
     );
     println!(
-        "{:<16} {:>26} {:>20} {:>20} {:>8} {:>7}",
-        "selector", "ΔNLL nats/hole", "exact match", "edit similarity", "gain", "tokens"
+        "{:<18} {:>9} {:>26} {:>20} {:>20} {:>8} {:>7}",
+        "selector", "NLL/tok", "ΔNLL nats/hole", "exact match", "edit similarity", "gain", "tokens"
     );
     let iv = |i: &ctxbench::Interval| format!("{:.3} [{:.3}, {:.3}]", i.mean, i.lo, i.hi);
     for s in &scores {
         println!(
-            "{:<16} {:>26} {:>20} {:>20} {:>8} {:>7.0}",
+            "{:<18} {:>9.3} {:>26} {:>20} {:>20} {:>8} {:>7.0}",
             s.selector,
-            iv(&s.delta_nll),
+            s.nll_per_token,
+            s.delta_nll.as_ref().map_or("-".into(), iv),
             iv(&s.exact_match),
             iv(&s.edit_similarity),
             s.gain_captured

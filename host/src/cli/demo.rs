@@ -43,7 +43,7 @@ pub fn run(
     config: &Config,
     model: Option<&str>,
     keystrokes: usize,
-    max_tokens: usize,
+    max_tokens: Option<usize>,
     json: bool,
 ) -> CliResult {
     if keystrokes == 0 {
@@ -106,12 +106,10 @@ pub fn run(
     let dir = std::env::temp_dir().join(format!("kiln-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut serve = Command::new(std::env::current_exe()?);
-    serve
-        .arg("serve")
-        .arg("--model")
-        .arg(&served)
-        .arg("--max-tokens")
-        .arg(max_tokens.to_string());
+    serve.arg("serve").arg("--model").arg(&served);
+    if let Some(n) = max_tokens {
+        serve.arg("--max-tokens").arg(n.to_string());
+    }
     if !json {
         println!(
             "typing {keystrokes} characters of {} in {} (one inline completion request per keystroke):\n",

@@ -62,9 +62,10 @@ enum Command {
         /// Characters to type (one completion request each).
         #[arg(long, default_value_t = 80)]
         keystrokes: usize,
-        /// Tokens per completion.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
+        /// Tokens per completion (default: `kiln serve`'s, from
+        /// config.toml's `[completion] max_tokens`, else 64).
+        #[arg(long)]
+        max_tokens: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -100,16 +101,20 @@ enum Command {
         /// codellama, qwen, deepseek, starcoder or none (default: from the model).
         #[arg(long)]
         fim_template: Option<String>,
-        /// Tokens per completion.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
-        /// Token budgets of the prompt: text before the cursor, after it, other files.
-        #[arg(long, default_value_t = 1024)]
-        prefix_tokens: usize,
-        #[arg(long, default_value_t = 256)]
-        suffix_tokens: usize,
-        #[arg(long, default_value_t = 512)]
-        context_tokens: usize,
+        /// Tokens per completion (default: config.toml's `[completion]
+        /// max_tokens`, else 64).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Token budgets of the prompt: text before the cursor, after it,
+        /// other files (default: config.toml's `[completion]`
+        /// prefix_tokens, suffix_tokens, context_tokens, else 1024, 256
+        /// and 512).
+        #[arg(long)]
+        prefix_tokens: Option<usize>,
+        #[arg(long)]
+        suffix_tokens: Option<usize>,
+        #[arg(long)]
+        context_tokens: Option<usize>,
         /// auto, line, block or none.
         #[arg(long, default_value = "auto")]
         mode: String,
@@ -623,6 +628,24 @@ enum TuneCommand {
         confirm: u32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Score each setting's completions on cross-file holes cut from
+        /// this repository (`kiln ctxbench model`): a setting that loses
+        /// more than the bounds below against the default is ruled out,
+        /// and the prompt's budgets (context, prefix, suffix tokens) join
+        /// the typing objective's knobs.
+        #[arg(long)]
+        quality: Option<std::path::PathBuf>,
+        /// Cross-file holes cut from the --quality repository.
+        #[arg(long, default_value_t = 24)]
+        quality_holes: usize,
+        /// Edit similarity (0 to 1, of the greedy completions with the
+        /// truth) a setting may lose against the default.
+        #[arg(long, default_value_t = 0.02)]
+        max_similarity_loss: f64,
+        /// Nats per token of the true completions' likelihood a setting
+        /// may lose against the default.
+        #[arg(long, default_value_t = 0.02)]
+        max_nll_rise: f64,
         #[arg(long)]
         json: bool,
     },
@@ -828,6 +851,16 @@ enum CtxbenchCommand {
         /// Context token budget.
         #[arg(long, default_value_t = 1024)]
         budget: usize,
+        /// Tokens of the text before the cursor the prompts keep.
+        #[arg(long, default_value_t = kiln_serve::ctxbench::MODEL_PREFIX_TOKENS)]
+        prefix_tokens: usize,
+        /// Tokens of the text after the hole's line the prompts keep.
+        #[arg(long, default_value_t = kiln_serve::ctxbench::MODEL_SUFFIX_TOKENS)]
+        suffix_tokens: usize,
+        /// Only these, comma-separated: none, bm25_first_fit,
+        /// jaccard_windows, kiln, kiln_second_query, oracle (default: all).
+        #[arg(long, value_delimiter = ',')]
+        selectors: Option<Vec<String>>,
         /// Cross-file holes to score (the first of the set).
         #[arg(long, default_value_t = 40)]
         count: usize,
@@ -901,6 +934,8 @@ fn run(command: Command) -> CliResult {
             draft,
             adapter,
         } => {
+            // Its defaults come from config.toml's `[completion]`.
+            config.require_valid().map_err(CliError)?;
             let model = finetune::with_adapter(&config, model, adapter.as_deref())?;
             let mode: kiln_serve::Mode =
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
@@ -909,20 +944,25 @@ fn run(command: Command) -> CliResult {
             let draft = match draft {
                 Some(d) => d,
                 None => config
-                    .completion_draft
+                    .completion
+                    .draft
                     .as_deref()
                     .map_or(Ok(Default::default()), str::parse)
                     .map_err(CliError)?,
             };
+            let c = &config.completion;
+            let d = kiln_serve::Settings::default();
             let settings = kiln_serve::Settings {
-                max_tokens,
-                prefix_tokens,
-                suffix_tokens,
-                context_tokens,
+                max_tokens: max_tokens.or(c.max_tokens).unwrap_or(d.max_tokens),
+                prefix_tokens: prefix_tokens.or(c.prefix_tokens).unwrap_or(d.prefix_tokens),
+                suffix_tokens: suffix_tokens.or(c.suffix_tokens).unwrap_or(d.suffix_tokens),
+                context_tokens: context_tokens
+                    .or(c.context_tokens)
+                    .unwrap_or(d.context_tokens),
                 mode,
                 fim_template,
                 draft,
-                ..kiln_serve::Settings::default()
+                ..d
             };
             settings.validate().map_err(CliError)?;
             serve::run(
@@ -964,6 +1004,10 @@ fn run(command: Command) -> CliResult {
                 max_memory_mb,
                 confirm,
                 seed,
+                quality,
+                quality_holes,
+                max_similarity_loss,
+                max_nll_rise,
                 json,
             } => tune::run(
                 &config,
@@ -979,6 +1023,10 @@ fn run(command: Command) -> CliResult {
                     max_memory_mb,
                     confirm,
                     seed,
+                    quality,
+                    quality_holes,
+                    max_similarity_loss,
+                    max_nll_rise,
                     json,
                 },
             ),
@@ -1158,6 +1206,9 @@ fn run(command: Command) -> CliResult {
             holes,
             model,
             budget,
+            prefix_tokens,
+            suffix_tokens,
+            selectors,
             count,
             max_tokens,
             seed,
@@ -1169,6 +1220,9 @@ fn run(command: Command) -> CliResult {
                 holes: &holes,
                 model: model.as_deref(),
                 budget,
+                prefix_tokens,
+                suffix_tokens,
+                selectors,
                 count,
                 max_tokens,
                 seed,

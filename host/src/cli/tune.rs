@@ -2,7 +2,14 @@
 //! machine. Each trial measures a setting as whole `kiln bench` processes
 //! (so that the thread count, which a process fixes at start, can vary):
 //! the time to first token of a prompt of `--prompt-tokens` tokens, the
-//! decode speed and the peak memory. Trials are recorded in the registry
+//! decode speed and the peak memory (or, the typing objective, a replayed
+//! typing session through the language server). With `--quality REPO`,
+//! each setting's completions are also scored on cross-file holes cut
+//! from REPO (`kiln ctxbench model`: the true completion's likelihood and
+//! the greedy completion's edit similarity), a setting that loses more
+//! than the bounds against the default is ruled out, and the knobs that
+//! trade quality for speed (the prompt's budgets) join the search. Trials
+//! are recorded in the registry
 //! as they run (a killed search resumes with `kiln tune resume`); the best
 //! setting is measured again against the default, interleaved, and
 //! declared better only when a paired sign test says so; `kiln tune
@@ -35,14 +42,40 @@ pub struct RunArgs {
     pub max_memory_mb: Option<u64>,
     pub confirm: u32,
     pub seed: u64,
+    /// A repository whose cross-file holes score each setting's quality.
+    pub quality: Option<std::path::PathBuf>,
+    /// Cross-file holes cut from it.
+    pub quality_holes: usize,
+    /// The edit similarity (0 to 1) a setting may lose against the default.
+    pub max_similarity_loss: f64,
+    /// The nats per token of likelihood a setting may lose against the default.
+    pub max_nll_rise: f64,
     pub json: bool,
 }
+
+/// The knobs that change which tokens a completion gets (the rest change
+/// only its speed): a setting's quality is measured once per run for each
+/// combination of these.
+const QUALITY_KNOBS: [&str; 4] = [
+    "kv_type",
+    "context_tokens",
+    "prefix_tokens",
+    "suffix_tokens",
+];
+
+/// Tokens of each greedy completion on the quality holes (the rest of a
+/// line).
+const QUALITY_MAX_TOKENS: usize = 24;
 
 /// The knobs searched: threads (1 to the CPUs this process may use), the
 /// KV cache type, the attention block of prompt graphs, and for a typing
 /// session the speculative decoding of completions (greedy: the same
-/// tokens either way, so only speed is at stake).
-fn default_space(typing: bool) -> Space {
+/// tokens either way, so only speed is at stake) and, when quality is
+/// measured, the prompt's budgets (the text before the cursor, after it,
+/// and snippets from other files): a smaller prompt is faster and may
+/// complete worse, so a search without a quality bound would only shrink
+/// them.
+fn default_space(typing: bool, quality: bool) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
         json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
@@ -52,13 +85,38 @@ fn default_space(typing: bool) -> Space {
     if typing {
         knobs.push(json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}));
     }
+    if typing && quality {
+        knobs.extend([
+            json!({"type": "int", "name": "context_tokens", "lo": 64, "hi": 4096, "log": true}),
+            json!({"type": "int", "name": "prefix_tokens", "lo": 128, "hi": 4096, "log": true}),
+            json!({"type": "int", "name": "suffix_tokens", "lo": 16, "hi": 1024, "log": true}),
+        ]);
+    }
     serde_json::from_value(json!({ "knobs": knobs })).expect("a valid space")
+}
+
+/// The prompt's budget `key` (`context_tokens`, `prefix_tokens`,
+/// `suffix_tokens`) that `kiln serve` would use under `s`: the setting's,
+/// else config.toml's `[completion]`, else the built-in default.
+fn budget(config: &Config, s: &Setting, key: &str) -> usize {
+    let d = kiln_serve::Settings::default();
+    let c = &config.completion;
+    let (from_config, default) = match key {
+        "context_tokens" => (c.context_tokens, d.context_tokens),
+        "prefix_tokens" => (c.prefix_tokens, d.prefix_tokens),
+        _ => (c.suffix_tokens, d.suffix_tokens),
+    };
+    s.get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .or(from_config)
+        .unwrap_or(default)
 }
 
 /// The setting kiln would use now for `model`: the environment's or
 /// config's threads, config's KV type for it, config's attention block
 /// (and for a typing session, config's draft).
-fn current_setting(config: &Config, model: &str, typing: bool) -> Setting {
+fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) -> Setting {
     let mut s: Setting = [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
         (
@@ -86,8 +144,14 @@ fn current_setting(config: &Config, model: &str, typing: bool) -> Setting {
     if typing {
         s.insert(
             "draft".into(),
-            json!(config.completion_draft.as_deref().unwrap_or("none")),
+            json!(config.completion.draft.as_deref().unwrap_or("none")),
         );
+    }
+    if typing && quality {
+        for key in ["context_tokens", "prefix_tokens", "suffix_tokens"] {
+            let v = budget(config, &Setting::new(), key);
+            s.insert(key.into(), json!(v));
+        }
     }
     s
 }
@@ -149,6 +213,10 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
         attention_block: int("attention_block"),
         kv_type: kv_type.map(|kv| (key, kv)),
         draft: s.get("draft").and_then(Value::as_str),
+        max_tokens: None,
+        prefix_tokens: int("prefix_tokens"),
+        suffix_tokens: int("suffix_tokens"),
+        context_tokens: int("context_tokens"),
     })
 }
 
@@ -257,9 +325,173 @@ fn measure(
     Ok(m)
 }
 
+/// How a run scores quality (`--quality REPO`): the holes cut from the
+/// repository when the run started, and how much a setting may lose
+/// against the default.
+struct Quality {
+    repo: std::path::PathBuf,
+    holes: std::path::PathBuf,
+    count: usize,
+    max_similarity_loss: f64,
+    max_nll_rise: f64,
+}
+
+impl Quality {
+    fn of(o: &Value) -> Option<Quality> {
+        let q = o.get("quality").filter(|q| q.is_object())?;
+        Some(Quality {
+            repo: q["repo"].as_str()?.into(),
+            holes: q["holes"].as_str()?.into(),
+            count: q["count"].as_u64()? as usize,
+            max_similarity_loss: q["max_similarity_loss"].as_f64()?,
+            max_nll_rise: q["max_nll_rise"].as_f64()?,
+        })
+    }
+
+    /// Whether `metrics` keeps to the bounds against `baseline`'s (the
+    /// default's); `None` when either has no quality measured.
+    fn keeps_to(&self, metrics: &Value, baseline: &Value) -> Option<bool> {
+        let get = |m: &Value, k: &str| m[format!("median_quality_{k}")].as_f64();
+        let (sim, nll) = (
+            get(metrics, "edit_similarity")?,
+            get(metrics, "nll_per_token")?,
+        );
+        let (base_sim, base_nll) = (
+            get(baseline, "edit_similarity")?,
+            get(baseline, "nll_per_token")?,
+        );
+        // A margin for float rounding: equal completions are never out.
+        Some(
+            sim >= base_sim - self.max_similarity_loss - 1e-9
+                && nll <= base_nll + self.max_nll_rise + 1e-9,
+        )
+    }
+}
+
+/// `s`'s completions scored on the run's quality holes, in one `kiln
+/// ctxbench model` process under the trial's config (its KV cache type)
+/// with the prompt's budgets `kiln serve` would use: the true
+/// completions' likelihood (nats per token), the greedy completions'
+/// edit similarity and exact match.
+fn measure_quality(
+    config: &Config,
+    q: &Quality,
+    model: &str,
+    s: &Setting,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
+    let trial_config = trial_config(config, model, s)?;
+    let mut cmd = Command::new(exe);
+    cmd.env("KILN_CONFIG", &trial_config);
+    if let Some(t) = s.get("threads").and_then(Value::as_u64) {
+        cmd.env("KILN_THREADS", t.to_string());
+    }
+    cmd.args(["ctxbench", "model"])
+        .arg(&q.repo)
+        .arg("--holes")
+        .arg(&q.holes)
+        .args(["--model", model, "--selectors", "kiln", "--json"])
+        .args(["--count", &q.count.to_string()])
+        .args(["--max-tokens", &QUALITY_MAX_TOKENS.to_string()]);
+    for (flag, key) in [
+        ("--budget", "context_tokens"),
+        ("--prefix-tokens", "prefix_tokens"),
+        ("--suffix-tokens", "suffix_tokens"),
+    ] {
+        let v = budget(config, s, key).max(usize::from(key != "suffix_tokens"));
+        cmd.args([flag, &v.to_string()]);
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run kiln: {e}"));
+    let _ = std::fs::remove_file(&trial_config);
+    let out = out?;
+    if !out.status.success() {
+        return Err(format!(
+            "scoring quality: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let r: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln printed no JSON: {e}"))?;
+    let score = &r["scores"][0];
+    match (
+        score["nll_per_token"].as_f64(),
+        score["edit_similarity"]["mean"].as_f64(),
+        score["exact_match"]["mean"].as_f64(),
+        score["holes"].as_u64(),
+    ) {
+        (Some(nll), Some(sim), Some(exact), Some(n)) if n > 0 => Ok(vec![
+            ("quality_nll_per_token", nll),
+            ("quality_edit_similarity", sim),
+            ("quality_exact_match", exact),
+            ("quality_holes", n as f64),
+        ]),
+        _ => Err(format!(
+            "no quality holes scored in {} (kiln ctxbench model reported {score})",
+            q.repo.display()
+        )),
+    }
+}
+
+/// The quality keys of `s`: the knobs that change which tokens come.
+fn quality_inputs(s: &Setting) -> Setting {
+    s.iter()
+        .filter(|(k, _)| QUALITY_KNOBS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A quality an earlier trial of the run measured for `s`'s quality
+/// inputs: (its trial, the metrics).
+fn known_quality(
+    trials: &[kiln_registry::tune::TuneTrial],
+    s: &Setting,
+) -> Option<(i64, Vec<(String, f64)>)> {
+    let inputs = quality_inputs(s);
+    trials.iter().find_map(|t| {
+        let m = t.metrics.as_ref()?;
+        let setting: Setting = serde_json::from_value(t.setting.clone()).ok()?;
+        if t.status != "done" || quality_inputs(&setting) != inputs {
+            return None;
+        }
+        let known: Vec<(String, f64)> = m
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| k.starts_with("quality_"))
+            .filter_map(|(k, v)| Some((k.clone(), v.as_array()?.first()?.as_f64()?)))
+            .collect();
+        let from = m["quality_from_trial"].as_i64().unwrap_or(t.id);
+        (!known.is_empty()).then_some((from, known))
+    })
+}
+
+/// The default's metrics in a run (its first trial measured the
+/// default), the baseline a quality bound is held against.
+fn baseline(
+    run: &kiln_registry::tune::TuneRun,
+    trials: &[kiln_registry::tune::TuneTrial],
+) -> Option<Value> {
+    let default: Setting = serde_json::from_value(run.objective["default"].clone()).ok()?;
+    trials
+        .iter()
+        .find(|t| {
+            t.status == "done"
+                && serde_json::from_value::<Setting>(t.setting.clone())
+                    .ok()
+                    .as_ref()
+                    == Some(&default)
+        })
+        .and_then(|t| t.metrics.clone())
+}
+
 /// What is minimised: the median of the objective's metric, infinite for
-/// a failed trial or one over the memory cap.
-fn metric_of(metrics: &Value, objective: &Value) -> f64 {
+/// a failed trial, one over the memory cap, or (quality measured) one
+/// that loses more quality against the `baseline` than the run allows.
+fn metric_of(metrics: &Value, objective: &Value, baseline: Option<&Value>) -> f64 {
+    if let Some(q) = Quality::of(objective)
+        && baseline.and_then(|b| q.keeps_to(metrics, b)) != Some(true)
+    {
+        return f64::INFINITY;
+    }
     let name = objective["metric"].as_str().unwrap_or("ttft_ms");
     let value = metrics[format!("median_{name}")]
         .as_f64()
@@ -340,17 +572,16 @@ fn history(
     registry: &Registry,
     run: &kiln_registry::tune::TuneRun,
 ) -> Result<Vec<Observation>, String> {
-    Ok(registry
-        .tune_trials(run.id)
-        .map_err(|e| e.to_string())?
-        .into_iter()
+    let trials = registry.tune_trials(run.id).map_err(|e| e.to_string())?;
+    let base = baseline(run, &trials);
+    Ok(trials
+        .iter()
         .filter(|t| t.status != "running")
         .map(|t| Observation {
             setting: serde_json::from_value(t.setting.clone()).unwrap_or_default(),
-            metric: t
-                .metrics
-                .as_ref()
-                .map_or(f64::INFINITY, |m| metric_of(m, &run.objective)),
+            metric: t.metrics.as_ref().map_or(f64::INFINITY, |m| {
+                metric_of(m, &run.objective, base.as_ref())
+            }),
             repeats: t.repeats,
         })
         .collect())
@@ -361,7 +592,8 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     // Resolved now, so that a bad name fails before any trial.
     kiln_runtime::store::resolve(config, &args.model)?;
     let typing = args.objective == "typing";
-    let space = default_space(typing);
+    let quality = args.quality.is_some();
+    let space = default_space(typing, quality);
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
             "kind": "typing", "metric": "e2e_ms", "keystrokes": args.keystrokes,
@@ -389,10 +621,13 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         ("seed", json!(args.seed)),
         (
             "default",
-            json!(current_setting(config, &args.model, typing)),
+            json!(current_setting(config, &args.model, typing, quality)),
         ),
     ] {
         objective[k] = v;
+    }
+    if let Some(repo) = &args.quality {
+        objective["quality"] = quality_holes(config, repo, args)?;
     }
     // Checked before the run is recorded.
     sampler_for(config, &registry, &args.sampler, args.seed, args.repeats)?;
@@ -408,6 +643,51 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         run.id, args.trials, args.sampler, run.id
     );
     search(config, &mut registry, run.id, args.json)
+}
+
+/// Cuts the quality holes of a run from `repo` into `$KILN_HOME/tune/`,
+/// where they stay with the run (a resumed run scores the same holes):
+/// the objective's `quality`.
+fn quality_holes(config: &Config, repo: &std::path::Path, args: &RunArgs) -> Result<Value, String> {
+    if !(0.0..=1.0).contains(&args.max_similarity_loss)
+        || !(0.0..=f64::MAX).contains(&args.max_nll_rise)
+    {
+        return Err(
+            "--max-similarity-loss takes 0 to 1 and --max-nll-rise a number of nats at least 0"
+                .into(),
+        );
+    }
+    if args.quality_holes == 0 {
+        return Err("--quality-holes takes a positive number".into());
+    }
+    let repo = repo.canonicalize().map_err(|e| {
+        format!(
+            "--quality {}: {e}; name a repository's directory",
+            repo.display()
+        )
+    })?;
+    let dir = config.home.join("tune");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let holes = dir.join(format!("holes-{stamp}-{}.jsonl", std::process::id()));
+    let cut =
+        super::ctxbench::cut_to(&repo, &holes, args.quality_holes, args.seed).map_err(|e| e.0)?;
+    let cross = cut.iter().filter(|h| h.kind == "cross_file").count();
+    if cross == 0 {
+        let _ = std::fs::remove_file(&holes);
+        return Err(format!(
+            "--quality {}: no cross-file holes (a line using a name that only another file \
+             defines) in its source files; name a repository whose files use each other's \
+             definitions",
+            repo.display()
+        ));
+    }
+    Ok(json!({
+        "repo": repo, "holes": holes, "count": cross,
+        "max_similarity_loss": args.max_similarity_loss, "max_nll_rise": args.max_nll_rise,
+    }))
 }
 
 pub fn resume(config: &Config, id: i64, as_json: bool) -> CliResult {
@@ -437,6 +717,7 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
     let repeats = o["repeats"].as_u64().unwrap_or(1) as u32;
     let seed = o["seed"].as_u64().unwrap_or(1);
     let default: Setting = serde_json::from_value(o["default"].clone()).unwrap_or_default();
+    let quality = Quality::of(o);
     let mut sampler = sampler_for(config, registry, &run.sampler, seed, repeats)?;
     let mut done = history(registry, &run)?;
     // A stateful sampler (halving) is brought to where it was: it is
@@ -460,13 +741,38 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         };
         let setting_json = serde_json::to_value(&p.setting).unwrap_or_default();
         let trial = registry.tune_trial_start(id, &setting_json, p.repeats)?;
-        let (ok, metrics) = match measure(config, &objective, &run.model, &p.setting, p.repeats) {
-            Ok(m) => (true, m.to_json()),
+        let measured =
+            measure(config, &objective, &run.model, &p.setting, p.repeats).and_then(|mut m| {
+                let Some(q) = &quality else {
+                    return Ok(m.to_json());
+                };
+                let trials = registry.tune_trials(id).map_err(|e| e.to_string())?;
+                let (from, scores) = match known_quality(&trials, &p.setting) {
+                    Some((trial, known)) => (Some(trial), known),
+                    None => (
+                        None,
+                        (measure_quality(config, q, &run.model, &p.setting)?.into_iter())
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    ),
+                };
+                for (k, v) in scores {
+                    m.0.insert(k, vec![v]);
+                }
+                let mut j = m.to_json();
+                if let Some(t) = from {
+                    j["quality_from_trial"] = json!(t);
+                }
+                Ok(j)
+            });
+        let (ok, metrics) = match measured {
+            Ok(m) => (true, m),
             Err(e) => (false, json!({"error": e})),
         };
         registry.tune_trial_done(trial, ok, &metrics)?;
+        let base = baseline(&run, &registry.tune_trials(id)?);
         let metric = if ok {
-            metric_of(&metrics, o)
+            metric_of(&metrics, o, base.as_ref())
         } else {
             f64::INFINITY
         };
@@ -488,10 +794,21 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
             " ".repeat(width - filled.min(width)),
             run.trials_wanted,
             describe(&p.setting),
-            if ok {
-                format!("{metric:.1} {unit}")
-            } else {
-                format!("failed: {}", metrics["error"].as_str().unwrap_or(""))
+            match (ok, quality_text(&metrics)) {
+                (false, _) => format!("failed: {}", metrics["error"].as_str().unwrap_or("")),
+                (true, None) => format!("{metric:.1} {unit}"),
+                (true, Some(q)) if metric.is_finite() => format!("{metric:.1} {unit}, {q}"),
+                (true, Some(q)) => format!(
+                    "{:.1} {unit}, {q}: ruled out ({})",
+                    metrics[format!("median_{}", o["metric"].as_str().unwrap_or("ttft_ms"))]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    match (&quality, &base) {
+                        (Some(q), Some(b)) if q.keeps_to(&metrics, b) == Some(false) =>
+                            "loses more quality than the bounds allow",
+                        _ => "over the memory cap",
+                    }
+                ),
             },
             best.metric,
             describe(&best.setting)
@@ -505,7 +822,27 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
     if tty {
         eprintln!();
     }
-    let verdict = confirm(config, registry, &run, &done, &default, &objective)?;
+    let mut verdict = confirm(config, registry, &run, &done, &default, &objective)?;
+    if let Some(q) = &quality {
+        // The quality the best setting keeps against the default's.
+        let trials = registry.tune_trials(id)?;
+        let scores = |m: &Value| {
+            json!({
+                "edit_similarity": m["median_quality_edit_similarity"],
+                "exact_match": m["median_quality_exact_match"],
+                "nll_per_token": m["median_quality_nll_per_token"],
+            })
+        };
+        let best = (verdict["best_trial"].as_i64())
+            .and_then(|b| trials.iter().find(|t| t.id == b))
+            .and_then(|t| t.metrics.as_ref());
+        verdict["quality"] = json!({
+            "repo": q.repo, "holes": o["quality"]["count"],
+            "max_similarity_loss": q.max_similarity_loss, "max_nll_rise": q.max_nll_rise,
+            "default": baseline(&run, &trials).as_ref().map(scores),
+            "best": best.map(scores),
+        });
+    }
     registry.tune_finish(id, &verdict)?;
     show(config, id, as_json)
 }
@@ -541,7 +878,13 @@ fn confirm(
         .filter(|o| o.metric.is_finite())
         .min_by(|a, b| a.metric.total_cmp(&b.metric))
     else {
-        return Ok(json!({"better": false, "reason": "no trial succeeded within the memory cap"}));
+        return Ok(
+            json!({"better": false, "reason": if run.objective["quality"].is_object() {
+                "no trial succeeded within the memory cap and the quality bounds"
+            } else {
+                "no trial succeeded within the memory cap"
+            }}),
+        );
     };
     let best_trial = registry
         .tune_trials(run.id)
@@ -598,21 +941,37 @@ fn confirm(
     }))
 }
 
+/// A trial's quality as the progress line shows it.
+fn quality_text(metrics: &Value) -> Option<String> {
+    let sim = metrics["median_quality_edit_similarity"].as_f64()?;
+    let nll = metrics["median_quality_nll_per_token"].as_f64()?;
+    Some(format!("edit similarity {sim:.3}, {nll:.3} nats/token"))
+}
+
 pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
     let registry = open_registry(config)?;
     let run = registry.tune_run(id)?;
     let trials = registry.tune_trials(id)?;
     let metric = run.objective["metric"].as_str().unwrap_or("ttft_ms");
-    let points: Vec<(f64, f64)> = trials
+    let quality = Quality::of(&run.objective).is_some();
+    // The front: speed and memory, and with quality measured, the
+    // likelihood and edit similarity lost (all minimised).
+    let points: Vec<Vec<f64>> = trials
         .iter()
-        .map(|t| match &t.metrics {
-            Some(m) if t.status == "done" => (
-                m[format!("median_{metric}")]
-                    .as_f64()
-                    .unwrap_or(f64::INFINITY),
-                m["median_memory_bytes"].as_f64().unwrap_or(f64::INFINITY),
-            ),
-            _ => (f64::INFINITY, f64::INFINITY),
+        .map(|t| {
+            let m = t.metrics.as_ref().filter(|_| t.status == "done");
+            let get = |k: &str| {
+                m.and_then(|m| m[format!("median_{k}")].as_f64())
+                    .unwrap_or(f64::NAN)
+            };
+            let mut p = vec![get(metric), get("memory_bytes")];
+            if quality {
+                p.extend([
+                    get("quality_nll_per_token"),
+                    -get("quality_edit_similarity"),
+                ]);
+            }
+            p
         })
         .collect();
     let front: Vec<i64> = pareto_front(&points)
@@ -645,9 +1004,10 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
     let rows: Vec<Vec<String>> = trials
         .iter()
         .zip(&points)
-        .map(|(t, &(_, memory))| {
+        .map(|(t, point)| {
+            let memory = point[1];
             let setting: Setting = serde_json::from_value(t.setting.clone()).unwrap_or_default();
-            vec![
+            let mut row = vec![
                 t.id.to_string(),
                 describe(&setting),
                 t.repeats.to_string(),
@@ -664,26 +1024,56 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                     "-".into()
                 },
                 if front.contains(&t.id) { "*" } else { "" }.into(),
-            ]
+            ];
+            if quality {
+                let q = |k: &str| {
+                    (t.metrics.as_ref())
+                        .and_then(|m| m[format!("median_quality_{k}")].as_f64())
+                        .map_or("-".into(), |v| format!("{v:.3}"))
+                };
+                row.insert(7, q("nll_per_token"));
+                row.insert(7, q("edit_similarity"));
+            }
+            row
         })
         .collect();
-    println!(
-        "{}",
-        table(
-            &[
-                "TRIAL",
-                "SETTING",
-                "RUNS",
-                "TTFT MS",
-                "E2E MS",
-                "DECODE TOK/S",
-                "MEMORY MIB",
-                "PARETO",
-            ],
-            &rows
-        )
-    );
+    let mut header = vec![
+        "TRIAL",
+        "SETTING",
+        "RUNS",
+        "TTFT MS",
+        "E2E MS",
+        "DECODE TOK/S",
+        "MEMORY MIB",
+        "PARETO",
+    ];
+    if quality {
+        header.insert(7, "NLL/TOKEN");
+        header.insert(7, "EDIT SIM");
+    }
+    println!("{}", table(&header, &rows));
     if let Some(v) = &run.verdict {
+        let q = &v["quality"];
+        if let (Some(ds), Some(dn)) = (
+            q["default"]["edit_similarity"].as_f64(),
+            q["default"]["nll_per_token"].as_f64(),
+        ) {
+            println!(
+                "quality on {} cross-file holes of {}: the default's edit similarity {ds:.3}, {dn:.3} nats/token{}; a setting may lose {} of edit similarity and {} nats/token",
+                q["holes"],
+                q["repo"].as_str().unwrap_or(""),
+                match (
+                    q["best"]["edit_similarity"].as_f64(),
+                    q["best"]["nll_per_token"].as_f64()
+                ) {
+                    (Some(bs), Some(bn)) =>
+                        format!("; the best setting's {bs:.3}, {bn:.3} nats/token"),
+                    _ => String::new(),
+                },
+                q["max_similarity_loss"],
+                q["max_nll_rise"],
+            );
+        }
         if let (Some(b), Some(d)) = (v["best_ms"].as_f64(), v["default_ms"].as_f64()) {
             println!(
                 "side by side ({metric}, medians of {} pairs): the best setting {b:.1} ms, the default {d:.1} ms",
@@ -790,4 +1180,110 @@ pub fn rollback(config: &Config) -> CliResult {
     kiln_registry::config::write_config_text(config, &v.before)?;
     println!("rolled back change {} ({})", v.id, v.reason);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(id: i64, setting: Value, metrics: Value) -> kiln_registry::tune::TuneTrial {
+        kiln_registry::tune::TuneTrial {
+            id,
+            run_id: 1,
+            setting,
+            repeats: 1,
+            status: "done".into(),
+            metrics: Some(metrics),
+            started_at: String::new(),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_setting_that_loses_quality_is_ruled_out() {
+        let objective = json!({
+            "metric": "e2e_ms",
+            "quality": {"repo": "/r", "holes": "/h", "count": 10,
+                        "max_similarity_loss": 0.02, "max_nll_rise": 0.05},
+        });
+        let m = |ms: f64, sim: f64, nll: f64| {
+            json!({"median_e2e_ms": ms, "median_quality_edit_similarity": sim,
+                   "median_quality_nll_per_token": nll})
+        };
+        let base = m(100.0, 0.5, 1.0);
+        assert_eq!(metric_of(&base, &objective, Some(&base)), 100.0);
+        // Within the bounds, better, or exactly at them: kept.
+        assert_eq!(
+            metric_of(&m(90.0, 0.49, 1.04), &objective, Some(&base)),
+            90.0
+        );
+        assert_eq!(metric_of(&m(90.0, 0.6, 0.9), &objective, Some(&base)), 90.0);
+        assert_eq!(
+            metric_of(&m(90.0, 0.48, 1.05), &objective, Some(&base)),
+            90.0
+        );
+        // Past either bound, no quality measured, or no baseline: out.
+        for out in [m(50.0, 0.47, 1.0), m(50.0, 0.5, 1.06)] {
+            assert_eq!(metric_of(&out, &objective, Some(&base)), f64::INFINITY);
+        }
+        let speed_only = json!({"median_e2e_ms": 50.0});
+        assert_eq!(
+            metric_of(&speed_only, &objective, Some(&base)),
+            f64::INFINITY
+        );
+        assert_eq!(metric_of(&base, &objective, None), f64::INFINITY);
+        // A run without a quality set judges speed alone.
+        assert_eq!(
+            metric_of(&speed_only, &json!({"metric": "e2e_ms"}), None),
+            50.0
+        );
+    }
+
+    #[test]
+    fn a_quality_is_measured_once_per_combination_of_the_knobs_that_change_tokens() {
+        let scored = json!({"median_e2e_ms": 100.0, "quality_edit_similarity": [0.5],
+                            "median_quality_edit_similarity": 0.5,
+                            "quality_nll_per_token": [1.2]});
+        let trials = [
+            trial(
+                1,
+                json!({"threads": 1, "kv_type": "f16", "context_tokens": 512}),
+                scored.clone(),
+            ),
+            trial(
+                2,
+                json!({"threads": 2, "kv_type": "q8_0", "context_tokens": 512}),
+                json!({"quality_from_trial": 7, "quality_nll_per_token": [1.3]}),
+            ),
+        ];
+        let s = |v: Value| -> Setting { serde_json::from_value(v).unwrap() };
+        // Threads do not change tokens: trial 1's quality.
+        let (from, known) = known_quality(
+            &trials,
+            &s(json!({"threads": 2, "kv_type": "f16", "context_tokens": 512})),
+        )
+        .unwrap();
+        assert_eq!(from, 1);
+        assert_eq!(
+            known,
+            vec![
+                ("quality_edit_similarity".to_string(), 0.5),
+                ("quality_nll_per_token".to_string(), 1.2)
+            ]
+        );
+        // Reused in turn: the trial that measured it.
+        let (from, _) = known_quality(
+            &trials,
+            &s(json!({"threads": 1, "kv_type": "q8_0", "context_tokens": 512})),
+        )
+        .unwrap();
+        assert_eq!(from, 7);
+        // Another KV cache type or budget: measured anew.
+        for other in [
+            json!({"threads": 1, "kv_type": "q4_0", "context_tokens": 512}),
+            json!({"threads": 1, "kv_type": "f16", "context_tokens": 256}),
+        ] {
+            assert!(known_quality(&trials, &s(other)).is_none());
+        }
+    }
 }
