@@ -426,6 +426,72 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
     assert_eq!(preview["result"]["context_budget"], 100, "{preview:#}");
     c.hang_up().unwrap();
     home.ok(&["tune", "rollback"]);
+    // A file is not requantized (its new version would have nowhere to go).
+    assert!(!knobs.contains("\"quant\""), "{knobs}");
+    let err = home.fails(&["tune", "run", m, "--knobs", "quant"]);
+    assert!(
+        err.contains("--knobs quant") && err.contains("--quality"),
+        "{err}"
+    );
+
+    // A registered model: requantized copies are a knob, and applying one
+    // adds it as the model's new version.
+    home.ok(&["models", "add", m, "--name", "demo"]);
+    let shown = home.json(&[
+        "tune",
+        "run",
+        "demo",
+        "--quality",
+        r,
+        "--quality-holes",
+        "2",
+        "--knobs",
+        "quant",
+        "--sampler",
+        "grid",
+        "--trials",
+        "2",
+        "--objective",
+        "prompt",
+        "--prompt-tokens",
+        "16",
+        "--confirm",
+        "0",
+        "--json",
+    ]);
+    let trials = shown["trials"].as_array().unwrap();
+    assert_eq!(trials[0]["setting"], json!({"quant": "as-is"}), "{shown:#}");
+    let quant = trials[1]["setting"]["quant"].as_str().unwrap();
+    assert_ne!(quant, "as-is");
+    for t in trials {
+        assert_eq!(t["status"], "done", "{t}");
+        assert!(
+            t["metrics"]["median_quality_nll_per_token"]
+                .as_f64()
+                .is_some(),
+            "{t}"
+        );
+    }
+    // The copies are gone with the run.
+    let run_id = shown["run"]["id"].as_i64().unwrap();
+    assert!(!home.path().join(format!("tune/run-{run_id}")).exists());
+    let out = home.ok(&["tune", "apply", &trials[1]["id"].to_string()]);
+    assert!(out.contains("added demo@2"), "{out}");
+    let models = home.json(&["models", "list", "--json"]);
+    let added = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == 2)
+        .unwrap_or_else(|| panic!("{models:#}"));
+    assert_eq!(added["quant_type"], quant, "{added}");
+    assert_eq!(added["parent"], "demo@1", "{added}");
+    assert_eq!(added["state"], "active", "{added}");
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(config.contains("\"demo@2\" = "), "{config}");
+    home.ok(&["tune", "rollback"]);
+    home.ok(&["models", "rollback", "demo"]);
+
     // A config with a budget out of range is named.
     std::fs::write(
         home.path().join("config.toml"),

@@ -539,12 +539,10 @@ pub fn engine_setting_text(
             .as_table_like_mut()
             .ok_or_else(|| format!("{}: `{name}` is not a table", path.display()))
     }
-    let engine = table(&mut doc, "engine", path)?;
-    if let Some(t) = threads {
-        engine.insert("threads", toml_edit::value(t as i64));
-    }
-    if let Some(b) = attention_block {
-        engine.insert("attention_block", toml_edit::value(b as i64));
+    for (key, value) in [("threads", threads), ("attention_block", attention_block)] {
+        if let Some(v) = value {
+            table(&mut doc, "engine", path)?.insert(key, toml_edit::value(v as i64));
+        }
     }
     if let Some((model, kv)) = kv_type {
         let kv_cache = table(&mut doc, "kv_cache", path)?;

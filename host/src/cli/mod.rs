@@ -646,6 +646,12 @@ enum TuneCommand {
         /// may lose against the default.
         #[arg(long, default_value_t = 0.02)]
         max_nll_rise: f64,
+        /// Only these knobs, comma-separated (the rest stay as kiln has
+        /// them): threads, kv_type, attention_block, draft, quant,
+        /// context_tokens, prefix_tokens, suffix_tokens (default: every
+        /// knob of the objective).
+        #[arg(long, value_delimiter = ',')]
+        knobs: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -1008,6 +1014,7 @@ fn run(command: Command) -> CliResult {
                 quality_holes,
                 max_similarity_loss,
                 max_nll_rise,
+                knobs,
                 json,
             } => tune::run(
                 &config,
@@ -1027,6 +1034,7 @@ fn run(command: Command) -> CliResult {
                     quality_holes,
                     max_similarity_loss,
                     max_nll_rise,
+                    knobs,
                     json,
                 },
             ),

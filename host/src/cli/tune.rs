@@ -50,18 +50,25 @@ pub struct RunArgs {
     pub max_similarity_loss: f64,
     /// The nats per token of likelihood a setting may lose against the default.
     pub max_nll_rise: f64,
+    /// Only these knobs (the rest stay as kiln has them); all when empty.
+    pub knobs: Vec<String>,
     pub json: bool,
 }
 
 /// The knobs that change which tokens a completion gets (the rest change
 /// only its speed): a setting's quality is measured once per run for each
 /// combination of these.
-const QUALITY_KNOBS: [&str; 4] = [
+const QUALITY_KNOBS: [&str; 5] = [
     "kv_type",
     "context_tokens",
     "prefix_tokens",
     "suffix_tokens",
+    "quant",
 ];
+
+/// The types a registered model may be requantized to (`quant`; `as-is`
+/// is the model as it is).
+const QUANT_TYPES: [&str; 5] = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"];
 
 /// Tokens of each greedy completion on the quality holes (the rest of a
 /// line).
@@ -75,7 +82,7 @@ const QUALITY_MAX_TOKENS: usize = 24;
 /// and snippets from other files): a smaller prompt is faster and may
 /// complete worse, so a search without a quality bound would only shrink
 /// them.
-fn default_space(typing: bool, quality: bool) -> Space {
+fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
         json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
@@ -85,6 +92,9 @@ fn default_space(typing: bool, quality: bool) -> Space {
     if typing {
         knobs.push(json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}));
     }
+    if quant.len() > 1 {
+        knobs.push(json!({"type": "choice", "name": "quant", "options": quant}));
+    }
     if typing && quality {
         knobs.extend([
             json!({"type": "int", "name": "context_tokens", "lo": 64, "hi": 4096, "log": true}),
@@ -93,6 +103,76 @@ fn default_space(typing: bool, quality: bool) -> Space {
         ]);
     }
     serde_json::from_value(json!({ "knobs": knobs })).expect("a valid space")
+}
+
+/// The model a trial runs: `model`, or (a setting with a `quant`) its
+/// copy requantized to that type, made once per run under
+/// `$KILN_HOME/tune/run-ID/` (and removed when the run ends).
+fn trial_model(config: &Config, run_id: i64, model: &str, s: &Setting) -> Result<String, String> {
+    let Some(q) = s
+        .get("quant")
+        .and_then(Value::as_str)
+        .filter(|q| *q != "as-is")
+    else {
+        return Ok(model.to_string());
+    };
+    let dir = config.home.join("tune").join(format!("run-{run_id}"));
+    let out = dir.join(format!("{}-{q}.gguf", file_safe(model)));
+    if !out.is_file() {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        requantize(config, model, q, &out)?;
+    }
+    Ok(out.to_string_lossy().into_owned())
+}
+
+/// `model` (a registered model) quantized to `qtype` into `out`
+/// (written whole or not at all).
+fn requantize(
+    config: &Config,
+    model: &str,
+    qtype: &str,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    use kiln_runtime::quantize::{Options, Target, quantize};
+    let target = Target::parse(qtype).ok_or_else(|| format!("unknown quant type {qtype}"))?;
+    let source = kiln_runtime::store::resolve(config, model).map_err(|e| e.to_string())?;
+    eprintln!("kiln: quantizing {model} to {qtype} for the trials that run it");
+    let options = Options {
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        allow_requantize: true,
+        ..Options::new(target)
+    };
+    quantize(&source, out, options, |_, _, _| {})
+        .map(|_| ())
+        .map_err(|e| format!("cannot quantize {model} to {qtype}: {e}"))
+}
+
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// `s` as a trial of `model` measures it: a requantized copy is a file of
+/// its own, so the KV cache type kiln gives `model` is set for it too
+/// unless the setting names one.
+fn with_model_kv(config: &Config, model: &str, s: &Setting) -> Setting {
+    let mut s = s.clone();
+    if s.get("quant").is_some_and(|q| q != "as-is") && !s.contains_key("kv_type") {
+        let key = kv_key(config, model).unwrap_or_else(|_| model.to_string());
+        s.insert(
+            "kv_type".into(),
+            json!(config.kv_cache.for_model(&key).name()),
+        );
+    }
+    s
 }
 
 /// The prompt's budget `key` (`context_tokens`, `prefix_tokens`,
@@ -153,6 +233,7 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
             s.insert(key.into(), json!(v));
         }
     }
+    s.insert("quant".into(), json!("as-is"));
     s
 }
 
@@ -323,6 +404,45 @@ fn measure(
         }
     }
     Ok(m)
+}
+
+/// The model a run tunes: the registered version it started with
+/// (`NAME@VERSION`, so that a version `kiln tune apply` adds later is not
+/// requantized again), else what it was given.
+fn source_of(run: &kiln_registry::tune::TuneRun) -> &str {
+    run.objective["source"].as_str().unwrap_or(&run.model)
+}
+
+/// `s` measured as a trial of `run` (its model, or the requantized copy
+/// the setting names).
+fn measure_trial(
+    config: &Config,
+    objective: &Objective,
+    run: &kiln_registry::tune::TuneRun,
+    s: &Setting,
+    repeats: u32,
+) -> Result<Measured, String> {
+    let source = source_of(run);
+    let model = trial_model(config, run.id, source, s)?;
+    measure(
+        config,
+        objective,
+        &model,
+        &with_model_kv(config, source, s),
+        repeats,
+    )
+}
+
+/// [`measure_quality`] of `s` as a trial of `run`.
+fn quality_trial(
+    config: &Config,
+    q: &Quality,
+    run: &kiln_registry::tune::TuneRun,
+    s: &Setting,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    let source = source_of(run);
+    let model = trial_model(config, run.id, source, s)?;
+    measure_quality(config, q, &model, &with_model_kv(config, source, s))
 }
 
 /// How a run scores quality (`--quality REPO`): the holes cut from the
@@ -593,7 +713,54 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     kiln_runtime::store::resolve(config, &args.model)?;
     let typing = args.objective == "typing";
     let quality = args.quality.is_some();
-    let space = default_space(typing, quality);
+    // Requantized copies trade quality for speed and memory: searched
+    // with a quality set, for a registered model (whose new version `kiln
+    // tune apply` adds to the store).
+    let mut quant = vec!["as-is".to_string()];
+    let mut source = None;
+    if quality {
+        match registry.model(&args.model)? {
+            _ if std::path::Path::new(&args.model).is_file() => eprintln!(
+                "kiln: {} is a file: requantized copies are searched for a registered model \
+                 (`kiln models add FILE`, then tune it by name)",
+                args.model
+            ),
+            Some(m) if m.encrypted => eprintln!(
+                "kiln: {} is stored encrypted: requantized copies are not searched",
+                m.label()
+            ),
+            Some(m) => {
+                quant.extend(
+                    (QUANT_TYPES.iter())
+                        .filter(|t| **t != m.quant_type)
+                        .map(|t| t.to_string()),
+                );
+                source = Some(m.label());
+            }
+            None => {}
+        }
+    }
+    let mut space = default_space(typing, quality, &quant);
+    if !args.knobs.is_empty() {
+        let names: Vec<&str> = space.knobs.iter().map(|k| k.name()).collect();
+        if let Some(unknown) = args.knobs.iter().find(|k| !names.contains(&k.as_str())) {
+            return Err(format!(
+                "--knobs {unknown}: not a knob of this search; give some of {}{}",
+                names.join(", "),
+                if quality {
+                    ""
+                } else {
+                    " (the prompt's budgets and quant need --quality REPO)"
+                }
+            )
+            .into());
+        }
+        space
+            .knobs
+            .retain(|k| args.knobs.iter().any(|n| n == k.name()));
+    }
+    let mut default = current_setting(config, &args.model, typing, quality);
+    default.retain(|k, _| space.knobs.iter().any(|knob| knob.name() == k));
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
             "kind": "typing", "metric": "e2e_ms", "keystrokes": args.keystrokes,
@@ -619,15 +786,15 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         ("repeats", json!(args.repeats)),
         ("confirm", json!(args.confirm)),
         ("seed", json!(args.seed)),
-        (
-            "default",
-            json!(current_setting(config, &args.model, typing, quality)),
-        ),
+        ("default", json!(default)),
     ] {
         objective[k] = v;
     }
     if let Some(repo) = &args.quality {
         objective["quality"] = quality_holes(config, repo, args)?;
+    }
+    if let Some(label) = source {
+        objective["source"] = json!(label);
     }
     // Checked before the run is recorded.
     sampler_for(config, &registry, &args.sampler, args.seed, args.repeats)?;
@@ -742,7 +909,7 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         let setting_json = serde_json::to_value(&p.setting).unwrap_or_default();
         let trial = registry.tune_trial_start(id, &setting_json, p.repeats)?;
         let measured =
-            measure(config, &objective, &run.model, &p.setting, p.repeats).and_then(|mut m| {
+            measure_trial(config, &objective, &run, &p.setting, p.repeats).and_then(|mut m| {
                 let Some(q) = &quality else {
                     return Ok(m.to_json());
                 };
@@ -751,7 +918,7 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
                     Some((trial, known)) => (Some(trial), known),
                     None => (
                         None,
-                        (measure_quality(config, q, &run.model, &p.setting)?.into_iter())
+                        (quality_trial(config, q, &run, &p.setting)?.into_iter())
                             .map(|(k, v)| (k.to_string(), v))
                             .collect(),
                     ),
@@ -844,6 +1011,13 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         });
     }
     registry.tune_finish(id, &verdict)?;
+    // The requantized copies: `kiln tune apply` makes the one it adds again.
+    let copies = config.home.join("tune").join(format!("run-{id}"));
+    if copies.exists()
+        && let Err(e) = std::fs::remove_dir_all(&copies)
+    {
+        eprintln!("kiln: warning: cannot remove {}: {e}", copies.display());
+    }
     show(config, id, as_json)
 }
 
@@ -859,7 +1033,7 @@ fn confirm(
 ) -> Result<Value, String> {
     let metric = run.objective["metric"].as_str().unwrap_or("ttft_ms");
     let one = |s: &Setting| -> Result<f64, String> {
-        let m = measure(config, objective, &run.model, s, 1)?;
+        let m = measure_trial(config, objective, run, s, 1)?;
         m.0.get(metric)
             .and_then(|v| v.first().copied())
             .ok_or_else(|| format!("no {metric} measured"))
@@ -1138,8 +1312,48 @@ pub fn apply(config: &Config, trial_id: i64) -> CliResult {
         .into());
     }
     let run = registry.tune_run(trial.run_id)?;
+    let source = source_of(&run);
     let s: Setting = serde_json::from_value(trial.setting.clone()).unwrap_or_default();
-    let key = kv_key(config, &run.model)?;
+    let s = with_model_kv(config, source, &s);
+    // What would be written is checked before a model version is added.
+    kiln_registry::config::with_engine_setting(config, &engine_setting(&s, source)?)?;
+    let key = match s
+        .get("quant")
+        .and_then(Value::as_str)
+        .filter(|q| *q != "as-is")
+    {
+        None => kv_key(config, source)?,
+        Some(q) => {
+            // The requantized copy, made again from the run's source (the
+            // quantizer writes the same bytes), as a new version of it.
+            let record = registry.model(source)?.ok_or_else(|| {
+                format!("{source} is no longer registered; cannot add its {q} copy")
+            })?;
+            let dir = config.home.join("tune");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let tmp = dir.join(format!("apply-{trial_id}-{}.gguf", std::process::id()));
+            let added = requantize(config, source, q, &tmp).and_then(|()| {
+                kiln_runtime::store::add(
+                    config,
+                    &mut registry,
+                    &tmp,
+                    Some(&record.name),
+                    &kiln_registry::actor(),
+                    |_, _| {},
+                )
+                .map_err(|e| e.to_string())
+            });
+            let _ = std::fs::remove_file(&tmp);
+            let (added, _) = added?;
+            println!(
+                "added {} ({q}, requantized from {source}) and made it active; `kiln models rollback {}` returns to {source}",
+                added.label(),
+                record.name
+            );
+            added.label()
+        }
+    };
     let setting = engine_setting(&s, &key).map_err(|e| format!("trial {trial_id}: {e}"))?;
     let (before, after) = kiln_registry::config::with_engine_setting(config, &setting)?;
     let version = registry.record_config_version(
