@@ -64,6 +64,36 @@ fn ngram_drafts_give_the_greedy_tokens_of_real_models() {
             assert!(accepted <= guessed, "{drafted}");
             if prompt == REPETITIVE {
                 assert!(accepted >= 8, "{file}: {accepted} of {guessed} accepted");
+                // Some batch carried more than one guess...
+                let batches = drafted["timings"]["draft_batches"].as_u64().unwrap();
+                assert!(guessed > batches, "{drafted}");
+                // ...which `--draft-max` caps, the tokens unchanged.
+                for max in [1, 2] {
+                    let capped = home.json(&[
+                        "run",
+                        model.to_str().unwrap(),
+                        "--prompt",
+                        prompt,
+                        "--max-tokens",
+                        &n.to_string(),
+                        "--temperature",
+                        "0",
+                        "--backend",
+                        "cpu",
+                        "--draft",
+                        "ngram",
+                        "--draft-max",
+                        &max.to_string(),
+                        "--json",
+                    ]);
+                    assert_eq!(capped["token_ids"], plain["token_ids"], "{file}");
+                    let t = &capped["timings"];
+                    let (guessed, batches) = (
+                        t["draft_tokens"].as_u64().unwrap(),
+                        t["draft_batches"].as_u64().unwrap(),
+                    );
+                    assert!(batches > 0 && guessed <= batches * max, "{file}: {t}");
+                }
             }
         }
     }
@@ -129,7 +159,7 @@ fn the_language_server_takes_draft_from_its_settings() {
     let uri = format!("file://{}/shapes.py", ws.path().display());
     let lines = REPETITIVE.lines().count() as u32 - 1;
     let last = REPETITIVE.lines().last().unwrap().len() as u32;
-    let complete = |draft: &str| -> (Value, u64) {
+    let complete = |draft: &str, draft_max: usize| -> (Value, u64) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -138,7 +168,7 @@ fn the_language_server_takes_draft_from_its_settings() {
         let metrics = format!("127.0.0.1:{port}");
         let mut c = serve_model(&home, &model, &["--metrics", &metrics]);
         let options = json!({"maxTokens": 32, "mode": "none", "draft": draft,
-                             "workspaceContext": false});
+                             "draftMax": draft_max, "workspaceContext": false});
         initialize(&mut c, ws.path(), options);
         open(&mut c, &uri, REPETITIVE);
         let r = c
@@ -150,8 +180,15 @@ fn the_language_server_takes_draft_from_its_settings() {
             metric(&text, "kiln:draft_accepted_total"),
         )
     };
-    let (plain, none_accepted) = complete("none");
-    let (drafted, accepted) = complete("ngram");
+    let (plain, none_accepted) = complete("none", 8);
+    let (drafted, accepted) = complete("ngram", 8);
+    // One guess per batch at most: the same completion.
+    let (one_ahead, one_accepted) = complete("ngram", 1);
+    assert_eq!(
+        one_ahead[0]["textEdit"], plain[0]["textEdit"],
+        "{one_ahead}"
+    );
+    assert!(one_accepted > 0, "no guess accepted one ahead");
     let text = |items: &Value| items[0]["textEdit"]["newText"].as_str().map(str::to_string);
     assert!(text(&plain).is_some_and(|t| t.len() > 20), "{plain}");
     assert_eq!(text(&drafted), text(&plain), "{drafted} vs {plain}");

@@ -404,17 +404,29 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
     );
     let ws = tempfile::tempdir().unwrap();
     std::fs::write(ws.path().join("main.py"), "def f():\n    return 1\n").unwrap();
-    let mut c = kiln_tests::serve::serve(&home, &[]);
+    let mut c = kiln_tests::serve::serve(&home, &["--ctx", "2048"]);
     kiln_tests::serve::initialize(&mut c, ws.path(), json!({}));
     let uri = format!("file://{}/main.py", ws.path().display());
     kiln_tests::serve::open(&mut c, &uri, "def f():\n    return 1\n");
     let preview = c
         .request("kiln/context", kiln_tests::serve::at(&uri, 1, 4))
         .unwrap();
+    // The budgets as they fit the window (2,048 tokens less the 64 of a
+    // completion): the applied ones, or those scaled down to fit.
+    let budget = |k: &str| trial["setting"][k].as_u64().unwrap() as usize;
+    let fitted = kiln_serve::Settings {
+        prefix_tokens: budget("prefix_tokens"),
+        suffix_tokens: budget("suffix_tokens"),
+        context_tokens: budget("context_tokens"),
+        ..kiln_serve::Settings::default()
+    }
+    .within(2048 - 64);
     assert_eq!(
-        preview["result"]["context_budget"], trial["setting"]["context_tokens"],
+        preview["result"]["context_budget"], fitted.context_tokens,
         "{preview:#}"
     );
+    let prompt_tokens = preview["result"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens <= 2048 - 64, "{preview:#}");
     // A flag still wins over config.toml.
     c.hang_up().unwrap();
     let mut c = kiln_tests::serve::serve(&home, &["--context-tokens", "100"]);
@@ -424,6 +436,37 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
         .request("kiln/context", kiln_tests::serve::at(&uri, 1, 4))
         .unwrap();
     assert_eq!(preview["result"]["context_budget"], 100, "{preview:#}");
+    c.hang_up().unwrap();
+    // Budgets past the model's window shrink to fit it: completions still
+    // come, not an error per keystroke.
+    let mut c = kiln_tests::serve::serve(
+        &home,
+        &[
+            "--ctx",
+            "256",
+            "--prefix-tokens",
+            "4096",
+            "--suffix-tokens",
+            "1024",
+            "--context-tokens",
+            "4096",
+            "--max-tokens",
+            "8",
+        ],
+    );
+    kiln_tests::serve::initialize(&mut c, ws.path(), json!({}));
+    let long: String = (0..400).map(|i| format!("x{i} = {i}\n")).collect();
+    kiln_tests::serve::open(&mut c, &uri, &long);
+    let answer = c
+        .request(
+            "textDocument/completion",
+            kiln_tests::serve::at(&uri, 400, 0),
+        )
+        .unwrap();
+    assert!(
+        answer["result"].is_object() || answer["result"].is_array(),
+        "{answer:#}"
+    );
     c.hang_up().unwrap();
     home.ok(&["tune", "rollback"]);
     // A file is not requantized (its new version would have nowhere to go).

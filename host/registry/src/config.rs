@@ -22,6 +22,7 @@
 //!
 //! [completion]
 //! draft = "ngram"          # speculative decoding by default (none, ngram)
+//! draft_max = 8            # tokens it guesses at most per verifying batch
 //! max_tokens = 64          # tokens per completion at most
 //! prefix_tokens = 1024     # prompt budgets: text before the cursor,
 //! suffix_tokens = 256      #   after it,
@@ -162,6 +163,8 @@ struct CompletionSection {
     #[serde(default)]
     draft: Option<String>,
     #[serde(default)]
+    draft_max: Option<usize>,
+    #[serde(default)]
     max_tokens: Option<usize>,
     #[serde(default)]
     prefix_tokens: Option<usize>,
@@ -178,6 +181,8 @@ struct CompletionSection {
 pub struct CompletionConfig {
     /// Speculative decoding by default (`none`, `ngram`).
     pub draft: Option<String>,
+    /// Tokens it guesses at most per verifying batch.
+    pub draft_max: Option<usize>,
     /// Tokens per completion at most.
     pub max_tokens: Option<usize>,
     /// Prompt budgets: the text before the cursor, after it, and snippets
@@ -314,6 +319,7 @@ impl Config {
                 }
                 for (key, value, lo, hi) in [
                     ("max_tokens", file.completion.max_tokens, 1, 4096),
+                    ("draft_max", file.completion.draft_max, 1, 64),
                     (
                         "prefix_tokens",
                         file.completion.prefix_tokens,
@@ -341,6 +347,7 @@ impl Config {
                     }
                 }
                 completion.max_tokens = file.completion.max_tokens;
+                completion.draft_max = file.completion.draft_max;
                 completion.prefix_tokens = file.completion.prefix_tokens;
                 completion.suffix_tokens = file.completion.suffix_tokens;
                 completion.context_tokens = file.completion.context_tokens;
@@ -490,6 +497,7 @@ pub struct EngineSetting<'a> {
     pub attention_block: Option<usize>,
     pub kv_type: Option<(&'a str, KvType)>,
     pub draft: Option<&'a str>,
+    pub draft_max: Option<usize>,
     pub max_tokens: Option<usize>,
     pub prefix_tokens: Option<usize>,
     pub suffix_tokens: Option<usize>,
@@ -521,6 +529,7 @@ pub fn engine_setting_text(
         attention_block,
         kv_type,
         draft,
+        draft_max,
         max_tokens,
         prefix_tokens,
         suffix_tokens,
@@ -557,6 +566,7 @@ pub fn engine_setting_text(
         table(&mut doc, "completion", path)?.insert("draft", toml_edit::value(d));
     }
     for (key, value) in [
+        ("draft_max", draft_max),
         ("max_tokens", max_tokens),
         ("prefix_tokens", prefix_tokens),
         ("suffix_tokens", suffix_tokens),

@@ -703,13 +703,27 @@ impl Corpus<'_> {
         for (done, hole) in cross.iter().enumerate() {
             let text = texts[hole.file.as_str()];
             let (prefix, suffix) = around(text, hole);
-            let prefix_cut = crate::prompt::tail_within(&tok, &prefix, run.prefix_tokens);
-            let suffix_cut = crate::prompt::head_within(&tok, &suffix, run.suffix_tokens);
             let truth = hole.truth.trim_end();
             let target = loaded.tok.encode(truth, false)?;
             if target.is_empty() {
                 continue;
             }
+            // The budgets as they fit the window, as the language server
+            // fits them.
+            let limit = run
+                .session
+                .n_ctx()
+                .saturating_sub(target.len() + run.max_tokens + 1);
+            let fit = crate::Settings {
+                prefix_tokens: run.prefix_tokens,
+                suffix_tokens: run.suffix_tokens,
+                context_tokens: run.budget,
+                ..crate::Settings::default()
+            }
+            .within(limit);
+            let prefix_cut = crate::prompt::tail_within(&tok, &prefix, fit.prefix_tokens);
+            let suffix_cut = crate::prompt::head_within(&tok, &suffix, fit.suffix_tokens);
+            let budget = fit.context_tokens;
             let mut kiln_completion = String::new();
             for (s, name) in NAMES.iter().enumerate() {
                 if !wanted(name) {
@@ -729,7 +743,7 @@ impl Corpus<'_> {
                             &at,
                             run.ranker,
                             &tok,
-                            run.budget,
+                            budget,
                             Selection::Kiln,
                         );
                         (p.text, p.tokens)
@@ -743,7 +757,7 @@ impl Corpus<'_> {
                             for t in [body, signature] {
                                 let snippet = tok.snippet(&hole.file, &path, &t);
                                 let n = tok.count(&snippet);
-                                if used + n <= run.budget {
+                                if used + n <= budget {
                                     used += n;
                                     block.push_str(&snippet);
                                     break;
@@ -755,16 +769,11 @@ impl Corpus<'_> {
                     _ => {
                         let selector = SELECTORS[s];
                         let c = choose(
-                            selector, ws, windows, hole, &prefix, &suffix, &tok, run.ranker,
-                            run.budget,
+                            selector, ws, windows, hole, &prefix, &suffix, &tok, run.ranker, budget,
                         );
                         (c.text, c.tokens)
                     }
                 };
-                let limit = run
-                    .session
-                    .n_ctx()
-                    .saturating_sub(target.len() + run.max_tokens + 1);
                 let prompt = crate::prompt::fim_tokens(
                     loaded, &context, prefix_cut, suffix_cut, None, limit,
                 )

@@ -311,6 +311,7 @@ struct Shared {
     n_ctx: Option<usize>,
     kv_types: KvTypes,
     draft: Draft,
+    draft_max: usize,
     attention_block: Option<usize>,
 }
 
@@ -352,6 +353,8 @@ pub struct EngineOptions {
     pub metrics: Arc<Metrics>,
     /// Speculative decoding for requests that do not choose (the HTTP API).
     pub draft: Draft,
+    /// Tokens `draft` guesses at most per verifying batch.
+    pub draft_max: usize,
     /// Queries per attention block in prompt graphs (`[engine]`; `None`:
     /// kiln's default).
     pub attention_block: Option<usize>,
@@ -391,6 +394,7 @@ impl Engine {
             kv_types: opts.kv_types,
             attention_block: opts.attention_block,
             draft: opts.draft,
+            draft_max: opts.draft_max,
         });
         let engine = Engine { shared };
         engine.announce();
@@ -420,6 +424,11 @@ impl Engine {
     /// `kiln serve --draft`: speculative decoding for HTTP requests.
     pub fn draft(&self) -> Draft {
         self.shared.draft
+    }
+
+    /// `kiln serve --draft-max`: tokens `draft` guesses at most per batch.
+    pub fn draft_max(&self) -> usize {
+        self.shared.draft_max
     }
 
     /// The model being served now.

@@ -652,6 +652,7 @@ async fn completions(
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 16)?;
     req.draft = s.engine.draft();
+    req.draft_max = s.engine.draft_max();
     let prompt = match &v["prompt"] {
         Value::String(p) => p.clone(),
         Value::Array(a) if a.len() == 1 && a[0].is_string() => {
@@ -950,6 +951,7 @@ async fn chat_completions(
     let n_ctx = s.engine.n_ctx();
     let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
     req.draft = s.engine.draft();
+    req.draft_max = s.engine.draft_max();
     let text = render_chat(&loaded, &v)?;
     // The rendered template carries its own BOS when it wants one.
     req.prompt = encode(

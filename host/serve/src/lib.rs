@@ -75,6 +75,8 @@ pub struct Settings {
     /// Speculative decoding of greedy completions (`none`, `ngram`); the
     /// HTTP API takes `kiln serve --draft`'s.
     pub draft: kiln_runtime::model::generate::Draft,
+    /// Tokens `draft` guesses at most per verifying batch.
+    pub draft_max: usize,
     /// The unit A/B experiments assign an arm to (a user or machine id
     /// the editor keeps); default: the workspace root.
     pub ab_unit: Option<String>,
@@ -92,13 +94,46 @@ impl Default for Settings {
             temperature: 0.0,
             workspace_context: true,
             draft: kiln_runtime::model::generate::Draft::None,
+            draft_max: kiln_runtime::model::generate::DRAFT_MAX,
             ab_unit: None,
         }
     }
 }
 
+/// Tokens of a prompt kept for what the budgets do not count: the
+/// template's markers, the repository's and file's names, and the seams
+/// where the parts join.
+pub const PROMPT_OVERHEAD_TOKENS: usize = 64;
+
 impl Settings {
+    /// These settings with the prompt's budgets (prefix, suffix, context)
+    /// scaled down in proportion so that a prompt fits `window` tokens
+    /// (the context window less the completion's tokens); as they are when
+    /// they fit. Budgets larger than the model's window would otherwise
+    /// fail every completion.
+    pub fn within(&self, window: usize) -> Settings {
+        let room = window.saturating_sub(PROMPT_OVERHEAD_TOKENS).max(1);
+        let sum = self.prefix_tokens + self.suffix_tokens + self.context_tokens;
+        if sum <= room {
+            return self.clone();
+        }
+        let scaled = |b: usize| (b as u128 * room as u128 / sum as u128) as usize;
+        Settings {
+            prefix_tokens: scaled(self.prefix_tokens).max(1),
+            suffix_tokens: scaled(self.suffix_tokens),
+            context_tokens: scaled(self.context_tokens),
+            ..self.clone()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
+        if self.draft_max == 0 || self.draft_max > limit {
+            return Err(format!(
+                "draftMax must be between 1 and {limit}, not {}",
+                self.draft_max
+            ));
+        }
         if self.max_tokens == 0 || self.max_tokens > 4096 {
             return Err(format!(
                 "maxTokens must be between 1 and 4096, not {}",
@@ -142,6 +177,27 @@ pub fn boundary(mode: Mode, prefix: &str, suffix: &str) -> Boundary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_past_the_window_shrink_in_proportion() {
+        let s = Settings {
+            prefix_tokens: 3000,
+            suffix_tokens: 1000,
+            context_tokens: 2000,
+            ..Settings::default()
+        };
+        assert_eq!(s.within(8192).prefix_tokens, 3000, "it fits");
+        let w = s.within(3064);
+        assert_eq!(
+            (w.prefix_tokens, w.suffix_tokens, w.context_tokens),
+            (1500, 500, 1000)
+        );
+        assert!(
+            w.prefix_tokens + w.suffix_tokens + w.context_tokens + PROMPT_OVERHEAD_TOKENS <= 3064
+        );
+        // A window too small for anything keeps a token of prefix.
+        assert_eq!(s.within(10).prefix_tokens, 1);
+    }
 
     #[test]
     fn auto_mode_picks_line_or_block() {

@@ -113,6 +113,7 @@ pub fn preview(
     ranker: &Ranker,
     limit: usize,
 ) -> Result<Preview, String> {
+    let settings = &settings.within(limit);
     let (prefix, suffix) = cut(loaded, at.text, at.offset, settings);
     let counter = Counter::of(loaded);
     let budget = settings.context_tokens;

@@ -64,6 +64,7 @@ pub fn start_engine(
             completion_cache_entries: 256,
             metrics,
             draft: spec.settings.draft,
+            draft_max: spec.settings.draft_max,
             attention_block: spec.config.engine.attention_block,
         },
     ))

@@ -124,6 +124,10 @@ enum Command {
         /// `[completion] draft`, else none)
         #[arg(long)]
         draft: Option<kiln_runtime::model::generate::Draft>,
+        /// Tokens `--draft ngram` guesses at most per verifying batch
+        /// (1-64; default: config.toml's `[completion] draft_max`, else 8).
+        #[arg(long)]
+        draft_max: Option<usize>,
         /// A LoRA adapter to serve on the model: a file (`kiln finetune
         /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]);
         /// merged into an F16 copy once, kept under $KILN_HOME/adapters.
@@ -210,6 +214,9 @@ enum Command {
         /// batch (the same tokens, fewer steps), or `none`
         #[arg(long, default_value = "none")]
         draft: kiln_runtime::model::generate::Draft,
+        /// Tokens `--draft ngram` guesses at most per verifying batch (1-64).
+        #[arg(long, default_value_t = kiln_runtime::model::generate::DRAFT_MAX)]
+        draft_max: usize,
         /// A LoRA adapter to run the model with (as `kiln serve --adapter`).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
@@ -938,6 +945,7 @@ fn run(command: Command) -> CliResult {
             context_tokens,
             mode,
             draft,
+            draft_max,
             adapter,
         } => {
             // Its defaults come from config.toml's `[completion]`.
@@ -968,6 +976,7 @@ fn run(command: Command) -> CliResult {
                 mode,
                 fim_template,
                 draft,
+                draft_max: draft_max.or(c.draft_max).unwrap_or(d.draft_max),
                 ..d
             };
             settings.validate().map_err(CliError)?;
@@ -1070,6 +1079,7 @@ fn run(command: Command) -> CliResult {
             ctx,
             kv_type,
             draft,
+            draft_max,
             adapter,
             json,
         } => run::run(
@@ -1097,6 +1107,7 @@ fn run(command: Command) -> CliResult {
                 ctx,
                 kv_type,
                 draft,
+                draft_max,
                 json,
             },
         ),

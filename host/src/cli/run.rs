@@ -21,6 +21,7 @@ pub struct RunArgs {
     pub ctx: Option<usize>,
     pub kv_type: Option<kiln_plugin_api::DType>,
     pub draft: Draft,
+    pub draft_max: usize,
     pub json: bool,
 }
 
@@ -61,9 +62,17 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let target = exec.target.clone();
     let kv_type = super::kv_type_for(config, &args.model, args.kv_type)?;
     let mut session = Session::with_kv_type(model, exec, args.ctx, kv_type)?;
+    let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
+    if args.draft_max == 0 || args.draft_max > limit {
+        return Err(CliError(format!(
+            "--draft-max takes 1 to {limit}, not {}",
+            args.draft_max
+        )));
+    }
     let req = Request {
         stop: args.stop,
         draft: args.draft,
+        draft_max: args.draft_max,
         ..Request::new(prompt.clone(), args.max_tokens, args.sampling)
     };
     let stdout = std::io::stdout();
@@ -92,6 +101,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
                 "generated_tokens": output.timings.decode_tokens,
                 "draft_tokens": output.timings.draft_tokens,
                 "draft_accepted": output.timings.draft_accepted,
+                "draft_batches": output.timings.draft_batches,
             },
             "backend_stats": backend_stats(&target.stats),
         }));

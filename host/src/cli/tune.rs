@@ -76,12 +76,13 @@ const QUALITY_MAX_TOKENS: usize = 24;
 
 /// The knobs searched: threads (1 to the CPUs this process may use), the
 /// KV cache type, the attention block of prompt graphs, and for a typing
-/// session the speculative decoding of completions (greedy: the same
-/// tokens either way, so only speed is at stake) and, when quality is
-/// measured, the prompt's budgets (the text before the cursor, after it,
-/// and snippets from other files): a smaller prompt is faster and may
-/// complete worse, so a search without a quality bound would only shrink
-/// them.
+/// session the speculative decoding of completions and its draft length
+/// (greedy: the same tokens either way, so only speed is at stake) and,
+/// when quality is measured, the requantized copies of `quant` (more than
+/// `as-is`) and the prompt's budgets (the text before the cursor, after
+/// it, and snippets from other files): a smaller prompt or type is faster
+/// and may complete worse, so a search without a quality bound would only
+/// shrink them.
 fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
@@ -90,7 +91,10 @@ fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
         json!({"type": "int", "name": "attention_block", "lo": 16, "hi": 256, "log": true}),
     ];
     if typing {
-        knobs.push(json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}));
+        knobs.extend([
+            json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}),
+            json!({"type": "int", "name": "draft_max", "lo": 2, "hi": 32, "log": true}),
+        ]);
     }
     if quant.len() > 1 {
         knobs.push(json!({"type": "choice", "name": "quant", "options": quant}));
@@ -195,7 +199,7 @@ fn budget(config: &Config, s: &Setting, key: &str) -> usize {
 
 /// The setting kiln would use now for `model`: the environment's or
 /// config's threads, config's KV type for it, config's attention block
-/// (and for a typing session, config's draft).
+/// (and for a typing session, config's draft and its length).
 fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) -> Setting {
     let mut s: Setting = [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
@@ -225,6 +229,12 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
         s.insert(
             "draft".into(),
             json!(config.completion.draft.as_deref().unwrap_or("none")),
+        );
+        s.insert(
+            "draft_max".into(),
+            json!(
+                (config.completion.draft_max).unwrap_or(kiln_runtime::model::generate::DRAFT_MAX)
+            ),
         );
     }
     if typing && quality {
@@ -294,6 +304,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
         attention_block: int("attention_block"),
         kv_type: kv_type.map(|kv| (key, kv)),
         draft: s.get("draft").and_then(Value::as_str),
+        draft_max: int("draft_max"),
         max_tokens: None,
         prefix_tokens: int("prefix_tokens"),
         suffix_tokens: int("suffix_tokens"),

@@ -31,6 +31,9 @@ pub struct Request {
     pub control: Option<Arc<Control>>,
     /// Speculative decoding (greedy requests only; others ignore it).
     pub draft: Draft,
+    /// Tokens guessed at most per verifying batch ([`DRAFT_MAX`] by
+    /// default).
+    pub draft_max: usize,
 }
 
 /// How a greedy request guesses tokens ahead, for one batch to verify.
@@ -61,8 +64,10 @@ impl std::str::FromStr for Draft {
 /// The longest and shortest n-grams [`Draft::Ngram`] looks up.
 pub const NGRAM_MAX: usize = 4;
 pub const NGRAM_MIN: usize = 2;
-/// Tokens guessed at most per verifying batch.
+/// Tokens guessed at most per verifying batch, by default.
 pub const DRAFT_MAX: usize = 8;
+/// The most a request may ask for.
+pub const DRAFT_MAX_LIMIT: usize = 64;
 
 /// Up to `max` tokens that followed the latest earlier occurrence of the
 /// last `n` tokens of `history`, for the longest `n` from [`NGRAM_MAX`]
@@ -130,6 +135,7 @@ impl Request {
             boundary: Boundary::None,
             control: None,
             draft: Draft::None,
+            draft_max: DRAFT_MAX,
         }
     }
 }
@@ -223,6 +229,8 @@ pub struct Timings {
     /// model agreed with (each a decode step saved).
     pub draft_tokens: usize,
     pub draft_accepted: usize,
+    /// Verifying batches that carried guesses.
+    pub draft_batches: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -351,7 +359,7 @@ pub fn generate(
         pending.clear();
         let room = (req.max_tokens - out_ids.len() - 1)
             .min(session.n_ctx().saturating_sub(session.n_past() + 1))
-            .min(DRAFT_MAX);
+            .min(req.draft_max.min(DRAFT_MAX_LIMIT));
         let draft = if drafting && room > 0 {
             lookup_draft(&history, room)
         } else {
@@ -367,6 +375,7 @@ pub fn generate(
         logits = rows.next().expect("a row per token").to_vec();
         pending.extend(draft.iter().copied().zip(rows.map(<[f32]>::to_vec)));
         timings.draft_tokens += draft.len();
+        timings.draft_batches += 1;
     }
     if sent < text.len() && reason != StopReason::Cancelled {
         on_text(&text[sent..]);

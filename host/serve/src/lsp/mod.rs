@@ -1192,7 +1192,10 @@ impl Server {
         } else {
             (engine.loaded(), None)
         };
-        let s = &self.settings;
+        // The budgets as they fit the model's window.
+        let fitted =
+            (self.settings).within(engine.n_ctx().saturating_sub(self.settings.max_tokens));
+        let s = &fitted;
         let counter = Counter::of(&loaded);
         let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
         let rel = self.relative(uri);
@@ -1284,6 +1287,7 @@ impl Server {
                 .collect(),
             boundary: boundary(s.mode, prefix, suffix),
             draft: s.draft,
+            draft_max: s.draft_max,
             ..Request::new(prompt, s.max_tokens, sampling)
         };
         let served = match (&tag, &self.context_memo) {
