@@ -140,6 +140,40 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
         scores[5]["mean_context_tokens"].as_f64().unwrap() > 0.0,
         "{model_run:#}"
     );
+    // One selector, and the repository's own text scored: 1,100 tokens
+    // (windows of 512 from several files), the same under the same seed.
+    let mut args = model_args("2");
+    args.extend(
+        [
+            "--selectors",
+            "kiln",
+            "--nll-tokens",
+            "1100",
+            "--max-tokens",
+            "4",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = home.json(&args);
+    let scores = one["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 1, "{one:#}");
+    assert_eq!(scores[0]["selector"], "kiln");
+    assert!(
+        scores[0].get("delta_nll").is_none(),
+        "no `none` to subtract"
+    );
+    assert!(scores[0]["nll_per_token"].as_f64().unwrap() > 0.0);
+    let t = &one["text_nll"];
+    assert_eq!(t["tokens"], 1100, "{t}");
+    let nll = t["nll_per_token"].as_f64().unwrap();
+    assert!(nll > 0.0 && nll.is_finite(), "{t}");
+    assert_eq!(home.json(&args)["text_nll"], *t, "deterministic");
+    let mut bad = model_args("2");
+    bad.extend(["--selectors", "psychic"].map(String::from));
+    let err = home.fails(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("unknown selector psychic"), "{err}");
     let err = home.fails(
         &model_args("0")
             .iter()

@@ -337,6 +337,8 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
         r,
         "--quality-holes",
         "3",
+        "--quality-tokens",
+        "200",
         "--trials",
         "3",
         "--keystrokes",
@@ -381,6 +383,10 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
             t["metrics"]["quality_holes"][0].as_f64().unwrap() >= 1.0,
             "{t}"
         );
+        let text = t["metrics"]["median_quality_text_nll_per_token"]
+            .as_f64()
+            .unwrap();
+        assert!(text > 0.0 && text.is_finite(), "{t}");
     }
     let verdict = &run["verdict"];
     assert_eq!(

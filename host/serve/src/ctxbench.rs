@@ -653,6 +653,76 @@ fn nll(session: &mut Session, prompt: &[u32], target: &[u32]) -> Result<f64, Str
         .sum())
 }
 
+/// The likelihood of a repository's own text under a model: what a
+/// quantized model or cache loses shows here first.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextNll {
+    /// Files read from (whole, or until the tokens were reached).
+    pub files: usize,
+    /// Tokens predicted (each window's first is context only).
+    pub tokens: usize,
+    pub nll_per_token: f64,
+}
+
+/// Tokens per window of [`text_nll`] (each file is cut into windows that
+/// start afresh), and per batch evaluated within one.
+const TEXT_WINDOW: usize = 512;
+const TEXT_BATCH: usize = 64;
+
+/// The mean negative log-likelihood per token of about `tokens` tokens
+/// of `files`' text (in an order shuffled by `seed`, each file in windows
+/// of [`TEXT_WINDOW`] tokens from a fresh cache), under `session`'s model
+/// and KV cache type.
+pub fn text_nll(
+    session: &mut Session,
+    loaded: &Loaded,
+    files: &[(String, String)],
+    tokens: usize,
+    seed: u64,
+) -> Result<TextNll, String> {
+    let mut order: Vec<&(String, String)> = files.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    fastrand::Rng::with_seed(seed).shuffle(&mut order);
+    let n_vocab = session.model.config.n_vocab;
+    let window = TEXT_WINDOW.min(session.n_ctx());
+    let (mut done, mut loss, mut used) = (0usize, 0.0f64, 0usize);
+    for (_, text) in order {
+        if done >= tokens {
+            break;
+        }
+        let ids = loaded.tok.encode(text, true)?;
+        if ids.len() < 2 {
+            continue;
+        }
+        used += 1;
+        for w in ids.chunks(window) {
+            if done >= tokens || w.len() < 2 {
+                break;
+            }
+            let w = &w[..w.len().min(tokens - done + 1)];
+            session.truncate(0);
+            for (at, batch) in w[..w.len() - 1].chunks(TEXT_BATCH).enumerate() {
+                let rows = session
+                    .eval(batch, LogitsFor::All)
+                    .map_err(|e| e.to_string())?;
+                let next = &w[at * TEXT_BATCH + 1..];
+                for (row, &id) in rows.chunks_exact(n_vocab).zip(next) {
+                    loss -= log_prob(row, id);
+                }
+            }
+            done += w.len() - 1;
+        }
+    }
+    if done == 0 {
+        return Err("no text to score: the repository has no source files kiln reads".into());
+    }
+    Ok(TextNll {
+        files: used,
+        tokens: done,
+        nll_per_token: loss / done as f64,
+    })
+}
+
 /// Scores every selector, and the oracle, with the model in `run` on the
 /// first `run.holes` cross-file holes at `run.budget` tokens of context.
 pub fn evaluate_model(

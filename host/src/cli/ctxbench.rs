@@ -154,6 +154,9 @@ pub struct ModelArgs<'a> {
     pub suffix_tokens: usize,
     /// Only these selectors (all when `None`).
     pub selectors: Option<Vec<String>>,
+    /// Tokens of the repository's own text to score the likelihood of
+    /// (0: none).
+    pub nll_tokens: usize,
     pub count: usize,
     pub max_tokens: usize,
     pub seed: u64,
@@ -198,9 +201,19 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
         },
     )
     .map_err(CliError)?;
+    let text_nll = if a.nll_tokens > 0 {
+        let files = kiln_serve::context::read_files(&root);
+        Some(
+            ctxbench::text_nll(&mut session, &loaded, &files, a.nll_tokens, a.seed)
+                .map_err(CliError)?,
+        )
+    } else {
+        None
+    };
     if a.json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION, "repo": root, "model": loaded.id,
+            "text_nll": text_nll,
             "budget": a.budget, "prefix_tokens": a.prefix_tokens,
             "suffix_tokens": a.suffix_tokens, "max_tokens": a.max_tokens,
             "kv_type": kiln_runtime::model::forward::KvCache::type_name(kv_type),
@@ -231,6 +244,12 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
             s.gain_captured
                 .map_or("-".into(), |g| format!("{:.2}", g + 0.0)),
             s.mean_context_tokens
+        );
+    }
+    if let Some(t) = &text_nll {
+        println!(
+            "the repository's own text: {:.3} nats per token over {} tokens of {} files",
+            t.nll_per_token, t.tokens, t.files
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -600,68 +600,7 @@ enum TuneCommand {
     /// Search: each trial is whole `kiln bench` processes (time to first
     /// token of a prompt, decode speed, peak memory), recorded as it runs;
     /// the best is measured again against the default, side by side.
-    Run {
-        model: String,
-        /// typing: a replayed typing session through the language server
-        /// (`kiln demo`), its median end-to-end latency minimised; prompt:
-        /// one prompt's time to first token (`kiln bench`).
-        #[arg(long, default_value = "typing")]
-        objective: String,
-        /// typing: characters typed (a completion request each).
-        #[arg(long, default_value_t = 40)]
-        keystrokes: usize,
-        /// typing: tokens per completion.
-        #[arg(long, default_value_t = 16)]
-        max_tokens: usize,
-        /// grid, random, halving (successive halving), policy (the active
-        /// tuning policy) or policy:NAME|FILE.wasm (the shipped tpe or genetic).
-        #[arg(long, default_value = "random")]
-        sampler: String,
-        /// Trials, the default setting first.
-        #[arg(long, default_value_t = 12)]
-        trials: u32,
-        /// Measurements per trial (halving doubles them per rung).
-        #[arg(long, default_value_t = 1)]
-        repeats: u32,
-        /// prompt: the prompt whose time to first token is minimised.
-        #[arg(long, default_value_t = 512)]
-        prompt_tokens: usize,
-        /// Settings whose peak memory passes this are ruled out.
-        #[arg(long)]
-        max_memory_mb: Option<u64>,
-        /// Pairs of the best and the default measured side by side for the
-        /// sign test (at least 5 to be able to pass it; 0: none).
-        #[arg(long, default_value_t = 5)]
-        confirm: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Score each setting's completions on cross-file holes cut from
-        /// this repository (`kiln ctxbench model`): a setting that loses
-        /// more than the bounds below against the default is ruled out,
-        /// and the prompt's budgets (context, prefix, suffix tokens) join
-        /// the typing objective's knobs.
-        #[arg(long)]
-        quality: Option<std::path::PathBuf>,
-        /// Cross-file holes cut from the --quality repository.
-        #[arg(long, default_value_t = 24)]
-        quality_holes: usize,
-        /// Edit similarity (0 to 1, of the greedy completions with the
-        /// truth) a setting may lose against the default.
-        #[arg(long, default_value_t = 0.02)]
-        max_similarity_loss: f64,
-        /// Nats per token of the true completions' likelihood a setting
-        /// may lose against the default.
-        #[arg(long, default_value_t = 0.02)]
-        max_nll_rise: f64,
-        /// Only these knobs, comma-separated (the rest stay as kiln has
-        /// them): threads, kv_type, attention_block, draft, quant,
-        /// context_tokens, prefix_tokens, suffix_tokens (default: every
-        /// knob of the objective).
-        #[arg(long, value_delimiter = ',')]
-        knobs: Vec<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Run(Box<tune::RunArgs>),
     /// Continue a search that was stopped (trials cut short run again).
     Resume {
         run: i64,
@@ -874,6 +813,10 @@ enum CtxbenchCommand {
         /// jaccard_windows, kiln, kiln_second_query, oracle (default: all).
         #[arg(long, value_delimiter = ',')]
         selectors: Option<Vec<String>>,
+        /// Also score the likelihood of this many tokens of the
+        /// repository's own files (in windows of 512; 0: none).
+        #[arg(long, default_value_t = 0)]
+        nll_tokens: usize,
         /// Cross-file holes to score (the first of the set).
         #[arg(long, default_value_t = 40)]
         count: usize,
@@ -1007,46 +950,7 @@ fn run(command: Command) -> CliResult {
         Command::Doctor { json } => doctor::doctor(&config, json),
         Command::Backends { json, remeasure } => backends::backends(&config, json, remeasure),
         Command::Tune(t) => match t {
-            TuneCommand::Run {
-                model,
-                objective,
-                keystrokes,
-                max_tokens,
-                sampler,
-                trials,
-                repeats,
-                prompt_tokens,
-                max_memory_mb,
-                confirm,
-                seed,
-                quality,
-                quality_holes,
-                max_similarity_loss,
-                max_nll_rise,
-                knobs,
-                json,
-            } => tune::run(
-                &config,
-                &tune::RunArgs {
-                    model,
-                    objective,
-                    keystrokes,
-                    max_tokens,
-                    sampler,
-                    trials,
-                    repeats,
-                    prompt_tokens,
-                    max_memory_mb,
-                    confirm,
-                    seed,
-                    quality,
-                    quality_holes,
-                    max_similarity_loss,
-                    max_nll_rise,
-                    knobs,
-                    json,
-                },
-            ),
+            TuneCommand::Run(args) => tune::run(&config, &args),
             TuneCommand::Resume { run, json } => tune::resume(&config, run, json),
             TuneCommand::List { json } => tune::list(&config, json),
             TuneCommand::Show { run, json } => tune::show(&config, run, json),
@@ -1228,6 +1132,7 @@ fn run(command: Command) -> CliResult {
             prefix_tokens,
             suffix_tokens,
             selectors,
+            nll_tokens,
             count,
             max_tokens,
             seed,
@@ -1242,6 +1147,7 @@ fn run(command: Command) -> CliResult {
                 prefix_tokens,
                 suffix_tokens,
                 selectors,
+                nll_tokens,
                 count,
                 max_tokens,
                 seed,
