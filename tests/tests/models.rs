@@ -380,6 +380,37 @@ fn attention_in_blocks_gives_the_bits_of_one_block() {
     }
 }
 
+/// A prompt evaluated in batches of any size (`[engine] prompt_batch`,
+/// a `kiln tune` knob) gives the bits of one batch: only speed and work
+/// space are at stake.
+#[test]
+fn a_prompt_in_batches_gives_the_bits_of_one_batch() {
+    use kiln_runtime::backend::{Backend, exec::Executor};
+    use kiln_runtime::model::{Model, Session, forward::LogitsFor};
+    let model = tiny_model(TINY);
+    let prompt: Vec<u32> = (0..150).map(|i| 1 + (i * 37 % 290) as u32).collect();
+    let run = |batch: usize| {
+        let m = Model::load(&model).unwrap();
+        let mut s = Session::new(m, Executor::new(Backend::builtin_cpu(), 0), Some(256)).unwrap();
+        s.set_prompt_batch(batch);
+        assert_eq!(s.prompt_batch(), batch);
+        let logits = s.eval(&prompt, LogitsFor::All).unwrap();
+        (
+            logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s.scratch_bytes(),
+        )
+    };
+    let (whole, whole_scratch) = run(256);
+    for batch in [64, 7] {
+        let (bits, scratch) = run(batch);
+        assert!(
+            bits == whole,
+            "batches of {batch} tokens changed the logits"
+        );
+        assert!(scratch < whole_scratch, "{scratch} >= {whole_scratch}");
+    }
+}
+
 /// The decode graph is built once per session and moved to each position
 /// by its follow rules: at every position it is the graph a fresh build
 /// makes (every op, every tensor's type, extents and strides, every place

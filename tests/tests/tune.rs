@@ -248,6 +248,10 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         config.contains(&format!("attention_block = {}", setting["attention_block"])),
         "{config}"
     );
+    assert!(
+        config.contains(&format!("prompt_batch = {}", setting["prompt_batch"])),
+        "{config}"
+    );
     // The model's KV type under the name kiln serves it by (a file's stem).
     assert!(
         config.contains(&format!(
@@ -267,6 +271,7 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         "--json",
     ]);
     assert_eq!(bench["attention_block"], setting["attention_block"]);
+    assert_eq!(bench["prompt_batch"], setting["prompt_batch"]);
     assert_eq!(bench["kv_type"], setting["kv_type"]);
     let audit = home.registry().audit_log(50).unwrap();
     assert!(

@@ -19,6 +19,7 @@
 //! [engine]
 //! threads = 4              # CPU threads (KILN_THREADS wins); `kiln tune apply` writes these
 //! attention_block = 64     # queries per attention block in prompt graphs
+//! prompt_batch = 256       # tokens of a prompt evaluated per graph
 //!
 //! [completion]
 //! draft = "ngram"          # speculative decoding by default (none, ngram)
@@ -202,6 +203,8 @@ struct EngineSection {
     threads: Option<usize>,
     #[serde(default)]
     attention_block: Option<usize>,
+    #[serde(default)]
+    prompt_batch: Option<usize>,
 }
 
 /// `[engine]`: how models run on this machine (what `kiln tune apply`
@@ -212,6 +215,8 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
     /// Queries per attention block in prompt graphs.
     pub attention_block: Option<usize>,
+    /// Tokens of a prompt evaluated per graph.
+    pub prompt_batch: Option<usize>,
 }
 
 /// `[plugins]`: how plugins are run.
@@ -354,6 +359,7 @@ impl Config {
                 for (key, value, max) in [
                     ("threads", file.engine.threads, 1024),
                     ("attention_block", file.engine.attention_block, 65536),
+                    ("prompt_batch", file.engine.prompt_batch, 8192),
                 ] {
                     if let Some(v) = value.filter(|&v| v == 0 || v > max) {
                         config_error = Some(format!(
@@ -365,6 +371,7 @@ impl Config {
                 engine = EngineConfig {
                     threads: file.engine.threads,
                     attention_block: file.engine.attention_block,
+                    prompt_batch: file.engine.prompt_batch,
                 };
                 match file.plugins.call_timeout_seconds {
                     Some(t) if !(t.is_finite() && (0.1..=86_400.0).contains(&t)) => {
@@ -495,6 +502,7 @@ pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> 
 pub struct EngineSetting<'a> {
     pub threads: Option<usize>,
     pub attention_block: Option<usize>,
+    pub prompt_batch: Option<usize>,
     pub kv_type: Option<(&'a str, KvType)>,
     pub draft: Option<&'a str>,
     pub draft_max: Option<usize>,
@@ -527,6 +535,7 @@ pub fn engine_setting_text(
     let EngineSetting {
         threads,
         attention_block,
+        prompt_batch,
         kv_type,
         draft,
         draft_max,
@@ -548,7 +557,11 @@ pub fn engine_setting_text(
             .as_table_like_mut()
             .ok_or_else(|| format!("{}: `{name}` is not a table", path.display()))
     }
-    for (key, value) in [("threads", threads), ("attention_block", attention_block)] {
+    for (key, value) in [
+        ("threads", threads),
+        ("attention_block", attention_block),
+        ("prompt_batch", prompt_batch),
+    ] {
         if let Some(v) = value {
             table(&mut doc, "engine", path)?.insert(key, toml_edit::value(v as i64));
         }

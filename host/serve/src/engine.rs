@@ -313,6 +313,7 @@ struct Shared {
     draft: Draft,
     draft_max: usize,
     attention_block: Option<usize>,
+    prompt_batch: Option<usize>,
 }
 
 /// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
@@ -358,6 +359,9 @@ pub struct EngineOptions {
     /// Queries per attention block in prompt graphs (`[engine]`; `None`:
     /// kiln's default).
     pub attention_block: Option<usize>,
+    /// Tokens of a prompt evaluated per graph (`[engine]`; `None`:
+    /// kiln's default).
+    pub prompt_batch: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -393,6 +397,7 @@ impl Engine {
             n_ctx: opts.n_ctx,
             kv_types: opts.kv_types,
             attention_block: opts.attention_block,
+            prompt_batch: opts.prompt_batch,
             draft: opts.draft,
             draft_max: opts.draft_max,
         });
@@ -928,6 +933,9 @@ fn session_for<'a>(
             .map_err(|e| e.to_string())?;
         if let Some(b) = shared.attention_block {
             s.set_attention_block(b);
+        }
+        if let Some(b) = shared.prompt_batch {
+            s.set_prompt_batch(b);
         }
         *session = Some((loaded.clone(), s));
     }

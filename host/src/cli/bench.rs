@@ -18,6 +18,7 @@ pub struct Args {
     pub backend: Option<String>,
     pub kv_type: Option<kiln_plugin_api::DType>,
     pub attention_block: Option<usize>,
+    pub prompt_batch: Option<usize>,
 }
 
 pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
@@ -51,6 +52,14 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
         return Err("--attention-block: give at least 1 query".into());
     }
     session.set_attention_block(attention_block);
+    let prompt_batch = args
+        .prompt_batch
+        .or(config.engine.prompt_batch)
+        .unwrap_or(kiln_runtime::model::session::DEFAULT_BATCH);
+    if prompt_batch == 0 {
+        return Err("--prompt-batch: give at least 1 token".into());
+    }
+    session.set_prompt_batch(prompt_batch);
     let mut rng = fastrand::Rng::with_seed(0);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.u32(n_vocab.min(259)..n_vocab)).collect() };
@@ -96,6 +105,7 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
             "decode_after_prompt_tokens_per_s": deep_decode_tps,
             "kv_type": kv_type, "fused_attention": kv.fused,
             "attention_block": attention_block,
+            "prompt_batch": prompt_batch,
             "threads": kiln_runtime::model::cpu_threads(),
             "n_ctx": session.n_ctx(), "kv_bytes": kv_bytes,
             "peak_rss_bytes": peak_rss,

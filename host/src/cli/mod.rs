@@ -292,6 +292,10 @@ enum Command {
         /// config.toml's `[engine] attention_block`, else 64).
         #[arg(long)]
         attention_block: Option<usize>,
+        /// Tokens of the prompt evaluated per graph (default: config.toml's
+        /// `[engine] prompt_batch`, else 256).
+        #[arg(long)]
+        prompt_batch: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -1161,6 +1165,7 @@ fn run(command: Command) -> CliResult {
             backend,
             kv_type,
             attention_block,
+            prompt_batch,
             json,
         } => bench::run(
             &config,
@@ -1171,6 +1176,7 @@ fn run(command: Command) -> CliResult {
                 backend,
                 kv_type,
                 attention_block,
+                prompt_batch,
             },
             json,
         ),

@@ -131,6 +131,7 @@ fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
         json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
         json!({"type": "choice", "name": "kv_type", "options": ["f16", "q8_0", "q4_0"]}),
         json!({"type": "int", "name": "attention_block", "lo": 16, "hi": 256, "log": true}),
+        json!({"type": "int", "name": "prompt_batch", "lo": 32, "hi": 1024, "log": true}),
     ];
     if typing {
         knobs.extend([
@@ -263,6 +264,15 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
                     .unwrap_or(kiln_runtime::model::forward::ATTENTION_BLOCK)
             ),
         ),
+        (
+            "prompt_batch",
+            json!(
+                config
+                    .engine
+                    .prompt_batch
+                    .unwrap_or(kiln_runtime::model::session::DEFAULT_BATCH)
+            ),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -344,6 +354,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
     Ok(EngineSetting {
         threads: int("threads"),
         attention_block: int("attention_block"),
+        prompt_batch: int("prompt_batch"),
         kv_type: kv_type.map(|kv| (key, kv)),
         draft: s.get("draft").and_then(Value::as_str),
         draft_max: int("draft_max"),

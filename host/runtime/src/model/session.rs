@@ -424,6 +424,19 @@ impl Session {
         live
     }
 
+    /// Sets the tokens a prompt is evaluated in per graph (at least 1;
+    /// [`DEFAULT_BATCH`] by default): larger batches use the weights
+    /// more per pass and need more work space. The logits do not depend
+    /// on it beyond float rounding.
+    pub fn set_prompt_batch(&mut self, tokens: usize) {
+        self.n_batch = tokens.max(1);
+    }
+
+    /// Tokens a prompt is evaluated in per graph.
+    pub fn prompt_batch(&self) -> usize {
+        self.n_batch
+    }
+
     /// Sets the queries per attention block (at least 1). The results do
     /// not depend on it (a test holds kiln to that); it is a knob for
     /// tests and measurements.
