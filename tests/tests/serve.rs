@@ -274,6 +274,77 @@ fn cancelling_stops_generation_and_newer_requests_supersede_older_ones() {
 }
 
 /// The demo model with another `general.name` (so another sha256).
+/// Debounce (`--debounce-ms`, `[completion] debounce_ms`, the client's
+/// `debounceMs`): an automatic inline completion waits before it starts,
+/// and the next keystroke's request cancels it unstarted; one the user
+/// invokes does not wait.
+#[test]
+fn a_debounced_completion_is_cancelled_unstarted_by_the_next_keystroke() {
+    let home = Home::default();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[completion]\ndebounce_ms = 300\n",
+    )
+    .unwrap();
+    let mut c = serve(&home, &[]);
+    initialize(&mut c, ws.path(), json!({"maxTokens": 4, "mode": "none"}));
+    let uri = format!("file://{}/a.py", ws.path().display());
+    open(&mut c, &uri, "def total_area(shapes):\n    total = 0\n");
+    status(&mut c);
+    let automatic = |line: u32, character: u32| {
+        let mut p = at(&uri, line, character);
+        p["context"] = json!({"triggerKind": 2});
+        p
+    };
+    let first = c
+        .request_async("textDocument/inlineCompletion", automatic(1, 13))
+        .unwrap();
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": uri, "version": 2}, "contentChanges": [{"text": "def total_area(shapes):\n    total = 10\n"}]}),
+    )
+    .unwrap();
+    let second = c
+        .request_async("textDocument/inlineCompletion", automatic(1, 14))
+        .unwrap();
+    let r = c.wait(first).unwrap();
+    assert_eq!(r["result"]["items"], json!([]), "{r}");
+    let s = status(&mut c);
+    assert_eq!(s["cancelled"], json!(1), "{s}");
+    assert_eq!(s["last_tokens_after_cancel"], json!(0), "unstarted: {s}");
+    let r = c.wait(second).unwrap();
+    let meta = &r["result"]["kiln"];
+    // Held for its debounce (less the time before it was queued).
+    assert!(
+        meta["total_ms"].as_f64().unwrap() >= 250.0,
+        "not debounced: {r}"
+    );
+    // Invoked by the user: answered without the wait being a cancel.
+    let mut invoked = at(&uri, 1, 14);
+    invoked["context"] = json!({"triggerKind": 1});
+    let r = c.request("textDocument/inlineCompletion", invoked).unwrap();
+    assert!(r["result"]["items"].is_array(), "{r}");
+    // Out of range from the client: refused, the previous one kept.
+    c.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"kiln": {"debounceMs": 99999}}}),
+    )
+    .unwrap();
+    status(&mut c);
+    assert!(
+        c.notifications
+            .iter()
+            .any(|n| n["method"] == "window/logMessage"
+                && n["params"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("debounceMs"))),
+        "{:#?}",
+        c.notifications
+    );
+    c.close().unwrap();
+}
+
 fn renamed_demo_model(dst: &Path, name: &str) {
     kiln_tests::rewrite_gguf(&demo_model(), dst, |meta| {
         meta.iter_mut()

@@ -231,6 +231,66 @@ fn a_real_search_is_recorded_resumed_after_a_kill_applied_and_rolled_back() {
         "{config}"
     );
     home.ok(&["tune", "rollback"]);
+    // Typed at a pace (not waiting for each answer): the server's
+    // debounce is a knob, the latencies those at the ends of words.
+    let paced = home.json(&[
+        "tune",
+        "run",
+        m,
+        "--typing-ms",
+        "20",
+        "--keystrokes",
+        "6",
+        "--max-tokens",
+        "4",
+        "--knobs",
+        "debounce_ms",
+        "--sampler",
+        "grid",
+        "--trials",
+        "2",
+        "--confirm",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(paced["run"]["objective"]["typing_ms"], 20, "{paced:#}");
+    let paced_trials = paced["trials"].as_array().unwrap();
+    assert_eq!(
+        paced_trials[0]["setting"],
+        json!({"debounce_ms": 0}),
+        "{paced:#}"
+    );
+    for t in paced_trials {
+        assert_eq!(t["status"], "done", "{t}");
+        assert!(t["metrics"]["median_e2e_ms"].as_f64().unwrap() > 0.0, "{t}");
+    }
+    let debounced = paced_trials[1]["setting"]["debounce_ms"].as_u64().unwrap();
+    assert!(debounced > 0, "{paced:#}");
+    home.ok(&["tune", "apply", &paced_trials[1]["id"].to_string()]);
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(
+        config.contains(&format!("debounce_ms = {debounced}")),
+        "{config}"
+    );
+    home.ok(&["tune", "rollback"]);
+    let demo = home.json(&[
+        "demo",
+        "--model",
+        m,
+        "--keystrokes",
+        "12",
+        "--max-tokens",
+        "2",
+        "--typing-ms",
+        "10",
+        "--json",
+    ]);
+    let report = &demo["report"];
+    assert_eq!(report["requests"], 12, "{report:#}");
+    let waited = report["waited_requests"].as_u64().unwrap();
+    assert!((1..12).contains(&waited), "{report:#}");
+    let err = home.fails(&["tune", "run", m, "--knobs", "debounce_ms"]);
+    assert!(err.contains("--knobs debounce_ms"), "{err}");
     let err = home.fails(&["tune", "run", m, "--objective", "vibes"]);
     assert!(err.contains("unknown objective vibes"), "{err}");
 

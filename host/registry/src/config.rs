@@ -24,6 +24,7 @@
 //! [completion]
 //! draft = "ngram"          # speculative decoding by default (none, ngram)
 //! draft_max = 8            # tokens it guesses at most per verifying batch
+//! debounce_ms = 50         # an automatic inline completion waits this long first
 //! max_tokens = 64          # tokens per completion at most
 //! prefix_tokens = 1024     # prompt budgets: text before the cursor,
 //! suffix_tokens = 256      #   after it,
@@ -166,6 +167,8 @@ struct CompletionSection {
     #[serde(default)]
     draft_max: Option<usize>,
     #[serde(default)]
+    debounce_ms: Option<usize>,
+    #[serde(default)]
     max_tokens: Option<usize>,
     #[serde(default)]
     prefix_tokens: Option<usize>,
@@ -184,6 +187,8 @@ pub struct CompletionConfig {
     pub draft: Option<String>,
     /// Tokens it guesses at most per verifying batch.
     pub draft_max: Option<usize>,
+    /// Milliseconds an automatic inline completion waits before it starts.
+    pub debounce_ms: Option<usize>,
     /// Tokens per completion at most.
     pub max_tokens: Option<usize>,
     /// Prompt budgets: the text before the cursor, after it, and snippets
@@ -325,6 +330,7 @@ impl Config {
                 for (key, value, lo, hi) in [
                     ("max_tokens", file.completion.max_tokens, 1, 4096),
                     ("draft_max", file.completion.draft_max, 1, 64),
+                    ("debounce_ms", file.completion.debounce_ms, 0, 2000),
                     (
                         "prefix_tokens",
                         file.completion.prefix_tokens,
@@ -353,6 +359,7 @@ impl Config {
                 }
                 completion.max_tokens = file.completion.max_tokens;
                 completion.draft_max = file.completion.draft_max;
+                completion.debounce_ms = file.completion.debounce_ms;
                 completion.prefix_tokens = file.completion.prefix_tokens;
                 completion.suffix_tokens = file.completion.suffix_tokens;
                 completion.context_tokens = file.completion.context_tokens;
@@ -506,6 +513,7 @@ pub struct EngineSetting<'a> {
     pub kv_type: Option<(&'a str, KvType)>,
     pub draft: Option<&'a str>,
     pub draft_max: Option<usize>,
+    pub debounce_ms: Option<usize>,
     pub max_tokens: Option<usize>,
     pub prefix_tokens: Option<usize>,
     pub suffix_tokens: Option<usize>,
@@ -539,6 +547,7 @@ pub fn engine_setting_text(
         kv_type,
         draft,
         draft_max,
+        debounce_ms,
         max_tokens,
         prefix_tokens,
         suffix_tokens,
@@ -580,6 +589,7 @@ pub fn engine_setting_text(
     }
     for (key, value) in [
         ("draft_max", draft_max),
+        ("debounce_ms", debounce_ms),
         ("max_tokens", max_tokens),
         ("prefix_tokens", prefix_tokens),
         ("suffix_tokens", suffix_tokens),

@@ -12,6 +12,7 @@ use serde_json::{Value as Json, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Bumped when the generated model changes, so an old file is not reused.
@@ -211,6 +212,173 @@ pub struct Keystroke {
     pub cached_tokens: u64,
     pub prompt_tokens: u64,
     pub completion_cache_hit: bool,
+    /// The user waited for this completion (each one when the replay
+    /// waits; at a steady pace, the one at the end of a word).
+    pub waited: bool,
+}
+
+/// Milliseconds a paced replay pauses after a word (a space, a line
+/// break), where the user looks for a suggestion.
+pub const PAUSE_MS: u64 = 500;
+
+/// One scripted keystroke: the change it makes, the cursor after it, and
+/// whether it ends a word.
+struct Typed {
+    change: Json,
+    line: u32,
+    character: u32,
+    word_end: bool,
+}
+
+/// The first `keystrokes` keystrokes of [`DEMO_TYPED_TEXT`] (again after
+/// a blank line when it runs out) typed into `uri`.
+fn script(uri: &str, keystrokes: usize) -> Vec<Typed> {
+    let mut text = DEMO_TYPED_START.to_string();
+    let chars: Vec<char> = DEMO_TYPED_TEXT.chars().collect();
+    let mut out = Vec::new();
+    for k in 0..keystrokes {
+        let ch = chars[k % chars.len()];
+        if k > 0 && k % chars.len() == 0 {
+            text.push_str("\n\n");
+        }
+        let line = text.matches('\n').count() as u32;
+        let character = text.rsplit('\n').next().unwrap_or("").chars().count() as u32;
+        let change = json!({"textDocument": {"uri": uri, "version": k + 2},
+            "contentChanges": [{"range": {"start": {"line": line, "character": character}, "end": {"line": line, "character": character}}, "text": ch.to_string()}]});
+        text.push(ch);
+        out.push(Typed {
+            change,
+            line: text.matches('\n').count() as u32,
+            character: text.rsplit('\n').next().unwrap_or("").chars().count() as u32,
+            // The user stops at the end, as after a word.
+            word_end: ch == ' ' || ch == '\n' || k + 1 == keystrokes,
+        });
+    }
+    out
+}
+
+fn inline_request(uri: &str, t: &Typed) -> Json {
+    json!({"textDocument": {"uri": uri}, "position": {"line": t.line, "character": t.character},
+           "context": {"triggerKind": 2}})
+}
+
+/// The keystroke `t` as the client saw its answer `r` after `client_ms`.
+fn keystroke(t: &Typed, r: &Json, client_ms: f64, waited: bool) -> Result<Keystroke, String> {
+    if let Some(e) = r.get("error") {
+        return Err(format!("inlineCompletion failed: {e}"));
+    }
+    let res = &r["result"];
+    let meta = &res["kiln"];
+    Ok(Keystroke {
+        line: t.line,
+        character: t.character,
+        completion: res["items"][0]["insertText"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        client_ms,
+        time_to_first_token_ms: meta["time_to_first_token_ms"].as_f64().unwrap_or(0.0),
+        cached_tokens: meta["cached_tokens"].as_u64().unwrap_or(0),
+        prompt_tokens: meta["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_cache_hit: meta["completion_cache_hit"].as_bool().unwrap_or(false),
+        waited,
+    })
+}
+
+/// Each keystroke, then its completion awaited before the next.
+fn type_and_wait(
+    c: &mut Client,
+    uri: &str,
+    typed: &[Typed],
+    on_key: &mut dyn FnMut(&Keystroke),
+) -> Result<Vec<Keystroke>, String> {
+    let io = |e: std::io::Error| format!("talking to kiln serve: {e}");
+    let mut keys = Vec::new();
+    for t in typed {
+        c.notify("textDocument/didChange", t.change.clone())
+            .map_err(io)?;
+        let t0 = Instant::now();
+        let r = c
+            .request("textDocument/inlineCompletion", inline_request(uri, t))
+            .map_err(io)?;
+        let key = keystroke(t, &r, t0.elapsed().as_secs_f64() * 1e3, true)?;
+        on_key(&key);
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Keystrokes at a steady pace (`typing_ms` apart, [`PAUSE_MS`] after a
+/// word), each with its inline completion request, sent by a thread of
+/// their own while this one reads the answers, as an editor does: a
+/// request the next keystroke makes stale is cancelled by the server.
+fn type_at_pace(
+    c: &mut Client,
+    uri: &str,
+    typed: &[Typed],
+    typing_ms: u64,
+    on_key: &mut dyn FnMut(&Keystroke),
+) -> Result<Vec<Keystroke>, String> {
+    let io = |e: std::io::Error| format!("talking to kiln serve: {e}");
+    let first = c.reserve_ids(typed.len() as i64);
+    let writer = c.writer();
+    let messages: Vec<(Json, Json, bool)> = (typed.iter().enumerate())
+        .map(|(i, t)| {
+            let request = json!({"jsonrpc": "2.0", "id": first + i as i64,
+                "method": "textDocument/inlineCompletion", "params": inline_request(uri, t)});
+            let change = json!({"jsonrpc": "2.0", "method": "textDocument/didChange",
+                "params": t.change});
+            (change, request, t.word_end)
+        })
+        .collect();
+    let sent = Arc::new(Mutex::new(vec![None::<Instant>; typed.len()]));
+    let sent_by = sent.clone();
+    let typist = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut at = Instant::now();
+        for (i, (change, request, word_end)) in messages.iter().enumerate() {
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            writer.send(change)?;
+            let now = Instant::now();
+            sent_by.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(now);
+            writer.send(request)?;
+            let gap = if *word_end { PAUSE_MS } else { typing_ms };
+            at = now + std::time::Duration::from_millis(gap);
+        }
+        Ok(())
+    });
+    let mut answers: Vec<Option<(Json, Instant)>> = vec![None; typed.len()];
+    let mut left = typed.len();
+    while left > 0 {
+        let v = c.next_response().map_err(io)?;
+        let Some(i) = v["id"]
+            .as_i64()
+            .and_then(|id| usize::try_from(id - first).ok())
+            .filter(|&i| i < typed.len())
+        else {
+            continue;
+        };
+        if answers[i].is_none() {
+            left -= 1;
+        }
+        answers[i] = Some((v, Instant::now()));
+    }
+    typist
+        .join()
+        .map_err(|_| "the typing thread panicked".to_string())?
+        .map_err(io)?;
+    let sent = sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut keys = Vec::new();
+    for ((t, answer), sent) in typed.iter().zip(answers).zip(sent) {
+        let (r, at) = answer.expect("every request answered");
+        let sent = sent.expect("every request sent before its answer");
+        let ms = at.saturating_duration_since(sent).as_secs_f64() * 1e3;
+        let key = keystroke(t, &r, ms, t.word_end)?;
+        on_key(&key);
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -218,6 +386,11 @@ pub struct SessionReport {
     pub model: String,
     pub backend: String,
     pub requests: usize,
+    /// Milliseconds between keystrokes (a pause of [`PAUSE_MS`] after a
+    /// word); 0: each keystroke waited for its completion.
+    pub typing_ms: u64,
+    /// The requests the latencies are of (those the user waited for).
+    pub waited_requests: usize,
     pub e2e_ms_p50: f64,
     pub e2e_ms_p99: f64,
     pub ttft_ms_p50: f64,
@@ -237,10 +410,30 @@ pub struct SessionReport {
     pub keystrokes: Vec<Keystroke>,
 }
 
+/// Writes framed messages to a language server (shared by a [`Client`]
+/// and the threads it hands out [`Client::writer`]s to).
+#[derive(Clone)]
+pub struct Writer(Arc<Mutex<ChildStdin>>);
+
+impl Writer {
+    pub fn send(&self, msg: &Json) -> std::io::Result<()> {
+        let body = serde_json::to_vec(msg)?;
+        let mut frame = format!("Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        frame.extend_from_slice(&body);
+        self.send_raw(&frame)
+    }
+
+    pub fn send_raw(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.write_all(bytes)?;
+        w.flush()
+    }
+}
+
 /// A language-server client over a child's pipes.
 pub struct Client {
     child: Child,
-    stdin: ChildStdin,
+    stdin: Writer,
     stdout: FrameReader<ChildStdout>,
     next_id: i64,
     /// Notifications seen while waiting for responses.
@@ -254,7 +447,7 @@ impl Client {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
-        let stdin = child.stdin.take().expect("piped");
+        let stdin = Writer(Arc::new(Mutex::new(child.stdin.take().expect("piped"))));
         let stdout = FrameReader::new(child.stdout.take().expect("piped"));
         Ok(Client {
             child,
@@ -270,16 +463,26 @@ impl Client {
     }
 
     pub fn send(&mut self, msg: &Json) -> std::io::Result<()> {
-        let body = serde_json::to_vec(msg)?;
-        write!(self.stdin, "Content-Length: {}\r\n\r\n", body.len())?;
-        self.stdin.write_all(&body)?;
-        self.stdin.flush()
+        self.stdin.send(msg)
     }
 
     /// Writes `bytes` as they are (for tests of malformed input).
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stdin.write_all(bytes)?;
-        self.stdin.flush()
+        self.stdin.send_raw(bytes)
+    }
+
+    /// A handle that writes to the server from another thread, while
+    /// this one reads.
+    pub fn writer(&self) -> Writer {
+        self.stdin.clone()
+    }
+
+    /// The id the next request gets; ids up to `id` are the caller's
+    /// (a [`Writer`]'s requests).
+    pub fn reserve_ids(&mut self, count: i64) -> i64 {
+        let first = self.next_id;
+        self.next_id += count;
+        first
     }
 
     /// Closes the server's input without `shutdown`; returns its exit status.
@@ -366,6 +569,7 @@ pub fn typing_session(
     serve: Command,
     dir: &Path,
     keystrokes: usize,
+    typing_ms: u64,
     mut on_key: impl FnMut(&Keystroke),
 ) -> Result<SessionReport, String> {
     let io = |e: std::io::Error| format!("talking to kiln serve: {e}");
@@ -405,58 +609,12 @@ pub fn typing_session(
         json!({"textDocument": {"uri": format!("file://{}", geometry.display()), "languageId": "python", "version": 1, "text": DEMO_FILES[0].1}}),
     )
     .map_err(io)?;
-    let mut text = DEMO_TYPED_START.to_string();
-    let script: Vec<char> = DEMO_TYPED_TEXT.chars().collect();
-    let mut keys = Vec::new();
-    let mut version = 1;
-    for k in 0..keystrokes {
-        let ch = script[k % script.len()];
-        if k > 0 && k % script.len() == 0 {
-            text.push_str("\n\n");
-        }
-        // Position of the end of the text (where typing happens).
-        let line = text.matches('\n').count() as u32;
-        let character = text.rsplit('\n').next().unwrap_or("").chars().count() as u32;
-        version += 1;
-        c.notify(
-            "textDocument/didChange",
-            json!({"textDocument": {"uri": uri, "version": version},
-                   "contentChanges": [{"range": {"start": {"line": line, "character": character}, "end": {"line": line, "character": character}}, "text": ch.to_string()}]}),
-        )
-        .map_err(io)?;
-        text.push(ch);
-        let line = text.matches('\n').count() as u32;
-        let character = text.rsplit('\n').next().unwrap_or("").chars().count() as u32;
-        let t0 = Instant::now();
-        let r = c
-            .request(
-                "textDocument/inlineCompletion",
-                json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-                       "context": {"triggerKind": 2}}),
-            )
-            .map_err(io)?;
-        let client_ms = t0.elapsed().as_secs_f64() * 1e3;
-        if let Some(e) = r.get("error") {
-            return Err(format!("inlineCompletion failed: {e}"));
-        }
-        let res = &r["result"];
-        let meta = &res["kiln"];
-        let key = Keystroke {
-            line,
-            character,
-            completion: res["items"][0]["insertText"]
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-            client_ms,
-            time_to_first_token_ms: meta["time_to_first_token_ms"].as_f64().unwrap_or(0.0),
-            cached_tokens: meta["cached_tokens"].as_u64().unwrap_or(0),
-            prompt_tokens: meta["prompt_tokens"].as_u64().unwrap_or(0),
-            completion_cache_hit: meta["completion_cache_hit"].as_bool().unwrap_or(false),
-        };
-        on_key(&key);
-        keys.push(key);
-    }
+    let typed = script(&uri, keystrokes);
+    let keys = if typing_ms == 0 {
+        type_and_wait(&mut c, &uri, &typed, &mut on_key)?
+    } else {
+        type_at_pace(&mut c, &uri, &typed, typing_ms, &mut on_key)?
+    };
     let status = c.request("kiln/status", Json::Null).map_err(io)?["result"].clone();
     let pid = c.pid();
     let copied = status["copied_weight_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0;
@@ -466,8 +624,11 @@ pub fn typing_session(
     if !code.success() {
         return Err(format!("kiln serve exited with {code} after shutdown"));
     }
-    let e2e: Vec<f64> = keys.iter().map(|k| k.client_ms).collect();
-    let ttft: Vec<f64> = keys.iter().map(|k| k.time_to_first_token_ms).collect();
+    // What the user waited for: every request when each is awaited; at a
+    // steady pace, those at the ends of words, where the user pauses.
+    let waited: Vec<&Keystroke> = keys.iter().filter(|k| k.waited).collect();
+    let e2e: Vec<f64> = waited.iter().map(|k| k.client_ms).collect();
+    let ttft: Vec<f64> = waited.iter().map(|k| k.time_to_first_token_ms).collect();
     let cached: u64 = keys.iter().map(|k| k.cached_tokens).sum();
     let all: u64 = keys.iter().map(|k| k.cached_tokens + k.prompt_tokens).sum();
     let hits = keys.iter().filter(|k| k.completion_cache_hit).count();
@@ -475,6 +636,8 @@ pub fn typing_session(
         model: status["model"].as_str().unwrap_or("").to_string(),
         backend: status["backend"].as_str().unwrap_or("").to_string(),
         requests: keys.len(),
+        typing_ms,
+        waited_requests: waited.len(),
         e2e_ms_p50: kiln_runtime::measure::percentile(&e2e, 50.0),
         e2e_ms_p99: kiln_runtime::measure::percentile(&e2e, 99.0),
         ttft_ms_p50: kiln_runtime::measure::percentile(&ttft, 50.0),

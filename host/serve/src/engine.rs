@@ -9,7 +9,10 @@
 //! - Prefix reuse: consecutive prompts that share a prefix (typing) keep
 //!   the shared part of the KV cache ([`Session`] does the matching).
 //! - Exact repeats are answered from a cache of recent completions.
-//! - A job for a document cancels the document's previous job (debounce).
+//! - A job for a document cancels the document's previous job.
+//! - Debounce: a job may wait until a time before it starts
+//!   ([`Engine::submit_after`]); a newer job for its document meanwhile
+//!   cancels it before any of its prompt is evaluated.
 
 use super::fim::{FimTemplate, RepoFormat};
 use super::metrics::{Metrics, labels};
@@ -159,6 +162,8 @@ struct Job {
     loaded: Arc<Loaded>,
     control: Arc<Control>,
     enqueued: Instant,
+    /// Not started before this (debounce).
+    not_before: Option<Instant>,
     work: Work,
 }
 
@@ -482,8 +487,23 @@ impl Engine {
         client: u64,
         doc: Option<String>,
         loaded: Arc<Loaded>,
+        request: Request,
+        sink: Box<dyn Sink>,
+    ) -> Arc<Control> {
+        self.submit_after(client, doc, loaded, request, sink, None)
+    }
+
+    /// [`Engine::submit`], the job started no sooner than `not_before`
+    /// (debounce: the engine holds it until then, and a newer job for the
+    /// same document cancels it unstarted).
+    pub fn submit_after(
+        &self,
+        client: u64,
+        doc: Option<String>,
+        loaded: Arc<Loaded>,
         mut request: Request,
         sink: Box<dyn Sink>,
+        not_before: Option<Instant>,
     ) -> Arc<Control> {
         let control = Arc::new(Control::default());
         request.control = Some(control.clone());
@@ -498,6 +518,7 @@ impl Engine {
             loaded,
             control: control.clone(),
             enqueued: Instant::now(),
+            not_before,
             work: Work::Complete { request, sink },
         };
         self.enqueue(client, job, q);
@@ -518,6 +539,7 @@ impl Engine {
             loaded: self.loaded(),
             control: Arc::new(Control::default()),
             enqueued: Instant::now(),
+            not_before: None,
             work: Work::Explain { ask, reply },
         };
         self.enqueue(client, job, lock(&self.shared.queue));
@@ -619,6 +641,20 @@ fn worker_loop(shared: &Shared) {
                 q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         };
+        if let Some(t) = job.not_before {
+            // Debounce: held until its time, unless a newer job for its
+            // document cancels it first (the submit wakes this thread).
+            let mut q = lock(&shared.queue);
+            while !job.control.is_cancelled() && !q.shutdown {
+                let now = Instant::now();
+                if now >= t {
+                    break;
+                }
+                q = (shared.wake.wait_timeout(q, t - now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
         shared.metrics.running.set(1);
         let doc = job.doc.clone();
         let control = job.control.clone();

@@ -77,6 +77,9 @@ pub struct Settings {
     pub draft: kiln_runtime::model::generate::Draft,
     /// Tokens `draft` guesses at most per verifying batch.
     pub draft_max: usize,
+    /// Milliseconds an automatic inline completion waits before it
+    /// starts: a keystroke within them cancels it unstarted (0: none).
+    pub debounce_ms: u64,
     /// The unit A/B experiments assign an arm to (a user or machine id
     /// the editor keeps); default: the workspace root.
     pub ab_unit: Option<String>,
@@ -95,6 +98,7 @@ impl Default for Settings {
             workspace_context: true,
             draft: kiln_runtime::model::generate::Draft::None,
             draft_max: kiln_runtime::model::generate::DRAFT_MAX,
+            debounce_ms: 0,
             ab_unit: None,
         }
     }
@@ -104,6 +108,9 @@ impl Default for Settings {
 /// template's markers, the repository's and file's names, and the seams
 /// where the parts join.
 pub const PROMPT_OVERHEAD_TOKENS: usize = 64;
+
+/// The longest debounce a client may ask for, in milliseconds.
+pub const MAX_DEBOUNCE_MS: u64 = 2000;
 
 impl Settings {
     /// These settings with the prompt's budgets (prefix, suffix, context)
@@ -127,6 +134,12 @@ impl Settings {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.debounce_ms > MAX_DEBOUNCE_MS {
+            return Err(format!(
+                "debounceMs must be between 0 and {MAX_DEBOUNCE_MS}, not {}",
+                self.debounce_ms
+            ));
+        }
         let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
         if self.draft_max == 0 || self.draft_max > limit {
             return Err(format!(

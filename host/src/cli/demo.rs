@@ -44,6 +44,7 @@ pub fn run(
     model: Option<&str>,
     keystrokes: usize,
     max_tokens: Option<usize>,
+    typing_ms: u64,
     json: bool,
 ) -> CliResult {
     if keystrokes == 0 {
@@ -138,7 +139,7 @@ pub fn run(
             shown
         );
     };
-    let report = demo::typing_session(serve, &dir, keystrokes, show);
+    let report = demo::typing_session(serve, &dir, keystrokes, typing_ms, show);
     let _ = std::fs::remove_dir_all(&dir);
     let report = report.map_err(CliError)?;
     if json {

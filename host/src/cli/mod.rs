@@ -66,6 +66,12 @@ enum Command {
         /// config.toml's `[completion] max_tokens`, else 64).
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// Type at this pace (milliseconds between keystrokes, 500 after a
+        /// word) without waiting for completions, as a user does: the
+        /// latencies are of the completions at the ends of words. 0: each
+        /// keystroke waits for its completion.
+        #[arg(long, default_value_t = 0)]
+        typing_ms: u64,
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +134,11 @@ enum Command {
         /// (1-64; default: config.toml's `[completion] draft_max`, else 8).
         #[arg(long)]
         draft_max: Option<usize>,
+        /// Milliseconds an automatic inline completion waits before it
+        /// starts, a keystroke meanwhile cancelling it unstarted (0-2000;
+        /// default: config.toml's `[completion] debounce_ms`, else 0).
+        #[arg(long)]
+        debounce_ms: Option<u64>,
         /// A LoRA adapter to serve on the model: a file (`kiln finetune
         /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]);
         /// merged into an F16 copy once, kept under $KILN_HOME/adapters.
@@ -874,8 +885,16 @@ fn run(command: Command) -> CliResult {
             model,
             keystrokes,
             max_tokens,
+            typing_ms,
             json,
-        } => demo::run(&config, model.as_deref(), keystrokes, max_tokens, json),
+        } => demo::run(
+            &config,
+            model.as_deref(),
+            keystrokes,
+            max_tokens,
+            typing_ms,
+            json,
+        ),
         Command::Serve {
             model,
             http,
@@ -893,6 +912,7 @@ fn run(command: Command) -> CliResult {
             mode,
             draft,
             draft_max,
+            debounce_ms,
             adapter,
         } => {
             // Its defaults come from config.toml's `[completion]`.
@@ -924,6 +944,9 @@ fn run(command: Command) -> CliResult {
                 fim_template,
                 draft,
                 draft_max: draft_max.or(c.draft_max).unwrap_or(d.draft_max),
+                debounce_ms: debounce_ms
+                    .or(c.debounce_ms.map(|v| v as u64))
+                    .unwrap_or(d.debounce_ms),
                 ..d
             };
             settings.validate().map_err(CliError)?;

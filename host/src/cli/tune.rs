@@ -43,6 +43,12 @@ pub struct RunArgs {
     /// typing: tokens per completion.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
+    /// typing: keystrokes this many milliseconds apart (500 after a word)
+    /// without waiting for completions, the latencies of those at the
+    /// ends of words minimised; the server's debounce joins the knobs. 0:
+    /// each keystroke waits for its completion.
+    #[arg(long, default_value_t = 0)]
+    pub typing_ms: u64,
     /// grid, random, halving (successive halving), policy (the active
     /// tuning policy) or policy:NAME|FILE.wasm (the shipped tpe or genetic).
     #[arg(long, default_value = "random")]
@@ -88,9 +94,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0.02)]
     pub max_nll_rise: f64,
     /// Only these knobs, comma-separated (the rest stay as kiln has
-    /// them): threads, kv_type, attention_block, draft, draft_max,
-    /// quant, context_tokens, prefix_tokens, suffix_tokens (default:
-    /// every knob of the objective).
+    /// them): threads, kv_type, attention_block, prompt_batch, draft,
+    /// draft_max, debounce_ms, quant, context_tokens, prefix_tokens,
+    /// suffix_tokens (default: every knob of the objective).
     #[arg(long, value_delimiter = ',')]
     pub knobs: Vec<String>,
     #[arg(long)]
@@ -125,7 +131,7 @@ const QUALITY_MAX_TOKENS: usize = 24;
 /// it, and snippets from other files): a smaller prompt or type is faster
 /// and may complete worse, so a search without a quality bound would only
 /// shrink them.
-fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
+fn default_space(typing: bool, paced: bool, quality: bool, quant: &[String]) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
         json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
@@ -138,6 +144,10 @@ fn default_space(typing: bool, quality: bool, quant: &[String]) -> Space {
             json!({"type": "choice", "name": "draft", "options": ["none", "ngram"]}),
             json!({"type": "int", "name": "draft_max", "lo": 2, "hi": 32, "log": true}),
         ]);
+    }
+    if typing && paced {
+        // Only a paced replay sends a keystroke before the last answer.
+        knobs.push(json!({"type": "int", "name": "debounce_ms", "lo": 0, "hi": 200, "log": false}));
     }
     if quant.len() > 1 {
         knobs.push(json!({"type": "choice", "name": "quant", "options": quant}));
@@ -244,6 +254,7 @@ fn budget(config: &Config, s: &Setting, key: &str) -> usize {
 /// config's threads, config's KV type for it, config's attention block
 /// (and for a typing session, config's draft and its length).
 fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) -> Setting {
+    let debounce = config.completion.debounce_ms.unwrap_or(0);
     let mut s: Setting = [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
         (
@@ -282,6 +293,7 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
             "draft".into(),
             json!(config.completion.draft.as_deref().unwrap_or("none")),
         );
+        s.insert("debounce_ms".into(), json!(debounce));
         s.insert(
             "draft_max".into(),
             json!(
@@ -328,6 +340,7 @@ struct Objective {
     prompt_tokens: usize,
     keystrokes: usize,
     max_tokens: usize,
+    typing_ms: u64,
 }
 
 impl Objective {
@@ -337,6 +350,7 @@ impl Objective {
             prompt_tokens: o["prompt_tokens"].as_u64().unwrap_or(512) as usize,
             keystrokes: o["keystrokes"].as_u64().unwrap_or(40) as usize,
             max_tokens: o["max_tokens"].as_u64().unwrap_or(16) as usize,
+            typing_ms: o["typing_ms"].as_u64().unwrap_or(0),
         }
     }
 }
@@ -358,6 +372,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
         kv_type: kv_type.map(|kv| (key, kv)),
         draft: s.get("draft").and_then(Value::as_str),
         draft_max: int("draft_max"),
+        debounce_ms: int("debounce_ms"),
         max_tokens: None,
         prefix_tokens: int("prefix_tokens"),
         suffix_tokens: int("suffix_tokens"),
@@ -408,7 +423,8 @@ fn measure_once(
     if typing {
         cmd.args(["demo", "--model", model, "--json"])
             .args(["--keystrokes", &objective.keystrokes.to_string()])
-            .args(["--max-tokens", &objective.max_tokens.to_string()]);
+            .args(["--max-tokens", &objective.max_tokens.to_string()])
+            .args(["--typing-ms", &objective.typing_ms.to_string()]);
     } else {
         cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
             .args(["--prompt-tokens", &objective.prompt_tokens.to_string()]);
@@ -824,7 +840,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             None => {}
         }
     }
-    let mut space = default_space(typing, quality, &quant);
+    let mut space = default_space(typing, args.typing_ms > 0, quality, &quant);
     if !args.knobs.is_empty() {
         let names: Vec<&str> = space.knobs.iter().map(|k| k.name()).collect();
         if let Some(unknown) = args.knobs.iter().find(|k| !names.contains(&k.as_str())) {
@@ -848,7 +864,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
             "kind": "typing", "metric": "e2e_ms", "keystrokes": args.keystrokes,
-            "max_tokens": args.max_tokens,
+            "max_tokens": args.max_tokens, "typing_ms": args.typing_ms,
         }),
         "prompt" => json!({
             "kind": "prompt", "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens,

@@ -1140,6 +1140,7 @@ impl Server {
     }
 
     fn complete(&mut self, id: Value, method: &str, params: &Value) {
+        let received = std::time::Instant::now();
         let inline = method == "textDocument/inlineCompletion";
         let Some(uri) = params["textDocument"]["uri"].as_str() else {
             return self
@@ -1329,7 +1330,19 @@ impl Server {
         // Held across the submit, so that a job that ends at once finds
         // its entry to remove.
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let control = engine.submit(0, Some(uri.to_string()), loaded, request, Box::new(sink));
+        // Debounce an automatic inline completion (not one the user
+        // invoked): a keystroke meanwhile cancels it unstarted.
+        let automatic = inline && params["context"]["triggerKind"] != 1;
+        let not_before = (automatic && self.settings.debounce_ms > 0)
+            .then(|| received + std::time::Duration::from_millis(self.settings.debounce_ms));
+        let control = engine.submit_after(
+            0,
+            Some(uri.to_string()),
+            loaded,
+            request,
+            Box::new(sink),
+            not_before,
+        );
         pending.insert(key, Pending { control, explicit });
     }
 
