@@ -416,7 +416,12 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
     ]);
     let run = &shown["run"];
     let knobs = run["space"]["knobs"].to_string();
-    for knob in ["context_tokens", "prefix_tokens", "suffix_tokens"] {
+    for knob in [
+        "context_tokens",
+        "prefix_tokens",
+        "suffix_tokens",
+        "max_tokens",
+    ] {
         assert!(knobs.contains(&format!("\"{knob}\"")), "{knobs}");
     }
     // The default is what kiln serve uses without a config.
@@ -452,6 +457,9 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
             .as_f64()
             .unwrap();
         assert!(text > 0.0 && text.is_finite(), "{t}");
+        // The completion length is a knob: what its limit cuts is measured.
+        let cut = t["metrics"]["median_truncated_share"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&cut), "{t}");
     }
     let verdict = &run["verdict"];
     assert_eq!(

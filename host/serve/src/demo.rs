@@ -212,6 +212,8 @@ pub struct Keystroke {
     pub cached_tokens: u64,
     pub prompt_tokens: u64,
     pub completion_cache_hit: bool,
+    /// Why the completion ended (`max_tokens`: cut by the limit).
+    pub stop_reason: String,
     /// The user waited for this completion (each one when the replay
     /// waits; at a steady pace, the one at the end of a word).
     pub waited: bool,
@@ -281,6 +283,7 @@ fn keystroke(t: &Typed, r: &Json, client_ms: f64, waited: bool) -> Result<Keystr
         cached_tokens: meta["cached_tokens"].as_u64().unwrap_or(0),
         prompt_tokens: meta["prompt_tokens"].as_u64().unwrap_or(0),
         completion_cache_hit: meta["completion_cache_hit"].as_bool().unwrap_or(false),
+        stop_reason: meta["stop_reason"].as_str().unwrap_or("").to_string(),
         waited,
     })
 }
@@ -391,6 +394,9 @@ pub struct SessionReport {
     pub typing_ms: u64,
     /// The requests the latencies are of (those the user waited for).
     pub waited_requests: usize,
+    /// Of those answered with a completion, the share the token limit
+    /// cut (what a smaller `maxTokens` costs).
+    pub truncated_share: f64,
     pub e2e_ms_p50: f64,
     pub e2e_ms_p99: f64,
     pub ttft_ms_p50: f64,
@@ -638,6 +644,15 @@ pub fn typing_session(
         requests: keys.len(),
         typing_ms,
         waited_requests: waited.len(),
+        truncated_share: {
+            let answered: Vec<&&Keystroke> =
+                waited.iter().filter(|k| !k.completion.is_empty()).collect();
+            let cut = answered
+                .iter()
+                .filter(|k| k.stop_reason == "max_tokens")
+                .count();
+            cut as f64 / answered.len().max(1) as f64
+        },
         e2e_ms_p50: kiln_runtime::measure::percentile(&e2e, 50.0),
         e2e_ms_p99: kiln_runtime::measure::percentile(&e2e, 99.0),
         ttft_ms_p50: kiln_runtime::measure::percentile(&ttft, 50.0),

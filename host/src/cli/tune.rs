@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// default (of the holes' true completions, and of the files' text).
     #[arg(long, default_value_t = 0.02)]
     pub max_nll_rise: f64,
+    /// typing, with --quality: the share of completions the token limit
+    /// cuts that a setting may add to the default's.
+    #[arg(long, default_value_t = 0.05)]
+    pub max_truncation_rise: f64,
     /// Only these knobs, comma-separated (the rest stay as kiln has
     /// them): threads, kv_type, attention_block, prompt_batch, draft,
     /// draft_max, debounce_ms, quant, context_tokens, prefix_tokens,
@@ -127,10 +131,10 @@ const QUALITY_MAX_TOKENS: usize = 24;
 /// session the speculative decoding of completions and its draft length
 /// (greedy: the same tokens either way, so only speed is at stake) and,
 /// when quality is measured, the requantized copies of `quant` (more than
-/// `as-is`) and the prompt's budgets (the text before the cursor, after
-/// it, and snippets from other files): a smaller prompt or type is faster
-/// and may complete worse, so a search without a quality bound would only
-/// shrink them.
+/// `as-is`), the completion's length limit and the prompt's budgets (the
+/// text before the cursor, after it, and snippets from other files): a
+/// smaller prompt, limit or type is faster and may complete worse, so a
+/// search without a quality bound would only shrink them.
 fn default_space(typing: bool, paced: bool, quality: bool, quant: &[String]) -> Space {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
@@ -154,6 +158,7 @@ fn default_space(typing: bool, paced: bool, quality: bool, quant: &[String]) -> 
     }
     if typing && quality {
         knobs.extend([
+            json!({"type": "int", "name": "max_tokens", "lo": 8, "hi": 256, "log": true}),
             json!({"type": "int", "name": "context_tokens", "lo": 64, "hi": 4096, "log": true}),
             json!({"type": "int", "name": "prefix_tokens", "lo": 128, "hi": 4096, "log": true}),
             json!({"type": "int", "name": "suffix_tokens", "lo": 16, "hi": 1024, "log": true}),
@@ -232,6 +237,11 @@ fn with_model_kv(config: &Config, model: &str, s: &Setting) -> Setting {
     s
 }
 
+/// An integer knob's value in `s`.
+fn int_of(s: &Setting, key: &str) -> Option<usize> {
+    s.get(key).and_then(Value::as_u64).map(|v| v as usize)
+}
+
 /// The prompt's budget `key` (`context_tokens`, `prefix_tokens`,
 /// `suffix_tokens`) that `kiln serve` would use under `s`: the setting's,
 /// else config.toml's `[completion]`, else the built-in default.
@@ -306,6 +316,9 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
             let v = budget(config, &Setting::new(), key);
             s.insert(key.into(), json!(v));
         }
+        let max_tokens =
+            (config.completion.max_tokens).unwrap_or(kiln_serve::Settings::default().max_tokens);
+        s.insert("max_tokens".into(), json!(max_tokens));
     }
     s.insert("quant".into(), json!("as-is"));
     s
@@ -373,7 +386,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
         draft: s.get("draft").and_then(Value::as_str),
         draft_max: int("draft_max"),
         debounce_ms: int("debounce_ms"),
-        max_tokens: None,
+        max_tokens: int("max_tokens"),
         prefix_tokens: int("prefix_tokens"),
         suffix_tokens: int("suffix_tokens"),
         context_tokens: int("context_tokens"),
@@ -423,7 +436,13 @@ fn measure_once(
     if typing {
         cmd.args(["demo", "--model", model, "--json"])
             .args(["--keystrokes", &objective.keystrokes.to_string()])
-            .args(["--max-tokens", &objective.max_tokens.to_string()])
+            .args([
+                "--max-tokens",
+                // A knob's limit, else the objective's.
+                &int_of(s, "max_tokens")
+                    .unwrap_or(objective.max_tokens)
+                    .to_string(),
+            ])
             .args(["--typing-ms", &objective.typing_ms.to_string()]);
     } else {
         cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
@@ -448,6 +467,10 @@ fn measure_once(
                 ("ttft_ms", t),
                 ("e2e_ms", e),
                 ("memory_bytes", memory),
+                (
+                    "truncated_share",
+                    r["truncated_share"].as_f64().unwrap_or(f64::NAN),
+                ),
             ]),
             _ => Err("kiln demo reported no latencies".into()),
         }
@@ -536,6 +559,8 @@ struct Quality {
     text_tokens: usize,
     max_similarity_loss: f64,
     max_nll_rise: f64,
+    /// The share of completions cut by the token limit a setting may add.
+    max_truncation_rise: f64,
 }
 
 impl Quality {
@@ -548,6 +573,7 @@ impl Quality {
             text_tokens: q["text_tokens"].as_u64().unwrap_or(0) as usize,
             max_similarity_loss: q["max_similarity_loss"].as_f64()?,
             max_nll_rise: q["max_nll_rise"].as_f64()?,
+            max_truncation_rise: q["max_truncation_rise"].as_f64().unwrap_or(f64::INFINITY),
         })
     }
 
@@ -572,11 +598,20 @@ impl Quality {
             (None, None) => true,
             _ => return None,
         };
+        // Completions the token limit cuts (a typing session's).
+        let cut_ok = match (
+            metrics["median_truncated_share"].as_f64(),
+            baseline["median_truncated_share"].as_f64(),
+        ) {
+            (Some(c), Some(base)) => c <= base + self.max_truncation_rise + 1e-9,
+            _ => true,
+        };
         // A margin for float rounding: equal completions are never out.
         Some(
             sim >= base_sim - self.max_similarity_loss - 1e-9
                 && nll <= base_nll + self.max_nll_rise + 1e-9
-                && text_ok,
+                && text_ok
+                && cut_ok,
         )
     }
 }
@@ -917,10 +952,12 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
 /// the objective's `quality`.
 fn quality_holes(config: &Config, repo: &std::path::Path, args: &RunArgs) -> Result<Value, String> {
     if !(0.0..=1.0).contains(&args.max_similarity_loss)
+        || !(0.0..=1.0).contains(&args.max_truncation_rise)
         || !(0.0..=f64::MAX).contains(&args.max_nll_rise)
     {
         return Err(
-            "--max-similarity-loss takes 0 to 1 and --max-nll-rise a number of nats at least 0"
+            "--max-similarity-loss and --max-truncation-rise take 0 to 1, and --max-nll-rise \
+             a number of nats at least 0"
                 .into(),
         );
     }
@@ -954,6 +991,7 @@ fn quality_holes(config: &Config, repo: &std::path::Path, args: &RunArgs) -> Res
     Ok(json!({
         "repo": repo, "holes": holes, "count": cross, "text_tokens": args.quality_tokens,
         "max_similarity_loss": args.max_similarity_loss, "max_nll_rise": args.max_nll_rise,
+        "max_truncation_rise": args.max_truncation_rise,
     }))
 }
 
@@ -1586,6 +1624,26 @@ mod tests {
         );
         assert_eq!(
             metric_of(&text(80.0, 2.06), &objective, Some(&text_base)),
+            f64::INFINITY
+        );
+        // A typing session's completions cut by the token limit.
+        let cut = |ms: f64, share: f64| {
+            let mut v = m(ms, 0.5, 1.0);
+            v["median_truncated_share"] = json!(share);
+            v
+        };
+        let objective_cut = {
+            let mut o = objective.clone();
+            o["quality"]["max_truncation_rise"] = json!(0.1);
+            o
+        };
+        let cut_base = cut(100.0, 0.2);
+        assert_eq!(
+            metric_of(&cut(60.0, 0.3), &objective_cut, Some(&cut_base)),
+            60.0
+        );
+        assert_eq!(
+            metric_of(&cut(50.0, 0.5), &objective_cut, Some(&cut_base)),
             f64::INFINITY
         );
         // One side scored and not the other: not comparable, out.
