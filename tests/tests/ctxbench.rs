@@ -141,7 +141,7 @@ fn ctxbench_scores_selectors_on_a_pinned_crate_and_kiln_keeps_its_floors() {
         "{model_run:#}"
     );
     // One selector, and the repository's own text scored: 1,100 tokens
-    // (windows of 512 from several files), the same under the same seed.
+    // (the first 512 of several files), the same under the same seed.
     let mut args = model_args("2");
     args.extend(
         [

@@ -642,13 +642,21 @@ pub const MODEL_SELECTORS: [&str; 6] = [
 /// The negative log-likelihood (nats) of `target` after `prompt`.
 fn nll(session: &mut Session, prompt: &[u32], target: &[u32]) -> Result<f64, String> {
     let all: Vec<u32> = prompt.iter().chain(target).copied().collect();
-    let keep = session.common_prefix(&all).min(prompt.len() - 1);
+    let last = prompt.len() - 1;
+    let keep = session.common_prefix(&all).min(last);
     session.truncate(keep);
+    // The prompt before its last token only fills the cache: logits are
+    // made (the vocabulary's projection, most of a long prompt's cost)
+    // only where the target is predicted. Batches give the bits of one.
+    if keep < last {
+        session
+            .eval(&all[keep..last], LogitsFor::Last)
+            .map_err(|e| e.to_string())?;
+    }
     let rows =
-        (session.eval(&all[keep..all.len() - 1], LogitsFor::All)).map_err(|e| e.to_string())?;
+        (session.eval(&all[last..all.len() - 1], LogitsFor::All)).map_err(|e| e.to_string())?;
     let n_vocab = session.model.config.n_vocab;
-    let first = prompt.len() - 1 - keep;
-    Ok((rows.chunks_exact(n_vocab).skip(first).zip(target))
+    Ok((rows.chunks_exact(n_vocab).zip(target))
         .map(|(row, &next)| -log_prob(row, next))
         .sum())
 }
@@ -657,22 +665,22 @@ fn nll(session: &mut Session, prompt: &[u32], target: &[u32]) -> Result<f64, Str
 /// quantized model or cache loses shows here first.
 #[derive(Clone, Debug, Serialize)]
 pub struct TextNll {
-    /// Files read from (whole, or until the tokens were reached).
+    /// Files read from (the start of each).
     pub files: usize,
     /// Tokens predicted (each window's first is context only).
     pub tokens: usize,
     pub nll_per_token: f64,
 }
 
-/// Tokens per window of [`text_nll`] (each file is cut into windows that
-/// start afresh), and per batch evaluated within one.
+/// Tokens of [`text_nll`]'s window (each file's first, from a fresh
+/// cache), and per batch evaluated within one.
 const TEXT_WINDOW: usize = 512;
 const TEXT_BATCH: usize = 64;
 
 /// The mean negative log-likelihood per token of about `tokens` tokens
-/// of `files`' text (in an order shuffled by `seed`, each file in windows
-/// of [`TEXT_WINDOW`] tokens from a fresh cache), under `session`'s model
-/// and KV cache type.
+/// of `files`' text (in an order shuffled by `seed`, the first
+/// [`TEXT_WINDOW`] tokens of each file from a fresh cache), under
+/// `session`'s model and KV cache type.
 pub fn text_nll(
     session: &mut Session,
     loaded: &Loaded,
@@ -695,23 +703,20 @@ pub fn text_nll(
             continue;
         }
         used += 1;
-        for w in ids.chunks(window) {
-            if done >= tokens || w.len() < 2 {
-                break;
+        // One window per file (its start), so that the tokens come from
+        // many files, not the longest one.
+        let w = &ids[..ids.len().min(window).min(tokens - done + 1)];
+        session.truncate(0);
+        for (at, batch) in w[..w.len() - 1].chunks(TEXT_BATCH).enumerate() {
+            let rows = session
+                .eval(batch, LogitsFor::All)
+                .map_err(|e| e.to_string())?;
+            let next = &w[at * TEXT_BATCH + 1..];
+            for (row, &id) in rows.chunks_exact(n_vocab).zip(next) {
+                loss -= log_prob(row, id);
             }
-            let w = &w[..w.len().min(tokens - done + 1)];
-            session.truncate(0);
-            for (at, batch) in w[..w.len() - 1].chunks(TEXT_BATCH).enumerate() {
-                let rows = session
-                    .eval(batch, LogitsFor::All)
-                    .map_err(|e| e.to_string())?;
-                let next = &w[at * TEXT_BATCH + 1..];
-                for (row, &id) in rows.chunks_exact(n_vocab).zip(next) {
-                    loss -= log_prob(row, id);
-                }
-            }
-            done += w.len() - 1;
         }
+        done += w.len() - 1;
     }
     if done == 0 {
         return Err("no text to score: the repository has no source files kiln reads".into());

@@ -829,7 +829,7 @@ enum CtxbenchCommand {
         #[arg(long, value_delimiter = ',')]
         selectors: Option<Vec<String>>,
         /// Also score the likelihood of this many tokens of the
-        /// repository's own files (in windows of 512; 0: none).
+        /// repository's own files (the first 512 of each; 0: none).
         #[arg(long, default_value_t = 0)]
         nll_tokens: usize,
         /// Cross-file holes to score (the first of the set).
