@@ -138,23 +138,34 @@ pub struct Space {
 }
 
 impl Space {
-    /// Every setting of the grid, in order (the first knob slowest).
+    /// Every setting of the grid, in order (the first knob slowest). Only
+    /// for a small space: a dozen knobs make hundreds of millions of
+    /// settings; [`Space::grid_iter`] walks them without keeping them.
     pub fn grid(&self) -> Vec<Setting> {
-        let mut out = vec![Setting::new()];
-        for k in &self.knobs {
-            let values = k.grid();
-            out = out
-                .into_iter()
-                .flat_map(|s| {
-                    values.iter().map(move |v| {
-                        let mut s = s.clone();
-                        s.insert(k.name().to_string(), v.clone());
-                        s
-                    })
-                })
-                .collect();
-        }
-        out
+        self.grid_iter().collect()
+    }
+
+    /// Settings in the grid (saturating).
+    pub fn grid_len(&self) -> usize {
+        (self.knobs.iter()).fold(1usize, |n, k| n.saturating_mul(k.grid().len().max(1)))
+    }
+
+    /// The grid's settings in order (the first knob slowest), one at a
+    /// time.
+    pub fn grid_iter(&self) -> impl Iterator<Item = Setting> + '_ {
+        let values: Vec<Vec<Value>> = self.knobs.iter().map(Knob::grid).collect();
+        let len = self.grid_len();
+        (0..len).map(move |mut i| {
+            let mut s = Setting::new();
+            for (k, v) in self.knobs.iter().zip(&values).rev() {
+                if v.is_empty() {
+                    continue;
+                }
+                s.insert(k.name().to_string(), v[i % v.len()].clone());
+                i /= v.len();
+            }
+            s
+        })
     }
 
     pub fn random(&self, rng: &mut fastrand::Rng) -> Setting {
@@ -221,8 +232,7 @@ impl Sampler for Grid {
         history: &[Observation],
     ) -> Result<Option<Proposal>, String> {
         Ok(space
-            .grid()
-            .into_iter()
+            .grid_iter()
             .find(|s| !history.iter().any(|o| &o.setting == s))
             .map(|setting| Proposal {
                 setting,
@@ -298,9 +308,8 @@ impl Sampler for Halving {
             return Ok(None);
         }
         if self.rung.is_empty() {
-            let grid = space.grid();
-            self.rung = if grid.len() <= self.width {
-                grid
+            self.rung = if space.grid_len() <= self.width {
+                space.grid()
             } else {
                 let mut picked: Vec<Setting> = Vec::new();
                 for _ in 0..self.width * 8 {
@@ -528,6 +537,43 @@ mod tests {
         ]
         .into_iter()
         .collect()
+    }
+
+    #[test]
+    fn a_grid_of_many_knobs_is_walked_not_kept() {
+        // 24 knobs of 8 values: 8^24 settings, far past memory.
+        let space = Space {
+            knobs: (0..24)
+                .map(|i| Knob::Int {
+                    name: format!("k{i:02}"),
+                    lo: 0,
+                    hi: 7,
+                    log: false,
+                })
+                .collect(),
+        };
+        assert_eq!(space.grid_len(), usize::MAX, "saturated");
+        let mut first = space.grid_iter();
+        let a = first.next().unwrap();
+        let b = first.next().unwrap();
+        assert!(a.values().all(|v| v == &json!(0)));
+        assert_eq!(b["k23"], json!(1), "the last knob fastest");
+        assert_eq!(b["k00"], json!(0));
+        let p = Grid { repeats: 1 }
+            .propose(
+                &space,
+                &[Observation {
+                    setting: a,
+                    metric: 1.0,
+                    repeats: 1,
+                }],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.setting, b);
+        let mut halving = Halving::new(1, 8, 1);
+        let p = halving.propose(&space, &[]).unwrap().unwrap();
+        assert_eq!(p.setting.len(), 24);
     }
 
     #[test]
