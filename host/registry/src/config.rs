@@ -70,7 +70,7 @@ struct ConfigFile {
     #[serde(default)]
     engine: EngineSection,
     #[serde(default)]
-    completion: CompletionSection,
+    completion: CompletionConfig,
 }
 
 /// A KV cache type `config.toml` may name.
@@ -159,29 +159,11 @@ pub enum IsolationSetting {
     InProcess,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CompletionSection {
-    #[serde(default)]
-    draft: Option<String>,
-    #[serde(default)]
-    draft_max: Option<usize>,
-    #[serde(default)]
-    debounce_ms: Option<usize>,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    prefix_tokens: Option<usize>,
-    #[serde(default)]
-    suffix_tokens: Option<usize>,
-    #[serde(default)]
-    context_tokens: Option<usize>,
-}
-
 /// `[completion]`: the language server's and HTTP API's defaults (`kiln
 /// serve`'s flags and the editor's settings win); what `kiln tune apply`
 /// writes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CompletionConfig {
     /// Speculative decoding by default (`none`, `ngram`).
     pub draft: Option<String>,
@@ -325,7 +307,7 @@ impl Config {
                             config_file.display()
                         ));
                     }
-                    d => completion.draft = d.map(str::to_string),
+                    _ => {}
                 }
                 for (key, value, lo, hi) in [
                     ("max_tokens", file.completion.max_tokens, 1, 4096),
@@ -357,12 +339,7 @@ impl Config {
                         ));
                     }
                 }
-                completion.max_tokens = file.completion.max_tokens;
-                completion.draft_max = file.completion.draft_max;
-                completion.debounce_ms = file.completion.debounce_ms;
-                completion.prefix_tokens = file.completion.prefix_tokens;
-                completion.suffix_tokens = file.completion.suffix_tokens;
-                completion.context_tokens = file.completion.context_tokens;
+                completion = file.completion;
                 for (key, value, max) in [
                     ("threads", file.engine.threads, 1024),
                     ("attention_block", file.engine.attention_block, 65536),

@@ -419,12 +419,15 @@ fn trial_config(config: &Config, model: &str, s: &Setting) -> Result<std::path::
     Ok(path)
 }
 
-fn measure_once(
+/// Runs kiln (its arguments set by `args`) as a trial of `s` on `model`:
+/// the user's config with `s` applied (`KILN_CONFIG`), its thread count
+/// (`KILN_THREADS`); what it printed as JSON.
+fn run_trial(
     config: &Config,
-    objective: &Objective,
     model: &str,
     s: &Setting,
-) -> Result<Vec<(&'static str, f64)>, String> {
+    args: impl FnOnce(&mut Command),
+) -> Result<Value, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
     let trial_config = trial_config(config, model, s)?;
     let mut cmd = Command::new(exe);
@@ -432,30 +435,40 @@ fn measure_once(
     if let Some(t) = s.get("threads").and_then(Value::as_u64) {
         cmd.env("KILN_THREADS", t.to_string());
     }
-    let typing = objective.kind == "typing";
-    if typing {
-        cmd.args(["demo", "--model", model, "--json"])
-            .args(["--keystrokes", &objective.keystrokes.to_string()])
-            .args([
-                "--max-tokens",
-                // A knob's limit, else the objective's.
-                &int_of(s, "max_tokens")
-                    .unwrap_or(objective.max_tokens)
-                    .to_string(),
-            ])
-            .args(["--typing-ms", &objective.typing_ms.to_string()]);
-    } else {
-        cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
-            .args(["--prompt-tokens", &objective.prompt_tokens.to_string()]);
-    }
+    args(&mut cmd);
     let out = cmd.output().map_err(|e| format!("cannot run kiln: {e}"));
     let _ = std::fs::remove_file(&trial_config);
     let out = out?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
-    let r: Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln printed no JSON: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln printed no JSON: {e}"))
+}
+
+fn measure_once(
+    config: &Config,
+    objective: &Objective,
+    model: &str,
+    s: &Setting,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    let typing = objective.kind == "typing";
+    let r = run_trial(config, model, s, |cmd| {
+        if typing {
+            cmd.args(["demo", "--model", model, "--json"])
+                .args(["--keystrokes", &objective.keystrokes.to_string()])
+                .args([
+                    "--max-tokens",
+                    // A knob's limit, else the objective's.
+                    &int_of(s, "max_tokens")
+                        .unwrap_or(objective.max_tokens)
+                        .to_string(),
+                ])
+                .args(["--typing-ms", &objective.typing_ms.to_string()]);
+        } else {
+            cmd.args(["bench", model, "--json", "--decode-tokens", "8"])
+                .args(["--prompt-tokens", &objective.prompt_tokens.to_string()]);
+        }
+    })?;
     let mib = |v: &Value| v.as_f64().map(|m| m * (1 << 20) as f64);
     if typing {
         let r = &r["report"];
@@ -632,40 +645,25 @@ fn measure_quality(
     model: &str,
     s: &Setting,
 ) -> Result<Vec<(&'static str, f64)>, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find kiln itself: {e}"))?;
-    let trial_config = trial_config(config, model, s)?;
-    let mut cmd = Command::new(exe);
-    cmd.env("KILN_CONFIG", &trial_config);
-    if let Some(t) = s.get("threads").and_then(Value::as_u64) {
-        cmd.env("KILN_THREADS", t.to_string());
-    }
-    cmd.args(["ctxbench", "model"])
-        .arg(&q.repo)
-        .arg("--holes")
-        .arg(&q.holes)
-        .args(["--model", model, "--selectors", "kiln", "--json"])
-        .args(["--count", &q.count.to_string()])
-        .args(["--nll-tokens", &q.text_tokens.to_string()])
-        .args(["--max-tokens", &QUALITY_MAX_TOKENS.to_string()]);
-    for (flag, key) in [
-        ("--budget", "context_tokens"),
-        ("--prefix-tokens", "prefix_tokens"),
-        ("--suffix-tokens", "suffix_tokens"),
-    ] {
-        let v = budget(config, s, key).max(usize::from(key != "suffix_tokens"));
-        cmd.args([flag, &v.to_string()]);
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run kiln: {e}"));
-    let _ = std::fs::remove_file(&trial_config);
-    let out = out?;
-    if !out.status.success() {
-        return Err(format!(
-            "scoring quality: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let r: Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln printed no JSON: {e}"))?;
+    let r = run_trial(config, model, s, |cmd| {
+        cmd.args(["ctxbench", "model"])
+            .arg(&q.repo)
+            .arg("--holes")
+            .arg(&q.holes)
+            .args(["--model", model, "--selectors", "kiln", "--json"])
+            .args(["--count", &q.count.to_string()])
+            .args(["--nll-tokens", &q.text_tokens.to_string()])
+            .args(["--max-tokens", &QUALITY_MAX_TOKENS.to_string()]);
+        for (flag, key) in [
+            ("--budget", "context_tokens"),
+            ("--prefix-tokens", "prefix_tokens"),
+            ("--suffix-tokens", "suffix_tokens"),
+        ] {
+            let v = budget(config, s, key).max(usize::from(key != "suffix_tokens"));
+            cmd.args([flag, &v.to_string()]);
+        }
+    })
+    .map_err(|e| format!("scoring quality: {e}"))?;
     let score = &r["scores"][0];
     match (
         score["nll_per_token"].as_f64(),
