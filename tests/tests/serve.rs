@@ -394,11 +394,24 @@ fn the_editor_switches_and_rolls_back_models_through_the_server() {
         .request("textDocument/inlineCompletion", at(&uri, 0, 5))
         .unwrap();
     assert!(r["result"]["items"].is_array(), "{r}");
+    let served = r["result"]["kiln"]["completion"]
+        .as_str()
+        .map(str::to_string);
     let r = c
         .request("kiln/rollbackModel", json!({"name": "coder"}))
         .unwrap();
     assert_eq!(r["result"]["serving"], "coder@2", "{r}");
     assert_eq!(status(&mut c)["model"], "coder@2");
+    // A completion coder@1 served is not explained by coder@2: refused,
+    // naming both (an explanation by another model's weights would be
+    // of another completion).
+    let served = served.unwrap_or_else(|| panic!("coder@1 served no completion id"));
+    let r = c.request("kiln/explain", json!({"id": served})).unwrap();
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("was served by coder@1") && message.contains("now serves coder@2"),
+        "{r}"
+    );
     // The registry saw it all, with the server as the actor.
     let log = home.ok(&["models", "list", "--json"]);
     let v: Value = serde_json::from_str(&log).unwrap();
