@@ -1322,6 +1322,23 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
         trials.len(),
         run.trials_wanted
     );
+    // Why a measured trial cannot be picked, if it cannot.
+    let base = baseline(&run, &trials);
+    let ruled_out = |t: &kiln_registry::tune::TuneTrial| -> &'static str {
+        let Some(m) = t.metrics.as_ref().filter(|_| t.status == "done") else {
+            return "";
+        };
+        if metric_of(m, &run.objective, base.as_ref()).is_finite() {
+            ""
+        } else if (run.objective["max_memory_bytes"].as_f64())
+            .zip(m["median_memory_bytes"].as_f64())
+            .is_some_and(|(cap, used)| used > cap)
+        {
+            "memory"
+        } else {
+            "quality"
+        }
+    };
     let value = |t: &kiln_registry::tune::TuneTrial, k: &str| -> String {
         t.metrics
             .as_ref()
@@ -1352,6 +1369,7 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                     "-".into()
                 },
                 if front.contains(&t.id) { "*" } else { "" }.into(),
+                ruled_out(t).into(),
             ];
             if quality {
                 let q = |k: &str| {
@@ -1377,6 +1395,7 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
         "DECODE TOK/S",
         "MEMORY MIB",
         "PARETO",
+        "RULED OUT",
     ];
     if quality {
         if text {
