@@ -317,8 +317,7 @@ struct Shared {
     kv_types: KvTypes,
     draft: Draft,
     draft_max: usize,
-    attention_block: Option<usize>,
-    prompt_batch: Option<usize>,
+    engine: kiln_registry::config::EngineConfig,
 }
 
 /// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
@@ -361,12 +360,8 @@ pub struct EngineOptions {
     pub draft: Draft,
     /// Tokens `draft` guesses at most per verifying batch.
     pub draft_max: usize,
-    /// Queries per attention block in prompt graphs (`[engine]`; `None`:
-    /// kiln's default).
-    pub attention_block: Option<usize>,
-    /// Tokens of a prompt evaluated per graph (`[engine]`; `None`:
-    /// kiln's default).
-    pub prompt_batch: Option<usize>,
+    /// `[engine]`: the attention block and prompt batch of its sessions.
+    pub engine: kiln_registry::config::EngineConfig,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -401,8 +396,7 @@ impl Engine {
             backend_label: opts.backend_label,
             n_ctx: opts.n_ctx,
             kv_types: opts.kv_types,
-            attention_block: opts.attention_block,
-            prompt_batch: opts.prompt_batch,
+            engine: opts.engine,
             draft: opts.draft,
             draft_max: opts.draft_max,
         });
@@ -967,12 +961,7 @@ fn session_for<'a>(
         let kv_type = shared.kv_types.for_model(&loaded.id);
         let mut s = Session::with_kv_type(loaded.model.clone(), exec, shared.n_ctx, kv_type)
             .map_err(|e| e.to_string())?;
-        if let Some(b) = shared.attention_block {
-            s.set_attention_block(b);
-        }
-        if let Some(b) = shared.prompt_batch {
-            s.set_prompt_batch(b);
-        }
+        s.configure(&shared.engine);
         *session = Some((loaded.clone(), s));
     }
     Ok(&mut session.as_mut().expect("made above").1)

@@ -65,8 +65,7 @@ pub fn start_engine(
             metrics,
             draft: spec.settings.draft,
             draft_max: spec.settings.draft_max,
-            attention_block: spec.config.engine.attention_block,
-            prompt_batch: spec.config.engine.prompt_batch,
+            engine: spec.config.engine,
         },
     ))
 }

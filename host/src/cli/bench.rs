@@ -44,22 +44,16 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
     );
     let kv_type = super::kv_type_for(config, model_arg, kv_type)?;
     let mut session = Session::with_kv_type(model, exec, Some(ctx), kv_type)?;
-    let attention_block = args
-        .attention_block
-        .or(config.engine.attention_block)
-        .unwrap_or(kiln_runtime::model::forward::ATTENTION_BLOCK);
-    if attention_block == 0 {
-        return Err("--attention-block: give at least 1 query".into());
+    // The flags over config.toml's `[engine]`.
+    if args.attention_block == Some(0) || args.prompt_batch == Some(0) {
+        return Err("--attention-block and --prompt-batch take at least 1".into());
     }
-    session.set_attention_block(attention_block);
-    let prompt_batch = args
-        .prompt_batch
-        .or(config.engine.prompt_batch)
-        .unwrap_or(kiln_runtime::model::session::DEFAULT_BATCH);
-    if prompt_batch == 0 {
-        return Err("--prompt-batch: give at least 1 token".into());
-    }
-    session.set_prompt_batch(prompt_batch);
+    session.configure(&kiln_registry::config::EngineConfig {
+        attention_block: args.attention_block.or(config.engine.attention_block),
+        prompt_batch: args.prompt_batch.or(config.engine.prompt_batch),
+        ..config.engine
+    });
+    let (attention_block, prompt_batch) = (session.attention_block(), session.prompt_batch());
     let mut rng = fastrand::Rng::with_seed(0);
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.u32(n_vocab.min(259)..n_vocab)).collect() };

@@ -63,12 +63,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let kv_type = super::kv_type_for(config, &args.model, args.kv_type)?;
     let mut session = Session::with_kv_type(model, exec, args.ctx, kv_type)?;
     // `[engine]`'s knobs, as `kiln serve` and `kiln bench` read them.
-    if let Some(b) = config.engine.attention_block {
-        session.set_attention_block(b);
-    }
-    if let Some(b) = config.engine.prompt_batch {
-        session.set_prompt_batch(b);
-    }
+    session.configure(&config.engine);
     let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
     if args.draft_max == 0 || args.draft_max > limit {
         return Err(CliError(format!(

@@ -424,6 +424,18 @@ impl Session {
         live
     }
 
+    /// Applies `config.toml`'s `[engine]` knobs that shape a session's
+    /// graphs (those set; the rest stay kiln's defaults): what `kiln
+    /// serve`, `kiln run` and `kiln bench` share.
+    pub fn configure(&mut self, engine: &kiln_registry::config::EngineConfig) {
+        if let Some(b) = engine.attention_block {
+            self.set_attention_block(b);
+        }
+        if let Some(b) = engine.prompt_batch {
+            self.set_prompt_batch(b);
+        }
+    }
+
     /// Sets the tokens a prompt is evaluated in per graph (at least 1;
     /// [`DEFAULT_BATCH`] by default): larger batches use the weights
     /// more per pass and need more work space. The logits do not depend
@@ -435,6 +447,11 @@ impl Session {
     /// Tokens a prompt is evaluated in per graph.
     pub fn prompt_batch(&self) -> usize {
         self.n_batch
+    }
+
+    /// Queries per attention block of prompt graphs.
+    pub fn attention_block(&self) -> usize {
+        self.attention_block
     }
 
     /// Sets the queries per attention block (at least 1). The results do
