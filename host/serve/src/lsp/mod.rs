@@ -1193,9 +1193,13 @@ impl Server {
         } else {
             (engine.loaded(), None)
         };
-        // The budgets as they fit the model's window.
-        let fitted =
-            (self.settings).within(engine.n_ctx().saturating_sub(self.settings.max_tokens));
+        // The prompt's room: the window less the completion's tokens; the
+        // budgets as they fit it.
+        let limit = engine
+            .n_ctx()
+            .saturating_sub(self.settings.max_tokens)
+            .max(1);
+        let fitted = self.settings.within(limit);
         let s = &fitted;
         let counter = Counter::of(&loaded);
         let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
@@ -1254,7 +1258,6 @@ impl Server {
         let layout = memo.layout.clone();
         let decision = memo.decision.clone();
         self.context_memo = Some(memo);
-        let limit = engine.n_ctx().saturating_sub(s.max_tokens).max(1);
         let repo = (self.workspace.read())
             .unwrap_or_else(|p| p.into_inner())
             .repo_name();
