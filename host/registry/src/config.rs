@@ -68,7 +68,7 @@ struct ConfigFile {
     #[serde(default)]
     kv_cache: KvCacheSection,
     #[serde(default)]
-    engine: EngineSection,
+    engine: EngineConfig,
     #[serde(default)]
     completion: CompletionConfig,
 }
@@ -162,47 +162,54 @@ pub enum IsolationSetting {
 /// `[completion]`: the language server's and HTTP API's defaults (`kiln
 /// serve`'s flags and the editor's settings win); what `kiln tune apply`
 /// writes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CompletionConfig {
     /// Speculative decoding by default (`none`, `ngram`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub draft: Option<String>,
     /// Tokens it guesses at most per verifying batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub draft_max: Option<usize>,
     /// Milliseconds an automatic inline completion waits before it starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub debounce_ms: Option<usize>,
     /// Tokens per completion at most.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
     /// Prompt budgets: the text before the cursor, after it, and snippets
     /// from other files.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub suffix_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub context_tokens: Option<usize>,
 }
 
 /// The largest prompt budget `[completion]` takes, in tokens.
 pub const MAX_BUDGET_TOKENS: usize = 1 << 17;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EngineSection {
-    #[serde(default)]
-    threads: Option<usize>,
-    #[serde(default)]
-    attention_block: Option<usize>,
-    #[serde(default)]
-    prompt_batch: Option<usize>,
-}
+/// The longest completion, in tokens (`max_tokens`, the editor's
+/// `maxTokens`).
+pub const MAX_COMPLETION_TOKENS: usize = 4096;
+/// The most tokens a draft guesses per verifying batch (`draft_max`).
+pub const MAX_DRAFT_TOKENS: usize = 64;
+/// The longest debounce, in milliseconds (`debounce_ms`).
+pub const MAX_DEBOUNCE_MS: usize = 2000;
 
 /// `[engine]`: how models run on this machine (what `kiln tune apply`
 /// writes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// CPU threads (`KILN_THREADS`, when set, wins).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
     /// Queries per attention block in prompt graphs.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_block: Option<usize>,
     /// Tokens of a prompt evaluated per graph.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_batch: Option<usize>,
 }
 
@@ -310,9 +317,19 @@ impl Config {
                     _ => {}
                 }
                 for (key, value, lo, hi) in [
-                    ("max_tokens", file.completion.max_tokens, 1, 4096),
-                    ("draft_max", file.completion.draft_max, 1, 64),
-                    ("debounce_ms", file.completion.debounce_ms, 0, 2000),
+                    (
+                        "max_tokens",
+                        file.completion.max_tokens,
+                        1,
+                        MAX_COMPLETION_TOKENS,
+                    ),
+                    ("draft_max", file.completion.draft_max, 1, MAX_DRAFT_TOKENS),
+                    (
+                        "debounce_ms",
+                        file.completion.debounce_ms,
+                        0,
+                        MAX_DEBOUNCE_MS,
+                    ),
                     (
                         "prefix_tokens",
                         file.completion.prefix_tokens,
@@ -352,11 +369,7 @@ impl Config {
                         ));
                     }
                 }
-                engine = EngineConfig {
-                    threads: file.engine.threads,
-                    attention_block: file.engine.attention_block,
-                    prompt_batch: file.engine.prompt_batch,
-                };
+                engine = file.engine;
                 match file.plugins.call_timeout_seconds {
                     Some(t) if !(t.is_finite() && (0.1..=86_400.0).contains(&t)) => {
                         config_error = Some(format!(
@@ -482,19 +495,13 @@ pub fn set_encrypt_at_rest(config: &mut Config, on: bool) -> Result<(), String> 
 /// What `kiln tune` sets in a config: `[engine] threads` and
 /// `attention_block`, `[kv_cache.models] MODEL = TYPE`, `[completion]
 /// draft` and the prompt's budgets; `None` leaves a key as it is.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineSetting<'a> {
-    pub threads: Option<usize>,
-    pub attention_block: Option<usize>,
-    pub prompt_batch: Option<usize>,
+    /// `[engine]`'s keys to set.
+    pub engine: EngineConfig,
     pub kv_type: Option<(&'a str, KvType)>,
-    pub draft: Option<&'a str>,
-    pub draft_max: Option<usize>,
-    pub debounce_ms: Option<usize>,
-    pub max_tokens: Option<usize>,
-    pub prefix_tokens: Option<usize>,
-    pub suffix_tokens: Option<usize>,
-    pub context_tokens: Option<usize>,
+    /// `[completion]`'s keys to set.
+    pub completion: CompletionConfig,
 }
 
 /// `config.toml`'s text now ('' when there is none) and with `setting`
@@ -517,19 +524,6 @@ pub fn engine_setting_text(
     path: &Path,
     setting: &EngineSetting<'_>,
 ) -> Result<String, String> {
-    let EngineSetting {
-        threads,
-        attention_block,
-        prompt_batch,
-        kv_type,
-        draft,
-        draft_max,
-        debounce_ms,
-        max_tokens,
-        prefix_tokens,
-        suffix_tokens,
-        context_tokens,
-    } = *setting;
     let mut doc: toml_edit::DocumentMut = before
         .parse()
         .map_err(|e| format!("{} is not valid TOML: {e}", path.display()))?;
@@ -543,16 +537,30 @@ pub fn engine_setting_text(
             .as_table_like_mut()
             .ok_or_else(|| format!("{}: `{name}` is not a table", path.display()))
     }
-    for (key, value) in [
-        ("threads", threads),
-        ("attention_block", attention_block),
-        ("prompt_batch", prompt_batch),
-    ] {
-        if let Some(v) = value {
-            table(&mut doc, "engine", path)?.insert(key, toml_edit::value(v as i64));
+    // The keys a section's struct has set (`None`s are left out).
+    fn set<T: Serialize>(
+        doc: &mut toml_edit::DocumentMut,
+        name: &str,
+        path: &Path,
+        keys: &T,
+    ) -> Result<(), String> {
+        let toml::Value::Table(keys) =
+            toml::Value::try_from(keys).map_err(|e| format!("[{name}]: {e}"))?
+        else {
+            return Ok(());
+        };
+        for (key, value) in keys {
+            let value = match value {
+                toml::Value::Integer(i) => toml_edit::value(i),
+                toml::Value::String(s) => toml_edit::value(s),
+                other => return Err(format!("[{name}] {key} = {other}: not written")),
+            };
+            table(doc, name, path)?.insert(&key, value);
         }
+        Ok(())
     }
-    if let Some((model, kv)) = kv_type {
+    set(&mut doc, "engine", path, &setting.engine)?;
+    if let Some((model, kv)) = setting.kv_type {
         let kv_cache = table(&mut doc, "kv_cache", path)?;
         let models = kv_cache
             .entry("models")
@@ -561,21 +569,7 @@ pub fn engine_setting_text(
             .ok_or_else(|| format!("{}: `kv_cache.models` is not a table", path.display()))?;
         models.insert(model, toml_edit::value(kv.name()));
     }
-    if let Some(d) = draft {
-        table(&mut doc, "completion", path)?.insert("draft", toml_edit::value(d));
-    }
-    for (key, value) in [
-        ("draft_max", draft_max),
-        ("debounce_ms", debounce_ms),
-        ("max_tokens", max_tokens),
-        ("prefix_tokens", prefix_tokens),
-        ("suffix_tokens", suffix_tokens),
-        ("context_tokens", context_tokens),
-    ] {
-        if let Some(v) = value {
-            table(&mut doc, "completion", path)?.insert(key, toml_edit::value(v as i64));
-        }
-    }
+    set(&mut doc, "completion", path, &setting.completion)?;
     let after = doc.to_string();
     // What is written must read back as a valid config.
     toml::from_str::<ConfigFile>(&after)

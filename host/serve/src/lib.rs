@@ -110,7 +110,7 @@ impl Default for Settings {
 pub const PROMPT_OVERHEAD_TOKENS: usize = 64;
 
 /// The longest debounce a client may ask for, in milliseconds.
-pub const MAX_DEBOUNCE_MS: u64 = 2000;
+pub const MAX_DEBOUNCE_MS: u64 = kiln_registry::config::MAX_DEBOUNCE_MS as u64;
 
 impl Settings {
     /// These settings with the prompt's budgets (prefix, suffix, context)
@@ -147,9 +147,10 @@ impl Settings {
                 self.draft_max
             ));
         }
-        if self.max_tokens == 0 || self.max_tokens > 4096 {
+        let most = kiln_registry::config::MAX_COMPLETION_TOKENS;
+        if self.max_tokens == 0 || self.max_tokens > most {
             return Err(format!(
-                "maxTokens must be between 1 and 4096, not {}",
+                "maxTokens must be between 1 and {most}, not {}",
                 self.max_tokens
             ));
         }

@@ -379,17 +379,21 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
     };
     let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
     Ok(EngineSetting {
-        threads: int("threads"),
-        attention_block: int("attention_block"),
-        prompt_batch: int("prompt_batch"),
+        engine: kiln_registry::config::EngineConfig {
+            threads: int("threads"),
+            attention_block: int("attention_block"),
+            prompt_batch: int("prompt_batch"),
+        },
         kv_type: kv_type.map(|kv| (key, kv)),
-        draft: s.get("draft").and_then(Value::as_str),
-        draft_max: int("draft_max"),
-        debounce_ms: int("debounce_ms"),
-        max_tokens: int("max_tokens"),
-        prefix_tokens: int("prefix_tokens"),
-        suffix_tokens: int("suffix_tokens"),
-        context_tokens: int("context_tokens"),
+        completion: kiln_registry::config::CompletionConfig {
+            draft: s.get("draft").and_then(Value::as_str).map(str::to_string),
+            draft_max: int("draft_max"),
+            debounce_ms: int("debounce_ms"),
+            max_tokens: int("max_tokens"),
+            prefix_tokens: int("prefix_tokens"),
+            suffix_tokens: int("suffix_tokens"),
+            context_tokens: int("context_tokens"),
+        },
     })
 }
 

@@ -67,7 +67,7 @@ pub const NGRAM_MIN: usize = 2;
 /// Tokens guessed at most per verifying batch, by default.
 pub const DRAFT_MAX: usize = 8;
 /// The most a request may ask for.
-pub const DRAFT_MAX_LIMIT: usize = 64;
+pub const DRAFT_MAX_LIMIT: usize = kiln_registry::config::MAX_DRAFT_TOKENS;
 
 /// Up to `max` tokens that followed the latest earlier occurrence of the
 /// last `n` tokens of `history`, for the longest `n` from [`NGRAM_MAX`]
