@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 3;
+pub const ABI_MINOR: u16 = 4;
 
 /// The custom section that declares a policy's ABI, kind, name and version.
 pub const META_SECTION: &str = "kiln_policy";
@@ -19,7 +19,9 @@ pub const EXPORT_TUNE: &str = "kiln_tune";
 pub const HOST_MODULE: &str = "kiln";
 pub const HOST_LOG: &str = "log";
 
-pub const RANK_HEADER: usize = 32;
+/// The ranking input's header: 32 bytes up to 1.3; 1.4 appended the
+/// offset and count of the parameter values.
+pub const RANK_HEADER: usize = 40;
 pub const CURSOR_RECORD: usize = 40;
 /// Candidate record sizes: 1.0; 1.1 appended `symbol_overlap`; 1.2
 /// appended `definition`, `resolution` and `path_distance`; 1.3 put
@@ -160,10 +162,18 @@ fn put_str(out: &mut Vec<u8>, r: [u32; 2]) {
 }
 
 impl RankInput {
-    /// The binary layout of ABI 1.3.
+    /// The binary layout of ABI 1.4, with no parameter values.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(&[])
+    }
+
+    /// The binary layout of ABI 1.4, with `params` (the values of the
+    /// parameters the policy declares, in its order) after the header.
+    pub fn encode_with(&self, params: &[f64]) -> Vec<u8> {
         let n = self.candidates.len();
-        let candidates_at = RANK_HEADER + CURSOR_RECORD;
+        let params_at = RANK_HEADER;
+        let cursor_at = params_at + 8 * params.len();
+        let candidates_at = cursor_at + CURSOR_RECORD;
         let strings_at = candidates_at + n * CANDIDATE_RECORD;
         let mut strings = Strings { bytes: Vec::new() };
         let mut out = Vec::with_capacity(strings_at + 64 * n);
@@ -172,13 +182,18 @@ impl RankInput {
         out.extend_from_slice(&ABI_MINOR.to_le_bytes());
         for v in [
             RANK_HEADER as u32,
-            RANK_HEADER as u32,
+            cursor_at as u32,
             candidates_at as u32,
             CANDIDATE_RECORD as u32,
             n as u32,
             strings_at as u32,
+            params_at as u32,
+            params.len() as u32,
         ] {
             put_u32(&mut out, v);
+        }
+        for v in params {
+            out.extend_from_slice(&v.to_le_bytes());
         }
         let c = &self.cursor;
         for s in [&c.language, &c.path, &c.prefix, &c.suffix] {
@@ -441,27 +456,44 @@ mod tests {
 
     #[test]
     fn rank_layout_matches_the_spec() {
-        let b = sample().encode();
+        // Two parameter values (16 bytes) between the header and the
+        // cursor; the candidates follow the cursor's 40 bytes.
+        let b = sample().encode_with(&[0.5, 64.0]);
         assert_eq!(&b[..4], b"KRNK");
+        assert_eq!(&b[4..8], &[1, 0, 4, 0]);
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         assert_eq!(
             (u32_at(8), u32_at(12), u32_at(16), u32_at(20), u32_at(24)),
-            (32, 32, 72, 72, 1)
+            (40, 56, 96, 72, 1)
         );
+        assert_eq!((u32_at(32), u32_at(36)), (40, 2));
+        let f64_at = |at: usize| f64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        assert_eq!((f64_at(40), f64_at(48)), (0.5, 64.0));
         let strings = u32_at(28) as usize;
-        assert_eq!(strings, 72 + 72);
-        // The candidate's text, through its string reference.
-        let (off, len) = (u32_at(72 + 40) as usize, u32_at(72 + 44) as usize);
+        assert_eq!(strings, 96 + 72);
+        // The cursor's prefix and the candidate's text, through their
+        // string references.
+        let (off, len) = (u32_at(56 + 16) as usize, u32_at(56 + 20) as usize);
+        assert_eq!(&b[strings + off..strings + off + len], b"fn main() {");
+        let (off, len) = (u32_at(96 + 40) as usize, u32_at(96 + 44) as usize);
         assert_eq!(
             &b[strings + off..strings + off + len],
             b"pub fn helper() {}"
         );
-        assert_eq!(u32_at(72 + 28), IMPORT_RELATED);
+        assert_eq!(u32_at(96 + 28), IMPORT_RELATED);
         let f32_at = |at: usize| f32::from_le_bytes(b[at..at + 4].try_into().unwrap());
-        assert_eq!(f32_at(72 + 48), 0.5);
-        assert_eq!(f32_at(72 + 56), 0.75);
-        assert_eq!(u32_at(72 + 60), RESOLUTION_SIGNATURE);
-        assert_eq!(u32_at(72 + 64), 2);
+        assert_eq!(f32_at(96 + 48), 0.5);
+        assert_eq!(f32_at(96 + 56), 0.75);
+        assert_eq!(u32_at(96 + 60), RESOLUTION_SIGNATURE);
+        assert_eq!(u32_at(96 + 64), 2);
+        assert_eq!(u32_at(96 + 68), 1);
+        // No parameters: the cursor right after the header.
+        let b = sample().encode();
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(
+            (u32_at(12), u32_at(16), u32_at(32), u32_at(36)),
+            (40, 80, 40, 0)
+        );
     }
 
     #[test]

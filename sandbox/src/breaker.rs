@@ -8,6 +8,7 @@
 use crate::abi::{self, RankInput};
 use crate::runtime::Policy;
 use crate::{PolicyError, builtin};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,19 +58,102 @@ struct State {
     last_error: Option<String>,
 }
 
+/// `config.toml`'s `[policies.params]`: by policy name, parameter name →
+/// value.
+pub type ParamTables = BTreeMap<String, BTreeMap<String, f64>>;
+
 /// A ranking policy behind a circuit breaker, with the built-in fallback.
 pub struct Ranker {
     policy: Option<Arc<Policy>>,
+    /// The values of the parameters the policy declares, sent with every
+    /// input (ABI 1.4).
+    params: Vec<f64>,
+    /// The built-in ranker's parameter values (`bm25-recency`'s), and
+    /// them as its formula's weights.
+    builtin_values: Vec<f64>,
+    weights: builtin::Weights,
     threshold: u32,
     state: Mutex<State>,
 }
 
 impl Ranker {
+    /// `policy` (the built-in ranker when `None`) with its declared
+    /// parameters' defaults.
     pub fn new(policy: Option<Arc<Policy>>, threshold: u32) -> Ranker {
+        let params = policy.as_ref().map_or_else(Vec::new, |p| {
+            p.meta.params.iter().map(|d| d.default).collect()
+        });
         Ranker {
             policy,
+            params,
+            builtin_values: builtin::params().iter().map(|d| d.default).collect(),
+            weights: builtin::Weights::defaults(),
             threshold: threshold.max(1),
             state: Mutex::default(),
+        }
+    }
+
+    /// Sets the parameters from `tables` (`[policies.params]`): the
+    /// policy's from its name's table, the built-in ranker's from
+    /// `bm25-recency`'s. What cannot be used (an unknown name, a value
+    /// out of range) keeps its default and is described in the list
+    /// returned, one line each naming the table.
+    pub fn with_params(mut self, tables: &ParamTables) -> (Ranker, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut resolve = |name: &str, decls: &[crate::meta::ParamDecl]| {
+            let (values, wrong) = crate::meta::resolve_params(decls, tables.get(name));
+            problems.extend((wrong.into_iter()).map(|w| format!("[policies.params.{name}] {w}")));
+            values
+        };
+        self.builtin_values = resolve(builtin::NAME, &builtin::params());
+        self.weights = builtin::Weights::from_values(&self.builtin_values);
+        if let Some(p) = &self.policy
+            && p.meta.name != builtin::NAME
+        {
+            self.params = resolve(&p.meta.name, &p.meta.params);
+        } else if let Some(p) = &self.policy {
+            // The policy is bm25-recency: the values already resolved.
+            let (values, _) =
+                crate::meta::resolve_params(&p.meta.params, tables.get(builtin::NAME));
+            self.params = values;
+        }
+        (self, problems)
+    }
+
+    /// The values sent to the policy (its declared parameters, in order).
+    pub fn params(&self) -> &[f64] {
+        &self.params
+    }
+
+    /// The built-in ranker's weights.
+    pub fn weights(&self) -> &builtin::Weights {
+        &self.weights
+    }
+
+    /// The parameters in force, by name: the policy's (declared order),
+    /// or the built-in ranker's when there is no policy.
+    pub fn param_values(&self) -> Vec<(String, f64)> {
+        (self.declared().1.into_iter())
+            .map(|(d, v)| (d.name, v))
+            .collect()
+    }
+
+    /// Who ranks (the policy's name, or `bm25-recency` for the built-in
+    /// ranker) and its declared parameters with the values in force.
+    pub fn declared(&self) -> (String, Vec<(crate::meta::ParamDecl, f64)>) {
+        match &self.policy {
+            Some(p) => (
+                p.meta.name.clone(),
+                (p.meta.params.iter().cloned())
+                    .zip(self.params.iter().copied())
+                    .collect(),
+            ),
+            None => (
+                builtin::NAME.to_string(),
+                (builtin::params().into_iter())
+                    .zip(self.builtin_values.iter().copied())
+                    .collect(),
+            ),
         }
     }
 
@@ -114,7 +198,7 @@ impl Ranker {
     pub fn rank(&self, input: &RankInput) -> Ranked {
         let Some(policy) = &self.policy else {
             return Ranked {
-                scores: builtin::rank(input),
+                scores: builtin::rank_with(input, &self.weights),
                 source: Source::Builtin(None),
                 tripped_now: false,
                 call: None,
@@ -123,13 +207,13 @@ impl Ranker {
         if self.is_tripped() {
             let why = format!("{} is disabled by the circuit breaker", policy.meta.label());
             return Ranked {
-                scores: builtin::rank(input),
+                scores: builtin::rank_with(input, &self.weights),
                 source: Source::Builtin(Some(why)),
                 tripped_now: false,
                 call: None,
             };
         }
-        let bytes = input.encode();
+        let bytes = input.encode_with(&self.params);
         let start = std::time::Instant::now();
         let raw = policy.expect_rank().and_then(|()| policy.call_raw(&bytes));
         let mut call = Call {
@@ -177,7 +261,7 @@ impl Ranker {
         let tripped_now = !s.tripped && s.consecutive_failures >= self.threshold;
         s.tripped |= tripped_now;
         Ranked {
-            scores: builtin::rank(input),
+            scores: builtin::rank_with(input, &self.weights),
             source: Source::Builtin(Some(why)),
             tripped_now,
             call: None,

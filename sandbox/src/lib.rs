@@ -4,7 +4,7 @@
 //! snippets for a completion, *tuning* policies propose runtime settings.
 //! A policy is a WebAssembly core module written in any language; this
 //! crate runs it under wasmtime as a pure function of its input:
-//! - [`abi`]: the policy ABI 1.1 (see `ABI.md` beside this crate): what goes
+//! - [`abi`]: the policy ABI 1.4 (see `ABI.md` beside this crate): what goes
 //!   in and comes out, as compact little-endian layouts;
 //! - [`meta`]: the module's declarations, checked with `wasmparser` before
 //!   anything is compiled (size, metadata, imports, exports);
@@ -26,7 +26,7 @@ pub use abi::{
     RESOLUTION_LINES, RESOLUTION_SIGNATURE, RankInput, Trial, TuneInput,
 };
 pub use limits::PolicyLimits;
-pub use meta::{PolicyKind, PolicyMeta};
+pub use meta::{ParamDecl, PolicyKind, PolicyMeta};
 pub use runtime::{Outcome, Policy, Sandbox};
 
 /// Everything that can be wrong with a policy or one of its calls. Each
@@ -47,6 +47,10 @@ pub enum PolicyError {
         "the policy was built for policy ABI {policy}; this kiln runs ABI {host}; rebuild it with a matching SDK"
     )]
     AbiMajor { policy: String, host: String },
+    #[error(
+        "the policy was built for policy ABI {policy}, newer than this kiln's {host}; update kiln, or rebuild the policy for ABI {host}"
+    )]
+    AbiNewer { policy: String, host: String },
     #[error(
         "the policy imports {module}.{name}; policies get no WASI and no host functions but kiln.log: no files, network, clock or randomness"
     )]

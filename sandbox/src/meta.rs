@@ -41,6 +41,103 @@ struct RawMeta {
     version: String,
     #[serde(default)]
     limits: LimitOverrides,
+    #[serde(default)]
+    params: Vec<ParamDecl>,
+}
+
+/// A parameter a policy declares (ABI 1.4): the host sends its value in
+/// every ranking input, the user's from `config.toml` (`[policies.params.
+/// NAME]`) or else `default`; `kiln tune` searches it within `min`..=`max`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamDecl {
+    pub name: String,
+    pub default: f64,
+    pub min: f64,
+    pub max: f64,
+    /// A search spreads its tries on a log scale (`min` must be positive).
+    #[serde(default)]
+    pub log: bool,
+    /// Only whole numbers.
+    #[serde(default)]
+    pub integer: bool,
+    /// What it weighs, for `kiln policy show`.
+    #[serde(default)]
+    pub doc: String,
+}
+
+/// Parameters a policy may declare.
+pub const MAX_PARAMS: usize = 32;
+
+impl ParamDecl {
+    /// Whether `v` is a value the parameter takes; the message names the
+    /// range.
+    pub fn check(&self, v: f64) -> Result<(), String> {
+        if !v.is_finite() || v < self.min || v > self.max || (self.integer && v.fract() != 0.0) {
+            return Err(format!(
+                "{} = {v}: give {}{} to {}",
+                self.name,
+                if self.integer {
+                    "a whole number from "
+                } else {
+                    ""
+                },
+                self.min,
+                self.max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a declaration: names that `config.toml` can hold, unique, at
+/// most [`MAX_PARAMS`], finite ranges holding their defaults.
+fn check_params(params: &[ParamDecl], abi: (u16, u16)) -> Result<(), String> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    if abi < (1, 4) {
+        return Err(format!(
+            "params need policy ABI 1.4; the policy declares {}.{}",
+            abi.0, abi.1
+        ));
+    }
+    if params.len() > MAX_PARAMS {
+        return Err(format!(
+            "{} params declared; at most {MAX_PARAMS}",
+            params.len()
+        ));
+    }
+    for (i, p) in params.iter().enumerate() {
+        let name_ok = !p.name.is_empty()
+            && p.name.len() <= 64
+            && p.name.starts_with(|c: char| c.is_ascii_lowercase())
+            && (p.name.chars()).all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok {
+            return Err(format!(
+                "param {:?}: a name is lowercase letters, digits and '_', starting with a letter",
+                p.name
+            ));
+        }
+        if params[..i].iter().any(|q| q.name == p.name) {
+            return Err(format!("param {} is declared twice", p.name));
+        }
+        if !(p.min.is_finite() && p.max.is_finite() && p.min <= p.max) {
+            return Err(format!(
+                "param {}: min {} and max {} are not a range",
+                p.name, p.min, p.max
+            ));
+        }
+        if p.log && p.min <= 0.0 {
+            return Err(format!(
+                "param {}: a log-scaled range must be positive (min {})",
+                p.name, p.min
+            ));
+        }
+        p.check(p.default)
+            .map_err(|e| format!("param {}'s default: {e}", p.name))?;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -52,6 +149,9 @@ pub struct PolicyMeta {
     pub version: semver::Version,
     /// Limits the policy asks for.
     pub limits: LimitOverrides,
+    /// The parameters it declares (ABI 1.4), in the order their values
+    /// are sent.
+    pub params: Vec<ParamDecl>,
 }
 
 impl PolicyMeta {
@@ -115,6 +215,13 @@ pub fn inspect(bytes: &[u8], max_bytes: u64) -> Result<PolicyMeta, PolicyError> 
             host: format!("{ABI_MAJOR}.{ABI_MINOR}"),
         });
     }
+    if abi.1 > ABI_MINOR {
+        return Err(PolicyError::AbiNewer {
+            policy: m.abi,
+            host: format!("{ABI_MAJOR}.{ABI_MINOR}"),
+        });
+    }
+    check_params(&m.params, abi).map_err(PolicyError::BadMetadata)?;
     let version = semver::Version::parse(&m.version)
         .map_err(|e| PolicyError::BadMetadata(format!("version {:?}: {e}", m.version)))?;
     let has = |name: &str, kind: wasmparser::ExternalKind| {
@@ -136,5 +243,50 @@ pub fn inspect(bytes: &[u8], max_bytes: u64) -> Result<PolicyMeta, PolicyError> 
         name: m.name,
         version,
         limits: m.limits,
+        params: m.params,
     })
+}
+
+/// The values of the parameters `decls` declares, in order: `set`'s (the
+/// policy's `[policies.params.NAME]` table) where valid, else the
+/// declared defaults. Each entry that is not used (an unknown name, a
+/// value out of range) is named in the second list, with what to do.
+pub fn resolve_params(
+    decls: &[ParamDecl],
+    set: Option<&std::collections::BTreeMap<String, f64>>,
+) -> (Vec<f64>, Vec<String>) {
+    let mut problems = Vec::new();
+    let values = decls
+        .iter()
+        .map(|d| match set.and_then(|s| s.get(&d.name)) {
+            Some(&v) => match d.check(v) {
+                Ok(()) => v,
+                Err(e) => {
+                    problems.push(format!("{e}; its default {} is used", d.default));
+                    d.default
+                }
+            },
+            None => d.default,
+        })
+        .collect();
+    for name in set.into_iter().flat_map(|s| s.keys()) {
+        if !decls.iter().any(|d| &d.name == name) {
+            problems.push(format!(
+                "{name}: not a parameter it declares{}",
+                if decls.is_empty() {
+                    " (it declares none)".to_string()
+                } else {
+                    format!(
+                        " (give some of {})",
+                        decls
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            ));
+        }
+    }
+    (values, problems)
 }

@@ -281,3 +281,100 @@ fn the_compile_cache_is_verified() {
     assert_eq!(p.rank(&input(2)).unwrap().value, vec![1.0, 1.0]);
     assert_ne!(std::fs::read(cwasm).unwrap(), b);
 }
+
+/// A ranking module whose `kiln_policy` section is `meta` (JSON, quotes
+/// escaped for WAT).
+fn with_meta(meta: &str) -> Vec<u8> {
+    let meta = meta.replace('"', "\\\"");
+    wat::parse_str(format!(
+        r#"(module
+  (@custom "kiln_policy" "{meta}")
+  (memory (export "memory") 1)
+  (func (export "kiln_alloc") (param i32) (result i32) i32.const 0)
+  (func (export "kiln_rank") (param i32 i32) (result i64) i64.const 0))"#
+    ))
+    .expect("valid WAT")
+}
+
+#[test]
+fn declared_parameters_are_checked_when_loaded() {
+    let head = r#""kind":"rank","name":"p","version":"1.0.0""#;
+    let ok = with_meta(&format!(
+        r#"{{"abi":"1.4",{head},"params":[{{"name":"weight_2","default":1.5,"min":0,"max":4}},{{"name":"span","default":60,"min":1,"max":3600,"log":true,"integer":true,"doc":"seconds"}}]}}"#
+    ));
+    let meta = load(&ok).unwrap().meta;
+    assert_eq!(meta.params.len(), 2);
+    assert_eq!(
+        (
+            meta.params[1].name.as_str(),
+            meta.params[1].log,
+            meta.params[1].integer
+        ),
+        ("span", true, true)
+    );
+    assert!(
+        meta.params[1]
+            .check(59.5)
+            .unwrap_err()
+            .contains("whole number")
+    );
+    let param = |p: &str| format!(r#"{{"abi":"1.4",{head},"params":[{p}]}}"#);
+    let cases = [
+        (
+            format!(
+                r#"{{"abi":"1.3",{head},"params":[{{"name":"w","default":1,"min":0,"max":2}}]}}"#
+            ),
+            "params need policy ABI 1.4",
+        ),
+        (
+            param(
+                r#"{"name":"w","default":1,"min":0,"max":2},{"name":"w","default":1,"min":0,"max":2}"#,
+            ),
+            "declared twice",
+        ),
+        (
+            param(r#"{"name":"w","default":3,"min":0,"max":2}"#),
+            "w's default: w = 3: give 0 to 2",
+        ),
+        (
+            param(r#"{"name":"w","default":1,"min":2,"max":0}"#),
+            "not a range",
+        ),
+        (
+            param(r#"{"name":"w","default":1,"min":0,"max":2,"log":true}"#),
+            "log-scaled range must be positive",
+        ),
+        (
+            param(r#"{"name":"Weight","default":1,"min":0,"max":2}"#),
+            "lowercase letters",
+        ),
+        (
+            param(r#"{"name":"w.x","default":1,"min":0,"max":2}"#),
+            "lowercase letters",
+        ),
+        (
+            param(r#"{"name":"w","default":1,"min":0}"#),
+            "missing field `max`",
+        ),
+        (
+            param(r#"{"name":"w","default":1,"min":0,"max":2,"step":1}"#),
+            "unknown field `step`",
+        ),
+        (
+            format!(r#"{{"abi":"1.9",{head}}}"#),
+            "built for policy ABI 1.9, newer than this kiln's 1.4",
+        ),
+    ];
+    for (meta, want) in cases {
+        let err = load(&with_meta(&meta)).err().expect("refused").to_string();
+        assert!(err.contains(want), "{meta}: {err}");
+    }
+    let many: Vec<String> = (0..33)
+        .map(|i| format!(r#"{{"name":"w{i}","default":1,"min":0,"max":2}}"#))
+        .collect();
+    let err = load(&with_meta(&param(&many.join(","))))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("33 params declared; at most 32"), "{err}");
+}

@@ -950,3 +950,172 @@ fn store_gc_collects_policy_modules_nothing_names_and_spares_the_rest() {
     ]);
     assert!(run["run"]["error"].is_null(), "{run}");
 }
+
+/// ABI 1.4's declared parameters: the shipped `bm25-recency` declares the
+/// built-in formula's weights (the same list the built-in ranker has), and
+/// with any values `config.toml` gives them the policy still equals the
+/// built-in ranker bit for bit; the C `proximity` reads its own; values
+/// that cannot be used keep their defaults and are named.
+#[test]
+fn declared_parameters_reach_the_policy_and_the_builtin_ranker() {
+    use kiln_sandbox::breaker::{ParamTables, Ranker};
+    let Some(_) = policies_dir() else { return };
+    let sandbox = Sandbox::new(None);
+    let load = |name: &str| {
+        std::sync::Arc::new(
+            sandbox
+                .load(&std::fs::read(policy(name).unwrap()).unwrap(), None)
+                .unwrap(),
+        )
+    };
+    let bm25 = load("bm25_recency");
+    assert_eq!(bm25.meta.abi, (1, 4));
+    assert_eq!(bm25.meta.name, builtin::NAME);
+    assert_eq!(
+        bm25.meta.params,
+        builtin::params(),
+        "the policy declares the formula's own list"
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut rng = fastrand::Rng::with_seed(5);
+    for round in 0..20 {
+        let mut set = std::collections::BTreeMap::new();
+        for d in builtin::params() {
+            let v = d.min + rng.f64() * (d.max - d.min);
+            set.insert(d.name, (v * 100.0).round() / 100.0);
+        }
+        let tables: ParamTables = [(builtin::NAME.to_string(), set)].into();
+        let (policy, problems) = Ranker::new(Some(bm25.clone()), 3).with_params(&tables);
+        assert!(problems.is_empty(), "{problems:?}");
+        let (fallback, _) = Ranker::new(None, 3).with_params(&tables);
+        let input = synthetic_rank(200, round);
+        let ours = policy.rank(&input);
+        assert_eq!(ours.source, kiln_sandbox::breaker::Source::Policy);
+        let theirs = fallback.rank(&input);
+        assert_eq!(bits(&ours.scores), bits(&theirs.scores), "round {round}");
+        // The values are in the input the policy got (and replays).
+        let call = ours.call.unwrap();
+        assert_eq!(call.input, input.encode_with(policy.params()));
+        assert_ne!(
+            bits(&ours.scores),
+            bits(&builtin::rank(&input)),
+            "round {round}: other weights, other scores"
+        );
+    }
+
+    // proximity (C): its `reach` and `definition` change its scores.
+    let proximity = load("proximity");
+    let names: Vec<&str> = (proximity.meta.params.iter())
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(names, ["definition", "reach"]);
+    let input = synthetic_rank(300, 9);
+    let defaults = Ranker::new(Some(proximity.clone()), 3).rank(&input).scores;
+    let tables: ParamTables = [(
+        "proximity".to_string(),
+        [
+            ("reach".to_string(), 400.0),
+            ("definition".to_string(), 0.0),
+        ]
+        .into(),
+    )]
+    .into();
+    let (tuned, problems) = Ranker::new(Some(proximity.clone()), 3).with_params(&tables);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(tuned.params(), [0.0, 400.0]);
+    let tuned_scores = tuned.rank(&input);
+    assert_eq!(tuned_scores.source, kiln_sandbox::breaker::Source::Policy);
+    assert_ne!(bits(&tuned_scores.scores), bits(&defaults));
+
+    // Out of range, not a whole parameter, or not declared: the default,
+    // and a line naming the table, the key and the range.
+    let tables: ParamTables = [
+        (
+            "proximity".to_string(),
+            [("reach".to_string(), 0.5), ("wobble".to_string(), 1.0)].into(),
+        ),
+        (
+            builtin::NAME.to_string(),
+            [("definition".to_string(), 500.0)].into(),
+        ),
+    ]
+    .into();
+    let (r, problems) = Ranker::new(Some(proximity), 3).with_params(&tables);
+    assert_eq!(r.params(), [8.0, 20.0]);
+    assert_eq!(r.weights(), &builtin::Weights::defaults());
+    let all = problems.join("\n");
+    assert_eq!(problems.len(), 3, "{all}");
+    assert!(
+        all.contains(
+            "[policies.params.proximity] reach = 0.5: give 1 to 2000; its default 20 is used"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("[policies.params.proximity] wobble: not a parameter it declares (give some of definition, reach)"),
+        "{all}"
+    );
+    assert!(
+        all.contains("[policies.params.bm25-recency] definition = 500: give 0 to 128"),
+        "{all}"
+    );
+}
+
+/// Served: `[policies.params.NAME]` in config.toml reaches the active
+/// policy (the language server's status shows the values in force), the
+/// decision log keeps them in the input, and the decision replays.
+#[test]
+fn configured_parameters_are_served_logged_and_replayed() {
+    use kiln_tests::serve::{open, status};
+    let Some(_) = policies_dir() else { return };
+    let home = Home::default();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[policies.params.proximity]\nreach = 120\ndefinition = 3.5\n",
+    )
+    .unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path().join("sizes.py"),
+        "def square_area(side):\n    return side * side\n",
+    )
+    .unwrap();
+    let uri = format!("file://{}/main.py", ws.path().display());
+    home.ok(&[
+        "policy",
+        "add",
+        policy("proximity").unwrap().to_str().unwrap(),
+    ]);
+    let mut c = serving(&home, ws.path(), 2);
+    open(&mut c, &uri, "");
+    complete_on_line(&mut c, &uri, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (s, id) = loop {
+        let s = status(&mut c);
+        if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
+            break (s, id);
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(s["policy"]["active"], "proximity@1.2.0", "{s}");
+    assert_eq!(
+        s["policy"]["params"],
+        serde_json::json!({"definition": 3.5, "reach": 120.0}),
+        "{s}"
+    );
+    assert!(c.close().unwrap().success());
+    let logged = home.registry().decision(id).unwrap().unwrap();
+    let input = &logged.input;
+    let u32_at = |at: usize| u32::from_le_bytes(input[at..at + 4].try_into().unwrap()) as usize;
+    let f64_at = |at: usize| f64::from_le_bytes(input[at..at + 8].try_into().unwrap());
+    assert_eq!((u32_at(8), u32_at(36)), (40, 2));
+    assert_eq!((f64_at(u32_at(32)), f64_at(u32_at(32) + 8)), (3.5, 120.0));
+    let replay = home.json(&["policy", "replay", &id.to_string(), "--json"]);
+    assert_eq!(replay["replay"]["identical"], true, "{replay}");
+}

@@ -71,6 +71,20 @@ struct ConfigFile {
     engine: EngineConfig,
     #[serde(default)]
     completion: CompletionConfig,
+    #[serde(default)]
+    policies: PoliciesSection,
+}
+
+/// By policy name, parameter name → value: `[policies.params.NAME]`.
+pub type PolicyParams = std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoliciesSection {
+    /// The values of the parameters ranking policies declare (ABI 1.4),
+    /// by policy name; the built-in ranker reads `bm25-recency`'s.
+    #[serde(default)]
+    params: PolicyParams,
 }
 
 /// A KV cache type `config.toml` may name.
@@ -256,6 +270,10 @@ pub struct Config {
     /// `[completion]`: speculative decoding and the prompt's budgets by
     /// default; `kiln serve`'s flags and the editor's settings win.
     pub completion: CompletionConfig,
+    /// `[policies.params.NAME]`: the values of ranking policies'
+    /// declared parameters (checked against the declarations when a
+    /// policy is loaded).
+    pub policy_params: PolicyParams,
 }
 
 impl Config {
@@ -305,8 +323,18 @@ impl Config {
         let mut plugin_run = PluginRunConfig::default();
         let mut engine = EngineConfig::default();
         let mut completion = CompletionConfig::default();
+        let mut policy_params = PolicyParams::new();
         match read_config_file(&config_file) {
             Ok(file) => {
+                for (policy, params) in &file.policies.params {
+                    if let Some((name, v)) = params.iter().find(|(_, v)| !v.is_finite()) {
+                        config_error = Some(format!(
+                            "{}: [policies.params.{policy}] {name} = {v}: give a finite number",
+                            config_file.display()
+                        ));
+                    }
+                }
+                policy_params = file.policies.params;
                 match file.completion.draft.as_deref() {
                     Some(d) if !["none", "ngram"].contains(&d) => {
                         config_error = Some(format!(
@@ -430,6 +458,7 @@ impl Config {
             plugin_run,
             engine,
             completion,
+            policy_params,
         }
     }
 
@@ -502,6 +531,8 @@ pub struct EngineSetting<'a> {
     pub kv_type: Option<(&'a str, KvType)>,
     /// `[completion]`'s keys to set.
     pub completion: CompletionConfig,
+    /// `[policies.params.NAME]`'s keys to set.
+    pub policy_params: PolicyParams,
 }
 
 /// `config.toml`'s text now ('' when there is none) and with `setting`
@@ -570,6 +601,37 @@ pub fn engine_setting_text(
         models.insert(model, toml_edit::value(kv.name()));
     }
     set(&mut doc, "completion", path, &setting.completion)?;
+    // `[policies.params.NAME]`, its parents implicit (no empty headers).
+    let implicit = || {
+        let mut t = toml_edit::Table::new();
+        t.set_implicit(true);
+        toml_edit::Item::Table(t)
+    };
+    for (policy, params) in &setting.policy_params {
+        let policies = doc
+            .entry("policies")
+            .or_insert_with(implicit)
+            .as_table_like_mut()
+            .ok_or_else(|| format!("{}: `policies` is not a table", path.display()))?;
+        let all = policies
+            .entry("params")
+            .or_insert_with(implicit)
+            .as_table_like_mut()
+            .ok_or_else(|| format!("{}: `policies.params` is not a table", path.display()))?;
+        let one = all
+            .entry(policy)
+            .or_insert(toml_edit::Item::Table(toml_edit::Table::new()))
+            .as_table_like_mut()
+            .ok_or_else(|| {
+                format!(
+                    "{}: `policies.params.{policy}` is not a table",
+                    path.display()
+                )
+            })?;
+        for (name, v) in params {
+            one.insert(name, toml_edit::value(*v));
+        }
+    }
     let after = doc.to_string();
     // What is written must read back as a valid config.
     toml::from_str::<ConfigFile>(&after)
@@ -707,6 +769,46 @@ mod tests {
         assert!(err.contains("config.toml") && err.contains("dir"), "{err}");
         assert_eq!(c.plugin_dirs.len(), 1);
         assert!(c.require_valid().is_err());
+    }
+
+    #[test]
+    fn policy_params_are_read_and_written_back() {
+        let home = tempfile::tempdir().unwrap();
+        let text = "[engine]\nthreads = 2\n\n[policies.params.proximity]\nreach = 40\n";
+        std::fs::write(home.path().join("config.toml"), text).unwrap();
+        let c = Config::new(home.path().to_path_buf(), None);
+        assert!(c.config_error.is_none(), "{:?}", c.config_error);
+        assert_eq!(c.policy_params["proximity"]["reach"], 40.0);
+        let mut setting = EngineSetting::default();
+        setting
+            .policy_params
+            .entry("bm25-recency".into())
+            .or_default()
+            .insert("definition".into(), 12.5);
+        let (_, after) = with_engine_setting(&c, &setting).unwrap();
+        assert!(after.starts_with(text), "{after}");
+        assert!(
+            after.contains("[policies.params.bm25-recency]\ndefinition = 12.5"),
+            "{after}"
+        );
+        assert!(!after.contains("[policies]\n"), "{after}");
+        write_config_text(&c, &after).unwrap();
+        let c = Config::new(home.path().to_path_buf(), None);
+        assert_eq!(c.policy_params["bm25-recency"]["definition"], 12.5);
+        assert_eq!(c.policy_params["proximity"]["reach"], 40.0);
+
+        // A value that is not a finite number, or not a number, is refused
+        // with the table and the key.
+        for bad in ["reach = nan", "reach = inf", "reach = \"far\""] {
+            std::fs::write(
+                home.path().join("config.toml"),
+                format!("[policies.params.proximity]\n{bad}\n"),
+            )
+            .unwrap();
+            let c = Config::new(home.path().to_path_buf(), None);
+            let e = c.require_valid().unwrap_err();
+            assert!(e.contains("reach"), "{bad}: {e}");
+        }
     }
 
     #[test]

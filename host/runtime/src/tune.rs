@@ -9,8 +9,8 @@ use kiln_sandbox::{Param, ParamKind, Trial, TuneInput};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-/// One knob: integers in a range (log-spaced in a grid when `log`), or
-/// one of a list of names.
+/// One knob: integers or numbers in a range (log-spaced in a grid when
+/// `log`), or one of a list of names.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Knob {
@@ -24,21 +24,39 @@ pub enum Knob {
         name: String,
         options: Vec<String>,
     },
+    /// Any number in `lo..=hi` (a policy's declared parameter).
+    Float {
+        name: String,
+        lo: f64,
+        hi: f64,
+        log: bool,
+    },
 }
+
+/// Values a grid visits of a [`Knob::Float`]: its ends and three between.
+const FLOAT_GRID: usize = 5;
 
 impl Knob {
     pub fn name(&self) -> &str {
         match self {
-            Knob::Int { name, .. } | Knob::Choice { name, .. } => name,
+            Knob::Int { name, .. } | Knob::Choice { name, .. } | Knob::Float { name, .. } => name,
         }
     }
 
     /// The values a grid visits: every integer when there are at most 8;
     /// for `log`, `lo` doubled up to `hi` (and `hi`) when that is at most
-    /// 12; else 8 spread (log-spaced for `log`), ends included.
+    /// 12; else 8 spread (log-spaced for `log`), ends included. A float:
+    /// [`FLOAT_GRID`] spread the same way.
     fn grid(&self) -> Vec<Value> {
         match self {
             Knob::Choice { options, .. } => options.iter().map(|o| json!(o)).collect(),
+            Knob::Float { lo, hi, log, .. } => {
+                let mut out: Vec<f64> = (0..FLOAT_GRID)
+                    .map(|i| spread(*lo, *hi, *log, i as f64 / (FLOAT_GRID - 1) as f64))
+                    .collect();
+                out.dedup();
+                out.into_iter().map(|v| json!(v)).collect()
+            }
             Knob::Int { lo, hi, log, .. } => {
                 if hi - lo < 8 {
                     return (*lo..=*hi).map(|v| json!(v)).collect();
@@ -75,6 +93,7 @@ impl Knob {
     fn random(&self, rng: &mut fastrand::Rng) -> Value {
         match self {
             Knob::Choice { options, .. } => json!(options[rng.usize(..options.len())]),
+            Knob::Float { lo, hi, log, .. } => json!(spread(*lo, *hi, *log, rng.f64())),
             Knob::Int { lo, hi, log, .. } => {
                 if *log && *lo > 0 {
                     let (a, b) = ((*lo as f64).ln(), (*hi as f64).ln());
@@ -95,6 +114,7 @@ impl Knob {
                 .and_then(|s| options.iter().position(|o| o == s))
                 .unwrap_or(0) as f64,
             Knob::Int { lo, .. } => v.as_i64().unwrap_or(*lo) as f64,
+            Knob::Float { lo, .. } => v.as_f64().unwrap_or(*lo),
         }
     }
 
@@ -104,6 +124,7 @@ impl Knob {
                 json!(options[(x.round().max(0.0) as usize).min(options.len() - 1)])
             }
             Knob::Int { lo, hi, .. } => json!((x.round() as i64).clamp(*lo, *hi)),
+            Knob::Float { lo, hi, .. } => json!(x.clamp(*lo, *hi)),
         }
     }
 
@@ -125,8 +146,38 @@ impl Knob {
                 lo: *lo as f64,
                 hi: *hi as f64,
             },
+            Knob::Float { name, lo, hi, log } => Param {
+                name: name.clone(),
+                kind: if *log && *lo > 0.0 {
+                    ParamKind::LogFloat
+                } else {
+                    ParamKind::Float
+                },
+                lo: *lo,
+                hi: *hi,
+            },
         }
     }
+}
+
+/// The point `f` (0 to 1) of the way from `lo` to `hi`, on a log scale
+/// when `log` (and `lo` is positive); rounded to 4 significant digits so
+/// that a setting reads (and is written to `config.toml`) as a number a
+/// person would pick.
+fn spread(lo: f64, hi: f64, log: bool, f: f64) -> f64 {
+    let v = if log && lo > 0.0 {
+        (lo.ln() + f * (hi.ln() - lo.ln())).exp()
+    } else {
+        lo + f * (hi - lo)
+    };
+    let round = |v: f64| {
+        if v == 0.0 || !v.is_finite() {
+            return v;
+        }
+        let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+        (v * scale).round() / scale
+    };
+    round(v).clamp(lo, hi)
 }
 
 /// A setting: knob name → value (an integer or a choice's name).
@@ -537,6 +588,58 @@ mod tests {
         ]
         .into_iter()
         .collect()
+    }
+
+    #[test]
+    fn a_float_knob_spreads_its_tries_and_stays_in_its_range() {
+        let linear = Knob::Float {
+            name: "policy.bm25-recency.definition".into(),
+            lo: 0.0,
+            hi: 128.0,
+            log: false,
+        };
+        assert_eq!(
+            linear.grid(),
+            vec![
+                json!(0.0),
+                json!(32.0),
+                json!(64.0),
+                json!(96.0),
+                json!(128.0)
+            ]
+        );
+        let log = Knob::Float {
+            name: "policy.bm25-recency.edit_seconds".into(),
+            lo: 1.0,
+            hi: 10000.0,
+            log: true,
+        };
+        assert_eq!(
+            log.grid(),
+            vec![
+                json!(1.0),
+                json!(10.0),
+                json!(100.0),
+                json!(1000.0),
+                json!(10000.0)
+            ]
+        );
+        assert_eq!(log.param().kind, ParamKind::LogFloat);
+        assert_eq!(linear.param().kind, ParamKind::Float);
+        let mut rng = fastrand::Rng::with_seed(3);
+        for _ in 0..200 {
+            for k in [&linear, &log] {
+                let v = k.random(&mut rng).as_f64().unwrap();
+                let Knob::Float { lo, hi, .. } = k else {
+                    unreachable!()
+                };
+                assert!((*lo..=*hi).contains(&v), "{v}");
+                // Rounded to 4 significant digits.
+                assert_eq!(k.decode(k.encode(&json!(v))), json!(v));
+            }
+        }
+        assert_eq!(linear.decode(-3.0), json!(0.0));
+        assert_eq!(linear.decode(1e9), json!(128.0));
     }
 
     #[test]

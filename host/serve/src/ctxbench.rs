@@ -594,6 +594,9 @@ pub struct ModelScore {
     pub edit_similarity: Interval,
     /// Mean ΔNLL over the oracle's; `None` when the oracle gains nothing.
     pub gain_captured: Option<f64>,
+    /// Each scored hole's NLL (nats), in the holes' order: two runs on the
+    /// same holes compare hole by hole (`kiln tune`'s paired test).
+    pub hole_nll: Vec<f64>,
 }
 
 /// How [`evaluate_model`] runs.
@@ -914,6 +917,7 @@ impl Corpus<'_> {
                     delta_nll: d,
                     exact_match: bootstrap(&column(1), run.seed),
                     edit_similarity: bootstrap(&column(2), run.seed),
+                    hole_nll: column(0),
                 }
             })
             .collect())

@@ -71,8 +71,34 @@ pub fn start_engine(
 }
 
 /// The active ranking policy from the registry, in a breaker; the built-in
-/// ranker when there is none or it cannot be loaded (said on `log`).
+/// ranker when there is none or it cannot be loaded (said on `log`). The
+/// parameters the policy declares (and the built-in ranker's, which are
+/// `bm25-recency`'s) take their values from `[policies.params]`; a value
+/// that cannot be used keeps its default and is said on `log`.
 pub fn ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
+    let (ranker, problems) = ranker_checked(config, log);
+    for p in problems {
+        log(p);
+    }
+    ranker
+}
+
+/// [`ranker`], with the `[policies.params]` entries that cannot be used
+/// returned (each naming the file, the table, the key and the range)
+/// rather than logged.
+pub fn ranker_checked(config: &Config, log: &mut dyn FnMut(String)) -> (Ranker, Vec<String>) {
+    let (ranker, problems) = policy_ranker(config, log).with_params(&config.policy_params);
+    let file = config.config_file.display();
+    (
+        ranker,
+        problems
+            .into_iter()
+            .map(|p| format!("{file}: {p}"))
+            .collect(),
+    )
+}
+
+fn policy_ranker(config: &Config, log: &mut dyn FnMut(String)) -> Ranker {
     let policy = (|| -> Result<Option<Arc<kiln_sandbox::Policy>>, String> {
         let registry = Registry::open_home(config).map_err(|e| e.to_string())?;
         let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {

@@ -123,6 +123,20 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         }
     }
 
+    // Who ranks context, and its parameters' values from config.toml (a
+    // value the policy cannot take is a problem to fix there).
+    let mut ranking_notes = Vec::new();
+    let (ranker, param_problems) =
+        kiln_serve::start::ranker_checked(config, &mut |m| ranking_notes.push(m));
+    problems.extend(param_problems);
+    let (ranking_policy, declared) = ranker.declared();
+    let ranking = json!({
+        "policy": ranker.policy().map_or("builtin".to_string(), |p| p.meta.label()),
+        "params_of": ranking_policy,
+        "params": declared.iter().map(|(d, v)| (d.name.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "notes": ranking_notes,
+    });
+
     // What each active model needs against the memory available now.
     let available = kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable");
     let mut models = Vec::new();
@@ -229,6 +243,7 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "plugin_notes": plugin_notes,
         "memory": {"available_bytes": available},
         "models": models,
+        "ranking": ranking,
         "encryption": {
             "at_rest": config.encrypt_at_rest,
             "identity": identity,
@@ -317,6 +332,14 @@ fn print_human(r: &Value) {
         s(&r["platform"]["arch"])
     );
     println!("cpu          {}", s(&r["cpu"]["name"]));
+    let params: Vec<String> = (r["ranking"]["params"].as_object().into_iter().flatten())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "ranking      {} ({})",
+        s(&r["ranking"]["policy"]),
+        params.join(" ")
+    );
     let have: Vec<String> = r["cpu"]["features"]
         .as_array()
         .into_iter()

@@ -414,8 +414,15 @@ const RUST_POLICY: &str = r#"//! The ranking policy @NAME@: scores each context 
 use kiln_policy::{export_ranker, formula, RankInput};
 
 fn rank(input: &RankInput, scores: &mut Vec<f32>) {
+    // kiln's weights, but what a definition is worth is a parameter the
+    // metadata declares: `[policies.params.@NAME@] definition = 40` in
+    // kiln's config.toml sets it, `kiln tune run MODEL --objective quality
+    // --quality YOUR_REPO` fits it to your code.
+    let mut w = formula::Weights::defaults();
+    w.definition = input.param(0, 32.0) as f32;
     for c in input.candidates() {
         scores.push(formula::bm25_recency(
+            &w,
             c.bm25(),
             c.edit_recency_s(),
             c.open_recency_s(),
@@ -429,7 +436,8 @@ fn rank(input: &RankInput, scores: &mut Vec<f32>) {
 
 export_ranker!(
     rank,
-    b"{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}"
+    b"{\"abi\":\"1.4\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\",\"params\":[\
+{\"name\":\"definition\",\"default\":32,\"min\":0,\"max\":128,\"doc\":\"a definition of a name used at the cursor\"}]}"
 );
 "#;
 
@@ -457,13 +465,17 @@ const C_POLICY: &str = r#"/* The ranking policy @NAME@: scores each context cand
  * --ctxbench YOUR_REPO` to see whether it beats the built-in ranker. */
 #include "kiln_policy.h"
 
-KILN_POLICY_METADATA("{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\"}")
+/* What a definition is worth is a parameter (ABI 1.4): [policies.params.@NAME@]
+ * definition = 40 in kiln's config.toml sets it, `kiln tune run MODEL
+ * --objective quality --quality YOUR_REPO` fits it to your code. */
+KILN_POLICY_METADATA("{\"abi\":\"1.4\",\"kind\":\"rank\",\"name\":\"@NAME@\",\"version\":\"0.1.0\",\"params\":["
+                     "{\"name\":\"definition\",\"default\":32,\"min\":0,\"max\":128,\"doc\":\"a definition of a name used at the cursor\"}]}")
 KILN_DEFINE_ALLOC
 
 static float score(const kiln_rank_input *in, const uint8_t *c) {
     float s = kiln_cand_bm25(c);
     float definition = kiln_cand_definition(in, c);
-    if (definition > 0.0f) s += 32.0f * definition;
+    if (definition > 0.0f) s += (float)kiln_param(in, 0, 32.0) * definition;
     float edited = kiln_cand_edit_recency_s(c), opened = kiln_cand_open_recency_s(c);
     if (edited >= 0.0f) s += 2.0f / (1.0f + edited / 60.0f);
     if (opened >= 0.0f) s += 1.0f / (1.0f + opened / 300.0f);

@@ -34,7 +34,10 @@ pub struct RunArgs {
     pub model: String,
     /// typing: a replayed typing session through the language server
     /// (`kiln demo`), its median end-to-end latency minimised; prompt:
-    /// one prompt's time to first token (`kiln bench`).
+    /// one prompt's time to first token (`kiln bench`); quality (with
+    /// --quality REPO): the likelihood of the true completions of holes
+    /// cut from REPO, maximised over the ranking policy's declared
+    /// parameters, and confirmed on held-out holes.
     #[arg(long, default_value = "typing")]
     pub objective: String,
     /// typing: characters typed (a completion request each).
@@ -108,7 +111,8 @@ pub struct RunArgs {
 }
 
 /// The knobs that change which tokens a completion gets (the rest change
-/// only its speed): a setting's quality is measured once per run for each
+/// only its speed), with the ranking policy's parameters (`policy.NAME.
+/// PARAM`): a setting's quality is measured once per run for each
 /// combination of these.
 const QUALITY_KNOBS: [&str; 5] = [
     "kv_type",
@@ -117,6 +121,38 @@ const QUALITY_KNOBS: [&str; 5] = [
     "suffix_tokens",
     "quant",
 ];
+
+/// The prefix of a ranking policy parameter's knob: `policy.NAME.PARAM`.
+const POLICY_KNOB: &str = "policy.";
+
+/// The ranking policy kiln would use now (the active one, else the
+/// built-in ranker, which is `bm25-recency`) and the parameters it
+/// declares.
+fn ranking_params(
+    config: &Config,
+    registry: &Registry,
+) -> Result<(String, Vec<kiln_sandbox::ParamDecl>), String> {
+    let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {
+        return Ok((
+            kiln_sandbox::builtin::NAME.to_string(),
+            kiln_sandbox::builtin::params(),
+        ));
+    };
+    let (bytes, _) = kiln_runtime::policy::resolve(config, registry, &rec.label())?;
+    let meta = kiln_sandbox::meta::inspect(&bytes, kiln_sandbox::limits::CEILING.module_bytes)
+        .map_err(|e| format!("the active ranking policy {}: {e}", rec.label()))?;
+    Ok((meta.name, meta.params))
+}
+
+/// The knob of `policy`'s parameter `d`.
+fn policy_knob(policy: &str, d: &kiln_sandbox::ParamDecl) -> Value {
+    let name = format!("{POLICY_KNOB}{policy}.{}", d.name);
+    if d.integer {
+        json!({"type": "int", "name": name, "lo": d.min as i64, "hi": d.max as i64, "log": d.log})
+    } else {
+        json!({"type": "float", "name": name, "lo": d.min, "hi": d.max, "log": d.log})
+    }
+}
 
 /// The types a registered model may be requantized to (`quant`; `as-is`
 /// is the model as it is).
@@ -135,7 +171,24 @@ const QUALITY_MAX_TOKENS: usize = 24;
 /// text before the cursor, after it, and snippets from other files): a
 /// smaller prompt, limit or type is faster and may complete worse, so a
 /// search without a quality bound would only shrink them.
-fn default_space(typing: bool, paced: bool, quality: bool, quant: &[String]) -> Space {
+///
+/// The quality objective searches only the ranking policy's declared
+/// parameters (`policy`): they change which snippets a prompt holds and
+/// nothing of its speed.
+fn default_space(
+    kind: &str,
+    paced: bool,
+    quality: bool,
+    quant: &[String],
+    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+) -> Space {
+    if kind == "quality" {
+        let knobs: Vec<Value> = (policy.1.iter())
+            .map(|d| policy_knob(&policy.0, d))
+            .collect();
+        return serde_json::from_value(json!({ "knobs": knobs })).expect("a valid space");
+    }
+    let typing = kind == "typing";
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let mut knobs = vec![
         json!({"type": "int", "name": "threads", "lo": 1, "hi": cpus.max(1), "log": false}),
@@ -263,7 +316,13 @@ fn budget(config: &Config, s: &Setting, key: &str) -> usize {
 /// The setting kiln would use now for `model`: the environment's or
 /// config's threads, config's KV type for it, config's attention block
 /// (and for a typing session, config's draft and its length).
-fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) -> Setting {
+fn current_setting(
+    config: &Config,
+    model: &str,
+    typing: bool,
+    quality: bool,
+    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+) -> Setting {
     let debounce = config.completion.debounce_ms.unwrap_or(0);
     let mut s: Setting = [
         ("threads", json!(kiln_runtime::model::cpu_threads())),
@@ -321,6 +380,13 @@ fn current_setting(config: &Config, model: &str, typing: bool, quality: bool) ->
         s.insert("max_tokens".into(), json!(max_tokens));
     }
     s.insert("quant".into(), json!("as-is"));
+    // The policy's parameters as config.toml sets them (else declared).
+    let (values, _) =
+        kiln_sandbox::meta::resolve_params(&policy.1, config.policy_params.get(&policy.0));
+    for (d, v) in policy.1.iter().zip(values) {
+        let v = if d.integer { json!(v as i64) } else { json!(v) };
+        s.insert(format!("{POLICY_KNOB}{}.{}", policy.0, d.name), v);
+    }
     s
 }
 
@@ -378,7 +444,19 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
         Some(other) => return Err(format!("unknown KV cache type {other}")),
     };
     let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
+    let mut policy_params = kiln_registry::config::PolicyParams::new();
+    for (k, v) in s {
+        let Some((policy, param)) = (k.strip_prefix(POLICY_KNOB)).and_then(|r| r.rsplit_once('.'))
+        else {
+            continue;
+        };
+        let v = v
+            .as_f64()
+            .ok_or_else(|| format!("{k} = {v}: not a number"))?;
+        (policy_params.entry(policy.to_string()).or_default()).insert(param.to_string(), v);
+    }
     Ok(EngineSetting {
+        policy_params,
         engine: kiln_registry::config::EngineConfig {
             threads: int("threads"),
             attention_block: int("attention_block"),
@@ -523,6 +601,10 @@ fn measure(
     repeats: u32,
 ) -> Result<Measured, String> {
     let mut m = Measured(Default::default());
+    if objective.kind == "quality" {
+        // Nothing is timed: the quality holes are the whole measurement.
+        return Ok(m);
+    }
     for _ in 0..repeats.max(1) {
         for (k, v) in measure_once(config, objective, model, s)? {
             m.0.entry(k.to_string()).or_default().push(v);
@@ -583,6 +665,9 @@ struct Quality {
     max_nll_rise: f64,
     /// The share of completions cut by the token limit a setting may add.
     max_truncation_rise: f64,
+    /// The quality objective's held-out holes and their count: where the
+    /// best setting is judged against the default.
+    held_out: Option<(std::path::PathBuf, usize)>,
 }
 
 impl Quality {
@@ -596,6 +681,9 @@ impl Quality {
             max_similarity_loss: q["max_similarity_loss"].as_f64()?,
             max_nll_rise: q["max_nll_rise"].as_f64()?,
             max_truncation_rise: q["max_truncation_rise"].as_f64().unwrap_or(f64::INFINITY),
+            held_out: q["held_out"]
+                .as_str()
+                .map(|h| (h.into(), q["held_out_count"].as_u64().unwrap_or(0) as usize)),
         })
     }
 
@@ -649,25 +737,7 @@ fn measure_quality(
     model: &str,
     s: &Setting,
 ) -> Result<Vec<(&'static str, f64)>, String> {
-    let r = run_trial(config, model, s, |cmd| {
-        cmd.args(["ctxbench", "model"])
-            .arg(&q.repo)
-            .arg("--holes")
-            .arg(&q.holes)
-            .args(["--model", model, "--selectors", "kiln", "--json"])
-            .args(["--count", &q.count.to_string()])
-            .args(["--nll-tokens", &q.text_tokens.to_string()])
-            .args(["--max-tokens", &QUALITY_MAX_TOKENS.to_string()]);
-        for (flag, key) in [
-            ("--budget", "context_tokens"),
-            ("--prefix-tokens", "prefix_tokens"),
-            ("--suffix-tokens", "suffix_tokens"),
-        ] {
-            let v = budget(config, s, key).max(usize::from(key != "suffix_tokens"));
-            cmd.args([flag, &v.to_string()]);
-        }
-    })
-    .map_err(|e| format!("scoring quality: {e}"))?;
+    let r = score_holes(config, q, model, s, &q.holes, q.count, q.text_tokens)?;
     let score = &r["scores"][0];
     match (
         score["nll_per_token"].as_f64(),
@@ -694,10 +764,43 @@ fn measure_quality(
     }
 }
 
+/// `kiln ctxbench model`'s report of `s`'s completions of the first
+/// `count` holes of `holes` (kiln's own context selection), in one
+/// process under the trial's config.
+fn score_holes(
+    config: &Config,
+    q: &Quality,
+    model: &str,
+    s: &Setting,
+    holes: &std::path::Path,
+    count: usize,
+    text_tokens: usize,
+) -> Result<Value, String> {
+    run_trial(config, model, s, |cmd| {
+        cmd.args(["ctxbench", "model"])
+            .arg(&q.repo)
+            .arg("--holes")
+            .arg(holes)
+            .args(["--model", model, "--selectors", "kiln", "--json"])
+            .args(["--count", &count.to_string()])
+            .args(["--nll-tokens", &text_tokens.to_string()])
+            .args(["--max-tokens", &QUALITY_MAX_TOKENS.to_string()]);
+        for (flag, key) in [
+            ("--budget", "context_tokens"),
+            ("--prefix-tokens", "prefix_tokens"),
+            ("--suffix-tokens", "suffix_tokens"),
+        ] {
+            let v = budget(config, s, key).max(usize::from(key != "suffix_tokens"));
+            cmd.args([flag, &v.to_string()]);
+        }
+    })
+    .map_err(|e| format!("scoring quality: {e}"))
+}
+
 /// The quality keys of `s`: the knobs that change which tokens come.
 fn quality_inputs(s: &Setting) -> Setting {
     s.iter()
-        .filter(|(k, _)| QUALITY_KNOBS.contains(&k.as_str()))
+        .filter(|(k, _)| QUALITY_KNOBS.contains(&k.as_str()) || k.starts_with(POLICY_KNOB))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -855,12 +958,39 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     kiln_runtime::store::resolve(config, &args.model)?;
     let typing = args.objective == "typing";
     let quality = args.quality.is_some();
+    if !["typing", "prompt", "quality"].contains(&args.objective.as_str()) {
+        return Err(format!(
+            "unknown objective {}: give typing (a replayed typing session's latency), prompt \
+             (one prompt's time to first token) or quality (the likelihood of held-out \
+             completions, with --quality REPO)",
+            args.objective
+        )
+        .into());
+    }
+    let quality_only = args.objective == "quality";
+    if quality_only && !quality {
+        return Err(
+            "the quality objective scores completions on holes cut from a repository: \
+                    give --quality REPO (your own code)"
+                .into(),
+        );
+    }
+    let policy = ranking_params(config, &registry)?;
+    if quality_only && policy.1.is_empty() {
+        return Err(format!(
+            "the ranking policy {} declares no parameters (policy ABI 1.4 `params`): the \
+             quality objective has nothing to search; activate one that does (the shipped \
+             bm25-recency, or no ranking policy: kiln's built-in ranker is bm25-recency)",
+            policy.0
+        )
+        .into());
+    }
     // Requantized copies trade quality for speed and memory: searched
     // with a quality set, for a registered model (whose new version `kiln
     // tune apply` adds to the store).
     let mut quant = vec!["as-is".to_string()];
     let mut source = None;
-    if quality {
+    if quality && !quality_only {
         match registry.model(&args.model)? {
             _ if std::path::Path::new(&args.model).is_file() => eprintln!(
                 "kiln: {} is a file: requantized copies are searched for a registered model \
@@ -882,17 +1012,24 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             None => {}
         }
     }
-    let mut space = default_space(typing, args.typing_ms > 0, quality, &quant);
+    let mut space = default_space(
+        &args.objective,
+        args.typing_ms > 0,
+        quality,
+        &quant,
+        &policy,
+    );
     if !args.knobs.is_empty() {
         let names: Vec<&str> = space.knobs.iter().map(|k| k.name()).collect();
         if let Some(unknown) = args.knobs.iter().find(|k| !names.contains(&k.as_str())) {
             return Err(format!(
                 "--knobs {unknown}: not a knob of this search; give some of {}{}",
                 names.join(", "),
-                if quality {
-                    ""
-                } else {
-                    " (the prompt's budgets and quant need --quality REPO)"
+                match (quality, quality_only) {
+                    (_, true) => "",
+                    (true, false) =>
+                        " (the ranking policy's parameters are the quality objective's knobs)",
+                    (false, _) => " (the prompt's budgets and quant need --quality REPO)",
                 }
             )
             .into());
@@ -901,7 +1038,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             .knobs
             .retain(|k| args.knobs.iter().any(|n| n == k.name()));
     }
-    let mut default = current_setting(config, &args.model, typing, quality);
+    let mut default = current_setting(config, &args.model, typing, quality, &policy);
     default.retain(|k, _| space.knobs.iter().any(|knob| knob.name() == k));
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
@@ -912,13 +1049,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             "kind": "prompt", "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens,
             "decode_tokens": 8,
         }),
-        other => {
-            return Err(format!(
-                "unknown objective {other}: give typing (a replayed typing session's latency) \
-                 or prompt (one prompt's time to first token)"
-            )
-            .into());
-        }
+        _ => json!({"kind": "quality", "metric": "quality_nll_per_token", "policy": policy.0}),
     };
     for (k, v) in [
         (
@@ -983,23 +1114,54 @@ fn quality_holes(config: &Config, repo: &std::path::Path, args: &RunArgs) -> Res
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let holes = dir.join(format!("holes-{stamp}-{}.jsonl", std::process::id()));
-    let cut =
-        super::ctxbench::cut_to(&repo, &holes, args.quality_holes, args.seed).map_err(|e| e.0)?;
-    let cross = cut.iter().filter(|h| h.kind == "cross_file").count();
-    if cross == 0 {
+    // The quality objective fits the ranking to its holes; the best fit is
+    // then judged on as many others it never saw.
+    let held_out = args.objective == "quality";
+    let wanted = args.quality_holes * if held_out { 2 } else { 1 };
+    let cut = super::ctxbench::cut_to(&repo, &holes, wanted, args.seed).map_err(|e| e.0)?;
+    let cross: Vec<&kiln_serve::ctxbench::Hole> =
+        cut.iter().filter(|h| h.kind == "cross_file").collect();
+    let too_few = if held_out { 2 } else { 1 };
+    if cross.len() < too_few {
         let _ = std::fs::remove_file(&holes);
         return Err(format!(
-            "--quality {}: no cross-file holes (a line using a name that only another file \
+            "--quality {}: {} cross-file holes (a line using a name that only another file \
              defines) in its source files; name a repository whose files use each other's \
              definitions",
-            repo.display()
+            repo.display(),
+            if cross.is_empty() {
+                "no".to_string()
+            } else {
+                format!("only {}", cross.len())
+            }
         ));
     }
-    Ok(json!({
-        "repo": repo, "holes": holes, "count": cross, "text_tokens": args.quality_tokens,
+    let mut q = json!({
+        "repo": repo, "holes": holes, "count": cross.len(),
+        "text_tokens": if held_out { 0 } else { args.quality_tokens },
         "max_similarity_loss": args.max_similarity_loss, "max_nll_rise": args.max_nll_rise,
         "max_truncation_rise": args.max_truncation_rise,
-    }))
+    });
+    if held_out {
+        // Alternate holes to each side, so both draw from every file.
+        let write = |path: &std::path::Path, side: usize| -> Result<usize, String> {
+            let mut text = String::new();
+            let mut n = 0;
+            for h in cross.iter().skip(side).step_by(2) {
+                text.push_str(&serde_json::to_string(h).map_err(|e| e.to_string())?);
+                text.push('\n');
+                n += 1;
+            }
+            std::fs::write(path, text)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(n)
+        };
+        let out = holes.with_extension("held-out.jsonl");
+        q["count"] = json!(write(&holes, 0)?);
+        q["held_out"] = json!(out);
+        q["held_out_count"] = json!(write(&out, 1)?);
+    }
+    Ok(q)
 }
 
 pub fn resume(config: &Config, id: i64, as_json: bool) -> CliResult {
@@ -1021,10 +1183,10 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         .map_err(|e| format!("tuning run {id}'s space is unreadable: {e}"))?;
     let o = &run.objective;
     let objective = Objective::of(o);
-    let unit = if o["metric"] == "e2e_ms" {
-        "ms end to end"
-    } else {
-        "ms to the first token"
+    let (unit, digits) = match o["metric"].as_str() {
+        Some("e2e_ms") => ("ms end to end", 1),
+        Some("quality_nll_per_token") => ("nats/token on the holes", 3),
+        _ => ("ms to the first token", 1),
     };
     let repeats = o["repeats"].as_u64().unwrap_or(1) as u32;
     let seed = o["seed"].as_u64().unwrap_or(1);
@@ -1038,6 +1200,7 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         sampler.propose(&space, &done[..i])?;
     }
     let tty = std::io::stderr().is_terminal();
+    let quality_only = o["kind"] == "quality";
     while (done.len() as u32) < run.trials_wanted {
         // The default is always measured first: the line to beat.
         let proposal = if done.is_empty() {
@@ -1101,15 +1264,18 @@ fn search(config: &Config, registry: &mut Registry, id: i64, as_json: bool) -> C
         let width = 24;
         let filled = n * width / run.trials_wanted.max(1) as usize;
         let line = format!(
-            "[{}{}] {n}/{} {}: {} (best {:.1} {unit}: {})",
+            "[{}{}] {n}/{} {}: {} (best {:.digits$} {unit}: {})",
             "#".repeat(filled.min(width)),
             " ".repeat(width - filled.min(width)),
             run.trials_wanted,
             describe(&p.setting),
             match (ok, quality_text(&metrics)) {
                 (false, _) => format!("failed: {}", metrics["error"].as_str().unwrap_or("")),
-                (true, None) => format!("{metric:.1} {unit}"),
-                (true, Some(q)) if metric.is_finite() => format!("{metric:.1} {unit}, {q}"),
+                (true, None) => format!("{metric:.digits$} {unit}"),
+                (true, Some(q)) if quality_only && metric.is_finite() => q,
+                (true, Some(q)) if metric.is_finite() => format!("{metric:.digits$} {unit}, {q}"),
+                (true, Some(q)) if quality_only =>
+                    format!("{q}: ruled out (loses more edit similarity than the bounds allow)"),
                 (true, Some(q)) => format!(
                     "{:.1} {unit}, {q}: ruled out ({})",
                     metrics[format!("median_{}", o["metric"].as_str().unwrap_or("ttft_ms"))]
@@ -1185,6 +1351,7 @@ fn confirm(
             .ok_or_else(|| format!("no {metric} measured"))
     };
     let pairs_wanted = run.objective["confirm"].as_u64().unwrap_or(5) as u32;
+    let quality_only = run.objective["kind"] == "quality";
     // A setting measured more than once (halving's later rungs) counts
     // by its latest, most repeated measurement, not its luckiest.
     let latest: Vec<&Observation> = done
@@ -1218,11 +1385,16 @@ fn confirm(
                 == Some(&best.setting)
         })
         .map(|t| t.id);
-    if &best.setting == default || pairs_wanted == 0 {
+    if &best.setting == default || (pairs_wanted == 0 && !quality_only) {
         return Ok(json!({
             "better": false, "best_trial": best_trial, "setting": best.setting,
             "reason": if &best.setting == default { "the default is the best setting found" } else { "not confirmed (--confirm 0)" },
         }));
+    }
+    if quality_only {
+        let mut v = confirm_quality(config, run, &best.setting, default)?;
+        v["best_trial"] = json!(best_trial);
+        return Ok(v);
     }
     eprintln!(
         "kiln: measuring the best setting ({}) against the default ({}), {pairs_wanted} pairs",
@@ -1261,6 +1433,62 @@ fn confirm(
     }))
 }
 
+/// The quality objective's verdict: the best setting and the default
+/// complete the held-out holes (which the search never saw), and a
+/// paired sign test over the holes' likelihoods says whether the best is
+/// better there too.
+fn confirm_quality(
+    config: &Config,
+    run: &kiln_registry::tune::TuneRun,
+    best: &Setting,
+    default: &Setting,
+) -> Result<Value, String> {
+    let q = Quality::of(&run.objective).ok_or("the run has no quality holes")?;
+    let (held_out, count) = q.held_out.clone().ok_or("the run has no held-out holes")?;
+    eprintln!(
+        "kiln: scoring the best setting ({}) against the default on {count} held-out holes",
+        describe(best)
+    );
+    let model = source_of(run);
+    let score = |s: &Setting| -> Result<(Vec<f64>, f64, f64), String> {
+        let r = score_holes(config, &q, model, s, &held_out, count, 0)?;
+        let sc = &r["scores"][0];
+        let holes: Vec<f64> = (sc["hole_nll"].as_array())
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        match (
+            sc["nll_per_token"].as_f64(),
+            sc["edit_similarity"]["mean"].as_f64(),
+        ) {
+            (Some(n), Some(e)) if !holes.is_empty() => Ok((holes, n, e)),
+            _ => Err(format!(
+                "no held-out holes scored (kiln ctxbench model reported {sc})"
+            )),
+        }
+    };
+    let (b, d) = (score(best)?, score(default)?);
+    let pairs: Vec<(f64, f64)> = b.0.iter().copied().zip(d.0.iter().copied()).collect();
+    let p = sign_test(&pairs);
+    let wins = pairs.iter().filter(|(b, d)| b < d).count();
+    let losses = pairs.iter().filter(|(b, d)| b > d).count();
+    let similarity_kept = b.2 >= d.2 - q.max_similarity_loss - 1e-9;
+    let better = p < 0.05 && b.1 < d.1 && similarity_kept;
+    Ok(json!({
+        "better": better, "setting": best, "metric": "held_out_nll_per_token",
+        "held_out_holes": pairs.len(),
+        "best_nll_per_token": b.1, "default_nll_per_token": d.1,
+        "best_edit_similarity": b.2, "default_edit_similarity": d.2,
+        "wins": wins, "losses": losses, "ties": pairs.len() - wins - losses, "p_value": p,
+        "reason": if better {
+            format!("likelier on {wins} of {} held-out holes, {losses} less likely (sign test p = {p:.3})", pairs.len())
+        } else if !similarity_kept {
+            format!("its held-out edit similarity {:.3} loses more than {} against the default's {:.3}", b.2, q.max_similarity_loss, d.2)
+        } else {
+            format!("not shown better on the held-out holes: likelier on {wins}, less likely on {losses} of {} (sign test p = {p:.3}; needs p < 0.05)", pairs.len())
+        },
+    }))
+}
+
 /// A trial's quality as the progress line shows it.
 fn quality_text(metrics: &Value) -> Option<String> {
     let sim = metrics["median_quality_edit_similarity"].as_f64()?;
@@ -1283,6 +1511,8 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
     let quality = Quality::of(&run.objective);
     let text = quality.as_ref().is_some_and(|q| q.text_tokens > 0);
     let quality = quality.is_some();
+    // The quality objective times nothing: its columns are quality's.
+    let timed = run.objective["kind"] != "quality";
     // The front: speed and memory, and with quality measured, the
     // likelihood and edit similarity lost (all minimised).
     let points: Vec<Vec<f64>> = trials
@@ -1293,7 +1523,11 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                 m.and_then(|m| m[format!("median_{k}")].as_f64())
                     .unwrap_or(f64::NAN)
             };
-            let mut p = vec![get(metric), get("memory_bytes")];
+            let mut p = if timed {
+                vec![get(metric), get("memory_bytes")]
+            } else {
+                vec![]
+            };
             if quality {
                 p.extend([
                     get("quality_nll_per_token"),
@@ -1352,9 +1586,10 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
     };
     let rows: Vec<Vec<String>> = trials
         .iter()
-        .zip(&points)
-        .map(|(t, point)| {
-            let memory = point[1];
+        .map(|t| {
+            let memory = (t.metrics.as_ref())
+                .and_then(|m| m["median_memory_bytes"].as_f64())
+                .unwrap_or(f64::NAN);
             let setting: Setting = serde_json::from_value(t.setting.clone()).unwrap_or_default();
             let mut row = vec![
                 t.id.to_string(),
@@ -1387,6 +1622,13 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                 row.insert(7, q("nll_per_token"));
                 row.insert(7, q("edit_similarity"));
             }
+            if !timed {
+                // TTFT, E2E, decode speed and memory: nothing measured.
+                row.drain(3..7);
+                if t.status != "done" {
+                    row[3] = t.status.clone();
+                }
+            }
             row
         })
         .collect();
@@ -1407,6 +1649,9 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
         }
         header.insert(7, "NLL/TOKEN");
         header.insert(7, "EDIT SIM");
+    }
+    if !timed {
+        header.drain(3..7);
     }
     println!("{}", table(&header, &rows));
     if let Some(v) = &run.verdict {
@@ -1437,6 +1682,20 @@ pub fn show(config: &Config, id: i64, as_json: bool) -> CliResult {
                 q["best"]["text_nll_per_token"]
                     .as_f64()
                     .map_or(String::new(), |b| format!(", the best setting {b:.3}"))
+            );
+        }
+        if let (Some(b), Some(d)) = (
+            v["best_nll_per_token"].as_f64(),
+            v["default_nll_per_token"].as_f64(),
+        ) {
+            println!(
+                "on {} held-out holes: the best setting {b:.3} nats/token (edit similarity {:.3}), the default {d:.3} ({:.3}); likelier on {}, less likely on {}, tied on {}",
+                v["held_out_holes"],
+                v["best_edit_similarity"].as_f64().unwrap_or(f64::NAN),
+                v["default_edit_similarity"].as_f64().unwrap_or(f64::NAN),
+                v["wins"],
+                v["losses"],
+                v["ties"]
             );
         }
         if let (Some(b), Some(d)) = (v["best_ms"].as_f64(), v["default_ms"].as_f64()) {

@@ -852,6 +852,7 @@ impl Server {
                 (Some(_), true) => "builtin (the policy's circuit breaker is open)",
                 (Some(_), false) => "policy",
             },
+            "params": (r.param_values().into_iter()).map(|(k, v)| (k, json!(v))).collect::<serde_json::Map<String, Value>>(),
             "breaker_open": r.is_tripped(),
             "consecutive_failures": r.consecutive_failures(),
             "last_error": r.last_error(),

@@ -1,10 +1,10 @@
 /*
  * kiln_policy.h — write a kiln policy in C (clang --target=wasm32).
  *
- * Policy ABI 1.3; the contract is sandbox/ABI.md. A ranking policy:
+ * Policy ABI 1.4; the contract is sandbox/ABI.md. A ranking policy:
  *
  *   #include "kiln_policy.h"
- *   KILN_POLICY_METADATA("{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
+ *   KILN_POLICY_METADATA("{\"abi\":\"1.4\",\"kind\":\"rank\",\"name\":\"mine\",\"version\":\"1.0.0\"}")
  *   KILN_DEFINE_ALLOC
  *   KILN_EXPORT(kiln_rank) int64_t kiln_rank(int32_t ptr, int32_t len) {
  *       kiln_rank_input in;
@@ -25,7 +25,7 @@
 #include <stdint.h>
 
 #define KILN_POLICY_ABI_MAJOR 1
-#define KILN_POLICY_ABI_MINOR 3
+#define KILN_POLICY_ABI_MINOR 4
 
 /* Candidate flags. */
 #define KILN_SAME_FILE 1u
@@ -88,6 +88,8 @@ typedef struct {
     uint32_t strings;        /* offset of the string table */
     uint32_t cursor;         /* offset of the cursor record */
     uint32_t abi_minor;      /* the host's */
+    uint32_t params;         /* 1.4: offset of the parameter values (f64 each) */
+    uint32_t n_params;       /* 1.4: how many (the declared ones); 0 from an older host */
 } kiln_rank_input;
 
 static inline int kiln_rank_input_parse(const uint8_t *p, uint32_t len, kiln_rank_input *in) {
@@ -100,7 +102,22 @@ static inline int kiln_rank_input_parse(const uint8_t *p, uint32_t len, kiln_ran
     in->n = kiln_u32(p + 24);
     in->strings = kiln_u32(p + 28);
     in->abi_minor = (uint32_t)(p[6] | p[7] << 8);
+    int has_params = kiln_u32(p + 8) >= 40 && len >= 40;
+    in->params = has_params ? kiln_u32(p + 32) : 0;
+    in->n_params = has_params ? kiln_u32(p + 36) : 0;
     return 1;
+}
+
+/* ABI 1.4: the value of the i-th parameter the policy declares in its
+ * metadata ("params": the user's from config.toml, else the declared
+ * default); `fallback` when the host sent none. */
+static inline double kiln_param(const kiln_rank_input *in, uint32_t i, double fallback) {
+    if (i >= in->n_params) return fallback;
+    const uint8_t *p = in->base + in->params + 8 * i;
+    uint64_t u = (uint64_t)kiln_u32(p) | (uint64_t)kiln_u32(p + 4) << 32;
+    double d;
+    __builtin_memcpy(&d, &u, 8);
+    return d;
 }
 
 static inline const uint8_t *kiln_candidate(const kiln_rank_input *in, uint32_t i) {

@@ -7,7 +7,7 @@
 //! fn rank(input: &RankInput, scores: &mut Vec<f32>) {
 //!     for c in input.candidates() { scores.push(c.bm25()); }
 //! }
-//! export_ranker!(rank, b"{\"abi\":\"1.3\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
+//! export_ranker!(rank, b"{\"abi\":\"1.4\",\"kind\":\"rank\",\"name\":\"bm25-only\",\"version\":\"1.0.0\"}");
 //! ```
 //!
 //! The byte layouts are in `sandbox/ABI.md`. Readers here honour the
@@ -18,7 +18,7 @@ pub mod formula;
 
 /// The policy ABI version this SDK writes in a policy's metadata.
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 3;
+pub const ABI_MINOR: u16 = 4;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -88,6 +88,32 @@ impl<'a> RankInput<'a> {
 
     pub fn candidates(&'a self) -> impl Iterator<Item = Candidate<'a>> + 'a {
         (0..self.len()).map(move |i| self.candidate(i))
+    }
+
+    /// ABI 1.4: how many parameter values the host sent (the policy's
+    /// declared `params`, in order); 0 from an older host.
+    pub fn param_count(&self) -> usize {
+        if u32_at(self.bytes, 8) >= 40 {
+            u32_at(self.bytes, 36) as usize
+        } else {
+            0
+        }
+    }
+
+    /// ABI 1.4: the value of the `i`-th parameter the policy declares
+    /// (the user's from `config.toml`, else the declared default); `default`
+    /// when the host sent none.
+    pub fn param(&self, i: usize, default: f64) -> f64 {
+        if i < self.param_count() {
+            f64_at(self.bytes, u32_at(self.bytes, 32) as usize + 8 * i)
+        } else {
+            default
+        }
+    }
+
+    /// ABI 1.4: every parameter value the host sent, in declaration order.
+    pub fn params(&self) -> Vec<f64> {
+        (0..self.param_count()).map(|i| self.param(i, 0.0)).collect()
     }
 
     fn str_at(&self, at: usize) -> &'a str {
