@@ -623,3 +623,133 @@ fn a_search_with_a_quality_set_scores_completions_and_tunes_the_prompts_budgets(
     let err = home.fails(&["serve", "--model", m]);
     assert!(err.contains("[completion] max_tokens = 0"), "{err}");
 }
+
+/// The quality objective: the ranking policy's declared parameters (ABI
+/// 1.4; the built-in ranker's are `bm25-recency`'s) searched for the
+/// likeliest completions of holes cut from a real repository, those the
+/// holes cannot judge left out, the best judged on held-out holes, and a
+/// trial applied as `[policies.params.bm25-recency]`, which the served
+/// ranker and `kiln doctor` then use, and rolled back.
+#[test]
+fn the_quality_objective_fits_the_ranking_parameters_on_held_out_holes() {
+    let home = Home::default();
+    let model = demo_model();
+    let m = model.to_str().unwrap();
+    let repo = kiln_tests::locked_crate_sources("ignore");
+    let r = repo.to_str().unwrap();
+    let err = home.fails(&["tune", "run", m, "--objective", "quality"]);
+    assert!(err.contains("--quality REPO"), "{err}");
+    let err = home.fails(&["tune", "run", m, "--objective", "fastest"]);
+    assert!(err.contains("typing") && err.contains("quality"), "{err}");
+
+    let shown = home.json(&[
+        "tune",
+        "run",
+        m,
+        "--objective",
+        "quality",
+        "--quality",
+        r,
+        "--quality-holes",
+        "6",
+        "--trials",
+        "3",
+        "--sampler",
+        "random",
+        "--json",
+    ]);
+    let run = &shown["run"];
+    let names: Vec<String> = (run["space"]["knobs"].as_array().unwrap().iter())
+        .map(|k| k["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!names.is_empty(), "{run:#}");
+    let declared: Vec<String> = kiln_sandbox::builtin::params()
+        .into_iter()
+        .map(|d| format!("policy.bm25-recency.{}", d.name))
+        .collect();
+    for n in &names {
+        assert!(declared.contains(n), "{n}: {run:#}");
+    }
+    // A repository read from disk has no editor state: the recency
+    // weights cannot be judged on it, so they are not searched.
+    let unsearched = run["objective"]["unsearched"].to_string();
+    for p in ["edit_seconds", "open_seconds", "open_in_editor"] {
+        assert!(unsearched.contains(p), "{unsearched}");
+    }
+    assert_eq!(
+        names.len() + run["objective"]["unsearched"].as_array().unwrap().len(),
+        11
+    );
+    let q = &run["objective"]["quality"];
+    let held_out = q["held_out"].as_str().unwrap();
+    assert!(std::path::Path::new(held_out).is_file(), "{q}");
+    assert!(q["held_out_count"].as_u64().unwrap() >= 1, "{q}");
+    let trials = shown["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 3, "{shown:#}");
+    for t in trials {
+        assert_eq!(t["status"], "done", "{t}");
+        let nll = t["metrics"]["median_quality_nll_per_token"]
+            .as_f64()
+            .unwrap();
+        assert!(nll > 0.0 && nll.is_finite(), "{t}");
+        // Nothing timed: the holes are the measurement.
+        assert!(t["metrics"]["median_ttft_ms"].is_null(), "{t}");
+    }
+    // The default (config.toml has none: the declared defaults) first.
+    assert_eq!(
+        trials[0]["setting"]["policy.bm25-recency.definition"],
+        json!(32.0),
+        "{shown:#}"
+    );
+    let verdict = &run["verdict"];
+    let reason = verdict["reason"].as_str().unwrap();
+    if verdict["setting"] != trials[0]["setting"] {
+        // Judged on the held-out holes, hole by hole.
+        assert_eq!(
+            verdict["held_out_holes"], q["held_out_count"],
+            "{verdict:#}"
+        );
+        assert!(verdict["p_value"].as_f64().unwrap() <= 1.0, "{verdict:#}");
+        assert!(reason.contains("held-out"), "{reason}");
+    } else {
+        assert!(reason.contains("default is the best"), "{reason}");
+    }
+    let text = home.ok(&["tune", "show", &run["id"].to_string()]);
+    assert!(
+        text.contains("NLL/TOKEN") && !text.contains("TTFT"),
+        "{text}"
+    );
+
+    // A trial applied: config.toml's table, read by every ranker.
+    let trial = &trials[2];
+    home.ok(&["tune", "apply", &trial["id"].to_string()]);
+    let config = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+    assert!(
+        config.contains("[policies.params.bm25-recency]"),
+        "{config}"
+    );
+    let doctor = home.json(&["doctor", "--json"]);
+    for n in &names {
+        let param = n.rsplit('.').next().unwrap();
+        assert_eq!(
+            doctor["ranking"]["params"][param].as_f64(),
+            trial["setting"][n].as_f64(),
+            "{n}: {doctor:#}"
+        );
+    }
+    assert_eq!(doctor["problems"], json!([]), "{doctor:#}");
+    home.ok(&["tune", "rollback"]);
+    assert!(
+        !home.path().join("config.toml").exists() || {
+            let c = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+            !c.contains("policies")
+        }
+    );
+
+    // A ranking policy that declares no parameters: nothing to search.
+    if let Some(dir) = kiln_tests::policies_dir() {
+        home.ok(&["policy", "add", dir.join("jaccard.wasm").to_str().unwrap()]);
+        let err = home.fails(&["tune", "run", m, "--objective", "quality", "--quality", r]);
+        assert!(err.contains("declares no parameters"), "{err}");
+    }
+}

@@ -429,6 +429,36 @@ impl<'f> Corpus<'f> {
 
     /// [`evaluate`] for `selectors` (`kiln policy test --ctxbench`
     /// scores kiln's selector with two rankers on one corpus).
+    /// The context kiln's selector packs for each of the first `count`
+    /// cross-file holes at `budget` tokens, in order: two rankers that
+    /// give the same list give every hole the same prompt.
+    pub fn contexts(
+        &self,
+        holes: &[Hole],
+        count: usize,
+        tok: &Counter<'_>,
+        ranker: &Ranker,
+        budget: usize,
+    ) -> Vec<String> {
+        (holes.iter().filter(|h| h.kind == "cross_file").take(count))
+            .map(|hole| {
+                let (prefix, suffix) = around(self.texts[hole.file.as_str()], hole);
+                let chosen = choose(
+                    Selector::Kiln,
+                    &self.ws,
+                    &self.windows,
+                    hole,
+                    &prefix,
+                    &suffix,
+                    tok,
+                    ranker,
+                    budget,
+                );
+                chosen.text
+            })
+            .collect()
+    }
+
     pub fn evaluate(
         &self,
         holes: &[Hole],

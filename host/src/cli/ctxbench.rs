@@ -23,7 +23,7 @@ fn repo_root(repo: &Path) -> Result<std::path::PathBuf, CliError> {
 }
 
 /// Holes from a JSONL file `kiln ctxbench cut` wrote.
-fn read_holes(path: &Path) -> Result<Vec<Hole>, CliError> {
+pub(super) fn read_holes(path: &Path) -> Result<Vec<Hole>, CliError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| CliError(format!("{}: {e}", path.display())))?;
     (text.lines().enumerate())

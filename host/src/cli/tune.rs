@@ -144,6 +144,69 @@ fn ranking_params(
     Ok((meta.name, meta.params))
 }
 
+/// Removes a run's quality holes (a run refused before it was recorded).
+fn remove_holes(q: &Value) {
+    for key in ["holes", "held_out"] {
+        if let Some(p) = q[key].as_str() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The knobs among `knobs` (`policy.NAME.PARAM`) whose parameter changes
+/// the context kiln packs for some of the run's search holes when set,
+/// one at a time, to its smallest or its largest value (the rest of
+/// config.toml as it is): what the holes cannot see (the editor's
+/// recency, in a repository read from disk) they cannot judge either.
+fn exercised_params(
+    config: &Config,
+    model: &str,
+    q: &Value,
+    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+    knobs: &[String],
+) -> Result<Vec<String>, String> {
+    use kiln_sandbox::breaker::{DEFAULT_THRESHOLD, Ranker};
+    let repo = std::path::PathBuf::from(q["repo"].as_str().unwrap_or(""));
+    let holes =
+        super::ctxbench::read_holes(std::path::Path::new(q["holes"].as_str().unwrap_or("")))
+            .map_err(|e| e.0)?;
+    let count = q["count"].as_u64().unwrap_or(0) as usize;
+    let files = kiln_serve::context::read_files(&repo);
+    let corpus = kiln_serve::ctxbench::Corpus::new(&repo, &files, &holes)?;
+    let (id, path) =
+        kiln_runtime::store::resolve_served(config, Some(model)).map_err(|e| e.to_string())?;
+    let loaded = kiln_serve::engine::Loaded::load(
+        id,
+        path,
+        None,
+        &kiln_runtime::backend::Backend::builtin_cpu(),
+        0,
+    )?;
+    let counter = kiln_serve::prompt::Counter::of(&loaded);
+    let budget = budget(config, &Setting::new(), "context_tokens");
+    let current = kiln_serve::start::ranker(config, &mut |_| {});
+    let chosen = |r: &Ranker| corpus.contexts(&holes, count, &counter, r, budget);
+    let base = chosen(&current);
+    let mut exercised = Vec::new();
+    for d in &policy.1 {
+        let knob = format!("{POLICY_KNOB}{}.{}", policy.0, d.name);
+        if !knobs.contains(&knob) {
+            continue;
+        }
+        for v in [d.min, d.max] {
+            let mut tables = config.policy_params.clone();
+            (tables.entry(policy.0.clone()).or_default()).insert(d.name.clone(), v);
+            let (r, _) =
+                Ranker::new(current.policy().cloned(), DEFAULT_THRESHOLD).with_params(&tables);
+            if chosen(&r) != base {
+                exercised.push(knob);
+                break;
+            }
+        }
+    }
+    Ok(exercised)
+}
+
 /// The knob of `policy`'s parameter `d`.
 fn policy_knob(policy: &str, d: &kiln_sandbox::ParamDecl) -> Value {
     let name = format!("{POLICY_KNOB}{policy}.{}", d.name);
@@ -390,9 +453,15 @@ fn current_setting(
     s
 }
 
+/// `s` as a line: `knob=value …`, a ranking parameter by its own name.
 fn describe(s: &Setting) -> String {
     s.iter()
-        .map(|(k, v)| format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string)))
+        .map(|(k, v)| {
+            let k = (k.strip_prefix(POLICY_KNOB))
+                .and_then(|r| r.rsplit_once('.'))
+                .map_or(k.as_str(), |(_, param)| param);
+            format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string))
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -668,6 +737,9 @@ struct Quality {
     /// The quality objective's held-out holes and their count: where the
     /// best setting is judged against the default.
     held_out: Option<(std::path::PathBuf, usize)>,
+    /// The likelihood is what the run minimises (the quality objective),
+    /// not a bound: only edit similarity bounds it.
+    nll_is_metric: bool,
 }
 
 impl Quality {
@@ -684,6 +756,7 @@ impl Quality {
             held_out: q["held_out"]
                 .as_str()
                 .map(|h| (h.into(), q["held_out_count"].as_u64().unwrap_or(0) as usize)),
+            nll_is_metric: o["kind"] == "quality",
         })
     }
 
@@ -719,7 +792,7 @@ impl Quality {
         // A margin for float rounding: equal completions are never out.
         Some(
             sim >= base_sim - self.max_similarity_loss - 1e-9
-                && nll <= base_nll + self.max_nll_rise + 1e-9
+                && (self.nll_is_metric || nll <= base_nll + self.max_nll_rise + 1e-9)
                 && text_ok
                 && cut_ok,
         )
@@ -1065,6 +1138,46 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
     }
     if let Some(repo) = &args.quality {
         objective["quality"] = quality_holes(config, repo, args)?;
+    }
+    if quality_only {
+        // Only what the holes can judge is searched.
+        let q = &objective["quality"];
+        let names: Vec<String> = space.knobs.iter().map(|k| k.name().to_string()).collect();
+        let exercised = exercised_params(config, &args.model, q, &policy, &names)
+            .inspect_err(|_| remove_holes(q))?;
+        let unseen: Vec<&str> = (names.iter())
+            .filter(|n| !exercised.contains(n))
+            .map(|n| n.rsplit('.').next().unwrap_or(n))
+            .collect();
+        if exercised.is_empty() {
+            remove_holes(q);
+            return Err(format!(
+                "no parameter of {} changes the context of any hole cut from {} (at its \
+                 smallest or largest value): there is nothing the quality set can judge; \
+                 cut more holes (--quality-holes) or name another repository",
+                policy.0,
+                args.quality
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            )
+            .into());
+        }
+        if !unseen.is_empty() {
+            eprintln!(
+                "kiln: {} of {} never change a hole's context (the holes carry nothing they \
+                 weigh, such as the editor's recency): not searched, they stay as they are",
+                unseen.join(", "),
+                policy.0
+            );
+        }
+        space
+            .knobs
+            .retain(|k| exercised.iter().any(|e| e == k.name()));
+        let mut d = default.clone();
+        d.retain(|k, _| exercised.contains(k));
+        objective["default"] = json!(d);
+        objective["unsearched"] = json!(unseen);
     }
     if let Some(label) = source {
         objective["source"] = json!(label);
