@@ -21,6 +21,8 @@ done
 # The SDK examples (plugins/policies/README.md), built so the docs stay true.
 "$rustc" "${flags[@]}" -C strip=symbols --crate-type cdylib --crate-name fresh_first \
   --extern kiln_policy="$out/libkiln_policy.rlib" "$here/examples/fresh_first.rs" -o "$out/fresh_first.wasm"
+"$rustc" "${flags[@]}" -C strip=symbols --crate-type cdylib --crate-name near \
+  --extern kiln_policy="$out/libkiln_policy.rlib" "$here/examples/near.rs" -o "$out/near.wasm"
 "$clang" --target=wasm32 -O2 -nostdlib -fuse-ld=lld -Wl,--no-entry -Wl,--strip-debug \
   -I "$here/sdk/include" -o "$out/fresh_first_c.wasm" "$here/examples/fresh_first.c"
 ls -l "$out"/*.wasm

@@ -622,7 +622,11 @@ fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
     let c = policy("fresh_first_c").unwrap();
     let root = kiln_tests::repo_root().join("plugins/policies");
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    for file in ["examples/fresh_first.rs", "examples/fresh_first.c"] {
+    for file in [
+        "examples/fresh_first.rs",
+        "examples/fresh_first.c",
+        "examples/near.rs",
+    ] {
         let source = std::fs::read_to_string(root.join(file)).unwrap();
         assert!(
             readme.contains(&source),
@@ -651,6 +655,25 @@ fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
     );
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a), bits(&b));
+
+    // The parameter example: declared, and its value from config.toml
+    // changes what it scores.
+    let near = std::sync::Arc::new(
+        sandbox
+            .load(&std::fs::read(policy("near").unwrap()).unwrap(), None)
+            .unwrap(),
+    );
+    assert_eq!(near.meta.params[0].name, "reach");
+    use kiln_sandbox::breaker::Ranker;
+    let tables = [("near".to_string(), [("reach".to_string(), 300.0)].into())].into();
+    let (far, problems) = Ranker::new(Some(near.clone()), 3).with_params(&tables);
+    assert!(problems.is_empty(), "{problems:?}");
+    let ours = far.rank(&input);
+    assert_eq!(ours.source, kiln_sandbox::breaker::Source::Policy);
+    assert_ne!(
+        bits(&ours.scores),
+        bits(&Ranker::new(Some(near), 3).rank(&input).scores)
+    );
 }
 
 /// A language-server session on `home`, with `--metrics` on loopback, its
