@@ -217,6 +217,12 @@ pub fn model(config: &Config, a: ModelArgs<'_>) -> CliResult {
             "budget": a.budget, "prefix_tokens": a.prefix_tokens,
             "suffix_tokens": a.suffix_tokens, "max_tokens": a.max_tokens,
             "kv_type": kiln_runtime::model::forward::KvCache::type_name(kv_type),
+            "ranking": {
+                "policy": ranker.policy().map(|p| p.meta.label()),
+                "params": (ranker.param_values().into_iter())
+                    .map(|(k, v)| (k, serde_json::json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+            },
             "scores": scores,
         }));
         return Ok(ExitCode::SUCCESS);

@@ -166,8 +166,16 @@ fn ctxbench_scores(
             .evaluate(&holes, &counter, ranker, c.budgets, &[Selector::Kiln])
             .map_err(CliError)
     };
-    let ours = score(&Ranker::new(Some(policy), threshold))?;
-    let builtin = score(&Ranker::new(None, threshold))?;
+    // Both with config.toml's [policies.params], as kiln serve ranks.
+    let with_params = |r: Ranker| {
+        let (r, problems) = r.with_params(&config.policy_params);
+        for p in problems {
+            eprintln!("kiln: {}: {p}", config.config_file.display());
+        }
+        r
+    };
+    let ours = score(&with_params(Ranker::new(Some(policy), threshold)))?;
+    let builtin = score(&with_params(Ranker::new(None, threshold)))?;
     let rows: Vec<serde_json::Value> = ours
         .iter()
         .zip(&builtin)

@@ -2057,6 +2057,38 @@ mod tests {
     }
 
     #[test]
+    fn the_quality_objective_minimises_the_likelihood_and_bounds_only_similarity() {
+        let objective = json!({
+            "kind": "quality", "metric": "quality_nll_per_token",
+            "quality": {"repo": "/r", "holes": "/h", "count": 10, "held_out": "/o",
+                        "held_out_count": 10, "max_similarity_loss": 0.02, "max_nll_rise": 0.02},
+        });
+        let m = |sim: f64, nll: f64| json!({"median_quality_edit_similarity": sim, "median_quality_nll_per_token": nll});
+        let base = m(0.5, 2.0);
+        assert_eq!(metric_of(&base, &objective, Some(&base)), 2.0);
+        // A worse likelihood is a worse metric, not a rule-out.
+        assert_eq!(metric_of(&m(0.5, 2.5), &objective, Some(&base)), 2.5);
+        assert_eq!(metric_of(&m(0.49, 1.9), &objective, Some(&base)), 1.9);
+        assert_eq!(
+            metric_of(&m(0.45, 1.5), &objective, Some(&base)),
+            f64::INFINITY
+        );
+        let q = Quality::of(&objective).unwrap();
+        assert_eq!(q.held_out, Some(("/o".into(), 10)));
+        // A ranking parameter changes tokens; its knob is written to its
+        // policy's table and shown by its own name.
+        let setting: Setting = serde_json::from_value(json!({
+            "policy.bm25-recency.definition": 40.5, "policy.my-rank.reach": 12, "threads": 2,
+        }))
+        .unwrap();
+        assert_eq!(quality_inputs(&setting).len(), 2);
+        let e = engine_setting(&setting, "m").unwrap();
+        assert_eq!(e.policy_params["bm25-recency"]["definition"], 40.5);
+        assert_eq!(e.policy_params["my-rank"]["reach"], 12.0);
+        assert_eq!(describe(&setting), "definition=40.5 reach=12 threads=2");
+    }
+
+    #[test]
     fn a_quality_is_measured_once_per_combination_of_the_knobs_that_change_tokens() {
         let scored = json!({"median_e2e_ms": 100.0, "quality_edit_similarity": [0.5],
                             "median_quality_edit_similarity": 0.5,
