@@ -124,7 +124,7 @@ impl Knob {
                 json!(options[(x.round().max(0.0) as usize).min(options.len() - 1)])
             }
             Knob::Int { lo, hi, .. } => json!((x.round() as i64).clamp(*lo, *hi)),
-            Knob::Float { lo, hi, .. } => json!(x.clamp(*lo, *hi)),
+            Knob::Float { lo, hi, .. } => json!(significant(x).clamp(*lo, *hi)),
         }
     }
 
@@ -170,14 +170,17 @@ fn spread(lo: f64, hi: f64, log: bool, f: f64) -> f64 {
     } else {
         lo + f * (hi - lo)
     };
-    let round = |v: f64| {
-        if v == 0.0 || !v.is_finite() {
-            return v;
-        }
-        let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
-        (v * scale).round() / scale
-    };
-    round(v).clamp(lo, hi)
+    significant(v).clamp(lo, hi)
+}
+
+/// `v` to 4 significant digits: a float knob's values (a sampler's
+/// proposals too) are numbers a person would write in `config.toml`.
+fn significant(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
 }
 
 /// A setting: knob name → value (an integer or a choice's name).
@@ -639,6 +642,7 @@ mod tests {
             }
         }
         assert_eq!(linear.decode(-3.0), json!(0.0));
+        assert_eq!(linear.decode(101.11258023242198), json!(101.1));
         assert_eq!(linear.decode(1e9), json!(128.0));
     }
 
