@@ -1594,10 +1594,15 @@ fn confirm_quality(
         "wins": wins, "losses": losses, "ties": pairs.len() - wins - losses, "p_value": p,
         "reason": if better {
             format!("likelier on {wins} of {} held-out holes, {losses} less likely (sign test p = {p:.3})", pairs.len())
-        } else if !similarity_kept {
-            format!("its held-out edit similarity {:.3} loses more than {} against the default's {:.3}", b.2, q.max_similarity_loss, d.2)
         } else {
-            format!("not shown better on the held-out holes: likelier on {wins}, less likely on {losses} of {} (sign test p = {p:.3}; needs p < 0.05)", pairs.len())
+            let mut why = Vec::new();
+            if p >= 0.05 || b.1 >= d.1 {
+                why.push(format!("likelier on {wins}, less likely on {losses} of {} held-out holes (sign test p = {p:.3}; needs p < 0.05)", pairs.len()));
+            }
+            if !similarity_kept {
+                why.push(format!("its held-out edit similarity {:.3} loses more than {} against the default's {:.3}", b.2, q.max_similarity_loss, d.2));
+            }
+            format!("not shown better: {}", why.join("; and "))
         },
     }))
 }
