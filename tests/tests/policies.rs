@@ -676,6 +676,24 @@ fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
     );
 }
 
+/// A workspace of two Python files, each defining a function
+/// `complete_on_line` uses, and the URI of a third, `main.py`.
+fn shapes_workspace() -> (tempfile::TempDir, String) {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ws.path().join("shapes.py"),
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path().join("sizes.py"),
+        "def square_area(side):\n    return side * side\n",
+    )
+    .unwrap();
+    let uri = format!("file://{}/main.py", ws.path().display());
+    (ws, uri)
+}
+
 /// A language-server session on `home`, with `--metrics` on loopback, its
 /// workspace `ws` indexed.
 fn serving(home: &Home, ws: &Path, files: usize) -> kiln_serve::demo::Client {
@@ -724,18 +742,7 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     use kiln_tests::serve::{open, status};
     let Some(_) = policies_dir() else { return };
     let home = Home::default();
-    let ws = tempfile::tempdir().unwrap();
-    std::fs::write(
-        ws.path().join("shapes.py"),
-        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path().join("sizes.py"),
-        "def square_area(side):\n    return side * side\n",
-    )
-    .unwrap();
-    let uri = format!("file://{}/main.py", ws.path().display());
+    let (ws, uri) = shapes_workspace();
 
     // A served decision of a well-behaved policy replays bit for bit, from
     // a log encrypted at rest (the decision holds the workspace's code).
@@ -1097,18 +1104,7 @@ fn configured_parameters_are_served_logged_and_replayed() {
         "[policies.params.proximity]\nreach = 120\ndefinition = 3.5\n",
     )
     .unwrap();
-    let ws = tempfile::tempdir().unwrap();
-    std::fs::write(
-        ws.path().join("shapes.py"),
-        "def circle_area(radius):\n    return 3.14159 * radius * radius\n",
-    )
-    .unwrap();
-    std::fs::write(
-        ws.path().join("sizes.py"),
-        "def square_area(side):\n    return side * side\n",
-    )
-    .unwrap();
-    let uri = format!("file://{}/main.py", ws.path().display());
+    let (ws, uri) = shapes_workspace();
     home.ok(&[
         "policy",
         "add",
