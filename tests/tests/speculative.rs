@@ -195,3 +195,66 @@ fn the_language_server_takes_draft_from_its_settings() {
     assert_eq!(none_accepted, 0);
     assert!(accepted > 0, "no guess accepted");
 }
+
+/// `kiln run --draft MODEL`: a smaller model of the same vocabulary (here
+/// the released SmolLM2 requantized by kiln to q4_0, drafting for its q8_0
+/// copy) guesses greedily, and the output is token for token plain greedy
+/// decoding's, on an edit and on fresh code; a draft model of another
+/// vocabulary (Gemma 3) is refused with both sizes named, and a draft
+/// that is no model with what `--draft` takes.
+#[test]
+fn a_draft_model_of_the_same_vocabulary_gives_the_greedy_tokens() {
+    let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let target = home.path().join("smol-q8_0.gguf");
+    let draft = home.path().join("smol-q4_0.gguf");
+    for (t, out) in [("q8_0", &target), ("q4_0", &draft)] {
+        home.ok(&[
+            "quantize",
+            "--type",
+            t,
+            "--allow-requantize",
+            smol.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+    }
+    for prompt in [REPETITIVE, FRESH] {
+        let plain = run(&home, &target, prompt, "none", 40);
+        let drafted = run(&home, &target, prompt, draft.to_str().unwrap(), 40);
+        assert_eq!(drafted["token_ids"], plain["token_ids"], "{prompt:?}");
+        assert_eq!(drafted["text"], plain["text"]);
+        let t = &drafted["timings"];
+        let guessed = t["draft_tokens"].as_u64().unwrap();
+        let accepted = t["draft_accepted"].as_u64().unwrap();
+        assert!(guessed > 0 && accepted > 0, "{t}");
+        assert!(accepted <= guessed);
+    }
+    if let Some(gemma) = real_model("gemma-3-270m-q4_k_m.gguf") {
+        let err = home.fails(&[
+            "run",
+            target.to_str().unwrap(),
+            "--prompt",
+            FRESH,
+            "--temperature",
+            "0",
+            "--draft",
+            gemma.to_str().unwrap(),
+        ]);
+        assert!(
+            err.contains("vocabulary") && err.contains("262144") && err.contains("49152"),
+            "{err}"
+        );
+    }
+    let err = home.fails(&[
+        "run",
+        target.to_str().unwrap(),
+        "--prompt",
+        FRESH,
+        "--draft",
+        "/no/such/draft.gguf",
+    ]);
+    assert!(err.contains("--draft /no/such/draft.gguf"), "{err}");
+    assert!(err.contains("none, ngram, or a draft model"), "{err}");
+}

@@ -140,6 +140,13 @@ impl Settings {
                 self.debounce_ms
             ));
         }
+        if self.draft == kiln_runtime::model::generate::Draft::Model {
+            return Err(
+                "draft must be none or ngram: the language server has no draft model \
+                 (`kiln run --draft MODEL` runs one)"
+                    .into(),
+            );
+        }
         let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
         if self.draft_max == 0 || self.draft_max > limit {
             return Err(format!(

@@ -221,11 +221,13 @@ enum Command {
         #[arg(long, value_parser = parse_kv_type)]
         kv_type: Option<kiln_plugin_api::DType>,
         /// Speculative decoding of greedy runs (`--temperature 0`): `ngram`
-        /// guesses tokens from the text so far and verifies them in one
-        /// batch (the same tokens, fewer steps), or `none`
+        /// guesses tokens from the text so far, a MODEL (a GGUF file or
+        /// registered name: a smaller model of the same vocabulary) guesses
+        /// them greedily; either way they are verified in one batch (the
+        /// same tokens, fewer steps); or `none`
         #[arg(long, default_value = "none")]
-        draft: kiln_runtime::model::generate::Draft,
-        /// Tokens `--draft ngram` guesses at most per verifying batch (1-64).
+        draft: String,
+        /// Tokens `--draft` guesses at most per verifying batch (1-64).
         #[arg(long, default_value_t = kiln_runtime::model::generate::DRAFT_MAX)]
         draft_max: usize,
         /// A LoRA adapter to run the model with (as `kiln serve --adapter`).

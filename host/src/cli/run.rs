@@ -3,7 +3,7 @@
 use super::{CliError, CliResult, JSON_SCHEMA_VERSION, print_json};
 use kiln_registry::config::Config;
 use kiln_runtime::backend::Chosen;
-use kiln_runtime::model::generate::{Draft, Request, generate};
+use kiln_runtime::model::generate::{Draft, Request, generate_with_draft, same_vocabulary};
 use kiln_runtime::model::sample::SamplingParams;
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::store;
@@ -20,7 +20,8 @@ pub struct RunArgs {
     pub backend: Option<String>,
     pub ctx: Option<usize>,
     pub kv_type: Option<kiln_plugin_api::DType>,
-    pub draft: Draft,
+    /// `none`, `ngram`, or a draft model (a file or a registered name).
+    pub draft: String,
     pub draft_max: usize,
     pub json: bool,
 }
@@ -71,14 +72,38 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
             args.draft_max
         )));
     }
+    // `--draft MODEL`: its own session, on the same kind of backend, its
+    // KV cache of the type config.toml gives it.
+    let (draft, mut drafter) = match args.draft.as_str() {
+        "none" => (Draft::None, None),
+        "ngram" => (Draft::Ngram, None),
+        spec => {
+            let path = store::resolve(config, spec).map_err(|e| {
+                CliError(format!(
+                    "--draft {spec}: give none, ngram, or a draft model (a GGUF file or a \
+                     registered name): {e}"
+                ))
+            })?;
+            let Chosen {
+                executor: dexec, ..
+            } = executor(config, args.backend.as_deref())?;
+            let dmodel = Model::load_for(&path, &dexec.target, dexec.device)?;
+            same_vocabulary(&tok, &dmodel.tokenizer()?)
+                .map_err(|e| CliError(format!("--draft {spec}: {e}")))?;
+            let dkv = super::kv_type_for(config, spec, None)?;
+            let mut d = Session::with_kv_type(dmodel, dexec, Some(session.n_ctx()), dkv)?;
+            d.configure(&config.engine);
+            (Draft::Model, Some(d))
+        }
+    };
     let req = Request {
         stop: args.stop,
-        draft: args.draft,
+        draft,
         draft_max: args.draft_max,
         ..Request::new(prompt.clone(), args.max_tokens, args.sampling)
     };
     let stdout = std::io::stdout();
-    let output = generate(&mut session, &tok, &req, |text| {
+    let output = generate_with_draft(&mut session, drafter.as_mut(), &tok, &req, |text| {
         if !args.json {
             let mut out = stdout.lock();
             let _ = out.write_all(text.as_bytes());
@@ -109,7 +134,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
         }));
     } else {
         println!();
-        if args.draft != Draft::None {
+        if draft != Draft::None {
             eprintln!(
                 "kiln: speculative decoding: {} of {} guessed tokens accepted",
                 output.timings.draft_accepted, output.timings.draft_tokens

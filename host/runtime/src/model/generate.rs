@@ -2,10 +2,11 @@
 //! and timings. The session's cache is reused for the prompt's longest
 //! cached prefix.
 //!
-//! Greedy requests can decode speculatively ([`Draft::Ngram`]): tokens
-//! guessed from the text so far are verified in one batch with the
-//! sampled token, and each guess the model agrees with saves a decode
-//! step. A batch's logits are the bits of the same tokens one at a time
+//! Greedy requests can decode speculatively: tokens guessed from the
+//! text so far ([`Draft::Ngram`]) or by a smaller model of the same
+//! vocabulary ([`Draft::Model`], [`generate_with_draft`]) are verified in
+//! one batch with the sampled token, and each guess the model agrees with
+//! saves a decode step. A batch's logits are the bits of the same tokens one at a time
 //! (the session's contract), so the tokens are exactly plain greedy
 //! decoding's.
 
@@ -48,6 +49,9 @@ pub enum Draft {
     /// to [`NGRAM_MIN`]), up to [`DRAFT_MAX`] of them: code repeats
     /// itself, and an edit's completion often repeats the prompt.
     Ngram,
+    /// A draft model's greedy tokens (a smaller model of the same
+    /// vocabulary, its own session given to [`generate_with_draft`]).
+    Model,
 }
 
 impl std::str::FromStr for Draft {
@@ -247,9 +251,76 @@ pub fn generate(
     session: &mut Session,
     tok: &Tokenizer,
     req: &Request,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation, ModelError> {
+    generate_with_draft(session, None, tok, req, on_text)
+}
+
+/// Whether `draft` can guess tokens for `target`: the same vocabulary,
+/// token for token. The message names the first difference.
+pub fn same_vocabulary(target: &Tokenizer, draft: &Tokenizer) -> Result<(), String> {
+    if target.n_vocab() != draft.n_vocab() {
+        return Err(format!(
+            "the draft model has {} tokens in its vocabulary, the model {}: a draft model must \
+             share the model's vocabulary (a smaller model of the same family, or a smaller \
+             quantization of the same model)",
+            draft.n_vocab(),
+            target.n_vocab()
+        ));
+    }
+    match (0..target.n_vocab() as u32).find(|&id| target.token_text(id) != draft.token_text(id)) {
+        Some(id) => Err(format!(
+            "token {id} is {:?} in the model's vocabulary and {:?} in the draft model's: a draft \
+             model must share the model's vocabulary",
+            target.token_text(id).unwrap_or(""),
+            draft.token_text(id).unwrap_or("")
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Up to `max` greedy tokens of the draft model after `history`: its
+/// session is first brought to `history` (what it holds beyond their
+/// common prefix is dropped), so a wrong guess costs it nothing later.
+fn model_draft(draft: &mut Session, history: &[u32], max: usize) -> Result<Vec<u32>, ModelError> {
+    if max == 0 || history.is_empty() || history.len() + max > draft.n_ctx() {
+        return Ok(Vec::new());
+    }
+    // At least the last token is evaluated again, for its logits.
+    let keep = draft.common_prefix(history).min(history.len() - 1);
+    draft.truncate(keep);
+    let mut logits = draft.eval(&history[keep..], LogitsFor::Last)?;
+    let mut out = Vec::with_capacity(max);
+    loop {
+        let next = (logits.iter().enumerate())
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 { (i, v) } else { best }
+            })
+            .0 as u32;
+        out.push(next);
+        if out.len() == max {
+            return Ok(out);
+        }
+        logits = draft.eval(&[next], LogitsFor::Last)?;
+    }
+}
+
+/// [`generate`], with `drafter` (a session of a draft model of the same
+/// vocabulary) guessing for a [`Draft::Model`] request.
+pub fn generate_with_draft(
+    session: &mut Session,
+    mut drafter: Option<&mut Session>,
+    tok: &Tokenizer,
+    req: &Request,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation, ModelError> {
     req.sampling.validate().map_err(ModelError::Invalid)?;
+    if req.draft == Draft::Model && drafter.is_none() {
+        return Err(ModelError::Invalid(
+            "speculative decoding with a draft model was asked for, and no draft model is loaded"
+                .into(),
+        ));
+    }
     if req.prompt.is_empty() {
         return Err(ModelError::Invalid("the prompt is empty".into()));
     }
@@ -299,7 +370,7 @@ pub fn generate(
     let mut reason = StopReason::MaxTokens;
     // Guessed tokens in the cache past the last sampled one, each with the
     // logits after it; only greedy sampling can verify them by equality.
-    let drafting = req.draft == Draft::Ngram && req.sampling.temperature == 0.0;
+    let drafting = req.draft != Draft::None && req.sampling.temperature == 0.0;
     let mut pending: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
     while out_ids.len() < req.max_tokens {
         if cancelled() {
@@ -360,10 +431,10 @@ pub fn generate(
         let room = (req.max_tokens - out_ids.len() - 1)
             .min(session.n_ctx().saturating_sub(session.n_past() + 1))
             .min(req.draft_max.min(DRAFT_MAX_LIMIT));
-        let draft = if drafting && room > 0 {
-            lookup_draft(&history, room)
-        } else {
-            Vec::new()
+        let draft = match (&mut drafter, req.draft) {
+            _ if !drafting || room == 0 => Vec::new(),
+            (Some(d), Draft::Model) => model_draft(d, &history, room)?,
+            _ => lookup_draft(&history, room),
         };
         if draft.is_empty() {
             logits = session.eval(&[next], LogitsFor::Last)?;
