@@ -201,7 +201,10 @@ fn the_language_server_takes_draft_from_its_settings() {
 /// copy) guesses greedily, and the output is token for token plain greedy
 /// decoding's, on an edit and on fresh code; a draft model of another
 /// vocabulary (Gemma 3) is refused with both sizes named, and a draft
-/// that is no model with what `--draft` takes.
+/// that is no model with what `--draft` takes. Served, `kiln serve --draft
+/// MODEL` answers HTTP and the language server with the same text as
+/// without it, counting the guesses; a client's `draft: "model"` is
+/// refused where no draft model is loaded.
 #[test]
 fn a_draft_model_of_the_same_vocabulary_gives_the_greedy_tokens() {
     let Some(smol) = real_model("smollm2-135m-instruct-q4_1.gguf") else {
@@ -257,4 +260,61 @@ fn a_draft_model_of_the_same_vocabulary_gives_the_greedy_tokens() {
     ]);
     assert!(err.contains("--draft /no/such/draft.gguf"), "{err}");
     assert!(err.contains("none, ngram, or a draft model"), "{err}");
+
+    // Served: `kiln serve --http --draft MODEL` answers with plain greedy
+    // decoding's text, counting the draft model's guesses in /metrics.
+    let plain = run(&home, &target, REPETITIVE, "none", 40);
+    let srv = http_server_with(&home, &target, &["--draft", draft.to_str().unwrap()]);
+    let (code, v) = post(
+        &srv.addr,
+        "/v1/completions",
+        &json!({"prompt": REPETITIVE, "max_tokens": 40, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], plain["text"]);
+    let (_, metrics) = http(&srv.addr, "GET", "/metrics", b"");
+    let guessed = metric(&metrics, "kiln:draft_tokens_total");
+    let accepted = metric(&metrics, "kiln:draft_accepted_total");
+    assert!(accepted > 0 && accepted <= guessed, "{metrics}");
+    drop(srv);
+
+    // The language server: the draft model by default, and a client may
+    // ask for "model" only where one is loaded.
+    use kiln_tests::serve::{at, initialize, open, serve_model, status};
+    let ws = tempfile::tempdir().unwrap();
+    let uri = format!("file://{}/shapes.py", ws.path().display());
+    let lines = REPETITIVE.lines().count() as u32 - 1;
+    let last = REPETITIVE.lines().last().unwrap().len() as u32;
+    let options = json!({"maxTokens": 24, "mode": "none", "workspaceContext": false});
+    let mut c = serve_model(&home, &target, &["--draft", draft.to_str().unwrap()]);
+    initialize(&mut c, ws.path(), options.clone());
+    let s = status(&mut c);
+    assert_eq!(s["settings"]["draft"], "model", "{s}");
+    assert_eq!(s["draft_model"], "smol-q4_0", "{s}");
+    open(&mut c, &uri, REPETITIVE);
+    let drafted = c
+        .request("textDocument/completion", at(&uri, lines, last))
+        .unwrap();
+    c.hang_up().unwrap();
+    let mut c = serve_model(&home, &target, &[]);
+    let mut refused = options.clone();
+    refused["draft"] = json!("model");
+    initialize(&mut c, ws.path(), refused);
+    // Not applied: the defaults stay.
+    assert_eq!(status(&mut c)["settings"]["draft"], "none");
+    assert_eq!(status(&mut c)["settings"]["maxTokens"], 64);
+    c.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"kiln": options}}),
+    )
+    .unwrap();
+    assert_eq!(status(&mut c)["settings"]["maxTokens"], 24);
+    open(&mut c, &uri, REPETITIVE);
+    let greedy = c
+        .request("textDocument/completion", at(&uri, lines, last))
+        .unwrap();
+    c.hang_up().unwrap();
+    let text = |r: &Value| r["result"]["items"][0]["textEdit"]["newText"].clone();
+    assert!(text(&greedy).is_string(), "{greedy}");
+    assert_eq!(text(&drafted), text(&greedy));
 }

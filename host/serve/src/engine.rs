@@ -20,7 +20,9 @@ use kiln_runtime::backend::Backend;
 use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::explain::{Ask, Explanation};
 use kiln_runtime::model::forward::KvCache;
-use kiln_runtime::model::generate::{Control, Draft, Generation, Request, StopReason, generate};
+use kiln_runtime::model::generate::{
+    Control, Draft, Generation, Request, StopReason, generate_with_draft, same_vocabulary,
+};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -317,6 +319,9 @@ struct Shared {
     kv_types: KvTypes,
     draft: Draft,
     draft_max: usize,
+    /// `kiln serve --draft MODEL`: the draft model, for requests whose
+    /// draft is [`Draft::Model`].
+    draft_model: Option<Arc<Loaded>>,
     engine: kiln_registry::config::EngineConfig,
 }
 
@@ -360,6 +365,9 @@ pub struct EngineOptions {
     pub draft: Draft,
     /// Tokens `draft` guesses at most per verifying batch.
     pub draft_max: usize,
+    /// The draft model of [`Draft::Model`] requests (the same vocabulary
+    /// as the served model; checked by whoever loads it).
+    pub draft_model: Option<Loaded>,
     /// `[engine]`: the attention block and prompt batch of its sessions.
     pub engine: kiln_registry::config::EngineConfig,
 }
@@ -399,6 +407,7 @@ impl Engine {
             engine: opts.engine,
             draft: opts.draft,
             draft_max: opts.draft_max,
+            draft_model: opts.draft_model.map(Arc::new),
         });
         let engine = Engine { shared };
         engine.announce();
@@ -428,6 +437,11 @@ impl Engine {
     /// `kiln serve --draft`: speculative decoding for HTTP requests.
     pub fn draft(&self) -> Draft {
         self.shared.draft
+    }
+
+    /// `kiln serve --draft MODEL`'s model, if any.
+    pub fn draft_model(&self) -> Option<&str> {
+        self.shared.draft_model.as_deref().map(|l| l.id.as_str())
     }
 
     /// `kiln serve --draft-max`: tokens `draft` guesses at most per batch.
@@ -620,6 +634,8 @@ fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
 
 fn worker_loop(shared: &Shared) {
     let mut session: Option<(Arc<Loaded>, Session)> = None;
+    // The draft model's session (made on the first request that drafts).
+    let mut drafter: Option<Session> = None;
     let mut seen_stats = [0u64; 8];
     loop {
         let job = {
@@ -655,7 +671,7 @@ fn worker_loop(shared: &Shared) {
         match job.work {
             Work::Complete { request, sink } => run_job(
                 shared,
-                &mut session,
+                (&mut session, &mut drafter),
                 job.loaded,
                 request,
                 sink,
@@ -748,7 +764,7 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 8]) {
 
 fn run_job(
     shared: &Shared,
-    session: &mut Option<(Arc<Loaded>, Session)>,
+    session: (&mut Option<(Arc<Loaded>, Session)>, &mut Option<Session>),
     loaded: Arc<Loaded>,
     request: Request,
     mut sink: Box<dyn Sink>,
@@ -800,7 +816,7 @@ fn run_job(
 /// when the model changed), feeding `sink` as text becomes final.
 fn execute(
     shared: &Shared,
-    session: &mut Option<(Arc<Loaded>, Session)>,
+    (session, drafter): (&mut Option<(Arc<Loaded>, Session)>, &mut Option<Session>),
     loaded: &Arc<Loaded>,
     mut request: Request,
     control: &Control,
@@ -855,7 +871,28 @@ fn execute(
         ));
     }
     request.max_tokens = request.max_tokens.min(room);
-    let result = generate(sess, &loaded.tok, &request, |text| {
+    let draft = match (request.draft, &shared.draft_model) {
+        (Draft::Model, Some(d)) if same_vocabulary(&loaded.tok, &d.tok).is_ok() => {
+            if drafter.is_none() {
+                let exec = Executor::new(shared.target.clone(), shared.device);
+                let kv_type = shared.kv_types.for_model(&d.id);
+                let mut s =
+                    Session::with_kv_type(d.model.clone(), exec, Some(sess.n_ctx()), kv_type)
+                        .map_err(|e| format!("the draft model {}: {e}", d.id))?;
+                s.configure(&shared.engine);
+                *drafter = Some(s);
+            }
+            drafter.as_mut()
+        }
+        (Draft::Model, _) => {
+            // No draft model, or one of another vocabulary than this
+            // model's (an A/B arm's): guesses from the text instead.
+            request.draft = Draft::Ngram;
+            None
+        }
+        _ => None,
+    };
+    let result = generate_with_draft(sess, draft, &loaded.tok, &request, |text| {
         if !sink.text(text) {
             // Nobody is listening any more (the client went away).
             control.cancel();
@@ -866,8 +903,11 @@ fn execute(
     let g = match result {
         Ok(g) => g,
         Err(e) => {
-            // The cache may hold a half-written batch: start clean.
+            // The caches may hold a half-written batch: start clean.
             sess.truncate(0);
+            if let Some(d) = drafter {
+                d.truncate(0);
+            }
             return Err(e.to_string());
         }
     };

@@ -72,8 +72,9 @@ pub struct Settings {
     pub temperature: f32,
     /// Index the workspace for context snippets.
     pub workspace_context: bool,
-    /// Speculative decoding of greedy completions (`none`, `ngram`); the
-    /// HTTP API takes `kiln serve --draft`'s.
+    /// Speculative decoding of greedy completions (`none`, `ngram`, or
+    /// `model`: `kiln serve --draft MODEL`'s draft model); the HTTP API
+    /// takes `kiln serve --draft`'s.
     pub draft: kiln_runtime::model::generate::Draft,
     /// Tokens `draft` guesses at most per verifying batch.
     pub draft_max: usize,
@@ -139,13 +140,6 @@ impl Settings {
                 "debounceMs must be between 0 and {MAX_DEBOUNCE_MS}, not {}",
                 self.debounce_ms
             ));
-        }
-        if self.draft == kiln_runtime::model::generate::Draft::Model {
-            return Err(
-                "draft must be none or ngram: the language server has no draft model \
-                 (`kiln run --draft MODEL` runs one)"
-                    .into(),
-            );
         }
         let limit = kiln_runtime::model::generate::DRAFT_MAX_LIMIT;
         if self.draft_max == 0 || self.draft_max > limit {

@@ -22,6 +22,9 @@ pub struct ServeSpec {
     /// `--kv-type`: every model's KV cache type (else `config.toml`'s).
     pub kv_type: Option<kiln_plugin_api::DType>,
     pub settings: Settings,
+    /// `--draft MODEL`: a draft model of the same vocabulary (a GGUF path
+    /// or registered name) for speculative decoding.
+    pub draft_model: Option<String>,
     /// Where `/metrics` is served beside the language server, if anywhere.
     pub metrics_address: Option<String>,
 }
@@ -50,6 +53,18 @@ pub fn start_engine(
         spec.config.require_valid()?;
     }
     let loaded = Loaded::load(id, path, fim, &exec.target, exec.device)?;
+    let draft_model = match &spec.draft_model {
+        None => None,
+        Some(name) => {
+            let (id, path) = store::resolve_served(&spec.config, Some(name))
+                .map_err(|e| format!("--draft {name}: {e}"))?;
+            let d = Loaded::load(id, path, None, &exec.target, exec.device)
+                .map_err(|e| format!("--draft {name}: {e}"))?;
+            kiln_runtime::model::generate::same_vocabulary(&loaded.tok, &d.tok)
+                .map_err(|e| format!("--draft {name}: {e}"))?;
+            Some(d)
+        }
+    };
     Ok(Engine::start(
         loaded,
         EngineOptions {
@@ -65,6 +80,7 @@ pub fn start_engine(
             metrics,
             draft: spec.settings.draft,
             draft_max: spec.settings.draft_max,
+            draft_model,
             engine: spec.config.engine,
         },
     ))

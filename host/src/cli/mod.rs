@@ -125,11 +125,12 @@ enum Command {
         #[arg(long, default_value = "auto")]
         mode: String,
         /// Speculative decoding of greedy completions: `ngram` guesses
-        /// tokens from the prompt and verifies them in one batch (the same
-        /// tokens, fewer steps), or `none` (default: config.toml's
-        /// `[completion] draft`, else none)
+        /// tokens from the prompt, a MODEL (a GGUF file or registered name
+        /// of the same vocabulary) guesses them greedily; either way they
+        /// are verified in one batch (the same tokens, fewer steps); or
+        /// `none` (default: config.toml's `[completion] draft`, else none)
         #[arg(long)]
-        draft: Option<kiln_runtime::model::generate::Draft>,
+        draft: Option<String>,
         /// Tokens `--draft ngram` guesses at most per verifying batch
         /// (1-64; default: config.toml's `[completion] draft_max`, else 8).
         #[arg(long)]
@@ -924,14 +925,22 @@ fn run(command: Command) -> CliResult {
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
                 })?;
-            let draft = match draft {
-                Some(d) => d,
-                None => config
-                    .completion
-                    .draft
-                    .as_deref()
-                    .map_or(Ok(Default::default()), str::parse)
-                    .map_err(CliError)?,
+            // `--draft none|ngram|MODEL`, else config.toml's (none|ngram).
+            let (draft, draft_model) = match draft.as_deref() {
+                Some(d @ ("none" | "ngram")) => (d.parse().map_err(CliError)?, None),
+                Some(m) => (
+                    kiln_runtime::model::generate::Draft::Model,
+                    Some(m.to_string()),
+                ),
+                None => (
+                    config
+                        .completion
+                        .draft
+                        .as_deref()
+                        .map_or(Ok(Default::default()), str::parse)
+                        .map_err(CliError)?,
+                    None,
+                ),
             };
             let c = &config.completion;
             let d = kiln_serve::Settings::default();
@@ -960,6 +969,7 @@ fn run(command: Command) -> CliResult {
                     n_ctx: ctx,
                     kv_type,
                     settings,
+                    draft_model,
                     metrics_address: None,
                 },
                 serve::Listen {

@@ -498,10 +498,21 @@ impl Server {
             }
             _ => v.clone(),
         };
+        let has_draft_model = self.spec.draft_model.is_some();
         match serde_json::from_value::<Settings>(given)
             .map_err(|e| e.to_string())
             .and_then(|s| s.validate().map(|()| s))
-        {
+            .and_then(|s| {
+                if s.draft == kiln_runtime::model::generate::Draft::Model && !has_draft_model {
+                    Err(
+                        "draft \"model\" needs a draft model: `kiln serve --draft MODEL`; \
+                         give none or ngram"
+                            .into(),
+                    )
+                } else {
+                    Ok(s)
+                }
+            }) {
             Ok(s) => {
                 if s.fim_template != self.settings.fim_template
                     && let (Some(e), Some(t)) = (&self.engine, &s.fim_template)
@@ -824,6 +835,7 @@ impl Server {
         v["metrics_address"] = json!(self.spec.metrics_address);
         v["open_documents"] = json!(self.docs.len());
         v["settings"] = serde_json::to_value(&self.settings).expect("settings serialise");
+        v["draft_model"] = json!(engine.draft_model());
         Ok(v)
     }
 
