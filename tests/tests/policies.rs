@@ -1128,6 +1128,53 @@ fn configured_parameters_are_served_logged_and_replayed() {
         serde_json::json!({"definition": 3.5, "reach": 120.0}),
         "{s}"
     );
+    // Edited while serving: `kiln/reloadConfig` applies it; a broken file
+    // is refused and the values in use stay; SIGHUP reloads too.
+    let config = home.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[policies.params.proximity]
+reach = 300
+",
+    )
+    .unwrap();
+    let r = c
+        .request("kiln/reloadConfig", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(
+        r["result"]["ranking"]["params"],
+        serde_json::json!({"definition": 8.0, "reach": 300.0}),
+        "{r}"
+    );
+    std::fs::write(
+        &config,
+        "[policies.params.proximity]
+reach = \"far\"\n",
+    )
+    .unwrap();
+    let r = c
+        .request("kiln/reloadConfig", serde_json::json!({}))
+        .unwrap();
+    let e = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(e.contains("config.toml") && e.contains("stays"), "{r}");
+    assert_eq!(status(&mut c)["policy"]["params"]["reach"], 300.0);
+    std::fs::write(
+        &config,
+        "[policies.params.proximity]
+reach = 50
+",
+    )
+    .unwrap();
+    // SAFETY: kill(2) with the pid of the server this test started.
+    unsafe { libc::kill(c.pid() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while status(&mut c)["policy"]["params"]["reach"] != 50.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(c.close().unwrap().success());
     let logged = home.registry().decision(id).unwrap().unwrap();
     let input = &logged.input;

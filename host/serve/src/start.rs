@@ -13,6 +13,7 @@ use kiln_sandbox::breaker::Ranker;
 use std::sync::Arc;
 
 /// What `kiln serve` was asked to serve.
+#[derive(Clone)]
 pub struct ServeSpec {
     pub config: Config,
     /// A GGUF path or registered name; `None`: the registry's active model.

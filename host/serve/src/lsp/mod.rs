@@ -102,6 +102,8 @@ enum Input {
     Eof,
     Loaded(Result<Engine, String>),
     Indexed(Box<(Workspace, crate::context::IndexStats)>),
+    /// SIGHUP: read config.toml again.
+    Reload,
 }
 
 struct Pending {
@@ -234,6 +236,19 @@ pub fn run(
             }
         })
         .expect("spawn the reader");
+    // SIGHUP reads config.toml again, as `kiln/reloadConfig` does.
+    let hup_tx = tx.clone();
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+        let _ = std::thread::Builder::new()
+            .name("kiln-sighup".into())
+            .spawn(move || {
+                for _ in signals.forever() {
+                    if hup_tx.send(Input::Reload).is_err() {
+                        return;
+                    }
+                }
+            });
+    }
     let out = Out::new(output);
     let config = spec.config.clone();
     let mut server = Server {
@@ -303,6 +318,17 @@ impl Server {
                 }
                 Input::Eof => return if self.shutdown { 0 } else { 1 },
                 Input::Loaded(result) => self.loaded(result),
+                Input::Reload => match self.reload_config() {
+                    Ok(r) => self.out.log(
+                        3,
+                        &format!(
+                            "kiln: read {} again (SIGHUP): {}",
+                            self.spec.config.config_file.display(),
+                            r["ranking"]
+                        ),
+                    ),
+                    Err((_, e)) => self.out.log(1, &format!("kiln: {e}")),
+                },
                 Input::Indexed(indexed) => {
                     let (ws, stats) = *indexed;
                     let msg = format!(
@@ -742,6 +768,7 @@ impl Server {
                 return self.complete(id, &method, &params);
             }
             "kiln/status" => self.status(),
+            "kiln/reloadConfig" => self.reload_config(),
             "kiln/document" => self.document(&params),
             "kiln/context" => self.context_preview(&params),
             "kiln/explain" => return self.explain(id, &params),
@@ -871,6 +898,44 @@ impl Server {
             "decisions": self.decisions.status(),
             "disabled_by_breaker": tripped_in_registry,
         })
+    }
+
+    /// Reads config.toml again (`kiln/reloadConfig`, SIGHUP): the ranking
+    /// policy and its parameters (`[policies]`, and the registry's active
+    /// policy) take effect for the next completion; what the running
+    /// engine was started with (`[engine]`, `[kv_cache]`, `[completion]`'s
+    /// defaults, `[plugins]`) at the next start. A file that cannot be
+    /// used is refused and the configuration in use stays.
+    fn reload_config(&mut self) -> Result<Value, (i32, String)> {
+        let old = &self.spec.config;
+        let fresh = kiln_registry::config::Config::with_file(
+            old.home.clone(),
+            std::env::var_os("KILN_PLUGIN_PATH").as_deref(),
+            Some(old.config_file.clone()),
+        );
+        if let Some(e) = &fresh.config_error {
+            return Err((
+                REQUEST_FAILED,
+                format!("{e}; the configuration in use stays"),
+            ));
+        }
+        let mut spec = (*self.spec).clone();
+        spec.config = fresh;
+        self.spec = Arc::new(spec);
+        let mut logs = Vec::new();
+        let (ranker, problems) =
+            crate::start::ranker_checked(&self.spec.config, &mut |m| logs.push(m));
+        self.ranker = Arc::new(ranker);
+        for m in logs.iter().chain(&problems) {
+            self.out.log(3, m);
+        }
+        Ok(json!({
+            "config_file": self.spec.config.config_file,
+            "ranking": self.policy_status(),
+            "problems": problems,
+            "applied": ["policies"],
+            "at_next_start": ["engine", "kv_cache", "completion", "plugins", "store"],
+        }))
     }
 
     /// The prompt a completion at a position would send: the snippets
