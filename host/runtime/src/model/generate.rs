@@ -292,11 +292,7 @@ fn model_draft(draft: &mut Session, history: &[u32], max: usize) -> Result<Vec<u
     let mut logits = draft.eval(&history[keep..], LogitsFor::Last)?;
     let mut out = Vec::with_capacity(max);
     loop {
-        let next = (logits.iter().enumerate())
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 { (i, v) } else { best }
-            })
-            .0 as u32;
+        let next = super::sample::argmax(&logits);
         out.push(next);
         if out.len() == max {
             return Ok(out);
