@@ -322,6 +322,9 @@ struct Shared {
     /// `kiln serve --draft MODEL`: the draft model, for requests whose
     /// draft is [`Draft::Model`].
     draft_model: Option<Arc<Loaded>>,
+    /// Whether the draft model shares each served model's vocabulary, by
+    /// model id (checked once per model, not per request).
+    draft_fits: Mutex<HashMap<String, bool>>,
     engine: kiln_registry::config::EngineConfig,
 }
 
@@ -408,6 +411,7 @@ impl Engine {
             draft: opts.draft,
             draft_max: opts.draft_max,
             draft_model: opts.draft_model.map(Arc::new),
+            draft_fits: Mutex::default(),
         });
         let engine = Engine { shared };
         engine.announce();
@@ -872,14 +876,14 @@ fn execute(
     }
     request.max_tokens = request.max_tokens.min(room);
     let draft = match (request.draft, &shared.draft_model) {
-        (Draft::Model, Some(d)) if same_vocabulary(&loaded.tok, &d.tok).is_ok() => {
+        (Draft::Model, Some(d))
+            if *lock(&shared.draft_fits)
+                .entry(loaded.id.clone())
+                .or_insert_with(|| same_vocabulary(&loaded.tok, &d.tok).is_ok()) =>
+        {
             if drafter.is_none() {
-                let exec = Executor::new(shared.target.clone(), shared.device);
-                let kv_type = shared.kv_types.for_model(&d.id);
-                let mut s =
-                    Session::with_kv_type(d.model.clone(), exec, Some(sess.n_ctx()), kv_type)
-                        .map_err(|e| format!("the draft model {}: {e}", d.id))?;
-                s.configure(&shared.engine);
+                let s = new_session(shared, d, Some(sess.n_ctx()))
+                    .map_err(|e| format!("the draft model {}: {e}", d.id))?;
                 *drafter = Some(s);
             }
             drafter.as_mut()
@@ -984,27 +988,34 @@ fn session_for<'a>(
         .is_none_or(|(l, _)| !Arc::ptr_eq(l, loaded))
     {
         *session = None;
-        let mut exec = Executor::new(shared.target.clone(), shared.device);
-        if !exec.target.is_builtin() {
-            // The log says when a model's weights have reached the device
-            // (seconds for gigabytes on a discrete GPU).
-            let to = format!("{}:{}", exec.target.name(), exec.device);
-            exec.set_upload_progress(Arc::new(move |done, total| {
-                if done == total {
-                    eprintln!(
-                        "kiln: weights uploaded to {to}: {}",
-                        kiln_runtime::measure::human_bytes(total)
-                    );
-                }
-            }));
-        }
-        let kv_type = shared.kv_types.for_model(&loaded.id);
-        let mut s = Session::with_kv_type(loaded.model.clone(), exec, shared.n_ctx, kv_type)
-            .map_err(|e| e.to_string())?;
-        s.configure(&shared.engine);
-        *session = Some((loaded.clone(), s));
+        *session = Some((loaded.clone(), new_session(shared, loaded, shared.n_ctx)?));
     }
     Ok(&mut session.as_mut().expect("made above").1)
+}
+
+/// A session of `loaded` on the engine's backend and device, with the KV
+/// cache type kiln gives it and `[engine]`'s knobs (the served model's,
+/// and the draft model's).
+fn new_session(shared: &Shared, loaded: &Loaded, n_ctx: Option<usize>) -> Result<Session, String> {
+    let mut exec = Executor::new(shared.target.clone(), shared.device);
+    if !exec.target.is_builtin() {
+        // The log says when a model's weights have reached the device
+        // (seconds for gigabytes on a discrete GPU).
+        let to = format!("{}:{}", exec.target.name(), exec.device);
+        exec.set_upload_progress(Arc::new(move |done, total| {
+            if done == total {
+                eprintln!(
+                    "kiln: weights uploaded to {to}: {}",
+                    kiln_runtime::measure::human_bytes(total)
+                );
+            }
+        }));
+    }
+    let kv_type = shared.kv_types.for_model(&loaded.id);
+    let mut s = Session::with_kv_type(loaded.model.clone(), exec, n_ctx, kv_type)
+        .map_err(|e| e.to_string())?;
+    s.configure(&shared.engine);
+    Ok(s)
 }
 
 #[cfg(test)]
