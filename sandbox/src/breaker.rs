@@ -107,15 +107,14 @@ impl Ranker {
         };
         self.builtin_values = resolve(builtin::NAME, &builtin::params());
         self.weights = builtin::Weights::from_values(&self.builtin_values);
-        if let Some(p) = &self.policy
-            && p.meta.name != builtin::NAME
-        {
-            self.params = resolve(&p.meta.name, &p.meta.params);
-        } else if let Some(p) = &self.policy {
-            // The policy is bm25-recency: the values already resolved.
-            let (values, _) =
-                crate::meta::resolve_params(&p.meta.params, tables.get(builtin::NAME));
-            self.params = values;
+        if let Some(p) = &self.policy {
+            self.params = if p.meta.name == builtin::NAME {
+                // Its table was read, and what is wrong in it said, for
+                // the built-in ranker above.
+                crate::meta::resolve_params(&p.meta.params, tables.get(builtin::NAME)).0
+            } else {
+                resolve(&p.meta.name, &p.meta.params)
+            };
         }
         (self, problems)
     }
