@@ -125,23 +125,35 @@ const QUALITY_KNOBS: [&str; 5] = [
 /// The prefix of a ranking policy parameter's knob: `policy.NAME.PARAM`.
 const POLICY_KNOB: &str = "policy.";
 
-/// The ranking policy kiln would use now (the active one, else the
-/// built-in ranker, which is `bm25-recency`) and the parameters it
-/// declares.
-fn ranking_params(
-    config: &Config,
-    registry: &Registry,
-) -> Result<(String, Vec<kiln_sandbox::ParamDecl>), String> {
-    let Some(rec) = registry.active_policy("rank").map_err(|e| e.to_string())? else {
-        return Ok((
-            kiln_sandbox::builtin::NAME.to_string(),
-            kiln_sandbox::builtin::params(),
-        ));
-    };
-    let (bytes, _) = kiln_runtime::policy::resolve(config, registry, &rec.label())?;
-    let meta = kiln_sandbox::meta::inspect(&bytes, kiln_sandbox::limits::CEILING.module_bytes)
-        .map_err(|e| format!("the active ranking policy {}: {e}", rec.label()))?;
-    Ok((meta.name, meta.params))
+/// Who ranks context as `kiln serve` would now (the active ranking
+/// policy, else the built-in ranker, which is `bm25-recency`), with the
+/// parameters it declares and their values in force.
+struct Ranking {
+    ranker: kiln_sandbox::breaker::Ranker,
+    policy: String,
+    params: Vec<(kiln_sandbox::ParamDecl, f64)>,
+}
+
+impl Ranking {
+    fn of(config: &Config) -> Ranking {
+        let ranker = kiln_serve::start::ranker(config, &mut |m| eprintln!("kiln: {m}"));
+        let (policy, params) = ranker.declared();
+        Ranking {
+            ranker,
+            policy,
+            params,
+        }
+    }
+}
+
+/// The knob of a ranking policy's parameter: `policy.NAME.PARAM`.
+fn policy_knob_name(policy: &str, param: &str) -> String {
+    format!("{POLICY_KNOB}{policy}.{param}")
+}
+
+/// The policy and parameter a knob names, if it names one.
+fn policy_param_of(knob: &str) -> Option<(&str, &str)> {
+    knob.strip_prefix(POLICY_KNOB)?.rsplit_once('.')
 }
 
 /// Removes a run's quality holes (a run refused before it was recorded).
@@ -162,7 +174,7 @@ fn exercised_params(
     config: &Config,
     model: &str,
     q: &Value,
-    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+    ranking: &Ranking,
     knobs: &[String],
 ) -> Result<Vec<String>, String> {
     use kiln_sandbox::breaker::{DEFAULT_THRESHOLD, Ranker};
@@ -184,20 +196,19 @@ fn exercised_params(
     )?;
     let counter = kiln_serve::prompt::Counter::of(&loaded);
     let budget = budget(config, &Setting::new(), "context_tokens");
-    let current = kiln_serve::start::ranker(config, &mut |_| {});
     let chosen = |r: &Ranker| corpus.contexts(&holes, count, &counter, r, budget);
-    let base = chosen(&current);
+    let base = chosen(&ranking.ranker);
     let mut exercised = Vec::new();
-    for d in &policy.1 {
-        let knob = format!("{POLICY_KNOB}{}.{}", policy.0, d.name);
+    for (d, _) in &ranking.params {
+        let knob = policy_knob_name(&ranking.policy, &d.name);
         if !knobs.contains(&knob) {
             continue;
         }
         for v in [d.min, d.max] {
             let mut tables = config.policy_params.clone();
-            (tables.entry(policy.0.clone()).or_default()).insert(d.name.clone(), v);
-            let (r, _) =
-                Ranker::new(current.policy().cloned(), DEFAULT_THRESHOLD).with_params(&tables);
+            (tables.entry(ranking.policy.clone()).or_default()).insert(d.name.clone(), v);
+            let policy = ranking.ranker.policy().cloned();
+            let (r, _) = Ranker::new(policy, DEFAULT_THRESHOLD).with_params(&tables);
             if chosen(&r) != base {
                 exercised.push(knob);
                 break;
@@ -209,7 +220,7 @@ fn exercised_params(
 
 /// The knob of `policy`'s parameter `d`.
 fn policy_knob(policy: &str, d: &kiln_sandbox::ParamDecl) -> Value {
-    let name = format!("{POLICY_KNOB}{policy}.{}", d.name);
+    let name = policy_knob_name(policy, &d.name);
     if d.integer {
         json!({"type": "int", "name": name, "lo": d.min as i64, "hi": d.max as i64, "log": d.log})
     } else {
@@ -243,11 +254,11 @@ fn default_space(
     paced: bool,
     quality: bool,
     quant: &[String],
-    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+    ranking: &Ranking,
 ) -> Space {
     if kind == "quality" {
-        let knobs: Vec<Value> = (policy.1.iter())
-            .map(|d| policy_knob(&policy.0, d))
+        let knobs: Vec<Value> = (ranking.params.iter())
+            .map(|(d, _)| policy_knob(&ranking.policy, d))
             .collect();
         return serde_json::from_value(json!({ "knobs": knobs })).expect("a valid space");
     }
@@ -384,7 +395,7 @@ fn current_setting(
     model: &str,
     typing: bool,
     quality: bool,
-    policy: &(String, Vec<kiln_sandbox::ParamDecl>),
+    ranking: &Ranking,
 ) -> Setting {
     let debounce = config.completion.debounce_ms.unwrap_or(0);
     let mut s: Setting = [
@@ -443,12 +454,14 @@ fn current_setting(
         s.insert("max_tokens".into(), json!(max_tokens));
     }
     s.insert("quant".into(), json!("as-is"));
-    // The policy's parameters as config.toml sets them (else declared).
-    let (values, _) =
-        kiln_sandbox::meta::resolve_params(&policy.1, config.policy_params.get(&policy.0));
-    for (d, v) in policy.1.iter().zip(values) {
-        let v = if d.integer { json!(v as i64) } else { json!(v) };
-        s.insert(format!("{POLICY_KNOB}{}.{}", policy.0, d.name), v);
+    // The ranking policy's parameters as kiln ranks with them now.
+    for (d, v) in &ranking.params {
+        let v = if d.integer {
+            json!(*v as i64)
+        } else {
+            json!(v)
+        };
+        s.insert(policy_knob_name(&ranking.policy, &d.name), v);
     }
     s
 }
@@ -457,9 +470,7 @@ fn current_setting(
 fn describe(s: &Setting) -> String {
     s.iter()
         .map(|(k, v)| {
-            let k = (k.strip_prefix(POLICY_KNOB))
-                .and_then(|r| r.rsplit_once('.'))
-                .map_or(k.as_str(), |(_, param)| param);
+            let k = policy_param_of(k).map_or(k.as_str(), |(_, param)| param);
             format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string))
         })
         .collect::<Vec<_>>()
@@ -515,8 +526,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
     let int = |k: &str| s.get(k).and_then(Value::as_u64).map(|v| v as usize);
     let mut policy_params = kiln_registry::config::PolicyParams::new();
     for (k, v) in s {
-        let Some((policy, param)) = (k.strip_prefix(POLICY_KNOB)).and_then(|r| r.rsplit_once('.'))
-        else {
+        let Some((policy, param)) = policy_param_of(k) else {
             continue;
         };
         let v = v
@@ -873,7 +883,7 @@ fn score_holes(
 /// The quality keys of `s`: the knobs that change which tokens come.
 fn quality_inputs(s: &Setting) -> Setting {
     s.iter()
-        .filter(|(k, _)| QUALITY_KNOBS.contains(&k.as_str()) || k.starts_with(POLICY_KNOB))
+        .filter(|(k, _)| QUALITY_KNOBS.contains(&k.as_str()) || policy_param_of(k).is_some())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -1048,13 +1058,13 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
                 .into(),
         );
     }
-    let policy = ranking_params(config, &registry)?;
-    if quality_only && policy.1.is_empty() {
+    let ranking = Ranking::of(config);
+    if quality_only && ranking.params.is_empty() {
         return Err(format!(
             "the ranking policy {} declares no parameters (policy ABI 1.4 `params`): the \
              quality objective has nothing to search; activate one that does (the shipped \
              bm25-recency, or no ranking policy: kiln's built-in ranker is bm25-recency)",
-            policy.0
+            ranking.policy
         )
         .into());
     }
@@ -1090,7 +1100,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         args.typing_ms > 0,
         quality,
         &quant,
-        &policy,
+        &ranking,
     );
     if !args.knobs.is_empty() {
         let names: Vec<&str> = space.knobs.iter().map(|k| k.name()).collect();
@@ -1111,7 +1121,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             .knobs
             .retain(|k| args.knobs.iter().any(|n| n == k.name()));
     }
-    let mut default = current_setting(config, &args.model, typing, quality, &policy);
+    let mut default = current_setting(config, &args.model, typing, quality, &ranking);
     default.retain(|k, _| space.knobs.iter().any(|knob| knob.name() == k));
     let mut objective = match args.objective.as_str() {
         "typing" => json!({
@@ -1122,7 +1132,9 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
             "kind": "prompt", "metric": "ttft_ms", "prompt_tokens": args.prompt_tokens,
             "decode_tokens": 8,
         }),
-        _ => json!({"kind": "quality", "metric": "quality_nll_per_token", "policy": policy.0}),
+        _ => {
+            json!({"kind": "quality", "metric": "quality_nll_per_token", "policy": ranking.policy})
+        }
     };
     for (k, v) in [
         (
@@ -1143,7 +1155,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
         // Only what the holes can judge is searched.
         let q = &objective["quality"];
         let names: Vec<String> = space.knobs.iter().map(|k| k.name().to_string()).collect();
-        let exercised = exercised_params(config, &args.model, q, &policy, &names)
+        let exercised = exercised_params(config, &args.model, q, &ranking, &names)
             .inspect_err(|_| remove_holes(q))?;
         let unseen: Vec<&str> = (names.iter())
             .filter(|n| !exercised.contains(n))
@@ -1155,7 +1167,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
                 "no parameter of {} changes the context of any hole cut from {} (at its \
                  smallest or largest value): there is nothing the quality set can judge; \
                  cut more holes (--quality-holes) or name another repository",
-                policy.0,
+                ranking.policy,
                 args.quality
                     .as_deref()
                     .unwrap_or(std::path::Path::new(""))
@@ -1168,7 +1180,7 @@ pub fn run(config: &Config, args: &RunArgs) -> CliResult {
                 "kiln: {} of {} never change a hole's context (the holes carry nothing they \
                  weigh, such as the editor's recency): not searched, they stay as they are",
                 unseen.join(", "),
-                policy.0
+                ranking.policy
             );
         }
         space
