@@ -676,6 +676,20 @@ fn the_sdk_examples_are_the_documented_ones_and_rust_equals_c() {
     );
 }
 
+/// The server's status once it logged a ranking decision, and that
+/// decision's id (within 30 s).
+fn first_decision(c: &mut kiln_serve::demo::Client) -> (serde_json::Value, i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = kiln_tests::serve::status(c);
+        if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
+            return (s, id);
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A workspace of two Python files, each defining a function
 /// `complete_on_line` uses, and the URI of a third, `main.py`.
 fn shapes_workspace() -> (tempfile::TempDir, String) {
@@ -755,16 +769,8 @@ fn served_decisions_replay_and_a_trap_while_serving_disables_the_policy_for_good
     let mut c = serving(&home, ws.path(), 2);
     open(&mut c, &uri, "");
     complete_on_line(&mut c, &uri, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let id = loop {
-        let s = status(&mut c);
-        if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
-            assert_eq!(s["policy"]["active"], "jaccard-windows@1.1.0", "{s}");
-            break id;
-        }
-        assert!(std::time::Instant::now() < deadline, "{s}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let (s, id) = first_decision(&mut c);
+    assert_eq!(s["policy"]["active"], "jaccard-windows@1.1.0", "{s}");
     // The fuel it burned is counted (the dashboard's fuel per call).
     let s = status(&mut c);
     let metrics = http_get(s["metrics_address"].as_str().unwrap(), "/metrics");
@@ -1113,15 +1119,7 @@ fn configured_parameters_are_served_logged_and_replayed() {
     let mut c = serving(&home, ws.path(), 2);
     open(&mut c, &uri, "");
     complete_on_line(&mut c, &uri, 0);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let (s, id) = loop {
-        let s = status(&mut c);
-        if let Some(id) = s["policy"]["decisions"]["last_decision_id"].as_i64() {
-            break (s, id);
-        }
-        assert!(std::time::Instant::now() < deadline, "{s}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let (s, id) = first_decision(&mut c);
     assert_eq!(s["policy"]["active"], "proximity@1.2.0", "{s}");
     assert_eq!(
         s["policy"]["params"],
