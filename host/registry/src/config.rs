@@ -73,7 +73,103 @@ struct ConfigFile {
     completion: CompletionConfig,
     #[serde(default)]
     policies: PoliciesSection,
+    #[serde(default)]
+    models: std::collections::BTreeMap<String, ModelEntry>,
+    #[serde(default)]
+    pool: PoolConfig,
+    #[serde(default)]
+    routes: Vec<RouteEntry>,
 }
+
+/// `[models.NAME]`: a model `kiln serve` may serve under NAME (loaded on
+/// first use, kept while used, unloaded for room).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// A registered model (`NAME` or `NAME@VERSION`) or a GGUF file.
+    pub model: String,
+    /// The backend to run it on (default: the best one, as `kiln serve`
+    /// picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// KV cache size in tokens (default: the model's, at most 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<usize>,
+    /// Seconds it stays loaded after its last request (default:
+    /// `[pool] keep_alive_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_seconds: Option<u64>,
+}
+
+/// `[pool]`: the memory budget of the models `kiln serve` holds at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// MiB the loaded models may take together: weights, KV cache, work
+    /// space (default: the memory available when `kiln serve` starts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    /// Seconds an idle model stays loaded (default 300); the first model
+    /// served stays loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_alive_seconds: Option<u64>,
+    /// Seconds a failed model is left alone before a request tries it
+    /// again (default 10; doubled at each further failure, at most 32×).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_seconds: Option<u64>,
+}
+
+/// What a request is, for routing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestKind {
+    /// A route for every kind.
+    #[default]
+    Any,
+    /// An inline completion at the cursor (the language server's, and
+    /// the HTTP API's `/v1/completions`).
+    Inline,
+    /// A chat (`/v1/chat/completions`).
+    Chat,
+    /// Work nobody waits for (warming a cache).
+    Warmup,
+}
+
+impl RequestKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Any => "any",
+            RequestKind::Inline => "inline",
+            RequestKind::Chat => "chat",
+            RequestKind::Warmup => "warmup",
+        }
+    }
+}
+
+/// `[[routes]]`: which models answer which requests, in order: the first
+/// that is healthy answers, the next when it fails.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    #[serde(default)]
+    pub kind: RequestKind,
+    /// Globs over the file's path in the workspace (`**/*.rs`); any file
+    /// when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// The editor's language ids (`rust`, `python`); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+    /// The chain: `[models.NAME]` names (or `kiln serve --model` ids).
+    pub models: Vec<String>,
+    /// Milliseconds a model has to answer (to finish, or to send its first
+    /// text when streaming) before the next one in the chain is asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// The longest route deadline, in milliseconds.
+pub const MAX_DEADLINE_MS: u64 = 600_000;
 
 /// By policy name, parameter name → value: `[policies.params.NAME]`.
 pub type PolicyParams = std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>;
@@ -274,6 +370,12 @@ pub struct Config {
     /// declared parameters (checked against the declarations when a
     /// policy is loaded).
     pub policy_params: PolicyParams,
+    /// `[models.NAME]`: models `kiln serve` may serve by name.
+    pub models: std::collections::BTreeMap<String, ModelEntry>,
+    /// `[pool]`: the models' memory budget, keep-alive and cooldown.
+    pub pool: PoolConfig,
+    /// `[[routes]]`: which models answer which requests.
+    pub routes: Vec<RouteEntry>,
 }
 
 impl Config {
@@ -324,8 +426,15 @@ impl Config {
         let mut engine = EngineConfig::default();
         let mut completion = CompletionConfig::default();
         let mut policy_params = PolicyParams::new();
+        let mut models = std::collections::BTreeMap::new();
+        let mut pool = PoolConfig::default();
+        let mut routes = Vec::new();
         match read_config_file(&config_file) {
             Ok(file) => {
+                if let Some(e) = check_pool(&file.models, &file.pool, &file.routes) {
+                    config_error = Some(format!("{}: {e}", config_file.display()));
+                }
+                (models, pool, routes) = (file.models, file.pool, file.routes);
                 for (policy, params) in &file.policies.params {
                     if let Some((name, v)) = params.iter().find(|(_, v)| !v.is_finite()) {
                         config_error = Some(format!(
@@ -459,6 +568,9 @@ impl Config {
             engine,
             completion,
             policy_params,
+            models,
+            pool,
+            routes,
         }
     }
 
@@ -698,6 +810,65 @@ pub fn write_config_text(config: &Config, text: &str) -> Result<(), String> {
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// What is wrong with `[models]`, `[pool]` and `[[routes]]`, if anything.
+/// (A route's model may also be a `kiln serve --model` id, and its globs
+/// are compiled, when `kiln serve` starts.)
+fn check_pool(
+    models: &std::collections::BTreeMap<String, ModelEntry>,
+    pool: &PoolConfig,
+    routes: &[RouteEntry],
+) -> Option<String> {
+    const WEEK: u64 = 7 * 86_400;
+    for (name, m) in models {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '/') {
+            return Some(format!(
+                "[models.{name:?}]: a model's name has no spaces or slashes"
+            ));
+        }
+        if m.model.trim().is_empty() {
+            return Some(format!(
+                "[models.{name}] model is empty: give a registered model or a GGUF file"
+            ));
+        }
+        if let Some(c) = m.ctx.filter(|c| !(16..=1 << 20).contains(c)) {
+            return Some(format!(
+                "[models.{name}] ctx = {c}: give 16 to 1048576 tokens"
+            ));
+        }
+        if let Some(k) = m.keep_alive_seconds.filter(|&k| k > WEEK) {
+            return Some(format!(
+                "[models.{name}] keep_alive_seconds = {k}: give 0 to {WEEK}"
+            ));
+        }
+    }
+    if pool.max_memory_mb == Some(0) {
+        return Some(
+            "[pool] max_memory_mb = 0: give MiB (leave it out for the memory available)".into(),
+        );
+    }
+    if let Some(k) = pool.keep_alive_seconds.filter(|&k| k > WEEK) {
+        return Some(format!("[pool] keep_alive_seconds = {k}: give 0 to {WEEK}"));
+    }
+    if let Some(c) = pool.cooldown_seconds.filter(|&c| c == 0 || c > 3600) {
+        return Some(format!("[pool] cooldown_seconds = {c}: give 1 to 3600"));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        if r.models.is_empty() {
+            return Some(format!(
+                "[[routes]] #{}: models is empty: list the models that answer, first to last",
+                i + 1
+            ));
+        }
+        if let Some(d) = r.deadline_ms.filter(|&d| d == 0 || d > MAX_DEADLINE_MS) {
+            return Some(format!(
+                "[[routes]] #{}: deadline_ms = {d}: give 1 to {MAX_DEADLINE_MS}",
+                i + 1
+            ));
+        }
+    }
+    None
 }
 
 fn read_config_file(path: &Path) -> Result<ConfigFile, String> {

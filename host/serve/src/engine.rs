@@ -21,7 +21,8 @@ use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::explain::{Ask, Explanation};
 use kiln_runtime::model::forward::KvCache;
 use kiln_runtime::model::generate::{
-    Control, Draft, Generation, Request, StopReason, generate_with_draft, same_vocabulary,
+    Control, Draft, Generation, Outcome, Paused, Request, StopReason, generate_resumable,
+    same_vocabulary,
 };
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
@@ -93,7 +94,11 @@ impl Loaded {
 
 /// What a job sends back, in order: text as it becomes final, then `Done`.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one `Done` per job, moved once
 pub enum Event {
+    /// The model answering (a pool's route may fall back to another),
+    /// before its text.
+    Model(String),
     Text(String),
     Done(Result<Finished, String>),
 }
@@ -108,6 +113,8 @@ pub trait Sink: Send {
     fn is_closed(&self) -> bool {
         false
     }
+    /// Which model answers, before its text (a routed job's).
+    fn answering(&mut self, _model: &str) {}
 }
 
 /// A submitted job's events, for an async caller. Dropping it (the client
@@ -130,6 +137,33 @@ impl Drop for Events {
     }
 }
 
+/// How a job refused after [`Engine::shutdown`] fails.
+pub const UNLOADED: &str = "the model was unloaded";
+
+/// A job for [`Engine::submit_job`].
+pub struct Submit {
+    /// Whose queue it waits in (clients take turns).
+    pub client: u64,
+    /// Its document: a newer job for the same one cancels it.
+    pub doc: Option<String>,
+    pub loaded: Arc<Loaded>,
+    pub request: Request,
+    pub sink: Box<dyn Sink>,
+    /// Not started before this (debounce).
+    pub not_before: Option<Instant>,
+    /// Cancels it, queued or running.
+    pub control: Arc<Control>,
+    pub priority: Priority,
+}
+
+impl Events {
+    /// The events of a job whose sink is [`Events::sink`]'s.
+    pub fn channel(control: Arc<Control>) -> (Box<dyn Sink>, Events) {
+        let (tx, rx) = unbounded_channel();
+        (Box::new(ChannelSink(tx)), Events { rx, control })
+    }
+}
+
 /// The [`Sink`] behind [`Events`].
 struct ChannelSink(UnboundedSender<Event>);
 
@@ -145,6 +179,10 @@ impl Sink for ChannelSink {
     fn is_closed(&self) -> bool {
         self.0.is_closed()
     }
+
+    fn answering(&mut self, model: &str) {
+        let _ = self.0.send(Event::Model(model.to_string()));
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -157,9 +195,15 @@ pub struct Finished {
     pub total_ms: f64,
     /// Tokens sampled after the job was cancelled (at most the one in flight).
     pub tokens_after_cancel: usize,
+    /// Which model of its route answered, and which failed before it
+    /// (set by the [`crate::pool::Pool`]; `None` for a job submitted to
+    /// an engine directly).
+    pub route: Option<crate::pool::Answered>,
 }
 
 struct Job {
+    priority: Priority,
+    client: u64,
     doc: Option<String>,
     loaded: Arc<Loaded>,
     control: Arc<Control>,
@@ -174,11 +218,34 @@ enum Work {
     Complete {
         request: Request,
         sink: Box<dyn Sink>,
+        /// Where it stood when a more urgent job paused it.
+        resume: Option<Box<Paused>>,
     },
     Explain {
         ask: Ask,
         reply: std::sync::mpsc::Sender<Result<Explanation, String>>,
     },
+}
+
+/// Which jobs go first: an inline completion (someone is typing) before a
+/// chat, a chat before work nobody waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    Inline = 0,
+    #[default]
+    Chat = 1,
+    Warmup = 2,
+}
+
+impl Priority {
+    pub fn of(kind: kiln_registry::config::RequestKind) -> Priority {
+        use kiln_registry::config::RequestKind as K;
+        match kind {
+            K::Inline => Priority::Inline,
+            K::Chat | K::Any => Priority::Chat,
+            K::Warmup => Priority::Warmup,
+        }
+    }
 }
 
 /// Per-client queues served round robin: the next job comes from the first
@@ -206,6 +273,12 @@ impl<T> Fair<T> {
         self.len += 1;
     }
 
+    /// Puts `item` back at the head of `client`'s queue (a paused job).
+    fn push_front(&mut self, client: u64, item: T) {
+        self.per_client.entry(client).or_default().push_front(item);
+        self.len += 1;
+    }
+
     fn pop(&mut self) -> Option<T> {
         let next = self
             .per_client
@@ -226,9 +299,13 @@ impl<T> Fair<T> {
 
 #[derive(Default)]
 struct Queue {
-    jobs: Fair<Job>,
+    /// By [`Priority`]: the first class with a job is served.
+    jobs: [Fair<Job>; 3],
     /// The newest job of each document, to cancel when the next arrives.
     by_doc: HashMap<String, Arc<Control>>,
+    /// The running job's priority and control (to pause it for a more
+    /// urgent one).
+    running: Option<(Priority, Arc<Control>)>,
     shutdown: bool,
 }
 
@@ -364,6 +441,9 @@ pub struct EngineOptions {
     pub completion_cache_entries: u64,
     /// Where the engine counts (shared with the rest of the service).
     pub metrics: Arc<Metrics>,
+    /// Whether `kiln:model_info` names this engine's model (the served
+    /// model's engine; not a pool's others).
+    pub announce: bool,
     /// Speculative decoding for requests that do not choose (the HTTP API).
     pub draft: Draft,
     /// Tokens `draft` guesses at most per verifying batch.
@@ -414,7 +494,9 @@ impl Engine {
             draft_fits: Mutex::default(),
         });
         let engine = Engine { shared };
-        engine.announce();
+        if opts.announce {
+            engine.announce();
+        }
         let worker = engine.shared.clone();
         std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -473,6 +555,12 @@ impl Engine {
         self.announce();
     }
 
+    /// Jobs queued and running now (0: the engine is idle).
+    pub fn busy(&self) -> usize {
+        let q = lock(&self.shared.queue);
+        q.jobs.iter().map(|f| f.len).sum::<usize>() + usize::from(q.running.is_some())
+    }
+
     /// The backend the engine runs on.
     pub fn target(&self) -> &Arc<Backend> {
         &self.shared.target
@@ -513,28 +601,64 @@ impl Engine {
         client: u64,
         doc: Option<String>,
         loaded: Arc<Loaded>,
-        mut request: Request,
+        request: Request,
         sink: Box<dyn Sink>,
         not_before: Option<Instant>,
     ) -> Arc<Control> {
         let control = Arc::new(Control::default());
+        self.submit_job(Submit {
+            client,
+            doc,
+            loaded,
+            request,
+            sink,
+            not_before,
+            control: control.clone(),
+            priority: Priority::default(),
+        });
+        control
+    }
+
+    /// Queues a job as [`Submit`] says. After [`Engine::shutdown`] the
+    /// job is refused: its sink gets an error at once.
+    pub fn submit_job(&self, job: Submit) {
+        let Submit {
+            client,
+            doc,
+            loaded,
+            mut request,
+            sink,
+            not_before,
+            control,
+            priority,
+        } = job;
         request.control = Some(control.clone());
         let mut q = lock(&self.shared.queue);
+        if q.shutdown {
+            drop(q);
+            sink.done(Err(format!("{UNLOADED}: {}", loaded.id)));
+            return;
+        }
         if let Some(d) = &doc
             && let Some(old) = q.by_doc.insert(d.clone(), control.clone())
         {
             old.cancel();
         }
         let job = Job {
+            priority,
+            client,
             doc,
             loaded,
-            control: control.clone(),
+            control,
             enqueued: Instant::now(),
             not_before,
-            work: Work::Complete { request, sink },
+            work: Work::Complete {
+                request,
+                sink,
+                resume: None,
+            },
         };
         self.enqueue(client, job, q);
-        control
     }
 
     /// Queues an explanation of a completion for `client`, computed with
@@ -547,6 +671,8 @@ impl Engine {
     ) -> std::sync::mpsc::Receiver<Result<Explanation, String>> {
         let (reply, rx) = std::sync::mpsc::channel();
         let job = Job {
+            priority: Priority::Chat,
+            client,
             doc: None,
             loaded: self.loaded(),
             control: Arc::new(Control::default()),
@@ -560,8 +686,15 @@ impl Engine {
 
     /// Puts `job` in `client`'s queue (held) and wakes the engine.
     fn enqueue(&self, client: u64, job: Job, mut q: std::sync::MutexGuard<'_, Queue>) {
-        q.jobs.push(client, job);
-        self.shared.metrics.waiting.set(q.jobs.len as i64);
+        // A less urgent job running pauses at its next token (a chat for
+        // an inline completion) and goes on after.
+        if let Some((running, control)) = &q.running
+            && job.priority < *running
+        {
+            control.request_pause();
+        }
+        q.jobs[job.priority as usize].push(client, job);
+        self.shared.metrics.waiting.inc();
         drop(q);
         self.shared.wake.notify_one();
     }
@@ -583,7 +716,7 @@ impl Engine {
     pub fn status(&self) -> Status {
         let loaded = self.loaded();
         let r = lock(&self.shared.recent);
-        let waiting = lock(&self.shared.queue).jobs.len;
+        let waiting = lock(&self.shared.queue).jobs.iter().map(|f| f.len).sum();
         let rate = |hit: u64, all: u64| (all > 0).then(|| hit as f64 / all as f64);
         let stats = &self.shared.target.stats;
         use std::sync::atomic::Ordering::Relaxed;
@@ -645,8 +778,9 @@ fn worker_loop(shared: &Shared) {
         let job = {
             let mut q = lock(&shared.queue);
             loop {
-                if let Some(job) = q.jobs.pop() {
-                    shared.metrics.waiting.set(q.jobs.len as i64);
+                if let Some(job) = q.jobs.iter_mut().find_map(Fair::pop) {
+                    shared.metrics.waiting.dec();
+                    q.running = Some((job.priority, job.control.clone()));
                     break job;
                 }
                 if q.shutdown {
@@ -669,19 +803,40 @@ fn worker_loop(shared: &Shared) {
                     .0;
             }
         }
-        shared.metrics.running.set(1);
+        shared.metrics.running.inc();
         let doc = job.doc.clone();
         let control = job.control.clone();
+        let mut back = None;
         match job.work {
-            Work::Complete { request, sink } => run_job(
-                shared,
-                (&mut session, &mut drafter),
-                job.loaded,
+            Work::Complete {
                 request,
                 sink,
-                &control,
-                job.enqueued,
-            ),
+                resume,
+            } => {
+                let ran = Ran {
+                    loaded: job.loaded,
+                    request,
+                    sink,
+                    resume,
+                    enqueued: job.enqueued,
+                };
+                if let Some(paused) = run_job(shared, (&mut session, &mut drafter), ran, &control) {
+                    back = Some(Job {
+                        priority: job.priority,
+                        client: job.client,
+                        doc: job.doc,
+                        loaded: paused.loaded,
+                        control: control.clone(),
+                        enqueued: paused.enqueued,
+                        not_before: None,
+                        work: Work::Complete {
+                            request: paused.request,
+                            sink: paused.sink,
+                            resume: paused.resume,
+                        },
+                    });
+                }
+            }
             Work::Explain { mut ask, reply } => {
                 let loaded = job.loaded;
                 // The attention map is always recorded (one more pass over
@@ -704,13 +859,20 @@ fn worker_loop(shared: &Shared) {
                 let _ = reply.send(result);
             }
         }
-        shared.metrics.running.set(0);
-        if let Some(d) = doc {
-            let mut q = lock(&shared.queue);
-            if q.by_doc.get(&d).is_some_and(|c| Arc::ptr_eq(c, &control)) {
-                q.by_doc.remove(&d);
-            }
+        shared.metrics.running.dec();
+        let mut q = lock(&shared.queue);
+        q.running = None;
+        if let Some(job) = back {
+            // Paused for a more urgent job: first in its client's queue.
+            shared.metrics.paused.inc();
+            shared.metrics.waiting.inc();
+            q.jobs[job.priority as usize].push_front(job.client, job);
+        } else if let Some(d) = doc
+            && q.by_doc.get(&d).is_some_and(|c| Arc::ptr_eq(c, &control))
+        {
+            q.by_doc.remove(&d);
         }
+        drop(q);
         record_backend_stats(shared, &mut seen_stats);
     }
 }
@@ -766,26 +928,57 @@ fn record_backend_stats(shared: &Shared, seen: &mut [u64; 8]) {
     *seen = now;
 }
 
+/// A completion job taken from the queue: its model, request and sink,
+/// where it stood if it was paused, and when it was queued first.
+struct Ran {
+    loaded: Arc<Loaded>,
+    request: Request,
+    sink: Box<dyn Sink>,
+    resume: Option<Box<Paused>>,
+    enqueued: Instant,
+}
+
+/// Runs a completion job to its end (its sink gets the result), or until a
+/// more urgent job pauses it: then it is given back, to queue again.
 fn run_job(
     shared: &Shared,
     session: (&mut Option<(Arc<Loaded>, Session)>, &mut Option<Session>),
-    loaded: Arc<Loaded>,
-    request: Request,
-    mut sink: Box<dyn Sink>,
+    ran: Ran,
     control: &Control,
-    enqueued: Instant,
-) {
+) -> Option<Ran> {
+    let Ran {
+        loaded,
+        request,
+        mut sink,
+        resume,
+        enqueued,
+    } = ran;
+    let first_run = resume.is_none();
     let queue_s = enqueued.elapsed().as_secs_f64();
-    shared.metrics.queue_time.observe(queue_s);
-    let result = execute(
+    if first_run {
+        shared.metrics.queue_time.observe(queue_s);
+    }
+    let result = match execute(
         shared,
         session,
         &loaded,
-        request,
+        (&request, resume),
         control,
         sink.as_mut(),
         enqueued,
-    );
+    ) {
+        Ok(Step::Paused(resume)) => {
+            return Some(Ran {
+                loaded,
+                request,
+                sink,
+                resume: Some(resume),
+                enqueued,
+            });
+        }
+        Ok(Step::Done(f)) => Ok(*f),
+        Err(e) => Err(e),
+    };
     let m = &shared.metrics;
     let reason = match &result {
         Ok(f) => serde_json::to_value(f.generation.stop_reason)
@@ -814,6 +1007,7 @@ fn run_job(
     }
     drop(r);
     sink.done(result);
+    None
 }
 
 /// Runs one job: from the completion cache, or on the session (made anew
@@ -822,15 +1016,17 @@ fn execute(
     shared: &Shared,
     (session, drafter): (&mut Option<(Arc<Loaded>, Session)>, &mut Option<Session>),
     loaded: &Arc<Loaded>,
-    mut request: Request,
+    (request, resume): (&Request, Option<Box<Paused>>),
     control: &Control,
     sink: &mut dyn Sink,
     enqueued: Instant,
-) -> Result<Finished, String> {
+) -> Result<Step, String> {
     let m = &shared.metrics;
     let queue_s = enqueued.elapsed().as_secs_f64();
+    let mut request = request.clone();
+    let resumed = resume.is_some();
     if control.is_cancelled() || sink.is_closed() {
-        return Ok(Finished {
+        return Ok(Step::Done(Box::new(Finished {
             generation: Generation {
                 token_ids: Vec::new(),
                 text: String::new(),
@@ -842,12 +1038,15 @@ fn execute(
             time_to_first_token_ms: 0.0,
             total_ms: queue_s * 1e3,
             tokens_after_cancel: 0,
-        });
+            route: None,
+        })));
     }
     let key = cache_key(loaded, &request);
-    m.completion_cache_queries.inc();
-    lock(&shared.recent).completion_cache_queries += 1;
-    if let Some(hit) = shared.cache.get(&key) {
+    if !resumed {
+        m.completion_cache_queries.inc();
+        lock(&shared.recent).completion_cache_queries += 1;
+    }
+    if let Some(hit) = shared.cache.get(&key).filter(|_| !resumed) {
         m.completion_cache_hits.inc();
         lock(&shared.recent).completion_cache_hits += 1;
         if !hit.text.is_empty() {
@@ -856,14 +1055,15 @@ fn execute(
         let ms = enqueued.elapsed().as_secs_f64() * 1e3;
         m.ttft.observe(ms / 1e3);
         m.e2e.observe(ms / 1e3);
-        return Ok(Finished {
+        return Ok(Step::Done(Box::new(Finished {
             generation: (*hit).clone(),
             completion_cache_hit: true,
             queue_ms: queue_s * 1e3,
             time_to_first_token_ms: ms,
             total_ms: ms,
             tokens_after_cancel: 0,
-        });
+            route: None,
+        })));
     }
     let sess = session_for(shared, session, loaded)?;
     let room = sess.n_ctx().saturating_sub(request.prompt.len());
@@ -896,16 +1096,25 @@ fn execute(
         }
         _ => None,
     };
-    let result = generate_with_draft(sess, draft, &loaded.tok, &request, |text| {
-        if !sink.text(text) {
-            // Nobody is listening any more (the client went away).
-            control.cancel();
-            return false;
-        }
-        !control.is_cancelled()
-    });
+    let result = generate_resumable(
+        sess,
+        draft,
+        &loaded.tok,
+        &request,
+        resume.map(|r| *r),
+        true,
+        |text| {
+            if !sink.text(text) {
+                // Nobody is listening any more (the client went away).
+                control.cancel();
+                return false;
+            }
+            !control.is_cancelled()
+        },
+    );
     let g = match result {
-        Ok(g) => g,
+        Ok(Outcome::Done(g)) => g,
+        Ok(Outcome::Paused(p)) => return Ok(Step::Paused(Box::new(p))),
         Err(e) => {
             // The caches may hold a half-written batch: start clean.
             sess.truncate(0);
@@ -947,14 +1156,22 @@ fn execute(
         r.prompt_tokens += n_prompt;
         r.cached_tokens += t.cached_tokens as u64;
     }
-    Ok(Finished {
+    Ok(Step::Done(Box::new(Finished {
         tokens_after_cancel: control.generated_after_cancel(),
+        route: None,
         completion_cache_hit: false,
         queue_ms: queue_s * 1e3,
         time_to_first_token_ms: ttft_s * 1e3,
         total_ms: total_s * 1e3,
         generation: g,
-    })
+    })))
+}
+
+/// How a run of a job ended.
+enum Step {
+    Done(Box<Finished>),
+    /// A more urgent job paused it.
+    Paused(Box<Paused>),
 }
 
 /// Keeps `e` as the dashboard's last explanation: the prompt with its

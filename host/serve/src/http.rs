@@ -7,6 +7,7 @@
 use super::dashboard::Dashboard;
 use super::engine::{Engine, Event, Events, Finished, Loaded};
 use super::metrics::Metrics;
+use super::pool::{self, Member, Plan, Pool};
 use super::prompt;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -16,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use kiln_registry::config::RequestKind;
 use kiln_runtime::model::generate::{Request, StopReason};
 use kiln_runtime::model::sample::SamplingParams;
 use kiln_runtime::tokenizer::EncodeError;
@@ -33,7 +35,10 @@ use tower::ServiceExt;
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 struct AppState {
+    /// The first model's engine (explanations, experiments).
     engine: Engine,
+    /// Every model served, routed.
+    pool: Pool,
     /// The home of the registry experiments are read from and written to.
     config: Option<kiln_registry::config::Config>,
     ab: std::sync::Mutex<crate::ab::Ab>,
@@ -57,9 +62,10 @@ const SERVED_PROMPT_MAX: usize = 256 << 10;
 
 type St = State<Arc<AppState>>;
 
-pub fn router(engine: Engine, dashboard: Arc<Dashboard>) -> Router {
+pub fn router(pool: Pool, dashboard: Arc<Dashboard>) -> Router {
     let state = Arc::new(AppState {
-        engine,
+        engine: pool.first(),
+        pool,
         config: dashboard.config().cloned(),
         ab: Default::default(),
         next_id: AtomicU64::new(1),
@@ -90,11 +96,11 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// and never finishes a request does not hold them forever.
 /// `/dashboard` is served too.
 pub async fn serve(
-    engine: Engine,
+    pool: Pool,
     dashboard: Arc<Dashboard>,
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
-    serve_router(router(engine, dashboard), listener).await
+    serve_router(router(pool, dashboard), listener).await
 }
 
 /// `/metrics`, `/healthz` and `/dashboard` alone, beside the language
@@ -204,13 +210,15 @@ async fn healthz(State(s): St) -> Response {
     axum::Json(json!({"status": "ok", "model": s.engine.loaded().id})).into_response()
 }
 
+/// `GET /v1/models`: every model of the pool, first the one a request
+/// without a route goes to, with its state (`kiln`).
 async fn models(State(s): St) -> Response {
-    let l = s.engine.loaded();
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": l.id, "object": "model", "created": 0, "owned_by": "kiln"}],
-    }))
-    .into_response()
+    let data: Vec<Value> = (s.pool.status().into_iter())
+        .map(
+            |m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "kiln", "kiln": m}),
+        )
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn metrics(State(s): St) -> Response {
@@ -320,25 +328,15 @@ async fn parse_body(req: axum::extract::Request) -> Result<Value, ApiError> {
 /// whether to stream.
 fn common(
     v: &Value,
-    loaded: &Loaded,
+    pool: &Pool,
     n_ctx: usize,
     default_max: usize,
 ) -> Result<(Request, bool), ApiError> {
     let c = Common::deserialize(v).map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
-    // Without `model`, the served one (as llama.cpp's server answers).
+    // Without `model`, the route's (as llama.cpp's server answers with
+    // its one model).
     match c.model.as_deref() {
-        Some(m) if m != loaded.id => {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: Some("model_not_found"),
-                param: Some("model"),
-                message: format!(
-                    "the model {m:?} does not exist here; kiln serves {:?} (GET /v1/models)",
-                    loaded.id
-                ),
-            });
-        }
+        Some(m) if !s_pool_has(pool, m) => return Err(model_not_found(m, pool)),
         _ => {}
     }
     let max = c.max_completion_tokens.or(c.max_tokens);
@@ -422,8 +420,6 @@ fn common(
         seed,
     };
     sampling.validate().map_err(ApiError::bad)?;
-    let mut stop = stop;
-    stop.extend(loaded.fim.stop_strings().iter().map(|s| s.to_string()));
     Ok((
         Request {
             stop,
@@ -433,6 +429,93 @@ fn common(
     ))
 }
 
+fn s_pool_has(pool: &Pool, model: &str) -> bool {
+    pool.plan(&pool::Ask {
+        model: Some(model),
+        ..Default::default()
+    })
+    .is_ok()
+}
+
+fn model_not_found(m: &str, pool: &Pool) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: Some("model_not_found"),
+        param: Some("model"),
+        message: format!(
+            "the model {m:?} does not exist here; kiln serves {} (GET /v1/models)",
+            pool.ids().join(", ")
+        ),
+    }
+}
+
+/// `request` with `loaded`'s own stop strings (its template's) added.
+fn with_model_stops(mut request: Request, loaded: &Loaded) -> Request {
+    (request.stop).extend(loaded.fim.stop_strings().iter().map(|s| s.to_string()));
+    request
+}
+
+/// The route of a request and its first model that can answer, loaded
+/// if it was not (off the async runtime). `Err`: none could (every
+/// model failed), with the plan to answer from the offline cache.
+async fn route(
+    s: &Arc<AppState>,
+    kind: kiln_registry::config::RequestKind,
+    v: &Value,
+) -> Result<Result<(Plan, Arc<Member>, Engine), Plan>, ApiError> {
+    let model = v["model"].as_str();
+    let plan = s
+        .pool
+        .plan(&pool::Ask {
+            kind,
+            model,
+            ..Default::default()
+        })
+        .map_err(|_| model_not_found(model.unwrap_or_default(), &s.pool))?;
+    let p = s.pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut plan = plan;
+        match p.next_engine(&mut plan) {
+            Some((m, e)) => Ok((plan, m, e)),
+            None => Err(plan),
+        }
+    })
+    .await
+    .map_err(|e| engine_error(format!("routing failed: {e}")))
+}
+
+/// A request's identity whatever model answers it (its body less the
+/// fields that do not change the text), for the offline cache.
+fn request_key(path: &str, v: &Value) -> u64 {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["model", "user", "stream", "stream_options"] {
+            o.remove(k);
+        }
+    }
+    let mut h = DefaultHasher::new();
+    path.hash(&mut h);
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// No model of the route could answer: the offline cache's answer, or
+/// 503 with every failure.
+fn unanswered(s: &AppState, plan: &Plan, key: u64) -> Result<Finished, ApiError> {
+    s.pool.offline(plan, Some(key)).ok_or_else(|| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        kind: "server_error",
+        code: Some("no_model_available"),
+        param: None,
+        message: format!(
+            "no model of the route ({}) can answer now: {}; see GET /v1/models",
+            plan.models().join(" → "),
+            plan.failures()
+        ),
+    })
+}
+
 fn client_key(addr: &SocketAddr) -> u64 {
     let mut h = DefaultHasher::new();
     addr.hash(&mut h);
@@ -440,6 +523,7 @@ fn client_key(addr: &SocketAddr) -> u64 {
 }
 
 /// What a prompt is made of.
+#[derive(Clone)]
 enum PromptText {
     /// Text as it is (a completion without a suffix, or a rendered chat,
     /// which carries its own BOS when it wants one).
@@ -459,16 +543,26 @@ async fn encode(
     max_tokens: usize,
     n_ctx: usize,
 ) -> Result<Vec<u32>, ApiError> {
-    let limit = n_ctx.saturating_sub(max_tokens);
     let l = loaded.clone();
-    let encoded = tokio::task::spawn_blocking(move || match text {
-        PromptText::Plain { text, add_bos } => l.tok.encode_within(&text, add_bos, limit),
+    tokio::task::spawn_blocking(move || encode_now(&l, text, max_tokens, n_ctx))
+        .await
+        .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?
+}
+
+/// [`encode`] on this thread.
+fn encode_now(
+    loaded: &Loaded,
+    text: PromptText,
+    max_tokens: usize,
+    n_ctx: usize,
+) -> Result<Vec<u32>, ApiError> {
+    let limit = n_ctx.saturating_sub(max_tokens);
+    let encoded = match text {
+        PromptText::Plain { text, add_bos } => loaded.tok.encode_within(&text, add_bos, limit),
         PromptText::Fim { prefix, suffix } => {
-            prompt::fim_tokens(&l, "", &prefix, &suffix, None, limit)
+            prompt::fim_tokens(loaded, "", &prefix, &suffix, None, limit)
         }
-    })
-    .await
-    .map_err(|e| engine_error(format!("tokenizing failed: {e}")))?;
+    };
     match encoded {
         Ok(prompt) => Ok(prompt),
         Err(EncodeError::Failed(e)) => Err(ApiError::bad(e)),
@@ -538,7 +632,16 @@ async fn explain(
 ) -> Result<Response, ApiError> {
     let v = parse_body(body).await?;
     let loaded = s.engine.loaded();
-    let (req, _) = common(&v, &loaded, s.engine.n_ctx(), 16)?;
+    if let Some(m) = v["model"].as_str().filter(|m| *m != loaded.id) {
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "explanations are of the first model, {}, not {m}",
+                loaded.id
+            ),
+        ));
+    }
+    let (req, _) = common(&v, &s.pool, s.engine.n_ctx(), 16)?;
     // A completion served before, by its id: its prompt and text.
     let by_id = match &v["id"] {
         Value::Null => None,
@@ -648,9 +751,22 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let v = parse_body(body).await?;
     let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
-    let (loaded, tag) = arm_for(&s, &v, &addr, &id).await;
-    let n_ctx = s.engine.n_ctx();
-    let (mut req, stream) = common(&v, &loaded, n_ctx, 16)?;
+    let key = request_key("/v1/completions", &v);
+    let (plan, member, engine) = match route(&s, RequestKind::Inline, &v).await? {
+        Ok(first) => first,
+        Err(plan) => {
+            let f = unanswered(&s, &plan, key)?;
+            return Ok(completion_body(&id, &f, None));
+        }
+    };
+    // An experiment's arm stands in for the first model.
+    let (loaded, tag) = if s.pool.is_first(&member) {
+        arm_for(&s, &v, &addr, &id).await
+    } else {
+        (engine.loaded(), None)
+    };
+    let n_ctx = engine.n_ctx();
+    let (mut req, stream) = common(&v, &s.pool, n_ctx, 16)?;
     req.draft = s.engine.draft();
     req.draft_max = s.engine.draft_max();
     let prompt = match &v["prompt"] {
@@ -693,23 +809,43 @@ async fn completions(
         PromptText::Plain { text, .. } => text.clone(),
         PromptText::Fim { prefix, suffix } => prompt::fim_text(&loaded, "", prefix, suffix, None),
     };
+    let base = req.clone();
+    let rest = text.clone();
+    let build: pool::Build = Arc::new(move |l, n_ctx| {
+        if matches!(rest, PromptText::Fim { .. }) && !l.fim.uses_suffix() {
+            return Err(format!("{} has no fill-in-the-middle template", l.id));
+        }
+        let mut r = with_model_stops(base.clone(), l);
+        r.prompt = encode_now(l, rest.clone(), r.max_tokens, n_ctx).map_err(|e| e.message)?;
+        Ok(r)
+    });
     req.prompt = encode(&loaded, text, req.max_tokens, n_ctx).await?;
-    let rx = s
-        .engine
-        .submit_events(client_key(&addr), None, loaded.clone(), req);
-    let model = loaded.id.clone();
+    let req = with_model_stops(req, &loaded);
+    let rx = s.pool.submit_events(
+        plan,
+        (member, engine, loaded.clone()),
+        req,
+        pool::Job {
+            client: client_key(&addr),
+            doc: None,
+            not_before: None,
+            streaming: stream,
+            key: Some(key),
+            build,
+        },
+    );
     let created = now_s();
     let experiment = tag.as_ref().map(crate::ab::Tag::meta);
     if stream {
         if let Some(t) = tag {
             t.served(None, false);
         }
-        let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
+        let chunk = move |model: &str, text: &str, finish: Option<&str>, usage: Option<Value>| {
             let choice =
                 json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish});
-            envelope(&id, "text_completion", created, &model, choice, usage)
+            envelope(&id, "text_completion", created, model, choice, usage)
         };
-        return Ok(sse(rx, chunk));
+        return Ok(sse(rx, loaded.id.clone(), chunk));
     }
     let f = match collect(rx).await {
         Ok(f) => f,
@@ -725,7 +861,8 @@ async fn completions(
         let s = s.clone();
         let _ = tokio::task::spawn_blocking(move || flush_outcomes(&s)).await;
     }
-    if as_text.len() <= SERVED_PROMPT_MAX {
+    let model = answered_by(&f, &loaded.id);
+    if as_text.len() <= SERVED_PROMPT_MAX && model == loaded.id {
         let mut kept = s.served.lock().unwrap_or_else(|p| p.into_inner());
         if kept.len() == SERVED_KEPT {
             kept.pop_front();
@@ -737,19 +874,36 @@ async fn completions(
             completion: f.generation.text.clone(),
         });
     }
-    let choice = json!({"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(&f)});
+    Ok(completion_body(&id, &f, experiment))
+}
+
+/// The model that gave `f` (`first` unless a route fell back).
+fn answered_by(f: &Finished, first: &str) -> String {
+    f.route
+        .as_ref()
+        .map_or_else(|| first.to_string(), |r| r.model.clone())
+}
+
+/// A whole `/v1/completions` answer, with its route (`route`: which
+/// model answered, which failed first) and experiment.
+fn completion_body(id: &str, f: &Finished, experiment: Option<Value>) -> Response {
+    let model = answered_by(f, "");
+    let choice = json!({"index": 0, "text": f.generation.text, "logprobs": null, "finish_reason": finish_reason(f)});
     let mut body = envelope(
-        &id,
+        id,
         "text_completion",
-        created,
+        now_s(),
         &model,
         choice,
-        Some(usage(&f)),
+        Some(usage(f)),
     );
+    if let Some(r) = &f.route {
+        body["route"] = json!(r);
+    }
     if let Some(e) = experiment.filter(|e| !e.is_null()) {
         body["experiment"] = e;
     }
-    Ok(axum::Json(body).into_response())
+    axum::Json(body).into_response()
 }
 
 /// The model for a completion request and its tag: the arm's version
@@ -947,12 +1101,47 @@ async fn chat_completions(
     body: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body).await?;
-    let loaded = s.engine.loaded();
-    let n_ctx = s.engine.n_ctx();
-    let (mut req, stream) = common(&v, &loaded, n_ctx, 256.min(n_ctx / 2).max(1))?;
+    let id = format!("chatcmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
+    let key = request_key("/v1/chat/completions", &v);
+    let created = now_s();
+    let body = |f: &Finished| {
+        let choice = json!({"index": 0, "message": {"role": "assistant", "content": f.generation.text},
+                            "logprobs": null, "finish_reason": finish_reason(f)});
+        let mut body = envelope(
+            &id,
+            "chat.completion",
+            created,
+            &answered_by(f, ""),
+            choice,
+            Some(usage(f)),
+        );
+        if let Some(r) = &f.route {
+            body["route"] = json!(r);
+        }
+        axum::Json(body).into_response()
+    };
+    let (plan, member, engine) = match route(&s, RequestKind::Chat, &v).await? {
+        Ok(first) => first,
+        Err(plan) => return Ok(body(&unanswered(&s, &plan, key)?)),
+    };
+    let loaded = engine.loaded();
+    let n_ctx = engine.n_ctx();
+    let (mut req, stream) = common(&v, &s.pool, n_ctx, 256.min(n_ctx / 2).max(1))?;
     req.draft = s.engine.draft();
     req.draft_max = s.engine.draft_max();
     let text = render_chat(&loaded, &v)?;
+    let base = req.clone();
+    let messages = v.clone();
+    let build: pool::Build = Arc::new(move |l, n_ctx| {
+        let text = render_chat(l, &messages).map_err(|e| e.message)?;
+        let mut r = with_model_stops(base.clone(), l);
+        let plain = PromptText::Plain {
+            text,
+            add_bos: false,
+        };
+        r.prompt = encode_now(l, plain, r.max_tokens, n_ctx).map_err(|e| e.message)?;
+        Ok(r)
+    });
     // The rendered template carries its own BOS when it wants one.
     req.prompt = encode(
         &loaded,
@@ -964,15 +1153,23 @@ async fn chat_completions(
         n_ctx,
     )
     .await?;
-    let rx = s
-        .engine
-        .submit_events(client_key(&addr), None, loaded.clone(), req);
-    let id = format!("chatcmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
-    let model = loaded.id.clone();
-    let created = now_s();
+    let req = with_model_stops(req, &loaded);
+    let rx = s.pool.submit_events(
+        plan,
+        (member, engine, loaded.clone()),
+        req,
+        pool::Job {
+            client: client_key(&addr),
+            doc: None,
+            not_before: None,
+            streaming: stream,
+            key: Some(key),
+            build,
+        },
+    );
     if stream {
         let mut first = true;
-        let chunk = move |text: &str, finish: Option<&str>, usage: Option<Value>| {
+        let chunk = move |model: &str, text: &str, finish: Option<&str>, usage: Option<Value>| {
             let delta = if first {
                 first = false;
                 json!({"role": "assistant", "content": text})
@@ -983,22 +1180,12 @@ async fn chat_completions(
             };
             let choice =
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish});
-            envelope(&id, "chat.completion.chunk", created, &model, choice, usage)
+            envelope(&id, "chat.completion.chunk", created, model, choice, usage)
         };
-        return Ok(sse(rx, chunk));
+        return Ok(sse(rx, loaded.id.clone(), chunk));
     }
     let f = collect(rx).await?;
-    let choice = json!({"index": 0, "message": {"role": "assistant", "content": f.generation.text},
-                        "logprobs": null, "finish_reason": finish_reason(&f)});
-    Ok(axum::Json(envelope(
-        &id,
-        "chat.completion",
-        created,
-        &model,
-        choice,
-        Some(usage(&f)),
-    ))
-    .into_response())
+    Ok(body(&f))
 }
 
 fn engine_error(e: String) -> ApiError {
@@ -1014,41 +1201,52 @@ fn engine_error(e: String) -> ApiError {
 async fn collect(mut rx: Events) -> Result<Finished, ApiError> {
     loop {
         match rx.recv().await {
-            Some(Event::Text(_)) => {}
+            Some(Event::Text(_) | Event::Model(_)) => {}
             Some(Event::Done(d)) => return d.map_err(engine_error),
             None => return Err(engine_error("the engine stopped".into())),
         }
     }
 }
 
-/// Server-sent events: one `data:` line per chunk, then `data: [DONE]`.
-/// Dropping the stream (the client left) drops the receiver, which cancels
-/// the generation at its next token.
+/// Server-sent events: one `data:` line per chunk, then `data: [DONE]`;
+/// each chunk names the model answering (`model` until a route says
+/// another does). Dropping the stream (the client left) drops the
+/// receiver, which cancels the generation at its next token.
 fn sse(
     rx: Events,
-    chunk: impl FnMut(&str, Option<&str>, Option<Value>) -> Value + Send + 'static,
+    model: String,
+    chunk: impl FnMut(&str, &str, Option<&str>, Option<Value>) -> Value + Send + 'static,
 ) -> Response {
-    let stream = futures_util::stream::unfold((Some(rx), chunk), |(rx, mut chunk)| async move {
+    let state = (Some(rx), model, chunk);
+    let stream = futures_util::stream::unfold(state, |(rx, mut model, mut chunk)| async move {
         let mut rx = rx?;
-        let data = match rx.recv().await {
-            Some(Event::Text(t)) => {
-                let data = format!("data: {}\n\n", chunk(&t, None, None));
-                return Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(data)),
-                    (Some(rx), chunk),
-                ));
+        let data = loop {
+            match rx.recv().await {
+                Some(Event::Model(m)) => model = m,
+                Some(Event::Text(t)) => {
+                    let data = format!("data: {}\n\n", chunk(&model, &t, None, None));
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(Bytes::from(data)),
+                        (Some(rx), model, chunk),
+                    ));
+                }
+                Some(Event::Done(Ok(f))) => {
+                    let mut last = chunk(&model, "", Some(finish_reason(&f)), Some(usage(&f)));
+                    if let Some(r) = &f.route {
+                        last["route"] = json!(r);
+                    }
+                    break format!("data: {last}\n\ndata: [DONE]\n\n");
+                }
+                Some(Event::Done(Err(e))) => {
+                    break format!(
+                        "data: {}\n\ndata: [DONE]\n\n",
+                        json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})
+                    );
+                }
+                None => break "data: [DONE]\n\n".to_string(),
             }
-            Some(Event::Done(Ok(f))) => format!(
-                "data: {}\n\ndata: [DONE]\n\n",
-                chunk("", Some(finish_reason(&f)), Some(usage(&f)))
-            ),
-            Some(Event::Done(Err(e))) => format!(
-                "data: {}\n\ndata: [DONE]\n\n",
-                json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})
-            ),
-            None => "data: [DONE]\n\n".to_string(),
         };
-        Some((Ok(Bytes::from(data)), (None, chunk)))
+        Some((Ok(Bytes::from(data)), (None, model, chunk)))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")

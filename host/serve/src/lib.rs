@@ -6,6 +6,7 @@
 //!
 //! - [`start`]: the model, device, engine and ranking policy a service runs;
 //! - [`engine`]: the job queue, prefix reuse, the completion cache, cancellation;
+//! - [`pool`]: the models served, their memory budget, routes, health and fallback;
 //! - [`fim`]: fill-in-the-middle templates per model family;
 //! - [`context`]: workspace snippets, ranked and packed into a token budget;
 //! - [`decisions`]: ranking decisions logged for replay, breaker trips persisted;
@@ -28,6 +29,7 @@ pub mod index_cache;
 pub mod lsp;
 pub mod metrics;
 pub mod pack;
+pub mod pool;
 pub mod preview;
 pub mod prompt;
 pub mod scrub;

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub completions_accepted: Counter,
     pub running: Gauge,
     pub waiting: Gauge,
+    /// Jobs paused for a more urgent one (a chat for an inline
+    /// completion), to go on after it.
+    pub paused: Counter,
     pub ttft: Histogram,
     pub inter_token: Histogram,
     pub e2e: Histogram,
@@ -62,6 +65,19 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub store_damaged: Gauge,
     pub store_scrubbed_at: Gauge,
+    /// The model pool, by model: 1 while loaded; health (0 healthy, 1
+    /// degraded, 2 failed); loads; unloads by reason (budget, idle);
+    /// times a route's model failed and the next was asked, by reason.
+    pub model_loaded: Family<Labels, Gauge>,
+    pub model_health: Family<Labels, Gauge>,
+    pub model_loads: Family<Labels, Counter>,
+    pub model_evictions: Family<Labels, Counter>,
+    pub route_fallbacks: Family<Labels, Counter>,
+    /// Requests answered from the offline cache (every model failed).
+    pub offline_answers: Counter,
+    /// What the loaded models need together, and the pool's budget.
+    pub pool_memory_bytes: Gauge,
+    pub pool_budget_bytes: Gauge,
     /// The last completion prompt's layout (the language server's), for
     /// the dashboard: not a Prometheus metric.
     pub last_prompt: std::sync::Mutex<Option<serde_json::Value>>,
@@ -97,6 +113,7 @@ impl Default for Metrics {
             completions_accepted: Counter::default(),
             running: Gauge::default(),
             waiting: Gauge::default(),
+            paused: Counter::default(),
             ttft: Histogram::new(latency_buckets()),
             inter_token: Histogram::new(exponential_buckets(0.0005, 2f64.sqrt().sqrt(), 55)),
             e2e: Histogram::new(latency_buckets()),
@@ -118,6 +135,14 @@ impl Default for Metrics {
             store_blobs: Gauge::default(),
             store_damaged: Gauge::default(),
             store_scrubbed_at: Gauge::default(),
+            model_loaded: Family::default(),
+            model_health: Family::default(),
+            model_loads: Family::default(),
+            model_evictions: Family::default(),
+            route_fallbacks: Family::default(),
+            offline_answers: Counter::default(),
+            pool_memory_bytes: Gauge::default(),
+            pool_budget_bytes: Gauge::default(),
             last_prompt: Default::default(),
             last_explanation: Default::default(),
             registry: Registry::default(),
@@ -201,6 +226,11 @@ impl Default for Metrics {
             "kiln:num_requests_waiting",
             "Requests queued",
             m.waiting.clone(),
+        );
+        registry.register(
+            "kiln:requests_paused",
+            "Times a running request was paused for a more urgent one (a chat for an inline completion) and went on after it",
+            m.paused.clone(),
         );
         registry.register(
             "kiln:time_to_first_token_seconds",
@@ -307,6 +337,46 @@ impl Default for Metrics {
             "kiln:store_scrub_timestamp_seconds",
             "When the last background scrub of the model store ended (Unix time; 0: none yet)",
             m.store_scrubbed_at.clone(),
+        );
+        registry.register(
+            "kiln:model_loaded",
+            "1 while a model of the pool is loaded, by model",
+            m.model_loaded.clone(),
+        );
+        registry.register(
+            "kiln:model_health",
+            "A pool model's health: 0 healthy, 1 degraded (its backend failed lately), 2 failed (cooling down)",
+            m.model_health.clone(),
+        );
+        registry.register(
+            "kiln:model_loads",
+            "Times a pool model was loaded, by model",
+            m.model_loads.clone(),
+        );
+        registry.register(
+            "kiln:model_unloads",
+            "Times a pool model was unloaded, by model and reason (budget, idle)",
+            m.model_evictions.clone(),
+        );
+        registry.register(
+            "kiln:route_fallbacks",
+            "Times a route's model failed and the next one was asked, by model and reason (error, deadline, load)",
+            m.route_fallbacks.clone(),
+        );
+        registry.register(
+            "kiln:route_offline_cache_answers",
+            "Requests answered from the offline cache because every model of their route failed",
+            m.offline_answers.clone(),
+        );
+        registry.register(
+            "kiln:pool_memory_bytes",
+            "What the loaded models need together: weights, KV caches, work space",
+            m.pool_memory_bytes.clone(),
+        );
+        registry.register(
+            "kiln:pool_budget_bytes",
+            "The pool's memory budget ([pool] max_memory_mb, else what was available at start)",
+            m.pool_budget_bytes.clone(),
         );
         Metrics { registry, ..m }
     }

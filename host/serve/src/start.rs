@@ -5,6 +5,7 @@ use crate::Settings;
 use crate::engine::{Engine, EngineOptions, Loaded};
 use crate::fim::FimTemplate;
 use crate::metrics::Metrics;
+use crate::pool::{MemberSpec, Pool, Template};
 use kiln_registry::Registry;
 use kiln_registry::config::Config;
 use kiln_runtime::backend::{self, Chosen};
@@ -18,6 +19,9 @@ pub struct ServeSpec {
     pub config: Config,
     /// A GGUF path or registered name; `None`: the registry's active model.
     pub model: Option<String>,
+    /// `--model` given again: more models, served by name and behind the
+    /// first in its route when no `[[routes]]` say otherwise.
+    pub more_models: Vec<String>,
     pub backend: Option<String>,
     pub n_ctx: Option<usize>,
     /// `--kv-type`: every model's KV cache type (else `config.toml`'s).
@@ -30,13 +34,89 @@ pub struct ServeSpec {
     pub metrics_address: Option<String>,
 }
 
-/// Resolves the model and backend and starts an engine counting into
-/// `metrics`.
-pub fn start_engine(
+/// Resolves the models and backend and starts the pool, its first
+/// model loaded on an engine counting into `metrics`; the others
+/// (`--model` again, `[models.NAME]`) load when first asked for.
+pub fn start_pool(
     spec: &ServeSpec,
     fim: Option<FimTemplate>,
     metrics: Arc<Metrics>,
-) -> Result<Engine, String> {
+) -> Result<Pool, String> {
+    // `kiln serve` without --model, with [models] and no active model:
+    // the first route's first model.
+    let mut spec = spec.clone();
+    if spec.model.is_none()
+        && !spec.config.models.is_empty()
+        && store::resolve_served(&spec.config, None).is_err()
+    {
+        let name = (spec.config.routes.first())
+            .and_then(|r| r.models.first())
+            .or_else(|| spec.config.models.keys().next())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(m) = spec.config.models.get(&name) {
+            spec.model = Some(m.model.clone());
+        }
+    }
+    let spec = &spec;
+    let mut others = Vec::new();
+    let mut implicit = Vec::new();
+    for name in &spec.more_models {
+        let (id, _) = store::resolve_served(&spec.config, Some(name))
+            .map_err(|e| format!("--model {name}: {e}"))?;
+        implicit.push(id.clone());
+        others.push(MemberSpec {
+            id,
+            source: name.clone(),
+            backend: None,
+            n_ctx: spec.n_ctx,
+            keep_alive: None,
+        });
+    }
+    for (name, m) in &spec.config.models {
+        others.push(MemberSpec {
+            id: name.clone(),
+            source: m.model.clone(),
+            backend: m.backend.clone(),
+            n_ctx: m.ctx.or(spec.n_ctx),
+            keep_alive: m.keep_alive_seconds.map(std::time::Duration::from_secs),
+        });
+    }
+    let (engine, template) = start_engine(spec, fim, metrics.clone())?;
+    let loaded = engine.loaded();
+    // The first model answers to its [models] name too.
+    let first_id = (spec.config.models.iter())
+        .find(|(_, m)| {
+            store::resolve_served(&spec.config, Some(&m.model)).is_ok_and(|(_, p)| p == loaded.path)
+        })
+        .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone());
+    let first = MemberSpec {
+        id: first_id,
+        source: spec
+            .model
+            .clone()
+            .unwrap_or_else(|| loaded.path.display().to_string()),
+        backend: spec.backend.clone(),
+        n_ctx: spec.n_ctx,
+        keep_alive: None,
+    };
+    Pool::start(
+        &spec.config,
+        (first, engine),
+        others,
+        implicit,
+        template,
+        metrics,
+    )
+}
+
+/// Resolves the model and backend and starts an engine counting into
+/// `metrics`; what the pool's other engines are made with.
+fn start_engine(
+    spec: &ServeSpec,
+    fim: Option<FimTemplate>,
+    metrics: Arc<Metrics>,
+) -> Result<(Engine, Template), String> {
     let (id, path) =
         store::resolve_served(&spec.config, spec.model.as_deref()).map_err(|e| e.to_string())?;
     let Chosen {
@@ -66,25 +146,38 @@ pub fn start_engine(
             Some(d)
         }
     };
-    Ok(Engine::start(
+    let kv_types = crate::engine::KvTypes {
+        forced: spec.kv_type,
+        config: spec.config.kv_cache.clone(),
+    };
+    let template = Template {
+        target: exec.target.clone(),
+        device: exec.device,
+        backend_label: label.clone(),
+        kv_types: kv_types.clone(),
+        engine: spec.config.engine,
+        draft: spec.settings.draft,
+        draft_max: spec.settings.draft_max,
+        fim,
+    };
+    let engine = Engine::start(
         loaded,
         EngineOptions {
             target: exec.target.clone(),
             device: exec.device,
             backend_label: label,
             n_ctx: spec.n_ctx,
-            kv_types: crate::engine::KvTypes {
-                forced: spec.kv_type,
-                config: spec.config.kv_cache.clone(),
-            },
+            kv_types,
             completion_cache_entries: 256,
             metrics,
+            announce: true,
             draft: spec.settings.draft,
             draft_max: spec.settings.draft_max,
             draft_model,
             engine: spec.config.engine,
         },
-    ))
+    );
+    Ok((engine, template))
 }
 
 /// The active ranking policy from the registry, in a breaker; the built-in

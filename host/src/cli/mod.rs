@@ -79,8 +79,11 @@ enum Command {
     /// OpenAI-compatible HTTP API with --http.
     Serve {
         /// A GGUF file or registered model (default: the active model).
+        /// Given again, more models: each served by its id (`/v1/models`),
+        /// and behind the first, in order, as its fallbacks when
+        /// config.toml's `[[routes]]` do not say otherwise.
         #[arg(long)]
-        model: Option<String>,
+        model: Vec<String>,
         /// Serve HTTP on this address (e.g. 127.0.0.1:8080) instead of LSP on stdio.
         #[arg(long)]
         http: Option<String>,
@@ -920,7 +923,9 @@ fn run(command: Command) -> CliResult {
         } => {
             // Its defaults come from config.toml's `[completion]`.
             config.require_valid().map_err(CliError)?;
-            let model = finetune::with_adapter(&config, model, adapter.as_deref())?;
+            let mut model = model.into_iter();
+            let (first, more_models) = (model.next(), model.collect());
+            let model = finetune::with_adapter(&config, first, adapter.as_deref())?;
             let mode: kiln_serve::Mode =
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
@@ -965,6 +970,7 @@ fn run(command: Command) -> CliResult {
                 kiln_serve::start::ServeSpec {
                     config,
                     model,
+                    more_models,
                     backend,
                     n_ctx: ctx,
                     kv_type,

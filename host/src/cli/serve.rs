@@ -4,7 +4,7 @@ use super::{CliError, CliResult};
 use kiln_serve::dashboard::Dashboard;
 use kiln_serve::lsp;
 use kiln_serve::metrics::Metrics;
-use kiln_serve::start::{ServeSpec, start_engine};
+use kiln_serve::start::{ServeSpec, start_pool};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,8 +84,8 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
     }
     let addr = address("--http", addr, listen.allow_remote)?;
     let dashboard = dashboard();
-    let engine = start_engine(&spec, None, metrics).map_err(CliError)?;
-    let loaded = engine.loaded();
+    let pool = start_pool(&spec, None, metrics).map_err(CliError)?;
+    let loaded = pool.first().loaded();
     let config = spec.config.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -104,15 +104,22 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
             loaded.path.display(),
             loaded.fim.name()
         );
+        let ids = pool.ids();
+        if ids.len() > 1 {
+            eprintln!(
+                "kiln: also serving {} (loaded when first asked for)",
+                ids[1..].join(", ")
+            );
+        }
         eprintln!("kiln: dashboard at http://{bound}/dashboard");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = kiln_serve::http::serve(engine.clone(), dashboard, listener) => r?,
+            r = kiln_serve::http::serve(pool.clone(), dashboard, listener) => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("kiln: stopping"),
             _ = terminate.recv() => eprintln!("kiln: stopping (SIGTERM)"),
         }
-        engine.shutdown();
+        pool.shutdown();
         Ok::<_, CliError>(())
     })?;
     Ok(ExitCode::SUCCESS)

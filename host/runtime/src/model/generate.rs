@@ -100,6 +100,11 @@ pub struct Control {
     cancelled: AtomicBool,
     generated: AtomicUsize,
     generated_at_cancel: AtomicUsize,
+    /// A more urgent job waits: a pausable generation stops at its next
+    /// token and hands back where it stands ([`generate_resumable`]).
+    pause: AtomicBool,
+    /// Controls cancelled with this one ([`Control::child`]).
+    children: std::sync::Mutex<Vec<std::sync::Weak<Control>>>,
 }
 
 impl Control {
@@ -108,6 +113,37 @@ impl Control {
             self.generated_at_cancel
                 .store(self.generated.load(Ordering::Acquire), Ordering::Release);
         }
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
+        for c in children.iter().filter_map(std::sync::Weak::upgrade) {
+            c.cancel();
+        }
+    }
+
+    /// Asks a pausable generation to stop at its next token, resumable.
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Whether a pause was asked for (and clears the request).
+    pub fn take_pause(&self) -> bool {
+        self.pause.swap(false, Ordering::AcqRel)
+    }
+
+    /// A control of its own (cancelling it leaves this one alone) that is
+    /// cancelled when this one is: one attempt of a request that may be
+    /// tried on another model.
+    pub fn child(&self) -> std::sync::Arc<Control> {
+        let c = std::sync::Arc::new(Control::default());
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_cancelled() {
+            drop(children);
+            c.cancel();
+        } else {
+            children.retain(|w| w.strong_count() > 0);
+            children.push(std::sync::Arc::downgrade(&c));
+        }
+        c
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -305,11 +341,60 @@ fn model_draft(draft: &mut Session, history: &[u32], max: usize) -> Result<Vec<u
 /// vocabulary) guessing for a [`Draft::Model`] request.
 pub fn generate_with_draft(
     session: &mut Session,
+    drafter: Option<&mut Session>,
+    tok: &Tokenizer,
+    req: &Request,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Generation, ModelError> {
+    match generate_resumable(session, drafter, tok, req, None, false, on_text)? {
+        Outcome::Done(g) => Ok(g),
+        Outcome::Paused(_) => unreachable!("not pausable"),
+    }
+}
+
+/// Where a paused generation stands: its tokens and text so far, how much
+/// of the text was sent, and its sampler's and decoder's state.
+pub struct Paused {
+    token_ids: Vec<u32>,
+    text: String,
+    sent: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    timings: Timings,
+}
+
+impl Paused {
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// How a pausable generation ended.
+pub enum Outcome {
+    Done(Generation),
+    /// A pause was asked for ([`Control::request_pause`]): give it back to
+    /// [`generate_resumable`] (on any session of the same model) to go on
+    /// where it stopped.
+    Paused(Paused),
+}
+
+/// [`generate_with_draft`], which (when `pausable`) stops when its
+/// control asks for a pause and goes on from `resume`: the session's
+/// cache is then brought to the prompt and the tokens generated so far
+/// (kept by the prefix cache, where the session held them), and the text
+/// continues from where it was sent; with greedy sampling the tokens are
+/// those an unpaused run gives, up to the rounding of evaluating them
+/// again in a batch.
+pub fn generate_resumable(
+    session: &mut Session,
     mut drafter: Option<&mut Session>,
     tok: &Tokenizer,
     req: &Request,
+    resume: Option<Paused>,
+    pausable: bool,
     mut on_text: impl FnMut(&str) -> bool,
-) -> Result<Generation, ModelError> {
+) -> Result<Outcome, ModelError> {
     req.sampling.validate().map_err(ModelError::Invalid)?;
     if req.draft == Draft::Model && drafter.is_none() {
         return Err(ModelError::Invalid(
@@ -321,39 +406,60 @@ pub fn generate_with_draft(
         return Err(ModelError::Invalid("the prompt is empty".into()));
     }
     let start = Instant::now();
+    // The prompt, and what a paused generation produced after it.
+    let mut history = req.prompt.clone();
+    if let Some(r) = &resume {
+        history.extend_from_slice(&r.token_ids);
+    }
     // Reuse the cached prefix (the live cache's, or a longer one kept in
     // the session's prefix tree); always evaluate at least the last token
     // to get fresh logits.
     let restored_before = session.prefix_restored_tokens;
-    let cached = session.reuse_prefix(&req.prompt);
+    let cached = session.reuse_prefix(&history);
     let restored_tokens = (session.prefix_restored_tokens - restored_before) as usize;
     let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
     // A job cancelled during its prompt stops between batches.
-    let logits = session.eval_until(&req.prompt[cached..], LogitsFor::Last, &cancelled)?;
+    let logits = session.eval_until(&history[cached..], LogitsFor::Last, &cancelled)?;
     let prompt_s = start.elapsed().as_secs_f64();
     let mut timings = Timings {
-        prompt_tokens: req.prompt.len() - cached,
+        prompt_tokens: history.len() - cached,
         cached_tokens: cached,
         restored_tokens,
         time_to_first_token_ms: prompt_s * 1e3,
-        prompt_tokens_per_s: (req.prompt.len() - cached) as f64 / prompt_s.max(1e-9),
+        prompt_tokens_per_s: (history.len() - cached) as f64 / prompt_s.max(1e-9),
         ..Timings::default()
+    };
+    let (mut sampler, mut out_ids, mut text, mut sent, mut decoder) = match resume {
+        None => (
+            Sampler::new(req.sampling.clone()),
+            Vec::new(),
+            String::new(),
+            0,
+            StreamDecoder::default(),
+        ),
+        Some(r) => {
+            // The first run's prompt and first token count; this one's
+            // evaluation adds to them.
+            timings.prompt_tokens += r.timings.prompt_tokens;
+            timings.cached_tokens = r.timings.cached_tokens;
+            timings.restored_tokens += r.timings.restored_tokens;
+            timings.time_to_first_token_ms = r.timings.time_to_first_token_ms;
+            timings.prompt_tokens_per_s = r.timings.prompt_tokens_per_s;
+            timings.draft_tokens = r.timings.draft_tokens;
+            timings.draft_accepted = r.timings.draft_accepted;
+            timings.draft_batches = r.timings.draft_batches;
+            (r.sampler, r.token_ids, r.text, r.sent, r.decoder)
+        }
     };
     let Some(logits) = logits else {
         timings.prompt_tokens = session.n_past().saturating_sub(cached);
-        return Ok(Generation {
-            token_ids: Vec::new(),
-            text: String::new(),
+        return Ok(Outcome::Done(Generation {
+            token_ids: out_ids,
+            text: text[..sent].to_string(),
             stop_reason: StopReason::Cancelled,
             timings,
-        });
+        }));
     };
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut history = req.prompt.clone();
-    let mut out_ids = Vec::new();
-    let mut text = String::new();
-    let mut sent = 0;
-    let mut decoder = StreamDecoder::default();
     let hold = req
         .stop
         .iter()
@@ -372,6 +478,19 @@ pub fn generate_with_draft(
         if cancelled() {
             reason = StopReason::Cancelled;
             break;
+        }
+        if pausable && req.control.as_ref().is_some_and(|c| c.take_pause()) {
+            // Guesses past the last token leave the cache.
+            session.truncate(session.n_past() - pending.len());
+            timings.decode_tokens_per_s = 0.0;
+            return Ok(Outcome::Paused(Paused {
+                token_ids: out_ids,
+                text,
+                sent,
+                sampler,
+                decoder,
+                timings,
+            }));
         }
         let next = sampler.sample(&logits, &history);
         if tok.is_end_of_generation(next) {
@@ -450,12 +569,12 @@ pub fn generate_with_draft(
     let decode_s = decode_start.elapsed().as_secs_f64();
     timings.decode_tokens = out_ids.len();
     timings.decode_tokens_per_s = out_ids.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
-    Ok(Generation {
+    Ok(Outcome::Done(Generation {
         token_ids: out_ids,
         text,
         stop_reason: reason,
         timings,
-    })
+    }))
 }
 
 /// The log-probability (in f64) of token `id` under one row of logits.

@@ -148,6 +148,8 @@ pub struct Document {
     /// The ranges edited last, newest first: the edit ring
     /// (`crate::context::Edited`).
     pub edits: Vec<Edited>,
+    /// The editor's language id (`didOpen`'s `languageId`), for routes.
+    pub language: Option<String>,
     /// Why kiln's text no longer matches the editor's, after an edit kiln
     /// could not apply. Completions are refused until a full-text change
     /// or a new `didOpen` brings the two back together.
@@ -161,6 +163,7 @@ impl Document {
             opened: Instant::now(),
             edited: None,
             edits: Vec::new(),
+            language: None,
             out_of_sync: None,
         }
     }

@@ -17,8 +17,9 @@ use crate::decisions::{DecisionLog, PendingDecision};
 use crate::engine::{Engine, Finished, Loaded, Sink};
 use crate::fim::FimTemplate;
 use crate::metrics::Metrics;
+use crate::pool::{self, Pool};
 use crate::prompt::{self, Counter};
-use crate::start::{ServeSpec, ranker, start_engine};
+use crate::start::{ServeSpec, ranker, start_pool};
 use crate::{Settings, boundary};
 use document::{Document, PositionEncoding};
 pub use framing::{Frame, FrameReader, MAX_MESSAGE_BYTES};
@@ -100,7 +101,7 @@ enum Input {
     Frame(Frame),
     ReadError(String),
     Eof,
-    Loaded(Result<Engine, String>),
+    Loaded(Result<Pool, String>),
     Indexed(Box<(Workspace, crate::context::IndexStats)>),
     /// SIGHUP: read config.toml again.
     Reload,
@@ -122,7 +123,9 @@ struct Server {
     shutdown: bool,
     encoding: PositionEncoding,
     docs: HashMap<String, Document>,
+    /// The first model's engine (the pool's), once loaded.
     engine: Option<Engine>,
+    pool: Option<Pool>,
     load_error: Option<String>,
     /// Requests that came while the model was loading.
     deferred: Vec<(Value, String, Value)>,
@@ -261,6 +264,7 @@ pub fn run(
         encoding: PositionEncoding::Utf16,
         docs: HashMap::new(),
         engine: None,
+        pool: None,
         load_error: None,
         deferred: Vec::new(),
         workspace: Arc::default(),
@@ -474,8 +478,9 @@ impl Server {
                 let td = &params["textDocument"];
                 match (td["uri"].as_str(), td["text"].as_str()) {
                     (Some(uri), Some(text)) => {
-                        self.docs
-                            .insert(uri.to_string(), Document::new(text.to_string()));
+                        let mut d = Document::new(text.to_string());
+                        d.language = td["languageId"].as_str().map(str::to_string);
+                        self.docs.insert(uri.to_string(), d);
                     }
                     _ => self.out.show(
                         1,
@@ -495,7 +500,9 @@ impl Server {
                     params.get("text").and_then(Value::as_str),
                 ) && let Some(d) = self.docs.get_mut(uri)
                 {
+                    let language = d.language.take();
                     *d = Document::new(text.to_string());
+                    d.language = language;
                 }
                 // A saved file changes what other files' completions see.
                 self.reindex();
@@ -641,7 +648,7 @@ impl Server {
             .as_deref()
             .and_then(|t| FimTemplate::parse(t).ok());
         std::thread::spawn(move || {
-            let _ = tx.send(Input::Loaded(start_engine(&spec, fim, metrics)));
+            let _ = tx.send(Input::Loaded(start_pool(&spec, fim, metrics)));
         });
         let mut logs = Vec::new();
         self.ranker = Arc::new(ranker(&self.spec.config, &mut |m| logs.push(m)));
@@ -676,9 +683,11 @@ impl Server {
         });
     }
 
-    fn loaded(&mut self, result: Result<Engine, String>) {
+    fn loaded(&mut self, result: Result<Pool, String>) {
         match result {
-            Ok(engine) => {
+            Ok(pool) => {
+                let engine = pool.first();
+                self.pool = Some(pool);
                 let l = engine.loaded();
                 let msg = format!(
                     "kiln: serving {} ({}, FIM template {})",
@@ -772,8 +781,12 @@ impl Server {
             "kiln/document" => self.document(&params),
             "kiln/context" => self.context_preview(&params),
             "kiln/explain" => return self.explain(id, &params),
-            "kiln/models" => self
-                .with_registry(|r| Ok(json!({"models": r.models().map_err(|e| e.to_string())?}))),
+            "kiln/models" => {
+                let served = self.pool.as_ref().map(Pool::status);
+                self.with_registry(|r| {
+                    Ok(json!({"models": r.models().map_err(|e| e.to_string())?, "served": served}))
+                })
+            }
             "kiln/plugins" => self
                 .with_registry(|r| Ok(json!({"plugins": r.plugins().map_err(|e| e.to_string())?}))),
             "kiln/backends" => self.backends(),
@@ -863,6 +876,10 @@ impl Server {
         v["open_documents"] = json!(self.docs.len());
         v["settings"] = serde_json::to_value(&self.settings).expect("settings serialise");
         v["draft_model"] = json!(engine.draft_model());
+        if let Some(p) = &self.pool {
+            v["models"] = json!(p.status());
+            v["pool"] = json!({"budget_bytes": p.budget(), "used_bytes": p.used()});
+        }
         Ok(v)
     }
 
@@ -1250,8 +1267,30 @@ impl Server {
             Ok(at) => at,
             Err(e) => return self.out.error(&id, INVALID_PARAMS, &e.to_string()),
         };
-        let engine = self.engine.clone().expect("checked by the caller");
-        let (loaded, tag) = if inline {
+        let pool = self.pool.clone().expect("loaded with the engine");
+        let rel = self.relative(uri);
+        let language = doc.language.clone();
+        let mut plan = pool
+            .plan(&pool::Ask {
+                kind: kiln_registry::config::RequestKind::Inline,
+                model: None,
+                path: Some(&rel),
+                language: language.as_deref(),
+            })
+            .expect("a route names no model of its own");
+        // The route's first usable model (loaded now if it was not).
+        let Some((member, engine)) = pool.next_engine(&mut plan) else {
+            return self.out.error(
+                &id,
+                REQUEST_FAILED,
+                &format!(
+                    "no model of the route ({}) can answer now: {}",
+                    plan.models().join(" → "),
+                    plan.failures()
+                ),
+            );
+        };
+        let (loaded, tag) = if inline && pool.is_first(&member) {
             let unit = (self.settings.ab_unit.clone())
                 .or_else(|| self.root.as_ref().map(|r| r.display().to_string()))
                 .unwrap_or_else(|| format!("lsp-{}", std::process::id()));
@@ -1281,7 +1320,6 @@ impl Server {
         let s = &fitted;
         let counter = Counter::of(&loaded);
         let (prefix, suffix) = crate::preview::cut(&loaded, &doc.text, at, s);
-        let rel = self.relative(uri);
         // The completion shown last on this line, if any: once there is
         // one, the line's context is chosen once more with it as the
         // second query, then kept.
@@ -1360,6 +1398,36 @@ impl Server {
         }));
         let mut sampling = SamplingParams::greedy();
         sampling.temperature = s.temperature;
+        // The same completion for a fallback model, in its tokens.
+        let build: pool::Build = {
+            let (context_text, prefix, suffix) =
+                (context_text.clone(), prefix.to_string(), suffix.to_string());
+            let (repo, rel) = (repo.clone(), rel.clone());
+            let (max_tokens, mode, draft, draft_max) = (s.max_tokens, s.mode, s.draft, s.draft_max);
+            let sampling = sampling.clone();
+            Arc::new(move |l, n_ctx| {
+                let limit = n_ctx.saturating_sub(max_tokens).max(1);
+                let file = repo.as_deref().map(|r| (r, rel.as_str()));
+                let prompt = prompt::fim_tokens(l, &context_text, &prefix, &suffix, file, limit)
+                    .map_err(|e| e.to_string())?;
+                Ok(Request {
+                    stop: (l.fim.stop_strings().iter())
+                        .map(|s| s.to_string())
+                        .collect(),
+                    boundary: boundary(mode, &prefix, &suffix),
+                    draft,
+                    draft_max,
+                    ..Request::new(prompt, max_tokens, sampling.clone())
+                })
+            })
+        };
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&context_text, prefix, suffix, &rel, s.max_tokens).hash(&mut h);
+            format!("{:?}{}", s.mode, s.temperature).hash(&mut h);
+            h.finish()
+        };
         let request = Request {
             stop: loaded
                 .fim
@@ -1394,7 +1462,7 @@ impl Server {
             _ => None,
         };
         let explicit = Arc::new(AtomicBool::new(false));
-        let key = id_key(&id);
+        let id_key = id_key(&id);
         let sink = Reply {
             out: self.out.clone(),
             id,
@@ -1402,7 +1470,7 @@ impl Server {
             position: params["position"].clone(),
             explicit: explicit.clone(),
             pending: self.pending.clone(),
-            key: key.clone(),
+            key: id_key.clone(),
             decision,
             tag,
             shown: (self.shown.clone(), uri.to_string(), line),
@@ -1416,15 +1484,21 @@ impl Server {
         let automatic = inline && params["context"]["triggerKind"] != 1;
         let not_before = (automatic && self.settings.debounce_ms > 0)
             .then(|| received + std::time::Duration::from_millis(self.settings.debounce_ms));
-        let control = engine.submit_after(
-            0,
-            Some(uri.to_string()),
-            loaded,
+        let control = pool.submit(
+            plan,
+            (member, engine, loaded),
             request,
+            pool::Job {
+                client: 0,
+                doc: Some(uri.to_string()),
+                not_before,
+                streaming: false,
+                key: Some(key),
+                build,
+            },
             Box::new(sink),
-            not_before,
         );
-        pending.insert(key, Pending { control, explicit });
+        pending.insert(id_key, Pending { control, explicit });
     }
 
     /// The open documents other than `uri`, by workspace-relative path.
@@ -1583,6 +1657,7 @@ impl Sink for Reply {
             "completion_cache_hit": f.completion_cache_hit,
             "stop_reason": f.generation.stop_reason,
             "policy_decision": decision.as_ref().and_then(PendingDecision::id),
+            "route": f.route,
         });
         if inline {
             let mut meta = meta;

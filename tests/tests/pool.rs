@@ -1,0 +1,604 @@
+//! Several models in one `kiln serve`: the pool loads them on first use
+//! within `[pool] max_memory_mb`, unloads idle ones, and routes each
+//! request to a chain of models. A model that cannot load, or hangs past
+//! its route's deadline, is marked failed and the next one answers,
+//! saying so; when every one fails, the answer kept from before does.
+//! Over the real HTTP API and language server, with the real binary.
+
+use kiln_tests::serve::{demo_model, http, initialize, open, post, serve_model, status};
+use kiln_tests::{Home, ManifestSpec, c_fixture, plugin_dir};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `kiln serve --http`, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kiln serve ARGS --http 127.0.0.1:0`, once it listens.
+fn server(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--http", "127.0.0.1:0"]);
+    let mut child = home
+        .command(&all)
+        .env("KILN_THREADS", "1")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "kiln serve --http ended"
+        );
+        if let Some(at) = line.find("http://") {
+            break line[at + 7..].trim().to_string();
+        }
+    };
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        eprint!("{rest}");
+    });
+    Server { child, addr }
+}
+
+/// A copy of the demo model named `name`.gguf in `dir`.
+fn demo_copy(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.gguf"));
+    std::fs::copy(demo_model(), &p).unwrap();
+    p
+}
+
+/// The demo model cut short: its header reads, its weights do not.
+fn broken_copy(dir: &Path, name: &str) -> PathBuf {
+    let bytes = std::fs::read(demo_model()).unwrap();
+    let p = dir.join(format!("{name}.gguf"));
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    p
+}
+
+fn complete(addr: &str, body: Value) -> (u16, Value) {
+    post(addr, "/v1/completions", &body)
+}
+
+fn models(addr: &str) -> Vec<Value> {
+    let (code, body) = http(addr, "GET", "/v1/models", b"");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+fn model<'a>(list: &'a [Value], id: &str) -> &'a Value {
+    list.iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("{id} is not listed: {list:#?}"))
+}
+
+fn metrics(addr: &str) -> String {
+    http(addr, "GET", "/metrics", b"").1
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = broken_copy(dir.path(), "broken");
+    let backup = demo_copy(dir.path(), "backup");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[models.primary]\nmodel = {:?}\n[models.backup]\nmodel = {:?}\n\n\
+             [pool]\ncooldown_seconds = 60\n\n\
+             [[routes]]\nkind = \"inline\"\nmodels = [\"primary\", \"backup\"]\n",
+            broken.display().to_string(),
+            backup.display().to_string()
+        ),
+    )
+    .unwrap();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    // Every model is listed; only the first one is loaded yet.
+    let list = models(&srv.addr);
+    let ids: Vec<&str> = list.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["demo", "backup", "primary"], "{list:#?}");
+    assert_eq!(model(&list, "demo")["kiln"]["loaded"], true);
+    assert_eq!(model(&list, "backup")["kiln"]["loaded"], false);
+
+    let ask = json!({"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0});
+    let (code, v) = complete(&srv.addr, ask.clone());
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(v["model"], "backup", "{v:#}");
+    let route = &v["route"];
+    assert_eq!(route["model"], "backup");
+    assert_eq!(route["kind"], "inline");
+    assert_eq!(route["from_cache"], false);
+    assert_eq!(route["fallback_from"][0]["model"], "primary", "{v:#}");
+    assert_eq!(route["fallback_from"][0]["reason"], "load", "{v:#}");
+    // The same text as the demo model gives served alone.
+    let (_, direct) = complete(
+        &srv.addr,
+        json!({"model": "demo", "prompt": "def add(a, b):", "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(v["choices"][0]["text"], direct["choices"][0]["text"]);
+    assert_eq!(direct["model"], "demo");
+    assert!(direct["route"]["fallback_from"].is_null(), "{direct:#}");
+
+    // While it cools down the failed model is skipped, not loaded again.
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"prompt": "class Stack:", "max_tokens": 4}),
+    );
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(
+        v["route"]["fallback_from"][0]["reason"], "cooling_down",
+        "{v:#}"
+    );
+
+    let list = models(&srv.addr);
+    let primary = &model(&list, "primary")["kiln"];
+    assert_eq!(primary["health"], "failed", "{primary:#}");
+    assert_eq!(primary["loaded"], false);
+    assert_eq!(primary["failures"], 1, "{primary:#}");
+    assert!(
+        primary["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("broken.gguf"),
+        "the error names the file: {primary:#}"
+    );
+    assert_eq!(model(&list, "backup")["kiln"]["health"], "healthy");
+    assert_eq!(model(&list, "backup")["kiln"]["loaded"], true);
+    let m = metrics(&srv.addr);
+    assert_eq!(
+        metric(
+            &m,
+            "kiln:route_fallbacks_total{model=\"primary\",reason=\"load\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kiln:model_health{model=\"primary\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kiln:model_loaded{model=\"backup\"}"),
+        1.0,
+        "{m}"
+    );
+
+    // A model named by the request has no fallback; one not served is 404.
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"model": "primary", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(code, 503, "{v:#}");
+    assert_eq!(v["error"]["code"], "no_model_available", "{v:#}");
+    let (code, v) = complete(&srv.addr, json!({"model": "nope", "prompt": "x"}));
+    assert_eq!(code, 404, "{v:#}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("demo, backup, primary"), "{msg}");
+    // Chat has no route of its own: the first model answers it.
+    let (code, _) = http(&srv.addr, "GET", "/healthz", b"");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn a_model_hanging_past_its_deadline_is_failed_and_the_fallback_answers_in_time() {
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture_faults", &["-DFIXTURE_FAULTS"]);
+    let pdir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", pdir.to_str().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let slow = demo_copy(dir.path(), "slow");
+    let backup = demo_copy(dir.path(), "backup");
+    // The plugin's watchdog would end the hang after 30 s; the route's
+    // deadline is 1.5 s.
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[plugins]\ncall_timeout_seconds = 30\nworker_memory_mb = 1024\n\n\
+             [models.slow]\nmodel = {:?}\nbackend = \"accel\"\n\
+             [models.backup]\nmodel = {:?}\nbackend = \"cpu\"\n\n\
+             [[routes]]\nmodels = [\"slow\", \"backup\"]\ndeadline_ms = 1500\n",
+            slow.display().to_string(),
+            backup.display().to_string()
+        ),
+    )
+    .unwrap();
+    // Its device scored (no fault set), so that serving measures nothing.
+    home.ok(&["backends"]);
+    let srv = server(
+        &home,
+        &[
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+        &[("KILN_FIXTURE_FAULT", "hang")],
+    );
+    let ask = json!({"prompt": "fn main() {", "max_tokens": 4, "temperature": 0});
+    let started = Instant::now();
+    let (code, v) = complete(&srv.addr, ask.clone());
+    let took = started.elapsed();
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(v["model"], "backup", "{v:#}");
+    let failed = &v["route"]["fallback_from"][0];
+    assert_eq!(failed["model"], "slow", "{v:#}");
+    assert_eq!(failed["reason"], "deadline", "{v:#}");
+    assert!(took < Duration::from_secs(20), "answered after {took:?}");
+    // The hung model is skipped now: the next answer comes at once.
+    let started = Instant::now();
+    let (code, v) = complete(&srv.addr, json!({"prompt": "def f(", "max_tokens": 4}));
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(v["route"]["fallback_from"][0]["reason"], "cooling_down");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "a failed model is not waited for again: {:?}",
+        started.elapsed()
+    );
+    let m = metrics(&srv.addr);
+    assert_eq!(
+        metric(
+            &m,
+            "kiln:route_fallbacks_total{model=\"slow\",reason=\"deadline\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    let list = models(&srv.addr);
+    assert_eq!(model(&list, "slow")["kiln"]["health"], "failed");
+    assert!(
+        (model(&list, "slow")["kiln"]["last_error"].as_str().unwrap()).contains("deadline"),
+        "{list:#?}"
+    );
+}
+
+#[test]
+fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let a = demo_copy(dir.path(), "a");
+    let b = demo_copy(dir.path(), "b");
+    // What one demo model needs, as the pool counts it.
+    let probe = server(&home, &["--model", a.to_str().unwrap()], &[]);
+    let need = model(&models(&probe.addr), "a")["kiln"]["need_bytes"]
+        .as_u64()
+        .unwrap();
+    drop(probe);
+    // Room for the first model and one more, not two.
+    let mib = (2 * need + need / 2).div_ceil(1 << 20);
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[pool]\nmax_memory_mb = {mib}\n\n\
+             [models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\n\
+             [models.idle]\nmodel = {:?}\nkeep_alive_seconds = 1\n\
+             [models.huge]\nmodel = {:?}\nctx = 1048576\n",
+            a.display().to_string(),
+            b.display().to_string(),
+            demo_copy(dir.path(), "idle").display().to_string(),
+            demo_copy(dir.path(), "huge").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let ask = |m: &str| {
+        let (code, v) = complete(
+            &srv.addr,
+            json!({"model": m, "prompt": "x = ", "max_tokens": 3}),
+        );
+        assert_eq!(code, 200, "{m}: {v:#}");
+        assert_eq!(v["model"], m);
+    };
+    ask("a");
+    let list = models(&srv.addr);
+    assert_eq!(model(&list, "a")["kiln"]["loaded"], true);
+    ask("b");
+    // `a` made room for `b`; the first model stays.
+    let list = models(&srv.addr);
+    assert_eq!(model(&list, "a")["kiln"]["loaded"], false, "{list:#?}");
+    assert_eq!(model(&list, "b")["kiln"]["loaded"], true);
+    assert_eq!(model(&list, "demo")["kiln"]["loaded"], true);
+    let m = metrics(&srv.addr);
+    assert_eq!(
+        metric(
+            &m,
+            "kiln:model_unloads_total{model=\"a\",reason=\"budget\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    let used = metric(&m, "kiln:pool_memory_bytes ");
+    let budget = metric(&m, "kiln:pool_budget_bytes ");
+    assert!(used > 0.0 && used <= budget, "{used} of {budget}");
+
+    // A model that cannot fit is refused with the numbers, nothing loaded.
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"model": "huge", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(code, 503, "{v:#}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("huge") && msg.contains("MiB") && msg.contains("max_memory_mb"),
+        "{msg}"
+    );
+    assert_eq!(model(&models(&srv.addr), "huge")["kiln"]["loaded"], false);
+
+    // Idle past its keep-alive: unloaded.
+    ask("idle");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while model(&models(&srv.addr), "idle")["kiln"]["loaded"] == true {
+        assert!(Instant::now() < deadline, "idle was never unloaded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let m = metrics(&srv.addr);
+    assert_eq!(
+        metric(
+            &m,
+            "kiln:model_unloads_total{model=\"idle\",reason=\"idle\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn when_every_model_fails_the_answer_kept_from_before_is_given() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let only = demo_copy(dir.path(), "only");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[models.only]\nmodel = {:?}\nkeep_alive_seconds = 0\n\n\
+             [[routes]]\nkind = \"inline\"\nmodels = [\"only\"]\n",
+            only.display().to_string()
+        ),
+    )
+    .unwrap();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let ask = json!({"prompt": "import os\n", "max_tokens": 5, "temperature": 0});
+    let (code, first) = complete(&srv.addr, ask.clone());
+    assert_eq!(code, 200, "{first:#}");
+    assert_eq!(first["model"], "only");
+    // Unloaded when idle; then its file is damaged.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while model(&models(&srv.addr), "only")["kiln"]["loaded"] == true {
+        assert!(Instant::now() < deadline, "only was never unloaded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bytes = std::fs::read(&only).unwrap();
+    std::fs::write(&only, &bytes[..bytes.len() / 3]).unwrap();
+    let (code, again) = complete(&srv.addr, ask);
+    assert_eq!(code, 200, "{again:#}");
+    assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
+    assert_eq!(again["route"]["from_cache"], true, "{again:#}");
+    assert_eq!(again["route"]["fallback_from"][0]["reason"], "load");
+    // Another request has nothing kept: refused, naming the failure.
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"prompt": "import sys\n", "max_tokens": 5}),
+    );
+    assert_eq!(code, 503, "{v:#}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("only"),
+        "{v:#}"
+    );
+    let m = metrics(&srv.addr);
+    assert_eq!(
+        metric(&m, "kiln:route_offline_cache_answers_total "),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn several_models_on_the_command_line_are_served_by_name_and_fall_back_in_order() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let second = demo_copy(dir.path(), "second");
+    let srv = server(
+        &home,
+        &[
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--model",
+            second.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let list = models(&srv.addr);
+    let ids: Vec<&str> = list.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["demo", "second"]);
+    let (code, v) = complete(&srv.addr, json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!((code, v["model"].as_str()), (200, Some("demo")), "{v:#}");
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"model": "second", "prompt": "a", "max_tokens": 2}),
+    );
+    assert_eq!((code, v["model"].as_str()), (200, Some("second")), "{v:#}");
+    // Streamed, the chunks name the model too.
+    let (code, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/completions",
+        br#"{"model": "second", "prompt": "b", "max_tokens": 3, "stream": true}"#,
+    );
+    assert_eq!(code, 200);
+    assert!(body.contains("\"model\":\"second\""), "{body}");
+    assert!(body.contains("[DONE]"), "{body}");
+}
+
+#[test]
+fn an_editor_gets_the_fallbacks_completion_and_sees_the_models_health() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = broken_copy(dir.path(), "broken");
+    let backup = demo_copy(dir.path(), "backup");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[models.py]\nmodel = {:?}\n[models.backup]\nmodel = {:?}\n\n\
+             [[routes]]\nkind = \"inline\"\npaths = [\"**/*.py\"]\nlanguages = [\"python\"]\n\
+             models = [\"py\", \"backup\"]\n",
+            broken.display().to_string(),
+            backup.display().to_string()
+        ),
+    )
+    .unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let mut c = serve_model(&home, &demo_model(), &[]);
+    initialize(&mut c, ws.path(), json!({"workspaceContext": false}));
+    let uri = format!("file://{}/src/app.py", ws.path().display());
+    open(&mut c, &uri, "def add(a, b):\n    ");
+    let r = c
+        .request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": 1, "character": 4},
+                   "context": {"triggerKind": 1}}),
+        )
+        .unwrap();
+    let route = &r["result"]["kiln"]["route"];
+    assert_eq!(route["model"], "backup", "{r:#}");
+    assert_eq!(route["fallback_from"][0]["model"], "py", "{r:#}");
+    // A file the route does not match goes to the first model.
+    let other = format!("file://{}/notes.txt", ws.path().display());
+    c.notify(
+        "textDocument/didOpen",
+        json!({"textDocument": {"uri": other, "languageId": "plaintext", "version": 1, "text": "hello "}}),
+    )
+    .unwrap();
+    let r = c
+        .request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": other}, "position": {"line": 0, "character": 6},
+                   "context": {"triggerKind": 1}}),
+        )
+        .unwrap();
+    assert_eq!(r["result"]["kiln"]["route"]["model"], "demo", "{r:#}");
+    let s = status(&mut c);
+    let models = s["models"].as_array().unwrap();
+    let py = models.iter().find(|m| m["id"] == "py").unwrap();
+    assert_eq!(py["health"], "failed", "{s:#}");
+    assert!(s["pool"]["budget_bytes"].as_u64().unwrap() > 0, "{s:#}");
+    let served = c.request("kiln/models", Value::Null).unwrap();
+    assert_eq!(
+        served["result"]["served"].as_array().unwrap().len(),
+        3,
+        "{served:#}"
+    );
+    c.close().unwrap();
+}
+
+/// Reads a server-sent event stream, calling `each` with every chunk's
+/// text as it arrives; returns the whole text.
+fn stream_chat(addr: &str, body: &Value, mut each: impl FnMut(&str)) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    for line in BufReader::new(s).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+            each(t);
+        }
+    }
+    text
+}
+
+#[test]
+fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
+    let home = Home::default();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let chat = |seed: u64| {
+        json!({"messages": [{"role": "user", "content": "Write a long story about a compiler."}],
+               "max_tokens": 600, "temperature": 0, "seed": seed, "stream": true})
+    };
+    // The chat alone.
+    let alone = stream_chat(&srv.addr, &chat(1), |_| {});
+    // The same chat (another seed: not the cache's answer), and an inline
+    // completion asked once its first text arrived.
+    let addr = srv.addr.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let inline = std::thread::spawn(move || {
+        rx.recv().unwrap();
+        let (code, v) = complete(
+            &addr,
+            json!({"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{v:#}");
+        Instant::now()
+    });
+    let mut first = Some(tx);
+    let mut chunks_after_inline = 0;
+    let mut inline_done: Option<Instant> = None;
+    let inline = std::cell::RefCell::new(Some(inline));
+    let paused_text = stream_chat(&srv.addr, &chat(2), |_| {
+        if let Some(tx) = first.take() {
+            tx.send(()).unwrap();
+        }
+        let done = inline
+            .borrow()
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished);
+        if done {
+            let h = inline.borrow_mut().take().unwrap();
+            inline_done = Some(h.join().unwrap());
+        }
+        if inline_done.is_some() {
+            chunks_after_inline += 1;
+        }
+    });
+    if let Some(h) = inline.borrow_mut().take() {
+        h.join().unwrap();
+    }
+    assert!(
+        chunks_after_inline > 0,
+        "the inline completion came back only after the chat ended ({} chars)",
+        alone.len()
+    );
+    assert_eq!(paused_text, alone, "pausing changed the chat's text");
+    let m = metrics(&srv.addr);
+    assert!(metric(&m, "kiln:requests_paused_total ") >= 1.0, "{m}");
+}
