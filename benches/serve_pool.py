@@ -7,7 +7,8 @@ use) and measures COUNT inline completions (`/v1/completions`, greedy,
 a cache): first alone, then while chats stream without pause
 (`/v1/chat/completions`, 400 tokens each) on the same model (the chat is
 paused for each completion) and, with `--chat-model`, on a second model
-routed `kind = "chat"` (its own engine thread beside the first). Prints
+routed `kind = "chat"` (its own engine thread beside the first; a file
+other than MODEL, and with a chat template). Prints
 p50/p99 end-to-end latency per phase, the pauses, and the memory the
 loaded models need against the pool's budget, as JSON.
 
@@ -120,7 +121,8 @@ def main():
                   "max_tokens": a.max_tokens, "threads": os.environ.get("KILN_THREADS")}
         alone = inline_latencies(addr, a.count, a.max_tokens, 0)
         result["alone"] = {"p50_ms": pct(alone, 50), "p99_ms": pct(alone, 99)}
-        phases = [("with_chat_same_model", None)]
+        first = os.path.splitext(os.path.basename(a.model))[0]
+        phases = [("with_chat_same_model", first)]
         if a.chat_model:
             phases.append(("with_chat_other_model", "chat"))
         for name, chat_model in phases:

@@ -313,7 +313,7 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
             json!({"model": m, "prompt": "x = ", "max_tokens": 3}),
         );
         assert_eq!(code, 200, "{m}: {v:#}");
-        assert_eq!(v["model"], m);
+        assert_eq!(v["model"], m, "{v:#}");
     };
     ask("a");
     let list = models(&srv.addr);
@@ -513,6 +513,43 @@ fn an_editor_gets_the_fallbacks_completion_and_sees_the_models_health() {
         3,
         "{served:#}"
     );
+    // The route removed and config.toml read again: the first model
+    // answers the Python file now, and `py` is no longer served.
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[models.backup]\nmodel = {:?}\n",
+            backup.display().to_string()
+        ),
+    )
+    .unwrap();
+    let r = c.request("kiln/reloadConfig", Value::Null).unwrap();
+    let applied = &r["result"]["applied"];
+    assert!(
+        applied.as_array().unwrap().contains(&json!("routes")),
+        "{r:#}"
+    );
+    let ids: Vec<&str> = (r["result"]["models"].as_array().unwrap().iter())
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["demo", "backup"], "{r:#}");
+    let r = c
+        .request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": 1, "character": 4},
+                   "context": {"triggerKind": 1}}),
+        )
+        .unwrap();
+    assert_eq!(r["result"]["kiln"]["route"]["model"], "demo", "{r:#}");
+    // A route naming no model is refused; what is served stays.
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[[routes]]\nmodels = [\"gone\"]\n",
+    )
+    .unwrap();
+    let r = c.request("kiln/reloadConfig", Value::Null).unwrap();
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("gone") && msg.contains("stays"), "{r:#}");
     c.close().unwrap();
 }
 
@@ -601,4 +638,86 @@ fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
     assert_eq!(paused_text, alone, "pausing changed the chat's text");
     let m = metrics(&srv.addr);
     assert!(metric(&m, "kiln:requests_paused_total ") >= 1.0, "{m}");
+}
+
+#[test]
+fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let a = demo_copy(dir.path(), "a");
+    let b = demo_copy(dir.path(), "b");
+    let config = home.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[models.a]\nmodel = {:?}\n", a.display().to_string()),
+    )
+    .unwrap();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let ask = |m: &str| {
+        complete(
+            &srv.addr,
+            json!({"model": m, "prompt": "x = ", "max_tokens": 2}),
+        )
+        .0
+    };
+    assert_eq!(ask("a"), 200);
+    assert_eq!(ask("b"), 404);
+    let hup = |srv: &Server| {
+        // SAFETY: a plain kill(2) of the child we started.
+        let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
+        assert_eq!(sent, 0);
+    };
+    let listed = |srv: &Server| -> Vec<String> {
+        models(&srv.addr)
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let wait_for = |want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while listed(&srv) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{:?} never became {want:?}",
+                listed(&srv)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // `b` added, and every inline completion routed to it.
+    std::fs::write(
+        &config,
+        format!(
+            "[models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\n\n[[routes]]\nkind = \"inline\"\nmodels = [\"b\"]\n",
+            a.display().to_string(),
+            b.display().to_string()
+        ),
+    )
+    .unwrap();
+    hup(&srv);
+    wait_for(&["demo", "a", "b"]);
+    assert_eq!(ask("b"), 200);
+    let (_, v) = complete(&srv.addr, json!({"prompt": "y = ", "max_tokens": 2}));
+    assert_eq!(v["model"], "b", "{v:#}");
+    // A file that cannot be used changes nothing.
+    std::fs::write(&config, "[[routes]]\nmodels = [\"nowhere\"]\n").unwrap();
+    hup(&srv);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(listed(&srv), ["demo", "a", "b"]);
+    let (_, v) = complete(&srv.addr, json!({"prompt": "z = ", "max_tokens": 2}));
+    assert_eq!(v["model"], "b", "{v:#}");
+    // `a` and the route removed: `a` goes (unloaded), requests go to the
+    // first model again.
+    std::fs::write(
+        &config,
+        format!("[models.b]\nmodel = {:?}\n", b.display().to_string()),
+    )
+    .unwrap();
+    hup(&srv);
+    wait_for(&["demo", "b"]);
+    let (_, v) = complete(&srv.addr, json!({"prompt": "w = ", "max_tokens": 2}));
+    assert_eq!(v["model"], "demo", "{v:#}");
+    assert_eq!(ask("a"), 404);
+    let m = metrics(&srv.addr);
+    assert!(!m.contains("kiln:model_loaded{model=\"a\"}"), "{m}");
 }

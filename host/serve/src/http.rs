@@ -485,12 +485,13 @@ async fn route(
     .map_err(|e| engine_error(format!("routing failed: {e}")))
 }
 
-/// A request's identity whatever model answers it (its body less the
-/// fields that do not change the text), for the offline cache.
+/// A request's identity whatever model of its route answers it (its body
+/// less the fields that do not change the text; a model it names stays
+/// part of it), for the offline cache.
 fn request_key(path: &str, v: &Value) -> u64 {
     let mut v = v.clone();
     if let Some(o) = v.as_object_mut() {
-        for k in ["model", "user", "stream", "stream_options"] {
+        for k in ["user", "stream", "stream_options"] {
             o.remove(k);
         }
     }

@@ -42,6 +42,9 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 /// The least a model stays loaded after its last use, whatever its
 /// keep-alive.
 const MIN_IDLE: Duration = Duration::from_secs(2);
+/// How long a model that needs room waits for a model in use to finish
+/// before it is refused.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// `[pool] cooldown_seconds` unless set.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
 
@@ -164,7 +167,7 @@ pub struct Member {
     source: String,
     backend: Option<String>,
     n_ctx: Option<usize>,
-    keep_alive: Duration,
+    keep_alive: Mutex<Duration>,
     /// The first model served: never unloaded.
     pinned: bool,
     slot: Mutex<Slot>,
@@ -290,12 +293,25 @@ pub struct Template {
 /// An attempt's deadline: when, its flight, its number.
 type Watch = (Instant, Weak<Mutex<Flight>>, u64);
 
-struct Inner {
+/// The models and routes in force (replaced whole when `config.toml` is
+/// read again).
+struct Layout {
+    /// The first model, the command line's others, then `[models]`'s.
     members: Vec<Arc<Member>>,
+    /// Chains by index into `members`; the last takes every request.
     routes: Vec<Route>,
     budget: u64,
     cooldown: Duration,
     config: Config,
+}
+
+struct Inner {
+    layout: std::sync::RwLock<Arc<Layout>>,
+    /// The first model and the command line's others: kept through reloads.
+    fixed: Vec<Arc<Member>>,
+    /// The budget when `[pool] max_memory_mb` is not set: what was free at
+    /// the start, and what the first model took of it.
+    auto_budget: u64,
     template: Template,
     metrics: Arc<Metrics>,
     /// Held while a model loads or is unloaded.
@@ -326,32 +342,21 @@ pub struct MemberSpec {
 }
 
 impl Pool {
-    /// A pool serving `first` (loaded, on `first_engine`, pinned) and
-    /// `others` (loaded on first use), routed by `config`'s `[[routes]]`
-    /// (without any: every request to `first`, the others of `implicit`
-    /// behind it in order). Fails on a route naming no model of the pool,
-    /// a bad glob, or a first model larger than the budget.
+    /// A pool serving `first` (loaded, on its engine, pinned), the command
+    /// line's `others` and `config`'s `[models]` (loaded on first use),
+    /// routed by its `[[routes]]` (requests no route takes: the first
+    /// model, then `others` in order). Fails on a route naming no model of
+    /// the pool, a bad glob, or a first model larger than the budget.
     pub fn start(
         config: &Config,
         first: (MemberSpec, Engine),
         others: Vec<MemberSpec>,
-        implicit: Vec<String>,
         template: Template,
         metrics: Arc<Metrics>,
     ) -> Result<Pool, String> {
-        let file = config.config_file.display();
-        let keep_default = config
-            .pool
-            .keep_alive_seconds
-            .map_or(DEFAULT_KEEP_ALIVE, Duration::from_secs);
         let (spec, engine) = first;
         let loaded = engine.loaded();
-        let mut members = vec![Arc::new(Member {
-            id: spec.id,
-            source: spec.source,
-            backend: spec.backend,
-            n_ctx: spec.n_ctx,
-            keep_alive: Duration::MAX,
+        let first = Arc::new(Member {
             pinned: true,
             slot: Mutex::new(Slot {
                 engine: Some(engine),
@@ -359,105 +364,37 @@ impl Pool {
                 path: Some(loaded.path.clone()),
                 last_used: Instant::now(),
             }),
-            health: Mutex::new(Health::new()),
-        })];
-        for s in others {
-            if members.iter().any(|m| m.id == s.id) {
-                continue;
-            }
-            members.push(Arc::new(Member {
-                id: s.id,
-                source: s.source,
-                backend: s.backend,
-                n_ctx: s.n_ctx,
-                keep_alive: s.keep_alive.unwrap_or(keep_default),
-                pinned: false,
-                slot: Mutex::new(Slot {
-                    engine: None,
-                    need: None,
-                    path: None,
-                    last_used: Instant::now(),
-                }),
-                health: Mutex::new(Health::new()),
-            }));
-        }
-        let index = |name: &str, what: &str| -> Result<usize, String> {
-            members.iter().position(|m| m.id == name).ok_or_else(|| {
-                format!(
-                    "{file}: {what} names the model {name:?}, which is neither a [models.{name}] entry nor a `kiln serve --model`; kiln serves {}",
-                    members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
-                )
-            })
-        };
-        let mut routes = Vec::new();
-        for (i, r) in config.routes.iter().enumerate() {
-            let what = format!("[[routes]] #{}", i + 1);
-            let chain = (r.models.iter())
-                .map(|m| index(m, &what))
-                .collect::<Result<Vec<_>, _>>()?;
-            let paths =
-                if r.paths.is_empty() {
-                    None
-                } else {
-                    let mut b = globset::GlobSetBuilder::new();
-                    for p in &r.paths {
-                        b.add(globset::Glob::new(p).map_err(|e| {
-                            format!("{file}: {what}: paths {p:?} is not a glob ({e})")
-                        })?);
-                    }
-                    Some(b.build().map_err(|e| format!("{file}: {what}: {e}"))?)
-                };
-            routes.push(Route {
-                kind: r.kind,
-                paths,
-                languages: r.languages.clone(),
-                chain,
-                deadline: r.deadline_ms.map(Duration::from_millis),
-            });
-        }
-        // Every request not routed above: the first model, then the rest
-        // of the command line's in order.
-        let mut chain = vec![0];
-        for id in implicit {
-            let i = index(&id, "--model")?;
-            if !chain.contains(&i) {
-                chain.push(i);
-            }
-        }
-        routes.push(Route {
-            kind: RequestKind::Any,
-            paths: None,
-            languages: Vec::new(),
-            chain,
-            deadline: None,
+            ..Member::new(spec, Duration::MAX)
         });
+        let keep = keep_alive_of(config);
+        let mut fixed = vec![first];
+        for s in others {
+            if !fixed.iter().any(|m| m.id == s.id) {
+                let k = s.keep_alive.unwrap_or(keep);
+                fixed.push(Arc::new(Member::new(s, k)));
+            }
+        }
         let available = kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable");
-        let first_need = (members[0].resolve(config, &template))
+        let first_need = (fixed[0].resolve(config, &template))
             .ok()
             .map(|b| b.total_bytes);
-        let budget = match config.pool.max_memory_mb {
-            Some(mb) => mb.saturating_mul(MIB),
-            // What was free, and what the first model took of it.
-            None => available.map_or(u64::MAX, |a| a + first_need.unwrap_or(0)),
-        };
-        if let Some(need) = first_need.filter(|&n| n > budget) {
+        // What was free, and what the first model took of it.
+        let auto_budget = available.map_or(u64::MAX, |a| a + first_need.unwrap_or(0));
+        let layout = layout(config, &fixed, None, auto_budget)?;
+        if let Some(need) = first_need.filter(|&n| n > layout.budget) {
             return Err(format!(
-                "{} needs {} MiB but [pool] max_memory_mb is {} MiB; raise it in {file}, or serve a smaller model or context",
-                members[0].id,
+                "{} needs {} MiB but [pool] max_memory_mb is {} MiB; raise it in {}, or serve a smaller model or context",
+                fixed[0].id,
                 need / MIB,
-                budget / MIB
+                layout.budget / MIB,
+                config.config_file.display()
             ));
         }
         let pool = Pool {
             inner: Arc::new(Inner {
-                members,
-                routes,
-                budget,
-                cooldown: config
-                    .pool
-                    .cooldown_seconds
-                    .map_or(DEFAULT_COOLDOWN, Duration::from_secs),
-                config: config.clone(),
+                layout: std::sync::RwLock::new(Arc::new(layout)),
+                fixed,
+                auto_budget,
                 template,
                 metrics,
                 loading: Mutex::new(()),
@@ -485,9 +422,37 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Takes `config`'s `[models]`, `[[routes]]` and `[pool]` from now on
+    /// (what `config.toml` says when read again): new models are served,
+    /// changed ones start afresh, removed ones are unloaded once their
+    /// queued work is done; requests already routed finish on their
+    /// chains. A configuration that cannot be used changes nothing.
+    /// Returns the models unloaded.
+    pub fn reload(&self, config: &Config) -> Result<Vec<String>, String> {
+        let inner = &self.inner;
+        let _loading = lock(&inner.loading);
+        let old = inner.layout();
+        let new = layout(config, &inner.fixed, Some(&old), inner.auto_budget)?;
+        let gone: Vec<Arc<Member>> = (old.members.iter())
+            .filter(|m| !new.members.iter().any(|n| Arc::ptr_eq(m, n)))
+            .cloned()
+            .collect();
+        *inner.layout.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        for m in &gone {
+            if let Some(e) = lock(&m.slot).engine.take() {
+                e.shutdown();
+            }
+            let l = labels(&[("model", &m.id)]);
+            inner.metrics.model_loaded.remove(&l);
+            inner.metrics.model_health.remove(&l);
+        }
+        publish(inner);
+        Ok(gone.iter().map(|m| m.id.clone()).collect())
+    }
+
     /// The first model's engine (always loaded).
     pub fn first(&self) -> Engine {
-        lock(&self.inner.members[0].slot)
+        lock(&self.inner.fixed[0].slot)
             .engine
             .clone()
             .expect("the first model stays loaded")
@@ -495,18 +460,18 @@ impl Pool {
 
     /// Whether `m` is the first model (the one experiments run on).
     pub fn is_first(&self, m: &Arc<Member>) -> bool {
-        Arc::ptr_eq(m, &self.inner.members[0])
+        Arc::ptr_eq(m, &self.inner.fixed[0])
     }
 
     /// The pool's budget in bytes.
     pub fn budget(&self) -> u64 {
-        self.inner.budget
+        self.inner.layout().budget
     }
 
     /// Every model's state.
     pub fn status(&self) -> Vec<MemberStatus> {
         let now = Instant::now();
-        (self.inner.members.iter())
+        (self.inner.layout().members.iter())
             .map(|m| {
                 let slot = lock(&m.slot);
                 let h = lock(&m.health);
@@ -533,7 +498,7 @@ impl Pool {
 
     /// Bytes the loaded models need together.
     pub fn used(&self) -> u64 {
-        (self.inner.members.iter())
+        (self.inner.layout().members.iter())
             .map(|m| {
                 let s = lock(&m.slot);
                 if s.engine.is_some() {
@@ -548,7 +513,7 @@ impl Pool {
     /// The route of `ask`: its chain of models and deadline. Fails on a
     /// model the pool does not serve.
     pub fn plan(&self, ask: &Ask) -> Result<Plan, String> {
-        let inner = &self.inner;
+        let inner = &self.inner.layout();
         if let Some(name) = ask.model {
             let m = (inner.members.iter())
                 .find(|m| m.id == name)
@@ -604,7 +569,9 @@ impl Pool {
 
     /// The models' names, first to last.
     pub fn ids(&self) -> Vec<String> {
-        self.inner.members.iter().map(|m| m.id.clone()).collect()
+        (self.inner.layout().members.iter())
+            .map(|m| m.id.clone())
+            .collect()
     }
 
     /// The next model of `plan` that can be used, with its engine (loaded
@@ -675,7 +642,7 @@ impl Pool {
 
     /// Unloads every model (their engines finish what they hold first).
     pub fn shutdown(&self) {
-        for m in &self.inner.members {
+        for m in &self.inner.layout().members {
             if let Some(e) = &lock(&m.slot).engine {
                 e.shutdown();
             }
@@ -691,10 +658,132 @@ impl Pool {
     }
 }
 
+fn keep_alive_of(config: &Config) -> Duration {
+    config
+        .pool
+        .keep_alive_seconds
+        .map_or(DEFAULT_KEEP_ALIVE, Duration::from_secs)
+}
+
+/// The models and routes `config` says, beside the `fixed` ones; a
+/// `[models]` entry unchanged since `old` keeps its member (loaded or not,
+/// with its health).
+fn layout(
+    config: &Config,
+    fixed: &[Arc<Member>],
+    old: Option<&Layout>,
+    auto_budget: u64,
+) -> Result<Layout, String> {
+    config.require_valid()?;
+    let file = config.config_file.display();
+    let keep = keep_alive_of(config);
+    let mut members = fixed.to_vec();
+    for m in members.iter().skip(1) {
+        *lock(&m.keep_alive) = keep;
+    }
+    for (name, e) in &config.models {
+        if members.iter().any(|m| &m.id == name) {
+            continue;
+        }
+        let spec = MemberSpec {
+            id: name.clone(),
+            source: e.model.clone(),
+            backend: e.backend.clone(),
+            n_ctx: e.ctx,
+            keep_alive: e.keep_alive_seconds.map(Duration::from_secs),
+        };
+        let k = spec.keep_alive.unwrap_or(keep);
+        let same = old.and_then(|o| {
+            (o.members.iter())
+                .find(|m| {
+                    m.id == spec.id
+                        && m.source == spec.source
+                        && m.backend == spec.backend
+                        && m.n_ctx == spec.n_ctx
+                })
+                .cloned()
+        });
+        members.push(match same {
+            Some(m) => {
+                *lock(&m.keep_alive) = k;
+                m
+            }
+            None => Arc::new(Member::new(spec, k)),
+        });
+    }
+    let index = |name: &str, what: &str| -> Result<usize, String> {
+        members.iter().position(|m| m.id == name).ok_or_else(|| {
+            format!(
+                "{file}: {what} names the model {name:?}, which is neither a [models.{name}] entry nor a `kiln serve --model`; kiln serves {}",
+                members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    };
+    let mut routes = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let what = format!("[[routes]] #{}", i + 1);
+        let chain = (r.models.iter())
+            .map(|m| index(m, &what))
+            .collect::<Result<Vec<_>, _>>()?;
+        let paths = if r.paths.is_empty() {
+            None
+        } else {
+            let mut b = globset::GlobSetBuilder::new();
+            for p in &r.paths {
+                b.add(
+                    globset::Glob::new(p)
+                        .map_err(|e| format!("{file}: {what}: paths {p:?} is not a glob ({e})"))?,
+                );
+            }
+            Some(b.build().map_err(|e| format!("{file}: {what}: {e}"))?)
+        };
+        routes.push(Route {
+            kind: r.kind,
+            paths,
+            languages: r.languages.clone(),
+            chain,
+            deadline: r.deadline_ms.map(Duration::from_millis),
+        });
+    }
+    // Every request not routed above: the first model, then the rest of
+    // the command line's in order.
+    routes.push(Route {
+        kind: RequestKind::Any,
+        paths: None,
+        languages: Vec::new(),
+        chain: (0..fixed.len()).collect(),
+        deadline: None,
+    });
+    Ok(Layout {
+        members,
+        routes,
+        budget: config
+            .pool
+            .max_memory_mb
+            .map_or(auto_budget, |mb| mb.saturating_mul(MIB)),
+        cooldown: config
+            .pool
+            .cooldown_seconds
+            .map_or(DEFAULT_COOLDOWN, Duration::from_secs),
+        config: config.clone(),
+    })
+}
+
+impl Inner {
+    /// The models and routes in force now.
+    fn layout(&self) -> Arc<Layout> {
+        self.layout
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 fn publish(inner: &Inner) {
     let m = &inner.metrics;
     let mut used = 0;
-    for member in &inner.members {
+    let layout = inner.layout();
+    for member in &layout.members {
         let l = labels(&[("model", &member.id)]);
         let slot = lock(&member.slot);
         let loaded = slot.engine.is_some();
@@ -711,10 +800,28 @@ fn publish(inner: &Inner) {
     }
     m.pool_memory_bytes.set(used as i64);
     m.pool_budget_bytes
-        .set(i64::try_from(inner.budget).unwrap_or(i64::MAX));
+        .set(i64::try_from(layout.budget).unwrap_or(i64::MAX));
 }
 
 impl Member {
+    fn new(spec: MemberSpec, keep_alive: Duration) -> Member {
+        Member {
+            id: spec.id,
+            source: spec.source,
+            backend: spec.backend,
+            n_ctx: spec.n_ctx,
+            keep_alive: Mutex::new(keep_alive),
+            pinned: false,
+            slot: Mutex::new(Slot {
+                engine: None,
+                need: None,
+                path: None,
+                last_used: Instant::now(),
+            }),
+            health: Mutex::new(Health::new()),
+        }
+    }
+
     /// Resolves its file and what it needs loaded (once).
     fn resolve(&self, config: &Config, t: &Template) -> Result<session::Budget, String> {
         let mut slot = lock(&self.slot);
@@ -748,7 +855,7 @@ impl Member {
     }
 
     fn failed(&self, inner: &Inner, reason: &'static str, message: &str) -> Failure {
-        lock(&self.health).failed(message, inner.cooldown, Instant::now());
+        lock(&self.health).failed(message, inner.layout().cooldown, Instant::now());
         inner
             .metrics
             .route_fallbacks
@@ -814,9 +921,10 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         return Ok(e.clone());
     }
     let t = &inner.template;
-    let need = m.resolve(&inner.config, t)?;
+    let layout = inner.layout();
+    let need = m.resolve(&layout.config, t)?;
     let mib = |b: u64| b / MIB;
-    let budget = inner.budget;
+    let budget = layout.budget;
     let what = || {
         format!(
             "{} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space)",
@@ -834,9 +942,12 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             mib(budget)
         ));
     }
-    // Room: unload idle models, least recently used first.
+    // Room: unload idle models, least recently used first (waiting a
+    // moment for one in use to finish: a request just answered may not
+    // have left its engine yet).
+    let patience = Instant::now() + ROOM_WAIT;
     loop {
-        let used: u64 = (inner.members.iter())
+        let used: u64 = (layout.members.iter())
             .map(|o| {
                 let s = lock(&o.slot);
                 if s.engine.is_some() {
@@ -849,7 +960,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         if used + need.total_bytes <= budget {
             break;
         }
-        let victim = (inner.members.iter())
+        let victim = (layout.members.iter())
             .filter(|o| !o.pinned && !Arc::ptr_eq(o, m))
             .filter_map(|o| {
                 let s = lock(&o.slot);
@@ -858,12 +969,16 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             })
             .min_by_key(|(t, _)| *t);
         let Some((_, victim)) = victim else {
+            if Instant::now() < patience {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             return Err(format!(
                 "needs {} but {} MiB of the pool's {} MiB are held by models in use ({}); wait, or raise [pool] max_memory_mb",
                 what(),
                 mib(used),
                 mib(budget),
-                (inner.members.iter())
+                (layout.members.iter())
                     .filter(|o| lock(&o.slot).engine.is_some())
                     .map(|o| o.id.as_str())
                     .collect::<Vec<_>>()
@@ -878,7 +993,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         None => (t.target.clone(), t.device, t.backend_label.clone()),
         Some(name) => {
             let Chosen { executor, label } = kiln_runtime::backend::choose(
-                &inner.config,
+                &layout.config,
                 Some(name),
                 |w| eprintln!("kiln: warning: {w}"),
                 |p| eprintln!("kiln: {p}"),
@@ -1086,7 +1201,7 @@ impl Sink for Attempt {
                 if let Some(e) = engine {
                     lock(&self.member.health).succeeded(
                         backend_failures(e.target()),
-                        inner.cooldown,
+                        inner.layout().cooldown,
                         now,
                     );
                 }
@@ -1303,13 +1418,13 @@ fn watcher(inner: &Weak<Inner>) {
             move_on(&i, flight);
         }
         // Keep-alive.
-        for m in i.members.iter().filter(|m| !m.pinned) {
+        for m in i.layout().members.iter().filter(|m| !m.pinned) {
             let idle = {
                 let s = lock(&m.slot);
                 // At least a moment idle: a request may have chosen it and
                 // not yet queued its job.
                 s.engine.as_ref().is_some_and(|e| {
-                    e.busy() == 0 && now - s.last_used >= m.keep_alive.max(MIN_IDLE)
+                    e.busy() == 0 && now - s.last_used >= lock(&m.keep_alive).max(MIN_IDLE)
                 })
             };
             if idle {

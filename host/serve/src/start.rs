@@ -60,26 +60,15 @@ pub fn start_pool(
     }
     let spec = &spec;
     let mut others = Vec::new();
-    let mut implicit = Vec::new();
     for name in &spec.more_models {
         let (id, _) = store::resolve_served(&spec.config, Some(name))
             .map_err(|e| format!("--model {name}: {e}"))?;
-        implicit.push(id.clone());
         others.push(MemberSpec {
             id,
             source: name.clone(),
             backend: None,
             n_ctx: spec.n_ctx,
             keep_alive: None,
-        });
-    }
-    for (name, m) in &spec.config.models {
-        others.push(MemberSpec {
-            id: name.clone(),
-            source: m.model.clone(),
-            backend: m.backend.clone(),
-            n_ctx: m.ctx.or(spec.n_ctx),
-            keep_alive: m.keep_alive_seconds.map(std::time::Duration::from_secs),
         });
     }
     let (engine, template) = start_engine(spec, fim, metrics.clone())?;
@@ -100,14 +89,7 @@ pub fn start_pool(
         n_ctx: spec.n_ctx,
         keep_alive: None,
     };
-    Pool::start(
-        &spec.config,
-        (first, engine),
-        others,
-        implicit,
-        template,
-        metrics,
-    )
+    Pool::start(&spec.config, (first, engine), others, template, metrics)
 }
 
 /// Resolves the model and backend and starts an engine counting into

@@ -181,6 +181,66 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         }
     }
 
+    // The models config.toml's [models] name for `kiln serve`, each against
+    // the pool's budget; a route naming a model no entry defines (it must
+    // come from `kiln serve --model`).
+    let pool_budget = (config.pool.max_memory_mb.map(|mb| mb << 20)).or(available);
+    let budget_from = if config.pool.max_memory_mb.is_some() {
+        "[pool] max_memory_mb"
+    } else {
+        "the memory available"
+    };
+    let mut pool_models = Vec::new();
+    for (name, entry) in &config.models {
+        let what = format!("[models.{name}]");
+        let need = kiln_runtime::store::resolve_served(config, Some(&entry.model))
+            .map_err(|e| e.to_string())
+            .and_then(|(_, path)| {
+                let kv =
+                    super::kv_type_for(config, name, None).unwrap_or(kiln_plugin_api::DType::F16);
+                kiln_runtime::model::session::budget(&path, entry.ctx, kv)
+                    .map_err(|e| e.to_string())
+            });
+        match need {
+            Ok(b) => {
+                let fits = pool_budget.is_none_or(|a| b.total_bytes <= a);
+                if !fits {
+                    problems.push(format!(
+                        "{what} ({}) needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
+                        entry.model,
+                        b.total_bytes >> 20,
+                        b.weights_bytes >> 20,
+                        b.kv_bytes >> 20,
+                        b.n_ctx,
+                        b.scratch_bytes >> 20,
+                        pool_budget.unwrap_or(0) >> 20,
+                    ));
+                }
+                let mut v = serde_json::to_value(&b).unwrap_or_default();
+                v["model"] = json!(what);
+                v["fits"] = json!(fits);
+                pool_models.push(v);
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "{what} model = {:?} cannot be served: {e}",
+                    entry.model
+                ));
+                pool_models.push(json!({"model": what, "error": e}));
+            }
+        }
+    }
+    let mut route_notes = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        for m in r.models.iter().filter(|m| !config.models.contains_key(*m)) {
+            route_notes.push(format!(
+                "[[routes]] #{} names {m:?}, which no [models] entry defines: kiln serve starts only with it given as --model",
+                i + 1
+            ));
+        }
+    }
+    models.extend(pool_models);
+
     // Encryption at rest: the setting, the key file's permissions, and
     // blobs not in the form the setting asks for.
     let keys = kiln_runtime::crypt::Keys::from_env(config);
@@ -243,6 +303,12 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "plugin_notes": plugin_notes,
         "memory": {"available_bytes": available},
         "models": models,
+        "pool": {
+            "budget_bytes": pool_budget,
+            "budget_from": budget_from,
+            "routes": config.routes,
+            "notes": route_notes,
+        },
         "ranking": ranking,
         "encryption": {
             "at_rest": config.encrypt_at_rest,
@@ -462,6 +528,17 @@ fn print_human(r: &Value) {
                 ": does not fit"
             }
         );
+    }
+    if let Some(b) = r["pool"]["budget_bytes"].as_u64() {
+        println!(
+            "pool         {} MiB ({}), {} route(s)",
+            b >> 20,
+            s(&r["pool"]["budget_from"]),
+            r["pool"]["routes"].as_array().map_or(0, Vec::len)
+        );
+    }
+    for n in r["pool"]["notes"].as_array().into_iter().flatten() {
+        println!("             {}", s(n));
     }
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

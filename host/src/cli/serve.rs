@@ -114,6 +114,41 @@ pub fn run(mut spec: ServeSpec, listen: Listen<'_>) -> CliResult {
         eprintln!("kiln: dashboard at http://{bound}/dashboard");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // SIGHUP: config.toml read again; its models, routes and [pool]
+        // take effect.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let (p, file) = (pool.clone(), config.config_file.clone());
+        let home = config.home.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let (p, file, home) = (p.clone(), file.clone(), home.clone());
+                let said = tokio::task::spawn_blocking(move || {
+                    let fresh = kiln_registry::config::Config::with_file(
+                        home,
+                        std::env::var_os("KILN_PLUGIN_PATH").as_deref(),
+                        Some(file.clone()),
+                    );
+                    match p.reload(&fresh) {
+                        Ok(gone) if gone.is_empty() => format!(
+                            "kiln: {} read again (SIGHUP): serving {}",
+                            file.display(),
+                            p.ids().join(", ")
+                        ),
+                        Ok(gone) => format!(
+                            "kiln: {} read again (SIGHUP): serving {}; unloaded {}",
+                            file.display(),
+                            p.ids().join(", "),
+                            gone.join(", ")
+                        ),
+                        Err(e) => format!("kiln: {e}; the configuration in use stays"),
+                    }
+                })
+                .await;
+                if let Ok(line) = said {
+                    eprintln!("{line}");
+                }
+            }
+        });
         tokio::select! {
             r = kiln_serve::http::serve(pool.clone(), dashboard, listener) => r?,
             _ = tokio::signal::ctrl_c() => eprintln!("kiln: stopping"),

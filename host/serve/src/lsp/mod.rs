@@ -936,6 +936,17 @@ impl Server {
                 format!("{e}; the configuration in use stays"),
             ));
         }
+        // The models and routes first: a route naming no model, or a bad
+        // glob, refuses the whole file.
+        let unloaded = match &self.pool {
+            Some(p) => p.reload(&fresh).map_err(|e| {
+                (
+                    REQUEST_FAILED,
+                    format!("{e}; the configuration in use stays"),
+                )
+            })?,
+            None => Vec::new(),
+        };
         let mut spec = (*self.spec).clone();
         spec.config = fresh;
         self.spec = Arc::new(spec);
@@ -950,7 +961,9 @@ impl Server {
             "config_file": self.spec.config.config_file,
             "ranking": self.policy_status(),
             "problems": problems,
-            "applied": ["policies"],
+            "applied": ["policies", "models", "routes", "pool"],
+            "unloaded": unloaded,
+            "models": self.pool.as_ref().map(Pool::status),
             "at_next_start": ["engine", "kv_cache", "completion", "plugins", "store"],
         }))
     }
