@@ -13,6 +13,7 @@ p50/p99 end-to-end latency per phase, the pauses, and the memory the
 loaded models need against the pool's budget, as JSON.
 
     python3 benches/serve_pool.py target/release/kiln MODEL [--chat-model M2] [--count 40]
+        [--parallel-models true|false]
 """
 
 import argparse
@@ -97,11 +98,15 @@ def main():
     ap.add_argument("--chat-model")
     ap.add_argument("--count", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--parallel-models", choices=["true", "false"],
+                    help="[pool] parallel_models (default: kiln's, by the CPU threads)")
     a = ap.parse_args()
 
     home = tempfile.mkdtemp(prefix="kiln-pool-bench-")
-    if a.chat_model:
-        with open(os.path.join(home, "config.toml"), "w") as f:
+    with open(os.path.join(home, "config.toml"), "w") as f:
+        if a.parallel_models:
+            f.write(f"[pool]\nparallel_models = {a.parallel_models}\n\n")
+        if a.chat_model:
             f.write(f'[models.chat]\nmodel = {json.dumps(a.chat_model)}\n\n'
                     '[[routes]]\nkind = "chat"\nmodels = ["chat"]\n')
     env = dict(os.environ, KILN_HOME=home)
@@ -118,6 +123,7 @@ def main():
         # Warm-up: the first graphs, and the chat model loaded.
         inline_latencies(addr, 4, a.max_tokens, 10_000)
         result = {"model": a.model, "chat_model": a.chat_model, "count": a.count,
+                  "parallel_models": a.parallel_models,
                   "max_tokens": a.max_tokens, "threads": os.environ.get("KILN_THREADS")}
         alone = inline_latencies(addr, a.count, a.max_tokens, 0)
         result["alone"] = {"p50_ms": pct(alone, 50), "p99_ms": pct(alone, 99)}

@@ -584,16 +584,21 @@ fn stream_chat(addr: &str, body: &Value, mut each: impl FnMut(&str)) -> String {
     text
 }
 
-#[test]
-fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
-    let home = Home::default();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+/// Streams a long chat (on `chat_model`, else the route's) alone, then
+/// again with an inline completion asked once its first text arrived:
+/// the completion must come back while the chat still streams, the chat
+/// be paused for it, and its text be the same as alone.
+fn inline_during_chat(srv: &Server, chat_model: Option<&str>) {
     let chat = |seed: u64| {
-        json!({"messages": [{"role": "user", "content": "Write a long story about a compiler."}],
-               "max_tokens": 600, "temperature": 0, "seed": seed, "stream": true})
+        let mut v = json!({"messages": [{"role": "user", "content": "Write a long story about a compiler."}],
+               "max_tokens": 600, "temperature": 0, "seed": seed, "stream": true});
+        if let Some(m) = chat_model {
+            v["model"] = json!(m);
+        }
+        v
     };
-    // The chat alone.
     let alone = stream_chat(&srv.addr, &chat(1), |_| {});
+    let paused_before = metric(&metrics(&srv.addr), "kiln:requests_paused_total ");
     // The same chat (another seed: not the cache's answer), and an inline
     // completion asked once its first text arrived.
     let addr = srv.addr.clone();
@@ -605,39 +610,53 @@ fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
             json!({"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}),
         );
         assert_eq!(code, 200, "{v:#}");
-        Instant::now()
     });
     let mut first = Some(tx);
     let mut chunks_after_inline = 0;
-    let mut inline_done: Option<Instant> = None;
-    let inline = std::cell::RefCell::new(Some(inline));
     let paused_text = stream_chat(&srv.addr, &chat(2), |_| {
         if let Some(tx) = first.take() {
             tx.send(()).unwrap();
         }
-        let done = inline
-            .borrow()
-            .as_ref()
-            .is_some_and(std::thread::JoinHandle::is_finished);
-        if done {
-            let h = inline.borrow_mut().take().unwrap();
-            inline_done = Some(h.join().unwrap());
-        }
-        if inline_done.is_some() {
+        if inline.is_finished() {
             chunks_after_inline += 1;
         }
     });
-    if let Some(h) = inline.borrow_mut().take() {
-        h.join().unwrap();
-    }
+    inline.join().unwrap();
     assert!(
         chunks_after_inline > 0,
         "the inline completion came back only after the chat ended ({} chars)",
         alone.len()
     );
     assert_eq!(paused_text, alone, "pausing changed the chat's text");
-    let m = metrics(&srv.addr);
-    assert!(metric(&m, "kiln:requests_paused_total ") >= 1.0, "{m}");
+    let paused = metric(&metrics(&srv.addr), "kiln:requests_paused_total ") - paused_before;
+    assert!(paused >= 1.0, "the chat was never paused");
+}
+
+#[test]
+fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
+    let home = Home::default();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    inline_during_chat(&srv, None);
+}
+
+#[test]
+fn models_taking_turns_pause_another_models_chat_for_an_inline_completion() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let chat = demo_copy(dir.path(), "chat");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[pool]\nparallel_models = false\n\n[models.chat]\nmodel = {:?}\n\n\
+             [[routes]]\nkind = \"chat\"\nmodels = [\"chat\"]\n",
+            chat.display().to_string()
+        ),
+    )
+    .unwrap();
+    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    inline_during_chat(&srv, None);
+    let list = models(&srv.addr);
+    assert_eq!(model(&list, "chat")["kiln"]["loaded"], true, "{list:#?}");
 }
 
 #[test]

@@ -117,6 +117,11 @@ pub struct PoolConfig {
     /// again (default 10; doubled at each further failure, at most 32×).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cooldown_seconds: Option<u64>,
+    /// Whether the models run at once (each on its own cores), or take
+    /// turns: a chat or warm-up on one model pausing while an inline
+    /// completion runs on another (default: at once from 8 CPU threads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_models: Option<bool>,
 }
 
 /// What a request is, for routing.

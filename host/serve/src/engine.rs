@@ -248,6 +248,65 @@ impl Priority {
     }
 }
 
+/// Engines of a pool that yield to each other's inline completions:
+/// while any of them has one queued or running, the others' less urgent
+/// jobs pause at their next token and wait (on a machine with few cores
+/// the keystroke is then served first, instead of splitting the cores
+/// with a chat on another model).
+#[derive(Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Inline jobs queued or running on any engine.
+    urgent: usize,
+    /// Less urgent jobs running now, to pause.
+    running: Vec<std::sync::Weak<Control>>,
+}
+
+impl Gate {
+    /// An inline job was queued: the less urgent ones running pause.
+    fn urgent_in(&self) {
+        let mut s = lock(&self.state);
+        s.urgent += 1;
+        for c in s.running.drain(..).filter_map(|w| w.upgrade()) {
+            c.request_pause();
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// An inline job left its engine.
+    fn urgent_out(&self) {
+        let mut s = lock(&self.state);
+        s.urgent = s.urgent.saturating_sub(1);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Whether a less urgent job may run now; if so it is registered, to
+    /// be paused by the next inline job anywhere.
+    fn enter(&self, control: &Arc<Control>) -> bool {
+        let mut s = lock(&self.state);
+        if s.urgent > 0 {
+            return false;
+        }
+        s.running.retain(|w| w.strong_count() > 0);
+        s.running.push(Arc::downgrade(control));
+        true
+    }
+
+    fn wait(&self, at_most: Duration) {
+        let s = lock(&self.state);
+        if s.urgent > 0 {
+            let _ = self.changed.wait_timeout(s, at_most);
+        }
+    }
+}
+
 /// Per-client queues served round robin: the next job comes from the first
 /// client after the last one served that has work, so one busy client
 /// cannot starve the others.
@@ -403,6 +462,7 @@ struct Shared {
     /// model id (checked once per model, not per request).
     draft_fits: Mutex<HashMap<String, bool>>,
     engine: kiln_registry::config::EngineConfig,
+    gate: Option<Arc<Gate>>,
 }
 
 /// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
@@ -444,6 +504,9 @@ pub struct EngineOptions {
     /// Whether `kiln:model_info` names this engine's model (the served
     /// model's engine; not a pool's others).
     pub announce: bool,
+    /// Shared by a pool's engines when their models do not run at once
+    /// ([`Gate`]).
+    pub gate: Option<Arc<Gate>>,
     /// Speculative decoding for requests that do not choose (the HTTP API).
     pub draft: Draft,
     /// Tokens `draft` guesses at most per verifying batch.
@@ -492,6 +555,7 @@ impl Engine {
             draft_max: opts.draft_max,
             draft_model: opts.draft_model.map(Arc::new),
             draft_fits: Mutex::default(),
+            gate: opts.gate,
         });
         let engine = Engine { shared };
         if opts.announce {
@@ -693,9 +757,13 @@ impl Engine {
         {
             control.request_pause();
         }
+        let urgent = job.priority == Priority::Inline;
         q.jobs[job.priority as usize].push(client, job);
         self.shared.metrics.waiting.inc();
         drop(q);
+        if urgent && let Some(g) = &self.shared.gate {
+            g.urgent_in();
+        }
         self.shared.wake.notify_one();
     }
 
@@ -775,7 +843,7 @@ fn worker_loop(shared: &Shared) {
     let mut drafter: Option<Session> = None;
     let mut seen_stats = [0u64; 8];
     loop {
-        let job = {
+        let mut job = {
             let mut q = lock(&shared.queue);
             loop {
                 if let Some(job) = q.jobs.iter_mut().find_map(Fair::pop) {
@@ -789,6 +857,33 @@ fn worker_loop(shared: &Shared) {
                 q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         };
+        if job.priority > Priority::Inline
+            && let Some(g) = &shared.gate
+            && !g.enter(&job.control)
+        {
+            // Another model's inline completion goes first: wait for it,
+            // unless one comes for this model (then the job waits in its
+            // queue again).
+            let mut back = Some(job);
+            loop {
+                let j = back.as_ref().expect("held until given back");
+                if j.control.is_cancelled() || g.enter(&j.control) {
+                    break;
+                }
+                let mut q = lock(&shared.queue);
+                if q.jobs[Priority::Inline as usize].len > 0 || q.shutdown {
+                    let j = back.take().expect("held");
+                    q.running = None;
+                    shared.metrics.waiting.inc();
+                    q.jobs[j.priority as usize].push_front(j.client, j);
+                    break;
+                }
+                drop(q);
+                g.wait(Duration::from_millis(50));
+            }
+            let Some(j) = back else { continue };
+            job = j;
+        }
         if let Some(t) = job.not_before {
             // Debounce: held until its time, unless a newer job for its
             // document cancels it first (the submit wakes this thread).
@@ -804,6 +899,7 @@ fn worker_loop(shared: &Shared) {
             }
         }
         shared.metrics.running.inc();
+        let job_priority = job.priority;
         let doc = job.doc.clone();
         let control = job.control.clone();
         let mut back = None;
@@ -860,6 +956,11 @@ fn worker_loop(shared: &Shared) {
             }
         }
         shared.metrics.running.dec();
+        if job_priority == Priority::Inline
+            && let Some(g) = &shared.gate
+        {
+            g.urgent_out();
+        }
         let mut q = lock(&shared.queue);
         q.running = None;
         if let Some(job) = back {

@@ -288,6 +288,8 @@ pub struct Template {
     pub draft: Draft,
     pub draft_max: usize,
     pub fim: Option<FimTemplate>,
+    /// Shared by every engine when the models do not run at once.
+    pub gate: Option<Arc<crate::engine::Gate>>,
 }
 
 /// An attempt's deadline: when, its flight, its number.
@@ -1015,6 +1017,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             completion_cache_entries: 256,
             metrics: inner.metrics.clone(),
             announce: false,
+            gate: t.gate.clone(),
             draft: t.draft,
             draft_max: t.draft_max,
             draft_model: None,

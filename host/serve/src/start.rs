@@ -92,6 +92,10 @@ pub fn start_pool(
     Pool::start(&spec.config, (first, engine), others, template, metrics)
 }
 
+/// CPU threads from which a pool's models run at once by default
+/// (`[pool] parallel_models`).
+pub const PARALLEL_FROM: usize = 8;
+
 /// Resolves the model and backend and starts an engine counting into
 /// `metrics`; what the pool's other engines are made with.
 fn start_engine(
@@ -132,6 +136,12 @@ fn start_engine(
         forced: spec.kv_type,
         config: spec.config.kv_cache.clone(),
     };
+    // The models take turns (an inline completion first) unless the
+    // machine has the cores to run them at once.
+    let parallel = spec.config.pool.parallel_models.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, usize::from) >= PARALLEL_FROM
+    });
+    let gate = (!parallel).then(|| Arc::new(crate::engine::Gate::default()));
     let template = Template {
         target: exec.target.clone(),
         device: exec.device,
@@ -141,6 +151,7 @@ fn start_engine(
         draft: spec.settings.draft,
         draft_max: spec.settings.draft_max,
         fim,
+        gate: gate.clone(),
     };
     let engine = Engine::start(
         loaded,
@@ -153,6 +164,7 @@ fn start_engine(
             completion_cache_entries: 256,
             metrics,
             announce: true,
+            gate,
             draft: spec.settings.draft,
             draft_max: spec.settings.draft_max,
             draft_model,
