@@ -366,6 +366,8 @@ struct Queue {
     /// urgent one).
     running: Option<(Priority, Arc<Control>)>,
     shutdown: bool,
+    /// Why the engine thread stopped, when a panic stopped it.
+    panicked: Option<String>,
 }
 
 /// Latencies of recent requests, for `kiln/status`.
@@ -699,8 +701,12 @@ impl Engine {
         request.control = Some(control.clone());
         let mut q = lock(&self.shared.queue);
         if q.shutdown {
+            let why = match &q.panicked {
+                Some(p) => format!("{}'s engine stopped: {p}", loaded.id),
+                None => format!("{UNLOADED}: {}", loaded.id),
+            };
             drop(q);
-            sink.done(Err(format!("{UNLOADED}: {}", loaded.id)));
+            sink.done(Err(why));
             return;
         }
         if let Some(d) = &doc
@@ -820,6 +826,12 @@ impl Engine {
         }
     }
 
+    /// Whether the engine takes no more jobs (shut down, or its thread
+    /// stopped by a panic).
+    pub fn is_stopped(&self) -> bool {
+        lock(&self.shared.queue).shutdown
+    }
+
     /// Stops the engine thread once the queue is empty.
     pub fn shutdown(&self) {
         lock(&self.shared.queue).shutdown = true;
@@ -837,7 +849,57 @@ fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
     h.finish()
 }
 
+/// Runs the engine thread's loop. A panic in it (a bug: in kiln, or a
+/// front end's sink) stops the engine, not the process: the job it ran
+/// loses its sink unanswered (a pool's route takes that as the model's
+/// failure), the queued jobs are answered with the panic, and later ones
+/// are refused with it.
 fn worker_loop(shared: &Shared) {
+    let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_jobs(shared)))
+    else {
+        return;
+    };
+    let why = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    let why = format!("it panicked ({why})");
+    eprintln!(
+        "kiln: the engine of {} stopped: {why}",
+        shared_model(shared)
+    );
+    let mut q = lock(&shared.queue);
+    q.shutdown = true;
+    q.panicked = Some(why.clone());
+    q.running = None;
+    let jobs: Vec<Job> = q
+        .jobs
+        .iter_mut()
+        .flat_map(|f| std::iter::from_fn(|| f.pop()))
+        .collect();
+    drop(q);
+    shared.metrics.running.set(0);
+    for job in jobs {
+        shared.metrics.waiting.dec();
+        let error = format!("{}'s engine stopped: {why}", job.loaded.id);
+        match job.work {
+            Work::Complete { sink, .. } => sink.done(Err(error)),
+            Work::Explain { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+fn shared_model(shared: &Shared) -> String {
+    shared
+        .current
+        .read()
+        .map_or_else(|p| p.into_inner().id.clone(), |l| l.id.clone())
+}
+
+fn serve_jobs(shared: &Shared) {
     let mut session: Option<(Arc<Loaded>, Session)> = None;
     // The draft model's session (made on the first request that drafts).
     let mut drafter: Option<Session> = None;
@@ -1338,7 +1400,83 @@ fn new_session(shared: &Shared, loaded: &Loaded, n_ctx: Option<usize>) -> Result
 
 #[cfg(test)]
 mod tests {
-    use super::Fair;
+    use super::*;
+
+    /// A sink that panics at its first text: a bug on the engine thread.
+    struct Panics;
+
+    impl Sink for Panics {
+        fn text(&mut self, _: &str) -> bool {
+            panic!("a sink's bug");
+        }
+        fn done(self: Box<Self>, _: Result<Finished, String>) {}
+    }
+
+    #[test]
+    fn a_panic_on_the_engine_thread_stops_the_engine_and_answers_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("demo.gguf");
+        crate::demo::write_demo_model(&path).unwrap();
+        let cpu = Backend::builtin_cpu();
+        let loaded = Loaded::load("demo".into(), path, None, &cpu, 0).unwrap();
+        let engine = Engine::start(
+            loaded,
+            EngineOptions {
+                target: cpu,
+                device: 0,
+                backend_label: "cpu".into(),
+                n_ctx: Some(256),
+                kv_types: KvTypes::default(),
+                completion_cache_entries: 8,
+                metrics: Arc::new(Metrics::default()),
+                announce: false,
+                gate: None,
+                draft: Draft::None,
+                draft_max: 4,
+                draft_model: None,
+                engine: Default::default(),
+            },
+        );
+        let l = engine.loaded();
+        let prompt = l.tok.encode("def add(a, b):", true).unwrap();
+        let request = || {
+            Request::new(
+                prompt.clone(),
+                8,
+                kiln_runtime::model::sample::SamplingParams::greedy(),
+            )
+        };
+        // Held back until both are queued: the first job panics, the
+        // second waits behind it.
+        let hold = Instant::now() + Duration::from_millis(300);
+        engine.submit_after(1, None, l.clone(), request(), Box::new(Panics), Some(hold));
+        let mut queued = engine.submit_events(2, None, l.clone(), request());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let last = rt.block_on(async {
+            let mut last = None;
+            while let Some(e) = queued.recv().await {
+                last = Some(e);
+            }
+            last
+        });
+        let Some(Event::Done(Err(e))) = last else {
+            panic!("the queued job was not answered with the panic: {last:?}");
+        };
+        assert!(e.contains("panicked (a sink's bug)"), "{e}");
+        assert!(engine.is_stopped());
+        // Later jobs are refused at once, saying why.
+        let mut later = engine.submit_events(3, None, l, request());
+        let refused = rt.block_on(later.recv());
+        let Some(Event::Done(Err(e))) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(
+            e.contains("engine stopped") && e.contains("panicked"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn clients_take_turns() {

@@ -913,14 +913,20 @@ fn next_engine(inner: &Arc<Inner>, plan: &mut Plan) -> Option<(Arc<Member>, Engi
 fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     {
         let mut slot = lock(&m.slot);
-        if let Some(e) = slot.engine.clone() {
+        if let Some(e) = slot.engine.clone().filter(|e| !e.is_stopped()) {
             slot.last_used = Instant::now();
             return Ok(e);
         }
     }
     let _loading = lock(&inner.loading);
-    if let Some(e) = &lock(&m.slot).engine {
-        return Ok(e.clone());
+    {
+        let mut slot = lock(&m.slot);
+        match &slot.engine {
+            Some(e) if !e.is_stopped() => return Ok(e.clone()),
+            // Its thread stopped (a panic): loaded again, afresh.
+            Some(_) => slot.engine = None,
+            None => {}
+        }
     }
     let t = &inner.template;
     let layout = inner.layout();
@@ -1132,6 +1138,7 @@ fn launch(
         loaded.id.clone()
     };
     let sink = Attempt {
+        ended: false,
         inner: Arc::downgrade(inner),
         flight: flight.clone(),
         attempt_no,
@@ -1154,6 +1161,9 @@ fn launch(
 /// The sink of one attempt: passes its answer on, or hands the flight to
 /// the next model when it fails.
 struct Attempt {
+    /// `done` was called (a sink dropped without it: its engine's thread
+    /// stopped).
+    ended: bool,
     inner: Weak<Inner>,
     flight: Arc<Mutex<Flight>>,
     attempt_no: u64,
@@ -1185,7 +1195,37 @@ impl Sink for Attempt {
         f.sink.as_mut().is_some_and(|s| s.text(text))
     }
 
-    fn done(self: Box<Self>, result: Result<Finished, String>) {
+    fn done(mut self: Box<Self>, result: Result<Finished, String>) {
+        self.ended = true;
+        self.end(result);
+    }
+
+    fn is_closed(&self) -> bool {
+        let f = lock(&self.flight);
+        f.attempt_no != self.attempt_no
+            || f.attempt.is_none()
+            || f.outer.is_cancelled()
+            || f.sink.as_ref().is_none_or(|s| s.is_closed())
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Dropped unanswered: the engine's thread stopped under it.
+            self.ended = true;
+            let model = self.model.clone();
+            self.end(Err(format!(
+                "the engine of {model} stopped without answering"
+            )));
+        }
+    }
+}
+
+impl Attempt {
+    /// The attempt's end: its answer passed on, or (a failure before any
+    /// text reached the client) the next model asked.
+    fn end(&mut self, result: Result<Finished, String>) {
         let Some(inner) = self.inner.upgrade() else {
             return;
         };
@@ -1251,14 +1291,6 @@ impl Sink for Attempt {
                 move_on(&inner, self.flight.clone());
             }
         }
-    }
-
-    fn is_closed(&self) -> bool {
-        let f = lock(&self.flight);
-        f.attempt_no != self.attempt_no
-            || f.attempt.is_none()
-            || f.outer.is_cancelled()
-            || f.sink.as_ref().is_none_or(|s| s.is_closed())
     }
 }
 
