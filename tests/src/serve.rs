@@ -127,14 +127,15 @@ pub fn http_server_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> HttpServer {
-    let mut args = vec![
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--http",
-        "127.0.0.1:0",
-    ];
+    let mut args = vec!["--model", model.to_str().unwrap()];
     args.extend_from_slice(extra);
+    http_server_args(home, &args, env)
+}
+
+/// `kiln serve ARGS… --http 127.0.0.1:0` with `env` set for it, once it
+/// listens; what it says on stderr after that is copied to the test's.
+pub fn http_server_args(home: &Home, args: &[&str], env: &[(&str, &str)]) -> HttpServer {
+    let args = [&["serve"], args, &["--http", "127.0.0.1:0"]].concat();
     let mut child = home
         .command(&args)
         .env("KILN_THREADS", "1")
@@ -155,8 +156,9 @@ pub fn http_server_env(
         }
     };
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = err.read_to_string(&mut sink);
+        let mut rest = String::new();
+        let _ = err.read_to_string(&mut rest);
+        eprint!("{rest}");
     });
     HttpServer { child, addr }
 }

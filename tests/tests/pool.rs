@@ -5,58 +5,14 @@
 //! saying so; when every one fails, the answer kept from before does.
 //! Over the real HTTP API and language server, with the real binary.
 
-use kiln_tests::serve::{demo_model, http, initialize, open, post, serve_model, status};
+use kiln_tests::serve::{
+    HttpServer, demo_model, http, http_server_args, initialize, open, post, serve_model, status,
+};
 use kiln_tests::{Home, ManifestSpec, c_fixture, plugin_dir};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-/// A running `kiln serve --http`, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `kiln serve ARGS --http 127.0.0.1:0`, once it listens.
-fn server(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Server {
-    let mut all = vec!["serve"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--http", "127.0.0.1:0"]);
-    let mut child = home
-        .command(&all)
-        .env("KILN_THREADS", "1")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "kiln serve --http ended"
-        );
-        if let Some(at) = line.find("http://") {
-            break line[at + 7..].trim().to_string();
-        }
-    };
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-        eprint!("{rest}");
-    });
-    Server { child, addr }
-}
 
 /// A copy of the demo model named `name`.gguf in `dir`.
 fn demo_copy(dir: &Path, name: &str) -> PathBuf {
@@ -118,7 +74,7 @@ fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
         ),
     )
     .unwrap();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     // Every model is listed; only the first one is loaded yet.
     let list = models(&srv.addr);
     let ids: Vec<&str> = list.iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -231,7 +187,7 @@ fn a_model_hanging_past_its_deadline_is_failed_and_the_fallback_answers_in_time(
     .unwrap();
     // Its device scored (no fault set), so that serving measures nothing.
     home.ok(&["backends"]);
-    let srv = server(
+    let srv = http_server_args(
         &home,
         &[
             "--model",
@@ -285,7 +241,7 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
     let a = demo_copy(dir.path(), "a");
     let b = demo_copy(dir.path(), "b");
     // What one demo model needs, as the pool counts it.
-    let probe = server(&home, &["--model", a.to_str().unwrap()], &[]);
+    let probe = http_server_args(&home, &["--model", a.to_str().unwrap()], &[]);
     let need = model(&models(&probe.addr), "a")["kiln"]["need_bytes"]
         .as_u64()
         .unwrap();
@@ -306,7 +262,7 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
         ),
     )
     .unwrap();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = |m: &str| {
         let (code, v) = complete(
             &srv.addr,
@@ -382,7 +338,7 @@ fn when_every_model_fails_the_answer_kept_from_before_is_given() {
         ),
     )
     .unwrap();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = json!({"prompt": "import os\n", "max_tokens": 5, "temperature": 0});
     let (code, first) = complete(&srv.addr, ask.clone());
     assert_eq!(code, 200, "{first:#}");
@@ -423,7 +379,7 @@ fn several_models_on_the_command_line_are_served_by_name_and_fall_back_in_order(
     let home = Home::default();
     let dir = tempfile::tempdir().unwrap();
     let second = demo_copy(dir.path(), "second");
-    let srv = server(
+    let srv = http_server_args(
         &home,
         &[
             "--model",
@@ -588,7 +544,7 @@ fn stream_chat(addr: &str, body: &Value, mut each: impl FnMut(&str)) -> String {
 /// again with an inline completion asked once its first text arrived:
 /// the completion must come back while the chat still streams, the chat
 /// be paused for it, and its text be the same as alone.
-fn inline_during_chat(srv: &Server, chat_model: Option<&str>) {
+fn inline_during_chat(srv: &HttpServer, chat_model: Option<&str>) {
     let chat = |seed: u64| {
         let mut v = json!({"messages": [{"role": "user", "content": "Write a long story about a compiler."}],
                "max_tokens": 600, "temperature": 0, "seed": seed, "stream": true});
@@ -635,7 +591,7 @@ fn inline_during_chat(srv: &Server, chat_model: Option<&str>) {
 #[test]
 fn an_inline_completion_pauses_a_running_chat_and_the_chat_goes_on_unchanged() {
     let home = Home::default();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     inline_during_chat(&srv, None);
 }
 
@@ -653,7 +609,7 @@ fn models_taking_turns_pause_another_models_chat_for_an_inline_completion() {
         ),
     )
     .unwrap();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     inline_during_chat(&srv, None);
     let list = models(&srv.addr);
     assert_eq!(model(&list, "chat")["kiln"]["loaded"], true, "{list:#?}");
@@ -671,7 +627,7 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
         format!("[models.a]\nmodel = {:?}\n", a.display().to_string()),
     )
     .unwrap();
-    let srv = server(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = |m: &str| {
         complete(
             &srv.addr,
@@ -681,12 +637,12 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
     };
     assert_eq!(ask("a"), 200);
     assert_eq!(ask("b"), 404);
-    let hup = |srv: &Server| {
+    let hup = |srv: &HttpServer| {
         // SAFETY: a plain kill(2) of the child we started.
         let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
         assert_eq!(sent, 0);
     };
-    let listed = |srv: &Server| -> Vec<String> {
+    let listed = |srv: &HttpServer| -> Vec<String> {
         models(&srv.addr)
             .iter()
             .map(|m| m["id"].as_str().unwrap().to_string())

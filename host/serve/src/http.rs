@@ -517,6 +517,19 @@ fn unanswered(s: &AppState, plan: &Plan, key: u64) -> Result<Finished, ApiError>
     })
 }
 
+/// An HTTP request's routed job: `build` makes its request for a model
+/// of the route other than the first.
+fn job(addr: &SocketAddr, streaming: bool, key: u64, build: pool::Build) -> pool::Job {
+    pool::Job {
+        client: client_key(addr),
+        doc: None,
+        not_before: None,
+        streaming,
+        key: Some(key),
+        build,
+    }
+}
+
 fn client_key(addr: &SocketAddr) -> u64 {
     let mut h = DefaultHasher::new();
     addr.hash(&mut h);
@@ -822,19 +835,8 @@ async fn completions(
     });
     req.prompt = encode(&loaded, text, req.max_tokens, n_ctx).await?;
     let req = with_model_stops(req, &loaded);
-    let rx = s.pool.submit_events(
-        plan,
-        (member, engine, loaded.clone()),
-        req,
-        pool::Job {
-            client: client_key(&addr),
-            doc: None,
-            not_before: None,
-            streaming: stream,
-            key: Some(key),
-            build,
-        },
-    );
+    let first = (member, engine, loaded.clone());
+    let rx = (s.pool).submit_events(plan, first, req, job(&addr, stream, key, build));
     let created = now_s();
     let experiment = tag.as_ref().map(crate::ab::Tag::meta);
     if stream {
@@ -1155,19 +1157,8 @@ async fn chat_completions(
     )
     .await?;
     let req = with_model_stops(req, &loaded);
-    let rx = s.pool.submit_events(
-        plan,
-        (member, engine, loaded.clone()),
-        req,
-        pool::Job {
-            client: client_key(&addr),
-            doc: None,
-            not_before: None,
-            streaming: stream,
-            key: Some(key),
-            build,
-        },
-    );
+    let first = (member, engine, loaded.clone());
+    let rx = (s.pool).submit_events(plan, first, req, job(&addr, stream, key, build));
     if stream {
         let mut first = true;
         let chunk = move |model: &str, text: &str, finish: Option<&str>, usage: Option<Value>| {
