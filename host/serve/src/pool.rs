@@ -108,6 +108,13 @@ impl Health {
         }
     }
 
+    /// Whether [`Health::begin`] would let a request use it now (without
+    /// taking the probe).
+    fn usable_now(&self, now: Instant) -> bool {
+        self.state != HealthState::Failed
+            || (!self.probing && self.retry_at.is_none_or(|t| t <= now))
+    }
+
     /// Whether a request may use it now (a failed one: once its cooldown
     /// ended, by one request at a time); why not, if not.
     fn begin(&mut self, now: Instant) -> Result<(), String> {
@@ -581,6 +588,30 @@ impl Pool {
     /// way is recorded in the plan. `None`: none is left.
     pub fn next_engine(&self, plan: &mut Plan) -> Option<(Arc<Member>, Engine)> {
         next_engine(&self.inner, plan)
+    }
+
+    /// The model [`Pool::next_engine`] would take for `plan` when it is not
+    /// loaded yet (loading it may take seconds: a caller that must not
+    /// wait can [`Pool::load`] it elsewhere first).
+    pub fn unloaded_next(&self, plan: &Plan) -> Option<Arc<Member>> {
+        let now = Instant::now();
+        let m = (plan.chain[plan.next.min(plan.chain.len())..].iter())
+            .find(|m| lock(&m.health).usable_now(now))?;
+        let loaded = lock(&m.slot)
+            .engine
+            .as_ref()
+            .is_some_and(|e| !e.is_stopped());
+        (!loaded).then(|| m.clone())
+    }
+
+    /// Loads `m` (if it is not), as a request would: a failure marks it
+    /// failed.
+    pub fn load(&self, m: &Arc<Member>) -> Result<(), String> {
+        engine_of(&self.inner, m).map(|_| ()).map_err(|why| {
+            m.failed(&self.inner, "load", &why);
+            eprintln!("kiln: {}: {why}", m.id);
+            why
+        })
     }
 
     /// Sends `request` (made for `member`'s model) to `engine` and, should

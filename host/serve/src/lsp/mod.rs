@@ -102,6 +102,8 @@ enum Input {
     ReadError(String),
     Eof,
     Loaded(Result<Pool, String>),
+    /// A model of the pool a completion waited for, loaded (or not).
+    PoolLoaded(String, Result<(), String>),
     Indexed(Box<(Workspace, crate::context::IndexStats)>),
     /// SIGHUP: read config.toml again.
     Reload,
@@ -127,8 +129,11 @@ struct Server {
     engine: Option<Engine>,
     pool: Option<Pool>,
     load_error: Option<String>,
-    /// Requests that came while the model was loading.
+    /// Requests that came while the model was loading (the first, or a
+    /// pool's model a completion's route needs).
     deferred: Vec<(Value, String, Value)>,
+    /// The pool's models loading on a thread of their own.
+    pool_loading: std::collections::HashSet<String>,
     workspace: Arc<RwLock<Workspace>>,
     root: Option<PathBuf>,
     ranker: Arc<Ranker>,
@@ -267,6 +272,7 @@ pub fn run(
         pool: None,
         load_error: None,
         deferred: Vec::new(),
+        pool_loading: Default::default(),
         workspace: Arc::default(),
         root: None,
         ranker: Arc::new(Ranker::new(None, kiln_sandbox::breaker::DEFAULT_THRESHOLD)),
@@ -322,6 +328,20 @@ impl Server {
                 }
                 Input::Eof => return if self.shutdown { 0 } else { 1 },
                 Input::Loaded(result) => self.loaded(result),
+                Input::PoolLoaded(model, result) => {
+                    self.pool_loading.remove(&model);
+                    match result {
+                        Ok(()) => self.out.log(3, &format!("kiln: loaded {model}")),
+                        Err(e) => self
+                            .out
+                            .log(1, &format!("kiln: {model} cannot be loaded: {e}")),
+                    }
+                    // The completions that waited go on (to the next model
+                    // of their route if this one failed).
+                    for (id, method, params) in std::mem::take(&mut self.deferred) {
+                        self.request(id, method, params);
+                    }
+                }
                 Input::Reload => match self.reload_config() {
                     Ok(r) => self.out.log(
                         3,
@@ -1291,7 +1311,22 @@ impl Server {
                 language: language.as_deref(),
             })
             .expect("a route names no model of its own");
-        // The route's first usable model (loaded now if it was not).
+        // A model not loaded yet loads on a thread of its own; the request
+        // waits for it while the editor's other messages are served.
+        if let Some(m) = pool.unloaded_next(&plan) {
+            self.deferred.push((id, method.to_string(), params.clone()));
+            if self.pool_loading.insert(m.id.clone()) {
+                self.out
+                    .log(3, &format!("kiln: loading {} for a completion", m.id));
+                let (pool, tx) = (pool.clone(), self.tx.clone());
+                std::thread::spawn(move || {
+                    let result = pool.load(&m);
+                    let _ = tx.send(Input::PoolLoaded(m.id.clone(), result));
+                });
+            }
+            return;
+        }
+        // The route's first usable model.
         let Some((member, engine)) = pool.next_engine(&mut plan) else {
             return self.out.error(
                 &id,
