@@ -696,3 +696,70 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
     let m = metrics(&srv.addr);
     assert!(!m.contains("kiln:model_loaded{model=\"a\"}"), "{m}");
 }
+
+/// `VmLck` of process `pid`, in bytes.
+fn locked_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = (status.lines())
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn weights_are_locked_in_memory_when_asked() {
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let a = demo_copy(dir.path(), "a");
+    let b = demo_copy(dir.path(), "b");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[pool]\nmlock = true\n\n[models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\nmlock = false\n",
+            a.display().to_string(),
+            b.display().to_string()
+        ),
+    )
+    .unwrap();
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    for m in ["a", "b"] {
+        let (code, v) = complete(
+            &srv.addr,
+            json!({"model": m, "prompt": "x", "max_tokens": 2}),
+        );
+        assert_eq!(code, 200, "{v:#}");
+    }
+    let list = models(&srv.addr);
+    let size = std::fs::metadata(demo_model()).unwrap().len();
+    // SAFETY: plain libc calls that fill the struct given.
+    let (root, limit) = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r);
+        (libc::geteuid() == 0, r.rlim_cur)
+    };
+    if root || limit == libc::RLIM_INFINITY || limit >= 3 * size {
+        for m in ["demo", "a"] {
+            let s = &model(&list, m)["kiln"];
+            assert_eq!(s["locked_bytes"], size, "{m}: {s:#}");
+        }
+        assert_eq!(
+            model(&list, "b")["kiln"]["locked_bytes"],
+            0,
+            "b said mlock = false"
+        );
+        assert!(
+            locked_memory(srv.child.id()) >= 2 * size,
+            "VmLck {} < {}",
+            locked_memory(srv.child.id()),
+            2 * size
+        );
+    } else {
+        // The limit refuses it: said, and the model served all the same.
+        let e = model(&list, "a")["kiln"]["lock_error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("ulimit -l"), "{e}");
+    }
+}

@@ -99,6 +99,9 @@ pub struct ModelEntry {
     /// `[pool] keep_alive_seconds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive_seconds: Option<u64>,
+    /// Lock its weights in memory (default: `[pool] mlock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlock: Option<bool>,
 }
 
 /// `[pool]`: the memory budget of the models `kiln serve` holds at once.
@@ -122,6 +125,10 @@ pub struct PoolConfig {
     /// completion runs on another (default: at once from 8 CPU threads).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parallel_models: Option<bool>,
+    /// Lock every loaded model's weights in memory (`mlock`), so that the
+    /// system never pages them out (default false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlock: Option<bool>,
 }
 
 /// What a request is, for routing.

@@ -175,6 +175,8 @@ pub struct Member {
     backend: Option<String>,
     n_ctx: Option<usize>,
     keep_alive: Mutex<Duration>,
+    /// Its weights locked in memory once loaded.
+    mlock: bool,
     /// The first model served: never unloaded.
     pinned: bool,
     slot: Mutex<Slot>,
@@ -187,6 +189,8 @@ struct Slot {
     need: Option<session::Budget>,
     path: Option<PathBuf>,
     last_used: Instant,
+    /// Bytes of its weights locked in memory, or why they could not be.
+    locked: Result<u64, String>,
 }
 
 /// One member's state, for `kiln/status`, `/v1/models` and `kiln/models`.
@@ -207,6 +211,11 @@ pub struct MemberStatus {
     pub idle_seconds: Option<f64>,
     /// Requests queued and running on it.
     pub busy: usize,
+    /// Bytes of its weights locked in memory (`mlock`; 0: not asked, or
+    /// not loaded).
+    pub locked_bytes: u64,
+    /// Why its weights could not be locked, when asked.
+    pub lock_error: Option<String>,
 }
 
 /// A request's route: the models that may answer it, in order.
@@ -348,6 +357,8 @@ pub struct MemberSpec {
     pub backend: Option<String>,
     pub n_ctx: Option<usize>,
     pub keep_alive: Option<Duration>,
+    /// Lock its weights in memory.
+    pub mlock: bool,
 }
 
 impl Pool {
@@ -365,6 +376,11 @@ impl Pool {
     ) -> Result<Pool, String> {
         let (spec, engine) = first;
         let loaded = engine.loaded();
+        let locked = if spec.mlock {
+            lock_weights(&loaded)
+        } else {
+            Ok(0)
+        };
         let first = Arc::new(Member {
             pinned: true,
             slot: Mutex::new(Slot {
@@ -372,6 +388,7 @@ impl Pool {
                 need: None,
                 path: Some(loaded.path.clone()),
                 last_used: Instant::now(),
+                locked,
             }),
             ..Member::new(spec, Duration::MAX)
         });
@@ -500,6 +517,11 @@ impl Pool {
                         .as_ref()
                         .map(|_| (now - slot.last_used).as_secs_f64()),
                     busy: slot.engine.as_ref().map_or(0, Engine::busy),
+                    locked_bytes: match (&slot.engine, &slot.locked) {
+                        (Some(_), Ok(b)) => *b,
+                        _ => 0,
+                    },
+                    lock_error: slot.locked.as_ref().err().cloned(),
                 }
             })
             .collect()
@@ -724,6 +746,7 @@ fn layout(
             backend: e.backend.clone(),
             n_ctx: e.ctx,
             keep_alive: e.keep_alive_seconds.map(Duration::from_secs),
+            mlock: e.mlock.or(config.pool.mlock).unwrap_or(false),
         };
         let k = spec.keep_alive.unwrap_or(keep);
         let same = old.and_then(|o| {
@@ -733,6 +756,7 @@ fn layout(
                         && m.source == spec.source
                         && m.backend == spec.backend
                         && m.n_ctx == spec.n_ctx
+                        && m.mlock == spec.mlock
                 })
                 .cloned()
         });
@@ -844,12 +868,14 @@ impl Member {
             backend: spec.backend,
             n_ctx: spec.n_ctx,
             keep_alive: Mutex::new(keep_alive),
+            mlock: spec.mlock,
             pinned: false,
             slot: Mutex::new(Slot {
                 engine: None,
                 need: None,
                 path: None,
                 last_used: Instant::now(),
+                locked: Ok(0),
             }),
             health: Mutex::new(Health::new()),
         }
@@ -1043,6 +1069,11 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     };
     let started = Instant::now();
     let loaded = Loaded::load(m.id.clone(), path, t.fim, &target, device)?;
+    let locked = if m.mlock {
+        lock_weights(&loaded)
+    } else {
+        Ok(0)
+    };
     let engine = Engine::start(
         loaded,
         EngineOptions {
@@ -1071,6 +1102,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         let mut slot = lock(&m.slot);
         slot.engine = Some(engine.clone());
         slot.last_used = Instant::now();
+        slot.locked = locked;
     }
     lock(&m.health).backend_failures_seen = Some(backend_failures(engine.target()));
     inner
@@ -1080,6 +1112,19 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         .inc();
     publish(inner);
     Ok(engine)
+}
+
+/// Locks `loaded`'s weights in memory; a refusal (the `ulimit -l` limit,
+/// no `CAP_IPC_LOCK`) is said and the model served unlocked.
+fn lock_weights(loaded: &Loaded) -> Result<u64, String> {
+    loaded.model.file.lock_in_memory().map_err(|e| {
+        let why = format!(
+            "its weights ({} MiB) cannot be locked in memory ({e}); raise `ulimit -l` (RLIMIT_MEMLOCK) or give kiln CAP_IPC_LOCK; served unlocked",
+            loaded.model.file.bytes().len() >> 20
+        );
+        eprintln!("kiln: {}: {why}", loaded.id);
+        why
+    })
 }
 
 fn unload(inner: &Inner, m: &Member, reason: &str) {

@@ -69,6 +69,7 @@ pub fn start_pool(
             backend: None,
             n_ctx: spec.n_ctx,
             keep_alive: None,
+            mlock: spec.config.pool.mlock.unwrap_or(false),
         });
     }
     let (engine, template) = start_engine(spec, fim, metrics.clone())?;
@@ -79,6 +80,9 @@ pub fn start_pool(
             store::resolve_served(&spec.config, Some(&m.model)).is_ok_and(|(_, p)| p == loaded.path)
         })
         .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone());
+    let mlock = (spec.config.models.get(&first_id).and_then(|m| m.mlock))
+        .or(spec.config.pool.mlock)
+        .unwrap_or(false);
     let first = MemberSpec {
         id: first_id,
         source: spec
@@ -88,6 +92,7 @@ pub fn start_pool(
         backend: spec.backend.clone(),
         n_ctx: spec.n_ctx,
         keep_alive: None,
+        mlock,
     };
     Pool::start(&spec.config, (first, engine), others, template, metrics)
 }

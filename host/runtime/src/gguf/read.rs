@@ -529,6 +529,23 @@ impl GgufFile {
         }
     }
 
+    /// Locks the file's bytes (mapped or copied) in memory (`mlock`): the
+    /// weights are never paged out, however little they are used. Held
+    /// until the file is dropped. Returns the bytes locked.
+    pub fn lock_in_memory(&self) -> std::io::Result<u64> {
+        match &self.map {
+            Storage::Mapped(m) => m.lock()?,
+            Storage::Copied(m) => m.lock()?,
+            Storage::Owned(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the file was read from bytes, not mapped",
+                ));
+            }
+        }
+        Ok(self.map.len() as u64)
+    }
+
     /// The whole mapping, for zero-copy use of tensor data.
     pub fn bytes(&self) -> &[u8] {
         &self.map
