@@ -74,7 +74,14 @@ fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
         ),
     )
     .unwrap();
-    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let demo = demo_model();
+    let args = [
+        "--model",
+        demo.to_str().unwrap(),
+        "--dashboard-interval",
+        "1",
+    ];
+    let srv = http_server_args(&home, &args, &[]);
     // Every model is listed; only the first one is loaded yet.
     let list = models(&srv.addr);
     let ids: Vec<&str> = list.iter().map(|m| m["id"].as_str().unwrap()).collect();
@@ -145,6 +152,26 @@ fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
         1.0,
         "{m}"
     );
+    // The dashboard shows the pool and said what happened.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, history) = http(&srv.addr, "GET", "/dashboard/history", b"");
+    let h: Value = serde_json::from_str(&history).unwrap();
+    let snaps = h.as_array().unwrap();
+    let pool = &snaps.last().unwrap()["pool"];
+    let primary = (pool["models"].as_array().unwrap().iter())
+        .find(|m| m["model"] == "primary")
+        .unwrap_or_else(|| panic!("{pool:#}"));
+    assert_eq!(primary["health"], "failed", "{pool:#}");
+    assert!(pool["memory_bytes"].as_f64().unwrap() > 0.0, "{pool:#}");
+    let events: Vec<&str> = (snaps.iter())
+        .flat_map(|s| s["events"].as_array().unwrap().iter())
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        events.iter().any(|e| e.starts_with("primary failed")),
+        "{events:?}"
+    );
+    assert!(events.contains(&"loaded backup"), "{events:?}");
 
     // A model named by the request has no fallback; one not served is 404.
     let (code, v) = complete(

@@ -113,6 +113,7 @@ function draw() {
   drawModel(last);
   drawContext(last.last_prompt);
   drawPolicies(last.policies);
+  drawPool(last.pool);
   drawOffline(last.offline);
   drawExperiments(last.experiments);
   $("updated").textContent = `updated ${new Date(last.t).toLocaleTimeString()}, every ${fmt(last.interval_s, 0)} s`;
@@ -194,6 +195,17 @@ function drawPolicies(list) {
   $("policies").innerHTML = `<table><tr><th>policy</th><th>ok</th><th>errors</th><th>fuel per call</th><th>breaker</th></tr>` +
     list.map((p) => `<tr><td>${esc(p.policy)}</td><td class="num">${fmt(p.ok || 0, 0)}</td><td class="num">${fmt(p.error || 0, 0)}</td><td class="num">${fmt(perCall(p), 0)}</td><td>${p.breaker_open ? "open: built-in ranker" : "closed"}</td></tr>`).join("") +
     `</table>`;
+}
+
+function drawPool(p) {
+  if (!p || !p.models || !p.models.length) return;
+  $("pool").innerHTML =
+    `<div>${bytes(p.memory_bytes)} of a ${bytes(p.budget_bytes)} budget ${bar(p.memory_bytes, p.budget_bytes)}</div>` +
+    `<table><tr><th>model</th><th>loaded</th><th>health</th><th>loads</th><th>unloads</th><th>failed over</th></tr>` +
+    p.models.map((m) => `<tr><td>${esc(m.model)}</td><td>${m.loaded ? "yes" : "no"}</td><td class="${m.health === "healthy" ? "" : "bad"}">${esc(m.health)}</td>` +
+      `<td class="num">${fmt(m.loads, 0)}</td><td class="num">${fmt(m.unloads, 0)}</td><td class="num">${fmt(m.fallbacks, 0)}</td></tr>`).join("") +
+    `</table><div class="muted">${fmt(p.paused, 0)} request(s) paused for an inline completion, ${fmt(p.offline_answers, 0)} answered from the offline cache</div>`;
+  sizeBars($("pool"));
 }
 
 function drawOffline(o) {

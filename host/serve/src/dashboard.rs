@@ -207,6 +207,7 @@ impl Dashboard {
                 }
             }
         }
+        let pool = pool_models(cur, mem, &mut events);
         let transfer =
             |dir: &str| cur.sum_where("kiln:backend_transfer_bytes_total", "direction", dir);
         let now_ms = SystemTime::now()
@@ -248,6 +249,13 @@ impl Dashboard {
             "last_prompt": *lock(&self.metrics.last_prompt),
             "explanations": lock(&self.metrics.last_explanation).0,
             "policies": policies.into_values().collect::<Vec<_>>(),
+            "pool": {
+                "models": pool,
+                "memory_bytes": cur.sum("kiln:pool_memory_bytes"),
+                "budget_bytes": cur.sum("kiln:pool_budget_bytes"),
+                "paused": cur.sum("kiln:requests_paused_total"),
+                "offline_answers": cur.sum("kiln:route_offline_cache_answers_total"),
+            },
             "offline": self.offline(mem),
             "experiments": self.experiments(mem),
             "events": events,
@@ -329,6 +337,67 @@ impl Dashboard {
 }
 
 /// What the sampler remembers between snapshots, to say what changed.
+/// The pool's models from `/metrics` (loaded, health, loads, unloads,
+/// fallbacks), with an event for each change since the last snapshot.
+fn pool_models(cur: &Scrape, mem: &mut Memory, events: &mut Vec<String>) -> Vec<Value> {
+    let by_model = |name: &str| -> HashMap<String, f64> {
+        let mut m = HashMap::new();
+        for (labels, v) in cur.series(name) {
+            if let Some(id) = labels.get("model") {
+                *m.entry(id.clone()).or_insert(0.0) += v;
+            }
+        }
+        m
+    };
+    let (loaded, health) = (by_model("kiln:model_loaded"), by_model("kiln:model_health"));
+    let (loads, unloads) = (
+        by_model("kiln:model_loads_total"),
+        by_model("kiln:model_unloads_total"),
+    );
+    let fallbacks = by_model("kiln:route_fallbacks_total");
+    let mut ids: Vec<&String> = loaded.keys().collect();
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        let is_loaded = loaded[id] > 0.0;
+        let h = health.get(id).copied().unwrap_or(0.0);
+        let f = fallbacks.get(id).copied().unwrap_or(0.0);
+        let state = match h as i64 {
+            0 => "healthy",
+            1 => "degraded",
+            _ => "failed",
+        };
+        let (was_loaded, was_health, was_fallbacks) = mem
+            .pool
+            .insert(id.clone(), (is_loaded, h, f))
+            .unwrap_or((false, 0.0, 0.0));
+        if is_loaded != was_loaded {
+            events.push(format!(
+                "{} {id}",
+                if is_loaded { "loaded" } else { "unloaded" }
+            ));
+        }
+        if h != was_health {
+            events.push(format!("{id} is {state}"));
+        }
+        if f > was_fallbacks {
+            events.push(format!(
+                "{id} failed {} time(s); the next model of its route answered",
+                f - was_fallbacks
+            ));
+        }
+        out.push(json!({
+            "model": id,
+            "loaded": is_loaded,
+            "health": state,
+            "loads": loads.get(id).copied().unwrap_or(0.0),
+            "unloads": unloads.get(id).copied().unwrap_or(0.0),
+            "fallbacks": f,
+        }));
+    }
+    out
+}
+
 #[derive(Default)]
 struct Memory {
     /// The registry, opened at the first read.
@@ -340,6 +409,8 @@ struct Memory {
     model: Option<String>,
     fallbacks: f64,
     breakers: HashMap<String, bool>,
+    /// Per pool model: loaded, health, and its route fallbacks so far.
+    pool: HashMap<String, (bool, f64, f64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
