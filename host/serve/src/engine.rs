@@ -248,6 +248,10 @@ impl Priority {
     }
 }
 
+/// How long a less urgent job waits for other models' inline completions
+/// before it runs anyway.
+const GATE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Engines of a pool that yield to each other's inline completions:
 /// while any of them has one queued or running, the others' less urgent
 /// jobs pause at their next token and wait (on a machine with few cores
@@ -927,9 +931,13 @@ fn serve_jobs(shared: &Shared) {
             // unless one comes for this model (then the job waits in its
             // queue again).
             let mut back = Some(job);
+            let waited = Instant::now();
             loop {
                 let j = back.as_ref().expect("held until given back");
-                if j.control.is_cancelled() || g.enter(&j.control) {
+                // Not for ever: an inline job stuck on a hung model must
+                // not hold every other model's work.
+                let patient = waited.elapsed() < GATE_PATIENCE;
+                if j.control.is_cancelled() || g.enter(&j.control) || !patient {
                     break;
                 }
                 let mut q = lock(&shared.queue);
