@@ -236,10 +236,10 @@ fn metrics_text(m: &Metrics) -> Response {
         .into_response()
 }
 
-/// The fields kiln reads; others (`user`, penalties, …) are ignored.
+/// The fields kiln reads besides `model` (which `route` reads); others
+/// (`user`, penalties, …) are ignored.
 #[derive(Deserialize)]
 struct Common {
-    model: Option<String>,
     #[serde(default, deserialize_with = "integral")]
     max_tokens: Option<i64>,
     #[serde(default, deserialize_with = "integral")]
@@ -326,19 +326,8 @@ async fn parse_body(req: axum::extract::Request) -> Result<Value, ApiError> {
 
 /// Checks the shared parameters; returns the request (prompt unset), and
 /// whether to stream.
-fn common(
-    v: &Value,
-    pool: &Pool,
-    n_ctx: usize,
-    default_max: usize,
-) -> Result<(Request, bool), ApiError> {
+fn common(v: &Value, n_ctx: usize, default_max: usize) -> Result<(Request, bool), ApiError> {
     let c = Common::deserialize(v).map_err(|e| ApiError::bad(format!("invalid request: {e}")))?;
-    // Without `model`, the route's (as llama.cpp's server answers with
-    // its one model).
-    match c.model.as_deref() {
-        Some(m) if !s_pool_has(pool, m) => return Err(model_not_found(m, pool)),
-        _ => {}
-    }
     let max = c.max_completion_tokens.or(c.max_tokens);
     let max_tokens = match max {
         None => default_max,
@@ -429,14 +418,6 @@ fn common(
     ))
 }
 
-fn s_pool_has(pool: &Pool, model: &str) -> bool {
-    pool.plan(&pool::Ask {
-        model: Some(model),
-        ..Default::default()
-    })
-    .is_ok()
-}
-
 fn model_not_found(m: &str, pool: &Pool) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
@@ -464,6 +445,9 @@ async fn route(
     kind: kiln_registry::config::RequestKind,
     v: &Value,
 ) -> Result<Result<(Plan, Arc<Member>, Engine), Plan>, ApiError> {
+    if !(v["model"].is_null() || v["model"].is_string()) {
+        return Err(ApiError::invalid("model", "model must be a string"));
+    }
     let model = v["model"].as_str();
     let plan = s
         .pool
@@ -655,7 +639,7 @@ async fn explain(
             ),
         ));
     }
-    let (req, _) = common(&v, &s.pool, s.engine.n_ctx(), 16)?;
+    let (req, _) = common(&v, s.engine.n_ctx(), 16)?;
     // A completion served before, by its id: its prompt and text.
     let by_id = match &v["id"] {
         Value::Null => None,
@@ -780,7 +764,7 @@ async fn completions(
         (engine.loaded(), None)
     };
     let n_ctx = engine.n_ctx();
-    let (mut req, stream) = common(&v, &s.pool, n_ctx, 16)?;
+    let (mut req, stream) = common(&v, n_ctx, 16)?;
     req.draft = s.engine.draft();
     req.draft_max = s.engine.draft_max();
     let prompt = match &v["prompt"] {
@@ -1129,7 +1113,7 @@ async fn chat_completions(
     };
     let loaded = engine.loaded();
     let n_ctx = engine.n_ctx();
-    let (mut req, stream) = common(&v, &s.pool, n_ctx, 256.min(n_ctx / 2).max(1))?;
+    let (mut req, stream) = common(&v, n_ctx, 256.min(n_ctx / 2).max(1))?;
     req.draft = s.engine.draft();
     req.draft_max = s.engine.draft_max();
     let text = render_chat(&loaded, &v)?;
