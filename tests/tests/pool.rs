@@ -185,7 +185,11 @@ fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("demo, backup, primary"), "{msg}");
     let (code, v) = complete(&srv.addr, json!({"model": 7, "prompt": "x"}));
-    assert_eq!((code, &v["error"]["param"]), (400, &json!("model")), "{v:#}");
+    assert_eq!(
+        (code, &v["error"]["param"]),
+        (400, &json!("model")),
+        "{v:#}"
+    );
     // Chat has no route of its own: the first model answers it.
     let (code, _) = http(&srv.addr, "GET", "/healthz", b"");
     assert_eq!(code, 200);

@@ -434,7 +434,7 @@ impl Pool {
                     .build(),
             }),
         };
-        pool.publish();
+        publish(&pool.inner);
         let weak = Arc::downgrade(&pool.inner);
         std::thread::Builder::new()
             .name("kiln-pool".into())
@@ -529,16 +529,7 @@ impl Pool {
 
     /// Bytes the loaded models need together.
     pub fn used(&self) -> u64 {
-        (self.inner.layout().members.iter())
-            .map(|m| {
-                let s = lock(&m.slot);
-                if s.engine.is_some() {
-                    s.need.as_ref().map_or(0, |b| b.total_bytes)
-                } else {
-                    0
-                }
-            })
-            .sum()
+        self.inner.layout().used()
     }
 
     /// The route of `ask`: its chain of models and deadline. Fails on a
@@ -706,11 +697,6 @@ impl Pool {
         self.inner.moved.notify_all();
         self.inner.watched.notify_all();
     }
-
-    /// Writes the health and load gauges.
-    fn publish(&self) {
-        publish(&self.inner);
-    }
 }
 
 fn keep_alive_of(config: &Config) -> Duration {
@@ -836,17 +822,28 @@ impl Inner {
     }
 }
 
+impl Layout {
+    /// Bytes the loaded models need together.
+    fn used(&self) -> u64 {
+        (self.members.iter())
+            .map(|m| {
+                let s = lock(&m.slot);
+                match (&s.engine, &s.need) {
+                    (Some(_), Some(b)) => b.total_bytes,
+                    _ => 0,
+                }
+            })
+            .sum()
+    }
+}
+
+/// Writes the health, load and memory gauges.
 fn publish(inner: &Inner) {
     let m = &inner.metrics;
-    let mut used = 0;
     let layout = inner.layout();
     for member in &layout.members {
         let l = labels(&[("model", &member.id)]);
-        let slot = lock(&member.slot);
-        let loaded = slot.engine.is_some();
-        if loaded {
-            used += slot.need.as_ref().map_or(0, |b| b.total_bytes);
-        }
+        let loaded = lock(&member.slot).engine.is_some();
         m.model_loaded.get_or_create(&l).set(i64::from(loaded));
         let state = lock(&member.health).state;
         m.model_health.get_or_create(&l).set(match state {
@@ -855,7 +852,7 @@ fn publish(inner: &Inner) {
             HealthState::Failed => 2,
         });
     }
-    m.pool_memory_bytes.set(used as i64);
+    m.pool_memory_bytes.set(layout.used() as i64);
     m.pool_budget_bytes
         .set(i64::try_from(layout.budget).unwrap_or(i64::MAX));
 }
@@ -1012,16 +1009,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     // have left its engine yet).
     let patience = Instant::now() + ROOM_WAIT;
     loop {
-        let used: u64 = (layout.members.iter())
-            .map(|o| {
-                let s = lock(&o.slot);
-                if s.engine.is_some() {
-                    s.need.as_ref().map_or(0, |b| b.total_bytes)
-                } else {
-                    0
-                }
-            })
-            .sum();
+        let used = layout.used();
         if used + need.total_bytes <= budget {
             break;
         }
@@ -1318,13 +1306,15 @@ impl Attempt {
                     slot.engine.clone()
                 };
                 if let Some(e) = engine {
-                    lock(&self.member.health).succeeded(
-                        backend_failures(e.target()),
-                        inner.layout().cooldown,
-                        now,
-                    );
+                    let mut h = lock(&self.member.health);
+                    let before = h.state;
+                    h.succeeded(backend_failures(e.target()), inner.layout().cooldown, now);
+                    let changed = h.state != before;
+                    drop(h);
+                    if changed {
+                        publish(&inner);
+                    }
                 }
-                publish(&inner);
                 finished.route = Some(f.answered(&self.model, false));
                 if finished.generation.stop_reason != StopReason::Cancelled
                     && let Some(key) = f.job.key
