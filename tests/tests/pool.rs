@@ -14,6 +14,20 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Writes `home`'s `config.toml`.
+fn configure(home: &Home, text: &str) {
+    std::fs::write(home.path().join("config.toml"), text).unwrap();
+}
+
+/// Waits (15 s at most) until the server has unloaded model `id`.
+fn wait_unloaded(addr: &str, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while model(&models(addr), id)["kiln"]["loaded"] == true {
+        assert!(Instant::now() < deadline, "{id} was never unloaded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A copy of the demo model named `name`.gguf in `dir`.
 fn demo_copy(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.gguf"));
@@ -63,17 +77,16 @@ fn a_model_that_cannot_load_is_failed_and_the_next_in_its_chain_answers() {
     let dir = tempfile::tempdir().unwrap();
     let broken = broken_copy(dir.path(), "broken");
     let backup = demo_copy(dir.path(), "backup");
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[models.primary]\nmodel = {:?}\n[models.backup]\nmodel = {:?}\n\n\
              [pool]\ncooldown_seconds = 60\n\n\
              [[routes]]\nkind = \"inline\"\nmodels = [\"primary\", \"backup\"]\n",
-            broken.display().to_string(),
-            backup.display().to_string()
+            broken.display(),
+            backup.display()
         ),
-    )
-    .unwrap();
+    );
     let demo = demo_model();
     let args = [
         "--model",
@@ -206,18 +219,17 @@ fn a_model_hanging_past_its_deadline_is_failed_and_the_fallback_answers_in_time(
     let backup = demo_copy(dir.path(), "backup");
     // The plugin's watchdog would end the hang after 30 s; the route's
     // deadline is 1.5 s.
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[plugins]\ncall_timeout_seconds = 30\nworker_memory_mb = 1024\n\n\
              [models.slow]\nmodel = {:?}\nbackend = \"accel\"\n\
              [models.backup]\nmodel = {:?}\nbackend = \"cpu\"\n\n\
              [[routes]]\nmodels = [\"slow\", \"backup\"]\ndeadline_ms = 1500\n",
-            slow.display().to_string(),
-            backup.display().to_string()
+            slow.display(),
+            backup.display()
         ),
-    )
-    .unwrap();
+    );
     // Its device scored (no fault set), so that serving measures nothing.
     home.ok(&["backends"]);
     let srv = http_server_args(
@@ -281,20 +293,19 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
     drop(probe);
     // Room for the first model and one more, not two.
     let mib = (2 * need + need / 2).div_ceil(1 << 20);
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[pool]\nmax_memory_mb = {mib}\n\n\
              [models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\n\
              [models.idle]\nmodel = {:?}\nkeep_alive_seconds = 1\n\
              [models.huge]\nmodel = {:?}\nctx = 1048576\n",
-            a.display().to_string(),
-            b.display().to_string(),
-            demo_copy(dir.path(), "idle").display().to_string(),
-            demo_copy(dir.path(), "huge").display().to_string(),
+            a.display(),
+            b.display(),
+            demo_copy(dir.path(), "idle").display(),
+            demo_copy(dir.path(), "huge").display(),
         ),
-    )
-    .unwrap();
+    );
     let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = |m: &str| {
         let (code, v) = complete(
@@ -341,11 +352,7 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
 
     // Idle past its keep-alive: unloaded.
     ask("idle");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while model(&models(&srv.addr), "idle")["kiln"]["loaded"] == true {
-        assert!(Instant::now() < deadline, "idle was never unloaded");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_unloaded(&srv.addr, "idle");
     let m = metrics(&srv.addr);
     assert_eq!(
         metric(
@@ -362,26 +369,21 @@ fn when_every_model_fails_the_answer_kept_from_before_is_given() {
     let home = Home::default();
     let dir = tempfile::tempdir().unwrap();
     let only = demo_copy(dir.path(), "only");
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[models.only]\nmodel = {:?}\nkeep_alive_seconds = 0\n\n\
              [[routes]]\nkind = \"inline\"\nmodels = [\"only\"]\n",
-            only.display().to_string()
+            only.display()
         ),
-    )
-    .unwrap();
+    );
     let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = json!({"prompt": "import os\n", "max_tokens": 5, "temperature": 0});
     let (code, first) = complete(&srv.addr, ask.clone());
     assert_eq!(code, 200, "{first:#}");
     assert_eq!(first["model"], "only");
     // Unloaded when idle; then its file is damaged.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while model(&models(&srv.addr), "only")["kiln"]["loaded"] == true {
-        assert!(Instant::now() < deadline, "only was never unloaded");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_unloaded(&srv.addr, "only");
     let bytes = std::fs::read(&only).unwrap();
     std::fs::write(&only, &bytes[..bytes.len() / 3]).unwrap();
     let (code, again) = complete(&srv.addr, ask);
@@ -450,17 +452,16 @@ fn an_editor_gets_the_fallbacks_completion_and_sees_the_models_health() {
     let dir = tempfile::tempdir().unwrap();
     let broken = broken_copy(dir.path(), "broken");
     let backup = demo_copy(dir.path(), "backup");
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[models.py]\nmodel = {:?}\n[models.backup]\nmodel = {:?}\n\n\
              [[routes]]\nkind = \"inline\"\npaths = [\"**/*.py\"]\nlanguages = [\"python\"]\n\
              models = [\"py\", \"backup\"]\n",
-            broken.display().to_string(),
-            backup.display().to_string()
+            broken.display(),
+            backup.display()
         ),
-    )
-    .unwrap();
+    );
     let ws = tempfile::tempdir().unwrap();
     let mut c = serve_model(&home, &demo_model(), &[]);
     initialize(&mut c, ws.path(), json!({"workspaceContext": false}));
@@ -504,14 +505,10 @@ fn an_editor_gets_the_fallbacks_completion_and_sees_the_models_health() {
     );
     // The route removed and config.toml read again: the first model
     // answers the Python file now, and `py` is no longer served.
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
-            "[models.backup]\nmodel = {:?}\n",
-            backup.display().to_string()
-        ),
-    )
-    .unwrap();
+    configure(
+        &home,
+        &format!("[models.backup]\nmodel = {:?}\n", backup.display()),
+    );
     let r = c.request("kiln/reloadConfig", Value::Null).unwrap();
     let applied = &r["result"]["applied"];
     assert!(
@@ -531,11 +528,7 @@ fn an_editor_gets_the_fallbacks_completion_and_sees_the_models_health() {
         .unwrap();
     assert_eq!(r["result"]["kiln"]["route"]["model"], "demo", "{r:#}");
     // A route naming no model is refused; what is served stays.
-    std::fs::write(
-        home.path().join("config.toml"),
-        "[[routes]]\nmodels = [\"gone\"]\n",
-    )
-    .unwrap();
+    configure(&home, "[[routes]]\nmodels = [\"gone\"]\n");
     let r = c.request("kiln/reloadConfig", Value::Null).unwrap();
     let msg = r["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("gone") && msg.contains("stays"), "{r:#}");
@@ -633,15 +626,14 @@ fn models_taking_turns_pause_another_models_chat_for_an_inline_completion() {
     let home = Home::default();
     let dir = tempfile::tempdir().unwrap();
     let chat = demo_copy(dir.path(), "chat");
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[pool]\nparallel_models = false\n\n[models.chat]\nmodel = {:?}\n\n\
              [[routes]]\nkind = \"chat\"\nmodels = [\"chat\"]\n",
-            chat.display().to_string()
+            chat.display()
         ),
-    )
-    .unwrap();
+    );
     let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     inline_during_chat(&srv, None);
     let list = models(&srv.addr);
@@ -655,11 +647,7 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
     let a = demo_copy(dir.path(), "a");
     let b = demo_copy(dir.path(), "b");
     let config = home.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!("[models.a]\nmodel = {:?}\n", a.display().to_string()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[models.a]\nmodel = {:?}\n", a.display())).unwrap();
     let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     let ask = |m: &str| {
         complete(
@@ -697,8 +685,8 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
         &config,
         format!(
             "[models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\n\n[[routes]]\nkind = \"inline\"\nmodels = [\"b\"]\n",
-            a.display().to_string(),
-            b.display().to_string()
+            a.display(),
+            b.display()
         ),
     )
     .unwrap();
@@ -716,11 +704,7 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
     assert_eq!(v["model"], "b", "{v:#}");
     // `a` and the route removed: `a` goes (unloaded), requests go to the
     // first model again.
-    std::fs::write(
-        &config,
-        format!("[models.b]\nmodel = {:?}\n", b.display().to_string()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[models.b]\nmodel = {:?}\n", b.display())).unwrap();
     hup(&srv);
     wait_for(&["demo", "b"]);
     let (_, v) = complete(&srv.addr, json!({"prompt": "w = ", "max_tokens": 2}));
@@ -746,15 +730,14 @@ fn weights_are_locked_in_memory_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let a = demo_copy(dir.path(), "a");
     let b = demo_copy(dir.path(), "b");
-    std::fs::write(
-        home.path().join("config.toml"),
-        format!(
+    configure(
+        &home,
+        &format!(
             "[pool]\nmlock = true\n\n[models.a]\nmodel = {:?}\n[models.b]\nmodel = {:?}\nmlock = false\n",
-            a.display().to_string(),
-            b.display().to_string()
+            a.display(),
+            b.display()
         ),
-    )
-    .unwrap();
+    );
     let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
     for m in ["a", "b"] {
         let (code, v) = complete(
