@@ -457,16 +457,18 @@ async fn route(
             ..Default::default()
         })
         .map_err(|_| model_not_found(model.unwrap_or_default(), &s.pool))?;
+    let first = |p: &Pool, mut plan: Plan| match p.next_engine(&mut plan) {
+        Some((m, e)) => Ok((plan, m, e)),
+        None => Err(plan),
+    };
+    if s.pool.unloaded_next(&plan).is_none() {
+        // Loaded (or failed): no load to wait for off the async threads.
+        return Ok(first(&s.pool, plan));
+    }
     let p = s.pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut plan = plan;
-        match p.next_engine(&mut plan) {
-            Some((m, e)) => Ok((plan, m, e)),
-            None => Err(plan),
-        }
-    })
-    .await
-    .map_err(|e| engine_error(format!("routing failed: {e}")))
+    tokio::task::spawn_blocking(move || first(&p, plan))
+        .await
+        .map_err(|e| engine_error(format!("routing failed: {e}")))
 }
 
 /// A request's identity whatever model of its route answers it (its body
