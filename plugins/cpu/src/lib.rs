@@ -15,6 +15,7 @@ mod backend;
 pub mod kernels;
 pub mod math;
 pub mod ops;
+mod scratch;
 
 pub use backend::{CpuBackend, CpuBuffer};
 

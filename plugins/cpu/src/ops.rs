@@ -7,7 +7,7 @@
 //! Two halves: [`check`] validates types and shapes without touching memory
 //! (it answers `supports_op`), and [`run`] computes over resolved memory.
 
-use crate::math;
+use crate::{math, scratch};
 use half::{bf16, f16};
 use kiln_blocks::{can_quantize, dequantize_row, quantize_row, round_activations};
 use kiln_plugin_api::types::param_f32;
@@ -392,8 +392,8 @@ pub unsafe fn run_with(
     params: &[i32; 8],
 ) -> Result<(), String> {
     let n0 = dst.desc.ne[0];
-    let mut out = vec![0f32; n0];
-    let mut a = vec![0f32; src[0].desc.ne[0]];
+    let mut out = scratch::f32s(n0);
+    let mut a = scratch::f32s(src[0].desc.ne[0]);
     // SAFETY: the caller's contract, and `check` guarantees that every row
     // index formed below is inside its tensor.
     unsafe {
@@ -403,15 +403,15 @@ pub unsafe fn run_with(
                 let (r2, r3) = (x.desc.ne[2] / w.desc.ne[2], x.desc.ne[3] / w.desc.ne[3]);
                 let k = x.desc.ne[0];
                 let m_count = x.desc.ne[1];
-                let mut xs = vec![0f32; k * m_count];
-                let mut acc = vec![0f64; w.desc.ne[1] * m_count];
+                let mut xs = scratch::f32s(k * m_count);
+                let mut acc = scratch::f64s(w.desc.ne[1] * m_count);
                 // Q4_1/Q5_1: a block's minimum times the activations'
                 // Q8_1 block sum, apart from the codes' products (ggml's
                 // vec_dot_q4_1_q8_1).
                 let with_min = matches!(w.desc.dtype, DType::Q4_1 | DType::Q5_1);
                 let float = matches!(w.desc.dtype, DType::F16 | DType::BF16 | DType::F32);
                 let mut sums = Vec::new();
-                let mut mins = vec![0f32; if with_min { k / 32 } else { 0 }];
+                let mut mins = scratch::f32s(if with_min { k / 32 } else { 0 });
                 for i3 in 0..x.desc.ne[3] {
                     for i2 in 0..x.desc.ne[2] {
                         // Activations as the dot product sees them (ggml's
@@ -469,7 +469,7 @@ pub unsafe fn run_with(
             }
             OpKind::Add | OpKind::Mul => {
                 let b = &src[1];
-                let mut bv = vec![0f32; b.desc.ne[0]];
+                let mut bv = scratch::f32s(b.desc.ne[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
                     read_row(
@@ -581,20 +581,21 @@ pub unsafe fn run_with(
                 } else {
                     [0.0, 1.0, 0.0, 0.0]
                 };
-                let mut factors = vec![1f32; n_rot / 2];
+                let mut factors = scratch::f32s(n_rot / 2);
+                factors.fill(1.0);
                 if let Some(f) = src.get(2) {
                     read_row(f, 0, 0, 0, &mut factors);
                 }
                 // Each head of a token turns by the same angles: computed
                 // once per position (rows run through the heads first).
-                let mut angles: Option<(i32, Vec<(f32, f32)>)> = None;
+                let mut sc = scratch::pairs(n_rot / 2);
+                let mut angles_at: Option<i32> = None;
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
                     let pos = read_i32(&src[1], [i2, 0, 0, 0]);
-                    if angles.as_ref().is_none_or(|(p, _)| *p != pos) {
+                    if angles_at != Some(pos) {
                         let mut theta = pos as f32;
-                        let mut sc = Vec::with_capacity(n_rot / 2);
-                        for (i, ff) in factors.iter().enumerate() {
+                        for (i, (ff, sc)) in factors.iter().zip(sc.iter_mut()).enumerate() {
                             let extrap = theta / ff;
                             let interp = freq_scale * extrap;
                             let (angle, m) = if ext_factor != 0.0 {
@@ -607,21 +608,20 @@ pub unsafe fn run_with(
                             } else {
                                 (interp, mscale)
                             };
-                            sc.push((angle.sin() * m, angle.cos() * m));
+                            *sc = (angle.sin() * m, angle.cos() * m);
                             theta *= theta_scale;
                         }
-                        angles = Some((pos, sc));
+                        angles_at = Some(pos);
                     }
-                    let sc = &angles.as_ref().expect("filled above").1;
-                    math::rope_row(&a, sc, neox, &mut out);
+                    math::rope_row(&a, &sc, neox, &mut out);
                     write_row(dst, i1, i2, i3, &out);
                 }
             }
             OpKind::Attention => attention(src, dst, param_f32(params[0])),
             OpKind::SoftMax => {
                 let scale = param_f32(params[0]);
-                let mut mask = vec![0f32; n0];
-                let mut e = vec![0f64; n0];
+                let mut mask = scratch::f32s(n0);
+                let mut e = scratch::f64s(n0);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     read_row(&src[0], i1, i2, i3, &mut a);
                     if let Some(m) = src.get(1) {
@@ -693,12 +693,12 @@ unsafe fn attention(src: &[View], dst: &View, scale: f32) {
     let [hd, n_q, n_head, _] = q.desc.ne;
     let (n_kv, n_head_kv) = (k.desc.ne[1], k.desc.ne[2]);
     let group = n_head / n_head_kv;
-    let mut keys = vec![0f32; hd * n_kv];
-    let mut values = vec![0f32; hd * n_kv];
-    let mut q_row = vec![0f32; hd];
-    let mut mask = vec![0f32; n_kv];
-    let mut scores = vec![0f64; n_kv];
-    let mut out = vec![0f32; hd];
+    let mut keys = scratch::f32s(hd * n_kv);
+    let mut values = scratch::f32s(hd * n_kv);
+    let mut q_row = scratch::f32s(hd);
+    let mut mask = scratch::f32s(n_kv);
+    let mut scores = scratch::f64s(n_kv);
+    let mut out = scratch::f32s(hd);
     // SAFETY: the caller's contract; every row index is inside its view.
     unsafe {
         for h in 0..n_head {
@@ -737,7 +737,7 @@ unsafe fn attention(src: &[View], dst: &View, scale: f32) {
                 out.fill(0.0);
                 if max > f64::NEG_INFINITY {
                     let mut sum = 0f64;
-                    let mut acc = vec![0f64; hd];
+                    let mut acc = scratch::f64s(hd);
                     for (s, value) in scores.iter().zip(values.chunks_exact(hd)) {
                         if *s == f64::NEG_INFINITY {
                             continue;

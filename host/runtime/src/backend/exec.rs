@@ -29,6 +29,7 @@ use kiln_plugin_api::Desc;
 use kiln_plugin_api::abi::{KILN_OP_PARAM_COUNT, KilnBuffer, KilnOp, KilnTensor};
 use kiln_plugin_api::host::RawBuffer;
 use kiln_plugin_api::{BackendError, DType, ErrorCode, OpKind};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +37,9 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes a graph computes over, and what the executor may assume about
 /// them between runs (which decides what a plugin device keeps and moves).
+/// Storages a [`Graph`] holds without allocating.
+pub const INLINE_STORAGES: usize = 6;
+
 pub enum Storage<'a> {
     /// Read-only and unchanging for the executor's life (weights): a plugin
     /// device keeps its copy resident across runs.
@@ -185,7 +189,10 @@ impl HostOp {
 /// Storages, views into them, and the ops over the views, run in order.
 #[derive(Default)]
 pub struct Graph<'a> {
-    pub storages: Vec<Storage<'a>>,
+    /// Inline up to [`INLINE_STORAGES`] (a model's graphs have six at
+    /// most), so that running a graph kept from step to step allocates
+    /// nothing.
+    pub storages: SmallVec<[Storage<'a>; INLINE_STORAGES]>,
     pub tensors: Vec<TensorRef>,
     pub ops: Vec<HostOp>,
 }
@@ -429,66 +436,127 @@ fn raw_segment(
     (raw_tensors, raw_ops)
 }
 
-/// Frees the wrappers of host memory when a CPU segment ends, whatever
-/// happened.
-struct Wrapped<'a> {
-    backend: &'a Backend,
-    list: Vec<RawBuffer>,
+/// What runs on a built-in CPU backend keep from one to the next, so
+/// that a graph run again (a decode step) allocates nothing: each
+/// storage's wrapper, reused while the storage's bytes stay where they
+/// were, and the lists of raw tensors and ops handed to the backend.
+#[derive(Default)]
+struct HostRun {
+    /// The backend the wrappers belong to.
+    backend: Option<Arc<Backend>>,
+    /// Per storage index: where its bytes were (address, length) and the
+    /// wrapper of them.
+    wrapped: Vec<Option<(usize, usize, RawBuffer)>>,
+    /// Per storage index: whether the ops being run touch it.
+    touched: Vec<bool>,
+    /// Per graph tensor: its index in `tensors` (`u32::MAX`: not used).
+    local: Vec<u32>,
+    tensors: Vec<KilnTensor>,
+    ops: Vec<KilnOp>,
 }
 
-impl Drop for Wrapped<'_> {
-    fn drop(&mut self) {
-        for b in self.list.drain(..) {
-            let _ = self.backend.handle().buffer_free(b);
-        }
-    }
-}
-
-/// Runs `graph.ops[ops]` on a built-in CPU backend, in place over the
-/// host's bytes.
-fn run_on_host(
-    backend: &Backend,
-    graph: &mut Graph<'_>,
-    ops: Range<usize>,
-) -> Result<(), BackendError> {
-    let spans = segment_spans(graph, &ops);
-    let handle = backend.handle();
-    let mut wrapped = Wrapped {
-        backend,
-        list: Vec::new(),
-    };
-    let mut placed = HashMap::new();
-    let _device = backend.lock_device(0);
-    for &s in spans.keys() {
-        let (ptr, len) = match &mut graph.storages[s] {
-            // The CPU backend never writes a source tensor, and `validate`
-            // refused any op whose destination is read-only.
-            Storage::Read(b) => (b.as_ptr() as *mut u8, b.len()),
-            other => {
-                let b = other.bytes_mut().expect("writable");
-                (b.as_mut_ptr(), b.len())
+impl HostRun {
+    /// Frees every wrapper.
+    fn release(&mut self) {
+        if let Some(b) = &self.backend {
+            for (_, _, w) in self.wrapped.drain(..).flatten() {
+                let _ = b.handle().buffer_free(w);
             }
-        };
-        // SAFETY: the storage outlives this call (it is borrowed by
-        // `graph`), is neither moved nor resized before `wrapped` drops,
-        // and read-only storage is only ever read (see above).
-        let b = unsafe { handle.buffer_wrap_host(0, ptr, len as u64)? };
-        wrapped.list.push(b);
-        placed.insert(
-            s,
-            vec![Piece {
-                range: 0..len,
-                buffer: b,
-            }],
-        );
+        }
+        self.wrapped.clear();
     }
-    let (tensors, raw_ops) = raw_segment(graph, &ops, &placed);
-    handle
-        .graph_compute(0, &tensors, &raw_ops)
-        .map_err(|e| offset_op(e, ops.start))?;
-    handle.synchronize(0)?;
-    backend.count(&backend.stats.ops_run, ops.len() as u64);
-    Ok(())
+
+    /// Runs `graph.ops[ops]` on `backend`, in place over the host's bytes.
+    fn run(
+        &mut self,
+        backend: &Arc<Backend>,
+        graph: &mut Graph<'_>,
+        ops: Range<usize>,
+    ) -> Result<(), BackendError> {
+        if !self
+            .backend
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, backend))
+        {
+            self.release();
+            self.backend = Some(backend.clone());
+        }
+        let handle = backend.handle();
+        let _device = backend.lock_device(0);
+        let n_storages = graph.storages.len();
+        self.touched.clear();
+        self.touched.resize(n_storages, false);
+        for op in &graph.ops[ops.clone()] {
+            for &t in op.src.iter().chain([&op.dst]) {
+                self.touched[graph.tensors[t].storage] = true;
+            }
+        }
+        self.wrapped
+            .resize(n_storages.max(self.wrapped.len()), None);
+        for (s, storage) in graph.storages.iter_mut().enumerate() {
+            if !self.touched[s] {
+                continue;
+            }
+            let (ptr, len) = match storage {
+                // The CPU backend never writes a source tensor, and
+                // `validate` refused any op whose destination is read-only.
+                Storage::Read(b) => (b.as_ptr() as *mut u8, b.len()),
+                other => {
+                    let b = other.bytes_mut().expect("writable");
+                    (b.as_mut_ptr(), b.len())
+                }
+            };
+            if let Some((at, n, _)) = self.wrapped[s]
+                && (at, n) == (ptr as usize, len)
+            {
+                continue;
+            }
+            if let Some((_, _, old)) = self.wrapped[s].take() {
+                let _ = handle.buffer_free(old);
+            }
+            // SAFETY: a CPU wrapper is a view of the bytes, used only
+            // while they are where it says: during this call, over the
+            // storage `graph` borrows (neither moved nor resized in it),
+            // or in a later run whose storage is at the same address with
+            // the same length. Read-only storage is only read (above).
+            let b = unsafe { handle.buffer_wrap_host(0, ptr, len as u64)? };
+            self.wrapped[s] = Some((ptr as usize, len, b));
+        }
+        self.local.clear();
+        self.local.resize(graph.tensors.len(), u32::MAX);
+        self.tensors.clear();
+        self.ops.clear();
+        let HostRun {
+            wrapped,
+            local,
+            tensors,
+            ..
+        } = self;
+        for op in &graph.ops[ops.clone()] {
+            let raw = op.raw(|t| {
+                if local[t] == u32::MAX {
+                    let tr = &graph.tensors[t];
+                    let (_, _, buffer) = wrapped[tr.storage].expect("touched storages are wrapped");
+                    tensors.push(tr.raw(buffer.0, 0));
+                    local[t] = (tensors.len() - 1) as u32;
+                }
+                local[t]
+            });
+            self.ops.push(raw);
+        }
+        handle
+            .graph_compute(0, &self.tensors, &self.ops)
+            .map_err(|e| offset_op(e, ops.start))?;
+        handle.synchronize(0)?;
+        backend.count(&backend.stats.ops_run, ops.len() as u64);
+        Ok(())
+    }
+}
+
+impl Drop for HostRun {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Upload runs closer than this are sent as one call.
@@ -573,6 +641,8 @@ pub struct Executor {
     /// a plugin worker started after it may take the work back.
     lost_generation: std::sync::atomic::AtomicU64,
     upload_progress: Option<UploadProgress>,
+    /// Runs on the built-in CPU (the target's, or the fallback's).
+    host: Mutex<HostRun>,
 }
 
 /// Told how the weights' upload to a device goes: (bytes sent, bytes in
@@ -593,7 +663,19 @@ impl Executor {
             state_lost: AtomicBool::new(false),
             lost_generation: Default::default(),
             upload_progress: None,
+            host: Mutex::default(),
         }
+    }
+
+    /// Runs `graph.ops[ops]` on `backend`, a built-in CPU.
+    fn run_on_host(
+        &self,
+        backend: &Arc<Backend>,
+        graph: &mut Graph<'_>,
+        ops: Range<usize>,
+    ) -> Result<(), BackendError> {
+        let mut host = self.host.lock().unwrap_or_else(|p| p.into_inner());
+        host.run(backend, graph, ops)
     }
 
     /// Reports the weights' upload (once per session's weights) to `f`.
@@ -659,7 +741,7 @@ impl Executor {
     pub fn run_on_target(&self, graph: &mut Graph<'_>) -> Result<(), BackendError> {
         graph.validate()?;
         if self.target.is_builtin() {
-            return run_on_host(&self.target, graph, 0..graph.ops.len());
+            return self.run_on_host(&self.target, graph, 0..graph.ops.len());
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let plan = vec![true; graph.ops.len()];
@@ -676,14 +758,14 @@ impl Executor {
         graph.validate()?;
         let n = graph.ops.len();
         if self.target.is_builtin() {
-            run_on_host(&self.target, graph, 0..n)?;
+            self.run_on_host(&self.target, graph, 0..n)?;
             return Ok(ExecReport {
                 ops_on_target: n,
                 ..ExecReport::default()
             });
         }
         if self.failed_over() && !self.fail_back() {
-            run_on_host(&self.cpu, graph, 0..n)?;
+            self.run_on_host(&self.cpu, graph, 0..n)?;
             return Ok(ExecReport {
                 ops_failed_over: n,
                 ..ExecReport::default()
@@ -972,7 +1054,8 @@ impl Executor {
                 slot.device_stale.insert(span.clone());
             }
         }
-        run_on_host(&self.cpu, graph, ops.clone()).map_err(Failure::Cpu)
+        self.run_on_host(&self.cpu, graph, ops.clone())
+            .map_err(Failure::Cpu)
     }
 
     /// Brings `slot`'s device copy of `range` up to date from `host`; for a

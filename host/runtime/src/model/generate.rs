@@ -469,6 +469,9 @@ pub fn generate_resumable(
         .saturating_sub(1);
     let decode_start = Instant::now();
     let mut logits = logits;
+    // Room for the whole generation: a token's push allocates nothing.
+    history.reserve(req.max_tokens.saturating_sub(out_ids.len()));
+    out_ids.reserve(req.max_tokens.saturating_sub(out_ids.len()));
     let mut reason = StopReason::MaxTokens;
     // Guessed tokens in the cache past the last sampled one, each with the
     // logits after it; only greedy sampling can verify them by equality.
@@ -552,7 +555,10 @@ pub fn generate_resumable(
             _ => lookup_draft(&history, room),
         };
         if draft.is_empty() {
-            logits = session.eval(&[next], LogitsFor::Last)?;
+            // Into the row kept from step to step.
+            let row = session.decode(next)?;
+            logits.clear();
+            logits.extend_from_slice(row);
             continue;
         }
         let batch: Vec<u32> = std::iter::once(next).chain(draft.iter().copied()).collect();

@@ -69,6 +69,12 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: fastrand::Rng,
+    /// Work buffers, kept from token to token: once they have grown,
+    /// sampling allocates nothing.
+    penalized: Vec<f32>,
+    seen: Vec<u32>,
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f64>,
 }
 
 /// Index of the largest value (the first one on ties); NaN never wins.
@@ -82,25 +88,58 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Candidates best first: the larger logit, then the smaller id. A total
+/// order (ids differ), so any sort gives the same sequence.
+fn better(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The candidates' softmax (best first, so `c[0]` holds the largest
+/// logit), written into `out`.
+fn softmax(c: &[(u32, f32)], out: &mut Vec<f64>) {
+    let max = c[0].1 as f64;
+    out.clear();
+    out.extend(c.iter().map(|x| (x.1 as f64 - max).exp()));
+    let sum: f64 = out.iter().sum();
+    out.iter_mut().for_each(|v| *v /= sum);
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         Sampler {
             rng: fastrand::Rng::with_seed(params.seed),
             params,
+            penalized: Vec::new(),
+            seen: Vec::new(),
+            cand: Vec::new(),
+            probs: Vec::new(),
         }
     }
 
     /// Picks a token. `history` is every token so far (prompt and output).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        let mut logits = logits.to_vec();
-        if p.repeat_penalty != 1.0 {
+        let Sampler {
+            params: p,
+            rng,
+            penalized,
+            seen,
+            cand,
+            probs,
+        } = self;
+        let logits = if p.repeat_penalty != 1.0 {
+            penalized.clear();
+            penalized.extend_from_slice(logits);
+            // Each token seen in the window, once.
             let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
-            for &t in &history[start..] {
-                if seen.insert(t)
-                    && let Some(l) = logits.get_mut(t as usize)
-                {
+            seen.clear();
+            // Room for the whole window at once: it fills as the history
+            // grows, and is not grown a step at a time.
+            seen.reserve(p.repeat_last_n);
+            seen.extend_from_slice(&history[start..]);
+            seen.sort_unstable();
+            seen.dedup();
+            for &t in seen.iter() {
+                if let Some(l) = penalized.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
                     } else {
@@ -108,31 +147,32 @@ impl Sampler {
                     };
                 }
             }
-        }
+            &penalized[..]
+        } else {
+            logits
+        };
         if p.temperature <= 0.0 {
-            return argmax(&logits);
+            return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l)),
+        );
         if cand.is_empty() {
-            return argmax(&logits);
+            return argmax(logits);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
+        // The best `top_k` found without sorting the whole vocabulary.
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, better);
             cand.truncate(p.top_k);
         }
-        let softmax = |c: &[(u32, f32)]| -> Vec<f64> {
-            let max = c[0].1 as f64;
-            let e: Vec<f64> = c.iter().map(|x| (x.1 as f64 - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            e.into_iter().map(|v| v / sum).collect()
-        };
+        cand.sort_unstable_by(better);
         if p.top_p < 1.0 {
-            let probs = softmax(&cand);
+            softmax(cand, probs);
             let mut acc = 0.0;
             let keep = probs
                 .iter()
@@ -144,7 +184,7 @@ impl Sampler {
             cand.truncate(keep.max(1));
         }
         if p.min_p > 0.0 {
-            let probs = softmax(&cand);
+            softmax(cand, probs);
             let floor = probs[0] * p.min_p as f64;
             let keep = probs.iter().take_while(|&&q| q >= floor).count();
             cand.truncate(keep.max(1));
@@ -152,10 +192,10 @@ impl Sampler {
         for c in cand.iter_mut() {
             c.1 /= p.temperature;
         }
-        let probs = softmax(&cand);
-        let r = self.rng.f64();
+        softmax(cand, probs);
+        let r = rng.f64();
         let mut acc = 0.0;
-        for (c, q) in cand.iter().zip(&probs) {
+        for (c, q) in cand.iter().zip(probs.iter()) {
             acc += q;
             if r < acc {
                 return c.0;
@@ -207,6 +247,26 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// Top-k picks without sorting everything: ties go to the smaller id,
+    /// as the full sort put them.
+    #[test]
+    fn top_k_keeps_the_best_with_ties_to_the_smaller_id() {
+        let logits = [1.0, 5.0, 5.0, 5.0, 5.0, 2.0, f32::NAN, 5.0];
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 3,
+            top_p: 1.0,
+            min_p: 0.0,
+            temperature: 1.0,
+            ..SamplingParams::default()
+        });
+        let mut seen = [0; 8];
+        for _ in 0..300 {
+            seen[s.sample(&logits, &[]) as usize] += 1;
+        }
+        assert!(seen[1] > 0 && seen[2] > 0 && seen[3] > 0, "{seen:?}");
+        assert_eq!(seen[1] + seen[2] + seen[3], 300, "{seen:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::forward::{
 };
 use super::{Model, ModelError};
 use crate::backend::exec::{Executor, Graph, HostOp, Storage, TensorRef};
+use smallvec::{SmallVec, smallvec};
 use std::sync::Arc;
 
 /// Tokens evaluated per graph; bounds the scratch memory of a long prompt.
@@ -30,7 +31,9 @@ pub struct Session {
     cached: Vec<u32>,
     scratch: Vec<u8>,
     inputs: Vec<u8>,
-    logits: Vec<u8>,
+    /// The last run's logits, a row of `n_vocab` per token asked for;
+    /// the graph writes them in place ([`f32_bytes`]).
+    logits: Vec<f32>,
     /// The one-token graph, built once and moved to each position.
     decode: Option<DecodeGraph>,
     /// Prefixes kept beside the live cache ([`Session::reuse_prefix`]):
@@ -162,7 +165,7 @@ fn runs_fused_attention(model: &Model, exec: &Executor, kv: KvCache) -> bool {
         Attention::new(forward::ATTENTION_BLOCK, kv),
     );
     let graph = Graph {
-        storages: Vec::new(),
+        storages: SmallVec::new(),
         tensors: b.tensors,
         ops: b.ops,
     };
@@ -341,9 +344,17 @@ impl Session {
     /// next pages, at least doubling, each layer's rows moved to their
     /// new places.
     fn reserve(&mut self, positions: usize) {
-        if positions <= self.cap {
-            return;
+        if positions > self.cap {
+            self.grow(positions);
         }
+        // Room for as many tokens as the cache holds: a decode step's
+        // push allocates nothing.
+        if self.cached.capacity() < self.cap {
+            self.cached.reserve_exact(self.cap - self.cached.len());
+        }
+    }
+
+    fn grow(&mut self, positions: usize) {
         let cfg = &self.model.config;
         let new_cap = positions
             .max(2 * self.cap)
@@ -564,27 +575,50 @@ impl Session {
             let last = i + 1 == batches.len();
             // With `Last`, earlier batches only fill the cache; their one
             // row of logits is dropped.
-            let rows = if batch.len() == 1 {
-                self.eval_one(batch[0])?
+            if batch.len() == 1 {
+                self.eval_one(batch[0])?;
             } else {
-                self.eval_batch(batch, which, None)?
-            };
+                self.eval_batch(batch, which, None)?;
+            }
             if which == LogitsFor::All || last {
-                out.extend_from_slice(&rows);
+                out.extend_from_slice(&self.logits);
             }
         }
         Ok(Some(out))
     }
 
-    /// Evaluates `tokens` on a graph built for them; with `capture`, also
-    /// records the attention probabilities of the queries from
-    /// `capture.0` on into `capture.1` (see [`forward::Attention`]).
+    /// Evaluates one token at the next position and returns its logits
+    /// (`n_vocab` long): a decode step. After the session's first steps
+    /// it allocates nothing (the graph, its inputs, the work space and
+    /// the logits are the session's, kept from step to step) until the
+    /// cache grows by a page ([`KV_PAGE`]).
+    pub fn decode(&mut self, token: u32) -> Result<&[f32], ModelError> {
+        let n_vocab = self.model.config.n_vocab;
+        if token as usize >= n_vocab {
+            return Err(ModelError::Token { id: token, n_vocab });
+        }
+        if self.n_past() + 1 > self.n_ctx {
+            return Err(ModelError::Context {
+                needed: 1,
+                used: self.n_past(),
+                n_ctx: self.n_ctx,
+            });
+        }
+        self.reserve(self.n_past() + 1);
+        self.eval_one(token)?;
+        Ok(&self.logits)
+    }
+
+    /// Evaluates `tokens` on a graph built for them, leaving their logits
+    /// in `self.logits`; with `capture`, also records the attention
+    /// probabilities of the queries from `capture.0` on into `capture.1`
+    /// (see [`forward::Attention`]).
     fn eval_batch(
         &mut self,
         tokens: &[u32],
         which: LogitsFor,
         capture: Option<(usize, &mut Vec<u8>)>,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<(), ModelError> {
         let model = self.model.clone();
         let cfg = &model.config;
         let (n_past, n) = (self.n_past(), tokens.len());
@@ -620,14 +654,14 @@ impl Session {
         // 0..=n_past + i (and the windowed layers the last `window` of them).
         layout.fill_masks(&mut self.inputs, n_past, n, t_len, window);
         self.logits.clear();
-        self.logits.resize(4 * rows * cfg.n_vocab, 0);
+        self.logits.resize(rows * cfg.n_vocab, 0.0);
         let mut graph = Graph {
-            storages: vec![
+            storages: smallvec![
                 Storage::Read(model.file.bytes()),
                 Storage::State(&mut self.kv),
                 Storage::Write(&mut self.inputs),
                 Storage::Scratch(&mut self.scratch),
-                Storage::Write(&mut self.logits),
+                Storage::Write(f32_bytes(&mut self.logits)),
             ],
             tensors: builder.tensors,
             ops: builder.ops,
@@ -656,7 +690,8 @@ impl Session {
             return self.recover(e, tokens, which);
         }
         self.cached.extend_from_slice(tokens);
-        Ok(self.logits_f32())
+        from_le(&mut self.logits);
+        Ok(())
     }
 
     /// The attention the model pays while it predicts `completion` after
@@ -736,8 +771,8 @@ impl Session {
         let report = ran?;
         let finite = || {
             self.logits
-                .chunks_exact(4)
-                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+                .iter()
+                .all(|l| f32::from_bits(u32::from_le(l.to_bits())).is_finite())
         };
         if report.ops_on_target > 0 && !self.exec.target.is_builtin() && !finite() {
             return Err(self.exec.device_fault("returned non-finite logits"));
@@ -745,16 +780,10 @@ impl Session {
         Ok(())
     }
 
-    fn logits_f32(&self) -> Vec<f32> {
-        self.logits
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
-
     /// One token at the next position, on the session's decode graph (one
-    /// query's logits; for one token `All` and `Last` are the same row).
-    fn eval_one(&mut self, token: u32) -> Result<Vec<f32>, ModelError> {
+    /// query's logits, left in `self.logits`; for one token `All` and
+    /// `Last` are the same row).
+    fn eval_one(&mut self, token: u32) -> Result<(), ModelError> {
         let model = self.model.clone();
         let cfg = &model.config;
         let n_past = self.n_past();
@@ -800,14 +829,14 @@ impl Session {
         if self.scratch.len() < d.scratch_bytes {
             self.scratch.resize(d.scratch_bytes, 0);
         }
-        self.logits.resize(4 * cfg.n_vocab, 0);
+        self.logits.resize(cfg.n_vocab, 0.0);
         let mut graph = Graph {
-            storages: vec![
+            storages: smallvec![
                 Storage::Read(model.file.bytes()),
                 Storage::State(&mut self.kv),
                 Storage::Write(&mut d.inputs),
                 Storage::Scratch(&mut self.scratch),
-                Storage::Write(&mut self.logits),
+                Storage::Write(f32_bytes(&mut self.logits)),
             ],
             tensors: std::mem::take(&mut d.tensors),
             ops: std::mem::take(&mut d.ops),
@@ -820,7 +849,8 @@ impl Session {
             return self.recover(e, &[token], LogitsFor::Last);
         }
         self.cached.push(token);
-        Ok(self.logits_f32())
+        from_le(&mut self.logits);
+        Ok(())
     }
 
     /// After a failed run: when the device lost the KV cache it held (the
@@ -832,7 +862,7 @@ impl Session {
         e: kiln_plugin_api::BackendError,
         tokens: &[u32],
         which: LogitsFor,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<(), ModelError> {
         if !self.exec.take_state_lost() {
             return Err(e.into());
         }
@@ -844,6 +874,24 @@ impl Session {
         if !replay.is_empty() {
             self.eval(&replay, LogitsFor::Last)?;
         }
-        self.eval(tokens, which)
+        self.logits = self.eval(tokens, which)?;
+        Ok(())
+    }
+}
+
+/// `logits` as the little-endian bytes a graph writes them as.
+fn f32_bytes(logits: &mut [f32]) -> &mut [u8] {
+    // SAFETY: the bytes of f32s, which any bytes are a value of; u8 has
+    // no alignment to keep.
+    unsafe { std::slice::from_raw_parts_mut(logits.as_mut_ptr().cast(), logits.len() * 4) }
+}
+
+/// The logits a graph wrote as little-endian bytes, as this machine's
+/// f32s (a no-op where it is little-endian).
+fn from_le(logits: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for l in logits {
+            *l = f32::from_bits(u32::from_le(l.to_bits()));
+        }
     }
 }

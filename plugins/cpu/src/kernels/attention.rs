@@ -18,6 +18,7 @@
 use super::Isa;
 use super::threads::{self, threads};
 use crate::ops::View;
+use crate::scratch::{self, Row};
 use kiln_plugin_api::DType;
 
 /// Positions per tile.
@@ -160,7 +161,10 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
         1
     };
     let per_head = idle && n_parts == 1;
-    let mut units = Vec::new();
+    // Kept from op to op on this thread (taken for the op): a decode
+    // step's attention allocates nothing.
+    let mut units = UNITS.with(|u| u.take());
+    units.clear();
     let part_len = n_kv.div_ceil(n_parts).div_ceil(TILE) * TILE;
     for g in 0..n_head_kv {
         for q0 in (0..n_q).step_by(QUERIES) {
@@ -197,14 +201,11 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
         }
     }
     let stride = hd + 2;
-    let mut partials = vec![
-        0f32;
-        if n_parts > 1 {
-            n_parts * n_head * n_q * stride
-        } else {
-            0
-        }
-    ];
+    let mut partials = scratch::f32s(if n_parts > 1 {
+        n_parts * n_head * n_q * stride
+    } else {
+        0
+    });
     let ops = Operands {
         q,
         k,
@@ -226,7 +227,7 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
     });
     if n_parts > 1 {
         // Each row's parts, rescaled to the largest maximum and summed.
-        let mut out = vec![0f32; hd];
+        let mut out = scratch::f32s(hd);
         for h in 0..n_head {
             for qi in 0..n_q {
                 let at = |p: usize| &partials[((p * n_head + h) * n_q + qi) * stride..][..stride];
@@ -261,34 +262,40 @@ pub unsafe fn run(isa: Isa, src: &[View], dst: &View, scale: f32) -> Option<()> 
             }
         }
     }
+    UNITS.with(|u| *u.borrow_mut() = units);
     Some(())
 }
 
+thread_local! {
+    static UNITS: std::cell::RefCell<Vec<Unit>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A thread's work space: a tile of keys and values as f32, and each
-/// row's query, scores and running state.
+/// row's query, scores and running state; rows kept by the thread
+/// ([`scratch`]).
 struct Scratch {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    queries: Vec<f32>,
-    acc: Vec<f32>,
+    keys: Row<f32>,
+    values: Row<f32>,
+    queries: Row<f32>,
+    acc: Row<f32>,
     /// Per row: running maximum and sum.
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    max: Row<f32>,
+    sum: Row<f32>,
     /// Per query of the unit: the first and last position its mask lets through.
-    seen: Vec<(usize, usize)>,
+    seen: [(usize, usize); QUERIES],
     scores: [f32; TILE],
 }
 
 impl Scratch {
     fn new(hd: usize, rows: usize) -> Scratch {
         Scratch {
-            keys: vec![0.0; TILE * hd],
-            values: vec![0.0; TILE * hd],
-            queries: vec![0.0; rows * hd],
-            acc: vec![0.0; rows * hd],
-            max: vec![0.0; rows],
-            sum: vec![0.0; rows],
-            seen: vec![(0, 0); QUERIES],
+            keys: scratch::f32s(TILE * hd),
+            values: scratch::f32s(TILE * hd),
+            queries: scratch::f32s(rows * hd),
+            acc: scratch::f32s(rows * hd),
+            max: scratch::f32s(rows),
+            sum: scratch::f32s(rows),
+            seen: [(0, 0); QUERIES],
             scores: [0.0; TILE],
         }
     }

@@ -45,6 +45,16 @@ impl Q8KRow {
         }
     }
 
+    /// Makes this a row as [`Q8KRow::new`] makes one, in the buffers it
+    /// has (which grow only past the largest `k` they held).
+    pub fn reset(&mut self, k: usize) {
+        self.d.resize(k / QK_K, 0.0);
+        self.qs.resize(k, 0);
+        self.sums32.resize(k / 32, 0);
+        self.sums16.resize(k / 16, 0);
+        self.sums_pairs.resize(k / 64, 0);
+    }
+
     /// Fills [`Q8KRow::sums_pairs`] from `sums32`.
     fn pair_sums(&mut self) {
         for (p, two) in self.sums_pairs.iter_mut().zip(self.sums32.chunks_exact(2)) {

@@ -390,10 +390,13 @@ unsafe fn rows_in_parallel(
     }) else {
         return on_this_thread();
     };
-    let (dst, src) = (
-        SendView(*dst),
-        src.iter().map(|v| SendView(*v)).collect::<Vec<_>>(),
-    );
+    // On the stack: an op has at most four sources.
+    let n_src = src.len();
+    let mut sources = [SendView(*dst); 4];
+    for (s, v) in sources.iter_mut().zip(src) {
+        *s = SendView(*v);
+    }
+    let dst = SendView(*dst);
     threads::parallel_for(ne[d], work, &|range| {
         let narrow = |v: &View| {
             let mut v = *v;
@@ -405,12 +408,13 @@ unsafe fn rows_in_parallel(
             }
             v
         };
-        let part: Vec<View> = src.iter().map(|v| narrow(&v.get())).collect();
+        let part: [View; 4] = std::array::from_fn(|i| narrow(&sources[i].get()));
+        let part = &part[..n_src];
         // SAFETY: the narrowed views cover parts of the caller's views,
         // each dst row written by one thread; `check` accepted the whole
         // op, and a row slice keeps every index the reference forms
         // inside its view (sources narrowed alike or broadcast).
-        unsafe { crate::ops::run_with(fns, kind, &part, &narrow(&dst.get()), params) }
+        unsafe { crate::ops::run_with(fns, kind, part, &narrow(&dst.get()), params) }
             .expect("row-wise reference ops cannot fail after `check`");
     });
     Some(())
@@ -477,18 +481,24 @@ enum Prepared<'a> {
     Float(&'a [f32]),
 }
 
-/// Every activation row of a product with float weights, rounded.
-struct FloatRows {
+/// Every activation row of a product with float weights, rounded, in a
+/// buffer kept from product to product ([`Workspace::floats`]).
+struct FloatRows<'a> {
     k: usize,
-    rounded: Vec<f32>,
+    rounded: &'a mut Vec<f32>,
 }
 
-impl FloatRows {
-    fn new(rows: usize, k: usize) -> FloatRows {
-        FloatRows {
-            k,
-            rounded: vec![0.0; rows * k],
-        }
+impl<'a> FloatRows<'a> {
+    /// `rows` rows of `k` in `buffer` (grown where it is too small).
+    fn new(buffer: &'a mut Vec<f32>, rows: usize, k: usize) -> FloatRows<'a> {
+        buffer.clear();
+        buffer.resize(rows * k, 0.0);
+        FloatRows { k, rounded: buffer }
+    }
+
+    /// Row `i`.
+    fn row(&self, i: usize) -> &[f32] {
+        &self.rounded[i * self.k..][..self.k]
     }
 
     /// Where the pool's threads write the rows ([`FloatRowsWriter::set`]).
@@ -628,6 +638,51 @@ fn all_rows<'a, 'b, T: ?Sized>(
         .collect()
 }
 
+/// What products keep from one to the next on the thread that runs them
+/// (an engine's): the slices, the quantized activation rows and the
+/// rounded float rows, so that once they have grown to a model's sizes
+/// a decode step's products allocate nothing.
+#[derive(Default)]
+struct Workspace {
+    slices: Vec<Slice>,
+    rows: KeptRows,
+    floats: Vec<f32>,
+}
+
+/// Quantized activation rows for the Q8_0-activation types and for the
+/// K-quants, kept apart: a model mixing them reuses both.
+#[derive(Default)]
+struct KeptRows {
+    q8: Vec<Prepared<'static>>,
+    q8k: Vec<Prepared<'static>>,
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::default();
+}
+
+impl KeptRows {
+    /// `n` quantized rows for `weights` of `k` columns, reusing the rows
+    /// (and their buffers) kept for that kind of weights.
+    fn prepare(&mut self, weights: DType, k: usize, n: usize) -> &mut [Prepared<'static>] {
+        let rows = match Prepared::new(weights, 0) {
+            Prepared::Q8(_) => &mut self.q8,
+            _ => &mut self.q8k,
+        };
+        for row in rows.iter_mut().take(n) {
+            match row {
+                Prepared::Q8(q) => q.reset(k, weights),
+                Prepared::Q8K(q) => q.reset(k),
+                Prepared::Float(_) => unreachable!("float rows are not kept here"),
+            }
+        }
+        while rows.len() < n {
+            rows.push(Prepared::new(weights, k));
+        }
+        &mut rows[..n]
+    }
+}
+
 /// `dst[m][n] = w[n] · x[m]` for float or quantized `w` (rows contiguous)
 /// and f32 `x`, broadcast over
 /// dimensions 2 and 3 as the reference does.
@@ -635,6 +690,20 @@ fn all_rows<'a, 'b, T: ?Sized>(
 /// # Safety
 /// As for [`run`].
 unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
+    // Taken for the call: a product run while another is in hand (none
+    // is) would find an empty workspace, not a borrowed one.
+    let mut ws = WORKSPACE.with(|w| w.take());
+    // SAFETY: the caller's contract.
+    let done = unsafe { mul_mat_in(&mut ws, isa, w, x, dst) };
+    WORKSPACE.with(|w| *w.borrow_mut() = ws);
+    done
+}
+
+/// [`mul_mat`] with `ws`'s buffers.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
     if !has_mul_mat(wd.dtype)
         || wd.nb[0] != wd.dtype.block_bytes()
@@ -654,31 +723,35 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     // per head cost attention half its time.
     let ne2 = xd.ne[2];
     let n_slices = ne2 * xd.ne[3];
-    let slices: Vec<Slice> = (0..n_slices)
-        .map(|s| {
-            let (i2, i3) = (s % ne2, s / ne2);
-            Slice {
-                w: SendPtr(w.data),
-                w_base: (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3],
-                w_nb1: wd.nb[1],
-                row_bytes,
-                d: SendPtr(dst.data),
-                d_base: i2 * dd.nb[2] + i3 * dd.nb[3],
-                d_nb1: dd.nb[1],
-            }
-        })
-        .collect();
+    let Workspace {
+        slices,
+        rows,
+        floats: rounded,
+    } = ws;
+    slices.clear();
+    slices.extend((0..n_slices).map(|s| {
+        let (i2, i3) = (s % ne2, s / ne2);
+        Slice {
+            w: SendPtr(w.data),
+            w_base: (i2 / r2) * wd.nb[2] + (i3 / r3) * wd.nb[3],
+            w_nb1: wd.nb[1],
+            row_bytes,
+            d: SendPtr(dst.data),
+            d_base: i2 * dd.nb[2] + i3 * dd.nb[3],
+            d_nb1: dd.nb[1],
+        }
+    }));
+    let slices = &slices[..];
     let batched = m_count >= GEMM_MIN_ROWS;
     // Activation row m of slice s is `xq[s * m_count + m]`.
     let n_rows = n_slices * m_count;
     let float = Float::of(wd.dtype);
-    let mut floats = FloatRows::new(if float.is_some() { n_rows } else { 0 }, k);
-    let mut xq: Vec<Prepared> = if float.is_some() {
-        Vec::new()
-    } else {
-        (0..n_rows).map(|_| Prepared::new(wd.dtype, k)).collect()
+    let mut floats = FloatRows::new(rounded, if float.is_some() { n_rows } else { 0 }, k);
+    let prepared: &mut [Prepared] = match float {
+        Some(_) => &mut [],
+        None => rows.prepare(wd.dtype, k, n_rows),
     };
-    let (xp, rows_p) = (SendPtr(x.data), SendPtr(xq.as_mut_ptr().cast()));
+    let (xp, rows_p) = (SendPtr(x.data), SendPtr(prepared.as_mut_ptr().cast()));
     let floats_w = floats.writer();
     threads::parallel_for(n_rows, n_rows * k, &|range| {
         for i in range {
@@ -697,9 +770,17 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
             }
         }
     });
-    if float.is_some() {
-        xq = floats.prepared();
-    }
+    // The rows as `Prepared` values; float ones listed only where more
+    // than one row per slice needs them (not for decode).
+    let listed;
+    let xq: &[Prepared] = match float {
+        Some(_) if m_count > 1 => {
+            listed = floats.prepared();
+            &listed
+        }
+        Some(_) => &[],
+        None => prepared,
+    };
     let work = n_slices * n_count * m_count * k;
     // Each GEMM says where it runs.
     let gemm = match wd.dtype {
@@ -710,9 +791,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
     if batched && gemm {
         match wd.dtype {
             d if q8::takes(d) => {
-                let xs = all_rows(&xq, m_count, Prepared::q8);
+                let xs = all_rows(xq, m_count, Prepared::q8);
                 gemm_groups::<q8::GemmScratch>(
-                    &slices,
+                    slices,
                     n_count,
                     m_count,
                     work,
@@ -720,9 +801,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 );
             }
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
-                let xs = all_rows(&xq, m_count, Prepared::q8k);
+                let xs = all_rows(xq, m_count, Prepared::q8k);
                 gemm_groups::<kquant::GemmScratch>(
-                    &slices,
+                    slices,
                     n_count,
                     m_count,
                     work,
@@ -730,9 +811,9 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                 );
             }
             _ => {
-                let xs = all_rows(&xq, m_count, Prepared::rounded);
+                let xs = all_rows(xq, m_count, Prepared::rounded);
                 let float = float.expect("a float type: every other has its arm");
-                gemm_groups::<()>(&slices, n_count, m_count, work, &|s, ws, _, out| {
+                gemm_groups::<()>(slices, n_count, m_count, work, &|s, ws, _, out| {
                     float::gemm16(isa, float, ws, &xs[s], out)
                 });
             }
@@ -765,7 +846,15 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
                     }
                 };
                 let rows = i % n_count..end - s * n_count;
-                match &xq[s] {
+                let float_row;
+                let x = match float {
+                    Some(_) => {
+                        float_row = Prepared::Float(floats.row(s));
+                        &float_row
+                    }
+                    None => &xq[s],
+                };
+                match x {
                     Prepared::Q8(x) => q8::dot_row_range(isa, wd.dtype, x, rows, w, out),
                     Prepared::Q8K(x) => {
                         let dot = kquant::row_dot(wd.dtype);

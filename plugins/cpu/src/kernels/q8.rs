@@ -89,6 +89,20 @@ impl Q8Row {
         }
     }
 
+    /// Makes this a row as [`Q8Row::new`] makes one, in the buffers it has
+    /// (which grow only past the largest `k` they held).
+    pub fn reset(&mut self, k: usize, weights: DType) {
+        self.d.resize(k / QK, 0.0);
+        self.qs.resize(k, 0);
+        self.sums.resize(k / QK, 0);
+        self.d64.resize(k / QK, 0.0);
+        self.offset_sums.resize(k / QK, 0);
+        self.s.clear();
+        self.offset = code_offset(weights);
+        self.with_s = has_min(weights);
+        self.lanes.clear();
+    }
+
     /// Fills [`Q8Row::d64`] and [`Q8Row::offset_sums`] from `d` and `sums`,
     /// and for Q4_1/Q5_1 [`Q8Row::s`]: the unrounded scale `amax / 127`
     /// of the block `x` (the row just quantized) times its code sum, to

@@ -24,13 +24,16 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 type Task = dyn Fn(Range<usize>) + Sync;
 
+/// One dispatch: the workers copy it under the lock, and take chunks
+/// from [`Shared::next`]. Nothing is allocated per dispatch (decoding
+/// makes a few hundred a token).
+#[derive(Clone, Copy)]
 struct Job {
     /// Lifetime erased: the dispatcher waits for every worker to finish
     /// before the closure it points to goes out of scope.
     task: *const Task,
     len: usize,
     chunk: usize,
-    next: Arc<AtomicUsize>,
 }
 
 // SAFETY: `task` is `Sync` and outlives the job (see `Job::task`).
@@ -41,7 +44,7 @@ unsafe impl Sync for Job {}
 #[derive(Default)]
 struct State {
     generation: u64,
-    job: Option<Arc<Job>>,
+    job: Option<Job>,
     running: usize,
     panicked: bool,
     /// Worker threads spawned so far.
@@ -64,6 +67,10 @@ struct Shared {
     /// (for spinning; the lock-protected fields decide).
     generation: AtomicU64,
     running: AtomicUsize,
+    /// The start of the current job's next chunk: reset by the
+    /// dispatcher before it publishes a job, and touched by nobody else
+    /// until every worker of the last one is done.
+    next: AtomicUsize,
 }
 
 /// Spins until `ready` or [`SPIN`] has passed.
@@ -113,9 +120,9 @@ pub fn set_threads(n: usize) {
     pool().threads.store(n.max(1), Ordering::Relaxed);
 }
 
-fn run_chunks(job: &Job) {
+fn run_chunks(job: &Job, next: &AtomicUsize) {
     loop {
-        let start = job.next.fetch_add(job.chunk, Ordering::Relaxed);
+        let start = next.fetch_add(job.chunk, Ordering::Relaxed);
         if start >= job.len {
             break;
         }
@@ -136,7 +143,7 @@ fn worker(shared: Arc<Shared>, index: usize) {
                 if st.generation != seen {
                     seen = st.generation;
                     if index < st.active
-                        && let Some(job) = st.job.clone()
+                        && let Some(job) = st.job
                     {
                         break job;
                     }
@@ -146,8 +153,7 @@ fn worker(shared: Arc<Shared>, index: usize) {
                 st.sleepers -= 1;
             }
         };
-        let ok = catch_unwind(AssertUnwindSafe(|| run_chunks(&job))).is_ok();
-        drop(job);
+        let ok = catch_unwind(AssertUnwindSafe(|| run_chunks(&job, &shared.next))).is_ok();
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.panicked |= !ok;
         st.running -= 1;
@@ -185,13 +191,13 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         let task: *const Task = unsafe {
             std::mem::transmute::<&(dyn Fn(Range<usize>) + Sync + '_), &'static Task>(task)
         };
-        Arc::new(Job {
+        Job {
             task,
             len,
             chunk: len.div_ceil(n * 4).max(1),
-            next: Arc::new(AtomicUsize::new(0)),
-        })
+        }
     };
+    shared.next.store(0, Ordering::Relaxed);
     let sleepers = {
         let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.spawned < n - 1 {
@@ -204,7 +210,7 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         }
         st.active = n - 1;
         st.generation += 1;
-        st.job = Some(job.clone());
+        st.job = Some(job);
         st.running = n - 1;
         st.panicked = false;
         shared.running.store(st.running, Ordering::Release);
@@ -218,7 +224,7 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
     if sleepers > 0 {
         shared.wake.notify_all();
     }
-    let mine = catch_unwind(AssertUnwindSafe(|| run_chunks(&job)));
+    let mine = catch_unwind(AssertUnwindSafe(|| run_chunks(&job, &shared.next)));
     spin_until(|| shared.running.load(Ordering::Acquire) == 0);
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     while st.running > 0 {
