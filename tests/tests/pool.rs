@@ -336,6 +336,8 @@ fn models_load_within_the_budget_and_idle_ones_are_unloaded() {
     let used = metric(&m, "kiln:pool_memory_bytes ");
     let budget = metric(&m, "kiln:pool_budget_bytes ");
     assert!(used > 0.0 && used <= budget, "{used} of {budget}");
+    // Read from the process when the metrics are rendered.
+    assert!(metric(&m, "kiln:huge_pages_bytes ") >= 0.0, "{m}");
 
     // A model that cannot fit is refused with the numbers, nothing loaded.
     let (code, v) = complete(

@@ -78,6 +78,9 @@ pub struct Metrics {
     /// What the loaded models need together, and the pool's budget.
     pub pool_memory_bytes: Gauge,
     pub pool_budget_bytes: Gauge,
+    /// The process's anonymous memory on transparent huge pages, read
+    /// when the metrics are rendered.
+    pub huge_pages_bytes: Gauge,
     /// The last completion prompt's layout (the language server's), for
     /// the dashboard: not a Prometheus metric.
     pub last_prompt: std::sync::Mutex<Option<serde_json::Value>>,
@@ -143,6 +146,7 @@ impl Default for Metrics {
             offline_answers: Counter::default(),
             pool_memory_bytes: Gauge::default(),
             pool_budget_bytes: Gauge::default(),
+            huge_pages_bytes: Gauge::default(),
             last_prompt: Default::default(),
             last_explanation: Default::default(),
             registry: Registry::default(),
@@ -378,6 +382,11 @@ impl Default for Metrics {
             "The pool's memory budget ([pool] max_memory_mb, else what was available at start)",
             m.pool_budget_bytes.clone(),
         );
+        registry.register(
+            "kiln:huge_pages_bytes",
+            "Anonymous memory of the process on transparent huge pages (weights copied into memory, KV caches and work spaces ask for them)",
+            m.huge_pages_bytes.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -393,6 +402,9 @@ impl Metrics {
 
     /// The exposition text (`text/plain; version=0.0.4`).
     pub fn render(&self) -> String {
+        if let Some(b) = kiln_runtime::measure::huge_pages_bytes() {
+            self.huge_pages_bytes.set(b as i64);
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -301,7 +301,10 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         "discovered_plugins": discovered,
         "backends": backends,
         "plugin_notes": plugin_notes,
-        "memory": {"available_bytes": available},
+        "memory": {
+            "available_bytes": available,
+            "huge_pages": kiln_runtime::measure::huge_pages_mode(),
+        },
         "models": models,
         "pool": {
             "budget_bytes": pool_budget,
@@ -510,6 +513,16 @@ fn print_human(r: &Value) {
     if let Some(a) = r["memory"]["available_bytes"].as_u64() {
         println!("memory       {} MiB available", a >> 20);
     }
+    println!(
+        "huge pages   {}",
+        match r["memory"]["huge_pages"].as_str() {
+            Some("never") => "off (transparent huge pages: never); kiln runs on 4 KiB pages".into(),
+            Some(mode) => format!(
+                "transparent huge pages: {mode}; kiln asks for them for weights copied into memory, KV caches and work spaces"
+            ),
+            None => "none (no transparent huge pages in this kernel)".into(),
+        }
+    );
     for m in r["models"].as_array().into_iter().flatten() {
         if m["error"].is_string() {
             continue; // among the problems

@@ -294,7 +294,7 @@ impl Session {
             check_device_memory(&model, &exec, n_ctx, kv_cache, kv_bytes)?;
         }
         Ok(Session {
-            kv: vec![0; forward::kv_bytes(cfg, kv_cache, cap)],
+            kv: crate::measure::huge_zeroed(forward::kv_bytes(cfg, kv_cache, cap)),
             cap,
             model,
             exec,
@@ -360,7 +360,7 @@ impl Session {
             .max(2 * self.cap)
             .next_multiple_of(KV_PAGE)
             .min(self.n_ctx);
-        let mut kv = vec![0u8; forward::kv_bytes(cfg, self.kv_cache, new_cap)];
+        let mut kv = crate::measure::huge_zeroed(forward::kv_bytes(cfg, self.kv_cache, new_cap));
         let n = self.cached.len();
         let pos = cfg.n_head_kv * self.kv_cache.head_bytes(cfg);
         for l in 0..cfg.n_layer {
@@ -637,9 +637,7 @@ impl Session {
                 kv: self.kv_cache,
             },
         );
-        if self.scratch.len() < scratch_bytes {
-            self.scratch.resize(scratch_bytes, 0);
-        }
+        grow_scratch(&mut self.scratch, scratch_bytes);
         let window = cfg.sliding_window.map(|s| s.window);
         let layout = InputLayout::new(n, t_len, window.is_some());
         self.inputs.clear();
@@ -826,9 +824,7 @@ impl Session {
             d.layout
                 .fill_window(&mut d.inputs, n_past, 1, n_past + 1, s.window);
         }
-        if self.scratch.len() < d.scratch_bytes {
-            self.scratch.resize(d.scratch_bytes, 0);
-        }
+        grow_scratch(&mut self.scratch, d.scratch_bytes);
         self.logits.resize(cfg.n_vocab, 0.0);
         let mut graph = Graph {
             storages: smallvec![
@@ -876,6 +872,14 @@ impl Session {
         }
         self.logits = self.eval(tokens, which)?;
         Ok(())
+    }
+}
+
+/// Makes the work space at least `bytes` long: a fresh one (what it held
+/// is meaningless between runs), on huge pages where it can be.
+fn grow_scratch(scratch: &mut Vec<u8>, bytes: usize) {
+    if scratch.len() < bytes {
+        *scratch = crate::measure::huge_zeroed(bytes);
     }
 }
 
