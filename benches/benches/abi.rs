@@ -114,7 +114,7 @@ fn round_trip(h: &Handle) -> impl FnMut() + '_ {
     let tensors = [tensor(a.0), tensor(y.0)];
     let ops = [scale_op()];
     move || {
-        h.graph_compute(0, &tensors, &ops).unwrap();
+        h.graph_compute(0, &tensors, &ops, 0).unwrap();
         h.synchronize(0).unwrap();
     }
 }

@@ -54,7 +54,7 @@ extern "C" {
 #endif
 
 #define KILN_ABI_VERSION_MAJOR 1
-#define KILN_ABI_VERSION_MINOR 2
+#define KILN_ABI_VERSION_MINOR 3
 
 #ifndef KILN_ABI_TARGET_MINOR
 #define KILN_ABI_TARGET_MINOR KILN_ABI_VERSION_MINOR
@@ -280,13 +280,19 @@ typedef struct KilnOp {
     int32_t params[KILN_OP_PARAM_COUNT];
 } KilnOp;
 
-/* Frozen for 1.x. */
+/* Frozen for 1.x. `threads` (1.3; `reserved0` before, always 0): CPU
+ * threads the backend may use for this graph, the caller's included; 0:
+ * the backend's choice. A host sends non-zero only to a backend that
+ * declared 1.3 or later. */
 typedef struct KilnGraph {
     uint32_t struct_size;
     uint32_t n_tensors;
     const KilnTensor *tensors;
     uint32_t n_ops;
-    uint32_t reserved0;
+    union {
+        uint32_t reserved0;
+        uint32_t threads;
+    };
     const KilnOp *ops;
 } KilnGraph;
 
@@ -432,11 +438,19 @@ typedef int32_t (*KilnBackendInitFn)(const KilnHostApi *host, const KilnBackendA
 #define KILN_LAYOUT_ENTRIES_1_2(X)
 #endif
 
+#if KILN_ABI_TARGET_MINOR >= 3
+#define KILN_LAYOUT_ENTRIES_1_3(X) \
+    X("KilnGraph.threads", offsetof(KilnGraph, threads))
+#else
+#define KILN_LAYOUT_ENTRIES_1_3(X)
+#endif
+
 /* Sizes of the growable structs come last: they differ per minor. */
 #define KILN_LAYOUT_ENTRIES(X)                \
     KILN_LAYOUT_ENTRIES_1_0(X)                \
     KILN_LAYOUT_ENTRIES_1_1(X)                \
     KILN_LAYOUT_ENTRIES_1_2(X)                \
+    KILN_LAYOUT_ENTRIES_1_3(X)                \
     X("KilnHostApi", sizeof(KilnHostApi))     \
     X("KilnDeviceInfo", sizeof(KilnDeviceInfo)) \
     X("KilnBackendApi", sizeof(KilnBackendApi))

@@ -16,7 +16,7 @@ use core::ffi::{c_char, c_void};
 /// The ABI major version this crate defines. Plugins with another major are refused.
 pub const KILN_ABI_VERSION_MAJOR: u16 = 1;
 /// The newest ABI minor version this crate defines.
-pub const KILN_ABI_VERSION_MINOR: u16 = 2;
+pub const KILN_ABI_VERSION_MINOR: u16 = 3;
 
 /// Name of the one symbol a backend library exports.
 pub const KILN_BACKEND_ENTRY_SYMBOL: &str = "kiln_backend_init";
@@ -217,7 +217,12 @@ pub struct KilnGraph {
     pub n_tensors: u32,
     pub tensors: *const KilnTensor,
     pub n_ops: u32,
-    pub reserved0: u32,
+    /// (1.3; `reserved0` before, always 0) CPU threads the backend may
+    /// use for this graph, the caller's included: a host running several
+    /// models side by side gives each its share. 0: the backend's own
+    /// choice. A host sends a non-zero value only to a backend that
+    /// declared 1.3 or later; a backend without threads ignores it.
+    pub threads: u32,
     pub ops: *const KilnOp,
 }
 

@@ -537,13 +537,25 @@ impl BackendHandle {
         tensors: &[KilnTensor],
         ops: &[KilnOp],
     ) -> Result<(), BackendError> {
+        self.graph_compute_threads(device, tensors, ops, 0)
+    }
+
+    /// [`Self::graph_compute`] on at most `threads` CPU threads (0: the
+    /// backend's choice); sent as 0 to a backend older than ABI 1.3.
+    pub fn graph_compute_threads(
+        &self,
+        device: u32,
+        tensors: &[KilnTensor],
+        ops: &[KilnOp],
+        threads: u32,
+    ) -> Result<(), BackendError> {
         let f = self.api.graph_compute.expect("checked in negotiate");
         let graph = KilnGraph {
             struct_size: size_of::<KilnGraph>() as u32,
             n_tensors: tensors.len() as u32,
             tensors: tensors.as_ptr(),
             n_ops: ops.len() as u32,
-            reserved0: 0,
+            threads: if self.abi_minor() >= 3 { threads } else { 0 },
             ops: ops.as_ptr(),
         };
         // SAFETY: the graph and its arrays are live for the call.

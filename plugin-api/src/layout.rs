@@ -122,7 +122,8 @@ pub const LAYOUT: &[LayoutEntry] = &[
     e("KilnGraph.n_tensors", offset_of!(KilnGraph, n_tensors)),
     e("KilnGraph.tensors", offset_of!(KilnGraph, tensors)),
     e("KilnGraph.n_ops", offset_of!(KilnGraph, n_ops)),
-    e("KilnGraph.reserved0", offset_of!(KilnGraph, reserved0)),
+    // `threads` since 1.3, the same bytes.
+    e("KilnGraph.reserved0", offset_of!(KilnGraph, threads)),
     e("KilnGraph.ops", offset_of!(KilnGraph, ops)),
     e(
         "KilnBackendApi.struct_size",
@@ -210,6 +211,8 @@ pub const LAYOUT: &[LayoutEntry] = &[
         "KilnBackendApi.weight_layout",
         offset_of!(KilnBackendApi, weight_layout),
     ),
+    // ---- given a meaning in 1.3 (KilnGraph's layout is frozen) ----
+    since(3, "KilnGraph.threads", offset_of!(KilnGraph, threads)),
     // ---- sizes of the growable structs ----
     e("KilnHostApi", size_of::<KilnHostApi>()),
     only(0, "KilnDeviceInfo", KILN_DEVICE_INFO_SIZE_1_0),

@@ -254,6 +254,9 @@ impl Op {
 pub struct Graph<'a, B> {
     pub tensors: Tensors<'a, B>,
     ops: &'a [KilnOp],
+    /// CPU threads the host lets this graph use (ABI 1.3's
+    /// `KilnGraph.threads`; 0: the backend's choice).
+    pub threads: u32,
 }
 
 impl<'a, B> Graph<'a, B> {
@@ -267,6 +270,7 @@ impl<'a, B> Graph<'a, B> {
             // SAFETY: the caller's promise.
             tensors: unsafe { self.tensors.cast() },
             ops: self.ops,
+            threads: self.threads,
         }
     }
 
@@ -680,6 +684,7 @@ unsafe extern "C" fn graph_compute<B: Backend>(
                     _buffers: PhantomData,
                 },
                 ops,
+                threads: g.threads,
             };
             backend::<B>(ctx).graph_compute(device, &view)
         }

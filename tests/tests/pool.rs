@@ -781,3 +781,71 @@ fn weights_are_locked_in_memory_when_asked() {
         assert!(e.contains("ulimit -l"), "{e}");
     }
 }
+
+/// The live threads of process `pid` named `prefix…`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+/// `[models.NAME] threads` runs that model's graphs on a pool of CPU
+/// threads of its own (its workers are `kiln-own-N`), shown by
+/// `/v1/models`; its greedy text is the text the shared pool gives.
+#[test]
+fn a_model_with_threads_of_its_own_runs_on_them_and_answers_the_same() {
+    let Some(real) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+    std::fs::copy(&real, &a).unwrap();
+    std::fs::copy(&real, &b).unwrap();
+    configure(
+        &home,
+        &format!(
+            "[models.a]\nmodel = {:?}\n\n[models.b]\nmodel = {:?}\nthreads = 2\n",
+            a.display(),
+            b.display()
+        ),
+    );
+    let srv = http_server_args(&home, &["--model", demo_model().to_str().unwrap()], &[]);
+    let pid = srv.child.id();
+    let prompt = "def fibonacci(n):\n    ";
+    let mut texts = Vec::new();
+    for m in ["a", "b"] {
+        let (code, v) = complete(
+            &srv.addr,
+            json!({"model": m, "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{v:#}");
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert_eq!(texts[0], texts[1], "the same model on its own threads");
+    let list = models(&srv.addr);
+    assert_eq!(model(&list, "b")["kiln"]["threads"], 2);
+    assert_eq!(model(&list, "a")["kiln"]["threads"], Value::Null);
+    assert_eq!(
+        threads_named(pid, "kiln-own"),
+        1,
+        "b's pool: its caller and one worker"
+    );
+
+    // A bad value makes the config invalid, named.
+    configure(
+        &home,
+        &format!("[models.c]\nmodel = {:?}\nthreads = 0\n", a.display()),
+    );
+    let out = home.kiln(&["doctor"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("[models.c] threads = 0: give 1 to 1024"),
+        "{text}"
+    );
+}

@@ -102,6 +102,12 @@ pub struct ModelEntry {
     /// Lock its weights in memory (default: `[pool] mlock`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlock: Option<bool>,
+    /// CPU threads of its own (its caller's included) for its graphs, so
+    /// that models run side by side each on its share of the cores
+    /// (default: the process's shared pool, `KILN_THREADS` or `[engine]
+    /// threads`). The built-in CPU and CPU plugins of ABI 1.3 take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 /// `[pool]`: the memory budget of the models `kiln serve` holds at once.
@@ -852,6 +858,11 @@ fn check_pool(
         if let Some(k) = m.keep_alive_seconds.filter(|&k| k > WEEK) {
             return Some(format!(
                 "[models.{name}] keep_alive_seconds = {k}: give 0 to {WEEK}"
+            ));
+        }
+        if let Some(t) = m.threads.filter(|t| !(1..=1024).contains(t)) {
+            return Some(format!(
+                "[models.{name}] threads = {t}: give 1 to 1024 (leave it out for the shared pool)"
             ));
         }
     }

@@ -468,6 +468,9 @@ struct Shared {
     /// model id (checked once per model, not per request).
     draft_fits: Mutex<HashMap<String, bool>>,
     engine: kiln_registry::config::EngineConfig,
+    /// CPU threads of its own for its sessions' graphs (`[models.NAME]
+    /// threads`); `None`: the shared pool.
+    threads: Option<usize>,
     gate: Option<Arc<Gate>>,
 }
 
@@ -522,6 +525,8 @@ pub struct EngineOptions {
     pub draft_model: Option<Loaded>,
     /// `[engine]`: the attention block and prompt batch of its sessions.
     pub engine: kiln_registry::config::EngineConfig,
+    /// `[models.NAME] threads`: CPU threads of its own for its graphs.
+    pub threads: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -557,6 +562,7 @@ impl Engine {
             n_ctx: opts.n_ctx,
             kv_types: opts.kv_types,
             engine: opts.engine,
+            threads: opts.threads,
             draft: opts.draft,
             draft_max: opts.draft_max,
             draft_model: opts.draft_model.map(Arc::new),
@@ -1403,6 +1409,7 @@ fn new_session(shared: &Shared, loaded: &Loaded, n_ctx: Option<usize>) -> Result
     let mut s = Session::with_kv_type(loaded.model.clone(), exec, n_ctx, kv_type)
         .map_err(|e| e.to_string())?;
     s.configure(&shared.engine);
+    s.set_threads(shared.threads);
     Ok(s)
 }
 
@@ -1443,6 +1450,7 @@ mod tests {
                 draft_max: 4,
                 draft_model: None,
                 engine: Default::default(),
+                threads: None,
             },
         );
         let l = engine.loaded();

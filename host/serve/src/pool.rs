@@ -177,6 +177,8 @@ pub struct Member {
     keep_alive: Mutex<Duration>,
     /// Its weights locked in memory once loaded.
     mlock: bool,
+    /// CPU threads of its own for its graphs.
+    threads: Option<usize>,
     /// The first model served: never unloaded.
     pinned: bool,
     slot: Mutex<Slot>,
@@ -216,6 +218,9 @@ pub struct MemberStatus {
     pub locked_bytes: u64,
     /// Why its weights could not be locked, when asked.
     pub lock_error: Option<String>,
+    /// CPU threads of its own (`[models.NAME] threads`); `None`: the
+    /// shared pool.
+    pub threads: Option<usize>,
 }
 
 /// A request's route: the models that may answer it, in order.
@@ -359,6 +364,8 @@ pub struct MemberSpec {
     pub keep_alive: Option<Duration>,
     /// Lock its weights in memory.
     pub mlock: bool,
+    /// CPU threads of its own for its graphs (`[models.NAME] threads`).
+    pub threads: Option<usize>,
 }
 
 impl Pool {
@@ -522,6 +529,7 @@ impl Pool {
                         _ => 0,
                     },
                     lock_error: slot.locked.as_ref().err().cloned(),
+                    threads: m.threads,
                 }
             })
             .collect()
@@ -733,6 +741,7 @@ fn layout(
             n_ctx: e.ctx,
             keep_alive: e.keep_alive_seconds.map(Duration::from_secs),
             mlock: e.mlock.or(config.pool.mlock).unwrap_or(false),
+            threads: e.threads,
         };
         let k = spec.keep_alive.unwrap_or(keep);
         let same = old.and_then(|o| {
@@ -743,6 +752,7 @@ fn layout(
                         && m.backend == spec.backend
                         && m.n_ctx == spec.n_ctx
                         && m.mlock == spec.mlock
+                        && m.threads == spec.threads
                 })
                 .cloned()
         });
@@ -866,6 +876,7 @@ impl Member {
             n_ctx: spec.n_ctx,
             keep_alive: Mutex::new(keep_alive),
             mlock: spec.mlock,
+            threads: spec.threads,
             pinned: false,
             slot: Mutex::new(Slot {
                 engine: None,
@@ -1078,6 +1089,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             draft_max: t.draft_max,
             draft_model: None,
             engine: t.engine,
+            threads: m.threads,
         },
     );
     eprintln!(

@@ -70,17 +70,16 @@ pub fn start_pool(
             n_ctx: spec.n_ctx,
             keep_alive: None,
             mlock: spec.config.pool.mlock.unwrap_or(false),
+            threads: None,
         });
     }
     let (engine, template) = start_engine(spec, fim, metrics.clone())?;
     let loaded = engine.loaded();
     // The first model answers to its [models] name too.
-    let first_id = (spec.config.models.iter())
-        .find(|(_, m)| {
-            store::resolve_served(&spec.config, Some(&m.model)).is_ok_and(|(_, p)| p == loaded.path)
-        })
+    let first_id = entry_for(&spec.config, &loaded.path)
         .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone());
-    let mlock = (spec.config.models.get(&first_id).and_then(|m| m.mlock))
+    let entry = spec.config.models.get(&first_id);
+    let mlock = (entry.and_then(|m| m.mlock))
         .or(spec.config.pool.mlock)
         .unwrap_or(false);
     let first = MemberSpec {
@@ -93,6 +92,7 @@ pub fn start_pool(
         n_ctx: spec.n_ctx,
         keep_alive: None,
         mlock,
+        threads: entry.and_then(|m| m.threads),
     };
     Pool::start(&spec.config, (first, engine), others, template, metrics)
 }
@@ -103,6 +103,15 @@ pub const PARALLEL_FROM: usize = 8;
 
 /// Resolves the model and backend and starts an engine counting into
 /// `metrics`; what the pool's other engines are made with.
+/// The `[models]` entry that serves the model file `path`, if one does.
+fn entry_for<'a>(
+    config: &'a kiln_registry::config::Config,
+    path: &std::path::Path,
+) -> Option<(&'a String, &'a kiln_registry::config::ModelEntry)> {
+    (config.models.iter())
+        .find(|(_, m)| store::resolve_served(config, Some(&m.model)).is_ok_and(|(_, p)| p == path))
+}
+
 fn start_engine(
     spec: &ServeSpec,
     fim: Option<FimTemplate>,
@@ -110,6 +119,7 @@ fn start_engine(
 ) -> Result<(Engine, Template), String> {
     let (id, path) =
         store::resolve_served(&spec.config, spec.model.as_deref()).map_err(|e| e.to_string())?;
+    let threads = entry_for(&spec.config, &path).and_then(|(_, m)| m.threads);
     let Chosen {
         executor: exec,
         label,
@@ -174,6 +184,7 @@ fn start_engine(
             draft_max: spec.settings.draft_max,
             draft_model,
             engine: spec.config.engine,
+            threads,
         },
     );
     Ok((engine, template))

@@ -327,6 +327,17 @@ impl Backend for CpuBackend {
 
     fn graph_compute(&self, device: u32, graph: &Graph<'_, CpuBuffer>) -> Result<(), BackendError> {
         self.check_device(device)?;
+        // The host's share of threads for this graph (ABI 1.3), on a pool
+        // of the calling thread's own; 0: the shared pool.
+        kernels::with_threads(graph.threads as usize, || self.compute(graph))?;
+        self.report();
+        Ok(())
+    }
+}
+
+impl CpuBackend {
+    /// Runs every op of `graph`.
+    fn compute(&self, graph: &Graph<'_, CpuBuffer>) -> Result<(), BackendError> {
         for i in 0..graph.n_ops() {
             let op = graph.op(i)?;
             let n_src = op.srcs().len();
@@ -366,7 +377,6 @@ impl Backend for CpuBackend {
                 e.1 += started.elapsed().as_secs_f64();
             }
         }
-        self.report();
         Ok(())
     }
 }

@@ -472,6 +472,7 @@ impl HostRun {
         backend: &Arc<Backend>,
         graph: &mut Graph<'_>,
         ops: Range<usize>,
+        threads: u32,
     ) -> Result<(), BackendError> {
         if !self
             .backend
@@ -545,7 +546,7 @@ impl HostRun {
             self.ops.push(raw);
         }
         handle
-            .graph_compute(0, &self.tensors, &self.ops)
+            .graph_compute(0, &self.tensors, &self.ops, threads)
             .map_err(|e| offset_op(e, ops.start))?;
         handle.synchronize(0)?;
         backend.count(&backend.stats.ops_run, ops.len() as u64);
@@ -643,6 +644,8 @@ pub struct Executor {
     upload_progress: Option<UploadProgress>,
     /// Runs on the built-in CPU (the target's, or the fallback's).
     host: Mutex<HostRun>,
+    /// CPU threads its graphs may use (0: the backend's choice).
+    threads: u32,
 }
 
 /// Told how the weights' upload to a device goes: (bytes sent, bytes in
@@ -664,7 +667,21 @@ impl Executor {
             lost_generation: Default::default(),
             upload_progress: None,
             host: Mutex::default(),
+            threads: 0,
         }
+    }
+
+    /// Lets this executor's graphs use `threads` CPU threads (the caller's
+    /// included) of a pool of the calling thread's own, where the backend
+    /// has threads (ABI 1.3); `None`: the backend's choice (on the
+    /// built-in CPU, the process's shared pool).
+    pub fn set_threads(&mut self, threads: Option<usize>) {
+        self.threads = threads.map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32);
+    }
+
+    /// What [`Self::set_threads`] set.
+    pub fn threads(&self) -> Option<usize> {
+        (self.threads > 0).then_some(self.threads as usize)
     }
 
     /// Runs `graph.ops[ops]` on `backend`, a built-in CPU.
@@ -675,7 +692,7 @@ impl Executor {
         ops: Range<usize>,
     ) -> Result<(), BackendError> {
         let mut host = self.host.lock().unwrap_or_else(|p| p.into_inner());
-        host.run(backend, graph, ops)
+        host.run(backend, graph, ops, self.threads)
     }
 
     /// Reports the weights' upload (once per session's weights) to `f`.
@@ -1017,7 +1034,7 @@ impl Executor {
         {
             let _device = self.target.lock_device(self.device);
             handle
-                .graph_compute(self.device, &tensors, &raw_ops)
+                .graph_compute(self.device, &tensors, &raw_ops, self.threads)
                 .map_err(|e| offset_op(e, ops.start))?;
             handle.synchronize(self.device)?;
         }

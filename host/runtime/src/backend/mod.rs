@@ -216,13 +216,16 @@ impl Handle {
         dispatch!(self, h => h.supports_op(device, op, tensors))
     }
 
+    /// Runs a graph on at most `threads` CPU threads (0: the backend's
+    /// choice; ABI 1.3's `KilnGraph.threads`).
     pub fn graph_compute(
         &self,
         device: u32,
         tensors: &[KilnTensor],
         ops: &[KilnOp],
+        threads: u32,
     ) -> Result<(), BackendError> {
-        dispatch!(self, h => h.graph_compute(device, tensors, ops))
+        dispatch!(self, h => h.graph_compute_threads(device, tensors, ops, threads))
     }
 
     pub fn synchronize(&self, device: u32) -> Result<(), BackendError> {

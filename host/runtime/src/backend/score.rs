@@ -188,7 +188,7 @@ fn time_graph(
         let _lock = backend.lock_device(device);
         let run = |n: usize| -> Result<Duration, BackendError> {
             let start = Instant::now();
-            h.graph_compute(device, &tensors, &ops[..n])?;
+            h.graph_compute(device, &tensors, &ops[..n], 0)?;
             h.synchronize(device)?;
             Ok(start.elapsed())
         };

@@ -1116,11 +1116,13 @@ impl Worker {
         self.call(Call::Supports, &e.0, |_| {}, |mut d, _| Ok(d.u32()? != 0))
     }
 
-    pub fn graph_compute(
+    /// `threads`: as `KilnGraph.threads` (0: the plugin's choice).
+    pub fn graph_compute_threads(
         &self,
         device: u32,
         tensors: &[KilnTensor],
         ops: &[KilnOp],
+        threads: u32,
     ) -> Result<(), BackendError> {
         let mut graph = Enc::default();
         graph.u32(tensors.len() as u32).u32(ops.len() as u32);
@@ -1142,7 +1144,11 @@ impl Worker {
         }
         self.call(
             Call::Compute,
-            &Enc::default().u32(device).u64(graph.0.len() as u64).0,
+            &Enc::default()
+                .u32(device)
+                .u64(graph.0.len() as u64)
+                .u32(threads)
+                .0,
             |arena| arena[..graph.0.len()].copy_from_slice(&graph.0),
             |_, _| Ok(()),
         )
@@ -1446,6 +1452,7 @@ fn serve_call(
         }
         Call::Compute => {
             let (device, len) = (d.u32().map_err(bad)?, d.u64().map_err(bad)?);
+            let threads = d.u32().map_err(bad)?;
             let n = in_arena(len)?;
             let mut g = Dec { b: &arena[..n] };
             let (nt, no) = (g.u32().map_err(bad)?, g.u32().map_err(bad)?);
@@ -1460,7 +1467,7 @@ fn serve_call(
             let ops = (0..no)
                 .map(|_| g.op().map_err(bad))
                 .collect::<Result<Vec<_>, _>>()?;
-            handle.graph_compute(device, &tensors, &ops)?;
+            handle.graph_compute_threads(device, &tensors, &ops, threads)?;
             handle.synchronize(device)?;
         }
         Call::WriteInline => {

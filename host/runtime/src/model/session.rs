@@ -447,6 +447,13 @@ impl Session {
         }
     }
 
+    /// Runs this session's graphs on `threads` CPU threads of a pool of
+    /// the calling thread's own (a model served beside others, on its
+    /// share of the cores); `None`: the process's shared pool.
+    pub fn set_threads(&mut self, threads: Option<usize>) {
+        self.exec.set_threads(threads);
+    }
+
     /// Sets the tokens a prompt is evaluated in per graph (at least 1;
     /// [`DEFAULT_BATCH`] by default): larger batches use the weights
     /// more per pass and need more work space. The logits do not depend

@@ -151,7 +151,7 @@ mod topology;
 
 pub use activations::row_fns;
 pub use q8::Q8Row;
-pub use threads::{parallel_for, set_threads, threads};
+pub use threads::{parallel_for, set_threads, threads, with_threads};
 pub use topology::default_threads;
 
 use crate::ops::View;

@@ -525,6 +525,57 @@ fn workers_asleep_between_ops_wake_for_the_next_one() {
     );
 }
 
+/// The live threads of this process named `prefix…`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with(prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A graph given its own threads runs on a pool of its calling thread's
+/// own, of that many threads, and the shared pool stays as it was; the
+/// pool's workers end with the thread.
+#[test]
+fn a_thread_may_run_its_ops_on_a_pool_of_its_own() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _pool = pool_to_myself();
+    let shared = threads();
+    let owner = std::thread::spawn(move || {
+        let mut most = 0;
+        for _ in 0..50 {
+            let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+            let sum = AtomicUsize::new(0);
+            with_threads(3, || {
+                assert_eq!(threads(), 3);
+                threads::parallel_for(1000, 1 << 20, &|r| {
+                    seen.lock().unwrap().insert(std::thread::current().id());
+                    sum.fetch_add(r.sum::<usize>(), Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                });
+            });
+            assert_eq!(sum.into_inner(), 999 * 1000 / 2);
+            most = most.max(seen.into_inner().unwrap().len());
+        }
+        assert_eq!(threads(), shared, "outside, the shared pool");
+        (most, threads_named("kiln-own"))
+    });
+    let (most, workers) = owner.join().unwrap();
+    assert!((2..=3).contains(&most), "{most} threads took part");
+    assert_eq!(workers, 2, "its pool's workers while the thread lived");
+    let start = std::time::Instant::now();
+    while threads_named("kiln-own") > 0 && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(threads_named("kiln-own"), 0, "its workers outlived it");
+}
+
 #[test]
 fn weights_the_kernels_cannot_walk_fall_back_to_the_reference() {
     // Every weight type has a kernel; a transposed view (elements not

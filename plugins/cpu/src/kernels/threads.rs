@@ -6,6 +6,13 @@
 //! and big.LITTLE CPUs, fast) core the process may use
 //! ([`super::topology`]); [`set_threads`] changes it (before or between
 //! ops).
+//!
+//! A graph may instead run on a pool of its calling thread's own
+//! ([`with_threads`], ABI 1.3's `KilnGraph.threads`): each of the models
+//! a host runs side by side on its share of the cores, rather than one
+//! of them on its caller alone (the shared pool serves one dispatch at a
+//! time). That pool is kept for the thread's next graph; its workers end
+//! with the thread.
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -56,6 +63,8 @@ struct State {
     /// when someone sleeps (most jobs start and end while all spin).
     sleepers: usize,
     dispatcher_sleeps: bool,
+    /// The pool was dropped: its workers end.
+    shutdown: bool,
 }
 
 #[derive(Default)]
@@ -87,13 +96,41 @@ fn spin_until(ready: impl Fn() -> bool) {
 }
 
 struct Pool {
+    /// Its workers' name: `kiln-cpu-N` (the shared pool), `kiln-own-N`.
+    name: &'static str,
     shared: Arc<Shared>,
     /// One dispatch at a time; a second concurrent caller runs inline.
     dispatch: Mutex<()>,
     threads: AtomicUsize,
 }
 
-fn pool() -> &'static Pool {
+impl Pool {
+    fn new(name: &'static str, threads: usize) -> Pool {
+        Pool {
+            name,
+            shared: Arc::default(),
+            dispatch: Mutex::new(()),
+            threads: AtomicUsize::new(threads.max(1)),
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.shutdown = true;
+        // A spinning worker sees a new generation, then the flag.
+        st.generation += 1;
+        self.shared
+            .generation
+            .store(st.generation, Ordering::Release);
+        drop(st);
+        self.shared.wake.notify_all();
+    }
+}
+
+/// The process's shared pool.
+fn shared_pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let n = std::env::var("KILN_THREADS")
@@ -101,23 +138,66 @@ fn pool() -> &'static Pool {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n >= 1)
             .unwrap_or_else(super::topology::default_threads);
-        Pool {
-            shared: Arc::default(),
-            dispatch: Mutex::new(()),
-            threads: AtomicUsize::new(n),
-        }
+        Pool::new("kiln-cpu", n)
     })
 }
 
-/// Threads an op may use (the caller included).
-pub fn threads() -> usize {
-    pool().threads.load(Ordering::Relaxed)
+thread_local! {
+    /// The calling thread's own pool ([`with_threads`]), kept between
+    /// graphs.
+    static OWN: std::cell::RefCell<Option<Arc<Pool>>> = const { std::cell::RefCell::new(None) };
+    /// Whether the ops running on this thread now use [`OWN`].
+    static USE_OWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Sets the thread count (at least 1). Workers are spawned as needed and
-/// kept; extra ones idle.
+/// `f` with the pool the ops on the calling thread use now.
+fn with_pool<R>(f: impl FnOnce(&Pool) -> R) -> R {
+    let own = if USE_OWN.get() {
+        OWN.with(|o| o.borrow().clone())
+    } else {
+        None
+    };
+    match own {
+        Some(p) => f(&p),
+        None => f(shared_pool()),
+    }
+}
+
+/// Runs `f`, whose ops use `n` threads (the caller included) of a pool of
+/// the calling thread's own, kept for its next call; `n == 0`: the
+/// shared pool.
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    if n == 0 {
+        return f();
+    }
+    OWN.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.as_ref()
+            .is_none_or(|p| p.threads.load(Ordering::Relaxed) != n)
+        {
+            *o = Some(Arc::new(Pool::new("kiln-own", n)));
+        }
+    });
+    /// Puts the flag back, however `f` ends.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            USE_OWN.set(self.0);
+        }
+    }
+    let _restore = Restore(USE_OWN.replace(true));
+    f()
+}
+
+/// Threads an op on the calling thread may use (the caller included).
+pub fn threads() -> usize {
+    with_pool(|p| p.threads.load(Ordering::Relaxed))
+}
+
+/// Sets the shared pool's thread count (at least 1). Workers are spawned
+/// as needed and kept; extra ones idle.
 pub fn set_threads(n: usize) {
-    pool().threads.store(n.max(1), Ordering::Relaxed);
+    shared_pool().threads.store(n.max(1), Ordering::Relaxed);
 }
 
 fn run_chunks(job: &Job, next: &AtomicUsize) {
@@ -140,6 +220,9 @@ fn worker(shared: Arc<Shared>, index: usize) {
         let job = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             loop {
+                if st.shutdown {
+                    return;
+                }
                 if st.generation != seen {
                     seen = st.generation;
                     if index < st.active
@@ -168,7 +251,10 @@ fn worker(shared: Arc<Shared>, index: usize) {
 /// [`threads`] threads, and returns when all are done. `work` (roughly the
 /// multiply-adds) decides whether waking the pool pays.
 pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync + '_)) {
-    let pool = pool();
+    with_pool(|pool| dispatch(pool, len, work, task));
+}
+
+fn dispatch(pool: &Pool, len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync + '_)) {
     let n = pool.threads.load(Ordering::Relaxed).min(len);
     if n <= 1 || work < MIN_PARALLEL_WORK {
         task(0..len);
@@ -203,7 +289,7 @@ pub fn parallel_for(len: usize, work: usize, task: &(dyn Fn(Range<usize>) + Sync
         while st.spawned < n - 1 {
             let (s, i) = (shared.clone(), st.spawned);
             std::thread::Builder::new()
-                .name(format!("kiln-cpu-{i}"))
+                .name(format!("{}-{i}", pool.name))
                 .spawn(move || worker(s, i))
                 .expect("spawn a CPU worker thread");
             st.spawned += 1;
