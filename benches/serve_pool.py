@@ -13,7 +13,10 @@ p50/p99 end-to-end latency per phase, the pauses, and the memory the
 loaded models need against the pool's budget, as JSON.
 
     python3 benches/serve_pool.py target/release/kiln MODEL [--chat-model M2] [--count 40]
-        [--parallel-models true|false]
+        [--parallel-models true|false] [--threads-per-model N]
+
+`--threads-per-model N` gives each model N CPU threads of its own
+(`[models.NAME] threads`); without it they share the process's pool.
 """
 
 import argparse
@@ -100,14 +103,20 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--parallel-models", choices=["true", "false"],
                     help="[pool] parallel_models (default: kiln's, by the CPU threads)")
+    ap.add_argument("--threads-per-model", type=int,
+                    help="[models.NAME] threads for each model (default: the shared pool)")
     a = ap.parse_args()
 
     home = tempfile.mkdtemp(prefix="kiln-pool-bench-")
     with open(os.path.join(home, "config.toml"), "w") as f:
         if a.parallel_models:
             f.write(f"[pool]\nparallel_models = {a.parallel_models}\n\n")
+        threads = f"threads = {a.threads_per_model}\n" if a.threads_per_model else ""
+        if a.threads_per_model:
+            # The first model answers to this name, and takes its threads.
+            f.write(f'[models.inline]\nmodel = {json.dumps(a.model)}\n{threads}\n')
         if a.chat_model:
-            f.write(f'[models.chat]\nmodel = {json.dumps(a.chat_model)}\n\n'
+            f.write(f'[models.chat]\nmodel = {json.dumps(a.chat_model)}\n{threads}\n'
                     '[[routes]]\nkind = "chat"\nmodels = ["chat"]\n')
     env = dict(os.environ, KILN_HOME=home)
     srv = subprocess.Popen([a.kiln, "serve", "--model", a.model, "--http", "127.0.0.1:0"],
@@ -124,10 +133,12 @@ def main():
         inline_latencies(addr, 4, a.max_tokens, 10_000)
         result = {"model": a.model, "chat_model": a.chat_model, "count": a.count,
                   "parallel_models": a.parallel_models,
-                  "max_tokens": a.max_tokens, "threads": os.environ.get("KILN_THREADS")}
+                  "max_tokens": a.max_tokens, "threads": os.environ.get("KILN_THREADS"),
+                  "threads_per_model": a.threads_per_model}
         alone = inline_latencies(addr, a.count, a.max_tokens, 0)
         result["alone"] = {"p50_ms": pct(alone, 50), "p99_ms": pct(alone, 99)}
-        first = os.path.splitext(os.path.basename(a.model))[0]
+        first = ("inline" if a.threads_per_model
+                 else os.path.splitext(os.path.basename(a.model))[0])
         phases = [("with_chat_same_model", first)]
         if a.chat_model:
             phases.append(("with_chat_other_model", "chat"))
