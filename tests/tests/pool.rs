@@ -849,3 +849,63 @@ fn a_model_with_threads_of_its_own_runs_on_them_and_answers_the_same() {
         "{text}"
     );
 }
+
+/// `kiln serve --max-memory` sets the pool's budget over `[pool]
+/// max_memory_mb` (and keeps it through a reload); a first model larger
+/// than it is refused at the start, naming the flag.
+#[test]
+fn the_command_lines_memory_budget_wins_over_the_config() {
+    let home = Home::default();
+    configure(&home, "[pool]\nmax_memory_mb = 100000\n");
+    let demo = demo_model();
+    let srv = http_server_args(
+        &home,
+        &["--model", demo.to_str().unwrap(), "--max-memory", "1.5G"],
+        &[],
+    );
+    let budget = || metric(&metrics(&srv.addr), "kiln:pool_budget_bytes ");
+    assert_eq!(budget(), (1536u64 << 20) as f64);
+    // SIGHUP: config.toml read again (its new model served); the flag
+    // still wins.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = demo_copy(dir.path(), "extra");
+    configure(
+        &home,
+        &format!(
+            "[pool]\nmax_memory_mb = 200000\n\n[models.extra]\nmodel = {:?}\n",
+            extra.display()
+        ),
+    );
+    // SAFETY: a plain kill(2) of the child we started.
+    let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !models(&srv.addr).iter().any(|m| m["id"] == "extra") {
+        assert!(Instant::now() < deadline, "config.toml was not read again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(budget(), (1536u64 << 20) as f64);
+    drop(srv);
+
+    let out = home.kiln(&[
+        "serve",
+        "--model",
+        demo.to_str().unwrap(),
+        "--http",
+        "127.0.0.1:0",
+        "--max-memory",
+        "1M",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("but the pool's budget (--max-memory) is 1 MiB"),
+        "{err}"
+    );
+    let out = home.kiln(&["serve", "--max-memory", "12X"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not a size"),
+        "{err}"
+    );
+}

@@ -324,6 +324,9 @@ struct Layout {
     /// Chains by index into `members`; the last takes every request.
     routes: Vec<Route>,
     budget: u64,
+    /// Where the budget comes from, for messages: `--max-memory`,
+    /// `[pool] max_memory_mb`, or the memory available at the start.
+    budget_from: &'static str,
     cooldown: Duration,
     config: Config,
 }
@@ -335,6 +338,9 @@ struct Inner {
     /// The budget when `[pool] max_memory_mb` is not set: what was free at
     /// the start, and what the first model took of it.
     auto_budget: u64,
+    /// `kiln serve --max-memory` in MiB: wins over `[pool] max_memory_mb`,
+    /// through reloads too.
+    max_memory_mb: Option<u64>,
     template: Template,
     metrics: Arc<Metrics>,
     /// Held while a model loads or is unloaded.
@@ -380,6 +386,7 @@ impl Pool {
         others: Vec<MemberSpec>,
         template: Template,
         metrics: Arc<Metrics>,
+        max_memory_mb: Option<u64>,
     ) -> Result<Pool, String> {
         let (spec, engine) = first;
         let loaded = engine.loaded();
@@ -413,14 +420,18 @@ impl Pool {
             .map(|b| b.total_bytes);
         // What was free, and what the first model took of it.
         let auto_budget = available.map_or(u64::MAX, |a| a + first_need.unwrap_or(0));
-        let layout = layout(config, &fixed, None, auto_budget)?;
+        let budgets = Budgets {
+            cli_mb: max_memory_mb,
+            auto: auto_budget,
+        };
+        let layout = layout(config, &fixed, None, budgets)?;
         if let Some(need) = first_need.filter(|&n| n > layout.budget) {
             return Err(format!(
-                "{} needs {} MiB but [pool] max_memory_mb is {} MiB; raise it in {}, or serve a smaller model or context",
+                "{} needs {} MiB but the pool's budget ({}) is {} MiB; raise it, or serve a smaller model or context",
                 fixed[0].id,
                 need / MIB,
+                layout.budget_from,
                 layout.budget / MIB,
-                config.config_file.display()
             ));
         }
         let pool = Pool {
@@ -428,6 +439,7 @@ impl Pool {
                 layout: std::sync::RwLock::new(Arc::new(layout)),
                 fixed,
                 auto_budget,
+                max_memory_mb,
                 template,
                 metrics,
                 loading: Mutex::new(()),
@@ -465,7 +477,11 @@ impl Pool {
         let inner = &self.inner;
         let _loading = lock(&inner.loading);
         let old = inner.layout();
-        let new = layout(config, &inner.fixed, Some(&old), inner.auto_budget)?;
+        let budgets = Budgets {
+            cli_mb: inner.max_memory_mb,
+            auto: inner.auto_budget,
+        };
+        let new = layout(config, &inner.fixed, Some(&old), budgets)?;
         let gone: Vec<Arc<Member>> = (old.members.iter())
             .filter(|m| !new.members.iter().any(|n| Arc::ptr_eq(m, n)))
             .cloned()
@@ -717,11 +733,19 @@ fn keep_alive_of(config: &Config) -> Duration {
 /// The models and routes `config` says, beside the `fixed` ones; a
 /// `[models]` entry unchanged since `old` keeps its member (loaded or not,
 /// with its health).
+/// Where a pool's budget may come from, in order: the command line
+/// (MiB), `[pool] max_memory_mb`, what was available at the start.
+#[derive(Clone, Copy)]
+struct Budgets {
+    cli_mb: Option<u64>,
+    auto: u64,
+}
+
 fn layout(
     config: &Config,
     fixed: &[Arc<Member>],
     old: Option<&Layout>,
-    auto_budget: u64,
+    budgets: Budgets,
 ) -> Result<Layout, String> {
     config.require_valid()?;
     let file = config.config_file.display();
@@ -810,10 +834,13 @@ fn layout(
     Ok(Layout {
         members,
         routes,
-        budget: config
-            .pool
-            .max_memory_mb
-            .map_or(auto_budget, |mb| mb.saturating_mul(MIB)),
+        budget: (budgets.cli_mb.or(config.pool.max_memory_mb))
+            .map_or(budgets.auto, |mb| mb.saturating_mul(MIB)),
+        budget_from: match (budgets.cli_mb, config.pool.max_memory_mb) {
+            (Some(_), _) => "--max-memory",
+            (None, Some(_)) => "[pool] max_memory_mb",
+            (None, None) => "the memory available at the start; set [pool] max_memory_mb",
+        },
         cooldown: config
             .pool
             .cooldown_seconds
@@ -1010,9 +1037,10 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     };
     if need.total_bytes > budget {
         return Err(format!(
-            "needs {} but the pool's budget is {} MiB ([pool] max_memory_mb); raise it, give it a smaller ctx, or use a smaller quantization",
+            "needs {} but the pool's budget is {} MiB ({}); raise it, give it a smaller ctx, or use a smaller quantization",
             what(),
-            mib(budget)
+            mib(budget),
+            layout.budget_from
         ));
     }
     // Room: unload idle models, least recently used first (waiting a
@@ -1038,10 +1066,11 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
                 continue;
             }
             return Err(format!(
-                "needs {} but {} MiB of the pool's {} MiB are held by models in use ({}); wait, or raise [pool] max_memory_mb",
+                "needs {} but {} MiB of the pool's {} MiB ({}) are held by models in use ({}); wait, or raise it",
                 what(),
                 mib(used),
                 mib(budget),
+                layout.budget_from,
                 (layout.members.iter())
                     .filter(|o| lock(&o.slot).engine.is_some())
                     .map(|o| o.id.as_str())

@@ -32,6 +32,9 @@ pub struct ServeSpec {
     pub draft_model: Option<String>,
     /// Where `/metrics` is served beside the language server, if anywhere.
     pub metrics_address: Option<String>,
+    /// `--max-memory`, in MiB: the pool's budget (over `[pool]
+    /// max_memory_mb`).
+    pub max_memory_mb: Option<u64>,
 }
 
 /// Resolves the models and backend and starts the pool, its first
@@ -94,7 +97,14 @@ pub fn start_pool(
         mlock,
         threads: entry.and_then(|m| m.threads),
     };
-    Pool::start(&spec.config, (first, engine), others, template, metrics)
+    Pool::start(
+        &spec.config,
+        (first, engine),
+        others,
+        template,
+        metrics,
+        spec.max_memory_mb,
+    )
 }
 
 /// CPU threads from which a pool's models run at once by default

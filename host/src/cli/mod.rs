@@ -103,6 +103,13 @@ enum Command {
         /// KV cache size in tokens (default: the model's, at most 4096).
         #[arg(long)]
         ctx: Option<usize>,
+        /// Memory the served models may take together (weights, KV caches,
+        /// work space): MiB, or a size such as 6G or 512M (default:
+        /// config.toml's `[pool] max_memory_mb`, else what is available
+        /// at the start). Idle models are unloaded for room; a model that
+        /// cannot fit is refused.
+        #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+        max_memory: Option<u64>,
         /// KV cache type: f16, q8_0 or q4_0 (default: config.toml's
         /// `[kv_cache]` for the model, else f16).
         #[arg(long, value_parser = parse_kv_type)]
@@ -909,6 +916,7 @@ fn run(command: Command) -> CliResult {
             dashboard_interval,
             backend,
             ctx,
+            max_memory,
             kv_type,
             fim_template,
             max_tokens,
@@ -977,6 +985,7 @@ fn run(command: Command) -> CliResult {
                     settings,
                     draft_model,
                     metrics_address: None,
+                    max_memory_mb: max_memory,
                 },
                 serve::Listen {
                     http: http.as_deref(),
@@ -1460,6 +1469,31 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `--kv-type`'s parser.
+/// A size in MiB: a number of MiB, or one with a unit (`K`, `M`, `G`,
+/// `T`, optionally followed by `iB` or `B`; all binary), at least 1 MiB.
+fn parse_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad =
+        || format!("{text:?} is not a size: give MiB (6144) or a number with a unit (6G, 512M)");
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => 1.0,
+        "K" | "KB" | "KIB" => 1.0 / 1024.0,
+        "G" | "GB" | "GIB" => 1024.0,
+        "T" | "TB" | "TIB" => 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let mib = (n * scale).floor();
+    if !mib.is_finite() || mib < 1.0 {
+        return Err(format!("{text:?} is less than 1 MiB"));
+    }
+    Ok(mib as u64)
+}
+
 fn parse_kv_type(name: &str) -> Result<kiln_plugin_api::DType, String> {
     kiln_runtime::model::forward::KvCache::parse_type(name)
 }
@@ -1501,6 +1535,25 @@ mod tests {
     fn bytes_read_like_people_write_them() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn sizes_read_as_mib() {
+        for (text, mib) in [
+            ("6144", 6144),
+            ("6G", 6144),
+            ("1.5GiB", 1536),
+            ("512M", 512),
+            ("512 MB", 512),
+            ("2048K", 2),
+            ("1T", 1 << 20),
+        ] {
+            assert_eq!(parse_mib(text), Ok(mib), "{text}");
+        }
+        for bad in ["", "G", "12X", "512B", "-1G"] {
+            assert!(parse_mib(bad).unwrap_err().contains("not a size"), "{bad}");
+        }
+        assert!(parse_mib("0.5M").unwrap_err().contains("less than 1 MiB"));
     }
 
     #[test]

@@ -546,14 +546,22 @@ impl FloatRowsWriter {
     }
 }
 
+/// Whether products with `weights` take Q8_K activation rows (the
+/// K-quants and IQ4_XS), not Q8_0 ones.
+const fn has_q8k_rows(weights: DType) -> bool {
+    matches!(
+        weights,
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS
+    )
+}
+
 impl Prepared<'_> {
     /// A quantized row for `weights` (not float weights: [`FloatRows`]).
     fn new(weights: DType, k: usize) -> Prepared<'static> {
-        match weights {
-            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
-                Prepared::Q8K(kquant::Q8KRow::new(k))
-            }
-            _ => Prepared::Q8(Q8Row::new(k, weights)),
+        if has_q8k_rows(weights) {
+            Prepared::Q8K(kquant::Q8KRow::new(k))
+        } else {
+            Prepared::Q8(Q8Row::new(k, weights))
         }
     }
 
@@ -665,9 +673,10 @@ impl KeptRows {
     /// `n` quantized rows for `weights` of `k` columns, reusing the rows
     /// (and their buffers) kept for that kind of weights.
     fn prepare(&mut self, weights: DType, k: usize, n: usize) -> &mut [Prepared<'static>] {
-        let rows = match Prepared::new(weights, 0) {
-            Prepared::Q8(_) => &mut self.q8,
-            _ => &mut self.q8k,
+        let rows = if has_q8k_rows(weights) {
+            &mut self.q8k
+        } else {
+            &mut self.q8
         };
         for row in rows.iter_mut().take(n) {
             match row {
