@@ -367,6 +367,8 @@ fn the_editor_switches_and_rolls_back_models_through_the_server() {
         "coder",
     ]);
     home.ok(&["models", "add", v2.to_str().unwrap(), "--name", "coder"]);
+    // Each version served is locked in memory.
+    std::fs::write(home.path().join("config.toml"), "[pool]\nmlock = true\n").unwrap();
     // No --model: the registry's active model (coder@2, the newest).
     let mut c = Client::spawn({
         let mut cmd = home.command(&["serve"]);
@@ -387,6 +389,7 @@ fn the_editor_switches_and_rolls_back_models_through_the_server() {
         .unwrap();
     assert_eq!(r["result"]["serving"], "coder@1", "{r}");
     assert_eq!(status(&mut c)["model"], "coder@1");
+
     // Completions go on with the new model.
     let uri = format!("file://{}/x.py", home.path().display());
     open(&mut c, &uri, "x = 1\n");
@@ -397,6 +400,21 @@ fn the_editor_switches_and_rolls_back_models_through_the_server() {
     let served = r["result"]["kiln"]["completion"]
         .as_str()
         .map(str::to_string);
+    // coder@1's weights are the ones locked now (coder@2's went with its
+    // session, which the completion replaced).
+    // SAFETY: a plain libc call.
+    if unsafe { libc::geteuid() } == 0 {
+        let models = c.request("kiln/models", Value::Null).unwrap();
+        let first = &models["result"]["served"][0];
+        let size = std::fs::metadata(demo_model()).unwrap().len();
+        assert_eq!(first["locked_bytes"], size, "{first:#}");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.pid())).unwrap();
+        let locked: u64 = (status.lines())
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert!(locked << 10 >= size, "VmLck {locked} kB < {size} bytes");
+    }
     let r = c
         .request("kiln/rollbackModel", json!({"name": "coder"}))
         .unwrap();

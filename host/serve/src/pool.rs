@@ -1145,6 +1145,26 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
 
 /// Locks `loaded`'s weights in memory; a refusal (the `ulimit -l` limit,
 /// no `CAP_IPC_LOCK`) is said and the model served unlocked.
+impl Pool {
+    /// Serves `loaded` in place of the first model (another version
+    /// activated, or its FIM template changed), its weights locked in
+    /// memory where the first model asks for it, as at its load.
+    pub fn replace_first(&self, loaded: Loaded) {
+        let m = &self.inner.fixed[0];
+        let locked = if m.mlock {
+            lock_weights(&loaded)
+        } else {
+            Ok(0)
+        };
+        let mut slot = lock(&m.slot);
+        slot.path = Some(loaded.path.clone());
+        slot.locked = locked;
+        if let Some(e) = &slot.engine {
+            e.replace_model(loaded);
+        }
+    }
+}
+
 fn lock_weights(loaded: &Loaded) -> Result<u64, String> {
     loaded.model.file.lock_in_memory().map_err(|e| {
         let why = format!(

@@ -579,7 +579,10 @@ impl Server {
                         e.target(),
                         e.device(),
                     ) {
-                        e.replace_model(new);
+                        match &self.pool {
+                            Some(p) => p.replace_first(new),
+                            None => e.replace_model(new),
+                        }
                     }
                 }
                 self.settings = s;
@@ -1249,8 +1252,10 @@ impl Server {
         );
         match Loaded::load(id.clone(), path, fim, &target, device) {
             Ok(l) => {
-                if let Some(e) = &self.engine {
-                    e.replace_model(l);
+                match (&self.pool, &self.engine) {
+                    (Some(p), _) => p.replace_first(l),
+                    (None, Some(e)) => e.replace_model(l),
+                    (None, None) => {}
                 }
                 result["serving"] = json!(id);
                 self.out.log(3, &format!("kiln: now serving {id}"));
