@@ -909,3 +909,122 @@ fn the_command_lines_memory_budget_wins_over_the_config() {
         "{err}"
     );
 }
+
+/// Models on a plugin's device count against that device's budget
+/// (`[pool] max_device_memory_mb`, else its free memory): loading one
+/// there that would not fit unloads the least recently used idle one
+/// there, while the host's budget counts only their host copies; a model
+/// larger than the device's budget is refused, naming the device.
+#[test]
+fn models_on_a_device_stay_within_its_memory_budget() {
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture", &[]);
+    let pdir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", pdir.to_str().unwrap()]);
+    home.ok(&["backends"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        demo_copy(dir.path(), "a"),
+        demo_copy(dir.path(), "b"),
+        demo_copy(dir.path(), "c"),
+    );
+    // `mark` names a model only listed: it shows when the file was read.
+    let models = |extra: &str, mark: &str| {
+        format!(
+            "{extra}[models.a]\nmodel = {:?}\nbackend = \"accel\"\n\
+             [models.b]\nmodel = {:?}\nbackend = \"accel\"\n\
+             [models.c]\nmodel = {:?}\nbackend = \"accel\"\n\
+             [models.{mark}]\nmodel = {:?}\n",
+            a.display(),
+            b.display(),
+            c.display(),
+            a.display()
+        )
+    };
+    configure(&home, &models("", "mark0"));
+    let srv = http_server_args(
+        &home,
+        &[
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+        &[],
+    );
+    let ask = |m: &str| {
+        complete(
+            &srv.addr,
+            json!({"model": m, "prompt": "x = ", "max_tokens": 2, "temperature": 0}),
+        )
+    };
+    // Without a device budget: the fixture's free memory (512 MiB) holds
+    // both.
+    assert_eq!(ask("a").0, 200);
+    let list = self::models(&srv.addr);
+    let need = model(&list, "a")["kiln"]["need_bytes"].as_u64().unwrap();
+    assert_eq!(model(&list, "a")["kiln"]["device"], "accel:0", "{list:#?}");
+    assert_eq!(ask("b").0, 200);
+    let list = self::models(&srv.addr);
+    assert_eq!(model(&list, "a")["kiln"]["loaded"], true);
+    assert_eq!(model(&list, "b")["kiln"]["loaded"], true);
+    // The host holds only their KV caches and work space (and the CPU's
+    // first model): less than the three models' whole needs.
+    let used = metric(&metrics(&srv.addr), "kiln:pool_memory_bytes ");
+    assert!(used < 3.0 * need as f64, "{used} of {need}");
+
+    // A device budget for two and a half of them: loading `c` unloads
+    // `a`, the least recently used there.
+    let mib = (need * 5 / 2).div_ceil(1 << 20);
+    let reload = |text: String, mark: &str| {
+        configure(&home, &text);
+        // SAFETY: a plain kill(2) of the child we started.
+        let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
+        assert_eq!(sent, 0);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self::models(&srv.addr).iter().any(|m| m["id"] == mark) {
+            assert!(Instant::now() < deadline, "config.toml was not read again");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    reload(
+        models(
+            &format!("[pool]\nmax_device_memory_mb = {mib}\n\n"),
+            "mark1",
+        ),
+        "mark1",
+    );
+    assert_eq!(ask("c").0, 200);
+    let list = self::models(&srv.addr);
+    let loaded = |m: &str| model(&list, m)["kiln"]["loaded"].as_bool().unwrap();
+    assert!(!loaded("a") && loaded("b") && loaded("c"), "{list:#?}");
+    assert!(
+        loaded("demo"),
+        "the CPU's model is not the device's to unload"
+    );
+    let m = metrics(&srv.addr);
+    assert!(
+        metric(
+            &m,
+            "kiln:model_unloads_total{model=\"a\",reason=\"budget\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // Smaller than one model: refused, naming the device.
+    reload(
+        models("[pool]\nmax_device_memory_mb = 1\n\n", "mark2"),
+        "mark2",
+    );
+    // (A prompt not answered before: the offline cache has nothing.)
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"model": "a", "prompt": "y = ", "max_tokens": 2}),
+    );
+    assert_eq!(code, 503, "{v:#}");
+    let text = v.to_string();
+    assert!(
+        text.contains("of accel:0's memory but the pool's budget there is 1 MiB"),
+        "{text}"
+    );
+}

@@ -135,6 +135,11 @@ pub struct PoolConfig {
     /// system never pages them out (default false).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mlock: Option<bool>,
+    /// MiB of each plugin device's memory the models loaded there may
+    /// take together: weights, KV cache, work space (default: what the
+    /// device had free when the pool first loaded a model there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_device_memory_mb: Option<u64>,
 }
 
 /// What a request is, for routing.
@@ -865,6 +870,12 @@ fn check_pool(
                 "[models.{name}] threads = {t}: give 1 to 1024 (leave it out for the shared pool)"
             ));
         }
+    }
+    if pool.max_device_memory_mb == Some(0) {
+        return Some(
+            "[pool] max_device_memory_mb = 0: give MiB (leave it out for each device's free memory)"
+                .into(),
+        );
     }
     if pool.max_memory_mb == Some(0) {
         return Some(

@@ -193,6 +193,9 @@ struct Slot {
     last_used: Instant,
     /// Bytes of its weights locked in memory, or why they could not be.
     locked: Result<u64, String>,
+    /// The plugin device it is loaded on (`BACKEND:DEVICE`), whose
+    /// memory holds its weights, KV cache and work space; `None`: the CPU.
+    device: Option<String>,
 }
 
 /// One member's state, for `kiln/status`, `/v1/models` and `kiln/models`.
@@ -221,6 +224,8 @@ pub struct MemberStatus {
     /// CPU threads of its own (`[models.NAME] threads`); `None`: the
     /// shared pool.
     pub threads: Option<usize>,
+    /// The plugin device holding it while loaded (`None`: the CPU).
+    pub device: Option<String>,
 }
 
 /// A request's route: the models that may answer it, in order.
@@ -341,6 +346,10 @@ struct Inner {
     /// `kiln serve --max-memory` in MiB: wins over `[pool] max_memory_mb`,
     /// through reloads too.
     max_memory_mb: Option<u64>,
+    /// Per plugin device (`BACKEND:DEVICE`), its budget when `[pool]
+    /// max_device_memory_mb` is not set: its free memory when a model
+    /// first loaded there, and what the pool's models held there then.
+    device_budgets: Mutex<std::collections::HashMap<String, u64>>,
     template: Template,
     metrics: Arc<Metrics>,
     /// Held while a model loads or is unloaded.
@@ -395,6 +404,8 @@ impl Pool {
         } else {
             Ok(0)
         };
+        let device = (!engine.target().is_builtin())
+            .then(|| format!("{}:{}", engine.target().name(), engine.device()));
         let first = Arc::new(Member {
             pinned: true,
             slot: Mutex::new(Slot {
@@ -403,6 +414,7 @@ impl Pool {
                 path: Some(loaded.path.clone()),
                 last_used: Instant::now(),
                 locked,
+                device,
             }),
             ..Member::new(spec, Duration::MAX)
         });
@@ -440,6 +452,7 @@ impl Pool {
                 fixed,
                 auto_budget,
                 max_memory_mb,
+                device_budgets: Mutex::default(),
                 template,
                 metrics,
                 loading: Mutex::new(()),
@@ -546,6 +559,7 @@ impl Pool {
                     },
                     lock_error: slot.locked.as_ref().err().cloned(),
                     threads: m.threads,
+                    device: slot.engine.as_ref().and(slot.device.clone()),
                 }
             })
             .collect()
@@ -850,6 +864,35 @@ fn layout(
 }
 
 impl Inner {
+    /// Device `key`'s budget for the pool's models, and where it comes
+    /// from: `[pool] max_device_memory_mb`, else what the device had free
+    /// when a model first loaded there (asked through `device_memory`,
+    /// else as it enumerated) plus what the pool held there then.
+    fn device_budget(
+        &self,
+        layout: &Layout,
+        key: &str,
+        target: &Backend,
+        device: u32,
+    ) -> (u64, &'static str) {
+        if let Some(mb) = layout.config.pool.max_device_memory_mb {
+            return (mb.saturating_mul(MIB), "[pool] max_device_memory_mb");
+        }
+        let from = "its free memory when the pool first loaded a model there; set [pool] max_device_memory_mb";
+        let mut budgets = lock(&self.device_budgets);
+        let budget = *budgets.entry(key.to_string()).or_insert_with(|| {
+            let free = match target.handle().device_memory(device) {
+                Some(Ok((free, _))) => free,
+                _ => target
+                    .devices
+                    .get(device as usize)
+                    .map_or(0, |d| d.free_memory),
+            };
+            free + layout.used_on(key)
+        });
+        (budget, from)
+    }
+
     /// The models and routes in force now.
     fn layout(&self) -> Arc<Layout> {
         self.layout
@@ -860,13 +903,29 @@ impl Inner {
 }
 
 impl Layout {
-    /// Bytes the loaded models need together.
+    /// Host memory the loaded models need together: all of a model's
+    /// on the CPU, the copies of the KV cache and work space of one on a
+    /// plugin's device.
     fn used(&self) -> u64 {
         (self.members.iter())
             .map(|m| {
                 let s = lock(&m.slot);
+                match (&s.engine, &s.need, &s.device) {
+                    (Some(_), Some(b), None) => b.total_bytes,
+                    (Some(_), Some(b), Some(_)) => b.kv_bytes + b.scratch_bytes,
+                    _ => 0,
+                }
+            })
+            .sum()
+    }
+
+    /// Memory of device `key` the models loaded there need together.
+    fn used_on(&self, key: &str) -> u64 {
+        (self.members.iter())
+            .map(|m| {
+                let s = lock(&m.slot);
                 match (&s.engine, &s.need) {
-                    (Some(_), Some(b)) => b.total_bytes,
+                    (Some(_), Some(b)) if s.device.as_deref() == Some(key) => b.total_bytes,
                     _ => 0,
                 }
             })
@@ -911,6 +970,7 @@ impl Member {
                 path: None,
                 last_used: Instant::now(),
                 locked: Ok(0),
+                device: None,
             }),
             health: Mutex::new(Health::new()),
         }
@@ -1023,65 +1083,6 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     let t = &inner.template;
     let layout = inner.layout();
     let need = m.resolve(&layout.config, t)?;
-    let mib = |b: u64| b / MIB;
-    let budget = layout.budget;
-    let what = || {
-        format!(
-            "{} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space)",
-            mib(need.total_bytes),
-            mib(need.weights_bytes),
-            mib(need.kv_bytes),
-            need.n_ctx,
-            mib(need.scratch_bytes)
-        )
-    };
-    if need.total_bytes > budget {
-        return Err(format!(
-            "needs {} but the pool's budget is {} MiB ({}); raise it, give it a smaller ctx, or use a smaller quantization",
-            what(),
-            mib(budget),
-            layout.budget_from
-        ));
-    }
-    // Room: unload idle models, least recently used first (waiting a
-    // moment for one in use to finish: a request just answered may not
-    // have left its engine yet).
-    let patience = Instant::now() + ROOM_WAIT;
-    loop {
-        let used = layout.used();
-        if used + need.total_bytes <= budget {
-            break;
-        }
-        let victim = (layout.members.iter())
-            .filter(|o| !o.pinned && !Arc::ptr_eq(o, m))
-            .filter_map(|o| {
-                let s = lock(&o.slot);
-                let e = s.engine.as_ref()?;
-                (e.busy() == 0).then_some((s.last_used, o.clone()))
-            })
-            .min_by_key(|(t, _)| *t);
-        let Some((_, victim)) = victim else {
-            if Instant::now() < patience {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            return Err(format!(
-                "needs {} but {} MiB of the pool's {} MiB ({}) are held by models in use ({}); wait, or raise it",
-                what(),
-                mib(used),
-                mib(budget),
-                layout.budget_from,
-                (layout.members.iter())
-                    .filter(|o| lock(&o.slot).engine.is_some())
-                    .map(|o| o.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        };
-        unload(inner, &victim, "budget");
-        eprintln!("kiln: unloaded {} to make room for {}", victim.id, m.id);
-    }
-    let path = lock(&m.slot).path.clone().expect("resolved above");
     let (target, device, label) = match &m.backend {
         None => (t.target.clone(), t.device, t.backend_label.clone()),
         Some(name) => {
@@ -1095,6 +1096,103 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             (executor.target.clone(), executor.device, label)
         }
     };
+    // On a plugin's device the weights, KV cache and work space live in
+    // its memory, and the host keeps copies of the KV cache and work
+    // space; on the CPU all of it is the host's.
+    let on_device = (!target.is_builtin()).then(|| format!("{}:{device}", target.name()));
+    let host_need = match on_device {
+        Some(_) => need.kv_bytes + need.scratch_bytes,
+        None => need.total_bytes,
+    };
+    let device_budget = on_device
+        .as_ref()
+        .map(|key| inner.device_budget(&layout, key, &target, device));
+    let mib = |b: u64| b / MIB;
+    let budget = layout.budget;
+    let what = || {
+        format!(
+            "{} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space)",
+            mib(need.total_bytes),
+            mib(need.weights_bytes),
+            mib(need.kv_bytes),
+            need.n_ctx,
+            mib(need.scratch_bytes)
+        )
+    };
+    if host_need > budget {
+        return Err(format!(
+            "needs {} but the pool's budget is {} MiB ({}); raise it, give it a smaller ctx, or use a smaller quantization",
+            what(),
+            mib(budget),
+            layout.budget_from
+        ));
+    }
+    if let (Some(key), Some((dev_budget, from))) = (&on_device, device_budget)
+        && need.total_bytes > dev_budget
+    {
+        return Err(format!(
+            "needs {} of {key}'s memory but the pool's budget there is {} MiB ({from}); raise it, give it a smaller ctx, or use a smaller quantization",
+            what(),
+            mib(dev_budget),
+        ));
+    }
+    // Room: unload idle models, least recently used first (waiting a
+    // moment for one in use to finish: a request just answered may not
+    // have left its engine yet).
+    let patience = Instant::now() + ROOM_WAIT;
+    loop {
+        let used = layout.used();
+        let host_fits = used + host_need <= budget;
+        // The device's budget, where its models hold too much.
+        let device_short = match (&on_device, device_budget) {
+            (Some(key), Some((dev_budget, from))) => {
+                let used = layout.used_on(key);
+                (used + need.total_bytes > dev_budget).then_some((key, used, dev_budget, from))
+            }
+            _ => None,
+        };
+        if host_fits && device_short.is_none() {
+            break;
+        }
+        // Short of device memory: only a model on that device helps.
+        let victim = (layout.members.iter())
+            .filter(|o| !o.pinned && !Arc::ptr_eq(o, m))
+            .filter_map(|o| {
+                let s = lock(&o.slot);
+                let e = s.engine.as_ref()?;
+                let helps = host_fits
+                    || device_short.is_none_or(|(key, ..)| s.device.as_deref() == Some(key));
+                (e.busy() == 0 && helps).then_some((s.last_used, o.clone()))
+            })
+            .min_by_key(|(t, _)| *t);
+        let Some((_, victim)) = victim else {
+            if Instant::now() < patience {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let (held, of, from) = match device_short {
+                Some((key, used, dev_budget, from)) => {
+                    (used, dev_budget, format!("on {key}: {from}"))
+                }
+                None => (used, budget, layout.budget_from.to_string()),
+            };
+            return Err(format!(
+                "needs {} but {} MiB of the pool's {} MiB ({}) are held by models in use ({}); wait, or raise it",
+                what(),
+                mib(held),
+                mib(of),
+                from,
+                (layout.members.iter())
+                    .filter(|o| lock(&o.slot).engine.is_some())
+                    .map(|o| o.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        unload(inner, &victim, "budget");
+        eprintln!("kiln: unloaded {} to make room for {}", victim.id, m.id);
+    }
+    let path = lock(&m.slot).path.clone().expect("resolved above");
     let started = Instant::now();
     let loaded = Loaded::load(m.id.clone(), path, t.fim, &target, device)?;
     let locked = if m.mlock {
@@ -1132,6 +1230,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         slot.engine = Some(engine.clone());
         slot.last_used = Instant::now();
         slot.locked = locked;
+        slot.device = on_device;
     }
     lock(&m.health).backend_failures_seen = Some(backend_failures(engine.target()));
     inner
