@@ -1027,4 +1027,11 @@ fn models_on_a_device_stay_within_its_memory_budget() {
         text.contains("of accel:0's memory but the pool's budget there is 1 MiB"),
         "{text}"
     );
+    // `kiln doctor` says so before any request.
+    let out = home.kiln(&["doctor"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("of accel:0's memory but its budget ([pool] max_device_memory_mb) is 1 MiB"),
+        "{said}"
+    );
 }

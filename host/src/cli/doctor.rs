@@ -201,9 +201,40 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                 kiln_runtime::model::session::budget(&path, entry.ctx, kv)
                     .map_err(|e| e.to_string())
             });
+        // On a plugin's device: its weights there, only its KV cache and
+        // work space copied on the host.
+        let device = entry
+            .backend
+            .as_deref()
+            .filter(|b| !b.starts_with("cpu"))
+            .map(|b| {
+                b.split_once(':')
+                    .map_or((b, 0), |(n, d)| (n, d.parse().unwrap_or(0)))
+            });
         match need {
             Ok(b) => {
-                let fits = pool_budget.is_none_or(|a| b.total_bytes <= a);
+                let host_need = match device {
+                    Some(_) => b.kv_bytes + b.scratch_bytes,
+                    None => b.total_bytes,
+                };
+                let fits = pool_budget.is_none_or(|a| host_need <= a);
+                if let Some((backend, d)) = device {
+                    let free = (backends.iter())
+                        .find(|x| x["name"] == backend)
+                        .and_then(|x| x["devices"][d]["free_memory"].as_u64());
+                    let (budget, from) = match config.pool.max_device_memory_mb {
+                        Some(mb) => (Some(mb << 20), "[pool] max_device_memory_mb"),
+                        None => (free, "its free memory"),
+                    };
+                    if let Some(budget) = budget.filter(|&x| b.total_bytes > x) {
+                        problems.push(format!(
+                            "{what} ({}) needs {} MiB of {backend}:{d}'s memory but its budget ({from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_device_memory_mb, give it a smaller ctx, or use a smaller quantization",
+                            entry.model,
+                            b.total_bytes >> 20,
+                            budget >> 20,
+                        ));
+                    }
+                }
                 if !fits {
                     problems.push(format!(
                         "{what} ({}) needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
