@@ -3,6 +3,7 @@
 //! byte-for-byte the same as before: nothing installed, nothing activated,
 //! nothing audited.
 
+use kiln_plugin_api::KILN_ABI_VERSION_MINOR;
 use kiln_runtime::backend::Backend;
 use kiln_runtime::install::{InstallError, add_plugin};
 use kiln_tests::{Home, ManifestSpec, c_fixture, plugin_dir, rust_cdylib};
@@ -46,7 +47,7 @@ fn wrong_abi_major_in_the_manifest() {
         &dir,
         &[
             "declares kiln ABI 2.0",
-            "speaks ABI 1.2",
+            &format!("speaks ABI 1.{KILN_ABI_VERSION_MINOR}"),
             "refused before loading",
         ],
     );
@@ -66,8 +67,8 @@ fn wrong_abi_major_in_the_table() {
         &dir,
         &[
             "ABI major version mismatch",
-            "built for kiln ABI 2.2",
-            "host speaks ABI 1.2",
+            &format!("built for kiln ABI 2.{KILN_ABI_VERSION_MINOR}"),
+            &format!("host speaks ABI 1.{KILN_ABI_VERSION_MINOR}"),
         ],
     );
 }
@@ -239,7 +240,9 @@ fn struct_size_smaller_than_the_abi_needs() {
     refused(
         &home,
         &dir,
-        &["KilnBackendApi is 64 bytes but ABI 1.2 needs at least 144"],
+        &[&format!(
+            "KilnBackendApi is 64 bytes but ABI 1.{KILN_ABI_VERSION_MINOR} needs at least 144"
+        )],
     );
 }
 
