@@ -716,6 +716,19 @@ fn config_read_again_on_sighup_changes_the_models_and_routes_served() {
     assert!(!m.contains("kiln:model_loaded{model=\"a\"}"), "{m}");
 }
 
+/// Sends the server SIGHUP and waits (15 s at most) until `/v1/models`
+/// lists `mark`, a model only its new `config.toml` names.
+fn reread_until_listed(srv: &HttpServer, mark: &str) {
+    // SAFETY: a plain kill(2) of the child we started.
+    let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !models(&srv.addr).iter().any(|m| m["id"] == mark) {
+        assert!(Instant::now() < deadline, "config.toml was not read again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `VmLck` of process `pid`, in bytes.
 fn locked_memory(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -876,14 +889,7 @@ fn the_command_lines_memory_budget_wins_over_the_config() {
             extra.display()
         ),
     );
-    // SAFETY: a plain kill(2) of the child we started.
-    let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
-    assert_eq!(sent, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !models(&srv.addr).iter().any(|m| m["id"] == "extra") {
-        assert!(Instant::now() < deadline, "config.toml was not read again");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    reread_until_listed(&srv, "extra");
     assert_eq!(budget(), (1536u64 << 20) as f64);
     drop(srv);
 
@@ -978,14 +984,7 @@ fn models_on_a_device_stay_within_its_memory_budget() {
     let mib = (need * 5 / 2).div_ceil(1 << 20);
     let reload = |text: String, mark: &str| {
         configure(&home, &text);
-        // SAFETY: a plain kill(2) of the child we started.
-        let sent = unsafe { libc::kill(srv.child.id() as i32, libc::SIGHUP) };
-        assert_eq!(sent, 0);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !self::models(&srv.addr).iter().any(|m| m["id"] == mark) {
-            assert!(Instant::now() < deadline, "config.toml was not read again");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        reread_until_listed(&srv, mark);
     };
     reload(
         models(

@@ -427,9 +427,10 @@ impl Pool {
             }
         }
         let available = kiln_runtime::measure::proc_kib_field("/proc/meminfo", "MemAvailable");
+        let on_device = lock(&fixed[0].slot).device.is_some();
         let first_need = (fixed[0].resolve(config, &template))
             .ok()
-            .map(|b| b.total_bytes);
+            .map(|b| host_bytes(&b, on_device));
         // What was free, and what the first model took of it.
         let auto_budget = available.map_or(u64::MAX, |a| a + first_need.unwrap_or(0));
         let budgets = Budgets {
@@ -902,17 +903,25 @@ impl Inner {
     }
 }
 
+/// Host memory a model needs: all of it on the CPU; on a plugin's device
+/// (which holds its weights, KV cache and work space) the host's copies
+/// of its KV cache and work space.
+fn host_bytes(need: &session::Budget, on_device: bool) -> u64 {
+    if on_device {
+        need.kv_bytes + need.scratch_bytes
+    } else {
+        need.total_bytes
+    }
+}
+
 impl Layout {
-    /// Host memory the loaded models need together: all of a model's
-    /// on the CPU, the copies of the KV cache and work space of one on a
-    /// plugin's device.
+    /// Host memory the loaded models need together ([`host_bytes`]).
     fn used(&self) -> u64 {
         (self.members.iter())
             .map(|m| {
                 let s = lock(&m.slot);
-                match (&s.engine, &s.need, &s.device) {
-                    (Some(_), Some(b), None) => b.total_bytes,
-                    (Some(_), Some(b), Some(_)) => b.kv_bytes + b.scratch_bytes,
+                match (&s.engine, &s.need) {
+                    (Some(_), Some(b)) => host_bytes(b, s.device.is_some()),
                     _ => 0,
                 }
             })
@@ -1100,10 +1109,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     // its memory, and the host keeps copies of the KV cache and work
     // space; on the CPU all of it is the host's.
     let on_device = (!target.is_builtin()).then(|| format!("{}:{device}", target.name()));
-    let host_need = match on_device {
-        Some(_) => need.kv_bytes + need.scratch_bytes,
-        None => need.total_bytes,
-    };
+    let host_need = host_bytes(&need, on_device.is_some());
     let device_budget = on_device
         .as_ref()
         .map(|key| inner.device_budget(&layout, key, &target, device));

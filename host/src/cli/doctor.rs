@@ -237,9 +237,9 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                 }
                 if !fits {
                     problems.push(format!(
-                        "{what} ({}) needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
+                        "{what} ({}) needs {} MiB of host memory ({} of weights, {} of KV cache at {} tokens, {} of work space) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
                         entry.model,
-                        b.total_bytes >> 20,
+                        host_need >> 20,
                         b.weights_bytes >> 20,
                         b.kv_bytes >> 20,
                         b.n_ctx,

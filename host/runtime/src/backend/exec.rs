@@ -679,11 +679,6 @@ impl Executor {
         self.threads = threads.map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32);
     }
 
-    /// What [`Self::set_threads`] set.
-    pub fn threads(&self) -> Option<usize> {
-        (self.threads > 0).then_some(self.threads as usize)
-    }
-
     /// Runs `graph.ops[ops]` on `backend`, a built-in CPU.
     fn run_on_host(
         &self,
