@@ -19,6 +19,8 @@ pub struct Args {
     pub kv_type: Option<kiln_plugin_api::DType>,
     pub attention_block: Option<usize>,
     pub prompt_batch: Option<usize>,
+    /// Sequences decoded together (1: none).
+    pub sequences: usize,
 }
 
 pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
@@ -45,8 +47,11 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
     let kv_type = super::kv_type_for(config, model_arg, kv_type)?;
     let mut session = Session::with_kv_type(model, exec, Some(ctx), kv_type)?;
     // The flags over config.toml's `[engine]`.
-    if args.attention_block == Some(0) || args.prompt_batch == Some(0) {
-        return Err("--attention-block and --prompt-batch take at least 1".into());
+    if args.attention_block == Some(0) || args.prompt_batch == Some(0) || args.sequences == 0 {
+        return Err("--attention-block, --prompt-batch and --sequences take at least 1".into());
+    }
+    if args.sequences > 1 && !session.executor().target.is_builtin() {
+        return Err("--sequences decodes on the built-in CPU only: leave out --backend".into());
     }
     session.configure(&kiln_registry::config::EngineConfig {
         attention_block: args.attention_block.or(config.engine.attention_block),
@@ -80,6 +85,32 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
         next = argmax(&session.eval(&[next], LogitsFor::Last)?);
     }
     let deep_decode_s = t.elapsed().as_secs_f64();
+    // Batched decoding: each sequence after its own 16-token prompt,
+    // then a step of all of them per forward pass.
+    let batch_tps = if args.sequences > 1 {
+        let mut seqs = Vec::with_capacity(args.sequences);
+        let mut next = Vec::with_capacity(args.sequences);
+        for _ in 0..args.sequences {
+            let exec = kiln_runtime::backend::exec::Executor::new(
+                session.executor().target.clone(),
+                session.executor().device,
+            );
+            let mut s = Session::with_kv_type(session.model.clone(), exec, Some(ctx), kv_type)?;
+            next.push(argmax(&s.eval(&tokens(16), LogitsFor::Last)?));
+            seqs.push(s);
+        }
+        let t = Instant::now();
+        for _ in 0..decode_tokens {
+            let mut refs: Vec<&mut Session> = seqs.iter_mut().collect();
+            kiln_runtime::model::session::decode_batch(&mut refs, &next)?;
+            for (n, s) in next.iter_mut().zip(&seqs) {
+                *n = argmax(s.logits());
+            }
+        }
+        Some((args.sequences * decode_tokens) as f64 / t.elapsed().as_secs_f64().max(1e-9))
+    } else {
+        None
+    };
     let kv = session.kv_cache();
     let kv_type = kiln_runtime::model::forward::KvCache::type_name(kv.dtype);
     let kv_bytes = session.kv_bytes();
@@ -97,6 +128,8 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
             "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tps,
             "decode_tokens": decode_tokens, "decode_tokens_per_s": decode_tps,
             "decode_after_prompt_tokens_per_s": deep_decode_tps,
+            "sequences": args.sequences,
+            "batch_decode_tokens_per_s": batch_tps,
             "kv_type": kv_type, "fused_attention": kv.fused,
             "attention_block": attention_block,
             "prompt_batch": prompt_batch,
@@ -112,6 +145,13 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
             session.n_ctx(),
             peak_rss.map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20))
         );
+        if let Some(tps) = batch_tps {
+            println!(
+                "{} sequences decoded together: {tps:.2} tok/s in all ({:.2}× one sequence's)",
+                args.sequences,
+                tps / decode_tps.max(1e-9)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

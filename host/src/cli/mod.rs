@@ -320,6 +320,11 @@ enum Command {
         /// `[engine] prompt_batch`, else 256).
         #[arg(long)]
         prompt_batch: Option<usize>,
+        /// Also decode this many sequences together, one forward pass a
+        /// step (batched decoding, as `kiln serve` does for concurrent
+        /// requests), and report their tokens per second together.
+        #[arg(long, default_value_t = 1)]
+        sequences: usize,
         #[arg(long)]
         json: bool,
     },
@@ -1216,6 +1221,7 @@ fn run(command: Command) -> CliResult {
             kv_type,
             attention_block,
             prompt_batch,
+            sequences,
             json,
         } => bench::run(
             &config,
@@ -1227,6 +1233,7 @@ fn run(command: Command) -> CliResult {
                 kv_type,
                 attention_block,
                 prompt_batch,
+                sequences,
             },
             json,
         ),

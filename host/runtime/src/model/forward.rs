@@ -459,7 +459,126 @@ pub fn build<'f>(
     logits: LogitsFor,
     attention: Attention,
 ) -> (Builder<'f>, usize, usize) {
+    let layout = InputLayout::new(n_tokens, n_past + n_tokens, cfg.sliding_window.is_some());
+    let seq = Seq {
+        kv: KV,
+        n_ctx,
+        n_past,
+        n_tokens,
+        mask: layout.mask,
+        mask_window: layout.mask_window,
+    };
+    build_seqs(cfg, file, &[seq], &layout, logits, attention)
+}
+
+/// One sequence of a graph's batch: its tokens are the batch's next
+/// `n_tokens` rows, at positions `n_past..` of its own KV cache (storage
+/// `kv`, `n_ctx` positions), seen through its own masks (`[n_past +
+/// n_tokens, n_tokens]` f32 at byte offsets `mask` and `mask_window` of
+/// [`INPUTS`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Seq {
+    pub kv: usize,
+    pub n_ctx: usize,
+    pub n_past: usize,
+    pub n_tokens: usize,
+    pub mask: usize,
+    pub mask_window: usize,
+}
+
+/// The storage of sequence `i`'s KV cache in a graph of several
+/// ([`build_decode_batch`]): the first at [`KV`], the others after
+/// [`LOGITS`] (a batch records no attention).
+pub fn batch_kv_storage(i: usize) -> usize {
+    if i == 0 { KV } else { LOGITS + i }
+}
+
+/// Where a batch of single-token sequences has its inputs: token ids and
+/// positions as [`InputLayout`], then each sequence's causal and
+/// windowed masks (one row over the positions it sees).
+#[derive(Clone, Debug)]
+pub struct BatchLayout {
+    pub tokens: usize,
+    pub positions: usize,
+    pub seqs: Vec<Seq>,
+    pub bytes: usize,
+}
+
+/// The graph of one decode step for several sequences at once (one token
+/// each, at position `n_past[i]` of the sequence's cache of `n_ctx[i]`
+/// positions, in storage [`batch_kv_storage`]`(i)`), over the fused
+/// attention: the matrix products read each weight once for every
+/// sequence, and attention runs per sequence. Returns the builder, its
+/// scratch size and where the inputs go; the logits are one row per
+/// sequence.
+pub fn build_decode_batch<'f>(
+    cfg: &ModelConfig,
+    file: &'f GgufFile,
+    caches: &[(usize, usize)],
+    kv: KvCache,
+) -> (Builder<'f>, usize, BatchLayout) {
+    assert!(kv.fused, "a batch of sequences runs the fused attention");
+    let align = |n: usize| n.div_ceil(ALIGN) * ALIGN;
+    let b = caches.len();
+    let positions = align(4 * b);
+    let mut at = positions + align(4 * b);
+    let windowed = cfg.sliding_window.is_some();
+    let seqs = (caches.iter().enumerate())
+        .map(|(i, &(n_ctx, n_past))| {
+            let row = align(4 * (n_past + 1));
+            let mask = at;
+            let mask_window = if windowed { mask + row } else { mask };
+            at = mask_window + row;
+            Seq {
+                kv: batch_kv_storage(i),
+                n_ctx,
+                n_past,
+                n_tokens: 1,
+                mask,
+                mask_window,
+            }
+        })
+        .collect();
+    let layout = BatchLayout {
+        tokens: 0,
+        positions,
+        seqs,
+        bytes: at,
+    };
+    let inputs = InputLayout {
+        tokens: 0,
+        positions,
+        mask: 0,
+        mask_window: 0,
+        bytes: at,
+    };
+    let attention = Attention::new(ATTENTION_BLOCK, kv);
+    let (builder, scratch, _) =
+        build_seqs(cfg, file, &layout.seqs, &inputs, LogitsFor::All, attention);
+    (builder, scratch, layout)
+}
+
+/// [`build`] for the sequences `seqs`, one after the other in the batch's
+/// rows; token ids and positions where `inputs` says (its masks are the
+/// sequences'). Several sequences need the fused attention, without
+/// capture.
+fn build_seqs<'f>(
+    cfg: &ModelConfig,
+    file: &'f GgufFile,
+    seqs: &[Seq],
+    inputs: &InputLayout,
+    logits: LogitsFor,
+    attention: Attention,
+) -> (Builder<'f>, usize, usize) {
     use DType::{F16, F32, I32};
+    let single = seqs.len() == 1;
+    assert!(
+        single || (attention.kv.fused && attention.capture_from.is_none()),
+        "several sequences run the fused attention, and record none"
+    );
+    // The first sequence: the only one where the unfused attention or a
+    // capture run.
+    let Seq { n_ctx, n_past, .. } = seqs[0];
     let (e, hd, h, hkv, ff) = (
         cfg.n_embd,
         cfg.head_dim,
@@ -468,8 +587,8 @@ pub fn build<'f>(
         cfg.n_ff,
     );
     let (kv, qd) = (cfg.kv_dim(), cfg.q_dim());
-    let n = n_tokens;
-    let t_len = n_past + n;
+    let n: usize = seqs.iter().map(|s| s.n_tokens).sum();
+    let t_len = n_past + seqs[0].n_tokens;
     let kv_t = attention.kv.dtype;
     let fused = attention.kv.fused;
     // Bytes of a head's K or V at one position, of all heads' (a
@@ -477,7 +596,7 @@ pub fn build<'f>(
     let head = attention.kv.head_bytes(cfg);
     let pos_bytes = hkv * head;
     let el = 2;
-    let layout = InputLayout::new(n, t_len, cfg.sliding_window.is_some());
+    let layout = inputs;
     let mut b = Builder::new(file);
 
     let tokens = b.fixed(
@@ -496,14 +615,15 @@ pub fn build<'f>(
     );
     // Only a one-token graph is reused across positions (decode); its
     // position-dependent tensors say how they follow.
-    let reusable = n == 1;
-    let input_mask = |b: &mut Builder<'f>, offset: usize| {
+    let reusable = single && n == 1;
+    let input_mask = |b: &mut Builder<'f>, offset: usize, s: &Seq| {
+        let (t, n) = (s.n_past + s.n_tokens, s.n_tokens);
         let m = b.fixed(
             INPUTS,
             offset,
             F32,
-            [t_len, n, 1, 1],
-            dense_nb(F32, [t_len, n, 1, 1]),
+            [t, n, 1, 1],
+            dense_nb(F32, [t, n, 1, 1]),
         );
         if reusable {
             b.follow(
@@ -513,11 +633,17 @@ pub fn build<'f>(
         }
         m
     };
-    let mask = input_mask(&mut b, layout.mask);
-    let mask_window = match cfg.sliding_window {
-        Some(_) => input_mask(&mut b, layout.mask_window),
-        None => mask,
-    };
+    // Each sequence's causal and windowed masks.
+    let masks: Vec<(usize, usize)> = (seqs.iter())
+        .map(|s| {
+            let mask = input_mask(&mut b, s.mask, s);
+            let mask_window = match cfg.sliding_window {
+                Some(_) => input_mask(&mut b, s.mask_window, s),
+                None => mask,
+            };
+            (mask, mask_window)
+        })
+        .collect();
     let embd = b.weight("token_embd.weight");
     let mut x = b.new_op(OpKind::GetRows, &[embd, tokens], F32, [e, n, 1, 1], &[]);
     if let Some(s) = cfg.embd_scale {
@@ -558,7 +684,11 @@ pub fn build<'f>(
     for l in 0..cfg.n_layer {
         let name = |s: &str| format!("blk.{l}.{s}");
         let rope = cfg.rope_params(l);
-        let mask = if cfg.is_local(l) { mask_window } else { mask };
+        let mask_of = |i: usize| {
+            let (mask, mask_window) = masks[i];
+            if cfg.is_local(l) { mask_window } else { mask }
+        };
+        let mask = mask_of(0);
         // Attention.
         let xa = norm(&mut b, x, &name("attn_norm.weight"));
         let proj = |b: &mut Builder<'f>, which: &str, rows: usize| {
@@ -600,22 +730,25 @@ pub fn build<'f>(
             &rope,
         );
         let (k_off, v_off) = kv_offsets(cfg, attention.kv, n_ctx, l);
-        // Where this batch's K (or V) goes: positions n_past.. of the
-        // cache at `base`, `stride` bytes a position, strides `nb` for
+        // Where sequence `s`'s K (or V) goes: its positions n_past.. of
+        // the cache at `base`, `stride` bytes a position, strides `nb` for
         // [hd, hkv, n] (moved to each step's position in a decode graph).
-        let at_positions = |b: &mut Builder<'f>, base: usize, stride: usize, nb: [usize; 4]| {
-            let dst = b.fixed(KV, base + n_past * stride, kv_t, [hd, hkv, n, 1], nb);
-            if reusable {
-                b.follow(dst, Follow::Offset { base, stride });
-            }
-            dst
-        };
+        let at_positions =
+            |b: &mut Builder<'f>, s: &Seq, base: usize, stride: usize, nb: [usize; 4]| {
+                let ne = [hd, hkv, s.n_tokens, 1];
+                let dst = b.fixed(s.kv, base + s.n_past * stride, kv_t, ne, nb);
+                if reusable {
+                    b.follow(dst, Follow::Offset { base, stride });
+                }
+                dst
+            };
         // A position's heads one after the other, rows of `head` bytes.
-        let rows = [kv_t.block_bytes(), head, pos_bytes, pos_bytes * n];
-        // All of a layer's K (or V) up to position t, as [hd, t, hkv].
-        let up_to = |b: &mut Builder<'f>, base: usize, t: usize| {
+        let rows = |n: usize| [kv_t.block_bytes(), head, pos_bytes, pos_bytes * n];
+        // All of a layer's K (or V) up to position t in cache `storage`,
+        // as [hd, t, hkv].
+        let up_to = |b: &mut Builder<'f>, storage: usize, base: usize, t: usize| {
             let all = b.fixed(
-                KV,
+                storage,
                 base,
                 kv_t,
                 [hd, t, hkv, 1],
@@ -633,30 +766,50 @@ pub fn build<'f>(
             }
             all
         };
-        let k_dst = at_positions(&mut b, k_off, pos_bytes, rows);
-        b.op(OpKind::Cpy, &[kr], k_dst, &[]);
         let v3 = b.reshape(v, [hd, hkv, n, 1]);
-        let v_dst = if fused {
-            at_positions(&mut b, v_off, pos_bytes, rows)
-        } else {
-            // V transposed (f16 only): a position is one element of each row.
-            at_positions(&mut b, v_off, el, [n_ctx * el, hd * n_ctx * el, el, el * n])
-        };
-        b.op(OpKind::Cpy, &[v3], v_dst, &[]);
         let merged = b.scratch(F32, [hd, h, n, 1]);
-        // Q and the output per head, [hd, n, h]: views of the token-major rows.
-        let heads_nb = [4, hd * h * 4, hd * 4, hd * h * n * 4];
-        if fused {
-            let k_all = up_to(&mut b, k_off, t_len);
-            let v_all = up_to(&mut b, v_off, t_len);
-            let q_heads = b.view(qr, [hd, n, h, 1], heads_nb, 0);
-            let out = b.view(merged, [hd, n, h, 1], heads_nb, 0);
-            b.op(
-                OpKind::Attention,
-                &[q_heads, k_all, v_all, mask],
-                out,
-                &kq_scale,
-            );
+        // Each sequence's rows: K and V into its cache, then (fused) its
+        // queries' attention over its positions.
+        let mut r0 = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let ns = s.n_tokens;
+            let (k_off, v_off) = kv_offsets(cfg, attention.kv, s.n_ctx, l);
+            // The sequence's rows of a [hd, heads, n] tensor.
+            let own = |b: &mut Builder<'f>, t: usize, heads: usize| {
+                if single {
+                    return t;
+                }
+                let nb = dense_nb(F32, [hd, heads, ns, 1]);
+                b.view(t, [hd, heads, ns, 1], nb, r0 * hd * heads * 4)
+            };
+            let (ks, vs) = (own(&mut b, kr, hkv), own(&mut b, v3, hkv));
+            let k_dst = at_positions(&mut b, s, k_off, pos_bytes, rows(ns));
+            b.op(OpKind::Cpy, &[ks], k_dst, &[]);
+            let v_dst = if fused {
+                at_positions(&mut b, s, v_off, pos_bytes, rows(ns))
+            } else {
+                // V transposed (f16 only): a position is one element of each row.
+                let nb = [n_ctx * el, hd * n_ctx * el, el, el * n];
+                at_positions(&mut b, s, v_off, el, nb)
+            };
+            b.op(OpKind::Cpy, &[vs], v_dst, &[]);
+            if fused {
+                // Q and the output per head, [hd, n, h]: views of the
+                // token-major rows.
+                let heads_nb = [4, hd * h * 4, hd * 4, hd * h * ns * 4];
+                let t = s.n_past + ns;
+                let k_all = up_to(&mut b, s.kv, k_off, t);
+                let v_all = up_to(&mut b, s.kv, v_off, t);
+                let q_heads = b.view(qr, [hd, ns, h, 1], heads_nb, r0 * hd * h * 4);
+                let out = b.view(merged, [hd, ns, h, 1], heads_nb, r0 * hd * h * 4);
+                b.op(
+                    OpKind::Attention,
+                    &[q_heads, k_all, v_all, mask_of(i)],
+                    out,
+                    &kq_scale,
+                );
+            }
+            r0 += ns;
         }
         // Unfused attention (or, fused, the probabilities a capture
         // records), in blocks of queries: a block's scores need only the
@@ -672,7 +825,7 @@ pub fn build<'f>(
             let nq = attention.block.min(n - q0);
             let t = n_past + q0 + nq;
             // Scores: per head, K (positions 0..t) against Q.
-            let k_all = up_to(&mut b, k_off, t);
+            let k_all = up_to(&mut b, KV, k_off, t);
             let q_heads = b.view(
                 qr,
                 [hd, nq, h, 1],

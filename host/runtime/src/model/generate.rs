@@ -395,164 +395,47 @@ pub fn generate_resumable(
     pausable: bool,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Outcome, ModelError> {
-    req.sampling.validate().map_err(ModelError::Invalid)?;
     if req.draft == Draft::Model && drafter.is_none() {
         return Err(ModelError::Invalid(
             "speculative decoding with a draft model was asked for, and no draft model is loaded"
                 .into(),
         ));
     }
-    if req.prompt.is_empty() {
-        return Err(ModelError::Invalid("the prompt is empty".into()));
-    }
-    let start = Instant::now();
-    // The prompt, and what a paused generation produced after it.
-    let mut history = req.prompt.clone();
-    if let Some(r) = &resume {
-        history.extend_from_slice(&r.token_ids);
-    }
-    // Reuse the cached prefix (the live cache's, or a longer one kept in
-    // the session's prefix tree); always evaluate at least the last token
-    // to get fresh logits.
-    let restored_before = session.prefix_restored_tokens;
-    let cached = session.reuse_prefix(&history);
-    let restored_tokens = (session.prefix_restored_tokens - restored_before) as usize;
-    let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
-    // A job cancelled during its prompt stops between batches.
-    let logits = session.eval_until(&history[cached..], LogitsFor::Last, &cancelled)?;
-    let prompt_s = start.elapsed().as_secs_f64();
-    let mut timings = Timings {
-        prompt_tokens: history.len() - cached,
-        cached_tokens: cached,
-        restored_tokens,
-        time_to_first_token_ms: prompt_s * 1e3,
-        prompt_tokens_per_s: (history.len() - cached) as f64 / prompt_s.max(1e-9),
-        ..Timings::default()
+    let (mut g, mut logits) = match Generating::start(session, req, resume)? {
+        Started::Ready(g, logits) => (g, logits),
+        Started::Done(done) => return Ok(Outcome::Done(done)),
     };
-    let (mut sampler, mut out_ids, mut text, mut sent, mut decoder) = match resume {
-        None => (
-            Sampler::new(req.sampling.clone()),
-            Vec::new(),
-            String::new(),
-            0,
-            StreamDecoder::default(),
-        ),
-        Some(r) => {
-            // The first run's prompt and first token count; this one's
-            // evaluation adds to them.
-            timings.prompt_tokens += r.timings.prompt_tokens;
-            timings.cached_tokens = r.timings.cached_tokens;
-            timings.restored_tokens += r.timings.restored_tokens;
-            timings.time_to_first_token_ms = r.timings.time_to_first_token_ms;
-            timings.prompt_tokens_per_s = r.timings.prompt_tokens_per_s;
-            timings.draft_tokens = r.timings.draft_tokens;
-            timings.draft_accepted = r.timings.draft_accepted;
-            timings.draft_batches = r.timings.draft_batches;
-            (r.sampler, r.token_ids, r.text, r.sent, r.decoder)
-        }
-    };
-    let Some(logits) = logits else {
-        timings.prompt_tokens = session.n_past().saturating_sub(cached);
-        return Ok(Outcome::Done(Generation {
-            token_ids: out_ids,
-            text: text[..sent].to_string(),
-            stop_reason: StopReason::Cancelled,
-            timings,
-        }));
-    };
-    let hold = req
-        .stop
-        .iter()
-        .map(|s| s.len())
-        .max()
-        .unwrap_or(1)
-        .saturating_sub(1);
-    let decode_start = Instant::now();
-    let mut logits = logits;
-    // Room for the whole generation: a token's push allocates nothing.
-    history.reserve(req.max_tokens.saturating_sub(out_ids.len()));
-    out_ids.reserve(req.max_tokens.saturating_sub(out_ids.len()));
-    let mut reason = StopReason::MaxTokens;
     // Guessed tokens in the cache past the last sampled one, each with the
     // logits after it; only greedy sampling can verify them by equality.
     let drafting = req.draft != Draft::None && req.sampling.temperature == 0.0;
     let mut pending: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
-    while out_ids.len() < req.max_tokens {
-        if cancelled() {
-            reason = StopReason::Cancelled;
-            break;
-        }
-        if pausable && req.control.as_ref().is_some_and(|c| c.take_pause()) {
-            // Guesses past the last token leave the cache.
-            session.truncate(session.n_past() - pending.len());
-            timings.decode_tokens_per_s = 0.0;
-            return Ok(Outcome::Paused(Paused {
-                token_ids: out_ids,
-                text,
-                sent,
-                sampler,
-                decoder,
-                timings,
-            }));
-        }
-        let next = sampler.sample(&logits, &history);
-        if tok.is_end_of_generation(next) {
-            reason = StopReason::EndOfGeneration;
-            break;
-        }
-        out_ids.push(next);
-        history.push(next);
-        if let Some(c) = &req.control {
-            c.generated.fetch_add(1, Ordering::AcqRel);
-        }
-        text.push_str(&decoder.push(tok, next));
-        if let Some(at) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(at);
-            reason = StopReason::StopString;
-            break;
-        }
-        if let Some(at) = req.boundary.cut(&text) {
-            text.truncate(at.max(sent));
-            reason = StopReason::Boundary;
-            break;
-        }
-        // Send what can no longer become part of a stop string.
-        let mut ready = text.len().saturating_sub(hold);
-        if req.boundary != Boundary::None {
-            // Trailing whitespace may still be cut at a boundary.
-            ready = ready.min(text.trim_end().len());
-        }
-        while !text.is_char_boundary(ready) {
-            ready -= 1;
-        }
-        if ready > sent {
-            if !on_text(&text[sent..ready]) {
-                reason = StopReason::Cancelled;
-                sent = ready;
-                break;
+    loop {
+        let next = match g.sample_next(&logits, tok, req, pausable, &mut on_text) {
+            Sampled::Token(next) => next,
+            Sampled::Stop => break,
+            Sampled::Pause => {
+                // Guesses past the last token leave the cache.
+                session.truncate(session.n_past() - pending.len());
+                return Ok(Outcome::Paused(g.pause()));
             }
-            sent = ready;
-        }
-        if out_ids.len() == req.max_tokens {
-            break;
-        }
+        };
         if pending.front().is_some_and(|(d, _)| *d == next) {
             // The guess was right: its logits are the next step's.
             let (_, row) = pending.pop_front().expect("checked");
-            timings.draft_accepted += 1;
+            g.timings.draft_accepted += 1;
             logits = row;
             continue;
         }
         // A wrong guess and those after it leave the cache.
         session.truncate(session.n_past() - pending.len());
         pending.clear();
-        let room = (req.max_tokens - out_ids.len() - 1)
+        let room = (req.max_tokens - g.out_ids.len() - 1)
             .min(session.n_ctx().saturating_sub(session.n_past() + 1))
             .min(req.draft_max.min(DRAFT_MAX_LIMIT));
         let draft = match (&mut drafter, req.draft) {
             _ if !drafting || room == 0 => Vec::new(),
-            (Some(d), Draft::Model) => model_draft(d, &history, room)?,
-            _ => lookup_draft(&history, room),
+            (Some(d), Draft::Model) => model_draft(d, &g.history, room)?,
+            _ => lookup_draft(&g.history, room),
         };
         if draft.is_empty() {
             // Into the row kept from step to step.
@@ -566,21 +449,324 @@ pub fn generate_resumable(
         let mut rows = rows.chunks_exact(rows.len() / batch.len());
         logits = rows.next().expect("a row per token").to_vec();
         pending.extend(draft.iter().copied().zip(rows.map(<[f32]>::to_vec)));
-        timings.draft_tokens += draft.len();
-        timings.draft_batches += 1;
+        g.timings.draft_tokens += draft.len();
+        g.timings.draft_batches += 1;
     }
-    if sent < text.len() && reason != StopReason::Cancelled {
-        on_text(&text[sent..]);
+    Ok(Outcome::Done(g.finish(&mut on_text)))
+}
+
+/// Several requests of one model generated together, each on its own
+/// session: their prompts one after the other, then one forward pass a
+/// step for all of them ([`super::session::decode_batch`]: the weights
+/// read once for every sequence). A request ends on its own (its stop, a
+/// cancel) while the others go on. `on_text(i, text)` is request i's
+/// text as it becomes final; returning `false` cancels that request.
+/// When `pause` asks for a pause, every request still running stops at
+/// its next token and comes back as [`Outcome::Paused`]. Speculative
+/// decoding is not run here (each request decodes a token a step); the
+/// tokens are those [`generate_resumable`] gives each request alone, a
+/// batch's logits being the bits of each sequence's own step.
+pub fn generate_batch(
+    members: Vec<(&mut Session, &Request, Option<Paused>)>,
+    tok: &Tokenizer,
+    pause: Option<&Control>,
+    mut on_text: impl FnMut(usize, &str) -> bool,
+) -> Vec<Result<Outcome, ModelError>> {
+    let n = members.len();
+    let mut out: Vec<Option<Result<Outcome, ModelError>>> = (0..n).map(|_| None).collect();
+    // The requests under way: (index, session, request, generation, logits).
+    let mut live = Vec::with_capacity(n);
+    for (i, (session, req, resume)) in members.into_iter().enumerate() {
+        match Generating::start(session, req, resume) {
+            Ok(Started::Ready(g, logits)) => live.push((i, session, req, g, logits)),
+            Ok(Started::Done(done)) => out[i] = Some(Ok(Outcome::Done(done))),
+            Err(e) => out[i] = Some(Err(e)),
+        }
     }
-    let decode_s = decode_start.elapsed().as_secs_f64();
-    timings.decode_tokens = out_ids.len();
-    timings.decode_tokens_per_s = out_ids.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
-    Ok(Outcome::Done(Generation {
-        token_ids: out_ids,
-        text,
-        stop_reason: reason,
-        timings,
-    }))
+    while !live.is_empty() {
+        if pause.is_some_and(Control::take_pause) {
+            for (i, _, _, g, _) in live.drain(..) {
+                out[i] = Some(Ok(Outcome::Paused(g.pause())));
+            }
+            break;
+        }
+        let mut next = Vec::with_capacity(live.len());
+        let mut k = 0;
+        while k < live.len() {
+            let (i, _, req, g, logits) = &mut live[k];
+            let i = *i;
+            let mut say = |text: &str| on_text(i, text);
+            match g.sample_next(logits, tok, req, false, &mut say) {
+                Sampled::Token(t) => {
+                    next.push(t);
+                    k += 1;
+                }
+                Sampled::Stop | Sampled::Pause => {
+                    let (i, _, _, g, _) = live.remove(k);
+                    out[i] = Some(Ok(Outcome::Done(g.finish(&mut say))));
+                }
+            }
+        }
+        if live.is_empty() {
+            break;
+        }
+        let stepped = if live.len() == 1 {
+            let (_, s, _, _, logits) = &mut live[0];
+            s.decode(next[0]).map(|row| {
+                logits.clear();
+                logits.extend_from_slice(row);
+            })
+        } else {
+            let mut sessions: Vec<&mut Session> = live.iter_mut().map(|m| &mut *m.1).collect();
+            super::session::decode_batch(&mut sessions, &next).map(|()| {
+                for (_, s, _, _, logits) in live.iter_mut() {
+                    logits.clear();
+                    logits.extend_from_slice(s.logits());
+                }
+            })
+        };
+        if let Err(e) = stepped {
+            // A failed step fails every request in it.
+            let why = e.to_string();
+            for (i, ..) in live.drain(..) {
+                out[i] = Some(Err(ModelError::Invalid(why.clone())));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.expect("every request ends"))
+        .collect()
+}
+
+/// How a generation's prompt evaluation ended.
+enum Started {
+    /// Ready to sample, with the logits after the prompt.
+    Ready(Box<Generating>, Vec<f32>),
+    /// Cancelled during the prompt.
+    Done(Generation),
+}
+
+/// What [`Generating::sample_next`] did.
+enum Sampled {
+    /// Sampled this token, to evaluate for the next step's logits.
+    Token(u32),
+    /// The generation ended (its reason is set).
+    Stop,
+    /// A pause was asked for; nothing was sampled.
+    Pause,
+}
+
+/// A generation under way, a token at a time: the history (prompt and
+/// tokens so far), the text and how much of it was sent, the sampler and
+/// the decoder.
+struct Generating {
+    history: Vec<u32>,
+    out_ids: Vec<u32>,
+    text: String,
+    sent: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    timings: Timings,
+    /// Bytes of text held back: they may still begin a stop string.
+    hold: usize,
+    decode_start: Instant,
+    reason: StopReason,
+}
+
+impl Generating {
+    /// Evaluates `req`'s prompt (and what a paused run generated after
+    /// it) on `session`, reusing the cached prefix.
+    fn start(
+        session: &mut Session,
+        req: &Request,
+        resume: Option<Paused>,
+    ) -> Result<Started, ModelError> {
+        req.sampling.validate().map_err(ModelError::Invalid)?;
+        if req.prompt.is_empty() {
+            return Err(ModelError::Invalid("the prompt is empty".into()));
+        }
+        let start = Instant::now();
+        // The prompt, and what a paused generation produced after it.
+        let mut history = req.prompt.clone();
+        if let Some(r) = &resume {
+            history.extend_from_slice(&r.token_ids);
+        }
+        // Reuse the cached prefix (the live cache's, or a longer one kept in
+        // the session's prefix tree); always evaluate at least the last token
+        // to get fresh logits.
+        let restored_before = session.prefix_restored_tokens;
+        let cached = session.reuse_prefix(&history);
+        let restored_tokens = (session.prefix_restored_tokens - restored_before) as usize;
+        let cancelled = || req.control.as_ref().is_some_and(|c| c.is_cancelled());
+        // A job cancelled during its prompt stops between batches.
+        let logits = session.eval_until(&history[cached..], LogitsFor::Last, &cancelled)?;
+        let prompt_s = start.elapsed().as_secs_f64();
+        let mut timings = Timings {
+            prompt_tokens: history.len() - cached,
+            cached_tokens: cached,
+            restored_tokens,
+            time_to_first_token_ms: prompt_s * 1e3,
+            prompt_tokens_per_s: (history.len() - cached) as f64 / prompt_s.max(1e-9),
+            ..Timings::default()
+        };
+        let (sampler, mut out_ids, text, sent, decoder) = match resume {
+            None => (
+                Sampler::new(req.sampling.clone()),
+                Vec::new(),
+                String::new(),
+                0,
+                StreamDecoder::default(),
+            ),
+            Some(r) => {
+                // The first run's prompt and first token count; this one's
+                // evaluation adds to them.
+                timings.prompt_tokens += r.timings.prompt_tokens;
+                timings.cached_tokens = r.timings.cached_tokens;
+                timings.restored_tokens += r.timings.restored_tokens;
+                timings.time_to_first_token_ms = r.timings.time_to_first_token_ms;
+                timings.prompt_tokens_per_s = r.timings.prompt_tokens_per_s;
+                timings.draft_tokens = r.timings.draft_tokens;
+                timings.draft_accepted = r.timings.draft_accepted;
+                timings.draft_batches = r.timings.draft_batches;
+                (r.sampler, r.token_ids, r.text, r.sent, r.decoder)
+            }
+        };
+        let Some(logits) = logits else {
+            timings.prompt_tokens = session.n_past().saturating_sub(cached);
+            return Ok(Started::Done(Generation {
+                token_ids: out_ids,
+                text: text[..sent].to_string(),
+                stop_reason: StopReason::Cancelled,
+                timings,
+            }));
+        };
+        let hold = req
+            .stop
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        // Room for the whole generation: a token's push allocates nothing.
+        history.reserve(req.max_tokens.saturating_sub(out_ids.len()));
+        out_ids.reserve(req.max_tokens.saturating_sub(out_ids.len()));
+        let g = Generating {
+            history,
+            out_ids,
+            text,
+            sent,
+            sampler,
+            decoder,
+            timings,
+            hold,
+            decode_start: Instant::now(),
+            reason: StopReason::MaxTokens,
+        };
+        Ok(Started::Ready(Box::new(g), logits))
+    }
+
+    /// Samples the next token from `logits` and sends the text that
+    /// became final; or says the generation ended (its reason set), or
+    /// (when `pausable`) that a pause was asked for.
+    fn sample_next(
+        &mut self,
+        logits: &[f32],
+        tok: &Tokenizer,
+        req: &Request,
+        pausable: bool,
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> Sampled {
+        if self.out_ids.len() >= req.max_tokens {
+            self.reason = StopReason::MaxTokens;
+            return Sampled::Stop;
+        }
+        if req.control.as_ref().is_some_and(|c| c.is_cancelled()) {
+            self.reason = StopReason::Cancelled;
+            return Sampled::Stop;
+        }
+        if pausable && req.control.as_ref().is_some_and(|c| c.take_pause()) {
+            return Sampled::Pause;
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        if tok.is_end_of_generation(next) {
+            self.reason = StopReason::EndOfGeneration;
+            return Sampled::Stop;
+        }
+        self.out_ids.push(next);
+        self.history.push(next);
+        if let Some(c) = &req.control {
+            c.generated.fetch_add(1, Ordering::AcqRel);
+        }
+        let text = &mut self.text;
+        text.push_str(&self.decoder.push(tok, next));
+        if let Some(at) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            self.reason = StopReason::StopString;
+            return Sampled::Stop;
+        }
+        if let Some(at) = req.boundary.cut(text) {
+            text.truncate(at.max(self.sent));
+            self.reason = StopReason::Boundary;
+            return Sampled::Stop;
+        }
+        // Send what can no longer become part of a stop string.
+        let mut ready = text.len().saturating_sub(self.hold);
+        if req.boundary != Boundary::None {
+            // Trailing whitespace may still be cut at a boundary.
+            ready = ready.min(text.trim_end().len());
+        }
+        while !text.is_char_boundary(ready) {
+            ready -= 1;
+        }
+        if ready > self.sent {
+            let sent = std::mem::replace(&mut self.sent, ready);
+            if !on_text(&text[sent..ready]) {
+                self.reason = StopReason::Cancelled;
+                return Sampled::Stop;
+            }
+        }
+        if self.out_ids.len() == req.max_tokens {
+            self.reason = StopReason::MaxTokens;
+            return Sampled::Stop;
+        }
+        Sampled::Token(next)
+    }
+
+    /// Where it stands, to go on later.
+    fn pause(self: Box<Self>) -> Paused {
+        let mut g = *self;
+        g.timings.decode_tokens_per_s = 0.0;
+        Paused {
+            token_ids: g.out_ids,
+            text: g.text,
+            sent: g.sent,
+            sampler: g.sampler,
+            decoder: g.decoder,
+            timings: g.timings,
+        }
+    }
+
+    /// Sends the text held back (unless cancelled) and the generation.
+    fn finish(self: Box<Self>, on_text: &mut impl FnMut(&str) -> bool) -> Generation {
+        let mut g = *self;
+        g.send_rest(on_text);
+        let decode_s = g.decode_start.elapsed().as_secs_f64();
+        let n = g.out_ids.len();
+        g.timings.decode_tokens = n;
+        g.timings.decode_tokens_per_s = n.saturating_sub(1) as f64 / decode_s.max(1e-9);
+        Generation {
+            token_ids: g.out_ids,
+            text: g.text,
+            stop_reason: g.reason,
+            timings: g.timings,
+        }
+    }
+
+    fn send_rest(&mut self, on_text: &mut impl FnMut(&str) -> bool) {
+        if self.sent < self.text.len() && self.reason != StopReason::Cancelled {
+            on_text(&self.text[self.sent..]);
+        }
+    }
 }
 
 /// The log-probability (in f64) of token `id` under one row of logits.

@@ -616,6 +616,28 @@ impl Session {
         Ok(&self.logits)
     }
 
+    /// The logits of the session's last evaluated token (after
+    /// [`decode_batch`]).
+    pub fn logits(&self) -> &[f32] {
+        let n = self.model.config.n_vocab;
+        &self.logits[self.logits.len().saturating_sub(n)..]
+    }
+
+    /// Why this session cannot decode in a batch with `first`'s, if it
+    /// cannot: another model, not on the built-in CPU (a device keeps
+    /// each session's cache apart), or another cache layout.
+    fn batch_refusal(&self, first: &Session) -> Option<&'static str> {
+        if !Arc::ptr_eq(&self.model, &first.model) {
+            Some("the sessions are of different models")
+        } else if !self.exec.target.is_builtin() {
+            Some("only sessions on the built-in CPU decode in one batch")
+        } else if !self.kv_cache.fused || self.kv_cache != first.kv_cache {
+            Some("the sessions' KV caches differ, or attention is not fused")
+        } else {
+            None
+        }
+    }
+
     /// Evaluates `tokens` on a graph built for them, leaving their logits
     /// in `self.logits`; with `capture`, also records the attention
     /// probabilities of the queries from `capture.0` on into `capture.1`
@@ -880,6 +902,116 @@ impl Session {
         self.logits = self.eval(tokens, which)?;
         Ok(())
     }
+}
+
+/// Whether `sessions` can decode together in [`decode_batch`]: sessions of
+/// one model on the built-in CPU with the same fused KV cache; the error
+/// says why not.
+pub fn can_batch(sessions: &[&mut Session]) -> Result<(), ModelError> {
+    let Some(first) = sessions.first() else {
+        return Err(ModelError::Invalid("a batch of no sessions".into()));
+    };
+    match sessions.iter().find_map(|s| s.batch_refusal(first)) {
+        Some(why) => Err(ModelError::Invalid(why.into())),
+        None => Ok(()),
+    }
+}
+
+/// One decode step of several sequences in one forward pass: session i
+/// evaluates `tokens[i]` at its next position, and its logits are then
+/// [`Session::logits`]. The weights are read once for all of them (a
+/// decode step is bound by that read), attention runs per sequence over
+/// its own cache. Each session's logits are the bits of its
+/// [`Session::decode`] of the same token (the products are the same per
+/// row whatever the batch). Sessions of one model on the built-in CPU
+/// with the same fused KV cache ([`can_batch`]). On an error no session
+/// holds the token: the caller may go on one by one.
+pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<(), ModelError> {
+    can_batch(sessions)?;
+    if sessions.len() != tokens.len() {
+        return Err(ModelError::Invalid(format!(
+            "{} tokens for {} sessions",
+            tokens.len(),
+            sessions.len()
+        )));
+    }
+    let model = sessions[0].model.clone();
+    let cfg = &model.config;
+    for (s, &token) in sessions.iter_mut().zip(tokens) {
+        if token as usize >= cfg.n_vocab {
+            return Err(ModelError::Token {
+                id: token,
+                n_vocab: cfg.n_vocab,
+            });
+        }
+        if s.n_past() + 1 > s.n_ctx {
+            return Err(ModelError::Context {
+                needed: 1,
+                used: s.n_past(),
+                n_ctx: s.n_ctx,
+            });
+        }
+        s.reserve(s.n_past() + 1);
+    }
+    let caches: Vec<(usize, usize)> = sessions.iter().map(|s| (s.cap, s.n_past())).collect();
+    let (b, scratch_bytes, layout) =
+        forward::build_decode_batch(cfg, &model.file, &caches, sessions[0].kv_cache);
+    let mut inputs = vec![0u8; layout.bytes];
+    for (i, (&token, seq)) in tokens.iter().zip(&layout.seqs).enumerate() {
+        let at = layout.tokens + 4 * i;
+        inputs[at..at + 4].copy_from_slice(&(token as i32).to_le_bytes());
+        let at = layout.positions + 4 * i;
+        inputs[at..at + 4].copy_from_slice(&(seq.n_past as i32).to_le_bytes());
+        // The causal row is zeros (a single query sees every position up
+        // to its own); the windowed layers' row hides those too far back.
+        if let Some(s) = cfg.sliding_window {
+            let one = InputLayout {
+                tokens: 0,
+                positions: 0,
+                mask: seq.mask,
+                mask_window: seq.mask_window,
+                bytes: layout.bytes,
+            };
+            one.fill_window(&mut inputs, seq.n_past, 1, seq.n_past + 1, s.window);
+        }
+    }
+    let n_vocab = cfg.n_vocab;
+    let mut logits = vec![0f32; tokens.len() * n_vocab];
+    let (first, rest) = sessions.split_first_mut().expect("checked: not empty");
+    grow_scratch(&mut first.scratch, scratch_bytes);
+    let mut storages: SmallVec<[Storage; 6]> = smallvec![
+        Storage::Read(model.file.bytes()),
+        Storage::State(&mut first.kv),
+        Storage::Write(&mut inputs),
+        Storage::Scratch(&mut first.scratch),
+        Storage::Write(f32_bytes(&mut logits)),
+    ];
+    for s in rest.iter_mut() {
+        storages.push(Storage::State(&mut s.kv));
+    }
+    debug_assert!(
+        (1..tokens.len()).all(|i| forward::batch_kv_storage(i) == LOGITS + i),
+        "the caches after the first follow the logits"
+    );
+    let mut graph = Graph {
+        storages,
+        tensors: b.tensors,
+        ops: b.ops,
+    };
+    let ran = first.exec.run(&mut graph);
+    drop(graph);
+    ran?;
+    from_le(&mut logits);
+    for ((s, &token), row) in sessions
+        .iter_mut()
+        .zip(tokens)
+        .zip(logits.chunks_exact(n_vocab))
+    {
+        s.cached.push(token);
+        s.logits.clear();
+        s.logits.extend_from_slice(row);
+    }
+    Ok(())
 }
 
 /// Makes the work space at least `bytes` long: a fresh one (what it held
