@@ -20,6 +20,7 @@
 //! threads = 4              # CPU threads (KILN_THREADS wins); `kiln tune apply` writes these
 //! attention_block = 64     # queries per attention block in prompt graphs
 //! prompt_batch = 256       # tokens of a prompt evaluated per graph
+//! decode_batch = 4         # requests of one model decoded together in one forward pass
 //!
 //! [completion]
 //! draft = "ngram"          # speculative decoding by default (none, ngram)
@@ -344,6 +345,23 @@ pub struct EngineConfig {
     /// Tokens of a prompt evaluated per graph.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_batch: Option<usize>,
+    /// Requests of one model decoded together, one forward pass a token
+    /// for all of them, on the CPU (1: one at a time). Each takes a KV
+    /// cache of its own, counted in the model's memory budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_batch: Option<usize>,
+}
+
+/// Requests decoded together by default ([`EngineConfig::decode_batch`]).
+pub const DEFAULT_DECODE_BATCH: usize = 4;
+/// The most `[engine] decode_batch` may say.
+pub const MAX_DECODE_BATCH: usize = 64;
+
+impl EngineConfig {
+    /// `decode_batch`, else [`DEFAULT_DECODE_BATCH`].
+    pub fn decode_batch(&self) -> usize {
+        self.decode_batch.unwrap_or(DEFAULT_DECODE_BATCH)
+    }
 }
 
 /// `[plugins]`: how plugins are run.
@@ -521,6 +539,7 @@ impl Config {
                     ("threads", file.engine.threads, 1024),
                     ("attention_block", file.engine.attention_block, 65536),
                     ("prompt_batch", file.engine.prompt_batch, 8192),
+                    ("decode_batch", file.engine.decode_batch, MAX_DECODE_BATCH),
                 ] {
                     if let Some(v) = value.filter(|&v| v == 0 || v > max) {
                         config_error = Some(format!(

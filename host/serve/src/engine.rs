@@ -21,10 +21,10 @@ use kiln_runtime::backend::exec::Executor;
 use kiln_runtime::model::explain::{Ask, Explanation};
 use kiln_runtime::model::forward::KvCache;
 use kiln_runtime::model::generate::{
-    Control, Draft, Generation, Outcome, Paused, Request, StopReason, generate_resumable,
-    same_vocabulary,
+    BatchHost, Control, Draft, Generation, Joining, Outcome, Paused, Request, StopReason,
+    generate_resumable, same_vocabulary,
 };
-use kiln_runtime::model::{Model, Session};
+use kiln_runtime::model::{Model, ModelError, Session};
 use kiln_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 use std::collections::hash_map::DefaultHasher;
@@ -342,6 +342,38 @@ impl<T> Fair<T> {
         self.len += 1;
     }
 
+    /// Up to `max` items that `fits`, taken from the clients in turn
+    /// after the last one served (each client's first fitting item, round
+    /// after round), so that a batch is shared fairly too.
+    fn take_where(&mut self, max: usize, fits: impl Fn(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        let mut progress = true;
+        while taken.len() < max && progress {
+            progress = false;
+            let clients: Vec<u64> = (self
+                .per_client
+                .range((Excluded(self.last_client), Unbounded)))
+            .chain(self.per_client.range(..=self.last_client))
+            .map(|(&c, _)| c)
+            .collect();
+            for c in clients {
+                if taken.len() == max {
+                    break;
+                }
+                let q = self.per_client.get_mut(&c).expect("listed");
+                if let Some(at) = q.iter().position(&fits) {
+                    taken.extend(q.remove(at));
+                    self.len -= 1;
+                    progress = true;
+                    if q.is_empty() {
+                        self.per_client.remove(&c);
+                    }
+                }
+            }
+        }
+        taken
+    }
+
     fn pop(&mut self) -> Option<T> {
         let next = self
             .per_client
@@ -472,6 +504,10 @@ struct Shared {
     /// threads`); `None`: the shared pool.
     threads: Option<usize>,
     gate: Option<Arc<Gate>>,
+    /// Completions of its model decoded together at most (1: one at a
+    /// time); set from `[engine] decode_batch`, and by the pool to what
+    /// its budget holds.
+    decode_batch: std::sync::atomic::AtomicUsize,
 }
 
 /// Which KV cache type a model's sessions get: `forced` (`--kv-type`),
@@ -536,6 +572,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Engine {
     /// Starts the engine thread serving `loaded`.
     pub fn start(loaded: Loaded, opts: EngineOptions) -> Engine {
+        // Sessions decode together on the built-in CPU only.
+        let decode_batch = if opts.target.is_builtin() {
+            opts.engine.decode_batch()
+        } else {
+            1
+        };
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             wake: Condvar::new(),
@@ -568,6 +610,7 @@ impl Engine {
             draft_model: opts.draft_model.map(Arc::new),
             draft_fits: Mutex::default(),
             gate: opts.gate,
+            decode_batch: std::sync::atomic::AtomicUsize::new(decode_batch),
         });
         let engine = Engine { shared };
         if opts.announce {
@@ -632,6 +675,26 @@ impl Engine {
     }
 
     /// Jobs queued and running now (0: the engine is idle).
+    /// Completions decoded together at most.
+    pub fn decode_batch(&self) -> usize {
+        self.shared
+            .decode_batch
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decodes at most `n` completions together (at least one; on a
+    /// device, one).
+    pub fn set_decode_batch(&self, n: usize) {
+        let n = if self.shared.target.is_builtin() {
+            n.max(1)
+        } else {
+            1
+        };
+        self.shared
+            .decode_batch
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn busy(&self) -> usize {
         let q = lock(&self.shared.queue);
         q.jobs.iter().map(|f| f.len).sum::<usize>() + usize::from(q.running.is_some())
@@ -860,10 +923,10 @@ fn cache_key(loaded: &Loaded, r: &Request) -> u64 {
 }
 
 /// Runs the engine thread's loop. A panic in it (a bug: in kiln, or a
-/// front end's sink) stops the engine, not the process: the job it ran
-/// loses its sink unanswered (a pool's route takes that as the model's
-/// failure), the queued jobs are answered with the panic, and later ones
-/// are refused with it.
+/// front end's sink) stops the engine, not the process: the jobs it ran
+/// (a batch's, all of them) lose their sinks unanswered (a pool's route
+/// takes that as the model's failure), the queued jobs are answered with
+/// the panic, and later ones are refused with it.
 fn worker_loop(shared: &Shared) {
     let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_jobs(shared)))
     else {
@@ -913,6 +976,9 @@ fn serve_jobs(shared: &Shared) {
     let mut session: Option<(Arc<Loaded>, Session)> = None;
     // The draft model's session (made on the first request that drafts).
     let mut drafter: Option<Session> = None;
+    // The sessions of the requests decoded together with the first
+    // (made as batches need them; none of them keeps a prefix tree).
+    let mut extra: Vec<Session> = Vec::new();
     let mut seen_stats = [0u64; 8];
     loop {
         let mut job = {
@@ -974,6 +1040,12 @@ fn serve_jobs(shared: &Shared) {
                     .0;
             }
         }
+        if let Some((mates, batch)) = take_mates(shared, &job) {
+            let jobs = std::iter::once(job).chain(mates).collect();
+            run_batch(shared, (&mut session, &mut extra), jobs, &batch);
+            record_backend_stats(shared, &mut seen_stats);
+            continue;
+        }
         shared.metrics.running.inc();
         let job_priority = job.priority;
         let doc = job.doc.clone();
@@ -1031,26 +1103,360 @@ fn serve_jobs(shared: &Shared) {
                 let _ = reply.send(result);
             }
         }
-        shared.metrics.running.dec();
-        if job_priority == Priority::Inline
-            && let Some(g) = &shared.gate
-        {
-            g.urgent_out();
+        settle(shared, job_priority, doc, &control, back);
+        record_backend_stats(shared, &mut seen_stats);
+    }
+}
+
+/// After a job ran: the engine is free again, and the job is queued again
+/// first in its client's queue when it was paused (`back`), or forgotten
+/// as its document's newest.
+fn settle(
+    shared: &Shared,
+    priority: Priority,
+    doc: Option<String>,
+    control: &Arc<Control>,
+    back: Option<Job>,
+) {
+    settle_one(shared, priority, doc, control, back);
+    lock(&shared.queue).running = None;
+}
+
+/// [`settle`] for one job of a batch: the batch still runs.
+fn settle_one(
+    shared: &Shared,
+    priority: Priority,
+    doc: Option<String>,
+    control: &Arc<Control>,
+    back: Option<Job>,
+) {
+    shared.metrics.running.dec();
+    if priority == Priority::Inline
+        && let Some(g) = &shared.gate
+    {
+        g.urgent_out();
+    }
+    let mut q = lock(&shared.queue);
+    if let Some(job) = back {
+        // Paused for a more urgent job: first in its client's queue.
+        shared.metrics.paused.inc();
+        shared.metrics.waiting.inc();
+        q.jobs[job.priority as usize].push_front(job.client, job);
+    } else if let Some(d) = doc
+        && q.by_doc.get(&d).is_some_and(|c| Arc::ptr_eq(c, control))
+    {
+        q.by_doc.remove(&d);
+    }
+}
+
+/// Whether `job` may be decoded together with others: a completion that
+/// does not decode speculatively (a greedy one with a draft runs alone,
+/// its guesses verified in batches of its own).
+fn batchable(job: &Job) -> bool {
+    match &job.work {
+        Work::Complete { request, .. } => {
+            request.draft == Draft::None || request.sampling.temperature > 0.0
         }
+        Work::Explain { .. } => false,
+    }
+}
+
+/// Where `job` runs in a batch (the engine decodes several together, and
+/// it may be one of them): the completions queued behind it to start
+/// with it (of the same model and priority, due, past any debounce, not
+/// cancelled, up to the engine's `decode_batch` in all, taken from the
+/// clients in turn), and the batch's control, now the running one (a
+/// more urgent job pauses the whole batch). `None`: it runs alone.
+fn take_mates(shared: &Shared, job: &Job) -> Option<(Vec<Job>, Arc<Control>)> {
+    let want = shared
+        .decode_batch
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if want < 2 || !batchable(job) {
+        return None;
+    }
+    let batch = Arc::new(Control::default());
+    let now = Instant::now();
+    let mut q = lock(&shared.queue);
+    let mates = q.jobs[job.priority as usize].take_where(want - 1, |j| {
+        Arc::ptr_eq(&j.loaded, &job.loaded)
+            && batchable(j)
+            && j.not_before.is_none_or(|t| t <= now)
+            && !j.control.is_cancelled()
+    });
+    shared.metrics.waiting.dec_by(mates.len() as i64);
+    q.running = Some((job.priority, batch.clone()));
+    Some((mates, batch))
+}
+
+/// A completion job's parts while it runs in a batch.
+struct Member {
+    priority: Priority,
+    client: u64,
+    doc: Option<String>,
+    loaded: Arc<Loaded>,
+    control: Arc<Control>,
+    enqueued: Instant,
+    queue_s: f64,
+    request: Request,
+    sink: Box<dyn Sink>,
+}
+
+/// Runs `jobs` (completions of one model, the first taken from the queue,
+/// the others its mates) together, each on a session of its own (the
+/// first on the engine's session, with its prefix tree; the others on
+/// `extra`, up to the engine's `decode_batch` in all), one forward pass a
+/// token for all of them; jobs of the same kind queued meanwhile join as
+/// sessions free up, and each job is answered as it ends. A pause asked
+/// of `batch` (or of a job in it) pauses every job under way, to queue
+/// again.
+fn run_batch(
+    shared: &Shared,
+    (session, extra): (&mut Option<(Arc<Loaded>, Session)>, &mut Vec<Session>),
+    jobs: Vec<Job>,
+    batch: &Arc<Control>,
+) {
+    let loaded = jobs[0].loaded.clone();
+    let priority = jobs[0].priority;
+    if priority > Priority::Inline
+        && let Some(g) = &shared.gate
+        && !g.enter(batch)
+    {
+        // Another model's inline completion came meanwhile.
+        batch.request_pause();
+    }
+    let mut host = EngineBatch {
+        shared,
+        loaded: loaded.clone(),
+        n_ctx: Err(String::new()),
+        priority,
+        batch: batch.clone(),
+        members: HashMap::new(),
+        next_tag: 0,
+    };
+    // Sessions: the engine's, and one more per request decoded together
+    // (as many as can be made).
+    host.n_ctx = session_for(shared, session, &loaded).map(|s| s.n_ctx());
+    let want = shared
+        .decode_batch
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(jobs.len());
+    if host.n_ctx.is_ok() {
+        if extra
+            .first()
+            .is_some_and(|s| !Arc::ptr_eq(&s.model, &loaded.model))
+        {
+            extra.clear();
+        }
+        while extra.len() + 1 < want {
+            match new_session(shared, &loaded, shared.n_ctx) {
+                Ok(mut s) => {
+                    s.set_prefix_budget(0);
+                    extra.push(s);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "kiln: {}: no session for another request decoded together ({e}); the rest wait their turn",
+                        loaded.id
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    let mut jobs = jobs;
+    if host.n_ctx.is_ok() && jobs.len() > 1 + extra.len() {
+        // No session for these: first in their queues again.
+        let rest = jobs.split_off(1 + extra.len());
         let mut q = lock(&shared.queue);
-        q.running = None;
-        if let Some(job) = back {
-            // Paused for a more urgent job: first in its client's queue.
-            shared.metrics.paused.inc();
+        for job in rest.into_iter().rev() {
             shared.metrics.waiting.inc();
             q.jobs[job.priority as usize].push_front(job.client, job);
-        } else if let Some(d) = doc
-            && q.by_doc.get(&d).is_some_and(|c| Arc::ptr_eq(c, &control))
-        {
-            q.by_doc.remove(&d);
         }
-        drop(q);
-        record_backend_stats(shared, &mut seen_stats);
+    }
+    let mut first = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if let Some(j) = host.enter(job, first.len()) {
+            first.push(j);
+        }
+    }
+    if host.n_ctx.is_ok() && !first.is_empty() {
+        let main = &mut session.as_mut().expect("made above").1;
+        let mut sessions: Vec<&mut Session> =
+            std::iter::once(main).chain(extra.iter_mut()).collect();
+        kiln_runtime::model::generate::generate_batch(
+            &mut sessions,
+            &loaded.tok,
+            first,
+            Some(batch),
+            &mut host,
+        );
+    }
+    lock(&shared.queue).running = None;
+}
+
+/// The engine as a batch's host ([`BatchHost`]): the jobs under way by
+/// tag, and the queue that jobs join the batch from.
+struct EngineBatch<'a> {
+    shared: &'a Shared,
+    loaded: Arc<Loaded>,
+    /// The sessions' context, or why there is no session.
+    n_ctx: Result<usize, String>,
+    priority: Priority,
+    batch: Arc<Control>,
+    members: HashMap<u64, Member>,
+    next_tag: u64,
+}
+
+impl EngineBatch<'_> {
+    /// `job` joining the batch on session `session`; or answered at once
+    /// (cancelled while it waited, from the completion cache, its prompt
+    /// longer than the context, no session), and then `None`.
+    fn enter(&mut self, job: Job, session: usize) -> Option<Joining> {
+        let m = &self.shared.metrics;
+        m.running.inc();
+        let Work::Complete {
+            mut request,
+            mut sink,
+            resume,
+        } = job.work
+        else {
+            unreachable!("only completions are decoded together")
+        };
+        let queue_s = job.enqueued.elapsed().as_secs_f64();
+        if resume.is_none() {
+            m.queue_time.observe(queue_s);
+        }
+        let early = answered_early(
+            self.shared,
+            &job.loaded,
+            &request,
+            resume.is_some(),
+            &job.control,
+            sink.as_mut(),
+            job.enqueued,
+        );
+        let answer = match (early, &self.n_ctx) {
+            (Some(Step::Done(f)), _) => Some(Ok(*f)),
+            (Some(Step::Paused(_)), _) => unreachable!("answered before it ran"),
+            (None, Err(e)) => Some(Err(e.clone())),
+            (None, Ok(n_ctx)) => fit_room(&mut request, *n_ctx).err().map(Err),
+        };
+        if let Some(answer) = answer {
+            conclude(self.shared, answer, sink);
+            settle_one(self.shared, job.priority, job.doc, &job.control, None);
+            return None;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let joining = Joining {
+            tag,
+            session,
+            request: request.clone(),
+            resume: resume.map(|r| *r),
+        };
+        self.members.insert(
+            tag,
+            Member {
+                priority: job.priority,
+                client: job.client,
+                doc: job.doc,
+                loaded: job.loaded,
+                control: job.control,
+                enqueued: job.enqueued,
+                queue_s,
+                request,
+                sink,
+            },
+        );
+        if self.members.len() > 1 {
+            // Counted once it is decoded together with another.
+            m.batched_requests.inc();
+            if self.members.len() == 2 {
+                m.batched_requests.inc();
+                m.decode_batches.inc();
+            }
+        }
+        Some(joining)
+    }
+}
+
+impl BatchHost for EngineBatch<'_> {
+    fn join(&mut self, free: &[usize]) -> Vec<Joining> {
+        if self.batch.pause_asked() || self.n_ctx.is_err() {
+            // A more urgent job waits: nothing starts before it.
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let loaded = &self.loaded;
+        let jobs = {
+            let mut q = lock(&self.shared.queue);
+            let jobs = q.jobs[self.priority as usize].take_where(free.len(), |j| {
+                Arc::ptr_eq(&j.loaded, loaded)
+                    && batchable(j)
+                    && j.not_before.is_none_or(|t| t <= now)
+                    && !j.control.is_cancelled()
+            });
+            self.shared.metrics.waiting.dec_by(jobs.len() as i64);
+            jobs
+        };
+        let mut joining = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Some(j) = self.enter(job, free[joining.len()]) {
+                joining.push(j);
+            }
+        }
+        joining
+    }
+
+    fn text(&mut self, tag: u64, text: &str) -> bool {
+        let mb = self.members.get_mut(&tag).expect("a member under way");
+        if !mb.sink.text(text) {
+            // Nobody is listening any more (the client went away).
+            mb.control.cancel();
+            return false;
+        }
+        !mb.control.is_cancelled()
+    }
+
+    fn done(&mut self, tag: u64, result: Result<Outcome, ModelError>, session: &mut Session) {
+        let mb = self.members.remove(&tag).expect("a member under way");
+        let shared = self.shared;
+        let answer = match result {
+            Ok(Outcome::Done(g)) => {
+                let timing = (mb.enqueued, mb.queue_s);
+                let loaded = &self.loaded;
+                match finished(shared, loaded, &mb.request, g, session, &mb.control, timing) {
+                    Step::Done(f) => Ok(*f),
+                    Step::Paused(_) => unreachable!("a finished generation"),
+                }
+            }
+            Ok(Outcome::Paused(p)) => {
+                let (priority, doc, control) = (mb.priority, mb.doc.clone(), mb.control.clone());
+                let back = Job {
+                    priority: mb.priority,
+                    client: mb.client,
+                    doc: mb.doc,
+                    loaded: mb.loaded,
+                    control: mb.control,
+                    enqueued: mb.enqueued,
+                    not_before: None,
+                    work: Work::Complete {
+                        request: mb.request,
+                        sink: mb.sink,
+                        resume: Some(Box::new(p)),
+                    },
+                };
+                settle_one(shared, priority, doc, &control, Some(back));
+                return;
+            }
+            Err(e) => {
+                // Its cache may hold a half-written step: start clean.
+                session.truncate(0);
+                Err(e.to_string())
+            }
+        };
+        conclude(shared, answer, mb.sink);
+        settle_one(shared, mb.priority, mb.doc, &mb.control, None);
     }
 }
 
@@ -1156,6 +1562,13 @@ fn run_job(
         Ok(Step::Done(f)) => Ok(*f),
         Err(e) => Err(e),
     };
+    conclude(shared, result, sink);
+    None
+}
+
+/// A job's answer: counted by how it finished, in the recent figures,
+/// and given to its sink.
+fn conclude(shared: &Shared, result: Result<Finished, String>, sink: Box<dyn Sink>) {
     let m = &shared.metrics;
     let reason = match &result {
         Ok(f) => serde_json::to_value(f.generation.stop_reason)
@@ -1184,7 +1597,6 @@ fn run_job(
     }
     drop(r);
     sink.done(result);
-    None
 }
 
 /// Runs one job: from the completion cache, or on the session (made anew
@@ -1198,60 +1610,21 @@ fn execute(
     sink: &mut dyn Sink,
     enqueued: Instant,
 ) -> Result<Step, String> {
-    let m = &shared.metrics;
     let queue_s = enqueued.elapsed().as_secs_f64();
     let mut request = request.clone();
-    let resumed = resume.is_some();
-    if control.is_cancelled() || sink.is_closed() {
-        return Ok(Step::Done(Box::new(Finished {
-            generation: Generation {
-                token_ids: Vec::new(),
-                text: String::new(),
-                stop_reason: StopReason::Cancelled,
-                timings: Default::default(),
-            },
-            completion_cache_hit: false,
-            queue_ms: queue_s * 1e3,
-            time_to_first_token_ms: 0.0,
-            total_ms: queue_s * 1e3,
-            tokens_after_cancel: 0,
-            route: None,
-        })));
-    }
-    let key = cache_key(loaded, &request);
-    if !resumed {
-        m.completion_cache_queries.inc();
-        lock(&shared.recent).completion_cache_queries += 1;
-    }
-    if let Some(hit) = shared.cache.get(&key).filter(|_| !resumed) {
-        m.completion_cache_hits.inc();
-        lock(&shared.recent).completion_cache_hits += 1;
-        if !hit.text.is_empty() {
-            sink.text(&hit.text);
-        }
-        let ms = enqueued.elapsed().as_secs_f64() * 1e3;
-        m.ttft.observe(ms / 1e3);
-        m.e2e.observe(ms / 1e3);
-        return Ok(Step::Done(Box::new(Finished {
-            generation: (*hit).clone(),
-            completion_cache_hit: true,
-            queue_ms: queue_s * 1e3,
-            time_to_first_token_ms: ms,
-            total_ms: ms,
-            tokens_after_cancel: 0,
-            route: None,
-        })));
+    if let Some(done) = answered_early(
+        shared,
+        loaded,
+        &request,
+        resume.is_some(),
+        control,
+        sink,
+        enqueued,
+    ) {
+        return Ok(done);
     }
     let sess = session_for(shared, session, loaded)?;
-    let room = sess.n_ctx().saturating_sub(request.prompt.len());
-    if room == 0 {
-        return Err(format!(
-            "the prompt has {} tokens but the context holds {}; shorten it or raise --ctx",
-            request.prompt.len(),
-            sess.n_ctx()
-        ));
-    }
-    request.max_tokens = request.max_tokens.min(room);
+    fit_room(&mut request, sess.n_ctx())?;
     let draft = match (request.draft, &shared.draft_model) {
         (Draft::Model, Some(d))
             if *lock(&shared.draft_fits)
@@ -1301,6 +1674,100 @@ fn execute(
             return Err(e.to_string());
         }
     };
+    Ok(finished(
+        shared,
+        loaded,
+        &request,
+        g,
+        sess,
+        control,
+        (enqueued, queue_s),
+    ))
+}
+
+/// A job answered before it runs: cancelled while it waited, or from the
+/// cache of recent completions (not a resumed one).
+fn answered_early(
+    shared: &Shared,
+    loaded: &Loaded,
+    request: &Request,
+    resumed: bool,
+    control: &Control,
+    sink: &mut dyn Sink,
+    enqueued: Instant,
+) -> Option<Step> {
+    let m = &shared.metrics;
+    let queue_s = enqueued.elapsed().as_secs_f64();
+    if control.is_cancelled() || sink.is_closed() {
+        return Some(Step::Done(Box::new(Finished {
+            generation: Generation {
+                token_ids: Vec::new(),
+                text: String::new(),
+                stop_reason: StopReason::Cancelled,
+                timings: Default::default(),
+            },
+            completion_cache_hit: false,
+            queue_ms: queue_s * 1e3,
+            time_to_first_token_ms: 0.0,
+            total_ms: queue_s * 1e3,
+            tokens_after_cancel: 0,
+            route: None,
+        })));
+    }
+    if resumed {
+        return None;
+    }
+    let key = cache_key(loaded, request);
+    m.completion_cache_queries.inc();
+    lock(&shared.recent).completion_cache_queries += 1;
+    let hit = shared.cache.get(&key)?;
+    m.completion_cache_hits.inc();
+    lock(&shared.recent).completion_cache_hits += 1;
+    if !hit.text.is_empty() {
+        sink.text(&hit.text);
+    }
+    let ms = enqueued.elapsed().as_secs_f64() * 1e3;
+    m.ttft.observe(ms / 1e3);
+    m.e2e.observe(ms / 1e3);
+    Some(Step::Done(Box::new(Finished {
+        generation: (*hit).clone(),
+        completion_cache_hit: true,
+        queue_ms: queue_s * 1e3,
+        time_to_first_token_ms: ms,
+        total_ms: ms,
+        tokens_after_cancel: 0,
+        route: None,
+    })))
+}
+
+/// Bounds `request`'s tokens by the room its prompt leaves in a context
+/// of `n_ctx`; a prompt that fills it is an error.
+fn fit_room(request: &mut Request, n_ctx: usize) -> Result<(), String> {
+    let room = n_ctx.saturating_sub(request.prompt.len());
+    if room == 0 {
+        return Err(format!(
+            "the prompt has {} tokens but the context holds {}; shorten it or raise --ctx",
+            request.prompt.len(),
+            n_ctx
+        ));
+    }
+    request.max_tokens = request.max_tokens.min(room);
+    Ok(())
+}
+
+/// A generation's end: counted in the metrics and recent figures, kept in
+/// the completion cache (unless cancelled), as the job's [`Finished`]
+/// (queued at `enqueued`, `queue_s` seconds before this run began).
+fn finished(
+    shared: &Shared,
+    loaded: &Loaded,
+    request: &Request,
+    g: Generation,
+    sess: &Session,
+    control: &Control,
+    (enqueued, queue_s): (Instant, f64),
+) -> Step {
+    let m = &shared.metrics;
     let total_s = enqueued.elapsed().as_secs_f64();
     let t = &g.timings;
     let ttft_s = queue_s + t.time_to_first_token_ms / 1e3;
@@ -1326,14 +1793,16 @@ fn execute(
                 m.inter_token.observe(itl);
             }
         }
-        shared.cache.insert(key, Arc::new(g.clone()));
+        shared
+            .cache
+            .insert(cache_key(loaded, request), Arc::new(g.clone()));
     }
     {
         let mut r = lock(&shared.recent);
         r.prompt_tokens += n_prompt;
         r.cached_tokens += t.cached_tokens as u64;
     }
-    Ok(Step::Done(Box::new(Finished {
+    Step::Done(Box::new(Finished {
         tokens_after_cancel: control.generated_after_cancel(),
         route: None,
         completion_cache_hit: false,
@@ -1341,7 +1810,7 @@ fn execute(
         time_to_first_token_ms: ttft_s * 1e3,
         total_ms: total_s * 1e3,
         generation: g,
-    })))
+    }))
 }
 
 /// How a run of a job ended.
@@ -1449,7 +1918,13 @@ mod tests {
                 draft: Draft::None,
                 draft_max: 4,
                 draft_model: None,
-                engine: Default::default(),
+                // One job at a time: the second waits in the queue (in a
+                // batch it would run beside the first, and lose its sink
+                // with it).
+                engine: kiln_registry::config::EngineConfig {
+                    decode_batch: Some(1),
+                    ..Default::default()
+                },
                 threads: None,
             },
         );

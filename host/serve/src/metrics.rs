@@ -19,6 +19,9 @@ pub struct Metrics {
     pub generation_tokens: Counter,
     pub draft_tokens: Counter,
     pub draft_accepted: Counter,
+    /// Runs of several requests decoded together, and the requests in them.
+    pub decode_batches: Counter,
+    pub batched_requests: Counter,
     pub prefix_cache_queries: Counter,
     pub prefix_cache_hits: Counter,
     /// Prompt tokens copied back from the session's prefix tree (part of
@@ -105,6 +108,8 @@ impl Default for Metrics {
             generation_tokens: Counter::default(),
             draft_tokens: Counter::default(),
             draft_accepted: Counter::default(),
+            decode_batches: Counter::default(),
+            batched_requests: Counter::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
             prefix_tree_restored: Counter::default(),
@@ -175,6 +180,16 @@ impl Default for Metrics {
             "kiln:draft_accepted",
             "Guessed tokens the model agreed with: decode steps saved",
             m.draft_accepted.clone(),
+        );
+        registry.register(
+            "kiln:decode_batches",
+            "Runs of several requests of one model decoded together, one forward pass a token for all of them ([engine] decode_batch)",
+            m.decode_batches.clone(),
+        );
+        registry.register(
+            "kiln:batched_requests",
+            "Requests decoded together with others (in kiln:decode_batches)",
+            m.batched_requests.clone(),
         );
         registry.register(
             "kiln:prefix_cache_queries",

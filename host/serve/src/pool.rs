@@ -226,6 +226,9 @@ pub struct MemberStatus {
     pub threads: Option<usize>,
     /// The plugin device holding it while loaded (`None`: the CPU).
     pub device: Option<String>,
+    /// Requests it decodes together at most while loaded (`[engine]
+    /// decode_batch`, as many as the budget holds; one on a device).
+    pub decode_batch: Option<usize>,
 }
 
 /// A request's route: the models that may answer it, in order.
@@ -447,6 +450,16 @@ impl Pool {
                 layout.budget / MIB,
             ));
         }
+        // The first model's engine decodes together as many requests as
+        // the budget holds the caches of.
+        if let Ok(b) = fixed[0].resolve(config, &template) {
+            let need = with_batch(&fixed[0].id, b, on_device, &config.engine, layout.budget);
+            let mut slot = lock(&fixed[0].slot);
+            if let Some(e) = &slot.engine {
+                e.set_decode_batch(need.sequences);
+            }
+            slot.need = Some(need);
+        }
         let pool = Pool {
             inner: Arc::new(Inner {
                 layout: std::sync::RwLock::new(Arc::new(layout)),
@@ -561,6 +574,7 @@ impl Pool {
                     lock_error: slot.locked.as_ref().err().cloned(),
                     threads: m.threads,
                     device: slot.engine.as_ref().and(slot.device.clone()),
+                    decode_batch: slot.engine.as_ref().map(Engine::decode_batch),
                 }
             })
             .collect()
@@ -903,6 +917,28 @@ impl Inner {
     }
 }
 
+/// `need` for the requests its engine decodes together: `engine`'s
+/// `decode_batch` on the CPU (on a device, which keeps one cache, one),
+/// fewer where their KV caches would not fit `budget` (said on the log).
+fn with_batch(
+    id: &str,
+    need: session::Budget,
+    on_device: bool,
+    engine: &kiln_registry::config::EngineConfig,
+    budget: u64,
+) -> session::Budget {
+    let want = if on_device { 1 } else { engine.decode_batch() };
+    let need = need.fitting(want, budget);
+    if need.sequences < want {
+        eprintln!(
+            "kiln: {id} decodes {} request(s) at a time, not {want} ([engine] decode_batch): the KV caches of {want} would not fit the pool's budget of {} MiB",
+            need.sequences,
+            budget / MIB
+        );
+    }
+    need
+}
+
 /// Host memory a model needs: all of it on the CPU; on a plugin's device
 /// (which holds its weights, KV cache and work space) the host's copies
 /// of its KV cache and work space.
@@ -1009,6 +1045,8 @@ impl Member {
                 weights_bytes: size,
                 kv_bytes: 0,
                 scratch_bytes: 0,
+                sequences: 1,
+                batch_kv_bytes: 0,
                 total_bytes: size,
             })
         })?;
@@ -1109,22 +1147,14 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     // its memory, and the host keeps copies of the KV cache and work
     // space; on the CPU all of it is the host's.
     let on_device = (!target.is_builtin()).then(|| format!("{}:{device}", target.name()));
+    let need = with_batch(&m.id, need, on_device.is_some(), &t.engine, layout.budget);
     let host_need = host_bytes(&need, on_device.is_some());
     let device_budget = on_device
         .as_ref()
         .map(|key| inner.device_budget(&layout, key, &target, device));
     let mib = |b: u64| b / MIB;
     let budget = layout.budget;
-    let what = || {
-        format!(
-            "{} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space)",
-            mib(need.total_bytes),
-            mib(need.weights_bytes),
-            mib(need.kv_bytes),
-            need.n_ctx,
-            mib(need.scratch_bytes)
-        )
-    };
+    let what = || need.describe();
     if host_need > budget {
         return Err(format!(
             "needs {} but the pool's budget is {} MiB ({}); raise it, give it a smaller ctx, or use a smaller quantization",
@@ -1221,7 +1251,10 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
             draft: t.draft,
             draft_max: t.draft_max,
             draft_model: None,
-            engine: t.engine,
+            engine: kiln_registry::config::EngineConfig {
+                decode_batch: Some(need.sequences),
+                ..t.engine
+            },
             threads: m.threads,
         },
     );
@@ -1237,6 +1270,7 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         slot.last_used = Instant::now();
         slot.locked = locked;
         slot.device = on_device;
+        slot.need = Some(need);
     }
     lock(&m.health).backend_failures_seen = Some(backend_failures(engine.target()));
     inner

@@ -150,21 +150,20 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
         }
         let kv_type =
             super::kv_type_for(config, &m.label(), None).unwrap_or(kiln_plugin_api::DType::F16);
-        match kiln_runtime::model::session::budget(&m.blob_path, None, kv_type) {
+        // On the CPU, with the KV caches of the requests it decodes
+        // together, as many as fit (as `kiln serve` does).
+        let budget = kiln_runtime::model::session::budget(&m.blob_path, None, kv_type)
+            .map(|b| b.fitting(config.engine.decode_batch(), available.unwrap_or(u64::MAX)));
+        match budget {
             Ok(b) => {
                 let fits = available.is_none_or(|a| b.total_bytes <= a);
                 if !fits {
-                    let mib = |x: u64| x >> 20;
                     problems.push(format!(
-                            "model {} needs {} MiB ({} of weights, {} of KV cache at {} tokens, {} of work space) but {} MiB are available; close programs, run it with a smaller --ctx, or use a smaller quantization",
-                            m.label(),
-                            mib(b.total_bytes),
-                            mib(b.weights_bytes),
-                            mib(b.kv_bytes),
-                            b.n_ctx,
-                            mib(b.scratch_bytes),
-                            mib(available.unwrap_or(0)),
-                        ));
+                        "model {} needs {} but {} MiB are available; close programs, run it with a smaller --ctx, or use a smaller quantization",
+                        m.label(),
+                        b.describe(),
+                        available.unwrap_or(0) >> 20,
+                    ));
                 }
                 let mut v = serde_json::to_value(&b).unwrap_or_default();
                 v["model"] = json!(m.label());
@@ -213,6 +212,15 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             });
         match need {
             Ok(b) => {
+                // On the CPU, with the KV caches of the requests it
+                // decodes together, as many as the budget holds.
+                let b = match device {
+                    Some(_) => b,
+                    None => b.fitting(
+                        config.engine.decode_batch(),
+                        pool_budget.unwrap_or(u64::MAX),
+                    ),
+                };
                 let host_need = match device {
                     Some(_) => b.kv_bytes + b.scratch_bytes,
                     None => b.total_bytes,
@@ -237,13 +245,10 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
                 }
                 if !fits {
                     problems.push(format!(
-                        "{what} ({}) needs {} MiB of host memory ({} of weights, {} of KV cache at {} tokens, {} of work space) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
+                        "{what} ({}) needs {} MiB of host memory (in all {}) but the pool's budget ({budget_from}) is {} MiB: kiln serve refuses to load it; raise [pool] max_memory_mb, give it a smaller ctx, or use a smaller quantization",
                         entry.model,
                         host_need >> 20,
-                        b.weights_bytes >> 20,
-                        b.kv_bytes >> 20,
-                        b.n_ctx,
-                        b.scratch_bytes >> 20,
+                        b.describe(),
                         pool_budget.unwrap_or(0) >> 20,
                     ));
                 }
@@ -559,12 +564,16 @@ fn print_human(r: &Value) {
             continue; // among the problems
         }
         println!(
-            "model        {}: {} MiB ({} weights, {} KV at {} tokens, {} work space){}",
+            "model        {}: {} MiB ({} weights, {} KV at {} tokens{}, {} work space){}",
             s(&m["model"]),
             mib(&m["total_bytes"]),
             mib(&m["weights_bytes"]),
-            mib(&m["kv_bytes"]),
+            (m["kv_bytes"].as_u64().unwrap_or(0) + m["batch_kv_bytes"].as_u64().unwrap_or(0)) >> 20,
             m["n_ctx"],
+            match m["sequences"].as_u64() {
+                Some(n) if n > 1 => format!(" for each of {n} requests decoded together"),
+                _ => String::new(),
+            },
             mib(&m["scratch_bytes"]),
             if m["fits"] == true {
                 ""

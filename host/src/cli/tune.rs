@@ -540,6 +540,7 @@ fn engine_setting<'a>(s: &'a Setting, key: &'a str) -> Result<EngineSetting<'a>,
             threads: int("threads"),
             attention_block: int("attention_block"),
             prompt_batch: int("prompt_batch"),
+            decode_batch: int("decode_batch"),
         },
         kv_type: kv_type.map(|kv| (key, kv)),
         completion: kiln_registry::config::CompletionConfig {

@@ -125,6 +125,11 @@ impl Control {
         self.pause.store(true, Ordering::Release);
     }
 
+    /// Whether a pause was asked for (the request stays).
+    pub fn pause_asked(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+
     /// Whether a pause was asked for (and clears the request).
     pub fn take_pause(&self) -> bool {
         self.pause.swap(false, Ordering::AcqRel)
@@ -455,87 +460,159 @@ pub fn generate_resumable(
     Ok(Outcome::Done(g.finish(&mut on_text)))
 }
 
-/// Several requests of one model generated together, each on its own
-/// session: their prompts one after the other, then one forward pass a
-/// step for all of them ([`super::session::decode_batch`]: the weights
-/// read once for every sequence). A request ends on its own (its stop, a
-/// cancel) while the others go on. `on_text(i, text)` is request i's
-/// text as it becomes final; returning `false` cancels that request.
-/// When `pause` asks for a pause, every request still running stops at
-/// its next token and comes back as [`Outcome::Paused`]. Speculative
-/// decoding is not run here (each request decodes a token a step); the
-/// tokens are those [`generate_resumable`] gives each request alone, a
-/// batch's logits being the bits of each sequence's own step.
+/// A request joining a batch ([`generate_batch`]): its tag (how the host
+/// names it back), the index of the session it runs on, the request, and
+/// where it stood if it was paused.
+pub struct Joining {
+    pub tag: u64,
+    pub session: usize,
+    pub request: Request,
+    pub resume: Option<Paused>,
+}
+
+/// Whoever runs a batch: gives it requests and takes their text and ends.
+pub trait BatchHost {
+    /// More requests to join, on the sessions listed (free: none of the
+    /// batch's requests runs on them); called between steps, so that a
+    /// request arriving while others decode joins them at the next one.
+    fn join(&mut self, free: &[usize]) -> Vec<Joining>;
+    /// Request `tag`'s text as it becomes final; `false` cancels it.
+    fn text(&mut self, tag: u64, text: &str) -> bool;
+    /// Request `tag` ended (or paused, or failed) on `session`.
+    fn done(&mut self, tag: u64, result: Result<Outcome, ModelError>, session: &mut Session);
+}
+
+/// Several requests of one model generated together, each on a session of
+/// its own among `sessions` (of one model on the built-in CPU): a
+/// request's prompt is evaluated when it joins, then one forward pass a
+/// step decodes a token for every request under way
+/// ([`super::session::decode_batch`]: the weights read once for all of
+/// them). Requests join (`host.join`) between steps while sessions are
+/// free, and each ends on its own (its stop, a cancel); the batch ends
+/// when none runs and none joins. When `pause` asks for a pause, every
+/// request under way stops at its next token and is handed back as
+/// [`Outcome::Paused`] (as when any request's own control asks).
+/// Speculative decoding is not run here (a token a
+/// step); the tokens are those [`generate_resumable`] gives each request
+/// alone, a batch's logits being the bits of each sequence's own step.
 pub fn generate_batch(
-    members: Vec<(&mut Session, &Request, Option<Paused>)>,
+    sessions: &mut [&mut Session],
     tok: &Tokenizer,
+    first: Vec<Joining>,
     pause: Option<&Control>,
-    mut on_text: impl FnMut(usize, &str) -> bool,
-) -> Vec<Result<Outcome, ModelError>> {
-    let n = members.len();
-    let mut out: Vec<Option<Result<Outcome, ModelError>>> = (0..n).map(|_| None).collect();
-    // The requests under way: (index, session, request, generation, logits).
-    let mut live = Vec::with_capacity(n);
-    for (i, (session, req, resume)) in members.into_iter().enumerate() {
-        match Generating::start(session, req, resume) {
-            Ok(Started::Ready(g, logits)) => live.push((i, session, req, g, logits)),
-            Ok(Started::Done(done)) => out[i] = Some(Ok(Outcome::Done(done))),
-            Err(e) => out[i] = Some(Err(e)),
-        }
-    }
-    while !live.is_empty() {
-        if pause.is_some_and(Control::take_pause) {
-            for (i, _, _, g, _) in live.drain(..) {
-                out[i] = Some(Ok(Outcome::Paused(g.pause())));
+    host: &mut impl BatchHost,
+) {
+    let mut live: Vec<Live> = Vec::with_capacity(sessions.len());
+    admit(&mut live, sessions, host, first);
+    loop {
+        // A pause asked of the batch, or of any request in it, pauses all.
+        let asked = (live.iter()).fold(pause.is_some_and(Control::take_pause), |a, l| {
+            l.request.control.as_ref().is_some_and(|c| c.take_pause()) | a
+        });
+        if asked {
+            for l in live.drain(..) {
+                host.done(l.tag, Ok(Outcome::Paused(l.g.pause())), sessions[l.session]);
             }
-            break;
+            return;
         }
         let mut next = Vec::with_capacity(live.len());
         let mut k = 0;
         while k < live.len() {
-            let (i, _, req, g, logits) = &mut live[k];
-            let i = *i;
-            let mut say = |text: &str| on_text(i, text);
-            match g.sample_next(logits, tok, req, false, &mut say) {
+            let l = &mut live[k];
+            let tag = l.tag;
+            let mut say = |text: &str| host.text(tag, text);
+            match l.g.sample_next(&l.logits, tok, &l.request, false, &mut say) {
                 Sampled::Token(t) => {
                     next.push(t);
                     k += 1;
                 }
                 Sampled::Stop | Sampled::Pause => {
-                    let (i, _, _, g, _) = live.remove(k);
-                    out[i] = Some(Ok(Outcome::Done(g.finish(&mut say))));
+                    let l = live.remove(k);
+                    let g = l.g.finish(&mut |text: &str| host.text(tag, text));
+                    host.done(tag, Ok(Outcome::Done(g)), sessions[l.session]);
                 }
             }
         }
-        if live.is_empty() {
-            break;
+        if !live.is_empty() {
+            let stepped = if let [l] = &mut live[..] {
+                sessions[l.session].decode(next[0]).map(|row| {
+                    l.logits.clear();
+                    l.logits.extend_from_slice(row);
+                })
+            } else {
+                let mut stepping: Vec<&mut Session> = (sessions.iter_mut().enumerate())
+                    .filter(|(i, _)| live.iter().any(|l| l.session == *i))
+                    .map(|(_, s)| &mut **s)
+                    .collect();
+                let stepped = super::session::decode_batch(&mut stepping, &next);
+                drop(stepping);
+                stepped.map(|()| {
+                    for l in live.iter_mut() {
+                        l.logits.clear();
+                        l.logits.extend_from_slice(sessions[l.session].logits());
+                    }
+                })
+            };
+            if let Err(e) = stepped {
+                // A failed step fails every request in it.
+                let why = e.to_string();
+                for l in live.drain(..) {
+                    host.done(
+                        l.tag,
+                        Err(ModelError::Invalid(why.clone())),
+                        sessions[l.session],
+                    );
+                }
+            }
         }
-        let stepped = if live.len() == 1 {
-            let (_, s, _, _, logits) = &mut live[0];
-            s.decode(next[0]).map(|row| {
-                logits.clear();
-                logits.extend_from_slice(row);
-            })
+        let free: Vec<usize> = (0..sessions.len())
+            .filter(|i| !live.iter().any(|l| l.session == *i))
+            .collect();
+        let joining = if free.is_empty() {
+            Vec::new()
         } else {
-            let mut sessions: Vec<&mut Session> = live.iter_mut().map(|m| &mut *m.1).collect();
-            super::session::decode_batch(&mut sessions, &next).map(|()| {
-                for (_, s, _, _, logits) in live.iter_mut() {
-                    logits.clear();
-                    logits.extend_from_slice(s.logits());
-                }
-            })
+            host.join(&free)
         };
-        if let Err(e) = stepped {
-            // A failed step fails every request in it.
-            let why = e.to_string();
-            for (i, ..) in live.drain(..) {
-                out[i] = Some(Err(ModelError::Invalid(why.clone())));
-            }
+        if live.is_empty() && joining.is_empty() {
+            return;
+        }
+        admit(&mut live, sessions, host, joining);
+    }
+}
+
+/// A request under way in [`generate_batch`].
+struct Live {
+    tag: u64,
+    session: usize,
+    request: Request,
+    g: Box<Generating>,
+    logits: Vec<f32>,
+}
+
+/// Starts the `joining` requests of a batch (their prompts evaluated),
+/// kept in `live` in the order of their sessions (as the batch's rows);
+/// one that ends already (cancelled, failed) goes to `host` as ended.
+fn admit(
+    live: &mut Vec<Live>,
+    sessions: &mut [&mut Session],
+    host: &mut impl BatchHost,
+    joining: Vec<Joining>,
+) {
+    for j in joining {
+        let session = &mut *sessions[j.session];
+        match Generating::start(session, &j.request, j.resume) {
+            Ok(Started::Ready(g, logits)) => live.push(Live {
+                tag: j.tag,
+                session: j.session,
+                request: j.request,
+                g,
+                logits,
+            }),
+            Ok(Started::Done(done)) => host.done(j.tag, Ok(Outcome::Done(done)), session),
+            Err(e) => host.done(j.tag, Err(e), session),
         }
     }
-    out.into_iter()
-        .map(|o| o.expect("every request ends"))
-        .collect()
+    live.sort_by_key(|l| l.session);
 }
 
 /// How a generation's prompt evaluation ended.

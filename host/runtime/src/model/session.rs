@@ -180,15 +180,66 @@ fn runs_fused_attention(model: &Model, exec: &Executor, kv: KvCache) -> bool {
 /// The memory a session of the model at `path` takes: its weights, its
 /// KV cache at `n_ctx` positions (default as [`Session::new`]'s) of
 /// `kv_type`, and the work space of a prompt batch ([`DEFAULT_BATCH`]
-/// tokens).
+/// tokens); with [`Budget::with_sequences`], the KV caches of the other
+/// requests decoded together with it ([`decode_batch`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Budget {
     pub n_ctx: usize,
     pub kv_type: &'static str,
     pub weights_bytes: u64,
+    /// One sequence's KV cache.
     pub kv_bytes: u64,
     pub scratch_bytes: u64,
+    /// Requests decoded together (1: one at a time).
+    pub sequences: usize,
+    /// The KV caches of the sequences besides the first.
+    pub batch_kv_bytes: u64,
     pub total_bytes: u64,
+}
+
+impl Budget {
+    /// This budget for `sequences` requests decoded together (at least
+    /// one), each with a KV cache of its own.
+    pub fn with_sequences(mut self, sequences: usize) -> Budget {
+        self.sequences = sequences.max(1);
+        self.batch_kv_bytes = (self.sequences as u64 - 1) * self.kv_bytes;
+        self.total_bytes =
+            self.weights_bytes + self.kv_bytes + self.batch_kv_bytes + self.scratch_bytes;
+        self
+    }
+
+    /// Its KV caches, every sequence's.
+    pub fn all_kv_bytes(&self) -> u64 {
+        self.kv_bytes + self.batch_kv_bytes
+    }
+
+    /// This budget for as many requests decoded together as fit in
+    /// `budget` bytes, at most `want` and at least one.
+    pub fn fitting(self, want: usize, budget: u64) -> Budget {
+        let fits = |s: usize| self.clone().with_sequences(s).total_bytes <= budget;
+        let s = (1..=want.max(1)).rev().find(|&s| fits(s)).unwrap_or(1);
+        self.with_sequences(s)
+    }
+
+    /// What it is made of, for messages: `N MiB (W of weights, K of KV
+    /// cache at T tokens[ for each of S requests decoded together], X of
+    /// work space)`.
+    pub fn describe(&self) -> String {
+        let mib = |b: u64| b >> 20;
+        let each = if self.sequences > 1 {
+            format!(" for each of {} requests decoded together", self.sequences)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} MiB ({} of weights, {} of KV cache at {} tokens{each}, {} of work space)",
+            mib(self.total_bytes),
+            mib(self.weights_bytes),
+            mib(self.all_kv_bytes()),
+            self.n_ctx,
+            mib(self.scratch_bytes)
+        )
+    }
 }
 
 /// [`Budget`] of the model file at `path` (its header and metadata are
@@ -225,6 +276,8 @@ pub fn budget(
         weights_bytes,
         kv_bytes,
         scratch_bytes,
+        sequences: 1,
+        batch_kv_bytes: 0,
         total_bytes: weights_bytes + kv_bytes + scratch_bytes,
     })
 }
