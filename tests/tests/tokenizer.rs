@@ -194,6 +194,7 @@ fn parity(name: &str, arch: &str) {
     );
     let tok = Tokenizer::from_gguf(&GgufFile::open(&gguf).unwrap()).unwrap();
     bounded_encoding(&tok, &corpus);
+    streams_add_up(&tok, name, &corpus);
     let ours: Vec<Vec<u32>> = corpus
         .iter()
         .map(|s| tok.encode(s, false).unwrap())
@@ -383,4 +384,47 @@ fn qwen_vocabularies_get_repository_level_prompts() {
         prompt.starts_with("<|fim_prefix|># shapes.py\n"),
         "{prompt}"
     );
+}
+
+/// Text streamed a token at a time (`StreamDecoder`, which decodes a
+/// short window per token, not the whole text again) adds up to the
+/// decoding of all the tokens, for each of `texts`, and no delta ends
+/// inside a character.
+fn streams_add_up(tok: &Tokenizer, what: &str, texts: &[String]) {
+    use kiln_runtime::tokenizer::StreamDecoder;
+    for text in texts {
+        let ids = tok.encode(text, false).unwrap();
+        let mut d = StreamDecoder::default();
+        let mut streamed = String::new();
+        for &id in &ids {
+            let delta = d.push(tok, id);
+            assert!(
+                !delta.contains('\u{fffd}') || text.contains('\u{fffd}'),
+                "{what}: {text:?}"
+            );
+            streamed.push_str(&delta);
+        }
+        assert_eq!(streamed, tok.decode(&ids), "{what}: {text:?}");
+    }
+}
+
+/// [`streams_add_up`] on the corpus (code, prose, non-ASCII, emoji split
+/// over byte tokens) and the released models' vocabularies: SmolLM2's
+/// byte-level BPE and Gemma 3's SentencePiece with byte fallback (the
+/// parity tests check llama2's, whose decoder strips a leading space, and
+/// llama3's and qwen3's).
+#[test]
+fn streamed_text_adds_up_to_the_decoding_of_all_tokens() {
+    let mut texts = corpus();
+    texts.push("  leading spaces, then 中文 and 日本語 🎉🚀 and a\ttab\n\nfn ünïcödé() {}".into());
+    for file in [
+        "smollm2-135m-instruct-q4_1.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ] {
+        let Some(model) = kiln_tests::real_model(file) else {
+            continue;
+        };
+        let tok = Tokenizer::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
+        streams_add_up(&tok, file, &texts);
+    }
 }

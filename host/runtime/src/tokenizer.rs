@@ -644,26 +644,36 @@ pub fn gguf_metadata(
 }
 
 /// Turns a growing list of token ids into text deltas, holding back bytes
-/// until they form whole characters.
-#[derive(Default)]
+/// until they form whole characters. Each token decodes a short window,
+/// not the whole text again: the tokens from `prefix` on, whose text up
+/// to `read` was sent, against the same window without the new ones (so
+/// that what a decoder does at the window's start, such as dropping a
+/// SentencePiece word's leading space, is done to both alike); the
+/// deltas add up to the decoding of all the ids.
+#[derive(Clone, Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Where the window starts.
+    prefix: usize,
+    /// Tokens sent up to here.
+    read: usize,
 }
 
 impl StreamDecoder {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let text = tok.decode(&self.ids);
+        let sent = tok.decode(&self.ids[self.prefix..self.read]);
+        let text = tok.decode(&self.ids[self.prefix..]);
         if text.ends_with('\u{fffd}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
+            || text.len() <= sent.len()
+            || !text.is_char_boundary(sent.len())
+            || !text.starts_with(&sent)
         {
             return String::new();
         }
-        let delta = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        delta
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        text[sent.len()..].to_string()
     }
 }
 
