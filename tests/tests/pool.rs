@@ -1041,4 +1041,22 @@ fn models_on_a_device_stay_within_its_memory_budget() {
         said.contains("of accel:0's memory but its budget ([pool] max_device_memory_mb) is 1 MiB"),
         "{said}"
     );
+    drop(srv);
+    // A first model on the device larger than its budget: the server
+    // does not start, and says why.
+    let out = home.kiln(&[
+        "serve",
+        "--model",
+        a.to_str().unwrap(),
+        "--backend",
+        "accel",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("of accel:0's memory but its budget ([pool] max_device_memory_mb) is 1 MiB"),
+        "{err}"
+    );
 }

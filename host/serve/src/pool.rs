@@ -450,6 +450,20 @@ impl Pool {
                 layout.budget / MIB,
             ));
         }
+        // On a plugin's device, the first model must fit that device's
+        // budget too where the config sets one (else its free memory,
+        // which the session checks when it is made).
+        let device_key = lock(&fixed[0].slot).device.clone();
+        if let (Some(key), Some(mb)) = (&device_key, config.pool.max_device_memory_mb)
+            && let Ok(need) = fixed[0].resolve(config, &template)
+            && need.total_bytes > mb.saturating_mul(MIB)
+        {
+            return Err(format!(
+                "{} needs {} of {key}'s memory but its budget ([pool] max_device_memory_mb) is {mb} MiB; raise it, or serve a smaller model or context",
+                fixed[0].id,
+                need.describe(),
+            ));
+        }
         // The first model's engine decodes together as many requests as
         // the budget holds the caches of.
         if let Ok(b) = fixed[0].resolve(config, &template) {
