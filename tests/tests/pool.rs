@@ -1060,3 +1060,95 @@ fn models_on_a_device_stay_within_its_memory_budget() {
         "{err}"
     );
 }
+
+/// With no `--backend`, each model runs on the best-scoring device that
+/// runs its weight products: a device scored above the CPU that has no
+/// products of a model's weight type is passed over for the CPU (said on
+/// stderr), while a model whose products it runs goes to it — for `kiln
+/// run`, `kiln serve`'s first model and a `[models]` entry alike.
+#[test]
+fn each_model_runs_on_the_best_device_that_runs_its_products() {
+    use kiln_tests::tiny_model;
+    let home = Home::default();
+    let lib = c_fixture("kiln_fixture", &[]);
+    let pdir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
+    home.ok(&["plugins", "add", pdir.to_str().unwrap()]);
+    home.ok(&["backends"]);
+    // The fixture's device (f32 products only) scored far above the CPU,
+    // in the registry's cache of scores.
+    let db = rusqlite::Connection::open(home.path().join("kiln.db")).unwrap();
+    let raised = db
+        .execute(
+            "UPDATE device_scores SET score = 1e9 WHERE backend_key NOT LIKE 'builtin-cpu-%'",
+            [],
+        )
+        .unwrap();
+    assert!(raised >= 1);
+    let tiny = |dtype: &str| {
+        tiny_model(&[
+            "--arch",
+            "llama",
+            "--dtype",
+            dtype,
+            "--embd",
+            "64",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--ff",
+            "128",
+            "--vocab",
+            "300",
+        ])
+    };
+    let (f32_model, f16_model) = (tiny("f32"), tiny("f16"));
+    let run = |model: &std::path::Path| {
+        let out = home.kiln(&[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "t1 t2",
+            "--max-tokens",
+            "2",
+            "--json",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["backend"].as_str().unwrap().to_string(), err)
+    };
+    let (on, _) = run(&f32_model);
+    assert!(on.starts_with("accel device 0"), "{on}");
+    let (on, err) = run(&f16_model);
+    assert!(on.starts_with("cpu device 0"), "{on}");
+    assert!(
+        err.contains("accel:0 scores")
+            && err.contains("runs no products of")
+            && err.contains("f16 weights"),
+        "{err}"
+    );
+
+    // kiln serve: the first model (f16) on the CPU, a [models] entry (f32)
+    // on the device.
+    configure(
+        &home,
+        &format!("[models.fast]\nmodel = {:?}\n", f32_model.display()),
+    );
+    let srv = http_server_args(&home, &["--model", f16_model.to_str().unwrap()], &[]);
+    let (code, v) = complete(
+        &srv.addr,
+        json!({"model": "fast", "prompt": "t1 t2", "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{v:#}");
+    let list = models(&srv.addr);
+    assert_eq!(
+        model(&list, "fast")["kiln"]["device"],
+        "accel:0",
+        "{list:#?}"
+    );
+    let first = (list.iter())
+        .find(|m| m["id"] != "fast")
+        .unwrap_or_else(|| panic!("{list:#?}"));
+    assert!(first["kiln"]["device"].is_null(), "{list:#?}");
+}

@@ -319,6 +319,10 @@ pub struct Template {
     pub fim: Option<FimTemplate>,
     /// Shared by every engine when the models do not run at once.
     pub gate: Option<Arc<crate::engine::Gate>>,
+    /// No `--backend`: a model with no `backend` of its own goes to the
+    /// best-scoring device that runs its weight products and whose
+    /// budget holds it (`backend::choose_for`), not the first model's.
+    pub chosen_per_model: bool,
 }
 
 /// An attempt's deadline: when, its flight, its number.
@@ -1145,6 +1149,23 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
     let layout = inner.layout();
     let need = m.resolve(&layout.config, t)?;
     let (target, device, label) = match &m.backend {
+        None if t.chosen_per_model => {
+            let path = lock(&m.slot).path.clone().expect("resolved above");
+            let fits = |b: &Arc<kiln_runtime::backend::Backend>, d: u32| {
+                let key = format!("{}:{d}", b.name());
+                need.total_bytes <= inner.device_budget(&layout, &key, b, d).0
+            };
+            let Chosen { executor, label } = kiln_runtime::backend::choose_for(
+                &layout.config,
+                None,
+                &path,
+                fits,
+                |w| eprintln!("kiln: {}: {w}", m.id),
+                |p| eprintln!("kiln: {p}"),
+            )
+            .map_err(|e| e.to_string())?;
+            (executor.target.clone(), executor.device, label)
+        }
         None => (t.target.clone(), t.device, t.backend_label.clone()),
         Some(name) => {
             let Chosen { executor, label } = kiln_runtime::backend::choose(

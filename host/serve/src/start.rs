@@ -133,9 +133,11 @@ fn start_engine(
     let Chosen {
         executor: exec,
         label,
-    } = backend::choose(
+    } = backend::choose_for(
         &spec.config,
         spec.backend.as_deref(),
+        &path,
+        |_, _| true,
         |w| eprintln!("kiln: warning: {w}"),
         |m| eprintln!("kiln: {m}"),
     )
@@ -177,6 +179,7 @@ fn start_engine(
         draft_max: spec.settings.draft_max,
         fim,
         gate: gate.clone(),
+        chosen_per_model: spec.backend.is_none(),
     };
     let engine = Engine::start(
         loaded,

@@ -31,7 +31,7 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
     let kiln_runtime::backend::Chosen {
         executor: exec,
         label: device,
-    } = super::run::executor(config, args.backend.as_deref())?;
+    } = super::run::executor_for(config, args.backend.as_deref(), Some(&path))?;
     // Load time: mapping, checks, and repacking for the backend.
     let start = Instant::now();
     let model = Model::load_for(&path, &exec.target, exec.device)?;

@@ -29,12 +29,25 @@ pub struct RunArgs {
 /// The executor for `--backend NAME`, or for the best-scoring device,
 /// with warnings and progress on stderr.
 pub fn executor(config: &Config, backend: Option<&str>) -> Result<Chosen, CliError> {
-    let mut chosen = kiln_runtime::backend::choose(
-        config,
-        backend,
-        |w| eprintln!("kiln: warning: {w}"),
-        |m| eprintln!("kiln: {m}"),
-    )?;
+    executor_for(config, backend, None)
+}
+
+/// [`executor`] for the model file at `model`: with no backend named, the
+/// best-scoring device that runs its weight products
+/// (`backend::choose_for`).
+pub fn executor_for(
+    config: &Config,
+    backend: Option<&str>,
+    model: Option<&std::path::Path>,
+) -> Result<Chosen, CliError> {
+    let warn = |w: &str| eprintln!("kiln: warning: {w}");
+    let progress = |m: &str| eprintln!("kiln: {m}");
+    let mut chosen = match model {
+        Some(path) => {
+            kiln_runtime::backend::choose_for(config, backend, path, |_, _| true, warn, progress)?
+        }
+        None => kiln_runtime::backend::choose(config, backend, warn, progress)?,
+    };
     let exec = &mut chosen.executor;
     if !exec.target.is_builtin() {
         let progress = super::Progress::new(&format!(
@@ -55,7 +68,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
     let Chosen {
         executor: exec,
         label: backend,
-    } = executor(config, args.backend.as_deref())?;
+    } = executor_for(config, args.backend.as_deref(), Some(&path))?;
     let model = Model::load_for(&path, &exec.target, exec.device)?;
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;

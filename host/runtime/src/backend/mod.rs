@@ -688,33 +688,11 @@ pub struct Chosen {
 pub fn choose(
     config: &kiln_registry::config::Config,
     name: Option<&str>,
-    mut warn: impl FnMut(&str),
+    warn: impl FnMut(&str),
     progress: impl FnMut(&str),
 ) -> Result<Chosen, ChooseError> {
-    let mut registry = Registry::open_home(config)?;
-    let set = BackendSet::load(&registry);
-    for p in &set.problems {
-        warn(p);
-    }
-    // `NAME:N` names device N of a backend, `NAME` its best one.
-    let named = name.map(|name| match name.rsplit_once(':') {
-        Some((b, d)) if d.parse::<u32>().is_ok() => (b, d.parse::<u32>().ok()),
-        _ => (name, None),
-    });
-    // A named backend's devices are the only ones measured (when it is
-    // there: otherwise every device, for the error's list).
-    let known = named.filter(|(b, _)| set.backends.iter().any(|x| x.name() == *b));
-    let measured = BackendSet {
-        backends: (set.backends.iter())
-            .filter(|b| known.is_none_or(|(n, _)| b.name() == n))
-            .cloned()
-            .collect(),
-        problems: Vec::new(),
-    };
-    let (ranked, problems) = rank_devices(&measured, &mut registry, false, progress);
-    for p in &problems {
-        warn(p);
-    }
+    let (set, ranked) = ranked_for(config, name, warn, progress)?;
+    let named = name.map(split_device);
     let pick = match named {
         Some((backend, device)) => ranked
             .iter()
@@ -728,6 +706,132 @@ pub fn choose(
             })?,
         None => ranked.first().ok_or(ChooseError::NoDevice)?,
     };
+    Ok(chosen(&set, pick))
+}
+
+/// [`choose`] for the model file at `path`. With `name`, that device;
+/// otherwise the best-scoring device that runs the model's weight
+/// products (every matrix product over its weights, by the device's own
+/// answer for the model's types and shapes: one that left them to the CPU
+/// would move every activation through host memory) and that `fits` (a
+/// memory budget); the built-in CPU runs everything. Each better device
+/// passed over is said on `warn`. A file whose header cannot be read (an
+/// encrypted blob) gets [`choose`]'s device.
+pub fn choose_for(
+    config: &kiln_registry::config::Config,
+    name: Option<&str>,
+    path: &std::path::Path,
+    fits: impl Fn(&Arc<Backend>, u32) -> bool,
+    mut warn: impl FnMut(&str),
+    progress: impl FnMut(&str),
+) -> Result<Chosen, ChooseError> {
+    let header = crate::gguf::GgufFile::open(path).ok().and_then(|f| {
+        let cfg = crate::model::ModelConfig::from_gguf(&f).ok()?;
+        Some((f, cfg))
+    });
+    let (Some((file, cfg)), None) = (header, name) else {
+        return choose(config, name, warn, progress);
+    };
+    let (set, ranked) = ranked_for(config, None, &mut warn, progress)?;
+    // One decode step's graph: every product over the weights is in it.
+    let (b, _, _) = crate::model::forward::build(
+        &cfg,
+        &file,
+        2,
+        1,
+        1,
+        crate::model::forward::LogitsFor::Last,
+        crate::model::forward::Attention::new(
+            crate::model::forward::ATTENTION_BLOCK,
+            crate::model::forward::KvCache::default(),
+        ),
+    );
+    let graph = exec::Graph {
+        storages: smallvec::SmallVec::new(),
+        tensors: b.tensors,
+        ops: b.ops,
+    };
+    let model = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    for r in &ranked {
+        let Some(backend) = set.backends.iter().find(|b| b.name() == r.backend) else {
+            continue;
+        };
+        if backend.is_builtin() {
+            return Ok(chosen(&set, r));
+        }
+        let exec = exec::Executor::new(backend.clone(), r.device);
+        let plan = exec.plan(&graph);
+        let missing: std::collections::BTreeSet<String> = (graph.ops.iter().zip(plan))
+            .filter(|(op, on)| {
+                !on && op.kind == kiln_plugin_api::OpKind::MulMat
+                    && graph.tensors[op.src[0]].storage == crate::model::forward::WEIGHTS
+            })
+            .map(|(op, _)| graph.tensors[op.src[0]].desc.dtype.to_string())
+            .collect();
+        let key = format!("{}:{}", r.backend, r.device);
+        if !missing.is_empty() {
+            warn(&format!(
+                "{key} scores {:.2} but runs no products of {model}'s {} weights: it runs on the next device",
+                r.score,
+                missing.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        } else if !fits(backend, r.device) {
+            warn(&format!(
+                "{key} scores {:.2} but its memory budget cannot hold {model}: it runs on the next device",
+                r.score
+            ));
+        } else {
+            return Ok(chosen(&set, r));
+        }
+    }
+    Err(ChooseError::NoDevice)
+}
+
+/// `NAME:N` names device N of a backend, `NAME` its best one.
+fn split_device(name: &str) -> (&str, Option<u32>) {
+    match name.rsplit_once(':') {
+        Some((b, d)) if d.parse::<u32>().is_ok() => (b, d.parse::<u32>().ok()),
+        _ => (name, None),
+    }
+}
+
+/// The usable backends and their devices, best first (only the named
+/// backend's, when `name` names one that is there).
+fn ranked_for(
+    config: &kiln_registry::config::Config,
+    name: Option<&str>,
+    mut warn: impl FnMut(&str),
+    progress: impl FnMut(&str),
+) -> Result<(BackendSet, Vec<RankedDevice>), ChooseError> {
+    let mut registry = Registry::open_home(config)?;
+    let set = BackendSet::load(&registry);
+    for p in &set.problems {
+        warn(p);
+    }
+    // A named backend's devices are the only ones measured (when it is
+    // there: otherwise every device, for the error's list).
+    let known = name
+        .map(split_device)
+        .filter(|(b, _)| set.backends.iter().any(|x| x.name() == *b));
+    let measured = BackendSet {
+        backends: (set.backends.iter())
+            .filter(|b| known.is_none_or(|(n, _)| b.name() == n))
+            .cloned()
+            .collect(),
+        problems: Vec::new(),
+    };
+    let (ranked, problems) = rank_devices(&measured, &mut registry, false, progress);
+    for p in &problems {
+        warn(p);
+    }
+    Ok((set, ranked))
+}
+
+/// The executor and label of ranked device `pick` of `set`.
+fn chosen(set: &BackendSet, pick: &RankedDevice) -> Chosen {
     let b = set
         .backends
         .iter()
@@ -740,10 +844,10 @@ pub fn choose(
         pick.device,
         b.devices[pick.device as usize].name
     );
-    Ok(Chosen {
+    Chosen {
         executor: exec::Executor::new(b, pick.device),
         label,
-    })
+    }
 }
 
 /// Scores every device of every backend (from the registry's cache, or by
