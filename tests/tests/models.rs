@@ -613,11 +613,14 @@ fn doctor_reports_each_active_models_memory_budget() {
         .collect();
     s.eval(&batch, forward::LogitsFor::Last).unwrap();
     assert_eq!(s.scratch_bytes(), scratch);
+    // On the CPU, with a KV cache for each of the requests `kiln serve`
+    // decodes together (`[engine] decode_batch`, 4 by default).
+    let kv = forward::kv_bytes(&model.config, forward::KvCache::default(), n_ctx);
+    assert_eq!(m["sequences"], 4, "{v:#}");
+    assert_eq!(m["batch_kv_bytes"].as_u64().unwrap() as usize, 3 * kv);
     assert_eq!(
         m["total_bytes"].as_u64().unwrap(),
-        (model.weight_bytes() as usize
-            + forward::kv_bytes(&model.config, forward::KvCache::default(), n_ctx)
-            + scratch) as u64
+        (model.weight_bytes() as usize + 4 * kv + scratch) as u64
     );
     assert_eq!(m["fits"], true);
     assert!(v["memory"]["available_bytes"].as_u64().unwrap() > 0);

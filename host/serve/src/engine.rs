@@ -347,6 +347,9 @@ impl<T> Fair<T> {
     /// after round), so that a batch is shared fairly too.
     fn take_where(&mut self, max: usize, fits: impl Fn(&T) -> bool) -> Vec<T> {
         let mut taken = Vec::new();
+        if self.len == 0 {
+            return taken;
+        }
         let mut progress = true;
         while taken.len() < max && progress {
             progress = false;

@@ -503,6 +503,9 @@ pub fn generate_batch(
     host: &mut impl BatchHost,
 ) {
     let mut live: Vec<Live> = Vec::with_capacity(sessions.len());
+    // Kept from step to step: a step allocates nothing of its own.
+    let mut next = Vec::with_capacity(sessions.len());
+    let mut free = Vec::with_capacity(sessions.len());
     admit(&mut live, sessions, host, first);
     loop {
         // A pause asked of the batch, or of any request in it, pauses all.
@@ -515,7 +518,7 @@ pub fn generate_batch(
             }
             return;
         }
-        let mut next = Vec::with_capacity(live.len());
+        next.clear();
         let mut k = 0;
         while k < live.len() {
             let l = &mut live[k];
@@ -565,9 +568,8 @@ pub fn generate_batch(
                 }
             }
         }
-        let free: Vec<usize> = (0..sessions.len())
-            .filter(|i| !live.iter().any(|l| l.session == *i))
-            .collect();
+        free.clear();
+        free.extend((0..sessions.len()).filter(|i| !live.iter().any(|l| l.session == *i)));
         let joining = if free.is_empty() {
             Vec::new()
         } else {
