@@ -414,6 +414,14 @@ pub fn generate_resumable(
     // logits after it; only greedy sampling can verify them by equality.
     let drafting = req.draft != Draft::None && req.sampling.temperature == 0.0;
     let mut pending: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
+    // Guesses per batch now, and in the last verifying batch: a batch
+    // whose guesses all failed halves the next one's (a wrong guess costs
+    // the batch's extra rows), one whose guesses all held doubles it, up
+    // to `draft_max` (fresh code, where text rarely repeats, then costs
+    // about one extra row a step, not `draft_max`).
+    let most = req.draft_max.min(DRAFT_MAX_LIMIT);
+    let mut draft_len = most;
+    let mut guessed = 0;
     loop {
         let next = match g.sample_next(&logits, tok, req, pausable, &mut on_text) {
             Sampled::Token(next) => next,
@@ -433,10 +441,18 @@ pub fn generate_resumable(
         }
         // A wrong guess and those after it leave the cache.
         session.truncate(session.n_past() - pending.len());
+        if guessed > 0 {
+            draft_len = match guessed - pending.len() {
+                0 => (draft_len / 2).max(1),
+                held if held == guessed => (draft_len * 2).min(most),
+                _ => draft_len,
+            };
+            guessed = 0;
+        }
         pending.clear();
         let room = (req.max_tokens - g.out_ids.len() - 1)
             .min(session.n_ctx().saturating_sub(session.n_past() + 1))
-            .min(req.draft_max.min(DRAFT_MAX_LIMIT));
+            .min(draft_len);
         let draft = match (&mut drafter, req.draft) {
             _ if !drafting || room == 0 => Vec::new(),
             (Some(d), Draft::Model) => model_draft(d, &g.history, room)?,
@@ -456,6 +472,7 @@ pub fn generate_resumable(
         pending.extend(draft.iter().copied().zip(rows.map(<[f32]>::to_vec)));
         g.timings.draft_tokens += draft.len();
         g.timings.draft_batches += 1;
+        guessed = draft.len();
     }
     Ok(Outcome::Done(g.finish(&mut on_text)))
 }
