@@ -352,6 +352,32 @@ pub fn llama_cpp_available() -> bool {
     ok
 }
 
+/// The tests' usual tiny llama's [`tiny_model`] arguments: 64 wide, 4
+/// heads over 2 KV heads, a feed-forward of 128, 300 tokens, f16 weights.
+pub const TINY_LLAMA: &[&str] = &[
+    "--arch",
+    "llama",
+    "--dtype",
+    "f16",
+    "--embd",
+    "64",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--ff",
+    "128",
+    "--vocab",
+    "300",
+];
+
+/// [`TINY_LLAMA`] with weights in `dtype` (f32, f16 or bf16).
+pub fn tiny_llama(dtype: &str) -> PathBuf {
+    let mut args = TINY_LLAMA.to_vec();
+    args[3] = dtype;
+    tiny_model(&args)
+}
+
 /// A tiny random-weight model written by llama.cpp's `gguf` package
 /// (`tests/oracle/gen_tiny.py`), cached by its arguments.
 pub fn tiny_model(args: &[&str]) -> PathBuf {

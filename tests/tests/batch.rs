@@ -19,26 +19,9 @@ use kiln_runtime::model::sample::argmax;
 use kiln_runtime::model::session::{can_batch, decode_batch};
 use kiln_runtime::model::{Model, Session};
 use kiln_runtime::tokenizer::Tokenizer;
-use kiln_tests::{real_model, tiny_model};
+use kiln_tests::{real_model, tiny_llama, tiny_model};
 use std::path::Path;
 use std::sync::Arc;
-
-const LLAMA: &[&str] = &[
-    "--arch",
-    "llama",
-    "--dtype",
-    "f16",
-    "--embd",
-    "64",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--ff",
-    "128",
-    "--vocab",
-    "300",
-];
 
 const GEMMA3: &[&str] = &[
     "--arch",
@@ -118,7 +101,7 @@ fn check(path: &Path, batch: usize, steps: usize) {
 
 #[test]
 fn a_batch_of_tiny_llama_sequences_gives_each_its_own_logits() {
-    let path = tiny_model(LLAMA);
+    let path = tiny_llama("f16");
     for batch in [1, 2, 3, 4, 7] {
         check(&path, batch, 6);
     }
@@ -151,7 +134,7 @@ fn a_batch_of_released_models_gives_each_its_own_logits() {
 
 #[test]
 fn sessions_of_different_models_or_caches_are_refused() {
-    let a = Model::load(&tiny_model(LLAMA)).unwrap();
+    let a = Model::load(&tiny_llama("f16")).unwrap();
     let b = Model::load(&tiny_model(GEMMA3)).unwrap();
     let (mut x, mut y) = (session(&a), session(&b));
     let err = can_batch(&[&mut x, &mut y]).unwrap_err().to_string();

@@ -6,22 +6,7 @@ use kiln_runtime::gguf::{Value, ValueType};
 use kiln_tests::{Home, tiny_model};
 use std::path::{Path, PathBuf};
 
-const TINY: &[&str] = &[
-    "--arch",
-    "llama",
-    "--dtype",
-    "f16",
-    "--embd",
-    "64",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--ff",
-    "128",
-    "--vocab",
-    "300",
-];
+use kiln_tests::TINY_LLAMA as TINY;
 
 /// A copy of `src` with its metadata edited by `edit` (tensors unchanged).
 fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>)) {

@@ -418,22 +418,7 @@ fn a_model_runs_on_a_plugin_device_with_the_cpu_taking_the_rest() {
     let plugin = accel(&home);
     // An F32 model: the fixture runs its f32 matmuls, adds, muls and norms;
     // rope, softmax, get_rows and the f16 cache writes fall back to the CPU.
-    let model_path = kiln_tests::tiny_model(&[
-        "--arch",
-        "llama",
-        "--dtype",
-        "f32",
-        "--embd",
-        "64",
-        "--heads",
-        "4",
-        "--kv-heads",
-        "2",
-        "--ff",
-        "128",
-        "--vocab",
-        "300",
-    ]);
+    let model_path = kiln_tests::tiny_llama("f32");
     let prompt = [1u32, 40, 41, 42, 43, 44, 45];
     let run = |exec: Executor| {
         let mut s = Session::new(Model::load(&model_path).unwrap(), exec, Some(64)).unwrap();

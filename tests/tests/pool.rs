@@ -1068,7 +1068,7 @@ fn models_on_a_device_stay_within_its_memory_budget() {
 /// run`, `kiln serve`'s first model and a `[models]` entry alike.
 #[test]
 fn each_model_runs_on_the_best_device_that_runs_its_products() {
-    use kiln_tests::tiny_model;
+    use kiln_tests::tiny_llama;
     let home = Home::default();
     let lib = c_fixture("kiln_fixture", &[]);
     let pdir = plugin_dir(home.path(), &lib, &ManifestSpec::new("accel", "1.0.0"));
@@ -1084,25 +1084,7 @@ fn each_model_runs_on_the_best_device_that_runs_its_products() {
         )
         .unwrap();
     assert!(raised >= 1);
-    let tiny = |dtype: &str| {
-        tiny_model(&[
-            "--arch",
-            "llama",
-            "--dtype",
-            dtype,
-            "--embd",
-            "64",
-            "--heads",
-            "4",
-            "--kv-heads",
-            "2",
-            "--ff",
-            "128",
-            "--vocab",
-            "300",
-        ])
-    };
-    let (f32_model, f16_model) = (tiny("f32"), tiny("f16"));
+    let (f32_model, f16_model) = (tiny_llama("f32"), tiny_llama("f16"));
     let run = |model: &std::path::Path| {
         let out = home.kiln(&[
             "run",
