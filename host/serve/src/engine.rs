@@ -1,6 +1,9 @@
-//! The engine: one thread that owns the model session (its KV cache) and
-//! runs completion jobs one at a time, taking them fairly from each
-//! client's queue. A front end submits a job with a [`Sink`] that the
+//! The engine: one thread that owns the model's sessions (their KV
+//! caches) and runs completion jobs, taking them fairly from each
+//! client's queue: one at a time, or (on the CPU, `[engine]
+//! decode_batch`) several of the model's together, one forward pass a
+//! token for all of them, jobs queued meanwhile joining between tokens
+//! (`run_batch`). A front end submits a job with a [`Sink`] that the
 //! engine thread feeds: the language server's writes the reply itself
 //! (no thread waits for it), the HTTP API's forwards to its async handler
 //! ([`Engine::submit_events`]). Front ends never wait on the engine for
