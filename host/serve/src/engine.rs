@@ -1296,6 +1296,13 @@ fn run_batch(
             Some(batch),
             &mut host,
         );
+        // Every session's cache, not only the last one to finish.
+        let main = &session.as_ref().expect("made above").1;
+        let kv: usize = std::iter::once(main)
+            .chain(extra.iter())
+            .map(Session::kv_bytes)
+            .sum();
+        shared.metrics.kv_cache_bytes.set(kv as i64);
     }
     lock(&shared.queue).running = None;
 }
