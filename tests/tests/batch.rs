@@ -339,8 +339,8 @@ fn concurrent_http_completions_are_decoded_together_with_the_same_answers() {
     let (together, batched, said) = serve(4);
     assert_eq!(said, 4, "/v1/models gives the model's decode_batch");
     assert!(
-        batched >= 2,
-        "six requests at once: some were decoded together ({batched})"
+        (2..=6).contains(&batched),
+        "six requests at once: some were decoded together, each counted once ({batched})"
     );
     let (alone, batched, said) = serve(1);
     assert_eq!((batched, said), (0, json!(1)));

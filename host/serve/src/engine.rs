@@ -1205,6 +1205,9 @@ struct Member {
     queue_s: f64,
     request: Request,
     sink: Box<dyn Sink>,
+    /// Counted in `kiln:batched_requests_total` (it has been decoded
+    /// together with another).
+    batched: bool,
 }
 
 /// Runs `jobs` (completions of one model, the first taken from the queue,
@@ -1238,6 +1241,7 @@ fn run_batch(
         batch: batch.clone(),
         members: HashMap::new(),
         next_tag: 0,
+        counted: false,
     };
     // Sessions: the engine's, and one more per request decoded together
     // (as many as can be made).
@@ -1318,9 +1322,29 @@ struct EngineBatch<'a> {
     batch: Arc<Control>,
     members: HashMap<u64, Member>,
     next_tag: u64,
+    /// Counted in `kiln:decode_batches_total` (two requests or more ran
+    /// together in it).
+    counted: bool,
 }
 
 impl EngineBatch<'_> {
+    /// Once two requests or more are under way: the batch and each of its
+    /// requests counted, once each.
+    fn count_batched(&mut self) {
+        if self.members.len() < 2 {
+            return;
+        }
+        let m = &self.shared.metrics;
+        if !std::mem::replace(&mut self.counted, true) {
+            m.decode_batches.inc();
+        }
+        for mb in self.members.values_mut() {
+            if !std::mem::replace(&mut mb.batched, true) {
+                m.batched_requests.inc();
+            }
+        }
+    }
+
     /// `job` joining the batch on session `session`; or answered at once
     /// (cancelled while it waited, from the completion cache, its prompt
     /// longer than the context, no session), and then `None`.
@@ -1379,16 +1403,10 @@ impl EngineBatch<'_> {
                 queue_s,
                 request,
                 sink,
+                batched: false,
             },
         );
-        if self.members.len() > 1 {
-            // Counted once it is decoded together with another.
-            m.batched_requests.inc();
-            if self.members.len() == 2 {
-                m.batched_requests.inc();
-                m.decode_batches.inc();
-            }
-        }
+        self.count_batched();
         Some(joining)
     }
 }

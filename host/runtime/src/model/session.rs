@@ -653,6 +653,14 @@ impl Session {
     /// the logits are the session's, kept from step to step) until the
     /// cache grows by a page ([`KV_PAGE`]).
     pub fn decode(&mut self, token: u32) -> Result<&[f32], ModelError> {
+        self.ready_for(token)?;
+        self.eval_one(token)?;
+        Ok(&self.logits)
+    }
+
+    /// Checks `token` and the room for it, and makes that room: what a
+    /// decode step (alone or in a batch) needs first.
+    fn ready_for(&mut self, token: u32) -> Result<(), ModelError> {
         let n_vocab = self.model.config.n_vocab;
         if token as usize >= n_vocab {
             return Err(ModelError::Token { id: token, n_vocab });
@@ -665,8 +673,7 @@ impl Session {
             });
         }
         self.reserve(self.n_past() + 1);
-        self.eval_one(token)?;
-        Ok(&self.logits)
+        Ok(())
     }
 
     /// The logits of the session's last evaluated token (after
@@ -991,20 +998,7 @@ pub fn decode_batch(sessions: &mut [&mut Session], tokens: &[u32]) -> Result<(),
     let model = sessions[0].model.clone();
     let cfg = &model.config;
     for (s, &token) in sessions.iter_mut().zip(tokens) {
-        if token as usize >= cfg.n_vocab {
-            return Err(ModelError::Token {
-                id: token,
-                n_vocab: cfg.n_vocab,
-            });
-        }
-        if s.n_past() + 1 > s.n_ctx {
-            return Err(ModelError::Context {
-                needed: 1,
-                used: s.n_past(),
-                n_ctx: s.n_ctx,
-            });
-        }
-        s.reserve(s.n_past() + 1);
+        s.ready_for(token)?;
     }
     let caches: Vec<(usize, usize)> = sessions.iter().map(|s| (s.cap, s.n_past())).collect();
     let (b, scratch_bytes, layout) =
