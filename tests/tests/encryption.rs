@@ -338,6 +338,14 @@ fn a_wrong_key_a_truncated_file_and_a_changed_byte_are_refused_and_nothing_chang
     );
     let err = home.fails(&["serve", "--model", "smol", "--http", "127.0.0.1:0"]);
     assert!(err.contains("damaged"), "{err}");
+    // The header is intact: what only needs it (the model's memory budget
+    // in `kiln doctor`) reads it without decrypting the weights.
+    let out = home.command(&["doctor", "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["models"][0]["weights_bytes"].as_u64() > Some(50 << 20),
+        "{v}"
+    );
     let out = home.kiln(&["models", "verify", "--json"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["blobs"][0]["status"], "damaged", "{v}");

@@ -426,6 +426,26 @@ pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptErr
     }
 }
 
+/// The first `want` bytes of the plaintext of the age file at `path`
+/// (all of it where it is shorter), and the plaintext's whole length:
+/// only the chunks that hold those bytes are read and decrypted, each
+/// authenticated. For reading a model's header and metadata without
+/// decrypting its weights.
+pub fn decrypt_prefix(path: &Path, keys: &Keys, want: u64) -> Result<(Vec<u8>, u64), CryptError> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    if let Some(p) = payload::open(&file, len, keys) {
+        return payload::prefix(path, &file, len, &p, want);
+    }
+    let mut r = open_reader(path, keys)?;
+    let plain = r.seek(SeekFrom::End(0)).map_err(|e| damaged_io(path, e))?;
+    let mut out = vec![0u8; want.min(plain) as usize];
+    r.seek(SeekFrom::Start(0))
+        .and_then(|_| r.read_exact(&mut out))
+        .map_err(|e| damaged_io(path, e))?;
+    Ok((out, plain))
+}
+
 /// Anonymous memory for `len` bytes of plaintext, left out of core dumps.
 fn plain_memory(path: &Path, len: u64) -> Result<MmapMut, CryptError> {
     let map = MmapOptions::new()
@@ -594,6 +614,88 @@ mod payload {
             .is_ok()
     }
 
+    /// The chunks of a payload of `sealed` bytes: their count, the last
+    /// one's sealed length and the plaintext's length; `None` where the
+    /// file cannot end where it does (cut inside a chunk's tag).
+    fn layout(sealed: usize) -> Option<(usize, usize, usize)> {
+        let n = sealed.div_ceil(SEALED).max(1);
+        let last = sealed - (n - 1) * SEALED;
+        // Only a payload of nothing ends in a chunk of nothing.
+        if last < TAG || n > 1 && last == TAG {
+            return None;
+        }
+        Some((n, last, sealed - n * TAG))
+    }
+
+    /// Why the last of `n` chunks (`last` sealed bytes) failed its
+    /// authentication: a last chunk that opens as a middle one means the
+    /// file was cut at a chunk's end.
+    fn last_failed(path: &Path, file: &File, p: &Payload, n: usize, last: usize) -> CryptError {
+        let i = n - 1;
+        let mut sealed_last = vec![0u8; last];
+        let mut scratch = vec![0u8; last - TAG];
+        let cut = last == SEALED
+            && file
+                .read_exact_at(&mut sealed_last, p.start + (i * SEALED) as u64)
+                .is_ok()
+            && open_chunk(p, i, false, &sealed_last, &mut scratch);
+        damaged(
+            path,
+            if cut {
+                format!("it is truncated: it ends after chunk {n}, which is not the last")
+            } else {
+                format!(
+                    "its last chunk ({n} of {n}) fails its authentication: the file was truncated or changed"
+                )
+            },
+        )
+    }
+
+    /// The first `want` bytes of the payload's plaintext (fewer where it
+    /// is shorter), chunk by chunk on this thread, and the plaintext's
+    /// length, which the last chunk's authentication vouches for (a file
+    /// cut short is refused here, not found short of its tensors).
+    pub fn prefix(
+        path: &Path,
+        file: &File,
+        len: u64,
+        p: &Payload,
+        want: u64,
+    ) -> Result<(Vec<u8>, u64), CryptError> {
+        let sealed = (len - p.start.min(len)) as usize;
+        let (n, last, plain) =
+            layout(sealed).ok_or_else(|| damaged(path, "it is truncated".into()))?;
+        let mut out = vec![0u8; (want as usize).min(plain)];
+        let mut ct = vec![0u8; SEALED];
+        let mut chunk = vec![0u8; CHUNK];
+        if out.len() <= (n - 1) * CHUNK {
+            // The last chunk is not among those read below.
+            let at = p.start + ((n - 1) * SEALED) as u64;
+            file.read_exact_at(&mut ct[..last], at)
+                .map_err(|e| super::damaged_io(path, e))?;
+            if !open_chunk(p, n - 1, true, &ct[..last], &mut chunk[..last - TAG]) {
+                return Err(last_failed(path, file, p, n, last));
+            }
+        }
+        for (i, dst) in out.chunks_mut(CHUNK).enumerate() {
+            let bytes = SEALED.min(sealed - i * SEALED);
+            file.read_exact_at(&mut ct[..bytes], p.start + (i * SEALED) as u64)
+                .map_err(|e| super::damaged_io(path, e))?;
+            let plain_here = &mut chunk[..bytes - TAG];
+            if !open_chunk(p, i, i + 1 == n, &ct[..bytes], plain_here) {
+                return Err(damaged(
+                    path,
+                    format!(
+                        "chunk {} of {n} fails its authentication: the file was changed",
+                        i + 1
+                    ),
+                ));
+            }
+            dst.copy_from_slice(&plain_here[..dst.len()]);
+        }
+        Ok((out, plain as u64))
+    }
+
     /// Decrypts the payload of the age file `file` (`len` bytes) into
     /// anonymous memory, runs of chunks on every core.
     pub fn decrypt(
@@ -603,13 +705,8 @@ mod payload {
         p: &Payload,
     ) -> Result<memmap2::MmapMut, CryptError> {
         let sealed = (len - p.start.min(len)) as usize;
-        let n = sealed.div_ceil(SEALED).max(1);
-        let last = sealed - (n - 1) * SEALED;
-        // Only a payload of nothing ends in a chunk of nothing.
-        if last < TAG || n > 1 && last == TAG {
-            return Err(damaged(path, "it is truncated".into()));
-        }
-        let plain = sealed - n * TAG;
+        let (n, last, plain) =
+            layout(sealed).ok_or_else(|| damaged(path, "it is truncated".into()))?;
         let mut map = plain_memory(path, plain as u64)?;
         let threads = if plain < 8 << 20 {
             1
@@ -656,31 +753,7 @@ mod payload {
         match failed {
             None => Ok(map),
             Some((_, Some(e))) => Err(super::damaged_io(path, e)),
-            Some((i, None)) if i + 1 == n => {
-                // A last chunk that opens as a middle one: the file was cut
-                // at a chunk's end.
-                let mut sealed_last = vec![0u8; last];
-                let mut scratch = vec![0u8; last - TAG];
-                let cut = last == SEALED
-                    && file
-                        .read_exact_at(&mut sealed_last, p.start + (i * SEALED) as u64)
-                        .is_ok()
-                    && open_chunk(p, i, false, &sealed_last, &mut scratch);
-                Err(damaged(
-                    path,
-                    if cut {
-                        format!(
-                            "it is truncated: it ends after chunk {}, which is not the last",
-                            i + 1
-                        )
-                    } else {
-                        format!(
-                            "its last chunk ({} of {n}) fails its authentication: the file was truncated or changed",
-                            i + 1
-                        )
-                    },
-                ))
-            }
+            Some((i, None)) if i + 1 == n => Err(last_failed(path, file, p, n, last)),
             Some((i, None)) => Err(damaged(
                 path,
                 format!(
@@ -796,6 +869,58 @@ mod tests {
             let e = decrypt_into_memory(&f, &keys).unwrap_err();
             assert!(matches!(e, CryptError::Damaged { .. }), "byte {at}: {e}");
         }
+    }
+
+    #[test]
+    fn a_prefix_is_decrypted_and_authenticated_without_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, _) = Keys::generate();
+        let plain = sample(5 * 65536 + 100);
+        let p = encrypted(dir.path(), &keys, &plain);
+        for want in [0, 1, 65535, 65536, 65537, 3 * 65536 + 7, 1 << 30] {
+            let (head, len) = decrypt_prefix(&p, &keys, want).unwrap();
+            assert_eq!(len, plain.len() as u64);
+            assert_eq!(head, &plain[..(want as usize).min(plain.len())], "{want}");
+        }
+        let (other, _) = Keys::generate();
+        let e = decrypt_prefix(&p, &other, 10).unwrap_err();
+        assert!(matches!(e, CryptError::NoKey { .. }), "{e}");
+
+        // A changed fourth chunk: the prefix before it still reads (it was
+        // never decrypted), the whole file and a prefix reaching it do not.
+        let bytes = std::fs::read(&p).unwrap();
+        let mut flipped = bytes.clone();
+        flipped[bytes_of_header(&p) + 3 * (65536 + 16) + 100] ^= 1;
+        let f = dir.path().join("flipped.age");
+        std::fs::write(&f, &flipped).unwrap();
+        assert_eq!(decrypt_prefix(&f, &keys, 65536).unwrap().0, &plain[..65536]);
+        assert!(decrypt_into_memory(&f, &keys).is_err());
+        let e = decrypt_prefix(&f, &keys, 1 << 30).unwrap_err();
+        assert!(matches!(e, CryptError::Damaged { .. }), "{e}");
+        assert!(e.to_string().contains("chunk 4 of 6"), "{e}");
+        // The last chunk vouches for the length: a changed or cut one is
+        // refused for any prefix.
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() - 30] ^= 1;
+        std::fs::write(&f, &flipped).unwrap();
+        let e = decrypt_prefix(&f, &keys, 1).unwrap_err();
+        assert!(e.to_string().contains("last chunk (6 of 6)"), "{e}");
+        std::fs::write(&f, &bytes[..bytes_of_header(&p) + 3 * (65536 + 16)]).unwrap();
+        let e = decrypt_prefix(&f, &keys, 1).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        // A changed first chunk is refused for any prefix.
+        let mut flipped = bytes;
+        flipped[bytes_of_header(&p) + 40] ^= 1;
+        std::fs::write(&f, &flipped).unwrap();
+        let e = decrypt_prefix(&f, &keys, 1).unwrap_err();
+        assert!(matches!(e, CryptError::Damaged { .. }), "{e}");
+    }
+
+    /// Where the payload's first chunk starts in the age file at `p`.
+    fn bytes_of_header(p: &Path) -> usize {
+        let bytes = std::fs::read(p).unwrap();
+        let end = bytes.windows(4).position(|w| w == b"--- ").unwrap();
+        end + bytes[end..].iter().position(|&b| b == b'\n').unwrap() + 1 + 16
     }
 
     #[test]

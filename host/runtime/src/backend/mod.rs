@@ -715,8 +715,10 @@ pub fn choose(
 /// answer for the model's types and shapes: one that left them to the CPU
 /// would move every activation through host memory) and that `fits` (a
 /// memory budget); the built-in CPU runs everything. Each better device
-/// passed over is said on `warn`. A file whose header cannot be read (an
-/// encrypted blob) gets [`choose`]'s device.
+/// passed over is said on `warn`. Only the file's header is read (an
+/// encrypted file's weights are not decrypted); a file whose header
+/// cannot be read (an encrypted one without its key) gets [`choose`]'s
+/// device.
 pub fn choose_for(
     config: &kiln_registry::config::Config,
     name: Option<&str>,
@@ -725,7 +727,7 @@ pub fn choose_for(
     mut warn: impl FnMut(&str),
     progress: impl FnMut(&str),
 ) -> Result<Chosen, ChooseError> {
-    let header = crate::gguf::GgufFile::open(path).ok().and_then(|f| {
+    let header = crate::gguf::GgufFile::open_header(path).ok().and_then(|f| {
         let cfg = crate::model::ModelConfig::from_gguf(&f).ok()?;
         Some((f, cfg))
     });

@@ -14,6 +14,7 @@
 mod read;
 mod write;
 
+pub(crate) use read::crypt_error;
 pub use read::{GgufFile, TensorInfo};
 pub use write::{GgufWriter, LlamaShape, TensorSpec};
 
@@ -296,6 +297,61 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("sample.gguf")]);
+    }
+
+    #[test]
+    fn the_header_of_an_encrypted_file_is_read_without_its_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        // Metadata of about 2 MiB: more than the first read of a header.
+        let mut metadata = sample_metadata();
+        let vocab = (0..100_000)
+            .map(|i| Value::String(format!("token{i:08}")))
+            .collect();
+        metadata.push(("vocab".into(), Value::Array(ValueType::String, vocab)));
+        let mut specs = vec![];
+        let mut data = vec![];
+        for (s, d) in sample_tensors() {
+            specs.push(s);
+            data.push(d);
+        }
+        specs.push(TensorSpec::new("big.weight", DType::F32, &[65536, 64]));
+        data.push(vec![0x5a; 65536 * 64 * 4]);
+        let path = dir.path().join("m.gguf");
+        let mut w = GgufWriter::create(&path, &metadata, &specs).unwrap();
+        for d in &data {
+            w.write_tensor(d).unwrap();
+        }
+        w.finish().unwrap();
+        let (keys, _) = crate::crypt::Keys::generate();
+        let sealed = dir.path().join("m.gguf.age");
+        let mut plain = std::fs::File::open(&path).unwrap();
+        crate::crypt::encrypt_file(&mut plain, &sealed, &keys, |_| {}).unwrap();
+
+        let whole = GgufFile::open(&path).unwrap();
+        let head = GgufFile::header_of_encrypted(&sealed, &keys).unwrap();
+        assert!(!head.has_data() && whole.has_data());
+        assert_eq!(head.metadata, whole.metadata);
+        assert_eq!(head.tensors, whole.tensors);
+        assert_eq!(head.data_offset, whole.data_offset);
+        // Weights changed past the header: the header still reads (the
+        // weights were not decrypted), a whole load refuses the file.
+        let mut bytes = std::fs::read(&sealed).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        std::fs::write(&sealed, &bytes).unwrap();
+        let head = GgufFile::header_of_encrypted(&sealed, &keys).unwrap();
+        assert_eq!(head.tensors, whole.tensors);
+        assert!(crate::crypt::decrypt_into_memory(&sealed, &keys).is_err());
+        // A header that is wrong is refused as by `open`.
+        let (other, _) = crate::crypt::Keys::generate();
+        assert!(GgufFile::header_of_encrypted(&sealed, &other).is_err());
+        let bad = dir.path().join("bad.age");
+        let mut text = &b"not a gguf file at all"[..];
+        crate::crypt::encrypt_file(&mut text, &bad, &keys, |_| {}).unwrap();
+        let Err(e) = GgufFile::header_of_encrypted(&bad, &keys) else {
+            panic!("not a GGUF file, read");
+        };
+        assert!(e.to_string().contains("not a GGUF file"), "{e}");
     }
 
     #[test]

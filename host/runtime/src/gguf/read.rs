@@ -33,6 +33,9 @@ enum Storage {
     Mapped(Mmap),
     Copied(MmapMut),
     Owned(Vec<u8>),
+    /// The start of a file, up to the end of its tensor infos at least:
+    /// [`GgufFile::open_header`]'s, whose tensor data is not read.
+    Header(Vec<u8>),
 }
 
 impl std::ops::Deref for Storage {
@@ -41,7 +44,7 @@ impl std::ops::Deref for Storage {
         match self {
             Storage::Mapped(m) => m,
             Storage::Copied(m) => m,
-            Storage::Owned(v) => v,
+            Storage::Owned(v) | Storage::Header(v) => v,
         }
     }
 }
@@ -65,6 +68,20 @@ fn read_in_parallel(file: &std::fs::File, buf: &mut [u8]) -> std::io::Result<()>
     })
 }
 
+/// A decryption error as an error about the GGUF file at `path` (its
+/// detail alone where it is about that file, not a key file).
+pub(crate) fn crypt_error(path: &Path, e: crate::crypt::CryptError) -> GgufError {
+    GgufError {
+        path: path.to_path_buf(),
+        offset: None,
+        what: if e.path() == path {
+            e.detail()
+        } else {
+            e.to_string()
+        },
+    }
+}
+
 /// An open GGUF file.
 pub struct GgufFile {
     path: PathBuf,
@@ -76,12 +93,16 @@ pub struct GgufFile {
     pub tensors: Vec<TensorInfo>,
     /// Where the data section starts.
     pub data_offset: u64,
+    /// The file's length (more than `map` holds for a header alone).
+    len: u64,
 }
 
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Set where a read needed bytes past the end of `bytes`.
+    short: &'a std::cell::Cell<bool>,
 }
 
 impl<'a> Cursor<'a> {
@@ -96,6 +117,7 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
         let remaining = self.bytes.len() - self.pos;
         if n > remaining {
+            self.short.set(true);
             return Err(self.err(
                 self.pos,
                 format!("truncated: {what} needs {n} bytes, only {remaining} remain"),
@@ -129,6 +151,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let remaining = (self.bytes.len() - self.pos) as u64;
         if n.saturating_mul(min_item as u64) > remaining {
+            self.short.set(true);
             return Err(self.err(
                 at,
                 format!("{what} is {n}, more than the {remaining} remaining bytes can hold"),
@@ -235,19 +258,12 @@ impl GgufFile {
     /// (age) file is decrypted into anonymous memory with the keys of the
     /// environment ([`crate::crypt::Keys::from_process_env`]).
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let failed = |what: String| GgufError {
-            path: path.to_path_buf(),
-            offset: None,
-            what,
-        };
         if crate::crypt::is_encrypted(path).unwrap_or(false) {
             let plain = crate::crypt::Keys::from_process_env()
                 .and_then(|keys| crate::crypt::decrypt_into_memory(path, &keys))
-                .map_err(|e| match e.path() == path {
-                    true => failed(e.detail()),
-                    false => failed(e.to_string()),
-                })?;
-            return GgufFile::parse(path, Storage::Copied(plain));
+                .map_err(|e| crypt_error(path, e))?;
+            let len = plain.len() as u64;
+            return GgufFile::parse(path, Storage::Copied(plain), len);
         }
         let file = std::fs::File::open(path).map_err(|e| GgufError {
             path: path.to_path_buf(),
@@ -263,19 +279,77 @@ impl GgufFile {
             offset: None,
             what: format!("cannot map: {e}"),
         })?;
-        GgufFile::parse(path, Storage::Mapped(map))
+        let len = map.len() as u64;
+        GgufFile::parse(path, Storage::Mapped(map), len)
+    }
+
+    /// [`GgufFile::open`] for the header, metadata and tensor infos alone
+    /// (a model's configuration, its budget, its graphs' shapes): an
+    /// encrypted file has only the chunks that hold them decrypted, not
+    /// its weights; a plain file is mapped as by `open` (which reads
+    /// nothing yet). The tensor data of an encrypted file opened so is not
+    /// there: [`GgufFile::tensor_data`] and [`GgufFile::bytes`] must not be
+    /// used on it ([`GgufFile::has_data`] says).
+    pub fn open_header(path: &Path) -> Result<GgufFile, GgufError> {
+        if !crate::crypt::is_encrypted(path).unwrap_or(false) {
+            return GgufFile::open(path);
+        }
+        let keys = crate::crypt::Keys::from_process_env().map_err(|e| crypt_error(path, e))?;
+        GgufFile::header_of_encrypted(path, &keys)
+    }
+
+    /// [`GgufFile::open_header`] for the age file at `path`, with `keys`.
+    pub(crate) fn header_of_encrypted(
+        path: &Path,
+        keys: &crate::crypt::Keys,
+    ) -> Result<GgufFile, GgufError> {
+        // Metadata is mostly the vocabulary: a few MiB for 256k tokens.
+        let mut want = 1u64 << 20;
+        loop {
+            let (head, len) =
+                crate::crypt::decrypt_prefix(path, keys, want).map_err(|e| crypt_error(path, e))?;
+            let whole = head.len() as u64 == len;
+            match GgufFile::parse_start(path, Storage::Header(head), len) {
+                Err((_, true)) if !whole => want *= 2,
+                done => return done.map_err(|(e, _)| e),
+            }
+        }
     }
 
     /// Parses bytes already in memory; `name` stands in for the path in errors.
     pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
-        GgufFile::parse(name, Storage::Owned(bytes))
+        let len = bytes.len() as u64;
+        GgufFile::parse(name, Storage::Owned(bytes), len)
     }
 
-    fn parse(path: &Path, map: Storage) -> Result<GgufFile, GgufError> {
+    /// Parses the GGUF file of `file_len` bytes whose first bytes (all of
+    /// them but for a [`Storage::Header`]) are `map`.
+    fn parse(path: &Path, map: Storage, file_len: u64) -> Result<GgufFile, GgufError> {
+        GgufFile::parse_start(path, map, file_len).map_err(|(e, _)| e)
+    }
+
+    /// [`GgufFile::parse`], and with an error whether it came from reading
+    /// past the end of `map` (which more of the file might have mended).
+    fn parse_start(
+        path: &Path,
+        map: Storage,
+        file_len: u64,
+    ) -> Result<GgufFile, (GgufError, bool)> {
+        let short = std::cell::Cell::new(false);
+        GgufFile::parse_in(path, map, file_len, &short).map_err(|e| (e, short.get()))
+    }
+
+    fn parse_in(
+        path: &Path,
+        map: Storage,
+        file_len: u64,
+        short: &std::cell::Cell<bool>,
+    ) -> Result<GgufFile, GgufError> {
         let mut c = Cursor {
             bytes: &map,
             pos: 0,
             path,
+            short,
         };
         let magic = c
             .array::<4>("the magic number")
@@ -394,7 +468,6 @@ impl GgufFile {
         }
         let data_offset = align_up(c.pos as u64, alignment)
             .ok_or_else(|| c.err(c.pos, "data offset overflows"))?;
-        let file_len = map.len() as u64;
         for t in &infos {
             let end = data_offset
                 .checked_add(t.offset)
@@ -426,7 +499,28 @@ impl GgufFile {
             metadata,
             tensors: infos,
             data_offset,
+            len: file_len,
         })
+    }
+
+    /// Gives a file opened by [`GgufFile::open_header`] its whole
+    /// plaintext, `plain` (decrypted by [`crate::crypt::decrypt_into_memory`]),
+    /// without parsing it again: refused where it is not the same file
+    /// (another length, or other header bytes: the file was replaced in
+    /// between).
+    pub fn attach(&mut self, plain: memmap2::MmapMut) -> Result<(), GgufError> {
+        let Storage::Header(head) = &self.map else {
+            return Err(self.error("already holds its data"));
+        };
+        if plain.len() as u64 != self.len || !plain.starts_with(head) {
+            return Err(self.error(format!(
+                "changed while loading ({} bytes when its header was read, {} now); load it again",
+                self.len,
+                plain.len()
+            )));
+        }
+        self.map = Storage::Copied(plain);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -446,8 +540,19 @@ impl GgufFile {
         self.tensors.iter().map(|t| t.size).sum()
     }
 
+    /// Whether the tensors' data can be read: not for an encrypted file
+    /// opened by [`GgufFile::open_header`].
+    pub fn has_data(&self) -> bool {
+        !matches!(self.map, Storage::Header(_))
+    }
+
     /// The bytes of a tensor (bounds were checked at open).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        assert!(
+            self.has_data(),
+            "{}: opened for its header only",
+            self.path.display()
+        );
         let start = (self.data_offset + t.offset) as usize;
         &self.map[start..start + t.size as usize]
     }
@@ -497,7 +602,7 @@ impl GgufFile {
     pub fn copied_bytes(&self) -> u64 {
         match &self.map {
             Storage::Copied(_) => self.map.len() as u64,
-            Storage::Mapped(_) | Storage::Owned(_) => 0,
+            Storage::Mapped(_) | Storage::Owned(_) | Storage::Header(_) => 0,
         }
     }
 
@@ -509,7 +614,7 @@ impl GgufFile {
         let start = (self.data_offset + t.offset) as usize;
         let end = start + t.size as usize;
         match &mut self.map {
-            Storage::Mapped(_) => None,
+            Storage::Mapped(_) | Storage::Header(_) => None,
             Storage::Copied(m) => Some(&mut m[start..end]),
             Storage::Owned(v) => Some(&mut v[start..end]),
         }
@@ -522,7 +627,7 @@ impl GgufFile {
     pub fn prefault(&self) {
         let advise = |a| match &self.map {
             Storage::Mapped(m) => m.advise(a),
-            Storage::Copied(_) | Storage::Owned(_) => Ok(()),
+            Storage::Copied(_) | Storage::Owned(_) | Storage::Header(_) => Ok(()),
         };
         if advise(memmap2::Advice::PopulateRead).is_err() {
             let _ = advise(memmap2::Advice::WillNeed);
@@ -536,7 +641,7 @@ impl GgufFile {
         match &self.map {
             Storage::Mapped(m) => m.lock()?,
             Storage::Copied(m) => m.lock()?,
-            Storage::Owned(_) => {
+            Storage::Owned(_) | Storage::Header(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::Unsupported,
                     "the file was read from bytes, not mapped",
@@ -548,6 +653,11 @@ impl GgufFile {
 
     /// The whole mapping, for zero-copy use of tensor data.
     pub fn bytes(&self) -> &[u8] {
+        assert!(
+            self.has_data(),
+            "{}: opened for its header only",
+            self.path.display()
+        );
         &self.map
     }
 

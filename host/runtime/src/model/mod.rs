@@ -135,6 +135,9 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub load_ms: f64,
+    /// A tokenizer built while the file was read, for the first call of
+    /// [`Model::tokenizer`].
+    built: std::sync::Mutex<Option<Result<Tokenizer, TokenizerError>>>,
 }
 
 impl Model {
@@ -163,7 +166,25 @@ impl Model {
 
     fn load_with(path: &Path, layout: impl Fn(DType) -> DType) -> Result<Arc<Model>, ModelError> {
         let start = Instant::now();
-        let mut file = GgufFile::open(path)?;
+        let (mut file, built) = if crate::crypt::is_encrypted(path).unwrap_or(false) {
+            // Decrypting the weights is the longest part of such a load:
+            // the tokenizer is built from the header meanwhile.
+            let mut file = GgufFile::open_header(path)?;
+            let keys = crate::crypt::Keys::from_process_env()
+                .map_err(|e| crate::gguf::crypt_error(path, e))?;
+            let (plain, tokenizer) = std::thread::scope(|s| {
+                let tokenizer = s.spawn(|| Tokenizer::from_gguf(&file));
+                let plain = crate::crypt::decrypt_into_memory(path, &keys);
+                (
+                    plain,
+                    tokenizer.join().expect("building the tokenizer panicked"),
+                )
+            });
+            file.attach(plain.map_err(|e| crate::gguf::crypt_error(path, e))?)?;
+            (file, Some(tokenizer))
+        } else {
+            (GgufFile::open(path)?, None)
+        };
         let config = ModelConfig::from_gguf(&file)?;
         let repack: Vec<(usize, DType)> = (file.tensors.iter().enumerate())
             .filter(|(_, t)| is_matrix_weight(&t.name))
@@ -186,12 +207,14 @@ impl Model {
             file,
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            built: std::sync::Mutex::new(built),
         }))
     }
 
     /// The model's tokenizer, checked against its embedding table.
     pub fn tokenizer(&self) -> Result<Tokenizer, ModelError> {
-        let t = Tokenizer::from_gguf(&self.file)?;
+        let built = self.built.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = built.unwrap_or_else(|| Tokenizer::from_gguf(&self.file))?;
         if t.n_vocab() != self.config.n_vocab {
             return Err(ModelError::Invalid(format!(
                 "{}: the tokenizer has {} tokens but token_embd.weight has {} rows; this vocabulary does not belong to these weights",

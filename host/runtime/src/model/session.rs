@@ -249,7 +249,7 @@ pub fn budget(
     n_ctx: Option<usize>,
     kv_type: kiln_plugin_api::DType,
 ) -> Result<Budget, ModelError> {
-    let file = crate::gguf::GgufFile::open(path)?;
+    let file = crate::gguf::GgufFile::open_header(path)?;
     let cfg = super::ModelConfig::from_gguf(&file)?;
     let n_ctx = default_n_ctx(&cfg, n_ctx);
     let weights_bytes = file.tensor_bytes();
