@@ -562,11 +562,17 @@ fn fim_examples_follow_the_models_template_at_syntactic_spans() {
 
 /// kiln's inference logits of every position of `tokens`.
 fn inference_logits(model: &Path, tokens: &[u32]) -> Vec<f32> {
+    inference_logits_adapted(model, None, tokens)
+}
+
+/// [`inference_logits`] with a LoRA adapter applied at run time.
+fn inference_logits_adapted(model: &Path, adapter: Option<&Path>, tokens: &[u32]) -> Vec<f32> {
     use kiln_runtime::backend::{Backend, exec::Executor};
     use kiln_runtime::model::forward::LogitsFor;
     use kiln_runtime::model::{Model, Session};
-    let exec = Executor::new(Backend::builtin_cpu(), 0);
-    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(512)).unwrap();
+    let cpu = Backend::builtin_cpu();
+    let model = Model::load_adapted(model, adapter, &cpu, 0).unwrap();
+    let mut s = Session::new(model, Executor::new(cpu, 0), Some(512)).unwrap();
     s.eval(tokens, LogitsFor::All).unwrap()
 }
 
@@ -826,8 +832,14 @@ fn adapters_load_in_llama_cpp_with_kilns_logits() {
         kiln_finetune::train::file::write_adapter(&path, &base, adapter).unwrap();
         let (theirs, _) =
             kiln_tests::llama_logits_lora(&f16, Some(&path), &tokens, 0, dir.path(), false);
+        // kiln's inference with the adapter applied at run time.
+        let runtime = inference_logits_adapted(&f16, Some(&path), &tokens);
         if name == "zero" {
             assert_eq!(theirs, plain, "llama.cpp with B = 0 is the base model");
+            assert!(
+                runtime == inference_logits(&f16, &tokens),
+                "kiln with B = 0 is the base model, bit for bit"
+            );
             continue;
         }
         let ours = model.logits(adapter, &seq);
@@ -838,6 +850,16 @@ fn adapters_load_in_llama_cpp_with_kilns_logits() {
         let (ours_d, theirs_d) = (effect(&ours, &base_ours), effect(&theirs, &plain));
         let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         let gap = norm(&effect(&ours_d, &theirs_d)) / norm(&theirs_d);
+        let runtime_d = effect(&runtime, &inference_logits(&f16, &tokens));
+        let runtime_gap = norm(&effect(&runtime_d, &theirs_d)) / norm(&theirs_d);
+        let (runtime_worst, runtime_same) = agreement(&runtime, &theirs, n_vocab);
+        eprintln!(
+            "applied at run time: effect gap to llama.cpp {runtime_gap:.2e}, logits {runtime_worst:.2e}, top token {runtime_same:.3}"
+        );
+        assert!(
+            runtime_gap < 0.05 && runtime_same >= 0.9,
+            "kiln's adapter at run time and llama.cpp's differ by {runtime_gap:.3}"
+        );
         let (worst, same) = agreement(&ours, &theirs, n_vocab);
         eprintln!(
             "random adapter: effect size {:.3}, kiln vs llama.cpp effect gap {gap:.2e}, logits {worst:.2e}, top token {same:.3}",
@@ -1016,8 +1038,18 @@ fn eval_and_merge_use_the_trained_adapter() {
     let theirs = inference_logits(&merged, &tokens);
     let (worst, same) = agreement(&ours, &theirs, base.cfg.n_vocab);
     assert!(worst < 1e-2 && same == 1.0, "merged {worst:.2e} {same}");
-    // `kiln run` and `kiln serve` take the adapter: merged once (F16),
-    // kept under $KILN_HOME/adapters, the same model `merge` writes.
+    // Applied at run time (the base's F16 weights as stored, the pairs'
+    // products added): the trainer's logits too, and the merged model's.
+    let runtime = inference_logits_adapted(&f16, Some(&adapter), &tokens);
+    let (worst, same) = agreement(&ours, &runtime, base.cfg.n_vocab);
+    assert!(
+        worst < 1e-2 && same == 1.0,
+        "at run time {worst:.2e} {same}"
+    );
+    let (worst, _) = agreement(&theirs, &runtime, base.cfg.n_vocab);
+    assert!(worst < 1e-2, "at run time against merged {worst:.2e}");
+    // `kiln serve` takes the adapter merged once (F16), kept under
+    // $KILN_HOME/adapters, the same model `merge` writes.
     let by_hand = ws.path().join("by-hand.gguf");
     home.ok(&[
         "finetune",
@@ -1059,13 +1091,12 @@ fn eval_and_merge_use_the_trained_adapter() {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         (v, String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    // `kiln run` applies it at run time on the Q4_1 weights: no copy.
     let (first, said) = with(&prompt);
-    assert!(said.contains("merging"), "{said}");
-    let (again, said) = with(&prompt);
-    assert!(!said.contains("merging"), "the merged copy is kept: {said}");
-    let hand: Value = home.json(&[&["run", by_hand.to_str().unwrap()], &prompt[..]].concat());
-    assert_eq!(first["text"], hand["text"], "{first:#} {hand:#}");
-    assert_eq!(again["text"], hand["text"]);
+    assert!(!said.contains("merging"), "{said}");
+    assert_eq!(first["adapter"]["pairs"], 30 * 7, "{first:#}");
+    assert_eq!(first["adapter"]["rank"], a.rank, "{first:#}");
+    assert!(!first["text"].as_str().unwrap().is_empty(), "{first:#}");
     let srv = kiln_tests::serve::http_server_with(
         &home,
         &smol,
@@ -1230,4 +1261,161 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
     let v = home.json(&["adapters", "add", private.to_str().unwrap(), "--json"]);
     assert_eq!(v["adapter"]["dp_epsilon"], 3.5, "{v:#}");
     assert_eq!(v["adapter"]["dp_delta"], 1e-5);
+}
+
+/// An adapter applied at run time (`Model::load_adapted`, what `kiln run`
+/// and `kiln serve --adapter` do): with B = 0 the base model bit for bit;
+/// otherwise the logits of the base with the adapter merged in f32; and
+/// every adapter that does not fit the model refused, naming why.
+#[test]
+fn adapters_applied_at_run_time_match_the_merged_model_and_misfits_are_refused() {
+    use kiln_finetune::train::model::{Adapter, Base};
+    use kiln_plugin_api::DType;
+    use kiln_runtime::gguf::{GgufWriter, TensorSpec, Value};
+    // F32 weights: the merged model's products are the base's.
+    let tiny = kiln_tests::tiny_llama("f32");
+    let dir = tempfile::tempdir().unwrap();
+    let base = Base::open(&tiny).unwrap();
+    let tokens = [1u32, 17, 42, 99, 250, 3, 77];
+    let plain = inference_logits(&tiny, &tokens);
+
+    let mut adapter = Adapter::<f32>::new(&base, 4, 8.0, &[0, 2, 3, 5, 6], 7);
+    let zero = dir.path().join("zero.gguf");
+    kiln_finetune::train::file::write_adapter(&zero, &base, &adapter).unwrap();
+    let same = inference_logits_adapted(&tiny, Some(&zero), &tokens);
+    assert!(same == plain, "B = 0 is the base model, bit for bit");
+
+    let mut rng = fastrand::Rng::with_seed(3);
+    for p in adapter.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.f32() * 2.0 - 1.0) * 0.1);
+    }
+    let random = dir.path().join("random.gguf");
+    kiln_finetune::train::file::write_adapter(&random, &base, &adapter).unwrap();
+    let merged = dir.path().join("merged.gguf");
+    kiln_finetune::train::merge::write_merged(&base, &adapter, &merged, DType::F32).unwrap();
+    let ours = inference_logits_adapted(&tiny, Some(&random), &tokens);
+    let theirs = inference_logits(&merged, &tokens);
+    let (_, same) = agreement(&ours, &theirs, base.cfg.n_vocab);
+    // The adapter's effect on the logits, applied at run time and merged:
+    // the same sums in another order (`W·x + B·(A·x)` against
+    // `(W + B·A)·x`), so equal to f32 rounding (5.6e-5 here, where a K or
+    // V element may round to the other f16 in the cache).
+    let effect = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let (ours_d, theirs_d) = (effect(&ours, &plain), effect(&theirs, &plain));
+    let gap = norm(&effect(&ours_d, &theirs_d)) / norm(&theirs_d);
+    let size = norm(&theirs_d) / norm(&plain);
+    eprintln!("at run time against merged: effect gap {gap:.2e} (effect size {size:.2e})");
+    assert!(gap < 1e-3 && same == 1.0, "{gap:.2e} {same}");
+    assert!(size > 1e-2, "the adapter changes little: {size:.2e}");
+
+    // Adapters that do not fit, each refused by name.
+    let file = GgufFile::open(&tiny).unwrap();
+    let (e, ff) = (
+        file.tensor("blk.0.attn_q.weight").unwrap().ne[0] as usize,
+        { file.tensor("blk.0.ffn_up.weight").unwrap().ne[1] as usize },
+    );
+    let write = |name: &str, arch: &str, tensors: &[(&str, [usize; 2])]| {
+        let path = dir.path().join(name);
+        let meta = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String(arch.into()),
+            ),
+            ("general.type".into(), Value::String("adapter".into())),
+            ("adapter.type".into(), Value::String("lora".into())),
+            ("adapter.lora.alpha".into(), Value::F32(8.0)),
+        ];
+        let specs: Vec<TensorSpec> = (tensors.iter())
+            .map(|(n, ne)| TensorSpec::new(*n, DType::F32, ne))
+            .collect();
+        let mut w = GgufWriter::create(&path, &meta, &specs).unwrap();
+        for s in &specs {
+            w.write_tensor(&vec![0u8; s.size() as usize]).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    };
+    let q = "blk.0.attn_q.weight";
+    let cases = [
+        (tiny.clone(), "not a LoRA adapter"),
+        (
+            write(
+                "qwen.gguf",
+                "qwen2",
+                &[
+                    (&format!("{q}.lora_a"), [e, 4]),
+                    (&format!("{q}.lora_b"), [4, e]),
+                ],
+            ),
+            "an adapter for qwen2 models",
+        ),
+        (
+            write("half.gguf", "llama", &[(&format!("{q}.lora_a"), [e, 4])]),
+            "lora_a without its lora_b",
+        ),
+        (
+            write(
+                "other.gguf",
+                "llama",
+                &[
+                    ("token_embd.weight.lora_a", [e, 4]),
+                    ("token_embd.weight.lora_b", [4, 300]),
+                ],
+            ),
+            "not this tensor",
+        ),
+        (
+            write(
+                "absent.gguf",
+                "llama",
+                &[
+                    ("blk.99.attn_q.weight.lora_a", [e, 4]),
+                    ("blk.99.attn_q.weight.lora_b", [4, e]),
+                ],
+            ),
+            "the model has no such tensor",
+        ),
+        (
+            write(
+                "shape.gguf",
+                "llama",
+                &[
+                    (&format!("{q}.lora_a"), [ff, 4]),
+                    (&format!("{q}.lora_b"), [4, e]),
+                ],
+            ),
+            "do not fit the model's",
+        ),
+        (
+            write("stray.gguf", "llama", &[("notes", [4, 4])]),
+            "not half of a LoRA pair",
+        ),
+    ];
+    let cpu = kiln_runtime::backend::Backend::builtin_cpu();
+    for (path, says) in cases {
+        let Err(e) = kiln_runtime::model::Model::load_adapted(&tiny, Some(&path), &cpu, 0) else {
+            panic!("{} was applied", path.display());
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(says) && e.contains(&*path.to_string_lossy()),
+            "{says}: {e}"
+        );
+    }
+    // Through the command line too, the model left as it was.
+    let home = Home::default();
+    let bad = dir.path().join("shape.gguf");
+    let before = std::fs::read(&tiny).unwrap();
+    let err = home.fails(&[
+        "run",
+        tiny.to_str().unwrap(),
+        "--adapter",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(err.contains("do not fit"), "{err}");
+    assert_eq!(std::fs::read(&tiny).unwrap(), before);
 }

@@ -66,7 +66,21 @@ impl Loaded {
         target: &Arc<Backend>,
         device: u32,
     ) -> Result<Loaded, String> {
-        let model = Model::load_for(&path, target, device).map_err(|e| e.to_string())?;
+        Loaded::load_adapted(id, path, None, fim, target, device)
+    }
+
+    /// [`Loaded::load`] with a LoRA adapter applied at run time
+    /// ([`Model::load_adapted`]).
+    pub fn load_adapted(
+        id: String,
+        path: PathBuf,
+        adapter: Option<&std::path::Path>,
+        fim: Option<FimTemplate>,
+        target: &Arc<Backend>,
+        device: u32,
+    ) -> Result<Loaded, String> {
+        let model =
+            Model::load_adapted(&path, adapter, target, device).map_err(|e| e.to_string())?;
         let tok = model.tokenizer().map_err(|e| e.to_string())?;
         let name = model
             .file

@@ -35,6 +35,9 @@ pub struct ServeSpec {
     /// `--max-memory`, in MiB: the pool's budget (over `[pool]
     /// max_memory_mb`).
     pub max_memory_mb: Option<u64>,
+    /// `--adapter`: a LoRA adapter file and its label, applied at run time
+    /// to the first model, which is then served as `MODEL+LABEL`.
+    pub adapter: Option<(std::path::PathBuf, String)>,
 }
 
 /// Resolves the models and backend and starts the pool, its first
@@ -78,9 +81,13 @@ pub fn start_pool(
     }
     let (engine, template) = start_engine(spec, fim, metrics.clone())?;
     let loaded = engine.loaded();
-    // The first model answers to its [models] name too.
-    let first_id = entry_for(&spec.config, &loaded.path)
-        .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone());
+    // The first model answers to its [models] name too (not once an
+    // adapter makes it another model: `MODEL+LABEL`).
+    let first_id = match &spec.adapter {
+        Some(_) => loaded.id.clone(),
+        None => entry_for(&spec.config, &loaded.path)
+            .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone()),
+    };
     let entry = spec.config.models.get(&first_id);
     let mlock = (entry.and_then(|m| m.mlock))
         .or(spec.config.pool.mlock)
@@ -146,7 +153,11 @@ fn start_engine(
         // The KV cache's type comes from config.toml: it must be usable.
         spec.config.require_valid()?;
     }
-    let loaded = Loaded::load(id, path, fim, &exec.target, exec.device)?;
+    let (id, adapter) = match &spec.adapter {
+        Some((file, label)) => (format!("{id}+{label}"), Some(file.as_path())),
+        None => (id, None),
+    };
+    let loaded = Loaded::load_adapted(id, path, adapter, fim, &exec.target, exec.device)?;
     let draft_model = match &spec.draft_model {
         None => None,
         Some(name) => {

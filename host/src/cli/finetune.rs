@@ -514,24 +514,3 @@ fn record_eval(
     registry.add_adapter_eval(&record, &eval, &kiln_registry::actor())?;
     Ok(Some(record.label()))
 }
-
-pub fn with_adapter(
-    config: &Config,
-    model: Option<String>,
-    adapter: Option<&Path>,
-) -> Result<Option<String>, CliError> {
-    let Some(adapter) = adapter else {
-        return Ok(model);
-    };
-    let (_, path) = store::resolve_served(config, model.as_deref())?;
-    let (file, label) = super::adapters::resolve(config, adapter)?;
-    let merged = kiln_finetune::train::merge::cached(
-        &path,
-        &file,
-        &label,
-        &config.home.join("adapters"),
-        &mut |m| eprintln!("kiln: {m}"),
-    )
-    .map_err(CliError)?;
-    Ok(Some(merged.to_string_lossy().into_owned()))
-}

@@ -938,7 +938,10 @@ fn run(command: Command) -> CliResult {
             config.require_valid().map_err(CliError)?;
             let mut model = model.into_iter();
             let (first, more_models) = (model.next(), model.collect());
-            let model = finetune::with_adapter(&config, first, adapter.as_deref())?;
+            let model = first;
+            let adapter = adapter
+                .map(|a| adapters::resolve(&config, &a))
+                .transpose()?;
             let mode: kiln_serve::Mode =
                 serde_json::from_value(serde_json::json!(mode)).map_err(|_| {
                     CliError(format!("--mode {mode:?}: choose auto, line, block or none"))
@@ -991,6 +994,7 @@ fn run(command: Command) -> CliResult {
                     draft_model,
                     metrics_address: None,
                     max_memory_mb: max_memory,
+                    adapter,
                 },
                 serve::Listen {
                     http: http.as_deref(),
@@ -1048,8 +1052,10 @@ fn run(command: Command) -> CliResult {
         } => run::run(
             &config,
             run::RunArgs {
-                model: finetune::with_adapter(&config, Some(model), adapter.as_deref())?
-                    .expect("a model was named"),
+                model,
+                adapter: adapter
+                    .map(|a| adapters::resolve(&config, &a).map(|(file, _)| file))
+                    .transpose()?,
                 prompt,
                 max_tokens,
                 sampling: kiln_runtime::model::sample::SamplingParams {

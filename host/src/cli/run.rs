@@ -13,6 +13,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 pub struct RunArgs {
     pub model: String,
+    /// `--adapter`: a LoRA adapter file applied at run time.
+    pub adapter: Option<std::path::PathBuf>,
     pub prompt: String,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -69,7 +71,8 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
         executor: exec,
         label: backend,
     } = executor_for(config, args.backend.as_deref(), Some(&path))?;
-    let model = Model::load_for(&path, &exec.target, exec.device)?;
+    let model = Model::load_adapted(&path, args.adapter.as_deref(), &exec.target, exec.device)?;
+    let adapter = model.adapter.clone();
     let tok = model.tokenizer()?;
     let prompt = tok.encode(&args.prompt, true).map_err(CliError)?;
     let load_ms = model.load_ms;
@@ -131,6 +134,7 @@ pub fn run(config: &Config, args: RunArgs) -> CliResult {
             "token_ids": output.token_ids,
             "prompt_token_ids": prompt,
             "backend": backend,
+            "adapter": adapter,
             "stop_reason": output.stop_reason,
             "timings": {
                 "load_ms": load_ms,

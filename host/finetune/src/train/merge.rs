@@ -95,38 +95,3 @@ pub fn write_merged(
     w.finish().map_err(err)?;
     Ok(changed)
 }
-
-/// The base at `model` with the adapter at `adapter` merged (F16), made
-/// once and kept under `cache` by both files' sha256: how `kiln run` and
-/// `kiln serve` serve an adapter. The file is named `BASE+LABEL.gguf`
-/// (the name clients see). `progress` hears what is being done.
-pub fn cached(
-    model: &Path,
-    adapter: &Path,
-    label: &str,
-    cache: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<std::path::PathBuf, String> {
-    let hash = |p: &Path| kiln_runtime::store::hash_file(p, |_| {}).map_err(|e| e.to_string());
-    let key = format!("{}-{}", &hash(model)?[..16], &hash(adapter)?[..16]);
-    let stem = |p: &Path| {
-        p.file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-    };
-    let dir = cache.join(key);
-    let out = dir.join(format!("{}+{label}.gguf", stem(model)));
-    if out.is_file() {
-        return Ok(out);
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    progress(&format!(
-        "merging {} into {} (once; kept in {})",
-        adapter.display(),
-        model.display(),
-        dir.display()
-    ));
-    let base = Base::open(model)?;
-    let a = super::file::read_adapter(adapter, &base)?;
-    write_merged(&base, &a, &out, DType::F16)?;
-    Ok(out)
-}

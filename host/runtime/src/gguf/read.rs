@@ -597,6 +597,71 @@ impl GgufFile {
         Ok(())
     }
 
+    /// Adds tensors after the file's own, each given as its info (the
+    /// offset is set here) and bytes: a LoRA adapter's matrices beside the
+    /// model's weights, in the one memory the graphs read. The file is
+    /// read into anonymous memory on huge pages (as
+    /// [`GgufFile::copy_into_memory`] does) with room for them; the file
+    /// itself is never written.
+    pub fn append_tensors(&mut self, extra: Vec<(TensorInfo, Vec<u8>)>) -> Result<(), GgufError> {
+        if !self.has_data() {
+            return Err(self.error("opened for its header only"));
+        }
+        let old = self.map.len() as u64;
+        let align = |n: u64| super::align_up(n, self.alignment).expect("small offsets");
+        let mut end = align(old.max(self.data_offset));
+        let mut placed = Vec::with_capacity(extra.len());
+        for (mut info, bytes) in extra {
+            assert_eq!(
+                info.size,
+                bytes.len() as u64,
+                "{}: size of its bytes",
+                info.name
+            );
+            if self.tensor(&info.name).is_some() {
+                return Err(self.error(format!("tensor {:?} is there already", info.name)));
+            }
+            info.offset = end - self.data_offset;
+            end = align(end + info.size);
+            placed.push((info, bytes));
+        }
+        let err = |what: String| self.error(what);
+        let len = end as usize;
+        let mut map = MmapOptions::new()
+            .len(len.max(1))
+            .map_anon()
+            .map_err(|e| err(format!("cannot allocate {len} bytes for it: {e}")))?;
+        let _ = map.advise(memmap2::Advice::HugePage);
+        match &self.map {
+            // Read from the file, in parallel: faster than faulting the
+            // map in page by page.
+            Storage::Mapped(_) => {
+                let file = std::fs::File::open(&self.path)
+                    .map_err(|e| err(format!("cannot open: {e}")))?;
+                let now = file
+                    .metadata()
+                    .map_err(|e| err(format!("cannot read its size: {e}")))?;
+                if now.len() != old {
+                    return Err(err(format!(
+                        "changed while loading ({old} bytes when opened, {} now); load it again",
+                        now.len()
+                    )));
+                }
+                read_in_parallel(&file, &mut map[..old as usize])
+                    .map_err(|e| err(format!("cannot read: {e}")))?;
+            }
+            _ => map[..old as usize].copy_from_slice(&self.map),
+        }
+        for (info, bytes) in placed {
+            let at = (self.data_offset + info.offset) as usize;
+            map[at..at + bytes.len()].copy_from_slice(&bytes);
+            self.tensors.push(info);
+        }
+        self.map = Storage::Copied(map);
+        self.len = end;
+        Ok(())
+    }
+
     /// Bytes of the file held in anonymous memory by
     /// [`GgufFile::copy_into_memory`]; 0 while it is mapped.
     pub fn copied_bytes(&self) -> u64 {

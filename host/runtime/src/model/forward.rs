@@ -400,6 +400,23 @@ impl<'f> Builder<'f> {
         self.op(kind, src, dst, params)
     }
 
+    /// `name`'s product with `x` (`rows` × the columns of `x`), plus
+    /// `B·(A·x)` where the model carries a LoRA pair for it
+    /// (`NAME.lora_a`, `NAME.lora_b`, `B` already scaled: [`super::lora`]).
+    fn project(&mut self, name: &str, x: usize, rows: usize) -> usize {
+        let n = self.ne(x)[1];
+        let w = self.weight(name);
+        let y = self.new_op(OpKind::MulMat, &[w, x], DType::F32, [rows, n, 1, 1], &[]);
+        let (a, b) = (format!("{name}.lora_a"), format!("{name}.lora_b"));
+        let Some(r) = self.file.tensor(&a).map(|t| t.ne[1] as usize) else {
+            return y;
+        };
+        let (a, b) = (self.weight(&a), self.weight(&b));
+        let ax = self.new_op(OpKind::MulMat, &[a, x], DType::F32, [r, n, 1, 1], &[]);
+        let bax = self.new_op(OpKind::MulMat, &[b, ax], DType::F32, [rows, n, 1, 1], &[]);
+        self.new_op(OpKind::Add, &[y, bax], DType::F32, [rows, n, 1, 1], &[])
+    }
+
     /// Records that tensor `t` follows the batch's position.
     fn follow(&mut self, t: usize, rule: Follow) -> usize {
         self.follows.push((t, rule));
@@ -692,8 +709,7 @@ fn build_seqs<'f>(
         // Attention.
         let xa = norm(&mut b, x, &name("attn_norm.weight"));
         let proj = |b: &mut Builder<'f>, which: &str, rows: usize| {
-            let w = b.weight(&name(&format!("attn_{which}.weight")));
-            let mut y = b.new_op(OpKind::MulMat, &[w, xa], F32, [rows, n, 1, 1], &[]);
+            let mut y = b.project(&name(&format!("attn_{which}.weight")), xa, rows);
             if cfg.qkv_bias {
                 let bias = b.weight(&name(&format!("attn_{which}.bias")));
                 y = b.new_op(OpKind::Add, &[y, bias], F32, [rows, n, 1, 1], &[]);
@@ -923,8 +939,7 @@ fn build_seqs<'f>(
             b.op(OpKind::Cpy, &[kqv_tokens], dst, &[]);
         }
         let merged = b.reshape(merged, [qd, n, 1, 1]);
-        let wo = b.weight(&name("attn_output.weight"));
-        let o = b.new_op(OpKind::MulMat, &[wo, merged], F32, [e, n, 1, 1], &[]);
+        let o = b.project(&name("attn_output.weight"), merged, e);
         let mut o = biased(&mut b, o, &name("attn_output.bias"));
         if cfg.post_norms {
             o = norm(&mut b, o, &name("post_attention_norm.weight"));
@@ -932,14 +947,12 @@ fn build_seqs<'f>(
         let x1 = b.new_op(OpKind::Add, &[x, o], F32, [e, n, 1, 1], &[]);
         // Feed-forward: a gated activation (SwiGLU or GeGLU), or GELU.
         let xf = norm(&mut b, x1, &name("ffn_norm.weight"));
-        let wu = b.weight(&name("ffn_up.weight"));
-        let up = b.new_op(OpKind::MulMat, &[wu, xf], F32, [ff, n, 1, 1], &[]);
+        let up = b.project(&name("ffn_up.weight"), xf, ff);
         let up = biased(&mut b, up, &name("ffn_up.bias"));
         let hidden = match cfg.ffn {
             Ffn::Gelu => b.new_op(OpKind::Gelu, &[up], F32, [ff, n, 1, 1], &[]),
             Ffn::SwiGlu | Ffn::GeGlu => {
-                let wg = b.weight(&name("ffn_gate.weight"));
-                let gate = b.new_op(OpKind::MulMat, &[wg, xf], F32, [ff, n, 1, 1], &[]);
+                let gate = b.project(&name("ffn_gate.weight"), xf, ff);
                 let act = if cfg.ffn == Ffn::SwiGlu {
                     OpKind::Silu
                 } else {
@@ -949,8 +962,7 @@ fn build_seqs<'f>(
                 b.new_op(OpKind::Mul, &[act, up], F32, [ff, n, 1, 1], &[])
             }
         };
-        let wd = b.weight(&name("ffn_down.weight"));
-        let down = b.new_op(OpKind::MulMat, &[wd, hidden], F32, [e, n, 1, 1], &[]);
+        let down = b.project(&name("ffn_down.weight"), hidden, e);
         let mut down = biased(&mut b, down, &name("ffn_down.bias"));
         if cfg.post_norms {
             down = norm(&mut b, down, &name("post_ffw_norm.weight"));

@@ -12,6 +12,7 @@ pub mod config;
 pub mod explain;
 pub mod forward;
 pub mod generate;
+pub mod lora;
 pub mod prefix;
 pub mod sample;
 pub mod session;
@@ -135,6 +136,8 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub load_ms: f64,
+    /// The LoRA adapter applied at run time, if any ([`Model::load_adapted`]).
+    pub adapter: Option<lora::Applied>,
     /// A tokenizer built while the file was read, for the first call of
     /// [`Model::tokenizer`].
     built: std::sync::Mutex<Option<Result<Tokenizer, TokenizerError>>>,
@@ -145,7 +148,7 @@ impl Model {
     /// ([`GgufFile::prefault`]). Nothing is copied: the weights are the
     /// file's pages (shared with the page cache).
     pub fn load(path: &Path) -> Result<Arc<Model>, ModelError> {
-        Model::load_with(path, |d| d)
+        Model::load_with(path, None, |d| d)
     }
 
     /// As [`Model::load`], with the matrix weights in the layout `device`
@@ -161,10 +164,28 @@ impl Model {
         target: &Arc<Backend>,
         device: u32,
     ) -> Result<Arc<Model>, ModelError> {
-        Model::load_with(path, |d| target.weight_layout(device, d))
+        Model::load_with(path, None, |d| target.weight_layout(device, d))
     }
 
-    fn load_with(path: &Path, layout: impl Fn(DType) -> DType) -> Result<Arc<Model>, ModelError> {
+    /// As [`Model::load_for`], with the LoRA adapter at `adapter` applied
+    /// at run time ([`lora`]): its matrices in memory beside the weights
+    /// (which stay in their stored type), its products added to each
+    /// projection it adapts. The model is then read into memory, as for a
+    /// repacked one.
+    pub fn load_adapted(
+        path: &Path,
+        adapter: Option<&Path>,
+        target: &Arc<Backend>,
+        device: u32,
+    ) -> Result<Arc<Model>, ModelError> {
+        Model::load_with(path, adapter, |d| target.weight_layout(device, d))
+    }
+
+    fn load_with(
+        path: &Path,
+        adapter: Option<&Path>,
+        layout: impl Fn(DType) -> DType,
+    ) -> Result<Arc<Model>, ModelError> {
         let start = Instant::now();
         let (mut file, built) = if crate::crypt::is_encrypted(path).unwrap_or(false) {
             // Decrypting the weights is the longest part of such a load:
@@ -203,10 +224,19 @@ impl Model {
             repack_rows(from, to, file.tensor_data_mut(i).expect("in memory"), row);
             file.tensors[i].dtype = to;
         }
+        let adapter = match adapter {
+            None => None,
+            Some(a) => {
+                let (tensors, applied) = lora::read(a, &file).map_err(ModelError::Invalid)?;
+                file.append_tensors(tensors)?;
+                Some(applied)
+            }
+        };
         Ok(Arc::new(Model {
             file,
             config,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            adapter,
             built: std::sync::Mutex::new(built),
         }))
     }
