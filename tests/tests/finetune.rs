@@ -1104,7 +1104,10 @@ fn eval_and_merge_use_the_trained_adapter() {
     );
     let (code, models) = kiln_tests::serve::http(&srv.addr, "GET", "/v1/models", b"");
     assert_eq!(code, 200);
-    assert!(models.contains("+a"), "{models}");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let served = &models["data"][0];
+    assert!(served["id"].as_str().unwrap().ends_with("+a"), "{models:#}");
+    assert_eq!(served["kiln"]["adapter"]["pairs"], 30 * 7, "{models:#}");
     let (code, v) = kiln_tests::serve::post(
         &srv.addr,
         "/v1/completions",

@@ -229,6 +229,9 @@ pub struct MemberStatus {
     /// Requests it decodes together at most while loaded (`[engine]
     /// decode_batch`, as many as the budget holds; one on a device).
     pub decode_batch: Option<usize>,
+    /// The LoRA adapter applied to it at run time (`kiln serve
+    /// --adapter`), while loaded.
+    pub adapter: Option<kiln_runtime::model::lora::Applied>,
 }
 
 /// A request's route: the models that may answer it, in order.
@@ -593,6 +596,7 @@ impl Pool {
                     threads: m.threads,
                     device: slot.engine.as_ref().and(slot.device.clone()),
                     decode_batch: slot.engine.as_ref().map(Engine::decode_batch),
+                    adapter: (slot.engine.as_ref()).and_then(|e| e.loaded().model.adapter.clone()),
                 }
             })
             .collect()
