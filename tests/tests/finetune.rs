@@ -1422,3 +1422,69 @@ fn adapters_applied_at_run_time_match_the_merged_model_and_misfits_are_refused()
     assert!(err.contains("do not fit"), "{err}");
     assert_eq!(std::fs::read(&tiny).unwrap(), before);
 }
+
+/// An adapter made the way most people get one for llama.cpp, a Hugging
+/// Face PEFT checkpoint converted by llama.cpp's `convert_lora_to_gguf.py`
+/// (`tests/fixtures/peft-lora/make.py`: F16 matrices, the query and key
+/// rows permuted into GGUF's rotary layout), applied at run time by kiln,
+/// changes SmolLM2's logits as llama.cpp applying the same file does.
+#[test]
+fn adapters_llama_cpps_converter_made_run_as_llama_cpp_runs_them() {
+    let Some(smol) = kiln_tests::real_model("smollm2-135m-instruct-q4_1.gguf") else {
+        return;
+    };
+    if !kiln_tests::llama_cpp_available() {
+        return;
+    }
+    let adapter = kiln_tests::repo_root().join("tests/fixtures/peft-lora/smollm2-peft-lora.gguf");
+    let home = Home::default();
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = f16_copy(&home, &smol, dir.path());
+    let tokens = tokenizer(&smol)
+        .encode(
+            "impl Display for Point {\n    fn fmt(&self, f: &mut Formatter) -> Result {\n",
+            false,
+        )
+        .unwrap();
+    let n_vocab = GgufFile::open(&f16)
+        .unwrap()
+        .tensor("token_embd.weight")
+        .unwrap()
+        .ne[1] as usize;
+    let (plain, _) = kiln_tests::llama_logits(&f16, &tokens, 0, dir.path());
+    let (theirs, _) =
+        kiln_tests::llama_logits_lora(&f16, Some(&adapter), &tokens, 0, dir.path(), false);
+    let ours_plain = inference_logits(&f16, &tokens);
+    let ours = inference_logits_adapted(&f16, Some(&adapter), &tokens);
+    let effect = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let (ours_d, theirs_d) = (effect(&ours, &ours_plain), effect(&theirs, &plain));
+    let gap = norm(&effect(&ours_d, &theirs_d)) / norm(&theirs_d);
+    let size = norm(&theirs_d) / norm(&plain);
+    let (worst, same) = agreement(&ours, &theirs, n_vocab);
+    eprintln!(
+        "converter-made adapter: effect size {size:.3}, kiln vs llama.cpp effect gap {gap:.2e}, logits {worst:.2e}, top token {same:.3}"
+    );
+    assert!(size > 0.05, "the adapter changes little: {size:.3}");
+    // 2.7e-2 here (llama.cpp rounds the activations to f16 for the F16
+    // matrices); 0.31 with the query and key pairs left out.
+    assert!(
+        gap < 0.05,
+        "kiln's and llama.cpp's effects differ by {gap:.3}"
+    );
+    assert!(same >= 0.9, "{same}");
+    // The same file on the released Q4_1 weights, through `kiln run`.
+    let v = home.json(&[
+        "run",
+        smol.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompt",
+        "fn main() {",
+        "--max-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(v["adapter"]["pairs"], 30 * 7, "{v:#}");
+    assert_eq!(v["adapter"]["rank"], 2, "{v:#}");
+}

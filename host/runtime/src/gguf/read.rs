@@ -600,9 +600,8 @@ impl GgufFile {
     /// Adds tensors after the file's own, each given as its info (the
     /// offset is set here) and bytes: a LoRA adapter's matrices beside the
     /// model's weights, in the one memory the graphs read. The file is
-    /// read into anonymous memory on huge pages (as
-    /// [`GgufFile::copy_into_memory`] does) with room for them; the file
-    /// itself is never written.
+    /// read into anonymous memory with room for them; the file itself is
+    /// never written.
     pub fn append_tensors(&mut self, extra: Vec<(TensorInfo, Vec<u8>)>) -> Result<(), GgufError> {
         if !self.has_data() {
             return Err(self.error("opened for its header only"));
@@ -631,7 +630,9 @@ impl GgufFile {
             .len(len.max(1))
             .map_anon()
             .map_err(|e| err(format!("cannot allocate {len} bytes for it: {e}")))?;
-        let _ = map.advise(memmap2::Advice::HugePage);
+        // Not on huge pages: here a third of loads waited about 110 ms for
+        // the kernel to compact memory for them, for no decode speed
+        // measurable above the noise.
         match &self.map {
             // Read from the file, in parallel: faster than faulting the
             // map in page by page.

@@ -212,10 +212,12 @@ impl Model {
             .map(|(i, t)| (i, layout(t.dtype)))
             .filter(|&(i, to)| to != file.tensors[i].dtype)
             .collect();
-        if repack.is_empty() {
-            file.prefault();
-        } else {
+        if !repack.is_empty() {
             file.copy_into_memory()?;
+        } else if adapter.is_none() {
+            // (An adapter's matrices are appended to a copy read from the
+            // file: paging the map in first would hold the weights twice.)
+            file.prefault();
         }
         for (i, to) in repack {
             let t = &file.tensors[i];
