@@ -20,16 +20,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::OnceLock;
 
-/// The projections LoRA can adapt, as GGUF names them (`blk.N.<name>.weight`).
-pub const TARGETS: [&str; 7] = [
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
+/// The projections LoRA can adapt, as GGUF names them (`blk.N.<name>.weight`):
+/// the ones inference applies adapters to.
+pub use kiln_runtime::model::lora::TARGETS;
 const Q: usize = 0;
 const K: usize = 1;
 const V: usize = 2;

@@ -32,8 +32,9 @@ pub struct Applied {
 /// Tensors to append to a model ([`crate::gguf::GgufFile::append_tensors`]).
 pub type Tensors = Vec<(TensorInfo, Vec<u8>)>;
 
-/// The projections an adapter may adapt (as the forward pass runs them).
-const TARGETS: [&str; 7] = [
+/// The projections an adapter may adapt, as GGUF names them
+/// (`blk.N.<name>.weight`) and the forward pass runs them.
+pub const TARGETS: [&str; 7] = [
     "attn_q",
     "attn_k",
     "attn_v",
@@ -43,7 +44,8 @@ const TARGETS: [&str; 7] = [
     "ffn_down",
 ];
 
-fn is_target(name: &str) -> bool {
+/// Whether the tensor called `name` is one of the [`TARGETS`] of a layer.
+pub fn is_target(name: &str) -> bool {
     name.strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))
         .and_then(|(l, r)| l.parse::<usize>().ok().and(r.strip_suffix(".weight")))

@@ -85,16 +85,7 @@ pub enum ModelError {
 /// feed-forward projections and the output head, not the embedding table
 /// (read by row) or norms.
 fn is_matrix_weight(name: &str) -> bool {
-    const ENDS: [&str; 7] = [
-        ".attn_q.weight",
-        ".attn_k.weight",
-        ".attn_v.weight",
-        ".attn_output.weight",
-        ".ffn_gate.weight",
-        ".ffn_up.weight",
-        ".ffn_down.weight",
-    ];
-    name == "output.weight" || (name.starts_with("blk.") && ENDS.iter().any(|e| name.ends_with(e)))
+    name == "output.weight" || lora::is_target(name)
 }
 
 /// Threads the CPU backend and the host's own work on a model
