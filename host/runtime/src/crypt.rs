@@ -413,37 +413,72 @@ pub(crate) fn damaged_io(path: &Path, e: std::io::Error) -> CryptError {
     }
 }
 
-/// Decrypts the whole age file at `path` into anonymous memory excluded
-/// from core dumps, in parallel runs of chunks. The whole file is
-/// authenticated before it is returned: on any error nothing of it is
-/// kept.
-pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptError> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let len = file.metadata().map_err(io(path))?.len();
-    match payload::open(&file, len, keys) {
-        Some(p) => payload::decrypt(path, &file, len, &p),
-        None => decrypt_with_age(path, keys),
+/// An age file opened with its keys: its header read and its file key
+/// unwrapped once (with a passphrase, that is a second of scrypt), for
+/// reading its plaintext in parts ([`Sealed::prefix`]) and whole
+/// ([`Sealed::decrypt`]).
+pub struct Sealed<'k> {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    len: u64,
+    keys: &'k Keys,
+    /// `None`: a header kiln does not read itself; the `age` crate's
+    /// reader does it (and names what is wrong).
+    payload: Option<payload::Payload>,
+}
+
+impl<'k> Sealed<'k> {
+    pub fn open(path: &Path, keys: &'k Keys) -> Result<Sealed<'k>, CryptError> {
+        let file = std::fs::File::open(path).map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let payload = payload::open(&file, len, keys);
+        Ok(Sealed {
+            path: path.to_path_buf(),
+            file,
+            len,
+            keys,
+            payload,
+        })
+    }
+
+    /// Decrypts the whole file into anonymous memory excluded from core
+    /// dumps, in parallel runs of chunks. The whole file is authenticated
+    /// before it is returned: on any error nothing of it is kept.
+    pub fn decrypt(&self) -> Result<MmapMut, CryptError> {
+        match &self.payload {
+            Some(p) => payload::decrypt(&self.path, &self.file, self.len, p),
+            None => decrypt_with_age(&self.path, self.keys),
+        }
+    }
+
+    /// The first `want` bytes of the plaintext (all of it where it is
+    /// shorter), and the plaintext's whole length: only the chunks that
+    /// hold those bytes are read and decrypted, each authenticated, and
+    /// the last one, which vouches for the length. For reading a model's
+    /// header and metadata without decrypting its weights.
+    pub fn prefix(&self, want: u64) -> Result<(Vec<u8>, u64), CryptError> {
+        let path = &self.path;
+        if let Some(p) = &self.payload {
+            return payload::prefix(path, &self.file, self.len, p, want);
+        }
+        let mut r = open_reader(path, self.keys)?;
+        let plain = r.seek(SeekFrom::End(0)).map_err(|e| damaged_io(path, e))?;
+        let mut out = vec![0u8; want.min(plain) as usize];
+        r.seek(SeekFrom::Start(0))
+            .and_then(|_| r.read_exact(&mut out))
+            .map_err(|e| damaged_io(path, e))?;
+        Ok((out, plain))
     }
 }
 
-/// The first `want` bytes of the plaintext of the age file at `path`
-/// (all of it where it is shorter), and the plaintext's whole length:
-/// only the chunks that hold those bytes are read and decrypted, each
-/// authenticated. For reading a model's header and metadata without
-/// decrypting its weights.
+/// [`Sealed::decrypt`] of the age file at `path`.
+pub fn decrypt_into_memory(path: &Path, keys: &Keys) -> Result<MmapMut, CryptError> {
+    Sealed::open(path, keys)?.decrypt()
+}
+
+/// [`Sealed::prefix`] of the age file at `path`.
 pub fn decrypt_prefix(path: &Path, keys: &Keys, want: u64) -> Result<(Vec<u8>, u64), CryptError> {
-    let file = std::fs::File::open(path).map_err(io(path))?;
-    let len = file.metadata().map_err(io(path))?.len();
-    if let Some(p) = payload::open(&file, len, keys) {
-        return payload::prefix(path, &file, len, &p, want);
-    }
-    let mut r = open_reader(path, keys)?;
-    let plain = r.seek(SeekFrom::End(0)).map_err(|e| damaged_io(path, e))?;
-    let mut out = vec![0u8; want.min(plain) as usize];
-    r.seek(SeekFrom::Start(0))
-        .and_then(|_| r.read_exact(&mut out))
-        .map_err(|e| damaged_io(path, e))?;
-    Ok((out, plain))
+    Sealed::open(path, keys)?.prefix(want)
 }
 
 /// Anonymous memory for `len` bytes of plaintext, left out of core dumps.

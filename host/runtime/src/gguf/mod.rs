@@ -328,7 +328,11 @@ mod tests {
         crate::crypt::encrypt_file(&mut plain, &sealed, &keys, |_| {}).unwrap();
 
         let whole = GgufFile::open(&path).unwrap();
-        let head = GgufFile::header_of_encrypted(&sealed, &keys).unwrap();
+        let head = GgufFile::header_of_sealed(
+            &sealed,
+            &crate::crypt::Sealed::open(&sealed, &keys).unwrap(),
+        )
+        .unwrap();
         assert!(!head.has_data() && whole.has_data());
         assert_eq!(head.metadata, whole.metadata);
         assert_eq!(head.tensors, whole.tensors);
@@ -339,16 +343,27 @@ mod tests {
         let at = bytes.len() / 2;
         bytes[at] ^= 1;
         std::fs::write(&sealed, &bytes).unwrap();
-        let head = GgufFile::header_of_encrypted(&sealed, &keys).unwrap();
+        let head = GgufFile::header_of_sealed(
+            &sealed,
+            &crate::crypt::Sealed::open(&sealed, &keys).unwrap(),
+        )
+        .unwrap();
         assert_eq!(head.tensors, whole.tensors);
         assert!(crate::crypt::decrypt_into_memory(&sealed, &keys).is_err());
         // A header that is wrong is refused as by `open`.
         let (other, _) = crate::crypt::Keys::generate();
-        assert!(GgufFile::header_of_encrypted(&sealed, &other).is_err());
+        assert!(
+            crate::crypt::Sealed::open(&sealed, &other)
+                .map_err(|e| e.to_string())
+                .and_then(|s| GgufFile::header_of_sealed(&sealed, &s).map_err(|e| e.to_string()))
+                .is_err()
+        );
         let bad = dir.path().join("bad.age");
         let mut text = &b"not a gguf file at all"[..];
         crate::crypt::encrypt_file(&mut text, &bad, &keys, |_| {}).unwrap();
-        let Err(e) = GgufFile::header_of_encrypted(&bad, &keys) else {
+        let Err(e) =
+            GgufFile::header_of_sealed(&bad, &crate::crypt::Sealed::open(&bad, &keys).unwrap())
+        else {
             panic!("not a GGUF file, read");
         };
         assert!(e.to_string().contains("not a GGUF file"), "{e}");

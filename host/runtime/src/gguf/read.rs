@@ -295,19 +295,20 @@ impl GgufFile {
             return GgufFile::open(path);
         }
         let keys = crate::crypt::Keys::from_process_env().map_err(|e| crypt_error(path, e))?;
-        GgufFile::header_of_encrypted(path, &keys)
+        let sealed = crate::crypt::Sealed::open(path, &keys).map_err(|e| crypt_error(path, e))?;
+        GgufFile::header_of_sealed(path, &sealed)
     }
 
-    /// [`GgufFile::open_header`] for the age file at `path`, with `keys`.
-    pub(crate) fn header_of_encrypted(
+    /// [`GgufFile::open_header`] for the age file `sealed` (at `path`),
+    /// opened once for every read of a longer start.
+    pub(crate) fn header_of_sealed(
         path: &Path,
-        keys: &crate::crypt::Keys,
+        sealed: &crate::crypt::Sealed<'_>,
     ) -> Result<GgufFile, GgufError> {
         // Metadata is mostly the vocabulary: a few MiB for 256k tokens.
         let mut want = 1u64 << 20;
         loop {
-            let (head, len) =
-                crate::crypt::decrypt_prefix(path, keys, want).map_err(|e| crypt_error(path, e))?;
+            let (head, len) = sealed.prefix(want).map_err(|e| crypt_error(path, e))?;
             let whole = head.len() as u64 == len;
             match GgufFile::parse_start(path, Storage::Header(head), len) {
                 Err((_, true)) if !whole => want *= 2,

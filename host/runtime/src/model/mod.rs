@@ -181,18 +181,20 @@ impl Model {
         let (mut file, built) = if crate::crypt::is_encrypted(path).unwrap_or(false) {
             // Decrypting the weights is the longest part of such a load:
             // the tokenizer is built from the header meanwhile.
-            let mut file = GgufFile::open_header(path)?;
-            let keys = crate::crypt::Keys::from_process_env()
-                .map_err(|e| crate::gguf::crypt_error(path, e))?;
+            // One open for both: the file key is unwrapped once.
+            let failed = |e| crate::gguf::crypt_error(path, e);
+            let keys = crate::crypt::Keys::from_process_env().map_err(failed)?;
+            let sealed = crate::crypt::Sealed::open(path, &keys).map_err(failed)?;
+            let mut file = GgufFile::header_of_sealed(path, &sealed)?;
             let (plain, tokenizer) = std::thread::scope(|s| {
                 let tokenizer = s.spawn(|| Tokenizer::from_gguf(&file));
-                let plain = crate::crypt::decrypt_into_memory(path, &keys);
+                let plain = sealed.decrypt();
                 (
                     plain,
                     tokenizer.join().expect("building the tokenizer panicked"),
                 )
             });
-            file.attach(plain.map_err(|e| crate::gguf::crypt_error(path, e))?)?;
+            file.attach(plain.map_err(failed)?)?;
             (file, Some(tokenizer))
         } else {
             (GgufFile::open(path)?, None)
