@@ -228,6 +228,12 @@ fn policy_test_scores_a_ranking_policy_on_ctxbench_against_the_built_in_ranker()
         "2048",
         "--model",
         model.to_str().unwrap(),
+        // What this test checks is the scoring; the gate's latency
+        // ceiling (25 ms at p99, tested in policies.rs) is for release
+        // builds, and this debug build's heaviest call took 26 ms once
+        // with the rest of the suite running beside it.
+        "--max-p99-ms",
+        "250",
         "--json",
     ]);
     assert_eq!(v["report"]["passed"], true, "{v:#}");

@@ -462,7 +462,7 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
                 // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
                 // half to even, the scale stored as f16.
                 let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = f16::from_f32(amax / 127.0).to_f32();
+                let d = q8_0_scale(block);
                 let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 for v in block.iter_mut() {
                     *v = (*v * id).round_ties_even() * d;
@@ -486,6 +486,13 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
         }
         _ => {}
     }
+}
+
+/// The scale `d` (an f16 value) that [`round_activations`] gives a block
+/// of 32 activations for Q8_0: `amax / 127`, rounded to f16.
+pub fn q8_0_scale(block: &[f32]) -> f32 {
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    f16::from_f32(amax / 127.0).to_f32()
 }
 
 /// The `s` of each Q8_1 block of `x` (unrounded activations, whole blocks
@@ -573,6 +580,55 @@ pub fn sum_lanes(a: [f32; FLOAT_DOT_LANES]) -> f32 {
     let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (b[0] + b[2]) + (b[1] + b[3])
 }
+/// Partial sums of [`q8_dot`]: block `b`'s term goes to partial `b mod 4`.
+pub const Q8_DOT_LANES: usize = 4;
+
+/// One block's term of a dot product of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or
+/// IQ4_NL weights with activations in Q8_0 (Q8_1) blocks: `d = d_w · d_x`
+/// (two f16 values: exact in f32), `sum` the block's integer sum of code
+/// products (at most 32 · 128 · 128: exact in f32), and for Q4_1/Q5_1 the
+/// minimum's term `m_w · s_x` (two f16 values again: exact).
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Term {
+    pub d: f32,
+    pub sum: i32,
+    pub min: Option<f32>,
+}
+
+/// The dot product of a row of Q8-family weights with Q8_0 activations
+/// from its blocks' terms, in the one order every kiln kernel for these
+/// types follows, so that each gives these bits: block `b`'s term goes to
+/// f32 partial `b mod 4` as `fma(d, sum, partial)` (one rounding), or, with
+/// a minimum, as `partial + fma(d, sum, min)` (ggml's per-block order for
+/// Q4_1/Q5_1); then the partials are added `(0 + 2) + (1 + 3)`. llama.cpp
+/// sums these in f32 too, in an order of its own per ISA. Four partials
+/// suit every kernel: the decode kernels that give each block a lane take
+/// 4 blocks a step, and the GEMMs that give each weight row a lane keep 4
+/// accumulators per activation row.
+pub fn q8_dot(terms: impl IntoIterator<Item = Q8Term>) -> f32 {
+    let mut acc = [0f32; Q8_DOT_LANES];
+    for (b, t) in terms.into_iter().enumerate() {
+        q8_add(&mut acc, b, t);
+    }
+    q8_sum(acc)
+}
+
+/// [`q8_dot`]'s step: block `b`'s term into its partial.
+#[inline]
+pub fn q8_add(partials: &mut [f32; Q8_DOT_LANES], b: usize, t: Q8Term) {
+    let p = &mut partials[b % Q8_DOT_LANES];
+    *p = match t.min {
+        None => t.d.mul_add(t.sum as f32, *p),
+        Some(m) => *p + t.d.mul_add(t.sum as f32, m),
+    };
+}
+
+/// [`q8_dot`]'s last step: the partials added `(0 + 2) + (1 + 3)`.
+#[inline]
+pub fn q8_sum(p: [f32; Q8_DOT_LANES]) -> f32 {
+    (p[0] + p[2]) + (p[1] + p[3])
+}
+
 /// A Q4_1 or Q5_1 row as the dot product uses it: each weight's `d · q`
 /// (exact in f32) in `scaled`, each block's minimum in `mins`.
 pub fn split_min_row(dtype: DType, src: &[u8], scaled: &mut [f32], mins: &mut [f32]) {

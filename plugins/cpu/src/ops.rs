@@ -314,6 +314,62 @@ unsafe fn read_min_row(
     kiln_blocks::split_min_row(d.dtype, row, out, mins);
 }
 
+/// Reads the f16 scale `d` of each block of row (i1, i2, i3) of weights
+/// in 32-element blocks (Q4_0 … IQ4_NL, plain or interleaved), widened.
+///
+/// # Safety
+/// As for [`read_row`].
+unsafe fn read_scales(v: &View, i1: usize, i2: usize, i3: usize, out: &mut [f32]) {
+    let d = &v.desc;
+    let bytes = d.dtype.row_bytes(d.ne[0]).expect("valid desc");
+    // SAFETY: the caller's contract; quantized rows are contiguous.
+    let row = unsafe { std::slice::from_raw_parts(ptr(v, [0, i1, i2, i3]), bytes) };
+    let plain = kiln_plugin_api::interleave::plain(d.dtype);
+    let mut unpacked = Vec::new();
+    let row = if plain != d.dtype {
+        unpacked.resize(bytes, 0);
+        kiln_plugin_api::interleave::unpack(d.dtype, row, &mut unpacked);
+        &unpacked[..]
+    } else {
+        row
+    };
+    for (o, b) in out.iter_mut().zip(row.chunks_exact(plain.block_bytes())) {
+        *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+    }
+}
+
+/// The reference's dot product of a row of Q8-family weights (`a`, each
+/// `d_w · q`, minimums apart for Q4_1/Q5_1) with rounded activations `x`
+/// (each `d_x · q`), from block scales `dw` and `dx`: each block's products
+/// summed in f64 (exact: every product is `d_w·d_x` times an integer, and
+/// so is their sum), the integer recovered, and the terms added in
+/// [`kiln_blocks::q8_dot`]'s order. `min`: each block's minimum and the
+/// activations' Q8_1 sum.
+fn q8_reference_dot(
+    a: &[f32],
+    x: &[f32],
+    dw: &[f32],
+    dx: &[f32],
+    min: Option<(&[f32], &[f32])>,
+) -> f32 {
+    kiln_blocks::q8_dot(a.chunks_exact(32).zip(x.chunks_exact(32)).enumerate().map(
+        |(b, (a, x))| {
+            let d = dw[b] * dx[b];
+            let exact: f64 = a.iter().zip(x).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let sum = if d == 0.0 {
+                0
+            } else {
+                (exact / d as f64) as i32
+            };
+            kiln_blocks::Q8Term {
+                d,
+                sum,
+                min: min.map(|(m, s)| m[b] * s[b]),
+            }
+        },
+    ))
+}
+
 /// Writes row (i1, i2, i3) from f32, converting to the tensor's type.
 ///
 /// # Safety
@@ -410,8 +466,14 @@ pub unsafe fn run_with(
                 // vec_dot_q4_1_q8_1).
                 let with_min = matches!(w.desc.dtype, DType::Q4_1 | DType::Q5_1);
                 let float = matches!(w.desc.dtype, DType::F16 | DType::BF16 | DType::F32);
+                // Weights whose activations are Q8_0 (Q8_1) blocks: summed
+                // block by block in `kiln_blocks::q8_dot`'s order.
+                let q8 = w.desc.dtype.is_quantized() && w.desc.dtype.block_len() == 32;
+                let blocks = k / 32;
                 let mut sums = Vec::new();
-                let mut mins = scratch::f32s(if with_min { k / 32 } else { 0 });
+                let mut mins = scratch::f32s(if with_min { blocks } else { 0 });
+                let mut dw = scratch::f32s(if q8 { blocks } else { 0 });
+                let mut dx = scratch::f32s(if q8 { blocks * m_count } else { 0 });
                 for i3 in 0..x.desc.ne[3] {
                     for i2 in 0..x.desc.ne[2] {
                         // Activations as the dot product sees them (ggml's
@@ -422,25 +484,33 @@ pub unsafe fn run_with(
                             if with_min {
                                 sums.push(kiln_blocks::q8_1_sums(row));
                             }
+                            if q8 {
+                                for (d, block) in dx[m * blocks..][..blocks]
+                                    .iter_mut()
+                                    .zip(row.chunks_exact(32))
+                                {
+                                    *d = kiln_blocks::q8_0_scale(block);
+                                }
+                            }
                             round_activations(w.desc.dtype, row);
                         }
                         for n in 0..w.desc.ne[1] {
-                            if with_min {
-                                read_min_row(w, n, i2 / r2, i3 / r3, &mut a, &mut mins);
+                            if q8 {
+                                if with_min {
+                                    read_min_row(w, n, i2 / r2, i3 / r3, &mut a, &mut mins);
+                                } else {
+                                    read_row(w, n, i2 / r2, i3 / r3, &mut a);
+                                }
+                                read_scales(w, n, i2 / r2, i3 / r3, &mut dw);
                                 for (m, row) in xs.chunks_exact(k).enumerate() {
-                                    acc[m * n0 + n] = a
-                                        .chunks_exact(32)
-                                        .zip(row.chunks_exact(32))
-                                        .zip(mins.iter().zip(&sums[m]))
-                                        .map(|((a, q), (mn, s))| {
-                                            let codes: f64 = a
-                                                .iter()
-                                                .zip(q)
-                                                .map(|(p, q)| *p as f64 * *q as f64)
-                                                .sum();
-                                            codes + *mn as f64 * *s as f64
-                                        })
-                                        .sum();
+                                    let dx = &dx[m * blocks..][..blocks];
+                                    acc[m * n0 + n] = q8_reference_dot(
+                                        &a,
+                                        row,
+                                        &dw,
+                                        dx,
+                                        with_min.then(|| (&mins[..], &sums[m][..])),
+                                    ) as f64;
                                 }
                                 continue;
                             }

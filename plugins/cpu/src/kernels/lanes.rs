@@ -1,7 +1,8 @@
 //! What the lane-wise kernels share: 16 weight rows (or, in decode, 16
 //! blocks of one row), one per lane of a 512-bit register, each activation
-//! row's results in two registers of eight f64s; on AVX2, 8 rows a
-//! 256-bit register ([`transpose_8x8`], [`emit8`]).
+//! row's results in two registers of eight f64s (the K-quants) or one of
+//! sixteen f32s (the Q8 family: [`emit_ps`]); on AVX2, 8 rows a 256-bit
+//! register ([`transpose_8x8`], [`emit8`], [`emit8_ps`]).
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
@@ -38,6 +39,22 @@ pub unsafe fn emit(acc: &[[__m512d; 2]], m0: usize, out: &mut [f32]) {
             _mm256_storeu_ps(to, _mm512_cvtpd_ps(acc[0]));
             _mm256_storeu_ps(to.add(8), _mm512_cvtpd_ps(acc[1]));
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// [`emit`] for results summed in f32: each activation row's 16 results
+/// (one register) to its row of `out`.
+///
+/// # Safety
+/// AVX-512 F is present.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn emit_ps(acc: &[__m512], m0: usize, out: &mut [f32]) {
+    const W: usize = super::GEMM_GROUP;
+    assert!(out.len() >= (m0 + acc.len()) * W);
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: row m0 + r of the tile holds 16 f32s (asserted).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((m0 + r) * W), *acc) };
     }
 }
 
@@ -139,23 +156,33 @@ pub unsafe fn store_scales(dw_p: *mut f64, b: usize, bits: &[u16; ROWS]) {
     }
 }
 
-/// [`store_scales`] on AVX2: block `at`'s 8 weight scales (f16 bits, row
-/// `n` at `bits[n]`) into a GEMM scratch of f64s, 8 a block.
+/// [`store_scales`] into a GEMM scratch of f32s (the Q8-family GEMMs').
+///
+/// # Safety
+/// As [`store_scales`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn store_scales_ps(dw_p: *mut f32, b: usize, bits: &[u16; ROWS]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr().cast()));
+        _mm512_storeu_ps(dw_p.add(b * ROWS), dw);
+    }
+}
+
+/// [`store_scales_ps`] on AVX2: block `at`'s 8 weight scales (f16 bits,
+/// row `n` at `bits[n]`) into a GEMM scratch of f32s, 8 a block.
 ///
 /// # Safety
 /// AVX2 and F16C are enabled by the caller; block `at`'s 8 scales are
 /// inside the scratch at `p`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub unsafe fn store_scales8(p: *mut f64, at: usize, bits: &[u16; 8]) {
+pub unsafe fn store_scales8(p: *mut f32, at: usize, bits: &[u16; 8]) {
     // SAFETY: the caller's contract.
     unsafe {
         let v = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
-        _mm256_storeu_pd(p.add(at * 8), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        _mm256_storeu_pd(
-            p.add(at * 8 + 4),
-            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
-        );
+        _mm256_storeu_ps(p.add(at * 8), v);
     }
 }
 
@@ -216,5 +243,19 @@ pub fn emit8(acc: &[[__m256d; 2]], n0: usize, m0: usize, out: &mut [f32]) {
             _mm_storeu_ps(to, _mm256_cvtpd_ps(acc[0]));
             _mm_storeu_ps(to.add(4), _mm256_cvtpd_ps(acc[1]));
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// [`emit8`] for results summed in f32: each activation row's 8 results
+/// (one register) to lanes `n0..n0 + 8` of its row of `out`.
+#[inline(always)]
+pub fn emit8_ps(acc: &[__m256], n0: usize, m0: usize, out: &mut [f32]) {
+    const W: usize = super::GEMM_GROUP;
+    assert!(n0 + 8 <= W && out.len() >= (m0 + acc.len()) * W);
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: lanes n0..n0 + 8 of the tile's row m0 + r are inside it
+        // (asserted); inlined into functions that enable AVX.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((m0 + r) * W + n0), *acc) };
     }
 }

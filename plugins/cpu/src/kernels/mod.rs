@@ -10,8 +10,9 @@
 //! Quantized matrix products follow ggml: activations are quantized on the
 //! fly to the weights' dot-product type (Q8_0 for Q4_0/Q5_0/Q8_0), and the inner
 //! products are integer, scaled per block. The reference rounds activations
-//! the same way and sums in f64, so the two differ only by the order of
-//! the f32 block sums.
+//! the same way; for the Q8 family it adds the block terms in
+//! `kiln_blocks::q8_dot`'s order, as every kernel does (the same bits), and
+//! for the K-quants in f64.
 //!
 //! Inside a `#[target_feature]` function, intrinsics stay out of closures
 //! handed to `map`, `from_fn`, `fold` and the like: the closure is called

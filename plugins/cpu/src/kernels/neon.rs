@@ -1,7 +1,8 @@
 //! NEON (aarch64) integer block sums of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and
 //! IQ4_NL weights against Q8_0 activation codes: `Σ q_w · q_x` per 32-code block, exact,
-//! which `q8::dot_rows` then scales in f64 exactly as the portable path
-//! does (so the results are the reference's bits); and of Q2_K, Q3_K and
+//! which `q8::dot_rows` then scales and adds as the portable path does, in
+//! `kiln_blocks::q8_dot`'s order (so the results are the reference's
+//! bits); and of Q2_K, Q3_K and
 //! IQ4_XS against Q8_K codes, `Σ sc_j (q·x)_j` per 256-code block, which
 //! `kquant` scales as its portable kernels do. And F16/BF16 weights
 //! against activations rounded to their type, in f32 lanes in kiln's one

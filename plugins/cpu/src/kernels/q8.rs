@@ -7,12 +7,17 @@
 //! per block `s`, an f16 of `d · Σ codes` ([`kiln_blocks::q8_1_sums`]).
 //! IQ4_NL's codes index a table of 16 signed values.
 //!
-//! Block sums are exact integers, and the scaled sums accumulate in f64
-//! lanes: every term `d_w·d_x·sum` is exact in f64, so a row's result is
-//! the reference's (which sums exact products in f64) rounded the same
-//! way, bit for bit in practice. That matters more than it seems: K and V
-//! are rounded to f16 in the cache, and a last-bit difference there can
-//! flip a rounding that sharp attention then amplifies.
+//! Block sums are exact integers, and every path adds the blocks' terms
+//! in one order, [`kiln_blocks::q8_dot`]'s: block `b`'s `fma(d_w·d_x, sum,
+//! ·)` into f32 partial `b mod 4`, the partials added `(0 + 2) + (1 + 3)`.
+//! So every kernel gives the reference's bits, and a prompt (the GEMMs)
+//! and decode (the row kernels) give the same ones for the same row. That
+//! matters more than it seems: K and V are rounded to f16 in the cache,
+//! and a last-bit difference there can flip a rounding that sharp
+//! attention then amplifies. (These sums were once in f64, exact term by
+//! term; scaling in f64 took two conversions, two products and two FMAs
+//! per 8 lanes and block where f32 takes one of each, which held the
+//! GEMMs at about 0.75 of ik_llama.cpp's prompt speed.)
 
 use super::{GEMM_GROUP, Isa};
 use half::f16;
@@ -56,10 +61,9 @@ pub struct Q8Row {
     pub qs: Vec<i8>,
     /// The sum of each block's codes (for unsigned weight codes' offset).
     pub sums: Vec<i32>,
-    /// Per block: the scale widened to f64, and minus the weights' code
-    /// offset (8, 16 or 128, from [`Q8Row::new`]'s type) times the code
-    /// sum: what the GEMM starts each block's integer sum from.
-    pub d64: Vec<f64>,
+    /// Per block: minus the weights' code offset (8, 16 or 128, from
+    /// [`Q8Row::new`]'s type) times the code sum: what the GEMM starts
+    /// each block's integer sum from.
     pub offset_sums: Vec<i32>,
     /// Per block, for Q4_1/Q5_1 weights: Q8_1's `s` ([`kiln_blocks::q8_1_sums`]);
     /// empty for other weights.
@@ -80,7 +84,6 @@ impl Q8Row {
             d: vec![0.0; k / QK],
             qs: vec![0; k],
             sums: vec![0; k / QK],
-            d64: vec![0.0; k / QK],
             offset_sums: vec![0; k / QK],
             s: Vec::new(),
             offset: code_offset(weights),
@@ -95,7 +98,6 @@ impl Q8Row {
         self.d.resize(k / QK, 0.0);
         self.qs.resize(k, 0);
         self.sums.resize(k / QK, 0);
-        self.d64.resize(k / QK, 0.0);
         self.offset_sums.resize(k / QK, 0);
         self.s.clear();
         self.offset = code_offset(weights);
@@ -103,7 +105,7 @@ impl Q8Row {
         self.lanes.clear();
     }
 
-    /// Fills [`Q8Row::d64`] and [`Q8Row::offset_sums`] from `d` and `sums`,
+    /// Fills [`Q8Row::offset_sums`] from `sums`,
     /// and for Q4_1/Q5_1 [`Q8Row::s`]: the unrounded scale `amax / 127`
     /// of the block `x` (the row just quantized) times its code sum, to
     /// f16, as ggml's x86 `quantize_row_q8_1` (whose codes are Q8_0's)
@@ -115,9 +117,6 @@ impl Q8Row {
                 let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 *s = f16::from_f32(amax / 127.0 * sum as f32).to_f32();
             }
-        }
-        for (w, d) in self.d64.iter_mut().zip(&self.d) {
-            *w = *d as f64;
         }
         for (o, s) in self.offset_sums.iter_mut().zip(&self.sums) {
             *o = -self.offset * s;
@@ -388,9 +387,9 @@ pub fn dot_row_range<'w>(
 #[derive(Default)]
 pub struct GemmScratch {
     codes: Vec<u8>,
-    dw: Vec<f64>,
+    dw: Vec<f32>,
     /// Q4_1/Q5_1: each block's minimum, laid out as `dw`.
-    dm: Vec<f64>,
+    dm: Vec<f32>,
 }
 
 /// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
@@ -400,8 +399,9 @@ pub struct GemmScratch {
 /// products, and a block's integer sums land in 16 lanes with no
 /// horizontal reduction. The codes are unpacked into that layout once per
 /// call and reused for every activation row (worth it from about 4 rows).
-/// Sums are scaled and accumulated in f64 block by block, in the
-/// reference's order, so the results are the reference's bits.
+/// Sums are scaled in f32 block by block into four partials per
+/// activation row, in [`kiln_blocks::q8_dot`]'s order, so the results are
+/// the reference's bits.
 ///
 /// On AVX2 the same at 8 rows a register ([`x86::gemm16_avx2`]; not
 /// Q5_0X16, which only AVX-512 CPUs are given). Returns `false` (and does
@@ -554,31 +554,28 @@ fn sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
 }
 
 /// `w · x` from the blocks' integer sums, each scaled as `d_w · d_x · sum`
-/// and added in f64 in block order (the reference's terms, exact).
+/// and added in [`kiln_blocks::q8_dot`]'s order.
 fn dot_blocks(dtype: DType, w: &[u8], x: &Q8Row, sums: BlockSums) -> f32 {
     const CHUNK: usize = 64;
     let bytes = dtype.block_bytes();
     let with_min = has_min(dtype);
-    let mut acc = 0.0f64;
-    let mut s = [0i32; CHUNK];
-    for (c, (wc, xc)) in w
+    let terms = w
         .chunks(CHUNK * bytes)
         .zip(x.qs.chunks(CHUNK * QK))
         .enumerate()
-    {
-        let n = xc.len() / QK;
-        sums(wc, xc, &mut s[..n]);
-        for (i, &sumi) in s[..n].iter().enumerate() {
-            let b = c * CHUNK + i;
-            let codes = f16_at(w, b * bytes) as f64 * x.d[b] as f64 * sumi as f64;
-            acc += if with_min {
-                codes + f16_at(w, b * bytes + 2) as f64 * x.s[b] as f64
-            } else {
-                codes
-            };
-        }
-    }
-    acc as f32
+        .flat_map(move |(c, (wc, xc))| {
+            // A chunk's integer sums at a time, on the stack.
+            let n = xc.len() / QK;
+            let mut s = [0i32; CHUNK];
+            sums(wc, xc, &mut s[..n]);
+            (0..n).map(move |i| (c * CHUNK + i, s[i]))
+        })
+        .map(|(b, sum)| kiln_blocks::Q8Term {
+            d: f16_at(w, b * bytes) * x.d[b],
+            sum,
+            min: with_min.then(|| f16_at(w, b * bytes + 2) * x.s[b]),
+        });
+    kiln_blocks::q8_dot(terms)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -807,7 +804,8 @@ mod x86 {
     /// The shared loop over one weight row and up to four activation
     /// rows (the weight codes unpacked once for all): four blocks at a
     /// time, their integer sums reduced to one lane each, offset-corrected,
-    /// scaled and summed in f64.
+    /// scaled and added to a row's four partials of [`kiln_blocks::q8_dot`]
+    /// (one lane each).
     ///
     /// Generated once per weight type (`D`, its raw number): the type's
     /// choices (code layout, block size, minimum) are then constants, not
@@ -876,7 +874,8 @@ mod x86 {
                     super::code_offset(dtype)
                 };
                 let nb = xs[0].d.len();
-                let mut acc = [_mm256_setzero_pd(); R];
+                // Per row, the four partials of `kiln_blocks::q8_dot`.
+                let mut acc = [_mm_setzero_ps(); R];
                 let mut b = 0;
                 if D == DType::Q4_0X16.raw() && xs.iter().all(|x| super::takes_lanes(dtype, x)) {
                     // SAFETY: the caller's contract; the lanes are filled.
@@ -891,7 +890,7 @@ mod x86 {
                         // SAFETY: blocks b..b+4 are inside `w`.
                         (u[j], bits[j]) = unsafe { codes(dtype, w, b + j) };
                     }
-                    let dw = _mm256_cvtps_pd(_mm_cvtph_ps(_mm_set_epi16(
+                    let dw = _mm_cvtph_ps(_mm_set_epi16(
                         0,
                         0,
                         0,
@@ -900,7 +899,7 @@ mod x86 {
                         bits[2] as i16,
                         bits[1] as i16,
                         bits[0] as i16,
-                    )));
+                    ));
                     for (x, acc) in xs.iter().zip(&mut acc) {
                         let mut p = [_mm256_setzero_si256(); 4];
                         for (j, pj) in p.iter_mut().enumerate() {
@@ -925,13 +924,14 @@ mod x86 {
                             )
                         };
                         let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
-                        let scale = _mm256_mul_pd(dw, _mm256_cvtps_pd(dx));
+                        // d_w·d_x: exact in f32.
+                        let scale = _mm_mul_ps(dw, dx);
                         if with_min {
-                            // Each block's d·d_x·sum + m·s, then the sum.
+                            // Each block's fma(d, sum, m·s), then the sum.
                             let mins: [u16; 4] =
                                 // SAFETY: blocks b..b+4 are inside `w`.
                                 std::array::from_fn(|j| unsafe { min_at(w, bytes_per_block, b + j) });
-                            let m = _mm256_cvtps_pd(_mm_cvtph_ps(_mm_set_epi16(
+                            let m = _mm_cvtph_ps(_mm_set_epi16(
                                 0,
                                 0,
                                 0,
@@ -940,30 +940,26 @@ mod x86 {
                                 mins[2] as i16,
                                 mins[1] as i16,
                                 mins[0] as i16,
-                            )));
+                            ));
                             // SAFETY: four sums from b are inside x.s.
-                            let sx = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(x.s.as_ptr().add(b)) });
-                            let term = _mm256_fmadd_pd(
-                                scale,
-                                _mm256_cvtepi32_pd(s),
-                                _mm256_mul_pd(m, sx),
-                            );
-                            *acc = _mm256_add_pd(*acc, term);
+                            let sx = unsafe { _mm_loadu_ps(x.s.as_ptr().add(b)) };
+                            let term = _mm_fmadd_ps(scale, _mm_cvtepi32_ps(s), _mm_mul_ps(m, sx));
+                            *acc = _mm_add_ps(*acc, term);
                         } else {
-                            *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(s), *acc);
+                            *acc = _mm_fmadd_ps(scale, _mm_cvtepi32_ps(s), *acc);
                         }
                     }
                     b += 4;
                 }
                 for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
-                    let s =
-                        _mm_add_pd(_mm256_castpd256_pd128(*acc), _mm256_extractf128_pd(*acc, 1));
-                    let mut total = _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+                    // SAFETY: register to array of the same size.
+                    let mut partials: [f32; 4] = unsafe { std::mem::transmute(*acc) };
                     for b in b..nb {
                         // SAFETY: block b is inside `w` and `x.qs`.
-                        total += unsafe { block_sum(dtype, w, x, b, offset, prod) };
+                        let t = unsafe { block_term(dtype, w, x, b, offset, prod) };
+                        kiln_blocks::q8_add(&mut partials, b, t);
                     }
-                    *o = total as f32;
+                    *o = kiln_blocks::q8_sum(partials);
                 }
             }
         };
@@ -990,7 +986,7 @@ mod x86 {
             unsafe fn $name<const R: usize>(
                 w: &[u8],
                 xs: &[&Q8Row; R],
-                acc: &mut [__m256d; R],
+                acc: &mut [__m128; R],
             ) -> usize {
                 const GROUP: usize = interleave::Q4_0_GROUP_BYTES;
                 const CODES: usize = interleave::codes_at(DType::Q4_0X16);
@@ -1019,24 +1015,25 @@ mod x86 {
                                 }
                             }
                             let dw = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16 * h).cast()));
-                            let dw = [
-                                _mm256_cvtps_pd(_mm256_castps256_ps128(dw)),
-                                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(dw)),
-                            ];
                             for ((s, x), acc) in s.iter().zip(xs).zip(acc.iter_mut()) {
                                 let at = g * LANE_BLOCKS + 8 * h;
                                 let sums = _mm256_loadu_si256(x.sums.as_ptr().add(at).cast());
                                 let sum = _mm256_sub_epi32(widen(*s), _mm256_slli_epi32::<3>(sums));
-                                let sum = [
-                                    _mm256_castsi256_si128(sum),
-                                    _mm256_extracti128_si256::<1>(sum),
-                                ];
-                                for q in 0..2 {
-                                    let dx =
-                                        _mm256_cvtps_pd(_mm_loadu_ps(x.d.as_ptr().add(at + 4 * q)));
-                                    let scale = _mm256_mul_pd(dw[q], dx);
-                                    *acc = _mm256_fmadd_pd(scale, _mm256_cvtepi32_pd(sum[q]), *acc);
-                                }
+                                let sum = _mm256_cvtepi32_ps(sum);
+                                // d_w·d_x: exact in f32.
+                                let scale =
+                                    _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(at)));
+                                // Blocks 8h..8h + 4, then 8h + 4..8h + 8.
+                                *acc = _mm_fmadd_ps(
+                                    _mm256_castps256_ps128(scale),
+                                    _mm256_castps256_ps128(sum),
+                                    *acc,
+                                );
+                                *acc = _mm_fmadd_ps(
+                                    _mm256_extractf128_ps::<1>(scale),
+                                    _mm256_extractf128_ps::<1>(sum),
+                                    *acc,
+                                );
                             }
                         }
                     }
@@ -1059,20 +1056,21 @@ mod x86 {
         |s| s
     );
 
-    /// Block `b` of `w` against block `b` of `x`, scaled: `d_w·d_x·sum`.
+    /// Block `b` of `w` against block `b` of `x`: its term of
+    /// [`kiln_blocks::q8_dot`].
     ///
     /// # Safety
     /// Block `b` is inside `w` and `x`; AVX2, F16C and whatever `prod`
     /// uses are enabled by the caller.
     #[inline(always)]
-    unsafe fn block_sum(
+    unsafe fn block_term(
         dtype: DType,
         w: &[u8],
         x: &Q8Row,
         b: usize,
         offset: i32,
         prod: impl Fn(__m256i, __m256i, bool) -> __m256i,
-    ) -> f64 {
+    ) -> kiln_blocks::Q8Term {
         // SAFETY: the caller's contract.
         unsafe {
             let (u, d) = codes(dtype, w, b);
@@ -1081,14 +1079,11 @@ mod x86 {
             let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
             let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            let sumi = _mm_cvtsi128_si32(s) - x.sums[b] * offset;
             let f16 = |bits: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-            let codes = f16(d) as f64 * x.d[b] as f64 * sumi as f64;
-            if super::has_min(dtype) {
-                let m = f16(min_at(w, dtype.block_bytes(), b));
-                codes + m as f64 * x.s[b] as f64
-            } else {
-                codes
+            kiln_blocks::Q8Term {
+                d: f16(d) * x.d[b],
+                sum: _mm_cvtsi128_si32(s) - x.sums[b] * offset,
+                min: super::has_min(dtype).then(|| f16(min_at(w, dtype.block_bytes(), b)) * x.s[b]),
             }
         }
     }
@@ -1204,9 +1199,9 @@ mod x86 {
     /// 512-bit register (their fields gathered from the row with word
     /// permutes, the activations already lane-major in [`Q8Row::lanes`]),
     /// so 8 `vpdpbusd` finish 16 blocks' integer sums with no horizontal
-    /// reduction, and one conversion and FMA per 8 blocks scales them.
-    /// Each lane's f64 sum is exact term by term; only the order of the
-    /// f64 additions differs from the reference's.
+    /// reduction; one conversion and product per 16 blocks scale them,
+    /// and four FMAs of 4 lanes add them to the row's partials of
+    /// [`kiln_blocks::q8_dot`], blocks in order.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/VNNI, FMA and F16C; `w` and every row
@@ -1226,7 +1221,7 @@ mod x86 {
         };
         let nb = xs[0].d.len();
         let groups = nb / LANE_BLOCKS;
-        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        let mut acc = [_mm_setzero_ps(); R];
         for g in 0..groups {
             // SAFETY: group g's blocks are inside `w`; the lanes and sums
             // of group g are inside every row (the caller's contract).
@@ -1244,8 +1239,8 @@ mod x86 {
         unsafe { finish(dtype, w, xs, &acc, out) };
     }
 
-    /// Each row's result: its lanes' f64 sums, plus the blocks after the
-    /// last whole group of 16 (plain `dtype` blocks, as in any row).
+    /// Each row's result: its partials, with the blocks after the last
+    /// whole group of 16 (plain `dtype` blocks, as in any row) added.
     ///
     /// # Safety
     /// As [`dot_lanes`]; `dtype` is Q4_0 or Q5_0.
@@ -1254,7 +1249,7 @@ mod x86 {
         dtype: DType,
         w: &[u8],
         xs: &[&Q8Row; R],
-        acc: &[[__m512d; 2]; R],
+        acc: &[__m128; R],
         out: &mut [f32],
     ) {
         let nb = xs[0].d.len();
@@ -1263,11 +1258,12 @@ mod x86 {
         unsafe {
             let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
             for ((x, acc), o) in xs.iter().zip(acc).zip(out.iter_mut()) {
-                let mut total = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+                let mut partials: [f32; 4] = std::mem::transmute(*acc);
                 for b in nb / LANE_BLOCKS * LANE_BLOCKS..nb {
-                    total += block_sum(dtype, w, x, b, offset, prod);
+                    let t = block_term(dtype, w, x, b, offset, prod);
+                    kiln_blocks::q8_add(&mut partials, b, t);
                 }
-                *o = total as f32;
+                *o = kiln_blocks::q8_sum(partials);
             }
         }
     }
@@ -1303,7 +1299,7 @@ mod x86 {
         fields: &[Gather],
         xs: &[&Q8Row; R],
         g: usize,
-        acc: &mut [[__m512d; 2]; R],
+        acc: &mut [__m128; R],
     ) {
         let s = if Q5 { Q5_0_BYTES } else { Q4_0_BYTES };
         // SAFETY: every window lies inside the group's 16 blocks
@@ -1318,7 +1314,6 @@ mod x86 {
                 ];
             }
             let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(&win, &fields[0])));
-            let dw = crate::kernels::lanes::widen_ps(dw);
             let (qh, first_code, shift) = if Q5 {
                 (gather(&win, &fields[1]), 2, 4)
             } else {
@@ -1349,7 +1344,7 @@ mod x86 {
     }
 
     /// [`dot_lanes`] for Q5_0X16 (`Q5`) and Q4_0X16 rows
-    /// ([`kiln_plugin_api::interleave`]): the same lanes, sums and f64
+    /// ([`kiln_plugin_api::interleave`]): the same lanes, sums and
     /// order, so the same bits as Q5_0 and Q4_0 (a test holds them to
     /// it), with each field of a group loaded whole (scales, the codes'
     /// four vectors) or as a mask register (fifth bits) instead of
@@ -1369,7 +1364,7 @@ mod x86 {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let nb = xs[0].d.len();
         let groups = nb / LANE_BLOCKS;
-        let mut acc = [[_mm512_setzero_pd(); 2]; R];
+        let mut acc = [_mm_setzero_ps(); R];
         for g in 0..groups {
             // SAFETY: group g's bytes are inside `w`; the lanes, sums
             // and scales of group g are inside every row (the caller's
@@ -1378,7 +1373,6 @@ mod x86 {
                 let p = w.as_ptr().add(g * group);
                 crate::kernels::prefetch(p, group);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-                let dw = crate::kernels::lanes::widen_ps(dw);
                 let mut lo = offset_sums(xs, g, if Q5 { 4 } else { 3 });
                 let mut hi = [_mm512_setzero_si512(); R];
                 for k in 0..4 {
@@ -1404,31 +1398,37 @@ mod x86 {
     }
 
     /// Adds a group's 16 integer block sums (lane `i`: block `i`), scaled
-    /// by `dw · dx` in f64, to `acc`.
+    /// by `dw · dx` (exact in f32), to a row's four partials of
+    /// [`kiln_blocks::q8_dot`]: blocks 0..4, then 4..8, 8..12, 12..16.
     ///
     /// # Safety
     /// AVX-512 F is enabled by the caller; group `g` is inside `x`.
     #[inline(always)]
-    unsafe fn scale_group(
-        acc: &mut [__m512d; 2],
-        x: &Q8Row,
-        g: usize,
-        dw: [__m512d; 2],
-        sum: __m512i,
-    ) {
+    unsafe fn scale_group(acc: &mut __m128, x: &Q8Row, g: usize, dw: __m512, sum: __m512i) {
         // SAFETY: the caller's contract.
         unsafe {
             let dx = _mm512_loadu_ps(x.d.as_ptr().add(g * LANE_BLOCKS));
-            let dx = crate::kernels::lanes::widen_ps(dx);
-            acc[0] = _mm512_fmadd_pd(
-                _mm512_mul_pd(dw[0], dx[0]),
-                _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum)),
-                acc[0],
+            let scale = _mm512_mul_ps(dw, dx);
+            let sum = _mm512_cvtepi32_ps(sum);
+            *acc = _mm_fmadd_ps(
+                _mm512_castps512_ps128(scale),
+                _mm512_castps512_ps128(sum),
+                *acc,
             );
-            acc[1] = _mm512_fmadd_pd(
-                _mm512_mul_pd(dw[1], dx[1]),
-                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(sum)),
-                acc[1],
+            *acc = _mm_fmadd_ps(
+                _mm512_extractf32x4_ps::<1>(scale),
+                _mm512_extractf32x4_ps::<1>(sum),
+                *acc,
+            );
+            *acc = _mm_fmadd_ps(
+                _mm512_extractf32x4_ps::<2>(scale),
+                _mm512_extractf32x4_ps::<2>(sum),
+                *acc,
+            );
+            *acc = _mm_fmadd_ps(
+                _mm512_extractf32x4_ps::<3>(scale),
+                _mm512_extractf32x4_ps::<3>(sum),
+                *acc,
             );
         }
     }
@@ -1498,9 +1498,9 @@ mod x86 {
             // scales (and minimums) are inside the scratch.
             unsafe {
                 crate::kernels::lanes::store_transposed(codes_p, b * 8, &u);
-                crate::kernels::lanes::store_scales(dw_p, b, &bits);
+                crate::kernels::lanes::store_scales_ps(dw_p, b, &bits);
                 if with_min {
-                    crate::kernels::lanes::store_scales(dm_p, b, &mins);
+                    crate::kernels::lanes::store_scales_ps(dm_p, b, &mins);
                 }
             }
         }
@@ -1552,7 +1552,7 @@ mod x86 {
     /// row of `ws` (at most 16) and the scratch holds its blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
-    unsafe fn x16_group<const Q5: bool>(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f64) {
+    unsafe fn x16_group<const Q5: bool>(ws: &[&[u8]], g: usize, codes_p: *mut u8, dw_p: *mut f32) {
         let group = interleave::group_bytes(if Q5 { DType::Q5_0X16 } else { DType::Q4_0X16 });
         // r[j][n]: codes 4j..4j + 4 (j < 4: low nibbles of vector j; else
         // high nibbles of vector j - 4) of row n, block i in lane i.
@@ -1586,7 +1586,7 @@ mod x86 {
             let b = g * LANE_BLOCKS + i;
             // SAFETY: block b's 16 scales are inside the scratch.
             unsafe {
-                crate::kernels::lanes::store_scales(dw_p, b, bits);
+                crate::kernels::lanes::store_scales_ps(dw_p, b, bits);
             }
         }
     }
@@ -1667,68 +1667,84 @@ mod x86 {
         // The rows' arrays as plain pointers, read once (not per block).
         let mut qs = [std::ptr::null::<i8>(); R];
         let mut offs = [std::ptr::null::<i32>(); R];
-        let mut dxs = [std::ptr::null::<f64>(); R];
+        let mut dxs = [std::ptr::null::<f32>(); R];
         let mut ss = [std::ptr::null::<f32>(); R];
         for (r, x) in xs.iter().enumerate() {
-            assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+            assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d.len() >= nb);
             assert!(!with_min || x.s.len() >= nb);
-            (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+            (qs[r], offs[r], dxs[r]) = (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d.as_ptr());
             ss[r] = x.s.as_ptr();
         }
-        let mut acc = [[_mm512_setzero_pd(); 2]; R];
-        for b in 0..nb {
-            let mut sum = [_mm512_setzero_si512(); R];
-            for (s, o) in sum.iter_mut().zip(&offs) {
-                // SAFETY: block b's offset sum is inside the row (asserted).
-                *s = _mm512_set1_epi32(unsafe { *o.add(b) });
-            }
-            for j in 0..8 {
-                // SAFETY: group j of block b is inside the scratch.
-                let wj = unsafe { _mm512_loadu_si512(codes_p.add((b * 8 + j) * 64).cast()) };
-                for (s, q) in sum.iter_mut().zip(&qs) {
-                    // SAFETY: codes 4j..4j+4 of block b are inside the row.
-                    let xv = unsafe { q.add(b * QK + 4 * j).cast::<i32>().read_unaligned() };
-                    *s = _mm512_dpbusd_epi32(*s, wj, _mm512_set1_epi32(xv));
+        // Block `$b` into `$acc`, its partial of `kiln_blocks::q8_dot` for
+        // every activation row (16 weight rows a register). A macro, not a
+        // loop over the four partials, so that each is a register of its
+        // own rather than an array indexed at run time (kept in memory).
+        macro_rules! block {
+            ($b:expr, $acc:ident) => {{
+                let b = $b;
+                let mut sum = [_mm512_setzero_si512(); R];
+                for (s, o) in sum.iter_mut().zip(&offs) {
+                    // SAFETY: block b's offset sum is inside the row (asserted).
+                    *s = _mm512_set1_epi32(unsafe { *o.add(b) });
                 }
-            }
-            // SAFETY: the 16 scales of block b are inside the scratch.
-            let (dw_lo, dw_hi) = unsafe {
-                (
-                    _mm512_loadu_pd(dw_p.add(b * GEMM_GROUP)),
-                    _mm512_loadu_pd(dw_p.add(b * GEMM_GROUP + 8)),
-                )
-            };
-            for (r, dxp) in dxs.iter().enumerate() {
-                // SAFETY: block b's scale is inside the row (asserted).
-                let dx = _mm512_set1_pd(unsafe { *dxp.add(b) });
-                let lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sum[r]));
-                let hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sum[r], 1));
-                if with_min {
-                    // Each block's d·d_x·sum + m·s, then the sum (as the
-                    // reference and the row kernels add them).
-                    // SAFETY: block b's minimums and Q8_1 sum are inside
-                    // the scratch and the row (asserted).
-                    let (m_lo, m_hi, sx) = unsafe {
-                        (
-                            _mm512_loadu_pd(dm_p.add(b * GEMM_GROUP)),
-                            _mm512_loadu_pd(dm_p.add(b * GEMM_GROUP + 8)),
-                            _mm512_set1_pd(*ss[r].add(b) as f64),
-                        )
+                for j in 0..8 {
+                    // SAFETY: group j of block b is inside the scratch.
+                    let wj = unsafe { _mm512_loadu_si512(codes_p.add((b * 8 + j) * 64).cast()) };
+                    for (s, q) in sum.iter_mut().zip(&qs) {
+                        // SAFETY: codes 4j..4j+4 of block b are inside the row.
+                        let xv = unsafe { q.add(b * QK + 4 * j).cast::<i32>().read_unaligned() };
+                        *s = _mm512_dpbusd_epi32(*s, wj, _mm512_set1_epi32(xv));
+                    }
+                }
+                // SAFETY: the 16 scales of block b are inside the scratch.
+                let dw = unsafe { _mm512_loadu_ps(dw_p.add(b * GEMM_GROUP)) };
+                for (r, dxp) in dxs.iter().enumerate() {
+                    // d_w·d_x: exact in f32.
+                    // SAFETY: block b's scale is inside the row (asserted).
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *dxp.add(b) }));
+                    let sum = _mm512_cvtepi32_ps(sum[r]);
+                    $acc[r] = if with_min {
+                        // Each block's fma(d, sum, m·s), then the sum (as
+                        // the reference and the row kernels add them).
+                        // SAFETY: block b's minimums and Q8_1 sum are
+                        // inside the scratch and the row (asserted).
+                        let (m, sx) = unsafe {
+                            (
+                                _mm512_loadu_ps(dm_p.add(b * GEMM_GROUP)),
+                                _mm512_set1_ps(*ss[r].add(b)),
+                            )
+                        };
+                        let term = _mm512_fmadd_ps(scale, sum, _mm512_mul_ps(m, sx));
+                        _mm512_add_ps($acc[r], term)
+                    } else {
+                        _mm512_fmadd_ps(scale, sum, $acc[r])
                     };
-                    let t_lo =
-                        _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, _mm512_mul_pd(m_lo, sx));
-                    let t_hi =
-                        _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, _mm512_mul_pd(m_hi, sx));
-                    acc[r][0] = _mm512_add_pd(acc[r][0], t_lo);
-                    acc[r][1] = _mm512_add_pd(acc[r][1], t_hi);
-                } else {
-                    acc[r][0] = _mm512_fmadd_pd(_mm512_mul_pd(dw_lo, dx), lo, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_pd(_mm512_mul_pd(dw_hi, dx), hi, acc[r][1]);
                 }
-            }
+            }};
         }
+        let [mut a0, mut a1, mut a2, mut a3] = [[_mm512_setzero_ps(); R]; 4];
+        let mut b = 0;
+        while b + 4 <= nb {
+            block!(b, a0);
+            block!(b + 1, a1);
+            block!(b + 2, a2);
+            block!(b + 3, a3);
+            b += 4;
+        }
+        if b < nb {
+            block!(b, a0);
+        }
+        if b + 1 < nb {
+            block!(b + 1, a1);
+        }
+        if b + 2 < nb {
+            block!(b + 2, a2);
+        }
+        let total: [__m512; R] = std::array::from_fn(|r| {
+            _mm512_add_ps(_mm512_add_ps(a0[r], a2[r]), _mm512_add_ps(a1[r], a3[r]))
+        });
         // SAFETY: AVX-512 F is enabled here.
-        unsafe { crate::kernels::lanes::emit(&acc, m0, out) };
+        unsafe { crate::kernels::lanes::emit_ps(&total, m0, out) };
     }
 
     /// [`super::gemm16`] on AVX2: the 16 weight rows as two halves of 8,
@@ -1742,8 +1758,8 @@ mod x86 {
     /// the rows' `offset_sums`. With `VNNI` (AVX-VNNI, which the caller
     /// checked) one `vpdpbusd` takes a group straight to i32 sums, every
     /// type's codes unsigned and offset-corrected ([`gemm8_vnni`]). Scaled
-    /// and summed in f64 block by block as the AVX-512 GEMM does, so the
-    /// bits are the same.
+    /// into four partials per activation row as the AVX-512 GEMM does, so
+    /// the bits are the same.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; every row of `ws` holds as many
@@ -1870,55 +1886,84 @@ mod x86 {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let p = Rows8::new(scratch, xs, nb);
         let (ones, zero) = (_mm256_set1_epi16(1), _mm256_setzero_si256());
-        let mut acc = [[_mm256_setzero_pd(); 2]; R];
-        for b in 0..nb {
-            let at = h * nb + b;
-            let mut sum = [zero; R];
-            if OFFSET {
-                for (s, o) in sum.iter_mut().zip(&p.offs) {
-                    // SAFETY: block b's offset sum is inside the row (asserted).
-                    *s = _mm256_set1_epi32(unsafe { *o.add(b) });
-                }
-            }
-            for j0 in (0..8).step_by(FOLD) {
-                let mut run = if DIRECT { sum } else { [zero; R] };
-                for j in j0..j0 + FOLD {
-                    // SAFETY: group j of block b of half h is inside the
-                    // scratch.
-                    let wj = unsafe { _mm256_loadu_si256(p.codes.add((at * 8 + j) * 32).cast()) };
-                    for (r, q) in run.iter_mut().zip(&p.qs) {
-                        // SAFETY: codes 4j..4j+4 of block b are inside the
-                        // row.
-                        let xv = _mm256_set1_epi32(unsafe {
-                            q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
-                        });
-                        *r = step(*r, wj, xv);
+        // The four partials of `kiln_blocks::q8_dot` (block b into partial
+        // b mod 4), per activation row, 8 weight rows a register.
+        // Block `$b` into `$acc`, its partial of `kiln_blocks::q8_dot` for
+        // every activation row: a macro, as in the AVX-512 GEMM, so that
+        // each partial is a register of its own.
+        macro_rules! block {
+            ($b:expr, $acc:ident) => {{
+                let b = $b;
+                let at = h * nb + b;
+                let mut sum = [zero; R];
+                if OFFSET {
+                    for (s, o) in sum.iter_mut().zip(&p.offs) {
+                        // SAFETY: block b's offset sum is inside the row (asserted).
+                        *s = _mm256_set1_epi32(unsafe { *o.add(b) });
                     }
                 }
-                if DIRECT {
-                    sum = run;
-                } else {
-                    for (s, r) in sum.iter_mut().zip(run) {
-                        *s = scale(*s, r, zero, ones);
+                for j0 in (0..8).step_by(FOLD) {
+                    let mut run = if DIRECT { sum } else { [zero; R] };
+                    for j in j0..j0 + FOLD {
+                        let wj = p.codes.wrapping_add((at * 8 + j) * 32);
+                        // SAFETY: group j of block b of half h is inside the
+                        // scratch.
+                        let wj = unsafe { _mm256_loadu_si256(wj.cast()) };
+                        for (r, q) in run.iter_mut().zip(&p.qs) {
+                            // SAFETY: codes 4j..4j+4 of block b are inside the
+                            // row.
+                            let xv = _mm256_set1_epi32(unsafe {
+                                q.add(b * QK + 4 * j).cast::<i32>().read_unaligned()
+                            });
+                            *r = step(*r, wj, xv);
+                        }
+                    }
+                    if DIRECT {
+                        sum = run;
+                    } else {
+                        for (s, r) in sum.iter_mut().zip(run) {
+                            *s = scale(*s, r, zero, ones);
+                        }
                     }
                 }
-            }
-            // SAFETY: block b of half h is inside the scratch and the rows.
-            unsafe { p.scale(&mut acc, &sum, at, b) };
+                // SAFETY: block b of half h is inside the scratch and the rows.
+                unsafe { p.scale(&mut $acc, &sum, at, b) };
+            }};
         }
-        crate::kernels::lanes::emit8(&acc, h * HALF, m0, out);
+        let [mut a0, mut a1, mut a2, mut a3] = [[_mm256_setzero_ps(); R]; 4];
+        let mut b = 0;
+        while b + 4 <= nb {
+            block!(b, a0);
+            block!(b + 1, a1);
+            block!(b + 2, a2);
+            block!(b + 3, a3);
+            b += 4;
+        }
+        if b < nb {
+            block!(b, a0);
+        }
+        if b + 1 < nb {
+            block!(b + 1, a1);
+        }
+        if b + 2 < nb {
+            block!(b + 2, a2);
+        }
+        let total: [__m256; R] = std::array::from_fn(|r| {
+            _mm256_add_ps(_mm256_add_ps(a0[r], a2[r]), _mm256_add_ps(a1[r], a3[r]))
+        });
+        crate::kernels::lanes::emit8_ps(&total, h * HALF, m0, out);
     }
 
     /// What [`gemm8_rows`] reads: the unpacked half's
     /// codes, scales and minimums, and per activation row its codes,
-    /// offset sums, f64 scales and Q8_1 sums.
+    /// offset sums, scales and Q8_1 sums.
     struct Rows8<const R: usize> {
         codes: *const u8,
-        dw: *const f64,
-        dm: Option<*const f64>,
+        dw: *const f32,
+        dm: Option<*const f32>,
         qs: [*const i8; R],
         offs: [*const i32; R],
-        dxs: [*const f64; R],
+        dxs: [*const f32; R],
         ss: [*const f32; R],
     }
 
@@ -1935,65 +1980,47 @@ mod x86 {
                 ss: [std::ptr::null(); R],
             };
             for (r, x) in xs.iter().enumerate() {
-                assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d64.len() >= nb);
+                assert!(x.qs.len() >= nb * QK && x.offset_sums.len() >= nb && x.d.len() >= nb);
                 assert!(!with_min || x.s.len() >= nb);
                 (p.qs[r], p.offs[r], p.dxs[r]) =
-                    (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d64.as_ptr());
+                    (x.qs.as_ptr(), x.offset_sums.as_ptr(), x.d.as_ptr());
                 p.ss[r] = x.s.as_ptr();
             }
             p
         }
 
         /// Adds block `b`'s integer sums `sum` (8 weight rows a register,
-        /// one register per activation row), scaled, to `acc`: each
-        /// block's `d·d_x·sum (+ m·s)` in f64, the reference's order.
+        /// one register per activation row), scaled, to `acc`, the
+        /// block's partial of [`kiln_blocks::q8_dot`] for each row:
+        /// `fma(d, sum, acc)`, or `acc + fma(d, sum, m·s)` with minimums.
         ///
         /// # Safety
         /// Block `b` is inside every row, and scratch block `at` inside
         /// the scratch.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn scale(
-            &self,
-            acc: &mut [[__m256d; 2]; R],
-            sum: &[__m256i; R],
-            at: usize,
-            b: usize,
-        ) {
+        unsafe fn scale(&self, acc: &mut [__m256; R], sum: &[__m256i; R], at: usize, b: usize) {
             const HALF: usize = GEMM_GROUP / 2;
             // SAFETY: the 8 scales of block `at` are inside the scratch.
-            let (dw_lo, dw_hi) = unsafe {
-                (
-                    _mm256_loadu_pd(self.dw.add(at * HALF)),
-                    _mm256_loadu_pd(self.dw.add(at * HALF + 4)),
-                )
-            };
+            let dw = unsafe { _mm256_loadu_ps(self.dw.add(at * HALF)) };
             for (r, dxp) in self.dxs.iter().enumerate() {
+                // d_w·d_x: exact in f32.
                 // SAFETY: block b's scale is inside the row.
-                let dx = _mm256_set1_pd(unsafe { *dxp.add(b) });
-                let lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(sum[r]));
-                let hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(sum[r], 1));
-                if let Some(dm) = self.dm {
-                    // Each block's d·d_x·sum + m·s, then the sum.
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { *dxp.add(b) }));
+                let s = _mm256_cvtepi32_ps(sum[r]);
+                acc[r] = if let Some(dm) = self.dm {
                     // SAFETY: block at's minimums and block b's Q8_1 sum
                     // are inside the scratch and the row.
-                    let (m_lo, m_hi, sx) = unsafe {
+                    let (m, sx) = unsafe {
                         (
-                            _mm256_loadu_pd(dm.add(at * HALF)),
-                            _mm256_loadu_pd(dm.add(at * HALF + 4)),
-                            _mm256_set1_pd(*self.ss[r].add(b) as f64),
+                            _mm256_loadu_ps(dm.add(at * HALF)),
+                            _mm256_set1_ps(*self.ss[r].add(b)),
                         )
                     };
-                    let t_lo =
-                        _mm256_fmadd_pd(_mm256_mul_pd(dw_lo, dx), lo, _mm256_mul_pd(m_lo, sx));
-                    let t_hi =
-                        _mm256_fmadd_pd(_mm256_mul_pd(dw_hi, dx), hi, _mm256_mul_pd(m_hi, sx));
-                    acc[r][0] = _mm256_add_pd(acc[r][0], t_lo);
-                    acc[r][1] = _mm256_add_pd(acc[r][1], t_hi);
+                    _mm256_add_ps(acc[r], _mm256_fmadd_ps(scale, s, _mm256_mul_ps(m, sx)))
                 } else {
-                    acc[r][0] = _mm256_fmadd_pd(_mm256_mul_pd(dw_lo, dx), lo, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_pd(_mm256_mul_pd(dw_hi, dx), hi, acc[r][1]);
-                }
+                    _mm256_fmadd_ps(scale, s, acc[r])
+                };
             }
         }
     }
