@@ -10,9 +10,8 @@
 //! - the prompt's token ids equal llama.cpp's;
 //! - the logits of the prompt's first real token, evaluated alone (after
 //!   nothing, so that attention has one position and every layer's
-//!   products and norms show), agree within a bound per model, to
-//!   rounding (1e-4) for at least one prompt, and predict llama.cpp's
-//!   next token or a near tie;
+//!   products and norms show), agree within a bound per model and
+//!   predict llama.cpp's next token or a near tie;
 //! - every position's logits are as close to llama.cpp's as llama.cpp's
 //!   own two attention paths are to each other (within
 //!   [`NOISE_FACTOR`] times their distance on that prompt);
@@ -28,9 +27,16 @@
 //! the whole block, and some layers later the logits. kiln's RMSNorm,
 //! GELU and RoPE round as ggml's do, bit for bit (RMSNorm was the largest
 //! source: a Gemma 3 token moved by 0.9 of the spread, now 9e-7); what
-//! remains is the order of sums: kiln sums a product's blocks exactly
-//! (f64, so that every ISA path gives the same bits), ggml in f32 lanes
-//! of its own order, per kernel and ISA.
+//! remains is the order of sums: kiln adds a product's scaled blocks in f32
+//! in one order (`kiln_blocks::q8_dot`, the K-quants' in f64), so that
+//! every ISA path gives the same bits, ggml in f32 lanes of its own order,
+//! per kernel and ISA. (This test once also asked one prompt's first token
+//! to agree to rounding, 1e-4: with kiln's sums exact in f64 one SmolLM2
+//! prompt in five escaped every flip, at 3e-6. Once both engines round
+//! their sums, none did (the best 6.6e-2; with the reference alone summing
+//! exactly again, the same prompt was back at 3e-6): a draw on which
+//! activations fall near a rounding boundary, not a property of the code,
+//! and one that differs with the CPU llama.cpp is built for.)
 //!
 //! How large that is, measured on SmolLM2 Q4_1 (AVX-512 machine; the
 //! spread is the logits' standard deviation; median and largest over the
@@ -263,9 +269,8 @@ fn check(model: &Path, solo_bound: f64, chat: bool) {
             );
         }
     }
-    assert!(
-        best_solo <= 1e-4,
-        "{}: no prompt's first token agrees with llama.cpp to rounding (best {best_solo:.3e} of the spread)",
+    eprintln!(
+        "{}: the closest first token {best_solo:.3e} of the spread from llama.cpp's",
         model.display()
     );
 }
