@@ -41,6 +41,34 @@ macro_rules! in_groups_of_four {
     }};
 }
 
+/// Runs `$block!(b, partial)` for the blocks `0..$nb` in turn, block `b`
+/// into `$p[b mod 4]`: how the Q8-family GEMMs (`q8.rs`) follow
+/// `kiln_blocks::q8_dot`'s order. Unrolled by four, each partial named, so
+/// that each is a register of its own rather than an array indexed at run
+/// time (which the compiler keeps in memory).
+macro_rules! in_four_partials {
+    ($nb:expr, $block:ident, [$a0:ident, $a1:ident, $a2:ident, $a3:ident]) => {{
+        let nb = $nb;
+        let mut b = 0;
+        while b + 4 <= nb {
+            $block!(b, $a0);
+            $block!(b + 1, $a1);
+            $block!(b + 2, $a2);
+            $block!(b + 3, $a3);
+            b += 4;
+        }
+        if b < nb {
+            $block!(b, $a0);
+        }
+        if b + 1 < nb {
+            $block!(b + 1, $a1);
+        }
+        if b + 2 < nb {
+            $block!(b + 2, $a2);
+        }
+    }};
+}
+
 /// `by_rows!(n => kernel[C…](args…))` calls `x86::kernel::<R, C…>(args…)` with `R` the number of activation
 /// rows (1 to 4): the row kernels keep each row's sums in registers.
 macro_rules! by_rows {

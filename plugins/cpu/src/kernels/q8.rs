@@ -1676,9 +1676,8 @@ mod x86 {
             ss[r] = x.s.as_ptr();
         }
         // Block `$b` into `$acc`, its partial of `kiln_blocks::q8_dot` for
-        // every activation row (16 weight rows a register). A macro, not a
-        // loop over the four partials, so that each is a register of its
-        // own rather than an array indexed at run time (kept in memory).
+        // every activation row (16 weight rows a register), for
+        // `in_four_partials!`.
         macro_rules! block {
             ($b:expr, $acc:ident) => {{
                 let b = $b;
@@ -1723,23 +1722,7 @@ mod x86 {
             }};
         }
         let [mut a0, mut a1, mut a2, mut a3] = [[_mm512_setzero_ps(); R]; 4];
-        let mut b = 0;
-        while b + 4 <= nb {
-            block!(b, a0);
-            block!(b + 1, a1);
-            block!(b + 2, a2);
-            block!(b + 3, a3);
-            b += 4;
-        }
-        if b < nb {
-            block!(b, a0);
-        }
-        if b + 1 < nb {
-            block!(b + 1, a1);
-        }
-        if b + 2 < nb {
-            block!(b + 2, a2);
-        }
+        in_four_partials!(nb, block, [a0, a1, a2, a3]);
         let total: [__m512; R] = std::array::from_fn(|r| {
             _mm512_add_ps(_mm512_add_ps(a0[r], a2[r]), _mm512_add_ps(a1[r], a3[r]))
         });
@@ -1889,8 +1872,7 @@ mod x86 {
         // The four partials of `kiln_blocks::q8_dot` (block b into partial
         // b mod 4), per activation row, 8 weight rows a register.
         // Block `$b` into `$acc`, its partial of `kiln_blocks::q8_dot` for
-        // every activation row: a macro, as in the AVX-512 GEMM, so that
-        // each partial is a register of its own.
+        // every activation row, for `in_four_partials!`.
         macro_rules! block {
             ($b:expr, $acc:ident) => {{
                 let b = $b;
@@ -1931,23 +1913,7 @@ mod x86 {
             }};
         }
         let [mut a0, mut a1, mut a2, mut a3] = [[_mm256_setzero_ps(); R]; 4];
-        let mut b = 0;
-        while b + 4 <= nb {
-            block!(b, a0);
-            block!(b + 1, a1);
-            block!(b + 2, a2);
-            block!(b + 3, a3);
-            b += 4;
-        }
-        if b < nb {
-            block!(b, a0);
-        }
-        if b + 1 < nb {
-            block!(b + 1, a1);
-        }
-        if b + 2 < nb {
-            block!(b + 2, a2);
-        }
+        in_four_partials!(nb, block, [a0, a1, a2, a3]);
         let total: [__m256; R] = std::array::from_fn(|r| {
             _mm256_add_ps(_mm256_add_ps(a0[r], a2[r]), _mm256_add_ps(a1[r], a3[r]))
         });
