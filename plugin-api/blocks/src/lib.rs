@@ -462,7 +462,7 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
                 // As ggml's x86 quantize_row_q8_0: id = 127/amax, round
                 // half to even, the scale stored as f16.
                 let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = q8_0_scale(block);
+                let d = q8_0_scale_of(amax);
                 let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
                 for v in block.iter_mut() {
                     *v = (*v * id).round_ties_even() * d;
@@ -491,7 +491,11 @@ pub fn round_activations(weights: DType, x: &mut [f32]) {
 /// The scale `d` (an f16 value) that [`round_activations`] gives a block
 /// of 32 activations for Q8_0: `amax / 127`, rounded to f16.
 pub fn q8_0_scale(block: &[f32]) -> f32 {
-    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    q8_0_scale_of(block.iter().fold(0.0f32, |m, v| m.max(v.abs())))
+}
+
+/// [`q8_0_scale`] from the block's largest magnitude.
+fn q8_0_scale_of(amax: f32) -> f32 {
     f16::from_f32(amax / 127.0).to_f32()
 }
 

@@ -952,14 +952,8 @@ mod x86 {
                     b += 4;
                 }
                 for ((x, acc), o) in xs.iter().zip(&acc).zip(out.iter_mut()) {
-                    // SAFETY: register to array of the same size.
-                    let mut partials: [f32; 4] = unsafe { std::mem::transmute(*acc) };
-                    for b in b..nb {
-                        // SAFETY: block b is inside `w` and `x.qs`.
-                        let t = unsafe { block_term(dtype, w, x, b, offset, prod) };
-                        kiln_blocks::q8_add(&mut partials, b, t);
-                    }
-                    *o = kiln_blocks::q8_sum(partials);
+                    // SAFETY: blocks b.. are inside `w` and `x.qs`.
+                    *o = unsafe { with_tail(*acc, dtype, w, x, b, offset, prod) };
                 }
             }
         };
@@ -1055,6 +1049,33 @@ mod x86 {
         |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x),
         |s| s
     );
+
+    /// A row's result from its four partials `acc` of
+    /// [`kiln_blocks::q8_dot`] (blocks `..from`) and the blocks `from..`
+    /// left after the kernel's steps, added one at a time.
+    ///
+    /// # Safety
+    /// As [`block_term`], for blocks `from..` of `w` and `x`.
+    #[inline(always)]
+    unsafe fn with_tail(
+        acc: __m128,
+        dtype: DType,
+        w: &[u8],
+        x: &Q8Row,
+        from: usize,
+        offset: i32,
+        prod: impl Fn(__m256i, __m256i, bool) -> __m256i,
+    ) -> f32 {
+        let mut partials = [0f32; 4];
+        // SAFETY: four f32s into an array of four (SSE is baseline).
+        unsafe { _mm_storeu_ps(partials.as_mut_ptr(), acc) };
+        for b in from..x.d.len() {
+            // SAFETY: the caller's contract.
+            let t = unsafe { block_term(dtype, w, x, b, offset, &prod) };
+            kiln_blocks::q8_add(&mut partials, b, t);
+        }
+        kiln_blocks::q8_sum(partials)
+    }
 
     /// Block `b` of `w` against block `b` of `x`: its term of
     /// [`kiln_blocks::q8_dot`].
@@ -1258,12 +1279,15 @@ mod x86 {
         unsafe {
             let prod = |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv);
             for ((x, acc), o) in xs.iter().zip(acc).zip(out.iter_mut()) {
-                let mut partials: [f32; 4] = std::mem::transmute(*acc);
-                for b in nb / LANE_BLOCKS * LANE_BLOCKS..nb {
-                    let t = block_term(dtype, w, x, b, offset, prod);
-                    kiln_blocks::q8_add(&mut partials, b, t);
-                }
-                *o = kiln_blocks::q8_sum(partials);
+                *o = with_tail(
+                    *acc,
+                    dtype,
+                    w,
+                    x,
+                    nb / LANE_BLOCKS * LANE_BLOCKS,
+                    offset,
+                    prod,
+                );
             }
         }
     }
