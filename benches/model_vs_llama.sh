@@ -26,6 +26,9 @@
 # builds one), with run-time repacking on (-rtr 1, its fastest CPU
 # layouts; KILN_IK_ARGS replaces that); "faster peer" is the faster of
 # llama.cpp and ik_llama.cpp.
+# Above the table: the CPU, the kernels kiln ran (`kiln doctor`'s line,
+# which KILN_CPU_ISA lowers) and what llama.cpp and ik_llama.cpp were
+# built for, so a table says which ISA each column measured.
 # Decode is also timed from outside both engines (kiln and llama.cpp):
 # whole processes decoding 72 and then 8 tokens after the same 16-token
 # warm-up (a 1-token prompt), the tokens over the difference of their wall
@@ -88,6 +91,21 @@ bandwidth() {
   if [ -n "$bw" ]; then OMP_NUM_THREADS=2 "$bw" 2048 5 | sed -n 's/.*best_GB\/s \([0-9.]*\).*/\1/p'; fi
 }
 
+# What ran, above the table: the CPU, the kernels kiln chose (after
+# KILN_CPU_ISA), and what each peer was built for (llama.cpp's own
+# report; ik_llama.cpp's CMake cache beside its bin/, where it is).
+echo "CPU: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+echo "kiln: $("$kiln" doctor 2>/dev/null | sed -n 's/^cpu kernels *//p')"
+echo "llama.cpp: $("$python" -c 'import llama_cpp; print(llama_cpp.llama_print_system_info().decode().strip())' 2>/dev/null)"
+if [ -n "$ik" ]; then
+  cache=$(dirname "$ik")/../CMakeCache.txt
+  if [ -f "$cache" ]; then
+    echo "ik_llama.cpp: $(grep -E '^GGML_(NATIVE|AVX2|AVXVNNI|AVX512|AVX512_VNNI|AVX512_BF16):' "$cache" | sed 's/:BOOL//' | tr '\n' ' ')"
+  else
+    echo "ik_llama.cpp: $ik (no CMakeCache.txt beside it to say what it was built for)"
+  fi
+fi
+echo
 printf '| file | MiB | decode tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | kiln ÷ candle | decode from outside tok/s kiln / llama.cpp | kiln ÷ llama.cpp | prompt-%d tok/s kiln / llama.cpp / ik_llama.cpp / candle | kiln ÷ llama.cpp | kiln ÷ faster peer | prompt GFLOP/s kiln / llama.cpp | %% of bound kiln / llama.cpp | peak RSS MiB kiln / llama.cpp | load ms kiln / llama.cpp | bandwidth GB/s |\n' "$prompt"
 printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
 for m in "${models[@]}"; do
