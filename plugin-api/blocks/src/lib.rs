@@ -584,6 +584,7 @@ pub fn sum_lanes(a: [f32; FLOAT_DOT_LANES]) -> f32 {
     let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (b[0] + b[2]) + (b[1] + b[3])
 }
+
 /// Partial sums of [`q8_dot`]: block `b`'s term goes to partial `b mod 4`.
 pub const Q8_DOT_LANES: usize = 4;
 
