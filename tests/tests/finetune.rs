@@ -1264,6 +1264,110 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
     let v = home.json(&["adapters", "add", private.to_str().unwrap(), "--json"]);
     assert_eq!(v["adapter"]["dp_epsilon"], 3.5, "{v:#}");
     assert_eq!(v["adapter"]["dp_delta"], 1e-5);
+
+    // One `kiln serve`, the model served by several `[models]` entries:
+    // plain, with a registered adapter's version, with an adapter file;
+    // an adapter that does not fit and one that does not exist fail their
+    // own entries (in `kiln doctor` first), not the others.
+    let plain = home.json(&[
+        "run",
+        s,
+        "--prompt",
+        "fn main() {",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    ])["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        plain != one && plain != two,
+        "the adapters should change the text"
+    );
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[models.base]\nmodel = {s:?}\n\
+             [models.mine]\nmodel = {s:?}\nadapter = \"mine@2\"\n\
+             [models.file]\nmodel = {s:?}\nadapter = {:?}\n\
+             [models.misfit]\nmodel = {:?}\nadapter = \"mine\"\n\
+             [models.missing]\nmodel = {s:?}\nadapter = \"nothing\"\n",
+            files[0].display(),
+            demo.display(),
+        ),
+    )
+    .unwrap();
+    // (It exits 1: there are problems.)
+    let doctor: Value = serde_json::from_slice(&home.kiln(&["doctor", "--json"]).stdout).unwrap();
+    let problems = doctor["problems"].to_string();
+    for name in ["misfit", "missing"] {
+        assert!(problems.contains(&format!("[models.{name}]")), "{doctor:#}");
+    }
+    assert!(
+        problems.contains("nothing is neither a file nor a registered adapter"),
+        "{problems}"
+    );
+    for name in ["base", "mine", "file"] {
+        assert!(
+            !problems.contains(&format!("[models.{name}]")),
+            "{problems}"
+        );
+    }
+    let srv = kiln_tests::serve::http_server_with(&home, &smol, &[]);
+    let complete = |model: &str| {
+        kiln_tests::serve::post(
+            &srv.addr,
+            "/v1/completions",
+            &serde_json::json!({"model": model, "prompt": "fn main() {", "max_tokens": 8, "temperature": 0}),
+        )
+    };
+    for (model, want) in [("base", &plain), ("mine", &two), ("file", &one)] {
+        let (code, v) = complete(model);
+        assert_eq!(code, 200, "{model}: {v:#}");
+        assert_eq!(v["model"], model, "{v:#}");
+        assert_eq!(
+            v["choices"][0]["text"].as_str(),
+            Some(want.as_str()),
+            "{model}: {v:#}"
+        );
+    }
+    let (code, list) = kiln_tests::serve::http(&srv.addr, "GET", "/v1/models", b"");
+    assert_eq!(code, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let listed = |id: &str| {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is not listed: {list:#}"))
+            .clone()
+    };
+    assert_eq!(listed("base")["kiln"]["adapter"], Value::Null, "{list:#}");
+    assert_eq!(
+        listed("mine")["kiln"]["adapter"]["pairs"],
+        7 * 30,
+        "{list:#}"
+    );
+    assert_eq!(listed("file")["kiln"]["adapter"]["rank"], 4, "{list:#}");
+    for (model, says) in [
+        ("misfit", "adapter"),
+        ("missing", "nothing is neither a file"),
+    ] {
+        let (code, v) = complete(model);
+        assert_ne!(code, 200, "{model}: {v:#}");
+        assert!(v.to_string().contains(says), "{model}: {v:#}");
+    }
+    // The others still answer.
+    let (code, v) = complete("mine");
+    assert_eq!(
+        (code, v["choices"][0]["text"].as_str()),
+        (200, Some(two.as_str())),
+        "{v:#}"
+    );
 }
 
 /// An adapter applied at run time (`Model::load_adapted`, what `kiln run`

@@ -109,6 +109,12 @@ pub struct ModelEntry {
     /// threads`). The built-in CPU and CPU plugins of ABI 1.3 take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<usize>,
+    /// A LoRA adapter applied to it at run time: a file, or a registered
+    /// adapter (`NAME` for its active version, `NAME@VERSION`). The same
+    /// model may be served by several entries, each with its own adapter
+    /// or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// `[pool]`: the memory budget of the models `kiln serve` holds at once.

@@ -31,6 +31,10 @@ pub enum StoreError {
     )]
     NotFound(String),
     #[error(
+        "{0} is neither a file nor a registered adapter with an active version (see `kiln adapters list`, or `kiln adapters add FILE`)"
+    )]
+    AdapterNotFound(String),
+    #[error(
         "no model to serve: pass --model FILE|NAME, or register one with `kiln models add FILE` (or try `kiln demo`)"
     )]
     NothingActive,
@@ -128,6 +132,27 @@ pub fn resolve_served(config: &Config, arg: Option<&str>) -> Result<(String, Pat
         .max_by(|a, b| a.added_at.cmp(&b.added_at))
         .ok_or(StoreError::NothingActive)?;
     Ok((active.label(), active.blob_path.clone()))
+}
+
+/// An adapter argument (`--adapter`, `[models.NAME] adapter`): a file as
+/// it is, or a registered adapter (`NAME` for its active version,
+/// `NAME@VERSION`): its file and the label a model served with it
+/// carries (`MODEL+LABEL`).
+pub fn resolve_adapter(config: &Config, arg: &str) -> Result<(PathBuf, String), StoreError> {
+    let path = Path::new(arg);
+    if path.is_file() {
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned());
+        return Ok((path.to_path_buf(), stem));
+    }
+    match Registry::open_home(config)?.adapter(arg)? {
+        Some(a) => {
+            let label = a.label();
+            Ok((a.blob_path, label))
+        }
+        None => Err(StoreError::AdapterNotFound(arg.to_string())),
+    }
 }
 
 /// sha256 of a file, streamed; `progress(bytes)` after each chunk.

@@ -179,6 +179,8 @@ pub struct Member {
     mlock: bool,
     /// CPU threads of its own for its graphs.
     threads: Option<usize>,
+    /// A LoRA adapter applied at run time (a file or a registered name).
+    adapter: Option<String>,
     /// The first model served: never unloaded.
     pinned: bool,
     slot: Mutex<Slot>,
@@ -190,6 +192,8 @@ struct Slot {
     /// Bytes it needs loaded (known once it was resolved).
     need: Option<session::Budget>,
     path: Option<PathBuf>,
+    /// Its adapter's file (known once it was resolved).
+    adapter_path: Option<PathBuf>,
     last_used: Instant,
     /// Bytes of its weights locked in memory, or why they could not be.
     locked: Result<u64, String>,
@@ -391,6 +395,8 @@ pub struct MemberSpec {
     pub mlock: bool,
     /// CPU threads of its own for its graphs (`[models.NAME] threads`).
     pub threads: Option<usize>,
+    /// A LoRA adapter applied at run time (`[models.NAME] adapter`).
+    pub adapter: Option<String>,
 }
 
 impl Pool {
@@ -422,6 +428,7 @@ impl Pool {
                 engine: Some(engine),
                 need: None,
                 path: Some(loaded.path.clone()),
+                adapter_path: None,
                 last_used: Instant::now(),
                 locked,
                 device,
@@ -817,6 +824,7 @@ fn layout(
             keep_alive: e.keep_alive_seconds.map(Duration::from_secs),
             mlock: e.mlock.or(config.pool.mlock).unwrap_or(false),
             threads: e.threads,
+            adapter: e.adapter.clone(),
         };
         let k = spec.keep_alive.unwrap_or(keep);
         let same = old.and_then(|o| {
@@ -828,6 +836,7 @@ fn layout(
                         && m.n_ctx == spec.n_ctx
                         && m.mlock == spec.mlock
                         && m.threads == spec.threads
+                        && m.adapter == spec.adapter
                 })
                 .cloned()
         });
@@ -1030,11 +1039,13 @@ impl Member {
             keep_alive: Mutex::new(keep_alive),
             mlock: spec.mlock,
             threads: spec.threads,
+            adapter: spec.adapter,
             pinned: false,
             slot: Mutex::new(Slot {
                 engine: None,
                 need: None,
                 path: None,
+                adapter_path: None,
                 last_used: Instant::now(),
                 locked: Ok(0),
                 device: None,
@@ -1057,8 +1068,16 @@ impl Member {
                     .1
             }
         };
+        let adapter = match &self.adapter {
+            Some(a) => Some(
+                kiln_runtime::store::resolve_adapter(config, a)
+                    .map_err(|e| format!("adapter {a:?}: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
         let kv_type = t.kv_types.for_model(&self.id);
-        let b = session::budget(&path, self.n_ctx, kv_type).or_else(|e| {
+        let mut b = session::budget(&path, self.n_ctx, kv_type).or_else(|e| {
             // An encrypted blob has no readable header: count its size.
             let size = std::fs::metadata(&path).map_err(|_| e.to_string())?.len();
             Ok::<_, String>(session::Budget {
@@ -1072,7 +1091,19 @@ impl Member {
                 total_bytes: size,
             })
         })?;
+        if let Some(a) = &adapter {
+            // Checked against the model before it loads; its pairs are
+            // held as f32 beside the weights.
+            let base =
+                kiln_runtime::gguf::GgufFile::open_header(&path).map_err(|e| e.to_string())?;
+            let bytes = kiln_runtime::model::lora::check(a, &base)
+                .map_err(|e| format!("adapter {:?}: {e}", self.adapter.as_deref().unwrap_or("")))?
+                .bytes;
+            b.weights_bytes += bytes;
+            b.total_bytes += bytes;
+        }
         slot.path = Some(path);
+        slot.adapter_path = adapter;
         slot.need = Some(b.clone());
         Ok(b)
     }
@@ -1267,9 +1298,22 @@ fn engine_of(inner: &Arc<Inner>, m: &Arc<Member>) -> Result<Engine, String> {
         unload(inner, &victim, "budget");
         eprintln!("kiln: unloaded {} to make room for {}", victim.id, m.id);
     }
-    let path = lock(&m.slot).path.clone().expect("resolved above");
+    let (path, adapter) = {
+        let slot = lock(&m.slot);
+        (
+            slot.path.clone().expect("resolved above"),
+            slot.adapter_path.clone(),
+        )
+    };
     let started = Instant::now();
-    let loaded = Loaded::load(m.id.clone(), path, t.fim, &target, device)?;
+    let loaded = Loaded::load_adapted(
+        m.id.clone(),
+        path,
+        adapter.as_deref(),
+        t.fim,
+        &target,
+        device,
+    )?;
     let locked = if m.mlock {
         lock_weights(&loaded)
     } else {

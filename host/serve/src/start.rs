@@ -36,7 +36,8 @@ pub struct ServeSpec {
     /// max_memory_mb`).
     pub max_memory_mb: Option<u64>,
     /// `--adapter`: a LoRA adapter file and its label, applied at run time
-    /// to the first model, which is then served as `MODEL+LABEL`.
+    /// to the first model, which is then served as `MODEL+LABEL` (the
+    /// other models take theirs from `[models.NAME] adapter`).
     pub adapter: Option<(std::path::PathBuf, String)>,
 }
 
@@ -49,8 +50,9 @@ pub fn start_pool(
     metrics: Arc<Metrics>,
 ) -> Result<Pool, String> {
     // `kiln serve` without --model, with [models] and no active model:
-    // the first route's first model.
+    // the first route's first model, with its entry's adapter.
     let mut spec = spec.clone();
+    let mut chosen: Option<(String, Option<String>)> = None;
     if spec.model.is_none()
         && !spec.config.models.is_empty()
         && store::resolve_served(&spec.config, None).is_err()
@@ -62,6 +64,21 @@ pub fn start_pool(
             .unwrap_or_default();
         if let Some(m) = spec.config.models.get(&name) {
             spec.model = Some(m.model.clone());
+            let adapter = match (&spec.adapter, &m.adapter) {
+                (None, Some(a)) => {
+                    spec.adapter = Some(
+                        store::resolve_adapter(&spec.config, a)
+                            .map_err(|e| format!("[models.{name}] adapter: {e}"))?,
+                    );
+                    Some(a.clone())
+                }
+                _ => None,
+            };
+            // Served by its name unless the command line's adapter makes
+            // it another model.
+            if spec.adapter.is_none() || adapter.is_some() {
+                chosen = Some((name, adapter));
+            }
         }
     }
     let spec = &spec;
@@ -77,16 +94,21 @@ pub fn start_pool(
             keep_alive: None,
             mlock: spec.config.pool.mlock.unwrap_or(false),
             threads: None,
+            adapter: None,
         });
     }
     let (engine, template) = start_engine(spec, fim, metrics.clone())?;
     let loaded = engine.loaded();
     // The first model answers to its [models] name too (not once an
     // adapter makes it another model: `MODEL+LABEL`).
-    let first_id = match &spec.adapter {
-        Some(_) => loaded.id.clone(),
-        None => entry_for(&spec.config, &loaded.path)
-            .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone()),
+    let (first_id, adapter) = match (&chosen, &spec.adapter) {
+        (Some((name, adapter)), _) => (name.clone(), adapter.clone()),
+        (None, Some((file, _))) => (loaded.id.clone(), Some(file.display().to_string())),
+        (None, None) => (
+            entry_for(&spec.config, &loaded.path)
+                .map_or_else(|| loaded.id.clone(), |(name, _)| name.clone()),
+            None,
+        ),
     };
     let entry = spec.config.models.get(&first_id);
     let mlock = (entry.and_then(|m| m.mlock))
@@ -103,6 +125,7 @@ pub fn start_pool(
         keep_alive: None,
         mlock,
         threads: entry.and_then(|m| m.threads),
+        adapter,
     };
     Pool::start(
         &spec.config,
@@ -120,13 +143,16 @@ pub const PARALLEL_FROM: usize = 8;
 
 /// Resolves the model and backend and starts an engine counting into
 /// `metrics`; what the pool's other engines are made with.
-/// The `[models]` entry that serves the model file `path`, if one does.
+/// The `[models]` entry that serves the model file `path` as it is (with
+/// no adapter), if one does.
 fn entry_for<'a>(
     config: &'a kiln_registry::config::Config,
     path: &std::path::Path,
 ) -> Option<(&'a String, &'a kiln_registry::config::ModelEntry)> {
-    (config.models.iter())
-        .find(|(_, m)| store::resolve_served(config, Some(&m.model)).is_ok_and(|(_, p)| p == path))
+    (config.models.iter()).find(|(_, m)| {
+        m.adapter.is_none()
+            && store::resolve_served(config, Some(&m.model)).is_ok_and(|(_, p)| p == path)
+    })
 }
 
 fn start_engine(

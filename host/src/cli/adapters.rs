@@ -180,22 +180,6 @@ pub fn list(config: &Config, json: bool) -> CliResult {
 /// (`NAME` for its active version, `NAME@VERSION`): (its file, the name
 /// the served model carries).
 pub fn resolve(config: &Config, spec: &Path) -> Result<(PathBuf, String), CliError> {
-    let stem = |p: &Path| {
-        p.file_stem()
-            .map_or_else(|| "adapter".into(), |s| s.to_string_lossy().into_owned())
-    };
-    if spec.is_file() {
-        return Ok((spec.to_path_buf(), stem(spec)));
-    }
-    let text = spec.to_string_lossy();
-    match open_registry(config)?.adapter(&text)? {
-        Some(a) => {
-            let label = a.label();
-            Ok((a.blob_path, label))
-        }
-        None => Err(CliError(format!(
-            "--adapter {text}: neither a file nor a registered adapter's active version \
-             (see `kiln adapters list`)"
-        ))),
-    }
+    kiln_runtime::store::resolve_adapter(config, &spec.to_string_lossy())
+        .map_err(|e| CliError(format!("--adapter: {e}")))
 }

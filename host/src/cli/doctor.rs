@@ -197,8 +197,24 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             .and_then(|(_, path)| {
                 let kv =
                     super::kv_type_for(config, name, None).unwrap_or(kiln_plugin_api::DType::F16);
-                kiln_runtime::model::session::budget(&path, entry.ctx, kv)
-                    .map_err(|e| e.to_string())
+                let mut b = kiln_runtime::model::session::budget(&path, entry.ctx, kv)
+                    .map_err(|e| e.to_string())?;
+                // Its adapter, checked against it as `kiln serve` checks
+                // it before loading; its pairs held beside the weights.
+                if let Some(a) = &entry.adapter {
+                    let bytes = kiln_runtime::store::resolve_adapter(config, a)
+                        .map_err(|e| e.to_string())
+                        .and_then(|(file, _)| {
+                            let base = kiln_runtime::gguf::GgufFile::open_header(&path)
+                                .map_err(|e| e.to_string())?;
+                            kiln_runtime::model::lora::check(&file, &base)
+                        })
+                        .map_err(|e| format!("its adapter = {a:?} cannot be applied: {e}"))?
+                        .bytes;
+                    b.weights_bytes += bytes;
+                    b.total_bytes += bytes;
+                }
+                Ok(b)
             });
         // On a plugin's device: its weights there, only its KV cache and
         // work space copied on the host.

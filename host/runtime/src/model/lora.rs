@@ -58,8 +58,25 @@ pub fn is_target(name: &str) -> bool {
 /// architecture, a matrix for a tensor the model lacks or kiln does not
 /// adapt, a pair with a half missing or extents that do not fit.
 pub fn read(path: &Path, base: &GgufFile) -> Result<(Tensors, Applied), String> {
+    read_with(path, base, true)
+}
+
+/// [`read`]'s checks and report from the adapter's header alone, its
+/// matrices left unread (`base` may be a header too): what `kiln serve`
+/// asks of a model's adapter before loading it (`Applied::bytes` is what
+/// the model's memory budget adds) and `kiln doctor` of each one
+/// configured.
+pub fn check(path: &Path, base: &GgufFile) -> Result<Applied, String> {
+    read_with(path, base, false).map(|(_, applied)| applied)
+}
+
+fn read_with(path: &Path, base: &GgufFile, data: bool) -> Result<(Tensors, Applied), String> {
     let fail = |what: String| format!("{}: {what}", path.display());
-    let f = GgufFile::open(path).map_err(|e| e.to_string())?;
+    let f = match data {
+        true => GgufFile::open(path),
+        false => GgufFile::open_header(path),
+    }
+    .map_err(|e| e.to_string())?;
     let meta = |f: &GgufFile, k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     if meta(&f, "general.type") != "adapter" || meta(&f, "adapter.type") != "lora" {
         return Err(fail(
@@ -122,8 +139,10 @@ pub fn read(path: &Path, base: &GgufFile) -> Result<(Tensors, Applied), String> 
         }
         // llama.cpp: the product scaled by alpha / r, or by 1 without alpha.
         let scale = if alpha == 0.0 { 1.0 } else { alpha / r as f32 };
-        out.push(dense(&f, t, 1.0));
-        out.push(dense(&f, b, scale));
+        if data {
+            out.push(dense(&f, t, 1.0));
+            out.push(dense(&f, b, scale));
+        }
         pairs += 1;
         rank = rank.max(r as usize);
         bytes += 4 * (t.n_elements() + b.n_elements());
