@@ -578,7 +578,7 @@ pub fn greedy_with_transfers(
     prompt: &[u32],
     steps: usize,
 ) -> (Vec<u32>, Vec<(u64, u64)>) {
-    greedy_run(model, exec, prompt, steps, false)
+    greedy_run(model, None, exec, prompt, steps, false)
 }
 
 /// The built-in CPU's greedy tokens with attention unfused: the graph a
@@ -589,11 +589,27 @@ pub fn greedy_unfused(model: &Path, prompt: &[u32], steps: usize) -> Vec<u32> {
         kiln_runtime::backend::Backend::builtin_cpu(),
         0,
     );
-    greedy_run(model, exec, prompt, steps, true).0
+    greedy_run(model, None, exec, prompt, steps, true).0
+}
+
+/// [`greedy_with_transfers`] (`unfused`: attention as
+/// [`greedy_unfused`] runs it) of the model with the LoRA adapter at
+/// `adapter` applied at run time (`Model::load_adapted` for `exec`'s
+/// device).
+pub fn greedy_adapted(
+    model: &Path,
+    adapter: &Path,
+    exec: kiln_runtime::backend::exec::Executor,
+    prompt: &[u32],
+    steps: usize,
+    unfused: bool,
+) -> (Vec<u32>, Vec<(u64, u64)>) {
+    greedy_run(model, Some(adapter), exec, prompt, steps, unfused)
 }
 
 fn greedy_run(
     model: &Path,
+    adapter: Option<&Path>,
     exec: kiln_runtime::backend::exec::Executor,
     prompt: &[u32],
     steps: usize,
@@ -610,7 +626,11 @@ fn greedy_run(
             target.stats.bytes_from_device.load(Ordering::Relaxed),
         )
     };
-    let mut s = Session::new(Model::load(model).unwrap(), exec, Some(128)).unwrap();
+    let loaded = match adapter {
+        None => Model::load(model),
+        Some(a) => Model::load_adapted(model, Some(a), &target, exec.device),
+    };
+    let mut s = Session::new(loaded.unwrap(), exec, Some(128)).unwrap();
     if unfused {
         s.set_unfused_attention().unwrap();
     }

@@ -179,6 +179,55 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
     );
 }
 
+/// A LoRA adapter applied at run time on the device: its pairs (f32)
+/// uploaded with the weights, its two products per projection run there
+/// beside the quantized ones, the CPU's greedy tokens.
+#[test]
+fn an_adapted_model_generates_the_cpus_greedy_tokens_on_vulkan() {
+    use kiln_finetune::train::model::{Adapter, Base};
+    let home = Home::default();
+    let plugin = vulkan(&home);
+    let f16 = tiny_model(&["--arch", "llama", "--dtype", "f16", "--vocab", "300"]);
+    let model = home.path().join("tiny-q8_0.gguf");
+    home.ok(&[
+        "quantize",
+        f16.to_str().unwrap(),
+        model.to_str().unwrap(),
+        "--type",
+        "Q8_0",
+    ]);
+    let base = Base::open(&model).unwrap();
+    let mut adapter = Adapter::<f32>::new(&base, 4, 8.0, &[0, 1, 2, 3, 4, 5, 6], 5);
+    let mut rng = fastrand::Rng::with_seed(11);
+    for p in adapter.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.f32() * 2.0 - 1.0) * 0.5);
+    }
+    let file = home.path().join("adapter.gguf");
+    kiln_finetune::train::file::write_adapter(&file, &base, &adapter).unwrap();
+    let prompt = long_prompt(41);
+    let cpu_exec = || Executor::new(Backend::builtin_cpu(), 0);
+    let plain = kiln_tests::greedy_unfused(&model, &prompt, 10);
+    let (cpu, _) = kiln_tests::greedy_adapted(&model, &file, cpu_exec(), &prompt, 10, true);
+    assert_ne!(cpu, plain, "the adapter should change the greedy tokens");
+    let fallback = plugin
+        .stats
+        .ops_unsupported_fallback
+        .load(Ordering::Relaxed);
+    let device = Executor::new(plugin.clone(), 0);
+    let (dev, moved) = kiln_tests::greedy_adapted(&model, &file, device, &prompt, 10, false);
+    assert_eq!(dev, cpu, "greedy tokens of the adapted model on Vulkan");
+    assert_eq!(
+        plugin
+            .stats
+            .ops_unsupported_fallback
+            .load(Ordering::Relaxed),
+        fallback,
+        "every op ran on the device"
+    );
+    kiln_tests::assert_decode_transfers(model.as_path(), &moved, 300);
+}
+
 /// K-quants (rows of 256-element blocks: a wider model), every product on
 /// the device, the CPU's tokens.
 #[test]
