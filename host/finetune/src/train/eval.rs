@@ -10,12 +10,11 @@
 //!   completion from the text before it (and after it, where the model
 //!   has fill-in-the-middle tokens) in the prompt `kiln serve` builds,
 //!   cut to the hole's number of lines: exact match and edit similarity
-//!   with the hole's text. Both sides run kiln's inference on a merged
-//!   model ([`super::merge`]): the base with nothing merged and the
-//!   adapter merged, the adapted projections in F16 on both, so only the
-//!   adapter differs.
+//!   with the hole's text. Both sides run kiln's inference as `kiln
+//!   serve` runs them: the model's weights as stored, and on the
+//!   adapter's side the adapter applied at run time on them
+//!   (`Model::load_adapted`), so only the adapter differs.
 
-use super::merge::write_merged;
 use super::model::{Adapter, Base, Sequence, Trainable};
 use kiln_runtime::backend::Backend;
 use kiln_runtime::model::Session;
@@ -25,7 +24,7 @@ use kiln_serve::ctxbench::{Interval, edit_similarity};
 use kiln_serve::engine::Loaded;
 use kiln_serve::prompt::{Counter, fim_tokens, head_within, tail_within};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub struct Options {
     /// Holes to complete at most (0: none, NLL only).
@@ -128,14 +127,16 @@ struct FileLine {
 /// `path`.
 fn complete(
     path: &Path,
+    adapter: Option<&Path>,
     holes: &[(String, usize, usize)],
     texts: &std::collections::HashMap<String, String>,
     opts: &Options,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<(f64, f64)>, String), String> {
-    let loaded = Loaded::load(
+    let loaded = Loaded::load_adapted(
         "eval".into(),
         path.to_path_buf(),
+        adapter,
         None,
         &Backend::builtin_cpu(),
         0,
@@ -183,15 +184,6 @@ fn complete(
     Ok((out, loaded.fim.name().to_string()))
 }
 
-/// A merged model beside the temporary files, removed when dropped.
-struct Temp(PathBuf);
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Evaluates `model` (and `adapter` on it) on `data`'s held-out files.
 /// `progress(what, done, total)` reports each phase.
 pub fn evaluate(
@@ -202,6 +194,7 @@ pub fn evaluate(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Report, String> {
     let base = Base::open(model)?;
+    let file = adapter;
     let adapter = adapter
         .map(|p| super::file::read_adapter(p, &base))
         .transpose()?;
@@ -265,25 +258,15 @@ pub fn evaluate(
     let mut template = String::new();
     let mut sides: Vec<Vec<(f64, f64)>> = Vec::new();
     if !holes.is_empty() {
-        let dir = std::env::temp_dir();
-        let pid = std::process::id();
-        let mut with = vec![("base", zero.clone())];
-        if let Some(a) = &adapter {
-            with.push(("adapter", a.clone()));
+        // As served: the model's weights as stored, and the adapter
+        // applied at run time on them (`kiln serve --adapter`).
+        let mut with = vec![("base", None)];
+        if file.is_some() {
+            with.push(("adapter", file));
         }
         for (name, a) in with {
-            // The base is merged too (with nothing), so that both sides
-            // run their adapted projections in the same type.
-            let merged = Temp(dir.join(format!("kiln-eval-{pid}-{name}.gguf")));
-            let path = if let Some(like) = &adapter {
-                let a = if name == "base" { like.zeros_like() } else { a };
-                write_merged(&base, &a, &merged.0, kiln_plugin_api::DType::F16)?;
-                merged.0.clone()
-            } else {
-                model.to_path_buf()
-            };
             let what = format!("completions ({name})");
-            let (scores, t) = complete(&path, &holes, &texts, opts, &mut |d, n| {
+            let (scores, t) = complete(model, a, &holes, &texts, opts, &mut |d, n| {
                 progress(&what, d, n)
             })?;
             template = t;
