@@ -1,5 +1,6 @@
 //! The NEON kernels (`plugins/cpu/src/kernels/neon.rs`) built for aarch64
-//! and their tests run under qemu. The toolchain kiln builds with here has
+//! and their tests run under qemu, on an emulated CPU with the dot-product
+//! extension and on one without. The toolchain kiln builds with here has
 //! no aarch64 standard library, so this uses Debian's: `rustc` with
 //! `libstd-rust-dev:arm64`, `gcc-aarch64-linux-gnu` to link and
 //! `qemu-user` to run. Without them the test is skipped, unless
@@ -54,22 +55,28 @@ fn neon_kernels_build_for_aarch64_and_pass_their_tests_under_qemu() {
         "neon.rs does not build for aarch64:\n{}",
         String::from_utf8_lossy(&build.stderr)
     );
-    // One test thread: qemu-user's emulation of the harness's threads can
-    // hang.
-    let run = Command::new("qemu-aarch64")
-        .args(["-L", "/usr/aarch64-linux-gnu"])
-        .arg(&bin)
-        .arg("--test-threads=1")
-        .output()
-        .expect("run qemu-aarch64");
-    let out = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "the NEON tests failed under qemu:\n{out}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(
-        out.contains("test result: ok.") && !out.contains("ok. 0 passed"),
-        "expected the NEON tests to run:\n{out}"
-    );
+    // On an emulated CPU with the dot-product extension (qemu's `max`: the
+    // block sums by `sdot` and by baseline NEON) and on a Cortex-A53
+    // without it (baseline alone, chosen at run time).
+    for (cpu, dotprod) in [("max", "1"), ("cortex-a53", "0")] {
+        // One test thread: qemu-user's emulation of the harness's threads
+        // can hang.
+        let run = Command::new("qemu-aarch64")
+            .args(["-cpu", cpu, "-L", "/usr/aarch64-linux-gnu"])
+            .env("KILN_EXPECT_DOTPROD", dotprod)
+            .arg(&bin)
+            .arg("--test-threads=1")
+            .output()
+            .expect("run qemu-aarch64");
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "the NEON tests failed under qemu (-cpu {cpu}):\n{out}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(
+            out.contains("test result: ok.") && !out.contains("ok. 0 passed"),
+            "expected the NEON tests to run (-cpu {cpu}):\n{out}"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! Q4_K, Q5_K and Q6_K weight rows against activations quantized to Q8_K
 //! (ggml's `vec_dot_type` for the K-quants): portable, AVX2 and AVX-512
 //! VNNI, with lane-wise GEMMs for batches (AVX-512 and AVX2); Q2_K, Q3_K and IQ4_XS on AVX2 (which AVX-512 CPUs
-//! run too), NEON (block sums in `neon.rs`) and portable.
+//! run too); every type on NEON (block sums in `neon.rs`) and portable.
 //!
 //! Sums are integers per block, scaled in f64. The reference multiplies
 //! by the f32-rounded activation `q·d` where this uses `q` and `d` apart
@@ -329,10 +329,17 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
-    let _ = isa;
-    for (x, o) in xs.iter().zip(out) {
-        *o = dot_q4_k_one(w, x);
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        let neon = |blk: &[u8], xq: &[i8]| {
+            let mut isum = [0];
+            super::neon::block_sums_q4_k(blk, xq, &mut isum);
+            isum[0]
+        };
+        return portable(neon, q45_k_term, Q4_K_BLOCK, w, xs, out);
     }
+    let _ = isa;
+    portable(q4_k_isum, q45_k_term, Q4_K_BLOCK, w, xs, out)
 }
 
 /// `out[r] = w · xs[r]` for one Q5_K row and up to four activation rows:
@@ -364,63 +371,64 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        let neon = |blk: &[u8], xq: &[i8]| {
+            let mut isum = [0];
+            super::neon::block_sums_q5_k(blk, xq, &mut isum);
+            isum[0]
+        };
+        return portable(neon, q45_k_term, Q5_K_BLOCK, w, xs, out);
+    }
     let _ = isa;
-    for (x, o) in xs.iter().zip(out) {
-        *o = dot_q5_k_one(w, x);
-    }
+    portable(q5_k_isum, q45_k_term, Q5_K_BLOCK, w, xs, out)
 }
 
-/// The portable Q5_K row: per block, `x.d · (d · Σ sc_j (q·x)_j − dmin ·
-/// Σ m_j Σx_j)` with 5-bit codes, as the other paths compute it.
-fn dot_q5_k_one(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(Q5_K_BLOCK).enumerate() {
-        let (qh, qs) = (&blk[16..48], &blk[48..176]);
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let (mut total, mut total_m) = (0i32, 0i32);
-        for j in 0..8 {
-            let (sc, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
-            let mut sum = 0i32;
-            for l in 0..32 {
-                let byte = qs[32 * (j / 2) + l];
-                let nibble = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                let code = nibble as i32 | (((qh[l] >> j) & 1) as i32) << 4;
-                sum += code * xq[32 * j + l] as i32;
-            }
-            total += sc as i32 * sum;
-            total_m += m as i32 * x.sums32[b * 8 + j];
+/// Q5_K's `Σ sc_j (q·x)_j` over a block: Q4_K's with 5-bit codes (the
+/// fifth bit of code `l` of sub-block `j` is bit `j` of `qh[l]`).
+fn q5_k_isum(blk: &[u8], xq: &[i8]) -> i32 {
+    let (qh, qs) = (&blk[16..48], &blk[48..176]);
+    let mut total = 0i32;
+    for j in 0..8 {
+        let (sc, _) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
+        let mut sum = 0i32;
+        for l in 0..32 {
+            let byte = qs[32 * (j / 2) + l];
+            let nibble = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            let code = nibble as i32 | (((qh[l] >> j) & 1) as i32) << 4;
+            sum += code * xq[32 * j + l] as i32;
         }
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
-        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
-        acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+        total += sc as i32 * sum;
     }
-    acc as f32
+    total
 }
 
-/// The portable Q4_K row: per block, `x.d · (d · Σ sc_j (q·x)_j − dmin ·
-/// Σ m_j Σx_j)` in f64, as the other paths compute it.
-fn dot_q4_k_one(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(Q4_K_BLOCK).enumerate() {
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let (mut total, mut total_m) = (0i32, 0i32);
-        for (j, q32) in blk[16..144].chunks_exact(32).enumerate() {
-            let (sc_lo, m_lo) = kiln_blocks::scale_min_k4(2 * j, &blk[4..16]);
-            let (sc_hi, m_hi) = kiln_blocks::scale_min_k4(2 * j + 1, &blk[4..16]);
-            let (mut lo, mut hi) = (0i32, 0i32);
-            for l in 0..32 {
-                lo += (q32[l] & 0x0f) as i32 * xq[64 * j + l] as i32;
-                hi += (q32[l] >> 4) as i32 * xq[64 * j + 32 + l] as i32;
-            }
-            total += sc_lo as i32 * lo + sc_hi as i32 * hi;
-            total_m +=
-                m_lo as i32 * x.sums32[b * 8 + 2 * j] + m_hi as i32 * x.sums32[b * 8 + 2 * j + 1];
+/// Q4_K's `Σ sc_j (q·x)_j` over a block (eight sub-blocks of 32, 6-bit
+/// scales; each 32 code bytes hold two, low nibbles first).
+fn q4_k_isum(blk: &[u8], xq: &[i8]) -> i32 {
+    let mut total = 0i32;
+    for (j, q32) in blk[16..144].chunks_exact(32).enumerate() {
+        let (sc_lo, _) = kiln_blocks::scale_min_k4(2 * j, &blk[4..16]);
+        let (sc_hi, _) = kiln_blocks::scale_min_k4(2 * j + 1, &blk[4..16]);
+        let (mut lo, mut hi) = (0i32, 0i32);
+        for l in 0..32 {
+            lo += (q32[l] & 0x0f) as i32 * xq[64 * j + l] as i32;
+            hi += (q32[l] >> 4) as i32 * xq[64 * j + 32 + l] as i32;
         }
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
-        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32() as f64;
-        acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+        total += sc_lo as i32 * lo + sc_hi as i32 * hi;
     }
-    acc as f32
+    total
+}
+
+/// A Q4_K or Q5_K block's term from its `Σ sc_j (q·x)_j`: `x.d · (d ·
+/// isum − dmin · Σ m_j Σx_j)` in f64, as every path computes it.
+fn q45_k_term(blk: &[u8], x: &Q8KRow, b: usize, isum: i32) -> f64 {
+    let mut total_m = 0i32;
+    for j in 0..8 {
+        let (_, m) = kiln_blocks::scale_min_k4(j, &blk[4..16]);
+        total_m += m as i32 * x.sums32[b * 8 + j];
+    }
+    x.d[b] as f64 * (f16_at(blk, 0) * isum as f64 - f16_at(blk, 2) * total_m as f64)
 }
 
 /// Scratch for [`gemm16`], reused across calls on one thread.
@@ -571,38 +579,47 @@ pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
-    let _ = isa;
-    for (x, o) in xs.iter().zip(out) {
-        *o = dot_q6_k_one(w, x);
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        let neon = |blk: &[u8], xq: &[i8]| {
+            let mut isum = [0];
+            super::neon::block_sums_q6_k(blk, xq, &mut isum);
+            isum[0]
+        };
+        return portable(neon, q6_k_term, BLOCK, w, xs, out);
     }
+    let _ = isa;
+    portable(q6_k_isum, q6_k_term, BLOCK, w, xs, out)
 }
 
-fn dot_q6_k_one(w: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = 0.0f64;
-    for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
-        let xq = &x.qs[b * QK_K..][..QK_K];
-        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-        let mut total = 0i32;
-        for n in 0..2 {
-            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-            let xq = &xq[128 * n..];
-            let mut sums = [0i32; 8];
-            for l in 0..32 {
-                let is = l / 16;
-                let [q1, q2, q3, q4] = kiln_blocks::q6_k_codes(ql, qh, l);
-                sums[is] += q1 * xq[l] as i32;
-                sums[is + 2] += q2 * xq[l + 32] as i32;
-                sums[is + 4] += q3 * xq[l + 64] as i32;
-                sums[is + 6] += q4 * xq[l + 96] as i32;
-            }
-            for (s, &c) in sums.iter().zip(sc) {
-                total += s * (c as i8) as i32;
-            }
+/// Q6_K's `Σ sc_j (q·x)_j` over a block (sixteen sub-blocks of 16,
+/// signed 8-bit scales).
+fn q6_k_isum(blk: &[u8], xq: &[i8]) -> i32 {
+    let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+    let mut total = 0i32;
+    for n in 0..2 {
+        let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+        let xq = &xq[128 * n..];
+        let mut sums = [0i32; 8];
+        for l in 0..32 {
+            let is = l / 16;
+            let [q1, q2, q3, q4] = kiln_blocks::q6_k_codes(ql, qh, l);
+            sums[is] += q1 * xq[l] as i32;
+            sums[is + 2] += q2 * xq[l + 32] as i32;
+            sums[is + 4] += q3 * xq[l + 64] as i32;
+            sums[is + 6] += q4 * xq[l + 96] as i32;
         }
-        let dw = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
-        acc += dw as f64 * x.d[b] as f64 * total as f64;
+        for (s, &c) in sums.iter().zip(sc) {
+            total += s * (c as i8) as i32;
+        }
     }
-    acc as f32
+    total
+}
+
+/// A Q6_K block's term from its `Σ sc_j (q·x)_j`: `d · x.d · isum` in
+/// f64, as every path computes it.
+fn q6_k_term(blk: &[u8], x: &Q8KRow, b: usize, isum: i32) -> f64 {
+    f16_at(blk, 208) * x.d[b] as f64 * isum as f64
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -2,16 +2,18 @@
 //! IQ4_NL weights against Q8_0 activation codes: `Σ q_w · q_x` per 32-code block, exact,
 //! which `q8::dot_rows` then scales and adds as the portable path does, in
 //! `kiln_blocks::q8_dot`'s order (so the results are the reference's
-//! bits); and of Q2_K, Q3_K and
+//! bits); and of Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and
 //! IQ4_XS against Q8_K codes, `Σ sc_j (q·x)_j` per 256-code block, which
 //! `kquant` scales as its portable kernels do. And F16/BF16 weights
 //! against activations rounded to their type, in f32 lanes in kiln's one
 //! order for those products ([`float_tile`]).
 //!
-//! NEON is part of the aarch64 base instruction set, so no detection is
-//! needed. Products are `vmull_s8` (int8 × int8 → int16, exact) folded
-//! into int32 lanes by `vpadalq_s16`: baseline NEON, without the ARMv8.2
-//! dot-product extension.
+//! NEON is part of the aarch64 base instruction set. The integer
+//! products take the ARMv8.2 dot-product extension's `sdot` (16 products
+//! into four int32 lanes in one instruction) where the CPU has it,
+//! detected at run time ([`has_dotprod`], [`with_dotprod!`]); else
+//! `vmull_s8` (int8 × int8 → int16, exact) folded into int32 lanes by
+//! `vpadalq_s16`. Both are exact, so both give the same sums.
 //!
 //! The file stands alone: no paths into the crate, and only what rustc
 //! 1.63 knows. The toolchain kiln builds with here has no aarch64
@@ -39,14 +41,62 @@ pub const IQ4_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
-/// Adds the products of two 16-code halves to `acc`'s four lanes.
+/// Adds the products of 16 codes `w` and `x` to `acc`'s four lanes:
+/// with `DOT`, by the dot-product extension's `sdot` (each lane adds four
+/// products; only inside a function with `dotprod` enabled, see
+/// [`with_dotprod!`]), else by `vmull_s8` and `vpadalq_s16` (pairs).
+/// Either way every product is exact and the lanes' total is the same.
 #[inline(always)]
-unsafe fn mul_add16(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
-    // SAFETY: register-only NEON operations (NEON is baseline on aarch64).
+unsafe fn mul_add16<const DOT: bool>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+    // SAFETY: register-only NEON operations (NEON is baseline on aarch64;
+    // `sdot` is reached only with `dotprod` enabled).
     unsafe {
-        let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
-        vpadalq_s16(acc, vmull_high_s8(w, x))
+        if DOT {
+            let mut acc = acc;
+            core::arch::asm!(
+                "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
+                acc = inout(vreg) acc,
+                w = in(vreg) w,
+                x = in(vreg) x,
+                options(pure, nomem, nostack),
+            );
+            acc
+        } else {
+            let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w), vget_low_s8(x)));
+            vpadalq_s16(acc, vmull_high_s8(w, x))
+        }
     }
+}
+
+/// Whether the CPU has the dot-product extension (`sdot`; ARMv8.2's
+/// optional `dotprod`, in every Apple M-series and most ARM cores since
+/// the Cortex-A75). Detected once by the standard library.
+pub fn has_dotprod() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// `pub fn $name(w, x, out)`: the block sums of `$body`, by `sdot` where
+/// the CPU has it ([`has_dotprod`]), else by baseline NEON; and
+/// `$dot`, the `sdot` path alone (for the tests).
+macro_rules! with_dotprod {
+    ($($(#[$doc:meta])* $name:ident, $dot:ident => $body:ident;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(w: &[u8], x: &[i8], out: &mut [i32]) {
+            if has_dotprod() {
+                // SAFETY: the CPU has the dot-product extension.
+                unsafe { $dot(w, x, out) }
+            } else {
+                $body::<false>(w, x, out)
+            }
+        }
+
+        /// # Safety
+        /// The CPU has the dot-product extension ([`has_dotprod`]).
+        #[target_feature(enable = "dotprod")]
+        unsafe fn $dot(w: &[u8], x: &[i8], out: &mut [i32]) {
+            $body::<true>(w, x, out)
+        }
+    )*};
 }
 
 fn check(w: &[u8], block_bytes: usize, x: &[i8], out: &[i32]) {
@@ -60,7 +110,8 @@ fn check(w: &[u8], block_bytes: usize, x: &[i8], out: &[i32]) {
 }
 
 /// Q4_0: codes `(nibble − 8)`, low nibbles first.
-pub fn block_sums_q4_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q4_0<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q4_0_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         // SAFETY: block b's 16 code bytes and 32 activation codes are in
@@ -71,8 +122,8 @@ pub fn block_sums_q4_0(w: &[u8], x: &[i8], out: &mut [i32]) {
             let lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), eight);
             let hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(q)), eight);
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(acc, hi, vld1q_s8(xp.add(16))));
         }
     }
 }
@@ -92,7 +143,8 @@ unsafe fn fifth_bits(qh: u32, first: u32) -> uint8x16_t {
 
 /// Q5_0: codes `(nibble | fifth bit << 4) − 16`; bit `j` of the 32-bit
 /// field goes to code `j`.
-pub fn block_sums_q5_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q5_0<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q5_0_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         let blk = &w[b * Q5_0_BYTES..][..Q5_0_BYTES];
@@ -106,15 +158,16 @@ pub fn block_sums_q5_0(w: &[u8], x: &[i8], out: &mut [i32]) {
             let lo = vsubq_s8(vreinterpretq_s8_u8(lo), sixteen);
             let hi = vsubq_s8(vreinterpretq_s8_u8(hi), sixteen);
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(acc, hi, vld1q_s8(xp.add(16))));
         }
     }
 }
 
 /// Q4_1: codes are the nibbles themselves (0..15), low nibbles first;
 /// the caller adds the block's minimum times the activations' sum.
-pub fn block_sums_q4_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q4_1<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q4_1_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         // SAFETY: as for Q4_0.
@@ -123,15 +176,16 @@ pub fn block_sums_q4_1(w: &[u8], x: &[i8], out: &mut [i32]) {
             let lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f)));
             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(acc, hi, vld1q_s8(xp.add(16))));
         }
     }
 }
 
 /// Q5_1: codes `nibble | fifth bit << 4` (0..31), the mask after the
 /// minimum.
-pub fn block_sums_q5_1(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q5_1<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q5_1_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         let blk = &w[b * Q5_1_BYTES..][..Q5_1_BYTES];
@@ -142,8 +196,8 @@ pub fn block_sums_q5_1(w: &[u8], x: &[i8], out: &mut [i32]) {
             let lo = vorrq_u8(vandq_u8(q, vdupq_n_u8(0x0f)), fifth_bits(qh, 0));
             let hi = vorrq_u8(vshrq_n_u8::<4>(q), fifth_bits(qh, 16));
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(
                 acc,
                 vreinterpretq_s8_u8(hi),
                 vld1q_s8(xp.add(16)),
@@ -153,7 +207,8 @@ pub fn block_sums_q5_1(w: &[u8], x: &[i8], out: &mut [i32]) {
 }
 
 /// IQ4_NL: each nibble indexes [`IQ4_VALUES`] (a table lookup).
-pub fn block_sums_iq4_nl(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_iq4_nl<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, IQ4_NL_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         // SAFETY: as for Q4_0; the table holds the 16 bytes loaded.
@@ -163,22 +218,27 @@ pub fn block_sums_iq4_nl(w: &[u8], x: &[i8], out: &mut [i32]) {
             let lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0f)));
             let hi = vqtbl1q_s8(table, vshrq_n_u8::<4>(q));
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(16))));
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), lo, vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(acc, hi, vld1q_s8(xp.add(16))));
         }
     }
 }
 
 /// Q8_0: the codes are the bytes.
-pub fn block_sums_q8_0(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q8_0<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check(w, Q8_0_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         // SAFETY: as for Q4_0.
         unsafe {
             let wp = w.as_ptr().add(b * Q8_0_BYTES + 2).cast::<i8>();
             let xp = x.as_ptr().add(b * QK);
-            let acc = mul_add16(vdupq_n_s32(0), vld1q_s8(wp), vld1q_s8(xp));
-            *o = vaddvq_s32(mul_add16(acc, vld1q_s8(wp.add(16)), vld1q_s8(xp.add(16))));
+            let acc = mul_add16::<DOT>(vdupq_n_s32(0), vld1q_s8(wp), vld1q_s8(xp));
+            *o = vaddvq_s32(mul_add16::<DOT>(
+                acc,
+                vld1q_s8(wp.add(16)),
+                vld1q_s8(xp.add(16)),
+            ));
         }
     }
 }
@@ -201,16 +261,17 @@ fn check_k(w: &[u8], block_bytes: usize, x: &[i8], out: &[i32]) {
 
 /// `Σ q·x` of 16 codes.
 #[inline(always)]
-unsafe fn dot16(w: int8x16_t, x: *const i8) -> i32 {
+unsafe fn dot16<const DOT: bool>(w: int8x16_t, x: *const i8) -> i32 {
     // SAFETY: the caller's `x` points at 16 codes.
-    unsafe { vaddvq_s32(mul_add16(vdupq_n_s32(0), w, vld1q_s8(x))) }
+    unsafe { vaddvq_s32(mul_add16::<DOT>(vdupq_n_s32(0), w, vld1q_s8(x))) }
 }
 
 /// Q2_K: `Σ_j sc_j (q·x)_j` over the sixteen sub-blocks of 16 (4-bit
 /// scales; the minimums' term needs only the activations' sums and is
 /// the caller's). Each 32 code bytes hold four runs of 32 codes, two bits
 /// apart.
-pub fn block_sums_q2_k(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q2_k<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check_k(w, Q2_K_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         let blk = &w[b * Q2_K_BYTES..][..Q2_K_BYTES];
@@ -226,8 +287,8 @@ pub fn block_sums_q2_k(w: &[u8], x: &[i8], out: &mut [i32]) {
                     let i = 8 * n + 2 * j;
                     let c0 = vreinterpretq_s8_u8(vandq_u8(q0, vdupq_n_u8(3)));
                     let c1 = vreinterpretq_s8_u8(vandq_u8(q1, vdupq_n_u8(3)));
-                    isum += (blk[i] & 0x0f) as i32 * dot16(c0, xp.add(16 * i));
-                    isum += (blk[i + 1] & 0x0f) as i32 * dot16(c1, xp.add(16 * i + 16));
+                    isum += (blk[i] & 0x0f) as i32 * dot16::<DOT>(c0, xp.add(16 * i));
+                    isum += (blk[i + 1] & 0x0f) as i32 * dot16::<DOT>(c1, xp.add(16 * i + 16));
                     q0 = vshrq_n_u8::<2>(q0);
                     q1 = vshrq_n_u8::<2>(q1);
                 }
@@ -254,7 +315,8 @@ fn q3_k_scales(packed: &[u8]) -> [i32; 16] {
 
 /// Q3_K: `Σ_j sc_j (q·x)_j`, codes `(two low bits | mask bit << 2) − 4`,
 /// the mask's bits taken in order, one a run of 32.
-pub fn block_sums_q3_k(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_q3_k<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check_k(w, Q3_K_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         let blk = &w[b * Q3_K_BYTES..][..Q3_K_BYTES];
@@ -276,8 +338,8 @@ pub fn block_sums_q3_k(w: &[u8], x: &[i8], out: &mut [i32]) {
                     let u1 = vorrq_u8(vandq_u8(q1, m3), vshlq_n_u8::<2>(vandq_u8(h1, m1)));
                     let c0 = vsubq_s8(vreinterpretq_s8_u8(u0), four);
                     let c1 = vsubq_s8(vreinterpretq_s8_u8(u1), four);
-                    isum += sc[i] * dot16(c0, xp.add(16 * i));
-                    isum += sc[i + 1] * dot16(c1, xp.add(16 * i + 16));
+                    isum += sc[i] * dot16::<DOT>(c0, xp.add(16 * i));
+                    isum += sc[i + 1] * dot16::<DOT>(c1, xp.add(16 * i + 16));
                     q0 = vshrq_n_u8::<2>(q0);
                     q1 = vshrq_n_u8::<2>(q1);
                     h0 = vshrq_n_u8::<1>(h0);
@@ -291,7 +353,8 @@ pub fn block_sums_q3_k(w: &[u8], x: &[i8], out: &mut [i32]) {
 
 /// IQ4_XS: `Σ_j sc_j (v·x)_j` over eight sub-blocks of 32, each nibble
 /// an index into [`IQ4_VALUES`], 6-bit scales less 32.
-pub fn block_sums_iq4_xs(w: &[u8], x: &[i8], out: &mut [i32]) {
+#[inline(always)]
+fn sums_iq4_xs<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
     check_k(w, IQ4_XS_BYTES, x, out);
     for (b, o) in out.iter_mut().enumerate() {
         let blk = &w[b * IQ4_XS_BYTES..][..IQ4_XS_BYTES];
@@ -308,13 +371,176 @@ pub fn block_sums_iq4_xs(w: &[u8], x: &[i8], out: &mut [i32]) {
                 let q = vld1q_u8(blk.as_ptr().add(8 + 16 * ib));
                 let lo = vqtbl1q_s8(table, vandq_u8(q, vdupq_n_u8(0x0f)));
                 let hi = vqtbl1q_s8(table, vshrq_n_u8::<4>(q));
-                let acc = mul_add16(vdupq_n_s32(0), lo, vld1q_s8(xp.add(32 * ib)));
-                vaddvq_s32(mul_add16(acc, hi, vld1q_s8(xp.add(32 * ib + 16))))
+                let acc = mul_add16::<DOT>(vdupq_n_s32(0), lo, vld1q_s8(xp.add(32 * ib)));
+                vaddvq_s32(mul_add16::<DOT>(acc, hi, vld1q_s8(xp.add(32 * ib + 16))))
             };
             isum += sc * s;
         }
         *o = isum;
     }
+}
+
+pub const Q4_K_BYTES: usize = 144;
+pub const Q5_K_BYTES: usize = 176;
+pub const Q6_K_BYTES: usize = 210;
+
+/// Q4_K's and Q5_K's sub-block `j` (of 8) scale and minimum, 6 bits each,
+/// from the block's 12 packed bytes (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    let (d, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (d as i32, m as i32)
+}
+
+/// Q4_K (`Q5` false) and Q5_K: `Σ_j sc_j (q·x)_j` over the eight
+/// sub-blocks of 32, codes the nibbles (0..15; Q5_K: with a fifth bit
+/// from `qh`, 0..31), 6-bit scales; the minimums' term needs only the
+/// activations' sums and is the caller's. Each 32 code bytes hold two
+/// sub-blocks, low nibbles first; Q5_K's bit `j` of `qh[l]` is code `l`
+/// of sub-block `j`'s fifth.
+#[inline(always)]
+fn sums_q45_k<const DOT: bool, const Q5: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
+    let (bytes, codes) = if Q5 {
+        (Q5_K_BYTES, 48)
+    } else {
+        (Q4_K_BYTES, 16)
+    };
+    check_k(w, bytes, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * bytes..][..bytes];
+        let xp = x[b * QK_K..].as_ptr();
+        // SAFETY: the block's code bytes (and Q5_K's 32 high-bit bytes at
+        // 16..48) and its 256 codes are in bounds (checked above).
+        let total = unsafe {
+            let mut total = vdupq_n_s32(0);
+            let (m1, m4) = (vdupq_n_u8(1), vdupq_n_u8(0x0f));
+            let mut h = [vdupq_n_u8(0); 2];
+            if Q5 {
+                h = [
+                    vld1q_u8(blk.as_ptr().add(16)),
+                    vld1q_u8(blk.as_ptr().add(32)),
+                ];
+            }
+            for pair in 0..4 {
+                let q = [
+                    vld1q_u8(blk.as_ptr().add(codes + 32 * pair)),
+                    vld1q_u8(blk.as_ptr().add(codes + 32 * pair + 16)),
+                ];
+                for half in 0..2 {
+                    let j = 2 * pair + half;
+                    let mut acc = vdupq_n_s32(0);
+                    for (v, (&q, hv)) in q.iter().zip(h.iter_mut()).enumerate() {
+                        let mut c = if half == 0 {
+                            vandq_u8(q, m4)
+                        } else {
+                            vshrq_n_u8::<4>(q)
+                        };
+                        if Q5 {
+                            c = vorrq_u8(c, vshlq_n_u8::<4>(vandq_u8(*hv, m1)));
+                            *hv = vshrq_n_u8::<1>(*hv);
+                        }
+                        let xv = vld1q_s8(xp.add(32 * j + 16 * v));
+                        acc = mul_add16::<DOT>(acc, vreinterpretq_s8_u8(c), xv);
+                    }
+                    total = vmlaq_n_s32(total, acc, scale_min_k4(j, &blk[4..16]).0);
+                }
+            }
+            vaddvq_s32(total)
+        };
+        *o = total;
+    }
+}
+
+#[inline(always)]
+fn sums_q4_k<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
+    sums_q45_k::<DOT, false>(w, x, out)
+}
+
+#[inline(always)]
+fn sums_q5_k<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
+    sums_q45_k::<DOT, true>(w, x, out)
+}
+
+/// Q6_K: `Σ_j sc_j (q·x)_j` over the sixteen sub-blocks of 16, codes
+/// `(four low bits from ql | two high bits from qh << 4) − 32`, signed
+/// 8-bit scales. Each half of the block (128 codes) takes 64 `ql` bytes
+/// and 32 `qh` bytes: code `l` of its four runs of 32 is `ql[l]`'s low
+/// nibble, `ql[l + 32]`'s low, `ql[l]`'s high, `ql[l + 32]`'s high, with
+/// bits 0–1, 2–3, 4–5, 6–7 of `qh[l]`.
+#[inline(always)]
+fn sums_q6_k<const DOT: bool>(w: &[u8], x: &[i8], out: &mut [i32]) {
+    check_k(w, Q6_K_BYTES, x, out);
+    for (b, o) in out.iter_mut().enumerate() {
+        let blk = &w[b * Q6_K_BYTES..][..Q6_K_BYTES];
+        let xp = x[b * QK_K..].as_ptr();
+        // SAFETY: the block's 128 `ql` bytes (0..128) and 64 `qh` bytes
+        // (128..192) and its 256 codes are in bounds (checked above).
+        let total = unsafe {
+            let mut total = vdupq_n_s32(0);
+            let (m3, m4, off) = (vdupq_n_u8(3), vdupq_n_u8(0x0f), vdupq_n_s8(32));
+            for n in 0..2 {
+                for h in 0..2 {
+                    let ql = blk.as_ptr().add(64 * n + 16 * h);
+                    let (qa, qb) = (vld1q_u8(ql), vld1q_u8(ql.add(32)));
+                    let qh = vld1q_u8(blk.as_ptr().add(128 + 32 * n + 16 * h));
+                    let runs = [
+                        vorrq_u8(vandq_u8(qa, m4), vshlq_n_u8::<4>(vandq_u8(qh, m3))),
+                        vorrq_u8(
+                            vandq_u8(qb, m4),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qh), m3)),
+                        ),
+                        vorrq_u8(
+                            vshrq_n_u8::<4>(qa),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<4>(qh), m3)),
+                        ),
+                        vorrq_u8(vshrq_n_u8::<4>(qb), vshlq_n_u8::<4>(vshrq_n_u8::<6>(qh))),
+                    ];
+                    for (k, c) in runs.into_iter().enumerate() {
+                        let c = vsubq_s8(vreinterpretq_s8_u8(c), off);
+                        let xv = vld1q_s8(xp.add(128 * n + 32 * k + 16 * h));
+                        let acc = mul_add16::<DOT>(vdupq_n_s32(0), c, xv);
+                        let sc = blk[192 + 8 * n + h + 2 * k] as i8 as i32;
+                        total = vmlaq_n_s32(total, acc, sc);
+                    }
+                }
+            }
+            vaddvq_s32(total)
+        };
+        *o = total;
+    }
+}
+
+with_dotprod! {
+    /// Q4_0's block sums ([`sums_q4_0`]).
+    block_sums_q4_0, block_sums_q4_0_dot => sums_q4_0;
+    /// Q5_0's block sums ([`sums_q5_0`]).
+    block_sums_q5_0, block_sums_q5_0_dot => sums_q5_0;
+    /// Q4_1's block sums ([`sums_q4_1`]).
+    block_sums_q4_1, block_sums_q4_1_dot => sums_q4_1;
+    /// Q5_1's block sums ([`sums_q5_1`]).
+    block_sums_q5_1, block_sums_q5_1_dot => sums_q5_1;
+    /// IQ4_NL's block sums ([`sums_iq4_nl`]).
+    block_sums_iq4_nl, block_sums_iq4_nl_dot => sums_iq4_nl;
+    /// Q8_0's block sums ([`sums_q8_0`]).
+    block_sums_q8_0, block_sums_q8_0_dot => sums_q8_0;
+    /// Q2_K's block sums ([`sums_q2_k`]).
+    block_sums_q2_k, block_sums_q2_k_dot => sums_q2_k;
+    /// Q3_K's block sums ([`sums_q3_k`]).
+    block_sums_q3_k, block_sums_q3_k_dot => sums_q3_k;
+    /// IQ4_XS's block sums ([`sums_iq4_xs`]).
+    block_sums_iq4_xs, block_sums_iq4_xs_dot => sums_iq4_xs;
+    /// Q4_K's block sums ([`sums_q45_k`]).
+    block_sums_q4_k, block_sums_q4_k_dot => sums_q4_k;
+    /// Q5_K's block sums ([`sums_q45_k`]).
+    block_sums_q5_k, block_sums_q5_k_dot => sums_q5_k;
+    /// Q6_K's block sums ([`sums_q6_k`]).
+    block_sums_q6_k, block_sums_q6_k_dot => sums_q6_k;
 }
 
 /// Weight types of [`float_tile`]'s const generic, as `float.rs` codes
@@ -499,6 +725,48 @@ mod tests {
         s
     }
 
+    /// A kind's block sums by baseline NEON and by `sdot`.
+    type Paths = (
+        fn(&[u8], &[i8], &mut [i32]),
+        unsafe fn(&[u8], &[i8], &mut [i32]),
+    );
+
+    /// The sums of `blocks` blocks by each path the CPU has: baseline
+    /// NEON, and `sdot` where it has the dot-product extension.
+    fn each_path(
+        (base, dot): Paths,
+        w: &[u8],
+        x: &[i8],
+        blocks: usize,
+    ) -> Vec<(&'static str, Vec<i32>)> {
+        let mut out = vec![("neon", vec![0i32; blocks])];
+        base(w, x, &mut out[0].1);
+        if has_dotprod() {
+            let mut got = vec![0i32; blocks];
+            // SAFETY: the CPU has the dot-product extension.
+            unsafe { dot(w, x, &mut got) };
+            out.push(("sdot", got));
+        }
+        out
+    }
+
+    /// `tests/tests/neon.rs` runs these tests on an emulated CPU with the
+    /// dot-product extension and on one without it, saying which in
+    /// `KILN_EXPECT_DOTPROD`: both paths are checked, and the detection.
+    #[test]
+    fn the_dot_product_extension_is_detected() {
+        if let Ok(v) = std::env::var("KILN_EXPECT_DOTPROD") {
+            assert_eq!(has_dotprod(), v == "1", "KILN_EXPECT_DOTPROD={v}");
+        }
+        // The dispatching entry points agree with the baseline path.
+        let w: Vec<u8> = (0..2 * Q6_K_BYTES).map(|i| (i * 37 % 251) as u8).collect();
+        let x: Vec<i8> = (0..2 * QK_K).map(|i| (i * 53 % 255) as u8 as i8).collect();
+        let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
+        block_sums_q6_k(&w, &x, &mut a);
+        sums_q6_k::<false>(&w, &x, &mut b);
+        assert_eq!(a, b);
+    }
+
     /// A small deterministic generator (no crates here).
     struct Lcg(u64);
     impl Lcg {
@@ -514,17 +782,20 @@ mod tests {
     #[test]
     fn block_sums_match_the_scalar_formulas() {
         let mut rng = Lcg(7);
-        type Sums = fn(&[u8], &[i8], &mut [i32]);
         // Kinds: 4 = Q4_0, 41 = Q4_1, 5 = Q5_0, 51 = Q5_1, 8 = Q8_0, 14 = IQ4_NL.
-        let kinds: [(usize, usize, Sums); 6] = [
-            (4, Q4_0_BYTES, block_sums_q4_0),
-            (41, Q4_1_BYTES, block_sums_q4_1),
-            (5, Q5_0_BYTES, block_sums_q5_0),
-            (51, Q5_1_BYTES, block_sums_q5_1),
-            (8, Q8_0_BYTES, block_sums_q8_0),
-            (14, IQ4_NL_BYTES, block_sums_iq4_nl),
+        let kinds: [(usize, usize, Paths); 6] = [
+            (4, Q4_0_BYTES, (sums_q4_0::<false>, block_sums_q4_0_dot)),
+            (41, Q4_1_BYTES, (sums_q4_1::<false>, block_sums_q4_1_dot)),
+            (5, Q5_0_BYTES, (sums_q5_0::<false>, block_sums_q5_0_dot)),
+            (51, Q5_1_BYTES, (sums_q5_1::<false>, block_sums_q5_1_dot)),
+            (8, Q8_0_BYTES, (sums_q8_0::<false>, block_sums_q8_0_dot)),
+            (
+                14,
+                IQ4_NL_BYTES,
+                (sums_iq4_nl::<false>, block_sums_iq4_nl_dot),
+            ),
         ];
-        for (kind, bytes, sums) in kinds {
+        for (kind, bytes, paths) in kinds {
             for blocks in [1usize, 2, 7, 64] {
                 for case in 0..4 {
                     // Random bytes, then the extremes: all 0x00, all 0xff,
@@ -537,11 +808,14 @@ mod tests {
                     };
                     let w: Vec<u8> = (0..blocks * bytes).map(|_| fill(&mut rng)).collect();
                     let x: Vec<i8> = (0..blocks * QK).map(|_| fill(&mut rng) as i8).collect();
-                    let mut got = vec![0i32; blocks];
-                    sums(&w, &x, &mut got);
-                    for b in 0..blocks {
-                        let want = scalar(kind, &w[b * bytes..][..bytes], &x[b * QK..][..QK]);
-                        assert_eq!(got[b], want, "Q{kind} block {b} of {blocks}, case {case}");
+                    for (path, got) in each_path(paths, &w, &x, blocks) {
+                        for b in 0..blocks {
+                            let want = scalar(kind, &w[b * bytes..][..bytes], &x[b * QK..][..QK]);
+                            assert_eq!(
+                                got[b], want,
+                                "Q{kind} ({path}) block {b} of {blocks}, case {case}"
+                            );
+                        }
                     }
                 }
             }
@@ -591,6 +865,43 @@ mod tests {
                     s += sc(y / 16) * code * x[y] as i32;
                 }
             }
+            104 | 105 => {
+                // ggml's dequantize_row_q4_K / q5_K, the minimums left out.
+                let q5 = kind == 105;
+                let (qs, qh) = if q5 {
+                    (&blk[48..176], &blk[16..48])
+                } else {
+                    (&blk[16..144], &blk[0..0])
+                };
+                let sc = &blk[4..16];
+                for y in 0..256 {
+                    let (j, l) = (y / 32, y % 32);
+                    let byte = qs[32 * (j / 2) + l];
+                    let mut code = (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32;
+                    if q5 {
+                        code += (((qh[l] >> j) & 1) as i32) << 4;
+                    }
+                    let scale = if j < 4 {
+                        sc[j] & 63
+                    } else {
+                        (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4)
+                    } as i32;
+                    s += scale * code * x[y] as i32;
+                }
+            }
+            106 => {
+                // ggml's dequantize_row_q6_K.
+                for y in 0..256 {
+                    let (n, r) = (y / 128, y % 128);
+                    let (k, l) = (r / 32, r % 32);
+                    let ql = blk[64 * n + l + 32 * (k % 2)];
+                    let low = if k < 2 { ql & 15 } else { ql >> 4 };
+                    let high = (blk[128 + 32 * n + l] >> (2 * k)) & 3;
+                    let code = (low | (high << 4)) as i32 - 32;
+                    let scale = blk[192 + 8 * n + l / 16 + 2 * k] as i8 as i32;
+                    s += scale * code * x[y] as i32;
+                }
+            }
             _ => {
                 let scales_h = u16::from_le_bytes([blk[2], blk[3]]) as i32;
                 for y in 0..256 {
@@ -609,13 +920,21 @@ mod tests {
     #[test]
     fn k_quant_block_sums_match_the_scalar_formulas() {
         let mut rng = Lcg(11);
-        type Sums = fn(&[u8], &[i8], &mut [i32]);
-        let kinds: [(usize, usize, Sums); 3] = [
-            (2, Q2_K_BYTES, block_sums_q2_k),
-            (3, Q3_K_BYTES, block_sums_q3_k),
-            (44, IQ4_XS_BYTES, block_sums_iq4_xs),
+        // Kinds: 2 = Q2_K, 3 = Q3_K, 44 = IQ4_XS, 104 = Q4_K, 105 = Q5_K,
+        // 106 = Q6_K.
+        let kinds: [(usize, usize, Paths); 6] = [
+            (2, Q2_K_BYTES, (sums_q2_k::<false>, block_sums_q2_k_dot)),
+            (3, Q3_K_BYTES, (sums_q3_k::<false>, block_sums_q3_k_dot)),
+            (
+                44,
+                IQ4_XS_BYTES,
+                (sums_iq4_xs::<false>, block_sums_iq4_xs_dot),
+            ),
+            (104, Q4_K_BYTES, (sums_q4_k::<false>, block_sums_q4_k_dot)),
+            (105, Q5_K_BYTES, (sums_q5_k::<false>, block_sums_q5_k_dot)),
+            (106, Q6_K_BYTES, (sums_q6_k::<false>, block_sums_q6_k_dot)),
         ];
-        for (kind, bytes, sums) in kinds {
+        for (kind, bytes, paths) in kinds {
             for blocks in [1usize, 3, 8] {
                 for case in 0..4 {
                     // Activation codes stay in [−127, 127], as Q8_K's.
@@ -629,14 +948,15 @@ mod tests {
                     let x: Vec<i8> = (0..blocks * QK_K)
                         .map(|_| (fill(&mut rng) as i8).max(-127))
                         .collect();
-                    let mut got = vec![0i32; blocks];
-                    sums(&w, &x, &mut got);
-                    for b in 0..blocks {
-                        let want = scalar_k(kind, &w[b * bytes..][..bytes], &x[b * QK_K..][..QK_K]);
-                        assert_eq!(
-                            got[b], want,
-                            "K kind {kind} block {b} of {blocks}, case {case}"
-                        );
+                    for (path, got) in each_path(paths, &w, &x, blocks) {
+                        for b in 0..blocks {
+                            let want =
+                                scalar_k(kind, &w[b * bytes..][..bytes], &x[b * QK_K..][..QK_K]);
+                            assert_eq!(
+                                got[b], want,
+                                "K kind {kind} ({path}) block {b} of {blocks}, case {case}"
+                            );
+                        }
                     }
                 }
             }
