@@ -668,6 +668,21 @@ fn the_kv_cache_type_comes_from_the_flag_else_config_toml_per_model() {
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // The flag wins; other models get `type`.
     assert_eq!(bench(&["--kv-type", "f16"])["kv_type"], "f16");
+    // Repeated, the fastest of the prompt's runs is reported.
+    let v = bench(&["--repetitions", "3"]);
+    let each: Vec<f64> = (v["prompt_tokens_per_s_each"].as_array().unwrap().iter())
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(each.len(), 3, "{v:#}");
+    let best = each.iter().copied().fold(0.0, f64::max);
+    assert!(
+        (v["prompt_tokens_per_s"].as_f64().unwrap() - best).abs() < 1e-9 * best,
+        "{v:#}"
+    );
+    assert!(
+        home.fails(&["bench", "coder", "--repetitions", "0"])
+            .contains("at least 1")
+    );
     let v = home.json(&["doctor", "--json"]);
     assert_eq!(v["models"][0]["kv_type"], "q8_0", "{v:#}");
     let out = home.json(&[

@@ -325,6 +325,10 @@ enum Command {
         /// requests), and report their tokens per second together.
         #[arg(long, default_value_t = 1)]
         sequences: usize,
+        /// Times the prompt is evaluated (each on a fresh cache, the same
+        /// tokens); the fastest is reported, all of them in the JSON.
+        #[arg(long, default_value_t = 1)]
+        repetitions: usize,
         #[arg(long)]
         json: bool,
     },
@@ -1228,6 +1232,7 @@ fn run(command: Command) -> CliResult {
             attention_block,
             prompt_batch,
             sequences,
+            repetitions,
             json,
         } => bench::run(
             &config,
@@ -1240,6 +1245,7 @@ fn run(command: Command) -> CliResult {
                 attention_block,
                 prompt_batch,
                 sequences,
+                repetitions,
             },
             json,
         ),
