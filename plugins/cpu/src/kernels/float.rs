@@ -2,8 +2,8 @@
 //! f16 (the reference's `round_activations` for F16 weights), BF16 with
 //! bf16-rounded activations, F32 with the activations as they are;
 //! portable, NEON (`neon::float_tile`), AVX2 and AVX-512 (the AVX2 row
-//! kernel; prompts in 512-bit registers that hold two activation rows'
-//! lanes). Every path sums in `kiln_blocks::fused_dot`'s order (eight f32
+//! kernel; prompts against the group's weights widened once into a
+//! panel whose 512-bit registers hold two weight rows' lanes). Every path sums in `kiln_blocks::fused_dot`'s order (eight f32
 //! lanes, fused multiply-adds, one reduction tree), so every path gives
 //! the reference's bits.
 
@@ -197,16 +197,24 @@ fn portable(float: Float, w: &[u8], x: &[f32]) -> f32 {
 /// rows and any number of activation rows, in tiles of 2 weight rows × 5
 /// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
 /// registers hold beside the five rows' activations and one weight
-/// vector: 4 × 3 spills one and was 0.94× as fast) and 4 × 12 on AVX-512
-/// (24 registers of two activation rows' eight lanes each, `tile_pairs`):
-/// each weight vector converted once per step for its whole tile row, each
-/// sum in [`kiln_blocks::fused_dot`]'s order. Partial tiles repeat their
-/// last row and drop its results.
+/// vector: 4 × 3 spills one and was 0.94× as fast), each weight vector
+/// converted once per step for its whole tile row; on AVX-512 the group's
+/// weights are widened once into a panel of pairs of rows
+/// (`x86::gemm16_avx512`: 8 weight rows × 6 activation rows a tile, two
+/// rows' lanes a register). Each sum in [`kiln_blocks::fused_dot`]'s
+/// order. Partial tiles repeat their last row and drop its results.
 ///
 /// Returns `false` (and does nothing) where [`has_gemm`] says no.
-pub fn gemm16(isa: Isa, float: Float, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
+pub fn gemm16(
+    isa: Isa,
+    float: Float,
+    ws: &[&[u8]],
+    xs: &[&[f32]],
+    scratch: &mut GemmScratch,
+    out: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return gemm16_x86(isa, float, ws, xs, out);
+    return gemm16_x86(isa, float, ws, xs, scratch, out);
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
         assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
@@ -217,9 +225,16 @@ pub fn gemm16(isa: Isa, float: Float, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f3
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, float, ws, xs, out);
+        let _ = (isa, float, ws, xs, scratch, out);
         false
     }
+}
+
+/// Scratch for [`gemm16`], reused across calls on one thread: the AVX-512
+/// path's weights widened to f32 in pairs of rows.
+#[derive(Default)]
+pub struct GemmScratch {
+    panel: Vec<f32>,
 }
 
 /// Whether [`gemm16`] runs on `isa` (every [`Float`] alike).
@@ -233,17 +248,24 @@ pub fn has_gemm(isa: Isa) -> bool {
 
 /// [`gemm16`] on x86-64.
 #[cfg(target_arch = "x86_64")]
-fn gemm16_x86(isa: Isa, float: Float, ws: &[&[u8]], xs: &[&[f32]], out: &mut [f32]) -> bool {
+fn gemm16_x86(
+    isa: Isa,
+    float: Float,
+    ws: &[&[u8]],
+    xs: &[&[f32]],
+    scratch: &mut GemmScratch,
+    out: &mut [f32],
+) -> bool {
     assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let k = xs[0].len();
     assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == float.bytes() * k));
     // Each tile's SAFETY: the CPU has the path (`Isa`); every row is as
     // long as the first (asserted above).
     match isa {
-        Isa::Avx512 => by_float!(float, T => tiled(ws, xs, out, |w, x: &[_; 12]| {
-            // SAFETY: as above.
-            unsafe { x86::tile_pairs::<T, 4, 6, 12>(w, x) }
-        })),
+        // SAFETY: as above.
+        Isa::Avx512 => by_float!(float, T => unsafe {
+            x86::gemm16_avx512::<T>(ws, xs, &mut scratch.panel, out)
+        }),
         Isa::Avx2 | Isa::AvxVnni => by_float!(float, T => tiled(ws, xs, out, |w, x: &[_; 5]| {
             // SAFETY: as above.
             unsafe { x86::tile_avx2::<T, 2, 5>(w, x) }
@@ -483,84 +505,185 @@ mod x86 {
         out
     }
 
-    /// A tile of [`super::gemm16`] in 512-bit registers: each holds two
-    /// activation rows' eight lanes (`x[2p]` low, `x[2p + 1]` high) for
-    /// one weight row, whose eight values are widened into both halves;
-    /// so each lane adds the same products in the same order as
-    /// [`tile_avx2`]'s, and the results are the same bits. 4 weight rows ×
-    /// 6 pairs take 31 of the 32 registers: 1.25× the speed of
-    /// [`tile_avx2`]'s code at 4 × 6 in them (paired whole-process time of
-    /// a 128-token F16 prompt, one thread).
+    /// Pairs of weight rows in a 512-bit register ([`gemm16_avx512`]).
+    const PAIRS: usize = 4;
+    /// Activation rows in a [`gemm16_avx512`] tile.
+    const TILE_ROWS: usize = 6;
+
+    /// [`super::gemm16`] on AVX-512. The group's weights are widened to
+    /// f32 once per call into `panel`, two rows to a 512-bit register
+    /// (row `2p`'s eight values of a run of eight, then row `2p + 1`'s;
+    /// missing rows and the last run's tail zero), so that a tile of 4
+    /// pairs × 6 activation rows takes per run of eight values 4 loads of
+    /// weights, 6 broadcasts of an activation row's eight from memory
+    /// (load-port only) and 24 FMAs: no conversion, shuffle or insert on
+    /// the FMA ports. Each lane adds its products in
+    /// [`kiln_blocks::fused_dot`]'s order (lane `j` of a half: values `j`,
+    /// `j + 8`, …), the halves summed by [`sum8`], so the results are
+    /// [`tile_avx2`]'s bits.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `w` row
-    /// holds `x[0].len()` weights of the type coded `T` and every `x` row
-    /// as many values; `M == 2 * P`.
+    /// AVX-512 F/BW/VL, AVX2, FMA and F16C are present; every `ws` row
+    /// holds `xs[0].len()` weights of the type coded `T` and every `xs`
+    /// row as many values; at most 16 rows in `ws`; `out` holds
+    /// `xs.len() × 16` values.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile_pairs<const T: u8, const N: usize, const P: usize, const M: usize>(
-        w: &[&[u8]; N],
-        x: &[&[f32]; M],
-    ) -> [[f32; M]; N] {
-        assert_eq!(M, 2 * P);
-        let mut acc = [[_mm512_setzero_ps(); P]; N];
-        let step = |w: [*const u8; N], x: [*const f32; M]| {
-            // SAFETY: each pointer is at 8 values ([`walk`], which checks
-            // the lengths).
-            unsafe {
-                let mut xv = [_mm512_setzero_ps(); P];
-                for (p, v) in xv.iter_mut().enumerate() {
-                    let lo = _mm512_castps256_ps512(_mm256_loadu_ps(x[2 * p]));
-                    let hi = _mm256_castps_pd(_mm256_loadu_ps(x[2 * p + 1]));
-                    *v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi));
-                }
-                for (acc, w) in acc.iter_mut().zip(w) {
-                    let wv = if T == super::F32 {
-                        let v = _mm256_castps_pd(_mm256_loadu_ps(w.cast()));
-                        _mm512_castpd_ps(_mm512_broadcast_f64x4(v))
-                    } else {
-                        let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(w.cast()));
-                        if T == super::BF16 {
-                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-                        } else {
-                            _mm512_cvtph_ps(h)
-                        }
-                    };
-                    for (acc, xv) in acc.iter_mut().zip(&xv) {
-                        *acc = _mm512_fmadd_ps(wv, *xv, *acc);
-                    }
-                }
+    pub unsafe fn gemm16_avx512<const T: u8>(
+        ws: &[&[u8]],
+        xs: &[&[f32]],
+        panel: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        const GROUP: usize = crate::kernels::GEMM_GROUP;
+        let k = xs[0].len();
+        let e = super::Float::bytes_of(T);
+        assert!(ws.len() <= GROUP && out.len() >= xs.len() * GROUP);
+        assert!(xs.iter().all(|x| x.len() == k) && ws.iter().all(|w| w.len() == e * k));
+        let (full, runs) = (k / 8, k.div_ceil(8));
+        // Run r, pair p, half h at ((r · 8 + p) · 2 + h) · 8. Every value
+        // of the rows in `ws` is written below; a short group's other rows
+        // are zeroed.
+        if panel.len() < runs * GROUP * 8 {
+            panel.resize(runs * GROUP * 8, 0.0);
+        }
+        if ws.len() < GROUP {
+            for run in panel[..runs * GROUP * 8].chunks_exact_mut(GROUP * 8) {
+                run[ws.len() * 8..].fill(0.0);
             }
-        };
-        walk(super::Float::bytes_of(T), w, x, step);
-        let mut out = [[0.0; M]; N];
-        // `p` indexes the inner dimension of `acc`.
-        #[allow(clippy::needless_range_loop)]
-        for p in 0..P {
-            for half in 0..2 {
-                let part: [__m256; N] = std::array::from_fn(|n| {
-                    let pd = _mm512_castps_pd(acc[n][p]);
-                    _mm256_castpd_ps(if half == 0 {
-                        _mm512_castpd512_pd256(pd)
-                    } else {
-                        _mm512_extractf64x4_pd::<1>(pd)
-                    })
-                });
-                let m = 2 * p + half;
-                let mut n = 0;
-                while n + 4 <= N {
-                    // SAFETY: AVX is enabled here.
-                    let s = unsafe { sum8x4([part[n], part[n + 1], part[n + 2], part[n + 3]]) };
-                    for (i, s) in s.into_iter().enumerate() {
-                        out[n + i][m] = s;
-                    }
-                    n += 4;
-                }
-                for n in n..N {
-                    // SAFETY: AVX is enabled here.
-                    out[n][m] = unsafe { sum8(part[n]) };
+        }
+        // Run by run, so that each run's 512 bytes are written whole, one
+        // after another (row by row, each cache line of a pair was
+        // written twice, the second time after it had left L1).
+        for r in 0..full {
+            for (n, w) in ws.iter().enumerate() {
+                // SAFETY: values 8r..8r + 8 of the row are inside it, and
+                // the panel holds run r of row n (sized above).
+                unsafe {
+                    let v = widen8::<T>(w.as_ptr().add(e * 8 * r));
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((r * GROUP + n) * 8), v);
                 }
             }
         }
-        out
+        for (n, w) in ws.iter().enumerate() {
+            let at = |r: usize| (r * GROUP + n) * 8;
+            if full < runs {
+                let mut tail = [0u8; 32];
+                tail[..w.len() - e * 8 * full].copy_from_slice(&w[e * 8 * full..]);
+                // SAFETY: as above, the tail zero-filled to 8 values.
+                unsafe {
+                    let v = widen8::<T>(tail.as_ptr());
+                    _mm256_storeu_ps(panel.as_mut_ptr().add(at(full)), v);
+                }
+            }
+        }
+        let pairs = ws.len().div_ceil(2);
+        // The next group's weights (the rows after these, where rows lie
+        // one after another, as a matrix's do) asked for while this one
+        // computes, a share per tile: widening them into the panel next
+        // call would otherwise wait on memory with nothing to overlap.
+        let ahead = ws.len() * ws[0].len();
+        let next = ws[ws.len() - 1].as_ptr().wrapping_add(ws[0].len());
+        let tiles = xs.len().div_ceil(TILE_ROWS) * pairs.div_ceil(PAIRS);
+        let share = ahead.div_ceil(tiles).div_ceil(64) * 64;
+        let mut asked = 0;
+        for m0 in (0..xs.len()).step_by(TILE_ROWS) {
+            // A partial tile repeats its last row and drops its results.
+            let x: [&[f32]; TILE_ROWS] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
+            let mut tail = [[0f32; 8]; TILE_ROWS];
+            for (t, x) in tail.iter_mut().zip(&x) {
+                t[..k - 8 * full].copy_from_slice(&x[8 * full..]);
+            }
+            for p0 in (0..pairs).step_by(PAIRS) {
+                let end = (asked + share).min(ahead);
+                for line in (asked..end).step_by(64) {
+                    // A hint: no access happens (the address may lie past
+                    // the weights).
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line).cast());
+                }
+                asked = end;
+                let mut acc = [[_mm512_setzero_ps(); TILE_ROWS]; PAIRS];
+                // SAFETY: the panel holds every run of pairs p0..p0 + 4
+                // (16 rows, zero past `ws`); each row holds `full` whole
+                // runs, the tail copied.
+                unsafe {
+                    pairs_tile(
+                        &mut acc,
+                        panel.as_ptr().add(2 * p0 * 8),
+                        x.map(|r| r.as_ptr()),
+                        full,
+                        (full < runs).then_some(&tail),
+                    )
+                };
+                for (p, acc) in acc.iter().enumerate() {
+                    for (m, a) in acc.iter().enumerate().take(xs.len() - m0) {
+                        let pd = _mm512_castps_pd(*a);
+                        let halves = [
+                            _mm256_castpd_ps(_mm512_castpd512_pd256(pd)),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(pd)),
+                        ];
+                        for (h, v) in halves.into_iter().enumerate() {
+                            let n = 2 * (p0 + p) + h;
+                            if n < ws.len() {
+                                // SAFETY: AVX is enabled here.
+                                out[(m0 + m) * GROUP + n] = unsafe { sum8(v) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`gemm16_avx512`]'s tile: adds to `acc` 4 pairs of weight rows
+    /// from `panel` (pair 0 of the first run at `panel`, runs 128 values
+    /// apart) against 6 activation rows, `whole` runs of eight from `x`
+    /// and then, if given, the zero-filled `tail`'s. (Blocking the rows'
+    /// length into chunks of 256 values, the sums carried between them,
+    /// kept a chunk's panel and activations in L1 but made a 256-token
+    /// F16 prompt about a fifth slower: more loop overhead, no gain.)
+    ///
+    /// # Safety
+    /// As [`gemm16_avx512`]; `panel` holds the runs read, each `x` row
+    /// `8 · whole` values.
+    #[inline(always)]
+    unsafe fn pairs_tile(
+        acc: &mut [[__m512; TILE_ROWS]; PAIRS],
+        panel: *const f32,
+        x: [*const f32; TILE_ROWS],
+        whole: usize,
+        tail: Option<&[[f32; 8]; TILE_ROWS]>,
+    ) {
+        const RUN: usize = crate::kernels::GEMM_GROUP * 8;
+        // SAFETY: register operations, and reads the caller vouches for.
+        unsafe {
+            let step = |acc: &mut [[__m512; TILE_ROWS]; PAIRS],
+                        w: *const f32,
+                        x: [*const f32; TILE_ROWS]| {
+                let mut wv = [_mm512_setzero_ps(); PAIRS];
+                for (p, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(w.add(16 * p));
+                }
+                for (m, x) in x.iter().enumerate() {
+                    let xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(x.cast())));
+                    for (acc, wv) in acc.iter_mut().zip(&wv) {
+                        acc[m] = _mm512_fmadd_ps(*wv, xv, acc[m]);
+                    }
+                }
+            };
+            // A local copy, which stays in registers (through `acc`
+            // itself, the sums went to the stack and back every run).
+            let mut sums = *acc;
+            for r in 0..whole {
+                step(&mut sums, panel.add(r * RUN), x.map(|x| x.add(8 * r)));
+            }
+            if let Some(tail) = tail {
+                step(
+                    &mut sums,
+                    panel.add(whole * RUN),
+                    std::array::from_fn(|m| tail[m].as_ptr()),
+                );
+            }
+            *acc = sums;
+        }
     }
 }

@@ -851,9 +851,13 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
             _ => {
                 let xs = all_rows(xq, m_count, Prepared::rounded);
                 let float = float.expect("a float type: every other has its arm");
-                gemm_groups::<()>(slices, n_count, m_count, work, &|s, ws, _, out| {
-                    float::gemm16(isa, float, ws, &xs[s], out)
-                });
+                gemm_groups::<float::GemmScratch>(
+                    slices,
+                    n_count,
+                    m_count,
+                    work,
+                    &|s, ws, sc, out| float::gemm16(isa, float, ws, &xs[s], sc, out),
+                );
             }
         }
         return Some(());
