@@ -234,6 +234,7 @@ pub fn gemm16(
 /// path's weights widened to f32 in pairs of rows.
 #[derive(Default)]
 pub struct GemmScratch {
+    #[cfg(target_arch = "x86_64")]
     panel: Vec<f32>,
 }
 
