@@ -13,6 +13,19 @@ use kiln_blocks::nearest_int;
 use kiln_plugin_api::DType;
 
 const QK_K: usize = 256;
+
+/// NEON's block sums `neon::$sums` as a [`portable`] kernel's `isum` (a
+/// block's exact integer sum).
+#[cfg(target_arch = "aarch64")]
+macro_rules! neon_isum {
+    ($sums:ident) => {
+        |blk: &[u8], xq: &[i8]| {
+            let mut isum = [0];
+            super::neon::$sums(blk, xq, &mut isum);
+            isum[0]
+        }
+    };
+}
 const BLOCK: usize = 210;
 const Q4_K_BLOCK: usize = 144;
 const Q5_K_BLOCK: usize = 176;
@@ -149,12 +162,7 @@ macro_rules! simd_or_portable {
             }
             #[cfg(target_arch = "aarch64")]
             if isa == Isa::Neon {
-                let neon = |blk: &[u8], xq: &[i8]| {
-                    let mut isum = [0];
-                    super::neon::$neon(blk, xq, &mut isum);
-                    isum[0]
-                };
-                return portable(neon, $term, $bytes, w, xs, out);
+                return portable(neon_isum!($neon), $term, $bytes, w, xs, out);
             }
             let _ = isa;
             portable($isum, $term, $bytes, w, xs, out)
@@ -331,12 +339,14 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        let neon = |blk: &[u8], xq: &[i8]| {
-            let mut isum = [0];
-            super::neon::block_sums_q4_k(blk, xq, &mut isum);
-            isum[0]
-        };
-        return portable(neon, q45_k_term, Q4_K_BLOCK, w, xs, out);
+        return portable(
+            neon_isum!(block_sums_q4_k),
+            q45_k_term,
+            Q4_K_BLOCK,
+            w,
+            xs,
+            out,
+        );
     }
     let _ = isa;
     portable(q4_k_isum, q45_k_term, Q4_K_BLOCK, w, xs, out)
@@ -373,12 +383,14 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        let neon = |blk: &[u8], xq: &[i8]| {
-            let mut isum = [0];
-            super::neon::block_sums_q5_k(blk, xq, &mut isum);
-            isum[0]
-        };
-        return portable(neon, q45_k_term, Q5_K_BLOCK, w, xs, out);
+        return portable(
+            neon_isum!(block_sums_q5_k),
+            q45_k_term,
+            Q5_K_BLOCK,
+            w,
+            xs,
+            out,
+        );
     }
     let _ = isa;
     portable(q5_k_isum, q45_k_term, Q5_K_BLOCK, w, xs, out)
@@ -581,12 +593,7 @@ pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon {
-        let neon = |blk: &[u8], xq: &[i8]| {
-            let mut isum = [0];
-            super::neon::block_sums_q6_k(blk, xq, &mut isum);
-            isum[0]
-        };
-        return portable(neon, q6_k_term, BLOCK, w, xs, out);
+        return portable(neon_isum!(block_sums_q6_k), q6_k_term, BLOCK, w, xs, out);
     }
     let _ = isa;
     portable(q6_k_isum, q6_k_term, BLOCK, w, xs, out)
