@@ -1068,16 +1068,8 @@ impl Member {
                     .1
             }
         };
-        let adapter = match &self.adapter {
-            Some(a) => Some(
-                kiln_runtime::store::resolve_adapter(config, a)
-                    .map_err(|e| format!("adapter {a:?}: {e}"))?
-                    .0,
-            ),
-            None => None,
-        };
         let kv_type = t.kv_types.for_model(&self.id);
-        let mut b = session::budget(&path, self.n_ctx, kv_type).or_else(|e| {
+        let b = session::budget(&path, self.n_ctx, kv_type).or_else(|e| {
             // An encrypted blob has no readable header: count its size.
             let size = std::fs::metadata(&path).map_err(|_| e.to_string())?.len();
             Ok::<_, String>(session::Budget {
@@ -1091,17 +1083,15 @@ impl Member {
                 total_bytes: size,
             })
         })?;
-        if let Some(a) = &adapter {
-            // Checked against the model before it loads; its pairs are
-            // held as f32 beside the weights.
-            let base =
-                kiln_runtime::gguf::GgufFile::open_header(&path).map_err(|e| e.to_string())?;
-            let bytes = kiln_runtime::model::lora::check(a, &base)
-                .map_err(|e| format!("adapter {:?}: {e}", self.adapter.as_deref().unwrap_or("")))?
-                .bytes;
-            b.weights_bytes += bytes;
-            b.total_bytes += bytes;
-        }
+        // Its adapter checked against it before it loads, its pairs held
+        // beside the weights.
+        let (b, adapter) = match &self.adapter {
+            Some(a) => {
+                let (file, applied) = kiln_runtime::store::adapter_for_model(config, a, &path)?;
+                (b.with_weights(applied.bytes), Some(file))
+            }
+            None => (b, None),
+        };
         slot.path = Some(path);
         slot.adapter_path = adapter;
         slot.need = Some(b.clone());

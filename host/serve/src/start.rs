@@ -64,20 +64,15 @@ pub fn start_pool(
             .unwrap_or_default();
         if let Some(m) = spec.config.models.get(&name) {
             spec.model = Some(m.model.clone());
-            let adapter = match (&spec.adapter, &m.adapter) {
-                (None, Some(a)) => {
-                    spec.adapter = Some(
-                        store::resolve_adapter(&spec.config, a)
-                            .map_err(|e| format!("[models.{name}] adapter: {e}"))?,
-                    );
-                    Some(a.clone())
+            // Served by its name, with its entry's adapter, unless the
+            // command line's adapter makes it another model.
+            if spec.adapter.is_none() {
+                if let Some(a) = &m.adapter {
+                    let resolved = store::resolve_adapter(&spec.config, a)
+                        .map_err(|e| format!("[models.{name}] adapter: {e}"))?;
+                    spec.adapter = Some(resolved);
                 }
-                _ => None,
-            };
-            // Served by its name unless the command line's adapter makes
-            // it another model.
-            if spec.adapter.is_none() || adapter.is_some() {
-                chosen = Some((name, adapter));
+                chosen = Some((name, m.adapter.clone()));
             }
         }
     }

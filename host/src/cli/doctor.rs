@@ -197,24 +197,15 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             .and_then(|(_, path)| {
                 let kv =
                     super::kv_type_for(config, name, None).unwrap_or(kiln_plugin_api::DType::F16);
-                let mut b = kiln_runtime::model::session::budget(&path, entry.ctx, kv)
+                let b = kiln_runtime::model::session::budget(&path, entry.ctx, kv)
                     .map_err(|e| e.to_string())?;
                 // Its adapter, checked against it as `kiln serve` checks
                 // it before loading; its pairs held beside the weights.
-                if let Some(a) = &entry.adapter {
-                    let bytes = kiln_runtime::store::resolve_adapter(config, a)
-                        .map_err(|e| e.to_string())
-                        .and_then(|(file, _)| {
-                            let base = kiln_runtime::gguf::GgufFile::open_header(&path)
-                                .map_err(|e| e.to_string())?;
-                            kiln_runtime::model::lora::check(&file, &base)
-                        })
-                        .map_err(|e| format!("its adapter = {a:?} cannot be applied: {e}"))?
-                        .bytes;
-                    b.weights_bytes += bytes;
-                    b.total_bytes += bytes;
+                match &entry.adapter {
+                    Some(a) => kiln_runtime::store::adapter_for_model(config, a, &path)
+                        .map(|(_, applied)| b.with_weights(applied.bytes)),
+                    None => Ok(b),
                 }
-                Ok(b)
             });
         // On a plugin's device: its weights there, only its KV cache and
         // work space copied on the host.

@@ -72,9 +72,10 @@ pub fn check(path: &Path, base: &GgufFile) -> Result<Applied, String> {
 
 fn read_with(path: &Path, base: &GgufFile, data: bool) -> Result<(Tensors, Applied), String> {
     let fail = |what: String| format!("{}: {what}", path.display());
-    let f = match data {
-        true => GgufFile::open(path),
-        false => GgufFile::open_header(path),
+    let f = if data {
+        GgufFile::open(path)
+    } else {
+        GgufFile::open_header(path)
     }
     .map_err(|e| e.to_string())?;
     let meta = |f: &GgufFile, k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();

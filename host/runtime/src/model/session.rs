@@ -198,6 +198,14 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// This budget with `bytes` more held beside the weights (a LoRA
+    /// adapter's pairs).
+    pub fn with_weights(mut self, bytes: u64) -> Budget {
+        self.weights_bytes += bytes;
+        self.total_bytes += bytes;
+        self
+    }
+
     /// This budget for `sequences` requests decoded together (at least
     /// one), each with a KV cache of its own.
     pub fn with_sequences(mut self, sequences: usize) -> Budget {
