@@ -3,9 +3,10 @@
 //! bf16-rounded activations, F32 with the activations as they are;
 //! portable, NEON (`neon::float_tile`), AVX2 and AVX-512 (the AVX2 row
 //! kernel; prompts against the group's weights widened once into a
-//! panel whose 512-bit registers hold two weight rows' lanes). Every path sums in `kiln_blocks::fused_dot`'s order (eight f32
-//! lanes, fused multiply-adds, one reduction tree), so every path gives
-//! the reference's bits.
+//! panel whose 512-bit registers hold two weight rows' lanes). Every
+//! path sums in `kiln_blocks::fused_dot`'s order (eight f32 lanes, fused
+//! multiply-adds, one reduction tree), so every path gives the
+//! reference's bits.
 
 use super::{GEMM_GROUP, Isa};
 use half::f16;
@@ -511,8 +512,8 @@ mod x86 {
     }
 
     /// [`gemm16_avx512`]'s panel: widens the (at most 16) weight rows
-    /// `ws` of `k` values of the type coded `T` to f32 in `panel`, run by run of eight values: row `n`'s
-    /// run `r` at `(r · 16 + n) · 8`, so that a 512-bit register holds a
+    /// `ws` of `k` values of the type coded `T` to f32 in `panel`, run by
+    /// run of eight values: row `n`'s run `r` at `(r · 16 + n) · 8`, so that a 512-bit register holds a
     /// pair of rows' run; the last run zero-filled past `k`, and a short
     /// group's missing rows zero. Written run by run, each run's 512
     /// bytes whole, one after another (row by row, each cache line of a

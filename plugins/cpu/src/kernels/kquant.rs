@@ -14,24 +14,32 @@ use kiln_plugin_api::DType;
 
 const QK_K: usize = 256;
 
-/// NEON's block sums `neon::$sums` as a [`portable`] kernel's `isum` (a
-/// block's exact integer sum).
-#[cfg(target_arch = "aarch64")]
-macro_rules! neon_isum {
-    ($sums:ident) => {
-        |blk: &[u8], xq: &[i8]| {
-            let mut isum = [0];
-            super::neon::$sums(blk, xq, &mut isum);
-            isum[0]
-        }
-    };
-}
 const BLOCK: usize = 210;
 const Q4_K_BLOCK: usize = 144;
 const Q5_K_BLOCK: usize = 176;
 const Q2_K_BLOCK: usize = 84;
 const Q3_K_BLOCK: usize = 110;
 const IQ4_XS_BLOCK: usize = 136;
+
+/// Returns [`portable`]`(isum, $term, $bytes, w, xs, out)` with NEON's
+/// block sums `neon::$neon` as `isum` where `$isa` is NEON, else with
+/// the portable `$isum`: a row kernel's last resort, every path the same
+/// bits (exact integer block sums, one f64 scaling).
+macro_rules! neon_or_portable {
+    ($isa:expr, $neon:ident, $isum:expr, $term:expr, $bytes:expr, $w:expr, $xs:expr, $out:expr) => {{
+        #[cfg(target_arch = "aarch64")]
+        if $isa == Isa::Neon {
+            let neon = |blk: &[u8], xq: &[i8]| {
+                let mut isum = [0];
+                super::neon::$neon(blk, xq, &mut isum);
+                isum[0]
+            };
+            return portable(neon, $term, $bytes, $w, $xs, $out);
+        }
+        let _ = $isa;
+        portable($isum, $term, $bytes, $w, $xs, $out)
+    }};
+}
 
 /// One activation row as ggml's `block_q8_K`s (without the sums).
 pub struct Q8KRow {
@@ -160,12 +168,7 @@ macro_rules! simd_or_portable {
                     }
                 };
             }
-            #[cfg(target_arch = "aarch64")]
-            if isa == Isa::Neon {
-                return portable(neon_isum!($neon), $term, $bytes, w, xs, out);
-            }
-            let _ = isa;
-            portable($isum, $term, $bytes, w, xs, out)
+            neon_or_portable!(isa, $neon, $isum, $term, $bytes, w, xs, out)
         }
     };
 }
@@ -337,24 +340,22 @@ pub fn dot_q4_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        return portable(
-            neon_isum!(block_sums_q4_k),
-            q45_k_term,
-            Q4_K_BLOCK,
-            w,
-            xs,
-            out,
-        );
-    }
-    let _ = isa;
-    portable(q4_k_isum, q45_k_term, Q4_K_BLOCK, w, xs, out)
+    neon_or_portable!(
+        isa,
+        block_sums_q4_k,
+        q4_k_isum,
+        q45_k_term,
+        Q4_K_BLOCK,
+        w,
+        xs,
+        out
+    )
 }
 
 /// `out[r] = w · xs[r]` for one Q5_K row and up to four activation rows:
-/// Q4_K's arithmetic with a fifth bit per code (from `qh`). AVX-512 VNNI
-/// has a kernel; other CPUs take the portable loop.
+/// Q4_K's arithmetic with a fifth bit per code (from `qh`): kernels on
+/// AVX-512 VNNI and AVX2 (Q4_K's, with AVX-VNNI where present), NEON's
+/// block sums on aarch64, else the portable loop.
 pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
     assert!(!xs.is_empty() && xs.len() <= 4 && out.len() == xs.len());
     assert!(xs.iter().all(|x| w.len() == x.d.len() * Q5_K_BLOCK));
@@ -381,19 +382,16 @@ pub fn dot_q5_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        return portable(
-            neon_isum!(block_sums_q5_k),
-            q45_k_term,
-            Q5_K_BLOCK,
-            w,
-            xs,
-            out,
-        );
-    }
-    let _ = isa;
-    portable(q5_k_isum, q45_k_term, Q5_K_BLOCK, w, xs, out)
+    neon_or_portable!(
+        isa,
+        block_sums_q5_k,
+        q5_k_isum,
+        q45_k_term,
+        Q5_K_BLOCK,
+        w,
+        xs,
+        out
+    )
 }
 
 /// Q5_K's `Σ sc_j (q·x)_j` over a block: Q4_K's with 5-bit codes (the
@@ -591,12 +589,16 @@ pub fn dot_q6_k(isa: Isa, w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
             }
         };
     }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        return portable(neon_isum!(block_sums_q6_k), q6_k_term, BLOCK, w, xs, out);
-    }
-    let _ = isa;
-    portable(q6_k_isum, q6_k_term, BLOCK, w, xs, out)
+    neon_or_portable!(
+        isa,
+        block_sums_q6_k,
+        q6_k_isum,
+        q6_k_term,
+        BLOCK,
+        w,
+        xs,
+        out
+    )
 }
 
 /// Q6_K's `Σ sc_j (q·x)_j` over a block (sixteen sub-blocks of 16,
