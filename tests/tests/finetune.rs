@@ -1192,12 +1192,11 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
         2,
         "{listed:#}"
     );
-    let run = |adapter: &str| -> String {
-        let v = home.json(&[
-            "run",
-            s,
-            "--adapter",
-            adapter,
+    // `kiln run`'s greedy text with the adapter given, or none.
+    let run = |adapter: Option<&str>| -> String {
+        let mut args = vec!["run", s];
+        args.extend(adapter.map(|a| ["--adapter", a]).into_iter().flatten());
+        args.extend([
             "--prompt",
             "fn main() {",
             "--max-tokens",
@@ -1206,17 +1205,14 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
             "0",
             "--json",
         ]);
-        v["text"].as_str().unwrap().to_string()
+        home.json(&args)["text"].as_str().unwrap().to_string()
     };
-    let (one, two) = (
-        run(files[0].to_str().unwrap()),
-        run(files[1].to_str().unwrap()),
-    );
+    let (one, two) = (run(files[0].to_str()), run(files[1].to_str()));
     assert_ne!(one, two, "the two adapters should complete differently");
-    assert_eq!(run("mine"), two);
+    assert_eq!(run(Some("mine")), two);
     home.ok(&["adapters", "rollback", "mine"]);
-    assert_eq!(run("mine"), one);
-    assert_eq!(run("mine@2"), two);
+    assert_eq!(run(Some("mine")), one);
+    assert_eq!(run(Some("mine@2")), two);
     let audit = home.registry().audit_log(50).unwrap();
     let kinds: Vec<&str> = audit
         .iter()
@@ -1269,20 +1265,7 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
     // plain, with a registered adapter's version, with an adapter file;
     // an adapter that does not fit and one that does not exist fail their
     // own entries (in `kiln doctor` first), not the others.
-    let plain = home.json(&[
-        "run",
-        s,
-        "--prompt",
-        "fn main() {",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-        "--json",
-    ])["text"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let plain = run(None);
     assert!(
         plain != one && plain != two,
         "the adapters should change the text"

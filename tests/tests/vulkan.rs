@@ -49,6 +49,14 @@ fn vulkan(home: &Home) -> Arc<Backend> {
     b
 }
 
+/// Ops the plugin declined so far (they ran on the CPU instead).
+fn fallbacks(plugin: &Backend) -> u64 {
+    plugin
+        .stats
+        .ops_unsupported_fallback
+        .load(Ordering::Relaxed)
+}
+
 #[test]
 fn the_vulkan_plugin_passes_the_gate_and_names_its_device() {
     let home = Home::default();
@@ -153,20 +161,14 @@ fn models_generate_the_cpus_greedy_tokens_on_vulkan_with_the_cache_on_the_device
     // directions, so the prompt runs tiled and the steps after it do not.
     let prompt = long_prompt(41);
     for model in &models {
-        let fallback = plugin
-            .stats
-            .ops_unsupported_fallback
-            .load(Ordering::Relaxed);
+        let fallback = fallbacks(&plugin);
         // The device runs attention unfused (it has no fused op yet).
         let cpu = kiln_tests::greedy_unfused(model, &prompt, 10);
         let (dev, moved) =
             greedy_with_transfers(model, Executor::new(plugin.clone(), 0), &prompt, 10);
         assert_eq!(dev, cpu, "{}: greedy tokens on Vulkan", model.display());
         assert_eq!(
-            plugin
-                .stats
-                .ops_unsupported_fallback
-                .load(Ordering::Relaxed),
+            fallbacks(&plugin),
             fallback,
             "{}: every op ran on the device",
             model.display()
@@ -206,25 +208,15 @@ fn an_adapted_model_generates_the_cpus_greedy_tokens_on_vulkan() {
     let file = home.path().join("adapter.gguf");
     kiln_finetune::train::file::write_adapter(&file, &base, &adapter).unwrap();
     let prompt = long_prompt(41);
-    let cpu_exec = || Executor::new(Backend::builtin_cpu(), 0);
     let plain = kiln_tests::greedy_unfused(&model, &prompt, 10);
-    let (cpu, _) = kiln_tests::greedy_adapted(&model, &file, cpu_exec(), &prompt, 10, true);
+    let cpu = Executor::new(Backend::builtin_cpu(), 0);
+    let (cpu, _) = kiln_tests::greedy_adapted(&model, &file, cpu, &prompt, 10, true);
     assert_ne!(cpu, plain, "the adapter should change the greedy tokens");
-    let fallback = plugin
-        .stats
-        .ops_unsupported_fallback
-        .load(Ordering::Relaxed);
+    let fallback = fallbacks(&plugin);
     let device = Executor::new(plugin.clone(), 0);
     let (dev, moved) = kiln_tests::greedy_adapted(&model, &file, device, &prompt, 10, false);
     assert_eq!(dev, cpu, "greedy tokens of the adapted model on Vulkan");
-    assert_eq!(
-        plugin
-            .stats
-            .ops_unsupported_fallback
-            .load(Ordering::Relaxed),
-        fallback,
-        "every op ran on the device"
-    );
+    assert_eq!(fallbacks(&plugin), fallback, "every op ran on the device");
     kiln_tests::assert_decode_transfers(model.as_path(), &moved, 300);
 }
 
@@ -247,18 +239,11 @@ fn k_quant_models_generate_the_cpus_greedy_tokens_on_vulkan() {
             "--type",
             t,
         ]);
-        let fallback = plugin
-            .stats
-            .ops_unsupported_fallback
-            .load(Ordering::Relaxed);
+        let fallback = fallbacks(&plugin);
         let cpu = kiln_tests::greedy_unfused(&model, &prompt, 8);
         let (dev, _) = greedy_with_transfers(&model, Executor::new(plugin.clone(), 0), &prompt, 8);
         assert_eq!(dev, cpu, "{t}: greedy tokens on Vulkan");
-        let fell_back = plugin
-            .stats
-            .ops_unsupported_fallback
-            .load(Ordering::Relaxed)
-            - fallback;
+        let fell_back = fallbacks(&plugin) - fallback;
         assert_eq!(fell_back, 0, "{t}: every op on the device");
     }
 }

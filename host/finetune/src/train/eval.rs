@@ -184,18 +184,17 @@ fn complete(
     Ok((out, loaded.fim.name().to_string()))
 }
 
-/// Evaluates `model` (and `adapter` on it) on `data`'s held-out files.
+/// Evaluates `model` (and the adapter at `adapter_file` on it) on `data`'s held-out files.
 /// `progress(what, done, total)` reports each phase.
 pub fn evaluate(
     model: &Path,
     data: &Path,
-    adapter: Option<&Path>,
+    adapter_file: Option<&Path>,
     opts: &Options,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<Report, String> {
     let base = Base::open(model)?;
-    let file = adapter;
-    let adapter = adapter
+    let adapter = adapter_file
         .map(|p| super::file::read_adapter(p, &base))
         .transpose()?;
     let seqs: Vec<Sequence> =
@@ -261,8 +260,8 @@ pub fn evaluate(
         // As served: the model's weights as stored, and the adapter
         // applied at run time on them (`kiln serve --adapter`).
         let mut with = vec![("base", None)];
-        if file.is_some() {
-            with.push(("adapter", file));
+        if adapter_file.is_some() {
+            with.push(("adapter", adapter_file));
         }
         for (name, a) in with {
             let what = format!("completions ({name})");
