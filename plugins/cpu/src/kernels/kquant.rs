@@ -53,6 +53,9 @@ pub struct Q8KRow {
     /// `sums32` in pairs of i16 (each sum is at most 32 · 128), for the
     /// Q4_K GEMM's `vpdpwssd` against pairs of minimums.
     pub sums_pairs: Vec<i32>,
+    /// `sums16` in pairs of i16, for the Q6_K GEMM's `vpdpwssd` against
+    /// pairs of scales (its codes' offset).
+    pub sums16_pairs: Vec<i32>,
 }
 
 impl Q8KRow {
@@ -63,6 +66,7 @@ impl Q8KRow {
             sums32: vec![0; k / 32],
             sums16: vec![0; k / 16],
             sums_pairs: vec![0; k / 64],
+            sums16_pairs: vec![0; k / 32],
         }
     }
 
@@ -74,12 +78,19 @@ impl Q8KRow {
         self.sums32.resize(k / 32, 0);
         self.sums16.resize(k / 16, 0);
         self.sums_pairs.resize(k / 64, 0);
+        self.sums16_pairs.resize(k / 32, 0);
     }
 
-    /// Fills [`Q8KRow::sums_pairs`] from `sums32`.
+    /// Fills [`Q8KRow::sums_pairs`] from `sums32` and
+    /// [`Q8KRow::sums16_pairs`] from `sums16`.
     fn pair_sums(&mut self) {
-        for (p, two) in self.sums_pairs.iter_mut().zip(self.sums32.chunks_exact(2)) {
-            *p = (two[0] as i16 as u16 as i32) | (two[1] << 16);
+        for (pairs, sums) in [
+            (&mut self.sums_pairs, &self.sums32),
+            (&mut self.sums16_pairs, &self.sums16),
+        ] {
+            for (p, two) in pairs.iter_mut().zip(sums.chunks_exact(2)) {
+                *p = (two[0] as i16 as u16 as i32) | (two[1] << 16);
+            }
         }
     }
 
@@ -2508,12 +2519,19 @@ mod x86 {
         scratch.codes.resize(nb * 64 * GEMM_GROUP * 4, 0);
         scratch.sc.clear();
         scratch.sc.resize(nb * 16 * GEMM_GROUP, 0);
+        // The codes' offset: −32 times the scales, in pairs of i16 (at
+        // most 32 · 128): pair p of block b, row n at (b * 8 + p) * 16 + n.
+        scratch.mins.clear();
+        scratch.mins.resize(nb * 8 * GEMM_GROUP, 0);
         scratch.d.clear();
         scratch.d.resize(nb * GEMM_GROUP, 0.0);
         for (n, w) in ws.iter().enumerate() {
             for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
                 for j in 0..16 {
-                    scratch.sc[(b * 16 + j) * GEMM_GROUP + n] = blk[192 + j] as i8 as i32;
+                    let sc = blk[192 + j] as i8 as i32;
+                    scratch.sc[(b * 16 + j) * GEMM_GROUP + n] = sc;
+                    scratch.mins[(b * 8 + j / 2) * GEMM_GROUP + n] |=
+                        ((-32 * sc) as i16 as u16 as i32) << (16 * (j % 2));
                 }
                 scratch.d[b * GEMM_GROUP + n] =
                     f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
@@ -2564,16 +2582,28 @@ mod x86 {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
         // The rows' arrays as plain pointers, read once (not per block).
-        let (qs, sums16) = row_pointers(xs, nb);
+        let (qs, _) = row_pointers(xs, nb);
+        for x in xs {
+            assert!(x.sums16_pairs.len() >= nb * 8);
+        }
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
+            // The codes' offset first, once a block: Σ_j −32 · sc_j · Σx_j,
+            // two sub-blocks per `vpdpwssd`.
             let mut total = [_mm512_setzero_si512(); R];
+            for p in 0..8 {
+                // SAFETY: pair p of block b's scales is inside the scratch.
+                let sc2 = unsafe {
+                    _mm512_loadu_si512(scratch.mins.as_ptr().add((b * 8 + p) * GEMM_GROUP).cast())
+                };
+                for (t, x) in total.iter_mut().zip(xs) {
+                    // SAFETY: pair p of block b is inside the row (asserted).
+                    let s2 = unsafe { *x.sums16_pairs.as_ptr().add(b * 8 + p) };
+                    *t = _mm512_dpwssd_epi32(*t, sc2, _mm512_set1_epi32(s2));
+                }
+            }
             for j in 0..16 {
                 let mut sum = [_mm512_setzero_si512(); R];
-                for (s, p) in sum.iter_mut().zip(&sums16) {
-                    // SAFETY: sum j of block b is inside the row (asserted).
-                    *s = _mm512_set1_epi32(-32 * unsafe { *p.add(b * 16 + j) });
-                }
                 for g in 0..4 {
                     // SAFETY: group 4j + g of block b is inside the scratch.
                     let w = unsafe {
