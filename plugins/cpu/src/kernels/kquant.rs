@@ -2287,7 +2287,7 @@ mod x86 {
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-        let (qs, sums16) = row_pointers(xs, nb);
+        let (qs, pairs16) = row_pointers(xs, nb);
         let codes_p = scratch.codes.as_ptr();
         let (sc_p, pairs_p, d_p, dmin_p) = (
             scratch.sc.as_ptr(),
@@ -2328,10 +2328,9 @@ mod x86 {
                 // SAFETY: the scales' pair p of block b is inside the
                 // scratch.
                 let sp = unsafe { _mm256_loadu_si256(pairs_p.add((at * 8 + p) * HALF).cast()) };
-                for (o, s) in offset.iter_mut().zip(&sums16) {
-                    // SAFETY: sums 2p, 2p + 1 of block b are inside the row.
-                    let (s0, s1) = unsafe { (*s.add(b * 16 + 2 * p), *s.add(b * 16 + 2 * p + 1)) };
-                    let sv = _mm256_set1_epi32((s0 as i16 as u16 as i32) | (s1 << 16));
+                for (o, s) in offset.iter_mut().zip(&pairs16) {
+                    // SAFETY: pair p of block b is inside the row (asserted).
+                    let sv = _mm256_set1_epi32(unsafe { *s.add(b * 8 + p) });
                     *o = _mm256_add_epi32(*o, _mm256_madd_epi16(sp, sv));
                 }
             }
@@ -2387,21 +2386,21 @@ mod x86 {
         crate::kernels::lanes::emit8(&acc, h * HALF, m0, out);
     }
 
-    /// Each row's codes and sums of 16 as plain pointers, their lengths
-    /// checked for `nb` blocks once (the GEMMs' inner loops then index
-    /// without bounds checks).
+    /// Each row's codes and its sums of 16 in pairs (`sums16_pairs`) as
+    /// plain pointers, their lengths checked for `nb` blocks once (the
+    /// GEMMs' inner loops then index without bounds checks).
     #[inline(always)]
     fn row_pointers<const R: usize>(
         xs: &[&Q8KRow; R],
         nb: usize,
     ) -> ([*const i8; R], [*const i32; R]) {
         let mut qs = [std::ptr::null(); R];
-        let mut sums16 = [std::ptr::null(); R];
+        let mut pairs16 = [std::ptr::null(); R];
         for (r, x) in xs.iter().enumerate() {
-            assert!(x.qs.len() >= nb * QK_K && x.sums16.len() >= nb * 16);
-            (qs[r], sums16[r]) = (x.qs.as_ptr(), x.sums16.as_ptr());
+            assert!(x.qs.len() >= nb * QK_K && x.sums16_pairs.len() >= nb * 8);
+            (qs[r], pairs16[r]) = (x.qs.as_ptr(), x.sums16_pairs.as_ptr());
         }
-        (qs, sums16)
+        (qs, pairs16)
     }
 
     /// `R` activation rows against the unpacked 16 weight rows.
@@ -2582,10 +2581,7 @@ mod x86 {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
         let codes = scratch.codes.as_ptr();
         // The rows' arrays as plain pointers, read once (not per block).
-        let (qs, _) = row_pointers(xs, nb);
-        for x in xs {
-            assert!(x.sums16_pairs.len() >= nb * 8);
-        }
+        let (qs, pairs16) = row_pointers(xs, nb);
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         for b in 0..nb {
             // The codes' offset first, once a block: Σ_j −32 · sc_j · Σx_j,
@@ -2596,9 +2592,9 @@ mod x86 {
                 let sc2 = unsafe {
                     _mm512_loadu_si512(scratch.mins.as_ptr().add((b * 8 + p) * GEMM_GROUP).cast())
                 };
-                for (t, x) in total.iter_mut().zip(xs) {
+                for (t, s) in total.iter_mut().zip(&pairs16) {
                     // SAFETY: pair p of block b is inside the row (asserted).
-                    let s2 = unsafe { *x.sums16_pairs.as_ptr().add(b * 8 + p) };
+                    let s2 = unsafe { *s.add(b * 8 + p) };
                     *t = _mm512_dpwssd_epi32(*t, sc2, _mm512_set1_epi32(s2));
                 }
             }
