@@ -1213,6 +1213,19 @@ fn adapters_are_registry_versions_that_serve_and_roll_back() {
     home.ok(&["adapters", "rollback", "mine"]);
     assert_eq!(run(Some("mine")), one);
     assert_eq!(run(Some("mine@2")), two);
+    // `kiln bench` measures the model with the adapter it is given, and
+    // without one when given none.
+    let bench = |adapter: Option<&str>| {
+        let mut args = vec!["bench", s];
+        args.extend(adapter.map(|a| ["--adapter", a]).into_iter().flatten());
+        args.extend(["--prompt-tokens", "8", "--decode-tokens", "2", "--json"]);
+        home.json(&args)
+    };
+    let v = bench(Some("mine@2"));
+    assert_eq!(v["adapter"]["pairs"], 210, "{v:#}");
+    assert_eq!(v["adapter"]["rank"], 4, "{v:#}");
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(bench(None)["adapter"].is_null());
     let audit = home.registry().audit_log(50).unwrap();
     let kinds: Vec<&str> = audit
         .iter()

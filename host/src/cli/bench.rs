@@ -23,6 +23,8 @@ pub struct Args {
     pub sequences: usize,
     /// Prompt evaluations; the fastest is reported.
     pub repetitions: usize,
+    /// A LoRA adapter file applied at run time.
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
@@ -34,9 +36,11 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
         executor: exec,
         label: device,
     } = super::run::executor_for(config, args.backend.as_deref(), Some(&path))?;
-    // Load time: mapping, checks, and repacking for the backend.
+    // Load time: mapping, checks, repacking for the backend, and reading
+    // the adapter.
     let start = Instant::now();
-    let model = Model::load_for(&path, &exec.target, exec.device)?;
+    let model = Model::load_adapted(&path, args.adapter.as_deref(), &exec.target, exec.device)?;
+    let adapter = model.adapter.clone();
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let n_vocab = model.config.n_vocab as u32;
     let ctx = (prompt_tokens.max(16) + decode_tokens + 1).next_power_of_two();
@@ -138,7 +142,7 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
     if as_json {
         print_json(&serde_json::json!({
             "schema_version": JSON_SCHEMA_VERSION,
-            "model": path, "device": device,
+            "model": path, "adapter": adapter, "device": device,
             "load_ms": load_ms, "first_token_ms": first_token_ms,
             "prompt_tokens": prompt_tokens, "prompt_tokens_per_s": prompt_tps,
             "prompt_tokens_per_s_each": each
@@ -158,8 +162,14 @@ pub fn run(config: &Config, args: &Args, as_json: bool) -> CliResult {
         }));
     } else {
         println!(
-            "{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s, after the prompt at {deep_decode_tps:.2} tok/s ({device}); KV cache {kv_type}, {} MiB for {} positions; peak RSS {}",
+            "{}{}: load {load_ms:.0} ms; prompt {prompt_tokens} tokens at {prompt_tps:.2} tok/s; decode {decode_tokens} tokens at {decode_tps:.2} tok/s, after the prompt at {deep_decode_tps:.2} tok/s ({device}); KV cache {kv_type}, {} MiB for {} positions; peak RSS {}",
             path.display(),
+            adapter.as_ref().map_or(String::new(), |a| format!(
+                " with {} (rank {}, {} pairs)",
+                a.path.display(),
+                a.rank,
+                a.pairs
+            )),
             kv_bytes >> 20,
             session.n_ctx(),
             peak_rss.map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20))

@@ -472,9 +472,6 @@ pub fn merge(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The model to serve or run: `model` itself, or with `adapter` (a file
-/// or a registered adapter) the merged copy (made once, kept under
-/// `$KILN_HOME/adapters`).
 /// Writes an adapter's evaluation to the registry, with the version
 /// holding its bytes: `Some(NAME@VERSION)`, or `None` for a file the
 /// registry does not hold.

@@ -151,8 +151,8 @@ enum Command {
         #[arg(long)]
         debounce_ms: Option<u64>,
         /// A LoRA adapter to serve on the model: a file (`kiln finetune
-        /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]);
-        /// merged into an F16 copy once, kept under $KILN_HOME/adapters.
+        /// train`'s, or llama.cpp's) or a registered adapter (NAME[@VERSION]),
+        /// applied at run time to the model as stored (no merged copy).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
     },
@@ -329,6 +329,10 @@ enum Command {
         /// tokens); the fastest is reported, all of them in the JSON.
         #[arg(long, default_value_t = 1)]
         repetitions: usize,
+        /// A LoRA adapter to measure the model with (as `kiln run
+        /// --adapter`: a file or NAME[@VERSION]).
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -1233,6 +1237,7 @@ fn run(command: Command) -> CliResult {
             prompt_batch,
             sequences,
             repetitions,
+            adapter,
             json,
         } => bench::run(
             &config,
@@ -1246,6 +1251,9 @@ fn run(command: Command) -> CliResult {
                 prompt_batch,
                 sequences,
                 repetitions,
+                adapter: adapter
+                    .map(|a| adapters::resolve(&config, &a).map(|(file, _)| file))
+                    .transpose()?,
             },
             json,
         ),
