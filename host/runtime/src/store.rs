@@ -155,18 +155,18 @@ pub fn resolve_adapter(config: &Config, arg: &str) -> Result<(PathBuf, String), 
     }
 }
 
-/// [`resolve_adapter`]'s file for the model at `model`, checked against
-/// the model's header before it loads ([`crate::model::lora::check`]),
-/// and what it is (`bytes`: its pairs in memory); errors name `arg`.
+/// [`resolve_adapter`]'s file for the model whose header is `base` (as
+/// [`GgufFile::open_header`] reads it for the model's budget), checked
+/// against it before the model loads ([`crate::model::lora::check`]), and
+/// what it is (`bytes`: its pairs in memory); errors name `arg`.
 pub fn adapter_for_model(
     config: &Config,
     arg: &str,
-    model: &Path,
+    base: &GgufFile,
 ) -> Result<(PathBuf, crate::model::lora::Applied), String> {
     let fail = |e: String| format!("adapter {arg:?}: {e}");
     let (file, _) = resolve_adapter(config, arg).map_err(|e| fail(e.to_string()))?;
-    let base = GgufFile::open_header(model).map_err(|e| fail(e.to_string()))?;
-    let applied = crate::model::lora::check(&file, &base).map_err(fail)?;
+    let applied = crate::model::lora::check(&file, base).map_err(fail)?;
     Ok((file, applied))
 }
 

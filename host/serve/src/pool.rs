@@ -1069,9 +1069,15 @@ impl Member {
             }
         };
         let kv_type = t.kv_types.for_model(&self.id);
-        let b = session::budget(&path, self.n_ctx, kv_type).or_else(|e| {
+        // Read once, for the budget and the adapter's check.
+        let header = kiln_runtime::gguf::GgufFile::open_header(&path);
+        let b = match &header {
+            Ok(f) => session::budget_of(f, self.n_ctx, kv_type).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let b = b.or_else(|e| {
             // An encrypted blob has no readable header: count its size.
-            let size = std::fs::metadata(&path).map_err(|_| e.to_string())?.len();
+            let size = std::fs::metadata(&path).map_err(|_| e)?.len();
             Ok::<_, String>(session::Budget {
                 n_ctx: self.n_ctx.unwrap_or(0),
                 kv_type: "f16",
@@ -1087,7 +1093,8 @@ impl Member {
         // beside the weights.
         let (b, adapter) = match &self.adapter {
             Some(a) => {
-                let (file, applied) = kiln_runtime::store::adapter_for_model(config, a, &path)?;
+                let base = header.as_ref().map_err(|e| format!("adapter {a:?}: {e}"))?;
+                let (file, applied) = kiln_runtime::store::adapter_for_model(config, a, base)?;
                 (b.with_weights(applied.bytes), Some(file))
             }
             None => (b, None),

@@ -197,12 +197,14 @@ pub fn doctor(config: &Config, as_json: bool) -> CliResult {
             .and_then(|(_, path)| {
                 let kv =
                     super::kv_type_for(config, name, None).unwrap_or(kiln_plugin_api::DType::F16);
-                let b = kiln_runtime::model::session::budget(&path, entry.ctx, kv)
+                let header =
+                    kiln_runtime::gguf::GgufFile::open_header(&path).map_err(|e| e.to_string())?;
+                let b = kiln_runtime::model::session::budget_of(&header, entry.ctx, kv)
                     .map_err(|e| e.to_string())?;
                 // Its adapter, checked against it as `kiln serve` checks
                 // it before loading; its pairs held beside the weights.
                 match &entry.adapter {
-                    Some(a) => kiln_runtime::store::adapter_for_model(config, a, &path)
+                    Some(a) => kiln_runtime::store::adapter_for_model(config, a, &header)
                         .map(|(_, applied)| b.with_weights(applied.bytes)),
                     None => Ok(b),
                 }

@@ -257,8 +257,17 @@ pub fn budget(
     n_ctx: Option<usize>,
     kv_type: kiln_plugin_api::DType,
 ) -> Result<Budget, ModelError> {
-    let file = crate::gguf::GgufFile::open_header(path)?;
-    let cfg = super::ModelConfig::from_gguf(&file)?;
+    budget_of(&crate::gguf::GgufFile::open_header(path)?, n_ctx, kv_type)
+}
+
+/// [`budget`] of a model whose header is open already (the pool and
+/// `kiln doctor` check its adapter against the same header).
+pub fn budget_of(
+    file: &crate::gguf::GgufFile,
+    n_ctx: Option<usize>,
+    kv_type: kiln_plugin_api::DType,
+) -> Result<Budget, ModelError> {
+    let cfg = super::ModelConfig::from_gguf(file)?;
     let n_ctx = default_n_ctx(&cfg, n_ctx);
     let weights_bytes = file.tensor_bytes();
     let kv = KvCache {
@@ -270,7 +279,7 @@ pub fn budget(
     let batch = DEFAULT_BATCH.min(n_ctx);
     let (_, scratch, _) = forward::build(
         &cfg,
-        &file,
+        file,
         n_ctx,
         0,
         batch,
