@@ -184,8 +184,9 @@ fn complete(
     Ok((out, loaded.fim.name().to_string()))
 }
 
-/// Evaluates `model` (and the adapter at `adapter_file` on it) on `data`'s held-out files.
-/// `progress(what, done, total)` reports each phase.
+/// Evaluates `model` (and the adapter at `adapter_file` on it) on
+/// `data`'s held-out files. `progress(what, done, total)` reports each
+/// phase.
 pub fn evaluate(
     model: &Path,
     data: &Path,

@@ -513,9 +513,9 @@ mod x86 {
 
     /// [`gemm16_avx512`]'s panel: widens the (at most 16) weight rows
     /// `ws` of `k` values of the type coded `T` to f32 in `panel`, run by
-    /// run of eight values: row `n`'s run `r` at `(r · 16 + n) · 8`, so that a 512-bit register holds a
-    /// pair of rows' run; the last run zero-filled past `k`, and a short
-    /// group's missing rows zero. Written run by run, each run's 512
+    /// run of eight values: row `n`'s run `r` at `(r · 16 + n) · 8`, so
+    /// that a 512-bit register holds a pair of rows' run; the last run
+    /// zero-filled past `k`, and a short group's missing rows zero. Written run by run, each run's 512
     /// bytes whole, one after another (row by row, each cache line of a
     /// pair was written twice, the second time after it had left L1).
     ///
