@@ -195,15 +195,13 @@ fn portable(float: Float, w: &[u8], x: &[f32]) -> f32 {
 }
 
 /// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 float weight
-/// rows and any number of activation rows, in tiles of 2 weight rows × 5
-/// activation rows on AVX2 (10 accumulators of eight f32 lanes, what 16
-/// registers hold beside the five rows' activations and one weight
-/// vector: 4 × 3 spills one and was 0.94× as fast), each weight vector
-/// converted once per step for its whole tile row; on AVX-512 the group's
-/// weights are widened once into a panel of pairs of rows
-/// (`x86::gemm16_avx512`: 8 weight rows × 6 activation rows a tile, two
-/// rows' lanes a register). Each sum in [`kiln_blocks::fused_dot`]'s
-/// order. Partial tiles repeat their last row and drop its results.
+/// rows and any number of activation rows. On x86 the group's weights
+/// are widened once into a panel of f32 runs: AVX-512 takes tiles of 8
+/// weight rows × 6 activation rows (`x86::gemm16_avx512`, two rows'
+/// lanes a register), AVX2 tiles of 2 × 6 a chunk of the rows' length at
+/// a time (`x86::gemm16_avx2`); NEON converts in its 2 × 4 tiles. Each
+/// sum in [`kiln_blocks::fused_dot`]'s order. Partial tiles repeat their
+/// last row and drop its results.
 ///
 /// Returns `false` (and does nothing) where [`has_gemm`] says no.
 pub fn gemm16(
@@ -231,12 +229,15 @@ pub fn gemm16(
     }
 }
 
-/// Scratch for [`gemm16`], reused across calls on one thread: the AVX-512
-/// path's weights widened to f32 in pairs of rows.
+/// Scratch for [`gemm16`], reused across calls on one thread: the x86
+/// paths' weights widened to f32 in runs of the group's rows, and AVX2's
+/// sums carried from one chunk of the rows' length to the next.
 #[derive(Default)]
 pub struct GemmScratch {
     #[cfg(target_arch = "x86_64")]
     panel: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    sums: Vec<x86::Sums2x6>,
 }
 
 /// Whether [`gemm16`] runs on `isa` (every [`Float`] alike).
@@ -268,21 +269,18 @@ fn gemm16_x86(
         Isa::Avx512 => by_float!(float, T => unsafe {
             x86::gemm16_avx512::<T>(ws, xs, &mut scratch.panel, out)
         }),
-        Isa::Avx2 | Isa::AvxVnni => by_float!(float, T => tiled(ws, xs, out, |w, x: &[_; 5]| {
+        Isa::Avx2 | Isa::AvxVnni => by_float!(float, T => unsafe {
             // SAFETY: as above.
-            unsafe { x86::tile_avx2::<T, 2, 5>(w, x) }
-        })),
+            x86::gemm16_avx2::<T>(ws, xs, &mut scratch.panel, &mut scratch.sums, out)
+        }),
         Isa::Scalar | Isa::Reference => return false,
     }
     true
 }
 
 /// [`gemm16`]'s walk over tiles of `N` weight rows × `M` activation rows
-/// (AVX2's and NEON's: AVX-512 widens the weights into a panel first;
-/// done on AVX2 too, with 2 × 5 tiles against the panel, a 256-token F16
-/// prompt ran at 0.8–0.9 of this walk's speed here: the panel's f32
-/// weights are twice the bytes the tile reads as f16).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+/// (NEON's: the x86 paths widen the weights into a panel first).
+#[cfg(target_arch = "aarch64")]
 fn tiled<const N: usize, const M: usize>(
     ws: &[&[u8]],
     xs: &[&[f32]],
@@ -462,9 +460,9 @@ mod x86 {
         }
     }
 
-    /// A tile of [`super::gemm16`], `out[n][m] = w[n] · x[m]` for `N`
-    /// weight rows × `M` activation rows; also [`super::dot_rows`]' (`N`
-    /// = 1) and decode's ([`super::dot_weight_rows`], `M` = 1).
+    /// `out[n][m] = w[n] · x[m]` for `N` weight rows × `M` activation
+    /// rows, the weights converted as they are read: [`super::dot_rows`]'
+    /// (`N` = 1) and decode's ([`super::dot_weight_rows`], `M` = 1).
     ///
     /// # Safety
     /// The CPU has the enabled features; every `w` row holds `x[0].len()`
@@ -511,7 +509,129 @@ mod x86 {
         out
     }
 
-    /// [`gemm16_avx512`]'s panel: widens the (at most 16) weight rows
+    /// [`gemm16_avx2`]'s sums for one tile: 2 weight rows × 6 activation
+    /// rows.
+    pub type Sums2x6 = [[__m256; 6]; 2];
+
+    /// [`super::gemm16`] on AVX2: the group's weights widened into the
+    /// panel ([`fill_panel`]), then tiles of 2 weight rows × 6 activation
+    /// rows (12 accumulators, the two weight vectors and one activation
+    /// vector: 15 registers), a chunk of `CHUNK` runs of eight values at
+    /// a time over every tile of the group and every activation row, the
+    /// sums kept in `sums` from one chunk to the next (each lane still
+    /// adds its products in order, so the bits are the same). A chunk's
+    /// panel (16 KiB) stays in L1 while every activation row passes it.
+    /// Walking each tile's whole rows instead (2 × 5 tiles converting the
+    /// f16 weights as they went, the activations read from L2 again for
+    /// every tile) ran at about 0.9 of this speed in `benches/gemm.rs`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are present; every `ws` row holds
+    /// `xs[0].len()` weights of the type coded `T` and every `xs` row as
+    /// many values; at most 16 rows in `ws`; `out` holds `xs.len() × 16`
+    /// values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm16_avx2<const T: u8>(
+        ws: &[&[u8]],
+        xs: &[&[f32]],
+        panel: &mut Vec<f32>,
+        sums: &mut Vec<Sums2x6>,
+        out: &mut [f32],
+    ) {
+        const GROUP: usize = crate::kernels::GEMM_GROUP;
+        const RUN: usize = GROUP * 8;
+        const M: usize = 6;
+        const TILES: usize = GROUP / 2;
+        const CHUNK: usize = 32;
+        let k = xs[0].len();
+        assert!(out.len() >= xs.len() * GROUP && xs.iter().all(|x| x.len() == k));
+        // SAFETY: the caller's features and rows.
+        unsafe { fill_panel::<T>(ws, k, panel) };
+        let (full, runs) = (k / 8, k.div_ceil(8));
+        let tiles = ws.len().div_ceil(2);
+        let m_tiles = xs.len().div_ceil(M);
+        let zero = [[_mm256_setzero_ps(); M]; 2];
+        sums.resize(m_tiles * TILES, zero);
+        // A partial tile repeats its last row and drops its results.
+        let rows =
+            |m0: usize| -> [&[f32]; M] { std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]) };
+        for c0 in (0..full).step_by(CHUNK) {
+            let len = CHUNK.min(full - c0);
+            for mt in 0..m_tiles {
+                let x = rows(mt * M).map(|r| r.as_ptr().wrapping_add(8 * c0));
+                for (t, acc) in sums[mt * TILES..][..tiles].iter_mut().enumerate() {
+                    if c0 == 0 {
+                        *acc = zero;
+                    }
+                    // SAFETY: runs c0..c0 + len < full are inside the
+                    // panel and every activation row.
+                    unsafe { rows2_tile(acc, panel.as_ptr().add(c0 * RUN + 16 * t), x, len) };
+                }
+            }
+        }
+        for mt in 0..m_tiles {
+            let m0 = mt * M;
+            let mut tail = [[0f32; 8]; M];
+            for (t, x) in tail.iter_mut().zip(rows(m0)) {
+                t[..k - 8 * full].copy_from_slice(&x[8 * full..]);
+            }
+            for (t, acc) in sums[mt * TILES..][..tiles].iter_mut().enumerate() {
+                if full == 0 {
+                    *acc = zero;
+                }
+                if full < runs {
+                    // SAFETY: the panel holds the last run, zero-filled
+                    // past k, as the tail is.
+                    unsafe {
+                        rows2_tile(
+                            acc,
+                            panel.as_ptr().add(full * RUN + 16 * t),
+                            tail.each_ref().map(|r| r.as_ptr()),
+                            1,
+                        )
+                    };
+                }
+                for m in 0..M.min(xs.len() - m0) {
+                    // SAFETY: AVX is enabled here.
+                    let s = unsafe { sum8x4([acc[0][m], acc[1][m], acc[0][m], acc[1][m]]) };
+                    for (n, s) in s.into_iter().take(2).enumerate() {
+                        if 2 * t + n < ws.len() {
+                            out[(m0 + m) * GROUP + 2 * t + n] = s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`gemm16_avx2`]'s tile: adds to `acc` a pair of weight rows from
+    /// the panel (their first run at `w`, runs 128 values apart) against
+    /// 6 activation rows (from `x`, eight values a run), `runs` runs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are enabled by the caller; the panel and every `x`
+    /// row hold the runs read.
+    #[inline(always)]
+    unsafe fn rows2_tile(acc: &mut Sums2x6, w: *const f32, x: [*const f32; 6], runs: usize) {
+        const RUN: usize = crate::kernels::GEMM_GROUP * 8;
+        // A local copy, which stays in registers.
+        let mut a = *acc;
+        for r in 0..runs {
+            // SAFETY: the caller's reads and features.
+            unsafe {
+                let w0 = _mm256_loadu_ps(w.add(r * RUN));
+                let w1 = _mm256_loadu_ps(w.add(r * RUN + 8));
+                for m in 0..6 {
+                    let xv = _mm256_loadu_ps(x[m].add(8 * r));
+                    a[0][m] = _mm256_fmadd_ps(w0, xv, a[0][m]);
+                    a[1][m] = _mm256_fmadd_ps(w1, xv, a[1][m]);
+                }
+            }
+        }
+        *acc = a;
+    }
+
+    /// The x86 GEMMs' panel: widens the (at most 16) weight rows
     /// `ws` of `k` values of the type coded `T` to f32 in `panel`, run by
     /// run of eight values: row `n`'s run `r` at `(r · 16 + n) · 8`, so
     /// that a 512-bit register holds a pair of rows' run; the last run
