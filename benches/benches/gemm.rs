@@ -5,7 +5,9 @@
 //! does to the kernel alone, with the noise of a whole-model run (memory
 //! traffic of the other layers, the tokenizer, the sampler) left out.
 //!
-//! Each product runs `KILN_GEMM_RUNS` times (default 9) after a warm-up,
+//! Every weight type a model may hold that has a fast kernel
+//! (`KILN_GEMM_TYPES=q4_0,f16,…` picks some); each product runs
+//! `KILN_GEMM_RUNS` times (default 9) after a warm-up,
 //! the paths and types interleaved so that a slow spell of the machine
 //! hits all of them alike; prints the median and best GFLOP/s
 //! (2·k·n·m / time) and each path's median relative to the best path in
@@ -26,20 +28,6 @@ use kiln_cpu::kernels::{self, Isa};
 use kiln_cpu::ops::{self, Desc, View};
 use kiln_plugin_api::{DType, OpKind};
 use std::time::Instant;
-
-const TYPES: [DType; 11] = [
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q8_0,
-    DType::Q2_K,
-    DType::Q3_K,
-    DType::Q4_K,
-    DType::Q5_K,
-    DType::Q6_K,
-    DType::F16,
-    DType::BF16,
-];
 
 fn list<T>(var: &str, all: Vec<T>, name: impl Fn(&T) -> String) -> Vec<T> {
     let Ok(want) = std::env::var(var) else {
@@ -96,7 +84,10 @@ fn main() {
             .collect(),
         |i| i.name().to_string(),
     );
-    let types = list("KILN_GEMM_TYPES", TYPES.to_vec(), |t| t.to_string());
+    let all = DType::WEIGHTS
+        .into_iter()
+        .filter(|&d| kernels::has_mul_mat(d));
+    let types = list("KILN_GEMM_TYPES", all.collect(), |t| t.to_string());
 
     let mut rng = fastrand::Rng::with_seed(7);
     let mut x: Vec<u8> = (0..k * m)
