@@ -1051,11 +1051,16 @@ mod x86 {
     );
 
     /// A row's result from its four partials `acc` of
-    /// [`kiln_blocks::q8_dot`] (blocks `..from`) and the blocks `from..`
-    /// left after the kernel's steps, added one at a time.
+    /// [`kiln_blocks::q8_dot`] (blocks `..from`, `from` a multiple of
+    /// four) and the blocks `from..` left after the kernel's steps: up to
+    /// four at a time in the partials' lanes, the last group's missing
+    /// lanes kept as they are (one block at a time, through the stack,
+    /// these had taken 4 of 10 parts of a decode product at SmolLM2's 18
+    /// blocks a row).
     ///
     /// # Safety
-    /// As [`block_term`], for blocks `from..` of `w` and `x`.
+    /// AVX2, F16C and whatever `prod` uses are enabled by the caller; `w`
+    /// and `x` hold the same number of blocks.
     #[inline(always)]
     unsafe fn with_tail(
         acc: __m128,
@@ -1066,46 +1071,95 @@ mod x86 {
         offset: i32,
         prod: impl Fn(__m256i, __m256i, bool) -> __m256i,
     ) -> f32 {
+        debug_assert!(from.is_multiple_of(4));
+        let nb = x.d.len();
+        let mut acc = acc;
+        let mut b = from;
+        while b < nb {
+            let n = (nb - b).min(4);
+            // SAFETY: the caller's contract; blocks b..b + n are inside
+            // both.
+            acc = unsafe { partial_group(acc, dtype, w, x, b, n, offset, &prod) };
+            b += n;
+        }
         let mut partials = [0f32; 4];
         // SAFETY: four f32s into an array of four (SSE is baseline).
         unsafe { _mm_storeu_ps(partials.as_mut_ptr(), acc) };
-        for b in from..x.d.len() {
-            // SAFETY: the caller's contract.
-            let t = unsafe { block_term(dtype, w, x, b, offset, &prod) };
-            kiln_blocks::q8_add(&mut partials, b, t);
-        }
         kiln_blocks::q8_sum(partials)
     }
 
-    /// Block `b` of `w` against block `b` of `x`: its term of
-    /// [`kiln_blocks::q8_dot`].
+    /// Blocks `b..b + n` (`n` ≤ 4) of `w` against `x`, each block's
+    /// term of [`kiln_blocks::q8_dot`] added to its partial (lane `j`
+    /// for block `b + j`) as [`kiln_blocks::q8_add`] adds it; the lanes
+    /// from `n` on unchanged.
     ///
     /// # Safety
-    /// Block `b` is inside `w` and `x`; AVX2, F16C and whatever `prod`
-    /// uses are enabled by the caller.
+    /// As [`with_tail`], for blocks `b..b + n`.
     #[inline(always)]
-    unsafe fn block_term(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn partial_group(
+        acc: __m128,
         dtype: DType,
         w: &[u8],
         x: &Q8Row,
         b: usize,
+        n: usize,
         offset: i32,
         prod: impl Fn(__m256i, __m256i, bool) -> __m256i,
-    ) -> kiln_blocks::Q8Term {
-        // SAFETY: the caller's contract.
-        unsafe {
-            let (u, d) = codes(dtype, w, b);
-            let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * QK).cast());
-            let p = prod(u, xv, matches!(dtype, DType::Q8_0 | DType::IQ4_NL));
-            let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            let f16 = |bits: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-            kiln_blocks::Q8Term {
-                d: f16(d) * x.d[b],
-                sum: _mm_cvtsi128_si32(s) - x.sums[b] * offset,
-                min: super::has_min(dtype).then(|| f16(min_at(w, dtype.block_bytes(), b)) * x.s[b]),
+    ) -> __m128 {
+        let q8 = matches!(dtype, DType::Q8_0 | DType::IQ4_NL);
+        let with_min = super::has_min(dtype);
+        // SAFETY: AVX is enabled by the caller.
+        let mut p = [unsafe { _mm256_setzero_si256() }; 4];
+        let (mut bits, mut mins) = ([0u16; 4], [0u16; 4]);
+        let (mut sums, mut dx, mut sx) = ([0i32; 4], [0f32; 4], [0f32; 4]);
+        for j in 0..n {
+            // SAFETY: block b + j is inside `w` and `x` (the caller's).
+            unsafe {
+                let (u, d) = codes(dtype, w, b + j);
+                let xv = _mm256_loadu_si256(x.qs.as_ptr().add((b + j) * QK).cast());
+                p[j] = prod(u, xv, q8);
+                bits[j] = d;
+                if with_min {
+                    mins[j] = min_at(w, dtype.block_bytes(), b + j);
+                    sx[j] = x.s[b + j];
+                }
             }
+            sums[j] = x.sums[b + j];
+            dx[j] = x.d[b + j];
+        }
+        // SAFETY: register operations and loads of the arrays above (the
+        // caller's features).
+        unsafe {
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            let sums = _mm_loadu_si128(sums.as_ptr().cast());
+            let s = _mm_cvtepi32_ps(_mm_sub_epi32(
+                s,
+                _mm_mullo_epi32(sums, _mm_set1_epi32(offset)),
+            ));
+            let half = |v: [u16; 4]| {
+                _mm_cvtph_ps(_mm_set_epi16(
+                    0,
+                    0,
+                    0,
+                    0,
+                    v[3] as i16,
+                    v[2] as i16,
+                    v[1] as i16,
+                    v[0] as i16,
+                ))
+            };
+            // d_w·d_x: exact in f32.
+            let scale = _mm_mul_ps(half(bits), _mm_loadu_ps(dx.as_ptr()));
+            let added = if with_min {
+                let m = _mm_mul_ps(half(mins), _mm_loadu_ps(sx.as_ptr()));
+                _mm_add_ps(acc, _mm_fmadd_ps(scale, s, m))
+            } else {
+                _mm_fmadd_ps(scale, s, acc)
+            };
+            let kept = _mm_cmplt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(n as i32));
+            _mm_blendv_ps(acc, added, _mm_castsi128_ps(kept))
         }
     }
 
