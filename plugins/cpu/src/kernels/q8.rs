@@ -1059,8 +1059,8 @@ mod x86 {
     /// blocks a row).
     ///
     /// # Safety
-    /// AVX2, F16C and whatever `prod` uses are enabled by the caller; `w`
-    /// and `x` hold the same number of blocks.
+    /// AVX2, FMA, F16C and whatever `prod` uses are enabled by the
+    /// caller; `w` and `x` hold the same number of blocks.
     #[inline(always)]
     unsafe fn with_tail(
         acc: __m128,
