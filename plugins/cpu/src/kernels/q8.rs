@@ -890,16 +890,20 @@ mod x86 {
                         // SAFETY: blocks b..b+4 are inside `w`.
                         (u[j], bits[j]) = unsafe { codes(dtype, w, b + j) };
                     }
-                    let dw = _mm_cvtph_ps(_mm_set_epi16(
-                        0,
-                        0,
-                        0,
-                        0,
-                        bits[3] as i16,
-                        bits[2] as i16,
-                        bits[1] as i16,
-                        bits[0] as i16,
-                    ));
+                    // SAFETY: F16C is enabled here.
+                    let dw = unsafe { half4(bits) };
+                    // Q4_1/Q5_1: the blocks' minimums, once for all rows.
+                    let mw = if with_min {
+                        let mut mins = [0u16; 4];
+                        for (j, m) in mins.iter_mut().enumerate() {
+                            // SAFETY: blocks b..b+4 are inside `w`.
+                            *m = unsafe { min_at(w, bytes_per_block, b + j) };
+                        }
+                        // SAFETY: F16C is enabled here.
+                        Some(unsafe { half4(mins) })
+                    } else {
+                        None
+                    };
                     for (x, acc) in xs.iter().zip(&mut acc) {
                         let mut p = [_mm256_setzero_si256(); 4];
                         for (j, pj) in p.iter_mut().enumerate() {
@@ -908,46 +912,18 @@ mod x86 {
                             let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(at).cast()) };
                             *pj = prod(u[j], xv, q8);
                         }
-                        let h = _mm256_hadd_epi32(
-                            _mm256_hadd_epi32(p[0], p[1]),
-                            _mm256_hadd_epi32(p[2], p[3]),
-                        );
-                        let s = _mm_add_epi32(
-                            _mm256_castsi256_si128(h),
-                            _mm256_extracti128_si256(h, 1),
-                        );
-                        // SAFETY: four code sums and scales from b are inside x.
-                        let (sums, dx) = unsafe {
-                            (
-                                _mm_loadu_si128(x.sums.as_ptr().add(b).cast()),
-                                _mm_loadu_ps(x.d.as_ptr().add(b)),
-                            )
+                        // SAFETY: four code sums, scales and (for a type
+                        // with minimums) Q8_1 sums from b are inside x; the
+                        // features are enabled here.
+                        *acc = unsafe {
+                            let sums = _mm_loadu_si128(x.sums.as_ptr().add(b).cast());
+                            let dx = _mm_loadu_ps(x.d.as_ptr().add(b));
+                            let sx = match mw {
+                                Some(_) => _mm_loadu_ps(x.s.as_ptr().add(b)),
+                                None => _mm_setzero_ps(),
+                            };
+                            add_terms(*acc, &p, offset, dw, mw, sums, dx, sx)
                         };
-                        let s = _mm_sub_epi32(s, _mm_mullo_epi32(sums, _mm_set1_epi32(offset)));
-                        // d_w·d_x: exact in f32.
-                        let scale = _mm_mul_ps(dw, dx);
-                        if with_min {
-                            // Each block's fma(d, sum, m·s), then the sum.
-                            let mins: [u16; 4] =
-                                // SAFETY: blocks b..b+4 are inside `w`.
-                                std::array::from_fn(|j| unsafe { min_at(w, bytes_per_block, b + j) });
-                            let m = _mm_cvtph_ps(_mm_set_epi16(
-                                0,
-                                0,
-                                0,
-                                0,
-                                mins[3] as i16,
-                                mins[2] as i16,
-                                mins[1] as i16,
-                                mins[0] as i16,
-                            ));
-                            // SAFETY: four sums from b are inside x.s.
-                            let sx = unsafe { _mm_loadu_ps(x.s.as_ptr().add(b)) };
-                            let term = _mm_fmadd_ps(scale, _mm_cvtepi32_ps(s), _mm_mul_ps(m, sx));
-                            *acc = _mm_add_ps(*acc, term);
-                        } else {
-                            *acc = _mm_fmadd_ps(scale, _mm_cvtepi32_ps(s), *acc);
-                        }
                     }
                     b += 4;
                 }
@@ -1050,6 +1026,67 @@ mod x86 {
         |s| s
     );
 
+    /// Four f16 values (their bits) as f32.
+    ///
+    /// # Safety
+    /// F16C is enabled by the caller.
+    #[inline(always)]
+    unsafe fn half4(bits: [u16; 4]) -> __m128 {
+        // SAFETY: register operations only (the caller's F16C).
+        unsafe {
+            _mm_cvtph_ps(_mm_set_epi16(
+                0,
+                0,
+                0,
+                0,
+                bits[3] as i16,
+                bits[2] as i16,
+                bits[1] as i16,
+                bits[0] as i16,
+            ))
+        }
+    }
+
+    /// Four blocks' terms of [`kiln_blocks::q8_dot`] added to their
+    /// partials `acc` (lane `j`: block `j`) as [`kiln_blocks::q8_add`]
+    /// adds each: `p` holds the blocks' products (eight i32 sums each),
+    /// `dw` the weights' scales and `mw` their minimums (Q4_1, Q5_1),
+    /// `sums`, `dx` and `sx` the activations' code sums, scales and
+    /// Q8_1 sums (`sx` read only with minimums). The decode kernels'
+    /// steps and [`with_tail`]'s last one share it, so they add alike.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are enabled by the caller.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_terms(
+        acc: __m128,
+        p: &[__m256i; 4],
+        offset: i32,
+        dw: __m128,
+        mw: Option<__m128>,
+        sums: __m128i,
+        dx: __m128,
+        sx: __m128,
+    ) -> __m128 {
+        // SAFETY: register operations only (the caller's features).
+        unsafe {
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            let s = _mm_cvtepi32_ps(_mm_sub_epi32(
+                s,
+                _mm_mullo_epi32(sums, _mm_set1_epi32(offset)),
+            ));
+            // d_w·d_x: exact in f32.
+            let scale = _mm_mul_ps(dw, dx);
+            match mw {
+                // Each block's fma(d, sum, m·s), then the sum.
+                Some(m) => _mm_add_ps(acc, _mm_fmadd_ps(scale, s, _mm_mul_ps(m, sx))),
+                None => _mm_fmadd_ps(scale, s, acc),
+            }
+        }
+    }
+
     /// A row's result from its four partials `acc` of
     /// [`kiln_blocks::q8_dot`] (blocks `..from`, `from` a multiple of
     /// four) and the blocks `from..` left after the kernel's steps: up to
@@ -1131,33 +1168,17 @@ mod x86 {
         // SAFETY: register operations and loads of the arrays above (the
         // caller's features).
         unsafe {
-            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-            let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            let sums = _mm_loadu_si128(sums.as_ptr().cast());
-            let s = _mm_cvtepi32_ps(_mm_sub_epi32(
-                s,
-                _mm_mullo_epi32(sums, _mm_set1_epi32(offset)),
-            ));
-            let half = |v: [u16; 4]| {
-                _mm_cvtph_ps(_mm_set_epi16(
-                    0,
-                    0,
-                    0,
-                    0,
-                    v[3] as i16,
-                    v[2] as i16,
-                    v[1] as i16,
-                    v[0] as i16,
-                ))
-            };
-            // d_w·d_x: exact in f32.
-            let scale = _mm_mul_ps(half(bits), _mm_loadu_ps(dx.as_ptr()));
-            let added = if with_min {
-                let m = _mm_mul_ps(half(mins), _mm_loadu_ps(sx.as_ptr()));
-                _mm_add_ps(acc, _mm_fmadd_ps(scale, s, m))
-            } else {
-                _mm_fmadd_ps(scale, s, acc)
-            };
+            let mw = if with_min { Some(half4(mins)) } else { None };
+            let added = add_terms(
+                acc,
+                &p,
+                offset,
+                half4(bits),
+                mw,
+                _mm_loadu_si128(sums.as_ptr().cast()),
+                _mm_loadu_ps(dx.as_ptr()),
+                _mm_loadu_ps(sx.as_ptr()),
+            );
             let kept = _mm_cmplt_epi32(_mm_setr_epi32(0, 1, 2, 3), _mm_set1_epi32(n as i32));
             _mm_blendv_ps(acc, added, _mm_castsi128_ps(kept))
         }
