@@ -591,12 +591,15 @@ mod x86 {
                         )
                     };
                 }
-                for m in 0..M.min(xs.len() - m0) {
+                // Two activation rows' pairs of sums in one tree.
+                const { assert!(M.is_multiple_of(2)) };
+                for m in (0..M).step_by(2) {
                     // SAFETY: AVX is enabled here.
-                    let s = unsafe { sum8x4([acc[0][m], acc[1][m], acc[0][m], acc[1][m]]) };
-                    for (n, s) in s.into_iter().take(2).enumerate() {
-                        if 2 * t + n < ws.len() {
-                            out[(m0 + m) * GROUP + 2 * t + n] = s;
+                    let s = unsafe { sum8x4([acc[0][m], acc[1][m], acc[0][m + 1], acc[1][m + 1]]) };
+                    for (i, s) in s.into_iter().enumerate() {
+                        let (m, n) = (m + i / 2, 2 * t + i % 2);
+                        if m0 + m < xs.len() && n < ws.len() {
+                            out[(m0 + m) * GROUP + n] = s;
                         }
                     }
                 }
