@@ -24,7 +24,7 @@
 //! rows; default 2048,5632,256: TinyLlama's FFN up-projection over a
 //! 256-token prompt); types whose blocks do not divide `k` are left out
 //! (the K-quants' 256 for SmolLM2's 576). With `m` = 1 it times decode's
-//! products, the pool's dispatch included. `KILN_THREADS` sets the pool's size as for `kiln`.
+//! products, the pool's dispatch included. `KILN_THREADS` sets the pool's size (the pool reads it, as in `kiln`).
 
 use kiln_cpu::kernels::{self, Isa};
 use kiln_cpu::ops::{self, Desc, View};
@@ -68,12 +68,6 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(9);
-    if let Some(t) = std::env::var("KILN_THREADS")
-        .ok()
-        .and_then(|t| t.parse::<usize>().ok())
-    {
-        kernels::set_threads(t);
-    }
     let isas = list(
         "KILN_GEMM_ISAS",
         Isa::available()
