@@ -284,10 +284,22 @@ struct Scratch {
     /// Per query of the unit: the first and last position its mask lets through.
     seen: [(usize, usize); QUERIES],
     scores: [f32; TILE],
+    /// The blocked path's keys, transposed: `head_dim` rows of [`TILE`].
+    keys_t: Row<f32>,
+    /// The blocked path's scores (then weights) of a block of rows, and
+    /// the factor each row's state is rescaled by.
+    block: [[f32; TILE]; BLOCK],
+    rescale: [f32; BLOCK],
 }
+
+/// Rows per block of the blocked path at most: the rows of a unit's
+/// work space are rounded up to it (the extra rows are computed and
+/// never read).
+const BLOCK: usize = 8;
 
 impl Scratch {
     fn new(hd: usize, rows: usize) -> Scratch {
+        let rows = rows.next_multiple_of(BLOCK);
         Scratch {
             keys: scratch::f32s(TILE * hd),
             values: scratch::f32s(TILE * hd),
@@ -297,6 +309,9 @@ impl Scratch {
             sum: scratch::f32s(rows),
             seen: [(0, 0); QUERIES],
             scores: [0.0; TILE],
+            keys_t: scratch::f32s(TILE * hd),
+            block: [[0.0; TILE]; BLOCK],
+            rescale: [1.0; BLOCK],
         }
     }
 }
@@ -334,6 +349,27 @@ unsafe fn read_f32s(p: *const u8, out: &mut [f32]) {
 /// As for [`run`].
 #[inline(always)]
 unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+    // SAFETY: the caller's contract.
+    let Some((first, last)) = (unsafe { begin(ops, unit, s) }) else {
+        // SAFETY: as above.
+        return unsafe { finish(ops, unit, s) };
+    };
+    // SAFETY: as above.
+    unsafe {
+        rowwise::<SIMD>(ops, unit, s, first, last);
+        finish(ops, unit, s);
+    }
+}
+
+/// A unit's start: which positions each of its queries sees
+/// (`s.seen`), its rows' queries (rounded as the reference rounds them)
+/// and running state. Returns the span of positions any query sees,
+/// `None` if none sees any.
+///
+/// # Safety
+/// As for [`run`].
+#[inline(always)]
+unsafe fn begin(ops: &Operands, unit: &Unit, s: &mut Scratch) -> Option<(usize, usize)> {
     let hd = ops.q.desc.ne[0];
     let n_kv = ops.k.desc.ne[1];
     let nq = unit.queries.len();
@@ -385,33 +421,67 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
             }
         }
     }
-    s.max[..rows].fill(f32::NEG_INFINITY);
-    s.sum[..rows].fill(0.0);
-    s.acc[..rows * hd].fill(0.0);
+    // The rows a blocked path pads with too (queries of zeros).
+    let padded = rows.next_multiple_of(BLOCK);
+    s.queries[rows * hd..padded * hd].fill(0.0);
+    s.max[..padded].fill(f32::NEG_INFINITY);
+    s.sum[..padded].fill(0.0);
+    s.acc[..padded * hd].fill(0.0);
+    (first < last).then_some((first, last))
+}
+
+/// Converts positions `j0..j0 + nt` of the unit's KV head to f32 rows of
+/// `s.keys` and `s.values`.
+///
+/// # Safety
+/// As for [`run`]; those positions are inside K and V.
+#[inline(always)]
+unsafe fn load_tile(ops: &Operands, g: usize, j0: usize, nt: usize, s: &mut Scratch) {
+    let hd = ops.q.desc.ne[0];
     let (k, v) = (&ops.k, &ops.v);
     let (k_row, v_row) = (
         k.desc.dtype.row_bytes(hd).expect("checked"),
         v.desc.dtype.row_bytes(hd).expect("checked"),
     );
+    for jj in 0..nt {
+        let j = j0 + jj;
+        // SAFETY: position j of KV head g is inside K and V.
+        unsafe {
+            let kp = k.data.add(j * k.desc.nb[1] + g * k.desc.nb[2]);
+            (ops.load_k)(
+                std::slice::from_raw_parts(kp, k_row),
+                &mut s.keys[jj * hd..][..hd],
+            );
+            let vp = v.data.add(j * v.desc.nb[1] + g * v.desc.nb[2]);
+            (ops.load_v)(
+                std::slice::from_raw_parts(vp, v_row),
+                &mut s.values[jj * hd..][..hd],
+            );
+        }
+    }
+}
+
+/// The tiles `first..last` of a unit one row at a time: each row's
+/// scores, softmax and weighted sum of values (decode's few rows).
+///
+/// # Safety
+/// As for [`run`]; `SIMD` only where the CPU has AVX2 and FMA.
+#[inline(always)]
+unsafe fn rowwise<const SIMD: bool>(
+    ops: &Operands,
+    unit: &Unit,
+    s: &mut Scratch,
+    first: usize,
+    last: usize,
+) {
+    let hd = ops.q.desc.ne[0];
+    let n_kv = ops.k.desc.ne[1];
+    let nq = unit.queries.len();
     let mut j0 = first - first % TILE;
     while j0 < last {
         let nt = TILE.min(n_kv - j0);
-        for jj in 0..nt {
-            let j = j0 + jj;
-            // SAFETY: position j of KV head g is inside K and V.
-            unsafe {
-                let kp = k.data.add(j * k.desc.nb[1] + unit.g * k.desc.nb[2]);
-                (ops.load_k)(
-                    std::slice::from_raw_parts(kp, k_row),
-                    &mut s.keys[jj * hd..][..hd],
-                );
-                let vp = v.data.add(j * v.desc.nb[1] + unit.g * v.desc.nb[2]);
-                (ops.load_v)(
-                    std::slice::from_raw_parts(vp, v_row),
-                    &mut s.values[jj * hd..][..hd],
-                );
-            }
-        }
+        // SAFETY: the caller's contract; j0 + nt <= n_kv.
+        unsafe { load_tile(ops, unit.g, j0, nt, s) };
         for i in 0..nq {
             let (a, b) = s.seen[i];
             if b <= j0 || a >= j0 + nt {
@@ -500,6 +570,100 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
         }
         j0 += TILE;
     }
+}
+
+/// Whether a unit goes through the blocked path (`blocked`): enough
+/// rows to share each tile's loads (prompts; decoding's few rows go row
+/// by row) and a head size in whole vectors.
+fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
+    unit.heads.len() * unit.queries.len() >= 2 * BLOCK && ops.q.desc.ne[0].is_multiple_of(8)
+}
+
+/// The tiles `first..last` of a unit a block of `R` rows at a time:
+/// `scores` writes a block's `scale · (query · key)` for the tile's
+/// positions (from `s.keys_t`), `weigh` rescales a block's sums by
+/// `s.rescale` and adds the weighted values (`s.block` over `s.values`).
+/// Rows that do not see a position get weight 0; the unit's rows are
+/// padded to [`BLOCK`].
+///
+/// # Safety
+/// As for [`run`]; the CPU has AVX2 and FMA; `R` divides [`BLOCK`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn blocked<const R: usize>(
+    ops: &Operands,
+    unit: &Unit,
+    s: &mut Scratch,
+    (first, last): (usize, usize),
+    scores: impl Fn(&mut Scratch, usize),
+    weigh: impl Fn(&mut Scratch, usize, usize),
+) {
+    let hd = ops.q.desc.ne[0];
+    let n_kv = ops.k.desc.ne[1];
+    let nq = unit.queries.len();
+    let rows = unit.heads.len() * nq;
+    let seen = s.seen;
+    let mut j0 = first - first % TILE;
+    while j0 < last {
+        let nt = TILE.min(n_kv - j0);
+        // SAFETY: the caller's contract; j0 + nt <= n_kv; hd is whole vectors.
+        unsafe {
+            load_tile(ops, unit.g, j0, nt, s);
+            x86::transpose_tile(&s.keys, &mut s.keys_t, hd);
+        }
+        for r0 in (0..rows).step_by(R) {
+            let sees = |r: usize| {
+                let (a, b) = seen[r % nq];
+                r < rows && a < j0 + nt && b > j0
+            };
+            if !(r0..r0 + R).any(sees) {
+                continue;
+            }
+            scores(s, r0);
+            for r in 0..R {
+                let row = r0 + r;
+                s.rescale[r] = 1.0;
+                if !sees(row) {
+                    s.block[r] = [0.0; TILE];
+                    continue;
+                }
+                let (a, b) = seen[row % nq];
+                let qi = unit.queries.start + row % nq;
+                let mask = ops.mask.as_ref().map(|m| {
+                    // SAFETY: row qi, positions j0..j0 + nt, inside the mask.
+                    unsafe { m.data.add(qi * m.desc.nb[1] + 4 * j0).cast_const() }
+                });
+                let seen = a.saturating_sub(j0)..(b - j0).min(nt);
+                // SAFETY: the CPU has AVX2 and FMA; the mask row has nt f32s.
+                let tile_max =
+                    unsafe { x86::finish_scores(&mut s.block[r], ops.scale, mask, seen) };
+                if tile_max == f32::NEG_INFINITY {
+                    s.block[r] = [0.0; TILE];
+                    continue;
+                }
+                let max = s.max[row].max(tile_max);
+                let c = exp_neg(s.max[row] - max);
+                s.rescale[r] = c;
+                // SAFETY: as above.
+                let sum = unsafe { x86::exp_in_place(&mut s.block[r], max, nt) };
+                s.sum[row] = s.sum[row] * c + sum;
+                s.max[row] = max;
+            }
+            weigh(s, r0, nt);
+        }
+        j0 += TILE;
+    }
+}
+
+/// A unit's end: its rows' running state to the partials (a part of the
+/// positions), or each row's weighted sum over its sum to dst.
+///
+/// # Safety
+/// As for [`run`].
+#[inline(always)]
+unsafe fn finish(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+    let hd = ops.q.desc.ne[0];
+    let nq = unit.queries.len();
     if let Some(p) = unit.part {
         // The running state, for the merge.
         let (n_head, n_q) = (ops.q.desc.ne[2], ops.q.desc.ne[1]);
@@ -549,23 +713,376 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Operands, Scratch, TILE, Unit, unit_body};
+    use super::{Operands, Scratch, TILE, Unit, begin, blocked, blocked_path, finish, unit_body};
     use std::arch::x86_64::*;
 
     /// # Safety
     /// As for `unit_body`; the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn unit_avx2(ops: &Operands, unit: &Unit, s: &mut Scratch) {
-        // SAFETY: the caller's contract.
-        unsafe { unit_body::<true>(ops, unit, s) }
+        if !blocked_path(ops, unit) {
+            // SAFETY: the caller's contract.
+            return unsafe { unit_body::<true>(ops, unit, s) };
+        }
+        let hd = ops.q.desc.ne[0];
+        // SAFETY: the caller's contract; the CPU has AVX2 and FMA, and
+        // the blocks' rows are inside the padded work space.
+        unsafe {
+            if let Some(span) = begin(ops, unit, s) {
+                blocked::<2>(
+                    ops,
+                    unit,
+                    s,
+                    span,
+                    |s, r0| scores_avx2(s, r0, hd),
+                    |s, r0, nt| weigh_avx2::<2>(s, r0, 0, nt, hd),
+                );
+            }
+            finish(ops, unit, s);
+        }
     }
 
     /// # Safety
     /// As for `unit_body`; the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn unit_avx512(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+        if !blocked_path(ops, unit) {
+            // SAFETY: the caller's contract.
+            return unsafe { unit_body::<true>(ops, unit, s) };
+        }
+        let hd = ops.q.desc.ne[0];
+        // SAFETY: as in `unit_avx2`, and the CPU has AVX-512 F.
+        unsafe {
+            if let Some(span) = begin(ops, unit, s) {
+                blocked::<8>(
+                    ops,
+                    unit,
+                    s,
+                    span,
+                    |s, r0| scores_avx512(s, r0, hd),
+                    |s, r0, nt| {
+                        weigh_avx512(s, r0, 0, nt, hd);
+                        weigh_avx512(s, r0, 4, nt, hd);
+                    },
+                );
+            }
+            finish(ops, unit, s);
+        }
+    }
+
+    /// The tile's keys (rows of `hd` in `keys`) transposed into `keys_t`
+    /// (`hd` rows of [`TILE`]), eight by eight.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `hd` is a multiple of 8; both hold `TILE · hd`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose_tile(keys: &[f32], keys_t: &mut [f32], hd: usize) {
+        assert!(keys.len() >= TILE * hd && keys_t.len() >= TILE * hd && hd.is_multiple_of(8));
+        let (k, t) = (keys.as_ptr(), keys_t.as_mut_ptr());
+        for j0 in (0..TILE).step_by(8) {
+            for d0 in (0..hd).step_by(8) {
+                // SAFETY: rows j0..j0 + 8, columns d0..d0 + 8 (asserted).
+                unsafe {
+                    let r: [__m256; 8] =
+                        std::array::from_fn(|i| _mm256_loadu_ps(k.add((j0 + i) * hd + d0)));
+                    let a0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let a1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let a2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let a3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let a4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let a5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let a6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let a7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let b0 = _mm256_shuffle_ps::<0x44>(a0, a2);
+                    let b1 = _mm256_shuffle_ps::<0xEE>(a0, a2);
+                    let b2 = _mm256_shuffle_ps::<0x44>(a1, a3);
+                    let b3 = _mm256_shuffle_ps::<0xEE>(a1, a3);
+                    let b4 = _mm256_shuffle_ps::<0x44>(a4, a6);
+                    let b5 = _mm256_shuffle_ps::<0xEE>(a4, a6);
+                    let b6 = _mm256_shuffle_ps::<0x44>(a5, a7);
+                    let b7 = _mm256_shuffle_ps::<0xEE>(a5, a7);
+                    let out = [
+                        _mm256_permute2f128_ps::<0x20>(b0, b4),
+                        _mm256_permute2f128_ps::<0x20>(b1, b5),
+                        _mm256_permute2f128_ps::<0x20>(b2, b6),
+                        _mm256_permute2f128_ps::<0x20>(b3, b7),
+                        _mm256_permute2f128_ps::<0x31>(b0, b4),
+                        _mm256_permute2f128_ps::<0x31>(b1, b5),
+                        _mm256_permute2f128_ps::<0x31>(b2, b6),
+                        _mm256_permute2f128_ps::<0x31>(b3, b7),
+                    ];
+                    for (i, v) in out.into_iter().enumerate() {
+                        _mm256_storeu_ps(t.add((d0 + i) * TILE + j0), v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A block of 2 rows' `query · key` for the tile's keys into
+    /// `s.block[..2]`: each query value broadcast against four vectors of
+    /// transposed keys.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; rows `r0..r0 + 2` are in `s.queries`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_avx2(s: &mut Scratch, r0: usize, hd: usize) {
+        assert!(s.queries.len() >= (r0 + 2) * hd && s.keys_t.len() >= hd * TILE);
+        let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for d in 0..hd {
+            // SAFETY: row d of the transposed keys, and (r0 + r, d) of
+            // the queries (asserted).
+            unsafe {
+                let k: [__m256; 4] =
+                    std::array::from_fn(|v| _mm256_loadu_ps(kt.add(d * TILE + 8 * v)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*q.add((r0 + r) * hd + d));
+                    for (a, k) in acc.iter_mut().zip(k) {
+                        *a = _mm256_fmadd_ps(x, k, *a);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                // SAFETY: eight f32s of a TILE-wide row.
+                unsafe { _mm256_storeu_ps(s.block[r].as_mut_ptr().add(8 * v), *a) };
+            }
+        }
+    }
+
+    /// [`scores_avx2`] for a block of 8 rows, two 512-bit vectors of
+    /// keys a row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; rows `r0..r0 + 8` are in `s.queries`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn scores_avx512(s: &mut Scratch, r0: usize, hd: usize) {
+        assert!(s.queries.len() >= (r0 + 8) * hd && s.keys_t.len() >= hd * TILE);
+        let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        for d in 0..hd {
+            // SAFETY: as in `scores_avx2`.
+            unsafe {
+                let k = [
+                    _mm512_loadu_ps(kt.add(d * TILE)),
+                    _mm512_loadu_ps(kt.add(d * TILE + 16)),
+                ];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*q.add((r0 + r) * hd + d));
+                    for (a, k) in acc.iter_mut().zip(k) {
+                        *a = _mm512_fmadd_ps(x, k, *a);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                // SAFETY: sixteen f32s of a TILE-wide row.
+                unsafe { _mm512_storeu_ps(s.block[r].as_mut_ptr().add(16 * v), *a) };
+            }
+        }
+    }
+
+    /// A row of the block to its scores: `scale · dot + mask`, −∞ outside
+    /// `seen` (positions in the tile); returns the largest.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `mask`, if any, holds `seen.end` f32s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn finish_scores(
+        row: &mut [f32; TILE],
+        scale: f32,
+        mask: Option<*const u8>,
+        seen: std::ops::Range<usize>,
+    ) -> f32 {
+        let (lo, hi) = (
+            _mm256_set1_epi32(seen.start as i32),
+            _mm256_set1_epi32(seen.end as i32),
+        );
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut max = ninf;
+        for j0 in (0..TILE).step_by(8) {
+            // SAFETY: eight f32s of the row; the mask's j0.. inside it up to seen.end.
+            unsafe {
+                let p = row.as_mut_ptr().add(j0);
+                let mut v = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(p));
+                if let Some(m) = mask {
+                    let n = seen.end.saturating_sub(j0).min(8);
+                    let add = if n == 8 {
+                        _mm256_loadu_ps(m.add(4 * j0).cast())
+                    } else {
+                        let mut part = [0f32; 8];
+                        std::ptr::copy_nonoverlapping(
+                            m.add(4 * j0),
+                            part.as_mut_ptr().cast(),
+                            4 * n,
+                        );
+                        _mm256_loadu_ps(part.as_ptr())
+                    };
+                    v = _mm256_add_ps(v, add);
+                }
+                let j = _mm256_add_epi32(
+                    _mm256_set1_epi32(j0 as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                // Inside: not before lo, before hi.
+                let inside =
+                    _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, j), _mm256_cmpgt_epi32(hi, j));
+                v = _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(inside));
+                _mm256_storeu_ps(p, v);
+                max = _mm256_max_ps(max, v);
+            }
+        }
+        let mut m = [0f32; 8];
+        // SAFETY: eight f32s.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), max) };
+        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    }
+
+    /// Rows `r0 + h..r0 + h + R` of the block: each row's sums times its
+    /// `s.rescale`, plus its weights (`s.block`) times the tile's `nt`
+    /// values, 32 columns at a time in registers, then 8.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the rows are in `s.acc`; `hd` is a
+    /// multiple of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weigh_avx2<const R: usize>(
+        s: &mut Scratch,
+        r0: usize,
+        h: usize,
+        nt: usize,
+        hd: usize,
+    ) {
+        assert!(s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8));
+        let mut c0 = 0;
+        while c0 + 32 <= hd {
+            // SAFETY: columns c0..c0 + 32 (asserted above).
+            unsafe { weigh_columns::<R, 4>(s, r0, h, nt, hd, c0) };
+            c0 += 32;
+        }
+        while c0 < hd {
+            // SAFETY: columns c0..c0 + 8.
+            unsafe { weigh_columns::<R, 1>(s, r0, h, nt, hd, c0) };
+            c0 += 8;
+        }
+    }
+
+    /// [`weigh_avx2`] on columns `c0..c0 + 8 W`.
+    ///
+    /// # Safety
+    /// As for [`weigh_avx2`]; those columns are inside a row.
+    #[inline(always)]
+    unsafe fn weigh_columns<const R: usize, const W: usize>(
+        s: &mut Scratch,
+        r0: usize,
+        h: usize,
+        nt: usize,
+        hd: usize,
+        c0: usize,
+    ) {
+        let (acc, v) = (s.acc.as_mut_ptr(), s.values.as_ptr());
         // SAFETY: the caller's contract.
-        unsafe { unit_body::<true>(ops, unit, s) }
+        unsafe {
+            let mut o = [[_mm256_setzero_ps(); W]; R];
+            for (r, o) in o.iter_mut().enumerate() {
+                let c = _mm256_set1_ps(s.rescale[h + r]);
+                for (w, o) in o.iter_mut().enumerate() {
+                    *o = _mm256_mul_ps(c, _mm256_loadu_ps(acc.add((r0 + h + r) * hd + c0 + 8 * w)));
+                }
+            }
+            for j in 0..nt {
+                let x: [__m256; W] =
+                    std::array::from_fn(|w| _mm256_loadu_ps(v.add(j * hd + c0 + 8 * w)));
+                for (r, o) in o.iter_mut().enumerate() {
+                    let p = _mm256_set1_ps(s.block[h + r][j]);
+                    for (o, x) in o.iter_mut().zip(x) {
+                        *o = _mm256_fmadd_ps(p, x, *o);
+                    }
+                }
+            }
+            for (r, o) in o.iter().enumerate() {
+                for (w, o) in o.iter().enumerate() {
+                    _mm256_storeu_ps(acc.add((r0 + h + r) * hd + c0 + 8 * w), *o);
+                }
+            }
+        }
+    }
+
+    /// [`weigh_avx2`] for 4 rows with 512-bit vectors: 64 columns at a
+    /// time, then 16, then the AVX2 step for a last 8.
+    ///
+    /// # Safety
+    /// As for [`weigh_avx2`]; the CPU has AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn weigh_avx512(s: &mut Scratch, r0: usize, h: usize, nt: usize, hd: usize) {
+        const R: usize = 4;
+        assert!(s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8));
+        let mut c0 = 0;
+        while c0 + 64 <= hd {
+            // SAFETY: columns c0..c0 + 64 (asserted above).
+            unsafe { weigh_columns512::<R, 4>(s, r0, h, nt, hd, c0) };
+            c0 += 64;
+        }
+        while c0 + 16 <= hd {
+            // SAFETY: columns c0..c0 + 16.
+            unsafe { weigh_columns512::<R, 1>(s, r0, h, nt, hd, c0) };
+            c0 += 16;
+        }
+        if c0 < hd {
+            // SAFETY: columns c0..c0 + 8, the last.
+            unsafe { weigh_columns::<R, 1>(s, r0, h, nt, hd, c0) };
+        }
+    }
+
+    /// [`weigh_avx512`] on columns `c0..c0 + 16 W`.
+    ///
+    /// # Safety
+    /// As for [`weigh_avx512`]; those columns are inside a row.
+    #[inline(always)]
+    unsafe fn weigh_columns512<const R: usize, const W: usize>(
+        s: &mut Scratch,
+        r0: usize,
+        h: usize,
+        nt: usize,
+        hd: usize,
+        c0: usize,
+    ) {
+        let (acc, v) = (s.acc.as_mut_ptr(), s.values.as_ptr());
+        // SAFETY: the caller's contract.
+        unsafe {
+            let mut o = [[_mm512_setzero_ps(); W]; R];
+            for (r, o) in o.iter_mut().enumerate() {
+                let c = _mm512_set1_ps(s.rescale[h + r]);
+                for (w, o) in o.iter_mut().enumerate() {
+                    *o =
+                        _mm512_mul_ps(c, _mm512_loadu_ps(acc.add((r0 + h + r) * hd + c0 + 16 * w)));
+                }
+            }
+            for j in 0..nt {
+                let x: [__m512; W] =
+                    std::array::from_fn(|w| _mm512_loadu_ps(v.add(j * hd + c0 + 16 * w)));
+                for (r, o) in o.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(s.block[h + r][j]);
+                    for (o, x) in o.iter_mut().zip(x) {
+                        *o = _mm512_fmadd_ps(p, x, *o);
+                    }
+                }
+            }
+            for (r, o) in o.iter().enumerate() {
+                for (w, o) in o.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add((r0 + h + r) * hd + c0 + 16 * w), *o);
+                }
+            }
+        }
     }
 
     /// The eight sums of `a`'s vectors, as one vector.
