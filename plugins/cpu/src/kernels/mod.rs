@@ -1026,7 +1026,13 @@ fn gemm_groups<S: Default>(
                 // each weight row belongs to one thread.
                 unsafe {
                     let to = sl.d.0.add(sl.d_base + m * sl.d_nb1 + n0 * 4).cast::<f32>();
-                    std::ptr::copy_nonoverlapping(v.as_ptr(), to, width);
+                    if width == GEMM_GROUP {
+                        // A whole group in a few inlined moves, not a call
+                        // to memmove per 64 bytes.
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), to, GEMM_GROUP);
+                    } else {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), to, width);
+                    }
                 }
             }
         }
