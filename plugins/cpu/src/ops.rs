@@ -396,6 +396,81 @@ unsafe fn write_row(v: &View, i1: usize, i2: usize, i3: usize, src: &[f32]) {
     }
 }
 
+/// Row (i1, i2, i3) of `v` as f32s: the tensor's own memory where its
+/// rows are dense, aligned f32 (no copy), else read into `buf`.
+///
+/// # Safety
+/// As for [`read_row`]; the row's memory is not written while the slice
+/// lives (the op's dst rows it is compared against in [`dst_row`]).
+unsafe fn src_row<'a>(v: &View, i1: usize, i2: usize, i3: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match dense_f32(v, [i1, i2, i3], buf.len()) {
+            Some(p) => std::slice::from_raw_parts(p, buf.len()),
+            None => {
+                read_row(v, i1, i2, i3, buf);
+                buf
+            }
+        }
+    }
+}
+
+/// Where row (i1, i2, i3) of `v` is, if its `n` elements are dense,
+/// aligned f32.
+///
+/// # Safety
+/// As for [`read_row`].
+unsafe fn dense_f32(v: &View, [i1, i2, i3]: [usize; 3], n: usize) -> Option<*mut f32> {
+    let d = &v.desc;
+    // SAFETY: the caller's contract.
+    let p = unsafe { ptr(v, [0, i1, i2, i3]) };
+    (d.dtype == DType::F32 && d.nb[0] == 4 && d.ne[0] == n && p.cast::<f32>().is_aligned())
+        .then_some(p.cast())
+}
+
+/// The row of dst an op writes (i1, i2, i3): its own memory where dense,
+/// aligned f32 and apart from every source's memory (`srcs`: the rows the
+/// op reads, none of which may alias a `&mut`), else `buf`, which
+/// [`commit_row`] then writes back.
+///
+/// # Safety
+/// As for [`write_row`].
+unsafe fn dst_row<'a>(
+    dst: &View,
+    i: [usize; 3],
+    srcs: &[&[f32]],
+    buf: &'a mut [f32],
+) -> &'a mut [f32] {
+    // SAFETY: the caller's contract.
+    if let Some(p) = unsafe { dense_f32(dst, i, buf.len()) } {
+        let range = p as usize..p as usize + 4 * buf.len();
+        let apart = srcs.iter().all(|s| {
+            let s = s.as_ptr() as usize..s.as_ptr() as usize + 4 * s.len();
+            s.end <= range.start || range.end <= s.start
+        });
+        if apart {
+            // SAFETY: the row is inside dst, written by this thread only,
+            // and overlaps no source row.
+            return unsafe { std::slice::from_raw_parts_mut(p, buf.len()) };
+        }
+    }
+    buf
+}
+
+/// Writes `row` to dst's row (i1, i2, i3) unless it is that row already
+/// ([`dst_row`]).
+///
+/// # Safety
+/// As for [`write_row`].
+unsafe fn commit_row(dst: &View, [i1, i2, i3]: [usize; 3], row: &[f32]) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if dense_f32(dst, [i1, i2, i3], row.len()) != Some(row.as_ptr().cast_mut()) {
+            write_row(dst, i1, i2, i3, row);
+        }
+    }
+}
+
 /// Reads one i32 element.
 ///
 /// # Safety
@@ -541,17 +616,18 @@ pub unsafe fn run_with(
                 let b = &src[1];
                 let mut bv = scratch::f32s(b.desc.ne[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
-                    read_row(&src[0], i1, i2, i3, &mut a);
-                    read_row(
+                    let a = src_row(&src[0], i1, i2, i3, &mut a);
+                    let bv = src_row(
                         b,
                         i1 % b.desc.ne[1],
                         i2 % b.desc.ne[2],
                         i3 % b.desc.ne[3],
                         &mut bv,
                     );
+                    let out = dst_row(dst, [i1, i2, i3], &[a, bv], &mut out);
                     if bv.len() == out.len() {
                         // The common case, without a division per element.
-                        for ((o, &x), &y) in out.iter_mut().zip(&a).zip(&bv) {
+                        for ((o, &x), &y) in out.iter_mut().zip(a).zip(bv) {
                             *o = if kind == OpKind::Add { x + y } else { x * y };
                         }
                     } else {
@@ -564,17 +640,18 @@ pub unsafe fn run_with(
                             };
                         }
                     }
-                    write_row(dst, i1, i2, i3, &out);
+                    commit_row(dst, [i1, i2, i3], out);
                 }
             }
             OpKind::Scale | OpKind::Silu | OpKind::Gelu => {
                 let s = param_f32(params[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
-                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let a = src_row(&src[0], i1, i2, i3, &mut a);
+                    let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
                     if kind == OpKind::Silu {
-                        (row_fns.silu)(&a, &mut out);
+                        (row_fns.silu)(a, out);
                     } else {
-                        for (o, &x) in out.iter_mut().zip(&a) {
+                        for (o, &x) in out.iter_mut().zip(a) {
                             *o = if kind == OpKind::Scale {
                                 x * s
                             } else {
@@ -582,7 +659,7 @@ pub unsafe fn run_with(
                             };
                         }
                     }
-                    write_row(dst, i1, i2, i3, &out);
+                    commit_row(dst, [i1, i2, i3], out);
                 }
             }
             OpKind::RmsNorm => {
@@ -595,17 +672,18 @@ pub unsafe fn run_with(
                 // spread.
                 let eps = param_f32(params[0]);
                 for (i1, i2, i3) in rows(dst.desc.ne) {
-                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let a = src_row(&src[0], i1, i2, i3, &mut a);
                     let mut sum = 0f64;
                     for &x in a.iter() {
                         sum += (x * x) as f64;
                     }
                     let mean = (sum / a.len() as f64) as f32;
                     let scale = 1.0f32 / (mean + eps).sqrt();
-                    for (o, &x) in out.iter_mut().zip(&a) {
+                    let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
+                    for (o, &x) in out.iter_mut().zip(a) {
                         *o = x * scale;
                     }
-                    write_row(dst, i1, i2, i3, &out);
+                    commit_row(dst, [i1, i2, i3], out);
                 }
             }
             OpKind::Norm => {
@@ -661,7 +739,7 @@ pub unsafe fn run_with(
                 let mut sc = scratch::pairs(n_rot / 2);
                 let mut angles_at: Option<i32> = None;
                 for (i1, i2, i3) in rows(dst.desc.ne) {
-                    read_row(&src[0], i1, i2, i3, &mut a);
+                    let a = src_row(&src[0], i1, i2, i3, &mut a);
                     let pos = read_i32(&src[1], [i2, 0, 0, 0]);
                     if angles_at != Some(pos) {
                         let mut theta = pos as f32;
@@ -683,8 +761,9 @@ pub unsafe fn run_with(
                         }
                         angles_at = Some(pos);
                     }
-                    math::rope_row(&a, &sc, neox, &mut out);
-                    write_row(dst, i1, i2, i3, &out);
+                    let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
+                    math::rope_row(a, &sc, neox, out);
+                    commit_row(dst, [i1, i2, i3], out);
                 }
             }
             OpKind::Attention => attention(src, dst, param_f32(params[0])),
@@ -721,8 +800,8 @@ pub unsafe fn run_with(
             }
             OpKind::Cpy => {
                 for (i1, i2, i3) in rows(dst.desc.ne) {
-                    read_row(&src[0], i1, i2, i3, &mut a);
-                    write_row(dst, i1, i2, i3, &a);
+                    let a = src_row(&src[0], i1, i2, i3, &mut a);
+                    write_row(dst, i1, i2, i3, a);
                 }
             }
         }

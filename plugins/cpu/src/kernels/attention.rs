@@ -961,7 +961,9 @@ mod x86 {
         nt: usize,
         hd: usize,
     ) {
-        assert!(s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8));
+        assert!(
+            s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8)
+        );
         let mut c0 = 0;
         while c0 + 32 <= hd {
             // SAFETY: columns c0..c0 + 32 (asserted above).
@@ -1025,7 +1027,9 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn weigh_avx512(s: &mut Scratch, r0: usize, h: usize, nt: usize, hd: usize) {
         const R: usize = 4;
-        assert!(s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8));
+        assert!(
+            s.acc.len() >= (r0 + h + R) * hd && s.values.len() >= nt * hd && hd.is_multiple_of(8)
+        );
         let mut c0 = 0;
         while c0 + 64 <= hd {
             // SAFETY: columns c0..c0 + 64 (asserted above).

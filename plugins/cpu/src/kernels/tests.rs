@@ -1061,3 +1061,72 @@ fn fused_attention_matches_the_reference_on_every_path() {
     }
     set_threads(before);
 }
+
+/// The reference's row ops read and write dense f32 rows in place
+/// (`ops::dst_row`): in place over their first source, and into a dst
+/// that is not 4-byte aligned (written through a row of its own), they
+/// give the bits they give into a separate dst.
+#[test]
+fn row_ops_in_place_and_unaligned_give_the_same_bits() {
+    let f = |v: f32| v.to_bits() as i32;
+    let shape = [96, 7, 3, 1];
+    let d = Desc::contiguous(DType::F32, shape);
+    let cases: Vec<(OpKind, Vec<Desc>, [i32; 8])> = vec![
+        (OpKind::Add, vec![d, d], [0; 8]),
+        (
+            OpKind::Mul,
+            vec![d, Desc::contiguous(DType::F32, [96, 1, 1, 1])],
+            [0; 8],
+        ),
+        (OpKind::Scale, vec![d], [f(0.3), 0, 0, 0, 0, 0, 0, 0]),
+        (OpKind::Silu, vec![d], [0; 8]),
+        (OpKind::RmsNorm, vec![d], [f(1e-5), 0, 0, 0, 0, 0, 0, 0]),
+        (
+            OpKind::Rope,
+            vec![d, Desc::contiguous(DType::I32, [3, 1, 1, 1])],
+            [
+                96,
+                kiln_plugin_api::abi::KILN_ROPE_NEOX,
+                f(10000.0),
+                f(1.0),
+                0,
+                0,
+                0,
+                0,
+            ],
+        ),
+    ];
+    for (i, (kind, src, params)) in cases.into_iter().enumerate() {
+        ops::check(kind, &src, &d, &params).unwrap();
+        let mut rng = fastrand::Rng::with_seed(i as u64);
+        let mut data: Vec<Vec<u8>> = src
+            .iter()
+            .map(|s| {
+                (0..s.ne.iter().product::<usize>())
+                    .flat_map(|j| match s.dtype {
+                        DType::I32 => (j as i32 * 5).to_le_bytes(),
+                        _ => (rng.f32() * 8.0 - 4.0).to_le_bytes(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let n = d.extent().unwrap();
+        let mut want = vec![0u8; n];
+        let mut shifted = vec![0u8; n + 1];
+        let views: Vec<View> = src
+            .iter()
+            .zip(&mut data)
+            .map(|(s, b)| view(*s, b))
+            .collect();
+        // SAFETY: every view covers its own Vec (the shifted one from its
+        // second byte), and `check` accepted the op.
+        unsafe {
+            ops::run(kind, &views, &view(d, &mut want), &params).unwrap();
+            ops::run(kind, &views, &view(d, &mut shifted[1..]), &params).unwrap();
+            // In place: dst is the first source's memory.
+            ops::run(kind, &views, &views[0], &params).unwrap();
+        }
+        assert!(want == shifted[1..], "{kind}: an unaligned dst differs");
+        assert!(want == data[0], "{kind}: in place differs");
+    }
+}
