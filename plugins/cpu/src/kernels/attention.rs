@@ -579,7 +579,8 @@ fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
     unit.heads.len() * unit.queries.len() >= 2 * BLOCK && ops.q.desc.ne[0].is_multiple_of(8)
 }
 
-/// The tiles `first..last` of a unit a block of `R` rows at a time:
+/// A unit with the AVX2 tile loops: row by row (`unit_body`) unless
+/// [`blocked_path`]; else its tiles a block of `R` rows at a time:
 /// `scores` writes a block's `scale · (query · key)` for the tile's
 /// positions (from `s.keys_t`), `weigh` rescales a block's sums by
 /// `s.rescale` and adds the weighted values (`s.block` over `s.values`).
@@ -591,6 +592,32 @@ fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn blocked<const R: usize>(
+    ops: &Operands,
+    unit: &Unit,
+    s: &mut Scratch,
+    scores: impl Fn(&mut Scratch, usize),
+    weigh: impl Fn(&mut Scratch, usize, usize),
+) {
+    if !blocked_path(ops, unit) {
+        // SAFETY: the caller's contract.
+        return unsafe { unit_body::<true>(ops, unit, s) };
+    }
+    // SAFETY: as above.
+    if let Some(span) = unsafe { begin(ops, unit, s) } {
+        // SAFETY: as above.
+        unsafe { blocked_tiles::<R>(ops, unit, s, span, scores, weigh) };
+    }
+    // SAFETY: as above.
+    unsafe { finish(ops, unit, s) };
+}
+
+/// The tiles `first..last` of [`blocked`].
+///
+/// # Safety
+/// As for [`blocked`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn blocked_tiles<const R: usize>(
     ops: &Operands,
     unit: &Unit,
     s: &mut Scratch,
@@ -713,32 +740,24 @@ unsafe fn finish(ops: &Operands, unit: &Unit, s: &mut Scratch) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Operands, Scratch, TILE, Unit, begin, blocked, blocked_path, finish, unit_body};
+    use super::{Operands, Scratch, TILE, Unit, blocked};
     use std::arch::x86_64::*;
 
     /// # Safety
     /// As for `unit_body`; the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn unit_avx2(ops: &Operands, unit: &Unit, s: &mut Scratch) {
-        if !blocked_path(ops, unit) {
-            // SAFETY: the caller's contract.
-            return unsafe { unit_body::<true>(ops, unit, s) };
-        }
         let hd = ops.q.desc.ne[0];
         // SAFETY: the caller's contract; the CPU has AVX2 and FMA, and
         // the blocks' rows are inside the padded work space.
         unsafe {
-            if let Some(span) = begin(ops, unit, s) {
-                blocked::<2>(
-                    ops,
-                    unit,
-                    s,
-                    span,
-                    |s, r0| scores_avx2(s, r0, hd),
-                    |s, r0, nt| weigh_avx2::<2>(s, r0, 0, nt, hd),
-                );
-            }
-            finish(ops, unit, s);
+            blocked::<2>(
+                ops,
+                unit,
+                s,
+                |s, r0| scores_avx2(s, r0, hd),
+                |s, r0, nt| weigh_avx2::<2>(s, r0, 0, nt, hd),
+            )
         }
     }
 
@@ -746,27 +765,19 @@ mod x86 {
     /// As for `unit_body`; the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn unit_avx512(ops: &Operands, unit: &Unit, s: &mut Scratch) {
-        if !blocked_path(ops, unit) {
-            // SAFETY: the caller's contract.
-            return unsafe { unit_body::<true>(ops, unit, s) };
-        }
         let hd = ops.q.desc.ne[0];
         // SAFETY: as in `unit_avx2`, and the CPU has AVX-512 F.
         unsafe {
-            if let Some(span) = begin(ops, unit, s) {
-                blocked::<8>(
-                    ops,
-                    unit,
-                    s,
-                    span,
-                    |s, r0| scores_avx512(s, r0, hd),
-                    |s, r0, nt| {
-                        weigh_avx512(s, r0, 0, nt, hd);
-                        weigh_avx512(s, r0, 4, nt, hd);
-                    },
-                );
-            }
-            finish(ops, unit, s);
+            blocked::<8>(
+                ops,
+                unit,
+                s,
+                |s, r0| scores_avx512(s, r0, hd),
+                |s, r0, nt| {
+                    weigh_avx512(s, r0, 0, nt, hd);
+                    weigh_avx512(s, r0, 4, nt, hd);
+                },
+            )
         }
     }
 
@@ -820,73 +831,73 @@ mod x86 {
         }
     }
 
-    /// A block of 2 rows' `query · key` for the tile's keys into
-    /// `s.block[..2]`: each query value broadcast against four vectors of
-    /// transposed keys.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA; rows `r0..r0 + 2` are in `s.queries`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_avx2(s: &mut Scratch, r0: usize, hd: usize) {
-        assert!(s.queries.len() >= (r0 + 2) * hd && s.keys_t.len() >= hd * TILE);
-        let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-        for d in 0..hd {
-            // SAFETY: row d of the transposed keys, and (r0 + r, d) of
-            // the queries (asserted).
-            unsafe {
-                let k: [__m256; 4] =
-                    std::array::from_fn(|v| _mm256_loadu_ps(kt.add(d * TILE + 8 * v)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm256_set1_ps(*q.add((r0 + r) * hd + d));
-                    for (a, k) in acc.iter_mut().zip(k) {
-                        *a = _mm256_fmadd_ps(x, k, *a);
+    /// `block_scores!(name, features, R, vector type, lanes, zero, set1,
+    /// load, store, fmadd)` defines `name(s, r0, hd)`: a block of `R`
+    /// rows' `query · key` for the tile's keys into `s.block[..R]`, each
+    /// query value broadcast against the row of transposed keys (the
+    /// tile's [`TILE`] positions in vectors of `lanes`).
+    macro_rules! block_scores {
+        ($name:ident, $features:literal, $r:literal, $v:ty, $lanes:literal,
+         $zero:ident, $set1:ident, $load:ident, $store:ident, $fmadd:ident) => {
+            /// See `block_scores!`.
+            ///
+            /// # Safety
+            /// The CPU has the features; rows `r0..r0 + R` are in
+            /// `s.queries`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $name(s: &mut Scratch, r0: usize, hd: usize) {
+                const V: usize = TILE / $lanes;
+                assert!(s.queries.len() >= (r0 + $r) * hd && s.keys_t.len() >= hd * TILE);
+                let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
+                let mut acc = [[$zero(); V]; $r];
+                for d in 0..hd {
+                    // SAFETY: row d of the transposed keys, and (r0 + r, d)
+                    // of the queries (asserted).
+                    unsafe {
+                        let k: [$v; V] =
+                            std::array::from_fn(|v| $load(kt.add(d * TILE + $lanes * v)));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let x = $set1(*q.add((r0 + r) * hd + d));
+                            for (a, k) in acc.iter_mut().zip(k) {
+                                *a = $fmadd(x, k, *a);
+                            }
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    for (v, a) in acc.iter().enumerate() {
+                        // SAFETY: `lanes` f32s of a TILE-wide row.
+                        unsafe { $store(s.block[r].as_mut_ptr().add($lanes * v), *a) };
                     }
                 }
             }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, a) in acc.iter().enumerate() {
-                // SAFETY: eight f32s of a TILE-wide row.
-                unsafe { _mm256_storeu_ps(s.block[r].as_mut_ptr().add(8 * v), *a) };
-            }
-        }
+        };
     }
-
-    /// [`scores_avx2`] for a block of 8 rows, two 512-bit vectors of
-    /// keys a row.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F; rows `r0..r0 + 8` are in `s.queries`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores_avx512(s: &mut Scratch, r0: usize, hd: usize) {
-        assert!(s.queries.len() >= (r0 + 8) * hd && s.keys_t.len() >= hd * TILE);
-        let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
-        for d in 0..hd {
-            // SAFETY: as in `scores_avx2`.
-            unsafe {
-                let k = [
-                    _mm512_loadu_ps(kt.add(d * TILE)),
-                    _mm512_loadu_ps(kt.add(d * TILE + 16)),
-                ];
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*q.add((r0 + r) * hd + d));
-                    for (a, k) in acc.iter_mut().zip(k) {
-                        *a = _mm512_fmadd_ps(x, k, *a);
-                    }
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, a) in acc.iter().enumerate() {
-                // SAFETY: sixteen f32s of a TILE-wide row.
-                unsafe { _mm512_storeu_ps(s.block[r].as_mut_ptr().add(16 * v), *a) };
-            }
-        }
-    }
+    block_scores!(
+        scores_avx2,
+        "avx2,fma",
+        2,
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps
+    );
+    block_scores!(
+        scores_avx512,
+        "avx512f,avx2,fma",
+        8,
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps
+    );
 
     /// A row of the block to its scores: `scale · dot + mask`, −∞ outside
     /// `seen` (positions in the tile); returns the largest.
@@ -977,46 +988,78 @@ mod x86 {
         }
     }
 
-    /// [`weigh_avx2`] on columns `c0..c0 + 8 W`.
-    ///
-    /// # Safety
-    /// As for [`weigh_avx2`]; those columns are inside a row.
-    #[inline(always)]
-    unsafe fn weigh_columns<const R: usize, const W: usize>(
-        s: &mut Scratch,
-        r0: usize,
-        h: usize,
-        nt: usize,
-        hd: usize,
-        c0: usize,
-    ) {
-        let (acc, v) = (s.acc.as_mut_ptr(), s.values.as_ptr());
-        // SAFETY: the caller's contract.
-        unsafe {
-            let mut o = [[_mm256_setzero_ps(); W]; R];
-            for (r, o) in o.iter_mut().enumerate() {
-                let c = _mm256_set1_ps(s.rescale[h + r]);
-                for (w, o) in o.iter_mut().enumerate() {
-                    *o = _mm256_mul_ps(c, _mm256_loadu_ps(acc.add((r0 + h + r) * hd + c0 + 8 * w)));
-                }
-            }
-            for j in 0..nt {
-                let x: [__m256; W] =
-                    std::array::from_fn(|w| _mm256_loadu_ps(v.add(j * hd + c0 + 8 * w)));
-                for (r, o) in o.iter_mut().enumerate() {
-                    let p = _mm256_set1_ps(s.block[h + r][j]);
-                    for (o, x) in o.iter_mut().zip(x) {
-                        *o = _mm256_fmadd_ps(p, x, *o);
+    /// `weigh_columns!(name, vector type, lanes, zero, set1, load, store,
+    /// mul, fmadd)` defines `name::<R, W>(s, r0, h, nt, hd, c0)`: rows
+    /// `r0 + h..r0 + h + R` of the block on columns `c0..c0 + lanes · W`,
+    /// as [`weigh_avx2`] describes, the sums in registers.
+    macro_rules! weigh_columns {
+        ($name:ident, $v:ty, $lanes:literal, $zero:ident, $set1:ident, $load:ident,
+         $store:ident, $mul:ident, $fmadd:ident) => {
+            /// See `weigh_columns!`.
+            ///
+            /// # Safety
+            /// As for [`weigh_avx2`]; the caller has the vectors' features;
+            /// those columns are inside a row.
+            #[inline(always)]
+            unsafe fn $name<const R: usize, const W: usize>(
+                s: &mut Scratch,
+                r0: usize,
+                h: usize,
+                nt: usize,
+                hd: usize,
+                c0: usize,
+            ) {
+                let (acc, v) = (s.acc.as_mut_ptr(), s.values.as_ptr());
+                // SAFETY: the caller's contract.
+                unsafe {
+                    let mut o = [[$zero(); W]; R];
+                    for (r, o) in o.iter_mut().enumerate() {
+                        let c = $set1(s.rescale[h + r]);
+                        for (w, o) in o.iter_mut().enumerate() {
+                            *o = $mul(c, $load(acc.add((r0 + h + r) * hd + c0 + $lanes * w)));
+                        }
+                    }
+                    for j in 0..nt {
+                        let x: [$v; W] =
+                            std::array::from_fn(|w| $load(v.add(j * hd + c0 + $lanes * w)));
+                        for (r, o) in o.iter_mut().enumerate() {
+                            let p = $set1(s.block[h + r][j]);
+                            for (o, x) in o.iter_mut().zip(x) {
+                                *o = $fmadd(p, x, *o);
+                            }
+                        }
+                    }
+                    for (r, o) in o.iter().enumerate() {
+                        for (w, o) in o.iter().enumerate() {
+                            $store(acc.add((r0 + h + r) * hd + c0 + $lanes * w), *o);
+                        }
                     }
                 }
             }
-            for (r, o) in o.iter().enumerate() {
-                for (w, o) in o.iter().enumerate() {
-                    _mm256_storeu_ps(acc.add((r0 + h + r) * hd + c0 + 8 * w), *o);
-                }
-            }
-        }
+        };
     }
+    weigh_columns!(
+        weigh_columns,
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_mul_ps,
+        _mm256_fmadd_ps
+    );
+    weigh_columns!(
+        weigh_columns512,
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_mul_ps,
+        _mm512_fmadd_ps
+    );
 
     /// [`weigh_avx2`] for 4 rows with 512-bit vectors: 64 columns at a
     /// time, then 16, then the AVX2 step for a last 8.
@@ -1044,48 +1087,6 @@ mod x86 {
         if c0 < hd {
             // SAFETY: columns c0..c0 + 8, the last.
             unsafe { weigh_columns::<R, 1>(s, r0, h, nt, hd, c0) };
-        }
-    }
-
-    /// [`weigh_avx512`] on columns `c0..c0 + 16 W`.
-    ///
-    /// # Safety
-    /// As for [`weigh_avx512`]; those columns are inside a row.
-    #[inline(always)]
-    unsafe fn weigh_columns512<const R: usize, const W: usize>(
-        s: &mut Scratch,
-        r0: usize,
-        h: usize,
-        nt: usize,
-        hd: usize,
-        c0: usize,
-    ) {
-        let (acc, v) = (s.acc.as_mut_ptr(), s.values.as_ptr());
-        // SAFETY: the caller's contract.
-        unsafe {
-            let mut o = [[_mm512_setzero_ps(); W]; R];
-            for (r, o) in o.iter_mut().enumerate() {
-                let c = _mm512_set1_ps(s.rescale[h + r]);
-                for (w, o) in o.iter_mut().enumerate() {
-                    *o =
-                        _mm512_mul_ps(c, _mm512_loadu_ps(acc.add((r0 + h + r) * hd + c0 + 16 * w)));
-                }
-            }
-            for j in 0..nt {
-                let x: [__m512; W] =
-                    std::array::from_fn(|w| _mm512_loadu_ps(v.add(j * hd + c0 + 16 * w)));
-                for (r, o) in o.iter_mut().enumerate() {
-                    let p = _mm512_set1_ps(s.block[h + r][j]);
-                    for (o, x) in o.iter_mut().zip(x) {
-                        *o = _mm512_fmadd_ps(p, x, *o);
-                    }
-                }
-            }
-            for (r, o) in o.iter().enumerate() {
-                for (w, o) in o.iter().enumerate() {
-                    _mm512_storeu_ps(acc.add((r0 + h + r) * hd + c0 + 16 * w), *o);
-                }
-            }
         }
     }
 
