@@ -105,22 +105,19 @@ impl Q8Row {
         self.lanes.clear();
     }
 
-    /// Fills [`Q8Row::offset_sums`] from `sums`,
-    /// and for Q4_1/Q5_1 [`Q8Row::s`]: the unrounded scale `amax / 127`
-    /// of the block `x` (the row just quantized) times its code sum, to
-    /// f16, as ggml's x86 `quantize_row_q8_1` (whose codes are Q8_0's)
-    /// and [`kiln_blocks::q8_1_sums`] compute it.
-    fn widen(&mut self, x: &[f32]) {
+    /// Block `b`'s [`Q8Row::offset_sums`] entry from its code sum, and for
+    /// Q4_1/Q5_1 its [`Q8Row::s`]: the unrounded scale `amax / 127` of the
+    /// block (`amax`: its largest magnitude) times its code sum, to f16,
+    /// as ggml's x86 `quantize_row_q8_1` (whose codes are Q8_0's) and
+    /// [`kiln_blocks::q8_1_sums`] compute it. Each quantizer calls it per
+    /// block, with the `amax` it found.
+    #[inline(always)]
+    fn finish_block(&mut self, b: usize, amax: f32) {
+        let sum = self.sums[b];
         if self.with_s {
-            self.s.resize(self.sums.len(), 0.0);
-            for ((s, &sum), block) in self.s.iter_mut().zip(&self.sums).zip(x.chunks_exact(QK)) {
-                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                *s = f16::from_f32(amax / 127.0 * sum as f32).to_f32();
-            }
+            self.s[b] = f16::from_f32(amax / 127.0 * sum as f32).to_f32();
         }
-        for (o, s) in self.offset_sums.iter_mut().zip(&self.sums) {
-            *o = -self.offset * s;
-        }
+        self.offset_sums[b] = -self.offset * sum;
     }
 
     /// Fills [`Q8Row::lanes`] from the codes (whole groups of 16 blocks).
@@ -147,38 +144,33 @@ impl Q8Row {
     /// `round_activations` rounds it: `qs * d` is that rounded value.
     pub fn quantize(&mut self, isa: Isa, x: &[f32]) {
         assert_eq!(x.len(), self.qs.len());
+        self.s
+            .resize(if self.with_s { self.sums.len() } else { 0 }, 0.0);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             // SAFETY: the CPU has AVX-512 (`Isa`); lengths checked above.
             unsafe { x86::quantize_q8_0(self, x) };
-            self.widen(x);
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if isa >= Isa::Avx2 {
             // SAFETY: the CPU has AVX2 and F16C (`Isa`); lengths checked above.
             unsafe { x86::quantize_q8_0_avx2(self, x) };
-            self.widen(x);
             return;
         }
         let _ = isa;
-        for ((block, q), d) in x
-            .chunks_exact(QK)
-            .zip(self.qs.chunks_exact_mut(QK))
-            .zip(&mut self.d)
-        {
+        for (b, block) in x.chunks_exact(QK).enumerate() {
             let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            *d = f16::from_f32(amax / 127.0).to_f32();
+            self.d[b] = f16::from_f32(amax / 127.0).to_f32();
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let q = &mut self.qs[b * QK..][..QK];
             for (q, v) in q.iter_mut().zip(block) {
                 // Round half to even, as `round_ties_even` (inlined: |v·id| ≤ 127).
                 *q = kiln_blocks::nearest_int(v * id) as i8;
             }
+            self.sums[b] = q.iter().map(|&v| v as i32).sum();
+            self.finish_block(b, amax);
         }
-        for (s, q) in self.sums.iter_mut().zip(self.qs.chunks_exact(QK)) {
-            *s = q.iter().map(|&v| v as i32).sum();
-        }
-        self.widen(x);
     }
 }
 
@@ -624,6 +616,7 @@ mod x86 {
                 _mm_storeu_si128(q.add(16).cast(), _mm512_cvtepi32_epi8(c[1]));
             }
             row.sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c[0], c[1]));
+            row.finish_block(b, amax);
         }
     }
 
@@ -672,6 +665,7 @@ mod x86 {
             );
             let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
             row.sums[b] = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+            row.finish_block(b, amax);
         }
     }
 
