@@ -284,8 +284,6 @@ struct Scratch {
     /// Per query of the unit: the first and last position its mask lets through.
     seen: [(usize, usize); QUERIES],
     scores: [f32; TILE],
-    /// The blocked path's keys, transposed: `head_dim` rows of [`TILE`].
-    keys_t: Row<f32>,
     /// The blocked path's scores (then weights) of a block of rows, and
     /// the factor each row's state is rescaled by.
     block: [[f32; TILE]; BLOCK],
@@ -309,7 +307,6 @@ impl Scratch {
             sum: scratch::f32s(rows),
             seen: [(0, 0); QUERIES],
             scores: [0.0; TILE],
-            keys_t: scratch::f32s(TILE * hd),
             block: [[0.0; TILE]; BLOCK],
             rescale: [1.0; BLOCK],
         }
@@ -581,8 +578,8 @@ fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
 
 /// A unit with the AVX2 tile loops: row by row (`unit_body`) unless
 /// [`blocked_path`]; else its tiles a block of `R` rows at a time:
-/// `scores` writes a block's `scale · (query · key)` for the tile's
-/// positions (from `s.keys_t`), `weigh` rescales a block's sums by
+/// `scores` writes a block's `query · key` for the tile's positions
+/// (as the row-by-row path sums them, to the bit), `weigh` rescales a block's sums by
 /// `s.rescale` and adds the weighted values (`s.block` over `s.values`).
 /// Rows that do not see a position get weight 0; the unit's rows are
 /// padded to [`BLOCK`].
@@ -625,7 +622,6 @@ unsafe fn blocked_tiles<const R: usize>(
     scores: impl Fn(&mut Scratch, usize),
     weigh: impl Fn(&mut Scratch, usize, usize),
 ) {
-    let hd = ops.q.desc.ne[0];
     let n_kv = ops.k.desc.ne[1];
     let nq = unit.queries.len();
     let rows = unit.heads.len() * nq;
@@ -634,10 +630,7 @@ unsafe fn blocked_tiles<const R: usize>(
     while j0 < last {
         let nt = TILE.min(n_kv - j0);
         // SAFETY: the caller's contract; j0 + nt <= n_kv; hd is whole vectors.
-        unsafe {
-            load_tile(ops, unit.g, j0, nt, s);
-            x86::transpose_tile(&s.keys, &mut s.keys_t, hd);
-        }
+        unsafe { load_tile(ops, unit.g, j0, nt, s) };
         for r0 in (0..rows).step_by(R) {
             let sees = |r: usize| {
                 let (a, b) = seen[r % nq];
@@ -781,123 +774,77 @@ mod x86 {
         }
     }
 
-    /// The tile's keys (rows of `hd` in `keys`) transposed into `keys_t`
-    /// (`hd` rows of [`TILE`]), eight by eight.
+    /// Rows `r0 + h..r0 + h + R` of the block (`R` of 2 or 4): each
+    /// row's `query · key` for the tile's keys into `s.block[h..h + R]`,
+    /// summed as [`scores`] sums them (eight lanes over the head's
+    /// dimensions, then [`sum_each`]'s tree), so a prompt's scores are the
+    /// row-by-row path's bits; four keys at a time, the rows sharing each
+    /// load of them.
     ///
     /// # Safety
-    /// The CPU has AVX2; `hd` is a multiple of 8; both hold `TILE · hd`.
+    /// The CPU has AVX2 and FMA; the rows are in `s.queries`; `hd` is a
+    /// multiple of 8.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn transpose_tile(keys: &[f32], keys_t: &mut [f32], hd: usize) {
-        assert!(keys.len() >= TILE * hd && keys_t.len() >= TILE * hd && hd.is_multiple_of(8));
-        let (k, t) = (keys.as_ptr(), keys_t.as_mut_ptr());
-        for j0 in (0..TILE).step_by(8) {
-            for d0 in (0..hd).step_by(8) {
-                // SAFETY: rows j0..j0 + 8, columns d0..d0 + 8 (asserted).
+    unsafe fn block_scores<const R: usize>(s: &mut Scratch, r0: usize, h: usize, hd: usize) {
+        const KEYS: usize = 4;
+        assert!((R * KEYS).is_multiple_of(8) && s.queries.len() >= (r0 + h + R) * hd);
+        assert!(s.keys.len() >= TILE * hd && hd.is_multiple_of(8));
+        let (q, k) = (s.queries.as_ptr(), s.keys.as_ptr());
+        for j0 in (0..TILE).step_by(KEYS) {
+            let mut acc = [[_mm256_setzero_ps(); KEYS]; R];
+            for d in (0..hd).step_by(8) {
+                // SAFETY: d + 8 <= hd; rows j0..j0 + 4 of the keys and
+                // the block's rows of the queries (asserted).
                 unsafe {
-                    let r: [__m256; 8] =
-                        std::array::from_fn(|i| _mm256_loadu_ps(k.add((j0 + i) * hd + d0)));
-                    let a0 = _mm256_unpacklo_ps(r[0], r[1]);
-                    let a1 = _mm256_unpackhi_ps(r[0], r[1]);
-                    let a2 = _mm256_unpacklo_ps(r[2], r[3]);
-                    let a3 = _mm256_unpackhi_ps(r[2], r[3]);
-                    let a4 = _mm256_unpacklo_ps(r[4], r[5]);
-                    let a5 = _mm256_unpackhi_ps(r[4], r[5]);
-                    let a6 = _mm256_unpacklo_ps(r[6], r[7]);
-                    let a7 = _mm256_unpackhi_ps(r[6], r[7]);
-                    let b0 = _mm256_shuffle_ps::<0x44>(a0, a2);
-                    let b1 = _mm256_shuffle_ps::<0xEE>(a0, a2);
-                    let b2 = _mm256_shuffle_ps::<0x44>(a1, a3);
-                    let b3 = _mm256_shuffle_ps::<0xEE>(a1, a3);
-                    let b4 = _mm256_shuffle_ps::<0x44>(a4, a6);
-                    let b5 = _mm256_shuffle_ps::<0xEE>(a4, a6);
-                    let b6 = _mm256_shuffle_ps::<0x44>(a5, a7);
-                    let b7 = _mm256_shuffle_ps::<0xEE>(a5, a7);
-                    let out = [
-                        _mm256_permute2f128_ps::<0x20>(b0, b4),
-                        _mm256_permute2f128_ps::<0x20>(b1, b5),
-                        _mm256_permute2f128_ps::<0x20>(b2, b6),
-                        _mm256_permute2f128_ps::<0x20>(b3, b7),
-                        _mm256_permute2f128_ps::<0x31>(b0, b4),
-                        _mm256_permute2f128_ps::<0x31>(b1, b5),
-                        _mm256_permute2f128_ps::<0x31>(b2, b6),
-                        _mm256_permute2f128_ps::<0x31>(b3, b7),
-                    ];
-                    for (i, v) in out.into_iter().enumerate() {
-                        _mm256_storeu_ps(t.add((d0 + i) * TILE + j0), v);
+                    let keys: [__m256; KEYS] =
+                        std::array::from_fn(|j| _mm256_loadu_ps(k.add((j0 + j) * hd + d)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm256_loadu_ps(q.add((r0 + h + r) * hd + d));
+                        for (a, key) in acc.iter_mut().zip(keys) {
+                            *a = _mm256_fmadd_ps(x, key, *a);
+                        }
                     }
                 }
+            }
+            // Two rows' four sums a reduction.
+            for pair in 0..R / 2 {
+                let eight: [__m256; 8] =
+                    std::array::from_fn(|i| acc[2 * pair + i / KEYS][i % KEYS]);
+                let mut dots = [0f32; 8];
+                // SAFETY: eight f32s.
+                unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum_each(eight)) };
+                s.block[h + 2 * pair][j0..j0 + KEYS].copy_from_slice(&dots[..KEYS]);
+                s.block[h + 2 * pair + 1][j0..j0 + KEYS].copy_from_slice(&dots[KEYS..]);
             }
         }
     }
 
-    /// `block_scores!(name, features, R, vector type, lanes, zero, set1,
-    /// load, store, fmadd)` defines `name(s, r0, hd)`: a block of `R`
-    /// rows' `query · key` for the tile's keys into `s.block[..R]`, each
-    /// query value broadcast against the row of transposed keys (the
-    /// tile's [`TILE`] positions in vectors of `lanes`).
-    macro_rules! block_scores {
-        ($name:ident, $features:literal, $r:literal, $v:ty, $lanes:literal,
-         $zero:ident, $set1:ident, $load:ident, $store:ident, $fmadd:ident) => {
-            /// See `block_scores!`.
-            ///
-            /// # Safety
-            /// The CPU has the features; rows `r0..r0 + R` are in
-            /// `s.queries`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn $name(s: &mut Scratch, r0: usize, hd: usize) {
-                const V: usize = TILE / $lanes;
-                assert!(s.queries.len() >= (r0 + $r) * hd && s.keys_t.len() >= hd * TILE);
-                let (q, kt) = (s.queries.as_ptr(), s.keys_t.as_ptr());
-                let mut acc = [[$zero(); V]; $r];
-                for d in 0..hd {
-                    // SAFETY: row d of the transposed keys, and (r0 + r, d)
-                    // of the queries (asserted).
-                    unsafe {
-                        let k: [$v; V] =
-                            std::array::from_fn(|v| $load(kt.add(d * TILE + $lanes * v)));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let x = $set1(*q.add((r0 + r) * hd + d));
-                            for (a, k) in acc.iter_mut().zip(k) {
-                                *a = $fmadd(x, k, *a);
-                            }
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate() {
-                    for (v, a) in acc.iter().enumerate() {
-                        // SAFETY: `lanes` f32s of a TILE-wide row.
-                        unsafe { $store(s.block[r].as_mut_ptr().add($lanes * v), *a) };
-                    }
-                }
-            }
-        };
+    /// [`block_scores`] for 2 rows on AVX2.
+    ///
+    /// # Safety
+    /// As for [`block_scores`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_avx2(s: &mut Scratch, r0: usize, hd: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { block_scores::<2>(s, r0, 0, hd) }
     }
-    block_scores!(
-        scores_avx2,
-        "avx2,fma",
-        2,
-        __m256,
-        8,
-        _mm256_setzero_ps,
-        _mm256_set1_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_fmadd_ps
-    );
-    block_scores!(
-        scores_avx512,
-        "avx512f,avx2,fma",
-        8,
-        __m512,
-        16,
-        _mm512_setzero_ps,
-        _mm512_set1_ps,
-        _mm512_loadu_ps,
-        _mm512_storeu_ps,
-        _mm512_fmadd_ps
-    );
+
+    /// [`block_scores`] for 8 rows, 4 at a time in AVX-512's 32 vector
+    /// registers (256 bits wide: the same sums).
+    ///
+    /// # Safety
+    /// As for [`block_scores`]; the CPU has AVX-512 F/VL.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn scores_avx512(s: &mut Scratch, r0: usize, hd: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            block_scores::<4>(s, r0, 0, hd);
+            block_scores::<4>(s, r0, 4, hd);
+        }
+    }
 
     /// A row of the block to its scores: `scale · dot + mask`, −∞ outside
     /// `seen` (positions in the tile); returns the largest.
