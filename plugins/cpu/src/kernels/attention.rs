@@ -326,7 +326,7 @@ unsafe fn run_unit(isa: Isa, ops: &Operands, unit: &Unit, s: &mut Scratch) {
     }
     let _ = isa;
     // SAFETY: the caller's contract.
-    unsafe { unit_body::<false>(ops, unit, s) }
+    unsafe { unit_body(ops, unit, s) }
 }
 
 /// Reads `len` f32 at `p` (unaligned).
@@ -339,13 +339,13 @@ unsafe fn read_f32s(p: *const u8, out: &mut [f32]) {
     unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().cast::<u8>(), 4 * out.len()) }
 }
 
-/// One unit; `SIMD`: with the AVX2 tile loops of [`x86`] (the caller has
-/// checked the CPU), else portable loops.
+/// One unit in portable loops (CPUs without AVX2, and head sizes that
+/// are not whole vectors).
 ///
 /// # Safety
 /// As for [`run`].
 #[inline(always)]
-unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+unsafe fn unit_body(ops: &Operands, unit: &Unit, s: &mut Scratch) {
     // SAFETY: the caller's contract.
     let Some((first, last)) = (unsafe { begin(ops, unit, s) }) else {
         // SAFETY: as above.
@@ -353,7 +353,7 @@ unsafe fn unit_body<const SIMD: bool>(ops: &Operands, unit: &Unit, s: &mut Scrat
     };
     // SAFETY: as above.
     unsafe {
-        rowwise::<SIMD>(ops, unit, s, first, last);
+        rowwise(ops, unit, s, first, last);
         finish(ops, unit, s);
     }
 }
@@ -458,19 +458,13 @@ unsafe fn load_tile(ops: &Operands, g: usize, j0: usize, nt: usize, s: &mut Scra
     }
 }
 
-/// The tiles `first..last` of a unit one row at a time: each row's
-/// scores, softmax and weighted sum of values (decode's few rows).
+/// The tiles `first..last` of a unit one row at a time, in portable
+/// loops: each row's scores, softmax and weighted sum of values.
 ///
 /// # Safety
-/// As for [`run`]; `SIMD` only where the CPU has AVX2 and FMA.
+/// As for [`run`].
 #[inline(always)]
-unsafe fn rowwise<const SIMD: bool>(
-    ops: &Operands,
-    unit: &Unit,
-    s: &mut Scratch,
-    first: usize,
-    last: usize,
-) {
+unsafe fn rowwise(ops: &Operands, unit: &Unit, s: &mut Scratch, first: usize, last: usize) {
     let hd = ops.q.desc.ne[0];
     let n_kv = ops.k.desc.ne[1];
     let nq = unit.queries.len();
@@ -493,33 +487,21 @@ unsafe fn rowwise<const SIMD: bool>(
             for hi in 0..unit.heads.len() {
                 let r = hi * nq + i;
                 let query = &s.queries[r * hd..][..hd];
-                let tile_max = if SIMD {
-                    // SAFETY: the CPU has AVX2 and FMA (SIMD is set only
-                    // then); the mask row has nt f32s.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        x86::scores(query, &s.keys, nt, ops.scale, mask_row, &mut s.scores)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!()
-                } else {
-                    let mut tile_max = f32::NEG_INFINITY;
-                    for jj in 0..nt {
-                        let m = match mask_row {
-                            // SAFETY: jj < nt; unaligned f32 reads.
-                            Some(p) => unsafe { p.add(4 * jj).cast::<f32>().read_unaligned() },
-                            None => 0.0,
-                        };
-                        let score = if m == f32::NEG_INFINITY {
-                            f32::NEG_INFINITY
-                        } else {
-                            ops.scale * dot(query, &s.keys[jj * hd..][..hd]) + m
-                        };
-                        s.scores[jj] = score;
-                        tile_max = tile_max.max(score);
-                    }
-                    tile_max
-                };
+                let mut tile_max = f32::NEG_INFINITY;
+                for jj in 0..nt {
+                    let m = match mask_row {
+                        // SAFETY: jj < nt; unaligned f32 reads.
+                        Some(p) => unsafe { p.add(4 * jj).cast::<f32>().read_unaligned() },
+                        None => 0.0,
+                    };
+                    let score = if m == f32::NEG_INFINITY {
+                        f32::NEG_INFINITY
+                    } else {
+                        ops.scale * dot(query, &s.keys[jj * hd..][..hd]) + m
+                    };
+                    s.scores[jj] = score;
+                    tile_max = tile_max.max(score);
+                }
                 if tile_max == f32::NEG_INFINITY {
                     continue;
                 }
@@ -532,15 +514,6 @@ unsafe fn rowwise<const SIMD: bool>(
                         *x *= c;
                     }
                     s.max[r] = max;
-                }
-                if SIMD {
-                    // SAFETY: as above.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        s.sum[r] += x86::exp_in_place(&mut s.scores, max, nt);
-                        x86::weighted_sum(acc, &s.scores, &s.values, nt);
-                    }
-                    continue;
                 }
                 let mut sum = 0f32;
                 for jj in 0..nt {
@@ -569,15 +542,13 @@ unsafe fn rowwise<const SIMD: bool>(
     }
 }
 
-/// Whether a unit goes through the blocked path (`blocked`): enough
-/// rows to share each tile's loads (prompts; decoding's few rows go row
-/// by row) and a head size in whole vectors.
-fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
-    unit.heads.len() * unit.queries.len() >= 2 * BLOCK && ops.q.desc.ne[0].is_multiple_of(8)
+/// Whether a unit has rows enough to go a block of several at a time
+/// (prompts); decoding's few rows go one at a time, each block one row.
+fn many_rows(unit: &Unit) -> bool {
+    unit.heads.len() * unit.queries.len() >= 2 * BLOCK
 }
 
-/// A unit with the AVX2 tile loops: row by row (`unit_body`) unless
-/// [`blocked_path`]; else its tiles a block of `R` rows at a time:
+/// A unit with the AVX2 tile loops, a block of `R` rows at a time:
 /// `scores` writes a block's `query · key` for the tile's positions
 /// (as the row-by-row path sums them, to the bit), `weigh` rescales a block's sums by
 /// `s.rescale` and adds the weighted values (`s.block` over `s.values`).
@@ -585,7 +556,8 @@ fn blocked_path(ops: &Operands, unit: &Unit) -> bool {
 /// padded to [`BLOCK`].
 ///
 /// # Safety
-/// As for [`run`]; the CPU has AVX2 and FMA; `R` divides [`BLOCK`].
+/// As for [`run`]; the CPU has AVX2 and FMA; `R` divides [`BLOCK`]; the
+/// head size is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn blocked<const R: usize>(
@@ -595,11 +567,7 @@ unsafe fn blocked<const R: usize>(
     scores: impl Fn(&mut Scratch, usize),
     weigh: impl Fn(&mut Scratch, usize, usize),
 ) {
-    if !blocked_path(ops, unit) {
-        // SAFETY: the caller's contract.
-        return unsafe { unit_body::<true>(ops, unit, s) };
-    }
-    // SAFETY: as above.
+    // SAFETY: the caller's contract.
     if let Some(span) = unsafe { begin(ops, unit, s) } {
         // SAFETY: as above.
         unsafe { blocked_tiles::<R>(ops, unit, s, span, scores, weigh) };
@@ -733,7 +701,7 @@ unsafe fn finish(ops: &Operands, unit: &Unit, s: &mut Scratch) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Operands, Scratch, TILE, Unit, blocked};
+    use super::{Operands, Scratch, TILE, Unit, blocked, many_rows, unit_body};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -741,16 +709,23 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn unit_avx2(ops: &Operands, unit: &Unit, s: &mut Scratch) {
         let hd = ops.q.desc.ne[0];
-        // SAFETY: the caller's contract; the CPU has AVX2 and FMA, and
-        // the blocks' rows are inside the padded work space.
+        // SAFETY: the caller's contract; the CPU has AVX2 and FMA, the
+        // blocked paths take whole vectors, and the blocks' rows are
+        // inside the padded work space.
         unsafe {
-            blocked::<2>(
-                ops,
-                unit,
-                s,
-                |s, r0| scores_avx2(s, r0, hd),
-                |s, r0, nt| weigh_avx2::<2>(s, r0, 0, nt, hd),
-            )
+            if !hd.is_multiple_of(8) {
+                unit_body(ops, unit, s)
+            } else if many_rows(unit) {
+                blocked::<2>(
+                    ops,
+                    unit,
+                    s,
+                    |s, r0| block_scores::<2, 4>(s, r0, 0, hd),
+                    |s, r0, nt| weigh_avx2::<2>(s, r0, 0, nt, hd),
+                )
+            } else {
+                one_row_at_a_time(ops, unit, s)
+            }
         }
     }
 
@@ -759,42 +734,80 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn unit_avx512(ops: &Operands, unit: &Unit, s: &mut Scratch) {
         let hd = ops.q.desc.ne[0];
-        // SAFETY: as in `unit_avx2`, and the CPU has AVX-512 F.
+        // SAFETY: as in `unit_avx2`, and the CPU has AVX-512 F/VL: 8 rows
+        // a block, their scores 4 at a time in AVX-512's 32 vector
+        // registers (256 bits wide: the same sums).
         unsafe {
-            blocked::<8>(
+            if !hd.is_multiple_of(8) {
+                unit_body(ops, unit, s)
+            } else if many_rows(unit) {
+                blocked::<8>(
+                    ops,
+                    unit,
+                    s,
+                    |s, r0| {
+                        block_scores::<4, 4>(s, r0, 0, hd);
+                        block_scores::<4, 4>(s, r0, 4, hd);
+                    },
+                    |s, r0, nt| {
+                        weigh_avx512(s, r0, 0, nt, hd);
+                        weigh_avx512(s, r0, 4, nt, hd);
+                    },
+                )
+            } else {
+                one_row_at_a_time(ops, unit, s)
+            }
+        }
+    }
+
+    /// A unit of few rows (decoding): blocks of one row, eight keys a
+    /// reduction.
+    ///
+    /// # Safety
+    /// As for `blocked`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn one_row_at_a_time(ops: &Operands, unit: &Unit, s: &mut Scratch) {
+        let hd = ops.q.desc.ne[0];
+        // SAFETY: the caller's contract.
+        unsafe {
+            blocked::<1>(
                 ops,
                 unit,
                 s,
-                |s, r0| scores_avx512(s, r0, hd),
-                |s, r0, nt| {
-                    weigh_avx512(s, r0, 0, nt, hd);
-                    weigh_avx512(s, r0, 4, nt, hd);
-                },
+                |s, r0| block_scores::<1, 8>(s, r0, 0, hd),
+                |s, r0, nt| weigh_avx2::<1>(s, r0, 0, nt, hd),
             )
         }
     }
 
-    /// Rows `r0 + h..r0 + h + R` of the block (`R` of 2 or 4): each
-    /// row's `query · key` for the tile's keys into `s.block[h..h + R]`,
-    /// summed as [`scores`] sums them (eight lanes over the head's
-    /// dimensions, then [`sum_each`]'s tree), so a prompt's scores are the
-    /// row-by-row path's bits; four keys at a time, the rows sharing each
-    /// load of them.
+    /// Rows `r0 + h..r0 + h + R` of the block: each row's `query · key`
+    /// for the tile's keys into `s.block[h..h + R]`, `KEYS` keys at a time
+    /// (`R · KEYS` a multiple of 8), the rows sharing each load of them.
+    /// Each key is summed the same way whatever the block (eight lanes
+    /// over the head's dimensions, then [`sum_each`]'s tree), so a
+    /// prompt's scores have the bits of decode's one-row blocks.
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; the rows are in `s.queries`; `hd` is a
     /// multiple of 8.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_scores<const R: usize>(s: &mut Scratch, r0: usize, h: usize, hd: usize) {
-        const KEYS: usize = 4;
-        assert!((R * KEYS).is_multiple_of(8) && s.queries.len() >= (r0 + h + R) * hd);
+    unsafe fn block_scores<const R: usize, const KEYS: usize>(
+        s: &mut Scratch,
+        r0: usize,
+        h: usize,
+        hd: usize,
+    ) {
+        assert!(
+            8 % KEYS == 0 && (R * KEYS).is_multiple_of(8) && s.queries.len() >= (r0 + h + R) * hd
+        );
         assert!(s.keys.len() >= TILE * hd && hd.is_multiple_of(8));
         let (q, k) = (s.queries.as_ptr(), s.keys.as_ptr());
         for j0 in (0..TILE).step_by(KEYS) {
             let mut acc = [[_mm256_setzero_ps(); KEYS]; R];
             for d in (0..hd).step_by(8) {
-                // SAFETY: d + 8 <= hd; rows j0..j0 + 4 of the keys and
+                // SAFETY: d + 8 <= hd; rows j0..j0 + KEYS of the keys and
                 // the block's rows of the queries (asserted).
                 unsafe {
                     let keys: [__m256; KEYS] =
@@ -807,42 +820,19 @@ mod x86 {
                     }
                 }
             }
-            // Two rows' four sums a reduction.
-            for pair in 0..R / 2 {
-                let eight: [__m256; 8] =
-                    std::array::from_fn(|i| acc[2 * pair + i / KEYS][i % KEYS]);
+            // Eight (row, key) sums a reduction, rows in order.
+            for c in 0..R * KEYS / 8 {
+                let eight: [__m256; 8] = std::array::from_fn(|i| {
+                    let at = 8 * c + i;
+                    acc[at / KEYS][at % KEYS]
+                });
                 let mut dots = [0f32; 8];
                 // SAFETY: eight f32s.
                 unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum_each(eight)) };
-                s.block[h + 2 * pair][j0..j0 + KEYS].copy_from_slice(&dots[..KEYS]);
-                s.block[h + 2 * pair + 1][j0..j0 + KEYS].copy_from_slice(&dots[KEYS..]);
+                for (t, row) in dots.chunks_exact(KEYS).enumerate() {
+                    s.block[h + 8 * c / KEYS + t][j0..j0 + KEYS].copy_from_slice(row);
+                }
             }
-        }
-    }
-
-    /// [`block_scores`] for 2 rows on AVX2.
-    ///
-    /// # Safety
-    /// As for [`block_scores`].
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_avx2(s: &mut Scratch, r0: usize, hd: usize) {
-        // SAFETY: the caller's contract.
-        unsafe { block_scores::<2>(s, r0, 0, hd) }
-    }
-
-    /// [`block_scores`] for 8 rows, 4 at a time in AVX-512's 32 vector
-    /// registers (256 bits wide: the same sums).
-    ///
-    /// # Safety
-    /// As for [`block_scores`]; the CPU has AVX-512 F/VL.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    unsafe fn scores_avx512(s: &mut Scratch, r0: usize, hd: usize) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            block_scores::<4>(s, r0, 0, hd);
-            block_scores::<4>(s, r0, 4, hd);
         }
     }
 
@@ -1053,76 +1043,6 @@ mod x86 {
         )
     }
 
-    /// `out[j] = scale · (query · key j) + mask[j]` for the tile's `nt`
-    /// keys (rows of `query.len()` in `keys`), −∞ past them; returns the
-    /// largest. Eight keys at a time, each summed in lanes of eight.
-    ///
-    /// # Safety
-    /// `keys` holds [`TILE`] rows; `mask`, if any, `nt` f32s.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(
-        query: &[f32],
-        keys: &[f32],
-        nt: usize,
-        scale: f32,
-        mask: Option<*const u8>,
-        out: &mut [f32; TILE],
-    ) -> f32 {
-        let hd = query.len();
-        let body = hd - hd % 8;
-        let (q, k) = (query.as_ptr(), keys.as_ptr());
-        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
-        for j0 in (0..TILE).step_by(8) {
-            if j0 >= nt {
-                out[j0..j0 + 8].fill(f32::NEG_INFINITY);
-                continue;
-            }
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for d in (0..body).step_by(8) {
-                // SAFETY: d + 8 <= hd, and rows j0..j0 + 8 are inside `keys`.
-                unsafe {
-                    let x = _mm256_loadu_ps(q.add(d));
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.add((j0 + j) * hd + d)), *a);
-                    }
-                }
-            }
-            let mut dots = [0f32; 8];
-            // SAFETY: eight f32s.
-            unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum_each(acc)) };
-            for (j, dot) in dots.iter_mut().enumerate() {
-                for d in body..hd {
-                    *dot += query[d] * keys[(j0 + j) * hd + d];
-                }
-            }
-            // SAFETY: eight f32s; the mask's j0.. are inside it where j0 + j < nt.
-            unsafe {
-                let mut v = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(dots.as_ptr()));
-                if let Some(m) = mask {
-                    let mut row = [0f32; 8];
-                    let n = (nt - j0).min(8);
-                    std::ptr::copy_nonoverlapping(
-                        m.add(4 * j0),
-                        row.as_mut_ptr().cast::<u8>(),
-                        4 * n,
-                    );
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(row.as_ptr()));
-                }
-                _mm256_storeu_ps(out.as_mut_ptr().add(j0), v);
-            }
-            for x in &mut out[j0 + (nt - j0).min(8)..j0 + 8] {
-                *x = f32::NEG_INFINITY;
-            }
-            // SAFETY: eight f32s.
-            max = _mm256_max_ps(max, unsafe { _mm256_loadu_ps(out.as_ptr().add(j0)) });
-        }
-        let mut m = [0f32; 8];
-        // SAFETY: eight f32s.
-        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), max) };
-        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
-    }
-
     /// e^x on eight lanes, as [`super::exp_neg`]: 0 below −87.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -1172,66 +1092,6 @@ mod x86 {
         // SAFETY: eight f32s.
         unsafe { _mm256_storeu_ps(v.as_mut_ptr(), sum) };
         v.iter().sum()
-    }
-
-    /// `acc += Σ_j p[j] · value j` over the tile's `nt` values (rows of
-    /// `acc.len()` in `values`), 64 columns at a time in registers.
-    ///
-    /// # Safety
-    /// `values` holds `nt` rows.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(acc: &mut [f32], p: &[f32; TILE], values: &[f32], nt: usize) {
-        let hd = acc.len();
-        let mut c0 = 0;
-        while c0 + 64 <= hd {
-            // SAFETY: columns c0..c0 + 64 of rows 0..nt.
-            unsafe { columns::<8>(acc, p, values, nt, c0) };
-            c0 += 64;
-        }
-        while c0 + 8 <= hd {
-            // SAFETY: columns c0..c0 + 8 of rows 0..nt.
-            unsafe { columns::<1>(acc, p, values, nt, c0) };
-            c0 += 8;
-        }
-        for c in c0..hd {
-            for j in 0..nt {
-                acc[c] += p[j] * values[j * hd + c];
-            }
-        }
-    }
-
-    /// [`weighted_sum`] on columns `c0..c0 + 8 W`.
-    ///
-    /// # Safety
-    /// Those columns are inside `acc` and every row of `values`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn columns<const W: usize>(
-        acc: &mut [f32],
-        p: &[f32; TILE],
-        values: &[f32],
-        nt: usize,
-        c0: usize,
-    ) {
-        let hd = acc.len();
-        let (a, v) = (acc.as_mut_ptr(), values.as_ptr());
-        // SAFETY: the caller's contract.
-        unsafe {
-            let mut sums = [_mm256_setzero_ps(); W];
-            for (w, s) in sums.iter_mut().enumerate() {
-                *s = _mm256_loadu_ps(a.add(c0 + 8 * w));
-            }
-            for (j, &pj) in p.iter().enumerate().take(nt) {
-                let pj = _mm256_set1_ps(pj);
-                for (w, s) in sums.iter_mut().enumerate() {
-                    *s = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v.add(j * hd + c0 + 8 * w)), *s);
-                }
-            }
-            for (w, s) in sums.iter().enumerate() {
-                _mm256_storeu_ps(a.add(c0 + 8 * w), *s);
-            }
-        }
     }
 
     /// An f16 row to f32, eight at a time.

@@ -1130,3 +1130,92 @@ fn row_ops_in_place_and_unaligned_give_the_same_bits() {
         assert!(want == data[0], "{kind}: in place differs");
     }
 }
+
+/// A prompt's attention (blocks of rows) gives each query the bits that
+/// query gets alone (decode's one-row blocks), on every path: the blocks
+/// share loads, not arithmetic.
+#[test]
+fn prompt_attention_gives_each_query_its_decode_bits() {
+    let _pool = pool_to_myself();
+    let [hd, n_q, n_head, n_kv, n_head_kv] = [64, 37, 6, 100, 2];
+    let mut rng = fastrand::Rng::with_seed(5);
+    let qd = Desc {
+        nb: [4, hd * n_head * 4, hd * 4, hd * n_head * n_q * 4],
+        ..Desc::contiguous(DType::F32, [hd, n_q, n_head, 1])
+    };
+    let row = DType::F16.row_bytes(hd).unwrap();
+    let kvd = Desc {
+        dtype: DType::F16,
+        ne: [hd, n_kv, n_head_kv, 1],
+        nb: [2, row * n_head_kv, row, row * n_head_kv * n_kv],
+    };
+    let md = Desc::contiguous(DType::F32, [n_kv, n_q, 1, 1]);
+    let mut params = [0; 8];
+    params[0] = kiln_plugin_api::types::f32_param(0.125);
+    let mut q: Vec<u8> = (0..hd * n_q * n_head)
+        .flat_map(|_| (rng.f32() * 6.0 - 3.0).to_le_bytes())
+        .collect();
+    let mut kv: Vec<Vec<u8>> = (0..2)
+        .map(|_| {
+            (0..n_kv * n_head_kv)
+                .flat_map(|_| random_row(DType::F16, hd, &mut rng))
+                .collect()
+        })
+        .collect();
+    let mut mask: Vec<u8> = (0..n_q)
+        .flat_map(|i| {
+            (0..n_kv).map(move |t| {
+                if t <= n_kv - n_q + i {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    let [kb, vb] = &mut kv[..] else {
+        unreachable!()
+    };
+    let (k, v) = (view(kvd, kb), view(kvd, vb));
+    let (qv, mv) = (view(qd, &mut q), view(md, &mut mask));
+    for isa in Isa::available() {
+        let mut all = vec![0u8; qd.extent().unwrap()];
+        let mut one = vec![0u8; qd.extent().unwrap()];
+        // SAFETY: every view covers its Vec; a query's views are row i of
+        // Q, the mask and dst, with their strides.
+        unsafe {
+            run(
+                isa,
+                OpKind::Attention,
+                &[qv, k, v, mv],
+                &view(qd, &mut all),
+                &params,
+            )
+            .unwrap();
+            for i in 0..n_q {
+                let narrow = |v: View, desc: Desc| View {
+                    data: v.data.add(i * desc.nb[1]),
+                    desc: Desc {
+                        ne: [desc.ne[0], 1, desc.ne[2], 1],
+                        ..desc
+                    },
+                };
+                let dst = narrow(view(qd, &mut one), qd);
+                run(
+                    isa,
+                    OpKind::Attention,
+                    &[narrow(qv, qd), k, v, narrow(mv, md)],
+                    &dst,
+                    &params,
+                )
+                .unwrap();
+            }
+        }
+        assert!(
+            bits(&f32s(&all)) == bits(&f32s(&one)),
+            "{}: a prompt's query differs from itself alone",
+            isa.name()
+        );
+    }
+}
