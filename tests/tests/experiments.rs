@@ -93,8 +93,10 @@ fn session(home: &Home, unit: &str, in_experiment: bool) -> Vec<Value> {
             .contains("kiln.accepted"),
         "{r}"
     );
-    c.request("shutdown", Value::Null).unwrap();
-    c.notify("exit", Value::Null).unwrap();
+    // Waits for the server to exit: it writes the last completion's
+    // served record on the way out, and the caller reads the registry next.
+    let status = c.close().unwrap();
+    assert!(status.success(), "{status}");
     metas
 }
 
