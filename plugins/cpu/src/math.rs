@@ -1,6 +1,7 @@
 //! The exponential, softmax and SiLU rows of the reference, written so that
-//! a SIMD kernel computes the very same bits (`kernels::activations`), and
-//! RoPE's row, compiled with FMA where the CPU has it.
+//! a SIMD kernel computes the very same bits (`kernels::activations`),
+//! RoPE's row, compiled with FMA where the CPU has it, and GELU's row
+//! through ggml's f16 table.
 //!
 //! `exp` is kiln's own rather than the platform's: libm's `exp` differs
 //! between glibc, musl and macOS, and no vector version of it rounds as
@@ -17,6 +18,10 @@
 //! sums (element `i` into lane `i % LANES`) added by a fixed tree at the
 //! end, which is what one 512-bit register (or two 256-bit ones) of f64
 //! computes.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use std::sync::OnceLock;
 
 /// Partial sums in a softmax row: one 512-bit register of f64.
 pub const LANES: usize = 8;
@@ -144,6 +149,55 @@ pub fn rope_row(x: &[f32], sc: &[(f32, f32)], neox: bool, out: &mut [f32]) {
     }
 }
 
+/// GELU (tanh form) over a row as ggml's CPU backend computes it, to the
+/// bit: 0 at or below −10, the identity at or above 10, and otherwise its
+/// table from f16 inputs to f16 outputs ([`gelu_f16`] of every f16 value,
+/// built once: 128 KiB). The f16 roundings both ways go eight values an
+/// instruction where the CPU has F16C (`half`'s slice conversions, the
+/// same rounding).
+pub fn gelu_row(x: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 64;
+    let table = gelu_table();
+    let mut h = [f16::ZERO; CHUNK];
+    for (x, out) in x.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+        let h = &mut h[..x.len()];
+        h.convert_from_f32_slice(x);
+        for v in h.iter_mut() {
+            *v = f16::from_bits(table[v.to_bits() as usize]);
+        }
+        h.convert_to_f32_slice(out);
+        for (o, &v) in out.iter_mut().zip(x) {
+            if v <= -10.0 {
+                *o = 0.0;
+            } else if v >= 10.0 {
+                *o = v;
+            }
+        }
+    }
+}
+
+/// The entry of ggml's GELU table for `x`: the f32 formula with the one
+/// FMA its compiler contracts and the C library's `tanhf`, rounded to f16
+/// (all 65,536 entries checked against a llama.cpp build's table).
+pub fn gelu_f16(x: f16) -> f16 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_4_f64 as f32;
+    let x = x.to_f32();
+    let inner = (0.044715f32 * x).mul_add(x, 1.0);
+    f16::from_f32(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh()))
+}
+
+/// [`gelu_f16`] of every f16 value, by bits.
+fn gelu_table() -> &'static [u16; 1 << 16] {
+    static TABLE: OnceLock<Box<[u16; 1 << 16]>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0u16; 1 << 16]);
+        for (bits, e) in t.iter_mut().enumerate() {
+            *e = gelu_f16(f16::from_bits(bits as u16)).to_bits();
+        }
+        t
+    })
+}
+
 /// [`silu`] over a row.
 pub fn silu_row(x: &[f32], out: &mut [f32]) {
     with_fma! {
@@ -222,6 +276,58 @@ mod tests {
         }
         softmax_row(&[f32::NEG_INFINITY; 3], &mut e[..3], &mut out[..3]);
         assert_eq!(out[..3], [0.0; 3]);
+    }
+
+    /// GELU value by value: the clamps, the f16 rounding, the formula.
+    fn gelu_one(x: f32) -> f32 {
+        if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            gelu_f16(f16::from_f32(x)).to_f32()
+        }
+    }
+
+    #[test]
+    fn gelu_rows_give_the_formula_value_by_value() {
+        // Every f16 value, the midpoints between neighbours (ties round to
+        // even), the clamps and what lies around them, in rows whose
+        // lengths cross the chunks at different places.
+        let mut x: Vec<f32> = (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect();
+        x.extend((0..u16::MAX).map(|b| {
+            let (a, c) = (f16::from_bits(b).to_f32(), f16::from_bits(b + 1).to_f32());
+            a + (c - a) / 2.0
+        }));
+        x.extend([-10.0, 10.0, 9.999_999, -9.999_999, 10.000_001, -10.000_001]);
+        x.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            0.0,
+            -0.0,
+        ]);
+        for len in [1, 63, 64, 65, 200, x.len()] {
+            for row in x.chunks(len) {
+                let mut out = vec![f32::NAN; row.len()];
+                gelu_row(row, &mut out);
+                for (&v, &o) in row.iter().zip(&out) {
+                    let want = gelu_one(v);
+                    if want.is_nan() {
+                        assert!(o.is_nan(), "gelu({v}) = {o}, want NaN");
+                    } else {
+                        assert_eq!(o.to_bits(), want.to_bits(), "gelu({v}) = {o}, want {want}");
+                    }
+                }
+            }
+        }
+        // And the function it stands for, to f16's precision.
+        for (v, want) in [(1.0f32, 0.841_192), (-1.0, -0.158_808), (3.0, 2.996_363)] {
+            let mut o = [0f32];
+            gelu_row(&[v], &mut o);
+            assert!((o[0] - want).abs() < 2e-3, "gelu({v}) = {}", o[0]);
+        }
     }
 
     #[test]

@@ -648,15 +648,13 @@ pub unsafe fn run_with(
                 for (i1, i2, i3) in rows(dst.desc.ne) {
                     let a = src_row(&src[0], i1, i2, i3, &mut a);
                     let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
-                    if kind == OpKind::Silu {
-                        (row_fns.silu)(a, out);
-                    } else {
-                        for (o, &x) in out.iter_mut().zip(a) {
-                            *o = if kind == OpKind::Scale {
-                                x * s
-                            } else {
-                                gelu(x)
-                            };
+                    match kind {
+                        OpKind::Silu => (row_fns.silu)(a, out),
+                        OpKind::Gelu => math::gelu_row(a, out),
+                        _ => {
+                            for (o, &x) in out.iter_mut().zip(a) {
+                                *o = x * s;
+                            }
                         }
                     }
                     commit_row(dst, [i1, i2, i3], out);
@@ -807,25 +805,6 @@ pub unsafe fn run_with(
         }
     }
     Ok(())
-}
-
-/// GELU (tanh form) as ggml's CPU backend computes it, to the bit: 0 at
-/// or below −10, the identity at or above 10, and otherwise its table
-/// from f16 inputs to f16 outputs, whose entries are the f32 formula with
-/// the one FMA its compiler contracts and the C library's `tanhf` (all
-/// 65,536 entries checked against a llama.cpp build's table).
-fn gelu(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_4_f64 as f32;
-    if x <= -10.0 {
-        return 0.0;
-    }
-    if x >= 10.0 {
-        return x;
-    }
-    let x = f16::from_f32(x).to_f32();
-    let inner = (0.044715f32 * x).mul_add(x, 1.0);
-    let y = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
-    f16::from_f32(y).to_f32()
 }
 
 /// The reference of [`OpKind::Attention`], row by row: each head's
