@@ -732,37 +732,48 @@ pub unsafe fn run_with(
                 if let Some(f) = src.get(2) {
                     read_row(f, 0, 0, 0, &mut factors);
                 }
-                // Each head of a token turns by the same angles: computed
-                // once per position (rows run through the heads first).
-                let mut sc = scratch::pairs(n_rot / 2);
-                let mut angles_at: Option<i32> = None;
-                for (i1, i2, i3) in rows(dst.desc.ne) {
-                    let a = src_row(&src[0], i1, i2, i3, &mut a);
-                    let pos = read_i32(&src[1], [i2, 0, 0, 0]);
-                    if angles_at != Some(pos) {
-                        let mut theta = pos as f32;
-                        for (i, (ff, sc)) in factors.iter().zip(sc.iter_mut()).enumerate() {
-                            let extrap = theta / ff;
-                            let interp = freq_scale * extrap;
-                            let (angle, m) = if ext_factor != 0.0 {
-                                let y = (i as f32 - lo) / (hi - lo).max(0.001);
-                                let ramp = (1.0 - y.clamp(0.0, 1.0)) * ext_factor;
-                                (
-                                    interp * (1.0 - ramp) + extrap * ramp,
-                                    mscale * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
-                                )
-                            } else {
-                                (interp, mscale)
-                            };
-                            *sc = (angle.sin() * m, angle.cos() * m);
-                            theta *= theta_scale;
-                        }
-                        angles_at = Some(pos);
+                let angles = |pos: i32, sc: &mut [(f32, f32)]| {
+                    let mut theta = pos as f32;
+                    for (i, (ff, sc)) in factors.iter().zip(sc.iter_mut()).enumerate() {
+                        let extrap = theta / ff;
+                        let interp = freq_scale * extrap;
+                        let (angle, m) = if ext_factor != 0.0 {
+                            let y = (i as f32 - lo) / (hi - lo).max(0.001);
+                            let ramp = (1.0 - y.clamp(0.0, 1.0)) * ext_factor;
+                            (
+                                interp * (1.0 - ramp) + extrap * ramp,
+                                mscale * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+                            )
+                        } else {
+                            (interp, mscale)
+                        };
+                        *sc = (angle.sin() * m, angle.cos() * m);
+                        theta *= theta_scale;
                     }
-                    let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
-                    math::rope_row(a, &sc, neox, out);
-                    commit_row(dst, [i1, i2, i3], out);
-                }
+                };
+                // Every layer turns the same positions by the same angles:
+                // they are kept per thread for the next op with these
+                // parameters (rows run through a token's heads first).
+                let key: Vec<u32> = [n_rot as u32, base.to_bits(), freq_scale.to_bits()]
+                    .into_iter()
+                    .chain([ext_factor, mscale, lo, hi].map(f32::to_bits))
+                    .chain(factors.iter().map(|f| f.to_bits()))
+                    .collect();
+                RopeAngles::with(&key, |kept| {
+                    let mut at: Option<(i32, usize)> = None;
+                    for (i1, i2, i3) in rows(dst.desc.ne) {
+                        let a = src_row(&src[0], i1, i2, i3, &mut a);
+                        let pos = read_i32(&src[1], [i2, 0, 0, 0]);
+                        let start = match at {
+                            Some((p, start)) if p == pos => start,
+                            _ => kept.of(pos, n_rot / 2, &angles),
+                        };
+                        at = Some((pos, start));
+                        let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
+                        math::rope_row(a, &kept.pairs[start..][..n_rot / 2], neox, out);
+                        commit_row(dst, [i1, i2, i3], out);
+                    }
+                });
             }
             OpKind::Attention => attention(src, dst, param_f32(params[0])),
             OpKind::SoftMax => {
@@ -805,6 +816,57 @@ pub unsafe fn run_with(
         }
     }
     Ok(())
+}
+
+/// RoPE's (sin, cos) pairs by position, kept per thread from op to op
+/// while the parameters stay the same: libm's `sinf`/`cosf` for every
+/// pair of every position in every layer's Q and K were 6 % of a
+/// SmolLM2 prompt. The same function of the same inputs, so the same
+/// bits.
+#[derive(Default)]
+struct RopeAngles {
+    /// The parameters they are for (bits).
+    key: Vec<u32>,
+    /// Where each position's pairs start in `pairs`.
+    at: std::collections::HashMap<i32, usize>,
+    pairs: Vec<(f32, f32)>,
+}
+
+impl RopeAngles {
+    /// Pairs kept per thread at most (2 MiB); past that they start over.
+    const KEPT: usize = 1 << 18;
+
+    /// Runs `f` with this thread's angles for parameters `key`.
+    fn with<R>(key: &[u32], f: impl FnOnce(&mut RopeAngles) -> R) -> R {
+        thread_local! {
+            static KEPT: std::cell::RefCell<RopeAngles> = std::cell::RefCell::default();
+        }
+        KEPT.with_borrow_mut(|kept| {
+            if kept.key != key {
+                kept.key = key.to_vec();
+                kept.at.clear();
+                kept.pairs.clear();
+            }
+            f(kept)
+        })
+    }
+
+    /// Where the `n` pairs of `pos` start in `pairs`, made by `angles`
+    /// the first time.
+    fn of(&mut self, pos: i32, n: usize, angles: &impl Fn(i32, &mut [(f32, f32)])) -> usize {
+        if let Some(&start) = self.at.get(&pos) {
+            return start;
+        }
+        if self.pairs.len() + n > Self::KEPT {
+            self.at.clear();
+            self.pairs.clear();
+        }
+        let start = self.pairs.len();
+        self.pairs.resize(start + n, (0.0, 0.0));
+        angles(pos, &mut self.pairs[start..]);
+        self.at.insert(pos, start);
+        start
+    }
 }
 
 /// The reference of [`OpKind::Attention`], row by row: each head's
@@ -1005,6 +1067,50 @@ mod tests {
         );
         assert_eq!(&y[..2], &[1.0, 0.0]);
         assert!((y[2] - 1f32.cos()).abs() < 1e-6 && (y[3] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_angles_kept_between_ops_give_a_fresh_threads_bits() {
+        // [head_dim 8 (6 turned), 2 heads, tokens]; the frequency factors
+        // are the third source when given.
+        let rope = |positions: &[i32], base: f32, factors: Option<&[f32]>| {
+            let n = positions.len();
+            let x = Desc::contiguous(DType::F32, [8, 2, n, 1]);
+            let values: Vec<f32> = (0..16 * n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let pos = Desc::contiguous(DType::I32, [n, 1, 1, 1]);
+            let mut p = [0; 8];
+            p[0] = 6;
+            p[2] = f32_param(base);
+            p[3] = f32_param(1.0);
+            let bytes: Vec<u8> = positions.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut srcs = vec![(x, f32s(&values)), (pos, bytes)];
+            if let Some(f) = factors {
+                srcs.push((Desc::contiguous(DType::F32, [3, 1, 1, 1]), f32s(f)));
+            }
+            run1(OpKind::Rope, srcs, x, p)
+        };
+        type Case<'a> = (&'a [i32], f32, Option<&'a [f32]>);
+        let cases: [Case; 5] = [
+            (&[0, 1, 2, 3], 10000.0, None),
+            (&[3, 9, 1, 3, 70000], 10000.0, None),
+            (&[3, 9, 1], 500.0, None),
+            (&[3, 9, 1], 10000.0, Some(&[1.0, 2.0, 8.0])),
+            (&[9, 3, 0], 10000.0, None),
+        ];
+        // One thread runs them in turn (its angles kept from case to
+        // case), each against a thread of its own.
+        let kept: Vec<Vec<f32>> = cases.iter().map(|&(p, b, f)| rope(p, b, f)).collect();
+        for (&(p, b, f), got) in cases.iter().zip(&kept) {
+            let fresh = std::thread::scope(|s| s.spawn(|| rope(p, b, f)).join().unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(got),
+                bits(&fresh),
+                "positions {p:?}, base {b}, factors {f:?}"
+            );
+        }
+        // The factors were applied (the case differs from the one without).
+        assert_ne!(kept[3], rope(&[3, 9, 1], 10000.0, None));
     }
 
     #[test]

@@ -14,7 +14,6 @@ const KEPT: usize = 16;
 thread_local! {
     static F32S: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     static F64S: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
-    static PAIRS: RefCell<Vec<Vec<(f32, f32)>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A zeroed row from the thread's kept rows; given back on drop.
@@ -38,12 +37,6 @@ impl Kept for f32 {
 impl Kept for f64 {
     fn with_kept<R>(f: impl FnOnce(&mut Vec<Vec<f64>>) -> R) -> Option<R> {
         F64S.try_with(|k| f(&mut k.borrow_mut())).ok()
-    }
-}
-
-impl Kept for (f32, f32) {
-    fn with_kept<R>(f: impl FnOnce(&mut Vec<Vec<(f32, f32)>>) -> R) -> Option<R> {
-        PAIRS.try_with(|k| f(&mut k.borrow_mut())).ok()
     }
 }
 
@@ -95,11 +88,6 @@ pub fn f32s(n: usize) -> Row<f32> {
 
 /// `n` zeroed f64s.
 pub fn f64s(n: usize) -> Row<f64> {
-    Row::new(n)
-}
-
-/// `n` zeroed pairs of f32s.
-pub fn pairs(n: usize) -> Row<(f32, f32)> {
     Row::new(n)
 }
 
