@@ -138,8 +138,9 @@ pub fn silu(x: f32) -> f32 {
 /// fused multiply-add each); the elements past the pairs are copied.
 pub fn rope_row(x: &[f32], sc: &[(f32, f32)], neox: bool, out: &mut [f32]) {
     with_fma! {
-        out.copy_from_slice(x);
+        // The pairs cover the first 2 · sc.len() elements either way.
         let half = sc.len();
+        out[2 * half..].copy_from_slice(&x[2 * half..]);
         for (i, &(sin, cos)) in sc.iter().enumerate() {
             let (j0, j1) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
             let (x0, x1) = (x[j0], x[j1]);

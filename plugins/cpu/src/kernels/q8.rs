@@ -384,6 +384,24 @@ pub struct GemmScratch {
     dm: Vec<f32>,
 }
 
+impl GemmScratch {
+    /// `codes` and `dw` (and `dm` for weights with minimums, else empty)
+    /// at these lengths, with whatever the last call left in them: the
+    /// kernels write every byte, missing rows as zeros (zero-filling them
+    /// first was half of the kernels' `memset`, 0.4 % of a prompt).
+    fn size(&mut self, codes: usize, scales: usize, with_min: bool) {
+        fn size<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+            if v.len() != n {
+                v.clear();
+                v.resize(n, T::default());
+            }
+        }
+        size(&mut self.codes, codes);
+        size(&mut self.dw, scales);
+        size(&mut self.dm, if with_min { scales } else { 0 });
+    }
+}
+
 /// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
 /// activation rows, on AVX-512 VNNI with the weights laid out lane-wise:
 /// lane `n` of a 512-bit register holds 4 codes of weight row `n`, so one
@@ -1541,16 +1559,9 @@ mod x86 {
     ) {
         let nb = xs[0].d.len();
         // Codes of block b: 8 groups of 4 codes; group j of row n at
-        // ((b * 8 + j) * 16 + n) * 4. Missing rows stay zero.
-        scratch.codes.clear();
-        scratch.codes.resize(nb * 8 * GEMM_GROUP * 4, 0);
-        scratch.dw.clear();
-        scratch.dw.resize(nb * GEMM_GROUP, 0.0);
+        // ((b * 8 + j) * 16 + n) * 4. Missing rows are written as zeros.
         let with_min = super::has_min(dtype);
-        scratch.dm.clear();
-        scratch
-            .dm
-            .resize(if with_min { nb * GEMM_GROUP } else { 0 }, 0.0);
+        scratch.size(nb * 8 * GEMM_GROUP * 4, nb * GEMM_GROUP, with_min);
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p) = (scratch.codes.as_mut_ptr(), scratch.dw.as_mut_ptr());
         let dm_p = scratch.dm.as_mut_ptr();
@@ -1853,15 +1864,8 @@ mod x86 {
         let halves = ws.len().div_ceil(HALF);
         // Codes of half h, block b: 8 vectors of 32 bytes; vector j holds
         // group j (codes 4j..4j+4) of the half's rows, one a lane.
-        scratch.codes.clear();
-        scratch.codes.resize(halves * nb * 8 * 32, 0);
-        scratch.dw.clear();
-        scratch.dw.resize(halves * nb * HALF, 0.0);
         let with_min = super::has_min(dtype);
-        scratch.dm.clear();
-        scratch
-            .dm
-            .resize(if with_min { halves * nb * HALF } else { 0 }, 0.0);
+        scratch.size(halves * nb * 8 * 32, halves * nb * HALF, with_min);
         let signed = matches!(dtype, DType::Q8_0 | DType::IQ4_NL);
         let bytes = ws[0].len() / nb;
         let (codes_p, dw_p, dm_p) = (
