@@ -1046,7 +1046,11 @@ fn gemm_groups<S: Default>(
 const PREFETCH_AHEAD: usize = 8192;
 
 /// Asks for the cache lines of `bytes` bytes starting [`PREFETCH_AHEAD`]
-/// past `p` (a hint: no access happens, so it may point anywhere).
+/// past `p` (a hint: no access happens, so it may point anywhere), into
+/// L2 (`T1`), not L1: lines fetched 8 KiB ahead into a 32–48 KiB L1
+/// pushed out the activations and scratch the kernels were using. Gemma
+/// 3 270M's decode took 7 % less time with `T1` on both the AVX2 and
+/// AVX-512 paths, its prompt 2–3 %; SmolLM2's did not move.
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -1057,7 +1061,7 @@ fn prefetch(p: *const u8, bytes: usize) {
             // SAFETY: a prefetch never faults (SSE is baseline on x86-64).
             #[allow(unused_unsafe)]
             unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
                     ahead.wrapping_add(at).cast(),
                 )
             };
