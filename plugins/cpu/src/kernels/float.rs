@@ -427,7 +427,7 @@ mod x86 {
     /// Calls `step` with pointers at each run of eight values of the rows
     /// (all of one length, checked; `e` bytes a weight), the last run
     /// zero-filled to eight ([`kiln_blocks::fused_dot`]'s padding); decode
-    /// (`M` = 1) prefetches each weight row's lines 8 KiB ahead, as it
+    /// (`M` = 1) prefetches each weight row's lines ahead into L2, as it
     /// streams the weights once.
     #[inline(always)]
     fn walk<const N: usize, const M: usize>(
