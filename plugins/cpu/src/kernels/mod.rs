@@ -1050,12 +1050,14 @@ const PREFETCH_AHEAD: usize = 8192;
 /// L2 (`T1`), not L1: lines fetched 8 KiB ahead into a 32–48 KiB L1
 /// pushed out the activations and scratch the kernels were using, and
 /// held the L1's few fill buffers while memory answered. With `T1`, a
-/// TinyLlama-shaped 1.1B model read from memory decodes at 38–41 tok/s
-/// instead of 28 (Q4_0) and 19 instead of 14–15 (Q8_0), on the AVX2 and
-/// AVX-512 paths alike (F16 was at the bandwidth already and did not
-/// move); Gemma 3 270M's decode took 7 % less time, SmolLM2's (both in
-/// this machine's large L3) did not move. From 4 to 32 KiB ahead, `T1`
-/// gave the same speed within the noise.
+/// TinyLlama-shaped 1.1B model read from memory decodes at 18.1–18.9
+/// tok/s instead of 14.4–14.8 (Q8_0) and 38–41 instead of 28–36 (Q4_0,
+/// in runs at two times of the day), on the AVX2 and AVX-512 paths
+/// alike (F16 was at the bandwidth already and did not move); Gemma 3
+/// 270M's decode took 7 % less time, SmolLM2's (both in this machine's
+/// large L3) did not move. From 2 to 32 KiB ahead, `T1` gave the same
+/// speed within the noise (a 2 KiB lead that looked 5 % faster on Q8_0
+/// in one sweep was not, run against 8 KiB in turns).
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
