@@ -754,19 +754,20 @@ pub unsafe fn run_with(
                 // Every layer turns the same positions by the same angles:
                 // they are kept per thread for the next op with these
                 // parameters (rows run through a token's heads first).
-                let key: Vec<u32> = [n_rot as u32, base.to_bits(), freq_scale.to_bits()]
+                let head = [n_rot as u32, base.to_bits(), freq_scale.to_bits()];
+                let ext = [ext_factor, mscale, lo, hi].map(f32::to_bits);
+                let key = head
                     .into_iter()
-                    .chain([ext_factor, mscale, lo, hi].map(f32::to_bits))
-                    .chain(factors.iter().map(|f| f.to_bits()))
-                    .collect();
-                RopeAngles::with(&key, |kept| {
+                    .chain(ext)
+                    .chain(factors.iter().map(|f| f.to_bits()));
+                RopeAngles::with(key, n_rot / 2, |kept| {
                     let mut at: Option<(i32, usize)> = None;
                     for (i1, i2, i3) in rows(dst.desc.ne) {
                         let a = src_row(&src[0], i1, i2, i3, &mut a);
                         let pos = read_i32(&src[1], [i2, 0, 0, 0]);
                         let start = match at {
                             Some((p, start)) if p == pos => start,
-                            _ => kept.of(pos, n_rot / 2, &angles),
+                            _ => kept.of(pos, &angles),
                         };
                         at = Some((pos, start));
                         let out = dst_row(dst, [i1, i2, i3], &[a], &mut out);
@@ -820,51 +821,60 @@ pub unsafe fn run_with(
 
 /// RoPE's (sin, cos) pairs by position, kept per thread from op to op
 /// while the parameters stay the same: libm's `sinf`/`cosf` for every
-/// pair of every position in every layer's Q and K were 6 % of a
+/// pair of every position in every layer's Q and K were 4 % of a
 /// SmolLM2 prompt. The same function of the same inputs, so the same
-/// bits.
+/// bits. Direct-mapped by position ([`Self::SLOTS`] of them, a prompt
+/// batch's worth), so that once made for a model it never allocates: a
+/// decode step must not.
 #[derive(Default)]
 struct RopeAngles {
     /// The parameters they are for (bits).
     key: Vec<u32>,
-    /// Where each position's pairs start in `pairs`.
-    at: std::collections::HashMap<i32, usize>,
+    /// Pairs per position.
+    n: usize,
+    /// The position in each slot; `EMPTY` for none.
+    tags: Vec<i64>,
+    /// `SLOTS × n` pairs, slot by slot.
     pairs: Vec<(f32, f32)>,
 }
 
 impl RopeAngles {
-    /// Pairs kept per thread at most (2 MiB); past that they start over.
-    const KEPT: usize = 1 << 18;
+    const SLOTS: usize = 512;
+    const EMPTY: i64 = i64::MIN;
 
-    /// Runs `f` with this thread's angles for parameters `key`.
-    fn with<R>(key: &[u32], f: impl FnOnce(&mut RopeAngles) -> R) -> R {
+    /// Runs `f` with this thread's angles for the parameters `key` (`n`
+    /// pairs a position): kept from the last op if it had the same.
+    fn with<R>(
+        key: impl Iterator<Item = u32> + Clone,
+        n: usize,
+        f: impl FnOnce(&mut RopeAngles) -> R,
+    ) -> R {
         thread_local! {
             static KEPT: std::cell::RefCell<RopeAngles> = std::cell::RefCell::default();
         }
         KEPT.with_borrow_mut(|kept| {
-            if kept.key != key {
-                kept.key = key.to_vec();
-                kept.at.clear();
+            if kept.n != n || !kept.key.iter().copied().eq(key.clone()) {
+                kept.key.clear();
+                kept.key.extend(key);
+                kept.n = n;
+                kept.tags.clear();
+                kept.tags.resize(Self::SLOTS, Self::EMPTY);
                 kept.pairs.clear();
+                kept.pairs.resize(Self::SLOTS * n, (0.0, 0.0));
             }
             f(kept)
         })
     }
 
-    /// Where the `n` pairs of `pos` start in `pairs`, made by `angles`
-    /// the first time.
-    fn of(&mut self, pos: i32, n: usize, angles: &impl Fn(i32, &mut [(f32, f32)])) -> usize {
-        if let Some(&start) = self.at.get(&pos) {
-            return start;
+    /// Where the pairs of `pos` start in `pairs`, made by `angles` unless
+    /// its slot holds them.
+    fn of(&mut self, pos: i32, angles: &impl Fn(i32, &mut [(f32, f32)])) -> usize {
+        let slot = pos.rem_euclid(Self::SLOTS as i32) as usize;
+        let start = slot * self.n;
+        if self.tags[slot] != i64::from(pos) {
+            angles(pos, &mut self.pairs[start..][..self.n]);
+            self.tags[slot] = i64::from(pos);
         }
-        if self.pairs.len() + n > Self::KEPT {
-            self.at.clear();
-            self.pairs.clear();
-        }
-        let start = self.pairs.len();
-        self.pairs.resize(start + n, (0.0, 0.0));
-        angles(pos, &mut self.pairs[start..]);
-        self.at.insert(pos, start);
         start
     }
 }
@@ -1090,9 +1100,11 @@ mod tests {
             run1(OpKind::Rope, srcs, x, p)
         };
         type Case<'a> = (&'a [i32], f32, Option<&'a [f32]>);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (&[0, 1, 2, 3], 10000.0, None),
             (&[3, 9, 1, 3, 70000], 10000.0, None),
+            // Positions that share a slot (512 apart), in one op.
+            (&[3, 515, 3, 1027, 9], 10000.0, None),
             (&[3, 9, 1], 500.0, None),
             (&[3, 9, 1], 10000.0, Some(&[1.0, 2.0, 8.0])),
             (&[9, 3, 0], 10000.0, None),
