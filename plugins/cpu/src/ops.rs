@@ -760,7 +760,7 @@ pub unsafe fn run_with(
                     .into_iter()
                     .chain(ext)
                     .chain(factors.iter().map(|f| f.to_bits()));
-                RopeAngles::with(key, n_rot / 2, |kept| {
+                RopeAngles::with(key, |kept| {
                     let mut at: Option<(i32, usize)> = None;
                     for (i1, i2, i3) in rows(dst.desc.ne) {
                         let a = src_row(&src[0], i1, i2, i3, &mut a);
@@ -828,9 +828,9 @@ pub unsafe fn run_with(
 /// decode step must not.
 #[derive(Default)]
 struct RopeAngles {
-    /// The parameters they are for (bits).
+    /// The parameters they are for (bits), n_rot first.
     key: Vec<u32>,
-    /// Pairs per position.
+    /// Pairs per position: n_rot / 2, set with `key`.
     n: usize,
     /// The position in each slot; `EMPTY` for none.
     tags: Vec<i64>,
@@ -842,20 +842,17 @@ impl RopeAngles {
     const SLOTS: usize = 512;
     const EMPTY: i64 = i64::MIN;
 
-    /// Runs `f` with this thread's angles for the parameters `key` (`n`
-    /// pairs a position): kept from the last op if it had the same.
-    fn with<R>(
-        key: impl Iterator<Item = u32> + Clone,
-        n: usize,
-        f: impl FnOnce(&mut RopeAngles) -> R,
-    ) -> R {
+    /// Runs `f` with this thread's angles for the parameters `key`, which
+    /// start with n_rot: kept from the last op if it had the same.
+    fn with<R>(key: impl Iterator<Item = u32> + Clone, f: impl FnOnce(&mut RopeAngles) -> R) -> R {
         thread_local! {
             static KEPT: std::cell::RefCell<RopeAngles> = std::cell::RefCell::default();
         }
         KEPT.with_borrow_mut(|kept| {
-            if kept.n != n || !kept.key.iter().copied().eq(key.clone()) {
+            if !kept.key.iter().copied().eq(key.clone()) {
                 kept.key.clear();
                 kept.key.extend(key);
+                let n = kept.key[0] as usize / 2;
                 kept.n = n;
                 kept.tags.clear();
                 kept.tags.resize(Self::SLOTS, Self::EMPTY);

@@ -1042,7 +1042,8 @@ fn gemm_groups<S: Default>(
 /// How far ahead of the weight bytes in hand the row kernels ask for
 /// cache lines. Decode streams every weight once per token; the hardware
 /// prefetcher alone left Q4_0 decode at 75 % of the speed it reaches with
-/// this (measured from 1 to 32 KiB; 8 KiB was best).
+/// this (measured from 1 to 32 KiB into L1, 8 KiB was best; into L2, see
+/// [`prefetch`]).
 const PREFETCH_AHEAD: usize = 8192;
 
 /// Asks for the cache lines of `bytes` bytes starting [`PREFETCH_AHEAD`]
