@@ -1061,23 +1061,26 @@ const PREFETCH_AHEAD: usize = 8192;
 /// in one sweep was not, run against 8 KiB in turns).
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ahead = p.wrapping_add(PREFETCH_AHEAD);
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: a prefetch never faults (SSE is baseline on x86-64).
-            #[allow(unused_unsafe)]
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
-                    ahead.wrapping_add(at).cast(),
-                )
-            };
-            at += 64;
-        }
+    let ahead = p.wrapping_add(PREFETCH_AHEAD);
+    let mut at = 0;
+    while at < bytes {
+        prefetch_line(ahead.wrapping_add(at));
+        at += 64;
     }
+}
+
+/// Asks for the cache line at `p` into L2, as [`prefetch`] does (a hint:
+/// `p` may point anywhere).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch never faults (SSE is baseline on x86-64).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unused_unsafe)]
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
+    let _ = p;
 }
 
 /// A raw pointer the worker threads share; the kernels give each thread
