@@ -988,6 +988,9 @@ mod x86 {
         const LOW6: u32 = 0x3f3f_3f3f;
         const LOW4: u32 = 0x0f0f_0f0f;
         const LOW2: u32 = 0x0303_0303;
+        // One bounds check, then three plain loads (indexing byte by byte
+        // had the compiler load and shift twelve bytes).
+        let s: &[u8; 12] = s[..12].try_into().expect("12 scale bytes");
         let word =
             |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
         let (u0, u1, u2) = (word(0), word(1), word(2));
@@ -999,14 +1002,20 @@ mod x86 {
         )
     }
 
-    /// One Q4_K row against `R` activation rows on AVX-512 VNNI: a
-    /// 512-bit `vpdpbusd` takes two 32-code sub-blocks (the low and the
-    /// high nibbles of 32 code bytes, broadcast to both halves, against
-    /// 64 consecutive activations), its lanes are multiplied by their
-    /// sub-block's scale, and the minimums' part is one 8-lane product
-    /// with the activations' sums, reduced together with the codes'. The
-    /// block is scaled in f64 as [`super::dot_q4_k`]'s other paths do it
-    /// (same results).
+    /// One Q4_K row against `R` activation rows on AVX-512 BW/VNNI: the
+    /// 32 code bytes of sub-blocks `2p` (low nibbles) and `2p + 1` (high
+    /// nibbles) side by side in one register line up with activations
+    /// `64p..64p + 64`; `vpmaddubsw` takes their products in i16 pairs
+    /// and `vpdpwssd` multiplies those by the sub-block's scale (spread
+    /// over its lanes with one `vpshufb`) into 16 i32 sums. The minimums'
+    /// part is one `vpmaddwd` of their pairs against the activations'
+    /// pair sums; two blocks' sums are reduced and scaled together, each
+    /// lane as [`super::dot_q4_k`]'s other paths scale a block in f64
+    /// (same bits). Multiplying `vpdpbusd`'s sums by the scales in i32
+    /// instead (`vpmulld`: two micro-ops on the port `vpdpbusd` needs),
+    /// one block at a time, ran at about 0.8 of this speed in
+    /// `benches/gemm.rs` (m = 1), and a TinyLlama-shaped Q4_K_M decoded
+    /// at 25.8 tok/s instead of 28.5.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
@@ -1019,22 +1028,27 @@ mod x86 {
     ) {
         let (block, codes_at) = q45_layout(Q5);
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-        let m4 = _mm512_set1_epi8(0x0f);
-        // Code bytes 32p..32p + 32 hold sub-block 2p in their low nibbles
-        // and 2p + 1 in their high ones: broadcast to both halves of a
-        // register and shifted by 0 and 4, they line up with activations
-        // 64p..64p + 64, one plain load.
-        let shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
-        let halves =
-            |a: i32, b: i32| _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a);
-        let pick = [halves(0, 1), halves(2, 3), halves(4, 5), halves(6, 7)];
-        let mut acc = [0.0f64; R];
-        for (b, blk) in w.chunks_exact(block).enumerate() {
+        let m4 = _mm256_set1_epi8(0x0f);
+        // `vpshufb` controls on the eight scale bytes (in every 128-bit
+        // lane): i16 lanes of the low half take byte `lo`, the high
+        // half's byte `hi`, each zero-extended (0x80 selects a zero).
+        let spread = |lo: i32, hi: i32| {
+            let word = |b: i32| (0x8000 | b) as i16;
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_set1_epi16(word(lo))),
+                _mm256_set1_epi16(word(hi)),
+            )
+        };
+        let pick = [spread(0, 1), spread(2, 3), spread(4, 5), spread(6, 7)];
+        // A block's codes, spread scales, minimums (8 i16) and the bits of
+        // d and dmin, made once for every row.
+        let prep = |b: usize| {
+            let blk = &w[b * block..][..block];
             crate::kernels::prefetch(blk.as_ptr(), block);
-            let (sc8, m8) = q4_k_scales(&blk[4..16]);
-            let sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc8 as i64)));
-            let mins = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m8 as i64));
-            let mut codes = [_mm512_setzero_si512(); 4];
+            // SAFETY: the 16 bytes at 4 are inside the block.
+            let sm = unsafe { q4_k_scales_x(blk.as_ptr().add(4)) };
+            let sc = _mm512_broadcast_i32x4(sm);
+            let mins = _mm_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
             // Q5_K: qh's 32 bytes in both halves (bit s of qh[l] is code
             // l's fifth bit in sub-block s).
             let qh = if Q5 {
@@ -1043,67 +1057,152 @@ mod x86 {
             } else {
                 _mm512_setzero_si512()
             };
-            for (p, c) in codes.iter_mut().enumerate() {
+            let mut codes = [_mm512_setzero_si512(); 4];
+            let mut scales = [_mm512_setzero_si512(); 4];
+            for p in 0..4 {
                 // SAFETY: code bytes 32p..32p+32 are inside the block.
-                let v = unsafe {
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        blk.as_ptr().add(codes_at + 32 * p).cast(),
-                    ))
-                };
-                *c = _mm512_and_si512(_mm512_srlv_epi16(v, shift), m4);
+                let v = unsafe { _mm256_loadu_si256(blk.as_ptr().add(codes_at + 32 * p).cast()) };
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                let mut c = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
                 if Q5 {
                     let bits = _mm512_inserti64x4::<1>(
                         _mm512_set1_epi8(1 << (2 * p)),
                         _mm256_set1_epi8((1u32 << (2 * p + 1)) as u8 as i8),
                     );
                     let set = _mm512_test_epi8_mask(qh, bits);
-                    *c = _mm512_or_si512(*c, _mm512_maskz_mov_epi8(set, _mm512_set1_epi8(0x10)));
+                    c = _mm512_mask_add_epi8(c, set, c, _mm512_set1_epi8(0x10));
                 }
+                codes[p] = c;
+                scales[p] = _mm512_shuffle_epi8(sc, pick[p]);
             }
-            let mut scales = [_mm512_setzero_si512(); 4];
-            for (s, i) in scales.iter_mut().zip(&pick) {
-                *s = _mm512_permutexvar_epi32(*i, sc);
+            // SAFETY: the block starts with the two f16s.
+            let d = unsafe { blk.as_ptr().cast::<i32>().read_unaligned() };
+            (codes, scales, mins, d)
+        };
+        // A row's sums for a prepared block: 16 lanes of the codes' (with
+        // their scales), 4 of the minimums'.
+        let sums = |x: &Q8KRow, b: usize, codes: &[__m512i; 4], scales: &[__m512i; 4]| {
+            let mut s = _mm512_setzero_si512();
+            for (p, (c, sc)) in codes.iter().zip(scales).enumerate() {
+                // SAFETY: activations 64p..64p+64 of block b are inside the row.
+                let xv = unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(b * QK_K + 64 * p).cast()) };
+                // Pairs of products (at most 2 · 31 · 128) fit an i16.
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(*c, xv), *sc);
             }
-            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])) as f64;
-            let dmin = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]])) as f64;
+            s
+        };
+        let min_sums = |x: &Q8KRow, b: usize, mins: __m128i| {
+            // SAFETY: the 4 sum pairs of block b are inside the row.
+            _mm_madd_epi16(mins, unsafe {
+                _mm_loadu_si128(x.sums_pairs.as_ptr().add(4 * b).cast())
+            })
+        };
+        let nb = w.len() / block;
+        let mut acc = [0.0f64; R];
+        let mut b = 0;
+        // Two blocks at a time: their sums reduced and scaled together
+        // (each lane as one block alone would be, so the same bits).
+        while b + 2 <= nb {
+            let (ca, sa, ma, da) = prep(b);
+            let (cb, sb, mb, db) = prep(b + 1);
+            // [d, dmin] of both blocks, widened (exactly) to f64.
+            let dd = _mm256_cvtps_pd(_mm_cvtph_ps(_mm_set_epi32(0, 0, db, da)));
             for (x, acc) in xs.iter().zip(&mut acc) {
-                let mut total = _mm512_setzero_si512();
-                for p in 0..2 {
-                    // SAFETY: activations 128p..128p+128 of block b are inside the row.
-                    let (lo, hi) = unsafe {
-                        let xq = x.qs.as_ptr().add(b * QK_K + 128 * p);
-                        (
-                            _mm512_loadu_si512(xq.cast()),
-                            _mm512_loadu_si512(xq.add(64).cast()),
-                        )
-                    };
-                    let lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p], lo);
-                    let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[2 * p + 1], hi);
-                    total = _mm512_add_epi32(
-                        total,
-                        _mm512_add_epi32(
-                            _mm512_mullo_epi32(lo, scales[2 * p]),
-                            _mm512_mullo_epi32(hi, scales[2 * p + 1]),
-                        ),
-                    );
-                }
-                // SAFETY: the 8 sums of block b are inside the row.
-                let sums = unsafe { _mm256_loadu_si256(x.sums32.as_ptr().add(8 * b).cast()) };
-                // The codes' and the minimums' sums reduced together (exact
-                // integers: the order does not matter).
-                let t8 = _mm256_add_epi32(
-                    _mm512_castsi512_si256(total),
-                    _mm512_extracti64x4_epi64::<1>(total),
+                let (s_a, s_b) = (sums(x, b, &ca, &sa), sums(x, b + 1, &cb, &sb));
+                // 128-bit lanes [a0 + a2, a1 + a3, b0 + b2, b1 + b3], then
+                // [a (4 lanes), b (4 lanes)].
+                let u = _mm512_add_epi32(
+                    _mm512_shuffle_i64x2::<0x44>(s_a, s_b),
+                    _mm512_shuffle_i64x2::<0xee>(s_a, s_b),
                 );
-                let h = _mm256_hadd_epi32(t8, _mm256_mullo_epi32(mins, sums));
-                let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let v = _mm512_castsi512_si256(_mm512_add_epi32(
+                    _mm512_shuffle_i64x2::<0x08>(u, u),
+                    _mm512_shuffle_i64x2::<0x0d>(u, u),
+                ));
+                let m = _mm256_set_m128i(min_sums(x, b + 1, mb), min_sums(x, b, ma));
+                // Per 128-bit lane [total, total_m, total, total_m]: the
+                // codes' and the minimums' sums reduced together (exact
+                // integers: the order does not matter).
+                let h = _mm256_hadd_epi32(v, m);
+                let h = _mm256_hadd_epi32(h, h);
+                let t = _mm256_cvtepi32_pd(_mm_unpacklo_epi64(
+                    _mm256_castsi256_si128(h),
+                    _mm256_extracti128_si256::<1>(h),
+                ));
+                // d · total − dmin · total_m of each block, times its x.d.
+                let t = _mm256_hsub_pd(_mm256_mul_pd(t, dd), _mm256_setzero_pd());
+                let t = _mm_unpacklo_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd::<1>(t));
+                // SAFETY: blocks b and b + 1 of the row have scales.
+                let dx =
+                    unsafe { _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b).cast()))) };
+                let t = _mm_mul_pd(t, dx);
+                *acc += _mm_cvtsd_f64(t);
+                *acc += _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
+            }
+            b += 2;
+        }
+        if b < nb {
+            let (c, sc, mins, d) = prep(b);
+            let dd = _mm_cvtps_pd(_mm_cvtph_ps(_mm_cvtsi32_si128(d)));
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                let s = sums(x, b, &c, &sc);
+                let s8 =
+                    _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+                let s4 = _mm_add_epi32(
+                    _mm256_castsi256_si128(s8),
+                    _mm256_extracti128_si256::<1>(s8),
+                );
+                let h = _mm_hadd_epi32(s4, min_sums(x, b, mins));
                 let h = _mm_hadd_epi32(h, h);
-                let (total, total_m) = (_mm_cvtsi128_si32(h), _mm_extract_epi32::<1>(h));
-                *acc += x.d[b] as f64 * (d * total as f64 - dmin * total_m as f64);
+                let t = _mm_mul_pd(_mm_cvtepi32_pd(h), dd);
+                let t = _mm_sub_sd(t, _mm_unpackhi_pd(t, t));
+                *acc += x.d[b] as f64 * _mm_cvtsd_f64(t);
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
             *o = a as f32;
+        }
+    }
+
+    /// [`q4_k_scales`] in a register: the 12 scale bytes at `p` (16 read)
+    /// unpacked into the 8 six-bit scales (bytes 0..8) and the 8
+    /// minimums (bytes 8..16), with two shuffles instead of a dozen
+    /// scalar shifts and masks.
+    ///
+    /// # Safety
+    /// 16 bytes are readable at `p`; SSSE3 is enabled by the caller.
+    #[inline(always)]
+    unsafe fn q4_k_scales_x(p: *const u8) -> __m128i {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let v = _mm_loadu_si128(p.cast());
+            // Low bits: scales 0..4 = s[0..4] & 63, 4..8 = s[8..12] & 15;
+            // minimums 0..4 = s[4..8] & 63, 4..8 = s[8..12] >> 4.
+            let a = _mm_shuffle_epi8(
+                v,
+                _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11),
+            );
+            let a_hi = _mm_srli_epi16::<4>(a);
+            let low = _mm_or_si128(
+                _mm_and_si128(
+                    a,
+                    _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0),
+                ),
+                _mm_and_si128(
+                    a_hi,
+                    _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15),
+                ),
+            );
+            // High bits of scales and minimums 4..8: the top two bits of
+            // s[0..4] and s[4..8], as bits 4 and 5.
+            let z = -128i8;
+            let h = _mm_shuffle_epi8(
+                v,
+                _mm_setr_epi8(z, z, z, z, 0, 1, 2, 3, z, z, z, z, 4, 5, 6, 7),
+            );
+            let high = _mm_and_si128(_mm_srli_epi16::<2>(h), _mm_set1_epi8(0x30));
+            _mm_or_si128(low, high)
         }
     }
 
@@ -1527,13 +1626,19 @@ mod x86 {
         }
     }
 
-    /// One Q6_K row against `R` activation rows on AVX-512 VNNI. The
+    /// One Q6_K row against `R` activation rows on AVX-512 BW/VNNI. The
     /// codes of each half block (128) are built unsigned in two 512-bit
     /// registers whose bytes follow the activations' order (ql's 64 bytes,
     /// low then high nibbles, with qh's bits shifted into place), so each
-    /// `vpdpbusd` lane lies in one 16-code sub-block and is multiplied by
-    /// its scale; the offset of 32 comes off as 32·Σ scale·Σx per block.
-    /// Scaled in f64 as [`super::dot_q6_k`]'s other paths do it.
+    /// 128-bit lane of a `vpmaddubsw` product lies in one 16-code
+    /// sub-block, and `vpdpwssd` multiplies it by that sub-block's scale
+    /// (spread with one `vpermw`); the offset of 32 comes off as
+    /// 32·Σ scale·Σx per block (one `vpmaddwd` of the scales against the
+    /// activations' sums in pairs). Two blocks' sums are reduced together.
+    /// Scaled in f64 as [`super::dot_q6_k`]'s other paths do it (same
+    /// bits). Multiplying `vpdpbusd`'s sums by the scales in i32
+    /// (`vpmulld`) instead ran at about 0.8 of this speed (a
+    /// TinyLlama-shaped Q6_K decoded at 21.7 tok/s instead of 23.6).
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/VNNI, AVX2 and F16C; `w` holds as many
@@ -1541,58 +1646,84 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub unsafe fn dot_q6_k_vnni<const R: usize>(w: &[u8], xs: &[&Q8KRow], out: &mut [f32]) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
-        // Sub-block `first + lane / 4` for each lane.
-        let quarter = |first: i32| {
-            let f = first;
-            _mm512_set_epi32(
-                f + 3,
-                f + 3,
-                f + 3,
-                f + 3,
-                f + 2,
-                f + 2,
-                f + 2,
-                f + 2,
-                f + 1,
-                f + 1,
-                f + 1,
-                f + 1,
-                f,
-                f,
-                f,
-                f,
-            )
+        // Word `first + lane / 8` (a 128-bit lane's sub-block) for each of
+        // the 32 i16 lanes.
+        let quarter = |first: i16| {
+            let mut idx = [0i16; 32];
+            for (i, v) in idx.iter_mut().enumerate() {
+                *v = first + i as i16 / 8;
+            }
+            // SAFETY: 32 i16s.
+            unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
         };
         let pick = [quarter(0), quarter(4), quarter(8), quarter(12)];
-        let mut acc = [0.0f64; R];
-        for (b, blk) in w.chunks_exact(BLOCK).enumerate() {
+        // A block's codes, spread scales, scales as 16 i16 and the bits of
+        // its d, made once for every row.
+        let prep = |b: usize| {
+            let blk = &w[b * BLOCK..][..BLOCK];
             let p = blk.as_ptr();
             crate::kernels::prefetch(p, BLOCK);
             // SAFETY: the block's 128 ql, 64 qh and 16 scale bytes.
             let (sc, codes) = unsafe {
                 (
-                    _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(192).cast())),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast())),
                     q6_k_codes_512(p),
                 )
             };
+            let wide = _mm512_castsi256_si512(sc);
             let mut scales = [_mm512_setzero_si512(); 4];
             for (s, i) in scales.iter_mut().zip(&pick) {
-                *s = _mm512_permutexvar_epi32(*i, sc);
+                *s = _mm512_permutexvar_epi16(*i, wide);
             }
-            let dw = f16_to_f32(u16::from_le_bytes([blk[208], blk[209]])) as f64;
+            (codes, scales, sc, u16::from_le_bytes([blk[208], blk[209]]))
+        };
+        // A row's sums for a prepared block, its offset taken off: 8 lanes.
+        let sums = |x: &Q8KRow, b: usize, codes: &[__m512i; 4], scales: &[__m512i; 4], sc| {
+            let mut s = _mm512_setzero_si512();
+            for (q, (c, sc)) in codes.iter().zip(scales).enumerate() {
+                // SAFETY: activations 64q..64q+64 of block b are inside the row.
+                let xv = unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(b * QK_K + 64 * q).cast()) };
+                // Pairs of products (at most 2 · 63 · 128) fit an i16.
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(*c, xv), *sc);
+            }
+            // SAFETY: the 8 pairs of sums of 16 of block b are inside the row.
+            let pairs = unsafe { _mm256_loadu_si256(x.sums16_pairs.as_ptr().add(8 * b).cast()) };
+            let offset = _mm256_madd_epi16(sc, pairs);
+            let s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+            _mm256_sub_epi32(s8, _mm256_slli_epi32::<5>(offset))
+        };
+        let nb = w.len() / BLOCK;
+        let mut acc = [0.0f64; R];
+        let mut b = 0;
+        while b + 2 <= nb {
+            let (ca, sa, sca, da) = prep(b);
+            let (cb, sb, scb, db) = prep(b + 1);
+            // Both blocks' d, widened (exactly) to f64.
+            let dw = _mm_cvtps_pd(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                (da as u32 | (db as u32) << 16) as i32,
+            )));
             for (x, acc) in xs.iter().zip(&mut acc) {
-                let mut total = _mm512_setzero_si512();
-                for (q, (c, s)) in codes.iter().zip(&scales).enumerate() {
-                    // SAFETY: activations 64q..64q+64 of block b are inside the row.
-                    let xv =
-                        unsafe { _mm512_loadu_si512(x.qs.as_ptr().add(b * QK_K + 64 * q).cast()) };
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *c, xv);
-                    total = _mm512_add_epi32(total, _mm512_mullo_epi32(dot, *s));
-                }
-                // SAFETY: the 16 sums of 16 of block b are inside the row.
-                let sums = unsafe { _mm512_loadu_si512(x.sums16.as_ptr().add(16 * b).cast()) };
-                let offset = _mm512_reduce_add_epi32(_mm512_mullo_epi32(sc, sums));
-                let total = _mm512_reduce_add_epi32(total) - 32 * offset;
+                let h = _mm256_hadd_epi32(sums(x, b, &ca, &sa, sca), sums(x, b + 1, &cb, &sb, scb));
+                let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                // [total_a, total_b, ..]: exact integers, any order.
+                let t = _mm_cvtepi32_pd(_mm_hadd_epi32(h, h));
+                // SAFETY: blocks b and b + 1 of the row have scales.
+                let dx =
+                    unsafe { _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b).cast()))) };
+                let t = _mm_mul_pd(_mm_mul_pd(dw, dx), t);
+                *acc += _mm_cvtsd_f64(t);
+                *acc += _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
+            }
+            b += 2;
+        }
+        if b < nb {
+            let (c, scales, sc, d) = prep(b);
+            let dw = f16_to_f32(d) as f64;
+            for (x, acc) in xs.iter().zip(&mut acc) {
+                let s = sums(x, b, &c, &scales, sc);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s = _mm_hadd_epi32(s, s);
+                let total = _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
                 *acc += dw * x.d[b] as f64 * total as f64;
             }
         }
