@@ -898,14 +898,7 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
                 };
                 match x {
                     Prepared::Q8(x) => q8::dot_row_range(isa, wd.dtype, x, rows, w, out),
-                    Prepared::Q8K(x) => {
-                        let dot = kquant::row_dot(wd.dtype);
-                        let mut o = [0f32];
-                        for n in rows {
-                            dot(isa, w(n), &[x], &mut o);
-                            out(n, o[0]);
-                        }
-                    }
+                    Prepared::Q8K(x) => kquant::dot_row_range(isa, wd.dtype, x, rows, w, out),
                     Prepared::Float(x) => {
                         let float = float.expect(ONE_VARIANT);
                         let mut o = [0f32; float::DECODE_ROWS];

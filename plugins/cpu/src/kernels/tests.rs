@@ -410,6 +410,54 @@ fn k_quant_rows_give_the_portable_kernels_bits_on_every_path() {
 }
 
 #[test]
+fn k_quant_row_ranges_give_each_rows_kernel_bits() {
+    // Decode's loop over rows (`kquant::dot_row_range`, which runs the
+    // Q4_K/Q5_K/Q6_K kernels inside one function) against the one-row
+    // kernel per row, on every path: not a bit moved, odd block counts
+    // (the two-block step's tail) included, the rows read where `w` says.
+    let mut rng = fastrand::Rng::with_seed(11);
+    for dtype in K_TYPES {
+        for k in [256, 1792, 2048] {
+            let n = 9;
+            let bytes = dtype.row_bytes(k).unwrap();
+            let w: Vec<u8> = (0..n)
+                .flat_map(|_| random_row(dtype, k, &mut rng))
+                .collect();
+            let x: Vec<f32> = (0..k).map(|_| rng.f32() * 6.0 - 3.0).collect();
+            let mut row = kquant::Q8KRow::new(k);
+            for isa in Isa::available() {
+                row.quantize(isa, &x);
+                let mut want = vec![0f32; n];
+                for (r, o) in want.iter_mut().enumerate() {
+                    let mut v = [0f32];
+                    kquant::row_dot(dtype)(isa, &w[r * bytes..][..bytes], &[&row], &mut v);
+                    *o = v[0];
+                }
+                let mut got = vec![f32::NAN; n];
+                kquant::dot_row_range(
+                    isa,
+                    dtype,
+                    &row,
+                    2..n,
+                    |r| &w[r * bytes..][..bytes],
+                    |r, v| got[r] = v,
+                );
+                assert_eq!(
+                    bits(&got[2..]),
+                    bits(&want[2..]),
+                    "{} {dtype}, k = {k}",
+                    isa.name()
+                );
+                assert!(
+                    got[..2].iter().all(|v| v.is_nan()),
+                    "rows outside the range"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // Work large enough to wake the pool; outputs are per row, so the
     // thread count must not change a bit.
