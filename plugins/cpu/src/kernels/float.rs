@@ -447,16 +447,17 @@ mod x86 {
         // where rows are shorter than it, and half the next group was
         // never asked for: a TinyLlama-shaped F16 model decoded at
         // 10.9-11.4 tok/s, and at 12.1-12.6 with this (27.5 GB/s of the
-        // 29.5 measured); two or three groups on were slower again.
-        let ahead = if N > 1 { N * w[0].len() } else { 0 };
+        // 29.5 measured); two or three groups on were slower again. One
+        // row alone keeps the fixed lead.
+        let ahead = if N > 1 {
+            N * w[0].len()
+        } else {
+            crate::kernels::PREFETCH_AHEAD
+        };
         for i in (0..full).step_by(8) {
             if M == 1 && (e * i).is_multiple_of(64) {
                 for w in w {
-                    if N > 1 {
-                        crate::kernels::prefetch_line(w.as_ptr().wrapping_add(e * i + ahead));
-                    } else {
-                        crate::kernels::prefetch(w.as_ptr().wrapping_add(e * i), 64);
-                    }
+                    crate::kernels::prefetch_line(w.as_ptr().wrapping_add(e * i + ahead));
                 }
             }
             // In bounds: i + 8 <= full.

@@ -1047,7 +1047,8 @@ const PREFETCH_AHEAD: usize = 8192;
 /// TinyLlama-shaped 1.1B model read from memory decodes at 18.1–18.9
 /// tok/s instead of 14.4–14.8 (Q8_0) and 38–41 instead of 28–36 (Q4_0,
 /// in runs at two times of the day), on the AVX2 and AVX-512 paths
-/// alike (F16 was at the bandwidth already and did not move); Gemma 3
+/// alike (F16 did not move: its decode takes four rows in step, whose
+/// leads fell inside each other, see `float.rs`'s `walk`); Gemma 3
 /// 270M's decode took 7 % less time, SmolLM2's (both in this machine's
 /// large L3) did not move. From 2 to 32 KiB ahead, `T1` gave the same
 /// speed within the noise (a 2 KiB lead that looked 5 % faster on Q8_0
