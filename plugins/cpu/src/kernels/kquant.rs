@@ -1181,12 +1181,7 @@ mod x86 {
                 // d · total − dmin · total_m of each block, times its x.d.
                 let t = _mm256_hsub_pd(_mm256_mul_pd(t, dd), _mm256_setzero_pd());
                 let t = _mm_unpacklo_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd::<1>(t));
-                // SAFETY: blocks b and b + 1 of the row have scales.
-                let dx =
-                    unsafe { _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b).cast()))) };
-                let t = _mm_mul_pd(t, dx);
-                *acc += _mm_cvtsd_f64(t);
-                *acc += _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
+                add_two(acc, _mm_mul_pd(t, two_scales(x, b)));
             }
             b += 2;
         }
@@ -1210,6 +1205,27 @@ mod x86 {
         }
         for (o, a) in out.iter_mut().zip(acc) {
             *o = a as f32;
+        }
+    }
+
+    /// The activation row's scales of blocks `b` and `b + 1`, widened
+    /// (exactly) to f64: the two-block steps of the AVX-512 row kernels.
+    /// Panics unless the row has both.
+    #[inline(always)]
+    fn two_scales(x: &Q8KRow, b: usize) -> __m128d {
+        let d = &x.d[b..b + 2];
+        // SAFETY: two f32s at `d` (checked above); SSE2 is baseline.
+        unsafe { _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(d.as_ptr().cast()))) }
+    }
+
+    /// Adds two blocks' terms (lane 0: the first block's) to a row's sum,
+    /// in block order, as every path adds them.
+    #[inline(always)]
+    fn add_two(acc: &mut f64, t: __m128d) {
+        // SAFETY: register operations only (SSE2 is baseline).
+        unsafe {
+            *acc += _mm_cvtsd_f64(t);
+            *acc += _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
         }
     }
 
@@ -1756,12 +1772,7 @@ mod x86 {
                 let h = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
                 // [total_a, total_b, ..]: exact integers, any order.
                 let t = _mm_cvtepi32_pd(_mm_hadd_epi32(h, h));
-                // SAFETY: blocks b and b + 1 of the row have scales.
-                let dx =
-                    unsafe { _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(x.d.as_ptr().add(b).cast()))) };
-                let t = _mm_mul_pd(_mm_mul_pd(dw, dx), t);
-                *acc += _mm_cvtsd_f64(t);
-                *acc += _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
+                add_two(acc, _mm_mul_pd(_mm_mul_pd(dw, two_scales(x, b)), t));
             }
             b += 2;
         }
