@@ -458,6 +458,28 @@ fn k_quant_row_ranges_give_each_rows_kernel_bits() {
 }
 
 #[test]
+fn decode_visits_every_row_once_in_several_places_at_once() {
+    for start in [0, 5] {
+        for len in 0..40 {
+            let order: Vec<usize> = streams(start..start + len).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (start..start + len).collect::<Vec<_>>(),
+                "{len} rows"
+            );
+            // The first rows visited lie in different parts, a part apart.
+            if len >= DECODE_STREAMS * 2 {
+                let per = len.div_ceil(DECODE_STREAMS);
+                let first: Vec<usize> = (0..DECODE_STREAMS).map(|s| start + s * per).collect();
+                assert_eq!(order[..DECODE_STREAMS], first[..], "{len} rows");
+            }
+        }
+    }
+}
+
+#[test]
 fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // Work large enough to wake the pool; outputs are per row, so the
     // thread count must not change a bit.
