@@ -823,7 +823,7 @@ mod x86 {
     /// choices (code layout, block size, minimum) are then constants, not
     /// branches taken per block.
     macro_rules! dot_q8 {
-        ($name:ident, $typed:ident, $lanes:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
+        ($name:ident, $typed:ident, $lanes:ident, $eight:ident, $features:literal, $q8_offset:expr, $prod:expr) => {
             /// # Safety
             /// The CPU has the features named; `w` and every row of `xs`
             /// hold the same number of blocks; `xs.len() <= 4 == out.len()`
@@ -892,6 +892,10 @@ mod x86 {
                 if D == DType::Q4_0X16.raw() && xs.iter().all(|x| super::takes_lanes(dtype, x)) {
                     // SAFETY: the caller's contract; the lanes are filled.
                     b = unsafe { $lanes(w, xs, &mut acc) };
+                }
+                if D == DType::Q8_0.raw() {
+                    // SAFETY: the caller's contract.
+                    b = unsafe { $eight(w, xs, &mut acc) };
                 }
                 let bytes = w.len() / nb.max(1);
                 while b + 4 <= nb {
@@ -1037,6 +1041,117 @@ mod x86 {
         |s, w, x| _mm256_dpbusd_avx_epi32(s, w, x),
         |s| s
     );
+
+    /// The paths without an eight-block Q8_0 step: no blocks done.
+    ///
+    /// # Safety
+    /// None; `unsafe` to match [`q8_0_by_eight`].
+    #[inline(always)]
+    unsafe fn no_eight<const R: usize>(_: &[u8], _: &[&Q8Row; R], _: &mut [__m128; R]) -> usize {
+        0
+    }
+
+    /// Q8_0 decode's step on AVX-512: eight blocks of `w` against `R`
+    /// rows, two blocks a 512-bit `vpdpbusd`, the eight blocks' sums
+    /// gathered into one vector by shuffles, where the four-block step
+    /// takes three `vphaddd` (three micro-ops each) per four blocks. Each
+    /// block's integer sum is the same, and its term goes into partial
+    /// `b mod 4` as [`add_terms`] adds it (blocks `b..b + 4` first), so a
+    /// row gives the same bits. Returns the blocks done (a multiple of 8).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C are enabled by the caller;
+    /// `w` and every row hold the same number of Q8_0 blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn q8_0_by_eight<const R: usize>(
+        w: &[u8],
+        xs: &[&Q8Row; R],
+        acc: &mut [__m128; R],
+    ) -> usize {
+        const BYTES: usize = Q8_0_BYTES;
+        let nb = xs[0].d.len();
+        let flip = _mm512_set1_epi8(-128);
+        // Lane j of the result: block j, from [b0 b2 b4 b6 | b1 b3 b5 b7].
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut b = 0;
+        while b + 8 <= nb {
+            // SAFETY: blocks b..b + 8 are inside `w` and every row (the
+            // caller's contract); the loads are unaligned ones.
+            unsafe {
+                let p = w.as_ptr().add(b * BYTES);
+                crate::kernels::prefetch(p, 8 * BYTES);
+                // Blocks 2i and 2i + 1's codes, + 128 (unsigned).
+                let mut u = [_mm512_setzero_si512(); 4];
+                for (i, u) in u.iter_mut().enumerate() {
+                    let lo = _mm256_loadu_si256(p.add(2 * i * BYTES + 2).cast());
+                    let hi = _mm256_loadu_si256(p.add((2 * i + 1) * BYTES + 2).cast());
+                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    *u = _mm512_xor_si512(both, flip);
+                }
+                let d = |j: usize| p.add(j * BYTES).cast::<i16>().read_unaligned();
+                let dw = _mm256_cvtph_ps(_mm_setr_epi16(
+                    d(0),
+                    d(1),
+                    d(2),
+                    d(3),
+                    d(4),
+                    d(5),
+                    d(6),
+                    d(7),
+                ));
+                for (x, acc) in xs.iter().zip(acc.iter_mut()) {
+                    let xq = x.qs.as_ptr().add(b * QK);
+                    let mut s = [_mm512_setzero_si512(); 4];
+                    for (i, s) in s.iter_mut().enumerate() {
+                        let xv = _mm512_loadu_si512(xq.add(64 * i).cast());
+                        *s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[i], xv);
+                    }
+                    // Per 128-bit lane L of a pair (L = 0, 1: its first
+                    // block; 2, 3: its second): two sums a block, then one.
+                    let t0 = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(s[0], s[1]),
+                        _mm512_unpackhi_epi32(s[0], s[1]),
+                    );
+                    let t1 = _mm512_add_epi32(
+                        _mm512_unpacklo_epi32(s[2], s[3]),
+                        _mm512_unpackhi_epi32(s[2], s[3]),
+                    );
+                    // Lane L: blocks (0, 2, 4, 6) for L < 2, (1, 3, 5, 7)
+                    // for L ≥ 2, one part of each.
+                    let t = _mm512_add_epi32(
+                        _mm512_unpacklo_epi64(t0, t1),
+                        _mm512_unpackhi_epi64(t0, t1),
+                    );
+                    let (l01, l23) = (_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64::<1>(t));
+                    let even_odd = _mm256_add_epi32(
+                        _mm256_permute2x128_si256::<0x20>(l01, l23),
+                        _mm256_permute2x128_si256::<0x31>(l01, l23),
+                    );
+                    let sums = _mm256_permutevar8x32_epi32(even_odd, order);
+                    // The weights' offset of 128: 128 times the
+                    // activations' code sums.
+                    let xsum = _mm256_loadu_si256(x.sums.as_ptr().add(b).cast());
+                    let v =
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_slli_epi32::<7>(xsum)));
+                    // d_w·d_x: exact in f32.
+                    let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(b)));
+                    let a = _mm_fmadd_ps(
+                        _mm256_castps256_ps128(scale),
+                        _mm256_castps256_ps128(v),
+                        *acc,
+                    );
+                    *acc = _mm_fmadd_ps(
+                        _mm256_extractf128_ps::<1>(scale),
+                        _mm256_extractf128_ps::<1>(v),
+                        a,
+                    );
+                }
+            }
+            b += 8;
+        }
+        b
+    }
 
     /// Four f16 values (their bits) as f32.
     ///
@@ -2095,6 +2210,7 @@ mod x86 {
         dot_avx2,
         dot_avx2_typed,
         x16_lanes_avx2,
+        no_eight,
         "avx2,fma,f16c",
         0,
         |u, xv, q8: bool| {
@@ -2111,6 +2227,7 @@ mod x86 {
         dot_avxvnni,
         dot_avxvnni_typed,
         x16_lanes_avxvnni,
+        no_eight,
         "avx2,fma,f16c,avxvnni",
         128,
         |u, xv, _q8: bool| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, xv)
@@ -2119,6 +2236,7 @@ mod x86 {
         dot_vnni,
         dot_vnni_typed,
         x16_lanes_avx2,
+        q8_0_by_eight,
         "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
         128,
         |u, xv, _q8: bool| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
