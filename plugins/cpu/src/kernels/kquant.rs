@@ -683,7 +683,7 @@ pub fn dot_row_range<'w>(
     }
     let dot = row_dot(dtype);
     let mut o = [0f32];
-    for n in super::streams(rows) {
+    for n in super::streams(rows, super::DECODE_STREAMS) {
         dot(isa, w(n), &[x], &mut o);
         out(n, o[0]);
     }
@@ -2858,7 +2858,7 @@ mod x86 {
                 w: impl Fn(usize) -> &'w [u8],
                 mut out: impl FnMut(usize, f32),
             ) {
-                for n in crate::kernels::streams(rows) {
+                for n in crate::kernels::streams(rows, crate::kernels::DECODE_STREAMS) {
                     let $w = w(n);
                     assert_eq!($w.len(), bytes, "weight row {n}");
                     let $xs: [&Q8KRow; 1] = [x];

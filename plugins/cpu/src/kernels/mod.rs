@@ -919,8 +919,14 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
         });
         return Some(());
     }
+    // A few activation rows (batched decode) read the weights from
+    // memory as decode does: the quantized types' rows from three places
+    // at once (kernel bench, 2 rows from memory: Q4_0 and Q4_K 10–16 %
+    // faster, Q8_0 1–8 %), the float types' from one (F16 was 12 % slower
+    // from three).
+    let parts = if float.is_some() { 1 } else { DECODE_STREAMS };
     threads::parallel_for(n_slices * n_count, work, &|range| {
-        for i in range {
+        for i in streams(range, parts) {
             let (sl, n) = (&slices[i / n_count], i % n_count);
             let xq = &xq[(i / n_count) * m_count..][..m_count];
             // SAFETY: weight row n of this slice is inside w.
@@ -1081,22 +1087,22 @@ fn prefetch_line(p: *const u8) {
 /// (see [`streams`]). Measured on a TinyLlama-shaped 1.1B model read from
 /// memory (2 threads, AVX-512 and AVX2 paths): one place left the
 /// quantized types' products at 75–85 % of the bandwidth F16's four rows
-/// in step reach; three gave 4–18 % faster decode by type (Q4_K_M 26.6
+/// in step reach; three gave 4–16 % faster decode by type (Q4_K_M 26.6
 /// → 30.5 tok/s, Q5_K_M 21.7 → 25.1, Q4_1 25.2 → 29.0, Q8_0 16.9 →
-/// 18.0), Gemma 3 270M 12 % faster; four was no better than three.
+/// 18.0), Gemma 3 270M 14 % faster; four was no better than three.
 const DECODE_STREAMS: usize = 3;
 
 /// The rows of `rows` in the order decode visits them: the range cut into
-/// [`DECODE_STREAMS`] parts of consecutive rows, a row of each part in
+/// `parts` ([`DECODE_STREAMS`]) parts of consecutive rows, a row of each part in
 /// turn (`a0 b0 c0 a1 b1 c1 …`), so that a thread reads memory in that
 /// many places at once rather than one. Each row's kernel still
 /// prefetches [`PREFETCH_AHEAD`] bytes on, inside its own part. Every row
 /// is visited once.
-fn streams(rows: std::ops::Range<usize>) -> impl Iterator<Item = usize> {
+fn streams(rows: std::ops::Range<usize>, parts: usize) -> impl Iterator<Item = usize> {
     let len = rows.len();
-    let per = len.div_ceil(DECODE_STREAMS);
+    let per = len.div_ceil(parts.max(1));
     (0..per)
-        .flat_map(move |i| (0..DECODE_STREAMS).map(move |s| s * per + i))
+        .flat_map(move |i| (0..parts).map(move |s| s * per + i))
         .filter(move |&j| j < len)
         .map(move |j| rows.start + j)
 }

@@ -364,7 +364,7 @@ pub fn dot_row_range<'w>(
     let kernel: Option<RowKernel> = None;
     let xs = [x];
     let mut o = [0f32];
-    for n in super::streams(rows) {
+    for n in super::streams(rows, super::DECODE_STREAMS) {
         let wr = w(n);
         assert_eq!(wr.len(), bytes, "weight row {n} of {dtype}");
         match kernel {

@@ -461,7 +461,7 @@ fn k_quant_row_ranges_give_each_rows_kernel_bits() {
 fn decode_visits_every_row_once_in_several_places_at_once() {
     for start in [0, 5] {
         for len in 0..40 {
-            let order: Vec<usize> = streams(start..start + len).collect();
+            let order: Vec<usize> = streams(start..start + len, DECODE_STREAMS).collect();
             let mut sorted = order.clone();
             sorted.sort_unstable();
             assert_eq!(
