@@ -642,16 +642,16 @@ fn q6_k_term(blk: &[u8], x: &Q8KRow, b: usize, isum: i32) -> f64 {
     f16_at(blk, 208) * x.d[b] as f64 * isum as f64
 }
 
-/// `out(n, w(n) · x)` for the weight rows `n` in `rows` against one
-/// activation row: decode's loop, the same bits as [`row_dot`]'s kernels
-/// row by row. Q4_K, Q5_K and Q6_K run it inside one kernel function on
+/// `out(n, w(n) · x)` for the weight rows `n` in `rows` (in the order
+/// given) against one activation row: decode's loop, the same bits as
+/// [`row_dot`]'s kernels row by row. Q4_K, Q5_K and Q6_K run it inside one kernel function on
 /// x86 (see `x86::rows!`); the other types and paths call [`row_dot`]'s
 /// kernel per row.
 pub fn dot_row_range<'w>(
     isa: Isa,
     dtype: DType,
     x: &Q8KRow,
-    rows: std::ops::Range<usize>,
+    rows: impl Iterator<Item = usize>,
     w: impl Fn(usize) -> &'w [u8],
     mut out: impl FnMut(usize, f32),
 ) {
@@ -683,7 +683,7 @@ pub fn dot_row_range<'w>(
     }
     let dot = row_dot(dtype);
     let mut o = [0f32];
-    for n in super::streams(rows, super::DECODE_STREAMS) {
+    for n in rows {
         dot(isa, w(n), &[x], &mut o);
         out(n, o[0]);
     }
@@ -2853,12 +2853,12 @@ mod x86 {
             #[target_feature(enable = $features)]
             pub unsafe fn $name<'w>(
                 x: &Q8KRow,
-                rows: std::ops::Range<usize>,
+                rows: impl Iterator<Item = usize>,
                 bytes: usize,
                 w: impl Fn(usize) -> &'w [u8],
                 mut out: impl FnMut(usize, f32),
             ) {
-                for n in crate::kernels::streams(rows, crate::kernels::DECODE_STREAMS) {
+                for n in rows {
                     let $w = w(n);
                     assert_eq!($w.len(), bytes, "weight row {n}");
                     let $xs: [&Q8KRow; 1] = [x];

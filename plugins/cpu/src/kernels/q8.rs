@@ -303,15 +303,16 @@ pub fn wants_lanes(isa: Isa, dtype: DType) -> bool {
     }
 }
 
-/// `out(n, w(n) · x)` for the weight rows `n` in `rows` against one
-/// activation row: decode's loop, with the checks and the kernel chosen
-/// once for all rows rather than per row (a row of 2048 Q4_0 weights
-/// takes about 50 ns, so per-row overhead showed in decode).
+/// `out(n, w(n) · x)` for the weight rows `n` in `rows` (in the order
+/// given) against one activation row: decode's loop, with the checks and
+/// the kernel chosen once for all rows rather than per row (a row of
+/// 2048 Q4_0 weights takes about 50 ns, so per-row overhead showed in
+/// decode).
 pub fn dot_row_range<'w>(
     isa: Isa,
     dtype: DType,
     x: &Q8Row,
-    rows: std::ops::Range<usize>,
+    rows: impl Iterator<Item = usize>,
     w: impl Fn(usize) -> &'w [u8],
     mut out: impl FnMut(usize, f32),
 ) {
@@ -364,7 +365,7 @@ pub fn dot_row_range<'w>(
     let kernel: Option<RowKernel> = None;
     let xs = [x];
     let mut o = [0f32];
-    for n in super::streams(rows, super::DECODE_STREAMS) {
+    for n in rows {
         let wr = w(n);
         assert_eq!(wr.len(), bytes, "weight row {n} of {dtype}");
         match kernel {

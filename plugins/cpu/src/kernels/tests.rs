@@ -438,7 +438,8 @@ fn k_quant_row_ranges_give_each_rows_kernel_bits() {
                     isa,
                     dtype,
                     &row,
-                    2..n,
+                    // In decode's order: rows from several places.
+                    streams(2..n, DECODE_STREAMS),
                     |r| &w[r * bytes..][..bytes],
                     |r, v| got[r] = v,
                 );
@@ -475,6 +476,8 @@ fn decode_visits_every_row_once_in_several_places_at_once() {
                 let first: Vec<usize> = (0..DECODE_STREAMS).map(|s| start + s * per).collect();
                 assert_eq!(order[..DECODE_STREAMS], first[..], "{len} rows");
             }
+            // One part (the float types' batched rows): the range itself.
+            assert!(streams(start..start + len, 1).eq(start..start + len));
         }
     }
 }
