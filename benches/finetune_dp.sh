@@ -21,8 +21,12 @@ steps=${3:-30}
 batch=${4:-256}
 seq=${5:-128}
 lr=${6:-2e-3}
+# KILN names a kiln binary to time; otherwise this tree's, built (a no-op
+# when it is up to date) so that a stale binary is never measured.
+if [ -z "${KILN:-}" ]; then
+  cargo build --release --locked -p kiln >&2
+fi
 kiln=${KILN:-target/release/kiln}
-[ -x "$kiln" ] || cargo build --release --locked -p kiln
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$kiln" finetune prepare "$src" --model "$model" --out "$work/data" --seq-len "$seq" >&2

@@ -887,8 +887,6 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
                             .write_unaligned(v)
                     }
                 };
-                // The quantized types' rows from several places at once;
-                // the float types' groups of rows read several already.
                 let rows = i % n_count..end - s * n_count;
                 let float_row;
                 let x = match float {
@@ -898,15 +896,12 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
                     }
                     None => &xq[s],
                 };
+                // The quantized types' rows from several places at once;
+                // the float types' groups of rows read several already.
+                let order = streams(rows.clone(), DECODE_STREAMS);
                 match x {
-                    Prepared::Q8(x) => {
-                        let rows = streams(rows, DECODE_STREAMS);
-                        q8::dot_row_range(isa, wd.dtype, x, rows, w, out);
-                    }
-                    Prepared::Q8K(x) => {
-                        let rows = streams(rows, DECODE_STREAMS);
-                        kquant::dot_row_range(isa, wd.dtype, x, rows, w, out);
-                    }
+                    Prepared::Q8(x) => q8::dot_row_range(isa, wd.dtype, x, order, w, out),
+                    Prepared::Q8K(x) => kquant::dot_row_range(isa, wd.dtype, x, order, w, out),
                     Prepared::Float(x) => {
                         let float = float.expect(ONE_VARIANT);
                         let mut o = [0f32; float::DECODE_ROWS];
@@ -1102,14 +1097,16 @@ const DECODE_STREAMS: usize = 3;
 
 /// The rows of `rows` in the order decode (and batched decode) visits
 /// them: the range cut into `parts` ([`DECODE_STREAMS`], or 1: the range
-/// as it is) parts of consecutive rows, a row of each part in turn (`a0
-/// b0 c0 a1 b1 c1 …`), so that a thread reads memory in that many places
-/// at once rather than one. Each row's kernel still prefetches
-/// [`PREFETCH_AHEAD`] bytes on, inside its own part. Every row is visited
-/// once.
+/// as it is; at least 1) parts of consecutive rows, a row of each part in
+/// turn (`a0 b0 c0 a1 b1 c1 …`), so that a thread reads memory in that
+/// many places at once rather than one. Each row's kernel still
+/// prefetches [`PREFETCH_AHEAD`] bytes on, inside its own part. Every row
+/// is visited once.
 fn streams(rows: std::ops::Range<usize>, parts: usize) -> impl Iterator<Item = usize> {
+    // Zero parts would visit no row at all.
+    assert!(parts > 0, "rows visited from no place");
     let len = rows.len();
-    let per = len.div_ceil(parts.max(1));
+    let per = len.div_ceil(parts);
     (0..per)
         .flat_map(move |i| (0..parts).map(move |s| s * per + i))
         .filter(move |&j| j < len)

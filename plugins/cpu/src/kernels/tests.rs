@@ -483,6 +483,14 @@ fn decode_visits_every_row_once_in_several_places_at_once() {
 }
 
 #[test]
+#[should_panic(expected = "rows visited from no place")]
+fn rows_from_no_place_are_refused_not_skipped() {
+    // Zero parts would visit no row: a product silently left
+    // unwritten.
+    let _ = streams(0..8, 0).count();
+}
+
+#[test]
 fn every_path_gives_the_same_bits_single_or_multi_threaded() {
     // Work large enough to wake the pool; outputs are per row, so the
     // thread count must not change a bit.
