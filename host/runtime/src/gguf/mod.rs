@@ -440,6 +440,40 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_headers_length_is_found_from_its_lengths_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(write_sample(dir.path())).unwrap();
+        let len = bytes.len() as u64;
+        let full = GgufFile::from_bytes(Path::new("t.gguf"), bytes.clone()).unwrap();
+        let data = full.data_offset as usize;
+        // Every prefix that ends inside the header asks for more, never
+        // for bytes past the data's start; the first that does not is
+        // the whole header: the last tensor info's end.
+        let mut first_whole = None;
+        for cut in 0..=data {
+            match read::header_needs(&bytes[..cut], len) {
+                Some(end) => {
+                    assert!(
+                        first_whole.is_none(),
+                        "cut {cut} asks for more after a whole header"
+                    );
+                    assert!(end > cut as u64 && end <= data as u64, "cut {cut}: {end}");
+                }
+                None => {
+                    first_whole.get_or_insert(cut);
+                }
+            }
+        }
+        let end = first_whole.unwrap();
+        assert!(end > 24 && end <= data && data - end < DEFAULT_ALIGNMENT as usize);
+        // A length past the file's end is malformed, not short: the parse
+        // names it.
+        let mut bad = bytes.clone();
+        bad[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(read::header_needs(&bad[..40], len), None);
+    }
+
     proptest! {
         // KILN_FUZZ_CASES raises the count for a longer local fuzzing run.
         #![proptest_config(ProptestConfig {
@@ -466,6 +500,12 @@ mod tests {
             for (at, b) in edits {
                 let i = at % bytes.len();
                 bytes[i] = b;
+            }
+            let len = bytes.len() as u64;
+            for cut in [0, 100, 1000, bytes.len()] {
+                if let Some(end) = read::header_needs(&bytes[..cut.min(bytes.len())], len) {
+                    prop_assert!(end > cut as u64 && end <= len);
+                }
             }
             // Either parses (a harmless edit) or fails cleanly; a parse
             // that succeeds must hand out in-bounds tensor data.

@@ -215,6 +215,106 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Bytes past the end of `bytes`, the first of a GGUF file of `file_len`
+/// bytes, that its header, metadata and tensor infos need: the walk reads
+/// lengths and counts alone and builds no value, so finding that a prefix
+/// is too short costs little (a parse that runs out costs as much as one
+/// that does not). `None` where they fit, or where the start is not well
+/// formed (the parse names what is wrong).
+pub(super) fn header_needs(bytes: &[u8], file_len: u64) -> Option<u64> {
+    struct Walk<'a> {
+        bytes: &'a [u8],
+        pos: u64,
+        file_len: u64,
+    }
+    enum Stop {
+        /// The end of the first thing that did not fit.
+        Short(u64),
+        Malformed,
+    }
+    impl Walk<'_> {
+        fn skip(&mut self, n: u64) -> Result<usize, Stop> {
+            let at = self.pos;
+            let end = (at.checked_add(n))
+                .filter(|&e| e <= self.file_len)
+                .ok_or(Stop::Malformed)?;
+            if end > self.bytes.len() as u64 {
+                return Err(Stop::Short(end));
+            }
+            self.pos = end;
+            Ok(at as usize)
+        }
+        fn u32(&mut self) -> Result<u32, Stop> {
+            let at = self.skip(4)?;
+            Ok(u32::from_le_bytes(
+                self.bytes[at..at + 4].try_into().unwrap(),
+            ))
+        }
+        fn u64(&mut self) -> Result<u64, Stop> {
+            let at = self.skip(8)?;
+            Ok(u64::from_le_bytes(
+                self.bytes[at..at + 8].try_into().unwrap(),
+            ))
+        }
+        fn string(&mut self) -> Result<(), Stop> {
+            let n = self.u64()?;
+            self.skip(n).map(drop)
+        }
+        /// Every step takes at least one byte, so a hostile count ends
+        /// with the bytes.
+        fn value(&mut self, raw: u32, depth: u32) -> Result<(), Stop> {
+            let ty = ValueType::from_raw(raw).ok_or(Stop::Malformed)?;
+            match ty {
+                ValueType::String => self.string(),
+                ValueType::Array if depth < 8 => {
+                    let elem = self.u32()?;
+                    let n = self.u64()?;
+                    match ValueType::from_raw(elem)
+                        .ok_or(Stop::Malformed)?
+                        .fixed_size()
+                    {
+                        Some(size) => {
+                            let bytes = n.checked_mul(size as u64).ok_or(Stop::Malformed)?;
+                            self.skip(bytes).map(drop)
+                        }
+                        None => (0..n).try_for_each(|_| self.value(elem, depth + 1)),
+                    }
+                }
+                ValueType::Array => Err(Stop::Malformed),
+                fixed => self.skip(fixed.fixed_size().unwrap_or(1) as u64).map(drop),
+            }
+        }
+        fn header(&mut self) -> Result<(), Stop> {
+            self.skip(8)?; // the magic number and the version
+            let n_tensors = self.u64()?;
+            let n_kv = self.u64()?;
+            for _ in 0..n_kv {
+                self.string()?;
+                let ty = self.u32()?;
+                self.value(ty, 0)?;
+            }
+            for _ in 0..n_tensors {
+                self.string()?;
+                let dims = self.u32()?;
+                if dims as usize > MAX_DIMS {
+                    return Err(Stop::Malformed);
+                }
+                self.skip(8 * dims as u64 + 4 + 8)?;
+            }
+            Ok(())
+        }
+    }
+    let mut walk = Walk {
+        bytes,
+        pos: 0,
+        file_len,
+    };
+    match walk.header() {
+        Err(Stop::Short(end)) => Some(end),
+        Ok(()) | Err(Stop::Malformed) => None,
+    }
+}
+
 fn dtype_from_ggml(raw: u32) -> Option<DType> {
     // kiln's own layouts (Q4_0X16, Q5_0X16) exist only in memory, never
     // in a file.
@@ -310,6 +410,10 @@ impl GgufFile {
         loop {
             let (head, len) = sealed.prefix(want).map_err(|e| crypt_error(path, e))?;
             let whole = head.len() as u64 == len;
+            if let (Some(end), false) = (header_needs(&head, len), whole) {
+                want = end.max(want * 2);
+                continue;
+            }
             match GgufFile::parse_start(path, Storage::Header(head), len) {
                 Err((_, true)) if !whole => want *= 2,
                 done => return done.map_err(|(e, _)| e),

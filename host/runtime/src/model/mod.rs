@@ -180,20 +180,21 @@ impl Model {
         let start = Instant::now();
         let (mut file, built) = if crate::crypt::is_encrypted(path).unwrap_or(false) {
             // Decrypting the weights is the longest part of such a load:
-            // the tokenizer is built from the header meanwhile.
-            // One open for both: the file key is unwrapped once.
+            // it starts first, and the header is read (its own chunks
+            // decrypted again) and the tokenizer built meanwhile. One
+            // open for both: the file key is unwrapped once.
             let failed = |e| crate::gguf::crypt_error(path, e);
             let keys = crate::crypt::Keys::from_process_env().map_err(failed)?;
             let sealed = crate::crypt::Sealed::open(path, &keys).map_err(failed)?;
-            let mut file = GgufFile::header_of_sealed(path, &sealed)?;
-            let (plain, tokenizer) = std::thread::scope(|s| {
-                let tokenizer = s.spawn(|| Tokenizer::from_gguf(&file));
-                let plain = sealed.decrypt();
-                (
-                    plain,
-                    tokenizer.join().expect("building the tokenizer panicked"),
-                )
+            let (plain, read) = std::thread::scope(|s| {
+                let plain = s.spawn(|| sealed.decrypt());
+                let read = GgufFile::header_of_sealed(path, &sealed).map(|file| {
+                    let tokenizer = Tokenizer::from_gguf(&file);
+                    (file, tokenizer)
+                });
+                (plain.join().expect("decrypting the model panicked"), read)
             });
+            let (mut file, tokenizer) = read?;
             file.attach(plain.map_err(failed)?)?;
             (file, Some(tokenizer))
         } else {
