@@ -3,6 +3,11 @@
 
 mod cli;
 
+/// mimalloc, not the system's malloc: see host/Cargo.toml. The libraries
+/// leave the choice to the program that embeds them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // Rust ignores SIGPIPE, so `kiln … | head` would panic on the closed
     // pipe; restore the default so kiln ends quietly like other tools.
