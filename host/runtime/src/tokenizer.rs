@@ -144,16 +144,16 @@ pub fn merges_from_scores(
     let per = tokens.len().div_ceil(threads).max(1);
     // (score, piece, left, right): no two alike, so any sort gives one order.
     let mut found: Vec<(f32, u32, u32, u32)> = std::thread::scope(|s| {
-        let jobs: Vec<_> = (tokens.chunks(per).enumerate())
-            .map(|(c, part)| {
+        let jobs: Vec<_> = (tokens.chunks(per).zip(scores.chunks(per)).enumerate())
+            .map(|(c, (part, scores))| {
                 s.spawn(move || {
                     let mut out = Vec::new();
-                    for (k, piece) in part.iter().enumerate() {
+                    for (k, (piece, &score)) in part.iter().zip(scores).enumerate() {
                         let i = c * per + k;
                         for (at, _) in piece.char_indices().skip(1) {
                             let (l, r) = piece.split_at(at);
                             if let (Some(&l), Some(&r)) = (vocab.get(l), vocab.get(r)) {
-                                out.push((scores[i], i as u32, l, r));
+                                out.push((score, i as u32, l, r));
                             }
                         }
                     }
