@@ -101,8 +101,9 @@ struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
-    /// Set where a read needed bytes past the end of `bytes`.
-    short: &'a std::cell::Cell<bool>,
+    /// Set where a read needed bytes past the end of `bytes`: where that
+    /// read would have ended (at least).
+    short: &'a std::cell::Cell<Option<u64>>,
 }
 
 impl<'a> Cursor<'a> {
@@ -117,7 +118,7 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
         let remaining = self.bytes.len() - self.pos;
         if n > remaining {
-            self.short.set(true);
+            self.short.set(Some(self.pos as u64 + n as u64));
             return Err(self.err(
                 self.pos,
                 format!("truncated: {what} needs {n} bytes, only {remaining} remain"),
@@ -151,7 +152,8 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         let remaining = (self.bytes.len() - self.pos) as u64;
         if n.saturating_mul(min_item as u64) > remaining {
-            self.short.set(true);
+            let need = n.saturating_mul(min_item as u64);
+            self.short.set(Some((self.pos as u64).saturating_add(need)));
             return Err(self.err(
                 at,
                 format!("{what} is {n}, more than the {remaining} remaining bytes can hold"),
@@ -213,106 +215,70 @@ impl<'a> Cursor<'a> {
             }
         })
     }
+
+    /// Steps over a value of type `ty` as [`Cursor::value`] reads it,
+    /// building nothing (strings are not checked as UTF-8).
+    fn skip_value(&mut self, ty: ValueType, depth: u32) -> Result<(), GgufError> {
+        match (ty, ty.fixed_size()) {
+            (_, Some(size)) => self.take(size, "a value").map(drop),
+            (ValueType::String, None) => {
+                let n = self.count("a string's length", 1)?;
+                self.take(n, "a string").map(drop)
+            }
+            _ if depth >= 8 => Err(self.err(self.pos, "arrays nested more than 8 deep")),
+            _ => {
+                let at = self.pos;
+                let raw = self.u32("an array's element type")?;
+                let elem = ValueType::from_raw(raw)
+                    .ok_or_else(|| self.err(at, format!("unknown array element type {raw}")))?;
+                let n = self.count("an array's length", elem.fixed_size().unwrap_or(8))?;
+                match elem.fixed_size() {
+                    // `count` checked that the bytes left hold them.
+                    Some(size) => self.take(n * size, "an array").map(drop),
+                    None => (0..n).try_for_each(|_| self.skip_value(elem, depth + 1)),
+                }
+            }
+        }
+    }
 }
 
 /// Bytes past the end of `bytes`, the first of a GGUF file of `file_len`
-/// bytes, that its header, metadata and tensor infos need: the walk reads
-/// lengths and counts alone and builds no value, so finding that a prefix
-/// is too short costs little (a parse that runs out costs as much as one
-/// that does not). `None` where they fit, or where the start is not well
-/// formed (the parse names what is wrong).
+/// bytes, that its header, metadata and tensor infos need (at least): the
+/// parse's own reads, stepping over values ([`Cursor::skip_value`])
+/// instead of building them, so finding that a prefix is too short costs
+/// little (a parse that runs out costs as much as one that does not).
+/// `None` where they fit, or where the start is not well formed (the
+/// parse names what is wrong).
 pub(super) fn header_needs(bytes: &[u8], file_len: u64) -> Option<u64> {
-    struct Walk<'a> {
-        bytes: &'a [u8],
-        pos: u64,
-        file_len: u64,
-    }
-    enum Stop {
-        /// The end of the first thing that did not fit.
-        Short(u64),
-        Malformed,
-    }
-    impl Walk<'_> {
-        fn skip(&mut self, n: u64) -> Result<usize, Stop> {
-            let at = self.pos;
-            let end = (at.checked_add(n))
-                .filter(|&e| e <= self.file_len)
-                .ok_or(Stop::Malformed)?;
-            if end > self.bytes.len() as u64 {
-                return Err(Stop::Short(end));
-            }
-            self.pos = end;
-            Ok(at as usize)
-        }
-        fn u32(&mut self) -> Result<u32, Stop> {
-            let at = self.skip(4)?;
-            Ok(u32::from_le_bytes(
-                self.bytes[at..at + 4].try_into().unwrap(),
-            ))
-        }
-        fn u64(&mut self) -> Result<u64, Stop> {
-            let at = self.skip(8)?;
-            Ok(u64::from_le_bytes(
-                self.bytes[at..at + 8].try_into().unwrap(),
-            ))
-        }
-        fn string(&mut self) -> Result<(), Stop> {
-            let n = self.u64()?;
-            self.skip(n).map(drop)
-        }
-        /// Every step takes at least one byte, so a hostile count ends
-        /// with the bytes.
-        fn value(&mut self, raw: u32, depth: u32) -> Result<(), Stop> {
-            let ty = ValueType::from_raw(raw).ok_or(Stop::Malformed)?;
-            match ty {
-                ValueType::String => self.string(),
-                ValueType::Array if depth < 8 => {
-                    let elem = self.u32()?;
-                    let n = self.u64()?;
-                    match ValueType::from_raw(elem)
-                        .ok_or(Stop::Malformed)?
-                        .fixed_size()
-                    {
-                        Some(size) => {
-                            let bytes = n.checked_mul(size as u64).ok_or(Stop::Malformed)?;
-                            self.skip(bytes).map(drop)
-                        }
-                        None => (0..n).try_for_each(|_| self.value(elem, depth + 1)),
-                    }
-                }
-                ValueType::Array => Err(Stop::Malformed),
-                fixed => self.skip(fixed.fixed_size().unwrap_or(1) as u64).map(drop),
-            }
-        }
-        fn header(&mut self) -> Result<(), Stop> {
-            self.skip(8)?; // the magic number and the version
-            let n_tensors = self.u64()?;
-            let n_kv = self.u64()?;
-            for _ in 0..n_kv {
-                self.string()?;
-                let ty = self.u32()?;
-                self.value(ty, 0)?;
-            }
-            for _ in 0..n_tensors {
-                self.string()?;
-                let dims = self.u32()?;
-                if dims as usize > MAX_DIMS {
-                    return Err(Stop::Malformed);
-                }
-                self.skip(8 * dims as u64 + 4 + 8)?;
-            }
-            Ok(())
-        }
-    }
-    let mut walk = Walk {
+    let short = std::cell::Cell::new(None);
+    let mut c = Cursor {
         bytes,
         pos: 0,
-        file_len,
+        path: Path::new(""),
+        short: &short,
     };
-    match walk.header() {
-        Err(Stop::Short(end)) => Some(end),
-        Ok(()) | Err(Stop::Malformed) => None,
-    }
+    let mut walk = || -> Result<(), GgufError> {
+        c.take(8, "the magic number and the version")?;
+        let n_tensors = c.count("the tensor count", 32)?;
+        let n_kv = c.count("the metadata count", 13)?;
+        for _ in 0..n_kv {
+            c.skip_value(ValueType::String, 0)?;
+            let ty = c.u32("a metadata value type")?;
+            let ty = ValueType::from_raw(ty).ok_or_else(|| c.err(c.pos, "unknown value type"))?;
+            c.skip_value(ty, 0)?;
+        }
+        for _ in 0..n_tensors {
+            c.skip_value(ValueType::String, 0)?;
+            let n_dims = c.u32("a tensor's dimension count")? as usize;
+            if n_dims > MAX_DIMS {
+                return Err(c.err(c.pos, "too many dimensions"));
+            }
+            c.take(8 * n_dims + 4 + 8, "a tensor info")?;
+        }
+        Ok(())
+    };
+    walk().err()?;
+    short.get().filter(|&end| end <= file_len)
 }
 
 fn dtype_from_ggml(raw: u32) -> Option<DType> {
@@ -440,15 +406,15 @@ impl GgufFile {
         map: Storage,
         file_len: u64,
     ) -> Result<GgufFile, (GgufError, bool)> {
-        let short = std::cell::Cell::new(false);
-        GgufFile::parse_in(path, map, file_len, &short).map_err(|e| (e, short.get()))
+        let short = std::cell::Cell::new(None);
+        GgufFile::parse_in(path, map, file_len, &short).map_err(|e| (e, short.get().is_some()))
     }
 
     fn parse_in(
         path: &Path,
         map: Storage,
         file_len: u64,
-        short: &std::cell::Cell<bool>,
+        short: &std::cell::Cell<Option<u64>>,
     ) -> Result<GgufFile, GgufError> {
         let mut c = Cursor {
             bytes: &map,
