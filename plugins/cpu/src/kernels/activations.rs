@@ -1,5 +1,6 @@
-//! Softmax and SiLU rows with a vector `exp`: [`crate::math`]'s algorithm
-//! lane by lane, so the bits are the reference's (tested).
+//! Softmax and SiLU rows with a vector `exp` (f64) and `expf` (f32):
+//! [`crate::math`]'s algorithms lane by lane, so the bits are the
+//! reference's (tested).
 
 use super::Isa;
 use crate::ops::{REFERENCE_ROWS, RowFns};
@@ -19,6 +20,7 @@ pub fn row_fns(isa: Isa) -> &'static RowFns {
 mod x86 {
     use super::super::Isa;
     use crate::math::{EXP_HI, EXP_LO, EXP_POLY, LANES, LN2_HI, LN2_LO, LOG2E};
+    use crate::math::{EXPF_HI, EXPF_LO, EXPF_POLY, LN2_HI_F32, LN2_LO_F32, LOG2E_F32};
     use crate::ops::RowFns;
     use std::arch::x86_64::*;
 
@@ -282,58 +284,101 @@ mod x86 {
         }
     }
 
+    /// `math::expf` on eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn expf8(x: __m256) -> __m256 {
+        let set = _mm256_set1_ps;
+        // The bound first: `max`/`min` return their second operand where
+        // either is NaN, so a NaN stays one, as in `math::expf`.
+        let t = _mm256_min_ps(set(EXPF_HI), _mm256_max_ps(set(EXPF_LO), x));
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(t, set(LOG2E_F32)),
+        );
+        let r = _mm256_fnmadd_ps(k, set(LN2_LO_F32), _mm256_fnmadd_ps(k, set(LN2_HI_F32), t));
+        let mut p = set(EXPF_POLY[7]);
+        for i in (0..7).rev() {
+            p = _mm256_fmadd_ps(p, r, set(EXPF_POLY[i]));
+        }
+        let k = _mm256_cvtps_epi32(k);
+        let k1 = _mm256_srai_epi32::<1>(k);
+        let k2 = _mm256_sub_epi32(k, k1);
+        let bias = _mm256_set1_epi32(127);
+        let s1 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k1, bias)));
+        let s2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(k2, bias)));
+        _mm256_mul_ps(_mm256_mul_ps(p, s1), s2)
+    }
+
+    /// `math::silu` on eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn silu8(v: __m256) -> __m256 {
+        let e = expf8(_mm256_xor_ps(v, _mm256_set1_ps(-0.0)));
+        _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+    }
+
     /// `math::silu_row` with AVX2.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn silu_row_avx2(x: &[f32], out: &mut [f32]) {
         let n = x.len().min(out.len());
-        let one8 = _mm256_set1_ps(1.0);
         let whole = n - n % 8;
         for i in (0..whole).step_by(8) {
             // SAFETY: values i..i + 8 are inside `x` and `out`.
             unsafe {
                 let v = _mm256_loadu_ps(x.as_ptr().add(i));
-                let d = _mm256_sub_ps(_mm256_setzero_ps(), v);
-                let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(d)));
-                let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(d)));
-                let e = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-                let den = _mm256_add_ps(one8, e);
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_div_ps(v, den));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), silu8(v));
             }
         }
-        let one = _mm_set1_ps(1.0);
-        let mut y = [0f32; 4];
-        for i in (whole..n).step_by(4) {
-            let mut v = [0f32; 4];
-            let len = (n - i).min(4);
-            v[..len].copy_from_slice(&x[i..i + len]);
-            // SAFETY: `v` and `y` hold four f32.
-            unsafe {
-                let v = _mm_loadu_ps(v.as_ptr());
-                let d = _mm256_cvtps_pd(_mm_sub_ps(_mm_setzero_ps(), v));
-                let den = _mm_add_ps(one, _mm256_cvtpd_ps(exp4(d)));
-                _mm_storeu_ps(y.as_mut_ptr(), _mm_div_ps(v, den));
-            }
-            out[i..i + len].copy_from_slice(&y[..len]);
+        if whole < n {
+            let (mut v, mut y) = ([0f32; 8], [0f32; 8]);
+            v[..n - whole].copy_from_slice(&x[whole..n]);
+            // SAFETY: `v` and `y` hold eight f32.
+            unsafe { _mm256_storeu_ps(y.as_mut_ptr(), silu8(_mm256_loadu_ps(v.as_ptr()))) };
+            out[whole..n].copy_from_slice(&y[..n - whole]);
         }
     }
 
+    /// `math::expf` on sixteen lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn expf16(x: __m512) -> __m512 {
+        let set = _mm512_set1_ps;
+        // NaN stays NaN, as in `expf8`.
+        let t = _mm512_min_ps(set(EXPF_HI), _mm512_max_ps(set(EXPF_LO), x));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(t, set(LOG2E_F32)),
+        );
+        let r = _mm512_fnmadd_ps(k, set(LN2_LO_F32), _mm512_fnmadd_ps(k, set(LN2_HI_F32), t));
+        let mut p = set(EXPF_POLY[7]);
+        for i in (0..7).rev() {
+            p = _mm512_fmadd_ps(p, r, set(EXPF_POLY[i]));
+        }
+        let k = _mm512_cvtps_epi32(k);
+        let k1 = _mm512_srai_epi32::<1>(k);
+        let k2 = _mm512_sub_epi32(k, k1);
+        let bias = _mm512_set1_epi32(127);
+        let s1 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(k1, bias)));
+        let s2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(k2, bias)));
+        _mm512_mul_ps(_mm512_mul_ps(p, s1), s2)
+    }
+
     /// `math::silu_row` with AVX-512.
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn silu_row_avx512(x: &[f32], out: &mut [f32]) {
         let n = x.len().min(out.len());
-        let one = _mm256_set1_ps(1.0);
+        let (one, sign) = (_mm512_set1_ps(1.0), _mm512_set1_ps(-0.0));
         let mut i = 0;
         while i < n {
-            let len = (n - i).min(8);
-            let m = mask8(len);
-            // SAFETY: the mask covers `x[i..i + len]` and `out[i..i + len]`.
+            let m = (u16::MAX >> (16 - (n - i).min(16))) as __mmask16;
+            // SAFETY: the mask covers `x[i..i + 16]` and `out[i..i + 16]`
+            // where they are inside the slices.
             unsafe {
-                let v = _mm256_maskz_loadu_ps(m, x.as_ptr().add(i));
-                let d = _mm512_cvtps_pd(_mm256_sub_ps(_mm256_setzero_ps(), v));
-                let den = _mm256_add_ps(one, _mm512_cvtpd_ps(exp8(d)));
-                _mm256_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm256_div_ps(v, den));
+                let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+                let e = expf16(_mm512_xor_ps(v, sign));
+                let y = _mm512_div_ps(v, _mm512_add_ps(one, e));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, y);
             }
-            i += 8;
+            i += 16;
         }
     }
 }
