@@ -82,15 +82,9 @@ pub(crate) const EXPF_POLY: [f32; 8] = {
 /// (`kernels::activations`), so a SIMD SiLU has these bits.
 #[inline(always)]
 pub fn expf(x: f32) -> f32 {
-    // Clamped without `f32::max`, which would turn NaN into the bound
-    // (the vector `max` with the bound first keeps the NaN, as this does).
-    let t = if x < EXPF_LO {
-        EXPF_LO
-    } else if x > EXPF_HI {
-        EXPF_HI
-    } else {
-        x
-    };
+    // `clamp` keeps a NaN (`f32::max` would turn it into the bound), as
+    // the vector `max` and `min` with the bound first do.
+    let t = x.clamp(EXPF_LO, EXPF_HI);
     let k = (t * LOG2E_F32).round_ties_even();
     let r = (-k).mul_add(LN2_LO_F32, (-k).mul_add(LN2_HI_F32, t));
     let mut p = EXPF_POLY[7];
