@@ -194,7 +194,7 @@ fn portable(float: Float, w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
-/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 float weight
+/// `out.row(m)[n] = w[n] · xs[m]` for up to 16 float weight
 /// rows and any number of activation rows. On x86 the group's weights
 /// are widened once into a panel of f32 runs: AVX-512 takes tiles of 8
 /// weight rows × 6 activation rows (`x86::gemm16_avx512`, two rows'
@@ -210,7 +210,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&[f32]],
     scratch: &mut GemmScratch,
-    out: &mut [f32],
+    out: &mut crate::kernels::Tile,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     return gemm16_x86(isa, float, ws, xs, scratch, out);
@@ -257,7 +257,7 @@ fn gemm16_x86(
     ws: &[&[u8]],
     xs: &[&[f32]],
     scratch: &mut GemmScratch,
-    out: &mut [f32],
+    out: &mut crate::kernels::Tile,
 ) -> bool {
     assert!(!ws.is_empty() && ws.len() <= GEMM_GROUP && !xs.is_empty());
     let k = xs[0].len();
@@ -284,7 +284,7 @@ fn gemm16_x86(
 fn tiled<const N: usize, const M: usize>(
     ws: &[&[u8]],
     xs: &[&[f32]],
-    out: &mut [f32],
+    out: &mut crate::kernels::Tile,
     tile: impl Fn(&[&[u8]; N], &[&[f32]; M]) -> [[f32; M]; N],
 ) {
     for m0 in (0..xs.len()).step_by(M) {
@@ -295,7 +295,7 @@ fn tiled<const N: usize, const M: usize>(
             let rows = (ws.len() - n0).min(N);
             let columns: [[f32; N]; M] = std::array::from_fn(|m| tile.map(|row| row[m]));
             for (m, column) in columns.iter().enumerate().take(xs.len() - m0) {
-                out[(m0 + m) * GEMM_GROUP + n0..][..rows].copy_from_slice(&column[..rows]);
+                out.row(m0 + m)[n0..][..rows].copy_from_slice(&column[..rows]);
             }
         }
     }
@@ -551,7 +551,7 @@ mod x86 {
         xs: &[&[f32]],
         panel: &mut Vec<f32>,
         sums: &mut Vec<Sums2x6>,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         const GROUP: usize = crate::kernels::GEMM_GROUP;
         const RUN: usize = GROUP * 8;
@@ -559,7 +559,7 @@ mod x86 {
         const TILES: usize = GROUP / 2;
         const CHUNK: usize = 32;
         let k = xs[0].len();
-        assert!(out.len() >= xs.len() * GROUP && xs.iter().all(|x| x.len() == k));
+        assert!(out.rows() >= xs.len() && xs.iter().all(|x| x.len() == k));
         // SAFETY: the caller's features and rows.
         unsafe { fill_panel::<T>(ws, k, panel) };
         let (full, runs) = (k / 8, k.div_ceil(8));
@@ -586,6 +586,7 @@ mod x86 {
         }
         for mt in 0..m_tiles {
             let m0 = mt * M;
+            (m0..m0 + M).for_each(|m| out.prefetch(m, 0));
             let mut tail = [[0f32; 8]; M];
             for (t, x) in tail.iter_mut().zip(rows(m0)) {
                 t[..k - 8 * full].copy_from_slice(&x[8 * full..]);
@@ -614,7 +615,7 @@ mod x86 {
                     for (i, s) in s.into_iter().enumerate() {
                         let (m, n) = (m + i / 2, 2 * t + i % 2);
                         if m0 + m < xs.len() && n < ws.len() {
-                            out[(m0 + m) * GROUP + n] = s;
+                            out.row(m0 + m)[n] = s;
                         }
                     }
                 }
@@ -723,11 +724,10 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&[f32]],
         panel: &mut Vec<f32>,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
-        const GROUP: usize = crate::kernels::GEMM_GROUP;
         let k = xs[0].len();
-        assert!(out.len() >= xs.len() * GROUP && xs.iter().all(|x| x.len() == k));
+        assert!(out.rows() >= xs.len() && xs.iter().all(|x| x.len() == k));
         // SAFETY: the caller's features and rows.
         unsafe { fill_panel::<T>(ws, k, panel) };
         let (full, runs) = (k / 8, k.div_ceil(8));
@@ -744,6 +744,7 @@ mod x86 {
         for m0 in (0..xs.len()).step_by(TILE_ROWS) {
             // A partial tile repeats its last row and drops its results.
             let x: [&[f32]; TILE_ROWS] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
+            (m0..m0 + TILE_ROWS).for_each(|m| out.prefetch(m, 0));
             let mut tail = [[0f32; 8]; TILE_ROWS];
             for (t, x) in tail.iter_mut().zip(&x) {
                 t[..k - 8 * full].copy_from_slice(&x[8 * full..]);
@@ -780,7 +781,7 @@ mod x86 {
                             let n = 2 * (p0 + p) + h;
                             if n < ws.len() {
                                 // SAFETY: AVX is enabled here.
-                                out[(m0 + m) * GROUP + n] = unsafe { sum8(v) };
+                                out.row(m0 + m)[n] = unsafe { sum8(v) };
                             }
                         }
                     }

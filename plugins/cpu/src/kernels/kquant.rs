@@ -497,7 +497,7 @@ impl GemmScratch {
     }
 }
 
-/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
+/// `out.row(m)[n] = w[n] · xs[m]` for up to 16 Q4_K, Q5_K or Q6_K weight rows
 /// and any number of activation rows, on AVX-512 VNNI, lane-wise as
 /// `q8::gemm16`: the codes are unpacked once per call so that lane `n` of
 /// a register holds 4 codes of row `n`; each sub-block's sums are scaled
@@ -515,7 +515,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&Q8KRow],
     scratch: &mut GemmScratch,
-    out: &mut [f32],
+    out: &mut crate::kernels::Tile,
 ) -> bool {
     if !has_gemm(isa, dtype) {
         return false;
@@ -1802,7 +1802,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let nb = xs[0].d.len();
         let (block, codes_at) = q45_layout(Q5);
@@ -1961,7 +1961,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
@@ -2034,7 +2034,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
@@ -2096,12 +2096,13 @@ mod x86 {
         nb: usize,
         h: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        (0..R).for_each(|r| out.prefetch(m0 + r, h * HALF));
         let mut qs = [std::ptr::null::<i8>(); R];
         let mut pairs = [std::ptr::null::<i32>(); R];
         for (r, x) in xs.iter().enumerate() {
@@ -2388,7 +2389,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
@@ -2472,12 +2473,13 @@ mod x86 {
         nb: usize,
         h: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        (0..R).for_each(|r| out.prefetch(m0 + r, h * HALF));
         let (qs, pairs16) = row_pointers(xs, nb);
         let codes_p = scratch.codes.as_ptr();
         let (sc_p, pairs_p, d_p, dmin_p) = (
@@ -2605,9 +2607,10 @@ mod x86 {
         xs: &[&Q8KRow],
         nb: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        (0..R).for_each(|r| out.prefetch(m0 + r, 0));
         let codes = scratch.codes.as_ptr();
         let mut acc = [[_mm512_setzero_pd(); 2]; R];
         // The rows' arrays as plain pointers, read once (not per block).
@@ -2700,7 +2703,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8KRow],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let nb = xs[0].d.len();
         // Group g (4 codes) of block b, row n at ((b * 64 + g) * 16 + n) * 4;
@@ -2767,9 +2770,10 @@ mod x86 {
         xs: &[&Q8KRow],
         nb: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let xs: &[&Q8KRow; R] = xs[..R].try_into().expect("R rows");
+        (0..R).for_each(|r| out.prefetch(m0 + r, 0));
         let codes = scratch.codes.as_ptr();
         // The rows' arrays as plain pointers, read once (not per block).
         let (qs, pairs16) = row_pointers(xs, nb);

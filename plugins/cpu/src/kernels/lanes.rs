@@ -5,6 +5,8 @@
 //! register ([`transpose_8x8`], [`emit8`], [`emit8_ps`]).
 
 #[cfg(target_arch = "x86_64")]
+use super::Tile;
+#[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
 /// Weight rows per lane-wise group.
@@ -22,20 +24,18 @@ pub fn scatter(codes: &mut [u8], row: &[u8], b: usize, n: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-/// Stores each activation row's 16 results in its row of `out` (a
-/// [`super::GEMM_GROUP`]-wide tile): row `m0 + r` from `acc[r]`, every
-/// lane (those past the group's real rows are never read).
+/// Stores each activation row's 16 results in its row of `out`: row
+/// `m0 + r` from `acc[r]`, every lane (those past the group's real rows
+/// are never read).
 ///
 /// # Safety
 /// AVX-512 F is present.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn emit(acc: &[[__m512d; 2]], m0: usize, out: &mut [f32]) {
-    const W: usize = super::GEMM_GROUP;
-    assert!(out.len() >= (m0 + acc.len()) * W);
+pub unsafe fn emit(acc: &[[__m512d; 2]], m0: usize, out: &mut Tile) {
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: row m0 + r of the tile holds 16 f32s (asserted).
+        let to = out.row(m0 + r).as_mut_ptr();
+        // SAFETY: the row holds 16 f32s.
         unsafe {
-            let to = out.as_mut_ptr().add((m0 + r) * W);
             _mm256_storeu_ps(to, _mm512_cvtpd_ps(acc[0]));
             _mm256_storeu_ps(to.add(8), _mm512_cvtpd_ps(acc[1]));
         }
@@ -49,12 +49,10 @@ pub unsafe fn emit(acc: &[[__m512d; 2]], m0: usize, out: &mut [f32]) {
 /// # Safety
 /// AVX-512 F is present.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn emit_ps(acc: &[__m512], m0: usize, out: &mut [f32]) {
-    const W: usize = super::GEMM_GROUP;
-    assert!(out.len() >= (m0 + acc.len()) * W);
+pub unsafe fn emit_ps(acc: &[__m512], m0: usize, out: &mut Tile) {
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: row m0 + r of the tile holds 16 f32s (asserted).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((m0 + r) * W), *acc) };
+        // SAFETY: the row holds 16 f32s.
+        unsafe { _mm512_storeu_ps(out.row(m0 + r).as_mut_ptr(), *acc) };
     }
 }
 
@@ -232,14 +230,12 @@ pub fn transpose_8x8(r: &[__m256i; 8]) -> [__m256i; 8] {
 /// The AVX2 GEMMs' [`emit`]: each activation row's 8 results (two
 /// registers of four f64s) to lanes `n0..n0 + 8` of its row of `out`.
 #[inline(always)]
-pub fn emit8(acc: &[[__m256d; 2]], n0: usize, m0: usize, out: &mut [f32]) {
-    const W: usize = super::GEMM_GROUP;
-    assert!(n0 + 8 <= W && out.len() >= (m0 + acc.len()) * W);
+pub fn emit8(acc: &[[__m256d; 2]], n0: usize, m0: usize, out: &mut Tile) {
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: lanes n0..n0 + 8 of the tile's row m0 + r are inside it
-        // (asserted); inlined into functions that enable AVX.
+        let to = out.row(m0 + r)[n0..n0 + 8].as_mut_ptr();
+        // SAFETY: `to` holds 8 f32s; inlined into functions that enable
+        // AVX.
         unsafe {
-            let to = out.as_mut_ptr().add((m0 + r) * W + n0);
             _mm_storeu_ps(to, _mm256_cvtpd_ps(acc[0]));
             _mm_storeu_ps(to.add(4), _mm256_cvtpd_ps(acc[1]));
         }
@@ -250,12 +246,11 @@ pub fn emit8(acc: &[[__m256d; 2]], n0: usize, m0: usize, out: &mut [f32]) {
 /// [`emit8`] for results summed in f32: each activation row's 8 results
 /// (one register) to lanes `n0..n0 + 8` of its row of `out`.
 #[inline(always)]
-pub fn emit8_ps(acc: &[__m256], n0: usize, m0: usize, out: &mut [f32]) {
-    const W: usize = super::GEMM_GROUP;
-    assert!(n0 + 8 <= W && out.len() >= (m0 + acc.len()) * W);
+pub fn emit8_ps(acc: &[__m256], n0: usize, m0: usize, out: &mut Tile) {
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: lanes n0..n0 + 8 of the tile's row m0 + r are inside it
-        // (asserted); inlined into functions that enable AVX.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((m0 + r) * W + n0), *acc) };
+        let to = out.row(m0 + r)[n0..n0 + 8].as_mut_ptr();
+        // SAFETY: `to` holds 8 f32s; inlined into functions that enable
+        // AVX.
+        unsafe { _mm256_storeu_ps(to, *acc) };
     }
 }

@@ -403,7 +403,7 @@ impl GemmScratch {
     }
 }
 
-/// `out[m * GEMM_GROUP + n] = w[n] · xs[m]` for up to 16 weight rows and any number of
+/// `out.row(m)[n] = w[n] · xs[m]` for up to 16 weight rows and any number of
 /// activation rows, on AVX-512 VNNI with the weights laid out lane-wise:
 /// lane `n` of a 512-bit register holds 4 codes of weight row `n`, so one
 /// `vpdpbusd` against 4 broadcast activation codes advances 16 dot
@@ -423,7 +423,7 @@ pub fn gemm16(
     ws: &[&[u8]],
     xs: &[&Q8Row],
     scratch: &mut GemmScratch,
-    out: &mut [f32],
+    out: &mut crate::kernels::Tile,
 ) -> bool {
     if !has_gemm(isa, dtype) {
         return false;
@@ -1671,7 +1671,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8Row],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let nb = xs[0].d.len();
         // Codes of block b: 8 groups of 4 codes; group j of row n at
@@ -1876,9 +1876,10 @@ mod x86 {
         xs: &[&Q8Row],
         nb: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
+        (0..R).for_each(|r| out.prefetch(m0 + r, 0));
         let codes_p = scratch.codes.as_ptr();
         let dw_p = scratch.dw.as_ptr();
         // Q4_1/Q5_1: the blocks' minimums, and the rows' Q8_1 sums.
@@ -1973,7 +1974,7 @@ mod x86 {
         ws: &[&[u8]],
         xs: &[&Q8Row],
         scratch: &mut GemmScratch,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let nb = xs[0].d.len();
@@ -2074,13 +2075,14 @@ mod x86 {
         nb: usize,
         h: usize,
         m0: usize,
-        out: &mut [f32],
+        out: &mut crate::kernels::Tile,
         step: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
         scale: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
     ) {
         const HALF: usize = GEMM_GROUP / 2;
         let xs: &[&Q8Row; R] = xs[..R].try_into().expect("R rows");
         let p = Rows8::new(scratch, xs, nb);
+        (0..R).for_each(|r| out.prefetch(m0 + r, h * HALF));
         let (ones, zero) = (_mm256_set1_epi16(1), _mm256_setzero_si256());
         // The four partials of `kiln_blocks::q8_dot` (block b into partial
         // b mod 4), per activation row, 8 weight rows a register.

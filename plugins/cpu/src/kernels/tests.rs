@@ -993,16 +993,30 @@ fn k_quant_gemms_give_the_row_kernels_bits() {
             }
             for group in ws.chunks(16) {
                 let wr: Vec<&[u8]> = group.iter().map(|w| w.as_slice()).collect();
-                let mut got = vec![f32::NAN; xs.len() * super::GEMM_GROUP];
+                // Rows further apart than the group is wide, as a product's
+                // own rows are: the kernel writes its 16 columns of each
+                // and nothing between them.
+                const STRIDE: usize = super::GEMM_GROUP + 5;
+                let mut got = vec![f32::NAN; xs.len() * STRIDE];
                 let mut scratch = kquant::GemmScratch::default();
-                let ran = kquant::gemm16(isa, dtype, &wr, &xs, &mut scratch, &mut got);
+                // SAFETY: `got` holds xs.len() rows STRIDE apart.
+                let mut tile = unsafe { super::Tile::strided(got.as_mut_ptr(), STRIDE, xs.len()) };
+                let ran = kquant::gemm16(isa, dtype, &wr, &xs, &mut scratch, &mut tile);
                 assert!(ran, "{} {dtype}", isa.name());
+                for m in 0..xs.len() {
+                    let gap = &got[m * STRIDE + super::GEMM_GROUP..][..STRIDE - super::GEMM_GROUP];
+                    assert!(
+                        gap.iter().all(|v| v.is_nan()),
+                        "{} {dtype}: row {m}'s gap written",
+                        isa.name()
+                    );
+                }
                 for (n, w) in wr.iter().enumerate() {
                     for (m, x) in xs.iter().enumerate() {
                         let mut want = [0f32];
                         kquant::row_dot(dtype)(Isa::Scalar, w, &[x], &mut want);
                         assert_eq!(
-                            got[m * super::GEMM_GROUP + n].to_bits(),
+                            got[m * STRIDE + n].to_bits(),
                             want[0].to_bits(),
                             "{} {dtype}: weight row {n}, activation row {m}",
                             isa.name()
