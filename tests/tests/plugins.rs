@@ -338,6 +338,86 @@ fn every_cpu_kernel_path_passes_conformance_against_the_reference() {
 }
 
 #[test]
+fn products_of_one_tensor_in_a_row_give_each_products_own_bits() {
+    // Q, K and V (or gate and up) read one tensor in turn, and the CPU
+    // backend quantizes it once for all of them. Each result must still be
+    // the bits its product gives alone: next to products of other weight
+    // types (other activation rows) and after the tensor is overwritten.
+    let (k, n) = (256, 32);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut rand = |len: usize| {
+        (0..len)
+            .map(|_| rng.f32() * 2.0 - 1.0)
+            .collect::<Vec<f32>>()
+    };
+    for m in [1, 8] {
+        let mut weights = |dtype: DType| {
+            let values = rand(k * n);
+            let row = dtype.row_bytes(k).unwrap();
+            let mut data = vec![0u8; row * n];
+            for (v, d) in values.chunks(k).zip(data.chunks_mut(row)) {
+                kiln_blocks::quantize_row(dtype, v, d);
+            }
+            HostTensor {
+                dtype,
+                ne: [k, n, 1, 1],
+                data,
+            }
+        };
+        let ws = [
+            weights(DType::Q8_0),
+            weights(DType::Q8_0),
+            weights(DType::Q4_0),
+            weights(DType::Q4_K),
+            weights(DType::Q4_1),
+        ];
+        let (x, z) = (rand(k * m), rand(k * m));
+        // Products of x by weights 0, 1, 2, 3, 1, 0 and 4; then z copied
+        // over x and products by 4 (what x's last product had), 0 and 1.
+        let before = [0, 1, 2, 3, 1, 0, 4];
+        let after = [4, 0, 1];
+        let mut g = HostGraph::default();
+        let w: Vec<usize> = ws.iter().map(|t| g.add_tensor(t.clone())).collect();
+        let xt = g.add_tensor(HostTensor::from_f32([k, m, 1, 1], &x));
+        let zt = g.add_tensor(HostTensor::from_f32([k, m, 1, 1], &z));
+        let mut outs = Vec::new();
+        for (i, &j) in before.iter().chain(&after).enumerate() {
+            if i == before.len() {
+                g.ops.push(HostOp::new(OpKind::Cpy, &[zt], xt));
+            }
+            let out = g.add_tensor(HostTensor::zeros(DType::F32, [n, m, 1, 1]));
+            g.ops.push(HostOp::new(OpKind::MulMat, &[w[j], xt], out));
+            outs.push(out);
+        }
+        let got = cpu_result(g);
+        for (i, &j) in before.iter().chain(&after).enumerate() {
+            // Alone: after a product of another tensor, so that nothing
+            // made before (where an earlier graph's tensor lay at the same
+            // address) can be taken for this one's rows.
+            let mut alone = HostGraph::default();
+            let wa = alone.add_tensor(ws[j].clone());
+            let input = if i < before.len() { &x } else { &z };
+            let xa = alone.add_tensor(HostTensor::from_f32([k, m, 1, 1], input));
+            let other = alone.add_tensor(HostTensor::from_f32([k, m, 1, 1], &z));
+            let first = alone.add_tensor(HostTensor::zeros(DType::F32, [n, m, 1, 1]));
+            let out = alone.add_tensor(HostTensor::zeros(DType::F32, [n, m, 1, 1]));
+            alone
+                .ops
+                .push(HostOp::new(OpKind::MulMat, &[wa, other], first));
+            alone.ops.push(HostOp::new(OpKind::MulMat, &[wa, xa], out));
+            let want = cpu_result(alone);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got[outs[i]]),
+                bits(&want[out]),
+                "{m} rows, product {i} ({})",
+                ws[j].dtype
+            );
+        }
+    }
+}
+
+#[test]
 fn the_cpu_backend_as_a_rust_cdylib_passes_every_case() {
     let home = Home::default();
     let lib = rust_cdylib("kiln-cpu-plugin", "kiln_cpu_plugin");

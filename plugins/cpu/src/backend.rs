@@ -6,7 +6,8 @@ use crate::ops::{self, Desc, View};
 use kiln_plugin_api::abi::{KILN_CAP_HOST_MEMORY, KILN_CAP_UNIFIED_MEMORY};
 use kiln_plugin_api::plugin::Tensor;
 use kiln_plugin_api::{
-    Backend, BackendError, DeviceInfo, DeviceKind, ErrorCode, Graph, HostServices, Op, Tensors,
+    Backend, BackendError, DeviceInfo, DeviceKind, ErrorCode, Graph, HostServices, Op, OpKind,
+    Tensors,
 };
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ffi::CStr;
@@ -148,6 +149,17 @@ fn view(tensors: &Tensors<'_, CpuBuffer>, index: u32) -> Result<View, BackendErr
         ))
     })?;
     Ok(View { data, desc })
+}
+
+/// Whether two views' bytes do not overlap (their extents were checked
+/// against their buffers when they were made).
+fn apart(a: &View, b: &View) -> bool {
+    let span = |v: &View| {
+        let start = v.data as usize;
+        (start, start + v.desc.extent().unwrap_or(usize::MAX - start))
+    };
+    let ((a0, a1), (b0, b1)) = (span(a), span(b));
+    a1 <= b0 || b1 <= a0
 }
 
 fn total_memory() -> u64 {
@@ -338,6 +350,9 @@ impl Backend for CpuBackend {
 impl CpuBackend {
     /// Runs every op of `graph`.
     fn compute(&self, graph: &Graph<'_, CpuBuffer>) -> Result<(), BackendError> {
+        // The last op, where it was a product: its activations and its
+        // result, for `kernels::run_after`'s `x_kept`.
+        let mut last_product: Option<(View, View)> = None;
         for i in 0..graph.n_ops() {
             let op = graph.op(i)?;
             let n_src = op.srcs().len();
@@ -352,7 +367,16 @@ impl CpuBackend {
             let started = self.profile.as_ref().map(|_| std::time::Instant::now());
             // SAFETY: every view was bounds-checked against its buffer above,
             // and `check` accepted the op's shapes.
-            let fast = unsafe { kernels::run(self.isa, op.kind, &src[..n_src], &dst, &op.params) };
+            let x_kept = op.kind == OpKind::MulMat
+                && last_product.is_some_and(|(x, out)| {
+                    x.data == src[1].data && x.desc == src[1].desc && apart(&out, &x)
+                });
+            last_product = (op.kind == OpKind::MulMat).then_some((src[1], dst));
+            // SAFETY: as above; `x_kept` only where the product before
+            // this one read the same view and wrote elsewhere.
+            let fast = unsafe {
+                kernels::run_after(self.isa, op.kind, &src[..n_src], &dst, &op.params, x_kept)
+            };
             if fast.is_none() {
                 // SAFETY: as above.
                 unsafe { ops::run(op.kind, &src[..n_src], &dst, &op.params) }

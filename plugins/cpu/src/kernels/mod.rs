@@ -347,10 +347,30 @@ pub unsafe fn run(
     dst: &View,
     params: &[i32; 8],
 ) -> Option<()> {
+    // SAFETY: the caller's contract.
+    unsafe { run_after(isa, kind, src, dst, params, false) }
+}
+
+/// [`run`]; `x_kept`: the op is a product whose activations (`src[1]`)
+/// hold what they held for the last product run on this thread, which
+/// read the same view (`backend.rs`: a graph's consecutive products of
+/// one tensor, Q, K and V or gate and up, none writing it). That product's
+/// quantized rows are then used again rather than made anew.
+///
+/// # Safety
+/// As for [`run`], and `x_kept` is true only as described.
+pub unsafe fn run_after(
+    isa: Isa,
+    kind: OpKind,
+    src: &[View],
+    dst: &View,
+    params: &[i32; 8],
+    x_kept: bool,
+) -> Option<()> {
     match kind {
         _ if isa == Isa::Reference => None,
         // SAFETY: the caller's contract.
-        OpKind::MulMat => unsafe { mul_mat(isa, &src[0], &src[1], dst) },
+        OpKind::MulMat => unsafe { mul_mat(isa, &src[0], &src[1], dst, x_kept) },
         // SAFETY: the caller's contract.
         OpKind::Attention => unsafe {
             attention::run(isa, src, dst, kiln_plugin_api::types::param_f32(params[0]))
@@ -684,6 +704,18 @@ struct Workspace {
     slices: Vec<Slice>,
     rows: KeptRows,
     floats: Vec<f32>,
+    /// What `rows` were last quantized from, for [`run_after`]'s `x_kept`.
+    made_from: Option<MadeFrom>,
+}
+
+/// A product's activations as its quantized rows depend on them: the
+/// view (address and layout), the weights' type and the path.
+#[derive(Clone, Copy, PartialEq)]
+struct MadeFrom {
+    x: usize,
+    desc: kiln_plugin_api::Desc,
+    weights: DType,
+    isa: Isa,
 }
 
 /// Quantized activation rows for the Q8_0-activation types and for the
@@ -719,6 +751,17 @@ impl KeptRows {
         }
         &mut rows[..n]
     }
+
+    /// The `n` rows that [`KeptRows::prepare`] last made for `weights`'
+    /// kind, as they are.
+    fn kept(&mut self, weights: DType, n: usize) -> &mut [Prepared<'static>] {
+        let rows = if has_q8k_rows(weights) {
+            &mut self.q8k
+        } else {
+            &mut self.q8
+        };
+        &mut rows[..n]
+    }
 }
 
 /// `dst[m][n] = w[n] · x[m]` for float or quantized `w` (rows contiguous)
@@ -727,12 +770,12 @@ impl KeptRows {
 ///
 /// # Safety
 /// As for [`run`].
-unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
+unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View, x_kept: bool) -> Option<()> {
     // Taken for the call: a product run while another is in hand (none
     // is) would find an empty workspace, not a borrowed one.
     let mut ws = WORKSPACE.with(|w| w.take());
     // SAFETY: the caller's contract.
-    let done = unsafe { mul_mat_in(&mut ws, isa, w, x, dst) };
+    let done = unsafe { mul_mat_in(&mut ws, isa, w, x, dst, x_kept) };
     WORKSPACE.with(|w| *w.borrow_mut() = ws);
     done
 }
@@ -741,7 +784,17 @@ unsafe fn mul_mat(isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
 ///
 /// # Safety
 /// As for [`run`].
-unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &View) -> Option<()> {
+unsafe fn mul_mat_in(
+    ws: &mut Workspace,
+    isa: Isa,
+    w: &View,
+    x: &View,
+    dst: &View,
+    x_kept: bool,
+) -> Option<()> {
+    // Forgotten until this product has made (or reused) its rows, so one
+    // that returns early leaves nothing for a later one to trust.
+    let made_before = ws.made_from.take();
     let (wd, xd, dd) = (&w.desc, &x.desc, &dst.desc);
     if !has_mul_mat(wd.dtype)
         || wd.nb[0] != wd.dtype.block_bytes()
@@ -765,6 +818,7 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
         slices,
         rows,
         floats: rounded,
+        made_from,
     } = ws;
     slices.clear();
     slices.extend((0..n_slices).map(|s| {
@@ -785,13 +839,24 @@ unsafe fn mul_mat_in(ws: &mut Workspace, isa: Isa, w: &View, x: &View, dst: &Vie
     let n_rows = n_slices * m_count;
     let float = Float::of(wd.dtype);
     let mut floats = FloatRows::new(rounded, if float.is_some() { n_rows } else { 0 }, k);
+    let from = MadeFrom {
+        x: x.data as usize,
+        desc: *xd,
+        weights: wd.dtype,
+        isa,
+    };
+    // (Float weights' rounded rows are not kept.)
+    let reuse = x_kept && float.is_none() && made_before == Some(from);
+    *made_from = float.is_none().then_some(from);
     let prepared: &mut [Prepared] = match float {
         Some(_) => &mut [],
+        None if reuse => rows.kept(wd.dtype, n_rows),
         None => rows.prepare(wd.dtype, k, n_rows),
     };
     let (xp, rows_p) = (SendPtr(x.data), SendPtr(prepared.as_mut_ptr().cast()));
     let floats_w = floats.writer();
-    threads::parallel_for(n_rows, n_rows * k, &|range| {
+    let quantize = if reuse { 0 } else { n_rows };
+    threads::parallel_for(quantize, quantize * k, &|range| {
         for i in range {
             let (s, m) = (i / m_count, i % m_count);
             let off = m * xd.nb[1] + (s % ne2) * xd.nb[2] + (s / ne2) * xd.nb[3];
