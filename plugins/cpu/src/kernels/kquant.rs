@@ -1915,9 +1915,12 @@ mod x86 {
                 unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
+        let ahead = &mut crate::kernels::AskAhead::new(ws, xs.len().div_ceil(4));
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe { in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, m0, out)) };
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => q4_k_rows(scratch, &xs[m0..], nb, m0, out); ahead)
+        };
     }
 
     gemm_kinds! {
@@ -2003,15 +2006,17 @@ mod x86 {
                 }
             }
         });
+        let calls = ws.len().div_ceil(GEMM_GROUP / 2) * xs.len().div_ceil(4);
+        let ahead = &mut crate::kernels::AskAhead::new(ws, calls);
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
             if VNNI {
-                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out))
+                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out); ahead)
             } else if Q5 {
-                in_each_half!(ws.len(), xs => q5_k_rows8(scratch, nb, out))
+                in_each_half!(ws.len(), xs => q5_k_rows8(scratch, nb, out); ahead)
             } else {
-                in_each_half!(ws.len(), xs => q4_k_rows8(scratch, nb, out))
+                in_each_half!(ws.len(), xs => q4_k_rows8(scratch, nb, out); ahead)
             }
         };
     }
@@ -2069,13 +2074,15 @@ mod x86 {
             scratch.d[at * HALF + n] = d;
             scratch.dmin[at * HALF + n] = if VNNI { 128.0 * d } else { 0.0 };
         });
+        let calls = ws.len().div_ceil(GEMM_GROUP / 2) * xs.len().div_ceil(4);
+        let ahead = &mut crate::kernels::AskAhead::new(ws, calls);
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
             if VNNI {
-                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out))
+                in_each_half!(ws.len(), xs => q45_k_rows8_vnni(scratch, nb, out); ahead)
             } else {
-                in_each_half!(ws.len(), xs => iq4_xs_rows8(scratch, nb, out))
+                in_each_half!(ws.len(), xs => iq4_xs_rows8(scratch, nb, out); ahead)
             }
         };
     }
@@ -2425,27 +2432,29 @@ mod x86 {
                 chunk[n] = c;
             }
         });
+        let calls = ws.len().div_ceil(GEMM_GROUP / 2) * xs.len().div_ceil(4);
+        let ahead = &mut crate::kernels::AskAhead::new(ws, calls);
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
             match (D, VNNI) {
                 (Q2, true) => {
-                    in_each_half!(ws.len(), xs => q2_k_rows8_vnni(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q2_k_rows8_vnni(scratch, nb, out); ahead)
                 }
                 (Q2, false) => {
-                    in_each_half!(ws.len(), xs => q2_k_rows8_i16(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q2_k_rows8_i16(scratch, nb, out); ahead)
                 }
                 (Q3, true) => {
-                    in_each_half!(ws.len(), xs => q3_k_rows8_vnni(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q3_k_rows8_vnni(scratch, nb, out); ahead)
                 }
                 (Q3, false) => {
-                    in_each_half!(ws.len(), xs => q3_k_rows8_i16(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q3_k_rows8_i16(scratch, nb, out); ahead)
                 }
                 (_, true) => {
-                    in_each_half!(ws.len(), xs => q6_k_rows8_vnni(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q6_k_rows8_vnni(scratch, nb, out); ahead)
                 }
                 (_, false) => {
-                    in_each_half!(ws.len(), xs => q6_k_rows8_i16(scratch, nb, out))
+                    in_each_half!(ws.len(), xs => q6_k_rows8_i16(scratch, nb, out); ahead)
                 }
             }
         };
@@ -2754,9 +2763,12 @@ mod x86 {
                 unsafe { crate::kernels::lanes::store_transposed(codes_p, b * 64 + 8 * c, &u) };
             }
         }
+        let ahead = &mut crate::kernels::AskAhead::new(ws, xs.len().div_ceil(4));
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe { in_groups_of_four!(xs.len(), m0 => q6_k_rows(scratch, &xs[m0..], nb, m0, out)) };
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => q6_k_rows(scratch, &xs[m0..], nb, m0, out); ahead)
+        };
     }
 
     /// `R` activation rows against the unpacked 16 Q6_K weight rows.

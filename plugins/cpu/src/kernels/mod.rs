@@ -24,11 +24,14 @@
 /// Calls `$kernel::<R>(args…)` for the activation rows `m0..` in groups of
 /// four (`R` = 4, then the 1–3 left), `m0` bound for the arguments: the
 /// lane-wise GEMMs keep `R` rows' sums in registers, so `R` is a constant.
+/// `$ahead` (an [`AskAhead`]) asks for its share before each call.
 macro_rules! in_groups_of_four {
-    ($len:expr, $m0:ident => $kernel:ident($($arg:expr),* $(,)?)) => {{
+    ($len:expr, $m0:ident => $kernel:ident($($arg:expr),* $(,)?); $ahead:expr) => {{
         let len = $len;
+        let ahead: &mut crate::kernels::AskAhead = $ahead;
         let mut $m0 = 0;
         while $m0 < len {
+            ahead.step();
             let left = len - $m0;
             match left {
                 1 => $kernel::<1>($($arg),*),
@@ -86,11 +89,14 @@ macro_rules! by_rows {
 /// rows of `$n` and every group of activation rows, as
 /// [`in_groups_of_four!`].
 macro_rules! in_each_half {
-    ($n:expr, $xs:expr => $kernel:ident($scratch:expr, $nb:expr, $out:expr)) => {{
+    ($n:expr, $xs:expr => $kernel:ident($scratch:expr, $nb:expr, $out:expr); $ahead:expr) => {{
         const HALF: usize = 8;
         let n = $n;
+        let ahead: &mut crate::kernels::AskAhead = $ahead;
         for h in 0..n.div_ceil(HALF) {
-            in_groups_of_four!($xs.len(), m0 => $kernel($scratch, &$xs[m0..], $nb, h, m0, $out))
+            in_groups_of_four!(
+                $xs.len(), m0 => $kernel($scratch, &$xs[m0..], $nb, h, m0, $out); &mut *ahead
+            )
         }
     }};
 }
@@ -1216,6 +1222,49 @@ fn prefetch(p: *const u8, bytes: usize) {
     while at < bytes {
         prefetch_line(ahead.wrapping_add(at));
         at += 64;
+    }
+}
+
+/// The next group's weight rows, asked for into L2 a share at a time
+/// while a lane-wise GEMM computes this group (one share before each
+/// kernel call): a group's first step reads its rows block by block into
+/// the scratch, and read from memory (a model larger than the caches)
+/// each read waited there with nothing to overlap, 13 % of a 1.1B Q8_0
+/// model's prompt on AVX2. The next group's rows are taken to follow
+/// this group's last one, as a matrix's rows do; where they do not,
+/// the hints are wasted, never wrong. A thread's range of groups is
+/// contiguous (`gemm_groups`), so the group asked for is the thread's
+/// next but at a range's end.
+pub(crate) struct AskAhead {
+    next: *const u8,
+    bytes: usize,
+    share: usize,
+    asked: usize,
+}
+
+impl AskAhead {
+    /// For the group after `ws`, spread over `calls` kernel calls.
+    pub(crate) fn new(ws: &[&[u8]], calls: usize) -> AskAhead {
+        let bytes = ws.iter().map(|w| w.len()).sum::<usize>();
+        let next = ws
+            .last()
+            .map_or(std::ptr::null(), |w| w.as_ptr().wrapping_add(w.len()));
+        AskAhead {
+            next,
+            bytes,
+            share: bytes.div_ceil(calls.max(1)).div_ceil(64) * 64,
+            asked: 0,
+        }
+    }
+
+    /// Asks for the next share.
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        let end = (self.asked + self.share).min(self.bytes);
+        for line in (self.asked..end).step_by(64) {
+            prefetch_line(self.next.wrapping_add(line));
+        }
+        self.asked = end;
     }
 }
 

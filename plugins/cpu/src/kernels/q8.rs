@@ -1724,9 +1724,12 @@ mod x86 {
                 }
             }
         }
+        let ahead = &mut crate::kernels::AskAhead::new(ws, xs.len().div_ceil(4));
         // SAFETY: the scratch holds nb blocks for 16 rows; the caller's
         // contract covers the activation rows.
-        unsafe { in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, m0, out)) };
+        unsafe {
+            in_groups_of_four!(xs.len(), m0 => gemm_rows(scratch, &xs[m0..], nb, m0, out); ahead)
+        };
     }
 
     /// Vector `k` of the Q5_0X16 (`Q5`) or Q4_0X16 group at `p`: codes
@@ -2021,17 +2024,18 @@ mod x86 {
                 }
             }
         }
+        let ahead = &mut crate::kernels::AskAhead::new(ws, halves * xs.len().div_ceil(4));
         // SAFETY: the scratch holds nb blocks of every half; the caller's
         // contract covers the activation rows.
         unsafe {
             if VNNI {
-                in_each_half!(ws.len(), xs => gemm8_vnni(scratch, nb, out))
+                in_each_half!(ws.len(), xs => gemm8_vnni(scratch, nb, out); ahead)
             } else if signed {
-                in_each_half!(ws.len(), xs => gemm8_signed(scratch, nb, out))
+                in_each_half!(ws.len(), xs => gemm8_signed(scratch, nb, out); ahead)
             } else if matches!(dtype, DType::Q4_0 | DType::Q4_0X16 | DType::Q4_1) {
-                in_each_half!(ws.len(), xs => gemm8_nibbles(scratch, nb, out))
+                in_each_half!(ws.len(), xs => gemm8_nibbles(scratch, nb, out); ahead)
             } else {
-                in_each_half!(ws.len(), xs => gemm8_five_bits(scratch, nb, out))
+                in_each_half!(ws.len(), xs => gemm8_five_bits(scratch, nb, out); ahead)
             }
         };
     }
