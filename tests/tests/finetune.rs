@@ -577,7 +577,9 @@ fn inference_logits_adapted(model: &Path, adapter: Option<&Path>, tokens: &[u32]
 }
 
 /// Per row: the largest difference over the row's largest magnitude; and
-/// the share of rows whose largest logit is the same token.
+/// the share of rows whose largest logit is the same token, or a tie
+/// within the row's difference (each side's choice is within twice that
+/// difference of the other's best: rounding either way could pick it).
 fn agreement(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
     let argmax = |r: &[f32]| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap();
     let mut worst = 0f64;
@@ -585,9 +587,11 @@ fn agreement(ours: &[f32], theirs: &[f32], vocab: usize) -> (f64, f64) {
     let rows = ours.len() / vocab;
     for (a, b) in ours.chunks(vocab).zip(theirs.chunks(vocab)) {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
-        worst = worst.max(diff / scale);
-        same += usize::from(argmax(a) == argmax(b));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff as f64 / scale);
+        let (ia, ib) = (argmax(a), argmax(b));
+        let tie = b[ib] - b[ia] <= 2.0 * diff && a[ia] - a[ib] <= 2.0 * diff;
+        same += usize::from(ia == ib || tie);
     }
     (worst, same as f64 / rows as f64)
 }
