@@ -732,15 +732,11 @@ mod x86 {
         unsafe { fill_panel::<T>(ws, k, panel) };
         let (full, runs) = (k / 8, k.div_ceil(8));
         let pairs = ws.len().div_ceil(2);
-        // The next group's weights (the rows after these, where rows lie
-        // one after another, as a matrix's do) asked for while this one
-        // computes, a share per tile: widening them into the panel next
-        // call would otherwise wait on memory with nothing to overlap.
-        let ahead = ws.len() * ws[0].len();
-        let next = ws[ws.len() - 1].as_ptr().wrapping_add(ws[0].len());
+        // The next group's weights asked for while this one computes, a
+        // share per tile: widening them into the panel next call would
+        // otherwise wait on memory with nothing to overlap.
         let tiles = xs.len().div_ceil(TILE_ROWS) * pairs.div_ceil(PAIRS);
-        let share = ahead.div_ceil(tiles).div_ceil(64) * 64;
-        let mut asked = 0;
+        let mut ahead = crate::kernels::AskAhead::new(ws, tiles);
         for m0 in (0..xs.len()).step_by(TILE_ROWS) {
             // A partial tile repeats its last row and drops its results.
             let x: [&[f32]; TILE_ROWS] = std::array::from_fn(|i| xs[(m0 + i).min(xs.len() - 1)]);
@@ -750,13 +746,7 @@ mod x86 {
                 t[..k - 8 * full].copy_from_slice(&x[8 * full..]);
             }
             for p0 in (0..pairs).step_by(PAIRS) {
-                let end = (asked + share).min(ahead);
-                for line in (asked..end).step_by(64) {
-                    // A hint: no access happens (the address may lie past
-                    // the weights).
-                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line).cast());
-                }
-                asked = end;
+                ahead.step();
                 let mut acc = [[_mm512_setzero_ps(); TILE_ROWS]; PAIRS];
                 // SAFETY: the panel holds every run of pairs p0..p0 + 4
                 // (16 rows, zero past `ws`); each row holds `full` whole

@@ -861,8 +861,7 @@ unsafe fn mul_mat_in(
     };
     let (xp, rows_p) = (SendPtr(x.data), SendPtr(prepared.as_mut_ptr().cast()));
     let floats_w = floats.writer();
-    let quantize = if reuse { 0 } else { n_rows };
-    threads::parallel_for(quantize, quantize * k, &|range| {
+    let make = |range: std::ops::Range<usize>| {
         for i in range {
             let (s, m) = (i / m_count, i % m_count);
             let off = m * xd.nb[1] + (s % ne2) * xd.nb[2] + (s / ne2) * xd.nb[3];
@@ -878,7 +877,10 @@ unsafe fn mul_mat_in(
                 }
             }
         }
-    });
+    };
+    if !reuse {
+        threads::parallel_for(n_rows, n_rows * k, &make);
+    }
     // The rows as `Prepared` values; float ones listed only where more
     // than one row per slice needs them (not for decode).
     let listed;
@@ -1227,7 +1229,8 @@ fn prefetch(p: *const u8, bytes: usize) {
 
 /// The next group's weight rows, asked for into L2 a share at a time
 /// while a lane-wise GEMM computes this group (one share before each
-/// kernel call): a group's first step reads its rows block by block into
+/// kernel call, or each tile of the AVX-512 float GEMM, which did this
+/// first): a quantized group's first step reads its rows block by block into
 /// the scratch, and read from memory (a model larger than the caches)
 /// each read waited there with nothing to overlap, 13 % of a 1.1B Q8_0
 /// model's prompt on AVX2. The next group's rows are taken to follow
